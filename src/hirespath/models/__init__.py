@@ -1,0 +1,10 @@
+from .attention import ATTENTION_MODES, TokenLayout, sparse_reference_mask
+from .backbones import BackbonePreset, build_timm_model, get_backbone, list_backbones, load_weights, register_backbone
+from .encoder import EncoderOutput, HiResEncoder, TokenState, create_encoder
+from .pruning import GlobalAttentionPruner
+
+__all__ = [
+    "ATTENTION_MODES", "BackbonePreset", "EncoderOutput", "GlobalAttentionPruner", "HiResEncoder", "TokenLayout",
+    "TokenState", "build_timm_model", "create_encoder", "get_backbone", "list_backbones", "load_weights",
+    "register_backbone", "sparse_reference_mask",
+]

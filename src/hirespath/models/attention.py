@@ -1,0 +1,215 @@
+"""Attention kernels run on the weights of a timm ``Attention`` module: dense (SDPA), eager and sparse.
+
+All three take the block's normalised tokens ``x`` (B×L×D, prefix tokens first) and return the
+projected output, exactly as timm's ``Attention.forward`` would, so state_dict keys never change.
+
+Sparse semantics (DESIGN.md): the patch grid is cut into ``window``×``window`` blocks; a patch token
+attends to the patch tokens of its own block and of the blocks within ``radius`` (1: the 3×3 block
+neighbourhood, clipped at the border) plus all prefix tokens; prefix tokens attend to everything.
+No L×L tensor is ever built: patch tokens are scattered into per-block slots, each block's
+neighbourhood K/V is gathered by index, and SDPA runs over bounded chunks of blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTENTION_MODES = ("dense", "eager", "sparse")
+
+
+@dataclass
+class SparsePlan:
+    """Slot layout of the patch tokens for block-sparse attention (built once per token layout)."""
+
+    capacity: int  # slots per block (max tokens of any block in any image)
+    num_blocks: int  # real blocks; slot block ``num_blocks`` is an always-empty dummy
+    slot: Tensor  # B×N long: slot of each patch token in the (num_blocks + 1) * capacity buffer
+    key_valid: Tensor  # B×S bool: slot holds a token
+    neighbours: Tensor  # num_blocks×K long: neighbour block ids, ``num_blocks`` where clipped
+    active_blocks: Tensor  # long: blocks holding a token in some image (the only query blocks computed)
+
+
+@dataclass
+class TokenLayout:
+    """Where the patch tokens of a batch sit in the full patch grid."""
+
+    grid: tuple[int, int]
+    positions: Tensor  # B×N×2 long (row, col)
+    num_prefix: int
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def full_grid(cls, batch: int, grid: tuple[int, int], num_prefix: int, device) -> "TokenLayout":
+        rows = torch.arange(grid[0], device=device)
+        cols = torch.arange(grid[1], device=device)
+        pos = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(1, -1, 2)
+        return cls(grid=grid, positions=pos.expand(batch, -1, -1), num_prefix=num_prefix)
+
+    def select(self, keep: Tensor) -> "TokenLayout":
+        """Layout of the patch tokens at indices ``keep`` (B×N')."""
+        pos = self.positions.gather(1, keep[..., None].expand(-1, -1, 2))
+        return TokenLayout(grid=self.grid, positions=pos, num_prefix=self.num_prefix)
+
+    def sparse_plan(self, window: int, radius: int) -> SparsePlan:
+        key = (window, radius)
+        if key not in self._plans:
+            self._plans[key] = build_sparse_plan(self.positions, self.grid, window, radius)
+        return self._plans[key]
+
+
+def build_sparse_plan(positions: Tensor, grid: tuple[int, int], window: int, radius: int) -> SparsePlan:
+    device = positions.device
+    B, N, _ = positions.shape
+    n_br, n_bc = math.ceil(grid[0] / window), math.ceil(grid[1] / window)
+    nb = n_br * n_bc
+    block = (positions[..., 0] // window) * n_bc + positions[..., 1] // window  # B×N
+
+    counts = torch.zeros(B, nb + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(1, block, torch.ones_like(block))
+    capacity = max(int(counts.max()), 1)
+    # Rank of each token inside its block: stable sort by block, subtract the block's start offset.
+    order = torch.sort(block, dim=1, stable=True).indices
+    sorted_block = block.gather(1, order)
+    start = torch.cumsum(counts, dim=1) - counts
+    rank_sorted = torch.arange(N, device=device).expand(B, -1) - start.gather(1, sorted_block)
+    rank = torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
+    slot = block * capacity + rank
+
+    key_valid = torch.zeros(B, (nb + 1) * capacity, dtype=torch.bool, device=device)
+    key_valid.scatter_(1, slot, True)
+
+    br = torch.arange(n_br, device=device).repeat_interleave(n_bc)
+    bc = torch.arange(n_bc, device=device).repeat(n_br)
+    offsets = torch.arange(-radius, radius + 1, device=device)
+    dr = offsets.repeat_interleave(len(offsets))
+    dc = offsets.repeat(len(offsets))
+    nr, nc = br[:, None] + dr, bc[:, None] + dc  # nb×K
+    inside = (nr >= 0) & (nr < n_br) & (nc >= 0) & (nc < n_bc)
+    neighbours = torch.where(inside, nr * n_bc + nc, torch.full_like(nr, nb))
+    # Drop neighbour columns that are clipped for every block (small grids, large radius).
+    neighbours = neighbours[:, inside.any(0)]
+    active = torch.nonzero(counts[:, :nb].sum(0) > 0).flatten()
+    return SparsePlan(capacity, nb, slot, key_valid, neighbours, active)
+
+
+def split_heads(attn, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Project ``x`` (B×L×D) to q, k, v of shape B×L×H×d, with timm's optional q/k norms."""
+    B, L, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, L, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.unbind(2)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def merge_heads(attn, x: Tensor, out: Tensor) -> Tensor:
+    """timm's output path: heads merged (B×L×H·d), scale norm, optional gate, projection."""
+    out = attn.norm(out.flatten(2))
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
+def prefix_attention_probs(attn, q_prefix: Tensor, k: Tensor) -> Tensor:
+    """Softmax attention of the prefix queries over all keys: B×H×P×L (O(L) memory)."""
+    scores = torch.einsum("bphd,blhd->bhpl", q_prefix * attn.scale, k)
+    return scores.float().softmax(dim=-1).to(q_prefix.dtype)
+
+
+def _dropout_p(attn) -> float:
+    return attn.attn_drop.p if attn.training else 0.0
+
+
+def dense_attention(attn, x: Tensor, layout: TokenLayout) -> Tensor:
+    q, k, v = split_heads(attn, x)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         dropout_p=_dropout_p(attn))
+    return merge_heads(attn, x, out.transpose(1, 2))
+
+
+def eager_attention(attn, x: Tensor, layout: TokenLayout) -> Tensor:
+    """The paper's "vanilla": the full L×L probability matrix is materialised."""
+    q, k, v = (t.transpose(1, 2) for t in split_heads(attn, x))
+    probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = attn.attn_drop(probs) @ v
+    return merge_heads(attn, x, out.transpose(1, 2))
+
+
+def sparse_attention(attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1,
+                     chunk_keys: int = 1 << 16) -> Tensor:
+    q, k, v = split_heads(attn, x)
+    P = layout.num_prefix
+    B, L, H, d = q.shape
+    N = L - P
+    plan = layout.sparse_plan(window, radius)
+    C, nb = plan.capacity, plan.num_blocks
+
+    # Prefix rows: dense over every key.
+    out_prefix = F.scaled_dot_product_attention(q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                dropout_p=_dropout_p(attn)).transpose(1, 2)
+
+    # Patch rows: scatter q/k/v into block slots (dummy block nb stays empty and masked). Buffers are flat
+    # rows of H·d values (row index-select is the fastest gather on CPU). In the K/V buffers each image's
+    # prefix keys follow its slots, so one index_select yields a block's neighbourhood plus the prefix.
+    S, SP, Hd = (nb + 1) * C, (nb + 1) * C + P, H * d
+    batch = torch.arange(B, device=x.device)[:, None]
+    q_rows = (plan.slot + batch * S).flatten()  # B·N rows of each patch token in the q/out buffers
+    kv_rows = (plan.slot + batch * SP).flatten()
+    prefix_rows = (torch.arange(S, SP, device=x.device) + batch * SP).flatten()
+    qb = q.new_zeros(B * S, Hd).index_copy_(0, q_rows, q[:, P:].reshape(B * N, Hd))
+    kb, vb = k.new_zeros(B * SP, Hd), v.new_zeros(B * SP, Hd)
+    for buf, t in ((kb, k), (vb, v)):
+        buf.index_copy_(0, kv_rows, t[:, P:].reshape(B * N, Hd))
+        buf.index_copy_(0, prefix_rows, t[:, :P].reshape(B * P, Hd))
+    key_valid = torch.cat([plan.key_valid, plan.key_valid.new_ones(B, P)], dim=1).flatten()
+    out_buf = q.new_empty(B, S, H, d)
+
+    K = plan.neighbours.shape[1]
+    KC = K * C + P
+    per_chunk = max(1, chunk_keys // (B * KC))
+    arange_c = torch.arange(C, device=x.device)
+    prefix_idx = torch.arange(S, SP, device=x.device)
+    blocks_all = plan.active_blocks
+    contiguous = len(blocks_all) == nb  # every block holds a token: query chunks are plain slices
+    for start in range(0, len(blocks_all), per_chunk):
+        blocks = blocks_all[start:start + per_chunk]
+        nq = len(blocks)
+        nbr_idx = (plan.neighbours[blocks][:, :, None] * C + arange_c).view(nq, K * C)
+        kv_idx = (torch.cat([nbr_idx, prefix_idx.expand(nq, P)], dim=1)[None] + batch[..., None] * SP).flatten()
+        if contiguous:
+            qc = qb.view(B, S, H, d)[:, start * C:(start + nq) * C]
+        else:
+            q_idx = (blocks[:, None] * C + arange_c).flatten()
+            qc = qb.index_select(0, (q_idx[None] + batch * S).flatten())
+        qc = qc.reshape(B * nq, C, H, d)
+        kc = kb.index_select(0, kv_idx).view(B * nq, KC, H, d)
+        vc = vb.index_select(0, kv_idx).view(B * nq, KC, H, d)
+        valid = key_valid.index_select(0, kv_idx).view(B * nq, 1, 1, KC)
+        oc = F.scaled_dot_product_attention(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+                                            attn_mask=valid, dropout_p=_dropout_p(attn))
+        oc = oc.transpose(1, 2).reshape(B, nq * C, H, d)
+        if contiguous:
+            out_buf[:, start * C:(start + nq) * C] = oc
+        else:
+            out_buf.index_copy_(1, q_idx, oc)
+
+    out = torch.empty_like(q)
+    out[:, :P] = out_prefix
+    out[:, P:] = out_buf.view(B * S, Hd).index_select(0, q_rows).view(B, N, H, d)
+    return merge_heads(attn, x, out)
+
+
+def sparse_reference_mask(layout: TokenLayout, window: int, radius: int = 1) -> Tensor:
+    """The explicit L×L boolean mask (True = may attend) of the sparse pattern; for tests and figures only."""
+    P = layout.num_prefix
+    pos = layout.positions
+    B, N, _ = pos.shape
+    blk = pos // window  # B×N×2 block coordinates
+    near = (blk[:, :, None, :] - blk[:, None, :, :]).abs().amax(-1) <= radius  # B×N×N
+    mask = torch.ones(B, P + N, P + N, dtype=torch.bool, device=pos.device)
+    mask[:, P:, P:] = near
+    return mask

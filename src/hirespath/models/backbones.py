@@ -1,0 +1,210 @@
+"""Registry of pathology ViT presets built with timm, and strict loading of their official weights.
+
+Each preset records what timm needs to build the exact architecture of an official checkpoint (the
+kwargs the model card passes to ``timm.create_model``), plus what hirespath needs around it: the patch
+size, how many prefix (global) tokens precede the patch tokens, the input normalisation and where the
+official weights live. Nothing is ever downloaded: weights are always a local file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import SwiGLUPacked
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    name: str
+    timm_name: str
+    kwargs: dict[str, Any]
+    patch_size: int
+    num_prefix_tokens: int  # CLS + registers, in that order, before the patch tokens
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    checkpoint: str | None = None  # hub repo of the official weights (never fetched here)
+    checkpoint_file: str | None = None  # file name inside that repo
+    notes: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, BackbonePreset] = {}
+
+
+def register_backbone(preset: BackbonePreset) -> BackbonePreset:
+    if preset.name in _REGISTRY:
+        raise ValueError(f"backbone preset {preset.name!r} is already registered")
+    _REGISTRY[preset.name] = preset
+    return preset
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str) -> BackbonePreset:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone preset {name!r}; choose one of {list_backbones()}") from None
+
+
+_SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+
+# UNI2-h: the kwargs of the MahmoodLab/UNI2-h model card.
+register_backbone(BackbonePreset(
+    name="uni2_h",
+    timm_name="vit_giant_patch14_224",
+    kwargs=dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+                mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8,
+                dynamic_img_size=True, **_SWIGLU),
+    patch_size=14, num_prefix_tokens=9,
+    checkpoint="MahmoodLab/UNI2-h", checkpoint_file="pytorch_model.bin",
+    notes="ViT-giant/14, 681M parameters, 8 registers, SwiGLU, LayerScale; the paper's backbone.",
+))
+
+# UNI (v1): ViT-L/16 with LayerScale, model card of MahmoodLab/UNI.
+register_backbone(BackbonePreset(
+    name="uni",
+    timm_name="vit_large_patch16_224",
+    kwargs=dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
+    patch_size=16, num_prefix_tokens=1,
+    checkpoint="MahmoodLab/UNI", checkpoint_file="pytorch_model.bin",
+    notes="ViT-L/16, 303M parameters.",
+))
+
+# Virchow2: config.json of paige-ai/Virchow2 (vit_huge_patch14_224, 4 registers) + the card's SwiGLU/SiLU.
+register_backbone(BackbonePreset(
+    name="virchow2",
+    timm_name="vit_huge_patch14_224",
+    kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
+                global_pool="", dynamic_img_size=True, **_SWIGLU),
+    patch_size=14, num_prefix_tokens=5,
+    checkpoint="paige-ai/Virchow2", checkpoint_file="pytorch_model.bin",
+    notes="ViT-H/14, 632M parameters, 4 registers. The card's embedding concatenates CLS and mean patch token.",
+))
+
+# H-optimus-0: config.json of bioptimus/H-optimus-0 (vit_giant_patch14_reg4_dinov2), its own mean/std.
+register_backbone(BackbonePreset(
+    name="h_optimus_0",
+    timm_name="vit_giant_patch14_reg4_dinov2",
+    kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, global_pool="token", dynamic_img_size=True),
+    patch_size=14, num_prefix_tokens=5,
+    mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
+    checkpoint="bioptimus/H-optimus-0", checkpoint_file="pytorch_model.bin",
+    notes="ViT-g/14 (40 blocks), 1.1B parameters, 4 registers. The card builds it with dynamic_img_size=False; "
+          "hirespath turns it on so position embeddings interpolate (state_dict unchanged).",
+))
+
+# Prov-GigaPath tile encoder: config.json of prov-gigapath/prov-gigapath (DINOv2 giant at patch 16).
+register_backbone(BackbonePreset(
+    name="prov_gigapath",
+    timm_name="vit_giant_patch14_dinov2",
+    kwargs=dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
+                init_values=1e-5, mlp_ratio=5.33334, num_classes=0, dynamic_img_size=True),
+    patch_size=16, num_prefix_tokens=1,
+    checkpoint="prov-gigapath/prov-gigapath", checkpoint_file="pytorch_model.bin",
+    notes="ViT-g (40 blocks) at patch 16, 1.1B parameters, no registers.",
+))
+
+# Tiny member of the UNI2-h family (registers, SwiGLU, LayerScale) for tests and demos. embed_dim 96 keeps
+# SwiGLUPacked's hidden size even with UNI2-h's mlp_ratio (64 would not).
+register_backbone(BackbonePreset(
+    name="tiny",
+    timm_name="vit_giant_patch14_224",
+    kwargs=dict(img_size=224, patch_size=14, depth=6, num_heads=4, init_values=1e-5, embed_dim=96,
+                mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8,
+                dynamic_img_size=True, **_SWIGLU),
+    patch_size=14, num_prefix_tokens=9,
+    notes="UNI2-h family at depth 6, dim 96, 4 heads; random weights only.",
+))
+
+
+def _is_hub_reference(weights: str) -> bool:
+    return weights.startswith(("hf_hub:", "hf-hub:", "http://", "https://", "timm/"))
+
+
+def resolve_weights(preset: BackbonePreset, weights: str | os.PathLike | None) -> Path | None:
+    """Turn the user's ``weights`` argument into a local path, or explain how to get one."""
+    if weights is None or weights is False:
+        return None
+    if weights is True or (isinstance(weights, str) and (weights in ("pretrained", "hub") or _is_hub_reference(weights))):
+        repo = preset.checkpoint or "<the model's hub repo>"
+        fname = preset.checkpoint_file or "pytorch_model.bin"
+        raise ValueError(
+            f"hirespath never downloads weights (got weights={weights!r} for {preset.name!r}). Download "
+            f"{fname} from https://huggingface.co/{repo} on a machine with access, then pass its local path, "
+            f"e.g. create_encoder({preset.name!r}, weights='/path/to/{fname}') or backbone.weights=/path/to/{fname}."
+        )
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {str(path)!r} does not exist; pass a local .safetensors, .bin or .pth file in timm's "
+            f"key layout (as {preset.checkpoint or 'the official repo'} ships it)."
+        )
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely (safetensors, or torch pickles with ``weights_only=True``)."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    elif suffix in (".bin", ".pth", ".pt", ".ckpt"):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # pickles holding code, truncated files, ...
+            raise ValueError(f"could not read weights file {str(path)!r} with weights_only=True: {err}") from err
+    else:
+        raise ValueError(f"weights file {str(path)!r} has suffix {suffix!r}; use .safetensors, .bin, .pth or .pt")
+    # Training checkpoints often wrap the weights; the official files do not, but unwrap the usual keys.
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {str(path)!r} does not hold a flat state_dict of tensors")
+    return state
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load ``path`` into ``model`` strictly, listing every missing or unexpected key on failure."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        lines = [f"weights file {str(path)!r} does not match the architecture:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
+        if mismatched:
+            lines.append("  shape mismatches: " + ", ".join(
+                f"{k} file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched))
+        lines.append("Is it the checkpoint of this preset, in timm's key layout?")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+def build_timm_model(preset: BackbonePreset, weights=None, **arch_overrides) -> torch.nn.Module:
+    """Build the preset's timm ViT (random init) and load a local checkpoint if one is given."""
+    if "pretrained" in arch_overrides:
+        if arch_overrides.pop("pretrained"):
+            resolve_weights(preset, True)  # raises with instructions
+    path = resolve_weights(preset, weights)
+    kwargs = {**preset.kwargs, **arch_overrides}
+    model = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
+    if path is not None:
+        load_weights(model, path)
+    return model

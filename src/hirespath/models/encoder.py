@@ -1,0 +1,228 @@
+"""The high-resolution encoder: a timm ViT run with dense, eager or sparse attention and token pruning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from torch import Tensor, nn
+
+from .attention import (ATTENTION_MODES, TokenLayout, dense_attention, eager_attention, prefix_attention_probs,
+                        sparse_attention, split_heads)
+from .backbones import BackbonePreset, build_timm_model, get_backbone
+from .pruning import GlobalAttentionPruner
+
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+@dataclass
+class EncoderOutput:
+    cls: Tensor  # B×D final normed CLS token
+    patch_tokens: Tensor  # B×N'×D final normed patch tokens that survived pruning
+    positions: Tensor  # B×N'×2 long (row, col) of each surviving token in the patch grid
+    grid: tuple[int, int]  # (rows, cols) of the full patch grid
+    prefix_tokens: Tensor  # B×P×D final normed prefix tokens (CLS, then registers)
+
+    @property
+    def mean_patch(self) -> Tensor:
+        return self.patch_tokens.mean(dim=1)
+
+
+@dataclass
+class TokenState:
+    """Tokens between blocks: what the stepwise API (``embed`` → ``run_blocks`` → ``finish``) passes along."""
+
+    x: Tensor  # B×(P+N)×D
+    layout: TokenLayout
+
+
+def check_attention_args(attention: str, window: int, radius: int) -> None:
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (block side in patches), got {window!r}")
+    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 0:
+        raise ValueError(f"radius must be an integer >= 0 (neighbour blocks on each side), got {radius!r}")
+
+
+def nearest_multiples(size: int, patch: int) -> tuple[int, int]:
+    lo = max(patch, (size // patch) * patch)
+    return lo, lo + patch
+
+
+class HiResEncoder(nn.Module):
+    """A timm ViT whose blocks run with the chosen attention and an optional token pruner.
+
+    The timm model is kept intact as ``self.vit`` (its state_dict keys are the official ones); only the
+    way its blocks are called changes.
+    """
+
+    def __init__(self, vit: nn.Module, preset: BackbonePreset | None = None, attention: str = "sparse",
+                 window: int = 8, radius: int = 1, prune_ratio: float = 0.0, prune_layer: int = 4,
+                 prune_score_tokens: str = "cls", resize_input: bool = False, mlp_chunk: int = 1 << 15,
+                 attn_chunk_keys: int = 1 << 16):
+        super().__init__()
+        check_attention_args(attention, window, radius)
+        for i, blk in enumerate(vit.blocks):
+            missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
+            if missing or not isinstance(blk.attn, Attention):
+                raise ValueError(f"block {i} ({type(blk).__name__}) is not a pre-norm timm Block with timm "
+                                 f"Attention (missing {missing}); hirespath supports those ViTs only")
+        self.vit = vit
+        self.preset = preset
+        self.attention = attention
+        self.window = window
+        self.radius = radius
+        self.pruner = GlobalAttentionPruner(prune_ratio, prune_layer, prune_score_tokens)
+        self.pruner.check_depth(self.depth)
+        self.resize_input = resize_input
+        self.mlp_chunk = mlp_chunk
+        self.attn_chunk_keys = attn_chunk_keys
+
+    # --- facts about the backbone -------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vit.patch_embed.patch_size[0])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preset.mean if self.preset else (0.485, 0.456, 0.406)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preset.std if self.preset else (0.229, 0.224, 0.225)
+
+    def normalize(self, images01: Tensor) -> Tensor:
+        """Map images in [0, 1] to the backbone's input normalisation."""
+        mean = torch.tensor(self.mean, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images01.device, dtype=images01.dtype).view(1, -1, 1, 1)
+        return (images01 - mean) / std
+
+    def extra_repr(self) -> str:
+        return (f"attention={self.attention!r}, window={self.window}, radius={self.radius}, "
+                f"pruner={self.pruner!r}")
+
+    # --- stepwise API (used by forward, the ViT-Adapter and the benchmark) ----------------------
+    def check_images(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor (normalised B×3×H×W), got dtype {images.dtype}")
+        in_chans = self.vit.patch_embed.proj.in_channels
+        if images.ndim != 4 or images.shape[1] != in_chans:
+            raise ValueError(f"images must have shape B×{in_chans}×H×W, got {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            if self.resize_input:
+                size = [max(p, round(s / p) * p) for s in (H, W)]
+                return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+            valid = [nearest_multiples(s, p) for s in (H, W)]
+            raise ValueError(
+                f"image size {H}×{W} is not a multiple of the patch size {p}; nearest valid sizes: "
+                f"H in {valid[0]}, W in {valid[1]} (resize or crop, or build the encoder with resize_input=True)")
+        return images
+
+    def embed(self, images: Tensor) -> TokenState:
+        """Patch embedding, position embedding (interpolated to any grid) and prefix tokens, as timm does."""
+        images = self.check_images(images)
+        vit = self.vit
+        x = vit.patch_embed(images)
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        return TokenState(x, TokenLayout.full_grid(x.shape[0], grid, self.num_prefix_tokens, x.device))
+
+    def attend(self, attn: nn.Module, x: Tensor, layout: TokenLayout) -> Tensor:
+        if self.attention == "dense":
+            return dense_attention(attn, x, layout)
+        if self.attention == "eager":
+            return eager_attention(attn, x, layout)
+        return sparse_attention(attn, x, layout, self.window, self.radius, self.attn_chunk_keys)
+
+    def _mlp(self, blk: nn.Module, x: Tensor) -> Tensor:
+        """Residual MLP; in inference it runs over token chunks to bound the hidden activation."""
+        L = x.shape[1]
+        if torch.is_grad_enabled() or L <= self.mlp_chunk:
+            return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        for s in range(0, L, self.mlp_chunk):
+            xs = x[:, s:s + self.mlp_chunk]
+            xs += blk.ls2(blk.mlp(blk.norm2(xs)))
+        return x
+
+    def run_block(self, index: int, state: TokenState) -> TokenState:
+        blk = self.vit.blocks[index]
+        h = blk.norm1(state.x)
+        x = state.x + blk.drop_path1(blk.ls1(self.attend(blk.attn, h, state.layout)))
+        x = self._mlp(blk, x)
+        state = TokenState(x, state.layout)
+        if self.pruner.enabled and index + 1 == self.pruner.layer:
+            state = self.prune(state, self.prune_scores(blk.attn, h, state.layout))
+        return state
+
+    def prune_scores(self, attn: nn.Module, h: Tensor, layout: TokenLayout) -> Tensor:
+        """B×N attention of the global tokens to each patch token in this block (O(N) memory)."""
+        P = layout.num_prefix
+        q, k, _ = split_heads(attn, h)
+        return self.pruner.scores(prefix_attention_probs(attn, q[:, :P], k), P)
+
+    def prune(self, state: TokenState, scores: Tensor) -> TokenState:
+        P = state.layout.num_prefix
+        keep = self.pruner.select(scores)
+        patches = state.x[:, P:].gather(1, keep[..., None].expand(-1, -1, state.x.shape[-1]))
+        return TokenState(torch.cat([state.x[:, :P], patches], dim=1), state.layout.select(keep))
+
+    def run_blocks(self, state: TokenState, start: int = 0, end: int | None = None) -> TokenState:
+        for i in range(start, self.depth if end is None else end):
+            state = self.run_block(i, state)
+        return state
+
+    def finish(self, state: TokenState) -> EncoderOutput:
+        x = self.vit.norm(state.x)
+        P = state.layout.num_prefix
+        return EncoderOutput(cls=x[:, 0], patch_tokens=x[:, P:], positions=state.layout.positions,
+                             grid=state.layout.grid, prefix_tokens=x[:, :P])
+
+    def forward(self, images: Tensor) -> EncoderOutput:
+        return self.finish(self.run_blocks(self.embed(images)))
+
+
+def create_encoder(backbone: str = "uni2_h", attention: str = "sparse", window: int = 8, prune_ratio: float = 0.0,
+                   prune_layer: int = 4, weights=None, *, radius: int = 1, prune_score_tokens: str = "cls",
+                   resize_input: bool = False, **arch_overrides) -> HiResEncoder:
+    """Build a registry preset as a high-resolution encoder.
+
+    ``weights``: None (random init) or the path of a local checkpoint in timm's key layout, loaded strictly.
+    ``arch_overrides`` go to ``timm.create_model`` (e.g. ``depth=2, embed_dim=96, num_heads=4, init_values=1.0``).
+    """
+    preset = get_backbone(backbone)
+    # Validate the cheap arguments before building a possibly billion-parameter model.
+    check_attention_args(attention, window, radius)
+    GlobalAttentionPruner(prune_ratio, prune_layer, prune_score_tokens)
+    vit = build_timm_model(preset, weights=weights, **arch_overrides)
+    return HiResEncoder(vit, preset, attention=attention, window=window, radius=radius, prune_ratio=prune_ratio,
+                        prune_layer=prune_layer, prune_score_tokens=prune_score_tokens, resize_input=resize_input)
+
+
+def encoder_from_config(backbone, attention, pruner) -> HiResEncoder:
+    """Build the encoder from the ``backbone``/``attention``/``pruner`` config groups (dicts or DictConfigs)."""
+    overrides = dict(backbone.get("overrides") or {})
+    return create_encoder(
+        backbone["name"], attention=attention["mode"], window=int(attention.get("window", 8)),
+        radius=int(attention.get("radius", 1)), prune_ratio=float(pruner.get("ratio", 0.0)),
+        prune_layer=int(pruner.get("layer", 4)), prune_score_tokens=pruner.get("score_tokens", "cls"),
+        weights=backbone.get("weights"), **overrides)

@@ -1,0 +1,53 @@
+"""Attention-guided token pruning: keep the patch tokens the global tokens attend to most."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SCORE_TOKENS = ("cls", "all")
+
+
+class GlobalAttentionPruner:
+    """After block ``layer`` (1-based count of blocks run), drop the fraction ``ratio`` of patch tokens.
+
+    Each patch token is scored by the attention the global tokens give it in block ``layer``'s own
+    attention, averaged over heads (and over the scoring tokens: CLS only, or CLS + registers). Every
+    image keeps the same number ⌈(1−ratio)·N⌉ of tokens, so tensors stay rectangular; the survivors keep
+    their raster order.
+    """
+
+    def __init__(self, ratio: float = 0.6, layer: int = 4, score_tokens: str = "cls"):
+        if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+            raise ValueError(f"prune ratio must be in [0, 1), got {ratio!r}")
+        if score_tokens not in SCORE_TOKENS:
+            raise ValueError(f"prune score_tokens must be one of {SCORE_TOKENS}, got {score_tokens!r}")
+        self.ratio = float(ratio)
+        self.layer = int(layer)
+        self.score_tokens = score_tokens
+
+    @property
+    def enabled(self) -> bool:
+        return self.ratio > 0
+
+    def check_depth(self, depth: int) -> None:
+        if self.enabled and not (1 <= self.layer < depth):
+            raise ValueError(f"prune layer must be in [1, {depth - 1}] for a {depth}-block model, got {self.layer}")
+
+    def num_kept(self, n: int) -> int:
+        return max(1, math.ceil((1.0 - self.ratio) * n))
+
+    def scores(self, probs: Tensor, num_prefix: int) -> Tensor:
+        """``probs``: B×H×P×L prefix-row attention → B×N patch scores."""
+        rows = probs[:, :, :1] if self.score_tokens == "cls" else probs
+        return rows[..., num_prefix:].float().mean(dim=(1, 2))
+
+    def select(self, scores: Tensor) -> Tensor:
+        """Indices (B×N', ascending) of the patch tokens to keep."""
+        keep = torch.topk(scores, self.num_kept(scores.shape[1]), dim=1, sorted=False).indices
+        return keep.sort(dim=1).values
+
+    def __repr__(self) -> str:
+        return f"GlobalAttentionPruner(ratio={self.ratio}, layer={self.layer}, score_tokens={self.score_tokens!r})"

@@ -1,0 +1,165 @@
+"""Public API, presets, checkpoints and bad input."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+import hirespath
+from conftest import tiny_encoder
+from hirespath.models.backbones import build_timm_model, get_backbone
+
+
+def test_presets_registered():
+    names = hirespath.list_backbones()
+    for n in ["uni2_h", "uni", "virchow2", "h_optimus_0", "prov_gigapath", "tiny"]:
+        assert n in names
+    p = get_backbone("uni2_h")
+    assert p.patch_size == 14 and p.num_prefix_tokens == 9 and p.checkpoint == "MahmoodLab/UNI2-h"
+
+
+@pytest.mark.parametrize("name", ["uni2_h", "uni", "virchow2", "h_optimus_0", "prov_gigapath"])
+def test_presets_build_their_architecture(name):
+    """Each preset builds on the meta device (no memory) with its patch size and prefix-token count."""
+    preset = get_backbone(name)
+    with torch.device("meta"):
+        vit = build_timm_model(preset)
+    assert vit.patch_embed.patch_size[0] == preset.patch_size
+    assert vit.num_prefix_tokens == preset.num_prefix_tokens
+    assert vit.dynamic_img_size
+
+
+def test_uni2_h_is_exactly_uni2_h():
+    with torch.device("meta"):
+        vit = build_timm_model(get_backbone("uni2_h"))
+    n = sum(p.numel() for p in vit.parameters())
+    assert 680e6 < n < 682e6  # 681 M parameters
+    assert vit.embed_dim == 1536 and len(vit.blocks) == 24 and vit.blocks[0].attn.num_heads == 24
+
+
+def test_any_input_size_interpolates_position_embeddings():
+    enc = tiny_encoder(attention="dense")
+    with torch.no_grad():
+        for h, w in [(224, 224), (14 * 3, 14 * 20), (14 * 33, 14 * 2)]:
+            out = enc(torch.randn(1, 3, h, w))
+            assert out.grid == (h // 14, w // 14)
+            assert out.patch_tokens.shape[1] == (h // 14) * (w // 14)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    src = tiny_encoder(attention="dense")
+    x = torch.randn(1, 3, 56, 56)
+    for suffix in (".safetensors", ".pth", ".bin"):
+        path = tmp_path / f"model{suffix}"
+        state = {k: v.clone().contiguous() for k, v in src.vit.state_dict().items()}
+        if suffix == ".safetensors":
+            save_file(state, str(path))
+        else:
+            torch.save(state, path)
+        torch.manual_seed(123)  # different random init: the file must overwrite every weight
+        enc = hirespath.create_encoder("tiny", attention="dense", weights=str(path), init_values=1.0).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(enc(x).cls, src(x).cls)
+        assert set(enc.vit.state_dict()) == set(state)  # official key layout, untouched
+
+
+def test_wrong_checkpoint_lists_keys(tmp_path):
+    src = tiny_encoder(attention="dense")
+    state = dict(src.vit.state_dict())
+    state.pop("reg_token")
+    state["head.weight"] = torch.zeros(2, 96)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as err:
+        hirespath.create_encoder("tiny", weights=str(path))
+    msg = str(err.value)
+    assert "reg_token" in msg and "head.weight" in msg and "bad.pth" in msg
+
+
+def test_shape_mismatch_is_reported(tmp_path):
+    state = tiny_encoder(attention="dense").vit.state_dict()
+    path = tmp_path / "deeper.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="shape mismatch|missing keys|unexpected keys"):
+        hirespath.create_encoder("tiny", weights=str(path), embed_dim=192)
+
+
+def test_hub_weights_explain_how_to_pass_a_file():
+    with pytest.raises(ValueError, match="never downloads.*MahmoodLab/UNI2-h.*weights="):
+        hirespath.create_encoder("uni2_h", weights="hf_hub:MahmoodLab/UNI2-h")
+    with pytest.raises(ValueError, match="never downloads"):
+        hirespath.create_encoder("tiny", pretrained=True)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        hirespath.create_encoder("tiny", weights="/nope.safetensors")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(window=0), "window must be an integer >= 1"),
+    (dict(prune_ratio=1.0), r"prune ratio must be in \[0, 1\)"),
+    (dict(prune_ratio=-0.1), r"prune ratio must be in \[0, 1\)"),
+    (dict(prune_ratio=0.5, prune_layer=0), r"prune layer must be in \[1, 5\]"),
+    (dict(prune_ratio=0.5, prune_layer=6), r"prune layer must be in \[1, 5\]"),
+    (dict(attention="flash"), "attention must be one of"),
+    (dict(prune_ratio=0.5, prune_score_tokens="regs"), "score_tokens"),
+])
+def test_bad_construction_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hirespath.create_encoder("tiny", **kwargs)
+
+
+def test_unknown_preset_names_choices():
+    with pytest.raises(ValueError, match="unknown backbone preset 'uni3'.*uni2_h"):
+        hirespath.create_encoder("uni3")
+
+
+def test_bad_images():
+    enc = tiny_encoder()
+    with pytest.raises(ValueError, match=r"not a multiple of the patch size 14; nearest valid sizes: H in \(224, 238\)"):
+        enc(torch.randn(1, 3, 230, 224))
+    with pytest.raises(TypeError, match="float tensor"):
+        enc(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"B×3×H×W"):
+        enc(torch.randn(1, 4, 28, 28))
+    with pytest.raises(ValueError, match=r"B×3×H×W"):
+        enc(torch.randn(3, 28, 28))
+    resizing = tiny_encoder(resize_input=True)
+    with torch.no_grad():
+        assert resizing(torch.randn(1, 3, 230, 220)).grid == (16, 16)
+
+
+def test_hydra_config_instantiates_the_same_encoder():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("benchmark", overrides=["backbone=tiny", "attention=sparse", "attention.window=3",
+                                                "pruner=global_attention", "pruner.ratio=0.5", "pruner.layer=2"])
+    torch.manual_seed(0)
+    enc = instantiate(cfg.encoder).eval()
+    ref = tiny_encoder(attention="sparse", window=3, prune_ratio=0.5, prune_layer=2)
+    assert isinstance(enc, hirespath.HiResEncoder)
+    assert enc.window == 3 and enc.pruner.ratio == 0.5 and enc.pruner.layer == 2
+    x = torch.randn(1, 3, 84, 84)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x).cls, ref(x).cls)
+
+
+def test_training_backward_through_sparse():
+    enc = tiny_encoder(attention="sparse", window=2, depth=2).train()
+    out = enc(torch.randn(2, 3, 56, 70))
+    (out.patch_tokens.square().mean() + out.cls.mean()).backward()
+    grads = [p.grad for p in enc.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[:5])
+    assert enc.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_mlp_chunking_in_inference_is_exact():
+    enc = tiny_encoder(attention="sparse", window=2)
+    x = torch.randn(1, 3, 14 * 6, 14 * 6)
+    with torch.no_grad():
+        whole = enc(x)
+        enc.mlp_chunk = 7
+        chunked = enc(x)
+    torch.testing.assert_close(chunked.patch_tokens, whole.patch_tokens, atol=1e-5, rtol=1e-5)
