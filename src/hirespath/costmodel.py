@@ -1,0 +1,73 @@
+"""Analytic cost of one encoder forward: FLOPs and transient attention memory, per attention mode.
+
+FLOPs count a multiply-add as 2. Linear layers are read off the model itself (so SwiGLU, registers and any
+arch override are counted exactly); attention FLOPs are 2·2·(queries)·(keys)·D per block (QKᵀ and PV).
+Sparse keys are counted exactly for the full grid (block neighbourhoods clipped at the border); after
+pruning, a fraction (1−p) of each neighbourhood is expected to survive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class Cost:
+    tokens: int  # patch tokens before pruning
+    tflops: float  # whole forward, one image
+    attn_memory_gb: float  # largest transient attention buffer of one block, one image
+
+
+def _linear_macs_per_token(block: nn.Module) -> int:
+    return sum(m.in_features * m.out_features for m in block.modules() if isinstance(m, nn.Linear))
+
+
+def _neighbourhood_keys(grid: tuple[int, int], window: int, radius: int) -> int:
+    """Σ over patch tokens of the number of patch keys in its block neighbourhood (full grid)."""
+    def axis(n: int) -> list[tuple[int, int]]:
+        nb = math.ceil(n / window)
+        sizes = [min(window, n - b * window) for b in range(nb)]
+        # (tokens in block b along this axis, tokens in its neighbourhood along this axis)
+        return [(sizes[b], sum(sizes[max(0, b - radius):b + radius + 1])) for b in range(nb)]
+
+    rows, cols = axis(grid[0]), axis(grid[1])
+    return sum(qr * qc * kr * kc for qr, kr in rows for qc, kc in cols)
+
+
+def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: int = 2) -> Cost:
+    """Cost of ``encoder`` (a HiResEncoder) on one image of ``resolution`` pixels (side, or (H, W))."""
+    H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
+    p = encoder.patch_size
+    grid = (H // p, W // p)
+    N = grid[0] * grid[1]
+    P = encoder.num_prefix_tokens
+    D = encoder.embed_dim
+    heads = encoder.vit.blocks[0].attn.num_heads
+    depth = encoder.depth
+    pruner = encoder.pruner
+    kept_frac = 1.0
+    full_blocks = depth
+    if pruner.enabled:
+        full_blocks = pruner.layer
+        kept_frac = pruner.num_kept(N) / N
+
+    flops = 0.0
+    attn_mem = 0.0
+    for i, blk in enumerate(encoder.vit.blocks):
+        frac = 1.0 if i < full_blocks else kept_frac
+        n = round(N * frac) if frac < 1 else N
+        L = P + n
+        flops += 2 * _linear_macs_per_token(blk) * L
+        if encoder.attention in ("dense", "eager"):
+            flops += 4 * L * L * D
+            mem = heads * L * L * bytes_per_element if encoder.attention == "eager" else heads * L * 4
+        else:
+            keys = _neighbourhood_keys(grid, encoder.window, encoder.radius) * frac * frac
+            flops += 4 * (keys + n * P + P * L) * D  # patch→patch, patch→prefix, prefix→all
+            # slot buffers for q, k, v, out (4·N·D) plus one chunk of gathered K and V
+            mem = (4 * n * D + 2 * min(encoder.attn_chunk_keys, L * 9) * D) * bytes_per_element
+        attn_mem = max(attn_mem, mem)
+    return Cost(tokens=N, tflops=flops / 1e12, attn_memory_gb=attn_mem / 1e9)

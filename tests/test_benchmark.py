@@ -1,0 +1,125 @@
+"""Benchmark task: CSV schema, plot, OOM handling, and the analytic cost model."""
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import hirespath
+from hirespath import benchmark as bm
+from hirespath.costmodel import _neighbourhood_keys, encoder_cost
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _cfg(tmp_path, overrides):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("benchmark", overrides=overrides, return_hydra_config=False)
+    cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def test_benchmark_task_writes_csv_and_plot(tmp_path):
+    cfg = _cfg(tmp_path, ["backbone=tiny", "resolutions=[56,112]", "repeats=1", "warmup=0", "cpu_memory=false",
+                          "compare=[{attention: dense, prune_ratio: 0.0},{attention: sparse, window: 2, prune_ratio: 0.5, prune_layer: 2}]"])
+    result = bm.run_from_config(cfg)
+    df = pd.read_csv(tmp_path / "benchmark.csv")
+    for col in ["backbone", "attention", "window", "prune_ratio", "prune_layer", "dtype", "device", "resolution",
+                "tokens", "seconds_per_image", "peak_memory_gb", "status"]:
+        assert col in df.columns
+    assert len(df) == 4 and set(df.status) == {"ok"}
+    assert list(df.tokens[:2]) == [16, 64]
+    assert (df.seconds_per_image > 0).all()
+    assert set(df.attention) == {"dense", "sparse"} and (df.device == "cpu").all() and (df.dtype == "fp32").all()
+    png = (tmp_path / "benchmark.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "x dense" in result["summary"]
+
+
+def test_cpu_peak_memory_in_subprocess_grows_with_tokens(tmp_path):
+    bench = bm.Benchmark("tiny", overrides={"depth": 2}, repeats=1, warmup=0)
+    small = bench.measure(bm.BenchConfig(attention="eager"), 112)
+    large = bench.measure(bm.BenchConfig(attention="eager"), 448)
+    assert small["status"] == large["status"] == "ok"
+    # eager holds a 4-head L×L fp32 matrix: 1033² · 4 heads · 4 B ≈ 17 MB at 448 px; far less at 112 px
+    assert large["peak_memory_gb"] > small["peak_memory_gb"]
+    assert large["peak_memory_gb"] > 0.015
+
+
+def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch):
+    bench = bm.Benchmark("tiny", overrides={"depth": 2}, repeats=1, warmup=0, cpu_memory=False)
+    real = bm.time_forward
+
+    def fake_time_forward(encoder, images, *args):
+        if images.shape[-1] >= 112:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return real(encoder, images, *args)
+
+    monkeypatch.setattr(bm, "time_forward", fake_time_forward)
+    rows = bm.sweep(bench, [bm.BenchConfig(attention="dense")], [56, 112, 224], progress=False)
+    assert [r["status"] for r in rows] == ["ok", "oom", "oom"]
+    assert math.isnan(rows[1]["seconds_per_image"])
+
+
+def test_memory_budget_forces_real_oom_in_worker():
+    """A real allocation failure under a tiny RLIMIT_DATA budget, caught inside the worker."""
+    bench = bm.Benchmark("tiny", overrides={"depth": 1}, repeats=1, warmup=0, memory_budget_gb=0.01)
+    row = bench.measure(bm.BenchConfig(attention="eager"), 1120)  # 6400² · 4 heads · 4 B = 655 MB of scores
+    assert row["status"] == "oom"
+
+
+def test_max_resolution_grows_then_bisects(monkeypatch):
+    bench = bm.Benchmark("tiny", overrides={"depth": 1}, repeats=1, warmup=0, cpu_memory=False)
+
+    def fake_measure(cfg, res):
+        return {"resolution": res, "status": "ok" if res <= 700 else "oom", "peak_memory_gb": 1.0,
+                "seconds_per_image": 0.1}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    best, probes = bench.max_resolution(bm.BenchConfig(), start=112, limit=10_000)
+    assert best == 700  # the largest multiple of 14 that is <= 700
+    assert [p["resolution"] for p in probes][:4] == [112, 224, 448, 896]
+
+
+def test_bad_resolution_is_named():
+    bench = bm.Benchmark("tiny", overrides={"depth": 1}, cpu_memory=False)
+    with pytest.raises(ValueError, match="resolution 100 is not a positive multiple of the patch size 14; nearest valid: 98 or 112"):
+        bench.measure(bm.BenchConfig(), 100)
+
+
+def test_cost_model_matches_hand_computation():
+    with torch.device("meta"):
+        enc = hirespath.create_encoder("tiny", attention="dense", depth=2)
+    # tiny: D=96, SwiGLUPacked hidden 512 (fc1 96→512, fc2 256→96), qkv 96→288, proj 96→96
+    lin = 96 * 288 + 96 * 96 + 96 * 512 + 256 * 96
+    L = 9 + 16
+    expected = 2 * (2 * lin * L + 4 * L * L * 96)
+    assert encoder_cost(enc, 56).tflops * 1e12 == pytest.approx(expected)
+    # sparse on a 4×4 grid with window 2: every block neighbourhood covers the whole grid → dense patch keys
+    assert _neighbourhood_keys((4, 4), 2, 1) == 16 * 16
+    # 1-D check: 6×1 grid, window 2 → blocks of 2; neighbourhoods of 4, 6, 4 keys → 2·4 + 2·6 + 2·4
+    assert _neighbourhood_keys((6, 1), 2, 1) == 28
+
+
+def test_cost_model_reproduces_design_numbers():
+    with torch.device("meta"):
+        dense = hirespath.create_encoder("uni2_h", attention="dense")
+        local = hirespath.create_encoder("uni2_h", attention="sparse", window=8)
+        pruned = hirespath.create_encoder("uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4)
+    assert encoder_cost(dense, 1344).tflops == pytest.approx(25.1, abs=0.06)
+    assert encoder_cost(local, 1344).tflops == pytest.approx(13.3, abs=0.06)
+    assert encoder_cost(pruned, 1344).tflops == pytest.approx(6.5, abs=0.06)
+    assert encoder_cost(dense, 3430).tflops == pytest.approx(613, abs=0.6)
+    assert encoder_cost(dense, 3430).tokens == 60_025
+
+
+def test_experiment_configs_compose():
+    for exp in ("table1_cost", "cpu_speed"):
+        with initialize_config_dir(CONF, version_base="1.3"):
+            cfg = compose("benchmark", overrides=[f"experiment={exp}"])
+        configs = bm.configs_from(cfg)
+        assert len(configs) >= 3
+    assert 3430 in cfg.resolutions or exp == "cpu_speed"
