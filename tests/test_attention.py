@@ -101,3 +101,22 @@ def test_locality_one_block():
     assert (out_near[0, token] - base[0, token]).abs().max() > 1e-3
     # the far patch itself did change
     assert (out_far[0, 8 * 12 + 8] - base[0, 8 * 12 + 8]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("grid,window,pruned", [((7, 5), 2, False), ((9, 13), 3, True), ((6, 6), 4, False)])
+def test_flex_block_mask_path_equals_masked_reference(grid, window, pruned):
+    """The CUDA flex_attention path, run uncompiled on CPU on small grids to check its BlockMask."""
+    from hirespath.models.attention import sparse_attention_flex
+
+    enc = tiny_encoder()
+    attn = enc.vit.blocks[0].attn
+    B, P = 2, 9
+    layout = TokenLayout.full_grid(B, grid, P, "cpu")
+    if pruned:
+        n = grid[0] * grid[1]
+        layout = layout.select(torch.stack([torch.randperm(n)[: n // 2].sort().values for _ in range(B)]))
+    x = torch.randn(B, P + layout.positions.shape[1], enc.embed_dim)
+    with torch.no_grad():
+        got = sparse_attention_flex(attn, x, layout, window, 1)
+        ref = masked_reference(attn, x, sparse_reference_mask(layout, window, 1))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -74,7 +74,7 @@ def test_memory_budget_forces_real_oom_in_worker():
 def test_max_resolution_grows_then_bisects(monkeypatch):
     bench = bm.Benchmark("tiny", overrides={"depth": 1}, repeats=1, warmup=0, cpu_memory=False)
 
-    def fake_measure(cfg, res):
+    def fake_measure(cfg, res, timed=True):
         return {"resolution": res, "status": "ok" if res <= 700 else "oom", "peak_memory_gb": 1.0,
                 "seconds_per_image": 0.1}
 

@@ -5,8 +5,8 @@ Peak memory:
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` — weights included, as a user
   would see it.
 - CPU: the growth of peak RSS during one forward, measured in a fresh subprocess (so earlier runs' allocator
-  caches do not hide it): ``ru_maxrss`` after the forward minus the resident size just before it. Weights are
-  excluded there (they are resident before the forward).
+  caches do not hide it): the peak RSS (VmHWM, reset just before the forward) minus the resident size just
+  before it. Weights are excluded there (they are resident before the forward).
 An out-of-memory error (CUDA, or host: allocator failure, a budget ``memory_budget_gb`` exceeded, or the
 worker killed) is recorded as status ``oom`` and the sweep goes on.
 """
@@ -51,13 +51,14 @@ class BenchConfig:
     prune_ratio: float = 0.0
     prune_layer: int = 4
     prune_score_tokens: str = "cls"
+    sparse_backend: str = "auto"  # auto | gather | flex
 
     @property
     def label(self) -> str:
         if self.attention != "sparse":
             name = self.attention
         else:
-            name = f"sparse w={self.window}"
+            name = f"sparse w={self.window}" + (f" [{self.sparse_backend}]" if self.sparse_backend != "auto" else "")
         return name + (f" + prune {self.prune_ratio:g}@{self.prune_layer}" if self.prune_ratio > 0 else "")
 
 
@@ -130,12 +131,18 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _vm_data_bytes() -> int:
+def _proc_status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmData:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmData in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def cpu_memory_worker(spec: dict) -> dict:
@@ -151,12 +158,13 @@ def cpu_memory_worker(spec: dict) -> dict:
         enc = enc.to(DTYPES[spec["dtype"]])
     images = torch.randn(spec["batch_size"], 3, spec["resolution"], spec["resolution"], dtype=next(enc.parameters()).dtype)
     budget = spec.get("memory_budget_gb")
+    _reset_peak_rss()
     before = _rss_bytes()
     if budget:
         # Cap the address space growth so an over-budget forward fails inside this worker, not the host.
         # RLIMIT_DATA counts the virtual data segment, so the cap is relative to its current size.
         soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-        limit = int(_vm_data_bytes() + budget * 1e9)
+        limit = int(_proc_status_bytes("VmData") + budget * 1e9)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
     try:
         with torch.inference_mode():
@@ -165,7 +173,7 @@ def cpu_memory_worker(spec: dict) -> dict:
         if _is_oom(err):
             return {"status": "oom", "peak_memory_gb": float("nan")}
         raise
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _proc_status_bytes("VmHWM")
     growth = max(0, peak - before) / 1e9
     if budget and growth > budget:
         return {"status": "oom", "peak_memory_gb": growth}
@@ -185,10 +193,10 @@ def cpu_peak_memory(spec: dict, timeout: float | None = None) -> dict:
 
 
 def _wrap(vit, preset, cfg: BenchConfig, sparse_backend: str = "auto") -> HiResEncoder:
+    sparse_backend = cfg.sparse_backend if cfg.sparse_backend != "auto" else sparse_backend
     enc = HiResEncoder(vit, preset, attention=cfg.attention, window=cfg.window, radius=cfg.radius,
                        prune_ratio=cfg.prune_ratio, prune_layer=cfg.prune_layer,
-                       prune_score_tokens=cfg.prune_score_tokens)
-    enc.sparse_backend = sparse_backend
+                       prune_score_tokens=cfg.prune_score_tokens, sparse_backend=sparse_backend)
     return enc
 
 
@@ -203,7 +211,6 @@ class Benchmark:
         self.backbone = backbone
         self.overrides = dict(overrides or {})
         self.batch_size, self.warmup, self.repeats, self.seed = batch_size, warmup, repeats, seed
-        self.memory_budget_gb = memory_budget_gb
         self.sparse_backend = sparse_backend
         self.cpu_memory = cpu_memory
         torch.manual_seed(seed)
@@ -213,9 +220,14 @@ class Benchmark:
         if self.device.type == "cuda" and self.dtype != "fp32":
             vit = vit.to(DTYPES[self.dtype])
         self.vit = vit.to(self.device)
-        if self.device.type == "cuda" and memory_budget_gb:
+        self.set_memory_budget(memory_budget_gb)
+
+    def set_memory_budget(self, gb: float | None) -> None:
+        """Points needing more than ``gb`` are recorded as oom (CUDA: allocator cap; CPU: worker RLIMIT_DATA)."""
+        self.memory_budget_gb = gb
+        if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory / 1e9
-            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_budget_gb / total), self.device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, (gb or total) / total), self.device)
 
     @property
     def patch_size(self) -> int:
@@ -228,7 +240,7 @@ class Benchmark:
             raise ValueError(f"resolution {resolution} is not a positive multiple of the patch size {p}; "
                              f"nearest valid: {lo} or {lo + p}")
 
-    def measure(self, cfg: BenchConfig, resolution: int) -> dict:
+    def measure(self, cfg: BenchConfig, resolution: int, timed: bool = True) -> dict:
         self.check_resolution(resolution)
         enc = _wrap(self.vit, self.preset, cfg, self.sparse_backend).eval()
         cost = encoder_cost(enc, resolution, bytes_per_element=2 if self.dtype != "fp32" else 4)
@@ -236,7 +248,7 @@ class Benchmark:
                    prune_layer=cfg.prune_layer, dtype=self.dtype, device=self.device_name, resolution=resolution,
                    tokens=cost.tokens, seconds_per_image=float("nan"), peak_memory_gb=float("nan"), status="ok",
                    tflops=cost.tflops, attn_memory_gb=cost.attn_memory_gb,
-                   sparse_backend=self.sparse_backend if cfg.attention == "sparse" else "")
+                   sparse_backend=enc.sparse_backend if cfg.attention == "sparse" else "")
         param_dtype = next(self.vit.parameters()).dtype
         try:
             images = torch.randn(self.batch_size, 3, resolution, resolution, device=self.device, dtype=param_dtype)
@@ -250,8 +262,9 @@ class Benchmark:
                 row.update(mem)
                 if row["status"] != "ok":
                     return row
-            seconds = time_forward(enc, images, self.dtype, self.warmup, self.repeats)
-            row["seconds_per_image"] = seconds / self.batch_size
+            if timed:
+                seconds = time_forward(enc, images, self.dtype, self.warmup, self.repeats)
+                row["seconds_per_image"] = seconds / self.batch_size
         except Exception as err:  # noqa: BLE001
             if not _is_oom(err):
                 raise
@@ -277,28 +290,28 @@ class Benchmark:
     def fits(self, cfg: BenchConfig, resolution: int) -> bool:
         return self.measure(cfg, resolution)["status"] == "ok"
 
-    def max_resolution(self, cfg: BenchConfig, start: int, limit: int) -> tuple[int, list[dict]]:
+    def max_resolution(self, cfg: BenchConfig, start: int, limit: int, timed: bool = False) -> tuple[int, list[dict]]:
         """Largest multiple-of-patch resolution that fits: double until it fails, then bisect."""
         p = self.patch_size
         rows: list[dict] = []
 
         def probe(res: int) -> bool:
-            row = self.measure(cfg, res)
+            row = self.measure(cfg, res, timed=timed)
             rows.append(row)
             log.info("max_resolution %s: %d px -> %s", cfg.label, res, row["status"])
             return row["status"] == "ok"
 
         lo, hi = 0, None
-        res = max(p, start // p * p)
-        while res <= limit:
-            if probe(res):
-                lo = res
-                res = res * 2 // p * p
-            else:
+        limit = limit // p * p
+        res = min(max(p, start // p * p), limit)
+        while True:
+            if not probe(res):
                 hi = res
                 break
-        if hi is None:
-            return lo, rows  # fits up to the search limit
+            lo = res
+            if res >= limit:
+                return lo, rows  # fits up to the search limit
+            res = min(res * 2, limit)
         while hi - lo > p:
             mid = (lo + hi) // 2 // p * p
             if mid <= lo:
@@ -393,7 +406,7 @@ if __name__ == "__main__":  # the CPU memory worker
 
 def configs_from(cfg) -> list[BenchConfig]:
     """The composed attention/pruner groups, or the explicit ``compare`` list (one plot line each)."""
-    base = dict(attention=cfg.attention.mode, window=int(cfg.attention.window), radius=int(cfg.attention.radius),
+    base = dict(sparse_backend=str(cfg.get("sparse_backend", "auto")), attention=cfg.attention.mode, window=int(cfg.attention.window), radius=int(cfg.attention.radius),
                 prune_ratio=float(cfg.pruner.ratio), prune_layer=int(cfg.pruner.layer),
                 prune_score_tokens=str(cfg.pruner.score_tokens))
     if not cfg.get("compare"):
@@ -460,25 +473,24 @@ def run_from_config(cfg) -> dict:
     if mr and mr.enabled:
         found, probes = [], []
         budget_bench = bench
-        if mr.memory_budget_gb != cfg.memory_budget_gb:
-            budget_bench = Benchmark(cfg.backbone.name, overrides=OmegaConf.to_container(cfg.backbone.overrides or {}),
-                                     weights=cfg.backbone.weights, device=cfg.device, dtype=cfg.dtype,
-                                     batch_size=cfg.batch_size, warmup=0, repeats=1, seed=cfg.seed,
-                                     memory_budget_gb=mr.memory_budget_gb, sparse_backend=cfg.sparse_backend,
-                                     cpu_memory=True)
-        for c in configs:
+        bench.set_memory_budget(mr.memory_budget_gb)
+        bench.cpu_memory = True  # the search is about memory, so measure it on CPU too
+        search = configs
+        if mr.get("compare"):
+            search = configs_from(OmegaConf.merge(cfg, {"compare": mr.compare}))
+        for c in search:
             best, rows_c = budget_bench.max_resolution(c, int(mr.start), int(mr.limit))
             probes += rows_c
             ok = [r for r in rows_c if r["resolution"] == best and r["status"] == "ok"]
             found.append(dict(backbone=cfg.backbone.name, configuration=c.label, attention=c.attention,
                               window=c.window, prune_ratio=c.prune_ratio, prune_layer=c.prune_layer,
                               memory_budget_gb=mr.memory_budget_gb, max_resolution=best,
-                              tokens=(best // budget_bench.patch_size) ** 2,
+                              tokens=(best // budget_bench.patch_size) ** 2, sparse_backend=c.sparse_backend,
                               peak_memory_gb=ok[0]["peak_memory_gb"] if ok else float("nan"),
                               seconds_per_image=ok[0]["seconds_per_image"] if ok else float("nan"),
                               device=budget_bench.device_name, dtype=budget_bench.dtype,
                               search_limit=int(mr.limit)))
-            log.info("largest resolution within %.1f GB for %s: %d px", mr.memory_budget_gb, c.label, best)
+            log.info("largest resolution within %g GB for %s: %d px", mr.memory_budget_gb, c.label, best)
         import pandas as pd
 
         from .utils.io import atomic_path

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ATTENTION_MODES = ("dense", "eager", "sparse")
+SPARSE_BACKENDS = ("auto", "gather", "flex")  # flex: torch flex_attention, compiled on CUDA
 
 
 @dataclass
@@ -55,14 +56,15 @@ class TokenLayout:
         pos = self.positions.gather(1, keep[..., None].expand(-1, -1, 2))
         return TokenLayout(grid=self.grid, positions=pos, num_prefix=self.num_prefix)
 
-    def sparse_plan(self, window: int, radius: int) -> SparsePlan:
-        key = (window, radius)
+    def sparse_plan(self, window: int, radius: int, align: int = 1) -> SparsePlan:
+        key = (window, radius, align)
         if key not in self._plans:
-            self._plans[key] = build_sparse_plan(self.positions, self.grid, window, radius)
+            self._plans[key] = build_sparse_plan(self.positions, self.grid, window, radius, align)
         return self._plans[key]
 
 
-def build_sparse_plan(positions: Tensor, grid: tuple[int, int], window: int, radius: int) -> SparsePlan:
+def build_sparse_plan(positions: Tensor, grid: tuple[int, int], window: int, radius: int, align: int = 1) -> SparsePlan:
+    """``align`` > 1 rounds the slot capacity up to a power of two >= align (flex_attention's block size)."""
     device = positions.device
     B, N, _ = positions.shape
     n_br, n_bc = math.ceil(grid[0] / window), math.ceil(grid[1] / window)
@@ -72,6 +74,8 @@ def build_sparse_plan(positions: Tensor, grid: tuple[int, int], window: int, rad
     counts = torch.zeros(B, nb + 1, dtype=torch.long, device=device)
     counts.scatter_add_(1, block, torch.ones_like(block))
     capacity = max(int(counts.max()), 1)
+    if align > 1:
+        capacity = max(align, 1 << (capacity - 1).bit_length())
     # Rank of each token inside its block: stable sort by block, subtract the block's start offset.
     order = torch.sort(block, dim=1, stable=True).indices
     sorted_block = block.gather(1, order)
@@ -200,6 +204,96 @@ def sparse_attention(attn, x: Tensor, layout: TokenLayout, window: int, radius: 
     out = torch.empty_like(q)
     out[:, :P] = out_prefix
     out[:, P:] = out_buf.view(B * S, Hd).index_select(0, q_rows).view(B, N, H, d)
+    return merge_heads(attn, x, out)
+
+
+_FLEX = {}
+
+
+def _flex_attention(device_type: str):
+    """flex_attention, compiled on CUDA (uncompiled flex materialises the full score matrix)."""
+    if device_type not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[device_type] = torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    return _FLEX[device_type]
+
+
+def flex_block_mask(plan: SparsePlan, num_prefix: int, batch: int):
+    """BlockMask of the sparse pattern built directly from KV block indices (never an L×L mask).
+
+    Query blocks are the slot blocks 0..nb (nb: the empty dummy); KV blocks are the slot blocks plus block
+    nb + 1, which holds the prefix keys. A KV block whose slots are all filled in every image is a "full"
+    block (no mask_mod call); others are partial, masked by slot validity.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    C, nb = plan.capacity, plan.num_blocks
+    device = plan.slot.device
+    kv_valid = torch.zeros(batch, (nb + 2) * C, dtype=torch.bool, device=device)
+    kv_valid[:, :(nb + 1) * C] = plan.key_valid
+    kv_valid[:, (nb + 1) * C:(nb + 1) * C + num_prefix] = True
+    per_block = kv_valid.view(batch, nb + 2, C)
+    full = per_block.all(-1).all(0)
+    nonempty = per_block.any(-1).any(0)
+    prefix_block = torch.full((nb, 1), nb + 1, device=device, dtype=torch.long)
+    cand = torch.cat([plan.neighbours, prefix_block], dim=1)
+    dummy_row = torch.full((1, cand.shape[1]), nb, device=device, dtype=torch.long)
+    dummy_row[0, 0] = nb + 1
+    cand = torch.cat([cand, dummy_row], dim=0)  # (nb + 1) query blocks × (K + 1)
+
+    def packed(selected):
+        # Each row lists the selected KV blocks first, then every other block: BlockMask expects a
+        # permutation of all KV blocks per query block (it reads only the first ``num``).
+        dense = torch.zeros(cand.shape[0], nb + 2, dtype=torch.bool, device=device)
+        dense.scatter_(1, torch.where(selected, cand, torch.full_like(cand, nb)), selected)
+        dense[:, nb] = False  # the dummy block is never attended
+        order = torch.sort((~dense).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
+        return dense, dense.sum(1).to(torch.int32)[None, None], order[None, None]
+
+    is_full = full[cand] & (cand != nb + 1)
+    is_partial = nonempty[cand] & ~is_full
+    partial_blocks, kv_num, kv_idx = packed(is_partial)
+    full_blocks, full_num, full_idx = packed(is_full)
+    # mask_mod must define the whole pattern by itself (uncompiled flex ignores the block structure)
+    allowed = partial_blocks | full_blocks
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_valid[b, kv_idx] & allowed[q_idx // C, kv_idx // C]
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=C, mask_mod=mask_mod,
+                                    seq_lengths=((nb + 1) * C, (nb + 2) * C))
+
+
+def sparse_attention_flex(attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1) -> Tensor:
+    """Same semantics as ``sparse_attention``, through torch flex_attention with a block-sparse BlockMask."""
+    q, k, v = split_heads(attn, x)
+    P = layout.num_prefix
+    B, L, H, d = q.shape
+    N = L - P
+    plan = layout.sparse_plan(window, radius, align=max(16, 1 << (P - 1).bit_length()))
+    C, nb = plan.capacity, plan.num_blocks
+    key = ("flex_mask", window, radius, B)
+    if key not in layout._plans:
+        layout._plans[key] = flex_block_mask(plan, P, B)
+    block_mask = layout._plans[key]
+
+    out_prefix = F.scaled_dot_product_attention(q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                dropout_p=_dropout_p(attn)).transpose(1, 2)
+    slot = plan.slot[..., None, None].expand(-1, -1, H, d)
+    qb = q.new_zeros(B, (nb + 1) * C, H, d).scatter_(1, slot, q[:, P:])
+    kvs = []
+    for t in (k, v):
+        buf = t.new_zeros(B, (nb + 2) * C, H, d)
+        buf[:, :(nb + 1) * C].scatter_(1, slot, t[:, P:])
+        buf[:, (nb + 1) * C:(nb + 1) * C + P] = t[:, :P]
+        kvs.append(buf)
+    flex = _flex_attention(x.device.type)
+    ob = flex(qb.transpose(1, 2), kvs[0].transpose(1, 2), kvs[1].transpose(1, 2), block_mask=block_mask,
+              scale=attn.scale)
+    out = torch.empty_like(q)
+    out[:, :P] = out_prefix
+    out[:, P:] = ob.transpose(1, 2).gather(1, slot)
     return merge_heads(attn, x, out)
 
 

@@ -7,11 +7,14 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+try:
+    from timm.layers import Attention
+except ImportError:  # timm < 1.0.16 keeps it in the ViT module
+    from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from .attention import (ATTENTION_MODES, TokenLayout, dense_attention, eager_attention, prefix_attention_probs,
-                        sparse_attention, split_heads)
+from .attention import (ATTENTION_MODES, SPARSE_BACKENDS, TokenLayout, dense_attention, eager_attention,
+                        prefix_attention_probs, sparse_attention, sparse_attention_flex, split_heads)
 from .backbones import BackbonePreset, build_timm_model, get_backbone
 from .pruning import GlobalAttentionPruner
 
@@ -39,6 +42,11 @@ class TokenState:
     layout: TokenLayout
 
 
+def use_flex_by_default(x: Tensor) -> bool:
+    """``sparse_backend=auto``: the index-gather kernel everywhere (see README, Benchmarks)."""
+    return False
+
+
 def check_attention_args(attention: str, window: int, radius: int) -> None:
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -63,7 +71,7 @@ class HiResEncoder(nn.Module):
     def __init__(self, vit: nn.Module, preset: BackbonePreset | None = None, attention: str = "sparse",
                  window: int = 8, radius: int = 1, prune_ratio: float = 0.0, prune_layer: int = 4,
                  prune_score_tokens: str = "cls", resize_input: bool = False, mlp_chunk: int = 1 << 15,
-                 attn_chunk_keys: int = 1 << 16):
+                 attn_chunk_keys: int = 1 << 16, sparse_backend: str = "auto"):
         super().__init__()
         check_attention_args(attention, window, radius)
         for i, blk in enumerate(vit.blocks):
@@ -81,6 +89,9 @@ class HiResEncoder(nn.Module):
         self.resize_input = resize_input
         self.mlp_chunk = mlp_chunk
         self.attn_chunk_keys = attn_chunk_keys
+        if sparse_backend not in SPARSE_BACKENDS:
+            raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {sparse_backend!r}")
+        self.sparse_backend = sparse_backend
 
     # --- facts about the backbone -------------------------------------------------------------
     @property
@@ -152,6 +163,8 @@ class HiResEncoder(nn.Module):
             return dense_attention(attn, x, layout)
         if self.attention == "eager":
             return eager_attention(attn, x, layout)
+        if self.sparse_backend == "flex" or (self.sparse_backend == "auto" and use_flex_by_default(x)):
+            return sparse_attention_flex(attn, x, layout, self.window, self.radius)
         return sparse_attention(attn, x, layout, self.window, self.radius, self.attn_chunk_keys)
 
     def _mlp(self, blk: nn.Module, x: Tensor) -> Tensor:
@@ -203,7 +216,7 @@ class HiResEncoder(nn.Module):
 
 def create_encoder(backbone: str = "uni2_h", attention: str = "sparse", window: int = 8, prune_ratio: float = 0.0,
                    prune_layer: int = 4, weights=None, *, radius: int = 1, prune_score_tokens: str = "cls",
-                   resize_input: bool = False, **arch_overrides) -> HiResEncoder:
+                   resize_input: bool = False, sparse_backend: str = "auto", **arch_overrides) -> HiResEncoder:
     """Build a registry preset as a high-resolution encoder.
 
     ``weights``: None (random init) or the path of a local checkpoint in timm's key layout, loaded strictly.
@@ -215,7 +228,8 @@ def create_encoder(backbone: str = "uni2_h", attention: str = "sparse", window: 
     GlobalAttentionPruner(prune_ratio, prune_layer, prune_score_tokens)
     vit = build_timm_model(preset, weights=weights, **arch_overrides)
     return HiResEncoder(vit, preset, attention=attention, window=window, radius=radius, prune_ratio=prune_ratio,
-                        prune_layer=prune_layer, prune_score_tokens=prune_score_tokens, resize_input=resize_input)
+                        prune_layer=prune_layer, prune_score_tokens=prune_score_tokens, resize_input=resize_input,
+                        sparse_backend=sparse_backend)
 
 
 def encoder_from_config(backbone, attention, pruner) -> HiResEncoder:
@@ -223,6 +237,6 @@ def encoder_from_config(backbone, attention, pruner) -> HiResEncoder:
     overrides = dict(backbone.get("overrides") or {})
     return create_encoder(
         backbone["name"], attention=attention["mode"], window=int(attention.get("window", 8)),
-        radius=int(attention.get("radius", 1)), prune_ratio=float(pruner.get("ratio", 0.0)),
+        radius=int(attention.get("radius", 1)), sparse_backend=attention.get("backend", "auto"), prune_ratio=float(pruner.get("ratio", 0.0)),
         prune_layer=int(pruner.get("layer", 4)), prune_score_tokens=pruner.get("score_tokens", "cls"),
         weights=backbone.get("weights"), **overrides)
