@@ -64,7 +64,9 @@ class BenchConfig:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())  # CUDA memory APIs want an index
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use device=cpu or auto")
     if device not in ("cpu",) and not device.startswith("cuda"):
@@ -83,7 +85,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 
 def _autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
+    # On CUDA the weights are cast to dtype already; autocast would only add fp32 LayerNorms and casts.
+    if dtype == "fp32" or device.type == "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
@@ -248,7 +251,7 @@ class Benchmark:
                    prune_layer=cfg.prune_layer, dtype=self.dtype, device=self.device_name, resolution=resolution,
                    tokens=cost.tokens, seconds_per_image=float("nan"), peak_memory_gb=float("nan"), status="ok",
                    tflops=cost.tflops, attn_memory_gb=cost.attn_memory_gb,
-                   sparse_backend=enc.sparse_backend if cfg.attention == "sparse" else "")
+                   sparse_backend=self._backend_used(enc, resolution) if cfg.attention == "sparse" else "")
         param_dtype = next(self.vit.parameters()).dtype
         try:
             images = torch.randn(self.batch_size, 3, resolution, resolution, device=self.device, dtype=param_dtype)
@@ -274,6 +277,14 @@ class Benchmark:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return row
+
+    def _backend_used(self, enc: HiResEncoder, resolution: int) -> str:
+        if enc.sparse_backend != "auto":
+            return enc.sparse_backend
+        from .models.encoder import FLEX_MAX_BLOCKS
+
+        blocks = math.ceil(resolution // self.patch_size / enc.window) ** 2
+        return "auto:flex" if self.device.type == "cuda" and blocks <= FLEX_MAX_BLOCKS else "auto:gather"
 
     def _worker_spec(self, cfg: BenchConfig, resolution: int) -> dict:
         return dict(backbone=self.backbone, overrides=self.overrides, config=asdict(cfg), dtype=self.dtype,
@@ -374,8 +385,11 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, group in df.groupby(["attention", "window", "prune_ratio", "prune_layer"], sort=False):
-        cfg = BenchConfig(attention=key[0], window=int(key[1]), prune_ratio=float(key[2]), prune_layer=int(key[3]))
+    backend = df.sparse_backend.fillna("").astype(str).map(lambda b: "auto" if not b or b.startswith("auto") else b)
+    for key, group in df.assign(backend=backend).groupby(["attention", "window", "prune_ratio", "prune_layer", "backend"],
+                                                          sort=False):
+        cfg = BenchConfig(attention=key[0], window=int(key[1]), prune_ratio=float(key[2]), prune_layer=int(key[3]),
+                          sparse_backend=key[4])
         ok = group[group.status == "ok"]
         for ax, col in zip(axes, ("seconds_per_image", "peak_memory_gb")):
             (line,) = ax.plot(ok.resolution, ok[col], marker="o", label=cfg.label)
@@ -432,7 +446,9 @@ def summarize(rows: list[dict]) -> str:
                for a in ("dense", "eager")}
         for _, r in group.iterrows():
             label = BenchConfig(attention=r.attention, window=int(r.window), prune_ratio=float(r.prune_ratio),
-                                prune_layer=int(r.prune_layer)).label
+                                prune_layer=int(r.prune_layer),
+                                sparse_backend=(r.sparse_backend if isinstance(r.sparse_backend, str) and r.sparse_backend
+                                                and not r.sparse_backend.startswith("auto") else "auto")).label
             cols = []
             for a in ("dense", "eager"):
                 if len(ref[a]) and r.status == "ok":
@@ -454,7 +470,7 @@ def run_from_config(cfg) -> dict:
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bench = Benchmark(cfg.backbone.name, overrides=OmegaConf.to_container(cfg.backbone.overrides or {}),
+    bench = Benchmark(cfg.backbone.name, overrides=dict(cfg.backbone.get("overrides") or {}),
                       weights=cfg.backbone.weights, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
                       warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed, memory_budget_gb=cfg.memory_budget_gb,
                       sparse_backend=cfg.sparse_backend, cpu_memory=cfg.cpu_memory)

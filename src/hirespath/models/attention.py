@@ -173,17 +173,21 @@ def sparse_attention(attn, x: Tensor, layout: TokenLayout, window: int, radius: 
     out_buf = q.new_empty(B, S, H, d)
 
     K = plan.neighbours.shape[1]
-    KC = K * C + P
+    # Pad each query block's key list to a multiple of 8 with (masked) dummy slots: aligned masks keep the
+    # fused SDPA kernels on GPUs.
+    pad = -(K * C + P) % 8
+    KC = K * C + P + pad
     per_chunk = max(1, chunk_keys // (B * KC))
     arange_c = torch.arange(C, device=x.device)
-    prefix_idx = torch.arange(S, SP, device=x.device)
+    prefix_idx = torch.cat([torch.arange(S, SP, device=x.device),
+                            torch.full((pad,), nb * C, device=x.device, dtype=torch.long)])
     blocks_all = plan.active_blocks
     contiguous = len(blocks_all) == nb  # every block holds a token: query chunks are plain slices
     for start in range(0, len(blocks_all), per_chunk):
         blocks = blocks_all[start:start + per_chunk]
         nq = len(blocks)
         nbr_idx = (plan.neighbours[blocks][:, :, None] * C + arange_c).view(nq, K * C)
-        kv_idx = (torch.cat([nbr_idx, prefix_idx.expand(nq, P)], dim=1)[None] + batch[..., None] * SP).flatten()
+        kv_idx = (torch.cat([nbr_idx, prefix_idx.expand(nq, P + pad)], dim=1)[None] + batch[..., None] * SP).flatten()
         if contiguous:
             qc = qb.view(B, S, H, d)[:, start * C:(start + nq) * C]
         else:
@@ -215,7 +219,19 @@ def _flex_attention(device_type: str):
     if device_type not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX[device_type] = torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+        if device_type == "cuda":
+            # One compiled kernel per (grid, capacity) shape: a sweep over resolutions needs more than dynamo's
+            # default of 8 recompilations, after which it would silently run the O(L²) unfused fallback.
+            import torch._dynamo.config as dynamo_config
+
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+            if hasattr(dynamo_config, "accumulated_cache_size_limit"):
+                dynamo_config.accumulated_cache_size_limit = max(dynamo_config.accumulated_cache_size_limit, 1024)
+            _FLEX[device_type] = torch.compile(flex_attention, dynamic=False)
+        else:
+            _FLEX[device_type] = flex_attention
     return _FLEX[device_type]
 
 
@@ -280,20 +296,27 @@ def sparse_attention_flex(attn, x: Tensor, layout: TokenLayout, window: int, rad
 
     out_prefix = F.scaled_dot_product_attention(q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                 dropout_p=_dropout_p(attn)).transpose(1, 2)
-    slot = plan.slot[..., None, None].expand(-1, -1, H, d)
-    qb = q.new_zeros(B, (nb + 1) * C, H, d).scatter_(1, slot, q[:, P:])
+    # Flat row copies (index_copy_/index_select) are the cheapest scatter/gather of whole tokens.
+    SQ, SKV, Hd = (nb + 1) * C, (nb + 2) * C, H * d
+    batch = torch.arange(B, device=x.device)[:, None]
+    q_rows = (plan.slot + batch * SQ).flatten()
+    kv_rows = (plan.slot + batch * SKV).flatten()
+    prefix_rows = (torch.arange((nb + 1) * C, (nb + 1) * C + P, device=x.device) + batch * SKV).flatten()
+    qb = q.new_zeros(B * SQ, Hd).index_copy_(0, q_rows, q[:, P:].reshape(B * N, Hd)).view(B, SQ, H, d)
     kvs = []
     for t in (k, v):
-        buf = t.new_zeros(B, (nb + 2) * C, H, d)
-        buf[:, :(nb + 1) * C].scatter_(1, slot, t[:, P:])
-        buf[:, (nb + 1) * C:(nb + 1) * C + P] = t[:, :P]
-        kvs.append(buf)
+        buf = t.new_zeros(B * SKV, Hd)
+        buf.index_copy_(0, kv_rows, t[:, P:].reshape(B * N, Hd))
+        buf.index_copy_(0, prefix_rows, t[:, :P].reshape(B * P, Hd))
+        kvs.append(buf.view(B, SKV, H, d))
     flex = _flex_attention(x.device.type)
+    # The kernel's tiles must divide the sparse block size (C is a power of two >= 16).
+    tile = min(C, 128)
     ob = flex(qb.transpose(1, 2), kvs[0].transpose(1, 2), kvs[1].transpose(1, 2), block_mask=block_mask,
-              scale=attn.scale)
+              scale=attn.scale, kernel_options={"BLOCK_M": tile, "BLOCK_N": tile})
     out = torch.empty_like(q)
     out[:, :P] = out_prefix
-    out[:, P:] = ob.transpose(1, 2).gather(1, slot)
+    out[:, P:] = ob.transpose(1, 2).reshape(B * SQ, Hd).index_select(0, q_rows).view(B, N, H, d)
     return merge_heads(attn, x, out)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -42,9 +43,16 @@ class TokenState:
     layout: TokenLayout
 
 
-def use_flex_by_default(x: Tensor) -> bool:
-    """``sparse_backend=auto``: the index-gather kernel everywhere (see README, Benchmarks)."""
-    return False
+FLEX_MAX_BLOCKS = 4096  # flex's BlockMask holds (blocks × blocks) int32 index tables: 64 MB each at 4096
+
+
+def use_flex_by_default(x: Tensor, layout: TokenLayout, window: int) -> bool:
+    """``sparse_backend=auto``: flex_attention for CUDA inference (faster and leaner on H100, see README,
+    Benchmarks) unless the block tables would grow large; the index-gather kernel otherwise (CPU, training)."""
+    if not x.is_cuda or torch.is_grad_enabled():
+        return False
+    blocks = math.ceil(layout.grid[0] / window) * math.ceil(layout.grid[1] / window)
+    return blocks <= FLEX_MAX_BLOCKS
 
 
 def check_attention_args(attention: str, window: int, radius: int) -> None:
@@ -71,7 +79,7 @@ class HiResEncoder(nn.Module):
     def __init__(self, vit: nn.Module, preset: BackbonePreset | None = None, attention: str = "sparse",
                  window: int = 8, radius: int = 1, prune_ratio: float = 0.0, prune_layer: int = 4,
                  prune_score_tokens: str = "cls", resize_input: bool = False, mlp_chunk: int = 1 << 15,
-                 attn_chunk_keys: int = 1 << 16, sparse_backend: str = "auto"):
+                 attn_chunk_keys: int | None = None, sparse_backend: str = "auto"):
         super().__init__()
         check_attention_args(attention, window, radius)
         for i, blk in enumerate(vit.blocks):
@@ -163,9 +171,11 @@ class HiResEncoder(nn.Module):
             return dense_attention(attn, x, layout)
         if self.attention == "eager":
             return eager_attention(attn, x, layout)
-        if self.sparse_backend == "flex" or (self.sparse_backend == "auto" and use_flex_by_default(x)):
+        if self.sparse_backend == "flex" or (self.sparse_backend == "auto" and use_flex_by_default(x, layout, self.window)):
             return sparse_attention_flex(attn, x, layout, self.window, self.radius)
-        return sparse_attention(attn, x, layout, self.window, self.radius, self.attn_chunk_keys)
+        # Bounded chunks of gathered keys: small on CPU (cache, page faults), larger on GPUs (fewer launches).
+        chunk = self.attn_chunk_keys or (1 << 18 if x.is_cuda else 1 << 16)
+        return sparse_attention(attn, x, layout, self.window, self.radius, chunk)
 
     def _mlp(self, blk: nn.Module, x: Tensor) -> Tensor:
         """Residual MLP; in inference it runs over token chunks to bound the hidden activation."""
