@@ -27,8 +27,15 @@ test:
 test-all:
 	$(PY) -m pytest -q
 
+DEMO_DATA ?= data/panda_synthetic
+DEMO_ARGS ?= data.root=$(DEMO_DATA) data.fov_um=512 backbone=tiny resolution=448 attention=sparse pruner=global_attention pruner.layer=2 logger=wandb
+
 demo:
-	$(PY) tasks/benchmark.py backbone=tiny 'resolutions=[224,448,896]' repeats=2
+	# A small synthetic PANDA (real layout: pyramidal TIFFs + train.csv), then classification on CPU with the
+	# tiny preset: KNN, then the linear probe (which reuses the cached embeddings). W&B runs offline.
+	test -f $(DEMO_DATA)/train.csv || $(PY) tasks/make_synthetic.py dataset=panda root=$(DEMO_DATA) num_slides=36
+	$(PY) tasks/classify.py $(DEMO_ARGS) head=knn head.k=5
+	$(PY) tasks/classify.py $(DEMO_ARGS) head=linear_probe head.max_epochs=30
 
 benchmark:
 	$(PY) tasks/benchmark.py experiment=cpu_speed

@@ -1,0 +1,187 @@
+"""PANDA ISUP-grade classification on frozen encoder features: extract (cached), fit a head, test."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .data.panda import NUM_CLASSES, check_panda_root, load_or_make_split, locate_all
+from .extract import extract_embeddings, file_fingerprint
+from .heads.knn import KNNClassifier
+from .heads.linear_probe import fit_lbfgs, train_linear_probe
+from .metrics.classification import classification_metrics
+from .utils.hydra import instantiate_list
+from .utils.io import atomic_path, write_json
+
+log = logging.getLogger("hirespath.classify")
+
+FEATURES = ("cls", "mean", "cls+mean")
+
+
+def slide_features(emb: dict, features: str) -> pd.DataFrame:
+    """One row per slide: its ROI embeddings averaged (ROIs whose read failed are left out)."""
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+    parts = {"cls": [emb["cls"]], "mean": [emb["mean"]], "cls+mean": [emb["cls"], emb["mean"]]}[features]
+    x = torch.cat(parts, dim=1)
+    ok = ~torch.isnan(x).any(1)
+    df = pd.DataFrame({"image_id": emb["image_id"], "split": emb["split"], "label": emb["label"].numpy()})[ok.numpy()]
+    vecs = x[ok]
+    groups = df.groupby("image_id", sort=False).indices
+    ids = list(groups)
+    feats = torch.stack([vecs[idx].mean(0) for idx in groups.values()]) if ids else torch.empty(0, x.shape[1])
+    first = df.groupby("image_id", sort=False).first().loc[ids]
+    return pd.DataFrame({"image_id": ids, "split": first.split.to_numpy(), "label": first.label.to_numpy(),
+                         "x": list(feats)})
+
+
+def _tensors(df: pd.DataFrame, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    part = df[df.split == split]
+    if len(part) == 0:
+        raise ValueError(f"no slides in the {split!r} split after skipping unusable slides")
+    return torch.stack(list(part.x)), torch.tensor(part.label.to_numpy(), dtype=torch.long)
+
+
+def fit_predict(head: DictConfig, feats: pd.DataFrame, trainer_kwargs: dict, loggers, seed: int) -> torch.Tensor:
+    """Fit the configured head on train (+val for early stopping) and return test class probabilities."""
+    xtr, ytr = _tensors(feats, "train")
+    xte, _ = _tensors(feats, "test")
+    if head.name == "knn":
+        return KNNClassifier(k=int(head.k), center_l2=bool(head.center_l2), num_classes=NUM_CLASSES).fit(xtr, ytr).predict_proba(xte)
+    if head.name == "linear_probe":
+        if head.solver == "lbfgs":
+            fc = fit_lbfgs(xtr, ytr, NUM_CLASSES, l2=float(head.l2), max_iter=int(head.max_iter))
+            with torch.no_grad():
+                return fc(xte.float()).softmax(1)
+        if head.solver != "adamw":
+            raise ValueError(f"head.solver must be adamw or lbfgs, got {head.solver!r}")
+        xva, yva = _tensors(feats, "val")
+        model = train_linear_probe((xtr, ytr), (xva, yva), NUM_CLASSES, lr=float(head.lr),
+                                   weight_decay=float(head.weight_decay), max_epochs=int(head.max_epochs),
+                                   patience=int(head.patience), batch_size=int(head.batch_size),
+                                   trainer_kwargs=trainer_kwargs, loggers=loggers, seed=seed)
+        return model.predict_proba(xte)
+    raise ValueError(f"unknown head {head.name!r}; choose knn or linear_probe")
+
+
+def _trainer_kwargs(cfg: DictConfig, out_dir: Path) -> dict:
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    t.pop("_target_", None)
+    t["default_root_dir"] = str(out_dir)
+    return t
+
+
+def save_figures(encoder, root: Path, rois: pd.DataFrame, resolution: int, out_dir: Path, loggers, n: int = 2) -> list[Path]:
+    """Pruned-token overlays for the first ``n`` test ROIs and a picture of the sparse attention pattern."""
+    from .data.wsi import ROI, read_roi
+    from .viz.overlays import pruned_token_overlay, sparse_pattern_figure
+
+    paths = []
+    figs = out_dir / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    for r in rois[rois.split == "test"].head(n).itertuples():
+        rgb = read_roi(root / "train_images" / f"{r.image_id}.tiff", ROI(r.x, r.y, r.size, r.tissue_fraction), resolution)
+        img = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)[None]
+        with torch.inference_mode():
+            out = encoder(encoder.normalize(img))
+        path = figs / f"pruned_tokens_{r.image_id}_{r.roi}.png"
+        fig = pruned_token_overlay(rgb, out.positions[0], out.grid, encoder.patch_size, path,
+                                   title=f"{r.image_id} (ISUP {r.label}): pruned patches in red")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        paths.append(path)
+    if encoder.attention == "sparse":
+        path = figs / "sparse_attention_pattern.png"
+        fig = sparse_pattern_figure(encoder.window, encoder.radius, num_prefix=encoder.num_prefix_tokens, path=path,
+                                    grid=(min(5 * encoder.window, 40),) * 2)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        paths.append(path)
+    from .utils.loggers import log_images
+
+    log_images(loggers, "figures", paths)
+    return paths
+
+
+def prepare_embeddings(cfg: DictConfig, out_dir: Path, loggers) -> tuple:
+    """Split (written once), ROIs (cached), encoder and embeddings (cached); skips go to skipped.csv."""
+    from hydra.utils import instantiate
+
+    data = cfg.data
+    root = check_panda_root(data.root)
+    root_tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
+    data_cache = Path(cfg.paths.cache_dir) / "panda" / root_tag
+    split_csv = Path(data.split_csv) if data.split_csv else data_cache / f"split_seed{data.split_seed}.csv"
+    split = load_or_make_split(root, split_csv, data.exclude, seed=int(data.split_seed))
+    rois, skipped = locate_all(root, split, float(data.fov_um), int(data.rois_per_slide), float(data.min_tissue),
+                               data_cache / f"rois_fov{data.fov_um:g}_n{data.rois_per_slide}_t{data.min_tissue:g}_{split_csv.stem}.csv")
+    torch.manual_seed(cfg.seed)  # random-init backbones get the same weights in every run (the cache key has the seed)
+    encoder = instantiate(cfg.encoder)
+    key_parts = {"backbone": cfg.backbone.name, "overrides": OmegaConf.to_container(cfg.backbone.overrides or {}),
+                 "weights": file_fingerprint(cfg.backbone.weights), "attention": OmegaConf.to_container(cfg.attention),
+                 "pruner": OmegaConf.to_container(cfg.pruner), "fov_um": data.fov_um,
+                 "rois_per_slide": data.rois_per_slide, "min_tissue": data.min_tissue, "root": str(root.resolve()),
+                 "precision": str(cfg.extract.precision), "seed": cfg.seed}
+    tk = _trainer_kwargs(cfg, out_dir)
+    extract_kwargs = {k: tk[k] for k in ("accelerator", "devices", "strategy", "num_nodes") if k in tk}
+    extract_kwargs["precision"] = cfg.extract.precision
+    emb = extract_embeddings(encoder, root, rois, int(cfg.resolution), cfg.paths.cache_dir, key_parts,
+                             batch_size=int(cfg.extract.batch_size), num_workers=int(cfg.extract.num_workers),
+                             trainer_kwargs=extract_kwargs)
+    skipped = pd.concat([skipped, pd.DataFrame(emb["errors"], columns=["image_id", "reason"])], ignore_index=True)
+    with atomic_path(out_dir / "skipped.csv") as tmp:
+        skipped.to_csv(tmp, index=False)
+    if len(skipped):
+        log.warning("%d slides/ROIs skipped; see %s", len(skipped), out_dir / "skipped.csv")
+    return root, rois, emb, encoder
+
+
+def run_extract(cfg: DictConfig) -> dict:
+    """The extract task: embeddings only (what classify would reuse from the cache)."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, rois, emb, _ = prepare_embeddings(cfg, out_dir, [])
+    log.info("%d ROI embeddings (%d failed) ready", len(rois), len(emb["failed"]))
+    return emb
+
+
+def run_classify(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loggers = instantiate_list(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    root, rois, emb, encoder = prepare_embeddings(cfg, out_dir, loggers)
+    tk = _trainer_kwargs(cfg, out_dir)
+    feats = slide_features(emb, cfg.features)
+    probs = fit_predict(cfg.head, feats, tk, loggers, int(cfg.seed))
+    _, yte = _tensors(feats, "test")
+    metrics = classification_metrics(probs, yte, NUM_CLASSES)
+    metrics.update({"test/num_slides": int(len(yte)), "tokens": int((cfg.resolution // encoder.patch_size) ** 2)})
+    write_json(out_dir / "metrics.json", metrics)
+    test_ids = feats[feats.split == "test"].image_id.tolist()
+    with atomic_path(out_dir / "predictions.csv") as tmp:
+        pd.DataFrame({"image_id": test_ids, "label": yte.numpy(), "pred": probs.argmax(1).numpy(),
+                      **{f"p{c}": probs[:, c].numpy() for c in range(NUM_CLASSES)}}).to_csv(tmp, index=False)
+    for lg in loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)})
+    if cfg.figures.num_rois:
+        save_figures(encoder, root, rois, int(cfg.resolution), out_dir, loggers, int(cfg.figures.num_rois))
+    for lg in loggers:
+        lg.finalize("success")
+    log.info("metrics (%s, %d test slides):\n%s", cfg.head.name, len(yte), format_metrics(metrics))
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    keys = ["test/accuracy", "test/balanced_accuracy", "test/f1_weighted", "test/auroc", "test/kappa"]
+    width = max(len(k) for k in keys)
+    return "\n".join(f"  {k:<{width}}  {metrics[k]:.4f}" for k in keys)

@@ -1,0 +1,85 @@
+"""Linear probe on cached embeddings: a LightningModule (AdamW, early stopping on val) or UNI-style L-BFGS."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class LinearProbe(L.LightningModule):
+    def __init__(self, in_features: int, num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 max_epochs: int = 100):
+        super().__init__()
+        self.save_hyperparameters()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x)
+
+    def _step(self, batch, stage: str) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, on_step=False)
+        return loss
+
+    def training_step(self, batch, _):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, _):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs))
+        return [opt], [sched]
+
+    @torch.no_grad()
+    def predict_proba(self, x: Tensor) -> Tensor:
+        self.eval()
+        return self(x.float().to(self.device)).softmax(1).cpu()
+
+
+def fit_lbfgs(x: Tensor, y: Tensor, num_classes: int, l2: float = 1e-4, max_iter: int = 1000) -> nn.Linear:
+    """Full-batch L2-regularised multinomial logistic regression with L-BFGS (UNI's linear-probe protocol)."""
+    x = x.float()
+    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp_min(1e-6)
+    fc = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(fc.weight)
+    nn.init.zeros_(fc.bias)
+    opt = torch.optim.LBFGS(fc.parameters(), lr=1, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-7, tolerance_change=1e-9)
+    xs = (x - mean) / std
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(fc(xs), y) + l2 * fc.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    # fold the standardisation into the layer so it applies to raw embeddings
+    with torch.no_grad():
+        fc.weight.div_(std)
+        fc.bias.sub_((fc.weight * mean).sum(1))
+    return fc
+
+
+def train_linear_probe(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int, *, lr: float,
+                       weight_decay: float, max_epochs: int, patience: int, batch_size: int, trainer_kwargs: dict,
+                       loggers=None, seed: int = 0) -> LinearProbe:
+    L.seed_everything(seed, workers=True)
+    model = LinearProbe(train[0].shape[1], num_classes, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs)
+    callbacks = [L.pytorch.callbacks.EarlyStopping("val/loss", patience=patience, mode="min"),
+                 L.pytorch.callbacks.ModelCheckpoint(monitor="val/loss", mode="min", save_top_k=1,
+                                                     dirpath=trainer_kwargs.get("default_root_dir"),
+                                                     filename="linear_probe_best")]
+    trainer = L.Trainer(**{**trainer_kwargs, "max_epochs": max_epochs, "callbacks": callbacks,
+                           "logger": loggers or False, "enable_model_summary": False})
+    dl = lambda t, shuffle: DataLoader(TensorDataset(t[0].float(), t[1].long()), batch_size=batch_size, shuffle=shuffle)  # noqa: E731
+    trainer.fit(model, dl(train, True), dl(val, False))
+    best = callbacks[1].best_model_path
+    if best:
+        model = LinearProbe.load_from_checkpoint(best, weights_only=False)
+    return model

@@ -1,0 +1,224 @@
+"""PANDA: reader on generated pyramids, labels/splits, skip list, cache, heads and metrics, classify end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+from hydra import compose, initialize_config_dir
+
+from hirespath.data.panda import check_panda_root, make_split, read_labels
+from hirespath.data.panda_synthetic import make_synthetic_panda, write_pyramid
+from hirespath.data.wsi import SlideError, find_rois, locate_rois, open_slide, read_roi, slide_mpp, tissue_mask
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(scope="module")
+def panda_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("panda")
+    make_synthetic_panda(root, num_slides=24, size=(512, 768), seed=1)
+    return root
+
+
+def test_generated_pyramid_reads_like_panda(panda_root):
+    ids = pd.read_csv(panda_root / "train.csv").image_id
+    path = panda_root / "train_images" / f"{ids[0]}.tiff"
+    for reader in ("openslide", "tiffslide"):
+        if reader == "openslide":
+            slide = open_slide(path)
+        else:
+            import tiffslide
+
+            slide = tiffslide.TiffSlide(str(path))
+        assert slide.level_count == 3
+        assert [round(d) for d in slide.level_downsamples] == [1, 4, 16]
+        assert slide.dimensions == (768, 512)
+        assert slide_mpp(slide) == pytest.approx(0.5, rel=1e-3)
+        slide.close()
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and page.tilewidth == 256 and page.compression == tifffile.COMPRESSION.JPEG
+        assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+        assert tif.pages[1].subfiletype == 1
+    mask = open_slide(panda_root / "train_label_masks" / f"{ids[0]}_mask.tiff")
+    red = np.asarray(mask.read_region((0, 0), 0, mask.dimensions))[..., 0]
+    assert set(np.unique(red)) <= set(range(6)) and red.max() >= 1
+
+
+def test_tissue_detection_and_roi(panda_root):
+    ids = pd.read_csv(panda_root / "train.csv").image_id
+    rois, mpp = locate_rois(panda_root / "train_images" / f"{ids[1]}.tiff", fov_um=128, count=2)
+    assert mpp == pytest.approx(0.5) and len(rois) == 2
+    assert all(r.size == 256 and r.tissue_fraction > 0.5 for r in rois)
+    a, b = rois
+    assert abs(a.x - b.x) >= 256 or abs(a.y - b.y) >= 256  # non-overlapping
+    rgb = read_roi(panda_root / "train_images" / f"{ids[1]}.tiff", a, 112)
+    assert rgb.shape == (112, 112, 3) and rgb.dtype == np.uint8
+    assert tissue_mask(rgb).mean() > 0.5
+
+
+def test_find_rois_picks_the_densest_window():
+    mask = np.zeros((40, 40), bool)
+    mask[30:38, 5:13] = True
+    (roi,) = find_rois(mask, downsample=16, size0=128)
+    assert (roi.x, roi.y) == (5 * 16, 30 * 16) and roi.tissue_fraction == 1.0
+
+
+def test_bad_slides_are_skipped_with_reasons(tmp_path):
+    root = tmp_path / "panda"
+    make_synthetic_panda(root, num_slides=12, size=(512, 768), seed=2)
+    labels = pd.read_csv(root / "train.csv")
+    ids = labels.image_id.tolist()
+    (root / "train_images" / f"{ids[0]}.tiff").write_bytes(b"II*\x00garbage" * 10)  # corrupt
+    write_pyramid(root / "train_images" / f"{ids[1]}.tiff", np.full((512, 768, 3), 243, np.uint8), 0.5,
+                  compression="jpeg")  # blank glass: no tissue
+    tifffile.imwrite(root / "train_images" / f"{ids[2]}.tiff", np.full((512, 768, 3), 200, np.uint8),
+                     tile=(256, 256), photometric="rgb")  # no resolution tags: no mpp
+    (root / "train_images" / f"{ids[3]}.tiff").unlink()  # missing
+    from hirespath.data.panda import locate_all
+
+    split = make_split(read_labels(root), seed=42)
+    rois, skipped = locate_all(root, split, 128, 1, 0.05, tmp_path / "rois.csv")
+    reasons = dict(zip(skipped.image_id, skipped.reason))
+    assert set(reasons) == set(ids[:4])
+    assert "cannot read" in reasons[ids[0]]
+    assert "no tissue" in reasons[ids[1]]
+    assert "microns-per-pixel" in reasons[ids[2]]
+    assert "missing" in reasons[ids[3]]
+    assert set(rois.image_id) == set(ids[4:])
+
+
+def test_not_panda_root_and_bad_grades(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing train.csv, train_images/"):
+        check_panda_root(tmp_path)
+    (tmp_path / "train_images").mkdir()
+    pd.DataFrame({"image_id": ["a", "b", "c"], "data_provider": ["radboud"] * 3, "isup_grade": [1, 7, "x"],
+                  "gleason_score": ["3+3", "5+5", "negative"]}).to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(ValueError, match=r"isup_grade must be an integer 0–5; bad rows: row 3 \(b: '7'\), row 4 \(c: 'x'\)"):
+        read_labels(tmp_path)
+
+
+def test_split_is_stratified_and_reproducible(panda_root):
+    rng = np.random.default_rng(0)
+    grades = rng.choice(6, size=600, p=[0.27, 0.25, 0.13, 0.12, 0.12, 0.11])
+    labels = pd.DataFrame({"image_id": [f"s{i}" for i in range(600)], "isup_grade": grades})
+    a, b = make_split(labels, seed=42), make_split(labels, seed=42)
+    assert a.split.tolist() == b.split.tolist()
+    assert a.split.value_counts().to_dict() == {"train": 420, "val": 90, "test": 90}
+    counts = a.groupby(["isup_grade", "split"]).size().unstack(fill_value=0)
+    totals = counts.sum(axis=1)
+    for split, frac in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+        assert (abs(counts[split] - totals * frac) <= 1.5).all()  # stratified: per-grade shares kept
+    assert not a.split.equals(make_split(labels, seed=7).split)
+    assert read_labels(panda_root).gleason_score.isin(["negative"]).sum() == 0  # normalised to 0+0
+
+
+def test_knn_matches_scikit_learn():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from hirespath.heads.knn import KNNClassifier
+
+    g = torch.Generator().manual_seed(0)
+    xtr, ytr = torch.randn(300, 16, generator=g), torch.randint(0, 6, (300,), generator=g)
+    xte = torch.randn(80, 16, generator=g)
+    ours = KNNClassifier(k=20, num_classes=6).fit(xtr, ytr)
+    ref = KNeighborsClassifier(n_neighbors=20, metric="euclidean").fit(xtr.numpy(), ytr.numpy())
+    np.testing.assert_allclose(ours.predict_proba(xte).numpy(), ref.predict_proba(xte.numpy()), atol=1e-6)
+    assert (ours.predict(xte).numpy() == ref.predict(xte.numpy())).all()
+
+
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score,
+                                 roc_auc_score)
+
+    from hirespath.metrics.classification import classification_metrics
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 6, (300,), generator=g)
+    p = (torch.randn(300, 6, generator=g) + 2 * torch.nn.functional.one_hot(y, 6)).softmax(1)
+    m = classification_metrics(p, y, 6)
+    pred = p.argmax(1).numpy()
+    assert m["test/accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-6)
+    assert m["test/balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-6)
+    assert m["test/f1_weighted"] == pytest.approx(f1_score(y, pred, average="weighted"), abs=1e-6)
+    assert m["test/auroc"] == pytest.approx(roc_auc_score(y, p.numpy(), multi_class="ovr"), abs=1e-5)
+    assert m["test/kappa"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"), abs=1e-5)
+
+
+def test_lbfgs_probe_separates_separable_data():
+    from hirespath.heads.linear_probe import fit_lbfgs
+
+    g = torch.Generator().manual_seed(2)
+    y = torch.randint(0, 3, (150,), generator=g)
+    x = torch.randn(150, 8, generator=g) * 0.1 + torch.nn.functional.one_hot(y, 8).float() * 3 + 10
+    fc = fit_lbfgs(x, y, 3, l2=1e-4, max_iter=200)
+    assert (fc(x).argmax(1) == y).float().mean() == 1.0
+
+
+def _compose(overrides, out, cache):
+    from conftest import compose_task
+
+    return compose_task("classify", overrides, out, cache)
+
+
+@pytest.mark.parametrize("head", ["knn", "linear_probe"])
+def test_classify_end_to_end(panda_root, tmp_path, head, caplog):
+    from hirespath.classify import run_classify
+
+    overrides = [f"data.root={panda_root}", "data.fov_um=192", "backbone=tiny", "resolution=112", f"head={head}",
+                 "head.k=3" if head == "knn" else "head.max_epochs=3", "logger=csv", "figures.num_rois=1",
+                 "attention.window=2", "pruner.layer=2"]
+    # the cache is shared across both heads: the second run hits it
+    cfg = _compose(overrides, tmp_path / "run", tmp_path.parent / "cache")
+    metrics = run_classify(cfg)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("test/accuracy", "test/balanced_accuracy", "test/f1_weighted", "test/auroc", "test/kappa"):
+        assert key in saved and 0 <= saved[key] <= 1 or key == "test/kappa"
+    assert saved == pytest.approx(metrics)
+    assert saved["test/num_slides"] == 4
+    assert (tmp_path / "run" / "skipped.csv").is_file()
+    figs = list((tmp_path / "run" / "figures").glob("*.png"))
+    assert any("pruned_tokens" in f.name for f in figs) and any("sparse_attention" in f.name for f in figs)
+    preds = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert len(preds) == 4 and set(preds.columns) >= {"image_id", "label", "pred", "p0", "p5"}
+
+
+def test_embedding_cache_hit_and_atomic_write(panda_root, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from hirespath.classify import run_extract
+    from hirespath import extract as ex
+
+    cfg = _compose([f"data.root={panda_root}", "data.fov_um=192", "backbone=tiny", "resolution=56"],
+                   tmp_path / "run", tmp_path / "cache")
+    # a run killed while saving leaves no cache file behind
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        if str(f).endswith(".tmp") and "embeddings" in str(f) and "shard" not in str(f):
+            Path(f).write_bytes(b"partial")
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ex.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(cfg)
+    emb_dir = tmp_path / "cache" / "embeddings"
+    assert not list(emb_dir.glob("*.pt")) and not list(emb_dir.glob("*.tmp"))
+    monkeypatch.setattr(ex.torch, "save", real_save)
+    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+        first = run_extract(cfg)
+        assert "cache miss" in caplog.text
+        caplog.clear()
+        second = run_extract(cfg)
+        assert "cache hit" in caplog.text
+    assert len(list(emb_dir.glob("*.pt"))) == 1
+    torch.testing.assert_close(first["cls"], second["cls"])
+    cfg.attention.window = 3  # anything that changes the numbers changes the key
+    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+        run_extract(cfg)
+    assert len(list(emb_dir.glob("*.pt"))) == 2
