@@ -1,0 +1,125 @@
+"""Mask2Former (Hugging Face transformers) fed by the ViT-Adapter, with a loss for SegPath's partial labels.
+
+The pixel decoder, transformer decoder and Hungarian-matched mask loss are transformers' own; the backbone
+slot of its pixel-level module is replaced by our ViT-Adapter (4 maps at strides 4/8/16/32).
+
+Partial labels: a SegPath image is annotated for one cell type t only; other cell types in it are present
+but unlabelled. The loss therefore supervises only what is known: the matched query is pulled to class t
+and to t's mask (mask BCE + Dice on 12,544 importance-sampled points, as in Mask2Former); every unmatched
+query is pushed away from class t only (−log(1 − p_t), weighted like the no-object class) instead of towards
+"no object", so a query that finds an unlabelled cell type of another class is not penalised.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss, Mask2FormerPixelDecoder
+
+from .vit_adapter import ViTAdapter
+
+
+class PartialLabelMask2FormerLoss(Mask2FormerLoss):
+    """Mask2Former's loss where unmatched queries are only told "not the labelled class"."""
+
+    labelled: Tensor | None = None  # B: the cell type each image is annotated for (set before each call)
+
+    def loss_labels(self, class_queries_logits: Tensor, class_labels: list[Tensor], indices) -> dict[str, Tensor]:
+        if self.labelled is None:
+            return super().loss_labels(class_queries_logits, class_labels, indices)
+        logp = class_queries_logits.float().log_softmax(-1)  # B×Q×(C+1)
+        B, Q, _ = logp.shape
+        matched = torch.zeros(B, Q, dtype=torch.bool, device=logp.device)
+        target = torch.zeros(B, Q, dtype=torch.long, device=logp.device)
+        for b, ((src, tgt), labels) in enumerate(zip(indices, class_labels)):
+            matched[b, src] = True
+            target[b, src] = labels[tgt].to(logp.device)
+        t = self.labelled.to(logp.device)[:, None].expand(B, Q)
+        loss_matched = -logp.gather(2, target[..., None])[..., 0]
+        # log(1 − p_t) as the log-sum-exp of every other class (no 1 − p cancellation, finite gradients)
+        not_t = torch.ones_like(logp, dtype=torch.bool).scatter_(2, t[..., None], False)
+        loss_unmatched = -torch.logsumexp(logp.masked_fill(~not_t, float("-inf")), dim=-1)
+        weight = torch.where(matched, 1.0, self.eos_coef)
+        loss = torch.where(matched, loss_matched, loss_unmatched)
+        return {"loss_cross_entropy": (weight * loss).sum() / weight.sum()}
+
+
+class _AdapterBackbone(nn.Module):
+    """What transformers' pixel-level module expects from a backbone: ``.channels`` and ``(x).feature_maps``."""
+
+    def __init__(self, adapter: ViTAdapter):
+        super().__init__()
+        self.adapter = adapter
+        self.channels = adapter.channels
+
+    def forward(self, pixel_values: Tensor):
+        return SimpleNamespace(feature_maps=self.adapter(pixel_values))
+
+
+class SegmentationModel(nn.Module):
+    """Encoder → ViT-Adapter → Mask2Former; ``semantic(images)`` gives per-class probability maps."""
+
+    def __init__(self, encoder, num_classes: int = 8, num_queries: int = 100, hidden_dim: int = 256,
+                 decoder_layers: int = 10, pixel_decoder_layers: int = 6, class_weight: float = 2.0,
+                 mask_weight: float = 5.0, dice_weight: float = 5.0, train_num_points: int = 12544,
+                 oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75, no_object_weight: float = 0.1,
+                 adapter: dict | None = None):
+        super().__init__()
+        config = Mask2FormerConfig(
+            # a throw-away tiny ResNet satisfies the config; the backbone slot is replaced right below
+            backbone_config=ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1],
+                                         out_features=["stage1", "stage2", "stage3", "stage4"]),
+            num_labels=num_classes, num_queries=num_queries, hidden_dim=hidden_dim, feature_size=hidden_dim,
+            mask_feature_size=hidden_dim, decoder_layers=decoder_layers, encoder_layers=pixel_decoder_layers,
+            class_weight=class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
+            train_num_points=train_num_points, oversample_ratio=oversample_ratio,
+            importance_sample_ratio=importance_sample_ratio, no_object_weight=no_object_weight,
+            use_auxiliary_loss=True, num_attention_heads=8, dim_feedforward=4 * hidden_dim,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' deformable attention prefers power-of-2 head dims
+            self.adapter = ViTAdapter(encoder, **(adapter or {}))
+            m2f = Mask2FormerForUniversalSegmentation(config)
+        pixel = m2f.model.pixel_level_module
+        pixel.encoder = _AdapterBackbone(self.adapter)
+        pixel.decoder = Mask2FormerPixelDecoder(config, feature_channels=self.adapter.channels)
+        # modules built after post_init() keep torch.empty() memory (its level_embed, for one): initialise them
+        pixel.decoder.apply(m2f._init_weights)
+        m2f.criterion = PartialLabelMask2FormerLoss(config=config, weight_dict=m2f.weight_dict)
+        self.m2f = m2f
+        self.num_classes = num_classes
+
+    @property
+    def encoder(self):
+        return self.adapter.encoder
+
+    def forward(self, images: Tensor, masks: Tensor | None = None, labels: Tensor | None = None):
+        """With ``masks`` (B×H×W in {0, 1, 255}) and ``labels`` (B cell types) the output carries the loss."""
+        if masks is None:
+            return self.m2f(pixel_values=images)
+        mask_labels, class_labels = [], []
+        for m, t in zip(masks, labels):
+            fg = (m == 1).float()
+            if fg.any():
+                mask_labels.append(fg[None])
+                class_labels.append(t.view(1).long())
+            else:  # nothing of this cell type in the tile: only negatives are known
+                mask_labels.append(fg.new_zeros(0, *fg.shape))
+                class_labels.append(t.new_zeros(0).long())
+        self.m2f.criterion.labelled = labels
+        try:
+            return self.m2f(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
+        finally:
+            self.m2f.criterion.labelled = None
+
+    @staticmethod
+    def semantic_probs(out, size: tuple[int, int]) -> Tensor:
+        """Mask2Former's semantic inference: Σ_q softmax(class_q)[c] · sigmoid(mask_q), at ``size``."""
+        cls = out.class_queries_logits.float().softmax(-1)[..., :-1]  # drop "no object"
+        masks = F.interpolate(out.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False)
+        return torch.einsum("bqc,bqhw->bchw", cls, masks.sigmoid())

@@ -1,0 +1,52 @@
+"""Segmentation metrics after mmseg's intersect-and-union (ignore index 255), per cell type and averaged.
+
+SegPath labels one cell type per image, so cell type c is scored on the images of its archive as a binary
+problem: pixels of c (mask 1) against the rest (mask 0); 255 is ignored. For c: IoU = I/U, Dice = 2I/(P+L)
+and class pixel accuracy CPA = I/L (mmseg's per-class "Acc"), with I, U, P, L summed over the images;
+MPA is the mean CPA over the cell types, test/iou and test/dice the means of IoU and Dice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..data.segpath import CELL_TYPES, IGNORE
+
+
+class SegPathMetrics:
+    def __init__(self, cell_types=CELL_TYPES):
+        self.cell_types = list(cell_types)
+        self.reset()
+
+    def reset(self) -> None:
+        n = len(self.cell_types)
+        self.intersect, self.union = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        self.pred_area, self.label_area = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+
+    def update(self, pred: Tensor, target: Tensor, cell: int) -> None:
+        """``pred``, ``target``: H×W with 1 = the image's cell type, 0 = not; target may hold 255 (ignored)."""
+        valid = target != IGNORE
+        p, t = (pred == 1) & valid, (target == 1) & valid
+        inter = (p & t).sum()
+        self.intersect[cell] += inter
+        self.pred_area[cell] += p.sum()
+        self.label_area[cell] += t.sum()
+        self.union[cell] += p.sum() + t.sum() - inter
+
+    def compute(self, prefix: str = "test/") -> dict[str, float]:
+        seen = self.label_area + self.pred_area > 0
+        iou = self.intersect / self.union.clamp_min(1)
+        dice = 2 * self.intersect / (self.pred_area + self.label_area).clamp_min(1)
+        cpa = self.intersect / self.label_area.clamp_min(1)
+        out = {}
+        for i, name in enumerate(self.cell_types):
+            if seen[i]:
+                out[f"{prefix}cpa/{name}"] = float(cpa[i])
+                out[f"{prefix}iou/{name}"] = float(iou[i])
+                out[f"{prefix}dice/{name}"] = float(dice[i])
+        if seen.any():
+            out[f"{prefix}mpa"] = float(cpa[seen].mean())
+            out[f"{prefix}iou"] = float(iou[seen].mean())
+            out[f"{prefix}dice"] = float(dice[seen].mean())
+        return out

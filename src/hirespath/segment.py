@@ -1,0 +1,78 @@
+"""The SegPath task: train, validate and test ViT-Adapter + Mask2Former on the sparse encoder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .data.segpath import CELL_TYPES, load_pair
+from .heads.mask2former import SegmentationModel
+from .modules.segmentation import SegmentationModule, SegPathDataModule
+from .utils.hydra import instantiate_list
+from .utils.io import atomic_path, write_json
+from .utils.loggers import log_images
+
+log = logging.getLogger("hirespath.segment")
+
+
+def run_segment(cfg: DictConfig) -> dict:
+    from hydra.utils import instantiate
+
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    if float(cfg.pruner.ratio) > 0:
+        raise ValueError(f"segmentation needs the full patch grid, but pruner.ratio={cfg.pruner.ratio}: use pruner=none "
+                         "(token pruning is for classification only)")
+    encoder = instantiate(cfg.encoder)
+    p = encoder.patch_size
+    if cfg.resolution % p:
+        raise ValueError(f"resolution {cfg.resolution} is not a multiple of the patch size {p}; "
+                         f"nearest valid: {cfg.resolution // p * p} or {(cfg.resolution // p + 1) * p}")
+    head = OmegaConf.to_container(cfg.head, resolve=True)
+    head.pop("name", None)
+    model = SegmentationModel(encoder, num_classes=len(CELL_TYPES), **head)
+    dm = SegPathDataModule(cfg.data.root, int(cfg.resolution), encoder.mean, encoder.std,
+                           batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
+                           skip_bad=bool(cfg.data.skip_bad), max_items=cfg.data.max_items_per_type)
+    if len(dm.skipped):
+        with atomic_path(out_dir / "skipped.csv") as tmp:
+            dm.skipped.to_csv(tmp, index=False)
+        log.warning("%d SegPath files skipped; see %s", len(dm.skipped), out_dir / "skipped.csv")
+    module = SegmentationModule(model, **OmegaConf.to_container(cfg.optim, resolve=True))
+    loggers = instantiate_list(cfg.get("logger"))
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    best = next((c.best_model_path for c in callbacks if getattr(c, "best_model_path", "")), "")
+    trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False) if best else trainer.test(module, datamodule=dm)
+    metrics = {k: float(v) for k, v in getattr(module, "computed", {}).items() if k.startswith("test/")}
+    if trainer.is_global_zero:
+        write_json(out_dir / "metrics.json", metrics)
+        paths = save_overlays(module, dm, out_dir)
+        log_images(loggers, "segmentation", paths)
+        log.info("test metrics: MPA %.4f  IoU %.4f  Dice %.4f", metrics.get("test/mpa", float("nan")),
+                 metrics.get("test/iou", float("nan")), metrics.get("test/dice", float("nan")))
+    return metrics
+
+
+def save_overlays(module: SegmentationModule, dm: SegPathDataModule, out_dir: Path) -> list[Path]:
+    from .viz.segmentation import segmentation_overlay
+
+    rows = dm.rows[dm.rows.split == "test"].reset_index(drop=True)
+    if dm.max_items:
+        rows = rows.groupby("cell_type", sort=False).head(dm.max_items).reset_index(drop=True)
+    paths = []
+    (out_dir / "overlays").mkdir(exist_ok=True)
+    for index, preds, targets, labels in module.overlay_batches:
+        for i, pred, target, t in zip(index.tolist(), preds, targets, labels.tolist()):
+            r = rows.iloc[i]
+            image, _ = load_pair(r["image"], r["mask"])
+            path = out_dir / "overlays" / f"{Path(r.image).stem}.png"
+            paths.append(segmentation_overlay(image, target.numpy(), pred.numpy(), f"{CELL_TYPES[t]}: {Path(r.image).name}", path))
+    return paths

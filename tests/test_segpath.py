@@ -1,0 +1,217 @@
+"""SegPath: reader, bad input, ViT-Adapter shapes, Mask2Former loss, partial labels, metrics, task end to end."""
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose_task, tiny_encoder
+from hirespath.data.segpath import CELL_TYPES, SegPathError, index_segpath, load_pair
+from hirespath.data.segpath_synthetic import make_synthetic_segpath
+from hirespath.heads.mask2former import SegmentationModel
+from hirespath.heads.vit_adapter import ViTAdapter, interaction_groups
+from hirespath.metrics.segmentation import SegPathMetrics
+
+TINY_HEAD = dict(num_queries=10, hidden_dim=64, decoder_layers=2, pixel_decoder_layers=1, train_num_points=1024,
+                 adapter=dict(heads=4, spm_inplanes=16))
+
+
+@pytest.fixture(scope="module")
+def segpath_root(tmp_path_factory):
+    return make_synthetic_segpath(tmp_path_factory.mktemp("segpath"), images_per_split=1, size=168, seed=0)
+
+
+def _model(**kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return SegmentationModel(tiny_encoder(attention="sparse", window=4), num_classes=8, **{**TINY_HEAD, **kw})
+
+
+def test_reader_indexes_every_archive(segpath_root):
+    rows, skipped = index_segpath(segpath_root)
+    assert len(rows) == 8 * 3 and skipped.empty
+    assert set(rows.cell_type) == set(CELL_TYPES) and set(rows.split) == {"train", "val", "test"}
+    assert rows.label.tolist() == [CELL_TYPES.index(c) for c in rows.cell_type]
+    image, mask = load_pair(rows.image[0], rows["mask"][0])
+    assert image.shape == (168, 168, 3) and set(np.unique(mask)) <= {0, 1}
+
+
+def test_fileinfo_inside_folder(tmp_path):
+    make_synthetic_segpath(tmp_path, images_per_split=1, size=56, fileinfo_in_folder=True)
+    rows, _ = index_segpath(tmp_path)
+    assert len(rows) == 24
+
+
+def test_bad_input_names_the_file(tmp_path):
+    root = make_synthetic_segpath(tmp_path, images_per_split=1, size=56)
+    rows, _ = index_segpath(root)
+    mask_path = rows["mask"][0]
+    Image.fromarray(np.full((56, 56), 7, np.uint8)).save(mask_path)
+    with pytest.raises(SegPathError, match=r"mask values \[7\] outside \{0, 1, 255\}") as err:
+        load_pair(rows.image[0], mask_path)
+    assert mask_path in str(err.value)
+    Image.fromarray(np.zeros((50, 56), np.uint8)).save(mask_path)
+    with pytest.raises(SegPathError, match="mask is 56×50 but the image is 56×56"):
+        load_pair(rows.image[0], mask_path)
+    # a fileinfo row whose files are missing: an error naming it, or with skip_bad a listed skip
+    info = pd.read_csv(root / "panCK_fileinfo.csv")
+    info.loc[len(info)] = ["panCK_Epithelium_slide9_000001_000002_HE.png", "panCK", "train"]
+    info.to_csv(root / "panCK_fileinfo.csv", index=False)
+    with pytest.raises(SegPathError, match="panCK_Epithelium_slide9_000001_000002_HE.png: image file missing"):
+        index_segpath(root)
+    rows, skipped = index_segpath(root, skip_bad=True)
+    assert len(skipped) == 1 and "slide9" in skipped.filename[0] and len(rows) == 24
+    with pytest.raises(FileNotFoundError, match="holds no SegPath archive"):
+        index_segpath(tmp_path / "panCK_Epithelium")
+
+
+@pytest.mark.parametrize("size", [56, 112, 140])
+def test_adapter_output_shapes(size):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = ViTAdapter(tiny_encoder(attention="sparse", window=3), heads=4, spm_inplanes=16)
+    feats = adapter(torch.randn(2, 3, size, size))
+    assert [f.shape[1] for f in feats] == [96] * 4
+    side = -(-size // 2)  # stem conv, stride 2 (padding 1: ceil)
+    for f in feats:
+        side = -(-side // 2)  # max-pool, then each stage halves again: strides 4, 8, 16, 32
+        assert f.shape[-2:] == (side, side)
+
+
+def test_adapter_refuses_pruning_and_splits_groups():
+    with pytest.raises(ValueError, match="needs the full patch grid"):
+        ViTAdapter(tiny_encoder(prune_ratio=0.5, prune_layer=2))
+    assert interaction_groups(24) == [(0, 6), (6, 12), (12, 18), (18, 24)]
+    assert interaction_groups(6) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    with pytest.raises(ValueError, match="at least 4"):
+        interaction_groups(3)
+
+
+def test_mask2former_forward_loss_backward():
+    model = _model()
+    x = torch.randn(2, 3, 112, 112)
+    masks = torch.zeros(2, 112, 112, dtype=torch.long)
+    masks[0, 20:60, 30:70] = 1
+    masks[1, :5] = 255
+    out = model(x, masks, torch.tensor([2, 5]))  # image 1: nothing of its type, only negatives known
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    probs = model.semantic_probs(model(x), (150, 150))
+    assert probs.shape == (2, 8, 150, 150) and (probs >= 0).all()
+
+
+def test_partial_label_loss_ignores_other_cell_types():
+    """Unmatched queries are only pushed away from the labelled type: probability mass on any other type is free."""
+    from hirespath.heads.mask2former import PartialLabelMask2FormerLoss
+
+    loss_fn = _model().m2f.criterion
+    assert isinstance(loss_fn, PartialLabelMask2FormerLoss)
+    logits = torch.zeros(1, 3, 9)  # 3 queries, 8 classes + no-object
+    indices = [(np.array([0]), np.array([0]))]
+    labels = [torch.tensor([2])]
+    loss_fn.labelled = torch.tensor([2])
+    base = loss_fn.loss_labels(logits, labels, indices)["loss_cross_entropy"]
+    other = logits.clone()
+    other[0, 1, 5] = 8.0  # an unmatched query confidently predicts another (unlabelled) type
+    same = logits.clone()
+    same[0, 1, 2] = 8.0  # ... or the labelled type, which is known to be covered by the matched query
+    l_other = loss_fn.loss_labels(other, labels, indices)["loss_cross_entropy"]
+    l_same = loss_fn.loss_labels(same, labels, indices)["loss_cross_entropy"]
+    assert l_other <= base + 1e-6  # not penalised (even less: mass moved away from type 2)
+    assert l_same > base + 0.05  # penalised
+    loss_fn.labelled = None
+
+
+def test_training_steps_lower_the_loss(segpath_root):
+    from hirespath.modules.segmentation import SegPathDataModule
+
+    torch.manual_seed(0)
+    model = _model()
+    dm = SegPathDataModule(str(segpath_root), 56, model.encoder.mean, model.encoder.std, batch_size=4)
+    batch = next(iter(dm.val_dataloader()))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        out = model(batch["image"], batch["mask"], batch["label"])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] * 0.8
+
+
+def _mmseg_reference(preds, targets, cells, n=8):
+    """numpy transcription of mmseg's intersect_and_union + eval metrics, per cell type (foreground class)."""
+    I, U, P, L = (np.zeros(n) for _ in range(4))
+    for p, t, c in zip(preds, targets, cells):
+        valid = t != 255
+        p, t = p[valid], t[valid]
+        inter = p[p == t]
+        ai = np.histogram(inter, bins=2, range=(0, 1))[0][1]
+        ap = np.histogram(p, bins=2, range=(0, 1))[0][1]
+        al = np.histogram(t, bins=2, range=(0, 1))[0][1]
+        I[c] += ai
+        P[c] += ap
+        L[c] += al
+        U[c] += ap + al - ai
+    seen = (P + L) > 0
+    return {"iou": (I / U)[seen].mean(), "dice": (2 * I / (P + L))[seen].mean(), "mpa": (I / L)[seen].mean()}
+
+
+def test_metrics_match_mmseg_formulas():
+    rng = np.random.default_rng(0)
+    preds, targets, cells = [], [], []
+    m = SegPathMetrics()
+    for i in range(16):
+        t = (rng.random((20, 20)) > 0.6).astype(np.int64)
+        t[0, :5] = 255
+        p = np.where(rng.random((20, 20)) > 0.3, t % 255, 1 - t % 255)
+        c = i % 8
+        preds.append(p), targets.append(t), cells.append(c)
+        m.update(torch.from_numpy(p), torch.from_numpy(t), c)
+    ours = m.compute()
+    ref = _mmseg_reference(preds, targets, cells)
+    for k in ("iou", "dice", "mpa"):
+        assert ours[f"test/{k}"] == pytest.approx(ref[k], abs=1e-9)
+    assert len([k for k in ours if k.startswith("test/cpa/")]) == 8
+
+
+def test_segment_task_end_to_end(segpath_root, tmp_path):
+    from hirespath.segment import run_segment
+
+    overrides = [f"data.root={segpath_root}", "backbone=tiny", "attention=sparse", "attention.window=64",
+                 "resolution=56", "trainer.max_steps=2", "trainer.max_epochs=1", "data.num_workers=0",
+                 "head.num_queries=10", "head.hidden_dim=64", "head.decoder_layers=2", "head.pixel_decoder_layers=1",
+                 "head.train_num_points=1024", "head.adapter.heads=4", "head.adapter.spm_inplanes=16", "logger=csv"]
+    cfg = compose_task("segment", overrides, tmp_path / "run")
+    metrics = run_segment(cfg)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    for key in ["test/mpa", "test/iou", "test/dice"] + [f"test/cpa/{c}" for c in CELL_TYPES] + \
+               [f"test/iou/{c}" for c in CELL_TYPES] + [f"test/dice/{c}" for c in CELL_TYPES]:
+        assert key in saved and 0 <= saved[key] <= 1
+    assert list((tmp_path / "run" / "overlays").glob("*.png"))
+    cfg_pruned = compose_task("segment", overrides + ["pruner=global_attention"], tmp_path / "run2")
+    with pytest.raises(ValueError, match="needs the full patch grid"):
+        run_segment(cfg_pruned)
+
+
+@pytest.mark.parametrize("exp,jobs", [("table4", 10), ("table5", 4)])
+def test_segmentation_experiments_compose(exp, jobs):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("segment", overrides=[f"experiment={exp}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    n = 1
+    for key, value in params.items():
+        n *= len(str(value).split(","))
+    assert n == jobs and cfg.pruner.ratio == 0 and cfg.backbone.name == "uni2_h"
