@@ -21,6 +21,10 @@ def _wandb_offline() -> bool:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("hp.wandb_offline"):
         OmegaConf.register_new_resolver("hp.wandb_offline", _wandb_offline)
+    # The launch directory. Unlike ${hydra:runtime.cwd} it also resolves while Hydra builds the sweep
+    # directory of a multirun, before any HydraConfig exists (paths.root_dir feeds hydra.sweep.dir).
+    if not OmegaConf.has_resolver("hp.cwd"):
+        OmegaConf.register_new_resolver("hp.cwd", os.getcwd)
 
 
 register_resolvers()
