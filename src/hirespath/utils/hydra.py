@@ -44,18 +44,18 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
+        exit_code = 1
         try:
-            return task(cfg)
+            result = task(cfg)
+            exit_code = 0
+            return result
         except Exception:
             log.exception("task failed; outputs so far are in %s", cfg.get("paths", {}).get("output_dir"))
             raise
         finally:
-            try:
-                import wandb
+            # A failed job's W&B run is finished as failed; the next job of the multirun starts a fresh one.
+            from .wandb import finish_runs
 
-                if wandb.run is not None:
-                    wandb.finish()
-            except ImportError:
-                pass
+            finish_runs(exit_code=exit_code)
 
     return wrapped
