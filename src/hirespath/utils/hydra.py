@@ -44,6 +44,9 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
+        from .config import validate_config
+
+        validate_config(cfg)  # typos and out-of-range values fail here, before any model or data is touched
         exit_code = 1
         try:
             result = task(cfg)
