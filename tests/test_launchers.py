@@ -1,4 +1,4 @@
-"""Launcher configs compose and instantiate; the joblib launcher runs a 2-job multirun; DDP on 2 CPU processes."""
+"""Launcher configs compose and instantiate; the joblib launcher runs a 2-job multirun."""
 
 import json
 import os
@@ -68,9 +68,3 @@ def test_joblib_multirun(tmp_path):
     overrides = [OmegaConf.load(m.parent / ".hydra" / "overrides.yaml") for m in metrics]
     assert sorted(x for o in overrides for x in o if x.startswith("lr=")) == ["lr=0.05", "lr=0.2"]
 
-
-def test_ddp_two_cpu_processes(tmp_path):
-    out = tmp_path / "ddp"
-    run_task("smoke", "trainer=ddp", "num_samples=128", "trainer.max_epochs=1", f"hydra.run.dir={out}", cwd=tmp_path)
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["world_size"] == 2
