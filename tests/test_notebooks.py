@@ -82,7 +82,7 @@ def test_results_on_fake_grid(tmp_path, monkeypatch):
     out = tmp_path / "results"
     nb = execute("results", tmp_path, monkeypatch, HIRESPATH_GRID=os.pathsep.join(map(str, dirs)), HIRESPATH_OUT=out)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "17 runs, 6 benchmark rows, 1 skipped" in text
+    assert "17 runs, 8 benchmark rows, 1 skipped" in text
     shown = [o for c in nb.cells for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
     assert any("Table 1" in o["data"]["text/markdown"] for o in shown)
     assert (out / "figure1.png").is_file() and (out / "all_runs.png").is_file() and (out / "table1.csv").is_file()

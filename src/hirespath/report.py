@@ -237,10 +237,13 @@ def _bench_for(bench: pd.DataFrame, row: pd.Series) -> pd.Series | None:
     """The benchmark row measuring the same configuration (vanilla: same attention, else eager, else dense)."""
     if not len(bench):
         return None
-    b = bench[(bench.backbone == row.backbone) & (bench.resolution == row.resolution) & (bench.method == row.method)]
+    b = bench[(bench.backbone == row.backbone) & (bench.resolution == row.resolution)]
     if row.method == "ours":
-        b = b[(b.window == row.window) & np.isclose(b.prune_ratio, row.prune_ratio)] if "window" in b else b
-    elif len(b):
+        # Same attention, window and pruning ratio (segmentation's "ours" is sparse without pruning).
+        b = b[(b.attention == "sparse") & np.isclose(b.prune_ratio, row.prune_ratio)]
+        b = b[b.window == row.window] if "window" in b else b
+    else:
+        b = b[b.method == row.method]
         order = [row.get("attention"), *VANILLA_ATTENTION]
         for att in order:
             if (b.attention == att).any():

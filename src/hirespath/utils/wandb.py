@@ -112,8 +112,8 @@ def _as_image(item: Any):
     return arr
 
 
-def log_images(loggers: Iterable[Any], key: str, images: Sequence[Any], step: int | None = None,
-               captions: Sequence[str] | None = None) -> int:
+def log_images(loggers: Iterable[Any], key: str, images: Sequence[Any], captions: Sequence[str] | None = None,
+               step: int | None = None) -> int:
     """Log PNG paths or arrays under ``key`` to every W&B logger (others keep the PNG files). Returns #loggers."""
     targets = _wandb_loggers(loggers)
     if not targets or not images:
