@@ -32,12 +32,6 @@ def test_method_sets_attention_and_pruner(method, mode, ratio):
     assert cfg.attention.mode == mode and cfg.pruner.ratio == ratio
 
 
-@pytest.mark.parametrize("launcher,key", [("local_parallel", "n_jobs"), ("slurm_gpu", "gpus_per_node")])
-def test_launchers_compose(launcher, key):
-    cfg = _compose("classify", ["experiment=table1", f"hydra/launcher={launcher}"])
-    assert key in cfg.hydra.launcher and "_target_" in cfg.hydra.launcher
-
-
-@pytest.mark.parametrize("task", ["classify", "extract", "segment", "benchmark", "make_synthetic"])
+@pytest.mark.parametrize("task", ["classify", "extract", "segment", "benchmark", "make_synthetic", "report"])
 def test_root_configs_compose(task):
     assert _compose(task, []).task_name == task

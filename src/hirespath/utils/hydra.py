@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +22,10 @@ def _wandb_offline() -> bool:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("hp.wandb_offline"):
         OmegaConf.register_new_resolver("hp.wandb_offline", _wandb_offline)
+    # The launch directory. Unlike ${hydra:runtime.cwd} it also resolves while Hydra builds the sweep
+    # directory of a multirun, before any HydraConfig exists (paths.root_dir feeds hydra.sweep.dir).
+    if not OmegaConf.has_resolver("hp.cwd"):
+        OmegaConf.register_new_resolver("hp.cwd", os.getcwd)
 
 
 register_resolvers()
@@ -35,23 +40,67 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+DONE_FILE = "done.json"  # written into a job's output directory when its task returns
+
+
+def _job_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return sorted(o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0] != "resume")
+
+
+def _done_marker(cfg: DictConfig):
+    from pathlib import Path
+
+    try:
+        out = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    except Exception:  # ${hydra:...} outside a Hydra run
+        return None
+    return Path(out) / DONE_FILE if out else None
+
+
+def _already_done(marker) -> bool:
+    """A finished job with the same overrides (so a re-launched sweep into the same directory skips it)."""
+    import json
+
+    if marker is None or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("overrides") == _job_overrides()
+    except ValueError:
+        return False
+
+
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Log failures with the run directory, and always close W&B runs (one finished run per multirun job)."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
+        from .config import validate_config
+
+        validate_config(cfg)  # typos and out-of-range values fail here, before any model or data is touched
+        marker = _done_marker(cfg)
+        if cfg.get("resume", False) and _already_done(marker):
+            log.info("resume: %s already finished with the same overrides; skipping", marker.parent)
+            return None
+        exit_code = 1
         try:
-            return task(cfg)
+            result = task(cfg)
+            exit_code = 0
+            if marker is not None:
+                from .io import write_json
+
+                write_json(marker, {"overrides": _job_overrides(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            return result
         except Exception:
             log.exception("task failed; outputs so far are in %s", cfg.get("paths", {}).get("output_dir"))
             raise
         finally:
-            try:
-                import wandb
+            # A failed job's W&B run is finished as failed; the next job of the multirun starts a fresh one.
+            from .wandb import finish_runs
 
-                if wandb.run is not None:
-                    wandb.finish()
-            except ImportError:
-                pass
+            finish_runs(exit_code=exit_code)
 
     return wrapped

@@ -1,0 +1,95 @@
+"""The smoke task: a tiny Lightning job that exercises launchers, loggers (W&B offline) and DDP end to end."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .utils.hydra import instantiate_list
+from .utils.io import atomic_path, write_json
+from .utils.wandb import log_config, log_images
+
+log = logging.getLogger("hirespath.smoke")
+
+
+def make_blobs(n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g) * 3
+    y = torch.randint(0, k, (n,), generator=g)
+    return centers[y] + torch.randn(n, d, generator=g), y
+
+
+class LinearClassifier(L.LightningModule):
+    def __init__(self, num_features: int, num_classes: int, lr: float):
+        super().__init__()
+        self.save_hyperparameters()
+        self.fc = nn.Linear(num_features, num_classes)
+
+    def _step(self, batch, stage: str):
+        x, y = batch
+        logits = self.fc(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log(f"{stage}/loss", loss, sync_dist=stage != "train", prog_bar=True)
+        self.log(f"{stage}/accuracy", acc, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch, _):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, _):
+        self._step(batch, "val")
+
+    def test_step(self, batch, _):
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def _scatter_png(x: torch.Tensor, y: torch.Tensor, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(x[:, 0], x[:, 1], c=y, s=6, cmap="tab10")
+    ax.set(title="smoke data (first two features)")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path
+
+
+def run_smoke(cfg: DictConfig) -> dict:
+    L.seed_everything(int(cfg.seed), workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    x, y = make_blobs(int(cfg.num_samples), int(cfg.num_features), int(cfg.num_classes), int(cfg.seed))
+    cut = 3 * len(x) // 4
+    train = DataLoader(TensorDataset(x[:cut], y[:cut]), batch_size=int(cfg.batch_size), shuffle=True)
+    val = DataLoader(TensorDataset(x[:cut], y[:cut]), batch_size=int(cfg.batch_size))
+    test = DataLoader(TensorDataset(x[cut:], y[cut:]), batch_size=int(cfg.batch_size))
+
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
+                                     callbacks=instantiate_list(cfg.get("callbacks")))
+    model = LinearClassifier(int(cfg.num_features), int(cfg.num_classes), float(cfg.lr))
+    log_config(loggers, cfg)
+    trainer.fit(model, train, val)
+    metrics = {k: float(v) for k, v in trainer.test(model, test, verbose=False)[0].items()}
+    metrics["world_size"] = trainer.world_size
+    if trainer.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "metrics.json", metrics)
+        log_images(loggers, "smoke/data", [_scatter_png(x[cut:], y[cut:], out_dir / "smoke_data.png")])
+        log.info("smoke: test accuracy %.3f (world size %d) → %s", metrics["test/accuracy"], trainer.world_size,
+                 out_dir / "metrics.json")
+    return metrics

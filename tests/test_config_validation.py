@@ -1,0 +1,98 @@
+"""validate_config: every bad shared key is reported at once, by key, value and valid range, before compute."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from hirespath.utils.config import ConfigValidationError, backbone_geometry, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def _benchmark(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("benchmark", overrides=list(overrides))
+
+
+def test_default_configs_pass():
+    validate_config(_benchmark())
+    validate_config(_benchmark("backbone=tiny", "attention=eager", "pruner=none", "resolutions=[14,28]"))
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        validate_config(compose("smoke"))
+        validate_config(compose("report"))
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["attention.mode=sprase"], "attention.mode='sprase'", ["dense", "eager", "sparse", "did you mean 'sparse'"]),
+    (["attention.window=0"], "attention.window=0", [">= 1"]),
+    (["attention.radius=-1"], "attention.radius=-1", [">= 0"]),
+    (["pruner.ratio=1.0"], "pruner.ratio=1.0", ["[0, 1)"]),
+    (["pruner.ratio=-0.1"], "pruner.ratio=-0.1", ["[0, 1)"]),
+    (["pruner.layer=24"], "pruner.layer=24", ["[1, 23]", "uni2_h has 24 blocks"]),
+    (["backbone=tiny", "pruner.layer=6"], "pruner.layer=6", ["[1, 5]"]),
+    (["backbone=tiny", "+backbone.overrides.depth=2", "pruner.layer=2"], "pruner.layer=2", ["[1, 1]"]),
+    (["pruner.score_tokens=registers"], "pruner.score_tokens='registers'", ["cls", "all"]),
+    (["resolutions=[224,450]"], "resolutions[1]=450", ["multiple of the patch size 14", "448 or 462"]),
+    (["backbone=uni", "resolutions=[224,300]"], "resolutions[1]=300", ["patch size 16 (uni)", "288 or 304"]),
+    (["backbone.name=uni3"], "backbone.name='uni3'", ["uni2_h", "did you mean"]),
+])
+def test_bad_values_name_key_value_and_range(overrides, key, words):
+    with pytest.raises(ConfigValidationError) as err:
+        validate_config(_benchmark(*overrides))
+    msg = str(err.value)
+    assert key in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_ratio_zero_ignores_layer():
+    validate_config(_benchmark("pruner=none", "pruner.layer=99"))
+
+
+def test_all_errors_in_one_message():
+    with pytest.raises(ConfigValidationError) as err:
+        validate_config(_benchmark("attention.mode=flash", "attention.window=-2", "pruner.ratio=2"))
+    msg = str(err.value)
+    assert "attention.mode" in msg and "attention.window" in msg and "pruner.ratio" in msg
+
+
+def test_resolution_and_named_groups(tmp_path):
+    conf = tmp_path / "conf"
+    for group, names in {"head": ["knn", "linear_probe"], "data": ["panda", "synthetic_panda"]}.items():
+        (conf / group).mkdir(parents=True)
+        for n in names:
+            (conf / group / f"{n}.yaml").write_text(f"name: {n}\n")
+    (conf / "task.yaml").write_text("defaults:\n  - head: knn\n  - data: panda\n  - _self_\n"
+                                    "backbone: {name: tiny, overrides: {}}\nresolution: 224\n")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        validate_config(compose("task"))
+        cfg = compose("task", overrides=["resolution=100", "head.name=kNN", "data.name=pandas"])
+        with pytest.raises(ConfigValidationError) as err:
+            validate_config(cfg)
+    msg = str(err.value)
+    assert "resolution=100" in msg and "98 or 112" in msg
+    assert "head.name='kNN'" in msg and "['knn', 'linear_probe']" in msg
+    assert "data.name='pandas'" in msg and "did you mean 'panda'" in msg
+
+
+def test_geometry_of_presets():
+    assert backbone_geometry("uni2_h", {}) == (14, 24)
+    assert backbone_geometry("uni", {}) == (16, 24)
+    assert backbone_geometry("virchow2", {}) == (14, 32)
+    assert backbone_geometry("h_optimus_0", {}) == (14, 40)
+    assert backbone_geometry("tiny", {"depth": 2}) == (14, 2)
+
+
+def test_task_fails_before_compute(tmp_path):
+    """Through a real entry point: the error names the key, and no run directory output is produced."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tasks" / "smoke.py"), "+attention.mode=sprase",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode != 0
+    assert "attention.mode='sprase'" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -1,0 +1,70 @@
+"""Launcher configs compose and instantiate; the joblib launcher runs a 2-job multirun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import hirespath.utils.hydra  # noqa: F401  (registers the hp.* resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+LAUNCHERS = sorted(p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("*.yaml"))
+
+
+def run_task(task: str, *args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tasks" / f"{task}.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_launcher_files_present():
+    assert {"joblib", "submitit_slurm"} <= set(LAUNCHERS)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launcher_composes_and_instantiates(launcher):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("smoke", overrides=[f"hydra/launcher={launcher}", "trainer=ddp"], return_hydra_config=True)
+    lc = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert lc["_target_"].startswith("hydra_plugins.")
+    if launcher == "submitit_slurm":
+        # GPUs and tasks per node follow trainer.devices (one DDP process per GPU).
+        assert lc["gpus_per_node"] == 2 and lc["tasks_per_node"] == 2
+        for key in ("partition", "timeout_min", "mem_gb", "cpus_per_task"):
+            assert key in lc
+        assert lc["submitit_folder"].endswith("/.submitit/%j")
+    launcher_obj = instantiate(cfg.hydra.launcher)
+    assert type(launcher_obj).__name__ in {"JoblibLauncher", "SlurmLauncher"}
+
+
+def test_launcher_typo_fails():
+    from omegaconf.errors import ConfigKeyError
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        with pytest.raises(Exception) as err:
+            compose("smoke", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partitoin=gpu"],
+                    return_hydra_config=True)
+    assert "partitoin" in str(err.value)
+
+
+def test_joblib_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_task("smoke", "-m", "hydra/launcher=joblib", "lr=0.05,0.2", "num_samples=128", "trainer.max_epochs=1",
+             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    metrics = sorted(sweep.glob("*/metrics.json"))
+    assert [m.parent.name for m in metrics] == ["0", "1"]
+    for m in metrics:
+        assert 0.0 <= json.loads(m.read_text())["test/accuracy"] <= 1.0
+    overrides = [OmegaConf.load(m.parent / ".hydra" / "overrides.yaml") for m in metrics]
+    assert sorted(x for o in overrides for x in o if x.startswith("lr=")) == ["lr=0.05", "lr=0.2"]
+

@@ -1,0 +1,73 @@
+"""W&B in multiruns: offline by default, one finished run per job, grouped by multirun, named by overrides."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hirespath.utils.wandb import log_images, offline_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, cwd, env_extra=None, ok=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_MODE", None)  # offline must be the default, not something the test sets
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, str(ROOT / "tasks" / "smoke.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_offline_multirun_one_finished_run_per_job(tmp_path):
+    # The basic launcher runs both jobs in one process: a run left open by job 0 would leak into job 1.
+    sweep = tmp_path / "logs" / "smoke" / "multiruns" / "2026-01-01_00-00-00"
+    _run(["-m", "logger=wandb", "lr=0.05,0.2", "num_samples=128", "trainer.max_epochs=1",
+          f"hydra.sweep.dir={sweep}"], tmp_path)
+    runs = offline_runs(sweep)
+    assert len(runs) == 2
+    assert sorted(Path(r["dir"]).parts[-3] for r in runs) == ["0", "1"]  # one run in each job directory
+    assert len({r["id"] for r in runs}) == 2
+    assert all(r["finished"] and r["exit_code"] == 0 for r in runs)
+    assert {r["group"] for r in runs} == {"smoke-2026-01-01_00-00-00"}
+    # Named by the job's overrides, minus those saying where/how it runs (logger=, trainer.*, hydra.*).
+    assert sorted(r["name"] for r in runs) == ["lr=0.05,num_samples=128", "lr=0.2,num_samples=128"]
+    assert all(r["tags"] == ["smoke"] and r["job_type"] == "smoke" for r in runs)
+    for r in runs:
+        media = list(Path(r["dir"]).glob("files/media/images/smoke/*.png"))
+        assert media, f"no logged image in {r['dir']}"
+        config = (Path(r["dir"]) / "files" / "config.yaml")
+        if config.exists():  # written at finish: the resolved config, not interpolations
+            assert "${" not in config.read_text()
+
+
+def test_failed_job_finishes_its_run_as_failed(tmp_path):
+    out = tmp_path / "run"
+    proc = _run(["logger=wandb", "lr=-1", f"hydra.run.dir={out}"], tmp_path, ok=False)
+    assert proc.returncode != 0
+    runs = offline_runs(out)
+    assert len(runs) == 1 and runs[0]["finished"] and runs[0]["exit_code"] != 0
+
+
+def test_log_images_skips_non_wandb_loggers(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    assert log_images([CSVLogger(tmp_path)], "x", [np.zeros((4, 4, 3), np.uint8)]) == 0
+
+
+def test_log_images_validates(tmp_path):
+    class FakeWandb:
+        pass
+
+    from hirespath.utils import wandb as hw
+
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        hw._as_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="H×W"):
+        hw._as_image(np.zeros((2, 2, 2, 2)))
+    assert hw._as_image(np.ones((3, 5, 7), np.float32)).shape == (5, 7, 3)
