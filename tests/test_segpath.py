@@ -215,3 +215,13 @@ def test_segmentation_experiments_compose(exp, jobs):
     for key, value in params.items():
         n *= len(str(value).split(","))
     assert n == jobs and cfg.pruner.ratio == 0 and cfg.backbone.name == "uni2_h"
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    """DDP (without find_unused_parameters) needs every trainable parameter in the graph."""
+    model = _model()
+    masks = torch.zeros(1, 56, 56, dtype=torch.long)
+    masks[0, 10:30, 10:30] = 1
+    model(torch.randn(1, 3, 56, 56), masks, torch.tensor([1])).loss.backward()  # batch size 1: GroupNorm is fine
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing

@@ -105,7 +105,7 @@ def save_figures(encoder, root: Path, rois: pd.DataFrame, resolution: int, out_d
 
         plt.close(fig)
         paths.append(path)
-    from .utils.loggers import log_images
+    from .utils.wandb import log_images
 
     log_images(loggers, "figures", paths)
     return paths

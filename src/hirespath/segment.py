@@ -15,7 +15,7 @@ from .heads.mask2former import SegmentationModel
 from .modules.segmentation import SegmentationModule, SegPathDataModule
 from .utils.hydra import instantiate_list
 from .utils.io import atomic_path, write_json
-from .utils.loggers import log_images
+from .utils.wandb import log_images
 
 log = logging.getLogger("hirespath.segment")
 

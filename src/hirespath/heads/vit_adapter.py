@@ -10,6 +10,8 @@ The deformable attention is transformers' pure-PyTorch implementation (the one i
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,8 +20,13 @@ from transformers.models.mask2former.modeling_mask2former import (
 )
 
 
+def _norm(channels: int) -> nn.GroupNorm:
+    # The ViT-Adapter paper uses (Sync)BatchNorm; GroupNorm behaves the same at batch size 1 and under DDP.
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), _norm(cout), nn.ReLU(inplace=True))
 
 
 class SpatialPriorModule(nn.Module):
@@ -113,7 +120,12 @@ class ViTAdapter(nn.Module):
         self.extractors = nn.ModuleList([_DeformCross(dim, heads, 1, n_points, None) for _ in self.groups])
         self.ffns = nn.ModuleList([_FFN(dim) for _ in self.groups])
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
-        self.norms = nn.ModuleList([nn.BatchNorm2d(dim) for _ in range(4)])
+        self.norms = nn.ModuleList([_norm(dim) for _ in range(4)])
+        # The ViT's final norm (and any classifier head) is never used here: freeze it so DDP does not wait
+        # for gradients that never come.
+        for module in (encoder.vit.norm, getattr(encoder.vit, "fc_norm", None), getattr(encoder.vit, "head", None)):
+            if module is not None:
+                module.requires_grad_(False)
         self.add_vit_feature = add_vit_feature
         nn.init.normal_(self.level_embed, std=0.02)
 
