@@ -96,11 +96,14 @@ def test_mask2former_forward_loss_backward():
     x = torch.randn(2, 3, 112, 112)
     masks = torch.zeros(2, 112, 112, dtype=torch.long)
     masks[0, 20:60, 30:70] = 1
-    masks[1, :5] = 255
     out = model(x, masks, torch.tensor([2, 5]))  # image 1: nothing of its type, only negatives known
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    ignored = masks.clone()
+    ignored[1, :5] = 255
+    with pytest.raises(ValueError, match="ignore pixels"):
+        model(x, ignored, torch.tensor([2, 5]))
     probs = model.semantic_probs(model(x), (150, 150))
     assert probs.shape == (2, 8, 150, 150) and (probs >= 0).all()
 

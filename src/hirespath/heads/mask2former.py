@@ -102,6 +102,11 @@ class SegmentationModel(nn.Module):
         """With ``masks`` (B×H×W in {0, 1, 255}) and ``labels`` (B cell types) the output carries the loss."""
         if masks is None:
             return self.m2f(pixel_values=images)
+        if (masks == 255).any():
+            # transformers' matcher and point-sampled mask loss have no ignore index: rather than train on
+            # 255 as background (a silently wrong label), refuse. Metrics do honour 255.
+            raise ValueError("training masks hold ignore pixels (255); the Mask2Former loss cannot ignore them yet — "
+                             "set them to 0/1, or evaluate only (metrics ignore 255)")
         mask_labels, class_labels = [], []
         for m, t in zip(masks, labels):
             fg = (m == 1).float()
