@@ -143,32 +143,55 @@ def eager_attention(attn, x: Tensor, layout: TokenLayout) -> Tensor:
     return merge_heads(attn, x, out.transpose(1, 2))
 
 
+def _prefix_rows(attn, q: Tensor, k: Tensor, v: Tensor, P: int) -> Tensor:
+    """Prefix (global) rows attend to every key: B×P×H×d."""
+    return F.scaled_dot_product_attention(q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          dropout_p=_dropout_p(attn)).transpose(1, 2)
+
+
+def _to_slots(q: Tensor, k: Tensor, v: Tensor, plan: SparsePlan, P: int, q_len: int, kv_len: int,
+              prefix_at: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scatter the patch q/k/v into zeroed per-block slot buffers of flat H·d rows (row index-copy is the
+    cheapest scatter of whole tokens); each image's prefix keys/values go to rows ``prefix_at``… of its K/V.
+    Returns qb (B·q_len rows), kb and vb (B·kv_len rows) and the q-buffer row of every patch token."""
+    B, L, H, d = q.shape
+    N, Hd = L - P, H * d
+    batch = torch.arange(B, device=q.device)[:, None]
+    q_rows = (plan.slot + batch * q_len).flatten()
+    kv_rows = (plan.slot + batch * kv_len).flatten()
+    prefix_rows = (torch.arange(prefix_at, prefix_at + P, device=q.device) + batch * kv_len).flatten()
+    qb = q.new_zeros(B * q_len, Hd).index_copy_(0, q_rows, q[:, P:].reshape(B * N, Hd))
+    kb, vb = k.new_zeros(B * kv_len, Hd), v.new_zeros(B * kv_len, Hd)
+    for buf, t in ((kb, k), (vb, v)):
+        buf.index_copy_(0, kv_rows, t[:, P:].reshape(B * N, Hd))
+        buf.index_copy_(0, prefix_rows, t[:, :P].reshape(B * P, Hd))
+    return qb, kb, vb, q_rows
+
+
+def _from_slots(attn, x: Tensor, q: Tensor, out_prefix: Tensor, out_slots: Tensor, q_rows: Tensor) -> Tensor:
+    """Prefix rows + the patch rows read back from their slots (B·q_len × H·d), then timm's output path."""
+    B, L, H, d = q.shape
+    P = out_prefix.shape[1]
+    out = torch.empty_like(q)
+    out[:, :P] = out_prefix
+    out[:, P:] = out_slots.index_select(0, q_rows).view(B, L - P, H, d)
+    return merge_heads(attn, x, out)
+
+
 def sparse_attention(attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1,
                      chunk_keys: int = 1 << 16) -> Tensor:
     q, k, v = split_heads(attn, x)
     P = layout.num_prefix
     B, L, H, d = q.shape
-    N = L - P
     plan = layout.sparse_plan(window, radius)
     C, nb = plan.capacity, plan.num_blocks
 
-    # Prefix rows: dense over every key.
-    out_prefix = F.scaled_dot_product_attention(q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                dropout_p=_dropout_p(attn)).transpose(1, 2)
-
-    # Patch rows: scatter q/k/v into block slots (dummy block nb stays empty and masked). Buffers are flat
-    # rows of H·d values (row index-select is the fastest gather on CPU). In the K/V buffers each image's
+    out_prefix = _prefix_rows(attn, q, k, v, P)
+    # Patch rows: q/k/v in block slots (dummy block nb stays empty and masked). In the K/V buffers each image's
     # prefix keys follow its slots, so one index_select yields a block's neighbourhood plus the prefix.
     S, SP, Hd = (nb + 1) * C, (nb + 1) * C + P, H * d
     batch = torch.arange(B, device=x.device)[:, None]
-    q_rows = (plan.slot + batch * S).flatten()  # B·N rows of each patch token in the q/out buffers
-    kv_rows = (plan.slot + batch * SP).flatten()
-    prefix_rows = (torch.arange(S, SP, device=x.device) + batch * SP).flatten()
-    qb = q.new_zeros(B * S, Hd).index_copy_(0, q_rows, q[:, P:].reshape(B * N, Hd))
-    kb, vb = k.new_zeros(B * SP, Hd), v.new_zeros(B * SP, Hd)
-    for buf, t in ((kb, k), (vb, v)):
-        buf.index_copy_(0, kv_rows, t[:, P:].reshape(B * N, Hd))
-        buf.index_copy_(0, prefix_rows, t[:, :P].reshape(B * P, Hd))
+    qb, kb, vb, q_rows = _to_slots(q, k, v, plan, P, S, SP, S)
     key_valid = torch.cat([plan.key_valid, plan.key_valid.new_ones(B, P)], dim=1).flatten()
     out_buf = q.new_empty(B, S, H, d)
 
@@ -205,10 +228,7 @@ def sparse_attention(attn, x: Tensor, layout: TokenLayout, window: int, radius: 
         else:
             out_buf.index_copy_(1, q_idx, oc)
 
-    out = torch.empty_like(q)
-    out[:, :P] = out_prefix
-    out[:, P:] = out_buf.view(B * S, Hd).index_select(0, q_rows).view(B, N, H, d)
-    return merge_heads(attn, x, out)
+    return _from_slots(attn, x, q, out_prefix, out_buf.view(B * S, Hd), q_rows)
 
 
 _FLEX = {}
@@ -286,7 +306,6 @@ def sparse_attention_flex(attn, x: Tensor, layout: TokenLayout, window: int, rad
     q, k, v = split_heads(attn, x)
     P = layout.num_prefix
     B, L, H, d = q.shape
-    N = L - P
     plan = layout.sparse_plan(window, radius, align=max(16, 1 << (P - 1).bit_length()))
     C, nb = plan.capacity, plan.num_blocks
     key = ("flex_mask", window, radius, B)
@@ -294,30 +313,15 @@ def sparse_attention_flex(attn, x: Tensor, layout: TokenLayout, window: int, rad
         layout._plans[key] = flex_block_mask(plan, P, B)
     block_mask = layout._plans[key]
 
-    out_prefix = F.scaled_dot_product_attention(q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                dropout_p=_dropout_p(attn)).transpose(1, 2)
-    # Flat row copies (index_copy_/index_select) are the cheapest scatter/gather of whole tokens.
-    SQ, SKV, Hd = (nb + 1) * C, (nb + 2) * C, H * d
-    batch = torch.arange(B, device=x.device)[:, None]
-    q_rows = (plan.slot + batch * SQ).flatten()
-    kv_rows = (plan.slot + batch * SKV).flatten()
-    prefix_rows = (torch.arange((nb + 1) * C, (nb + 1) * C + P, device=x.device) + batch * SKV).flatten()
-    qb = q.new_zeros(B * SQ, Hd).index_copy_(0, q_rows, q[:, P:].reshape(B * N, Hd)).view(B, SQ, H, d)
-    kvs = []
-    for t in (k, v):
-        buf = t.new_zeros(B * SKV, Hd)
-        buf.index_copy_(0, kv_rows, t[:, P:].reshape(B * N, Hd))
-        buf.index_copy_(0, prefix_rows, t[:, :P].reshape(B * P, Hd))
-        kvs.append(buf.view(B, SKV, H, d))
+    out_prefix = _prefix_rows(attn, q, k, v, P)
+    SQ, SKV, Hd = (nb + 1) * C, (nb + 2) * C, H * d  # KV block nb + 1 holds the prefix keys
+    qb, kb, vb, q_rows = _to_slots(q, k, v, plan, P, SQ, SKV, SQ)
+    qb, kb, vb = (t.view(B, -1, H, d).transpose(1, 2) for t in (qb, kb, vb))
     flex = _flex_attention(x.device.type)
     # The kernel's tiles must divide the sparse block size (C is a power of two >= 16).
     tile = min(C, 128)
-    ob = flex(qb.transpose(1, 2), kvs[0].transpose(1, 2), kvs[1].transpose(1, 2), block_mask=block_mask,
-              scale=attn.scale, kernel_options={"BLOCK_M": tile, "BLOCK_N": tile})
-    out = torch.empty_like(q)
-    out[:, :P] = out_prefix
-    out[:, P:] = ob.transpose(1, 2).reshape(B * SQ, Hd).index_select(0, q_rows).view(B, N, H, d)
-    return merge_heads(attn, x, out)
+    ob = flex(qb, kb, vb, block_mask=block_mask, scale=attn.scale, kernel_options={"BLOCK_M": tile, "BLOCK_N": tile})
+    return _from_slots(attn, x, q, out_prefix, ob.transpose(1, 2).reshape(B * SQ, Hd), q_rows)
 
 
 def sparse_reference_mask(layout: TokenLayout, window: int, radius: int = 1) -> Tensor:
