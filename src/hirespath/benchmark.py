@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import resource
 import statistics
@@ -31,7 +30,7 @@ import torch
 
 from .costmodel import encoder_cost
 from .models.backbones import build_timm_model, get_backbone
-from .models.encoder import HiResEncoder
+from .models.encoder import HiResEncoder, use_flex_by_default
 
 log = logging.getLogger("hirespath.benchmark")
 
@@ -243,15 +242,25 @@ class Benchmark:
             raise ValueError(f"resolution {resolution} is not a positive multiple of the patch size {p}; "
                              f"nearest valid: {lo} or {lo + p}")
 
-    def measure(self, cfg: BenchConfig, resolution: int, timed: bool = True) -> dict:
+    def row(self, cfg: BenchConfig, resolution: int, status: str = "ok") -> tuple[HiResEncoder, dict]:
+        """The encoder of ``cfg`` on the shared weights, and its CSV row with the analytic cost (not yet measured)."""
         self.check_resolution(resolution)
         enc = _wrap(self.vit, self.preset, cfg, self.sparse_backend).eval()
         cost = encoder_cost(enc, resolution, bytes_per_element=2 if self.dtype != "fp32" else 4)
-        row = dict(backbone=self.backbone, attention=cfg.attention, window=cfg.window, prune_ratio=cfg.prune_ratio,
-                   prune_layer=cfg.prune_layer, dtype=self.dtype, device=self.device_name, resolution=resolution,
-                   tokens=cost.tokens, seconds_per_image=float("nan"), peak_memory_gb=float("nan"), status="ok",
-                   tflops=cost.tflops, attn_memory_gb=cost.attn_memory_gb,
-                   sparse_backend=self._backend_used(enc, resolution) if cfg.attention == "sparse" else "")
+        backend = ""
+        if cfg.attention == "sparse":
+            backend = enc.sparse_backend
+            if backend == "auto":
+                grid = (resolution // self.patch_size,) * 2
+                backend = "auto:flex" if use_flex_by_default(self.device.type == "cuda", grid, enc.window) else "auto:gather"
+        return enc, dict(backbone=self.backbone, attention=cfg.attention, window=cfg.window,
+                         prune_ratio=cfg.prune_ratio, prune_layer=cfg.prune_layer, dtype=self.dtype,
+                         device=self.device_name, resolution=resolution, tokens=cost.tokens,
+                         seconds_per_image=float("nan"), peak_memory_gb=float("nan"), status=status,
+                         tflops=cost.tflops, attn_memory_gb=cost.attn_memory_gb, sparse_backend=backend)
+
+    def measure(self, cfg: BenchConfig, resolution: int, timed: bool = True) -> dict:
+        enc, row = self.row(cfg, resolution)
         param_dtype = next(self.vit.parameters()).dtype
         try:
             images = torch.randn(self.batch_size, 3, resolution, resolution, device=self.device, dtype=param_dtype)
@@ -277,14 +286,6 @@ class Benchmark:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return row
-
-    def _backend_used(self, enc: HiResEncoder, resolution: int) -> str:
-        if enc.sparse_backend != "auto":
-            return enc.sparse_backend
-        from .models.encoder import FLEX_MAX_BLOCKS
-
-        blocks = math.ceil(resolution // self.patch_size / enc.window) ** 2
-        return "auto:flex" if self.device.type == "cuda" and blocks <= FLEX_MAX_BLOCKS else "auto:gather"
 
     def _worker_spec(self, cfg: BenchConfig, resolution: int) -> dict:
         return dict(backbone=self.backbone, overrides=self.overrides, config=asdict(cfg), dtype=self.dtype,
@@ -343,7 +344,7 @@ def sweep(bench: Benchmark, configs: Iterable[BenchConfig], resolutions: list[in
     oom_at: dict[str, int] = {}
     for cfg, res in tqdm(jobs, desc="benchmark", disable=not progress):
         if cfg.label in oom_at and res > oom_at[cfg.label]:
-            row = _skipped_row(bench, cfg, res)  # larger than a size that already ran out of memory
+            row = bench.row(cfg, res, status="oom")[1]  # larger than a size that already ran out of memory
         else:
             row = bench.measure(cfg, res)
         if row["status"] == "oom":
@@ -352,16 +353,6 @@ def sweep(bench: Benchmark, configs: Iterable[BenchConfig], resolutions: list[in
         log.info("%-34s %5d px %7d tok  %s  %.3f s/img  %.2f GB  (analytic %.3g TFLOP)", cfg.label, res,
                  row["tokens"], row["status"], row["seconds_per_image"], row["peak_memory_gb"], row["tflops"])
     return rows
-
-
-def _skipped_row(bench: Benchmark, cfg: BenchConfig, res: int) -> dict:
-    enc = _wrap(bench.vit, bench.preset, cfg)
-    cost = encoder_cost(enc, res)
-    return dict(backbone=bench.backbone, attention=cfg.attention, window=cfg.window, prune_ratio=cfg.prune_ratio,
-                prune_layer=cfg.prune_layer, dtype=bench.dtype, device=bench.device_name, resolution=res,
-                tokens=cost.tokens, seconds_per_image=float("nan"), peak_memory_gb=float("nan"), status="oom",
-                tflops=cost.tflops, attn_memory_gb=cost.attn_memory_gb,
-                sparse_backend=bench.sparse_backend if cfg.attention == "sparse" else "")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

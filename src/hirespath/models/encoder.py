@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +45,11 @@ class TokenState:
 FLEX_MAX_BLOCKS = 4096  # flex's BlockMask holds (blocks × blocks) int32 index tables: 64 MB each at 4096
 
 
-def use_flex_by_default(x: Tensor, layout: TokenLayout, window: int) -> bool:
+def use_flex_by_default(cuda: bool, grid: tuple[int, int], window: int, training: bool = False) -> bool:
     """``sparse_backend=auto``: flex_attention for CUDA inference (faster and leaner on H100, see README,
     Benchmarks) unless the block tables would grow large; the index-gather kernel otherwise (CPU, training)."""
-    if not x.is_cuda or torch.is_grad_enabled():
-        return False
-    blocks = math.ceil(layout.grid[0] / window) * math.ceil(layout.grid[1] / window)
-    return blocks <= FLEX_MAX_BLOCKS
+    blocks = math.ceil(grid[0] / window) * math.ceil(grid[1] / window)
+    return cuda and not training and blocks <= FLEX_MAX_BLOCKS
 
 
 def check_attention_args(attention: str, window: int, radius: int) -> None:
@@ -171,7 +168,8 @@ class HiResEncoder(nn.Module):
             return dense_attention(attn, x, layout)
         if self.attention == "eager":
             return eager_attention(attn, x, layout)
-        if self.sparse_backend == "flex" or (self.sparse_backend == "auto" and use_flex_by_default(x, layout, self.window)):
+        if self.sparse_backend == "flex" or (self.sparse_backend == "auto" and use_flex_by_default(
+                x.is_cuda, layout.grid, self.window, training=torch.is_grad_enabled())):
             return sparse_attention_flex(attn, x, layout, self.window, self.radius)
         # Bounded chunks of gathered keys: small on CPU (cache, page faults), larger on GPUs (fewer launches).
         chunk = self.attn_chunk_keys or (1 << 18 if x.is_cuda else 1 << 16)
