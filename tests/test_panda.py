@@ -8,11 +8,10 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-from hydra import compose, initialize_config_dir
 
 from hirespath.data.panda import check_panda_root, make_split, read_labels
 from hirespath.data.panda_synthetic import make_synthetic_panda, write_pyramid
-from hirespath.data.wsi import SlideError, find_rois, locate_rois, open_slide, read_roi, slide_mpp, tissue_mask
+from hirespath.data.wsi import find_rois, locate_rois, open_slide, read_roi, slide_mpp, tissue_mask
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -207,7 +207,6 @@ def test_segment_task_end_to_end(segpath_root, tmp_path):
 @pytest.mark.parametrize("exp,jobs", [("table4", 10), ("table5", 4)])
 def test_segmentation_experiments_compose(exp, jobs):
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from conftest import CONF_DIR
 

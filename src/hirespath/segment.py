@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data.segpath import CELL_TYPES, load_pair

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..data.segpath import CELL_TYPES, SegPathDataset, collate, index_segpath
