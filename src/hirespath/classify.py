@@ -79,6 +79,8 @@ def _trainer_kwargs(cfg: DictConfig, out_dir: Path) -> dict:
 
 def save_figures(encoder, root: Path, rois: pd.DataFrame, resolution: int, out_dir: Path, loggers, n: int = 2) -> list[Path]:
     """Pruned-token overlays for the first ``n`` test ROIs and a picture of the sparse attention pattern."""
+    import matplotlib.pyplot as plt
+
     from .data.wsi import ROI, read_roi
     from .viz.overlays import pruned_token_overlay, sparse_pattern_figure
 
@@ -93,16 +95,12 @@ def save_figures(encoder, root: Path, rois: pd.DataFrame, resolution: int, out_d
         path = figs / f"pruned_tokens_{r.image_id}_{r.roi}.png"
         fig = pruned_token_overlay(rgb, out.positions[0], out.grid, encoder.patch_size, path,
                                    title=f"{r.image_id} (ISUP {r.label}): pruned patches in red")
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
         paths.append(path)
     if encoder.attention == "sparse":
         path = figs / "sparse_attention_pattern.png"
         fig = sparse_pattern_figure(encoder.window, encoder.radius, num_prefix=encoder.num_prefix_tokens, path=path,
                                     grid=(min(5 * encoder.window, 40),) * 2)
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
         paths.append(path)
     from .utils.wandb import log_images
@@ -111,7 +109,7 @@ def save_figures(encoder, root: Path, rois: pd.DataFrame, resolution: int, out_d
     return paths
 
 
-def prepare_embeddings(cfg: DictConfig, out_dir: Path, loggers) -> tuple:
+def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
     """Split (written once), ROIs (cached), encoder and embeddings (cached); skips go to skipped.csv."""
     from hydra.utils import instantiate
 
@@ -148,7 +146,7 @@ def run_extract(cfg: DictConfig) -> dict:
     """The extract task: embeddings only (what classify would reuse from the cache)."""
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, rois, emb, _ = prepare_embeddings(cfg, out_dir, [])
+    _, rois, emb, _ = prepare_embeddings(cfg, out_dir)
     log.info("%d ROI embeddings (%d failed) ready", len(rois), len(emb["failed"]))
     return emb
 
@@ -159,7 +157,7 @@ def run_classify(cfg: DictConfig) -> dict:
     loggers = instantiate_list(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    root, rois, emb, encoder = prepare_embeddings(cfg, out_dir, loggers)
+    root, rois, emb, encoder = prepare_embeddings(cfg, out_dir)
     tk = _trainer_kwargs(cfg, out_dir)
     feats = slide_features(emb, cfg.features)
     probs = fit_predict(cfg.head, feats, tk, loggers, int(cfg.seed))
