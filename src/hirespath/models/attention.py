@@ -1,7 +1,8 @@
 """Attention kernels run on the weights of a timm ``Attention`` module: dense (SDPA), eager and sparse.
 
 All three take the block's normalised tokens ``x`` (B×L×D, prefix tokens first) and return the
-projected output, exactly as timm's ``Attention.forward`` would, so state_dict keys never change.
+projected output, exactly as timm's ``Attention.forward`` would, so state_dict keys never change. ``qkv``:
+the (q, k, v) of ``split_heads(attn, x)`` when the caller already has them (the pruning block).
 
 Sparse semantics (DESIGN.md): the patch grid is cut into ``window``×``window`` blocks; a patch token
 attends to the patch tokens of its own block and of the blocks within ``radius`` (1: the 3×3 block
@@ -128,16 +129,16 @@ def _dropout_p(attn) -> float:
     return attn.attn_drop.p if attn.training else 0.0
 
 
-def dense_attention(attn, x: Tensor, layout: TokenLayout) -> Tensor:
-    q, k, v = split_heads(attn, x)
+def dense_attention(attn, x: Tensor, layout: TokenLayout, qkv: tuple | None = None) -> Tensor:
+    q, k, v = qkv or split_heads(attn, x)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          dropout_p=_dropout_p(attn))
     return merge_heads(attn, x, out.transpose(1, 2))
 
 
-def eager_attention(attn, x: Tensor, layout: TokenLayout) -> Tensor:
+def eager_attention(attn, x: Tensor, layout: TokenLayout, qkv: tuple | None = None) -> Tensor:
     """The paper's "vanilla": the full L×L probability matrix is materialised."""
-    q, k, v = (t.transpose(1, 2) for t in split_heads(attn, x))
+    q, k, v = (t.transpose(1, 2) for t in qkv or split_heads(attn, x))
     probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
     out = attn.attn_drop(probs) @ v
     return merge_heads(attn, x, out.transpose(1, 2))
@@ -178,57 +179,131 @@ def _from_slots(attn, x: Tensor, q: Tensor, out_prefix: Tensor, out_slots: Tenso
     return merge_heads(attn, x, out)
 
 
+@dataclass
+class GatherChunk:
+    """A group of query blocks computed by one SDPA call (blocks of similar size, so padding stays small)."""
+
+    q_rows: Tensor  # n×Cq long: rows (in the flattened B·L tokens) of each block's queries, padded with a real row
+    out_rows: Tensor  # n·Cq long: where each query's output goes; padded queries go to the trash row B·L
+    kv_rows: Tensor  # n·Kc long: each block's neighbourhood keys, then its image's prefix keys, then padding
+    key_mask: Tensor | None  # n×1×1×Kc bool (False: padding); None when no key is padding
+
+
+def build_gather_chunks(positions: Tensor, grid: tuple[int, int], num_prefix: int, window: int, radius: int,
+                        chunk_keys: int) -> list[GatherChunk]:
+    """Query units are the non-empty (image, block) pairs. Their keys are listed compactly (only the tokens that
+    exist, no per-block capacity), units are sorted by (queries, keys) and cut into chunks of about
+    ``chunk_keys`` gathered keys, each padded only to its own largest unit: after pruning, blocks hold
+    different numbers of survivors and padding every block to the fullest one would double the work."""
+    device = positions.device
+    B, N, _ = positions.shape
+    P, L = num_prefix, num_prefix + N
+    n_br, n_bc = math.ceil(grid[0] / window), math.ceil(grid[1] / window)
+    nb = n_br * n_bc
+    block = (positions[..., 0] // window) * n_bc + positions[..., 1] // window  # B×N
+    unit_of_token = (torch.arange(B, device=device)[:, None] * nb + block).flatten()  # image-major unit id
+    order = torch.sort(unit_of_token, stable=True).indices
+    rows_sorted = (order // N) * L + P + order % N  # token rows grouped by unit, raster order inside
+    counts = torch.bincount(unit_of_token, minlength=B * nb)
+    starts = torch.cumsum(counts, 0) - counts
+
+    br = torch.arange(n_br, device=device).repeat_interleave(n_bc)
+    bc = torch.arange(n_bc, device=device).repeat(n_br)
+    offsets = torch.arange(-radius, radius + 1, device=device)
+    nr = br[:, None] + offsets.repeat_interleave(len(offsets))
+    nc = bc[:, None] + offsets.repeat(len(offsets))
+    inside = (nr >= 0) & (nr < n_br) & (nc >= 0) & (nc < n_bc)
+    neighbours = torch.where(inside, nr * n_bc + nc, 0)  # nb×K, clipped entries masked by ``inside``
+
+    units = torch.nonzero(counts).flatten()
+    image, blk = units // nb, units % nb
+    nbr_units = image[:, None] * nb + neighbours[blk]  # U×K
+    nbr_counts = torch.where(inside[blk], counts[nbr_units], 0)
+    n_keys = nbr_counts.sum(1) + P
+    n_q = counts[units]
+    rank = torch.sort(n_q * (int(n_keys.max()) + 1) + n_keys, stable=True).indices
+    units, image, nbr_units, nbr_counts, n_keys, n_q = (t[rank] for t in (units, image, nbr_units, nbr_counts,
+                                                                            n_keys, n_q))
+    nbr_ends = torch.cumsum(nbr_counts, 1)
+
+    chunks = []
+    for sl in _cut_chunks(n_q.tolist(), n_keys.tolist(), chunk_keys):
+        Cq = int(n_q[sl].max())
+        Kc = int(n_keys[sl].max())
+        Kc += -Kc % 8  # aligned key lengths keep the fused SDPA kernels on GPUs
+        j = torch.arange(Cq, device=device)
+        q_valid = j < n_q[sl, None]
+        q_rows = rows_sorted[(starts[units[sl], None] + j).clamp(max=len(rows_sorted) - 1)]
+        q_rows = torch.where(q_valid, q_rows, q_rows[:, :1])  # padded queries repeat a real one
+        out_rows = torch.where(q_valid, q_rows, B * L).flatten()
+        # Key j of a unit: the (j - end of previous neighbour)-th token of the neighbour whose range holds j,
+        # then the prefix keys of the unit's image, then padding (masked; points at a real row).
+        j = torch.arange(Kc, device=device).repeat(len(n_q[sl]), 1)
+        ends = nbr_ends[sl]
+        which = torch.searchsorted(ends, j, right=True)  # neighbour index, K past the patch keys
+        K = ends.shape[1]
+        first = torch.cat([ends.new_zeros(len(ends), 1), ends], 1).gather(1, which.clamp(max=K))
+        nbr = nbr_units[sl].gather(1, which.clamp(max=K - 1))
+        patch_row = rows_sorted[(starts[nbr] + j - first).clamp(0, len(rows_sorted) - 1)]
+        patch_keys = ends[:, -1:]
+        prefix_row = image[sl, None] * L + (j - patch_keys).clamp(0, max(P - 1, 0))
+        is_patch = j < patch_keys
+        kv_rows = torch.where(is_patch, patch_row, prefix_row)
+        valid = j < (patch_keys + P)
+        key_mask = None if bool(valid.all()) else valid[:, None, None, :]
+        chunks.append(GatherChunk(q_rows, out_rows, kv_rows.flatten(), key_mask))
+    return chunks
+
+
+def _cut_chunks(n_q: list[int], n_keys: list[int], chunk_keys: int, max_padding: float = 1.2) -> list[slice]:
+    """Cut the sorted units into consecutive chunks: a chunk ends before it would gather more than ``chunk_keys``
+    keys or before its padded work (units × most queries × most keys) exceeds ``max_padding`` × its real work."""
+    cuts, start, q_max, k_max, work = [], 0, 0, 0, 0
+    for i, (q, k) in enumerate(zip(n_q, n_keys)):
+        nq, nk, n = max(q_max, q), max(k_max, k), i - start + 1
+        if n > 1 and (n * nk > chunk_keys or n * nq * nk > max_padding * (work + q * k)):
+            cuts.append(slice(start, i))
+            start, nq, nk, work = i, q, k, 0
+        q_max, k_max, work = nq, nk, work + q * k
+    cuts.append(slice(start, len(n_q)))
+    return cuts
+
+
 def sparse_attention(attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1,
-                     chunk_keys: int = 1 << 16) -> Tensor:
-    q, k, v = split_heads(attn, x)
+                     chunk_keys: int = 1 << 13, qkv: tuple | None = None) -> Tensor:
+    """Index-gather kernel: each chunk of query blocks gathers its neighbourhood K/V rows and runs masked SDPA."""
+    q, k, v = qkv or split_heads(attn, x)
     P = layout.num_prefix
     B, L, H, d = q.shape
-    plan = layout.sparse_plan(window, radius)
-    C, nb = plan.capacity, plan.num_blocks
+    key = ("gather", window, radius, chunk_keys)
+    if key not in layout._plans:
+        layout._plans[key] = build_gather_chunks(layout.positions, layout.grid, P, window, radius, chunk_keys)
+    chunks = layout._plans[key]
 
-    out_prefix = _prefix_rows(attn, q, k, v, P)
-    # Patch rows: q/k/v in block slots (dummy block nb stays empty and masked). In the K/V buffers each image's
-    # prefix keys follow its slots, so one index_select yields a block's neighbourhood plus the prefix.
-    S, SP, Hd = (nb + 1) * C, (nb + 1) * C + P, H * d
-    batch = torch.arange(B, device=x.device)[:, None]
-    qb, kb, vb, q_rows = _to_slots(q, k, v, plan, P, S, SP, S)
-    key_valid = torch.cat([plan.key_valid, plan.key_valid.new_ones(B, P)], dim=1).flatten()
-    out_buf = q.new_empty(B, S, H, d)
-
-    K = plan.neighbours.shape[1]
-    # Pad each query block's key list to a multiple of 8 with (masked) dummy slots: aligned masks keep the
-    # fused SDPA kernels on GPUs.
-    pad = -(K * C + P) % 8
-    KC = K * C + P + pad
-    per_chunk = max(1, chunk_keys // (B * KC))
-    arange_c = torch.arange(C, device=x.device)
-    prefix_idx = torch.cat([torch.arange(S, SP, device=x.device),
-                            torch.full((pad,), nb * C, device=x.device, dtype=torch.long)])
-    blocks_all = plan.active_blocks
-    contiguous = len(blocks_all) == nb  # every block holds a token: query chunks are plain slices
-    for start in range(0, len(blocks_all), per_chunk):
-        blocks = blocks_all[start:start + per_chunk]
-        nq = len(blocks)
-        nbr_idx = (plan.neighbours[blocks][:, :, None] * C + arange_c).view(nq, K * C)
-        kv_idx = (torch.cat([nbr_idx, prefix_idx.expand(nq, P + pad)], dim=1)[None] + batch[..., None] * SP).flatten()
-        if contiguous:
-            qc = qb.view(B, S, H, d)[:, start * C:(start + nq) * C]
+    # Row views of the projections (B·L × H·d; a view of the fused qkv output, no copy).
+    q_all, k_all, v_all = (t.reshape(B * L, H * d) for t in (q, k, v))
+    out = q.new_zeros(B * L + 1, H * d)  # the last row collects the padded queries' outputs
+    out[:B * L].view(B, L, H * d)[:, :P] = _prefix_rows(attn, q, k, v, P).reshape(B, P, H * d)
+    # In inference the gathered neighbourhoods go to buffers reused across chunks (small enough to stay in
+    # cache on CPUs, and no allocator traffic); autograd needs fresh tensors.
+    reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
+    if reuse:
+        size = max(c.kv_rows.numel() for c in chunks)
+        kbuf, vbuf = k_all.new_empty(size, H * d), v_all.new_empty(size, H * d)
+    for c in chunks:
+        n, Cq = c.q_rows.shape
+        qc = q_all.index_select(0, c.q_rows.flatten()).view(n, Cq, H, d)
+        if reuse:
+            rows = c.kv_rows.numel()
+            kc = torch.index_select(k_all, 0, c.kv_rows, out=kbuf[:rows])
+            vc = torch.index_select(v_all, 0, c.kv_rows, out=vbuf[:rows])
         else:
-            q_idx = (blocks[:, None] * C + arange_c).flatten()
-            qc = qb.index_select(0, (q_idx[None] + batch * S).flatten())
-        qc = qc.reshape(B * nq, C, H, d)
-        kc = kb.index_select(0, kv_idx).view(B * nq, KC, H, d)
-        vc = vb.index_select(0, kv_idx).view(B * nq, KC, H, d)
-        valid = key_valid.index_select(0, kv_idx).view(B * nq, 1, 1, KC)
+            kc, vc = k_all.index_select(0, c.kv_rows), v_all.index_select(0, c.kv_rows)
+        kc, vc = kc.view(n, -1, H, d), vc.view(n, -1, H, d)
         oc = F.scaled_dot_product_attention(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                            attn_mask=valid, dropout_p=_dropout_p(attn))
-        oc = oc.transpose(1, 2).reshape(B, nq * C, H, d)
-        if contiguous:
-            out_buf[:, start * C:(start + nq) * C] = oc
-        else:
-            out_buf.index_copy_(1, q_idx, oc)
-
-    return _from_slots(attn, x, q, out_prefix, out_buf.view(B * S, Hd), q_rows)
+                                            attn_mask=c.key_mask, dropout_p=_dropout_p(attn))
+        out.index_copy_(0, c.out_rows, oc.transpose(1, 2).reshape(n * Cq, H * d))
+    return merge_heads(attn, x, out[:B * L].view(B, L, H, d))
 
 
 _FLEX = {}
@@ -301,9 +376,10 @@ def flex_block_mask(plan: SparsePlan, num_prefix: int, batch: int):
                                     seq_lengths=((nb + 1) * C, (nb + 2) * C))
 
 
-def sparse_attention_flex(attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1) -> Tensor:
+def sparse_attention_flex(attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1,
+                          qkv: tuple | None = None) -> Tensor:
     """Same semantics as ``sparse_attention``, through torch flex_attention with a block-sparse BlockMask."""
-    q, k, v = split_heads(attn, x)
+    q, k, v = qkv or split_heads(attn, x)
     P = layout.num_prefix
     B, L, H, d = q.shape
     plan = layout.sparse_plan(window, radius, align=max(16, 1 << (P - 1).bit_length()))
