@@ -67,7 +67,8 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
         else:
             keys = _neighbourhood_keys(grid, encoder.window, encoder.radius) * frac * frac
             flops += 4 * (keys + n * P + P * L) * D  # patch→patch, patch→prefix, prefix→all
-            # slot buffers for q, k, v, out (4·N·D) plus one chunk of gathered K and V
+            # upper bound over the kernels: flex's slot buffers for q, k, v, out (4·N·D; the gather kernel needs
+            # only the output rows) plus one chunk of gathered K and V (the GPU default chunk)
             mem = (4 * n * D + 2 * min(encoder.attn_chunk_keys or (1 << 18), L * 9) * D) * bytes_per_element
         attn_mem = max(attn_mem, mem)
     return Cost(tokens=N, tflops=flops / 1e12, attn_memory_gb=attn_mem / 1e9)
