@@ -29,3 +29,19 @@ def test_resume_skips_finished_jobs(tmp_path):
     assert json.loads((sweep / "0" / "metrics.json").read_text()) == {"test/accuracy": -1}
     assert json.loads((sweep / "1" / "metrics.json").read_text())["test/accuracy"] >= 0
     assert (sweep / "1" / "done.json").is_file()
+
+
+def test_atomic_writes_keep_the_usual_file_mode(tmp_path):
+    """Written files get the mode a plain open() gives (not mkstemp's 0600), and no temporary file stays behind."""
+    from hirespath.utils.io import atomic_path, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "done.json", {"ok": True})
+        with atomic_path(tmp_path / "cache.pt") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    for name in ("done.json", "cache.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.pt", "done.json"]
