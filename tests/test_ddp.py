@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from test_launchers import run_task
 
 
@@ -30,3 +32,31 @@ def test_ddp_extraction_equals_single_process(tmp_path):
     assert not torch.isnan(ddp["cls"]).any()
     torch.testing.assert_close(ddp["cls"], single["cls"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ddp["mean"], single["mean"], atol=1e-5, rtol=1e-5)
+
+
+def test_ddp_segmentation_metrics_equal_single_process(tmp_path):
+    """SegPath test metrics with 2 gloo processes equal one process on an odd number of test tiles: counts are
+    summed over ranks and no tile is repeated to even out the split (Lightning's default DDP sampler would)."""
+    import pandas as pd
+
+    from hirespath.data.segpath_synthetic import make_synthetic_segpath
+
+    # two tiles per cell type and split (a repeated tile changes its type's ratios), then one test tile of the last
+    # type dropped: 15 test tiles over 2 ranks (a padding sampler would repeat the first, a panCK tile)
+    root = make_synthetic_segpath(tmp_path / "segpath", images_per_split=2, size=84, seed=1)
+    info = root / "MNDA_fileinfo.csv"
+    df = pd.read_csv(info)
+    df.drop(index=df.index[df.train_val_test == "test"][0]).to_csv(info, index=False)
+    common = [f"data.root={root}", "backbone=tiny", "attention=sparse", "attention.window=4", "resolution=56",
+              "trainer.max_steps=1", "trainer.max_epochs=1", "+trainer.limit_val_batches=1", "optim.lr=0", "data.batch_size=1", "head.num_queries=10",
+              "head.hidden_dim=64", "head.decoder_layers=2", "head.pixel_decoder_layers=1",
+              "head.train_num_points=1024", "head.adapter.heads=4", "head.adapter.spm_inplanes=16", "logger=csv",
+              "optim.overlays=0"]
+    metrics = {}
+    for name, extra in (("single", []), ("ddp", ["trainer=ddp"])):
+        run_task("segment", *common, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, timeout=400)
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    keys = [k for k in metrics["single"] if k.startswith("test/") and k != "test/loss"]
+    assert any(k.startswith("test/iou/") for k in keys)
+    for k in keys:
+        assert metrics["ddp"][k] == pytest.approx(metrics["single"][k], abs=1e-6), k

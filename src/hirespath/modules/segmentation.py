@@ -33,8 +33,18 @@ class SegPathDataModule(L.LightningDataModule):
         return SegPathDataset(rows, self.resolution, self.mean, self.std, train=train)
 
     def _loader(self, ds, shuffle: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate, drop_last=False, persistent_workers=self.num_workers > 0)
+        sampler = None
+        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # Lightning's default DDP sampler pads uneven splits by repeating images, which would count them
+            # twice in the summed metric counts; each evaluation image must be seen exactly once.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(ds, num_replicas=torch.distributed.get_world_size(),
+                                                   rank=torch.distributed.get_rank(), shuffle=False)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=collate, drop_last=False,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):
         return self._loader(self._split("train", train=True), True)
