@@ -64,6 +64,18 @@ class TokenLayout:
         return self._plans[key]
 
 
+def block_neighbours(n_br: int, n_bc: int, radius: int, device) -> tuple[Tensor, Tensor]:
+    """For each block of an n_br×n_bc block grid (raster order), its (2·radius+1)² neighbour block ids (nb×K,
+    raster order) and whether each lies inside the grid (ids of clipped neighbours are meaningless)."""
+    br = torch.arange(n_br, device=device).repeat_interleave(n_bc)
+    bc = torch.arange(n_bc, device=device).repeat(n_br)
+    offsets = torch.arange(-radius, radius + 1, device=device)
+    nr = br[:, None] + offsets.repeat_interleave(len(offsets))
+    nc = bc[:, None] + offsets.repeat(len(offsets))
+    inside = (nr >= 0) & (nr < n_br) & (nc >= 0) & (nc < n_bc)
+    return nr * n_bc + nc, inside
+
+
 def build_sparse_plan(positions: Tensor, grid: tuple[int, int], window: int, radius: int, align: int = 1) -> SparsePlan:
     """``align`` > 1 rounds the slot capacity up to a power of two >= align (flex_attention's block size)."""
     device = positions.device
@@ -88,14 +100,8 @@ def build_sparse_plan(positions: Tensor, grid: tuple[int, int], window: int, rad
     key_valid = torch.zeros(B, (nb + 1) * capacity, dtype=torch.bool, device=device)
     key_valid.scatter_(1, slot, True)
 
-    br = torch.arange(n_br, device=device).repeat_interleave(n_bc)
-    bc = torch.arange(n_bc, device=device).repeat(n_br)
-    offsets = torch.arange(-radius, radius + 1, device=device)
-    dr = offsets.repeat_interleave(len(offsets))
-    dc = offsets.repeat(len(offsets))
-    nr, nc = br[:, None] + dr, bc[:, None] + dc  # nb×K
-    inside = (nr >= 0) & (nr < n_br) & (nc >= 0) & (nc < n_bc)
-    neighbours = torch.where(inside, nr * n_bc + nc, torch.full_like(nr, nb))
+    neighbours, inside = block_neighbours(n_br, n_bc, radius, device)
+    neighbours = torch.where(inside, neighbours, nb)
     # Drop neighbour columns that are clipped for every block (small grids, large radius).
     neighbours = neighbours[:, inside.any(0)]
     active = torch.nonzero(counts[:, :nb].sum(0) > 0).flatten()
@@ -207,13 +213,8 @@ def build_gather_chunks(positions: Tensor, grid: tuple[int, int], num_prefix: in
     counts = torch.bincount(unit_of_token, minlength=B * nb)
     starts = torch.cumsum(counts, 0) - counts
 
-    br = torch.arange(n_br, device=device).repeat_interleave(n_bc)
-    bc = torch.arange(n_bc, device=device).repeat(n_br)
-    offsets = torch.arange(-radius, radius + 1, device=device)
-    nr = br[:, None] + offsets.repeat_interleave(len(offsets))
-    nc = bc[:, None] + offsets.repeat(len(offsets))
-    inside = (nr >= 0) & (nr < n_br) & (nc >= 0) & (nc < n_bc)
-    neighbours = torch.where(inside, nr * n_bc + nc, 0)  # nb×K, clipped entries masked by ``inside``
+    neighbours, inside = block_neighbours(n_br, n_bc, radius, device)
+    neighbours = torch.where(inside, neighbours, 0)  # any valid id: clipped entries count no keys (``inside``)
 
     units = torch.nonzero(counts).flatten()
     image, blk = units // nb, units % nb
