@@ -7,8 +7,9 @@ the (q, k, v) of ``split_heads(attn, x)`` when the caller already has them (the 
 Sparse semantics (DESIGN.md): the patch grid is cut into ``window``×``window`` blocks; a patch token
 attends to the patch tokens of its own block and of the blocks within ``radius`` (1: the 3×3 block
 neighbourhood, clipped at the border) plus all prefix tokens; prefix tokens attend to everything.
-No L×L tensor is ever built: patch tokens are scattered into per-block slots, each block's
-neighbourhood K/V is gathered by index, and SDPA runs over bounded chunks of blocks.
+No L×L tensor is ever built. The gather kernel (CPU, training, very large grids) gathers each block's
+neighbourhood K/V rows by index and runs SDPA over chunks of similar blocks; the flex kernel (CUDA inference)
+scatters the patch tokens into per-block slots and runs flex_attention with a block-sparse BlockMask.
 """
 
 from __future__ import annotations
@@ -198,9 +199,9 @@ class GatherChunk:
 def build_gather_chunks(positions: Tensor, grid: tuple[int, int], num_prefix: int, window: int, radius: int,
                         chunk_keys: int) -> list[GatherChunk]:
     """Query units are the non-empty (image, block) pairs. Their keys are listed compactly (only the tokens that
-    exist, no per-block capacity), units are sorted by (queries, keys) and cut into chunks of about
-    ``chunk_keys`` gathered keys, each padded only to its own largest unit: after pruning, blocks hold
-    different numbers of survivors and padding every block to the fullest one would double the work."""
+    exist, no per-block capacity), units are sorted by (queries, keys) and cut into chunks (``_cut_chunks``),
+    each padded only to its own largest unit: after pruning, blocks hold different numbers of survivors and
+    padding every block to the fullest one would cost ~2.5× the real work."""
     device = positions.device
     B, N, _ = positions.shape
     P, L = num_prefix, num_prefix + N
