@@ -158,6 +158,22 @@ def test_lbfgs_probe_separates_separable_data():
     assert (fc(x).argmax(1) == y).float().mean() == 1.0
 
 
+def test_adamw_probe_learns_badly_scaled_embeddings(tmp_path):
+    """Embeddings with a large offset and scale (as some backbones give): the probe standardises them with the
+    training statistics, stored in the checkpoint, and separates the classes."""
+    from hirespath.heads.linear_probe import train_linear_probe
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 3, (90,), generator=g)
+    x = (torch.randn(90, 16, generator=g) * 0.3 + torch.nn.functional.one_hot(y, 16).float()) * 50 + 400
+    model = train_linear_probe((x[:60], y[:60]), (x[60:], y[60:]), 3, lr=3e-2, weight_decay=0.0, max_epochs=50,
+                               patience=50, batch_size=32, seed=0,
+                               trainer_kwargs=dict(accelerator="cpu", default_root_dir=str(tmp_path),
+                                                   enable_progress_bar=False))
+    assert (model.predict_proba(x[60:]).argmax(1) == y[60:]).float().mean() >= 0.9
+    torch.testing.assert_close(model.mean, x[:60].mean(0))
+
+
 def _compose(overrides, out, cache):
     from conftest import compose_task
 

@@ -9,14 +9,24 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 class LinearProbe(L.LightningModule):
+    """Linear layer on embeddings standardised with the training set's statistics (kept as buffers, so a
+    checkpoint applies them): backbones' embedding scales differ by orders of magnitude, and a fixed learning
+    rate on raw features can leave the probe stuck at the class prior."""
+
     def __init__(self, in_features: int, num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4,
                  max_epochs: int = 100):
         super().__init__()
         self.save_hyperparameters()
         self.fc = nn.Linear(in_features, num_classes)
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("std", torch.ones(in_features))
+
+    def set_standardisation(self, x: Tensor) -> None:
+        self.mean.copy_(x.float().mean(0))
+        self.std.copy_(x.float().std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(self.std))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x)
+        return self.fc((x - self.mean) / self.std)
 
     def _step(self, batch, stage: str) -> Tensor:
         x, y = batch
@@ -71,6 +81,7 @@ def train_linear_probe(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
                        loggers=None, seed: int = 0) -> LinearProbe:
     L.seed_everything(seed, workers=True)
     model = LinearProbe(train[0].shape[1], num_classes, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs)
+    model.set_standardisation(train[0])
     callbacks = [L.pytorch.callbacks.EarlyStopping("val/loss", patience=patience, mode="min"),
                  L.pytorch.callbacks.ModelCheckpoint(monitor="val/loss", mode="min", save_top_k=1,
                                                      dirpath=trainer_kwargs.get("default_root_dir"),
