@@ -192,8 +192,10 @@ class HiResEncoder(nn.Module):
             return self.mlp_chunk
         # On CPU a hidden activation of tens of MB is a fresh mmap per call whose page faults cost as much as
         # fc1 itself (measured: 35 ms of copy per 30 MB); chunks of ~8 MB reuse the heap and stay in cache.
+        # Rows (batch × tokens) per chunk: at least 256 so the GEMMs stay efficient.
         hidden = getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * x.shape[-1])
-        return min(self.mlp_chunk, max(256, (8 << 20) // (hidden * x.element_size() * x.shape[0])))
+        rows = max(256, (8 << 20) // (hidden * x.element_size()))
+        return min(self.mlp_chunk, max(1, rows // x.shape[0]))
 
     def _mlp(self, blk: nn.Module, x: Tensor) -> Tensor:
         """Residual MLP; in inference it runs over token chunks to bound the hidden activation."""
