@@ -131,7 +131,9 @@ class SegmentationModule(L.LightningModule):
                     if self.trainer.world_size > 1 else getattr(metrics, name))
         values = metrics.compute(prefix)
         if values:
-            self.log_dict({k: v for k, v in values.items()}, sync_dist=False)
+            # every rank holds the same global values: syncing them is a no-op mean, and it keeps Lightning from
+            # warning, for each key, that epoch-level values are not synced
+            self.log_dict(values, sync_dist=self.trainer.world_size > 1)
         self.computed = getattr(self, "computed", {})
         self.computed.update(values)
         metrics.reset()
