@@ -123,8 +123,9 @@ class SegPathDataset(Dataset):
             image, mask = np.rot90(image, k), np.rot90(mask, k)
             if np.random.rand() < 0.5:
                 image, mask = image[:, ::-1], mask[:, ::-1]
-        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
-        full_mask = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        # np.array copies: PIL's arrays are read-only, which torch.from_numpy warns about
+        img = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
+        full_mask = torch.from_numpy(np.array(mask)).long()
         small = torch.nn.functional.interpolate(img[None], size=(self.resolution,) * 2, mode="bilinear",
                                                 antialias=True, align_corners=False)[0]
         small_mask = torch.nn.functional.interpolate(full_mask[None, None].float(), size=(self.resolution,) * 2,
