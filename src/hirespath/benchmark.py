@@ -367,6 +367,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
     """Time and memory vs resolution, log axes, one line per configuration."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -387,8 +388,17 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
             oom = group[group.status == "oom"]
             if len(oom):
                 ax.axvline(oom.resolution.min(), color=line.get_color(), ls=":", lw=1)
+    # label the measured resolutions themselves (log-axis default ticks are powers of ten), skipping a label
+    # that would overlap the previous one
+    resolutions, labels, last = sorted(int(r) for r in df.resolution.unique()), [], 0
+    for r in resolutions:
+        labels.append(str(r) if r >= 1.25 * last else "")
+        last = r if labels[-1] else last
     for ax, col, ylabel in zip(axes, ("seconds_per_image", "peak_memory_gb"), ("seconds per image", "peak memory (GB)")):
         ax.set_xscale("log")
+        ax.set_xticks(resolutions, labels, rotation=45 if len(resolutions) > 5 else 0,
+                      ha="right" if len(resolutions) > 5 else "center")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if (df[col] > 0).any():
             ax.set_yscale("log")
         else:
