@@ -156,7 +156,7 @@ def test_training_backward_through_sparse():
 
 def test_mlp_chunking_in_inference_is_exact():
     enc = tiny_encoder(attention="sparse", window=2)
-    x = torch.randn(1, 3, 14 * 6, 14 * 6)
+    x = torch.randn(2, 3, 14 * 6, 14 * 6)  # batch > 1: chunks slice the token dimension
     with torch.no_grad():
         whole = enc(x)
         enc.mlp_chunk = 7
