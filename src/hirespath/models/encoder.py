@@ -202,7 +202,7 @@ class HiResEncoder(nn.Module):
         L = x.shape[1]
         chunk = self._mlp_chunk_tokens(blk, x)
         if torch.is_grad_enabled() or L <= chunk:
-            return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            return _add_residual(x, blk.mlp(blk.norm2(x)), blk.ls2, blk.drop_path2)
         for s in range(0, L, chunk):
             xs = x[:, s:s + chunk]
             _add_residual(xs, blk.mlp(blk.norm2(xs)), blk.ls2, blk.drop_path2, inplace=True)
