@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import compose_task, tiny_encoder
@@ -101,11 +102,64 @@ def test_mask2former_forward_loss_backward():
     out.loss.backward()
     assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     ignored = masks.clone()
-    ignored[1, :5] = 255
-    with pytest.raises(ValueError, match="ignore pixels"):
-        model(x, ignored, torch.tensor([2, 5]))
+    ignored[0, :10] = 255  # ignore pixels (mmseg's 255) train too: left out of matching and mask losses
+    model.zero_grad()
+    out = model(x, ignored, torch.tensor([2, 5]))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     probs = model.semantic_probs(model(x), (150, 150))
     assert probs.shape == (2, 8, 150, 150) and (probs >= 0).all()
+
+
+def _criterion_losses(criterion, logits, classes, masks, labels, valid, seed=0):
+    """The criterion's losses for one fixed draw of the sampled points."""
+    mask_labels = [(m == 1).float()[None] for m in masks]
+    class_labels = [t.view(1) for t in labels]
+    criterion.set_targets(labels, valid)
+    torch.manual_seed(seed)
+    try:
+        return criterion(logits, classes, mask_labels, class_labels)
+    finally:
+        criterion.set_targets(None, None)
+
+
+def test_ignore_aware_loss_equals_transformers_without_ignore_pixels():
+    """With every pixel labelled, the ignore-aware matcher and mask losses are transformers' own, number for number."""
+    criterion = _model().m2f.criterion
+    g = torch.Generator().manual_seed(0)
+    logits, classes = torch.randn(2, 10, 28, 28, generator=g), torch.randn(2, 10, 9, generator=g)
+    masks = (torch.rand(2, 112, 112, generator=g) > 0.6).long()
+    labels = torch.tensor([1, 6])
+    ours = _criterion_losses(criterion, logits, classes, masks, labels, [torch.ones(112, 112)] * 2)
+    reference = _criterion_losses(criterion, logits, classes, masks, labels, None)  # transformers' code path
+    assert set(ours) == set(reference)
+    for k in reference:
+        torch.testing.assert_close(ours[k], reference[k], atol=1e-5, rtol=1e-5)
+
+
+def test_ignored_pixels_do_not_change_the_loss():
+    criterion = _model().m2f.criterion
+    g = torch.Generator().manual_seed(1)
+    masks = torch.zeros(2, 112, 112, dtype=torch.long)
+    masks[0, 20:90, 10:60] = 1
+    masks[1, 50:100, 30:110] = 1
+    # confident predictions of ``masks``, so that relabelling a region matters to the loss
+    logits = 6 * F.interpolate(masks[:, None].float(), size=(28, 28), mode="area").expand(-1, 10, -1, -1) - 3
+    classes = torch.randn(2, 10, 9, generator=g)
+    other = masks.clone()
+    other[:, 40:80, 40:80] = 1 - other[:, 40:80, 40:80]  # labels flipped in a square...
+    valid = torch.ones(112, 112)
+    valid[36:84, 36:84] = 0  # ...that lies inside the ignored region
+    labels = torch.tensor([0, 4])
+    a = _criterion_losses(criterion, logits, classes, masks, labels, [valid] * 2)
+    b = _criterion_losses(criterion, logits, classes, other, labels, [valid] * 2)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+    # without the ignore region the flipped square does change the mask losses
+    c = _criterion_losses(criterion, logits, classes, masks, labels, None)
+    d = _criterion_losses(criterion, logits, classes, other, labels, None)
+    assert float(d["loss_mask"] - c["loss_mask"]) > 0.01
 
 
 def test_partial_label_loss_ignores_other_cell_types():

@@ -8,6 +8,9 @@ but unlabelled. The loss therefore supervises only what is known: the matched qu
 and to t's mask (mask BCE + Dice on 12,544 importance-sampled points, as in Mask2Former); every unmatched
 query is pushed away from class t only (−log(1 − p_t), weighted like the no-object class) instead of towards
 "no object", so a query that finds an unlabelled cell type of another class is not penalised.
+
+Ignore pixels (255, mmseg's convention): the Hungarian matching costs and the mask losses are computed over the
+sampled points whose neighbourhood is labelled only; without ignore pixels everything is transformers' own code.
 """
 
 from __future__ import annotations
@@ -19,15 +22,94 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss, Mask2FormerPixelDecoder
+from scipy.optimize import linear_sum_assignment
+from transformers.models.mask2former.modeling_mask2former import (Mask2FormerHungarianMatcher, Mask2FormerLoss,
+                                                                  Mask2FormerPixelDecoder, sample_point)
 
 from .vit_adapter import ViTAdapter
 
 
+def labelled_points(valid: Tensor, points: Tensor) -> Tensor:
+    """1 where a sampled point's bilinear neighbourhood is wholly labelled, else 0. ``valid``: N×1×H×W (1 =
+    labelled); ``points``: N×P×2 in [0, 1]. Border padding: the image edge is not an ignore region."""
+    sampled = sample_point(valid, points, align_corners=False, padding_mode="border").squeeze(1)
+    return (sampled > 0.999).to(valid.dtype)
+
+
+def weighted_pairwise_mask_costs(logits: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Mask2Former's pair-wise sigmoid-BCE and Dice matching costs (queries × targets) over sampled points,
+    each target's points weighted (0 = ignored). With every weight 1 they equal transformers' pair-wise costs."""
+    wt = weight * target
+    n = weight.sum(1).clamp_min(1)
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    bce = (pos @ wt.T + neg @ (weight - wt).T) / n
+    prob = logits.sigmoid()
+    dice = 1 - (2 * prob @ wt.T + 1) / (prob @ weight.T + wt.sum(1)[None] + 1)
+    return bce, dice
+
+
+class IgnoreAwareHungarianMatcher(Mask2FormerHungarianMatcher):
+    """transformers' matcher; with ``valid`` set, the mask costs skip points in ignored regions."""
+
+    valid: list[Tensor] | None = None  # per image H×W float, 1 = labelled (set by the loss before each call)
+
+    @torch.no_grad()
+    def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
+        if self.valid is None:
+            return super().forward(masks_queries_logits, class_queries_logits, mask_labels, class_labels)
+        indices = []
+        for i in range(masks_queries_logits.shape[0]):
+            cost_class = -class_queries_logits[i].softmax(-1)[:, class_labels[i]]
+            pred = masks_queries_logits[i][:, None]
+            target = mask_labels[i].to(pred)[:, None]
+            points = torch.rand(1, self.num_points, 2, device=pred.device)  # the same draw as transformers
+            target = sample_point(target, points.repeat(len(target), 1, 1), align_corners=False).squeeze(1)
+            logits = sample_point(pred, points.repeat(len(pred), 1, 1), align_corners=False).squeeze(1)
+            weight = labelled_points(self.valid[i].to(pred)[None, None], points).expand_as(target)
+            cost_mask, cost_dice = weighted_pairwise_mask_costs(logits, target, weight)
+            cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
+            big = torch.finfo(cost.dtype).max
+            indices.append(linear_sum_assignment(torch.nan_to_num(cost, nan=big, posinf=big, neginf=big).cpu()))
+        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+
+
 class PartialLabelMask2FormerLoss(Mask2FormerLoss):
-    """Mask2Former's loss where unmatched queries are only told "not the labelled class"."""
+    """Mask2Former's loss where unmatched queries are only told "not the labelled class", and ignore pixels
+    (``valid``) are left out of the matching and the mask losses."""
 
     labelled: Tensor | None = None  # B: the cell type each image is annotated for (set before each call)
+    valid: list[Tensor] | None = None  # per image H×W float, 1 = labelled; None: no ignore pixels in the batch
+
+    def __init__(self, config, weight_dict):
+        super().__init__(config=config, weight_dict=weight_dict)
+        self.matcher = IgnoreAwareHungarianMatcher(cost_class=config.class_weight, cost_dice=config.dice_weight,
+                                                   cost_mask=config.mask_weight, num_points=self.num_points)
+
+    def set_targets(self, labelled: Tensor | None, valid: list[Tensor] | None) -> None:
+        self.labelled = labelled
+        self.valid = self.matcher.valid = valid
+
+    def loss_masks(self, masks_queries_logits, mask_labels, indices, num_masks) -> dict[str, Tensor]:
+        if self.valid is None:
+            return super().loss_masks(masks_queries_logits, mask_labels, indices, num_masks)
+        src_idx = self._get_predictions_permutation_indices(indices)
+        tgt_idx = self._get_targets_permutation_indices(indices)
+        pred_masks = masks_queries_logits[src_idx][:, None]
+        target_masks = self._pad_images_to_max_in_batch(mask_labels)[0][tgt_idx][:, None]
+        valid = torch.stack(self.valid).to(target_masks)[tgt_idx[0]][:, None]  # one target per image at most
+        with torch.no_grad():  # the same importance sampling as transformers
+            points = self.sample_points_using_uncertainty(pred_masks, lambda logits: self.calculate_uncertainty(logits),
+                                                          self.num_points, self.oversample_ratio,
+                                                          self.importance_sample_ratio)
+            labels = sample_point(target_masks, points, align_corners=False).squeeze(1)
+            weight = labelled_points(valid, points)
+        logits = sample_point(pred_masks, points, align_corners=False).squeeze(1)
+        bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        bce = (bce * weight).sum(1) / weight.sum(1).clamp_min(1)
+        prob = logits.sigmoid() * weight
+        dice = 1 - (2 * (prob * labels).sum(1) + 1) / (prob.sum(1) + (labels * weight).sum(1) + 1)
+        return {"loss_mask": bce.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
 
     def loss_labels(self, class_queries_logits: Tensor, class_labels: list[Tensor], indices) -> dict[str, Tensor]:
         if self.labelled is None:
@@ -102,11 +184,7 @@ class SegmentationModel(nn.Module):
         """With ``masks`` (B×H×W in {0, 1, 255}) and ``labels`` (B cell types) the output carries the loss."""
         if masks is None:
             return self.m2f(pixel_values=images)
-        if (masks == 255).any():
-            # transformers' matcher and point-sampled mask loss have no ignore index: rather than train on
-            # 255 as background (a silently wrong label), refuse. Metrics do honour 255.
-            raise ValueError("training masks hold ignore pixels (255); the Mask2Former loss cannot ignore them yet — "
-                             "set them to 0/1, or evaluate only (metrics ignore 255)")
+        valid = [(m != 255).float() for m in masks] if (masks == 255).any() else None
         mask_labels, class_labels = [], []
         for m, t in zip(masks, labels):
             fg = (m == 1).float()
@@ -116,11 +194,11 @@ class SegmentationModel(nn.Module):
             else:  # nothing of this cell type in the tile: only negatives are known
                 mask_labels.append(fg.new_zeros(0, *fg.shape))
                 class_labels.append(t.new_zeros(0).long())
-        self.m2f.criterion.labelled = labels
+        self.m2f.criterion.set_targets(labels, valid)
         try:
             return self.m2f(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
         finally:
-            self.m2f.criterion.labelled = None
+            self.m2f.criterion.set_targets(None, None)
 
     @staticmethod
     def semantic_probs(out, size: tuple[int, int]) -> Tensor:
