@@ -32,8 +32,10 @@ from .vit_adapter import ViTAdapter
 def labelled_points(valid: Tensor, points: Tensor) -> Tensor:
     """1 where a sampled point's bilinear neighbourhood is wholly labelled, else 0. ``valid``: N×1×H×W (1 =
     labelled); ``points``: N×P×2 in [0, 1]. Border padding: the image edge is not an ignore region."""
-    sampled = sample_point(valid, points, align_corners=False, padding_mode="border").squeeze(1)
-    return (sampled > 0.999).to(valid.dtype)
+    # fp32 whatever the training precision: in bf16, bilinear weights of an all-labelled neighbourhood can sum
+    # to 0.996 and fail the test
+    sampled = sample_point(valid.float(), points.float(), align_corners=False, padding_mode="border").squeeze(1)
+    return (sampled > 0.999).float()
 
 
 def weighted_pairwise_mask_costs(logits: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,7 +68,7 @@ class IgnoreAwareHungarianMatcher(Mask2FormerHungarianMatcher):
             points = torch.rand(1, self.num_points, 2, device=pred.device)  # the same draw as transformers
             target = sample_point(target, points.repeat(len(target), 1, 1), align_corners=False).squeeze(1)
             logits = sample_point(pred, points.repeat(len(pred), 1, 1), align_corners=False).squeeze(1)
-            weight = labelled_points(self.valid[i].to(pred)[None, None], points).expand_as(target)
+            weight = labelled_points(self.valid[i][None, None].to(pred.device), points).to(target).expand_as(target)
             cost_mask, cost_dice = weighted_pairwise_mask_costs(logits, target, weight)
             cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
             big = torch.finfo(cost.dtype).max
@@ -103,7 +105,7 @@ class PartialLabelMask2FormerLoss(Mask2FormerLoss):
                                                           self.num_points, self.oversample_ratio,
                                                           self.importance_sample_ratio)
             labels = sample_point(target_masks, points, align_corners=False).squeeze(1)
-            weight = labelled_points(valid, points)
+            weight = labelled_points(valid, points).to(labels)
         logits = sample_point(pred_masks, points, align_corners=False).squeeze(1)
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         bce = (bce * weight).sum(1) / weight.sum(1).clamp_min(1)
