@@ -99,7 +99,7 @@ class PartialLabelMask2FormerLoss(Mask2FormerLoss):
         tgt_idx = self._get_targets_permutation_indices(indices)
         pred_masks = masks_queries_logits[src_idx][:, None]
         target_masks = self._pad_images_to_max_in_batch(mask_labels)[0][tgt_idx][:, None]
-        valid = torch.stack(self.valid).to(target_masks)[tgt_idx[0]][:, None]  # one target per image at most
+        valid = torch.stack(self.valid).to(target_masks)[tgt_idx[0]][:, None]  # per image, shared by its targets
         with torch.no_grad():  # the same importance sampling as transformers
             points = self.sample_points_using_uncertainty(pred_masks, lambda logits: self.calculate_uncertainty(logits),
                                                           self.num_points, self.oversample_ratio,
