@@ -27,14 +27,13 @@ SPARSE_BACKENDS = ("auto", "gather", "flex")  # flex: torch flex_attention, comp
 
 @dataclass
 class SparsePlan:
-    """Slot layout of the patch tokens for block-sparse attention (built once per token layout)."""
+    """Slot layout of the patch tokens for the flex kernel (built once per token layout)."""
 
     capacity: int  # slots per block (max tokens of any block in any image)
     num_blocks: int  # real blocks; slot block ``num_blocks`` is an always-empty dummy
     slot: Tensor  # B×N long: slot of each patch token in the (num_blocks + 1) * capacity buffer
     key_valid: Tensor  # B×S bool: slot holds a token
     neighbours: Tensor  # num_blocks×K long: neighbour block ids, ``num_blocks`` where clipped
-    active_blocks: Tensor  # long: blocks holding a token in some image (the only query blocks computed)
 
 
 @dataclass
@@ -105,8 +104,7 @@ def build_sparse_plan(positions: Tensor, grid: tuple[int, int], window: int, rad
     neighbours = torch.where(inside, neighbours, nb)
     # Drop neighbour columns that are clipped for every block (small grids, large radius).
     neighbours = neighbours[:, inside.any(0)]
-    active = torch.nonzero(counts[:, :nb].sum(0) > 0).flatten()
-    return SparsePlan(capacity, nb, slot, key_valid, neighbours, active)
+    return SparsePlan(capacity, nb, slot, key_valid, neighbours)
 
 
 def split_heads(attn, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
