@@ -131,7 +131,7 @@ def test_ignore_aware_loss_equals_transformers_without_ignore_pixels():
     logits, classes = torch.randn(2, 10, 28, 28, generator=g), torch.randn(2, 10, 9, generator=g)
     masks = (torch.rand(2, 112, 112, generator=g) > 0.6).long()
     labels = torch.tensor([1, 6])
-    ours = _criterion_losses(criterion, logits, classes, masks, labels, [torch.ones(112, 112)] * 2)
+    ours = _criterion_losses(criterion, logits, classes, masks, labels, torch.ones(2, 112, 112))
     reference = _criterion_losses(criterion, logits, classes, masks, labels, None)  # transformers' code path
     assert set(ours) == set(reference)
     for k in reference:
@@ -149,11 +149,11 @@ def test_ignored_pixels_do_not_change_the_loss():
     classes = torch.randn(2, 10, 9, generator=g)
     other = masks.clone()
     other[:, 40:80, 40:80] = 1 - other[:, 40:80, 40:80]  # labels flipped in a square...
-    valid = torch.ones(112, 112)
-    valid[36:84, 36:84] = 0  # ...that lies inside the ignored region
+    valid = torch.ones(2, 112, 112)
+    valid[:, 36:84, 36:84] = 0  # ...that lies inside the ignored region
     labels = torch.tensor([0, 4])
-    a = _criterion_losses(criterion, logits, classes, masks, labels, [valid] * 2)
-    b = _criterion_losses(criterion, logits, classes, other, labels, [valid] * 2)
+    a = _criterion_losses(criterion, logits, classes, masks, labels, valid)
+    b = _criterion_losses(criterion, logits, classes, other, labels, valid)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
     # without the ignore region the flipped square does change the mask losses

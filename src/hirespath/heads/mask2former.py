@@ -54,7 +54,7 @@ def weighted_pairwise_mask_costs(logits: Tensor, target: Tensor, weight: Tensor)
 class IgnoreAwareHungarianMatcher(Mask2FormerHungarianMatcher):
     """transformers' matcher; with ``valid`` set, the mask costs skip points in ignored regions."""
 
-    valid: list[Tensor] | None = None  # per image H×W float, 1 = labelled (set by the loss before each call)
+    valid: Tensor | None = None  # B×H×W float, 1 = labelled (set by the loss before each call)
 
     @torch.no_grad()
     def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
@@ -81,14 +81,14 @@ class PartialLabelMask2FormerLoss(Mask2FormerLoss):
     (``valid``) are left out of the matching and the mask losses."""
 
     labelled: Tensor | None = None  # B: the cell type each image is annotated for (set before each call)
-    valid: list[Tensor] | None = None  # per image H×W float, 1 = labelled; None: no ignore pixels in the batch
+    valid: Tensor | None = None  # B×H×W float, 1 = labelled; None: no ignore pixels in the batch
 
     def __init__(self, config, weight_dict):
         super().__init__(config=config, weight_dict=weight_dict)
         self.matcher = IgnoreAwareHungarianMatcher(cost_class=config.class_weight, cost_dice=config.dice_weight,
                                                    cost_mask=config.mask_weight, num_points=self.num_points)
 
-    def set_targets(self, labelled: Tensor | None, valid: list[Tensor] | None) -> None:
+    def set_targets(self, labelled: Tensor | None, valid: Tensor | None) -> None:
         self.labelled = labelled
         self.valid = self.matcher.valid = valid
 
@@ -99,7 +99,7 @@ class PartialLabelMask2FormerLoss(Mask2FormerLoss):
         tgt_idx = self._get_targets_permutation_indices(indices)
         pred_masks = masks_queries_logits[src_idx][:, None]
         target_masks = self._pad_images_to_max_in_batch(mask_labels)[0][tgt_idx][:, None]
-        valid = torch.stack(self.valid).to(target_masks)[tgt_idx[0]][:, None]  # per image, shared by its targets
+        valid = self.valid.to(target_masks)[tgt_idx[0]][:, None]  # per image, shared by its targets
         with torch.no_grad():  # the same importance sampling as transformers
             points = self.sample_points_using_uncertainty(pred_masks, lambda logits: self.calculate_uncertainty(logits),
                                                           self.num_points, self.oversample_ratio,
@@ -186,7 +186,7 @@ class SegmentationModel(nn.Module):
         """With ``masks`` (B×H×W in {0, 1, 255}) and ``labels`` (B cell types) the output carries the loss."""
         if masks is None:
             return self.m2f(pixel_values=images)
-        valid = [(m != 255).float() for m in masks] if (masks == 255).any() else None
+        valid = (masks != 255).float() if (masks == 255).any() else None
         mask_labels, class_labels = [], []
         for m, t in zip(masks, labels):
             fg = (m == 1).float()
