@@ -8,6 +8,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def feature_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std (floored; 1 for a single sample) used to standardise embeddings."""
+    x = x.float()
+    std = x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1], device=x.device)
+    return x.mean(0), std
+
+
 class LinearProbe(L.LightningModule):
     """Linear layer on embeddings standardised with the training set's statistics (kept as buffers, so a
     checkpoint applies them): backbones' embedding scales differ by orders of magnitude, and a fixed learning
@@ -22,8 +29,9 @@ class LinearProbe(L.LightningModule):
         self.register_buffer("std", torch.ones(in_features))
 
     def set_standardisation(self, x: Tensor) -> None:
-        self.mean.copy_(x.float().mean(0))
-        self.std.copy_(x.float().std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(self.std))
+        mean, std = feature_stats(x)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc((x - self.mean) / self.std)
@@ -54,7 +62,7 @@ class LinearProbe(L.LightningModule):
 def fit_lbfgs(x: Tensor, y: Tensor, num_classes: int, l2: float = 1e-4, max_iter: int = 1000) -> nn.Linear:
     """Full-batch L2-regularised multinomial logistic regression with L-BFGS (UNI's linear-probe protocol)."""
     x = x.float()
-    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp_min(1e-6)
+    mean, std = feature_stats(x)
     fc = nn.Linear(x.shape[1], num_classes)
     nn.init.zeros_(fc.weight)
     nn.init.zeros_(fc.bias)
