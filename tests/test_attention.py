@@ -34,8 +34,8 @@ def test_sparse_with_window_covering_grid_equals_dense():
     with torch.no_grad():
         dense = tiny_encoder(attention="dense")(x)
         sparse = tiny_encoder(attention="sparse", window=9)(x)
-    torch.testing.assert_close(sparse.cls, dense.cls, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(sparse.patch_tokens, dense.patch_tokens, atol=1e-4, rtol=1e-4)
+    # one block holds the whole grid: the encoder runs the dense kernel, so the outputs are bitwise equal
+    assert torch.equal(sparse.cls, dense.cls) and torch.equal(sparse.patch_tokens, dense.patch_tokens)
 
 
 @pytest.mark.parametrize("grid,window,radius", [((7, 5), 2, 1), ((9, 9), 4, 1), ((6, 11), 3, 1), ((10, 7), 2, 2),

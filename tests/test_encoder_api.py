@@ -26,6 +26,8 @@ def test_presets_build_their_architecture(name):
     assert vit.patch_embed.patch_size[0] == preset.patch_size
     assert vit.num_prefix_tokens == preset.num_prefix_tokens
     assert vit.dynamic_img_size
+    # timm's own data config normalises as the model card says (H-optimus-0 has its own mean/std)
+    assert vit.pretrained_cfg["mean"] == preset.mean and vit.pretrained_cfg["std"] == preset.std
 
 
 def test_uni2_h_is_exactly_uni2_h():
@@ -90,6 +92,57 @@ def test_hub_weights_explain_how_to_pass_a_file():
         hirespath.create_encoder("tiny", pretrained=True)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         hirespath.create_encoder("tiny", weights="/nope.safetensors")
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {"module." + k: v for k, v in sd.items()},                                   # DDP
+    lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 1},        # Lightning
+    lambda sd: {"teacher": {"backbone." + k: v for k, v in sd.items()}},                    # DINOv2 training
+    lambda sd: {"vit." + k: v for k, v in sd.items()},                                      # HiResEncoder.state_dict()
+])
+def test_checkpoints_saved_from_a_wrapper_load(tmp_path, wrap):
+    src = tiny_encoder(attention="dense")
+    path = tmp_path / "wrapped.pth"
+    torch.save(wrap(dict(src.vit.state_dict())), path)
+    torch.manual_seed(123)
+    enc = hirespath.create_encoder("tiny", attention="dense", weights=str(path), init_values=1.0).eval()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x).cls, src(x).cls)
+
+
+def test_weights_given_as_a_directory_hub_id_or_empty(tmp_path):
+    src = tiny_encoder(attention="dense")
+    torch.save(dict(src.vit.state_dict()), tmp_path / "pytorch_model.bin")  # the model card's local_dir
+    enc = hirespath.create_encoder("tiny", attention="dense", weights=str(tmp_path), init_values=1.0).eval()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x).cls, src(x).cls)
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="is a directory without any of"):
+        hirespath.create_encoder("tiny", weights=str(tmp_path))
+    with pytest.raises(ValueError, match="never downloads.*huggingface.co/MahmoodLab/UNI2-h"):
+        hirespath.create_encoder("uni2_h", weights="MahmoodLab/UNI2-h")
+    with pytest.raises(ValueError, match="is empty"):
+        hirespath.create_encoder("tiny", weights="")
+
+
+def test_checkpoint_of_another_preset_is_named(tmp_path, monkeypatch):
+    """Full-size shapes on the meta device: UNI's file given to the uni2_h preset."""
+    import timm
+
+    from hirespath.models import backbones
+
+    uni = backbones.get_backbone("uni")
+    with torch.device("meta"):
+        uni_state = timm.create_model(uni.timm_name, pretrained=False, **uni.kwargs).state_dict()
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(b"")
+    monkeypatch.setattr(backbones, "read_state_dict", lambda _: uni_state)
+    with pytest.raises(ValueError) as err, torch.device("meta"):
+        hirespath.create_encoder("uni2_h", weights=str(path))
+    msg = str(err.value)
+    assert "checkpoint of preset 'uni'" in msg and len(msg) < 2000  # short lists, not every key
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -9,6 +9,7 @@ official weights live. Nothing is ever downloaded: weights are always a local fi
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ register_backbone(BackbonePreset(
                 init_values=1e-5, mlp_ratio=5.33334, num_classes=0, dynamic_img_size=True),
     patch_size=16, num_prefix_tokens=1,
     checkpoint="prov-gigapath/prov-gigapath", checkpoint_file="pytorch_model.bin",
-    notes="ViT-g (40 blocks) at patch 16, 1.1B parameters, no registers.",
+    notes="ViT-g (40 blocks) at patch 16, 1.1B parameters, no registers. The card builds it with "
+          "dynamic_img_size=False; hirespath turns it on so position embeddings interpolate (state_dict unchanged).",
 ))
 
 # Tiny member of the UNI2-h family (registers, SwiGLU, LayerScale) for tests and demos. embed_dim 96 keeps
@@ -144,7 +146,18 @@ def resolve_weights(preset: BackbonePreset, weights: str | os.PathLike | None) -
             f"{fname} from https://huggingface.co/{repo} on a machine with access, then pass its local path, "
             f"e.g. create_encoder({preset.name!r}, weights='/path/to/{fname}') or backbone.weights=/path/to/{fname}."
         )
+    if isinstance(weights, str) and not weights.strip():
+        raise ValueError(f"weights={weights!r} is empty; pass None for random init or the path of a local checkpoint file")
     path = Path(weights).expanduser()
+    if path.is_dir():  # the model card's local_dir / an HF snapshot folder
+        names = [n for n in (preset.checkpoint_file, "model.safetensors", "pytorch_model.bin") if n]
+        found = [path / n for n in dict.fromkeys(names) if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"weights {str(path)!r} is a directory without any of {names}; pass the "
+                                    f"checkpoint file itself")
+        return found[0]
+    if not path.exists() and isinstance(weights, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights):
+        return resolve_weights(preset, "hf-hub:" + weights)  # a bare hub id: explain how to get the file
     if not path.is_file():
         raise FileNotFoundError(
             f"weights file {str(path)!r} does not exist; pass a local .safetensors, .bin or .pth file in timm's "
@@ -176,23 +189,60 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def strip_prefix(state: dict[str, torch.Tensor], own: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """Keys saved from a wrapper (DDP ``module.``, Lightning ``model.``, ``_orig_mod.``, HiResEncoder ``vit.``, ...):
+    if no key matches the model but some key ends with one of the model's key names, keep the keys under that prefix."""
+    if set(state) & set(own):
+        return state, ""
+    anchors = ("pos_embed", "patch_embed.proj.weight", "cls_token", "norm.weight")
+    for anchor in anchors:
+        prefixes = {k[: -len(anchor)] for k in state if k.endswith("." + anchor)}
+        for prefix in sorted(prefixes, key=len):
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if set(sub) == set(own):
+                return sub, prefix
+    return state, ""
+
+
+def _listing(keys: list[str], n: int = 8) -> str:
+    return f"({len(keys)}): {keys[:n]}" + (f" ... and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _guess_preset(state: dict[str, torch.Tensor]) -> str | None:
+    """The registered preset whose state_dict has exactly these keys and shapes (built on the meta device)."""
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for name, preset in _REGISTRY.items():
+        if preset.checkpoint is None:
+            continue
+        with torch.device("meta"):
+            ref = timm.create_model(preset.timm_name, pretrained=False, **preset.kwargs).state_dict()
+        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
+            return name
+    return None
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load ``path`` into ``model`` strictly, listing every missing or unexpected key on failure."""
-    state = read_state_dict(path)
+    """Load ``path`` into ``model`` strictly, listing missing or unexpected keys on failure."""
     own = model.state_dict()
+    state, _ = strip_prefix(read_state_dict(path), own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or mismatched:
         lines = [f"weights file {str(path)!r} does not match the architecture:"]
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing}")
+            lines.append(f"  missing keys {_listing(missing)}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
+            lines.append(f"  unexpected keys {_listing(unexpected)}")
         if mismatched:
-            lines.append("  shape mismatches: " + ", ".join(
-                f"{k} file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched))
-        lines.append("Is it the checkpoint of this preset, in timm's key layout?")
+            lines.append(f"  shape mismatches ({len(mismatched)}): " + ", ".join(
+                f"{k} file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8])
+                + (" ..." if len(mismatched) > 8 else ""))
+        guess = _guess_preset(state) if mismatched or missing else None
+        if guess:
+            lines.append(f"The file is the checkpoint of preset {guess!r}: use create_encoder({guess!r}, weights=...).")
+        else:
+            lines.append("Is it the checkpoint of this preset, in timm's key layout (and without arch overrides)?")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True)
 
@@ -204,7 +254,9 @@ def build_timm_model(preset: BackbonePreset, weights=None, **arch_overrides) -> 
             resolve_weights(preset, True)  # raises with instructions
     path = resolve_weights(preset, weights)
     kwargs = {**preset.kwargs, **arch_overrides}
-    model = timm.create_model(preset.timm_name, pretrained=False, **kwargs)
+    # timm's pretrained_cfg carries the preset's normalisation, so timm.data.resolve_data_config(model) agrees
+    overlay = dict(mean=tuple(preset.mean), std=tuple(preset.std), **kwargs.pop("pretrained_cfg_overlay", {}))
+    model = timm.create_model(preset.timm_name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
     if path is not None:
         load_weights(model, path)
     return model

@@ -179,6 +179,9 @@ class HiResEncoder(nn.Module):
             return dense_attention(attn, x, layout, qkv)
         if self.attention == "eager":
             return eager_attention(attn, x, layout, qkv)
+        if self.window >= max(layout.grid):
+            # one block holds the whole grid: sparse attention is dense attention (bitwise, as documented)
+            return dense_attention(attn, x, layout, qkv)
         if self.sparse_backend == "flex" or (self.sparse_backend == "auto" and use_flex_by_default(
                 x.is_cuda, layout.grid, self.window, training=torch.is_grad_enabled())):
             return sparse_attention_flex(attn, x, layout, self.window, self.radius, qkv)
