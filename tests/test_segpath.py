@@ -253,6 +253,14 @@ def test_segment_task_end_to_end(segpath_root, tmp_path):
                [f"test/iou/{c}" for c in CELL_TYPES] + [f"test/dice/{c}" for c in CELL_TYPES]:
         assert key in saved and 0 <= saved[key] <= 1
     assert list((tmp_path / "run" / "overlays").glob("*.png"))
+    # the fine-tuned backbone loads back from the Lightning checkpoint, for extraction with create_encoder
+    import hirespath
+
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    vit = {k.split("encoder.vit.", 1)[1]: v for k, v in state.items() if "encoder.vit." in k}
+    enc = hirespath.create_encoder("tiny", weights=str(ckpt), init_values=1.0)
+    assert vit and all(torch.equal(v, vit[k]) for k, v in enc.vit.state_dict().items())
     cfg_pruned = compose_task("segment", overrides + ["pruner=global_attention"], tmp_path / "run2")
     with pytest.raises(ValueError, match="needs the full patch grid"):
         run_segment(cfg_pruned)
