@@ -56,9 +56,15 @@ def index_segpath(root: str | Path, cell_types=CELL_TYPES, skip_bad: bool = Fals
         if info is None or not folder.is_dir():
             missing_archives.append(cell)
             continue
-        df = pd.read_csv(info)
+        with open(info, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        df = pd.read_csv(info, compression="gzip" if gz else None)
         if not {"filename", "train_val_test"} <= set(df.columns):
             raise SegPathError(f"{info} lacks the columns filename and train_val_test")
+        # the Zenodo fileinfo lists the masks as rows too: one sample per _HE.png row
+        df = df[df.filename.astype(str).str.endswith("_HE.png")]
+        if df.empty:
+            raise SegPathError(f"{info} lists no *_HE.png image (one row per H&E tile is expected)")
         for r in df.itertuples():
             image = folder / r.filename
             mask = folder / r.filename.replace("_HE.png", "_mask.png")
@@ -129,7 +135,7 @@ class SegPathDataset(Dataset):
         small = torch.nn.functional.interpolate(img[None], size=(self.resolution,) * 2, mode="bilinear",
                                                 antialias=True, align_corners=False)[0]
         small_mask = torch.nn.functional.interpolate(full_mask[None, None].float(), size=(self.resolution,) * 2,
-                                                     mode="nearest")[0, 0].long()
+                                                     mode="nearest-exact")[0, 0].long()
         return {"image": (small - self.mean) / self.std, "mask": small_mask, "full_mask": full_mask,
                 "label": int(r.label), "index": i}
 
