@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from transformers.models.mask2former.modeling_mask2former import (Mask2FormerHungarianMatcher, Mask2FormerLoss,
                                                                   Mask2FormerPixelDecoder, sample_point)
 
-from .vit_adapter import ViTAdapter
+from .vit_adapter import MSDeformAttn, ViTAdapter
 
 
 def labelled_points(valid: Tensor, points: Tensor) -> Tensor:
@@ -174,6 +174,11 @@ class SegmentationModel(nn.Module):
         pixel.decoder = Mask2FormerPixelDecoder(config, feature_channels=self.adapter.channels)
         # modules built after post_init() keep torch.empty() memory (its level_embed, for one): initialise them
         pixel.decoder.apply(m2f._init_weights)
+        # the adapter's deformable attentions need Deformable-DETR's init too (zero offsets weight + grid bias,
+        # uniform attention weights); only them: _init_weights must not touch the (pretrained) encoder
+        for mod in self.adapter.modules():
+            if isinstance(mod, MSDeformAttn):
+                m2f._init_weights(mod)
         m2f.criterion = PartialLabelMask2FormerLoss(config=config, weight_dict=m2f.weight_dict)
         self.m2f = m2f
         self.num_classes = num_classes
@@ -203,8 +208,20 @@ class SegmentationModel(nn.Module):
             self.m2f.criterion.set_targets(None, None)
 
     @staticmethod
-    def semantic_probs(out, size: tuple[int, int]) -> Tensor:
-        """Mask2Former's semantic inference: Σ_q softmax(class_q)[c] · sigmoid(mask_q), at ``size``."""
+    def semantic_probs(out, size: tuple[int, int], classes: Tensor | None = None, query_chunk: int = 16) -> Tensor:
+        """Mask2Former's semantic inference: Σ_q softmax(class_q)[c] · sigmoid(mask_q), at ``size``.
+
+        B×C×H×W, or with ``classes`` (B class indices) B×H×W for each image's class only; the query masks are then
+        upsampled ``query_chunk`` at a time (100 masks at 984 px would take 390 MB per image).
+        """
         cls = out.class_queries_logits.float().softmax(-1)[..., :-1]  # drop "no object"
-        masks = F.interpolate(out.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False)
-        return torch.einsum("bqc,bqhw->bchw", cls, masks.sigmoid())
+        if classes is None:
+            masks = F.interpolate(out.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False)
+            return torch.einsum("bqc,bqhw->bchw", cls, masks.sigmoid())
+        weight = cls.gather(-1, classes.view(-1, 1, 1).expand(-1, cls.shape[1], 1))[..., 0]  # B×Q
+        total = cls.new_zeros(cls.shape[0], *size)
+        for q in range(0, cls.shape[1], query_chunk):
+            masks = F.interpolate(out.masks_queries_logits[:, q:q + query_chunk].float(), size=size, mode="bilinear",
+                                  align_corners=False)
+            total += torch.einsum("bq,bqhw->bhw", weight[:, q:q + query_chunk], masks.sigmoid())
+        return total

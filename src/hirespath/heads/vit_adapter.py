@@ -3,7 +3,8 @@
 A convolutional spatial prior module (SPM) gives features at 1/4–1/32. The encoder's blocks run in
 ``len(groups)`` interaction groups; before each group an Injector adds SPM features (1/8, 1/16, 1/32) to the
 patch tokens by multi-scale deformable attention, after it an Extractor pulls the patch tokens back into the
-SPM features. Only patch tokens are injected into / extracted from; prefix tokens pass through. The patch
+SPM features (then a ConvFFN; the last group is followed by ``extra_extractors`` more extractors, as in the
+original). Only patch tokens are injected into / extracted from; prefix tokens pass through. The patch
 grid (stride 14 for UNI2-h) is resized to each stride's grid where the two meet, as DINOv3's adapter does.
 The deformable attention is transformers' pure-PyTorch implementation (the one its Mask2Former uses).
 """
@@ -82,14 +83,23 @@ class _DeformCross(nn.Module):
         return out * self.gamma if self.gamma is not None else out
 
 
-class _FFN(nn.Module):
+class _ConvFFN(nn.Module):
+    """The extractor's feed-forward of ViT-Adapter (ConvFFN): norm → fc1 → 3×3 depthwise conv on each of the
+    flattened levels' grids (one conv shared by the levels) → GELU → fc2."""
+
     def __init__(self, dim: int, ratio: float = 0.25):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, int(dim * ratio)), nn.GELU(),
-                                 nn.Linear(int(dim * ratio), dim))
+        hidden = int(dim * ratio)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        x = self.fc1(self.norm(x))
+        B, _, C = x.shape
+        levels = x.split([h * w for h, w in shapes], dim=1)
+        x = torch.cat([self.dwconv(lv.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
+                       for lv, (h, w) in zip(levels, shapes)], dim=1)
+        return self.fc2(F.gelu(x))
 
 
 def interaction_groups(depth: int, n: int = 4) -> list[tuple[int, int]]:
@@ -104,7 +114,8 @@ class ViTAdapter(nn.Module):
     """Wraps a hirespath encoder; ``forward(images)`` returns 4 maps (strides 4, 8, 16, 32) of ``embed_dim``."""
 
     def __init__(self, encoder, num_groups: int = 4, heads: int = 6, n_points: int = 4, spm_inplanes: int = 64,
-                 init_gamma: float = 0.0, add_vit_feature: bool = True):
+                 init_gamma: float = 0.0, add_vit_feature: bool = True, extra_extractors: int = 2,
+                 ffn_ratio: float = 0.25):
         super().__init__()
         if encoder.pruner.enabled:
             raise ValueError("the ViT-Adapter needs the full patch grid: build the encoder with prune_ratio=0 "
@@ -118,7 +129,11 @@ class ViTAdapter(nn.Module):
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
         self.injectors = nn.ModuleList([_DeformCross(dim, heads, 3, n_points, init_gamma) for _ in self.groups])
         self.extractors = nn.ModuleList([_DeformCross(dim, heads, 1, n_points, None) for _ in self.groups])
-        self.ffns = nn.ModuleList([_FFN(dim) for _ in self.groups])
+        self.ffns = nn.ModuleList([_ConvFFN(dim, ffn_ratio) for _ in self.groups])
+        # the original's last interaction ends with extra extractors (SPM features attend to the last ViT map again)
+        self.extra_extractors = nn.ModuleList([_DeformCross(dim, heads, 1, n_points, None)
+                                               for _ in range(extra_extractors)])
+        self.extra_ffns = nn.ModuleList([_ConvFFN(dim, ffn_ratio) for _ in range(extra_extractors)])
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
         self.norms = nn.ModuleList([_norm(dim) for _ in range(4)])
         # The ViT's final norm (and any classifier head) is never used here: freeze it so DDP does not wait
@@ -150,8 +165,11 @@ class ViTAdapter(nn.Module):
             state = enc.run_blocks(state, start, end)
             patches = state.x[:, P:]
             c_flat = c_flat + ext(c_flat, c_shapes, patches, [grid], c_start.new_zeros(1))
-            c_flat = c_flat + ffn(c_flat)
+            c_flat = c_flat + ffn(c_flat, c_shapes)
             vit_maps.append(patches.transpose(1, 2).reshape(B, -1, *grid))
+        for ext, ffn in zip(self.extra_extractors, self.extra_ffns):
+            c_flat = c_flat + ext(c_flat, c_shapes, patches, [grid], c_start.new_zeros(1))
+            c_flat = c_flat + ffn(c_flat, c_shapes)
         sizes = [h * w for h, w in c_shapes]
         c2, c3, c4 = (m.transpose(1, 2).reshape(B, -1, *s) for m, s in zip(c_flat.split(sizes, 1), c_shapes))
         c1 = c1 + F.interpolate(self.up(c2), size=c1.shape[-2:], mode="bilinear", align_corners=False)
