@@ -47,6 +47,37 @@ def test_fileinfo_inside_folder(tmp_path):
     assert len(rows) == 24
 
 
+def test_fileinfo_listing_masks_or_gzipped(tmp_path):
+    """Zenodo's fileinfo may list the _mask.png files as rows too, and may arrive gzip-compressed as .csv."""
+    import gzip
+
+    root = make_synthetic_segpath(tmp_path, images_per_split=1, size=56)
+    info_path = root / "panCK_fileinfo.csv"
+    info = pd.read_csv(info_path)
+    masks = info.assign(filename=info.filename.str.replace("_HE.png", "_mask.png"))
+    text = pd.concat([info, masks]).to_csv(index=False)
+    info_path.write_bytes(gzip.compress(text.encode()))
+    rows, _ = index_segpath(root)
+    assert len(rows) == 24 and (rows.image != rows["mask"]).all() and rows.image.str.endswith("_HE.png").all()
+    masks.to_csv(info_path, index=False)
+    with pytest.raises(SegPathError, match="panCK_fileinfo.csv lists no"):
+        index_segpath(root)
+
+
+def test_resized_masks_stay_aligned_with_the_image(tmp_path):
+    """Nearest-exact sampling: a centred square keeps its centre when the tile is shrunk (nearest shifts it)."""
+    from hirespath.data.segpath import SegPathDataset
+
+    root = make_synthetic_segpath(tmp_path, images_per_split=1, size=168)
+    rows, _ = index_segpath(root)
+    mask = np.zeros((168, 168), np.uint8)
+    mask[61:107, 61:107] = 1  # centre 83.5 px = 20.5 output pixels at 4× smaller (pixel i covers 4i … 4i+4)
+    Image.fromarray(mask).save(rows["mask"][0])
+    ds = SegPathDataset(rows.iloc[:1], resolution=42, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ys, xs = torch.nonzero(ds[0]["mask"], as_tuple=True)
+    assert ys.float().mean() == pytest.approx(20.5) and xs.float().mean() == pytest.approx(20.5)  # nearest: 21
+
+
 def test_bad_input_names_the_file(tmp_path):
     root = make_synthetic_segpath(tmp_path, images_per_split=1, size=56)
     rows, _ = index_segpath(root)
@@ -108,8 +139,13 @@ def test_mask2former_forward_loss_backward():
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert model.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    probs = model.semantic_probs(model(x), (150, 150))
+    with torch.no_grad():
+        out = model(x)
+    probs = model.semantic_probs(out, (150, 150))
     assert probs.shape == (2, 8, 150, 150) and (probs >= 0).all()
+    # one class per image, upsampled a few queries at a time: the same map
+    one = model.semantic_probs(out, (150, 150), classes=torch.tensor([2, 5]), query_chunk=3)
+    torch.testing.assert_close(one, probs[[0, 1], [2, 5]])
 
 
 def _criterion_losses(criterion, logits, classes, masks, labels, valid, seed=0):
@@ -279,6 +315,32 @@ def test_segmentation_experiments_compose(exp, jobs):
     for key, value in params.items():
         n *= len(str(value).split(","))
     assert n == jobs and cfg.pruner.ratio == 0 and cfg.backbone.name == "uni2_h"
+    # segment.yaml's own settings win over the trainer group's defaults (20 epochs)
+    assert cfg.trainer.max_epochs == 50 and cfg.callbacks.model_checkpoint.monitor == "val/iou"
+
+
+def test_optimizer_groups_and_deformable_attention_init():
+    from hirespath.heads.vit_adapter import MSDeformAttn
+    from hirespath.modules.segmentation import layer_decay_groups
+
+    model = _model()
+    groups = layer_decay_groups(model, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1, layer_decay=0.5)
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    for name in ("m2f.model.transformer_module.queries_embedder.weight", "m2f.model.transformer_module.level_embed.weight",
+                 "adapter.level_embed", "adapter.encoder.vit.pos_embed", "adapter.encoder.vit.blocks.0.norm1.weight"):
+        assert group_of[id(named[name])]["weight_decay"] == 0, name
+    assert group_of[id(named["m2f.class_predictor.weight"])] == {**group_of[id(named["m2f.class_predictor.weight"])],
+                                                                 "lr": 1e-4, "weight_decay": 0.05}
+    # encoder block i (of 6) at lr · 0.1 · 0.5^(6 − i)
+    assert group_of[id(named["adapter.encoder.vit.blocks.5.attn.qkv.weight"])]["lr"] == pytest.approx(1e-5 * 0.5)
+    assert group_of[id(named["adapter.encoder.vit.blocks.0.attn.qkv.weight"])]["lr"] == pytest.approx(1e-5 * 0.5 ** 6)
+    # the adapter's deformable attentions start as Deformable DETR's do: offsets from the bias grid only
+    attns = [m for m in model.adapter.modules() if isinstance(m, MSDeformAttn)]
+    assert len(attns) == 4 + 4 + 2
+    for m in attns:
+        assert m.sampling_offsets.weight.abs().max() == 0 and m.attention_weights.weight.abs().max() == 0
+        assert m.sampling_offsets.bias.abs().max() >= 1
 
 
 def test_every_trainable_parameter_gets_a_gradient():

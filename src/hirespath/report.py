@@ -40,7 +40,7 @@ VANILLA_ATTENTION = ("eager", "dense")  # eager first: the paper's vanilla memor
 CLS_METRICS = {"acc": "test/accuracy", "bal_acc": "test/balanced_accuracy", "f1": "test/f1_weighted",
                "auroc": "test/auroc", "kappa": "test/kappa"}
 SEG_METRICS = {"mpa": "test/mpa", "iou": "test/iou", "dice": "test/dice"}
-SEG_MEMORY_KEYS = ("test/peak_memory_gb", "peak_memory_gb", "memory/peak_gb")
+SEG_MEMORY_KEYS = ("train/peak_memory_gb", "test/peak_memory_gb", "peak_memory_gb", "memory/peak_gb")
 
 # Config keys tried in order for each field of a run (first one present wins).
 CONFIG_KEYS = {

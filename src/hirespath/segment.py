@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data.segpath import CELL_TYPES, load_pair
@@ -46,10 +47,16 @@ def run_segment(cfg: DictConfig) -> dict:
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    device = trainer.strategy.root_device
+    if device.type == "cuda":  # Table 4's memory column: the training peak on this process's GPU
+        torch.cuda.reset_peak_memory_stats(device)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     best = next((c.best_model_path for c in callbacks if getattr(c, "best_model_path", "")), "")
     trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False) if best else trainer.test(module, datamodule=dm)
     metrics = {k: float(v) for k, v in getattr(module, "computed", {}).items() if k.startswith("test/")}
+    if peak_gb is not None:
+        metrics["train/peak_memory_gb"] = peak_gb
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
         paths = save_overlays(module, dm, out_dir)

@@ -69,7 +69,11 @@ def layer_decay_groups(model, lr: float, weight_decay: float, backbone_lr_mult: 
             rest = name[len("adapter.encoder.vit."):]
             layer = int(rest.split(".")[1]) + 1 if rest.startswith("blocks.") else (0 if not rest.startswith("norm") else depth + 1)
             scale = backbone_lr_mult * layer_decay ** (depth + 1 - layer)
-        no_wd = p.ndim == 1 or name.endswith((".bias", "pos_embed", "cls_token", "reg_token", "level_embed"))
+        # no decay on norms, biases, position/class/register tokens and, as mmseg's Mask2Former recipe, the
+        # query and level embeddings
+        no_wd = p.ndim == 1 or name.endswith((".bias", "pos_embed", "cls_token", "reg_token", "level_embed",
+                                              "level_embed.weight", "queries_embedder.weight",
+                                              "queries_features.weight"))
         key = (scale, no_wd)
         groups.setdefault(key, {"params": [], "lr": lr * scale, "weight_decay": 0.0 if no_wd else weight_decay})
         groups[key]["params"].append(p)
@@ -103,7 +107,7 @@ class SegmentationModule(L.LightningModule):
             # predict back at the full tile size: the labelled cell type's probability map > 0.5
             one = SimpleNamespace(class_queries_logits=out.class_queries_logits[i:i + 1],
                                   masks_queries_logits=out.masks_queries_logits[i:i + 1])
-            prob = self.model.semantic_probs(one, tuple(full.shape))[0, int(t)]
+            prob = self.model.semantic_probs(one, tuple(full.shape), classes=t.view(1))[0]
             pred = (prob > 0.5).long()
             metrics.update(pred.cpu(), full.cpu(), int(t))
             preds.append(pred.cpu())
