@@ -288,7 +288,7 @@ def test_segment_task_end_to_end(segpath_root, tmp_path):
     for key in ["test/mpa", "test/iou", "test/dice"] + [f"test/cpa/{c}" for c in CELL_TYPES] + \
                [f"test/iou/{c}" for c in CELL_TYPES] + [f"test/dice/{c}" for c in CELL_TYPES]:
         assert key in saved and 0 <= saved[key] <= 1
-    assert list((tmp_path / "run" / "overlays").glob("*.png"))
+    assert len(list((tmp_path / "run" / "overlays").glob("*.png"))) == 8  # one test tile per cell type
     # the fine-tuned backbone loads back from the Lightning checkpoint, for extraction with create_encoder
     import hirespath
 
@@ -297,6 +297,9 @@ def test_segment_task_end_to_end(segpath_root, tmp_path):
     vit = {k.split("encoder.vit.", 1)[1]: v for k, v in state.items() if "encoder.vit." in k}
     enc = hirespath.create_encoder("tiny", weights=str(ckpt), init_values=1.0)
     assert vit and all(torch.equal(v, vit[k]) for k, v in enc.vit.state_dict().items())
+    cfg_types = compose_task("segment", overrides + ["data.cell_types=[panCK_Epithelium,CD3CD20]"], tmp_path / "run3")
+    with pytest.raises(ValueError, match=r"data.cell_types: unknown \['CD3CD20'\]; choose among"):
+        run_segment(cfg_types)
     cfg_pruned = compose_task("segment", overrides + ["pruner=global_attention"], tmp_path / "run2")
     with pytest.raises(ValueError, match="needs the full patch grid"):
         run_segment(cfg_pruned)

@@ -36,9 +36,14 @@ def run_segment(cfg: DictConfig) -> dict:
     head = OmegaConf.to_container(cfg.head, resolve=True)
     head.pop("name", None)
     model = SegmentationModel(encoder, num_classes=len(CELL_TYPES), **head)
+    cell_types = list(cfg.data.get("cell_types") or CELL_TYPES)
+    unknown = sorted(set(cell_types) - set(CELL_TYPES))
+    if unknown:
+        raise ValueError(f"data.cell_types: unknown {unknown}; choose among {list(CELL_TYPES)}")
     dm = SegPathDataModule(cfg.data.root, int(cfg.resolution), encoder.mean, encoder.std,
                            batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
-                           skip_bad=bool(cfg.data.skip_bad), max_items=cfg.data.max_items_per_type)
+                           cell_types=cell_types, skip_bad=bool(cfg.data.skip_bad),
+                           max_items=cfg.data.max_items_per_type)
     if len(dm.skipped):
         with atomic_path(out_dir / "skipped.csv") as tmp:
             dm.skipped.to_csv(tmp, index=False)
@@ -74,10 +79,9 @@ def save_overlays(module: SegmentationModule, dm: SegPathDataModule, out_dir: Pa
         rows = rows.groupby("cell_type", sort=False).head(dm.max_items).reset_index(drop=True)
     paths = []
     (out_dir / "overlays").mkdir(exist_ok=True)
-    for index, preds, targets, labels in module.overlay_batches:
-        for i, pred, target, t in zip(index.tolist(), preds, targets, labels.tolist()):
-            r = rows.iloc[i]
-            image, _ = load_pair(r["image"], r["mask"])
-            path = out_dir / "overlays" / f"{Path(r.image).stem}.png"
-            paths.append(segmentation_overlay(image, target.numpy(), pred.numpy(), f"{CELL_TYPES[t]}: {Path(r.image).name}", path))
+    for i, pred, target, t in module.overlay_items:
+        r = rows.iloc[i]
+        image, _ = load_pair(r["image"], r["mask"])
+        path = out_dir / "overlays" / f"{Path(r.image).stem}.png"
+        paths.append(segmentation_overlay(image, target.numpy(), pred.numpy(), f"{CELL_TYPES[t]}: {Path(r.image).name}", path))
     return paths

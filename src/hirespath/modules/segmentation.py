@@ -83,7 +83,7 @@ def layer_decay_groups(model, lr: float, weight_decay: float, backbone_lr_mult: 
 class SegmentationModule(L.LightningModule):
     def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.05, backbone_lr_mult: float = 0.1,
                  layer_decay: float = 1.0, freeze_backbone: bool = False, poly_power: float = 0.9,
-                 warmup_steps: int = 0, cell_types=CELL_TYPES, overlays: int = 2):
+                 warmup_steps: int = 0, cell_types=CELL_TYPES, overlays: int = 1):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
@@ -92,7 +92,7 @@ class SegmentationModule(L.LightningModule):
             for p in model.encoder.parameters():
                 p.requires_grad_(False)
         self.val_metrics, self.test_metrics = SegPathMetrics(self.cell_types), SegPathMetrics(self.cell_types)
-        self.overlay_batches: list = []
+        self.overlay_items: list = []  # (dataset index, prediction, full mask, cell type): `overlays` per type
 
     def training_step(self, batch, _):
         out = self.model(batch["image"], batch["mask"], batch["label"])
@@ -121,9 +121,9 @@ class SegmentationModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         preds = self._evaluate(batch, self.test_metrics, "test")
-        if len(self.overlay_batches) < self.hparams.overlays:
-            self.overlay_batches.append((batch["index"].cpu(), preds, [m.cpu() for m in batch["full_mask"]],
-                                         batch["label"].cpu()))
+        for i, (pred, full, t) in enumerate(zip(preds, batch["full_mask"], batch["label"].tolist())):
+            if sum(item[3] == t for item in self.overlay_items) < self.hparams.overlays:
+                self.overlay_items.append((int(batch["index"][i]), pred, full.cpu(), t))
 
     def on_test_epoch_end(self):
         self._log_metrics(self.test_metrics, "test/")
