@@ -237,3 +237,104 @@ def test_embedding_cache_hit_and_atomic_write(panda_root, tmp_path, caplog, monk
     with caplog.at_level(logging.INFO, logger="hirespath.extract"):
         run_extract(cfg)
     assert len(list(emb_dir.glob("*.pt"))) == 2
+
+
+def test_tissue_mask_ignores_pen_ink_and_black_fill():
+    rng = np.random.default_rng(0)
+    thumb = np.full((60, 90, 3), 240, np.uint8)          # glass
+    thumb[10:50, 5:40] = (225, 150, 190)                  # eosin-pink tissue
+    thumb[20:30, 15:25] = (150, 115, 185)                 # hematoxylin-dense tissue
+    thumb[5:55, 48:56] = (30, 120, 50)                    # green marker
+    thumb[5:55, 60:68] = (40, 60, 160)                    # blue marker
+    thumb[:, 75:] = rng.integers(0, 12, (60, 15, 3))      # black scanner fill with noise
+    mask = tissue_mask(thumb)
+    assert mask[10:50, 5:40].all() and not mask[:, 40:].any() and not mask[:10].any()
+
+
+def test_transparent_and_off_slide_pixels_read_as_glass(tmp_path):
+    """A slide smaller than the field of view keeps the field's scale; what lies off the slide reads white."""
+    rgba = np.zeros((256, 320, 4), np.uint8)
+    rgba[64:192, 64:256] = (220, 140, 190, 255)           # tissue; the rest transparent black
+    tifffile.imwrite(tmp_path / "small.tiff", rgba, tile=(64, 64), photometric="rgb", extrasamples=[2],
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    (roi,), _ = locate_rois(tmp_path / "small.tiff", fov_um=256)  # 512 px at 0.5 µm/px > the slide's 320 × 256
+    assert roi.size == 512
+    rgb = read_roi(tmp_path / "small.tiff", roi, 128)
+    assert rgb.shape == (128, 128, 3) and rgb.reshape(-1, 3).min(0).min() > 100  # nothing black
+    assert (rgb > 245).all(-1).mean() > 0.5                                        # glass around the tissue
+
+
+def test_default_mpp_for_slides_without_resolution_tags(tmp_path):
+    image = np.full((512, 768, 3), 240, np.uint8)
+    image[100:400, 100:600] = (220, 140, 190)
+    tifffile.imwrite(tmp_path / "nores.tiff", image, tile=(256, 256), photometric="rgb")
+    with pytest.raises(Exception, match="set data.default_mpp"):
+        locate_rois(tmp_path / "nores.tiff", fov_um=128)
+    (roi,), mpp = locate_rois(tmp_path / "nores.tiff", fov_um=128, default_mpp=0.5)
+    assert mpp == 0.5 and roi.size == 256
+
+
+def test_split_follows_train_csv_and_exclusions(tmp_path):
+    """The split file fixes who is in which split; labels and exclusions always come from the current files."""
+    from hirespath.data.panda import load_or_make_split
+
+    root = tmp_path / "panda"
+    (root / "train_images").mkdir(parents=True)
+    labels = pd.DataFrame({"image_id": [f"s{i:02d}" for i in range(40)], "data_provider": "radboud",
+                           "isup_grade": [i % 6 for i in range(40)], "gleason_score": "3+3"})
+    labels.to_csv(root / "train.csv", index=False)
+    split_csv = tmp_path / "split.csv"
+    first = load_or_make_split(root, split_csv)
+    pd.DataFrame({"image_id": ["s00", "s01"]}).to_csv(tmp_path / "exclude.csv", index=False)
+    second = load_or_make_split(root, split_csv, tmp_path / "exclude.csv")
+    assert set(second.image_id) == set(first.image_id) - {"s00", "s01"}
+    assert second.set_index("image_id").split.equals(first.set_index("image_id").split.drop(["s00", "s01"]))
+    labels.loc[labels.image_id == "s05", "isup_grade"] = 0  # a corrected label
+    labels.to_csv(root / "train.csv", index=False)
+    assert load_or_make_split(root, split_csv).set_index("image_id").isup_grade["s05"] == 0
+    pd.concat([labels, labels.tail(1).assign(image_id="new")]).to_csv(root / "train.csv", index=False)
+    with pytest.raises(ValueError, match="1 image_ids of train.csv have no split"):
+        load_or_make_split(root, split_csv)
+
+
+def test_roi_cache_resumes_and_drops_excluded_slides(panda_root, tmp_path):
+    from hirespath.data.panda import locate_all
+
+    split = make_split(read_labels(panda_root), seed=42)
+    cache = tmp_path / "rois.csv"
+    part, _ = locate_all(panda_root, split.iloc[:-3], 128, 1, 0.05, cache)  # a run stopped before the last 3
+    rois, _ = locate_all(panda_root, split, 128, 1, 0.05, cache)
+    assert set(rois.image_id) == set(split.image_id) and len(pd.read_csv(cache)) == len(split)
+    fewer, _ = locate_all(panda_root, split.iloc[2:].assign(split="test"), 128, 1, 0.05, cache)
+    assert set(fewer.image_id) == set(split.image_id[2:]) and (fewer.split == "test").all()
+
+
+def test_killed_extraction_resumes_from_its_parts(panda_root, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from conftest import tiny_encoder
+    from hirespath.data import panda as panda_data
+    from hirespath.data.panda import locate_all
+    from hirespath.extract import extract_embeddings
+
+    split = make_split(read_labels(panda_root), seed=42)
+    rois, _ = locate_all(panda_root, split, 128, 1, 0.05, tmp_path / "rois.csv")
+    enc = tiny_encoder(attention="dense")
+    kw = dict(batch_size=2, trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False}, flush_every=1)
+    fresh = extract_embeddings(enc, panda_root, rois, 56, tmp_path / "fresh", {"k": 1}, **kw)
+    real_getitem = panda_data.PandaROIDataset.__getitem__
+
+    def dies_at_10(self, i):
+        if i == 10:
+            raise RuntimeError("node lost")
+        return real_getitem(self, i)
+
+    monkeypatch.setattr(panda_data.PandaROIDataset, "__getitem__", dies_at_10)
+    with pytest.raises(RuntimeError, match="node lost"):
+        extract_embeddings(enc, panda_root, rois, 56, tmp_path / "cache", {"k": 1}, **kw)
+    monkeypatch.setattr(panda_data.PandaROIDataset, "__getitem__", real_getitem)
+    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+        resumed = extract_embeddings(enc, panda_root, rois, 56, tmp_path / "cache", {"k": 1}, **kw)
+    assert f"resuming: 10 of {len(rois)} ROIs already extracted" in caplog.text
+    torch.testing.assert_close(resumed["cls"], fresh["cls"])
+    assert not list((tmp_path / "cache" / "embeddings").glob(".*shards"))

@@ -87,8 +87,16 @@ def save_figures(encoder, root: Path, rois: pd.DataFrame, resolution: int, out_d
     paths = []
     figs = out_dir / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    for r in rois[rois.split == "test"].head(n).itertuples():
-        rgb = read_roi(root / "train_images" / f"{r.image_id}.tiff", ROI(r.x, r.y, r.size, r.tissue_fraction), resolution)
+    from .data.wsi import SlideError
+
+    for r in rois[rois.split == "test"].itertuples():
+        if len(paths) >= n:
+            break
+        try:
+            rgb = read_roi(root / "train_images" / f"{r.image_id}.tiff", ROI(r.x, r.y, r.size, r.tissue_fraction), resolution)
+        except SlideError as err:  # a ROI that failed extraction is in skipped.csv; draw the next one
+            log.warning("no figure for %s: %s", r.image_id, err)
+            continue
         img = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)[None]
         with torch.inference_mode():
             out = encoder(encoder.normalize(img))
@@ -120,7 +128,8 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
     split_csv = Path(data.split_csv) if data.split_csv else data_cache / f"split_seed{data.split_seed}.csv"
     split = load_or_make_split(root, split_csv, data.exclude, seed=int(data.split_seed))
     rois, skipped = locate_all(root, split, float(data.fov_um), int(data.rois_per_slide), float(data.min_tissue),
-                               data_cache / f"rois_fov{data.fov_um:g}_n{data.rois_per_slide}_t{data.min_tissue:g}_{split_csv.stem}.csv")
+                               data_cache / f"rois_v2_fov{data.fov_um:g}_n{data.rois_per_slide}_t{data.min_tissue:g}_mpp{data.get('default_mpp') or 'tags'}.csv",
+                               default_mpp=data.get("default_mpp"))
     torch.manual_seed(cfg.seed)  # random-init backbones get the same weights in every run (the cache key has the seed)
     encoder = instantiate(cfg.encoder)
     key_parts = {"backbone": cfg.backbone.name, "overrides": OmegaConf.to_container(cfg.backbone.overrides or {}),
@@ -133,7 +142,7 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
     extract_kwargs["precision"] = cfg.extract.precision
     emb = extract_embeddings(encoder, root, rois, int(cfg.resolution), cfg.paths.cache_dir, key_parts,
                              batch_size=int(cfg.extract.batch_size), num_workers=int(cfg.extract.num_workers),
-                             trainer_kwargs=extract_kwargs)
+                             trainer_kwargs=extract_kwargs, flush_every=int(cfg.extract.get("flush_every", 50)))
     skipped = pd.concat([skipped, pd.DataFrame(emb["errors"], columns=["image_id", "reason"])], ignore_index=True)
     with atomic_path(out_dir / "skipped.csv") as tmp:
         skipped.to_csv(tmp, index=False)

@@ -56,34 +56,48 @@ class EncoderPredictor(L.LightningModule):
 
 
 class ShardWriter(BasePredictionWriter):
-    """Each rank writes its predictions to a shard; rank 0 merges them (works with and without DDP)."""
+    """Each rank appends its predictions to part files every ``flush_every`` batches (and at the end), so a
+    killed extraction keeps what it finished; rank 0 merges the parts (works with and without DDP)."""
 
-    def __init__(self, directory: Path):
-        super().__init__(write_interval="epoch")
-        self.directory = Path(directory)
+    def __init__(self, directory: Path, flush_every: int = 50):
+        super().__init__(write_interval="batch")
+        self.directory, self.flush_every, self.buffer = Path(directory), flush_every, []
 
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
+    def _flush(self, rank: int) -> None:
+        if not self.buffer:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.directory / f"shard_{trainer.global_rank}.pt") as tmp:
-            torch.save(predictions, tmp)
+        import uuid
+
+        with atomic_path(self.directory / f"part_{rank}_{uuid.uuid4().hex}.pt") as tmp:
+            torch.save(self.buffer, tmp)
+        self.buffer = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.buffer.append(prediction)
+        if len(self.buffer) >= self.flush_every:
+            self._flush(trainer.global_rank)
+
+    def on_predict_epoch_end(self, trainer, pl_module):
+        self._flush(trainer.global_rank)
 
 
 def _merge(shard_dir: Path, n: int, dim: int) -> tuple[dict, list]:
     cls = torch.full((n, dim), float("nan"))
     mean = torch.full((n, dim), float("nan"))
     errors = []
-    for shard in sorted(shard_dir.glob("shard_*.pt")):
-        for batches in [torch.load(shard, weights_only=False)]:
-            for b in (batches[0] if batches and isinstance(batches[0], list) else batches):
-                errors += b["errors"]
-                if b["cls"] is not None:
-                    cls[b["index"]] = b["cls"]
-                    mean[b["index"]] = b["mean"]
+    for part in sorted(shard_dir.glob("part_*.pt")) if shard_dir.is_dir() else []:
+        for b in torch.load(part, weights_only=False):
+            errors += b["errors"]
+            if b["cls"] is not None:
+                cls[b["index"]] = b["cls"]
+                mean[b["index"]] = b["mean"]
     return {"cls": cls, "mean": mean}, errors
 
 
 def extract_embeddings(encoder, root, rois: pd.DataFrame, resolution: int, cache_dir, key_parts: dict, *,
-                       batch_size: int = 4, num_workers: int = 0, trainer_kwargs: dict | None = None) -> dict:
+                       batch_size: int = 4, num_workers: int = 0, trainer_kwargs: dict | None = None,
+                       flush_every: int = 50) -> dict:
     """Embeddings of every ROI (rows of ``rois``), from the cache when the key matches."""
     key = cache_key({**key_parts, "resolution": resolution, "version": EXTRACT_VERSION,
                      "rois": hashlib.sha256(rois.to_csv(index=False).encode()).hexdigest()})
@@ -93,11 +107,19 @@ def extract_embeddings(encoder, root, rois: pd.DataFrame, resolution: int, cache
         return torch.load(path, weights_only=False)
     log.info("cache miss: extracting %d ROIs at %d px into %s", len(rois), resolution, path)
     ds = PandaROIDataset(root, rois, resolution, encoder.mean, encoder.std)
-    dl = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping)
     shard_dir = path.with_name(f".{key}.shards")
+    feats, errors = _merge(shard_dir, len(rois), encoder.embed_dim)  # parts left by a killed run with this key
+    done = ~torch.isnan(feats["cls"]).any(1)
+    done[[i for i, _ in errors]] = True
+    todo = torch.nonzero(~done).flatten().tolist()
+    if len(todo) < len(rois):
+        log.info("resuming: %d of %d ROIs already extracted in %s", len(rois) - len(todo), len(rois), shard_dir)
+    dl = DataLoader(torch.utils.data.Subset(ds, todo), batch_size=batch_size, num_workers=num_workers,
+                    collate_fn=collate_skipping)
     trainer = L.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_model_summary": False,
-                           **(trainer_kwargs or {}), "callbacks": [ShardWriter(shard_dir)]})
-    trainer.predict(EncoderPredictor(encoder.eval()), dl, return_predictions=False)
+                           **(trainer_kwargs or {}), "callbacks": [ShardWriter(shard_dir, flush_every)]})
+    if todo:
+        trainer.predict(EncoderPredictor(encoder.eval()), dl, return_predictions=False)
     trainer.strategy.barrier()
     result = None
     if trainer.is_global_zero:
@@ -109,9 +131,10 @@ def extract_embeddings(encoder, root, rois: pd.DataFrame, resolution: int, cache
                   "key_parts": key_parts, "resolution": resolution}
         with atomic_path(path) as tmp:
             torch.save(result, tmp)
-        for shard in shard_dir.glob("shard_*.pt"):
-            shard.unlink()
-        shard_dir.rmdir()
+        for part in shard_dir.glob("part_*.pt"):
+            part.unlink()
+        if shard_dir.is_dir():
+            shard_dir.rmdir()
     trainer.strategy.barrier()
     if result is None:
         result = torch.load(path, weights_only=False)

@@ -88,11 +88,25 @@ def make_split(labels: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 42
 
 
 def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, seed: int = 42) -> pd.DataFrame:
-    """Written once and reused, so every run compares like with like."""
+    """Split assignments written once and reused; labels and exclusions always come from the current
+    train.csv / ``exclude`` (an excluded or corrected slide must not keep its stale row)."""
     split_csv = Path(split_csv)
+    labels = read_labels(root, exclude)
+    labels["image_id"] = labels.image_id.astype(str)
     if split_csv.is_file():
-        return pd.read_csv(split_csv, dtype={"image_id": str})
-    df = make_split(read_labels(root, exclude), seed=seed)
+        old = pd.read_csv(split_csv, dtype={"image_id": str})
+        df = labels.merge(old[["image_id", "split"]], on="image_id", how="left")
+        new = df[df.split.isna()]
+        if len(new):
+            raise ValueError(f"{len(new)} image_ids of train.csv have no split in {split_csv} (e.g. {new.image_id.iloc[0]}): "
+                             "train.csv changed since the split was written; delete it (or set data.split_csv) to re-split")
+        relabelled = df.merge(old[["image_id", "isup_grade"]], on="image_id", suffixes=("", "_old"))
+        relabelled = relabelled[relabelled.isup_grade != relabelled.isup_grade_old]
+        if len(relabelled):
+            log.warning("%d slides changed ISUP grade in train.csv since %s was written; using train.csv",
+                        len(relabelled), split_csv)
+        return df
+    df = make_split(labels, seed=seed)
     from ..utils.io import atomic_path
 
     with atomic_path(split_csv) as tmp:
@@ -102,34 +116,51 @@ def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, se
 
 
 def locate_all(root: Path, split: pd.DataFrame, fov_um: float, rois_per_slide: int, min_tissue: float,
-               rois_csv: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """ROIs of every slide (cached in ``rois_csv``) and the slides skipped, with their reasons."""
+               rois_csv: Path, default_mpp: float | None = None, checkpoint_every: int = 500) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """ROIs of every slide and the slides skipped, with their reasons.
+
+    ``rois_csv`` caches ROI *locations* per slide (they do not depend on the split); labels and split come from
+    ``split`` on every call, slides not yet located are located (so a killed run resumes), and slides no longer
+    in ``split`` (excluded) are dropped.
+    """
     from tqdm.auto import tqdm
 
     from ..utils.io import atomic_path
 
-    if rois_csv.is_file():
-        cached = pd.read_csv(rois_csv, dtype={"image_id": str})
-        skipped = pd.read_csv(rois_csv.with_name(rois_csv.stem + "_skipped.csv"), dtype={"image_id": str})
-        return cached, skipped
+    loc_cols = ["image_id", "roi", "mpp", "x", "y", "size", "tissue_fraction"]
+    skipped_csv = rois_csv.with_name(rois_csv.stem + "_skipped.csv")
     rows, skipped = [], []
-    for r in tqdm(split.itertuples(), total=len(split), desc="locating ROIs"):
-        path = root / "train_images" / f"{r.image_id}.tiff"
+    if rois_csv.is_file():
+        rows = pd.read_csv(rois_csv, dtype={"image_id": str})[loc_cols].to_dict("records")
+    if skipped_csv.is_file():
+        skipped = pd.read_csv(skipped_csv, dtype={"image_id": str}).to_dict("records")
+    done = {r["image_id"] for r in rows} | {r["image_id"] for r in skipped}
+    todo = [i for i in split.image_id.astype(str) if i not in done]
+
+    def save():
+        with atomic_path(skipped_csv) as tmp:
+            pd.DataFrame(skipped, columns=["image_id", "reason"]).to_csv(tmp, index=False)
+        with atomic_path(rois_csv) as tmp:
+            pd.DataFrame(rows, columns=loc_cols).to_csv(tmp, index=False)
+
+    for n, image_id in enumerate(tqdm(todo, desc="locating ROIs", disable=not todo), 1):
+        path = root / "train_images" / f"{image_id}.tiff"
         try:
-            rois, mpp = locate_rois(path, fov_um, rois_per_slide, min_tissue)
+            rois, mpp = locate_rois(path, fov_um, rois_per_slide, min_tissue, default_mpp=default_mpp)
         except SlideError as err:
-            log.warning("skipping slide %s: %s", r.image_id, err)
-            skipped.append(dict(image_id=r.image_id, reason=str(err)))
-            continue
-        for k, roi in enumerate(rois):
-            rows.append(dict(image_id=r.image_id, roi=k, label=int(r.isup_grade), split=r.split, mpp=mpp, **asdict(roi)))
+            log.warning("skipping slide %s: %s", image_id, err)
+            skipped.append(dict(image_id=image_id, reason=str(err)))
+        else:
+            rows += [dict(image_id=image_id, roi=k, mpp=mpp, **asdict(roi)) for k, roi in enumerate(rois)]
+        if n % checkpoint_every == 0:
+            save()
+    if todo:
+        save()
+    lab = split[["image_id", "isup_grade", "split"]].rename(columns={"isup_grade": "label"}).astype({"image_id": str})
+    rois_df = pd.DataFrame(rows, columns=loc_cols).merge(lab, on="image_id")  # inner: drops excluded slides
     cols = ["image_id", "roi", "label", "split", "mpp", "x", "y", "size", "tissue_fraction"]
-    rois_df, skipped_df = pd.DataFrame(rows, columns=cols), pd.DataFrame(skipped, columns=["image_id", "reason"])
-    with atomic_path(rois_csv.with_name(rois_csv.stem + "_skipped.csv")) as tmp:
-        skipped_df.to_csv(tmp, index=False)
-    with atomic_path(rois_csv) as tmp:
-        rois_df.to_csv(tmp, index=False)
-    return rois_df, skipped_df
+    skipped_df = pd.DataFrame(skipped, columns=["image_id", "reason"])
+    return rois_df[cols].reset_index(drop=True), skipped_df[skipped_df.image_id.isin(lab.image_id)].reset_index(drop=True)
 
 
 class PandaROIDataset(Dataset):

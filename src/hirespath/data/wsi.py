@@ -36,8 +36,8 @@ def open_slide(path: str | Path):
     raise SlideError(f"cannot read {path.name}: " + "; ".join(errors))
 
 
-def slide_mpp(slide) -> float:
-    """Microns per pixel at level 0, from OpenSlide/tiffslide properties (TIFF resolution tags)."""
+def slide_mpp(slide, default: float | None = None) -> float:
+    """Microns per pixel at level 0, from OpenSlide/tiffslide properties (TIFF resolution tags), else ``default``."""
     props = slide.properties
     for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
         value = props.get(key)
@@ -45,7 +45,10 @@ def slide_mpp(slide) -> float:
             mpp = float(value)
             if mpp > 0:
                 return mpp
-    raise SlideError("no microns-per-pixel in the slide's metadata (TIFF resolution tags)")
+    if default:
+        log.warning("no microns-per-pixel in the TIFF tags; using data.default_mpp=%g", default)
+        return float(default)
+    raise SlideError("no microns-per-pixel in the slide's metadata (TIFF resolution tags); set data.default_mpp")
 
 
 def otsu_threshold(values: np.ndarray) -> float:
@@ -64,11 +67,19 @@ def otsu_threshold(values: np.ndarray) -> float:
 def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
     """Tissue = saturation above Otsu's threshold (and above a floor, so a blank slide has none)."""
     rgb = rgb[..., :3].astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     mx, mn = rgb.max(-1), rgb.min(-1)
     sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0) * 255
     sat = sat.astype(np.uint8)
-    thr = max(otsu_threshold(sat), min_saturation)
-    return sat > thr
+    # not tissue: near-black (scanner fill, black pen) and green/blue ink. H&E is red-dominant: green above red
+    # is never stain; blue far above red is marker ink (dense hematoxylin stays within ~40 of red at thumbnail scale)
+    dark = mx <= 50
+    pen = (g > r + 10) | (b > r + 60)
+    sat[dark] = 0  # background for Otsu, never tissue
+    if pen.all():
+        return np.zeros(sat.shape, bool)
+    thr = max(otsu_threshold(sat[~pen]), min_saturation)
+    return ~pen & ~dark & (sat > thr)
 
 
 @dataclass
@@ -108,22 +119,30 @@ def find_rois(mask: np.ndarray, downsample: float, size0: int, count: int = 1, m
     return rois
 
 
+def _on_white(region):
+    """RGBA from read_region → RGB with transparent pixels (outside the scan, alpha-masked) white, not black."""
+    from PIL import Image
+
+    if region.mode != "RGBA":
+        return region.convert("RGB")
+    return Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region).convert("RGB")
+
+
 def locate_rois(path: str | Path, fov_um: float, count: int = 1, min_tissue: float = 0.05,
-                thumbnail_level: int | None = None) -> tuple[list[ROI], float]:
+                thumbnail_level: int | None = None, default_mpp: float | None = None) -> tuple[list[ROI], float]:
     """Tissue detection on a low level, then the best square ROIs of ``fov_um`` microns. Returns (rois, mpp)."""
     slide = open_slide(path)
     try:
-        mpp = slide_mpp(slide)
+        mpp = slide_mpp(slide, default_mpp)
         level = slide.level_count - 1 if thumbnail_level is None else min(thumbnail_level, slide.level_count - 1)
         w, h = slide.level_dimensions[level]
-        thumb = np.asarray(slide.read_region((0, 0), level, (w, h)).convert("RGB"))
+        thumb = np.asarray(_on_white(slide.read_region((0, 0), level, (w, h))))
         mask = tissue_mask(thumb)
         if mask.mean() == 0:
             raise SlideError("no tissue detected")
         size0 = int(round(fov_um / mpp))
-        W0, H0 = slide.dimensions
-        if size0 > min(W0, H0):
-            size0 = min(W0, H0)  # small slide: the whole short side
+        # a slide smaller than the field of view keeps the field (same µm/px as every slide); the part beyond
+        # the slide reads as transparent and is composited on white by _on_white
         rois = find_rois(mask, float(slide.level_downsamples[level]), size0, count, min_tissue)
         if not rois:
             raise SlideError(f"no {fov_um:g} µm window holds at least {min_tissue:.0%} tissue")
@@ -151,7 +170,7 @@ def read_roi(path: str | Path, roi: ROI, resolution: int) -> np.ndarray:
             if roi.size / slide.level_downsamples[lv] >= resolution:
                 level = lv
         side = int(round(roi.size / slide.level_downsamples[level]))
-        region = slide.read_region((roi.x, roi.y), level, (side, side)).convert("RGB")
+        region = _on_white(slide.read_region((roi.x, roi.y), level, (side, side)))
         if region.size != (resolution, resolution):
             region = region.resize((resolution, resolution), Image.BICUBIC, reducing_gap=None)
         return np.asarray(region)
