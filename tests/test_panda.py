@@ -158,6 +158,22 @@ def test_lbfgs_probe_separates_separable_data():
     assert (fc(x).argmax(1) == y).float().mean() == 1.0
 
 
+def test_uni_probe_minimises_unis_objective():
+    """mahmoodlab/UNI's probe: raw features, C = D·K/100, cross-entropy + (1/C)·0.5·‖W‖ — stationary at the fit."""
+    from hirespath.heads.linear_probe import fit_uni_probe
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 4, (200,), generator=g)
+    x = torch.randn(200, 256, generator=g) + torch.nn.functional.one_hot(y, 256).float()
+    fc = fit_uni_probe(x, y, 4)
+    w, b = fc.weight.detach().requires_grad_(), fc.bias.detach().requires_grad_()
+    cost = 256 * 4 / 100
+    loss = torch.nn.functional.cross_entropy(x @ w.T + b, y) + (1 / cost) * 0.5 * w.norm()
+    loss.backward()
+    assert w.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
+    assert (fc(x).argmax(1) == y).float().mean() > 0.8
+
+
 def test_adamw_probe_learns_badly_scaled_embeddings(tmp_path):
     """Embeddings with a large offset and scale (as some backbones give): the probe standardises them with the
     training statistics, stored in the checkpoint, and separates the classes."""
@@ -180,13 +196,14 @@ def _compose(overrides, out, cache):
     return compose_task("classify", overrides, out, cache)
 
 
-@pytest.mark.parametrize("head", ["knn", "linear_probe"])
+@pytest.mark.parametrize("head", ["knn", "linear_probe", "linear_probe_uni"])
 def test_classify_end_to_end(panda_root, tmp_path, head, caplog):
     from hirespath.classify import run_classify
 
-    overrides = [f"data.root={panda_root}", "data.fov_um=192", "backbone=tiny", "resolution=112", f"head={head}",
-                 "head.k=3" if head == "knn" else "head.max_epochs=3", "logger=csv", "figures.num_rois=1",
-                 "attention.window=2", "pruner.layer=2"]
+    head_args = {"knn": ["head=knn", "head.k=3"], "linear_probe": ["head=linear_probe", "head.max_epochs=3"],
+                 "linear_probe_uni": ["head=linear_probe", "head.solver=uni"]}[head]
+    overrides = [f"data.root={panda_root}", "data.fov_um=192", "backbone=tiny", "resolution=112", *head_args,
+                 "logger=csv", "figures.num_rois=1", "attention.window=2", "pruner.layer=2"]
     # the cache is shared across both heads: the second run hits it
     cfg = _compose(overrides, tmp_path / "run", tmp_path.parent / "cache")
     metrics = run_classify(cfg)

@@ -45,3 +45,16 @@ def test_atomic_writes_keep_the_usual_file_mode(tmp_path):
     for name in ("done.json", "cache.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.pt", "done.json"]
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    """An undefined metric (AUROC on a one-class test set) is written as null, not as bare NaN."""
+    import json
+    import math
+
+    from hirespath.utils.io import write_json
+
+    write_json(tmp_path / "m.json", {"test/auroc": float("nan"), "test/accuracy": 0.5, "per": [math.inf, 1.0]})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"test/auroc": None, "test/accuracy": 0.5, "per": [None, 1.0]}

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from .data.panda import NUM_CLASSES, check_panda_root, load_or_make_split, locate_all
 from .extract import extract_embeddings, file_fingerprint
 from .heads.knn import KNNClassifier
-from .heads.linear_probe import fit_lbfgs, train_linear_probe
+from .heads.linear_probe import fit_lbfgs, fit_uni_probe, train_linear_probe
 from .metrics.classification import classification_metrics
 from .utils.hydra import instantiate_list
 from .utils.io import atomic_path, write_json
@@ -55,12 +55,16 @@ def fit_predict(head: DictConfig, feats: pd.DataFrame, trainer_kwargs: dict, log
     if head.name == "knn":
         return KNNClassifier(k=int(head.k), center_l2=bool(head.center_l2), num_classes=NUM_CLASSES).fit(xtr, ytr).predict_proba(xte)
     if head.name == "linear_probe":
-        if head.solver == "lbfgs":
-            fc = fit_lbfgs(xtr, ytr, NUM_CLASSES, l2=float(head.l2), max_iter=int(head.max_iter))
+        if head.solver in ("lbfgs", "uni"):
+            if head.solver == "lbfgs":
+                fc = fit_lbfgs(xtr, ytr, NUM_CLASSES, l2=float(head.l2), max_iter=int(head.max_iter))
+            else:  # UNI's protocol trains the final probe on train + val
+                xva, yva = _tensors(feats, "val")
+                fc = fit_uni_probe(torch.cat([xtr, xva]), torch.cat([ytr, yva]), NUM_CLASSES, max_iter=int(head.max_iter))
             with torch.no_grad():
                 return fc(xte.float()).softmax(1)
         if head.solver != "adamw":
-            raise ValueError(f"head.solver must be adamw or lbfgs, got {head.solver!r}")
+            raise ValueError(f"head.solver must be adamw, lbfgs or uni, got {head.solver!r}")
         xva, yva = _tensors(feats, "val")
         model = train_linear_probe((xtr, ytr), (xva, yva), NUM_CLASSES, lr=float(head.lr),
                                    weight_decay=float(head.weight_decay), max_epochs=int(head.max_epochs),

@@ -61,7 +61,8 @@ def read_labels(root: str | Path, exclude: str | Path | None = None) -> pd.DataF
     df["isup_grade"] = grade.astype(int)
     df["gleason_score"] = df.gleason_score.replace({"negative": "0+0"})
     if exclude:
-        ids = set(pd.read_csv(exclude).iloc[:, 0].astype(str))
+        # header=None: a plain list of ids keeps its first id (a header line matches no image_id anyway)
+        ids = set(pd.read_csv(exclude, header=None, dtype=str).iloc[:, 0].str.strip())
         before = len(df)
         df = df[~df.image_id.astype(str).isin(ids)]
         log.info("excluded %d slides listed in %s", before - len(df), exclude)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -32,9 +33,21 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+def _json_safe(obj):
+    """NaN/inf (an undefined AUROC, say) become null: bare NaN is not JSON and strict parsers reject it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj, **kwargs) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str, **kwargs) + "\n")
+        tmp.write_text(json.dumps(_json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False, **kwargs)
+                       + "\n")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
