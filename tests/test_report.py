@@ -172,3 +172,24 @@ def test_report_errors(tmp_path):
         collect([tmp_path / "missing"])
     with pytest.raises(FileNotFoundError, match="no metrics.json or benchmark.csv"):
         build_report([tmp_path], tmp_path / "out")
+
+
+def test_vanilla_cost_is_eager_and_failed_jobs_are_listed(tmp_path):
+    """`method=vanilla` accuracy runs use dense SDPA; Table 1's cost column is still eager's (the paper's vanilla)
+    when the benchmark measured it. A job that died before writing metrics.json is listed, not silently absent."""
+    cls, bench = tmp_path / "classify", tmp_path / "benchmark"
+    _job(cls, 0, "classify", {"resolution": 448, "attention": "dense", "head": "knn"}, _cls_metrics(0.3, "knn"))
+    _job(cls, 1, "classify", {"resolution": 896, "attention": "dense", "head": "knn"}, _cls_metrics(0.4, "knn"))
+    _job(cls, 2, "classify", {"resolution": 1344, "attention": "dense", "head": "knn"})  # killed: no metrics.json
+    _job(bench, 0, "benchmark", {"attention": "eager"}, bench=[
+        _bench_row("eager", 0.0, 448, 2.0, 6.0), _bench_row("eager", 0.0, 896, float("nan"), float("nan"), "oom")])
+    _job(bench, 1, "benchmark", {"attention": "dense"}, bench=[
+        _bench_row("dense", 0.0, 448, 0.25, 1.2), _bench_row("dense", 0.0, 896, 0.9, 1.9)])
+    with pytest.warns(UserWarning):
+        col = collect([cls, bench])
+    assert [Path(p).name for p, reason in col.skipped if "without metrics.json" in reason] == ["2"]
+    with pytest.warns(UserWarning):
+        build_report([cls, bench], tmp_path / "report")
+    t1 = pd.read_csv(tmp_path / "report" / "table1.csv").set_index("resolution")
+    assert t1.seconds_per_image[448] == pytest.approx(2.0) and t1.peak_memory_gb[448] == pytest.approx(6.0)
+    assert t1.bench_status[896] == "oom"  # eager ran out of memory; dense's 0.9 s is not vanilla's cost

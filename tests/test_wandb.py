@@ -27,7 +27,7 @@ def _run(args, cwd, env_extra=None, ok=True):
 def test_offline_multirun_one_finished_run_per_job(tmp_path):
     # The basic launcher runs both jobs in one process: a run left open by job 0 would leak into job 1.
     sweep = tmp_path / "logs" / "smoke" / "multiruns" / "2026-01-01_00-00-00"
-    _run(["-m", "logger=wandb", "lr=0.05,0.2", "num_samples=128", "trainer.max_epochs=1",
+    _run(["-m", "logger=wandb", "lr=0.05,0.2", "num_samples=128", "trainer.max_epochs=1", "+resume=true",
           f"hydra.sweep.dir={sweep}"], tmp_path)
     runs = offline_runs(sweep)
     assert len(runs) == 2
@@ -35,7 +35,7 @@ def test_offline_multirun_one_finished_run_per_job(tmp_path):
     assert len({r["id"] for r in runs}) == 2
     assert all(r["finished"] and r["exit_code"] == 0 for r in runs)
     assert {r["group"] for r in runs} == {"smoke-2026-01-01_00-00-00"}
-    # Named by the job's overrides, minus those saying where/how it runs (logger=, trainer.*, hydra.*).
+    # Named by the job's overrides, minus those saying where/how it runs (logger=, trainer.*, hydra.*, resume).
     assert sorted(r["name"] for r in runs) == ["lr=0.05,num_samples=128", "lr=0.2,num_samples=128"]
     assert all(r["tags"] == ["smoke"] and r["job_type"] == "smoke" for r in runs)
     for r in runs:
@@ -71,3 +71,24 @@ def test_log_images_validates(tmp_path):
     with pytest.raises(ValueError, match="H×W"):
         hw._as_image(np.zeros((2, 2, 2, 2)))
     assert hw._as_image(np.ones((3, 5, 7), np.float32)).shape == (5, 7, 3)
+
+
+def test_sigterm_stops_the_job(tmp_path):
+    """kill / scancel send SIGTERM, which Lightning only records: the job (and a sweep) must stop, not train on."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tasks" / "smoke.py"), "trainer.max_epochs=100000",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = tmp_path / "run" / "csv" / "version_0" / "metrics.csv"  # written once training runs
+    deadline = time.time() + 120
+    while time.time() < deadline and not started.is_file():
+        time.sleep(0.5)
+    time.sleep(1)  # inside trainer.fit
+    assert proc.poll() is None and started.is_file()
+    start = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=60)
+    assert rc == 128 + signal.SIGTERM and time.time() - start < 30, proc.stdout.read()[-2000:]

@@ -149,6 +149,25 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _unfinished_jobs(root: Path) -> list[tuple[str, str]]:
+    """Job directories of classify/segment/benchmark runs that left no result: a failed or interrupted job is
+    listed (a blank table cell must not look like a configuration that was never run)."""
+    import yaml
+
+    out = []
+    for cfg_path in sorted(root.rglob(".hydra/config.yaml")):
+        job = cfg_path.parent.parent
+        if (job / "metrics.json").is_file() or (job / "benchmark.csv").is_file():
+            continue
+        try:
+            task = (yaml.safe_load(cfg_path.read_text()) or {}).get("task_name")
+        except Exception:  # noqa: BLE001 — an unreadable config is reported as such
+            task = "unknown"
+        if task in ("classify", "segment", "benchmark", "unknown"):
+            out.append((str(job), f"{task} job without metrics.json or benchmark.csv (failed or unfinished)"))
+    return out
+
+
 def collect(dirs: Sequence[str | Path]) -> Collected:
     """Read every metrics.json and benchmark.csv below ``dirs``. Unreadable files are skipped with a warning."""
     runs, bench, skipped = [], [], []
@@ -180,6 +199,7 @@ def collect(dirs: Sequence[str | Path]) -> Collected:
                 continue
             frame["source"] = str(path)
             bench.append(frame)
+        skipped += _unfinished_jobs(root)
     for path, reason in skipped:
         warnings.warn(f"report: skipped {path}: {reason}", stacklevel=2)
     runs_df = _typed(pd.DataFrame(runs))
@@ -244,7 +264,7 @@ def _bench_for(bench: pd.DataFrame, row: pd.Series) -> pd.Series | None:
         b = b[b.window == row.window] if "window" in b else b
     else:
         b = b[b.method == row.method]
-        order = [row.get("attention"), *VANILLA_ATTENTION]
+        order = [*VANILLA_ATTENTION]  # the cost column of "vanilla" is eager when measured, whatever the accuracy run used
         for att in order:
             if (b.attention == att).any():
                 b = b[b.attention == att]
@@ -274,7 +294,8 @@ def table1(col: Collected, window: int = 8, prune_ratio: float = 0.6) -> pd.Data
         b = _pick_ours(b, window, prune_ratio) if len(b) else b
         have = set(zip(t.backbone, t.resolution, t.method)) if len(t) else set()
         extra = b[[(bb, r, m) not in have for bb, r, m in zip(b.backbone, b.resolution, b.method)]]
-        extra = extra[keys].drop_duplicates(["backbone", "resolution", "method"], keep="last")
+        extra = extra.assign(_e=(extra.attention != "eager")).sort_values("_e", kind="stable")
+        extra = extra[keys].drop_duplicates(["backbone", "resolution", "method"], keep="first")
         t = pd.concat([t, extra], ignore_index=True) if len(t) else extra.reset_index(drop=True)
     if not len(t):
         return t

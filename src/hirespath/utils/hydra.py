@@ -78,7 +78,15 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
+        import signal
+
         from .config import validate_config
+
+        def _on_sigterm(signum, frame):  # Lightning's Trainer only records SIGTERM; stop the job (and the sweep)
+            raise SystemExit(128 + signum)
+
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _on_sigterm)
 
         validate_config(cfg)  # typos and out-of-range values fail here, before any model or data is touched
         marker = _done_marker(cfg)

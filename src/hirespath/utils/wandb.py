@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("hirespath")
 
 # Overrides that say where/how a job runs, not what it computes: left out of run names.
-NAME_EXCLUDE = ("hydra", "logger", "paths", "trainer", "callbacks", "tags", "task_name", "experiment_name")
+# left out of run names: where and how a job runs, and what every job of a grid shares (data and weights paths)
+NAME_EXCLUDE = ("hydra", "logger", "paths", "trainer", "callbacks", "tags", "task_name", "experiment_name", "resume",
+                "data.root", "backbone.weights")
 
 
 def _hydra_cfg():
@@ -38,7 +40,7 @@ def job_overrides(exclude: Sequence[str] = NAME_EXCLUDE) -> list[str]:
     out = []
     for item in hc.overrides.task:
         key = item.split("=", 1)[0].lstrip("+~")
-        if key.split("/")[0].split(".")[0] not in exclude:
+        if key not in exclude and key.split("/")[0].split(".")[0] not in exclude:
             out.append(item)
     return out
 
