@@ -28,7 +28,7 @@ def test_ddp_extraction_equals_single_process(tmp_path):
         run_task("extract", *common, *extra, f"paths.cache_dir={caches[name]}", f"hydra.run.dir={tmp_path / name}",
                  cwd=tmp_path)
     single, ddp = (torch.load(next((caches[n] / "embeddings").glob("*.pt")), weights_only=False) for n in caches)
-    assert single["image_id"] == ddp["image_id"] and len(ddp["image_id"]) == 9  # 9 ROIs: uneven over 2 ranks
+    assert single["positions"] == ddp["positions"] and len(ddp["positions"]) == 9  # 9 ROIs: uneven over 2 ranks
     assert not torch.isnan(ddp["cls"]).any()
     torch.testing.assert_close(ddp["cls"], single["cls"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ddp["mean"], single["mean"], atol=1e-5, rtol=1e-5)

@@ -355,3 +355,61 @@ def test_killed_extraction_resumes_from_its_parts(panda_root, tmp_path, caplog, 
     assert f"resuming: 10 of {len(rois)} ROIs already extracted" in caplog.text
     torch.testing.assert_close(resumed["cls"], fresh["cls"])
     assert not list((tmp_path / "cache" / "embeddings").glob(".*shards"))
+
+
+def test_embedding_cache_is_per_roi(panda_root, tmp_path, caplog):
+    """Excluding slides or correcting labels reuses the cache; new slides are the only ones extracted."""
+    import logging
+
+    from conftest import tiny_encoder
+    from hirespath.data.panda import locate_all
+    from hirespath.extract import extract_embeddings
+
+    split = make_split(read_labels(panda_root), seed=42)
+    rois, _ = locate_all(panda_root, split, 128, 1, 0.05, tmp_path / "rois.csv")
+    enc = tiny_encoder(attention="dense")
+    kw = dict(batch_size=4, trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+        part = extract_embeddings(enc, panda_root, rois.iloc[5:], 56, cache, {"k": 1}, **kw)
+        assert f"cache miss: extracting {len(rois) - 5} of {len(rois) - 5} ROIs" in caplog.text
+        caplog.clear()
+        full = extract_embeddings(enc, panda_root, rois, 56, cache, {"k": 1}, **kw)
+        assert f"cache update: extracting 5 of {len(rois)} ROIs" in caplog.text
+        caplog.clear()
+        relabelled = rois.iloc[::-1].assign(label=0, split="train")  # other order, labels and split
+        again = extract_embeddings(enc, panda_root, relabelled, 56, cache, {"k": 1}, **kw)
+        assert "cache hit" in caplog.text and "extracting" not in caplog.text
+    torch.testing.assert_close(full["cls"][5:], part["cls"])
+    torch.testing.assert_close(again["cls"], full["cls"].flip(0))
+    assert again["image_id"] == rois.image_id.tolist()[::-1] and (again["label"] == 0).all()
+    assert set(again["split"]) == {"train"} and not again["failed"]
+
+
+def test_unreadable_roi_is_skipped_then_retried(tmp_path, caplog):
+    """A slide that breaks between locating and extraction: listed as failed, the rest goes on; once the file is
+    repaired the next run extracts just that ROI."""
+    import logging
+    import shutil
+
+    from conftest import tiny_encoder
+    from hirespath.data.panda import locate_all
+    from hirespath.extract import extract_embeddings
+
+    root = tmp_path / "panda"
+    make_synthetic_panda(root, num_slides=6, size=(384, 512), seed=4)
+    split = make_split(read_labels(root), seed=42)
+    rois, _ = locate_all(root, split, 128, 1, 0.05, tmp_path / "rois.csv")
+    bad = root / "train_images" / f"{rois.image_id.iloc[2]}.tiff"
+    shutil.copy(bad, tmp_path / "backup.tiff")
+    bad.write_bytes(b"II*\x00" + bytes(64))
+    enc = tiny_encoder(attention="dense")
+    kw = dict(batch_size=2, trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
+    emb = extract_embeddings(enc, root, rois, 56, tmp_path / "cache", {"k": 1}, **kw)
+    assert emb["failed"] == [2] and emb["errors"][0][0] == rois.image_id.iloc[2] and "cannot read" in emb["errors"][0][1]
+    assert torch.isnan(emb["cls"][2]).all() and not torch.isnan(emb["cls"][[0, 1, 3]]).any()
+    shutil.copy(tmp_path / "backup.tiff", bad)
+    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+        emb = extract_embeddings(enc, root, rois, 56, tmp_path / "cache", {"k": 1}, **kw)
+    assert f"cache update: extracting 1 of {len(rois)} ROIs" in caplog.text
+    assert not emb["failed"] and not torch.isnan(emb["cls"]).any()

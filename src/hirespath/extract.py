@@ -1,8 +1,10 @@
 """Embedding extraction through Lightning predict (so DDP splits the slides), with an atomic on-disk cache.
 
 The cache key hashes everything that changes the numbers: backbone preset, architecture overrides, the
-weights file (path, size, mtime), attention mode/window/radius, pruner, resolution, ROI policy, the split
-and ROI tables, and the extraction version. A rerun with the same key loads the file ("cache hit").
+weights file (path, size, mtime), attention mode/window/radius, pruner, resolution, ROI policy, data root and
+the extraction version. Inside a key's file the embeddings are stored per ROI position (image_id, roi, x, y,
+size): a changed split, corrected labels, excluded or added slides reuse what is there and extract only the
+ROIs it lacks ("cache hit" when none). Reads that failed are not cached: they are retried on the next run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .data.panda import PandaROIDataset, collate_skipping
 from .utils.io import atomic_path
 
 log = logging.getLogger("hirespath.extract")
-EXTRACT_VERSION = 1
+EXTRACT_VERSION = 2  # 2: cache files store embeddings per ROI position
+POSITION = ("image_id", "roi", "x", "y", "size")
 
 
 def file_fingerprint(path) -> dict | None:
@@ -95,25 +98,37 @@ def _merge(shard_dir: Path, n: int, dim: int) -> tuple[dict, list]:
     return {"cls": cls, "mean": mean}, errors
 
 
+def roi_positions(rois: pd.DataFrame) -> list[tuple]:
+    """What identifies a ROI's pixels within one data root and ROI policy."""
+    return list(zip(rois.image_id.astype(str).tolist(), *(rois[c].astype(int).tolist() for c in POSITION[1:])))
+
+
 def extract_embeddings(encoder, root, rois: pd.DataFrame, resolution: int, cache_dir, key_parts: dict, *,
                        batch_size: int = 4, num_workers: int = 0, trainer_kwargs: dict | None = None,
                        flush_every: int = 50) -> dict:
-    """Embeddings of every ROI (rows of ``rois``), from the cache when the key matches."""
-    key = cache_key({**key_parts, "resolution": resolution, "version": EXTRACT_VERSION,
-                     "rois": hashlib.sha256(rois.to_csv(index=False).encode()).hexdigest()})
+    """Embeddings of every ROI (rows of ``rois``, in order), extracting only those the cache lacks."""
+    key = cache_key({**key_parts, "resolution": resolution, "version": EXTRACT_VERSION})
     path = Path(cache_dir) / "embeddings" / f"{key}.pt"
-    if path.is_file():
+    want = roi_positions(rois)
+    store = torch.load(path, weights_only=False) if path.is_file() else None
+    have = {p: i for i, p in enumerate(store["positions"])} if store else {}
+    missing = [i for i, p in enumerate(want) if p not in have]
+    if not missing:
         log.info("cache hit: %s", path)
-        return torch.load(path, weights_only=False)
-    log.info("cache miss: extracting %d ROIs at %d px into %s", len(rois), resolution, path)
-    ds = PandaROIDataset(root, rois, resolution, encoder.mean, encoder.std)
-    shard_dir = path.with_name(f".{key}.shards")
-    feats, errors = _merge(shard_dir, len(rois), encoder.embed_dim)  # parts left by a killed run with this key
+        return _aligned(store, have, want, rois)
+    log.info("cache %s: extracting %d of %d ROIs at %d px into %s", "update" if store else "miss", len(missing),
+             len(rois), resolution, path)
+    todo_rois = rois.iloc[missing].reset_index(drop=True)
+    ds = PandaROIDataset(root, todo_rois, resolution, encoder.mean, encoder.std)
+    # parts of a killed run with the same key and the same ROIs to do are picked up again
+    shard_dir = path.with_name(f".{key}.{cache_key({'todo': [want[i] for i in missing]})[:10]}.shards")
+    feats, errors = _merge(shard_dir, len(todo_rois), encoder.embed_dim)
     done = ~torch.isnan(feats["cls"]).any(1)
     done[[i for i, _ in errors]] = True
     todo = torch.nonzero(~done).flatten().tolist()
-    if len(todo) < len(rois):
-        log.info("resuming: %d of %d ROIs already extracted in %s", len(rois) - len(todo), len(rois), shard_dir)
+    if len(todo) < len(todo_rois):
+        log.info("resuming: %d of %d ROIs already extracted in %s", len(todo_rois) - len(todo), len(todo_rois),
+                 shard_dir)
     dl = DataLoader(torch.utils.data.Subset(ds, todo), batch_size=batch_size, num_workers=num_workers,
                     collate_fn=collate_skipping)
     trainer = L.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_model_summary": False,
@@ -121,21 +136,39 @@ def extract_embeddings(encoder, root, rois: pd.DataFrame, resolution: int, cache
     if todo:
         trainer.predict(EncoderPredictor(encoder.eval()), dl, return_predictions=False)
     trainer.strategy.barrier()
-    result = None
     if trainer.is_global_zero:
-        feats, errors = _merge(shard_dir, len(rois), encoder.embed_dim)
-        failed = sorted({i for i, _ in errors})
-        result = {**feats, "image_id": rois.image_id.tolist(), "roi": rois.roi.tolist(),
-                  "label": torch.tensor(rois.label.to_numpy()), "split": rois.split.tolist(),
-                  "errors": [(rois.image_id.iloc[i], msg) for i, msg in errors], "failed": failed,
-                  "key_parts": key_parts, "resolution": resolution}
+        feats, errors = _merge(shard_dir, len(todo_rois), encoder.embed_dim)
+        ok = ~torch.isnan(feats["cls"]).any(1)
+        new_positions = [want[missing[i]] for i in torch.nonzero(ok).flatten().tolist()]
+        merged = {"positions": (store["positions"] if store else []) + new_positions,
+                  "cls": torch.cat([store["cls"], feats["cls"][ok]]) if store else feats["cls"][ok],
+                  "mean": torch.cat([store["mean"], feats["mean"][ok]]) if store else feats["mean"][ok],
+                  "key_parts": key_parts, "resolution": resolution, "version": EXTRACT_VERSION,
+                  # failed reads of this pass, by position (not reused: a repaired slide is read again next run)
+                  "last_errors": {want[missing[i]]: msg for i, msg in errors}}
         with atomic_path(path) as tmp:
-            torch.save(result, tmp)
+            torch.save(merged, tmp)
         for part in shard_dir.glob("part_*.pt"):
             part.unlink()
         if shard_dir.is_dir():
             shard_dir.rmdir()
     trainer.strategy.barrier()
-    if result is None:
-        result = torch.load(path, weights_only=False)
-    return result
+    store = torch.load(path, weights_only=False)
+    return _aligned(store, {p: i for i, p in enumerate(store["positions"])}, want, rois)
+
+
+def _aligned(store: dict, have: dict, want: list[tuple], rois: pd.DataFrame) -> dict:
+    """The cached embeddings in the order of ``rois``, with its current labels and split; NaN rows where a read
+    failed (listed in ``errors`` / ``failed``)."""
+    dim = store["cls"].shape[1]
+    cls, mean = torch.full((len(want), dim), float("nan")), torch.full((len(want), dim), float("nan"))
+    rows = [(i, have[p]) for i, p in enumerate(want) if p in have]
+    if rows:
+        dst, src = map(list, zip(*rows))
+        cls[dst], mean[dst] = store["cls"][src], store["mean"][src]
+    failed = [i for i, p in enumerate(want) if p not in have]
+    last = store.get("last_errors", {})
+    errors = [(rois.image_id.iloc[i], last.get(want[i], "ROI could not be read")) for i in failed]
+    return {"cls": cls, "mean": mean, "image_id": rois.image_id.tolist(), "roi": rois.roi.tolist(),
+            "label": torch.tensor(rois.label.to_numpy()), "split": rois.split.tolist(), "errors": errors,
+            "failed": failed, "key_parts": store["key_parts"], "resolution": store["resolution"]}
