@@ -68,3 +68,33 @@ def test_joblib_multirun(tmp_path):
     overrides = [OmegaConf.load(m.parent / ".hydra" / "overrides.yaml") for m in metrics]
     assert sorted(x for o in overrides for x in o if x.startswith("lr=")) == ["lr=0.05", "lr=0.2"]
 
+
+
+def test_parallel_jobs_extract_shared_embeddings_once(tmp_path):
+    """Two jobs started together (joblib, a SLURM array) needing the same embeddings: one extracts, the other
+    waits on the cache lock and then hits the cache."""
+    from hirespath.data.panda_synthetic import make_synthetic_panda
+
+    root = make_synthetic_panda(tmp_path / "panda", num_slides=8, size=(384, 512), seed=5)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(ROOT / "tasks" / "extract.py"), f"data.root={root}", "data.fov_um=96",
+            "backbone=tiny", "resolution=224", f"paths.cache_dir={tmp_path / 'cache'}"]
+    procs = [subprocess.Popen([*args, f"hydra.run.dir={tmp_path / f'job{i}'}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
+    assert sum("cache miss" in o for o in outs) == 1 and sum("cache hit" in o for o in outs) == 1, outs
+    assert not list((tmp_path / "cache" / "embeddings").glob("*.lock"))
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import socket
+
+    from hirespath.utils.io import exclusive_lock
+
+    lock = tmp_path / "x.lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{socket.gethostname()}:{dead.stdout.strip()}")
+    with exclusive_lock(lock, poll_s=0.1):
+        assert lock.read_text() == f"{socket.gethostname()}:{os.getpid()}"
+    assert not lock.exists()

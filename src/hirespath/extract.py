@@ -9,6 +9,7 @@ ROIs it lacks ("cache hit" when none). Reads that failed are not cached: they ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from .data.panda import PandaROIDataset, collate_skipping
-from .utils.io import atomic_path
+from .utils.io import atomic_path, exclusive_lock
 
 log = logging.getLogger("hirespath.extract")
 EXTRACT_VERSION = 2  # 2: cache files store embeddings per ROI position
@@ -106,9 +107,26 @@ def roi_positions(rois: pd.DataFrame) -> list[tuple]:
 def extract_embeddings(encoder, root, rois: pd.DataFrame, resolution: int, cache_dir, key_parts: dict, *,
                        batch_size: int = 4, num_workers: int = 0, trainer_kwargs: dict | None = None,
                        flush_every: int = 50) -> dict:
-    """Embeddings of every ROI (rows of ``rois``, in order), extracting only those the cache lacks."""
+    """Embeddings of every ROI (rows of ``rois``, in order), extracting only those the cache lacks.
+
+    A single-process job holds ``<key>.lock`` while it extracts, so parallel jobs needing the same embeddings
+    (the two heads of a grid point under joblib or a SLURM array) extract them once: the second waits, then hits
+    the cache. DDP jobs do not lock (their ranks must all take part).
+    """
     key = cache_key({**key_parts, "resolution": resolution, "version": EXTRACT_VERSION})
     path = Path(cache_dir) / "embeddings" / f"{key}.pt"
+    tk = trainer_kwargs or {}
+    distributed = str(tk.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")) or \
+        str(tk.get("devices", 1)) not in ("1", "[0]", "auto") or int(tk.get("num_nodes", 1)) > 1
+    lock = contextlib.nullcontext() if distributed else \
+        exclusive_lock(path.with_suffix(".lock"), f"another job extracting the same embeddings ({path.name})")
+    with lock:
+        return _extract(encoder, root, rois, resolution, path, key, key_parts, batch_size=batch_size,
+                        num_workers=num_workers, trainer_kwargs=trainer_kwargs, flush_every=flush_every)
+
+
+def _extract(encoder, root, rois: pd.DataFrame, resolution: int, path: Path, key: str, key_parts: dict, *,
+             batch_size: int, num_workers: int, trainer_kwargs: dict | None, flush_every: int) -> dict:
     want = roi_positions(rois)
     store = torch.load(path, weights_only=False) if path.is_file() else None
     have = {p: i for i, p in enumerate(store["positions"])} if store else {}
