@@ -216,7 +216,9 @@ def test_classify_end_to_end(panda_root, tmp_path, head, caplog):
     figs = list((tmp_path / "run" / "figures").glob("*.png"))
     assert any("pruned_tokens" in f.name for f in figs) and any("sparse_attention" in f.name for f in figs)
     preds = pd.read_csv(tmp_path / "run" / "predictions.csv")
-    assert len(preds) == 4 and set(preds.columns) >= {"image_id", "label", "pred", "p0", "p5"}
+    assert len(preds) == 4 and set(preds.columns) >= {"image_id", "data_provider", "label", "pred", "p0", "p5"}
+    providers = pd.read_csv(panda_root / "train.csv").set_index("image_id").data_provider
+    assert (preds.data_provider == providers.reindex(preds.image_id).to_numpy()).all()
 
 
 def test_embedding_cache_hit_and_atomic_write(panda_root, tmp_path, caplog, monkeypatch):

@@ -180,7 +180,10 @@ def run_classify(cfg: DictConfig) -> dict:
     write_json(out_dir / "metrics.json", metrics)
     test_ids = feats[feats.split == "test"].image_id.tolist()
     with atomic_path(out_dir / "predictions.csv") as tmp:
-        pd.DataFrame({"image_id": test_ids, "label": yte.numpy(), "pred": probs.argmax(1).numpy(),
+        provider = rois.groupby("image_id").data_provider.first() if "data_provider" in rois else None
+        pd.DataFrame({"image_id": test_ids,
+                      **({"data_provider": provider.reindex(test_ids).to_numpy()} if provider is not None else {}),
+                      "label": yte.numpy(), "pred": probs.argmax(1).numpy(),
                       **{f"p{c}": probs[:, c].numpy() for c in range(NUM_CLASSES)}}).to_csv(tmp, index=False)
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)})

@@ -157,9 +157,11 @@ def locate_all(root: Path, split: pd.DataFrame, fov_um: float, rois_per_slide: i
             save()
     if todo:
         save()
-    lab = split[["image_id", "isup_grade", "split"]].rename(columns={"isup_grade": "label"}).astype({"image_id": str})
+    extra = [c for c in ("data_provider",) if c in split]  # kept for per-provider analysis of the predictions
+    lab = split[["image_id", "isup_grade", "split", *extra]].rename(columns={"isup_grade": "label"})
+    lab = lab.astype({"image_id": str})
     rois_df = pd.DataFrame(rows, columns=loc_cols).merge(lab, on="image_id")  # inner: drops excluded slides
-    cols = ["image_id", "roi", "label", "split", "mpp", "x", "y", "size", "tissue_fraction"]
+    cols = ["image_id", "roi", "label", "split", "mpp", "x", "y", "size", "tissue_fraction", *extra]
     skipped_df = pd.DataFrame(skipped, columns=["image_id", "reason"])
     return rois_df[cols].reset_index(drop=True), skipped_df[skipped_df.image_id.isin(lab.image_id)].reset_index(drop=True)
 
