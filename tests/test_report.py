@@ -193,3 +193,14 @@ def test_vanilla_cost_is_eager_and_failed_jobs_are_listed(tmp_path):
     t1 = pd.read_csv(tmp_path / "report" / "table1.csv").set_index("resolution")
     assert t1.seconds_per_image[448] == pytest.approx(2.0) and t1.peak_memory_gb[448] == pytest.approx(6.0)
     assert t1.bench_status[896] == "oom"  # eager ran out of memory; dense's 0.9 s is not vanilla's cost
+
+
+def test_report_warns_when_a_cell_averages_different_data(tmp_path):
+    cls = tmp_path / "classify"
+    for i, root in enumerate(("/data/panda", "/data/panda_synthetic")):
+        job = _job(cls, i, "classify", {"resolution": 448, "attention": "dense", "head": "knn"}, _cls_metrics(0.4))
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        cfg.data = {"root": root}
+        OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+    with pytest.warns(UserWarning, match=r"knn averages runs at .*resolution.*448.* that differ in data_root"):
+        build_report([cls], tmp_path / "report")

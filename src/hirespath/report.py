@@ -52,9 +52,29 @@ CONFIG_KEYS = {
     "prune_layer": ("pruner.layer",),
     "resolution": ("resolution", "data.resolution", "data.image_size"),
     "head": ("head.name",),
+    "head_solver": ("head.solver",),
     "data": ("data.name",),
     "experiment": ("experiment_name",),
+    # not table keys, but runs averaged into one cell must agree on them (see _warn_mixed)
+    "data_root": ("data.root",),
+    "weights": ("backbone.weights",),
+    "features": ("features",),
+    "fov_um": ("data.fov_um",),
 }
+SETTINGS = ("data_root", "weights", "features", "fov_um", "head_solver")
+
+
+def _warn_mixed(runs: pd.DataFrame, keys: Sequence[str], table: str) -> None:
+    """Runs that share a table cell are averaged: say so when they differ in data, weights or features."""
+    cols = [c for c in SETTINGS if c in runs and runs[c].notna().any()]
+    if not cols or not len(runs):
+        return
+    mixed = runs.groupby(list(keys), dropna=False)[cols].nunique(dropna=False)
+    mixed = mixed[(mixed > 1).any(axis=1)]
+    for idx, row in mixed.iterrows():
+        what = ", ".join(c for c in cols if row[c] > 1)
+        warnings.warn(f"report: {table} averages runs at {dict(zip(keys, idx if isinstance(idx, tuple) else (idx,)))} "
+                      f"that differ in {what}; report those sweeps separately", stacklevel=3)
 
 
 @dataclass
@@ -242,6 +262,7 @@ def _classification(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
         sub = cls[cls["head"] == head]
         if not len(sub):
             continue
+        _warn_mixed(sub, keys, head)
         vals = _metric_cols(sub, {m: CLS_METRICS[m] for m in metrics}, prefix)
         part = pd.concat([sub[list(keys)], vals], axis=1).groupby(list(keys), dropna=False).mean().reset_index()
         parts.append(part)
@@ -333,6 +354,7 @@ def _segmentation(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     seg = runs[runs.task == "segment"] if len(runs) else runs
     if not len(seg):
         return pd.DataFrame(columns=[*keys])
+    _warn_mixed(seg, keys, "segmentation")
     vals = _metric_cols(seg, SEG_METRICS)
     mem_key = next((k for k in SEG_MEMORY_KEYS if k in seg), None)
     vals["peak_memory_gb"] = seg[mem_key] if mem_key else np.nan
