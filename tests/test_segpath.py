@@ -354,3 +354,26 @@ def test_every_trainable_parameter_gets_a_gradient():
     model(torch.randn(1, 3, 56, 56), masks, torch.tensor([1])).loss.backward()  # batch size 1: GroupNorm is fine
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+def test_balanced_sampling_draws_each_cell_type_equally(tmp_path):
+    from hirespath.modules.segmentation import SegPathDataModule
+
+    root = make_synthetic_segpath(tmp_path, images_per_split=1, size=56)
+    info = pd.read_csv(root / "panCK_fileinfo.csv")
+    extra = []
+    for k in range(7):  # panCK gets 8 training tiles, every other type 1
+        src = root / "panCK_Epithelium" / info.filename[0]
+        name = info.filename[0].replace("_HE.png", f"{k}_HE.png")
+        (root / "panCK_Epithelium" / name).write_bytes(src.read_bytes())
+        (root / "panCK_Epithelium" / name.replace("_HE.png", "_mask.png")).write_bytes(
+            src.with_name(info.filename[0].replace("_HE.png", "_mask.png")).read_bytes())
+        extra.append([name, "panCK", "train"])
+    pd.concat([info, pd.DataFrame(extra, columns=info.columns)]).to_csv(root / "panCK_fileinfo.csv", index=False)
+    dm = SegPathDataModule(str(root), 56, (0.5,) * 3, (0.5,) * 3, balance_types=True)
+    loader = dm.train_dataloader()
+    torch.manual_seed(0)
+    drawn = torch.tensor([i for _ in range(100) for i in loader.sampler])
+    labels = torch.tensor(loader.dataset.rows.label.to_numpy())[drawn]
+    share = torch.bincount(labels, minlength=8).float() / len(labels)
+    assert len(loader.dataset) == 15 and (share - 1 / 8).abs().max() < 0.03  # panCK would be 8/15 unbalanced

@@ -43,7 +43,8 @@ def run_segment(cfg: DictConfig) -> dict:
     dm = SegPathDataModule(cfg.data.root, int(cfg.resolution), encoder.mean, encoder.std,
                            batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
                            cell_types=cell_types, skip_bad=bool(cfg.data.skip_bad),
-                           max_items=cfg.data.max_items_per_type)
+                           max_items=cfg.data.max_items_per_type,
+                           balance_types=bool(cfg.data.get("balance_types", False)))
     if len(dm.skipped):
         with atomic_path(out_dir / "skipped.csv") as tmp:
             dm.skipped.to_csv(tmp, index=False)

@@ -17,9 +17,11 @@ log = logging.getLogger("hirespath.segment")
 
 class SegPathDataModule(L.LightningDataModule):
     def __init__(self, root: str, resolution: int, mean, std, batch_size: int = 2, num_workers: int = 0,
-                 cell_types=CELL_TYPES, skip_bad: bool = False, max_items: int | None = None):
+                 cell_types=CELL_TYPES, skip_bad: bool = False, max_items: int | None = None,
+                 balance_types: bool = False):
         super().__init__()
         self.root, self.resolution, self.mean, self.std = root, resolution, mean, std
+        self.balance_types = balance_types
         self.batch_size, self.num_workers = batch_size, num_workers
         self.cell_types, self.skip_bad, self.max_items = list(cell_types), skip_bad, max_items
         self.rows, self.skipped = index_segpath(root, self.cell_types, skip_bad)
@@ -47,7 +49,16 @@ class SegPathDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):
-        return self._loader(self._split("train", train=True), True)
+        ds = self._split("train", train=True)
+        if not self.balance_types:
+            return self._loader(ds, True)
+        # every cell type drawn equally often (archives differ in size several-fold); with replacement, one epoch
+        # = as many draws as tiles. Under DDP Lightning wraps this sampler in a distributed one.
+        counts = ds.rows.cell_type.map(ds.rows.cell_type.value_counts())
+        sampler = torch.utils.data.WeightedRandomSampler(torch.tensor(1.0 / counts.to_numpy()), len(ds),
+                                                         replacement=True)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate, drop_last=False, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
         return self._loader(self._split("val"), False)
