@@ -101,3 +101,64 @@ def test_sparse_after_pruning_matches_masked_reference_end_to_end():
             state.x = blk(state.x, attn_mask=mask)
         ref = enc.vit.norm(state.x)
     torch.testing.assert_close(out.patch_tokens, ref[:, 9:], atol=1e-4, rtol=1e-4)
+
+
+def test_kept_count_is_exact_ceiling():
+    from fractions import Fraction
+
+    from hirespath.models.pruning import GlobalAttentionPruner
+
+    for ratio in (0.1, 0.25, 0.4, 0.41, 0.6, 0.7, 0.8, 0.9):
+        for n in (10, 100, 400, 576, 9216, 60025):
+            expected = math.ceil((1 - Fraction(str(ratio))) * n)
+            assert GlobalAttentionPruner(ratio).num_kept(n) == expected, (ratio, n)
+    assert GlobalAttentionPruner(0.7).num_kept(10) == 3  # float arithmetic gives ⌈3.0000000000000004⌉ = 4
+
+
+def test_bf16_pruning_scores_are_computed_in_fp32():
+    """Under bf16 autocast the survivors are those of fp32 scores on the block's own bf16 q/k (bf16 probabilities
+    tie at the cut and change the survivors)."""
+    from hirespath.models.attention import split_heads
+
+    enc = tiny_encoder(attention="sparse", window=4, prune_ratio=0.6, prune_layer=2)
+    x = torch.randn(2, 3, 14 * 24, 14 * 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        state = enc.run_blocks(enc.embed(x), 0, 1)
+        blk = enc.vit.blocks[1]
+        h = blk.norm1(state.x)
+        q, k, _ = split_heads(blk.attn, h)
+        scores = enc.prune_scores(blk.attn, h, state.layout)
+        out = enc(x)
+    P = state.layout.num_prefix
+    with torch.no_grad():
+        ref = torch.einsum("bphd,blhd->bhpl", q[:, :P].float() * blk.attn.scale, k.float()).softmax(-1)
+    ref_scores = ref[:, :, :1, P:].mean(dim=(1, 2))
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, ref_scores)
+    keep = enc.pruner.select(ref_scores)
+    flat = out.positions[..., 0] * 24 + out.positions[..., 1]
+    assert torch.equal(flat, keep)
+
+
+def test_unsupported_vits_are_refused():
+    import hirespath
+
+    for kwargs, match in ((dict(global_pool="avg"), "fc_norm"), (dict(patch_drop_rate=0.2), "patch_drop_rate"),
+                          (dict(class_token=False, global_pool=""), "no class token")):
+        with pytest.raises(ValueError, match=match):
+            hirespath.create_encoder("uni", depth=2, embed_dim=64, num_heads=4, **kwargs)
+
+
+def test_flex_in_training_falls_back_to_gather():
+    """flex has no attention dropout on sparse rows and no CPU backward: training uses the gather kernel."""
+    enc = tiny_encoder(attention="sparse", window=2, sparse_backend="flex", attn_drop_rate=0.5)
+    ref = tiny_encoder(attention="sparse", window=2, sparse_backend="gather", attn_drop_rate=0.5)
+    x = torch.randn(1, 3, 14 * 6, 14 * 6)
+    enc.train()
+    ref.train()
+    torch.manual_seed(1)
+    a = enc(x).patch_tokens
+    torch.manual_seed(1)
+    b = ref(x).patch_tokens
+    torch.testing.assert_close(a, b)
+    a.sum().backward()  # would raise "FlexAttention does not support backward on CPU"

@@ -50,7 +50,7 @@ class TokenLayout:
         rows = torch.arange(grid[0], device=device)
         cols = torch.arange(grid[1], device=device)
         pos = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(1, -1, 2)
-        return cls(grid=grid, positions=pos.expand(batch, -1, -1), num_prefix=num_prefix)
+        return cls(grid=grid, positions=pos.expand(batch, -1, -1).clone(), num_prefix=num_prefix)  # no aliasing
 
     def select(self, keep: Tensor) -> "TokenLayout":
         """Layout of the patch tokens at indices ``keep`` (B×N')."""
@@ -125,9 +125,14 @@ def merge_heads(attn, x: Tensor, out: Tensor) -> Tensor:
 
 
 def prefix_attention_probs(attn, q_prefix: Tensor, k: Tensor) -> Tensor:
-    """Softmax attention of the prefix queries over all keys: B×H×P×L (O(L) memory)."""
-    scores = torch.einsum("bphd,blhd->bhpl", q_prefix * attn.scale, k)
-    return scores.float().softmax(dim=-1).to(q_prefix.dtype)
+    """Softmax attention of the prefix queries over all keys: B×H×P×L in fp32 (O(L) memory).
+
+    Computed and kept in fp32 even under bf16: bf16 probabilities take ~100 distinct values over a 576-token grid,
+    so pruning scores tie at the cut and the survivors depend on rounding.
+    """
+    with torch.autocast(q_prefix.device.type, enabled=False):
+        scores = torch.einsum("bphd,blhd->bhpl", q_prefix.float() * attn.scale, k.float())
+    return scores.softmax(dim=-1)
 
 
 def _dropout_p(attn) -> float:

@@ -95,6 +95,14 @@ class HiResEncoder(nn.Module):
             if missing or not isinstance(blk.attn, Attention):
                 raise ValueError(f"block {i} ({type(blk).__name__}) is not a pre-norm timm Block with timm "
                                  f"Attention (missing {missing}); hirespath supports those ViTs only")
+        # out.cls, the pruning scores and "final normed tokens" assume a CLS token first and the final vit.norm
+        if getattr(vit, "cls_token", None) is None:
+            raise ValueError("the ViT has no class token (class_token=False); hirespath needs CLS as its first token")
+        if not isinstance(getattr(vit, "fc_norm", nn.Identity()), nn.Identity):
+            raise ValueError("the ViT normalises with fc_norm (global_pool='avg'/'avgmax'...) instead of norm; build it "
+                             "with global_pool='token' or '' so the returned tokens are the final normed ones")
+        if getattr(getattr(vit, "patch_drop", None), "prob", 0) > 0:
+            raise ValueError("patch_drop_rate > 0 drops tokens behind hirespath's layout; build the ViT without it")
         self.vit = vit
         self.preset = preset
         self.attention = attention
@@ -182,8 +190,10 @@ class HiResEncoder(nn.Module):
         if self.window >= max(layout.grid):
             # one block holds the whole grid: sparse attention is dense attention (bitwise, as documented)
             return dense_attention(attn, x, layout, qkv)
-        if self.sparse_backend == "flex" or (self.sparse_backend == "auto" and use_flex_by_default(
-                x.is_cuda, layout.grid, self.window, training=torch.is_grad_enabled())):
+        # flex has no attention dropout on the sparse rows and no CPU backward: those cases take the gather kernel
+        flex_ok = not (attn.training and attn.attn_drop.p > 0) and (x.is_cuda or not torch.is_grad_enabled())
+        if flex_ok and (self.sparse_backend == "flex" or (self.sparse_backend == "auto" and use_flex_by_default(
+                x.is_cuda, layout.grid, self.window, training=torch.is_grad_enabled()))):
             return sparse_attention_flex(attn, x, layout, self.window, self.radius, qkv)
         # Bounded chunks of gathered keys: small on CPU (the gathered K/V stay in cache: 8192 rows ran the gather
         # 7× faster than 65536), larger on GPUs (fewer launches).
@@ -204,7 +214,7 @@ class HiResEncoder(nn.Module):
         """Residual MLP; in inference it runs over token chunks to bound the hidden activation."""
         L = x.shape[1]
         chunk = self._mlp_chunk_tokens(blk, x)
-        if torch.is_grad_enabled() or L <= chunk:
+        if torch.is_grad_enabled() or self.training or L <= chunk:  # chunks would draw DropPath per chunk
             return _add_residual(x, blk.mlp(blk.norm2(x)), blk.ls2, blk.drop_path2)
         for s in range(0, L, chunk):
             xs = x[:, s:s + chunk]

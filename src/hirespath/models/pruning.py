@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -37,7 +38,8 @@ class GlobalAttentionPruner:
             raise ValueError(f"prune layer must be in [1, {depth - 1}] for a {depth}-block model, got {self.layer}")
 
     def num_kept(self, n: int) -> int:
-        return max(1, math.ceil((1.0 - self.ratio) * n))
+        # exact ⌈(1−p)·N⌉: in floats (1 − 0.7)·10 is 3.0000000000000004 and would keep 4
+        return max(1, math.ceil((1 - Fraction(str(self.ratio))) * n))
 
     def scores(self, probs: Tensor, num_prefix: int) -> Tensor:
         """``probs``: B×H×P×L prefix-row attention → B×N patch scores."""
