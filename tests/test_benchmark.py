@@ -96,8 +96,13 @@ def test_cost_model_matches_hand_computation():
     # tiny: D=96, SwiGLUPacked hidden 512 (fc1 96→512, fc2 256→96), qkv 96→288, proj 96→96
     lin = 96 * 288 + 96 * 96 + 96 * 512 + 256 * 96
     L = 9 + 16
-    expected = 2 * (2 * lin * L + 4 * L * L * 96)
+    patch_embed = 2 * 3 * 14 * 14 * 96 * 16
+    expected = 2 * (2 * lin * L + 4 * L * L * 96) + patch_embed
     assert encoder_cost(enc, 56).tflops * 1e12 == pytest.approx(expected)
+    with torch.device("meta"):
+        eager = hirespath.create_encoder("tiny", attention="eager", depth=2)
+    # eager holds scores and softmax at once: 2 · heads · L² elements of 2 bytes
+    assert encoder_cost(eager, 56).attn_memory_gb * 1e9 == pytest.approx(2 * 4 * L * L * 2)
     # sparse on a 4×4 grid with window 2: every block neighbourhood covers the whole grid → dense patch keys
     assert _neighbourhood_keys((4, 4), 2, 1) == 16 * 16
     # 1-D check: 6×1 grid, window 2 → blocks of 2; neighbourhoods of 4, 6, 4 keys → 2·4 + 2·6 + 2·4
@@ -113,7 +118,21 @@ def test_cost_model_reproduces_design_numbers():
     assert encoder_cost(local, 1344).tflops == pytest.approx(13.3, abs=0.06)
     assert encoder_cost(pruned, 1344).tflops == pytest.approx(6.5, abs=0.06)
     assert encoder_cost(dense, 3430).tflops == pytest.approx(613, abs=0.6)
+    assert encoder_cost(local, 3430).tflops == pytest.approx(86.7, abs=0.06)
+    assert encoder_cost(pruned, 3430).tflops == pytest.approx(42.4, abs=0.06)
+    assert encoder_cost(dense, 1400).tflops == pytest.approx(28.4, abs=0.06)
+    assert encoder_cost(local, 1400).tflops == pytest.approx(14.4, abs=0.06)
+    assert encoder_cost(pruned, 1400).tflops == pytest.approx(7.1, abs=0.06)
     assert encoder_cost(dense, 3430).tokens == 60_025
+
+
+def test_backend_of_the_attention_group_is_used_and_labels_are_distinct():
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("benchmark", overrides=["attention.backend=gather"])
+    assert [c.sparse_backend for c in bm.configs_from(cfg)] == ["gather"]
+    labels = {bm.BenchConfig(radius=1).label, bm.BenchConfig(radius=2).label,
+              bm.BenchConfig(prune_ratio=0.6).label, bm.BenchConfig(prune_ratio=0.6, prune_score_tokens="all").label}
+    assert len(labels) == 4
 
 
 def test_experiment_configs_compose():

@@ -57,8 +57,11 @@ class BenchConfig:
         if self.attention != "sparse":
             name = self.attention
         else:
-            name = f"sparse w={self.window}" + (f" [{self.sparse_backend}]" if self.sparse_backend != "auto" else "")
-        return name + (f" + prune {self.prune_ratio:g}@{self.prune_layer}" if self.prune_ratio > 0 else "")
+            name = f"sparse w={self.window}" + (f" r={self.radius}" if self.radius != 1 else "") + \
+                (f" [{self.sparse_backend}]" if self.sparse_backend != "auto" else "")
+        prune = f" + prune {self.prune_ratio:g}@{self.prune_layer}" + \
+            (f" ({self.prune_score_tokens})" if self.prune_score_tokens != "cls" else "")
+        return name + (prune if self.prune_ratio > 0 else "")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -246,7 +249,8 @@ class Benchmark:
         """The encoder of ``cfg`` on the shared weights, and its CSV row with the analytic cost (not yet measured)."""
         self.check_resolution(resolution)
         enc = _wrap(self.vit, self.preset, cfg, self.sparse_backend).eval()
-        cost = encoder_cost(enc, resolution, bytes_per_element=2 if self.dtype != "fp32" else 4)
+        cost = encoder_cost(enc, resolution, bytes_per_element=2 if self.dtype != "fp32" else 4,
+                            device=self.device.type)
         backend = ""
         if cfg.attention == "sparse":
             backend = enc.sparse_backend
@@ -421,7 +425,10 @@ if __name__ == "__main__":  # the CPU memory worker
 
 def configs_from(cfg) -> list[BenchConfig]:
     """The composed attention/pruner groups, or the explicit ``compare`` list (one plot line each)."""
-    base = dict(sparse_backend=str(cfg.get("sparse_backend", "auto")), attention=cfg.attention.mode, window=int(cfg.attention.window), radius=int(cfg.attention.radius),
+    # the benchmark's own sparse_backend, else the attention group's backend (what tasks use)
+    backend = str(cfg.get("sparse_backend", "auto"))
+    backend = str(cfg.attention.get("backend", "auto")) if backend == "auto" else backend
+    base = dict(sparse_backend=backend, attention=cfg.attention.mode, window=int(cfg.attention.window), radius=int(cfg.attention.radius),
                 prune_ratio=float(cfg.pruner.ratio), prune_layer=int(cfg.pruner.layer),
                 prune_score_tokens=str(cfg.pruner.score_tokens))
     if not cfg.get("compare"):

@@ -1,6 +1,6 @@
 """Analytic cost of one encoder forward: FLOPs and transient attention memory, per attention mode.
 
-FLOPs count a multiply-add as 2. Linear layers are read off the model itself (so SwiGLU, registers and any
+FLOPs count a multiply-add as 2. The patch embedding and the linear layers are read off the model itself (so SwiGLU, registers and any
 arch override are counted exactly); attention FLOPs are 2·2·(queries)·(keys)·D per block (QKᵀ and PV).
 Sparse keys are counted exactly for the full grid (block neighbourhoods clipped at the border); after
 pruning, a fraction (1−p) of each neighbourhood is expected to survive.
@@ -37,8 +37,9 @@ def _neighbourhood_keys(grid: tuple[int, int], window: int, radius: int) -> int:
     return sum(qr * qc * kr * kc for qr, kr in rows for qc, kc in cols)
 
 
-def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: int = 2) -> Cost:
-    """Cost of ``encoder`` (a HiResEncoder) on one image of ``resolution`` pixels (side, or (H, W))."""
+def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: int = 2, device: str = "cuda") -> Cost:
+    """Cost of ``encoder`` (a HiResEncoder) on one image of ``resolution`` pixels (side, or (H, W)) on ``device``
+    (``cpu`` or ``cuda``: the sparse kernel's key chunk differs)."""
     H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     p = encoder.patch_size
     grid = (H // p, W // p)
@@ -54,7 +55,7 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
         full_blocks = pruner.layer
         kept_frac = pruner.num_kept(N) / N
 
-    flops = 0.0
+    flops = 2 * 3 * p * p * D * N  # patch embedding (a p×p stride-p convolution: one 3p²→D product per patch)
     attn_mem = 0.0
     for i, blk in enumerate(encoder.vit.blocks):
         frac = 1.0 if i < full_blocks else kept_frac
@@ -63,12 +64,14 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
         flops += 2 * _linear_macs_per_token(blk) * L
         if encoder.attention in ("dense", "eager"):
             flops += 4 * L * L * D
-            mem = heads * L * L * bytes_per_element if encoder.attention == "eager" else heads * L * 4
+            # eager holds the scores and their softmax at once (two H·L² buffers); SDPA keeps O(L) statistics
+            mem = 2 * heads * L * L * bytes_per_element if encoder.attention == "eager" else heads * L * 4
         else:
             keys = _neighbourhood_keys(grid, encoder.window, encoder.radius) * frac * frac
             flops += 4 * (keys + n * P + P * L) * D  # patch→patch, patch→prefix, prefix→all
             # upper bound over the kernels: flex's slot buffers for q, k, v, out (4·N·D; the gather kernel needs
-            # only the output rows) plus one chunk of gathered K and V (the GPU default chunk)
-            mem = (4 * n * D + 2 * min(encoder.attn_chunk_keys or (1 << 18), L * 9) * D) * bytes_per_element
+            # only the output rows) plus one chunk of gathered K and V (the kernel's default chunk on that device)
+            chunk = encoder.attn_chunk_keys or (1 << 13 if device == "cpu" else 1 << 18)
+            mem = (4 * n * D + 2 * min(chunk, L * 9) * D) * bytes_per_element
         attn_mem = max(attn_mem, mem)
     return Cost(tokens=N, tflops=flops / 1e12, attn_memory_gb=attn_mem / 1e9)
