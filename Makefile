@@ -10,7 +10,7 @@ help:
 	@echo "make install   create .venv and install hirespath (editable) with test and launcher extras"
 	@echo "make test      fast CPU test suite (excludes @pytest.mark.slow)"
 	@echo "make test-all  every test, slow ones included"
-	@echo "make demo      end-to-end demo on generated data with the tiny preset (CPU, a few minutes)"
+	@echo "make demo      end-to-end demo on generated data with the tiny preset (CPU, about 1.5 minutes)"
 	@echo "make benchmark CPU benchmark of the attention modes (see README, Benchmarks)"
 
 $(PY):
