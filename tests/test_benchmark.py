@@ -49,6 +49,21 @@ def test_cpu_peak_memory_in_subprocess_grows_with_tokens(tmp_path):
     assert large["peak_memory_gb"] > 0.015
 
 
+def test_memory_worker_loads_the_benchmarked_weights(tmp_path):
+    """The CPU memory worker runs the same weights as the timed model (pruning survivors depend on them)."""
+    import hirespath
+
+    src = hirespath.create_encoder("tiny", depth=2, init_values=1.0)
+    path = tmp_path / "w.pth"
+    torch.save(dict(src.vit.state_dict()), path)
+    bench = bm.Benchmark("tiny", overrides={"depth": 2, "init_values": 1.0}, weights=path, repeats=1, warmup=0)
+    spec = bench._worker_spec(bm.BenchConfig(prune_ratio=0.5, prune_layer=1), 112)
+    assert spec["weights"] == str(path) and bm.cpu_peak_memory(spec)["status"] == "ok"
+    torch.save({"not": torch.zeros(1)}, path)  # the worker really reads the file
+    with pytest.raises(RuntimeError, match="does not match the architecture"):
+        bm.cpu_peak_memory(spec)
+
+
 def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch):
     bench = bm.Benchmark("tiny", overrides={"depth": 2}, repeats=1, warmup=0, cpu_memory=False)
     real = bm.time_forward

@@ -156,7 +156,7 @@ def cpu_memory_worker(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     preset = get_backbone(spec["backbone"])
-    vit = build_timm_model(preset, **spec["overrides"])
+    vit = build_timm_model(preset, weights=spec.get("weights"), **spec["overrides"])
     cfg = BenchConfig(**spec["config"])
     enc = _wrap(vit, preset, cfg, spec.get("sparse_backend", "auto")).eval()
     if spec["dtype"] != "fp32":
@@ -214,6 +214,7 @@ class Benchmark:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backbone = backbone
+        self.weights = str(weights) if weights else None  # the CPU memory worker loads them too
         self.overrides = dict(overrides or {})
         self.batch_size, self.warmup, self.repeats, self.seed = batch_size, warmup, repeats, seed
         self.sparse_backend = sparse_backend
@@ -292,7 +293,8 @@ class Benchmark:
         return row
 
     def _worker_spec(self, cfg: BenchConfig, resolution: int) -> dict:
-        return dict(backbone=self.backbone, overrides=self.overrides, config=asdict(cfg), dtype=self.dtype,
+        return dict(backbone=self.backbone, weights=self.weights, overrides=self.overrides, config=asdict(cfg),
+                    dtype=self.dtype,
                     batch_size=self.batch_size, resolution=resolution, seed=self.seed,
                     memory_budget_gb=self.memory_budget_gb, threads=torch.get_num_threads(),
                     sparse_backend=self.sparse_backend)
