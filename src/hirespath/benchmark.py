@@ -294,8 +294,7 @@ class Benchmark:
 
     def _worker_spec(self, cfg: BenchConfig, resolution: int) -> dict:
         return dict(backbone=self.backbone, weights=self.weights, overrides=self.overrides, config=asdict(cfg),
-                    dtype=self.dtype,
-                    batch_size=self.batch_size, resolution=resolution, seed=self.seed,
+                    dtype=self.dtype, batch_size=self.batch_size, resolution=resolution, seed=self.seed,
                     memory_budget_gb=self.memory_budget_gb, threads=torch.get_num_threads(),
                     sparse_backend=self.sparse_backend)
 

@@ -85,14 +85,12 @@ def save_figures(encoder, root: Path, rois: pd.DataFrame, resolution: int, out_d
     """Pruned-token overlays for the first ``n`` test ROIs and a picture of the sparse attention pattern."""
     import matplotlib.pyplot as plt
 
-    from .data.wsi import ROI, read_roi
+    from .data.wsi import ROI, SlideError, read_roi
     from .viz.overlays import pruned_token_overlay, sparse_pattern_figure
 
     paths = []
     figs = out_dir / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    from .data.wsi import SlideError
-
     for r in rois[rois.split == "test"].itertuples():
         if len(paths) >= n:
             break

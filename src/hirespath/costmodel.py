@@ -1,9 +1,9 @@
 """Analytic cost of one encoder forward: FLOPs and transient attention memory, per attention mode.
 
-FLOPs count a multiply-add as 2. The patch embedding and the linear layers are read off the model itself (so SwiGLU, registers and any
-arch override are counted exactly); attention FLOPs are 2·2·(queries)·(keys)·D per block (QKᵀ and PV).
-Sparse keys are counted exactly for the full grid (block neighbourhoods clipped at the border); after
-pruning, a fraction (1−p) of each neighbourhood is expected to survive.
+FLOPs count a multiply-add as 2. The patch embedding (3·p² → D per patch) is counted, and the linear layers are
+read off the model itself (so SwiGLU, registers and any arch override are counted exactly); attention FLOPs are
+2·2·(queries)·(keys)·D per block (QKᵀ and PV). Sparse keys are counted exactly for the full grid (block
+neighbourhoods clipped at the border); after pruning, a fraction (1−p) of each neighbourhood is expected to survive.
 """
 
 from __future__ import annotations

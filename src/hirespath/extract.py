@@ -129,11 +129,11 @@ def _extract(encoder, root, rois: pd.DataFrame, resolution: int, path: Path, key
              batch_size: int, num_workers: int, trainer_kwargs: dict | None, flush_every: int) -> dict:
     want = roi_positions(rois)
     store = torch.load(path, weights_only=False) if path.is_file() else None
-    have = {p: i for i, p in enumerate(store["positions"])} if store else {}
+    have = set(store["positions"]) if store else set()
     missing = [i for i, p in enumerate(want) if p not in have]
     if not missing:
         log.info("cache hit: %s", path)
-        return _aligned(store, have, want, rois)
+        return _aligned(store, want, rois)
     log.info("cache %s: extracting %d of %d ROIs at %d px into %s", "update" if store else "miss", len(missing),
              len(rois), resolution, path)
     todo_rois = rois.iloc[missing].reset_index(drop=True)
@@ -154,6 +154,7 @@ def _extract(encoder, root, rois: pd.DataFrame, resolution: int, path: Path, key
     if todo:
         trainer.predict(EncoderPredictor(encoder.eval()), dl, return_predictions=False)
     trainer.strategy.barrier()
+    merged = None
     if trainer.is_global_zero:
         feats, errors = _merge(shard_dir, len(todo_rois), encoder.embed_dim)
         ok = ~torch.isnan(feats["cls"]).any(1)
@@ -171,13 +172,14 @@ def _extract(encoder, root, rois: pd.DataFrame, resolution: int, path: Path, key
         if shard_dir.is_dir():
             shard_dir.rmdir()
     trainer.strategy.barrier()
-    store = torch.load(path, weights_only=False)
-    return _aligned(store, {p: i for i, p in enumerate(store["positions"])}, want, rois)
+    # rank 0 has the file it wrote in memory; other ranks read it
+    return _aligned(merged if merged is not None else torch.load(path, weights_only=False), want, rois)
 
 
-def _aligned(store: dict, have: dict, want: list[tuple], rois: pd.DataFrame) -> dict:
+def _aligned(store: dict, want: list[tuple], rois: pd.DataFrame) -> dict:
     """The cached embeddings in the order of ``rois``, with its current labels and split; NaN rows where a read
     failed (listed in ``errors`` / ``failed``)."""
+    have = {p: i for i, p in enumerate(store["positions"])}
     dim = store["cls"].shape[1]
     cls, mean = torch.full((len(want), dim), float("nan")), torch.full((len(want), dim), float("nan"))
     rows = [(i, have[p]) for i, p in enumerate(want) if p in have]

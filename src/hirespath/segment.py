@@ -28,6 +28,10 @@ def run_segment(cfg: DictConfig) -> dict:
     if float(cfg.pruner.ratio) > 0:
         raise ValueError(f"segmentation needs the full patch grid, but pruner.ratio={cfg.pruner.ratio}: use pruner=none "
                          "(token pruning is for classification only)")
+    cell_types = list(cfg.data.get("cell_types") or CELL_TYPES)
+    unknown = sorted(set(cell_types) - set(CELL_TYPES))
+    if unknown:
+        raise ValueError(f"data.cell_types: unknown {unknown}; choose among {list(CELL_TYPES)}")
     encoder = instantiate(cfg.encoder)
     p = encoder.patch_size
     if cfg.resolution % p:
@@ -36,10 +40,6 @@ def run_segment(cfg: DictConfig) -> dict:
     head = OmegaConf.to_container(cfg.head, resolve=True)
     head.pop("name", None)
     model = SegmentationModel(encoder, num_classes=len(CELL_TYPES), **head)
-    cell_types = list(cfg.data.get("cell_types") or CELL_TYPES)
-    unknown = sorted(set(cell_types) - set(CELL_TYPES))
-    if unknown:
-        raise ValueError(f"data.cell_types: unknown {unknown}; choose among {list(CELL_TYPES)}")
     dm = SegPathDataModule(cfg.data.root, int(cfg.resolution), encoder.mean, encoder.std,
                            batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
                            cell_types=cell_types, skip_bad=bool(cfg.data.skip_bad),
@@ -75,9 +75,7 @@ def run_segment(cfg: DictConfig) -> dict:
 def save_overlays(module: SegmentationModule, dm: SegPathDataModule, out_dir: Path) -> list[Path]:
     from .viz.segmentation import segmentation_overlay
 
-    rows = dm.rows[dm.rows.split == "test"].reset_index(drop=True)
-    if dm.max_items:
-        rows = rows.groupby("cell_type", sort=False).head(dm.max_items).reset_index(drop=True)
+    rows = dm.split_rows("test")
     paths = []
     (out_dir / "overlays").mkdir(exist_ok=True)
     for i, pred, target, t in module.overlay_items:

@@ -189,19 +189,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def strip_prefix(state: dict[str, torch.Tensor], own: dict) -> tuple[dict[str, torch.Tensor], str]:
+def strip_prefix(state: dict[str, torch.Tensor], own: dict) -> dict[str, torch.Tensor]:
     """Keys saved from a wrapper (DDP ``module.``, Lightning ``model.``, ``_orig_mod.``, HiResEncoder ``vit.``, ...):
     if no key matches the model but some key ends with one of the model's key names, keep the keys under that prefix."""
     if set(state) & set(own):
-        return state, ""
+        return state
     anchors = ("pos_embed", "patch_embed.proj.weight", "cls_token", "norm.weight")
     for anchor in anchors:
         prefixes = {k[: -len(anchor)] for k in state if k.endswith("." + anchor)}
         for prefix in sorted(prefixes, key=len):
             sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if set(sub) == set(own):
-                return sub, prefix
-    return state, ""
+                return sub
+    return state
 
 
 def _listing(keys: list[str], n: int = 8) -> str:
@@ -224,7 +224,7 @@ def _guess_preset(state: dict[str, torch.Tensor]) -> str | None:
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load ``path`` into ``model`` strictly, listing missing or unexpected keys on failure."""
     own = model.state_dict()
-    state, _ = strip_prefix(read_state_dict(path), own)
+    state = strip_prefix(read_state_dict(path), own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)

@@ -6,6 +6,7 @@ import logging
 from types import SimpleNamespace
 
 import lightning as L
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
@@ -26,18 +27,23 @@ class SegPathDataModule(L.LightningDataModule):
         self.cell_types, self.skip_bad, self.max_items = list(cell_types), skip_bad, max_items
         self.rows, self.skipped = index_segpath(root, self.cell_types, skip_bad)
 
-    def _split(self, name: str, train: bool = False) -> SegPathDataset:
+    def split_rows(self, name: str) -> pd.DataFrame:
+        """The rows of split ``name`` a loader of it yields, in its order (at most ``max_items`` per cell type)."""
         rows = self.rows[self.rows.split == name]
         if self.max_items:
             rows = rows.groupby("cell_type", sort=False).head(self.max_items)
+        return rows.reset_index(drop=True)
+
+    def _split(self, name: str, train: bool = False) -> SegPathDataset:
+        rows = self.split_rows(name)
         if len(rows) == 0:
             raise ValueError(f"SegPath root {self.root} has no {name!r} images")
         return SegPathDataset(rows, self.resolution, self.mean, self.std, train=train)
 
-    def _loader(self, ds, shuffle: bool) -> DataLoader:
-        sampler = None
-        if not shuffle and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+    def _loader(self, ds, shuffle: bool, sampler=None) -> DataLoader:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        if not shuffle and sampler is None and distributed:
             # Lightning's default DDP sampler pads uneven splits by repeating images, which would count them
             # twice in the summed metric counts; each evaluation image must be seen exactly once.
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -57,8 +63,7 @@ class SegPathDataModule(L.LightningDataModule):
         counts = ds.rows.cell_type.map(ds.rows.cell_type.value_counts())
         sampler = torch.utils.data.WeightedRandomSampler(torch.tensor(1.0 / counts.to_numpy()), len(ds),
                                                          replacement=True)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=collate, drop_last=False, persistent_workers=self.num_workers > 0)
+        return self._loader(ds, False, sampler)
 
     def val_dataloader(self):
         return self._loader(self._split("val"), False)

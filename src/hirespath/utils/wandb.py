@@ -20,8 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("hirespath")
 
-# Overrides that say where/how a job runs, not what it computes: left out of run names.
-# left out of run names: where and how a job runs, and what every job of a grid shares (data and weights paths)
+# Left out of run names: where and how a job runs, and what every job of a grid shares (data and weights paths).
 NAME_EXCLUDE = ("hydra", "logger", "paths", "trainer", "callbacks", "tags", "task_name", "experiment_name", "resume",
                 "data.root", "backbone.weights")
 
