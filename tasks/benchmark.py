@@ -8,14 +8,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from hirespath.benchmark import run_from_config
+from hirespath.tasks.benchmark import run_benchmark
 from hirespath.utils.hydra import task_wrapper
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 @task_wrapper
 def main(cfg: DictConfig) -> None:
-    run_from_config(cfg)
+    run_benchmark(cfg)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from hirespath.classify import run_classify
+from hirespath.tasks.classify import run_classify
 from hirespath.utils.hydra import task_wrapper
 
 

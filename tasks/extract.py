@@ -6,7 +6,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from hirespath.classify import run_extract
+from hirespath.tasks.extract import run_extract
 from hirespath.utils.hydra import task_wrapper
 
 

@@ -7,7 +7,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from hirespath.segment import run_segment
+from hirespath.tasks.segment import run_segment
 from hirespath.utils.hydra import task_wrapper
 
 

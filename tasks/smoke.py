@@ -9,7 +9,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from hirespath.smoke import run_smoke
+from hirespath.tasks.smoke import run_smoke
 from hirespath.utils.hydra import task_wrapper
 
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_encoder
-from hirespath.models.attention import (TokenLayout, build_gather_chunks, merge_heads, sparse_attention,
-                                       sparse_reference_mask, split_heads)
+
+from hirespath.models.attention import TokenLayout, build_gather_chunks, merge_heads, sparse_attention, sparse_reference_mask, split_heads
 
 
 def masked_reference(attn, x, mask):

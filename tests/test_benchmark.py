@@ -9,8 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import hirespath
-from hirespath import benchmark as bm
-from hirespath.costmodel import _neighbourhood_keys, encoder_cost
+from hirespath.benchmark import measure as bm
+from hirespath.benchmark.costmodel import _neighbourhood_keys, encoder_cost
+from hirespath.tasks.benchmark import run_benchmark
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -25,7 +26,7 @@ def _cfg(tmp_path, overrides):
 def test_benchmark_task_writes_csv_and_plot(tmp_path):
     cfg = _cfg(tmp_path, ["backbone=tiny", "resolutions=[56,112]", "repeats=1", "warmup=0", "cpu_memory=false",
                           "compare=[{attention: dense, prune_ratio: 0.0},{attention: sparse, window: 2, prune_ratio: 0.5, prune_layer: 2}]"])
-    result = bm.run_from_config(cfg)
+    result = run_benchmark(cfg)
     df = pd.read_csv(tmp_path / "benchmark.csv")
     for col in ["backbone", "attention", "window", "prune_ratio", "prune_layer", "dtype", "device", "resolution",
                 "tokens", "seconds_per_image", "peak_memory_gb", "status"]:

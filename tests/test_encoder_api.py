@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_encoder
 from safetensors.torch import save_file
 
 import hirespath
-from conftest import tiny_encoder
 from hirespath.models.backbones import build_timm_model, get_backbone
 
 
@@ -180,9 +180,10 @@ def test_bad_images():
 
 
 def test_hydra_config_instantiates_the_same_encoder():
+    from pathlib import Path
+
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    from pathlib import Path
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(str(conf), version_base="1.3"):

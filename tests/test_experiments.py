@@ -1,9 +1,8 @@
 """Every experiment and launcher config composes; grids have the paper's sizes."""
 
 import pytest
-from hydra import compose, initialize_config_dir
-
 from conftest import CONF_DIR
+from hydra import compose, initialize_config_dir
 
 
 def _compose(task, overrides):

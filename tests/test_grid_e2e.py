@@ -23,7 +23,7 @@ def _task(name, *args, cwd):
 
 
 def test_two_by_two_grid_wandb_and_report(tmp_path):
-    from hirespath.report import build_report
+    from hirespath.report.tables import build_report
     from hirespath.utils.wandb import offline_runs
 
     data = tmp_path / "panda"

@@ -131,8 +131,7 @@ def test_knn_matches_scikit_learn():
 
 
 def test_metrics_match_scikit_learn():
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score,
-                                 roc_auc_score)
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
     from hirespath.metrics.classification import classification_metrics
 
@@ -177,7 +176,7 @@ def test_uni_probe_minimises_unis_objective():
 def test_adamw_probe_learns_badly_scaled_embeddings(tmp_path):
     """Embeddings with a large offset and scale (as some backbones give): the probe standardises them with the
     training statistics, stored in the checkpoint, and separates the classes."""
-    from hirespath.heads.linear_probe import train_linear_probe
+    from hirespath.modules.linear_probe import train_linear_probe
 
     g = torch.Generator().manual_seed(3)
     y = torch.randint(0, 3, (90,), generator=g)
@@ -198,7 +197,7 @@ def _compose(overrides, out, cache):
 
 @pytest.mark.parametrize("head", ["knn", "linear_probe", "linear_probe_uni"])
 def test_classify_end_to_end(panda_root, tmp_path, head, caplog):
-    from hirespath.classify import run_classify
+    from hirespath.tasks.classify import run_classify
 
     head_args = {"knn": ["head=knn", "head.k=3"], "linear_probe": ["head=linear_probe", "head.max_epochs=3"],
                  "linear_probe_uni": ["head=linear_probe", "head.solver=uni"]}[head]
@@ -224,8 +223,8 @@ def test_classify_end_to_end(panda_root, tmp_path, head, caplog):
 def test_embedding_cache_hit_and_atomic_write(panda_root, tmp_path, caplog, monkeypatch):
     import logging
 
-    from hirespath.classify import run_extract
     from hirespath import extract as ex
+    from hirespath.tasks.extract import run_extract
 
     cfg = _compose([f"data.root={panda_root}", "data.fov_um=192", "backbone=tiny", "resolution=56"],
                    tmp_path / "run", tmp_path / "cache")
@@ -244,7 +243,7 @@ def test_embedding_cache_hit_and_atomic_write(panda_root, tmp_path, caplog, monk
     emb_dir = tmp_path / "cache" / "embeddings"
     assert not list(emb_dir.glob("*.pt")) and not list(emb_dir.glob("*.tmp"))
     monkeypatch.setattr(ex.torch, "save", real_save)
-    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+    with caplog.at_level(logging.INFO, logger="hirespath.embeddings"):
         first = run_extract(cfg)
         assert "cache miss" in caplog.text
         caplog.clear()
@@ -253,7 +252,7 @@ def test_embedding_cache_hit_and_atomic_write(panda_root, tmp_path, caplog, monk
     assert len(list(emb_dir.glob("*.pt"))) == 1
     torch.testing.assert_close(first["cls"], second["cls"])
     cfg.attention.window = 3  # anything that changes the numbers changes the key
-    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+    with caplog.at_level(logging.INFO, logger="hirespath.embeddings"):
         run_extract(cfg)
     assert len(list(emb_dir.glob("*.pt"))) == 2
 
@@ -332,9 +331,10 @@ def test_killed_extraction_resumes_from_its_parts(panda_root, tmp_path, caplog, 
     import logging
 
     from conftest import tiny_encoder
+
     from hirespath.data import panda as panda_data
     from hirespath.data.panda import locate_all
-    from hirespath.extract import extract_embeddings
+    from hirespath.embeddings.cache import extract_embeddings
 
     split = make_split(read_labels(panda_root), seed=42)
     rois, _ = locate_all(panda_root, split, 128, 1, 0.05, tmp_path / "rois.csv")
@@ -352,7 +352,7 @@ def test_killed_extraction_resumes_from_its_parts(panda_root, tmp_path, caplog, 
     with pytest.raises(RuntimeError, match="node lost"):
         extract_embeddings(enc, panda_root, rois, 56, tmp_path / "cache", {"k": 1}, **kw)
     monkeypatch.setattr(panda_data.PandaROIDataset, "__getitem__", real_getitem)
-    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+    with caplog.at_level(logging.INFO, logger="hirespath.embeddings"):
         resumed = extract_embeddings(enc, panda_root, rois, 56, tmp_path / "cache", {"k": 1}, **kw)
     assert f"resuming: 10 of {len(rois)} ROIs already extracted" in caplog.text
     torch.testing.assert_close(resumed["cls"], fresh["cls"])
@@ -364,15 +364,16 @@ def test_embedding_cache_is_per_roi(panda_root, tmp_path, caplog):
     import logging
 
     from conftest import tiny_encoder
+
     from hirespath.data.panda import locate_all
-    from hirespath.extract import extract_embeddings
+    from hirespath.embeddings.cache import extract_embeddings
 
     split = make_split(read_labels(panda_root), seed=42)
     rois, _ = locate_all(panda_root, split, 128, 1, 0.05, tmp_path / "rois.csv")
     enc = tiny_encoder(attention="dense")
     kw = dict(batch_size=4, trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+    with caplog.at_level(logging.INFO, logger="hirespath.embeddings"):
         part = extract_embeddings(enc, panda_root, rois.iloc[5:], 56, cache, {"k": 1}, **kw)
         assert f"cache miss: extracting {len(rois) - 5} of {len(rois) - 5} ROIs" in caplog.text
         caplog.clear()
@@ -395,8 +396,9 @@ def test_unreadable_roi_is_skipped_then_retried(tmp_path, caplog):
     import shutil
 
     from conftest import tiny_encoder
+
     from hirespath.data.panda import locate_all
-    from hirespath.extract import extract_embeddings
+    from hirespath.embeddings.cache import extract_embeddings
 
     root = tmp_path / "panda"
     make_synthetic_panda(root, num_slides=6, size=(384, 512), seed=4)
@@ -411,7 +413,7 @@ def test_unreadable_roi_is_skipped_then_retried(tmp_path, caplog):
     assert emb["failed"] == [2] and emb["errors"][0][0] == rois.image_id.iloc[2] and "cannot read" in emb["errors"][0][1]
     assert torch.isnan(emb["cls"][2]).all() and not torch.isnan(emb["cls"][[0, 1, 3]]).any()
     shutil.copy(tmp_path / "backup.tiff", bad)
-    with caplog.at_level(logging.INFO, logger="hirespath.extract"):
+    with caplog.at_level(logging.INFO, logger="hirespath.embeddings"):
         emb = extract_embeddings(enc, root, rois, 56, tmp_path / "cache", {"k": 1}, **kw)
     assert f"cache update: extracting 1 of {len(rois)} ROIs" in caplog.text
     assert not emb["failed"] and not torch.isnan(emb["cls"]).any()

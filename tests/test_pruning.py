@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_encoder
 
 

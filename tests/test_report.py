@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from hirespath.report import build_report, collect, method_label, pareto_front
+from hirespath.report.tables import build_report, collect, method_label, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_task, tiny_encoder
 from PIL import Image
 
-from conftest import compose_task, tiny_encoder
 from hirespath.data.segpath import CELL_TYPES, SegPathError, index_segpath, load_pair
 from hirespath.data.segpath_synthetic import make_synthetic_segpath
 from hirespath.heads.mask2former import SegmentationModel
-from hirespath.heads.vit_adapter import ViTAdapter, interaction_groups
 from hirespath.metrics.segmentation import SegPathMetrics
+from hirespath.models.vit_adapter import ViTAdapter, interaction_groups
 
 TINY_HEAD = dict(num_queries=10, hidden_dim=64, decoder_layers=2, pixel_decoder_layers=1, train_num_points=1024,
                  adapter=dict(heads=4, spm_inplanes=16))
@@ -221,7 +221,7 @@ def test_partial_label_loss_ignores_other_cell_types():
 
 
 def test_training_steps_lower_the_loss(segpath_root):
-    from hirespath.modules.segmentation import SegPathDataModule
+    from hirespath.data.segpath_datamodule import SegPathDataModule
 
     torch.manual_seed(0)
     model = _model()
@@ -275,7 +275,7 @@ def test_metrics_match_mmseg_formulas():
 
 
 def test_segment_task_end_to_end(segpath_root, tmp_path):
-    from hirespath.segment import run_segment
+    from hirespath.tasks.segment import run_segment
 
     overrides = [f"data.root={segpath_root}", "backbone=tiny", "attention=sparse", "attention.window=64",
                  "resolution=56", "trainer.max_steps=2", "trainer.max_epochs=1", "data.num_workers=0",
@@ -307,9 +307,8 @@ def test_segment_task_end_to_end(segpath_root, tmp_path):
 
 @pytest.mark.parametrize("exp,jobs", [("table4", 10), ("table5", 4)])
 def test_segmentation_experiments_compose(exp, jobs):
-    from hydra import compose, initialize_config_dir
-
     from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("segment", overrides=[f"experiment={exp}"], return_hydra_config=True)
@@ -323,7 +322,7 @@ def test_segmentation_experiments_compose(exp, jobs):
 
 
 def test_optimizer_groups_and_deformable_attention_init():
-    from hirespath.heads.vit_adapter import MSDeformAttn
+    from hirespath.models.vit_adapter import MSDeformAttn
     from hirespath.modules.segmentation import layer_decay_groups
 
     model = _model()
@@ -357,7 +356,7 @@ def test_every_trainable_parameter_gets_a_gradient():
 
 
 def test_balanced_sampling_draws_each_cell_type_equally(tmp_path):
-    from hirespath.modules.segmentation import SegPathDataModule
+    from hirespath.data.segpath_datamodule import SegPathDataModule
 
     root = make_synthetic_segpath(tmp_path, images_per_split=1, size=56)
     info = pd.read_csv(root / "panCK_fileinfo.csv")

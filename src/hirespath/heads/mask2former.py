@@ -20,13 +20,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
-from scipy.optimize import linear_sum_assignment
-from transformers.models.mask2former.modeling_mask2former import (Mask2FormerHungarianMatcher, Mask2FormerLoss,
-                                                                  Mask2FormerPixelDecoder, sample_point)
+from transformers.models.mask2former.modeling_mask2former import Mask2FormerHungarianMatcher, Mask2FormerLoss, Mask2FormerPixelDecoder, sample_point
 
-from .vit_adapter import MSDeformAttn, ViTAdapter
+from ..models.vit_adapter import MSDeformAttn, ViTAdapter
 
 
 def labelled_points(valid: Tensor, points: Tensor) -> Tensor:

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 try:
     from timm.layers import Attention
 except ImportError:  # timm < 1.0.16 keeps it in the ViT module
     from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from .attention import (ATTENTION_MODES, SPARSE_BACKENDS, TokenLayout, dense_attention, eager_attention,
-                        prefix_attention_probs, sparse_attention, sparse_attention_flex, split_heads)
+from .attention import ATTENTION_MODES, SPARSE_BACKENDS, TokenLayout, dense_attention, eager_attention, prefix_attention_probs, sparse_attention, sparse_attention_flex, split_heads
 from .backbones import BackbonePreset, build_timm_model, get_backbone
 from .pruning import GlobalAttentionPruner
 

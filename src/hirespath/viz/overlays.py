@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+
+from ..data.wsi import ROI, SlideError, read_roi
+from ..utils.wandb import log_images
+
+log = logging.getLogger("hirespath.viz")
 
 
 def _plt():
@@ -76,3 +83,36 @@ def sparse_pattern_figure(window: int, radius: int = 1, grid: tuple[int, int] = 
     if path:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def save_pruned_token_figures(encoder, root: Path, rois: pd.DataFrame, resolution: int, out_dir: Path, loggers, n: int = 2) -> list[Path]:
+    """Pruned-token overlays for the first ``n`` test ROIs and a picture of the sparse attention pattern."""
+    import matplotlib.pyplot as plt  # heavy, only when figures are drawn
+
+    paths = []
+    figs = out_dir / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    for r in rois[rois.split == "test"].itertuples():
+        if len(paths) >= n:
+            break
+        try:
+            rgb = read_roi(root / "train_images" / f"{r.image_id}.tiff", ROI(r.x, r.y, r.size, r.tissue_fraction), resolution)
+        except SlideError as err:  # a ROI that failed extraction is in skipped.csv; draw the next one
+            log.warning("no figure for %s: %s", r.image_id, err)
+            continue
+        img = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div(255)[None]
+        with torch.inference_mode():
+            out = encoder(encoder.normalize(img))
+        path = figs / f"pruned_tokens_{r.image_id}_{r.roi}.png"
+        fig = pruned_token_overlay(rgb, out.positions[0], out.grid, encoder.patch_size, path,
+                                   title=f"{r.image_id} (ISUP {r.label}): pruned patches in red")
+        plt.close(fig)
+        paths.append(path)
+    if encoder.attention == "sparse":
+        path = figs / "sparse_attention_pattern.png"
+        fig = sparse_pattern_figure(encoder.window, encoder.radius, num_prefix=encoder.num_prefix_tokens, path=path,
+                                    grid=(min(5 * encoder.window, 40),) * 2)
+        plt.close(fig)
+        paths.append(path)
+    log_images(loggers, "figures", paths)
+    return paths

@@ -14,54 +14,23 @@ worker killed) is recorded as status ``oom`` and the sweep goes on.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from ..models.backbones import build_timm_model, get_backbone
+from ..models.encoder import HiResEncoder, use_flex_by_default
+from ..utils.io import atomic_path
 from .costmodel import encoder_cost
-from .models.backbones import build_timm_model, get_backbone
-from .models.encoder import HiResEncoder, use_flex_by_default
+from .memory_worker import cpu_peak_memory
+from .spec import COLUMNS, DTYPES, BenchConfig, is_oom, wrap_encoder
 
 log = logging.getLogger("hirespath.benchmark")
-
-COLUMNS = ["backbone", "attention", "window", "prune_ratio", "prune_layer", "dtype", "device", "resolution",
-           "tokens", "seconds_per_image", "peak_memory_gb", "status", "tflops", "attn_memory_gb",
-           "sparse_backend"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class BenchConfig:
-    """One line of the plot: an attention configuration on a backbone."""
-
-    attention: str = "sparse"
-    window: int = 8
-    radius: int = 1
-    prune_ratio: float = 0.0
-    prune_layer: int = 4
-    prune_score_tokens: str = "cls"
-    sparse_backend: str = "auto"  # auto | gather | flex
-
-    @property
-    def label(self) -> str:
-        if self.attention != "sparse":
-            name = self.attention
-        else:
-            name = f"sparse w={self.window}" + (f" r={self.radius}" if self.radius != 1 else "") + \
-                (f" [{self.sparse_backend}]" if self.sparse_backend != "auto" else "")
-        prune = f" + prune {self.prune_ratio:g}@{self.prune_layer}" + \
-            (f" ({self.prune_score_tokens})" if self.prune_score_tokens != "cls" else "")
-        return name + (prune if self.prune_ratio > 0 else "")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -92,13 +61,6 @@ def _autocast(device: torch.device, dtype: str):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(err).lower()
-    return any(s in msg for s in ("out of memory", "can't allocate memory", "not enough memory",
-                                   "cannot allocate memory", "failed to allocate"))
 
 
 def _sync(device: torch.device) -> None:
@@ -131,78 +93,6 @@ def cuda_peak_memory(encoder: HiResEncoder, images: torch.Tensor, dtype: str) ->
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    # Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def cpu_memory_worker(spec: dict) -> dict:
-    """Runs in a fresh process: build the encoder, then measure the peak RSS growth of one forward."""
-    torch.manual_seed(spec["seed"])
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    preset = get_backbone(spec["backbone"])
-    vit = build_timm_model(preset, weights=spec.get("weights"), **spec["overrides"])
-    cfg = BenchConfig(**spec["config"])
-    enc = _wrap(vit, preset, cfg, spec.get("sparse_backend", "auto")).eval()
-    if spec["dtype"] != "fp32":
-        enc = enc.to(DTYPES[spec["dtype"]])
-    images = torch.randn(spec["batch_size"], 3, spec["resolution"], spec["resolution"], dtype=next(enc.parameters()).dtype)
-    budget = spec.get("memory_budget_gb")
-    _reset_peak_rss()
-    before = _rss_bytes()
-    if budget:
-        # Cap the address space growth so an over-budget forward fails inside this worker, not the host.
-        # RLIMIT_DATA counts the virtual data segment, so the cap is relative to its current size.
-        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-        limit = int(_proc_status_bytes("VmData") + budget * 1e9)
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
-    try:
-        with torch.inference_mode():
-            enc(images)
-    except Exception as err:  # noqa: BLE001 — anything else is re-raised below
-        if _is_oom(err):
-            return {"status": "oom", "peak_memory_gb": float("nan")}
-        raise
-    peak = _proc_status_bytes("VmHWM")
-    growth = max(0, peak - before) / 1e9
-    if budget and growth > budget:
-        return {"status": "oom", "peak_memory_gb": growth}
-    return {"status": "ok", "peak_memory_gb": growth}
-
-
-def cpu_peak_memory(spec: dict, timeout: float | None = None) -> dict:
-    cmd = [sys.executable, "-m", "hirespath.benchmark", json.dumps(spec)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                          os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        if proc.returncode in (-9, 137) or _is_oom(RuntimeError(proc.stderr)):
-            return {"status": "oom", "peak_memory_gb": float("nan")}
-        raise RuntimeError(f"memory worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _wrap(vit, preset, cfg: BenchConfig, sparse_backend: str = "auto") -> HiResEncoder:
-    sparse_backend = cfg.sparse_backend if cfg.sparse_backend != "auto" else sparse_backend
-    enc = HiResEncoder(vit, preset, attention=cfg.attention, window=cfg.window, radius=cfg.radius,
-                       prune_ratio=cfg.prune_ratio, prune_layer=cfg.prune_layer,
-                       prune_score_tokens=cfg.prune_score_tokens, sparse_backend=sparse_backend)
-    return enc
 
 
 class Benchmark:
@@ -249,7 +139,7 @@ class Benchmark:
     def row(self, cfg: BenchConfig, resolution: int, status: str = "ok") -> tuple[HiResEncoder, dict]:
         """The encoder of ``cfg`` on the shared weights, and its CSV row with the analytic cost (not yet measured)."""
         self.check_resolution(resolution)
-        enc = _wrap(self.vit, self.preset, cfg, self.sparse_backend).eval()
+        enc = wrap_encoder(self.vit, self.preset, cfg, self.sparse_backend).eval()
         cost = encoder_cost(enc, resolution, bytes_per_element=2 if self.dtype != "fp32" else 4,
                             device=self.device.type)
         backend = ""
@@ -283,7 +173,7 @@ class Benchmark:
                 seconds = time_forward(enc, images, self.dtype, self.warmup, self.repeats)
                 row["seconds_per_image"] = seconds / self.batch_size
         except Exception as err:  # noqa: BLE001
-            if not _is_oom(err):
+            if not is_oom(err):
                 raise
             row["status"] = "oom"
             log.warning("%s at %d px: out of memory", cfg.label, resolution)
@@ -363,65 +253,11 @@ def sweep(bench: Benchmark, configs: Iterable[BenchConfig], resolutions: list[in
 def write_csv(rows: list[dict], path: Path) -> None:
     import pandas as pd
 
-    from .utils.io import atomic_path
-
     with atomic_path(path) as tmp:
         pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
 
 
-def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    """Time and memory vs resolution, log axes, one line per configuration."""
-    import matplotlib
-    import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from .utils.io import atomic_path
-
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    backend = df.sparse_backend.fillna("").astype(str).map(lambda b: "auto" if not b or b.startswith("auto") else b)
-    for key, group in df.assign(backend=backend).groupby(["attention", "window", "prune_ratio", "prune_layer", "backend"],
-                                                          sort=False):
-        cfg = BenchConfig(attention=key[0], window=int(key[1]), prune_ratio=float(key[2]), prune_layer=int(key[3]),
-                          sparse_backend=key[4])
-        ok = group[group.status == "ok"]
-        for ax, col in zip(axes, ("seconds_per_image", "peak_memory_gb")):
-            (line,) = ax.plot(ok.resolution, ok[col], marker="o", label=cfg.label)
-            oom = group[group.status == "oom"]
-            if len(oom):
-                ax.axvline(oom.resolution.min(), color=line.get_color(), ls=":", lw=1)
-    # label the measured resolutions themselves (log-axis default ticks are powers of ten), skipping a label
-    # that would overlap the previous one
-    resolutions, labels, last = sorted(int(r) for r in df.resolution.unique()), [], 0
-    for r in resolutions:
-        labels.append(str(r) if r >= 1.25 * last else "")
-        last = r if labels[-1] else last
-    for ax, col, ylabel in zip(axes, ("seconds_per_image", "peak_memory_gb"), ("seconds per image", "peak memory (GB)")):
-        ax.set_xscale("log")
-        ax.set_xticks(resolutions, labels, rotation=45 if len(resolutions) > 5 else 0,
-                      ha="right" if len(resolutions) > 5 else "center")
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        if (df[col] > 0).any():
-            ax.set_yscale("log")
-        else:
-            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
-        ax.set_xlabel("resolution (px)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    device = df.device.iloc[0] if len(df) else ""
-    fig.suptitle(title or f"{df.backbone.iloc[0] if len(df) else ''} on {device} ({df.dtype.iloc[0] if len(df) else ''}); dotted: first OOM")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
-if __name__ == "__main__":  # the CPU memory worker
-    print(json.dumps(cpu_memory_worker(json.loads(sys.argv[1]))))
 
 
 def configs_from(cfg) -> list[BenchConfig]:
@@ -471,57 +307,3 @@ def summarize(rows: list[dict]) -> str:
             lines.append(f"{res:>10} {label:<34} {r.seconds_per_image:9.3f} {r.peak_memory_gb:8.3f} {r.tflops:8.3g} "
                          + " ".join(cols) + ("" if r.status == "ok" else f"  [{r.status}]"))
     return "\n".join(lines)
-
-
-def run_from_config(cfg) -> dict:
-    """The benchmark task (tasks/benchmark.py): sweep, CSV, plot, optional max-resolution search."""
-    from omegaconf import OmegaConf
-
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bench = Benchmark(cfg.backbone.name, overrides=dict(cfg.backbone.get("overrides") or {}),
-                      weights=cfg.backbone.weights, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
-                      warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed, memory_budget_gb=cfg.memory_budget_gb,
-                      sparse_backend=cfg.sparse_backend, cpu_memory=cfg.cpu_memory)
-    configs = configs_from(cfg)
-    for r in cfg.resolutions:
-        bench.check_resolution(int(r))
-    rows = sweep(bench, configs, [int(r) for r in cfg.resolutions])
-    write_csv(rows, out_dir / "benchmark.csv")
-    plot(rows, out_dir / "benchmark.png")
-    summary = summarize(rows)
-    log.info("benchmark on %s, %s, batch %d:\n%s", bench.device_name, bench.dtype, bench.batch_size, summary)
-    result = {"csv": str(out_dir / "benchmark.csv"), "plot": str(out_dir / "benchmark.png"), "rows": rows,
-              "summary": summary}
-
-    mr = cfg.get("max_resolution")
-    if mr and mr.enabled:
-        found, probes = [], []
-        budget_bench = bench
-        bench.set_memory_budget(mr.memory_budget_gb)
-        bench.cpu_memory = True  # the search is about memory, so measure it on CPU too
-        search = configs
-        if mr.get("compare"):
-            search = configs_from(OmegaConf.merge(cfg, {"compare": mr.compare}))
-        for c in search:
-            best, rows_c = budget_bench.max_resolution(c, int(mr.start), int(mr.limit))
-            probes += rows_c
-            ok = [r for r in rows_c if r["resolution"] == best and r["status"] == "ok"]
-            found.append(dict(backbone=cfg.backbone.name, configuration=c.label, attention=c.attention,
-                              window=c.window, prune_ratio=c.prune_ratio, prune_layer=c.prune_layer,
-                              memory_budget_gb=mr.memory_budget_gb, max_resolution=best,
-                              tokens=(best // budget_bench.patch_size) ** 2, sparse_backend=c.sparse_backend,
-                              peak_memory_gb=ok[0]["peak_memory_gb"] if ok else float("nan"),
-                              seconds_per_image=ok[0]["seconds_per_image"] if ok else float("nan"),
-                              device=budget_bench.device_name, dtype=budget_bench.dtype,
-                              search_limit=int(mr.limit)))
-            log.info("largest resolution within %g GB for %s: %d px", mr.memory_budget_gb, c.label, best)
-        import pandas as pd
-
-        from .utils.io import atomic_path
-
-        with atomic_path(out_dir / "max_resolution.csv") as tmp:
-            pd.DataFrame(found).to_csv(tmp, index=False)
-        write_csv(probes, out_dir / "max_resolution_probes.csv")
-        result["max_resolution"] = found
-    return result

@@ -9,12 +9,13 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .data.segpath import CELL_TYPES, load_pair
-from .heads.mask2former import SegmentationModel
-from .modules.segmentation import SegmentationModule, SegPathDataModule
-from .utils.hydra import instantiate_list
-from .utils.io import atomic_path, write_json
-from .utils.wandb import log_images
+from ..data.segpath import CELL_TYPES, load_pair
+from ..data.segpath_datamodule import SegPathDataModule
+from ..heads.mask2former import SegmentationModel
+from ..modules.segmentation import SegmentationModule
+from ..utils.hydra import instantiate_list
+from ..utils.io import atomic_path, write_json
+from ..utils.wandb import log_images
 
 log = logging.getLogger("hirespath.segment")
 
@@ -73,7 +74,7 @@ def run_segment(cfg: DictConfig) -> dict:
 
 
 def save_overlays(module: SegmentationModule, dm: SegPathDataModule, out_dir: Path) -> list[Path]:
-    from .viz.segmentation import segmentation_overlay
+    from ..viz.segmentation import segmentation_overlay
 
     rows = dm.split_rows("test")
     paths = []

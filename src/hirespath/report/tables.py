@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from .utils.io import atomic_path, write_text
+from ..utils.io import atomic_path, write_text
 
 log = logging.getLogger("hirespath.report")
 
@@ -520,11 +520,3 @@ def build_report(dirs: Sequence[str | Path], out_dir: str | Path, window: int = 
     return {"out_dir": str(out), "tables": tables, "figure": str(fig) if fig else None, "collected": col}
 
 
-def run_from_config(cfg: DictConfig) -> dict[str, Any]:
-    dirs = list(cfg.dirs or [])
-    if not dirs:
-        raise ValueError("report: no directories given; usage: python tasks/report.py DIR [DIR ...] "
-                         "(Hydra run or multirun directories)")
-    out_dir = cfg.get("output_dir") or Path(dirs[0]) / "report"
-    return build_report(dirs, out_dir, window=int(cfg.ours.window), prune_ratio=float(cfg.ours.prune_ratio),
-                        metric=str(cfg.metric))

@@ -19,13 +19,14 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from .data.panda import PandaROIDataset, collate_skipping
-from .utils.io import atomic_path, exclusive_lock
+from ..callbacks.embeddings_writer import EmbeddingsWriter
+from ..data.panda import PandaROIDataset, collate_skipping
+from ..modules.encoder_predictor import EncoderPredictor
+from ..utils.io import atomic_path, exclusive_lock
 
-log = logging.getLogger("hirespath.extract")
+log = logging.getLogger("hirespath.embeddings")
 EXTRACT_VERSION = 2  # 2: cache files store embeddings per ROI position
 POSITION = ("image_id", "roi", "x", "y", "size")
 
@@ -42,48 +43,6 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-class EncoderPredictor(L.LightningModule):
-    """Wraps the encoder for ``trainer.predict``: CLS and mean of the kept patch tokens per ROI."""
-
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def predict_step(self, batch, batch_idx):
-        out = {"index": batch["index"], "errors": batch["errors"]}
-        if batch["image"] is None:
-            out.update(cls=None, mean=None)
-            return out
-        enc = self.encoder(batch["image"])
-        out.update(cls=enc.cls.float().cpu(), mean=enc.mean_patch.float().cpu())
-        return out
-
-
-class ShardWriter(BasePredictionWriter):
-    """Each rank appends its predictions to part files every ``flush_every`` batches (and at the end), so a
-    killed extraction keeps what it finished; rank 0 merges the parts (works with and without DDP)."""
-
-    def __init__(self, directory: Path, flush_every: int = 50):
-        super().__init__(write_interval="batch")
-        self.directory, self.flush_every, self.buffer = Path(directory), flush_every, []
-
-    def _flush(self, rank: int) -> None:
-        if not self.buffer:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        import uuid
-
-        with atomic_path(self.directory / f"part_{rank}_{uuid.uuid4().hex}.pt") as tmp:
-            torch.save(self.buffer, tmp)
-        self.buffer = []
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        self.buffer.append(prediction)
-        if len(self.buffer) >= self.flush_every:
-            self._flush(trainer.global_rank)
-
-    def on_predict_epoch_end(self, trainer, pl_module):
-        self._flush(trainer.global_rank)
 
 
 def _merge(shard_dir: Path, n: int, dim: int) -> tuple[dict, list]:
@@ -150,7 +109,7 @@ def _extract(encoder, root, rois: pd.DataFrame, resolution: int, path: Path, key
     dl = DataLoader(torch.utils.data.Subset(ds, todo), batch_size=batch_size, num_workers=num_workers,
                     collate_fn=collate_skipping)
     trainer = L.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_model_summary": False,
-                           **(trainer_kwargs or {}), "callbacks": [ShardWriter(shard_dir, flush_every)]})
+                           **(trainer_kwargs or {}), "callbacks": [EmbeddingsWriter(shard_dir, flush_every)]})
     if todo:
         trainer.predict(EncoderPredictor(encoder.eval()), dl, return_predictions=False)
     trainer.strategy.barrier()

@@ -9,12 +9,12 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .utils.hydra import instantiate_list
-from .utils.io import atomic_path, write_json
-from .utils.wandb import log_config, log_images
+from ..modules.smoke_classifier import LinearClassifier
+from ..utils.hydra import instantiate_list
+from ..utils.io import atomic_path, write_json
+from ..utils.wandb import log_config, log_images
 
 log = logging.getLogger("hirespath.smoke")
 
@@ -25,33 +25,6 @@ def make_blobs(n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.T
     y = torch.randint(0, k, (n,), generator=g)
     return centers[y] + torch.randn(n, d, generator=g), y
 
-
-class LinearClassifier(L.LightningModule):
-    def __init__(self, num_features: int, num_classes: int, lr: float):
-        super().__init__()
-        self.save_hyperparameters()
-        self.fc = nn.Linear(num_features, num_classes)
-
-    def _step(self, batch, stage: str):
-        x, y = batch
-        logits = self.fc(x)
-        loss = nn.functional.cross_entropy(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
-        self.log(f"{stage}/loss", loss, sync_dist=stage != "train", prog_bar=True)
-        self.log(f"{stage}/accuracy", acc, sync_dist=stage != "train")
-        return loss
-
-    def training_step(self, batch, _):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, _):
-        self._step(batch, "val")
-
-    def test_step(self, batch, _):
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
 def _scatter_png(x: torch.Tensor, y: torch.Tensor, path: Path) -> Path:

@@ -1,0 +1,1 @@
+"""Benchmark: measurement (measure), the CPU memory worker, plots and the analytic cost model."""

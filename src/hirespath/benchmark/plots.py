@@ -1,0 +1,57 @@
+"""Benchmark plot: time and memory vs resolution, one line per attention configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..utils.io import atomic_path
+from .spec import COLUMNS, BenchConfig
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    """Time and memory vs resolution, log axes, one line per configuration."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    backend = df.sparse_backend.fillna("").astype(str).map(lambda b: "auto" if not b or b.startswith("auto") else b)
+    for key, group in df.assign(backend=backend).groupby(["attention", "window", "prune_ratio", "prune_layer", "backend"],
+                                                          sort=False):
+        cfg = BenchConfig(attention=key[0], window=int(key[1]), prune_ratio=float(key[2]), prune_layer=int(key[3]),
+                          sparse_backend=key[4])
+        ok = group[group.status == "ok"]
+        for ax, col in zip(axes, ("seconds_per_image", "peak_memory_gb")):
+            (line,) = ax.plot(ok.resolution, ok[col], marker="o", label=cfg.label)
+            oom = group[group.status == "oom"]
+            if len(oom):
+                ax.axvline(oom.resolution.min(), color=line.get_color(), ls=":", lw=1)
+    # label the measured resolutions themselves (log-axis default ticks are powers of ten), skipping a label
+    # that would overlap the previous one
+    resolutions, labels, last = sorted(int(r) for r in df.resolution.unique()), [], 0
+    for r in resolutions:
+        labels.append(str(r) if r >= 1.25 * last else "")
+        last = r if labels[-1] else last
+    for ax, col, ylabel in zip(axes, ("seconds_per_image", "peak_memory_gb"), ("seconds per image", "peak memory (GB)")):
+        ax.set_xscale("log")
+        ax.set_xticks(resolutions, labels, rotation=45 if len(resolutions) > 5 else 0,
+                      ha="right" if len(resolutions) > 5 else "center")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        if (df[col] > 0).any():
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")
+        ax.set_xlabel("resolution (px)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    device = df.device.iloc[0] if len(df) else ""
+    fig.suptitle(title or f"{df.backbone.iloc[0] if len(df) else ''} on {device} ({df.dtype.iloc[0] if len(df) else ''}); dotted: first OOM")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

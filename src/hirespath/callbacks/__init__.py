@@ -1,0 +1,1 @@
+"""Lightning callbacks (the embeddings prediction writer)."""

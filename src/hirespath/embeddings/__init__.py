@@ -1,0 +1,1 @@
+"""Producing and storing embeddings: the ROI embedding cache."""

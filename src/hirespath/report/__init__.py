@@ -1,0 +1,1 @@
+"""The paper's tables and Figure 1 from finished runs."""

@@ -1,0 +1,113 @@
+"""PANDA ISUP-grade classification on frozen encoder features: extract (cached), fit a head, test."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.panda import NUM_CLASSES
+from ..heads.knn import KNNClassifier
+from ..heads.linear_probe import fit_lbfgs, fit_uni_probe
+from ..metrics.classification import classification_metrics
+from ..modules.linear_probe import train_linear_probe
+from ..utils.hydra import instantiate_list
+from ..utils.io import atomic_path, write_json
+from ..viz.overlays import save_pruned_token_figures
+from .extract import prepare_embeddings, trainer_kwargs
+
+log = logging.getLogger("hirespath.classify")
+
+FEATURES = ("cls", "mean", "cls+mean")
+
+
+def slide_features(emb: dict, features: str) -> pd.DataFrame:
+    """One row per slide: its ROI embeddings averaged (ROIs whose read failed are left out)."""
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+    parts = {"cls": [emb["cls"]], "mean": [emb["mean"]], "cls+mean": [emb["cls"], emb["mean"]]}[features]
+    x = torch.cat(parts, dim=1)
+    ok = ~torch.isnan(x).any(1)
+    df = pd.DataFrame({"image_id": emb["image_id"], "split": emb["split"], "label": emb["label"].numpy()})[ok.numpy()]
+    vecs = x[ok]
+    groups = df.groupby("image_id", sort=False).indices
+    ids = list(groups)
+    feats = torch.stack([vecs[idx].mean(0) for idx in groups.values()]) if ids else torch.empty(0, x.shape[1])
+    first = df.groupby("image_id", sort=False).first().loc[ids]
+    return pd.DataFrame({"image_id": ids, "split": first.split.to_numpy(), "label": first.label.to_numpy(),
+                         "x": list(feats)})
+
+
+def _tensors(df: pd.DataFrame, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    part = df[df.split == split]
+    if len(part) == 0:
+        raise ValueError(f"no slides in the {split!r} split after skipping unusable slides")
+    return torch.stack(list(part.x)), torch.tensor(part.label.to_numpy(), dtype=torch.long)
+
+
+def fit_predict(head: DictConfig, feats: pd.DataFrame, trainer_kwargs: dict, loggers, seed: int) -> torch.Tensor:
+    """Fit the configured head on train (+val for early stopping) and return test class probabilities."""
+    xtr, ytr = _tensors(feats, "train")
+    xte, _ = _tensors(feats, "test")
+    if head.name == "knn":
+        return KNNClassifier(k=int(head.k), center_l2=bool(head.center_l2), num_classes=NUM_CLASSES).fit(xtr, ytr).predict_proba(xte)
+    if head.name == "linear_probe":
+        if head.solver in ("lbfgs", "uni"):
+            if head.solver == "lbfgs":
+                fc = fit_lbfgs(xtr, ytr, NUM_CLASSES, l2=float(head.l2), max_iter=int(head.max_iter))
+            else:  # UNI's protocol trains the final probe on train + val
+                xva, yva = _tensors(feats, "val")
+                fc = fit_uni_probe(torch.cat([xtr, xva]), torch.cat([ytr, yva]), NUM_CLASSES, max_iter=int(head.max_iter))
+            with torch.no_grad():
+                return fc(xte.float()).softmax(1)
+        if head.solver != "adamw":
+            raise ValueError(f"head.solver must be adamw, lbfgs or uni, got {head.solver!r}")
+        xva, yva = _tensors(feats, "val")
+        model = train_linear_probe((xtr, ytr), (xva, yva), NUM_CLASSES, lr=float(head.lr),
+                                   weight_decay=float(head.weight_decay), max_epochs=int(head.max_epochs),
+                                   patience=int(head.patience), batch_size=int(head.batch_size),
+                                   trainer_kwargs=trainer_kwargs, loggers=loggers, seed=seed)
+        return model.predict_proba(xte)
+    raise ValueError(f"unknown head {head.name!r}; choose knn or linear_probe")
+
+
+
+def run_classify(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loggers = instantiate_list(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    root, rois, emb, encoder = prepare_embeddings(cfg, out_dir)
+    tk = trainer_kwargs(cfg, out_dir)
+    feats = slide_features(emb, cfg.features)
+    probs = fit_predict(cfg.head, feats, tk, loggers, int(cfg.seed))
+    _, yte = _tensors(feats, "test")
+    metrics = classification_metrics(probs, yte, NUM_CLASSES)
+    metrics.update({"test/num_slides": int(len(yte)), "tokens": int((cfg.resolution // encoder.patch_size) ** 2)})
+    write_json(out_dir / "metrics.json", metrics)
+    test_ids = feats[feats.split == "test"].image_id.tolist()
+    with atomic_path(out_dir / "predictions.csv") as tmp:
+        provider = rois.groupby("image_id").data_provider.first() if "data_provider" in rois else None
+        pd.DataFrame({"image_id": test_ids,
+                      **({"data_provider": provider.reindex(test_ids).to_numpy()} if provider is not None else {}),
+                      "label": yte.numpy(), "pred": probs.argmax(1).numpy(),
+                      **{f"p{c}": probs[:, c].numpy() for c in range(NUM_CLASSES)}}).to_csv(tmp, index=False)
+    for lg in loggers:
+        lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)})
+    if cfg.figures.num_rois:
+        save_pruned_token_figures(encoder, root, rois, int(cfg.resolution), out_dir, loggers, int(cfg.figures.num_rois))
+    for lg in loggers:
+        lg.finalize("success")
+    log.info("metrics (%s, %d test slides):\n%s", cfg.head.name, len(yte), format_metrics(metrics))
+    return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    keys = ["test/accuracy", "test/balanced_accuracy", "test/f1_weighted", "test/auroc", "test/kappa"]
+    width = max(len(k) for k in keys)
+    return "\n".join(f"  {k:<{width}}  {metrics[k]:.4f}" for k in keys)

@@ -1,0 +1,70 @@
+"""The extract task: PANDA ROI embeddings only (what classify reuses from the cache).
+
+    hirespath extract data.root=DIR backbone=uni2_h backbone.weights=FILE resolution=1344 trainer=gpu
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.panda import check_panda_root, load_or_make_split, locate_all
+from ..embeddings.cache import extract_embeddings, file_fingerprint
+from ..utils.io import atomic_path
+
+log = logging.getLogger("hirespath.extract")
+
+
+def trainer_kwargs(cfg: DictConfig, out_dir: Path) -> dict:
+    """The trainer group as keyword arguments of ``lightning.Trainer`` (without ``_target_``)."""
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    t.pop("_target_", None)
+    t["default_root_dir"] = str(out_dir)
+    return t
+
+
+def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
+    """Split (written once), ROIs (cached), encoder and embeddings (cached); skips go to skipped.csv."""
+    data = cfg.data
+    root = check_panda_root(data.root)
+    root_tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
+    data_cache = Path(cfg.paths.cache_dir) / "panda" / root_tag
+    split_csv = Path(data.split_csv) if data.split_csv else data_cache / f"split_seed{data.split_seed}.csv"
+    split = load_or_make_split(root, split_csv, data.exclude, seed=int(data.split_seed))
+    rois, skipped = locate_all(root, split, float(data.fov_um), int(data.rois_per_slide), float(data.min_tissue),
+                               data_cache / f"rois_v2_fov{data.fov_um:g}_n{data.rois_per_slide}_t{data.min_tissue:g}_mpp{data.get('default_mpp') or 'tags'}.csv",
+                               default_mpp=data.get("default_mpp"))
+    torch.manual_seed(cfg.seed)  # random-init backbones get the same weights in every run (the cache key has the seed)
+    encoder = instantiate(cfg.encoder)
+    key_parts = {"backbone": cfg.backbone.name, "overrides": OmegaConf.to_container(cfg.backbone.overrides or {}),
+                 "weights": file_fingerprint(cfg.backbone.weights), "attention": OmegaConf.to_container(cfg.attention),
+                 "pruner": OmegaConf.to_container(cfg.pruner), "fov_um": data.fov_um,
+                 "rois_per_slide": data.rois_per_slide, "min_tissue": data.min_tissue, "root": str(root.resolve()),
+                 "precision": str(cfg.extract.precision), "seed": cfg.seed}
+    tk = trainer_kwargs(cfg, out_dir)
+    extract_kwargs = {k: tk[k] for k in ("accelerator", "devices", "strategy", "num_nodes") if k in tk}
+    extract_kwargs["precision"] = cfg.extract.precision
+    emb = extract_embeddings(encoder, root, rois, int(cfg.resolution), cfg.paths.cache_dir, key_parts,
+                             batch_size=int(cfg.extract.batch_size), num_workers=int(cfg.extract.num_workers),
+                             trainer_kwargs=extract_kwargs, flush_every=int(cfg.extract.get("flush_every", 50)))
+    skipped = pd.concat([skipped, pd.DataFrame(emb["errors"], columns=["image_id", "reason"])], ignore_index=True)
+    with atomic_path(out_dir / "skipped.csv") as tmp:
+        skipped.to_csv(tmp, index=False)
+    if len(skipped):
+        log.warning("%d slides/ROIs skipped; see %s", len(skipped), out_dir / "skipped.csv")
+    return root, rois, emb, encoder
+
+
+def run_extract(cfg: DictConfig) -> dict:
+    """The extract task: embeddings only (what classify would reuse from the cache)."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _, rois, emb, _ = prepare_embeddings(cfg, out_dir)
+    log.info("%d ROI embeddings (%d failed) ready", len(rois), len(emb["failed"]))
+    return emb
