@@ -124,10 +124,37 @@ def test_knn_matches_scikit_learn():
     g = torch.Generator().manual_seed(0)
     xtr, ytr = torch.randn(300, 16, generator=g), torch.randint(0, 6, (300,), generator=g)
     xte = torch.randn(80, 16, generator=g)
-    ours = KNNClassifier(k=20, num_classes=6).fit(xtr, ytr)
+    ours = KNNClassifier(k=20, center_l2=False, num_classes=6).fit(xtr, ytr)
     ref = KNeighborsClassifier(n_neighbors=20, metric="euclidean").fit(xtr.numpy(), ytr.numpy())
     np.testing.assert_allclose(ours.predict_proba(xte).numpy(), ref.predict_proba(xte.numpy()), atol=1e-6)
     assert (ours.predict(xte).numpy() == ref.predict(xte.numpy())).all()
+
+
+def test_knn_centres_and_l2_normalises_by_default():
+    """UNI's eval_knn (and conf/head/knn.yaml) centre on the train mean and L2-normalise; so does the default."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from hirespath.heads.knn import KNNClassifier
+
+    # Train mean (5, 5). The query's raw Euclidean neighbour is b (label 1), its neighbour by direction from the
+    # origin is d (label 3, L2 without centring), its neighbour by direction from the train mean is a (label 0).
+    xtr = torch.tensor([[15.0, 5], [5, 6], [-5, 5], [5, 4]])
+    ytr = torch.tensor([0, 1, 2, 3])
+    q = torch.tensor([[6.0, 5.5]])
+    assert KNNClassifier(k=1, center_l2=False).fit(xtr, ytr).predict(q).tolist() == [1]
+    assert KNNClassifier(k=1).fit(xtr, ytr).predict(q).tolist() == [0]
+
+    g = torch.Generator().manual_seed(3)
+    xtr, ytr = torch.randn(300, 16, generator=g) + 2, torch.randint(0, 6, (300,), generator=g)
+    xte = torch.randn(80, 16, generator=g) + 2
+    mean = xtr.mean(0, keepdim=True)
+
+    def cl2n(x):
+        return torch.nn.functional.normalize(x - mean, dim=1).numpy()
+
+    ref = KNeighborsClassifier(n_neighbors=20, metric="euclidean").fit(cl2n(xtr), ytr.numpy())
+    ours = KNNClassifier(num_classes=6).fit(xtr, ytr)
+    np.testing.assert_allclose(ours.predict_proba(xte).numpy(), ref.predict_proba(cl2n(xte)), atol=1e-6)
 
 
 def test_metrics_match_scikit_learn():

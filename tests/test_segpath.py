@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,8 @@ from hirespath.data.segpath_synthetic import make_synthetic_segpath
 from hirespath.heads.mask2former import SegmentationModel
 from hirespath.metrics.segmentation import SegPathMetrics
 from hirespath.models.vit_adapter import ViTAdapter, interaction_groups
+from hirespath.modules.segmentation import SegmentationModule
+from hirespath.utils.io import write_json
 
 TINY_HEAD = dict(num_queries=10, hidden_dim=64, decoder_layers=2, pixel_decoder_layers=1, train_num_points=1024,
                  adapter=dict(heads=4, spm_inplanes=16))
@@ -253,7 +256,10 @@ def _mmseg_reference(preds, targets, cells, n=8):
         L[c] += al
         U[c] += ap + al - ai
     seen = (P + L) > 0
-    return {"iou": (I / U)[seen].mean(), "dice": (2 * I / (P + L))[seen].mean(), "mpa": (I / L)[seen].mean()}
+    with np.errstate(divide="ignore", invalid="ignore"):  # x/0 is NaN (undefined) and left out, as mmseg's nanmean
+        iou, dice, acc = I / U, 2 * I / (P + L), np.where(L > 0, I / L, np.nan)
+    return {"iou": np.nanmean(iou[seen]), "dice": np.nanmean(dice[seen]), "mpa": np.nanmean(acc[seen]),
+            "acc": acc}
 
 
 def test_metrics_match_mmseg_formulas():
@@ -376,3 +382,46 @@ def test_balanced_sampling_draws_each_cell_type_equally(tmp_path):
     labels = torch.tensor(loader.dataset.rows.label.to_numpy())[drawn]
     share = torch.bincount(labels, minlength=8).float() / len(labels)
     assert len(loader.dataset) == 15 and (share - 1 / 8).abs().max() < 0.03  # panCK would be 8/15 unbalanced
+
+
+def _metrics_with_an_unlabelled_type():
+    """Types 0 and 1 have ground-truth pixels; type 2 only predicted ones (its masks are all 0); 3–7 are not seen."""
+    rng = np.random.default_rng(1)
+    preds, targets, cells = [], [], []
+    m = SegPathMetrics()
+    for c in (0, 1, 2, 0, 1, 2):
+        t = (rng.random((20, 20)) > 0.6).astype(np.int64) if c < 2 else np.zeros((20, 20), dtype=np.int64)
+        t[0, :5] = 255
+        p = (rng.random((20, 20)) > 0.5).astype(np.int64)
+        preds.append(p), targets.append(t), cells.append(c)
+        m.update(torch.from_numpy(p), torch.from_numpy(t), c)
+    return m, _mmseg_reference(preds, targets, cells)
+
+
+def test_cpa_without_ground_truth_is_undefined_and_left_out_of_mpa():
+    m, ref = _metrics_with_an_unlabelled_type()
+    ours = m.compute()
+    a, b, c = CELL_TYPES[:3]
+    assert np.isnan(ours[f"test/cpa/{c}"]) and np.isnan(ref["acc"][2])  # mmseg: I / L with L = 0
+    assert ours[f"test/iou/{c}"] == 0 and ours[f"test/dice/{c}"] == 0  # predicted pixels, none right: defined, 0
+    assert ours["test/mpa"] == pytest.approx((ours[f"test/cpa/{a}"] + ours[f"test/cpa/{b}"]) / 2, abs=1e-12)
+    assert 0 < ours["test/mpa"] < 1
+    for k in ("iou", "dice", "mpa"):
+        assert ours[f"test/{k}"] == pytest.approx(ref[k], abs=1e-9)
+    assert not any(t in k for k in ours for t in CELL_TYPES[3:])  # types not in the evaluated images: no entry
+
+
+def test_undefined_cpa_is_null_in_metrics_json_and_not_logged(tmp_path):
+    m, _ = _metrics_with_an_unlabelled_type()
+    module = SegmentationModule(torch.nn.Identity())
+    module._trainer = SimpleNamespace(world_size=1)
+    logged = {}
+    module.log_dict = lambda values, **kw: logged.update(values)
+    module._log_metrics(m, "test/")
+    key = f"test/cpa/{CELL_TYPES[2]}"
+    assert key not in logged and all(np.isfinite(v) for v in logged.values())  # loggers get defined values only
+    assert set(module.computed) == set(logged) | {key}
+    write_json(tmp_path / "metrics.json", module.computed)  # as run_segment writes it
+    text = (tmp_path / "metrics.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.json"))
+    assert saved[key] is None and saved["test/mpa"] == pytest.approx(logged["test/mpa"])

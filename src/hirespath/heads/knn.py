@@ -1,4 +1,4 @@
-"""KNN on frozen embeddings, as in UNI's evaluation: k=20, Euclidean, majority vote."""
+"""KNN on frozen embeddings, as in UNI's evaluation: k=20, centred + L2-normalised, Euclidean, majority vote."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from torch import Tensor
 class KNNClassifier:
     """Majority vote of the ``k`` nearest training embeddings (ties go to the smallest label, as scikit-learn).
 
-    ``center_l2``: subtract the training mean and L2-normalise every embedding first (UNI's "CL2N").
+    ``center_l2`` (default ``True``, as UNI's ``eval_knn`` and ``conf/head/knn.yaml``): subtract the training mean and
+    L2-normalise every embedding first (UNI's "CL2N"); ``False`` votes on raw Euclidean distances.
     Class probabilities are the vote fractions (used for AUROC).
     """
 
-    def __init__(self, k: int = 20, center_l2: bool = False, num_classes: int | None = None, chunk: int = 4096):
+    def __init__(self, k: int = 20, center_l2: bool = True, num_classes: int | None = None, chunk: int = 4096):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k, self.center_l2, self.num_classes, self.chunk = k, center_l2, num_classes, chunk

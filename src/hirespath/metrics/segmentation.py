@@ -2,8 +2,11 @@
 
 SegPath labels one cell type per image, so cell type c is scored on the images of its archive as a binary
 problem: pixels of c (mask 1) against the rest (mask 0); 255 is ignored. For c: IoU = I/U, Dice = 2I/(P+L)
-and class pixel accuracy CPA = I/L (mmseg's per-class "Acc"), with I, U, P, L summed over the images;
-MPA is the mean CPA over the cell types, test/iou and test/dice the means of IoU and Dice.
+and class pixel accuracy CPA = I/L (mmseg's per-class "Acc"), with I, U, P, L summed over the images.
+As in mmseg's ``total_area_to_metrics``, a ratio whose denominator is 0 is undefined (NaN; null in metrics.json):
+a cell type with predicted but no ground-truth pixels has no CPA. MPA is the nanmean of CPA over the evaluated
+cell types, test/iou and test/dice the nanmeans of IoU and Dice (mmseg's mAcc, mIoU, mDice). Cell types without
+pixels of either kind (not in the evaluated images) are left out.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ class SegPathMetrics:
 
     def compute(self, prefix: str = "test/") -> dict[str, float]:
         seen = self.label_area + self.pred_area > 0
-        iou = self.intersect / self.union.clamp_min(1)
-        dice = 2 * self.intersect / (self.pred_area + self.label_area).clamp_min(1)
-        cpa = self.intersect / self.label_area.clamp_min(1)
+        # 0/0 (and I/0 with I = 0) gives NaN, as mmseg's division: undefined, not 0
+        iou = self.intersect / self.union
+        dice = 2 * self.intersect / (self.pred_area + self.label_area)
+        cpa = self.intersect / self.label_area
         out = {}
         for i, name in enumerate(self.cell_types):
             if seen[i]:
@@ -46,7 +50,7 @@ class SegPathMetrics:
                 out[f"{prefix}iou/{name}"] = float(iou[i])
                 out[f"{prefix}dice/{name}"] = float(dice[i])
         if seen.any():
-            out[f"{prefix}mpa"] = float(cpa[seen].mean())
-            out[f"{prefix}iou"] = float(iou[seen].mean())
-            out[f"{prefix}dice"] = float(dice[seen].mean())
+            out[f"{prefix}mpa"] = float(cpa[seen].nanmean())  # NaN only if no evaluated type has label pixels
+            out[f"{prefix}iou"] = float(iou[seen].nanmean())
+            out[f"{prefix}dice"] = float(dice[seen].nanmean())
         return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from types import SimpleNamespace
 
 import lightning as L
@@ -93,10 +94,11 @@ class SegmentationModule(L.LightningModule):
             setattr(metrics, name, self.all_gather(getattr(metrics, name)).reshape(-1, len(self.cell_types)).sum(0)
                     if self.trainer.world_size > 1 else getattr(metrics, name))
         values = metrics.compute(prefix)
-        if values:
+        finite = {k: v for k, v in values.items() if math.isfinite(v)}  # undefined (NaN) ones go to metrics.json only
+        if finite:
             # every rank holds the same global values: syncing them is a no-op mean, and it keeps Lightning from
             # warning, for each key, that epoch-level values are not synced
-            self.log_dict(values, sync_dist=self.trainer.world_size > 1)
+            self.log_dict(finite, sync_dist=self.trainer.world_size > 1)
         self.computed = getattr(self, "computed", {})
         self.computed.update(values)
         metrics.reset()
