@@ -4,12 +4,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-all demo benchmark clean help
+.PHONY: install test test-all lint format demo benchmark clean help
 
 help:
 	@echo "make install   create .venv and install hirespath (editable) with test and launcher extras"
 	@echo "make test      fast CPU test suite (excludes @pytest.mark.slow)"
 	@echo "make test-all  every test, slow ones included"
+	@echo "make lint      ruff lint + format check (CI runs it before the tests)"
+	@echo "make format    ruff format + safe lint fixes"
 	@echo "make demo      end-to-end demo on generated data with the tiny preset (CPU, about 1.5 minutes)"
 	@echo "make benchmark CPU benchmark of the attention modes (see README, Benchmarks)"
 
@@ -26,6 +28,16 @@ test:
 
 test-all:
 	$(PY) -m pytest -q
+
+LINT_PATHS := src tasks tests notebooks
+
+lint:
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
+format:
+	$(PY) -m ruff check --fix $(LINT_PATHS)
+	$(PY) -m ruff format $(LINT_PATHS)
 
 DEMO_DATA ?= data/panda_synthetic
 DEMO_ARGS ?= data.root=$(DEMO_DATA) data.fov_um=512 backbone=tiny resolution=448 attention=sparse pruner=global_attention pruner.layer=2 logger=wandb

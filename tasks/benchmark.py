@@ -1,8 +1,8 @@
 """Time, memory and largest resolution per attention mode.
 
-    python tasks/benchmark.py backbone=uni2_h attention=sparse pruner=global_attention 'resolutions=[224,448,896]'
-    python tasks/benchmark.py experiment=table1_cost            # the paper's cost columns, three configurations
-    python tasks/benchmark.py -m attention=dense,sparse         # one run per mode
+python tasks/benchmark.py backbone=uni2_h attention=sparse pruner=global_attention 'resolutions=[224,448,896]'
+python tasks/benchmark.py experiment=table1_cost            # the paper's cost columns, three configurations
+python tasks/benchmark.py -m attention=dense,sparse         # one run per mode
 """
 
 import hydra

@@ -1,6 +1,6 @@
 """Extract and cache PANDA ROI embeddings (CLS + mean of kept patch tokens) for any encoder configuration.
 
-    python tasks/extract.py data.root=DIR backbone=uni2_h backbone.weights=FILE resolution=1344 trainer=gpu
+python tasks/extract.py data.root=DIR backbone=uni2_h backbone.weights=FILE resolution=1344 trainer=gpu
 """
 
 import hydra

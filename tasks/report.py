@@ -1,7 +1,7 @@
 """Paper tables (markdown + CSV) and Figure 1 from finished runs.
 
-    python tasks/report.py logs/classify/multiruns/2026-01-01_12-00-00 logs/benchmark/multiruns/...
-    python tasks/report.py DIR output_dir=results/ ours.prune_ratio=0.5
+python tasks/report.py logs/classify/multiruns/2026-01-01_12-00-00 logs/benchmark/multiruns/...
+python tasks/report.py DIR output_dir=results/ ours.prune_ratio=0.5
 """
 
 import sys

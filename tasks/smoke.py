@@ -1,9 +1,9 @@
 """A ten-second Lightning job to check launchers, loggers and DDP before launching a real grid.
 
-    python tasks/smoke.py                                              # local, CSV logger
-    python tasks/smoke.py -m hydra/launcher=joblib lr=0.01,0.1 logger=wandb
-    python tasks/smoke.py trainer=ddp                                  # 2 CPU processes (gloo)
-    python tasks/smoke.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu trainer=gpu
+python tasks/smoke.py                                              # local, CSV logger
+python tasks/smoke.py -m hydra/launcher=joblib lr=0.01,0.1 logger=wandb
+python tasks/smoke.py trainer=ddp                                  # 2 CPU processes (gloo)
+python tasks/smoke.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu trainer=gpu
 """
 
 import hydra

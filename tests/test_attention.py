@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_encoder
 
-from hirespath.models.attention import TokenLayout, build_gather_chunks, merge_heads, sparse_attention, sparse_reference_mask, split_heads
+from hirespath.models.attention import (
+    TokenLayout,
+    build_gather_chunks,
+    merge_heads,
+    sparse_attention,
+    sparse_reference_mask,
+    split_heads,
+)
 
 
 def masked_reference(attn, x, mask):
@@ -37,8 +44,10 @@ def test_sparse_with_window_covering_grid_equals_dense():
     assert torch.equal(sparse.cls, dense.cls) and torch.equal(sparse.patch_tokens, dense.patch_tokens)
 
 
-@pytest.mark.parametrize("grid,window,radius", [((7, 5), 2, 1), ((9, 9), 4, 1), ((6, 11), 3, 1), ((10, 7), 2, 2),
-                                                  ((5, 8), 1, 1), ((8, 8), 3, 0)])
+@pytest.mark.parametrize(
+    "grid,window,radius",
+    [((7, 5), 2, 1), ((9, 9), 4, 1), ((6, 11), 3, 1), ((10, 7), 2, 2), ((5, 8), 1, 1), ((8, 8), 3, 0)],
+)
 def test_sparse_layer_equals_masked_reference(grid, window, radius):
     enc = tiny_encoder()
     attn = enc.vit.blocks[0].attn
@@ -72,11 +81,14 @@ def test_sparse_gradients_equal_masked_reference():
     attn = enc.vit.blocks[0].attn
     B, P, grid = 2, 9, (8, 7)
     layout = TokenLayout.full_grid(B, grid, P, "cpu").select(
-        torch.stack([torch.randperm(56)[:30].sort().values for _ in range(B)]))
+        torch.stack([torch.randperm(56)[:30].sort().values for _ in range(B)])
+    )
     x = torch.randn(B, P + 30, enc.embed_dim)
     grads = []
-    for fn in (lambda t: sparse_attention(attn, t, layout, 2, 1, chunk_keys=150),
-               lambda t: masked_reference(attn, t, sparse_reference_mask(layout, 2, 1))):
+    for fn in (
+        lambda t: sparse_attention(attn, t, layout, 2, 1, chunk_keys=150),
+        lambda t: masked_reference(attn, t, sparse_reference_mask(layout, 2, 1)),
+    ):
         xr = x.clone().requires_grad_(True)
         fn(xr).square().sum().backward()
         grads.append((xr.grad, attn.qkv.weight.grad.clone()))
@@ -92,7 +104,8 @@ def test_gather_chunks_pad_little_after_pruning():
     grid, window, P, B = (48, 48), 8, 9, 2
     n = grid[0] * grid[1]
     layout = TokenLayout.full_grid(B, grid, P, "cpu").select(
-        torch.stack([torch.randperm(n)[: int(0.4 * n)].sort().values for _ in range(B)]))
+        torch.stack([torch.randperm(n)[: int(0.4 * n)].sort().values for _ in range(B)])
+    )
     chunks = build_gather_chunks(layout.positions, grid, P, window, 1, chunk_keys=4096)
     padded = sum(c.q_rows.numel() * (c.kv_rows.numel() // c.q_rows.shape[0]) for c in chunks)
     mask = sparse_reference_mask(layout, window, 1)[:, P:]  # patch query rows, all keys
@@ -130,8 +143,8 @@ def test_locality_one_block():
     base = _token_after_one_block(x, w)
     token = 0  # patch (0, 0): block (0, 0); its neighbourhood covers blocks rows/cols 0..1 → patches 0..3
     far, near = x.clone(), x.clone()
-    far[..., 14 * 8:14 * 9, 14 * 8:14 * 9] += 5.0  # patch (8, 8), block (4, 4): outside
-    near[..., 14 * 3:14 * 4, 14 * 3:14 * 4] += 5.0  # patch (3, 3), block (1, 1): inside
+    far[..., 14 * 8 : 14 * 9, 14 * 8 : 14 * 9] += 5.0  # patch (8, 8), block (4, 4): outside
+    near[..., 14 * 3 : 14 * 4, 14 * 3 : 14 * 4] += 5.0  # patch (3, 3), block (1, 1): inside
     out_far, out_near = _token_after_one_block(far, w), _token_after_one_block(near, w)
     # The far patch still reaches token 0 through the prefix tokens? Not within one block: prefix tokens
     # are computed in the same block from the block's inputs, so token 0 sees only its inputs' keys.

@@ -24,12 +24,34 @@ def _cfg(tmp_path, overrides):
 
 
 def test_benchmark_task_writes_csv_and_plot(tmp_path):
-    cfg = _cfg(tmp_path, ["backbone=tiny", "resolutions=[56,112]", "repeats=1", "warmup=0", "cpu_memory=false",
-                          "compare=[{attention: dense, prune_ratio: 0.0},{attention: sparse, window: 2, prune_ratio: 0.5, prune_layer: 2}]"])
+    cfg = _cfg(
+        tmp_path,
+        [
+            "backbone=tiny",
+            "resolutions=[56,112]",
+            "repeats=1",
+            "warmup=0",
+            "cpu_memory=false",
+            "compare=[{attention: dense, prune_ratio: 0.0},"
+            "{attention: sparse, window: 2, prune_ratio: 0.5, prune_layer: 2}]",
+        ],
+    )
     result = run_benchmark(cfg)
     df = pd.read_csv(tmp_path / "benchmark.csv")
-    for col in ["backbone", "attention", "window", "prune_ratio", "prune_layer", "dtype", "device", "resolution",
-                "tokens", "seconds_per_image", "peak_memory_gb", "status"]:
+    for col in [
+        "backbone",
+        "attention",
+        "window",
+        "prune_ratio",
+        "prune_layer",
+        "dtype",
+        "device",
+        "resolution",
+        "tokens",
+        "seconds_per_image",
+        "peak_memory_gb",
+        "status",
+    ]:
         assert col in df.columns
     assert len(df) == 4 and set(df.status) == {"ok"}
     assert list(df.tokens[:2]) == [16, 64]
@@ -91,8 +113,12 @@ def test_max_resolution_grows_then_bisects(monkeypatch):
     bench = bm.Benchmark("tiny", overrides={"depth": 1}, repeats=1, warmup=0, cpu_memory=False)
 
     def fake_measure(cfg, res, timed=True):
-        return {"resolution": res, "status": "ok" if res <= 700 else "oom", "peak_memory_gb": 1.0,
-                "seconds_per_image": 0.1}
+        return {
+            "resolution": res,
+            "status": "ok" if res <= 700 else "oom",
+            "peak_memory_gb": 1.0,
+            "seconds_per_image": 0.1,
+        }
 
     monkeypatch.setattr(bench, "measure", fake_measure)
     best, probes = bench.max_resolution(bm.BenchConfig(), start=112, limit=10_000)
@@ -102,7 +128,9 @@ def test_max_resolution_grows_then_bisects(monkeypatch):
 
 def test_bad_resolution_is_named():
     bench = bm.Benchmark("tiny", overrides={"depth": 1}, cpu_memory=False)
-    with pytest.raises(ValueError, match="resolution 100 is not a positive multiple of the patch size 14; nearest valid: 98 or 112"):
+    with pytest.raises(
+        ValueError, match="resolution 100 is not a positive multiple of the patch size 14; nearest valid: 98 or 112"
+    ):
         bench.measure(bm.BenchConfig(), 100)
 
 
@@ -146,8 +174,12 @@ def test_backend_of_the_attention_group_is_used_and_labels_are_distinct():
     with initialize_config_dir(CONF, version_base="1.3"):
         cfg = compose("benchmark", overrides=["attention.backend=gather"])
     assert [c.sparse_backend for c in bm.configs_from(cfg)] == ["gather"]
-    labels = {bm.BenchConfig(radius=1).label, bm.BenchConfig(radius=2).label,
-              bm.BenchConfig(prune_ratio=0.6).label, bm.BenchConfig(prune_ratio=0.6, prune_score_tokens="all").label}
+    labels = {
+        bm.BenchConfig(radius=1).label,
+        bm.BenchConfig(radius=2).label,
+        bm.BenchConfig(prune_ratio=0.6).label,
+        bm.BenchConfig(prune_ratio=0.6, prune_score_tokens="all").label,
+    }
     assert len(labels) == 4
 
 

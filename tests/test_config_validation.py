@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from hirespath.utils.config import ConfigValidationError, backbone_geometry, validate_config
 
@@ -27,20 +26,23 @@ def test_default_configs_pass():
         validate_config(compose("report"))
 
 
-@pytest.mark.parametrize("overrides, key, words", [
-    (["attention.mode=sprase"], "attention.mode='sprase'", ["dense", "eager", "sparse", "did you mean 'sparse'"]),
-    (["attention.window=0"], "attention.window=0", [">= 1"]),
-    (["attention.radius=-1"], "attention.radius=-1", [">= 0"]),
-    (["pruner.ratio=1.0"], "pruner.ratio=1.0", ["[0, 1)"]),
-    (["pruner.ratio=-0.1"], "pruner.ratio=-0.1", ["[0, 1)"]),
-    (["pruner.layer=24"], "pruner.layer=24", ["[1, 23]", "uni2_h has 24 blocks"]),
-    (["backbone=tiny", "pruner.layer=6"], "pruner.layer=6", ["[1, 5]"]),
-    (["backbone=tiny", "+backbone.overrides.depth=2", "pruner.layer=2"], "pruner.layer=2", ["[1, 1]"]),
-    (["pruner.score_tokens=registers"], "pruner.score_tokens='registers'", ["cls", "all"]),
-    (["resolutions=[224,450]"], "resolutions[1]=450", ["multiple of the patch size 14", "448 or 462"]),
-    (["backbone=uni", "resolutions=[224,300]"], "resolutions[1]=300", ["patch size 16 (uni)", "288 or 304"]),
-    (["backbone.name=uni3"], "backbone.name='uni3'", ["uni2_h", "did you mean"]),
-])
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["attention.mode=sprase"], "attention.mode='sprase'", ["dense", "eager", "sparse", "did you mean 'sparse'"]),
+        (["attention.window=0"], "attention.window=0", [">= 1"]),
+        (["attention.radius=-1"], "attention.radius=-1", [">= 0"]),
+        (["pruner.ratio=1.0"], "pruner.ratio=1.0", ["[0, 1)"]),
+        (["pruner.ratio=-0.1"], "pruner.ratio=-0.1", ["[0, 1)"]),
+        (["pruner.layer=24"], "pruner.layer=24", ["[1, 23]", "uni2_h has 24 blocks"]),
+        (["backbone=tiny", "pruner.layer=6"], "pruner.layer=6", ["[1, 5]"]),
+        (["backbone=tiny", "+backbone.overrides.depth=2", "pruner.layer=2"], "pruner.layer=2", ["[1, 1]"]),
+        (["pruner.score_tokens=registers"], "pruner.score_tokens='registers'", ["cls", "all"]),
+        (["resolutions=[224,450]"], "resolutions[1]=450", ["multiple of the patch size 14", "448 or 462"]),
+        (["backbone=uni", "resolutions=[224,300]"], "resolutions[1]=300", ["patch size 16 (uni)", "288 or 304"]),
+        (["backbone.name=uni3"], "backbone.name='uni3'", ["uni2_h", "did you mean"]),
+    ],
+)
 def test_bad_values_name_key_value_and_range(overrides, key, words):
     with pytest.raises(ConfigValidationError) as err:
         validate_config(_benchmark(*overrides))
@@ -67,8 +69,10 @@ def test_resolution_and_named_groups(tmp_path):
         (conf / group).mkdir(parents=True)
         for n in names:
             (conf / group / f"{n}.yaml").write_text(f"name: {n}\n")
-    (conf / "task.yaml").write_text("defaults:\n  - head: knn\n  - data: panda\n  - _self_\n"
-                                    "backbone: {name: tiny, overrides: {}}\nresolution: 224\n")
+    (conf / "task.yaml").write_text(
+        "defaults:\n  - head: knn\n  - data: panda\n  - _self_\n"
+        "backbone: {name: tiny, overrides: {}}\nresolution: 224\n"
+    )
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         validate_config(compose("task"))
         cfg = compose("task", overrides=["resolution=100", "head.name=kNN", "data.name=pandas"])
@@ -90,9 +94,19 @@ def test_geometry_of_presets():
 
 def test_task_fails_before_compute(tmp_path):
     """Through a real entry point: the error names the key, and no run directory output is produced."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tasks" / "smoke.py"), "+attention.mode=sprase",
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tasks" / "smoke.py"),
+            "+attention.mode=sprase",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert proc.returncode != 0
     assert "attention.mode='sprase'" in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()

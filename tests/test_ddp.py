@@ -24,8 +24,14 @@ def test_ddp_extraction_equals_single_process(tmp_path):
     caches = {}
     for name, extra in (("single", []), ("ddp", ["trainer=ddp"])):
         caches[name] = tmp_path / f"cache_{name}"
-        run_task("extract", *common, *extra, f"paths.cache_dir={caches[name]}", f"hydra.run.dir={tmp_path / name}",
-                 cwd=tmp_path)
+        run_task(
+            "extract",
+            *common,
+            *extra,
+            f"paths.cache_dir={caches[name]}",
+            f"hydra.run.dir={tmp_path / name}",
+            cwd=tmp_path,
+        )
     single, ddp = (torch.load(next((caches[n] / "embeddings").glob("*.pt")), weights_only=False) for n in caches)
     assert single["positions"] == ddp["positions"] and len(ddp["positions"]) == 9  # 9 ROIs: uneven over 2 ranks
     assert not torch.isnan(ddp["cls"]).any()
@@ -46,11 +52,27 @@ def test_ddp_segmentation_metrics_equal_single_process(tmp_path):
     info = root / "MNDA_fileinfo.csv"
     df = pd.read_csv(info)
     df.drop(index=df.index[df.train_val_test == "test"][0]).to_csv(info, index=False)
-    common = [f"data.root={root}", "backbone=tiny", "attention=sparse", "attention.window=4", "resolution=56",
-              "trainer.max_steps=1", "trainer.max_epochs=1", "+trainer.limit_val_batches=1", "optim.lr=0", "data.batch_size=1", "head.num_queries=10",
-              "head.hidden_dim=64", "head.decoder_layers=2", "head.pixel_decoder_layers=1",
-              "head.train_num_points=1024", "head.adapter.heads=4", "head.adapter.spm_inplanes=16", "logger=csv",
-              "optim.overlays=0"]
+    common = [
+        f"data.root={root}",
+        "backbone=tiny",
+        "attention=sparse",
+        "attention.window=4",
+        "resolution=56",
+        "trainer.max_steps=1",
+        "trainer.max_epochs=1",
+        "+trainer.limit_val_batches=1",
+        "optim.lr=0",
+        "data.batch_size=1",
+        "head.num_queries=10",
+        "head.hidden_dim=64",
+        "head.decoder_layers=2",
+        "head.pixel_decoder_layers=1",
+        "head.train_num_points=1024",
+        "head.adapter.heads=4",
+        "head.adapter.spm_inplanes=16",
+        "logger=csv",
+        "optim.overlays=0",
+    ]
     metrics = {}
     for name, extra in (("single", []), ("ddp", ["trainer=ddp"])):
         run_task("segment", *common, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path, timeout=400)

@@ -94,12 +94,15 @@ def test_hub_weights_explain_how_to_pass_a_file():
         hirespath.create_encoder("tiny", weights="/nope.safetensors")
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: {"module." + k: v for k, v in sd.items()},                                   # DDP
-    lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 1},        # Lightning
-    lambda sd: {"teacher": {"backbone." + k: v for k, v in sd.items()}},                    # DINOv2 training
-    lambda sd: {"vit." + k: v for k, v in sd.items()},                                      # HiResEncoder.state_dict()
-])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: {"module." + k: v for k, v in sd.items()},  # DDP
+        lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 1},  # Lightning
+        lambda sd: {"teacher": {"backbone." + k: v for k, v in sd.items()}},  # DINOv2 training
+        lambda sd: {"vit." + k: v for k, v in sd.items()},  # HiResEncoder.state_dict()
+    ],
+)
 def test_checkpoints_saved_from_a_wrapper_load(tmp_path, wrap):
     src = tiny_encoder(attention="dense")
     path = tmp_path / "wrapped.pth"
@@ -145,15 +148,18 @@ def test_checkpoint_of_another_preset_is_named(tmp_path, monkeypatch):
     assert "checkpoint of preset 'uni'" in msg and len(msg) < 2000  # short lists, not every key
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(window=0), "window must be an integer >= 1"),
-    (dict(prune_ratio=1.0), r"prune ratio must be in \[0, 1\)"),
-    (dict(prune_ratio=-0.1), r"prune ratio must be in \[0, 1\)"),
-    (dict(prune_ratio=0.5, prune_layer=0), r"prune layer must be in \[1, 5\]"),
-    (dict(prune_ratio=0.5, prune_layer=6), r"prune layer must be in \[1, 5\]"),
-    (dict(attention="flash"), "attention must be one of"),
-    (dict(prune_ratio=0.5, prune_score_tokens="regs"), "score_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(window=0), "window must be an integer >= 1"),
+        (dict(prune_ratio=1.0), r"prune ratio must be in \[0, 1\)"),
+        (dict(prune_ratio=-0.1), r"prune ratio must be in \[0, 1\)"),
+        (dict(prune_ratio=0.5, prune_layer=0), r"prune layer must be in \[1, 5\]"),
+        (dict(prune_ratio=0.5, prune_layer=6), r"prune layer must be in \[1, 5\]"),
+        (dict(attention="flash"), "attention must be one of"),
+        (dict(prune_ratio=0.5, prune_score_tokens="regs"), "score_tokens"),
+    ],
+)
 def test_bad_construction_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         hirespath.create_encoder("tiny", **kwargs)
@@ -166,7 +172,9 @@ def test_unknown_preset_names_choices():
 
 def test_bad_images():
     enc = tiny_encoder()
-    with pytest.raises(ValueError, match=r"not a multiple of the patch size 14; nearest valid sizes: H in \(224, 238\)"):
+    with pytest.raises(
+        ValueError, match=r"not a multiple of the patch size 14; nearest valid sizes: H in \(224, 238\)"
+    ):
         enc(torch.randn(1, 3, 230, 224))
     with pytest.raises(TypeError, match="float tensor"):
         enc(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
@@ -187,8 +195,17 @@ def test_hydra_config_instantiates_the_same_encoder():
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose("benchmark", overrides=["backbone=tiny", "attention=sparse", "attention.window=3",
-                                                "pruner=global_attention", "pruner.ratio=0.5", "pruner.layer=2"])
+        cfg = compose(
+            "benchmark",
+            overrides=[
+                "backbone=tiny",
+                "attention=sparse",
+                "attention.window=3",
+                "pruner=global_attention",
+                "pruner.ratio=0.5",
+                "pruner.layer=2",
+            ],
+        )
     torch.manual_seed(0)
     enc = instantiate(cfg.encoder).eval()
     ref = tiny_encoder(attention="sparse", window=3, prune_ratio=0.5, prune_layer=2)

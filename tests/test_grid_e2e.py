@@ -17,8 +17,14 @@ pytestmark = pytest.mark.skipif(not (ROOT / "tasks" / "classify.py").is_file(), 
 def _task(name, *args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     env.pop("WANDB_MODE", None)  # offline is the default
-    proc = subprocess.run([sys.executable, str(ROOT / "tasks" / f"{name}.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tasks" / f"{name}.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
@@ -29,11 +35,25 @@ def test_two_by_two_grid_wandb_and_report(tmp_path):
     data = tmp_path / "panda"
     _task("make_synthetic", "dataset=panda", f"root={data}", "num_slides=12", cwd=tmp_path)
     sweep = tmp_path / "logs" / "classify" / "multiruns" / "grid"
-    _task("classify", "-m", f"data.root={data}", "data.fov_um=256", "backbone=tiny", "attention=sparse",
-          "pruner=global_attention", "pruner.layer=2", "resolution=112,224", "pruner.ratio=0.4,0.6", "head=knn",
-          "head.k=3",
-          "logger=wandb", "figures.num_rois=1", f"paths.cache_dir={tmp_path / 'cache'}",
-          f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    _task(
+        "classify",
+        "-m",
+        f"data.root={data}",
+        "data.fov_um=256",
+        "backbone=tiny",
+        "attention=sparse",
+        "pruner=global_attention",
+        "pruner.layer=2",
+        "resolution=112,224",
+        "pruner.ratio=0.4,0.6",
+        "head=knn",
+        "head.k=3",
+        "logger=wandb",
+        "figures.num_rois=1",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert len(list(sweep.glob("*/metrics.json"))) == 4
     runs = offline_runs(sweep)
     assert len(runs) == 4 and all(r["finished"] and r["exit_code"] == 0 for r in runs)

@@ -19,10 +19,21 @@ LAUNCHERS = sorted(p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("
 
 
 def run_task(task: str, *args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tasks" / f"{task}.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "WANDB_MODE": "offline",
+        "HYDRA_FULL_ERROR": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tasks" / f"{task}.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -48,26 +59,35 @@ def test_launcher_composes_and_instantiates(launcher):
 
 
 def test_launcher_typo_fails():
-    from omegaconf.errors import ConfigKeyError
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         with pytest.raises(Exception) as err:
-            compose("smoke", overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partitoin=gpu"],
-                    return_hydra_config=True)
+            compose(
+                "smoke",
+                overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partitoin=gpu"],
+                return_hydra_config=True,
+            )
     assert "partitoin" in str(err.value)
 
 
 def test_joblib_multirun(tmp_path):
     sweep = tmp_path / "sweep"
-    run_task("smoke", "-m", "hydra/launcher=joblib", "lr=0.05,0.2", "num_samples=128", "trainer.max_epochs=1",
-             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    run_task(
+        "smoke",
+        "-m",
+        "hydra/launcher=joblib",
+        "lr=0.05,0.2",
+        "num_samples=128",
+        "trainer.max_epochs=1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     metrics = sorted(sweep.glob("*/metrics.json"))
     assert [m.parent.name for m in metrics] == ["0", "1"]
     for m in metrics:
         assert 0.0 <= json.loads(m.read_text())["test/accuracy"] <= 1.0
     overrides = [OmegaConf.load(m.parent / ".hydra" / "overrides.yaml") for m in metrics]
     assert sorted(x for o in overrides for x in o if x.startswith("lr=")) == ["lr=0.05", "lr=0.2"]
-
 
 
 def test_parallel_jobs_extract_shared_embeddings_once(tmp_path):
@@ -77,10 +97,26 @@ def test_parallel_jobs_extract_shared_embeddings_once(tmp_path):
 
     root = make_synthetic_panda(tmp_path / "panda", num_slides=8, size=(384, 512), seed=5)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(ROOT / "tasks" / "extract.py"), f"data.root={root}", "data.fov_um=96",
-            "backbone=tiny", "resolution=224", f"paths.cache_dir={tmp_path / 'cache'}"]
-    procs = [subprocess.Popen([*args, f"hydra.run.dir={tmp_path / f'job{i}'}"], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    args = [
+        sys.executable,
+        str(ROOT / "tasks" / "extract.py"),
+        f"data.root={root}",
+        "data.fov_um=96",
+        "backbone=tiny",
+        "resolution=224",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*args, f"hydra.run.dir={tmp_path / f'job{i}'}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
     assert sum("cache miss" in o for o in outs) == 1 and sum("cache hit" in o for o in outs) == 1, outs

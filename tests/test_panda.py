@@ -73,10 +73,15 @@ def test_bad_slides_are_skipped_with_reasons(tmp_path):
     labels = pd.read_csv(root / "train.csv")
     ids = labels.image_id.tolist()
     (root / "train_images" / f"{ids[0]}.tiff").write_bytes(b"II*\x00garbage" * 10)  # corrupt
-    write_pyramid(root / "train_images" / f"{ids[1]}.tiff", np.full((512, 768, 3), 243, np.uint8), 0.5,
-                  compression="jpeg")  # blank glass: no tissue
-    tifffile.imwrite(root / "train_images" / f"{ids[2]}.tiff", np.full((512, 768, 3), 200, np.uint8),
-                     tile=(256, 256), photometric="rgb")  # no resolution tags: no mpp
+    write_pyramid(
+        root / "train_images" / f"{ids[1]}.tiff", np.full((512, 768, 3), 243, np.uint8), 0.5, compression="jpeg"
+    )  # blank glass: no tissue
+    tifffile.imwrite(
+        root / "train_images" / f"{ids[2]}.tiff",
+        np.full((512, 768, 3), 200, np.uint8),
+        tile=(256, 256),
+        photometric="rgb",
+    )  # no resolution tags: no mpp
     (root / "train_images" / f"{ids[3]}.tiff").unlink()  # missing
     from hirespath.data.panda import locate_all
 
@@ -95,9 +100,17 @@ def test_not_panda_root_and_bad_grades(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing train.csv, train_images/"):
         check_panda_root(tmp_path)
     (tmp_path / "train_images").mkdir()
-    pd.DataFrame({"image_id": ["a", "b", "c"], "data_provider": ["radboud"] * 3, "isup_grade": [1, 7, "x"],
-                  "gleason_score": ["3+3", "5+5", "negative"]}).to_csv(tmp_path / "train.csv", index=False)
-    with pytest.raises(ValueError, match=r"isup_grade must be an integer 0–5; bad rows: row 3 \(b: '7'\), row 4 \(c: 'x'\)"):
+    pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c"],
+            "data_provider": ["radboud"] * 3,
+            "isup_grade": [1, 7, "x"],
+            "gleason_score": ["3+3", "5+5", "negative"],
+        }
+    ).to_csv(tmp_path / "train.csv", index=False)
+    with pytest.raises(
+        ValueError, match=r"isup_grade must be an integer 0–5; bad rows: row 3 \(b: '7'\), row 4 \(c: 'x'\)"
+    ):
         read_labels(tmp_path)
 
 
@@ -208,10 +221,18 @@ def test_adamw_probe_learns_badly_scaled_embeddings(tmp_path):
     g = torch.Generator().manual_seed(3)
     y = torch.randint(0, 3, (90,), generator=g)
     x = (torch.randn(90, 16, generator=g) * 0.3 + torch.nn.functional.one_hot(y, 16).float()) * 50 + 400
-    model = train_linear_probe((x[:60], y[:60]), (x[60:], y[60:]), 3, lr=3e-2, weight_decay=0.0, max_epochs=50,
-                               patience=50, batch_size=32, seed=0,
-                               trainer_kwargs=dict(accelerator="cpu", default_root_dir=str(tmp_path),
-                                                   enable_progress_bar=False))
+    model = train_linear_probe(
+        (x[:60], y[:60]),
+        (x[60:], y[60:]),
+        3,
+        lr=3e-2,
+        weight_decay=0.0,
+        max_epochs=50,
+        patience=50,
+        batch_size=32,
+        seed=0,
+        trainer_kwargs=dict(accelerator="cpu", default_root_dir=str(tmp_path), enable_progress_bar=False),
+    )
     assert (model.predict_proba(x[60:]).argmax(1) == y[60:]).float().mean() >= 0.9
     torch.testing.assert_close(model.mean, x[:60].mean(0))
 
@@ -226,10 +247,22 @@ def _compose(overrides, out, cache):
 def test_classify_end_to_end(panda_root, tmp_path, head, caplog):
     from hirespath.tasks.classify import run_classify
 
-    head_args = {"knn": ["head=knn", "head.k=3"], "linear_probe": ["head=linear_probe", "head.max_epochs=3"],
-                 "linear_probe_uni": ["head=linear_probe", "head.solver=uni"]}[head]
-    overrides = [f"data.root={panda_root}", "data.fov_um=192", "backbone=tiny", "resolution=112", *head_args,
-                 "logger=csv", "figures.num_rois=1", "attention.window=2", "pruner.layer=2"]
+    head_args = {
+        "knn": ["head=knn", "head.k=3"],
+        "linear_probe": ["head=linear_probe", "head.max_epochs=3"],
+        "linear_probe_uni": ["head=linear_probe", "head.solver=uni"],
+    }[head]
+    overrides = [
+        f"data.root={panda_root}",
+        "data.fov_um=192",
+        "backbone=tiny",
+        "resolution=112",
+        *head_args,
+        "logger=csv",
+        "figures.num_rois=1",
+        "attention.window=2",
+        "pruner.layer=2",
+    ]
     # the cache is shared across both heads: the second run hits it
     cfg = _compose(overrides, tmp_path / "run", tmp_path.parent / "cache")
     metrics = run_classify(cfg)
@@ -253,8 +286,11 @@ def test_embedding_cache_hit_and_atomic_write(panda_root, tmp_path, caplog, monk
     from hirespath import extract as ex
     from hirespath.tasks.extract import run_extract
 
-    cfg = _compose([f"data.root={panda_root}", "data.fov_um=192", "backbone=tiny", "resolution=56"],
-                   tmp_path / "run", tmp_path / "cache")
+    cfg = _compose(
+        [f"data.root={panda_root}", "data.fov_um=192", "backbone=tiny", "resolution=56"],
+        tmp_path / "run",
+        tmp_path / "cache",
+    )
     # a run killed while saving leaves no cache file behind
     real_save = torch.save
 
@@ -286,12 +322,12 @@ def test_embedding_cache_hit_and_atomic_write(panda_root, tmp_path, caplog, monk
 
 def test_tissue_mask_ignores_pen_ink_and_black_fill():
     rng = np.random.default_rng(0)
-    thumb = np.full((60, 90, 3), 240, np.uint8)          # glass
-    thumb[10:50, 5:40] = (225, 150, 190)                  # eosin-pink tissue
-    thumb[20:30, 15:25] = (150, 115, 185)                 # hematoxylin-dense tissue
-    thumb[5:55, 48:56] = (30, 120, 50)                    # green marker
-    thumb[5:55, 60:68] = (40, 60, 160)                    # blue marker
-    thumb[:, 75:] = rng.integers(0, 12, (60, 15, 3))      # black scanner fill with noise
+    thumb = np.full((60, 90, 3), 240, np.uint8)  # glass
+    thumb[10:50, 5:40] = (225, 150, 190)  # eosin-pink tissue
+    thumb[20:30, 15:25] = (150, 115, 185)  # hematoxylin-dense tissue
+    thumb[5:55, 48:56] = (30, 120, 50)  # green marker
+    thumb[5:55, 60:68] = (40, 60, 160)  # blue marker
+    thumb[:, 75:] = rng.integers(0, 12, (60, 15, 3))  # black scanner fill with noise
     mask = tissue_mask(thumb)
     assert mask[10:50, 5:40].all() and not mask[:, 40:].any() and not mask[:10].any()
 
@@ -299,14 +335,21 @@ def test_tissue_mask_ignores_pen_ink_and_black_fill():
 def test_transparent_and_off_slide_pixels_read_as_glass(tmp_path):
     """A slide smaller than the field of view keeps the field's scale; what lies off the slide reads white."""
     rgba = np.zeros((256, 320, 4), np.uint8)
-    rgba[64:192, 64:256] = (220, 140, 190, 255)           # tissue; the rest transparent black
-    tifffile.imwrite(tmp_path / "small.tiff", rgba, tile=(64, 64), photometric="rgb", extrasamples=[2],
-                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    rgba[64:192, 64:256] = (220, 140, 190, 255)  # tissue; the rest transparent black
+    tifffile.imwrite(
+        tmp_path / "small.tiff",
+        rgba,
+        tile=(64, 64),
+        photometric="rgb",
+        extrasamples=[2],
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     (roi,), _ = locate_rois(tmp_path / "small.tiff", fov_um=256)  # 512 px at 0.5 µm/px > the slide's 320 × 256
     assert roi.size == 512
     rgb = read_roi(tmp_path / "small.tiff", roi, 128)
     assert rgb.shape == (128, 128, 3) and rgb.reshape(-1, 3).min(0).min() > 100  # nothing black
-    assert (rgb > 245).all(-1).mean() > 0.5                                        # glass around the tissue
+    assert (rgb > 245).all(-1).mean() > 0.5  # glass around the tissue
 
 
 def test_default_mpp_for_slides_without_resolution_tags(tmp_path):
@@ -325,8 +368,14 @@ def test_split_follows_train_csv_and_exclusions(tmp_path):
 
     root = tmp_path / "panda"
     (root / "train_images").mkdir(parents=True)
-    labels = pd.DataFrame({"image_id": [f"s{i:02d}" for i in range(40)], "data_provider": "radboud",
-                           "isup_grade": [i % 6 for i in range(40)], "gleason_score": "3+3"})
+    labels = pd.DataFrame(
+        {
+            "image_id": [f"s{i:02d}" for i in range(40)],
+            "data_provider": "radboud",
+            "isup_grade": [i % 6 for i in range(40)],
+            "gleason_score": "3+3",
+        }
+    )
     labels.to_csv(root / "train.csv", index=False)
     split_csv = tmp_path / "split.csv"
     first = load_or_make_split(root, split_csv)
@@ -437,7 +486,9 @@ def test_unreadable_roi_is_skipped_then_retried(tmp_path, caplog):
     enc = tiny_encoder(attention="dense")
     kw = dict(batch_size=2, trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
     emb = extract_embeddings(enc, root, rois, 56, tmp_path / "cache", {"k": 1}, **kw)
-    assert emb["failed"] == [2] and emb["errors"][0][0] == rois.image_id.iloc[2] and "cannot read" in emb["errors"][0][1]
+    assert (
+        emb["failed"] == [2] and emb["errors"][0][0] == rois.image_id.iloc[2] and "cannot read" in emb["errors"][0][1]
+    )
     assert torch.isnan(emb["cls"][2]).all() and not torch.isnan(emb["cls"][[0, 1, 3]]).any()
     shutil.copy(tmp_path / "backup.tiff", bad)
     with caplog.at_level(logging.INFO, logger="hirespath.embeddings"):

@@ -142,8 +142,11 @@ def test_bf16_pruning_scores_are_computed_in_fp32():
 def test_unsupported_vits_are_refused():
     import hirespath
 
-    for kwargs, match in ((dict(global_pool="avg"), "fc_norm"), (dict(patch_drop_rate=0.2), "patch_drop_rate"),
-                          (dict(class_token=False, global_pool=""), "no class token")):
+    for kwargs, match in (
+        (dict(global_pool="avg"), "fc_norm"),
+        (dict(patch_drop_rate=0.2), "patch_drop_rate"),
+        (dict(class_token=False, global_pool=""), "no class token"),
+    ):
         with pytest.raises(ValueError, match=match):
             hirespath.create_encoder("uni", depth=2, embed_dim=64, num_heads=4, **kwargs)
 

@@ -18,19 +18,26 @@ def _job(sweep: Path, num: int, task: str, overrides: dict, metrics: dict | None
     """One Hydra multirun job: <sweep>/<num>/.hydra/{config,hydra,overrides}.yaml + the task's outputs."""
     job = sweep / str(num)
     cfg = {
-        "task_name": task, "tags": [task], "seed": 42,
+        "task_name": task,
+        "tags": [task],
+        "seed": 42,
         "run_name": "${backbone.name}-${attention.mode}-w${attention.window}-p${pruner.ratio}",
         "resolution": overrides.get("resolution", 224),
         "backbone": {"name": "tiny", "weights": None, "overrides": {"init_values": 1.0}},
-        "attention": {"mode": overrides.get("attention", "sparse"), "window": overrides.get("attention.window", 8),
-                      "radius": 1},
+        "attention": {
+            "mode": overrides.get("attention", "sparse"),
+            "window": overrides.get("attention.window", 8),
+            "radius": 1,
+        },
         "pruner": {"ratio": overrides.get("pruner.ratio", 0.0), "layer": 4, "score_tokens": "cls"},
         "head": {"name": overrides.get("head", "linear_probe")},
         "paths": {"root_dir": "${hydra:runtime.cwd}", "output_dir": "${hydra:runtime.output_dir}"},
     }
     (job / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(cfg), job / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": {"mode": "MULTIRUN", "job": {"num": num}}}), job / ".hydra" / "hydra.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"hydra": {"mode": "MULTIRUN", "job": {"num": num}}}), job / ".hydra" / "hydra.yaml"
+    )
     OmegaConf.save(OmegaConf.create([f"{k}={v}" for k, v in overrides.items()]), job / ".hydra" / "overrides.yaml")
     if metrics is not None:
         (job / "metrics.json").write_text(json.dumps(metrics))
@@ -40,14 +47,31 @@ def _job(sweep: Path, num: int, task: str, overrides: dict, metrics: dict | None
 
 
 def _cls_metrics(acc, head="linear_probe"):
-    return {"test/accuracy": acc, "test/balanced_accuracy": acc - 0.05, "test/f1_weighted": acc - 0.01,
-            "test/auroc": acc + 0.3, "test/kappa": acc - 0.2, "test/num_slides": 10}
+    return {
+        "test/accuracy": acc,
+        "test/balanced_accuracy": acc - 0.05,
+        "test/f1_weighted": acc - 0.01,
+        "test/auroc": acc + 0.3,
+        "test/kappa": acc - 0.2,
+        "test/num_slides": 10,
+    }
 
 
 def _bench_row(attention, ratio, res, secs, mem, status="ok", window=8):
-    return {"backbone": "tiny", "attention": attention, "window": window, "prune_ratio": ratio, "prune_layer": 4,
-            "dtype": "fp32", "device": "cpu", "resolution": res, "tokens": (res // 14) ** 2,
-            "seconds_per_image": secs, "peak_memory_gb": mem, "status": status}
+    return {
+        "backbone": "tiny",
+        "attention": attention,
+        "window": window,
+        "prune_ratio": ratio,
+        "prune_layer": 4,
+        "dtype": "fp32",
+        "device": "cpu",
+        "resolution": res,
+        "tokens": (res // 14) ** 2,
+        "seconds_per_image": secs,
+        "peak_memory_gb": mem,
+        "status": status,
+    }
 
 
 @pytest.fixture
@@ -59,8 +83,11 @@ def grid(tmp_path):
     n = 0
     accs = {(224, "vanilla"): 0.44, (224, "ours"): 0.45, (448, "vanilla"): 0.48, (448, "ours"): 0.50}
     for (res, method), acc in accs.items():
-        ov = {"resolution": res, "attention": "eager" if method == "vanilla" else "sparse",
-              "pruner.ratio": 0.0 if method == "vanilla" else 0.6}
+        ov = {
+            "resolution": res,
+            "attention": "eager" if method == "vanilla" else "sparse",
+            "pruner.ratio": 0.0 if method == "vanilla" else 0.6,
+        }
         for head, delta in (("linear_probe", 0.0), ("knn", -0.1)):
             _job(cls, n, "classify", {**ov, "head": head}, _cls_metrics(acc + delta))
             n += 1
@@ -68,26 +95,58 @@ def grid(tmp_path):
         _job(cls, n, "classify", {"resolution": 448, "attention": "sparse", "pruner.ratio": ratio}, _cls_metrics(acc))
         n += 1
     for window, acc in ((2, 0.49), (16, 0.51)):  # table 3
-        _job(cls, n, "classify", {"resolution": 448, "attention": "sparse", "attention.window": window,
-                                  "pruner.ratio": 0.6}, _cls_metrics(acc))
+        _job(
+            cls,
+            n,
+            "classify",
+            {"resolution": 448, "attention": "sparse", "attention.window": window, "pruner.ratio": 0.6},
+            _cls_metrics(acc),
+        )
         n += 1
     bench = tmp_path / "benchmark" / "multiruns" / "2026-01-01_09-00-00"
-    _job(bench, 0, "benchmark", {"attention": "eager"}, bench=[
-        _bench_row("eager", 0.0, 224, 0.5, 1.5), _bench_row("eager", 0.0, 448, 2.0, 6.0),
-        _bench_row("eager", 0.0, 896, float("nan"), float("nan"), "oom")])
-    _job(bench, 1, "benchmark", {"attention": "sparse", "pruner.ratio": 0.6}, bench=[
-        _bench_row("sparse", 0.6, 224, 0.4, 1.0), _bench_row("sparse", 0.6, 448, 1.0, 2.0),
-        _bench_row("sparse", 0.6, 896, 3.0, 4.0)])
+    _job(
+        bench,
+        0,
+        "benchmark",
+        {"attention": "eager"},
+        bench=[
+            _bench_row("eager", 0.0, 224, 0.5, 1.5),
+            _bench_row("eager", 0.0, 448, 2.0, 6.0),
+            _bench_row("eager", 0.0, 896, float("nan"), float("nan"), "oom"),
+        ],
+    )
+    _job(
+        bench,
+        1,
+        "benchmark",
+        {"attention": "sparse", "pruner.ratio": 0.6},
+        bench=[
+            _bench_row("sparse", 0.6, 224, 0.4, 1.0),
+            _bench_row("sparse", 0.6, 448, 1.0, 2.0),
+            _bench_row("sparse", 0.6, 896, 3.0, 4.0),
+        ],
+    )
     seg = tmp_path / "segment" / "multiruns" / "2026-01-01_11-00-00"
-    for i, (att, res, w, mpa) in enumerate([("eager", 112, 8, 0.63), ("sparse", 112, 8, 0.64),
-                                            ("sparse", 224, 8, 0.66), ("sparse", 224, 2, 0.60),
-                                            ("dense", 224, 8, 0.72)]):
+    for i, (att, res, w, mpa) in enumerate(
+        [
+            ("eager", 112, 8, 0.63),
+            ("sparse", 112, 8, 0.64),
+            ("sparse", 224, 8, 0.66),
+            ("sparse", 224, 2, 0.60),
+            ("dense", 224, 8, 0.72),
+        ]
+    ):
         metrics = {"test/mpa": mpa, "test/iou": mpa - 0.1, "test/dice": mpa - 0.05, "test/cpa/Epithelium": mpa}
         if (att, res) != ("sparse", 224):  # the segment task may not log memory: then the benchmark's is used
             metrics["test/peak_memory_gb"] = res / 100
         _job(seg, i, "segment", {"resolution": res, "attention": att, "attention.window": w}, metrics)
-    _job(bench, 2, "benchmark", {"attention": "sparse", "pruner": "none"}, bench=[
-        _bench_row("sparse", 0.0, 224, 0.6, 3.33), _bench_row("sparse", 0.0, 224, 0.6, 9.0, window=2)])
+    _job(
+        bench,
+        2,
+        "benchmark",
+        {"attention": "sparse", "pruner": "none"},
+        bench=[_bench_row("sparse", 0.0, 224, 0.6, 3.33), _bench_row("sparse", 0.0, 224, 0.6, 9.0, window=2)],
+    )
     # A broken job: unreadable metrics.json → skipped with a warning, the report goes on.
     bad = _job(seg, 9, "segment", {"resolution": 224})
     (bad / "metrics.json").write_text("{not json")
@@ -124,10 +183,18 @@ def test_tables_and_figure(grid, tmp_path):
         res = build_report(grid, out)
     t1 = pd.read_csv(out / "table1.csv")
     # 224/448 × vanilla/ours from classify, plus 896 from the benchmark only (vanilla OOM, ours measured).
-    assert list(zip(t1.resolution, t1.method)) == [(224, "vanilla"), (224, "ours"), (448, "vanilla"), (448, "ours"),
-                                                   (896, "vanilla"), (896, "ours")]
+    assert list(zip(t1.resolution, t1.method)) == [
+        (224, "vanilla"),
+        (224, "ours"),
+        (448, "vanilla"),
+        (448, "ours"),
+        (896, "vanilla"),
+        (896, "ours"),
+    ]
     row = t1[(t1.resolution == 448) & (t1.method == "ours")].iloc[0]
-    assert row.lp_acc == pytest.approx(0.50) and row.lp_f1 == pytest.approx(0.49) and row.lp_auroc == pytest.approx(0.80)
+    assert (
+        row.lp_acc == pytest.approx(0.50) and row.lp_f1 == pytest.approx(0.49) and row.lp_auroc == pytest.approx(0.80)
+    )
     assert row.knn_acc == pytest.approx(0.40) and row.knn_bal_acc == pytest.approx(0.35)
     assert row.seconds_per_image == pytest.approx(1.0) and row.peak_memory_gb == pytest.approx(2.0)
     van = t1[(t1.resolution == 448) & (t1.method == "vanilla")].iloc[0]
@@ -142,8 +209,12 @@ def test_tables_and_figure(grid, tmp_path):
     assert list(t3.window) == [2, 8, 16] and list(t3.lp_acc.round(3)) == [0.49, 0.50, 0.51]
 
     t4 = pd.read_csv(out / "table4.csv")
-    assert list(zip(t4.resolution, t4.method, t4.attention)) == [(112, "vanilla", "eager"), (112, "ours", "sparse"),
-                                                                 (224, "vanilla", "dense"), (224, "ours", "sparse")]
+    assert list(zip(t4.resolution, t4.method, t4.attention)) == [
+        (112, "vanilla", "eager"),
+        (112, "ours", "sparse"),
+        (224, "vanilla", "dense"),
+        (224, "ours", "sparse"),
+    ]
     assert t4.mpa.round(3).tolist() == [0.63, 0.64, 0.72, 0.66]
     assert t4.peak_memory_gb.round(2).tolist() == [1.12, 1.12, 2.24, 3.33]
     t5 = pd.read_csv(out / "table5.csv")
@@ -160,9 +231,14 @@ def test_tables_and_figure(grid, tmp_path):
 
 def test_report_cli(grid, tmp_path):
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, str(ROOT / "tasks" / "report.py"), *map(str, grid), f"output_dir={out}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, "PYTHONPATH": f"{ROOT / 'src'}"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tasks" / "report.py"), *map(str, grid), f"output_dir={out}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": f"{ROOT / 'src'}"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "table1.csv").is_file() and (out / "figure1.png").is_file()
 
@@ -181,10 +257,23 @@ def test_vanilla_cost_is_eager_and_failed_jobs_are_listed(tmp_path):
     _job(cls, 0, "classify", {"resolution": 448, "attention": "dense", "head": "knn"}, _cls_metrics(0.3, "knn"))
     _job(cls, 1, "classify", {"resolution": 896, "attention": "dense", "head": "knn"}, _cls_metrics(0.4, "knn"))
     _job(cls, 2, "classify", {"resolution": 1344, "attention": "dense", "head": "knn"})  # killed: no metrics.json
-    _job(bench, 0, "benchmark", {"attention": "eager"}, bench=[
-        _bench_row("eager", 0.0, 448, 2.0, 6.0), _bench_row("eager", 0.0, 896, float("nan"), float("nan"), "oom")])
-    _job(bench, 1, "benchmark", {"attention": "dense"}, bench=[
-        _bench_row("dense", 0.0, 448, 0.25, 1.2), _bench_row("dense", 0.0, 896, 0.9, 1.9)])
+    _job(
+        bench,
+        0,
+        "benchmark",
+        {"attention": "eager"},
+        bench=[
+            _bench_row("eager", 0.0, 448, 2.0, 6.0),
+            _bench_row("eager", 0.0, 896, float("nan"), float("nan"), "oom"),
+        ],
+    )
+    _job(
+        bench,
+        1,
+        "benchmark",
+        {"attention": "dense"},
+        bench=[_bench_row("dense", 0.0, 448, 0.25, 1.2), _bench_row("dense", 0.0, 896, 0.9, 1.9)],
+    )
     with pytest.warns(UserWarning):
         col = collect([cls, bench])
     assert [Path(p).name for p, reason in col.skipped if "without metrics.json" in reason] == ["2"]

@@ -11,9 +11,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _sweep(sweep: Path, *extra: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tasks" / "smoke.py"), "-m", "lr=0.05,0.2", "num_samples=64",
-                           "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", *extra], cwd=sweep.parent, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tasks" / "smoke.py"),
+            "-m",
+            "lr=0.05,0.2",
+            "num_samples=64",
+            "trainer.max_epochs=1",
+            f"hydra.sweep.dir={sweep}",
+            *extra,
+        ],
+        cwd=sweep.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

@@ -20,8 +20,14 @@ from hirespath.models.vit_adapter import ViTAdapter, interaction_groups
 from hirespath.modules.segmentation import SegmentationModule
 from hirespath.utils.io import write_json
 
-TINY_HEAD = dict(num_queries=10, hidden_dim=64, decoder_layers=2, pixel_decoder_layers=1, train_num_points=1024,
-                 adapter=dict(heads=4, spm_inplanes=16))
+TINY_HEAD = dict(
+    num_queries=10,
+    hidden_dim=64,
+    decoder_layers=2,
+    pixel_decoder_layers=1,
+    train_num_points=1024,
+    adapter=dict(heads=4, spm_inplanes=16),
+)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +249,7 @@ def test_training_steps_lower_the_loss(segpath_root):
 
 def _mmseg_reference(preds, targets, cells, n=8):
     """numpy transcription of mmseg's intersect_and_union + eval metrics, per cell type (foreground class)."""
-    I, U, P, L = (np.zeros(n) for _ in range(4))
+    I, U, P, L = (np.zeros(n) for _ in range(4))  # noqa: E741 — mmseg's names
     for p, t, c in zip(preds, targets, cells):
         valid = t != 255
         p, t = p[valid], t[valid]
@@ -258,8 +264,7 @@ def _mmseg_reference(preds, targets, cells, n=8):
     seen = (P + L) > 0
     with np.errstate(divide="ignore", invalid="ignore"):  # x/0 is NaN (undefined) and left out, as mmseg's nanmean
         iou, dice, acc = I / U, 2 * I / (P + L), np.where(L > 0, I / L, np.nan)
-    return {"iou": np.nanmean(iou[seen]), "dice": np.nanmean(dice[seen]), "mpa": np.nanmean(acc[seen]),
-            "acc": acc}
+    return {"iou": np.nanmean(iou[seen]), "dice": np.nanmean(dice[seen]), "mpa": np.nanmean(acc[seen]), "acc": acc}
 
 
 def test_metrics_match_mmseg_formulas():
@@ -283,16 +288,34 @@ def test_metrics_match_mmseg_formulas():
 def test_segment_task_end_to_end(segpath_root, tmp_path):
     from hirespath.tasks.segment import run_segment
 
-    overrides = [f"data.root={segpath_root}", "backbone=tiny", "attention=sparse", "attention.window=64",
-                 "resolution=56", "trainer.max_steps=2", "trainer.max_epochs=1", "data.num_workers=0",
-                 "head.num_queries=10", "head.hidden_dim=64", "head.decoder_layers=2", "head.pixel_decoder_layers=1",
-                 "head.train_num_points=1024", "head.adapter.heads=4", "head.adapter.spm_inplanes=16", "logger=csv"]
+    overrides = [
+        f"data.root={segpath_root}",
+        "backbone=tiny",
+        "attention=sparse",
+        "attention.window=64",
+        "resolution=56",
+        "trainer.max_steps=2",
+        "trainer.max_epochs=1",
+        "data.num_workers=0",
+        "head.num_queries=10",
+        "head.hidden_dim=64",
+        "head.decoder_layers=2",
+        "head.pixel_decoder_layers=1",
+        "head.train_num_points=1024",
+        "head.adapter.heads=4",
+        "head.adapter.spm_inplanes=16",
+        "logger=csv",
+    ]
     cfg = compose_task("segment", overrides, tmp_path / "run")
     metrics = run_segment(cfg)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
-    for key in ["test/mpa", "test/iou", "test/dice"] + [f"test/cpa/{c}" for c in CELL_TYPES] + \
-               [f"test/iou/{c}" for c in CELL_TYPES] + [f"test/dice/{c}" for c in CELL_TYPES]:
+    for key in (
+        ["test/mpa", "test/iou", "test/dice"]
+        + [f"test/cpa/{c}" for c in CELL_TYPES]
+        + [f"test/iou/{c}" for c in CELL_TYPES]
+        + [f"test/dice/{c}" for c in CELL_TYPES]
+    ):
         assert key in saved and 0 <= saved[key] <= 1
     assert len(list((tmp_path / "run" / "overlays").glob("*.png"))) == 8  # one test tile per cell type
     # the fine-tuned backbone loads back from the Lightning checkpoint, for extraction with create_encoder
@@ -320,7 +343,7 @@ def test_segmentation_experiments_compose(exp, jobs):
         cfg = compose("segment", overrides=[f"experiment={exp}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     n = 1
-    for key, value in params.items():
+    for value in params.values():
         n *= len(str(value).split(","))
     assert n == jobs and cfg.pruner.ratio == 0 and cfg.backbone.name == "uni2_h"
     # segment.yaml's own settings win over the trainer group's defaults (20 epochs)
@@ -335,14 +358,22 @@ def test_optimizer_groups_and_deformable_attention_init():
     groups = layer_decay_groups(model, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1, layer_decay=0.5)
     group_of = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
-    for name in ("m2f.model.transformer_module.queries_embedder.weight", "m2f.model.transformer_module.level_embed.weight",
-                 "adapter.level_embed", "adapter.encoder.vit.pos_embed", "adapter.encoder.vit.blocks.0.norm1.weight"):
+    for name in (
+        "m2f.model.transformer_module.queries_embedder.weight",
+        "m2f.model.transformer_module.level_embed.weight",
+        "adapter.level_embed",
+        "adapter.encoder.vit.pos_embed",
+        "adapter.encoder.vit.blocks.0.norm1.weight",
+    ):
         assert group_of[id(named[name])]["weight_decay"] == 0, name
-    assert group_of[id(named["m2f.class_predictor.weight"])] == {**group_of[id(named["m2f.class_predictor.weight"])],
-                                                                 "lr": 1e-4, "weight_decay": 0.05}
+    assert group_of[id(named["m2f.class_predictor.weight"])] == {
+        **group_of[id(named["m2f.class_predictor.weight"])],
+        "lr": 1e-4,
+        "weight_decay": 0.05,
+    }
     # encoder block i (of 6) at lr · 0.1 · 0.5^(6 − i)
     assert group_of[id(named["adapter.encoder.vit.blocks.5.attn.qkv.weight"])]["lr"] == pytest.approx(1e-5 * 0.5)
-    assert group_of[id(named["adapter.encoder.vit.blocks.0.attn.qkv.weight"])]["lr"] == pytest.approx(1e-5 * 0.5 ** 6)
+    assert group_of[id(named["adapter.encoder.vit.blocks.0.attn.qkv.weight"])]["lr"] == pytest.approx(1e-5 * 0.5**6)
     # the adapter's deformable attentions start as Deformable DETR's do: offsets from the bias grid only
     attns = [m for m in model.adapter.modules() if isinstance(m, MSDeformAttn)]
     assert len(attns) == 4 + 4 + 2
@@ -372,7 +403,8 @@ def test_balanced_sampling_draws_each_cell_type_equally(tmp_path):
         name = info.filename[0].replace("_HE.png", f"{k}_HE.png")
         (root / "panCK_Epithelium" / name).write_bytes(src.read_bytes())
         (root / "panCK_Epithelium" / name.replace("_HE.png", "_mask.png")).write_bytes(
-            src.with_name(info.filename[0].replace("_HE.png", "_mask.png")).read_bytes())
+            src.with_name(info.filename[0].replace("_HE.png", "_mask.png")).read_bytes()
+        )
         extra.append([name, "panCK", "train"])
     pd.concat([info, pd.DataFrame(extra, columns=info.columns)]).to_csv(root / "panCK_fileinfo.csv", index=False)
     dm = SegPathDataModule(str(root), 56, (0.5,) * 3, (0.5,) * 3, balance_types=True)

@@ -17,8 +17,14 @@ def _run(args, cwd, env_extra=None, ok=True):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_MODE", None)  # offline must be the default, not something the test sets
     env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, str(ROOT / "tasks" / "smoke.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tasks" / "smoke.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if ok:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -27,8 +33,18 @@ def _run(args, cwd, env_extra=None, ok=True):
 def test_offline_multirun_one_finished_run_per_job(tmp_path):
     # The basic launcher runs both jobs in one process: a run left open by job 0 would leak into job 1.
     sweep = tmp_path / "logs" / "smoke" / "multiruns" / "2026-01-01_00-00-00"
-    _run(["-m", "logger=wandb", "lr=0.05,0.2", "num_samples=128", "trainer.max_epochs=1", "+resume=true",
-          f"hydra.sweep.dir={sweep}"], tmp_path)
+    _run(
+        [
+            "-m",
+            "logger=wandb",
+            "lr=0.05,0.2",
+            "num_samples=128",
+            "trainer.max_epochs=1",
+            "+resume=true",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
     runs = offline_runs(sweep)
     assert len(runs) == 2
     assert sorted(Path(r["dir"]).parts[-3] for r in runs) == ["0", "1"]  # one run in each job directory
@@ -41,7 +57,7 @@ def test_offline_multirun_one_finished_run_per_job(tmp_path):
     for r in runs:
         media = list(Path(r["dir"]).glob("files/media/images/smoke/*.png"))
         assert media, f"no logged image in {r['dir']}"
-        config = (Path(r["dir"]) / "files" / "config.yaml")
+        config = Path(r["dir"]) / "files" / "config.yaml"
         if config.exists():  # written at finish: the resolved config, not interpolations
             assert "${" not in config.read_text()
 
@@ -79,9 +95,19 @@ def test_sigterm_stops_the_job(tmp_path):
     import time
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tasks" / "smoke.py"), "trainer.max_epochs=100000",
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "tasks" / "smoke.py"),
+            "trainer.max_epochs=100000",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     started = tmp_path / "run" / "csv" / "version_0" / "metrics.csv"  # written once training runs
     deadline = time.time() + 120
     while time.time() < deadline and not started.is_file():

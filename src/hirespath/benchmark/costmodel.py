@@ -27,11 +27,12 @@ def _linear_macs_per_token(block: nn.Module) -> int:
 
 def _neighbourhood_keys(grid: tuple[int, int], window: int, radius: int) -> int:
     """Σ over patch tokens of the number of patch keys in its block neighbourhood (full grid)."""
+
     def axis(n: int) -> list[tuple[int, int]]:
         nb = math.ceil(n / window)
         sizes = [min(window, n - b * window) for b in range(nb)]
         # (tokens in block b along this axis, tokens in its neighbourhood along this axis)
-        return [(sizes[b], sum(sizes[max(0, b - radius):b + radius + 1])) for b in range(nb)]
+        return [(sizes[b], sum(sizes[max(0, b - radius) : b + radius + 1])) for b in range(nb)]
 
     rows, cols = axis(grid[0]), axis(grid[1])
     return sum(qr * qc * kr * kc for qr, kr in rows for qc, kc in cols)

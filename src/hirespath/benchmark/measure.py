@@ -17,9 +17,9 @@ import contextlib
 import logging
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -62,7 +62,6 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -93,14 +92,24 @@ def cuda_peak_memory(encoder: HiResEncoder, images: torch.Tensor, dtype: str) ->
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
-
-
 class Benchmark:
     """Shares one set of backbone weights between every configuration, so ratios compare like with like."""
 
-    def __init__(self, backbone: str, overrides: dict | None = None, weights=None, device: str = "auto",
-                 dtype: str = "auto", batch_size: int = 1, warmup: int = 1, repeats: int = 3, seed: int = 0,
-                 memory_budget_gb: float | None = None, sparse_backend: str = "auto", cpu_memory: bool = True):
+    def __init__(
+        self,
+        backbone: str,
+        overrides: dict | None = None,
+        weights=None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 1,
+        warmup: int = 1,
+        repeats: int = 3,
+        seed: int = 0,
+        memory_budget_gb: float | None = None,
+        sparse_backend: str = "auto",
+        cpu_memory: bool = True,
+    ):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.backbone = backbone
@@ -133,26 +142,43 @@ class Benchmark:
         p = self.patch_size
         if resolution < p or resolution % p:
             lo = max(p, resolution // p * p)
-            raise ValueError(f"resolution {resolution} is not a positive multiple of the patch size {p}; "
-                             f"nearest valid: {lo} or {lo + p}")
+            raise ValueError(
+                f"resolution {resolution} is not a positive multiple of the patch size {p}; "
+                f"nearest valid: {lo} or {lo + p}"
+            )
 
     def row(self, cfg: BenchConfig, resolution: int, status: str = "ok") -> tuple[HiResEncoder, dict]:
         """The encoder of ``cfg`` on the shared weights, and its CSV row with the analytic cost (not yet measured)."""
         self.check_resolution(resolution)
         enc = wrap_encoder(self.vit, self.preset, cfg, self.sparse_backend).eval()
-        cost = encoder_cost(enc, resolution, bytes_per_element=2 if self.dtype != "fp32" else 4,
-                            device=self.device.type)
+        cost = encoder_cost(
+            enc, resolution, bytes_per_element=2 if self.dtype != "fp32" else 4, device=self.device.type
+        )
         backend = ""
         if cfg.attention == "sparse":
             backend = enc.sparse_backend
             if backend == "auto":
                 grid = (resolution // self.patch_size,) * 2
-                backend = "auto:flex" if use_flex_by_default(self.device.type == "cuda", grid, enc.window) else "auto:gather"
-        return enc, dict(backbone=self.backbone, attention=cfg.attention, window=cfg.window,
-                         prune_ratio=cfg.prune_ratio, prune_layer=cfg.prune_layer, dtype=self.dtype,
-                         device=self.device_name, resolution=resolution, tokens=cost.tokens,
-                         seconds_per_image=float("nan"), peak_memory_gb=float("nan"), status=status,
-                         tflops=cost.tflops, attn_memory_gb=cost.attn_memory_gb, sparse_backend=backend)
+                backend = (
+                    "auto:flex" if use_flex_by_default(self.device.type == "cuda", grid, enc.window) else "auto:gather"
+                )
+        return enc, dict(
+            backbone=self.backbone,
+            attention=cfg.attention,
+            window=cfg.window,
+            prune_ratio=cfg.prune_ratio,
+            prune_layer=cfg.prune_layer,
+            dtype=self.dtype,
+            device=self.device_name,
+            resolution=resolution,
+            tokens=cost.tokens,
+            seconds_per_image=float("nan"),
+            peak_memory_gb=float("nan"),
+            status=status,
+            tflops=cost.tflops,
+            attn_memory_gb=cost.attn_memory_gb,
+            sparse_backend=backend,
+        )
 
     def measure(self, cfg: BenchConfig, resolution: int, timed: bool = True) -> dict:
         enc, row = self.row(cfg, resolution)
@@ -183,10 +209,19 @@ class Benchmark:
         return row
 
     def _worker_spec(self, cfg: BenchConfig, resolution: int) -> dict:
-        return dict(backbone=self.backbone, weights=self.weights, overrides=self.overrides, config=asdict(cfg),
-                    dtype=self.dtype, batch_size=self.batch_size, resolution=resolution, seed=self.seed,
-                    memory_budget_gb=self.memory_budget_gb, threads=torch.get_num_threads(),
-                    sparse_backend=self.sparse_backend)
+        return dict(
+            backbone=self.backbone,
+            weights=self.weights,
+            overrides=self.overrides,
+            config=asdict(cfg),
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            resolution=resolution,
+            seed=self.seed,
+            memory_budget_gb=self.memory_budget_gb,
+            threads=torch.get_num_threads(),
+            sparse_backend=self.sparse_backend,
+        )
 
     @property
     def device_name(self) -> str:
@@ -230,7 +265,9 @@ class Benchmark:
         return lo, rows
 
 
-def sweep(bench: Benchmark, configs: Iterable[BenchConfig], resolutions: list[int], progress: bool = True) -> list[dict]:
+def sweep(
+    bench: Benchmark, configs: Iterable[BenchConfig], resolutions: list[int], progress: bool = True
+) -> list[dict]:
     from tqdm.auto import tqdm
 
     configs = list(configs)
@@ -245,8 +282,16 @@ def sweep(bench: Benchmark, configs: Iterable[BenchConfig], resolutions: list[in
         if row["status"] == "oom":
             oom_at.setdefault(cfg.label, res)
         rows.append(row)
-        log.info("%-34s %5d px %7d tok  %s  %.3f s/img  %.2f GB  (analytic %.3g TFLOP)", cfg.label, res,
-                 row["tokens"], row["status"], row["seconds_per_image"], row["peak_memory_gb"], row["tflops"])
+        log.info(
+            "%-34s %5d px %7d tok  %s  %.3f s/img  %.2f GB  (analytic %.3g TFLOP)",
+            cfg.label,
+            res,
+            row["tokens"],
+            row["status"],
+            row["seconds_per_image"],
+            row["peak_memory_gb"],
+            row["tflops"],
+        )
     return rows
 
 
@@ -257,17 +302,20 @@ def write_csv(rows: list[dict], path: Path) -> None:
         pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
 
 
-
-
-
 def configs_from(cfg) -> list[BenchConfig]:
     """The composed attention/pruner groups, or the explicit ``compare`` list (one plot line each)."""
     # the benchmark's own sparse_backend, else the attention group's backend (what tasks use)
     backend = str(cfg.get("sparse_backend", "auto"))
     backend = str(cfg.attention.get("backend", "auto")) if backend == "auto" else backend
-    base = dict(sparse_backend=backend, attention=cfg.attention.mode, window=int(cfg.attention.window), radius=int(cfg.attention.radius),
-                prune_ratio=float(cfg.pruner.ratio), prune_layer=int(cfg.pruner.layer),
-                prune_score_tokens=str(cfg.pruner.score_tokens))
+    base = dict(
+        sparse_backend=backend,
+        attention=cfg.attention.mode,
+        window=int(cfg.attention.window),
+        radius=int(cfg.attention.radius),
+        prune_ratio=float(cfg.pruner.ratio),
+        prune_layer=int(cfg.pruner.layer),
+        prune_score_tokens=str(cfg.pruner.score_tokens),
+    )
     if not cfg.get("compare"):
         return [BenchConfig(**base)]
     out = []
@@ -284,16 +332,29 @@ def summarize(rows: list[dict]) -> str:
     import pandas as pd
 
     df = pd.DataFrame(rows, columns=COLUMNS)
-    lines = [f"{'resolution':>10} {'configuration':<34} {'s/img':>9} {'GB':>8} {'TFLOP':>8} "
-             f"{'x dense':>8} {'(flops)':>8} {'x eager':>8}"]
+    lines = [
+        f"{'resolution':>10} {'configuration':<34} {'s/img':>9} {'GB':>8} {'TFLOP':>8} "
+        f"{'x dense':>8} {'(flops)':>8} {'x eager':>8}"
+    ]
     for res, group in df.groupby("resolution"):
-        ref = {a: group[(group.attention == a) & (group.prune_ratio == 0) & (group.status == "ok")]
-               for a in ("dense", "eager")}
+        ref = {
+            a: group[(group.attention == a) & (group.prune_ratio == 0) & (group.status == "ok")]
+            for a in ("dense", "eager")
+        }
         for _, r in group.iterrows():
-            label = BenchConfig(attention=r.attention, window=int(r.window), prune_ratio=float(r.prune_ratio),
-                                prune_layer=int(r.prune_layer),
-                                sparse_backend=(r.sparse_backend if isinstance(r.sparse_backend, str) and r.sparse_backend
-                                                and not r.sparse_backend.startswith("auto") else "auto")).label
+            label = BenchConfig(
+                attention=r.attention,
+                window=int(r.window),
+                prune_ratio=float(r.prune_ratio),
+                prune_layer=int(r.prune_layer),
+                sparse_backend=(
+                    r.sparse_backend
+                    if isinstance(r.sparse_backend, str)
+                    and r.sparse_backend
+                    and not r.sparse_backend.startswith("auto")
+                    else "auto"
+                ),
+            ).label
             cols = []
             for a in ("dense", "eager"):
                 if len(ref[a]) and r.status == "ok":
@@ -304,6 +365,9 @@ def summarize(rows: list[dict]) -> str:
                     cols.append(f"{'-':>8}")
                     if a == "dense":
                         cols.append(f"{'-':>8}")
-            lines.append(f"{res:>10} {label:<34} {r.seconds_per_image:9.3f} {r.peak_memory_gb:8.3f} {r.tflops:8.3g} "
-                         + " ".join(cols) + ("" if r.status == "ok" else f"  [{r.status}]"))
+            lines.append(
+                f"{res:>10} {label:<34} {r.seconds_per_image:9.3f} {r.peak_memory_gb:8.3f} {r.tflops:8.3g} "
+                + " ".join(cols)
+                + ("" if r.status == "ok" else f"  [{r.status}]")
+            )
     return "\n".join(lines)

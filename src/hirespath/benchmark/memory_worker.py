@@ -48,7 +48,9 @@ def cpu_memory_worker(spec: dict) -> dict:
     enc = wrap_encoder(vit, preset, cfg, spec.get("sparse_backend", "auto")).eval()
     if spec["dtype"] != "fp32":
         enc = enc.to(DTYPES[spec["dtype"]])
-    images = torch.randn(spec["batch_size"], 3, spec["resolution"], spec["resolution"], dtype=next(enc.parameters()).dtype)
+    images = torch.randn(
+        spec["batch_size"], 3, spec["resolution"], spec["resolution"], dtype=next(enc.parameters()).dtype
+    )
     budget = spec.get("memory_budget_gb")
     _reset_peak_rss()
     before = _rss_bytes()
@@ -74,8 +76,10 @@ def cpu_memory_worker(spec: dict) -> dict:
 
 def cpu_peak_memory(spec: dict, timeout: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "hirespath.benchmark.memory_worker", json.dumps(spec)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                                          os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         if proc.returncode in (-9, 137) or is_oom(RuntimeError(proc.stderr)):

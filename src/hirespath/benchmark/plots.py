@@ -20,10 +20,16 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     df = pd.DataFrame(rows, columns=COLUMNS)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     backend = df.sparse_backend.fillna("").astype(str).map(lambda b: "auto" if not b or b.startswith("auto") else b)
-    for key, group in df.assign(backend=backend).groupby(["attention", "window", "prune_ratio", "prune_layer", "backend"],
-                                                          sort=False):
-        cfg = BenchConfig(attention=key[0], window=int(key[1]), prune_ratio=float(key[2]), prune_layer=int(key[3]),
-                          sparse_backend=key[4])
+    for key, group in df.assign(backend=backend).groupby(
+        ["attention", "window", "prune_ratio", "prune_layer", "backend"], sort=False
+    ):
+        cfg = BenchConfig(
+            attention=key[0],
+            window=int(key[1]),
+            prune_ratio=float(key[2]),
+            prune_layer=int(key[3]),
+            sparse_backend=key[4],
+        )
         ok = group[group.status == "ok"]
         for ax, col in zip(axes, ("seconds_per_image", "peak_memory_gb")):
             (line,) = ax.plot(ok.resolution, ok[col], marker="o", label=cfg.label)
@@ -36,10 +42,16 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     for r in resolutions:
         labels.append(str(r) if r >= 1.25 * last else "")
         last = r if labels[-1] else last
-    for ax, col, ylabel in zip(axes, ("seconds_per_image", "peak_memory_gb"), ("seconds per image", "peak memory (GB)")):
+    for ax, col, ylabel in zip(
+        axes, ("seconds_per_image", "peak_memory_gb"), ("seconds per image", "peak memory (GB)")
+    ):
         ax.set_xscale("log")
-        ax.set_xticks(resolutions, labels, rotation=45 if len(resolutions) > 5 else 0,
-                      ha="right" if len(resolutions) > 5 else "center")
+        ax.set_xticks(
+            resolutions,
+            labels,
+            rotation=45 if len(resolutions) > 5 else 0,
+            ha="right" if len(resolutions) > 5 else "center",
+        )
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if (df[col] > 0).any():
             ax.set_yscale("log")
@@ -50,7 +62,8 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     device = df.device.iloc[0] if len(df) else ""
-    fig.suptitle(title or f"{df.backbone.iloc[0] if len(df) else ''} on {device} ({df.dtype.iloc[0] if len(df) else ''}); dotted: first OOM")
+    backbone, dtype = (df.backbone.iloc[0], df.dtype.iloc[0]) if len(df) else ("", "")
+    fig.suptitle(title or f"{backbone} on {device} ({dtype}); dotted: first OOM")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -8,9 +8,23 @@ import torch
 
 from ..models.encoder import HiResEncoder
 
-COLUMNS = ["backbone", "attention", "window", "prune_ratio", "prune_layer", "dtype", "device", "resolution",
-           "tokens", "seconds_per_image", "peak_memory_gb", "status", "tflops", "attn_memory_gb",
-           "sparse_backend"]
+COLUMNS = [
+    "backbone",
+    "attention",
+    "window",
+    "prune_ratio",
+    "prune_layer",
+    "dtype",
+    "device",
+    "resolution",
+    "tokens",
+    "seconds_per_image",
+    "peak_memory_gb",
+    "status",
+    "tflops",
+    "attn_memory_gb",
+    "sparse_backend",
+]
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,10 +47,14 @@ class BenchConfig:
         if self.attention != "sparse":
             name = self.attention
         else:
-            name = f"sparse w={self.window}" + (f" r={self.radius}" if self.radius != 1 else "") + \
-                (f" [{self.sparse_backend}]" if self.sparse_backend != "auto" else "")
-        prune = f" + prune {self.prune_ratio:g}@{self.prune_layer}" + \
-            (f" ({self.prune_score_tokens})" if self.prune_score_tokens != "cls" else "")
+            name = (
+                f"sparse w={self.window}"
+                + (f" r={self.radius}" if self.radius != 1 else "")
+                + (f" [{self.sparse_backend}]" if self.sparse_backend != "auto" else "")
+            )
+        prune = f" + prune {self.prune_ratio:g}@{self.prune_layer}" + (
+            f" ({self.prune_score_tokens})" if self.prune_score_tokens != "cls" else ""
+        )
         return name + (prune if self.prune_ratio > 0 else "")
 
 
@@ -44,13 +62,29 @@ def is_oom(err: BaseException) -> bool:
     if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
     msg = str(err).lower()
-    return any(s in msg for s in ("out of memory", "can't allocate memory", "not enough memory",
-                                   "cannot allocate memory", "failed to allocate"))
+    return any(
+        s in msg
+        for s in (
+            "out of memory",
+            "can't allocate memory",
+            "not enough memory",
+            "cannot allocate memory",
+            "failed to allocate",
+        )
+    )
 
 
 def wrap_encoder(vit, preset, cfg: BenchConfig, sparse_backend: str = "auto") -> HiResEncoder:
     sparse_backend = cfg.sparse_backend if cfg.sparse_backend != "auto" else sparse_backend
-    enc = HiResEncoder(vit, preset, attention=cfg.attention, window=cfg.window, radius=cfg.radius,
-                       prune_ratio=cfg.prune_ratio, prune_layer=cfg.prune_layer,
-                       prune_score_tokens=cfg.prune_score_tokens, sparse_backend=sparse_backend)
+    enc = HiResEncoder(
+        vit,
+        preset,
+        attention=cfg.attention,
+        window=cfg.window,
+        radius=cfg.radius,
+        prune_ratio=cfg.prune_ratio,
+        prune_layer=cfg.prune_layer,
+        prune_score_tokens=cfg.prune_score_tokens,
+        sparse_backend=sparse_backend,
+    )
     return enc

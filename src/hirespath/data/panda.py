@@ -41,7 +41,8 @@ def check_panda_root(root: str | Path) -> Path:
         raise FileNotFoundError(
             f"{str(root)!r} is not a PANDA data root: missing {', '.join(missing)}. Expected the layout of the "
             "Kaggle download: train.csv, train_images/<image_id>.tiff, train_label_masks/<image_id>_mask.tiff "
-            "(masks optional). `python tasks/make_synthetic.py dataset=panda root=DIR` writes a small one.")
+            "(masks optional). `python tasks/make_synthetic.py dataset=panda root=DIR` writes a small one."
+        )
     return root
 
 
@@ -56,8 +57,10 @@ def read_labels(root: str | Path, exclude: str | Path | None = None) -> pd.DataF
     bad = df[grade.isna() | ~grade.isin(range(NUM_CLASSES))]
     if len(bad):
         rows = ", ".join(f"row {i + 2} ({r.image_id}: {r.isup_grade!r})" for i, r in bad.head(20).iterrows())
-        raise ValueError(f"{root / 'train.csv'}: isup_grade must be an integer 0–5; bad rows: {rows}"
-                         + (f" and {len(bad) - 20} more" if len(bad) > 20 else ""))
+        raise ValueError(
+            f"{root / 'train.csv'}: isup_grade must be an integer 0–5; bad rows: {rows}"
+            + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
+        )
     df["isup_grade"] = grade.astype(int)
     df["gleason_score"] = df.gleason_score.replace({"negative": "0+0"})
     if exclude:
@@ -99,13 +102,18 @@ def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, se
         df = labels.merge(old[["image_id", "split"]], on="image_id", how="left")
         new = df[df.split.isna()]
         if len(new):
-            raise ValueError(f"{len(new)} image_ids of train.csv have no split in {split_csv} (e.g. {new.image_id.iloc[0]}): "
-                             "train.csv changed since the split was written; delete it (or set data.split_csv) to re-split")
+            raise ValueError(
+                f"{len(new)} image_ids of train.csv have no split in {split_csv} (e.g. {new.image_id.iloc[0]}): "
+                "train.csv changed since the split was written; delete it (or set data.split_csv) to re-split"
+            )
         relabelled = df.merge(old[["image_id", "isup_grade"]], on="image_id", suffixes=("", "_old"))
         relabelled = relabelled[relabelled.isup_grade != relabelled.isup_grade_old]
         if len(relabelled):
-            log.warning("%d slides changed ISUP grade in train.csv since %s was written; using train.csv",
-                        len(relabelled), split_csv)
+            log.warning(
+                "%d slides changed ISUP grade in train.csv since %s was written; using train.csv",
+                len(relabelled),
+                split_csv,
+            )
         return df
     df = make_split(labels, seed=seed)
     from ..utils.io import atomic_path
@@ -116,8 +124,16 @@ def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, se
     return df
 
 
-def locate_all(root: Path, split: pd.DataFrame, fov_um: float, rois_per_slide: int, min_tissue: float,
-               rois_csv: Path, default_mpp: float | None = None, checkpoint_every: int = 500) -> tuple[pd.DataFrame, pd.DataFrame]:
+def locate_all(
+    root: Path,
+    split: pd.DataFrame,
+    fov_um: float,
+    rois_per_slide: int,
+    min_tissue: float,
+    rois_csv: Path,
+    default_mpp: float | None = None,
+    checkpoint_every: int = 500,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """ROIs of every slide and the slides skipped, with their reasons.
 
     ``rois_csv`` caches ROI *locations* per slide (they do not depend on the split); labels and split come from
@@ -163,7 +179,9 @@ def locate_all(root: Path, split: pd.DataFrame, fov_um: float, rois_per_slide: i
     rois_df = pd.DataFrame(rows, columns=loc_cols).merge(lab, on="image_id")  # inner: drops excluded slides
     cols = ["image_id", "roi", "label", "split", "mpp", "x", "y", "size", "tissue_fraction", *extra]
     skipped_df = pd.DataFrame(skipped, columns=["image_id", "reason"])
-    return rois_df[cols].reset_index(drop=True), skipped_df[skipped_df.image_id.isin(lab.image_id)].reset_index(drop=True)
+    return rois_df[cols].reset_index(drop=True), skipped_df[skipped_df.image_id.isin(lab.image_id)].reset_index(
+        drop=True
+    )
 
 
 class PandaROIDataset(Dataset):
@@ -193,8 +211,10 @@ class PandaROIDataset(Dataset):
 
 def collate_skipping(batch: list[dict]) -> dict:
     ok = [b for b in batch if "image" in b]
-    out = {"errors": [(b["index"], b["error"]) for b in batch if "error" in b],
-           "index": torch.tensor([b["index"] for b in ok], dtype=torch.long),
-           "label": torch.tensor([b["label"] for b in ok], dtype=torch.long)}
+    out = {
+        "errors": [(b["index"], b["error"]) for b in batch if "error" in b],
+        "index": torch.tensor([b["index"] for b in ok], dtype=torch.long),
+        "label": torch.tensor([b["label"] for b in ok], dtype=torch.long),
+    }
     out["image"] = torch.stack([b["image"] for b in ok]) if ok else None
     return out

@@ -21,8 +21,15 @@ NUCLEUS_RGB = np.array([90, 40, 120], dtype=np.float32)
 PALE_RGB = np.array([250, 225, 240], dtype=np.float32)
 
 
-def write_pyramid(path: Path, image: np.ndarray, mpp: float, *, compression: str, levels: tuple[int, ...] = (1, 4, 16),
-                  tile: int = 256) -> None:
+def write_pyramid(
+    path: Path,
+    image: np.ndarray,
+    mpp: float,
+    *,
+    compression: str,
+    levels: tuple[int, ...] = (1, 4, 16),
+    tile: int = 256,
+) -> None:
     """Write a tiled multi-resolution TIFF (reduced levels as subfiletype=1 pages), resolution in cm."""
     import tifffile
     from PIL import Image
@@ -39,23 +46,31 @@ def write_pyramid(path: Path, image: np.ndarray, mpp: float, *, compression: str
                     break
                 level = np.asarray(Image.fromarray(image).resize((w, h), Image.BOX))
             kwargs = dict(compressionargs={"level": 90}) if compression == "jpeg" else {}
-            tif.write(level, tile=(tile, tile), compression=compression, photometric="rgb",
-                      resolution=(px_per_cm / down, px_per_cm / down), resolutionunit="CENTIMETER",
-                      subfiletype=0 if i == 0 else 1, metadata=None, **kwargs)
+            tif.write(
+                level,
+                tile=(tile, tile),
+                compression=compression,
+                photometric="rgb",
+                resolution=(px_per_cm / down, px_per_cm / down),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if i == 0 else 1,
+                metadata=None,
+                **kwargs,
+            )
     tmp.replace(path)
 
 
 def _draw_disks(img: np.ndarray, centres: np.ndarray, radius: float, colour: np.ndarray, inside: np.ndarray) -> None:
     r = int(np.ceil(radius))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    disk = (yy ** 2 + xx ** 2) <= radius ** 2
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = (yy**2 + xx**2) <= radius**2
     h, w = inside.shape
     for cy, cx in centres:
         y0, x0 = cy - r, cx - r
         if y0 < 0 or x0 < 0 or y0 + 2 * r + 1 > h or x0 + 2 * r + 1 > w:
             continue
-        sub = disk & inside[y0:y0 + 2 * r + 1, x0:x0 + 2 * r + 1]
-        img[y0:y0 + 2 * r + 1, x0:x0 + 2 * r + 1][sub] = colour
+        sub = disk & inside[y0 : y0 + 2 * r + 1, x0 : x0 + 2 * r + 1]
+        img[y0 : y0 + 2 * r + 1, x0 : x0 + 2 * r + 1][sub] = colour
 
 
 def make_slide(grade: int, size: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -88,8 +103,14 @@ def make_slide(grade: int, size: tuple[int, int], rng: np.random.Generator) -> t
     return np.clip(img, 0, 255).astype(np.uint8), mask
 
 
-def make_synthetic_panda(root: str | Path, num_slides: int = 24, size: tuple[int, int] = (1536, 2048), mpp: float = 0.5,
-                         seed: int = 0, grades: tuple[int, ...] = (0, 1, 2, 3, 4, 5)) -> Path:
+def make_synthetic_panda(
+    root: str | Path,
+    num_slides: int = 24,
+    size: tuple[int, int] = (1536, 2048),
+    mpp: float = 0.5,
+    seed: int = 0,
+    grades: tuple[int, ...] = (0, 1, 2, 3, 4, 5),
+) -> Path:
     """Write ``num_slides`` slides (grades cycling through ``grades``) under ``root`` in PANDA's layout."""
     import pandas as pd
     from tqdm.auto import tqdm
@@ -102,7 +123,7 @@ def make_synthetic_panda(root: str | Path, num_slides: int = 24, size: tuple[int
     for i in tqdm(range(num_slides), desc="synthetic PANDA"):
         grade = grades[i % len(grades)]
         provider = "radboud" if i % 2 else "karolinska"
-        image_id = f"{rng.integers(0, 16 ** 12):012x}{i:04d}"  # hex ids, like PANDA's
+        image_id = f"{rng.integers(0, 16**12):012x}{i:04d}"  # hex ids, like PANDA's
         img, mask = make_slide(grade, size, rng)
         write_pyramid(root / "train_images" / f"{image_id}.tiff", img, mpp, compression="jpeg")
         write_pyramid(root / "train_label_masks" / f"{image_id}_mask.tiff", mask, mpp, compression="zlib")

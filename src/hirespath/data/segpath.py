@@ -19,8 +19,16 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger("hirespath.segpath")
 
-CELL_TYPES = ("panCK_Epithelium", "aSMA_SmoothMuscle", "CD235a_RBC", "CD45RB_Leukocyte", "CD3CD20_Lymphocyte",
-              "ERG_Endothelium", "MIST1_PlasmaCell", "MNDA_MyeloidCell")
+CELL_TYPES = (
+    "panCK_Epithelium",
+    "aSMA_SmoothMuscle",
+    "CD235a_RBC",
+    "CD45RB_Leukocyte",
+    "CD3CD20_Lymphocyte",
+    "ERG_Endothelium",
+    "MIST1_PlasmaCell",
+    "MNDA_MyeloidCell",
+)
 ANTIGENS = tuple(c.split("_")[0] for c in CELL_TYPES)
 MPP = 0.2208
 IGNORE = 255
@@ -85,7 +93,8 @@ def index_segpath(root: str | Path, cell_types=CELL_TYPES, skip_bad: bool = Fals
     if missing_archives and len(missing_archives) == len(cell_types):
         raise FileNotFoundError(
             f"{str(root)!r} holds no SegPath archive: expected folders {list(cell_types)} with "
-            "<antigen>_fileinfo.csv beside or inside them (`python tasks/make_synthetic.py dataset=segpath` writes one)")
+            "<antigen>_fileinfo.csv beside or inside them (`python tasks/make_synthetic.py dataset=segpath` writes one)"
+        )
     for cell in missing_archives:
         log.warning("SegPath archive %s not found under %s; its cell type is left out", cell, root)
     return pd.DataFrame(rows), pd.DataFrame(skipped, columns=["filename", "reason"])
@@ -100,8 +109,9 @@ def load_pair(image_path: str, mask_path: str) -> tuple[np.ndarray, np.ndarray]:
     if mask.ndim == 3:
         mask = mask[..., 0]
     if mask.shape != image.shape[:2]:
-        raise SegPathError(f"{mask_path}: mask is {mask.shape[1]}×{mask.shape[0]} but the image is "
-                           f"{image.shape[1]}×{image.shape[0]}")
+        raise SegPathError(
+            f"{mask_path}: mask is {mask.shape[1]}×{mask.shape[0]} but the image is {image.shape[1]}×{image.shape[0]}"
+        )
     bad = np.setdiff1d(np.unique(mask), [0, 1, IGNORE])
     if len(bad):
         raise SegPathError(f"{mask_path}: mask values {bad.tolist()} outside {{0, 1, 255}}")
@@ -132,12 +142,19 @@ class SegPathDataset(Dataset):
         # np.array copies: PIL's arrays are read-only, which torch.from_numpy warns about
         img = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)
         full_mask = torch.from_numpy(np.array(mask)).long()
-        small = torch.nn.functional.interpolate(img[None], size=(self.resolution,) * 2, mode="bilinear",
-                                                antialias=True, align_corners=False)[0]
-        small_mask = torch.nn.functional.interpolate(full_mask[None, None].float(), size=(self.resolution,) * 2,
-                                                     mode="nearest-exact")[0, 0].long()
-        return {"image": (small - self.mean) / self.std, "mask": small_mask, "full_mask": full_mask,
-                "label": int(r.label), "index": i}
+        small = torch.nn.functional.interpolate(
+            img[None], size=(self.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False
+        )[0]
+        small_mask = torch.nn.functional.interpolate(
+            full_mask[None, None].float(), size=(self.resolution,) * 2, mode="nearest-exact"
+        )[0, 0].long()
+        return {
+            "image": (small - self.mean) / self.std,
+            "mask": small_mask,
+            "full_mask": full_mask,
+            "label": int(r.label),
+            "index": i,
+        }
 
 
 def collate(batch: list[dict]) -> dict:

@@ -15,9 +15,19 @@ log = logging.getLogger("hirespath.segment")
 
 
 class SegPathDataModule(L.LightningDataModule):
-    def __init__(self, root: str, resolution: int, mean, std, batch_size: int = 2, num_workers: int = 0,
-                 cell_types=CELL_TYPES, skip_bad: bool = False, max_items: int | None = None,
-                 balance_types: bool = False):
+    def __init__(
+        self,
+        root: str,
+        resolution: int,
+        mean,
+        std,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        cell_types=CELL_TYPES,
+        skip_bad: bool = False,
+        max_items: int | None = None,
+        balance_types: bool = False,
+    ):
         super().__init__()
         self.root, self.resolution, self.mean, self.std = root, resolution, mean, std
         self.balance_types = balance_types
@@ -39,18 +49,29 @@ class SegPathDataModule(L.LightningDataModule):
         return SegPathDataset(rows, self.resolution, self.mean, self.std, train=train)
 
     def _loader(self, ds, shuffle: bool, sampler=None) -> DataLoader:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        distributed = (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
+        )
         if not shuffle and sampler is None and distributed:
             # Lightning's default DDP sampler pads uneven splits by repeating images, which would count them
             # twice in the summed metric counts; each evaluation image must be seen exactly once.
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-            sampler = UnrepeatedDistributedSampler(ds, num_replicas=torch.distributed.get_world_size(),
-                                                   rank=torch.distributed.get_rank(), shuffle=False)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=collate, drop_last=False,
-                          persistent_workers=self.num_workers > 0)
+            sampler = UnrepeatedDistributedSampler(
+                ds, num_replicas=torch.distributed.get_world_size(), rank=torch.distributed.get_rank(), shuffle=False
+            )
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            drop_last=False,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self):
         ds = self._split("train", train=True)
@@ -59,8 +80,9 @@ class SegPathDataModule(L.LightningDataModule):
         # every cell type drawn equally often (archives differ in size several-fold); with replacement, one epoch
         # = as many draws as tiles. Under DDP Lightning wraps this sampler in a distributed one.
         counts = ds.rows.cell_type.map(ds.rows.cell_type.value_counts())
-        sampler = torch.utils.data.WeightedRandomSampler(torch.tensor(1.0 / counts.to_numpy()), len(ds),
-                                                         replacement=True)
+        sampler = torch.utils.data.WeightedRandomSampler(
+            torch.tensor(1.0 / counts.to_numpy()), len(ds), replacement=True
+        )
         return self._loader(ds, False, sampler)
 
     def val_dataloader(self):

@@ -15,8 +15,19 @@ from PIL import Image
 from .segpath import CELL_TYPES
 
 # a distinct stain-like colour and blob size per cell type, so a model can tell them apart
-_COLOURS = np.array([[200, 120, 190], [230, 150, 170], [210, 40, 60], [80, 50, 140], [60, 30, 120],
-                     [190, 90, 150], [120, 60, 160], [150, 70, 130]], dtype=np.float32)
+_COLOURS = np.array(
+    [
+        [200, 120, 190],
+        [230, 150, 170],
+        [210, 40, 60],
+        [80, 50, 140],
+        [60, 30, 120],
+        [190, 90, 150],
+        [120, 60, 160],
+        [150, 70, 130],
+    ],
+    dtype=np.float32,
+)
 _RADII = np.array([0.05, 0.035, 0.012, 0.018, 0.015, 0.02, 0.022, 0.025])
 
 
@@ -31,8 +42,9 @@ def _blobs(rng, size: int, cell: int, n: int, canvas: np.ndarray, mask: np.ndarr
             mask[inside] = 1
 
 
-def make_synthetic_segpath(root: str | Path, images_per_split: int = 2, size: int = 984, seed: int = 0,
-                           fileinfo_in_folder: bool = False) -> Path:
+def make_synthetic_segpath(
+    root: str | Path, images_per_split: int = 2, size: int = 984, seed: int = 0, fileinfo_in_folder: bool = False
+) -> Path:
     root = Path(root)
     rng = np.random.default_rng(seed)
     for cell_idx, cell in enumerate(CELL_TYPES):
@@ -48,7 +60,8 @@ def make_synthetic_segpath(root: str | Path, images_per_split: int = 2, size: in
                     if other != cell_idx:
                         _blobs(rng, size, int(other), 4, canvas, None)  # present but unlabelled
                 _blobs(rng, size, cell_idx, 6, canvas, mask)
-                name = f"{antigen}_{cell.split('_')[1]}_slide{k % 3}_{rng.integers(0, 10**6):06d}_{rng.integers(0, 10**6):06d}_HE.png"
+                x, y = rng.integers(0, 10**6), rng.integers(0, 10**6)
+                name = f"{antigen}_{cell.split('_')[1]}_slide{k % 3}_{x:06d}_{y:06d}_HE.png"
                 Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(folder / name)
                 Image.fromarray(mask).save(folder / name.replace("_HE.png", "_mask.png"))
                 rows.append(dict(filename=name, antigen=antigen, train_val_test=split))

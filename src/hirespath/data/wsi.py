@@ -115,7 +115,7 @@ def find_rois(mask: np.ndarray, downsample: float, size0: int, count: int = 1, m
         if frac < min_tissue:
             break
         rois.append(ROI(int(xs[ix] * downsample), int(ys[iy] * downsample), size0, frac))
-        m[ys[iy]:ys[iy] + side, xs[ix]:xs[ix] + side] = 0
+        m[ys[iy] : ys[iy] + side, xs[ix] : xs[ix] + side] = 0
     return rois
 
 
@@ -128,8 +128,14 @@ def _on_white(region):
     return Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region).convert("RGB")
 
 
-def locate_rois(path: str | Path, fov_um: float, count: int = 1, min_tissue: float = 0.05,
-                thumbnail_level: int | None = None, default_mpp: float | None = None) -> tuple[list[ROI], float]:
+def locate_rois(
+    path: str | Path,
+    fov_um: float,
+    count: int = 1,
+    min_tissue: float = 0.05,
+    thumbnail_level: int | None = None,
+    default_mpp: float | None = None,
+) -> tuple[list[ROI], float]:
     """Tissue detection on a low level, then the best square ROIs of ``fov_um`` microns. Returns (rois, mpp)."""
     slide = open_slide(path)
     try:

@@ -43,8 +43,6 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-
-
 def _merge(shard_dir: Path, n: int, dim: int) -> tuple[dict, list]:
     cls = torch.full((n, dim), float("nan"))
     mean = torch.full((n, dim), float("nan"))
@@ -63,9 +61,19 @@ def roi_positions(rois: pd.DataFrame) -> list[tuple]:
     return list(zip(rois.image_id.astype(str).tolist(), *(rois[c].astype(int).tolist() for c in POSITION[1:])))
 
 
-def extract_embeddings(encoder, root, rois: pd.DataFrame, resolution: int, cache_dir, key_parts: dict, *,
-                       batch_size: int = 4, num_workers: int = 0, trainer_kwargs: dict | None = None,
-                       flush_every: int = 50) -> dict:
+def extract_embeddings(
+    encoder,
+    root,
+    rois: pd.DataFrame,
+    resolution: int,
+    cache_dir,
+    key_parts: dict,
+    *,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    trainer_kwargs: dict | None = None,
+    flush_every: int = 50,
+) -> dict:
     """Embeddings of every ROI (rows of ``rois``, in order), extracting only those the cache lacks.
 
     A single-process job holds ``<key>.lock`` while it extracts, so parallel jobs needing the same embeddings
@@ -75,17 +83,46 @@ def extract_embeddings(encoder, root, rois: pd.DataFrame, resolution: int, cache
     key = cache_key({**key_parts, "resolution": resolution, "version": EXTRACT_VERSION})
     path = Path(cache_dir) / "embeddings" / f"{key}.pt"
     tk = trainer_kwargs or {}
-    distributed = str(tk.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed")) or \
-        str(tk.get("devices", 1)) not in ("1", "[0]", "auto") or int(tk.get("num_nodes", 1)) > 1
-    lock = contextlib.nullcontext() if distributed else \
-        exclusive_lock(path.with_suffix(".lock"), f"another job extracting the same embeddings ({path.name})")
+    distributed = (
+        str(tk.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed"))
+        or str(tk.get("devices", 1)) not in ("1", "[0]", "auto")
+        or int(tk.get("num_nodes", 1)) > 1
+    )
+    lock = (
+        contextlib.nullcontext()
+        if distributed
+        else exclusive_lock(path.with_suffix(".lock"), f"another job extracting the same embeddings ({path.name})")
+    )
     with lock:
-        return _extract(encoder, root, rois, resolution, path, key, key_parts, batch_size=batch_size,
-                        num_workers=num_workers, trainer_kwargs=trainer_kwargs, flush_every=flush_every)
+        return _extract(
+            encoder,
+            root,
+            rois,
+            resolution,
+            path,
+            key,
+            key_parts,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            trainer_kwargs=trainer_kwargs,
+            flush_every=flush_every,
+        )
 
 
-def _extract(encoder, root, rois: pd.DataFrame, resolution: int, path: Path, key: str, key_parts: dict, *,
-             batch_size: int, num_workers: int, trainer_kwargs: dict | None, flush_every: int) -> dict:
+def _extract(
+    encoder,
+    root,
+    rois: pd.DataFrame,
+    resolution: int,
+    path: Path,
+    key: str,
+    key_parts: dict,
+    *,
+    batch_size: int,
+    num_workers: int,
+    trainer_kwargs: dict | None,
+    flush_every: int,
+) -> dict:
     want = roi_positions(rois)
     store = torch.load(path, weights_only=False) if path.is_file() else None
     have = set(store["positions"]) if store else set()
@@ -93,8 +130,14 @@ def _extract(encoder, root, rois: pd.DataFrame, resolution: int, path: Path, key
     if not missing:
         log.info("cache hit: %s", path)
         return _aligned(store, want, rois)
-    log.info("cache %s: extracting %d of %d ROIs at %d px into %s", "update" if store else "miss", len(missing),
-             len(rois), resolution, path)
+    log.info(
+        "cache %s: extracting %d of %d ROIs at %d px into %s",
+        "update" if store else "miss",
+        len(missing),
+        len(rois),
+        resolution,
+        path,
+    )
     todo_rois = rois.iloc[missing].reset_index(drop=True)
     ds = PandaROIDataset(root, todo_rois, resolution, encoder.mean, encoder.std)
     # parts of a killed run with the same key and the same ROIs to do are picked up again
@@ -104,12 +147,22 @@ def _extract(encoder, root, rois: pd.DataFrame, resolution: int, path: Path, key
     done[[i for i, _ in errors]] = True
     todo = torch.nonzero(~done).flatten().tolist()
     if len(todo) < len(todo_rois):
-        log.info("resuming: %d of %d ROIs already extracted in %s", len(todo_rois) - len(todo), len(todo_rois),
-                 shard_dir)
-    dl = DataLoader(torch.utils.data.Subset(ds, todo), batch_size=batch_size, num_workers=num_workers,
-                    collate_fn=collate_skipping)
-    trainer = L.Trainer(**{"accelerator": "auto", "devices": 1, "logger": False, "enable_model_summary": False,
-                           **(trainer_kwargs or {}), "callbacks": [EmbeddingsWriter(shard_dir, flush_every)]})
+        log.info(
+            "resuming: %d of %d ROIs already extracted in %s", len(todo_rois) - len(todo), len(todo_rois), shard_dir
+        )
+    dl = DataLoader(
+        torch.utils.data.Subset(ds, todo), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping
+    )
+    trainer = L.Trainer(
+        **{
+            "accelerator": "auto",
+            "devices": 1,
+            "logger": False,
+            "enable_model_summary": False,
+            **(trainer_kwargs or {}),
+            "callbacks": [EmbeddingsWriter(shard_dir, flush_every)],
+        }
+    )
     if todo:
         trainer.predict(EncoderPredictor(encoder.eval()), dl, return_predictions=False)
     trainer.strategy.barrier()
@@ -118,12 +171,16 @@ def _extract(encoder, root, rois: pd.DataFrame, resolution: int, path: Path, key
         feats, errors = _merge(shard_dir, len(todo_rois), encoder.embed_dim)
         ok = ~torch.isnan(feats["cls"]).any(1)
         new_positions = [want[missing[i]] for i in torch.nonzero(ok).flatten().tolist()]
-        merged = {"positions": (store["positions"] if store else []) + new_positions,
-                  "cls": torch.cat([store["cls"], feats["cls"][ok]]) if store else feats["cls"][ok],
-                  "mean": torch.cat([store["mean"], feats["mean"][ok]]) if store else feats["mean"][ok],
-                  "key_parts": key_parts, "resolution": resolution, "version": EXTRACT_VERSION,
-                  # failed reads of this pass, by position (not reused: a repaired slide is read again next run)
-                  "last_errors": {want[missing[i]]: msg for i, msg in errors}}
+        merged = {
+            "positions": (store["positions"] if store else []) + new_positions,
+            "cls": torch.cat([store["cls"], feats["cls"][ok]]) if store else feats["cls"][ok],
+            "mean": torch.cat([store["mean"], feats["mean"][ok]]) if store else feats["mean"][ok],
+            "key_parts": key_parts,
+            "resolution": resolution,
+            "version": EXTRACT_VERSION,
+            # failed reads of this pass, by position (not reused: a repaired slide is read again next run)
+            "last_errors": {want[missing[i]]: msg for i, msg in errors},
+        }
         with atomic_path(path) as tmp:
             torch.save(merged, tmp)
         for part in shard_dir.glob("part_*.pt"):
@@ -148,6 +205,15 @@ def _aligned(store: dict, want: list[tuple], rois: pd.DataFrame) -> dict:
     failed = [i for i, p in enumerate(want) if p not in have]
     last = store.get("last_errors", {})
     errors = [(rois.image_id.iloc[i], last.get(want[i], "ROI could not be read")) for i in failed]
-    return {"cls": cls, "mean": mean, "image_id": rois.image_id.tolist(), "roi": rois.roi.tolist(),
-            "label": torch.tensor(rois.label.to_numpy()), "split": rois.split.tolist(), "errors": errors,
-            "failed": failed, "key_parts": store["key_parts"], "resolution": store["resolution"]}
+    return {
+        "cls": cls,
+        "mean": mean,
+        "image_id": rois.image_id.tolist(),
+        "roi": rois.roi.tolist(),
+        "label": torch.tensor(rois.label.to_numpy()),
+        "split": rois.split.tolist(),
+        "errors": errors,
+        "failed": failed,
+        "key_parts": store["key_parts"],
+        "resolution": store["resolution"],
+    }

@@ -25,7 +25,7 @@ class KNNClassifier:
             x = torch.nn.functional.normalize(x - self.mean, dim=1)
         return x
 
-    def fit(self, x: Tensor, y: Tensor) -> "KNNClassifier":
+    def fit(self, x: Tensor, y: Tensor) -> KNNClassifier:
         if len(x) < self.k:
             raise ValueError(f"KNN with k={self.k} needs at least {self.k} training embeddings, got {len(x)}")
         self.mean = x.float().mean(0, keepdim=True)
@@ -37,7 +37,7 @@ class KNNClassifier:
         x = self._prep(x)
         out = []
         for s in range(0, len(x), self.chunk):
-            d = torch.cdist(x[s:s + self.chunk], self.x)
+            d = torch.cdist(x[s : s + self.chunk], self.x)
             idx = d.topk(self.k, dim=1, largest=False).indices
             votes = torch.zeros(len(idx), self.num_classes).scatter_add_(1, self.y[idx], torch.ones(idx.shape))
             out.append(votes / self.k)

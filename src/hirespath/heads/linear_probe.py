@@ -13,9 +13,15 @@ def feature_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.mean(0), std
 
 
-
-def fit_lbfgs(x: Tensor, y: Tensor, num_classes: int, l2: float = 1e-4, max_iter: int = 1000,
-              standardise: bool = True, squared_penalty: bool = True) -> nn.Linear:
+def fit_lbfgs(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    l2: float = 1e-4,
+    max_iter: int = 1000,
+    standardise: bool = True,
+    squared_penalty: bool = True,
+) -> nn.Linear:
     """Full-batch L2-regularised multinomial logistic regression with L-BFGS (zero init, strong Wolfe).
 
     Loss: cross-entropy + ``l2`` · ‖W‖² (``squared_penalty``) or ``l2`` · ‖W‖ (UNI's code). With ``standardise``
@@ -26,8 +32,14 @@ def fit_lbfgs(x: Tensor, y: Tensor, num_classes: int, l2: float = 1e-4, max_iter
     fc = nn.Linear(x.shape[1], num_classes)
     nn.init.zeros_(fc.weight)
     nn.init.zeros_(fc.bias)
-    opt = torch.optim.LBFGS(fc.parameters(), lr=1, max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-7, tolerance_change=1e-9)
+    opt = torch.optim.LBFGS(
+        fc.parameters(),
+        lr=1,
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7,
+        tolerance_change=1e-9,
+    )
     xs = (x - mean) / std
 
     def closure():
@@ -51,5 +63,3 @@ def fit_uni_probe(x: Tensor, y: Tensor, num_classes: int, max_iter: int = 1000) 
     default ``combine_trainval``."""
     cost = x.shape[1] * len(torch.unique(y)) / 100
     return fit_lbfgs(x, y, num_classes, l2=0.5 / cost, max_iter=max_iter, standardise=False, squared_penalty=False)
-
-

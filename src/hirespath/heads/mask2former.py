@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerHungarianMatcher, Mask2FormerLoss, Mask2FormerPixelDecoder, sample_point
+from transformers.models.mask2former.modeling_mask2former import (
+    Mask2FormerHungarianMatcher,
+    Mask2FormerLoss,
+    Mask2FormerPixelDecoder,
+    sample_point,
+)
 
 from ..models.vit_adapter import MSDeformAttn, ViTAdapter
 
@@ -84,8 +89,12 @@ class PartialLabelMask2FormerLoss(Mask2FormerLoss):
 
     def __init__(self, config, weight_dict):
         super().__init__(config=config, weight_dict=weight_dict)
-        self.matcher = IgnoreAwareHungarianMatcher(cost_class=config.class_weight, cost_dice=config.dice_weight,
-                                                   cost_mask=config.mask_weight, num_points=self.num_points)
+        self.matcher = IgnoreAwareHungarianMatcher(
+            cost_class=config.class_weight,
+            cost_dice=config.dice_weight,
+            cost_mask=config.mask_weight,
+            num_points=self.num_points,
+        )
 
     def set_targets(self, labelled: Tensor | None, valid: Tensor | None) -> None:
         self.labelled = labelled
@@ -100,9 +109,13 @@ class PartialLabelMask2FormerLoss(Mask2FormerLoss):
         target_masks = self._pad_images_to_max_in_batch(mask_labels)[0][tgt_idx][:, None]
         valid = self.valid.to(target_masks)[tgt_idx[0]][:, None]  # per image, shared by its targets
         with torch.no_grad():  # the same importance sampling as transformers
-            points = self.sample_points_using_uncertainty(pred_masks, lambda logits: self.calculate_uncertainty(logits),
-                                                          self.num_points, self.oversample_ratio,
-                                                          self.importance_sample_ratio)
+            points = self.sample_points_using_uncertainty(
+                pred_masks,
+                lambda logits: self.calculate_uncertainty(logits),
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
+            )
             labels = sample_point(target_masks, points, align_corners=False).squeeze(1)
             weight = labelled_points(valid, points).to(labels)
         logits = sample_point(pred_masks, points, align_corners=False).squeeze(1)
@@ -147,22 +160,49 @@ class _AdapterBackbone(nn.Module):
 class SegmentationModel(nn.Module):
     """Encoder → ViT-Adapter → Mask2Former; ``semantic(images)`` gives per-class probability maps."""
 
-    def __init__(self, encoder, num_classes: int = 8, num_queries: int = 100, hidden_dim: int = 256,
-                 decoder_layers: int = 10, pixel_decoder_layers: int = 6, class_weight: float = 2.0,
-                 mask_weight: float = 5.0, dice_weight: float = 5.0, train_num_points: int = 12544,
-                 oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75, no_object_weight: float = 0.1,
-                 adapter: dict | None = None):
+    def __init__(
+        self,
+        encoder,
+        num_classes: int = 8,
+        num_queries: int = 100,
+        hidden_dim: int = 256,
+        decoder_layers: int = 10,
+        pixel_decoder_layers: int = 6,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        train_num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        no_object_weight: float = 0.1,
+        adapter: dict | None = None,
+    ):
         super().__init__()
         config = Mask2FormerConfig(
             # a throw-away tiny ResNet satisfies the config; the backbone slot is replaced right below
-            backbone_config=ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1],
-                                         out_features=["stage1", "stage2", "stage3", "stage4"]),
-            num_labels=num_classes, num_queries=num_queries, hidden_dim=hidden_dim, feature_size=hidden_dim,
-            mask_feature_size=hidden_dim, decoder_layers=decoder_layers, encoder_layers=pixel_decoder_layers,
-            class_weight=class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
-            train_num_points=train_num_points, oversample_ratio=oversample_ratio,
-            importance_sample_ratio=importance_sample_ratio, no_object_weight=no_object_weight,
-            use_auxiliary_loss=True, num_attention_heads=8, dim_feedforward=4 * hidden_dim,
+            backbone_config=ResNetConfig(
+                embedding_size=8,
+                hidden_sizes=[8, 8, 8, 8],
+                depths=[1, 1, 1, 1],
+                out_features=["stage1", "stage2", "stage3", "stage4"],
+            ),
+            num_labels=num_classes,
+            num_queries=num_queries,
+            hidden_dim=hidden_dim,
+            feature_size=hidden_dim,
+            mask_feature_size=hidden_dim,
+            decoder_layers=decoder_layers,
+            encoder_layers=pixel_decoder_layers,
+            class_weight=class_weight,
+            mask_weight=mask_weight,
+            dice_weight=dice_weight,
+            train_num_points=train_num_points,
+            oversample_ratio=oversample_ratio,
+            importance_sample_ratio=importance_sample_ratio,
+            no_object_weight=no_object_weight,
+            use_auxiliary_loss=True,
+            num_attention_heads=8,
+            dim_feedforward=4 * hidden_dim,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers' deformable attention prefers power-of-2 head dims
@@ -220,7 +260,11 @@ class SegmentationModel(nn.Module):
         weight = cls.gather(-1, classes.view(-1, 1, 1).expand(-1, cls.shape[1], 1))[..., 0]  # B×Q
         total = cls.new_zeros(cls.shape[0], *size)
         for q in range(0, cls.shape[1], query_chunk):
-            masks = F.interpolate(out.masks_queries_logits[:, q:q + query_chunk].float(), size=size, mode="bilinear",
-                                  align_corners=False)
-            total += torch.einsum("bq,bqhw->bhw", weight[:, q:q + query_chunk], masks.sigmoid())
+            masks = F.interpolate(
+                out.masks_queries_logits[:, q : q + query_chunk].float(),
+                size=size,
+                mode="bilinear",
+                align_corners=False,
+            )
+            total += torch.einsum("bq,bqhw->bhw", weight[:, q : q + query_chunk], masks.sigmoid())
         return total

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_auroc, multiclass_cohen_kappa, multiclass_f1_score
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_auroc,
+    multiclass_cohen_kappa,
+    multiclass_f1_score,
+)
 
 
 def classification_metrics(probs: Tensor, target: Tensor, num_classes: int, prefix: str = "test/") -> dict[str, float]:

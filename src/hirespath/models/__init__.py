@@ -4,7 +4,18 @@ from .encoder import EncoderOutput, HiResEncoder, TokenState, create_encoder
 from .pruning import GlobalAttentionPruner
 
 __all__ = [
-    "ATTENTION_MODES", "BackbonePreset", "EncoderOutput", "GlobalAttentionPruner", "HiResEncoder", "TokenLayout",
-    "TokenState", "build_timm_model", "create_encoder", "get_backbone", "list_backbones", "load_weights",
-    "register_backbone", "sparse_reference_mask",
+    "ATTENTION_MODES",
+    "BackbonePreset",
+    "EncoderOutput",
+    "GlobalAttentionPruner",
+    "HiResEncoder",
+    "TokenLayout",
+    "TokenState",
+    "build_timm_model",
+    "create_encoder",
+    "get_backbone",
+    "list_backbones",
+    "load_weights",
+    "register_backbone",
+    "sparse_reference_mask",
 ]

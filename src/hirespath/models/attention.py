@@ -46,13 +46,13 @@ class TokenLayout:
     _plans: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def full_grid(cls, batch: int, grid: tuple[int, int], num_prefix: int, device) -> "TokenLayout":
+    def full_grid(cls, batch: int, grid: tuple[int, int], num_prefix: int, device) -> TokenLayout:
         rows = torch.arange(grid[0], device=device)
         cols = torch.arange(grid[1], device=device)
         pos = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(1, -1, 2)
         return cls(grid=grid, positions=pos.expand(batch, -1, -1).clone(), num_prefix=num_prefix)  # no aliasing
 
-    def select(self, keep: Tensor) -> "TokenLayout":
+    def select(self, keep: Tensor) -> TokenLayout:
         """Layout of the patch tokens at indices ``keep`` (B×N')."""
         pos = self.positions.gather(1, keep[..., None].expand(-1, -1, 2))
         return TokenLayout(grid=self.grid, positions=pos, num_prefix=self.num_prefix)
@@ -141,8 +141,9 @@ def _dropout_p(attn) -> float:
 
 def dense_attention(attn, x: Tensor, layout: TokenLayout, qkv: tuple | None = None) -> Tensor:
     q, k, v = qkv or split_heads(attn, x)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         dropout_p=_dropout_p(attn))
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=_dropout_p(attn)
+    )
     return merge_heads(attn, x, out.transpose(1, 2))
 
 
@@ -156,12 +157,14 @@ def eager_attention(attn, x: Tensor, layout: TokenLayout, qkv: tuple | None = No
 
 def _prefix_rows(attn, q: Tensor, k: Tensor, v: Tensor, P: int) -> Tensor:
     """Prefix (global) rows attend to every key: B×P×H×d."""
-    return F.scaled_dot_product_attention(q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          dropout_p=_dropout_p(attn)).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q[:, :P].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=_dropout_p(attn)
+    ).transpose(1, 2)
 
 
-def _to_slots(q: Tensor, k: Tensor, v: Tensor, plan: SparsePlan, P: int, q_len: int, kv_len: int,
-              prefix_at: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _to_slots(
+    q: Tensor, k: Tensor, v: Tensor, plan: SparsePlan, P: int, q_len: int, kv_len: int, prefix_at: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Scatter the patch q/k/v into zeroed per-block slot buffers of flat H·d rows (row index-copy is the
     cheapest scatter of whole tokens); each image's prefix keys/values go to rows ``prefix_at``… of its K/V.
     Returns qb (B·q_len rows), kb and vb (B·kv_len rows) and the q-buffer row of every patch token."""
@@ -199,8 +202,9 @@ class GatherChunk:
     key_mask: Tensor | None  # n×1×1×Kc bool (False: padding); None when no key is padding
 
 
-def build_gather_chunks(positions: Tensor, grid: tuple[int, int], num_prefix: int, window: int, radius: int,
-                        chunk_keys: int) -> list[GatherChunk]:
+def build_gather_chunks(
+    positions: Tensor, grid: tuple[int, int], num_prefix: int, window: int, radius: int, chunk_keys: int
+) -> list[GatherChunk]:
     """Query units are the non-empty (image, block) pairs. Their keys are listed compactly (only the tokens that
     exist, no per-block capacity), units are sorted by (queries, keys) and cut into chunks (``_cut_chunks``),
     each padded only to its own largest unit: after pruning, blocks hold different numbers of survivors and
@@ -227,8 +231,9 @@ def build_gather_chunks(positions: Tensor, grid: tuple[int, int], num_prefix: in
     n_keys = nbr_counts.sum(1) + P
     n_q = counts[units]
     rank = torch.sort(n_q * (int(n_keys.max()) + 1) + n_keys, stable=True).indices
-    units, image, nbr_units, nbr_counts, n_keys, n_q = (t[rank] for t in (units, image, nbr_units, nbr_counts,
-                                                                            n_keys, n_q))
+    units, image, nbr_units, nbr_counts, n_keys, n_q = (
+        t[rank] for t in (units, image, nbr_units, nbr_counts, n_keys, n_q)
+    )
     nbr_ends = torch.cumsum(nbr_counts, 1)
 
     chunks = []
@@ -274,8 +279,15 @@ def _cut_chunks(n_q: list[int], n_keys: list[int], chunk_keys: int, max_padding:
     return cuts
 
 
-def sparse_attention(attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1,
-                     chunk_keys: int = 1 << 13, qkv: tuple | None = None) -> Tensor:
+def sparse_attention(
+    attn,
+    x: Tensor,
+    layout: TokenLayout,
+    window: int,
+    radius: int = 1,
+    chunk_keys: int = 1 << 13,
+    qkv: tuple | None = None,
+) -> Tensor:
     """Index-gather kernel: each chunk of query blocks gathers its neighbourhood K/V rows and runs masked SDPA."""
     q, k, v = qkv or split_heads(attn, x)
     P = layout.num_prefix
@@ -288,7 +300,7 @@ def sparse_attention(attn, x: Tensor, layout: TokenLayout, window: int, radius: 
     # Row views of the projections (B·L × H·d; a view of the fused qkv output, no copy).
     q_all, k_all, v_all = (t.reshape(B * L, H * d) for t in (q, k, v))
     out = q.new_zeros(B * L + 1, H * d)  # the last row collects the padded queries' outputs
-    out[:B * L].view(B, L, H * d)[:, :P] = _prefix_rows(attn, q, k, v, P).reshape(B, P, H * d)
+    out[: B * L].view(B, L, H * d)[:, :P] = _prefix_rows(attn, q, k, v, P).reshape(B, P, H * d)
     # In inference the gathered neighbourhoods go to buffers reused across chunks (small enough to stay in
     # cache on CPUs, and no allocator traffic); autograd needs fresh tensors.
     reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
@@ -305,10 +317,11 @@ def sparse_attention(attn, x: Tensor, layout: TokenLayout, window: int, radius: 
         else:
             kc, vc = k_all.index_select(0, c.kv_rows), v_all.index_select(0, c.kv_rows)
         kc, vc = kc.view(n, -1, H, d), vc.view(n, -1, H, d)
-        oc = F.scaled_dot_product_attention(qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
-                                            attn_mask=c.key_mask, dropout_p=_dropout_p(attn))
+        oc = F.scaled_dot_product_attention(
+            qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=c.key_mask, dropout_p=_dropout_p(attn)
+        )
         out.index_copy_(0, c.out_rows, oc.transpose(1, 2).reshape(n * Cq, H * d))
-    return merge_heads(attn, x, out[:B * L].view(B, L, H, d))
+    return merge_heads(attn, x, out[: B * L].view(B, L, H, d))
 
 
 _FLEX = {}
@@ -347,8 +360,8 @@ def flex_block_mask(plan: SparsePlan, num_prefix: int, batch: int):
     C, nb = plan.capacity, plan.num_blocks
     device = plan.slot.device
     kv_valid = torch.zeros(batch, (nb + 2) * C, dtype=torch.bool, device=device)
-    kv_valid[:, :(nb + 1) * C] = plan.key_valid
-    kv_valid[:, (nb + 1) * C:(nb + 1) * C + num_prefix] = True
+    kv_valid[:, : (nb + 1) * C] = plan.key_valid
+    kv_valid[:, (nb + 1) * C : (nb + 1) * C + num_prefix] = True
     per_block = kv_valid.view(batch, nb + 2, C)
     full = per_block.all(-1).all(0)
     nonempty = per_block.any(-1).any(0)
@@ -377,12 +390,14 @@ def flex_block_mask(plan: SparsePlan, num_prefix: int, batch: int):
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_valid[b, kv_idx] & allowed[q_idx // C, kv_idx // C]
 
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=C, mask_mod=mask_mod,
-                                    seq_lengths=((nb + 1) * C, (nb + 2) * C))
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=C, mask_mod=mask_mod, seq_lengths=((nb + 1) * C, (nb + 2) * C)
+    )
 
 
-def sparse_attention_flex(attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1,
-                          qkv: tuple | None = None) -> Tensor:
+def sparse_attention_flex(
+    attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1, qkv: tuple | None = None
+) -> Tensor:
     """Same semantics as ``sparse_attention``, through torch flex_attention with a block-sparse BlockMask."""
     q, k, v = qkv or split_heads(attn, x)
     P = layout.num_prefix

@@ -61,73 +61,137 @@ def get_backbone(name: str) -> BackbonePreset:
 _SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
 
 # UNI2-h: the kwargs of the MahmoodLab/UNI2-h model card.
-register_backbone(BackbonePreset(
-    name="uni2_h",
-    timm_name="vit_giant_patch14_224",
-    kwargs=dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-                mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8,
-                dynamic_img_size=True, **_SWIGLU),
-    patch_size=14, num_prefix_tokens=9,
-    checkpoint="MahmoodLab/UNI2-h", checkpoint_file="pytorch_model.bin",
-    notes="ViT-giant/14, 681M parameters, 8 registers, SwiGLU, LayerScale; the paper's backbone.",
-))
+register_backbone(
+    BackbonePreset(
+        name="uni2_h",
+        timm_name="vit_giant_patch14_224",
+        kwargs=dict(
+            img_size=224,
+            patch_size=14,
+            depth=24,
+            num_heads=24,
+            init_values=1e-5,
+            embed_dim=1536,
+            mlp_ratio=2.66667 * 2,
+            num_classes=0,
+            no_embed_class=True,
+            reg_tokens=8,
+            dynamic_img_size=True,
+            **_SWIGLU,
+        ),
+        patch_size=14,
+        num_prefix_tokens=9,
+        checkpoint="MahmoodLab/UNI2-h",
+        checkpoint_file="pytorch_model.bin",
+        notes="ViT-giant/14, 681M parameters, 8 registers, SwiGLU, LayerScale; the paper's backbone.",
+    )
+)
 
 # UNI (v1): ViT-L/16 with LayerScale, model card of MahmoodLab/UNI.
-register_backbone(BackbonePreset(
-    name="uni",
-    timm_name="vit_large_patch16_224",
-    kwargs=dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
-    patch_size=16, num_prefix_tokens=1,
-    checkpoint="MahmoodLab/UNI", checkpoint_file="pytorch_model.bin",
-    notes="ViT-L/16, 303M parameters.",
-))
+register_backbone(
+    BackbonePreset(
+        name="uni",
+        timm_name="vit_large_patch16_224",
+        kwargs=dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
+        patch_size=16,
+        num_prefix_tokens=1,
+        checkpoint="MahmoodLab/UNI",
+        checkpoint_file="pytorch_model.bin",
+        notes="ViT-L/16, 303M parameters.",
+    )
+)
 
 # Virchow2: config.json of paige-ai/Virchow2 (vit_huge_patch14_224, 4 registers) + the card's SwiGLU/SiLU.
-register_backbone(BackbonePreset(
-    name="virchow2",
-    timm_name="vit_huge_patch14_224",
-    kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
-                global_pool="", dynamic_img_size=True, **_SWIGLU),
-    patch_size=14, num_prefix_tokens=5,
-    checkpoint="paige-ai/Virchow2", checkpoint_file="pytorch_model.bin",
-    notes="ViT-H/14, 632M parameters, 4 registers. The card's embedding concatenates CLS and mean patch token.",
-))
+register_backbone(
+    BackbonePreset(
+        name="virchow2",
+        timm_name="vit_huge_patch14_224",
+        kwargs=dict(
+            img_size=224,
+            init_values=1e-5,
+            num_classes=0,
+            reg_tokens=4,
+            mlp_ratio=5.3375,
+            global_pool="",
+            dynamic_img_size=True,
+            **_SWIGLU,
+        ),
+        patch_size=14,
+        num_prefix_tokens=5,
+        checkpoint="paige-ai/Virchow2",
+        checkpoint_file="pytorch_model.bin",
+        notes="ViT-H/14, 632M parameters, 4 registers. The card's embedding concatenates CLS and mean patch token.",
+    )
+)
 
 # H-optimus-0: config.json of bioptimus/H-optimus-0 (vit_giant_patch14_reg4_dinov2), its own mean/std.
-register_backbone(BackbonePreset(
-    name="h_optimus_0",
-    timm_name="vit_giant_patch14_reg4_dinov2",
-    kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, global_pool="token", dynamic_img_size=True),
-    patch_size=14, num_prefix_tokens=5,
-    mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-    checkpoint="bioptimus/H-optimus-0", checkpoint_file="pytorch_model.bin",
-    notes="ViT-g/14 (40 blocks), 1.1B parameters, 4 registers. The card builds it with dynamic_img_size=False; "
-          "hirespath turns it on so position embeddings interpolate (state_dict unchanged).",
-))
+register_backbone(
+    BackbonePreset(
+        name="h_optimus_0",
+        timm_name="vit_giant_patch14_reg4_dinov2",
+        kwargs=dict(img_size=224, init_values=1e-5, num_classes=0, global_pool="token", dynamic_img_size=True),
+        patch_size=14,
+        num_prefix_tokens=5,
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        checkpoint="bioptimus/H-optimus-0",
+        checkpoint_file="pytorch_model.bin",
+        notes="ViT-g/14 (40 blocks), 1.1B parameters, 4 registers. The card builds it with dynamic_img_size=False; "
+        "hirespath turns it on so position embeddings interpolate (state_dict unchanged).",
+    )
+)
 
 # Prov-GigaPath tile encoder: config.json of prov-gigapath/prov-gigapath (DINOv2 giant at patch 16).
-register_backbone(BackbonePreset(
-    name="prov_gigapath",
-    timm_name="vit_giant_patch14_dinov2",
-    kwargs=dict(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
-                init_values=1e-5, mlp_ratio=5.33334, num_classes=0, dynamic_img_size=True),
-    patch_size=16, num_prefix_tokens=1,
-    checkpoint="prov-gigapath/prov-gigapath", checkpoint_file="pytorch_model.bin",
-    notes="ViT-g (40 blocks) at patch 16, 1.1B parameters, no registers. The card builds it with "
-          "dynamic_img_size=False; hirespath turns it on so position embeddings interpolate (state_dict unchanged).",
-))
+register_backbone(
+    BackbonePreset(
+        name="prov_gigapath",
+        timm_name="vit_giant_patch14_dinov2",
+        kwargs=dict(
+            img_size=224,
+            in_chans=3,
+            patch_size=16,
+            embed_dim=1536,
+            depth=40,
+            num_heads=24,
+            init_values=1e-5,
+            mlp_ratio=5.33334,
+            num_classes=0,
+            dynamic_img_size=True,
+        ),
+        patch_size=16,
+        num_prefix_tokens=1,
+        checkpoint="prov-gigapath/prov-gigapath",
+        checkpoint_file="pytorch_model.bin",
+        notes="ViT-g (40 blocks) at patch 16, 1.1B parameters, no registers. The card builds it with "
+        "dynamic_img_size=False; hirespath turns it on so position embeddings interpolate (state_dict unchanged).",
+    )
+)
 
 # Tiny member of the UNI2-h family (registers, SwiGLU, LayerScale) for tests and demos. embed_dim 96 keeps
 # SwiGLUPacked's hidden size even with UNI2-h's mlp_ratio (64 would not).
-register_backbone(BackbonePreset(
-    name="tiny",
-    timm_name="vit_giant_patch14_224",
-    kwargs=dict(img_size=224, patch_size=14, depth=6, num_heads=4, init_values=1e-5, embed_dim=96,
-                mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8,
-                dynamic_img_size=True, **_SWIGLU),
-    patch_size=14, num_prefix_tokens=9,
-    notes="UNI2-h family at depth 6, dim 96, 4 heads; random weights only.",
-))
+register_backbone(
+    BackbonePreset(
+        name="tiny",
+        timm_name="vit_giant_patch14_224",
+        kwargs=dict(
+            img_size=224,
+            patch_size=14,
+            depth=6,
+            num_heads=4,
+            init_values=1e-5,
+            embed_dim=96,
+            mlp_ratio=2.66667 * 2,
+            num_classes=0,
+            no_embed_class=True,
+            reg_tokens=8,
+            dynamic_img_size=True,
+            **_SWIGLU,
+        ),
+        patch_size=14,
+        num_prefix_tokens=9,
+        notes="UNI2-h family at depth 6, dim 96, 4 heads; random weights only.",
+    )
+)
 
 
 def _is_hub_reference(weights: str) -> bool:
@@ -138,7 +202,9 @@ def resolve_weights(preset: BackbonePreset, weights: str | os.PathLike | None) -
     """Turn the user's ``weights`` argument into a local path, or explain how to get one."""
     if weights is None or weights is False:
         return None
-    if weights is True or (isinstance(weights, str) and (weights in ("pretrained", "hub") or _is_hub_reference(weights))):
+    if weights is True or (
+        isinstance(weights, str) and (weights in ("pretrained", "hub") or _is_hub_reference(weights))
+    ):
         repo = preset.checkpoint or "<the model's hub repo>"
         fname = preset.checkpoint_file or "pytorch_model.bin"
         raise ValueError(
@@ -147,14 +213,17 @@ def resolve_weights(preset: BackbonePreset, weights: str | os.PathLike | None) -
             f"e.g. create_encoder({preset.name!r}, weights='/path/to/{fname}') or backbone.weights=/path/to/{fname}."
         )
     if isinstance(weights, str) and not weights.strip():
-        raise ValueError(f"weights={weights!r} is empty; pass None for random init or the path of a local checkpoint file")
+        raise ValueError(
+            f"weights={weights!r} is empty; pass None for random init or the path of a local checkpoint file"
+        )
     path = Path(weights).expanduser()
     if path.is_dir():  # the model card's local_dir / an HF snapshot folder
         names = [n for n in (preset.checkpoint_file, "model.safetensors", "pytorch_model.bin") if n]
         found = [path / n for n in dict.fromkeys(names) if (path / n).is_file()]
         if not found:
-            raise FileNotFoundError(f"weights {str(path)!r} is a directory without any of {names}; pass the "
-                                    f"checkpoint file itself")
+            raise FileNotFoundError(
+                f"weights {str(path)!r} is a directory without any of {names}; pass the checkpoint file itself"
+            )
         return found[0]
     if not path.exists() and isinstance(weights, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights):
         return resolve_weights(preset, "hf-hub:" + weights)  # a bare hub id: explain how to get the file
@@ -198,7 +267,7 @@ def strip_prefix(state: dict[str, torch.Tensor], own: dict) -> dict[str, torch.T
     for anchor in anchors:
         prefixes = {k[: -len(anchor)] for k in state if k.endswith("." + anchor)}
         for prefix in sorted(prefixes, key=len):
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if set(sub) == set(own):
                 return sub
     return state
@@ -235,9 +304,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         if unexpected:
             lines.append(f"  unexpected keys {_listing(unexpected)}")
         if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): " + ", ".join(
-                f"{k} file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8])
-                + (" ..." if len(mismatched) > 8 else ""))
+            lines.append(
+                f"  shape mismatches ({len(mismatched)}): "
+                + ", ".join(f"{k} file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8])
+                + (" ..." if len(mismatched) > 8 else "")
+            )
         guess = _guess_preset(state) if mismatched or missing else None
         if guess:
             lines.append(f"The file is the checkpoint of preset {guess!r}: use create_encoder({guess!r}, weights=...).")

@@ -14,7 +14,17 @@ except ImportError:  # timm < 1.0.16 keeps it in the ViT module
     from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from .attention import ATTENTION_MODES, SPARSE_BACKENDS, TokenLayout, dense_attention, eager_attention, prefix_attention_probs, sparse_attention, sparse_attention_flex, split_heads
+from .attention import (
+    ATTENTION_MODES,
+    SPARSE_BACKENDS,
+    TokenLayout,
+    dense_attention,
+    eager_attention,
+    prefix_attention_probs,
+    sparse_attention,
+    sparse_attention_flex,
+    split_heads,
+)
 from .backbones import BackbonePreset, build_timm_model, get_backbone
 from .pruning import GlobalAttentionPruner
 
@@ -84,23 +94,38 @@ class HiResEncoder(nn.Module):
     way its blocks are called changes.
     """
 
-    def __init__(self, vit: nn.Module, preset: BackbonePreset | None = None, attention: str = "sparse",
-                 window: int = 8, radius: int = 1, prune_ratio: float = 0.0, prune_layer: int = 4,
-                 prune_score_tokens: str = "cls", resize_input: bool = False, mlp_chunk: int = 1 << 15,
-                 attn_chunk_keys: int | None = None, sparse_backend: str = "auto"):
+    def __init__(
+        self,
+        vit: nn.Module,
+        preset: BackbonePreset | None = None,
+        attention: str = "sparse",
+        window: int = 8,
+        radius: int = 1,
+        prune_ratio: float = 0.0,
+        prune_layer: int = 4,
+        prune_score_tokens: str = "cls",
+        resize_input: bool = False,
+        mlp_chunk: int = 1 << 15,
+        attn_chunk_keys: int | None = None,
+        sparse_backend: str = "auto",
+    ):
         super().__init__()
         check_attention_args(attention, window, radius)
         for i, blk in enumerate(vit.blocks):
             missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
             if missing or not isinstance(blk.attn, Attention):
-                raise ValueError(f"block {i} ({type(blk).__name__}) is not a pre-norm timm Block with timm "
-                                 f"Attention (missing {missing}); hirespath supports those ViTs only")
+                raise ValueError(
+                    f"block {i} ({type(blk).__name__}) is not a pre-norm timm Block with timm "
+                    f"Attention (missing {missing}); hirespath supports those ViTs only"
+                )
         # out.cls, the pruning scores and "final normed tokens" assume a CLS token first and the final vit.norm
         if getattr(vit, "cls_token", None) is None:
             raise ValueError("the ViT has no class token (class_token=False); hirespath needs CLS as its first token")
         if not isinstance(getattr(vit, "fc_norm", nn.Identity()), nn.Identity):
-            raise ValueError("the ViT normalises with fc_norm (global_pool='avg'/'avgmax'...) instead of norm; build it "
-                             "with global_pool='token' or '' so the returned tokens are the final normed ones")
+            raise ValueError(
+                "the ViT normalises with fc_norm (global_pool='avg'/'avgmax'...) instead of norm; build it "
+                "with global_pool='token' or '' so the returned tokens are the final normed ones"
+            )
         if getattr(getattr(vit, "patch_drop", None), "prob", 0) > 0:
             raise ValueError("patch_drop_rate > 0 drops tokens behind hirespath's layout; build the ViT without it")
         self.vit = vit
@@ -149,8 +174,7 @@ class HiResEncoder(nn.Module):
         return (images01 - mean) / std
 
     def extra_repr(self) -> str:
-        return (f"attention={self.attention!r}, window={self.window}, radius={self.radius}, "
-                f"pruner={self.pruner!r}")
+        return f"attention={self.attention!r}, window={self.window}, radius={self.radius}, pruner={self.pruner!r}"
 
     # --- stepwise API (used by forward, the ViT-Adapter and the benchmark) ----------------------
     def check_images(self, images: Tensor) -> Tensor:
@@ -170,7 +194,8 @@ class HiResEncoder(nn.Module):
             valid = [nearest_multiples(s, p) for s in (H, W)]
             raise ValueError(
                 f"image size {H}×{W} is not a multiple of the patch size {p}; nearest valid sizes: "
-                f"H in {valid[0]}, W in {valid[1]} (resize or crop, or build the encoder with resize_input=True)")
+                f"H in {valid[0]}, W in {valid[1]} (resize or crop, or build the encoder with resize_input=True)"
+            )
         return images
 
     def embed(self, images: Tensor) -> TokenState:
@@ -192,8 +217,13 @@ class HiResEncoder(nn.Module):
             return dense_attention(attn, x, layout, qkv)
         # flex has no attention dropout on the sparse rows and no CPU backward: those cases take the gather kernel
         flex_ok = not (attn.training and attn.attn_drop.p > 0) and (x.is_cuda or not torch.is_grad_enabled())
-        if flex_ok and (self.sparse_backend == "flex" or (self.sparse_backend == "auto" and use_flex_by_default(
-                x.is_cuda, layout.grid, self.window, training=torch.is_grad_enabled()))):
+        if flex_ok and (
+            self.sparse_backend == "flex"
+            or (
+                self.sparse_backend == "auto"
+                and use_flex_by_default(x.is_cuda, layout.grid, self.window, training=torch.is_grad_enabled())
+            )
+        ):
             return sparse_attention_flex(attn, x, layout, self.window, self.radius, qkv)
         # Bounded chunks of gathered keys: small on CPU (the gathered K/V stay in cache: 8192 rows ran the gather
         # 7× faster than 65536), larger on GPUs (fewer launches).
@@ -217,7 +247,7 @@ class HiResEncoder(nn.Module):
         if torch.is_grad_enabled() or self.training or L <= chunk:  # chunks would draw DropPath per chunk
             return _add_residual(x, blk.mlp(blk.norm2(x)), blk.ls2, blk.drop_path2)
         for s in range(0, L, chunk):
-            xs = x[:, s:s + chunk]
+            xs = x[:, s : s + chunk]
             _add_residual(xs, blk.mlp(blk.norm2(xs)), blk.ls2, blk.drop_path2, inplace=True)
         return x
 
@@ -253,16 +283,32 @@ class HiResEncoder(nn.Module):
     def finish(self, state: TokenState) -> EncoderOutput:
         x = self.vit.norm(state.x)
         P = state.layout.num_prefix
-        return EncoderOutput(cls=x[:, 0], patch_tokens=x[:, P:], positions=state.layout.positions,
-                             grid=state.layout.grid, prefix_tokens=x[:, :P])
+        return EncoderOutput(
+            cls=x[:, 0],
+            patch_tokens=x[:, P:],
+            positions=state.layout.positions,
+            grid=state.layout.grid,
+            prefix_tokens=x[:, :P],
+        )
 
     def forward(self, images: Tensor) -> EncoderOutput:
         return self.finish(self.run_blocks(self.embed(images)))
 
 
-def create_encoder(backbone: str = "uni2_h", attention: str = "sparse", window: int = 8, prune_ratio: float = 0.0,
-                   prune_layer: int = 4, weights=None, *, radius: int = 1, prune_score_tokens: str = "cls",
-                   resize_input: bool = False, sparse_backend: str = "auto", **arch_overrides) -> HiResEncoder:
+def create_encoder(
+    backbone: str = "uni2_h",
+    attention: str = "sparse",
+    window: int = 8,
+    prune_ratio: float = 0.0,
+    prune_layer: int = 4,
+    weights=None,
+    *,
+    radius: int = 1,
+    prune_score_tokens: str = "cls",
+    resize_input: bool = False,
+    sparse_backend: str = "auto",
+    **arch_overrides,
+) -> HiResEncoder:
     """Build a registry preset as a high-resolution encoder.
 
     ``weights``: None (random init) or the path of a local checkpoint in timm's key layout, loaded strictly.
@@ -273,16 +319,32 @@ def create_encoder(backbone: str = "uni2_h", attention: str = "sparse", window: 
     check_attention_args(attention, window, radius)
     GlobalAttentionPruner(prune_ratio, prune_layer, prune_score_tokens)
     vit = build_timm_model(preset, weights=weights, **arch_overrides)
-    return HiResEncoder(vit, preset, attention=attention, window=window, radius=radius, prune_ratio=prune_ratio,
-                        prune_layer=prune_layer, prune_score_tokens=prune_score_tokens, resize_input=resize_input,
-                        sparse_backend=sparse_backend)
+    return HiResEncoder(
+        vit,
+        preset,
+        attention=attention,
+        window=window,
+        radius=radius,
+        prune_ratio=prune_ratio,
+        prune_layer=prune_layer,
+        prune_score_tokens=prune_score_tokens,
+        resize_input=resize_input,
+        sparse_backend=sparse_backend,
+    )
 
 
 def encoder_from_config(backbone, attention, pruner) -> HiResEncoder:
     """Build the encoder from the ``backbone``/``attention``/``pruner`` config groups (dicts or DictConfigs)."""
     overrides = dict(backbone.get("overrides") or {})
     return create_encoder(
-        backbone["name"], attention=attention["mode"], window=int(attention.get("window", 8)),
-        radius=int(attention.get("radius", 1)), sparse_backend=attention.get("backend", "auto"), prune_ratio=float(pruner.get("ratio", 0.0)),
-        prune_layer=int(pruner.get("layer", 4)), prune_score_tokens=pruner.get("score_tokens", "cls"),
-        weights=backbone.get("weights"), **overrides)
+        backbone["name"],
+        attention=attention["mode"],
+        window=int(attention.get("window", 8)),
+        radius=int(attention.get("radius", 1)),
+        sparse_backend=attention.get("backend", "auto"),
+        prune_ratio=float(pruner.get("ratio", 0.0)),
+        prune_layer=int(pruner.get("layer", 4)),
+        prune_score_tokens=pruner.get("score_tokens", "cls"),
+        weights=backbone.get("weights"),
+        **overrides,
+    )

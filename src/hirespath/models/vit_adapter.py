@@ -33,12 +33,18 @@ def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
 class SpatialPriorModule(nn.Module):
     def __init__(self, inplanes: int, embed_dim: int):
         super().__init__()
-        self.stem = nn.Sequential(_conv_bn(3, inplanes, 2), _conv_bn(inplanes, inplanes, 1),
-                                  _conv_bn(inplanes, inplanes, 1), nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            _conv_bn(3, inplanes, 2),
+            _conv_bn(inplanes, inplanes, 1),
+            _conv_bn(inplanes, inplanes, 1),
+            nn.MaxPool2d(3, 2, 1),
+        )
         self.conv2 = _conv_bn(inplanes, 2 * inplanes, 2)
         self.conv3 = _conv_bn(2 * inplanes, 4 * inplanes, 2)
         self.conv4 = _conv_bn(4 * inplanes, 4 * inplanes, 2)
-        self.fc = nn.ModuleList([nn.Conv2d(c, embed_dim, 1) for c in (inplanes, 2 * inplanes, 4 * inplanes, 4 * inplanes)])
+        self.fc = nn.ModuleList(
+            [nn.Conv2d(c, embed_dim, 1) for c in (inplanes, 2 * inplanes, 4 * inplanes, 4 * inplanes)]
+        )
 
     def forward(self, x: Tensor) -> list[Tensor]:
         c1 = self.stem(x)
@@ -75,11 +81,22 @@ class _DeformCross(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), init_gamma)) if init_gamma is not None else None
         self.n_levels = n_levels
 
-    def forward(self, query: Tensor, query_shapes: list[tuple[int, int]], value: Tensor,
-                value_shapes: list[tuple[int, int]], value_start: Tensor) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        query_shapes: list[tuple[int, int]],
+        value: Tensor,
+        value_shapes: list[tuple[int, int]],
+        value_start: Tensor,
+    ) -> Tensor:
         ref = _reference_points(query_shapes, query.device)[:, :, None].expand(query.shape[0], -1, self.n_levels, 2)
-        out = self.attn(self.q_norm(query), encoder_hidden_states=self.v_norm(value), reference_points=ref,
-                        spatial_shapes_list=value_shapes, level_start_index=value_start)[0]
+        out = self.attn(
+            self.q_norm(query),
+            encoder_hidden_states=self.v_norm(value),
+            reference_points=ref,
+            spatial_shapes_list=value_shapes,
+            level_start_index=value_start,
+        )[0]
         return out * self.gamma if self.gamma is not None else out
 
 
@@ -97,8 +114,13 @@ class _ConvFFN(nn.Module):
         x = self.fc1(self.norm(x))
         B, _, C = x.shape
         levels = x.split([h * w for h, w in shapes], dim=1)
-        x = torch.cat([self.dwconv(lv.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
-                       for lv, (h, w) in zip(levels, shapes)], dim=1)
+        x = torch.cat(
+            [
+                self.dwconv(lv.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
+                for lv, (h, w) in zip(levels, shapes)
+            ],
+            dim=1,
+        )
         return self.fc2(F.gelu(x))
 
 
@@ -113,13 +135,24 @@ def interaction_groups(depth: int, n: int = 4) -> list[tuple[int, int]]:
 class ViTAdapter(nn.Module):
     """Wraps a hirespath encoder; ``forward(images)`` returns 4 maps (strides 4, 8, 16, 32) of ``embed_dim``."""
 
-    def __init__(self, encoder, num_groups: int = 4, heads: int = 6, n_points: int = 4, spm_inplanes: int = 64,
-                 init_gamma: float = 0.0, add_vit_feature: bool = True, extra_extractors: int = 2,
-                 ffn_ratio: float = 0.25):
+    def __init__(
+        self,
+        encoder,
+        num_groups: int = 4,
+        heads: int = 6,
+        n_points: int = 4,
+        spm_inplanes: int = 64,
+        init_gamma: float = 0.0,
+        add_vit_feature: bool = True,
+        extra_extractors: int = 2,
+        ffn_ratio: float = 0.25,
+    ):
         super().__init__()
         if encoder.pruner.enabled:
-            raise ValueError("the ViT-Adapter needs the full patch grid: build the encoder with prune_ratio=0 "
-                             "(pruner=none); token pruning is for classification only")
+            raise ValueError(
+                "the ViT-Adapter needs the full patch grid: build the encoder with prune_ratio=0 "
+                "(pruner=none); token pruning is for classification only"
+            )
         self.encoder = encoder
         dim = encoder.embed_dim
         if dim % heads:
@@ -131,8 +164,9 @@ class ViTAdapter(nn.Module):
         self.extractors = nn.ModuleList([_DeformCross(dim, heads, 1, n_points, None) for _ in self.groups])
         self.ffns = nn.ModuleList([_ConvFFN(dim, ffn_ratio) for _ in self.groups])
         # the original's last interaction ends with extra extractors (SPM features attend to the last ViT map again)
-        self.extra_extractors = nn.ModuleList([_DeformCross(dim, heads, 1, n_points, None)
-                                               for _ in range(extra_extractors)])
+        self.extra_extractors = nn.ModuleList(
+            [_DeformCross(dim, heads, 1, n_points, None) for _ in range(extra_extractors)]
+        )
         self.extra_ffns = nn.ModuleList([_ConvFFN(dim, ffn_ratio) for _ in range(extra_extractors)])
         self.up = nn.ConvTranspose2d(dim, dim, 2, 2)
         self.norms = nn.ModuleList([_norm(dim) for _ in range(4)])
@@ -151,8 +185,11 @@ class ViTAdapter(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         enc = self.encoder
         c1, c2, c3, c4 = self.spm(images)
-        c = [c2 + self.level_embed[0, :, None, None], c3 + self.level_embed[1, :, None, None],
-             c4 + self.level_embed[2, :, None, None]]
+        c = [
+            c2 + self.level_embed[0, :, None, None],
+            c3 + self.level_embed[1, :, None, None],
+            c4 + self.level_embed[2, :, None, None],
+        ]
         c_flat, c_shapes, c_start = _flatten(c)
         state = enc.embed(images)
         grid = state.layout.grid
@@ -175,6 +212,8 @@ class ViTAdapter(nn.Module):
         c1 = c1 + F.interpolate(self.up(c2), size=c1.shape[-2:], mode="bilinear", align_corners=False)
         feats = [c1, c2, c3, c4]
         if self.add_vit_feature:
-            feats = [f + F.interpolate(v, size=f.shape[-2:], mode="bilinear", align_corners=False)
-                     for f, v in zip(feats, vit_maps)]
+            feats = [
+                f + F.interpolate(v, size=f.shape[-2:], mode="bilinear", align_corners=False)
+                for f, v in zip(feats, vit_maps)
+            ]
         return [norm(f) for norm, f in zip(self.norms, feats)]

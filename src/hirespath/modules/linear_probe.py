@@ -15,8 +15,9 @@ class LinearProbe(L.LightningModule):
     checkpoint applies them): backbones' embedding scales differ by orders of magnitude, and a fixed learning
     rate on raw features can leave the probe stuck at the class prior."""
 
-    def __init__(self, in_features: int, num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 max_epochs: int = 100):
+    def __init__(
+        self, in_features: int, num_classes: int, lr: float = 1e-3, weight_decay: float = 1e-4, max_epochs: int = 100
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.fc = nn.Linear(in_features, num_classes)
@@ -54,18 +55,42 @@ class LinearProbe(L.LightningModule):
         return self(x.float().to(self.device)).softmax(1).cpu()
 
 
-def train_linear_probe(train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int, *, lr: float,
-                       weight_decay: float, max_epochs: int, patience: int, batch_size: int, trainer_kwargs: dict,
-                       loggers=None, seed: int = 0) -> LinearProbe:
+def train_linear_probe(
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    num_classes: int,
+    *,
+    lr: float,
+    weight_decay: float,
+    max_epochs: int,
+    patience: int,
+    batch_size: int,
+    trainer_kwargs: dict,
+    loggers=None,
+    seed: int = 0,
+) -> LinearProbe:
     L.seed_everything(seed, workers=True)
     model = LinearProbe(train[0].shape[1], num_classes, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs)
     model.set_standardisation(train[0])
-    callbacks = [L.pytorch.callbacks.EarlyStopping("val/loss", patience=patience, mode="min"),
-                 L.pytorch.callbacks.ModelCheckpoint(monitor="val/loss", mode="min", save_top_k=1,
-                                                     dirpath=trainer_kwargs.get("default_root_dir"),
-                                                     filename="linear_probe_best")]
-    trainer = L.Trainer(**{**trainer_kwargs, "max_epochs": max_epochs, "callbacks": callbacks,
-                           "logger": loggers or False, "enable_model_summary": False})
+    callbacks = [
+        L.pytorch.callbacks.EarlyStopping("val/loss", patience=patience, mode="min"),
+        L.pytorch.callbacks.ModelCheckpoint(
+            monitor="val/loss",
+            mode="min",
+            save_top_k=1,
+            dirpath=trainer_kwargs.get("default_root_dir"),
+            filename="linear_probe_best",
+        ),
+    ]
+    trainer = L.Trainer(
+        **{
+            **trainer_kwargs,
+            "max_epochs": max_epochs,
+            "callbacks": callbacks,
+            "logger": loggers or False,
+            "enable_model_summary": False,
+        }
+    )
     dl = lambda t, shuffle: DataLoader(TensorDataset(t[0].float(), t[1].long()), batch_size=batch_size, shuffle=shuffle)  # noqa: E731
     trainer.fit(model, dl(train, True), dl(val, False))
     best = callbacks[1].best_model_path

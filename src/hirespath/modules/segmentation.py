@@ -15,8 +15,9 @@ from ..metrics.segmentation import SegPathMetrics
 log = logging.getLogger("hirespath.segment")
 
 
-
-def layer_decay_groups(model, lr: float, weight_decay: float, backbone_lr_mult: float, layer_decay: float) -> list[dict]:
+def layer_decay_groups(
+    model, lr: float, weight_decay: float, backbone_lr_mult: float, layer_decay: float
+) -> list[dict]:
     """AdamW groups: the heads at ``lr``; encoder block i at lr·mult·decay^(depth − i) (layer-wise decay)."""
     encoder = model.encoder
     depth = encoder.depth
@@ -26,14 +27,27 @@ def layer_decay_groups(model, lr: float, weight_decay: float, backbone_lr_mult: 
             continue
         scale = 1.0
         if name.startswith("adapter.encoder."):
-            rest = name[len("adapter.encoder.vit."):]
-            layer = int(rest.split(".")[1]) + 1 if rest.startswith("blocks.") else (0 if not rest.startswith("norm") else depth + 1)
+            rest = name[len("adapter.encoder.vit.") :]
+            layer = (
+                int(rest.split(".")[1]) + 1
+                if rest.startswith("blocks.")
+                else (0 if not rest.startswith("norm") else depth + 1)
+            )
             scale = backbone_lr_mult * layer_decay ** (depth + 1 - layer)
         # no decay on norms, biases, position/class/register tokens and, as mmseg's Mask2Former recipe, the
         # query and level embeddings
-        no_wd = p.ndim == 1 or name.endswith((".bias", "pos_embed", "cls_token", "reg_token", "level_embed",
-                                              "level_embed.weight", "queries_embedder.weight",
-                                              "queries_features.weight"))
+        no_wd = p.ndim == 1 or name.endswith(
+            (
+                ".bias",
+                "pos_embed",
+                "cls_token",
+                "reg_token",
+                "level_embed",
+                "level_embed.weight",
+                "queries_embedder.weight",
+                "queries_features.weight",
+            )
+        )
         key = (scale, no_wd)
         groups.setdefault(key, {"params": [], "lr": lr * scale, "weight_decay": 0.0 if no_wd else weight_decay})
         groups[key]["params"].append(p)
@@ -41,9 +55,19 @@ def layer_decay_groups(model, lr: float, weight_decay: float, backbone_lr_mult: 
 
 
 class SegmentationModule(L.LightningModule):
-    def __init__(self, model, lr: float = 1e-4, weight_decay: float = 0.05, backbone_lr_mult: float = 0.1,
-                 layer_decay: float = 1.0, freeze_backbone: bool = False, poly_power: float = 0.9,
-                 warmup_steps: int = 0, cell_types=CELL_TYPES, overlays: int = 1):
+    def __init__(
+        self,
+        model,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        backbone_lr_mult: float = 0.1,
+        layer_decay: float = 1.0,
+        freeze_backbone: bool = False,
+        poly_power: float = 0.9,
+        warmup_steps: int = 0,
+        cell_types=CELL_TYPES,
+        overlays: int = 1,
+    ):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
@@ -65,8 +89,10 @@ class SegmentationModule(L.LightningModule):
         preds = []
         for i, (full, t) in enumerate(zip(batch["full_mask"], batch["label"])):
             # predict back at the full tile size: the labelled cell type's probability map > 0.5
-            one = SimpleNamespace(class_queries_logits=out.class_queries_logits[i:i + 1],
-                                  masks_queries_logits=out.masks_queries_logits[i:i + 1])
+            one = SimpleNamespace(
+                class_queries_logits=out.class_queries_logits[i : i + 1],
+                masks_queries_logits=out.masks_queries_logits[i : i + 1],
+            )
             prob = self.model.semantic_probs(one, tuple(full.shape), classes=t.view(1))[0]
             pred = (prob > 0.5).long()
             metrics.update(pred.cpu(), full.cpu(), int(t))
@@ -91,8 +117,13 @@ class SegmentationModule(L.LightningModule):
     def _log_metrics(self, metrics: SegPathMetrics, prefix: str):
         # counts are summed over ranks before the ratios, so DDP gives the same numbers as one process
         for name in ("intersect", "union", "pred_area", "label_area"):
-            setattr(metrics, name, self.all_gather(getattr(metrics, name)).reshape(-1, len(self.cell_types)).sum(0)
-                    if self.trainer.world_size > 1 else getattr(metrics, name))
+            setattr(
+                metrics,
+                name,
+                self.all_gather(getattr(metrics, name)).reshape(-1, len(self.cell_types)).sum(0)
+                if self.trainer.world_size > 1
+                else getattr(metrics, name),
+            )
         values = metrics.compute(prefix)
         finite = {k: v for k, v in values.items() if math.isfinite(v)}  # undefined (NaN) ones go to metrics.json only
         if finite:
@@ -104,8 +135,13 @@ class SegmentationModule(L.LightningModule):
         metrics.reset()
 
     def configure_optimizers(self):
-        groups = layer_decay_groups(self.model, self.hparams.lr, self.hparams.weight_decay,
-                                    self.hparams.backbone_lr_mult, self.hparams.layer_decay)
+        groups = layer_decay_groups(
+            self.model,
+            self.hparams.lr,
+            self.hparams.weight_decay,
+            self.hparams.backbone_lr_mult,
+            self.hparams.layer_decay,
+        )
         opt = torch.optim.AdamW(groups)
         total = max(1, self.trainer.estimated_stepping_batches)
         warm, power = self.hparams.warmup_steps, self.hparams.poly_power
@@ -115,5 +151,7 @@ class SegmentationModule(L.LightningModule):
                 return (step + 1) / warm
             return max(0.0, 1 - (step - warm) / max(1, total - warm)) ** power
 
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, poly),
-                                                   "interval": "step"}}
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, poly), "interval": "step"},
+        }

@@ -22,9 +22,10 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,8 +38,13 @@ log = logging.getLogger("hirespath.report")
 VANILLA_ATTENTION = ("eager", "dense")  # eager first: the paper's vanilla memory column is eager attention
 
 # (column in the tables, metrics.json key)
-CLS_METRICS = {"acc": "test/accuracy", "bal_acc": "test/balanced_accuracy", "f1": "test/f1_weighted",
-               "auroc": "test/auroc", "kappa": "test/kappa"}
+CLS_METRICS = {
+    "acc": "test/accuracy",
+    "bal_acc": "test/balanced_accuracy",
+    "f1": "test/f1_weighted",
+    "auroc": "test/auroc",
+    "kappa": "test/kappa",
+}
 SEG_METRICS = {"mpa": "test/mpa", "iou": "test/iou", "dice": "test/dice"}
 SEG_MEMORY_KEYS = ("train/peak_memory_gb", "test/peak_memory_gb", "peak_memory_gb", "memory/peak_gb")
 
@@ -73,8 +79,11 @@ def _warn_mixed(runs: pd.DataFrame, keys: Sequence[str], table: str) -> None:
     mixed = mixed[(mixed > 1).any(axis=1)]
     for idx, row in mixed.iterrows():
         what = ", ".join(c for c in cols if row[c] > 1)
-        warnings.warn(f"report: {table} averages runs at {dict(zip(keys, idx if isinstance(idx, tuple) else (idx,)))} "
-                      f"that differ in {what}; report those sweeps separately", stacklevel=3)
+        warnings.warn(
+            f"report: {table} averages runs at {dict(zip(keys, idx if isinstance(idx, tuple) else (idx,)))} "
+            f"that differ in {what}; report those sweeps separately",
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -235,8 +244,9 @@ def collect(dirs: Sequence[str | Path]) -> Collected:
 
 
 def _metric_cols(runs: pd.DataFrame, keys: dict[str, str], prefix: str = "") -> pd.DataFrame:
-    return pd.DataFrame({f"{prefix}{name}": runs[key] if key in runs else np.nan for name, key in keys.items()},
-                        index=runs.index)
+    return pd.DataFrame(
+        {f"{prefix}{name}": runs[key] if key in runs else np.nan for name, key in keys.items()}, index=runs.index
+    )
 
 
 def _pick_ours(frame: pd.DataFrame, window: int, prune_ratio: float | None) -> pd.DataFrame:
@@ -257,8 +267,10 @@ def _classification(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     if not len(cls):
         return pd.DataFrame(columns=[*keys])
     parts = []
-    for head, prefix, metrics in (("linear_probe", "lp_", ("acc", "f1", "auroc")),
-                                  ("knn", "knn_", ("acc", "bal_acc", "f1"))):
+    for head, prefix, metrics in (
+        ("linear_probe", "lp_", ("acc", "f1", "auroc")),
+        ("knn", "knn_", ("acc", "bal_acc", "f1")),
+    ):
         sub = cls[cls["head"] == head]
         if not len(sub):
             continue
@@ -285,7 +297,9 @@ def _bench_for(bench: pd.DataFrame, row: pd.Series) -> pd.Series | None:
         b = b[b.window == row.window] if "window" in b else b
     else:
         b = b[b.method == row.method]
-        order = [*VANILLA_ATTENTION]  # the cost column of "vanilla" is eager when measured, whatever the accuracy run used
+        order = [
+            *VANILLA_ATTENTION
+        ]  # the cost column of "vanilla" is eager when measured, whatever the accuracy run used
         for att in order:
             if (b.attention == att).any():
                 b = b[b.attention == att]
@@ -394,6 +408,7 @@ TABLES = {
 
 def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
     """A GitHub markdown table (no tabulate dependency); NaN shows as '–'."""
+
     def fmt(v):
         if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
             return "–"
@@ -446,21 +461,31 @@ def figure1(t1: pd.DataFrame, path: str | Path, metric: str = "lp_acc") -> Path 
         oom = sub[sub.bench_status == "oom"]
         if len(oom):
             top = t1.peak_memory_gb.max() if t1.peak_memory_gb.notna().any() else 1.0
-            axes[1].scatter(oom.resolution.astype(float), [top] * len(oom), marker="x", s=80,
-                            color=kw.get("color"), label=f"{method} OOM")
+            axes[1].scatter(
+                oom.resolution.astype(float),
+                [top] * len(oom),
+                marker="x",
+                s=80,
+                color=kw.get("color"),
+                label=f"{method} OOM",
+            )
         if metric in sub:
             both = sub[sub[metric].notna() & sub.peak_memory_gb.notna()]
             axes[2].scatter(both.peak_memory_gb, both[metric], **{k: v for k, v in kw.items()})
             for _, r in both.iterrows():
-                axes[2].annotate(str(r.resolution), (r.peak_memory_gb, r[metric]), fontsize=7,
-                                 xytext=(3, 3), textcoords="offset points")
+                axes[2].annotate(
+                    str(r.resolution),
+                    (r.peak_memory_gb, r[metric]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
     if metric in t1:
         for method, sub in t1.groupby("method"):
             front = pareto_front(zip(sub.peak_memory_gb, sub[metric]))
             if len(front) > 1:
                 xs, ys = zip(*front)
-                axes[2].step(xs, ys, where="post", linestyle="--", alpha=0.6,
-                             color=style.get(method, {}).get("color"))
+                axes[2].step(xs, ys, where="post", linestyle="--", alpha=0.6, color=style.get(method, {}).get("color"))
     name = {"lp_acc": "linear-probe accuracy", "knn_acc": "KNN accuracy"}.get(metric, metric)
     axes[0].set(xlabel="resolution (px)", ylabel=name, title="accuracy vs resolution")
     axes[1].set(xlabel="resolution (px)", ylabel="peak memory (GB)", title="memory vs resolution")
@@ -480,19 +505,27 @@ def figure1(t1: pd.DataFrame, path: str | Path, metric: str = "lp_acc") -> Path 
 # ----------------------------------------------------------------------------------------------- entry
 
 
-def build_report(dirs: Sequence[str | Path], out_dir: str | Path, window: int = 8, prune_ratio: float = 0.6,
-                 metric: str = "lp_acc") -> dict[str, Any]:
+def build_report(
+    dirs: Sequence[str | Path], out_dir: str | Path, window: int = 8, prune_ratio: float = 0.6, metric: str = "lp_acc"
+) -> dict[str, Any]:
     """Write tableN.{csv,md}, report.md, runs.csv, figure1.png (and skipped.csv) into ``out_dir``."""
     col = collect(dirs)
     if not len(col.runs) and not len(col.bench):
         raise FileNotFoundError(f"report: no metrics.json or benchmark.csv found under {[str(d) for d in dirs]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = {"table1": table1(col, window, prune_ratio), "table2": table2(col, window),
-              "table3": table3(col, prune_ratio), "table4": table4(col, window), "table5": table5(col)}
-    sections = [f"# hirespath report\n\nSources: {', '.join(str(d) for d in dirs)}  \n"
-                f"{len(col.runs)} runs with metrics.json, {len(col.bench)} benchmark rows. "
-                f"Defaults for 'ours': window={window}, prune_ratio={prune_ratio}.\n"]
+    tables = {
+        "table1": table1(col, window, prune_ratio),
+        "table2": table2(col, window),
+        "table3": table3(col, prune_ratio),
+        "table4": table4(col, window),
+        "table5": table5(col),
+    }
+    sections = [
+        f"# hirespath report\n\nSources: {', '.join(str(d) for d in dirs)}  \n"
+        f"{len(col.runs)} runs with metrics.json, {len(col.bench)} benchmark rows. "
+        f"Defaults for 'ours': window={window}, prune_ratio={prune_ratio}.\n"
+    ]
     written = {}
     for name, table in tables.items():
         title = TABLES[name][0]
@@ -518,5 +551,3 @@ def build_report(dirs: Sequence[str | Path], out_dir: str | Path, window: int = 
     write_text(out / "report.md", "\n".join(sections))
     log.info("report written to %s (%s)", out, ", ".join(written) or "no tables")
     return {"out_dir": str(out), "tables": tables, "figure": str(fig) if fig else None, "collected": col}
-
-

@@ -1,7 +1,7 @@
 """The benchmark task: time, memory and the largest resolution per attention configuration.
 
-    hirespath benchmark backbone=uni2_h attention=sparse pruner=global_attention 'resolutions=[224,448,896]'
-    hirespath benchmark experiment=table1_cost
+hirespath benchmark backbone=uni2_h attention=sparse pruner=global_attention 'resolutions=[224,448,896]'
+hirespath benchmark experiment=table1_cost
 """
 
 from __future__ import annotations
@@ -23,10 +23,20 @@ def run_benchmark(cfg) -> dict:
     """The benchmark task (tasks/benchmark.py): sweep, CSV, plot, optional max-resolution search."""
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bench = Benchmark(cfg.backbone.name, overrides=dict(cfg.backbone.get("overrides") or {}),
-                      weights=cfg.backbone.weights, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
-                      warmup=cfg.warmup, repeats=cfg.repeats, seed=cfg.seed, memory_budget_gb=cfg.memory_budget_gb,
-                      sparse_backend=cfg.sparse_backend, cpu_memory=cfg.cpu_memory)
+    bench = Benchmark(
+        cfg.backbone.name,
+        overrides=dict(cfg.backbone.get("overrides") or {}),
+        weights=cfg.backbone.weights,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        batch_size=cfg.batch_size,
+        warmup=cfg.warmup,
+        repeats=cfg.repeats,
+        seed=cfg.seed,
+        memory_budget_gb=cfg.memory_budget_gb,
+        sparse_backend=cfg.sparse_backend,
+        cpu_memory=cfg.cpu_memory,
+    )
     configs = configs_from(cfg)
     for r in cfg.resolutions:
         bench.check_resolution(int(r))
@@ -35,8 +45,12 @@ def run_benchmark(cfg) -> dict:
     plot(rows, out_dir / "benchmark.png")
     summary = summarize(rows)
     log.info("benchmark on %s, %s, batch %d:\n%s", bench.device_name, bench.dtype, bench.batch_size, summary)
-    result = {"csv": str(out_dir / "benchmark.csv"), "plot": str(out_dir / "benchmark.png"), "rows": rows,
-              "summary": summary}
+    result = {
+        "csv": str(out_dir / "benchmark.csv"),
+        "plot": str(out_dir / "benchmark.png"),
+        "rows": rows,
+        "summary": summary,
+    }
 
     mr = cfg.get("max_resolution")
     if mr and mr.enabled:
@@ -51,14 +65,25 @@ def run_benchmark(cfg) -> dict:
             best, rows_c = budget_bench.max_resolution(c, int(mr.start), int(mr.limit))
             probes += rows_c
             ok = [r for r in rows_c if r["resolution"] == best and r["status"] == "ok"]
-            found.append(dict(backbone=cfg.backbone.name, configuration=c.label, attention=c.attention,
-                              window=c.window, prune_ratio=c.prune_ratio, prune_layer=c.prune_layer,
-                              memory_budget_gb=mr.memory_budget_gb, max_resolution=best,
-                              tokens=(best // budget_bench.patch_size) ** 2, sparse_backend=c.sparse_backend,
-                              peak_memory_gb=ok[0]["peak_memory_gb"] if ok else float("nan"),
-                              seconds_per_image=ok[0]["seconds_per_image"] if ok else float("nan"),
-                              device=budget_bench.device_name, dtype=budget_bench.dtype,
-                              search_limit=int(mr.limit)))
+            found.append(
+                dict(
+                    backbone=cfg.backbone.name,
+                    configuration=c.label,
+                    attention=c.attention,
+                    window=c.window,
+                    prune_ratio=c.prune_ratio,
+                    prune_layer=c.prune_layer,
+                    memory_budget_gb=mr.memory_budget_gb,
+                    max_resolution=best,
+                    tokens=(best // budget_bench.patch_size) ** 2,
+                    sparse_backend=c.sparse_backend,
+                    peak_memory_gb=ok[0]["peak_memory_gb"] if ok else float("nan"),
+                    seconds_per_image=ok[0]["seconds_per_image"] if ok else float("nan"),
+                    device=budget_bench.device_name,
+                    dtype=budget_bench.dtype,
+                    search_limit=int(mr.limit),
+                )
+            )
             log.info("largest resolution within %g GB for %s: %d px", mr.memory_budget_gb, c.label, best)
         with atomic_path(out_dir / "max_resolution.csv") as tmp:
             pd.DataFrame(found).to_csv(tmp, index=False)

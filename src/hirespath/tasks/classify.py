@@ -38,8 +38,9 @@ def slide_features(emb: dict, features: str) -> pd.DataFrame:
     ids = list(groups)
     feats = torch.stack([vecs[idx].mean(0) for idx in groups.values()]) if ids else torch.empty(0, x.shape[1])
     first = df.groupby("image_id", sort=False).first().loc[ids]
-    return pd.DataFrame({"image_id": ids, "split": first.split.to_numpy(), "label": first.label.to_numpy(),
-                         "x": list(feats)})
+    return pd.DataFrame(
+        {"image_id": ids, "split": first.split.to_numpy(), "label": first.label.to_numpy(), "x": list(feats)}
+    )
 
 
 def _tensors(df: pd.DataFrame, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,26 +55,40 @@ def fit_predict(head: DictConfig, feats: pd.DataFrame, trainer_kwargs: dict, log
     xtr, ytr = _tensors(feats, "train")
     xte, _ = _tensors(feats, "test")
     if head.name == "knn":
-        return KNNClassifier(k=int(head.k), center_l2=bool(head.center_l2), num_classes=NUM_CLASSES).fit(xtr, ytr).predict_proba(xte)
+        return (
+            KNNClassifier(k=int(head.k), center_l2=bool(head.center_l2), num_classes=NUM_CLASSES)
+            .fit(xtr, ytr)
+            .predict_proba(xte)
+        )
     if head.name == "linear_probe":
         if head.solver in ("lbfgs", "uni"):
             if head.solver == "lbfgs":
                 fc = fit_lbfgs(xtr, ytr, NUM_CLASSES, l2=float(head.l2), max_iter=int(head.max_iter))
             else:  # UNI's protocol trains the final probe on train + val
                 xva, yva = _tensors(feats, "val")
-                fc = fit_uni_probe(torch.cat([xtr, xva]), torch.cat([ytr, yva]), NUM_CLASSES, max_iter=int(head.max_iter))
+                fc = fit_uni_probe(
+                    torch.cat([xtr, xva]), torch.cat([ytr, yva]), NUM_CLASSES, max_iter=int(head.max_iter)
+                )
             with torch.no_grad():
                 return fc(xte.float()).softmax(1)
         if head.solver != "adamw":
             raise ValueError(f"head.solver must be adamw, lbfgs or uni, got {head.solver!r}")
         xva, yva = _tensors(feats, "val")
-        model = train_linear_probe((xtr, ytr), (xva, yva), NUM_CLASSES, lr=float(head.lr),
-                                   weight_decay=float(head.weight_decay), max_epochs=int(head.max_epochs),
-                                   patience=int(head.patience), batch_size=int(head.batch_size),
-                                   trainer_kwargs=trainer_kwargs, loggers=loggers, seed=seed)
+        model = train_linear_probe(
+            (xtr, ytr),
+            (xva, yva),
+            NUM_CLASSES,
+            lr=float(head.lr),
+            weight_decay=float(head.weight_decay),
+            max_epochs=int(head.max_epochs),
+            patience=int(head.patience),
+            batch_size=int(head.batch_size),
+            trainer_kwargs=trainer_kwargs,
+            loggers=loggers,
+            seed=seed,
+        )
         return model.predict_proba(xte)
     raise ValueError(f"unknown head {head.name!r}; choose knn or linear_probe")
-
 
 
 def run_classify(cfg: DictConfig) -> dict:
@@ -93,10 +108,15 @@ def run_classify(cfg: DictConfig) -> dict:
     test_ids = feats[feats.split == "test"].image_id.tolist()
     with atomic_path(out_dir / "predictions.csv") as tmp:
         provider = rois.groupby("image_id").data_provider.first() if "data_provider" in rois else None
-        pd.DataFrame({"image_id": test_ids,
-                      **({"data_provider": provider.reindex(test_ids).to_numpy()} if provider is not None else {}),
-                      "label": yte.numpy(), "pred": probs.argmax(1).numpy(),
-                      **{f"p{c}": probs[:, c].numpy() for c in range(NUM_CLASSES)}}).to_csv(tmp, index=False)
+        pd.DataFrame(
+            {
+                "image_id": test_ids,
+                **({"data_provider": provider.reindex(test_ids).to_numpy()} if provider is not None else {}),
+                "label": yte.numpy(),
+                "pred": probs.argmax(1).numpy(),
+                **{f"p{c}": probs[:, c].numpy() for c in range(NUM_CLASSES)},
+            }
+        ).to_csv(tmp, index=False)
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)})
     if cfg.figures.num_rois:

@@ -1,6 +1,6 @@
 """The extract task: PANDA ROI embeddings only (what classify reuses from the cache).
 
-    hirespath extract data.root=DIR backbone=uni2_h backbone.weights=FILE resolution=1344 trainer=gpu
+hirespath extract data.root=DIR backbone=uni2_h backbone.weights=FILE resolution=1344 trainer=gpu
 """
 
 from __future__ import annotations
@@ -36,23 +36,47 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
     root_tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
     data_cache = Path(cfg.paths.cache_dir) / "panda" / root_tag
     split_csv = Path(data.split_csv) if data.split_csv else data_cache / f"split_seed{data.split_seed}.csv"
+    mpp_tag = f"mpp{data.get('default_mpp') or 'tags'}"
     split = load_or_make_split(root, split_csv, data.exclude, seed=int(data.split_seed))
-    rois, skipped = locate_all(root, split, float(data.fov_um), int(data.rois_per_slide), float(data.min_tissue),
-                               data_cache / f"rois_v2_fov{data.fov_um:g}_n{data.rois_per_slide}_t{data.min_tissue:g}_mpp{data.get('default_mpp') or 'tags'}.csv",
-                               default_mpp=data.get("default_mpp"))
+    rois, skipped = locate_all(
+        root,
+        split,
+        float(data.fov_um),
+        int(data.rois_per_slide),
+        float(data.min_tissue),
+        data_cache / f"rois_v2_fov{data.fov_um:g}_n{data.rois_per_slide}_t{data.min_tissue:g}_{mpp_tag}.csv",
+        default_mpp=data.get("default_mpp"),
+    )
     torch.manual_seed(cfg.seed)  # random-init backbones get the same weights in every run (the cache key has the seed)
     encoder = instantiate(cfg.encoder)
-    key_parts = {"backbone": cfg.backbone.name, "overrides": OmegaConf.to_container(cfg.backbone.overrides or {}),
-                 "weights": file_fingerprint(cfg.backbone.weights), "attention": OmegaConf.to_container(cfg.attention),
-                 "pruner": OmegaConf.to_container(cfg.pruner), "fov_um": data.fov_um,
-                 "rois_per_slide": data.rois_per_slide, "min_tissue": data.min_tissue, "root": str(root.resolve()),
-                 "precision": str(cfg.extract.precision), "seed": cfg.seed}
+    key_parts = {
+        "backbone": cfg.backbone.name,
+        "overrides": OmegaConf.to_container(cfg.backbone.overrides or {}),
+        "weights": file_fingerprint(cfg.backbone.weights),
+        "attention": OmegaConf.to_container(cfg.attention),
+        "pruner": OmegaConf.to_container(cfg.pruner),
+        "fov_um": data.fov_um,
+        "rois_per_slide": data.rois_per_slide,
+        "min_tissue": data.min_tissue,
+        "root": str(root.resolve()),
+        "precision": str(cfg.extract.precision),
+        "seed": cfg.seed,
+    }
     tk = trainer_kwargs(cfg, out_dir)
     extract_kwargs = {k: tk[k] for k in ("accelerator", "devices", "strategy", "num_nodes") if k in tk}
     extract_kwargs["precision"] = cfg.extract.precision
-    emb = extract_embeddings(encoder, root, rois, int(cfg.resolution), cfg.paths.cache_dir, key_parts,
-                             batch_size=int(cfg.extract.batch_size), num_workers=int(cfg.extract.num_workers),
-                             trainer_kwargs=extract_kwargs, flush_every=int(cfg.extract.get("flush_every", 50)))
+    emb = extract_embeddings(
+        encoder,
+        root,
+        rois,
+        int(cfg.resolution),
+        cfg.paths.cache_dir,
+        key_parts,
+        batch_size=int(cfg.extract.batch_size),
+        num_workers=int(cfg.extract.num_workers),
+        trainer_kwargs=extract_kwargs,
+        flush_every=int(cfg.extract.get("flush_every", 50)),
+    )
     skipped = pd.concat([skipped, pd.DataFrame(emb["errors"], columns=["image_id", "reason"])], ignore_index=True)
     with atomic_path(out_dir / "skipped.csv") as tmp:
         skipped.to_csv(tmp, index=False)

@@ -1,6 +1,6 @@
 """The report task: the paper's tables (markdown + CSV) and Figure 1 from finished runs.
 
-    hirespath report logs/classify/multiruns/2026-01-01_12-00-00 logs/benchmark/multiruns/...
+hirespath report logs/classify/multiruns/2026-01-01_12-00-00 logs/benchmark/multiruns/...
 """
 
 from __future__ import annotations
@@ -13,8 +13,20 @@ from omegaconf import DictConfig
 
 from ..report.tables import build_report
 
-VALUE_FLAGS = {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir", "-c", "--cfg", "-p",
-               "--package", "--info", "--experimental-rerun"}
+VALUE_FLAGS = {
+    "-cn",
+    "--config-name",
+    "-cp",
+    "--config-path",
+    "-cd",
+    "--config-dir",
+    "-c",
+    "--cfg",
+    "-p",
+    "--package",
+    "--info",
+    "--experimental-rerun",
+}
 
 
 def positional_dirs_to_override(argv: list[str]) -> list[str]:
@@ -38,8 +50,11 @@ def positional_dirs_to_override(argv: list[str]) -> list[str]:
 def run_report(cfg: DictConfig) -> dict[str, Any]:
     dirs = list(cfg.dirs or [])
     if not dirs:
-        raise ValueError("report: no directories given; usage: python tasks/report.py DIR [DIR ...] "
-                         "(Hydra run or multirun directories)")
+        raise ValueError(
+            "report: no directories given; usage: python tasks/report.py DIR [DIR ...] "
+            "(Hydra run or multirun directories)"
+        )
     out_dir = cfg.get("output_dir") or Path(dirs[0]) / "report"
-    return build_report(dirs, out_dir, window=int(cfg.ours.window), prune_ratio=float(cfg.ours.prune_ratio),
-                        metric=str(cfg.metric))
+    return build_report(
+        dirs, out_dir, window=int(cfg.ours.window), prune_ratio=float(cfg.ours.prune_ratio), metric=str(cfg.metric)
+    )

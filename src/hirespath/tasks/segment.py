@@ -27,8 +27,10 @@ def run_segment(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     if float(cfg.pruner.ratio) > 0:
-        raise ValueError(f"segmentation needs the full patch grid, but pruner.ratio={cfg.pruner.ratio}: use pruner=none "
-                         "(token pruning is for classification only)")
+        raise ValueError(
+            f"segmentation needs the full patch grid, but pruner.ratio={cfg.pruner.ratio}: use pruner=none "
+            "(token pruning is for classification only)"
+        )
     cell_types = list(cfg.data.get("cell_types") or CELL_TYPES)
     unknown = sorted(set(cell_types) - set(CELL_TYPES))
     if unknown:
@@ -36,16 +38,25 @@ def run_segment(cfg: DictConfig) -> dict:
     encoder = instantiate(cfg.encoder)
     p = encoder.patch_size
     if cfg.resolution % p:
-        raise ValueError(f"resolution {cfg.resolution} is not a multiple of the patch size {p}; "
-                         f"nearest valid: {cfg.resolution // p * p} or {(cfg.resolution // p + 1) * p}")
+        raise ValueError(
+            f"resolution {cfg.resolution} is not a multiple of the patch size {p}; "
+            f"nearest valid: {cfg.resolution // p * p} or {(cfg.resolution // p + 1) * p}"
+        )
     head = OmegaConf.to_container(cfg.head, resolve=True)
     head.pop("name", None)
     model = SegmentationModel(encoder, num_classes=len(CELL_TYPES), **head)
-    dm = SegPathDataModule(cfg.data.root, int(cfg.resolution), encoder.mean, encoder.std,
-                           batch_size=int(cfg.data.batch_size), num_workers=int(cfg.data.num_workers),
-                           cell_types=cell_types, skip_bad=bool(cfg.data.skip_bad),
-                           max_items=cfg.data.max_items_per_type,
-                           balance_types=bool(cfg.data.get("balance_types", False)))
+    dm = SegPathDataModule(
+        cfg.data.root,
+        int(cfg.resolution),
+        encoder.mean,
+        encoder.std,
+        batch_size=int(cfg.data.batch_size),
+        num_workers=int(cfg.data.num_workers),
+        cell_types=cell_types,
+        skip_bad=bool(cfg.data.skip_bad),
+        max_items=cfg.data.max_items_per_type,
+        balance_types=bool(cfg.data.get("balance_types", False)),
+    )
     if len(dm.skipped):
         with atomic_path(out_dir / "skipped.csv") as tmp:
             dm.skipped.to_csv(tmp, index=False)
@@ -60,7 +71,9 @@ def run_segment(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     best = next((c.best_model_path for c in callbacks if getattr(c, "best_model_path", "")), "")
-    trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False) if best else trainer.test(module, datamodule=dm)
+    trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False) if best else trainer.test(
+        module, datamodule=dm
+    )
     metrics = {k: float(v) for k, v in getattr(module, "computed", {}).items() if k.startswith("test/")}
     if peak_gb is not None:
         metrics["train/peak_memory_gb"] = peak_gb
@@ -68,8 +81,12 @@ def run_segment(cfg: DictConfig) -> dict:
         write_json(out_dir / "metrics.json", metrics)
         paths = save_overlays(module, dm, out_dir)
         log_images(loggers, "segmentation", paths)
-        log.info("test metrics: MPA %.4f  IoU %.4f  Dice %.4f", metrics.get("test/mpa", float("nan")),
-                 metrics.get("test/iou", float("nan")), metrics.get("test/dice", float("nan")))
+        log.info(
+            "test metrics: MPA %.4f  IoU %.4f  Dice %.4f",
+            metrics.get("test/mpa", float("nan")),
+            metrics.get("test/iou", float("nan")),
+            metrics.get("test/dice", float("nan")),
+        )
     return metrics
 
 
@@ -83,5 +100,7 @@ def save_overlays(module: SegmentationModule, dm: SegPathDataModule, out_dir: Pa
         r = rows.iloc[i]
         image, _ = load_pair(r["image"], r["mask"])
         path = out_dir / "overlays" / f"{Path(r.image).stem}.png"
-        paths.append(segmentation_overlay(image, target.numpy(), pred.numpy(), f"{CELL_TYPES[t]}: {Path(r.image).name}", path))
+        paths.append(
+            segmentation_overlay(image, target.numpy(), pred.numpy(), f"{CELL_TYPES[t]}: {Path(r.image).name}", path)
+        )
     return paths

@@ -26,7 +26,6 @@ def make_blobs(n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.T
     return centers[y] + torch.randn(n, d, generator=g), y
 
 
-
 def _scatter_png(x: torch.Tensor, y: torch.Tensor, path: Path) -> Path:
     import matplotlib
 
@@ -52,8 +51,9 @@ def run_smoke(cfg: DictConfig) -> dict:
     test = DataLoader(TensorDataset(x[cut:], y[cut:]), batch_size=int(cfg.batch_size))
 
     loggers = instantiate_list(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                     callbacks=instantiate_list(cfg.get("callbacks")))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=instantiate_list(cfg.get("callbacks"))
+    )
     model = LinearClassifier(int(cfg.num_features), int(cfg.num_classes), float(cfg.lr))
     log_config(loggers, cfg)
     trainer.fit(model, train, val)
@@ -63,6 +63,10 @@ def run_smoke(cfg: DictConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "metrics.json", metrics)
         log_images(loggers, "smoke/data", [_scatter_png(x[cut:], y[cut:], out_dir / "smoke_data.png")])
-        log.info("smoke: test accuracy %.3f (world size %d) → %s", metrics["test/accuracy"], trainer.world_size,
-                 out_dir / "metrics.json")
+        log.info(
+            "smoke: test accuracy %.3f (world size %d) → %s",
+            metrics["test/accuracy"],
+            trainer.world_size,
+            out_dir / "metrics.json",
+        )
     return metrics

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import difflib
 import numbers
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # timm's default depth of the architectures whose preset does not set it explicitly.
-_TIMM_DEPTH = {"vit_large_patch16_224": 24, "vit_huge_patch14_224": 32, "vit_giant_patch14_224": 40,
-               "vit_giant_patch14_dinov2": 40, "vit_giant_patch14_reg4_dinov2": 40}
+_TIMM_DEPTH = {
+    "vit_large_patch16_224": 24,
+    "vit_huge_patch14_224": 32,
+    "vit_giant_patch14_224": 40,
+    "vit_giant_patch14_dinov2": 40,
+    "vit_giant_patch14_reg4_dinov2": 40,
+}
 
 # Groups whose selected option's ``name`` must be one of the group's config files.
 NAMED_GROUPS = ("head", "data")

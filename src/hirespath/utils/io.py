@@ -46,8 +46,9 @@ def _json_safe(obj):
 
 def write_json(path: str | os.PathLike, obj, **kwargs) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False, **kwargs)
-                       + "\n")
+        tmp.write_text(
+            json.dumps(_json_safe(obj), indent=2, sort_keys=True, default=str, allow_nan=False, **kwargs) + "\n"
+        )
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -84,8 +85,12 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
             host, _, pid = holder.rpartition(":")
             dead = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
             if dead or age > stale_s:
-                log.warning("taking over the stale lock %s of %s (%s)", path, holder,
-                            "process gone" if dead else f"untouched for {age:.0f} s")
+                log.warning(
+                    "taking over the stale lock %s of %s (%s)",
+                    path,
+                    holder,
+                    "process gone" if dead else f"untouched for {age:.0f} s",
+                )
                 path.unlink(missing_ok=True)
                 continue
             if not waited:

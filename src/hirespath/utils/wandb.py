@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -21,8 +22,19 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("hirespath")
 
 # Left out of run names: where and how a job runs, and what every job of a grid shares (data and weights paths).
-NAME_EXCLUDE = ("hydra", "logger", "paths", "trainer", "callbacks", "tags", "task_name", "experiment_name", "resume",
-                "data.root", "backbone.weights")
+NAME_EXCLUDE = (
+    "hydra",
+    "logger",
+    "paths",
+    "trainer",
+    "callbacks",
+    "tags",
+    "task_name",
+    "experiment_name",
+    "resume",
+    "data.root",
+    "backbone.weights",
+)
 
 
 def _hydra_cfg():
@@ -60,8 +72,9 @@ def multirun_id() -> str | None:
 def group_name(*, _root_: DictConfig | None = None) -> str:
     experiment = None
     if _root_ is not None:
-        experiment = OmegaConf.select(_root_, "experiment_name", default=None) or \
-            OmegaConf.select(_root_, "task_name", default=None)
+        experiment = OmegaConf.select(_root_, "experiment_name", default=None) or OmegaConf.select(
+            _root_, "task_name", default=None
+        )
     experiment = experiment or "hirespath"
     mid = multirun_id()
     return f"{experiment}-{mid}" if mid else str(experiment)
@@ -113,15 +126,22 @@ def _as_image(item: Any):
     return arr
 
 
-def log_images(loggers: Iterable[Any], key: str, images: Sequence[Any], captions: Sequence[str] | None = None,
-               step: int | None = None) -> int:
+def log_images(
+    loggers: Iterable[Any],
+    key: str,
+    images: Sequence[Any],
+    captions: Sequence[str] | None = None,
+    step: int | None = None,
+) -> int:
     """Log PNG paths or arrays under ``key`` to every W&B logger (others keep the PNG files). Returns #loggers."""
     targets = _wandb_loggers(loggers)
     if not targets or not images:
         return 0
     items = [_as_image(im) for im in images]
     if captions is None:
-        captions = [Path(im).stem if isinstance(im, (str, os.PathLike)) else f"{key}/{i}" for i, im in enumerate(images)]
+        captions = [
+            Path(im).stem if isinstance(im, (str, os.PathLike)) else f"{key}/{i}" for i, im in enumerate(images)
+        ]
     for lg in targets:
         lg.log_image(key=key, images=items, step=step, caption=list(captions))
     return len(targets)
@@ -157,9 +177,9 @@ def _records(path: Path):
         if left < 7:  # block trailer padding
             pos += left
             continue
-        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
         kind = data[pos + 6]
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
             continue
@@ -188,8 +208,14 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         rec.ParseFromString(raw)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            info.update(id=rec.run.run_id, name=rec.run.display_name, group=rec.run.run_group,
-                        job_type=rec.run.job_type, tags=list(rec.run.tags), project=rec.run.project)
+            info.update(
+                id=rec.run.run_id,
+                name=rec.run.display_name,
+                group=rec.run.run_group,
+                job_type=rec.run.job_type,
+                tags=list(rec.run.tags),
+                project=rec.run.project,
+            )
         elif kind == "exit":
             info.update(finished=True, exit_code=rec.exit.exit_code)
     return info

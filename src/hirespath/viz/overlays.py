@@ -32,8 +32,14 @@ def kept_mask(positions: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
     return kept
 
 
-def pruned_token_overlay(image: np.ndarray, positions: torch.Tensor, grid: tuple[int, int], patch: int,
-                         path: str | Path | None = None, title: str = ""):
+def pruned_token_overlay(
+    image: np.ndarray,
+    positions: torch.Tensor,
+    grid: tuple[int, int],
+    patch: int,
+    path: str | Path | None = None,
+    title: str = "",
+):
     """The ROI with every pruned patch drawn as a red square; returns the figure (and saves a PNG)."""
     from matplotlib.patches import Rectangle
 
@@ -51,8 +57,14 @@ def pruned_token_overlay(image: np.ndarray, positions: torch.Tensor, grid: tuple
     return fig
 
 
-def sparse_pattern_figure(window: int, radius: int = 1, grid: tuple[int, int] = (12, 12), num_prefix: int = 1,
-                          query: tuple[int, int] | None = None, path: str | Path | None = None):
+def sparse_pattern_figure(
+    window: int,
+    radius: int = 1,
+    grid: tuple[int, int] = (12, 12),
+    num_prefix: int = 1,
+    query: tuple[int, int] | None = None,
+    path: str | Path | None = None,
+):
     """Left: which patches one query token attends to on the grid (its block neighbourhood, block lines drawn).
     Right: the full (prefix + patches)² attention mask of that small grid, block structure visible."""
     from ..models.attention import TokenLayout, sparse_reference_mask
@@ -71,11 +83,14 @@ def sparse_pattern_figure(window: int, radius: int = 1, grid: tuple[int, int] = 
     axes[0].set_title(f"query patch {q} attends to (blue), window {window}, radius {radius}", fontsize=9)
     # patches in block-major order, so each block's rows and columns are contiguous in the picture
     pos = layout.positions[0]
-    order = np.lexsort((pos[:, 1].numpy(), pos[:, 0].numpy(), (pos[:, 1] // window).numpy(), (pos[:, 0] // window).numpy()))
+    order = np.lexsort(
+        (pos[:, 1].numpy(), pos[:, 0].numpy(), (pos[:, 1] // window).numpy(), (pos[:, 0] // window).numpy())
+    )
     perm = np.concatenate([np.arange(num_prefix), num_prefix + order])
     axes[1].imshow(mask[np.ix_(perm, perm)], cmap="Greys", interpolation="nearest")
-    axes[1].set_title(f"attention mask: {num_prefix} global + {grid[0]}×{grid[1]} patch tokens (block-major)",
-                      fontsize=9)
+    axes[1].set_title(
+        f"attention mask: {num_prefix} global + {grid[0]}×{grid[1]} patch tokens (block-major)", fontsize=9
+    )
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -85,7 +100,9 @@ def sparse_pattern_figure(window: int, radius: int = 1, grid: tuple[int, int] = 
     return fig
 
 
-def save_pruned_token_figures(encoder, root: Path, rois: pd.DataFrame, resolution: int, out_dir: Path, loggers, n: int = 2) -> list[Path]:
+def save_pruned_token_figures(
+    encoder, root: Path, rois: pd.DataFrame, resolution: int, out_dir: Path, loggers, n: int = 2
+) -> list[Path]:
     """Pruned-token overlays for the first ``n`` test ROIs and a picture of the sparse attention pattern."""
     import matplotlib.pyplot as plt  # heavy, only when figures are drawn
 
@@ -96,7 +113,9 @@ def save_pruned_token_figures(encoder, root: Path, rois: pd.DataFrame, resolutio
         if len(paths) >= n:
             break
         try:
-            rgb = read_roi(root / "train_images" / f"{r.image_id}.tiff", ROI(r.x, r.y, r.size, r.tissue_fraction), resolution)
+            rgb = read_roi(
+                root / "train_images" / f"{r.image_id}.tiff", ROI(r.x, r.y, r.size, r.tissue_fraction), resolution
+            )
         except SlideError as err:  # a ROI that failed extraction is in skipped.csv; draw the next one
             log.warning("no figure for %s: %s", r.image_id, err)
             continue
@@ -104,14 +123,25 @@ def save_pruned_token_figures(encoder, root: Path, rois: pd.DataFrame, resolutio
         with torch.inference_mode():
             out = encoder(encoder.normalize(img))
         path = figs / f"pruned_tokens_{r.image_id}_{r.roi}.png"
-        fig = pruned_token_overlay(rgb, out.positions[0], out.grid, encoder.patch_size, path,
-                                   title=f"{r.image_id} (ISUP {r.label}): pruned patches in red")
+        fig = pruned_token_overlay(
+            rgb,
+            out.positions[0],
+            out.grid,
+            encoder.patch_size,
+            path,
+            title=f"{r.image_id} (ISUP {r.label}): pruned patches in red",
+        )
         plt.close(fig)
         paths.append(path)
     if encoder.attention == "sparse":
         path = figs / "sparse_attention_pattern.png"
-        fig = sparse_pattern_figure(encoder.window, encoder.radius, num_prefix=encoder.num_prefix_tokens, path=path,
-                                    grid=(min(5 * encoder.window, 40),) * 2)
+        fig = sparse_pattern_figure(
+            encoder.window,
+            encoder.radius,
+            num_prefix=encoder.num_prefix_tokens,
+            path=path,
+            grid=(min(5 * encoder.window, 40),) * 2,
+        )
         plt.close(fig)
         paths.append(path)
     log_images(loggers, "figures", paths)

@@ -16,8 +16,10 @@ def segmentation_overlay(image: np.ndarray, target: np.ndarray, pred: np.ndarray
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     axes[0].imshow(image)
     axes[0].set_title("H&E", fontsize=9)
-    for ax, m, colour, name in ((axes[1], target == 1, (0, 1, 0), "ground truth"),
-                                (axes[2], pred == 1, (1, 0, 1), "prediction")):
+    for ax, m, colour, name in (
+        (axes[1], target == 1, (0, 1, 0), "ground truth"),
+        (axes[2], pred == 1, (1, 0, 1), "prediction"),
+    ):
         ax.imshow(image)
         rgba = np.zeros((*m.shape, 4))
         rgba[m] = (*colour, 0.45)
