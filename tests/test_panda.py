@@ -283,7 +283,7 @@ def test_classify_end_to_end(panda_root, tmp_path, head, caplog):
 def test_embedding_cache_hit_and_atomic_write(panda_root, tmp_path, caplog, monkeypatch):
     import logging
 
-    from hirespath import extract as ex
+    from hirespath.embeddings import cache as ex
     from hirespath.tasks.extract import run_extract
 
     cfg = _compose(
