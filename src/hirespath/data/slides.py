@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -185,7 +186,7 @@ def read_thumbnail(slide, max_side: int = 2048) -> tuple[np.ndarray, tuple[float
         strips = []
         for y0 in range(0, h, rows_per_strip):
             sh = min(rows_per_strip, h - y0)
-            strip = _on_white(slide.read_region((0, int(round(y0 * d))), level, (w, sh)))
+            strip = _on_white(slide.read_region((0, round(y0 * d)), level, (w, sh)))
             strips.append(np.asarray(strip.resize((out_w, max(1, round(sh / f))), Image.BOX)))
         img = np.concatenate(strips, 0)
     W, H = slide.dimensions
@@ -232,11 +233,11 @@ class TileGrid:
 
 def check_tiling(tile_size: int, tile_mpp: float, overlap: int = 0, min_tissue: float = 0.25) -> None:
     """Clear errors for a tiling that cannot work, before any slide is opened."""
-    if not (isinstance(tile_size, (int, np.integer)) and tile_size > 0):
+    if not (isinstance(tile_size, numbers.Integral) and tile_size > 0):
         raise ValueError(f"tile_size must be a positive integer of pixels, got {tile_size!r}")
-    if not (isinstance(tile_mpp, (int, float)) and tile_mpp > 0 and math.isfinite(tile_mpp)):
+    if not (isinstance(tile_mpp, numbers.Real) and tile_mpp > 0 and math.isfinite(tile_mpp)):
         raise ValueError(f"tile_mpp must be a positive number of µm per pixel (0.5 = 20x), got {tile_mpp!r}")
-    if not (isinstance(overlap, (int, np.integer)) and 0 <= overlap < tile_size):
+    if not (isinstance(overlap, numbers.Integral) and 0 <= overlap < tile_size):
         raise ValueError(f"overlap must be an integer in [0, tile_size={tile_size}), got {overlap!r}")
     if not (0 <= min_tissue <= 1):
         raise ValueError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}")
@@ -244,7 +245,7 @@ def check_tiling(tile_size: int, tile_mpp: float, overlap: int = 0, min_tissue: 
 
 def tile_size_level0(tile_size: int, tile_mpp: float, slide_mpp: float) -> int:
     """TRIDENT's ``round(patch_size · level0_mag / target_mag)`` with the unrounded magnifications 10/mpp."""
-    return max(1, int(round(tile_size * (10.0 / slide_mpp) / (10.0 / tile_mpp))))
+    return max(1, round(tile_size * (10.0 / slide_mpp) / (10.0 / tile_mpp)))
 
 
 def tissue_fractions(mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray,
@@ -284,7 +285,7 @@ def tile_grid(slide, tile_size: int, tile_mpp: float, overlap: int = 0, min_tiss
     W, H = slide.dimensions
     ds = tile_mpp / smpp
     side0 = tile_size_level0(tile_size, tile_mpp, smpp)
-    stride0 = side0 - int(round(overlap * ds))
+    stride0 = side0 - round(overlap * ds)
     if stride0 < 1:
         raise SlideError(f"overlap {overlap} px leaves no stride at {smpp:g} µm/px")
     thumb, mds = read_thumbnail(slide, mask_max_side)
@@ -317,16 +318,16 @@ def read_tile_region(slide, x: int, y: int, size0: int, level: int) -> Image.Ima
     never stretched: the in-slide part is read and pasted into a white canvas of the full tile's size)."""
     d = float(slide.level_downsamples[level])
     W, H = slide.dimensions
-    side = max(1, int(round(size0 / d)))
+    side = max(1, round(size0 / d))
     x0, y0 = max(int(x), 0), max(int(y), 0)
     x1, y1 = min(int(x) + size0, W), min(int(y) + size0, H)
     canvas = Image.new("RGB", (side, side), (255, 255, 255))
     if x1 <= x0 or y1 <= y0:
         return canvas
     lw, lh = slide.level_dimensions[level]
-    ox, oy = int(round((x0 - x) / d)), int(round((y0 - y) / d))
-    w = min(max(1, int(round((x1 - x0) / d))), side - ox, lw - int(x0 / d))
-    h = min(max(1, int(round((y1 - y0) / d))), side - oy, lh - int(y0 / d))
+    ox, oy = round((x0 - x) / d), round((y0 - y) / d)
+    w = min(max(1, round((x1 - x0) / d)), side - ox, lw - int(x0 / d))
+    h = min(max(1, round((y1 - y0) / d)), side - oy, lh - int(y0 / d))
     if w <= 0 or h <= 0:
         return canvas
     if (w, h) == (side, side) and (ox, oy) == (0, 0):

@@ -31,8 +31,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.slides import SlideSpec, SlideTileDataset, TileGrid, as_specs, best_level, check_tiling, level0_mpp, \
-    read_thumbnail, tile_grid
+from ..data.slides import (
+    SlideSpec,
+    SlideTileDataset,
+    TileGrid,
+    as_specs,
+    best_level,
+    check_tiling,
+    level0_mpp,
+    read_thumbnail,
+    tile_grid,
+)
 from ..data.wsi import SlideError, open_slide, tissue_mask
 from ..utils.io import atomic_path, exclusive_lock, try_lock, write_json
 from . import trident
@@ -163,7 +172,7 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
         else:
-            r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+            r, w = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
     if not (world_size >= 1 and 0 <= rank < world_size):
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -238,7 +247,8 @@ def _grid_for(slide, spec: SlideSpec, patches_path: Path, *, tile_size, tile_mpp
         try:
             attrs, coords = trident.read_coords(patches_path)
             same = (int(attrs["patch_size"]) == tile_size and int(attrs["overlap"]) == overlap
-                    and np.isclose(float(attrs["target_mpp"]), tile_mpp) and np.isclose(float(attrs["level0_mpp"]), smpp)
+                    and np.isclose(float(attrs["target_mpp"]), tile_mpp)
+                    and np.isclose(float(attrs["level0_mpp"]), smpp)
                     and np.isclose(float(attrs["min_tissue"]), min_tissue))
         except (OSError, KeyError, ValueError) as err:
             same, attrs = False, {}
@@ -285,7 +295,7 @@ def embed_slides(encoder, slides, job_dir, *, tile_size: int = 1792, tile_mpp: f
     ``weights``: the weights file the encoder was built from (recorded, and part of the folder's identity).
     ``rank``/``world_size``: this worker's share (default: torch.distributed, else $RANK/$WORLD_SIZE, else 0/1).
     ``skip_errors=False`` raises unexpected per-slide errors instead of listing them (SlideErrors are always
-    listed). Layout, resume and locking: see the module docstring and README.
+    listed). Layout, resume and locking: see the module docstring.
     """
     t_start = time.perf_counter()
     if features not in FEATURES:
@@ -426,7 +436,8 @@ def _embed_slide(spec: SlideSpec, out: Path, tile_encoder: TileEncoder, encoder,
     want_overlays = thumbnails and overlay_tiles > 0 and encoder.pruner.enabled and draw
     with trident.FeatureWriter(out, dim, c_attrs, attrs, tokens=tokens, token_dtype=token_dtype) as writer:
         t_wait = time.perf_counter()
-        for batch in tqdm(loader, desc=spec.slide_id, leave=False, disable=not progress, unit="batch"):
+        tiles_bar = tqdm(total=len(ds), desc=spec.slide_id, leave=False, disable=not progress, unit="tile")
+        for batch in loader:
             t1 = time.perf_counter()
             stages["wait"] += t1 - t_wait
             stages["read"] += float(batch["read_s"].sum())
@@ -448,15 +459,17 @@ def _embed_slide(spec: SlideSpec, out: Path, tile_encoder: TileEncoder, encoder,
                 for j in range(min(len(sub), overlay_tiles - len(overlays)) if want_overlays else 0):
                     overlays.append((int(idx[j]), images[sub[j]].permute(1, 2, 0).numpy(), pos[j], patch_grid))
             stages["write"] += time.perf_counter() - t2
+            tiles_bar.update(len(index))
             t_wait = time.perf_counter()
+        tiles_bar.close()
         if writer.n == 0:
             raise SlideError(f"no tile could be embedded ({len(failed)} ran out of memory at batch size 1)")
     ds.close()
 
     t3 = time.perf_counter()
     if draw:
-        save_thumbnail(thumb_path, grid, f"{spec.slide_id}: {len(grid)} tiles of {tile_size} px at {tile_mpp:g} µm/px, "
-                                         f"{grid.tissue_area_mm2:.1f} mm² tissue")
+        save_thumbnail(thumb_path, grid, f"{spec.slide_id}: {len(grid)} tiles of {tile_size} px at {tile_mpp:g} "
+                                         f"µm/px, {grid.tissue_area_mm2:.1f} mm² tissue")
         for i, img, pos, pg in overlays:
             save_pruned_overlay(thumb_dir / f"{spec.slide_id}_tile{i}_pruned.png", img, pos, pg, encoder.patch_size,
                                 f"{spec.slide_id} tile {i}: pruned {pg[0] * pg[1] - len(pos)} of {pg[0] * pg[1]} "

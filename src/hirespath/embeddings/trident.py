@@ -51,7 +51,7 @@ CHUNK_BYTES = 1 << 18
 
 def _fmt_mag(mag: float) -> str:
     """TRIDENT's folder spelling of a magnification: 20 → '20', 1.25 → '1.25'."""
-    return str(int(round(mag))) if abs(mag - round(mag)) < 1e-9 else f"{mag:g}"
+    return str(round(mag)) if abs(mag - round(mag)) < 1e-9 else f"{mag:g}"
 
 
 def is_standard_magnification(mpp: float) -> bool:
@@ -217,7 +217,7 @@ class FeatureWriter:
         self.n = 0
 
     def append(self, features, coords, tokens=None, positions=None, grid: tuple[int, int] | None = None) -> None:
-        """Add B tiles: features B×D, coords B×2, and (tokens=True) per tile its kept tokens nᵢ×D and (row, col)."""
+        """Add B tiles: features B×D, coords B×2; with tokens, per tile its kept tokens nᵢ×D and their (row, col)."""
         features = np.asarray(features, dtype=np.float32)
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         if len(features) != len(coords):
