@@ -12,6 +12,22 @@ round-robin by rank, and every slide is embedded under ``<slide>.h5.lock`` taken
 embedded twice; a rank that finishes its share takes the others' unlocked unfinished slides. A rerun skips
 finished slides. Slides that cannot be used (unreadable, no mpp, no tissue) go to ``skipped.csv`` and the run
 goes on.
+
+On disk (``<tiling>`` = :func:`~hirespath.embeddings.trident.tiling_tag`, e.g. ``20x_1792px_0px_overlap``)::
+
+    job_dir/
+      <tiling>/patches/<slide>_patches.h5          coords; reused by every encoder with the same tiling and mpp
+      <tiling>/features_<encoder tag>/<slide>.h5   features + coords (+ tokens); <slide>.h5.lock while embedding
+      <tiling>/features_<encoder tag>/config.json  the encoder configuration this folder holds (checked on reuse)
+      <tiling>/thumbnails/<slide>.png              tissue contour + kept tiles
+      <tiling>/thumbnails/<slide>_tile<i>_pruned.png   pruned tokens of the first tiles (when pruning)
+      skipped.csv                                  slide, path, reason, time, host (tiles that ran out of memory too)
+      summary.json (summary_rank<r>.json when world_size > 1)
+
+``summary["stage_seconds"]``: ``grid`` (tissue detection, or reading the patches file), ``read`` and ``resize``
+(summed over tiles in the loader workers: with workers they overlap encoding), ``wait`` (the main process waiting
+for the next batch: the reading that was not hidden), ``encode`` (host→device copy, forward, synchronised),
+``write`` (h5 appends), ``thumbnails``.
 """
 
 from __future__ import annotations
