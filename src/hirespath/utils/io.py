@@ -131,3 +131,138 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, another user's
         return True
     return True
+
+
+class ItemLock:
+    """A lock file held by this process (see :func:`try_lock`); ``release`` removes it only while it is still ours."""
+
+    def __init__(self, path: Path, token: str):
+        self.path, self.token = path, token
+
+    def release(self) -> bool:
+        try:
+            if json.loads(self.path.read_text()).get("token") != self.token:
+                return False  # taken over meanwhile (we looked stale): the new holder's file stays
+        except (FileNotFoundError, ValueError):
+            return False
+        self.path.unlink(missing_ok=True)
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"ItemLock({str(self.path)!r})"
+
+
+def _lock_payload(token: str) -> str:
+    import socket
+    import time
+
+    return json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "created_at": time.time(),
+                       "token": token})
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return True
+
+
+def lock_is_stale(path: str | os.PathLike, stale_s: float = 24 * 3600) -> tuple[bool, str]:
+    """(stale, why) for an item lock: its pid is dead on this host, or it is older than ``stale_s`` seconds.
+
+    Age comes from ``created_at`` (TRIDENT's lock content), else the file's mtime (an empty file may be a lock
+    whose holder has not written it yet, so it is never stale before ``stale_s``).
+    """
+    import socket
+    import time
+
+    path = Path(path)
+    try:
+        raw, mtime = path.read_text(), path.stat().st_mtime
+    except FileNotFoundError:
+        return False, "released"
+    try:
+        info = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        info = {}
+    pid, host = info.get("pid"), info.get("hostname")
+    if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        return True, f"pid {pid} on {host} is gone"
+    created = info.get("created_at")
+    age = time.time() - (float(created) if isinstance(created, (int, float)) else mtime)
+    if age > stale_s:
+        return True, f"held by {host or '?'}:{pid or '?'} for {age / 3600:.1f} h > {stale_s / 3600:.1f} h"
+    return False, f"held by {host or '?'}:{pid or '?'}"
+
+
+def try_lock(path: str | os.PathLike, stale_s: float = 24 * 3600) -> ItemLock | None:
+    """Take the lock file ``path`` now, or return None when another live worker holds it (never waits).
+
+    Per-item locks for work that many workers share (slides of an embedding job, DDP ranks, SLURM arrays on a
+    shared file system). The file is created with O_CREAT|O_EXCL, so of several workers exactly one wins (TRIDENT's
+    check-then-create let two win, PR #213); it holds JSON {pid, hostname, created_at, token}. A stale lock (pid
+    dead on this host, or older than ``stale_s``) is taken over under a short takeover mutex (``<path>.takeover``,
+    itself O_EXCL): the taker renames the stale file aside, checks it renamed the file it judged stale, and creates
+    its own with O_EXCL — so two takers never both win, and a fresh lock created meanwhile is put back, not lost.
+    """
+    import logging
+    import time
+    import uuid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    if _create_exclusive(path, _lock_payload(token)):
+        return ItemLock(path, token)
+    stale, why = lock_is_stale(path, stale_s)
+    if not stale:
+        return None
+    mutex = path.with_name(path.name + ".takeover")
+    if not _create_exclusive(mutex, _lock_payload(token)):
+        # another worker is taking it over right now; a mutex left by a taker that died inside the few
+        # microseconds of a takeover is cleared after a minute
+        try:
+            if time.time() - mutex.stat().st_mtime > 60:
+                mutex.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        return None
+    try:
+        try:
+            judged = path.read_text()
+        except FileNotFoundError:
+            judged = None
+        if judged is not None:
+            if not lock_is_stale(path, stale_s)[0]:
+                return None  # refreshed meanwhile
+            aside = path.with_name(f".{path.name}.{token}.stale")
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                aside = None
+            if aside is not None:
+                if aside.read_text() != judged:
+                    # we moved a lock created after our check (its holder released and another took it): put
+                    # it back without clobbering (link fails if the path exists again)
+                    try:
+                        os.link(aside, path)
+                    except FileExistsError:
+                        pass
+                    aside.unlink(missing_ok=True)
+                    return None
+                aside.unlink(missing_ok=True)
+            logging.getLogger("hirespath.io").warning("taking over the stale lock %s (%s)", path, why)
+        if _create_exclusive(path, _lock_payload(token)):
+            return ItemLock(path, token)
+        return None
+    finally:
+        mutex.unlink(missing_ok=True)

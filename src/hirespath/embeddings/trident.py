@@ -1,0 +1,330 @@
+"""Whole-slide feature files in TRIDENT's layout, readable by TRIDENT, CLAM and the slide encoders built on them.
+
+Layout (TRIDENT ``run_batch_of_slides.py``; see DESIGN.md "Whole-slide features")::
+
+    <job_dir>/<tiling tag>/patches/<slide>_patches.h5            coords (+ attrs)
+    <job_dir>/<tiling tag>/features_<encoder tag>/<slide>.h5     features, coords (+ attrs) [, tokens ...]
+
+Datasets are chunked with ``maxshape=(None, ...)`` as TRIDENT's ``save_h5`` makes them (resizable along tiles);
+chunks hold ~256 KB instead of TRIDENT's single rows, so a 15k-tile file is not 15k chunk reads. Attributes follow
+``save_h5``: dicts as JSON strings, None as the string ``'None'``.
+
+* ``coords`` int64 N×2, level-0 top-left (x, y). Attrs: ``patch_size`` (tile px at the target scale),
+  ``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``overlap``, ``name``, ``savetodir``,
+  ``level0_width``, ``level0_height`` (TRIDENT's), plus ``target_mpp``, ``level0_mpp``, ``stride_level0``,
+  ``min_tissue``, ``tiling``. The magnifications are the unrounded ``10 / mpp`` (see
+  :mod:`hirespath.data.slides`), so ``round(patch_size · level0_magnification / target_magnification)`` is
+  ``patch_size_level0``, the level-0 side that was read.
+* ``features`` float32 N×D (CLAM's models need float32). Attrs: ``name``, ``savetodir``, ``encoder`` (TRIDENT's),
+  plus ``backbone``, ``attention``, ``window``, ``radius``, ``prune_ratio``, ``prune_layer``,
+  ``prune_score_tokens``, ``resolution`` (tile px the encoder saw), ``vit_patch_size``, ``weights`` (path or
+  'None'), ``weights_fingerprint`` (JSON: size, mtime), ``feature`` (cls | mean | cls+mean), ``precision``,
+  ``embed_dim``, ``num_tiles``.
+* Optional per-token output (``tokens=True``): ``tokens`` (T×D, float16 by default, the kept final normed patch
+  tokens of all tiles concatenated in tile order), ``token_positions`` (T×2 int16 (row, col) in the tile's patch
+  grid; int32 for grids over 32,767 patches a side), ``token_offsets`` (N+1 int64: tile i owns rows
+  ``offsets[i]:offsets[i+1]``). Cost: kept·(D·2 + 4) bytes per tile in float16 — UNI2-h (D=1536, patch 14) at
+  1,792 px (128² = 16,384 patches) keeps 6,554 tokens at prune ratio 0.6: 20.2 MB per tile, 50.4 MB without
+  pruning; a 500-tile slide: ~10 GB (25 GB unpruned), against 3 MB for its CLS features. Use it for a few slides
+  or small tiles (224 px, 256 patches: 0.8 MB per tile unpruned).
+
+Files are written under a temporary name in the same folder and renamed when complete (``os.replace``): a killed
+job never leaves a file a rerun would take as finished. CLAM's loader (``h5py.File(path)['features'][:]``) and
+TRIDENT's ``read_coords`` read them as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..utils.io import _umask
+
+CHUNK_BYTES = 1 << 18
+
+
+def _fmt_mag(mag: float) -> str:
+    """TRIDENT's folder spelling of a magnification: 20 → '20', 1.25 → '1.25'."""
+    return str(round(mag)) if abs(mag - round(mag)) < 1e-9 else f"{mag:g}"
+
+
+def is_standard_magnification(mpp: float) -> bool:
+    """True when 10/mpp is exactly a number with at most 3 decimals (0.5 → 20x, 0.25 → 40x, 8 → 1.25x)."""
+    mag = 10.0 / mpp
+    return math.isclose(mag, round(mag, 3), rel_tol=1e-9, abs_tol=0.0)
+
+
+def tiling_tag(target_mpp: float, tile_size: int, overlap: int = 0) -> str:
+    """TRIDENT's tiling folder name: ``20x_1792px_0px_overlap`` for 0.5 µm/px.
+
+    TRIDENT names tilings by target magnification (``f"{mag}x_{patch_size}px_{overlap}px_overlap"``, fractional
+    magnifications as ``1.25x``); magnification here is 10/mpp. When that is not a round number (10/0.6 = 16.67)
+    the magnification would misname the scale, so ``mpp<target_mpp>`` (``%g``, e.g. ``mpp0.6_1792px_0px_overlap``)
+    takes its place; the exact ``target_mpp`` is in the files' attributes either way.
+    """
+    if not (target_mpp > 0 and math.isfinite(target_mpp)):
+        raise ValueError(f"target_mpp must be a positive number of µm per pixel, got {target_mpp!r}")
+    scale = f"{_fmt_mag(10.0 / target_mpp)}x" if is_standard_magnification(target_mpp) else f"mpp{target_mpp:g}"
+    return f"{scale}_{int(tile_size)}px_{int(overlap)}px_overlap"
+
+
+def encoder_tag(encoder, features: str = "cls", weights: str | os.PathLike | None = None) -> str:
+    """Folder name of one encoder configuration, e.g. ``uni2_h_sparse-w8_prune0.6-l4_cls``.
+
+    It names what changes the numbers and can be read off the encoder: preset, attention (window, radius when not
+    1), pruning (ratio, layer, score tokens when not CLS), the feature kind; ``-random`` when no weights file is
+    given. Architecture overrides and which weights file are not in the name: the engine records the full
+    configuration in ``features_<tag>/config.json`` and refuses to mix another one into that folder.
+    """
+    preset = getattr(getattr(encoder, "preset", None), "name", None) or "vit"
+    att = encoder.attention
+    if att == "sparse":
+        att = f"sparse-w{encoder.window}" + (f"-r{encoder.radius}" if getattr(encoder, "radius", 1) != 1 else "")
+    parts = [preset, att]
+    pruner = getattr(encoder, "pruner", None)
+    if pruner is not None and pruner.enabled:
+        parts.append(f"prune{pruner.ratio:g}-l{pruner.layer}" + ("" if pruner.score_tokens == "cls" else
+                                                                 f"-{pruner.score_tokens}"))
+    parts.append(features.replace("+", "-"))
+    tag = "_".join(parts)
+    return tag if weights else f"{tag}-random"
+
+
+def weights_fingerprint(weights) -> dict | None:
+    if not weights:
+        return None
+    st = os.stat(weights)
+    return {"path": str(Path(weights).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def encoder_attrs(encoder, *, tag: str, features: str, tile_size: int, weights=None, precision: str = "fp32",
+                  extra: dict | None = None) -> dict:
+    """The ``features`` dataset's attributes for this encoder configuration (TRIDENT's ``encoder`` + ours)."""
+    pruner = getattr(encoder, "pruner", None)
+    attrs = {
+        "encoder": tag,
+        "backbone": getattr(getattr(encoder, "preset", None), "name", None),
+        "attention": encoder.attention,
+        "window": int(encoder.window),
+        "radius": int(getattr(encoder, "radius", 1)),
+        "prune_ratio": float(pruner.ratio) if pruner is not None else 0.0,
+        "prune_layer": int(pruner.layer) if pruner is not None else 0,
+        "prune_score_tokens": pruner.score_tokens if pruner is not None else "cls",
+        "resolution": int(tile_size),
+        "vit_patch_size": int(encoder.patch_size),
+        "embed_dim": int(encoder.embed_dim),
+        "weights": str(weights) if weights else None,
+        "weights_fingerprint": weights_fingerprint(weights),
+        "feature": features,
+        "precision": str(precision),
+    }
+    attrs.update(extra or {})
+    return attrs
+
+
+def coords_attrs(grid, *, name: str, savetodir: str | os.PathLike, tiling: str) -> dict:
+    """The ``coords`` dataset's attributes for a :class:`~hirespath.data.slides.TileGrid` (TRIDENT's + ours)."""
+    return {
+        "patch_size": int(grid.tile_size),
+        "patch_size_level0": int(grid.patch_size_level0),
+        "level0_magnification": float(grid.level0_magnification),
+        "target_magnification": float(grid.target_magnification),
+        "overlap": int(grid.overlap),
+        "name": name,
+        "savetodir": str(savetodir),
+        "level0_width": int(grid.level0_size[0]),
+        "level0_height": int(grid.level0_size[1]),
+        "target_mpp": float(grid.tile_mpp),
+        "level0_mpp": float(grid.slide_mpp),
+        "stride_level0": int(grid.stride_level0),
+        "min_tissue": float(grid.min_tissue),
+        "tiling": tiling,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _attr(value):
+    """TRIDENT's save_h5 conventions: dicts as JSON, None as 'None'; paths and non-numeric lists as strings/JSON."""
+    if value is None:
+        return "None"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, (list, tuple)) and not all(isinstance(v, (int, float, np.number)) for v in value):
+        return json.dumps(list(value), default=str)
+    return value
+
+
+def _set_attrs(dset, attrs: dict | None) -> None:
+    for k, v in (attrs or {}).items():
+        try:
+            dset.attrs[k] = _attr(v)
+        except TypeError as err:
+            raise TypeError(f"cannot store attribute {k}={v!r} on {dset.name}: {err}") from err
+
+
+def _chunk_rows(row_bytes: int) -> int:
+    return int(min(4096, max(1, CHUNK_BYTES // max(1, row_bytes))))
+
+
+def _dataset(f: h5py.File, name: str, width: int, dtype) -> h5py.Dataset:
+    dtype = np.dtype(dtype)
+    return f.create_dataset(name, shape=(0, width), maxshape=(None, width), dtype=dtype,
+                            chunks=(_chunk_rows(width * dtype.itemsize), width))
+
+
+def _append(dset: h5py.Dataset, rows: np.ndarray) -> None:
+    if len(rows):
+        n = dset.shape[0]
+        dset.resize(n + len(rows), axis=0)
+        dset[n:] = rows
+
+
+class FeatureWriter:
+    """Streams one slide's features (and tokens) into ``path`` batch by batch; the file appears only on ``close``.
+
+    Used as a context manager: an exception discards the temporary file. Nothing of the slide is held in memory
+    beyond the batch being appended.
+    """
+
+    def __init__(self, path: str | os.PathLike, dim: int, coords_attrs: dict, features_attrs: dict,
+                 tokens: bool = False, token_dtype=np.float16):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
+        self.tmp = Path(tmp)
+        self.coords_attrs, self.features_attrs = dict(coords_attrs), dict(features_attrs)
+        self.tokens = tokens
+        self.file = h5py.File(self.tmp, "w")
+        self.features = _dataset(self.file, "features", dim, np.float32)
+        self.coords = _dataset(self.file, "coords", 2, np.int64)
+        if tokens:
+            self.tok = _dataset(self.file, "tokens", dim, token_dtype)
+            self.pos = None  # dtype chosen from the first grid
+            self.offsets = [0]
+        self.n = 0
+
+    def append(self, features, coords, tokens=None, positions=None, grid: tuple[int, int] | None = None) -> None:
+        """Add B tiles: features B×D, coords B×2; with tokens, per tile its kept tokens nᵢ×D and their (row, col)."""
+        features = np.asarray(features, dtype=np.float32)
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        if len(features) != len(coords):
+            raise ValueError(f"{len(features)} feature rows for {len(coords)} coords")
+        _append(self.features, features)
+        _append(self.coords, coords)
+        if self.tokens:
+            if tokens is None or positions is None or len(tokens) != len(coords):
+                raise ValueError("tokens=True: pass each tile's tokens and positions")
+            if self.pos is None:
+                big = grid is not None and max(grid) > np.iinfo(np.int16).max
+                self.pos = _dataset(self.file, "token_positions", 2, np.int32 if big else np.int16)
+            for t, p in zip(tokens, positions):
+                _append(self.tok, np.asarray(t, dtype=self.tok.dtype))
+                _append(self.pos, np.asarray(p, dtype=self.pos.dtype))
+                self.offsets.append(self.offsets[-1] + len(t))
+        self.n += len(coords)
+
+    def close(self) -> Path:
+        if self.tokens:
+            if self.pos is None:
+                self.pos = _dataset(self.file, "token_positions", 2, np.int16)
+            off = self.file.create_dataset("token_offsets", data=np.asarray(self.offsets, dtype=np.int64),
+                                           maxshape=(None,), chunks=(_chunk_rows(8),))
+            _set_attrs(off, {"description": "tile i's tokens are tokens[token_offsets[i]:token_offsets[i+1]]"})
+        _set_attrs(self.coords, self.coords_attrs)
+        _set_attrs(self.features, {**self.features_attrs, "num_tiles": self.n})
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_patches_h5(path: str | os.PathLike, coords, attrs: dict) -> Path:
+    """TRIDENT's ``<slide>_patches.h5``: the ``coords`` dataset with the tiling attributes, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with h5py.File(tmp, "w") as f:
+            dset = _dataset(f, "coords", 2, np.int64)
+            _append(dset, np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+            _set_attrs(dset, attrs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_features_h5(path: str | os.PathLike, features, coords, coords_attrs: dict, features_attrs: dict,
+                      tokens=None, token_positions=None, token_dtype=np.float16) -> Path:
+    """One slide's features file in one call (``tokens``/``token_positions``: per-tile lists, or None)."""
+    features = np.asarray(features, dtype=np.float32)
+    with FeatureWriter(path, features.shape[1], coords_attrs, features_attrs, tokens=tokens is not None,
+                       token_dtype=token_dtype) as w:
+        w.append(features, coords, tokens, token_positions)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _decode(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def read_coords(path: str | os.PathLike) -> tuple[dict, np.ndarray]:
+    """(attrs, coords) as TRIDENT's ``read_coords`` returns them (attrs as stored: JSON and 'None' left as text)."""
+    with h5py.File(path, "r") as f:
+        return {k: _decode(v) for k, v in f["coords"].attrs.items()}, f["coords"][:]
+
+
+def read_features(path: str | os.PathLike, tokens: bool = False) -> dict:
+    """``features`` (N×D float32), ``coords``, both datasets' attributes, and with ``tokens`` the token datasets."""
+    with h5py.File(path, "r") as f:
+        out = {"features": f["features"][:], "coords": f["coords"][:],
+               "features_attrs": {k: _decode(v) for k, v in f["features"].attrs.items()},
+               "coords_attrs": {k: _decode(v) for k, v in f["coords"].attrs.items()}}
+        if tokens:
+            if "tokens" not in f:
+                raise KeyError(f"{path} has no tokens (written without tokens=True)")
+            out.update(tokens=f["tokens"][:], token_positions=f["token_positions"][:],
+                       token_offsets=f["token_offsets"][:])
+    return out
+
+
+def read_tile_tokens(path: str | os.PathLike, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """One tile's kept tokens and their (row, col), read without loading the others."""
+    with h5py.File(path, "r") as f:
+        off = f["token_offsets"]
+        a, b = int(off[index]), int(off[index + 1])
+        return f["tokens"][a:b], f["token_positions"][a:b]

