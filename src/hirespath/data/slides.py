@@ -67,8 +67,10 @@ def _check_unique(specs: list[SlideSpec]) -> list[SlideSpec]:
     seen: dict[str, Path] = {}
     for s in specs:
         if s.slide_id in seen:
-            raise ValueError(f"two slides have the id {s.slide_id!r} (the file stem names the output files): "
-                             f"{seen[s.slide_id]} and {s.path}; rename one or list only one of them")
+            raise ValueError(
+                f"two slides have the id {s.slide_id!r} (the file stem names the output files): "
+                f"{seen[s.slide_id]} and {s.path}; rename one or list only one of them"
+            )
         seen[s.slide_id] = s.path
     return specs
 
@@ -85,8 +87,12 @@ def _parse_mpp(value, where: str) -> float | None:
     return mpp
 
 
-def list_slides(wsi_dir: str | os.PathLike | None = None, slides_csv: str | os.PathLike | None = None,
-                extensions: tuple[str, ...] = SLIDE_EXTENSIONS, recursive: bool = False) -> list[SlideSpec]:
+def list_slides(
+    wsi_dir: str | os.PathLike | None = None,
+    slides_csv: str | os.PathLike | None = None,
+    extensions: tuple[str, ...] = SLIDE_EXTENSIONS,
+    recursive: bool = False,
+) -> list[SlideSpec]:
     """The slides of ``wsi_dir`` (files with one of ``extensions``, sorted) or of a CSV list.
 
     The CSV (TRIDENT's ``--custom_list_of_wsis``) has a column ``wsi`` or ``path``, relative to ``wsi_dir`` when
@@ -101,8 +107,9 @@ def list_slides(wsi_dir: str | os.PathLike | None = None, slides_csv: str | os.P
         table = pd.read_csv(slides_csv)
         col = "wsi" if "wsi" in table.columns else "path" if "path" in table.columns else None
         if col is None:
-            raise ValueError(f"{slides_csv}: needs a column 'wsi' or 'path' naming the slide files; it has "
-                             f"{list(table.columns)}")
+            raise ValueError(
+                f"{slides_csv}: needs a column 'wsi' or 'path' naming the slide files; it has {list(table.columns)}"
+            )
         base = Path(wsi_dir) if wsi_dir is not None else slides_csv.parent
         specs = []
         for i, row in table.iterrows():
@@ -116,15 +123,22 @@ def list_slides(wsi_dir: str | os.PathLike | None = None, slides_csv: str | os.P
             raise ValueError(f"{slides_csv} lists no slides")
         missing = [str(s.path) for s in specs if not s.path.is_file()]
         if missing:
-            log.warning("%d of %d listed slides do not exist (they will be skipped), e.g. %s", len(missing),
-                        len(specs), missing[:3])
+            log.warning(
+                "%d of %d listed slides do not exist (they will be skipped), e.g. %s",
+                len(missing),
+                len(specs),
+                missing[:3],
+            )
         return _check_unique(specs)
     root = Path(wsi_dir)
     if not root.is_dir():
         raise ValueError(f"wsi_dir {root} is not a folder")
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    files = sorted(p for p in (root.rglob("*") if recursive else root.iterdir())
-                   if p.is_file() and p.name.lower().endswith(exts) and not p.name.startswith("."))
+    files = sorted(
+        p
+        for p in (root.rglob("*") if recursive else root.iterdir())
+        if p.is_file() and p.name.lower().endswith(exts) and not p.name.startswith(".")
+    )
     if not files:
         raise ValueError(f"no slides in {root} (looked for {', '.join(exts)}{', recursively' if recursive else ''})")
     return _check_unique([SlideSpec(slide_id_of(p), p) for p in files])
@@ -160,8 +174,10 @@ def level0_mpp(slide, override: float | None = None, default: float | None = Non
         return per_unit / res
     if default:
         return float(default)
-    raise SlideError("no mpp: the slide's metadata has no microns per pixel (openslide.mpp-x, tiffslide.mpp-x or "
-                     "TIFF resolution tags); pass default_mpp= or give it an mpp column in the slide list")
+    raise SlideError(
+        "no mpp: the slide's metadata has no microns per pixel (openslide.mpp-x, tiffslide.mpp-x or "
+        "TIFF resolution tags); pass default_mpp= or give it an mpp column in the slide list"
+    )
 
 
 def best_level(level_downsamples, downsample: float, tolerance: float = LEVEL_TOLERANCE) -> int:
@@ -248,8 +264,9 @@ def tile_size_level0(tile_size: int, tile_mpp: float, slide_mpp: float) -> int:
     return max(1, round(tile_size * (10.0 / slide_mpp) / (10.0 / tile_mpp)))
 
 
-def tissue_fractions(mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray,
-                     side0: int) -> np.ndarray:
+def tissue_fractions(
+    mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray, side0: int
+) -> np.ndarray:
     """Fraction of each level-0 square (x, y, side0) that is tissue on ``mask``; outside the mask counts as glass."""
     h, w = mask.shape
     ii = np.pad(mask.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
@@ -263,9 +280,18 @@ def tissue_fractions(mask: np.ndarray, mask_downsample: tuple[float, float], coo
     return inside / ((x1 - x0) * (y1 - y0)).astype(np.float64)
 
 
-def tile_grid(slide, tile_size: int, tile_mpp: float, overlap: int = 0, min_tissue: float = 0.25, *,
-              mpp: float | None = None, default_mpp: float | None = None, mask_max_side: int = 2048,
-              keep_images: bool = True) -> TileGrid:
+def tile_grid(
+    slide,
+    tile_size: int,
+    tile_mpp: float,
+    overlap: int = 0,
+    min_tissue: float = 0.25,
+    *,
+    mpp: float | None = None,
+    default_mpp: float | None = None,
+    mask_max_side: int = 2048,
+    keep_images: bool = True,
+) -> TileGrid:
     """Tissue on the coarsest level, then the regular grid of ``tile_size`` px tiles at ``tile_mpp`` µm/px over the
     whole slide; tiles with tissue fraction ≥ ``min_tissue`` (and > 0) are kept.
 
@@ -277,8 +303,17 @@ def tile_grid(slide, tile_size: int, tile_mpp: float, overlap: int = 0, min_tiss
     if isinstance(slide, (str, os.PathLike)):
         handle = open_slide(slide)
         try:
-            return tile_grid(handle, tile_size, tile_mpp, overlap, min_tissue, mpp=mpp, default_mpp=default_mpp,
-                             mask_max_side=mask_max_side, keep_images=keep_images)
+            return tile_grid(
+                handle,
+                tile_size,
+                tile_mpp,
+                overlap,
+                min_tissue,
+                mpp=mpp,
+                default_mpp=default_mpp,
+                mask_max_side=mask_max_side,
+                keep_images=keep_images,
+            )
         finally:
             handle.close()
     smpp = level0_mpp(slide, mpp, default_mpp)
@@ -298,15 +333,30 @@ def tile_grid(slide, tile_size: int, tile_mpp: float, overlap: int = 0, min_tiss
     frac = tissue_fractions(mask, mds, coords, side0)
     keep = (frac >= min_tissue) & (frac > 0)
     if not keep.any():
-        raise SlideError(f"no tile of {tile_size} px at {tile_mpp:g} µm/px holds ≥ {min_tissue:.0%} tissue "
-                         f"(best {frac.max():.0%}); lower min_tissue")
+        raise SlideError(
+            f"no tile of {tile_size} px at {tile_mpp:g} µm/px holds ≥ {min_tissue:.0%} tissue "
+            f"(best {frac.max():.0%}); lower min_tissue"
+        )
     level = best_level(slide.level_downsamples, side0 / tile_size)
-    return TileGrid(coords=coords[keep], tile_size=int(tile_size), tile_mpp=float(tile_mpp), overlap=int(overlap),
-                    slide_mpp=smpp, patch_size_level0=side0, stride_level0=stride0, level0_size=(int(W), int(H)),
-                    read_level=level, read_downsample=float(slide.level_downsamples[level]), grid_shape=(rows, cols),
-                    tissue_fraction=frac[keep], min_tissue=float(min_tissue),
-                    tissue_area_mm2=float(mask.sum() * mds[0] * mds[1] * smpp ** 2 / 1e6),
-                    mask=mask if keep_images else None, mask_downsample=mds, thumbnail=thumb if keep_images else None)
+    return TileGrid(
+        coords=coords[keep],
+        tile_size=int(tile_size),
+        tile_mpp=float(tile_mpp),
+        overlap=int(overlap),
+        slide_mpp=smpp,
+        patch_size_level0=side0,
+        stride_level0=stride0,
+        level0_size=(int(W), int(H)),
+        read_level=level,
+        read_downsample=float(slide.level_downsamples[level]),
+        grid_shape=(rows, cols),
+        tissue_fraction=frac[keep],
+        min_tissue=float(min_tissue),
+        tissue_area_mm2=float(mask.sum() * mds[0] * mds[1] * smpp**2 / 1e6),
+        mask=mask if keep_images else None,
+        mask_downsample=mds,
+        thumbnail=thumb if keep_images else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,8 +406,15 @@ class SlideTileDataset(Dataset):
     pickled, so workers read while the main process encodes. ``read_s``/``resize_s`` time the two steps per tile.
     """
 
-    def __init__(self, path: str | os.PathLike, coords: np.ndarray, patch_size_level0: int, tile_size: int,
-                 level: int | None = None, channels_last: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        coords: np.ndarray,
+        patch_size_level0: int,
+        tile_size: int,
+        level: int | None = None,
+        channels_last: bool = False,
+    ):
         self.path = Path(path)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.size0, self.tile_size, self.level = int(patch_size_level0), int(tile_size), level

@@ -68,8 +68,20 @@ FEATURES = ("cls", "mean", "cls+mean")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
 # what must match for features to share one features_<tag>/ folder (precision may differ: bf16 vs fp32 numbers
 # are the same features within rounding)
-IDENTITY_KEYS = ("backbone", "attention", "window", "radius", "prune_ratio", "prune_layer", "prune_score_tokens",
-                 "resolution", "vit_patch_size", "embed_dim", "feature", "weights_size")
+IDENTITY_KEYS = (
+    "backbone",
+    "attention",
+    "window",
+    "radius",
+    "prune_ratio",
+    "prune_layer",
+    "prune_score_tokens",
+    "resolution",
+    "vit_patch_size",
+    "embed_dim",
+    "feature",
+    "weights_size",
+)
 _OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
 
 
@@ -91,8 +103,11 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.
     if precision in ("fp16", "fp16-mixed") and device.type != "cuda":
         raise ValueError(f"precision={precision!r} needs a CUDA device (got {device}); use bf16-mixed or fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.split("-")[0])
-    return precision, (dtype if precision.endswith("-mixed") else None), (None if precision.endswith("-mixed")
-                                                                         else dtype)
+    return (
+        precision,
+        (dtype if precision.endswith("-mixed") else None),
+        (None if precision.endswith("-mixed") else dtype),
+    )
 
 
 class TileEncoder:
@@ -102,8 +117,7 @@ class TileEncoder:
     the same way); a single tile that still does not fit is reported back as failed.
     """
 
-    def __init__(self, encoder, device: torch.device, precision: str, features: str, tokens: bool,
-                 batch_size: int):
+    def __init__(self, encoder, device: torch.device, precision: str, features: str, tokens: bool, batch_size: int):
         self.encoder, self.device, self.features, self.tokens = encoder, device, features, tokens
         self.precision, self.autocast, self.weights_dtype = resolve_precision(precision, device)
         self.batch_size = int(batch_size)
@@ -125,7 +139,7 @@ class TileEncoder:
         """[(indices into images, (features, tokens, positions, grid)) or (indices, None) for failed tiles]."""
         results, start = [], 0
         while start < len(images):
-            chunk = images[start:start + self.batch_size]
+            chunk = images[start : start + self.batch_size]
             try:
                 results.append((np.arange(start, start + len(chunk)), self._forward(chunk)))
                 start += len(chunk)
@@ -158,11 +172,13 @@ def update_skipped(job_dir: Path, rows: list[dict], done: list[str] = ()) -> Non
     if not rows and not (done and path.exists()):
         return
     with exclusive_lock(job_dir / ".skipped.csv.lock", "another worker writing skipped.csv", poll_s=0.05):
-        old = pd.read_csv(path, dtype=str, keep_default_na=False) if path.exists() else \
-            pd.DataFrame(columns=SKIPPED_COLUMNS)
+        old = (
+            pd.read_csv(path, dtype=str, keep_default_na=False)
+            if path.exists()
+            else pd.DataFrame(columns=SKIPPED_COLUMNS)
+        )
         drop = {r["slide"] for r in rows} | set(done)
-        new = pd.concat([old[~old["slide"].isin(drop)], pd.DataFrame(rows, columns=SKIPPED_COLUMNS)],
-                        ignore_index=True)
+        new = pd.concat([old[~old["slide"].isin(drop)], pd.DataFrame(rows, columns=SKIPPED_COLUMNS)], ignore_index=True)
         if len(new) or path.exists():
             with atomic_path(path) as tmp:
                 new.to_csv(tmp, index=False)
@@ -176,9 +192,11 @@ def _check_folder_config(path: Path, config: dict) -> None:
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), config.get(k)) for k in IDENTITY_KEYS if old.get(k) != config.get(k)}
         if diff:
-            raise ValueError(f"{path.parent} holds features of another encoder configuration "
-                             f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
-                             f"pass another encoder_tag= or job_dir")
+            raise ValueError(
+                f"{path.parent} holds features of another encoder configuration "
+                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                f"pass another encoder_tag= or job_dir"
+            )
         return
     write_json(path, config)
 
@@ -240,8 +258,9 @@ def save_thumbnail(path: Path, grid: TileGrid, title: str = "") -> None:
     plt.close(fig)
 
 
-def save_pruned_overlay(path: Path, image: np.ndarray, positions: np.ndarray, grid: tuple[int, int], patch: int,
-                        title: str) -> None:
+def save_pruned_overlay(
+    path: Path, image: np.ndarray, positions: np.ndarray, grid: tuple[int, int], patch: int, title: str
+) -> None:
     from ..viz.overlays import _plt, pruned_token_overlay
 
     fig = pruned_token_overlay(image, torch.as_tensor(positions), grid, patch, title=title)
@@ -254,37 +273,66 @@ def save_pruned_overlay(path: Path, image: np.ndarray, positions: np.ndarray, gr
 # the engine
 
 
-def _grid_for(slide, spec: SlideSpec, patches_path: Path, *, tile_size, tile_mpp, overlap, min_tissue, default_mpp,
-              mask_max_side, need_images: bool, tiling: str, tdir: Path) -> tuple[TileGrid, bool]:
+def _grid_for(
+    slide,
+    spec: SlideSpec,
+    patches_path: Path,
+    *,
+    tile_size,
+    tile_mpp,
+    overlap,
+    min_tissue,
+    default_mpp,
+    mask_max_side,
+    need_images: bool,
+    tiling: str,
+    tdir: Path,
+) -> tuple[TileGrid, bool]:
     """The slide's tile grid: the patches file of an earlier run when its tiling matches, else computed (and
     written). Returns (grid, reused)."""
     smpp = level0_mpp(slide, spec.mpp, default_mpp)
     if patches_path.is_file():
         try:
             attrs, coords = trident.read_coords(patches_path)
-            same = (int(attrs["patch_size"]) == tile_size and int(attrs["overlap"]) == overlap
-                    and np.isclose(float(attrs["target_mpp"]), tile_mpp)
-                    and np.isclose(float(attrs["level0_mpp"]), smpp)
-                    and np.isclose(float(attrs["min_tissue"]), min_tissue))
+            same = (
+                int(attrs["patch_size"]) == tile_size
+                and int(attrs["overlap"]) == overlap
+                and np.isclose(float(attrs["target_mpp"]), tile_mpp)
+                and np.isclose(float(attrs["level0_mpp"]), smpp)
+                and np.isclose(float(attrs["min_tissue"]), min_tissue)
+            )
         except (OSError, KeyError, ValueError) as err:
             same, attrs = False, {}
             log.warning("%s: unreadable patches file (%s); tiling again", patches_path, err)
         if same and len(coords):
             size0 = int(attrs["patch_size_level0"])
             level = best_level(slide.level_downsamples, size0 / tile_size)
-            grid = TileGrid(coords=coords.astype(np.int64), tile_size=tile_size, tile_mpp=tile_mpp, overlap=overlap,
-                            slide_mpp=smpp, patch_size_level0=size0, stride_level0=int(attrs["stride_level0"]),
-                            level0_size=tuple(slide.dimensions), read_level=level,
-                            read_downsample=float(slide.level_downsamples[level]), grid_shape=(0, 0),
-                            tissue_fraction=np.full(len(coords), np.nan), min_tissue=min_tissue,
-                            tissue_area_mm2=float(attrs.get("tissue_area_mm2", np.nan)))
+            grid = TileGrid(
+                coords=coords.astype(np.int64),
+                tile_size=tile_size,
+                tile_mpp=tile_mpp,
+                overlap=overlap,
+                slide_mpp=smpp,
+                patch_size_level0=size0,
+                stride_level0=int(attrs["stride_level0"]),
+                level0_size=tuple(slide.dimensions),
+                read_level=level,
+                read_downsample=float(slide.level_downsamples[level]),
+                grid_shape=(0, 0),
+                tissue_fraction=np.full(len(coords), np.nan),
+                min_tissue=min_tissue,
+                tissue_area_mm2=float(attrs.get("tissue_area_mm2", np.nan)),
+            )
             if need_images:
                 grid.thumbnail, grid.mask_downsample = read_thumbnail(slide, mask_max_side)
                 grid.mask = tissue_mask(grid.thumbnail)
             return grid, True
         if not same:
-            log.warning("%s was tiled with other settings (%s); tiling again", patches_path,
-                        {k: attrs.get(k) for k in ("patch_size", "overlap", "target_mpp", "level0_mpp", "min_tissue")})
+            log.warning(
+                "%s was tiled with other settings (%s); tiling again",
+                patches_path,
+                {k: attrs.get(k) for k in ("patch_size", "overlap", "target_mpp", "level0_mpp", "min_tissue")},
+            )
     grid = tile_grid(slide, tile_size, tile_mpp, overlap, min_tissue, mpp=smpp, mask_max_side=mask_max_side)
     attrs = trident.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tiling)
     attrs["tissue_area_mm2"] = grid.tissue_area_mm2
@@ -292,14 +340,35 @@ def _grid_for(slide, spec: SlideSpec, patches_path: Path, *, tile_size, tile_mpp
     return grid, False
 
 
-def embed_slides(encoder, slides, job_dir, *, tile_size: int = 1792, tile_mpp: float = 0.5, overlap: int = 0,
-                 min_tissue: float = 0.25, default_mpp: float | None = None, features: str = "cls",
-                 tokens: bool = False, token_dtype=np.float16, batch_size: int = 4, num_workers: int = 2,
-                 device: str | torch.device | None = None, precision: str = "auto", weights=None,
-                 encoder_tag: str | None = None, extra_attrs: dict | None = None, progress: bool = True,
-                 rank: int | None = None, world_size: int | None = None, thumbnails: bool = True,
-                 overlay_tiles: int = 2, skip_errors: bool = True, lock_stale_s: float = 24 * 3600,
-                 mask_max_side: int = 2048) -> dict:
+def embed_slides(
+    encoder,
+    slides,
+    job_dir,
+    *,
+    tile_size: int = 1792,
+    tile_mpp: float = 0.5,
+    overlap: int = 0,
+    min_tissue: float = 0.25,
+    default_mpp: float | None = None,
+    features: str = "cls",
+    tokens: bool = False,
+    token_dtype=np.float16,
+    batch_size: int = 4,
+    num_workers: int = 2,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    weights=None,
+    encoder_tag: str | None = None,
+    extra_attrs: dict | None = None,
+    progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    thumbnails: bool = True,
+    overlay_tiles: int = 2,
+    skip_errors: bool = True,
+    lock_stale_s: float = 24 * 3600,
+    mask_max_side: int = 2048,
+) -> dict:
     """Embed every tissue tile of ``slides`` into TRIDENT/CLAM h5 files under ``job_dir``; returns the summary.
 
     ``encoder``: a :class:`~hirespath.models.encoder.HiResEncoder` (``hirespath.create_encoder``), moved to
@@ -319,14 +388,17 @@ def embed_slides(encoder, slides, job_dir, *, tile_size: int = 1792, tile_mpp: f
     check_tiling(tile_size, tile_mpp, overlap, min_tissue)
     if encoder.patch_size and tile_size % encoder.patch_size:
         p = encoder.patch_size
-        raise ValueError(f"tile_size {tile_size} is not a multiple of the encoder's patch size {p}; e.g. "
-                         f"{tile_size // p * p} or {(tile_size // p + 1) * p}")
+        raise ValueError(
+            f"tile_size {tile_size} is not a multiple of the encoder's patch size {p}; e.g. "
+            f"{tile_size // p * p} or {(tile_size // p + 1) * p}"
+        )
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     specs = as_specs(slides)
     rank, world_size = _rank_world(rank, world_size)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                          else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     tile_encoder = TileEncoder(encoder, device, precision, features, tokens, batch_size)
     encoder.to(device).eval()
     if tile_encoder.weights_dtype is not None:
@@ -337,17 +409,33 @@ def embed_slides(encoder, slides, job_dir, *, tile_size: int = 1792, tile_mpp: f
     tag = encoder_tag or trident.encoder_tag(encoder, features, weights)
     tdir = job_dir / tiling
     patches_dir, feat_dir, thumb_dir = tdir / "patches", tdir / f"features_{tag}", tdir / "thumbnails"
-    f_attrs = trident.encoder_attrs(encoder, tag=tag, features=features, tile_size=tile_size, weights=weights,
-                                    precision=tile_encoder.precision, extra=extra_attrs)
+    f_attrs = trident.encoder_attrs(
+        encoder,
+        tag=tag,
+        features=features,
+        tile_size=tile_size,
+        weights=weights,
+        precision=tile_encoder.precision,
+        extra=extra_attrs,
+    )
     fp = f_attrs["weights_fingerprint"]
-    _check_folder_config(feat_dir / "config.json", {**f_attrs, "weights_size": fp["size"] if fp else None,
-                                                    "tiling": tiling, "tile_mpp": tile_mpp, "overlap": overlap,
-                                                    "min_tissue": min_tissue, "tokens": tokens})
+    _check_folder_config(
+        feat_dir / "config.json",
+        {
+            **f_attrs,
+            "weights_size": fp["size"] if fp else None,
+            "tiling": tiling,
+            "tile_mpp": tile_mpp,
+            "overlap": overlap,
+            "min_tissue": min_tissue,
+            "tokens": tokens,
+        },
+    )
 
     # own share first (round-robin by rank), then the others' in an order that differs by rank
     mine = specs[rank::world_size]
     others = [s for i, s in enumerate(specs) if i % world_size != rank]
-    others = others[rank * len(others) // world_size:] + others[:rank * len(others) // world_size]
+    others = others[rank * len(others) // world_size :] + others[: rank * len(others) // world_size]
     order = mine + others
     finished_before = [s for s in order if is_finished(feat_dir / f"{s.slide_id}.h5", tokens)]
     if finished_before:
@@ -355,13 +443,29 @@ def embed_slides(encoder, slides, job_dir, *, tile_size: int = 1792, tile_mpp: f
     done_ids = {s.slide_id for s in finished_before}
 
     stages = dict.fromkeys(("grid", "read", "resize", "wait", "encode", "write", "thumbnails"), 0.0)
-    summary = {"job_dir": str(job_dir), "tiling": tiling, "features_dir": str(feat_dir), "encoder": tag,
-               "rank": rank, "world_size": world_size, "host": socket.gethostname(), "pid": os.getpid(),
-               "slides_total": len(specs), "slides_already_finished": len(finished_before), "slides_done": 0,
-               "slides_skipped": 0, "slides_locked_by_others": 0, "tiles": 0, "tiles_skipped": 0, "tissue_mm2": 0.0,
-               "precision": tile_encoder.precision, "device": str(device), "embedded": [], "skipped": []}
-    bar = tqdm(order, desc=f"slides (rank {rank})" if world_size > 1 else "slides", disable=not progress,
-               unit="slide")
+    summary = {
+        "job_dir": str(job_dir),
+        "tiling": tiling,
+        "features_dir": str(feat_dir),
+        "encoder": tag,
+        "rank": rank,
+        "world_size": world_size,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slides_total": len(specs),
+        "slides_already_finished": len(finished_before),
+        "slides_done": 0,
+        "slides_skipped": 0,
+        "slides_locked_by_others": 0,
+        "tiles": 0,
+        "tiles_skipped": 0,
+        "tissue_mm2": 0.0,
+        "precision": tile_encoder.precision,
+        "device": str(device),
+        "embedded": [],
+        "skipped": [],
+    }
+    bar = tqdm(order, desc=f"slides (rank {rank})" if world_size > 1 else "slides", disable=not progress, unit="slide")
     for spec in bar:
         if spec.slide_id in done_ids:
             continue
@@ -375,12 +479,32 @@ def embed_slides(encoder, slides, job_dir, *, tile_size: int = 1792, tile_mpp: f
                 summary["slides_already_finished"] += 1
                 continue
             bar.set_postfix_str(spec.slide_id)
-            result = _embed_slide(spec, out, tile_encoder, encoder, stages, tiling=tiling, tdir=tdir,
-                                  patches_dir=patches_dir, thumb_dir=thumb_dir, tile_size=tile_size,
-                                  tile_mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue, default_mpp=default_mpp,
-                                  f_attrs=f_attrs, tokens=tokens, token_dtype=token_dtype, batch_size=batch_size,
-                                  num_workers=num_workers, device=device, thumbnails=thumbnails,
-                                  overlay_tiles=overlay_tiles, mask_max_side=mask_max_side, progress=progress)
+            result = _embed_slide(
+                spec,
+                out,
+                tile_encoder,
+                encoder,
+                stages,
+                tiling=tiling,
+                tdir=tdir,
+                patches_dir=patches_dir,
+                thumb_dir=thumb_dir,
+                tile_size=tile_size,
+                tile_mpp=tile_mpp,
+                overlap=overlap,
+                min_tissue=min_tissue,
+                default_mpp=default_mpp,
+                f_attrs=f_attrs,
+                tokens=tokens,
+                token_dtype=token_dtype,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                device=device,
+                thumbnails=thumbnails,
+                overlay_tiles=overlay_tiles,
+                mask_max_side=mask_max_side,
+                progress=progress,
+            )
             summary["slides_done"] += 1
             summary["tiles"] += result["tiles"]
             summary["tiles_skipped"] += len(result["failed_tiles"])
@@ -402,36 +526,85 @@ def embed_slides(encoder, slides, job_dir, *, tile_size: int = 1792, tile_mpp: f
     bar.close()
 
     seconds = time.perf_counter() - t_start
-    summary.update(seconds=seconds, stage_seconds=stages,
-                   tiles_per_second=summary["tiles"] / stages["encode"] if stages["encode"] else None,
-                   slides_finished_on_disk=sum(is_finished(feat_dir / f"{s.slide_id}.h5", tokens) for s in specs))
+    summary.update(
+        seconds=seconds,
+        stage_seconds=stages,
+        tiles_per_second=summary["tiles"] / stages["encode"] if stages["encode"] else None,
+        slides_finished_on_disk=sum(is_finished(feat_dir / f"{s.slide_id}.h5", tokens) for s in specs),
+    )
     write_json(job_dir / ("summary.json" if world_size == 1 else f"summary_rank{rank}.json"), summary)
-    log.info("%d slides embedded (%d tiles, %.1f mm² tissue), %d skipped, %d already finished, %d held by other "
-             "workers, in %.1f s → %s", summary["slides_done"], summary["tiles"], summary["tissue_mm2"],
-             summary["slides_skipped"], summary["slides_already_finished"], summary["slides_locked_by_others"],
-             seconds, feat_dir)
+    log.info(
+        "%d slides embedded (%d tiles, %.1f mm² tissue), %d skipped, %d already finished, %d held by other "
+        "workers, in %.1f s → %s",
+        summary["slides_done"],
+        summary["tiles"],
+        summary["tissue_mm2"],
+        summary["slides_skipped"],
+        summary["slides_already_finished"],
+        summary["slides_locked_by_others"],
+        seconds,
+        feat_dir,
+    )
     return summary
 
 
 def _skip_row(spec: SlideSpec, reason: str) -> dict:
-    return {"slide": spec.slide_id, "path": str(spec.path), "reason": reason, "host": socket.gethostname(),
-            "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "slide": spec.slide_id,
+        "path": str(spec.path),
+        "reason": reason,
+        "host": socket.gethostname(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
-def _embed_slide(spec: SlideSpec, out: Path, tile_encoder: TileEncoder, encoder, stages: dict, *, tiling, tdir,
-                 patches_dir, thumb_dir, tile_size, tile_mpp, overlap, min_tissue, default_mpp, f_attrs, tokens,
-                 token_dtype, batch_size, num_workers, device, thumbnails, overlay_tiles, mask_max_side,
-                 progress) -> dict:
+def _embed_slide(
+    spec: SlideSpec,
+    out: Path,
+    tile_encoder: TileEncoder,
+    encoder,
+    stages: dict,
+    *,
+    tiling,
+    tdir,
+    patches_dir,
+    thumb_dir,
+    tile_size,
+    tile_mpp,
+    overlap,
+    min_tissue,
+    default_mpp,
+    f_attrs,
+    tokens,
+    token_dtype,
+    batch_size,
+    num_workers,
+    device,
+    thumbnails,
+    overlay_tiles,
+    mask_max_side,
+    progress,
+) -> dict:
     t0 = time.perf_counter()
     thumb_path = thumb_dir / f"{spec.slide_id}.png"
     draw = thumbnails and not thumb_path.is_file()
     slide = open_slide(spec.path)
     try:
         try:
-            grid, reused = _grid_for(slide, spec, patches_dir / f"{spec.slide_id}_patches.h5", tile_size=tile_size,
-                                     tile_mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue,
-                                     default_mpp=default_mpp, mask_max_side=mask_max_side, need_images=draw,
-                                     tiling=tiling, tdir=tdir)
+            grid, reused = _grid_for(
+                slide,
+                spec,
+                patches_dir / f"{spec.slide_id}_patches.h5",
+                tile_size=tile_size,
+                tile_mpp=tile_mpp,
+                overlap=overlap,
+                min_tissue=min_tissue,
+                default_mpp=default_mpp,
+                mask_max_side=mask_max_side,
+                need_images=draw,
+                tiling=tiling,
+                tdir=tdir,
+            )
         except SlideError:
             raise
         except Exception as err:  # noqa: BLE001 — corrupt files surface as many exception types
@@ -446,8 +619,9 @@ def _embed_slide(spec: SlideSpec, out: Path, tile_encoder: TileEncoder, encoder,
     attrs = {**f_attrs, "name": spec.slide_id, "savetodir": str(out.parent)}
     dim = encoder.embed_dim * (2 if f_attrs["feature"] == "cls+mean" else 1)
     ds = SlideTileDataset(spec.path, grid.coords, grid.patch_size_level0, tile_size, level=grid.read_level)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
-                        shuffle=False)
+    loader = DataLoader(
+        ds, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda", shuffle=False
+    )
     failed, overlays = [], []
     want_overlays = thumbnails and overlay_tiles > 0 and encoder.pruner.enabled and draw
     with trident.FeatureWriter(out, dim, c_attrs, attrs, tokens=tokens, token_dtype=token_dtype) as writer:
@@ -484,12 +658,27 @@ def _embed_slide(spec: SlideSpec, out: Path, tile_encoder: TileEncoder, encoder,
 
     t3 = time.perf_counter()
     if draw:
-        save_thumbnail(thumb_path, grid, f"{spec.slide_id}: {len(grid)} tiles of {tile_size} px at {tile_mpp:g} "
-                                         f"µm/px, {grid.tissue_area_mm2:.1f} mm² tissue")
+        save_thumbnail(
+            thumb_path,
+            grid,
+            f"{spec.slide_id}: {len(grid)} tiles of {tile_size} px at {tile_mpp:g} "
+            f"µm/px, {grid.tissue_area_mm2:.1f} mm² tissue",
+        )
         for i, img, pos, pg in overlays:
-            save_pruned_overlay(thumb_dir / f"{spec.slide_id}_tile{i}_pruned.png", img, pos, pg, encoder.patch_size,
-                                f"{spec.slide_id} tile {i}: pruned {pg[0] * pg[1] - len(pos)} of {pg[0] * pg[1]} "
-                                f"patches (red)")
+            save_pruned_overlay(
+                thumb_dir / f"{spec.slide_id}_tile{i}_pruned.png",
+                img,
+                pos,
+                pg,
+                encoder.patch_size,
+                f"{spec.slide_id} tile {i}: pruned {pg[0] * pg[1] - len(pos)} of {pg[0] * pg[1]} patches (red)",
+            )
     stages["thumbnails"] += time.perf_counter() - t3
-    return {"slide": spec.slide_id, "tiles": writer.n, "failed_tiles": failed, "tissue_mm2": grid.tissue_area_mm2,
-            "patches_reused": reused, "seconds": time.perf_counter() - t0}
+    return {
+        "slide": spec.slide_id,
+        "tiles": writer.n,
+        "failed_tiles": failed,
+        "tissue_mm2": grid.tissue_area_mm2,
+        "patches_reused": reused,
+        "seconds": time.perf_counter() - t0,
+    }

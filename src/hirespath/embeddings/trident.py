@@ -89,8 +89,10 @@ def encoder_tag(encoder, features: str = "cls", weights: str | os.PathLike | Non
     parts = [preset, att]
     pruner = getattr(encoder, "pruner", None)
     if pruner is not None and pruner.enabled:
-        parts.append(f"prune{pruner.ratio:g}-l{pruner.layer}" + ("" if pruner.score_tokens == "cls" else
-                                                                 f"-{pruner.score_tokens}"))
+        parts.append(
+            f"prune{pruner.ratio:g}-l{pruner.layer}"
+            + ("" if pruner.score_tokens == "cls" else f"-{pruner.score_tokens}")
+        )
     parts.append(features.replace("+", "-"))
     tag = "_".join(parts)
     return tag if weights else f"{tag}-random"
@@ -103,8 +105,16 @@ def weights_fingerprint(weights) -> dict | None:
     return {"path": str(Path(weights).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
-def encoder_attrs(encoder, *, tag: str, features: str, tile_size: int, weights=None, precision: str = "fp32",
-                  extra: dict | None = None) -> dict:
+def encoder_attrs(
+    encoder,
+    *,
+    tag: str,
+    features: str,
+    tile_size: int,
+    weights=None,
+    precision: str = "fp32",
+    extra: dict | None = None,
+) -> dict:
     """The ``features`` dataset's attributes for this encoder configuration (TRIDENT's ``encoder`` + ours)."""
     pruner = getattr(encoder, "pruner", None)
     attrs = {
@@ -179,8 +189,9 @@ def _chunk_rows(row_bytes: int) -> int:
 
 def _dataset(f: h5py.File, name: str, width: int, dtype) -> h5py.Dataset:
     dtype = np.dtype(dtype)
-    return f.create_dataset(name, shape=(0, width), maxshape=(None, width), dtype=dtype,
-                            chunks=(_chunk_rows(width * dtype.itemsize), width))
+    return f.create_dataset(
+        name, shape=(0, width), maxshape=(None, width), dtype=dtype, chunks=(_chunk_rows(width * dtype.itemsize), width)
+    )
 
 
 def _append(dset: h5py.Dataset, rows: np.ndarray) -> None:
@@ -197,8 +208,15 @@ class FeatureWriter:
     beyond the batch being appended.
     """
 
-    def __init__(self, path: str | os.PathLike, dim: int, coords_attrs: dict, features_attrs: dict,
-                 tokens: bool = False, token_dtype=np.float16):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        dim: int,
+        coords_attrs: dict,
+        features_attrs: dict,
+        tokens: bool = False,
+        token_dtype=np.float16,
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
@@ -240,8 +258,12 @@ class FeatureWriter:
         if self.tokens:
             if self.pos is None:
                 self.pos = _dataset(self.file, "token_positions", 2, np.int16)
-            off = self.file.create_dataset("token_offsets", data=np.asarray(self.offsets, dtype=np.int64),
-                                           maxshape=(None,), chunks=(_chunk_rows(8),))
+            off = self.file.create_dataset(
+                "token_offsets",
+                data=np.asarray(self.offsets, dtype=np.int64),
+                maxshape=(None,),
+                chunks=(_chunk_rows(8),),
+            )
             _set_attrs(off, {"description": "tile i's tokens are tokens[token_offsets[i]:token_offsets[i+1]]"})
         _set_attrs(self.coords, self.coords_attrs)
         _set_attrs(self.features, {**self.features_attrs, "num_tiles": self.n})
@@ -284,12 +306,21 @@ def write_patches_h5(path: str | os.PathLike, coords, attrs: dict) -> Path:
     return path
 
 
-def write_features_h5(path: str | os.PathLike, features, coords, coords_attrs: dict, features_attrs: dict,
-                      tokens=None, token_positions=None, token_dtype=np.float16) -> Path:
+def write_features_h5(
+    path: str | os.PathLike,
+    features,
+    coords,
+    coords_attrs: dict,
+    features_attrs: dict,
+    tokens=None,
+    token_positions=None,
+    token_dtype=np.float16,
+) -> Path:
     """One slide's features file in one call (``tokens``/``token_positions``: per-tile lists, or None)."""
     features = np.asarray(features, dtype=np.float32)
-    with FeatureWriter(path, features.shape[1], coords_attrs, features_attrs, tokens=tokens is not None,
-                       token_dtype=token_dtype) as w:
+    with FeatureWriter(
+        path, features.shape[1], coords_attrs, features_attrs, tokens=tokens is not None, token_dtype=token_dtype
+    ) as w:
         w.append(features, coords, tokens, token_positions)
     return Path(path)
 
@@ -311,14 +342,18 @@ def read_coords(path: str | os.PathLike) -> tuple[dict, np.ndarray]:
 def read_features(path: str | os.PathLike, tokens: bool = False) -> dict:
     """``features`` (N×D float32), ``coords``, both datasets' attributes, and with ``tokens`` the token datasets."""
     with h5py.File(path, "r") as f:
-        out = {"features": f["features"][:], "coords": f["coords"][:],
-               "features_attrs": {k: _decode(v) for k, v in f["features"].attrs.items()},
-               "coords_attrs": {k: _decode(v) for k, v in f["coords"].attrs.items()}}
+        out = {
+            "features": f["features"][:],
+            "coords": f["coords"][:],
+            "features_attrs": {k: _decode(v) for k, v in f["features"].attrs.items()},
+            "coords_attrs": {k: _decode(v) for k, v in f["coords"].attrs.items()},
+        }
         if tokens:
             if "tokens" not in f:
                 raise KeyError(f"{path} has no tokens (written without tokens=True)")
-            out.update(tokens=f["tokens"][:], token_positions=f["token_positions"][:],
-                       token_offsets=f["token_offsets"][:])
+            out.update(
+                tokens=f["tokens"][:], token_positions=f["token_positions"][:], token_offsets=f["token_offsets"][:]
+            )
     return out
 
 

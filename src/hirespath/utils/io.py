@@ -162,8 +162,7 @@ def _lock_payload(token: str) -> str:
     import socket
     import time
 
-    return json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "created_at": time.time(),
-                       "token": token})
+    return json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "created_at": time.time(), "token": token})
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
