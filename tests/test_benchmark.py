@@ -7,10 +7,12 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import hirespath
 from hirespath.benchmark import measure as bm
 from hirespath.benchmark.costmodel import _neighbourhood_keys, encoder_cost
+from hirespath.benchmark.slides import embed_configs_from
 from hirespath.tasks.benchmark import run_benchmark
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -190,3 +192,34 @@ def test_experiment_configs_compose():
         configs = bm.configs_from(cfg)
         assert len(configs) >= 3
     assert 3430 in cfg.resolutions or exp == "cpu_speed"
+
+
+def test_embedding_benchmark_measures_tissue_throughput(tmp_path):
+    """mode=slides (experiment embed_speed's shape): 224-style small dense tiles vs large dense vs large sparse +
+    pruned tiles of one generated slide, same weights; CSV, plot, ratios against the first configuration."""
+    cfg = _cfg(
+        tmp_path,
+        [
+            "mode=slides",
+            "backbone=tiny",
+            "+backbone.overrides.depth=2",
+            "pruner.layer=1",
+            "device=cpu",
+            "slides.synthetic_side=1024",
+            "slides.tile_size=448",
+            "slides.num_workers=0",
+            "slides.compare=[{tile_size: 112, attention: dense, prune_ratio: 0.0},{attention: dense, prune_ratio: 0.0},"
+            "{attention: sparse, window: 4, prune_ratio: 0.6, prune_layer: 1}]",
+        ],
+    )
+    result = run_benchmark(cfg)
+    df = pd.read_csv(tmp_path / "embedding_benchmark.csv")
+    assert list(df.tile_size) == [112, 448, 448] and list(df.attention) == ["dense", "dense", "sparse"]
+    assert df.tissue_mm2.nunique() == 1 and (df.tissue_mm2 > 0).all()  # the same slide's tissue for every row
+    assert df.tiles[0] > df.tiles[1] == df.tiles[2]
+    assert (df.seconds_end_to_end > 0).all() and (df.seconds_encoder > 0).all()
+    assert df.speedup_end_to_end[0] == 1.0 and df.speedup_flops[0] == 1.0
+    assert df.speedup_flops[2] > df.speedup_flops[1]  # sparse + pruning: fewer FLOPs per mm² than dense
+    assert (tmp_path / "embedding_benchmark.png").stat().st_size > 0 and "x e2e" in result["summary"]
+    with pytest.raises(ValueError, match="unknown keys"):
+        embed_configs_from(OmegaConf.merge(cfg, {"slides": {"compare": [{"tile": 5}]}}))

@@ -14,15 +14,48 @@ from omegaconf import OmegaConf
 
 from ..benchmark.measure import Benchmark, configs_from, summarize, sweep, write_csv
 from ..benchmark.plots import plot
+from ..benchmark.slides import (
+    benchmark_embedding,
+    embed_configs_from,
+    plot_embedding,
+    summarize_embedding,
+    synthetic_slide,
+    write_embedding_csv,
+)
 from ..utils.io import atomic_path
 
 log = logging.getLogger("hirespath.benchmark")
 
 
+def run_embedding_benchmark(cfg, out_dir: Path) -> dict:
+    """Tissue area embedded per second on one slide, per tiling × attention configuration (same weights)."""
+    s = cfg.slides
+    configs = embed_configs_from(cfg)
+    slide = s.wsi or synthetic_slide(out_dir / "benchmark_slide.tiff", int(s.synthetic_side), float(s.tile_mpp))
+    device = None if cfg.device == "auto" else cfg.device
+    rows = benchmark_embedding(
+        slide, configs, backbone=cfg.backbone.name, overrides=dict(cfg.backbone.get("overrides") or {}),
+        weights=cfg.backbone.weights, tile_mpp=float(s.tile_mpp), min_tissue=float(s.min_tissue),
+        batch_size=int(s.batch_size), num_workers=int(s.num_workers), device=device, precision=str(s.precision),
+        seed=int(cfg.seed),
+    )  # fmt: skip
+    write_embedding_csv(rows, out_dir / "embedding_benchmark.csv")
+    plot_embedding(rows, out_dir / "embedding_benchmark.png")
+    summary = summarize_embedding(rows)
+    log.info("whole-slide embedding of %s (%.2f mm² tissue):\n%s", slide, rows[0]["tissue_mm2"], summary)
+    return {"csv": str(out_dir / "embedding_benchmark.csv"), "plot": str(out_dir / "embedding_benchmark.png"),
+            "rows": rows, "summary": summary}  # fmt: skip
+
+
 def run_benchmark(cfg) -> dict:
-    """The benchmark task (tasks/benchmark.py): sweep, CSV, plot, optional max-resolution search."""
+    """The benchmark task: ``mode=encoder`` sweeps resolutions (CSV, plot, optional max-resolution search);
+    ``mode=slides`` measures whole-slide embedding throughput (tissue mm² per second)."""
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("mode", "encoder") == "slides":
+        return run_embedding_benchmark(cfg, out_dir)
+    if cfg.get("mode", "encoder") != "encoder":
+        raise ValueError(f"mode must be encoder or slides, got {cfg.mode!r}")
     bench = Benchmark(
         cfg.backbone.name,
         overrides=dict(cfg.backbone.get("overrides") or {}),

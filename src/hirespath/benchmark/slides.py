@@ -1,0 +1,217 @@
+"""Whole-slide embedding throughput: tissue area embedded per second, per tiling × attention configuration.
+
+Every configuration embeds the same slide with the same backbone weights, in one run, through the real
+``embed_slides`` engine (tissue grid, tile reading in DataLoader workers, encoder, h5 writing): the numerator is
+the slide's tissue area (the same for every tile size), the denominator the wall time. Beside the end-to-end
+number, ``encoder`` time is the same tiles pre-read into memory and encoded alone, so the pipeline's overhead is a
+number too; the analytic FLOP ratio comes from the cost model.
+
+The default comparison (``experiment=embed_speed``) is issue #15's: (a) 224 px tiles with dense attention (what
+TRIDENT/CLAM do), (b) large tiles with dense attention (TRIDENT's ``--patch_encoder_img_size``), (c) the same large
+tiles with sparse attention + pruning.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from ..data.slides import SlideTileDataset, tile_grid
+from ..embeddings.slides import TileEncoder, embed_slides
+from ..models.backbones import build_timm_model, get_backbone
+from ..utils.io import atomic_path
+from .costmodel import encoder_cost
+from .measure import configs_from
+from .spec import BenchConfig, wrap_encoder
+
+log = logging.getLogger("hirespath.benchmark")
+
+COLUMNS = [
+    "backbone", "configuration", "tile_size", "tile_mpp", "attention", "window", "prune_ratio", "prune_layer",
+    "device", "precision", "tiles", "tissue_mm2", "seconds_end_to_end", "seconds_encoder", "mm2_per_s_end_to_end",
+    "mm2_per_s_encoder", "tflop_per_mm2", "speedup_end_to_end", "speedup_encoder", "speedup_flops",
+    "pipeline_overhead", "stage_grid_s", "stage_read_s", "stage_resize_s", "stage_wait_s", "stage_encode_s",
+    "stage_write_s",
+]  # fmt: skip
+
+
+@dataclass
+class EmbedConfig(BenchConfig):
+    """A tiling + attention configuration: one row of the embedding benchmark."""
+
+    tile_size: int = 1792
+
+    @property
+    def label(self) -> str:
+        return f"{self.tile_size} px, {super().label}"
+
+
+def embed_configs_from(cfg) -> list[EmbedConfig]:
+    """``slides.compare`` entries (tile_size + the keys of the benchmark's ``compare``) over the composed groups."""
+    base = asdict(configs_from(OmegaConf.merge(cfg, {"compare": None}))[0])
+    base["tile_size"] = int(cfg.slides.tile_size)
+    out = []
+    for item in cfg.slides.get("compare") or [{}]:
+        unknown = set(item) - set(base)
+        if unknown:
+            raise ValueError(
+                f"slides.compare entry {dict(item)} has unknown keys {sorted(unknown)}; valid: {sorted(base)}"
+            )
+        out.append(EmbedConfig(**{**base, **item}))
+    return out
+
+
+def synthetic_slide(path: Path, side_px: int = 3584, mpp: float = 0.5, seed: int = 0) -> Path:
+    """A JPEG-tiled pyramidal TIFF with H&E-coloured tissue over most of it (the benchmark's default slide)."""
+    from ..data.panda_synthetic import make_slide, write_pyramid
+
+    rng = np.random.default_rng(seed)
+    image, _ = make_slide(3, (side_px, side_px), rng)
+    write_pyramid(path, image, mpp, compression="jpeg", levels=(1, 4, 16))
+    return path
+
+
+def _encoder_only_seconds(tile_encoder: TileEncoder, images: torch.Tensor, batch_size: int) -> float:
+    start = time.perf_counter()
+    for s in range(0, len(images), batch_size):
+        tile_encoder(images[s : s + batch_size])
+    if tile_encoder.device.type == "cuda":
+        torch.cuda.synchronize(tile_encoder.device)
+    return time.perf_counter() - start
+
+
+def benchmark_embedding(
+    slide,
+    configs: list[EmbedConfig],
+    *,
+    backbone: str,
+    overrides: dict | None = None,
+    weights=None,
+    tile_mpp: float = 0.5,
+    min_tissue: float = 0.25,
+    batch_size: int = 4,
+    num_workers: int = 2,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """One row per configuration (see COLUMNS); speed-ups are relative to the first configuration."""
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    preset = get_backbone(backbone)
+    vit = build_timm_model(preset, weights=weights, **dict(overrides or {})).eval()
+    rows = []
+    for cfg in tqdm(configs, desc="embedding benchmark", disable=not progress):
+        encoder = wrap_encoder(vit, preset, cfg).eval()
+        grid = tile_grid(slide, cfg.tile_size, tile_mpp, 0, min_tissue, keep_images=False)
+        job = Path(tempfile.mkdtemp(prefix="hirespath_embed_bench_"))
+        try:
+            tile_encoder = TileEncoder(encoder.to(device), device, precision, "cls", False, batch_size)
+            if tile_encoder.weights_dtype is not None:  # bf16/fp16: cast weights, as the engine does
+                encoder.to(tile_encoder.weights_dtype)
+            ds = SlideTileDataset(slide, grid.coords, grid.patch_size_level0, cfg.tile_size, level=grid.read_level)
+            images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+            ds.close()
+            _encoder_only_seconds(tile_encoder, images[:batch_size], batch_size)  # warm-up (allocator, kernels)
+            encoder_s = _encoder_only_seconds(tile_encoder, images, batch_size)
+            del images
+            summary = embed_slides(
+                encoder, [slide], job, tile_size=cfg.tile_size, tile_mpp=tile_mpp, min_tissue=min_tissue,
+                batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                progress=False, thumbnails=False, rank=0, world_size=1,
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(job, ignore_errors=True)
+        if summary["slides_done"] != 1:
+            raise RuntimeError(f"{cfg.label}: the benchmark slide was not embedded: {summary['skipped']}")
+        stages = summary["stage_seconds"]
+        tissue = grid.tissue_area_mm2
+        cost = encoder_cost(encoder, cfg.tile_size, device=device.type)
+        rows.append(
+            dict(
+                backbone=backbone,
+                configuration=cfg.label,
+                tile_size=cfg.tile_size,
+                tile_mpp=tile_mpp,
+                attention=cfg.attention,
+                window=cfg.window,
+                prune_ratio=cfg.prune_ratio,
+                prune_layer=cfg.prune_layer,
+                device=str(device),
+                precision=summary["precision"],
+                tiles=len(grid),
+                tissue_mm2=tissue,
+                seconds_end_to_end=summary["seconds"],
+                seconds_encoder=encoder_s,
+                mm2_per_s_end_to_end=tissue / summary["seconds"],
+                mm2_per_s_encoder=tissue / encoder_s,
+                tflop_per_mm2=cost.tflops * len(grid) / tissue,
+                pipeline_overhead=summary["seconds"] / encoder_s,
+                **{
+                    f"stage_{k}_s": stages.get(k, float("nan"))
+                    for k in ("grid", "read", "resize", "wait", "encode", "write")
+                },
+            )  # fmt: skip
+        )
+        log.info("%-44s %4d tiles  %.3f mm²/s end to end, %.3f mm²/s encoder", cfg.label, len(grid),
+                 rows[-1]["mm2_per_s_end_to_end"], rows[-1]["mm2_per_s_encoder"])  # fmt: skip
+    first = rows[0]
+    for r in rows:
+        r["speedup_end_to_end"] = r["mm2_per_s_end_to_end"] / first["mm2_per_s_end_to_end"]
+        r["speedup_encoder"] = r["mm2_per_s_encoder"] / first["mm2_per_s_encoder"]
+        r["speedup_flops"] = first["tflop_per_mm2"] / r["tflop_per_mm2"]
+    return rows
+
+
+def summarize_embedding(rows: list[dict]) -> str:
+    lines = [f"{'configuration':<46} {'tiles':>5} {'mm²/s e2e':>10} {'mm²/s enc':>10} {'x e2e':>6} {'x enc':>6} "
+             f"{'x flops':>7} {'e2e/enc':>7}"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"{r['configuration']:<46} {r['tiles']:>5} {r['mm2_per_s_end_to_end']:>10.4f} "
+            f"{r['mm2_per_s_encoder']:>10.4f} "
+            f"{r['speedup_end_to_end']:>6.2f} {r['speedup_encoder']:>6.2f} {r['speedup_flops']:>7.2f} "
+            f"{r['pipeline_overhead']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def write_embedding_csv(rows: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
+
+
+def plot_embedding(rows: list[dict], path: Path, title: str = "") -> None:
+    """Bars: tissue mm² per second end to end and encoder-only, per configuration."""
+    import matplotlib  # heavy, only for the plot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(df)), 4.2))
+    x = np.arange(len(df))
+    ax.bar(x - 0.2, df.mm2_per_s_end_to_end, 0.4, label="end to end")
+    ax.bar(x + 0.2, df.mm2_per_s_encoder, 0.4, label="encoder only")
+    for i, r in df.iterrows():
+        ax.text(i - 0.2, r.mm2_per_s_end_to_end, f"{r.speedup_end_to_end:.2f}×", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [c.replace(", ", "\n", 1) for c in df.configuration], fontsize=8)
+    ax.set_ylabel("tissue mm² per second")
+    ax.legend(fontsize=8)
+    device = df.device.iloc[0] if len(df) else ""
+    ax.set_title(title or f"{df.backbone.iloc[0] if len(df) else ''} on {device}: whole-slide embedding throughput")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

@@ -1,0 +1,99 @@
+"""The embed_slides task: every tissue tile of every slide through the encoder into TRIDENT/CLAM h5 files.
+
+    hirespath embed_slides wsi_dir=DIR job_dir=OUT backbone=uni2_h backbone.weights=FILE tile.size=1792 \
+        tile.mpp=0.5 attention=sparse pruner=global_attention trainer=gpu
+
+The trainer group gives the device, precision and processes: ``trainer=ddp`` (or ``devices=N``) launches one
+process per device through Lightning Fabric and the slides are spread over the ranks (per-slide locks make any
+number of parallel jobs safe too: a SLURM array or joblib over the same ``job_dir``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.slides import list_slides
+from ..embeddings.slides import embed_slides
+from ..utils.hydra import instantiate_list
+from ..utils.wandb import log_images
+
+log = logging.getLogger("hirespath.embed_slides")
+
+# Lightning precision names → the engine's (weights stay fp32 under autocast; "bf16"/"fp16" would cast them)
+PRECISION = {
+    "32-true": "fp32",
+    "32": "fp32",
+    "bf16-mixed": "bf16-mixed",
+    "16-mixed": "fp16-mixed",
+    "bf16-true": "bf16",
+    "16-true": "fp16",
+    "64-true": "fp32",
+}
+
+
+def _fabric(trainer: DictConfig) -> L.Fabric:
+    t = OmegaConf.to_container(trainer, resolve=True)
+    strategy = t.get("strategy", "auto")
+    return L.Fabric(
+        accelerator=t.get("accelerator", "auto"),
+        devices=t.get("devices", 1),
+        num_nodes=int(t.get("num_nodes", 1)),
+        strategy=strategy,
+        precision=t.get("precision", "32-true"),
+    )
+
+
+def run_embed_slides(cfg: DictConfig) -> dict:
+    if not cfg.wsi_dir and not cfg.slides:
+        raise ValueError("embed_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision not in PRECISION:
+        raise ValueError(f"trainer.precision={precision!r} is not supported here; use one of {sorted(PRECISION)}")
+    specs = list_slides(cfg.wsi_dir, cfg.slides, recursive=bool(cfg.recursive))
+    fabric = _fabric(cfg.trainer)
+    fabric.launch()
+    torch.manual_seed(int(cfg.seed))  # a random-init backbone gets the same weights on every rank
+    encoder = instantiate(cfg.encoder)
+    loggers = instantiate_list(cfg.get("logger")) if fabric.global_rank == 0 else []
+    summary = embed_slides(
+        encoder,
+        specs,
+        cfg.job_dir,
+        tile_size=int(cfg.tile.size),
+        tile_mpp=float(cfg.tile.mpp),
+        overlap=int(cfg.tile.overlap),
+        min_tissue=float(cfg.tile.min_tissue),
+        default_mpp=cfg.data.default_mpp,
+        features=str(cfg.features),
+        tokens=bool(cfg.tokens),
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.num_workers),
+        device=fabric.device,
+        precision=PRECISION[precision],
+        weights=cfg.backbone.weights,
+        encoder_tag=cfg.encoder_tag,
+        progress=fabric.global_rank == 0,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        thumbnails=bool(cfg.thumbnails),
+        overlay_tiles=int(cfg.overlay_tiles),
+        lock_stale_s=float(cfg.lock_stale_hours) * 3600,
+    )
+    fabric.barrier()
+    if loggers:
+        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers.update({f"stage_seconds/{k}": v for k, v in summary.get("stage_seconds", {}).items()})
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            lg.log_metrics({f"embed/{k}": v for k, v in numbers.items() if v is not None})
+        thumbs = sorted(Path(summary["features_dir"]).parent.joinpath("thumbnails").glob("*.png"))[:8]
+        log_images(loggers, "thumbnails", thumbs)
+        for lg in loggers:
+            lg.finalize("success")
+    return summary

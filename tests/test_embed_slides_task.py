@@ -1,0 +1,80 @@
+"""The embed_slides task through Hydra: one process, then trainer=ddp (2 gloo ranks share the slides)."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from conftest import compose_task
+from test_launchers import run_task
+from test_slide_embedding import synthetic_image
+
+from hirespath.data.panda_synthetic import write_pyramid
+from hirespath.tasks.embed_slides import run_embed_slides
+
+TINY = [
+    "backbone=tiny",
+    "+backbone.overrides.depth=2",
+    "tile.size=224",
+    "attention.window=4",
+    "pruner.layer=1",
+    "num_workers=0",
+    "thumbnails=false",
+]
+
+
+@pytest.fixture(scope="module")
+def wsi_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wsis")
+    for i in range(3):
+        write_pyramid(root / f"s{i}.tiff", synthetic_image(600, 450, seed=i), 0.5, compression="jpeg", levels=(1, 4))
+    return root
+
+
+def _features(job, tag_glob="features_*"):
+    (tdir,) = job.glob("20x_224px_0px_overlap")
+    (fdir,) = tdir.glob(tag_glob)
+    return {p.stem: p for p in fdir.glob("*.h5")}
+
+
+def test_task_composes_and_embeds(wsi_dir, tmp_path):
+    job = tmp_path / "job"
+    cfg = compose_task("embed_slides", [f"wsi_dir={wsi_dir}", f"job_dir={job}", *TINY], tmp_path / "run")
+    summary = run_embed_slides(cfg)
+    assert summary["slides_done"] == 3 and summary["tiles"] > 0
+    files = _features(job)
+    assert sorted(files) == ["s0", "s1", "s2"]
+    with h5py.File(files["s0"]) as f:
+        assert f["features"].dtype == np.float32 and f["features"].shape[1] == 96
+        assert f["features"].attrs["attention"] == "sparse" and int(f["coords"].attrs["patch_size"]) == 224
+
+
+def test_task_needs_slides(tmp_path):
+    cfg = compose_task("embed_slides", [f"job_dir={tmp_path}", *TINY], tmp_path / "run")
+    with pytest.raises(ValueError, match="wsi_dir=DIR .* or slides=LIST.csv"):
+        run_embed_slides(cfg)
+
+
+def test_ddp_ranks_share_the_slides(wsi_dir, tmp_path):
+    """trainer=ddp: two processes, every slide embedded exactly once, with the numbers of one process."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    cfg = compose_task("embed_slides", [f"wsi_dir={wsi_dir}", f"job_dir={single}", *TINY], tmp_path / "run")
+    run_embed_slides(cfg)
+    run_task(
+        "embed_slides",
+        f"wsi_dir={wsi_dir}",
+        f"job_dir={ddp}",
+        *TINY,
+        "trainer=ddp",
+        f"hydra.run.dir={tmp_path / 'ddp_run'}",
+        cwd=tmp_path,
+        timeout=400,
+    )
+    ranks = [json.loads((ddp / f"summary_rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(s for r in ranks for s in (e["slide"] for e in r["embedded"])) == ["s0", "s1", "s2"]
+    a, b = _features(single), _features(ddp)
+    assert sorted(a) == sorted(b)
+    for slide in a:
+        with h5py.File(a[slide]) as fa, h5py.File(b[slide]) as fb:
+            np.testing.assert_array_equal(fa["coords"][:], fb["coords"][:])
+            np.testing.assert_allclose(fa["features"][:], fb["features"][:], atol=1e-5, rtol=1e-5)
