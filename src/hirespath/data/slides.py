@@ -17,11 +17,16 @@ so their times can be measured apart; :class:`SlideTileDataset` does the first t
 
 from __future__ import annotations
 
+import collections
+import copy
+import functools
 import logging
 import math
 import numbers
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -458,3 +463,82 @@ class SlideTileDataset(Dataset):
             self.close()
         except Exception:  # noqa: BLE001 — interpreter shutdown
             pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# streaming a slide's tiles while the encoder runs
+
+READERS = ("threads", "workers")
+
+
+def _collate_tiles(items: list[dict], pin_memory: bool) -> dict:
+    images = torch.stack([it["image"] for it in items])
+    return {
+        "image": images.pin_memory() if pin_memory else images,
+        "index": torch.tensor([it["index"] for it in items]),
+        "read_s": torch.tensor([it["read_s"] for it in items], dtype=torch.float64),
+        "resize_s": torch.tensor([it["resize_s"] for it in items], dtype=torch.float64),
+    }
+
+
+def tile_batches(
+    dataset: SlideTileDataset,
+    batch_size: int,
+    *,
+    reader: str = "threads",
+    num_workers: int = 1,
+    prefetch_batches: int = 2,
+    pin_memory: bool = False,
+):
+    """Batches of one slide's tiles, in order, read ahead while the caller encodes (at most ``prefetch_batches``
+    batches waiting, so memory stays bounded; never the whole slide).
+
+    ``reader="threads"``: a pool of ``num_workers`` threads, each with its own slide handle (OpenSlide's reads and
+    PIL's decoding/resizing release the GIL, and no process is started per slide); ``"workers"``: DataLoader worker
+    processes; ``num_workers=0``: read in the calling thread. Yields ``{"image": uint8 B×C×H×W (pinned when
+    pin_memory), "index", "read_s", "resize_s"}`` (the last two: seconds the readers spent per tile).
+    """
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
+    if num_workers < 0 or batch_size < 1 or prefetch_batches < 1:
+        raise ValueError(f"need num_workers ≥ 0, batch_size ≥ 1, prefetch_batches ≥ 1 (got {num_workers}, "
+                         f"{batch_size}, {prefetch_batches})")  # fmt: skip
+    n = len(dataset)
+    if num_workers == 0:
+        for s in range(0, n, batch_size):
+            yield _collate_tiles([dataset[i] for i in range(s, min(n, s + batch_size))], pin_memory)
+        return
+    if reader == "workers":
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+            prefetch_factor=prefetch_batches, collate_fn=functools.partial(_collate_tiles, pin_memory=False),
+        )  # fmt: skip
+        yield from loader
+        return
+    local, clones = threading.local(), []
+
+    def read(i: int) -> dict:
+        if not hasattr(local, "ds"):  # one slide handle per thread (tiffslide handles are not thread-safe)
+            local.ds = copy.copy(dataset)
+            clones.append(local.ds)
+        return local.ds[i]
+
+    pending: collections.deque = collections.deque()
+    todo = iter(range(n))
+    with ThreadPoolExecutor(num_workers, thread_name_prefix="tile-reader") as pool:
+        try:
+            while True:
+                while len(pending) < (prefetch_batches + 1) * batch_size:
+                    i = next(todo, None)
+                    if i is None:
+                        break
+                    pending.append(pool.submit(read, i))
+                if not pending:
+                    break
+                take = min(batch_size, len(pending))
+                yield _collate_tiles([pending.popleft().result() for _ in range(take)], pin_memory)
+        finally:
+            for f in pending:
+                f.cancel()
+    for ds in clones:
+        ds.close()

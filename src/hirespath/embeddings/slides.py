@@ -24,10 +24,14 @@ On disk (``<tiling>`` = :func:`~hirespath.embeddings.trident.tiling_tag`, e.g. `
       skipped.csv                                  slide, path, reason, time, host (tiles that ran out of memory too)
       summary.json (summary_rank<r>.json when world_size > 1)
 
-``summary["stage_seconds"]``: ``grid`` (tissue detection, or reading the patches file), ``read`` and ``resize``
-(summed over tiles in the loader workers: with workers they overlap encoding), ``wait`` (the main process waiting
-for the next batch: the reading that was not hidden), ``encode`` (host→device copy, forward, synchronised),
-``write`` (h5 appends), ``thumbnails``.
+Timing (which stage costs what). ``summary["stage_seconds"]`` and each row of ``job_dir/timings.csv`` (one per
+slide) hold wall seconds of this process: ``prepare`` (waiting for the slide to be opened and its tissue grid
+computed — the next slide's is computed in a background thread while the current one encodes, so this is what was
+not hidden), ``read`` (waiting for tiles: the reading not hidden behind encoding), ``h2d`` (host→device copy,
+CUDA), ``encode`` (forward, synchronised), ``write`` (h5 appends), ``thumbnails``, ``bookkeeping`` (locks,
+skipped.csv, timings.csv) and, once per run, ``setup``. They add up to the wall time (``untracked_seconds`` is the
+rest). The overlapped work is reported apart: ``reader_read`` (region read + JPEG decode) and ``reader_resize``,
+summed over tiles in the readers, and the background ``open`` and ``tissue`` seconds.
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.slides import (
@@ -56,15 +61,34 @@ from ..data.slides import (
     check_tiling,
     level0_mpp,
     read_thumbnail,
+    tile_batches,
     tile_grid,
 )
 from ..data.wsi import SlideError, open_slide, tissue_mask
 from ..utils.io import atomic_path, exclusive_lock, try_lock, write_json
+from ..utils.threads import encoder_threads, torch_threads
 from . import trident
 
 log = logging.getLogger("hirespath.embeddings")
 
 FEATURES = ("cls", "mean", "cls+mean")
+STAGES = ("setup", "prepare", "read", "h2d", "encode", "write", "thumbnails", "bookkeeping")  # wall time, measured
+BACKGROUND = ("open", "tissue", "reader_read", "reader_resize")  # overlapped work, summed
+TIMING_COLUMNS = [
+    "slide",
+    "rank",
+    "host",
+    "tiles",
+    "tissue_mm2",
+    "seconds",
+    *(f"{s}_s" for s in STAGES),
+    *(f"{s}_s" for s in BACKGROUND),
+    "tiles_per_s",
+    "mm2_per_s",
+    "reader",
+    "num_workers",
+    "threads",
+]
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
 # what must match for features to share one features_<tag>/ folder (precision may differ: bf16 vs fp32 numbers
 # are the same features within rounding)
@@ -122,9 +146,15 @@ class TileEncoder:
         self.precision, self.autocast, self.weights_dtype = resolve_precision(precision, device)
         self.batch_size = int(batch_size)
         self.input_dtype = self.weights_dtype or torch.float32
+        self.h2d_seconds = 0.0  # host→device copies (pinned, non-blocking, then synchronised to time them)
 
     def _forward(self, images: torch.Tensor):
-        x = images.to(self.device, non_blocking=True).to(self.input_dtype).div_(255)
+        t0 = time.perf_counter()
+        x = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.h2d_seconds += time.perf_counter() - t0
+        x = x.to(self.input_dtype).div_(255)
         x = self.encoder.normalize(x)
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with torch.inference_mode(), ctx:
@@ -368,6 +398,8 @@ def embed_slides(
     skip_errors: bool = True,
     lock_stale_s: float = 24 * 3600,
     mask_max_side: int = 2048,
+    reader: str = "threads",
+    threads: int | None = None,
 ) -> dict:
     """Embed every tissue tile of ``slides`` into TRIDENT/CLAM h5 files under ``job_dir``; returns the summary.
 
@@ -380,7 +412,9 @@ def embed_slides(
     ``weights``: the weights file the encoder was built from (recorded, and part of the folder's identity).
     ``rank``/``world_size``: this worker's share (default: torch.distributed, else $RANK/$WORLD_SIZE, else 0/1).
     ``skip_errors=False`` raises unexpected per-slide errors instead of listing them (SlideErrors are always
-    listed). Layout, resume and locking: see the module docstring.
+    listed). ``reader``/``num_workers``: how tiles are read while the encoder runs (threads or DataLoader worker
+    processes); ``threads``: the encoder's intra-op CPU threads (None: the cores the readers leave, see
+    :mod:`hirespath.utils.threads`). Layout, resume, locking and timing: see the module docstring.
     """
     t_start = time.perf_counter()
     if features not in FEATURES:
@@ -442,7 +476,6 @@ def embed_slides(
         log.info("skipping %d finished slides of %d in %s", len(finished_before), len(specs), feat_dir)
     done_ids = {s.slide_id for s in finished_before}
 
-    stages = dict.fromkeys(("grid", "read", "resize", "wait", "encode", "write", "thumbnails"), 0.0)
     summary = {
         "job_dir": str(job_dir),
         "tiling": tiling,
@@ -462,80 +495,117 @@ def embed_slides(
         "tissue_mm2": 0.0,
         "precision": tile_encoder.precision,
         "device": str(device),
+        "reader": reader,
+        "num_workers": num_workers,
         "embedded": [],
         "skipped": [],
     }
-    bar = tqdm(order, desc=f"slides (rank {rank})" if world_size > 1 else "slides", disable=not progress, unit="slide")
-    for spec in bar:
-        if spec.slide_id in done_ids:
-            continue
-        out = feat_dir / f"{spec.slide_id}.h5"
-        lock = try_lock(out.with_name(out.name + ".lock"), stale_s=lock_stale_s)
-        if lock is None:
-            summary["slides_locked_by_others"] += 1
-            continue
-        try:
-            if is_finished(out, tokens):  # finished by another worker between our scan and our lock
-                summary["slides_already_finished"] += 1
+    totals = dict.fromkeys(STAGES + BACKGROUND, 0.0)
+    todo = [s for s in order if s.slide_id not in done_ids]
+    grid_kwargs = dict(tile_size=tile_size, tile_mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue,
+                       default_mpp=default_mpp, mask_max_side=mask_max_side, tiling=tiling, tdir=tdir)  # fmt: skip
+
+    def prepare(s: SlideSpec) -> PreparedSlide:
+        return _prepare_slide(s, patches_dir=patches_dir, need_images=thumbnails, **grid_kwargs)
+
+    # readers busy while the encoder runs: worker processes/threads; the encoder gets the cores they leave
+    n_threads = encoder_threads(threads, num_workers) if device.type == "cpu" else torch.get_num_threads()
+    summary["threads"] = n_threads
+    bar = tqdm(todo, desc=f"slides (rank {rank})" if world_size > 1 else "slides", disable=not progress, unit="slide")
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="slide-prepare") as prep_pool,
+        torch_threads(n_threads, f"{num_workers} tile reader {reader}") if device.type == "cpu" else _nothing(),
+    ):
+        futures: dict[str, Future] = {}
+
+        def prefetch(k: int) -> None:  # the next slide's tissue grid while this one encodes
+            if k < len(todo) and todo[k].slide_id not in futures:
+                futures[todo[k].slide_id] = prep_pool.submit(prepare, todo[k])
+
+        prefetch(0)
+        totals["setup"] = time.perf_counter() - t_start  # folder checks, the finished-slides scan, thread policy
+        for k, spec in enumerate(bar):
+            t_slide = time.perf_counter()
+            stages = dict.fromkeys(STAGES + BACKGROUND, 0.0)
+            out = feat_dir / f"{spec.slide_id}.h5"
+            lock = try_lock(out.with_name(out.name + ".lock"), stale_s=lock_stale_s)
+            finished = lock is not None and is_finished(out, tokens)  # by another worker since our scan
+            stages["bookkeeping"] += time.perf_counter() - t_slide
+            if lock is None or finished:
+                summary["slides_locked_by_others" if lock is None else "slides_already_finished"] += 1
+                futures.pop(spec.slide_id, None)
+                prefetch(k + 1)
+                if lock is not None:
+                    lock.release()
+                totals["bookkeeping"] += time.perf_counter() - t_slide
                 continue
-            bar.set_postfix_str(spec.slide_id)
-            result = _embed_slide(
-                spec,
-                out,
-                tile_encoder,
-                encoder,
-                stages,
-                tiling=tiling,
-                tdir=tdir,
-                patches_dir=patches_dir,
-                thumb_dir=thumb_dir,
-                tile_size=tile_size,
-                tile_mpp=tile_mpp,
-                overlap=overlap,
-                min_tissue=min_tissue,
-                default_mpp=default_mpp,
-                f_attrs=f_attrs,
-                tokens=tokens,
-                token_dtype=token_dtype,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                device=device,
-                thumbnails=thumbnails,
-                overlay_tiles=overlay_tiles,
-                mask_max_side=mask_max_side,
-                progress=progress,
-            )
-            summary["slides_done"] += 1
-            summary["tiles"] += result["tiles"]
-            summary["tiles_skipped"] += len(result["failed_tiles"])
-            summary["tissue_mm2"] += result["tissue_mm2"] if np.isfinite(result["tissue_mm2"]) else 0.0
-            summary["embedded"].append(result)
-            update_skipped(job_dir, [_skip_row(spec, r) for r in result["failed_tiles"]], done=[spec.slide_id])
-        except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
-            if not isinstance(err, SlideError):
-                if not skip_errors:
-                    raise
-                log.exception("%s: unexpected error", spec.path)
-            reason = str(err) if isinstance(err, SlideError) else f"{type(err).__name__}: {err}"
-            log.warning("skipping %s: %s", spec.slide_id, reason)
-            summary["slides_skipped"] += 1
-            summary["skipped"].append({"slide": spec.slide_id, "reason": reason})
-            update_skipped(job_dir, [_skip_row(spec, reason)])
-        finally:
-            lock.release()
-    bar.close()
+            timing_row = None
+            try:
+                bar.set_postfix_str(spec.slide_id)
+                future = futures.pop(spec.slide_id, None) or prep_pool.submit(prepare, spec)
+                prefetch(k + 1)
+                t0 = time.perf_counter()
+                prepared = future.result()
+                stages["prepare"] += time.perf_counter() - t0
+                stages["open"], stages["tissue"] = prepared.open_s, prepared.tissue_s
+                result = _embed_slide(
+                    spec, prepared, out, tile_encoder, encoder, stages, tiling=tiling, tdir=tdir,
+                    thumb_dir=thumb_dir, tile_size=tile_size, tile_mpp=tile_mpp, f_attrs=f_attrs, tokens=tokens,
+                    token_dtype=token_dtype, batch_size=batch_size, num_workers=num_workers, reader=reader,
+                    device=device, thumbnails=thumbnails, overlay_tiles=overlay_tiles, progress=progress,
+                )  # fmt: skip
+                t0 = time.perf_counter()
+                summary["slides_done"] += 1
+                summary["tiles"] += result["tiles"]
+                summary["tiles_skipped"] += len(result["failed_tiles"])
+                summary["tissue_mm2"] += result["tissue_mm2"] if np.isfinite(result["tissue_mm2"]) else 0.0
+                update_skipped(job_dir, [_skip_row(spec, r) for r in result["failed_tiles"]], done=[spec.slide_id])
+                stages["bookkeeping"] += time.perf_counter() - t0
+                seconds = time.perf_counter() - t_slide
+                result.update(seconds=seconds, stage_seconds=dict(stages))
+                summary["embedded"].append(result)
+                timing_row = {
+                    "slide": spec.slide_id, "rank": rank, "host": summary["host"], "tiles": result["tiles"],
+                    "tissue_mm2": result["tissue_mm2"], "seconds": seconds,
+                    **{f"{s}_s": stages[s] for s in STAGES + BACKGROUND},
+                    "tiles_per_s": result["tiles"] / seconds, "mm2_per_s": result["tissue_mm2"] / seconds,
+                    "reader": reader, "num_workers": num_workers, "threads": n_threads,
+                }  # fmt: skip
+            except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
+                if not isinstance(err, SlideError):
+                    if not skip_errors:
+                        raise
+                    log.exception("%s: unexpected error", spec.path)
+                t0 = time.perf_counter()
+                reason = str(err) if isinstance(err, SlideError) else f"{type(err).__name__}: {err}"
+                log.warning("skipping %s: %s", spec.slide_id, reason)
+                summary["slides_skipped"] += 1
+                summary["skipped"].append({"slide": spec.slide_id, "reason": reason})
+                update_skipped(job_dir, [_skip_row(spec, reason)])
+                stages["bookkeeping"] += time.perf_counter() - t0
+            finally:
+                t0 = time.perf_counter()
+                if timing_row is not None:
+                    update_timings(job_dir, [timing_row])  # (its own write counts in the run's totals only)
+                lock.release()
+                stages["bookkeeping"] += time.perf_counter() - t0
+                for s in totals:
+                    totals[s] += stages[s]
+        bar.close()
 
     seconds = time.perf_counter() - t_start
     summary.update(
         seconds=seconds,
-        stage_seconds=stages,
-        tiles_per_second=summary["tiles"] / stages["encode"] if stages["encode"] else None,
+        stage_seconds=totals,
+        untracked_seconds=seconds - sum(totals[s] for s in STAGES),
+        tiles_per_second=summary["tiles"] / seconds if seconds else None,
+        tissue_mm2_per_second=summary["tissue_mm2"] / seconds if seconds else None,
         slides_finished_on_disk=sum(is_finished(feat_dir / f"{s.slide_id}.h5", tokens) for s in specs),
     )
     write_json(job_dir / ("summary.json" if world_size == 1 else f"summary_rank{rank}.json"), summary)
     log.info(
         "%d slides embedded (%d tiles, %.1f mm² tissue), %d skipped, %d already finished, %d held by other "
-        "workers, in %.1f s → %s",
+        "workers, in %.1f s → %s\n%s",
         summary["slides_done"],
         summary["tiles"],
         summary["tissue_mm2"],
@@ -544,8 +614,12 @@ def embed_slides(
         summary["slides_locked_by_others"],
         seconds,
         feat_dir,
+        format_stages(totals, seconds, summary["tiles"], summary["tissue_mm2"]),
     )
     return summary
+
+
+_nothing = contextlib.nullcontext
 
 
 def _skip_row(spec: SlideSpec, reason: str) -> dict:
@@ -558,8 +632,40 @@ def _skip_row(spec: SlideSpec, reason: str) -> dict:
     }
 
 
+@dataclass
+class PreparedSlide:
+    """A slide opened and tiled (in the background thread while the previous slide encodes)."""
+
+    grid: TileGrid
+    reused: bool
+    open_s: float
+    tissue_s: float
+
+
+def _prepare_slide(spec: SlideSpec, *, patches_dir, need_images, **grid_kwargs) -> PreparedSlide:
+    t0 = time.perf_counter()
+    try:
+        slide = open_slide(spec.path)
+    except SlideError:
+        raise
+    except Exception as err:  # noqa: BLE001 — corrupt files surface as many exception types
+        raise SlideError(f"cannot read {spec.path.name}: {type(err).__name__}: {err}") from err
+    t1 = time.perf_counter()
+    try:
+        grid, reused = _grid_for(slide, spec, patches_dir / f"{spec.slide_id}_patches.h5", need_images=need_images,
+                                 **grid_kwargs)  # fmt: skip
+    except SlideError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise SlideError(f"cannot read {spec.path.name}: {type(err).__name__}: {err}") from err
+    finally:
+        slide.close()
+    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1)
+
+
 def _embed_slide(
     spec: SlideSpec,
+    prepared: PreparedSlide,
     out: Path,
     tile_encoder: TileEncoder,
     encoder,
@@ -567,94 +673,74 @@ def _embed_slide(
     *,
     tiling,
     tdir,
-    patches_dir,
     thumb_dir,
     tile_size,
     tile_mpp,
-    overlap,
-    min_tissue,
-    default_mpp,
     f_attrs,
     tokens,
     token_dtype,
     batch_size,
     num_workers,
+    reader,
     device,
     thumbnails,
     overlay_tiles,
-    mask_max_side,
     progress,
 ) -> dict:
-    t0 = time.perf_counter()
+    """Stream the prepared slide's tiles through the encoder into ``out``; adds this slide's seconds to ``stages``."""
+    grid = prepared.grid
     thumb_path = thumb_dir / f"{spec.slide_id}.png"
-    draw = thumbnails and not thumb_path.is_file()
-    slide = open_slide(spec.path)
-    try:
-        try:
-            grid, reused = _grid_for(
-                slide,
-                spec,
-                patches_dir / f"{spec.slide_id}_patches.h5",
-                tile_size=tile_size,
-                tile_mpp=tile_mpp,
-                overlap=overlap,
-                min_tissue=min_tissue,
-                default_mpp=default_mpp,
-                mask_max_side=mask_max_side,
-                need_images=draw,
-                tiling=tiling,
-                tdir=tdir,
-            )
-        except SlideError:
-            raise
-        except Exception as err:  # noqa: BLE001 — corrupt files surface as many exception types
-            raise SlideError(f"cannot read {spec.path.name}: {type(err).__name__}: {err}") from err
-    finally:
-        slide.close()
-    stages["grid"] += time.perf_counter() - t0
-
+    draw = thumbnails and not thumb_path.is_file() and grid.thumbnail is not None
     # the coords attributes are the patches file's, as TRIDENT copies them into the features file
     c_attrs = trident.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tiling)
     c_attrs["tissue_area_mm2"] = grid.tissue_area_mm2
     attrs = {**f_attrs, "name": spec.slide_id, "savetodir": str(out.parent)}
     dim = encoder.embed_dim * (2 if f_attrs["feature"] == "cls+mean" else 1)
     ds = SlideTileDataset(spec.path, grid.coords, grid.patch_size_level0, tile_size, level=grid.read_level)
-    loader = DataLoader(
-        ds, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda", shuffle=False
-    )
+    batches = tile_batches(ds, batch_size, reader=reader, num_workers=num_workers, pin_memory=device.type == "cuda")
     failed, overlays = [], []
     want_overlays = thumbnails and overlay_tiles > 0 and encoder.pruner.enabled and draw
-    with trident.FeatureWriter(out, dim, c_attrs, attrs, tokens=tokens, token_dtype=token_dtype) as writer:
-        t_wait = time.perf_counter()
-        tiles_bar = tqdm(total=len(ds), desc=spec.slide_id, leave=False, disable=not progress, unit="tile")
-        for batch in loader:
-            t1 = time.perf_counter()
-            stages["wait"] += t1 - t_wait
-            stages["read"] += float(batch["read_s"].sum())
-            stages["resize"] += float(batch["resize_s"].sum())
-            images, index = batch["image"], batch["index"].numpy()
-            results = tile_encoder(images)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t2 = time.perf_counter()
-            stages["encode"] += t2 - t1
-            for sub, res in results:
-                idx = index[sub]
-                if res is None:
-                    x, y = grid.coords[idx[0]]
-                    failed.append(f"tile {int(idx[0])} at ({x}, {y}): out of memory at batch size 1")
-                    continue
-                feats, toks, pos, patch_grid = res
-                writer.append(feats, grid.coords[idx], toks, pos if tokens else None, grid=patch_grid)
-                for j in range(min(len(sub), overlay_tiles - len(overlays)) if want_overlays else 0):
-                    overlays.append((int(idx[j]), images[sub[j]].permute(1, 2, 0).numpy(), pos[j], patch_grid))
-            stages["write"] += time.perf_counter() - t2
-            tiles_bar.update(len(index))
+    h2d_before = tile_encoder.h2d_seconds
+    try:
+        with trident.FeatureWriter(out, dim, c_attrs, attrs, tokens=tokens, token_dtype=token_dtype) as writer:
             t_wait = time.perf_counter()
-        tiles_bar.close()
-        if writer.n == 0:
-            raise SlideError(f"no tile could be embedded ({len(failed)} ran out of memory at batch size 1)")
-    ds.close()
+            tiles_bar = tqdm(total=len(ds), desc=spec.slide_id, leave=False, disable=not progress, unit="tile")
+            for batch in batches:
+                t1 = time.perf_counter()
+                stages["read"] += t1 - t_wait
+                stages["reader_read"] += float(batch["read_s"].sum())
+                stages["reader_resize"] += float(batch["resize_s"].sum())
+                images, index = batch["image"], batch["index"].numpy()
+                results = tile_encoder(images)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t2 = time.perf_counter()
+                stages["encode"] += t2 - t1
+                for sub, res in results:
+                    idx = index[sub]
+                    if res is None:
+                        x, y = grid.coords[idx[0]]
+                        failed.append(f"tile {int(idx[0])} at ({x}, {y}): out of memory at batch size 1")
+                        continue
+                    feats, toks, pos, patch_grid = res
+                    writer.append(feats, grid.coords[idx], toks, pos if tokens else None, grid=patch_grid)
+                    for j in range(min(len(sub), overlay_tiles - len(overlays)) if want_overlays else 0):
+                        overlays.append((int(idx[j]), images[sub[j]].permute(1, 2, 0).numpy(), pos[j], patch_grid))
+                stages["write"] += time.perf_counter() - t2
+                tiles_bar.update(len(index))
+                t_wait = time.perf_counter()
+            tiles_bar.close()
+            if writer.n == 0:
+                raise SlideError(f"no tile could be embedded ({len(failed)} ran out of memory at batch size 1)")
+            t_close = time.perf_counter()
+        stages["write"] += time.perf_counter() - t_close  # the final flush and rename
+    finally:
+        batches.close()
+        ds.close()
+        # h2d is measured inside the encoder call: move it out of "encode"
+        h2d = tile_encoder.h2d_seconds - h2d_before
+        stages["h2d"] += h2d
+        stages["encode"] -= h2d
 
     t3 = time.perf_counter()
     if draw:
@@ -679,6 +765,32 @@ def _embed_slide(
         "tiles": writer.n,
         "failed_tiles": failed,
         "tissue_mm2": grid.tissue_area_mm2,
-        "patches_reused": reused,
-        "seconds": time.perf_counter() - t0,
+        "patches_reused": prepared.reused,
     }
+
+
+def update_timings(job_dir: Path, rows: list[dict]) -> None:
+    """Merge per-slide rows into ``job_dir/timings.csv`` (atomic rewrite under a lock; a re-embedded slide's row is
+    replaced)."""
+    if not rows:
+        return
+    path = job_dir / "timings.csv"
+    with exclusive_lock(job_dir / ".timings.csv.lock", "another worker writing timings.csv", poll_s=0.05):
+        old = pd.read_csv(path, dtype={"slide": str}) if path.exists() else pd.DataFrame(columns=TIMING_COLUMNS)
+        new_ids = {r["slide"] for r in rows}
+        table = pd.concat([old[~old["slide"].isin(new_ids)], pd.DataFrame(rows, columns=TIMING_COLUMNS)],
+                          ignore_index=True)  # fmt: skip
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
+
+
+def format_stages(stages: dict, wall: float, tiles: int, tissue_mm2: float) -> str:
+    """The end-of-run table: seconds and share of the wall time per stage, then the overlapped work."""
+    lines = [f"  {'stage':<14} {'seconds':>9} {'share':>7}"]
+    for s in STAGES:
+        lines.append(f"  {s:<14} {stages[s]:>9.2f} {stages[s] / wall if wall else 0:>7.1%}")
+    lines.append(f"  {'wall':<14} {wall:>9.2f}")
+    lines.append("  overlapped: " + ", ".join(f"{s} {stages[s]:.2f} s" for s in BACKGROUND))
+    if wall:
+        lines.append(f"  {tiles / wall:.2f} tiles/s, {tissue_mm2 / wall:.3f} tissue mm²/s end to end")
+    return "\n".join(lines)

@@ -36,7 +36,8 @@ def run_embedding_benchmark(cfg, out_dir: Path) -> dict:
     rows = benchmark_embedding(
         slide, configs, backbone=cfg.backbone.name, overrides=dict(cfg.backbone.get("overrides") or {}),
         weights=cfg.backbone.weights, tile_mpp=float(s.tile_mpp), min_tissue=float(s.min_tissue),
-        batch_size=int(s.batch_size), num_workers=int(s.num_workers), device=device, precision=str(s.precision),
+        batch_size=int(s.batch_size), num_workers=int(s.num_workers), reader=str(s.reader),
+        threads=s.threads, device=device, precision=str(s.precision),
         seed=int(cfg.seed),
     )  # fmt: skip
     write_embedding_csv(rows, out_dir / "embedding_benchmark.csv")

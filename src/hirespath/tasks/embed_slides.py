@@ -74,6 +74,8 @@ def run_embed_slides(cfg: DictConfig) -> dict:
         tokens=bool(cfg.tokens),
         batch_size=int(cfg.batch_size),
         num_workers=int(cfg.num_workers),
+        reader=str(cfg.reader),
+        threads=cfg.threads,
         device=fabric.device,
         precision=PRECISION[precision],
         weights=cfg.backbone.weights,

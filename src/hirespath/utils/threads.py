@@ -1,0 +1,49 @@
+"""CPU thread policy: how many intra-op threads the encoder gets when tile readers share the machine.
+
+Measured on 2 cores (DESIGN.md, "CPU threads under load"): the sparse kernel's many small parallel regions stall
+on a descheduled thread, so with one other busy process sparse + pruning ran 4.53 s with 2 threads but 2.35 s with
+1 (dense: 15.7 s vs 16.9 s). The encoder therefore gets the cores the readers leave free, never more than the cores
+this process may run on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("hirespath.threads")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a SLURM allocation), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def encoder_threads(requested: int | None, busy_readers: int, cores: int | None = None) -> int:
+    """Intra-op threads for the encoder: ``requested`` (capped at the cores), else the cores left after
+    ``busy_readers`` reader threads/processes, at least 1."""
+    cores = cores or available_cores()
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"threads must be ≥ 1 (or null for automatic), got {requested}")
+        return min(int(requested), cores)
+    return max(1, cores - max(0, int(busy_readers)))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int, why: str = ""):
+    """Run the body with ``n`` intra-op threads, then restore the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    log.info("CPU threads: %d intra-op for the encoder (%d cores available%s)", n, available_cores(),
+             f"; {why}" if why else "")  # fmt: skip
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
