@@ -10,6 +10,7 @@ how the paper simulates resolutions. ROIs are located once and written to ``rois
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,18 @@ log = logging.getLogger("hirespath.panda")
 
 REQUIRED_COLUMNS = ("image_id", "data_provider", "isup_grade", "gleason_score")
 NUM_CLASSES = 6
+
+
+def panda_cache_dir(root: str | Path, cache_dir: str | Path) -> Path:
+    """``cache_dir/panda/<hash of the resolved root>``: where the split, ROI locations (and so on) of one PANDA
+    download are kept, shared by every task that reads it (classify, extract, mil)."""
+    root_tag = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:10]
+    return Path(cache_dir) / "panda" / root_tag
+
+
+def default_split_csv(root: str | Path, cache_dir: str | Path, seed: int = 42) -> Path:
+    """The split file the ROI tasks write for ``root`` when ``data.split_csv`` is not set."""
+    return panda_cache_dir(root, cache_dir) / f"split_seed{seed}.csv"
 
 
 def check_panda_root(root: str | Path) -> Path:

@@ -5,7 +5,6 @@ hirespath extract data.root=DIR backbone=uni2_h backbone.weights=FILE resolution
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.panda import check_panda_root, load_or_make_split, locate_all
+from ..data.panda import check_panda_root, default_split_csv, load_or_make_split, locate_all, panda_cache_dir
 from ..embeddings.cache import extract_embeddings, file_fingerprint
 from ..utils.io import atomic_path
 
@@ -33,9 +32,8 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
     """Split (written once), ROIs (cached), encoder and embeddings (cached); skips go to skipped.csv."""
     data = cfg.data
     root = check_panda_root(data.root)
-    root_tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
-    data_cache = Path(cfg.paths.cache_dir) / "panda" / root_tag
-    split_csv = Path(data.split_csv) if data.split_csv else data_cache / f"split_seed{data.split_seed}.csv"
+    data_cache = panda_cache_dir(root, cfg.paths.cache_dir)
+    split_csv = data.split_csv or default_split_csv(root, cfg.paths.cache_dir, data.split_seed)
     mpp_tag = f"mpp{data.get('default_mpp') or 'tags'}"
     split = load_or_make_split(root, split_csv, data.exclude, seed=int(data.split_seed))
     rois, skipped = locate_all(

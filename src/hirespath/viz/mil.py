@@ -1,0 +1,160 @@
+"""Attention heatmaps of slide-level MIL: each tile drawn at its level-0 coords over the slide thumbnail, coloured
+by its attention weight (by default its percentile within the slide, as CLAM's heatmaps, since a few tiles take
+most of the weight). Without the slide file the tiles are drawn on a white canvas of the coords' extent."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from ..data.wsi import SlideError, open_slide
+
+log = logging.getLogger("hirespath.viz")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def infer_tile_size(coords: np.ndarray) -> int | None:
+    """The tile side in level-0 pixels from a grid of coords (smallest positive step in x or y), None if unknown."""
+    steps = []
+    for axis in (0, 1):
+        u = np.unique(coords[:, axis])
+        if len(u) > 1:
+            steps.append(int(np.diff(u).min()))
+    return min(steps) if steps else None
+
+
+def _scaled(attention: np.ndarray, scale: str) -> np.ndarray:
+    a = np.asarray(attention, dtype=np.float64)
+    if len(a) == 1:
+        return np.ones(1)
+    if scale == "percentile":
+        ranks = a.argsort().argsort()
+        return ranks / (len(a) - 1)
+    if scale == "minmax":
+        span = a.max() - a.min()
+        return (a - a.min()) / span if span > 0 else np.ones_like(a)
+    raise ValueError(f"scale must be 'percentile' or 'minmax', got {scale!r}")
+
+
+def _thumbnail(slide_path, max_side: int):
+    """(RGB array, level-0 width, level-0 height) of the slide, or None when it cannot be read."""
+    try:
+        slide = open_slide(slide_path)
+    except SlideError as err:
+        log.warning("heatmap without thumbnail: %s", err)
+        return None
+    try:
+        w0, h0 = slide.dimensions
+        thumb = np.asarray(slide.get_thumbnail((max_side, max_side)).convert("RGB"))
+        return thumb, w0, h0
+    except Exception as err:  # noqa: BLE001 — corrupt slides surface as many exception types
+        log.warning("heatmap without thumbnail: cannot read %s: %s", Path(slide_path).name, err)
+        return None
+    finally:
+        slide.close()
+
+
+def attention_heatmap(
+    coords: np.ndarray,
+    attention: np.ndarray,
+    path: str | Path,
+    tile_size: int | None = None,
+    slide_path: str | Path | None = None,
+    title: str = "",
+    max_side: int = 1024,
+    scale: str = "percentile",
+    cmap: str = "jet",
+    alpha: float = 0.5,
+) -> Path:
+    """Write a PNG of the attention of one slide. ``coords``: N×2 level-0 (x, y) of the tiles' top-left corners;
+    ``tile_size``: tile side in level-0 pixels (inferred from the coords grid when None); ``slide_path``: the
+    slide, whose thumbnail (long side ``max_side``) is the background when it can be read."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    attention = np.asarray(attention, dtype=np.float64).reshape(-1)
+    if len(coords) != len(attention):
+        raise ValueError(f"{len(attention)} attention weights but {len(coords)} coords")
+    if len(coords) == 0 or (coords < 0).all():
+        raise ValueError("no tile coords to draw (the feature file had no 'coords')")
+    tile = int(tile_size or infer_tile_size(coords) or 1)
+    thumb = _thumbnail(slide_path, max_side) if slide_path is not None else None
+    if thumb is not None:
+        image, w0, h0 = thumb
+    else:
+        w0, h0 = int(coords[:, 0].max()) + tile, int(coords[:, 1].max()) + tile
+        s = max_side / max(w0, h0)
+        image = np.full((max(1, round(h0 * s)), max(1, round(w0 * s)), 3), 255, dtype=np.uint8)
+    sy, sx = image.shape[0] / h0, image.shape[1] / w0
+    overlay = np.full(image.shape[:2], np.nan)
+    value = _scaled(attention, scale)
+    for (x, y), v in zip(coords, value):
+        x0, y0 = int(x * sx), int(y * sy)
+        x1, y1 = max(x0 + 1, int(round((x + tile) * sx))), max(y0 + 1, int(round((y + tile) * sy)))
+        region = overlay[y0:y1, x0:x1]
+        overlay[y0:y1, x0:x1] = np.fmax(region, v)  # overlapping tiles: the larger weight shows
+    plt = _plt()
+    h, w = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(7, max(2.0, 7 * h / w)))
+    try:
+        ax.imshow(image)
+        im = ax.imshow(np.ma.masked_invalid(overlay), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.03, label="attention (percentile)" if scale == "percentile" else "attention")
+        ax.set_title(title or f"{len(coords)} tiles", fontsize=9)
+        ax.axis("off")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def attention_heatmaps(
+    attention_dir: str | Path,
+    out_dir: str | Path,
+    slide_ids: Iterable[str] | None = None,
+    slide_path: Callable[[str], str | Path | None] | None = None,
+    limit: int | None = 4,
+    **kwargs,
+) -> list[Path]:
+    """Heatmap PNGs ``out_dir/<slide>.png`` from the ``attention/<slide>.h5`` files of ``write_mil_outputs``: of
+    ``slide_ids`` (default: the first ``limit`` files by name). ``slide_path(slide_id)`` locates the slide file for
+    the thumbnail (e.g. PANDA: ``lambda s: root / "train_images" / f"{s}.tiff"``)."""
+    from ..modules.mil import read_attention
+
+    attention_dir = Path(attention_dir)
+    files = (
+        [attention_dir / f"{s}.h5" for s in slide_ids] if slide_ids is not None else sorted(attention_dir.glob("*.h5"))
+    )
+    if limit is not None:
+        files = files[:limit]
+    paths = []
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"no attention file {f} (written by write_mil_outputs)")
+        a = read_attention(f)
+        sid = str(a.get("slide_id", f.stem))
+        title = f"{sid}: label {a.get('label')}, pred {a.get('pred')}, {len(a['attention'])} tiles"
+        paths.append(
+            attention_heatmap(
+                a["coords"],
+                a["attention"],
+                Path(out_dir) / f"{sid}.png",
+                tile_size=a["tile_size"],
+                slide_path=slide_path(sid) if slide_path else None,
+                title=title,
+                **kwargs,
+            )
+        )
+    return paths
