@@ -78,3 +78,18 @@ def test_ddp_ranks_share_the_slides(wsi_dir, tmp_path):
         with h5py.File(a[slide]) as fa, h5py.File(b[slide]) as fb:
             np.testing.assert_array_equal(fa["coords"][:], fb["coords"][:])
             np.testing.assert_allclose(fa["features"][:], fb["features"][:], atol=1e-5, rtol=1e-5)
+
+
+def test_summary_and_per_slide_timings_go_to_wandb(wsi_dir, tmp_path):
+    from hirespath.utils.wandb import finish_runs, offline_runs
+
+    out = tmp_path / "run"
+    cfg = compose_task("embed_slides", [f"wsi_dir={wsi_dir}", f"job_dir={tmp_path / 'job'}", *TINY, "logger=wandb"],
+                       out)  # fmt: skip
+    run_embed_slides(cfg)
+    finish_runs()  # what task_wrapper does when the task returns
+    (run,) = offline_runs(out)
+    assert (
+        run["finished"]
+        and {"slide/encode_s", "slide/mm2_per_s", "embed/tiles", "embed/stage_seconds/read"} <= run["history_keys"]
+    )

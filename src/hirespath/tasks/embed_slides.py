@@ -49,6 +49,25 @@ def _fabric(trainer: DictConfig) -> L.Fabric:
     )
 
 
+def _log_summary(loggers, cfg: DictConfig, summary: dict) -> None:
+    """Run totals, per-stage seconds, one step per slide (its stages, tiles/s, mm²/s) and a few thumbnails."""
+    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers.update({f"stage_seconds/{k}": v for k, v in summary["stage_seconds"].items()})
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        for step, slide in enumerate(summary["embedded"]):
+            row = {f"slide/{k}_s": v for k, v in slide["stage_seconds"].items()}
+            row.update({"slide/tiles": slide["tiles"], "slide/seconds": slide["seconds"],
+                        "slide/tiles_per_s": slide["tiles"] / slide["seconds"],
+                        "slide/mm2_per_s": slide["tissue_mm2"] / slide["seconds"]})  # fmt: skip
+            lg.log_metrics(row, step=step)
+        lg.log_metrics({f"embed/{k}": v for k, v in numbers.items() if v is not None})
+    thumbs = sorted(Path(summary["features_dir"]).parent.joinpath("thumbnails").glob("*.png"))[:8]
+    log_images(loggers, "thumbnails", thumbs)
+    for lg in loggers:
+        lg.finalize("success")
+
+
 def run_embed_slides(cfg: DictConfig) -> dict:
     if not cfg.wsi_dir and not cfg.slides:
         raise ValueError("embed_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
@@ -89,13 +108,5 @@ def run_embed_slides(cfg: DictConfig) -> dict:
     )
     fabric.barrier()
     if loggers:
-        numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        numbers.update({f"stage_seconds/{k}": v for k, v in summary.get("stage_seconds", {}).items()})
-        for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-            lg.log_metrics({f"embed/{k}": v for k, v in numbers.items() if v is not None})
-        thumbs = sorted(Path(summary["features_dir"]).parent.joinpath("thumbnails").glob("*.png"))[:8]
-        log_images(loggers, "thumbnails", thumbs)
-        for lg in loggers:
-            lg.finalize("success")
+        _log_summary(loggers, cfg, summary)
     return summary

@@ -195,14 +195,15 @@ def _records(path: Path):
 
 
 def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Summary of one ``offline-run-*`` directory: id, name, group, job_type, tags, finished, exit_code."""
+    """Summary of one ``offline-run-*`` directory: id, name, group, job_type, tags, finished, exit_code, and the
+    keys logged to its history."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     run_dir = Path(run_dir)
     logs = sorted(run_dir.glob("*.wandb"))
     if not logs:
         raise FileNotFoundError(f"{run_dir} holds no .wandb transaction log")
-    info: dict[str, Any] = {"dir": str(run_dir), "finished": False, "exit_code": None}
+    info: dict[str, Any] = {"dir": str(run_dir), "finished": False, "exit_code": None, "history_keys": set()}
     for raw in _records(logs[0]):
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -216,6 +217,8 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict[str, Any]:
                 tags=list(rec.run.tags),
                 project=rec.run.project,
             )
+        elif kind == "history":
+            info["history_keys"].update(item.key or "/".join(item.nested_key) for item in rec.history.item)
         elif kind == "exit":
             info.update(finished=True, exit_code=rec.exit.exit_code)
     return info
