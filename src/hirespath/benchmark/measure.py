@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.backbones import build_timm_model, get_backbone
+from ..models.backbones import build_timm_model, check_resolution, get_backbone
 from ..models.encoder import HiResEncoder, use_flex_by_default
 from ..utils.io import atomic_path
 from .costmodel import encoder_cost
@@ -139,13 +139,7 @@ class Benchmark:
         return int(self.vit.patch_embed.patch_size[0])
 
     def check_resolution(self, resolution: int) -> None:
-        p = self.patch_size
-        if resolution < p or resolution % p:
-            lo = max(p, resolution // p * p)
-            raise ValueError(
-                f"resolution {resolution} is not a positive multiple of the patch size {p}; "
-                f"nearest valid: {lo} or {lo + p}"
-            )
+        check_resolution(resolution, self.patch_size)
 
     def row(self, cfg: BenchConfig, resolution: int, status: str = "ok") -> tuple[HiResEncoder, dict]:
         """The encoder of ``cfg`` on the shared weights, and its CSV row with the analytic cost (not yet measured)."""

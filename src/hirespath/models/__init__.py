@@ -1,5 +1,13 @@
 from .attention import ATTENTION_MODES, TokenLayout, sparse_reference_mask
-from .backbones import BackbonePreset, build_timm_model, get_backbone, list_backbones, load_weights, register_backbone
+from .backbones import (
+    BackbonePreset,
+    build_timm_model,
+    check_resolution,
+    get_backbone,
+    list_backbones,
+    load_weights,
+    register_backbone,
+)
 from .encoder import EncoderOutput, HiResEncoder, TokenState, create_encoder
 from .pruning import GlobalAttentionPruner
 
@@ -12,6 +20,7 @@ __all__ = [
     "TokenLayout",
     "TokenState",
     "build_timm_model",
+    "check_resolution",
     "create_encoder",
     "get_backbone",
     "list_backbones",

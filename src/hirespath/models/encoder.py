@@ -25,7 +25,7 @@ from .attention import (
     sparse_attention_flex,
     split_heads,
 )
-from .backbones import BackbonePreset, build_timm_model, get_backbone
+from .backbones import BackbonePreset, build_timm_model, check_resolution, get_backbone
 from .pruning import GlobalAttentionPruner
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -80,11 +80,6 @@ def check_attention_args(attention: str, window: int, radius: int) -> None:
         raise ValueError(f"window must be an integer >= 1 (block side in patches), got {window!r}")
     if not isinstance(radius, int) or isinstance(radius, bool) or radius < 0:
         raise ValueError(f"radius must be an integer >= 0 (neighbour blocks on each side), got {radius!r}")
-
-
-def nearest_multiples(size: int, patch: int) -> tuple[int, int]:
-    lo = max(patch, (size // patch) * patch)
-    return lo, lo + patch
 
 
 class HiResEncoder(nn.Module):
@@ -187,15 +182,11 @@ class HiResEncoder(nn.Module):
             raise ValueError(f"images must have shape B×{in_chans}×H×W, got {tuple(images.shape)}")
         H, W = images.shape[-2:]
         p = self.patch_size
-        if H % p or W % p:
-            if self.resize_input:
-                size = [max(p, round(s / p) * p) for s in (H, W)]
+        if self.resize_input:
+            size = [max(p, round(s / p) * p) for s in (H, W)]
+            if size != [H, W]:
                 return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-            valid = [nearest_multiples(s, p) for s in (H, W)]
-            raise ValueError(
-                f"image size {H}×{W} is not a multiple of the patch size {p}; nearest valid sizes: "
-                f"H in {valid[0]}, W in {valid[1]} (resize or crop, or build the encoder with resize_input=True)"
-            )
+        check_resolution((H, W), p, "image size", hint="resize or crop, or build the encoder with resize_input=True")
         return images
 
     def embed(self, images: Tensor) -> TokenState:
