@@ -15,12 +15,15 @@ scatters the patch tokens into per-block slots and runs flex_attention with a bl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+T = TypeVar("T")
 ATTENTION_MODES = ("dense", "eager", "sparse")
 SPARSE_BACKENDS = ("auto", "gather", "flex")  # flex: torch flex_attention, compiled on CUDA
 
@@ -43,7 +46,7 @@ class TokenLayout:
     grid: tuple[int, int]
     positions: Tensor  # B×N×2 long (row, col)
     num_prefix: int
-    _plans: dict = field(default_factory=dict, repr=False)
+    _plans: dict = field(default_factory=dict, repr=False)  # read and written through ``plan`` only
 
     @classmethod
     def full_grid(cls, batch: int, grid: tuple[int, int], num_prefix: int, device) -> TokenLayout:
@@ -57,11 +60,20 @@ class TokenLayout:
         pos = self.positions.gather(1, keep[..., None].expand(-1, -1, 2))
         return TokenLayout(grid=self.grid, positions=pos, num_prefix=self.num_prefix)
 
-    def sparse_plan(self, window: int, radius: int, align: int = 1) -> SparsePlan:
-        key = (window, radius, align)
+    def plan(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The plan cached under ``key`` for this layout, built by ``build()`` on first use.
+
+        Plans (slot layouts, gather chunks, block masks) depend only on the token positions, so every block of
+        a forward reuses them; a layout from ``select`` (pruning) starts with an empty cache.
+        """
         if key not in self._plans:
-            self._plans[key] = build_sparse_plan(self.positions, self.grid, window, radius, align)
+            self._plans[key] = build()
         return self._plans[key]
+
+    def sparse_plan(self, window: int, radius: int, align: int = 1) -> SparsePlan:
+        return self.plan(
+            (window, radius, align), lambda: build_sparse_plan(self.positions, self.grid, window, radius, align)
+        )
 
 
 def block_neighbours(n_br: int, n_bc: int, radius: int, device) -> tuple[Tensor, Tensor]:
@@ -292,10 +304,10 @@ def sparse_attention(
     q, k, v = qkv or split_heads(attn, x)
     P = layout.num_prefix
     B, L, H, d = q.shape
-    key = ("gather", window, radius, chunk_keys)
-    if key not in layout._plans:
-        layout._plans[key] = build_gather_chunks(layout.positions, layout.grid, P, window, radius, chunk_keys)
-    chunks = layout._plans[key]
+    chunks = layout.plan(
+        ("gather", window, radius, chunk_keys),
+        lambda: build_gather_chunks(layout.positions, layout.grid, P, window, radius, chunk_keys),
+    )
 
     # Row views of the projections (B·L × H·d; a view of the fused qkv output, no copy).
     q_all, k_all, v_all = (t.reshape(B * L, H * d) for t in (q, k, v))
@@ -404,10 +416,7 @@ def sparse_attention_flex(
     B, L, H, d = q.shape
     plan = layout.sparse_plan(window, radius, align=max(16, 1 << (P - 1).bit_length()))
     C, nb = plan.capacity, plan.num_blocks
-    key = ("flex_mask", window, radius, B)
-    if key not in layout._plans:
-        layout._plans[key] = flex_block_mask(plan, P, B)
-    block_mask = layout._plans[key]
+    block_mask = layout.plan(("flex_mask", window, radius, B), lambda: flex_block_mask(plan, P, B))
 
     out_prefix = _prefix_rows(attn, q, k, v, P)
     SQ, SKV, Hd = (nb + 1) * C, (nb + 2) * C, H * d  # KV block nb + 1 holds the prefix keys
