@@ -1,4 +1,4 @@
-from .attention import ATTENTION_MODES, TokenLayout, sparse_reference_mask
+from .attention import ATTENTION_KERNELS, ATTENTION_MODES, TokenLayout, select_kernel, sparse_reference_mask
 from .backbones import (
     BackbonePreset,
     build_timm_model,
@@ -12,6 +12,7 @@ from .encoder import EncoderOutput, HiResEncoder, TokenState, create_encoder
 from .pruning import GlobalAttentionPruner
 
 __all__ = [
+    "ATTENTION_KERNELS",
     "ATTENTION_MODES",
     "BackbonePreset",
     "EncoderOutput",
@@ -26,5 +27,6 @@ __all__ = [
     "list_backbones",
     "load_weights",
     "register_backbone",
+    "select_kernel",
     "sparse_reference_mask",
 ]
