@@ -172,6 +172,43 @@ def test_cost_model_reproduces_design_numbers():
     assert encoder_cost(dense, 3430).tokens == 60_025
 
 
+def test_cost_model_costs_the_selected_kernel():
+    """The transient attention memory is the buffers of the kernel select_kernel runs on that device."""
+    with torch.device("meta"):
+        local = hirespath.create_encoder("uni2_h", attention="sparse", window=8)
+        gather = hirespath.create_encoder("uni2_h", attention="sparse", window=8, sparse_backend="gather")
+    N, L, D = 96 * 96, 96 * 96 + 9, 1536
+    flex_bytes = 4 * N * D * 2  # CUDA inference, 144 blocks: flex's q, k, v and output slots
+    gather_bytes = lambda keys: (L * D + 2 * keys * D) * 2  # noqa: E731  output rows + one chunk of K and V
+    assert encoder_cost(local, 1344, device="cuda").attn_memory_gb * 1e9 == pytest.approx(flex_bytes)
+    assert encoder_cost(local, 1344, device="cpu").attn_memory_gb * 1e9 == pytest.approx(gather_bytes(1 << 13))
+    # a CUDA chunk (1 << 18 keys) would hold more than the 9·L keys of all neighbourhoods: 9·L bounds it
+    assert encoder_cost(gather, 1344, device="cuda").attn_memory_gb * 1e9 == pytest.approx(gather_bytes(9 * L))
+    # FLOPs do not depend on the kernel
+    assert encoder_cost(local, 1344, device="cuda").tflops == encoder_cost(gather, 1344, device="cpu").tflops
+
+
+def test_sparse_backend_column_is_the_selected_kernel():
+    bench = bm.Benchmark("tiny", overrides={"depth": 1}, cpu_memory=False)
+    column = lambda res, **kw: bench.row(bm.BenchConfig(**kw), res)[1]["sparse_backend"]  # noqa: E731
+    assert column(224, attention="dense") == ""
+    assert column(224) == "auto:gather"  # CPU
+    assert column(224, sparse_backend="gather") == "gather"
+    assert column(224, sparse_backend="flex") == "flex"  # inference: flex runs (uncompiled) on CPU too
+    assert column(112) == "auto:dense"  # one 8×8 window covers the 8×8 grid
+    assert column(112, sparse_backend="gather") == "gather:dense"
+    bench.device = torch.device("cuda")  # the column only asks select_kernel; nothing runs on the device
+    assert bench.kernel_column(bm.wrap_encoder(bench.vit, bench.preset, bm.BenchConfig()), 224) == "auto:flex"
+    # the plot and the summary group rows by the backend asked for
+    assert [bm.asked_backend(c) for c in ("", float("nan"), "auto:dense", "gather:dense", "flex")] == [
+        "auto",
+        "auto",
+        "auto",
+        "gather",
+        "flex",
+    ]
+
+
 def test_backend_of_the_attention_group_is_used_and_labels_are_distinct():
     with initialize_config_dir(CONF, version_base="1.3"):
         cfg = compose("benchmark", overrides=["attention.backend=gather"])

@@ -6,7 +6,7 @@ from conftest import tiny_encoder
 from safetensors.torch import save_file
 
 import hirespath
-from hirespath.models.backbones import build_timm_model, get_backbone
+from hirespath.models.backbones import ResolutionError, build_timm_model, check_resolution, get_backbone
 
 
 def test_presets_registered():
@@ -173,9 +173,13 @@ def test_unknown_preset_names_choices():
 def test_bad_images():
     enc = tiny_encoder()
     with pytest.raises(
-        ValueError, match=r"not a multiple of the patch size 14; nearest valid sizes: H in \(224, 238\)"
+        ValueError,
+        match=r"image size 230×224 is not a positive multiple of the patch size 14; nearest valid: H 224 or 238 "
+        r"\(resize or crop, or build the encoder with resize_input=True\)",
     ):
         enc(torch.randn(1, 3, 230, 224))
+    with pytest.raises(ValueError, match=r"nearest valid: H 224 or 238, W 98 or 112"):
+        enc(torch.randn(1, 3, 230, 100))
     with pytest.raises(TypeError, match="float tensor"):
         enc(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"B×3×H×W"):
@@ -233,3 +237,43 @@ def test_mlp_chunking_in_inference_is_exact():
         enc.mlp_chunk = 7
         chunked = enc(x)
     torch.testing.assert_close(chunked.patch_tokens, whole.patch_tokens, atol=1e-5, rtol=1e-5)
+
+
+NOT_MULTIPLE = "is not a positive multiple of the patch size"
+
+
+@pytest.mark.parametrize(
+    "args, message, nearest",
+    [
+        ((100, 14), f"resolution 100 {NOT_MULTIPLE} 14; nearest valid: 98 or 112", (98, 112)),
+        ((300, 16, "resolutions[1]"), f"resolutions[1] 300 {NOT_MULTIPLE} 16; nearest valid: 288 or 304", (288, 304)),
+        ((7, 14), f"resolution 7 {NOT_MULTIPLE} 14; nearest valid: 14 or 28", (14, 28)),
+        ((0, 14), f"resolution 0 {NOT_MULTIPLE} 14; nearest valid: 14 or 28", (14, 28)),
+        (
+            ((230, 224), 14, "image size", "resize"),
+            f"image size 230×224 {NOT_MULTIPLE} 14; nearest valid: H 224 or 238 (resize)",
+            ((224, 238), (224, 238)),
+        ),
+        (
+            ((224, 100), 14, "image size"),
+            f"image size 224×100 {NOT_MULTIPLE} 14; nearest valid: W 98 or 112",
+            ((224, 238), (98, 112)),
+        ),
+        (((230, 100), 14), "nearest valid: H 224 or 238, W 98 or 112", ((224, 238), (98, 112))),
+    ],
+)
+def test_check_resolution_names_size_patch_and_nearest(args, message, nearest):
+    with pytest.raises(ResolutionError) as err:
+        check_resolution(*args)
+    assert isinstance(err.value, ValueError)
+    assert message in str(err.value)
+    assert err.value.nearest == nearest
+
+
+def test_check_resolution_accepts_multiples_and_refuses_non_integers():
+    check_resolution(224, 14)
+    check_resolution(14, 14)
+    check_resolution((224, 98), 14)
+    for bad in (224.0, "224", True, (224,), (224, 224, 224), (224, 22.5)):
+        with pytest.raises(ValueError, match="integer number of pixels"):
+            check_resolution(bad, 14)

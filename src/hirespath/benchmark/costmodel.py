@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..models.attention import gather_chunk_keys, select_kernel
+
 
 @dataclass
 class Cost:
@@ -39,8 +41,8 @@ def _neighbourhood_keys(grid: tuple[int, int], window: int, radius: int) -> int:
 
 
 def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: int = 2, device: str = "cuda") -> Cost:
-    """Cost of ``encoder`` (a HiResEncoder) on one image of ``resolution`` pixels (side, or (H, W)) on ``device``
-    (``cpu`` or ``cuda``: the sparse kernel's key chunk differs)."""
+    """Cost of ``encoder`` (a HiResEncoder) on one image of ``resolution`` pixels (side, or (H, W)), in inference on
+    ``device`` (``cpu`` or ``cuda``): the attention is costed for the kernel ``select_kernel`` runs there."""
     H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     p = encoder.patch_size
     grid = (H // p, W // p)
@@ -50,6 +52,7 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
     heads = encoder.vit.blocks[0].attn.num_heads
     depth = encoder.depth
     pruner = encoder.pruner
+    kernel, _ = select_kernel(encoder.attention, encoder.sparse_backend, device, grid, encoder.window, training=False)
     kept_frac = 1.0
     full_blocks = depth
     if pruner.enabled:
@@ -63,16 +66,17 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
         n = round(N * frac) if frac < 1 else N
         L = P + n
         flops += 2 * _linear_macs_per_token(blk) * L
-        if encoder.attention in ("dense", "eager"):
+        if kernel in ("dense", "eager"):
             flops += 4 * L * L * D
             # eager holds the scores and their softmax at once (two H·L² buffers); SDPA keeps O(L) statistics
-            mem = 2 * heads * L * L * bytes_per_element if encoder.attention == "eager" else heads * L * 4
+            mem = 2 * heads * L * L * bytes_per_element if kernel == "eager" else heads * L * 4
         else:
             keys = _neighbourhood_keys(grid, encoder.window, encoder.radius) * frac * frac
             flops += 4 * (keys + n * P + P * L) * D  # patch→patch, patch→prefix, prefix→all
-            # upper bound over the kernels: flex's slot buffers for q, k, v, out (4·N·D; the gather kernel needs
-            # only the output rows) plus one chunk of gathered K and V (the kernel's default chunk on that device)
-            chunk = encoder.attn_chunk_keys or (1 << 13 if device == "cpu" else 1 << 18)
-            mem = (4 * n * D + 2 * min(chunk, L * 9) * D) * bytes_per_element
+            if kernel == "sparse[flex]":  # slot buffers for q, k, v and the output
+                mem = 4 * n * D * bytes_per_element
+            else:  # the output rows plus one chunk of gathered K and V (the kernel's chunk on that device)
+                chunk = encoder.attn_chunk_keys or gather_chunk_keys(device)
+                mem = (L * D + 2 * min(chunk, L * 9) * D) * bytes_per_element
         attn_mem = max(attn_mem, mem)
     return Cost(tokens=N, tflops=flops / 1e12, attn_memory_gb=attn_mem / 1e9)

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 
-from ..models.backbones import build_timm_model, get_backbone
-from ..models.encoder import HiResEncoder, use_flex_by_default
+from ..models.attention import select_kernel
+from ..models.backbones import build_timm_model, check_resolution, get_backbone
+from ..models.encoder import HiResEncoder
 from ..utils.io import atomic_path
 from .costmodel import encoder_cost
 from .memory_worker import cpu_peak_memory
-from .spec import COLUMNS, DTYPES, BenchConfig, is_oom, wrap_encoder
+from .spec import COLUMNS, DTYPES, BenchConfig, asked_backend, is_oom, wrap_encoder
 
 log = logging.getLogger("hirespath.benchmark")
 
@@ -139,13 +140,7 @@ class Benchmark:
         return int(self.vit.patch_embed.patch_size[0])
 
     def check_resolution(self, resolution: int) -> None:
-        p = self.patch_size
-        if resolution < p or resolution % p:
-            lo = max(p, resolution // p * p)
-            raise ValueError(
-                f"resolution {resolution} is not a positive multiple of the patch size {p}; "
-                f"nearest valid: {lo} or {lo + p}"
-            )
+        check_resolution(resolution, self.patch_size)
 
     def row(self, cfg: BenchConfig, resolution: int, status: str = "ok") -> tuple[HiResEncoder, dict]:
         """The encoder of ``cfg`` on the shared weights, and its CSV row with the analytic cost (not yet measured)."""
@@ -154,14 +149,6 @@ class Benchmark:
         cost = encoder_cost(
             enc, resolution, bytes_per_element=2 if self.dtype != "fp32" else 4, device=self.device.type
         )
-        backend = ""
-        if cfg.attention == "sparse":
-            backend = enc.sparse_backend
-            if backend == "auto":
-                grid = (resolution // self.patch_size,) * 2
-                backend = (
-                    "auto:flex" if use_flex_by_default(self.device.type == "cuda", grid, enc.window) else "auto:gather"
-                )
         return enc, dict(
             backbone=self.backbone,
             attention=cfg.attention,
@@ -177,8 +164,19 @@ class Benchmark:
             status=status,
             tflops=cost.tflops,
             attn_memory_gb=cost.attn_memory_gb,
-            sparse_backend=backend,
+            sparse_backend=self.kernel_column(enc, resolution),
         )
+
+    def kernel_column(self, enc: HiResEncoder, resolution: int) -> str:
+        """The ``sparse_backend`` column: empty for dense/eager; for sparse, the backend asked for, then ``:`` and
+        the kernel ``select_kernel`` runs in inference when it differs (``auto:flex``, ``auto:gather``; ``dense``
+        when one window covers the grid)."""
+        if enc.attention != "sparse":
+            return ""
+        grid = (resolution // self.patch_size,) * 2
+        name, _ = select_kernel(enc.attention, enc.sparse_backend, self.device, grid, enc.window, training=False)
+        ran = name.removeprefix("sparse[").removesuffix("]")
+        return enc.sparse_backend if ran == enc.sparse_backend else f"{enc.sparse_backend}:{ran}"
 
     def measure(self, cfg: BenchConfig, resolution: int, timed: bool = True) -> dict:
         enc, row = self.row(cfg, resolution)
@@ -347,13 +345,7 @@ def summarize(rows: list[dict]) -> str:
                 window=int(r.window),
                 prune_ratio=float(r.prune_ratio),
                 prune_layer=int(r.prune_layer),
-                sparse_backend=(
-                    r.sparse_backend
-                    if isinstance(r.sparse_backend, str)
-                    and r.sparse_backend
-                    and not r.sparse_backend.startswith("auto")
-                    else "auto"
-                ),
+                sparse_backend=asked_backend(r.sparse_backend),
             ).label
             cols = []
             for a in ("dense", "eager"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..utils.io import atomic_path
-from .spec import COLUMNS, BenchConfig
+from .spec import COLUMNS, BenchConfig, asked_backend
 
 
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
@@ -19,7 +19,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    backend = df.sparse_backend.fillna("").astype(str).map(lambda b: "auto" if not b or b.startswith("auto") else b)
+    backend = df.sparse_backend.map(asked_backend)
     for key, group in df.assign(backend=backend).groupby(
         ["attention", "window", "prune_ratio", "prune_layer", "backend"], sort=False
     ):

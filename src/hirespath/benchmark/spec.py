@@ -30,6 +30,12 @@ COLUMNS = [
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def asked_backend(column) -> str:
+    """The backend a row's configuration asked for, from its ``sparse_backend`` column (``asked`` or
+    ``asked:ran``, empty for dense/eager): what identifies its plot line."""
+    return column.split(":")[0] if isinstance(column, str) and column else "auto"
+
+
 @dataclass
 class BenchConfig:
     """One line of the plot: an attention configuration on a backbone."""

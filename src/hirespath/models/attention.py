@@ -10,19 +10,27 @@ neighbourhood, clipped at the border) plus all prefix tokens; prefix tokens atte
 No L×L tensor is ever built. The gather kernel (CPU, training, very large grids) gathers each block's
 neighbourhood K/V rows by index and runs SDPA over chunks of similar blocks; the flex kernel (CUDA inference)
 scatters the patch tokens into per-block slots and runs flex_attention with a block-sparse BlockMask.
+
+``ATTENTION_KERNELS`` names the kernels (dense, eager, sparse[gather], sparse[flex]) and ``select_kernel`` holds the
+policy choosing one (timm's ``ATTN_LAYERS`` / ``use_fused_attn`` in spirit): the encoder, the cost model and the
+benchmark all ask it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+T = TypeVar("T")
 ATTENTION_MODES = ("dense", "eager", "sparse")
 SPARSE_BACKENDS = ("auto", "gather", "flex")  # flex: torch flex_attention, compiled on CUDA
+FLEX_MAX_BLOCKS = 4096  # flex's BlockMask holds (blocks × blocks) int32 index tables: 64 MB each at 4096
 
 
 @dataclass
@@ -43,7 +51,7 @@ class TokenLayout:
     grid: tuple[int, int]
     positions: Tensor  # B×N×2 long (row, col)
     num_prefix: int
-    _plans: dict = field(default_factory=dict, repr=False)
+    _plans: dict = field(default_factory=dict, repr=False)  # read and written through ``plan`` only
 
     @classmethod
     def full_grid(cls, batch: int, grid: tuple[int, int], num_prefix: int, device) -> TokenLayout:
@@ -57,11 +65,20 @@ class TokenLayout:
         pos = self.positions.gather(1, keep[..., None].expand(-1, -1, 2))
         return TokenLayout(grid=self.grid, positions=pos, num_prefix=self.num_prefix)
 
-    def sparse_plan(self, window: int, radius: int, align: int = 1) -> SparsePlan:
-        key = (window, radius, align)
+    def plan(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The plan cached under ``key`` for this layout, built by ``build()`` on first use.
+
+        Plans (slot layouts, gather chunks, block masks) depend only on the token positions, so every block of
+        a forward reuses them; a layout from ``select`` (pruning) starts with an empty cache.
+        """
         if key not in self._plans:
-            self._plans[key] = build_sparse_plan(self.positions, self.grid, window, radius, align)
+            self._plans[key] = build()
         return self._plans[key]
+
+    def sparse_plan(self, window: int, radius: int, align: int = 1) -> SparsePlan:
+        return self.plan(
+            (window, radius, align), lambda: build_sparse_plan(self.positions, self.grid, window, radius, align)
+        )
 
 
 def block_neighbours(n_br: int, n_bc: int, radius: int, device) -> tuple[Tensor, Tensor]:
@@ -279,23 +296,32 @@ def _cut_chunks(n_q: list[int], n_keys: list[int], chunk_keys: int, max_padding:
     return cuts
 
 
+def gather_chunk_keys(device: torch.device | str) -> int:
+    """Default gathered key rows per chunk of the gather kernel: small on CPU (the gathered K/V stay in cache:
+    8192 rows ran the gather 7× faster than 65536), larger on GPUs (fewer launches)."""
+    return 1 << 18 if _device_type(device) == "cuda" else 1 << 13
+
+
 def sparse_attention(
     attn,
     x: Tensor,
     layout: TokenLayout,
     window: int,
     radius: int = 1,
-    chunk_keys: int = 1 << 13,
+    chunk_keys: int | None = None,
     qkv: tuple | None = None,
 ) -> Tensor:
-    """Index-gather kernel: each chunk of query blocks gathers its neighbourhood K/V rows and runs masked SDPA."""
+    """Index-gather kernel: each chunk of query blocks gathers its neighbourhood K/V rows and runs masked SDPA.
+
+    ``chunk_keys``: gathered key rows per chunk; None: ``gather_chunk_keys`` of the device."""
     q, k, v = qkv or split_heads(attn, x)
     P = layout.num_prefix
     B, L, H, d = q.shape
-    key = ("gather", window, radius, chunk_keys)
-    if key not in layout._plans:
-        layout._plans[key] = build_gather_chunks(layout.positions, layout.grid, P, window, radius, chunk_keys)
-    chunks = layout._plans[key]
+    chunk_keys = chunk_keys or gather_chunk_keys(x.device)
+    chunks = layout.plan(
+        ("gather", window, radius, chunk_keys),
+        lambda: build_gather_chunks(layout.positions, layout.grid, P, window, radius, chunk_keys),
+    )
 
     # Row views of the projections (B·L × H·d; a view of the fused qkv output, no copy).
     q_all, k_all, v_all = (t.reshape(B * L, H * d) for t in (q, k, v))
@@ -404,10 +430,7 @@ def sparse_attention_flex(
     B, L, H, d = q.shape
     plan = layout.sparse_plan(window, radius, align=max(16, 1 << (P - 1).bit_length()))
     C, nb = plan.capacity, plan.num_blocks
-    key = ("flex_mask", window, radius, B)
-    if key not in layout._plans:
-        layout._plans[key] = flex_block_mask(plan, P, B)
-    block_mask = layout._plans[key]
+    block_mask = layout.plan(("flex_mask", window, radius, B), lambda: flex_block_mask(plan, P, B))
 
     out_prefix = _prefix_rows(attn, q, k, v, P)
     SQ, SKV, Hd = (nb + 1) * C, (nb + 2) * C, H * d  # KV block nb + 1 holds the prefix keys
@@ -418,6 +441,87 @@ def sparse_attention_flex(
     tile = min(C, 128)
     ob = flex(qb, kb, vb, block_mask=block_mask, scale=attn.scale, kernel_options={"BLOCK_M": tile, "BLOCK_N": tile})
     return _from_slots(attn, x, q, out_prefix, ob.transpose(1, 2).reshape(B * SQ, Hd), q_rows)
+
+
+# --- kernel registry and selection policy ------------------------------------------------------------
+# Every kernel is called as ``kernel(attn, x, layout, qkv=None, *, window, radius, chunk_keys)`` and returns what
+# timm's ``Attention.forward(x)`` would; the arguments a kernel does not use are ignored.
+
+
+def _dense_kernel(attn, x, layout, qkv=None, *, window=None, radius=None, chunk_keys=None) -> Tensor:
+    return dense_attention(attn, x, layout, qkv)
+
+
+def _eager_kernel(attn, x, layout, qkv=None, *, window=None, radius=None, chunk_keys=None) -> Tensor:
+    return eager_attention(attn, x, layout, qkv)
+
+
+def _gather_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None) -> Tensor:
+    return sparse_attention(attn, x, layout, window, radius, chunk_keys, qkv)
+
+
+def _flex_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None) -> Tensor:
+    return sparse_attention_flex(attn, x, layout, window, radius, qkv)
+
+
+ATTENTION_KERNELS: dict[str, Callable[..., Tensor]] = {
+    "dense": _dense_kernel,  # SDPA (fused, O(L) memory)
+    "eager": _eager_kernel,  # the materialised L×L matrix (the paper's "vanilla")
+    "sparse[gather]": _gather_kernel,  # index-gather + chunked SDPA: CPU, training, very large grids
+    "sparse[flex]": _flex_kernel,  # flex_attention with a block-sparse BlockMask: CUDA inference
+}
+
+
+def _device_type(device: torch.device | str) -> str:
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
+def check_kernel_names(mode: str, backend: str = "auto") -> None:
+    """Raise ValueError for an attention mode or sparse backend that ``select_kernel`` does not know."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {mode!r}")
+    if backend not in SPARSE_BACKENDS:
+        raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {backend!r}")
+
+
+def select_kernel(
+    mode: str,
+    backend: str,
+    device: torch.device | str,
+    grid: tuple[int, int],
+    window: int,
+    training: bool = False,
+    *,
+    dropout: bool = False,
+) -> tuple[str, Callable[..., Tensor]]:
+    """The attention kernel that runs: ``(name, kernel)``, ``name`` a key of ``ATTENTION_KERNELS``.
+
+    The whole policy, used by the encoder, the cost model and the benchmark:
+    - ``dense`` and ``eager`` run themselves.
+    - ``sparse`` with a window covering the whole (full, unpruned) ``grid`` is dense attention: ``dense``.
+    - ``sparse``, backend ``auto``: flex_attention for CUDA inference (faster and leaner on H100, see README,
+      Benchmarks) up to ``FLEX_MAX_BLOCKS`` blocks (its block tables grow quadratically); gather otherwise
+      (CPU, training, very large grids).
+    - ``sparse``, backend ``flex``: flex, except where it cannot run: ``dropout`` (attention dropout active; flex
+      has none on the sparse rows) or ``training`` on a non-CUDA device (no CPU backward): gather there.
+    - ``sparse``, backend ``gather``: gather.
+    ``training``: gradients are being computed (``torch.is_grad_enabled()`` in a forward).
+    """
+    check_kernel_names(mode, backend)
+    if mode != "sparse":
+        name = mode
+    elif window >= max(grid):
+        name = "dense"  # one block holds the whole grid: sparse attention is dense attention (bitwise)
+    else:
+        cuda = _device_type(device) == "cuda"
+        flex_runs = not dropout and (cuda or not training)
+        blocks = math.ceil(grid[0] / window) * math.ceil(grid[1] / window)
+        if backend == "auto":
+            flex = flex_runs and cuda and not training and blocks <= FLEX_MAX_BLOCKS
+        else:
+            flex = flex_runs and backend == "flex"
+        name = "sparse[flex]" if flex else "sparse[gather]"
+    return name, ATTENTION_KERNELS[name]
 
 
 def sparse_reference_mask(layout: TokenLayout, window: int, radius: int = 1) -> Tensor:

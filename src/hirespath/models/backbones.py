@@ -8,6 +8,7 @@ official weights live. Nothing is ever downloaded: weights are always a local fi
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -56,6 +57,49 @@ def get_backbone(name: str) -> BackbonePreset:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown backbone preset {name!r}; choose one of {list_backbones()}") from None
+
+
+class ResolutionError(ValueError):
+    """An image size that is not a positive multiple of the patch size.
+
+    ``nearest``: the two nearest valid sizes, ``(lo, hi)`` for a side, one such pair per side for an (H, W) size.
+    """
+
+    def __init__(self, message: str, size, patch: int, nearest: tuple):
+        super().__init__(message)
+        self.size, self.patch, self.nearest = size, patch, nearest
+
+
+def nearest_multiples(size: int, patch: int) -> tuple[int, int]:
+    """The valid sizes around ``size``: the largest positive multiple of ``patch`` not above it (at least
+    ``patch``) and the next one."""
+    lo = max(patch, size // patch * patch)
+    return lo, lo + patch
+
+
+def check_resolution(size: int | tuple[int, int], patch: int, what: str = "resolution", hint: str = "") -> None:
+    """Raise ``ResolutionError`` (a ValueError) unless ``size`` — a side in pixels, or an (H, W) pair — is a
+    positive multiple of the patch size ``patch`` on every side; the message names ``what``, the size, the patch
+    size and the two nearest valid sizes (of each bad side), then ``hint`` in parentheses."""
+    pair = isinstance(size, (tuple, list))
+    sides = tuple(size) if pair else (size,)
+    if len(sides) != (2 if pair else 1) or any(
+        isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in sides
+    ):
+        raise ValueError(f"{what} must be an integer number of pixels or an (H, W) pair of them, got {size!r}")
+    bad = [i for i, s in enumerate(sides) if s < patch or s % patch]
+    if not bad:
+        return
+    nearest = tuple(nearest_multiples(int(s), patch) for s in sides)
+    labels = ("H ", "W ") if pair else ("",)
+    valid = ", ".join(f"{labels[i]}{nearest[i][0]} or {nearest[i][1]}" for i in bad)
+    raise ResolutionError(
+        f"{what} {'×'.join(map(str, sides))} is not a positive multiple of the patch size {patch}; "
+        f"nearest valid: {valid}" + (f" ({hint})" if hint else ""),
+        size,
+        patch,
+        nearest if pair else nearest[0],
+    )
 
 
 _SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,18 +13,8 @@ except ImportError:  # timm < 1.0.16 keeps it in the ViT module
     from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from .attention import (
-    ATTENTION_MODES,
-    SPARSE_BACKENDS,
-    TokenLayout,
-    dense_attention,
-    eager_attention,
-    prefix_attention_probs,
-    sparse_attention,
-    sparse_attention_flex,
-    split_heads,
-)
-from .backbones import BackbonePreset, build_timm_model, get_backbone
+from .attention import TokenLayout, check_kernel_names, prefix_attention_probs, select_kernel, split_heads
+from .backbones import BackbonePreset, build_timm_model, check_resolution, get_backbone
 from .pruning import GlobalAttentionPruner
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -52,16 +41,6 @@ class TokenState:
     layout: TokenLayout
 
 
-FLEX_MAX_BLOCKS = 4096  # flex's BlockMask holds (blocks × blocks) int32 index tables: 64 MB each at 4096
-
-
-def use_flex_by_default(cuda: bool, grid: tuple[int, int], window: int, training: bool = False) -> bool:
-    """``sparse_backend=auto``: flex_attention for CUDA inference (faster and leaner on H100, see README,
-    Benchmarks) unless the block tables would grow large; the index-gather kernel otherwise (CPU, training)."""
-    blocks = math.ceil(grid[0] / window) * math.ceil(grid[1] / window)
-    return cuda and not training and blocks <= FLEX_MAX_BLOCKS
-
-
 def _add_residual(x: Tensor, y: Tensor, layer_scale: nn.Module, drop_path: nn.Module, inplace: bool = False) -> Tensor:
     """``x + drop_path(layer_scale(y))``; in inference a LayerScale is applied by one fused addcmul (one pass over
     the tokens instead of two)."""
@@ -73,18 +52,12 @@ def _add_residual(x: Tensor, y: Tensor, layer_scale: nn.Module, drop_path: nn.Mo
     return x.addcmul_(y, gamma) if inplace else torch.addcmul(x, y, gamma)
 
 
-def check_attention_args(attention: str, window: int, radius: int) -> None:
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+def check_attention_args(attention: str, window: int, radius: int, sparse_backend: str = "auto") -> None:
+    check_kernel_names(attention, sparse_backend)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window must be an integer >= 1 (block side in patches), got {window!r}")
     if not isinstance(radius, int) or isinstance(radius, bool) or radius < 0:
         raise ValueError(f"radius must be an integer >= 0 (neighbour blocks on each side), got {radius!r}")
-
-
-def nearest_multiples(size: int, patch: int) -> tuple[int, int]:
-    lo = max(patch, (size // patch) * patch)
-    return lo, lo + patch
 
 
 class HiResEncoder(nn.Module):
@@ -110,7 +83,7 @@ class HiResEncoder(nn.Module):
         sparse_backend: str = "auto",
     ):
         super().__init__()
-        check_attention_args(attention, window, radius)
+        check_attention_args(attention, window, radius, sparse_backend)
         for i, blk in enumerate(vit.blocks):
             missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
             if missing or not isinstance(blk.attn, Attention):
@@ -138,8 +111,6 @@ class HiResEncoder(nn.Module):
         self.resize_input = resize_input
         self.mlp_chunk = mlp_chunk
         self.attn_chunk_keys = attn_chunk_keys
-        if sparse_backend not in SPARSE_BACKENDS:
-            raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {sparse_backend!r}")
         self.sparse_backend = sparse_backend
 
     # --- facts about the backbone -------------------------------------------------------------
@@ -187,15 +158,11 @@ class HiResEncoder(nn.Module):
             raise ValueError(f"images must have shape B×{in_chans}×H×W, got {tuple(images.shape)}")
         H, W = images.shape[-2:]
         p = self.patch_size
-        if H % p or W % p:
-            if self.resize_input:
-                size = [max(p, round(s / p) * p) for s in (H, W)]
+        if self.resize_input:
+            size = [max(p, round(s / p) * p) for s in (H, W)]
+            if size != [H, W]:
                 return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-            valid = [nearest_multiples(s, p) for s in (H, W)]
-            raise ValueError(
-                f"image size {H}×{W} is not a multiple of the patch size {p}; nearest valid sizes: "
-                f"H in {valid[0]}, W in {valid[1]} (resize or crop, or build the encoder with resize_input=True)"
-            )
+        check_resolution((H, W), p, "image size", hint="resize or crop, or build the encoder with resize_input=True")
         return images
 
     def embed(self, images: Tensor) -> TokenState:
@@ -208,27 +175,16 @@ class HiResEncoder(nn.Module):
         return TokenState(x, TokenLayout.full_grid(x.shape[0], grid, self.num_prefix_tokens, x.device))
 
     def attend(self, attn: nn.Module, x: Tensor, layout: TokenLayout, qkv: tuple | None = None) -> Tensor:
-        if self.attention == "dense":
-            return dense_attention(attn, x, layout, qkv)
-        if self.attention == "eager":
-            return eager_attention(attn, x, layout, qkv)
-        if self.window >= max(layout.grid):
-            # one block holds the whole grid: sparse attention is dense attention (bitwise, as documented)
-            return dense_attention(attn, x, layout, qkv)
-        # flex has no attention dropout on the sparse rows and no CPU backward: those cases take the gather kernel
-        flex_ok = not (attn.training and attn.attn_drop.p > 0) and (x.is_cuda or not torch.is_grad_enabled())
-        if flex_ok and (
-            self.sparse_backend == "flex"
-            or (
-                self.sparse_backend == "auto"
-                and use_flex_by_default(x.is_cuda, layout.grid, self.window, training=torch.is_grad_enabled())
-            )
-        ):
-            return sparse_attention_flex(attn, x, layout, self.window, self.radius, qkv)
-        # Bounded chunks of gathered keys: small on CPU (the gathered K/V stay in cache: 8192 rows ran the gather
-        # 7× faster than 65536), larger on GPUs (fewer launches).
-        chunk = self.attn_chunk_keys or (1 << 18 if x.is_cuda else 1 << 13)
-        return sparse_attention(attn, x, layout, self.window, self.radius, chunk, qkv)
+        _, kernel = select_kernel(
+            self.attention,
+            self.sparse_backend,
+            x.device,
+            layout.grid,
+            self.window,
+            training=torch.is_grad_enabled(),
+            dropout=attn.training and attn.attn_drop.p > 0,
+        )
+        return kernel(attn, x, layout, qkv, window=self.window, radius=self.radius, chunk_keys=self.attn_chunk_keys)
 
     def _mlp_chunk_tokens(self, blk: nn.Module, x: Tensor) -> int:
         if x.is_cuda:
@@ -316,7 +272,7 @@ def create_encoder(
     """
     preset = get_backbone(backbone)
     # Validate the cheap arguments before building a possibly billion-parameter model.
-    check_attention_args(attention, window, radius)
+    check_attention_args(attention, window, radius, sparse_backend)
     GlobalAttentionPruner(prune_ratio, prune_layer, prune_score_tokens)
     vit = build_timm_model(preset, weights=weights, **arch_overrides)
     return HiResEncoder(

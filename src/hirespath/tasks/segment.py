@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.segpath import CELL_TYPES, load_pair
 from ..data.segpath_datamodule import SegPathDataModule
 from ..heads.mask2former import SegmentationModel
+from ..models.backbones import check_resolution
 from ..modules.segmentation import SegmentationModule
 from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, write_json
@@ -36,12 +37,7 @@ def run_segment(cfg: DictConfig) -> dict:
     if unknown:
         raise ValueError(f"data.cell_types: unknown {unknown}; choose among {list(CELL_TYPES)}")
     encoder = instantiate(cfg.encoder)
-    p = encoder.patch_size
-    if cfg.resolution % p:
-        raise ValueError(
-            f"resolution {cfg.resolution} is not a multiple of the patch size {p}; "
-            f"nearest valid: {cfg.resolution // p * p} or {(cfg.resolution // p + 1) * p}"
-        )
+    check_resolution(cfg.resolution, encoder.patch_size)
     head = OmegaConf.to_container(cfg.head, resolve=True)
     head.pop("name", None)
     model = SegmentationModel(encoder, num_classes=len(CELL_TYPES), **head)

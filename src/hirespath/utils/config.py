@@ -77,6 +77,8 @@ def backbone_geometry(name: str, overrides: dict | None) -> tuple[int, int | Non
 def validate_config(cfg: DictConfig) -> None:
     """Check the shared keys of a task config; raise one ConfigValidationError naming every bad key."""
     from ..models import ATTENTION_MODES, list_backbones
+    from ..models.backbones import ResolutionError
+    from ..models.backbones import check_resolution as check_patch_multiple
     from ..models.pruning import SCORE_TOKENS
 
     errors: list[str] = []
@@ -123,12 +125,13 @@ def validate_config(cfg: DictConfig) -> None:
 
     def check_resolution(key: str, value: Any) -> None:
         multiple = f" of the patch size {patch} ({name})" if patch else ""
-        if not (_is_int(value) and value > 0 and (patch is None or value % patch == 0)):
-            hint = ""
-            if _is_int(value) and value > 0 and patch:
-                lo = max(patch, value // patch * patch)
-                hint = f", e.g. {lo} or {lo + patch}"
-            bad(key, value, f"a positive integer multiple{multiple}{hint}")
+        if not (_is_int(value) and value > 0):
+            bad(key, value, f"a positive integer multiple{multiple}")
+        elif patch:
+            try:
+                check_patch_multiple(value, patch)
+            except ResolutionError as err:
+                bad(key, value, f"a positive integer multiple{multiple}, e.g. {err.nearest[0]} or {err.nearest[1]}")
 
     if "resolution" in cfg and _get(cfg, "resolution") is not None:
         check_resolution("resolution", _get(cfg, "resolution"))

@@ -1,0 +1,132 @@
+"""The attention-kernel registry and its selection policy, and the token layout's plan cache."""
+
+import pytest
+import torch
+from conftest import tiny_encoder
+
+from hirespath.models import attention as A
+from hirespath.models.attention import (
+    ATTENTION_KERNELS,
+    FLEX_MAX_BLOCKS,
+    TokenLayout,
+    select_kernel,
+    sparse_attention,
+    split_heads,
+)
+
+GRID = (16, 16)  # 4×4 blocks of window 4
+
+
+@pytest.mark.parametrize(
+    "mode, backend, device, grid, window, training, dropout, expected",
+    [
+        ("dense", "auto", "cuda", GRID, 4, False, False, "dense"),
+        ("eager", "flex", "cpu", GRID, 4, True, False, "eager"),
+        # auto: flex for CUDA inference up to FLEX_MAX_BLOCKS blocks, gather elsewhere
+        ("sparse", "auto", "cpu", GRID, 4, False, False, "sparse[gather]"),
+        ("sparse", "auto", "cuda", GRID, 4, False, False, "sparse[flex]"),
+        ("sparse", "auto", torch.device("cuda", 0), GRID, 4, False, False, "sparse[flex]"),
+        ("sparse", "auto", "cuda", (FLEX_MAX_BLOCKS // 64, 64), 1, False, False, "sparse[flex]"),  # at the limit
+        ("sparse", "auto", "cuda", (FLEX_MAX_BLOCKS // 64, 65), 1, False, False, "sparse[gather]"),  # above it
+        ("sparse", "auto", "cuda", (FLEX_MAX_BLOCKS // 64 * 3, 64 * 3), 3, False, False, "sparse[flex]"),
+        ("sparse", "auto", "cuda", GRID, 4, True, False, "sparse[gather]"),  # training
+        ("sparse", "auto", "cuda", GRID, 4, False, True, "sparse[gather]"),  # attention dropout
+        # explicit backends are honoured where they can run
+        ("sparse", "gather", "cuda", GRID, 4, False, False, "sparse[gather]"),
+        ("sparse", "flex", "cpu", GRID, 4, False, False, "sparse[flex]"),
+        ("sparse", "flex", "cuda", (FLEX_MAX_BLOCKS // 64, 65), 1, False, False, "sparse[flex]"),
+        ("sparse", "flex", "cuda", GRID, 4, True, False, "sparse[flex]"),  # CUDA has flex's backward
+        ("sparse", "flex", "cpu", GRID, 4, True, False, "sparse[gather]"),  # no CPU backward
+        ("sparse", "flex", "cuda", GRID, 4, True, True, "sparse[gather]"),  # flex has no attention dropout
+        # one window covering the whole grid is dense attention, whatever the backend
+        ("sparse", "auto", "cuda", GRID, 16, False, False, "dense"),
+        ("sparse", "gather", "cpu", (7, 5), 7, True, False, "dense"),
+    ],
+)
+def test_select_kernel_policy(mode, backend, device, grid, window, training, dropout, expected):
+    name, kernel = select_kernel(mode, backend, device, grid, window, training, dropout=dropout)
+    assert name == expected
+    assert kernel is ATTENTION_KERNELS[name]
+
+
+def test_registry_names():
+    assert set(ATTENTION_KERNELS) == {"dense", "eager", "sparse[gather]", "sparse[flex]"}
+
+
+@pytest.mark.parametrize(
+    "mode, backend, words",
+    [
+        ("flash", "auto", ["attention must be one of", "'dense', 'eager', 'sparse'", "'flash'"]),
+        ("sparse", "natten", ["sparse_backend must be one of", "'auto', 'gather', 'flex'", "'natten'"]),
+        ("dense", "natten", ["sparse_backend must be one of"]),  # checked even where it would not be used
+    ],
+)
+def test_select_kernel_bad_names(mode, backend, words):
+    with pytest.raises(ValueError) as err:
+        select_kernel(mode, backend, "cpu", GRID, 4)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_bad_backend_is_refused_at_construction():
+    with pytest.raises(ValueError, match="sparse_backend must be one of"):
+        tiny_encoder(sparse_backend="natten")
+
+
+@pytest.mark.parametrize(
+    "kwargs, size, grad, expected",
+    [
+        (dict(attention="sparse", window=2), 14 * 6, False, "sparse[gather]"),
+        (dict(attention="sparse", window=2), 14 * 6, True, "sparse[gather]"),
+        (dict(attention="sparse", window=2, sparse_backend="flex"), 14 * 6, False, "sparse[flex]"),
+        (dict(attention="sparse", window=2, sparse_backend="flex"), 14 * 6, True, "sparse[gather]"),
+        (dict(attention="sparse", window=8), 14 * 6, False, "dense"),
+        (dict(attention="eager"), 14 * 6, False, "eager"),
+    ],
+)
+def test_encoder_runs_the_selected_kernel(monkeypatch, kwargs, size, grad, expected):
+    enc = tiny_encoder(depth=3, **kwargs)
+    calls = []
+    for name, kernel in list(ATTENTION_KERNELS.items()):
+
+        def spy(*args, _name=name, _kernel=kernel, **kw):
+            calls.append(_name)
+            return _kernel(*args, **kw)
+
+        monkeypatch.setitem(ATTENTION_KERNELS, name, spy)
+    with torch.set_grad_enabled(grad):
+        enc(torch.randn(1, 3, size, size))
+    assert calls == [expected] * 3
+
+
+def test_layout_plan_is_built_once_per_key():
+    layout = TokenLayout.full_grid(2, (6, 5), 1, "cpu")
+    builds = []
+
+    def build(value):
+        builds.append(value)
+        return [value]
+
+    first = layout.plan(("a", 1), lambda: build(1))
+    assert layout.plan(("a", 1), lambda: build(2)) is first and builds == [1]
+    assert layout.plan(("a", 2), lambda: build(3)) == [3] and builds == [1, 3]
+    # a pruned layout has other positions: its plans are its own
+    pruned = layout.select(torch.tensor([[0, 2, 4], [1, 3, 5]]))
+    assert pruned.plan(("a", 1), lambda: build(4)) == [4] and builds == [1, 3, 4]
+    assert layout.sparse_plan(2, 1) is layout.sparse_plan(2, 1)
+
+
+def test_gather_kernel_reuses_the_layout_plan_across_blocks(monkeypatch):
+    enc = tiny_encoder(attention="sparse", window=2)
+    attn = enc.vit.blocks[0].attn
+    layout = TokenLayout.full_grid(2, (6, 5), enc.num_prefix_tokens, "cpu")
+    x = torch.randn(2, enc.num_prefix_tokens + 30, enc.embed_dim)
+    built = []
+    real = A.build_gather_chunks
+    monkeypatch.setattr(A, "build_gather_chunks", lambda *a, **k: built.append(a) or real(*a, **k))
+    with torch.no_grad():
+        first = sparse_attention(attn, x, layout, 2, 1, chunk_keys=64)
+        again = sparse_attention(attn, x, layout, 2, 1, chunk_keys=64, qkv=split_heads(attn, x))
+        sparse_attention(attn, x, layout, 2, 1, chunk_keys=128)  # another chunking: another plan
+    assert len(built) == 2
+    assert torch.equal(first, again)
