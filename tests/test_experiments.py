@@ -22,13 +22,13 @@ def test_classification_grids(exp, jobs):
     cfg = _compose("classify", [f"experiment={exp}"])
     assert _jobs(cfg) == jobs and cfg.backbone.name == "uni2_h"
     if exp != "table1":
-        assert cfg.resolution == 3430 and cfg.attention.mode == "sparse" and cfg.pruner.ratio == 0.6
+        assert cfg.resolution == 3430 and cfg.attention.mode == "sparse" and cfg.pruner.prune_ratio == 0.6
 
 
 @pytest.mark.parametrize("method,mode,ratio", [("vanilla", "dense", 0.0), ("ours", "sparse", 0.6)])
 def test_method_sets_attention_and_pruner(method, mode, ratio):
     cfg = _compose("classify", [f"method={method}"])
-    assert cfg.attention.mode == mode and cfg.pruner.ratio == ratio
+    assert cfg.attention.mode == mode and cfg.pruner.prune_ratio == ratio
 
 
 @pytest.mark.parametrize("task", ["classify", "extract", "segment", "benchmark", "make_synthetic", "report"])

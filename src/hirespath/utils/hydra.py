@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..configs import register_configs
+
 log = logging.getLogger("hirespath")
 
 
@@ -30,6 +32,7 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+register_configs()  # the config groups' schemas (hirespath.configs), before any entry point composes
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
