@@ -40,7 +40,7 @@ format:
 	$(PY) -m ruff format $(LINT_PATHS)
 
 DEMO_DATA ?= data/panda_synthetic
-DEMO_ARGS ?= data.root=$(DEMO_DATA) data.fov_um=512 backbone=tiny resolution=448 attention=sparse pruner=global_attention pruner.layer=2 logger=wandb
+DEMO_ARGS ?= data.root=$(DEMO_DATA) data.fov_um=512 backbone=tiny resolution=448 attention=sparse pruner=global_attention pruner.prune_layer=2 logger=wandb
 
 demo:
 	# A small synthetic PANDA (real layout: pyramidal TIFFs + train.csv), then classification on CPU with the

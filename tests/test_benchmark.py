@@ -211,7 +211,7 @@ def test_sparse_backend_column_is_the_selected_kernel():
 
 def test_backend_of_the_attention_group_is_used_and_labels_are_distinct():
     with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose("benchmark", overrides=["attention.backend=gather"])
+        cfg = compose("benchmark", overrides=["attention.sparse_backend=gather"])
     assert [c.sparse_backend for c in bm.configs_from(cfg)] == ["gather"]
     labels = {
         bm.BenchConfig(radius=1).label,

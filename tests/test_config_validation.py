@@ -32,12 +32,17 @@ def test_default_configs_pass():
         (["attention.mode=sprase"], "attention.mode='sprase'", ["dense", "eager", "sparse", "did you mean 'sparse'"]),
         (["attention.window=0"], "attention.window=0", [">= 1"]),
         (["attention.radius=-1"], "attention.radius=-1", [">= 0"]),
-        (["pruner.ratio=1.0"], "pruner.ratio=1.0", ["[0, 1)"]),
-        (["pruner.ratio=-0.1"], "pruner.ratio=-0.1", ["[0, 1)"]),
-        (["pruner.layer=24"], "pruner.layer=24", ["[1, 23]", "uni2_h has 24 blocks"]),
-        (["backbone=tiny", "pruner.layer=6"], "pruner.layer=6", ["[1, 5]"]),
-        (["backbone=tiny", "+backbone.overrides.depth=2", "pruner.layer=2"], "pruner.layer=2", ["[1, 1]"]),
-        (["pruner.score_tokens=registers"], "pruner.score_tokens='registers'", ["cls", "all"]),
+        (["attention.sparse_backend=flash"], "attention.sparse_backend='flash'", ["auto", "gather", "flex"]),
+        (["pruner.prune_ratio=1.0"], "pruner.prune_ratio=1.0", ["[0, 1)"]),
+        (["pruner.prune_ratio=-0.1"], "pruner.prune_ratio=-0.1", ["[0, 1)"]),
+        (["pruner.prune_layer=24"], "pruner.prune_layer=24", ["[1, 23]", "uni2_h has 24 blocks"]),
+        (["backbone=tiny", "pruner.prune_layer=6"], "pruner.prune_layer=6", ["[1, 5]"]),
+        (
+            ["backbone=tiny", "+backbone.overrides.depth=2", "pruner.prune_layer=2"],
+            "pruner.prune_layer=2",
+            ["[1, 1]"],
+        ),
+        (["pruner.prune_score_tokens=registers"], "pruner.prune_score_tokens='registers'", ["cls", "all"]),
         (["resolutions=[224,450]"], "resolutions[1]=450", ["multiple of the patch size 14", "448 or 462"]),
         (["backbone=uni", "resolutions=[224,300]"], "resolutions[1]=300", ["patch size 16 (uni)", "288 or 304"]),
         (["backbone.name=uni3"], "backbone.name='uni3'", ["uni2_h", "did you mean"]),
@@ -53,14 +58,14 @@ def test_bad_values_name_key_value_and_range(overrides, key, words):
 
 
 def test_ratio_zero_ignores_layer():
-    validate_config(_benchmark("pruner=none", "pruner.layer=99"))
+    validate_config(_benchmark("pruner=none", "pruner.prune_layer=99"))
 
 
 def test_all_errors_in_one_message():
     with pytest.raises(ConfigValidationError) as err:
-        validate_config(_benchmark("attention.mode=flash", "attention.window=-2", "pruner.ratio=2"))
+        validate_config(_benchmark("attention.mode=flash", "attention.window=-2", "pruner.prune_ratio=2"))
     msg = str(err.value)
-    assert "attention.mode" in msg and "attention.window" in msg and "pruner.ratio" in msg
+    assert "attention.mode" in msg and "attention.window" in msg and "pruner.prune_ratio" in msg
 
 
 def test_resolution_and_named_groups(tmp_path):
@@ -110,3 +115,98 @@ def test_task_fails_before_compute(tmp_path):
     assert proc.returncode != 0
     assert "attention.mode='sprase'" in proc.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def _compose(task, *overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(task, overrides=list(overrides))
+
+
+def _composition_error(task, *overrides) -> str:
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        _compose(task, *overrides)
+    return f"{err.value}\n{err.value.__cause__}"
+
+
+@pytest.mark.parametrize(
+    "task, overrides, key, schema",
+    [
+        ("benchmark", ["pruner.prune_ratoi=0.5"], "pruner.prune_ratoi", "PrunerConfig"),
+        ("benchmark", ["pruner.ratio=0.5"], "pruner.ratio", "PrunerConfig"),  # the key's name before the rename
+        ("benchmark", ["pruner.layer=2"], "pruner.layer", "PrunerConfig"),
+        ("benchmark", ["attention.backend=gather"], "attention.backend", "AttentionConfig"),
+        ("benchmark", ["backbone.weight=model.bin"], "backbone.weight", "BackboneConfig"),
+        ("classify", ["head=knn", "head.kk=3"], "head.kk", "KNNHeadConfig"),
+        ("classify", ["head=linear_probe", "head.learning_rate=0.1"], "head.learning_rate", "LinearProbeHeadConfig"),
+        ("classify", ["data.fov=512"], "data.fov", "PandaDataConfig"),
+        ("segment", ["head.adapter.head=3"], "head.adapter.head", "AdapterConfig"),
+        ("segment", ["data.max_items=3"], "data.max_items", "SegPathDataConfig"),
+    ],
+)
+def test_unknown_key_of_a_group_fails_at_composition(task, overrides, key, schema):
+    msg = _composition_error(task, *overrides)
+    assert key in msg and schema in msg, msg
+
+
+@pytest.mark.parametrize(
+    "task, overrides, key",
+    [
+        ("benchmark", ["attention.window=eight"], "attention.window"),
+        ("benchmark", ["pruner.prune_ratio=high"], "pruner.prune_ratio"),
+        ("classify", ["head=knn", "head.center_l2=maybe"], "head.center_l2"),
+        ("classify", ["data.rois_per_slide=1.5"], "data.rois_per_slide"),
+        ("segment", ["data.cell_types=panCK_Epithelium"], "data.cell_types"),
+    ],
+)
+def test_wrong_type_fails_at_composition(task, overrides, key):
+    msg = _composition_error(task, *overrides)
+    assert key in msg, msg
+
+
+@pytest.mark.parametrize(
+    "task, overrides, key, words",
+    [
+        ("classify", ["head=knn", "+head.kk=3"], "head.kk", ["KNNHeadConfig", "did you mean head.k?"]),
+        ("benchmark", ["+pruner.ratio=0.5"], "pruner.ratio", ["PrunerConfig", "renamed to pruner.prune_ratio"]),
+        ("benchmark", ["+attention.backend=gather"], "attention.backend", ["renamed to attention.sparse_backend"]),
+        (
+            "segment",
+            ["+head.adapter.head=3"],
+            "head.adapter.head",
+            ["AdapterConfig", "did you mean head.adapter.heads?"],
+        ),
+        ("segment", ["++data.max_items=3"], "data.max_items", ["SegPathDataConfig", "max_items_per_type"]),
+    ],
+)
+def test_plus_form_cannot_open_a_closed_group(task, overrides, key, words):
+    """Hydra's +key / ++key force-add into a structured config; validate_config refuses the key before any task."""
+    cfg = _compose(task, *overrides)
+    with pytest.raises(ConfigValidationError) as err:
+        validate_config(cfg)
+    msg = str(err.value)
+    assert f"{key}: not a key of" in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_open_mappings_stay_open():
+    """backbone.overrides holds any timm keyword: adding one is not a typo."""
+    cfg = _compose("benchmark", "backbone=tiny", "+backbone.overrides.depth=2", "pruner.prune_layer=1")
+    validate_config(cfg)
+    assert cfg.backbone.overrides.depth == 2
+
+
+def test_plus_key_fails_through_the_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tasks" / "classify.py"), "head=knn", "+head.kk=3", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert proc.returncode != 0
+    assert "head.kk: not a key of KNNHeadConfig" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "metrics.json").exists()

@@ -205,16 +205,22 @@ def test_hydra_config_instantiates_the_same_encoder():
                 "backbone=tiny",
                 "attention=sparse",
                 "attention.window=3",
+                "attention.radius=2",
+                "attention.sparse_backend=gather",
                 "pruner=global_attention",
-                "pruner.ratio=0.5",
-                "pruner.layer=2",
+                "pruner.prune_ratio=0.5",
+                "pruner.prune_layer=2",
+                "pruner.prune_score_tokens=all",
             ],
         )
     torch.manual_seed(0)
     enc = instantiate(cfg.encoder).eval()
-    ref = tiny_encoder(attention="sparse", window=3, prune_ratio=0.5, prune_layer=2)
+    kwargs = dict(window=3, radius=2, sparse_backend="gather", prune_ratio=0.5, prune_layer=2, prune_score_tokens="all")
+    ref = tiny_encoder(attention="sparse", **kwargs)
     assert isinstance(enc, hirespath.HiResEncoder)
-    assert enc.window == 3 and enc.pruner.ratio == 0.5 and enc.pruner.layer == 2
+    assert (enc.attention, enc.window, enc.radius, enc.sparse_backend) == ("sparse", 3, 2, "gather")
+    assert (enc.pruner.ratio, enc.pruner.layer, enc.pruner.score_tokens) == (0.5, 2, "all")
+    assert enc.vit.blocks[0].ls1.gamma.eq(1.0).all()  # backbone.overrides (tiny.yaml: init_values 1.0) reach timm
     x = torch.randn(1, 3, 84, 84)
     with torch.no_grad():
         torch.testing.assert_close(enc(x).cls, ref(x).cls)

@@ -1,8 +1,17 @@
-"""Every experiment and launcher config composes; grids have the paper's sizes."""
+"""Every experiment and launcher config composes; grids have the paper's sizes; grids need -m."""
+
+import re
+from pathlib import Path
 
 import pytest
 from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from hirespath.utils.config import ConfigValidationError, validate_config
+from hirespath.utils.hydra import check_grid_is_multirun
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 
 
 def _compose(task, overrides):
@@ -17,20 +26,64 @@ def _jobs(cfg) -> int:
     return n
 
 
+def _usage(exp: str) -> list[str]:
+    """The command lines in the experiment file's header comment."""
+    text = (Path(CONF_DIR) / "experiment" / f"{exp}.yaml").read_text()
+    return re.findall(r"^#\s+(python tasks/\w+\.py .*)$", text, flags=re.M)
+
+
 @pytest.mark.parametrize("exp,jobs", [("table1", 36), ("table2", 10), ("table3", 8)])
 def test_classification_grids(exp, jobs):
     cfg = _compose("classify", [f"experiment={exp}"])
     assert _jobs(cfg) == jobs and cfg.backbone.name == "uni2_h"
     if exp != "table1":
-        assert cfg.resolution == 3430 and cfg.attention.mode == "sparse" and cfg.pruner.ratio == 0.6
+        assert cfg.resolution == 3430 and cfg.attention.mode == "sparse" and cfg.pruner.prune_ratio == 0.6
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_composes_with_its_task(exp):
+    """The task comes from the file's usage line; a grid's usage passes -m, and no file sets hydra.mode."""
+    usage = _usage(exp)
+    assert usage, f"conf/experiment/{exp}.yaml has no usage line"
+    task = re.match(r"python tasks/(\w+)\.py", usage[0]).group(1)
+    cfg = _compose(task, [f"experiment={exp}"])
+    raw = OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{exp}.yaml")
+    assert OmegaConf.select(raw, "hydra.mode") is None, f"{exp}: the user passes -m; no hydra.mode in the file"
+    grid = bool(cfg.hydra.sweeper.params)
+    assert all((" -m " in u) == grid for u in usage), usage
+    validate_config(cfg)
 
 
 @pytest.mark.parametrize("method,mode,ratio", [("vanilla", "dense", 0.0), ("ours", "sparse", 0.6)])
 def test_method_sets_attention_and_pruner(method, mode, ratio):
     cfg = _compose("classify", [f"method={method}"])
-    assert cfg.attention.mode == mode and cfg.pruner.ratio == ratio
+    assert cfg.attention.mode == mode and cfg.pruner.prune_ratio == ratio
 
 
 @pytest.mark.parametrize("task", ["classify", "extract", "segment", "benchmark", "make_synthetic", "report"])
 def test_root_configs_compose(task):
     assert _compose(task, []).task_name == task
+
+
+def _check_grid(overrides, mode=None):
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = _compose("classify", overrides)
+    if mode is not None:
+        cfg.hydra.mode = mode
+    HydraConfig().set_config(cfg)
+    try:
+        check_grid_is_multirun()
+    finally:
+        HydraConfig.instance().cfg = None  # leave no grid behind for later tests
+
+
+def test_a_grid_launched_without_m_is_refused():
+    """Without hydra.mode in the experiment, forgetting -m would run one point of the grid silently."""
+    with pytest.raises(ConfigValidationError) as err:
+        _check_grid(["experiment=table2"])
+    msg = str(err.value)
+    assert "add -m" in msg and "pruner.prune_ratio" in msg and "head" in msg, msg
+    _check_grid(["experiment=table2"], mode="MULTIRUN")
+    _check_grid(["experiment=table2", "pruner.prune_ratio=0.5", "head=knn"])  # one point, on purpose
+    _check_grid([])  # no grid

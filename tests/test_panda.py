@@ -1,8 +1,10 @@
 """PANDA: reader on generated pyramids, labels/splits, skip list, cache, heads and metrics, classify end to end."""
 
+import functools
 import json
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,6 +16,8 @@ from hirespath.data.panda_synthetic import make_synthetic_panda, write_pyramid
 from hirespath.data.wsi import find_rois, locate_rois, open_slide, read_roi, slide_mpp, tissue_mask
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+# the predict Trainer of extract_embeddings, as tasks build it from the trainer group (instantiate, _partial_)
+CPU_TRAINER = functools.partial(L.Trainer, accelerator="cpu", enable_progress_bar=False)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +235,9 @@ def test_adamw_probe_learns_badly_scaled_embeddings(tmp_path):
         patience=50,
         batch_size=32,
         seed=0,
-        trainer_kwargs=dict(accelerator="cpu", default_root_dir=str(tmp_path), enable_progress_bar=False),
+        trainer=functools.partial(
+            L.Trainer, accelerator="cpu", default_root_dir=str(tmp_path), enable_progress_bar=False, logger=False
+        ),
     )
     assert (model.predict_proba(x[60:]).argmax(1) == y[60:]).float().mean() >= 0.9
     torch.testing.assert_close(model.mean, x[:60].mean(0))
@@ -261,7 +267,7 @@ def test_classify_end_to_end(panda_root, tmp_path, head, caplog):
         "logger=csv",
         "figures.num_rois=1",
         "attention.window=2",
-        "pruner.layer=2",
+        "pruner.prune_layer=2",
     ]
     # the cache is shared across both heads: the second run hits it
     cfg = _compose(overrides, tmp_path / "run", tmp_path.parent / "cache")
@@ -415,7 +421,7 @@ def test_killed_extraction_resumes_from_its_parts(panda_root, tmp_path, caplog, 
     split = make_split(read_labels(panda_root), seed=42)
     rois, _ = locate_all(panda_root, split, 128, 1, 0.05, tmp_path / "rois.csv")
     enc = tiny_encoder(attention="dense")
-    kw = dict(batch_size=2, trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False}, flush_every=1)
+    kw = dict(batch_size=2, trainer=CPU_TRAINER, flush_every=1)
     fresh = extract_embeddings(enc, panda_root, rois, 56, tmp_path / "fresh", {"k": 1}, **kw)
     real_getitem = panda_data.PandaROIDataset.__getitem__
 
@@ -447,7 +453,7 @@ def test_embedding_cache_is_per_roi(panda_root, tmp_path, caplog):
     split = make_split(read_labels(panda_root), seed=42)
     rois, _ = locate_all(panda_root, split, 128, 1, 0.05, tmp_path / "rois.csv")
     enc = tiny_encoder(attention="dense")
-    kw = dict(batch_size=4, trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
+    kw = dict(batch_size=4, trainer=CPU_TRAINER)
     cache = tmp_path / "cache"
     with caplog.at_level(logging.INFO, logger="hirespath.embeddings"):
         part = extract_embeddings(enc, panda_root, rois.iloc[5:], 56, cache, {"k": 1}, **kw)
@@ -484,7 +490,7 @@ def test_unreadable_roi_is_skipped_then_retried(tmp_path, caplog):
     shutil.copy(bad, tmp_path / "backup.tiff")
     bad.write_bytes(b"II*\x00" + bytes(64))
     enc = tiny_encoder(attention="dense")
-    kw = dict(batch_size=2, trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
+    kw = dict(batch_size=2, trainer=CPU_TRAINER)
     emb = extract_embeddings(enc, root, rois, 56, tmp_path / "cache", {"k": 1}, **kw)
     assert (
         emb["failed"] == [2] and emb["errors"][0][0] == rois.image_id.iloc[2] and "cannot read" in emb["errors"][0][1]

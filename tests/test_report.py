@@ -9,27 +9,49 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from hirespath.report.tables import build_report, collect, method_label, pareto_front
+from hirespath.report.tables import build_report, collect, job_info, method_label, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _job(sweep: Path, num: int, task: str, overrides: dict, metrics: dict | None = None, bench: list | None = None):
-    """One Hydra multirun job: <sweep>/<num>/.hydra/{config,hydra,overrides}.yaml + the task's outputs."""
+def _job(
+    sweep: Path,
+    num: int,
+    task: str,
+    overrides: dict,
+    metrics: dict | None = None,
+    bench: list | None = None,
+    legacy: bool = False,
+):
+    """One Hydra multirun job: <sweep>/<num>/.hydra/{config,hydra,overrides}.yaml + the task's outputs.
+
+    Overrides name the pruning ratio ``pruner.prune_ratio``; ``legacy``: the job was made before the config keys
+    became create_encoder's names (``pruner.ratio``/``layer``/``score_tokens``, ``attention.backend``)."""
     job = sweep / str(num)
+    ratio = overrides.get("pruner.prune_ratio", 0.0)
+    if legacy:
+        overrides = {("pruner.ratio" if k == "pruner.prune_ratio" else k): v for k, v in overrides.items()}
+        pruner = {"ratio": ratio, "layer": 4, "score_tokens": "cls"}
+        attention_extra = {"backend": "auto"}
+    else:
+        pruner = {"prune_ratio": ratio, "prune_layer": 4, "prune_score_tokens": "cls"}
+        attention_extra = {"sparse_backend": "auto"}
     cfg = {
         "task_name": task,
         "tags": [task],
         "seed": 42,
-        "run_name": "${backbone.name}-${attention.mode}-w${attention.window}-p${pruner.ratio}",
+        "run_name": "${backbone.name}-${attention.mode}-w${attention.window}-p${pruner."
+        + ("ratio" if legacy else "prune_ratio")
+        + "}",
         "resolution": overrides.get("resolution", 224),
         "backbone": {"name": "tiny", "weights": None, "overrides": {"init_values": 1.0}},
         "attention": {
             "mode": overrides.get("attention", "sparse"),
             "window": overrides.get("attention.window", 8),
             "radius": 1,
+            **attention_extra,
         },
-        "pruner": {"ratio": overrides.get("pruner.ratio", 0.0), "layer": 4, "score_tokens": "cls"},
+        "pruner": pruner,
         "head": {"name": overrides.get("head", "linear_probe")},
         "paths": {"root_dir": "${hydra:runtime.cwd}", "output_dir": "${hydra:runtime.output_dir}"},
     }
@@ -86,20 +108,21 @@ def grid(tmp_path):
         ov = {
             "resolution": res,
             "attention": "eager" if method == "vanilla" else "sparse",
-            "pruner.ratio": 0.0 if method == "vanilla" else 0.6,
+            "pruner.prune_ratio": 0.0 if method == "vanilla" else 0.6,
         }
         for head, delta in (("linear_probe", 0.0), ("knn", -0.1)):
             _job(cls, n, "classify", {**ov, "head": head}, _cls_metrics(acc + delta))
             n += 1
-    for ratio, acc in ((0.4, 0.47), (0.8, 0.46)):  # table 2 at the largest resolution
-        _job(cls, n, "classify", {"resolution": 448, "attention": "sparse", "pruner.ratio": ratio}, _cls_metrics(acc))
+    for ratio, acc in ((0.4, 0.47), (0.8, 0.46)):  # table 2 at the largest resolution, run before the key rename
+        ov = {"resolution": 448, "attention": "sparse", "pruner.prune_ratio": ratio}
+        _job(cls, n, "classify", ov, _cls_metrics(acc), legacy=True)
         n += 1
     for window, acc in ((2, 0.49), (16, 0.51)):  # table 3
         _job(
             cls,
             n,
             "classify",
-            {"resolution": 448, "attention": "sparse", "attention.window": window, "pruner.ratio": 0.6},
+            {"resolution": 448, "attention": "sparse", "attention.window": window, "pruner.prune_ratio": 0.6},
             _cls_metrics(acc),
         )
         n += 1
@@ -119,7 +142,7 @@ def grid(tmp_path):
         bench,
         1,
         "benchmark",
-        {"attention": "sparse", "pruner.ratio": 0.6},
+        {"attention": "sparse", "pruner.prune_ratio": 0.6},
         bench=[
             _bench_row("sparse", 0.6, 224, 0.4, 1.0),
             _bench_row("sparse", 0.6, 448, 1.0, 2.0),
@@ -160,6 +183,16 @@ def test_method_label():
     assert method_label("sparse", 0.0) == "sparse"
     assert method_label("sparse", 0.0, "segment") == "ours"
     assert method_label("dense", 0.5) == "dense+p0.5"
+
+
+def test_job_info_reads_current_and_pre_rename_keys(tmp_path):
+    """Runs made before the pruner keys became create_encoder's names (pruner.ratio, pruner.layer) still report."""
+    new = _job(tmp_path / "new", 0, "classify", {"pruner.prune_ratio": 0.5})
+    old = _job(tmp_path / "old", 0, "classify", {"pruner.prune_ratio": 0.5}, legacy=True)
+    assert "pruner.ratio=0.5" in (old / ".hydra" / "overrides.yaml").read_text()
+    for job in (new, old):
+        info = job_info(job)
+        assert info["prune_ratio"] == 0.5 and info["prune_layer"] == 4, (job, info)
 
 
 def test_pareto_front():

@@ -18,6 +18,7 @@ from hirespath.heads.mask2former import SegmentationModel
 from hirespath.metrics.segmentation import SegPathMetrics
 from hirespath.models.vit_adapter import ViTAdapter, interaction_groups
 from hirespath.modules.segmentation import SegmentationModule
+from hirespath.utils.config import ConfigValidationError, validate_config
 from hirespath.utils.io import write_json
 
 TINY_HEAD = dict(
@@ -327,8 +328,10 @@ def test_segment_task_end_to_end(segpath_root, tmp_path):
     enc = hirespath.create_encoder("tiny", weights=str(ckpt), init_values=1.0)
     assert vit and all(torch.equal(v, vit[k]) for k, v in enc.vit.state_dict().items())
     cfg_types = compose_task("segment", overrides + ["data.cell_types=[panCK_Epithelium,CD3CD20]"], tmp_path / "run3")
-    with pytest.raises(ValueError, match=r"data.cell_types: unknown \['CD3CD20'\]; choose among"):
-        run_segment(cfg_types)
+    with pytest.raises(ConfigValidationError, match=r"data.cell_types=\['panCK_Epithelium', 'CD3CD20'\]: must be"):
+        validate_config(cfg_types)  # what task_wrapper runs first
+    with pytest.raises(Exception, match=r"data.cell_types: unknown \['CD3CD20'\]; choose among"):
+        run_segment(cfg_types)  # the DataModule refuses them too (Hydra's instantiate wraps its ValueError)
     cfg_pruned = compose_task("segment", overrides + ["pruner=global_attention"], tmp_path / "run2")
     with pytest.raises(ValueError, match="needs the full patch grid"):
         run_segment(cfg_pruned)
@@ -345,7 +348,7 @@ def test_segmentation_experiments_compose(exp, jobs):
     n = 1
     for value in params.values():
         n *= len(str(value).split(","))
-    assert n == jobs and cfg.pruner.ratio == 0 and cfg.backbone.name == "uni2_h"
+    assert n == jobs and cfg.pruner.prune_ratio == 0 and cfg.backbone.name == "uni2_h"
     # segment.yaml's own settings win over the trainer group's defaults (20 epochs)
     assert cfg.trainer.max_epochs == 50 and cfg.callbacks.model_checkpoint.monitor == "val/iou"
 

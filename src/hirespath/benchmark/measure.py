@@ -302,17 +302,17 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def configs_from(cfg) -> list[BenchConfig]:
     """The composed attention/pruner groups, or the explicit ``compare`` list (one plot line each)."""
-    # the benchmark's own sparse_backend, else the attention group's backend (what tasks use)
+    # the benchmark's own sparse_backend, else the attention group's sparse_backend (what tasks use)
     backend = str(cfg.get("sparse_backend", "auto"))
-    backend = str(cfg.attention.get("backend", "auto")) if backend == "auto" else backend
+    backend = str(cfg.attention.get("sparse_backend", "auto")) if backend == "auto" else backend
     base = dict(
         sparse_backend=backend,
         attention=cfg.attention.mode,
         window=int(cfg.attention.window),
         radius=int(cfg.attention.radius),
-        prune_ratio=float(cfg.pruner.ratio),
-        prune_layer=int(cfg.pruner.layer),
-        prune_score_tokens=str(cfg.pruner.score_tokens),
+        prune_ratio=float(cfg.pruner.prune_ratio),
+        prune_layer=int(cfg.pruner.prune_layer),
+        prune_score_tokens=str(cfg.pruner.prune_score_tokens),
     )
     if not cfg.get("compare"):
         return [BenchConfig(**base)]

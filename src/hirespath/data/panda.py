@@ -104,7 +104,7 @@ def make_split(labels: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 42
     return out
 
 
-def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, seed: int = 42) -> pd.DataFrame:
+def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, split_seed: int = 42) -> pd.DataFrame:
     """Split assignments written once and reused; labels and exclusions always come from the current
     train.csv / ``exclude`` (an excluded or corrected slide must not keep its stale row)."""
     split_csv = Path(split_csv)
@@ -128,7 +128,7 @@ def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, se
                 split_csv,
             )
         return df
-    df = make_split(labels, seed=seed)
+    df = make_split(labels, seed=split_seed)
     from ..utils.io import atomic_path
 
     with atomic_path(split_csv) as tmp:

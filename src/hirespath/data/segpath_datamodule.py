@@ -15,6 +15,13 @@ log = logging.getLogger("hirespath.segment")
 
 
 class SegPathDataModule(L.LightningDataModule):
+    """SegPath tiles resized to ``resolution`` and normalised with the encoder's ``mean``/``std``.
+
+    ``conf/data/segpath.yaml`` builds it with ``hydra.utils.instantiate(cfg.data, resolution=..., mean=..., std=...)``:
+    its keys are these keyword names. ``cell_types``: None = all 8 archives; ``max_items_per_type``: cap per cell
+    type and split; ``balance_types``: training draws every cell type equally often; ``name`` labels the dataset.
+    """
+
     def __init__(
         self,
         root: str,
@@ -23,23 +30,30 @@ class SegPathDataModule(L.LightningDataModule):
         std,
         batch_size: int = 2,
         num_workers: int = 0,
-        cell_types=CELL_TYPES,
+        cell_types=None,
         skip_bad: bool = False,
-        max_items: int | None = None,
+        max_items_per_type: int | None = None,
         balance_types: bool = False,
+        name: str = "segpath",
     ):
         super().__init__()
-        self.root, self.resolution, self.mean, self.std = root, resolution, mean, std
+        self.name = name
+        cell_types = list(cell_types or CELL_TYPES)
+        unknown = sorted(set(cell_types) - set(CELL_TYPES))
+        if unknown:
+            raise ValueError(f"data.cell_types: unknown {unknown}; choose among {list(CELL_TYPES)}")
+        self.root, self.resolution, self.mean, self.std = root, resolution, tuple(mean), tuple(std)
         self.balance_types = balance_types
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.cell_types, self.skip_bad, self.max_items = list(cell_types), skip_bad, max_items
+        self.cell_types, self.skip_bad, self.max_items_per_type = cell_types, skip_bad, max_items_per_type
         self.rows, self.skipped = index_segpath(root, self.cell_types, skip_bad)
 
     def split_rows(self, name: str) -> pd.DataFrame:
-        """The rows of split ``name`` a loader of it yields, in its order (at most ``max_items`` per cell type)."""
+        """The rows of split ``name`` a loader of it yields, in its order (at most ``max_items_per_type`` per cell
+        type)."""
         rows = self.rows[self.rows.split == name]
-        if self.max_items:
-            rows = rows.groupby("cell_type", sort=False).head(self.max_items)
+        if self.max_items_per_type:
+            rows = rows.groupby("cell_type", sort=False).head(self.max_items_per_type)
         return rows.reset_index(drop=True)
 
     def _split(self, name: str, train: bool = False) -> SegPathDataset:

@@ -10,10 +10,12 @@ ROIs it lacks ("cache hit" when none). Reads that failed are not cached: they ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -71,10 +73,15 @@ def extract_embeddings(
     *,
     batch_size: int = 4,
     num_workers: int = 0,
-    trainer_kwargs: dict | None = None,
+    trainer: Callable[..., L.Trainer] | None = None,
     flush_every: int = 50,
 ) -> dict:
     """Embeddings of every ROI (rows of ``rois``, in order), extracting only those the cache lacks.
+
+    ``trainer``: a factory of the predict Trainer, e.g. ``hydra.utils.instantiate(cfg.trainer, _partial_=True,
+    precision=...)`` (accelerator, devices, DDP strategy and precision from the trainer group) or
+    ``functools.partial(lightning.Trainer, accelerator="cpu")``; it is called with ``callbacks``, ``logger=False``
+    and ``enable_model_summary=False``. Default: ``lightning.Trainer`` on one device of the best accelerator.
 
     A single-process job holds ``<key>.lock`` while it extracts, so parallel jobs needing the same embeddings
     (the two heads of a grid point under joblib or a SLURM array) extract them once: the second waits, then hits
@@ -82,12 +89,10 @@ def extract_embeddings(
     """
     key = cache_key({**key_parts, "resolution": resolution, "version": EXTRACT_VERSION})
     path = Path(cache_dir) / "embeddings" / f"{key}.pt"
-    tk = trainer_kwargs or {}
-    distributed = (
-        str(tk.get("strategy", "auto")).startswith(("ddp", "fsdp", "deepspeed"))
-        or str(tk.get("devices", 1)) not in ("1", "[0]", "auto")
-        or int(tk.get("num_nodes", 1)) > 1
-    )
+    writer = EmbeddingsWriter(path.parent, flush_every)  # its directory is set to this pass's shard folder
+    make_trainer = trainer or functools.partial(L.Trainer, accelerator="auto", devices=1)
+    predictor = make_trainer(callbacks=[writer], logger=False, enable_model_summary=False)
+    distributed = predictor.world_size > 1
     lock = (
         contextlib.nullcontext()
         if distributed
@@ -104,8 +109,8 @@ def extract_embeddings(
             key_parts,
             batch_size=batch_size,
             num_workers=num_workers,
-            trainer_kwargs=trainer_kwargs,
-            flush_every=flush_every,
+            trainer=predictor,
+            writer=writer,
         )
 
 
@@ -120,8 +125,8 @@ def _extract(
     *,
     batch_size: int,
     num_workers: int,
-    trainer_kwargs: dict | None,
-    flush_every: int,
+    trainer: L.Trainer,
+    writer: EmbeddingsWriter,
 ) -> dict:
     want = roi_positions(rois)
     store = torch.load(path, weights_only=False) if path.is_file() else None
@@ -153,16 +158,7 @@ def _extract(
     dl = DataLoader(
         torch.utils.data.Subset(ds, todo), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_skipping
     )
-    trainer = L.Trainer(
-        **{
-            "accelerator": "auto",
-            "devices": 1,
-            "logger": False,
-            "enable_model_summary": False,
-            **(trainer_kwargs or {}),
-            "callbacks": [EmbeddingsWriter(shard_dir, flush_every)],
-        }
-    )
+    writer.directory = shard_dir
     if todo:
         trainer.predict(EncoderPredictor(encoder.eval()), dl, return_predictions=False)
     trainer.strategy.barrier()

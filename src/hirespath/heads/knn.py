@@ -11,13 +11,21 @@ class KNNClassifier:
 
     ``center_l2`` (default ``True``, as UNI's ``eval_knn`` and ``conf/head/knn.yaml``): subtract the training mean and
     L2-normalise every embedding first (UNI's "CL2N"); ``False`` votes on raw Euclidean distances.
-    Class probabilities are the vote fractions (used for AUROC).
+    Class probabilities are the vote fractions (used for AUROC). ``name`` labels the head (``conf/head/knn.yaml``
+    builds it with ``hydra.utils.instantiate``).
     """
 
-    def __init__(self, k: int = 20, center_l2: bool = True, num_classes: int | None = None, chunk: int = 4096):
+    def __init__(
+        self,
+        k: int = 20,
+        center_l2: bool = True,
+        num_classes: int | None = None,
+        chunk: int = 4096,
+        name: str = "knn",
+    ):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.k, self.center_l2, self.num_classes, self.chunk = k, center_l2, num_classes, chunk
+        self.k, self.center_l2, self.num_classes, self.chunk, self.name = k, center_l2, num_classes, chunk, name
 
     def _prep(self, x: Tensor) -> Tensor:
         x = x.float()
@@ -25,7 +33,9 @@ class KNNClassifier:
             x = torch.nn.functional.normalize(x - self.mean, dim=1)
         return x
 
-    def fit(self, x: Tensor, y: Tensor) -> KNNClassifier:
+    def fit(self, x: Tensor, y: Tensor, val=None, trainer=None) -> KNNClassifier:
+        """Store the training embeddings. ``val`` and ``trainer`` belong to the heads' common ``fit`` (see
+        ``LinearProbeHead``); a KNN uses neither."""
         if len(x) < self.k:
             raise ValueError(f"KNN with k={self.k} needs at least {self.k} training embeddings, got {len(x)}")
         self.mean = x.float().mean(0, keepdim=True)

@@ -176,8 +176,10 @@ class SegmentationModel(nn.Module):
         importance_sample_ratio: float = 0.75,
         no_object_weight: float = 0.1,
         adapter: dict | None = None,
+        name: str = "mask2former",
     ):
         super().__init__()
+        self.name = name  # the head's label (conf/head/mask2former.yaml builds it with hydra.utils.instantiate)
         config = Mask2FormerConfig(
             # a throw-away tiny ResNet satisfies the config; the backbone slot is replaced right below
             backbone_config=ResNetConfig(
@@ -206,7 +208,7 @@ class SegmentationModel(nn.Module):
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers' deformable attention prefers power-of-2 head dims
-            self.adapter = ViTAdapter(encoder, **(adapter or {}))
+            self.adapter = ViTAdapter(encoder, **dict(adapter or {}))
             m2f = Mask2FormerForUniversalSegmentation(config)
         pixel = m2f.model.pixel_level_module
         pixel.encoder = _AdapterBackbone(self.adapter)

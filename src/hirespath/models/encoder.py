@@ -290,17 +290,13 @@ def create_encoder(
 
 
 def encoder_from_config(backbone, attention, pruner) -> HiResEncoder:
-    """Build the encoder from the ``backbone``/``attention``/``pruner`` config groups (dicts or DictConfigs)."""
+    """Build the encoder from the ``backbone``/``attention``/``pruner`` config groups (dicts or DictConfigs).
+
+    The groups' keys are ``create_encoder``'s keyword names (``hirespath.configs``), passed through as they are;
+    the one exception is ``attention.mode``, which is ``create_encoder``'s ``attention``."""
+    attention = dict(attention)
+    mode = attention.pop("mode")
     overrides = dict(backbone.get("overrides") or {})
     return create_encoder(
-        backbone["name"],
-        attention=attention["mode"],
-        window=int(attention.get("window", 8)),
-        radius=int(attention.get("radius", 1)),
-        sparse_backend=attention.get("backend", "auto"),
-        prune_ratio=float(pruner.get("ratio", 0.0)),
-        prune_layer=int(pruner.get("layer", 4)),
-        prune_score_tokens=pruner.get("score_tokens", "cls"),
-        weights=backbone.get("weights"),
-        **overrides,
+        backbone["name"], attention=mode, weights=backbone.get("weights"), **attention, **dict(pruner), **overrides
     )

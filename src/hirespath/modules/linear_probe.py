@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
+
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -65,35 +69,29 @@ def train_linear_probe(
     max_epochs: int,
     patience: int,
     batch_size: int,
-    trainer_kwargs: dict,
-    loggers=None,
+    trainer: Callable[..., L.Trainer] | None = None,
     seed: int = 0,
 ) -> LinearProbe:
+    """Fit a LinearProbe with early stopping on ``val/loss`` and return its best checkpoint.
+
+    ``trainer``: a Trainer factory (e.g. ``hydra.utils.instantiate(cfg.trainer, _partial_=True, logger=...)``), called
+    with ``max_epochs``, ``callbacks`` and ``enable_model_summary``; default ``lightning.Trainer`` without a logger.
+    The best checkpoint is written as ``linear_probe_best.ckpt`` into the Trainer's ``default_root_dir``.
+    """
     L.seed_everything(seed, workers=True)
     model = LinearProbe(train[0].shape[1], num_classes, lr=lr, weight_decay=weight_decay, max_epochs=max_epochs)
     model.set_standardisation(train[0])
-    callbacks = [
-        L.pytorch.callbacks.EarlyStopping("val/loss", patience=patience, mode="min"),
-        L.pytorch.callbacks.ModelCheckpoint(
-            monitor="val/loss",
-            mode="min",
-            save_top_k=1,
-            dirpath=trainer_kwargs.get("default_root_dir"),
-            filename="linear_probe_best",
-        ),
-    ]
-    trainer = L.Trainer(
-        **{
-            **trainer_kwargs,
-            "max_epochs": max_epochs,
-            "callbacks": callbacks,
-            "logger": loggers or False,
-            "enable_model_summary": False,
-        }
+    best_ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        monitor="val/loss", mode="min", save_top_k=1, filename="linear_probe_best"
     )
+    callbacks = [L.pytorch.callbacks.EarlyStopping("val/loss", patience=patience, mode="min"), best_ckpt]
+    make_trainer = trainer or functools.partial(L.Trainer, logger=False)
+    fit_trainer = make_trainer(max_epochs=max_epochs, callbacks=callbacks, enable_model_summary=False)
+    # beside the run's other outputs, not in the logger's version folder (ModelCheckpoint's default with a logger)
+    best_ckpt.dirpath = os.path.realpath(fit_trainer.default_root_dir)
     dl = lambda t, shuffle: DataLoader(TensorDataset(t[0].float(), t[1].long()), batch_size=batch_size, shuffle=shuffle)  # noqa: E731
-    trainer.fit(model, dl(train, True), dl(val, False))
-    best = callbacks[1].best_model_path
+    fit_trainer.fit(model, dl(train, True), dl(val, False))
+    best = best_ckpt.best_model_path
     if best:
         model = LinearProbe.load_from_checkpoint(best, weights_only=False)
     return model

@@ -48,14 +48,15 @@ CLS_METRICS = {
 SEG_METRICS = {"mpa": "test/mpa", "iou": "test/iou", "dice": "test/dice"}
 SEG_MEMORY_KEYS = ("train/peak_memory_gb", "test/peak_memory_gb", "peak_memory_gb", "memory/peak_gb")
 
-# Config keys tried in order for each field of a run (first one present wins).
+# Config keys tried in order for each field of a run (first one present wins). The second pruner keys are the
+# names before the config keys became create_encoder's (runs made before that still report).
 CONFIG_KEYS = {
     "task": ("task_name",),
     "backbone": ("backbone.name",),
     "attention": ("attention.mode",),
     "window": ("attention.window",),
-    "prune_ratio": ("pruner.ratio",),
-    "prune_layer": ("pruner.layer",),
+    "prune_ratio": ("pruner.prune_ratio", "pruner.ratio"),
+    "prune_layer": ("pruner.prune_layer", "pruner.layer"),
     "resolution": ("resolution", "data.resolution", "data.image_size"),
     "head": ("head.name",),
     "head_solver": ("head.solver",),

@@ -8,17 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.panda import NUM_CLASSES
-from ..heads.knn import KNNClassifier
-from ..heads.linear_probe import fit_lbfgs, fit_uni_probe
 from ..metrics.classification import classification_metrics
-from ..modules.linear_probe import train_linear_probe
 from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, write_json
 from ..viz.overlays import save_pruned_token_figures
-from .extract import prepare_embeddings, trainer_kwargs
+from .extract import prepare_embeddings
 
 log = logging.getLogger("hirespath.classify")
 
@@ -50,45 +48,13 @@ def _tensors(df: pd.DataFrame, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(list(part.x)), torch.tensor(part.label.to_numpy(), dtype=torch.long)
 
 
-def fit_predict(head: DictConfig, feats: pd.DataFrame, trainer_kwargs: dict, loggers, seed: int) -> torch.Tensor:
-    """Fit the configured head on train (+val for early stopping) and return test class probabilities."""
+def fit_predict(head, feats: pd.DataFrame, trainer=None) -> torch.Tensor:
+    """Fit a head (``KNNClassifier``, ``LinearProbeHead``: ``fit(x, y, val, trainer)``) on the train split (+ val
+    where it has one) and return the test split's class probabilities."""
     xtr, ytr = _tensors(feats, "train")
     xte, _ = _tensors(feats, "test")
-    if head.name == "knn":
-        return (
-            KNNClassifier(k=int(head.k), center_l2=bool(head.center_l2), num_classes=NUM_CLASSES)
-            .fit(xtr, ytr)
-            .predict_proba(xte)
-        )
-    if head.name == "linear_probe":
-        if head.solver in ("lbfgs", "uni"):
-            if head.solver == "lbfgs":
-                fc = fit_lbfgs(xtr, ytr, NUM_CLASSES, l2=float(head.l2), max_iter=int(head.max_iter))
-            else:  # UNI's protocol trains the final probe on train + val
-                xva, yva = _tensors(feats, "val")
-                fc = fit_uni_probe(
-                    torch.cat([xtr, xva]), torch.cat([ytr, yva]), NUM_CLASSES, max_iter=int(head.max_iter)
-                )
-            with torch.no_grad():
-                return fc(xte.float()).softmax(1)
-        if head.solver != "adamw":
-            raise ValueError(f"head.solver must be adamw, lbfgs or uni, got {head.solver!r}")
-        xva, yva = _tensors(feats, "val")
-        model = train_linear_probe(
-            (xtr, ytr),
-            (xva, yva),
-            NUM_CLASSES,
-            lr=float(head.lr),
-            weight_decay=float(head.weight_decay),
-            max_epochs=int(head.max_epochs),
-            patience=int(head.patience),
-            batch_size=int(head.batch_size),
-            trainer_kwargs=trainer_kwargs,
-            loggers=loggers,
-            seed=seed,
-        )
-        return model.predict_proba(xte)
-    raise ValueError(f"unknown head {head.name!r}; choose knn or linear_probe")
+    val = _tensors(feats, "val") if (feats.split == "val").any() else None
+    return head.fit(xtr, ytr, val=val, trainer=trainer).predict_proba(xte)
 
 
 def run_classify(cfg: DictConfig) -> dict:
@@ -98,9 +64,11 @@ def run_classify(cfg: DictConfig) -> dict:
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     root, rois, emb, encoder = prepare_embeddings(cfg, out_dir)
-    tk = trainer_kwargs(cfg, out_dir)
     feats = slide_features(emb, cfg.features)
-    probs = fit_predict(cfg.head, feats, tk, loggers, int(cfg.seed))
+    head = instantiate(cfg.head, num_classes=NUM_CLASSES)
+    # the AdamW probe's Trainer: the trainer group, logging to the run's loggers
+    trainer = instantiate(cfg.trainer, _partial_=True, logger=loggers or False, default_root_dir=str(out_dir))
+    probs = fit_predict(head, feats, trainer)
     _, yte = _tensors(feats, "test")
     metrics = classification_metrics(probs, yte, NUM_CLASSES)
     metrics.update({"test/num_slides": int(len(yte)), "tokens": int((cfg.resolution // encoder.patch_size) ** 2)})

@@ -20,12 +20,17 @@ from ..utils.io import atomic_path
 log = logging.getLogger("hirespath.extract")
 
 
-def trainer_kwargs(cfg: DictConfig, out_dir: Path) -> dict:
-    """The trainer group as keyword arguments of ``lightning.Trainer`` (without ``_target_``)."""
-    t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    t.pop("_target_", None)
-    t["default_root_dir"] = str(out_dir)
-    return t
+def cache_config_parts(cfg: DictConfig) -> dict:
+    """The attention and pruner groups as the embedding cache key has always hashed them.
+
+    The config keys became ``create_encoder``'s keyword names (``pruner.prune_ratio``, ``attention.sparse_backend``);
+    the key keeps the former names so caches extracted before that change stay valid (extraction at 3430 px is
+    the expensive part of a grid)."""
+    a, p = cfg.attention, cfg.pruner
+    return {
+        "attention": {"mode": a.mode, "window": a.window, "radius": a.radius, "backend": a.sparse_backend},
+        "pruner": {"ratio": p.prune_ratio, "layer": p.prune_layer, "score_tokens": p.prune_score_tokens},
+    }
 
 
 def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
@@ -35,7 +40,7 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
     data_cache = panda_cache_dir(root, cfg.paths.cache_dir)
     split_csv = data.split_csv or default_split_csv(root, cfg.paths.cache_dir, data.split_seed)
     mpp_tag = f"mpp{data.get('default_mpp') or 'tags'}"
-    split = load_or_make_split(root, split_csv, data.exclude, seed=int(data.split_seed))
+    split = load_or_make_split(root, split_csv, exclude=data.exclude, split_seed=data.split_seed)
     rois, skipped = locate_all(
         root,
         split,
@@ -51,8 +56,7 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
         "backbone": cfg.backbone.name,
         "overrides": OmegaConf.to_container(cfg.backbone.overrides or {}),
         "weights": file_fingerprint(cfg.backbone.weights),
-        "attention": OmegaConf.to_container(cfg.attention),
-        "pruner": OmegaConf.to_container(cfg.pruner),
+        **cache_config_parts(cfg),
         "fov_um": data.fov_um,
         "rois_per_slide": data.rois_per_slide,
         "min_tissue": data.min_tissue,
@@ -60,9 +64,8 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
         "precision": str(cfg.extract.precision),
         "seed": cfg.seed,
     }
-    tk = trainer_kwargs(cfg, out_dir)
-    extract_kwargs = {k: tk[k] for k in ("accelerator", "devices", "strategy", "num_nodes") if k in tk}
-    extract_kwargs["precision"] = cfg.extract.precision
+    # the predict Trainer: the trainer group (accelerator, devices, DDP strategy, ...) at extract.precision
+    trainer = instantiate(cfg.trainer, _partial_=True, precision=cfg.extract.precision, default_root_dir=str(out_dir))
     emb = extract_embeddings(
         encoder,
         root,
@@ -72,7 +75,7 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
         key_parts,
         batch_size=int(cfg.extract.batch_size),
         num_workers=int(cfg.extract.num_workers),
-        trainer_kwargs=extract_kwargs,
+        trainer=trainer,
         flush_every=int(cfg.extract.get("flush_every", 50)),
     )
     skipped = pd.concat([skipped, pd.DataFrame(emb["errors"], columns=["image_id", "reason"])], ignore_index=True)

@@ -27,32 +27,15 @@ def run_segment(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    if float(cfg.pruner.ratio) > 0:
+    if float(cfg.pruner.prune_ratio) > 0:
         raise ValueError(
-            f"segmentation needs the full patch grid, but pruner.ratio={cfg.pruner.ratio}: use pruner=none "
-            "(token pruning is for classification only)"
+            f"segmentation needs the full patch grid, but pruner.prune_ratio={cfg.pruner.prune_ratio}: use "
+            "pruner=none (token pruning is for classification only)"
         )
-    cell_types = list(cfg.data.get("cell_types") or CELL_TYPES)
-    unknown = sorted(set(cell_types) - set(CELL_TYPES))
-    if unknown:
-        raise ValueError(f"data.cell_types: unknown {unknown}; choose among {list(CELL_TYPES)}")
     encoder = instantiate(cfg.encoder)
     check_resolution(cfg.resolution, encoder.patch_size)
-    head = OmegaConf.to_container(cfg.head, resolve=True)
-    head.pop("name", None)
-    model = SegmentationModel(encoder, num_classes=len(CELL_TYPES), **head)
-    dm = SegPathDataModule(
-        cfg.data.root,
-        int(cfg.resolution),
-        encoder.mean,
-        encoder.std,
-        batch_size=int(cfg.data.batch_size),
-        num_workers=int(cfg.data.num_workers),
-        cell_types=cell_types,
-        skip_bad=bool(cfg.data.skip_bad),
-        max_items=cfg.data.max_items_per_type,
-        balance_types=bool(cfg.data.get("balance_types", False)),
-    )
+    dm: SegPathDataModule = instantiate(cfg.data, resolution=int(cfg.resolution), mean=encoder.mean, std=encoder.std)
+    model: SegmentationModel = instantiate(cfg.head, encoder=encoder, num_classes=len(CELL_TYPES))
     if len(dm.skipped):
         with atomic_path(out_dir / "skipped.csv") as tmp:
             dm.skipped.to_csv(tmp, index=False)

@@ -1,12 +1,16 @@
 """Config validation: a typo or an out-of-range value fails before any model is built or any data is read.
 
-``validate_config(cfg)`` checks the keys every task shares (backbone, attention, pruner, resolution, head and
-data names) and raises one ``ConfigValidationError`` listing every problem as ``key=value: what is valid``.
-Keys a config does not have are not checked, so every task's root config can go through it.
+Types and key names of the config groups are checked by Hydra when it composes (the schemas of
+``hirespath.configs``). ``validate_config(cfg)`` checks what composition cannot: keys added to a closed group with
+Hydra's ``+key=value`` (which bypasses the schema), and the value ranges of the keys every task shares (backbone,
+attention, pruner, resolution, head and data names). It raises one ``ConfigValidationError`` listing every problem
+as ``key=value: what is valid``. Keys a config does not have are not checked, so every task's root config can go
+through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import numbers
 from collections.abc import Iterable
@@ -25,6 +29,14 @@ _TIMM_DEPTH = {
 
 # Groups whose selected option's ``name`` must be one of the group's config files.
 NAMED_GROUPS = ("head", "data")
+
+# Keys renamed to the Python keyword names (create_encoder's); a config still using one gets pointed at the new one.
+RENAMED = {
+    "pruner.ratio": "pruner.prune_ratio",
+    "pruner.layer": "pruner.prune_layer",
+    "pruner.score_tokens": "pruner.prune_score_tokens",
+    "attention.backend": "attention.sparse_backend",
+}
 
 
 class ConfigValidationError(ValueError):
@@ -51,16 +63,41 @@ def _choices(value: Any, valid: Iterable[str]) -> str:
 
 
 def group_options(group: str) -> list[str] | None:
-    """Config files of a group on the search path of the active Hydra (None outside Hydra)."""
+    """Config files of a group on the search path of the active Hydra (None outside Hydra); the schemas of
+    ``hirespath.configs`` (``base_*``), which are no choice of their own, are left out."""
     from hydra.core.global_hydra import GlobalHydra
+
+    from ..configs import SCHEMAS
 
     gh = GlobalHydra.instance()
     if not gh.is_initialized():
         return None
+    schemas = {name for g, name, _ in SCHEMAS if g == group}
     try:
-        return sorted(gh.config_loader().get_group_options(group))
+        return sorted(o for o in gh.config_loader().get_group_options(group) if o not in schemas)
     except Exception:
         return None
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[tuple[str, str, list[str]]]:
+    """(key, schema name, valid keys) of every key that a structured (dataclass-typed) node's schema lacks.
+
+    Hydra refuses a misspelt ``group.key=value`` at composition, but ``+group.key=value`` force-adds it even to a
+    closed structured config; this finds such keys (the ``hydra`` node is Hydra's own and skipped)."""
+    out = []
+    schema = OmegaConf.get_type(cfg)
+    fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in cfg.keys():
+        key = str(key)
+        if not prefix and key == "hydra":
+            continue
+        if fields is not None and key not in fields:
+            out.append((f"{prefix}{key}", schema.__name__, fields))
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not (node._is_none() or node._is_missing() or node._is_interpolation()):
+            out += unknown_keys(node, f"{prefix}{key}.")
+    return out
 
 
 def backbone_geometry(name: str, overrides: dict | None) -> tuple[int, int | None]:
@@ -79,12 +116,22 @@ def validate_config(cfg: DictConfig) -> None:
     from ..models import ATTENTION_MODES, list_backbones
     from ..models.backbones import ResolutionError
     from ..models.backbones import check_resolution as check_patch_multiple
+    from ..models.attention import SPARSE_BACKENDS
     from ..models.pruning import SCORE_TOKENS
 
     errors: list[str] = []
 
     def bad(key: str, value: Any, valid: str) -> None:
         errors.append(f"{key}={value!r}: must be {valid}")
+
+    for key, schema, fields in unknown_keys(cfg):
+        group, _, leaf = key.rpartition(".")
+        if key in RENAMED:
+            hint = f"renamed to {RENAMED[key]}"
+        else:
+            close = difflib.get_close_matches(leaf, fields, n=1)
+            hint = f"did you mean {group + '.' if group else ''}{close[0]}?" if close else ""
+        errors.append(f"{key}: not a key of {schema} (valid: {fields}){'; ' + hint if hint else ''}")
 
     patch, depth = None, None
     name = _get(cfg, "backbone.name")
@@ -108,20 +155,27 @@ def validate_config(cfg: DictConfig) -> None:
         radius = _get(cfg, "attention.radius")
         if radius is not None and not (_is_int(radius) and radius >= 0):
             bad("attention.radius", radius, "an integer >= 0 (neighbour blocks on each side)")
+        backend = _get(cfg, "attention.sparse_backend")
+        if backend is not None and backend not in SPARSE_BACKENDS:
+            bad("attention.sparse_backend", backend, _choices(backend, SPARSE_BACKENDS))
 
     if "pruner" in cfg:
-        ratio = _get(cfg, "pruner.ratio")
+        ratio = _get(cfg, "pruner.prune_ratio")
         ratio_ok = _is_number(ratio) and 0 <= ratio < 1
         if not ratio_ok:
-            bad("pruner.ratio", ratio, "a number in [0, 1) (fraction of patch tokens dropped; 0 disables pruning)")
-        layer = _get(cfg, "pruner.layer")
+            bad(
+                "pruner.prune_ratio",
+                ratio,
+                "a number in [0, 1) (fraction of patch tokens dropped; 0 disables pruning)",
+            )
+        layer = _get(cfg, "pruner.prune_layer")
         if ratio_ok and ratio > 0:
             top = f"{depth - 1}] ({name} has {depth} blocks)" if depth else "depth - 1]"
             if not _is_int(layer) or layer < 1 or (depth is not None and layer >= depth):
-                bad("pruner.layer", layer, f"an integer in [1, {top} when pruner.ratio > 0")
-        score = _get(cfg, "pruner.score_tokens")
+                bad("pruner.prune_layer", layer, f"an integer in [1, {top} when pruner.prune_ratio > 0")
+        score = _get(cfg, "pruner.prune_score_tokens")
         if score is not None and score not in SCORE_TOKENS:
-            bad("pruner.score_tokens", score, _choices(score, SCORE_TOKENS))
+            bad("pruner.prune_score_tokens", score, _choices(score, SCORE_TOKENS))
 
     def check_resolution(key: str, value: Any) -> None:
         multiple = f" of the patch size {patch} ({name})" if patch else ""
@@ -142,6 +196,14 @@ def validate_config(cfg: DictConfig) -> None:
         else:
             for i, v in enumerate(values):
                 check_resolution(f"resolutions[{i}]", v)
+
+    cell_types = _get(cfg, "data.cell_types")
+    if cell_types is not None:
+        from ..data.segpath import CELL_TYPES
+
+        unknown = [c for c in cell_types if c not in CELL_TYPES]
+        if unknown or not cell_types:
+            bad("data.cell_types", cell_types, f"null (all) or a list of SegPath cell types among {list(CELL_TYPES)}")
 
     for group in NAMED_GROUPS:
         if group in cfg and isinstance(cfg[group], DictConfig) and "name" in cfg[group]:

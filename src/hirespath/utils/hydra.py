@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..configs import register_configs
+
 log = logging.getLogger("hirespath")
 
 
@@ -30,6 +32,7 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+register_configs()  # the config groups' schemas (hirespath.configs), before any entry point composes
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
@@ -74,6 +77,31 @@ def _already_done(marker) -> bool:
         return False
 
 
+def check_grid_is_multirun() -> None:
+    """Experiments carry their grid in ``hydra.sweeper.params`` but not ``hydra.mode`` (the user passes ``-m``, as
+    in lightning-hydra-template). Without ``-m`` Hydra would silently run one point of the grid: refuse, unless
+    every swept key is set on the command line (a deliberate single point)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return
+    params = OmegaConf.select(hc, "sweeper.params", default=None) or {}
+    given = {o.lstrip("+~").split("=")[0] for o in hc.overrides.task}
+    unset = [k for k in params if k not in given]
+    if unset:
+        from .config import ConfigValidationError
+
+        grid = " ".join(f"{k}={params[k]}" for k in params)
+        raise ConfigValidationError(
+            f"this config defines a grid (hydra.sweeper.params: {grid}) but was launched as a single run: add -m "
+            f"to run the grid, or set {', '.join(unset)} on the command line to run one point of it"
+        )
+
+
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Log failures with the run directory, and always close W&B runs (one finished run per multirun job)."""
 
@@ -89,6 +117,7 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, _on_sigterm)
 
+        check_grid_is_multirun()
         validate_config(cfg)  # typos and out-of-range values fail here, before any model or data is touched
         marker = _done_marker(cfg)
         if cfg.get("resume", False) and _already_done(marker):
