@@ -240,7 +240,7 @@ def test_embedding_benchmark_measures_tissue_throughput(tmp_path):
             "mode=slides",
             "backbone=tiny",
             "+backbone.overrides.depth=2",
-            "pruner.layer=1",
+            "pruner.prune_layer=1",
             "device=cpu",
             "slides.synthetic_side=1024",
             "slides.tile_size=448",

@@ -17,7 +17,7 @@ TINY = [
     "+backbone.overrides.depth=2",
     "tile.size=224",
     "attention.window=4",
-    "pruner.layer=1",
+    "pruner.prune_layer=1",
     "num_workers=0",
     "thumbnails=false",
 ]

@@ -701,9 +701,11 @@ def _embed_slide(
     failed, overlays = [], []
     want_overlays = thumbnails and overlay_tiles > 0 and encoder.pruner.enabled and draw
     h2d_before = tile_encoder.h2d_seconds
+    t_open = time.perf_counter()
     try:
         with trident.FeatureWriter(out, dim, c_attrs, attrs, tokens=tokens, token_dtype=token_dtype) as writer:
             t_wait = time.perf_counter()
+            stages["write"] += t_wait - t_open  # creating the file
             tiles_bar = tqdm(total=len(ds), desc=spec.slide_id, leave=False, disable=not progress, unit="tile")
             for batch in batches:
                 t1 = time.perf_counter()
@@ -735,8 +737,10 @@ def _embed_slide(
             t_close = time.perf_counter()
         stages["write"] += time.perf_counter() - t_close  # the final flush and rename
     finally:
-        batches.close()
+        t_stop = time.perf_counter()
+        batches.close()  # stops the readers (waits for reads in flight)
         ds.close()
+        stages["read"] += time.perf_counter() - t_stop
         # h2d is measured inside the encoder call: move it out of "encode"
         h2d = tile_encoder.h2d_seconds - h2d_before
         stages["h2d"] += h2d

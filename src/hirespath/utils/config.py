@@ -114,9 +114,9 @@ def backbone_geometry(name: str, overrides: dict | None) -> tuple[int, int | Non
 def validate_config(cfg: DictConfig) -> None:
     """Check the shared keys of a task config; raise one ConfigValidationError naming every bad key."""
     from ..models import ATTENTION_MODES, list_backbones
+    from ..models.attention import SPARSE_BACKENDS
     from ..models.backbones import ResolutionError
     from ..models.backbones import check_resolution as check_patch_multiple
-    from ..models.attention import SPARSE_BACKENDS
     from ..models.pruning import SCORE_TOKENS
 
     errors: list[str] = []
