@@ -260,3 +260,18 @@ def test_embedding_benchmark_measures_tissue_throughput(tmp_path):
     assert (tmp_path / "embedding_benchmark.png").stat().st_size > 0 and "x e2e" in result["summary"]
     with pytest.raises(ValueError, match="unknown keys"):
         embed_configs_from(OmegaConf.merge(cfg, {"slides": {"compare": [{"tile": 5}]}}))
+
+
+def test_benchmark_under_load_uses_the_cores_left(tmp_path):
+    """busy_processes spin beside the sweep (a tile reader's load); the encoder gets the cores they leave."""
+    import multiprocessing as mp
+
+    from hirespath.utils.threads import available_cores
+
+    cfg = _cfg(tmp_path, ["backbone=tiny", "resolutions=[56]", "repeats=1", "warmup=0", "cpu_memory=false",
+                          "busy_processes=1"])  # fmt: skip
+    before = torch.get_num_threads()
+    run_benchmark(cfg)
+    df = pd.read_csv(tmp_path / "benchmark.csv")
+    assert (df.busy_processes == 1).all() and (df.threads == max(1, available_cores() - 1)).all()
+    assert torch.get_num_threads() == before and not mp.active_children()

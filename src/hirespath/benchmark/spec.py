@@ -24,6 +24,8 @@ COLUMNS = [
     "tflops",
     "attn_memory_gb",
     "sparse_backend",
+    "threads",
+    "busy_processes",
 ]
 
 

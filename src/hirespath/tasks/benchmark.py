@@ -23,6 +23,7 @@ from ..benchmark.slides import (
     write_embedding_csv,
 )
 from ..utils.io import atomic_path
+from ..utils.threads import busy_processes, encoder_threads, torch_threads
 
 log = logging.getLogger("hirespath.benchmark")
 
@@ -74,7 +75,13 @@ def run_benchmark(cfg) -> dict:
     configs = configs_from(cfg)
     for r in cfg.resolutions:
         bench.check_resolution(int(r))
-    rows = sweep(bench, configs, [int(r) for r in cfg.resolutions])
+    # the encoder under load: busy_processes spinning processes, and the thread policy (or `threads`) for the rest
+    busy = int(cfg.get("busy_processes") or 0)
+    threads = encoder_threads(cfg.get("threads"), busy)
+    with busy_processes(busy), torch_threads(threads, f"{busy} busy process(es) beside the benchmark"):
+        rows = sweep(bench, configs, [int(r) for r in cfg.resolutions])
+    for row in rows:
+        row.update(threads=threads, busy_processes=busy)
     write_csv(rows, out_dir / "benchmark.csv")
     plot(rows, out_dir / "benchmark.png")
     summary = summarize(rows)

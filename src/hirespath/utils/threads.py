@@ -47,3 +47,32 @@ def torch_threads(n: int, why: str = ""):
         yield n
     finally:
         torch.set_num_threads(before)
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """``n`` processes spinning on a core each for the duration of the body: the load a tile reader (or another
+    job) puts on the machine, so a benchmark can measure the encoder under it."""
+    import multiprocessing as mp
+
+    if n <= 0:
+        yield
+        return
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
