@@ -133,6 +133,14 @@ def test_failure_exits_non_zero(tmp_path):
     assert "`hirespath make_synthetic dataset=panda root=DIR` writes a small one" in proc.stderr
 
 
+def test_ddp_ranks_rerun_the_same_command(tmp_path):
+    """Lightning's DDP starts the other ranks by re-executing sys.argv: it must still name the task."""
+    out = tmp_path / "ddp"
+    args = ["smoke", "trainer=ddp", "num_samples=128", "trainer.max_epochs=1", f"hydra.run.dir={out}"]
+    _check(run_cli(*args, cwd=tmp_path))
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+
+
 def _readme_user_backbone() -> tuple[str, str, list[str]]:
     """The README's user config example: (file path, file text, command arguments after `hirespath`)."""
     readme = (ROOT / "README.md").read_text()

@@ -132,29 +132,47 @@ def usage() -> str:
 def run_task(name: str, args: Sequence[str], config_path: str | Path | None = None) -> int:
     """Run task ``name`` as a Hydra app on ``args`` (overrides and Hydra flags, as after ``hirespath <task>``).
 
-    Failures exit through Hydra (``SystemExit(1)``, or the exception itself with ``HYDRA_FULL_ERROR=1``).
+    What ``@hydra.main`` does, with the arguments given instead of read from ``sys.argv``, which is left as the
+    user typed it: Lightning's DDP re-executes ``sys.argv`` for the other ranks (``hirespath smoke trainer=ddp``
+    must start ``hirespath smoke ...`` again, ``python tasks/smoke.py ...`` the same script). Failures exit through
+    Hydra (``SystemExit(1)``, or the exception itself with ``HYDRA_FULL_ERROR=1``).
     """
-    import hydra
+    # hydra-core is pinned to 1.3.*: _run_hydra and get_args_parser are what hydra.main calls
+    from hydra import version
+    from hydra._internal.utils import _run_hydra, get_args_parser
 
     task = TASKS[name]
     args = list(args)
     if task.argv:
         args = list(_load(task.argv)(args))
     conf = Path(config_path) if config_path is not None else config_dir()
-    app = hydra.main(version_base="1.3", config_path=str(conf.resolve()), config_name=task.config_name or name)(
-        TaskFunction(name)
+    version.setbase("1.3")
+    parser = get_args_parser()
+    parser.prog = f"hirespath {name}"
+    parsed = parser.parse_args(args)
+    task_function = TaskFunction(name)
+    if parsed.experimental_rerun is not None:
+        from hydra.core.utils import _flush_loggers
+        from hydra.main import _get_rerun_conf
+
+        task_function(_get_rerun_conf(parsed.experimental_rerun, parsed.overrides))
+        _flush_loggers()
+        return 0
+    _run_hydra(
+        args=parsed,
+        args_parser=parser,
+        task_function=task_function,
+        config_path=str(conf.resolve()),
+        config_name=task.config_name or name,
     )
-    saved = sys.argv
-    sys.argv = [f"hirespath {name}", *args]  # Hydra parses sys.argv; argv[0] names the command in its messages
-    try:
-        app()
-    finally:
-        sys.argv = saved
     return 0
 
 
 def main(argv: Sequence[str] | None = None, config_path: str | Path | None = None) -> int:
-    """``hirespath <task> [overrides]``; ``config_path`` replaces the default config directory (tasks/*.py)."""
+    """``hirespath <task> [overrides]``; ``config_path`` replaces the default config directory (tasks/*.py).
+
+    ``argv`` (default ``sys.argv[1:]``) should be what ``sys.argv`` holds after the command: DDP re-executes it.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
         print(usage(), file=sys.stderr)
