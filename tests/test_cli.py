@@ -15,7 +15,7 @@ import yaml
 from hirespath import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED_TASKS = {"classify", "extract", "segment", "benchmark", "report", "make_synthetic", "smoke"}
+EXPECTED_TASKS = {"classify", "extract", "embed_slides", "segment", "benchmark", "report", "make_synthetic", "smoke"}
 
 
 def _env(pythonpath: Path | str) -> dict:

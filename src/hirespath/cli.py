@@ -40,6 +40,10 @@ TASKS: dict[str, Task] = {
     "extract": Task(
         "hirespath.tasks.extract:run_extract", "extract and cache PANDA ROI embeddings for an encoder configuration"
     ),
+    "embed_slides": Task(
+        "hirespath.tasks.embed_slides:run_embed_slides",
+        "whole-slide embedding to TRIDENT/CLAM-layout h5 files (large tiles, sparse attention + pruning)",
+    ),
     "segment": Task(
         "hirespath.tasks.segment:run_segment", "SegPath: fine-tune ViT-Adapter + Mask2Former on the encoder, then test"
     ),
