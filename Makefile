@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 .PHONY: install test test-all lint format demo benchmark clean help
 
 help:
-	@echo "make install   create .venv and install hirespath (editable) with test and launcher extras"
+	@echo "make install   create .venv and install hirespath (editable, with .venv/bin/hirespath) + test and launcher extras"
 	@echo "make test      fast CPU test suite (excludes @pytest.mark.slow)"
 	@echo "make test-all  every test, slow ones included"
 	@echo "make lint      ruff lint + format check (CI runs it before the tests)"
@@ -29,7 +29,7 @@ test:
 test-all:
 	$(PY) -m pytest -q
 
-LINT_PATHS := src tasks tests notebooks
+LINT_PATHS := src tasks tests notebooks setup.py
 
 lint:
 	$(PY) -m ruff check $(LINT_PATHS)

@@ -2,20 +2,15 @@
 
     python tasks/classify.py data=panda data.root=DIR backbone=uni2_h backbone.weights=FILE \
         attention=sparse pruner=global_attention head=knn resolution=1344 trainer=gpu logger=wandb
+
+The checkout's entry point of `hirespath classify`: the same arguments and code (hirespath.cli), with this
+repository's conf/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
+from pathlib import Path
 
-from hirespath.tasks.classify import run_classify
-from hirespath.utils.hydra import task_wrapper
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="classify")
-@task_wrapper
-def main(cfg: DictConfig) -> None:
-    run_classify(cfg)
-
+from hirespath.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["classify", *sys.argv[1:]], config_path=Path(__file__).resolve().parents[1] / "conf"))

@@ -2,20 +2,15 @@
 
     python tasks/embed_slides.py wsi_dir=DIR job_dir=OUT backbone=uni2_h backbone.weights=FILE tile.size=1792 \
         tile.mpp=0.5 attention=sparse pruner=global_attention trainer=gpu
+
+The checkout's entry point of `hirespath embed_slides`: the same arguments and code (hirespath.cli), with this
+repository's conf/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
+from pathlib import Path
 
-from hirespath.tasks.embed_slides import run_embed_slides
-from hirespath.utils.hydra import task_wrapper
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="embed_slides")
-@task_wrapper
-def main(cfg: DictConfig) -> None:
-    run_embed_slides(cfg)
-
+from hirespath.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["embed_slides", *sys.argv[1:]], config_path=Path(__file__).resolve().parents[1] / "conf"))

@@ -1,17 +1,13 @@
-"""Synthetic PANDA or SegPath data in the real layout (for demos and tests)."""
+"""Synthetic PANDA or SegPath data in the real layout (for demos and tests).
 
-import hydra
-from omegaconf import DictConfig
+The checkout's entry point of `hirespath make_synthetic`: the same arguments and code (hirespath.cli), with this
+repository's conf/.
+"""
 
-from hirespath.tasks.make_synthetic import run_make_synthetic
-from hirespath.utils.hydra import task_wrapper
+import sys
+from pathlib import Path
 
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="make_synthetic")
-@task_wrapper
-def main(cfg: DictConfig) -> None:
-    run_make_synthetic(cfg)
-
+from hirespath.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["make_synthetic", *sys.argv[1:]], config_path=Path(__file__).resolve().parents[1] / "conf"))

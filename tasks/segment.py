@@ -2,20 +2,15 @@
 
     python tasks/segment.py data=segpath data.root=DIR backbone=uni2_h backbone.weights=FILE \
         attention=sparse attention.window=64 resolution=560 trainer=gpu logger=wandb
+
+The checkout's entry point of `hirespath segment`: the same arguments and code (hirespath.cli), with this
+repository's conf/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
+from pathlib import Path
 
-from hirespath.tasks.segment import run_segment
-from hirespath.utils.hydra import task_wrapper
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="segment")
-@task_wrapper
-def main(cfg: DictConfig) -> None:
-    run_segment(cfg)
-
+from hirespath.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["segment", *sys.argv[1:]], config_path=Path(__file__).resolve().parents[1] / "conf"))

@@ -4,20 +4,15 @@ python tasks/smoke.py                                              # local, CSV 
 python tasks/smoke.py -m hydra/launcher=joblib lr=0.01,0.1 logger=wandb
 python tasks/smoke.py trainer=ddp                                  # 2 CPU processes (gloo)
 python tasks/smoke.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu trainer=gpu
+
+The checkout's entry point of `hirespath smoke`: the same arguments and code (hirespath.cli), with this
+repository's conf/.
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
+from pathlib import Path
 
-from hirespath.tasks.smoke import run_smoke
-from hirespath.utils.hydra import task_wrapper
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="smoke")
-@task_wrapper
-def main(cfg: DictConfig) -> float:
-    return run_smoke(cfg)["test/accuracy"]
-
+from hirespath.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["smoke", *sys.argv[1:]], config_path=Path(__file__).resolve().parents[1] / "conf"))

@@ -54,7 +54,7 @@ def check_panda_root(root: str | Path) -> Path:
         raise FileNotFoundError(
             f"{str(root)!r} is not a PANDA data root: missing {', '.join(missing)}. Expected the layout of the "
             "Kaggle download: train.csv, train_images/<image_id>.tiff, train_label_masks/<image_id>_mask.tiff "
-            "(masks optional). `python tasks/make_synthetic.py dataset=panda root=DIR` writes a small one."
+            "(masks optional). `hirespath make_synthetic dataset=panda root=DIR` writes a small one."
         )
     return root
 

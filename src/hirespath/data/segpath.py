@@ -93,7 +93,7 @@ def index_segpath(root: str | Path, cell_types=CELL_TYPES, skip_bad: bool = Fals
     if missing_archives and len(missing_archives) == len(cell_types):
         raise FileNotFoundError(
             f"{str(root)!r} holds no SegPath archive: expected folders {list(cell_types)} with "
-            "<antigen>_fileinfo.csv beside or inside them (`python tasks/make_synthetic.py dataset=segpath` writes one)"
+            "<antigen>_fileinfo.csv beside or inside them (`hirespath make_synthetic dataset=segpath` writes one)"
         )
     for cell in missing_archives:
         log.warning("SegPath archive %s not found under %s; its cell type is left out", cell, root)

@@ -51,8 +51,7 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     dirs = list(cfg.dirs or [])
     if not dirs:
         raise ValueError(
-            "report: no directories given; usage: python tasks/report.py DIR [DIR ...] "
-            "(Hydra run or multirun directories)"
+            "report: no directories given; usage: hirespath report DIR [DIR ...] (Hydra run or multirun directories)"
         )
     out_dir = cfg.get("output_dir") or Path(dirs[0]) / "report"
     return build_report(

@@ -1,4 +1,4 @@
-"""Glue for the Hydra entry points in ``tasks/`` (in the style of lightning-hydra-template)."""
+"""Glue for the Hydra tasks run by ``hirespath.cli`` (in the style of lightning-hydra-template)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,228 @@
+"""The `hirespath` command: task list, errors, Hydra help, user config dirs, and the wheel run from elsewhere."""
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hirespath import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPECTED_TASKS = {"classify", "extract", "embed_slides", "segment", "benchmark", "report", "make_synthetic", "smoke"}
+
+
+def _env(pythonpath: Path | str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(pythonpath), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, cwd: Path, pythonpath=ROOT / "src", timeout: int = 300) -> subprocess.CompletedProcess:
+    """`hirespath ARGS` as `python -m hirespath.cli ARGS` with the given import path; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "hirespath.cli", *args],
+        cwd=cwd,
+        env=_env(pythonpath),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def python(code: str, cwd: Path | None = None, pythonpath=ROOT / "src") -> str:
+    """stdout of `python -c CODE` with the given import path (must succeed)."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_env(pythonpath), capture_output=True, text=True)
+    return _check(proc).stdout
+
+
+def _check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_help_lists_every_task(capsys):
+    assert set(cli.TASKS) >= EXPECTED_TASKS
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    listed = {m.group(1) for m in re.finditer(r"^  (\w+)  +\S", out, re.M)}
+    assert listed == set(cli.TASKS)
+    for name, task in cli.TASKS.items():  # one line each, with its summary
+        assert re.search(rf"^  {name} +{re.escape(task.summary)}$", out, re.M)
+    assert f"Configs: {ROOT / 'conf'}" in out  # a checkout uses its own conf/
+
+    assert cli.main([]) == 2  # no arguments: the same list, as a usage error
+    assert "  classify " in capsys.readouterr().err
+
+
+def test_version_and_help_from_the_command_line(tmp_path):
+    import hirespath
+
+    assert _check(run_cli("--version", cwd=tmp_path)).stdout.strip() == f"hirespath {hirespath.__version__}"
+    out = _check(run_cli("--help", cwd=tmp_path)).stdout
+    assert all(f"  {name} " in out for name in EXPECTED_TASKS)
+    # the task list comes fast: neither the CLI nor `import hirespath` imports torch
+    assert python("import sys, hirespath.cli; print('torch' in sys.modules)").strip() == "False"
+
+
+@pytest.mark.parametrize("arg", ["clasify", "--frobnicate"])
+def test_unknown_task_is_a_clear_error(arg, capsys):
+    assert cli.main([arg, "backbone=tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown {'option' if arg.startswith('-') else 'task'} {arg!r}" in err
+    assert "valid tasks: " + ", ".join(cli.TASKS) in err
+    if arg == "clasify":
+        assert "did you mean 'classify'" in err
+
+
+def test_task_help_is_hydras_and_the_job_is_named_after_the_task(tmp_path):
+    out = _check(run_cli("benchmark", "--help", cwd=tmp_path)).stdout
+    assert "benchmark is powered by Hydra" in out
+    assert re.search(r"^backbone: .*\btiny\b.*\buni2_h\b", out, re.M)
+    hydra_cfg = yaml.safe_load(_check(run_cli("classify", "--cfg", "hydra", cwd=tmp_path)).stdout)["hydra"]
+    assert hydra_cfg["job"]["name"] == "classify"  # the job log is classify.log, as with tasks/classify.py
+    assert not list(tmp_path.iterdir())  # --help / --cfg run nothing
+
+
+def test_task_functions_pickle_for_the_launchers():
+    for name in cli.TASKS:
+        fn = pickle.loads(pickle.dumps(cli.TaskFunction(name)))
+        assert isinstance(fn, cli.TaskFunction) and fn.name == name
+        assert fn.__module__ == cli.TASKS[name].run.split(":")[0]  # Hydra names the job after it
+
+
+def test_registry_points_at_existing_functions():
+    """Each entry's "module:function" exists (checked in the source: importing every task would take long)."""
+    import ast
+    import importlib.util
+
+    for name, task in cli.TASKS.items():
+        for ref in filter(None, (task.run, task.argv)):
+            module, _, func = ref.partition(":")
+            spec = importlib.util.find_spec(module)
+            assert spec and spec.origin, f"{name}: no module {module}"
+            defs = {n.name for n in ast.parse(Path(spec.origin).read_text()).body if isinstance(n, ast.FunctionDef)}
+            assert func in defs, f"{name}: {module} defines no {func}"
+
+
+def test_checkout_wrappers_are_the_cli():
+    wrappers = {p.stem for p in (ROOT / "tasks").glob("*.py")}
+    assert wrappers == set(cli.TASKS)
+    for name in wrappers:
+        src = (ROOT / "tasks" / f"{name}.py").read_text()
+        assert f'main(["{name}", *sys.argv[1:]]' in src
+
+
+def test_report_keeps_positional_directories(tmp_path):
+    (tmp_path / "runs").mkdir()
+    proc = run_cli("report", "runs", "--cfg", "job", cwd=tmp_path)
+    assert yaml.safe_load(_check(proc).stdout)["dirs"] == [str((tmp_path / "runs").resolve())]
+    bad = run_cli("report", "missing_dir", cwd=tmp_path)
+    assert bad.returncode != 0 and "'missing_dir' is not a directory" in bad.stderr
+
+
+def test_failure_exits_non_zero(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("classify", "data.root=empty", "backbone=tiny", "resolution=112", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "'empty' is not a PANDA data root" in proc.stderr
+    assert "`hirespath make_synthetic dataset=panda root=DIR` writes a small one" in proc.stderr
+
+
+def test_ddp_ranks_rerun_the_same_command(tmp_path):
+    """Lightning's DDP starts the other ranks by re-executing sys.argv: it must still name the task."""
+    out = tmp_path / "ddp"
+    args = ["smoke", "trainer=ddp", "num_samples=128", "trainer.max_epochs=1", f"hydra.run.dir={out}"]
+    _check(run_cli(*args, cwd=tmp_path))
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+
+
+def _readme_user_backbone() -> tuple[str, str, list[str]]:
+    """The README's user config example: (file path, file text, command arguments after `hirespath`)."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n# (my_configs/\S+\.yaml)\n(.*?)```", readme, re.S)
+    assert block, "README: the --config-dir example (a ```yaml block starting with `# my_configs/...`) is missing"
+    command = re.search(r"^hirespath (benchmark --config-dir my_configs .*?)(?:\s+#.*)?$", readme, re.M)
+    assert command, "README: the `hirespath benchmark --config-dir my_configs ...` example is missing"
+    return block.group(1), block.group(2), command.group(1).split()
+
+
+def test_user_config_dir_adds_a_backbone_preset(tmp_path):
+    """The README's example: a backbone file in the user's own config directory, selected like a packaged one."""
+    path, text, args = _readme_user_backbone()
+    (tmp_path / path).parent.mkdir(parents=True)
+    (tmp_path / path).write_text(text)
+    option = Path(path).stem
+    assert args == ["benchmark", "--config-dir", "my_configs", f"backbone={option}"]
+
+    job = yaml.safe_load(_check(run_cli(*args, "--cfg", "job", cwd=tmp_path)).stdout)
+    user = yaml.safe_load(text)
+    assert job["backbone"] == user and user["overrides"], job["backbone"]
+
+    # and it runs (tiny settings): the narrowed architecture is the one measured
+    _check(run_cli(*args, "resolutions=[112]", "repeats=1", "warmup=0", "cpu_memory=false", cwd=tmp_path))
+    (csv,) = (tmp_path / "logs" / "benchmark" / "runs").glob("*/benchmark.csv")
+    import pandas as pd
+
+    row = pd.read_csv(csv).iloc[0]
+    assert row["status"] == "ok" and row["backbone"] == user["name"]
+    # UNI2-h at full size would cost ~0.1 TFLOP for 73 tokens; the narrowed one (depth 12, dim 384) ~0.002
+    assert row["tflops"] < 0.01, row.to_dict()
+
+
+def _wheel_sources(dst: Path) -> Path:
+    """The files a wheel is built from, copied (an in-tree build would write build/ and *.egg-info here)."""
+    import shutil
+
+    dst.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(ROOT / name, dst / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    shutil.copytree(ROOT / "src", dst / "src", ignore=ignore)
+    shutil.copytree(ROOT / "conf", dst / "conf", ignore=ignore)
+    return dst
+
+
+def test_installed_wheel_runs_from_any_directory(tmp_path):
+    """Non-editable install: the wheel ships the configs, and the tasks run with only it on the path."""
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    src = _wheel_sources(tmp_path / "src_copy")
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp_path / "dist")]
+    subprocess.run(build, check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("hirespath-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    confs = {f"hirespath/conf/{p.relative_to(ROOT / 'conf').as_posix()}" for p in (ROOT / "conf").rglob("*.yaml")}
+    assert confs and confs <= names, sorted(confs - names)
+    assert "hirespath/cli.py" in names
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "hirespath = hirespath.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = python("import hirespath.cli as c; print(c.__file__); print(c.config_dir())", work, site).split()
+    assert all(Path(p).is_relative_to(site) for p in where), where  # the installed copy, not the checkout
+
+    # the console script pip wrote, then python -m hirespath.cli: synthetic data, then classify on the tiny preset
+    script = site / "bin" / "hirespath"
+    synthetic = ["make_synthetic", "dataset=panda", "root=data/panda", "num_slides=24", "slide_height=512"]
+    proc = subprocess.run(
+        [str(script), *synthetic, "slide_width=768"], cwd=work, env=_env(site), capture_output=True, text=True
+    )
+    _check(proc)
+    assert (work / "data" / "panda" / "train.csv").is_file()
+    tiny = ["backbone=tiny", "resolution=112", "data.fov_um=192", "attention.window=2", "pruner.layer=2"]
+    _check(run_cli("classify", "data.root=data/panda", *tiny, "head=knn", "head.k=3", cwd=work, pythonpath=site))
+
+    (metrics,) = (work / "logs" / "classify" / "runs").glob("*/metrics.json")
+    assert 0 <= json.loads(metrics.read_text())["test/accuracy"] <= 1
+    assert (metrics.parent / "classify.log").is_file()
+    assert (work / "cache" / "embeddings").is_dir()  # outputs under the current directory
+    sources = yaml.safe_load((metrics.parent / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]
+    paths = [s["path"] for s in sources["config_sources"] if s["provider"] == "main"]
+    assert paths == [str(site / "hirespath" / "conf")], sources["config_sources"]
