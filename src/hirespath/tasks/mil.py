@@ -220,7 +220,12 @@ def run_mil(cfg: DictConfig) -> dict:
     main = not _is_child_rank()
     if main:
         skipped = dm.skipped.copy()
-        why = _embedding_skips(features_dir.parent.parent) if not cfg.features_dir else {}
+        why = {}
+        if not cfg.features_dir:  # why a slide has no features: no slide file, or the embedding skipped it
+            why = _embedding_skips(features_dir.parent.parent)
+            root = Path(cfg.data.root)
+            why.update({s: f"no slide file {_slide_path(root, s)}" for s in skipped.slide_id
+                        if not _slide_path(root, s).is_file()})  # fmt: skip
         skipped["reason"] = [
             f"not embedded: {why[s]}" if s in why else r for s, r in zip(skipped.slide_id, skipped.reason)
         ]
