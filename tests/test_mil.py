@@ -393,7 +393,7 @@ def test_panda_slide_labels_use_the_roi_tasks_split_file(tmp_path):
     tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:10]
     split_csv = cache / "panda" / tag / "split_seed42.csv"
     assert split_csv.is_file()
-    roi_split = load_or_make_split(root, split_csv, seed=42)
+    roi_split = load_or_make_split(root, split_csv, split_seed=42)
     assert labels.slide_id.tolist() == roi_split.image_id.tolist()
     assert labels.split.tolist() == roi_split.split.tolist() and labels.label.tolist() == roi_split.isup_grade.tolist()
     assert set(labels.split) == {"train", "val", "test"} and "data_provider" in labels

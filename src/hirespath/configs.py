@@ -116,6 +116,27 @@ class Mask2FormerHeadConfig:
 
 
 @dataclass
+class ABMILHeadConfig:
+    """``hirespath.heads.mil.ABMIL`` via ``create_mil_head`` (the task passes ``in_features`` and ``num_classes``)."""
+
+    _target_: str = "hirespath.heads.mil.create_mil_head"
+    name: str = "abmil"
+    hidden: int = 512
+    attention_hidden: int = 256
+    dropout: float = 0.25
+
+
+@dataclass
+class MeanPoolHeadConfig:
+    """``hirespath.heads.mil.MeanPool`` via ``create_mil_head`` (``hidden=None``: one linear layer)."""
+
+    _target_: str = "hirespath.heads.mil.create_mil_head"
+    name: str = "mean_pool"
+    hidden: Optional[int] = None
+    dropout: float = 0.0
+
+
+@dataclass
 class PandaDataConfig:
     """PANDA, read by ``hirespath.data.panda`` (``load_or_make_split``, ``locate_all``): their keyword names."""
 
@@ -145,6 +166,23 @@ class SegPathDataConfig:
     balance_types: bool = False
 
 
+@dataclass
+class PandaSlidesDataConfig:
+    """PANDA slides for MIL: ``panda_slide_labels`` (root, split_csv, exclude, split_seed: the ROI tasks' split) and
+    ``MILDataModule``'s keyword arguments; ``default_mpp`` is the embedding's, for slides without resolution tags."""
+
+    name: str = "panda_slides"
+    root: str = MISSING
+    split_seed: int = 42
+    split_csv: Optional[str] = None
+    exclude: Optional[str] = None
+    default_mpp: Optional[float] = None
+    max_tiles_train: Optional[int] = 1000
+    max_tiles_eval: Optional[int] = None
+    batch_size: int = 1
+    num_workers: int = 4
+
+
 # (group, schema name, dataclass): conf/<group>/*.yaml list the schema name first in their defaults.
 SCHEMAS = (
     ("backbone", "base_backbone", BackboneConfig),
@@ -153,8 +191,11 @@ SCHEMAS = (
     ("head", "base_knn", KNNHeadConfig),
     ("head", "base_linear_probe", LinearProbeHeadConfig),
     ("head", "base_mask2former", Mask2FormerHeadConfig),
+    ("head", "base_abmil", ABMILHeadConfig),
+    ("head", "base_mean_pool", MeanPoolHeadConfig),
     ("data", "base_panda", PandaDataConfig),
     ("data", "base_segpath", SegPathDataConfig),
+    ("data", "base_panda_slides", PandaSlidesDataConfig),
 )
 
 

@@ -390,7 +390,7 @@ def panda_slide_labels(
         if cache_dir is None:
             raise ValueError("panda_slide_labels needs split_csv or cache_dir (to find the ROI tasks' split file)")
         split_csv = default_split_csv(root, cache_dir, split_seed)
-    split = load_or_make_split(root, split_csv, exclude, seed=int(split_seed))
+    split = load_or_make_split(root, split_csv, exclude, split_seed=int(split_seed))
     out = pd.DataFrame(
         {"slide_id": split.image_id.astype(str), "label": split.isup_grade.astype(int), "split": split.split}
     )

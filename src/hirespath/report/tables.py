@@ -46,6 +46,15 @@ CLS_METRICS = {
     "kappa": "test/kappa",
 }
 SEG_METRICS = {"mpa": "test/mpa", "iou": "test/iou", "dice": "test/dice"}
+# slide-level MIL (tasks/mil.py): kappa first, PANDA's official metric
+MIL_METRICS = {
+    "kappa": "test/kappa",
+    "bal_acc": "test/balanced_accuracy",
+    "acc": "test/accuracy",
+    "auroc": "test/auroc",
+}
+MIL_COST = "embed/seconds_per_slide"
+MIL_HEADS = ("abmil", "mean_pool")  # hirespath.heads.mil.MIL_HEADS (not imported: the report needs no torch)
 SEG_MEMORY_KEYS = ("train/peak_memory_gb", "test/peak_memory_gb", "peak_memory_gb", "memory/peak_gb")
 
 # Config keys tried in order for each field of a run (first one present wins). The second pruner keys are the
@@ -62,13 +71,18 @@ CONFIG_KEYS = {
     "head_solver": ("head.solver",),
     "data": ("data.name",),
     "experiment": ("experiment_name",),
+    # slide-level MIL: the tiling (a conf/mil_tiling name, else tile size + attention + pruning) and the seed
+    "tiling": ("tiling_name",),
+    "tile_size": ("tile.size",),
+    "seed": ("seed",),
+    "features_dir": ("features_dir",),
     # not table keys, but runs averaged into one cell must agree on them (see _warn_mixed)
     "data_root": ("data.root",),
     "weights": ("backbone.weights",),
     "features": ("features",),
     "fov_um": ("data.fov_um",),
 }
-SETTINGS = ("data_root", "weights", "features", "fov_um", "head_solver")
+SETTINGS = ("data_root", "weights", "features", "fov_um", "head_solver", "features_dir")
 
 
 def _warn_mixed(runs: pd.DataFrame, keys: Sequence[str], table: str) -> None:
@@ -171,7 +185,7 @@ def _is_segment(info: dict, metrics: dict) -> bool:
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    for col in ("window", "prune_layer", "resolution"):
+    for col in ("window", "prune_layer", "resolution", "tile_size", "seed"):
         if col in frame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
     if "prune_ratio" in frame:
@@ -190,10 +204,13 @@ def _unfinished_jobs(root: Path) -> list[tuple[str, str]]:
         if (job / "metrics.json").is_file() or (job / "benchmark.csv").is_file():
             continue
         try:
-            task = (yaml.safe_load(cfg_path.read_text()) or {}).get("task_name")
+            raw = yaml.safe_load(cfg_path.read_text()) or {}
+            task = raw.get("task_name")
+            if (raw.get("head") or {}).get("name") in MIL_HEADS:  # a MIL job, under any experiment's task name
+                task = "mil"
         except Exception:  # noqa: BLE001 — an unreadable config is reported as such
             task = "unknown"
-        if task in ("classify", "segment", "benchmark", "unknown"):
+        if task in ("classify", "segment", "benchmark", "mil", "unknown"):
             out.append((str(job), f"{task} job without metrics.json or benchmark.csv (failed or unfinished)"))
     return out
 
@@ -398,12 +415,56 @@ def table5(col: Collected) -> pd.DataFrame:
     return t.sort_values(["backbone", "window"]).reset_index(drop=True)
 
 
+MIL_KEYS = ["backbone", "tiling", "tile_size", "attention", "window", "prune_ratio", "head"]
+
+
+def table_mil(col: Collected) -> pd.DataFrame:
+    """Slide-level MIL: one row per tiling × head, each metric's mean and std over the seeds (``<metric>`` and
+    ``<metric>_std``; std is NaN for one seed), ``seeds`` (runs averaged) and the embedding ``seconds_per_slide``."""
+    runs = col.runs
+    if not len(runs) or "head" not in runs:
+        return pd.DataFrame()
+    mil = runs[runs["head"].isin(MIL_HEADS)].copy()
+    if not len(mil):
+        return pd.DataFrame()
+    for key in MIL_KEYS:
+        if key not in mil:
+            mil[key] = np.nan
+    _warn_mixed(mil, MIL_KEYS, "the MIL table")
+    vals = _metric_cols(mil, {**MIL_METRICS, "seconds_per_slide": MIL_COST})
+    frame = pd.concat([mil[MIL_KEYS], vals], axis=1)
+    groups = frame.groupby(MIL_KEYS, dropna=False, sort=False)
+    mean, std = groups.mean(), groups.std(ddof=1)
+    out = mean[[]].copy()
+    out["seeds"] = groups.size()
+    for name in MIL_METRICS:
+        out[name], out[f"{name}_std"] = mean[name], std[name]
+    out["seconds_per_slide"] = mean["seconds_per_slide"]
+    out = out.reset_index()
+    order = {h: i for i, h in enumerate(MIL_HEADS)}
+    out["_h"] = out["head"].map(order)
+    return out.sort_values(["tile_size", "tiling", "_h"], na_position="last").drop(columns="_h").reset_index(drop=True)
+
+
+def mil_markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    """The MIL table with ``mean ± std`` cells (the CSV keeps them in separate columns)."""
+    show = table[["tiling", "tile_size", "head", "seeds"]].copy()
+    for name in MIL_METRICS:
+        show[name] = [
+            "–" if pd.isna(m) else f"{m:.{digits}f}" + ("" if pd.isna(s) else f" ± {s:.{digits}f}")
+            for m, s in zip(table[name], table[f"{name}_std"])
+        ]
+    show["seconds_per_slide"] = table["seconds_per_slide"]
+    return to_markdown(show, digits=2)
+
+
 TABLES = {
     "table1": ("Table 1 — linear probe, KNN and cost vs resolution", table1),
     "table2": ("Table 2 — pruning ratio at the largest resolution", table2),
     "table3": ("Table 3 — window size at the largest resolution", table3),
     "table4": ("Table 4 — segmentation vs resolution", table4),
     "table5": ("Table 5 — segmentation window size at the largest resolution", table5),
+    "mil": ("Slide-level MIL — tiling × head, mean ± std over seeds, embedding seconds per slide", table_mil),
 }
 
 
@@ -521,6 +582,7 @@ def build_report(
         "table3": table3(col, prune_ratio),
         "table4": table4(col, window),
         "table5": table5(col),
+        "mil": table_mil(col),
     }
     sections = [
         f"# hirespath report\n\nSources: {', '.join(str(d) for d in dirs)}  \n"
@@ -535,7 +597,7 @@ def build_report(
             continue
         with atomic_path(out / f"{name}.csv") as tmp:
             table.to_csv(tmp, index=False)
-        md = to_markdown(table)
+        md = mil_markdown(table) if name == "mil" else to_markdown(table)
         write_text(out / f"{name}.md", md + "\n")
         sections.append(f"## {title}\n\n{md}\n")
         written[name] = table
