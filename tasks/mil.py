@@ -5,18 +5,10 @@ python tasks/mil.py data.root=DIR backbone.weights=FILE tile.size=1792 head=abmi
 python tasks/mil.py -m experiment=mil_tile_size data.root=DIR backbone.weights=FILE trainer=gpu
 """
 
-import hydra
-from omegaconf import DictConfig
+import sys
+from pathlib import Path
 
-from hirespath.tasks.mil import run_mil
-from hirespath.utils.hydra import task_wrapper
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="mil")
-@task_wrapper
-def main(cfg: DictConfig) -> None:
-    run_mil(cfg)
-
+from hirespath.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["mil", *sys.argv[1:]], config_path=Path(__file__).resolve().parents[1] / "conf"))

@@ -216,7 +216,7 @@ def test_installed_wheel_runs_from_any_directory(tmp_path):
     )
     _check(proc)
     assert (work / "data" / "panda" / "train.csv").is_file()
-    tiny = ["backbone=tiny", "resolution=112", "data.fov_um=192", "attention.window=2", "pruner.layer=2"]
+    tiny = ["backbone=tiny", "resolution=112", "data.fov_um=192", "attention.window=2", "pruner.prune_layer=2"]
     _check(run_cli("classify", "data.root=data/panda", *tiny, "head=knn", "head.k=3", cwd=work, pythonpath=site))
 
     (metrics,) = (work / "logs" / "classify" / "runs").glob("*/metrics.json")

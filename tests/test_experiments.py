@@ -29,7 +29,7 @@ def _jobs(cfg) -> int:
 def _usage(exp: str) -> list[str]:
     """The command lines in the experiment file's header comment."""
     text = (Path(CONF_DIR) / "experiment" / f"{exp}.yaml").read_text()
-    return re.findall(r"^#\s+(python tasks/\w+\.py .*)$", text, flags=re.M)
+    return re.findall(r"^#\s+((?:python tasks/\w+\.py|hirespath \w+) .*)$", text, flags=re.M)
 
 
 @pytest.mark.parametrize("exp,jobs", [("table1", 36), ("table2", 10), ("table3", 8)])
@@ -45,7 +45,8 @@ def test_every_experiment_composes_with_its_task(exp):
     """The task comes from the file's usage line; a grid's usage passes -m, and no file sets hydra.mode."""
     usage = _usage(exp)
     assert usage, f"conf/experiment/{exp}.yaml has no usage line"
-    task = re.match(r"python tasks/(\w+)\.py", usage[0]).group(1)
+    task = re.match(r"(?:python tasks/(\w+)\.py|hirespath (\w+))", usage[0]).group(1, 2)
+    task = task[0] or task[1]
     cfg = _compose(task, [f"experiment={exp}"])
     raw = OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{exp}.yaml")
     assert OmegaConf.select(raw, "hydra.mode") is None, f"{exp}: the user passes -m; no hydra.mode in the file"

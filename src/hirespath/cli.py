@@ -44,6 +44,10 @@ TASKS: dict[str, Task] = {
         "hirespath.tasks.embed_slides:run_embed_slides",
         "whole-slide embedding to TRIDENT/CLAM-layout h5 files (large tiles, sparse attention + pruning)",
     ),
+    "mil": Task(
+        "hirespath.tasks.mil:run_mil",
+        "slide-level MIL (ABMIL, mean pool) on TRIDENT-layout slide features, embedding the slides first if needed",
+    ),
     "segment": Task(
         "hirespath.tasks.segment:run_segment", "SegPath: fine-tune ViT-Adapter + Mask2Former on the encoder, then test"
     ),
