@@ -26,6 +26,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .samplers import evaluation_sampler
+
 log = logging.getLogger("hirespath.mil")
 
 SPLITS = ("train", "val", "test")
@@ -334,20 +336,7 @@ class MILDataModule(L.LightningDataModule):
         return SlideFeatureDataset(rows, self.max_tiles_eval, random=False, seed=self.seed)
 
     def _loader(self, ds: SlideFeatureDataset, shuffle: bool) -> DataLoader:
-        sampler = None
-        distributed = (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1
-        )
-        if not shuffle and distributed:
-            # Lightning's default DDP sampler pads uneven splits by repeating slides, which would count them twice
-            # in the gathered predictions and metrics; each evaluation slide must be seen exactly once.
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-            sampler = UnrepeatedDistributedSampler(
-                ds, num_replicas=torch.distributed.get_world_size(), rank=torch.distributed.get_rank(), shuffle=False
-            )
+        sampler = None if shuffle else evaluation_sampler(ds)
         return DataLoader(
             ds,
             batch_size=self.batch_size,

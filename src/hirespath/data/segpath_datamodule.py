@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from .samplers import evaluation_sampler
 from .segpath import CELL_TYPES, SegPathDataset, collate, index_segpath
 
 log = logging.getLogger("hirespath.segment")
@@ -63,19 +64,8 @@ class SegPathDataModule(L.LightningDataModule):
         return SegPathDataset(rows, self.resolution, self.mean, self.std, train=train)
 
     def _loader(self, ds, shuffle: bool, sampler=None) -> DataLoader:
-        distributed = (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1
-        )
-        if not shuffle and sampler is None and distributed:
-            # Lightning's default DDP sampler pads uneven splits by repeating images, which would count them
-            # twice in the summed metric counts; each evaluation image must be seen exactly once.
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-            sampler = UnrepeatedDistributedSampler(
-                ds, num_replicas=torch.distributed.get_world_size(), rank=torch.distributed.get_rank(), shuffle=False
-            )
+        if not shuffle and sampler is None:
+            sampler = evaluation_sampler(ds)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
