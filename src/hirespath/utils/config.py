@@ -2,10 +2,11 @@
 
 Types and key names of the config groups are checked by Hydra when it composes (the schemas of
 ``hirespath.configs``). ``validate_config(cfg)`` checks what composition cannot: keys added to a closed group with
-Hydra's ``+key=value`` (which bypasses the schema), and the value ranges of the keys every task shares (backbone,
-attention, pruner, resolution, head and data names). It raises one ``ConfigValidationError`` listing every problem
-as ``key=value: what is valid``. Keys a config does not have are not checked, so every task's root config can go
-through it.
+Hydra's ``+key=value`` (which bypasses the schema), the value ranges of the keys every task shares (backbone,
+attention, pruner, resolution, head and data names), and the options of the task that ``task_name`` names (which
+heads and data it takes, ``features``, ``data.*`` numbers, ``extract.*``, make_synthetic's sizes). It raises one
+``ConfigValidationError`` listing every problem as ``key=value: what is valid``. Keys a config does not have are
+not checked, so every task's root config can go through it.
 """
 
 from __future__ import annotations
