@@ -62,16 +62,27 @@ def check_panda_root(root: str | Path) -> Path:
 def read_labels(root: str | Path, exclude: str | Path | None = None) -> pd.DataFrame:
     """train.csv, validated: ISUP grades 0–5, "negative" Gleason normalised to "0+0", exclusions dropped."""
     root = check_panda_root(root)
-    df = pd.read_csv(root / "train.csv")
+    csv = root / "train.csv"
+    try:
+        df = pd.read_csv(csv, dtype={"image_id": str})
+    except pd.errors.EmptyDataError:
+        raise ValueError(
+            f"{csv} is empty; expected PANDA's train.csv: a header {','.join(REQUIRED_COLUMNS)} and one row per slide"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{csv} is not a readable CSV ({err}); expected PANDA's train.csv") from err
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{root / 'train.csv'} lacks columns {missing}; PANDA's has {list(REQUIRED_COLUMNS)}")
+        raise ValueError(f"{csv} lacks columns {missing}; PANDA's has {list(REQUIRED_COLUMNS)}")
+    if df.empty:
+        raise ValueError(f"{csv} has a header but no rows; expected one row per slide of train_images/")
+    df = _drop_duplicates(df, csv)
     grade = pd.to_numeric(df.isup_grade, errors="coerce")
     bad = df[grade.isna() | ~grade.isin(range(NUM_CLASSES))]
     if len(bad):
         rows = ", ".join(f"row {i + 2} ({r.image_id}: {r.isup_grade!r})" for i, r in bad.head(20).iterrows())
         raise ValueError(
-            f"{root / 'train.csv'}: isup_grade must be an integer 0–5; bad rows: {rows}"
+            f"{csv}: isup_grade must be an integer 0–5; bad rows: {rows}"
             + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
         )
     df["isup_grade"] = grade.astype(int)
@@ -82,7 +93,39 @@ def read_labels(root: str | Path, exclude: str | Path | None = None) -> pd.DataF
         before = len(df)
         df = df[~df.image_id.astype(str).isin(ids)]
         log.info("excluded %d slides listed in %s", before - len(df), exclude)
+        if df.empty:
+            raise ValueError(f"data.exclude={exclude} excludes all {before} slides of {csv}: no slide is left")
     return df.reset_index(drop=True)
+
+
+def _drop_duplicates(df: pd.DataFrame, csv: Path) -> pd.DataFrame:
+    """An image_id listed twice: the same row again is dropped with a warning; rows that disagree (another grade,
+    provider or Gleason score) are refused, naming the id, its rows (as numbered in the file) and their grades."""
+    rows = df.image_id.astype(str).str.strip()
+    dup = df[rows.duplicated(keep=False)]
+    if dup.empty:
+        return df
+    conflicts, exact = [], []
+    for image_id, group in dup.groupby(rows[dup.index], sort=False):
+        lines = ", ".join(str(i + 2) for i in group.index)  # line 1 is the header
+        if len(group[list(REQUIRED_COLUMNS)].astype(str).drop_duplicates()) > 1:
+            grades = ", ".join(repr(g) for g in group.isup_grade)
+            conflicts.append(f"{image_id} (rows {lines}: isup_grade {grades})")
+        else:
+            exact.append(f"{image_id} (rows {lines})")
+    if conflicts:
+        raise ValueError(
+            f"{csv}: image_ids listed more than once with different values: {'; '.join(conflicts[:20])}"
+            + (f" and {len(conflicts) - 20} more" if len(conflicts) > 20 else "")
+            + ". Each slide must have one row: keep the right one and delete the others."
+        )
+    log.warning(
+        "%s: dropped %d repeated rows of the same slide: %s",
+        csv,
+        int(rows.duplicated().sum()),
+        "; ".join(exact[:20]) + (f" and {len(exact) - 20} more" if len(exact) > 20 else ""),
+    )
+    return df[~rows.duplicated()].reset_index(drop=True)
 
 
 def make_split(labels: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 42) -> pd.DataFrame:
@@ -91,6 +134,13 @@ def make_split(labels: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 42
 
     if abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    from ..utils.config import MIN_SPLIT_SLIDES
+
+    if len(labels) < MIN_SPLIT_SLIDES:
+        raise ValueError(
+            f"{len(labels)} slides cannot be split 70/15/15 into non-empty train, val and test splits: "
+            f"at least {MIN_SPLIT_SLIDES} are needed (or give a split file with data.split_csv)"
+        )
     ids, y = labels.image_id.to_numpy(), labels.isup_grade.to_numpy()
     counts = np.bincount(y, minlength=NUM_CLASSES)
     strat = y if counts[counts > 0].min() >= 3 else None  # sklearn needs ≥ 2 per class in each cut
@@ -111,7 +161,7 @@ def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, sp
     labels = read_labels(root, exclude)
     labels["image_id"] = labels.image_id.astype(str)
     if split_csv.is_file():
-        old = pd.read_csv(split_csv, dtype={"image_id": str})
+        old = _read_split(split_csv)
         df = labels.merge(old[["image_id", "split"]], on="image_id", how="left")
         new = df[df.split.isna()]
         if len(new):
@@ -119,7 +169,8 @@ def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, sp
                 f"{len(new)} image_ids of train.csv have no split in {split_csv} (e.g. {new.image_id.iloc[0]}): "
                 "train.csv changed since the split was written; delete it (or set data.split_csv) to re-split"
             )
-        relabelled = df.merge(old[["image_id", "isup_grade"]], on="image_id", suffixes=("", "_old"))
+        grades = old[["image_id", "isup_grade"]] if "isup_grade" in old else df[["image_id", "isup_grade"]]
+        relabelled = df.merge(grades, on="image_id", suffixes=("", "_old"))
         relabelled = relabelled[relabelled.isup_grade != relabelled.isup_grade_old]
         if len(relabelled):
             log.warning(
@@ -127,14 +178,77 @@ def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, sp
                 len(relabelled),
                 split_csv,
             )
+        check_split(df, f"the split {split_csv}")
         return df
     df = make_split(labels, seed=split_seed)
+    check_split(df, f"the split of {root / 'train.csv'}")
     from ..utils.io import atomic_path
 
     with atomic_path(split_csv) as tmp:
         df.to_csv(tmp, index=False)
     log.info("wrote split %s (%s)", split_csv, df.split.value_counts().to_dict())
     return df
+
+
+SPLITS = ("train", "val", "test")
+
+
+def _read_split(split_csv: Path) -> pd.DataFrame:
+    """A split file: image_id, split (train | val | test) and isup_grade, one row per slide."""
+    try:
+        old = pd.read_csv(split_csv, dtype={"image_id": str})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"split file {split_csv} is empty; delete it to re-split (or fix data.split_csv)") from None
+    missing = [c for c in ("image_id", "split") if c not in old.columns]
+    if missing:
+        raise ValueError(f"split file {split_csv} lacks columns {missing}; it needs image_id and split")
+    bad = old[~old.split.isin(SPLITS)]
+    if len(bad):
+        rows = ", ".join(f"row {i + 2} ({r.image_id}: {r.split!r})" for i, r in bad.head(10).iterrows())
+        raise ValueError(f"split file {split_csv}: split must be one of {list(SPLITS)}; bad rows: {rows}")
+    dup = old[old.image_id.duplicated(keep=False)]
+    if len(dup):
+        ids = ", ".join(
+            f"{i} (rows {', '.join(str(r + 2) for r in g.index)}: {', '.join(g.split)})"
+            for i, g in dup.head(20).groupby("image_id", sort=False)
+        )
+        raise ValueError(f"split file {split_csv} lists image_ids more than once: {ids}; keep one row per slide")
+    return old
+
+
+def check_split(df: pd.DataFrame, what: str, skipped_csv: Path | None = None) -> None:
+    """Refuse a split whose train or test part is empty, or whose train part holds a single grade (no classifier
+    can be fit), naming ``what`` was split and where the skipped slides are listed."""
+    counts = df.split.value_counts()
+    where = f"; the slides skipped and why are in {skipped_csv}" if skipped_csv else ""
+    empty = [s for s in ("train", "test") if counts.get(s, 0) == 0]
+    if empty:
+        raise ValueError(
+            f"{what} leaves the {' and '.join(empty)} split empty ({counts.reindex(SPLITS, fill_value=0).to_dict()})"
+            + where
+        )
+    label = "isup_grade" if "isup_grade" in df else "label"
+    grades = sorted(set(df[df.split == "train"][label]))
+    if len(grades) < 2:
+        raise ValueError(
+            f"{what} leaves a single ISUP grade ({grades[0]}) in the train split: nothing to classify{where}"
+        )
+
+
+def _file_tag(path: Path) -> str:
+    """Size and mtime of a slide file ("" when it is missing): a skip is remembered for this version of it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _same_file(record: dict, path: Path) -> bool:
+    tag = record.get("file")
+    if not isinstance(tag, str):  # written before skips recorded the file: retry slides that were missing
+        return not (str(record.get("reason", "")).startswith("missing file") and path.is_file())
+    return tag == _file_tag(path)
 
 
 def locate_all(
@@ -163,13 +277,15 @@ def locate_all(
     if rois_csv.is_file():
         rows = pd.read_csv(rois_csv, dtype={"image_id": str})[loc_cols].to_dict("records")
     if skipped_csv.is_file():
-        skipped = pd.read_csv(skipped_csv, dtype={"image_id": str}).to_dict("records")
+        skipped = pd.read_csv(skipped_csv, dtype={"image_id": str, "file": str}).to_dict("records")
+        # a slide skipped for its file is tried again once that file was added or replaced
+        skipped = [r for r in skipped if _same_file(r, root / "train_images" / f"{r['image_id']}.tiff")]
     done = {r["image_id"] for r in rows} | {r["image_id"] for r in skipped}
     todo = [i for i in split.image_id.astype(str) if i not in done]
 
     def save():
         with atomic_path(skipped_csv) as tmp:
-            pd.DataFrame(skipped, columns=["image_id", "reason"]).to_csv(tmp, index=False)
+            pd.DataFrame(skipped, columns=["image_id", "reason", "file"]).to_csv(tmp, index=False)
         with atomic_path(rois_csv) as tmp:
             pd.DataFrame(rows, columns=loc_cols).to_csv(tmp, index=False)
 
@@ -179,7 +295,7 @@ def locate_all(
             rois, mpp = locate_rois(path, fov_um, rois_per_slide, min_tissue, default_mpp=default_mpp)
         except SlideError as err:
             log.warning("skipping slide %s: %s", image_id, err)
-            skipped.append(dict(image_id=image_id, reason=str(err)))
+            skipped.append(dict(image_id=image_id, reason=str(err), file=_file_tag(path)))
         else:
             rows += [dict(image_id=image_id, roi=k, mpp=mpp, **asdict(roi)) for k, roi in enumerate(rois)]
         if n % checkpoint_every == 0:

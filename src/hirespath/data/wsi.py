@@ -15,6 +15,30 @@ class SlideError(Exception):
     """A slide that cannot be used (unreadable, no mpp, no tissue); the run skips it and lists the reason."""
 
 
+def truncation(path: str | Path) -> str | None:
+    """Why a TIFF is truncated (its tiles reach past the end of the file), or None (not a TIFF, or complete).
+
+    A truncated copy otherwise shows as a decoder error ("Empty input file") or, when only the small pyramid levels
+    are cut, as a slide without tissue."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif"):
+        return None
+    try:
+        import tifffile
+
+        size = path.stat().st_size
+        with tifffile.TiffFile(path) as tif:
+            end = max(
+                (o + n for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts) if n),
+                default=0,
+            )
+    except Exception:  # noqa: BLE001 — not a TIFF tifffile can parse: left to the readers' own errors
+        return None
+    if end > size:
+        return f"truncated file {path.name}: {size} bytes, but its image data reaches byte {end}; copy it again"
+    return None
+
+
 def open_slide(path: str | Path):
     """Open a slide with OpenSlide, or tiffslide where OpenSlide is missing or refuses the file."""
     path = Path(path)
@@ -33,7 +57,7 @@ def open_slide(path: str | Path):
         return tiffslide.TiffSlide(str(path))
     except Exception as err:  # noqa: BLE001
         errors.append(f"tiffslide: {err}")
-    raise SlideError(f"cannot read {path.name}: " + "; ".join(errors))
+    raise SlideError(truncation(path) or f"cannot read {path.name}: " + "; ".join(errors))
 
 
 def slide_mpp(slide, default: float | None = None) -> float:
@@ -137,6 +161,9 @@ def locate_rois(
     default_mpp: float | None = None,
 ) -> tuple[list[ROI], float]:
     """Tissue detection on a low level, then the best square ROIs of ``fov_um`` microns. Returns (rois, mpp)."""
+    cut = truncation(path) if Path(path).is_file() else None
+    if cut:
+        raise SlideError(cut)
     slide = open_slide(path)
     try:
         mpp = slide_mpp(slide, default_mpp)
@@ -181,6 +208,6 @@ def read_roi(path: str | Path, roi: ROI, resolution: int) -> np.ndarray:
             region = region.resize((resolution, resolution), Image.BICUBIC, reducing_gap=None)
         return np.asarray(region)
     except Exception as err:  # noqa: BLE001
-        raise SlideError(f"cannot read ROI of {Path(path).name}: {err}") from err
+        raise SlideError(truncation(path) or f"cannot read ROI of {Path(path).name}: {err}") from err
     finally:
         slide.close()

@@ -279,18 +279,57 @@ def resolve_weights(preset: BackbonePreset, weights: str | os.PathLike | None) -
     return path
 
 
+_VALID_WEIGHTS = "a state_dict in timm's key layout as .safetensors, or a torch .bin/.pth/.pt file"
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint at all (empty, a Git LFS pointer, a text or HTML page), or None."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes: an interrupted download or copy; fetch it again)"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"version https://git-lfs"):
+        return (
+            f"is a Git LFS pointer ({size} bytes), not the weights: fetch the file itself "
+            "(git lfs pull, or download it from the model's page)"
+        )
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\x00" not in text and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:80] if text.strip() else ""
+        return f"is a text file ({size} bytes, starting {first!r}), not a checkpoint (an error page saved as it?)"
+    return None
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely (safetensors, or torch pickles with ``weights_only=True``)."""
     suffix = path.suffix.lower()
+    if suffix in (".safetensors", ".bin", ".pth", ".pt", ".ckpt"):
+        why = _not_a_checkpoint(path)
+        if why:
+            raise ValueError(f"weights file {str(path)!r} {why}; expected {_VALID_WEIGHTS}")
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as err:  # truncated files, another format under this suffix
+            raise ValueError(
+                f"could not read weights file {str(path)!r} as safetensors ({type(err).__name__}: {err}): "
+                f"truncated, or not a safetensors file? Expected {_VALID_WEIGHTS}"
+            ) from err
     elif suffix in (".bin", ".pth", ".pt", ".ckpt"):
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # pickles holding code, truncated files, ...
-            raise ValueError(f"could not read weights file {str(path)!r} with weights_only=True: {err}") from err
+            raise ValueError(
+                f"could not read weights file {str(path)!r} with torch.load(weights_only=True) "
+                f"({type(err).__name__}: {err or 'no message'}): truncated, not a torch file, or a pickle holding "
+                f"code rather than tensors? Expected {_VALID_WEIGHTS}"
+            ) from err
     else:
         raise ValueError(f"weights file {str(path)!r} has suffix {suffix!r}; use .safetensors, .bin, .pth or .pt")
     # Training checkpoints often wrap the weights; the official files do not, but unwrap the usual keys.
@@ -304,17 +343,36 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def strip_prefix(state: dict[str, torch.Tensor], own: dict) -> dict[str, torch.Tensor]:
     """Keys saved from a wrapper (DDP ``module.``, Lightning ``model.``, ``_orig_mod.``, HiResEncoder ``vit.``, ...):
-    if no key matches the model but some key ends with one of the model's key names, keep the keys under that prefix."""
+    if no key matches the model but some key ends with one of the model's key names, keep the keys under that prefix
+    (the prefix whose keys match the model best, so a ViT of another depth is compared key by key)."""
     if set(state) & set(own):
         return state
     anchors = ("pos_embed", "patch_embed.proj.weight", "cls_token", "norm.weight")
+    best, best_overlap = state, 0
     for anchor in anchors:
         prefixes = {k[: -len(anchor)] for k in state if k.endswith("." + anchor)}
         for prefix in sorted(prefixes, key=len):
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if set(sub) == set(own):
                 return sub
-    return state
+            overlap = len(set(sub) & set(own))
+            if overlap > best_overlap:
+                best, best_overlap = sub, overlap
+    return best
+
+
+def vit_geometry(state: dict) -> dict:
+    """Depth, width and patch size of the ViT a state_dict holds (the keys timm's VisionTransformer uses)."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    out = {"depth": max(blocks) + 1 if blocks else None}
+    for key, name in (("cls_token", "dim"), ("pos_embed", "dim"), ("patch_embed.proj.weight", "patch")):
+        if key in state and name not in out:
+            out[name] = int(state[key].shape[-1])
+    return out
+
+
+def _geometry_text(g: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in g.items() if v is not None)
 
 
 def _listing(keys: list[str], n: int = 8) -> str:
@@ -334,8 +392,9 @@ def _guess_preset(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load ``path`` into ``model`` strictly, listing missing or unexpected keys on failure."""
+def load_weights(model: torch.nn.Module, path: Path, preset: str | None = None, overrides: dict | None = None) -> None:
+    """Load ``path`` into ``model`` strictly, listing missing or unexpected keys on failure (and, given the
+    ``preset`` name and its arch ``overrides``, how the file's ViT differs from the one built)."""
     own = model.state_dict()
     state = strip_prefix(read_state_dict(path), own)
     missing = sorted(set(own) - set(state))
@@ -353,11 +412,29 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
                 + ", ".join(f"{k} file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8])
                 + (" ..." if len(mismatched) > 8 else "")
             )
+        mine, theirs = vit_geometry(own), vit_geometry(state)
+        built = f"backbone={preset}" + (f" with backbone.overrides={overrides}" if overrides else "") if preset else ""
+        if preset and theirs != mine and any(v is not None for v in theirs.values()):
+            lines.append(f"  the file holds a ViT of {_geometry_text(theirs)}; {built} is {_geometry_text(mine)}")
         guess = _guess_preset(state) if mismatched or missing else None
         if guess:
-            lines.append(f"The file is the checkpoint of preset {guess!r}: use create_encoder({guess!r}, weights=...).")
+            lines.append(
+                f"The file is the checkpoint of preset {guess!r}: set backbone={guess} "
+                f"(in Python: create_encoder({guess!r}, weights=...))."
+            )
+        elif (
+            preset
+            and theirs.get("depth")
+            and theirs.get("depth") != mine.get("depth")
+            and ({k: v for k, v in theirs.items() if k != "depth"} == {k: v for k, v in mine.items() if k != "depth"})
+        ):
+            lines.append(
+                f"Saved from {preset} at another depth? Set backbone.overrides.depth={theirs['depth']} "
+                f"(in Python: create_encoder({preset!r}, depth={theirs['depth']}, weights=...))."
+            )
         else:
-            lines.append("Is it the checkpoint of this preset, in timm's key layout (and without arch overrides)?")
+            what = f"of preset {preset!r}" if preset else "of this preset"
+            lines.append(f"Is it the checkpoint {what}, in timm's key layout (and without arch overrides)?")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True)
 
@@ -373,5 +450,5 @@ def build_timm_model(preset: BackbonePreset, weights=None, **arch_overrides) -> 
     overlay = dict(mean=tuple(preset.mean), std=tuple(preset.std), **kwargs.pop("pretrained_cfg_overlay", {}))
     model = timm.create_model(preset.timm_name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
     if path is not None:
-        load_weights(model, path)
+        load_weights(model, path, preset.name, arch_overrides)
     return model

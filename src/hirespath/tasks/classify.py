@@ -11,16 +11,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.panda import NUM_CLASSES
+from ..data.panda import NUM_CLASSES, check_split
 from ..metrics.classification import classification_metrics
+from ..utils.config import FEATURES
 from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, write_json
 from ..viz.overlays import save_pruned_token_figures
 from .extract import prepare_embeddings
 
 log = logging.getLogger("hirespath.classify")
-
-FEATURES = ("cls", "mean", "cls+mean")
 
 
 def slide_features(emb: dict, features: str) -> pd.DataFrame:
@@ -63,9 +62,11 @@ def run_classify(cfg: DictConfig) -> dict:
     loggers = instantiate_list(cfg.get("logger"))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    root, rois, emb, encoder = prepare_embeddings(cfg, out_dir)
+    head = instantiate(cfg.head, num_classes=NUM_CLASSES)  # its arguments fail here, before any extraction
+    root, rois, emb, encoder = prepare_embeddings(cfg, out_dir, check_splits=True)
     feats = slide_features(emb, cfg.features)
-    head = instantiate(cfg.head, num_classes=NUM_CLASSES)
+    # ROIs whose read failed during extraction are left out: the splits must still hold slides
+    check_split(feats, f"leaving out the {len(emb['failed'])} ROIs that could not be read", out_dir / "skipped.csv")
     # the AdamW probe's Trainer: the trainer group, logging to the run's loggers
     trainer = instantiate(cfg.trainer, _partial_=True, logger=loggers or False, default_root_dir=str(out_dir))
     probs = fit_predict(head, feats, trainer)

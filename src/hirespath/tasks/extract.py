@@ -13,7 +13,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.panda import check_panda_root, default_split_csv, load_or_make_split, locate_all, panda_cache_dir
+from ..data.panda import (
+    check_panda_root,
+    check_split,
+    default_split_csv,
+    load_or_make_split,
+    locate_all,
+    panda_cache_dir,
+)
 from ..embeddings.cache import extract_embeddings, file_fingerprint
 from ..utils.io import atomic_path
 
@@ -33,8 +40,18 @@ def cache_config_parts(cfg: DictConfig) -> dict:
     }
 
 
-def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
-    """Split (written once), ROIs (cached), encoder and embeddings (cached); skips go to skipped.csv."""
+def write_skipped(skipped: pd.DataFrame, out_dir: Path) -> Path:
+    path = out_dir / "skipped.csv"
+    with atomic_path(path) as tmp:
+        skipped.to_csv(tmp, index=False)
+    return path
+
+
+def prepare_embeddings(cfg: DictConfig, out_dir: Path, check_splits: bool = False) -> tuple:
+    """Split (written once), ROIs (cached), encoder and embeddings (cached); skips go to skipped.csv.
+
+    No usable slide at all (or, with ``check_splits``, an empty train/test split or a single grade to train on once
+    unusable slides are skipped) is an error raised before the encoder is built, with skipped.csv written."""
     data = cfg.data
     root = check_panda_root(data.root)
     data_cache = panda_cache_dir(root, cfg.paths.cache_dir)
@@ -50,6 +67,15 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
         data_cache / f"rois_v2_fov{data.fov_um:g}_n{data.rois_per_slide}_t{data.min_tissue:g}_{mpp_tag}.csv",
         default_mpp=data.get("default_mpp"),
     )
+    if rois.empty:
+        path = write_skipped(skipped, out_dir)
+        raise ValueError(
+            f"no usable slide under {root}: {len(skipped)} of {len(split)} skipped, reasons in {path}"
+            + (f" (e.g. {skipped.image_id.iloc[0]}: {skipped.reason.iloc[0]})" if len(skipped) else "")
+        )
+    if check_splits:
+        path = write_skipped(skipped, out_dir)
+        check_split(rois, f"skipping {len(skipped)} unusable slides of {root}", path)
     torch.manual_seed(cfg.seed)  # random-init backbones get the same weights in every run (the cache key has the seed)
     encoder = instantiate(cfg.encoder)
     key_parts = {
@@ -79,8 +105,7 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path) -> tuple:
         flush_every=int(cfg.extract.get("flush_every", 50)),
     )
     skipped = pd.concat([skipped, pd.DataFrame(emb["errors"], columns=["image_id", "reason"])], ignore_index=True)
-    with atomic_path(out_dir / "skipped.csv") as tmp:
-        skipped.to_csv(tmp, index=False)
+    write_skipped(skipped, out_dir)
     if len(skipped):
         log.warning("%d slides/ROIs skipped; see %s", len(skipped), out_dir / "skipped.csv")
     return root, rois, emb, encoder

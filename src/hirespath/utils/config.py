@@ -2,10 +2,11 @@
 
 Types and key names of the config groups are checked by Hydra when it composes (the schemas of
 ``hirespath.configs``). ``validate_config(cfg)`` checks what composition cannot: keys added to a closed group with
-Hydra's ``+key=value`` (which bypasses the schema), and the value ranges of the keys every task shares (backbone,
-attention, pruner, resolution, head and data names). It raises one ``ConfigValidationError`` listing every problem
-as ``key=value: what is valid``. Keys a config does not have are not checked, so every task's root config can go
-through it.
+Hydra's ``+key=value`` (which bypasses the schema), the value ranges of the keys every task shares (backbone,
+attention, pruner, resolution, head and data names), and the options of the task that ``task_name`` names (which
+heads and data it takes, ``features``, ``data.*`` numbers, ``extract.*``, make_synthetic's sizes). It raises one
+``ConfigValidationError`` listing every problem as ``key=value: what is valid``. Keys a config does not have are
+not checked, so every task's root config can go through it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -26,6 +27,21 @@ _TIMM_DEPTH = {
     "vit_giant_patch14_dinov2": 40,
     "vit_giant_patch14_reg4_dinov2": 40,
 }
+
+# The embedding features a task can average per slide (hirespath.tasks.classify / hirespath.embeddings.slides).
+FEATURES = ("cls", "mean", "cls+mean")
+
+# Which tasks use the options of the head and data groups (named in the error when a task gets another's).
+OPTION_TASKS = {
+    "knn": "classify",
+    "linear_probe": "classify",
+    "mask2former": "segment",
+    "segpath": "segment",
+    "panda": "classify and extract",
+}
+
+# The fewest PANDA slides the 70/15/15 split can cut into non-empty train, val and test splits.
+MIN_SPLIT_SLIDES = 4
 
 # Groups whose selected option's ``name`` must be one of the group's config files.
 NAMED_GROUPS = ("head", "data")
@@ -169,7 +185,7 @@ def validate_config(cfg: DictConfig) -> None:
                 "a number in [0, 1) (fraction of patch tokens dropped; 0 disables pruning)",
             )
         layer = _get(cfg, "pruner.prune_layer")
-        if ratio_ok and ratio > 0:
+        if not (ratio_ok and ratio == 0):  # pruning asked for (even with a bad ratio): the layer matters too
             top = f"{depth - 1}] ({name} has {depth} blocks)" if depth else "depth - 1]"
             if not _is_int(layer) or layer < 1 or (depth is not None and layer >= depth):
                 bad("pruner.prune_layer", layer, f"an integer in [1, {top} when pruner.prune_ratio > 0")
@@ -205,6 +221,9 @@ def validate_config(cfg: DictConfig) -> None:
         if unknown or not cell_types:
             bad("data.cell_types", cell_types, f"null (all) or a list of SegPath cell types among {list(CELL_TYPES)}")
 
+    _check_data(cfg, bad)
+    _check_task_options(cfg, bad)
+
     for group in NAMED_GROUPS:
         if group in cfg and isinstance(cfg[group], DictConfig) and "name" in cfg[group]:
             options = group_options(group)
@@ -213,4 +232,107 @@ def validate_config(cfg: DictConfig) -> None:
                 bad(f"{group}.name", value, _choices(value, options) + f" (the files in conf/{group}/)")
 
     if errors:
+        errors = list(dict.fromkeys(errors))  # a key named by two checks is listed once
         raise ConfigValidationError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _check_data(cfg: DictConfig, bad: Callable[[str, Any, str], None]) -> None:
+    """The PANDA readers' numbers (``data.*``; ``embed_slides`` has ``data.default_mpp`` too)."""
+    if not isinstance(cfg.get("data"), DictConfig):
+        return
+    mpp = _get(cfg, "data.default_mpp")
+    if mpp is not None and not (_is_number(mpp) and mpp > 0):
+        bad(
+            "data.default_mpp",
+            mpp,
+            "null (slides without resolution tags are skipped) or microns per pixel > 0 (PANDA: 0.5)",
+        )
+    if "fov_um" in cfg.data:
+        fov = _get(cfg, "data.fov_um")
+        if not (_is_number(fov) and fov > 0):
+            bad("data.fov_um", fov, "the ROI side in microns, > 0 (default 1715)")
+    if "rois_per_slide" in cfg.data:
+        n = _get(cfg, "data.rois_per_slide")
+        if not (_is_int(n) and n >= 1):
+            bad("data.rois_per_slide", n, "an integer >= 1")
+    if "min_tissue" in cfg.data:
+        t = _get(cfg, "data.min_tissue")
+        if not (_is_number(t) and 0 <= t <= 1):
+            bad("data.min_tissue", t, "a tissue fraction in [0, 1]")
+
+
+def _precisions() -> list[str]:
+    """The precision strings Lightning's Trainer accepts (its ``_PRECISION_INPUT``)."""
+    import typing
+
+    try:
+        from lightning.fabric.connector import _PRECISION_INPUT
+    except ImportError:  # a Lightning without it: leave the check to the Trainer
+        return []
+
+    def flat(t) -> list:
+        args = typing.get_args(t)
+        return [x for a in args for x in flat(a)] if args else [t]
+
+    return list(dict.fromkeys(str(v) for v in flat(_PRECISION_INPUT) if isinstance(v, (str, int))))
+
+
+def _check_task_options(cfg: DictConfig, bad: Callable[[str, Any, str], None]) -> None:
+    """Options of one task (by ``task_name``) that no schema types: which head and data a task can use, its
+    ``features``, ``extract.*``, ``make_synthetic``'s sizes. Checked here so they fail before any data is read."""
+    task = cfg.get("task_name")
+    uses = {
+        "classify": {"head.name": ("knn", "linear_probe"), "data.name": ("panda",)},
+        "extract": {"data.name": ("panda",)},
+        "segment": {"head.name": ("mask2former",), "data.name": ("segpath",)},
+    }.get(task, {})
+    for key, valid in uses.items():
+        value = _get(cfg, key)
+        if value is not None and value not in valid:
+            owner = OPTION_TASKS.get(value)
+            bad(
+                key, value, f"one of {list(valid)} in the {task} task" + (f" ({value} is for {owner})" if owner else "")
+            )
+    if task in ("classify", "extract", "embed_slides") and "features" in cfg:
+        features = _get(cfg, "features")
+        if features not in FEATURES:
+            bad("features", features, _choices(features, FEATURES))
+    head_k = _get(cfg, "head.k") if isinstance(cfg.get("head"), DictConfig) else None
+    if head_k is not None and not (_is_int(head_k) and head_k >= 1):
+        bad("head.k", head_k, "an integer >= 1 (neighbours that vote)")
+    if isinstance(cfg.get("extract"), DictConfig):
+        for key, low in (("extract.batch_size", 1), ("extract.num_workers", 0), ("extract.flush_every", 1)):
+            value = _get(cfg, key)
+            if value is not None and not (_is_int(value) and value >= low):
+                bad(key, value, f"an integer >= {low}")
+        precision, valid = _get(cfg, "extract.precision"), _precisions()
+        if valid and str(precision) not in valid:
+            bad("extract.precision", precision, _choices(str(precision), valid))
+    if isinstance(cfg.get("figures"), DictConfig):
+        n = _get(cfg, "figures.num_rois")
+        if not (_is_int(n) and n >= 0):
+            bad("figures.num_rois", n, "an integer >= 0 (0: no figures)")
+    if task == "make_synthetic":
+        dataset = _get(cfg, "dataset")
+        if dataset not in ("panda", "segpath"):
+            bad("dataset", dataset, _choices(dataset, ["panda", "segpath"]))
+        elif dataset == "panda":
+            n = _get(cfg, "num_slides")
+            if not (_is_int(n) and n >= MIN_SPLIT_SLIDES):
+                bad(
+                    "num_slides",
+                    n,
+                    f"an integer >= {MIN_SPLIT_SLIDES} (the 70/15/15 split needs a slide in train, val and test)",
+                )
+            for key in ("slide_height", "slide_width"):
+                v = _get(cfg, key)
+                if not (_is_int(v) and v >= 64):
+                    bad(key, v, "an integer >= 64 (pixels at level 0)")
+            mpp = _get(cfg, "mpp")
+            if not (_is_number(mpp) and mpp > 0):
+                bad("mpp", mpp, "microns per pixel > 0")
+        else:
+            for key in ("images_per_split", "size"):
+                v = _get(cfg, key)
+                if not (_is_int(v) and v >= 1):
+                    bad(key, v, "an integer >= 1")

@@ -102,8 +102,26 @@ def check_grid_is_multirun() -> None:
         )
 
 
+def _log_traceback_to_files() -> None:
+    """The traceback of the exception being handled, into the job's log file(s) only: Hydra prints it on the console
+    (once; in full with HYDRA_FULL_ERROR=1), so logging it there too would print it twice."""
+    import sys
+
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "traceback:", (), sys.exc_info())
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+INTERRUPTED = 130  # the exit status of a job stopped by Ctrl-C (128 + SIGINT), as shells report it
+
+
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Log failures with the run directory, and always close W&B runs (one finished run per multirun job)."""
+    """Log failures with the run directory, and always close W&B runs (one finished run per multirun job).
+
+    A failure logs one line (``task failed; outputs so far are in DIR: Error: message``) and is re-raised for Hydra to
+    print its traceback (once). Ctrl-C (or SIGTERM) logs ``task interrupted (SIGINT); outputs so far are in DIR`` and
+    exits with 128 + the signal (130 for Ctrl-C), also when Lightning turned the interrupt into its own exit(1)."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
@@ -111,34 +129,65 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
         from .config import validate_config
 
+        received: list[int] = []
+
         def _on_sigterm(signum, frame):  # Lightning's Trainer only records SIGTERM; stop the job (and the sweep)
+            received.append(signum)
             raise SystemExit(128 + signum)
 
+        def _on_sigint(signum, frame):  # Python's default (KeyboardInterrupt), remembering that it came
+            received.append(signum)
+            raise KeyboardInterrupt
+
+        previous = {}
         if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_sigint)
 
-        check_grid_is_multirun()
-        validate_config(cfg)  # typos and out-of-range values fail here, before any model or data is touched
-        marker = _done_marker(cfg)
-        if cfg.get("resume", False) and _already_done(marker):
-            log.info("resume: %s already finished with the same overrides; skipping", marker.parent)
-            return None
-        exit_code = 1
         try:
-            result = task(cfg)
-            exit_code = 0
-            if marker is not None:
-                from .io import write_json
-
-                write_json(marker, {"overrides": _job_overrides(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            return result
-        except Exception:
-            log.exception("task failed; outputs so far are in %s", cfg.get("paths", {}).get("output_dir"))
-            raise
+            check_grid_is_multirun()
+            validate_config(cfg)  # typos and out-of-range values fail here, before any model or data is touched
+            marker = _done_marker(cfg)
+            if cfg.get("resume", False) and _already_done(marker):
+                log.info("resume: %s already finished with the same overrides; skipping", marker.parent)
+                return None
+            return _run(task, cfg, marker, received)
         finally:
-            # A failed job's W&B run is finished as failed; the next job of the multirun starts a fresh one.
-            from .wandb import finish_runs
-
-            finish_runs(exit_code=exit_code)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     return wrapped
+
+
+def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, marker, received: list[int]):
+    import signal
+
+    marker_dir = marker.parent if marker is not None else None  # paths.output_dir, where it resolves
+    exit_code = 1
+    try:
+        result = task(cfg)
+        exit_code = 0
+        if marker is not None:
+            from .io import write_json
+
+            write_json(marker, {"overrides": _job_overrides(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        return result
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Lightning catches KeyboardInterrupt in fit/predict and calls exit(1): the signal tells them apart
+        signum = received[0] if received else (signal.SIGINT if isinstance(err, KeyboardInterrupt) else None)
+        if signum is None:
+            raise
+        exit_code = 128 + signum
+        log.error("task interrupted (%s); outputs so far are in %s", signal.Signals(signum).name, marker_dir)
+        raise SystemExit(exit_code) from None
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        log.error("task failed; outputs so far are in %s: %s: %s", marker_dir, type(err).__name__, first)
+        _log_traceback_to_files()
+        raise
+    finally:
+        # A failed job's W&B run is finished as failed; the next job of the multirun starts a fresh one.
+        from .wandb import finish_runs
+
+        finish_runs(exit_code=exit_code)

@@ -1,0 +1,346 @@
+"""Bad input, as a new user gives it (issue 18): each case fails with a message naming the file or value and what is
+valid, config errors come before anything is extracted, and Ctrl-C / failures end the way the README says."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from hirespath.data.panda import load_or_make_split, read_labels
+from hirespath.data.panda_synthetic import make_synthetic_panda
+from hirespath.utils.config import ConfigValidationError
+from hirespath.utils.hydra import task_wrapper
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.fov_um=192", "backbone=tiny", "resolution=56", "attention.window=2", "pruner.prune_layer=2"]
+
+
+@pytest.fixture(scope="module")
+def panda_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("panda_bad")
+    make_synthetic_panda(root, num_slides=12, size=(512, 768), seed=3)
+    return root
+
+
+def _copy_root(src: Path, dst: Path, with_images: bool = True) -> Path:
+    import shutil
+
+    (dst / "train_images").mkdir(parents=True)
+    shutil.copy(src / "train.csv", dst / "train.csv")
+    if with_images:
+        for f in (src / "train_images").iterdir():
+            os.symlink(f, dst / "train_images" / f.name)
+    return dst
+
+
+def _cfg(task, root, tmp_path, *overrides):
+    from conftest import compose_task
+
+    return compose_task(
+        task, [f"data.root={root}", *TINY, "figures.num_rois=0", *overrides], tmp_path / "run", tmp_path / "cache"
+    )
+
+
+def _nothing_extracted(tmp_path):
+    return not list((tmp_path / "cache").glob("embeddings/*.pt")) and not (tmp_path / "cache" / "panda").exists()
+
+
+# 1. duplicate image_ids
+
+
+def test_conflicting_duplicate_ids_are_refused_before_extraction(panda_root, tmp_path):
+    from hirespath.tasks.classify import run_classify
+
+    root = _copy_root(panda_root, tmp_path / "panda")
+    labels = pd.read_csv(root / "train.csv")
+    dup = labels.iloc[[0]].copy()
+    dup["isup_grade"] = 5 if labels.isup_grade[0] != 5 else 0
+    pd.concat([labels, dup]).to_csv(root / "train.csv", index=False)
+    image_id = labels.image_id[0]
+    with pytest.raises(ValueError) as err:
+        task_wrapper(run_classify)(_cfg("classify", root, tmp_path, "head=knn", "head.k=3"))
+    msg = str(err.value)
+    assert str(root / "train.csv") in msg and image_id in msg, msg
+    assert f"rows 2, {len(labels) + 2}: isup_grade {labels.isup_grade[0]}, {dup.isup_grade.iloc[0]}" in msg, msg
+    assert not list((tmp_path / "cache").glob("embeddings/*.pt"))
+
+
+def test_exact_duplicate_rows_are_dropped_with_a_warning(panda_root, tmp_path, caplog):
+    root = _copy_root(panda_root, tmp_path / "panda", with_images=False)
+    labels = pd.read_csv(root / "train.csv")
+    pd.concat([labels, labels.iloc[[3]]]).to_csv(root / "train.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="hirespath.panda"):
+        df = read_labels(root)
+    assert len(df) == len(labels) and df.image_id.is_unique
+    assert f"{labels.image_id[3]} (rows 5, {len(labels) + 2})" in caplog.text
+
+
+# 2. no usable slide; a split left empty
+
+
+def test_root_without_usable_slides_errors_with_skipped_csv(panda_root, tmp_path):
+    from hirespath.tasks.extract import run_extract
+
+    root = _copy_root(panda_root, tmp_path / "panda", with_images=False)  # full train.csv, empty train_images/
+    with pytest.raises(ValueError) as err:
+        run_extract(_cfg("extract", root, tmp_path))
+    skipped_csv = tmp_path / "run" / "skipped.csv"
+    assert f"no usable slide under {root}: 12 of 12 skipped, reasons in {skipped_csv}" in str(err.value)
+    skipped = pd.read_csv(skipped_csv)
+    assert len(skipped) == 12 and skipped.reason.str.startswith("missing file").all()
+    assert not list((tmp_path / "cache").glob("embeddings/*.pt"))
+    # the slides added afterwards are read: a skip is remembered only for the file it was about
+    for f in (panda_root / "train_images").iterdir():
+        os.symlink(f, root / "train_images" / f.name)
+    emb = run_extract(_cfg("extract", root, tmp_path))
+    assert len(emb["image_id"]) == 12 and not emb["failed"]
+
+
+def test_skipping_that_empties_the_test_split_is_refused(panda_root, tmp_path):
+    from hirespath.tasks.classify import run_classify
+
+    root = _copy_root(panda_root, tmp_path / "panda")
+    cfg = _cfg("classify", root, tmp_path, "head=knn", "head.k=3")
+    split = load_or_make_split(root, tmp_path / "split.csv")
+    for image_id in split[split.split == "test"].image_id:
+        (root / "train_images" / f"{image_id}.tiff").unlink()
+    cfg.data.split_csv = str(tmp_path / "split.csv")
+    with pytest.raises(ValueError, match=r"leaves the test split empty .*skipped and why are in .*skipped.csv"):
+        run_classify(cfg)
+    assert (tmp_path / "run" / "skipped.csv").is_file() and not list((tmp_path / "cache").glob("embeddings/*.pt"))
+
+
+def test_split_file_leaving_a_split_or_a_grade_empty(panda_root, tmp_path):
+    root = _copy_root(panda_root, tmp_path / "panda", with_images=False)
+    split = load_or_make_split(root, tmp_path / "split.csv")
+    split.assign(split="train").to_csv(tmp_path / "all_train.csv", index=False)
+    with pytest.raises(ValueError, match=r"all_train.csv leaves the test split empty"):
+        load_or_make_split(root, tmp_path / "all_train.csv")
+    one_grade = split.copy()
+    one_grade.loc[one_grade.isup_grade != 0, "split"] = "test"
+    one_grade.loc[one_grade.isup_grade == 0, "split"] = "train"
+    one_grade.to_csv(tmp_path / "one_grade.csv", index=False)
+    with pytest.raises(ValueError, match=r"single ISUP grade \(0\) in the train split"):
+        load_or_make_split(root, tmp_path / "one_grade.csv")
+    split.assign(split=split.split.replace({"test": "tset"})).to_csv(tmp_path / "typo.csv", index=False)
+    with pytest.raises(ValueError, match=r"typo.csv: split must be one of \['train', 'val', 'test'\]; bad rows: row"):
+        load_or_make_split(root, tmp_path / "typo.csv")
+
+
+# 3, 4, 7. options checked before anything is read or extracted
+
+
+@pytest.mark.parametrize(
+    "task, overrides, words",
+    [
+        ("classify", ["features=foo"], ["features='foo'", "'cls', 'mean', 'cls+mean'"]),
+        ("extract", ["features=foo"], ["features='foo'"]),
+        ("classify", ["head=mask2former"], ["head.name='mask2former'", "['knn', 'linear_probe']", "is for segment"]),
+        ("classify", ["head=knn", "+head.kk=3"], ["head.kk: not a key of KNNHeadConfig", "did you mean head.k?"]),
+        ("classify", ["head=knn", "head.k=0"], ["head.k=0", ">= 1"]),
+        ("extract", ["data.default_mpp=-1"], ["data.default_mpp=-1.0", "microns per pixel > 0"]),
+        ("extract", ["data.min_tissue=1.5", "data.fov_um=0"], ["data.min_tissue=1.5", "data.fov_um=0"]),
+        ("extract", ["extract.precision=bf16-mix"], ["extract.precision='bf16-mix'", "did you mean 'bf16-mixed'"]),
+        (
+            "extract",
+            ["attention.mode=foo", "attention.window=0", "pruner.prune_ratio=1.0", "pruner.prune_layer=9"],
+            ["attention.mode='foo'", "attention.window=0", "pruner.prune_ratio=1.0", "pruner.prune_layer=9", "[1, 5]"],
+        ),
+    ],
+)
+def test_config_errors_come_before_any_extraction(panda_root, tmp_path, task, overrides, words, caplog):
+    from hirespath.tasks.classify import run_classify
+    from hirespath.tasks.extract import run_extract
+
+    cfg = _cfg(task, panda_root, tmp_path, *overrides)
+    with caplog.at_level(logging.INFO), pytest.raises(ConfigValidationError) as err:
+        task_wrapper({"classify": run_classify, "extract": run_extract}[task])(cfg)
+    msg = str(err.value)
+    for w in words:
+        assert w in msg, msg
+    assert _nothing_extracted(tmp_path) and "extracting" not in caplog.text
+    assert not (tmp_path / "run" / "skipped.csv").exists()
+
+
+def test_segment_refuses_classification_options():
+    from conftest import compose_task
+
+    cfg = compose_task("segment", ["head=knn", "data=panda"], "/nonexistent")
+    from hirespath.utils.config import validate_config
+
+    with pytest.raises(ConfigValidationError) as err:
+        validate_config(cfg)
+    assert "head.name='knn': must be one of ['mask2former']" in str(err.value)
+    assert "data.name='panda': must be one of ['segpath']" in str(err.value)
+
+
+def test_features_agree_with_the_code():
+    from hirespath.embeddings.slides import FEATURES as SLIDE_FEATURES
+    from hirespath.tasks.classify import FEATURES
+    from hirespath.utils.config import FEATURES as CHECKED
+
+    assert CHECKED == FEATURES == SLIDE_FEATURES
+
+
+@pytest.mark.parametrize("overrides", [["num_slides=0"], ["num_slides=3"], ["dataset=pandas"]])
+def test_make_synthetic_refuses_too_few_slides(tmp_path, overrides):
+    from conftest import compose_task
+
+    from hirespath.tasks.make_synthetic import run_make_synthetic
+
+    cfg = compose_task("make_synthetic", [f"root={tmp_path / 'out'}", *overrides], tmp_path / "run")
+    with pytest.raises(ConfigValidationError, match=r"num_slides=\d: must be an integer >= 4|dataset='pandas'"):
+        task_wrapper(run_make_synthetic)(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+# 5. messages that name the file and what is valid
+
+
+def test_empty_and_header_only_train_csv(tmp_path):
+    (tmp_path / "train_images").mkdir()
+    (tmp_path / "train.csv").write_text("")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'train.csv'} is empty; expected PANDA's train.csv: a header"):
+        read_labels(tmp_path)
+    (tmp_path / "train.csv").write_text("image_id,data_provider,isup_grade,gleason_score\n")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'train.csv'} has a header but no rows"):
+        load_or_make_split(tmp_path, tmp_path / "split.csv")
+
+
+def test_bad_weights_files_are_named(tmp_path):
+    import hirespath
+
+    cases = {
+        "empty.bin": (b"", "is empty (0 bytes"),
+        "empty.safetensors": (b"", "is empty (0 bytes"),
+        "text.bin": (b"error: not found\n", "is a text file (17 bytes, starting 'error: not found')"),
+        "lfs.safetensors": (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "Git LFS pointer"),
+        "junk.pth": (bytes(range(256)) * 4, "could not read weights file"),
+    }
+    for name, (data, words) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as err:
+            hirespath.create_encoder("tiny", weights=str(path))
+        msg = str(err.value)
+        assert str(path) in msg and words in msg and ".safetensors" in msg, msg
+        assert not msg.rstrip().endswith(":"), msg
+
+
+def test_encoder_state_dict_of_another_depth_names_preset_and_depth(tmp_path):
+    import hirespath
+
+    enc = hirespath.create_encoder("tiny", depth=2)
+    torch.save(enc.state_dict(), tmp_path / "enc.pt")  # HiResEncoder's keys: vit.blocks.0...
+    with pytest.raises(ValueError) as err:
+        hirespath.create_encoder("tiny", weights=str(tmp_path / "enc.pt"))
+    msg = str(err.value)
+    assert "'vit." not in msg, msg  # compared under the model's own key names
+    assert "the file holds a ViT of depth 2, dim 96" in msg and "backbone=tiny is depth 6" in msg, msg
+    assert "backbone.overrides.depth=2" in msg, msg
+    hirespath.create_encoder("tiny", depth=2, weights=str(tmp_path / "enc.pt"))  # what the hint says works
+
+
+def test_checkpoint_of_another_preset_hint_is_a_hydra_override(tmp_path, monkeypatch):
+    import timm
+
+    import hirespath
+    from hirespath.models import backbones
+
+    uni = backbones.get_backbone("uni")
+    with torch.device("meta"):
+        uni_state = timm.create_model(uni.timm_name, pretrained=False, **uni.kwargs).state_dict()
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(b"")
+    monkeypatch.setattr(backbones, "read_state_dict", lambda _: uni_state)
+    with pytest.raises(ValueError) as err, torch.device("meta"):
+        hirespath.create_encoder("uni2_h", weights=str(path))
+    assert "set backbone=uni" in str(err.value)
+
+
+def test_truncated_tiff_is_named_truncated(panda_root, tmp_path):
+    from hirespath.data.wsi import SlideError, locate_rois
+
+    image_id = pd.read_csv(panda_root / "train.csv").image_id[0]
+    data = (panda_root / "train_images" / f"{image_id}.tiff").read_bytes()
+    for frac in (0.5, 0.9):
+        path = tmp_path / f"cut{frac}.tiff"
+        path.write_bytes(data[: int(len(data) * frac)])
+        with pytest.raises(SlideError, match=rf"truncated file cut{frac}.tiff: \d+ bytes, but its image data reaches"):
+            locate_rois(path, 192)
+
+
+# 6, 7. through the entry point: Ctrl-C exits 130 with the task's line; a traceback is printed once
+
+
+def _env(**extra):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **extra}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return {**env, **extra}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("full_error", ["0", "1"])
+def test_failure_prints_one_traceback_and_the_task_line(panda_root, tmp_path, full_error):
+    root = _copy_root(panda_root, tmp_path / "panda")
+    labels = pd.read_csv(root / "train.csv")
+    pd.concat([labels, labels.iloc[[0]].assign(isup_grade=(labels.isup_grade[0] + 1) % 6)]).to_csv(
+        root / "train.csv", index=False
+    )
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tasks" / "classify.py"),
+            f"data.root={root}",
+            *TINY,
+            "head=knn",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={run}",
+        ],  # fmt: skip
+        cwd=tmp_path,
+        env=_env(HYDRA_FULL_ERROR=full_error),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert out.count("Traceback (most recent call last)") == 1, out
+    assert f"task failed; outputs so far are in {run}: ValueError: {root / 'train.csv'}" in out, out
+    assert labels.image_id[0] in out
+    log_file = next(run.glob("*.log"))  # the job's log file keeps the traceback
+    assert "Traceback (most recent call last)" in log_file.read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_extraction_exits_130_with_the_task_line(panda_root, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tasks" / "extract.py"), f"data.root={panda_root}", "data.fov_um=192",
+           "backbone=tiny", "attention=dense", "pruner=none", "resolution=1344", "extract.batch_size=1",
+           f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]  # fmt: skip
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 240
+            while "extracting" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert "extracting" in log.read_text(), log.read_text()[-3000:]
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = log.read_text()
+    assert rc == 130, out[-3000:]
+    assert f"task interrupted (SIGINT); outputs so far are in {run}" in out, out[-3000:]
+    assert out.count("Traceback (most recent call last)") == 0, out[-3000:]
