@@ -10,7 +10,7 @@ from hirespath.data.panda_synthetic import write_pyramid
 from hirespath.data.slides import SlideTileDataset, tile_batches, tile_grid
 from hirespath.embeddings.slides import BACKGROUND, STAGES, TileEncoder, embed_slides
 from hirespath.embeddings.trident import read_features
-from hirespath.utils.threads import available_cores, encoder_threads
+from hirespath.utils.threads import AdaptiveThreads, available_cores, encoder_threads
 
 KW = dict(tile_size=112, tile_mpp=0.5, min_tissue=0.25, batch_size=3, progress=False, thumbnails=False)
 
@@ -44,7 +44,8 @@ def test_stage_timings_cover_the_wall_time(slides, tmp_path):
 @pytest.mark.parametrize(("reader", "workers"), [("threads", 2), ("workers", 1), ("threads", 0)])
 def test_streamed_reading_equals_reading_all_tiles_first(slides, tmp_path, reader, workers):
     enc = make_encoder()
-    embed_slides(enc, slides[:1], tmp_path, num_workers=workers, reader=reader, **KW)
+    # the same thread count as the reference below (another count may sum in another order)
+    embed_slides(enc, slides[:1], tmp_path, num_workers=workers, reader=reader, threads=torch.get_num_threads(), **KW)
     (h5,) = tmp_path.glob("*/features_*/p0.h5")
     stored = read_features(h5)
     streamed, coords = stored["features"], stored["coords"]
@@ -83,5 +84,23 @@ def test_thread_policy_is_applied_and_restored(slides, tmp_path, caplog):
     before = torch.get_num_threads()
     with caplog.at_level("INFO", logger="hirespath.threads"):
         summary = embed_slides(make_encoder(), slides[:1], tmp_path, num_workers=1, threads=1, **KW)
-    assert summary["threads"] == 1 and "CPU threads: 1 intra-op" in caplog.text
+    assert summary["threads"] == [1] and "CPU threads: 1 intra-op" in caplog.text
     assert torch.get_num_threads() == before
+
+
+def test_adaptive_threads_follow_how_busy_the_readers_are():
+    before = torch.get_num_threads()
+    try:
+        policy = AdaptiveThreads(None, readers=1, cores=4)
+        assert policy.n == 3  # a reader is assumed busy until measured
+        for _ in range(3):
+            policy.observe(reader_seconds=0.05, wall_seconds=1.0)  # readers idle 95 % of the time
+        assert policy.n == 4 and torch.get_num_threads() == 4
+        for _ in range(4):
+            policy.observe(reader_seconds=2.0, wall_seconds=1.0)  # two readers fully busy
+        assert policy.n == 2 and policy.chosen == [3, 4, 3, 2]
+        fixed = AdaptiveThreads(3, readers=1, cores=4)
+        fixed.observe(0.0, 1.0)
+        assert fixed.n == 3 and fixed.chosen == [3]
+    finally:
+        torch.set_num_threads(before)

@@ -165,7 +165,7 @@ def benchmark_embedding(
                 pipeline_overhead=summary["seconds"] / encoder_s,
                 reader=summary["reader"],
                 num_workers=summary["num_workers"],
-                threads=summary["threads"],
+                threads="→".join(map(str, summary["threads"])),
                 **{f"stage_{k}_s": stages[k] for k in STAGES + BACKGROUND},
             )  # fmt: skip
         )

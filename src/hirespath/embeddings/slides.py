@@ -66,7 +66,7 @@ from ..data.slides import (
 )
 from ..data.wsi import SlideError, open_slide, tissue_mask
 from ..utils.io import atomic_path, exclusive_lock, try_lock, write_json
-from ..utils.threads import encoder_threads, torch_threads
+from ..utils.threads import AdaptiveThreads, torch_threads
 from . import trident
 
 log = logging.getLogger("hirespath.embeddings")
@@ -509,12 +509,13 @@ def embed_slides(
         return _prepare_slide(s, patches_dir=patches_dir, need_images=thumbnails, **grid_kwargs)
 
     # readers busy while the encoder runs: worker processes/threads; the encoder gets the cores they leave
-    n_threads = encoder_threads(threads, num_workers) if device.type == "cpu" else torch.get_num_threads()
-    summary["threads"] = n_threads
+    # readers busy beside the encoder take cores from it (on CPU): start from the cores they leave, then follow
+    # how busy they really are (utils/threads.py); readers in this thread (num_workers=0) take none
+    policy = AdaptiveThreads(threads, num_workers) if device.type == "cpu" else None
     bar = tqdm(todo, desc=f"slides (rank {rank})" if world_size > 1 else "slides", disable=not progress, unit="slide")
     with (
         ThreadPoolExecutor(1, thread_name_prefix="slide-prepare") as prep_pool,
-        torch_threads(n_threads, f"{num_workers} tile reader {reader}") if device.type == "cpu" else _nothing(),
+        torch_threads(policy.n, f"{num_workers} tile reader {reader}") if policy else _nothing(),
     ):
         futures: dict[str, Future] = {}
 
@@ -553,6 +554,7 @@ def embed_slides(
                     thumb_dir=thumb_dir, tile_size=tile_size, tile_mpp=tile_mpp, f_attrs=f_attrs, tokens=tokens,
                     token_dtype=token_dtype, batch_size=batch_size, num_workers=num_workers, reader=reader,
                     device=device, thumbnails=thumbnails, overlay_tiles=overlay_tiles, progress=progress,
+                    threads=policy,
                 )  # fmt: skip
                 t0 = time.perf_counter()
                 summary["slides_done"] += 1
@@ -569,7 +571,8 @@ def embed_slides(
                     "tissue_mm2": result["tissue_mm2"], "seconds": seconds,
                     **{f"{s}_s": stages[s] for s in STAGES + BACKGROUND},
                     "tiles_per_s": result["tiles"] / seconds, "mm2_per_s": result["tissue_mm2"] / seconds,
-                    "reader": reader, "num_workers": num_workers, "threads": n_threads,
+                    "reader": reader, "num_workers": num_workers,
+                    "threads": policy.n if policy else torch.get_num_threads(),
                 }  # fmt: skip
             except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
                 if not isinstance(err, SlideError):
@@ -598,6 +601,7 @@ def embed_slides(
         seconds=seconds,
         stage_seconds=totals,
         untracked_seconds=seconds - sum(totals[s] for s in STAGES),
+        threads=policy.chosen if policy else [torch.get_num_threads()],
         tiles_per_second=summary["tiles"] / seconds if seconds else None,
         tissue_mm2_per_second=summary["tissue_mm2"] / seconds if seconds else None,
         slides_finished_on_disk=sum(is_finished(feat_dir / f"{s.slide_id}.h5", tokens) for s in specs),
@@ -686,6 +690,7 @@ def _embed_slide(
     thumbnails,
     overlay_tiles,
     progress,
+    threads: AdaptiveThreads | None = None,
 ) -> dict:
     """Stream the prepared slide's tiles through the encoder into ``out``; adds this slide's seconds to ``stages``."""
     grid = prepared.grid
@@ -730,6 +735,10 @@ def _embed_slide(
                         overlays.append((int(idx[j]), images[sub[j]].permute(1, 2, 0).numpy(), pos[j], patch_grid))
                 stages["write"] += time.perf_counter() - t2
                 tiles_bar.update(len(index))
+                if threads is not None:
+                    threads.observe(
+                        float(batch["read_s"].sum() + batch["resize_s"].sum()), time.perf_counter() - t_wait
+                    )
                 t_wait = time.perf_counter()
             tiles_bar.close()
             if writer.n == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 
 import torch
@@ -76,3 +77,33 @@ def busy_processes(n: int):
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+
+
+class AdaptiveThreads:
+    """The encoder's intra-op threads while tile readers run beside it, re-chosen from how busy they really are.
+
+    Starts from the cores left after ``readers`` (a busy reader next to a full-width sparse kernel is the slow
+    case above), then after every batch counts the readers' measured busy time per wall second (smoothed): a
+    reader busy less than a quarter of a core (small tiles, fast JPEG decoding) leaves its core to the encoder.
+    With ``requested`` set the count is fixed.
+    """
+
+    def __init__(self, requested: int | None, readers: int, cores: int | None = None):
+        self.cores = cores or available_cores()
+        self.fixed = requested is not None
+        self.n = encoder_threads(requested, readers, self.cores)
+        self.busy: float | None = None
+        self.chosen = [self.n]
+
+    def observe(self, reader_seconds: float, wall_seconds: float) -> int:
+        if self.fixed or wall_seconds <= 0:
+            return self.n
+        busy = reader_seconds / wall_seconds
+        self.busy = busy if self.busy is None else 0.5 * self.busy + 0.5 * busy
+        want = encoder_threads(None, math.ceil(self.busy - 0.25), self.cores)
+        if want != self.n:
+            log.info("CPU threads: %d → %d intra-op (tile readers busy %.2f cores)", self.n, want, self.busy)
+            torch.set_num_threads(want)
+            self.n = want
+            self.chosen.append(want)
+        return self.n
