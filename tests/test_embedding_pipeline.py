@@ -91,14 +91,20 @@ def test_thread_policy_is_applied_and_restored(slides, tmp_path, caplog):
 def test_adaptive_threads_follow_how_busy_the_readers_are():
     before = torch.get_num_threads()
     try:
-        policy = AdaptiveThreads(None, readers=1, cores=4)
-        assert policy.n == 3  # a reader is assumed busy until measured
+        policy = AdaptiveThreads(None, readers=2, cores=4)
+        assert policy.n == 4  # every core until the readers are measured busy
         for _ in range(3):
             policy.observe(reader_seconds=0.05, wall_seconds=1.0)  # readers idle 95 % of the time
-        assert policy.n == 4 and torch.get_num_threads() == 4
+        assert policy.n == 4
         for _ in range(4):
-            policy.observe(reader_seconds=2.0, wall_seconds=1.0)  # two readers fully busy
-        assert policy.n == 2 and policy.chosen == [3, 4, 3, 2]
+            policy.observe(reader_seconds=2.0, wall_seconds=1.0)  # both readers fully busy
+        assert policy.n == 2 and torch.get_num_threads() == 2 and policy.chosen == [4, 3, 2]
+        for _ in range(6):
+            policy.observe(reader_seconds=9.0, wall_seconds=1.0)  # never more than the readers there are
+        assert policy.n == 2
+        for _ in range(6):
+            policy.observe(reader_seconds=0.0, wall_seconds=1.0)
+        assert policy.n == 4
         fixed = AdaptiveThreads(3, readers=1, cores=4)
         fixed.observe(0.0, 1.0)
         assert fixed.n == 3 and fixed.chosen == [3]

@@ -70,13 +70,20 @@ def embed_configs_from(cfg) -> list[EmbedConfig]:
     return out
 
 
-def synthetic_slide(path: Path, side_px: int = 3584, mpp: float = 0.5, seed: int = 0) -> Path:
-    """A JPEG-tiled pyramidal TIFF with H&E-coloured tissue over most of it (the benchmark's default slide)."""
-    from ..data.panda_synthetic import make_slide, write_pyramid
+def synthetic_slide(path: Path, side_px: int = 1792, mpp: float = 0.5, seed: int = 0, margin: float = 0.05) -> Path:
+    """A JPEG-tiled pyramidal TIFF of H&E-coloured tissue (with nuclei) over all but a ``margin`` of glass: a
+    resection-like slide, so every tile size covers the same tissue and the comparison is about the encoder."""
+    from ..data.panda_synthetic import NUCLEUS_RGB, TISSUE_RGB, _draw_disks, write_pyramid
 
     rng = np.random.default_rng(seed)
-    image, _ = make_slide(3, (side_px, side_px), rng)
-    write_pyramid(path, image, mpp, compression="jpeg", levels=(1, 4, 16))
+    img = np.full((side_px, side_px, 3), 243, dtype=np.float32)  # glass
+    m = int(margin * side_px)
+    inside = np.zeros((side_px, side_px), bool)
+    inside[m : side_px - m, m : side_px - m] = True
+    img[inside] = TISSUE_RGB + rng.normal(0, 4, size=(int(inside.sum()), 3))
+    coords = np.argwhere(inside)
+    _draw_disks(img, coords[rng.integers(0, len(coords), int(len(coords) * 0.004))], 1.6, NUCLEUS_RGB, inside)
+    write_pyramid(path, np.clip(img, 0, 255).astype(np.uint8), mpp, compression="jpeg", levels=(1, 4, 16))
     return path
 
 
