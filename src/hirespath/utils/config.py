@@ -309,9 +309,11 @@ def _check_task_options(cfg: DictConfig, bad: Callable[[str, Any, str], None]) -
         if valid and str(precision) not in valid:
             bad("extract.precision", precision, _choices(str(precision), valid))
     if isinstance(cfg.get("figures"), DictConfig):
-        n = _get(cfg, "figures.num_rois")
-        if not (_is_int(n) and n >= 0):
-            bad("figures.num_rois", n, "an integer >= 0 (0: no figures)")
+        for key in ("num_rois", "num_slides"):  # classify/extract draw ROIs, mil draws slides
+            if key in cfg.figures:
+                n = _get(cfg, f"figures.{key}")
+                if not (_is_int(n) and n >= 0):
+                    bad(f"figures.{key}", n, "an integer >= 0 (0: no figures)")
     if task == "make_synthetic":
         dataset = _get(cfg, "dataset")
         if dataset not in ("panda", "segpath"):
