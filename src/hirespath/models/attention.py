@@ -18,7 +18,9 @@ benchmark all ask it.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -26,6 +28,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .cpu_tasks import map_rows, map_tasks
 
 T = TypeVar("T")
 ATTENTION_MODES = ("dense", "eager", "sparse")
@@ -127,18 +131,17 @@ def build_sparse_plan(positions: Tensor, grid: tuple[int, int], window: int, rad
 def split_heads(attn, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Project ``x`` (B×L×D) to q, k, v of shape B×L×H×d, with timm's optional q/k norms."""
     B, L, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, L, 3, attn.num_heads, attn.head_dim)
+    qkv = map_rows(attn.qkv, x).reshape(B, L, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.unbind(2)
     return attn.q_norm(q), attn.k_norm(k), v
 
 
 def merge_heads(attn, x: Tensor, out: Tensor) -> Tensor:
     """timm's output path: heads merged (B×L×H·d), scale norm, optional gate, projection."""
-    out = attn.norm(out.flatten(2))
     gate = getattr(attn, "gate", None)
-    if gate is not None:
-        out = out * gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out))
+    if gate is None:  # token-wise: chunks of tokens as CPU tasks (cpu_tasks.py)
+        return map_rows(lambda o: attn.proj_drop(attn.proj(attn.norm(o))), out.flatten(2))
+    return attn.proj_drop(attn.proj(attn.norm(out.flatten(2)) * gate(x).sigmoid()))
 
 
 def prefix_attention_probs(attn, q_prefix: Tensor, k: Tensor) -> Tensor:
@@ -326,17 +329,23 @@ def sparse_attention(
     # Row views of the projections (B·L × H·d; a view of the fused qkv output, no copy).
     q_all, k_all, v_all = (t.reshape(B * L, H * d) for t in (q, k, v))
     out = q.new_zeros(B * L + 1, H * d)  # the last row collects the padded queries' outputs
-    out[: B * L].view(B, L, H * d)[:, :P] = _prefix_rows(attn, q, k, v, P).reshape(B, P, H * d)
     # In inference the gathered neighbourhoods go to buffers reused across chunks (small enough to stay in
-    # cache on CPUs, and no allocator traffic); autograd needs fresh tensors.
+    # cache on CPUs, and no allocator traffic), one pair per thread; autograd needs fresh tensors.
     reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))
-    if reuse:
-        size = max(c.kv_rows.numel() for c in chunks)
-        kbuf, vbuf = k_all.new_empty(size, H * d), v_all.new_empty(size, H * d)
-    for c in chunks:
+    buffers: dict[int, tuple[Tensor, Tensor]] = {}
+    size = max(c.kv_rows.numel() for c in chunks)
+
+    def prefix_rows() -> None:
+        out[: B * L].view(B, L, H * d)[:, :P] = _prefix_rows(attn, q, k, v, P).reshape(B, P, H * d)
+
+    def run_chunk(c: GatherChunk) -> None:
         n, Cq = c.q_rows.shape
         qc = q_all.index_select(0, c.q_rows.flatten()).view(n, Cq, H, d)
         if reuse:
+            thread = threading.get_ident()
+            if thread not in buffers:
+                buffers[thread] = (k_all.new_empty(size, H * d), v_all.new_empty(size, H * d))
+            kbuf, vbuf = buffers[thread]
             rows = c.kv_rows.numel()
             kc = torch.index_select(k_all, 0, c.kv_rows, out=kbuf[:rows])
             vc = torch.index_select(v_all, 0, c.kv_rows, out=vbuf[:rows])
@@ -346,7 +355,11 @@ def sparse_attention(
         oc = F.scaled_dot_product_attention(
             qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=c.key_mask, dropout_p=_dropout_p(attn)
         )
+        # Chunks write disjoint rows (all padded queries write the trash row, whose value is never read).
         out.index_copy_(0, c.out_rows, oc.transpose(1, 2).reshape(n * Cq, H * d))
+
+    # One task per chunk (cpu_tasks.py), the prefix rows one more; outside cpu_tasks, a plain loop.
+    map_tasks(lambda task: task(), [prefix_rows, *(functools.partial(run_chunk, c) for c in chunks)])
     return merge_heads(attn, x, out[: B * L].view(B, L, H, d))
 
 

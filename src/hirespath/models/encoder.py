@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .attention import TokenLayout, check_kernel_names, prefix_attention_probs, select_kernel, split_heads
 from .backbones import BackbonePreset, build_timm_model, check_resolution, get_backbone
+from .cpu_tasks import check_cpu_parallel, cpu_tasks, map_tasks, row_chunks
 from .pruning import GlobalAttentionPruner
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -81,9 +82,11 @@ class HiResEncoder(nn.Module):
         mlp_chunk: int = 1 << 15,
         attn_chunk_keys: int | None = None,
         sparse_backend: str = "auto",
+        cpu_parallel: str = "tasks",
     ):
         super().__init__()
         check_attention_args(attention, window, radius, sparse_backend)
+        check_cpu_parallel(cpu_parallel)
         for i, blk in enumerate(vit.blocks):
             missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
             if missing or not isinstance(blk.attn, Attention):
@@ -112,6 +115,7 @@ class HiResEncoder(nn.Module):
         self.mlp_chunk = mlp_chunk
         self.attn_chunk_keys = attn_chunk_keys
         self.sparse_backend = sparse_backend
+        self.cpu_parallel = cpu_parallel  # CPU inference: "tasks" (models/cpu_tasks.py) or "ops" (PyTorch's default)
 
     # --- facts about the backbone -------------------------------------------------------------
     @property
@@ -200,14 +204,21 @@ class HiResEncoder(nn.Module):
         """Residual MLP; in inference it runs over token chunks to bound the hidden activation."""
         L = x.shape[1]
         chunk = self._mlp_chunk_tokens(blk, x)
-        if torch.is_grad_enabled() or self.training or L <= chunk:  # chunks would draw DropPath per chunk
+        if torch.is_grad_enabled() or self.training:  # chunks would draw DropPath per chunk
             return _add_residual(x, blk.mlp(blk.norm2(x)), blk.ls2, blk.drop_path2)
-        for s in range(0, L, chunk):
-            xs = x[:, s : s + chunk]
+
+        def run(span: tuple[int, int]) -> None:
+            xs = x[:, span[0] : span[1]]
             _add_residual(xs, blk.mlp(blk.norm2(xs)), blk.ls2, blk.drop_path2, inplace=True)
+
+        map_tasks(run, row_chunks(L, chunk, x.shape[0]))  # CPU tasks inside ``cpu_tasks``, else a loop
         return x
 
     def run_block(self, index: int, state: TokenState) -> TokenState:
+        with cpu_tasks(state.x.device, self.cpu_parallel):
+            return self._run_block(index, state)
+
+    def _run_block(self, index: int, state: TokenState) -> TokenState:
         blk = self.vit.blocks[index]
         h = blk.norm1(state.x)
         prunes_here = self.pruner.enabled and index + 1 == self.pruner.layer
@@ -263,6 +274,7 @@ def create_encoder(
     prune_score_tokens: str = "cls",
     resize_input: bool = False,
     sparse_backend: str = "auto",
+    cpu_parallel: str = "tasks",
     **arch_overrides,
 ) -> HiResEncoder:
     """Build a registry preset as a high-resolution encoder.
@@ -273,6 +285,7 @@ def create_encoder(
     preset = get_backbone(backbone)
     # Validate the cheap arguments before building a possibly billion-parameter model.
     check_attention_args(attention, window, radius, sparse_backend)
+    check_cpu_parallel(cpu_parallel)
     GlobalAttentionPruner(prune_ratio, prune_layer, prune_score_tokens)
     vit = build_timm_model(preset, weights=weights, **arch_overrides)
     return HiResEncoder(
@@ -286,6 +299,7 @@ def create_encoder(
         prune_score_tokens=prune_score_tokens,
         resize_input=resize_input,
         sparse_backend=sparse_backend,
+        cpu_parallel=cpu_parallel,
     )
 
 
