@@ -13,6 +13,7 @@ import hirespath
 from hirespath.benchmark import measure as bm
 from hirespath.benchmark.costmodel import _neighbourhood_keys, encoder_cost
 from hirespath.benchmark.slides import embed_configs_from
+from hirespath.benchmark.spec import asked_backend
 from hirespath.tasks.benchmark import run_benchmark
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -200,7 +201,7 @@ def test_sparse_backend_column_is_the_selected_kernel():
     bench.device = torch.device("cuda")  # the column only asks select_kernel; nothing runs on the device
     assert bench.kernel_column(bm.wrap_encoder(bench.vit, bench.preset, bm.BenchConfig()), 224) == "auto:flex"
     # the plot and the summary group rows by the backend asked for
-    assert [bm.asked_backend(c) for c in ("", float("nan"), "auto:dense", "gather:dense", "flex")] == [
+    assert [asked_backend(c) for c in ("", float("nan"), "auto:dense", "gather:dense", "flex")] == [
         "auto",
         "auto",
         "auto",
@@ -223,12 +224,15 @@ def test_backend_of_the_attention_group_is_used_and_labels_are_distinct():
 
 
 def test_experiment_configs_compose():
-    for exp in ("table1_cost", "cpu_speed"):
+    for exp in ("table1_cost", "cpu_speed", "cpu_load"):
         with initialize_config_dir(CONF, version_base="1.3"):
             cfg = compose("benchmark", overrides=[f"experiment={exp}"])
         configs = bm.configs_from(cfg)
         assert len(configs) >= 3
-    assert 3430 in cfg.resolutions or exp == "cpu_speed"
+        if exp == "table1_cost":
+            assert 3430 in cfg.resolutions
+        if exp == "cpu_load":  # under one busy process, each configuration as CPU tasks and op-parallel
+            assert cfg.busy_processes == 1 and {c.cpu_parallel for c in configs} == {"tasks", "ops"}
 
 
 def test_embedding_benchmark_measures_tissue_throughput(tmp_path):
@@ -260,6 +264,28 @@ def test_embedding_benchmark_measures_tissue_throughput(tmp_path):
     assert (tmp_path / "embedding_benchmark.png").stat().st_size > 0 and "x e2e" in result["summary"]
     with pytest.raises(ValueError, match="unknown keys"):
         embed_configs_from(OmegaConf.merge(cfg, {"slides": {"compare": [{"tile": 5}]}}))
+    # reader and CPU execution are per-entry keys too (experiment=embed_readers)
+    readers = embed_configs_from(
+        OmegaConf.merge(
+            cfg, {"slides": {"compare": [{"reader": "workers"}, {"reader": "threads", "cpu_parallel": "ops"}]}}
+        )
+    )
+    assert [c.reader for c in readers] == ["workers", "threads"] and readers[1].cpu_parallel == "ops"
+    assert readers[0].label.endswith("[workers reader]") and "[ops]" in readers[1].label
+
+
+def test_cpu_parallel_is_a_compare_key(tmp_path):
+    """experiment=cpu_load's shape: the same configuration as CPU tasks and op-parallel, one CSV line each."""
+    cfg = _cfg(tmp_path, ["backbone=tiny", "resolutions=[112]", "repeats=1", "warmup=0", "cpu_memory=false",
+                          "threads=2", "compare=[{attention: sparse, window: 2},"
+                          "{attention: sparse, window: 2, cpu_parallel: ops}]"])  # fmt: skip
+    result = run_benchmark(cfg)
+    df = pd.read_csv(tmp_path / "benchmark.csv")
+    assert list(df.cpu_parallel) == ["tasks", "ops"] and (df.seconds_per_image > 0).all()
+    assert "sparse w=2 + prune 0.6@4 [ops]" in result["summary"]
+    assert bm.BenchConfig.of_row(df.iloc[1]).cpu_parallel == "ops"
+    old_row = df.iloc[0].drop("cpu_parallel")  # a CSV written before the column existed
+    assert bm.BenchConfig.of_row(old_row).cpu_parallel == "tasks"
 
 
 def test_benchmark_under_load_uses_the_cores_left(tmp_path):

@@ -29,7 +29,7 @@ from ..models.encoder import HiResEncoder
 from ..utils.io import atomic_path
 from .costmodel import encoder_cost
 from .memory_worker import cpu_peak_memory
-from .spec import COLUMNS, DTYPES, BenchConfig, asked_backend, is_oom, wrap_encoder
+from .spec import COLUMNS, DTYPES, BenchConfig, is_oom, wrap_encoder
 
 log = logging.getLogger("hirespath.benchmark")
 
@@ -165,6 +165,7 @@ class Benchmark:
             tflops=cost.tflops,
             attn_memory_gb=cost.attn_memory_gb,
             sparse_backend=self.kernel_column(enc, resolution),
+            cpu_parallel=cfg.cpu_parallel,
         )
 
     def kernel_column(self, enc: HiResEncoder, resolution: int) -> str:
@@ -313,6 +314,7 @@ def configs_from(cfg) -> list[BenchConfig]:
         prune_ratio=float(cfg.pruner.prune_ratio),
         prune_layer=int(cfg.pruner.prune_layer),
         prune_score_tokens=str(cfg.pruner.prune_score_tokens),
+        cpu_parallel="tasks",
     )
     if not cfg.get("compare"):
         return [BenchConfig(**base)]
@@ -340,13 +342,7 @@ def summarize(rows: list[dict]) -> str:
             for a in ("dense", "eager")
         }
         for _, r in group.iterrows():
-            label = BenchConfig(
-                attention=r.attention,
-                window=int(r.window),
-                prune_ratio=float(r.prune_ratio),
-                prune_layer=int(r.prune_layer),
-                sparse_backend=asked_backend(r.sparse_backend),
-            ).label
+            label = BenchConfig.of_row(r).label
             cols = []
             for a in ("dense", "eager"):
                 if len(ref[a]) and r.status == "ok":

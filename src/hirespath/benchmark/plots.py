@@ -19,17 +19,12 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    backend = df.sparse_backend.map(asked_backend)
-    for key, group in df.assign(backend=backend).groupby(
-        ["attention", "window", "prune_ratio", "prune_layer", "backend"], sort=False
+    # one line per configuration: the backend asked for (it may run another kernel at some resolutions)
+    keys = df.assign(backend=df.sparse_backend.map(asked_backend), parallel=df.cpu_parallel.fillna("tasks"))
+    for _, group in keys.groupby(
+        ["attention", "window", "prune_ratio", "prune_layer", "backend", "parallel"], sort=False
     ):
-        cfg = BenchConfig(
-            attention=key[0],
-            window=int(key[1]),
-            prune_ratio=float(key[2]),
-            prune_layer=int(key[3]),
-            sparse_backend=key[4],
-        )
+        cfg = BenchConfig.of_row(group.iloc[0])
         ok = group[group.status == "ok"]
         for ax, col in zip(axes, ("seconds_per_image", "peak_memory_gb")):
             (line,) = ax.plot(ok.resolution, ok[col], marker="o", label=cfg.label)

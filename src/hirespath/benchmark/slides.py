@@ -49,16 +49,18 @@ class EmbedConfig(BenchConfig):
     """A tiling + attention configuration: one row of the embedding benchmark."""
 
     tile_size: int = 1792
+    reader: str | None = None  # threads | workers; None: the benchmark's slides.reader
 
     @property
     def label(self) -> str:
-        return f"{self.tile_size} px, {super().label}"
+        return f"{self.tile_size} px, {super().label}" + (f" [{self.reader} reader]" if self.reader else "")
 
 
 def embed_configs_from(cfg) -> list[EmbedConfig]:
-    """``slides.compare`` entries (tile_size + the keys of the benchmark's ``compare``) over the composed groups."""
+    """``slides.compare`` entries (tile_size, reader + the keys of the benchmark's ``compare``) over the composed
+    groups."""
     base = asdict(configs_from(OmegaConf.merge(cfg, {"compare": None}))[0])
-    base["tile_size"] = int(cfg.slides.tile_size)
+    base.update(tile_size=int(cfg.slides.tile_size), reader=None)
     out = []
     for item in cfg.slides.get("compare") or [{}]:
         unknown = set(item) - set(base)
@@ -141,7 +143,7 @@ def benchmark_embedding(
             summary = embed_slides(
                 encoder, [slide], job, tile_size=cfg.tile_size, tile_mpp=tile_mpp, min_tissue=min_tissue,
                 batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
-                progress=False, thumbnails=False, rank=0, world_size=1, reader=reader, threads=threads,
+                progress=False, thumbnails=False, rank=0, world_size=1, reader=cfg.reader or reader, threads=threads,
             )  # fmt: skip
         finally:
             shutil.rmtree(job, ignore_errors=True)

@@ -26,6 +26,7 @@ COLUMNS = [
     "sparse_backend",
     "threads",
     "busy_processes",
+    "cpu_parallel",
 ]
 
 
@@ -49,6 +50,22 @@ class BenchConfig:
     prune_layer: int = 4
     prune_score_tokens: str = "cls"
     sparse_backend: str = "auto"  # auto | gather | flex
+    cpu_parallel: str = "tasks"  # CPU inference: tasks | ops (models/cpu_tasks.py)
+
+    @classmethod
+    def of_row(cls, row) -> BenchConfig:
+        """The configuration of a CSV row (a dict or a pandas row); rows written before a column existed get its
+        default."""
+        get = row.get if isinstance(row, dict) else lambda k, d=None: getattr(row, k, d)
+        cpu_parallel = get("cpu_parallel", "tasks")
+        return cls(
+            attention=get("attention"),
+            window=int(get("window")),
+            prune_ratio=float(get("prune_ratio")),
+            prune_layer=int(get("prune_layer")),
+            sparse_backend=asked_backend(get("sparse_backend")),
+            cpu_parallel=cpu_parallel if isinstance(cpu_parallel, str) and cpu_parallel else "tasks",
+        )
 
     @property
     def label(self) -> str:
@@ -63,7 +80,7 @@ class BenchConfig:
         prune = f" + prune {self.prune_ratio:g}@{self.prune_layer}" + (
             f" ({self.prune_score_tokens})" if self.prune_score_tokens != "cls" else ""
         )
-        return name + (prune if self.prune_ratio > 0 else "")
+        return name + (prune if self.prune_ratio > 0 else "") + (" [ops]" if self.cpu_parallel == "ops" else "")
 
 
 def is_oom(err: BaseException) -> bool:
@@ -94,5 +111,6 @@ def wrap_encoder(vit, preset, cfg: BenchConfig, sparse_backend: str = "auto") ->
         prune_layer=cfg.prune_layer,
         prune_score_tokens=cfg.prune_score_tokens,
         sparse_backend=sparse_backend,
+        cpu_parallel=cfg.cpu_parallel,
     )
     return enc
