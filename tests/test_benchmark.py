@@ -232,7 +232,7 @@ def test_experiment_configs_compose():
         if exp == "table1_cost":
             assert 3430 in cfg.resolutions
         if exp == "cpu_load":  # under one busy process, each configuration as CPU tasks and op-parallel
-            assert cfg.busy_processes == 1 and {c.cpu_parallel for c in configs} == {"tasks", "ops"}
+            assert cfg.busy_processes == 1 and {c.cpu_parallel for c in configs} == {"auto", "tasks", "ops"}
 
 
 def test_embedding_benchmark_measures_tissue_throughput(tmp_path):
@@ -281,11 +281,11 @@ def test_cpu_parallel_is_a_compare_key(tmp_path):
                           "{attention: sparse, window: 2, cpu_parallel: ops}]"])  # fmt: skip
     result = run_benchmark(cfg)
     df = pd.read_csv(tmp_path / "benchmark.csv")
-    assert list(df.cpu_parallel) == ["tasks", "ops"] and (df.seconds_per_image > 0).all()
+    assert list(df.cpu_parallel) == ["auto", "ops"] and (df.seconds_per_image > 0).all()
     assert "sparse w=2 + prune 0.6@4 [ops]" in result["summary"]
     assert bm.BenchConfig.of_row(df.iloc[1]).cpu_parallel == "ops"
     old_row = df.iloc[0].drop("cpu_parallel")  # a CSV written before the column existed
-    assert bm.BenchConfig.of_row(old_row).cpu_parallel == "tasks"
+    assert bm.BenchConfig.of_row(old_row).cpu_parallel == "auto"
 
 
 def test_benchmark_under_load_uses_the_cores_left(tmp_path):
@@ -301,3 +301,11 @@ def test_benchmark_under_load_uses_the_cores_left(tmp_path):
     df = pd.read_csv(tmp_path / "benchmark.csv")
     assert (df.busy_processes == 1).all() and (df.threads == max(1, available_cores() - 1)).all()
     assert torch.get_num_threads() == before and not mp.active_children()
+
+
+def test_one_out_of_memory_test_for_benchmark_and_embedding():
+    from hirespath.utils.memory import is_oom
+
+    assert is_oom(MemoryError()) and is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) and not is_oom(ValueError("x"))

@@ -75,6 +75,17 @@ def test_tasks_under_no_grad_and_thread_setting_kept(two_threads, task_threads):
     assert not out.patch_tokens.requires_grad
 
 
+def test_auto_runs_sparse_blocks_as_tasks_and_dense_ones_op_parallel(two_threads, task_threads):
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        tiny_encoder(attention="dense")(images)
+        assert task_threads == []
+        tiny_encoder(attention="sparse", window=16)(images)  # one window covers the grid: dense kernel
+        assert task_threads == []
+        tiny_encoder(attention="sparse", window=2)(images)
+    assert task_threads
+
+
 def test_autograd_and_one_thread_keep_the_plain_path(two_threads, task_threads):
     enc = tiny_encoder(attention="sparse", window=2)
     images = torch.randn(2, 3, 224, 224, requires_grad=True)

@@ -27,9 +27,10 @@ from ..models.attention import select_kernel
 from ..models.backbones import build_timm_model, check_resolution, get_backbone
 from ..models.encoder import HiResEncoder
 from ..utils.io import atomic_path
+from ..utils.memory import is_oom
 from .costmodel import encoder_cost
 from .memory_worker import cpu_peak_memory
-from .spec import COLUMNS, DTYPES, BenchConfig, is_oom, wrap_encoder
+from .spec import COLUMNS, DTYPES, BenchConfig, wrap_encoder
 
 log = logging.getLogger("hirespath.benchmark")
 
@@ -314,7 +315,7 @@ def configs_from(cfg) -> list[BenchConfig]:
         prune_ratio=float(cfg.pruner.prune_ratio),
         prune_layer=int(cfg.pruner.prune_layer),
         prune_score_tokens=str(cfg.pruner.prune_score_tokens),
-        cpu_parallel="tasks",
+        cpu_parallel="auto",
     )
     if not cfg.get("compare"):
         return [BenchConfig(**base)]

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..models.backbones import build_timm_model, get_backbone
-from .spec import DTYPES, BenchConfig, is_oom, wrap_encoder
+from ..utils.memory import is_oom
+from .spec import DTYPES, BenchConfig, wrap_encoder
 
 
 def _rss_bytes() -> int:

@@ -20,7 +20,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     df = pd.DataFrame(rows, columns=COLUMNS)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     # one line per configuration: the backend asked for (it may run another kernel at some resolutions)
-    keys = df.assign(backend=df.sparse_backend.map(asked_backend), parallel=df.cpu_parallel.fillna("tasks"))
+    keys = df.assign(backend=df.sparse_backend.map(asked_backend), parallel=df.cpu_parallel.fillna("auto"))
     for _, group in keys.groupby(
         ["attention", "window", "prune_ratio", "prune_layer", "backend", "parallel"], sort=False
     ):

@@ -50,21 +50,21 @@ class BenchConfig:
     prune_layer: int = 4
     prune_score_tokens: str = "cls"
     sparse_backend: str = "auto"  # auto | gather | flex
-    cpu_parallel: str = "tasks"  # CPU inference: tasks | ops (models/cpu_tasks.py)
+    cpu_parallel: str = "auto"  # CPU inference: auto | tasks | ops (models/cpu_tasks.py)
 
     @classmethod
     def of_row(cls, row) -> BenchConfig:
         """The configuration of a CSV row (a dict or a pandas row); rows written before a column existed get its
         default."""
         get = row.get if isinstance(row, dict) else lambda k, d=None: getattr(row, k, d)
-        cpu_parallel = get("cpu_parallel", "tasks")
+        cpu_parallel = get("cpu_parallel", "auto")
         return cls(
             attention=get("attention"),
             window=int(get("window")),
             prune_ratio=float(get("prune_ratio")),
             prune_layer=int(get("prune_layer")),
             sparse_backend=asked_backend(get("sparse_backend")),
-            cpu_parallel=cpu_parallel if isinstance(cpu_parallel, str) and cpu_parallel else "tasks",
+            cpu_parallel=cpu_parallel if isinstance(cpu_parallel, str) and cpu_parallel else "auto",
         )
 
     @property
@@ -80,23 +80,11 @@ class BenchConfig:
         prune = f" + prune {self.prune_ratio:g}@{self.prune_layer}" + (
             f" ({self.prune_score_tokens})" if self.prune_score_tokens != "cls" else ""
         )
-        return name + (prune if self.prune_ratio > 0 else "") + (" [ops]" if self.cpu_parallel == "ops" else "")
-
-
-def is_oom(err: BaseException) -> bool:
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(err).lower()
-    return any(
-        s in msg
-        for s in (
-            "out of memory",
-            "can't allocate memory",
-            "not enough memory",
-            "cannot allocate memory",
-            "failed to allocate",
+        return (
+            name
+            + (prune if self.prune_ratio > 0 else "")
+            + (f" [{self.cpu_parallel}]" if self.cpu_parallel != "auto" else "")
         )
-    )
 
 
 def wrap_encoder(vit, preset, cfg: BenchConfig, sparse_backend: str = "auto") -> HiResEncoder:

@@ -66,6 +66,7 @@ from ..data.slides import (
 )
 from ..data.wsi import SlideError, open_slide, tissue_mask
 from ..utils.io import atomic_path, exclusive_lock, try_lock, write_json
+from ..utils.memory import is_oom
 from ..utils.threads import AdaptiveThreads, torch_threads
 from . import trident
 
@@ -106,13 +107,6 @@ IDENTITY_KEYS = (
     "feature",
     "weights_size",
 )
-_OOM = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
-
-
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, _OOM) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # encoding
 
@@ -174,7 +168,7 @@ class TileEncoder:
                 results.append((np.arange(start, start + len(chunk)), self._forward(chunk)))
                 start += len(chunk)
             except Exception as err:  # noqa: BLE001 — only out-of-memory is handled here
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -161,10 +161,12 @@ def _dropout_p(attn) -> float:
 
 def dense_attention(attn, x: Tensor, layout: TokenLayout, qkv: tuple | None = None) -> Tensor:
     q, k, v = qkv or split_heads(attn, x)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=_dropout_p(attn)
+    k_t, v_t, p = k.transpose(1, 2), v.transpose(1, 2), _dropout_p(attn)
+    # chunks of queries as CPU tasks (cpu_tasks.py); otherwise one call
+    out = map_rows(
+        lambda qs: F.scaled_dot_product_attention(qs.transpose(1, 2), k_t, v_t, dropout_p=p).transpose(1, 2), q
     )
-    return merge_heads(attn, x, out.transpose(1, 2))
+    return merge_heads(attn, x, out)
 
 
 def eager_attention(attn, x: Tensor, layout: TokenLayout, qkv: tuple | None = None) -> Tensor:
@@ -328,7 +330,9 @@ def sparse_attention(
 
     # Row views of the projections (B·L × H·d; a view of the fused qkv output, no copy).
     q_all, k_all, v_all = (t.reshape(B * L, H * d) for t in (q, k, v))
-    out = q.new_zeros(B * L + 1, H * d)  # the last row collects the padded queries' outputs
+    # every row is written below (prefix rows, each patch token in exactly one chunk); the last row collects the
+    # padded queries' outputs
+    out = q.new_empty(B * L + 1, H * d)
     # In inference the gathered neighbourhoods go to buffers reused across chunks (small enough to stay in
     # cache on CPUs, and no allocator traffic), one pair per thread; autograd needs fresh tensors.
     reuse = not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad))

@@ -82,7 +82,7 @@ class HiResEncoder(nn.Module):
         mlp_chunk: int = 1 << 15,
         attn_chunk_keys: int | None = None,
         sparse_backend: str = "auto",
-        cpu_parallel: str = "tasks",
+        cpu_parallel: str = "auto",
     ):
         super().__init__()
         check_attention_args(attention, window, radius, sparse_backend)
@@ -115,7 +115,7 @@ class HiResEncoder(nn.Module):
         self.mlp_chunk = mlp_chunk
         self.attn_chunk_keys = attn_chunk_keys
         self.sparse_backend = sparse_backend
-        self.cpu_parallel = cpu_parallel  # CPU inference: "tasks" (models/cpu_tasks.py) or "ops" (PyTorch's default)
+        self.cpu_parallel = cpu_parallel  # CPU inference: auto | tasks | ops (models/cpu_tasks.py)
 
     # --- facts about the backbone -------------------------------------------------------------
     @property
@@ -215,7 +215,8 @@ class HiResEncoder(nn.Module):
         return x
 
     def run_block(self, index: int, state: TokenState) -> TokenState:
-        with cpu_tasks(state.x.device, self.cpu_parallel):
+        kernel, _ = select_kernel(self.attention, self.sparse_backend, state.x.device, state.layout.grid, self.window)
+        with cpu_tasks(state.x.device, self.cpu_parallel, sparse=kernel.startswith("sparse")):
             return self._run_block(index, state)
 
     def _run_block(self, index: int, state: TokenState) -> TokenState:
@@ -274,7 +275,7 @@ def create_encoder(
     prune_score_tokens: str = "cls",
     resize_input: bool = False,
     sparse_backend: str = "auto",
-    cpu_parallel: str = "tasks",
+    cpu_parallel: str = "auto",
     **arch_overrides,
 ) -> HiResEncoder:
     """Build a registry preset as a high-resolution encoder.

@@ -1,9 +1,9 @@
 """CPU thread policy: how many intra-op threads the encoder gets when tile readers share the machine.
 
-Measured on 2 cores (DESIGN.md, "CPU threads under load"): the sparse kernel's many small parallel regions stall
-on a descheduled thread, so with one other busy process sparse + pruning ran 4.53 s with 2 threads but 2.35 s with
-1 (dense: 15.7 s vs 16.9 s). The encoder therefore gets the cores the readers leave free, never more than the cores
-this process may run on.
+Measured on 2 cores (DESIGN.md, "CPU threads under load"): op-parallel PyTorch stalls every parallel region on a
+descheduled thread, so with one other busy process sparse + pruning ran 4.53 s with 2 threads but 2.35 s with 1
+(dense: 15.7 s vs 16.9 s). The encoder's CPU tasks (models/cpu_tasks.py) take most of that stall away (README, "CPU
+bar under load"); the encoder still gets the cores busy readers leave free, never more than this process may use.
 """
 
 from __future__ import annotations
