@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,16 +27,26 @@ def run_task(task: str, *args: str, cwd: Path, timeout: int = 240) -> subprocess
         "HYDRA_FULL_ERROR": "1",
         "OMP_NUM_THREADS": "1",
     }
-    proc = subprocess.run(
+    # Own process group: on timeout every process of the task (DDP ranks, DataLoader workers) is killed, so a hung
+    # multi-process task fails the test; subprocess.run would kill only the first and wait for the others' pipes.
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tasks" / f"{task}.py"), *args],
         cwd=cwd,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{task} did not finish in {timeout} s:\n{stdout[-2000:]}{stderr[-4000:]}")
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert done.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    return done
 
 
 def test_launcher_files_present():
@@ -134,3 +145,9 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     with exclusive_lock(lock, poll_s=0.1):
         assert lock.read_text() == f"{socket.gethostname()}:{os.getpid()}"
     assert not lock.exists()
+
+
+def test_run_task_fails_a_task_that_does_not_finish(tmp_path):
+    """The harness kills the task's whole process group on timeout and fails, instead of waiting on its pipes."""
+    with pytest.raises(pytest.fail.Exception, match="did not finish in 1 s"):
+        run_task("smoke", f"hydra.run.dir={tmp_path}", cwd=tmp_path, timeout=1)
