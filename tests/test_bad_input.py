@@ -248,23 +248,6 @@ def test_encoder_state_dict_of_another_depth_names_preset_and_depth(tmp_path):
     hirespath.create_encoder("tiny", depth=2, weights=str(tmp_path / "enc.pt"))  # what the hint says works
 
 
-def test_checkpoint_of_another_preset_hint_is_a_hydra_override(tmp_path, monkeypatch):
-    import timm
-
-    import hirespath
-    from hirespath.models import backbones
-
-    uni = backbones.get_backbone("uni")
-    with torch.device("meta"):
-        uni_state = timm.create_model(uni.timm_name, pretrained=False, **uni.kwargs).state_dict()
-    path = tmp_path / "pytorch_model.bin"
-    path.write_bytes(b"")
-    monkeypatch.setattr(backbones, "read_state_dict", lambda _: uni_state)
-    with pytest.raises(ValueError) as err, torch.device("meta"):
-        hirespath.create_encoder("uni2_h", weights=str(path))
-    assert "set backbone=uni" in str(err.value)
-
-
 def test_truncated_tiff_is_named_truncated(panda_root, tmp_path):
     from hirespath.data.wsi import SlideError, locate_rois
 

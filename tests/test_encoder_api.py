@@ -146,6 +146,7 @@ def test_checkpoint_of_another_preset_is_named(tmp_path, monkeypatch):
         hirespath.create_encoder("uni2_h", weights=str(path))
     msg = str(err.value)
     assert "checkpoint of preset 'uni'" in msg and len(msg) < 2000  # short lists, not every key
+    assert "set backbone=uni" in msg  # the hint is the Hydra override a task user types
 
 
 @pytest.mark.parametrize(
