@@ -1,0 +1,323 @@
+"""Whole-slide embedding: the encoder as the slide runner's tile function, TRIDENT h5 files as its output.
+
+:func:`embed_slides` runs every tissue tile of every slide through the encoder (:mod:`hirespath.slides`: listing,
+locks, the tissue grid, tile readers, timings and the ledger) and writes one ``<slide>.h5`` per slide
+(:mod:`hirespath.wsi.trident_h5`). :func:`ensure_features` is the one call every task uses to get a features
+folder (embed_slides, mil embedding first, the throughput benchmark): it embeds what is missing and waits for
+slides other workers hold.
+
+On disk (``<tiling>`` = :func:`~hirespath.wsi.trident_h5.tiling_tag`, e.g. ``20x_1792px_0px_overlap``)::
+
+    job_dir/
+      <tiling>/patches/<slide>_patches.h5          coords; reused by every encoder with the same tiling and mpp
+      <tiling>/features_<encoder tag>/<slide>.h5   features + coords (+ tokens); <slide>.h5.lock while embedding
+      <tiling>/features_<encoder tag>/config.json  what the folder's features depend on (checked on reuse)
+      <tiling>/features_<encoder tag>/skipped.csv, timings.csv, summary.json   the folder's ledger
+      <tiling>/thumbnails/<slide>.png              tissue outline + kept tiles (+ pruned tokens)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ..slides.prepare import PreparedSlide
+from ..slides.runner import Runtime, SlideJob, run_slides
+from ..slides.tile_model import TileModel
+from ..utils.errors import InputError
+from ..utils.io import try_lock
+from ..wsi import trident_h5
+from ..wsi.listing import SlideSpec, as_specs
+
+log = logging.getLogger("hirespath.embeddings")
+
+FEATURES = ("cls", "mean", "cls+mean")
+OVERWRITE = "embed.overwrite=true"  # how a user replaces features made with other settings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the encoder's identity
+
+
+def encoder_tag(encoder, features: str = "cls", weights: str | os.PathLike | None = None) -> str:
+    """Folder name of one encoder configuration, e.g. ``uni2_h_sparse-w8_prune0.6-l4_cls``.
+
+    It names what changes the numbers and can be read off the encoder: preset, attention (window, radius when not
+    1), pruning (ratio, layer, score tokens when not CLS), the feature kind; ``-random`` when no weights file is
+    given. Architecture overrides and which weights file are not in the name: the folder's ``config.json`` records
+    the full configuration and a run with another one is refused.
+    """
+    preset = getattr(getattr(encoder, "preset", None), "name", None) or "vit"
+    att = encoder.attention
+    if att == "sparse":
+        att = f"sparse-w{encoder.window}" + (f"-r{encoder.radius}" if getattr(encoder, "radius", 1) != 1 else "")
+    parts = [preset, att]
+    pruner = getattr(encoder, "pruner", None)
+    if pruner is not None and pruner.enabled:
+        parts.append(
+            f"prune{pruner.ratio:g}-l{pruner.layer}"
+            + ("" if pruner.score_tokens == "cls" else f"-{pruner.score_tokens}")
+        )
+    parts.append(features.replace("+", "-"))
+    tag = "_".join(parts)
+    return tag if weights else f"{tag}-random"
+
+
+def weights_fingerprint(weights) -> dict | None:
+    if not weights:
+        return None
+    st = os.stat(weights)
+    return {"path": str(Path(weights).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def encoder_attrs(encoder, *, tag: str, features: str, tile_size: int, weights=None, precision: str = "fp32",
+                  extra: dict | None = None) -> dict:  # fmt: skip
+    """The ``features`` dataset's attributes for this encoder configuration (TRIDENT's ``encoder`` + ours)."""
+    pruner = getattr(encoder, "pruner", None)
+    attrs = {
+        "encoder": tag,
+        "backbone": getattr(getattr(encoder, "preset", None), "name", None),
+        "attention": encoder.attention,
+        "window": int(encoder.window),
+        "radius": int(getattr(encoder, "radius", 1)),
+        "prune_ratio": float(pruner.ratio) if pruner is not None else 0.0,
+        "prune_layer": int(pruner.layer) if pruner is not None else 0,
+        "prune_score_tokens": pruner.score_tokens if pruner is not None else "cls",
+        "resolution": int(tile_size),
+        "vit_patch_size": int(encoder.patch_size),
+        "embed_dim": int(encoder.embed_dim),
+        "weights": str(weights) if weights else None,
+        "weights_fingerprint": weights_fingerprint(weights),
+        "feature": features,
+        "precision": str(precision),
+    }
+    attrs.update(extra or {})
+    return attrs
+
+
+# what must match for features to share one features_<tag>/ folder (precision may differ: bf16 and fp32 give the
+# same features within rounding; the weights file's size stands for the file, so a moved copy is accepted)
+IDENTITY_KEYS = ("backbone", "attention", "window", "radius", "prune_ratio", "prune_layer", "prune_score_tokens",
+                 "resolution", "vit_patch_size", "embed_dim", "feature")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tile function and sink
+
+
+def encoder_forward(encoder, features: str, tokens: bool):
+    """images in [0, 1] → (features B×D float32, kept tokens per tile or None, positions per tile, patch grid)."""
+
+    def forward(x: torch.Tensor):
+        out = encoder(encoder.normalize(x))
+        parts = {"cls": [out.cls], "mean": [out.mean_patch], "cls+mean": [out.cls, out.mean_patch]}[features]
+        feats = torch.cat([p.float() for p in parts], 1).cpu().numpy()
+        # positions are small (N'×2 per tile) and feed the pruned-token overlays even without tokens
+        toks = list(out.patch_tokens.float().cpu().numpy()) if tokens else None
+        return feats, toks, list(out.positions.cpu().numpy()), out.grid
+
+    return forward
+
+
+class FeatureSink:
+    """One slide's h5 file; non-finite feature rows (e.g. fp16 overflow) are refused, not written."""
+
+    def __init__(self, writer: trident_h5.FeatureWriter, coords: np.ndarray, tokens: bool, overlays: int):
+        self.writer, self.coords, self.tokens, self.overlays_left = writer, coords, tokens, overlays
+        self.overlays: list[tuple[int, np.ndarray, np.ndarray, tuple[int, int]]] = []
+
+    def add(self, tiles: np.ndarray, output, images: torch.Tensor) -> list[tuple[int, str]]:
+        feats, toks, pos, patch_grid = output
+        finite = np.isfinite(feats).all(axis=1)
+        refused = [(int(t), "features are not finite (NaN/inf; fp16 overflow? use bf16-mixed or fp32)")
+                   for t in tiles[~finite]]  # fmt: skip
+        keep = np.flatnonzero(finite)
+        if len(keep):
+            self.writer.append(
+                feats[keep],
+                self.coords[tiles[keep]],
+                [toks[i] for i in keep] if self.tokens else None,
+                [pos[i] for i in keep] if self.tokens else None,
+                grid=patch_grid,
+            )
+        for i in keep[: max(0, self.overlays_left)]:
+            self.overlays.append((int(tiles[i]), images[i].permute(1, 2, 0).numpy(), pos[i], patch_grid))
+        self.overlays_left -= min(len(keep), max(0, self.overlays_left))
+        return refused
+
+    def close(self) -> dict:
+        if self.writer.n == 0:
+            self.writer.abort()
+            from ..wsi.reader import SlideError
+
+            raise SlideError("no tile could be embedded (see the tiles listed in skipped.csv)")
+        self.writer.close()
+        return {"tiles": self.writer.n, "overlays": self.overlays}
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+@dataclass
+class EmbeddingConsumer:
+    """The encoder and the TRIDENT h5 writer, plugged into :func:`hirespath.slides.run_slides`."""
+
+    encoder: torch.nn.Module
+    tile_function: TileModel
+    folder: str
+    identity: dict
+    features_attrs: dict
+    features: str
+    tokens: bool
+    thumbnails: bool
+    overlay_tiles: int
+    token_dtype: type = np.float16
+    overwrite_hint: str = OVERWRITE
+
+    @property
+    def needs_thumbnail(self) -> bool:
+        return self.thumbnails
+
+    def output_path(self, out_dir: Path, spec: SlideSpec) -> Path:
+        return out_dir / f"{spec.slide_id}.h5"
+
+    def is_finished(self, path: Path) -> bool:
+        """The file exists (files appear only complete) and, when tokens are wanted, holds them."""
+        if not path.is_file():
+            return False
+        if not self.tokens:
+            return True
+        try:
+            with h5py.File(path, "r") as f:
+                return "tokens" in f
+        except OSError:
+            return False
+
+    def finished_mpp(self, path: Path) -> float | None:
+        try:
+            attrs, _ = trident_h5.read_coords(path)
+            return float(attrs["level0_mpp"])
+        except (OSError, KeyError, ValueError, TypeError):
+            return None
+
+    def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> FeatureSink:
+        grid, tdir = prepared.grid, path.parent.parent
+        # the coords attributes are the patches file's, as TRIDENT copies them into the features file
+        c_attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tdir.name)
+        c_attrs["tissue_area_mm2"] = grid.tissue_area_mm2
+        attrs = {**self.features_attrs, "name": spec.slide_id, "savetodir": str(path.parent)}
+        dim = self.encoder.embed_dim * (2 if self.features == "cls+mean" else 1)
+        writer = trident_h5.FeatureWriter(path, dim, c_attrs, attrs, tokens=self.tokens, token_dtype=self.token_dtype,
+                                          token_dim=self.encoder.embed_dim)  # fmt: skip
+        pruned = getattr(self.encoder, "pruner", None) is not None and self.encoder.pruner.enabled
+        overlays = self.overlay_tiles if self._draws(path, prepared) and pruned else 0
+        return FeatureSink(writer, grid.coords, self.tokens, overlays)
+
+    def _thumb_path(self, out_path: Path, slide_id: str) -> Path:
+        return out_path.parent.parent / "thumbnails" / f"{slide_id}.png"
+
+    def _draws(self, out: Path, prepared: PreparedSlide) -> bool:
+        thumb = self._thumb_path(out, out.stem)
+        return self.thumbnails and prepared.grid.thumbnail is not None and not thumb.is_file()
+
+    def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
+        out, overlays = self.output_path(out_dir, spec), result.pop("overlays", [])
+        if not self._draws(out, prepared):
+            return
+        from ..viz.thumbnails import save_slide_thumbnail
+
+        grid = prepared.grid
+        save_slide_thumbnail(
+            self._thumb_path(out, spec.slide_id), grid,
+            f"{spec.slide_id}: {len(grid)} tiles of {grid.tile_size} px at {grid.tile_mpp:g} µm/px, "
+            f"{grid.tissue_area_mm2:.1f} mm² tissue",
+            overlays=overlays, patch=int(self.encoder.patch_size),
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the calls tasks use
+
+
+def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_attrs) -> EmbeddingConsumer:
+    if embed.features not in FEATURES:
+        raise InputError(f"embed.features must be one of {', '.join(FEATURES)}, got {embed.features!r}")
+    p = int(encoder.patch_size)
+    if p and int(job.tiling.size) % p:
+        size = int(job.tiling.size)
+        raise InputError(f"tile.size={size} is not a multiple of the encoder's patch size {p}; e.g. "
+                         f"{size // p * p} or {(size // p + 1) * p}")  # fmt: skip
+    tile_fn = TileModel(encoder, runtime.device, runtime.precision, job.batch_size,
+                        forward=encoder_forward(encoder, embed.features, bool(embed.tokens)))  # fmt: skip
+    tag = embed.encoder_tag or encoder_tag(encoder, embed.features, weights)
+    attrs = encoder_attrs(encoder, tag=tag, features=embed.features, tile_size=int(job.tiling.size), weights=weights,
+                          precision=tile_fn.precision, extra=extra_attrs)  # fmt: skip
+    fp = attrs["weights_fingerprint"]
+    identity = {k: attrs[k] for k in IDENTITY_KEYS}
+    identity.update(weights_size=fp["size"] if fp else None, tokens=bool(embed.tokens))
+    return EmbeddingConsumer(
+        encoder=encoder, tile_function=tile_fn, folder=f"features_{tag}", identity=identity, features_attrs=attrs,
+        features=embed.features, tokens=bool(embed.tokens), thumbnails=bool(embed.thumbnails),
+        overlay_tiles=int(embed.overlay_tiles),
+    )  # fmt: skip
+
+
+def slide_job(job_dir, tiling, embed, default_mpp: float | None = None) -> SlideJob:
+    """The runner's job from the tiling and embedding settings (``hirespath.configs.TilingConfig``/``EmbedConfig``
+    or any objects with their fields)."""
+    return SlideJob(
+        job_dir=Path(job_dir), tiling=tiling, default_mpp=default_mpp, batch_size=int(embed.batch_size),
+        num_workers=int(embed.num_workers), reader=str(embed.reader),
+        threads=None if embed.threads is None else int(embed.threads),
+        lock_stale_s=float(embed.lock_stale_hours) * 3600, overwrite=bool(getattr(embed, "overwrite", False)),
+    )  # fmt: skip
+
+
+def embed_slides(encoder, slides, job_dir, tiling, embed, runtime: Runtime | None = None, *, weights=None,
+                 default_mpp: float | None = None, extra_attrs: dict | None = None) -> dict:  # fmt: skip
+    """Embed every tissue tile of ``slides`` into ``<job_dir>/<tiling>/features_<tag>/<slide>.h5``; returns the
+    summary (``features_dir`` is the folder). ``weights``: the file the encoder was built from (recorded, and part
+    of the folder's identity)."""
+    runtime = (runtime or Runtime()).resolve()
+    job = slide_job(job_dir, tiling, embed, default_mpp)
+    consumer = _consumer(encoder, job, embed, runtime, weights, extra_attrs)
+    summary = run_slides(slides, job, consumer, runtime)
+    summary.update(features_dir=summary["output_dir"], encoder=consumer.folder.removeprefix("features_"),
+                   precision=consumer.tile_function.precision, embedded=summary["done"])  # fmt: skip
+    return summary
+
+
+def ensure_features(encoder, slides, tiling, embed, runtime: Runtime | None = None, *, job_dir, weights=None,
+                    default_mpp: float | None = None, poll_s: float = 2.0) -> tuple[Path, dict]:  # fmt: skip
+    """The features folder of ``slides`` for this encoder, tiling and feature kind: embeds what is missing, and
+    waits for slides that other workers (parallel grid jobs over one folder) are embedding, so the folder is
+    complete when it returns (but for the slides listed in its skipped.csv)."""
+    specs = as_specs(slides)
+    summary = embed_slides(encoder, specs, job_dir, tiling, embed, runtime, weights=weights, default_mpp=default_mpp)
+    out_dir = Path(summary["features_dir"])
+    held = summary["slides_locked_by_others"]
+    while held:
+        log.info("waiting for %d slides other workers are embedding into %s", held, out_dir)
+        while any(p.exists() for p in out_dir.glob("*.h5.lock") if _lock_live(p, embed)):
+            time.sleep(poll_s)
+        again = embed_slides(encoder, specs, job_dir, tiling, embed, runtime, weights=weights,
+                             default_mpp=default_mpp)  # fmt: skip
+        summary["embedded"] += again["embedded"]
+        summary["slides_done"] += again["slides_done"]
+        held = again["slides_locked_by_others"]
+    return out_dir, summary
+
+
+def _lock_live(path: Path, embed) -> bool:
+    lock = try_lock(path, stale_s=float(embed.lock_stale_hours) * 3600)
+    if lock is None:
+        return True
+    lock.release()
+    return False

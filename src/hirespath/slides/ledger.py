@@ -1,0 +1,136 @@
+"""The files an output folder keeps about its slides, shared by every worker writing into it.
+
+One ledger per output folder (``<job_dir>/<tiling>/features_<encoder tag>/``, later ``segmentation_<model tag>/``),
+so two encoders (or models) in one ``job_dir`` keep their own rows::
+
+    config.json    what every file of the folder depends on (tiling, encoder, features, ...): checked before a
+                   finished slide is skipped; a mismatch is refused naming the setting
+    skipped.csv    slide, path, reason, time, host — slides (and tiles) that could not be processed; a slide that
+                   later finishes leaves the list. Written (with its header) by every run.
+    timings.csv    one row per slide: tiles, seconds, the stages (see :mod:`hirespath.slides.stages`)
+    summary.json   the folder's totals read off the disk, and every worker's own summary under ``workers``
+
+Every write is an atomic rewrite under a lock file, so parallel workers (DDP ranks, SLURM array tasks, joblib
+jobs) lose no rows.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..utils.errors import InputError
+from ..utils.io import atomic_path, exclusive_lock, write_json
+
+log = logging.getLogger("hirespath.slides")
+
+SKIPPED_COLUMNS = ["slide", "path", "reason", "time", "host"]
+CONFIG, SKIPPED, TIMINGS, SUMMARY = "config.json", "skipped.csv", "timings.csv", "summary.json"
+
+
+class IdentityMismatch(InputError):
+    """The folder holds outputs made with other settings."""
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return bool(np.isclose(float(a), float(b), rtol=1e-9, atol=0.0))
+    return a == b
+
+
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+class Ledger:
+    """``config.json``, ``skipped.csv``, ``timings.csv`` and ``summary.json`` of one output folder."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def _locked(self, name: str):
+        return exclusive_lock(self.folder / f".{name}.lock", f"another worker writing {name}", poll_s=0.05)
+
+    # ------------------------------------------------------------------------------------------ identity
+    def check_identity(self, identity: dict, overwrite: bool = False, how: str = "") -> None:
+        """Refuse outputs made with other settings; write ``config.json`` on first use (and with ``overwrite``).
+
+        Keys in both the stored and the new identity must be equal; keys the stored one lacks (written by an older
+        version) are added. ``how`` tells the user how to proceed (e.g. the overwrite option's name)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / CONFIG
+        with self._locked(CONFIG):
+            old = json.loads(path.read_text()) if path.is_file() else None
+            if old is not None and not overwrite:
+                diff = {k: (old[k], v) for k, v in identity.items() if k in old and not _same(old[k], v)}
+                if diff:
+                    changes = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                    raise IdentityMismatch(
+                        f"{self.folder} holds outputs made with other settings ({changes}). Use a new job_dir"
+                        + (f", or {how} to replace them" if how else "")
+                    )
+                if set(identity) <= set(old):
+                    return
+            write_json(path, {**(old or {}), **identity} if not overwrite else identity)
+
+    # ------------------------------------------------------------------------------------------ skipped.csv
+    def update_skipped(self, rows: list[dict], done: list[str] = ()) -> None:
+        """Merge rows (slide, path, reason): rows of the slides in ``rows`` and ``done`` are replaced — a slide that
+        now finished leaves the list. The file always exists after a run (header only when nothing is skipped)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / SKIPPED
+        with self._locked(SKIPPED):
+            old = self.skipped()
+            drop = {r["slide"] for r in rows} | set(done)
+            rows = [{"time": now(), "host": socket.gethostname(), **r} for r in rows]
+            new = pd.concat(
+                [old[~old["slide"].isin(drop)], pd.DataFrame(rows, columns=SKIPPED_COLUMNS)], ignore_index=True
+            )
+            if not path.exists() or len(new) != len(old) or drop & set(old["slide"]):
+                with atomic_path(path) as tmp:
+                    new.to_csv(tmp, index=False)
+
+    def skipped(self) -> pd.DataFrame:
+        path = self.folder / SKIPPED
+        if not path.is_file():
+            return pd.DataFrame(columns=SKIPPED_COLUMNS)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+    # ------------------------------------------------------------------------------------------ timings.csv
+    def update_timings(self, rows: list[dict], columns: list[str]) -> None:
+        """Merge per-slide rows (a slide processed again replaces its row)."""
+        if not rows:
+            return
+        path = self.folder / TIMINGS
+        with self._locked(TIMINGS):
+            old = self.timings(columns)
+            new_ids = {r["slide"] for r in rows}
+            table = pd.concat([old[~old["slide"].isin(new_ids)], pd.DataFrame(rows, columns=columns)],
+                              ignore_index=True)  # fmt: skip
+            with atomic_path(path) as tmp:
+                table.to_csv(tmp, index=False)
+
+    def timings(self, columns: list[str] | None = None) -> pd.DataFrame:
+        path = self.folder / TIMINGS
+        if not path.is_file():
+            return pd.DataFrame(columns=columns or ["slide"])
+        return pd.read_csv(path, dtype={"slide": str})
+
+    # ------------------------------------------------------------------------------------------ summary.json
+    def update_summary(self, worker: dict, totals: dict) -> dict:
+        """Add this worker's summary (keyed by host, pid and start time) and the folder's ``totals`` (counted off
+        the disk by the caller); returns the merged summary. Parallel workers each add theirs."""
+        path = self.folder / SUMMARY
+        with self._locked(SUMMARY):
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            workers = old.get("workers", {}) if isinstance(old.get("workers"), dict) else {}
+            workers[f"{worker.get('host')}:{worker.get('pid')}:{worker.get('started')}"] = worker
+            merged = {**totals, "workers": workers}
+            write_json(path, merged)
+        return merged

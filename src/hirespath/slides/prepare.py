@@ -1,0 +1,121 @@
+"""A slide opened and tiled: its tissue grid, reusing the tiling's ``patches/<slide>_patches.h5`` when it matches.
+
+Runs in the runner's background thread (the next slide is prepared while the current one runs). Every consumer of
+one tiling (embedding with any encoder, segmentation) shares the patches file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..wsi import trident_h5
+from ..wsi.listing import SlideSpec
+from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide, read_thumbnail
+from ..wsi.tissue import TileGrid, tile_grid, tissue_mask
+
+log = logging.getLogger("hirespath.slides")
+
+# tiles read at a finer mpp than the slide's by more than this factor are upsampled (interpolated): warned
+UPSAMPLE_TOLERANCE = 1.05
+
+
+@dataclass
+class PreparedSlide:
+    """A slide's tile grid (in the background thread while the previous slide runs)."""
+
+    grid: TileGrid
+    reused: bool
+    open_s: float
+    tissue_s: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def _grid_from_patches(slide, patches_path: Path, tiling, smpp: float) -> TileGrid | None:
+    """The grid stored in an earlier run's patches file when it was tiled with the same settings, else None."""
+    try:
+        attrs, coords = trident_h5.read_coords(patches_path)
+        same = (
+            int(attrs["patch_size"]) == int(tiling.size)
+            and int(attrs["overlap"]) == int(tiling.overlap)
+            and np.isclose(float(attrs["target_mpp"]), float(tiling.mpp))
+            and np.isclose(float(attrs["level0_mpp"]), smpp)
+            and np.isclose(float(attrs["min_tissue"]), float(tiling.min_tissue))
+        )
+    except (OSError, KeyError, ValueError) as err:
+        log.warning("%s: unreadable patches file (%s); tiling again", patches_path, err)
+        return None
+    if not same or not len(coords):
+        log.info("%s was tiled with other settings; tiling again", patches_path)
+        return None
+    size0 = int(attrs["patch_size_level0"])
+    level = best_level(slide.level_downsamples, size0 / int(tiling.size))
+    return TileGrid(
+        coords=coords.astype(np.int64),
+        tile_size=int(tiling.size),
+        tile_mpp=float(tiling.mpp),
+        overlap=int(tiling.overlap),
+        slide_mpp=smpp,
+        patch_size_level0=size0,
+        stride_level0=int(attrs["stride_level0"]),
+        level0_size=tuple(slide.dimensions),
+        read_level=level,
+        read_downsample=float(slide.level_downsamples[level]),
+        grid_shape=(0, 0),
+        tissue_fraction=np.full(len(coords), np.nan),
+        min_tissue=float(tiling.min_tissue),
+        tissue_area_mm2=float(attrs.get("tissue_area_mm2", np.nan)),
+    )
+
+
+def prepare_slide(
+    spec: SlideSpec,
+    tiling,
+    *,
+    tiling_dir: Path,
+    default_mpp: float | None,
+    need_thumbnail: bool,
+    mask_max_side: int = 2048,
+) -> PreparedSlide:
+    """Open ``spec``, resolve its mpp, and compute (or reuse) its tile grid; any failure is a :class:`SlideError`
+    naming the file (one bad slide is skipped, the run goes on)."""
+    t0 = time.perf_counter()
+    try:
+        slide = open_slide(spec.path)
+    except SlideError:
+        raise
+    except Exception as err:  # noqa: BLE001 — corrupt files surface as many exception types
+        raise SlideError(f"cannot read {spec.path.name}: the file is corrupt or not a slide ({err})") from err
+    t1 = time.perf_counter()
+    warnings = []
+    try:
+        smpp = level0_mpp(slide, spec.mpp, default_mpp)
+        if float(tiling.mpp) * UPSAMPLE_TOLERANCE < smpp:
+            warnings.append(
+                f"upsampled: tiles at {float(tiling.mpp):g} µm/px from a slide scanned at {smpp:g} µm/px "
+                f"({smpp / float(tiling.mpp):.2f}× interpolated)"
+            )
+            log.warning("%s: %s", spec.slide_id, warnings[-1])
+        patches_path = tiling_dir / "patches" / f"{spec.slide_id}_patches.h5"
+        grid = _grid_from_patches(slide, patches_path, tiling, smpp) if patches_path.is_file() else None
+        reused = grid is not None
+        if grid is None:
+            grid = tile_grid(slide, int(tiling.size), float(tiling.mpp), int(tiling.overlap),
+                             float(tiling.min_tissue), mpp=smpp, mask_max_side=mask_max_side)  # fmt: skip
+            attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name)
+            attrs["tissue_area_mm2"] = grid.tissue_area_mm2
+            trident_h5.write_patches_h5(patches_path, grid.coords, attrs)
+        elif need_thumbnail:
+            grid.thumbnail, grid.mask_downsample = read_thumbnail(slide, mask_max_side)
+            grid.mask = tissue_mask(grid.thumbnail)
+    except SlideError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise SlideError(f"cannot read {spec.path.name}: the file is truncated or corrupt ({err})") from err
+    finally:
+        slide.close()
+    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, warnings)

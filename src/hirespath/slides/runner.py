@@ -1,0 +1,433 @@
+"""The slide job runner: list → lock → skip finished → prepare → stream tiles → tile function → sink → ledger.
+
+Many workers can share one ``job_dir`` (DDP ranks, parallel jobs, a SLURM array): slides are pre-assigned
+round-robin by rank, and every slide is processed under ``<output>.lock`` taken with
+:func:`~hirespath.utils.io.try_lock` (create-exclusive, stale locks of dead processes taken over), so no slide is
+processed twice; a worker that finishes its share takes the others' unlocked unfinished slides. A rerun skips
+finished slides after checking that they were made with the same settings (the output folder's identity, and each
+slide's mpp). Slides that cannot be used (unreadable, no mpp, no tissue) go to the folder's ``skipped.csv`` and the
+run goes on; a run in which no slide could be processed at all raises :class:`NothingProcessed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..utils.errors import InputError
+from ..utils.io import try_lock, write_json
+from ..utils.threads import AdaptiveThreads, torch_threads
+from ..utils.timing import startup_seconds
+from ..wsi import trident_h5
+from ..wsi.listing import SlideSpec, as_specs
+from ..wsi.reader import SlideError
+from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
+from .ledger import Ledger, IdentityMismatch
+from .prepare import PreparedSlide, prepare_slide
+from .stages import BACKGROUND, STAGES, format_stages, zero_stages
+
+log = logging.getLogger("hirespath.slides")
+
+TIMING_COLUMNS = [
+    "slide", "rank", "host", "tiles", "tissue_mm2", "seconds", *(f"{s}_s" for s in STAGES + BACKGROUND),
+    "tiles_per_s", "mm2_per_s", "reader", "num_workers", "threads",
+]  # fmt: skip
+
+
+class NothingProcessed(InputError):
+    """Every slide of the run failed: a run-wide cause (a bad option, no mpp anywhere), so the run must fail."""
+
+
+@dataclass
+class Runtime:
+    """Where the work runs: device, precision, this worker's rank, progress bars."""
+
+    device: torch.device | str | None = None  # None: CUDA when available
+    precision: str = "auto"  # auto | fp32 | bf16-mixed | fp16-mixed | bf16 | fp16 (see tile_model)
+    rank: int | None = None  # None: torch.distributed, else $RANK, else 0
+    world_size: int | None = None
+    progress: bool = True
+    skip_errors: bool = True  # False: raise unexpected per-slide errors instead of listing them (debugging)
+
+    def resolve(self) -> Runtime:
+        device = torch.device(self.device) if self.device is not None else None
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        rank, world = _rank_world(self.rank, self.world_size)
+        return Runtime(device, self.precision, rank, world, self.progress, self.skip_errors)
+
+
+@dataclass
+class SlideJob:
+    """What every slide task shares: the job folder, the tiling, the tile readers and the locks."""
+
+    job_dir: Path
+    tiling: Any  # size, mpp, overlap, min_tissue (hirespath.configs.TilingConfig or any object with them)
+    default_mpp: float | None = None  # µm/px for slides whose metadata has none
+    batch_size: int = 4
+    num_workers: int = 1  # tile readers running while the tile function works
+    reader: str = "threads"  # threads | workers
+    threads: int | None = None  # CPU intra-op threads; None: the cores the readers leave (utils/threads.py)
+    lock_stale_s: float = 24 * 3600
+    mask_max_side: int = 2048
+    overwrite: bool = False  # replace outputs made with other settings instead of refusing
+
+    @property
+    def tiling_tag(self) -> str:
+        return trident_h5.tiling_tag(float(self.tiling.mpp), int(self.tiling.size), int(self.tiling.overlap))
+
+    @property
+    def tiling_dir(self) -> Path:
+        return Path(self.job_dir) / self.tiling_tag
+
+    def identity(self) -> dict:
+        """What decides which tiles a slide gets (part of every output folder's identity)."""
+        t = self.tiling
+        return {"tiling": self.tiling_tag, "tile_size": int(t.size), "tile_mpp": float(t.mpp),
+                "overlap": int(t.overlap), "min_tissue": float(t.min_tissue), "default_mpp": self.default_mpp,
+                "mask_max_side": int(self.mask_max_side)}  # fmt: skip
+
+
+class SlideSink(Protocol):
+    """One slide's output, written as tiles arrive; it appears on disk only when closed (atomically)."""
+
+    def add(self, tiles: np.ndarray, output: Any, images: torch.Tensor) -> list[tuple[int, str]]:
+        """Write the tile function's ``output`` for the grid tiles ``tiles`` (``images`` are their uint8 pixels);
+        return (tile, reason) for tiles refused (e.g. non-finite features)."""
+
+    def close(self) -> dict:
+        """Finish the file (atomic rename); returns per-slide facts for the summary (``tiles`` written)."""
+
+    def abort(self) -> None: ...
+
+
+class SlideConsumer(Protocol):
+    """A slide task: what runs on the tiles and what is written. Embedding, segmentation and heatmaps are ones."""
+
+    folder: str  # output folder name under <job_dir>/<tiling tag>/ (features_<tag>, segmentation_<tag>)
+    identity: dict  # what the outputs depend on beyond the tiling (encoder, weights, features, ...)
+    overwrite_hint: str  # the option that replaces outputs made with other settings (named in the refusal)
+    tile_function: Callable[[torch.Tensor], list[tuple[np.ndarray, Any]]]  # e.g. a TileModel
+    needs_thumbnail: bool  # the grid keeps the slide's thumbnail and tissue mask (for pictures)
+
+    def output_path(self, out_dir: Path, spec: SlideSpec) -> Path: ...
+
+    def is_finished(self, path: Path) -> bool: ...
+
+    def finished_mpp(self, path: Path) -> float | None:
+        """The level-0 mpp a finished output was made with (checked against an explicit ``mpp`` of the slide)."""
+
+    def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SlideSink: ...
+
+    def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
+        """After the slide's output is closed: pictures (timed as ``thumbnails``)."""
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            r, w = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
+    if not (world_size >= 1 and 0 <= rank < world_size):
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def check_job(job: SlideJob) -> None:
+    """The run-wide options, once, before any slide is opened."""
+    if not (isinstance(job.batch_size, int) and job.batch_size >= 1):
+        raise InputError(f"batch_size must be a positive integer, got {job.batch_size!r}")
+    if not (isinstance(job.num_workers, int) and job.num_workers >= 0):
+        raise InputError(f"num_workers must be an integer >= 0 (0: read in this thread), got {job.num_workers!r}")
+    if job.reader not in READERS:
+        raise InputError(f"reader must be one of {', '.join(READERS)}, got {job.reader!r}")
+    if job.threads is not None and not (isinstance(job.threads, int) and job.threads >= 1):
+        raise InputError(f"threads must be a positive integer or null (automatic), got {job.threads!r}")
+    job_dir = Path(job.job_dir)
+    if job_dir.exists() and not job_dir.is_dir():
+        raise InputError(f"job_dir {str(job_dir)!r} is a file; pass a folder (it is created when missing)")
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"job_dir {str(job_dir)!r} cannot be created: {err.strerror or err}") from err
+
+
+def _order(specs: list[SlideSpec], rank: int, world_size: int) -> list[SlideSpec]:
+    """Own share first (round-robin by rank), then the others' in an order that differs by rank."""
+    mine = specs[rank::world_size]
+    others = [s for i, s in enumerate(specs) if i % world_size != rank]
+    k = rank * len(others) // world_size
+    return mine + others[k:] + others[:k]
+
+
+def _check_finished_mpp(consumer: SlideConsumer, path: Path, spec: SlideSpec, how: str) -> None:
+    """A finished slide was made at the mpp this run would use (an explicit ``mpp`` column value)."""
+    if spec.mpp is None:
+        return
+    old = consumer.finished_mpp(path)
+    if old is not None and not np.isclose(old, float(spec.mpp), rtol=1e-6):
+        raise IdentityMismatch(
+            f"{path} was made from {spec.slide_id} at {old:g} µm/px, but the slide list now gives mpp "
+            f"{float(spec.mpp):g}. Use a new job_dir" + (f", or {how} to replace it" if how else "")
+        )
+
+
+def _remove_stale_temporaries(out_dir: Path, output: Path) -> None:
+    """Temporary files of a writer of ``output`` that died (we hold its lock, so no live writer has any)."""
+    for tmp in out_dir.glob(f".{output.name}.*.tmp"):
+        log.info("removing %s, left by a writer that stopped", tmp.name)
+        tmp.unlink(missing_ok=True)
+
+
+def run_slides(slides, job: SlideJob, consumer: SlideConsumer, runtime: Runtime | None = None) -> dict:
+    """Run ``consumer`` over every tissue tile of ``slides``; returns this worker's summary (also merged into the
+    output folder's ``summary.json``)."""
+    t_start = time.perf_counter()
+    runtime = (runtime or Runtime()).resolve()
+    rank, world_size, device = runtime.rank, runtime.world_size, runtime.device
+    check_job(job)
+    specs = as_specs(slides)
+    out_dir = job.tiling_dir / consumer.folder
+    ledger = Ledger(out_dir)
+    ledger.check_identity({**job.identity(), **consumer.identity}, overwrite=job.overwrite,
+                          how=consumer.overwrite_hint)  # fmt: skip
+    order = _order(specs, rank, world_size)
+    outputs = {s.slide_id: consumer.output_path(out_dir, s) for s in specs}
+    finished_before = [] if job.overwrite else [s for s in order if consumer.is_finished(outputs[s.slide_id])]
+    for s in finished_before:
+        _check_finished_mpp(consumer, outputs[s.slide_id], s, consumer.overwrite_hint)
+    if finished_before:
+        log.info("skipping %d finished slides of %d in %s", len(finished_before), len(specs), out_dir)
+    done_ids = {s.slide_id for s in finished_before}
+    host = socket.gethostname()
+    summary = {
+        "job_dir": str(job.job_dir), "tiling": job.tiling_tag, "output_dir": str(out_dir), "rank": rank,
+        "world_size": world_size, "host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "slides_total": len(specs), "slides_already_finished": len(finished_before), "slides_done": 0,
+        "slides_skipped": 0, "slides_locked_by_others": 0, "tiles": 0, "tiles_skipped": 0, "tissue_mm2": 0.0,
+        "device": str(device), "reader": job.reader, "num_workers": job.num_workers, "done": [], "skipped": [],
+        "warnings": {},
+    }  # fmt: skip
+    totals = zero_stages()
+    totals["startup"] = max(0.0, startup_seconds() - (time.perf_counter() - t_start))
+    todo = [s for s in order if s.slide_id not in done_ids]
+
+    def prepare(s: SlideSpec) -> PreparedSlide:
+        return prepare_slide(s, job.tiling, tiling_dir=job.tiling_dir, default_mpp=job.default_mpp,
+                             need_thumbnail=consumer.needs_thumbnail, mask_max_side=job.mask_max_side)  # fmt: skip
+
+    # readers busy beside the tile function take cores from it (on CPU): start from the cores they leave, then
+    # follow how busy they really are (utils/threads.py); readers in this thread (num_workers=0) take none
+    policy = AdaptiveThreads(job.threads, job.num_workers) if device.type == "cpu" else None
+    bar = tqdm(todo, desc=f"slides (rank {rank})" if world_size > 1 else "slides", disable=not runtime.progress,
+               unit="slide")  # fmt: skip
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="slide-prepare") as prep_pool,
+        torch_threads(policy.n, f"{job.num_workers} tile reader {job.reader}") if policy else contextlib.nullcontext(),
+    ):
+        futures: dict[str, Future] = {}
+
+        def prefetch(k: int) -> None:  # the next slide's tissue grid while this one runs
+            if k < len(todo) and todo[k].slide_id not in futures:
+                futures[todo[k].slide_id] = prep_pool.submit(prepare, todo[k])
+
+        prefetch(0)
+        totals["setup"] = time.perf_counter() - t_start - 0.0  # folder checks, the finished-slides scan, threads
+        for k, spec in enumerate(bar):
+            t_slide = time.perf_counter()
+            stages = zero_stages()
+            out = outputs[spec.slide_id]
+            lock = try_lock(out.with_name(out.name + ".lock"), stale_s=job.lock_stale_s)
+            finished = lock is not None and not job.overwrite and consumer.is_finished(out)  # by another worker
+            if lock is not None and not finished:
+                _remove_stale_temporaries(out_dir, out)
+            stages["bookkeeping"] += time.perf_counter() - t_slide
+            if lock is None or finished:
+                summary["slides_locked_by_others" if lock is None else "slides_already_finished"] += 1
+                futures.pop(spec.slide_id, None)
+                prefetch(k + 1)
+                if lock is not None:
+                    lock.release()
+                totals["bookkeeping"] += time.perf_counter() - t_slide
+                continue
+            timing_row = None
+            try:
+                bar.set_postfix_str(spec.slide_id)
+                future = futures.pop(spec.slide_id, None) or prep_pool.submit(prepare, spec)
+                prefetch(k + 1)
+                t0 = time.perf_counter()
+                prepared = future.result()
+                stages["prepare"] += time.perf_counter() - t0
+                stages["open"], stages["tissue"] = prepared.open_s, prepared.tissue_s
+                for w in prepared.warnings:
+                    summary["warnings"].setdefault(w.split(":")[0], []).append(spec.slide_id)
+                result = _run_slide(spec, prepared, out, out_dir, job, consumer, device, stages, runtime, policy)
+                t0 = time.perf_counter()
+                summary["slides_done"] += 1
+                summary["tiles"] += result["tiles"]
+                summary["tiles_skipped"] += len(result["failed_tiles"])
+                summary["tissue_mm2"] += result["tissue_mm2"] if np.isfinite(result["tissue_mm2"]) else 0.0
+                ledger.update_skipped([_skip_row(spec, r) for r in result["failed_tiles"]], done=[spec.slide_id])
+                stages["bookkeeping"] += time.perf_counter() - t0
+                seconds = time.perf_counter() - t_slide
+                result.update(seconds=seconds, stage_seconds=dict(stages))
+                summary["done"].append(result)
+                timing_row = {
+                    "slide": spec.slide_id, "rank": rank, "host": host, "tiles": result["tiles"],
+                    "tissue_mm2": result["tissue_mm2"], "seconds": seconds,
+                    **{f"{s}_s": stages[s] for s in STAGES + BACKGROUND},
+                    "tiles_per_s": result["tiles"] / seconds, "mm2_per_s": result["tissue_mm2"] / seconds,
+                    "reader": job.reader, "num_workers": job.num_workers,
+                    "threads": policy.n if policy else torch.get_num_threads(),
+                }  # fmt: skip
+            except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
+                if not isinstance(err, SlideError):
+                    if not runtime.skip_errors:
+                        raise
+                    log.exception("%s: unexpected error", spec.path)
+                t0 = time.perf_counter()
+                reason = str(err) if isinstance(err, SlideError) else f"{type(err).__name__}: {err}"
+                log.warning("skipping %s: %s", spec.slide_id, reason)
+                summary["slides_skipped"] += 1
+                summary["skipped"].append({"slide": spec.slide_id, "reason": reason})
+                ledger.update_skipped([_skip_row(spec, reason)])
+                stages["bookkeeping"] += time.perf_counter() - t0
+            finally:
+                t0 = time.perf_counter()
+                if timing_row is not None:
+                    ledger.update_timings([timing_row], TIMING_COLUMNS)
+                lock.release()
+                stages["bookkeeping"] += time.perf_counter() - t0
+                for s in totals:
+                    if s != "startup":
+                        totals[s] += stages[s]
+        bar.close()
+
+    ledger.update_skipped([])  # the file exists (header only) even when nothing was skipped
+    seconds = time.perf_counter() - t_start + totals["startup"]
+    summary.update(
+        seconds=seconds,
+        stage_seconds=totals,
+        untracked_seconds=seconds - sum(totals[s] for s in STAGES),
+        threads=policy.chosen if policy else [torch.get_num_threads()],
+        tiles_per_second=summary["tiles"] / seconds if seconds else None,
+        tissue_mm2_per_second=summary["tissue_mm2"] / seconds if seconds else None,
+    )
+    on_disk = sum(consumer.is_finished(outputs[s.slide_id]) for s in specs)
+    skipped = ledger.skipped()
+    merged = ledger.update_summary(
+        summary,
+        {"output_dir": str(out_dir), "slides_total": len(specs), "slides_finished": on_disk,
+         "slides_skipped": int(skipped.slide[skipped.slide.isin(outputs) & ~skipped.reason.str.startswith("tile ")]
+                               .nunique()),
+         **consumer.identity},
+    )  # fmt: skip
+    summary["slides_finished_on_disk"] = merged["slides_finished"]
+    log.info(
+        "%d slides done (%d tiles, %.1f mm² tissue), %d skipped, %d already finished, %d held by other workers, "
+        "in %.1f s → %s\n%s",
+        summary["slides_done"], summary["tiles"], summary["tissue_mm2"], summary["slides_skipped"],
+        summary["slides_already_finished"], summary["slides_locked_by_others"], seconds, out_dir,
+        format_stages(totals, seconds, summary["tiles"], summary["tissue_mm2"]),
+    )  # fmt: skip
+    attempted = summary["slides_done"] + summary["slides_skipped"]
+    if attempted and not summary["slides_done"] and not finished_before and not summary["slides_locked_by_others"]:
+        reasons = sorted({s["reason"] for s in summary["skipped"]})
+        raise NothingProcessed(
+            f"no slide could be processed: all {attempted} failed (listed in {out_dir / 'skipped.csv'}); "
+            f"first reason: {reasons[0]}"
+        )
+    return summary
+
+
+def _skip_row(spec: SlideSpec, reason: str) -> dict:
+    return {"slide": spec.slide_id, "path": str(spec.path), "reason": reason}
+
+
+def _run_slide(
+    spec: SlideSpec,
+    prepared: PreparedSlide,
+    out: Path,
+    out_dir: Path,
+    job: SlideJob,
+    consumer: SlideConsumer,
+    device: torch.device,
+    stages: dict,
+    runtime: Runtime,
+    policy: AdaptiveThreads | None,
+) -> dict:
+    """Stream the prepared slide's tiles through the tile function into the consumer's sink."""
+    grid, fn = prepared.grid, consumer.tile_function
+    ds = SlideTileDataset(spec.path, grid.coords, grid.patch_size_level0, int(job.tiling.size), level=grid.read_level)
+    batches = tile_batches(ds, job.batch_size, reader=job.reader, num_workers=job.num_workers,
+                           pin_memory=device.type == "cuda")  # fmt: skip
+    failed: list[str] = []
+    h2d_before = getattr(fn, "h2d_seconds", 0.0)
+    t_open = time.perf_counter()
+    sink = consumer.open(spec, prepared, out)
+    try:
+        t_wait = time.perf_counter()
+        stages["write"] += t_wait - t_open  # creating the file
+        tiles_bar = tqdm(total=len(ds), desc=spec.slide_id, leave=False, disable=not runtime.progress, unit="tile")
+        for batch in batches:
+            t1 = time.perf_counter()
+            stages["read"] += t1 - t_wait
+            stages["reader_read"] += float(batch["read_s"].sum())
+            stages["reader_resize"] += float(batch["resize_s"].sum())
+            images, index = batch["image"], batch["index"].numpy()
+            results = fn(images)
+            t2 = time.perf_counter()
+            stages["encode"] += t2 - t1
+            for sub, output in results:
+                tiles = index[sub]
+                if output is None:
+                    x, y = grid.coords[tiles[0]]
+                    failed.append(f"tile {int(tiles[0])} at ({x}, {y}): out of memory at batch size 1")
+                    continue
+                for t, why in sink.add(tiles, output, images[sub]):
+                    x, y = grid.coords[t]
+                    failed.append(f"tile {int(t)} at ({x}, {y}): {why}")
+            stages["write"] += time.perf_counter() - t2
+            tiles_bar.update(len(index))
+            if policy is not None:
+                policy.observe(float(batch["read_s"].sum() + batch["resize_s"].sum()), time.perf_counter() - t_wait)
+            t_wait = time.perf_counter()
+        tiles_bar.close()
+        if failed:
+            log.warning("%s: %d tiles not written (%s)", spec.slide_id, len(failed), failed[0])
+        t_close = time.perf_counter()
+        info = sink.close()
+        stages["write"] += time.perf_counter() - t_close  # the final flush and rename
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        t_stop = time.perf_counter()
+        batches.close()  # stops the readers (waits for reads in flight)
+        ds.close()
+        stages["read"] += time.perf_counter() - t_stop
+        h2d = getattr(fn, "h2d_seconds", 0.0) - h2d_before  # measured inside the tile function: move it out
+        stages["h2d"] += h2d
+        stages["encode"] -= h2d
+    result = {"slide": spec.slide_id, "failed_tiles": failed, "tissue_mm2": grid.tissue_area_mm2,
+              "patches_reused": prepared.reused, **info}  # fmt: skip
+    t3 = time.perf_counter()
+    consumer.finish(spec, prepared, result, out_dir)
+    stages["thumbnails"] += time.perf_counter() - t3
+    return result
+
+
+__all__ = ["NothingProcessed", "Runtime", "SlideConsumer", "SlideJob", "SlideSink", "run_slides", "write_json"]
