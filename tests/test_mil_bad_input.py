@@ -1,0 +1,115 @@
+"""MIL on bad numbers and small machines: non-finite losses and outputs stop the run naming where (no metrics from
+NaN), uniform attention draws in one colour, DataLoader workers fit the cores, thread re-choices log at DEBUG."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from test_mil import DIM, make_bags, trainer
+from test_mil_task import HEAD, _cfg, _features_dir, panda  # noqa: F401  (panda: the module-scoped fixture)
+
+import hirespath.data.mil as data_mil
+from hirespath.data.mil import MILDataModule, panda_slide_labels
+from hirespath.modules.mil import MILModule, NonFiniteError, predictions_frame
+from hirespath.tasks.mil import run_mil
+
+# ------------------------------------------------------------------------------------------ non-finite numbers
+
+
+class NaNWeightsAt(L.Callback):
+    """Sets every weight of the head to NaN when epoch ``epoch`` starts (a diverged head)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                for p in module.head.parameters():
+                    p.fill_(float("nan"))
+
+
+def test_nan_weights_stop_training_naming_the_epoch(tmp_path):
+    labels, _ = make_bags(tmp_path / "feats", {"train": 4, "val": 2, "test": 2}, "shift")
+    dm = MILDataModule(tmp_path / "feats", labels, batch_size=2)
+    model = MILModule("mean_pool", DIM, 2, max_epochs=3)
+    tr = trainer(tmp_path, 3, callbacks=[NaNWeightsAt(1)])
+    with pytest.raises(NonFiniteError) as err:
+        tr.fit(model, datamodule=dm)
+    msg = str(err.value)
+    # epoch 0 trained 2 steps (4 slides, 2 per batch); the first step of epoch 1 is refused
+    assert "MIL training stopped at epoch 1, step 2 (batch 0 of the epoch)" in msg, msg
+    assert "the head's weights are not finite (classifier.1.weight, classifier.1.bias)" in msg, msg
+    assert not model.test_metrics and not model.test_results
+
+
+def test_nan_test_outputs_give_no_metrics_and_no_predictions(tmp_path):
+    labels, _ = make_bags(tmp_path / "feats", {"train": 2, "val": 2, "test": 3}, "shift")
+    dm = MILDataModule(tmp_path / "feats", labels, batch_size=2)
+    model = MILModule("abmil", DIM, 2, head_kwargs={"hidden": 8, "attention_hidden": 4})
+    with torch.no_grad():
+        model.head.classifier.bias.fill_(float("inf"))  # inf − inf in the softmax: NaN probabilities
+    with pytest.raises(NonFiniteError, match=r"test outputs are not finite for 3 of 3 slides at epoch 0 \(e\.g\. test"):
+        trainer(tmp_path, 1).test(model, datamodule=dm, verbose=False)
+    assert model.test_metrics == {} and model.test_results == []
+    rows = [
+        {"slide_id": "a", "label": 0, "probs": np.array([0.3, 0.7]), "attention": np.ones(2) / 2},
+        {"slide_id": "b", "label": 1, "probs": np.array([np.nan, np.nan]), "attention": np.ones(3) / 3},
+    ]
+    with pytest.raises(NonFiniteError, match=r"probabilities of 1 slides are not finite \(e\.g\. b\)"):
+        predictions_frame(rows, 2)
+
+
+def _inject_nan_into(monkeypatch, slide_id: str) -> None:
+    """NaN in one tile of ``slide_id``'s bag after the reader (as if a file held NaN the reader did not catch)."""
+    collate = data_mil.collate_bags
+
+    def poisoned(items):
+        batch = collate(items)
+        for k, sid in enumerate(batch["slide_id"]):
+            if sid == slide_id:
+                batch["features"][k, 0, 3] = float("nan")
+        return batch
+
+    monkeypatch.setattr(data_mil, "collate_bags", poisoned)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mil_task_stops_on_nan_features_and_writes_no_metrics(tmp_path, panda, monkeypatch, split):  # noqa: F811
+    labels = panda_slide_labels(panda, cache_dir=tmp_path / "cache")
+    d = _features_dir(tmp_path, labels.slide_id)
+    bad = labels.slide_id[labels.split == split].iloc[0]
+    _inject_nan_into(monkeypatch, bad)
+    cfg = _cfg(tmp_path, "run", panda, f"features_dir={d}", *HEAD["abmil"])
+    with pytest.raises(NonFiniteError) as err:
+        run_mil(cfg)
+    msg = str(err.value)
+    if split == "train":
+        assert msg.startswith("MIL training stopped at epoch 0, step ") and "train/loss is nan" in msg, msg
+        assert f"the features of slide(s) {bad} (1 of " in msg, msg
+    else:
+        assert f"MIL test outputs are not finite for 1 of {(labels.split == 'test').sum()} slides" in msg, msg
+        assert f"(e.g. {bad})" in msg, msg
+    for name in ("metrics.json", "predictions.csv", "attention", "figures"):
+        assert not (tmp_path / "run" / name).exists(), name
+
+
+class NaNOnRank1(MILModule):
+    """Rank 1's second training batch gets a NaN feature: rank 0's own loss stays finite."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and batch_idx == 1:
+            batch["features"][0, 0, 0] = float("nan")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.slow
+def test_ddp_every_rank_stops_on_a_nan_loss_of_one(tmp_path):
+    """Both ranks raise (the other rank is told it was another rank) instead of waiting on a collective."""
+    labels, _ = make_bags(tmp_path / "feats", {"train": 8, "val": 2, "test": 2}, "shift")
+    dm = MILDataModule(tmp_path / "feats", labels, batch_size=1)
+    tr = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                   num_sanity_val_steps=0)  # fmt: skip
+    with pytest.raises(Exception, match="MIL training stopped at epoch 0, step 1 \\(batch 1 of the epoch\\)"):
+        tr.fit(NaNOnRank1("mean_pool", DIM, 2), datamodule=dm)
