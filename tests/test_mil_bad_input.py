@@ -1,6 +1,8 @@
 """MIL on bad numbers and small machines: non-finite losses and outputs stop the run naming where (no metrics from
 NaN), uniform attention draws in one colour, DataLoader workers fit the cores, thread re-choices log at DEBUG."""
 
+import logging
+
 import lightning as L
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import hirespath.data.mil as data_mil
 from hirespath.data.mil import MILDataModule, panda_slide_labels
 from hirespath.modules.mil import MILModule, NonFiniteError, predictions_frame
 from hirespath.tasks.mil import run_mil
+from hirespath.utils import threads
 from hirespath.viz.mil import _scaled, attention_heatmap, is_uniform, tile_overlay
 
 # ------------------------------------------------------------------------------------------ non-finite numbers
@@ -146,3 +149,56 @@ def test_mean_pool_heatmap_overlay_has_a_single_value(tmp_path):
     assert len(np.unique(ranked)) == 24  # non-uniform weights still spread over the colour map
     png = attention_heatmap(coords, att, tmp_path / "uniform.png", tile_size=64)
     assert png.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------ small machines
+
+
+def test_dataloader_workers_fit_the_cores(tmp_path):
+    assert [threads.dataloader_workers(None, cores=c) for c in (1, 2, 3, 8, 64)] == [0, 1, 2, 4, 4]
+    assert threads.dataloader_workers(6, cores=2) == 6  # an explicit count is the user's
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(ValueError, match=r"data.num_workers must be an integer ≥ 0 .* got "):
+            threads.dataloader_workers(bad, "data.num_workers")
+
+
+def test_mil_default_workers_are_resolved_from_this_process_cores(tmp_path, panda, monkeypatch):  # noqa: F811
+    from conftest import compose_task
+
+    assert compose_task("mil", ["data.root=/x"], tmp_path).data.num_workers is None
+    seen = []
+
+    class Recording(MILDataModule):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["num_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr("hirespath.tasks.mil.MILDataModule", Recording)
+    monkeypatch.setattr(threads, "available_cores", lambda: 1)
+    labels = panda_slide_labels(panda, cache_dir=tmp_path / "cache")
+    d = _features_dir(tmp_path, labels.slide_id)
+    cfg = _cfg(tmp_path, "run", panda, f"features_dir={d}", "data.num_workers=null", "trainer.max_epochs=1",
+               "figures.num_slides=0", *HEAD["mean_pool"])  # fmt: skip
+    run_mil(cfg)
+    assert seen == [0]
+    with pytest.raises(ValueError, match="data.num_workers must be an integer ≥ 0"):
+        run_mil(_cfg(tmp_path, "bad", panda, f"features_dir={d}", "data.num_workers=-2"))
+    assert not (tmp_path / "bad" / "skipped.csv").exists()  # refused before reading any features
+
+
+def test_thread_re_choices_log_at_debug(caplog):
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="hirespath.threads"):
+            with threads.torch_threads(1, "a reason"):
+                policy = threads.AdaptiveThreads(None, readers=2, cores=4)
+                for busy in (2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0):
+                    policy.observe(reader_seconds=busy, wall_seconds=1.0)
+        assert len(policy.chosen) >= 4  # down and back up
+        info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+        cores = threads.available_cores()
+        assert info == [f"CPU threads: 1 intra-op for the encoder ({cores} cores available; a reason)"]
+        assert len(debug) == len(policy.chosen) - 1 and all("→" in m for m in debug)
+    finally:
+        torch.set_num_threads(before)
