@@ -34,6 +34,7 @@ from ..data.panda import NUM_CLASSES
 from ..modules.mil import MONITOR_MODES, MILModule, read_attention, write_mil_outputs
 from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, exclusive_lock, write_json
+from ..utils.threads import dataloader_workers
 from ..utils.wandb import log_images
 
 log = logging.getLogger("hirespath.mil")
@@ -192,6 +193,7 @@ def run_mil(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _monitor(cfg)
+    workers = dataloader_workers(cfg.data.num_workers, "data.num_workers")  # before any embedding work
     L.seed_everything(int(cfg.seed), workers=True)
     labels = panda_slide_labels(
         cfg.data.root,
@@ -210,7 +212,7 @@ def run_mil(cfg: DictConfig) -> dict:
         features_dir,
         labels,
         batch_size=int(cfg.data.batch_size),
-        num_workers=int(cfg.data.num_workers),
+        num_workers=workers,
         max_tiles_train=cfg.data.max_tiles_train,
         max_tiles_eval=cfg.data.max_tiles_eval,
         seed=int(cfg.seed),
