@@ -30,12 +30,13 @@ from torch import Tensor, nn
 
 from ..heads.mil import MILOutput, create_mil_head
 from ..metrics.classification import classification_metrics
+from ..results import CLASSIFICATION_METRICS, LOSS, PREDICTIONS_FILE, VAL
 from ..utils.io import atomic_path
 
 log = logging.getLogger("hirespath.mil")
 
-METRIC_KEYS = ("loss", "accuracy", "balanced_accuracy", "f1_weighted", "auroc", "kappa")
-MONITOR_MODES = {f"val/{k}": "min" if k == "loss" else "max" for k in METRIC_KEYS}
+METRIC_KEYS = (LOSS, *CLASSIFICATION_METRICS)
+MONITOR_MODES = {VAL + k: "min" if k == LOSS else "max" for k in METRIC_KEYS}
 
 
 class NonFiniteError(FloatingPointError):
@@ -256,7 +257,7 @@ def write_mil_outputs(out_dir: str | Path, results: list[dict], num_classes: int
 
     out_dir = Path(out_dir)
     df = predictions_frame(results, num_classes)
-    with atomic_path(out_dir / "predictions.csv") as tmp:
+    with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
         df.to_csv(tmp, index=False)
     att_dir = out_dir / "attention"
     att_dir.mkdir(parents=True, exist_ok=True)
@@ -273,8 +274,8 @@ def write_mil_outputs(out_dir: str | Path, results: list[dict], num_classes: int
                 f.attrs["pred"] = int(pred)
                 if r.get("tile_size") is not None:
                     f["coords"].attrs["patch_size_level0"] = int(r["tile_size"])
-    log.info("wrote %s and %d attention files in %s", out_dir / "predictions.csv", len(results), att_dir)
-    return {"predictions": out_dir / "predictions.csv", "attention_dir": att_dir}
+    log.info("wrote %s and %d attention files in %s", out_dir / PREDICTIONS_FILE, len(results), att_dir)
+    return {"predictions": out_dir / PREDICTIONS_FILE, "attention_dir": att_dir}
 
 
 def read_attention(path: str | Path) -> dict:
