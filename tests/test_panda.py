@@ -13,7 +13,9 @@ import torch
 
 from hirespath.data.panda import check_panda_root, make_split, read_labels
 from hirespath.data.panda_synthetic import make_synthetic_panda, write_pyramid
-from hirespath.data.wsi import find_rois, locate_rois, open_slide, read_roi, slide_mpp, tissue_mask
+from hirespath.wsi.reader import open_slide, slide_mpp
+from hirespath.wsi.rois import find_rois, locate_rois, read_roi
+from hirespath.wsi.tissue import tissue_mask
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # the predict Trainer of extract_embeddings, as tasks build it from the trainer group (instantiate, _partial_)

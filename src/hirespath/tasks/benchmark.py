@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ..benchmark.measure import Benchmark, configs_from, summarize, sweep, write_csv
 from ..benchmark.plots import plot
-from ..benchmark.slides import (
+from ..benchmark.slide_throughput import (
     benchmark_embedding,
     embed_configs_from,
     plot_embedding,

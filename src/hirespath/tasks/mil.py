@@ -111,16 +111,16 @@ def _slide_path(root: Path, slide_id: str) -> Path:
 
 def embed_panda_slides(cfg: DictConfig, slide_ids: list[str]) -> tuple[Path, dict]:
     """Embed the slides (cached) with the composed encoder and ``cfg.tile``; returns (features folder, info)."""
-    from ..data.slides import SlideSpec
-    from ..embeddings import trident
     from ..embeddings.slides import embed_slides, is_finished
+    from ..wsi import trident_h5
+    from ..wsi.listing import SlideSpec
 
     root = Path(cfg.data.root)
     encoder = instantiate(cfg.encoder)
     features = str(cfg.embed.features)
     job_dir = Path(cfg.embed.job_dir)
-    tiling = trident.tiling_tag(float(cfg.tile.mpp), int(cfg.tile.size), int(cfg.tile.overlap))
-    feat_dir = job_dir / tiling / f"features_{trident.encoder_tag(encoder, features, cfg.backbone.weights)}"
+    tiling = trident_h5.tiling_tag(float(cfg.tile.mpp), int(cfg.tile.size), int(cfg.tile.overlap))
+    feat_dir = job_dir / tiling / f"features_{trident_h5.encoder_tag(encoder, features, cfg.backbone.weights)}"
     specs = [SlideSpec(s, _slide_path(root, s)) for s in slide_ids if _slide_path(root, s).is_file()]
     info = {"embed/slides_embedded": 0, "embed/seconds": 0.0}
     if not specs:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.wsi import SlideError, open_slide
+from ..wsi.reader import SlideError, open_slide
 
 log = logging.getLogger("hirespath.viz")
 
