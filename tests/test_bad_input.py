@@ -249,7 +249,8 @@ def test_encoder_state_dict_of_another_depth_names_preset_and_depth(tmp_path):
 
 
 def test_truncated_tiff_is_named_truncated(panda_root, tmp_path):
-    from hirespath.data.wsi import SlideError, locate_rois
+    from hirespath.wsi.reader import SlideError
+    from hirespath.wsi.rois import locate_rois
 
     image_id = pd.read_csv(panda_root / "train.csv").image_id[0]
     data = (panda_root / "train_images" / f"{image_id}.tiff").read_bytes()

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 import hirespath
 from hirespath.benchmark import measure as bm
 from hirespath.benchmark.costmodel import _neighbourhood_keys, encoder_cost
-from hirespath.benchmark.slides import embed_configs_from
+from hirespath.benchmark.slide_throughput import embed_configs_from
 from hirespath.benchmark.spec import asked_backend
 from hirespath.tasks.benchmark import run_benchmark
 

@@ -7,10 +7,11 @@ import torch
 from test_slide_embedding import make_encoder, synthetic_image
 
 from hirespath.data.panda_synthetic import write_pyramid
-from hirespath.data.slides import SlideTileDataset, tile_batches, tile_grid
 from hirespath.embeddings.slides import BACKGROUND, STAGES, TileEncoder, embed_slides
-from hirespath.embeddings.trident import read_features
 from hirespath.utils.threads import AdaptiveThreads, available_cores, encoder_threads
+from hirespath.wsi.tile_readers import SlideTileDataset, tile_batches
+from hirespath.wsi.tissue import tile_grid
+from hirespath.wsi.trident_h5 import read_features
 
 KW = dict(tile_size=112, tile_mpp=0.5, min_tissue=0.25, batch_size=3, progress=False, thumbnails=False)
 

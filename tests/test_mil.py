@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from hirespath.data.mil import MILDataModule, collate_bags, panda_slide_labels, read_slide_features, scan_feature_dir
+from hirespath.data.mil import MILDataModule, collate_bags, panda_slide_labels, scan_feature_dir
 from hirespath.heads.mil import ABMIL, MeanPool, create_mil_head
 from hirespath.metrics.classification import classification_metrics
 from hirespath.modules.mil import MONITOR_MODES, MILModule, read_attention, write_mil_outputs
 from hirespath.viz.mil import attention_heatmap, attention_heatmaps
+from hirespath.wsi.trident_h5 import inspect_features, read_features
 
 DIM = 16
 TILE = 224  # level-0 tile side of the generated coords
@@ -142,7 +143,7 @@ def test_abmil_learns_marked_tile_rule_and_writes_outputs(tmp_path, one_thread):
     assert (pred.pred == pred.label).mean() == pytest.approx(metrics["test/accuracy"])
     first = read_attention(paths["attention_dir"] / f"{res[0]['slide_id']}.h5")
     np.testing.assert_allclose(first["attention"], res[0]["attention"])
-    np.testing.assert_array_equal(first["coords"], read_slide_features(tmp_path / "feats" / "test000.h5")["coords"])
+    np.testing.assert_array_equal(first["coords"], read_features(tmp_path / "feats" / "test000.h5")["coords"])
     assert first["tile_size"] == TILE and first["label"] == res[0]["label"]
     pngs = attention_heatmaps(paths["attention_dir"], tmp_path / "heatmaps", limit=2)
     assert len(pngs) == 2 and all(p.stat().st_size > 0 for p in pngs)
@@ -182,7 +183,7 @@ def test_sampling_training_bags_and_whole_eval_bags(tmp_path):
     train = dm.dataset("train", train=True)
     a, b = train[0], train[0]
     assert len(a["features"]) == 7 and not torch.equal(a["coords"], b["coords"])  # a fresh subset every read
-    whole = read_slide_features(train.rows.path[0])
+    whole = read_features(train.rows.path[0])
     pos = [np.flatnonzero((whole["coords"] == c.numpy()).all(1))[0] for c in a["coords"]]
     assert pos == sorted(pos)  # sampled tiles keep their file order, features match their coords
     np.testing.assert_array_equal(a["features"].numpy(), whole["features"][pos])
@@ -194,34 +195,68 @@ def test_sampling_training_bags_and_whole_eval_bags(tmp_path):
 
 
 def test_reads_trident_and_clam_files(tmp_path):
+    """Files as TRIDENT's save_h5 and CLAM write them (and the variants found in the wild: a 1×N×D features
+    dataset, float16 features, no coords) read the same through read_features, the per-file inspection and the
+    MIL bags."""
     rng = np.random.default_rng(0)
     d = tmp_path / "feats"
     d.mkdir()
     f1, f2 = rng.normal(size=(5, DIM)).astype(np.float32), rng.normal(size=(3, DIM)).astype(np.float32)
-    write_trident(d / "trident.h5", f1, encoder="uni_v1", resolution=224, prune_ratio=None)
+    f3, f4 = rng.normal(size=(4, DIM)).astype(np.float32), rng.normal(size=(2, DIM)).astype(np.float16)
+    write_trident(d / "trident.h5", f1, encoder="uni_v1", resolution=224, prune_ratio=None,
+                  weights_fingerprint={"size": 3, "mtime": 4})  # fmt: skip
     c2 = np.array([[0, 0], [512, 0], [0, 512]], dtype=np.int64)
     write_clam(d / "clam.h5", f2, c2)
+    with h5py.File(d / "batched.h5", "w") as f:  # a leading batch axis: 1×N×D, coords int32
+        f.create_dataset("features", data=f3[None])
+        f.create_dataset("coords", data=grid_coords(4).astype(np.int32))
+    with h5py.File(d / "nocoords.h5", "w") as f:
+        f.create_dataset("features", data=f4)
     with h5py.File(d / "trident.h5") as f:  # the layout TRIDENT writes
         assert f["features"].chunks == (1, DIM) and f["features"].maxshape == (None, DIM)
+        assert f["features"].attrs["prune_ratio"] == "None"
     np.testing.assert_array_equal(h5py.File(d / "trident.h5")["features"][:], f1)
 
-    t = read_slide_features(d / "trident.h5")
+    t = read_features(d / "trident.h5")
     np.testing.assert_array_equal(t["features"], f1)
     np.testing.assert_array_equal(t["coords"], grid_coords(5))
     assert t["features"].dtype == np.float32 and t["coords"].dtype == np.int64
     assert t["coords_attrs"]["patch_size_level0"] == TILE and t["coords_attrs"]["savetodir"] is None
-    assert t["features_attrs"] == {"encoder": "uni_v1", "resolution": 224, "prune_ratio": None}
-    c = read_slide_features(d / "clam.h5")
+    assert type(t["coords_attrs"]["patch_size_level0"]) is int  # numpy scalars as plain Python
+    assert t["features_attrs"] == {
+        "encoder": "uni_v1", "resolution": 224, "prune_ratio": None, "weights_fingerprint": '{"size": 3, "mtime": 4}'
+    }  # fmt: skip
+    c = read_features(d / "clam.h5")
     np.testing.assert_array_equal(c["features"], f2)
     np.testing.assert_array_equal(c["coords"], c2)
     assert c["coords_attrs"] == {} and c["features_attrs"] == {}
+    b = read_features(d / "batched.h5")
+    np.testing.assert_array_equal(b["features"], f3)
+    assert b["coords"].dtype == np.int64 and (b["coords"] == grid_coords(4)).all()
+    n = read_features(d / "nocoords.h5")
+    assert n["features"].dtype == np.float32 and (n["features"] == f4.astype(np.float32)).all()
+    assert n["coords"].shape == (2, 2) and (n["coords"] == -1).all() and n["coords"].dtype == np.int64
+    info = {s: inspect_features(d / f"{s}.h5") for s in ("trident", "clam", "batched", "nocoords")}
+    assert {s: (i["n_tiles"], i["dim"], i["tile_size"], i["nonfinite"]) for s, i in info.items()} == {
+        "trident": (5, DIM, TILE, 0), "clam": (3, DIM, None, 0), "batched": (4, DIM, None, 0),
+        "nocoords": (2, DIM, None, 0),
+    }  # fmt: skip
+    assert info["trident"]["features_attrs"] == t["features_attrs"]
 
-    labels = pd.DataFrame({"slide_id": ["trident", "clam"], "label": [0, 1], "split": ["train", "val"]})
+    ids = ["trident", "clam", "batched", "nocoords"]
+    labels = pd.DataFrame({"slide_id": ids, "label": [0, 1, 0, 1], "split": ["train", "val", "val", "val"]})
     dm = MILDataModule(d, labels, num_classes=6)
     assert dm.encoder == "uni_v1" and dm.num_classes == 6 and dm.skipped.empty
-    assert dm.rows.set_index("slide_id").n_tiles.to_dict() == {"trident": 5, "clam": 3}
-    item = dm.dataset("val")[0]
-    assert item["tile_size"] is None and item["slide_id"] == "clam" and item["label"] == 1
+    assert dm.rows.set_index("slide_id").n_tiles.to_dict() == {"trident": 5, "clam": 3, "batched": 4, "nocoords": 2}
+    bags = {item["slide_id"]: item for ds in (dm.dataset("train"), dm.dataset("val")) for item in ds}
+    for s in ids:  # the MIL bag is what read_features reads
+        ref = read_features(d / f"{s}.h5")
+        np.testing.assert_array_equal(bags[s]["features"].numpy(), ref["features"])
+        np.testing.assert_array_equal(bags[s]["coords"].numpy(), ref["coords"])
+        assert bags[s]["features"].dtype == torch.float32 and bags[s]["coords"].dtype == torch.int64
+    assert bags["trident"]["tile_size"] == TILE and bags["clam"]["tile_size"] is None
+    item = bags["clam"]
+    assert item["slide_id"] == "clam" and item["label"] == 1
     # CLAM's tile size is unknown from the file; the heatmap infers it from the coords grid
     png = attention_heatmap(item["coords"].numpy(), [0.2, 0.3, 0.5], tmp_path / "clam.png")
     assert png.is_file()
@@ -250,6 +285,30 @@ def test_missing_unreadable_and_empty_files_are_skipped(tmp_path):
     assert dm.skipped.split.tolist() == ["val"] * 4
     batch = collate_bags([dm.dataset("val")[0]])
     assert batch["features"].shape == (1, 4, DIM)
+
+
+def test_non_finite_features_are_skipped_with_the_count(tmp_path):
+    """A training slide with 5 NaNs and a test slide all NaN (an fp16 overflow when embedding): both are listed as
+    skipped with the count and the file, the others stay, and no bag the DataModule serves holds a NaN."""
+    labels, _ = make_bags(tmp_path / "feats", {"train": 4, "val": 2, "test": 3}, "shift")
+    d = tmp_path / "feats"
+    feats = read_features(d / "train001.h5")["features"]
+    feats.reshape(-1)[[0, 7, 20, 33, 40]] = [np.nan, np.inf, np.nan, -np.inf, np.nan]
+    write_trident(d / "train001.h5", feats)
+    write_trident(d / "test002.h5", np.full((6, DIM), np.nan))
+    assert inspect_features(d / "train001.h5")["nonfinite"] == 5
+    assert inspect_features(d / "test002.h5")["nonfinite"] == 6 * DIM
+    dm = MILDataModule(d, labels)
+    reasons = dm.skipped.set_index("slide_id").reason.to_dict()
+    assert reasons == {
+        "train001": "5 non-finite feature values (NaN/inf) in train001.h5; embed it again",
+        "test002": f"{6 * DIM} non-finite feature values (NaN/inf) in test002.h5; embed it again",
+    }
+    assert dm.skipped.set_index("slide_id").split.to_dict() == {"train001": "train", "test002": "test"}
+    assert len(dm.split_rows("train")) == 3 and len(dm.split_rows("test")) == 2
+    for split in ("train", "val", "test"):
+        for item in dm.dataset(split):
+            assert torch.isfinite(item["features"]).all()
 
 
 def test_mixed_feature_dimensions_or_encoders_are_refused(tmp_path):

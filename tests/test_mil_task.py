@@ -246,3 +246,30 @@ def test_report_mil_table(tmp_path):
     assert "| t1792_sparse | 1792 | abmil | 3 | 0.850 ± 0.010 |" in md
     assert "Slide-level MIL" in (tmp_path / "report" / "report.md").read_text()
     assert not (tmp_path / "report" / "table1.csv").exists()  # MIL runs are not classification rows
+
+
+def test_non_finite_feature_files_are_skipped_and_the_run_goes_on(tmp_path, panda, one_thread):
+    """A training slide with 5 NaNs and a test slide all NaN: both go to skipped.csv with the reason, the others
+    train and test, and the metrics, predictions and head weights are finite."""
+    import torch
+
+    labels = panda_slide_labels(panda, cache_dir=tmp_path / "cache")
+    d = _features_dir(tmp_path, labels.slide_id)
+    train_id, test_id = (labels.slide_id[labels.split == s].iloc[0] for s in ("train", "test"))
+    feats = np.random.default_rng(1).normal(size=(6, 8))
+    feats.reshape(-1)[[1, 5, 9, 13, 17]] = np.nan
+    write_trident(d / f"{train_id}.h5", feats, encoder="x")
+    write_trident(d / f"{test_id}.h5", np.full((4, 8), np.nan), encoder="x")
+    m = run_mil(_cfg(tmp_path, "run", panda, f"features_dir={d}", *HEAD["abmil"]))
+    skipped = pd.read_csv(tmp_path / "run" / "skipped.csv", dtype={"slide_id": str}).set_index("slide_id")
+    assert skipped.reason.to_dict() == {
+        train_id: f"5 non-finite feature values (NaN/inf) in {train_id}.h5; embed it again",
+        test_id: f"32 non-finite feature values (NaN/inf) in {test_id}.h5; embed it again",
+    }
+    assert m["skipped_slides"] == 2 and m["test/num_slides"] == (labels.split == "test").sum() - 1
+    assert np.isfinite(m["test/loss"]) and np.isfinite(m["test/kappa"])  # (AUROC: too few test slides per grade)
+    pred = pd.read_csv(tmp_path / "run" / "predictions.csv", dtype={"slide_id": str})
+    assert test_id not in set(pred.slide_id) and pred.filter(like="p").notna().all().all()
+    ckpt = next((tmp_path / "run").rglob("*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -13,7 +13,9 @@ import torch
 
 from hirespath.data.panda import check_panda_root, make_split, read_labels
 from hirespath.data.panda_synthetic import make_synthetic_panda, write_pyramid
-from hirespath.data.wsi import find_rois, locate_rois, open_slide, read_roi, slide_mpp, tissue_mask
+from hirespath.wsi.reader import open_slide, slide_mpp
+from hirespath.wsi.rois import find_rois, locate_rois, read_roi
+from hirespath.wsi.tissue import tissue_mask
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 # the predict Trainer of extract_embeddings, as tasks build it from the trainer group (instantiate, _partial_)
@@ -136,7 +138,7 @@ def test_split_is_stratified_and_reproducible(panda_root):
 def test_knn_matches_scikit_learn():
     from sklearn.neighbors import KNeighborsClassifier
 
-    from hirespath.heads.knn import KNNClassifier
+    from hirespath.probes.knn import KNNClassifier
 
     g = torch.Generator().manual_seed(0)
     xtr, ytr = torch.randn(300, 16, generator=g), torch.randint(0, 6, (300,), generator=g)
@@ -151,7 +153,7 @@ def test_knn_centres_and_l2_normalises_by_default():
     """UNI's eval_knn (and conf/head/knn.yaml) centre on the train mean and L2-normalise; so does the default."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    from hirespath.heads.knn import KNNClassifier
+    from hirespath.probes.knn import KNNClassifier
 
     # Train mean (5, 5). The query's raw Euclidean neighbour is b (label 1), its neighbour by direction from the
     # origin is d (label 3, L2 without centring), its neighbour by direction from the train mean is a (label 0).
@@ -192,7 +194,7 @@ def test_metrics_match_scikit_learn():
 
 
 def test_lbfgs_probe_separates_separable_data():
-    from hirespath.heads.linear_probe import fit_lbfgs
+    from hirespath.probes.linear_probe import fit_lbfgs
 
     g = torch.Generator().manual_seed(2)
     y = torch.randint(0, 3, (150,), generator=g)
@@ -203,7 +205,7 @@ def test_lbfgs_probe_separates_separable_data():
 
 def test_uni_probe_minimises_unis_objective():
     """mahmoodlab/UNI's probe: raw features, C = D·K/100, cross-entropy + (1/C)·0.5·‖W‖ — stationary at the fit."""
-    from hirespath.heads.linear_probe import fit_uni_probe
+    from hirespath.probes.linear_probe import fit_uni_probe
 
     g = torch.Generator().manual_seed(3)
     y = torch.randint(0, 4, (200,), generator=g)

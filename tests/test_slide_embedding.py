@@ -21,14 +21,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import hirespath
 from hirespath.data.panda_synthetic import write_pyramid
-from hirespath.data.slides import SlideTileDataset, best_level, list_slides, read_tile, tile_grid
-from hirespath.data.wsi import open_slide
-from hirespath.embeddings import trident
 from hirespath.embeddings.slides import embed_slides
 from hirespath.utils.io import lock_is_stale, try_lock
+from hirespath.wsi import trident_h5
+from hirespath.wsi.listing import list_slides
+from hirespath.wsi.reader import best_level, open_slide, read_tile
+from hirespath.wsi.tile_readers import SlideTileDataset
+from hirespath.wsi.tissue import tile_grid
 
 TILE, MPP = 112, 1.0  # 112 px tiles (8×8 patches of 14) at 1 µm/px: 224 level-0 px on a 0.5 µm/px slide
 WHEEL_DIRS = [
@@ -328,11 +331,17 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
     reasons = dict(zip(skipped.slide, skipped.reason))
     assert set(reasons) == {"blank", "corrupt", "nompp"} and "cannot read corrupt.svs" in reasons["corrupt"]
     assert reasons["blank"] == "no tissue detected"
-    assert reasons["nompp"].startswith("no mpp") and "default_mpp" in reasons["nompp"]
+    # the keys the user can set, as they are spelled
+    assert reasons["nompp"].startswith("no mpp") and "set data.default_mpp=<µm/px>" in reasons["nompp"]
+    assert "mpp column of the slides= CSV" in reasons["nompp"]
     summary = json.loads((job / "summary.json").read_text())
     assert summary["tiles"] == s["tiles"] > 0 and set(summary["stage_seconds"]) >= {"read", "encode", "write"}
-    for name in ("cmu.png", "synth.png", "cmu_tile0_pruned.png"):
-        assert (tdir / "thumbnails" / name).read_bytes()[:4] == b"\x89PNG"
+    # one thumbnail and one pruned-token figure per slide
+    assert sorted(p.name for p in (tdir / "thumbnails").iterdir()) == [
+        "cmu.png", "cmu_pruned.png", "synth.png", "synth_pruned.png"
+    ]  # fmt: skip
+    for p in (tdir / "thumbnails").iterdir():
+        assert Image.open(p).format == "PNG"
 
     for slide_id, path in (("synth", bad_dir / "synth.tiff"), ("cmu", bad_dir / "cmu.svs")):
         grid = tile_grid(path, TILE, MPP, min_tissue=0.25)
@@ -412,7 +421,7 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
     assert {r["slide"]: r["patches_reused"] for r in mean["embedded"]} == {"cmu": True, "synth": True, "nompp": False}
     assert sorted(pd.read_csv(job / "skipped.csv").slide) == ["blank", "corrupt"]
     assert (
-        trident.read_features(tdir / "features_tiny_sparse-w4_prune0.5-l1_cls-mean-random" / "nompp.h5")[
+        trident_h5.read_features(tdir / "features_tiny_sparse-w4_prune0.5-l1_cls-mean-random" / "nompp.h5")[
             "features"
         ].shape[1]
         == 2 * encoder.embed_dim
@@ -448,13 +457,13 @@ def test_tokens_round_trip(wsi_dir, encoder, tmp_path):
     )
     path = Path(s["features_dir"]) / "synth.h5"
     assert Path(s["features_dir"]).parent.name == "5x_112px_0px_overlap"
-    out = trident.read_features(path, tokens=True)
+    out = trident_h5.read_features(path, tokens=True)
     n, kept = len(out["coords"]), 32  # ⌈(1 − 0.5) · 64⌉ tokens kept per 8×8-patch tile
     assert out["tokens"].shape == (n * kept, encoder.embed_dim) and out["token_positions"].dtype == np.int16
     assert np.array_equal(out["token_offsets"], np.arange(n + 1) * kept)
     assert out["token_positions"].min() >= 0 and out["token_positions"].max() < 8
     for i in range(n):  # the mean feature is the mean of the stored kept tokens
-        toks, pos = trident.read_tile_tokens(path, i)
+        toks, pos = trident_h5.read_tile_tokens(path, i)
         np.testing.assert_allclose(toks.mean(0), out["features"][i], atol=1e-5)
         assert len({tuple(p) for p in pos}) == kept  # distinct patches, in raster order
         assert (np.diff(pos[:, 0] * 8 + pos[:, 1]) > 0).all()
@@ -490,7 +499,7 @@ def test_out_of_memory_batches_are_halved_then_tiles_skipped(wsi_dir, tmp_path):
     )
     assert calls[0] == 8 and calls[1] == 4 and max(calls[2:]) <= 2
     # tiles of the right column start on glass (rgb 240 from JPEG, not 255): none is lost
-    out = trident.read_features(Path(s["features_dir"]) / "synth.h5")
+    out = trident_h5.read_features(Path(s["features_dir"]) / "synth.h5")
     assert s["tiles"] == len(grid) == len(out["features"]) and s["tiles_skipped"] == 0
     ref = make_encoder()
     slide = open_slide(wsi_dir / "synth.tiff")
@@ -523,7 +532,7 @@ def test_out_of_memory_batches_are_halved_then_tiles_skipped(wsi_dir, tmp_path):
     n_white = int((coords[:, 0] == 896).sum())
     rows = pd.read_csv(white / "skipped.csv")
     assert n_white >= 1 and s["tiles_skipped"] == len(rows) == n_white and s["tiles"] == len(coords) - n_white
-    assert not (trident.read_features(Path(s["features_dir"]) / "edge.h5")["coords"][:, 0] == 896).any()
+    assert not (trident_h5.read_features(Path(s["features_dir"]) / "edge.h5")["coords"][:, 0] == 896).any()
     assert rows.reason.str.contains(r"tile \d+ at \(896, \d+\): out of memory at batch size 1").all()
 
 
@@ -574,3 +583,93 @@ def test_two_workers_embed_each_slide_exactly_once(wsi_dir, tmp_path, world_size
             "summary_rank0.json",
             "summary_rank1.json",
         }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad slides: reasons in the user's words
+
+
+def test_truncated_slides_are_skipped_as_truncated(wsi_dir, encoder, tmp_path):
+    """Copies cut short (the real SVS: its first image directory is gone, which tiffslide reported as
+    "IndexError: index 0 out of range(0)"; a generated TIFF: its tiles end early) are listed as truncated."""
+    from hirespath.wsi.reader import SlideError
+
+    d = tmp_path / "slides"
+    d.mkdir()
+    for name, frac in (("cmu.svs", 0.5), ("synth.tiff", 0.5)):
+        data = (wsi_dir / name).read_bytes()
+        (d / f"cut_{name}").write_bytes(data[: int(len(data) * frac)])
+    with pytest.raises(
+        SlideError, match=r"cannot read cut_cmu\.svs: the file is truncated or corrupt \(\d+ bytes, but"
+    ):
+        open_slide(d / "cut_cmu.svs")
+    s = embed_slides(encoder, list_slides(d), tmp_path / "job", tile_size=TILE, tile_mpp=MPP, num_workers=0,
+                     progress=False, thumbnails=False)  # fmt: skip
+    assert s["slides_skipped"] == 2
+    reasons = dict(zip(*pd.read_csv(tmp_path / "job" / "skipped.csv")[["slide", "reason"]].to_numpy().T))
+    assert reasons["cut_cmu"].startswith("cannot read cut_cmu.svs: the file is truncated or corrupt (")
+    assert reasons["cut_cmu"].endswith("copy it again") and "IndexError" not in reasons["cut_cmu"]
+    assert (
+        reasons["cut_synth"].startswith("truncated file cut_synth.tiff: ")
+        and "image data reaches byte" in (reasons["cut_synth"])
+    )
+
+
+def test_unreadable_tiles_name_the_file_in_the_users_words(wsi_dir, tmp_path, monkeypatch):
+    """A decoder error that is not a truncation still says which file and what is wrong."""
+    from hirespath.wsi.reader import SlideError, read_region
+
+    slide = open_slide(wsi_dir / "synth.tiff")
+    monkeypatch.setattr(type(slide), "read_region", lambda *a, **k: (_ for _ in ()).throw(IndexError("boom")))
+    with pytest.raises(
+        SlideError, match=r"^cannot read synth\.tiff: the file is truncated or corrupt \(IndexError: boom\)"
+    ):
+        read_region(slide, (0, 0), 0, (8, 8))
+    slide.close()
+
+
+def test_slide_list_errors_name_the_file(tmp_path):
+    from hirespath.utils.errors import InputError
+
+    with pytest.raises(InputError, match=r"slides=.*nope\.csv: no such file; give a CSV with a column 'wsi'"):
+        list_slides(None, tmp_path / "nope.csv")
+    with pytest.raises(InputError, match=r"wsi_dir=.*missing is not a folder"):
+        list_slides(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# thumbnails
+
+
+def test_thumbnail_outline_is_smoothed_and_overlays_are_cheap(wsi_dir, tmp_path):
+    """The tissue outline follows the tissue, not every fibre; the pruned-token figure of a slide is one figure
+    with one image layer per tile (no rectangle per pruned patch: a 1,792 px tile has 16,384 patches)."""
+    from scipy.ndimage import label
+
+    from hirespath.viz.thumbnails import (
+        pruned_overlays_figure,
+        save_pruned_overlays,
+        save_thumbnail,
+        smooth_outline_mask,
+    )
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((300, 400), bool)
+    mask[60:240, 80:320] = True
+    mask[rng.integers(0, 300, 400), rng.integers(0, 400, 400)] = True  # specks
+    mask[50:250:6, 60:340] = False  # fibre-like gaps through the tissue
+    assert label(mask)[1] > 50 and label(smooth_outline_mask(mask))[1] == 1
+    grid = tile_grid(wsi_dir / "synth.tiff", TILE, MPP, min_tissue=0.25)
+    png = save_thumbnail(tmp_path / "t.png", grid, "synth")
+    assert Image.open(png).size[0] > 0
+
+    rows = cols = 128  # a 1,792 px tile of 14 px patches
+    keep = np.argwhere(rng.random((rows, cols)) < 0.4)
+    tiles = [(i, rng.integers(0, 255, (rows * 14, cols * 14, 3), dtype=np.uint8), keep, (rows, cols)) for i in (0, 5)]
+    fig = pruned_overlays_figure(tiles, 14, "slide")
+    assert len(fig.axes) == 2 and all(len(ax.patches) == 0 and len(ax.images) == 2 for ax in fig.axes)
+    assert all(ax.images[0].get_array().shape[0] <= 448 for ax in fig.axes)  # drawn shrunk, not at 1,792 px
+    assert "pruned 9" in fig.axes[0].get_title()
+    start = time.perf_counter()
+    png = save_pruned_overlays(tmp_path / "p.png", tiles, 14, "slide")
+    assert time.perf_counter() - start < 10 and Image.open(png).format == "PNG"

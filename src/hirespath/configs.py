@@ -180,7 +180,7 @@ class PandaSlidesDataConfig:
     max_tiles_train: Optional[int] = 1000
     max_tiles_eval: Optional[int] = None
     batch_size: int = 1
-    num_workers: int = 4
+    num_workers: Optional[int] = None  # DataLoader workers; None: min(4, cores − 1), chosen at run time
 
 
 # (group, schema name, dataclass): conf/<group>/*.yaml list the schema name first in their defaults.

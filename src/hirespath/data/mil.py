@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..wsi import trident_h5
 from .samplers import evaluation_sampler
 
 log = logging.getLogger("hirespath.mil")
@@ -46,63 +47,14 @@ IDENTITY_ATTRS = (
 )
 
 
-def _attr(value):
-    """h5 attrs as plain Python (bytes → str, numpy scalars → int/float; TRIDENT writes None as 'None')."""
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, np.generic):
-        value = value.item()
-    return None if value == "None" else value
-
-
-def _features_dataset(f, path: Path):
-    import h5py
-
-    ds = f.get("features")
-    if not isinstance(ds, h5py.Dataset):
-        raise ValueError(
-            f"{path}: no 'features' dataset (has {sorted(f.keys())}); expected a TRIDENT/CLAM feature file"
-        )
-    if ds.ndim == 3 and ds.shape[0] == 1:  # some writers keep a leading batch axis: 1×N×D
-        return ds, ds.shape[1:]
-    if ds.ndim != 2:
-        raise ValueError(f"{path}: 'features' has shape {ds.shape}; expected N×D (tiles × feature dimension)")
-    return ds, ds.shape
-
-
-def read_slide_features(path: str | Path) -> dict:
-    """One slide's ``features`` (N×D float32), ``coords`` (N×2 int64; −1 where the file has none) and the attrs of
-    both (``features_attrs``, ``coords_attrs``)."""
-    import h5py
-
-    path = Path(path)
-    with h5py.File(path, "r") as f:
-        ds, shape = _features_dataset(f, path)
-        feats = ds[0] if ds.ndim == 3 else ds[:]
-        n = shape[0]
-        if "coords" in f:
-            coords = np.asarray(f["coords"][:])
-            if coords.ndim != 2 or coords.shape[1] != 2:
-                raise ValueError(f"{path}: 'coords' has shape {coords.shape}; expected N×2 level-0 (x, y)")
-            coord_attrs = {k: _attr(v) for k, v in f["coords"].attrs.items()}
-        else:
-            coords, coord_attrs = np.full((n, 2), -1, dtype=np.int64), {}
-        feature_attrs = {k: _attr(v) for k, v in ds.attrs.items()}
-    if len(coords) != n:
-        raise ValueError(f"{path}: {n} feature rows but {len(coords)} coords; the file is inconsistent")
-    feats, coords = np.asarray(feats, dtype=np.float32), np.asarray(coords, dtype=np.int64)
-    return {"features": feats, "coords": coords, "coords_attrs": coord_attrs, "features_attrs": feature_attrs}
-
-
 def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
     """One row per ``*.h5`` of the directory: slide_id, path, n_tiles, dim, tile_size (coords attr
-    ``patch_size_level0``), the identity attrs, and ``error`` (why the file cannot be used, else None).
+    ``patch_size_level0``), the identity attrs, and ``error`` (why the file cannot be used, else None: unreadable,
+    not a feature file, no tiles, or NaN/inf among its features — every value is read, in chunks).
 
     Refuses a directory whose usable files differ in feature dimension or in an identity attr (``IDENTITY_ATTRS``:
     ``encoder``, and hirespath's backbone/weights/attention/pruning/resolution) that both files set, naming two of
     them. Extra datasets (hirespath's ``tokens``) are ignored."""
-    import h5py
-
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise FileNotFoundError(f"features_dir {str(features_dir)!r} does not exist")
@@ -117,16 +69,13 @@ def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
         row = {"slide_id": p.stem, "path": str(p), "n_tiles": 0, "dim": -1, "tile_size": None, "error": None}
         row.update(dict.fromkeys(IDENTITY_ATTRS))
         try:
-            with h5py.File(p, "r") as f:
-                ds, shape = _features_dataset(f, p)
-                row["n_tiles"], row["dim"] = int(shape[0]), int(shape[1])
-                for k in IDENTITY_ATTRS:
-                    row[k] = _attr(ds.attrs.get(k))
-                if "coords" in f:
-                    size = _attr(f["coords"].attrs.get("patch_size_level0"))
-                    row["tile_size"] = int(size) if size is not None else None
+            info = trident_h5.inspect_features(p)
+            row.update(n_tiles=info["n_tiles"], dim=info["dim"], tile_size=info["tile_size"])
+            row.update({k: info["features_attrs"].get(k) for k in IDENTITY_ATTRS})
             if row["n_tiles"] == 0:
                 row["error"] = f"no tiles in {p.name} (empty 'features')"
+            elif info["nonfinite"]:
+                row["error"] = f"{info['nonfinite']} non-finite feature values (NaN/inf) in {p.name}; embed it again"
         except (OSError, ValueError) as err:  # unreadable / truncated h5, or not a feature file
             row["error"] = f"cannot read {p.name}: {err}"
         rows.append(row)
@@ -143,7 +92,7 @@ def _refuse_mixed(df: pd.DataFrame, column: str, what: str, features_dir: Path) 
     if len(values) > 1:
         a = df[df[column].astype(str) == values[0]].iloc[0]
         b = df[df[column].astype(str) == values[1]].iloc[0]
-        va, vb = (_attr(v) for v in (a[column], b[column]))
+        va, vb = (v.item() if isinstance(v, np.generic) else v for v in (a[column], b[column]))
         raise ValueError(
             f"{features_dir} mixes {what}: {Path(a.path).name} has {va!r}, {Path(b.path).name} has {vb!r}. "
             "One directory must hold one feature extractor's files (TRIDENT keeps each in its own "
@@ -218,7 +167,7 @@ class SlideFeatureDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         r = self.rows.iloc[i]
-        data = read_slide_features(r.path)
+        data = trident_h5.read_features(r.path)
         feats, coords = data["features"], data["coords"]
         idx = self._subset(len(feats), i)
         if idx is not None:

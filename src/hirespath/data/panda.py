@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .wsi import ROI, SlideError, locate_rois, read_roi
+from ..wsi.reader import SlideError
+from ..wsi.rois import ROI, locate_rois, read_roi
 
 log = logging.getLogger("hirespath.panda")
 

@@ -2,9 +2,9 @@
 
 ``embed_slides`` is the engine behind the (later) Hydra task: plain keyword arguments, no config objects.
 Per slide: tissue grid (or the ``patches/<slide>_patches.h5`` of an earlier run with the same tiling) →
-tiles streamed through a DataLoader over :class:`~hirespath.data.slides.SlideTileDataset` (workers read and
+tiles streamed through a DataLoader over :class:`~hirespath.wsi.tile_readers.SlideTileDataset` (workers read and
 resize while the encoder runs; never a whole slide in memory) → ``features_<encoder tag>/<slide>.h5`` written
-batch by batch under a temporary name and renamed when complete (:mod:`hirespath.embeddings.trident`).
+batch by batch under a temporary name and renamed when complete (:mod:`hirespath.wsi.trident_h5`).
 
 Many workers can share one job folder (DDP ranks, parallel jobs, a SLURM array): slides are pre-assigned
 round-robin by rank, and every slide is embedded under ``<slide>.h5.lock`` taken with
@@ -13,14 +13,14 @@ embedded twice; a rank that finishes its share takes the others' unlocked unfini
 finished slides. Slides that cannot be used (unreadable, no mpp, no tissue) go to ``skipped.csv`` and the run
 goes on.
 
-On disk (``<tiling>`` = :func:`~hirespath.embeddings.trident.tiling_tag`, e.g. ``20x_1792px_0px_overlap``)::
+On disk (``<tiling>`` = :func:`~hirespath.wsi.trident_h5.tiling_tag`, e.g. ``20x_1792px_0px_overlap``)::
 
     job_dir/
       <tiling>/patches/<slide>_patches.h5          coords; reused by every encoder with the same tiling and mpp
       <tiling>/features_<encoder tag>/<slide>.h5   features + coords (+ tokens); <slide>.h5.lock while embedding
       <tiling>/features_<encoder tag>/config.json  the encoder configuration this folder holds (checked on reuse)
-      <tiling>/thumbnails/<slide>.png              tissue contour + kept tiles
-      <tiling>/thumbnails/<slide>_tile<i>_pruned.png   pruned tokens of the first tiles (when pruning)
+      <tiling>/thumbnails/<slide>.png              tissue outline + kept tiles (hirespath.viz.thumbnails)
+      <tiling>/thumbnails/<slide>_pruned.png       pruned tokens of the first tiles (when pruning)
       skipped.csv                                  slide, path, reason, time, host (tiles that ran out of memory too)
       summary.json (summary_rank<r>.json when world_size > 1)
 
@@ -52,23 +52,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..data.slides import (
-    SlideSpec,
-    SlideTileDataset,
-    TileGrid,
-    as_specs,
-    best_level,
-    check_tiling,
-    level0_mpp,
-    read_thumbnail,
-    tile_batches,
-    tile_grid,
-)
-from ..data.wsi import SlideError, open_slide, tissue_mask
 from ..utils.io import atomic_path, exclusive_lock, try_lock, write_json
 from ..utils.memory import is_oom
 from ..utils.threads import AdaptiveThreads, torch_threads
-from . import trident
+from ..viz.thumbnails import save_pruned_overlays, save_thumbnail
+from ..wsi import trident_h5
+from ..wsi.listing import SlideSpec, as_specs
+from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide, read_thumbnail
+from ..wsi.tile_readers import SlideTileDataset, tile_batches
+from ..wsi.tissue import TileGrid, check_tiling, tile_grid, tissue_mask
 
 log = logging.getLogger("hirespath.embeddings")
 
@@ -251,49 +243,6 @@ def is_finished(path: Path, tokens: bool = False) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# thumbnails
-
-
-def save_thumbnail(path: Path, grid: TileGrid, title: str = "") -> None:
-    """Thumbnail with the tissue contour (green) and the kept tiles (blue squares)."""
-    import matplotlib  # optional heavy import, only when thumbnails are drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Rectangle
-
-    thumb, mask, (dx, dy) = grid.thumbnail, grid.mask, grid.mask_downsample
-    h, w = mask.shape
-    fig, ax = plt.subplots(figsize=(8, 8 * h / w) if w >= h else (8 * w / h, 8))
-    ax.imshow(thumb)
-    if mask.any() and not mask.all():
-        ax.contour(mask.astype(np.float32), levels=[0.5], colors="lime", linewidths=0.8)
-    side_x, side_y = grid.patch_size_level0 / dx, grid.patch_size_level0 / dy
-    rects = [Rectangle((x / dx, y / dy), side_x, side_y) for x, y in grid.coords]
-    ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor="dodgerblue", linewidth=0.6))
-    ax.set_xlim(0, w)
-    ax.set_ylim(h, 0)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
-def save_pruned_overlay(
-    path: Path, image: np.ndarray, positions: np.ndarray, grid: tuple[int, int], patch: int, title: str
-) -> None:
-    from ..viz.overlays import _plt, pruned_token_overlay
-
-    fig = pruned_token_overlay(image, torch.as_tensor(positions), grid, patch, title=title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    _plt().close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the engine
 
 
@@ -317,7 +266,7 @@ def _grid_for(
     smpp = level0_mpp(slide, spec.mpp, default_mpp)
     if patches_path.is_file():
         try:
-            attrs, coords = trident.read_coords(patches_path)
+            attrs, coords = trident_h5.read_coords(patches_path)
             same = (
                 int(attrs["patch_size"]) == tile_size
                 and int(attrs["overlap"]) == overlap
@@ -358,9 +307,9 @@ def _grid_for(
                 {k: attrs.get(k) for k in ("patch_size", "overlap", "target_mpp", "level0_mpp", "min_tissue")},
             )
     grid = tile_grid(slide, tile_size, tile_mpp, overlap, min_tissue, mpp=smpp, mask_max_side=mask_max_side)
-    attrs = trident.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tiling)
+    attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tiling)
     attrs["tissue_area_mm2"] = grid.tissue_area_mm2
-    trident.write_patches_h5(patches_path, grid.coords, attrs)
+    trident_h5.write_patches_h5(patches_path, grid.coords, attrs)
     return grid, False
 
 
@@ -399,10 +348,10 @@ def embed_slides(
 
     ``encoder``: a :class:`~hirespath.models.encoder.HiResEncoder` (``hirespath.create_encoder``), moved to
     ``device`` (default: CUDA when available) and, for ``precision`` ``bf16``/``fp16``, cast. ``slides``: paths or
-    :class:`~hirespath.data.slides.SlideSpec` (``list_slides``). Tiles of ``tile_size`` px at ``tile_mpp`` µm/px
+    :class:`~hirespath.wsi.listing.SlideSpec` (``list_slides``). Tiles of ``tile_size`` px at ``tile_mpp`` µm/px
     (``overlap`` px between neighbours, ``min_tissue`` fraction of tissue to keep a tile); ``default_mpp`` for
     slides without one. ``features``: ``cls`` | ``mean`` (of the kept patch tokens) | ``cls+mean`` (concatenated).
-    ``tokens=True`` also stores every tile's kept tokens (large: see :mod:`hirespath.embeddings.trident`).
+    ``tokens=True`` also stores every tile's kept tokens (large: see :mod:`hirespath.wsi.trident_h5`).
     ``weights``: the weights file the encoder was built from (recorded, and part of the folder's identity).
     ``rank``/``world_size``: this worker's share (default: torch.distributed, else $RANK/$WORLD_SIZE, else 0/1).
     ``skip_errors=False`` raises unexpected per-slide errors instead of listing them (SlideErrors are always
@@ -433,11 +382,11 @@ def embed_slides(
         encoder.to(tile_encoder.weights_dtype)
 
     job_dir = Path(job_dir)
-    tiling = trident.tiling_tag(tile_mpp, tile_size, overlap)
-    tag = encoder_tag or trident.encoder_tag(encoder, features, weights)
+    tiling = trident_h5.tiling_tag(tile_mpp, tile_size, overlap)
+    tag = encoder_tag or trident_h5.encoder_tag(encoder, features, weights)
     tdir = job_dir / tiling
     patches_dir, feat_dir, thumb_dir = tdir / "patches", tdir / f"features_{tag}", tdir / "thumbnails"
-    f_attrs = trident.encoder_attrs(
+    f_attrs = trident_h5.encoder_attrs(
         encoder,
         tag=tag,
         features=features,
@@ -691,7 +640,7 @@ def _embed_slide(
     thumb_path = thumb_dir / f"{spec.slide_id}.png"
     draw = thumbnails and not thumb_path.is_file() and grid.thumbnail is not None
     # the coords attributes are the patches file's, as TRIDENT copies them into the features file
-    c_attrs = trident.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tiling)
+    c_attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tiling)
     c_attrs["tissue_area_mm2"] = grid.tissue_area_mm2
     attrs = {**f_attrs, "name": spec.slide_id, "savetodir": str(out.parent)}
     dim = encoder.embed_dim * (2 if f_attrs["feature"] == "cls+mean" else 1)
@@ -702,7 +651,7 @@ def _embed_slide(
     h2d_before = tile_encoder.h2d_seconds
     t_open = time.perf_counter()
     try:
-        with trident.FeatureWriter(out, dim, c_attrs, attrs, tokens=tokens, token_dtype=token_dtype) as writer:
+        with trident_h5.FeatureWriter(out, dim, c_attrs, attrs, tokens=tokens, token_dtype=token_dtype) as writer:
             t_wait = time.perf_counter()
             stages["write"] += t_wait - t_open  # creating the file
             tiles_bar = tqdm(total=len(ds), desc=spec.slide_id, leave=False, disable=not progress, unit="tile")
@@ -757,14 +706,12 @@ def _embed_slide(
             f"{spec.slide_id}: {len(grid)} tiles of {tile_size} px at {tile_mpp:g} "
             f"µm/px, {grid.tissue_area_mm2:.1f} mm² tissue",
         )
-        for i, img, pos, pg in overlays:
-            save_pruned_overlay(
-                thumb_dir / f"{spec.slide_id}_tile{i}_pruned.png",
-                img,
-                pos,
-                pg,
+        if overlays:
+            save_pruned_overlays(
+                thumb_dir / f"{spec.slide_id}_pruned.png",
+                overlays,
                 encoder.patch_size,
-                f"{spec.slide_id} tile {i}: pruned {pg[0] * pg[1] - len(pos)} of {pg[0] * pg[1]} patches (red)",
+                f"{spec.slide_id}: pruned patches (red) of the first {len(overlays)} tiles",
             )
     stages["thumbnails"] += time.perf_counter() - t3
     return {

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..data.segpath import CELL_TYPES, IGNORE
+from ..results import CPA, DICE, IOU, MPA, TEST
 
 
 class SegPathMetrics:
@@ -37,7 +38,7 @@ class SegPathMetrics:
         self.label_area[cell] += t.sum()
         self.union[cell] += p.sum() + t.sum() - inter
 
-    def compute(self, prefix: str = "test/") -> dict[str, float]:
+    def compute(self, prefix: str = TEST) -> dict[str, float]:
         seen = self.label_area + self.pred_area > 0
         # 0/0 (and I/0 with I = 0) gives NaN, as mmseg's division: undefined, not 0
         iou = self.intersect / self.union
@@ -46,11 +47,11 @@ class SegPathMetrics:
         out = {}
         for i, name in enumerate(self.cell_types):
             if seen[i]:
-                out[f"{prefix}cpa/{name}"] = float(cpa[i])
-                out[f"{prefix}iou/{name}"] = float(iou[i])
-                out[f"{prefix}dice/{name}"] = float(dice[i])
+                out[f"{prefix}{CPA}/{name}"] = float(cpa[i])
+                out[f"{prefix}{IOU}/{name}"] = float(iou[i])
+                out[f"{prefix}{DICE}/{name}"] = float(dice[i])
         if seen.any():
-            out[f"{prefix}mpa"] = float(cpa[seen].nanmean())  # NaN only if no evaluated type has label pixels
-            out[f"{prefix}iou"] = float(iou[seen].nanmean())
-            out[f"{prefix}dice"] = float(dice[seen].nanmean())
+            out[f"{prefix}{MPA}"] = float(cpa[seen].nanmean())  # NaN only if no evaluated type has label pixels
+            out[f"{prefix}{IOU}"] = float(iou[seen].nanmean())
+            out[f"{prefix}{DICE}"] = float(dice[seen].nanmean())
         return out

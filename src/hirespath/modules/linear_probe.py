@@ -1,4 +1,8 @@
-"""The AdamW linear probe on cached embeddings as a LightningModule (early stopping on val/loss)."""
+"""The AdamW linear probe on cached embeddings as a LightningModule (early stopping on val/loss).
+
+The scikit-learn-style probe that users configure (``head=linear_probe``) is
+``hirespath.probes.linear_probe.LinearProbeHead``; its ``adamw`` solver calls ``train_linear_probe`` here.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..heads.linear_probe import feature_stats
+
+def feature_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std (floored; 1 for a single sample) used to standardise embeddings (by this module and
+    by ``hirespath.probes.linear_probe.fit_lbfgs``)."""
+    x = x.float()
+    std = x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1], device=x.device)
+    return x.mean(0), std
 
 
 class LinearProbe(L.LightningModule):

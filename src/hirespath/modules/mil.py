@@ -11,6 +11,10 @@ epoch end
 (``MONITOR_MODES`` gives the mode: min for val/loss, max for the rest). Test logs the same keys under ``test/`` and
 keeps ``test_results``: one dict per slide (slide_id, label, logits, probs, attention, coords, tile_size) in the
 dataset's order, on every rank, which ``write_mil_outputs`` turns into predictions.csv and ``attention/<slide>.h5``.
+
+Non-finite numbers stop the run with a ``NonFiniteError`` naming where they appeared: a training loss (checked every
+step, over all DDP ranks, so every rank stops together) and validation / test logits (checked before any metric is
+computed), so no metric, checkpoint score or prediction is ever made from NaN outputs.
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ from torch import Tensor, nn
 
 from ..heads.mil import MILOutput, create_mil_head
 from ..metrics.classification import classification_metrics
+from ..results import CLASSIFICATION_METRICS, LOSS, PREDICTIONS_FILE, VAL
 from ..utils.io import atomic_path
 
 log = logging.getLogger("hirespath.mil")
 
-METRIC_KEYS = ("loss", "accuracy", "balanced_accuracy", "f1_weighted", "auroc", "kappa")
-MONITOR_MODES = {f"val/{k}": "min" if k == "loss" else "max" for k in METRIC_KEYS}
+METRIC_KEYS = (LOSS, *CLASSIFICATION_METRICS)
+MONITOR_MODES = {VAL + k: "min" if k == LOSS else "max" for k in METRIC_KEYS}
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or ±inf in a MIL loss or in the outputs metrics would be computed from."""
 
 
 def _world_size() -> int:
@@ -46,6 +55,40 @@ def _gather_lists(items: list) -> list:
     out = [None] * _world_size()
     torch.distributed.all_gather_object(out, items)
     return [x for part in out for x in part]
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on any rank (so all ranks stop together instead of the others
+    waiting on a collective the stopped rank never joins)."""
+    if _world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _nonfinite_cause(module: nn.Module, batch: dict) -> str:
+    """Why a step's outputs are not finite: bad features in the batch, a head whose weights already are, or else
+    (features and weights finite) an overflow in the head's arithmetic."""
+    feats, mask = batch["features"], batch["mask"].bool()
+    bad = [(sid, int((~torch.isfinite(f[m])).any(-1).sum()), int(m.sum()))
+           for sid, f, m in zip(batch["slide_id"], feats, mask)]  # fmt: skip
+    bad = [f"{sid} ({n} of {total} tiles)" for sid, n, total in bad if n]
+    if bad:
+        return (
+            f"the features of slide(s) {', '.join(bad)} hold NaN or ±inf values; re-embed those slides or drop them "
+            "from the label table (data.exclude)"
+        )
+    params = [name for name, p in module.named_parameters() if not torch.isfinite(p).all()]
+    if params:
+        return (
+            f"the head's weights are not finite ({', '.join(params[:4])}{', ...' if len(params) > 4 else ''}): "
+            "training diverged at an earlier step; try a lower optim.lr"
+        )
+    return (
+        "features and weights are finite, so the head's arithmetic overflowed; "
+        "try a lower optim.lr or trainer.precision=32-true"
+    )
 
 
 def _with_probs(rows: list[dict]) -> list[dict]:
@@ -91,9 +134,18 @@ class MILModule(L.LightningModule):
     def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
         return self.head(features, mask)
 
-    def training_step(self, batch, _):
+    def training_step(self, batch, batch_idx):
         out = self(batch["features"], batch["mask"])
         loss = nn.functional.cross_entropy(out.logits.float(), batch["label"])
+        # one sync per step (bags are few per step): a NaN loss would otherwise train every weight into NaN
+        if _any_rank(not bool(torch.isfinite(loss.detach())), loss.device):
+            where = f"epoch {self.current_epoch}, step {self.global_step} (batch {batch_idx} of the epoch)"
+            if torch.isfinite(loss.detach()):
+                raise NonFiniteError(f"MIL training stopped at {where}: the loss is not finite on another DDP rank")
+            raise NonFiniteError(
+                f"MIL training stopped at {where}: train/loss is {float(loss.detach())} on slide(s) "
+                f"{', '.join(map(str, batch['slide_id']))}: {_nonfinite_cause(self.head, batch)}"
+            )
         bs = len(batch["label"])
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return loss
@@ -121,6 +173,15 @@ class MILModule(L.LightningModule):
         if not rows:
             return {}
         logits = torch.from_numpy(np.stack([r["logits"] for r in rows]))
+        bad = ~torch.isfinite(logits).all(1)
+        if bad.any():  # rows are gathered: every rank raises alike
+            ids = [str(r["slide_id"]) for r, b in zip(rows, bad) if b]
+            when = "the sanity check" if self.trainer.sanity_checking else f"epoch {self.current_epoch}"
+            raise NonFiniteError(
+                f"MIL {stage} outputs are not finite for {len(ids)} of {len(rows)} slides at {when} "
+                f"(e.g. {', '.join(ids[:5])}): no {stage} metrics are computed from NaN; check those slides' "
+                "features for NaN/inf, or the head's weights"
+            )
         target = torch.tensor([r["label"] for r in rows], dtype=torch.long)
         metrics = {f"{stage}/loss": float(nn.functional.cross_entropy(logits, target))}
         metrics.update(classification_metrics(logits.softmax(1), target, self.num_classes, prefix=f"{stage}/"))
@@ -133,7 +194,8 @@ class MILModule(L.LightningModule):
 
     def validation_step(self, batch, _):
         # the attention and coords are not needed for validation: keep only what the metrics use
-        self._val += [{"index": r["index"], "label": r["label"], "logits": r["logits"]} for r in self._rows(batch)]
+        keep = ("index", "slide_id", "label", "logits")
+        self._val += [{k: r[k] for k in keep} for r in self._rows(batch)]
 
     def on_validation_epoch_end(self):
         self._score(_gather_lists(self._val), "val")
@@ -169,6 +231,11 @@ def predictions_frame(results: list[dict], num_classes: int | None = None) -> pd
     k = num_classes or probs.shape[1]
     if probs.shape[1] != k:
         raise ValueError(f"results have {probs.shape[1]} class probabilities, num_classes={num_classes}")
+    bad = ~np.isfinite(probs).all(1)
+    if bad.any():
+        ids = [str(r["slide_id"]) for r, b in zip(results, bad) if b]
+        raise NonFiniteError(f"no predictions written: the probabilities of {len(ids)} slides are not finite "
+                             f"(e.g. {', '.join(ids[:5])})")  # fmt: skip
     df = pd.DataFrame(
         {
             "slide_id": [r["slide_id"] for r in results],
@@ -190,7 +257,7 @@ def write_mil_outputs(out_dir: str | Path, results: list[dict], num_classes: int
 
     out_dir = Path(out_dir)
     df = predictions_frame(results, num_classes)
-    with atomic_path(out_dir / "predictions.csv") as tmp:
+    with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
         df.to_csv(tmp, index=False)
     att_dir = out_dir / "attention"
     att_dir.mkdir(parents=True, exist_ok=True)
@@ -207,8 +274,8 @@ def write_mil_outputs(out_dir: str | Path, results: list[dict], num_classes: int
                 f.attrs["pred"] = int(pred)
                 if r.get("tile_size") is not None:
                     f["coords"].attrs["patch_size_level0"] = int(r["tile_size"])
-    log.info("wrote %s and %d attention files in %s", out_dir / "predictions.csv", len(results), att_dir)
-    return {"predictions": out_dir / "predictions.csv", "attention_dir": att_dir}
+    log.info("wrote %s and %d attention files in %s", out_dir / PREDICTIONS_FILE, len(results), att_dir)
+    return {"predictions": out_dir / PREDICTIONS_FILE, "attention_dir": att_dir}
 
 
 def read_attention(path: str | Path) -> dict:

@@ -11,6 +11,7 @@ import torch
 
 from ..data.segpath import CELL_TYPES
 from ..metrics.segmentation import SegPathMetrics
+from ..results import TEST, VAL
 
 log = logging.getLogger("hirespath.segment")
 
@@ -103,7 +104,7 @@ class SegmentationModule(L.LightningModule):
         self._evaluate(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self):
-        self._log_metrics(self.val_metrics, "val/")
+        self._log_metrics(self.val_metrics, VAL)
 
     def test_step(self, batch, batch_idx):
         preds = self._evaluate(batch, self.test_metrics, "test")
@@ -112,7 +113,7 @@ class SegmentationModule(L.LightningModule):
                 self.overlay_items.append((int(batch["index"][i]), pred, full.cpu(), t))
 
     def on_test_epoch_end(self):
-        self._log_metrics(self.test_metrics, "test/")
+        self._log_metrics(self.test_metrics, TEST)
 
     def _log_metrics(self, metrics: SegPathMetrics, prefix: str):
         # counts are summed over ranks before the ratios, so DDP gives the same numbers as one process

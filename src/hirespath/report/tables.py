@@ -31,6 +31,21 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from ..results import (
+    BENCHMARK_FILE,
+    EMBED_SECONDS_PER_SLIDE,
+    METRICS_FILE,
+    SKIPPED_FILE,
+    TEST_ACCURACY,
+    TEST_AUROC,
+    TEST_BALANCED_ACCURACY,
+    TEST_DICE,
+    TEST_F1_WEIGHTED,
+    TEST_IOU,
+    TEST_KAPPA,
+    TEST_MPA,
+    TRAIN_PEAK_MEMORY_GB,
+)
 from ..utils.io import atomic_path, write_text
 
 log = logging.getLogger("hirespath.report")
@@ -39,23 +54,24 @@ VANILLA_ATTENTION = ("eager", "dense")  # eager first: the paper's vanilla memor
 
 # (column in the tables, metrics.json key)
 CLS_METRICS = {
-    "acc": "test/accuracy",
-    "bal_acc": "test/balanced_accuracy",
-    "f1": "test/f1_weighted",
-    "auroc": "test/auroc",
-    "kappa": "test/kappa",
+    "acc": TEST_ACCURACY,
+    "bal_acc": TEST_BALANCED_ACCURACY,
+    "f1": TEST_F1_WEIGHTED,
+    "auroc": TEST_AUROC,
+    "kappa": TEST_KAPPA,
 }
-SEG_METRICS = {"mpa": "test/mpa", "iou": "test/iou", "dice": "test/dice"}
+SEG_METRICS = {"mpa": TEST_MPA, "iou": TEST_IOU, "dice": TEST_DICE}
 # slide-level MIL (tasks/mil.py): kappa first, PANDA's official metric
 MIL_METRICS = {
-    "kappa": "test/kappa",
-    "bal_acc": "test/balanced_accuracy",
-    "acc": "test/accuracy",
-    "auroc": "test/auroc",
+    "kappa": TEST_KAPPA,
+    "bal_acc": TEST_BALANCED_ACCURACY,
+    "acc": TEST_ACCURACY,
+    "auroc": TEST_AUROC,
 }
-MIL_COST = "embed/seconds_per_slide"
+MIL_COST = EMBED_SECONDS_PER_SLIDE
 MIL_HEADS = ("abmil", "mean_pool")  # hirespath.heads.mil.MIL_HEADS (not imported: the report needs no torch)
-SEG_MEMORY_KEYS = ("train/peak_memory_gb", "test/peak_memory_gb", "peak_memory_gb", "memory/peak_gb")
+# the first is what tasks/segment.py writes; the others are read too
+SEG_MEMORY_KEYS = (TRAIN_PEAK_MEMORY_GB, "test/peak_memory_gb", "peak_memory_gb", "memory/peak_gb")
 
 # Config keys tried in order for each field of a run (first one present wins). The second pruner keys are the
 # names before the config keys became create_encoder's (runs made before that still report).
@@ -201,7 +217,7 @@ def _unfinished_jobs(root: Path) -> list[tuple[str, str]]:
     out = []
     for cfg_path in sorted(root.rglob(".hydra/config.yaml")):
         job = cfg_path.parent.parent
-        if (job / "metrics.json").is_file() or (job / "benchmark.csv").is_file():
+        if (job / METRICS_FILE).is_file() or (job / BENCHMARK_FILE).is_file():
             continue
         try:
             raw = yaml.safe_load(cfg_path.read_text()) or {}
@@ -221,7 +237,7 @@ def collect(dirs: Sequence[str | Path]) -> Collected:
     for root in map(Path, dirs):
         if not root.is_dir():
             raise FileNotFoundError(f"report: {root} is not a directory; pass Hydra run/multirun directories")
-        for path in sorted(root.rglob("metrics.json")):
+        for path in sorted(root.rglob(METRICS_FILE)):
             job = find_job_dir(path, root)
             if job is None:
                 skipped.append((str(path), "no .hydra/config.yaml in its job directory"))
@@ -235,7 +251,7 @@ def collect(dirs: Sequence[str | Path]) -> Collected:
             info["task"] = "segment" if _is_segment(info, metrics) else (info["task"] or "classify")
             info["method"] = method_label(info["attention"], info["prune_ratio"], info["task"])
             runs.append({**info, "job_dir": str(job), **metrics})
-        for path in sorted(root.rglob("benchmark.csv")):
+        for path in sorted(root.rglob(BENCHMARK_FILE)):
             try:
                 frame = pd.read_csv(path)
                 missing = {"backbone", "attention", "resolution", "seconds_per_image", "peak_memory_gb"} - set(frame)
@@ -608,9 +624,9 @@ def build_report(
         with atomic_path(out / "runs.csv") as tmp:
             col.runs.to_csv(tmp, index=False)
     if col.skipped:
-        with atomic_path(out / "skipped.csv") as tmp:
+        with atomic_path(out / SKIPPED_FILE) as tmp:
             pd.DataFrame(col.skipped, columns=["path", "reason"]).to_csv(tmp, index=False)
-        sections.append(f"{len(col.skipped)} files skipped: see skipped.csv\n")
+        sections.append(f"{len(col.skipped)} files skipped: see {SKIPPED_FILE}\n")
     write_text(out / "report.md", "\n".join(sections))
     log.info("report written to %s (%s)", out, ", ".join(written) or "no tables")
     return {"out_dir": str(out), "tables": tables, "figure": str(fig) if fig else None, "collected": col}

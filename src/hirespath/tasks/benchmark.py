@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ..benchmark.measure import Benchmark, configs_from, summarize, sweep, write_csv
 from ..benchmark.plots import plot
-from ..benchmark.slides import (
+from ..benchmark.slide_throughput import (
     benchmark_embedding,
     embed_configs_from,
     plot_embedding,
@@ -22,6 +22,7 @@ from ..benchmark.slides import (
     synthetic_slide,
     write_embedding_csv,
 )
+from ..results import BENCHMARK_FILE
 from ..utils.io import atomic_path
 from ..utils.threads import busy_processes, encoder_threads, torch_threads
 
@@ -82,12 +83,12 @@ def run_benchmark(cfg) -> dict:
         rows = sweep(bench, configs, [int(r) for r in cfg.resolutions])
     for row in rows:
         row.update(threads=threads, busy_processes=busy)
-    write_csv(rows, out_dir / "benchmark.csv")
+    write_csv(rows, out_dir / BENCHMARK_FILE)
     plot(rows, out_dir / "benchmark.png")
     summary = summarize(rows)
     log.info("benchmark on %s, %s, batch %d:\n%s", bench.device_name, bench.dtype, bench.batch_size, summary)
     result = {
-        "csv": str(out_dir / "benchmark.csv"),
+        "csv": str(out_dir / BENCHMARK_FILE),
         "plot": str(out_dir / "benchmark.png"),
         "rows": rows,
         "summary": summary,

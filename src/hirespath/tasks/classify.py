@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.panda import NUM_CLASSES, check_split
 from ..metrics.classification import classification_metrics
+from ..results import METRICS_FILE, PREDICTIONS_FILE, SKIPPED_FILE, TEST_CLASSIFICATION_KEYS, TEST_NUM_SLIDES
 from ..utils.config import FEATURES
 from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, write_json
@@ -66,16 +67,16 @@ def run_classify(cfg: DictConfig) -> dict:
     root, rois, emb, encoder = prepare_embeddings(cfg, out_dir, check_splits=True)
     feats = slide_features(emb, cfg.features)
     # ROIs whose read failed during extraction are left out: the splits must still hold slides
-    check_split(feats, f"leaving out the {len(emb['failed'])} ROIs that could not be read", out_dir / "skipped.csv")
+    check_split(feats, f"leaving out the {len(emb['failed'])} ROIs that could not be read", out_dir / SKIPPED_FILE)
     # the AdamW probe's Trainer: the trainer group, logging to the run's loggers
     trainer = instantiate(cfg.trainer, _partial_=True, logger=loggers or False, default_root_dir=str(out_dir))
     probs = fit_predict(head, feats, trainer)
     _, yte = _tensors(feats, "test")
     metrics = classification_metrics(probs, yte, NUM_CLASSES)
-    metrics.update({"test/num_slides": int(len(yte)), "tokens": int((cfg.resolution // encoder.patch_size) ** 2)})
-    write_json(out_dir / "metrics.json", metrics)
+    metrics.update({TEST_NUM_SLIDES: int(len(yte)), "tokens": int((cfg.resolution // encoder.patch_size) ** 2)})
+    write_json(out_dir / METRICS_FILE, metrics)
     test_ids = feats[feats.split == "test"].image_id.tolist()
-    with atomic_path(out_dir / "predictions.csv") as tmp:
+    with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
         provider = rois.groupby("image_id").data_provider.first() if "data_provider" in rois else None
         pd.DataFrame(
             {
@@ -97,6 +98,6 @@ def run_classify(cfg: DictConfig) -> dict:
 
 
 def format_metrics(metrics: dict) -> str:
-    keys = ["test/accuracy", "test/balanced_accuracy", "test/f1_weighted", "test/auroc", "test/kappa"]
+    keys = TEST_CLASSIFICATION_KEYS
     width = max(len(k) for k in keys)
     return "\n".join(f"  {k:<{width}}  {metrics[k]:.4f}" for k in keys)

@@ -18,10 +18,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.slides import list_slides
 from ..embeddings.slides import embed_slides
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
+from ..wsi.listing import list_slides
 
 log = logging.getLogger("hirespath.embed_slides")
 

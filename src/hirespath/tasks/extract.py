@@ -22,6 +22,7 @@ from ..data.panda import (
     panda_cache_dir,
 )
 from ..embeddings.cache import extract_embeddings, file_fingerprint
+from ..results import SKIPPED_FILE
 from ..utils.io import atomic_path
 
 log = logging.getLogger("hirespath.extract")
@@ -41,7 +42,7 @@ def cache_config_parts(cfg: DictConfig) -> dict:
 
 
 def write_skipped(skipped: pd.DataFrame, out_dir: Path) -> Path:
-    path = out_dir / "skipped.csv"
+    path = out_dir / SKIPPED_FILE
     with atomic_path(path) as tmp:
         skipped.to_csv(tmp, index=False)
     return path
@@ -107,7 +108,7 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path, check_splits: bool = Fals
     skipped = pd.concat([skipped, pd.DataFrame(emb["errors"], columns=["image_id", "reason"])], ignore_index=True)
     write_skipped(skipped, out_dir)
     if len(skipped):
-        log.warning("%d slides/ROIs skipped; see %s", len(skipped), out_dir / "skipped.csv")
+        log.warning("%d slides/ROIs skipped; see %s", len(skipped), out_dir / SKIPPED_FILE)
     return root, rois, emb, encoder
 
 

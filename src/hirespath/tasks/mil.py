@@ -32,15 +32,27 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..data.mil import MILDataModule, panda_slide_labels
 from ..data.panda import NUM_CLASSES
 from ..modules.mil import MONITOR_MODES, MILModule, read_attention, write_mil_outputs
+from ..results import (
+    EMBED_SECONDS_PER_SLIDE,
+    METRICS_FILE,
+    SKIPPED_FILE,
+    TEST_ACCURACY,
+    TEST_AUROC,
+    TEST_BALANCED_ACCURACY,
+    TEST_CLASSIFICATION_KEYS,
+    TEST_KAPPA,
+    TEST_LOSS,
+    TEST_NUM_SLIDES,
+)
 from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, exclusive_lock, write_json
+from ..utils.threads import dataloader_workers
 from ..utils.wandb import log_images
 
 log = logging.getLogger("hirespath.mil")
 
 COST_FILE = "embedding_cost.csv"  # per-slide embedding cost, kept in the features folder
 COST_COLUMNS = ["slide", "tiles", "seconds", "tissue_mm2", "device", "precision", "host", "time"]
-METRIC_KEYS = ("test/accuracy", "test/balanced_accuracy", "test/f1_weighted", "test/auroc", "test/kappa")
 
 
 # ----------------------------------------------------------------------------------------------- embedding
@@ -99,16 +111,16 @@ def _slide_path(root: Path, slide_id: str) -> Path:
 
 def embed_panda_slides(cfg: DictConfig, slide_ids: list[str]) -> tuple[Path, dict]:
     """Embed the slides (cached) with the composed encoder and ``cfg.tile``; returns (features folder, info)."""
-    from ..data.slides import SlideSpec
-    from ..embeddings import trident
     from ..embeddings.slides import embed_slides, is_finished
+    from ..wsi import trident_h5
+    from ..wsi.listing import SlideSpec
 
     root = Path(cfg.data.root)
     encoder = instantiate(cfg.encoder)
     features = str(cfg.embed.features)
     job_dir = Path(cfg.embed.job_dir)
-    tiling = trident.tiling_tag(float(cfg.tile.mpp), int(cfg.tile.size), int(cfg.tile.overlap))
-    feat_dir = job_dir / tiling / f"features_{trident.encoder_tag(encoder, features, cfg.backbone.weights)}"
+    tiling = trident_h5.tiling_tag(float(cfg.tile.mpp), int(cfg.tile.size), int(cfg.tile.overlap))
+    feat_dir = job_dir / tiling / f"features_{trident_h5.encoder_tag(encoder, features, cfg.backbone.weights)}"
     specs = [SlideSpec(s, _slide_path(root, s)) for s in slide_ids if _slide_path(root, s).is_file()]
     info = {"embed/slides_embedded": 0, "embed/seconds": 0.0}
     if not specs:
@@ -141,7 +153,7 @@ def embed_panda_slides(cfg: DictConfig, slide_ids: list[str]) -> tuple[Path, dic
 
 
 def _embedding_skips(job_dir: Path) -> dict[str, str]:
-    path = job_dir / "skipped.csv"
+    path = job_dir / SKIPPED_FILE
     if not path.is_file():
         return {}
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -192,6 +204,7 @@ def run_mil(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _monitor(cfg)
+    workers = dataloader_workers(cfg.data.num_workers, "data.num_workers")  # before any embedding work
     L.seed_everything(int(cfg.seed), workers=True)
     labels = panda_slide_labels(
         cfg.data.root,
@@ -210,7 +223,7 @@ def run_mil(cfg: DictConfig) -> dict:
         features_dir,
         labels,
         batch_size=int(cfg.data.batch_size),
-        num_workers=int(cfg.data.num_workers),
+        num_workers=workers,
         max_tiles_train=cfg.data.max_tiles_train,
         max_tiles_eval=cfg.data.max_tiles_eval,
         seed=int(cfg.seed),
@@ -229,10 +242,10 @@ def run_mil(cfg: DictConfig) -> dict:
         skipped["reason"] = [
             f"not embedded: {why[s]}" if s in why else r for s, r in zip(skipped.slide_id, skipped.reason)
         ]
-        with atomic_path(out_dir / "skipped.csv") as tmp:
+        with atomic_path(out_dir / SKIPPED_FILE) as tmp:
             skipped.to_csv(tmp, index=False)
         if len(skipped):
-            log.warning("%d labelled slides skipped; see %s", len(skipped), out_dir / "skipped.csv")
+            log.warning("%d labelled slides skipped; see %s", len(skipped), out_dir / SKIPPED_FILE)
 
     head = instantiate(cfg.head, in_features=dm.feature_dim, num_classes=NUM_CLASSES)
     module = MILModule(
@@ -256,20 +269,20 @@ def run_mil(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
 
-    metrics = {k: float(module.test_metrics[k]) for k in METRIC_KEYS}
-    metrics["test/loss"] = float(module.test_metrics.get("test/loss", float("nan")))
-    metrics["test/num_slides"] = len(module.test_results)
+    metrics = {k: float(module.test_metrics[k]) for k in TEST_CLASSIFICATION_KEYS}
+    metrics[TEST_LOSS] = float(module.test_metrics.get(TEST_LOSS, float("nan")))
+    metrics[TEST_NUM_SLIDES] = len(module.test_results)
     metrics["train/num_slides"] = int((dm.rows.split == "train").sum())
     metrics["features/dim"] = dm.feature_dim
     metrics["features/tiles_per_slide"] = float(dm.rows.n_tiles.mean())
     metrics["skipped_slides"] = len(dm.skipped)
     cost = read_embedding_cost(features_dir)
     cost = cost[cost.slide.isin(dm.rows.slide_id)]
-    metrics["embed/seconds_per_slide"] = float(cost.seconds.mean()) if len(cost) else float("nan")
+    metrics[EMBED_SECONDS_PER_SLIDE] = float(cost.seconds.mean()) if len(cost) else float("nan")
     metrics["embed/tiles_per_second"] = float(cost.tiles.sum() / cost.seconds.sum()) if len(cost) else float("nan")
     metrics["embed/slides_timed"] = len(cost)
     metrics.update(embed_info)
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / METRICS_FILE, metrics)
     write_mil_outputs(out_dir, module.test_results, NUM_CLASSES)
     if int(cfg.figures.num_slides):
         _heatmaps(cfg, out_dir, [str(r["slide_id"]) for r in module.test_results], loggers)
@@ -279,8 +292,8 @@ def run_mil(cfg: DictConfig) -> dict:
     log.info(
         "MIL %s on %s (%d test slides): kappa %.4f, balanced accuracy %.4f, accuracy %.4f, AUROC %.4f; "
         "embedding %.2f s per slide",
-        cfg.head.name, features_dir, metrics["test/num_slides"], metrics["test/kappa"],
-        metrics["test/balanced_accuracy"], metrics["test/accuracy"], metrics["test/auroc"],
-        metrics["embed/seconds_per_slide"],
+        cfg.head.name, features_dir, metrics[TEST_NUM_SLIDES], metrics[TEST_KAPPA],
+        metrics[TEST_BALANCED_ACCURACY], metrics[TEST_ACCURACY], metrics[TEST_AUROC],
+        metrics[EMBED_SECONDS_PER_SLIDE],
     )  # fmt: skip
     return metrics

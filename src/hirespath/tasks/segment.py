@@ -14,6 +14,7 @@ from ..data.segpath_datamodule import SegPathDataModule
 from ..heads.mask2former import SegmentationModel
 from ..models.backbones import check_resolution
 from ..modules.segmentation import SegmentationModule
+from ..results import METRICS_FILE, SKIPPED_FILE, TEST, TEST_DICE, TEST_IOU, TEST_MPA, TRAIN_PEAK_MEMORY_GB
 from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, write_json
 from ..utils.wandb import log_images
@@ -37,9 +38,9 @@ def run_segment(cfg: DictConfig) -> dict:
     dm: SegPathDataModule = instantiate(cfg.data, resolution=int(cfg.resolution), mean=encoder.mean, std=encoder.std)
     model: SegmentationModel = instantiate(cfg.head, encoder=encoder, num_classes=len(CELL_TYPES))
     if len(dm.skipped):
-        with atomic_path(out_dir / "skipped.csv") as tmp:
+        with atomic_path(out_dir / SKIPPED_FILE) as tmp:
             dm.skipped.to_csv(tmp, index=False)
-        log.warning("%d SegPath files skipped; see %s", len(dm.skipped), out_dir / "skipped.csv")
+        log.warning("%d SegPath files skipped; see %s", len(dm.skipped), out_dir / SKIPPED_FILE)
     module = SegmentationModule(model, **OmegaConf.to_container(cfg.optim, resolve=True))
     loggers = instantiate_list(cfg.get("logger"))
     callbacks = instantiate_list(cfg.get("callbacks"))
@@ -53,18 +54,18 @@ def run_segment(cfg: DictConfig) -> dict:
     trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False) if best else trainer.test(
         module, datamodule=dm
     )
-    metrics = {k: float(v) for k, v in getattr(module, "computed", {}).items() if k.startswith("test/")}
+    metrics = {k: float(v) for k, v in getattr(module, "computed", {}).items() if k.startswith(TEST)}
     if peak_gb is not None:
-        metrics["train/peak_memory_gb"] = peak_gb
+        metrics[TRAIN_PEAK_MEMORY_GB] = peak_gb
     if trainer.is_global_zero:
-        write_json(out_dir / "metrics.json", metrics)
+        write_json(out_dir / METRICS_FILE, metrics)
         paths = save_overlays(module, dm, out_dir)
         log_images(loggers, "segmentation", paths)
         log.info(
             "test metrics: MPA %.4f  IoU %.4f  Dice %.4f",
-            metrics.get("test/mpa", float("nan")),
-            metrics.get("test/iou", float("nan")),
-            metrics.get("test/dice", float("nan")),
+            metrics.get(TEST_MPA, float("nan")),
+            metrics.get(TEST_IOU, float("nan")),
+            metrics.get(TEST_DICE, float("nan")),
         )
     return metrics
 

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..modules.smoke_classifier import LinearClassifier
+from ..results import METRICS_FILE, TEST_ACCURACY
 from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, write_json
 from ..utils.wandb import log_config, log_images
@@ -61,12 +62,12 @@ def run_smoke(cfg: DictConfig) -> dict:
     metrics["world_size"] = trainer.world_size
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / "metrics.json", metrics)
+        write_json(out_dir / METRICS_FILE, metrics)
         log_images(loggers, "smoke/data", [_scatter_png(x[cut:], y[cut:], out_dir / "smoke_data.png")])
         log.info(
             "smoke: test accuracy %.3f (world size %d) → %s",
-            metrics["test/accuracy"],
+            metrics[TEST_ACCURACY],
             trainer.world_size,
-            out_dir / "metrics.json",
+            out_dir / METRICS_FILE,
         )
     return metrics

@@ -4,6 +4,9 @@ Measured on 2 cores (DESIGN.md, "CPU threads under load"): op-parallel PyTorch s
 descheduled thread, so with one other busy process sparse + pruning ran 4.53 s with 2 threads but 2.35 s with 1
 (dense: 15.7 s vs 16.9 s). The encoder's CPU tasks (models/cpu_tasks.py) take most of that stall away (README, "CPU
 bar under load"); the encoder still gets the cores busy readers leave free, never more than this process may use.
+
+Logging: the count a run starts with is one INFO line; the adaptive policy's re-choices (one per change, dozens in a
+run) are DEBUG, so they do not break the progress bars; their history is in the run's summary (``threads``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,18 @@ def encoder_threads(requested: int | None, busy_readers: int, cores: int | None 
             raise ValueError(f"threads must be ≥ 1 (or null for automatic), got {requested}")
         return min(int(requested), cores)
     return max(1, cores - max(0, int(busy_readers)))
+
+
+def dataloader_workers(requested: int | None, key: str = "num_workers", cap: int = 4, cores: int | None = None) -> int:
+    """DataLoader worker processes: ``requested``, or for None ``min(cap, cores − 1)`` (one core stays with the main
+    process; more workers than cores only contend, and torch warns about each loader). ``key`` names the setting in
+    the error."""
+    if requested is None:
+        return max(0, min(int(cap), (cores or available_cores()) - 1))
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+        raise ValueError(f"{key} must be an integer ≥ 0 (0: load in the main process) or null (automatic: "
+                         f"min({cap}, cores − 1)), got {requested!r}")  # fmt: skip
+    return requested
 
 
 @contextlib.contextmanager
@@ -104,7 +119,7 @@ class AdaptiveThreads:
         self.busy = busy if self.busy is None else 0.5 * self.busy + 0.5 * busy
         want = encoder_threads(None, min(self.readers, math.ceil(self.busy - 0.25)), self.cores)
         if want != self.n:
-            log.info("CPU threads: %d → %d intra-op (tile readers busy %.2f cores)", self.n, want, self.busy)
+            log.debug("CPU threads: %d → %d intra-op (tile readers busy %.2f cores)", self.n, want, self.busy)
             torch.set_num_threads(want)
             self.n = want
             self.chosen.append(want)

@@ -1,6 +1,10 @@
 """Attention heatmaps of slide-level MIL: each tile drawn at its level-0 coords over the slide thumbnail, coloured
 by its attention weight (by default its percentile within the slide, as CLAM's heatmaps, since a few tiles take
-most of the weight). Without the slide file the tiles are drawn on a white canvas of the coords' extent."""
+most of the weight). Without the slide file the tiles are drawn on a white canvas of the coords' extent.
+
+Tied weights share a colour (their mean percentile), and a slide whose weights are all equal (mean pooling's 1/n, or
+an attention head that gave every tile the same weight up to rounding) is drawn in one colour, titled as uniform:
+ranking equal numbers would paint a blue-to-red picture of nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.wsi import SlideError, open_slide
+from ..wsi.reader import SlideError, open_slide
 
 log = logging.getLogger("hirespath.viz")
 
@@ -34,17 +38,41 @@ def infer_tile_size(coords: np.ndarray) -> int | None:
     return min(steps) if steps else None
 
 
-def _scaled(attention: np.ndarray, scale: str) -> np.ndarray:
+UNIFORM_RTOL = 1e-4  # weights within this relative spread count as equal (float32 softmax rounding is ~1e-7)
+
+
+def is_uniform(attention: np.ndarray) -> bool:
+    """Every weight the same up to ``UNIFORM_RTOL`` of the largest."""
     a = np.asarray(attention, dtype=np.float64)
-    if len(a) == 1:
-        return np.ones(1)
+    return len(a) == 0 or float(a.max() - a.min()) <= UNIFORM_RTOL * float(np.abs(a).max())
+
+
+def _scaled(attention: np.ndarray, scale: str) -> np.ndarray:
+    """The colour values in [0, 1]: the weights' percentiles (ties share their mean rank) or min-max scaled; a
+    uniform slide gets 0.5 for every tile, so it shows in one colour whatever the scale."""
+    if scale not in ("percentile", "minmax"):
+        raise ValueError(f"scale must be 'percentile' or 'minmax', got {scale!r}")
+    a = np.asarray(attention, dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{int((~np.isfinite(a)).sum())} of {len(a)} attention weights are not finite")
+    if is_uniform(a):
+        return np.full(len(a), 0.5)
     if scale == "percentile":
-        ranks = a.argsort().argsort()
-        return ranks / (len(a) - 1)
-    if scale == "minmax":
-        span = a.max() - a.min()
-        return (a - a.min()) / span if span > 0 else np.ones_like(a)
-    raise ValueError(f"scale must be 'percentile' or 'minmax', got {scale!r}")
+        _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+        first = np.cumsum(counts) - counts  # rank of each distinct value's first occurrence in sorted order
+        return (first + (counts - 1) / 2)[inverse] / (len(a) - 1)
+    return (a - a.min()) / (a.max() - a.min())
+
+
+def tile_overlay(coords: np.ndarray, values: np.ndarray, shape: tuple[int, int], sx: float, sy: float, tile: int):
+    """An H×W array (``shape``) with each tile's value over its footprint (level-0 coords scaled by ``sx``, ``sy``)
+    and NaN where no tile lies; where tiles overlap the larger value shows."""
+    overlay = np.full(shape, np.nan)
+    for (x, y), v in zip(coords, values):
+        x0, y0 = int(x * sx), int(y * sy)
+        x1, y1 = max(x0 + 1, int(round((x + tile) * sx))), max(y0 + 1, int(round((y + tile) * sy)))
+        overlay[y0:y1, x0:x1] = np.fmax(overlay[y0:y1, x0:x1], v)
+    return overlay
 
 
 def _thumbnail(slide_path, max_side: int):
@@ -95,20 +123,19 @@ def attention_heatmap(
         s = max_side / max(w0, h0)
         image = np.full((max(1, round(h0 * s)), max(1, round(w0 * s)), 3), 255, dtype=np.uint8)
     sy, sx = image.shape[0] / h0, image.shape[1] / w0
-    overlay = np.full(image.shape[:2], np.nan)
-    value = _scaled(attention, scale)
-    for (x, y), v in zip(coords, value):
-        x0, y0 = int(x * sx), int(y * sy)
-        x1, y1 = max(x0 + 1, int(round((x + tile) * sx))), max(y0 + 1, int(round((y + tile) * sy)))
-        region = overlay[y0:y1, x0:x1]
-        overlay[y0:y1, x0:x1] = np.fmax(region, v)  # overlapping tiles: the larger weight shows
+    uniform = is_uniform(attention)
+    overlay = tile_overlay(coords, _scaled(attention, scale), image.shape[:2], sx, sy, tile)
     plt = _plt()
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(7, max(2.0, 7 * h / w)))
     try:
         ax.imshow(image)
         im = ax.imshow(np.ma.masked_invalid(overlay), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")
-        fig.colorbar(im, ax=ax, fraction=0.03, label="attention (percentile)" if scale == "percentile" else "attention")
+        if uniform:  # one colour: a colour bar would suggest a scale the weights do not have
+            title = f"{title or f'{len(coords)} tiles'}\nuniform attention: every tile weighted {attention[0]:.3g}"
+        else:
+            label = "attention (percentile)" if scale == "percentile" else "attention"
+            fig.colorbar(im, ax=ax, fraction=0.03, label=label)
         ax.set_title(title or f"{len(coords)} tiles", fontsize=9)
         ax.axis("off")
         fig.tight_layout()

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.wsi import ROI, SlideError, read_roi
 from ..utils.wandb import log_images
+from ..wsi.reader import SlideError
+from ..wsi.rois import ROI, read_roi
 
 log = logging.getLogger("hirespath.viz")
 

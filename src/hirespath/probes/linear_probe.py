@@ -1,7 +1,9 @@
-"""Linear probe on cached embeddings: a LightningModule (AdamW, early stopping on val) or UNI-style L-BFGS.
+"""Linear probes on cached embeddings, scikit-learn style: ``LinearProbeHead.fit(x, y)`` then ``predict_proba(x)``.
 
 ``LinearProbeHead`` is the head object ``conf/head/linear_probe.yaml`` builds (``hydra.utils.instantiate``): the
-same ``fit`` / ``predict_proba`` interface as ``KNNClassifier``, dispatching to its solver.
+same ``fit`` / ``predict_proba`` interface as ``KNNClassifier``, dispatching to its solver. The L-BFGS solvers live
+here; the AdamW solver trains the LightningModule ``hirespath.modules.linear_probe.LinearProbe`` (probes sit above
+modules: a probe may train a LightningModule, a module never imports a probe).
 """
 
 from __future__ import annotations
@@ -11,14 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..modules.linear_probe import feature_stats, train_linear_probe
+
 SOLVERS = ("adamw", "lbfgs", "uni")
-
-
-def feature_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-feature mean and std (floored; 1 for a single sample) used to standardise embeddings."""
-    x = x.float()
-    std = x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1], device=x.device)
-    return x.mean(0), std
 
 
 def fit_lbfgs(
@@ -126,8 +123,6 @@ class LinearProbeHead:
             xs, ys = torch.cat([x, val[0]]), torch.cat([y, val[1]])
             self.model = fit_uni_probe(xs, ys, num_classes, max_iter=int(self.max_iter))
         else:
-            from ..modules.linear_probe import train_linear_probe
-
             self.model = train_linear_probe(
                 (x, y),
                 val,

@@ -13,7 +13,7 @@ chunks hold ~256 KB instead of TRIDENT's single rows, so a 15k-tile file is not 
   ``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``overlap``, ``name``, ``savetodir``,
   ``level0_width``, ``level0_height`` (TRIDENT's), plus ``target_mpp``, ``level0_mpp``, ``stride_level0``,
   ``min_tissue``, ``tiling``. The magnifications are the unrounded ``10 / mpp`` (see
-  :mod:`hirespath.data.slides`), so ``round(patch_size · level0_magnification / target_magnification)`` is
+  :mod:`hirespath.wsi.tissue`), so ``round(patch_size · level0_magnification / target_magnification)`` is
   ``patch_size_level0``, the level-0 side that was read.
 * ``features`` float32 N×D (CLAM's models need float32). Attrs: ``name``, ``savetodir``, ``encoder`` (TRIDENT's),
   plus ``backbone``, ``attention``, ``window``, ``radius``, ``prune_ratio``, ``prune_layer``,
@@ -31,6 +31,9 @@ chunks hold ~256 KB instead of TRIDENT's single rows, so a 15k-tile file is not 
 Files are written under a temporary name in the same folder and renamed when complete (``os.replace``): a killed
 job never leaves a file a rerun would take as finished. CLAM's loader (``h5py.File(path)['features'][:]``) and
 TRIDENT's ``read_coords`` read them as they are.
+
+Reading (:func:`read_features`, :func:`read_coords`, :func:`inspect_features`) accepts what TRIDENT and CLAM write
+too, with one tolerance policy (see "reading" below); the MIL data reads its bags through it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..utils.errors import InputError
 from ..utils.io import _umask
 
 CHUNK_BYTES = 1 << 18
@@ -139,7 +143,7 @@ def encoder_attrs(
 
 
 def coords_attrs(grid, *, name: str, savetodir: str | os.PathLike, tiling: str) -> dict:
-    """The ``coords`` dataset's attributes for a :class:`~hirespath.data.slides.TileGrid` (TRIDENT's + ours)."""
+    """The ``coords`` dataset's attributes for a :class:`~hirespath.wsi.tissue.TileGrid` (TRIDENT's + ours)."""
     return {
         "patch_size": int(grid.tile_size),
         "patch_size_level0": int(grid.patch_size_level0),
@@ -162,7 +166,7 @@ def coords_attrs(grid, *, name: str, savetodir: str | os.PathLike, tiling: str) 
 # writing
 
 
-def _attr(value):
+def _to_attr(value):
     """TRIDENT's save_h5 conventions: dicts as JSON, None as 'None'; paths and non-numeric lists as strings/JSON."""
     if value is None:
         return "None"
@@ -178,7 +182,7 @@ def _attr(value):
 def _set_attrs(dset, attrs: dict | None) -> None:
     for k, v in (attrs or {}).items():
         try:
-            dset.attrs[k] = _attr(v)
+            dset.attrs[k] = _to_attr(v)
         except TypeError as err:
             raise TypeError(f"cannot store attribute {k}={v!r} on {dset.name}: {err}") from err
 
@@ -326,27 +330,81 @@ def write_features_h5(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reading
+# reading: one tolerance policy for every reader (the MIL bags, read_features, the engine's patches files), so a
+# file TRIDENT, CLAM or hirespath wrote reads the same whichever code reads it:
+# - ``features`` N×D, or 1×N×D (some writers keep a batch axis); any float dtype is returned as float32;
+# - ``coords`` N×2 int64, or −1s when the file has none (CLAM's legacy files may not);
+# - attrs as plain Python: bytes → str, numpy scalars → int/float, TRIDENT's 'None' → None (JSON dicts stay text).
+
+READ_CHUNK_ROWS = 4096  # rows per read when a whole features dataset is scanned (bounded memory)
 
 
-def _decode(value):
-    return value.decode() if isinstance(value, bytes) else value
+def _from_attr(value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return None if isinstance(value, str) and value == "None" else value
+
+
+def _attrs(dset) -> dict:
+    return {k: _from_attr(v) for k, v in dset.attrs.items()}
+
+
+def _features_dataset(f: h5py.File, path: Path) -> tuple[h5py.Dataset, tuple[int, int]]:
+    """The ``features`` dataset and its (tiles, dim), a leading axis of 1 dropped."""
+    ds = f.get("features")
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(
+            f"{path}: no 'features' dataset (has {sorted(f.keys())}); expected a TRIDENT/CLAM feature file"
+        )
+    if ds.ndim == 3 and ds.shape[0] == 1:
+        return ds, ds.shape[1:]
+    if ds.ndim != 2:
+        raise InputError(f"{path}: 'features' has shape {ds.shape}; expected N×D (tiles × feature dimension)")
+    return ds, ds.shape
+
+
+def _feature_rows(ds: h5py.Dataset, start: int = 0, stop: int | None = None) -> np.ndarray:
+    rows = ds[0, start:stop] if ds.ndim == 3 else ds[start:stop]
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _coords(f: h5py.File, path: Path, n: int) -> tuple[np.ndarray, dict]:
+    """(coords N×2 int64, their attrs); −1s and no attrs when the file has no ``coords``."""
+    if "coords" not in f:
+        return np.full((n, 2), -1, dtype=np.int64), {}
+    ds = f["coords"]
+    if ds.ndim != 2 or ds.shape[1] != 2:
+        raise InputError(f"{path}: 'coords' has shape {ds.shape}; expected N×2 level-0 (x, y)")
+    if ds.shape[0] != n:
+        raise InputError(f"{path}: {n} feature rows but {ds.shape[0]} coords; the file is inconsistent")
+    return np.asarray(ds[:], dtype=np.int64), _attrs(ds)
 
 
 def read_coords(path: str | os.PathLike) -> tuple[dict, np.ndarray]:
-    """(attrs, coords) as TRIDENT's ``read_coords`` returns them (attrs as stored: JSON and 'None' left as text)."""
+    """(attrs, coords) of a patches or features file, as TRIDENT's ``read_coords`` returns them (attrs decoded by
+    the policy above); InputError when the file has no N×2 ``coords``."""
+    path = Path(path)
     with h5py.File(path, "r") as f:
-        return {k: _decode(v) for k, v in f["coords"].attrs.items()}, f["coords"][:]
+        if "coords" not in f:
+            raise InputError(f"{path}: no 'coords' dataset (has {sorted(f.keys())})")
+        coords, attrs = _coords(f, path, f["coords"].shape[0])
+    return attrs, coords
 
 
 def read_features(path: str | os.PathLike, tokens: bool = False) -> dict:
-    """``features`` (N×D float32), ``coords``, both datasets' attributes, and with ``tokens`` the token datasets."""
+    """One slide's ``features`` (N×D float32), ``coords`` (N×2 int64; −1 where the file has none), both datasets'
+    attributes (``features_attrs``, ``coords_attrs``), and with ``tokens`` the token datasets."""
+    path = Path(path)
     with h5py.File(path, "r") as f:
+        ds, (n, _dim) = _features_dataset(f, path)
+        coords, coords_attrs = _coords(f, path, n)
         out = {
-            "features": f["features"][:],
-            "coords": f["coords"][:],
-            "features_attrs": {k: _decode(v) for k, v in f["features"].attrs.items()},
-            "coords_attrs": {k: _decode(v) for k, v in f["coords"].attrs.items()},
+            "features": _feature_rows(ds),
+            "coords": coords,
+            "features_attrs": _attrs(ds),
+            "coords_attrs": coords_attrs,
         }
         if tokens:
             if "tokens" not in f:
@@ -355,6 +413,26 @@ def read_features(path: str | os.PathLike, tokens: bool = False) -> dict:
                 tokens=f["tokens"][:], token_positions=f["token_positions"][:], token_offsets=f["token_offsets"][:]
             )
     return out
+
+
+def inspect_features(path: str | os.PathLike, count_nonfinite: bool = True) -> dict:
+    """What a features file holds, without keeping it in memory: ``n_tiles``, ``dim``, ``features_attrs``,
+    ``coords_attrs``, ``tile_size`` (coords attr ``patch_size_level0``, else None) and ``nonfinite`` (NaN/inf
+    values among the features, read in chunks; 0 when not counted). Raises InputError / OSError for a file the
+    readers cannot use (the same checks :func:`read_features` makes)."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        ds, (n, dim) = _features_dataset(f, path)
+        _, coords_attrs = _coords(f, path, n)  # checked as read_features checks them (N×2 int64: small)
+        info = {"n_tiles": int(n), "dim": int(dim), "features_attrs": _attrs(ds), "coords_attrs": coords_attrs}
+        nonfinite = 0
+        if count_nonfinite:
+            for start in range(0, n, READ_CHUNK_ROWS):
+                nonfinite += int((~np.isfinite(_feature_rows(ds, start, start + READ_CHUNK_ROWS))).sum())
+    size = info["coords_attrs"].get("patch_size_level0")
+    info["tile_size"] = int(size) if size is not None else None
+    info["nonfinite"] = nonfinite
+    return info
 
 
 def read_tile_tokens(path: str | os.PathLike, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,10 +26,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from ..data.slides import SlideTileDataset, tile_grid
 from ..embeddings.slides import BACKGROUND, STAGES, TileEncoder, embed_slides
 from ..models.backbones import build_timm_model, get_backbone
 from ..utils.io import atomic_path
+from ..wsi.tile_readers import SlideTileDataset
+from ..wsi.tissue import tile_grid
 from .costmodel import encoder_cost
 from .measure import configs_from
 from .spec import BenchConfig, wrap_encoder
@@ -45,7 +46,7 @@ COLUMNS = [
 
 
 @dataclass
-class EmbedConfig(BenchConfig):
+class ThroughputConfig(BenchConfig):
     """A tiling + attention configuration: one row of the embedding benchmark."""
 
     tile_size: int = 1792
@@ -56,7 +57,7 @@ class EmbedConfig(BenchConfig):
         return f"{self.tile_size} px, {super().label}" + (f" [{self.reader} reader]" if self.reader else "")
 
 
-def embed_configs_from(cfg) -> list[EmbedConfig]:
+def embed_configs_from(cfg) -> list[ThroughputConfig]:
     """``slides.compare`` entries (tile_size, reader + the keys of the benchmark's ``compare``) over the composed
     groups."""
     base = asdict(configs_from(OmegaConf.merge(cfg, {"compare": None}))[0])
@@ -68,7 +69,7 @@ def embed_configs_from(cfg) -> list[EmbedConfig]:
             raise ValueError(
                 f"slides.compare entry {dict(item)} has unknown keys {sorted(unknown)}; valid: {sorted(base)}"
             )
-        out.append(EmbedConfig(**{**base, **item}))
+        out.append(ThroughputConfig(**{**base, **item}))
     return out
 
 
@@ -100,7 +101,7 @@ def _encoder_only_seconds(tile_encoder: TileEncoder, images: torch.Tensor, batch
 
 def benchmark_embedding(
     slide,
-    configs: list[EmbedConfig],
+    configs: list[ThroughputConfig],
     *,
     backbone: str,
     overrides: dict | None = None,

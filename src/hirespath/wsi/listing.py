@@ -1,0 +1,134 @@
+"""Which slides a run processes: a folder of slide files or a CSV list (TRIDENT's ``--custom_list_of_wsis``),
+with an optional per-slide ``mpp`` column; each slide's id is its file stem (the output files' names)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..utils.errors import InputError
+
+log = logging.getLogger("hirespath.slides")
+
+# What OpenSlide (and tiffslide) open as one file. DICOM is left out on purpose: a DICOM slide is a folder of
+# .dcm files (one per level), so globbing them would list each level as a slide; pass extensions=(".dcm",) with
+# a CSV naming one file per slide instead.
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+COMPOUND_EXTENSIONS = (".ome.tiff", ".ome.tif")
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """One slide to process: id (file stem, the output file names), path, and an mpp overriding the slide's."""
+
+    slide_id: str
+    path: Path
+    mpp: float | None = None
+
+
+def slide_id_of(path: str | os.PathLike) -> str:
+    """File name without its extension; ``x.ome.tiff`` → ``x`` (TRIDENT's compound-extension rule)."""
+    name = Path(path).name
+    for ext in COMPOUND_EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def _check_unique(specs: list[SlideSpec]) -> list[SlideSpec]:
+    seen: dict[str, Path] = {}
+    for s in specs:
+        if s.slide_id in seen:
+            raise InputError(
+                f"two slides have the id {s.slide_id!r} (the file stem names the output files): "
+                f"{seen[s.slide_id]} and {s.path}; rename one or list only one of them"
+            )
+        seen[s.slide_id] = s.path
+    return specs
+
+
+def _parse_mpp(value, where: str) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
+        return None
+    try:
+        mpp = float(value)
+    except ValueError:
+        mpp = float("nan")
+    if not (mpp > 0 and math.isfinite(mpp)):
+        raise InputError(f"{where}: mpp {value!r} is not a positive number of microns per pixel (e.g. 0.25, 0.5)")
+    return mpp
+
+
+def list_slides(
+    wsi_dir: str | os.PathLike | None = None,
+    slides_csv: str | os.PathLike | None = None,
+    extensions: tuple[str, ...] = SLIDE_EXTENSIONS,
+    recursive: bool = False,
+) -> list[SlideSpec]:
+    """The slides of ``wsi_dir`` (files with one of ``extensions``, sorted) or of a CSV list.
+
+    The CSV (TRIDENT's ``--custom_list_of_wsis``) has a column ``wsi`` or ``path``, relative to ``wsi_dir`` when
+    given (else to the CSV's folder), and optionally ``mpp`` overriding the slide's own microns per pixel (empty
+    cells keep it). Listed files that do not exist stay in the list: the engine skips them as "missing file" and
+    lists them in skipped.csv, so one typo does not stop a long run. Two slides with the same id are an error.
+    """
+    if slides_csv is None and wsi_dir is None:
+        raise InputError("list_slides needs wsi_dir (a folder of slides) or slides_csv (a CSV with a 'wsi' column)")
+    if slides_csv is not None:
+        slides_csv = Path(slides_csv)
+        if not slides_csv.is_file():
+            raise InputError(
+                f"slides={slides_csv}: no such file; give a CSV with a column 'wsi' (or 'path') naming the slide "
+                "files, and optionally 'mpp'"
+            )
+        try:
+            table = pd.read_csv(slides_csv)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise InputError(f"slides={slides_csv}: not a readable CSV ({err})") from err
+        col = "wsi" if "wsi" in table.columns else "path" if "path" in table.columns else None
+        if col is None:
+            raise InputError(
+                f"{slides_csv}: needs a column 'wsi' or 'path' naming the slide files; it has {list(table.columns)}"
+            )
+        base = Path(wsi_dir) if wsi_dir is not None else slides_csv.parent
+        specs = []
+        for i, row in table.iterrows():
+            if pd.isna(row[col]) or not str(row[col]).strip():
+                raise InputError(f"{slides_csv}, row {i + 2}: empty {col!r}")
+            path = Path(str(row[col]).strip())
+            path = path if path.is_absolute() else base / path
+            mpp = _parse_mpp(row["mpp"], f"{slides_csv}, row {i + 2} ({path.name})") if "mpp" in table else None
+            specs.append(SlideSpec(slide_id_of(path), path, mpp))
+        if not specs:
+            raise InputError(f"{slides_csv} lists no slides")
+        missing = [str(s.path) for s in specs if not s.path.is_file()]
+        if missing:
+            log.warning(
+                "%d of %d listed slides do not exist (they will be skipped), e.g. %s",
+                len(missing),
+                len(specs),
+                missing[:3],
+            )
+        return _check_unique(specs)
+    root = Path(wsi_dir)
+    if not root.is_dir():
+        raise InputError(f"wsi_dir={root} is not a folder")
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    files = sorted(
+        p
+        for p in (root.rglob("*") if recursive else root.iterdir())
+        if p.is_file() and p.name.lower().endswith(exts) and not p.name.startswith(".")
+    )
+    if not files:
+        raise InputError(f"no slides in {root} (looked for {', '.join(exts)}{', recursively' if recursive else ''})")
+    return _check_unique([SlideSpec(slide_id_of(p), p) for p in files])
+
+
+def as_specs(slides) -> list[SlideSpec]:
+    """Paths or SlideSpecs → SlideSpecs (ids checked unique)."""
+    return _check_unique([s if isinstance(s, SlideSpec) else SlideSpec(slide_id_of(s), Path(s)) for s in slides])

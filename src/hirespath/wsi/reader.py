@@ -1,0 +1,252 @@
+"""Opening a slide (OpenSlide, tiffslide fallback), its microns per pixel and levels, and reading its pixels.
+
+Every read error of a slide becomes a :class:`SlideError` whose message says what is wrong in the user's words
+(a truncated copy, a corrupt file, no mpp): the run skips the slide and lists the reason in skipped.csv.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger("hirespath.wsi")
+
+# a level whose downsample is within 1 % above the needed one is read and upsampled by ≤ 1 % (SVS levels are
+# 4.0002×, 16.001×…): reading the next finer level instead would cost 4–16× the pixels for no detail
+LEVEL_TOLERANCE = 0.01
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif")
+
+
+class SlideError(Exception):
+    """A slide that cannot be used (unreadable, no mpp, no tissue); the run skips it and lists the reason."""
+
+
+def _first_ifd_offset(path: Path) -> int | None:
+    """The offset of the first image directory from the TIFF header (classic or BigTIFF), or None if not a TIFF."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if len(head) < 8 or head[:2] not in (b"II", b"MM"):
+        return None
+    order = "<" if head[:2] == b"II" else ">"
+    magic = struct.unpack(order + "H", head[2:4])[0]
+    if magic == 42:
+        return struct.unpack(order + "I", head[4:8])[0]
+    if magic == 43 and len(head) >= 16:
+        return struct.unpack(order + "Q", head[8:16])[0]
+    return None
+
+
+def truncation(path: str | Path) -> str | None:
+    """Why a TIFF is truncated (its first directory or its tiles lie past the end of the file), or None (not a
+    TIFF, or complete).
+
+    A truncated copy otherwise shows as a decoder error ("Empty input file", "index 0 out of range(0)") or, when
+    only the small pyramid levels are cut, as a slide without tissue."""
+    path = Path(path)
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return None
+    try:
+        size = path.stat().st_size
+        first = _first_ifd_offset(path)
+        if first is not None and first >= size:
+            return (  # a cut copy, or not a TIFF at all: the header alone cannot tell
+                f"cannot read {path.name}: the file is truncated or corrupt ({size} bytes, but its first image "
+                f"directory starts at byte {first}); copy it again"
+            )
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            end = max(
+                (o + n for page in tif.pages for o, n in zip(page.dataoffsets, page.databytecounts) if n),
+                default=0,
+            )
+    except Exception:  # noqa: BLE001 — not a TIFF tifffile can parse: left to the readers' own errors
+        return None
+    if end > size:
+        return f"truncated file {path.name}: {size} bytes, but its image data reaches byte {end}; copy it again"
+    return None
+
+
+def unreadable(path: str | Path | None, err: BaseException) -> SlideError:
+    """The SlideError for a slide whose pixels or metadata could not be read: the truncation when that is why,
+    else "cannot read <file>: the file is truncated or corrupt (<the reader's error>)"."""
+    if isinstance(err, SlideError):
+        return err
+    path = Path(path) if path is not None else None
+    cut = truncation(path) if path is not None and path.is_file() else None
+    name = path.name if path is not None else "the slide"
+    return SlideError(cut or f"cannot read {name}: the file is truncated or corrupt ({type(err).__name__}: {err})")
+
+
+def open_slide(path: str | Path):
+    """Open a slide with OpenSlide, or tiffslide where OpenSlide is missing or refuses the file.
+
+    The handle's metadata (properties, levels) is read here, so a file that opens but has no readable image
+    directory fails now with a SlideError naming the file, not later with a decoder's IndexError."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"missing file {path}")
+    errors = []
+    try:
+        import openslide
+
+        return openslide.OpenSlide(str(path))
+    except Exception as err:  # noqa: BLE001 — OpenSlide raises several types for unreadable files
+        errors.append(f"openslide: {err}")
+    try:
+        import tiffslide
+
+        slide = tiffslide.TiffSlide(str(path))
+    except Exception as err:  # noqa: BLE001
+        errors.append(f"tiffslide: {err}")
+        raise SlideError(truncation(path) or f"cannot read {path.name}: " + "; ".join(errors)) from err
+    try:  # tiffslide opens lazily: touch what every caller needs
+        _ = slide.properties, slide.dimensions, slide.level_downsamples
+    except Exception as err:  # noqa: BLE001 — tifffile raises IndexError, KeyError, ValueError... here
+        slide.close()
+        raise unreadable(path, err) from err
+    return slide
+
+
+def on_white(region: Image.Image) -> Image.Image:
+    """RGBA from read_region → RGB with transparent pixels (outside the scan, alpha-masked) white, not black."""
+    if region.mode != "RGBA":
+        return region.convert("RGB")
+    return Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region).convert("RGB")
+
+
+def slide_path(slide) -> Path | None:
+    """The file an open OpenSlide/TiffSlide reads (for error messages), or None."""
+    name = getattr(slide, "_filename", None)  # OpenSlide
+    if name is None:  # tiffslide
+        name = getattr(getattr(getattr(slide, "_tifffile", None), "filehandle", None), "path", None)
+    return Path(name) if name else None
+
+
+def read_region(slide, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+    """``slide.read_region`` as RGB on white; a decoder error becomes :func:`unreadable`'s SlideError."""
+    try:
+        return on_white(slide.read_region(location, level, size))
+    except Exception as err:  # noqa: BLE001 — corrupt tiles surface as many exception types
+        raise unreadable(slide_path(slide), err) from err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# microns per pixel, levels, thumbnail
+
+
+def slide_mpp(slide, default: float | None = None) -> float:
+    """Microns per pixel at level 0, from OpenSlide/tiffslide properties (TIFF resolution tags), else ``default``."""
+    props = slide.properties
+    for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
+        value = props.get(key)
+        if value not in (None, "", "0"):
+            mpp = float(value)
+            if mpp > 0:
+                return mpp
+    if default:
+        log.warning("no microns-per-pixel in the TIFF tags; using data.default_mpp=%g", default)
+        return float(default)
+    raise SlideError("no microns-per-pixel in the slide's metadata (TIFF resolution tags); set data.default_mpp")
+
+
+def level0_mpp(slide, override: float | None = None, default: float | None = None) -> float:
+    """Level-0 µm/px: ``override`` (a slide list's mpp), else the slide's metadata (OpenSlide/tiffslide mpp, then
+    the TIFF resolution tags in cm or inch), else ``default``; none of them → SlideError("no mpp ...")."""
+    if override:
+        return float(override)
+    try:
+        return slide_mpp(slide)
+    except SlideError:
+        pass
+    props = slide.properties
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    try:
+        res = float(props.get("tiff.XResolution") or 0)
+    except ValueError:
+        res = 0.0
+    per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    # 72/96 dpi are image-editor defaults, not scans: only microscope-like values count
+    if per_unit and res > 0 and 0.01 < per_unit / res < 50:
+        return per_unit / res
+    if default:
+        return float(default)
+    raise SlideError(
+        "no mpp: the slide's metadata has no microns per pixel (openslide.mpp-x, tiffslide.mpp-x or TIFF "
+        "resolution tags); set data.default_mpp=<µm/px> (e.g. data.default_mpp=0.5 for a 20x scan) or give it "
+        "a value in the mpp column of the slides= CSV"
+    )
+
+
+def best_level(level_downsamples, downsample: float, tolerance: float = LEVEL_TOLERANCE) -> int:
+    """The coarsest level whose downsample is ≤ ``downsample`` (OpenSlide's get_best_level_for_downsample, with
+    ``tolerance`` so a 4.0002× level serves a 4× request)."""
+    fits = [i for i, d in enumerate(level_downsamples) if d <= downsample * (1 + tolerance)]
+    return max(fits, key=lambda i: level_downsamples[i]) if fits else 0
+
+
+def read_thumbnail(slide, max_side: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
+    """RGB of the coarsest level (transparent → white), shrunk by an integer factor in strips until its long side
+    is ≤ ``max_side`` (a one-level slide is never read whole). Returns (image, level-0 px per image px in x, y)."""
+    level = slide.level_count - 1
+    w, h = slide.level_dimensions[level]
+    d = float(slide.level_downsamples[level])
+    f = max(1, math.ceil(max(w, h) / max_side))
+    if f == 1:
+        img = np.asarray(read_region(slide, (0, 0), level, (w, h)))
+    else:
+        rows_per_strip = f * max(1, (32 << 20) // (4 * w * f))
+        out_w = max(1, w // f)
+        strips = []
+        for y0 in range(0, h, rows_per_strip):
+            sh = min(rows_per_strip, h - y0)
+            strip = read_region(slide, (0, round(y0 * d)), level, (w, sh))
+            strips.append(np.asarray(strip.resize((out_w, max(1, round(sh / f))), Image.BOX)))
+        img = np.concatenate(strips, 0)
+    W, H = slide.dimensions
+    return img, (W / img.shape[1], H / img.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiles
+
+
+def read_tile_region(slide, x: int, y: int, size0: int, level: int) -> Image.Image:
+    """The level-0 square (x, y, size0) read at ``level`` as RGB; what lies beyond the slide is white (padded,
+    never stretched: the in-slide part is read and pasted into a white canvas of the full tile's size)."""
+    d = float(slide.level_downsamples[level])
+    W, H = slide.dimensions
+    side = max(1, round(size0 / d))
+    x0, y0 = max(int(x), 0), max(int(y), 0)
+    x1, y1 = min(int(x) + size0, W), min(int(y) + size0, H)
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    if x1 <= x0 or y1 <= y0:
+        return canvas
+    lw, lh = slide.level_dimensions[level]
+    ox, oy = round((x0 - x) / d), round((y0 - y) / d)
+    w = min(max(1, round((x1 - x0) / d)), side - ox, lw - int(x0 / d))
+    h = min(max(1, round((y1 - y0) / d)), side - oy, lh - int(y0 / d))
+    if w <= 0 or h <= 0:
+        return canvas
+    if (w, h) == (side, side) and (ox, oy) == (0, 0):
+        return read_region(slide, (x0, y0), level, (w, h))
+    canvas.paste(read_region(slide, (x0, y0), level, (w, h)), (ox, oy))
+    return canvas
+
+
+def resize_tile(region: Image.Image, tile_size: int) -> np.ndarray:
+    """Resize (antialiased, bicubic) to ``tile_size``² and return uint8 H×W×3."""
+    if region.size != (tile_size, tile_size):
+        region = region.resize((tile_size, tile_size), Image.BICUBIC, reducing_gap=None)
+    return np.array(region)  # a writable copy: torch.from_numpy warns on PIL's read-only buffer
+
+
+def read_tile(slide, x: int, y: int, size0: int, tile_size: int, level: int | None = None) -> np.ndarray:
+    """One tile as uint8 H×W×3 at ``tile_size`` px (level: the best for the needed downsample when None)."""
+    level = best_level(slide.level_downsamples, size0 / tile_size) if level is None else level
+    return resize_tile(read_tile_region(slide, x, y, size0, level), tile_size)

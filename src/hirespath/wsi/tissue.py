@@ -1,0 +1,202 @@
+"""Tissue on a slide's thumbnail and the grid of large tiles kept for a run, at a target µm/px.
+
+The grid follows TRIDENT's patcher (``trident/wsi_objects/WSIPatcher.py``) so our coordinate files mean what
+theirs mean: level-0 top-left (x, y) of every tile, in raster order, stride ``patch_size_level0 − overlap_level0``
+from (0, 0), columns and rows until the slide's width and height are covered (the last tiles may reach past the
+edge). Unlike TRIDENT, the scale is the exact ``tile_mpp / slide_mpp`` (TRIDENT rounds both magnifications to
+40x/20x/…, so its "20x" tiles of a 0.2527 µm/px slide are 0.5054 µm/px): a tile of ``tile_size`` px at
+``tile_mpp`` covers ``patch_size_level0 = round(tile_size · tile_mpp / slide_mpp)`` level-0 pixels, the region
+that is actually read. Writing ``level0_magnification = 10 / slide_mpp`` and ``target_magnification = 10 /
+tile_mpp`` (unrounded) into the coordinate files makes TRIDENT's own formula ``round(patch_size ·
+level0_magnification / target_magnification)`` give the same integer, so its readers and patchers re-read exactly
+our tiles; the float side differs from that integer by at most half a level-0 pixel.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..utils.errors import InputError
+from .reader import SlideError, best_level, level0_mpp, open_slide, read_thumbnail
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values (between-class variance maximum)."""
+    hist = np.bincount(values.ravel().astype(np.uint8), minlength=256).astype(np.float64)
+    prob = hist / max(hist.sum(), 1)
+    omega = np.cumsum(prob)
+    mu = np.cumsum(prob * np.arange(256))
+    mu_t = mu[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma_b = (mu_t * omega - mu) ** 2 / (omega * (1 - omega))
+    sigma_b = np.nan_to_num(sigma_b)
+    return float(np.argmax(sigma_b))
+
+
+def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
+    """Tissue = saturation above Otsu's threshold (and above a floor, so a blank slide has none)."""
+    rgb = rgb[..., :3].astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0) * 255
+    sat = sat.astype(np.uint8)
+    # not tissue: near-black (scanner fill, black pen) and green/blue ink. H&E is red-dominant: green above red
+    # is never stain; blue far above red is marker ink (dense hematoxylin stays within ~40 of red at thumbnail scale)
+    dark = mx <= 50
+    pen = (g > r + 10) | (b > r + 60)
+    sat[dark] = 0  # background for Otsu, never tissue
+    if pen.all():
+        return np.zeros(sat.shape, bool)
+    thr = max(otsu_threshold(sat[~pen]), min_saturation)
+    return ~pen & ~dark & (sat > thr)
+
+
+@dataclass
+class TileGrid:
+    """The tiles of one slide kept for embedding, with what the h5 files and thumbnails need."""
+
+    coords: np.ndarray  # N×2 int64 level-0 top-left (x, y), raster order
+    tile_size: int  # px of the encoder's input (TRIDENT's patch_size)
+    tile_mpp: float  # µm/px of the encoder's input
+    overlap: int  # px at tile_mpp between neighbouring tiles
+    slide_mpp: float  # level-0 µm/px
+    patch_size_level0: int  # level-0 px read per tile: round(tile_size · tile_mpp / slide_mpp)
+    stride_level0: int  # level-0 px between tiles: patch_size_level0 − round(overlap · tile_mpp / slide_mpp)
+    level0_size: tuple[int, int]  # (width, height)
+    read_level: int  # pyramid level the tiles are read from
+    read_downsample: float  # its downsample
+    grid_shape: tuple[int, int]  # (rows, cols) of the full grid before the tissue filter
+    tissue_fraction: np.ndarray  # N tissue fraction of each kept tile (outside the slide counts as glass)
+    tissue_area_mm2: float  # tissue on the mask
+    min_tissue: float
+    mask: np.ndarray | None = field(default=None, repr=False)  # tissue mask (bool) on the thumbnail
+    mask_downsample: tuple[float, float] = (1.0, 1.0)  # level-0 px per mask px (x, y)
+    thumbnail: np.ndarray | None = field(default=None, repr=False)  # RGB the mask was computed on
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @property
+    def level0_magnification(self) -> float:
+        return 10.0 / self.slide_mpp
+
+    @property
+    def target_magnification(self) -> float:
+        return 10.0 / self.tile_mpp
+
+
+def check_tiling(tile_size: int, tile_mpp: float, overlap: int = 0, min_tissue: float = 0.25) -> None:
+    """Clear errors for a tiling that cannot work, before any slide is opened."""
+    if not (isinstance(tile_size, numbers.Integral) and tile_size > 0):
+        raise InputError(f"tile_size must be a positive integer of pixels, got {tile_size!r}")
+    if not (isinstance(tile_mpp, numbers.Real) and tile_mpp > 0 and math.isfinite(tile_mpp)):
+        raise InputError(f"tile_mpp must be a positive number of µm per pixel (0.5 = 20x), got {tile_mpp!r}")
+    if not (isinstance(overlap, numbers.Integral) and 0 <= overlap < tile_size):
+        raise InputError(f"overlap must be an integer in [0, tile_size={tile_size}), got {overlap!r}")
+    if not (0 <= min_tissue <= 1):
+        raise InputError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}")
+
+
+def tile_size_level0(tile_size: int, tile_mpp: float, slide_mpp: float) -> int:
+    """TRIDENT's ``round(patch_size · level0_mag / target_mag)`` with the unrounded magnifications 10/mpp."""
+    return max(1, round(tile_size * (10.0 / slide_mpp) / (10.0 / tile_mpp)))
+
+
+def tissue_fractions(
+    mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray, side0: int
+) -> np.ndarray:
+    """Fraction of each level-0 square (x, y, side0) that is tissue on ``mask``; outside the mask counts as glass."""
+    h, w = mask.shape
+    ii = np.pad(mask.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    dx, dy = mask_downsample
+    x0 = np.round(coords[:, 0] / dx).astype(np.int64)
+    y0 = np.round(coords[:, 1] / dy).astype(np.int64)
+    x1 = np.maximum(x0 + 1, np.round((coords[:, 0] + side0) / dx).astype(np.int64))
+    y1 = np.maximum(y0 + 1, np.round((coords[:, 1] + side0) / dy).astype(np.int64))
+    cx0, cx1, cy0, cy1 = (np.clip(a, 0, n) for a, n in ((x0, w), (x1, w), (y0, h), (y1, h)))
+    inside = ii[cy1, cx1] - ii[cy0, cx1] - ii[cy1, cx0] + ii[cy0, cx0]
+    return inside / ((x1 - x0) * (y1 - y0)).astype(np.float64)
+
+
+def tile_grid(
+    slide,
+    tile_size: int,
+    tile_mpp: float,
+    overlap: int = 0,
+    min_tissue: float = 0.25,
+    *,
+    mpp: float | None = None,
+    default_mpp: float | None = None,
+    mask_max_side: int = 2048,
+    keep_images: bool = True,
+) -> TileGrid:
+    """Tissue on the coarsest level, then the regular grid of ``tile_size`` px tiles at ``tile_mpp`` µm/px over the
+    whole slide; tiles with tissue fraction ≥ ``min_tissue`` (and > 0) are kept.
+
+    ``slide``: an open OpenSlide/TiffSlide or a path. ``mpp`` overrides the slide's level-0 µm/px,
+    ``default_mpp`` is used only when the slide has none. SlideError when there is no mpp, no tissue, or no tile
+    holds enough of it.
+    """
+    check_tiling(tile_size, tile_mpp, overlap, min_tissue)
+    if isinstance(slide, (str, os.PathLike)):
+        handle = open_slide(slide)
+        try:
+            return tile_grid(
+                handle,
+                tile_size,
+                tile_mpp,
+                overlap,
+                min_tissue,
+                mpp=mpp,
+                default_mpp=default_mpp,
+                mask_max_side=mask_max_side,
+                keep_images=keep_images,
+            )
+        finally:
+            handle.close()
+    smpp = level0_mpp(slide, mpp, default_mpp)
+    W, H = slide.dimensions
+    ds = tile_mpp / smpp
+    side0 = tile_size_level0(tile_size, tile_mpp, smpp)
+    stride0 = side0 - round(overlap * ds)
+    if stride0 < 1:
+        raise SlideError(f"overlap {overlap} px leaves no stride at {smpp:g} µm/px")
+    thumb, mds = read_thumbnail(slide, mask_max_side)
+    mask = tissue_mask(thumb)
+    if not mask.any():
+        raise SlideError("no tissue detected")
+    cols, rows = math.ceil(W / stride0), math.ceil(H / stride0)
+    yy, xx = np.meshgrid(np.arange(rows, dtype=np.int64), np.arange(cols, dtype=np.int64), indexing="ij")
+    coords = np.stack([xx.ravel() * stride0, yy.ravel() * stride0], 1)
+    frac = tissue_fractions(mask, mds, coords, side0)
+    keep = (frac >= min_tissue) & (frac > 0)
+    if not keep.any():
+        raise SlideError(
+            f"no tile of {tile_size} px at {tile_mpp:g} µm/px holds ≥ {min_tissue:.0%} tissue "
+            f"(best {frac.max():.0%}); lower min_tissue"
+        )
+    level = best_level(slide.level_downsamples, side0 / tile_size)
+    return TileGrid(
+        coords=coords[keep],
+        tile_size=int(tile_size),
+        tile_mpp=float(tile_mpp),
+        overlap=int(overlap),
+        slide_mpp=smpp,
+        patch_size_level0=side0,
+        stride_level0=stride0,
+        level0_size=(int(W), int(H)),
+        read_level=level,
+        read_downsample=float(slide.level_downsamples[level]),
+        grid_shape=(rows, cols),
+        tissue_fraction=frac[keep],
+        min_tissue=float(min_tissue),
+        tissue_area_mm2=float(mask.sum() * mds[0] * mds[1] * smpp**2 / 1e6),
+        mask=mask if keep_images else None,
+        mask_downsample=mds,
+        thumbnail=thumb if keep_images else None,
+    )
