@@ -19,7 +19,6 @@ On disk (``<tiling>`` = :func:`~hirespath.wsi.trident_h5.tiling_tag`, e.g. ``20x
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,63 +42,7 @@ OVERWRITE = "embed.overwrite=true"  # how a user replaces features made with oth
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the encoder's identity
-
-
-def encoder_tag(encoder, features: str = "cls", weights: str | os.PathLike | None = None) -> str:
-    """Folder name of one encoder configuration, e.g. ``uni2_h_sparse-w8_prune0.6-l4_cls``.
-
-    It names what changes the numbers and can be read off the encoder: preset, attention (window, radius when not
-    1), pruning (ratio, layer, score tokens when not CLS), the feature kind; ``-random`` when no weights file is
-    given. Architecture overrides and which weights file are not in the name: the folder's ``config.json`` records
-    the full configuration and a run with another one is refused.
-    """
-    preset = getattr(getattr(encoder, "preset", None), "name", None) or "vit"
-    att = encoder.attention
-    if att == "sparse":
-        att = f"sparse-w{encoder.window}" + (f"-r{encoder.radius}" if getattr(encoder, "radius", 1) != 1 else "")
-    parts = [preset, att]
-    pruner = getattr(encoder, "pruner", None)
-    if pruner is not None and pruner.enabled:
-        parts.append(
-            f"prune{pruner.ratio:g}-l{pruner.layer}"
-            + ("" if pruner.score_tokens == "cls" else f"-{pruner.score_tokens}")
-        )
-    parts.append(features.replace("+", "-"))
-    tag = "_".join(parts)
-    return tag if weights else f"{tag}-random"
-
-
-def weights_fingerprint(weights) -> dict | None:
-    if not weights:
-        return None
-    st = os.stat(weights)
-    return {"path": str(Path(weights).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
-
-
-def encoder_attrs(encoder, *, tag: str, features: str, tile_size: int, weights=None, precision: str = "fp32",
-                  extra: dict | None = None) -> dict:  # fmt: skip
-    """The ``features`` dataset's attributes for this encoder configuration (TRIDENT's ``encoder`` + ours)."""
-    pruner = getattr(encoder, "pruner", None)
-    attrs = {
-        "encoder": tag,
-        "backbone": getattr(getattr(encoder, "preset", None), "name", None),
-        "attention": encoder.attention,
-        "window": int(encoder.window),
-        "radius": int(getattr(encoder, "radius", 1)),
-        "prune_ratio": float(pruner.ratio) if pruner is not None else 0.0,
-        "prune_layer": int(pruner.layer) if pruner is not None else 0,
-        "prune_score_tokens": pruner.score_tokens if pruner is not None else "cls",
-        "resolution": int(tile_size),
-        "vit_patch_size": int(encoder.patch_size),
-        "embed_dim": int(encoder.embed_dim),
-        "weights": str(weights) if weights else None,
-        "weights_fingerprint": weights_fingerprint(weights),
-        "feature": features,
-        "precision": str(precision),
-    }
-    attrs.update(extra or {})
-    return attrs
+# the encoder's identity (its tag, attrs and weights fingerprint are in wsi.trident_h5, which writes them)
 
 
 # what must match for features to share one features_<tag>/ folder (precision may differ: bf16 and fp32 give the
@@ -231,15 +174,15 @@ class EmbeddingConsumer:
         out, overlays = self.output_path(out_dir, spec), result.pop("overlays", [])
         if not self._draws(out, prepared):
             return
-        from ..viz.thumbnails import save_slide_thumbnail
+        from ..viz.thumbnails import save_pruned_overlays, save_thumbnail
 
-        grid = prepared.grid
-        save_slide_thumbnail(
-            self._thumb_path(out, spec.slide_id), grid,
-            f"{spec.slide_id}: {len(grid)} tiles of {grid.tile_size} px at {grid.tile_mpp:g} µm/px, "
-            f"{grid.tissue_area_mm2:.1f} mm² tissue",
-            overlays=overlays, patch=int(self.encoder.patch_size),
-        )  # fmt: skip
+        grid, thumb = prepared.grid, self._thumb_path(out, spec.slide_id)
+        save_thumbnail(thumb, grid, f"{spec.slide_id}: {len(grid)} tiles of {grid.tile_size} px at "
+                       f"{grid.tile_mpp:g} µm/px, {grid.tissue_area_mm2:.1f} mm² tissue")  # fmt: skip
+        if overlays:
+            title = f"{spec.slide_id}: pruned patches (red) of the first {len(overlays)} tiles"
+            pruned = thumb.with_name(f"{spec.slide_id}_pruned.png")
+            save_pruned_overlays(pruned, overlays, self.encoder.patch_size, title)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,9 +199,9 @@ def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_at
                          f"{size // p * p} or {(size // p + 1) * p}")  # fmt: skip
     tile_fn = TileModel(encoder, runtime.device, runtime.precision, job.batch_size,
                         forward=encoder_forward(encoder, embed.features, bool(embed.tokens)))  # fmt: skip
-    tag = embed.encoder_tag or encoder_tag(encoder, embed.features, weights)
-    attrs = encoder_attrs(encoder, tag=tag, features=embed.features, tile_size=int(job.tiling.size), weights=weights,
-                          precision=tile_fn.precision, extra=extra_attrs)  # fmt: skip
+    tag = embed.encoder_tag or trident_h5.encoder_tag(encoder, embed.features, weights)
+    attrs = trident_h5.encoder_attrs(encoder, tag=tag, features=embed.features, tile_size=int(job.tiling.size),
+                                     weights=weights, precision=tile_fn.precision, extra=extra_attrs)  # fmt: skip
     fp = attrs["weights_fingerprint"]
     identity = {k: attrs[k] for k in IDENTITY_KEYS}
     identity.update(weights_size=fp["size"] if fp else None, tokens=bool(embed.tokens))

@@ -124,13 +124,14 @@ class Ledger:
 
     # ------------------------------------------------------------------------------------------ summary.json
     def update_summary(self, worker: dict, totals: dict) -> dict:
-        """Add this worker's summary (keyed by host, pid and start time) and the folder's ``totals`` (counted off
-        the disk by the caller); returns the merged summary. Parallel workers each add theirs."""
+        """Add this worker's summary (keyed by its ``worker`` id: host, pid, a random part) and the folder's
+        ``totals`` (counted off the disk by the caller); returns the merged summary. Parallel workers each add
+        theirs."""
         path = self.folder / SUMMARY
         with self._locked(SUMMARY):
             old = json.loads(path.read_text()) if path.is_file() else {}
             workers = old.get("workers", {}) if isinstance(old.get("workers"), dict) else {}
-            workers[f"{worker.get('host')}:{worker.get('pid')}:{worker.get('started')}"] = worker
+            workers[worker["worker"]] = worker
             merged = {**totals, "workers": workers}
             write_json(path, merged)
         return merged

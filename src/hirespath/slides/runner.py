@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,14 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..utils.errors import InputError
-from ..utils.io import try_lock, write_json
+from ..utils.io import try_lock
 from ..utils.threads import AdaptiveThreads, torch_threads
 from ..utils.timing import startup_seconds
 from ..wsi import trident_h5
 from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
-from .ledger import Ledger, IdentityMismatch
+from .ledger import IdentityMismatch, Ledger
 from .prepare import PreparedSlide, prepare_slide
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
 
@@ -60,12 +61,15 @@ class Runtime:
     world_size: int | None = None
     progress: bool = True
     skip_errors: bool = True  # False: raise unexpected per-slide errors instead of listing them (debugging)
+    # a task's run: the process's age when the runner starts (imports, model build, weights) is the stage
+    # "startup", so the stage table adds up to what the user waited (not for library calls inside a longer process)
+    count_startup: bool = False
 
     def resolve(self) -> Runtime:
         device = torch.device(self.device) if self.device is not None else None
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         rank, world = _rank_world(self.rank, self.world_size)
-        return Runtime(device, self.precision, rank, world, self.progress, self.skip_errors)
+        return Runtime(device, self.precision, rank, world, self.progress, self.skip_errors, self.count_startup)
 
 
 @dataclass
@@ -216,13 +220,15 @@ def run_slides(slides, job: SlideJob, consumer: SlideConsumer, runtime: Runtime 
     summary = {
         "job_dir": str(job.job_dir), "tiling": job.tiling_tag, "output_dir": str(out_dir), "rank": rank,
         "world_size": world_size, "host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "worker": f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         "slides_total": len(specs), "slides_already_finished": len(finished_before), "slides_done": 0,
         "slides_skipped": 0, "slides_locked_by_others": 0, "tiles": 0, "tiles_skipped": 0, "tissue_mm2": 0.0,
         "device": str(device), "reader": job.reader, "num_workers": job.num_workers, "done": [], "skipped": [],
         "warnings": {},
     }  # fmt: skip
     totals = zero_stages()
-    totals["startup"] = max(0.0, startup_seconds() - (time.perf_counter() - t_start))
+    if runtime.count_startup:
+        totals["startup"] = max(0.0, startup_seconds() - (time.perf_counter() - t_start))
     todo = [s for s in order if s.slide_id not in done_ids]
 
     def prepare(s: SlideSpec) -> PreparedSlide:
@@ -245,7 +251,7 @@ def run_slides(slides, job: SlideJob, consumer: SlideConsumer, runtime: Runtime 
                 futures[todo[k].slide_id] = prep_pool.submit(prepare, todo[k])
 
         prefetch(0)
-        totals["setup"] = time.perf_counter() - t_start - 0.0  # folder checks, the finished-slides scan, threads
+        totals["setup"] = time.perf_counter() - t_start  # folder checks, the finished-slides scan, thread policy
         for k, spec in enumerate(bar):
             t_slide = time.perf_counter()
             stages = zero_stages()
@@ -428,6 +434,3 @@ def _run_slide(
     consumer.finish(spec, prepared, result, out_dir)
     stages["thumbnails"] += time.perf_counter() - t3
     return result
-
-
-__all__ = ["NothingProcessed", "Runtime", "SlideConsumer", "SlideJob", "SlideSink", "run_slides", "write_json"]

@@ -220,6 +220,7 @@ class FeatureWriter:
         features_attrs: dict,
         tokens: bool = False,
         token_dtype=np.float16,
+        token_dim: int | None = None,  # the tokens' width (the encoder's dim; `dim` is twice it for cls+mean)
     ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +234,7 @@ class FeatureWriter:
         self.features = _dataset(self.file, "features", dim, np.float32)
         self.coords = _dataset(self.file, "coords", 2, np.int64)
         if tokens:
-            self.tok = _dataset(self.file, "tokens", dim, token_dtype)
+            self.tok = _dataset(self.file, "tokens", token_dim or dim, token_dtype)
             self.pos = None  # dtype chosen from the first grid
             self.offsets = [0]
         self.n = 0
@@ -322,9 +323,9 @@ def write_features_h5(
 ) -> Path:
     """One slide's features file in one call (``tokens``/``token_positions``: per-tile lists, or None)."""
     features = np.asarray(features, dtype=np.float32)
-    with FeatureWriter(
-        path, features.shape[1], coords_attrs, features_attrs, tokens=tokens is not None, token_dtype=token_dtype
-    ) as w:
+    token_dim = int(np.asarray(tokens[0]).shape[-1]) if tokens is not None and len(tokens) else None
+    with FeatureWriter(path, features.shape[1], coords_attrs, features_attrs, tokens=tokens is not None,
+                       token_dtype=token_dtype, token_dim=token_dim) as w:  # fmt: skip
         w.append(features, coords, tokens, token_positions)
     return Path(path)
 
