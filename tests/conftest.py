@@ -41,3 +41,21 @@ def compose_task(config_name: str, overrides: list[str], output_dir, cache_dir=N
             cfg.paths.cache_dir = str(cache_dir)
         del cfg["hydra"]
     return cfg
+
+
+def embed_kw(encoder, slides, job_dir, *, tile_size, tile_mpp, overlap=0, min_tissue=0.25, default_mpp=None,
+             device="cpu", precision="auto", rank=None, world_size=None, progress=False, token_dtype=None,
+             weights=None, **embed):  # fmt: skip
+    """``embed_slides`` with the settings as keywords (the tiling's and EmbedConfig's field names), for tests."""
+    import numpy as np
+
+    from hirespath.configs import EmbedConfig, TilingConfig
+    from hirespath.embeddings.features import embed_slides
+    from hirespath.slides import Runtime
+
+    if "lock_stale_s" in embed:
+        embed["lock_stale_hours"] = embed.pop("lock_stale_s") / 3600
+    tiling = TilingConfig(size=tile_size, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue)
+    runtime = Runtime(device=device, precision=precision, rank=rank, world_size=world_size, progress=progress)
+    return embed_slides(encoder, slides, job_dir, tiling, EmbedConfig(**embed), runtime, weights=weights,
+                        default_mpp=default_mpp, token_dtype=token_dtype or np.float16)  # fmt: skip

@@ -4,10 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import embed_kw as embed_slides
 from test_slide_embedding import make_encoder, synthetic_image
 
 from hirespath.data.panda_synthetic import write_pyramid
-from hirespath.embeddings.slides import BACKGROUND, STAGES, TileEncoder, embed_slides
+from hirespath.embeddings.features import encoder_forward
+from hirespath.slides import BACKGROUND, STAGES, TileModel
 from hirespath.utils.threads import AdaptiveThreads, available_cores, encoder_threads
 from hirespath.wsi.tile_readers import SlideTileDataset, tile_batches
 from hirespath.wsi.tissue import tile_grid
@@ -33,7 +35,7 @@ def test_stage_timings_cover_the_wall_time(slides, tmp_path):
     assert abs(sum(stages[s] for s in STAGES) - wall) <= 0.1 * wall  # the measured stages are the wall time
     assert abs(summary["untracked_seconds"]) <= 0.1 * wall
     assert stages["encode"] > 0 and stages["open"] > 0 and stages["tissue"] > 0 and stages["reader_read"] > 0
-    timings = pd.read_csv(tmp_path / "timings.csv")
+    timings = pd.read_csv(next(tmp_path.glob("*/features_*/timings.csv")))  # the features folder's ledger
     assert sorted(timings.slide) == ["p0", "p1", "p2"] and (timings.tiles > 0).all()
     per_slide = timings[[f"{s}_s" for s in STAGES]].sum(axis=1)
     np.testing.assert_allclose(per_slide, timings.seconds, rtol=0.1)
@@ -55,7 +57,9 @@ def test_streamed_reading_equals_reading_all_tiles_first(slides, tmp_path, reade
     ds = SlideTileDataset(slides[0], grid.coords, grid.patch_size_level0, 112, level=grid.read_level)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])  # the whole slide in memory
     ds.close()
-    tile_encoder = TileEncoder(enc, torch.device("cpu"), "fp32", "cls", False, KW["batch_size"])
+    tile_encoder = TileModel(
+        enc, torch.device("cpu"), "fp32", KW["batch_size"], forward=encoder_forward(enc, "cls", False)
+    )
     whole = np.concatenate([r[1][0] for s in range(0, len(images), 3) for r in tile_encoder(images[s : s + 3])])
     np.testing.assert_array_equal(streamed, whole)
 

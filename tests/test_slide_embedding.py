@@ -21,11 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import embed_kw as embed_slides
 from PIL import Image
 
 import hirespath
 from hirespath.data.panda_synthetic import write_pyramid
-from hirespath.embeddings.slides import embed_slides
+from hirespath.slides.runner import NothingProcessed
 from hirespath.utils.io import lock_is_stale, try_lock
 from hirespath.wsi import trident_h5
 from hirespath.wsi.listing import list_slides
@@ -327,15 +328,17 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
     assert s["features_dir"] == str(fdir) and s["slides_done"] == 2 and s["slides_skipped"] == 3
     assert sorted(p.name for p in fdir.glob("*.h5")) == ["cmu.h5", "synth.h5"] and not list(fdir.glob("*.lock"))
     assert not [p for p in fdir.iterdir() if p.name.startswith(".")]  # no temporary files left
-    skipped = pd.read_csv(job / "skipped.csv")
+    skipped = pd.read_csv(fdir / "skipped.csv")  # the features folder's ledger
     reasons = dict(zip(skipped.slide, skipped.reason))
     assert set(reasons) == {"blank", "corrupt", "nompp"} and "cannot read corrupt.svs" in reasons["corrupt"]
     assert reasons["blank"] == "no tissue detected"
     # the keys the user can set, as they are spelled
     assert reasons["nompp"].startswith("no mpp") and "set data.default_mpp=<µm/px>" in reasons["nompp"]
     assert "mpp column of the slides= CSV" in reasons["nompp"]
-    summary = json.loads((job / "summary.json").read_text())
-    assert summary["tiles"] == s["tiles"] > 0 and set(summary["stage_seconds"]) >= {"read", "encode", "write"}
+    summary = json.loads((fdir / "summary.json").read_text())
+    (worker,) = summary["workers"].values()
+    assert summary["slides_finished"] == 2 and summary["slides_skipped"] == 3
+    assert worker["tiles"] == s["tiles"] > 0 and set(worker["stage_seconds"]) >= {"read", "encode", "write"}
     # one thumbnail and one pruned-token figure per slide
     assert sorted(p.name for p in (tdir / "thumbnails").iterdir()) == [
         "cmu.png", "cmu_pruned.png", "synth.png", "synth_pruned.png"
@@ -402,7 +405,7 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
     again = embed_slides(encoder, specs, job, tile_size=TILE, tile_mpp=MPP, batch_size=8, num_workers=0, progress=False)
     assert (again["slides_done"], again["slides_already_finished"], again["tiles"]) == (0, 2, 0)
     assert "skipping 2 finished slides of 5" in caplog.text and (fdir / "cmu.h5").stat().st_mtime_ns == mtime
-    assert len(pd.read_csv(job / "skipped.csv")) == 3
+    assert len(pd.read_csv(fdir / "skipped.csv")) == 3
     # the slide without mpp works with default_mpp (and leaves skipped.csv); another feature kind reuses the tiling
     mean = embed_slides(
         encoder,
@@ -419,7 +422,7 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
     )
     assert mean["slides_done"] == 3 and mean["encoder"] == "tiny_sparse-w4_prune0.5-l1_cls-mean-random"
     assert {r["slide"]: r["patches_reused"] for r in mean["embedded"]} == {"cmu": True, "synth": True, "nompp": False}
-    assert sorted(pd.read_csv(job / "skipped.csv").slide) == ["blank", "corrupt"]
+    assert sorted(pd.read_csv(Path(mean["features_dir"]) / "skipped.csv").slide) == ["blank", "corrupt"]
     assert (
         trident_h5.read_features(tdir / "features_tiny_sparse-w4_prune0.5-l1_cls-mean-random" / "nompp.h5")[
             "features"
@@ -428,7 +431,7 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
     )
     # another configuration cannot be mixed into an existing features folder
     other = hirespath.create_encoder("tiny", attention="sparse", window=2, prune_ratio=0.5, prune_layer=1, depth=2)
-    with pytest.raises(ValueError, match="holds features of another encoder configuration.*window: 4 there, 2 now"):
+    with pytest.raises(ValueError, match="holds outputs made with other settings.*window: 4 there, 2 now"):
         embed_slides(
             other,
             specs,
@@ -530,7 +533,7 @@ def test_out_of_memory_batches_are_halved_then_tiles_skipped(wsi_dir, tmp_path):
     )
     coords = tile_grid(tmp_path / "edge.tiff", TILE, MPP).coords
     n_white = int((coords[:, 0] == 896).sum())
-    rows = pd.read_csv(white / "skipped.csv")
+    rows = pd.read_csv(Path(s["features_dir"]) / "skipped.csv")
     assert n_white >= 1 and s["tiles_skipped"] == len(rows) == n_white and s["tiles"] == len(coords) - n_white
     assert not (trident_h5.read_features(Path(s["features_dir"]) / "edge.h5")["coords"][:, 0] == 896).any()
     assert rows.reason.str.contains(r"tile \d+ at \(896, \d+\): out of memory at batch size 1").all()
@@ -578,11 +581,9 @@ def test_two_workers_embed_each_slide_exactly_once(wsi_dir, tmp_path, world_size
     assert sorted(embedded) == [f"s{i}" for i in range(6)]  # every slide once, none twice
     fdir = tmp_path / "job" / "5x_112px_0px_overlap" / "features_tiny_sparse-w4_prune0.5-l1_cls-random"
     assert len(list(fdir.glob("s*.h5"))) == 6 and not list(fdir.glob("*.lock"))
-    if world_size == 2:
-        assert {p.name for p in (tmp_path / "job").glob("summary*.json")} == {
-            "summary_rank0.json",
-            "summary_rank1.json",
-        }
+    summary = json.loads((fdir / "summary.json").read_text())  # both workers' parts, merged
+    assert summary["slides_finished"] == 6 and len(summary["workers"]) == 2
+    assert sorted(w["rank"] for w in summary["workers"].values()) == ([0, 1] if world_size == 2 else [0, 0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -603,10 +604,11 @@ def test_truncated_slides_are_skipped_as_truncated(wsi_dir, encoder, tmp_path):
         SlideError, match=r"cannot read cut_cmu\.svs: the file is truncated or corrupt \(\d+ bytes, but"
     ):
         open_slide(d / "cut_cmu.svs")
-    s = embed_slides(encoder, list_slides(d), tmp_path / "job", tile_size=TILE, tile_mpp=MPP, num_workers=0,
+    with pytest.raises(NothingProcessed, match="all 2 failed"):  # nothing embedded: the run fails
+        embed_slides(encoder, list_slides(d), tmp_path / "job", tile_size=TILE, tile_mpp=MPP, num_workers=0,
                      progress=False, thumbnails=False)  # fmt: skip
-    assert s["slides_skipped"] == 2
-    reasons = dict(zip(*pd.read_csv(tmp_path / "job" / "skipped.csv")[["slide", "reason"]].to_numpy().T))
+    (ledger,) = (tmp_path / "job").glob("*/features_*/skipped.csv")
+    reasons = dict(zip(*pd.read_csv(ledger)[["slide", "reason"]].to_numpy().T))
     assert reasons["cut_cmu"].startswith("cannot read cut_cmu.svs: the file is truncated or corrupt (")
     assert reasons["cut_cmu"].endswith("copy it again") and "IndexError" not in reasons["cut_cmu"]
     assert (

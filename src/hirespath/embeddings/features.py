@@ -189,7 +189,7 @@ class EmbeddingConsumer:
 # the calls tasks use
 
 
-def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_attrs) -> EmbeddingConsumer:
+def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_attrs, token_dtype) -> EmbeddingConsumer:
     if embed.features not in FEATURES:
         raise InputError(f"embed.features must be one of {', '.join(FEATURES)}, got {embed.features!r}")
     p = int(encoder.patch_size)
@@ -208,7 +208,7 @@ def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_at
     return EmbeddingConsumer(
         encoder=encoder, tile_function=tile_fn, folder=f"features_{tag}", identity=identity, features_attrs=attrs,
         features=embed.features, tokens=bool(embed.tokens), thumbnails=bool(embed.thumbnails),
-        overlay_tiles=int(embed.overlay_tiles),
+        overlay_tiles=int(embed.overlay_tiles), token_dtype=token_dtype,
     )  # fmt: skip
 
 
@@ -224,13 +224,14 @@ def slide_job(job_dir, tiling, embed, default_mpp: float | None = None) -> Slide
 
 
 def embed_slides(encoder, slides, job_dir, tiling, embed, runtime: Runtime | None = None, *, weights=None,
-                 default_mpp: float | None = None, extra_attrs: dict | None = None) -> dict:  # fmt: skip
+                 default_mpp: float | None = None, extra_attrs: dict | None = None,
+                 token_dtype=np.float16) -> dict:  # fmt: skip
     """Embed every tissue tile of ``slides`` into ``<job_dir>/<tiling>/features_<tag>/<slide>.h5``; returns the
     summary (``features_dir`` is the folder). ``weights``: the file the encoder was built from (recorded, and part
     of the folder's identity)."""
     runtime = (runtime or Runtime()).resolve()
     job = slide_job(job_dir, tiling, embed, default_mpp)
-    consumer = _consumer(encoder, job, embed, runtime, weights, extra_attrs)
+    consumer = _consumer(encoder, job, embed, runtime, weights, extra_attrs, token_dtype)
     summary = run_slides(slides, job, consumer, runtime)
     summary.update(features_dir=summary["output_dir"], encoder=consumer.folder.removeprefix("features_"),
                    precision=consumer.tile_function.precision, embedded=summary["done"])  # fmt: skip
