@@ -16,8 +16,7 @@ SCORE_TOKENS = ("cls", "all")
 def check_prune_ratio(ratio: float) -> None:
     if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
         raise ValueError(
-            f"prune ratio must be a number in [0, 1) (fraction of patch tokens dropped; 0 disables pruning), "
-            f"got {ratio!r}"
+            f"prune ratio must be in [0, 1) (the fraction of patch tokens dropped; 0 disables pruning), got {ratio!r}"
         )
 
 
@@ -33,7 +32,7 @@ def check_prune_layer(layer: int, depth: int | None, ratio: float = 1.0) -> None
         return
     top = f"{depth - 1}] for a {depth}-block model" if depth is not None else "depth - 1]"
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1 or (depth is not None and layer >= depth):
-        raise ValueError(f"prune layer must be an integer in [1, {top} when pruning, got {layer!r}")
+        raise ValueError(f"prune layer must be in [1, {top} (an integer, when pruning), got {layer!r}")
 
 
 class GlobalAttentionPruner:
