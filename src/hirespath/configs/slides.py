@@ -71,7 +71,7 @@ JOB_TASKS = ("embed_slides", "mil")
 
 
 def _tiling_checker():
-    from ..data.slides import check_tiling  # the tiling's own rules (moving to hirespath.wsi)
+    from ..wsi.tissue import check_tiling  # the tiling's own rules
 
     return check_tiling
 
@@ -98,7 +98,7 @@ def check_embed(cfg: DictConfig, problems: Problems) -> None:
     """``embed.*`` against the engine's and the readers' choices (today they would fail on every slide)."""
     if not isinstance(cfg.get("embed"), DictConfig):
         return
-    from ..data.slides import READERS
+    from ..wsi.tile_readers import READERS
     from ..embeddings.slides import FEATURES
     from ..utils.threads import encoder_threads
 
