@@ -6,7 +6,7 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
-import hirespath.utils.hydra  # noqa: E402, F401  (registers the config groups' schemas and the hp.* resolvers)
+import hirespath.tasks  # noqa: E402, F401  (registers the config groups' schemas and the hp.* resolvers)
 
 
 @pytest.fixture(autouse=True)

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
+from hirespath.configs import ConfigValidationError
 from hirespath.data.panda import load_or_make_split, read_labels
 from hirespath.data.panda_synthetic import make_synthetic_panda
-from hirespath.utils.config import ConfigValidationError
-from hirespath.utils.hydra import task_wrapper
+from hirespath.tasks import task_wrapper
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.fov_um=192", "backbone=tiny", "resolution=56", "attention.window=2", "pruner.prune_layer=2"]
@@ -173,7 +173,7 @@ def test_segment_refuses_classification_options():
     from conftest import compose_task
 
     cfg = compose_task("segment", ["head=knn", "data=panda"], "/nonexistent")
-    from hirespath.utils.config import validate_config
+    from hirespath.configs import validate_config
 
     with pytest.raises(ConfigValidationError) as err:
         validate_config(cfg)
@@ -182,11 +182,17 @@ def test_segment_refuses_classification_options():
 
 
 def test_features_agree_with_the_code():
+    """Validation accepts exactly the features the code computes."""
+    from conftest import compose_task
+
+    from hirespath.configs import validate_config
     from hirespath.embeddings.slides import FEATURES as SLIDE_FEATURES
     from hirespath.tasks.classify import FEATURES
-    from hirespath.utils.config import FEATURES as CHECKED
 
-    assert CHECKED == FEATURES == SLIDE_FEATURES
+    assert FEATURES == SLIDE_FEATURES
+    for features in FEATURES:
+        validate_config(compose_task("classify", [f"features={features}"], "/nonexistent"), task="classify")
+        validate_config(compose_task("embed_slides", ["wsi_dir=/", f"embed.features={features}"], "/x"), "embed_slides")
 
 
 @pytest.mark.parametrize("overrides", [["num_slides=0"], ["num_slides=3"], ["dataset=pandas"]])
@@ -328,3 +334,91 @@ def test_ctrl_c_during_extraction_exits_130_with_the_task_line(panda_root, tmp_p
     assert rc == 130, out[-3000:]
     assert f"task interrupted (SIGINT); outputs so far are in {run}" in out, out[-3000:]
     assert out.count("Traceback (most recent call last)") == 0, out[-3000:]
+
+
+# 6. slide tasks (issue 25 items 9, 10, 12): config errors before any model, weights or slide
+
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+    """Fail the test if anything builds a ViT (the model and its weights come after validation)."""
+    import hirespath.models.backbones as backbones
+    import hirespath.models.encoder as encoder
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the config was validated")
+
+    monkeypatch.setattr(backbones, "build_timm_model", built)
+    monkeypatch.setattr(encoder, "build_timm_model", built)
+
+
+def _slide_task(task, tmp_path, *overrides):
+    from conftest import compose_task
+
+    from hirespath.tasks.embed_slides import run_embed_slides
+    from hirespath.tasks.mil import run_mil
+
+    base = [f"wsi_dir={tmp_path}"] if task == "embed_slides" else [f"data.root={tmp_path}"]
+    cfg = compose_task(task, [*base, *overrides], tmp_path / "run", tmp_path / "cache")
+    run = {"embed_slides": run_embed_slides, "mil": run_mil}[task]
+    with pytest.raises(ConfigValidationError) as err:
+        task_wrapper(run)(cfg)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("task", ["embed_slides", "mil"])
+def test_tile_size_fails_before_the_model_is_built(task, tmp_path, no_model_built):
+    msg = _slide_task(task, tmp_path, "backbone=uni2_h", "tile.size=230")
+    assert "tile.size=230" in msg and "224 or 238" in msg, msg
+
+
+def test_tile_error_comes_before_the_weights_error(tmp_path, no_model_built):
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"not a checkpoint")
+    msg = _slide_task("embed_slides", tmp_path, f"backbone.weights={bad}", "tile.mpp=0")
+    assert "tile.mpp=0.0" in msg, msg
+
+
+@pytest.mark.parametrize("task", ["embed_slides", "mil"])
+def test_run_wide_embedding_options_fail_once_before_any_slide(task, tmp_path, no_model_built):
+    msg = _slide_task(task, tmp_path, "embed.reader=foo", "embed.num_workers=-1")
+    assert "embed.reader='foo'" in msg and "embed.num_workers=-1" in msg, msg
+    assert not (tmp_path / "embeddings").exists() and not (tmp_path / "cache" / "slide_embeddings").exists()
+
+
+@pytest.mark.parametrize("task", ["embed_slides", "mil"])
+def test_job_dir_that_is_a_file_or_cannot_be_created(task, tmp_path, no_model_built):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    msg = _slide_task(task, tmp_path, f"job_dir={afile}")
+    assert f"job_dir='{afile}': it is an existing file, not a folder" in msg, msg
+    msg = _slide_task(task, tmp_path, f"job_dir={afile / 'sub' / 'job'}")
+    assert f"it cannot be created: {afile} is a file, not a folder" in msg, msg
+
+
+def test_missing_slides_csv_and_wsi_dir(tmp_path, no_model_built):
+    from conftest import compose_task
+
+    from hirespath.tasks.embed_slides import run_embed_slides
+
+    for overrides, words in (
+        ([f"slides={tmp_path / 'nope.csv'}"], ["slides=", "nope.csv", "does not exist", "column 'wsi'"]),
+        ([f"wsi_dir={tmp_path / 'nope'}"], ["wsi_dir=", "does not exist"]),
+        ([], ["give wsi_dir=DIR", "slides=LIST.csv"]),
+    ):
+        cfg = compose_task("embed_slides", overrides, tmp_path / "run")
+        with pytest.raises(ConfigValidationError) as err:
+            task_wrapper(run_embed_slides)(cfg)
+        for w in words:
+            assert w in str(err.value), str(err.value)
+
+
+def test_mil_features_dir_must_exist(tmp_path, no_model_built):
+    msg = _slide_task("mil", tmp_path, f"features_dir={tmp_path / 'nope'}")
+    assert "features_dir=" in msg and "does not exist" in msg, msg
+
+
+@pytest.mark.parametrize("head", ["knn", "linear_probe", "mask2former"])
+def test_mil_refuses_other_tasks_heads(head, tmp_path, no_model_built):
+    msg = _slide_task("mil", tmp_path, f"head={head}")
+    assert f"head.name='{head}': must be one of ['abmil', 'mean_pool'] in the mil task" in msg, msg

@@ -247,8 +247,8 @@ def test_embedding_benchmark_measures_tissue_throughput(tmp_path):
             "pruner.prune_layer=1",
             "device=cpu",
             "slides.synthetic_side=1024",
-            "slides.tile_size=448",
-            "slides.num_workers=0",
+            "tile.size=448",
+            "embed.num_workers=0",
             "slides.compare=[{tile_size: 112, attention: dense, prune_ratio: 0.0},{attention: dense, prune_ratio: 0.0},"
             "{attention: sparse, window: 4, prune_ratio: 0.6, prune_layer: 1}]",
         ],

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from hirespath.utils.config import ConfigValidationError, backbone_geometry, validate_config
+from hirespath.configs import ConfigValidationError, validate_config
+from hirespath.models.backbones import preset_geometry as backbone_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -35,7 +36,7 @@ def test_default_configs_pass():
         (["attention.sparse_backend=flash"], "attention.sparse_backend='flash'", ["auto", "gather", "flex"]),
         (["pruner.prune_ratio=1.0"], "pruner.prune_ratio=1.0", ["[0, 1)"]),
         (["pruner.prune_ratio=-0.1"], "pruner.prune_ratio=-0.1", ["[0, 1)"]),
-        (["pruner.prune_layer=24"], "pruner.prune_layer=24", ["[1, 23]", "uni2_h has 24 blocks"]),
+        (["pruner.prune_layer=24"], "pruner.prune_layer=24", ["[1, 23]", "24-block model"]),
         (["backbone=tiny", "pruner.prune_layer=6"], "pruner.prune_layer=6", ["[1, 5]"]),
         (
             ["backbone=tiny", "+backbone.overrides.depth=2", "pruner.prune_layer=2"],
@@ -44,7 +45,11 @@ def test_default_configs_pass():
         ),
         (["pruner.prune_score_tokens=registers"], "pruner.prune_score_tokens='registers'", ["cls", "all"]),
         (["resolutions=[224,450]"], "resolutions[1]=450", ["multiple of the patch size 14", "448 or 462"]),
-        (["backbone=uni", "resolutions=[224,300]"], "resolutions[1]=300", ["patch size 16 (uni)", "288 or 304"]),
+        (
+            ["backbone=uni", "resolutions=[224,300]"],
+            "resolutions[1]=300",
+            ["patch size 16", "uni patches", "288 or 304"],
+        ),
         (["backbone.name=uni3"], "backbone.name='uni3'", ["uni2_h", "did you mean"]),
     ],
 )
@@ -210,3 +215,156 @@ def test_plus_key_fails_through_the_entry_point(tmp_path):
     assert proc.returncode != 0
     assert "head.kk: not a key of KNNHeadConfig" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- slide work
+
+
+def _embed_cfg(*overrides):
+    return _compose("embed_slides", "wsi_dir=/", *overrides)
+
+
+def _problems(cfg, task) -> str:
+    with pytest.raises(ConfigValidationError) as err:
+        validate_config(cfg, task=task)
+    return str(err.value)
+
+
+def test_slide_configs_pass_and_share_the_nodes():
+    """embed_slides, mil and the benchmark compose the same typed tile and embed nodes."""
+    from omegaconf import OmegaConf
+
+    from hirespath.configs import EmbedConfig, TilingConfig
+
+    for task, cfg in (("embed_slides", _embed_cfg()), ("mil", _compose("mil")), ("benchmark", _compose("benchmark"))):
+        validate_config(cfg, task=task)
+        assert OmegaConf.get_type(cfg.tile) is TilingConfig and OmegaConf.get_type(cfg.embed) is EmbedConfig, task
+    assert _compose("mil").tile.size == 224 and _compose("mil").embed.batch_size == 16
+    assert _embed_cfg().tile.size == 1792 and _embed_cfg().embed.features == "cls"
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["tile.size=230"], ["tile.size=230", "patch size 14", "224 or 238"]),
+        (["backbone=uni", "tile.size=230"], ["tile.size=230", "patch size 16", "224 or 240"]),
+        (["tile.size=0"], ["tile.size=0", "positive integer"]),
+        (["tile.mpp=0"], ["tile.mpp=0.0", "µm per pixel"]),
+        (["tile.mpp=-0.5"], ["tile.mpp=-0.5"]),
+        (["tile.size=224", "tile.overlap=224"], ["tile.overlap=224", "[0, tile_size=224)"]),
+        (["tile.min_tissue=1.5"], ["tile.min_tissue=1.5", "[0, 1]"]),
+        (["embed.reader=foo"], ["embed.reader='foo'", "'threads', 'workers'"]),
+        (["embed.num_workers=-1"], ["embed.num_workers=-1", ">= 0"]),
+        (["embed.batch_size=0"], ["embed.batch_size=0", ">= 1"]),
+        (["embed.threads=0"], ["embed.threads=0", "threads must be ≥ 1"]),
+        (["embed.features=cls+max"], ["embed.features='cls+max'", "did you mean 'cls+mean'"]),
+        (["embed.overlay_tiles=-1"], ["embed.overlay_tiles=-1", ">= 0"]),
+        (["embed.lock_stale_hours=0"], ["embed.lock_stale_hours=0", "hours > 0"]),
+        (["embed.encoder_tag=a/b"], ["embed.encoder_tag='a/b'", "folder name"]),
+    ],
+)
+def test_bad_tiling_and_embedding_options(overrides, words):
+    """Every tiling and embedding option is checked once, before any slide: today's per-slide failures."""
+    msg = _problems(_embed_cfg(*overrides), "embed_slides")
+    for w in words:
+        assert w in msg, msg
+    # the same nodes are checked in mil
+    msg = _problems(_compose("mil", *overrides), "mil")
+    assert words[0].split("=")[0] in msg, msg
+
+
+def test_all_embedding_errors_at_once():
+    msg = _problems(
+        _embed_cfg("embed.reader=foo", "embed.num_workers=-1", "tile.mpp=0", "tile.size=230"), "embed_slides"
+    )
+    for key in ("embed.reader", "embed.num_workers", "tile.mpp", "tile.size"):
+        assert key in msg, msg
+
+
+@pytest.mark.parametrize(
+    "task, overrides, old, new",
+    [
+        ("embed_slides", ["+features=cls"], "features", "embed.features=cls"),
+        ("embed_slides", ["+reader=workers"], "reader", "embed.reader=workers"),
+        ("embed_slides", ["+lock_stale_hours=1"], "lock_stale_hours", "embed.lock_stale_hours=1"),
+        ("mil", ["+embed.job_dir=/tmp/x"], "embed.job_dir", "job_dir"),
+        ("benchmark", ["+slides.tile_size=448"], "slides.tile_size", "tile.size=448"),
+        ("benchmark", ["+slides.reader=workers"], "slides.reader", "embed.reader=workers"),
+    ],
+)
+def test_moved_keys_name_their_new_place(task, overrides, old, new):
+    cfg = _compose(task, *(["wsi_dir=/"] if task == "embed_slides" else []), *overrides)
+    msg = _problems(cfg, task)
+    assert old in msg and "renamed to" in msg and new in msg, msg
+
+
+def test_old_keys_in_a_config_file_are_refused(tmp_path):
+    """An experiment file written for the old layout (top-level keys) gets the did-you-mean too."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "old.yaml").write_text("# @package _global_\nbatch_size: 8\nthumbnails: false\n")
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(
+            "embed_slides", overrides=["wsi_dir=/", f"hydra.searchpath=[file://{tmp_path}]", "experiment=old"]
+        )
+    msg = _problems(cfg, "embed_slides")
+    assert "batch_size=8: renamed to embed.batch_size" in msg and "thumbnails=False: renamed to" in msg, msg
+
+
+def test_composition_hint_for_the_cli():
+    """What Hydra refuses at composition (a key that is no longer there, another task's head) gets our words."""
+    from hirespath.configs import composition_hint
+
+    assert "use embed.features=cls" in composition_hint("embed_slides", ["features=cls"])
+    assert "use tile.size=224" in composition_hint("benchmark", ["slides.tile_size=224"])
+    msg = composition_hint("mil", ["head=foo"])
+    assert "['abmil', 'mean_pool']" in msg and "knn" not in msg and "mask2former" not in msg, msg
+    msg = composition_hint("classify", ["head=mask2former"])
+    assert "['knn', 'linear_probe']" in msg and "mask2former is for segment" in msg, msg
+    assert composition_hint("mil", ["head=abmil", "tile.size=224"]) is None
+
+
+def test_task_heads_are_one_map():
+    """Validation and messages take a task's heads from TASK_HEADS; every conf/head file belongs to one task."""
+    from hirespath.configs import TASK_HEADS
+
+    files = sorted(p.stem for p in (ROOT / "conf" / "head").glob("*.yaml"))
+    assert sorted(h for heads in TASK_HEADS.values() for h in heads) == files
+    assert TASK_HEADS["mil"] == ("abmil", "mean_pool")
+    for task, heads in TASK_HEADS.items():
+        for head in files:
+            cfg = _compose(task if task != "mil" else "mil", f"head={head}")
+            if head in heads:
+                validate_config(cfg, task=task)
+            else:
+                msg = _problems(cfg, task)
+                assert f"head.name='{head}': must be one of {list(heads)} in the {task} task" in msg, msg
+
+
+def test_benchmark_compare_tile_sizes_and_precision():
+    msg = _problems(_compose("benchmark", "slides.precision=fp8", "slides.compare=[{tile_size: 230}]"), "benchmark")
+    assert "slides.precision='fp8'" in msg and "slides.compare[0].tile_size=230" in msg and "224 or 238" in msg, msg
+
+
+def test_config_errors_are_input_errors():
+    from hirespath.utils.errors import InputError
+
+    assert issubclass(ConfigValidationError, InputError)
+
+
+def test_utils_import_nothing_above_them():
+    """utils/ is the bottom layer: no import of another hirespath package (absolute or relative)."""
+    import ast
+
+    for path in sorted((ROOT / "src" / "hirespath" / "utils").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level >= 2 or (node.level == 0 and module.startswith("hirespath.")):
+                    assert module.startswith("utils") if node.level >= 2 else module.startswith("hirespath.utils"), (
+                        f"{path.name} imports {'.' * node.level}{module}"
+                    )
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("hirespath.") or alias.name.startswith("hirespath.utils"), (
+                        f"{path.name} imports {alias.name}"
+                    )

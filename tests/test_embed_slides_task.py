@@ -18,8 +18,8 @@ TINY = [
     "tile.size=224",
     "attention.window=4",
     "pruner.prune_layer=1",
-    "num_workers=0",
-    "thumbnails=false",
+    "embed.num_workers=0",
+    "embed.thumbnails=false",
 ]
 
 

@@ -8,7 +8,7 @@ from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from hirespath.utils.config import ConfigValidationError, validate_config
+from hirespath.configs import ConfigValidationError, validate_config
 from hirespath.utils.hydra import check_grid_is_multirun
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import hirespath.utils.hydra  # noqa: F401  (registers the hp.* resolvers)
+import hirespath.tasks  # noqa: F401  (registers the hp.* resolvers and the config schemas)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

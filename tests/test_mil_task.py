@@ -5,6 +5,7 @@ import json
 import re
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -165,7 +166,7 @@ def test_bad_monitor_is_refused(tmp_path, panda):
 def test_tile_size_experiment_composes_for_every_grid_point(tmp_path):
     """The sweep as the basic sweeper expands it (seed from `seeds`): 3 tilings × 2 heads × 3 seeds, each point
     composing and validating, with the paired tile size / attention / pruner settings at 0.5 µm/px."""
-    from hirespath.utils.config import validate_config
+    from hirespath.configs import validate_config
 
     base = compose_task("mil", ["experiment=mil_tile_size"], tmp_path)
     base_h = OmegaConf.load(__import__("pathlib").Path(__file__).parents[1] / "conf/experiment/mil_tile_size.yaml")
@@ -273,3 +274,34 @@ def test_non_finite_feature_files_are_skipped_and_the_run_goes_on(tmp_path, pand
     ckpt = next((tmp_path / "run").rglob("*.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_every_embedding_option_reaches_the_engine(tmp_path, monkeypatch):
+    """mil's embedding takes the embed node as embed_slides does: reader, threads, tokens, encoder_tag, ... are
+    passed to the engine, not dropped; the features go to the top-level job_dir."""
+    import hirespath.embeddings.slides as engine
+
+    root = tmp_path / "panda"
+    (root / "train_images").mkdir(parents=True)
+    (root / "train_images" / "s1.tiff").write_bytes(b"")
+    seen = {}
+
+    def fake_embed_slides(encoder, slides, job_dir, **kwargs):
+        seen.update(kwargs, job_dir=job_dir)
+        tiling = "20x_112px_0px_overlap"
+        return {"features_dir": str(Path(job_dir) / tiling / "features_mytag"), "slides_done": 1, "seconds": 1.0,
+                "embedded": []}  # fmt: skip
+
+    monkeypatch.setattr(engine, "embed_slides", fake_embed_slides)
+    cfg = compose_task(
+        "mil",
+        [f"data.root={root}", *TINY, f"job_dir={tmp_path / 'jobs'}", "embed.reader=workers", "embed.threads=1",
+         "embed.tokens=true", "embed.encoder_tag=mytag", "embed.overlay_tiles=0", "embed.features=mean",
+         "embed.lock_stale_hours=2", "embed.batch_size=3"],
+        tmp_path / "run",
+    )  # fmt: skip
+    feat_dir, _ = embed_panda_slides(cfg, ["s1"])
+    assert feat_dir == tmp_path / "jobs" / "20x_112px_0px_overlap" / "features_mytag"
+    expected = dict(reader="workers", threads=1, tokens=True, encoder_tag="mytag", overlay_tiles=0, features="mean",
+                    lock_stale_s=7200.0, batch_size=3, num_workers=0, thumbnails=False, tile_size=112)  # fmt: skip
+    assert {k: seen[k] for k in expected} == expected and Path(seen["job_dir"]) == tmp_path / "jobs"

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from conftest import compose_task, tiny_encoder
 from PIL import Image
 
+from hirespath.configs import ConfigValidationError, validate_config
 from hirespath.data.segpath import CELL_TYPES, SegPathError, index_segpath, load_pair
 from hirespath.data.segpath_synthetic import make_synthetic_segpath
 from hirespath.heads.mask2former import SegmentationModel
 from hirespath.metrics.segmentation import SegPathMetrics
 from hirespath.models.vit_adapter import ViTAdapter, interaction_groups
 from hirespath.modules.segmentation import SegmentationModule
-from hirespath.utils.config import ConfigValidationError, validate_config
 from hirespath.utils.io import write_json
 
 TINY_HEAD = dict(

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from .utils.hydra import task_wrapper  # also registers the ${hp.*} resolvers the configs use
+from .tasks import task_wrapper  # also registers the ${hp.*} resolvers and the config schemas
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def embed_configs_from(cfg) -> list[ThroughputConfig]:
     """``slides.compare`` entries (tile_size, reader + the keys of the benchmark's ``compare``) over the composed
     groups."""
     base = asdict(configs_from(OmegaConf.merge(cfg, {"compare": None}))[0])
-    base.update(tile_size=int(cfg.slides.tile_size), reader=None)
+    base.update(tile_size=int(cfg.tile.size), reader=None)
     out = []
     for item in cfg.slides.get("compare") or [{}]:
         unknown = set(item) - set(base)

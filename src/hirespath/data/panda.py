@@ -27,6 +27,8 @@ log = logging.getLogger("hirespath.panda")
 
 REQUIRED_COLUMNS = ("image_id", "data_provider", "isup_grade", "gleason_score")
 NUM_CLASSES = 6
+# The fewest slides the 70/15/15 split can cut into non-empty train, val and test splits.
+MIN_SPLIT_SLIDES = 4
 
 
 def panda_cache_dir(root: str | Path, cache_dir: str | Path) -> Path:
@@ -135,8 +137,6 @@ def make_split(labels: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 42
 
     if abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"split fractions must sum to 1, got {fractions}")
-    from ..utils.config import MIN_SPLIT_SLIDES
-
     if len(labels) < MIN_SPLIT_SLIDES:
         raise ValueError(
             f"{len(labels)} slides cannot be split 70/15/15 into non-empty train, val and test splits: "

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..utils.config import one_of
 from .cpu_tasks import map_rows, map_tasks
 
 T = TypeVar("T")
@@ -493,12 +494,30 @@ def _device_type(device: torch.device | str) -> str:
     return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
+def check_attention_mode(mode: str) -> None:
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention must be {one_of(mode, ATTENTION_MODES)}, got {mode!r}")
+
+
+def check_sparse_backend(backend: str) -> None:
+    if backend not in SPARSE_BACKENDS:
+        raise ValueError(f"sparse_backend must be {one_of(backend, SPARSE_BACKENDS)}, got {backend!r}")
+
+
+def check_window(window: int) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (block side in patches), got {window!r}")
+
+
+def check_radius(radius: int) -> None:
+    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 0:
+        raise ValueError(f"radius must be an integer >= 0 (neighbour blocks on each side), got {radius!r}")
+
+
 def check_kernel_names(mode: str, backend: str = "auto") -> None:
     """Raise ValueError for an attention mode or sparse backend that ``select_kernel`` does not know."""
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {mode!r}")
-    if backend not in SPARSE_BACKENDS:
-        raise ValueError(f"sparse_backend must be one of {SPARSE_BACKENDS}, got {backend!r}")
+    check_attention_mode(mode)
+    check_sparse_backend(backend)
 
 
 def select_kernel(

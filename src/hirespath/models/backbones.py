@@ -19,6 +19,8 @@ import timm
 import torch
 from timm.layers import SwiGLUPacked
 
+from ..utils.config import one_of
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -56,7 +58,26 @@ def get_backbone(name: str) -> BackbonePreset:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backbone preset {name!r}; choose one of {list_backbones()}") from None
+        raise ValueError(f"unknown backbone preset {name!r}; choose {one_of(name, list_backbones())}") from None
+
+
+# timm's default depth of the architectures whose preset does not set it explicitly.
+_TIMM_DEPTH = {
+    "vit_large_patch16_224": 24,
+    "vit_huge_patch14_224": 32,
+    "vit_giant_patch14_224": 40,
+    "vit_giant_patch14_dinov2": 40,
+    "vit_giant_patch14_reg4_dinov2": 40,
+}
+
+
+def preset_geometry(name: str, overrides: dict | None = None) -> tuple[int, int | None]:
+    """(patch size, depth or None if unknown) of a preset with its timm overrides, without building the model."""
+    preset = get_backbone(name)
+    overrides = overrides or {}
+    patch = int(overrides.get("patch_size", preset.patch_size))
+    depth = overrides.get("depth", preset.kwargs.get("depth", _TIMM_DEPTH.get(preset.timm_name)))
+    return patch, (int(depth) if depth is not None else None)
 
 
 class ResolutionError(ValueError):

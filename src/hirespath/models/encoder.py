@@ -13,10 +13,18 @@ except ImportError:  # timm < 1.0.16 keeps it in the ViT module
     from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from .attention import TokenLayout, check_kernel_names, prefix_attention_probs, select_kernel, split_heads
-from .backbones import BackbonePreset, build_timm_model, check_resolution, get_backbone
+from .attention import (
+    TokenLayout,
+    check_kernel_names,
+    check_radius,
+    check_window,
+    prefix_attention_probs,
+    select_kernel,
+    split_heads,
+)
+from .backbones import BackbonePreset, build_timm_model, check_resolution, get_backbone, preset_geometry
 from .cpu_tasks import check_cpu_parallel, cpu_tasks, map_tasks, row_chunks
-from .pruning import GlobalAttentionPruner
+from .pruning import GlobalAttentionPruner, check_prune_layer
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -55,10 +63,8 @@ def _add_residual(x: Tensor, y: Tensor, layer_scale: nn.Module, drop_path: nn.Mo
 
 def check_attention_args(attention: str, window: int, radius: int, sparse_backend: str = "auto") -> None:
     check_kernel_names(attention, sparse_backend)
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window must be an integer >= 1 (block side in patches), got {window!r}")
-    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 0:
-        raise ValueError(f"radius must be an integer >= 0 (neighbour blocks on each side), got {radius!r}")
+    check_window(window)
+    check_radius(radius)
 
 
 class HiResEncoder(nn.Module):
@@ -288,6 +294,7 @@ def create_encoder(
     check_attention_args(attention, window, radius, sparse_backend)
     check_cpu_parallel(cpu_parallel)
     GlobalAttentionPruner(prune_ratio, prune_layer, prune_score_tokens)
+    check_prune_layer(prune_layer, preset_geometry(backbone, arch_overrides)[1], prune_ratio)
     vit = build_timm_model(preset, weights=weights, **arch_overrides)
     return HiResEncoder(
         vit,

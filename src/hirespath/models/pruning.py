@@ -8,7 +8,31 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
+from ..utils.config import one_of
+
 SCORE_TOKENS = ("cls", "all")
+
+
+def check_prune_ratio(ratio: float) -> None:
+    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+        raise ValueError(
+            f"prune ratio must be in [0, 1) (the fraction of patch tokens dropped; 0 disables pruning), got {ratio!r}"
+        )
+
+
+def check_score_tokens(score_tokens: str) -> None:
+    if score_tokens not in SCORE_TOKENS:
+        raise ValueError(f"prune score_tokens must be {one_of(score_tokens, SCORE_TOKENS)}, got {score_tokens!r}")
+
+
+def check_prune_layer(layer: int, depth: int | None, ratio: float = 1.0) -> None:
+    """The block after which tokens are dropped: 1 .. depth - 1 (``depth`` None: unknown, only >= 1 is checked);
+    any value when ``ratio`` is 0 (no pruning)."""
+    if ratio == 0:
+        return
+    top = f"{depth - 1}] for a {depth}-block model" if depth is not None else "depth - 1]"
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1 or (depth is not None and layer >= depth):
+        raise ValueError(f"prune layer must be in [1, {top} (an integer, when pruning), got {layer!r}")
 
 
 class GlobalAttentionPruner:
@@ -21,10 +45,8 @@ class GlobalAttentionPruner:
     """
 
     def __init__(self, ratio: float = 0.6, layer: int = 4, score_tokens: str = "cls"):
-        if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
-            raise ValueError(f"prune ratio must be in [0, 1), got {ratio!r}")
-        if score_tokens not in SCORE_TOKENS:
-            raise ValueError(f"prune score_tokens must be one of {SCORE_TOKENS}, got {score_tokens!r}")
+        check_prune_ratio(ratio)
+        check_score_tokens(score_tokens)
         self.ratio = float(ratio)
         self.layer = int(layer)
         self.score_tokens = score_tokens
@@ -34,8 +56,7 @@ class GlobalAttentionPruner:
         return self.ratio > 0
 
     def check_depth(self, depth: int) -> None:
-        if self.enabled and not (1 <= self.layer < depth):
-            raise ValueError(f"prune layer must be in [1, {depth - 1}] for a {depth}-block model, got {self.layer}")
+        check_prune_layer(self.layer, depth, self.ratio)
 
     def num_kept(self, n: int) -> int:
         # exact ⌈(1−p)·N⌉: in floats (1 − 0.7)·10 is 3.0000000000000004 and would keep 4

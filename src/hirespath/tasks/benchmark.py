@@ -31,15 +31,15 @@ log = logging.getLogger("hirespath.benchmark")
 
 def run_embedding_benchmark(cfg, out_dir: Path) -> dict:
     """Tissue area embedded per second on one slide, per tiling × attention configuration (same weights)."""
-    s = cfg.slides
+    s, tile, embed = cfg.slides, cfg.tile, cfg.embed
     configs = embed_configs_from(cfg)
-    slide = s.wsi or synthetic_slide(out_dir / "benchmark_slide.tiff", int(s.synthetic_side), float(s.tile_mpp))
+    slide = s.wsi or synthetic_slide(out_dir / "benchmark_slide.tiff", int(s.synthetic_side), float(tile.mpp))
     device = None if cfg.device == "auto" else cfg.device
     rows = benchmark_embedding(
         slide, configs, backbone=cfg.backbone.name, overrides=dict(cfg.backbone.get("overrides") or {}),
-        weights=cfg.backbone.weights, tile_mpp=float(s.tile_mpp), min_tissue=float(s.min_tissue),
-        batch_size=int(s.batch_size), num_workers=int(s.num_workers), reader=str(s.reader),
-        threads=s.threads, device=device, precision=str(s.precision),
+        weights=cfg.backbone.weights, tile_mpp=float(tile.mpp), min_tissue=float(tile.min_tissue),
+        batch_size=int(embed.batch_size), num_workers=int(embed.num_workers), reader=str(embed.reader),
+        threads=embed.threads, device=device, precision=str(s.precision),
         seed=int(cfg.seed),
     )  # fmt: skip
     write_embedding_csv(rows, out_dir / "embedding_benchmark.csv")

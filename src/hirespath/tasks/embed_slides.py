@@ -3,6 +3,9 @@
     hirespath embed_slides wsi_dir=DIR job_dir=OUT backbone=uni2_h backbone.weights=FILE tile.size=1792 \
         tile.mpp=0.5 attention=sparse pruner=global_attention trainer=gpu
 
+The ``tile`` node is the tiling (:class:`hirespath.configs.TilingConfig`), ``embed`` the embedding options
+(:class:`hirespath.configs.EmbedConfig`: features, tokens, batch size, readers, threads, thumbnails, ...).
+
 The trainer group gives the device, precision and processes: ``trainer=ddp`` (or ``devices=N``) launches one
 process per device through Lightning Fabric and the slides are spread over the ranks (per-slide locks make any
 number of parallel jobs safe too: a SLURM array or joblib over the same ``job_dir``).
@@ -89,22 +92,22 @@ def run_embed_slides(cfg: DictConfig) -> dict:
         overlap=int(cfg.tile.overlap),
         min_tissue=float(cfg.tile.min_tissue),
         default_mpp=cfg.data.default_mpp,
-        features=str(cfg.features),
-        tokens=bool(cfg.tokens),
-        batch_size=int(cfg.batch_size),
-        num_workers=int(cfg.num_workers),
-        reader=str(cfg.reader),
-        threads=cfg.threads,
+        features=str(cfg.embed.features),
+        tokens=bool(cfg.embed.tokens),
+        batch_size=int(cfg.embed.batch_size),
+        num_workers=int(cfg.embed.num_workers),
+        reader=str(cfg.embed.reader),
+        threads=cfg.embed.threads,
         device=fabric.device,
         precision=PRECISION[precision],
         weights=cfg.backbone.weights,
-        encoder_tag=cfg.encoder_tag,
+        encoder_tag=cfg.embed.encoder_tag,
         progress=fabric.global_rank == 0,
         rank=fabric.global_rank,
         world_size=fabric.world_size,
-        thumbnails=bool(cfg.thumbnails),
-        overlay_tiles=int(cfg.overlay_tiles),
-        lock_stale_s=float(cfg.lock_stale_hours) * 3600,
+        thumbnails=bool(cfg.embed.thumbnails),
+        overlay_tiles=int(cfg.embed.overlay_tiles),
+        lock_stale_s=float(cfg.embed.lock_stale_hours) * 3600,
     )
     fabric.barrier()
     if loggers:

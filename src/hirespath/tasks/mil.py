@@ -5,7 +5,8 @@
 
 ``features_dir`` given: train on its ``<slide>.h5`` files (ours, TRIDENT's or CLAM's). ``features_dir=null``: the
 slides of ``data.root/train_images`` are first embedded with the composed encoder and the ``tile`` node through
-the embed_slides engine into ``embed.job_dir`` (``${paths.cache_dir}/slide_embeddings``), under an exclusive lock
+the embed_slides engine into ``job_dir`` (``${paths.cache_dir}/slide_embeddings``) with the ``embed`` node's
+options (the same ``tile`` and ``embed`` nodes as embed_slides), under an exclusive lock
 per features folder: parallel grid jobs of one tiling (abmil and mean_pool) embed once, the second waits and
 finds every slide finished. The embedding cost of each slide is kept in ``<features folder>/embedding_cost.csv``
 so every later run on that folder reports it.
@@ -118,9 +119,10 @@ def embed_panda_slides(cfg: DictConfig, slide_ids: list[str]) -> tuple[Path, dic
     root = Path(cfg.data.root)
     encoder = instantiate(cfg.encoder)
     features = str(cfg.embed.features)
-    job_dir = Path(cfg.embed.job_dir)
+    job_dir = Path(cfg.job_dir)
     tiling = trident_h5.tiling_tag(float(cfg.tile.mpp), int(cfg.tile.size), int(cfg.tile.overlap))
-    feat_dir = job_dir / tiling / f"features_{trident_h5.encoder_tag(encoder, features, cfg.backbone.weights)}"
+    tag = cfg.embed.encoder_tag or trident_h5.encoder_tag(encoder, features, cfg.backbone.weights)
+    feat_dir = job_dir / tiling / f"features_{tag}"
     specs = [SlideSpec(s, _slide_path(root, s)) for s in slide_ids if _slide_path(root, s).is_file()]
     info = {"embed/slides_embedded": 0, "embed/seconds": 0.0}
     if not specs:
@@ -140,10 +142,12 @@ def embed_panda_slides(cfg: DictConfig, slide_ids: list[str]) -> tuple[Path, dic
             summary = embed_slides(
                 encoder, todo, job_dir, tile_size=int(cfg.tile.size), tile_mpp=float(cfg.tile.mpp),
                 overlap=int(cfg.tile.overlap), min_tissue=float(cfg.tile.min_tissue),
-                default_mpp=cfg.data.default_mpp, features=features, batch_size=int(cfg.embed.batch_size),
-                num_workers=int(cfg.embed.num_workers), device=device, precision=precision,
-                weights=cfg.backbone.weights, progress=False, rank=0, world_size=1,
-                thumbnails=bool(cfg.embed.thumbnails), lock_stale_s=float(cfg.embed.lock_stale_hours) * 3600,
+                default_mpp=cfg.data.default_mpp, features=features, tokens=bool(cfg.embed.tokens),
+                batch_size=int(cfg.embed.batch_size), num_workers=int(cfg.embed.num_workers),
+                reader=str(cfg.embed.reader), threads=cfg.embed.threads, device=device, precision=precision,
+                weights=cfg.backbone.weights, encoder_tag=cfg.embed.encoder_tag, progress=False, rank=0,
+                world_size=1, thumbnails=bool(cfg.embed.thumbnails), overlay_tiles=int(cfg.embed.overlay_tiles),
+                lock_stale_s=float(cfg.embed.lock_stale_hours) * 3600,
             )  # fmt: skip
             if Path(summary["features_dir"]) != feat_dir:
                 raise RuntimeError(f"embed_slides wrote {summary['features_dir']}, expected {feat_dir}")

@@ -11,8 +11,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..configs import register_configs
-
 log = logging.getLogger("hirespath")
 
 
@@ -32,7 +30,6 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
-register_configs()  # the config groups' schemas (hirespath.configs), before any entry point composes
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
@@ -116,8 +113,12 @@ def _log_traceback_to_files() -> None:
 INTERRUPTED = 130  # the exit status of a job stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
-def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+def task_wrapper(
+    task: Callable[[DictConfig], Any], validate: Callable[[DictConfig], None] | None = None
+) -> Callable[[DictConfig], Any]:
     """Log failures with the run directory, and always close W&B runs (one finished run per multirun job).
+
+    ``validate(cfg)`` runs first (``hirespath.tasks.task_wrapper`` passes the config checks), before the task.
 
     A failure logs one line (``task failed; outputs so far are in DIR: Error: message``) and is re-raised for Hydra to
     print its traceback (once). Ctrl-C (or SIGTERM) logs ``task interrupted (SIGINT); outputs so far are in DIR`` and
@@ -126,8 +127,6 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
         import signal
-
-        from .config import validate_config
 
         received: list[int] = []
 
@@ -147,7 +146,8 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
         try:
             check_grid_is_multirun()
-            validate_config(cfg)  # typos and out-of-range values fail here, before any model or data is touched
+            if validate is not None:
+                validate(cfg)  # typos and out-of-range values fail here, before any model or data is touched
             marker = _done_marker(cfg)
             if cfg.get("resume", False) and _already_done(marker):
                 log.info("resume: %s already finished with the same overrides; skipping", marker.parent)

@@ -1,0 +1,126 @@
+"""The encoder's groups: ``backbone``, ``attention``, ``pruner`` (``create_encoder``'s keyword names).
+
+Each check calls the checker of ``hirespath.models`` that ``create_encoder`` runs on the same argument, so a rule
+is written once and a config fails with it before any model is built.
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: UP006, UP007, UP035, UP045  (typing's Dict/Optional: the annotations OmegaConf's schemas read)
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING, DictConfig
+
+from ..utils.config import Problems, select
+
+
+@dataclass
+class BackboneConfig:
+    """A registry preset (``hirespath.list_backbones()``), its local weights file and extra timm kwargs."""
+
+    name: str = MISSING
+    weights: Optional[str] = None  # None: random init; else a local checkpoint in timm key layout
+    overrides: Dict[str, Any] = field(default_factory=dict)  # timm kwargs, e.g. {depth: 2}
+
+
+@dataclass
+class AttentionConfig:
+    """``create_encoder``'s attention arguments; ``mode`` is its ``attention=`` (dense | eager | sparse)."""
+
+    mode: str = "sparse"
+    window: int = 8
+    radius: int = 1
+    sparse_backend: str = "auto"  # auto | gather | flex
+
+
+@dataclass
+class PrunerConfig:
+    """``create_encoder``'s token-pruning arguments (``prune_ratio=0`` disables pruning)."""
+
+    prune_ratio: float = 0.0
+    prune_layer: int = 4
+    prune_score_tokens: str = "cls"  # cls | all
+
+
+# Keys renamed to the Python keyword names (create_encoder's); a config still using one gets pointed at the new one.
+RENAMED = {
+    "pruner.ratio": "pruner.prune_ratio",
+    "pruner.layer": "pruner.prune_layer",
+    "pruner.score_tokens": "pruner.prune_score_tokens",
+    "attention.backend": "attention.sparse_backend",
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the other groups' checks need of the backbone: its name, patch size and depth (None: unknown)."""
+
+    name: str | None = None
+    patch: int | None = None
+    depth: int | None = None
+
+
+def check_backbone(cfg: DictConfig, problems: Problems) -> Geometry:
+    """``backbone.name`` a registered preset, ``backbone.overrides`` a mapping; returns the preset's geometry."""
+    if "backbone" not in cfg:
+        return Geometry()
+    from ..models.backbones import get_backbone, preset_geometry
+
+    name = select(cfg, "backbone.name")
+    if not problems.check("backbone.name", name, get_backbone, name):
+        return Geometry()
+    overrides = select(cfg, "backbone.overrides") or {}
+    if not isinstance(overrides, dict):
+        problems.bad("backbone.overrides", overrides, "a mapping of timm keyword arguments")
+        overrides = {}
+    patch, depth = preset_geometry(name, overrides)
+    return Geometry(name, patch, depth)
+
+
+def check_attention(cfg: DictConfig, problems: Problems) -> None:
+    """The ``attention`` group through ``models.attention``'s checkers (the ones ``create_encoder`` runs)."""
+    if "attention" not in cfg:
+        return
+    from ..models.attention import check_attention_mode, check_radius, check_sparse_backend, check_window
+
+    for key, checker in (
+        ("mode", check_attention_mode),
+        ("window", check_window),
+        ("radius", check_radius),
+        ("sparse_backend", check_sparse_backend),
+    ):
+        value = select(cfg, f"attention.{key}")
+        if value is not None or key == "mode":
+            problems.check(f"attention.{key}", value, checker, value)
+
+
+def check_pruner(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
+    """The ``pruner`` group through ``models.pruning``'s checkers; the layer against the backbone's depth."""
+    if "pruner" not in cfg:
+        return
+    from ..models.pruning import check_prune_layer, check_prune_ratio, check_score_tokens
+
+    ratio = select(cfg, "pruner.prune_ratio")
+    ratio_ok = problems.check("pruner.prune_ratio", ratio, check_prune_ratio, ratio)
+    layer = select(cfg, "pruner.prune_layer")
+    # pruning asked for (even with a bad ratio): the layer matters too
+    problems.check("pruner.prune_layer", layer, check_prune_layer, layer, geometry.depth, ratio if ratio_ok else 1)
+    score = select(cfg, "pruner.prune_score_tokens")
+    if score is not None:
+        problems.check("pruner.prune_score_tokens", score, check_score_tokens, score)
+
+
+def check_patch_multiple(problems: Problems, key: str, value: Any, geometry: Geometry, what: str = "") -> None:
+    """An image or tile side: a positive integer multiple of the backbone's patch size (``models``' rule)."""
+    from ..models.backbones import check_resolution
+
+    patch = geometry.patch
+    if patch is None:  # backbone unknown (reported on its own): the side must still be a positive integer
+        from ..utils.config import is_int
+
+        if not (is_int(value) and value > 0):
+            problems.bad(key, value, "a positive integer number of pixels")
+        return
+    hint = f"{geometry.name} patches{'; ' + what if what else ''}"
+    problems.check(key, value, check_resolution, value, patch, what=key, hint=hint)
