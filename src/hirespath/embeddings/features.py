@@ -232,10 +232,23 @@ def embed_slides(encoder, slides, job_dir, tiling, embed, runtime: Runtime | Non
     runtime = (runtime or Runtime()).resolve()
     job = slide_job(job_dir, tiling, embed, default_mpp)
     consumer = _consumer(encoder, job, embed, runtime, weights, extra_attrs, token_dtype)
+    random = random_weights(encoder, weights)
     summary = run_slides(slides, job, consumer, runtime)
     summary.update(features_dir=summary["output_dir"], encoder=consumer.folder.removeprefix("features_"),
-                   precision=consumer.tile_function.precision, embedded=summary["done"])  # fmt: skip
+                   precision=consumer.tile_function.precision, embedded=summary["done"], random_weights=random)  # fmt: skip
     return summary
+
+
+def random_weights(encoder, weights) -> bool:
+    """True (and a warning) when a preset with official weights runs without a weights file: its features are
+    those of a random network (the folder name ends in ``-random``)."""
+    preset = getattr(encoder, "preset", None)
+    if weights or preset is None or not preset.checkpoint:
+        return False
+    log.warning("backbone %s has no weights file (backbone.weights=null): embedding with RANDOM weights. Download "
+                "%s from %s and pass backbone.weights=FILE", preset.name, preset.checkpoint_file or "the checkpoint",
+                preset.checkpoint)  # fmt: skip
+    return True
 
 
 def ensure_features(encoder, slides, tiling, embed, runtime: Runtime | None = None, *, job_dir, weights=None,

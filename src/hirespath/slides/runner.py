@@ -47,6 +47,11 @@ TIMING_COLUMNS = [
 ]  # fmt: skip
 
 
+# Lightning precision names → the runner's (weights stay fp32 under autocast; "bf16"/"fp16" would cast them)
+LIGHTNING_PRECISION = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16-mixed", "16-mixed": "fp16-mixed",
+                       "bf16-true": "bf16", "16-true": "fp16", "64-true": "fp32"}  # fmt: skip
+
+
 class NothingProcessed(InputError):
     """Every slide of the run failed: a run-wide cause (a bad option, no mpp anywhere), so the run must fail."""
 
@@ -64,6 +69,18 @@ class Runtime:
     # a task's run: the process's age when the runner starts (imports, model build, weights) is the stage
     # "startup", so the stage table adds up to what the user waited (not for library calls inside a longer process)
     count_startup: bool = False
+
+    @classmethod
+    def from_trainer(cls, trainer, **kwargs) -> Runtime:
+        """From a Lightning trainer config (``accelerator``, ``precision``): gpu/cuda → CUDA, cpu → CPU, auto → CUDA
+        when available; Lightning's precision names mapped to the runner's."""
+        precision = str(trainer.get("precision", "32-true"))
+        if precision not in LIGHTNING_PRECISION:
+            raise InputError(f"trainer.precision={precision!r} is not supported for slide work; use one of "
+                             f"{', '.join(sorted(LIGHTNING_PRECISION))}")  # fmt: skip
+        accelerator = str(trainer.get("accelerator", "auto"))
+        device = {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(accelerator)
+        return cls(device=device, precision=LIGHTNING_PRECISION[precision], **kwargs)
 
     def resolve(self) -> Runtime:
         device = torch.device(self.device) if self.device is not None else None
