@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .errors import InputError
+
 # timm's default depth of the architectures whose preset does not set it explicitly.
 _TIMM_DEPTH = {
     "vit_large_patch16_224": 24,
@@ -55,7 +57,7 @@ RENAMED = {
 }
 
 
-class ConfigValidationError(ValueError):
+class ConfigValidationError(InputError):
     """Raised by validate_config; the message lists every invalid key with its value and the valid range."""
 
 
