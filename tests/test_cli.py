@@ -203,9 +203,9 @@ def test_config_error_from_the_command_line(tmp_path):
     args = ("classify", "backbone=tiny", "resolution=230")
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("error: invalid configuration:\n  resolution=230: must be a positive integer"), (
-        proc.stderr
-    )
+    assert proc.stderr.startswith(
+        "error: invalid configuration:\n  resolution=230: resolution 230 is not a positive multiple of the patch size 14"
+    ), proc.stderr
     assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
 
     full = subprocess.run(
@@ -223,7 +223,7 @@ def test_config_error_from_the_command_line(tmp_path):
     )
     assert sweep.returncode == 1
     assert "Error executing job with overrides: ['backbone=tiny', 'resolution=230']" in sweep.stderr
-    assert "resolution=230: must be a positive integer" in sweep.stderr
+    assert "resolution=230: resolution 230 is not a positive multiple" in sweep.stderr
 
 
 def test_registry_points_at_existing_functions():
