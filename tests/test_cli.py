@@ -19,7 +19,9 @@ EXPECTED_TASKS = {"classify", "extract", "embed_slides", "segment", "benchmark",
 
 
 def _env(pythonpath: Path | str) -> dict:
-    return {**os.environ, "PYTHONPATH": str(pythonpath), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    """The user's environment: conftest.py sets HYDRA_FULL_ERROR=1 for the tests, a user has it unset."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return {**env, "PYTHONPATH": str(pythonpath), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
 def run_cli(*args: str, cwd: Path, pythonpath=ROOT / "src", timeout: int = 300) -> subprocess.CompletedProcess:
@@ -93,6 +95,135 @@ def test_task_functions_pickle_for_the_launchers():
         fn = pickle.loads(pickle.dumps(cli.TaskFunction(name)))
         assert isinstance(fn, cli.TaskFunction) and fn.name == name
         assert fn.__module__ == cli.TASKS[name].run.split(":")[0]  # Hydra names the job after it
+
+
+def _imported_after(code: str, cwd: Path) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run CODE in a fresh interpreter; the heavy libraries it had imported when it exited (also by sys.exit)."""
+    heavy = ("torch", "lightning", "torchmetrics", "timm")
+    probe = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: print('IMPORTED', *(m for m in {heavy!r} if m in sys.modules), file=sys.stderr))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe + code],
+        cwd=cwd,
+        env=_env(ROOT / "src"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("IMPORTED"))
+    return proc, set(line.split()[1:])
+
+
+@pytest.mark.parametrize("args", [["--help"], ["classify", "--help"], ["mil", "--cfg", "job"]])
+def test_help_imports_no_torch(args, tmp_path):
+    """The task list and a task's Hydra help come in a fraction of a second: no torch, Lightning or torchmetrics."""
+    code = f"import sys; sys.argv = ['hirespath', *{args!r}]; from hirespath.cli import main; sys.exit(main())"
+    proc, heavy = _imported_after(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert heavy == set(), heavy
+    if args[0] == "classify":
+        assert "classify is powered by Hydra" in proc.stdout
+    if args[0] == "mil":
+        assert "head:" in proc.stdout  # the composed config
+
+
+def test_startup_seconds_counts_from_the_process_start(tmp_path, monkeypatch):
+    from hirespath.utils import timing
+
+    # the interpreter slept 0.5 s before hirespath was imported: counted, as the user waited for it
+    code = "import time; time.sleep(0.5); from hirespath.utils.timing import startup_seconds; print(startup_seconds())"
+    assert 0.5 <= float(python(code, tmp_path)) < 60
+    first = timing.startup_seconds()
+    assert first > 0 and timing.startup_seconds() >= first
+    # without /proc: the seconds since hirespath.cli (which imports timing) was imported
+    monkeypatch.setattr(timing, "_process_age_linux", lambda: None)
+    monkeypatch.setattr(timing, "_IMPORTED", timing.time.monotonic() - 2.0)
+    assert 2.0 <= timing.startup_seconds() < 10
+
+
+def test_task_modules_are_hydra_apps(tmp_path):
+    """`python -m hirespath.tasks.<task>` is the task (what `hirespath <task>` runs), with the task's own argv rules."""
+    (tmp_path / "runs").mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "hirespath.tasks.report", "runs", "--cfg", "job"],
+        cwd=tmp_path,
+        env=_env(ROOT / "src"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert yaml.safe_load(_check(proc).stdout)["dirs"] == [str((tmp_path / "runs").resolve())]
+
+
+def _fake_task(tmp_path: Path, error: str) -> str:
+    """Code running a registered task whose function raises ``error`` (an expression), as `hirespath boom` would."""
+    (tmp_path / "boom_task.py").write_text(
+        f"from hirespath.utils.errors import InputError\n\n\ndef run_boom(cfg):\n    raise {error}\n"
+    )
+    return (
+        "import sys; sys.path.insert(0, '.')\n"
+        "from hirespath import cli\n"
+        "cli.TASKS['boom'] = cli.Task('boom_task:run_boom', 'raises', config_name='smoke')\n"
+        "cli.hydra_main('boom')\n"
+    )
+
+
+def _run_code(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=_env(ROOT / "src"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_input_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
+    run_dir = f"hydra.run.dir={tmp_path / 'run'}"
+    code = _fake_task(tmp_path, "InputError('data.root=nowhere: no such directory; give a PANDA data root')")
+    proc = _run_code(code, run_dir, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "error: data.root=nowhere: no such directory; give a PANDA data root" in proc.stderr
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr
+    # the job's log keeps the traceback
+    assert "Traceback" in (tmp_path / "run" / "boom_task.log").read_text()
+
+    # (HYDRA_FULL_ERROR=1 keeping the traceback: test_config_error_from_the_command_line)
+
+    bug = _run_code(_fake_task(tmp_path, "RuntimeError('a bug')"), run_dir, cwd=tmp_path)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
+    assert "error: " not in bug.stderr
+
+
+def test_config_error_from_the_command_line(tmp_path):
+    """A value validate_config refuses: the message alone, status 1; HYDRA_FULL_ERROR=1 shows the traceback."""
+    args = ("classify", "backbone=tiny", "resolution=230")
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(
+        "error: invalid configuration:\n  resolution=230: resolution 230 is not a positive multiple of the patch size 14"
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+
+    full = subprocess.run(
+        [sys.executable, "-m", "hirespath.cli", *args],
+        cwd=tmp_path,
+        env={**_env(ROOT / "src"), "HYDRA_FULL_ERROR": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigValidationError" in full.stderr
+
+    # a multirun reports its failing job as Hydra does (which job, then the error)
+    sweep = run_cli(
+        "classify", "-m", "backbone=tiny", "resolution=230", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path
+    )
+    assert sweep.returncode == 1
+    assert "Error executing job with overrides: ['backbone=tiny', 'resolution=230']" in sweep.stderr
+    assert "resolution=230: resolution 230 is not a positive multiple" in sweep.stderr
 
 
 def test_registry_points_at_existing_functions():

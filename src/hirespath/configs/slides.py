@@ -98,9 +98,9 @@ def check_embed(cfg: DictConfig, problems: Problems) -> None:
     """``embed.*`` against the engine's and the readers' choices (today they would fail on every slide)."""
     if not isinstance(cfg.get("embed"), DictConfig):
         return
-    from ..wsi.tile_readers import READERS
     from ..embeddings.slides import FEATURES
     from ..utils.threads import encoder_threads
+    from ..wsi.tile_readers import READERS
 
     e = {key: select(cfg, f"embed.{key}") for key in EMBED_KEYS}
     if e["features"] not in FEATURES:

@@ -132,3 +132,14 @@ def run_benchmark(cfg) -> dict:
         write_csv(probes, out_dir / "max_resolution_probes.csv")
         result["max_resolution"] = found
     return result
+
+
+def main() -> None:
+    """``python -m hirespath.tasks.benchmark [overrides]``: the Hydra app ``hirespath benchmark`` runs."""
+    from .app import hydra_main
+
+    hydra_main("benchmark")
+
+
+if __name__ == "__main__":
+    main()

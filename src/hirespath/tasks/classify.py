@@ -101,3 +101,14 @@ def format_metrics(metrics: dict) -> str:
     keys = TEST_CLASSIFICATION_KEYS
     width = max(len(k) for k in keys)
     return "\n".join(f"  {k:<{width}}  {metrics[k]:.4f}" for k in keys)
+
+
+def main() -> None:
+    """``python -m hirespath.tasks.classify [overrides]``: the Hydra app ``hirespath classify`` runs."""
+    from .app import hydra_main
+
+    hydra_main("classify")
+
+
+if __name__ == "__main__":
+    main()

@@ -113,3 +113,14 @@ def run_embed_slides(cfg: DictConfig) -> dict:
     if loggers:
         _log_summary(loggers, cfg, summary)
     return summary
+
+
+def main() -> None:
+    """``python -m hirespath.tasks.embed_slides [overrides]``: the Hydra app ``hirespath embed_slides`` runs."""
+    from .app import hydra_main
+
+    hydra_main("embed_slides")
+
+
+if __name__ == "__main__":
+    main()

@@ -119,3 +119,14 @@ def run_extract(cfg: DictConfig) -> dict:
     _, rois, emb, _ = prepare_embeddings(cfg, out_dir)
     log.info("%d ROI embeddings (%d failed) ready", len(rois), len(emb["failed"]))
     return emb
+
+
+def main() -> None:
+    """``python -m hirespath.tasks.extract [overrides]``: the Hydra app ``hirespath extract`` runs."""
+    from .app import hydra_main
+
+    hydra_main("extract")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,3 +20,14 @@ def run_make_synthetic(cfg: DictConfig) -> None:
         make_synthetic_segpath(cfg.root, images_per_split=cfg.images_per_split, size=cfg.size, seed=cfg.seed)
     else:
         raise ValueError(f"dataset must be panda or segpath, got {cfg.dataset!r}")
+
+
+def main() -> None:
+    """``python -m hirespath.tasks.make_synthetic [overrides]``: the Hydra app ``hirespath make_synthetic`` runs."""
+    from .app import hydra_main
+
+    hydra_main("make_synthetic")
+
+
+if __name__ == "__main__":
+    main()

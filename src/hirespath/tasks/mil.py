@@ -301,3 +301,14 @@ def run_mil(cfg: DictConfig) -> dict:
         metrics[EMBED_SECONDS_PER_SLIDE],
     )  # fmt: skip
     return metrics
+
+
+def main() -> None:
+    """``python -m hirespath.tasks.mil [overrides]``: the Hydra app ``hirespath mil`` runs."""
+    from .app import hydra_main
+
+    hydra_main("mil")
+
+
+if __name__ == "__main__":
+    main()

@@ -57,3 +57,14 @@ def run_report(cfg: DictConfig) -> dict[str, Any]:
     return build_report(
         dirs, out_dir, window=int(cfg.ours.window), prune_ratio=float(cfg.ours.prune_ratio), metric=str(cfg.metric)
     )
+
+
+def main() -> None:
+    """``python -m hirespath.tasks.report [overrides]``: the Hydra app ``hirespath report`` runs."""
+    from .app import hydra_main
+
+    hydra_main("report")
+
+
+if __name__ == "__main__":
+    main()

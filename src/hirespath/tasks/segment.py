@@ -84,3 +84,14 @@ def save_overlays(module: SegmentationModule, dm: SegPathDataModule, out_dir: Pa
             segmentation_overlay(image, target.numpy(), pred.numpy(), f"{CELL_TYPES[t]}: {Path(r.image).name}", path)
         )
     return paths
+
+
+def main() -> None:
+    """``python -m hirespath.tasks.segment [overrides]``: the Hydra app ``hirespath segment`` runs."""
+    from .app import hydra_main
+
+    hydra_main("segment")
+
+
+if __name__ == "__main__":
+    main()

@@ -71,3 +71,14 @@ def run_smoke(cfg: DictConfig) -> dict:
             out_dir / METRICS_FILE,
         )
     return metrics
+
+
+def main() -> None:
+    """``python -m hirespath.tasks.smoke [overrides]``: the Hydra app ``hirespath smoke`` runs."""
+    from .app import hydra_main
+
+    hydra_main("smoke")
+
+
+if __name__ == "__main__":
+    main()
