@@ -186,7 +186,7 @@ def test_features_agree_with_the_code():
     from conftest import compose_task
 
     from hirespath.configs import validate_config
-    from hirespath.embeddings.slides import FEATURES as SLIDE_FEATURES
+    from hirespath.embeddings.features import FEATURES as SLIDE_FEATURES
     from hirespath.tasks.classify import FEATURES
 
     assert FEATURES == SLIDE_FEATURES

@@ -204,7 +204,7 @@ def test_config_error_from_the_command_line(tmp_path):
     proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.startswith(
-        "error: invalid configuration:\n  resolution=230: resolution 230 is not a positive multiple of the patch size 14"
+        "error: invalid configuration:\n  resolution=230: resolution 230 is not a positive multiple of the patch"
     ), proc.stderr
     assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
 

@@ -508,9 +508,10 @@ def test_end_to_end_on_embedded_synthetic_panda_slides(tmp_path, one_thread):
     """Synthetic PANDA slides embedded by embed_slides (tiny encoder, sparse + pruned), PANDA labels on the ROI
     tasks' split, then ABMIL and mean pool: fit, test, predictions + attention files, heatmaps on the thumbnails.
     One labelled slide is not embedded: it is listed as skipped."""
+    from conftest import embed_kw as embed_slides
+
     import hirespath
     from hirespath.data.panda_synthetic import make_synthetic_panda
-    from hirespath.embeddings.slides import embed_slides
 
     root = make_synthetic_panda(tmp_path / "panda", num_slides=12, size=(384, 512), seed=2)
     labels = panda_slide_labels(root, cache_dir=tmp_path / "cache")

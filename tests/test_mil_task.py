@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from test_mil import write_trident
 
 from hirespath.data.mil import panda_slide_labels
-from hirespath.tasks.mil import embed_panda_slides, read_embedding_cost, run_mil
+from hirespath.slides import Ledger
+from hirespath.tasks.mil import embed_panda_slides, run_mil
 
 TINY = [
     "backbone=tiny",
@@ -75,7 +76,7 @@ def test_embeds_once_then_trains_both_heads_from_the_cache(tmp_path, panda, one_
     assert first["embed/slides_embedded"] == 11 and len(files) == 11
     assert second["embed/slides_embedded"] == 0  # no embedding work
     assert {p.name: p.stat().st_mtime_ns for p in feat_dirs[0].glob("*.h5")} == files
-    cost = read_embedding_cost(feat_dirs[0])
+    cost = Ledger(feat_dirs[0]).timings()  # the features folder's ledger times every slide
     assert sorted(cost.slide) == sorted(f[:-3] for f in files) and (cost.seconds > 0).all()
     for name, m in (("abmil", first), ("mean_pool", second)):
         out = tmp_path / name
@@ -101,8 +102,8 @@ def test_embeds_once_then_trains_both_heads_from_the_cache(tmp_path, panda, one_
 
 
 def test_parallel_jobs_of_one_tiling_embed_once(tmp_path, panda, one_thread):
-    """Two jobs of the same tiling start together: one embeds under the folder's lock, the other waits and then
-    finds every slide finished."""
+    """Two jobs of the same tiling start together: they share the slides through the per-slide locks (each slide
+    embedded once), and each returns only when the folder is complete."""
     cfg = _cfg(tmp_path, "a", panda, *HEAD["abmil"])
     ids = panda_slide_labels(panda, cache_dir=tmp_path / "cache").slide_id.tolist()[:4]
     results = []
@@ -116,8 +117,8 @@ def test_parallel_jobs_of_one_tiling_embed_once(tmp_path, panda, one_thread):
     for t in threads:
         t.join()
     assert len(results) == 2 and results[0][0] == results[1][0]
-    assert sorted(info["embed/slides_embedded"] for _, info in results) == [0, 4]
-    assert len(read_embedding_cost(results[0][0])) == 4
+    assert sum(info["embed/slides_embedded"] for _, info in results) == 4
+    assert len(Ledger(results[0][0]).timings()) == 4 and len(list(results[0][0].glob("*.h5"))) == 4
 
 
 def _features_dir(tmp_path, ids, dim=8, skip=()):
@@ -136,7 +137,7 @@ def test_explicit_features_dir(tmp_path, panda, one_thread):
     gone = labels.slide_id[labels.split == "val"].iloc[0]
     d = _features_dir(tmp_path, labels.slide_id, skip={gone})
     m = run_mil(_cfg(tmp_path, "run", panda, f"features_dir={d}", "monitor=val/kappa", *HEAD["mean_pool"]))
-    assert "embed/slides_embedded" not in m and np.isnan(m["embed/seconds_per_slide"])
+    assert m["embed/slides_embedded"] == 0 and m["embed/slides_timed"] == 0 and "embed/seconds_per_slide" not in m
     assert m["features/dim"] == 8 and m["test/num_slides"] == (labels.split == "test").sum()
     skipped = pd.read_csv(tmp_path / "run" / "skipped.csv", dtype={"slide_id": str})
     assert skipped.slide_id.tolist() == [gone] and skipped.reason[0] == f"no feature file {d}/{gone}.h5"
@@ -277,22 +278,20 @@ def test_non_finite_feature_files_are_skipped_and_the_run_goes_on(tmp_path, pand
 
 
 def test_every_embedding_option_reaches_the_engine(tmp_path, monkeypatch):
-    """mil's embedding takes the embed node as embed_slides does: reader, threads, tokens, encoder_tag, ... are
-    passed to the engine, not dropped; the features go to the top-level job_dir."""
-    import hirespath.embeddings.slides as engine
+    """mil's embedding takes the tile and embed nodes as embed_slides does: reader, threads, tokens, encoder_tag, ...
+    reach the engine, not dropped; the features go to the top-level job_dir."""
+    import hirespath.tasks.mil as mil_task
 
     root = tmp_path / "panda"
     (root / "train_images").mkdir(parents=True)
     (root / "train_images" / "s1.tiff").write_bytes(b"")
     seen = {}
 
-    def fake_embed_slides(encoder, slides, job_dir, **kwargs):
-        seen.update(kwargs, job_dir=job_dir)
-        tiling = "20x_112px_0px_overlap"
-        return {"features_dir": str(Path(job_dir) / tiling / "features_mytag"), "slides_done": 1, "seconds": 1.0,
-                "embedded": []}  # fmt: skip
+    def fake_ensure_features(encoder, slides, tiling, embed, runtime, *, job_dir, weights, default_mpp):
+        seen.update(tiling=tiling, embed=embed, runtime=runtime, job_dir=job_dir)
+        return Path(job_dir) / "20x_112px_0px_overlap" / "features_mytag", {"slides_done": 1, "seconds": 1.0}
 
-    monkeypatch.setattr(engine, "embed_slides", fake_embed_slides)
+    monkeypatch.setattr(mil_task, "ensure_features", fake_ensure_features)
     cfg = compose_task(
         "mil",
         [f"data.root={root}", *TINY, f"job_dir={tmp_path / 'jobs'}", "embed.reader=workers", "embed.threads=1",
@@ -300,8 +299,10 @@ def test_every_embedding_option_reaches_the_engine(tmp_path, monkeypatch):
          "embed.lock_stale_hours=2", "embed.batch_size=3"],
         tmp_path / "run",
     )  # fmt: skip
-    feat_dir, _ = embed_panda_slides(cfg, ["s1"])
+    feat_dir, info = embed_panda_slides(cfg, ["s1"])
     assert feat_dir == tmp_path / "jobs" / "20x_112px_0px_overlap" / "features_mytag"
+    assert info == {"embed/slides_embedded": 1, "embed/seconds": 1.0}
     expected = dict(reader="workers", threads=1, tokens=True, encoder_tag="mytag", overlay_tiles=0, features="mean",
-                    lock_stale_s=7200.0, batch_size=3, num_workers=0, thumbnails=False, tile_size=112)  # fmt: skip
-    assert {k: seen[k] for k in expected} == expected and Path(seen["job_dir"]) == tmp_path / "jobs"
+                    lock_stale_hours=2, batch_size=3, num_workers=0, thumbnails=False)  # fmt: skip
+    assert {k: seen["embed"][k] for k in expected} == expected and Path(seen["job_dir"]) == tmp_path / "jobs"
+    assert seen["tiling"].size == 112 and seen["runtime"].device == "cpu"

@@ -400,7 +400,7 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
         torch.testing.assert_close(feats[-1], ref, atol=1e-4, rtol=1e-4)
 
     # a rerun does no work; the bad slides are tried again and stay listed
-    caplog.set_level("INFO", logger="hirespath.embeddings")
+    caplog.set_level("INFO", logger="hirespath.slides")
     mtime = (fdir / "cmu.h5").stat().st_mtime_ns
     again = embed_slides(encoder, specs, job, tile_size=TILE, tile_mpp=MPP, batch_size=8, num_workers=0, progress=False)
     assert (again["slides_done"], again["slides_already_finished"], again["tiles"]) == (0, 2, 0)

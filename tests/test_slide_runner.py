@@ -11,33 +11,7 @@ import pytest
 import torch
 
 import hirespath
-
-try:
-    from hirespath.configs import EmbedConfig, TilingConfig
-except ImportError:  # TEMP until the configs branch lands
-
-    @dataclass
-    class TilingConfig:
-        size: int = 1792
-        mpp: float = 0.5
-        overlap: int = 0
-        min_tissue: float = 0.25
-
-    @dataclass
-    class EmbedConfig:
-        features: str = "cls"
-        tokens: bool = False
-        batch_size: int = 4
-        num_workers: int = 1
-        reader: str = "threads"
-        threads: int | None = None
-        thumbnails: bool = True
-        overlay_tiles: int = 2
-        lock_stale_hours: float = 24.0
-        encoder_tag: str | None = None
-        overwrite: bool = False
-
-
+from hirespath.configs import EmbedConfig, TilingConfig
 from hirespath.data.panda_synthetic import write_pyramid
 from hirespath.embeddings.features import embed_slides, ensure_features
 from hirespath.slides import Runtime, SlideJob, TileModel, run_slides

@@ -26,8 +26,10 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from ..embeddings.slides import BACKGROUND, STAGES, TileEncoder, embed_slides
+from ..configs import EmbedConfig, TilingConfig
+from ..embeddings.features import embed_slides, encoder_forward
 from ..models.backbones import build_timm_model, get_backbone
+from ..slides import BACKGROUND, STAGES, Runtime, TileModel
 from ..utils.io import atomic_path
 from ..wsi.tile_readers import SlideTileDataset
 from ..wsi.tissue import tile_grid
@@ -90,7 +92,7 @@ def synthetic_slide(path: Path, side_px: int = 1792, mpp: float = 0.5, seed: int
     return path
 
 
-def _encoder_only_seconds(tile_encoder: TileEncoder, images: torch.Tensor, batch_size: int) -> float:
+def _encoder_only_seconds(tile_encoder: TileModel, images: torch.Tensor, batch_size: int) -> float:
     start = time.perf_counter()
     for s in range(0, len(images), batch_size):
         tile_encoder(images[s : s + batch_size])
@@ -132,20 +134,19 @@ def benchmark_embedding(
         grid = tile_grid(slide, cfg.tile_size, tile_mpp, 0, min_tissue, keep_images=False)
         job = Path(tempfile.mkdtemp(prefix="hirespath_embed_bench_"))
         try:
-            tile_encoder = TileEncoder(encoder.to(device), device, precision, "cls", False, batch_size)
-            if tile_encoder.weights_dtype is not None:  # bf16/fp16: cast weights, as the engine does
-                encoder.to(tile_encoder.weights_dtype)
+            tile_encoder = TileModel(encoder, device, precision, batch_size,
+                                     forward=encoder_forward(encoder, "cls", False))  # fmt: skip
             ds = SlideTileDataset(slide, grid.coords, grid.patch_size_level0, cfg.tile_size, level=grid.read_level)
             images = torch.stack([ds[i]["image"] for i in range(len(ds))])
             ds.close()
             _encoder_only_seconds(tile_encoder, images[:batch_size], batch_size)  # warm-up (allocator, kernels)
             encoder_s = _encoder_only_seconds(tile_encoder, images, batch_size)
             del images
-            summary = embed_slides(
-                encoder, [slide], job, tile_size=cfg.tile_size, tile_mpp=tile_mpp, min_tissue=min_tissue,
-                batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
-                progress=False, thumbnails=False, rank=0, world_size=1, reader=cfg.reader or reader, threads=threads,
-            )  # fmt: skip
+            tiling = TilingConfig(size=cfg.tile_size, mpp=tile_mpp, overlap=0, min_tissue=min_tissue)
+            embed = EmbedConfig(batch_size=batch_size, num_workers=num_workers, reader=cfg.reader or reader,
+                                threads=threads, thumbnails=False)  # fmt: skip
+            runtime = Runtime(device=device, precision=precision, rank=0, world_size=1, progress=False)
+            summary = embed_slides(encoder, [slide], job, tiling, embed, runtime)
         finally:
             shutil.rmtree(job, ignore_errors=True)
         if summary["slides_done"] != 1:

@@ -46,10 +46,11 @@ class EmbedConfig:
     overlay_tiles: int = 2
     lock_stale_hours: float = 24.0
     encoder_tag: Optional[str] = None
+    overwrite: bool = False  # replace features made with other settings (else such a run is refused)
 
 
 EMBED_KEYS = ("features", "tokens", "batch_size", "num_workers", "reader", "threads", "thumbnails", "overlay_tiles",
-              "lock_stale_hours", "encoder_tag")  # fmt: skip
+              "lock_stale_hours", "encoder_tag", "overwrite")  # fmt: skip
 
 # Keys that moved into the tile/embed nodes, per task: a config still using one is pointed at the new one.
 TASK_RENAMED: dict[str, dict[str, str]] = {
@@ -98,7 +99,7 @@ def check_embed(cfg: DictConfig, problems: Problems) -> None:
     """``embed.*`` against the engine's and the readers' choices (today they would fail on every slide)."""
     if not isinstance(cfg.get("embed"), DictConfig):
         return
-    from ..embeddings.slides import FEATURES
+    from ..embeddings.features import FEATURES
     from ..utils.threads import encoder_threads
     from ..wsi.tile_readers import READERS
 
@@ -129,7 +130,7 @@ def check_benchmark_slides(cfg: DictConfig, geometry: Geometry, problems: Proble
     """The benchmark's ``slides`` node: its precision and each ``slides.compare`` entry's tile size."""
     if not isinstance(cfg.get("slides"), DictConfig):
         return
-    from ..embeddings.slides import PRECISIONS
+    from ..slides.tile_model import PRECISIONS
 
     precision = select(cfg, "slides.precision")
     if precision is not None and precision not in PRECISIONS:

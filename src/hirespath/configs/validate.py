@@ -107,7 +107,7 @@ def _check_task_options(cfg: DictConfig, task: str | None, problems: Problems) -
     """Options of one task that no schema types: the ROI tasks' ``features``, ``extract.*``, ``figures.*``,
     make_synthetic's sizes."""
     if task in ("classify", "extract") and "features" in cfg:
-        from ..embeddings.slides import FEATURES
+        from ..embeddings.features import FEATURES
 
         features = select(cfg, "features")
         if features not in FEATURES:

@@ -199,7 +199,7 @@ def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_at
                          f"{size // p * p} or {(size // p + 1) * p}")  # fmt: skip
     tile_fn = TileModel(encoder, runtime.device, runtime.precision, job.batch_size,
                         forward=encoder_forward(encoder, embed.features, bool(embed.tokens)))  # fmt: skip
-    tag = embed.encoder_tag or trident_h5.encoder_tag(encoder, embed.features, weights)
+    tag = features_tag(encoder, embed, weights)
     attrs = trident_h5.encoder_attrs(encoder, tag=tag, features=embed.features, tile_size=int(job.tiling.size),
                                      weights=weights, precision=tile_fn.precision, extra=extra_attrs)  # fmt: skip
     fp = attrs["weights_fingerprint"]
@@ -210,6 +210,17 @@ def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_at
         features=embed.features, tokens=bool(embed.tokens), thumbnails=bool(embed.thumbnails),
         overlay_tiles=int(embed.overlay_tiles), token_dtype=token_dtype,
     )  # fmt: skip
+
+
+def features_tag(encoder, embed, weights=None) -> str:
+    """The ``features_<tag>`` folder's tag: ``embed.encoder_tag`` or the encoder's own (trident_h5.encoder_tag)."""
+    return embed.encoder_tag or trident_h5.encoder_tag(encoder, embed.features, weights)
+
+
+def features_folder(encoder, job_dir, tiling, embed, weights=None) -> Path:
+    """Where :func:`embed_slides` writes these features: ``<job_dir>/<tiling tag>/features_<tag>``."""
+    tiling_tag = trident_h5.tiling_tag(float(tiling.mpp), int(tiling.size), int(tiling.overlap))
+    return Path(job_dir) / tiling_tag / f"features_{features_tag(encoder, embed, weights)}"
 
 
 def slide_job(job_dir, tiling, embed, default_mpp: float | None = None) -> SlideJob:
@@ -235,7 +246,8 @@ def embed_slides(encoder, slides, job_dir, tiling, embed, runtime: Runtime | Non
     random = random_weights(encoder, weights)
     summary = run_slides(slides, job, consumer, runtime)
     summary.update(features_dir=summary["output_dir"], encoder=consumer.folder.removeprefix("features_"),
-                   precision=consumer.tile_function.precision, embedded=summary["done"], random_weights=random)  # fmt: skip
+                   precision=consumer.tile_function.precision, embedded=summary["done"],
+                   random_weights=random)  # fmt: skip
     return summary
 
 

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.panda import NUM_CLASSES, check_split
-from ..embeddings.slides import FEATURES
+from ..embeddings.features import FEATURES
 from ..metrics.classification import classification_metrics
 from ..results import METRICS_FILE, PREDICTIONS_FILE, SKIPPED_FILE, TEST_CLASSIFICATION_KEYS, TEST_NUM_SLIDES
 from ..utils.hydra import instantiate_list

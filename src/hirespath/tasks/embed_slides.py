@@ -13,6 +13,7 @@ number of parallel jobs safe too: a SLURM array or joblib over the same ``job_di
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,23 +22,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..embeddings.slides import embed_slides
+from ..embeddings.features import embed_slides
+from ..slides import Runtime
+from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
 from ..wsi.listing import list_slides
 
 log = logging.getLogger("hirespath.embed_slides")
-
-# Lightning precision names → the engine's (weights stay fp32 under autocast; "bf16"/"fp16" would cast them)
-PRECISION = {
-    "32-true": "fp32",
-    "32": "fp32",
-    "bf16-mixed": "bf16-mixed",
-    "16-mixed": "fp16-mixed",
-    "bf16-true": "bf16",
-    "16-true": "fp16",
-    "64-true": "fp32",
-}
 
 
 def _fabric(trainer: DictConfig) -> L.Fabric:
@@ -73,42 +65,18 @@ def _log_summary(loggers, cfg: DictConfig, summary: dict) -> None:
 
 def run_embed_slides(cfg: DictConfig) -> dict:
     if not cfg.wsi_dir and not cfg.slides:
-        raise ValueError("embed_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
-    precision = str(cfg.trainer.get("precision", "32-true"))
-    if precision not in PRECISION:
-        raise ValueError(f"trainer.precision={precision!r} is not supported here; use one of {sorted(PRECISION)}")
+        raise InputError("embed_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
+    runtime = Runtime.from_trainer(cfg.trainer, count_startup=True)  # a bad precision is refused before any work
     specs = list_slides(cfg.wsi_dir, cfg.slides, recursive=bool(cfg.recursive))
     fabric = _fabric(cfg.trainer)
     fabric.launch()
     torch.manual_seed(int(cfg.seed))  # a random-init backbone gets the same weights on every rank
     encoder = instantiate(cfg.encoder)
     loggers = instantiate_list(cfg.get("logger")) if fabric.global_rank == 0 else []
-    summary = embed_slides(
-        encoder,
-        specs,
-        cfg.job_dir,
-        tile_size=int(cfg.tile.size),
-        tile_mpp=float(cfg.tile.mpp),
-        overlap=int(cfg.tile.overlap),
-        min_tissue=float(cfg.tile.min_tissue),
-        default_mpp=cfg.data.default_mpp,
-        features=str(cfg.embed.features),
-        tokens=bool(cfg.embed.tokens),
-        batch_size=int(cfg.embed.batch_size),
-        num_workers=int(cfg.embed.num_workers),
-        reader=str(cfg.embed.reader),
-        threads=cfg.embed.threads,
-        device=fabric.device,
-        precision=PRECISION[precision],
-        weights=cfg.backbone.weights,
-        encoder_tag=cfg.embed.encoder_tag,
-        progress=fabric.global_rank == 0,
-        rank=fabric.global_rank,
-        world_size=fabric.world_size,
-        thumbnails=bool(cfg.embed.thumbnails),
-        overlay_tiles=int(cfg.embed.overlay_tiles),
-        lock_stale_s=float(cfg.embed.lock_stale_hours) * 3600,
-    )
+    runtime = dataclasses.replace(runtime, device=fabric.device, rank=fabric.global_rank,
+                                  world_size=fabric.world_size, progress=fabric.global_rank == 0)  # fmt: skip
+    summary = embed_slides(encoder, specs, cfg.job_dir, cfg.tile, cfg.embed, runtime, weights=cfg.backbone.weights,
+                           default_mpp=cfg.data.default_mpp)  # fmt: skip
     fabric.barrier()
     if loggers:
         _log_summary(loggers, cfg, summary)

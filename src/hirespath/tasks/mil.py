@@ -4,12 +4,10 @@
     hirespath mil data.root=PANDA backbone.weights=FILE tile.size=1792 head=abmil trainer=gpu   (embeds first)
 
 ``features_dir`` given: train on its ``<slide>.h5`` files (ours, TRIDENT's or CLAM's). ``features_dir=null``: the
-slides of ``data.root/train_images`` are first embedded with the composed encoder and the ``tile`` node through
-the embed_slides engine into ``job_dir`` (``${paths.cache_dir}/slide_embeddings``) with the ``embed`` node's
-options (the same ``tile`` and ``embed`` nodes as embed_slides), under an exclusive lock
-per features folder: parallel grid jobs of one tiling (abmil and mean_pool) embed once, the second waits and
-finds every slide finished. The embedding cost of each slide is kept in ``<features folder>/embedding_cost.csv``
-so every later run on that folder reports it.
+slides of ``data.root/train_images`` are first embedded into ``job_dir`` with the composed encoder and the same
+``tile`` and ``embed`` nodes as embed_slides, through :func:`hirespath.embeddings.features.ensure_features`
+(parallel grid jobs of one tiling share the slides through their locks and wait for each other). The features
+folder's ledger (``timings.csv``) holds each slide's embedding seconds, which every run on that folder reports.
 
 Outputs in the run directory: metrics.json (test/accuracy, test/balanced_accuracy, test/f1_weighted, test/auroc,
 test/kappa, test/num_slides, embed/seconds_per_slide, ...), predictions.csv, attention/<slide>.h5 (per-tile
@@ -21,17 +19,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..data.mil import MILDataModule, panda_slide_labels
 from ..data.panda import NUM_CLASSES
+from ..embeddings.features import ensure_features, features_folder
 from ..modules.mil import MONITOR_MODES, MILModule, read_attention, write_mil_outputs
 from ..results import (
     EMBED_SECONDS_PER_SLIDE,
@@ -45,15 +42,15 @@ from ..results import (
     TEST_LOSS,
     TEST_NUM_SLIDES,
 )
+from ..slides import Ledger, Runtime
+from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
-from ..utils.io import atomic_path, exclusive_lock, write_json
+from ..utils.io import atomic_path, write_json
 from ..utils.threads import dataloader_workers
 from ..utils.wandb import log_images
+from ..wsi.listing import SlideSpec
 
 log = logging.getLogger("hirespath.mil")
-
-COST_FILE = "embedding_cost.csv"  # per-slide embedding cost, kept in the features folder
-COST_COLUMNS = ["slide", "tiles", "seconds", "tissue_mm2", "device", "precision", "host", "time"]
 
 
 # ----------------------------------------------------------------------------------------------- embedding
@@ -64,104 +61,33 @@ def _is_child_rank() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
 
 
-def _embed_device_precision(trainer: DictConfig) -> tuple[str, str]:
-    from .embed_slides import PRECISION
-
-    accelerator = str(trainer.get("accelerator", "cpu"))
-    device = "cuda" if accelerator in ("gpu", "cuda") else "cpu" if accelerator == "cpu" else "auto"
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = str(trainer.get("precision", "32-true"))
-    if precision not in PRECISION:
-        raise ValueError(f"trainer.precision={precision!r} is not supported here; use one of {sorted(PRECISION)}")
-    return device, PRECISION[precision]
-
-
-def read_embedding_cost(features_dir: str | Path) -> pd.DataFrame:
-    """``<features_dir>/embedding_cost.csv`` (slide, tiles, seconds, ...); empty when the folder has none."""
-    path = Path(features_dir) / COST_FILE
-    if not path.is_file():
-        return pd.DataFrame(columns=COST_COLUMNS)
-    return pd.read_csv(path, dtype={"slide": str})
-
-
-def update_embedding_cost(features_dir: str | Path, summary: dict) -> None:
-    """Merge the slides an embed_slides run embedded (its ``summary["embedded"]``) into the folder's cost file."""
-    rows = [
-        {"slide": e["slide"], "tiles": e["tiles"], "seconds": e["seconds"], "tissue_mm2": e.get("tissue_mm2"),
-         "device": summary.get("device"), "precision": summary.get("precision"), "host": summary.get("host"),
-         "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for e in summary.get("embedded", [])
-    ]  # fmt: skip
-    if not rows:
-        return
-    features_dir = Path(features_dir)
-    with exclusive_lock(features_dir / f".{COST_FILE}.lock", f"another job writing {COST_FILE}", poll_s=0.05):
-        old = read_embedding_cost(features_dir)
-        new = pd.DataFrame(rows, columns=COST_COLUMNS)
-        table = pd.concat([old[~old.slide.isin(new.slide)], new], ignore_index=True) if len(old) else new
-        with atomic_path(features_dir / COST_FILE) as tmp:
-            table.to_csv(tmp, index=False)
-
-
 def _slide_path(root: Path, slide_id: str) -> Path:
     return root / "train_images" / f"{slide_id}.tiff"
 
 
 def embed_panda_slides(cfg: DictConfig, slide_ids: list[str]) -> tuple[Path, dict]:
-    """Embed the slides (cached) with the composed encoder and ``cfg.tile``; returns (features folder, info)."""
-    from ..embeddings.slides import embed_slides, is_finished
-    from ..wsi import trident_h5
-    from ..wsi.listing import SlideSpec
-
+    """The labelled slides' features folder, embedding what is missing; returns (folder, embed/* numbers)."""
     root = Path(cfg.data.root)
-    encoder = instantiate(cfg.encoder)
-    features = str(cfg.embed.features)
-    job_dir = Path(cfg.job_dir)
-    tiling = trident_h5.tiling_tag(float(cfg.tile.mpp), int(cfg.tile.size), int(cfg.tile.overlap))
-    tag = cfg.embed.encoder_tag or trident_h5.encoder_tag(encoder, features, cfg.backbone.weights)
-    feat_dir = job_dir / tiling / f"features_{tag}"
     specs = [SlideSpec(s, _slide_path(root, s)) for s in slide_ids if _slide_path(root, s).is_file()]
-    info = {"embed/slides_embedded": 0, "embed/seconds": 0.0}
     if not specs:
-        raise FileNotFoundError(f"none of the {len(slide_ids)} labelled slides is in {root / 'train_images'}")
-    todo = [s for s in specs if not is_finished(feat_dir / f"{s.slide_id}.h5")]
-    if not todo:
-        log.info("all %d slides already embedded in %s", len(specs), feat_dir)
-        return feat_dir, info
-    if _is_child_rank():  # rank 0 embedded before the DDP processes started; what is left it could not embed
-        return feat_dir, info
-    device, precision = _embed_device_precision(cfg.trainer)
-    lock = feat_dir.parent / f".{feat_dir.name}.embed.lock"
-    with exclusive_lock(lock, f"another job embedding into {feat_dir}", poll_s=2.0):
-        todo = [s for s in specs if not is_finished(feat_dir / f"{s.slide_id}.h5")]  # the holder before us
-        if todo:
-            log.info("embedding %d of %d slides into %s", len(todo), len(specs), feat_dir)
-            summary = embed_slides(
-                encoder, todo, job_dir, tile_size=int(cfg.tile.size), tile_mpp=float(cfg.tile.mpp),
-                overlap=int(cfg.tile.overlap), min_tissue=float(cfg.tile.min_tissue),
-                default_mpp=cfg.data.default_mpp, features=features, tokens=bool(cfg.embed.tokens),
-                batch_size=int(cfg.embed.batch_size), num_workers=int(cfg.embed.num_workers),
-                reader=str(cfg.embed.reader), threads=cfg.embed.threads, device=device, precision=precision,
-                weights=cfg.backbone.weights, encoder_tag=cfg.embed.encoder_tag, progress=False, rank=0,
-                world_size=1, thumbnails=bool(cfg.embed.thumbnails), overlay_tiles=int(cfg.embed.overlay_tiles),
-                lock_stale_s=float(cfg.embed.lock_stale_hours) * 3600,
-            )  # fmt: skip
-            if Path(summary["features_dir"]) != feat_dir:
-                raise RuntimeError(f"embed_slides wrote {summary['features_dir']}, expected {feat_dir}")
-            update_embedding_cost(feat_dir, summary)
-            info = {"embed/slides_embedded": summary["slides_done"], "embed/seconds": summary["seconds"]}
-    return feat_dir, info
+        raise InputError(f"none of the {len(slide_ids)} labelled slides is in {root / 'train_images'}")
+    encoder = instantiate(cfg.encoder)
+    if _is_child_rank():  # rank 0 embedded before the DDP processes started
+        return features_folder(encoder, cfg.job_dir, cfg.tile, cfg.embed, cfg.backbone.weights), {}
+    runtime = Runtime.from_trainer(cfg.trainer, progress=False, rank=0, world_size=1)
+    folder, summary = ensure_features(encoder, specs, cfg.tile, cfg.embed, runtime, job_dir=cfg.job_dir,
+                                      weights=cfg.backbone.weights, default_mpp=cfg.data.default_mpp)  # fmt: skip
+    return folder, {"embed/slides_embedded": summary["slides_done"], "embed/seconds": summary["seconds"]}
 
 
-def _embedding_skips(job_dir: Path) -> dict[str, str]:
-    path = job_dir / SKIPPED_FILE
-    if not path.is_file():
-        return {}
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return dict(zip(table.slide, table.reason)) if {"slide", "reason"} <= set(table.columns) else {}
+def embedding_cost(features_dir: Path, slide_ids) -> dict:
+    """embed/* numbers of the slides the folder's ledger timed (none for folders written outside hirespath)."""
+    t = Ledger(features_dir).timings()
+    t = t[t.slide.isin(set(slide_ids))] if "seconds" in t else t.iloc[0:0]
+    if not len(t):
+        return {"embed/slides_timed": 0}
+    return {EMBED_SECONDS_PER_SLIDE: float(t.seconds.mean()), "embed/slides_timed": len(t),
+            "embed/tiles_per_second": float(t.tiles.sum() / t.seconds.sum())}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- the task
@@ -239,7 +165,8 @@ def run_mil(cfg: DictConfig) -> dict:
         skipped = dm.skipped.copy()
         why = {}
         if not cfg.features_dir:  # why a slide has no features: no slide file, or the embedding skipped it
-            why = _embedding_skips(features_dir.parent.parent)
+            ledger = Ledger(features_dir).skipped()
+            why = dict(zip(ledger.slide, ledger.reason))
             root = Path(cfg.data.root)
             why.update({s: f"no slide file {_slide_path(root, s)}" for s in skipped.slide_id
                         if not _slide_path(root, s).is_file()})  # fmt: skip
@@ -280,12 +207,7 @@ def run_mil(cfg: DictConfig) -> dict:
     metrics["features/dim"] = dm.feature_dim
     metrics["features/tiles_per_slide"] = float(dm.rows.n_tiles.mean())
     metrics["skipped_slides"] = len(dm.skipped)
-    cost = read_embedding_cost(features_dir)
-    cost = cost[cost.slide.isin(dm.rows.slide_id)]
-    metrics[EMBED_SECONDS_PER_SLIDE] = float(cost.seconds.mean()) if len(cost) else float("nan")
-    metrics["embed/tiles_per_second"] = float(cost.tiles.sum() / cost.seconds.sum()) if len(cost) else float("nan")
-    metrics["embed/slides_timed"] = len(cost)
-    metrics.update(embed_info)
+    metrics.update({"embed/slides_embedded": 0, **embed_info, **embedding_cost(features_dir, dm.rows.slide_id)})
     write_json(out_dir / METRICS_FILE, metrics)
     write_mil_outputs(out_dir, module.test_results, NUM_CLASSES)
     if int(cfg.figures.num_slides):
@@ -293,12 +215,12 @@ def run_mil(cfg: DictConfig) -> dict:
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)})
         lg.finalize("success")
+    cost = metrics.get(EMBED_SECONDS_PER_SLIDE)
     log.info(
-        "MIL %s on %s (%d test slides): kappa %.4f, balanced accuracy %.4f, accuracy %.4f, AUROC %.4f; "
-        "embedding %.2f s per slide",
+        "MIL %s on %s (%d test slides): kappa %.4f, balanced accuracy %.4f, accuracy %.4f, AUROC %.4f%s",
         cfg.head.name, features_dir, metrics[TEST_NUM_SLIDES], metrics[TEST_KAPPA],
         metrics[TEST_BALANCED_ACCURACY], metrics[TEST_ACCURACY], metrics[TEST_AUROC],
-        metrics[EMBED_SECONDS_PER_SLIDE],
+        f"; embedding {cost:.2f} s per slide" if cost is not None else "",
     )  # fmt: skip
     return metrics
 
