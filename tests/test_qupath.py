@@ -1,0 +1,39 @@
+"""QuPath GeoJSON: the properties QuPath reads, valid geometries, atomic files."""
+
+import json
+
+import pytest
+from shapely.geometry import MultiPolygon, Polygon, box
+
+from hirespath.wsi.qupath import feature, read_geojson, valid_geometry, write_geojson
+
+
+def test_features_as_qupath_writes_them(tmp_path):
+    region = MultiPolygon([box(0, 0, 10, 10).difference(box(3, 3, 5, 5)), box(20, 20, 30, 25)])
+    tile = box(100, 100, 356, 356)
+    path = write_geojson(tmp_path / "s.geojson", [
+        feature(region, "annotation", "Epithelium", (255, 0, 0), {"Area µm^2": 12.5}),
+        feature(tile, "detection", "tile", (0, 0, 255), {"attention": 0.3, "p1": float("nan")}),
+    ])  # fmt: skip
+    data = json.loads(path.read_text())
+    assert data["type"] == "FeatureCollection" and len(data["features"]) == 2
+    ann, det = (f["properties"] for f in data["features"])
+    assert ann == {"objectType": "annotation", "classification": {"name": "Epithelium", "color": [255, 0, 0]},
+                   "measurements": {"Area µm^2": 12.5}}  # fmt: skip
+    assert det["objectType"] == "detection" and det["measurements"] == {"attention": 0.3}  # NaN left out
+    (g, _), (t, _) = read_geojson(path)
+    assert g.equals(region) and g.area == region.area and len(g.geoms[0].interiors) == 1  # holes kept
+    assert t.equals(tile)
+
+
+def test_invalid_polygons_are_repaired():
+    bowtie = Polygon([(0, 0), (10, 10), (10, 0), (0, 10)])
+    assert not bowtie.is_valid
+    fixed = valid_geometry(bowtie)
+    assert fixed.is_valid and fixed.area == pytest.approx(50)
+    assert feature(bowtie)["geometry"]["type"] in ("Polygon", "MultiPolygon")
+
+
+def test_object_type_is_checked():
+    with pytest.raises(ValueError, match="object_type must be one of"):
+        feature(box(0, 0, 1, 1), "cells")
