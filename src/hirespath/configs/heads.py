@@ -36,9 +36,9 @@ def head_choices(task: str, value: object) -> str:
 
 @dataclass
 class KNNHeadConfig:
-    """``hirespath.heads.knn.KNNClassifier``."""
+    """``hirespath.probes.knn.KNNClassifier``."""
 
-    _target_: str = "hirespath.heads.knn.KNNClassifier"
+    _target_: str = "hirespath.probes.knn.KNNClassifier"
     name: str = "knn"
     k: int = 20
     center_l2: bool = True
@@ -46,9 +46,9 @@ class KNNHeadConfig:
 
 @dataclass
 class LinearProbeHeadConfig:
-    """``hirespath.heads.linear_probe.LinearProbeHead`` (solver adamw | lbfgs | uni)."""
+    """``hirespath.probes.linear_probe.LinearProbeHead`` (solver adamw | lbfgs | uni)."""
 
-    _target_: str = "hirespath.heads.linear_probe.LinearProbeHead"
+    _target_: str = "hirespath.probes.linear_probe.LinearProbeHead"
     name: str = "linear_probe"
     solver: str = "adamw"
     lr: float = 1.0e-3
