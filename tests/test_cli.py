@@ -357,3 +357,13 @@ def test_installed_wheel_runs_from_any_directory(tmp_path):
     sources = yaml.safe_load((metrics.parent / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]
     paths = [s["path"] for s in sources["config_sources"] if s["provider"] == "main"]
     assert paths == [str(site / "hirespath" / "conf")], sources["config_sources"]
+
+
+def test_old_keys_and_other_tasks_heads_get_one_line_from_the_command_line(tmp_path):
+    """What Hydra refuses at composition (an old key's name) or a head of another task: one message, no traceback."""
+    old = run_cli("embed_slides", "wsi_dir=x", "features=cls", cwd=tmp_path, timeout=120)
+    assert old.returncode == 1 and "features: renamed to embed.features; use embed.features=cls" in old.stderr
+    head = run_cli("mil", "head=knn", cwd=tmp_path, timeout=120)
+    assert head.returncode == 1 and "must be one of ['abmil', 'mean_pool']" in head.stderr, head.stderr
+    for proc in (old, head):
+        assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr

@@ -321,6 +321,8 @@ def test_composition_hint_for_the_cli():
     msg = composition_hint("classify", ["head=mask2former"])
     assert "['knn', 'linear_probe']" in msg and "mask2former is for segment" in msg, msg
     assert composition_hint("mil", ["head=abmil", "tile.size=224"]) is None
+    assert composition_hint("mil", ["head=abmil,mean_pool", "seed=choice(1,2)"]) is None  # a multirun's lists
+    assert "head='knn'" in composition_hint("mil", ["head=abmil,knn"])
 
 
 def test_task_heads_are_one_map():

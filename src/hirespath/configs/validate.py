@@ -142,8 +142,12 @@ def composition_hint(task: str, overrides: list[str]) -> str | None:
             continue
         if key in renamed:
             lines.append(f"{key}: renamed to {renamed[key]}; use {renamed[key]}={value}")
-        elif key == "head" and task in TASK_HEADS and value not in TASK_HEADS[task]:
-            lines.append(f"head={value!r}: must be {head_choices(task, value)}")
-        elif key == "data" and task in TASK_DATA and value not in TASK_DATA[task]:
-            lines.append(f"data={value!r}: must be {one_of(value, TASK_DATA[task])} in the {task} task")
+        elif "(" in value:  # a sweep function (choice, range, glob): Hydra expands it
+            continue
+        elif key == "head" and task in TASK_HEADS:  # a multirun's comma list names several
+            for v in (v for v in value.split(",") if v not in TASK_HEADS[task]):
+                lines.append(f"head={v!r}: must be {head_choices(task, v)}")
+        elif key == "data" and task in TASK_DATA:
+            for v in (v for v in value.split(",") if v not in TASK_DATA[task]):
+                lines.append(f"data={v!r}: must be {one_of(v, TASK_DATA[task])} in the {task} task")
     return "invalid configuration:\n  " + "\n  ".join(lines) if lines else None

@@ -164,5 +164,11 @@ def hydra_main(name: str) -> Any:
             if not full_error():
                 report_input_error(err)
             raise
+    # what Hydra would refuse with a less helpful message (an old key's name, another task's head): said here
+    from ..configs import composition_hint
+
+    hint = composition_hint(name, [a for a in sys.argv[1:] if not a.startswith("-")])
+    if hint and not full_error():
+        report_input_error(InputError(hint))
     app = hydra.main(config_path=str(config_dir()), config_name=task.config_name or name, version_base="1.3")
     return app(TaskFunction(name))()
