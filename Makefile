@@ -10,7 +10,7 @@ help:
 	@echo "make install   create .venv and install hirespath (editable, with .venv/bin/hirespath) + test and launcher extras"
 	@echo "make test      fast CPU test suite (excludes @pytest.mark.slow)"
 	@echo "make test-all  every test, slow ones included"
-	@echo "make lint      ruff lint + format check (CI runs it before the tests)"
+	@echo "make lint      ruff lint + format check + import layers (lint-imports; CI runs it before the tests)"
 	@echo "make format    ruff format + safe lint fixes"
 	@echo "make demo      end-to-end demo on generated data with the tiny preset (CPU, about 1.5 minutes)"
 	@echo "make benchmark CPU benchmark of the attention modes (see README, Benchmarks)"
@@ -31,9 +31,11 @@ test-all:
 
 LINT_PATHS := src tasks tests notebooks setup.py
 
+# lint-imports checks the layers contract in pyproject.toml ([tool.importlinter]; docs/design.md): no upward imports.
 lint:
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 
 format:
 	$(PY) -m ruff check --fix $(LINT_PATHS)

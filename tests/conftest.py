@@ -8,6 +8,55 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 import hirespath.tasks  # noqa: E402, F401  (registers the config groups' schemas and the hp.* resolvers)
 
+# Tests that run a whole task (run_<task>(cfg), its Hydra entry, the CLI) or start other processes carry the
+# `integration` marker: `pytest -m "not integration"` is the quick unit run. A file mapped to None is integration as
+# a whole; otherwise only the tests named (their function names; a name missing from the file is a usage error).
+INTEGRATION = {
+    "test_bad_input.py": None,
+    "test_cli.py": None,
+    "test_ddp.py": None,
+    "test_embed_slides_task.py": None,
+    "test_grid_e2e.py": None,
+    "test_launchers.py": None,
+    "test_mil_task.py": None,
+    "test_notebooks.py": None,
+    "test_resume.py": None,
+    "test_wandb.py": None,
+    "test_benchmark.py": {
+        "test_benchmark_task_writes_csv_and_plot",
+        "test_embedding_benchmark_measures_tissue_throughput",
+        "test_cpu_parallel_is_a_compare_key",
+        "test_benchmark_under_load_uses_the_cores_left",
+    },
+    "test_config_validation.py": {"test_task_fails_before_compute", "test_plus_key_fails_through_the_entry_point"},
+    "test_mil_bad_input.py": {
+        "test_mil_task_stops_on_nan_features_and_writes_no_metrics",
+        "test_ddp_every_rank_stops_on_a_nan_loss_of_one",
+        "test_mil_default_workers_are_resolved_from_this_process_cores",
+    },
+    "test_panda.py": {"test_classify_end_to_end", "test_embedding_cache_hit_and_atomic_write"},
+    "test_report.py": {"test_report_cli"},
+    "test_results.py": {"test_results_and_report_import_without_torch"},
+    "test_segpath.py": {"test_segment_task_end_to_end"},
+    "test_slide_embedding.py": {"test_two_workers_embed_each_slide_exactly_once"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    checked = set()
+    for item in items:
+        file = item.path.name
+        if file not in INTEGRATION:
+            continue
+        names = INTEGRATION[file]
+        if names is not None and file not in checked:
+            checked.add(file)
+            missing = sorted(n for n in names if not callable(getattr(item.module, n, None)))
+            if missing:
+                raise pytest.UsageError(f"tests/conftest.py INTEGRATION names tests that {file} lacks: {missing}")
+        if names is None or getattr(item, "originalname", item.name) in names:
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

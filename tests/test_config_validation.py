@@ -351,22 +351,3 @@ def test_config_errors_are_input_errors():
     from hirespath.utils.errors import InputError
 
     assert issubclass(ConfigValidationError, InputError)
-
-
-def test_utils_import_nothing_above_them():
-    """utils/ is the bottom layer: no import of another hirespath package (absolute or relative)."""
-    import ast
-
-    for path in sorted((ROOT / "src" / "hirespath" / "utils").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                module = node.module or ""
-                if node.level >= 2 or (node.level == 0 and module.startswith("hirespath.")):
-                    assert module.startswith("utils") if node.level >= 2 else module.startswith("hirespath.utils"), (
-                        f"{path.name} imports {'.' * node.level}{module}"
-                    )
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    assert not alias.name.startswith("hirespath.") or alias.name.startswith("hirespath.utils"), (
-                        f"{path.name} imports {alias.name}"
-                    )

@@ -4,7 +4,7 @@ All three take the block's normalised tokens ``x`` (B×L×D, prefix tokens first
 projected output, exactly as timm's ``Attention.forward`` would, so state_dict keys never change. ``qkv``:
 the (q, k, v) of ``split_heads(attn, x)`` when the caller already has them (the pruning block).
 
-Sparse semantics (DESIGN.md): the patch grid is cut into ``window``×``window`` blocks; a patch token
+Sparse semantics (docs/design.md): the patch grid is cut into ``window``×``window`` blocks; a patch token
 attends to the patch tokens of its own block and of the blocks within ``radius`` (1: the 3×3 block
 neighbourhood, clipped at the border) plus all prefix tokens; prefix tokens attend to everything.
 No L×L tensor is ever built. The gather kernel (CPU, training, very large grids) gathers each block's
@@ -535,8 +535,8 @@ def select_kernel(
     The whole policy, used by the encoder, the cost model and the benchmark:
     - ``dense`` and ``eager`` run themselves.
     - ``sparse`` with a window covering the whole (full, unpruned) ``grid`` is dense attention: ``dense``.
-    - ``sparse``, backend ``auto``: flex_attention for CUDA inference (faster and leaner on H100, see README,
-      Benchmarks) up to ``FLEX_MAX_BLOCKS`` blocks (its block tables grow quadratically); gather otherwise
+    - ``sparse``, backend ``auto``: flex_attention for CUDA inference (faster and leaner on H100, see
+      docs/benchmarks.md) up to ``FLEX_MAX_BLOCKS`` blocks (its block tables grow quadratically); gather otherwise
       (CPU, training, very large grids).
     - ``sparse``, backend ``flex``: flex, except where it cannot run: ``dropout`` (attention dropout active; flex
       has none on the sparse rows) or ``training`` on a non-CUDA device (no CPU backward): gather there.

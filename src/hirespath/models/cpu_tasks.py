@@ -3,7 +3,7 @@
 PyTorch runs every op as its own OpenMP region, split evenly over the intra-op threads and closed by a barrier.
 When something else takes a core (a tile reader, a DataLoader worker, another job), the thread sharing that core
 is descheduled for milliseconds and every region waits for it. Measured on 2 cores with one other busy process
-(narrowed UNI2-h, 1344 px, DESIGN.md "CPU threads under load"): the sparse kernel's ~100 small regions per block
+(narrowed UNI2-h, 1344 px, docs/design.md "CPU threads under load"): the sparse kernel's ~100 small regions per block
 (index gathers, SDPA per chunk of blocks, MLP chunks) made sparse + pruning 2.6× slower, dense attention (a few
 long regions) 1.7×.
 

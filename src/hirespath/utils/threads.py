@@ -1,9 +1,10 @@
 """CPU thread policy: how many intra-op threads the encoder gets when tile readers share the machine.
 
-Measured on 2 cores (DESIGN.md, "CPU threads under load"): op-parallel PyTorch stalls every parallel region on a
+Measured on 2 cores (docs/design.md, "CPU threads under load"): op-parallel PyTorch stalls every parallel region on a
 descheduled thread, so with one other busy process sparse + pruning ran 4.53 s with 2 threads but 2.35 s with 1
-(dense: 15.7 s vs 16.9 s). The encoder's CPU tasks (models/cpu_tasks.py) take most of that stall away (README, "CPU
-bar under load"); the encoder still gets the cores busy readers leave free, never more than this process may use.
+(dense: 15.7 s vs 16.9 s). The encoder's CPU tasks (models/cpu_tasks.py) take most of that stall away
+(docs/benchmarks.md, "CPU bar under load"); the encoder still gets the cores busy readers leave free, never more than
+this process may use.
 
 Logging: the count a run starts with is one INFO line; the adaptive policy's re-choices (one per change, dozens in a
 run) are DEBUG, so they do not break the progress bars; their history is in the run's summary (``threads``).

@@ -1,6 +1,6 @@
 """Whole-slide feature files in TRIDENT's layout, readable by TRIDENT, CLAM and the slide encoders built on them.
 
-Layout (TRIDENT ``run_batch_of_slides.py``; see DESIGN.md "Whole-slide features")::
+Layout (TRIDENT ``run_batch_of_slides.py``; see docs/design.md "Whole-slide features")::
 
     <job_dir>/<tiling tag>/patches/<slide>_patches.h5            coords (+ attrs)
     <job_dir>/<tiling tag>/features_<encoder tag>/<slide>.h5     features, coords (+ attrs) [, tokens ...]
