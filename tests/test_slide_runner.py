@@ -245,3 +245,18 @@ def test_ledger_adds_keys_an_older_config_lacks(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == {"tile_size": 224, "min_tissue": 0.25}
     with pytest.raises(IdentityMismatch, match="tile_size: 224 there, 448 now"):
         led.check_identity({"tile_size": 448})
+
+
+def test_random_weights_of_a_real_preset_are_warned_and_recorded(slides, tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from hirespath.embeddings.features import random_weights
+    from hirespath.models.backbones import get_backbone
+
+    assert random_weights(SimpleNamespace(preset=get_backbone("uni2_h")), None)
+    assert "RANDOM weights" in caplog.text and "backbone.weights=FILE" in caplog.text
+    assert not random_weights(SimpleNamespace(preset=get_backbone("uni2_h")), "/w.bin")
+    assert not random_weights(encoder(), None)  # the tiny test preset has no official weights
+    s = embed_slides(encoder(), list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
+    (worker,) = json.loads((Path(s["features_dir"]) / "summary.json").read_text())["workers"].values()
+    assert worker["random_weights"] is False and worker["precision"] == "fp32"

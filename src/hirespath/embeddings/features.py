@@ -244,10 +244,10 @@ def embed_slides(encoder, slides, job_dir, tiling, embed, runtime: Runtime | Non
     job = slide_job(job_dir, tiling, embed, default_mpp)
     consumer = _consumer(encoder, job, embed, runtime, weights, extra_attrs, token_dtype)
     random = random_weights(encoder, weights)
-    summary = run_slides(slides, job, consumer, runtime)
+    summary = run_slides(slides, job, consumer, runtime, notes={"random_weights": random,
+                         "precision": consumer.tile_function.precision})  # fmt: skip
     summary.update(features_dir=summary["output_dir"], encoder=consumer.folder.removeprefix("features_"),
-                   precision=consumer.tile_function.precision, embedded=summary["done"],
-                   random_weights=random)  # fmt: skip
+                   embedded=summary["done"])  # fmt: skip
     return summary
 
 

@@ -114,10 +114,12 @@ class SlideJob:
 
     def identity(self) -> dict:
         """What decides which tiles a slide gets (part of every output folder's identity)."""
+        from ..wsi.reader import LEVEL_TOLERANCE  # which pyramid level a tile is read from (then resized)
+
         t = self.tiling
         return {"tiling": self.tiling_tag, "tile_size": int(t.size), "tile_mpp": float(t.mpp),
                 "overlap": int(t.overlap), "min_tissue": float(t.min_tissue), "default_mpp": self.default_mpp,
-                "mask_max_side": int(self.mask_max_side)}  # fmt: skip
+                "mask_max_side": int(self.mask_max_side), "level_tolerance": LEVEL_TOLERANCE}  # fmt: skip
 
 
 class SlideSink(Protocol):
@@ -213,9 +215,11 @@ def _remove_stale_temporaries(out_dir: Path, output: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def run_slides(slides, job: SlideJob, consumer: SlideConsumer, runtime: Runtime | None = None) -> dict:
+def run_slides(
+    slides, job: SlideJob, consumer: SlideConsumer, runtime: Runtime | None = None, notes: dict | None = None
+) -> dict:
     """Run ``consumer`` over every tissue tile of ``slides``; returns this worker's summary (also merged into the
-    output folder's ``summary.json``)."""
+    output folder's ``summary.json``). ``notes``: facts of the run for the summary (e.g. ``random_weights``)."""
     t_start = time.perf_counter()
     runtime = (runtime or Runtime()).resolve()
     rank, world_size, device = runtime.rank, runtime.world_size, runtime.device
@@ -241,7 +245,7 @@ def run_slides(slides, job: SlideJob, consumer: SlideConsumer, runtime: Runtime 
         "slides_total": len(specs), "slides_already_finished": len(finished_before), "slides_done": 0,
         "slides_skipped": 0, "slides_locked_by_others": 0, "tiles": 0, "tiles_skipped": 0, "tissue_mm2": 0.0,
         "device": str(device), "reader": job.reader, "num_workers": job.num_workers, "done": [], "skipped": [],
-        "warnings": {},
+        "warnings": {}, **(notes or {}),
     }  # fmt: skip
     totals = zero_stages()
     if runtime.count_startup:
