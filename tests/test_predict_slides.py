@@ -232,3 +232,29 @@ def test_refusals(trident_run, tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         _predict(tmp_path, "o5", f"ckpt={tmp_path / 'nope.ckpt'}", f"features_dir={other}")
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
+
+
+def test_another_tiling_of_the_runs_encoder_is_refused(trained, tmp_path):
+    """Features of the run's encoder at another tile size: refused, naming the run's 112 px and the file's 224."""
+    d = tmp_path / "t224"
+    d.mkdir()
+    src = next(trained["features"].glob("*.h5"))
+    shutil.copy(src, d / src.name)
+    with h5py.File(d / src.name, "r+") as f:
+        f["features"].attrs["resolution"] = 224
+        f["coords"].attrs["patch_size"] = 224
+    with pytest.raises(InputError, match=r"resolution: expects 112, got 224; tile patch_size: expects 112, got 224"):
+        _predict(
+            tmp_path, "out", f"ckpt={next((trained['run'] / 'checkpoints').glob('epoch_*.ckpt'))}", f"features_dir={d}"
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prints_one_line_for_a_bad_checkpoint(tmp_path):
+    from test_cli import run_cli
+
+    (tmp_path / "feats").mkdir()
+    proc = run_cli("predict_slides", f"ckpt={tmp_path / 'missing.ckpt'}", f"features_dir={tmp_path / 'feats'}",
+                   f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ckpt=") and "Traceback" not in proc.stderr
