@@ -258,3 +258,16 @@ def test_cli_prints_one_line_for_a_bad_checkpoint(tmp_path):
                    f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ckpt=") and "Traceback" not in proc.stderr
+
+
+def test_heatmap_cost_benchmark_rows(tmp_path, one_thread):
+    """Both ways on one generated slide: the token way draws patch cells from the 0-overlap tiles, CLAM's way embeds
+    about 4× the tiles; seconds are measured for each."""
+    from hirespath.benchmark.heatmap_cost import heatmap_cost
+
+    enc = tiny_encoder(depth=2, attention="sparse", window=4, prune_ratio=0.5, prune_layer=1)
+    df = heatmap_cost(enc, None, tmp_path, tile_size=112, generated_size=(448, 672)).set_index("method")
+    assert list(df.index) == ["token", "clam_overlap50"] and (df.seconds > 0).all()
+    assert df.cell_px_level0["token"] == 14 and df.cell_px_level0["clam_overlap50"] == 56
+    assert df.tiles["clam_overlap50"] >= 3 * df.tiles["token"]
+    assert (tmp_path / "token.png").is_file() and (tmp_path / "clam_overlap50.png").is_file()
