@@ -271,3 +271,11 @@ def test_heatmap_cost_benchmark_rows(tmp_path, one_thread):
     assert df.cell_px_level0["token"] == 14 and df.cell_px_level0["clam_overlap50"] == 56
     assert df.tiles["clam_overlap50"] >= 3 * df.tiles["token"]
     assert (tmp_path / "token.png").is_file() and (tmp_path / "clam_overlap50.png").is_file()
+
+
+def test_bad_heatmap_options_are_refused(trident_run, tmp_path):
+    for option, match in (("heatmaps.resolution=patch", "must be one of tile, token"),
+                          ("heatmaps.num_slides=-1", "null .every slide. or an integer >= 0")):  # fmt: skip
+        with pytest.raises(InputError, match=match):
+            _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={tmp_path}", option)
+    assert not (tmp_path / "out").exists()

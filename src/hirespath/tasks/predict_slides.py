@@ -97,8 +97,11 @@ def load_mil_head(ckpt: Path, run_cfg: DictConfig) -> tuple[torch.nn.Module, int
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 — a corrupt or foreign file surfaces as many exception types
         raise InputError(f"{ckpt} is not a MIL checkpoint: torch cannot read it ({err})") from err
+    if not isinstance(state, dict):
+        what = type(state).__name__
+        raise InputError(f"{ckpt} is not a MIL checkpoint: it holds a {what}, not a Lightning checkpoint")
     weights = {k.removeprefix("head."): v for k, v in (state.get("state_dict") or {}).items() if k.startswith("head.")}
-    classes = (state.get("hyper_parameters") or {}).get("num_classes") if isinstance(state, dict) else None
+    classes = (state.get("hyper_parameters") or {}).get("num_classes")
     matrices = [v for v in weights.values() if v.ndim == 2]
     if not matrices or classes is None:
         raise InputError(f"{ckpt} is not a MIL checkpoint: no head.* weights or num_classes in it "
@@ -382,6 +385,9 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     resolution = str(cfg.heatmaps.resolution)
     if resolution not in RESOLUTIONS:
         raise InputError(f"heatmaps.resolution={resolution!r}: must be one of {', '.join(RESOLUTIONS)}")
+    n = cfg.heatmaps.num_slides
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+        raise InputError(f"heatmaps.num_slides={n!r}: must be null (every slide) or an integer >= 0 (0: none)")
     ckpt, run_dir = find_checkpoint(cfg.ckpt)
     run_cfg = run_config(run_dir, ckpt)
     head, dim, num_classes = load_mil_head(ckpt, run_cfg)
