@@ -12,7 +12,7 @@ help:
 	@echo "make test-all  every test, slow ones included"
 	@echo "make lint      ruff lint + format check + import layers (lint-imports; CI runs it before the tests)"
 	@echo "make format    ruff format + safe lint fixes"
-	@echo "make demo      end-to-end demo on generated data with the tiny preset (CPU, about 1.5 minutes)"
+	@echo "make demo      end-to-end demo on generated data with the tiny preset (CPU, a few minutes): ROIs, then slides"
 	@echo "make benchmark CPU benchmark of the attention modes (see README, Benchmarks)"
 
 $(PY):
@@ -43,6 +43,9 @@ format:
 
 DEMO_DATA ?= data/panda_synthetic
 DEMO_ARGS ?= data.root=$(DEMO_DATA) data.fov_um=512 backbone=tiny resolution=448 attention=sparse pruner=global_attention pruner.prune_layer=2 logger=wandb
+DEMO_OUT ?= outputs/demo
+DEMO_UNSEEN ?= data/panda_synthetic_unseen
+DEMO_SLIDE_ARGS ?= data.root=$(DEMO_DATA) backbone=tiny tile.size=448 attention=sparse pruner=global_attention pruner.prune_layer=2 head=abmil head.hidden=64 head.attention_hidden=32 trainer.max_epochs=5 embed.thumbnails=false job_dir=$(DEMO_OUT)/slide_embeddings logger=csv
 
 demo:
 	# A small synthetic PANDA (real layout: pyramidal TIFFs + train.csv), then classification on CPU with the
@@ -50,6 +53,14 @@ demo:
 	test -f $(DEMO_DATA)/train.csv || $(PY) tasks/make_synthetic.py dataset=panda root=$(DEMO_DATA) num_slides=36
 	$(PY) tasks/classify.py $(DEMO_ARGS) head=knn head.k=5
 	$(PY) tasks/classify.py $(DEMO_ARGS) head=linear_probe
+	# The slide path: embed the slides at 448 px tiles (tiny preset, sparse + pruned), train ABMIL on them, then apply
+	# it to a slide it never saw: its prediction, a patch-resolution attention heatmap and the QuPath GeoJSON.
+	$(PY) tasks/mil.py $(DEMO_SLIDE_ARGS) hydra.run.dir=$(DEMO_OUT)/mil
+	test -f $(DEMO_UNSEEN)/train.csv || $(PY) tasks/make_synthetic.py dataset=panda root=$(DEMO_UNSEEN) num_slides=4 seed=7
+	$(PY) tasks/predict_slides.py ckpt=$(DEMO_OUT)/mil wsi_dir=$(DEMO_UNSEEN)/train_images \
+		job_dir=$(DEMO_OUT)/slide_embeddings heatmaps.resolution=token hydra.run.dir=$(DEMO_OUT)/predict
+	@cat $(DEMO_OUT)/predict/predictions.csv
+	@echo "heatmap PNG and QuPath GeoJSON (drag onto the slide in QuPath):"; ls $(DEMO_OUT)/predict/heatmaps/*
 
 benchmark:
 	$(PY) tasks/benchmark.py experiment=cpu_speed

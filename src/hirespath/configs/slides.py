@@ -38,6 +38,7 @@ class EmbedConfig:
 
     features: str = "cls"  # cls | mean | cls+mean
     tokens: bool = False
+    token_scores: bool = False  # per-patch global-attention scores per tile (h5 `token_scores`: token heatmaps)
     batch_size: int = 4
     num_workers: int = 1
     reader: str = "threads"  # threads | workers
@@ -68,7 +69,7 @@ TASK_RENAMED: dict[str, dict[str, str]] = {
 }
 
 # The tasks whose slide-reading outputs go to ``job_dir``.
-JOB_TASKS = ("embed_slides", "mil")
+JOB_TASKS = ("embed_slides", "mil", "predict_slides")
 
 
 def _tiling_checker():

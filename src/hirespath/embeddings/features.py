@@ -10,7 +10,7 @@ On disk (``<tiling>`` = :func:`~hirespath.wsi.trident_h5.tiling_tag`, e.g. ``20x
 
     job_dir/
       <tiling>/patches/<slide>_patches.h5          coords; reused by every encoder with the same tiling and mpp
-      <tiling>/features_<encoder tag>/<slide>.h5   features + coords (+ tokens); <slide>.h5.lock while embedding
+      <tiling>/features_<encoder tag>/<slide>.h5   features + coords (+ tokens, token_scores); .lock while embedding
       <tiling>/features_<encoder tag>/config.json  what the folder's features depend on (checked on reuse)
       <tiling>/features_<encoder tag>/skipped.csv, timings.csv, summary.json   the folder's ledger
       <tiling>/thumbnails/<slide>.png              tissue outline + kept tiles (+ pruned tokens)
@@ -55,16 +55,19 @@ IDENTITY_KEYS = ("backbone", "attention", "window", "radius", "prune_ratio", "pr
 # tile function and sink
 
 
-def encoder_forward(encoder, features: str, tokens: bool):
-    """images in [0, 1] → (features B×D float32, kept tokens per tile or None, positions per tile, patch grid)."""
+def encoder_forward(encoder, features: str, tokens: bool, token_scores: bool = False):
+    """images in [0, 1] → (features B×D float32, kept tokens per tile or None, positions per tile, patch grid,
+    per-patch global-attention scores B×rows·cols float32 or None)."""
 
     def forward(x: torch.Tensor):
-        out = encoder(encoder.normalize(x))
+        # the keyword only when asked: any encoder module works without it, and the default path is untouched
+        out = encoder(encoder.normalize(x), token_scores=True) if token_scores else encoder(encoder.normalize(x))
         parts = {"cls": [out.cls], "mean": [out.mean_patch], "cls+mean": [out.cls, out.mean_patch]}[features]
         feats = torch.cat([p.float() for p in parts], 1).cpu().numpy()
         # positions are small (N'×2 per tile) and feed the pruned-token overlays even without tokens
         toks = list(out.patch_tokens.float().cpu().numpy()) if tokens else None
-        return feats, toks, list(out.positions.cpu().numpy()), out.grid
+        scores = out.token_scores.float().cpu().numpy() if token_scores else None
+        return feats, toks, list(out.positions.cpu().numpy()), out.grid, scores
 
     return forward
 
@@ -77,7 +80,7 @@ class FeatureSink:
         self.overlays: list[tuple[int, np.ndarray, np.ndarray, tuple[int, int]]] = []
 
     def add(self, tiles: np.ndarray, output, images: torch.Tensor) -> list[tuple[int, str]]:
-        feats, toks, pos, patch_grid = output
+        feats, toks, pos, patch_grid, scores = output
         finite = np.isfinite(feats).all(axis=1)
         refused = [(int(t), "features are not finite (NaN/inf; fp16 overflow? use bf16-mixed or fp32)")
                    for t in tiles[~finite]]  # fmt: skip
@@ -89,6 +92,7 @@ class FeatureSink:
                 [toks[i] for i in keep] if self.tokens else None,
                 [pos[i] for i in keep] if self.tokens else None,
                 grid=patch_grid,
+                token_scores=scores[keep] if scores is not None else None,
             )
         for i in keep[: max(0, self.overlays_left)]:
             self.overlays.append((int(tiles[i]), images[i].permute(1, 2, 0).numpy(), pos[i], patch_grid))
@@ -123,6 +127,7 @@ class EmbeddingConsumer:
     overlay_tiles: int
     token_dtype: type = np.float16
     overwrite_hint: str = OVERWRITE
+    token_scores: bool = False
 
     @property
     def needs_thumbnail(self) -> bool:
@@ -132,14 +137,15 @@ class EmbeddingConsumer:
         return out_dir / f"{spec.slide_id}.h5"
 
     def is_finished(self, path: Path) -> bool:
-        """The file exists (files appear only complete) and, when tokens are wanted, holds them."""
+        """The file exists (files appear only complete) and, when tokens / token scores are wanted, holds them."""
         if not path.is_file():
             return False
-        if not self.tokens:
+        wanted = [name for name, on in (("tokens", self.tokens), ("token_scores", self.token_scores)) if on]
+        if not wanted:
             return True
         try:
             with h5py.File(path, "r") as f:
-                return "tokens" in f
+                return all(name in f for name in wanted)
         except OSError:
             return False
 
@@ -158,7 +164,7 @@ class EmbeddingConsumer:
         attrs = {**self.features_attrs, "name": spec.slide_id, "savetodir": str(path.parent)}
         dim = self.encoder.embed_dim * (2 if self.features == "cls+mean" else 1)
         writer = trident_h5.FeatureWriter(path, dim, c_attrs, attrs, tokens=self.tokens, token_dtype=self.token_dtype,
-                                          token_dim=self.encoder.embed_dim)  # fmt: skip
+                                          token_dim=self.encoder.embed_dim, token_scores=self.token_scores)  # fmt: skip
         pruned = getattr(self.encoder, "pruner", None) is not None and self.encoder.pruner.enabled
         overlays = self.overlay_tiles if self._draws(path, prepared) and pruned else 0
         return FeatureSink(writer, grid.coords, self.tokens, overlays)
@@ -197,8 +203,9 @@ def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_at
         size = int(job.tiling.size)
         raise InputError(f"tile.size={size} is not a multiple of the encoder's patch size {p}; e.g. "
                          f"{size // p * p} or {(size // p + 1) * p}")  # fmt: skip
+    scores = bool(getattr(embed, "token_scores", False))
     tile_fn = TileModel(encoder, runtime.device, runtime.precision, job.batch_size,
-                        forward=encoder_forward(encoder, embed.features, bool(embed.tokens)))  # fmt: skip
+                        forward=encoder_forward(encoder, embed.features, bool(embed.tokens), scores))  # fmt: skip
     tag = features_tag(encoder, embed, weights)
     attrs = trident_h5.encoder_attrs(encoder, tag=tag, features=embed.features, tile_size=int(job.tiling.size),
                                      weights=weights, precision=tile_fn.precision, extra=extra_attrs)  # fmt: skip
@@ -208,7 +215,7 @@ def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_at
     return EmbeddingConsumer(
         encoder=encoder, tile_function=tile_fn, folder=f"features_{tag}", identity=identity, features_attrs=attrs,
         features=embed.features, tokens=bool(embed.tokens), thumbnails=bool(embed.thumbnails),
-        overlay_tiles=int(embed.overlay_tiles), token_dtype=token_dtype,
+        overlay_tiles=int(embed.overlay_tiles), token_dtype=token_dtype, token_scores=scores,
     )  # fmt: skip
 
 

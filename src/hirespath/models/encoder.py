@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,9 @@ class EncoderOutput:
     positions: Tensor  # B×N'×2 long (row, col) of each surviving token in the patch grid
     grid: tuple[int, int]  # (rows, cols) of the full patch grid
     prefix_tokens: Tensor  # B×P×D final normed prefix tokens (CLS, then registers)
+    # B×(rows·cols) fp32 global-attention score of every patch of the full grid, only with forward(token_scores=True):
+    # the pruner's scores at its layer, or the last block's prefix attention when nothing is pruned
+    token_scores: Tensor | None = None
 
     @property
     def mean_patch(self) -> Tensor:
@@ -48,6 +51,8 @@ class TokenState:
 
     x: Tensor  # B×(P+N)×D
     layout: TokenLayout
+    token_scores: Tensor | None = None  # B×(rows·cols), set by the scoring block when keep_scores
+    keep_scores: bool = False  # record the token scores (forward(token_scores=True))
 
 
 def _add_residual(x: Tensor, y: Tensor, layer_scale: nn.Module, drop_path: nn.Module, inplace: bool = False) -> Tensor:
@@ -229,13 +234,28 @@ class HiResEncoder(nn.Module):
         blk = self.vit.blocks[index]
         h = blk.norm1(state.x)
         prunes_here = self.pruner.enabled and index + 1 == self.pruner.layer
+        # recorded where the pruner scores, or at the last block when nothing is pruned (only when asked)
+        scores_here = state.keep_scores and (prunes_here or (not self.pruner.enabled and index + 1 == self.depth))
         # The pruning block's q/k also give the pruning scores: project once.
-        qkv = split_heads(blk.attn, h) if prunes_here else None
+        qkv = split_heads(blk.attn, h) if prunes_here or scores_here else None
         x = _add_residual(state.x, self.attend(blk.attn, h, state.layout, qkv), blk.ls1, blk.drop_path1)
-        state = TokenState(self._mlp(blk, x), state.layout)
-        if prunes_here:
-            state = self.prune(state, self.prune_scores(blk.attn, h, state.layout, qkv))
+        layout = state.layout
+        state = replace(state, x=self._mlp(blk, x))
+        if prunes_here or scores_here:
+            scores = self.prune_scores(blk.attn, h, layout, qkv)
+            if scores_here:
+                state.token_scores = self._grid_scores(scores, layout)
+            if prunes_here:
+                state = self.prune(state, scores)
         return state
+
+    @staticmethod
+    def _grid_scores(scores: Tensor, layout: TokenLayout) -> Tensor:
+        """B×N scores of the layout's tokens placed on the full patch grid (B×rows·cols, 0 where no token)."""
+        rows, cols = layout.grid
+        pos = layout.positions.to(scores.device)
+        full = scores.new_zeros(scores.shape[0], rows * cols, dtype=torch.float32)
+        return full.scatter_(1, pos[..., 0] * cols + pos[..., 1], scores.float())
 
     def prune_scores(self, attn: nn.Module, h: Tensor, layout: TokenLayout, qkv: tuple | None = None) -> Tensor:
         """B×N attention of the global tokens to each patch token in this block (O(N) memory)."""
@@ -247,7 +267,7 @@ class HiResEncoder(nn.Module):
         P = state.layout.num_prefix
         keep = self.pruner.select(scores)
         patches = state.x[:, P:].gather(1, keep[..., None].expand(-1, -1, state.x.shape[-1]))
-        return TokenState(torch.cat([state.x[:, :P], patches], dim=1), state.layout.select(keep))
+        return replace(state, x=torch.cat([state.x[:, :P], patches], dim=1), layout=state.layout.select(keep))
 
     def run_blocks(self, state: TokenState, start: int = 0, end: int | None = None) -> TokenState:
         for i in range(start, self.depth if end is None else end):
@@ -263,10 +283,14 @@ class HiResEncoder(nn.Module):
             positions=state.layout.positions,
             grid=state.layout.grid,
             prefix_tokens=x[:, :P],
+            token_scores=state.token_scores,
         )
 
-    def forward(self, images: Tensor) -> EncoderOutput:
-        return self.finish(self.run_blocks(self.embed(images)))
+    def forward(self, images: Tensor, token_scores: bool = False) -> EncoderOutput:
+        """``token_scores=True``: also ``out.token_scores`` (the same tokens and outputs, one score per patch)."""
+        state = self.embed(images)
+        state.keep_scores = bool(token_scores)
+        return self.finish(self.run_blocks(state))
 
 
 def create_encoder(

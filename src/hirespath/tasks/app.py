@@ -48,6 +48,10 @@ TASKS: dict[str, Task] = {
         "hirespath.tasks.mil:run_mil",
         "slide-level MIL (ABMIL, mean pool) on TRIDENT-layout slide features, embedding the slides first if needed",
     ),
+    "predict_slides": Task(
+        "hirespath.tasks.predict_slides:run_predict_slides",
+        "apply a trained mil model to new slides: predictions, attention heatmaps (PNG) and QuPath GeoJSON",
+    ),
     "segment": Task(
         "hirespath.tasks.segment:run_segment", "SegPath: fine-tune ViT-Adapter + Mask2Former on the encoder, then test"
     ),

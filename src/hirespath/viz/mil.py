@@ -75,6 +75,32 @@ def tile_overlay(coords: np.ndarray, values: np.ndarray, shape: tuple[int, int],
     return overlay
 
 
+def token_values(attention: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """N×rows×cols: each tile's attention spread over its patches in proportion to their global-attention scores
+    (a tile's patches sum to its attention; a tile whose scores are all 0 spreads it evenly)."""
+    s = np.clip(np.asarray(scores, dtype=np.float64), 0, None)
+    total = s.sum(axis=(1, 2), keepdims=True)
+    s = np.where(total > 0, s / np.where(total > 0, total, 1), 1.0 / (s.shape[1] * s.shape[2]))
+    return np.asarray(attention, dtype=np.float64)[:, None, None] * s
+
+
+def token_overlay(coords: np.ndarray, values: np.ndarray, shape: tuple[int, int], sx: float, sy: float, tile: float):
+    """As :func:`tile_overlay` with one value per patch: ``values`` N×rows×cols, each tile's footprint split into its
+    rows×cols patch cells (nearest neighbour, one vectorised paint per tile)."""
+    overlay = np.full(shape, np.nan)
+    rows, cols = values.shape[1:]
+    for (x, y), v in zip(coords, values):
+        x0, y0 = int(x * sx), int(y * sy)
+        x1, y1 = max(x0 + 1, int(round((x + tile) * sx))), max(y0 + 1, int(round((y + tile) * sy)))
+        region = overlay[y0:y1, x0:x1]
+        if region.size == 0:
+            continue
+        ri = np.arange(region.shape[0]) * rows // (y1 - y0)
+        ci = np.arange(region.shape[1]) * cols // (x1 - x0)
+        region[:] = np.fmax(region, v[ri[:, None], ci[None, :]])
+    return overlay
+
+
 def _thumbnail(slide_path, max_side: int):
     """(RGB array, level-0 width, level-0 height) of the slide, or None when it cannot be read."""
     try:
@@ -104,10 +130,13 @@ def attention_heatmap(
     scale: str = "percentile",
     cmap: str = "jet",
     alpha: float = 0.5,
+    token_scores: np.ndarray | None = None,
 ) -> Path:
     """Write a PNG of the attention of one slide. ``coords``: N×2 level-0 (x, y) of the tiles' top-left corners;
     ``tile_size``: tile side in level-0 pixels (inferred from the coords grid when None); ``slide_path``: the
-    slide, whose thumbnail (long side ``max_side``) is the background when it can be read."""
+    slide, whose thumbnail (long side ``max_side``) is the background when it can be read. ``token_scores``
+    (N×rows×cols, the tiles' patch scores): drawn at patch resolution, tile attention × the patches' share of the
+    tile's scores (:func:`token_values`), ranked over all patches."""
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     attention = np.asarray(attention, dtype=np.float64).reshape(-1)
     if len(coords) != len(attention):
@@ -123,8 +152,16 @@ def attention_heatmap(
         s = max_side / max(w0, h0)
         image = np.full((max(1, round(h0 * s)), max(1, round(w0 * s)), 3), 255, dtype=np.uint8)
     sy, sx = image.shape[0] / h0, image.shape[1] / w0
-    uniform = is_uniform(attention)
-    overlay = tile_overlay(coords, _scaled(attention, scale), image.shape[:2], sx, sy, tile)
+    if token_scores is not None:
+        values = token_values(attention, token_scores)
+        if values.shape[0] != len(coords):
+            raise ValueError(f"{values.shape[0]} tiles of token scores but {len(coords)} coords")
+        uniform = is_uniform(values.ravel())
+        scaled = _scaled(values.ravel(), scale).reshape(values.shape)
+        overlay = token_overlay(coords, scaled, image.shape[:2], sx, sy, tile)
+    else:
+        uniform = is_uniform(attention)
+        overlay = tile_overlay(coords, _scaled(attention, scale), image.shape[:2], sx, sy, tile)
     plt = _plt()
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(7, max(2.0, 7 * h / w)))

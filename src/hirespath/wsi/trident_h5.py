@@ -27,6 +27,10 @@ chunks hold ~256 KB instead of TRIDENT's single rows, so a 15k-tile file is not 
   1,792 px (128² = 16,384 patches) keeps 6,554 tokens at prune ratio 0.6: 20.2 MB per tile, 50.4 MB without
   pruning; a 500-tile slide: ~10 GB (25 GB unpruned), against 3 MB for its CLS features. Use it for a few slides
   or small tiles (224 px, 256 patches: 0.8 MB per tile unpruned).
+* Optional per-patch scores (``token_scores=True``): ``token_scores`` (N×(rows·cols) float32, attr ``grid`` =
+  [rows, cols]): each tile's global-attention score of every patch of its grid (the pruner's scores at its layer,
+  0 for none; without pruning the last block's prefix attention). 4 bytes per patch: 64 KB per 1,792 px UNI2-h
+  tile. ``hirespath predict_slides heatmaps.resolution=token`` draws them.
 
 Files are written under a temporary name in the same folder and renamed when complete (``os.replace``): a killed
 job never leaves a file a rerun would take as finished. CLAM's loader (``h5py.File(path)['features'][:]``) and
@@ -51,6 +55,10 @@ from ..utils.errors import InputError
 from ..utils.io import _umask
 
 CHUNK_BYTES = 1 << 18
+SCORES_DESCRIPTION = (
+    "row i: tile i's patches' global-attention scores, row-major over attrs['grid'] (rows, cols): "
+    "the pruner's scores at its layer, or the last block's prefix attention when nothing is pruned"
+)
 
 
 def _fmt_mag(mag: float) -> str:
@@ -221,6 +229,7 @@ class FeatureWriter:
         tokens: bool = False,
         token_dtype=np.float16,
         token_dim: int | None = None,  # the tokens' width (the encoder's dim; `dim` is twice it for cls+mean)
+        token_scores: bool = False,  # also `token_scores`: N×(rows·cols) float32 per-patch global-attention scores
     ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,10 +246,14 @@ class FeatureWriter:
             self.tok = _dataset(self.file, "tokens", token_dim or dim, token_dtype)
             self.pos = None  # dtype chosen from the first grid
             self.offsets = [0]
+        self.token_scores = token_scores
+        self.scores = None  # width (rows·cols) from the first grid
         self.n = 0
 
-    def append(self, features, coords, tokens=None, positions=None, grid: tuple[int, int] | None = None) -> None:
-        """Add B tiles: features B×D, coords B×2; with tokens, per tile its kept tokens nᵢ×D and their (row, col)."""
+    def append(self, features, coords, tokens=None, positions=None, grid: tuple[int, int] | None = None,
+               token_scores=None) -> None:  # fmt: skip
+        """Add B tiles: features B×D, coords B×2; with tokens, per tile its kept tokens nᵢ×D and their (row, col);
+        with token scores, B×rows·cols (row-major over the tile's patch grid ``grid``)."""
         features = np.asarray(features, dtype=np.float32)
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         if len(features) != len(coords):
@@ -257,6 +270,13 @@ class FeatureWriter:
                 _append(self.tok, np.asarray(t, dtype=self.tok.dtype))
                 _append(self.pos, np.asarray(p, dtype=self.pos.dtype))
                 self.offsets.append(self.offsets[-1] + len(t))
+        if self.token_scores:
+            if token_scores is None or grid is None or len(token_scores) != len(coords):
+                raise ValueError("token_scores=True: pass each tile's scores (B×rows·cols) and the patch grid")
+            if self.scores is None:
+                self.scores = _dataset(self.file, "token_scores", int(grid[0]) * int(grid[1]), np.float32)
+                _set_attrs(self.scores, {"grid": [int(grid[0]), int(grid[1])], "description": SCORES_DESCRIPTION})
+            _append(self.scores, np.asarray(token_scores, dtype=np.float32).reshape(len(coords), -1))
         self.n += len(coords)
 
     def close(self) -> Path:

@@ -1,0 +1,281 @@
+"""predict_slides: a trained mil run applied to its own features, to new slides (embedded with the run's encoder
+settings) and to TRIDENT/CLAM files; heatmaps (PNG, token resolution, QuPath GeoJSON); the refusals."""
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import compose_task, tiny_encoder
+from omegaconf import OmegaConf
+from test_mil import write_trident
+from test_mil_task import HEAD, TINY
+
+from hirespath.data.mil import panda_slide_labels
+from hirespath.tasks.mil import run_mil
+from hirespath.tasks.predict_slides import run_predict_slides
+from hirespath.utils.errors import InputError
+from hirespath.wsi import trident_h5
+from hirespath.wsi.qupath import read_geojson
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train(tmp, name, panda, *overrides):
+    """A mil run as Hydra leaves it: the run dir with .hydra/config.yaml, checkpoints/, predictions.csv."""
+    cfg = compose_task("mil", [f"data.root={panda}", *TINY, *overrides], tmp / name, tmp / "cache")
+    (tmp / name / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, tmp / name / ".hydra" / "config.yaml")
+    run_mil(cfg)
+    return tmp / name
+
+
+def _predict(tmp, name, *overrides):
+    cfg = compose_task("predict_slides", list(overrides), tmp / name)
+    return run_predict_slides(cfg), tmp / name
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Generated PANDA slides embedded with the tiny preset (sparse + pruned), an ABMIL trained on them."""
+    from hirespath.data.panda_synthetic import make_synthetic_panda
+
+    tmp = tmp_path_factory.mktemp("predict")
+    panda = make_synthetic_panda(tmp / "panda", num_slides=12, size=(384, 512), seed=2)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = _train(tmp, "mil", panda, *HEAD["abmil"])
+    finally:
+        torch.set_num_threads(n)
+    (features,) = (tmp / "cache" / "slide_embeddings").glob("*/features_*")
+    return {"tmp": tmp, "panda": panda, "run": run, "features": features}
+
+
+def _check_geojson(path, slide_w, slide_h, n_tiles, num_classes=6):
+    objects = read_geojson(path)
+    assert len(objects) == n_tiles
+    for geom, props in objects:
+        assert geom.is_valid and not geom.is_empty
+        x0, y0, x1, y1 = geom.bounds
+        assert 0 <= x0 < x1 <= slide_w and 0 <= y0 < y1 <= slide_h
+        assert props["objectType"] == "detection"
+        m = props["measurements"]
+        assert 0 <= m["attention"] <= 1 and {f"p{c}" for c in range(num_classes)} <= set(m)
+
+
+def test_own_features_give_the_runs_test_predictions(trained, one_thread):
+    """The run's own features folder: its test slides get exactly the run's predictions; every slide gets a PNG and
+    a valid GeoJSON inside the slide; labels add metrics.json."""
+    run, tmp = trained["run"], trained["tmp"]
+    labels = panda_slide_labels(trained["panda"], cache_dir=tmp / "cache")
+    labels.to_csv(tmp / "labels.csv", index=False)
+    m, out = _predict(tmp, "own", f"ckpt={run}", f"features_dir={trained['features']}", f"labels={tmp / 'labels.csv'}",
+                      "heatmaps.num_slides=2")  # fmt: skip
+    pred = pd.read_csv(out / "predictions.csv", dtype={"slide_id": str}).set_index("slide_id")
+    ref = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str}).set_index("slide_id")
+    assert list(pred.columns) == ["pred", "p0", "p1", "p2", "p3", "p4", "p5", "n_tiles"]
+    assert len(pred) == len(list(trained["features"].glob("*.h5"))) == m["num_slides"]
+    mine = pred.loc[ref.index]
+    assert (mine.pred == ref.pred).all() and (mine.n_tiles == ref.n_tiles).all()
+    probs = [f"p{c}" for c in range(6)]
+    np.testing.assert_allclose(mine[probs].to_numpy(), ref[probs].to_numpy(), rtol=0, atol=1e-6)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["test/num_slides"] == len(labels) and 0 <= saved["test/accuracy"] <= 1
+    pngs = sorted((out / "heatmaps").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(pred.index[:2])
+    for p in pngs:
+        attrs, coords = trident_h5.read_coords(trained["features"] / f"{p.stem}.h5")
+        _check_geojson(p.with_suffix(".geojson"), attrs["level0_width"], attrs["level0_height"], len(coords))
+        from PIL import Image
+
+        assert Image.open(p).size[0] > 100
+    assert pd.read_csv(out / "skipped.csv").empty
+
+
+def test_new_slides_are_embedded_with_the_runs_encoder(trained, one_thread, tmp_path):
+    """wsi_dir: the slides are embedded with the run's encoder, tiling and features (same folder name, same attrs,
+    same numbers for a slide the run saw: token scores change nothing), predicted, with token heatmaps."""
+    panda, run = trained["panda"], trained["run"]
+    labels = panda_slide_labels(panda, cache_dir=trained["tmp"] / "cache")
+    seen = labels.slide_id[labels.split == "test"].iloc[0]
+    wsi = tmp_path / "new"
+    wsi.mkdir()
+    shutil.copy(panda / "train_images" / f"{seen}.tiff", wsi / f"{seen}.tiff")
+    from hirespath.data.panda_synthetic import make_synthetic_panda
+
+    other = make_synthetic_panda(tmp_path / "other", num_slides=1, size=(384, 512), seed=7)
+    (new,) = (other / "train_images").glob("*.tiff")
+    shutil.copy(new, wsi / "unseen.tiff")
+    (wsi / "broken.tiff").write_bytes(b"not a slide")
+    m, out = _predict(tmp_path, "run", f"ckpt={run}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'job'}",
+                      "heatmaps.resolution=token")  # fmt: skip
+    (folder,) = (tmp_path / "job").glob("*/features_*")
+    assert folder.relative_to(tmp_path / "job") == trained["features"].relative_to(trained["features"].parents[1])
+    mine, ref = (trident_h5.read_features(d / f"{seen}.h5") for d in (folder, trained["features"]))
+    np.testing.assert_array_equal(mine["features"], ref["features"])
+    for k in ("encoder", "backbone", "attention", "window", "prune_ratio", "prune_layer", "resolution", "feature"):
+        assert mine["features_attrs"][k] == ref["features_attrs"][k], k
+    with h5py.File(folder / "unseen.h5") as f:
+        rows, cols = f["token_scores"].attrs["grid"]
+        assert f["token_scores"].shape == (f["features"].shape[0], rows * cols) and rows == cols == 112 // 14
+        assert (f["token_scores"][:] >= 0).all() and (f["token_scores"][:] > 0).any()
+    pred = pd.read_csv(out / "predictions.csv", dtype={"slide_id": str}).set_index("slide_id")
+    assert sorted(pred.index) == sorted([seen, "unseen"]) and m["num_slides"] == 2
+    runs = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str}).set_index("slide_id")
+    assert pred.pred[seen] == runs.pred[seen]
+    np.testing.assert_allclose(pred.loc[seen, "p0":"p5"].to_numpy(float), runs.loc[seen, "p0":"p5"].to_numpy(float),
+                               atol=1e-6)  # fmt: skip
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert skipped.slide_id.tolist() == ["broken"] and skipped.reason[0].startswith("not embedded")
+    drawn = {p.name for p in (out / "heatmaps").iterdir()}
+    assert drawn == {f"{s}.{e}" for s in pred.index for e in ("png", "geojson")}
+
+
+def test_token_overlay_has_patch_resolution():
+    from hirespath.viz.mil import token_overlay, token_values
+
+    scores = np.arange(1, 17, dtype=float).reshape(1, 4, 4)
+    values = token_values(np.array([0.5]), scores)
+    assert values.sum() == pytest.approx(0.5) and values[0, 3, 3] == pytest.approx(0.5 * 16 / scores.sum())
+    overlay = token_overlay(np.array([[0, 0]]), values, (64, 64), 1.0, 1.0, 64)
+    assert len(np.unique(overlay)) == 16  # one value per patch cell of 16×16 px
+    assert (overlay[:16, :16] == values[0, 0, 0]).all() and (overlay[48:, 48:] == values[0, 3, 3]).all()
+
+
+@pytest.mark.parametrize("prune_ratio", [0.5, 0.0])
+def test_encoder_token_scores_leave_outputs_unchanged(prune_ratio):
+    """forward(token_scores=True): identical outputs, and one score per patch of the full grid (the pruner's scores
+    at its layer: kept patches are the top scores; without pruning, the last block's prefix attention)."""
+    enc = tiny_encoder(depth=3, attention="sparse", window=4, prune_ratio=prune_ratio, prune_layer=1)
+    x = torch.randn(2, 3, 56, 84)
+    with torch.no_grad():
+        plain, scored = enc(x), enc(x, token_scores=True)
+    assert plain.token_scores is None and scored.token_scores.shape == (2, 4 * 6)
+    for k in ("cls", "patch_tokens", "positions", "prefix_tokens"):
+        assert torch.equal(getattr(plain, k), getattr(scored, k)), k
+    s = scored.token_scores
+    assert (s > 0).all() and (s.sum(1) <= 1 + 1e-5).all()  # attention shares of the patches (prefix keys aside)
+    if prune_ratio:
+        kept = scored.positions[..., 0] * 6 + scored.positions[..., 1]
+        worst_kept = s.gather(1, kept).min(1).values
+        dropped = torch.ones_like(s, dtype=torch.bool).scatter_(1, kept, False)
+        assert ((s.masked_fill(~dropped, -1).max(1).values) <= worst_kept).all()
+
+
+@pytest.fixture(scope="module")
+def trident_run(tmp_path_factory):
+    """A mean-pool run trained on TRIDENT-written 8-d features (encoder 'x'), no embedding."""
+    from hirespath.data.panda_synthetic import make_synthetic_panda
+
+    tmp = tmp_path_factory.mktemp("trident")
+    panda = make_synthetic_panda(tmp / "panda", num_slides=12, size=(384, 512), seed=2)
+    ids = panda_slide_labels(panda, cache_dir=tmp / "cache").slide_id
+    d = tmp / "train_features"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for s in ids:
+        write_trident(d / f"{s}.h5", rng.normal(size=(5, 8)), encoder="x")
+    run = _train(tmp, "run", panda, f"features_dir={d}", *HEAD["mean_pool"], "data.max_tiles_train=null")
+    return run
+
+
+def test_trident_and_clam_files(trident_run, tmp_path, capsys):
+    d = tmp_path / "new"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    write_trident(d / "t1.h5", rng.normal(size=(6, 8)), encoder="x")
+    with h5py.File(d / "clam1.h5", "w") as f:  # CLAM's legacy file: features only
+        f["features"] = rng.normal(size=(4, 8)).astype(np.float32)
+    m, out = _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}", "heatmaps.resolution=token")
+    pred = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    assert sorted(pred.index) == ["clam1", "t1"] and pred.n_tiles.to_dict() == {"clam1": 4, "t1": 6}
+    assert (out / "heatmaps" / "t1.png").is_file() and not (out / "heatmaps" / "clam1.png").exists()
+    assert "t1.h5 has no token_scores" in capsys.readouterr().out  # the fallback to tile resolution is said
+    attrs, _ = trident_h5.read_coords(d / "t1.h5")
+    _check_geojson(out / "heatmaps" / "t1.geojson", attrs["level0_width"], attrs["level0_height"], 6)
+
+
+def test_refusals(trident_run, tmp_path):
+    """Another dimension, another encoder, a checkpoint that is not a MIL one, a missing file: one clear error each,
+    before any output."""
+    wrong = tmp_path / "dim12"
+    wrong.mkdir()
+    write_trident(wrong / "a.h5", np.zeros((4, 12)), encoder="x")
+    with pytest.raises(InputError, match=r"expects 8-dimensional features .* a\.h5 holds 12-dimensional"):
+        _predict(tmp_path, "o1", f"ckpt={trident_run}", f"features_dir={wrong}")
+    other = tmp_path / "enc_y"
+    other.mkdir()
+    write_trident(other / "a.h5", np.zeros((4, 8)), encoder="y")
+    with pytest.raises(InputError, match=r"encoder: expects 'x', got 'y'"):
+        _predict(tmp_path, "o2", f"ckpt={trident_run}", f"features_dir={other}")
+    fake = tmp_path / "classify_run"
+    (fake / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"task_name": "classify", "head": {"name": "knn"}}), fake / ".hydra/config.yaml")
+    (fake / "checkpoints").mkdir()
+    torch.save({"state_dict": {}}, fake / "checkpoints" / "x.ckpt")
+    with pytest.raises(InputError, match="not a MIL checkpoint: its run is task 'classify'"):
+        _predict(tmp_path, "o3", f"ckpt={fake / 'checkpoints' / 'x.ckpt'}", f"features_dir={other}")
+    shutil.copytree(trident_run / ".hydra", tmp_path / "mil_like" / ".hydra")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "mil_like" / "model.ckpt")
+    with pytest.raises(InputError, match="not a MIL checkpoint: no head"):
+        _predict(tmp_path, "o4", f"ckpt={tmp_path / 'mil_like' / 'model.ckpt'}", f"features_dir={other}")
+    with pytest.raises(InputError, match="does not exist"):
+        _predict(tmp_path, "o5", f"ckpt={tmp_path / 'nope.ckpt'}", f"features_dir={other}")
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
+
+
+def test_another_tiling_of_the_runs_encoder_is_refused(trained, tmp_path):
+    """Features of the run's encoder at another tile size: refused, naming the run's 112 px and the file's 224."""
+    d = tmp_path / "t224"
+    d.mkdir()
+    src = next(trained["features"].glob("*.h5"))
+    shutil.copy(src, d / src.name)
+    with h5py.File(d / src.name, "r+") as f:
+        f["features"].attrs["resolution"] = 224
+        f["coords"].attrs["patch_size"] = 224
+    with pytest.raises(InputError, match=r"resolution: expects 112, got 224; tile patch_size: expects 112, got 224"):
+        _predict(
+            tmp_path, "out", f"ckpt={next((trained['run'] / 'checkpoints').glob('epoch_*.ckpt'))}", f"features_dir={d}"
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prints_one_line_for_a_bad_checkpoint(tmp_path):
+    from test_cli import run_cli
+
+    (tmp_path / "feats").mkdir()
+    proc = run_cli("predict_slides", f"ckpt={tmp_path / 'missing.ckpt'}", f"features_dir={tmp_path / 'feats'}",
+                   f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ckpt=") and "Traceback" not in proc.stderr
+
+
+def test_heatmap_cost_benchmark_rows(tmp_path, one_thread):
+    """Both ways on one generated slide: the token way draws patch cells from the 0-overlap tiles, CLAM's way embeds
+    about 4× the tiles; seconds are measured for each."""
+    from hirespath.benchmark.heatmap_cost import heatmap_cost
+
+    enc = tiny_encoder(depth=2, attention="sparse", window=4, prune_ratio=0.5, prune_layer=1)
+    df = heatmap_cost(enc, None, tmp_path, tile_size=112, generated_size=(448, 672)).set_index("method")
+    assert list(df.index) == ["token", "clam_overlap50"] and (df.seconds > 0).all()
+    assert df.cell_px_level0["token"] == 14 and df.cell_px_level0["clam_overlap50"] == 56
+    assert df.tiles["clam_overlap50"] >= 3 * df.tiles["token"]
+    assert (tmp_path / "token.png").is_file() and (tmp_path / "clam_overlap50.png").is_file()
+
+
+def test_bad_heatmap_options_are_refused(trident_run, tmp_path):
+    for option, match in (("heatmaps.resolution=patch", "must be one of tile, token"),
+                          ("heatmaps.num_slides=-1", "null .every slide. or an integer >= 0")):  # fmt: skip
+        with pytest.raises(InputError, match=match):
+            _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={tmp_path}", option)
+    assert not (tmp_path / "out").exists()
