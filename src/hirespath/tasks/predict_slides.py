@@ -23,356 +23,29 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..configs.heads import TASK_HEADS
-from ..data.mil import IDENTITY_ATTRS, SlideFeatureDataset, scan_feature_dir
-from ..results import METRICS_FILE, PREDICTIONS_FILE, SKIPPED_FILE, TEST_LOSS, TEST_NUM_SLIDES
+from ..data.mil import scan_feature_dir
+from ..predict.mil import (
+    RESOLUTIONS,
+    check_features,
+    embed_new_slides,
+    expected_features,
+    find_checkpoint,
+    labelled_metrics,
+    load_mil_head,
+    predict,
+    predictions_table,
+    run_config,
+    write_heatmaps,
+)
+from ..results import METRICS_FILE, PREDICTIONS_FILE, SKIPPED_FILE
 from ..utils.errors import InputError
 from ..utils.io import atomic_path, write_json
 
 log = logging.getLogger("hirespath.predict_slides")
-
-RESOLUTIONS = ("tile", "token")
-# identity attrs compared between the model's training features and the features to predict (weights paths and
-# fingerprints are left out: a moved copy of the same weights file gives the same features)
-CHECKED_ATTRS = tuple(k for k in IDENTITY_ATTRS if k != "weights_fingerprint")
-
-
-# ----------------------------------------------------------------------------------------------- the trained model
-
-
-def find_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
-    """(checkpoint file, run directory) of ``ckpt``: a ``.ckpt`` file inside ``RUN/checkpoints/`` (or ``RUN/``), or
-    a run directory, whose best checkpoint is the one its ``last.ckpt`` records (else its only epoch checkpoint)."""
-    if not ckpt:
-        raise InputError("predict_slides needs ckpt=MILRUN/checkpoints/<file>.ckpt (or ckpt=MILRUN, a mil run dir)")
-    path = Path(str(ckpt)).expanduser()
-    if not path.exists():
-        raise InputError(f"ckpt={str(path)!r} does not exist; give a mil run's checkpoint or its run directory")
-    if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return path, run_dir
-    run_dir, folder = path, path / "checkpoints"
-    epochs = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-    best = None
-    if (folder / "last.ckpt").is_file():
-        state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
-        for key, value in (state.get("callbacks") or {}).items():
-            if "ModelCheckpoint" in str(key) and value.get("best_model_path"):
-                best = folder / Path(value["best_model_path"]).name
-    if best is None or not best.is_file():
-        others = [p for p in epochs if p.name != "last.ckpt"]
-        if len(others) != 1:
-            raise InputError(f"ckpt={str(path)!r}: cannot tell its best checkpoint ({len(others)} in {folder}, no "
-                             "best_model_path in last.ckpt); give the checkpoint file")  # fmt: skip
-        best = others[0]
-    return best, run_dir
-
-
-def run_config(run_dir: Path, ckpt: Path) -> DictConfig:
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise InputError(f"{ckpt}: no run config {path}; predict_slides needs the checkpoint inside its mil run "
-                         "directory (MILRUN/checkpoints/<file>.ckpt next to MILRUN/.hydra/config.yaml)")  # fmt: skip
-    return OmegaConf.load(path)
-
-
-def load_mil_head(ckpt: Path, run_cfg: DictConfig) -> tuple[torch.nn.Module, int, int]:
-    """(head in eval mode, its input feature dimension, number of classes); InputError for a checkpoint that is not
-    a mil run's."""
-    task = run_cfg.get("task_name")
-    head_name = OmegaConf.select(run_cfg, "head.name")
-    if task != "mil" or head_name not in TASK_HEADS["mil"]:
-        heads = ", ".join(TASK_HEADS["mil"])
-        raise InputError(f"{ckpt} is not a MIL checkpoint: its run is task {task!r} with head {head_name!r}; "
-                         f"predict_slides takes a `hirespath mil` run (heads {heads})")  # fmt: skip
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 — a corrupt or foreign file surfaces as many exception types
-        raise InputError(f"{ckpt} is not a MIL checkpoint: torch cannot read it ({err})") from err
-    if not isinstance(state, dict):
-        what = type(state).__name__
-        raise InputError(f"{ckpt} is not a MIL checkpoint: it holds a {what}, not a Lightning checkpoint")
-    weights = {k.removeprefix("head."): v for k, v in (state.get("state_dict") or {}).items() if k.startswith("head.")}
-    classes = (state.get("hyper_parameters") or {}).get("num_classes")
-    matrices = [v for v in weights.values() if v.ndim == 2]
-    if not matrices or classes is None:
-        raise InputError(f"{ckpt} is not a MIL checkpoint: no head.* weights or num_classes in it "
-                         "(expected a Lightning checkpoint of hirespath's MILModule)")  # fmt: skip
-    in_features = int(matrices[0].shape[1])  # the head's first layer reads the tile features
-    head = instantiate(run_cfg.head, in_features=in_features, num_classes=int(classes))
-    try:
-        head.load_state_dict(weights)
-    except RuntimeError as err:
-        raise InputError(f"{ckpt}: its weights do not fit the run's head {head_name}: {err}") from err
-    return head.eval(), in_features, int(classes)
-
-
-# ----------------------------------------------------------------------------------------------- what it expects
-
-
-def _light_encoder(run_cfg: DictConfig) -> SimpleNamespace:
-    """The attributes features_tag reads, from the run's config (no model is built)."""
-    from ..models.pruning import GlobalAttentionPruner
-
-    a, p = run_cfg.attention, run_cfg.pruner
-    return SimpleNamespace(
-        preset=SimpleNamespace(name=str(run_cfg.backbone.name)),
-        attention=str(a.mode),
-        window=int(a.window),
-        radius=int(a.get("radius", 1)),
-        pruner=GlobalAttentionPruner(float(p.prune_ratio), int(p.prune_layer), str(p.get("prune_score_tokens", "cls"))),
-    )
-
-
-def expected_features(run_cfg: DictConfig, dim: int) -> dict:
-    """What the model was trained on: ``dim``, ``source`` (in words), ``attrs`` (identity attrs of its features)
-    and ``tiling`` (target_mpp, patch_size), from the training folder's files when they are there, else from the
-    run's encoder/tile/embed settings."""
-    from ..embeddings.features import features_folder
-
-    out = {"dim": dim, "attrs": {}, "tiling": {}}
-    folder = run_cfg.get("features_dir")
-    if not folder:
-        try:
-            weights = OmegaConf.select(run_cfg, "backbone.weights")
-            folder = features_folder(_light_encoder(run_cfg), "job", run_cfg.tile, run_cfg.embed, weights)
-            tag = folder.name.removeprefix("features_")
-            a, p = run_cfg.attention, run_cfg.pruner
-            out["attrs"] = {"encoder": tag, "backbone": str(run_cfg.backbone.name), "attention": str(a.mode),
-                            "window": int(a.window), "prune_ratio": float(p.prune_ratio),
-                            "prune_layer": int(p.prune_layer), "resolution": int(run_cfg.tile.size),
-                            "feature": str(run_cfg.embed.features)}  # fmt: skip
-            out["tiling"] = {"target_mpp": float(run_cfg.tile.mpp), "patch_size": int(run_cfg.tile.size)}
-            out["source"] = f"features_{tag} at {run_cfg.tile.size} px, {run_cfg.tile.mpp} µm/px"
-        except Exception as err:  # noqa: BLE001 — a run config from another version: the dimension still checks
-            log.warning("cannot read the run's encoder settings (%s); checking the feature dimension only", err)
-            out["source"] = "the run's features"
-        return out
-    out["source"] = f"the features in {folder}"
-    files = sorted(Path(folder).glob("*.h5")) if Path(folder).is_dir() else []
-    for f in files:  # the first readable training file stands for the folder (scan_feature_dir refused mixes)
-        from ..wsi import trident_h5
-
-        try:
-            info = trident_h5.inspect_features(f, count_nonfinite=False)
-        except (OSError, ValueError):
-            continue
-        attrs = info["features_attrs"]
-        out["attrs"] = {k: attrs[k] for k in CHECKED_ATTRS if attrs.get(k) is not None}
-        c = info["coords_attrs"]
-        out["tiling"] = {k: c[k] for k in ("target_mpp", "patch_size") if c.get(k) is not None}
-        break
-    return out
-
-
-def _same(a, b) -> bool:
-    try:
-        return bool(np.isclose(float(a), float(b)))
-    except (TypeError, ValueError):
-        return str(a) == str(b)
-
-
-def check_features(files: pd.DataFrame, expected: dict, features_dir: Path) -> None:
-    """Refuse (InputError) features the model cannot read or was not trained on, before any prediction."""
-    ok = files[files.error.isna()]
-    if ok.empty:
-        return
-    first = ok.iloc[0]
-    name = Path(first.path).name
-    if int(first.dim) != expected["dim"]:
-        raise InputError(f"{features_dir}: the model expects {expected['dim']}-dimensional features "
-                         f"({expected['source']}), but {name} holds {int(first.dim)}-dimensional ones; give the "
-                         "features of the encoder the model was trained on (or wsi_dir= to embed with it)")  # fmt: skip
-    from ..wsi import trident_h5
-
-    info = trident_h5.inspect_features(first.path, count_nonfinite=False)
-    got = {**info["features_attrs"], **{f"tile {k}": v for k, v in info["coords_attrs"].items()}}
-    want = {**expected["attrs"], **{f"tile {k}": v for k, v in expected["tiling"].items()}}
-    bad = [(k, v, got[k]) for k, v in want.items() if got.get(k) is not None and not _same(v, got[k])]
-    if bad:
-        what = "; ".join(f"{k}: expects {v!r}, got {g!r}" for k, v, g in bad)
-        raise InputError(f"{features_dir}: {name} was made with another encoder or tiling than the model's "
-                         f"({expected['source']}): {what}. Give features made like the model's, or wsi_dir= to "
-                         "embed with its settings")  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------- embedding first
-
-
-def embed_new_slides(cfg: DictConfig, run_cfg: DictConfig, specs, token_scores: bool) -> Path:
-    """The run's encoder, tiling and feature kind over ``specs`` into ``job_dir``; returns the features folder."""
-    from ..embeddings.features import ensure_features
-    from ..slides import Runtime
-
-    weights = OmegaConf.select(run_cfg, "backbone.weights")
-    if weights and not Path(str(weights)).is_file():
-        raise InputError(f"the run's backbone.weights={weights!r} does not exist; the slides must be embedded with "
-                         "the weights the model was trained on")  # fmt: skip
-    job_dir = cfg.job_dir
-    if not job_dir:
-        raise InputError("wsi_dir/slides given: set job_dir=OUT (where the new slides' features are written)")
-    runtime = Runtime.from_trainer(cfg.trainer, progress=False, rank=0, world_size=1)
-    tile = OmegaConf.create(OmegaConf.to_container(run_cfg.tile, resolve=True))
-    embed = OmegaConf.to_container(run_cfg.embed, resolve=True)
-    embed.update(token_scores=bool(token_scores or embed.get("token_scores", False)))
-    embed = SimpleNamespace(**embed)
-    torch.manual_seed(int(run_cfg.get("seed", 42)))  # a random-weights backbone: the same weights as the run's
-    encoder = instantiate(run_cfg.encoder)
-    folder, _ = ensure_features(encoder, specs, tile, embed, runtime, job_dir=job_dir, weights=weights,
-                                default_mpp=OmegaConf.select(cfg, "data.default_mpp"))  # fmt: skip
-    return folder
-
-
-# ----------------------------------------------------------------------------------------------- prediction
-
-
-@torch.no_grad()
-def predict(head: torch.nn.Module, rows: pd.DataFrame, max_tiles, seed: int) -> tuple[list[dict], list[tuple]]:
-    """Per-slide dicts (slide_id, probs, attention, coords, tile_size, tiles: the feature rows used) and
-    (slide_id, reason) for slides that could not be predicted. Bags one at a time: no padding."""
-    ds = SlideFeatureDataset(rows.assign(label=-1), max_tiles=max_tiles, random=False, seed=seed)
-    results, failed = [], []
-    for i in range(len(ds)):
-        sid = str(rows.slide_id.iloc[i])
-        try:
-            bag = ds[i]
-            out = head(bag["features"][None])
-            probs = out.logits.float().softmax(1)[0].numpy()
-            if not np.isfinite(probs).all():
-                raise ValueError("the model's outputs are not finite")
-        except (OSError, ValueError, KeyError) as err:
-            failed.append((sid, f"cannot predict: {err}"))
-            log.warning("slide %s skipped: %s", sid, err)
-            continue
-        n = int(rows.n_tiles.iloc[i])
-        subset = ds._subset(n, i)
-        results.append({"slide_id": sid, "probs": probs, "attention": out.attention[0].float().numpy(),
-                        "coords": bag["coords"].numpy(), "tile_size": bag["tile_size"], "path": rows.path.iloc[i],
-                        "tiles": subset if subset is not None else np.arange(n)})  # fmt: skip
-    return results, failed
-
-
-def predictions_table(results: list[dict], num_classes: int) -> pd.DataFrame:
-    probs = np.stack([r["probs"] for r in results]).astype(np.float64)
-    df = pd.DataFrame({"slide_id": [r["slide_id"] for r in results], "pred": probs.argmax(1)})
-    for c in range(num_classes):
-        df[f"p{c}"] = probs[:, c]
-    df["n_tiles"] = [len(r["attention"]) for r in results]
-    return df
-
-
-def labelled_metrics(pred: pd.DataFrame, labels_csv, num_classes: int) -> dict:
-    from ..metrics.classification import classification_metrics
-
-    path = Path(str(labels_csv))
-    if not path.is_file():
-        raise InputError(f"labels={str(path)!r} does not exist; give a CSV with columns slide_id, label")
-    labels = pd.read_csv(path, dtype={"slide_id": str})
-    if not {"slide_id", "label"} <= set(labels.columns):
-        raise InputError(f"labels={str(path)!r} lacks columns slide_id, label (has {list(labels.columns)})")
-    label = pd.to_numeric(labels.label, errors="coerce")
-    bad = labels[label.isna() | (label < 0) | (label >= num_classes) | (label != label.round())]
-    if len(bad):
-        raise InputError(f"labels={str(path)!r}: label must be a class index 0…{num_classes - 1}; bad rows: "
-                         + ", ".join(f"{r.slide_id}: {r.label!r}" for r in bad.head(5).itertuples()))  # fmt: skip
-    joined = pred.merge(labels.assign(label=label.astype(int))[["slide_id", "label"]], on="slide_id")
-    if joined.empty:
-        raise InputError(f"labels={str(path)!r}: none of its slides was predicted (e.g. {labels.slide_id.head(3)})")
-    probs = torch.tensor(joined[[f"p{c}" for c in range(num_classes)]].to_numpy())
-    target = torch.tensor(joined.label.to_numpy(), dtype=torch.long)
-    metrics = classification_metrics(probs, target, num_classes, prefix="test/")
-    metrics[TEST_LOSS] = float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), target))
-    metrics[TEST_NUM_SLIDES] = len(joined)
-    return metrics
-
-
-# ----------------------------------------------------------------------------------------------- heatmaps
-
-
-def read_token_scores(path, tiles: np.ndarray) -> np.ndarray | None:
-    """The ``token_scores`` rows of ``tiles`` (n×rows×cols), or None when the file has none."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if "token_scores" not in f:
-            return None
-        ds = f["token_scores"]
-        rows, cols = (int(v) for v in ds.attrs["grid"])
-        picked = ds[:] if len(tiles) == ds.shape[0] else ds[np.sort(tiles)]  # (a subset only under max_tiles_eval)
-        return np.asarray(picked, dtype=np.float64).reshape(len(tiles), rows, cols)
-
-
-def tile_geojson(r: dict, path: Path, num_classes: int, level0_size=None) -> Path:
-    """The slide's tiles as QuPath detections (level-0 px), measurements: attention, its percentile, p0..p{K-1}."""
-    from shapely.geometry import box
-
-    from ..viz.mil import _scaled, infer_tile_size
-    from ..wsi.qupath import feature, write_geojson
-
-    tile = float(r["tile_size"] or infer_tile_size(r["coords"]) or 1)
-    rank = _scaled(r["attention"], "percentile")
-    probs = {f"p{c}": float(r["probs"][c]) for c in range(num_classes)}
-    bounds = box(0, 0, *level0_size) if level0_size else None
-    feats = []
-    for (x, y), a, q in zip(r["coords"], r["attention"], rank):
-        geom = box(float(x), float(y), float(x) + tile, float(y) + tile)
-        if bounds is not None:
-            geom = geom.intersection(bounds)
-            if geom.is_empty:
-                continue
-        feats.append(feature(geom, "detection", measurements={"attention": float(a), "attention_percentile": float(q),
-                                                              **probs}))  # fmt: skip
-    return write_geojson(path, feats)
-
-
-def write_heatmaps(cfg: DictConfig, results: list[dict], pred: pd.DataFrame, slide_paths: dict, out_dir: Path,
-                   num_classes: int) -> list[Path]:  # fmt: skip
-    from ..viz.mil import attention_heatmap
-    from ..wsi import trident_h5
-
-    n = cfg.heatmaps.num_slides
-    chosen = results if n is None else results[: int(n)]
-    resolution = str(cfg.heatmaps.resolution)
-    pngs = []
-    for r, row in zip(chosen, pred.itertuples()):
-        sid = r["slide_id"]
-        if (r["coords"] < 0).all():
-            log.info("no heatmap for %s: its feature file has no coords", sid)
-            continue
-        scores = read_token_scores(r["path"], r["tiles"]) if resolution == "token" else None
-        if resolution == "token" and scores is None:
-            print(f"note: {Path(r['path']).name} has no token_scores (embed with embed.token_scores=true); "
-                  f"{sid}'s heatmap is drawn per tile")  # fmt: skip
-        attrs, _ = trident_h5.read_coords(r["path"])
-        size = (attrs["level0_width"], attrs["level0_height"]) if "level0_width" in attrs else None
-        top = float(r["probs"][row.pred])
-        title = (f"{sid}: predicted class {row.pred} (p={top:.2f}), {len(r['attention'])} tiles, "
-                 f"{'patch' if scores is not None else 'tile'} resolution")  # fmt: skip
-        pngs.append(
-            attention_heatmap(
-                r["coords"],
-                r["attention"],
-                out_dir / "heatmaps" / f"{sid}.png",
-                tile_size=r["tile_size"],
-                slide_path=slide_paths.get(sid),
-                title=title,
-                max_side=int(cfg.heatmaps.max_side),
-                token_scores=scores,
-            )  # fmt: skip
-        )
-        tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, size)
-    return pngs
-
-
-# ----------------------------------------------------------------------------------------------- the task
 
 
 def run_predict_slides(cfg: DictConfig) -> dict:
@@ -403,7 +76,9 @@ def run_predict_slides(cfg: DictConfig) -> dict:
         files = scan_feature_dir(features_dir)
         check_features(files, expected, features_dir)
     else:
-        features_dir = embed_new_slides(cfg, run_cfg, specs, token_scores=resolution == "token")
+        features_dir = embed_new_slides(run_cfg, specs, job_dir=cfg.job_dir, trainer=cfg.trainer,
+                                        default_mpp=OmegaConf.select(cfg, "data.default_mpp"),
+                                        token_scores=resolution == "token")  # fmt: skip
         ledger = Ledger(features_dir).skipped()
         wanted = set(slide_paths)
         skipped += [(s, f"not embedded: {r}") for s, r in zip(ledger.slide, ledger.reason) if s in wanted]
@@ -430,7 +105,8 @@ def run_predict_slides(cfg: DictConfig) -> dict:
         write_json(out_dir / METRICS_FILE, metrics)
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
         pred.to_csv(tmp, index=False)
-    pngs = write_heatmaps(cfg, results, pred, slide_paths, out_dir, num_classes)
+    pngs = write_heatmaps(results, pred, slide_paths, out_dir, num_classes, num_slides=cfg.heatmaps.num_slides,
+                          resolution=resolution, max_side=int(cfg.heatmaps.max_side))  # fmt: skip
     loggers = instantiate_list(cfg.get("logger"))
     log_images(loggers, "heatmaps", pngs, captions=[p.stem for p in pngs])
     for lg in loggers:

@@ -1,0 +1,1 @@
+"""Trained models applied to new slides: MIL predictions and heatmaps (:mod:`.mil`)."""
