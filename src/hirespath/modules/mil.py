@@ -43,6 +43,18 @@ class NonFiniteError(FloatingPointError):
     """NaN or ±inf in a MIL loss or in the outputs metrics would be computed from."""
 
 
+def monitor_mode(monitor: str, mode: str | None = None) -> str:
+    """The mode (min/max) of a monitored key; InputError for a key the module does not log or the wrong mode."""
+    from ..utils.errors import InputError
+
+    if monitor not in MONITOR_MODES:
+        raise InputError(f"monitor={monitor!r} is not logged by the MIL module; valid: {sorted(MONITOR_MODES)}")
+    if mode is not None and mode != MONITOR_MODES[monitor]:
+        raise InputError(f"monitor_mode={mode!r} with monitor={monitor}: it must be {MONITOR_MODES[monitor]!r} "
+                         "(min for val/loss, max for the others); or leave monitor_mode=null")  # fmt: skip
+    return MONITOR_MODES[monitor]
+
+
 def _world_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..data.mil import MILDataModule, panda_slide_labels
 from ..data.panda import NUM_CLASSES
 from ..embeddings.features import ensure_features, features_folder
-from ..modules.mil import MONITOR_MODES, MILModule, read_attention, write_mil_outputs
+from ..modules.mil import MILModule, monitor_mode, write_mil_outputs
 from ..results import (
     EMBED_SECONDS_PER_SLIDE,
     METRICS_FILE,
@@ -48,6 +48,7 @@ from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, write_json
 from ..utils.threads import dataloader_workers
 from ..utils.wandb import log_images
+from ..viz.mil import attention_heatmaps
 from ..wsi.listing import SlideSpec
 
 log = logging.getLogger("hirespath.mil")
@@ -93,47 +94,11 @@ def embedding_cost(features_dir: Path, slide_ids) -> dict:
 # ----------------------------------------------------------------------------------------------- the task
 
 
-def _monitor(cfg: DictConfig) -> None:
-    monitor = str(cfg.monitor)
-    if monitor not in MONITOR_MODES:
-        raise ValueError(f"monitor={monitor!r} is not logged by the MIL module; valid: {sorted(MONITOR_MODES)}")
-    mode = cfg.get("monitor_mode")
-    if mode is None:
-        with open_dict(cfg):
-            cfg.monitor_mode = MONITOR_MODES[monitor]
-    elif mode != MONITOR_MODES[monitor]:
-        raise ValueError(
-            f"monitor_mode={mode!r} with monitor={monitor}: it must be {MONITOR_MODES[monitor]!r} "
-            "(min for val/loss, max for the others); or leave monitor_mode=null"
-        )
-
-
-def _heatmaps(cfg: DictConfig, out_dir: Path, test_ids: list[str], loggers) -> list[Path]:
-    from ..viz.mil import attention_heatmap
-
-    root = Path(cfg.data.root)
-    paths = []
-    for sid in test_ids[: int(cfg.figures.num_slides)]:
-        a = read_attention(out_dir / "attention" / f"{sid}.h5")
-        if (a["coords"] < 0).all():
-            log.info("no heatmap for %s: its feature file has no coords", sid)
-            continue
-        slide = _slide_path(root, sid)
-        paths.append(
-            attention_heatmap(
-                a["coords"], a["attention"], out_dir / "figures" / f"attention_{sid}.png", tile_size=a["tile_size"],
-                slide_path=slide if slide.is_file() else None,
-                title=f"{sid}: ISUP {a.get('label')}, predicted {a.get('pred')}, {len(a['attention'])} tiles",
-            )
-        )  # fmt: skip
-    log_images(loggers, "attention", paths, captions=[p.stem.removeprefix("attention_") for p in paths])
-    return paths
-
-
 def run_mil(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _monitor(cfg)
+    with open_dict(cfg):  # the callbacks' mode follows the monitored key
+        cfg.monitor_mode = monitor_mode(str(cfg.monitor), cfg.get("monitor_mode"))
     workers = dataloader_workers(cfg.data.num_workers, "data.num_workers")  # before any embedding work
     L.seed_everything(int(cfg.seed), workers=True)
     labels = panda_slide_labels(
@@ -211,7 +176,11 @@ def run_mil(cfg: DictConfig) -> dict:
     write_json(out_dir / METRICS_FILE, metrics)
     write_mil_outputs(out_dir, module.test_results, NUM_CLASSES)
     if int(cfg.figures.num_slides):
-        _heatmaps(cfg, out_dir, [str(r["slide_id"]) for r in module.test_results], loggers)
+        root = Path(cfg.data.root)
+        pngs = attention_heatmaps(out_dir / "attention", out_dir / "figures", [str(r["slide_id"]) for r in
+                                  module.test_results], lambda s: _slide_path(root, s), int(cfg.figures.num_slides),
+                                  name="attention_{}.png")  # fmt: skip
+        log_images(loggers, "attention", pngs, captions=[p.stem.removeprefix("attention_") for p in pngs])
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)})
         lg.finalize("success")

@@ -190,11 +190,13 @@ def attention_heatmaps(
     slide_ids: Iterable[str] | None = None,
     slide_path: Callable[[str], str | Path | None] | None = None,
     limit: int | None = 4,
+    name: str = "{}.png",
     **kwargs,
 ) -> list[Path]:
     """Heatmap PNGs ``out_dir/<slide>.png`` from the ``attention/<slide>.h5`` files of ``write_mil_outputs``: of
     ``slide_ids`` (default: the first ``limit`` files by name). ``slide_path(slide_id)`` locates the slide file for
-    the thumbnail (e.g. PANDA: ``lambda s: root / "train_images" / f"{s}.tiff"``)."""
+    the thumbnail (e.g. PANDA: ``lambda s: root / "train_images" / f"{s}.tiff"``; a path that does not exist: no
+    thumbnail). ``name``: the file name pattern. Slides whose feature file had no coords get no heatmap."""
     from ..modules.mil import read_attention
 
     attention_dir = Path(attention_dir)
@@ -209,14 +211,18 @@ def attention_heatmaps(
             raise FileNotFoundError(f"no attention file {f} (written by write_mil_outputs)")
         a = read_attention(f)
         sid = str(a.get("slide_id", f.stem))
+        if (a["coords"] < 0).all():
+            log.info("no heatmap for %s: its feature file has no coords", sid)
+            continue
         title = f"{sid}: label {a.get('label')}, pred {a.get('pred')}, {len(a['attention'])} tiles"
+        slide = slide_path(sid) if slide_path else None
         paths.append(
             attention_heatmap(
                 a["coords"],
                 a["attention"],
-                Path(out_dir) / f"{sid}.png",
+                Path(out_dir) / name.format(sid),
                 tile_size=a["tile_size"],
-                slide_path=slide_path(sid) if slide_path else None,
+                slide_path=slide if slide is not None and Path(slide).is_file() else None,
                 title=title,
                 **kwargs,
             )
