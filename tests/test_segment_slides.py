@@ -301,3 +301,32 @@ def test_trained_segment_run_over_the_real_svs(tmp_path):
     for geom, props in qupath.read_geojson(out / "cmu.geojson"):
         assert geom.is_valid and box.contains(geom) and props["classification"]["name"] in CELL_TYPES
     assert (out / "cmu_overlay.png").is_file()
+
+
+def test_two_concurrent_workers_segment_each_slide_once(ckpt, tmp_path):
+    import threading
+
+    import pandas as pd
+
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    for i in range(3):
+        write_pyramid(wsi / f"s{i}.tiff", tissue(seed=i), 0.5, compression="jpeg", levels=(1, 4))
+    tiling = SimpleNamespace(size=56, mpp=2.0, overlap=14, min_tissue=0.1)
+    results = {}
+
+    def worker(rank):
+        runtime = Runtime(device="cpu", progress=False, rank=rank, world_size=2)
+        results[rank] = segment_slides(load_segmentation(ckpt), list_slides(wsi), tmp_path / "job", tiling,
+                                       EmbedConfig(batch_size=4, num_workers=0), SegmentOptions(), runtime)  # fmt: skip
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r["slides_done"] for r in results.values()) == 3  # each slide once, by one of the two
+    out = Path(results[0]["output_dir"])
+    assert sorted(p.name for p in out.glob("*.geojson")) == ["s0.geojson", "s1.geojson", "s2.geojson"]
+    areas = pd.read_csv(out / "areas.csv")  # both workers' rows, none lost to the other's rewrite
+    assert sorted(areas.slide.unique()) == ["s0", "s1", "s2"] and len(areas) == 3 * len(CELL_TYPES)
