@@ -330,3 +330,42 @@ def test_two_concurrent_workers_segment_each_slide_once(ckpt, tmp_path):
     assert sorted(p.name for p in out.glob("*.geojson")) == ["s0.geojson", "s1.geojson", "s2.geojson"]
     areas = pd.read_csv(out / "areas.csv")  # both workers' rows, none lost to the other's rewrite
     assert sorted(areas.slide.unique()) == ["s0", "s1", "s2"] and len(areas) == 3 * len(CELL_TYPES)
+
+
+def test_seam_measure_one_tile_is_exact_and_tiles_are_measured(ckpt):
+    from hirespath.segmentation.seams import seam_measure, tile_starts
+
+    assert tile_starts(224, 112, 28) == [0, 84, 112] and tile_starts(100, 112, 28) == [0]
+    assert tile_starts(196, 112, 28) == [0, 84]
+    seg = load_segmentation(ckpt)
+    image = tissue(224, 224, seed=3)
+    same = seam_measure(seg.model, seg.class_index, seg.classes, image, 224, 0, threshold=THRESHOLD)
+    for blend in ("linear", "crop"):  # the region as one tile: the stitched map is the one forward
+        assert same[blend]["mean_abs_diff"] == 0 and same[blend]["mean_dice"] == 1
+    tiled = seam_measure(seg.model, seg.class_index, seg.classes, image, 112, 28, threshold=THRESHOLD)
+    for blend in ("linear", "crop"):
+        assert 0 < tiled[blend]["mean_abs_diff"] < 1 and 0 <= tiled[blend]["mean_dice"] <= 1
+        assert set(tiled[blend]["dice"]) == set(CELL_TYPES)
+
+
+@pytest.mark.slow
+def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
+    """`hirespath benchmark experiment=segment_speed` at test size: both entries segment the slide end to end and
+    get a speed and a seam measure (the real comparison is the README's, on the narrowed UNI2-h)."""
+    import pandas as pd
+
+    from hirespath.tasks.benchmark import run_benchmark
+
+    overrides = ["experiment=segment_speed", "backbone=tiny", "backbone.overrides={init_values:1.0}",
+                 "segment_bench.synthetic_side=224", "segment_bench.seam_region=112", "tile.mpp=1.0",
+                 "segment_bench.head={num_queries:10,hidden_dim:64,decoder_layers:2,pixel_decoder_layers:1}",
+                 "segment_bench.compare=[{tile_size:56,overlap:14,attention:dense},"
+                 "{tile_size:112,overlap:14,attention:sparse,window:4}]", "embed.num_workers=0"]  # fmt: skip
+    cfg = compose_task("benchmark", overrides, tmp_path)
+    validate_config(cfg, "benchmark")
+    result = run_benchmark(cfg)
+    rows = pd.read_csv(result["csv"])
+    assert list(rows.tile_size) == [56, 112] and list(rows.attention) == ["dense", "sparse"]
+    assert (rows.mm2_per_s > 0).all() and rows.speedup.iloc[0] == 1
+    assert rows.seam_dice_linear.iloc[1] == 1 and rows.seam_abs_diff_crop.iloc[1] == 0  # 112 px region: one tile
+    assert 0 <= rows.seam_dice_linear.iloc[0] <= 1 and rows.seam_abs_diff_linear.iloc[0] > 0

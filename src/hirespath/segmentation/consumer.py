@@ -285,7 +285,8 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
     consumer = SegmentationConsumer(seg, tile_fn, options)
     consumer.folder = f"segmentation_{consumer.tag}"
     consumer.identity = {
-        "model": consumer.tag, "checkpoint": seg.ckpt.name, "checkpoint_bytes": seg.ckpt.stat().st_size,
+        "model": consumer.tag, "checkpoint": seg.ckpt.name,
+        "checkpoint_bytes": seg.ckpt.stat().st_size if seg.ckpt.is_file() else None,
         "classes": list(seg.classes), "model_mpp": seg.mpp, "blend": options.blend,
         "threshold": float(options.threshold), "min_area_um2": float(options.min_area_um2),
         "simplify_px": float(options.simplify_px),
