@@ -91,7 +91,7 @@ def done(ckpt, wsi, tmp_path_factory):
 def test_generated_pyramid_segments_end_to_end(done):
     job, summary = done
     out = Path(summary["output_dir"])
-    assert out == job / "10x_112px_28px_overlap" / "segmentation_tiny-sparse-w4-r56_epoch_000"
+    assert out == job / "10x_112px_28px_overlap" / "segmentation_tiny-sparse-w4-r56_run_epoch_000"
     assert summary["slides_done"] == 1 and summary["model_mpp"] == pytest.approx(0.2208 * 984 / 56)
     assert {p.name for p in out.iterdir() if not p.name.startswith(".")} >= {
         "s0.geojson", "s0_probs.tif", "s0_overlay.png", "areas.csv", "config.json", "summary.json", "timings.csv",

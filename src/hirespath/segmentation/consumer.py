@@ -150,9 +150,10 @@ class SegmentationSink:
         slide_box = shapely.box(0, 0, *self.grid.level0_size)
         min_px = c.options.min_area_um2 / self.map_mpp**2
         features, areas = [], {}
+        band = int(np.clip((1 << 26) // self.shape[1], 64, 1024))  # rows traced at once (×4 px at 2× resolution)
         for k, name in enumerate(c.classes):
-            geom = mask_polygons(lambda y0, y1, k=k: probs[y0:y1, :, k] > cut, self.shape[0], min_area=min_px,
-                                 simplify=c.options.simplify_px)  # fmt: skip
+            geom = mask_polygons(lambda y0, y1, k=k: probs[y0:y1, :, k] > cut, self.shape[0], band=band,
+                                 min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
             area_um2 = 0.0
             if geom is not None:
                 geom = qupath.valid_geometry(
@@ -285,7 +286,7 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
     consumer = SegmentationConsumer(seg, tile_fn, options)
     consumer.folder = f"segmentation_{consumer.tag}"
     consumer.identity = {
-        "model": consumer.tag, "checkpoint": seg.ckpt.name,
+        "model": consumer.tag, "run": seg.run_dir.name, "checkpoint": seg.ckpt.name,
         "checkpoint_bytes": seg.ckpt.stat().st_size if seg.ckpt.is_file() else None,
         "classes": list(seg.classes), "model_mpp": seg.mpp, "blend": options.blend,
         "threshold": float(options.threshold), "min_area_um2": float(options.min_area_um2),

@@ -44,7 +44,7 @@ class SegmentationCheckpoint:
     class_index: list[int]  # their indices in the model's num_classes outputs
     mpp: float  # µm/px of the images it was trained on
     resolution: int
-    tag: str  # default model tag: <run name>_<checkpoint stem>
+    tag: str  # default model tag: <run name>_<run folder>_<checkpoint stem>
 
     @property
     def patch_size(self) -> int:
@@ -152,9 +152,12 @@ def load_segmentation(ckpt) -> SegmentationCheckpoint:
                          f"{str(err).splitlines()[0][:300]}") from err  # fmt: skip
     model.eval()
     run_name = OmegaConf.select(cfg, "run_name", default=None, throw_on_resolution_failure=False)
-    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{run_name or cfg_path.parent.parent.name}_{path.stem}")
+    # the run folder's name (Hydra: its start time) tells apart runs of the same settings and checkpoint name
+    run_dir = cfg_path.parent.parent
+    parts = dict.fromkeys(p for p in (str(run_name or ""), run_dir.name, path.stem) if p)
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
     return SegmentationCheckpoint(
-        model=model, ckpt=path, run_dir=cfg_path.parent.parent, config=cfg, classes=classes,
+        model=model, ckpt=path, run_dir=run_dir, config=cfg, classes=classes,
         class_index=[CELL_TYPES.index(c) for c in classes], mpp=MPP * SEGPATH_TILE_PX / resolution,
         resolution=resolution, tag=tag,
     )  # fmt: skip

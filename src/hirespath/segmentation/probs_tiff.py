@@ -28,9 +28,10 @@ def _tiles(arr: np.ndarray):
             yield t
 
 
-def halve(src: np.ndarray, dst_path: Path, band: int = 2048) -> np.memmap:
+def halve(src: np.ndarray, dst_path: Path, band_bytes: int = 1 << 27) -> np.memmap:
     """``src`` (H×W×C uint8) shrunk 2× by 2×2 means, into a new memmap at ``dst_path`` (in row bands)."""
     H, W, C = src.shape
+    band = max(2, band_bytes // (W * C * 4) // 2 * 2)  # an even number of rows of float32
     h, w = (H + 1) // 2, (W + 1) // 2
     dst = np.lib.format.open_memmap(dst_path, mode="w+", dtype=np.uint8, shape=(h, w, C))
     for r in range(0, H, band):

@@ -65,9 +65,10 @@ class ProbabilityStitcher:
         self.acc[y0:y1, x0:x1] += p * wt[..., None]
         self.wsum[y0:y1, x0:x1] += wt
 
-    def finalize(self, band: int = 1024) -> np.memmap:
-        """The uint8 map (probability · 255, 0 where no tile was), computed in row bands."""
+    def finalize(self, band_bytes: int = 1 << 27) -> np.memmap:
+        """The uint8 map (probability · 255, 0 where no tile was), computed in row bands of ~``band_bytes``."""
         out = self._memmap("probs", np.uint8, (*self.shape, self.channels))
+        band = max(1, band_bytes // (self.shape[1] * self.channels * 4))
         for r in range(0, self.shape[0], band):
             w = self.wsum[r : r + band]
             p = self.acc[r : r + band] / np.maximum(w, 1e-12)[..., None]
