@@ -89,7 +89,8 @@ def check_tile(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
     size_ok = problems.check("tile.size", size, check_tiling, size, 0.5)
     if size_ok:
         check_patch_multiple(problems, "tile.size", size, geometry, "the encoder sees each tile whole")
-    problems.check("tile.mpp", mpp, check_tiling, 1, mpp)
+    if mpp is not None or select(cfg, "task_name") != "segment_slides":  # segment_slides: null = the model's mpp
+        problems.check("tile.mpp", mpp, check_tiling, 1, mpp)
     if overlap is not None:
         problems.check("tile.overlap", overlap, check_tiling, size if size_ok else 2**31, 0.5, overlap)
     if min_tissue is not None:

@@ -55,6 +55,10 @@ TASKS: dict[str, Task] = {
     "segment": Task(
         "hirespath.tasks.segment:run_segment", "SegPath: fine-tune ViT-Adapter + Mask2Former on the encoder, then test"
     ),
+    "segment_slides": Task(
+        "hirespath.tasks.segment_slides:run_segment_slides",
+        "a trained segment model over whole slides: QuPath GeoJSON, pyramidal probability TIFF, overlay, areas",
+    ),
     "benchmark": Task(
         "hirespath.tasks.benchmark:run_benchmark",
         "time, memory and the largest resolution per attention mode (CSV + plot)",

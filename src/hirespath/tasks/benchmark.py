@@ -57,8 +57,12 @@ def run_benchmark(cfg) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("mode", "encoder") == "slides":
         return run_embedding_benchmark(cfg, out_dir)
+    if cfg.get("mode", "encoder") == "segment":  # experiment=segment_speed
+        from ..segmentation.benchmark import run_segmentation_benchmark
+
+        return run_segmentation_benchmark(cfg, out_dir)
     if cfg.get("mode", "encoder") != "encoder":
-        raise ValueError(f"mode must be encoder or slides, got {cfg.mode!r}")
+        raise ValueError(f"mode must be encoder, slides or segment, got {cfg.mode!r}")
     bench = Benchmark(
         cfg.backbone.name,
         overrides=dict(cfg.backbone.get("overrides") or {}),

@@ -1,0 +1,123 @@
+"""``hirespath benchmark experiment=segment_speed``: whole-slide segmentation speed and the seam measure.
+
+Per entry of ``segment_bench.compare`` (tile_size, overlap, attention, window) the same model segments the same
+slide end to end (:func:`.consumer.segment_slides`: reading, the model, stitching, GeoJSON, TIFF) and the tissue mm²
+per second is reported (startup excluded); the seam measure (:mod:`.seams`) compares, on a region of
+``segment_bench.seam_region`` px, the entry's tiles stitched (both blends) with one forward over the region.
+The model: a trained run's (``segment_bench.ckpt``) or the composed backbone under a Mask2Former head with random
+weights (speed does not depend on the weights; the seam measure of a random model only shows the mechanics).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from ..data.segpath import CELL_TYPES, MPP
+from ..utils.errors import InputError
+from ..utils.io import atomic_path
+from .consumer import SegmentOptions, segment_slides
+from .model import SEGPATH_TILE_PX, SegmentationCheckpoint, load_segmentation
+from .seams import seam_measure
+
+log = logging.getLogger("hirespath.segmentation")
+
+ENTRY_KEYS = ("tile_size", "overlap", "attention", "window")
+
+
+def random_segmentation(cfg) -> SegmentationCheckpoint:
+    """The composed encoder under a Mask2Former head (``segment_bench.head``: its keywords), random weights."""
+    from hydra.utils import instantiate
+
+    from ..heads.mask2former import SegmentationModel
+
+    torch.manual_seed(int(cfg.seed))
+    model = SegmentationModel(instantiate(cfg.encoder), num_classes=len(CELL_TYPES),
+                              **OmegaConf.to_container(cfg.segment_bench.head, resolve=True)).eval()  # fmt: skip
+    resolution = SEGPATH_TILE_PX  # a random model has no training mpp: SegPath's own
+    return SegmentationCheckpoint(model, Path("random"), Path("."), cfg, list(CELL_TYPES), list(range(8)),
+                                  MPP * SEGPATH_TILE_PX / resolution, resolution, "random")  # fmt: skip
+
+
+def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
+    from ..benchmark.slide_throughput import synthetic_slide
+    from ..slides import Runtime
+    from ..wsi.reader import open_slide
+
+    b = cfg.segment_bench
+    seg = load_segmentation(b.ckpt) if b.ckpt else random_segmentation(cfg)
+    mpp = float(cfg.tile.mpp) if b.get("tile_mpp") is None else float(b.tile_mpp)
+    slide = Path(b.wsi) if b.wsi else synthetic_slide(out_dir / "benchmark_slide.tiff", int(b.synthetic_side), mpp)
+    device = None if cfg.device == "auto" else cfg.device
+    runtime = Runtime(device=device, precision=str(b.precision), progress=False, rank=0, world_size=1)
+    with open_slide(slide) as handle:  # the seam region: the slide's centre at the tiles' mpp
+        region = _region(handle, int(b.seam_region), mpp)
+    rows = []
+    for entry in b.compare:
+        unknown = set(entry) - set(ENTRY_KEYS)
+        if unknown:
+            raise InputError(f"segment_bench.compare entry {dict(entry)}: unknown keys {sorted(unknown)}; "
+                             f"valid: {', '.join(ENTRY_KEYS)}")  # fmt: skip
+        enc = seg.model.encoder
+        enc.attention = str(entry.get("attention", enc.attention))
+        enc.window = int(entry.get("window", enc.window))
+        tile, overlap = int(entry["tile_size"]), int(entry.get("overlap", 0))
+        tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue))
+        job = Path(tempfile.mkdtemp(prefix="hirespath_seg_bench_", dir=out_dir))
+        s = segment_slides(seg, [slide], job, tiling, cfg.embed, SegmentOptions(threshold=float(b.threshold)),
+                           runtime)  # fmt: skip
+        if not s["slides_done"]:
+            raise InputError(f"the benchmark slide {slide} could not be segmented: {s['skipped']}")
+        seconds = s["seconds"] - s["stage_seconds"].get("startup", 0.0)
+        seams = seam_measure(seg.model, seg.class_index, seg.classes, region, tile, overlap, float(b.threshold))
+        rows.append({
+            "tile_size": tile, "overlap": overlap, "attention": enc.attention, "window": enc.window,
+            "tiles": s["tiles"], "tissue_mm2": s["tissue_mm2"], "seconds": seconds,
+            "mm2_per_s": s["tissue_mm2"] / seconds, "encode_s": s["stage_seconds"]["encode"],
+            "write_s": s["stage_seconds"]["write"], "seam_region": region.shape[0],
+            **{f"seam_dice_{k}": v["mean_dice"] for k, v in seams.items()},
+            **{f"seam_abs_diff_{k}": v["mean_abs_diff"] for k, v in seams.items()},
+            "seam_dice_per_class": json.dumps({k: v["dice"] for k, v in seams.items()}),
+        })  # fmt: skip
+    base = rows[0]["mm2_per_s"]
+    for r in rows:
+        r["speedup"] = r["mm2_per_s"] / base
+    path = out_dir / "segmentation_benchmark.csv"
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    table = pd.DataFrame(rows)[
+        [
+            "tile_size",
+            "overlap",
+            "attention",
+            "window",
+            "tiles",
+            "mm2_per_s",
+            "speedup",
+            *[c for c in rows[0] if c.startswith("seam_dice_") and c != "seam_dice_per_class"],
+        ]
+    ]
+    log.info("whole-slide segmentation of %s (model %s):\n%s", slide, seg.tag, table.to_string(index=False))
+    return {"csv": str(path), "rows": rows, "summary": table.to_string(index=False)}
+
+
+def _region(handle, side: int, mpp: float) -> np.ndarray:
+    """A side×side RGB crop of the slide's centre at ``mpp`` (read at level 0 and resized)."""
+    from PIL import Image
+
+    from ..wsi.reader import level0_mpp
+
+    smpp = level0_mpp(handle, None, None)
+    side0 = round(side * mpp / smpp)
+    W, H = handle.dimensions
+    x, y = max(0, (W - side0) // 2), max(0, (H - side0) // 2)
+    img = handle.read_region((x, y), 0, (side0, side0)).convert("RGB")
+    return np.asarray(img.resize((side, side), Image.BILINEAR))

@@ -1,0 +1,298 @@
+"""Whole-slide segmentation as a consumer of the slide runner (:func:`hirespath.slides.run_slides`).
+
+The runner lists, locks, tiles (the tissue grid shared with embedding: ``<tiling>/patches``), reads and batches;
+this module supplies the tile function (the segmentation model's per-class probabilities of each tile, through
+:class:`~hirespath.slides.tile_model.TileModel`) and the per-slide sink: tiles are blended into per-class
+probability maps on disk (:mod:`.stitch`), and when the slide is done the sink writes, under
+``<job_dir>/<tiling>/segmentation_<model tag>/``:
+
+- ``<slide>_probs.tif``: the pyramidal probability TIFF (:mod:`.probs_tiff`);
+- ``<slide>.geojson``: one QuPath annotation per class, a MultiPolygon with holes in level-0 px (:mod:`.polygons`,
+  :mod:`hirespath.wsi.qupath`); written last, so it marks the slide finished;
+- ``<slide>_overlay.png`` and a row per class in ``areas.csv`` (after the slide, as pictures).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..slides.prepare import PreparedSlide
+from ..slides.runner import Runtime, run_slides
+from ..slides.tile_model import TileModel
+from ..utils.errors import InputError
+from ..utils.io import atomic_path, exclusive_lock
+from ..wsi import qupath
+from ..wsi.listing import SlideSpec
+from .model import SegmentationCheckpoint, tile_probabilities
+from .polygons import mask_polygons
+from .probs_tiff import pyramid, read_description, write_probs_tiff
+from .stitch import BLENDS, ProbabilityStitcher, blend_weights
+
+log = logging.getLogger("hirespath.segmentation")
+
+OVERWRITE = "embed.overwrite=true"
+AREAS = "areas.csv"
+AREA_COLUMNS = ["slide", "class", "area_mm2", "tissue_mm2", "fraction_of_tissue"]
+# one fixed colour per SegPath cell type (QuPath shows the class in it)
+CLASS_COLORS = {
+    "panCK_Epithelium": (220, 50, 50),
+    "aSMA_SmoothMuscle": (240, 140, 20),
+    "CD235a_RBC": (150, 0, 90),
+    "CD45RB_Leukocyte": (40, 120, 230),
+    "CD3CD20_Lymphocyte": (30, 180, 60),
+    "ERG_Endothelium": (230, 210, 30),
+    "MIST1_PlasmaCell": (0, 200, 200),
+    "MNDA_MyeloidCell": (150, 80, 220),
+}
+
+
+@dataclass
+class SegmentOptions:
+    """What is made of the probabilities (the ``segment`` node of conf/segment_slides.yaml)."""
+
+    blend: str = "linear"  # linear | crop (stitch.py)
+    threshold: float = 0.5
+    min_area_um2: float = 50.0
+    simplify_px: float = 1.0
+    model_tag: str | None = None
+    overlay: bool = True  # <slide>_overlay.png
+
+    def check(self) -> None:
+        if self.blend not in BLENDS:
+            raise InputError(f"segment.blend={self.blend!r}: must be one of {', '.join(BLENDS)}")
+        if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1):
+            raise InputError(f"segment.threshold={self.threshold!r}: must be a probability in (0, 1)")
+        if not (isinstance(self.min_area_um2, (int, float)) and self.min_area_um2 >= 0):
+            raise InputError(f"segment.min_area_um2={self.min_area_um2!r}: must be a number of µm² >= 0")
+        if not (isinstance(self.simplify_px, (int, float)) and self.simplify_px >= 0):
+            raise InputError(f"segment.simplify_px={self.simplify_px!r}: must be a number of px >= 0 (0: none)")
+
+
+def probabilities_forward(model, class_index: list[int]):
+    """The tile function's forward: images in [0, 1] → B×C×H×W float16 probabilities on the host."""
+
+    def forward(x: torch.Tensor) -> np.ndarray:
+        return tile_probabilities(model, x, class_index).to(torch.float16).cpu().numpy()
+
+    return forward
+
+
+def map_geometry(grid) -> tuple[float, tuple[int, int], float]:
+    """(map px per level-0 px, map shape (H, W), map µm/px): the map is the slide at the tiles' scale."""
+    scale = grid.tile_size / grid.patch_size_level0
+    W0, H0 = grid.level0_size
+    return scale, (math.ceil(H0 * scale), math.ceil(W0 * scale)), grid.slide_mpp / scale
+
+
+class SegmentationSink:
+    """One slide: tiles blended into the on-disk map; on close the TIFF, then the GeoJSON (atomically)."""
+
+    def __init__(self, consumer: SegmentationConsumer, spec: SlideSpec, prepared: PreparedSlide, path: Path):
+        self.c, self.spec, self.grid, self.path = consumer, spec, prepared.grid, path
+        self.scale, self.shape, self.map_mpp = map_geometry(self.grid)
+        self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers
+        weights = blend_weights(self.grid.tile_size, self.grid.overlap, consumer.options.blend)
+        self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.shape, len(consumer.classes), weights)
+        self.levels: list = []
+        self.tiles = 0
+
+    def add(self, tiles: np.ndarray, output: np.ndarray, images: torch.Tensor) -> list[tuple[int, str]]:
+        refused = []
+        for i, t in enumerate(tiles):
+            if not np.isfinite(output[i]).all():
+                refused.append((int(t), "probabilities are not finite (NaN/inf; fp16 overflow? use bf16-mixed)"))
+                continue
+            x, y = self.grid.coords[t]
+            self.stitcher.add(round(x * self.scale), round(y * self.scale), output[i])
+            self.tiles += 1
+        return refused
+
+    def _temp(self, name: str) -> Path:
+        return self.path.parent / f"{self.prefix}.{name}.tmp"
+
+    def close(self) -> dict:
+        from ..wsi.reader import SlideError
+
+        if not self.tiles:
+            self.abort()
+            raise SlideError("no tile could be segmented (see the tiles listed in skipped.csv)")
+        c, probs = self.c, self.stitcher.finalize()
+        self.levels = pyramid(probs, self.path.parent / self.prefix)
+        g = self.grid
+        extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.scale, "level0_size": list(g.level0_size),
+                 "model": c.tag, "threshold": c.options.threshold}  # fmt: skip
+        tif_tmp = self._temp("tif")
+        write_probs_tiff(tif_tmp, self.levels, c.classes, self.map_mpp, extra)
+        features, areas = self._features(probs)
+        os.replace(tif_tmp, c.probs_path(self.path))
+        qupath.write_geojson(self.path, features)  # last: the slide counts as finished once it exists
+        small = np.array(self.levels[-1])
+        self.stitcher.cleanup()
+        self._remove_levels()
+        return {"tiles": self.tiles, "map_shape": list(self.shape), "map_mpp": self.map_mpp,
+                "areas_mm2": areas, "small_probs": small}  # fmt: skip
+
+    def _features(self, probs: np.ndarray) -> tuple[list[dict], dict]:
+        import shapely
+        from shapely import affinity
+
+        c, level0 = self.c, 1 / self.scale
+        cut = c.options.threshold * 255
+        slide_box = shapely.box(0, 0, *self.grid.level0_size)
+        min_px = c.options.min_area_um2 / self.map_mpp**2
+        features, areas = [], {}
+        band = int(np.clip((1 << 26) // self.shape[1], 64, 1024))  # rows traced at once (×4 px at 2× resolution)
+        for k, name in enumerate(c.classes):
+            geom = mask_polygons(lambda y0, y1, k=k: probs[y0:y1, :, k] > cut, self.shape[0], band=band,
+                                 min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
+            area_um2 = 0.0
+            if geom is not None:
+                geom = qupath.valid_geometry(
+                    affinity.scale(geom, level0, level0, origin=(0, 0)).intersection(slide_box)
+                )
+                area_um2 = float(geom.area) * self.grid.slide_mpp**2
+            areas[name] = area_um2 / 1e6
+            if geom is None or geom.is_empty:
+                continue
+            if geom.geom_type == "Polygon":
+                geom = shapely.MultiPolygon([geom])
+            features.append(qupath.feature(geom, "annotation", name, CLASS_COLORS.get(name, (255, 0, 0)),
+                                           measurements={"Area µm^2": area_um2}))  # fmt: skip
+        return features, areas
+
+    def _remove_levels(self) -> None:
+        for arr in self.levels[1:]:
+            Path(arr.filename).unlink(missing_ok=True)
+        self.levels = []
+
+    def abort(self) -> None:
+        self.stitcher.cleanup()
+        for p in self.path.parent.glob(f"{self.prefix}.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+@dataclass
+class SegmentationConsumer:
+    """The segmentation model and its outputs, plugged into :func:`hirespath.slides.run_slides`."""
+
+    seg: SegmentationCheckpoint
+    tile_function: TileModel
+    options: SegmentOptions
+    folder: str = ""
+    identity: dict = field(default_factory=dict)
+    overwrite_hint: str = OVERWRITE
+    needs_thumbnail: bool = True
+
+    @property
+    def classes(self) -> list[str]:
+        return self.seg.classes
+
+    @property
+    def tag(self) -> str:
+        return self.options.model_tag or self.seg.tag
+
+    def output_path(self, out_dir: Path, spec: SlideSpec) -> Path:
+        return out_dir / f"{spec.slide_id}.geojson"
+
+    @staticmethod
+    def probs_path(output: Path) -> Path:
+        return output.with_name(output.name.removesuffix(".geojson") + "_probs.tif")
+
+    def is_finished(self, path: Path) -> bool:
+        return path.is_file() and self.probs_path(path).is_file()
+
+    def finished_mpp(self, path: Path) -> float | None:
+        try:
+            return float(read_description(self.probs_path(path))["level0_mpp"])
+        except (OSError, KeyError, ValueError, TypeError):
+            return None
+
+    def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SegmentationSink:
+        return SegmentationSink(self, spec, prepared, path)
+
+    def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
+        small, areas = result.pop("small_probs", None), result.get("areas_mm2", {})
+        tissue = prepared.grid.tissue_area_mm2
+        rows = [{"slide": spec.slide_id, "class": name, "area_mm2": a, "tissue_mm2": tissue,
+                 "fraction_of_tissue": a / tissue if tissue and np.isfinite(tissue) else np.nan}
+                for name, a in areas.items()]  # fmt: skip
+        update_areas(out_dir, spec.slide_id, rows)
+        grid = prepared.grid
+        if self.options.overlay and small is not None and grid.thumbnail is not None:
+            from .overlay import class_masks_at, save_overlay
+
+            h, w = grid.thumbnail.shape[:2]
+            masks = class_masks_at(small, (w, h), self.options.threshold)
+            colors = [CLASS_COLORS.get(n, (255, 0, 0)) for n in self.classes]
+            title = (f"{spec.slide_id}: {self.tag}, {grid.tile_size} px tiles at {grid.tile_mpp:g} µm/px, "
+                     f"overlap {grid.overlap} px ({self.options.blend})")  # fmt: skip
+            save_overlay(out_dir / f"{spec.slide_id}_overlay.png", grid.thumbnail, masks, self.classes, colors, title,
+                         [areas.get(n, 0.0) for n in self.classes])  # fmt: skip
+
+
+def update_areas(out_dir: Path, slide_id: str, rows: list[dict]) -> None:
+    """Replace the slide's rows of ``areas.csv`` (locked, atomic: parallel workers share the file)."""
+    path = Path(out_dir) / AREAS
+    with exclusive_lock(path.with_name(f".{AREAS}.lock"), f"another worker writing {AREAS}", poll_s=0.05):
+        old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=AREA_COLUMNS)
+        new = pd.DataFrame(rows, columns=AREA_COLUMNS)
+        df = pd.concat([old[old.slide.astype(str) != slide_id], new]) if len(old) else new
+        with atomic_path(path) as tmp:
+            df.sort_values(["slide", "class"]).to_csv(tmp, index=False)
+
+
+def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
+    """The tile size the model can take (a multiple of its patch size), before any slide is opened."""
+    from ..wsi.tissue import check_tiling
+
+    size, p = int(tiling.size), seg.patch_size
+    check_tiling(size, float(tiling.mpp), int(tiling.overlap), float(tiling.min_tissue))
+    if size % p:
+        raise InputError(f"tile.size={size} is not a multiple of the model's patch size {p} ({seg.ckpt.name}); "
+                         f"use {size // p * p or p} or {(size // p + 1) * p}")  # fmt: skip
+
+
+def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading, options: SegmentOptions,
+                   runtime: Runtime | None = None, *, default_mpp: float | None = None) -> dict:  # fmt: skip
+    """Segment every slide of ``slides`` with ``seg``; returns the runner's summary (``output_dir``: the folder).
+
+    ``tiling``: size, mpp (None: the model's), overlap, min_tissue; ``reading``: the embed node's batch_size,
+    num_workers, reader, threads, lock_stale_hours, overwrite."""
+    from ..configs import TilingConfig
+    from ..embeddings.features import slide_job
+
+    options.check()
+    mpp = seg.mpp if tiling.mpp is None else float(tiling.mpp)
+    if not math.isclose(mpp, seg.mpp, rel_tol=0.01):
+        log.warning("tile.mpp=%g but the model was trained at %.4g µm/px (%s): cells will look %.2f× %s than in "
+                    "training", mpp, seg.mpp, seg.ckpt.name, seg.mpp / mpp,
+                    "larger" if mpp < seg.mpp else "smaller")  # fmt: skip
+    tiling = TilingConfig(size=int(tiling.size), mpp=mpp, overlap=int(tiling.overlap),
+                          min_tissue=float(tiling.min_tissue))  # fmt: skip
+    check_tiling_for_model(seg, tiling)
+    runtime = (runtime or Runtime()).resolve()
+    job = slide_job(job_dir, tiling, reading, default_mpp)
+    tile_fn = TileModel(seg.model, runtime.device, runtime.precision, job.batch_size,
+                        forward=probabilities_forward(seg.model, seg.class_index))  # fmt: skip
+    consumer = SegmentationConsumer(seg, tile_fn, options)
+    consumer.folder = f"segmentation_{consumer.tag}"
+    consumer.identity = {
+        "model": consumer.tag, "run": seg.run_dir.name, "checkpoint": seg.ckpt.name,
+        "checkpoint_bytes": seg.ckpt.stat().st_size if seg.ckpt.is_file() else None,
+        "classes": list(seg.classes), "model_mpp": seg.mpp, "blend": options.blend,
+        "threshold": float(options.threshold), "min_area_um2": float(options.min_area_um2),
+        "simplify_px": float(options.simplify_px),
+    }  # fmt: skip
+    summary = run_slides(slides, job, consumer, runtime)
+    summary.update(model=consumer.tag, precision=tile_fn.precision, tile_mpp=mpp, model_mpp=seg.mpp,
+                   classes=list(seg.classes))  # fmt: skip
+    return summary

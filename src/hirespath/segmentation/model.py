@@ -1,0 +1,179 @@
+"""A trained ``hirespath segment`` model rebuilt from its checkpoint and its run's saved config, nothing else.
+
+A segment run folder holds ``.hydra/config.yaml`` (the composed config Hydra saved) and ``checkpoints/*.ckpt``
+(Lightning: the ``SegmentationModule``'s ``state_dict``, the model under ``model.``). The backbone, attention,
+adapter and head are instantiated from the config with random weights, then every weight comes from the checkpoint
+(the backbone's original weights file is not needed).
+
+The model's mpp: SegPath tiles are 984 px at 0.2208 µm/px and ``segment`` resizes them to ``resolution``, so the
+model saw ``0.2208 · 984 / resolution`` µm/px (0.2208 at resolution=984, 0.388 at 560). Whole slides are tiled at
+that mpp by default so that cells have the size they had in training.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from ..data.segpath import CELL_TYPES, MPP
+from ..utils.errors import InputError
+
+log = logging.getLogger("hirespath.segmentation")
+
+SEGPATH_TILE_PX = 984  # every SegPath image is 984×984 px at 0.2208 µm/px
+STATE_PREFIX = "model."  # SegmentationModule keeps the SegmentationModel as .model
+HEAD_KEY = "model.m2f."  # a key only a segmentation checkpoint has
+
+
+@dataclass
+class SegmentationCheckpoint:
+    """The rebuilt model and what the slide task needs to know about it."""
+
+    model: torch.nn.Module  # hirespath.heads.mask2former.SegmentationModel, eval mode, on the CPU
+    ckpt: Path
+    run_dir: Path
+    config: DictConfig  # the run's composed config (unresolved; read with OmegaConf.select)
+    classes: list[str]  # the cell types it was trained on (output channels, in this order)
+    class_index: list[int]  # their indices in the model's num_classes outputs
+    mpp: float  # µm/px of the images it was trained on
+    resolution: int
+    tag: str  # default model tag: <run name>_<run folder>_<checkpoint stem>
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.encoder.patch_size)
+
+
+def resolve_checkpoint(ckpt) -> Path:
+    """``ckpt`` as given (a .ckpt file, or a segment run folder → its best checkpoint) or a clear InputError."""
+    if ckpt is None or str(ckpt) == "":
+        raise InputError("segment_slides needs ckpt=RUN/checkpoints/FILE.ckpt (or ckpt=RUN, a `segment` run folder)")
+    path = Path(str(ckpt)).expanduser()
+    if not path.exists():
+        raise InputError(f"ckpt={str(ckpt)!r}: no such file or folder; pass a `segment` run's checkpoint "
+                         "(RUN/checkpoints/*.ckpt) or its run folder")  # fmt: skip
+    if path.is_file():
+        return path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted(folder.glob("*.ckpt"))
+    if not found:
+        raise InputError(f"ckpt={str(ckpt)!r}: no *.ckpt in {folder}; pass a checkpoint file")
+    best = _best_from_last(folder / "last.ckpt") if (folder / "last.ckpt").is_file() else None
+    if best is None:
+        others = [p for p in found if p.name != "last.ckpt"]
+        if len(others) > 1:
+            raise InputError(f"ckpt={str(ckpt)!r}: {len(others)} checkpoints in {folder} and none recorded as best; "
+                             f"pass one of them: {', '.join(p.name for p in others)}")  # fmt: skip
+        best = others[0] if others else folder / "last.ckpt"
+    log.info("ckpt=%s: using %s", ckpt, best)
+    return best
+
+
+def _best_from_last(last: Path) -> Path | None:
+    """The best checkpoint Lightning's ModelCheckpoint recorded in ``last.ckpt`` (looked up next to it, so a moved
+    run folder still works)."""
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 — an unreadable last.ckpt is reported when it is loaded
+        return None
+    for key, value in (state.get("callbacks") or {}).items():
+        if "ModelCheckpoint" in str(key) and isinstance(value, dict) and value.get("best_model_path"):
+            candidate = last.parent / Path(value["best_model_path"]).name
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def run_config_path(ckpt: Path) -> Path:
+    """``RUN/.hydra/config.yaml`` of ``RUN/checkpoints/X.ckpt`` (or of a checkpoint lying in RUN itself)."""
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run_dir / ".hydra" / "config.yaml"
+
+
+def _state_dict(ckpt: Path) -> dict:
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 — pickles, zips, text: many exception types
+        raise InputError(f"ckpt={str(ckpt)!r} is not a PyTorch/Lightning checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})") from err  # fmt: skip
+    sd = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(sd, dict) or not any(k.startswith(HEAD_KEY) for k in sd):
+        what = (
+            "a Lightning checkpoint without a Mask2Former head"
+            if isinstance(sd, dict)
+            else "not a Lightning checkpoint"
+        )
+        raise InputError(f"ckpt={str(ckpt)!r} is not a segmentation checkpoint ({what}); pass a checkpoint of "
+                         "`hirespath segment` (RUN/checkpoints/*.ckpt)")  # fmt: skip
+    return {k[len(STATE_PREFIX) :]: v for k, v in sd.items() if k.startswith(STATE_PREFIX)}
+
+
+def load_segmentation(ckpt) -> SegmentationCheckpoint:
+    """Rebuild the model of a ``segment`` run from ``ckpt`` (file or run folder) and the run's saved config."""
+    from hydra.utils import instantiate
+
+    from ..models.backbones import check_resolution
+
+    path = resolve_checkpoint(ckpt)
+    weights = _state_dict(path)  # first: a wrong file is named as such before its config is looked for
+    cfg_path = run_config_path(path)
+    if not cfg_path.is_file():
+        raise InputError(
+            f"ckpt={str(ckpt)!r}: the run's config {cfg_path} is missing; the model is rebuilt from "
+            "the checkpoint and the config its `segment` run saved (keep the run folder whole)"
+        )
+    cfg = OmegaConf.load(cfg_path)
+    if cfg.get("task_name") not in (None, "segment") or OmegaConf.select(cfg, "head._target_") is None:
+        raise InputError(f"{cfg_path} is not a `segment` run's config (task {cfg.get('task_name')!r})")
+    if float(OmegaConf.select(cfg, "pruner.prune_ratio", default=0) or 0) > 0:
+        raise InputError(f"{cfg_path}: pruner.prune_ratio > 0; segmentation needs the full patch grid")
+    with read_write(cfg), open_dict(cfg):
+        cfg.backbone.weights = None  # every weight comes from the checkpoint
+    resolution = int(cfg.resolution)
+    names = OmegaConf.select(cfg, "data.cell_types")
+    classes = list(CELL_TYPES) if names is None else [str(c) for c in names]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        encoder = instantiate(cfg.encoder)
+        check_resolution(resolution, encoder.patch_size)
+        model = instantiate(cfg.head, encoder=encoder, num_classes=len(CELL_TYPES))
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        raise InputError(f"ckpt={str(path)!r} does not fit the model its run config {cfg_path} describes: "
+                         f"{str(err).splitlines()[0][:300]}") from err  # fmt: skip
+    model.eval()
+    run_name = OmegaConf.select(cfg, "run_name", default=None, throw_on_resolution_failure=False)
+    # the run folder's name (Hydra: its start time) tells apart runs of the same settings and checkpoint name
+    run_dir = cfg_path.parent.parent
+    parts = dict.fromkeys(p for p in (str(run_name or ""), run_dir.name, path.stem) if p)
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
+    return SegmentationCheckpoint(
+        model=model, ckpt=path, run_dir=run_dir, config=cfg, classes=classes,
+        class_index=[CELL_TYPES.index(c) for c in classes], mpp=MPP * SEGPATH_TILE_PX / resolution,
+        resolution=resolution, tag=tag,
+    )  # fmt: skip
+
+
+def tile_probabilities(model, images01: torch.Tensor, class_index: list[int], query_chunk: int = 16) -> torch.Tensor:
+    """Per-class probabilities B×C×H×W (float32) of uint8-derived images in [0, 1], at the images' own size:
+    Mask2Former's semantic inference Σ_q softmax(class_q)[c] · sigmoid(upsampled mask_q), as ``segment`` evaluates
+    (``SegmentationModel.semantic_probs``), with the query masks upsampled a chunk at a time (100 masks of a
+    1,792 px tile would take 1.3 GB)."""
+    out = model(model.encoder.normalize(images01))
+    size = tuple(images01.shape[-2:])
+    cls = out.class_queries_logits.float().softmax(-1)[..., class_index]  # B×Q×C
+    total = cls.new_zeros(cls.shape[0], cls.shape[2], *size)
+    for q in range(0, cls.shape[1], query_chunk):
+        masks = F.interpolate(out.masks_queries_logits[:, q : q + query_chunk].float(), size=size, mode="bilinear",
+                              align_corners=False)  # fmt: skip
+        total += torch.einsum("bqc,bqhw->bchw", cls[:, q : q + query_chunk], masks.sigmoid())
+    return total.clamp_(0, 1)

