@@ -58,7 +58,7 @@ def run_benchmark(cfg) -> dict:
     if cfg.get("mode", "encoder") == "slides":
         return run_embedding_benchmark(cfg, out_dir)
     if cfg.get("mode", "encoder") == "segment":  # experiment=segment_speed
-        from ..segmentation.benchmark import run_segmentation_benchmark
+        from ..benchmark.segment_speed import run_segmentation_benchmark
 
         return run_segmentation_benchmark(cfg, out_dir)
     if cfg.get("mode", "encoder") != "encoder":

@@ -22,11 +22,11 @@ import torch
 from omegaconf import OmegaConf
 
 from ..data.segpath import CELL_TYPES, MPP
+from ..segmentation.consumer import SegmentOptions, segment_slides
+from ..segmentation.model import SEGPATH_TILE_PX, SegmentationCheckpoint, load_segmentation
+from ..segmentation.seams import seam_measure
 from ..utils.errors import InputError
 from ..utils.io import atomic_path
-from .consumer import SegmentOptions, segment_slides
-from .model import SEGPATH_TILE_PX, SegmentationCheckpoint, load_segmentation
-from .seams import seam_measure
 
 log = logging.getLogger("hirespath.segmentation")
 
@@ -48,9 +48,9 @@ def random_segmentation(cfg) -> SegmentationCheckpoint:
 
 
 def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
-    from ..benchmark.slide_throughput import synthetic_slide
     from ..slides import Runtime
     from ..wsi.reader import open_slide
+    from .slide_throughput import synthetic_slide
 
     b = cfg.segment_bench
     seg = load_segmentation(b.ckpt) if b.ckpt else random_segmentation(cfg)
