@@ -26,11 +26,16 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts if starts[-1] + tile == length else [*starts, length - tile]
 
 
+def _device(model) -> torch.device:
+    """Where the model's weights are (the seam measure runs where the benchmark put the model: CPU or CUDA)."""
+    return next(model.parameters()).device
+
+
 def predict_uint8(model, class_index: list[int], image: np.ndarray) -> np.ndarray:
     """H×W×C uint8 probabilities (· 255) of an H×W×3 uint8 image in one forward."""
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(_device(model)).float() / 255
     with torch.inference_mode():
-        p = tile_probabilities(model, x, class_index)[0].numpy()
+        p = tile_probabilities(model, x, class_index)[0].cpu().numpy()
     return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
 
 
@@ -43,7 +48,8 @@ def stitched_uint8(model, class_index: list[int], image: np.ndarray, tile: int, 
             for x in tile_starts(W, tile, overlap):
                 crop = torch.from_numpy(np.array(image[y : y + tile, x : x + tile])).permute(2, 0, 1)
                 with torch.inference_mode():
-                    p = tile_probabilities(model, crop[None].float() / 255, class_index)[0].numpy()
+                    x = crop[None].to(_device(model)).float() / 255
+                    p = tile_probabilities(model, x, class_index)[0].cpu().numpy()
                 st.add(x, y, p)
         return np.array(st.finalize())
     finally:
