@@ -201,6 +201,13 @@ def test_trident_and_clam_files(trident_run, tmp_path, capsys):
     assert sorted(pred.index) == ["clam1", "t1"] and pred.n_tiles.to_dict() == {"clam1": 4, "t1": 6}
     assert (out / "heatmaps" / "t1.png").is_file() and not (out / "heatmaps" / "clam1.png").exists()
     assert "t1.h5 has no token_scores" in capsys.readouterr().out  # the fallback to tile resolution is said
+    from hirespath.utils.wandb import finish_runs, offline_runs
+
+    _predict(tmp_path, "wb", f"ckpt={trident_run}", f"features_dir={d}", "logger=wandb")
+    finish_runs()  # what task_wrapper does when the task returns
+    (run,) = offline_runs(tmp_path / "wb")
+    keys = run["history_keys"]
+    assert {"predictions/_type", "heatmaps/_type"} <= keys, sorted(keys)  # the table and the PNGs
     attrs, _ = trident_h5.read_coords(d / "t1.h5")
     _check_geojson(out / "heatmaps" / "t1.geojson", attrs["level0_width"], attrs["level0_height"], 6)
 

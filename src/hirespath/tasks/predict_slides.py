@@ -51,7 +51,7 @@ log = logging.getLogger("hirespath.predict_slides")
 def run_predict_slides(cfg: DictConfig) -> dict:
     from ..slides import Ledger
     from ..utils.hydra import instantiate_list
-    from ..utils.wandb import log_images
+    from ..utils.wandb import log_images, log_table
     from ..wsi.listing import list_slides
 
     out_dir = Path(cfg.paths.output_dir)
@@ -109,6 +109,7 @@ def run_predict_slides(cfg: DictConfig) -> dict:
                           resolution=resolution, max_side=int(cfg.heatmaps.max_side))  # fmt: skip
     loggers = instantiate_list(cfg.get("logger"))
     log_images(loggers, "heatmaps", pngs, captions=[p.stem for p in pngs])
+    log_table(loggers, "predictions", pred)
     for lg in loggers:
         lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         lg.finalize("success")

@@ -147,6 +147,14 @@ def log_images(
     return len(targets)
 
 
+def log_table(loggers: Iterable[Any], key: str, table) -> int:
+    """Log a DataFrame as a W&B table under ``key`` to every W&B logger (others keep the CSV); returns #loggers."""
+    targets = _wandb_loggers(loggers)
+    for lg in targets:
+        lg.log_table(key=key, dataframe=table)
+    return len(targets)
+
+
 def finish_runs(loggers: Iterable[Any] = (), exit_code: int = 0) -> None:
     """Finish the W&B run of this job (idempotent). A multirun job must end with no run left open."""
     try:
