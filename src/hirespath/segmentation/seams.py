@@ -48,8 +48,8 @@ def stitched_uint8(model, class_index: list[int], image: np.ndarray, tile: int, 
             for x in tile_starts(W, tile, overlap):
                 crop = torch.from_numpy(np.array(image[y : y + tile, x : x + tile])).permute(2, 0, 1)
                 with torch.inference_mode():
-                    x = crop[None].to(_device(model)).float() / 255
-                    p = tile_probabilities(model, x, class_index)[0].cpu().numpy()
+                    batch = crop[None].to(_device(model)).float() / 255
+                    p = tile_probabilities(model, batch, class_index)[0].cpu().numpy()
                 st.add(x, y, p)
         return np.array(st.finalize())
     finally:
