@@ -63,6 +63,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread than with two threads contending for a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_encoder(**kwargs):
     """The tiny preset with LayerScale 1.0, so every block visibly changes the tokens."""
     import hirespath

@@ -103,15 +103,6 @@ def trainer(tmp_path, max_epochs, **kw):
     )
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread than with two threads contending for a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_abmil_learns_marked_tile_rule_and_writes_outputs(tmp_path, one_thread):
     """Label set by 3 marked tiles in bags of 20–60 noise tiles: ABMIL through MILDataModule + Lightning reaches
     ≥ 0.9 test accuracy (chance 0.5), puts its attention on the marked tiles, and its outputs are written."""

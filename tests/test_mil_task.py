@@ -44,16 +44,6 @@ def panda(tmp_path_factory):
     return make_synthetic_panda(tmp_path_factory.mktemp("data") / "panda", num_slides=12, size=(384, 512), seed=2)
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(tmp_path, name, panda, *overrides):
     return compose_task("mil", [f"data.root={panda}", *TINY, *overrides], tmp_path / name, tmp_path / "cache")
 

@@ -22,14 +22,6 @@ from hirespath.wsi import trident_h5
 from hirespath.wsi.qupath import read_geojson
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _train(tmp, name, panda, *overrides):
     """A mil run as Hydra leaves it: the run dir with .hydra/config.yaml, checkpoints/, predictions.csv."""
     cfg = compose_task("mil", [f"data.root={panda}", *TINY, *overrides], tmp / name, tmp / "cache")
