@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..configs.heads import TASK_HEADS
 from ..data.mil import IDENTITY_ATTRS, SlideFeatureDataset
 from ..results import TEST_LOSS, TEST_NUM_SLIDES
+from ..utils.checkpoints import best_from_last, run_dir_of
 from ..utils.errors import InputError
 
 log = logging.getLogger("hirespath.predict_slides")
@@ -41,17 +42,11 @@ def find_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
     if not path.exists():
         raise InputError(f"ckpt={str(path)!r} does not exist; give a mil run's checkpoint or its run directory")
     if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return path, run_dir
+        return path, run_dir_of(path)
     run_dir, folder = path, path / "checkpoints"
     epochs = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-    best = None
-    if (folder / "last.ckpt").is_file():
-        state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=False)
-        for key, value in (state.get("callbacks") or {}).items():
-            if "ModelCheckpoint" in str(key) and value.get("best_model_path"):
-                best = folder / Path(value["best_model_path"]).name
-    if best is None or not best.is_file():
+    best = best_from_last(folder / "last.ckpt") if (folder / "last.ckpt").is_file() else None
+    if best is None:
         others = [p for p in epochs if p.name != "last.ckpt"]
         if len(others) != 1:
             raise InputError(f"ckpt={str(path)!r}: cannot tell its best checkpoint ({len(others)} in {folder}, no "

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ..data.segpath import CELL_TYPES, MPP
+from ..utils.checkpoints import best_from_last, run_dir_of
 from ..utils.errors import InputError
 
 log = logging.getLogger("hirespath.segmentation")
@@ -65,7 +66,7 @@ def resolve_checkpoint(ckpt) -> Path:
     found = sorted(folder.glob("*.ckpt"))
     if not found:
         raise InputError(f"ckpt={str(ckpt)!r}: no *.ckpt in {folder}; pass a checkpoint file")
-    best = _best_from_last(folder / "last.ckpt") if (folder / "last.ckpt").is_file() else None
+    best = best_from_last(folder / "last.ckpt") if (folder / "last.ckpt").is_file() else None
     if best is None:
         others = [p for p in found if p.name != "last.ckpt"]
         if len(others) > 1:
@@ -76,25 +77,9 @@ def resolve_checkpoint(ckpt) -> Path:
     return best
 
 
-def _best_from_last(last: Path) -> Path | None:
-    """The best checkpoint Lightning's ModelCheckpoint recorded in ``last.ckpt`` (looked up next to it, so a moved
-    run folder still works)."""
-    try:
-        state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 — an unreadable last.ckpt is reported when it is loaded
-        return None
-    for key, value in (state.get("callbacks") or {}).items():
-        if "ModelCheckpoint" in str(key) and isinstance(value, dict) and value.get("best_model_path"):
-            candidate = last.parent / Path(value["best_model_path"]).name
-            if candidate.is_file():
-                return candidate
-    return None
-
-
 def run_config_path(ckpt: Path) -> Path:
     """``RUN/.hydra/config.yaml`` of ``RUN/checkpoints/X.ckpt`` (or of a checkpoint lying in RUN itself)."""
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return run_dir / ".hydra" / "config.yaml"
+    return run_dir_of(ckpt) / ".hydra" / "config.yaml"
 
 
 def _state_dict(ckpt: Path) -> dict:
