@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
+from ..slides.ledger import Ledger
 from ..slides.prepare import PreparedSlide
 from ..slides.runner import Runtime, run_slides
 from ..slides.tile_model import TileModel
 from ..utils.errors import InputError
-from ..utils.io import atomic_path, exclusive_lock
 from ..wsi import qupath
 from ..wsi.listing import SlideSpec
 from .model import SegmentationCheckpoint, tile_probabilities
@@ -225,7 +224,7 @@ class SegmentationConsumer:
         rows = [{"slide": spec.slide_id, "class": name, "area_mm2": a, "tissue_mm2": tissue,
                  "fraction_of_tissue": a / tissue if tissue and np.isfinite(tissue) else np.nan}
                 for name, a in areas.items()]  # fmt: skip
-        update_areas(out_dir, spec.slide_id, rows)
+        Ledger(out_dir).merge_rows(AREAS, rows, AREA_COLUMNS, sort_by=["slide", "class"])  # workers share it
         grid = prepared.grid
         if self.options.overlay and small is not None and grid.thumbnail is not None:
             from .overlay import class_masks_at, save_overlay
@@ -237,17 +236,6 @@ class SegmentationConsumer:
                      f"overlap {grid.overlap} px ({self.options.blend})")  # fmt: skip
             save_overlay(out_dir / f"{spec.slide_id}_overlay.png", grid.thumbnail, masks, self.classes, colors, title,
                          [areas.get(n, 0.0) for n in self.classes])  # fmt: skip
-
-
-def update_areas(out_dir: Path, slide_id: str, rows: list[dict]) -> None:
-    """Replace the slide's rows of ``areas.csv`` (locked, atomic: parallel workers share the file)."""
-    path = Path(out_dir) / AREAS
-    with exclusive_lock(path.with_name(f".{AREAS}.lock"), f"another worker writing {AREAS}", poll_s=0.05):
-        old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=AREA_COLUMNS)
-        new = pd.DataFrame(rows, columns=AREA_COLUMNS)
-        df = pd.concat([old[old.slide.astype(str) != slide_id], new]) if len(old) else new
-        with atomic_path(path) as tmp:
-            df.sort_values(["slide", "class"]).to_csv(tmp, index=False)
 
 
 def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:

@@ -105,14 +105,21 @@ class Ledger:
     # ------------------------------------------------------------------------------------------ timings.csv
     def update_timings(self, rows: list[dict], columns: list[str]) -> None:
         """Merge per-slide rows (a slide processed again replaces its row)."""
+        self.merge_rows(TIMINGS, rows, columns)
+
+    def merge_rows(self, name: str, rows: list[dict], columns: list[str], sort_by: list[str] | None = None) -> None:
+        """Merge ``rows`` into the folder's table ``name`` (a CSV with a ``slide`` column): the slides in ``rows``
+        replace all their earlier rows (one or many per slide), the others' rows stay."""
         if not rows:
             return
-        path = self.folder / TIMINGS
-        with self._locked(TIMINGS):
-            old = self.timings(columns)
-            new_ids = {r["slide"] for r in rows}
+        path = self.folder / name
+        with self._locked(name):
+            old = pd.read_csv(path, dtype={"slide": str}) if path.is_file() else pd.DataFrame(columns=columns)
+            new_ids = {str(r["slide"]) for r in rows}
             table = pd.concat([old[~old["slide"].isin(new_ids)], pd.DataFrame(rows, columns=columns)],
                               ignore_index=True)  # fmt: skip
+            if sort_by:
+                table = table.sort_values(sort_by)
             with atomic_path(path) as tmp:
                 table.to_csv(tmp, index=False)
 
