@@ -281,7 +281,8 @@ def ensure_features(encoder, slides, tiling, embed, runtime: Runtime | None = No
     held = summary["slides_locked_by_others"]
     while held:
         log.info("waiting for %d slides other workers are embedding into %s", held, out_dir)
-        while any(p.exists() for p in out_dir.glob("*.h5.lock") if _lock_live(p, embed)):
+        locks = [out_dir / f"{s.slide_id}.h5.lock" for s in specs]  # this call's slides only, not the folder's
+        while any(_lock_live(p, embed) for p in locks if p.exists()):
             time.sleep(poll_s)
         again = embed_slides(encoder, specs, job_dir, tiling, embed, runtime, weights=weights,
                              default_mpp=default_mpp)  # fmt: skip
