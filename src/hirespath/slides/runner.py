@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..utils.cpu_memory import keep_freed_memory
 from ..utils.errors import InputError
 from ..utils.io import try_lock
 from ..utils.threads import AdaptiveThreads, torch_threads
@@ -85,6 +86,8 @@ class Runtime:
     def resolve(self) -> Runtime:
         device = torch.device(self.device) if self.device is not None else None
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
+            keep_freed_memory()  # large tiles' activations: no page faults per tensor (utils/cpu_memory.py)
         rank, world = _rank_world(self.rank, self.world_size)
         return Runtime(device, self.precision, rank, world, self.progress, self.skip_errors, self.count_startup)
 

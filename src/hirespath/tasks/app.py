@@ -132,9 +132,11 @@ class TaskFunction:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
+        from ..utils.cpu_memory import keep_freed_memory
         from ..utils.errors import InputError
         from . import task_wrapper  # the config checks of the task, then hirespath.utils.hydra's wrapper
 
+        keep_freed_memory()  # every task's large CPU tensors reuse freed memory (utils/cpu_memory.py says why)
         task = TASKS[self.name]
         try:
             result = task_wrapper(_load(task.run))(cfg)
