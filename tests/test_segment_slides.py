@@ -88,6 +88,13 @@ def done(ckpt, wsi, tmp_path_factory):
     return job, run(ckpt, wsi, job)
 
 
+@pytest.fixture(scope="module")
+def unclipped(ckpt, wsi, tmp_path_factory):
+    """The same run with polygons not clipped to the tissue: every thresholded pixel is in a polygon."""
+    job = tmp_path_factory.mktemp("job_unclipped")
+    return job, run(ckpt, wsi, job, within_tissue=False, seam_check=False)
+
+
 def test_generated_pyramid_segments_end_to_end(done):
     job, summary = done
     out = Path(summary["output_dir"])
@@ -122,7 +129,17 @@ def test_generated_pyramid_segments_end_to_end(done):
     with tiffslide.TiffSlide(out / "s0_probs.tif") as ts:
         assert ts.dimensions == (350, 250)
         assert np.array_equal(ts.read_region((0, 0), 0, (350, 250), as_array=True), probs)
-    # polygon areas match the mask's pixel areas (no specks removed here: min_area_um2=0)
+    areas = __import__("pandas").read_csv(out / "areas.csv")
+    assert sorted(areas["class"]) == sorted(CELL_TYPES) and (areas.slide == "s0").all()
+    assert areas.area_mm2.sum() == pytest.approx(sum(g.area * 0.25 / 1e6 for g, _ in feats))
+
+
+def test_polygons_have_the_masks_pixel_areas_and_are_clipped_to_the_tissue(done, unclipped):
+    """Unclipped, polygon areas are the thresholded pixel areas (no specks removed: min_area_um2=0); by default the
+    same polygons are clipped to the tissue outline (the generated slide's tissue starts at x = 200 level-0 px)."""
+    out = Path(unclipped[1]["output_dir"])
+    feats = qupath.read_geojson(out / "s0.geojson")
+    probs = tifffile.imread(out / "s0_probs.tif")
     checked = 0
     for geom, props in feats:
         mask = probs[..., CELL_TYPES.index(props["classification"]["name"])] > THRESHOLD * 255
@@ -132,9 +149,14 @@ def test_generated_pyramid_segments_end_to_end(done):
         # µm²: level-0 px 0.5 µm, map px 1 µm; 2 % of large areas, a few px of tiny ones (the 1 px simplification)
         assert geom.area * 0.25 == pytest.approx(mask.sum() * 1.0, rel=0.02, abs=5)
     assert checked  # the comparison ran on masks with structure, not only on empty/full ones
-    areas = __import__("pandas").read_csv(out / "areas.csv")
-    assert sorted(areas["class"]) == sorted(CELL_TYPES) and (areas.slide == "s0").all()
-    assert areas.area_mm2.sum() == pytest.approx(sum(g.area * 0.25 / 1e6 for g, _ in feats))
+    clipped = dict(
+        (p["classification"]["name"], g) for g, p in qupath.read_geojson(done[1]["output_dir"] + "/s0.geojson")
+    )
+    full = {p["classification"]["name"]: g for g, p in feats}
+    glass = shapely.box(0, 0, 180, 500)  # left of the tissue (x < 200), beyond the outline's smoothing margin
+    assert any(g.intersection(glass).area > 100 for g in full.values())  # tiles over glass predict classes there
+    for name, g in clipped.items():
+        assert full[name].buffer(1e-6).contains(g) and g.intersection(glass).area == 0
 
 
 def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
@@ -163,6 +185,41 @@ def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
     ds.close()
     assert compared >= 6
     assert worst <= 0.6 / 255 + 1e-3  # uint8 rounding and the fp16 hand-over
+
+
+def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):
+    """One tile-sized window where four tiles overlap, predicted in one forward, against the stitched map: the
+    numbers in summary.json and seams.csv are those of that window recomputed here."""
+    import pandas as pd
+
+    from hirespath.segmentation.seams import compare
+
+    job, summary = done
+    out = Path(summary["output_dir"])
+    (slide,) = summary["done"]
+    seams = slide["seams"]
+    x, y, size0 = seams["window_level0"]
+    attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches" / "s0_patches.h5")
+    stride = int(attrs["patch_size_level0"]) - 28 * 2  # level-0 px = 2 × tile px
+    assert size0 == int(attrs["patch_size_level0"]) and (x - stride // 2, y - stride // 2) in set(map(tuple, coords))
+    seg = load_segmentation(ckpt)
+    ds = SlideTileDataset(wsi / "s0.tiff", np.array([[x, y]]), size0, 112)
+    with torch.inference_mode():
+        own = SegmentationModel.semantic_probs(seg.model(seg.model.encoder.normalize(ds[0]["image"][None] / 255)),
+                                               (112, 112))[0]  # fmt: skip
+    ds.close()
+    own = np.rint(own.clamp(0, 1).numpy() * 255).astype(np.uint8).transpose(1, 2, 0)
+    stitched = tifffile.imread(out / "s0_probs.tif")[y // 2 : y // 2 + 112, x // 2 : x // 2 + 112]
+    expect = compare(stitched, own, list(CELL_TYPES), THRESHOLD)
+    assert 0 < seams["mean_abs_diff"] < 0.2 and seams["mean_abs_diff"] == pytest.approx(
+        expect["mean_abs_diff"], abs=2e-3
+    )
+    assert seams["mean_dice"] == pytest.approx(expect["mean_dice"], abs=0.02) and 0 < seams["mean_dice"] < 1
+    assert summary["seams"]["slides"] == 1 and summary["seams"]["mean_dice"] == pytest.approx(seams["mean_dice"])
+    row = pd.read_csv(out / "seams.csv").iloc[0]
+    assert row.slide == "s0" and row.blend == "linear" and row.mean_dice == pytest.approx(seams["mean_dice"])
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert [w["seams"]["slides"] for w in on_disk["workers"].values()] == [1]
 
 
 def test_rerun_skips_finished_slides(done, ckpt, wsi):

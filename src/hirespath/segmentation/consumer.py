@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ log = logging.getLogger("hirespath.segmentation")
 OVERWRITE = "embed.overwrite=true"
 AREAS = "areas.csv"
 AREA_COLUMNS = ["slide", "class", "area_mm2", "tissue_mm2", "fraction_of_tissue"]
+SEAMS = "seams.csv"
+SEAM_COLUMNS = ["slide", "window_x", "window_y", "window_level0_px", "blend", "mean_dice", "mean_abs_diff"]
 # one fixed colour per SegPath cell type (QuPath shows the class in it)
 CLASS_COLORS = {
     "panCK_Epithelium": (220, 50, 50),
@@ -64,6 +67,8 @@ class SegmentOptions:
     simplify_px: float = 1.0
     model_tag: str | None = None
     overlay: bool = True  # <slide>_overlay.png
+    seam_check: bool = True  # per slide, one extra forward: the seam measure on the slide itself (seams.py)
+    within_tissue: bool = True  # polygons clipped to the tissue outline (the probability TIFF is not clipped)
 
     def check(self) -> None:
         if self.blend not in BLENDS:
@@ -74,6 +79,9 @@ class SegmentOptions:
             raise InputError(f"segment.min_area_um2={self.min_area_um2!r}: must be a number of µm² >= 0")
         if not (isinstance(self.simplify_px, (int, float)) and self.simplify_px >= 0):
             raise InputError(f"segment.simplify_px={self.simplify_px!r}: must be a number of px >= 0 (0: none)")
+        for key in ("overlay", "seam_check", "within_tissue"):
+            if not isinstance(getattr(self, key), bool):
+                raise InputError(f"segment.{key}={getattr(self, key)!r}: must be true or false")
 
 
 def probabilities_forward(model, class_index: list[int]):
@@ -83,6 +91,24 @@ def probabilities_forward(model, class_index: list[int]):
         return tile_probabilities(model, x, class_index).to(torch.float16).cpu().numpy()
 
     return forward
+
+
+def tissue_outline(grid):
+    """The tissue as a level-0 (Multi)Polygon: the grid's thumbnail mask with its outline smoothed (as thumbnails
+    draw it), grown by the smoothing width so that no tissue at its border is cut; None without a mask."""
+    from shapely import affinity
+
+    from ..viz.thumbnails import smooth_outline_mask
+
+    if grid.mask is None or not grid.mask.any():
+        return None
+    sigma = max(1.0, max(grid.mask.shape) / 150)
+    smooth = smooth_outline_mask(grid.mask, sigma)
+    geom = mask_polygons(lambda y0, y1: smooth[y0:y1], smooth.shape[0], band=smooth.shape[0], simplify=0.5)
+    if geom is None:
+        return None
+    dx, dy = grid.mask_downsample
+    return affinity.scale(qupath.valid_geometry(geom.buffer(sigma)), dx, dy, origin=(0, 0))
 
 
 def map_geometry(grid) -> tuple[float, tuple[int, int], float]:
@@ -132,13 +158,41 @@ class SegmentationSink:
         tif_tmp = self._temp("tif")
         write_probs_tiff(tif_tmp, self.levels, c.classes, self.map_mpp, extra)
         features, areas = self._features(probs)
+        seams = self._seams(probs) if c.options.seam_check else None
+        encode_s = seams["seconds"] if seams else 0.0  # the window's forward is the model's time, not writing
         os.replace(tif_tmp, c.probs_path(self.path))
         qupath.write_geojson(self.path, features)  # last: the slide counts as finished once it exists
         small = np.array(self.levels[-1])
         self.stitcher.cleanup()
         self._remove_levels()
         return {"tiles": self.tiles, "map_shape": list(self.shape), "map_mpp": self.map_mpp,
-                "areas_mm2": areas, "small_probs": small}  # fmt: skip
+                "areas_mm2": areas, "small_probs": small, "seams": seams, "encode_seconds": encode_s}  # fmt: skip
+
+    def _seams(self, probs: np.ndarray) -> dict | None:
+        """The seam measure on this slide: one tile-sized window where four of its tiles overlap, predicted in one
+        forward, against the stitched map there (None when the slide has no 2×2 block of tiles)."""
+        from ..wsi.tile_readers import SlideTileDataset
+        from .seams import compare, seam_window
+
+        g, t0 = self.grid, time.perf_counter()
+        where = seam_window(g.coords, g.stride_level0, g.tissue_fraction)
+        if where is None:
+            return None
+        ds = SlideTileDataset(self.spec.path, np.array([where]), g.patch_size_level0, g.tile_size, level=g.read_level)
+        try:
+            image = ds[0]["image"][None]
+        finally:
+            ds.close()
+        (_, out), *_ = self.c.tile_function(image)
+        if out is None:  # out of memory on the one tile: no measure rather than no slide
+            return None
+        one = np.rint(np.clip(np.asarray(out[0], np.float32), 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+        mx, my = round(where[0] * self.scale), round(where[1] * self.scale)
+        h, w = min(g.tile_size, self.shape[0] - my), min(g.tile_size, self.shape[1] - mx)
+        measure = compare(np.asarray(probs[my : my + h, mx : mx + w]), one[:h, :w], self.c.classes,
+                          self.c.options.threshold)  # fmt: skip
+        return {"window_level0": [int(where[0]), int(where[1]), int(g.patch_size_level0)], **measure,
+                "seconds": time.perf_counter() - t0}  # fmt: skip
 
     def _features(self, probs: np.ndarray) -> tuple[list[dict], dict]:
         import shapely
@@ -147,6 +201,8 @@ class SegmentationSink:
         c, level0 = self.c, 1 / self.scale
         cut = c.options.threshold * 255
         slide_box = shapely.box(0, 0, *self.grid.level0_size)
+        if c.options.within_tissue and (outline := tissue_outline(self.grid)) is not None:
+            slide_box = slide_box.intersection(outline)
         min_px = c.options.min_area_um2 / self.map_mpp**2
         features, areas = [], {}
         band = int(np.clip((1 << 26) // self.shape[1], 64, 1024))  # rows traced at once (×4 px at 2× resolution)
@@ -218,13 +274,39 @@ class SegmentationConsumer:
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SegmentationSink:
         return SegmentationSink(self, spec, prepared, path)
 
+    def run_facts(self, done: list[dict]) -> dict:
+        """The seam measure over this worker's slides (each slide's is in ``done`` and seams.csv)."""
+        measured = [d["seams"] for d in done if d.get("seams")]
+        if not measured:
+            return {"seams": None}
+        dice = [m["mean_dice"] for m in measured if np.isfinite(m["mean_dice"])]
+        return {"seams": {"slides": len(measured), "blend": self.options.blend, "threshold": self.options.threshold,
+                          "mean_dice": float(np.mean(dice)) if dice else None,
+                          "mean_abs_diff": float(np.mean([m["mean_abs_diff"] for m in measured]))}}  # fmt: skip
+
     def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
         small, areas = result.pop("small_probs", None), result.get("areas_mm2", {})
         tissue = prepared.grid.tissue_area_mm2
         rows = [{"slide": spec.slide_id, "class": name, "area_mm2": a, "tissue_mm2": tissue,
                  "fraction_of_tissue": a / tissue if tissue and np.isfinite(tissue) else np.nan}
                 for name, a in areas.items()]  # fmt: skip
-        Ledger(out_dir).merge_rows(AREAS, rows, AREA_COLUMNS, sort_by=["slide", "class"])  # workers share it
+        ledger = Ledger(out_dir)
+        ledger.merge_rows(AREAS, rows, AREA_COLUMNS, sort_by=["slide", "class"])  # workers share it
+        seams = result.get("seams")
+        if seams is not None:
+            x, y, size = seams["window_level0"]
+            row = {
+                "slide": spec.slide_id,
+                "window_x": x,
+                "window_y": y,
+                "window_level0_px": size,
+                "blend": self.options.blend,
+                "mean_dice": seams["mean_dice"],
+                "mean_abs_diff": seams["mean_abs_diff"],
+                **{f"dice_{k}": v for k, v in seams["dice"].items()},
+            }
+            ledger.merge_rows(SEAMS, [row], [*SEAM_COLUMNS, *(f"dice_{k}" for k in self.classes)],
+                              sort_by=["slide"])  # fmt: skip
         grid = prepared.grid
         if self.options.overlay and small is not None and grid.thumbnail is not None:
             from .overlay import class_masks_at, save_overlay

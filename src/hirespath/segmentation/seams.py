@@ -1,9 +1,14 @@
 """The seam measure: how far a prediction stitched from tiles is from one forward over the whole region.
 
-A region that fits one forward (``image``) is predicted (1) in one forward and (2) as overlapping tiles of ``tile``
-px blended by :mod:`.stitch` exactly as a slide is (same weights, same uint8 map); the per-class Dice of the
-thresholded maps and the mean absolute probability difference say what tiling costs. 1.0 / 0.0 would be seam-free;
-context lost at tile borders and blending both lower the Dice.
+A region that fits one forward is predicted (1) in one forward and (2) as overlapping tiles blended by :mod:`.stitch`
+exactly as a slide is (same weights, same uint8 map); the per-class Dice of the thresholded maps and the mean absolute
+probability difference say what tiling costs. 1.0 / 0.0 would be seam-free; context lost at tile borders and blending
+both lower the Dice. Two uses:
+
+- :func:`seam_measure`: the benchmark's, on any image, both blends (to choose one);
+- :func:`seam_window`: each slide run's, on the slide itself at no extra tile: a tile-sized window centred where four
+  tiles of the slide's own grid overlap (the seams cross there) is predicted in one forward and compared with the
+  slide's stitched map (``segment.seam_check``).
 """
 
 from __future__ import annotations
@@ -62,17 +67,37 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / total) if total else float("nan")
 
 
+def compare(stitched: np.ndarray, one: np.ndarray, classes: list[str], threshold: float) -> dict:
+    """{"dice": {class: Dice or None}, "mean_dice" (over the classes present in either), "mean_abs_diff"} of two
+    H×W×C uint8 probability maps (· 255)."""
+    cut = threshold * 255
+    per = {c: dice(stitched[..., k] > cut, one[..., k] > cut) for k, c in enumerate(classes)}
+    finite = [v for v in per.values() if np.isfinite(v)]
+    return {"dice": {c: v if np.isfinite(v) else None for c, v in per.items()},  # None: absent from both (JSON)
+            "mean_dice": float(np.mean(finite)) if finite else float("nan"),
+            "mean_abs_diff": float(np.abs(stitched.astype(np.int16) - one).mean() / 255)}  # fmt: skip
+
+
 def seam_measure(model, class_index: list[int], classes: list[str], image: np.ndarray, tile: int, overlap: int,
                  threshold: float = 0.5, blends=BLENDS) -> dict:  # fmt: skip
     """{blend: {"dice": {class: Dice}, "mean_dice", "mean_abs_diff"}} of tiles vs one forward over ``image``."""
     one = predict_uint8(model, class_index, image)
-    cut = threshold * 255
-    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for blend in blends:
-            st = stitched_uint8(model, class_index, image, tile, overlap, blend, Path(tmp))
-            per = {c: dice(st[..., k] > cut, one[..., k] > cut) for k, c in enumerate(classes)}
-            finite = [v for v in per.values() if np.isfinite(v)]
-            out[blend] = {"dice": per, "mean_dice": float(np.mean(finite)) if finite else float("nan"),
-                          "mean_abs_diff": float(np.abs(st.astype(np.int16) - one).mean() / 255)}  # fmt: skip
-    return out
+        return {blend: compare(stitched_uint8(model, class_index, image, tile, overlap, blend, Path(tmp)), one,
+                               classes, threshold) for blend in blends}  # fmt: skip
+
+
+def seam_window(coords: np.ndarray, stride: int, tissue_fraction: np.ndarray) -> tuple[int, int] | None:
+    """Level-0 top-left of a window of one tile, shifted by half a stride from a tile whose right, lower and diagonal
+    neighbours are all in the grid: it is centred on the overlap of those four tiles, where both seams cross. Of all
+    such places, the one with the most tissue under its four tiles; None when the grid has no 2×2 block of tiles."""
+    index = {(int(x), int(y)): i for i, (x, y) in enumerate(np.asarray(coords).reshape(-1, 2))}
+    best, where = -1.0, None
+    for x, y in index:
+        quad = [index.get((x + dx, y + dy)) for dx, dy in ((0, 0), (stride, 0), (0, stride), (stride, stride))]
+        if None in quad:
+            continue
+        score = float(np.sum(tissue_fraction[quad]))
+        if score > best:
+            best, where = score, (x + stride // 2, y + stride // 2)
+    return where

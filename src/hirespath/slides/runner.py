@@ -133,7 +133,8 @@ class SlideSink(Protocol):
         return (tile, reason) for tiles refused (e.g. non-finite features)."""
 
     def close(self) -> dict:
-        """Finish the file (atomic rename); returns per-slide facts for the summary (``tiles`` written)."""
+        """Finish the file (atomic rename); returns per-slide facts for the summary (``tiles`` written; optional
+        ``encode_seconds``: tile-function work done on closing, timed as encode rather than write)."""
 
     def abort(self) -> None: ...
 
@@ -158,6 +159,8 @@ class SlideConsumer(Protocol):
 
     def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
         """After the slide's output is closed: pictures (timed as ``thumbnails``)."""
+
+    # optional: ``run_facts(done: list[dict]) -> dict``, this worker's facts over its slides' results for the summary
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -356,6 +359,8 @@ def run_slides(
         tiles_per_second=summary["tiles"] / seconds if seconds else None,
         tissue_mm2_per_second=summary["tissue_mm2"] / seconds if seconds else None,
     )
+    if run_facts := getattr(consumer, "run_facts", None):  # optional: what the consumer sums up over its slides
+        summary.update(run_facts(summary["done"]))
     on_disk = sum(consumer.is_finished(outputs[s.slide_id]) for s in specs)
     skipped = ledger.skipped()
     merged = ledger.update_summary(
@@ -440,7 +445,10 @@ def _run_slide(
             log.warning("%s: %d tiles not written (%s)", spec.slide_id, len(failed), failed[0])
         t_close = time.perf_counter()
         info = sink.close()
-        stages["write"] += time.perf_counter() - t_close  # the final flush and rename
+        # the final flush and rename; tile-function work the sink did on closing (encode_seconds) is the model's
+        extra = float(info.pop("encode_seconds", 0.0))
+        stages["write"] += time.perf_counter() - t_close - extra
+        stages["encode"] += extra
     except BaseException:
         sink.abort()
         raise
