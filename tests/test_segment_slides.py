@@ -389,6 +389,30 @@ def test_two_concurrent_workers_segment_each_slide_once(ckpt, tmp_path):
     assert sorted(areas.slide.unique()) == ["s0", "s1", "s2"] and len(areas) == 3 * len(CELL_TYPES)
 
 
+def test_ddp_ranks_segment_each_slide_once_as_one_process_would(ckpt, tmp_path):
+    """trainer=ddp: two processes (gloo on CPU) share the slides; the maps equal one process's."""
+    from test_launchers import run_task
+
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    for i in range(3):
+        write_pyramid(wsi / f"s{i}.tiff", tissue(seed=i), 0.5, compression="jpeg", levels=(1, 4))
+    tiling = SimpleNamespace(size=56, mpp=2.0, overlap=14, min_tissue=0.1)
+    single = segment_slides(load_segmentation(ckpt), list_slides(wsi), tmp_path / "single", tiling,
+                            EmbedConfig(batch_size=4, num_workers=0), SegmentOptions(), CPU)  # fmt: skip
+    run_task("segment_slides", f"ckpt={ckpt}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'ddp'}", "tile.size=56",
+             "tile.mpp=2.0", "tile.overlap=14", "tile.min_tissue=0.1", "embed.num_workers=0", "trainer=ddp",
+             f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=400)  # fmt: skip
+    (summary,) = (tmp_path / "ddp").glob("*/segmentation_*/summary.json")
+    workers = json.loads(summary.read_text())["workers"].values()
+    assert sorted(w["rank"] for w in workers) == [0, 1] and all(w["world_size"] == 2 for w in workers)
+    assert sorted(d["slide"] for w in workers for d in w["done"]) == ["s0", "s1", "s2"]  # each once
+    for i in range(3):
+        a = tifffile.imread(Path(single["output_dir"]) / f"s{i}_probs.tif")
+        b = tifffile.imread(summary.parent / f"s{i}_probs.tif")
+        assert np.abs(a.astype(int) - b).max() <= 1  # the same model and tiles; threads may round differently
+
+
 def test_seam_measure_one_tile_is_exact_and_tiles_are_measured(ckpt):
     from hirespath.segmentation.seams import seam_measure, tile_starts
 

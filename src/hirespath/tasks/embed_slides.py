@@ -13,35 +13,22 @@ number of parallel jobs safe too: a SLURM array or joblib over the same ``job_di
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..embeddings.features import embed_slides
 from ..slides import Runtime
+from ..slides.launch import launch_workers
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
 from ..wsi.listing import list_slides
 
 log = logging.getLogger("hirespath.embed_slides")
-
-
-def _fabric(trainer: DictConfig) -> L.Fabric:
-    t = OmegaConf.to_container(trainer, resolve=True)
-    strategy = t.get("strategy", "auto")
-    return L.Fabric(
-        accelerator=t.get("accelerator", "auto"),
-        devices=t.get("devices", 1),
-        num_nodes=int(t.get("num_nodes", 1)),
-        strategy=strategy,
-        precision=t.get("precision", "32-true"),
-    )
 
 
 def _log_summary(loggers, cfg: DictConfig, summary: dict) -> None:
@@ -68,13 +55,10 @@ def run_embed_slides(cfg: DictConfig) -> dict:
         raise InputError("embed_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
     runtime = Runtime.from_trainer(cfg.trainer, count_startup=True)  # a bad precision is refused before any work
     specs = list_slides(cfg.wsi_dir, cfg.slides, recursive=bool(cfg.recursive))
-    fabric = _fabric(cfg.trainer)
-    fabric.launch()
+    fabric, runtime = launch_workers(cfg.trainer, runtime)
     torch.manual_seed(int(cfg.seed))  # a random-init backbone gets the same weights on every rank
     encoder = instantiate(cfg.encoder)
     loggers = instantiate_list(cfg.get("logger")) if fabric.global_rank == 0 else []
-    runtime = dataclasses.replace(runtime, device=fabric.device, rank=fabric.global_rank,
-                                  world_size=fabric.world_size, progress=fabric.global_rank == 0)  # fmt: skip
     summary = embed_slides(encoder, specs, cfg.job_dir, cfg.tile, cfg.embed, runtime, weights=cfg.backbone.weights,
                            default_mpp=cfg.data.default_mpp)  # fmt: skip
     fabric.barrier()

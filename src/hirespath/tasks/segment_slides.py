@@ -6,8 +6,9 @@ overlay and areas.
 
 The model (backbone, attention, adapter, head, classes, the mpp it was trained at) is rebuilt from the checkpoint
 and its run's ``.hydra/config.yaml``; ``tile.mpp`` defaults to that mpp. Reading options come from the ``embed``
-node (batch_size, num_workers, reader, threads, lock_stale_hours, overwrite), the rest from ``segment``. Several
-jobs can share one ``job_dir`` (per-slide locks): a SLURM array or joblib over the same folder.
+node (batch_size, num_workers, reader, threads, lock_stale_hours, overwrite), the rest from ``segment``.
+``trainer=ddp`` (or ``trainer.devices=N``) runs one process per device with the slides spread over the ranks; several
+jobs can also share one ``job_dir`` (per-slide locks): a SLURM array or joblib over the same folder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..segmentation import SegmentOptions, load_segmentation, segment_slides
 from ..slides import Runtime
+from ..slides.launch import launch_workers
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
@@ -43,9 +45,11 @@ def run_segment_slides(cfg: DictConfig) -> dict:
     t = cfg.tile  # mpp None: the model's (segment_slides warns when another is given, and checks the size)
     tiling = SimpleNamespace(size=t.size, mpp=t.mpp, overlap=t.overlap, min_tissue=t.min_tissue)
     specs = list_slides(cfg.wsi_dir, cfg.slides, recursive=bool(cfg.recursive))
-    loggers = instantiate_list(cfg.get("logger"))
+    fabric, runtime = launch_workers(cfg.trainer, runtime)  # trainer=ddp: the slides spread over the ranks
+    loggers = instantiate_list(cfg.get("logger")) if fabric.global_rank == 0 else []
     summary = segment_slides(seg, specs, cfg.job_dir, tiling, cfg.embed, options, runtime,
                              default_mpp=cfg.data.default_mpp)  # fmt: skip
+    fabric.barrier()  # every rank's slides are done before rank 0 reports
     log.info("segmentations in %s", summary["output_dir"])
     if loggers:
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
