@@ -448,5 +448,7 @@ def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     rows = pd.read_csv(result["csv"])
     assert list(rows.tile_size) == [56, 112] and list(rows.attention) == ["dense", "sparse"]
     assert (rows.mm2_per_s > 0).all() and rows.speedup.iloc[0] == 1
+    # the speedup's two factors: 56 px tiles with 14 px overlap run every tissue pixel more often than 112 px ones
+    assert (rows.encode_s_per_mpx > 0).all() and rows.px_per_tissue_px.iloc[0] > rows.px_per_tissue_px.iloc[1] > 0.5
     assert rows.seam_dice_linear.iloc[1] == 1 and rows.seam_abs_diff_crop.iloc[1] == 0  # 112 px region: one tile
     assert 0 <= rows.seam_dice_linear.iloc[0] <= 1 and rows.seam_abs_diff_linear.iloc[0] > 0

@@ -2,8 +2,10 @@
 
 Per entry of ``segment_bench.compare`` (tile_size, overlap, attention, window) the same model segments the same
 slide end to end (:func:`.consumer.segment_slides`: reading, the model, stitching, GeoJSON, TIFF) and the tissue mm²
-per second is reported (startup excluded); the seam measure (:mod:`.seams`) compares, on a region of
-``segment_bench.seam_region`` px, the entry's tiles stitched (both blends) with one forward over the region.
+per second is reported (startup excluded), with its two factors: the pixels the model runs per tissue pixel (overlap,
+tiles over the tissue's edge) and the model's seconds per megapixel at that tile size. The seam measure
+(:mod:`.seams`) compares, on a region of ``segment_bench.seam_region`` px, the entry's tiles stitched (both blends)
+with one forward over the region.
 The model: a trained run's (``segment_bench.ckpt``) or the composed backbone under a Mask2Former head with random
 weights (speed does not depend on the weights; the seam measure of a random model only shows the mechanics).
 """
@@ -58,8 +60,10 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
     slide = Path(b.wsi) if b.wsi else synthetic_slide(out_dir / "benchmark_slide.tiff", int(b.synthetic_side), mpp)
     device = None if cfg.device == "auto" else cfg.device
     runtime = Runtime(device=device, precision=str(b.precision), progress=False, rank=0, world_size=1)
-    with open_slide(slide) as handle:  # the seam region: the slide's centre at the tiles' mpp
-        region = _region(handle, int(b.seam_region), mpp)
+    region = None
+    if int(b.seam_region) > 0:  # 0: speed only (the seam measure of random weights says nothing)
+        with open_slide(slide) as handle:  # the seam region: the slide's centre at the tiles' mpp
+            region = _region(handle, int(b.seam_region), mpp)
     rows = []
     for entry in b.compare:
         unknown = set(entry) - set(ENTRY_KEYS)
@@ -77,15 +81,21 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
         if not s["slides_done"]:
             raise InputError(f"the benchmark slide {slide} could not be segmented: {s['skipped']}")
         seconds = s["seconds"] - s["stage_seconds"].get("startup", 0.0)
-        seams = seam_measure(seg.model, seg.class_index, seg.classes, region, tile, overlap, float(b.threshold))
+        # speedup = (pixels the model runs per tissue pixel, a) ÷ (b) × (model seconds per megapixel, a) ÷ (b): the
+        # first is the overlap and the tissue grid's edges, the second what the model costs per pixel at that size
+        mpx = s["tiles"] * tile**2 / 1e6
+        px_per_tissue_px = mpx * 1e6 * (mpp * 1e-3) ** 2 / s["tissue_mm2"]
+        seams = {} if region is None else seam_measure(seg.model, seg.class_index, seg.classes, region, tile, overlap,
+                                                       float(b.threshold))  # fmt: skip
         rows.append({
             "tile_size": tile, "overlap": overlap, "attention": enc.attention, "window": enc.window,
             "tiles": s["tiles"], "tissue_mm2": s["tissue_mm2"], "seconds": seconds,
             "mm2_per_s": s["tissue_mm2"] / seconds, "encode_s": s["stage_seconds"]["encode"],
-            "write_s": s["stage_seconds"]["write"], "seam_region": region.shape[0],
+            "px_per_tissue_px": px_per_tissue_px, "encode_s_per_mpx": s["stage_seconds"]["encode"] / mpx,
+            "write_s": s["stage_seconds"]["write"], "seam_region": 0 if region is None else region.shape[0],
             **{f"seam_dice_{k}": v["mean_dice"] for k, v in seams.items()},
             **{f"seam_abs_diff_{k}": v["mean_abs_diff"] for k, v in seams.items()},
-            "seam_dice_per_class": json.dumps({k: v["dice"] for k, v in seams.items()}),
+            **({"seam_dice_per_class": json.dumps({k: v["dice"] for k, v in seams.items()})} if seams else {}),
         })  # fmt: skip
     base = rows[0]["mm2_per_s"]
     for r in rows:
@@ -102,6 +112,8 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             "tiles",
             "mm2_per_s",
             "speedup",
+            "px_per_tissue_px",
+            "encode_s_per_mpx",
             *[c for c in rows[0] if c.startswith("seam_dice_") and c != "seam_dice_per_class"],
         ]
     ]
