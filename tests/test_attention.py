@@ -137,9 +137,11 @@ def test_gather_padding_after_pruning_under_1_15(grid, clustered):
     padded work within 1.15× the real work at the paper's resolutions (CPU chunks of 8192 keys and GPU ones),
     where padding every block to the fullest one would cost ~2.5×. Index math only, no attention is run."""
     layout = _pruned_layout(grid, 0.4, clustered)
-    for chunk_keys in (1 << 13, 1 << 18):
-        padded, real = gather_padding(layout, 8, 1, chunk_keys)
+    for chunk_keys, key_align in ((1 << 13, 1), (1 << 18, 8)):  # CPU chunks; GPU chunks (keys aligned to 8)
+        padded, real = gather_padding(layout, 8, 1, chunk_keys, key_align)
         assert padded / real < 1.15, (grid, clustered, chunk_keys, padded / real)
+    aligned = build_gather_chunks(layout.positions, grid, 9, 8, 1, 1 << 18, key_align=8)
+    assert all(c.kv_rows.numel() // c.q_rows.shape[0] % 8 == 0 for c in aligned)
 
 
 def test_sparse_encoder_equals_masked_encoder_non_square():

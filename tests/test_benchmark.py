@@ -199,6 +199,12 @@ def test_padding_ratio_column():
     for res in (1792, 3430):
         assert 1.0 < padding_ratio(pruned, res, device="cpu") < 1.15
     assert math.isnan(padding_ratio(pruned, 1792, device="cuda"))  # 256 blocks: flex on CUDA
+    with torch.device("meta"):
+        gather = hirespath.create_encoder(
+            "uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4, sparse_backend="gather"
+        )
+    # CUDA gather chunks are larger and their keys aligned to 8: padded a little more than on CPU
+    assert padding_ratio(pruned, 1792, device="cpu") < padding_ratio(gather, 1792, device="cuda") < 1.15
     bench = bm.Benchmark("tiny", overrides={"depth": 2}, cpu_memory=False)
     row = bench.row(bm.BenchConfig(prune_ratio=0.5, prune_layer=1), 448)[1]
     assert 1.0 < row["padding_ratio"] < 1.15 and "padding_ratio" in bm.COLUMNS

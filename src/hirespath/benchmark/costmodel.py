@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.attention import TokenLayout, gather_chunk_keys, gather_padding, select_kernel
+from ..models.attention import TokenLayout, gather_chunk_keys, gather_key_align, gather_padding, select_kernel
 
 
 @dataclass
@@ -106,6 +106,6 @@ def padding_ratio(encoder, resolution: int | tuple[int, int], device: str = "cud
         blocks.append((full.select(keep), depth - pruner.layer))
     padded = real = 0
     for layout, count in blocks:
-        p, r = gather_padding(layout, encoder.window, encoder.radius, chunk_keys)
+        p, r = gather_padding(layout, encoder.window, encoder.radius, chunk_keys, gather_key_align(device))
         padded, real = padded + count * p, real + count * r
     return padded / real

@@ -232,13 +232,21 @@ class GatherChunk:
 
 
 def build_gather_chunks(
-    positions: Tensor, grid: tuple[int, int], num_prefix: int, window: int, radius: int, chunk_keys: int
+    positions: Tensor,
+    grid: tuple[int, int],
+    num_prefix: int,
+    window: int,
+    radius: int,
+    chunk_keys: int,
+    key_align: int | None = None,
 ) -> list[GatherChunk]:
     """Query units are the non-empty (image, block) pairs. Their keys are listed compactly (only the tokens that
     exist, no per-block capacity), units are sorted by (queries, keys) and cut into chunks (``_cut_chunks``),
     each padded only to its own largest unit: after pruning, blocks hold different numbers of survivors and
-    padding every block to the fullest one would cost ~2.5× the real work."""
+    padding every block to the fullest one would cost ~2.5× the real work. ``key_align``: chunk key lengths are
+    rounded up to a multiple of it; None: ``gather_key_align`` of the positions' device."""
     device = positions.device
+    key_align = key_align or gather_key_align(device)
     B, N, _ = positions.shape
     P, L = num_prefix, num_prefix + N
     n_br, n_bc = math.ceil(grid[0] / window), math.ceil(grid[1] / window)
@@ -269,8 +277,7 @@ def build_gather_chunks(
     for sl in _cut_chunks(n_q.tolist(), n_keys.tolist(), chunk_keys):
         Cq = int(n_q[sl].max())
         Kc = int(n_keys[sl].max())
-        if positions.is_cuda:  # aligned key lengths keep the fused SDPA kernels on GPUs; CPUs need no alignment
-            Kc += -Kc % 8
+        Kc += -Kc % key_align
         j = torch.arange(Cq, device=device)
         q_valid = j < n_q[sl, None]
         q_rows = rows_sorted[(starts[units[sl], None] + j).clamp(max=len(rows_sorted) - 1)]
@@ -315,19 +322,33 @@ def _cut_chunks(
     return cuts
 
 
-def gather_plan(layout: TokenLayout, window: int, radius: int, chunk_keys: int) -> list[GatherChunk]:
-    """The gather kernel's chunks for ``layout``, built once per layout (every block of a forward reuses them)."""
+def gather_plan(
+    layout: TokenLayout, window: int, radius: int, chunk_keys: int, key_align: int | None = None
+) -> list[GatherChunk]:
+    """The gather kernel's chunks for ``layout``, built once per layout (every block of a forward reuses them).
+    ``key_align``: None for the layout's device (see ``build_gather_chunks``)."""
+    key_align = key_align or gather_key_align(layout.positions.device)
     return layout.plan(
-        ("gather", window, radius, chunk_keys),
-        lambda: build_gather_chunks(layout.positions, layout.grid, layout.num_prefix, window, radius, chunk_keys),
+        ("gather", window, radius, chunk_keys, key_align),
+        lambda: build_gather_chunks(
+            layout.positions, layout.grid, layout.num_prefix, window, radius, chunk_keys, key_align
+        ),
     )
 
 
-def gather_padding(layout: TokenLayout, window: int, radius: int = 1, chunk_keys: int = 1 << 13) -> tuple[int, int]:
+def gather_key_align(device: torch.device | str) -> int:
+    """Key lengths of a gather chunk are rounded up to a multiple of this: 8 on GPUs (keeps the fused SDPA kernels),
+    1 on CPUs (no alignment needed; padding is work)."""
+    return 8 if _device_type(device) == "cuda" else 1
+
+
+def gather_padding(
+    layout: TokenLayout, window: int, radius: int = 1, chunk_keys: int = 1 << 13, key_align: int | None = None
+) -> tuple[int, int]:
     """``(padded, real)`` query×key products of the gather kernel on ``layout`` (prefix rows included, they are
     exact): the attention FLOPs it computes and those the sparse pattern needs, in the same unit. The chunk plan is
     the kernel's own (cached on the layout under the same key), so this is what a forward on ``layout`` runs."""
-    chunks = gather_plan(layout, window, radius, chunk_keys)
+    chunks = gather_plan(layout, window, radius, chunk_keys, key_align)
     B, N, _ = layout.positions.shape
     P = layout.num_prefix
     prefix = B * P * (P + N)
