@@ -6,8 +6,10 @@ import torch.nn.functional as F
 from conftest import tiny_encoder
 
 from hirespath.models.attention import (
+    GATHER_MAX_PADDING,
     TokenLayout,
     build_gather_chunks,
+    gather_padding,
     merge_heads,
     sparse_attention,
     sparse_reference_mask,
@@ -97,24 +99,49 @@ def test_sparse_gradients_equal_masked_reference():
     torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-4)
 
 
-def test_gather_chunks_pad_little_after_pruning():
-    """Blocks hold different numbers of survivors after pruning; chunks of similar blocks keep the padded work near
-    the real work (padding every block to the fullest one costs ~2.5× at 40 % survivors)."""
-    torch.manual_seed(0)
-    grid, window, P, B = (48, 48), 8, 9, 2
+def _pruned_layout(grid, keep_frac, clustered, P=9, B=1, seed=0):
+    """Survivors of pruning on ``grid``: uniformly random, or ``clustered`` (a smooth random field plus noise,
+    thresholded: whole regions kept or dropped, as tissue and background are)."""
+    g = torch.Generator().manual_seed(seed)
     n = grid[0] * grid[1]
-    layout = TokenLayout.full_grid(B, grid, P, "cpu").select(
-        torch.stack([torch.randperm(n)[: int(0.4 * n)].sort().values for _ in range(B)])
-    )
-    chunks = build_gather_chunks(layout.positions, grid, P, window, 1, chunk_keys=4096)
-    padded = sum(c.q_rows.numel() * (c.kv_rows.numel() // c.q_rows.shape[0]) for c in chunks)
-    mask = sparse_reference_mask(layout, window, 1)[:, P:]  # patch query rows, all keys
-    real = int(mask.sum())
-    assert real <= padded <= 1.35 * real
-    # every patch query appears exactly once among the real (non-trash) output rows
+    if clustered:
+        coarse = torch.randn(B, 1, grid[0] // 8 + 1, grid[1] // 8 + 1, generator=g)
+        field = F.interpolate(coarse, size=grid, mode="bilinear").flatten(1) + 0.3 * torch.randn(B, n, generator=g)
+    else:
+        field = torch.rand(B, n, generator=g)
+    keep = field.topk(int(keep_frac * n), dim=1).indices.sort(dim=1).values
+    return TokenLayout.full_grid(B, grid, P, "cpu").select(keep)
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_gather_padding_counts_the_kernels_work(clustered):
+    """``gather_padding``: real work is exactly the pattern's query×key pairs (the reference mask), padded work
+    what the chunks' SDPA calls compute; every patch query sits in exactly one chunk."""
+    grid, window, P, B = (20, 17), 4, 9, 2
+    layout = _pruned_layout(grid, 0.4, clustered, P, B)
+    padded, real = gather_padding(layout, window, 1, chunk_keys=512)
+    assert real == int(sparse_reference_mask(layout, window, 1).sum())
+    chunks = build_gather_chunks(layout.positions, grid, P, window, 1, chunk_keys=512)
+    L = P + layout.positions.shape[1]
+    assert padded == B * P * L + sum(c.q_rows.numel() * c.kv_rows.numel() // c.q_rows.shape[0] for c in chunks)
+    assert real < padded <= GATHER_MAX_PADDING * real
     out_rows = torch.cat([c.out_rows for c in chunks])
-    real_rows = out_rows[out_rows < B * (P + layout.positions.shape[1])]
+    real_rows = out_rows[out_rows < B * L]
     assert len(real_rows) == B * layout.positions.shape[1] and len(real_rows.unique()) == len(real_rows)
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+@pytest.mark.parametrize("grid", [(128, 128), (245, 245)])  # UNI2-h at 1792 and 3430 px
+def test_gather_padding_after_pruning_under_1_15(grid, clustered):
+    """Blocks hold different numbers of survivors after pruning (0.6 dropped); chunks of similar blocks keep the
+    padded work within 1.15× the real work at the paper's resolutions (CPU chunks of 8192 keys and GPU ones),
+    where padding every block to the fullest one would cost ~2.5×. Index math only, no attention is run."""
+    layout = _pruned_layout(grid, 0.4, clustered)
+    for chunk_keys, key_align in ((1 << 13, 1), (1 << 18, 8)):  # CPU chunks; GPU chunks (keys aligned to 8)
+        padded, real = gather_padding(layout, 8, 1, chunk_keys, key_align)
+        assert padded / real < 1.15, (grid, clustered, chunk_keys, padded / real)
+    aligned = build_gather_chunks(layout.positions, grid, 9, 8, 1, 1 << 18, key_align=8)
+    assert all(c.kv_rows.numel() // c.q_rows.shape[0] % 8 == 0 for c in aligned)
 
 
 def test_sparse_encoder_equals_masked_encoder_non_square():

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import hirespath
 from hirespath.benchmark import measure as bm
-from hirespath.benchmark.costmodel import _neighbourhood_keys, encoder_cost
+from hirespath.benchmark.costmodel import _neighbourhood_keys, encoder_cost, padding_ratio
 from hirespath.benchmark.slide_throughput import embed_configs_from
 from hirespath.benchmark.spec import asked_backend
 from hirespath.tasks.benchmark import run_benchmark
@@ -187,6 +187,27 @@ def test_cost_model_costs_the_selected_kernel():
     assert encoder_cost(gather, 1344, device="cuda").attn_memory_gb * 1e9 == pytest.approx(gather_bytes(9 * L))
     # FLOPs do not depend on the kernel
     assert encoder_cost(local, 1344, device="cuda").tflops == encoder_cost(gather, 1344, device="cpu").tflops
+
+
+def test_padding_ratio_column():
+    """padded / real attention work per row: 1 for dense, the gather kernel's chunk plans for sparse on CPU (just
+    above 1 after pruning), NaN where flex runs."""
+    with torch.device("meta"):
+        pruned = hirespath.create_encoder("uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4)
+        dense = hirespath.create_encoder("uni2_h", attention="dense")
+    assert padding_ratio(dense, 1792, device="cpu") == 1.0
+    for res in (1792, 3430):
+        assert 1.0 < padding_ratio(pruned, res, device="cpu") < 1.15
+    assert math.isnan(padding_ratio(pruned, 1792, device="cuda"))  # 256 blocks: flex on CUDA
+    with torch.device("meta"):
+        gather = hirespath.create_encoder(
+            "uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4, sparse_backend="gather"
+        )
+    # CUDA gather chunks are larger and their keys aligned to 8: padded a little more than on CPU
+    assert padding_ratio(pruned, 1792, device="cpu") < padding_ratio(gather, 1792, device="cuda") < 1.15
+    bench = bm.Benchmark("tiny", overrides={"depth": 2}, cpu_memory=False)
+    row = bench.row(bm.BenchConfig(prune_ratio=0.5, prune_layer=1), 448)[1]
+    assert 1.0 < row["padding_ratio"] < 1.15 and "padding_ratio" in bm.COLUMNS
 
 
 def test_sparse_backend_column_is_the_selected_kernel():

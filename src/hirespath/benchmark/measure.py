@@ -28,7 +28,7 @@ from ..models.backbones import build_timm_model, check_resolution, get_backbone
 from ..models.encoder import HiResEncoder
 from ..utils.io import atomic_path
 from ..utils.memory import is_oom
-from .costmodel import encoder_cost
+from .costmodel import encoder_cost, padding_ratio
 from .memory_worker import cpu_peak_memory
 from .spec import COLUMNS, DTYPES, BenchConfig, wrap_encoder
 
@@ -165,6 +165,7 @@ class Benchmark:
             status=status,
             tflops=cost.tflops,
             attn_memory_gb=cost.attn_memory_gb,
+            padding_ratio=padding_ratio(enc, resolution, device=self.device.type),
             sparse_backend=self.kernel_column(enc, resolution),
             cpu_parallel=cfg.cpu_parallel,
         )

@@ -23,6 +23,7 @@ COLUMNS = [
     "status",
     "tflops",
     "attn_memory_gb",
+    "padding_ratio",  # padded / real attention work of the kernel that ran (costmodel.padding_ratio)
     "sparse_backend",
     "threads",
     "busy_processes",

@@ -223,16 +223,30 @@ class GatherChunk:
     out_rows: Tensor  # n·Cq long: where each query's output goes; padded queries go to the trash row B·L
     kv_rows: Tensor  # n·Kc long: each block's neighbourhood keys, then its image's prefix keys, then padding
     key_mask: Tensor | None  # n×1×1×Kc bool (False: padding); None when no key is padding
+    real_work: int  # Σ over the chunk's units of (queries × keys): the products the sparse pattern asks for
+
+    @property
+    def padded_work(self) -> int:
+        """Query × key products the SDPA call computes: units × most queries × most keys (aligned)."""
+        return self.q_rows.numel() * (self.kv_rows.numel() // self.q_rows.shape[0])
 
 
 def build_gather_chunks(
-    positions: Tensor, grid: tuple[int, int], num_prefix: int, window: int, radius: int, chunk_keys: int
+    positions: Tensor,
+    grid: tuple[int, int],
+    num_prefix: int,
+    window: int,
+    radius: int,
+    chunk_keys: int,
+    key_align: int | None = None,
 ) -> list[GatherChunk]:
     """Query units are the non-empty (image, block) pairs. Their keys are listed compactly (only the tokens that
     exist, no per-block capacity), units are sorted by (queries, keys) and cut into chunks (``_cut_chunks``),
     each padded only to its own largest unit: after pruning, blocks hold different numbers of survivors and
-    padding every block to the fullest one would cost ~2.5× the real work."""
+    padding every block to the fullest one would cost ~2.5× the real work. ``key_align``: chunk key lengths are
+    rounded up to a multiple of it; None: ``gather_key_align`` of the positions' device."""
     device = positions.device
+    key_align = key_align or gather_key_align(device)
     B, N, _ = positions.shape
     P, L = num_prefix, num_prefix + N
     n_br, n_bc = math.ceil(grid[0] / window), math.ceil(grid[1] / window)
@@ -263,7 +277,7 @@ def build_gather_chunks(
     for sl in _cut_chunks(n_q.tolist(), n_keys.tolist(), chunk_keys):
         Cq = int(n_q[sl].max())
         Kc = int(n_keys[sl].max())
-        Kc += -Kc % 8  # aligned key lengths keep the fused SDPA kernels on GPUs
+        Kc += -Kc % key_align
         j = torch.arange(Cq, device=device)
         q_valid = j < n_q[sl, None]
         q_rows = rows_sorted[(starts[units[sl], None] + j).clamp(max=len(rows_sorted) - 1)]
@@ -284,11 +298,17 @@ def build_gather_chunks(
         kv_rows = torch.where(is_patch, patch_row, prefix_row)
         valid = j < (patch_keys + P)
         key_mask = None if bool(valid.all()) else valid[:, None, None, :]
-        chunks.append(GatherChunk(q_rows, out_rows, kv_rows.flatten(), key_mask))
+        real = int((n_q[sl] * n_keys[sl]).sum())
+        chunks.append(GatherChunk(q_rows, out_rows, kv_rows.flatten(), key_mask, real))
     return chunks
 
 
-def _cut_chunks(n_q: list[int], n_keys: list[int], chunk_keys: int, max_padding: float = 1.2) -> list[slice]:
+GATHER_MAX_PADDING = 1.1  # padded / real query×key work allowed in one chunk (before the 8-key alignment)
+
+
+def _cut_chunks(
+    n_q: list[int], n_keys: list[int], chunk_keys: int, max_padding: float = GATHER_MAX_PADDING
+) -> list[slice]:
     """Cut the sorted units into consecutive chunks: a chunk ends before it would gather more than ``chunk_keys``
     keys or before its padded work (units × most queries × most keys) exceeds ``max_padding`` × its real work."""
     cuts, start, q_max, k_max, work = [], 0, 0, 0, 0
@@ -300,6 +320,39 @@ def _cut_chunks(n_q: list[int], n_keys: list[int], chunk_keys: int, max_padding:
         q_max, k_max, work = nq, nk, work + q * k
     cuts.append(slice(start, len(n_q)))
     return cuts
+
+
+def gather_plan(
+    layout: TokenLayout, window: int, radius: int, chunk_keys: int, key_align: int | None = None
+) -> list[GatherChunk]:
+    """The gather kernel's chunks for ``layout``, built once per layout (every block of a forward reuses them).
+    ``key_align``: None for the layout's device (see ``build_gather_chunks``)."""
+    key_align = key_align or gather_key_align(layout.positions.device)
+    return layout.plan(
+        ("gather", window, radius, chunk_keys, key_align),
+        lambda: build_gather_chunks(
+            layout.positions, layout.grid, layout.num_prefix, window, radius, chunk_keys, key_align
+        ),
+    )
+
+
+def gather_key_align(device: torch.device | str) -> int:
+    """Key lengths of a gather chunk are rounded up to a multiple of this: 8 on GPUs (keeps the fused SDPA kernels),
+    1 on CPUs (no alignment needed; padding is work)."""
+    return 8 if _device_type(device) == "cuda" else 1
+
+
+def gather_padding(
+    layout: TokenLayout, window: int, radius: int = 1, chunk_keys: int = 1 << 13, key_align: int | None = None
+) -> tuple[int, int]:
+    """``(padded, real)`` query×key products of the gather kernel on ``layout`` (prefix rows included, they are
+    exact): the attention FLOPs it computes and those the sparse pattern needs, in the same unit. The chunk plan is
+    the kernel's own (cached on the layout under the same key), so this is what a forward on ``layout`` runs."""
+    chunks = gather_plan(layout, window, radius, chunk_keys, key_align)
+    B, N, _ = layout.positions.shape
+    P = layout.num_prefix
+    prefix = B * P * (P + N)
+    return prefix + sum(c.padded_work for c in chunks), prefix + sum(c.real_work for c in chunks)
 
 
 def gather_chunk_keys(device: torch.device | str) -> int:
@@ -324,10 +377,7 @@ def sparse_attention(
     P = layout.num_prefix
     B, L, H, d = q.shape
     chunk_keys = chunk_keys or gather_chunk_keys(x.device)
-    chunks = layout.plan(
-        ("gather", window, radius, chunk_keys),
-        lambda: build_gather_chunks(layout.positions, layout.grid, P, window, radius, chunk_keys),
-    )
+    chunks = gather_plan(layout, window, radius, chunk_keys)
 
     # Row views of the projections (B·L × H·d; a view of the fused qkv output, no copy).
     q_all, k_all, v_all = (t.reshape(B * L, H * d) for t in (q, k, v))
