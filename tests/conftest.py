@@ -72,6 +72,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, so that CPU-task code paths (several workers) run."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_encoder(**kwargs):
     """The tiny preset with LayerScale 1.0, so every block visibly changes the tokens."""
     import hirespath

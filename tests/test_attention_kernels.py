@@ -49,14 +49,6 @@ PATHS = {
 }
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("tasks", [False, True], ids=["loop", "tasks"])
 @pytest.mark.parametrize("grid,window,radius", [((11, 9), 3, 1), ((8, 8), 2, 2)])

@@ -13,14 +13,6 @@ from hirespath.models.cpu_tasks import map_rows, map_tasks, row_chunks
 
 
 @pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def task_threads(monkeypatch):
     """Names of the threads that ran each task."""
     names = []

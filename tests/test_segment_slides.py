@@ -360,16 +360,23 @@ def test_trained_segment_run_over_the_real_svs(tmp_path):
     assert (out / "cmu_overlay.png").is_file()
 
 
+SMALL_TILING = SimpleNamespace(size=56, mpp=2.0, overlap=14, min_tissue=0.1)
+
+
+def three_slides(tmp_path: Path) -> Path:
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    for i in range(3):
+        write_pyramid(wsi / f"s{i}.tiff", tissue(seed=i), 0.5, compression="jpeg", levels=(1, 4))
+    return wsi
+
+
 def test_two_concurrent_workers_segment_each_slide_once(ckpt, tmp_path):
     import threading
 
     import pandas as pd
 
-    wsi = tmp_path / "wsi"
-    wsi.mkdir()
-    for i in range(3):
-        write_pyramid(wsi / f"s{i}.tiff", tissue(seed=i), 0.5, compression="jpeg", levels=(1, 4))
-    tiling = SimpleNamespace(size=56, mpp=2.0, overlap=14, min_tissue=0.1)
+    wsi, tiling = three_slides(tmp_path), SMALL_TILING
     results = {}
 
     def worker(rank):
@@ -393,11 +400,7 @@ def test_ddp_ranks_segment_each_slide_once_as_one_process_would(ckpt, tmp_path):
     """trainer=ddp: two processes (gloo on CPU) share the slides; the maps equal one process's."""
     from test_launchers import run_task
 
-    wsi = tmp_path / "wsi"
-    wsi.mkdir()
-    for i in range(3):
-        write_pyramid(wsi / f"s{i}.tiff", tissue(seed=i), 0.5, compression="jpeg", levels=(1, 4))
-    tiling = SimpleNamespace(size=56, mpp=2.0, overlap=14, min_tissue=0.1)
+    wsi, tiling = three_slides(tmp_path), SMALL_TILING
     single = segment_slides(load_segmentation(ckpt), list_slides(wsi), tmp_path / "single", tiling,
                             EmbedConfig(batch_size=4, num_workers=0), SegmentOptions(), CPU)  # fmt: skip
     run_task("segment_slides", f"ckpt={ckpt}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'ddp'}", "tile.size=56",
