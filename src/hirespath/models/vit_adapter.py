@@ -6,7 +6,8 @@ patch tokens by multi-scale deformable attention, after it an Extractor pulls th
 SPM features (then a ConvFFN; the last group is followed by ``extra_extractors`` more extractors, as in the
 original). Only patch tokens are injected into / extracted from; prefix tokens pass through. The patch
 grid (stride 14 for UNI2-h) is resized to each stride's grid where the two meet, as DINOv3's adapter does.
-The deformable attention is transformers' pure-PyTorch implementation (the one its Mask2Former uses).
+The deformable attention is transformers' module (the one its Mask2Former uses), sampling through
+:mod:`.deformable` (query chunks, level by level: the same result without the full stacked samples in memory).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from torch import Tensor, nn
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention as MSDeformAttn,
 )
+
+from . import deformable
+
+deformable.install()  # the adapter's and the pixel decoder's deformable attention sample in query chunks
 
 
 def _norm(channels: int) -> nn.GroupNorm:
