@@ -63,22 +63,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models train faster on one thread than with two threads contending for a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    yield from _torch_threads(1)
 
 
 @pytest.fixture
 def two_threads():
     """Two intra-op threads, so that CPU-task code paths (several workers) run."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+    yield from _torch_threads(2)
 
 
 def tiny_encoder(**kwargs):

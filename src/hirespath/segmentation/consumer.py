@@ -35,7 +35,7 @@ from ..wsi.listing import SlideSpec
 from .model import SegmentationCheckpoint, tile_probabilities
 from .polygons import mask_polygons
 from .probs_tiff import pyramid, read_description, write_probs_tiff
-from .stitch import BLENDS, ProbabilityStitcher, blend_weights
+from .stitch import BLENDS, ProbabilityStitcher, blend_weights, to_uint8
 
 log = logging.getLogger("hirespath.segmentation")
 
@@ -98,11 +98,11 @@ def tissue_outline(grid):
     draw it), grown by the smoothing width so that no tissue at its border is cut; None without a mask."""
     from shapely import affinity
 
-    from ..viz.thumbnails import smooth_outline_mask
+    from ..viz.thumbnails import outline_sigma, smooth_outline_mask
 
     if grid.mask is None or not grid.mask.any():
         return None
-    sigma = max(1.0, max(grid.mask.shape) / 150)
+    sigma = outline_sigma(grid.mask)
     smooth = smooth_outline_mask(grid.mask, sigma)
     geom = mask_polygons(lambda y0, y1: smooth[y0:y1], smooth.shape[0], band=smooth.shape[0], simplify=0.5)
     if geom is None:
@@ -186,7 +186,7 @@ class SegmentationSink:
         (_, out), *_ = self.c.tile_function(image)
         if out is None:  # out of memory on the one tile: no measure rather than no slide
             return None
-        one = np.rint(np.clip(np.asarray(out[0], np.float32), 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+        one = to_uint8(np.asarray(out[0], np.float32)).transpose(1, 2, 0)  # quantised as the stitched map is
         mx, my = round(where[0] * self.scale), round(where[1] * self.scale)
         h, w = min(g.tile_size, self.shape[0] - my), min(g.tile_size, self.shape[1] - mx)
         measure = compare(np.asarray(probs[my : my + h, mx : mx + w]), one[:h, :w], self.c.classes,

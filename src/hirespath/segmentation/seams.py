@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .model import tile_probabilities
-from .stitch import BLENDS, ProbabilityStitcher, blend_weights
+from .stitch import BLENDS, ProbabilityStitcher, blend_weights, to_uint8
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -41,7 +41,7 @@ def predict_uint8(model, class_index: list[int], image: np.ndarray) -> np.ndarra
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(_device(model)).float() / 255
     with torch.inference_mode():
         p = tile_probabilities(model, x, class_index)[0].cpu().numpy()
-    return np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+    return to_uint8(p).transpose(1, 2, 0)
 
 
 def stitched_uint8(model, class_index: list[int], image: np.ndarray, tile: int, overlap: int, blend: str,

@@ -13,12 +13,17 @@ from .overlays import _plt
 OVERLAY_SIDE = 448  # px per tile in the pruned-token figure (a 1,792 px tile is shown 4× smaller)
 
 
+def outline_sigma(mask: np.ndarray) -> float:
+    """The smoothing width of the tissue outline, in mask px: 1/150 of the mask's long side (at least 1)."""
+    return max(1.0, max(mask.shape) / 150)
+
+
 def smooth_outline_mask(mask: np.ndarray, sigma: float | None = None) -> np.ndarray:
-    """The tissue mask blurred by ``sigma`` px (default: 1/150 of its long side) and thresholded at one half: its
+    """The tissue mask blurred by ``sigma`` px (default: ``outline_sigma``) and thresholded at one half: its
     contour follows the tissue's outline instead of every fibre and speck of the raw mask."""
     from scipy.ndimage import gaussian_filter
 
-    sigma = max(1.0, max(mask.shape) / 150) if sigma is None else sigma
+    sigma = outline_sigma(mask) if sigma is None else sigma
     return gaussian_filter(mask.astype(np.float32), sigma) > 0.5
 
 
