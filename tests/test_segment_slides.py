@@ -492,3 +492,6 @@ def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     assert (rows.encode_s_per_mpx > 0).all() and rows.px_per_tissue_px.iloc[0] > rows.px_per_tissue_px.iloc[1] > 0.5
     assert rows.seam_dice_linear.iloc[1] == 1 and rows.seam_abs_diff_crop.iloc[1] == 0  # 112 px region: one tile
     assert 0 <= rows.seam_dice_linear.iloc[0] <= 1 and rows.seam_abs_diff_linear.iloc[0] > 0
+    # the timed runs leave out the per-slide seam check (segment_bench.seam_check=false): no extra forward
+    assert not rows.seam_check.any()
+    assert not any(len(pd.read_csv(f)) for f in tmp_path.rglob("segmentation_random/seams.csv"))

@@ -2,7 +2,9 @@
 
 Per entry of ``segment_bench.compare`` (tile_size, overlap, attention, window) the same model segments the same
 slide end to end (:func:`.consumer.segment_slides`: reading, the model, stitching, GeoJSON, TIFF) and the tissue mm²
-per second is reported (startup excluded), with its two factors: the pixels the model runs per tissue pixel (overlap,
+per second is reported (startup excluded; without the per-slide seam check unless ``segment_bench.seam_check``: its
+one extra forward per slide would weigh 1/4 on the 4 large tiles of the benchmark slide and 1/81 on the small ones,
+where a real slide has hundreds), with its two factors: the pixels the model runs per tissue pixel (overlap,
 tiles over the tissue's edge) and the model's seconds per megapixel at that tile size. The seam measure
 (:mod:`.seams`) compares, on a region of ``segment_bench.seam_region`` px, the entry's tiles stitched (both blends)
 with one forward over the region.
@@ -76,8 +78,8 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
         tile, overlap = int(entry["tile_size"]), int(entry.get("overlap", 0))
         tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue))
         job = Path(tempfile.mkdtemp(prefix="hirespath_seg_bench_", dir=out_dir))
-        s = segment_slides(seg, [slide], job, tiling, cfg.embed, SegmentOptions(threshold=float(b.threshold)),
-                           runtime)  # fmt: skip
+        options = SegmentOptions(threshold=float(b.threshold), seam_check=bool(b.get("seam_check", False)))
+        s = segment_slides(seg, [slide], job, tiling, cfg.embed, options, runtime)
         if not s["slides_done"]:
             raise InputError(f"the benchmark slide {slide} could not be segmented: {s['skipped']}")
         seconds = s["seconds"] - s["stage_seconds"].get("startup", 0.0)
@@ -92,7 +94,8 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             "tiles": s["tiles"], "tissue_mm2": s["tissue_mm2"], "seconds": seconds,
             "mm2_per_s": s["tissue_mm2"] / seconds, "encode_s": s["stage_seconds"]["encode"],
             "px_per_tissue_px": px_per_tissue_px, "encode_s_per_mpx": s["stage_seconds"]["encode"] / mpx,
-            "write_s": s["stage_seconds"]["write"], "seam_region": 0 if region is None else region.shape[0],
+            "write_s": s["stage_seconds"]["write"], "seam_check": options.seam_check,
+            "seam_region": 0 if region is None else region.shape[0],
             **{f"seam_dice_{k}": v["mean_dice"] for k, v in seams.items()},
             **{f"seam_abs_diff_{k}": v["mean_abs_diff"] for k, v in seams.items()},
             **({"seam_dice_per_class": json.dumps({k: v["dice"] for k, v in seams.items()})} if seams else {}),
