@@ -21,7 +21,7 @@ from hirespath.data.panda_synthetic import write_pyramid
 from hirespath.data.segpath import CELL_TYPES
 from hirespath.heads.mask2former import SegmentationModel
 from hirespath.segmentation import CLASS_COLORS, SegmentOptions, load_segmentation, segment_slides
-from hirespath.segmentation.polygons import mask_polygons
+from hirespath.segmentation.polygons import mask_polygons, masks_polygons
 from hirespath.segmentation.stitch import ProbabilityStitcher, blend_weights
 from hirespath.slides import Runtime
 from hirespath.utils.errors import InputError
@@ -300,6 +300,12 @@ def test_polygons_in_bands_and_simplified_ring_by_ring_equal_the_whole_masks():
         joined = shapely.MultiPolygon(_joined_across_bands(parts, 48, 256))
         assert len(joined.geoms) == len(union.geoms) and union.symmetric_difference(joined).area < 1e-9
         assert whole.area == pytest.approx(mask.sum(), rel=0.01)
+        # several masks read together (the consumer's one pass over the map) give each mask's own polygons
+        both = np.stack([mask, ~mask], -1)
+        together = masks_polygons(lambda a, b, m=both: m[a:b], 256, 2, band=48, min_area=5, simplify=1.0)
+        for k, geom in enumerate(together):
+            alone = mask_polygons(lambda a, b, m=both[..., k]: m[a:b], 256, band=48, min_area=5, simplify=1.0)
+            assert geom.equals_exact(alone, 0)
         reference = shapely.simplify(whole, 1.0, preserve_topology=True)  # GEOS on the whole MultiPolygon
         ours = shapely.MultiPolygon(_simplified(list(whole.geoms), 1.0))
         assert ours.is_valid and len(ours.geoms) == len(whole.geoms)

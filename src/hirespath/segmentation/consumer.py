@@ -33,7 +33,7 @@ from ..utils.errors import InputError
 from ..wsi import qupath
 from ..wsi.listing import SlideSpec
 from .model import SegmentationCheckpoint, tile_probabilities
-from .polygons import mask_polygons
+from .polygons import mask_polygons, masks_polygons
 from .probs_tiff import pyramid, read_description, write_probs_tiff
 from .stitch import BLENDS, ProbabilityStitcher, blend_weights, to_uint8
 
@@ -205,10 +205,11 @@ class SegmentationSink:
             slide_box = slide_box.intersection(outline)
         min_px = c.options.min_area_um2 / self.map_mpp**2
         features, areas = [], {}
-        band = int(np.clip((1 << 26) // self.shape[1], 64, 1024))  # rows traced at once (×4 px at 2× resolution)
-        for k, name in enumerate(c.classes):
-            geom = mask_polygons(lambda y0, y1, k=k: probs[y0:y1, :, k] > cut, self.shape[0], band=band,
-                                 min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
+        # rows traced at once: the map is read once for every class, ≤ 128 MB a band (×4 px at 2× resolution)
+        band = int(np.clip((1 << 27) // (self.shape[1] * len(c.classes)), 64, 1024))
+        geoms = masks_polygons(lambda y0, y1: probs[y0:y1] > cut, self.shape[0], len(c.classes), band=band,
+                               min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
+        for name, geom in zip(c.classes, geoms):
             area_um2 = 0.0
             if geom is not None:
                 geom = qupath.valid_geometry(

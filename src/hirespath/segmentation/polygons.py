@@ -82,9 +82,25 @@ def mask_polygons(read_band, height: int, band: int = 1024, min_area: float = 0.
     """The mask's regions as one valid (Multi)Polygon (or None when nothing is left), in mask pixel coordinates
     (x right, y down, pixel (0, 0) covering [0, 1]²). ``read_band(y0, y1)`` returns rows y0:y1 of the bool mask;
     parts and holes smaller than ``min_area`` px² are dropped (specks), then edges simplified by ``simplify`` px."""
-    parts: list = []
+    (geom,) = masks_polygons(lambda y0, y1: read_band(y0, y1)[..., None], height, 1, band, min_area, simplify)
+    return geom
+
+
+def masks_polygons(
+    read_band, height: int, masks: int, band: int = 1024, min_area: float = 0.0, simplify: float = 0.0
+) -> list:
+    """:func:`mask_polygons` of ``masks`` masks read together: ``read_band(y0, y1)`` returns rows y0:y1 as
+    rows × W × masks bool, so a map on disk is read once for all its classes (not once per class)."""
+    parts: list[list] = [[] for _ in range(masks)]
     for y0 in range(0, height, band):
-        parts += _band_polygons(np.ascontiguousarray(read_band(y0, min(y0 + band, height))), y0)
+        block = read_band(y0, min(y0 + band, height))
+        for k in range(masks):
+            parts[k] += _band_polygons(np.ascontiguousarray(block[..., k]), y0)
+    return [_finished(p, band, height, min_area, simplify) for p in parts]
+
+
+def _finished(parts: list, band: int, height: int, min_area: float, simplify: float):
+    """One mask's band polygons joined, specks and small holes dropped, simplified: a valid geometry or None."""
     if not parts:
         return None
     geom = MultiPolygon(_joined_across_bands(parts, band, height))
