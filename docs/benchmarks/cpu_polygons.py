@@ -1,6 +1,7 @@
 """Time ``segmentation.polygons.mask_polygons`` on generated class masks (the GeoJSON step of segment_slides).
 
-    .venv/bin/python docs/benchmarks/cpu_polygons.py            # blob maps, 4,096 px, 2 classes; 2,048 px, many holes
+    .venv/bin/python docs/benchmarks/cpu_polygons.py     # blob maps, 4,096 px, 2 classes; 2,048 px, many holes;
+                                                         # 8 blob classes read together, 1 and 2 threads
 
 Blob maps: a smoothed random field > 0 (what a random-weight model's probability maps look like), traced in the
 bands segment_slides uses, min_area 200 px², simplified by 1 px. Holes: a field > −1σ (one region with thousands of
@@ -13,6 +14,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
+from hirespath.segmentation import polygons
 from hirespath.segmentation.polygons import mask_polygons
 
 
@@ -38,3 +40,12 @@ if __name__ == "__main__":
     field = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32), 3)
     s, g = timed(field > -field.std(), 10)
     print(f"holes 2048 px: {s:.1f} s, {len(g.geoms)} polygons, {sum(len(p.interiors) for p in g.geoms)} holes")
+    if hasattr(polygons, "masks_polygons"):
+        import hirespath.utils.threads as threads
+
+        stack = np.stack(list(blob_masks(n, 8)), -1)
+        for cores in (1, 2):
+            threads.available_cores = lambda c=cores: c  # the thread count masks_polygons uses
+            t = time.perf_counter()
+            polygons.masks_polygons(lambda y0, y1: stack[y0:y1], n, 8, band=512, min_area=200, simplify=1.0)
+            print(f"8 blob classes {n} px together, {cores} thread(s): {time.perf_counter() - t:.1f} s")

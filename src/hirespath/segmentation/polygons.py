@@ -90,13 +90,21 @@ def masks_polygons(
     read_band, height: int, masks: int, band: int = 1024, min_area: float = 0.0, simplify: float = 0.0
 ) -> list:
     """:func:`mask_polygons` of ``masks`` masks read together: ``read_band(y0, y1)`` returns rows y0:y1 as
-    rows × W × masks bool, so a map on disk is read once for all its classes (not once per class)."""
+    rows × W × masks bool, so a map on disk is read once for all its classes (not once per class). The masks are
+    traced in parallel threads, one per core this process may use (OpenCV and shapely's array functions release
+    the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..utils.threads import available_cores
+
     parts: list[list] = [[] for _ in range(masks)]
-    for y0 in range(0, height, band):
-        block = read_band(y0, min(y0 + band, height))
-        for k in range(masks):
-            parts[k] += _band_polygons(np.ascontiguousarray(block[..., k]), y0)
-    return [_finished(p, band, height, min_area, simplify) for p in parts]
+    with ThreadPoolExecutor(max(1, min(masks, available_cores())), thread_name_prefix="polygons") as pool:
+        for y0 in range(0, height, band):
+            block = read_band(y0, min(y0 + band, height))
+            traced = pool.map(lambda k, b=block, y=y0: _band_polygons(np.ascontiguousarray(b[..., k]), y), range(masks))
+            for k, polys in enumerate(traced):
+                parts[k] += polys
+        return list(pool.map(lambda p: _finished(p, band, height, min_area, simplify), parts))
 
 
 def _finished(parts: list, band: int, height: int, min_area: float, simplify: float):
