@@ -6,9 +6,9 @@ probability difference say what tiling costs. 1.0 / 0.0 would be seam-free; cont
 both lower the Dice. Two uses:
 
 - :func:`seam_measure`: the benchmark's, on any image, both blends (to choose one);
-- :func:`seam_window`: each slide run's, on the slide itself at no extra tile: a tile-sized window centred where four
-  tiles of the slide's own grid overlap (the seams cross there) is predicted in one forward and compared with the
-  slide's stitched map (``segment.seam_check``).
+- :func:`seam_window`: each slide run's, on the slide itself, for one extra forward per slide: a tile-sized window
+  centred where four tiles of the slide's own grid overlap (the seams cross there) is predicted in one forward and
+  compared with the slide's stitched map (``segment.seam_check``).
 """
 
 from __future__ import annotations
