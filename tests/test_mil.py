@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import h5py
 import lightning as L
@@ -327,6 +328,45 @@ def test_mixed_feature_dimensions_or_encoders_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no <slide>.h5 feature files"):
         scan_feature_dir(tmp_path / "empty")
+
+
+def test_feature_scan_is_cached_and_rereads_only_changed_files(tmp_path, monkeypatch):
+    """A rerun reads no h5 (the scan is kept beside them by size, mtime and inode); a rewritten file, a new one and
+    an unreadable one (a read error may pass) are read again; a folder that cannot be written is scanned anyway."""
+    import hirespath.data.mil as mil
+
+    labels, _ = make_bags(tmp_path / "feats", {"train": 3, "val": 1, "test": 1}, "shift")
+    d = tmp_path / "feats"
+    (d / "broken.h5").write_bytes(b"not an h5 file")
+    first = scan_feature_dir(d)
+    assert (d / mil.SCAN_CACHE).is_file() and first.error.notna().sum() == 1
+    read = []
+    inspect = mil.trident_h5.inspect_features
+
+    def counted(path, *args, **kwargs):
+        read.append(Path(path).name)
+        return inspect(path, *args, **kwargs)
+
+    monkeypatch.setattr(mil.trident_h5, "inspect_features", counted)
+    again = scan_feature_dir(d)
+    pd.testing.assert_frame_equal(again, first)
+    assert read == ["broken.h5"]  # an OSError is not cached
+    read.clear()
+    write_trident(d / "train001.h5", np.full((6, DIM), np.nan))  # rewritten
+    write_trident(d / "extra.h5", np.ones((2, DIM)))  # new
+    third = scan_feature_dir(d).set_index("slide_id")
+    assert sorted(read) == ["broken.h5", "extra.h5", "train001.h5"]
+    assert third.loc["train001"].error.startswith(f"{6 * DIM} non-finite") and third.loc["extra"].n_tiles == 2
+    cached = json.loads((d / mil.SCAN_CACHE).read_text())["files"]
+    assert "broken.h5" not in cached and cached["extra.h5"]["row"]["n_tiles"] == 2
+
+    def read_only(path):
+        raise PermissionError(f"read-only file system: {path}")
+
+    (d / mil.SCAN_CACHE).unlink()
+    monkeypatch.setattr(mil, "atomic_path", read_only)
+    pd.testing.assert_frame_equal(scan_feature_dir(d).set_index("slide_id"), third)
+    assert not (d / mil.SCAN_CACHE).exists()
 
 
 def test_label_table_errors_name_the_bad_rows(tmp_path):

@@ -17,6 +17,7 @@ a directory mixing feature dimensions or encoders is refused with an error namin
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -25,7 +26,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from ..utils.io import atomic_path
 from ..wsi import trident_h5
 from .samplers import evaluation_sampler
 
@@ -47,14 +50,20 @@ IDENTITY_ATTRS = (
 )
 
 
+SCAN_CACHE = ".hirespath_scan.json"  # beside the h5 files: what each held, keyed by its size, mtime and inode
+SCAN_CACHE_VERSION = 1
+
+
 def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
     """One row per ``*.h5`` of the directory: slide_id, path, n_tiles, dim, tile_size (coords attr
     ``patch_size_level0``), the identity attrs, and ``error`` (why the file cannot be used, else None: unreadable,
     not a feature file, no tiles, or NaN/inf among its features — every value is read, in chunks).
 
-    Refuses a directory whose usable files differ in feature dimension or in an identity attr (``IDENTITY_ATTRS``:
-    ``encoder``, and hirespath's backbone/weights/attention/pruning/resolution) that both files set, naming two of
-    them. Extra datasets (hirespath's ``tokens``) are ignored."""
+    A file's row is kept in ``<features_dir>/.hirespath_scan.json`` under its size, mtime and inode, so a rerun
+    reads only new or rewritten files (a folder that cannot be written is scanned without it). Refuses a directory
+    whose usable files differ in feature dimension or in an identity attr (``IDENTITY_ATTRS``: ``encoder``, and
+    hirespath's backbone/weights/attention/pruning/resolution) that both files set, naming two of them. Extra
+    datasets (hirespath's ``tokens``) are ignored."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
         raise FileNotFoundError(f"features_dir {str(features_dir)!r} does not exist")
@@ -64,27 +73,75 @@ def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
             f"no <slide>.h5 feature files in {features_dir}; expected TRIDENT's layout "
             "<job dir>/<tiling tag>/features_<encoder>/<slide>.h5 (as `hirespath embed_slides` writes)"
         )
-    rows = []
+    cached = _read_scan_cache(features_dir)
+    keep: dict[str, dict] = {}
+    rows, todo = {}, []
     for p in paths:
-        row = {"slide_id": p.stem, "path": str(p), "n_tiles": 0, "dim": -1, "tile_size": None, "error": None}
-        row.update(dict.fromkeys(IDENTITY_ATTRS))
-        try:
-            info = trident_h5.inspect_features(p)
-            row.update(n_tiles=info["n_tiles"], dim=info["dim"], tile_size=info["tile_size"])
-            row.update({k: info["features_attrs"].get(k) for k in IDENTITY_ATTRS})
-            if row["n_tiles"] == 0:
-                row["error"] = f"no tiles in {p.name} (empty 'features')"
-            elif info["nonfinite"]:
-                row["error"] = f"{info['nonfinite']} non-finite feature values (NaN/inf) in {p.name}; embed it again"
-        except (OSError, ValueError) as err:  # unreadable / truncated h5, or not a feature file
-            row["error"] = f"cannot read {p.name}: {err}"
-        rows.append(row)
-    df = pd.DataFrame(rows)
+        st = p.stat()
+        key = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = cached.get(p.name)
+        if hit is not None and hit.get("key") == key:
+            rows[p.name], keep[p.name] = {"slide_id": p.stem, "path": str(p), **hit["row"]}, hit
+        else:
+            todo.append((p, key))
+    for p, key in tqdm(todo, desc="scanning feature files", unit="file", disable=len(todo) < 50):
+        row, final = _scan_feature_file(p)
+        rows[p.name] = row
+        if final:  # a read error may be passing (a network file system): scanned again next time
+            keep[p.name] = {"key": key, "row": {k: v for k, v in row.items() if k not in ("slide_id", "path")}}
+    if keep != cached:
+        _write_scan_cache(features_dir, keep)
+    df = pd.DataFrame([rows[p.name] for p in paths])
     ok = df[df.error.isna()]
     _refuse_mixed(ok, "dim", "feature dimensions", features_dir)
     for key in IDENTITY_ATTRS:
         _refuse_mixed(ok[ok[key].notna()], key, f"'{key}' attrs", features_dir)
     return df
+
+
+def _scan_feature_file(p: Path) -> tuple[dict, bool]:
+    """The row of one file, and whether it may be cached (the file's content decided it, and every value is a
+    JSON scalar that reads back as itself)."""
+    row = {"slide_id": p.stem, "path": str(p), "n_tiles": 0, "dim": -1, "tile_size": None, "error": None}
+    row.update(dict.fromkeys(IDENTITY_ATTRS))
+    try:
+        info = trident_h5.inspect_features(p)
+    except OSError as err:  # unreadable / truncated h5
+        row["error"] = f"cannot read {p.name}: {err}"
+        return row, False
+    except ValueError as err:  # not a feature file
+        row["error"] = f"cannot read {p.name}: {err}"
+        return row, True
+    row.update(n_tiles=info["n_tiles"], dim=info["dim"], tile_size=info["tile_size"])
+    row.update({k: info["features_attrs"].get(k) for k in IDENTITY_ATTRS})
+    if row["n_tiles"] == 0:
+        row["error"] = f"no tiles in {p.name} (empty 'features')"
+    elif info["nonfinite"]:
+        row["error"] = f"{info['nonfinite']} non-finite feature values (NaN/inf) in {p.name}; embed it again"
+    plain = all(v is None or type(v) in (str, int, float, bool) for v in row.values())
+    return row, plain
+
+
+def _read_scan_cache(features_dir: Path) -> dict[str, dict]:
+    try:
+        data = json.loads((features_dir / SCAN_CACHE).read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: scan every file
+        return {}
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != SCAN_CACHE_VERSION
+        or not isinstance(data.get("files"), dict)
+    ):
+        return {}
+    return data["files"]
+
+
+def _write_scan_cache(features_dir: Path, files: dict[str, dict]) -> None:
+    try:  # atomic: concurrent runs each write a whole file, the last one stays
+        with atomic_path(features_dir / SCAN_CACHE) as tmp:
+            Path(tmp).write_text(json.dumps({"version": SCAN_CACHE_VERSION, "files": files}))
+    except OSError as err:  # a read-only folder (a shared dataset): scanned again next time
+        log.debug("feature scan not cached in %s: %s", features_dir, err)
 
 
 def _refuse_mixed(df: pd.DataFrame, column: str, what: str, features_dir: Path) -> None:
