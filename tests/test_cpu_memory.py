@@ -32,3 +32,29 @@ def test_large_blocks_come_from_the_heap_when_kept(choice, kept):
     assert state == int(kept)
     # kept: the 64 MB block lives in the heap (no mmapped block); glibc's default serves it by mmap
     assert (new_mmapped_blocks == 0) == kept
+
+
+RELEASE = """
+import os
+import torch
+from hirespath.utils.cpu_memory import keep_freed_memory, release_freed_memory
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+assert keep_freed_memory()
+start = rss_mb()
+x = torch.ones(256 << 18)  # 256 MB, touched
+del x
+kept = rss_mb()
+assert release_freed_memory()
+print(round(kept - start), round(rss_mb() - start))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
+def test_kept_memory_goes_back_to_the_os_on_release():
+    import os
+
+    env = {**os.environ, "HIRESPATH_CPU_MALLOC": "keep"}
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=env, check=True)
+    kept, released = map(int, out.stdout.split())
+    assert kept > 200 and released < 50  # MB above the start: held while kept, returned on release

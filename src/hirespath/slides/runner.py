@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..utils.cpu_memory import keep_freed_memory
+from ..utils.cpu_memory import keep_freed_memory, release_freed_memory
 from ..utils.errors import InputError
 from ..utils.io import try_lock
 from ..utils.threads import AdaptiveThreads, torch_threads
@@ -221,6 +221,15 @@ def _remove_stale_temporaries(out_dir: Path, output: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _memory_returned_at_the_end():
+    """The CPU memory kept for reuse during the run (``keep_freed_memory``) goes back to the OS when it ends."""
+    try:
+        yield
+    finally:
+        release_freed_memory()
+
+
 def run_slides(
     slides, job: SlideJob, consumer: SlideConsumer, runtime: Runtime | None = None, notes: dict | None = None
 ) -> dict:
@@ -268,6 +277,7 @@ def run_slides(
     bar = tqdm(todo, desc=f"slides (rank {rank})" if world_size > 1 else "slides", disable=not runtime.progress,
                unit="slide")  # fmt: skip
     with (
+        _memory_returned_at_the_end(),
         ThreadPoolExecutor(1, thread_name_prefix="slide-prepare") as prep_pool,
         torch_threads(policy.n, f"{job.num_workers} tile reader {job.reader}") if policy else contextlib.nullcontext(),
     ):
