@@ -85,7 +85,7 @@ def run(ckpt, wsi, job_dir, tiling=TILING, **opts):
 @pytest.fixture(scope="module")
 def done(ckpt, wsi, tmp_path_factory):
     job = tmp_path_factory.mktemp("job")
-    return job, run(ckpt, wsi, job)
+    return job, run(ckpt, wsi, job, seam_check_share=1.0)  # its one small slide is seam-checked
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,8 @@ def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):
         expect["mean_abs_diff"], abs=2e-3
     )
     assert seams["mean_dice"] == pytest.approx(expect["mean_dice"], abs=0.02) and 0 < seams["mean_dice"] < 1
-    assert summary["seams"]["slides"] == 1 and summary["seams"]["mean_dice"] == pytest.approx(seams["mean_dice"])
+    assert summary["seams"]["slides"] == summary["seams"]["of_slides"] == 1
+    assert summary["seams"]["mean_dice"] == pytest.approx(seams["mean_dice"])
     row = pd.read_csv(out / "seams.csv").iloc[0]
     assert row.slide == "s0" and row.blend == "linear" and row.mean_dice == pytest.approx(seams["mean_dice"])
     on_disk = json.loads((out / "summary.json").read_text())
@@ -229,6 +230,28 @@ def test_rerun_skips_finished_slides(done, ckpt, wsi):
     again = run(ckpt, wsi, job)
     assert again["slides_already_finished"] == 1 and again["slides_done"] == 0
     assert geo.stat().st_mtime_ns == before
+
+
+def test_seam_checks_stay_within_their_share_of_the_tile_forwards():
+    """Every large slide is checked; of small ones, as many as the share allows (one extra forward each)."""
+    from hirespath.segmentation.consumer import SegmentationConsumer
+
+    def checked(share, tiles_per_slide):
+        c = SegmentationConsumer(seg=None, tile_function=None, options=SegmentOptions(seam_check_share=share))
+        due = []
+        for tiles in tiles_per_slide:
+            c.tiles_segmented += tiles
+            due.append(c.seam_check_due())
+        return [i for i, d in enumerate(due) if d], c.seam_checks / c.tiles_segmented
+
+    slides, share = checked(0.05, [4] * 20)  # 4-tile biopsies: every 5th (each check alone would add 25 %)
+    assert slides == [4, 9, 14, 19] and share == 0.05
+    assert checked(0.05, [100] * 3)[0] == [0, 1, 2]  # resections: every one
+    assert checked(1.0, [4, 9, 4])[0] == [0, 1, 2]
+    assert checked(0.05, [4, 100, 4, 4])[0] == [1, 2, 3]  # a large slide's allowance carries over
+    for bad in (0, -0.1, 1.5, True, "all"):
+        with pytest.raises(InputError, match=r"segment.seam_check_share=.*must be in \(0, 1\]"):
+            SegmentOptions(seam_check_share=bad).check()
 
 
 def test_blending_has_no_seams_and_single_tiles_are_exact(tmp_path):

@@ -78,7 +78,9 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
         tile, overlap = int(entry["tile_size"]), int(entry.get("overlap", 0))
         tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue))
         job = Path(tempfile.mkdtemp(prefix="hirespath_seg_bench_", dir=out_dir))
-        options = SegmentOptions(threshold=float(b.threshold), seam_check=bool(b.get("seam_check", False)))
+        # seam_check=true: the check runs on the benchmark slide whatever its tile count (share 1)
+        options = SegmentOptions(threshold=float(b.threshold), seam_check=bool(b.get("seam_check", False)),
+                                 seam_check_share=1.0)  # fmt: skip
         s = segment_slides(seg, [slide], job, tiling, cfg.embed, options, runtime)
         if not s["slides_done"]:
             raise InputError(f"the benchmark slide {slide} could not be segmented: {s['skipped']}")
