@@ -232,6 +232,21 @@ def test_rerun_skips_finished_slides(done, ckpt, wsi):
     assert geo.stat().st_mtime_ns == before
 
 
+def test_pyramid_halving_and_uint8_maps_round_as_float_means_would(tmp_path):
+    from hirespath.segmentation.probs_tiff import halve
+    from hirespath.segmentation.stitch import to_uint8
+
+    rng = np.random.default_rng(0)
+    for shape in ((64, 48, 3), (37, 51, 8)):  # odd sides: the last row / column is repeated
+        src = rng.integers(0, 256, shape, dtype=np.uint8)
+        padded = np.pad(src, ((0, shape[0] % 2), (0, shape[1] % 2), (0, 0)), mode="edge").astype(np.float32)
+        want = np.rint(padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2, -1).mean((1, 3)))
+        got = halve(src, tmp_path / f"h{shape[0]}.npy", band_bytes=4096)  # several bands
+        np.testing.assert_array_equal(np.asarray(got), want.astype(np.uint8))
+    probs = rng.normal(0.5, 0.5, (33, 17, 8)).astype(np.float32)
+    np.testing.assert_array_equal(to_uint8(probs.copy(), inplace=True), to_uint8(probs))
+
+
 def test_seam_checks_stay_within_their_share_of_the_tile_forwards():
     """Every large slide is checked; of small ones, as many as the share allows (one extra forward each)."""
     from hirespath.segmentation.consumer import SegmentationConsumer

@@ -23,9 +23,14 @@ BLENDS = ("linear", "crop")
 FLOOR = 1e-3  # weight of cropped margins: a pixel only they cover still gets their prediction
 
 
-def to_uint8(probs: np.ndarray) -> np.ndarray:
-    """Probabilities as the map stores them: · 255, rounded, uint8 (values outside [0, 1] clipped)."""
-    return np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
+def to_uint8(probs: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Probabilities as the map stores them: · 255, rounded, uint8 (values outside [0, 1] clipped).
+    ``inplace``: ``probs`` (a float temporary) is overwritten on the way, with no other temporaries."""
+    if not inplace:
+        return np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
+    np.clip(probs, 0, 1, out=probs)
+    probs *= 255
+    return np.rint(probs, out=probs).astype(np.uint8)
 
 
 def blend_weights(size: int, overlap: int, mode: str = "linear") -> np.ndarray:
@@ -77,7 +82,7 @@ class ProbabilityStitcher:
         for r in range(0, self.shape[0], band):
             w = self.wsum[r : r + band]
             p = self.acc[r : r + band] / np.maximum(w, 1e-12)[..., None]
-            out[r : r + band] = to_uint8(p)
+            out[r : r + band] = to_uint8(p, inplace=True)
         out.flush()
         for name in ("acc", "wsum"):  # the float accumulators are no longer needed: free their disk now
             arr = getattr(self, name)
