@@ -76,10 +76,11 @@ def wsi(tmp_path_factory) -> Path:
     return root
 
 
-def run(ckpt, wsi, job_dir, tiling=TILING, **opts):
+def run(ckpt, wsi, job_dir, tiling=TILING, write_behind=None, **opts):
     opts = {"threshold": THRESHOLD, "min_area_um2": 0.0, **opts}
     return segment_slides(load_segmentation(ckpt), list_slides(wsi), job_dir, tiling,
-                          EmbedConfig(batch_size=4, num_workers=0), SegmentOptions(**opts), CPU)  # fmt: skip
+                          EmbedConfig(batch_size=4, num_workers=0, write_behind=write_behind), SegmentOptions(**opts),
+                          CPU)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -388,6 +389,15 @@ def test_task_composes_validates_and_refuses_bad_input_before_reading(ckpt, wsi,
     summary = task(ckpt.parent.parent, "tile.mpp=null", "tile.size=56", "tile.overlap=14")
     assert summary["tile_mpp"] == pytest.approx(0.2208 * 984 / 56) and summary["slides_done"] == 1
     assert (Path(summary["output_dir"]) / "s0.geojson").is_file()
+
+
+def test_stitching_behind_the_model_gives_the_same_map(done, ckpt, wsi, tmp_path):
+    """embed.write_behind=true (the CUDA default): tiles are blended in a background thread, in order."""
+    summary = run(ckpt, wsi, tmp_path / "job", write_behind=True, seam_check_share=1.0)
+    assert summary["done"][0]["stage_seconds"]["write_behind"] > 0
+    a = tifffile.imread(Path(done[1]["output_dir"]) / "s0_probs.tif")
+    b = tifffile.imread(Path(summary["output_dir"]) / "s0_probs.tif")
+    np.testing.assert_array_equal(a, b)
 
 
 def test_model_mpp_warning(done, ckpt, caplog):

@@ -101,7 +101,11 @@ def test_a_run_where_every_slide_fails_raises(tmp_path):
 
 @pytest.mark.parametrize(
     "field_, value, match",
-    [("reader", "foo", "reader must be one of threads, workers"), ("num_workers", -1, "num_workers must be")],
+    [
+        ("reader", "foo", "reader must be one of threads, workers"),
+        ("num_workers", -1, "num_workers must be"),
+        ("write_behind", "yes", "write_behind must be true, false or null"),
+    ],
 )
 def test_run_wide_options_are_refused_before_any_slide(slides, tmp_path, field_, value, match):
     with pytest.raises(ValueError, match=match):
@@ -136,7 +140,8 @@ def test_tokens_with_cls_plus_mean(slides, tmp_path):
     assert f["features"].shape[1] == 2 * dim and f["tokens"].shape[1] == dim
 
 
-def test_non_finite_tile_features_are_listed_not_written(slides, tmp_path):
+@pytest.mark.parametrize("write_behind", [False, True], ids=["inline", "write_behind"])
+def test_non_finite_tile_features_are_listed_not_written(slides, tmp_path, write_behind):
     enc = encoder()
     calls = {"n": 0}
     original = enc.forward
@@ -149,12 +154,56 @@ def test_non_finite_tile_features_are_listed_not_written(slides, tmp_path):
         return out
 
     enc.forward = overflowing
-    s = embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
+    # batches of 2: with write_behind several batches wait in the writer thread, refusals come back later
+    s = embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING,
+                     embed_cfg(batch_size=2, write_behind=write_behind), CPU)  # fmt: skip
     out = Path(s["features_dir"])
-    written = trident_h5.read_features(out / "s0.h5")["features"]
+    h5 = trident_h5.read_features(out / "s0.h5")
+    written = h5["features"]
     assert np.isfinite(written).all() and len(written) == s["done"][0]["tiles"]
     skipped = pd.read_csv(out / "skipped.csv")
     assert skipped.reason.str.contains("features are not finite").sum() == 1 and s["tiles_skipped"] == 1
+    assert (s["done"][0]["stage_seconds"]["write_behind"] > 0) == write_behind
+    # the same rows, in the same order, as writing in the calling thread
+    enc.forward = original
+    plain = embed_slides(enc, list_slides(slides)[:1], tmp_path / "plain", TILING, embed_cfg(batch_size=2), CPU)
+    want = trident_h5.read_features(Path(plain["features_dir"]) / "s0.h5")
+    keep = np.ones(len(want["coords"]), bool)
+    keep[0] = False  # the overflowing tile
+    np.testing.assert_array_equal(h5["coords"], want["coords"][keep])
+    np.testing.assert_allclose(written, want["features"][keep], rtol=1e-5, atol=1e-5)
+
+
+def test_write_behind_runs_the_sink_in_its_thread_and_a_failing_add_skips_the_slide(slides, tmp_path):
+    import threading
+
+    from hirespath.wsi.reader import SlideError
+
+    model = TileModel(torch.nn.Identity(), torch.device("cpu"), "fp32", 2, forward=lambda x: x.mean((1, 2, 3)))
+    threads, aborted = set(), []
+
+    @dataclass
+    class Failing(_MeanColour):
+        def open(self, spec, prepared, path):
+            sink = super().open(spec, prepared, path)
+            add, n = sink.add, [0]
+
+            def checked_add(tiles, output, images):
+                threads.add(threading.current_thread().name)
+                n[0] += 1
+                if spec.slide_id == "s0" and n[0] == 2:
+                    raise SlideError("disk full")
+                return add(tiles, output, images)
+
+            sink.add = checked_add
+            sink.abort = lambda: aborted.append(spec.slide_id)
+            return sink
+
+    job = SlideJob(tmp_path, TILING, num_workers=0, batch_size=2, write_behind=True)
+    s = run_slides(list_slides(slides), job, Failing(model), CPU)
+    assert {t.split("_")[0] for t in threads} == {"slide-write"}
+    assert s["slides_done"] == 1 and s["skipped"] == [{"slide": "s0", "reason": "disk full"}] and aborted == ["s0"]
+    assert (job.tiling_dir / "colours" / "s1.csv").is_file() and not (job.tiling_dir / "colours" / "s0.csv").exists()
 
 
 def test_upsampled_tiles_are_warned_and_listed(slides, tmp_path, caplog):

@@ -238,6 +238,7 @@ def slide_job(job_dir, tiling, embed, default_mpp: float | None = None) -> Slide
         num_workers=int(embed.num_workers), reader=str(embed.reader),
         threads=None if embed.threads is None else int(embed.threads),
         lock_stale_s=float(embed.lock_stale_hours) * 3600, overwrite=bool(getattr(embed, "overwrite", False)),
+        write_behind=getattr(embed, "write_behind", None),
     )  # fmt: skip
 
 

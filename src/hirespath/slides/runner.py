@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class SlideJob:
     lock_stale_s: float = 24 * 3600
     mask_max_side: int = 2048
     overwrite: bool = False  # replace outputs made with other settings instead of refusing
+    write_behind: bool | None = None  # sink.add in a background thread (WriteBehind); None: on CUDA only
 
     @property
     def tiling_tag(self) -> str:
@@ -185,6 +187,8 @@ def check_job(job: SlideJob) -> None:
         raise InputError(f"reader must be one of {', '.join(READERS)}, got {job.reader!r}")
     if job.threads is not None and not (isinstance(job.threads, int) and job.threads >= 1):
         raise InputError(f"threads must be a positive integer or null (automatic), got {job.threads!r}")
+    if job.write_behind not in (None, True, False):
+        raise InputError(f"write_behind must be true, false or null (on CUDA only), got {job.write_behind!r}")
     job_dir = Path(job.job_dir)
     if job_dir.exists() and not job_dir.is_dir():
         raise InputError(f"job_dir {str(job_dir)!r} is a file; pass a folder (it is created when missing)")
@@ -402,6 +406,43 @@ def _skip_row(spec: SlideSpec, reason: str) -> dict:
     return {"slide": spec.slide_id, "path": str(spec.path), "reason": reason}
 
 
+class WriteBehind:
+    """A sink whose ``add`` runs in one background thread, in order, while the caller goes on (the tile function
+    runs the next batch: on CUDA the GPU does not wait for the host's stitching or h5 appends). At most ``depth``
+    batches wait; ``add`` returns the refusals of the batches finished so far, ``drain`` those of the rest. An error
+    in a background add is raised by the next ``add`` or ``drain``."""
+
+    def __init__(self, sink: SlideSink, depth: int = 2):
+        self.sink, self.depth, self.seconds = sink, depth, 0.0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="slide-write")
+        self.pending: deque[Future] = deque()
+
+    def _add(self, tiles, output, images) -> list[tuple[int, str]]:
+        t0 = time.perf_counter()
+        try:
+            return self.sink.add(tiles, output, images)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _collect(self, keep: int) -> list[tuple[int, str]]:
+        refused = []
+        while len(self.pending) > keep:
+            refused += self.pending.popleft().result()
+        return refused
+
+    def add(self, tiles, output, images) -> list[tuple[int, str]]:
+        self.pending.append(self.pool.submit(self._add, tiles, output, images))
+        return self._collect(self.depth)
+
+    def drain(self) -> list[tuple[int, str]]:
+        return self._collect(0)
+
+    def stop(self) -> None:
+        """Wait for the add running now (before the sink is closed or aborted); drop those not started."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+
+
 def _run_slide(
     spec: SlideSpec,
     prepared: PreparedSlide,
@@ -423,6 +464,9 @@ def _run_slide(
     h2d_before = getattr(fn, "h2d_seconds", 0.0)
     t_open = time.perf_counter()
     sink = consumer.open(spec, prepared, out)
+    behind = job.write_behind if job.write_behind is not None else device.type == "cuda"
+    writer = WriteBehind(sink) if behind else None
+    add = writer.add if writer else sink.add
     try:
         t_wait = time.perf_counter()
         stages["write"] += t_wait - t_open  # creating the file
@@ -442,15 +486,23 @@ def _run_slide(
                     x, y = grid.coords[tiles[0]]
                     failed.append(f"tile {int(tiles[0])} at ({x}, {y}): out of memory at batch size 1")
                     continue
-                for t, why in sink.add(tiles, output, images[sub]):
+                for t, why in add(tiles, output, images[sub]):
                     x, y = grid.coords[t]
                     failed.append(f"tile {int(t)} at ({x}, {y}): {why}")
-            stages["write"] += time.perf_counter() - t2
+            stages["write"] += time.perf_counter() - t2  # with write_behind: the wait for the writer only
             tiles_bar.update(len(index))
             if policy is not None:
                 policy.observe(float(batch["read_s"].sum() + batch["resize_s"].sum()), time.perf_counter() - t_wait)
             t_wait = time.perf_counter()
         tiles_bar.close()
+        if writer is not None:
+            t_drain = time.perf_counter()
+            for t, why in writer.drain():
+                x, y = grid.coords[t]
+                failed.append(f"tile {int(t)} at ({x}, {y}): {why}")
+            writer.stop()
+            stages["write"] += time.perf_counter() - t_drain
+            stages["write_behind"] += writer.seconds
         if failed:
             log.warning("%s: %d tiles not written (%s)", spec.slide_id, len(failed), failed[0])
         t_close = time.perf_counter()
@@ -460,6 +512,8 @@ def _run_slide(
         stages["write"] += time.perf_counter() - t_close - extra
         stages["encode"] += extra
     except BaseException:
+        if writer is not None:
+            writer.stop()  # no add may run while the sink removes its files
         sink.abort()
         raise
     finally:

@@ -7,13 +7,14 @@ background while the current one runs, so this is what was not hidden), ``read``
 (host→device copies, CUDA), ``encode`` (the tile function's forward, synchronised), ``write`` (the sink),
 ``thumbnails`` (pictures drawn after a slide), ``bookkeeping`` (locks and the ledger). Overlapped work is summed
 apart: ``open`` and ``tissue`` in the background thread, ``reader_read`` (region read + decode) and
-``reader_resize`` in the tile readers.
+``reader_resize`` in the tile readers, ``write_behind`` in the sink's writer thread (``write_behind``: then
+``write`` is only the time spent waiting for it).
 """
 
 from __future__ import annotations
 
 STAGES = ("startup", "setup", "prepare", "read", "h2d", "encode", "write", "thumbnails", "bookkeeping")
-BACKGROUND = ("open", "tissue", "reader_read", "reader_resize")
+BACKGROUND = ("open", "tissue", "reader_read", "reader_resize", "write_behind")
 
 
 def zero_stages() -> dict[str, float]:
