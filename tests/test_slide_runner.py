@@ -287,6 +287,51 @@ def test_any_consumer_plugs_into_the_runner(slides, tmp_path):
     assert ((means > 0) & (means < 1)).all()
 
 
+def test_slides_close_behind_the_next_one(slides, tmp_path):
+    """write_behind: a slide's closing (sink close, consumer finish) runs in the closer thread while the next slide
+    streams; a closing that fails skips its slide only; the stage table still adds up to the wall time."""
+    import threading
+
+    from hirespath.slides.stages import STAGES
+    from hirespath.wsi.reader import SlideError
+
+    model = TileModel(torch.nn.Identity(), torch.device("cpu"), "fp32", 2, forward=lambda x: x.mean((1, 2, 3)))
+    finished_in = []
+
+    @dataclass
+    class Closing(_MeanColour):
+        def open(self, spec, prepared, path):
+            sink = super().open(spec, prepared, path)
+            close = sink.close
+
+            def checked_close():
+                if spec.slide_id == "s1":
+                    raise SlideError("cannot write the output")
+                return close()
+
+            sink.close = checked_close
+            return sink
+
+        def finish(self, spec, prepared, result, out_dir):
+            finished_in.append((spec.slide_id, threading.current_thread().name.split("_")[0]))
+
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    for i in range(3):
+        (wsi / f"s{i}.tiff").symlink_to(slides / f"s{i % 2}.tiff")
+    job = SlideJob(tmp_path / "job", TILING, num_workers=0, batch_size=2, write_behind=True)
+    s = run_slides(list_slides(wsi), job, Closing(model), CPU)
+    assert s["slides_done"] == 2 and s["skipped"] == [{"slide": "s1", "reason": "cannot write the output"}]
+    assert finished_in == [("s0", "slide-close"), ("s2", "slide-close")]
+    out = job.tiling_dir / "colours"
+    assert sorted(p.stem for p in out.glob("s?.csv")) == ["s0", "s2"]
+    assert not list(out.glob("*.lock"))  # every lock released
+    tracked = sum(s["stage_seconds"][k] for k in STAGES)
+    assert tracked <= s["seconds"] + 1e-6 and s["stage_seconds"]["write_behind"] > 0
+    timings = pd.read_csv(out / "timings.csv")
+    assert sorted(timings.slide) == ["s0", "s2"] and (timings.seconds <= s["seconds"]).all()
+
+
 def test_ledger_adds_keys_an_older_config_lacks(tmp_path):
     led = Ledger(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"tile_size": 224}))

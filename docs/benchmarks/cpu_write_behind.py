@@ -2,9 +2,9 @@
 batch without using the CPU (as a process waits for a GPU forward) and returns random class probabilities, so the
 host work — reading, blending tiles into the on-disk map — is what is measured, inline or behind the next batch
 (the probabilities are random but below the threshold: no polygons to trace, as they would be noise).
-One generated slide (segment_speed's kind, SIDE px), 1,792 px tiles, overlap 128, batch 1, 8 classes. ``write_s``
-is the main thread's writing (with write_behind: its wait), including the slide's closing (finalize, TIFF), the same
-in both; ``write_behind_s`` the writer thread's seconds.
+Three generated slides (segment_speed's kind, SIDE px), 1,792 px tiles, overlap 128, batch 1, 8 classes.
+``write_s`` is the main thread's writing (with write_behind: only its waits); ``write_behind_s`` the writer and closer
+threads' seconds (tiles blended; each slide's closing — finalize, pyramid, TIFF — while the next slide streams).
 
     python docs/benchmarks/cpu_write_behind.py [FORWARD_S] [SIDE] [OUT_DIR]
 """
@@ -48,16 +48,19 @@ model = SegmentationModel(hirespath.create_encoder("tiny", attention="sparse", w
                           num_queries=4, hidden_dim=32, decoder_layers=1, pixel_decoder_layers=1)  # fmt: skip
 seg = SegmentationCheckpoint(model.eval(), Path("simulated"), Path("."), None, list(CELL_TYPES), list(range(8)),
                              0.5, 984, "simulated")  # fmt: skip
-slide = synthetic_slide(out / "slide.tiff", side, 0.5)
+first = synthetic_slide(out / "s0.tiff", side, 0.5)
+slides = [first] + [first.with_name(f"s{i}.tiff") for i in (1, 2)]
+for extra in slides[1:]:
+    if not extra.exists():
+        extra.symlink_to(first.name)
 tiling = SimpleNamespace(size=1792, mpp=0.5, overlap=128, min_tissue=0.1)
 options = consumer.SegmentOptions(seam_check=False, overlay=False)
-print("write_behind,forward_s,tiles,seconds,encode_s,read_s,write_s,write_behind_s")
+print("write_behind,forward_s,slides,tiles,seconds,encode_s,read_s,write_s,write_behind_s")
 for behind in (False, True, False, True):
     reading = EmbedConfig(batch_size=1, num_workers=1, write_behind=behind)
     runtime = Runtime(device="cpu", progress=False, rank=0, world_size=1)
     job = Path(tempfile.mkdtemp(dir=out))
-    s = consumer.segment_slides(seg, [slide], job, tiling, reading, options, runtime)
-    (d,) = s["done"]
-    st = d["stage_seconds"]
-    print(f"{behind},{forward_s},{d['tiles']},{d['seconds']:.2f},{st['encode']:.2f},{st['read']:.2f},"
-          f"{st['write']:.2f},{st['write_behind']:.2f}")  # fmt: skip
+    s = consumer.segment_slides(seg, slides, job, tiling, reading, options, runtime)
+    st = s["stage_seconds"]
+    print(f"{behind},{forward_s},{s['slides_done']},{s['tiles']},{s['seconds']:.2f},{st['encode']:.2f},"
+          f"{st['read']:.2f},{st['write']:.2f},{st['write_behind']:.2f}")  # fmt: skip

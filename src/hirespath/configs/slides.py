@@ -48,7 +48,7 @@ class EmbedConfig:
     lock_stale_hours: float = 24.0
     encoder_tag: Optional[str] = None
     overwrite: bool = False  # replace features made with other settings (else such a run is refused)
-    write_behind: Optional[bool] = None  # the sink's writes in a background thread; null: on CUDA only
+    write_behind: Optional[bool] = None  # writes and slide closing behind the device; null: on CUDA only
 
 
 EMBED_KEYS = ("features", "tokens", "batch_size", "num_workers", "reader", "threads", "thumbnails", "overlay_tiles",

@@ -12,6 +12,7 @@ run goes on; a run in which no slide could be processed at all raises :class:`No
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -107,7 +108,7 @@ class SlideJob:
     lock_stale_s: float = 24 * 3600
     mask_max_side: int = 2048
     overwrite: bool = False  # replace outputs made with other settings instead of refusing
-    write_behind: bool | None = None  # sink.add in a background thread (WriteBehind); None: on CUDA only
+    write_behind: bool | None = None  # sink.add and slide closing in background threads; None: on CUDA only
 
     @property
     def tiling_tag(self) -> str:
@@ -293,35 +294,16 @@ def run_slides(
 
         prefetch(0)
         totals["setup"] = time.perf_counter() - t_start  # folder checks, the finished-slides scan, thread policy
-        for k, spec in enumerate(bar):
-            t_slide = time.perf_counter()
-            stages = zero_stages()
-            out = outputs[spec.slide_id]
-            lock = try_lock(out.with_name(out.name + ".lock"), stale_s=job.lock_stale_s)
-            finished = lock is not None and not job.overwrite and consumer.is_finished(out)  # by another worker
-            if lock is not None and not finished:
-                _remove_stale_temporaries(out_dir, out)
-            stages["bookkeeping"] += time.perf_counter() - t_slide
-            if lock is None or finished:
-                summary["slides_locked_by_others" if lock is None else "slides_already_finished"] += 1
-                futures.pop(spec.slide_id, None)
-                prefetch(k + 1)
-                if lock is not None:
-                    lock.release()
-                totals["bookkeeping"] += time.perf_counter() - t_slide
-                continue
+        # write_behind: a slide's closing (its sink's close and the consumer's finish) runs in this thread while
+        # the next slide streams; its lock is held until its bookkeeping is done here
+        closer = ThreadPoolExecutor(1, thread_name_prefix="slide-close") if _write_behind(job, device) else None
+        pending: list[tuple] = []  # (spec, lock, t_slide, stages, future) of the slide closing in the background
+
+        def settle(spec: SlideSpec, lock, t_slide: float, stages: dict, work: Callable[[], dict]) -> None:
+            """``work()`` (the slide's run, or the wait for its closing) and the slide's bookkeeping, here."""
             timing_row = None
             try:
-                bar.set_postfix_str(spec.slide_id)
-                future = futures.pop(spec.slide_id, None) or prep_pool.submit(prepare, spec)
-                prefetch(k + 1)
-                t0 = time.perf_counter()
-                prepared = future.result()
-                stages["prepare"] += time.perf_counter() - t0
-                stages["open"], stages["tissue"] = prepared.open_s, prepared.tissue_s
-                for w in prepared.warnings:
-                    summary["warnings"].setdefault(w.split(":")[0], []).append(spec.slide_id)
-                result = _run_slide(spec, prepared, out, out_dir, job, consumer, device, stages, runtime, policy)
+                result = work()
                 t0 = time.perf_counter()
                 summary["slides_done"] += 1
                 summary["tiles"] += result["tiles"]
@@ -329,7 +311,8 @@ def run_slides(
                 summary["tissue_mm2"] += result["tissue_mm2"] if np.isfinite(result["tissue_mm2"]) else 0.0
                 ledger.update_skipped([_skip_row(spec, r) for r in result["failed_tiles"]], done=[spec.slide_id])
                 stages["bookkeeping"] += time.perf_counter() - t0
-                seconds = time.perf_counter() - t_slide
+                # the time this thread spent on the slide (a closing behind the next slide is not counted twice)
+                seconds = time.perf_counter() - t_slide if closer is None else sum(stages[s] for s in STAGES)
                 result.update(seconds=seconds, stage_seconds=dict(stages))
                 summary["done"].append(result)
                 timing_row = {
@@ -361,6 +344,80 @@ def run_slides(
                 for s in totals:
                     if s != "startup":
                         totals[s] += stages[s]
+
+        def settle_pending() -> None:
+            if not pending:
+                return
+            spec, lock, t_slide, stages, future = pending.pop()
+
+            def wait() -> dict:
+                t0 = time.perf_counter()
+                try:
+                    result, background = future.result()
+                finally:
+                    stages["write"] += time.perf_counter() - t0  # what this thread waited for the closing
+                stages["write_behind"] += sum(background[s] for s in STAGES)
+                return result
+
+            settle(spec, lock, t_slide, stages, wait)
+
+        def stream(k: int, spec: SlideSpec, out: Path, stages: dict) -> Callable[[dict], dict]:
+            future = futures.pop(spec.slide_id, None) or prep_pool.submit(prepare, spec)
+            prefetch(k + 1)
+            t0 = time.perf_counter()
+            prepared = future.result()
+            stages["prepare"] += time.perf_counter() - t0
+            stages["open"], stages["tissue"] = prepared.open_s, prepared.tissue_s
+            for w in prepared.warnings:
+                summary["warnings"].setdefault(w.split(":")[0], []).append(spec.slide_id)
+            return _stream_slide(spec, prepared, out, out_dir, job, consumer, device, stages, runtime, policy)
+
+        try:
+            for k, spec in enumerate(bar):
+                t_slide = time.perf_counter()
+                stages = zero_stages()
+                out = outputs[spec.slide_id]
+                lock = try_lock(out.with_name(out.name + ".lock"), stale_s=job.lock_stale_s)
+                finished = lock is not None and not job.overwrite and consumer.is_finished(out)  # by another worker
+                if lock is not None and not finished:
+                    _remove_stale_temporaries(out_dir, out)
+                stages["bookkeeping"] += time.perf_counter() - t_slide
+                if lock is None or finished:
+                    summary["slides_locked_by_others" if lock is None else "slides_already_finished"] += 1
+                    futures.pop(spec.slide_id, None)
+                    prefetch(k + 1)
+                    if lock is not None:
+                        lock.release()
+                    totals["bookkeeping"] += time.perf_counter() - t_slide
+                    continue
+                bar.set_postfix_str(spec.slide_id)
+                if closer is None:
+                    settle(
+                        spec,
+                        lock,
+                        t_slide,
+                        stages,
+                        lambda k=k, spec=spec, out=out, st=stages: stream(k, spec, out, st)(st),
+                    )
+                    continue
+                try:
+                    closing = stream(k, spec, out, stages)
+                except BaseException as err:  # noqa: BLE001 — settled (skipped or raised) like any failed slide
+                    settle(spec, lock, t_slide, stages, functools.partial(_reraise, err))
+                    continue
+                settle_pending()  # the previous slide closed while this one streamed
+
+                def close_behind(closing=closing) -> tuple[dict, dict]:
+                    background = zero_stages()
+                    return closing(background), background
+
+                pending.append((spec, lock, t_slide, stages, closer.submit(close_behind)))
+        finally:
+            try:
+                settle_pending()
+            finally:
+                if closer is not None:
+                    closer.shutdown(wait=True)
         bar.close()
 
     ledger.update_skipped([])  # the file exists (header only) even when nothing was skipped
@@ -443,7 +500,15 @@ class WriteBehind:
         self.pending.clear()
 
 
-def _run_slide(
+def _reraise(err: BaseException):
+    raise err
+
+
+def _write_behind(job: SlideJob, device: torch.device) -> bool:
+    return job.write_behind if job.write_behind is not None else device.type == "cuda"
+
+
+def _stream_slide(
     spec: SlideSpec,
     prepared: PreparedSlide,
     out: Path,
@@ -454,8 +519,10 @@ def _run_slide(
     stages: dict,
     runtime: Runtime,
     policy: AdaptiveThreads | None,
-) -> dict:
-    """Stream the prepared slide's tiles through the tile function into the consumer's sink."""
+) -> Callable[[dict], dict]:
+    """Stream the prepared slide's tiles through the tile function into the consumer's sink; returns the slide's
+    closing: ``close(stages)`` closes the sink, runs the consumer's finish and returns the result (its seconds go
+    into ``stages``: this slide's, or a background account when it runs behind the next slide)."""
     grid, fn = prepared.grid, consumer.tile_function
     ds = SlideTileDataset(spec.path, grid.coords, grid.patch_size_level0, int(job.tiling.size), level=grid.read_level)
     batches = tile_batches(ds, job.batch_size, reader=job.reader, num_workers=job.num_workers,
@@ -464,8 +531,7 @@ def _run_slide(
     h2d_before = getattr(fn, "h2d_seconds", 0.0)
     t_open = time.perf_counter()
     sink = consumer.open(spec, prepared, out)
-    behind = job.write_behind if job.write_behind is not None else device.type == "cuda"
-    writer = WriteBehind(sink) if behind else None
+    writer = WriteBehind(sink) if _write_behind(job, device) else None
     add = writer.add if writer else sink.add
     try:
         t_wait = time.perf_counter()
@@ -505,12 +571,6 @@ def _run_slide(
             stages["write_behind"] += writer.seconds
         if failed:
             log.warning("%s: %d tiles not written (%s)", spec.slide_id, len(failed), failed[0])
-        t_close = time.perf_counter()
-        info = sink.close()
-        # the final flush and rename; tile-function work the sink did on closing (encode_seconds) is the model's
-        extra = float(info.pop("encode_seconds", 0.0))
-        stages["write"] += time.perf_counter() - t_close - extra
-        stages["encode"] += extra
     except BaseException:
         if writer is not None:
             writer.stop()  # no add may run while the sink removes its files
@@ -524,9 +584,23 @@ def _run_slide(
         h2d = getattr(fn, "h2d_seconds", 0.0) - h2d_before  # measured inside the tile function: move it out
         stages["h2d"] += h2d
         stages["encode"] -= h2d
-    result = {"slide": spec.slide_id, "failed_tiles": failed, "tissue_mm2": grid.tissue_area_mm2,
-              "patches_reused": prepared.reused, **info}  # fmt: skip
-    t3 = time.perf_counter()
-    consumer.finish(spec, prepared, result, out_dir)
-    stages["thumbnails"] += time.perf_counter() - t3
-    return result
+
+    def close(stages: dict) -> dict:
+        t_close = time.perf_counter()
+        try:
+            info = sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        # the final flush and rename; tile-function work the sink did on closing (encode_seconds) is the model's
+        extra = float(info.pop("encode_seconds", 0.0))
+        stages["write"] += time.perf_counter() - t_close - extra
+        stages["encode"] += extra
+        result = {"slide": spec.slide_id, "failed_tiles": failed, "tissue_mm2": grid.tissue_area_mm2,
+                  "patches_reused": prepared.reused, **info}  # fmt: skip
+        t3 = time.perf_counter()
+        consumer.finish(spec, prepared, result, out_dir)
+        stages["thumbnails"] += time.perf_counter() - t3
+        return result
+
+    return close

@@ -7,8 +7,8 @@ background while the current one runs, so this is what was not hidden), ``read``
 (host→device copies, CUDA), ``encode`` (the tile function's forward, synchronised), ``write`` (the sink),
 ``thumbnails`` (pictures drawn after a slide), ``bookkeeping`` (locks and the ledger). Overlapped work is summed
 apart: ``open`` and ``tissue`` in the background thread, ``reader_read`` (region read + decode) and
-``reader_resize`` in the tile readers, ``write_behind`` in the sink's writer thread (``write_behind``: then
-``write`` is only the time spent waiting for it).
+``reader_resize`` in the tile readers, ``write_behind`` in the writer and closer threads (``write_behind``: then
+``write`` is only the time spent waiting for them).
 """
 
 from __future__ import annotations

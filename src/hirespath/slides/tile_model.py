@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +66,7 @@ class TileModel:
         self.forward = forward or module
         self.batch_size = int(batch_size)
         self.input_dtype = self.weights_dtype or torch.float32
+        self._lock = threading.Lock()
         self.h2d_seconds = 0.0  # host→device copies (pinned, non-blocking, then synchronised to time them)
 
     def _run(self, images: torch.Tensor):
@@ -79,7 +81,12 @@ class TileModel:
             return self.forward(x)
 
     def __call__(self, images: torch.Tensor) -> list[tuple[np.ndarray, Any]]:
-        """[(indices into images, output) or (index, None) for a single tile that ran out of memory]."""
+        """[(indices into images, output) or (index, None) for a single tile that ran out of memory]. One call at a
+        time: a slide closing behind the next one (its seam check) waits for the batch running now."""
+        with self._lock:
+            return self._call(images)
+
+    def _call(self, images: torch.Tensor) -> list[tuple[np.ndarray, Any]]:
         results, start = [], 0
         while start < len(images):
             chunk = images[start : start + self.batch_size]
