@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,12 +162,43 @@ def finish_runs(loggers: Iterable[Any] = (), exit_code: int = 0) -> None:
         import wandb
     except ImportError:  # pragma: no cover
         return
+    logs = []
     for lg in _wandb_loggers(loggers):
         run = getattr(lg, "_experiment", None)
         if run is not None:
+            logs.append(_offline_log(run))
             run.finish(exit_code=exit_code)
     if wandb.run is not None:
+        logs.append(_offline_log(wandb.run))
         wandb.finish(exit_code=exit_code)
+    for log_path in filter(None, logs):
+        _wait_for_exit_record(log_path)
+
+
+def _offline_log(run) -> Path | None:
+    """The transaction log of an offline run (None online or when the settings do not say)."""
+    settings = getattr(run, "settings", None)
+    if getattr(settings, "mode", None) not in ("offline", "dryrun"):
+        return None
+    path = getattr(settings, "sync_file", None)
+    return Path(path) if path else None
+
+
+def _wait_for_exit_record(path: Path, timeout_s: float = 30.0) -> None:
+    """``finish`` can return before W&B's service has written the run's last records to an offline log: wait (at
+    most ``timeout_s``) until its exit record is on disk, so that what reads the run next (``hirespath report``, a
+    sync) sees it whole."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if read_offline_run(path.parent)["finished"]:
+                return
+        except (OSError, ValueError):  # not written yet, or a record cut short
+            pass
+        if time.monotonic() > deadline:
+            log.warning("W&B offline run %s: no exit record after %.0f s", path.parent, timeout_s)
+            return
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------ reading offline runs (before `wandb sync`)
