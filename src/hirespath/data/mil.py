@@ -106,12 +106,9 @@ def _scan_feature_file(p: Path) -> tuple[dict, bool]:
     row.update(dict.fromkeys(IDENTITY_ATTRS))
     try:
         info = trident_h5.inspect_features(p)
-    except OSError as err:  # unreadable / truncated h5
+    except (OSError, ValueError) as err:  # unreadable / truncated h5 (may pass: not cached), or not a feature file
         row["error"] = f"cannot read {p.name}: {err}"
-        return row, False
-    except ValueError as err:  # not a feature file
-        row["error"] = f"cannot read {p.name}: {err}"
-        return row, True
+        return row, isinstance(err, ValueError)
     row.update(n_tiles=info["n_tiles"], dim=info["dim"], tile_size=info["tile_size"])
     row.update({k: info["features_attrs"].get(k) for k in IDENTITY_ATTRS})
     if row["n_tiles"] == 0:

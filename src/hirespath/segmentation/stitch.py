@@ -26,11 +26,9 @@ FLOOR = 1e-3  # weight of cropped margins: a pixel only they cover still gets th
 def to_uint8(probs: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Probabilities as the map stores them: · 255, rounded, uint8 (values outside [0, 1] clipped).
     ``inplace``: ``probs`` (a float temporary) is overwritten on the way, with no other temporaries."""
-    if not inplace:
-        return np.rint(np.clip(probs, 0, 1) * 255).astype(np.uint8)
-    np.clip(probs, 0, 1, out=probs)
-    probs *= 255
-    return np.rint(probs, out=probs).astype(np.uint8)
+    p = np.clip(probs, 0, 1, out=probs if inplace else None)
+    p *= 255
+    return np.rint(p, out=p).astype(np.uint8)
 
 
 def blend_weights(size: int, overlap: int, mode: str = "linear") -> np.ndarray:

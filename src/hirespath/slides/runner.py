@@ -391,19 +391,13 @@ def run_slides(
                     totals["bookkeeping"] += time.perf_counter() - t_slide
                     continue
                 bar.set_postfix_str(spec.slide_id)
-                if closer is None:
-                    settle(
-                        spec,
-                        lock,
-                        t_slide,
-                        stages,
-                        lambda k=k, spec=spec, out=out, st=stages: stream(k, spec, out, st)(st),
-                    )
-                    continue
                 try:
                     closing = stream(k, spec, out, stages)
                 except BaseException as err:  # noqa: BLE001 — settled (skipped or raised) like any failed slide
                     settle(spec, lock, t_slide, stages, functools.partial(_reraise, err))
+                    continue
+                if closer is None:
+                    settle(spec, lock, t_slide, stages, functools.partial(closing, stages))
                     continue
                 settle_pending()  # the previous slide closed while this one streamed
 
@@ -528,6 +522,11 @@ def _stream_slide(
     batches = tile_batches(ds, job.batch_size, reader=job.reader, num_workers=job.num_workers,
                            pin_memory=device.type == "cuda")  # fmt: skip
     failed: list[str] = []
+
+    def refused(tile: int, why: str) -> None:
+        x, y = grid.coords[tile]
+        failed.append(f"tile {int(tile)} at ({x}, {y}): {why}")
+
     h2d_before = getattr(fn, "h2d_seconds", 0.0)
     t_open = time.perf_counter()
     sink = consumer.open(spec, prepared, out)
@@ -549,12 +548,10 @@ def _stream_slide(
             for sub, output in results:
                 tiles = index[sub]
                 if output is None:
-                    x, y = grid.coords[tiles[0]]
-                    failed.append(f"tile {int(tiles[0])} at ({x}, {y}): out of memory at batch size 1")
+                    refused(tiles[0], "out of memory at batch size 1")
                     continue
                 for t, why in add(tiles, output, images[sub]):
-                    x, y = grid.coords[t]
-                    failed.append(f"tile {int(t)} at ({x}, {y}): {why}")
+                    refused(t, why)
             stages["write"] += time.perf_counter() - t2  # with write_behind: the wait for the writer only
             tiles_bar.update(len(index))
             if policy is not None:
@@ -564,8 +561,7 @@ def _stream_slide(
         if writer is not None:
             t_drain = time.perf_counter()
             for t, why in writer.drain():
-                x, y = grid.coords[t]
-                failed.append(f"tile {int(t)} at ({x}, {y}): {why}")
+                refused(t, why)
             writer.stop()
             stages["write"] += time.perf_counter() - t_drain
             stages["write_behind"] += writer.seconds

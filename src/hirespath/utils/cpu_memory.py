@@ -63,6 +63,6 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Return the freed memory kept for reuse to the OS (glibc's ``malloc_trim``); reuse stays on for what comes
     next. True when memory was returned; False when nothing is kept (``keep_freed_memory`` not in effect)."""
-    if not _state or _libc is None:
+    if _libc is None:  # set only when keep_freed_memory took effect
         return False
     return bool(_libc.malloc_trim(0))
