@@ -22,7 +22,7 @@ from hirespath.data.segpath import CELL_TYPES
 from hirespath.heads.mask2former import SegmentationModel
 from hirespath.segmentation import CLASS_COLORS, SegmentOptions, load_segmentation, segment_slides
 from hirespath.segmentation.polygons import mask_polygons, masks_polygons
-from hirespath.segmentation.stitch import ProbabilityStitcher, blend_weights
+from hirespath.segmentation.stitch import ProbabilityStitcher, blend_weights, to_uint8
 from hirespath.slides import Runtime
 from hirespath.utils.errors import InputError
 from hirespath.wsi import qupath
@@ -288,6 +288,46 @@ def test_blending_has_no_seams_and_single_tiles_are_exact(tmp_path):
     lin, crop = blend_weights(64, 16, "linear"), blend_weights(64, 16, "crop")
     assert lin[0, 32] < lin[8, 32] < lin[16, 32] == 1  # falls to the border over the overlap
     assert crop[7, 32] < 0.01 and crop[8, 32] == 1  # cropped margins of overlap / 2
+
+
+def test_stitcher_writes_blocks_as_their_last_tile_arrives(tmp_path):
+    rng = np.random.default_rng(0)
+    H, W, S, step = 150, 300, 64, 48
+    w = blend_weights(S, 16, "linear")
+    starts = [(x, y) for y in range(0, H, step) for x in range(-8, W, step)]  # raster order, some half outside
+    tiles = {xy: rng.random((3, S, S), dtype=np.float32).astype(np.float16) for xy in starts}
+    # the reference: whole-map float sums, as Σ w·p / Σ w
+    acc, wsum = np.zeros((H, W, 3), np.float32), np.zeros((H, W), np.float32)
+    for (x, y), p in tiles.items():
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + S, W), min(y + S, H)
+        acc[y0:y1, x0:x1] += (
+            p[:, y0 - y : y1 - y, x0 - x : x1 - x].astype(np.float32).transpose(1, 2, 0)
+            * (w[y0 - y : y1 - y, x0 - x : x1 - x, None])
+        )
+        wsum[y0:y1, x0:x1] += w[y0 - y : y1 - y, x0 - x : x1 - x]
+    expected = to_uint8(acc / np.maximum(wsum, 1e-12)[..., None])
+    for positions, threads in ((None, 1), (starts, 1), (starts, 2)):
+        st = ProbabilityStitcher(tmp_path, ".blocks", (H, W), 3, w, positions=positions, block=32, threads=threads)
+        for xy in starts:
+            st.add(*xy, tiles[xy])
+            if positions is not None:  # blocks no later tile reaches are written and freed on the way
+                assert all(st.pending[k] > 0 for k in st.open)
+        assert np.array_equal(np.asarray(st.finalize()), expected)
+        blocks = -(-H // 32) * -(-W // 32)
+        assert st.peak_open == blocks if positions is None else st.peak_open <= 3 * -(-W // 32)
+        st.cleanup()
+    assert not list(tmp_path.glob(".blocks*"))
+
+    # a listed tile never added (an unreadable one): its blocks are written at the end from the others; a tile
+    # reaching a block already written was not listed: an error, not a silently wrong map
+    st = ProbabilityStitcher(tmp_path, ".missing", (H, W), 3, w, positions=starts, block=32)
+    for xy in starts[1:]:
+        st.add(*xy, tiles[xy])
+    m = np.asarray(st.finalize())
+    assert (m[:step, :40] == 0).all() and m[:step, 40:].max(-1).all()  # x < 40, y < 48: seen by the missing tile alone
+    with pytest.raises(RuntimeError, match="already written"):
+        st.add(*starts[-1], tiles[starts[-1]])
+    st.cleanup()
 
 
 def test_polygons_have_pixel_areas_holes_and_no_specks():

@@ -18,10 +18,11 @@ rng = np.random.default_rng(0)
 small = ndimage.gaussian_filter(rng.normal(size=(side // 16, side // 16, 8)).astype(np.float32), (2, 2, 0))
 probs = 1 / (1 + np.exp(-(ndimage.zoom(small, (16, 16, 1), order=1) * 6 - 2)))
 with tempfile.TemporaryDirectory(dir=".") as tmp:
-    st = ProbabilityStitcher(Path(tmp), "bench", (side, side), 8, np.ones((1, 1), np.float32))
     weight = (0.5 + rng.random((side, side), dtype=np.float32)).astype(np.float32)
-    st.acc[:] = probs * weight[..., None]  # as if tiles had been added: Σ w·p and Σ w
-    st.wsum[:] = weight
+    # as if tiles had been added: one map-sized "tile" of weights ``weight`` (sums Σ w·p and Σ w, kept in memory
+    # as no positions are listed), then the timed part
+    st = ProbabilityStitcher(Path(tmp), "bench", (side, side), 8, weight)
+    st.add(0, 0, np.ascontiguousarray(probs.transpose(2, 0, 1)))
     t0 = time.perf_counter()
     level0 = st.finalize()
     t1 = time.perf_counter()

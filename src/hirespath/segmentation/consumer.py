@@ -131,7 +131,8 @@ class SegmentationSink:
         self.scale, self.shape, self.map_mpp = map_geometry(self.grid)
         self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers
         weights = blend_weights(self.grid.tile_size, self.grid.overlap, consumer.options.blend)
-        self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.shape, len(consumer.classes), weights)
+        self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.shape, len(consumer.classes), weights,
+                                            positions=[self._map_xy(t) for t in range(len(self.grid))])  # fmt: skip
         self.levels: list = []
         self.tiles = 0
 
@@ -141,10 +142,13 @@ class SegmentationSink:
             if not np.isfinite(output[i]).all():
                 refused.append((int(t), "probabilities are not finite (NaN/inf; fp16 overflow? use bf16-mixed)"))
                 continue
-            x, y = self.grid.coords[t]
-            self.stitcher.add(round(x * self.scale), round(y * self.scale), output[i])
+            self.stitcher.add(*self._map_xy(t), output[i])
             self.tiles += 1
         return refused
+
+    def _map_xy(self, tile: int) -> tuple[int, int]:
+        x, y = self.grid.coords[tile]
+        return round(x * self.scale), round(y * self.scale)
 
     def _temp(self, name: str) -> Path:
         return self.path.parent / f"{self.prefix}.{name}.tmp"

@@ -47,15 +47,16 @@ def predict_uint8(model, class_index: list[int], image: np.ndarray) -> np.ndarra
 def stitched_uint8(model, class_index: list[int], image: np.ndarray, tile: int, overlap: int, blend: str,
                    folder: Path) -> np.ndarray:  # fmt: skip
     H, W = image.shape[:2]
-    st = ProbabilityStitcher(folder, f".seams.{blend}", (H, W), len(class_index), blend_weights(tile, overlap, blend))
+    starts = [(x, y) for y in tile_starts(H, tile, overlap) for x in tile_starts(W, tile, overlap)]
+    weights = blend_weights(tile, overlap, blend)
+    st = ProbabilityStitcher(folder, f".seams.{blend}", (H, W), len(class_index), weights, positions=starts)
     try:
-        for y in tile_starts(H, tile, overlap):
-            for x in tile_starts(W, tile, overlap):
-                crop = torch.from_numpy(np.array(image[y : y + tile, x : x + tile])).permute(2, 0, 1)
-                with torch.inference_mode():
-                    batch = crop[None].to(_device(model)).float() / 255
-                    p = tile_probabilities(model, batch, class_index)[0].cpu().numpy()
-                st.add(x, y, p)
+        for x, y in starts:
+            crop = torch.from_numpy(np.array(image[y : y + tile, x : x + tile])).permute(2, 0, 1)
+            with torch.inference_mode():
+                batch = crop[None].to(_device(model)).float() / 255
+                p = tile_probabilities(model, batch, class_index)[0].cpu().numpy()
+            st.add(x, y, p)
         return np.array(st.finalize())
     finally:
         st.cleanup()
