@@ -349,6 +349,23 @@ def test_polygons_have_pixel_areas_holes_and_no_specks():
     assert g.area == pytest.approx(mask.sum() - 9 - 4 + 1, rel=0.02)
 
 
+def test_polygons_split_diagonal_bridges_and_keep_pixel_areas_on_noise(monkeypatch):
+    from hirespath.segmentation import polygons
+
+    m = np.zeros((6, 6), bool)
+    m[2, 2] = m[3, 3] = True  # two pixels meeting at a corner only
+    g = mask_polygons(lambda a, b: m[a:b], 6)
+    assert g.is_valid and len(g.geoms) == 2 and g.geoms[0].intersection(g.geoms[1]).area == 0
+    assert sorted(p.area for p in g.geoms) == pytest.approx([0.9, 1.0], abs=0.01)  # the upper one: ~0.1 px² less
+    noise = np.random.default_rng(1).random((256, 256)) < 0.5  # thousands of bridges (they used to add 6 % of area)
+    whole = mask_polygons(lambda a, b: noise[a:b], 256, band=4096)
+    assert whole.is_valid and whole.area == pytest.approx(noise.sum(), rel=0.02)
+    for carry in (1 << 25, 0):  # a giant 8-connected region: carried whole, or cut at every band edge and unioned
+        monkeypatch.setattr(polygons, "CARRY_PIXELS", carry)
+        g = mask_polygons(lambda a, b: noise[a:b], 256, band=64)
+        assert g.is_valid and whole.symmetric_difference(g).area < (1e-9 if carry else 1e-3) * whole.area
+
+
 def test_polygons_of_a_region_with_thousands_of_holes():
     # tissue-like: one region with a 1 px hole every 4 px (2,500 holes) — each hole used to cost an overlay of the
     # whole region (minutes at slide scale); now the rings are put together and checked once
@@ -361,22 +378,30 @@ def test_polygons_of_a_region_with_thousands_of_holes():
         assert g.area == pytest.approx(mask.sum() + 2500 * 0.25, rel=1e-6)
 
 
-def test_polygons_in_bands_and_simplified_ring_by_ring_equal_the_whole_masks():
+def test_polygons_in_bands_and_simplified_ring_by_ring_equal_the_whole_masks(monkeypatch):
     from scipy import ndimage
 
-    from hirespath.segmentation.polygons import _band_polygons, _joined_across_bands, _simplified
+    from hirespath.segmentation import polygons
+    from hirespath.segmentation.polygons import _band_polygons, _simplified, _touching_joined
 
     rng = np.random.default_rng(0)
     field = ndimage.gaussian_filter(rng.standard_normal((256, 256)), 2)
     for cut in (-0.3 * field.std(), 0.0):  # mostly foreground with holes; blobs
         mask = field > cut
         whole = mask_polygons(lambda a, b, m=mask: m[a:b], 256, band=4096)
-        banded = mask_polygons(lambda a, b, m=mask: m[a:b], 256, band=48)  # only polygons cut by a band edge are joined
-        # the same regions; traced corners differ by ≤ 1/16 px² where a cut crosses them
-        assert banded.is_valid and whole.symmetric_difference(banded).area < 1e-3 * whole.area
+        # open regions carried until they end: traced whole, the same polygons as in one band
+        banded = mask_polygons(lambda a, b, m=mask: m[a:b], 256, band=48)
+        assert banded.is_valid and whole.symmetric_difference(banded).area < 1e-9 * whole.area
+        assert len(banded.geoms) == len(whole.geoms)
+        for carry in (100 * 256, 0):  # regions taller than 100 rows, or than a band, cut: the pieces unioned;
+            monkeypatch.setattr(polygons, "CARRY_PIXELS", carry)  # traced corners differ by ≤ 1/16 px² at a cut
+            g = mask_polygons(lambda a, b, m=mask: m[a:b], 256, band=48)
+            assert g.is_valid and whole.symmetric_difference(g).area < 1e-3 * whole.area
+            assert abs(len(g.geoms) - len(whole.geoms)) <= 2
+        monkeypatch.undo()
         parts = [p for y0 in range(0, 256, 48) for p in _band_polygons(np.ascontiguousarray(mask[y0 : y0 + 48]), y0)]
-        union = shapely.union_all(parts)  # what joining only the polygons cut by a band edge must equal
-        joined = shapely.MultiPolygon(_joined_across_bands(parts, 48, 256))
+        union = shapely.union_all(parts)  # what joining the touching pieces of cut regions must equal
+        joined = shapely.MultiPolygon(_touching_joined(np.asarray(parts, dtype=object)))
         assert len(joined.geoms) == len(union.geoms) and union.symmetric_difference(joined).area < 1e-9
         assert whole.area == pytest.approx(mask.sum(), rel=0.01)
         # several masks read together (the consumer's one pass over the map) give each mask's own polygons
