@@ -414,7 +414,9 @@ def test_polygons_in_bands_and_simplified_ring_by_ring_equal_the_whole_masks(mon
         ours = shapely.MultiPolygon(_simplified(list(whole.geoms), 1.0))
         assert ours.is_valid and len(ours.geoms) == len(whole.geoms)
         assert shapely.hausdorff_distance(ours, whole) <= shapely.hausdorff_distance(reference, whole) + 1e-9
-        assert reference.symmetric_difference(ours).area < 1e-3 * whole.area
+        # plain Douglas-Peucker per ring: as close to the unsimplified polygons as GEOS's result (within 2 %)
+        assert ours.symmetric_difference(whole).area <= 1.02 * reference.symmetric_difference(whole).area
+        assert reference.symmetric_difference(ours).area < 2e-3 * whole.area
 
 
 def test_task_composes_validates_and_refuses_bad_input_before_reading(ckpt, wsi, tmp_path):

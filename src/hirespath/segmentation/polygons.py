@@ -23,7 +23,7 @@ def _band_polygons(mask: np.ndarray, y0: int) -> list[Polygon]:
     # traced at twice the resolution (each pixel 2×2): the centre paths lie a quarter pixel inside the pixel edges
     # and diagonal staircases become 2-px steps, so growing by a quarter pixel puts every edge within 1/20 px² per
     # step of the true pixel edges (at the mask's own resolution, diagonals would be off by 0.2 px² per step)
-    mask2 = np.repeat(np.repeat(mask.astype(np.uint8), 2, 0), 2, 1)
+    mask2 = cv2.resize(mask.astype(np.uint8), (2 * mask.shape[1], 2 * mask.shape[0]), interpolation=cv2.INTER_NEAREST)
     _split_diagonal_bridges(mask.astype(bool, copy=False), mask2)
     contours, hierarchy = cv2.findContours(mask2, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
@@ -79,9 +79,10 @@ def _regions(rings: list[np.ndarray]) -> np.ndarray:
 
 
 def _with_holes(shell, holes: list):
-    """``shell`` minus ``holes``. A hole lies inside its shell and apart from the shell's other holes (pixel
-    edges), so the polygon is usually just the rings put together: one validity check instead of an overlay of the
-    whole shell per hole (which made a region with thousands of holes take minutes); otherwise the overlay."""
+    """``shell`` minus ``holes``. A hole lies inside its shell and, with diagonal bridges split, shares no point with
+    the shell or the shell's other holes, so the polygon is just the rings put together: no overlay of the whole
+    shell per hole (which made a region with thousands of holes take minutes) and no validity check per polygon
+    (a third of the tracing time on blob maps; the mask's final check in ``_finished`` covers any exception)."""
     if not holes:
         return shell
     if (
@@ -89,9 +90,7 @@ def _with_holes(shell, holes: list):
         and not shell.interiors
         and all(isinstance(h, Polygon) and not h.interiors for h in holes)
     ):
-        poly = Polygon(shell.exterior, [h.exterior for h in holes])
-        if poly.is_valid:
-            return poly
+        return Polygon(shell.exterior, [h.exterior for h in holes])
     return shell.difference(shapely.union_all(holes))
 
 
@@ -206,18 +205,24 @@ def _finished(regions: list, pieces: list, min_area: float, simplify: float):
 
 
 def _simplified(polys: list[Polygon], tolerance: float) -> list[Polygon]:
-    """Each ring simplified on its own (topology-preserving Douglas-Peucker); a polygon whose rings then cross is
-    simplified whole. Ring by ring is >10× faster than GEOS's simplifier on a polygon with thousands of holes (its
-    cost grows with the rings it checks against each other); it differs only where GEOS kept a vertex because another
-    ring came within the tolerance, and validity is checked here instead."""
+    """Each ring simplified on its own by plain Douglas-Peucker, 16× faster than GEOS's topology-preserving
+    simplifier (0.05 s vs 0.9 s for a 4,096 px blob map's rings); a ring that then crosses or collapses is
+    simplified with its topology kept, and a polygon whose rings then cross each other is simplified whole. Ring by
+    ring is also >10× faster than GEOS on a polygon with thousands of holes (its cost grows with the rings it checks
+    against each other); the result differs only where GEOS kept a vertex because another ring came within the
+    tolerance, and validity is checked here instead."""
     rings = [[p.exterior, *p.interiors] for p in polys]
     every = np.asarray([r for rs in rings for r in rs], dtype=object)
-    flat = shapely.simplify(every, tolerance, preserve_topology=True)
+    flat = shapely.simplify(every, tolerance, preserve_topology=False)
+    bad = shapely.get_num_coordinates(flat) < 4
+    bad[~bad] = ~shapely.is_valid(shapely.polygons(flat[~bad]))
+    if bad.any():
+        flat[bad] = shapely.simplify(every[bad], tolerance, preserve_topology=True)
     out, k = [], 0
     for p, rs in zip(polys, rings):
         q = Polygon(flat[k], list(flat[k + 1 : k + len(rs)]))
         k += len(rs)
-        # one ring simplified with its topology kept is a valid polygon; holes may now touch the shell
+        # a simple ring is a valid polygon; holes may now touch or cross the shell
         out.append(q if len(rs) == 1 or q.is_valid else shapely.simplify(p, tolerance, preserve_topology=True))
     return _flat(out)
 
