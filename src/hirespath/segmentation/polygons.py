@@ -14,12 +14,18 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import shapely
-from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry import Polygon
 
 from ..wsi.qupath import valid_geometry
 
 
-def _band_polygons(mask: np.ndarray, y0: int) -> list[Polygon]:
+def _band_polygons(mask: np.ndarray, y0: int) -> np.ndarray:
+    # only the rows that hold pixels: a band's mask of finished regions is often empty over the rows carried for
+    # regions still open, and every step below costs per pixel
+    rows = np.flatnonzero(mask.any(1))
+    if not len(rows):
+        return np.empty(0, dtype=object)
+    mask, y0 = mask[rows[0] : rows[-1] + 1], y0 + int(rows[0])
     # traced at twice the resolution (each pixel 2×2): the centre paths lie a quarter pixel inside the pixel edges
     # and diagonal staircases become 2-px steps, so growing by a quarter pixel puts every edge within 1/20 px² per
     # step of the true pixel edges (at the mask's own resolution, diagonals would be off by 0.2 px² per step)
@@ -27,7 +33,7 @@ def _band_polygons(mask: np.ndarray, y0: int) -> list[Polygon]:
     _split_diagonal_bridges(mask.astype(bool, copy=False), mask2)
     contours, hierarchy = cv2.findContours(mask2, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
-        return []
+        return np.empty(0, dtype=object)
     parent = hierarchy[0][:, 3]
     is_hole = parent != -1
     # every contour at once (shapely's array functions: no Python loop per contour): a shell grown, a hole shrunk
@@ -37,11 +43,15 @@ def _band_polygons(mask: np.ndarray, y0: int) -> list[Polygon]:
     grown[~is_hole] = shapely.buffer(regions[~is_hole], 0.25, cap_style="square", join_style="mitre", mitre_limit=2.0)
     grown[is_hole] = shapely.buffer(regions[is_hole], -0.25, join_style="mitre", mitre_limit=2.0)
     holes: dict[int, list] = {}
-    for j in np.flatnonzero(is_hole):
-        if not grown[j].is_empty:
-            holes.setdefault(int(parent[j]), []).append(grown[j])
-    polys = [_with_holes(grown[i], holes.get(int(i), [])) for i in np.flatnonzero(~is_hole)]
-    return [p for p in polys if not p.is_empty]
+    for j in np.flatnonzero(is_hole & ~shapely.is_empty(grown)):
+        holes.setdefault(int(parent[j]), []).append(grown[j])
+    # shells without holes as they are (no Python per polygon: a slide's class can have tens of thousands)
+    shells = np.flatnonzero(~is_hole)
+    polys = grown[shells]
+    for i, k in zip(shells, range(len(shells))):
+        if int(i) in holes:
+            polys[k] = _with_holes(grown[i], holes[int(i)])
+    return polys[~shapely.is_empty(polys)]
 
 
 def _split_diagonal_bridges(mask: np.ndarray, mask2: np.ndarray) -> None:
@@ -95,7 +105,8 @@ def _with_holes(shell, holes: list):
 
 
 # a region open at a band's bottom is carried while its rows hold at most this many pixels (a band more if the band
-# is larger): 32 MB of mask per class, ~0.3 GB while it is traced at 2× with its labels
+# is larger): 32 MB of mask per class, ~0.3 GB while it is traced at 2× with its labels. Carried rows are labelled
+# again with every band; shorter carries (more cuts, more unions) were no faster overall (docs/benchmarks.md)
 CARRY_PIXELS = 1 << 25
 
 
@@ -148,7 +159,7 @@ class _BandTracer:
         m, top = (np.concatenate([self.carry, rows]), self.top) if self.carry is not None else (rows, y0)
         self.carry = None
         if last and not self.cuts:
-            self.regions += _band_polygons(m, top)
+            self.regions.extend(_band_polygons(m, top))
             return
         n, labels, stats, _ = cv2.connectedComponentsWithStats(m.view(np.uint8), connectivity=8)
         first = stats[:, cv2.CC_STAT_TOP]
@@ -166,13 +177,13 @@ class _BandTracer:
         is_piece |= is_cut
         carried = is_open & ~is_cut
         if not is_piece.any() and not carried.any():
-            self.regions += _band_polygons(m, top)
+            self.regions.extend(_band_polygons(m, top))
             self.cuts = []
             return
         kind = np.where(carried, 2, np.where(is_piece, 1, 0)).astype(np.uint8)[labels]
-        self.regions += _band_polygons(m & (kind == 0), top)
+        self.regions.extend(_band_polygons(m & (kind == 0), top))
         if (kind == 1).any():
-            self.pieces += _band_polygons(kind == 1, top)
+            self.pieces.extend(_band_polygons(kind == 1, top))
         if carried.any():
             start = int(first[carried].min())
             self.carry, self.top = np.ascontiguousarray(kind[start:] == 2), top + start
@@ -184,57 +195,62 @@ class _BandTracer:
 
 def _finished(regions: list, pieces: list, min_area: float, simplify: float):
     """One mask's polygons, the pieces of cut regions joined, specks and small holes dropped, simplified: a valid
-    geometry or None."""
-    if not regions and not pieces:
-        return None
+    geometry or None. Array functions throughout; Python loops only over polygons with holes."""
+    polys = np.concatenate([_flat(regions), _touching_joined(_flat(pieces))])
     # no validity check here (a whole-MultiPolygon check was 18 % of this function): the regions are disjoint and
     # touching pieces are unioned; the check after simplifying covers any exception
-    kept = []
-    for p in _flat(regions) + _touching_joined(np.asarray(_flat(pieces), dtype=object)):
-        if p.area < min_area:
-            continue
-        rings = np.asarray(p.interiors, dtype=object)
-        holes = rings[shapely.area(shapely.polygons(rings)) >= min_area] if len(rings) else rings
-        kept.append(Polygon(p.exterior, list(holes)))
-    if not kept:
+    polys = polys[shapely.area(polys) >= min_area]
+    if min_area > 0:
+        for i in np.flatnonzero(shapely.get_num_interior_rings(polys) > 0):
+            rings = np.asarray(polys[i].interiors, dtype=object)
+            small = shapely.area(shapely.polygons(rings)) < min_area
+            if small.any():
+                polys[i] = Polygon(polys[i].exterior, list(rings[~small]))
+    if not len(polys):
         return None
     if simplify > 0:
-        kept = _simplified(kept, simplify)
-    geom = valid_geometry(MultiPolygon(kept))
+        polys = _simplified(polys, simplify)
+    geom = valid_geometry(shapely.multipolygons(polys))
     return geom if not geom.is_empty else None
 
 
-def _simplified(polys: list[Polygon], tolerance: float) -> list[Polygon]:
-    """Each ring simplified on its own by plain Douglas-Peucker, 16× faster than GEOS's topology-preserving
-    simplifier (0.05 s vs 0.9 s for a 4,096 px blob map's rings); a ring that then crosses or collapses is
-    simplified with its topology kept, and a polygon whose rings then cross each other is simplified whole. Ring by
-    ring is also >10× faster than GEOS on a polygon with thousands of holes (its cost grows with the rings it checks
-    against each other); the result differs only where GEOS kept a vertex because another ring came within the
-    tolerance, and validity is checked here instead."""
-    rings = [[p.exterior, *p.interiors] for p in polys]
-    every = np.asarray([r for rs in rings for r in rs], dtype=object)
-    flat = shapely.simplify(every, tolerance, preserve_topology=False)
-    bad = shapely.get_num_coordinates(flat) < 4
-    bad[~bad] = ~shapely.is_valid(shapely.polygons(flat[~bad]))
-    if bad.any():
-        flat[bad] = shapely.simplify(every[bad], tolerance, preserve_topology=True)
-    out, k = [], 0
-    for p, rs in zip(polys, rings):
-        q = Polygon(flat[k], list(flat[k + 1 : k + len(rs)]))
-        k += len(rs)
+def _simplified(polys, tolerance: float) -> np.ndarray:
+    """Each ring simplified on its own (:func:`_simplified_rings`); a polygon whose rings then cross each other is
+    simplified whole. Ring by ring is >10× faster than GEOS on a polygon with thousands of holes (its cost grows
+    with the rings it checks against each other); the result differs only where GEOS kept a vertex because another
+    ring came within the tolerance, and validity is checked here instead."""
+    polys = np.asarray(polys, dtype=object)
+    out = np.empty(len(polys), dtype=object)
+    simple = shapely.get_num_interior_rings(polys) == 0
+    out[simple] = shapely.polygons(_simplified_rings(shapely.get_exterior_ring(polys[simple]), tolerance))
+    for i in np.flatnonzero(~simple):
+        p = polys[i]
+        rings = _simplified_rings(np.asarray([p.exterior, *p.interiors], dtype=object), tolerance)
+        q = Polygon(rings[0], list(rings[1:]))
         # a simple ring is a valid polygon; holes may now touch or cross the shell
-        out.append(q if len(rs) == 1 or q.is_valid else shapely.simplify(p, tolerance, preserve_topology=True))
+        out[i] = q if q.is_valid else shapely.simplify(p, tolerance, preserve_topology=True)
     return _flat(out)
 
 
-def _touching_joined(polys: np.ndarray) -> list[Polygon]:
+def _simplified_rings(rings: np.ndarray, tolerance: float) -> np.ndarray:
+    """Plain Douglas-Peucker, 16× faster than GEOS's topology-preserving simplifier (0.05 s vs 0.9 s for a 4,096 px
+    blob map's rings); a ring that then crosses itself or collapses is simplified with its topology kept."""
+    flat = shapely.simplify(rings, tolerance, preserve_topology=False)
+    bad = shapely.get_num_coordinates(flat) < 4
+    bad[~bad] = ~shapely.is_valid(shapely.polygons(flat[~bad]))
+    if bad.any():
+        flat[bad] = shapely.simplify(rings[bad], tolerance, preserve_topology=True)
+    return flat
+
+
+def _touching_joined(polys: np.ndarray) -> np.ndarray:
     """``polys`` with every group of touching ones replaced by its union: one small union per group instead of one
     union of them all (which overlays unrelated geometry again and again: 13 s of a 7,168 px map's 27)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     if len(polys) == 0:
-        return []
+        return polys
     i, j = shapely.STRtree(polys).query(polys, predicate="intersects")
     n, label = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(len(polys),) * 2), directed=False)
     order = np.argsort(label, kind="stable")
@@ -242,11 +258,9 @@ def _touching_joined(polys: np.ndarray) -> list[Polygon]:
     return _flat([polys[g[0]] if len(g) == 1 else shapely.union_all(polys[g]) for g in groups])
 
 
-def _flat(geoms) -> list[Polygon]:
-    out = []
-    for g in geoms:
-        if isinstance(g, Polygon):
-            out.append(g)
-        elif hasattr(g, "geoms"):
-            out += _flat(g.geoms)
-    return [p for p in out if isinstance(p, Polygon) and not p.is_empty]
+def _flat(geoms) -> np.ndarray:
+    """The non-empty polygons of ``geoms`` (Polygons, MultiPolygons, collections of them), as an object array."""
+    parts = np.asarray(geoms if isinstance(geoms, np.ndarray) else list(geoms), dtype=object)
+    while len(parts) and (multi := shapely.get_type_id(parts) >= 4).any():  # Multi*, GeometryCollection
+        parts = np.concatenate([parts[~multi], shapely.get_parts(parts[multi])])
+    return parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)] if len(parts) else parts
