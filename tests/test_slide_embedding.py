@@ -222,6 +222,22 @@ def test_tile_grid_follows_tridents_grid_and_keeps_tissue(wsi_dir):
         tile_grid(wsi_dir / "synth.tiff", TILE, MPP, overlap=112)
 
 
+def test_regions_read_on_white_opaque_or_not():
+    from hirespath.wsi.reader import on_white
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (40, 50, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    opaque = on_white(Image.fromarray(rgba, "RGBA"))  # the fast path: channels kept as they are
+    assert opaque.mode == "RGB" and (np.asarray(opaque) == rgba[..., :3]).all()
+    rgba[:10, :, 3] = 0  # outside the scan: white, not the (black) colour under zero alpha
+    rgba[10:20, :, 3] = 128
+    rgb = np.asarray(on_white(Image.fromarray(rgba, "RGBA"))).astype(int)
+    assert (rgb[:10] == 255).all() and (np.abs(rgb[20:] - rgba[20:, :, :3]) <= 0).all()
+    half = (rgba[10:20, :, :3].astype(int) * 128 + 255 * 127) / 255
+    assert np.abs(rgb[10:20] - half).max() <= 1
+
+
 def test_edge_tiles_are_padded_white_not_stretched(wsi_dir):
     g = tile_grid(wsi_dir / "synth.tiff", TILE, MPP, min_tissue=0.25)
     x, y = 896, 224  # last column: 104 of its 224 level-0 px lie inside the 1000 px wide slide

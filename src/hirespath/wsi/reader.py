@@ -114,8 +114,12 @@ def open_slide(path: str | Path):
 
 
 def on_white(region: Image.Image) -> Image.Image:
-    """RGBA from read_region → RGB with transparent pixels (outside the scan, alpha-masked) white, not black."""
-    if region.mode != "RGBA":
+    """RGBA from read_region → RGB with transparent pixels (outside the scan, alpha-masked) white, not black.
+
+    A region that is opaque throughout (nearly every tile) is only converted: compositing on a white canvas took
+    27 ms of a 1,792 px tile's ~90 ms read, mostly holding the GIL, so it serialised a GPU host's reader threads;
+    checking the alpha channel first takes 3 ms and releases it."""
+    if region.mode != "RGBA" or region.getchannel("A").getextrema()[0] == 255:
         return region.convert("RGB")
     return Image.alpha_composite(Image.new("RGBA", region.size, (255, 255, 255, 255)), region).convert("RGB")
 
