@@ -113,6 +113,21 @@ def test_run_wide_options_are_refused_before_any_slide(slides, tmp_path, field_,
     assert not list(tmp_path.rglob("*.h5"))
 
 
+def test_readers_default_to_the_device(slides, tmp_path, monkeypatch):
+    from hirespath.slides import runner
+
+    # a GPU outruns one reader: every core but two (the launches, the writer), at most 16; on CPU one
+    for cores, readers in ((2, 1), (3, 1), (16, 14), (64, 16)):
+        monkeypatch.setattr(runner, "available_cores", lambda c=cores: c)
+        assert runner.default_readers(torch.device("cuda")) == readers
+        assert runner.default_readers(torch.device("cpu")) == 1
+    assert EmbedConfig().num_workers is None  # the config's default: automatic
+    s = embed_slides(encoder(), list_slides(slides)[:1], tmp_path, TILING, embed_cfg(num_workers=None), CPU)
+    assert (
+        s["num_workers"] == 1 and s["done"] and pd.read_csv(Path(s["features_dir"]) / "timings.csv").num_workers[0] == 1
+    )
+
+
 def test_job_dir_that_is_a_file_is_refused(slides, tmp_path):
     f = tmp_path / "job"
     f.write_text("x")

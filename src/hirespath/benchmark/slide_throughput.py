@@ -111,7 +111,7 @@ def benchmark_embedding(
     tile_mpp: float = 0.5,
     min_tissue: float = 0.25,
     batch_size: int = 4,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     reader: str = "threads",
     threads: int | None = None,
     device: str | torch.device | None = None,

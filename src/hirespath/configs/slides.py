@@ -40,7 +40,7 @@ class EmbedConfig:
     tokens: bool = False
     token_scores: bool = False  # per-patch global-attention scores per tile (h5 `token_scores`: token heatmaps)
     batch_size: int = 4
-    num_workers: int = 1
+    num_workers: Optional[int] = None  # tile readers; null: every core but two on CUDA (≤ 16), 1 on CPU
     reader: str = "threads"  # threads | workers
     threads: Optional[int] = None
     thumbnails: bool = True
@@ -111,9 +111,11 @@ def check_embed(cfg: DictConfig, problems: Problems) -> None:
         problems.bad("embed.features", e["features"], one_of(e["features"], FEATURES))
     if not (is_int(e["batch_size"]) and e["batch_size"] >= 1):
         problems.bad("embed.batch_size", e["batch_size"], "an integer >= 1 (tiles per forward)")
-    if not (is_int(e["num_workers"]) and e["num_workers"] >= 0):
+    if e["num_workers"] is not None and not (is_int(e["num_workers"]) and e["num_workers"] >= 0):
         problems.bad(
-            "embed.num_workers", e["num_workers"], "an integer >= 0 (tile readers; 0: read in the main thread)"
+            "embed.num_workers",
+            e["num_workers"],
+            "an integer >= 0 (tile readers; 0: read in the main thread) or null (automatic)",
         )
     if e["reader"] not in READERS:
         problems.bad("embed.reader", e["reader"], one_of(e["reader"], READERS))

@@ -235,7 +235,7 @@ def slide_job(job_dir, tiling, embed, default_mpp: float | None = None) -> Slide
     or any objects with their fields)."""
     return SlideJob(
         job_dir=Path(job_dir), tiling=tiling, default_mpp=default_mpp, batch_size=int(embed.batch_size),
-        num_workers=int(embed.num_workers), reader=str(embed.reader),
+        num_workers=None if embed.num_workers is None else int(embed.num_workers), reader=str(embed.reader),
         threads=None if embed.threads is None else int(embed.threads),
         lock_stale_s=float(embed.lock_stale_hours) * 3600, overwrite=bool(getattr(embed, "overwrite", False)),
         write_behind=getattr(embed, "write_behind", None),
