@@ -121,6 +121,8 @@ def test_readers_default_to_the_device(slides, tmp_path, monkeypatch):
         monkeypatch.setattr(runner, "available_cores", lambda c=cores: c)
         assert runner.default_readers(torch.device("cuda")) == readers
         assert runner.default_readers(torch.device("cpu")) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks on this node share its 64 cores
+    assert runner.default_readers(torch.device("cuda")) == 14
     assert EmbedConfig().num_workers is None  # the config's default: automatic
     s = embed_slides(encoder(), list_slides(slides)[:1], tmp_path, TILING, embed_cfg(num_workers=None), CPU)
     assert (

@@ -505,8 +505,12 @@ def _reraise(err: BaseException):
 def default_readers(device: torch.device) -> int:
     """Tile readers when none are asked for. On CUDA every core but two (the main thread's kernel launches and
     the writer's), at most 16: a GPU encodes a 1,792 px tile faster than one thread reads it (on an H200, 8 readers
-    still bound the run). On CPU one: the encoder needs the cores (its threads follow how busy the readers are)."""
-    return min(16, max(1, available_cores() - 2)) if device.type == "cuda" else 1
+    still bound the run). The cores are shared with the other ranks on this node (torchrun's LOCAL_WORLD_SIZE). On
+    CPU one: the encoder needs the cores (its threads follow how busy the readers are)."""
+    if device.type != "cuda":
+        return 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(16, max(1, available_cores() // local_ranks - 2))
 
 
 def _write_behind(job: SlideJob, device: torch.device) -> bool:
