@@ -16,14 +16,10 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import torch
+from simulated_segmentation import generated_slides, simulated_checkpoint
 
-import hirespath
-from hirespath.benchmark.slide_throughput import synthetic_slide
 from hirespath.configs import EmbedConfig
-from hirespath.data.segpath import CELL_TYPES
-from hirespath.heads.mask2former import SegmentationModel
 from hirespath.segmentation import consumer
-from hirespath.segmentation.model import SegmentationCheckpoint
 from hirespath.slides import Runtime
 
 side = int(sys.argv[1]) if len(sys.argv) > 1 else 7168
@@ -46,18 +42,10 @@ def blob_forward(model, class_index):
 
 
 consumer.probabilities_forward = blob_forward
-torch.manual_seed(0)
-model = SegmentationModel(hirespath.create_encoder("tiny", attention="sparse", window=8), num_classes=8,
-                          num_queries=4, hidden_dim=32, decoder_layers=1, pixel_decoder_layers=1)  # fmt: skip
-seg = SegmentationCheckpoint(model.eval(), Path("simulated"), Path("."), None, list(CELL_TYPES), list(range(8)),
-                             0.5, 984, "simulated")  # fmt: skip
+seg = simulated_checkpoint()
 with tempfile.TemporaryDirectory(dir=".") as tmp:
     out = Path(tmp)
-    first = synthetic_slide(out / "s0.tiff", side, 0.5)
-    slides = [first]
-    for i in range(1, n_slides):
-        slides.append(first.with_name(f"s{i}.tiff"))
-        slides[-1].symlink_to(first.name)
+    slides = generated_slides(out, side, n_slides)
     tiling = SimpleNamespace(size=1792, mpp=0.5, overlap=128, min_tissue=0.1)
     options = consumer.SegmentOptions(seam_check=False, overlay=False)
     reading = EmbedConfig(batch_size=1, num_workers=1, write_behind=False)

@@ -17,14 +17,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from simulated_segmentation import generated_slides, simulated_checkpoint
 
-import hirespath
-from hirespath.benchmark.slide_throughput import synthetic_slide
 from hirespath.configs import EmbedConfig
-from hirespath.data.segpath import CELL_TYPES
-from hirespath.heads.mask2former import SegmentationModel
 from hirespath.segmentation import consumer
-from hirespath.segmentation.model import SegmentationCheckpoint
 from hirespath.slides import Runtime
 
 forward_s = float(sys.argv[1]) if len(sys.argv) > 1 else 0.3
@@ -43,16 +39,8 @@ def simulated_forward(model, class_index):
 
 
 consumer.probabilities_forward = simulated_forward
-torch.manual_seed(0)
-model = SegmentationModel(hirespath.create_encoder("tiny", attention="sparse", window=8), num_classes=8,
-                          num_queries=4, hidden_dim=32, decoder_layers=1, pixel_decoder_layers=1)  # fmt: skip
-seg = SegmentationCheckpoint(model.eval(), Path("simulated"), Path("."), None, list(CELL_TYPES), list(range(8)),
-                             0.5, 984, "simulated")  # fmt: skip
-first = synthetic_slide(out / "s0.tiff", side, 0.5)
-slides = [first] + [first.with_name(f"s{i}.tiff") for i in (1, 2)]
-for extra in slides[1:]:
-    if not extra.exists():
-        extra.symlink_to(first.name)
+seg = simulated_checkpoint()
+slides = generated_slides(out, side, 3)
 tiling = SimpleNamespace(size=1792, mpp=0.5, overlap=128, min_tissue=0.1)
 options = consumer.SegmentOptions(seam_check=False, overlay=False)
 print("write_behind,forward_s,slides,tiles,seconds,encode_s,read_s,write_s,write_behind_s")
