@@ -249,18 +249,22 @@ class SegmentationModel(nn.Module):
             self.m2f.criterion.set_targets(None, None)
 
     @staticmethod
-    def semantic_probs(out, size: tuple[int, int], classes: Tensor | None = None, query_chunk: int = 16) -> Tensor:
+    def semantic_probs(
+        out, size: tuple[int, int], classes: Tensor | None = None, query_chunk: int = 16, class_index=None
+    ) -> Tensor:
         """Mask2Former's semantic inference: Σ_q softmax(class_q)[c] · sigmoid(mask_q), at ``size``.
 
-        B×C×H×W, or with ``classes`` (B class indices) B×H×W for each image's class only; the query masks are then
-        upsampled ``query_chunk`` at a time (100 masks at 984 px would take 390 MB per image).
+        B×C×H×W (C: the classes ``class_index`` lists, else every class), or with ``classes`` (B class indices)
+        B×H×W for each image's class only. The query masks are upsampled ``query_chunk`` at a time (100 masks of a
+        1,792 px tile would take 1.3 GB) and summed by one matrix product per chunk into the classes, in place
+        (an einsum per chunk copied the upsampled masks: 1.43 s → 0.81 s per 1,792 px tile, the same sums).
         """
         cls = out.class_queries_logits.float().softmax(-1)[..., :-1]  # drop "no object"
-        if classes is None:
-            masks = F.interpolate(out.masks_queries_logits.float(), size=size, mode="bilinear", align_corners=False)
-            return torch.einsum("bqc,bqhw->bchw", cls, masks.sigmoid())
-        weight = cls.gather(-1, classes.view(-1, 1, 1).expand(-1, cls.shape[1], 1))[..., 0]  # B×Q
-        total = cls.new_zeros(cls.shape[0], *size)
+        if classes is not None:
+            weight = cls.gather(-1, classes.view(-1, 1, 1).expand(-1, cls.shape[1], 1))  # B×Q×1
+        else:
+            weight = cls if class_index is None else cls[..., list(class_index)]  # B×Q×C
+        total = cls.new_zeros(cls.shape[0], weight.shape[-1], size[0] * size[1])
         for q in range(0, cls.shape[1], query_chunk):
             masks = F.interpolate(
                 out.masks_queries_logits[:, q : q + query_chunk].float(),
@@ -268,5 +272,6 @@ class SegmentationModel(nn.Module):
                 mode="bilinear",
                 align_corners=False,
             )
-            total += torch.einsum("bq,bqhw->bhw", weight[:, q : q + query_chunk], masks.sigmoid())
-        return total
+            total.baddbmm_(weight[:, q : q + query_chunk].transpose(1, 2), masks.sigmoid_().flatten(2))
+        total = total.view(cls.shape[0], -1, *size)
+        return total if classes is None else total[:, 0]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ..data.segpath import CELL_TYPES, MPP
@@ -150,15 +149,7 @@ def load_segmentation(ckpt) -> SegmentationCheckpoint:
 
 def tile_probabilities(model, images01: torch.Tensor, class_index: list[int], query_chunk: int = 16) -> torch.Tensor:
     """Per-class probabilities B×C×H×W (float32) of uint8-derived images in [0, 1], at the images' own size:
-    Mask2Former's semantic inference Σ_q softmax(class_q)[c] · sigmoid(upsampled mask_q), as ``segment`` evaluates
-    (``SegmentationModel.semantic_probs``), with the query masks upsampled a chunk at a time (100 masks of a
-    1,792 px tile would take 1.3 GB)."""
+    Mask2Former's semantic inference as ``segment`` evaluates it (``SegmentationModel.semantic_probs``)."""
     out = model(model.encoder.normalize(images01))
     size = tuple(images01.shape[-2:])
-    cls = out.class_queries_logits.float().softmax(-1)[..., class_index]  # B×Q×C
-    total = cls.new_zeros(cls.shape[0], cls.shape[2], *size)
-    for q in range(0, cls.shape[1], query_chunk):
-        masks = F.interpolate(out.masks_queries_logits[:, q : q + query_chunk].float(), size=size, mode="bilinear",
-                              align_corners=False)  # fmt: skip
-        total += torch.einsum("bqc,bqhw->bchw", cls[:, q : q + query_chunk], masks.sigmoid())
-    return total.clamp_(0, 1)
+    return model.semantic_probs(out, size, query_chunk=query_chunk, class_index=class_index).clamp_(0, 1)
