@@ -170,6 +170,45 @@ def _criterion_losses(criterion, logits, classes, masks, labels, valid, seed=0):
         criterion.set_targets(None, None)
 
 
+def test_attention_masks_at_their_size_give_transformers_outputs(monkeypatch):
+    """At inference only the decoder's last mask prediction runs at 1/4 of the image; the others (attention masks
+    only) are made at their own size. Outputs equal transformers' predictor, also with two threads at once."""
+    import threading
+
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerMaskPredictor
+
+    torch.manual_seed(0)
+    model = SegmentationModel(tiny_encoder(), num_classes=8, num_queries=20, hidden_dim=32, decoder_layers=4,
+                              pixel_decoder_layers=1).eval()  # fmt: skip
+    predictor = model.m2f.model.transformer_module.decoder.mask_predictor
+    x = torch.rand(2, 3, 224, 224)
+    full_size = []
+    transformers_forward = Mask2FormerMaskPredictor.forward
+
+    def spy(self, *args, **kwargs):
+        full_size.append(1)
+        return transformers_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Mask2FormerMaskPredictor, "forward", spy)
+    with torch.no_grad():
+        fast = model(x)
+        assert len(full_size) == 1  # of 4 calls (one, then one per layer)
+        results = {}
+        threads = [threading.Thread(target=lambda k=k: results.setdefault(k, model(x[k : k + 1]))) for k in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        predictor.__class__ = Mask2FormerMaskPredictor  # transformers' own, every call at 1/4
+        full_size.clear()
+        reference = model(x)
+        assert len(full_size) == 4
+    for out in (fast, SimpleNamespace(**{k: torch.cat([getattr(results[i], k) for i in (0, 1)]) for k in
+                                          ("masks_queries_logits", "class_queries_logits")})):  # fmt: skip
+        torch.testing.assert_close(out.masks_queries_logits, reference.masks_queries_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.class_queries_logits, reference.class_queries_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_ignore_aware_loss_equals_transformers_without_ignore_pixels():
     """With every pixel labelled, the ignore-aware matcher and mask losses are transformers' own, number for number."""
     criterion = _model().m2f.criterion

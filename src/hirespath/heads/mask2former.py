@@ -15,6 +15,7 @@ sampled points whose neighbourhood is labelled only; without ignore pixels every
 
 from __future__ import annotations
 
+import threading
 import warnings
 from types import SimpleNamespace
 
@@ -26,6 +27,7 @@ from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerHungarianMatcher,
     Mask2FormerLoss,
+    Mask2FormerMaskPredictor,
     Mask2FormerPixelDecoder,
     sample_point,
 )
@@ -145,6 +147,50 @@ class PartialLabelMask2FormerLoss(Mask2FormerLoss):
         return {"loss_cross_entropy": (weight * loss).sum() / weight.sum()}
 
 
+# per thread (the seam check may run the model in a closer thread while the main thread runs the next slide):
+# id(mask predictor) → the calls left in this forward and its pixel embeddings resized per attention-mask size
+_FORWARD_STATE = threading.local()
+
+
+class _InferenceMaskPredictor(Mask2FormerMaskPredictor):
+    """transformers' mask predictor, but at inference the masks that only make the next decoder layer's attention
+    mask are computed at that mask's size (1/32 to 1/8 of the image) from downsampled pixel embeddings, instead of
+    at 1/4 and then downsampled: bilinear resizing is linear, so it commutes with the sum over channels. Only the
+    decoder's last call (the model's output masks) runs at 1/4. The attention masks equal transformers' up to
+    rounding (a logit within ~1e-6 of 0 may fall on the other side); training is transformers' code unchanged.
+    The decoder's pre-hook (:func:`_start_decoder_forward`) starts each forward's count of calls."""
+
+    def forward(self, outputs: Tensor, pixel_embeddings: Tensor, attention_mask_target_size=None):
+        state = _FORWARD_STATE.__dict__.get(id(self))
+        if state is not None:
+            state.calls_left -= 1
+        if self.training or state is None or state.calls_left <= 0 or attention_mask_target_size is None:
+            _FORWARD_STATE.__dict__.pop(id(self), None)
+            return super().forward(outputs, pixel_embeddings, attention_mask_target_size)
+        size = tuple(attention_mask_target_size)
+        if size not in state.resized:  # 3 sizes over the 9 calls: each downsampling done once
+            state.resized[size] = F.interpolate(pixel_embeddings, size=size, mode="bilinear", align_corners=False)
+        embeddings = self.mask_embedder(outputs.transpose(0, 1))
+        outputs_mask = torch.einsum("bqc, bchw -> bqhw", embeddings, state.resized[size])
+        attention_mask = outputs_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1)
+        return outputs_mask, (attention_mask.flatten(0, 1) < 0.5).bool().detach()
+
+
+def _start_decoder_forward(decoder: nn.Module, args) -> None:
+    """The decoder's forward pre-hook: its mask predictor is called once, then once per layer."""
+    _FORWARD_STATE.__dict__[id(decoder.mask_predictor)] = SimpleNamespace(calls_left=len(decoder.layers) + 1,
+                                                                          resized={})  # fmt: skip
+
+
+def _predict_attention_masks_at_their_size(decoder: nn.Module) -> None:
+    """Swap the decoder's mask predictor for :class:`_InferenceMaskPredictor` (same weights and state-dict keys),
+    where transformers' decoder has the layout it was written against; otherwise leave it as it is."""
+    if type(getattr(decoder, "mask_predictor", None)) is not Mask2FormerMaskPredictor or not hasattr(decoder, "layers"):
+        return
+    decoder.mask_predictor.__class__ = _InferenceMaskPredictor
+    decoder.register_forward_pre_hook(_start_decoder_forward)
+
+
 class _AdapterBackbone(nn.Module):
     """What transformers' pixel-level module expects from a backbone: ``.channels`` and ``(x).feature_maps``."""
 
@@ -221,6 +267,7 @@ class SegmentationModel(nn.Module):
             if isinstance(mod, MSDeformAttn):
                 m2f._init_weights(mod)
         m2f.criterion = PartialLabelMask2FormerLoss(config=config, weight_dict=m2f.weight_dict)
+        _predict_attention_masks_at_their_size(m2f.model.transformer_module.decoder)
         self.m2f = m2f
         self.num_classes = num_classes
 
