@@ -7,8 +7,8 @@ tile, written and read three times. Two ways round it, the same bilinear samplin
 align_corners=False) and weights, equal up to float rounding:
 
 - on CUDA each chunk of queries is sampled (``grid_sample``) and weighted one level at a time into its output, so a
-  few MB are live (2-core CPU, narrowed UNI2-h head, interleaved A/B: a 1,792 px forward 15.2–15.9 s instead of
-  17.8–19.2 s; 518 px unchanged);
+  few MB are live (measured when this was also the CPU path, 2-core CPU, narrowed UNI2-h head, interleaved A/B: a
+  1,792 px forward 15.2–15.9 s instead of transformers' 17.8–19.2 s; 518 px unchanged);
 - on CPU the four corners of every sampling point are gathered as rows of a channels-last table and summed with
   their bilinear × attention weights by one ``embedding_bag`` per chunk of queries: ``grid_sample`` reads each
   channel of a corner from a different plane, the table a corner's channels as one row; 2× faster than the chunked

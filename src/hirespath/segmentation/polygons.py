@@ -48,7 +48,7 @@ def _band_polygons(mask: np.ndarray, y0: int) -> np.ndarray:
     # shells without holes as they are (no Python per polygon: a slide's class can have tens of thousands)
     shells = np.flatnonzero(~is_hole)
     polys = grown[shells]
-    for i, k in zip(shells, range(len(shells))):
+    for k, i in enumerate(shells):
         if int(i) in holes:
             polys[k] = _with_holes(grown[i], holes[int(i)])
     return polys[~shapely.is_empty(polys)]

@@ -38,8 +38,8 @@ def run_embedding_benchmark(cfg, out_dir: Path) -> dict:
     rows = benchmark_embedding(
         slide, configs, backbone=cfg.backbone.name, overrides=dict(cfg.backbone.get("overrides") or {}),
         weights=cfg.backbone.weights, tile_mpp=float(tile.mpp), min_tissue=float(tile.min_tissue),
-        batch_size=int(embed.batch_size), reader=str(embed.reader), threads=embed.threads, device=device,
-        num_workers=None if embed.num_workers is None else int(embed.num_workers), precision=str(s.precision),
+        batch_size=int(embed.batch_size), num_workers=embed.num_workers, reader=str(embed.reader),
+        threads=embed.threads, device=device, precision=str(s.precision),
         seed=int(cfg.seed),
     )  # fmt: skip
     write_embedding_csv(rows, out_dir / "embedding_benchmark.csv")
