@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU figures for issue 26 (table1_cost, max resolution in 80 GB, embed_speed), one call.
+# GPU figures for issue 26 (table1_cost, max resolution in 80 GB, embed_speed), one call (prepare: gpu_prepare.sh).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 WANDB_MODE=offline HYDRA_FULL_ERROR=1
 L=$OUT/log.txt
@@ -15,8 +15,9 @@ echo "table1 rc=$? $(( $(date +%s)-T0 ))s" | tee -a $L
 cp /tmp/t1/benchmark.csv $OUT/table1_cost.csv 2>/dev/null; cp /tmp/t1/benchmark.png $OUT/table1_cost.png 2>/dev/null
 # 2. whole-slide embedding throughput, full UNI2-h bf16-mixed
 echo "embed start $(date -u +%H:%M:%S.%N)" >> $L
-timeout 170 python3 tasks/benchmark.py experiment=embed_speed device=cuda 'backbone.overrides={}' slides.batch_size=16 \
-  slides.synthetic_side=7168 slides.num_workers=8 \
+# embed.num_workers left at its default (null: the cores but two on CUDA); the run at cd1cf8e passed 8 readers
+timeout 170 python3 tasks/benchmark.py experiment=embed_speed device=cuda 'backbone.overrides={}' embed.batch_size=16 \
+  slides.synthetic_side=7168 \
   'slides.compare=[{tile_size:224,attention:dense,prune_ratio:0.0},{tile_size:1792,attention:dense,prune_ratio:0.0},{tile_size:1792,attention:sparse,window:8,prune_ratio:0.6,prune_layer:2},{tile_size:3430,attention:sparse,window:8,prune_ratio:0.6,prune_layer:4}]' \
   hydra.run.dir=/tmp/emb >> $L 2>&1
 echo "embed rc=$? $(( $(date +%s)-T0 ))s end $(date -u +%H:%M:%S.%N)" | tee -a $L
