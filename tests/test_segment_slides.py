@@ -590,6 +590,31 @@ def test_seam_measure_one_tile_is_exact_and_tiles_are_measured(ckpt):
         assert set(tiled[blend]["dice"]) == set(CELL_TYPES)
 
 
+def test_seam_measure_flags_a_saturated_head(monkeypatch, caplog):
+    """A head whose every class is one value over the region (an untrained one saturates at 1) gets Dice 1.0 from
+    any tiling: the measure names those classes and warns; a map that follows the image is not flagged."""
+    from hirespath.segmentation import seams
+
+    classes = ["a", "b"]
+    model = torch.nn.Linear(1, 1)  # the measure only asks the model where its weights are
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, 24:40] = 200
+    saturated = lambda model, x, index: torch.ones(x.shape[0], len(index), *x.shape[-2:])  # noqa: E731
+    monkeypatch.setattr(seams, "tile_probabilities", saturated)
+    with caplog.at_level("WARNING", logger="hirespath.segmentation"):
+        out = seams.seam_measure(model, [0, 1], classes, image, 32, 8)
+    for blend in ("linear", "crop"):
+        assert out[blend]["constant_classes"] == classes and out[blend]["mean_dice"] == 1.0
+    assert "says nothing about seams" in caplog.text and "uint8 [255]" in caplog.text
+
+    follows = lambda model, x, index: x[:, :1].expand(-1, len(index), -1, -1)  # noqa: E731
+    monkeypatch.setattr(seams, "tile_probabilities", follows)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hirespath.segmentation"):
+        out = seams.seam_measure(model, [0, 1], classes, image, 32, 8)
+    assert out["linear"]["constant_classes"] == [] and "says nothing" not in caplog.text
+
+
 @pytest.mark.slow
 def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     """`hirespath benchmark experiment=segment_speed` at test size: both entries segment the slide end to end and

@@ -101,6 +101,8 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             **{f"seam_dice_{k}": v["mean_dice"] for k, v in seams.items()},
             **{f"seam_abs_diff_{k}": v["mean_abs_diff"] for k, v in seams.items()},
             **({"seam_dice_per_class": json.dumps({k: v["dice"] for k, v in seams.items()})} if seams else {}),
+            # classes whose one-forward map is a single value (all of them: a random head, the seam columns are moot)
+            **({"seam_constant_classes": len(next(iter(seams.values()))["constant_classes"])} if seams else {}),
         })  # fmt: skip
     base = rows[0]["mm2_per_s"]
     for r in rows:

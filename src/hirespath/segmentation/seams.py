@@ -13,6 +13,7 @@ both lower the Dice. Two uses:
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import torch
 
 from .model import tile_probabilities
 from .stitch import BLENDS, ProbabilityStitcher, blend_weights, to_uint8
+
+log = logging.getLogger("hirespath.segmentation")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -79,13 +82,30 @@ def compare(stitched: np.ndarray, one: np.ndarray, classes: list[str], threshold
             "mean_abs_diff": float(np.abs(stitched.astype(np.int16) - one).mean() / 255)}  # fmt: skip
 
 
+def constant_classes(one: np.ndarray, classes: list[str]) -> list[str]:
+    """The classes whose one-forward probability is a single value over the whole region. An untrained head
+    saturates every class at 1 (its ~100 queries' masks sum past 1): then every tiling gets Dice 1.0 and no
+    difference, and the measure says nothing about seams."""
+    flat = one.reshape(-1, one.shape[-1])
+    return [c for k, c in enumerate(classes) if flat[:, k].min() == flat[:, k].max()]
+
+
 def seam_measure(model, class_index: list[int], classes: list[str], image: np.ndarray, tile: int, overlap: int,
                  threshold: float = 0.5, blends=BLENDS) -> dict:  # fmt: skip
-    """{blend: {"dice": {class: Dice}, "mean_dice", "mean_abs_diff"}} of tiles vs one forward over ``image``."""
+    """{blend: {"dice": {class: Dice}, "mean_dice", "mean_abs_diff", "constant_classes"}} of tiles vs one forward
+    over ``image``; a warning when every class is constant over it (``constant_classes``)."""
     one = predict_uint8(model, class_index, image)
+    constant = constant_classes(one, classes)
+    if constant and len(constant) == len(classes):
+        log.warning(
+            "seam measure (%d px tiles, %d px region): every class's probability is one value over the whole "
+            "region (uint8 %s; an untrained head saturates), so its Dice of 1.0 says nothing about seams; measure "
+            "a trained model (benchmark: segment_bench.ckpt=RUN)",
+            tile, image.shape[0], sorted(set(one.reshape(-1, one.shape[-1])[0].tolist())),
+        )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        return {blend: compare(stitched_uint8(model, class_index, image, tile, overlap, blend, Path(tmp)), one,
-                               classes, threshold) for blend in blends}  # fmt: skip
+        return {blend: {**compare(stitched_uint8(model, class_index, image, tile, overlap, blend, Path(tmp)), one,
+                                  classes, threshold), "constant_classes": constant} for blend in blends}  # fmt: skip
 
 
 def seam_window(coords: np.ndarray, stride: int, tissue_fraction: np.ndarray) -> tuple[int, int] | None:
