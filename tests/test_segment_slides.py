@@ -366,6 +366,37 @@ def test_polygons_split_diagonal_bridges_and_keep_pixel_areas_on_noise(monkeypat
         assert g.is_valid and whole.symmetric_difference(g).area < (1e-9 if carry else 1e-3) * whole.area
 
 
+def test_ring_offsets_equal_geos_buffers_and_refuse_what_they_cannot_offset():
+    """The tracer grows shells and shrinks holes itself, every ring at once: equal to GEOS's mitred buffer (bevels
+    past the mitre limit included) on traced contours; a spike, or a hole shrunk past nothing, is left to GEOS."""
+    from hirespath.segmentation.polygons import GROW, MITRE_LIMIT, _grown, _offset_rings
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        m = (rng.random((40, 40)) < 0.45).astype(np.uint8)
+        m2 = cv2.resize(m, (80, 80), interpolation=cv2.INTER_NEAREST)
+        contours, hierarchy = cv2.findContours(m2, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        rings = [(c[:, 0, :] + 0.5) / 2 for c in contours if len(c) >= 3]
+        hole = np.array([h[3] != -1 for c, h in zip(contours, hierarchy[0]) if len(c) >= 3])
+        ours, good = _offset_rings(rings, np.where(hole, -GROW, GROW))
+        assert good.mean() > 0.9  # most are offset here (raw noise: no diagonal bridges split, some self-touching)
+        for poly, ring, h in zip(ours[good], [r for r, g in zip(rings, good) if g], hole[good]):
+            geos = shapely.buffer(
+                shapely.Polygon(ring), -GROW if h else GROW, join_style="mitre", mitre_limit=MITRE_LIMIT
+            )
+            assert poly.is_valid and poly.symmetric_difference(geos).area < 1e-9
+    # a bevel: the 45° tip of a right triangle is cut at the mitre limit, as GEOS cuts it
+    tri = np.array([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    ours, good = _offset_rings([tri], np.array([GROW]))
+    geos = shapely.buffer(shapely.Polygon(tri), GROW, join_style="mitre", mitre_limit=MITRE_LIMIT)
+    assert good[0] and len(ours[0].exterior.coords) == 6 and ours[0].symmetric_difference(geos).area < 1e-9
+    square = np.array([[0.0, 0.0], [0.4, 0.0], [0.4, 0.4], [0.0, 0.4]])  # shrunk by 2 × 0.25: gone (flips)
+    spike = np.array([[0.0, 0.0], [3.0, 0.0], [3.0, 2.0], [3.0, 1.0]])  # turns back on itself at (3, 2)
+    assert not _offset_rings([square, spike], np.array([-GROW, GROW]))[1].any()
+    grown = _grown([square, spike], np.array([True, False]))  # GEOS's buffer instead: the hole empty, the spike grown
+    assert grown[0].is_empty and grown[1].is_valid and grown[1].area > 1.5  # the triangle (3 × 1 / 2), grown
+
+
 def test_polygons_of_a_region_with_thousands_of_holes():
     # tissue-like: one region with a 1 px hole every 4 px (2,500 holes) — each hole used to cost an overlay of the
     # whole region (minutes at slide scale); now the rings are put together and checked once

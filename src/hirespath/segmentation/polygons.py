@@ -36,12 +36,9 @@ def _band_polygons(mask: np.ndarray, y0: int) -> np.ndarray:
         return np.empty(0, dtype=object)
     parent = hierarchy[0][:, 3]
     is_hole = parent != -1
-    # every contour at once (shapely's array functions: no Python loop per contour): a shell grown, a hole shrunk
-    # by a quarter pixel, both with mitred corners
-    regions = _regions([(c[:, 0, :] + 0.5) / 2 + (0, y0) for c in contours])
-    grown = np.empty(len(regions), dtype=object)
-    grown[~is_hole] = shapely.buffer(regions[~is_hole], 0.25, cap_style="square", join_style="mitre", mitre_limit=2.0)
-    grown[is_hole] = shapely.buffer(regions[is_hole], -0.25, join_style="mitre", mitre_limit=2.0)
+    # every contour at once (array functions: no Python loop per contour): a shell grown, a hole shrunk by a quarter
+    # pixel, both with mitred corners
+    grown = _grown([(c[:, 0, :] + 0.5) / 2 + (0, y0) for c in contours], is_hole)
     holes: dict[int, list] = {}
     for j in np.flatnonzero(is_hole & ~shapely.is_empty(grown)):
         holes.setdefault(int(parent[j]), []).append(grown[j])
@@ -69,6 +66,87 @@ def _split_diagonal_bridges(mask: np.ndarray, mask2: np.ndarray) -> None:
     down = mask[r, c]  # top-left set: ↘ (top-left and bottom-right); else ↙ (top-right and bottom-left)
     mask2[2 * r[down] + 1, 2 * c[down] + 1] = 0
     mask2[2 * r[~down] + 1, 2 * c[~down] + 2] = 0
+
+
+GROW = 0.25  # px: from the traced centre paths (a quarter pixel inside the pixel edges, see above) to the edges
+MITRE_LIMIT = 2.0  # a corner sharper than this (mitre length ÷ GROW) is bevelled, as GEOS's buffer does
+
+
+def _grown(rings: list[np.ndarray], is_hole: np.ndarray) -> np.ndarray:
+    """The polygons of the traced rings, shells grown and holes shrunk by ``GROW`` with mitred corners: the offset
+    of every ring computed at once (:func:`_offset_rings`; GEOS's buffer of each was 30 % of the tracing time). A
+    ring whose offset is not a valid ring of the same orientation (a spike, a self-touching contour, a hole shrunk
+    away) and the degenerate ones (fewer than 3 points: lines and points) are grown by GEOS's buffer instead."""
+    out = np.empty(len(rings), dtype=object)
+    sizes = np.array([len(r) for r in rings], dtype=np.int64)
+    fast = sizes >= 3
+    if fast.any():
+        idx = np.flatnonzero(fast)
+        polys, ok = _offset_rings([rings[i] for i in idx], np.where(is_hole[idx], -GROW, GROW))
+        out[idx[ok]] = polys[ok]
+        fast[idx[~ok]] = False
+    slow = np.flatnonzero(~fast)
+    if len(slow):
+        regions = _regions([rings[i] for i in slow])
+        hole = is_hole[slow]
+        out[slow[~hole]] = shapely.buffer(
+            regions[~hole], GROW, cap_style="square", join_style="mitre", mitre_limit=MITRE_LIMIT
+        )
+        out[slow[hole]] = shapely.buffer(regions[hole], -GROW, join_style="mitre", mitre_limit=MITRE_LIMIT)
+    return out
+
+
+def _offset_rings(rings: list[np.ndarray], distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each closed ring (≥ 3 points) offset by its ``distance`` (> 0 outwards, < 0 inwards) as polygons, and which
+    of them are good (valid, every edge still pointing its way, no reversal at a vertex). Each vertex moves to where
+    its two edges' offset lines meet (a mitre); on the outside of a turn sharper than ``MITRE_LIMIT`` it becomes two
+    points, the mitre cut at ``MITRE_LIMIT`` × |distance| from the vertex (a bevel, as GEOS's buffer makes)."""
+    sizes = np.array([len(r) for r in rings], dtype=np.int64)
+    start = np.cumsum(sizes) - sizes
+    ring = np.repeat(np.arange(len(rings)), sizes)
+    p = np.concatenate(rings).astype(np.float64)
+    i = np.arange(len(p))
+    prev = np.where(i == start[ring], i + sizes[ring] - 1, i - 1)
+    e = p - p[prev]  # edge k ends at vertex k
+    length = np.hypot(e[:, 0], e[:, 1])
+    good = np.ones(len(rings), bool)
+    good[ring[length == 0]] = False  # a repeated point
+    e /= np.where(length == 0, 1.0, length)[:, None]
+    area2 = np.add.reduceat(p[prev, 0] * p[:, 1] - p[:, 0] * p[prev, 1], start)  # twice the signed area
+    orient = np.sign(area2)
+    good &= orient != 0
+    # outward normals of the edge into each vertex (n1) and out of it (n2), times the ring's signed distance
+    s = (distance * orient)[ring]
+    n1 = np.stack([e[:, 1], -e[:, 0]], 1)
+    nxt = np.where(i == start[ring] + sizes[ring] - 1, start[ring], i + 1)
+    n2 = n1[nxt]
+    c = (n1 * n2).sum(1)
+    good[ring[c < -1 + 1e-9]] = False  # the path turns back on itself (a spike): no mitre
+    c = np.maximum(c, -1 + 1e-9)
+    bis = n1 + n2
+    mitre = p + s[:, None] * bis / (1 + c)[:, None]
+    turn = e[:, 0] * e[nxt, 1] - e[:, 1] * e[nxt, 0]
+    # on the outside of the offset (the turn away from the offset side) and sharper than the limit: bevelled
+    bevel = (turn * s > 0) & (1 + c < 2 / MITRE_LIMIT**2)
+    count = 1 + bevel
+    pos = np.cumsum(count) - count
+    out = np.empty((int(count.sum()), 2))
+    out[pos] = mitre
+    if bevel.any():
+        b = np.flatnonzero(bevel)
+        u = np.sign(s[b])[:, None] * bis[b] / np.linalg.norm(bis[b], axis=1)[:, None]  # from the vertex outwards
+        t = np.stack([-u[:, 1], u[:, 0]], 1)
+        m = MITRE_LIMIT * np.abs(s[b])
+        for j, n in enumerate((n1[b], n2[b])):  # where the bevel line meets each edge's offset line
+            h = (s[b] - m * (n * u).sum(1)) / (n * t).sum(1)
+            out[pos[b] + j] = p[b] + m[:, None] * u + h[:, None] * t
+    # each edge keeps its direction: one that reversed was offset past its length (a hole shrunk past nothing turns
+    # round as a whole and stays a valid ring; a short edge between two deep corners makes a loop)
+    moved = out[pos[nxt]] - out[pos + count - 1]
+    good[ring[(moved * e[nxt]).sum(1) <= 0]] = False
+    polys = shapely.polygons(shapely.linearrings(out, indices=np.repeat(ring, count)))
+    good[good] = shapely.is_valid(polys[good])
+    return polys, good
 
 
 def _regions(rings: list[np.ndarray]) -> np.ndarray:
