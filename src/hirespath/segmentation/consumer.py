@@ -222,9 +222,9 @@ class SegmentationSink:
         for name, geom in zip(c.classes, geoms):
             area_um2 = 0.0
             if geom is not None:
-                geom = qupath.valid_geometry(
-                    affinity.scale(geom, level0, level0, origin=(0, 0)).intersection(slide_box)
-                )
+                # an overlay of valid geometries is valid (GEOS's OverlayNG): no second check of thousands of
+                # polygons here (``qupath.feature`` checks what it writes)
+                geom = qupath.polygonal(affinity.scale(geom, level0, level0, origin=(0, 0)).intersection(slide_box))
                 area_um2 = float(geom.area) * self.grid.slide_mpp**2
             areas[name] = area_um2 / 1e6
             if geom is None or geom.is_empty:

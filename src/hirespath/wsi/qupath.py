@@ -22,14 +22,20 @@ OBJECT_TYPES = ("annotation", "detection", "tile")
 def valid_geometry(geometry):
     """``geometry`` (shapely) made valid: ``make_valid`` keeps its area; only polygonal parts are kept."""
     import shapely
-    from shapely.geometry import MultiPolygon, Polygon
 
     if geometry.is_valid:
         return geometry
-    fixed = shapely.make_valid(geometry)
-    if isinstance(fixed, (Polygon, MultiPolygon)):
-        return fixed
-    parts = [g for g in getattr(fixed, "geoms", [fixed]) if isinstance(g, (Polygon, MultiPolygon))]
+    return polygonal(shapely.make_valid(geometry))
+
+
+def polygonal(geometry):
+    """The polygonal parts of ``geometry`` (an overlay's result may hold lines or points where shapes touch), as a
+    Polygon or MultiPolygon."""
+    from shapely.geometry import MultiPolygon, Polygon
+
+    if isinstance(geometry, (Polygon, MultiPolygon)):
+        return geometry
+    parts = [g for g in getattr(geometry, "geoms", [geometry]) if isinstance(g, (Polygon, MultiPolygon))]
     polys = [p for g in parts for p in (g.geoms if isinstance(g, MultiPolygon) else [g])]
     return MultiPolygon(polys) if len(polys) != 1 else polys[0]
 
