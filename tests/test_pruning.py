@@ -139,6 +139,20 @@ def test_bf16_pruning_scores_are_computed_in_fp32():
     assert torch.equal(flat, keep)
 
 
+def test_pruning_scores_cast_the_keys_in_chunks_with_the_same_values(monkeypatch):
+    """The keys go to fp32 a chunk at a time (memory): the probabilities, hence the survivors, are unchanged."""
+    from hirespath.models import attention
+
+    enc = tiny_encoder(attention="sparse", window=4, prune_ratio=0.6, prune_layer=2)
+    x = torch.randn(2, 3, 14 * 20, 14 * 18)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = enc(x, token_scores=True)
+        monkeypatch.setattr(attention.prefix_attention_probs, "__defaults__", (50,))  # 360 keys: 8 chunks
+        chunked = enc(x, token_scores=True)
+    assert torch.equal(chunked.token_scores, whole.token_scores)
+    assert torch.equal(chunked.positions, whole.positions)
+
+
 def test_unsupported_vits_are_refused():
     import hirespath
 

@@ -145,14 +145,25 @@ def merge_heads(attn, x: Tensor, out: Tensor) -> Tensor:
     return attn.proj_drop(attn.proj(attn.norm(out.flatten(2)) * gate(x).sigmoid()))
 
 
-def prefix_attention_probs(attn, q_prefix: Tensor, k: Tensor) -> Tensor:
+PREFIX_SCORE_KEYS = 1 << 13  # keys per step of the pruning scores (an fp32 copy of the keys this long at a time)
+
+
+def prefix_attention_probs(attn, q_prefix: Tensor, k: Tensor, chunk: int = PREFIX_SCORE_KEYS) -> Tensor:
     """Softmax attention of the prefix queries over all keys: B×H×P×L in fp32 (O(L) memory).
 
     Computed and kept in fp32 even under bf16: bf16 probabilities take ~100 distinct values over a 576-token grid,
-    so pruning scores tie at the cut and the survivors depend on rounding.
+    so pruning scores tie at the cut and the survivors depend on rounding. The keys are cast to fp32 ``chunk`` at a
+    time: under bf16 an fp32 copy of all of them (and einsum's permuted copy of that) was the pruning block's peak
+    (2 × 369 MB at 3,430 px for UNI2-h), where the scores themselves are P / D of it.
     """
+    B, L, H, _ = k.shape
     with torch.autocast(q_prefix.device.type, enabled=False):
-        scores = torch.einsum("bphd,blhd->bhpl", q_prefix.float() * attn.scale, k.float())
+        q = q_prefix.float() * attn.scale
+        if L <= chunk:
+            return torch.einsum("bphd,blhd->bhpl", q, k.float()).softmax(dim=-1)
+        scores = q.new_empty(B, H, q.shape[1], L)
+        for l0 in range(0, L, chunk):
+            scores[..., l0 : l0 + chunk] = torch.einsum("bphd,blhd->bhpl", q, k[:, l0 : l0 + chunk].float())
     return scores.softmax(dim=-1)
 
 
