@@ -1,6 +1,6 @@
 """Check the tracer's own ring offsets against GEOS's buffer on generated masks (the claim in docs/benchmarks.md,
-"Growing the traced rings without GEOS"): every contour the tracer makes of a mask (at twice its resolution, diagonal
-bridges split, as ``polygons._band_polygons`` does) is grown or shrunk by ``polygons._offset_rings`` and by
+"Growing the traced rings without GEOS"): every contour the tracer makes of a mask (``polygons._traced_rings``: at
+twice its resolution, diagonal bridges split) is grown or shrunk by ``polygons._offset_rings`` and by
 ``shapely.buffer`` with the same mitre limit; prints how many rings fell back to GEOS and the largest difference.
 
     .venv/bin/python docs/benchmarks/check_ring_offsets.py [MASKS]     # 300 by default: noise, blobs, specks, holes
@@ -8,12 +8,11 @@ bridges split, as ``polygons._band_polygons`` does) is grown or shrunk by ``poly
 
 import sys
 
-import cv2
 import numpy as np
 import shapely
 from scipy import ndimage
 
-from hirespath.segmentation.polygons import GROW, MITRE_LIMIT, _offset_rings, _split_diagonal_bridges
+from hirespath.segmentation.polygons import GROW, MITRE_LIMIT, _offset_rings, _traced_rings
 
 
 def generated_mask(rng, kind: int) -> np.ndarray:
@@ -34,15 +33,12 @@ if __name__ == "__main__":
     rings = fell_back = 0
     worst = 0.0
     for i in range(int(sys.argv[1]) if len(sys.argv) > 1 else 300):
-        m = generated_mask(rng, i % 4)
-        m2 = cv2.resize(m.astype(np.uint8), (2 * m.shape[1], 2 * m.shape[0]), interpolation=cv2.INTER_NEAREST)
-        _split_diagonal_bridges(m, m2)
-        contours, hierarchy = cv2.findContours(m2, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-        if hierarchy is None:
+        contours, parent = _traced_rings(generated_mask(rng, i % 4), 0)
+        keep = [k for k, c in enumerate(contours) if len(c) >= 3]  # the rest (lines, points) always go to GEOS
+        if not keep:
             continue
-        keep = [k for k, c in enumerate(contours) if len(c) >= 3]
-        traced = [(contours[k][:, 0, :] + 0.5) / 2 for k in keep]
-        hole = hierarchy[0][keep, 3] != -1
+        traced = [contours[k] for k in keep]
+        hole = parent[keep] != -1
         distance = np.where(hole, -GROW, GROW)
         ours, good = _offset_rings(traced, distance)
         polys = np.array([shapely.Polygon(r) for r in traced], dtype=object)

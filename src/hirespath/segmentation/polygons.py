@@ -20,27 +20,21 @@ from ..wsi.qupath import valid_geometry
 
 
 def _band_polygons(mask: np.ndarray, y0: int, check: bool = False) -> np.ndarray:
-    # ``check``: every grown ring checked for validity here (pieces of cut regions, which a union joins); without it
-    # the mask's geometry is checked once when finished (``_finished``)
+    """The regions of ``mask`` (rows from ``y0``) as polygons on pixel edges, with their holes. ``check``: every
+    grown ring is checked for validity here (pieces of cut regions, which a union joins); without it the mask's
+    geometry is checked once when finished (``_finished``)."""
     # only the rows that hold pixels: a band's mask of finished regions is often empty over the rows carried for
     # regions still open, and every step below costs per pixel
     rows = np.flatnonzero(mask.any(1))
     if not len(rows):
         return np.empty(0, dtype=object)
-    mask, y0 = mask[rows[0] : rows[-1] + 1], y0 + int(rows[0])
-    # traced at twice the resolution (each pixel 2×2): the centre paths lie a quarter pixel inside the pixel edges
-    # and diagonal staircases become 2-px steps, so growing by a quarter pixel puts every edge within 1/20 px² per
-    # step of the true pixel edges (at the mask's own resolution, diagonals would be off by 0.2 px² per step)
-    mask2 = cv2.resize(mask.astype(np.uint8), (2 * mask.shape[1], 2 * mask.shape[0]), interpolation=cv2.INTER_NEAREST)
-    _split_diagonal_bridges(mask.astype(bool, copy=False), mask2)
-    contours, hierarchy = cv2.findContours(mask2, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if hierarchy is None:
+    rings, parent = _traced_rings(mask[rows[0] : rows[-1] + 1], y0 + int(rows[0]))
+    if not rings:
         return np.empty(0, dtype=object)
-    parent = hierarchy[0][:, 3]
     is_hole = parent != -1
     # every contour at once (array functions: no Python loop per contour): a shell grown, a hole shrunk by a quarter
     # pixel, both with mitred corners
-    grown = _grown([(c[:, 0, :] + 0.5) / 2 + (0, y0) for c in contours], is_hole, check)
+    grown = _grown(rings, is_hole, check)
     holes: dict[int, list] = {}
     for j in np.flatnonzero(is_hole & ~shapely.is_empty(grown)):
         holes.setdefault(int(parent[j]), []).append(grown[j])
@@ -51,6 +45,20 @@ def _band_polygons(mask: np.ndarray, y0: int, check: bool = False) -> np.ndarray
         if int(i) in holes:
             polys[k] = _with_holes(grown[i], holes[int(i)])
     return polys[~shapely.is_empty(polys)]
+
+
+def _traced_rings(mask: np.ndarray, y0: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every contour of ``mask`` (rows from ``y0``) as a ring of (x, y) pixel-centre paths in mask px, and each
+    contour's parent (-1: an outer border; else the index of the border a hole lies in)."""
+    # traced at twice the resolution (each pixel 2×2): the centre paths lie a quarter pixel inside the pixel edges
+    # and diagonal staircases become 2-px steps, so growing by a quarter pixel puts every edge within 1/20 px² per
+    # step of the true pixel edges (at the mask's own resolution, diagonals would be off by 0.2 px² per step)
+    mask2 = cv2.resize(mask.astype(np.uint8), (2 * mask.shape[1], 2 * mask.shape[0]), interpolation=cv2.INTER_NEAREST)
+    _split_diagonal_bridges(mask.astype(bool, copy=False), mask2)
+    contours, hierarchy = cv2.findContours(mask2, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if hierarchy is None:
+        return [], np.empty(0, dtype=np.int64)
+    return [(c[:, 0, :] + 0.5) / 2 + (0, y0) for c in contours], hierarchy[0][:, 3]
 
 
 def _split_diagonal_bridges(mask: np.ndarray, mask2: np.ndarray) -> None:
