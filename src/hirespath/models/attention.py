@@ -159,8 +159,6 @@ def prefix_attention_probs(attn, q_prefix: Tensor, k: Tensor, chunk: int = PREFI
     B, L, H, _ = k.shape
     with torch.autocast(q_prefix.device.type, enabled=False):
         q = q_prefix.float() * attn.scale
-        if L <= chunk:
-            return torch.einsum("bphd,blhd->bhpl", q, k.float()).softmax(dim=-1)
         scores = q.new_empty(B, H, q.shape[1], L)
         for l0 in range(0, L, chunk):
             scores[..., l0 : l0 + chunk] = torch.einsum("bphd,blhd->bhpl", q, k[:, l0 : l0 + chunk].float())
