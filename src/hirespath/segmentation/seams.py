@@ -101,7 +101,7 @@ def seam_measure(model, class_index: list[int], classes: list[str], image: np.nd
             "seam measure (%d px tiles, %d px region): every class's probability is one value over the whole "
             "region (uint8 %s; an untrained head saturates), so its Dice of 1.0 says nothing about seams; measure "
             "a trained model (benchmark: segment_bench.ckpt=RUN)",
-            tile, image.shape[0], sorted(set(one.reshape(-1, one.shape[-1])[0].tolist())),
+            tile, image.shape[0], sorted(set(one[0, 0].tolist())),  # every pixel's values: the first one's
         )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         return {blend: {**compare(stitched_uint8(model, class_index, image, tile, overlap, blend, Path(tmp)), one,
