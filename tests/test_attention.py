@@ -77,8 +77,27 @@ def test_sparse_on_scattered_survivors_equals_masked_reference():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_gradients_equal_masked_reference():
-    """Training runs the gather kernel under autograd (fresh gather tensors, no reused buffers)."""
+def _differentiable_flex(q, k, v, block_mask, scale, kernel_options=None):
+    """flex_attention's result through masked SDPA (CPU flex has no backward): the block mask made dense."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    mask = create_mask(block_mask.mask_mod, q.shape[0], 1, q.shape[2], k.shape[2], device=q.device)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("kernel", ["gather", "flex"])
+def test_sparse_gradients_equal_masked_reference(kernel, monkeypatch):
+    """Training runs the gather kernel under autograd (fresh gather tensors, no reused buffers), and flex on CUDA
+    with ``sparse_backend=flex``: its projection into the slots and read-back under autograd, with the kernel
+    itself as masked SDPA (CPU flex has no backward)."""
+    from hirespath.models import attention
+    from hirespath.models.attention import sparse_attention_flex
+
+    monkeypatch.setitem(attention._FLEX, "cpu", _differentiable_flex)
+    sparse = {
+        "gather": lambda t, layout: sparse_attention(attn, t, layout, 2, 1, chunk_keys=150),
+        "flex": lambda t, layout: sparse_attention_flex(attn, t, layout, 2, 1),
+    }[kernel]
     enc = tiny_encoder()
     attn = enc.vit.blocks[0].attn
     B, P, grid = 2, 9, (8, 7)
@@ -88,7 +107,7 @@ def test_sparse_gradients_equal_masked_reference():
     x = torch.randn(B, P + 30, enc.embed_dim)
     grads = []
     for fn in (
-        lambda t: sparse_attention(attn, t, layout, 2, 1, chunk_keys=150),
+        lambda t: sparse(t, layout),
         lambda t: masked_reference(attn, t, sparse_reference_mask(layout, 2, 1)),
     ):
         xr = x.clone().requires_grad_(True)

@@ -1,10 +1,14 @@
 """Every sparse kernel path reachable on CPU equals the reference (fp32, 1e-4) on ragged pruned layouts with prefix
-tokens: gather (plain loop and as CPU tasks, one chunk and many) and flex (uncompiled on CPU)."""
+tokens: gather (plain loop and as CPU tasks, one chunk and many) and flex (uncompiled on CPU, projected in one
+step and in many)."""
+
+import weakref
 
 import pytest
 import torch
 from conftest import tiny_encoder
 
+from hirespath.models import attention, encoder
 from hirespath.models.attention import (
     ATTENTION_KERNELS,
     TokenLayout,
@@ -42,10 +46,20 @@ def layouts(B: int, grid: tuple[int, int], P: int) -> dict[str, TokenLayout]:
     return {"full": full, "pruned": full.select(keep)}
 
 
+def _flex_projected_in_steps(k, *a, **kw):
+    saved = attention.FLEX_PROJECTION_TOKENS
+    attention.FLEX_PROJECTION_TOKENS = 7  # many projection steps into the slots, the last one short
+    try:
+        return ATTENTION_KERNELS["sparse[flex]"](*a, **kw)
+    finally:
+        attention.FLEX_PROJECTION_TOKENS = saved
+
+
 PATHS = {
     "gather": lambda k, *a, **kw: ATTENTION_KERNELS["sparse[gather]"](*a, **kw),
     "gather-chunks": lambda k, *a, **kw: ATTENTION_KERNELS["sparse[gather]"](*a, **kw, chunk_keys=k),
     "flex": lambda k, *a, **kw: ATTENTION_KERNELS["sparse[flex]"](*a, **kw),
+    "flex-steps": _flex_projected_in_steps,
 }
 
 
@@ -68,3 +82,33 @@ def test_kernel_equals_reference(path, tasks, grid, window, radius, which, two_t
     if path == "gather-chunks" and which == "pruned":  # really many ragged chunks (padded keys masked)
         chunks = gather_plan(layout, window, radius, 64)
         assert len(chunks) > 2 and any(c.key_mask is not None for c in chunks)
+
+
+def test_no_projection_is_alive_while_flex_runs(monkeypatch):
+    """When flex runs, no q/k/v projection of the block is alive: neither the kernel's own (projected step by
+    step into the slots) nor the pruning block's (made for its scores). The fused q/k/v (3 × tokens × D) held
+    through the call had been the block's memory peak, next to the slots."""
+    enc = tiny_encoder(attention="sparse", window=2, prune_ratio=0.5, prune_layer=2, sparse_backend="flex")
+    projections = []
+    split_heads_ = attention.split_heads
+
+    def recorded(attn, x):
+        qkv = split_heads_(attn, x)
+        projections.extend(weakref.ref(t.untyped_storage()) for t in qkv)
+        return qkv
+
+    alive_at_calls = []
+    flex = attention._flex_attention("cpu")
+
+    def spy(*args, **kwargs):
+        alive_at_calls.append(sum(ref() is not None for ref in projections))
+        return flex(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "split_heads", recorded)
+    monkeypatch.setattr(encoder, "split_heads", recorded)  # the pruning block's projection
+    monkeypatch.setitem(attention._FLEX, "cpu", spy)
+    with torch.inference_mode():
+        out = enc(torch.rand(2, 3, 14 * 6, 14 * 6))
+    assert alive_at_calls == [0] * enc.depth
+    assert out.patch_tokens.shape[1] == 18  # pruned after block 2
+    assert len(projections) >= 3 * (enc.depth + 1)  # every block projected, the pruning block twice

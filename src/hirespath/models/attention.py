@@ -2,14 +2,15 @@
 
 All three take the block's normalised tokens ``x`` (B×L×D, prefix tokens first) and return the
 projected output, exactly as timm's ``Attention.forward`` would, so state_dict keys never change. ``qkv``:
-the (q, k, v) of ``split_heads(attn, x)`` when the caller already has them (the pruning block).
+the (q, k, v) of ``split_heads(attn, x)`` when the caller already has them (the pruning block); kernels in
+``PROJECTING_KERNELS`` project their own.
 
 Sparse semantics (docs/design.md): the patch grid is cut into ``window``×``window`` blocks; a patch token
 attends to the patch tokens of its own block and of the blocks within ``radius`` (1: the 3×3 block
 neighbourhood, clipped at the border) plus all prefix tokens; prefix tokens attend to everything.
 No L×L tensor is ever built. The gather kernel (CPU, training, very large grids) gathers each block's
 neighbourhood K/V rows by index and runs SDPA over chunks of similar blocks; the flex kernel (CUDA inference)
-scatters the patch tokens into per-block slots and runs flex_attention with a block-sparse BlockMask.
+projects the tokens chunk by chunk into per-block slots and runs flex_attention with a block-sparse BlockMask.
 
 ``ATTENTION_KERNELS`` names the kernels (dense, eager, sparse[gather], sparse[flex]) and ``select_kernel`` holds the
 policy choosing one (timm's ``ATTN_LAYERS`` / ``use_fused_attn`` in spirit): the encoder, the cost model and the
@@ -35,6 +36,8 @@ from .cpu_tasks import map_rows, map_tasks
 T = TypeVar("T")
 ATTENTION_MODES = ("dense", "eager", "sparse")
 SPARSE_BACKENDS = ("auto", "gather", "flex")  # flex: torch flex_attention, compiled on CUDA
+# Kernels that project q/k/v themselves, chunk by chunk into their own buffers, and ignore a ``qkv`` passed in.
+PROJECTING_KERNELS = frozenset({"sparse[flex]"})
 FLEX_MAX_BLOCKS = 4096  # flex's BlockMask holds (blocks × blocks) int32 index tables: 64 MB each at 4096
 
 
@@ -194,34 +197,60 @@ def _prefix_rows(attn, q: Tensor, k: Tensor, v: Tensor, P: int) -> Tensor:
     ).transpose(1, 2)
 
 
-def _to_slots(
-    q: Tensor, k: Tensor, v: Tensor, plan: SparsePlan, P: int, q_len: int, kv_len: int, prefix_at: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Scatter the patch q/k/v into zeroed per-block slot buffers of flat H·d rows (row index-copy is the
-    cheapest scatter of whole tokens); each image's prefix keys/values go to rows ``prefix_at``… of its K/V.
-    Returns qb (B·q_len rows), kb and vb (B·kv_len rows) and the q-buffer row of every patch token."""
-    B, L, H, d = q.shape
-    N, Hd = L - P, H * d
-    batch = torch.arange(B, device=q.device)[:, None]
-    q_rows = (plan.slot + batch * q_len).flatten()
-    kv_rows = (plan.slot + batch * kv_len).flatten()
-    prefix_rows = (torch.arange(prefix_at, prefix_at + P, device=q.device) + batch * kv_len).flatten()
-    qb = q.new_zeros(B * q_len, Hd).index_copy_(0, q_rows, q[:, P:].reshape(B * N, Hd))
+FLEX_PROJECTION_TOKENS = 1 << 13  # patch tokens projected per step straight into the flex kernel's slots
+
+
+def flex_kv_valid(plan: SparsePlan, num_prefix: int, batch: int) -> Tensor:
+    """B×(nb + 2)·C bool: which rows of the flex K/V buffers hold a key (slot blocks, then the prefix block)."""
+    C, nb = plan.capacity, plan.num_blocks
+    kv_valid = torch.zeros(batch, (nb + 2) * C, dtype=torch.bool, device=plan.slot.device)
+    kv_valid[:, : (nb + 1) * C] = plan.key_valid
+    kv_valid[:, (nb + 1) * C : (nb + 1) * C + num_prefix] = True
+    return kv_valid
+
+
+def _project_to_slots(
+    attn, x: Tensor, plan: SparsePlan, P: int, q_len: int, kv_len: int, chunk: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """q/k/v of ``x`` projected ``chunk`` patch tokens at a time into zeroed per-block slot buffers of flat H·d
+    rows, so that the fused B×L×3×H×d projection (three times the tokens, the largest tensor of a flex block)
+    never exists whole; each image's prefix keys/values go to rows ``q_len``… of its K/V (block nb + 1).
+    Returns qb (B·q_len rows), kb and vb (B·kv_len rows), the prefix queries (B×P×H×d) and the q-buffer row
+    of every patch token (B×N)."""
+    B, L, _ = x.shape
+    Hd = attn.num_heads * attn.head_dim
+    batch = torch.arange(B, device=x.device)[:, None]
+    q_rows = plan.slot + batch * q_len
+    kv_rows = plan.slot + batch * kv_len
+    q_prefix, k, v = split_heads(attn, x[:, :P])  # the projection's dtype (autocast) sizes the buffers
+    qb = q_prefix.new_zeros(B * q_len, Hd)
     kb, vb = k.new_zeros(B * kv_len, Hd), v.new_zeros(B * kv_len, Hd)
+    prefix_rows = (torch.arange(q_len, q_len + P, device=x.device) + batch * kv_len).flatten()
     for buf, t in ((kb, k), (vb, v)):
-        buf.index_copy_(0, kv_rows, t[:, P:].reshape(B * N, Hd))
-        buf.index_copy_(0, prefix_rows, t[:, :P].reshape(B * P, Hd))
-    return qb, kb, vb, q_rows
+        buf.index_copy_(0, prefix_rows, t.reshape(B * P, Hd))
+    for start in range(P, L, chunk):
+        end = min(L, start + chunk)
+        q, k, v = split_heads(attn, x[:, start:end])
+        span = slice(start - P, end - P)
+        qb.index_copy_(0, q_rows[:, span].flatten(), q.reshape(-1, Hd))
+        kb.index_copy_(0, kv_rows[:, span].flatten(), k.reshape(-1, Hd))
+        vb.index_copy_(0, kv_rows[:, span].flatten(), v.reshape(-1, Hd))
+        del q, k, v  # before the next chunk's projection
+    return qb, kb, vb, q_prefix, q_rows
 
 
-def _from_slots(attn, x: Tensor, q: Tensor, out_prefix: Tensor, out_slots: Tensor, q_rows: Tensor) -> Tensor:
-    """Prefix rows + the patch rows read back from their slots (B·q_len × H·d), then timm's output path."""
-    B, L, H, d = q.shape
-    P = out_prefix.shape[1]
-    out = torch.empty_like(q)
-    out[:, :P] = out_prefix
-    out[:, P:] = out_slots.index_select(0, q_rows).view(B, L - P, H, d)
-    return merge_heads(attn, x, out)
+def _from_slots(out_slots: Tensor, out_prefix: Tensor, q_rows: Tensor, L: int) -> Tensor:
+    """B×L×H×d: the prefix rows, then each patch token's row read back from its slot (B·q_len × H·d), in
+    inference straight into the output (no second copy of it)."""
+    B, P, H, d = out_prefix.shape
+    out = out_prefix.new_empty(B, L, H * d)
+    out[:, :P] = out_prefix.reshape(B, P, H * d)
+    if torch.is_grad_enabled() and out_slots.requires_grad:  # out= has no autograd: through a temporary
+        out[:, P:] = out_slots.index_select(0, q_rows.flatten()).view(B, L - P, H * d)
+    else:
+        for b in range(B):  # each image's patch rows are contiguous in ``out``
+            torch.index_select(out_slots, 0, q_rows[b], out=out[b, P:])
+    return out.view(B, L, H, d)
 
 
 @dataclass
@@ -462,9 +491,7 @@ def flex_block_mask(plan: SparsePlan, num_prefix: int, batch: int):
 
     C, nb = plan.capacity, plan.num_blocks
     device = plan.slot.device
-    kv_valid = torch.zeros(batch, (nb + 2) * C, dtype=torch.bool, device=device)
-    kv_valid[:, : (nb + 1) * C] = plan.key_valid
-    kv_valid[:, (nb + 1) * C : (nb + 1) * C + num_prefix] = True
+    kv_valid = flex_kv_valid(plan, num_prefix, batch)
     per_block = kv_valid.view(batch, nb + 2, C)
     full = per_block.all(-1).all(0)
     nonempty = per_block.any(-1).any(0)
@@ -501,23 +528,36 @@ def flex_block_mask(plan: SparsePlan, num_prefix: int, batch: int):
 def sparse_attention_flex(
     attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1, qkv: tuple | None = None
 ) -> Tensor:
-    """Same semantics as ``sparse_attention``, through torch flex_attention with a block-sparse BlockMask."""
-    q, k, v = qkv or split_heads(attn, x)
+    """Same semantics as ``sparse_attention``, through torch flex_attention with a block-sparse BlockMask.
+
+    q/k/v are projected chunk by chunk straight into the slot buffers, and each buffer is dropped once read,
+    so at most the slots, the kernel's output and the block's input are alive at once (not the fused q/k/v as
+    well: 553 MB per block for UNI2-h at 3,430 px, bf16). A ``qkv`` given by the caller is ignored: holding it
+    through the call is what this avoids (the encoder does not pass it to this kernel)."""
     P = layout.num_prefix
-    B, L, H, d = q.shape
+    B, L, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
     plan = layout.sparse_plan(window, radius, align=max(16, 1 << (P - 1).bit_length()))
     C, nb = plan.capacity, plan.num_blocks
     block_mask = layout.plan(("flex_mask", window, radius, B), lambda: flex_block_mask(plan, P, B))
+    kv_valid = layout.plan(("flex_kv_valid", window, radius, B), lambda: flex_kv_valid(plan, P, B))
 
-    out_prefix = _prefix_rows(attn, q, k, v, P)
-    SQ, SKV, Hd = (nb + 1) * C, (nb + 2) * C, H * d  # KV block nb + 1 holds the prefix keys
-    qb, kb, vb, q_rows = _to_slots(q, k, v, plan, P, SQ, SKV, SQ)
+    SQ, SKV = (nb + 1) * C, (nb + 2) * C  # KV block nb + 1 holds the prefix keys
+    qb, kb, vb, q_prefix, q_rows = _project_to_slots(attn, x, plan, P, SQ, SKV, FLEX_PROJECTION_TOKENS)
     qb, kb, vb = (t.view(B, -1, H, d).transpose(1, 2) for t in (qb, kb, vb))
+    # The prefix (global) rows attend to every key: the filled K/V rows, masked.
+    out_prefix = F.scaled_dot_product_attention(
+        q_prefix.transpose(1, 2), kb, vb, attn_mask=kv_valid[:, None, None], dropout_p=_dropout_p(attn)
+    ).transpose(1, 2)
+    del q_prefix
     flex = _flex_attention(x.device.type)
     # The kernel's tiles must divide the sparse block size (C is a power of two >= 16).
     tile = min(C, 128)
     ob = flex(qb, kb, vb, block_mask=block_mask, scale=attn.scale, kernel_options={"BLOCK_M": tile, "BLOCK_N": tile})
-    return _from_slots(attn, x, q, out_prefix, ob.transpose(1, 2).reshape(B * SQ, Hd), q_rows)
+    del qb, kb, vb
+    out = _from_slots(ob.transpose(1, 2).reshape(B * SQ, H * d), out_prefix, q_rows, L)
+    del ob
+    return merge_heads(attn, x, out)
 
 
 # --- kernel registry and selection policy ------------------------------------------------------------
