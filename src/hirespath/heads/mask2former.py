@@ -172,8 +172,9 @@ class _InferenceMaskPredictor(Mask2FormerMaskPredictor):
             state.resized[size] = F.interpolate(pixel_embeddings, size=size, mode="bilinear", align_corners=False)
         embeddings = self.mask_embedder(outputs.transpose(0, 1))
         outputs_mask = torch.einsum("bqc, bchw -> bqhw", embeddings, state.resized[size])
-        attention_mask = outputs_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1)
-        return outputs_mask, (attention_mask.flatten(0, 1) < 0.5).bool().detach()
+        # thresholded before it is repeated per head: one bool copy, not a float copy per head and its comparison
+        below = (outputs_mask.sigmoid() < 0.5).flatten(2).unsqueeze(1)
+        return outputs_mask, below.repeat(1, self.num_heads, 1, 1).flatten(0, 1).detach()  # the decoder edits it
 
 
 def _start_decoder_forward(decoder: nn.Module, args) -> None:
