@@ -174,7 +174,8 @@ class _InferenceMaskPredictor(Mask2FormerMaskPredictor):
         outputs_mask = torch.einsum("bqc, bchw -> bqhw", embeddings, state.resized[size])
         # thresholded before it is repeated per head: one bool copy, not a float copy per head and its comparison
         below = (outputs_mask.sigmoid() < 0.5).flatten(2).unsqueeze(1)
-        return outputs_mask, below.repeat(1, self.num_heads, 1, 1).flatten(0, 1).detach()  # the decoder edits it
+        # a real tensor, not an expanded view: older transformers' decoders edit the mask in place
+        return outputs_mask, below.repeat(1, self.num_heads, 1, 1).flatten(0, 1).detach()
 
 
 def _start_decoder_forward(decoder: nn.Module, args) -> None:
