@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -192,8 +193,9 @@ class HiResEncoder(nn.Module):
         return TokenState(x, TokenLayout.full_grid(x.shape[0], grid, self.num_prefix_tokens, x.device))
 
     def kernel(self, attn: nn.Module, x: Tensor, layout: TokenLayout) -> tuple[str, Callable[..., Tensor]]:
-        """The attention kernel this block runs: ``(name, kernel)`` from ``select_kernel``."""
-        return select_kernel(
+        """The attention kernel this block runs, ``(name, attend)`` from ``select_kernel``: ``attend(attn, x,
+        layout, qkv=None)`` with this encoder's window, radius and key chunk."""
+        name, kernel = select_kernel(
             self.attention,
             self.sparse_backend,
             x.device,
@@ -202,10 +204,7 @@ class HiResEncoder(nn.Module):
             training=torch.is_grad_enabled(),
             dropout=attn.training and attn.attn_drop.p > 0,
         )
-
-    def attend(self, attn: nn.Module, x: Tensor, layout: TokenLayout, qkv: tuple | None = None) -> Tensor:
-        _, kernel = self.kernel(attn, x, layout)
-        return kernel(attn, x, layout, qkv, window=self.window, radius=self.radius, chunk_keys=self.attn_chunk_keys)
+        return name, functools.partial(kernel, window=self.window, radius=self.radius, chunk_keys=self.attn_chunk_keys)
 
     def _mlp_chunk_tokens(self, blk: nn.Module, x: Tensor) -> int:
         if x.is_cuda:
@@ -243,15 +242,16 @@ class HiResEncoder(nn.Module):
         # recorded where the pruner scores, or at the last block when nothing is pruned (only when asked)
         scores_here = state.keep_scores and (prunes_here or (not self.pruner.enabled and index + 1 == self.depth))
         layout, qkv = state.layout, None
+        kernel, attend = self.kernel(blk.attn, h, layout)
         if prunes_here or scores_here:
             # The pruning block's q/k also give the pruning scores: project once and hand them to the kernel,
             # except to one that projects into its own buffers chunk by chunk (flex): held here through its
             # call, q/k/v would be that block's memory peak (projecting twice costs one GEMM).
             qkv = split_heads(blk.attn, h)
             scores = self.prune_scores(blk.attn, h, layout, qkv)
-            if self.kernel(blk.attn, h, layout)[0] in PROJECTING_KERNELS:
+            if kernel in PROJECTING_KERNELS:
                 qkv = None
-        x = _add_residual(state.x, self.attend(blk.attn, h, layout, qkv), blk.ls1, blk.drop_path1)
+        x = _add_residual(state.x, attend(blk.attn, h, layout, qkv), blk.ls1, blk.drop_path1)
         del qkv
         state = replace(state, x=self._mlp(blk, x))
         if prunes_here or scores_here:
