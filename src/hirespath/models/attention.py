@@ -480,18 +480,18 @@ def _flex_attention(device_type: str):
     return _FLEX[device_type]
 
 
-def flex_block_mask(plan: SparsePlan, num_prefix: int, batch: int):
+def flex_block_mask(plan: SparsePlan, kv_valid: Tensor):
     """BlockMask of the sparse pattern built directly from KV block indices (never an L×L mask).
 
     Query blocks are the slot blocks 0..nb (nb: the empty dummy); KV blocks are the slot blocks plus block
     nb + 1, which holds the prefix keys. A KV block whose slots are all filled in every image is a "full"
-    block (no mask_mod call); others are partial, masked by slot validity.
+    block (no mask_mod call); others are partial, masked by slot validity (``kv_valid``, from ``flex_kv_valid``).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     C, nb = plan.capacity, plan.num_blocks
     device = plan.slot.device
-    kv_valid = flex_kv_valid(plan, num_prefix, batch)
+    batch = kv_valid.shape[0]
     per_block = kv_valid.view(batch, nb + 2, C)
     full = per_block.all(-1).all(0)
     nonempty = per_block.any(-1).any(0)
@@ -539,8 +539,8 @@ def sparse_attention_flex(
     H, d = attn.num_heads, attn.head_dim
     plan = layout.sparse_plan(window, radius, align=max(16, 1 << (P - 1).bit_length()))
     C, nb = plan.capacity, plan.num_blocks
-    block_mask = layout.plan(("flex_mask", window, radius, B), lambda: flex_block_mask(plan, P, B))
     kv_valid = layout.plan(("flex_kv_valid", window, radius, B), lambda: flex_kv_valid(plan, P, B))
+    block_mask = layout.plan(("flex_mask", window, radius, B), lambda: flex_block_mask(plan, kv_valid))
 
     SQ, SKV = (nb + 1) * C, (nb + 2) * C  # KV block nb + 1 holds the prefix keys
     qb, kb, vb, q_prefix, q_rows = _project_to_slots(attn, x, plan, P, SQ, SKV, FLEX_PROJECTION_TOKENS)
