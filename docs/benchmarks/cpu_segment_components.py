@@ -79,7 +79,7 @@ for _ in range(reps):
                 model.semantic_probs(out, (size, size))
                 times["class maps"] += time.perf_counter() - t
             total = time.perf_counter() - t0
-        a.encoder.run_blocks = saved[0]
+        del a.encoder.run_blocks  # back to the class's, as below
         del m2f.pixel_level_module.decoder.forward, m2f.transformer_module.forward  # back to the class's
         attention.ATTENTION_KERNELS["sparse[gather]"] = gather
         mpx = n * size * size / 1e6

@@ -22,6 +22,8 @@ their module at every call); ``hirespath.models.vit_adapter`` installs it when i
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -47,7 +49,7 @@ def multi_scale_deformable_attention(
 GATHER_ROWS = 1 << 14
 
 
-def _padded_table(value: Tensor, shapes: list) -> tuple[Tensor, Tensor]:
+def _padded_table(value: Tensor, shapes: list) -> tuple[Tensor, list[int]]:
     """The values as rows of a channels-last table, B·H·Σ(h + 2)(w + 2) × d: each level's cells inside a ring of
     zero cells, so a bilinear corner just outside a level reads zero (zeros padding) with no bounds test per
     corner. Returns the table and each level's first row (L, within an image and head)."""
@@ -59,8 +61,7 @@ def _padded_table(value: Tensor, shapes: list) -> tuple[Tensor, Tensor]:
         level = table[:, :, start : start + n].view(B, H, h + 2, w + 2, d)
         level[:, :, 1:-1, 1:-1] = v.view(B, h, w, H, d).permute(0, 3, 1, 2, 4)
         start += n
-    starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
-    return table.view(-1, d), starts
+    return table.view(-1, d), [0, *itertools.accumulate(sizes[:-1])]
 
 
 def _gathered(value: Tensor, shapes: list, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ def _gathered(value: Tensor, shapes: list, sampling_locations: Tensor, attention
     heights = per_sample([float(h) for h, _ in shapes])
     widths = per_sample([float(w) for _, w in shapes])
     pitch = per_sample([w + 2 for _, w in shapes], torch.int32)  # rows between vertically adjacent padded cells
-    first = per_sample(starts.tolist(), torch.int32)
+    first = per_sample(starts, torch.int32)
     corners = torch.stack([torch.zeros_like(pitch), torch.ones_like(pitch), pitch, pitch + 1])  # 4 × L·P
     base = (torch.arange(B * H, dtype=torch.int32) * (table.shape[0] // (B * H))).view(B, 1, H, 1)
     out = value.new_empty(B, Q, H, d)  # bags in the queries' order: B×Q×(H·d) is a view of it
