@@ -85,21 +85,25 @@ def _differentiable_flex(q, k, v, block_mask, scale, kernel_options=None):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-@pytest.mark.parametrize("kernel", ["gather", "flex"])
+@pytest.mark.parametrize("kernel", ["gather", "flex", "flex normalising"])
 def test_sparse_gradients_equal_masked_reference(kernel, monkeypatch):
     """Training runs the gather kernel under autograd (fresh gather tensors, no reused buffers), and flex on CUDA
     with ``sparse_backend=flex``: its projection into the slots and read-back under autograd, with the kernel
-    itself as masked SDPA (CPU flex has no backward)."""
+    itself as masked SDPA (CPU flex has no backward); as the encoder calls it, flex normalises the block input
+    chunk by chunk (gradients through the norm as well)."""
     from hirespath.models import attention
     from hirespath.models.attention import sparse_attention_flex
 
     monkeypatch.setitem(attention._FLEX, "cpu", _differentiable_flex)
+    monkeypatch.setattr(attention, "FLEX_PROJECTION_TOKENS", 7)
+    enc = tiny_encoder()
+    attn, norm = enc.vit.blocks[0].attn, enc.vit.blocks[0].norm1
     sparse = {
         "gather": lambda t, layout: sparse_attention(attn, t, layout, 2, 1, chunk_keys=150),
         "flex": lambda t, layout: sparse_attention_flex(attn, t, layout, 2, 1),
+        "flex normalising": lambda t, layout: sparse_attention_flex(attn, t, layout, 2, 1, norm=norm),
     }[kernel]
-    enc = tiny_encoder()
-    attn = enc.vit.blocks[0].attn
+    reference_input = norm if kernel == "flex normalising" else (lambda t: t)
     B, P, grid = 2, 9, (8, 7)
     layout = TokenLayout.full_grid(B, grid, P, "cpu").select(
         torch.stack([torch.randperm(56)[:30].sort().values for _ in range(B)])
@@ -108,14 +112,15 @@ def test_sparse_gradients_equal_masked_reference(kernel, monkeypatch):
     grads = []
     for fn in (
         lambda t: sparse(t, layout),
-        lambda t: masked_reference(attn, t, sparse_reference_mask(layout, 2, 1)),
+        lambda t: masked_reference(attn, reference_input(t), sparse_reference_mask(layout, 2, 1)),
     ):
         xr = x.clone().requires_grad_(True)
         fn(xr).square().sum().backward()
-        grads.append((xr.grad, attn.qkv.weight.grad.clone()))
-        attn.zero_grad()
-    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-4, rtol=1e-4)
+        grads.append((xr.grad, attn.qkv.weight.grad.clone(), norm.weight.grad))
+        enc.zero_grad()
+    for got, want in zip(grads[0], grads[1]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (grads[0][2] is not None) == (kernel == "flex normalising")
 
 
 def _pruned_layout(grid, keep_frac, clustered, P=9, B=1, seed=0):

@@ -104,11 +104,72 @@ def test_no_projection_is_alive_while_flex_runs(monkeypatch):
         alive_at_calls.append(sum(ref() is not None for ref in projections))
         return flex(*args, **kwargs)
 
+    project_keys_ = attention.project_keys
+
+    def recorded_keys(attn, x):
+        k = project_keys_(attn, x)
+        projections.append(weakref.ref(k.untyped_storage()))
+        return k
+
     monkeypatch.setattr(attention, "split_heads", recorded)
-    monkeypatch.setattr(encoder, "split_heads", recorded)  # the pruning block's projection
+    monkeypatch.setattr(encoder, "split_heads", recorded)  # the pruning block's prefix queries
+    monkeypatch.setattr(encoder, "project_keys", recorded_keys)  # and its keys
     monkeypatch.setitem(attention._FLEX, "cpu", spy)
     with torch.inference_mode():
         out = enc(torch.rand(2, 3, 14 * 6, 14 * 6))
     assert alive_at_calls == [0] * enc.depth
     assert out.patch_tokens.shape[1] == 18  # pruned after block 2
-    assert len(projections) >= 3 * (enc.depth + 1)  # every block projected, the pruning block twice
+    assert len(projections) >= 3 * enc.depth + 4  # every block projected; the pruning block's q and keys too
+
+
+@pytest.mark.parametrize("backend", ["flex", "gather"])
+def test_no_whole_normalised_tokens_live_through_attention_or_mlp(monkeypatch, backend):
+    """A block's normalised tokens (norm1 of all of them, one tokens × D tensor) are not alive while flex runs
+    (it normalises chunk by chunk) nor, with any kernel, during the MLP (every MLP chunk starts with norm2)."""
+    enc = tiny_encoder(attention="sparse", window=2, prune_ratio=0.5, prune_layer=2, sparse_backend=backend)
+    L = 6 * 6 + enc.num_prefix_tokens
+    normalised, alive_in_flex, alive_in_mlp = [], [], []
+
+    def keep_whole(module, args, output):
+        if output.shape[1] == L:
+            normalised.append(weakref.ref(output.untyped_storage()))
+
+    def alive() -> int:
+        return sum(ref() is not None for ref in normalised)
+
+    for blk in enc.vit.blocks:
+        blk.norm1.register_forward_hook(keep_whole)
+        blk.norm2.register_forward_pre_hook(lambda module, args: alive_in_mlp.append(alive()))
+    flex = attention._flex_attention("cpu")
+
+    def spy(*args, **kwargs):
+        alive_in_flex.append(alive())
+        return flex(*args, **kwargs)
+
+    monkeypatch.setitem(attention._FLEX, "cpu", spy)
+    with torch.inference_mode():
+        enc(torch.rand(2, 3, 14 * 6, 14 * 6))
+    assert alive_in_flex == ([0] * enc.depth if backend == "flex" else [])
+    assert alive_in_mlp and set(alive_in_mlp) == {0}
+    assert backend == "flex" or len(normalised) >= 2  # the gather blocks made whole ones, and dropped them
+
+
+@pytest.mark.parametrize("score_chunk", [None, 7])
+def test_flex_encoder_equals_gather_encoder(monkeypatch, score_chunk):
+    """The whole encoder through flex (it normalises and projects chunk by chunk; the pruning block's scores come
+    from its prefix queries and keys projected a chunk at a time) equals it through gather (whole normalised tokens,
+    one q/k/v for scores and attention): same survivors, same scores, outputs within 1e-4 (fp32)."""
+    torch.manual_seed(0)
+    flex = tiny_encoder(attention="sparse", window=2, prune_ratio=0.5, prune_layer=2, sparse_backend="flex")
+    gather = tiny_encoder(attention="sparse", window=2, prune_ratio=0.5, prune_layer=2, sparse_backend="gather")
+    gather.load_state_dict(flex.state_dict())
+    if score_chunk:  # the keys of the scores in many steps
+        monkeypatch.setattr(attention.prefix_attention_probs, "__defaults__", (score_chunk, None))
+    monkeypatch.setattr(attention, "FLEX_PROJECTION_TOKENS", 5)  # and the flex projection
+    x = torch.rand(2, 3, 14 * 8, 14 * 6)
+    with torch.inference_mode():
+        a, b = flex(x, token_scores=True), gather(x, token_scores=True)
+    assert torch.equal(a.positions, b.positions)
+    torch.testing.assert_close(a.token_scores, b.token_scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.patch_tokens, b.patch_tokens, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.cls, b.cls, rtol=1e-4, atol=1e-4)

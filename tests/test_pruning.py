@@ -147,7 +147,7 @@ def test_pruning_scores_cast_the_keys_in_chunks_with_the_same_values(monkeypatch
     x = torch.randn(2, 3, 14 * 20, 14 * 18)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         whole = enc(x, token_scores=True)
-        monkeypatch.setattr(attention.prefix_attention_probs, "__defaults__", (50,))  # 360 keys: 8 chunks
+        monkeypatch.setattr(attention.prefix_attention_probs, "__defaults__", (50, None))  # 360 keys: 8 chunks
         chunked = enc(x, token_scores=True)
     assert torch.equal(chunked.token_scores, whole.token_scores)
     assert torch.equal(chunked.positions, whole.positions)

@@ -3,7 +3,8 @@
 All three take the block's normalised tokens ``x`` (B×L×D, prefix tokens first) and return the
 projected output, exactly as timm's ``Attention.forward`` would, so state_dict keys never change. ``qkv``:
 the (q, k, v) of ``split_heads(attn, x)`` when the caller already has them (the pruning block); kernels in
-``PROJECTING_KERNELS`` project their own.
+``PROJECTING_KERNELS`` project their own, and given the block's ``norm`` they take its input instead and
+normalise it chunk by chunk (the whole normalised tokens then never exist during the call).
 
 Sparse semantics (docs/design.md): the patch grid is cut into ``window``×``window`` blocks; a patch token
 attends to the patch tokens of its own block and of the blocks within ``radius`` (1: the 3×3 block
@@ -151,20 +152,41 @@ def merge_heads(attn, x: Tensor, out: Tensor) -> Tensor:
 PREFIX_SCORE_KEYS = 1 << 13  # keys per step of the pruning scores (an fp32 copy of the keys this long at a time)
 
 
-def prefix_attention_probs(attn, q_prefix: Tensor, k: Tensor, chunk: int = PREFIX_SCORE_KEYS) -> Tensor:
+def project_keys(attn, x: Tensor) -> Tensor:
+    """The keys of ``split_heads(attn, x)`` alone (B×L×H×d), from the key third of the fused projection."""
+    qkv = attn.qkv
+    if not isinstance(qkv, torch.nn.Linear):
+        return split_heads(attn, x)[1]
+    D = attn.num_heads * attn.head_dim  # timm's fused output is laid out q, k, v (each H·d)
+    k = F.linear(x, qkv.weight[D : 2 * D], None if qkv.bias is None else qkv.bias[D : 2 * D])
+    return attn.k_norm(k.unflatten(-1, (attn.num_heads, attn.head_dim)))
+
+
+def prefix_attention_probs(
+    attn,
+    q_prefix: Tensor,
+    k: Tensor | Callable[[int, int], Tensor],
+    chunk: int = PREFIX_SCORE_KEYS,
+    length: int | None = None,
+) -> Tensor:
     """Softmax attention of the prefix queries over all keys: B×H×P×L in fp32 (O(L) memory).
+
+    ``k``: the B×L×H×d keys, or a function ``k(start, end)`` giving those keys (``length`` of them), so that the
+    keys are made a chunk at a time and never exist whole.
 
     Computed and kept in fp32 even under bf16: bf16 probabilities take ~100 distinct values over a 576-token grid,
     so pruning scores tie at the cut and the survivors depend on rounding. The keys are cast to fp32 ``chunk`` at a
     time: under bf16 an fp32 copy of all of them (and einsum's permuted copy of that) was the pruning block's peak
     (2 × 369 MB at 3,430 px for UNI2-h), where the scores themselves are P / D of it.
     """
-    B, L, H, _ = k.shape
+    keys = k if callable(k) else (lambda start, end: k[:, start:end])
+    L = length if callable(k) else k.shape[1]
+    B, H = q_prefix.shape[0], q_prefix.shape[2]
     with torch.autocast(q_prefix.device.type, enabled=False):
         q = q_prefix.float() * attn.scale
         scores = q.new_empty(B, H, q.shape[1], L)
         for l0 in range(0, L, chunk):
-            scores[..., l0 : l0 + chunk] = torch.einsum("bphd,blhd->bhpl", q, k[:, l0 : l0 + chunk].float())
+            scores[..., l0 : l0 + chunk] = torch.einsum("bphd,blhd->bhpl", q, keys(l0, l0 + chunk).float())
     return scores.softmax(dim=-1)
 
 
@@ -200,6 +222,10 @@ def _prefix_rows(attn, q: Tensor, k: Tensor, v: Tensor, P: int) -> Tensor:
 FLEX_PROJECTION_TOKENS = 1 << 13  # patch tokens projected per step straight into the flex kernel's slots
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 def flex_kv_valid(plan: SparsePlan, num_prefix: int, batch: int) -> Tensor:
     """B×(nb + 2)·C bool: which rows of the flex K/V buffers hold a key (slot blocks, then the prefix block)."""
     C, nb = plan.capacity, plan.num_blocks
@@ -210,11 +236,12 @@ def flex_kv_valid(plan: SparsePlan, num_prefix: int, batch: int) -> Tensor:
 
 
 def _project_to_slots(
-    attn, x: Tensor, plan: SparsePlan, P: int, q_len: int, kv_len: int, chunk: int
+    attn, x: Tensor, plan: SparsePlan, P: int, q_len: int, kv_len: int, chunk: int, norm: Callable = _identity
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """q/k/v of ``x`` projected ``chunk`` patch tokens at a time into zeroed per-block slot buffers of flat H·d
-    rows, so that the fused B×L×3×H×d projection (three times the tokens, the largest tensor of a flex block)
-    never exists whole; each image's prefix keys/values go to rows ``q_len``… of its K/V (block nb + 1).
+    """q/k/v of ``norm(x)`` projected ``chunk`` patch tokens at a time into zeroed per-block slot buffers of flat
+    H·d rows, so that the fused B×L×3×H×d projection (three times the tokens, the largest tensor of a flex block)
+    and the normalised tokens never exist whole; each image's prefix keys/values go to rows ``q_len``… of its K/V
+    (block nb + 1).
     Returns qb (B·q_len rows), kb and vb (B·kv_len rows), the prefix queries (B×P×H×d) and the q-buffer row
     of every patch token (B×N)."""
     B, L, _ = x.shape
@@ -222,7 +249,7 @@ def _project_to_slots(
     batch = torch.arange(B, device=x.device)[:, None]
     q_rows = plan.slot + batch * q_len
     kv_rows = plan.slot + batch * kv_len
-    q_prefix, k, v = split_heads(attn, x[:, :P])  # the projection's dtype (autocast) sizes the buffers
+    q_prefix, k, v = split_heads(attn, norm(x[:, :P]))  # the projection's dtype (autocast) sizes the buffers
     qb = q_prefix.new_zeros(B * q_len, Hd)
     kb, vb = k.new_zeros(B * kv_len, Hd), v.new_zeros(B * kv_len, Hd)
     prefix_rows = (torch.arange(q_len, q_len + P, device=x.device) + batch * kv_len).flatten()
@@ -230,7 +257,7 @@ def _project_to_slots(
         buf.index_copy_(0, prefix_rows, t.reshape(B * P, Hd))
     for start in range(P, L, chunk):
         end = min(L, start + chunk)
-        q, k, v = split_heads(attn, x[:, start:end])
+        q, k, v = split_heads(attn, norm(x[:, start:end]))
         span = slice(start - P, end - P)
         qb.index_copy_(0, q_rows[:, span].flatten(), q.reshape(-1, Hd))
         kb.index_copy_(0, kv_rows[:, span].flatten(), k.reshape(-1, Hd))
@@ -526,14 +553,21 @@ def flex_block_mask(plan: SparsePlan, kv_valid: Tensor):
 
 
 def sparse_attention_flex(
-    attn, x: Tensor, layout: TokenLayout, window: int, radius: int = 1, qkv: tuple | None = None
+    attn,
+    x: Tensor,
+    layout: TokenLayout,
+    window: int,
+    radius: int = 1,
+    qkv: tuple | None = None,
+    norm: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Same semantics as ``sparse_attention``, through torch flex_attention with a block-sparse BlockMask.
 
     q/k/v are projected chunk by chunk straight into the slot buffers, and each buffer is dropped once read,
     so at most the slots, the kernel's output and the block's input are alive at once (not the fused q/k/v as
     well: 553 MB per block for UNI2-h at 3,430 px, bf16). A ``qkv`` given by the caller is ignored: holding it
-    through the call is what this avoids (the encoder does not pass it to this kernel)."""
+    through the call is what this avoids (the encoder does not pass it to this kernel). ``norm``: ``x`` is the
+    block's input, normalised here a chunk at a time (its normalised copy, 184 MB there, is never whole)."""
     P = layout.num_prefix
     B, L, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
@@ -543,7 +577,9 @@ def sparse_attention_flex(
     block_mask = layout.plan(("flex_mask", window, radius, B), lambda: flex_block_mask(plan, kv_valid))
 
     SQ, SKV = (nb + 1) * C, (nb + 2) * C  # KV block nb + 1 holds the prefix keys
-    qb, kb, vb, q_prefix, q_rows = _project_to_slots(attn, x, plan, P, SQ, SKV, FLEX_PROJECTION_TOKENS)
+    qb, kb, vb, q_prefix, q_rows = _project_to_slots(
+        attn, x, plan, P, SQ, SKV, FLEX_PROJECTION_TOKENS, norm or _identity
+    )
     qb, kb, vb = (t.view(B, -1, H, d).transpose(1, 2) for t in (qb, kb, vb))
     # The prefix (global) rows attend to every key: the filled K/V rows, masked.
     out_prefix = F.scaled_dot_product_attention(
@@ -557,28 +593,30 @@ def sparse_attention_flex(
     del qb, kb, vb
     out = _from_slots(ob.transpose(1, 2).reshape(B * SQ, H * d), out_prefix, q_rows, L)
     del ob
-    return merge_heads(attn, x, out)
+    gated = getattr(attn, "gate", None) is not None  # the gate reads the normalised tokens
+    return merge_heads(attn, norm(x) if norm is not None and gated else x, out)
 
 
 # --- kernel registry and selection policy ------------------------------------------------------------
-# Every kernel is called as ``kernel(attn, x, layout, qkv=None, *, window, radius, chunk_keys)`` and returns what
-# timm's ``Attention.forward(x)`` would; the arguments a kernel does not use are ignored.
+# Every kernel is called as ``kernel(attn, x, layout, qkv=None, *, window, radius, chunk_keys, norm=None)`` and
+# returns what timm's ``Attention.forward(norm(x))`` would; the arguments a kernel does not use are ignored. ``norm``
+# given, ``x`` is the block's input: a projecting kernel normalises it chunk by chunk, the others up front.
 
 
-def _dense_kernel(attn, x, layout, qkv=None, *, window=None, radius=None, chunk_keys=None) -> Tensor:
-    return dense_attention(attn, x, layout, qkv)
+def _dense_kernel(attn, x, layout, qkv=None, *, window=None, radius=None, chunk_keys=None, norm=None) -> Tensor:
+    return dense_attention(attn, x if norm is None else norm(x), layout, qkv)
 
 
-def _eager_kernel(attn, x, layout, qkv=None, *, window=None, radius=None, chunk_keys=None) -> Tensor:
-    return eager_attention(attn, x, layout, qkv)
+def _eager_kernel(attn, x, layout, qkv=None, *, window=None, radius=None, chunk_keys=None, norm=None) -> Tensor:
+    return eager_attention(attn, x if norm is None else norm(x), layout, qkv)
 
 
-def _gather_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None) -> Tensor:
-    return sparse_attention(attn, x, layout, window, radius, chunk_keys, qkv)
+def _gather_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None, norm=None) -> Tensor:
+    return sparse_attention(attn, x if norm is None else norm(x), layout, window, radius, chunk_keys, qkv)
 
 
-def _flex_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None) -> Tensor:
-    return sparse_attention_flex(attn, x, layout, window, radius, qkv)
+def _flex_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None, norm=None) -> Tensor:
+    return sparse_attention_flex(attn, x, layout, window, radius, qkv, norm)
 
 
 ATTENTION_KERNELS: dict[str, Callable[..., Tensor]] = {

@@ -22,6 +22,7 @@ from .attention import (
     check_radius,
     check_window,
     prefix_attention_probs,
+    project_keys,
     select_kernel,
     split_heads,
 )
@@ -194,7 +195,7 @@ class HiResEncoder(nn.Module):
 
     def kernel(self, attn: nn.Module, x: Tensor, layout: TokenLayout) -> tuple[str, Callable[..., Tensor]]:
         """The attention kernel this block runs, ``(name, attend)`` from ``select_kernel``: ``attend(attn, x,
-        layout, qkv=None)`` with this encoder's window, radius and key chunk."""
+        layout, qkv=None, norm=None)`` with this encoder's window, radius and key chunk."""
         name, kernel = select_kernel(
             self.attention,
             self.sparse_backend,
@@ -206,14 +207,18 @@ class HiResEncoder(nn.Module):
         )
         return name, functools.partial(kernel, window=self.window, radius=self.radius, chunk_keys=self.attn_chunk_keys)
 
-    def _mlp_chunk_tokens(self, blk: nn.Module, x: Tensor) -> int:
-        if x.is_cuda:
-            return self.mlp_chunk
-        # On CPU a hidden activation of tens of MB is a fresh mmap per call whose page faults cost as much as
-        # fc1 itself (measured: 35 ms of copy per 30 MB); chunks of ~8 MB reuse the heap and stay in cache.
-        # Rows (batch × tokens) per chunk: at least 256 so the GEMMs stay efficient.
+    def _mlp_chunk_tokens(self, blk: nn.Module, x: Tensor, cuda: bool | None = None) -> int:
+        """Tokens per image in one MLP chunk, bounded by the size of the hidden activation (fc1's output);
+        ``cuda``: the CUDA bound (default: where ``x`` is).
+
+        On CPU a hidden activation of tens of MB is a fresh mmap per call whose page faults cost as much as fc1
+        itself (measured: 35 ms of copy per 30 MB); chunks of ~8 MB reuse the heap and stay in cache. On CUDA the
+        bound is 128 MB: a GLU MLP holds fc1's output and two half-width products at once, which at 32k tokens of
+        UNI2-h (bf16) was 1.07 GB, above the flex attention call's peak. Rows (batch × tokens) per chunk: at least
+        256 on CPU and 4,096 on CUDA so the GEMMs stay efficient."""
         hidden = getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * x.shape[-1])
-        rows = max(256, (8 << 20) // (hidden * x.element_size()))
+        cap, least = ((128 << 20), 4096) if (x.is_cuda if cuda is None else cuda) else ((8 << 20), 256)
+        rows = max(least, cap // (hidden * x.element_size()))
         return min(self.mlp_chunk, max(1, rows // x.shape[0]))
 
     def _mlp(self, blk: nn.Module, x: Tensor) -> Tensor:
@@ -237,22 +242,27 @@ class HiResEncoder(nn.Module):
 
     def _run_block(self, index: int, state: TokenState) -> TokenState:
         blk = self.vit.blocks[index]
-        h = blk.norm1(state.x)
         prunes_here = self.pruner.enabled and index + 1 == self.pruner.layer
         # recorded where the pruner scores, or at the last block when nothing is pruned (only when asked)
         scores_here = state.keep_scores and (prunes_here or (not self.pruner.enabled and index + 1 == self.depth))
-        layout, qkv = state.layout, None
-        kernel, attend = self.kernel(blk.attn, h, layout)
-        if prunes_here or scores_here:
-            # The pruning block's q/k also give the pruning scores: project once and hand them to the kernel,
-            # except to one that projects into its own buffers chunk by chunk (flex): held here through its
-            # call, q/k/v would be that block's memory peak (projecting twice costs one GEMM).
-            qkv = split_heads(blk.attn, h)
-            scores = self.prune_scores(blk.attn, h, layout, qkv)
-            if kernel in PROJECTING_KERNELS:
-                qkv = None
-        x = _add_residual(state.x, attend(blk.attn, h, layout, qkv), blk.ls1, blk.drop_path1)
-        del qkv
+        layout = state.layout
+        kernel, attend = self.kernel(blk.attn, state.x, layout)
+        if kernel in PROJECTING_KERNELS:
+            # It projects into its own buffers and normalises chunk by chunk (flex): held through its call, the
+            # normalised tokens or the pruning block's q/k/v would be the block's memory peak, so the scores
+            # come first and are all that is kept (projecting twice costs one GEMM).
+            if prunes_here or scores_here:
+                scores = self.prune_scores(blk.attn, state.x, layout, norm=blk.norm1)
+            y = attend(blk.attn, state.x, layout, norm=blk.norm1)
+        else:
+            h = blk.norm1(state.x)
+            qkv = split_heads(blk.attn, h) if prunes_here or scores_here else None
+            if qkv is not None:  # the pruning block's q/k also give the pruning scores: projected once
+                scores = self.prune_scores(blk.attn, h, layout, qkv)
+            y = attend(blk.attn, h, layout, qkv)
+            del h, qkv  # not alive through the MLP
+        x = _add_residual(state.x, y, blk.ls1, blk.drop_path1)
+        del y
         state = replace(state, x=self._mlp(blk, x))
         if prunes_here or scores_here:
             if scores_here:
@@ -269,11 +279,22 @@ class HiResEncoder(nn.Module):
         full = scores.new_zeros(scores.shape[0], rows * cols, dtype=torch.float32)
         return full.scatter_(1, pos[..., 0] * cols + pos[..., 1], scores.float())
 
-    def prune_scores(self, attn: nn.Module, h: Tensor, layout: TokenLayout, qkv: tuple | None = None) -> Tensor:
-        """B×N attention of the global tokens to each patch token in this block (O(N) memory)."""
+    def prune_scores(
+        self, attn: nn.Module, h: Tensor, layout: TokenLayout, qkv: tuple | None = None, norm: nn.Module | None = None
+    ) -> Tensor:
+        """B×N attention of the global tokens to each patch token in this block (O(N) memory).
+
+        ``h``: the block's normalised tokens; ``qkv``: their projections when the caller has them, otherwise the
+        prefix queries and the keys are projected here, the keys a chunk at a time (no whole q/k/v). ``norm``:
+        ``h`` is the block's input instead, normalised a chunk at a time as well."""
         P = layout.num_prefix
-        q, k, _ = qkv or split_heads(attn, h)
-        return self.pruner.scores(prefix_attention_probs(attn, q[:, :P], k), P)
+        if qkv is not None:
+            q, k, _ = qkv
+            return self.pruner.scores(prefix_attention_probs(attn, q[:, :P], k), P)
+        norm = norm or nn.Identity()
+        q_prefix = split_heads(attn, norm(h[:, :P]))[0]
+        keys = lambda start, end: project_keys(attn, norm(h[:, start:end]))  # noqa: E731
+        return self.pruner.scores(prefix_attention_probs(attn, q_prefix, keys, length=h.shape[1]), P)
 
     def prune(self, state: TokenState, scores: Tensor) -> TokenState:
         P = state.layout.num_prefix
