@@ -2,7 +2,10 @@
 # Prepares a GPU benchmark run with the device tool, from the repository root on the development machine.
 # The GPU image has torch, timm, lightning, transformers, h5py, opencv, tifffile, numpy, pillow and pyyaml, but not
 # Hydra, shapely or the slide readers, and no network: their wheels (for its Python 3.12) go to .whl/ (git-ignored,
-# ~35 MB of the 64 MiB that may travel), the commit to .gpu/commit. Then, one call per issue:
+# ~35 MB of the 64 MiB that may travel), the commit to .gpu/commit. Then, with 15 minutes of device time, one call
+# for both issues (the max-resolution search and the write_behind comparison left out):
+#   run  command="bash docs/benchmarks/gpu_both_issues.sh"  carry=[".whl", ".gpu"]  timeout_s=600
+# or, with more time, one call per issue:
 #   run  command="bash docs/benchmarks/h200_run.sh"   carry=[".whl", ".gpu"]  timeout_s=600   # issue 26
 #   run  command="bash docs/benchmarks/h200_run2.sh"  carry=[".whl", ".gpu"]  timeout_s=600   # issue 23
 # Each script installs the wheels into /tmp/site there, runs from src/ and leaves its CSVs and log under $OUT.
