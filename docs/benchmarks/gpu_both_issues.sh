@@ -6,15 +6,8 @@
 # Most wanted first; each step has its own timeout and copies its CSV to $OUT as soon as it ends, so a step cut short
 # leaves the ones before it. Left out: the max-resolution search (22,946 px ≥ 20,000 is met, and the memory changes
 # since only lower the peak) and the write_behind comparison of h200_run2.sh.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 WANDB_MODE=offline HYDRA_FULL_ERROR=1
-L=$OUT/log.txt
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch,timm,transformers;print('torch',torch.__version__,'timm',timm.__version__,'transformers',transformers.__version__)"
-  echo "hirespath commit $(cat .gpu/commit)"; } > $OUT/device.txt 2>&1
-cat $OUT/device.txt
+source docs/benchmarks/gpu_setup.sh
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 250 > /tmp/util.csv 2>&1 &
-T0=$(date +%s)
 step() {  # step NAME SECONDS CSV_FROM CSV_TO ARGS...: one benchmark run, its CSV kept even when cut short
   local name=$1 limit=$2 from=$3 to=$4; shift 4
   local left=$(( 570 - ($(date +%s) - T0) ))

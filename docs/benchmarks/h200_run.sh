@@ -1,14 +1,7 @@
 #!/usr/bin/env bash
 # GPU figures for issue 26 (table1_cost, max resolution in 80 GB, embed_speed), one call (prepare: gpu_prepare.sh).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 WANDB_MODE=offline HYDRA_FULL_ERROR=1
-L=$OUT/log.txt
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch,timm;print('torch',torch.__version__,'timm',timm.__version__)"
-  echo "hirespath commit $(cat .gpu/commit)"; } > $OUT/device.txt 2>&1
-cat $OUT/device.txt
+source docs/benchmarks/gpu_setup.sh
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 250 > /tmp/util.csv 2>&1 &
-T0=$(date +%s)
 # 1. Table 1 cost sweep, 80 GB budget as the H100 run (comparable), bf16
 timeout 230 python3 tasks/benchmark.py experiment=table1_cost memory_budget_gb=80 repeats=3 hydra.run.dir=/tmp/t1 >> $L 2>&1
 echo "table1 rc=$? $(( $(date +%s)-T0 ))s" | tee -a $L

@@ -2,14 +2,7 @@
 # GPU figures for issue 23 (segment_speed), full UNI2-h, one call (prepare: gpu_prepare.sh). The tile readers are
 # embed.num_workers' default (null: the cores but two on CUDA). The heatmap cost of issue 24 is measured already
 # (h200_heatmap_cost.csv); in its place, entry (b) once more with embed.write_behind=false.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 WANDB_MODE=offline HYDRA_FULL_ERROR=1
-L=$OUT/log.txt
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch,timm,transformers;print('torch',torch.__version__,'timm',timm.__version__,'transformers',transformers.__version__)"
-  echo "hirespath commit $(cat .gpu/commit)"; } > $OUT/device.txt 2>&1
-cat $OUT/device.txt
-T0=$(date +%s)
+source docs/benchmarks/gpu_setup.sh
 SEG="python3 tasks/benchmark.py experiment=segment_speed device=cuda backbone.overrides={} segment_bench.synthetic_side=7168"
 # (a) 518 px dense and (b) 1792 px sparse, overlap 128, with the seam measure on a 1792 px region
 timeout 230 $SEG embed.batch_size=4 hydra.run.dir=/tmp/seg >> $L 2>&1
