@@ -578,7 +578,7 @@ def sparse_attention_flex(
 
     SQ, SKV = (nb + 1) * C, (nb + 2) * C  # KV block nb + 1 holds the prefix keys
     qb, kb, vb, q_prefix, q_rows = _project_to_slots(
-        attn, x, plan, P, SQ, SKV, FLEX_PROJECTION_TOKENS, norm or _identity
+        attn, x, plan, P, SQ, SKV, FLEX_PROJECTION_TOKENS, _identity if norm is None else norm
     )
     qb, kb, vb = (t.view(B, -1, H, d).transpose(1, 2) for t in (qb, kb, vb))
     # The prefix (global) rows attend to every key: the filled K/V rows, masked.

@@ -291,7 +291,7 @@ class HiResEncoder(nn.Module):
         if qkv is not None:
             q, k, _ = qkv
             return self.pruner.scores(prefix_attention_probs(attn, q[:, :P], k), P)
-        norm = norm or nn.Identity()
+        norm = nn.Identity() if norm is None else norm  # (an empty nn.Sequential is falsy)
         q_prefix = split_heads(attn, norm(h[:, :P]))[0]
         keys = lambda start, end: project_keys(attn, norm(h[:, start:end]))  # noqa: E731
         return self.pruner.scores(prefix_attention_probs(attn, q_prefix, keys, length=h.shape[1]), P)
