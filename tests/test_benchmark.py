@@ -191,14 +191,15 @@ def test_cost_model_costs_the_selected_kernel():
 
 def test_padding_ratio_column():
     """padded / real attention work per row: 1 for dense, the gather kernel's chunk plans for sparse on CPU (just
-    above 1 after pruning), NaN where flex runs."""
+    above 1 after pruning), flex's BlockMask tiles where it runs (half-window tiles after pruning: ~1.5 over the
+    forward, where whole-window ones were ~3.6)."""
     with torch.device("meta"):
         pruned = hirespath.create_encoder("uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4)
         dense = hirespath.create_encoder("uni2_h", attention="dense")
     assert padding_ratio(dense, 1792, device="cpu") == 1.0
     for res in (1792, 3430):
         assert 1.0 < padding_ratio(pruned, res, device="cpu") < 1.15
-    assert math.isnan(padding_ratio(pruned, 1792, device="cuda"))  # 256 blocks: flex on CUDA
+    assert 1.2 < padding_ratio(pruned, 1792, device="cuda") < 1.6  # 256 blocks: flex on CUDA
     with torch.device("meta"):
         gather = hirespath.create_encoder(
             "uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4, sparse_backend="gather"

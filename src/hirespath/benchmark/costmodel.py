@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.attention import TokenLayout, gather_chunk_keys, gather_key_align, gather_padding, select_kernel
+from ..models.attention import (
+    TokenLayout,
+    flex_padding,
+    gather_chunk_keys,
+    gather_key_align,
+    gather_padding,
+    select_kernel,
+)
 
 
 @dataclass
@@ -85,16 +92,14 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
 
 def padding_ratio(encoder, resolution: int | tuple[int, int], device: str = "cuda", seed: int = 0) -> float:
     """Padded / real attention work (query×key products) of one forward of ``encoder`` on ``device`` in inference:
-    1.0 for dense and eager (no padding), the gather kernel's own chunk plans for sparse[gather] (full grid up to the
-    pruning block, then ⌈(1−p)·N⌉ survivors drawn uniformly at random — the cost model's survival assumption —
-    with ``seed``), NaN for sparse[flex] (its padding is the slot capacity, not costed here)."""
+    1.0 for dense and eager (no padding), else the sparse kernel's own plans (gather: its chunks; flex: its BlockMask
+    tiles) on the full grid up to the pruning block, then on ⌈(1−p)·N⌉ survivors drawn uniformly at random — the
+    cost model's survival assumption — with ``seed``."""
     H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     grid = (H // encoder.patch_size, W // encoder.patch_size)
     kernel, _ = select_kernel(encoder.attention, encoder.sparse_backend, device, grid, encoder.window, training=False)
     if kernel in ("dense", "eager"):
         return 1.0
-    if kernel != "sparse[gather]":
-        return float("nan")
     chunk_keys = encoder.attn_chunk_keys or gather_chunk_keys(device)
     full = TokenLayout.full_grid(1, grid, encoder.num_prefix_tokens, "cpu")
     pruner, depth = encoder.pruner, encoder.depth
@@ -106,6 +111,9 @@ def padding_ratio(encoder, resolution: int | tuple[int, int], device: str = "cud
         blocks.append((full.select(keep), depth - pruner.layer))
     padded = real = 0
     for layout, count in blocks:
-        p, r = gather_padding(layout, encoder.window, encoder.radius, chunk_keys, gather_key_align(device))
+        if kernel == "sparse[flex]":
+            p, r = flex_padding(layout, encoder.window, encoder.radius)
+        else:
+            p, r = gather_padding(layout, encoder.window, encoder.radius, chunk_keys, gather_key_align(device))
         padded, real = padded + count * p, real + count * r
     return padded / real

@@ -507,49 +507,120 @@ def _flex_attention(device_type: str):
     return _FLEX[device_type]
 
 
-def flex_block_mask(plan: SparsePlan, kv_valid: Tensor):
+FLEX_TILE_PREFERENCE = 1.25  # a smaller BlockMask block must cut the padded work by more than this to be chosen
+# The smallest BlockMask block (and kernel tile) considered: flex accepts 16, but tiles that small were not measured
+# on a GPU; 32 already cuts the padded work after pruning 3.3× (flex_block_size).
+FLEX_MIN_BLOCK = 32
+
+
+def _flex_block_pairs(plan: SparsePlan, kv_valid: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The BlockMask's block pairs at ``block`` slots per block (a power of two dividing the slot capacity):
+    ``(cand, is_full, is_partial)``, ``cand`` the candidate KV blocks of every query block (query blocks × K, the
+    parts of its window's neighbour windows and of the prefix window nb + 1; ids in the dummy window nb pad), and
+    which of them the kernel computes without (full) and with (partial) ``mask_mod``. KV blocks empty in every
+    image are neither; a query block empty in every image gets only the prefix keys (no row is left without keys)."""
+    C, nb = plan.capacity, plan.num_blocks
+    parts = C // block
+    device = plan.slot.device
+    batch = kv_valid.shape[0]
+    per_block = kv_valid.view(batch, (nb + 2) * parts, block)
+    full = per_block.all(-1).all(0)
+    nonempty = per_block.any(-1).any(0)
+    q_nonempty = plan.key_valid.view(batch, (nb + 1) * parts, block).any(-1).any(0)
+    prefix_window = torch.full((nb, 1), nb + 1, device=device, dtype=torch.long)
+    windows = torch.cat([plan.neighbours, prefix_window], dim=1)
+    dummy_row = torch.full((1, windows.shape[1]), nb, device=device, dtype=torch.long)
+    dummy_row[0, 0] = nb + 1
+    windows = torch.cat([windows, dummy_row], dim=0)  # (nb + 1) query windows × (K + 1)
+    part = torch.arange(parts, device=device)
+    cand = (windows[:, :, None] * parts + part).flatten(1).repeat_interleave(parts, dim=0)
+    is_prefix = cand // parts == nb + 1
+    keep = q_nonempty[:, None] | is_prefix
+    is_full = full[cand] & ~is_prefix & keep
+    is_partial = nonempty[cand] & ~is_full & keep
+    return cand, is_full, is_partial
+
+
+def _flex_block_work(plan: SparsePlan, kv_valid: Tensor, block: int) -> int:
+    """Query × key products flex computes for one image at ``block`` (every listed block pair is a full tile)."""
+    _, is_full, is_partial = _flex_block_pairs(plan, kv_valid, block)
+    return int(is_full.sum() + is_partial.sum()) * block * block
+
+
+def flex_block_size(plan: SparsePlan, kv_valid: Tensor) -> int:
+    """Slots per BlockMask block: the slot capacity (a window's slots, one block), or a half of it, a quarter...
+    down to ``FLEX_MIN_BLOCK``.
+
+    After pruning a window holds ~40 % of its tokens but keeps the capacity of the fullest one, and whole-window
+    tiles compute mostly padding (UNI2-h, 3,430 px, 0.6 pruned at random: 6.7× the real work; half-window blocks
+    2.0×: the empty halves are not listed). A smaller block is taken only if it cuts the padded work by more than
+    ``FLEX_TILE_PREFERENCE`` (larger tiles run faster per product on GPUs) and keeps the query blocks within
+    ``FLEX_MAX_BLOCKS`` (the block tables grow quadratically); on the full grid the capacity stays."""
+    C, nb = plan.capacity, plan.num_blocks
+    sizes = [C]
+    while sizes[-1] // 2 >= FLEX_MIN_BLOCK and (nb + 1) * (C // (sizes[-1] // 2)) <= FLEX_MAX_BLOCKS:
+        sizes.append(sizes[-1] // 2)
+    work = {size: _flex_block_work(plan, kv_valid, size) for size in sizes}
+    least = min(work.values())
+    return max(size for size in sizes if work[size] <= FLEX_TILE_PREFERENCE * least)
+
+
+def flex_block_mask(plan: SparsePlan, kv_valid: Tensor, block: int | None = None):
     """BlockMask of the sparse pattern built directly from KV block indices (never an L×L mask).
 
-    Query blocks are the slot blocks 0..nb (nb: the empty dummy); KV blocks are the slot blocks plus block
-    nb + 1, which holds the prefix keys. A KV block whose slots are all filled in every image is a "full"
-    block (no mask_mod call); others are partial, masked by slot validity (``kv_valid``, from ``flex_kv_valid``).
+    ``block``: slots per mask block (``flex_block_size``; None: the slot capacity, one block per window). Query
+    blocks are the parts of the slot windows 0..nb (nb: the empty dummy); KV blocks those and the parts of window
+    nb + 1, which holds the prefix keys. A KV block whose slots are all filled in every image is a "full" block (no
+    mask_mod call); others are partial, masked by slot validity (``kv_valid``, from ``flex_kv_valid``).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     C, nb = plan.capacity, plan.num_blocks
+    block = block or C
+    parts = C // block
     device = plan.slot.device
-    batch = kv_valid.shape[0]
-    per_block = kv_valid.view(batch, nb + 2, C)
-    full = per_block.all(-1).all(0)
-    nonempty = per_block.any(-1).any(0)
-    prefix_block = torch.full((nb, 1), nb + 1, device=device, dtype=torch.long)
-    cand = torch.cat([plan.neighbours, prefix_block], dim=1)
-    dummy_row = torch.full((1, cand.shape[1]), nb, device=device, dtype=torch.long)
-    dummy_row[0, 0] = nb + 1
-    cand = torch.cat([cand, dummy_row], dim=0)  # (nb + 1) query blocks × (K + 1)
+    cand, is_full, is_partial = _flex_block_pairs(plan, kv_valid, block)
+    kv_blocks = (nb + 2) * parts
 
     def packed(selected):
         # Each row lists the selected KV blocks first, then every other block: BlockMask expects a
         # permutation of all KV blocks per query block (it reads only the first ``num``).
-        dense = torch.zeros(cand.shape[0], nb + 2, dtype=torch.bool, device=device)
-        dense.scatter_(1, torch.where(selected, cand, torch.full_like(cand, nb)), selected)
-        dense[:, nb] = False  # the dummy block is never attended
+        dense = torch.zeros(cand.shape[0], kv_blocks, dtype=torch.bool, device=device)
+        dense.scatter_(1, torch.where(selected, cand, torch.full_like(cand, nb * parts)), selected)
+        dense[:, nb * parts : (nb + 1) * parts] = False  # the dummy window is never attended
         order = torch.sort((~dense).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
         return dense, dense.sum(1).to(torch.int32)[None, None], order[None, None]
 
-    is_full = full[cand] & (cand != nb + 1)
-    is_partial = nonempty[cand] & ~is_full
     partial_blocks, kv_num, kv_idx = packed(is_partial)
     full_blocks, full_num, full_idx = packed(is_full)
     # mask_mod must define the whole pattern by itself (uncompiled flex ignores the block structure)
     allowed = partial_blocks | full_blocks
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return kv_valid[b, kv_idx] & allowed[q_idx // C, kv_idx // C]
+        return kv_valid[b, kv_idx] & allowed[q_idx // block, kv_idx // block]
 
+    lengths = ((nb + 1) * C, (nb + 2) * C)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=C, mask_mod=mask_mod, seq_lengths=((nb + 1) * C, (nb + 2) * C)
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=lengths
     )
+
+
+def _flex_plan(layout: TokenLayout, window: int, radius: int) -> tuple[SparsePlan, Tensor, int]:
+    """The flex kernel's slot plan, key validity and mask block size for ``layout`` (built once per layout)."""
+    P, B = layout.num_prefix, layout.positions.shape[0]
+    plan = layout.sparse_plan(window, radius, align=max(16, 1 << (P - 1).bit_length()))
+    kv_valid = layout.plan(("flex_kv_valid", window, radius, B), lambda: flex_kv_valid(plan, P, B))
+    block = layout.plan(("flex_block", window, radius, B), lambda: flex_block_size(plan, kv_valid))
+    return plan, kv_valid, block
+
+
+def flex_padding(layout: TokenLayout, window: int, radius: int = 1) -> tuple[int, int]:
+    """``(padded, real)`` query×key products of the flex kernel on ``layout``, as ``gather_padding``: every block
+    pair of its BlockMask is a full tile, and the prefix rows run over all K/V rows (masked)."""
+    plan, kv_valid, block = _flex_plan(layout, window, radius)
+    B, P = layout.positions.shape[0], layout.num_prefix
+    padded = B * _flex_block_work(plan, kv_valid, block) + B * P * kv_valid.shape[1]
+    return padded, gather_padding(layout, window, radius)[1]
 
 
 def sparse_attention_flex(
@@ -571,10 +642,9 @@ def sparse_attention_flex(
     P = layout.num_prefix
     B, L, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
-    plan = layout.sparse_plan(window, radius, align=max(16, 1 << (P - 1).bit_length()))
+    plan, kv_valid, block = _flex_plan(layout, window, radius)
     C, nb = plan.capacity, plan.num_blocks
-    kv_valid = layout.plan(("flex_kv_valid", window, radius, B), lambda: flex_kv_valid(plan, P, B))
-    block_mask = layout.plan(("flex_mask", window, radius, B), lambda: flex_block_mask(plan, kv_valid))
+    block_mask = layout.plan(("flex_mask", window, radius, B), lambda: flex_block_mask(plan, kv_valid, block))
 
     SQ, SKV = (nb + 1) * C, (nb + 2) * C  # KV block nb + 1 holds the prefix keys
     qb, kb, vb, q_prefix, q_rows = _project_to_slots(
@@ -587,8 +657,8 @@ def sparse_attention_flex(
     ).transpose(1, 2)
     del q_prefix
     flex = _flex_attention(x.device.type)
-    # The kernel's tiles must divide the sparse block size (C is a power of two >= 16).
-    tile = min(C, 128)
+    # The kernel's tiles must divide the mask's block size (a power of two >= 16).
+    tile = min(block, 128)
     ob = flex(qb, kb, vb, block_mask=block_mask, scale=attn.scale, kernel_options={"BLOCK_M": tile, "BLOCK_N": tile})
     del qb, kb, vb
     out = _from_slots(ob.transpose(1, 2).reshape(B * SQ, H * d), out_prefix, q_rows, L)
