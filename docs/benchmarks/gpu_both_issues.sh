@@ -19,19 +19,19 @@ step() {  # step NAME SECONDS CSV_FROM CSV_TO ARGS...: one benchmark run, its CS
   cp "$from" "$OUT/$to" 2>/dev/null
 }
 # 26: dense SDPA ÷ ours at 3,430 px (goal ≥ 10×) and the peak (goal < 3 GB), the table's resolutions, bf16
-step table1 200 /tmp/t1/benchmark.csv table1_cost.csv experiment=table1_cost memory_budget_gb=80 repeats=3 \
+step table1 240 /tmp/t1/benchmark.csv table1_cost.csv experiment=table1_cost memory_budget_gb=80 repeats=3 \
   hydra.run.dir=/tmp/t1
 cp /tmp/t1/benchmark.png $OUT/table1_cost.png 2>/dev/null
 # 23 (c): whole-slide segmentation, full UNI2-h: (a) 518 px dense vs (b) 1,792 px sparse, overlap 128, seams at 1,792
 SEG=(experiment=segment_speed device=cuda 'backbone.overrides={}' segment_bench.synthetic_side=7168)
-step segment 150 /tmp/seg/segmentation_benchmark.csv segment_speed.csv "${SEG[@]}" embed.batch_size=4 \
+step segment 140 /tmp/seg/segmentation_benchmark.csv segment_speed.csv "${SEG[@]}" embed.batch_size=4 \
   hydra.run.dir=/tmp/seg
 # 23 (c): 3,430 px tiles, seams on a 3,430 px region
-step segment3430 90 /tmp/seg3/segmentation_benchmark.csv segment_speed_3430.csv "${SEG[@]}" \
+step segment3430 80 /tmp/seg3/segmentation_benchmark.csv segment_speed_3430.csv "${SEG[@]}" \
   embed.batch_size=2 segment_bench.seam_region=3430 \
   'segment_bench.compare=[{tile_size:3430,overlap:128,attention:sparse,window:8}]' hydra.run.dir=/tmp/seg3
 # 26: whole-slide embedding, 224 px dense vs 1,792 px sparse + prune, tiles/s and GPU utilisation
-step embed 120 /tmp/emb/embedding_benchmark.csv embed_speed.csv experiment=embed_speed device=cuda \
+step embed 100 /tmp/emb/embedding_benchmark.csv embed_speed.csv experiment=embed_speed device=cuda \
   'backbone.overrides={}' embed.batch_size=16 slides.synthetic_side=7168 \
   'slides.compare=[{tile_size:224,attention:dense,prune_ratio:0.0},{tile_size:1792,attention:sparse,window:8,prune_ratio:0.6,prune_layer:2}]' \
   hydra.run.dir=/tmp/emb
