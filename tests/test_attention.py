@@ -313,3 +313,22 @@ def test_compiled_flex_on_half_window_blocks_equals_gather(monkeypatch):
         got = attention.sparse_attention_flex(attn, x, layout, 8, 1)
         ref = sparse_attention(attn, x, layout, 8, 1)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_mask_has_backward_tables_only_under_autograd(monkeypatch):
+    """The BlockMask's transposed tables (as large as the forward's, 2 × 15 MB at 3,430 px in half-window blocks)
+    are built only where a backward pass will read them (CPU flex has no backward: masked SDPA stands in)."""
+    from hirespath.models import attention
+    from hirespath.models.attention import sparse_attention_flex
+
+    monkeypatch.setitem(attention._FLEX, "cpu", _differentiable_flex)
+    enc = tiny_encoder()
+    attn = enc.vit.blocks[0].attn
+    layout = _pruned_layout((24, 32), 0.4, False, P=9, B=2)
+    x = torch.randn(2, 9 + layout.positions.shape[1], enc.embed_dim)
+    with torch.no_grad():
+        sparse_attention_flex(attn, x, layout, 8, 1)
+    sparse_attention_flex(attn, x.requires_grad_(True), layout, 8, 1).sum().backward()
+    built = {key[-1]: mask for key, mask in layout._plans.items() if key[0] == "flex_mask"}
+    assert built[False].q_indices is None and built[False].full_q_indices is None
+    assert built[True].q_indices is not None

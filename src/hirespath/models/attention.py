@@ -565,10 +565,11 @@ def flex_block_size(plan: SparsePlan, kv_valid: Tensor) -> int:
     return max(size for size in sizes if work[size] <= FLEX_TILE_PREFERENCE * least)
 
 
-def flex_block_mask(plan: SparsePlan, kv_valid: Tensor, block: int | None = None):
+def flex_block_mask(plan: SparsePlan, kv_valid: Tensor, block: int | None = None, backward: bool = True):
     """BlockMask of the sparse pattern built directly from KV block indices (never an L×L mask).
 
-    ``block``: slots per mask block (``flex_block_size``; None: the slot capacity, one block per window). Query
+    ``block``: slots per mask block (``flex_block_size``; None: the slot capacity, one block per window);
+    ``backward``: also the transposed tables a backward pass reads (as large again; inference needs none). Query
     blocks are the parts of the slot windows 0..nb (nb: the empty dummy); KV blocks those and the parts of window
     nb + 1, which holds the prefix keys. A KV block whose slots are all filled in every image is a "full" block (no
     mask_mod call); others are partial, masked by slot validity (``kv_valid``, from ``flex_kv_valid``).
@@ -600,8 +601,9 @@ def flex_block_mask(plan: SparsePlan, kv_valid: Tensor, block: int | None = None
         return kv_valid[b, kv_idx] & allowed[q_idx // block, kv_idx // block]
 
     lengths = ((nb + 1) * C, (nb + 2) * C)
+    transposed = {} if backward else {"compute_q_blocks": False}
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=lengths
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=lengths, **transposed
     )
 
 
@@ -644,7 +646,10 @@ def sparse_attention_flex(
     H, d = attn.num_heads, attn.head_dim
     plan, kv_valid, block = _flex_plan(layout, window, radius)
     C, nb = plan.capacity, plan.num_blocks
-    block_mask = layout.plan(("flex_mask", window, radius, B), lambda: flex_block_mask(plan, kv_valid, block))
+    backward = torch.is_grad_enabled()
+    block_mask = layout.plan(
+        ("flex_mask", window, radius, B, backward), lambda: flex_block_mask(plan, kv_valid, block, backward)
+    )
 
     SQ, SKV = (nb + 1) * C, (nb + 2) * C  # KV block nb + 1 holds the prefix keys
     qb, kb, vb, q_prefix, q_rows = _project_to_slots(
