@@ -61,6 +61,8 @@ def tissue(w=700, h=500, seed=0):
     img = np.full((h, w, 3), 240, np.uint8)
     img[60 : h - 60, 200:] = np.clip(np.array([200, 90, 160]) + rng.integers(-25, 25, (h - 120, w - 200, 3)), 0, 255)
     img[200:300, 300:500] = (120, 40, 110)
+    if h >= 500 and w >= 700:  # a fragment in a glass tile: only cover_tissue gives it a tile
+        img[400:430, 40:70] = img[100:130, 300:330]
     return img
 
 
@@ -96,7 +98,7 @@ def unclipped(ckpt, wsi, tmp_path_factory):
     return job, run(ckpt, wsi, job, within_tissue=False, seam_check=False)
 
 
-def test_generated_pyramid_segments_end_to_end(done):
+def test_generated_pyramid_segments_end_to_end(done, wsi):
     job, summary = done
     out = Path(summary["output_dir"])
     assert out == job / "10x_112px_28px_overlap" / "segmentation_tiny-sparse-w4-r56_run_epoch_000"
@@ -133,6 +135,15 @@ def test_generated_pyramid_segments_end_to_end(done):
     areas = __import__("pandas").read_csv(out / "areas.csv")
     assert sorted(areas["class"]) == sorted(CELL_TYPES) and (areas.slide == "s0").all()
     assert areas.area_mm2.sum() == pytest.approx(sum(g.area * 0.25 / 1e6 for g, _ in feats))
+    # every tissue pixel is in a tile: min_tissue's tiles and the fewest others that hold the rest (cover_tissue)
+    from hirespath.wsi.tissue import mask_boxes, tile_grid
+
+    attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches" / "s0_patches.h5")
+    plain = tile_grid(wsi / "s0.tiff", 112, 1.0, 28, 0.1)
+    held = np.zeros_like(plain.mask)
+    for y0, y1, x0, x1, _ in mask_boxes(held.shape, plain.mask_downsample, coords, int(attrs["patch_size_level0"])):
+        held[y0:y1, x0:x1] = True
+    assert attrs["cover_tissue"] and not (plain.mask & ~held).any() and len(coords) > len(plain)
 
 
 def test_polygons_have_the_masks_pixel_areas_and_are_clipped_to_the_tissue(done, unclipped):
@@ -154,10 +165,13 @@ def test_polygons_have_the_masks_pixel_areas_and_are_clipped_to_the_tissue(done,
         (p["classification"]["name"], g) for g, p in qupath.read_geojson(done[1]["output_dir"] + "/s0.geojson")
     )
     full = {p["classification"]["name"]: g for g, p in feats}
-    glass = shapely.box(0, 0, 180, 500)  # left of the tissue (x < 200), beyond the outline's smoothing margin
+    # left of the tissue (x < 200) but for the fragment at (40–70, 400–430), beyond the outline's smoothing margin
+    fragment = shapely.box(40, 400, 70, 430)
+    glass = shapely.box(0, 0, 180, 500).difference(fragment.buffer(20, join_style="mitre"))
     assert any(g.intersection(glass).area > 100 for g in full.values())  # tiles over glass predict classes there
     for name, g in clipped.items():
         assert full[name].buffer(1e-6).contains(g) and g.intersection(glass).area == 0
+    assert any(g.intersection(fragment).area > 0 for g in clipped.values())  # its own tile segmented it
 
 
 def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):

@@ -30,7 +30,7 @@ from hirespath.slides.runner import NothingProcessed
 from hirespath.utils.io import lock_is_stale, try_lock
 from hirespath.wsi import trident_h5
 from hirespath.wsi.listing import list_slides
-from hirespath.wsi.reader import best_level, open_slide, read_tile
+from hirespath.wsi.reader import SlideError, best_level, open_slide, read_tile
 from hirespath.wsi.tile_readers import SlideTileDataset
 from hirespath.wsi.tissue import tile_grid
 
@@ -222,6 +222,61 @@ def test_tile_grid_follows_tridents_grid_and_keeps_tissue(wsi_dir):
         tile_grid(wsi_dir / "synth.tiff", TILE, MPP, overlap=112)
 
 
+def _uncovered(grid) -> int:
+    """Tissue pixels of the grid's mask that no kept tile holds."""
+    from hirespath.wsi.tissue import mask_boxes
+
+    held = np.zeros_like(grid.mask)
+    for y0, y1, x0, x1, _ in mask_boxes(grid.mask.shape, grid.mask_downsample, grid.coords, grid.patch_size_level0):
+        held[y0:y1, x0:x1] = True
+    return int((grid.mask & ~held).sum())
+
+
+def test_cover_tissue_adds_the_fewest_tiles_that_hold_the_tissue_min_tissue_drops_but_specks(tmp_path):
+    img = synthetic_image()
+    img[300:330, 60:90] = img[300:330, 400:430]  # a 30 px fragment alone in a glass tile (4 % of it)
+    img[520:600] = 240  # the block now ends inside the overlap of the rows of tiles at y = 336 and 504
+    img[40:56, 60:76] = img[300:316, 400:416]  # a speck (0.5 % of a tile) alone in the first tile: no tile for it
+    write_pyramid(tmp_path / "frag.tiff", img, 0.5, compression="jpeg", levels=(1, 4))
+    plain = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5)
+    covered = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True)
+    touching = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.0)
+    speck = _uncovered(covered)  # its 16 px on the 4× thumbnail's mask: 4×4 mask px, give or take JPEG's edges
+    assert 9 <= speck <= 25 and _uncovered(plain) > speck and covered.cover_tissue and not plain.cover_tissue
+    assert (0, 0) not in {tuple(c) for c in covered.coords}  # the speck's tile
+    kept = {tuple(c) for c in covered.coords}
+    assert {tuple(c) for c in plain.coords} < kept <= {tuple(c) for c in touching.coords}
+    assert len(covered) < len(touching)  # the fewest: not every tile that touches tissue
+    assert any(x <= 60 and x + 224 >= 90 and y <= 300 and y + 224 >= 330 for x, y in kept)  # the fragment's tile
+    added = [i for i, c in enumerate(covered.coords) if tuple(c) not in {tuple(p) for p in plain.coords}]
+    assert (covered.tissue_fraction[added] < 0.5).all()
+    assert [tuple(c) for c in covered.coords] == sorted(kept, key=lambda c: (c[1], c[0]))  # raster order
+    # every added tile is needed: dropping any one leaves tissue uncovered
+    for i in added:
+        covered_less = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True)
+        covered_less.coords = np.delete(covered_less.coords, i, 0)
+        assert _uncovered(covered_less) > speck
+    # a slide smaller than one tile: one tile holds all of it (min_tissue alone refuses the slide)
+    small = tile_grid(tmp_path / "frag.tiff", 700, 2.0, min_tissue=0.5, cover_tissue=True)
+    assert len(small) == 1 and _uncovered(small) == 0
+    with pytest.raises(SlideError, match="no tile of 700 px at 2 µm/px holds ≥ 50% tissue"):
+        tile_grid(tmp_path / "frag.tiff", 700, 2.0, min_tissue=0.5)
+    # the tiling's patches file is reused only by a tiling that covers (or not) as it did
+    from hirespath.configs import TilingConfig
+    from hirespath.slides.prepare import prepare_slide
+
+    (spec,) = list_slides(tmp_path)
+    runs = [(cover, prepare_slide(spec, TilingConfig(TILE, MPP, 28, 0.5, cover_tissue=cover), tiling_dir=tmp_path / "t",
+                                  default_mpp=None, need_thumbnail=False))
+            for cover in (False, True, True, False)]  # fmt: skip
+    assert [(p.reused, len(p.grid), p.grid.cover_tissue) for _, p in runs] == [
+        (False, len(plain), False),
+        (False, len(covered), True),
+        (True, len(covered), True),
+        (False, len(plain), False),
+    ]
+
+
 def test_regions_read_on_white_opaque_or_not():
     from hirespath.wsi.reader import on_white
 
@@ -297,6 +352,7 @@ COORD_ATTRS = {
     "level0_mpp",
     "stride_level0",
     "min_tissue",
+    "cover_tissue",
     "tiling",
     "tissue_area_mm2",
 }

@@ -76,7 +76,8 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
         enc.attention = str(entry.get("attention", enc.attention))
         enc.window = int(entry.get("window", enc.window))
         tile, overlap = int(entry["tile_size"]), int(entry.get("overlap", 0))
-        tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue))
+        tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue),
+                                 cover_tissue=True)  # every tissue pixel, as segment_slides tiles  # fmt: skip
         job = Path(tempfile.mkdtemp(prefix="hirespath_seg_bench_", dir=out_dir))
         # seam_check=true: the check runs on the benchmark slide whatever its tile count (share 1)
         options = SegmentOptions(threshold=float(b.threshold), seam_check=bool(b.get("seam_check", False)),

@@ -24,12 +24,13 @@ from .model import Geometry, check_patch_multiple
 @dataclass
 class TilingConfig:
     """The tile grid: ``size`` px at ``mpp`` µm/px, ``overlap`` px between neighbours, tiles with at least
-    ``min_tissue`` of tissue."""
+    ``min_tissue`` of tissue; with ``cover_tissue`` also the fewest others that hold the tissue those miss."""
 
     size: int = 1792
     mpp: float = 0.5
     overlap: int = 0
     min_tissue: float = 0.25
+    cover_tissue: bool = False
 
 
 @dataclass
@@ -96,6 +97,8 @@ def check_tile(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
         problems.check("tile.overlap", overlap, check_tiling, size if size_ok else 2**31, 0.5, overlap)
     if min_tissue is not None:
         problems.check("tile.min_tissue", min_tissue, check_tiling, 1, 0.5, 0, min_tissue)
+    if (cover := select(cfg, "tile.cover_tissue")) is not None and not isinstance(cover, bool):
+        problems.bad("tile.cover_tissue", cover, "true or false")
 
 
 def check_embed(cfg: DictConfig, problems: Problems) -> None:

@@ -358,7 +358,8 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
                    runtime: Runtime | None = None, *, default_mpp: float | None = None) -> dict:  # fmt: skip
     """Segment every slide of ``slides`` with ``seg``; returns the runner's summary (``output_dir``: the folder).
 
-    ``tiling``: size, mpp (None: the model's), overlap, min_tissue; ``reading``: the embed node's batch_size,
+    ``tiling``: size, mpp (None: the model's), overlap, min_tissue, cover_tissue (default true: every tissue pixel
+    is segmented, not only the ``min_tissue`` tiles'); ``reading``: the embed node's batch_size,
     num_workers, reader, threads, lock_stale_hours, overwrite."""
     from ..configs import TilingConfig
     from ..embeddings.features import slide_job
@@ -370,7 +371,8 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
                     "training", mpp, seg.mpp, seg.ckpt.name, seg.mpp / mpp,
                     "larger" if mpp < seg.mpp else "smaller")  # fmt: skip
     tiling = TilingConfig(size=int(tiling.size), mpp=mpp, overlap=int(tiling.overlap),
-                          min_tissue=float(tiling.min_tissue))  # fmt: skip
+                          min_tissue=float(tiling.min_tissue),
+                          cover_tissue=bool(getattr(tiling, "cover_tissue", True)))  # fmt: skip
     check_tiling_for_model(seg, tiling)
     runtime = (runtime or Runtime()).resolve()
     job = slide_job(job_dir, tiling, reading, default_mpp)

@@ -35,6 +35,11 @@ class PreparedSlide:
     warnings: list[str] = field(default_factory=list)
 
 
+def cover_tissue(tiling) -> bool:
+    """Whether the tiling covers every tissue pixel (segmentation) rather than keeping only ``min_tissue`` tiles."""
+    return bool(getattr(tiling, "cover_tissue", False))
+
+
 def _grid_from_patches(slide, patches_path: Path, tiling, smpp: float) -> TileGrid | None:
     """The grid stored in an earlier run's patches file when it was tiled with the same settings, else None."""
     try:
@@ -45,6 +50,7 @@ def _grid_from_patches(slide, patches_path: Path, tiling, smpp: float) -> TileGr
             and np.isclose(float(attrs["target_mpp"]), float(tiling.mpp))
             and np.isclose(float(attrs["level0_mpp"]), smpp)
             and np.isclose(float(attrs["min_tissue"]), float(tiling.min_tissue))
+            and bool(attrs.get("cover_tissue", False)) == cover_tissue(tiling)
         )
     except (OSError, KeyError, ValueError) as err:
         log.warning("%s: unreadable patches file (%s); tiling again", patches_path, err)
@@ -68,6 +74,7 @@ def _grid_from_patches(slide, patches_path: Path, tiling, smpp: float) -> TileGr
         grid_shape=(0, 0),
         tissue_fraction=np.full(len(coords), np.nan),
         min_tissue=float(tiling.min_tissue),
+        cover_tissue=cover_tissue(tiling),
         tissue_area_mm2=float(attrs.get("tissue_area_mm2", np.nan)),
     )
 
@@ -105,7 +112,8 @@ def prepare_slide(
         reused = grid is not None
         if grid is None:
             grid = tile_grid(slide, int(tiling.size), float(tiling.mpp), int(tiling.overlap),
-                             float(tiling.min_tissue), mpp=smpp, mask_max_side=mask_max_side)  # fmt: skip
+                             float(tiling.min_tissue), mpp=smpp, mask_max_side=mask_max_side,
+                             cover_tissue=cover_tissue(tiling))  # fmt: skip
             attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name)
             attrs["tissue_area_mm2"] = grid.tissue_area_mm2
             trident_h5.write_patches_h5(patches_path, grid.coords, attrs)

@@ -39,7 +39,7 @@ from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
 from .ledger import IdentityMismatch, Ledger
-from .prepare import PreparedSlide, prepare_slide
+from .prepare import PreparedSlide, cover_tissue, prepare_slide
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
 
 log = logging.getLogger("hirespath.slides")
@@ -99,7 +99,7 @@ class SlideJob:
     """What every slide task shares: the job folder, the tiling, the tile readers and the locks."""
 
     job_dir: Path
-    tiling: Any  # size, mpp, overlap, min_tissue (hirespath.configs.TilingConfig or any object with them)
+    tiling: Any  # size, mpp, overlap, min_tissue[, cover_tissue] (hirespath.configs.TilingConfig or alike)
     default_mpp: float | None = None  # µm/px for slides whose metadata has none
     batch_size: int = 4
     num_workers: int | None = None  # tile readers running while the tile function works; None: default_readers
@@ -124,7 +124,8 @@ class SlideJob:
 
         t = self.tiling
         return {"tiling": self.tiling_tag, "tile_size": int(t.size), "tile_mpp": float(t.mpp),
-                "overlap": int(t.overlap), "min_tissue": float(t.min_tissue), "default_mpp": self.default_mpp,
+                "overlap": int(t.overlap), "min_tissue": float(t.min_tissue),
+                "cover_tissue": cover_tissue(t), "default_mpp": self.default_mpp,
                 "mask_max_side": int(self.mask_max_side), "level_tolerance": LEVEL_TOLERANCE}  # fmt: skip
 
 
