@@ -702,6 +702,36 @@ def test_unreadable_tiles_name_the_file_in_the_users_words(wsi_dir, tmp_path, mo
     slide.close()
 
 
+def test_png_and_jpeg_images_are_one_level_slides_with_the_csvs_mpp(wsi_dir, encoder, tmp_path):
+    """A region exported as PNG/JPEG is tiled and read like the slide it came from; its mpp comes from the CSV."""
+    img = synthetic_image()
+    Image.fromarray(img).save(tmp_path / "region.png")
+    Image.fromarray(img).save(tmp_path / "region_q.jpg", quality=95)
+    data = (tmp_path / "region.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 3])
+    (tmp_path / "notes.tiff").write_text("not an image")
+    tiff = tile_grid(wsi_dir / "synth.tiff", TILE, MPP, min_tissue=0.25)
+    for name in ("region.png", "region_q.jpg"):
+        slide = open_slide(tmp_path / name)
+        assert slide.level_count == 1 and slide.dimensions == (1000, 700)
+        grid = tile_grid(slide, TILE, MPP, min_tissue=0.25, mpp=0.5)
+        assert np.array_equal(grid.coords, tiff.coords) and grid.patch_size_level0 == tiff.patch_size_level0
+        tile = read_tile(slide, 896, 224, 224, TILE)  # the edge tile: white beyond the image, as for a slide
+        halved = img[224:448, 896:996].reshape(112, 2, 50, 2, 3).mean((1, 3))  # the image shrunk 2×
+        assert (tile[:, 54:] == 255).all() and np.abs(tile[:, :50] - halved).mean() < 4
+        slide.close()
+    csv = tmp_path / "slides.csv"
+    pd.DataFrame({"path": ["region.png", "region_q.jpg", "cut.png", "notes.tiff"], "mpp": [0.5, 0.5, 0.5, 0.5]}).to_csv(
+        csv, index=False
+    )
+    s = embed_slides(encoder, list_slides(tmp_path, csv), tmp_path / "job", tile_size=TILE, tile_mpp=MPP,
+                     num_workers=0, progress=False, thumbnails=False)  # fmt: skip
+    assert s["slides_done"] == 2 and s["tiles"] == 2 * len(tiff)
+    reasons = dict(zip(*pd.read_csv(Path(s["features_dir"]) / "skipped.csv")[["slide", "reason"]].to_numpy().T))
+    assert reasons["cut"].startswith("cannot read cut.png: the file is truncated or corrupt")
+    assert reasons["notes"].startswith("cannot read notes.tiff: ") and reasons["notes"].endswith("and PNG/JPEG images)")
+
+
 def test_slide_list_errors_name_the_file(tmp_path):
     from hirespath.utils.errors import InputError
 

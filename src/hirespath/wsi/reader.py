@@ -20,6 +20,11 @@ log = logging.getLogger("hirespath.wsi")
 # 4.0002×, 16.001×…): reading the next finer level instead would cost 4–16× the pixels for no detail
 LEVEL_TOLERANCE = 0.01
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif")
+# plain images (a region exported as PNG/JPEG): one level, decoded whole by PIL (OpenSlide's ImageSlide); they
+# carry no mpp, so a slides= CSV gives it (or data.default_mpp)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+READABLE = ("whole-slide images that OpenSlide or tiffslide open (svs, tif/tiff, ndpi, mrxs, scn, vms, bif, ...) "
+            "and PNG/JPEG images")  # fmt: skip
 
 
 class SlideError(Exception):
@@ -84,7 +89,8 @@ def unreadable(path: str | Path | None, err: BaseException) -> SlideError:
 
 
 def open_slide(path: str | Path):
-    """Open a slide with OpenSlide, or tiffslide where OpenSlide is missing or refuses the file.
+    """Open a slide with OpenSlide, or tiffslide where OpenSlide is missing or refuses the file; a PNG/JPEG image
+    as a one-level slide.
 
     The handle's metadata (properties, levels) is read here, so a file that opens but has no readable image
     directory fails now with a SlideError naming the file, not later with a decoder's IndexError."""
@@ -92,6 +98,8 @@ def open_slide(path: str | Path):
     if not path.is_file():
         raise SlideError(f"missing file {path}")
     errors = []
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _open_image(path)
     try:
         import openslide
 
@@ -104,12 +112,28 @@ def open_slide(path: str | Path):
         slide = tiffslide.TiffSlide(str(path))
     except Exception as err:  # noqa: BLE001
         errors.append(f"tiffslide: {err}")
-        raise SlideError(truncation(path) or f"cannot read {path.name}: " + "; ".join(errors)) from err
+        raise SlideError(truncation(path) or f"cannot read {path.name}: " + "; ".join(errors) +
+                         f" (hirespath reads {READABLE})") from err  # fmt: skip
     try:  # tiffslide opens lazily: touch what every caller needs
         _ = slide.properties, slide.dimensions, slide.level_downsamples
     except Exception as err:  # noqa: BLE001 — tifffile raises IndexError, KeyError, ValueError... here
         slide.close()
         raise unreadable(path, err) from err
+    return slide
+
+
+def _open_image(path: Path):
+    """A PNG/JPEG as OpenSlide's one-level ImageSlide (PIL underneath; read whole on the first region)."""
+    try:
+        from openslide import ImageSlide
+
+        slide = ImageSlide(str(path))
+        _ = slide.dimensions
+    except Image.DecompressionBombError as err:
+        raise SlideError(f"cannot read {path.name}: {err}; an image this large belongs in a tiled pyramidal TIFF "
+                         "(e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg)") from err  # fmt: skip
+    except Exception as err:  # noqa: BLE001 — PIL raises several types for corrupt images
+        raise SlideError(f"cannot read {path.name}: the image is truncated or corrupt ({err})") from err
     return slide
 
 
@@ -125,11 +149,11 @@ def on_white(region: Image.Image) -> Image.Image:
 
 
 def slide_path(slide) -> Path | None:
-    """The file an open OpenSlide/TiffSlide reads (for error messages), or None."""
-    name = getattr(slide, "_filename", None)  # OpenSlide
+    """The file an open OpenSlide/TiffSlide/ImageSlide reads (for error messages), or None."""
+    name = getattr(slide, "_filename", None) or getattr(slide, "_file_arg", None)  # OpenSlide, ImageSlide
     if name is None:  # tiffslide
         name = getattr(getattr(getattr(slide, "_tifffile", None), "filehandle", None), "path", None)
-    return Path(name) if name else None
+    return Path(name) if isinstance(name, (str, Path)) and name else None
 
 
 def read_region(slide, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
