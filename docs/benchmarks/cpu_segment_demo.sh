@@ -19,7 +19,7 @@ hirespath segment data.root="$OUT/segpath" data.batch_size=4 data.num_workers=1 
     optim.lr=1e-3 optim.backbone_lr_mult=1.0 logger=csv $MODEL hydra.run.dir="$OUT/segment_run"
 # the model's own mpp: 0.2208 µm/px · 984 / 112 = 1.94 µm/px; 224 px tiles with 56 px overlap
 hirespath segment_slides ckpt="$OUT/segment_run" wsi_dir="$OUT/wsi" job_dir="$OUT/job" tile.size=224 \
-    tile.overlap=56 segment.min_area_um2=500 hydra.run.dir="$OUT/segment_slides_run"
+    tile.overlap=56 segment.min_area_um2=500 segment.seam_check_share=1.0 hydra.run.dir="$OUT/segment_slides_run"
 hirespath benchmark experiment=segment_speed segment_bench.ckpt="$OUT/segment_run" \
     segment_bench.wsi="$OUT/wsi/cmu_small_region.svs" segment_bench.tile_mpp=1.94 segment_bench.seam_region=448 \
     'segment_bench.compare=[{tile_size: 112, overlap: 28, attention: sparse, window: 4}, {tile_size: 224, overlap: 56, attention: sparse, window: 4}]' \
