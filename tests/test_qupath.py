@@ -37,3 +37,25 @@ def test_invalid_polygons_are_repaired():
 def test_object_type_is_checked():
     with pytest.raises(ValueError, match="object_type must be one of"):
         feature(box(0, 0, 1, 1), "cells")
+
+
+def test_objects_land_where_qupath_shows_a_slide_cropped_to_its_bounds(tmp_path):
+    """QuPath's OpenSlide server crops a MIRAX-like slide to openslide.bounds-* (when both width and height differ)
+    and counts pixels from that corner: objects are moved there; other slides keep the level-0 origin."""
+    from types import SimpleNamespace
+
+    from hirespath.wsi.qupath import image_origin
+
+    def slide(props, size=(100_000, 220_000)):
+        return SimpleNamespace(properties=props, dimensions=size)
+
+    bounds = {"openslide.bounds-x": "2048", "openslide.bounds-y": "51200", "openslide.bounds-width": "80000",
+              "openslide.bounds-height": "120000"}  # fmt: skip
+    assert image_origin(slide(bounds)) == (2048, 51200)
+    assert image_origin(slide({k.replace("openslide", "tiffslide"): v for k, v in bounds.items()})) == (2048, 51200)
+    assert image_origin(slide({**bounds, "openslide.bounds-width": "100000"})) == (0, 0)  # QuPath: not a crop
+    assert image_origin(slide({"openslide.mpp-x": "0.25"})) == (0, 0)
+    assert image_origin(slide({**bounds, "openslide.bounds-x": "n/a"})) == (0, 0)
+    region = box(3000, 52000, 3100, 52100)
+    ((geom, _),) = read_geojson(write_geojson(tmp_path / "b.geojson", [feature(region, origin=(2048, 51200))]))
+    assert geom.equals(box(952, 800, 1052, 900))

@@ -238,6 +238,25 @@ def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):
     assert [w["seams"]["slides"] for w in on_disk["workers"].values()] == [1]
 
 
+def test_geojson_is_in_qupaths_coordinates_of_a_slide_cropped_to_its_bounds(done, ckpt, wsi, tmp_path, monkeypatch):
+    """A slide QuPath shows cropped to its bounds (qupath.image_origin, tested in test_qupath.py): the same polygons,
+    moved by the crop's corner; the corner is in the slide's summary entry."""
+    from shapely import affinity
+
+    monkeypatch.setattr(qupath, "image_origin", lambda slide: (40, 20))
+    summary = run(ckpt, wsi, tmp_path / "job", seam_check=False)
+    assert summary["done"][0]["qupath_origin"] == (40, 20) and done[1]["done"][0]["qupath_origin"] == (0, 0)
+    moved = dict(
+        (p["classification"]["name"], g) for g, p in qupath.read_geojson(Path(summary["output_dir"]) / "s0.geojson")
+    )
+    plain = dict(
+        (p["classification"]["name"], g) for g, p in qupath.read_geojson(Path(done[1]["output_dir"]) / "s0.geojson")
+    )
+    assert moved.keys() == plain.keys()
+    for name, g in plain.items():
+        assert moved[name].equals_exact(affinity.translate(g, -40, -20), tolerance=1e-6)
+
+
 def test_rerun_skips_finished_slides(done, ckpt, wsi):
     job, first = done
     geo = Path(first["output_dir"]) / "s0.geojson"

@@ -288,8 +288,9 @@ def read_token_scores(path, tiles: np.ndarray) -> np.ndarray | None:
         return np.asarray(picked, dtype=np.float64).reshape(len(tiles), rows, cols)
 
 
-def tile_geojson(r: dict, path: Path, num_classes: int, level0_size=None) -> Path:
-    """The slide's tiles as QuPath detections (level-0 px), measurements: attention, its percentile, p0..p{K-1}."""
+def tile_geojson(r: dict, path: Path, num_classes: int, level0_size=None, origin: tuple[int, int] = (0, 0)) -> Path:
+    """The slide's tiles as QuPath detections (level-0 px from QuPath's ``origin``, ``qupath.image_origin``),
+    measurements: attention, its percentile, p0..p{K-1}."""
     from shapely.geometry import box
 
     from ..viz.mil import _scaled, infer_tile_size
@@ -307,7 +308,7 @@ def tile_geojson(r: dict, path: Path, num_classes: int, level0_size=None) -> Pat
             if geom.is_empty:
                 continue
         feats.append(feature(geom, "detection", measurements={"attention": float(a), "attention_percentile": float(q),
-                                                              **probs}))  # fmt: skip
+                                                              **probs}, origin=origin))  # fmt: skip
     return write_geojson(path, feats)
 
 
@@ -315,7 +316,7 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
                    num_slides: int | None, resolution: str, max_side: int) -> list[Path]:  # fmt: skip
     """``heatmaps/<slide>.png`` and ``.geojson`` for all slides or the first ``num_slides``; returns the PNGs."""
     from ..viz.mil import attention_heatmap
-    from ..wsi import trident_h5
+    from ..wsi import qupath, trident_h5
 
     chosen = results if num_slides is None else results[: int(num_slides)]
     pngs = []
@@ -345,5 +346,6 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
                 token_scores=scores,
             )  # fmt: skip
         )
-        tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, size)
+        origin = qupath.image_origin(slide_paths[sid]) if slide_paths.get(sid) else (0, 0)
+        tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, size, origin)
     return pngs

@@ -167,7 +167,8 @@ class SegmentationSink:
                  "model": c.tag, "threshold": c.options.threshold}  # fmt: skip
         tif_tmp = self._temp("tif")
         write_probs_tiff(tif_tmp, self.levels, c.classes, self.map_mpp, extra)
-        features, areas = self._features(probs)
+        origin = qupath.image_origin(self.spec.path)
+        features, areas = self._features(probs, origin)
         seams = self._seams(probs) if c.options.seam_check else None
         encode_s = seams["seconds"] if seams else 0.0  # the window's forward is the model's time, not writing
         os.replace(tif_tmp, c.probs_path(self.path))
@@ -175,7 +176,7 @@ class SegmentationSink:
         small = np.array(self.levels[-1])
         self.stitcher.cleanup()
         self._remove_levels()
-        return {"tiles": self.tiles, "map_shape": list(self.shape), "map_mpp": self.map_mpp,
+        return {"tiles": self.tiles, "map_shape": list(self.shape), "map_mpp": self.map_mpp, "qupath_origin": origin,
                 "areas_mm2": areas, "small_probs": small, "seams": seams, "encode_seconds": encode_s}  # fmt: skip
 
     def _seams(self, probs: np.ndarray) -> dict | None:
@@ -204,7 +205,7 @@ class SegmentationSink:
         return {"window_level0": [int(where[0]), int(where[1]), int(g.patch_size_level0)], **measure,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
 
-    def _features(self, probs: np.ndarray) -> tuple[list[dict], dict]:
+    def _features(self, probs: np.ndarray, origin: tuple[int, int]) -> tuple[list[dict], dict]:
         import shapely
         from shapely import affinity
 
@@ -232,7 +233,7 @@ class SegmentationSink:
             if geom.geom_type == "Polygon":
                 geom = shapely.MultiPolygon([geom])
             features.append(qupath.feature(geom, "annotation", name, CLASS_COLORS.get(name, (255, 0, 0)),
-                                           measurements={"Area µm^2": area_um2}))  # fmt: skip
+                                           measurements={"Area µm^2": area_um2}, origin=origin))  # fmt: skip
         return features, areas
 
     def _remove_levels(self) -> None:

@@ -1,22 +1,49 @@
 """GeoJSON that QuPath opens (File → Import objects, or drag and drop), as QuPath itself exports it.
 
-A ``FeatureCollection`` in level-0 pixel coordinates (origin top-left). Each feature's ``properties`` hold
-``objectType`` (``annotation`` for regions, ``detection`` or ``tile`` for scored tiles), ``classification``
-``{"name": ..., "color": [r, g, b]}`` and, for detections, ``measurements`` ``{name: number}`` (QuPath draws them as
-measurement maps). Geometries are checked with shapely and repaired when invalid (QuPath refuses some invalid
-polygons; TIAToolbox's writer met that in #1057).
+A ``FeatureCollection`` in QuPath's pixel coordinates: the slide's level-0 px, from the top-left of the image QuPath
+shows — the slide's, except where QuPath crops a slide to its non-empty bounds (:func:`image_origin`). Each
+feature's ``properties`` hold ``objectType`` (``annotation`` for regions, ``detection`` or ``tile`` for scored
+tiles), ``classification`` ``{"name": ..., "color": [r, g, b]}`` and, for detections, ``measurements``
+``{name: number}`` (QuPath draws them as measurement maps). Geometries are checked with shapely and repaired when
+invalid (QuPath refuses some invalid polygons; TIAToolbox's writer met that in #1057).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..utils.io import atomic_path
 
 OBJECT_TYPES = ("annotation", "detection", "tile")
+
+
+def image_origin(slide) -> tuple[int, int]:
+    """Where QuPath's image starts, in the slide's level-0 px (an open slide or a path).
+
+    QuPath's OpenSlide server crops a slide to the non-empty region OpenSlide reports (``openslide.bounds-*``:
+    MIRAX, Leica SCN, ...) when it differs from the full image in both width and height, and its pixel
+    coordinates start at that region's corner; objects written in the slide's own coordinates would land shifted by
+    it. (0, 0) for every other slide."""
+    if isinstance(slide, (str, os.PathLike)):
+        from .reader import open_slide
+
+        handle = open_slide(slide)
+        try:
+            return image_origin(handle)
+        finally:
+            handle.close()
+    props, (width, height) = slide.properties, slide.dimensions
+    for prefix in ("openslide", "tiffslide"):
+        try:
+            x, y, w, h = (int(props[f"{prefix}.bounds-{k}"]) for k in ("x", "y", "width", "height"))
+        except (KeyError, ValueError, TypeError):
+            continue
+        return (x, y) if w != width and h != height else (0, 0)  # QuPath's own test of a crop
+    return 0, 0
 
 
 def valid_geometry(geometry):
@@ -47,11 +74,16 @@ def feature(
     color: tuple[int, int, int] | None = None,
     measurements: Mapping[str, float] | None = None,
     properties: Mapping | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> dict:
-    """One QuPath object: a shapely geometry (level-0 px), its type, class (name + RGB colour) and measurements.
+    """One QuPath object: a shapely geometry (the slide's level-0 px, moved to QuPath's ``origin``: see
+    :func:`image_origin`), its type, class (name + RGB colour) and measurements.
     Non-finite measurements are left out (JSON has no NaN and QuPath would refuse the file)."""
+    from shapely import affinity
     from shapely.geometry import mapping
 
+    if origin != (0, 0):
+        geometry = affinity.translate(geometry, -origin[0], -origin[1])
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
     props: dict = {"objectType": object_type}
