@@ -59,3 +59,12 @@ def test_objects_land_where_qupath_shows_a_slide_cropped_to_its_bounds(tmp_path)
     region = box(3000, 52000, 3100, 52100)
     ((geom, _),) = read_geojson(write_geojson(tmp_path / "b.geojson", [feature(region, origin=(2048, 51200))]))
     assert geom.equals(box(952, 800, 1052, 900))
+
+
+def test_predict_slides_tile_geojson_origin_of_a_slide_it_cannot_read(tmp_path, caplog):
+    from hirespath.predict.mil import _qupath_origin
+
+    caplog.set_level("WARNING", logger="hirespath.predict_slides")
+    assert _qupath_origin(None) == (0, 0)
+    assert _qupath_origin(tmp_path / "gone.svs") == (0, 0)
+    assert "gone.svs: tile GeoJSON in the slide's own level-0 coordinates (missing file" in caplog.text

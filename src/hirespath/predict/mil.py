@@ -312,11 +312,25 @@ def tile_geojson(r: dict, path: Path, num_classes: int, level0_size=None, origin
     return write_geojson(path, feats)
 
 
+def _qupath_origin(slide_path) -> tuple[int, int]:
+    """Where QuPath's image of the slide starts (``qupath.image_origin``); (0, 0) when the slide cannot be read."""
+    from ..wsi import qupath
+    from ..wsi.reader import SlideError
+
+    if not slide_path:
+        return 0, 0
+    try:
+        return qupath.image_origin(slide_path)
+    except SlideError as err:
+        log.warning("%s: tile GeoJSON in the slide's own level-0 coordinates (%s)", Path(slide_path).name, err)
+        return 0, 0
+
+
 def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, out_dir: Path, num_classes: int, *,
                    num_slides: int | None, resolution: str, max_side: int) -> list[Path]:  # fmt: skip
     """``heatmaps/<slide>.png`` and ``.geojson`` for all slides or the first ``num_slides``; returns the PNGs."""
     from ..viz.mil import attention_heatmap
-    from ..wsi import qupath, trident_h5
+    from ..wsi import trident_h5
 
     chosen = results if num_slides is None else results[: int(num_slides)]
     pngs = []
@@ -346,6 +360,6 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
                 token_scores=scores,
             )  # fmt: skip
         )
-        origin = qupath.image_origin(slide_paths[sid]) if slide_paths.get(sid) else (0, 0)
+        origin = _qupath_origin(slide_paths.get(sid))
         tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, size, origin)
     return pngs
