@@ -128,6 +128,7 @@ class SegmentationSink:
 
     def __init__(self, consumer: SegmentationConsumer, spec: SlideSpec, prepared: PreparedSlide, path: Path):
         self.c, self.spec, self.grid, self.path = consumer, spec, prepared.grid, path
+        self.origin = prepared.qupath_origin
         self.scale, self.shape, self.map_mpp = map_geometry(self.grid)
         self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers
         weights = blend_weights(self.grid.tile_size, self.grid.overlap, consumer.options.blend)
@@ -167,8 +168,7 @@ class SegmentationSink:
                  "model": c.tag, "threshold": c.options.threshold}  # fmt: skip
         tif_tmp = self._temp("tif")
         write_probs_tiff(tif_tmp, self.levels, c.classes, self.map_mpp, extra)
-        origin = qupath.image_origin(self.spec.path)
-        features, areas = self._features(probs, origin)
+        features, areas = self._features(probs)
         seams = self._seams(probs) if c.options.seam_check else None
         encode_s = seams["seconds"] if seams else 0.0  # the window's forward is the model's time, not writing
         os.replace(tif_tmp, c.probs_path(self.path))
@@ -176,8 +176,9 @@ class SegmentationSink:
         small = np.array(self.levels[-1])
         self.stitcher.cleanup()
         self._remove_levels()
-        return {"tiles": self.tiles, "map_shape": list(self.shape), "map_mpp": self.map_mpp, "qupath_origin": origin,
-                "areas_mm2": areas, "small_probs": small, "seams": seams, "encode_seconds": encode_s}  # fmt: skip
+        return {"tiles": self.tiles, "map_shape": list(self.shape), "map_mpp": self.map_mpp,
+                "qupath_origin": self.origin, "areas_mm2": areas, "small_probs": small, "seams": seams,
+                "encode_seconds": encode_s}  # fmt: skip
 
     def _seams(self, probs: np.ndarray) -> dict | None:
         """The seam measure on this slide: one tile-sized window where four of its tiles overlap, predicted in one
@@ -205,7 +206,7 @@ class SegmentationSink:
         return {"window_level0": [int(where[0]), int(where[1]), int(g.patch_size_level0)], **measure,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
 
-    def _features(self, probs: np.ndarray, origin: tuple[int, int]) -> tuple[list[dict], dict]:
+    def _features(self, probs: np.ndarray) -> tuple[list[dict], dict]:
         import shapely
         from shapely import affinity
 
@@ -233,7 +234,7 @@ class SegmentationSink:
             if geom.geom_type == "Polygon":
                 geom = shapely.MultiPolygon([geom])
             features.append(qupath.feature(geom, "annotation", name, CLASS_COLORS.get(name, (255, 0, 0)),
-                                           measurements={"Area µm^2": area_um2}, origin=origin))  # fmt: skip
+                                           measurements={"Area µm^2": area_um2}, origin=self.origin))  # fmt: skip
         return features, areas
 
     def _remove_levels(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..wsi import trident_h5
+from ..wsi import qupath, trident_h5
 from ..wsi.listing import SlideSpec
 from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide, read_thumbnail
 from ..wsi.tissue import TileGrid, tile_grid, tissue_mask
@@ -33,6 +33,7 @@ class PreparedSlide:
     open_s: float
     tissue_s: float
     warnings: list[str] = field(default_factory=list)
+    qupath_origin: tuple[int, int] = (0, 0)  # where QuPath's image of the slide starts (qupath.image_origin)
 
 
 def cover_tissue(tiling) -> bool:
@@ -120,10 +121,11 @@ def prepare_slide(
         elif need_thumbnail:
             grid.thumbnail, grid.mask_downsample = read_thumbnail(slide, mask_max_side)
             grid.mask = tissue_mask(grid.thumbnail)
+        origin = qupath.image_origin(slide)
     except SlideError:
         raise
     except Exception as err:  # noqa: BLE001
         raise SlideError(f"cannot read {spec.path.name}: the file is truncated or corrupt ({err})") from err
     finally:
         slide.close()
-    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, warnings)
+    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, warnings, origin)

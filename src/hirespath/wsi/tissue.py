@@ -14,6 +14,7 @@ our tiles; the float side differs from that integer by at most half a level-0 pi
 
 from __future__ import annotations
 
+import heapq
 import math
 import numbers
 import os
@@ -149,8 +150,6 @@ def covering_tiles(mask: np.ndarray, mask_downsample: tuple[float, float], coord
     tissue's border and small fragments (on a real H&E slide 1–3 % of the tissue at 10 %); covering it with every
     tile that touches tissue instead costs up to 1.7× the forwards. Greedy by the uncovered tissue each tile
     would add (re-counted lazily: a tile's gain only falls), ties in raster order."""
-    import heapq
-
     import cv2
 
     boxes = mask_boxes(mask.shape, mask_downsample, coords, side0)
