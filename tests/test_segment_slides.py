@@ -4,6 +4,7 @@ QuPath GeoJSON, the probability TIFF, stitching equal to the model's own tile pr
 import json
 import math
 import warnings
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from hirespath.data.segpath import CELL_TYPES
 from hirespath.heads.mask2former import SegmentationModel
 from hirespath.segmentation import CLASS_COLORS, SegmentOptions, load_segmentation, segment_slides
 from hirespath.segmentation.polygons import mask_polygons, masks_polygons
+from hirespath.segmentation.probs_tiff import ome_color, read_description, read_probs
 from hirespath.segmentation.stitch import ProbabilityStitcher, blend_weights, to_uint8
 from hirespath.slides import Runtime
 from hirespath.utils.errors import InputError
@@ -118,19 +120,26 @@ def test_generated_pyramid_segments_end_to_end(done, wsi):
         assert geom.geom_type == "MultiPolygon" and geom.is_valid and slide_box.buffer(1e-6).contains(geom)
         assert props["measurements"]["Area µm^2"] == pytest.approx(geom.area * 0.5**2)
     assert any(len(p.interiors) for g, _ in feats for p in g.geoms)  # holes are kept
-    # the probability TIFF: the slide's level-0 size scaled by the mpp ratio, the classes in the description
+    # the probability TIFF: an OME-TIFF of one plane per class (QuPath's layout), named and coloured, the slide's
+    # level-0 size scaled by the mpp ratio, the pixel size in the OME-XML and the resolution tags
     with tifffile.TiffFile(out / "s0_probs.tif") as tif:
-        page = tif.pages[0]
-        desc = json.loads(page.description)
-        probs = page.asarray()
+        page, series = tif.pages[0], tif.series[0]
+        pixels = ET.fromstring(tif.ome_metadata).find("{*}Image/{*}Pixels")
+        assert tif.is_ome and series.axes == "CYX" and series.shape == (8, 250, 350)
         assert page.is_tiled and page.tags["ResolutionUnit"].value == 3  # centimetre
         assert page.tags["XResolution"].value[0] / page.tags["XResolution"].value[1] == pytest.approx(1e4, rel=1e-3)
+    assert float(pixels.get("PhysicalSizeX")) == pytest.approx(1.0) and pixels.get("PhysicalSizeXUnit") == "µm"
+    channels = pixels.findall("{*}Channel")
+    assert [ch.get("Name") for ch in channels] == list(CELL_TYPES)
+    assert [ome_color(CLASS_COLORS[n]) for n in CELL_TYPES] == [int(ch.get("Color")) for ch in channels]
+    probs = read_probs(out / "s0_probs.tif")
     assert probs.shape == (250, 350, 8) and probs.dtype == np.uint8
+    desc = read_description(out / "s0_probs.tif")
     assert desc["classes"] == list(CELL_TYPES) and desc["level0_mpp"] == pytest.approx(0.5)
     import tiffslide
 
     with tiffslide.TiffSlide(out / "s0_probs.tif") as ts:
-        assert ts.dimensions == (350, 250)
+        assert ts.dimensions == (350, 250) and float(ts.properties["tiffslide.mpp-x"]) == pytest.approx(1.0)
         assert np.array_equal(ts.read_region((0, 0), 0, (350, 250), as_array=True), probs)
     areas = __import__("pandas").read_csv(out / "areas.csv")
     assert sorted(areas["class"]) == sorted(CELL_TYPES) and (areas.slide == "s0").all()
@@ -151,7 +160,7 @@ def test_polygons_have_the_masks_pixel_areas_and_are_clipped_to_the_tissue(done,
     same polygons are clipped to the tissue outline (the generated slide's tissue starts at x = 200 level-0 px)."""
     out = Path(unclipped[1]["output_dir"])
     feats = qupath.read_geojson(out / "s0.geojson")
-    probs = tifffile.imread(out / "s0_probs.tif")
+    probs = read_probs(out / "s0_probs.tif")
     checked = 0
     for geom, props in feats:
         mask = probs[..., CELL_TYPES.index(props["classification"]["name"])] > THRESHOLD * 255
@@ -179,7 +188,7 @@ def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
     that tile as one forward, with the same placement (SegmentationModel.semantic_probs, as `segment` evaluates)."""
     job, summary = done
     out = Path(summary["output_dir"])
-    probs = tifffile.imread(out / "s0_probs.tif").astype(np.float32) / 255
+    probs = read_probs(out / "s0_probs.tif").astype(np.float32) / 255
     attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches" / "s0_patches.h5")
     seg = load_segmentation(ckpt)
     ds = SlideTileDataset(wsi / "s0.tiff", coords, int(attrs["patch_size_level0"]), 112)
@@ -224,7 +233,7 @@ def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):
                                                (112, 112))[0]  # fmt: skip
     ds.close()
     own = np.rint(own.clamp(0, 1).numpy() * 255).astype(np.uint8).transpose(1, 2, 0)
-    stitched = tifffile.imread(out / "s0_probs.tif")[y // 2 : y // 2 + 112, x // 2 : x // 2 + 112]
+    stitched = read_probs(out / "s0_probs.tif")[y // 2 : y // 2 + 112, x // 2 : x // 2 + 112]
     expect = compare(stitched, own, list(CELL_TYPES), THRESHOLD)
     assert 0 < seams["mean_abs_diff"] < 0.2 and seams["mean_abs_diff"] == pytest.approx(
         expect["mean_abs_diff"], abs=2e-3
@@ -279,6 +288,43 @@ def test_pyramid_halving_and_uint8_maps_round_as_float_means_would(tmp_path):
         np.testing.assert_array_equal(np.asarray(got), want.astype(np.uint8))
     probs = rng.normal(0.5, 0.5, (33, 17, 8)).astype(np.float32)
     np.testing.assert_array_equal(to_uint8(probs.copy(), inplace=True), to_uint8(probs))
+
+
+def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_still_read(tmp_path):
+    """Levels as SubIFDs of each class plane (what Bio-Formats, hence QuPath, reads as resolutions: checked against
+    Bio-Formats itself by docs/benchmarks/check_probs_tiff_bioformats.sh), ragged edge tiles, every level back as
+    written; a probability TIFF of the earlier layout (interleaved, JSON page description) still gives its mpp."""
+    from hirespath.segmentation.probs_tiff import pyramid, write_probs_tiff
+
+    rng = np.random.default_rng(1)
+    level0 = rng.integers(0, 256, (2300, 1100, 3), dtype=np.uint8)  # long side > 2 × 1,024: three levels
+    levels = pyramid(level0, tmp_path / "m")
+    path = tmp_path / "s_probs.tif"
+    write_probs_tiff(path, levels, ["a", "b", "c"], [(1, 2, 3), (4, 5, 6), (7, 8, 9)], 0.5, {"level0_mpp": 0.25})
+    assert [lv.shape for lv in levels] == [(2300, 1100, 3), (1150, 550, 3), (575, 275, 3)]
+    for k, lv in enumerate(levels):
+        np.testing.assert_array_equal(read_probs(path, k), np.asarray(lv))
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.pages) == 3 and all(len(p.tags["SubIFDs"].value) == 2 for p in tif.pages)
+        res = [lv.keyframe.tags["XResolution"].value for lv in tif.series[0].levels]
+        assert [r[0] / r[1] for r in res] == pytest.approx([2e4, 1e4, 5e3], rel=1e-3)
+    import tiffslide
+
+    with tiffslide.TiffSlide(path) as ts:
+        assert ts.level_dimensions == ((1100, 2300), (550, 1150), (275, 575))
+        np.testing.assert_array_equal(ts.read_region((0, 0), 2, (275, 575), as_array=True), np.asarray(levels[2]))
+    assert read_description(path) == {"classes": ["a", "b", "c"], "mpp": 0.5, "values": "probability * 255",
+                                      "level0_mpp": 0.25}  # fmt: skip
+    old = tmp_path / "old_probs.tif"
+    tifffile.imwrite(old, level0[:300, :200], tile=(256, 256), photometric="minisblack", metadata=None,
+                     description=json.dumps({"classes": ["a", "b", "c"], "level0_mpp": 0.25}))  # fmt: skip
+    assert read_description(old)["level0_mpp"] == 0.25
+    np.testing.assert_array_equal(read_probs(old), level0[:300, :200])
+    # classes under other names than SegPath's get distinct colours (channels and annotations told apart)
+    from hirespath.segmentation.consumer import class_colors
+
+    colors = class_colors(["tumour", "panCK_Epithelium", "stroma", "necrosis"])
+    assert colors[1] == CLASS_COLORS["panCK_Epithelium"] and len(set(colors)) == 4
 
 
 def test_seam_checks_stay_within_their_share_of_the_tile_forwards():
@@ -573,7 +619,7 @@ def test_trained_segment_run_over_the_real_svs(tmp_path):
     with openslide.OpenSlide(str(wsi / "cmu.svs")) as s:
         W0, H0 = s.dimensions
         smpp = float(s.properties["openslide.mpp-x"])
-    probs = tifffile.imread(out / "cmu_probs.tif")
+    probs = read_probs(out / "cmu_probs.tif")
     assert probs.shape[:2] == (pytest.approx(math.ceil(H0 * smpp / 2.0), abs=2),
                                pytest.approx(math.ceil(W0 * smpp / 2.0), abs=2))  # fmt: skip
     box = shapely.box(0, 0, W0, H0).buffer(1e-6)

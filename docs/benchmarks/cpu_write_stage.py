@@ -28,7 +28,7 @@ with tempfile.TemporaryDirectory(dir=".") as tmp:
     t1 = time.perf_counter()
     levels = pyramid(level0, Path(tmp) / "bench")
     t2 = time.perf_counter()
-    write_probs_tiff(Path(tmp) / "bench.tif", levels, [f"c{k}" for k in range(8)], 0.5, {})
+    write_probs_tiff(Path(tmp) / "bench.tif", levels, [f"c{k}" for k in range(8)], [(255, 0, 0)] * 8, 0.5, {})
     t3 = time.perf_counter()
     size_mb = (Path(tmp) / "bench.tif").stat().st_size / 1e6
     print("label,side,finalize_s,pyramid_s,tiff_s,total_s,tiff_mb")

@@ -55,6 +55,14 @@ CLASS_COLORS = {
     "MIST1_PlasmaCell": (0, 200, 200),
     "MNDA_MyeloidCell": (150, 80, 220),
 }
+# classes a model was trained on under other names: matplotlib's tab10, in class order
+OTHER_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
+
+
+def class_colors(classes: list[str]) -> list[tuple[int, int, int]]:
+    """Each class's colour in the GeoJSON, the probability TIFF's channels and the overlay."""
+    return [CLASS_COLORS.get(n, OTHER_COLORS[i % len(OTHER_COLORS)]) for i, n in enumerate(classes)]
 
 
 @dataclass
@@ -167,7 +175,9 @@ class SegmentationSink:
         extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.scale, "level0_size": list(g.level0_size),
                  "model": c.tag, "threshold": c.options.threshold}  # fmt: skip
         tif_tmp = self._temp("tif")
-        write_probs_tiff(tif_tmp, self.levels, c.classes, self.map_mpp, extra)
+        write_probs_tiff(
+            tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map_mpp, extra, name=self.spec.slide_id
+        )
         features, areas = self._features(probs)
         seams = self._seams(probs) if c.options.seam_check else None
         encode_s = seams["seconds"] if seams else 0.0  # the window's forward is the model's time, not writing
@@ -221,7 +231,7 @@ class SegmentationSink:
         band = int(np.clip((1 << 27) // (self.shape[1] * len(c.classes)), 64, 1024))
         geoms = masks_polygons(lambda y0, y1: probs[y0:y1] > cut, self.shape[0], len(c.classes), band=band,
                                min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
-        for name, geom in zip(c.classes, geoms):
+        for name, color, geom in zip(c.classes, class_colors(c.classes), geoms):
             area_um2 = 0.0
             if geom is not None:
                 # an overlay of valid geometries is valid (GEOS's OverlayNG): no second check of thousands of
@@ -233,7 +243,7 @@ class SegmentationSink:
                 continue
             if geom.geom_type == "Polygon":
                 geom = shapely.MultiPolygon([geom])
-            features.append(qupath.feature(geom, "annotation", name, CLASS_COLORS.get(name, (255, 0, 0)),
+            features.append(qupath.feature(geom, "annotation", name, color,
                                            measurements={"Area µm^2": area_um2}, origin=self.origin))  # fmt: skip
         return features, areas
 
@@ -338,7 +348,7 @@ class SegmentationConsumer:
 
             h, w = grid.thumbnail.shape[:2]
             masks = class_masks_at(small, (w, h), self.options.threshold)
-            colors = [CLASS_COLORS.get(n, (255, 0, 0)) for n in self.classes]
+            colors = class_colors(self.classes)
             title = (f"{spec.slide_id}: {self.tag}, {grid.tile_size} px tiles at {grid.tile_mpp:g} µm/px, "
                      f"overlap {grid.overlap} px ({self.options.blend})")  # fmt: skip
             save_overlay(out_dir / f"{spec.slide_id}_overlay.png", grid.thumbnail, masks, self.classes, colors, title,

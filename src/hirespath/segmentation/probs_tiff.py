@@ -1,15 +1,20 @@
-"""Per-class probability maps as a tiled pyramidal TIFF: uint8 (probability · 255), one sample per class.
+"""Per-class probability maps as a tiled pyramidal OME-TIFF: uint8 (probability · 255), one plane per class.
 
-Level 0 at the map's mpp, then halvings (2×2 means) as SubIFDs until the long side is ≤ 1,024 px; 256 px tiles,
-horizontal predictor + zlib level 1, compressed on every available core; resolution tags in pixels per centimetre;
-the ImageDescription is JSON (``classes`` in channel order, ``mpp``, ``level0_mpp`` of the slide, ``level0_scale``:
-map px per slide level-0 px). Written from memmaps tile by tile (never the whole map in memory), to a temporary
-name, renamed when complete.
+The layout QuPath's own OME-TIFF writer uses, so that QuPath (through Bio-Formats) opens it as a pyramid of named,
+coloured channels: level 0 at the map's mpp, one IFD per class (planar), then halvings (2×2 means) as SubIFDs until
+the long side is ≤ 1,024 px; 256 px tiles, horizontal predictor + zlib level 1, compressed on every available core.
+The OME-XML names each channel after its class, in the class's colour, with the physical pixel size in µm; the
+TIFF resolution tags say the same in pixels per centimetre; the OME Image ``Description`` is JSON (``classes`` in
+channel order, ``mpp``, ``level0_mpp`` of the slide, ``level0_scale``: map px per slide level-0 px). Written from
+the H×W×C memmaps a row of tiles at a time (never the whole map in memory), to a temporary name that the caller
+renames when complete. :func:`read_probs` gives a level back as H×W×C.
 """
 
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,22 +60,61 @@ def pyramid(level0: np.ndarray, prefix: Path) -> list[np.ndarray]:
     return levels
 
 
-def write_probs_tiff(path: Path, levels: list[np.ndarray], classes: list[str], mpp: float, extra: dict) -> None:
-    """Write the pyramid ``levels`` (H×W×C uint8 each) to ``path`` (the caller renames it into place)."""
+def _plane_tiles(arr: np.ndarray) -> Iterator[np.ndarray]:
+    """The tiles of ``arr`` (H×W×C) plane by plane, each plane in rows of tiles: the order of the TIFF's tiles.
+    A row of one class (256 × W bytes) is copied at a time, so the map is read once per class, never held."""
+    H, W, C = arr.shape
+    for c in range(C):
+        for y in range(0, H, TILE):
+            row = np.ascontiguousarray(arr[y : y + TILE, :, c])
+            for x in range(0, W, TILE):
+                yield row[:, x : x + TILE]
+
+
+def ome_color(rgb: Sequence[int]) -> int:
+    """An OME channel colour: RGBA packed into a signed 32-bit integer."""
+    value = (int(rgb[0]) << 24) | (int(rgb[1]) << 16) | (int(rgb[2]) << 8) | 255
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def write_probs_tiff(path: Path, levels: list[np.ndarray], classes: list[str], colors: list[Sequence[int]],
+                     mpp: float, extra: dict, name: str = "") -> None:  # fmt: skip
+    """Write the pyramid ``levels`` (H×W×C uint8 each; class c in ``colors[c]``) to ``path`` as an OME-TIFF (the
+    caller renames it into place)."""
     description = json.dumps({"classes": list(classes), "mpp": float(mpp), "values": "probability * 255", **extra})
-    # tifffile reads the memmaps tile by tile and compresses the tiles on every core this process may use
+    channels = {"Name": list(classes), "Color": [ome_color(c) for c in colors]}
+    metadata = {"axes": "CYX", "Name": name or "class probabilities", "Description": description,
+                "PhysicalSizeX": float(mpp), "PhysicalSizeXUnit": "µm", "PhysicalSizeY": float(mpp),
+                "PhysicalSizeYUnit": "µm", "Channel": channels}  # fmt: skip
     # zlib level 1 after horizontal differencing (TIFF predictor 2, read by libtiff, Bio-Formats, tifffile): smooth
-    # maps compress better and faster than with zlib's default level alone
-    opts = dict(photometric="minisblack", planarconfig="contig", tile=(TILE, TILE), compression="zlib",
-                compressionargs={"level": 1}, predictor=True, resolutionunit="CENTIMETER", metadata=None,
+    # maps compress better and faster than with zlib's default level alone; tiles compressed on every core
+    opts = dict(dtype=np.uint8, photometric="minisblack", tile=(TILE, TILE), compression="zlib",
+                compressionargs={"level": 1}, predictor=True, resolutionunit="CENTIMETER",
                 maxworkers=available_cores())  # fmt: skip
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
         for k, arr in enumerate(levels):
+            H, W, C = arr.shape
             res = 1e4 / (mpp * 2**k)  # px per cm
-            kw = dict(description=description, subifds=len(levels) - 1) if k == 0 else dict(subfiletype=1)
-            tif.write(arr, resolution=(res, res), **opts, **kw)
+            kw = dict(subifds=len(levels) - 1, metadata=metadata) if k == 0 else dict(subfiletype=1, metadata=None)
+            tif.write(_plane_tiles(arr), shape=(C, H, W), resolution=(res, res), **opts, **kw)
 
 
 def read_description(path: Path) -> dict:
+    """The JSON description of a probability TIFF: the OME Image's, or (files written before they were OME-TIFFs)
+    the first page's."""
     with tifffile.TiffFile(path) as tif:
+        if tif.is_ome:
+            image = ET.fromstring(tif.ome_metadata).find("{*}Image")
+            text = image.findtext("{*}Description") if image is not None else None
+            if text is None:
+                raise ValueError(f"{path}: an OME-TIFF without the JSON description of a probability map")
+            return json.loads(text)
         return json.loads(tif.pages[0].description)
+
+
+def read_probs(path: Path, level: int = 0) -> np.ndarray:
+    """Pyramid level ``level`` of a probability TIFF as H×W×C uint8 (class c as in ``classes``)."""
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        arr = series.levels[level].asarray()
+        return np.moveaxis(arr, 0, -1) if series.axes.startswith("C") else arr
