@@ -147,7 +147,7 @@ def test_generated_pyramid_segments_end_to_end(done, wsi):
     # every tissue pixel is in a tile: min_tissue's tiles and the fewest others that hold the rest (cover_tissue)
     from hirespath.wsi.tissue import mask_boxes, tile_grid
 
-    attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches" / "s0_patches.h5")
+    attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches_cover_tissue" / "s0_patches.h5")
     plain = tile_grid(wsi / "s0.tiff", 112, 1.0, 28, 0.1)
     held = np.zeros_like(plain.mask)
     for y0, y1, x0, x1, _ in mask_boxes(held.shape, plain.mask_downsample, coords, int(attrs["patch_size_level0"])):
@@ -189,7 +189,7 @@ def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
     job, summary = done
     out = Path(summary["output_dir"])
     probs = read_probs(out / "s0_probs.tif").astype(np.float32) / 255
-    attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches" / "s0_patches.h5")
+    attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches_cover_tissue" / "s0_patches.h5")
     seg = load_segmentation(ckpt)
     ds = SlideTileDataset(wsi / "s0.tiff", coords, int(attrs["patch_size_level0"]), 112)
     scale = 112 / int(attrs["patch_size_level0"])
@@ -223,7 +223,7 @@ def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):
     (slide,) = summary["done"]
     seams = slide["seams"]
     x, y, size0 = seams["window_level0"]
-    attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches" / "s0_patches.h5")
+    attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches_cover_tissue" / "s0_patches.h5")
     stride = int(attrs["patch_size_level0"]) - 28 * 2  # level-0 px = 2 × tile px
     assert size0 == int(attrs["patch_size_level0"]) and (x - stride // 2, y - stride // 2) in set(map(tuple, coords))
     seg = load_segmentation(ckpt)

@@ -261,7 +261,8 @@ def test_cover_tissue_adds_the_fewest_tiles_that_hold_the_tissue_min_tissue_drop
     assert len(small) == 1 and _uncovered(small) == 0
     with pytest.raises(SlideError, match="no tile of 700 px at 2 µm/px holds ≥ 50% tissue"):
         tile_grid(tmp_path / "frag.tiff", 700, 2.0, min_tissue=0.5)
-    # the tiling's patches file is reused only by a tiling that covers (or not) as it did
+    # the tiling's patches file is reused only by a tiling that covers (or not) as it did: each keeps its own file,
+    # TRIDENT's patches/ for min_tissue tiles, so alternating runs (embed, segment, embed) tile once each
     from hirespath.configs import TilingConfig
     from hirespath.slides.prepare import prepare_slide
 
@@ -273,8 +274,10 @@ def test_cover_tissue_adds_the_fewest_tiles_that_hold_the_tissue_min_tissue_drop
         (False, len(plain), False),
         (False, len(covered), True),
         (True, len(covered), True),
-        (False, len(plain), False),
+        (True, len(plain), False),
     ]
+    assert sorted(str(p.relative_to(tmp_path / "t")) for p in (tmp_path / "t").rglob("*.h5")) == [
+        f"patches/{spec.slide_id}_patches.h5", f"patches_cover_tissue/{spec.slide_id}_patches.h5"]  # fmt: skip
 
 
 def test_regions_read_on_white_opaque_or_not():

@@ -1,7 +1,7 @@
-"""A slide opened and tiled: its tissue grid, reusing the tiling's ``patches/<slide>_patches.h5`` when it matches.
+"""A slide opened and tiled: its tissue grid, reusing the tiling's patches file (:func:`patches_path`) when it matches.
 
 Runs in the runner's background thread (the next slide is prepared while the current one runs). Every consumer of
-one tiling (embedding with any encoder, segmentation) shares the patches file.
+one tiling that covers the tissue alike (embedding with any encoder; segmentation) shares the patches file.
 """
 
 from __future__ import annotations
@@ -41,10 +41,18 @@ def cover_tissue(tiling) -> bool:
     return bool(getattr(tiling, "cover_tissue", False))
 
 
-def _grid_from_patches(slide, patches_path: Path, tiling, smpp: float) -> TileGrid | None:
+def patches_path(tiling_dir: Path, tiling, slide_id: str) -> Path:
+    """The tiling's patches file of a slide: ``patches/`` (TRIDENT/CLAM's layout, ``min_tissue`` tiles), or
+    ``patches_cover_tissue/`` for the covering grid, so that embedding and segmenting one tiling each keep theirs
+    instead of tiling again over the other's file on every alternate run."""
+    folder = "patches_cover_tissue" if cover_tissue(tiling) else "patches"
+    return tiling_dir / folder / f"{slide_id}_patches.h5"
+
+
+def _grid_from_patches(slide, path: Path, tiling, smpp: float) -> TileGrid | None:
     """The grid stored in an earlier run's patches file when it was tiled with the same settings, else None."""
     try:
-        attrs, coords = trident_h5.read_coords(patches_path)
+        attrs, coords = trident_h5.read_coords(path)
         same = (
             int(attrs["patch_size"]) == int(tiling.size)
             and int(attrs["overlap"]) == int(tiling.overlap)
@@ -54,10 +62,10 @@ def _grid_from_patches(slide, patches_path: Path, tiling, smpp: float) -> TileGr
             and bool(attrs.get("cover_tissue", False)) == cover_tissue(tiling)
         )
     except (OSError, KeyError, ValueError) as err:
-        log.warning("%s: unreadable patches file (%s); tiling again", patches_path, err)
+        log.warning("%s: unreadable patches file (%s); tiling again", path, err)
         return None
     if not same or not len(coords):
-        log.info("%s was tiled with other settings; tiling again", patches_path)
+        log.info("%s was tiled with other settings; tiling again", path)
         return None
     size0 = int(attrs["patch_size_level0"])
     level = best_level(slide.level_downsamples, size0 / int(tiling.size))
@@ -108,8 +116,8 @@ def prepare_slide(
                 f"({smpp / float(tiling.mpp):.2f}× interpolated)"
             )
             log.warning("%s: %s", spec.slide_id, warnings[-1])
-        patches_path = tiling_dir / "patches" / f"{spec.slide_id}_patches.h5"
-        grid = _grid_from_patches(slide, patches_path, tiling, smpp) if patches_path.is_file() else None
+        patches = patches_path(tiling_dir, tiling, spec.slide_id)
+        grid = _grid_from_patches(slide, patches, tiling, smpp) if patches.is_file() else None
         reused = grid is not None
         if grid is None:
             grid = tile_grid(slide, int(tiling.size), float(tiling.mpp), int(tiling.overlap),
@@ -117,7 +125,7 @@ def prepare_slide(
                              cover_tissue=cover_tissue(tiling))  # fmt: skip
             attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name)
             attrs["tissue_area_mm2"] = grid.tissue_area_mm2
-            trident_h5.write_patches_h5(patches_path, grid.coords, attrs)
+            trident_h5.write_patches_h5(patches, grid.coords, attrs)
         elif need_thumbnail:
             grid.thumbnail, grid.mask_downsample = read_thumbnail(slide, mask_max_side)
             grid.mask = tissue_mask(grid.thumbnail)
