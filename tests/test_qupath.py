@@ -44,7 +44,7 @@ def test_objects_land_where_qupath_shows_a_slide_cropped_to_its_bounds(tmp_path)
     and counts pixels from that corner: objects are moved there; other slides keep the level-0 origin."""
     from types import SimpleNamespace
 
-    from hirespath.wsi.qupath import image_origin
+    from hirespath.wsi.qupath import image_origin, image_region
 
     def slide(props, size=(100_000, 220_000)):
         return SimpleNamespace(properties=props, dimensions=size)
@@ -56,6 +56,8 @@ def test_objects_land_where_qupath_shows_a_slide_cropped_to_its_bounds(tmp_path)
     assert image_origin(slide({**bounds, "openslide.bounds-width": "100000"})) == (0, 0)  # QuPath: not a crop
     assert image_origin(slide({"openslide.mpp-x": "0.25"})) == (0, 0)
     assert image_origin(slide({**bounds, "openslide.bounds-x": "n/a"})) == (0, 0)
+    assert image_region(slide(bounds)) == (2048, 51200, 80000, 120000)
+    assert image_region(slide({"openslide.mpp-x": "0.25"})) == (0, 0, 100_000, 220_000)
     region = box(3000, 52000, 3100, 52100)
     ((geom, _),) = read_geojson(write_geojson(tmp_path / "b.geojson", [feature(region, origin=(2048, 51200))]))
     assert geom.equals(box(952, 800, 1052, 900))

@@ -248,11 +248,13 @@ def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):
 
 
 def test_geojson_is_in_qupaths_coordinates_of_a_slide_cropped_to_its_bounds(done, ckpt, wsi, tmp_path, monkeypatch):
-    """A slide QuPath shows cropped to its bounds (qupath.image_origin, tested in test_qupath.py): the same polygons,
-    moved by the crop's corner; the corner is in the slide's summary entry."""
+    """A slide QuPath shows cropped to its bounds (qupath.image_region, tested in test_qupath.py): the same polygons,
+    cut to the crop and moved by its corner, with tissue clipping on or off; the corner is in the slide's summary
+    entry."""
     from shapely import affinity
 
-    monkeypatch.setattr(qupath, "image_origin", lambda slide: (40, 20))
+    crop = (40, 20, 600, 450)  # the generated slide is 700 × 500 px, its tissue from x = 200 to the right edge
+    monkeypatch.setattr(qupath, "image_region", lambda slide: crop)
     summary = run(ckpt, wsi, tmp_path / "job", seam_check=False)
     assert summary["done"][0]["qupath_origin"] == (40, 20) and done[1]["done"][0]["qupath_origin"] == (0, 0)
     moved = dict(
@@ -261,9 +263,15 @@ def test_geojson_is_in_qupaths_coordinates_of_a_slide_cropped_to_its_bounds(done
     plain = dict(
         (p["classification"]["name"], g) for g, p in qupath.read_geojson(Path(done[1]["output_dir"]) / "s0.geojson")
     )
-    assert moved.keys() == plain.keys()
+    inside = shapely.box(crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
+    assert moved.keys() == plain.keys() and any(not inside.contains(g) for g in plain.values())
     for name, g in plain.items():
-        assert moved[name].equals_exact(affinity.translate(g, -40, -20), tolerance=1e-6)
+        want = affinity.translate(g.intersection(inside), -40, -20)
+        assert moved[name].symmetric_difference(want).area < 1e-6 * max(want.area, 1)
+    # predictions on glass (segment.within_tissue=false) stay inside QuPath's image too, not at negative coordinates
+    unclipped = run(ckpt, wsi, tmp_path / "job2", seam_check=False, within_tissue=False)
+    for g, _ in qupath.read_geojson(Path(unclipped["output_dir"]) / "s0.geojson"):
+        assert shapely.box(0, 0, crop[2], crop[3]).buffer(1e-6).contains(g)
 
 
 def test_rerun_skips_finished_slides(done, ckpt, wsi):

@@ -136,7 +136,7 @@ class SegmentationSink:
 
     def __init__(self, consumer: SegmentationConsumer, spec: SlideSpec, prepared: PreparedSlide, path: Path):
         self.c, self.spec, self.grid, self.path = consumer, spec, prepared.grid, path
-        self.origin = prepared.qupath_origin
+        self.origin, self.region = prepared.qupath_origin, prepared.qupath_region
         self.scale, self.shape, self.map_mpp = map_geometry(self.grid)
         self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers
         weights = blend_weights(self.grid.tile_size, self.grid.overlap, consumer.options.blend)
@@ -222,7 +222,9 @@ class SegmentationSink:
 
         c, level0 = self.c, 1 / self.scale
         cut = c.options.threshold * 255
-        slide_box = shapely.box(0, 0, *self.grid.level0_size)
+        # QuPath's image: the whole slide, or the region QuPath crops it to (nothing predicted outside it is shown)
+        x, y, w, h = self.region or (0, 0, *self.grid.level0_size)
+        slide_box = shapely.box(x, y, x + w, y + h)
         if c.options.within_tissue and (outline := tissue_outline(self.grid)) is not None:
             slide_box = slide_box.intersection(outline)
         min_px = c.options.min_area_um2 / self.map_mpp**2

@@ -33,7 +33,12 @@ class PreparedSlide:
     open_s: float
     tissue_s: float
     warnings: list[str] = field(default_factory=list)
-    qupath_origin: tuple[int, int] = (0, 0)  # where QuPath's image of the slide starts (qupath.image_origin)
+    qupath_region: tuple[int, int, int, int] | None = None  # QuPath's image of the slide (qupath.image_region)
+
+    @property
+    def qupath_origin(self) -> tuple[int, int]:
+        """Where QuPath's image of the slide starts, in level-0 px: (0, 0) but for slides QuPath crops."""
+        return (0, 0) if self.qupath_region is None else self.qupath_region[:2]
 
 
 def cover_tissue(tiling) -> bool:
@@ -129,11 +134,11 @@ def prepare_slide(
         elif need_thumbnail:
             grid.thumbnail, grid.mask_downsample = read_thumbnail(slide, mask_max_side)
             grid.mask = tissue_mask(grid.thumbnail)
-        origin = qupath.image_origin(slide)
+        region = qupath.image_region(slide)
     except SlideError:
         raise
     except Exception as err:  # noqa: BLE001
         raise SlideError(f"cannot read {spec.path.name}: the file is truncated or corrupt ({err})") from err
     finally:
         slide.close()
-    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, warnings, origin)
+    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, warnings, region)

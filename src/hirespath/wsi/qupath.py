@@ -1,7 +1,7 @@
 """GeoJSON that QuPath opens (File → Import objects, or drag and drop), as QuPath itself exports it.
 
 A ``FeatureCollection`` in QuPath's pixel coordinates: the slide's level-0 px, from the top-left of the image QuPath
-shows — the slide's, except where QuPath crops a slide to its non-empty bounds (:func:`image_origin`). Each
+shows — the slide's, except where QuPath crops a slide to its non-empty bounds (:func:`image_region`). Each
 feature's ``properties`` hold ``objectType`` (``annotation`` for regions, ``detection`` or ``tile`` for scored
 tiles), ``classification`` ``{"name": ..., "color": [r, g, b]}`` and, for detections, ``measurements``
 ``{name: number}`` (QuPath draws them as measurement maps). Geometries are checked with shapely and repaired when
@@ -21,19 +21,19 @@ from ..utils.io import atomic_path
 OBJECT_TYPES = ("annotation", "detection", "tile")
 
 
-def image_origin(slide) -> tuple[int, int]:
-    """Where QuPath's image starts, in the slide's level-0 px (an open slide or a path).
+def image_region(slide) -> tuple[int, int, int, int]:
+    """QuPath's image of the slide as (x, y, width, height) in the slide's level-0 px (an open slide or a path).
 
     QuPath's OpenSlide server crops a slide to the non-empty region OpenSlide reports (``openslide.bounds-*``:
     MIRAX, Leica SCN, ...) when it differs from the full image in both width and height, and its pixel
     coordinates start at that region's corner; objects written in the slide's own coordinates would land shifted by
-    it. (0, 0) for every other slide."""
+    it, and those outside it outside the image. The whole slide for every other slide."""
     if isinstance(slide, (str, os.PathLike)):
         from .reader import open_slide
 
         handle = open_slide(slide)
         try:
-            return image_origin(handle)
+            return image_region(handle)
         finally:
             handle.close()
     props, (width, height) = slide.properties, slide.dimensions
@@ -42,8 +42,16 @@ def image_origin(slide) -> tuple[int, int]:
             x, y, w, h = (int(props[f"{prefix}.bounds-{k}"]) for k in ("x", "y", "width", "height"))
         except (KeyError, ValueError, TypeError):
             continue
-        return (x, y) if w != width and h != height else (0, 0)  # QuPath's own test of a crop
-    return 0, 0
+        if w != width and h != height:  # QuPath's own test of a crop
+            return x, y, w, h
+        break
+    return 0, 0, int(width), int(height)
+
+
+def image_origin(slide) -> tuple[int, int]:
+    """Where QuPath's image of the slide starts (:func:`image_region`): (0, 0) but for slides QuPath crops."""
+    x, y, _, _ = image_region(slide)
+    return x, y
 
 
 def valid_geometry(geometry):
