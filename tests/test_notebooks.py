@@ -1,4 +1,4 @@
-"""Both notebooks execute top to bottom (nbclient) on a generated slide and a fake grid directory."""
+"""The notebooks execute top to bottom (nbclient) on generated slides, a fake grid and a segment_slides folder."""
 
 import os
 import shutil
@@ -110,3 +110,28 @@ def test_results_on_fake_grid(tmp_path, monkeypatch):
     shown = [o for c in nb.cells for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
     assert any("Table 1" in o["data"]["text/markdown"] for o in shown)
     assert (out / "figure1.png").is_file() and (out / "all_runs.png").is_file() and (out / "table1.csv").is_file()
+
+
+def test_segment_slides_outputs_on_a_generated_slide(tmp_path, monkeypatch):
+    """The notebook reads a real segment_slides folder (a random tiny model on a generated pyramid): areas, the
+    probability OME-TIFF, the GeoJSON over the slide; the polygon areas it recomputes are areas.csv's."""
+    import re
+
+    from test_segment_slides import MODEL, run, save_run, tissue
+
+    from hirespath.data.panda_synthetic import write_pyramid
+
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    write_pyramid(wsi / "s0.tiff", tissue(), 0.5, compression="jpeg", levels=(1, 4))
+    summary = run(save_run(tmp_path / "segrun" / "run", MODEL), wsi, tmp_path / "job", seam_check=False)
+    out = tmp_path / "views"
+    nb = execute("segment_slides_outputs", tmp_path, monkeypatch, HIRESPATH_SEG_DIR=summary["output_dir"],
+                 HIRESPATH_SLIDE=wsi / "s0.tiff", HIRESPATH_ZOOM=256, HIRESPATH_OUT=out)  # fmt: skip
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "1 slide(s) finished, 0 skipped; 8 classes" in text
+    assert "levels [(8, 250, 350)]; map at 1 µm/px, the slide at 0.5" in text
+    found = re.search(r"(\d) classes with polygons, (\d+) polygons; all valid: True; .* ([0-9.e+-]+) relative", text)
+    assert found and int(found[1]) >= 1 and int(found[2]) >= 1 and float(found[3]) < 1e-9
+    for name in ("areas", "probabilities", "polygons", "zoom"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
