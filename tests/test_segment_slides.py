@@ -335,6 +335,26 @@ def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_stil
     assert colors[1] == CLASS_COLORS["panCK_Epithelium"] and len(set(colors)) == 4
 
 
+def test_probability_tiff_is_written_in_bounded_memory(tmp_path):
+    """A plane per class is read from the interleaved map a row of tiles at a time and compressed 32 MB at a time:
+    the heap stays far below the map's size (tifffile's default buffer for tiles from an iterator is 512 MB)."""
+    import tracemalloc
+
+    from hirespath.segmentation.probs_tiff import write_probs_tiff
+
+    side = 4096
+    level0 = np.lib.format.open_memmap(tmp_path / "m.npy", mode="w+", dtype=np.uint8, shape=(side, side, 8))
+    level0[:] = np.random.default_rng(0).integers(0, 256, (256, side, 8), dtype=np.uint8)[np.arange(side) % 256]
+    tracemalloc.start()
+    try:
+        write_probs_tiff(tmp_path / "m.tif", [level0], [f"c{k}" for k in range(8)], [(0, 0, 0)] * 8, 1.0, {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * level0.nbytes  # 134 MB map
+    np.testing.assert_array_equal(read_probs(tmp_path / "m.tif")[::511], np.asarray(level0[::511]))
+
+
 def test_seam_checks_stay_within_their_share_of_the_tile_forwards():
     """Every large slide is checked; of small ones, as many as the share allows (one extra forward each)."""
     from hirespath.segmentation.consumer import SegmentationConsumer
