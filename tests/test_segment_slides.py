@@ -144,6 +144,11 @@ def test_generated_pyramid_segments_end_to_end(done, wsi):
     areas = __import__("pandas").read_csv(out / "areas.csv")
     assert sorted(areas["class"]) == sorted(CELL_TYPES) and (areas.slide == "s0").all()
     assert areas.area_mm2.sum() == pytest.approx(sum(g.area * 0.25 / 1e6 for g, _ in feats))
+    # fractions of the tissue outline the polygons were clipped to (the mask, smoothed and grown): never > 100 %
+    entry = summary["done"][0]
+    assert 1 < entry["tissue_outline_mm2"] / entry["tissue_mm2"] < 1.3
+    assert np.allclose(areas.tissue_mm2, entry["tissue_outline_mm2"]) and (areas.fraction_of_tissue <= 1 + 1e-9).all()
+    assert areas.fraction_of_tissue.max() > 0.5  # (this random model's classes cover most of the tissue)
     # every tissue pixel is in a tile: min_tissue's tiles and the fewest others that hold the rest (cover_tissue)
     from hirespath.wsi.tissue import mask_boxes, tile_grid
 
@@ -161,6 +166,9 @@ def test_polygons_have_the_masks_pixel_areas_and_are_clipped_to_the_tissue(done,
     out = Path(unclipped[1]["output_dir"])
     feats = qupath.read_geojson(out / "s0.geojson")
     probs = read_probs(out / "s0_probs.tif")
+    entry = unclipped[1]["done"][0]  # not clipped: fractions of the tissue mask's area (may pass 1 on glass)
+    areas = __import__("pandas").read_csv(out / "areas.csv")
+    assert entry["tissue_outline_mm2"] is None and np.allclose(areas.tissue_mm2, entry["tissue_mm2"])
     checked = 0
     for geom, props in feats:
         mask = probs[..., CELL_TYPES.index(props["classification"]["name"])] > THRESHOLD * 255
@@ -328,6 +336,9 @@ def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_stil
                      description=json.dumps({"classes": ["a", "b", "c"], "level0_mpp": 0.25}))  # fmt: skip
     assert read_description(old)["level0_mpp"] == 0.25
     np.testing.assert_array_equal(read_probs(old), level0[:300, :200])
+    # a one-class model's map (tifffile reads its series as YX) comes back with its class axis
+    write_probs_tiff(tmp_path / "one.tif", [level0[:300, :200, :1]], ["tumour"], [(1, 2, 3)], 0.5, {})
+    np.testing.assert_array_equal(read_probs(tmp_path / "one.tif"), level0[:300, :200, :1])
     # classes under other names than SegPath's get distinct colours (channels and annotations told apart)
     from hirespath.segmentation.consumer import class_colors
 

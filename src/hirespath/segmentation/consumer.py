@@ -178,7 +178,7 @@ class SegmentationSink:
         write_probs_tiff(
             tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map_mpp, extra, name=self.spec.slide_id
         )
-        features, areas = self._features(probs)
+        features, areas, outline_mm2 = self._features(probs)
         seams = self._seams(probs) if c.options.seam_check else None
         encode_s = seams["seconds"] if seams else 0.0  # the window's forward is the model's time, not writing
         os.replace(tif_tmp, c.probs_path(self.path))
@@ -187,8 +187,8 @@ class SegmentationSink:
         self.stitcher.cleanup()
         self._remove_levels()
         return {"tiles": self.tiles, "map_shape": list(self.shape), "map_mpp": self.map_mpp,
-                "qupath_origin": self.origin, "areas_mm2": areas, "small_probs": small, "seams": seams,
-                "encode_seconds": encode_s}  # fmt: skip
+                "qupath_origin": self.origin, "areas_mm2": areas, "tissue_outline_mm2": outline_mm2,
+                "small_probs": small, "seams": seams, "encode_seconds": encode_s}  # fmt: skip
 
     def _seams(self, probs: np.ndarray) -> dict | None:
         """The seam measure on this slide: one tile-sized window where four of its tiles overlap, predicted in one
@@ -216,7 +216,9 @@ class SegmentationSink:
         return {"window_level0": [int(where[0]), int(where[1]), int(g.patch_size_level0)], **measure,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
 
-    def _features(self, probs: np.ndarray) -> tuple[list[dict], dict]:
+    def _features(self, probs: np.ndarray) -> tuple[list[dict], dict, float | None]:
+        """One QuPath annotation per class, the classes' areas (mm²), and the area (mm²) of the tissue outline the
+        polygons were clipped to (None when they were not: ``within_tissue=false`` or no tissue mask)."""
         import shapely
         from shapely import affinity
 
@@ -224,9 +226,10 @@ class SegmentationSink:
         cut = c.options.threshold * 255
         # QuPath's image: the whole slide, or the region QuPath crops it to (nothing predicted outside it is shown)
         x, y, w, h = self.region or (0, 0, *self.grid.level0_size)
-        slide_box = shapely.box(x, y, x + w, y + h)
+        slide_box, outline_mm2 = shapely.box(x, y, x + w, y + h), None
         if c.options.within_tissue and (outline := tissue_outline(self.grid)) is not None:
             slide_box = slide_box.intersection(outline)
+            outline_mm2 = float(slide_box.area) * self.grid.slide_mpp**2 / 1e6
         min_px = c.options.min_area_um2 / self.map_mpp**2
         features, areas = [], {}
         # rows traced at once: the map is read once for every class, ≤ 128 MB a band (×4 px at 2× resolution)
@@ -247,7 +250,7 @@ class SegmentationSink:
                 geom = shapely.MultiPolygon([geom])
             features.append(qupath.feature(geom, "annotation", name, color,
                                            measurements={"Area µm^2": area_um2}, origin=self.origin))  # fmt: skip
-        return features, areas
+        return features, areas, outline_mm2
 
     def _remove_levels(self) -> None:
         for arr in self.levels[1:]:
@@ -323,7 +326,9 @@ class SegmentationConsumer:
 
     def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
         small, areas = result.pop("small_probs", None), result.get("areas_mm2", {})
-        tissue = prepared.grid.tissue_area_mm2
+        # the fractions' tissue: the outline the polygons were clipped to (the mask smoothed and grown by its
+        # smoothing width, so that no border tissue is cut), else the tissue mask: a class never covers > 100 %
+        tissue = result.get("tissue_outline_mm2") or prepared.grid.tissue_area_mm2
         rows = [{"slide": spec.slide_id, "class": name, "area_mm2": a, "tissue_mm2": tissue,
                  "fraction_of_tissue": a / tissue if tissue and np.isfinite(tissue) else np.nan}
                 for name, a in areas.items()]  # fmt: skip

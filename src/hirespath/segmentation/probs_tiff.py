@@ -118,4 +118,6 @@ def read_probs(path: Path, level: int = 0) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         arr = series.levels[level].asarray()
+        if series.axes == "YX":  # a one-class map: tifffile drops the length-1 channel axis
+            return arr[..., None]
         return np.moveaxis(arr, 0, -1) if series.axes.startswith("C") else arr
