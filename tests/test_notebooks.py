@@ -135,3 +135,9 @@ def test_segment_slides_outputs_on_a_generated_slide(tmp_path, monkeypatch):
     assert found and int(found[1]) >= 1 and int(found[2]) >= 1 and float(found[3]) < 1e-9
     for name in ("areas", "probabilities", "polygons", "zoom"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # a folder whose classes never reach the threshold: no polygons, and still every view
+    empty = run(save_run(tmp_path / "segrun" / "run", MODEL), wsi, tmp_path / "job0", seam_check=False, threshold=0.999)
+    nb = execute("segment_slides_outputs", tmp_path, monkeypatch, HIRESPATH_SEG_DIR=empty["output_dir"],
+                 HIRESPATH_SLIDE=wsi / "s0.tiff", HIRESPATH_ZOOM=256, HIRESPATH_OUT=tmp_path / "views0")  # fmt: skip
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "0 classes with polygons, 0 polygons" in text and (tmp_path / "views0" / "zoom.png").is_file()
