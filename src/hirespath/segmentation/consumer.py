@@ -136,7 +136,9 @@ class SegmentationSink:
 
     def __init__(self, consumer: SegmentationConsumer, spec: SlideSpec, prepared: PreparedSlide, path: Path):
         self.c, self.spec, self.grid, self.path = consumer, spec, prepared.grid, path
-        self.origin, self.region = prepared.qupath_origin, prepared.qupath_region
+        # QuPath's image of the slide (x, y, w, h in level-0 px): the whole slide, or the region QuPath crops it to
+        self.region = prepared.qupath_region or (0, 0, *self.grid.level0_size)
+        self.origin = self.region[:2]
         self.scale, self.shape, self.map_mpp = map_geometry(self.grid)
         self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers
         weights = blend_weights(self.grid.tile_size, self.grid.overlap, consumer.options.blend)
@@ -224,8 +226,7 @@ class SegmentationSink:
 
         c, level0 = self.c, 1 / self.scale
         cut = c.options.threshold * 255
-        # QuPath's image: the whole slide, or the region QuPath crops it to (nothing predicted outside it is shown)
-        x, y, w, h = self.region or (0, 0, *self.grid.level0_size)
+        x, y, w, h = self.region  # nothing predicted outside QuPath's image of the slide is shown
         slide_box, outline_mm2 = shapely.box(x, y, x + w, y + h), None
         if c.options.within_tissue and (outline := tissue_outline(self.grid)) is not None:
             slide_box = slide_box.intersection(outline)
