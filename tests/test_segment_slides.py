@@ -240,9 +240,9 @@ def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):
         own = SegmentationModel.semantic_probs(seg.model(seg.model.encoder.normalize(ds[0]["image"][None] / 255)),
                                                (112, 112))[0]  # fmt: skip
     ds.close()
-    own = np.rint(own.clamp(0, 1).numpy() * 255).astype(np.uint8).transpose(1, 2, 0)
+    own = np.rint(own.clamp(0, 1).numpy() * 255).astype(np.uint8)
     stitched = read_probs(out / "s0_probs.tif")[y // 2 : y // 2 + 112, x // 2 : x // 2 + 112]
-    expect = compare(stitched, own, list(CELL_TYPES), THRESHOLD)
+    expect = compare(np.moveaxis(stitched, -1, 0), own, list(CELL_TYPES), THRESHOLD)
     assert 0 < seams["mean_abs_diff"] < 0.2 and seams["mean_abs_diff"] == pytest.approx(
         expect["mean_abs_diff"], abs=2e-3
     )
@@ -296,11 +296,11 @@ def test_pyramid_halving_and_uint8_maps_round_as_float_means_would(tmp_path):
     from hirespath.segmentation.stitch import to_uint8
 
     rng = np.random.default_rng(0)
-    for shape in ((64, 48, 3), (37, 51, 8)):  # odd sides: the last row / column is repeated
+    for shape in ((3, 64, 48), (8, 37, 51)):  # odd sides: the last row / column is repeated
         src = rng.integers(0, 256, shape, dtype=np.uint8)
-        padded = np.pad(src, ((0, shape[0] % 2), (0, shape[1] % 2), (0, 0)), mode="edge").astype(np.float32)
-        want = np.rint(padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2, -1).mean((1, 3)))
-        got = halve(src, tmp_path / f"h{shape[0]}.npy", band_bytes=4096)  # several bands
+        padded = np.pad(src, ((0, 0), (0, shape[1] % 2), (0, shape[2] % 2)), mode="edge").astype(np.float32)
+        want = np.rint(padded.reshape(shape[0], padded.shape[1] // 2, 2, padded.shape[2] // 2, 2).mean((2, 4)))
+        got = halve(src, tmp_path / f"h{shape[1]}.npy", band_bytes=4096)  # several bands
         np.testing.assert_array_equal(np.asarray(got), want.astype(np.uint8))
     probs = rng.normal(0.5, 0.5, (33, 17, 8)).astype(np.float32)
     np.testing.assert_array_equal(to_uint8(probs.copy(), inplace=True), to_uint8(probs))
@@ -313,13 +313,13 @@ def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_stil
     from hirespath.segmentation.probs_tiff import pyramid, write_probs_tiff
 
     rng = np.random.default_rng(1)
-    level0 = rng.integers(0, 256, (2300, 1100, 3), dtype=np.uint8)  # long side > 2 × 1,024: three levels
+    level0 = rng.integers(0, 256, (3, 2300, 1100), dtype=np.uint8)  # long side > 2 × 1,024: three levels
     levels = pyramid(level0, tmp_path / "m")
     path = tmp_path / "s_probs.tif"
     write_probs_tiff(path, levels, ["a", "b", "c"], [(1, 2, 3), (4, 5, 6), (7, 8, 9)], 0.5, {"level0_mpp": 0.25})
-    assert [lv.shape for lv in levels] == [(2300, 1100, 3), (1150, 550, 3), (575, 275, 3)]
+    assert [lv.shape for lv in levels] == [(3, 2300, 1100), (3, 1150, 550), (3, 575, 275)]
     for k, lv in enumerate(levels):
-        np.testing.assert_array_equal(read_probs(path, k), np.asarray(lv))
+        np.testing.assert_array_equal(read_probs(path, k), np.moveaxis(lv, 0, -1))  # read back H×W×C
     with tifffile.TiffFile(path) as tif:
         assert len(tif.pages) == 3 and all(len(p.tags["SubIFDs"].value) == 2 for p in tif.pages)
         res = [lv.keyframe.tags["XResolution"].value for lv in tif.series[0].levels]
@@ -328,17 +328,19 @@ def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_stil
 
     with tiffslide.TiffSlide(path) as ts:
         assert ts.level_dimensions == ((1100, 2300), (550, 1150), (275, 575))
-        np.testing.assert_array_equal(ts.read_region((0, 0), 2, (275, 575), as_array=True), np.asarray(levels[2]))
+        np.testing.assert_array_equal(ts.read_region((0, 0), 2, (275, 575), as_array=True),
+                                      np.moveaxis(levels[2], 0, -1))  # fmt: skip
     assert read_description(path) == {"classes": ["a", "b", "c"], "mpp": 0.5, "values": "probability * 255",
                                       "level0_mpp": 0.25}  # fmt: skip
     old = tmp_path / "old_probs.tif"
-    tifffile.imwrite(old, level0[:300, :200], tile=(256, 256), photometric="minisblack", metadata=None,
+    interleaved = np.ascontiguousarray(np.moveaxis(level0[:, :300, :200], 0, -1))
+    tifffile.imwrite(old, interleaved, tile=(256, 256), photometric="minisblack", metadata=None,
                      description=json.dumps({"classes": ["a", "b", "c"], "level0_mpp": 0.25}))  # fmt: skip
     assert read_description(old)["level0_mpp"] == 0.25
-    np.testing.assert_array_equal(read_probs(old), level0[:300, :200])
+    np.testing.assert_array_equal(read_probs(old), interleaved)
     # a one-class model's map (tifffile reads its series as YX) comes back with its class axis
-    write_probs_tiff(tmp_path / "one.tif", [level0[:300, :200, :1]], ["tumour"], [(1, 2, 3)], 0.5, {})
-    np.testing.assert_array_equal(read_probs(tmp_path / "one.tif"), level0[:300, :200, :1])
+    write_probs_tiff(tmp_path / "one.tif", [level0[:1, :300, :200]], ["tumour"], [(1, 2, 3)], 0.5, {})
+    np.testing.assert_array_equal(read_probs(tmp_path / "one.tif"), interleaved[..., :1])
     # classes under other names than SegPath's get distinct colours (channels and annotations told apart)
     from hirespath.segmentation.consumer import class_colors
 
@@ -347,15 +349,15 @@ def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_stil
 
 
 def test_probability_tiff_is_written_in_bounded_memory(tmp_path):
-    """A plane per class is read from the interleaved map a row of tiles at a time and compressed 32 MB at a time:
+    """Each class's plane is read from the map a row of tiles at a time and compressed 32 MB at a time:
     the heap stays far below the map's size (tifffile's default buffer for tiles from an iterator is 512 MB)."""
     import tracemalloc
 
     from hirespath.segmentation.probs_tiff import write_probs_tiff
 
     side = 4096
-    level0 = np.lib.format.open_memmap(tmp_path / "m.npy", mode="w+", dtype=np.uint8, shape=(side, side, 8))
-    level0[:] = np.random.default_rng(0).integers(0, 256, (256, side, 8), dtype=np.uint8)[np.arange(side) % 256]
+    level0 = np.lib.format.open_memmap(tmp_path / "m.npy", mode="w+", dtype=np.uint8, shape=(8, side, side))
+    level0[:] = np.random.default_rng(0).integers(0, 256, (8, 256, side), dtype=np.uint8)[:, np.arange(side) % 256]
     tracemalloc.start()
     try:
         write_probs_tiff(tmp_path / "m.tif", [level0], [f"c{k}" for k in range(8)], [(0, 0, 0)] * 8, 1.0, {})
@@ -363,7 +365,7 @@ def test_probability_tiff_is_written_in_bounded_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 0.5 * level0.nbytes  # 134 MB map
-    np.testing.assert_array_equal(read_probs(tmp_path / "m.tif")[::511], np.asarray(level0[::511]))
+    np.testing.assert_array_equal(read_probs(tmp_path / "m.tif")[::511], np.moveaxis(level0[:, ::511], 0, -1))
 
 
 def test_seam_checks_stay_within_their_share_of_the_tile_forwards():
@@ -398,8 +400,8 @@ def test_blending_has_no_seams_and_single_tiles_are_exact(tmp_path):
                 st.add(x, y, np.full((2, 64, 64), 0.25, np.float32))
         st.add(-10, 90, np.zeros((2, 64, 64), np.float32))  # a tile half outside the map is clipped
         m = np.asarray(st.finalize())
-        assert m.shape == (100, 150, 2)
-        covered = m[:90]  # rows 90+ also hold the zero tile
+        assert m.shape == (2, 100, 150)  # one plane per class
+        covered = m[:, :90]  # rows 90+ also hold the zero tile
         assert np.abs(covered.astype(int) - 64).max() <= 0
         st.cleanup()
         assert not list(tmp_path.glob(f".x.{mode}*"))
@@ -415,15 +417,14 @@ def test_stitcher_writes_blocks_as_their_last_tile_arrives(tmp_path):
     starts = [(x, y) for y in range(0, H, step) for x in range(-8, W, step)]  # raster order, some half outside
     tiles = {xy: rng.random((3, S, S), dtype=np.float32).astype(np.float16) for xy in starts}
     # the reference: whole-map float sums, as Σ w·p / Σ w
-    acc, wsum = np.zeros((H, W, 3), np.float32), np.zeros((H, W), np.float32)
+    acc, wsum = np.zeros((3, H, W), np.float32), np.zeros((H, W), np.float32)
     for (x, y), p in tiles.items():
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + S, W), min(y + S, H)
-        acc[y0:y1, x0:x1] += (
-            p[:, y0 - y : y1 - y, x0 - x : x1 - x].astype(np.float32).transpose(1, 2, 0)
-            * (w[y0 - y : y1 - y, x0 - x : x1 - x, None])
+        acc[:, y0:y1, x0:x1] += (
+            p[:, y0 - y : y1 - y, x0 - x : x1 - x].astype(np.float32) * w[y0 - y : y1 - y, x0 - x : x1 - x]
         )
         wsum[y0:y1, x0:x1] += w[y0 - y : y1 - y, x0 - x : x1 - x]
-    expected = to_uint8(acc / np.maximum(wsum, 1e-12)[..., None])
+    expected = to_uint8(acc / np.maximum(wsum, 1e-12))
     for positions, threads in ((None, 1), (starts, 1), (starts, 2)):
         st = ProbabilityStitcher(tmp_path, ".blocks", (H, W), 3, w, positions=positions, block=32, threads=threads)
         for xy in starts:
@@ -442,7 +443,7 @@ def test_stitcher_writes_blocks_as_their_last_tile_arrives(tmp_path):
     for xy in starts[1:]:
         st.add(*xy, tiles[xy])
     m = np.asarray(st.finalize())
-    assert (m[:step, :40] == 0).all() and m[:step, 40:].max(-1).all()  # x < 40, y < 48: seen by the missing tile alone
+    assert (m[:, :step, :40] == 0).all() and m[:, :step, 40:].max(0).all()  # x < 40, y < 48: the missing tile's alone
     with pytest.raises(RuntimeError, match="already written"):
         st.add(*starts[-1], tiles[starts[-1]])
     st.cleanup()
@@ -554,10 +555,10 @@ def test_polygons_in_bands_and_simplified_ring_by_ring_equal_the_whole_masks(mon
         assert len(joined.geoms) == len(union.geoms) and union.symmetric_difference(joined).area < 1e-9
         assert whole.area == pytest.approx(mask.sum(), rel=0.01)
         # several masks read together (the consumer's one pass over the map) give each mask's own polygons
-        both = np.stack([mask, ~mask], -1)
-        together = masks_polygons(lambda a, b, m=both: m[a:b], 256, 2, band=48, min_area=5, simplify=1.0)
+        both = np.stack([mask, ~mask])
+        together = masks_polygons(lambda a, b, m=both: m[:, a:b], 256, 2, band=48, min_area=5, simplify=1.0)
         for k, geom in enumerate(together):
-            alone = mask_polygons(lambda a, b, m=both[..., k]: m[a:b], 256, band=48, min_area=5, simplify=1.0)
+            alone = mask_polygons(lambda a, b, m=both[k]: m[a:b], 256, band=48, min_area=5, simplify=1.0)
             assert geom.equals_exact(alone, 0)
         reference = shapely.simplify(whole, 1.0, preserve_topology=True)  # GEOS on the whole MultiPolygon
         ours = shapely.MultiPolygon(_simplified(list(whole.geoms), 1.0))

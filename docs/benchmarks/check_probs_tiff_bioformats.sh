@@ -24,9 +24,9 @@ work = Path(sys.argv[1])
 classes = list(CLASS_COLORS)
 H, W = 2601, 3099  # > 2 × SMALLEST: three levels, ragged edge tiles at each
 yy, xx = np.mgrid[:H, :W]
-level0 = np.lib.format.open_memmap(work / "map.npy", mode="w+", dtype=np.uint8, shape=(H, W, len(classes)))
+level0 = np.lib.format.open_memmap(work / "map.npy", mode="w+", dtype=np.uint8, shape=(len(classes), H, W))
 for c in range(len(classes)):
-    level0[..., c] = (127.5 * (1 + np.sin(xx / (40 + 9 * c)) * np.cos(yy / (60 + 5 * c)))).astype(np.uint8)
+    level0[c] = (127.5 * (1 + np.sin(xx / (40 + 9 * c)) * np.cos(yy / (60 + 5 * c)))).astype(np.uint8)
 levels = pyramid(level0, work / "map")
 write_probs_tiff(work / "s0_probs.tif", levels, classes, class_colors(classes), 0.2208, {"level0_mpp": 0.2208},
                  name="s0")
@@ -36,7 +36,7 @@ with open(work / "expected.txt", "w") as f:
         f.write(f"channel {c} {name} {rgb[0]},{rgb[1]},{rgb[2]}\n")
     for r, arr in enumerate(levels):
         for c in range(len(classes)):
-            plane = np.ascontiguousarray(arr[..., c])
+            plane = np.ascontiguousarray(arr[c])
             f.write(f"plane {r} {c} {plane.shape[1]}x{plane.shape[0]} {zlib.crc32(plane.tobytes())}\n")
 PY
 java -cp "$work/bioformats_package.jar:$work" CheckProbsTiff "$work/s0_probs.tif" 2>/dev/null | tee "$work/seen.txt"

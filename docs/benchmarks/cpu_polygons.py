@@ -43,9 +43,11 @@ if __name__ == "__main__":
     if hasattr(polygons, "masks_polygons"):
         import hirespath.utils.threads as threads
 
-        stack = np.stack(list(blob_masks(n, 8)), -1)
+        planar = "masks × rows" in polygons.masks_polygons.__doc__  # bands as masks × rows × W (since the C×H×W map)
+        stack = np.stack(list(blob_masks(n, 8)), 0 if planar else -1)
         for cores in (1, 2):
             threads.available_cores = lambda c=cores: c  # the thread count masks_polygons uses
             t = time.perf_counter()
-            polygons.masks_polygons(lambda y0, y1: stack[y0:y1], n, 8, band=512, min_area=200, simplify=1.0)
+            band = (lambda y0, y1: stack[:, y0:y1]) if planar else (lambda y0, y1: stack[y0:y1])
+            polygons.masks_polygons(band, n, 8, band=512, min_area=200, simplify=1.0)
             print(f"8 blob classes {n} px together, {cores} thread(s): {time.perf_counter() - t:.1f} s")

@@ -210,10 +210,10 @@ class SegmentationSink:
         (_, out), *_ = self.c.tile_function(image)
         if out is None:  # out of memory on the one tile: no measure rather than no slide
             return None
-        one = to_uint8(np.asarray(out[0], np.float32)).transpose(1, 2, 0)  # quantised as the stitched map is
+        one = to_uint8(np.asarray(out[0], np.float32))  # quantised as the stitched map is
         mx, my = round(where[0] * self.scale), round(where[1] * self.scale)
         h, w = min(g.tile_size, self.shape[0] - my), min(g.tile_size, self.shape[1] - mx)
-        measure = compare(np.asarray(probs[my : my + h, mx : mx + w]), one[:h, :w], self.c.classes,
+        measure = compare(np.asarray(probs[:, my : my + h, mx : mx + w]), one[:, :h, :w], self.c.classes,
                           self.c.options.threshold)  # fmt: skip
         return {"window_level0": [int(where[0]), int(where[1]), int(g.patch_size_level0)], **measure,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
@@ -235,7 +235,7 @@ class SegmentationSink:
         features, areas = [], {}
         # rows traced at once: the map is read once for every class, ≤ 128 MB a band (×4 px at 2× resolution)
         band = int(np.clip((1 << 27) // (self.shape[1] * len(c.classes)), 64, 1024))
-        geoms = masks_polygons(lambda y0, y1: probs[y0:y1] > cut, self.shape[0], len(c.classes), band=band,
+        geoms = masks_polygons(lambda y0, y1: probs[:, y0:y1] > cut, self.shape[0], len(c.classes), band=band,
                                min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
         for name, color, geom in zip(c.classes, class_colors(c.classes), geoms):
             area_um2 = 0.0

@@ -10,14 +10,13 @@ from ..utils.io import atomic_path
 
 
 def class_masks_at(small_probs: np.ndarray, size: tuple[int, int], threshold: float) -> np.ndarray:
-    """C×h×w bool masks of the coarsest probability level (H×W×C uint8) resized to ``size`` (w, h)."""
+    """C×h×w bool masks of the coarsest probability level (C×H×W uint8) resized to ``size`` (w, h)."""
     from PIL import Image
 
     w, h = size
     return np.stack([
-        np.asarray(Image.fromarray(np.ascontiguousarray(small_probs[..., c])).resize((w, h), Image.BILINEAR))
-        > threshold * 255
-        for c in range(small_probs.shape[-1])
+        np.asarray(Image.fromarray(np.ascontiguousarray(plane)).resize((w, h), Image.BILINEAR)) > threshold * 255
+        for plane in small_probs
     ])  # fmt: skip
 
 

@@ -207,7 +207,7 @@ def mask_polygons(read_band, height: int, band: int = 1024, min_area: float = 0.
     """The mask's regions as one valid (Multi)Polygon (or None when nothing is left), in mask pixel coordinates
     (x right, y down, pixel (0, 0) covering [0, 1]²). ``read_band(y0, y1)`` returns rows y0:y1 of the bool mask;
     parts and holes smaller than ``min_area`` px² are dropped (specks), then edges simplified by ``simplify`` px."""
-    (geom,) = masks_polygons(lambda y0, y1: read_band(y0, y1)[..., None], height, 1, band, min_area, simplify)
+    (geom,) = masks_polygons(lambda y0, y1: read_band(y0, y1)[None], height, 1, band, min_area, simplify)
     return geom
 
 
@@ -215,9 +215,9 @@ def masks_polygons(
     read_band, height: int, masks: int, band: int = 1024, min_area: float = 0.0, simplify: float = 0.0
 ) -> list:
     """:func:`mask_polygons` of ``masks`` masks read together: ``read_band(y0, y1)`` returns rows y0:y1 as
-    rows × W × masks bool, so a map on disk is read once for all its classes (not once per class). The masks are
-    traced in parallel threads, one per core this process may use (OpenCV and shapely's array functions release
-    the GIL)."""
+    masks × rows × W bool (a class's rows contiguous), so a map on disk is read once for all its classes. The
+    masks are traced in parallel threads, one per core this process may use (OpenCV and shapely's array functions
+    release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..utils.threads import available_cores
@@ -227,7 +227,7 @@ def masks_polygons(
         for y0 in range(0, height, band):
             y1 = min(y0 + band, height)
             block, last = read_band(y0, y1), y1 == height
-            list(pool.map(lambda t, k, b=block, y=y0, e=last: t.trace(np.ascontiguousarray(b[..., k]), y, e),
+            list(pool.map(lambda t, k, b=block, y=y0, e=last: t.trace(np.ascontiguousarray(b[k]), y, e),
                           tracers, range(masks)))  # fmt: skip
         return list(pool.map(lambda t: _finished(t.regions, t.pieces, min_area, simplify), tracers))
 

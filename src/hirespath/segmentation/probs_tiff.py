@@ -6,8 +6,9 @@ the long side is ≤ 1,024 px; 256 px tiles, horizontal predictor + zlib level 1
 The OME-XML names each channel after its class, in the class's colour, with the physical pixel size in µm; the
 TIFF resolution tags say the same in pixels per centimetre; the OME Image ``Description`` is JSON (``classes`` in
 channel order, ``mpp``, ``level0_mpp`` of the slide, ``level0_scale``: map px per slide level-0 px). Written from
-the H×W×C memmaps a row of tiles at a time (never the whole map in memory: ~45 MB of heap for a 1.3 GB map), to a
-temporary name that the caller renames when complete. :func:`read_probs` gives a level back as H×W×C.
+the C×H×W memmaps a row of tiles at a time (never the whole map in memory: ~45 MB of heap for a 1.3 GB map; each
+class's plane read once, contiguously), to a temporary name that the caller renames when complete.
+:func:`read_probs` gives a level back as H×W×C (an image's usual axes).
 """
 
 from __future__ import annotations
@@ -27,27 +28,27 @@ SMALLEST = 1024
 
 
 def halve(src: np.ndarray, dst_path: Path, band_bytes: int = 1 << 27) -> np.memmap:
-    """``src`` (H×W×C uint8) shrunk 2× by 2×2 means, into a new memmap at ``dst_path`` (in row bands).
+    """``src`` (C×H×W uint8) shrunk 2× by 2×2 means, into a new memmap at ``dst_path`` (in row bands).
 
     Integer sums of the four values (uint16), rounded half to even as ``np.rint`` of their float mean would be
     (equal to it, ~6× faster); an odd last row or column is repeated."""
-    H, W, C = src.shape
+    C, H, W = src.shape
     band = max(2, band_bytes // (W * C * 2) // 2 * 2)  # an even number of rows of uint16
     h, w = (H + 1) // 2, (W + 1) // 2
-    dst = np.lib.format.open_memmap(dst_path, mode="w+", dtype=np.uint8, shape=(h, w, C))
+    dst = np.lib.format.open_memmap(dst_path, mode="w+", dtype=np.uint8, shape=(C, h, w))
     for r in range(0, H, band):
-        block = np.asarray(src[r : r + band])
-        if block.shape[0] % 2:
-            block = np.concatenate([block, block[-1:]], 0)
-        if W % 2:
+        block = np.asarray(src[:, r : r + band])
+        if block.shape[1] % 2:
             block = np.concatenate([block, block[:, -1:]], 1)
-        total = block[0::2, 0::2].astype(np.uint16)
-        total += block[1::2, 0::2]
-        total += block[0::2, 1::2]
-        total += block[1::2, 1::2]
+        if W % 2:
+            block = np.concatenate([block, block[:, :, -1:]], 2)
+        total = block[:, 0::2, 0::2].astype(np.uint16)
+        total += block[:, 1::2, 0::2]
+        total += block[:, 0::2, 1::2]
+        total += block[:, 1::2, 1::2]
         total += 1 + ((total >> 2) & 1)  # total / 4 rounded half to even: +2 when the quotient is odd, else +1
         total >>= 2
-        dst[r // 2 : r // 2 + total.shape[0]] = total
+        dst[:, r // 2 : r // 2 + total.shape[1]] = total
     dst.flush()
     return dst
 
@@ -55,18 +56,18 @@ def halve(src: np.ndarray, dst_path: Path, band_bytes: int = 1 << 27) -> np.memm
 def pyramid(level0: np.ndarray, prefix: Path) -> list[np.ndarray]:
     """[level0, level0 / 2, ...] down to a long side ≤ SMALLEST (the halvings in ``<prefix>.levelK.tmp``)."""
     levels = [level0]
-    while max(levels[-1].shape[:2]) > SMALLEST:
+    while max(levels[-1].shape[1:]) > SMALLEST:
         levels.append(halve(levels[-1], Path(f"{prefix}.level{len(levels)}.tmp")))
     return levels
 
 
 def _plane_tiles(arr: np.ndarray) -> Iterator[np.ndarray]:
-    """The tiles of ``arr`` (H×W×C) plane by plane, each plane in rows of tiles: the order of the TIFF's tiles.
-    A row of one class (256 × W bytes) is copied at a time, so the map is read once per class, never held."""
-    H, W, C = arr.shape
+    """The tiles of ``arr`` (C×H×W) plane by plane, each plane in rows of tiles: the order of the TIFF's tiles.
+    A row of one class (256 × W bytes, contiguous) is copied at a time: each plane is read once, never held."""
+    C, H, W = arr.shape
     for c in range(C):
         for y in range(0, H, TILE):
-            row = np.ascontiguousarray(arr[y : y + TILE, :, c])
+            row = np.array(arr[c, y : y + TILE])
             for x in range(0, W, TILE):
                 yield row[:, x : x + TILE]
 
@@ -79,7 +80,7 @@ def ome_color(rgb: Sequence[int]) -> int:
 
 def write_probs_tiff(path: Path, levels: list[np.ndarray], classes: list[str], colors: list[Sequence[int]],
                      mpp: float, extra: dict, name: str = "") -> None:  # fmt: skip
-    """Write the pyramid ``levels`` (H×W×C uint8 each; class c in ``colors[c]``) to ``path`` as an OME-TIFF (the
+    """Write the pyramid ``levels`` (C×H×W uint8 each; class c in ``colors[c]``) to ``path`` as an OME-TIFF (the
     caller renames it into place)."""
     description = json.dumps({"classes": list(classes), "mpp": float(mpp), "values": "probability * 255", **extra})
     channels = {"Name": list(classes), "Color": [ome_color(c) for c in colors]}
@@ -94,7 +95,7 @@ def write_probs_tiff(path: Path, levels: list[np.ndarray], classes: list[str], c
                 maxworkers=available_cores(), buffersize=32 << 20)  # fmt: skip
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
         for k, arr in enumerate(levels):
-            H, W, C = arr.shape
+            C, H, W = arr.shape
             res = 1e4 / (mpp * 2**k)  # px per cm
             kw = dict(subifds=len(levels) - 1, metadata=metadata) if k == 0 else dict(subfiletype=1, metadata=None)
             tif.write(_plane_tiles(arr), shape=(C, H, W), resolution=(res, res), **opts, **kw)

@@ -40,11 +40,11 @@ def _device(model) -> torch.device:
 
 
 def predict_uint8(model, class_index: list[int], image: np.ndarray) -> np.ndarray:
-    """H×W×C uint8 probabilities (· 255) of an H×W×3 uint8 image in one forward."""
+    """C×H×W uint8 probabilities (· 255) of an H×W×3 uint8 image in one forward."""
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(_device(model)).float() / 255
     with torch.inference_mode():
         p = tile_probabilities(model, x, class_index)[0].cpu().numpy()
-    return to_uint8(p).transpose(1, 2, 0)
+    return to_uint8(p)
 
 
 def stitched_uint8(model, class_index: list[int], image: np.ndarray, tile: int, overlap: int, blend: str,
@@ -73,9 +73,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare(stitched: np.ndarray, one: np.ndarray, classes: list[str], threshold: float) -> dict:
     """{"dice": {class: Dice or None}, "mean_dice" (over the classes present in either), "mean_abs_diff"} of two
-    H×W×C uint8 probability maps (· 255)."""
+    C×H×W uint8 probability maps (· 255)."""
     cut = threshold * 255
-    per = {c: dice(stitched[..., k] > cut, one[..., k] > cut) for k, c in enumerate(classes)}
+    per = {c: dice(stitched[k] > cut, one[k] > cut) for k, c in enumerate(classes)}
     finite = [v for v in per.values() if np.isfinite(v)]
     return {"dice": {c: v if np.isfinite(v) else None for c, v in per.items()},  # None: absent from both (JSON)
             "mean_dice": float(np.mean(finite)) if finite else float("nan"),
@@ -86,8 +86,8 @@ def constant_classes(one: np.ndarray, classes: list[str]) -> list[str]:
     """The classes whose one-forward probability is a single value over the whole region. An untrained head
     saturates every class at 1 (its ~100 queries' masks sum past 1): then every tiling gets Dice 1.0 and no
     difference, and the measure says nothing about seams."""
-    flat = one.reshape(-1, one.shape[-1])
-    return [c for k, c in enumerate(classes) if flat[:, k].min() == flat[:, k].max()]
+    flat = one.reshape(one.shape[0], -1)
+    return [c for k, c in enumerate(classes) if flat[k].min() == flat[k].max()]
 
 
 def seam_measure(model, class_index: list[int], classes: list[str], image: np.ndarray, tile: int, overlap: int,
@@ -101,7 +101,7 @@ def seam_measure(model, class_index: list[int], classes: list[str], image: np.nd
             "seam measure (%d px tiles, %d px region): every class's probability is one value over the whole "
             "region (uint8 %s; an untrained head saturates), so its Dice of 1.0 says nothing about seams; measure "
             "a trained model (benchmark: segment_bench.ckpt=RUN)",
-            tile, image.shape[0], sorted(set(one[0, 0].tolist())),  # every pixel's values: the first one's
+            tile, image.shape[0], sorted(set(one[:, 0, 0].tolist())),  # every pixel's values: the first one's
         )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         return {blend: {**compare(stitched_uint8(model, class_index, image, tile, overlap, blend, Path(tmp)), one,

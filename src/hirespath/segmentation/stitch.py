@@ -60,8 +60,10 @@ SPARE_BLOCKS = 32  # freed blocks kept for reuse (more than one 1,792 px tile's 
 
 class ProbabilityStitcher:
     """``add`` tiles (C×S×S probabilities at map px x, y; parts outside the map are dropped), then ``finalize``
-    to the uint8 H×W×C map (a memmap file). ``positions``: the (x, y) of every tile that will be added, so that each
-    block is written as soon as its last tile is in; None keeps every block until ``finalize`` (small maps)."""
+    to the uint8 C×H×W map (a memmap file, one plane per class: the probability TIFF's planes and each class's
+    polygons are then contiguous reads, not a stride through every class of a map larger than memory).
+    ``positions``: the (x, y) of every tile that will be added, so that each block is written as soon as its last
+    tile is in; None keeps every block until ``finalize`` (small maps)."""
 
     def __init__(
         self,
@@ -79,7 +81,7 @@ class ProbabilityStitcher:
         self.block = int(block)
         self.files: list[Path] = []
         # zero-filled sparse file: only the tissue's blocks take disk space; 0 where no tile was
-        self.out: np.memmap | None = self._memmap("probs", np.uint8, (*self.shape, self.channels))
+        self.out: np.memmap | None = self._memmap("probs", np.uint8, (self.channels, *self.shape))
         self.open: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # block → (Σ w·p, Σ w)
         self.pending: dict[tuple[int, int], int] = {}  # block → listed tiles not added yet
         self.written: set[tuple[int, int]] = set()
@@ -126,7 +128,7 @@ class ProbabilityStitcher:
                 acc.fill(0)
                 wsum.fill(0)
             else:
-                acc, wsum = np.zeros((h, w, self.channels), np.float32), np.zeros((h, w), np.float32)
+                acc, wsum = np.zeros((self.channels, h, w), np.float32), np.zeros((h, w), np.float32)
             self.open[key] = (acc, wsum)
             self.peak_open = max(self.peak_open, len(self.open))
         return self.open[key]
@@ -144,8 +146,8 @@ class ProbabilityStitcher:
         x0, y0, x1, y1 = max(x0, bx0), max(y0, by0), min(x1, bx1), min(y1, by1)
         acc, wsum = sums
         wt = self.weights[y0 - y : y1 - y, x0 - x : x1 - x]
-        p = probs[:, y0 - y : y1 - y, x0 - x : x1 - x].astype(np.float32).transpose(1, 2, 0)
-        acc[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] += p * wt[..., None]
+        p = probs[:, y0 - y : y1 - y, x0 - x : x1 - x]
+        acc[:, y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] += p * wt  # planes as the model gives them: no transpose
         wsum[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0] += wt
 
     def _arrived(self, key: tuple[int, int]) -> bool:
@@ -161,13 +163,13 @@ class ProbabilityStitcher:
 
         def write(i: int) -> None:
             (acc, wsum), (bx0, by0, bx1, by1) = sums[i], self._bounds(keys[i])
-            self.out[by0:by1, bx0:bx1] = to_uint8(np.divide(acc, np.maximum(wsum, 1e-12)[..., None], out=acc), True)
+            self.out[:, by0:by1, bx0:bx1] = to_uint8(np.divide(acc, np.maximum(wsum, 1e-12), out=acc), True)
 
         self._each(write, len(keys))
         for key, (acc, wsum) in zip(keys, sums):
             self.pending.pop(key, None)
             self.written.add(key)
-            if acc.shape[:2] == (self.block, self.block) and len(self._spare) < SPARE_BLOCKS:
+            if acc.shape[1:] == (self.block, self.block) and len(self._spare) < SPARE_BLOCKS:
                 self._spare.append((acc, wsum))
 
     def _each(self, fn, n: int) -> None:
