@@ -222,7 +222,7 @@ def masks_polygons(
 
     from ..utils.threads import available_cores
 
-    tracers = [_BandTracer(band, CARRY_PIXELS) for _ in range(masks)]
+    tracers = [_BandTracer(band, CARRY_PIXELS, min_area) for _ in range(masks)]
     with ThreadPoolExecutor(max(1, min(masks, available_cores())), thread_name_prefix="polygons") as pool:
         for y0 in range(0, height, band):
             y1 = min(y0 + band, height)
@@ -237,10 +237,13 @@ class _BandTracer:
     edge). A region reaching a band's bottom row is carried into the next band (its rows kept) and traced once it
     ends, without a union (unions of cut polygons were a third of the tracing time); one taller than
     ``carry_pixels`` / width rows (at least a band) is cut at the band's bottom, and what it continues into below
-    is a piece (carried the same way): a region longer than that is a few pieces, one union at the end."""
+    is a piece (carried the same way): a region longer than that is a few pieces, one union at the end.
+    Whole regions under ``min_area`` (specks) are dropped as each band is traced, not kept to the end: a noisy
+    class map can hold hundreds of thousands of them (613,000 in one class of a 24,576 px map, 0.4 GB of polygons
+    a class), where pieces are few and kept until joined."""
 
-    def __init__(self, band: int, carry_pixels: int):
-        self.band, self.carry_pixels = band, carry_pixels
+    def __init__(self, band: int, carry_pixels: int, min_area: float = 0.0):
+        self.band, self.carry_pixels, self.min_area = band, carry_pixels, min_area
         self.regions: list[Polygon] = []
         self.pieces: list[Polygon] = []
         self.carry: np.ndarray | None = None  # rows of the regions still open, starting at row ``self.top``
@@ -252,9 +255,14 @@ class _BandTracer:
         m, top = (np.concatenate([self.carry, rows]), self.top) if self.carry is not None else (rows, y0)
         self.carry = None
         if (last or not m[-1].any()) and not self.cuts:  # nothing continues below and no pieces: no labelling
-            self.regions.extend(_band_polygons(m, top))
+            self._keep(_band_polygons(m, top))
             return
         n, labels, stats, _ = cv2.connectedComponentsWithStats(m.view(np.uint8), connectivity=8)
+        # with the labels at hand, specks are not even traced: a traced polygon's area is its pixel count within
+        # 0.35 px² per pixel (corners cut by ≤ 1/16 px² each, ≤ 1/20 px² per diagonal step), so a region of under
+        # min_area / 2 px stays under min_area
+        speck = stats[:, cv2.CC_STAT_AREA] < self.min_area / 2
+        speck[0] = False  # background
         first = stats[:, cv2.CC_STAT_TOP]
         is_piece = np.zeros(n, bool)  # label → a piece of a cut region: 8-connected to its pixels above a cut
         for row, above in self.cuts:
@@ -269,12 +277,13 @@ class _BandTracer:
         is_cut = is_open & (len(m) - first > max(self.band, self.carry_pixels // m.shape[1]))
         is_piece |= is_cut
         carried = is_open & ~is_cut
+        speck &= ~is_open & ~is_piece  # only whole regions: a region going on below, or a piece, may yet grow
         if not is_piece.any() and not carried.any():
-            self.regions.extend(_band_polygons(m, top))
+            self._keep(_band_polygons(m & ~speck[labels] if speck.any() else m, top))
             self.cuts = []
             return
-        kind = np.where(carried, 2, np.where(is_piece, 1, 0)).astype(np.uint8)[labels]
-        self.regions.extend(_band_polygons(m & (kind == 0), top))
+        kind = np.where(carried, 2, np.where(is_piece, 1, np.where(speck, 3, 0))).astype(np.uint8)[labels]
+        self._keep(_band_polygons(m & (kind == 0), top))
         if (kind == 1).any():
             self.pieces.extend(_band_polygons(kind == 1, top, check=True))
         if carried.any():
@@ -284,6 +293,10 @@ class _BandTracer:
         self.cuts = [(r, e) for r, e in self.cuts if carried.any() and r >= self.top]
         if is_cut.any():
             self.cuts.append((top + len(m), is_cut[labels[-1]] & m[-1]))
+
+    def _keep(self, polys: np.ndarray) -> None:
+        """Whole regions, specks dropped (as ``_finished`` would drop them: regions are never joined)."""
+        self.regions.extend(polys[shapely.area(polys) >= self.min_area] if self.min_area > 0 and len(polys) else polys)
 
 
 def _finished(regions: list, pieces: list, min_area: float, simplify: float):
