@@ -28,7 +28,7 @@ with tempfile.TemporaryDirectory(dir=".") as tmp:
     t2 = time.perf_counter()
     sub = out[:, ::7, ::7] if out.shape[0] == C else out[::7, ::7]  # C×H×W since the planar map, H×W×C before
     checksum = int(np.asarray(sub, np.int64).sum())  # equal before and after: the same map
-    open_gb = getattr(st, "peak_open", 0) * 512**2 * (C + 1) * 4 / 1e9
+    open_gb = getattr(st, "peak_open", 0) * getattr(st, "block", 512) ** 2 * (C + 1) * 4 / 1e9
     float_on_disk_gb = 0.0 if listed else side * side * (C + 1) * 4 / 1e9
     st.cleanup()
 print("label,side,tiles,blend_s_per_tile,finalize_s,total_s,float_sums_on_disk_gb,peak_block_memory_gb,checksum")

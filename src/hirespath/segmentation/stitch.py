@@ -5,7 +5,7 @@ in memory per block of ``BLOCK`` map px, only for blocks some listed tile has ye
 is in, it is turned into uint8 and written into the map (a ``numpy.memmap`` in the output folder, under a temporary
 name the runner removes if a worker dies), and its memory reused. Tiles come in raster order, so the open blocks are
 one or two block rows across the slide (where the next tile row will overlap) plus the current tiles' blocks: with 8
-classes and 1,792 px tiles, 0.02–0.04 GB per 1,000 px of map width (1.3–2.5 GB across a 60,000 px-wide resection) —
+classes and 1,792 px tiles, 0.01–0.02 GB per 1,000 px of map width (0.6–1.2 GB across a 60,000 px-wide resection) —
 never the whole map — and no float sums on disk (they were 4.5× the uint8 map, read and rewritten by every
 overlapping tile). Two weightings:
 
@@ -54,8 +54,11 @@ def blend_weights(size: int, overlap: int, mode: str = "linear") -> np.ndarray:
     return np.outer(w, w)
 
 
-BLOCK = 512  # map px per side of an accumulator block: fine enough to free rows soon after their last tile
-SPARE_BLOCKS = 32  # freed blocks kept for reuse (more than one 1,792 px tile's 25): fresh ones cost page faults
+# map px per side of an accumulator block: rows are freed soon after their last tile, and a block's sums (2.4 MB with
+# 8 classes) stay in the CPU's caches while a tile is added: 256 px blended a 1,792 px tile 1.8× faster than 512 px
+# and holds a third less (docs/benchmarks.md)
+BLOCK = 256
+SPARE_BLOCKS = 96  # freed blocks kept for reuse (more than one 1,792 px tile's 64–81): fresh ones cost page faults
 
 
 class ProbabilityStitcher:
