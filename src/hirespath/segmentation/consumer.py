@@ -136,8 +136,7 @@ class SegmentationSink:
 
     def __init__(self, consumer: SegmentationConsumer, spec: SlideSpec, prepared: PreparedSlide, path: Path):
         self.c, self.spec, self.grid, self.path = consumer, spec, prepared.grid, path
-        # QuPath's image of the slide (x, y, w, h in level-0 px): the whole slide, or the region QuPath crops it to
-        self.region = prepared.qupath_region or (0, 0, *self.grid.level0_size)
+        self.region = prepared.qupath_region  # QuPath's image of the slide: the whole slide, or its crop
         self.origin = self.region[:2]
         self.scale, self.shape, self.map_mpp = map_geometry(self.grid)
         self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers

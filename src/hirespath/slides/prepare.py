@@ -32,13 +32,9 @@ class PreparedSlide:
     reused: bool
     open_s: float
     tissue_s: float
+    # QuPath's image of the slide (x, y, w, h in level-0 px, qupath.image_region): the whole slide, or its crop
+    qupath_region: tuple[int, int, int, int]
     warnings: list[str] = field(default_factory=list)
-    qupath_region: tuple[int, int, int, int] | None = None  # QuPath's image of the slide (qupath.image_region)
-
-    @property
-    def qupath_origin(self) -> tuple[int, int]:
-        """Where QuPath's image of the slide starts, in level-0 px: (0, 0) but for slides QuPath crops."""
-        return (0, 0) if self.qupath_region is None else self.qupath_region[:2]
 
 
 def cover_tissue(tiling) -> bool:
@@ -141,4 +137,4 @@ def prepare_slide(
         raise SlideError(f"cannot read {spec.path.name}: the file is truncated or corrupt ({err})") from err
     finally:
         slide.close()
-    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, warnings, region)
+    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, region, warnings)
