@@ -65,6 +65,46 @@ def test_benchmark_task_writes_csv_and_plot(tmp_path):
     assert "x dense" in result["summary"]
 
 
+def test_benchmark_goes_to_wandb_as_tables_and_images(tmp_path):
+    """``logger=wandb``: the CSVs as W&B tables (the max-resolution search's too), the plot as an image."""
+    from conftest import compose_task
+
+    from hirespath.utils.wandb import finish_runs, offline_runs
+
+    cfg = compose_task("benchmark", ["backbone=tiny", "resolutions=[56]", "repeats=1", "warmup=0", "cpu_memory=false",
+                                     "compare=[{attention: dense, prune_ratio: 0.0}]", "max_resolution.enabled=true",
+                                     "max_resolution.start=56", "max_resolution.limit=112", "logger=wandb"],
+                       tmp_path)  # fmt: skip
+    result = run_benchmark(cfg)
+    finish_runs()  # what task_wrapper does when the task returns
+    (run,) = offline_runs(tmp_path)
+    tables = {f"benchmark/{Path(t).stem}/_type" for t in result["tables"]}
+    assert len(tables) == 3 and tables | {"benchmark/plots/_type"} <= run["history_keys"], sorted(run["history_keys"])
+    assert run["finished"]
+
+
+def test_segmentation_benchmark_plot_with_and_without_seams(tmp_path):
+    import json
+
+    from hirespath.benchmark.plots import plot_segmentation
+
+    dice = json.dumps({b: {"a": 0.9, "b": 0.7} for b in ("linear", "crop")})
+    rows = [dict(model="m", device="cpu", tile_size=t, overlap=128, attention=a, window=8, tiles=n, tissue_mm2=2.6,
+                 mm2_per_s=v, speedup=v / 0.017, px_per_tissue_px=f, encode_s_per_mpx=e, seam_region=1792,
+                 seam_dice_linear=0.8, seam_dice_crop=0.78, seam_dice_per_class=dice, seam_constant_classes=0)
+            for t, a, n, v, f, e in ((518, "dense", 81, 0.017, 2.08, 6.95),
+                                     (1792, "sparse", 4, 0.030, 1.23, 6.53))]  # fmt: skip
+    plot_segmentation(rows, tmp_path / "seams.png")
+    for r in rows:
+        for k in ("seam_dice_linear", "seam_dice_crop", "seam_dice_per_class", "seam_constant_classes"):
+            r.pop(k)
+        r["seam_region"] = 0
+    plot_segmentation(rows, tmp_path / "speed.png")
+    for name in ("seams.png", "speed.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
 def test_cpu_peak_memory_in_subprocess_grows_with_tokens(tmp_path):
     bench = bm.Benchmark("tiny", overrides={"depth": 2}, repeats=1, warmup=0)
     small = bench.measure(bm.BenchConfig(attention="eager"), 112)

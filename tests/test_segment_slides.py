@@ -804,6 +804,8 @@ def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     result = run_benchmark(cfg)
     rows = pd.read_csv(result["csv"])
     assert list(rows.tile_size) == [56, 112] and list(rows.attention) == ["dense", "sparse"]
+    assert (rows.device == "cpu").all() and (rows.model == "random").all()
+    assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result["plots"] == [result["plot"]]
     assert (rows.mm2_per_s > 0).all() and rows.speedup.iloc[0] == 1
     # the speedup's two factors: 56 px tiles with 14 px overlap run every tissue pixel more often than 112 px ones
     assert (rows.encode_s_per_mpx > 0).all() and rows.px_per_tissue_px.iloc[0] > rows.px_per_tissue_px.iloc[1] > 0.5

@@ -63,3 +63,61 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+
+
+def plot_segmentation(rows: list[dict], path: Path, title: str = "") -> None:
+    """Whole-slide segmentation (``experiment=segment_speed``): tissue mm² per second per tiling, with the speed-up
+    and its two factors; and, where measured, the seam Dice of both blends (bar: mean, dots: the classes)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    labels = [f"{r.tile_size} px {r.attention}" + (f" w={r.window}" if r.attention == "sparse" else "")
+              + f"\noverlap {r.overlap} px" for r in df.itertuples()]  # fmt: skip
+    x = range(len(df))
+    fig, (speed, seams) = plt.subplots(1, 2, figsize=(max(9, 3.2 * len(df)), 4.4))
+    bars = speed.bar(x, df.mm2_per_s, 0.6, color="tab:blue")
+    for bar, r in zip(bars, df.itertuples()):
+        speed.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r.speedup:.2f}×", ha="center",
+                   va="bottom", fontsize=9, fontweight="bold")  # fmt: skip
+        speed.text(bar.get_x() + bar.get_width() / 2, bar.get_height() / 2,
+                   f"{r.px_per_tissue_px:.2f} px per\ntissue px\n\n{r.encode_s_per_mpx:.2f} s/Mpx",
+                   ha="center", va="center", fontsize=7, color="white")  # fmt: skip
+    speed.set_xticks(list(x), labels, fontsize=8)
+    speed.set_ylabel("tissue mm² per second (end to end)")
+    speed.set_ylim(0, df.mm2_per_s.max() * 1.15)
+    speed.set_title("speed", fontsize=10)
+    if "seam_dice_linear" in df and df.seam_dice_linear.notna().any():
+        width = 0.35
+        for k, (blend, color) in enumerate((("linear", "tab:green"), ("crop", "tab:orange"))):
+            pos = [i + (k - 0.5) * width for i in x]
+            seams.bar(pos, df[f"seam_dice_{blend}"], width, color=color, alpha=0.6, label=f"{blend} blend: mean")
+            for p, per_class in zip(pos, df.seam_dice_per_class):
+                dice = list(json.loads(per_class)[blend].values()) if isinstance(per_class, str) else []
+                seams.scatter([p] * len(dice), dice, s=10, color=color, edgecolor="black", linewidth=0.3, zorder=3)
+        seams.set_xticks(list(x), labels, fontsize=8)
+        seams.set_ylim(0, 1.05)
+        seams.set_ylabel("Dice, stitched vs one forward")
+        seams.legend(fontsize=8, loc="lower right")
+        seams.set_title(f"seams on a {int(df.seam_region.iloc[0])} px region (dots: classes)", fontsize=10)
+        constant = int(df.get("seam_constant_classes", pd.Series([0])).fillna(0).max())
+        if constant:  # a class that is one value all over the one forward (a random head): Dice 1 by construction
+            seams.text(0.5, 0.5, f"{constant} classes constant in the one forward\n(a random head?): their Dice says "
+                       "nothing", ha="center", va="center", transform=seams.transAxes, fontsize=9,
+                       bbox=dict(facecolor="white", alpha=0.85))  # fmt: skip
+    else:
+        seams.text(0.5, 0.5, "seam measure not run\n(segment_bench.seam_region=0)", ha="center", va="center",
+                   transform=seams.transAxes)  # fmt: skip
+        seams.set_axis_off()
+    first = df.iloc[0]
+    fig.suptitle(title or f"whole-slide segmentation, {first.get('model', '')} on {first.get('device', '')}: "
+                 f"{first.tissue_mm2:.2f} mm² of tissue", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

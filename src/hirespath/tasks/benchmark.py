@@ -46,15 +46,40 @@ def run_embedding_benchmark(cfg, out_dir: Path) -> dict:
     plot_embedding(rows, out_dir / "embedding_benchmark.png")
     summary = summarize_embedding(rows)
     log.info("whole-slide embedding of %s (%.2f mm² tissue):\n%s", slide, rows[0]["tissue_mm2"], summary)
-    return {"csv": str(out_dir / "embedding_benchmark.csv"), "plot": str(out_dir / "embedding_benchmark.png"),
-            "rows": rows, "summary": summary}  # fmt: skip
+    csv, png = str(out_dir / "embedding_benchmark.csv"), str(out_dir / "embedding_benchmark.png")
+    return {"csv": csv, "plot": png, "rows": rows, "summary": summary, "tables": [csv], "plots": [png]}
 
 
 def run_benchmark(cfg) -> dict:
     """The benchmark task: ``mode=encoder`` sweeps resolutions (CSV, plot, optional max-resolution search);
-    ``mode=slides`` measures whole-slide embedding throughput (tissue mm² per second)."""
+    ``mode=slides`` measures whole-slide embedding throughput (tissue mm² per second); ``mode=segment`` whole-slide
+    segmentation (``experiment=segment_speed``). With ``logger=wandb`` the CSVs go to W&B as tables, the plots as
+    images."""
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    result = _run(cfg, out_dir)
+    log_results(cfg, result)
+    return result
+
+
+def log_results(cfg, result: dict) -> None:
+    """Each CSV the run wrote as a W&B table (key: the file's stem), each plot as an image, the resolved config;
+    loggers other than W&B keep the files."""
+    from ..utils.hydra import instantiate_list
+    from ..utils.wandb import log_config, log_images, log_table
+
+    loggers = instantiate_list(cfg.get("logger"))
+    if not loggers:
+        return
+    log_config(loggers, cfg)
+    for csv in result["tables"]:
+        log_table(loggers, f"benchmark/{Path(csv).stem}", pd.read_csv(csv))
+    log_images(loggers, "benchmark/plots", result["plots"])
+    for lg in loggers:
+        lg.finalize("success")
+
+
+def _run(cfg, out_dir: Path) -> dict:
     if cfg.get("mode", "encoder") == "slides":
         return run_embedding_benchmark(cfg, out_dir)
     if cfg.get("mode", "encoder") == "segment":  # experiment=segment_speed
@@ -94,6 +119,8 @@ def run_benchmark(cfg) -> dict:
     result = {
         "csv": str(out_dir / BENCHMARK_FILE),
         "plot": str(out_dir / "benchmark.png"),
+        "tables": [str(out_dir / BENCHMARK_FILE)],
+        "plots": [str(out_dir / "benchmark.png")],
         "rows": rows,
         "summary": summary,
     }
@@ -135,6 +162,7 @@ def run_benchmark(cfg) -> dict:
             pd.DataFrame(found).to_csv(tmp, index=False)
         write_csv(probes, out_dir / "max_resolution_probes.csv")
         result["max_resolution"] = found
+        result["tables"] += [str(out_dir / "max_resolution.csv"), str(out_dir / "max_resolution_probes.csv")]
     return result
 
 
