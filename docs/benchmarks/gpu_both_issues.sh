@@ -26,10 +26,12 @@ cp /tmp/t1/benchmark.png $OUT/table1_cost.png 2>/dev/null
 SEG=(experiment=segment_speed device=cuda 'backbone.overrides={}' segment_bench.synthetic_side=7168)
 step segment 140 /tmp/seg/segmentation_benchmark.csv segment_speed.csv "${SEG[@]}" embed.batch_size=4 \
   hydra.run.dir=/tmp/seg
+cp /tmp/seg/segmentation_benchmark.png $OUT/segment_speed.png 2>/dev/null
 # 23 (c): 3,430 px tiles, seams on a 3,430 px region
 step segment3430 80 /tmp/seg3/segmentation_benchmark.csv segment_speed_3430.csv "${SEG[@]}" \
   embed.batch_size=2 segment_bench.seam_region=3430 \
   'segment_bench.compare=[{tile_size:3430,overlap:128,attention:sparse,window:8}]' hydra.run.dir=/tmp/seg3
+cp /tmp/seg3/segmentation_benchmark.png $OUT/segment_speed_3430.png 2>/dev/null
 # 26: whole-slide embedding, 224 px dense vs 1,792 px sparse + prune, tiles/s and GPU utilisation
 step embed 100 /tmp/emb/embedding_benchmark.csv embed_speed.csv experiment=embed_speed device=cuda \
   'backbone.overrides={}' embed.batch_size=16 slides.synthetic_side=7168 \

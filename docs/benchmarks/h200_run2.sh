@@ -7,12 +7,12 @@ SEG="python3 tasks/benchmark.py experiment=segment_speed device=cuda backbone.ov
 # (a) 518 px dense and (b) 1792 px sparse, overlap 128, with the seam measure on a 1792 px region
 timeout 230 $SEG embed.batch_size=4 hydra.run.dir=/tmp/seg >> $L 2>&1
 echo "segment rc=$? $(( $(date +%s)-T0 ))s" | tee -a $L
-cp /tmp/seg/segmentation_benchmark.csv $OUT/h200_segment_speed.csv 2>/dev/null
+cp /tmp/seg/segmentation_benchmark.csv $OUT/h200_segment_speed.csv 2>/dev/null; cp /tmp/seg/segmentation_benchmark.png $OUT/h200_segment_speed.png 2>/dev/null
 # 3430 px tiles, seam measure on a 3430 px region
 timeout 110 $SEG embed.batch_size=2 segment_bench.seam_region=3430 \
   'segment_bench.compare=[{tile_size:3430,overlap:128,attention:sparse,window:8}]' hydra.run.dir=/tmp/seg3 >> $L 2>&1
 echo "segment3430 rc=$? $(( $(date +%s)-T0 ))s" | tee -a $L
-cp /tmp/seg3/segmentation_benchmark.csv $OUT/h200_segment_speed_3430.csv 2>/dev/null
+cp /tmp/seg3/segmentation_benchmark.csv $OUT/h200_segment_speed_3430.csv 2>/dev/null; cp /tmp/seg3/segmentation_benchmark.png $OUT/h200_segment_speed_3430.png 2>/dev/null
 # (b) again, outputs written on the main thread: what write_behind buys on a GPU
 LEFT=$(( 480 - ($(date +%s)-T0) ))
 echo "write_behind=false budget ${LEFT}s" | tee -a $L
