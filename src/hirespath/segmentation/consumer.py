@@ -124,11 +124,34 @@ def tissue_outline(grid):
     return affinity.scale(qupath.valid_geometry(geom.buffer(sigma)), dx, dy, origin=(0, 0))
 
 
-def map_geometry(grid) -> tuple[float, tuple[int, int], float]:
-    """(map px per level-0 px, map shape (H, W), map µm/px): the map is the slide at the tiles' scale."""
-    scale = grid.tile_size / grid.patch_size_level0
-    W0, H0 = grid.level0_size
-    return scale, (math.ceil(H0 * scale), math.ceil(W0 * scale)), grid.slide_mpp / scale
+@dataclass(frozen=True)
+class MapGeometry:
+    """Where the probability map lies: QuPath's image of the slide (``qupath.image_region``: the whole slide, or
+    the scanned region of a MIRAX or SCN slide, whose canvas can be several times larger and empty) at the tiles'
+    scale. Its pixel grid is the whole slide's at that scale, cut at whole pixels (``offset``), so a tile lands
+    where it would on a map of the whole slide."""
+
+    scale: float  # map px per slide level-0 px
+    shape: tuple[int, int]  # (H, W) map px
+    offset: tuple[int, int]  # (x, y): the map's (0, 0) is map px (x, y) of the whole slide's map
+    mpp: float  # µm per map px
+
+    @classmethod
+    def of(cls, grid, region: tuple[int, int, int, int]) -> MapGeometry:
+        scale = grid.tile_size / grid.patch_size_level0
+        x, y, w, h = region
+        ox, oy = math.floor(x * scale), math.floor(y * scale)
+        shape = (math.ceil((y + h) * scale) - oy, math.ceil((x + w) * scale) - ox)
+        return cls(scale, shape, (ox, oy), grid.slide_mpp / scale)
+
+    @property
+    def level0_origin(self) -> tuple[float, float]:
+        """Slide level-0 px of the map's (0, 0)."""
+        return self.offset[0] / self.scale, self.offset[1] / self.scale
+
+    def to_map(self, x: float, y: float) -> tuple[int, int]:
+        """The map px of slide level-0 px (x, y), on the whole slide's pixel grid (a tile's corner)."""
+        return round(x * self.scale) - self.offset[0], round(y * self.scale) - self.offset[1]
 
 
 class SegmentationSink:
@@ -138,7 +161,8 @@ class SegmentationSink:
         self.c, self.spec, self.grid, self.path = consumer, spec, prepared.grid, path
         self.region = prepared.qupath_region  # QuPath's image of the slide: the whole slide, or its crop
         self.origin = self.region[:2]
-        self.scale, self.shape, self.map_mpp = map_geometry(self.grid)
+        self.map = MapGeometry.of(self.grid, self.region)
+        self.scale, self.shape, self.map_mpp = self.map.scale, self.map.shape, self.map.mpp
         self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers
         weights = blend_weights(self.grid.tile_size, self.grid.overlap, consumer.options.blend)
         self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.shape, len(consumer.classes), weights,
@@ -157,8 +181,7 @@ class SegmentationSink:
         return refused
 
     def _map_xy(self, tile: int) -> tuple[int, int]:
-        x, y = self.grid.coords[tile]
-        return round(x * self.scale), round(y * self.scale)
+        return self.map.to_map(*self.grid.coords[tile])
 
     def _temp(self, name: str) -> Path:
         return self.path.parent / f"{self.prefix}.{name}.tmp"
@@ -174,7 +197,8 @@ class SegmentationSink:
         self.levels = pyramid(probs, self.path.parent / self.prefix)
         g = self.grid
         extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.scale, "level0_size": list(g.level0_size),
-                 "model": c.tag, "threshold": c.options.threshold}  # fmt: skip
+                 "level0_origin": list(self.map.level0_origin), "model": c.tag,
+                 "threshold": c.options.threshold}  # fmt: skip
         tif_tmp = self._temp("tif")
         write_probs_tiff(
             tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map_mpp, extra, name=self.spec.slide_id
@@ -210,10 +234,13 @@ class SegmentationSink:
         if out is None:  # out of memory on the one tile: no measure rather than no slide
             return None
         one = to_uint8(np.asarray(out[0], np.float32))  # quantised as the stitched map is
-        mx, my = round(where[0] * self.scale), round(where[1] * self.scale)
-        h, w = min(g.tile_size, self.shape[0] - my), min(g.tile_size, self.shape[1] - mx)
-        measure = compare(np.asarray(probs[:, my : my + h, mx : mx + w]), one[:, :h, :w], self.c.classes,
-                          self.c.options.threshold)  # fmt: skip
+        mx, my = self.map.to_map(*where[:2])  # the window's part on the map (all of it unless QuPath crops)
+        x0, y0 = max(mx, 0), max(my, 0)
+        x1, y1 = min(mx + g.tile_size, self.shape[1]), min(my + g.tile_size, self.shape[0])
+        if x1 <= x0 or y1 <= y0:
+            return None
+        measure = compare(np.asarray(probs[:, y0:y1, x0:x1]), one[:, y0 - my : y1 - my, x0 - mx : x1 - mx],
+                          self.c.classes, self.c.options.threshold)  # fmt: skip
         return {"window_level0": [int(where[0]), int(where[1]), int(g.patch_size_level0)], **measure,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
 
@@ -224,6 +251,7 @@ class SegmentationSink:
         from shapely import affinity
 
         c, level0 = self.c, 1 / self.scale
+        ox, oy = self.map.level0_origin
         cut = c.options.threshold * 255
         x, y, w, h = self.region  # nothing predicted outside QuPath's image of the slide is shown
         slide_box, outline_mm2 = shapely.box(x, y, x + w, y + h), None
@@ -241,7 +269,8 @@ class SegmentationSink:
             if geom is not None:
                 # an overlay of valid geometries is valid (GEOS's OverlayNG): no second check of thousands of
                 # polygons here (``qupath.feature`` checks what it writes)
-                geom = qupath.polygonal(affinity.scale(geom, level0, level0, origin=(0, 0)).intersection(slide_box))
+                geom = affinity.affine_transform(geom, [level0, 0, 0, level0, ox, oy])  # map px → level-0 px
+                geom = qupath.polygonal(geom.intersection(slide_box))
                 area_um2 = float(geom.area) * self.grid.slide_mpp**2
             areas[name] = area_um2 / 1e6
             if geom is None or geom.is_empty:
@@ -353,13 +382,25 @@ class SegmentationConsumer:
         if self.options.overlay and small is not None and grid.thumbnail is not None:
             from .overlay import class_masks_at, save_overlay
 
-            h, w = grid.thumbnail.shape[:2]
+            thumbnail = _map_part(grid, MapGeometry.of(grid, prepared.qupath_region))  # QuPath's image of it
+            h, w = thumbnail.shape[:2]
             masks = class_masks_at(small, (w, h), self.options.threshold)
             colors = class_colors(self.classes)
             title = (f"{spec.slide_id}: {self.tag}, {grid.tile_size} px tiles at {grid.tile_mpp:g} µm/px, "
                      f"overlap {grid.overlap} px ({self.options.blend})")  # fmt: skip
-            save_overlay(out_dir / f"{spec.slide_id}_overlay.png", grid.thumbnail, masks, self.classes, colors, title,
+            save_overlay(out_dir / f"{spec.slide_id}_overlay.png", thumbnail, masks, self.classes, colors, title,
                          [areas.get(n, 0.0) for n in self.classes])  # fmt: skip
+
+
+def _map_part(grid, geometry: MapGeometry) -> np.ndarray:
+    """The part of the slide's thumbnail the probability map covers (the whole thumbnail unless QuPath crops)."""
+    th, tw = grid.thumbnail.shape[:2]
+    W0, H0 = grid.level0_size
+    (x0, y0), (H, W) = geometry.level0_origin, geometry.shape
+    x1, y1 = x0 + W / geometry.scale, y0 + H / geometry.scale
+    cols = slice(round(x0 * tw / W0), max(round(x0 * tw / W0) + 1, min(tw, round(x1 * tw / W0))))
+    rows = slice(round(y0 * th / H0), max(round(y0 * th / H0) + 1, min(th, round(y1 * th / H0))))
+    return grid.thumbnail[rows, cols]
 
 
 def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:

@@ -5,9 +5,10 @@ coloured channels: level 0 at the map's mpp, one IFD per class (planar), then ha
 the long side is ≤ 1,024 px; 256 px tiles, horizontal predictor + zlib level 1, compressed on every available core.
 The OME-XML names each channel after its class, in the class's colour, with the physical pixel size in µm; the
 TIFF resolution tags say the same in pixels per centimetre; the OME Image ``Description`` is JSON (``classes`` in
-channel order, ``mpp``, ``level0_mpp`` of the slide, ``level0_scale``: map px per slide level-0 px). Written from
-the C×H×W memmaps a row of tiles at a time (never the whole map in memory: ~45 MB of heap for a 1.3 GB map; each
-class's plane read once, contiguously), to a temporary name that the caller renames when complete.
+channel order, ``mpp``, ``level0_mpp`` of the slide, ``level0_scale``: map px per slide level-0 px,
+``level0_origin``: the slide level-0 px of the map's (0, 0), where QuPath crops a slide to its scanned region).
+Written from the C×H×W memmaps a row of tiles at a time (never the whole map in memory: ~45 MB of heap for a 1.3 GB
+map; each class's plane read once, contiguously), to a temporary name that the caller renames when complete.
 :func:`read_probs` gives a level back as H×W×C (an image's usual axes).
 """
 
