@@ -350,6 +350,15 @@ def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_stil
     assert [lv.shape for lv in levels] == [(3, 2300, 1100), (3, 1150, 550), (3, 575, 275)]
     for k, lv in enumerate(levels):
         np.testing.assert_array_equal(read_probs(path, k), np.moveaxis(lv, 0, -1))  # read back H×W×C
+        # a region (x, y, width, height) of the level, across tile borders, as the whole level's part
+        np.testing.assert_array_equal(
+            read_probs(path, k, (250, 300, 17, 260)), np.moveaxis(lv, 0, -1)[300:560, 250:267]
+        )
+    for bad in ((1090, 0, 20, 5), (-1, 0, 5, 5), (0, 0, 0, 5)):
+        with pytest.raises(ValueError, match=r"region .* is not inside level 0, 1100×2300 px"):
+            read_probs(path, 0, bad)
+    with pytest.raises(ValueError, match="level 3 does not exist; the map has levels 0 to 2"):
+        read_probs(path, 3)
     with tifffile.TiffFile(path) as tif:
         assert len(tif.pages) == 3 and all(len(p.tags["SubIFDs"].value) == 2 for p in tif.pages)
         res = [lv.keyframe.tags["XResolution"].value for lv in tif.series[0].levels]
@@ -364,13 +373,15 @@ def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_stil
                                       "level0_mpp": 0.25}  # fmt: skip
     old = tmp_path / "old_probs.tif"
     interleaved = np.ascontiguousarray(np.moveaxis(level0[:, :300, :200], 0, -1))
-    tifffile.imwrite(old, interleaved, tile=(256, 256), photometric="minisblack", metadata=None,
+    tifffile.imwrite(old, interleaved, tile=(256, 256), photometric="minisblack", planarconfig="contig", metadata=None,
                      description=json.dumps({"classes": ["a", "b", "c"], "level0_mpp": 0.25}))  # fmt: skip
     assert read_description(old)["level0_mpp"] == 0.25
     np.testing.assert_array_equal(read_probs(old), interleaved)
+    np.testing.assert_array_equal(read_probs(old, 0, (190, 250, 10, 50)), interleaved[250:300, 190:200])
     # a one-class model's map (tifffile reads its series as YX) comes back with its class axis
     write_probs_tiff(tmp_path / "one.tif", [level0[:1, :300, :200]], ["tumour"], [(1, 2, 3)], 0.5, {})
     np.testing.assert_array_equal(read_probs(tmp_path / "one.tif"), interleaved[..., :1])
+    np.testing.assert_array_equal(read_probs(tmp_path / "one.tif", 0, (3, 4, 5, 6)), interleaved[4:10, 3:8, :1])
     # classes under other names than SegPath's get distinct colours (channels and annotations told apart)
     from hirespath.segmentation.consumer import class_colors
 

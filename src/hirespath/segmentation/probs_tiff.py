@@ -115,11 +115,29 @@ def read_description(path: Path) -> dict:
         return json.loads(tif.pages[0].description)
 
 
-def read_probs(path: Path, level: int = 0) -> np.ndarray:
-    """Pyramid level ``level`` of a probability TIFF as H×W×C uint8 (class c as in ``classes``)."""
+def read_probs(path: Path, level: int = 0, region: Sequence[int] | None = None) -> np.ndarray:
+    """Pyramid level ``level`` of a probability TIFF as H×W×C uint8 (class c as in ``classes``).
+
+    ``region``: (x, y, width, height) in px of that level: only the tiles it touches are read (a map too large
+    for memory, or the part under one annotation); it must lie inside the level."""
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        arr = series.levels[level].asarray()
+        if not 0 <= level < len(series.levels):
+            raise ValueError(f"{path}: level {level} does not exist; the map has levels 0 to {len(series.levels) - 1}")
+        page = series.levels[level]
+        if region is None:
+            arr = page.asarray()
+        else:
+            H, W = page.shape[page.axes.index("Y")], page.shape[page.axes.index("X")]
+            x, y, w, h = (int(v) for v in region)
+            if not (0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= W and y + h <= H):
+                raise ValueError(f"{path}: region {tuple(region)} (x, y, width, height) is not inside level {level}, "
+                                 f"{W}×{H} px")  # fmt: skip
+            import zarr  # tiffslide's dependency: reads only the tiles a slice touches
+
+            cut = tuple({"Y": slice(y, y + h), "X": slice(x, x + w)}.get(a, slice(None)) for a in series.axes)
+            with series.aszarr(level=level) as store:
+                arr = np.asarray(zarr.open_array(store, mode="r")[cut])
         if series.axes == "YX":  # a one-class map: tifffile drops the length-1 channel axis
             return arr[..., None]
         return np.moveaxis(arr, 0, -1) if series.axes.startswith("C") else arr
