@@ -74,6 +74,36 @@ def test_tile_batches_are_bounded_and_ordered(slides):
         next(tile_batches(ds, 4, reader="processes"))
 
 
+def test_a_png_is_decoded_once_for_all_reader_threads(tmp_path, monkeypatch):
+    """PIL decodes a PNG/JPEG whole: reader threads share one decoded image (not one decode each), with the same
+    tiles as reading them in the calling thread; a corrupt one is refused by name before any batch."""
+    from PIL import Image
+
+    from hirespath.wsi import tile_readers
+    from hirespath.wsi.reader import SlideError
+
+    Image.fromarray(synthetic_image(700, 500)).save(tmp_path / "region.png")
+    grid = tile_grid(tmp_path / "region.png", 112, 0.5, 0, 0.0, keep_images=False, mpp=0.5)
+    opened = []
+    real_open = tile_readers.open_slide
+    monkeypatch.setattr(tile_readers, "open_slide", lambda path: opened.append(path) or real_open(path))
+
+    def tiles(workers: int) -> torch.Tensor:
+        ds = SlideTileDataset(tmp_path / "region.png", grid.coords, grid.patch_size_level0, 112, level=0)
+        try:
+            return torch.cat([b["image"] for b in tile_batches(ds, 2, reader="threads", num_workers=workers)])
+        finally:
+            ds.close()
+
+    threaded = tiles(3)
+    assert len(opened) == 1 and len(threaded) == len(grid.coords) > 6
+    assert torch.equal(threaded, tiles(0))
+    (tmp_path / "cut.png").write_bytes((tmp_path / "region.png").read_bytes()[:5000])
+    ds = SlideTileDataset(tmp_path / "cut.png", grid.coords, grid.patch_size_level0, 112, level=0)
+    with pytest.raises(SlideError, match="cannot read cut.png"):
+        next(tile_batches(ds, 2, reader="threads", num_workers=3))
+
+
 def test_thread_policy_never_exceeds_the_cores():
     for cores in (1, 2, 8, 64):
         for readers in range(0, 10):

@@ -20,8 +20,9 @@ log = logging.getLogger("hirespath.wsi")
 # 4.0002×, 16.001×…): reading the next finer level instead would cost 4–16× the pixels for no detail
 LEVEL_TOLERANCE = 0.01
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif")
-# plain images (a region exported as PNG/JPEG): one level, decoded whole by PIL (OpenSlide's ImageSlide); they
-# carry no mpp, so a slides= CSV gives it (or data.default_mpp)
+# plain images (a region exported as PNG/JPEG): one level, decoded whole by PIL (OpenSlide's ImageSlide; once for
+# all reader threads, tile_readers.SlideTileDataset.decode_once); they carry no mpp, so a slides= CSV gives it (or
+# data.default_mpp)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 READABLE = ("whole-slide images that OpenSlide or tiffslide open (svs, tif/tiff, ndpi, mrxs, scn, vms, bif, ...) "
             "and PNG/JPEG images")  # fmt: skip

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .reader import best_level, open_slide, read_tile_region, resize_tile
+from .reader import IMAGE_SUFFIXES, best_level, open_slide, read_tile_region, resize_tile
 
 
 class SlideTileDataset(Dataset):
@@ -73,6 +73,16 @@ class SlideTileDataset(Dataset):
             tile = tile.permute(2, 0, 1).contiguous()
         return {"image": tile, "index": int(i), "read_s": t1 - t0, "resize_s": t2 - t1}
 
+    def decode_once(self) -> bool:
+        """A plain image (PNG/JPEG: one level, which PIL decodes whole on the first read): decode it now, in this
+        thread, so that reader threads share this handle instead of each decoding the image again (regions of a
+        decoded image are read without changing it; PIL's lazy first decode is not safe from two threads).
+        False for a slide read region by region: each reader thread opens its own handle."""
+        if self.path.suffix.lower() not in IMAGE_SUFFIXES:
+            return False
+        read_tile_region(self._open(), 0, 0, 1, 0)  # a corrupt image raises its SlideError here
+        return True
+
     def close(self) -> None:
         if self._slide is not None and self._pid == os.getpid():
             self._slide.close()
@@ -111,7 +121,8 @@ def tile_batches(
     batches waiting, so memory stays bounded; never the whole slide).
 
     ``reader="threads"``: a pool of ``num_workers`` threads, each with its own slide handle (OpenSlide's reads and
-    PIL's decoding/resizing release the GIL, and no process is started per slide); ``"workers"``: DataLoader worker
+    PIL's decoding/resizing release the GIL, and no process is started per slide), sharing one for a PNG/JPEG
+    (decoded once); ``"workers"``: DataLoader worker
     processes; ``num_workers=0``: read in the calling thread. Yields ``{"image": uint8 B×C×H×W (pinned when
     pin_memory), "index", "read_s", "resize_s"}`` (the last two: seconds the readers spent per tile).
     """
@@ -133,8 +144,11 @@ def tile_batches(
         yield from loader
         return
     local, clones = threading.local(), []
+    shared = dataset.decode_once()  # a PNG/JPEG: decoded once for every thread, not once per thread
 
     def read(i: int) -> dict:
+        if shared:
+            return dataset[i]
         if not hasattr(local, "ds"):  # one slide handle per thread (tiffslide handles are not thread-safe)
             local.ds = copy.copy(dataset)
             clones.append(local.ds)
