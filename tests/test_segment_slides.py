@@ -312,6 +312,21 @@ def test_probability_map_covers_the_region_qupath_shows(done, ckpt, wsi, tmp_pat
         assert overlay.ndim == 3 and overlay.shape[0] > 100
 
 
+def test_closing_steps_are_timed_and_said_for_large_maps(done, ckpt, wsi, tmp_path, monkeypatch, caplog):
+    """Each slide's closing steps are in its summary entry; a large map's are logged as they end (minutes after the
+    last tile would otherwise pass without a word)."""
+    from hirespath.segmentation import consumer
+
+    steps = ["map", "pyramid", "probability TIFF", "polygons"]
+    assert list(done[1]["done"][0]["closing_seconds"]) == steps
+    monkeypatch.setattr(consumer, "SAY_CLOSING_PX", 1)  # this slide's 250 × 350 px map counts as large
+    with caplog.at_level("INFO", logger="hirespath.segmentation"):
+        run(ckpt, wsi, tmp_path / "job", seam_check=False)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("s0: ")]
+    assert said[0] == f"s0: closing its {len(CELL_TYPES)} × 250 × 350 px probability map"
+    assert [m.split(" in ")[0] for m in said[1:]] == [f"s0: {s}" for s in steps]
+
+
 def test_rerun_skips_finished_slides(done, ckpt, wsi):
     job, first = done
     geo = Path(first["output_dir"]) / "s0.geojson"

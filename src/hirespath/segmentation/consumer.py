@@ -44,6 +44,9 @@ AREAS = "areas.csv"
 AREA_COLUMNS = ["slide", "class", "area_mm2", "tissue_mm2", "fraction_of_tissue"]
 SEAMS = "seams.csv"
 SEAM_COLUMNS = ["slide", "window_x", "window_y", "window_level0_px", "blend", "mean_dice", "mean_abs_diff"]
+# a slide's map at least this large (px per class) says each closing step as it ends: at 0.22 µm/px a resection's
+# map is thousands of megapixels, and its pyramid, TIFF and polygons take minutes after the last tile
+SAY_CLOSING_PX = 256 << 20
 # one fixed colour per SegPath cell type (QuPath shows the class in it)
 CLASS_COLORS = {
     "panCK_Epithelium": (220, 50, 50),
@@ -154,6 +157,24 @@ class MapGeometry:
         return round(x * self.scale) - self.offset[0], round(y * self.scale) - self.offset[1]
 
 
+class ClosingSteps:
+    """``step(name)`` after each step of closing a slide: its seconds go into ``seconds[name]`` (the slide's
+    ``closing_seconds`` in summary.json); for a large map each step is also logged as it ends, since its pyramid,
+    TIFF and polygons can take minutes after the last tile."""
+
+    def __init__(self, slide_id: str, shape: tuple[int, int, int]):
+        self.slide_id, self.seconds = slide_id, {}
+        self.say = log.info if shape[1] * shape[2] >= SAY_CLOSING_PX else log.debug
+        self.say("%s: closing its %d × %d × %d px probability map", slide_id, *shape)
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 3)
+        self.last = now
+        self.say("%s: %s in %.1f s", self.slide_id, name, self.seconds[name])
+
+
 class SegmentationSink:
     """One slide: tiles blended into the on-disk map; on close the TIFF, then the GeoJSON (atomically)."""
 
@@ -192,9 +213,12 @@ class SegmentationSink:
         if not self.tiles:
             self.abort()
             raise SlideError("no tile could be segmented (see the tiles listed in skipped.csv)")
+        step = ClosingSteps(self.spec.slide_id, (len(self.c.classes), *self.shape))
         c, probs = self.c, self.stitcher.finalize()
         c.tiles_segmented += self.tiles
+        step("map")
         self.levels = pyramid(probs, self.path.parent / self.prefix)
+        step("pyramid")
         g = self.grid
         extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.scale, "level0_size": list(g.level0_size),
                  "level0_origin": list(self.map.level0_origin), "model": c.tag,
@@ -203,7 +227,9 @@ class SegmentationSink:
         write_probs_tiff(
             tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map_mpp, extra, name=self.spec.slide_id
         )
+        step("probability TIFF")
         features, areas, outline_mm2 = self._features(probs)
+        step("polygons")
         seams = self._seams(probs) if c.options.seam_check else None
         encode_s = seams["seconds"] if seams else 0.0  # the window's forward is the model's time, not writing
         os.replace(tif_tmp, c.probs_path(self.path))
@@ -213,7 +239,8 @@ class SegmentationSink:
         self._remove_levels()
         return {"tiles": self.tiles, "map_shape": list(self.shape), "map_mpp": self.map_mpp,
                 "qupath_origin": self.origin, "areas_mm2": areas, "tissue_outline_mm2": outline_mm2,
-                "small_probs": small, "seams": seams, "encode_seconds": encode_s}  # fmt: skip
+                "small_probs": small, "seams": seams, "encode_seconds": encode_s,
+                "closing_seconds": step.seconds}  # fmt: skip
 
     def _seams(self, probs: np.ndarray) -> dict | None:
         """The seam measure on this slide: one tile-sized window where four of its tiles overlap, predicted in one
