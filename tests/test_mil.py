@@ -15,7 +15,7 @@ from hirespath.data.mil import MILDataModule, collate_bags, panda_slide_labels, 
 from hirespath.heads.mil import ABMIL, MeanPool, create_mil_head
 from hirespath.metrics.classification import classification_metrics
 from hirespath.modules.mil import MONITOR_MODES, MILModule, read_attention, write_mil_outputs
-from hirespath.viz.mil import attention_heatmap, attention_heatmaps
+from hirespath.viz.mil import attention_heatmap, attention_heatmaps, tile_overlay
 from hirespath.wsi.trident_h5 import inspect_features, read_features
 
 DIM = 16
@@ -460,6 +460,39 @@ def test_heatmap_over_slide_thumbnail_and_plain_canvas(tmp_path):
     assert (np.abs(b.astype(int) - 255).sum(2) > 60).mean() > 0.2  # the tiles are coloured
     with pytest.raises(ValueError, match="no tile coords"):
         attention_heatmap(np.full((3, 2), -1), np.ones(3) / 3, tmp_path / "x.png")
+
+
+def test_heatmap_of_a_slide_qupath_crops_shows_its_scanned_region(tmp_path, monkeypatch):
+    """A MIRAX/SCN slide's canvas can be several times its scanned region: the heatmap's background is the region
+    QuPath shows (so the tissue fills the picture), the tiles drawn where they lie in it; a tile that starts before
+    the region is drawn from its edge (a negative start had sliced from the far end: nothing drawn)."""
+    from hirespath.data.panda_synthetic import make_synthetic_panda
+    from hirespath.viz import mil as viz
+    from hirespath.viz.mil import token_overlay
+
+    root = make_synthetic_panda(tmp_path / "panda", num_slides=1, size=(384, 512), seed=0)
+    slide = next((root / "train_images").glob("*.tiff"))
+    whole, region = viz._thumbnail(slide, 256)
+    assert region == (0, 0, 512, 384) and whole.shape[:2] == (192, 256)
+    crop = (128, 64, 256, 256)
+    monkeypatch.setattr(viz.qupath, "image_region", lambda s: crop)
+    image, region = viz._thumbnail(slide, 256)
+    assert region == crop and image.shape[:2] == (256, 256)  # the region at level 0: 256 px, the long side
+    shown = whole[32:160, 64:192].astype(float)  # the same region in the whole slide's thumbnail (2× smaller)
+    halved = image.reshape(128, 2, 128, 2, 3).mean((1, 3))
+    assert np.abs(halved - shown).mean() < 6
+    # tiles at level-0 (0, 0) and (128, 64), 128 px: in the crop's pixels (-128, -64) is outside, (0, 0) its corner
+    coords = np.array([[0, 0], [128, 64]]) - np.array(crop[:2])
+    overlay = tile_overlay(coords, np.array([0.2, 0.9]), (256, 256), 1.0, 1.0, 128)
+    assert np.isnan(overlay[128:, :]).all() and np.isnan(overlay[:, 128:]).all()  # nothing wrapped to the far edges
+    assert (overlay[:128, :128] == 0.9).all()
+    straddling = tile_overlay(np.array([[-64, -64]]), np.array([0.7]), (256, 256), 1.0, 1.0, 128)
+    assert (straddling[:64, :64] == 0.7).all() and np.isnan(straddling[64:, :]).all()
+    tokens = token_overlay(np.array([[-64, -64]]), np.arange(4.0).reshape(1, 2, 2), (256, 256), 1.0, 1.0, 128)
+    assert (tokens[:64, :64] == 3).all() and np.isnan(tokens[64:, :]).all()  # only the last patch lies inside
+    png = attention_heatmap(np.array([[128, 64], [256, 192]]), np.array([0.4, 0.6]), tmp_path / "crop.png",
+                            tile_size=128, slide_path=slide)  # fmt: skip
+    assert png.stat().st_size > 0
 
 
 def test_panda_slide_labels_use_the_roi_tasks_split_file(tmp_path):

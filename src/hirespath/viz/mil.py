@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..wsi.reader import SlideError, open_slide
+from ..wsi import qupath
+from ..wsi.reader import SlideError, best_level, open_slide, read_region
 
 log = logging.getLogger("hirespath.viz")
 
@@ -69,8 +70,9 @@ def tile_overlay(coords: np.ndarray, values: np.ndarray, shape: tuple[int, int],
     and NaN where no tile lies; where tiles overlap the larger value shows."""
     overlay = np.full(shape, np.nan)
     for (x, y), v in zip(coords, values):
-        x0, y0 = int(x * sx), int(y * sy)
+        x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
         x1, y1 = max(x0 + 1, int(round((x + tile) * sx))), max(y0 + 1, int(round((y + tile) * sy)))
+        x0, y0 = max(x0, 0), max(y0, 0)  # a tile that starts before the image (its crop) is drawn from its edge
         overlay[y0:y1, x0:x1] = np.fmax(overlay[y0:y1, x0:x1], v)
     return overlay
 
@@ -90,28 +92,36 @@ def token_overlay(coords: np.ndarray, values: np.ndarray, shape: tuple[int, int]
     overlay = np.full(shape, np.nan)
     rows, cols = values.shape[1:]
     for (x, y), v in zip(coords, values):
-        x0, y0 = int(x * sx), int(y * sy)
+        x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
         x1, y1 = max(x0 + 1, int(round((x + tile) * sx))), max(y0 + 1, int(round((y + tile) * sy)))
-        region = overlay[y0:y1, x0:x1]
+        top, left = max(y0, 0), max(x0, 0)  # the part inside the image (a tile may start before its crop)
+        region = overlay[top:y1, left:x1]
         if region.size == 0:
             continue
-        ri = np.arange(region.shape[0]) * rows // (y1 - y0)
-        ci = np.arange(region.shape[1]) * cols // (x1 - x0)
+        ri = (np.arange(region.shape[0]) + top - y0) * rows // (y1 - y0)
+        ci = (np.arange(region.shape[1]) + left - x0) * cols // (x1 - x0)
         region[:] = np.fmax(region, v[ri[:, None], ci[None, :]])
     return overlay
 
 
 def _thumbnail(slide_path, max_side: int):
-    """(RGB array, level-0 width, level-0 height) of the slide, or None when it cannot be read."""
+    """(RGB array, (x, y, width, height): the level-0 region it shows) of the image QuPath shows of the slide (the
+    whole slide, or the scanned region of a MIRAX or SCN slide, whose canvas can be several times larger and
+    empty), or None when it cannot be read."""
     try:
         slide = open_slide(slide_path)
     except SlideError as err:
         log.warning("heatmap without thumbnail: %s", err)
         return None
     try:
-        w0, h0 = slide.dimensions
-        thumb = np.asarray(slide.get_thumbnail((max_side, max_side)).convert("RGB"))
-        return thumb, w0, h0
+        region = x, y, w, h = qupath.image_region(slide)
+        if (w, h) == tuple(slide.dimensions):
+            return np.asarray(slide.get_thumbnail((max_side, max_side)).convert("RGB")), region
+        level = best_level(slide.level_downsamples, max(w, h) / max_side)
+        d = float(slide.level_downsamples[level])
+        thumb = read_region(slide, (x, y), level, (max(1, round(w / d)), max(1, round(h / d))))
+        thumb.thumbnail((max_side, max_side))
+        return np.asarray(thumb.convert("RGB")), region
     except Exception as err:  # noqa: BLE001 — corrupt slides surface as many exception types
         log.warning("heatmap without thumbnail: cannot read %s: %s", Path(slide_path).name, err)
         return None
@@ -146,7 +156,8 @@ def attention_heatmap(
     tile = int(tile_size or infer_tile_size(coords) or 1)
     thumb = _thumbnail(slide_path, max_side) if slide_path is not None else None
     if thumb is not None:
-        image, w0, h0 = thumb
+        image, (ox, oy, w0, h0) = thumb
+        coords = coords - np.array([ox, oy])  # QuPath's image of the slide starts there
     else:
         w0, h0 = int(coords[:, 0].max()) + tile, int(coords[:, 1].max()) + tile
         s = max_side / max(w0, h0)
