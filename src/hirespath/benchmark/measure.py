@@ -47,6 +47,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def device_name(device: torch.device | str) -> str:
+    """``cpu``, or the GPU's name: the CSV column that says which card gave the numbers."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     if dtype == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
@@ -226,9 +232,7 @@ class Benchmark:
 
     @property
     def device_name(self) -> str:
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_name(self.device)
-        return "cpu"
+        return device_name(self.device)
 
     def fits(self, cfg: BenchConfig, resolution: int) -> bool:
         return self.measure(cfg, resolution)["status"] == "ok"

@@ -31,6 +31,7 @@ from ..segmentation.model import SEGPATH_TILE_PX, SegmentationCheckpoint, load_s
 from ..segmentation.seams import seam_measure
 from ..utils.errors import InputError
 from ..utils.io import atomic_path
+from .measure import device_name
 from .plots import plot_segmentation
 
 log = logging.getLogger("hirespath.segmentation")
@@ -94,7 +95,7 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
         seams = {} if region is None else seam_measure(seg.model, seg.class_index, seg.classes, region, tile, overlap,
                                                        float(b.threshold))  # fmt: skip
         rows.append({
-            "model": seg.tag, "device": _device_name(s["device"]),
+            "model": seg.tag, "device": device_name(s["device"]),
             "tile_size": tile, "overlap": overlap, "attention": enc.attention, "window": enc.window,
             "tiles": s["tiles"], "tissue_mm2": s["tissue_mm2"], "seconds": seconds,
             "mm2_per_s": s["tissue_mm2"] / seconds, "encode_s": s["stage_seconds"]["encode"],
@@ -132,12 +133,6 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
     log.info("whole-slide segmentation of %s (model %s):\n%s", slide, seg.tag, table.to_string(index=False))
     return {"csv": str(path), "plot": str(png), "rows": rows, "summary": table.to_string(index=False),
             "tables": [str(path)], "plots": [str(png)]}  # fmt: skip
-
-
-def _device_name(device: str) -> str:
-    """``cpu``, or the GPU's name (a CSV that travels needs to say which card gave its numbers)."""
-    d = torch.device(device)
-    return torch.cuda.get_device_name(d) if d.type == "cuda" else d.type
 
 
 def _region(handle, side: int, mpp: float) -> np.ndarray:

@@ -183,10 +183,9 @@ class SegmentationSink:
         self.region = prepared.qupath_region  # QuPath's image of the slide: the whole slide, or its crop
         self.origin = self.region[:2]
         self.map = MapGeometry.of(self.grid, self.region)
-        self.scale, self.shape, self.map_mpp = self.map.scale, self.map.shape, self.map.mpp
         self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers
         weights = blend_weights(self.grid.tile_size, self.grid.overlap, consumer.options.blend)
-        self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.shape, len(consumer.classes), weights,
+        self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.map.shape, len(consumer.classes), weights,
                                             positions=[self._map_xy(t) for t in range(len(self.grid))])  # fmt: skip
         self.levels: list = []
         self.tiles = 0
@@ -213,19 +212,19 @@ class SegmentationSink:
         if not self.tiles:
             self.abort()
             raise SlideError("no tile could be segmented (see the tiles listed in skipped.csv)")
-        step = ClosingSteps(self.spec.slide_id, (len(self.c.classes), *self.shape))
+        step = ClosingSteps(self.spec.slide_id, (len(self.c.classes), *self.map.shape))
         c, probs = self.c, self.stitcher.finalize()
         c.tiles_segmented += self.tiles
         step("map")
         self.levels = pyramid(probs, self.path.parent / self.prefix)
         step("pyramid")
         g = self.grid
-        extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.scale, "level0_size": list(g.level0_size),
+        extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.map.scale, "level0_size": list(g.level0_size),
                  "level0_origin": list(self.map.level0_origin), "model": c.tag,
                  "threshold": c.options.threshold}  # fmt: skip
         tif_tmp = self._temp("tif")
         write_probs_tiff(
-            tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map_mpp, extra, name=self.spec.slide_id
+            tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map.mpp, extra, name=self.spec.slide_id
         )
         step("probability TIFF")
         features, areas, outline_mm2 = self._features(probs)
@@ -237,7 +236,7 @@ class SegmentationSink:
         small = np.array(self.levels[-1])
         self.stitcher.cleanup()
         self._remove_levels()
-        return {"tiles": self.tiles, "map_shape": list(self.shape), "map_mpp": self.map_mpp,
+        return {"tiles": self.tiles, "map_shape": list(self.map.shape), "map_mpp": self.map.mpp,
                 "qupath_origin": self.origin, "areas_mm2": areas, "tissue_outline_mm2": outline_mm2,
                 "small_probs": small, "seams": seams, "encode_seconds": encode_s,
                 "closing_seconds": step.seconds}  # fmt: skip
@@ -263,7 +262,7 @@ class SegmentationSink:
         one = to_uint8(np.asarray(out[0], np.float32))  # quantised as the stitched map is
         mx, my = self.map.to_map(*where[:2])  # the window's part on the map (all of it unless QuPath crops)
         x0, y0 = max(mx, 0), max(my, 0)
-        x1, y1 = min(mx + g.tile_size, self.shape[1]), min(my + g.tile_size, self.shape[0])
+        x1, y1 = min(mx + g.tile_size, self.map.shape[1]), min(my + g.tile_size, self.map.shape[0])
         if x1 <= x0 or y1 <= y0:
             return None
         measure = compare(np.asarray(probs[:, y0:y1, x0:x1]), one[:, y0 - my : y1 - my, x0 - mx : x1 - mx],
@@ -277,7 +276,7 @@ class SegmentationSink:
         import shapely
         from shapely import affinity
 
-        c, level0 = self.c, 1 / self.scale
+        c, level0 = self.c, 1 / self.map.scale
         ox, oy = self.map.level0_origin
         cut = c.options.threshold * 255
         x, y, w, h = self.region  # nothing predicted outside QuPath's image of the slide is shown
@@ -285,11 +284,11 @@ class SegmentationSink:
         if c.options.within_tissue and (outline := tissue_outline(self.grid)) is not None:
             slide_box = slide_box.intersection(outline)
             outline_mm2 = float(slide_box.area) * self.grid.slide_mpp**2 / 1e6
-        min_px = c.options.min_area_um2 / self.map_mpp**2
+        min_px = c.options.min_area_um2 / self.map.mpp**2
         features, areas = [], {}
         # rows traced at once: the map is read once for every class, ≤ 128 MB a band (×4 px at 2× resolution)
-        band = int(np.clip((1 << 27) // (self.shape[1] * len(c.classes)), 64, 1024))
-        geoms = masks_polygons(lambda y0, y1: probs[:, y0:y1] > cut, self.shape[0], len(c.classes), band=band,
+        band = int(np.clip((1 << 27) // (self.map.shape[1] * len(c.classes)), 64, 1024))
+        geoms = masks_polygons(lambda y0, y1: probs[:, y0:y1] > cut, self.map.shape[0], len(c.classes), band=band,
                                min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
         for name, color, geom in zip(c.classes, class_colors(c.classes), geoms):
             area_um2 = 0.0

@@ -65,13 +65,19 @@ def _scaled(attention: np.ndarray, scale: str) -> np.ndarray:
     return (a - a.min()) / (a.max() - a.min())
 
 
+def _footprint(x: float, y: float, sx: float, sy: float, tile: float) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the image px a tile at level-0 (x, y) covers, at least one px; x0 and y0 may be negative
+    (a tile starting before the image, i.e. before QuPath's crop of the slide)."""
+    x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
+    return x0, y0, max(x0 + 1, int(round((x + tile) * sx))), max(y0 + 1, int(round((y + tile) * sy)))
+
+
 def tile_overlay(coords: np.ndarray, values: np.ndarray, shape: tuple[int, int], sx: float, sy: float, tile: int):
     """An H×W array (``shape``) with each tile's value over its footprint (level-0 coords scaled by ``sx``, ``sy``)
     and NaN where no tile lies; where tiles overlap the larger value shows."""
     overlay = np.full(shape, np.nan)
     for (x, y), v in zip(coords, values):
-        x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
-        x1, y1 = max(x0 + 1, int(round((x + tile) * sx))), max(y0 + 1, int(round((y + tile) * sy)))
+        x0, y0, x1, y1 = _footprint(x, y, sx, sy, tile)
         x0, y0 = max(x0, 0), max(y0, 0)  # a tile that starts before the image (its crop) is drawn from its edge
         overlay[y0:y1, x0:x1] = np.fmax(overlay[y0:y1, x0:x1], v)
     return overlay
@@ -92,8 +98,7 @@ def token_overlay(coords: np.ndarray, values: np.ndarray, shape: tuple[int, int]
     overlay = np.full(shape, np.nan)
     rows, cols = values.shape[1:]
     for (x, y), v in zip(coords, values):
-        x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
-        x1, y1 = max(x0 + 1, int(round((x + tile) * sx))), max(y0 + 1, int(round((y + tile) * sy)))
+        x0, y0, x1, y1 = _footprint(x, y, sx, sy, tile)
         top, left = max(y0, 0), max(x0, 0)  # the part inside the image (a tile may start before its crop)
         region = overlay[top:y1, left:x1]
         if region.size == 0:
