@@ -256,41 +256,88 @@ def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):
     assert [w["seams"]["slides"] for w in on_disk["workers"].values()] == [1]
 
 
-def test_geojson_is_in_qupaths_coordinates_of_a_slide_cropped_to_its_bounds(done, ckpt, wsi, tmp_path, monkeypatch):
+def test_geojson_is_in_qupaths_coordinates_of_a_slide_cropped_to_its_bounds(unclipped, ckpt, wsi, tmp_path,
+                                                                              monkeypatch):  # fmt: skip
     """A slide QuPath shows cropped to its bounds (qupath.image_region, tested in test_qupath.py): the same polygons
-    (within the simplification), cut to the crop and moved by its corner, with tissue clipping on or off; the corner
-    is in the slide's summary entry."""
+    (within the simplification), cut to the crop and moved by its corner; the corner is in the slide's summary
+    entry. Unclipped by the tissue: tissue is found on the crop itself, so its outline is the crop's own (the Leica
+    SCN test below compares it with the same scan as a plain TIFF)."""
     from shapely import affinity
 
-    crop = (40, 20, 600, 450)  # the generated slide is 700 × 500 px, its tissue from x = 200 to the right edge
+    # the generated slide is 700 × 500 px, its tissue from x = 200 to the right edge and a fragment at (40, 400):
+    # the crop holds all of it, so the same tiles cover it
+    crop = (40, 20, 660, 480)
     monkeypatch.setattr(qupath, "image_region", lambda slide: crop)
-    summary = run(ckpt, wsi, tmp_path / "job", seam_check=False)
-    assert summary["done"][0]["qupath_origin"] == (40, 20) and done[1]["done"][0]["qupath_origin"] == (0, 0)
+    summary = run(ckpt, wsi, tmp_path / "job", seam_check=False, within_tissue=False)
+    assert summary["done"][0]["tiles"] == unclipped[1]["done"][0]["tiles"]
+    assert summary["done"][0]["qupath_origin"] == (40, 20) and unclipped[1]["done"][0]["qupath_origin"] == (0, 0)
     moved = dict(
         (p["classification"]["name"], g) for g, p in qupath.read_geojson(Path(summary["output_dir"]) / "s0.geojson")
     )
     plain = dict(
-        (p["classification"]["name"], g) for g, p in qupath.read_geojson(Path(done[1]["output_dir"]) / "s0.geojson")
+        (p["classification"]["name"], g)
+        for g, p in qupath.read_geojson(Path(unclipped[1]["output_dir"]) / "s0.geojson")
     )
     inside = shapely.box(crop[0], crop[1], crop[0] + crop[2], crop[1] + crop[3])
     assert moved.keys() == plain.keys() and any(not inside.contains(g) for g in plain.values())
     for name, g in plain.items():
-        want = affinity.translate(g.intersection(inside), -40, -20)
+        want = affinity.translate(qupath.polygonal(g.intersection(inside)), -40, -20)  # its polygons
         # the map covers the crop only (test below), so a ring that crosses the crop's edge is traced cut there and
         # its simplification (1 map px = 2 slide px here) may pick other vertices: equal within twice that
         assert moved[name].hausdorff_distance(want) <= 4.0
         assert moved[name].symmetric_difference(want).area <= 0.01 * max(want.area, 1)
-    # predictions on glass (segment.within_tissue=false) stay inside QuPath's image too, not at negative coordinates
-    unclipped = run(ckpt, wsi, tmp_path / "job2", seam_check=False, within_tissue=False)
-    for g, _ in qupath.read_geojson(Path(unclipped["output_dir"]) / "s0.geojson"):
-        assert shapely.box(0, 0, crop[2], crop[3]).buffer(1e-6).contains(g)
+        # predictions on glass stay inside QuPath's image too, not at negative coordinates
+        assert shapely.box(0, 0, crop[2], crop[3]).buffer(1e-6).contains(moved[name])
+
+
+def test_a_leica_scn_segments_as_its_scanned_region_alone(ckpt, tmp_path):
+    """A Leica SCN (written as the scanner writes it, read by OpenSlide's own driver): the slide is the whole glass,
+    the scan a region of it (openslide.bounds-*), which QuPath shows. Tissue is found on that region, so the slide
+    gives exactly what the same scan saved as a plain TIFF gives, in QuPath's coordinates: tiles, polygons, areas,
+    probability map and overlay. On a thumbnail of the glass (the code before) the tissue was seen 2× coarser and
+    its outline smoothed by the glass's size: the small fragment fell out of the polygons and their clip grew."""
+    import openslide
+    from leica_scn import write_leica_scn
+
+    image = tissue()  # 700 × 500 px at 0.5 µm/px, a 30 px fragment at (40, 400)
+    offset = (12 * 168, 6 * 168)  # on the tiles' stride (168 slide px): the same tiles over the scan
+    (tmp_path / "tiff").mkdir(), (tmp_path / "scn").mkdir()
+    write_pyramid(tmp_path / "tiff" / "s.tiff", image, 0.5, compression="zlib", levels=(1, 4))
+    write_leica_scn(tmp_path / "scn" / "s.scn", image, 0.5, canvas=(8400, 3360), offset=offset, levels=(1, 4))
+    with openslide.OpenSlide(tmp_path / "scn" / "s.scn") as slide:
+        assert slide.properties["openslide.vendor"] == "leica" and slide.dimensions == (8400, 3360)
+        assert qupath.image_region(slide) == (*offset, 700, 500)
+    plain, scn = (run(ckpt, tmp_path / kind, tmp_path / f"job_{kind}", seam_check=False) for kind in ("tiff", "scn"))
+    out_plain, out_scn = Path(plain["output_dir"]), Path(scn["output_dir"])
+    a, b = plain["done"][0], scn["done"][0]
+    assert a["qupath_origin"] == (0, 0) and b["qupath_origin"] == offset
+    assert a["tiles"] == b["tiles"] and a["map_shape"] == b["map_shape"]
+    np.testing.assert_array_equal(read_coords(out_plain.parent / "patches_cover_tissue" / "s_patches.h5")[1] + offset,
+                                  read_coords(out_scn.parent / "patches_cover_tissue" / "s_patches.h5")[1])  # fmt: skip
+    assert b["tissue_outline_mm2"] == pytest.approx(a["tissue_outline_mm2"], rel=1e-12)
+    assert b["areas_mm2"] == pytest.approx(a["areas_mm2"], rel=1e-12)
+    fragment = shapely.box(40, 400, 70, 430)
+    features = {kind: {p["classification"]["name"]: g for g, p in qupath.read_geojson(out / "s.geojson")}
+                for kind, out in (("tiff", out_plain), ("scn", out_scn))}  # fmt: skip
+    assert any(g.intersects(fragment) for g in features["tiff"].values())
+    for name, g in features["tiff"].items():
+        assert g.equals_exact(features["scn"][name], 1e-6), name
+    np.testing.assert_array_equal(read_probs(out_plain / "s_probs.tif"), read_probs(out_scn / "s_probs.tif"))
+    assert read_description(out_scn / "s_probs.tif")["level0_origin"] == list(offset)
+    np.testing.assert_array_equal(np.asarray(Image.open(out_plain / "s_overlay.png")),
+                                  np.asarray(Image.open(out_scn / "s_overlay.png")))  # fmt: skip
 
 
 def test_probability_map_covers_the_region_qupath_shows(done, ckpt, wsi, tmp_path, monkeypatch):
     """A MIRAX or SCN slide's canvas can be several times its scanned region: the map covers QuPath's image of the
     slide only, on the whole slide's pixel grid (the same values as the whole slide's map there), says where it
     starts, and the seam check and the overlay read it there."""
+    from hirespath.segmentation import seams as seams_module
+
     whole = read_probs(Path(done[1]["output_dir"]) / "s0_probs.tif")  # 0.5 µm/px slide, 1 µm/px map: scale 1/2
+    # tissue is found on the crop (its tiles' tissue fractions change where it cuts the tissue): the whole slide's
+    # seam window, to compare the measure there
+    monkeypatch.setattr(seams_module, "seam_window", lambda *args: (420, 84))
     for crop, (ox, oy) in (((40, 20, 600, 450), (20, 10)), ((41, 23, 619, 447), (20, 11))):
         monkeypatch.setattr(qupath, "image_region", lambda slide, crop=crop: crop)
         summary = run(ckpt, wsi, tmp_path / f"job{crop[0]}", seam_check_share=1.0)

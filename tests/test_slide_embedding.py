@@ -735,6 +735,36 @@ def test_png_and_jpeg_images_are_one_level_slides_with_the_csvs_mpp(wsi_dir, enc
     assert reasons["notes"].startswith("cannot read notes.tiff: ") and reasons["notes"].endswith("and PNG/JPEG images)")
 
 
+def test_a_leica_scn_embeds_as_its_scanned_region_in_openslides_coordinates(encoder, tmp_path):
+    """A Leica SCN (as the scanner writes it; OpenSlide's own driver reads it) is the whole glass with the scan at an
+    offset: its features are those of the same scan saved as a plain TIFF, its coords in OpenSlide's level-0 px of
+    the glass (what TRIDENT and CLAM read back), and its thumbnail shows the scan (QuPath's image of the slide), not
+    the glass around it."""
+    import openslide
+    from leica_scn import write_leica_scn
+
+    image, offset = synthetic_image(), (5 * 224, 3 * 224)  # on the tiles' stride: the same tiles over the scan
+    (tmp_path / "tiff").mkdir(), (tmp_path / "scn").mkdir()
+    write_pyramid(tmp_path / "tiff" / "s.tiff", image, 0.5, compression="zlib", levels=(1, 4, 16))
+    write_leica_scn(tmp_path / "scn" / "s.scn", image, 0.5, canvas=(9000, 4000), offset=offset, levels=(1, 4, 16))
+    runs = {kind: embed_slides(encoder, list_slides(tmp_path / kind), tmp_path / f"job_{kind}", tile_size=TILE,
+                               tile_mpp=MPP, num_workers=0) for kind in ("tiff", "scn")}  # fmt: skip
+    plain, scn = (trident_h5.read_features(Path(runs[k]["features_dir"]) / "s.h5") for k in ("tiff", "scn"))
+    assert len(plain["coords"]) == runs["tiff"]["tiles"] > 4
+    np.testing.assert_array_equal(scn["coords"], plain["coords"] + offset)
+    np.testing.assert_array_equal(scn["features"], plain["features"])
+    with openslide.OpenSlide(tmp_path / "scn" / "s.scn") as slide:  # TRIDENT's read of a tile at its coords
+        x, y = scn["coords"][0]
+        tile = np.asarray(slide.read_region((int(x), int(y)), 0, (224, 224)).convert("RGB"))
+    x, y = plain["coords"][0]
+    np.testing.assert_array_equal(tile, image[y : y + 224, x : x + 224])
+    thumbs = [np.asarray(Image.open(Path(runs[k]["features_dir"]).parent / "thumbnails" / "s.png"))
+              for k in ("tiff", "scn")]  # fmt: skip
+    # the same picture; the tiles' squares may move by a fraction of a pixel (this small scan's coarsest level is
+    # 62 × 43 px: 16.13 and 16.28 slide px per pixel, where OpenSlide gives the Leica level one pitch, 16.13)
+    assert thumbs[0].shape == thumbs[1].shape and (thumbs[0] != thumbs[1]).any(-1).mean() < 0.01
+
+
 def test_slide_list_errors_name_the_file(tmp_path):
     from hirespath.utils.errors import InputError
 

@@ -124,7 +124,8 @@ def tissue_outline(grid):
     if geom is None:
         return None
     dx, dy = grid.mask_downsample
-    return affinity.scale(qupath.valid_geometry(geom.buffer(sigma)), dx, dy, origin=(0, 0))
+    level0 = affinity.scale(qupath.valid_geometry(geom.buffer(sigma)), dx, dy, origin=(0, 0))
+    return affinity.translate(level0, *grid.mask_origin)
 
 
 @dataclass(frozen=True)
@@ -419,13 +420,15 @@ class SegmentationConsumer:
 
 
 def _map_part(grid, geometry: MapGeometry) -> np.ndarray:
-    """The part of the slide's thumbnail the probability map covers (the whole thumbnail unless QuPath crops)."""
+    """The part of the slide's thumbnail the probability map covers (about all of it: both show QuPath's image of
+    the slide, the map out to its whole pixels)."""
     th, tw = grid.thumbnail.shape[:2]
-    W0, H0 = grid.level0_size
+    (dx, dy), (mx, my) = grid.mask_downsample, grid.mask_origin
     (x0, y0), (H, W) = geometry.level0_origin, geometry.shape
-    x1, y1 = x0 + W / geometry.scale, y0 + H / geometry.scale
-    cols = slice(round(x0 * tw / W0), max(round(x0 * tw / W0) + 1, min(tw, round(x1 * tw / W0))))
-    rows = slice(round(y0 * th / H0), max(round(y0 * th / H0) + 1, min(th, round(y1 * th / H0))))
+    x0, y0 = (x0 - mx) / dx, (y0 - my) / dy  # thumbnail px
+    x1, y1 = x0 + W / geometry.scale / dx, y0 + H / geometry.scale / dy
+    cols = slice(max(0, round(x0)), max(round(x0) + 1, min(tw, round(x1))))
+    rows = slice(max(0, round(y0)), max(round(y0) + 1, min(th, round(y1))))
     return grid.thumbnail[rows, cols]
 
 

@@ -117,20 +117,20 @@ def prepare_slide(
                 f"({smpp / float(tiling.mpp):.2f}× interpolated)"
             )
             log.warning("%s: %s", spec.slide_id, warnings[-1])
+        region = qupath.image_region(slide)
         patches = patches_path(tiling_dir, tiling, spec.slide_id)
         grid = _grid_from_patches(slide, patches, tiling, smpp) if patches.is_file() else None
         reused = grid is not None
         if grid is None:
             grid = tile_grid(slide, int(tiling.size), float(tiling.mpp), int(tiling.overlap),
                              float(tiling.min_tissue), mpp=smpp, mask_max_side=mask_max_side,
-                             cover_tissue=cover_tissue(tiling))  # fmt: skip
+                             cover_tissue=cover_tissue(tiling), region=region)  # fmt: skip
             attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name)
             attrs["tissue_area_mm2"] = grid.tissue_area_mm2
             trident_h5.write_patches_h5(patches, grid.coords, attrs)
-        elif need_thumbnail:
-            grid.thumbnail, grid.mask_downsample = read_thumbnail(slide, mask_max_side)
-            grid.mask = tissue_mask(grid.thumbnail)
-        region = qupath.image_region(slide)
+        elif need_thumbnail:  # the tissue as tile_grid sees it: on QuPath's image of the slide
+            grid.thumbnail, grid.mask_downsample = read_thumbnail(slide, mask_max_side, region)
+            grid.mask, grid.mask_origin = tissue_mask(grid.thumbnail), region[:2]
     except SlideError:
         raise
     except Exception as err:  # noqa: BLE001

@@ -42,7 +42,8 @@ def save_thumbnail(path: Path, grid, title: str = "") -> Path:
     if outline.any() and not outline.all():
         ax.contour(outline.astype(np.float32), levels=[0.5], colors="lime", linewidths=1.2)
     side_x, side_y = grid.patch_size_level0 / dx, grid.patch_size_level0 / dy
-    rects = [Rectangle((x / dx, y / dy), side_x, side_y) for x, y in grid.coords]
+    ox, oy = grid.mask_origin  # the thumbnail shows QuPath's image of the slide
+    rects = [Rectangle(((x - ox) / dx, (y - oy) / dy), side_x, side_y) for x, y in grid.coords]
     ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor="dodgerblue", linewidth=0.6))
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)

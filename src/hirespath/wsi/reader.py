@@ -219,26 +219,37 @@ def best_level(level_downsamples, downsample: float, tolerance: float = LEVEL_TO
     return max(fits, key=lambda i: level_downsamples[i]) if fits else 0
 
 
-def read_thumbnail(slide, max_side: int = 2048) -> tuple[np.ndarray, tuple[float, float]]:
-    """RGB of the coarsest level (transparent → white), shrunk by an integer factor in strips until its long side
-    is ≤ ``max_side`` (a one-level slide is never read whole). Returns (image, level-0 px per image px in x, y)."""
+def read_thumbnail(
+    slide, max_side: int = 2048, region: tuple[int, int, int, int] | None = None
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """RGB of ``region`` (x, y, width, height in level-0 px; default the whole slide) at the coarsest level
+    (transparent → white), shrunk by an integer factor in strips until its long side is ≤ ``max_side`` (a one-level
+    slide is never read whole). Returns (image, level-0 px per image px in x, y); the image starts at the region's
+    corner."""
+    W, H = slide.dimensions
+    x, y, rw, rh = (0, 0, W, H) if region is None else (int(v) for v in region)
+    whole = (x, y, rw, rh) == (0, 0, W, H)
     level = slide.level_count - 1
-    w, h = slide.level_dimensions[level]
     d = float(slide.level_downsamples[level])
+    w, h = slide.level_dimensions[level]
+    if not whole:  # the region's size at the level, within the level
+        w = max(1, min(round(rw / d), w - round(x / d)))
+        h = max(1, min(round(rh / d), h - round(y / d)))
     f = max(1, math.ceil(max(w, h) / max_side))
     if f == 1:
-        img = np.asarray(read_region(slide, (0, 0), level, (w, h)))
+        img = np.asarray(read_region(slide, (x, y), level, (w, h)))
     else:
         rows_per_strip = f * max(1, (32 << 20) // (4 * w * f))
         out_w = max(1, w // f)
         strips = []
         for y0 in range(0, h, rows_per_strip):
             sh = min(rows_per_strip, h - y0)
-            strip = read_region(slide, (0, round(y0 * d)), level, (w, sh))
+            strip = read_region(slide, (x, y + round(y0 * d)), level, (w, sh))
             strips.append(np.asarray(strip.resize((out_w, max(1, round(sh / f))), Image.BOX)))
         img = np.concatenate(strips, 0)
-    W, H = slide.dimensions
-    return img, (W / img.shape[1], H / img.shape[0])
+    if whole:
+        return img, (W / img.shape[1], H / img.shape[0])
+    return img, (d * w / img.shape[1], d * h / img.shape[0])  # the level's pixel pitch: the region's size rounds
 
 
 # ---------------------------------------------------------------------------------------------------------------

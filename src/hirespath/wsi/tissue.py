@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..utils.errors import InputError
+from . import qupath
 from .reader import SlideError, best_level, level0_mpp, open_slide, read_thumbnail
 
 
@@ -78,6 +79,9 @@ class TileGrid:
     cover_tissue: bool = False  # low-tissue tiles added so that the kept ones hold every tissue pixel
     mask: np.ndarray | None = field(default=None, repr=False)  # tissue mask (bool) on the thumbnail
     mask_downsample: tuple[float, float] = (1.0, 1.0)  # level-0 px per mask px (x, y)
+    # level-0 (x, y) of the mask's top-left: the thumbnail shows QuPath's image of the slide (qupath.image_region),
+    # the whole slide except for slides QuPath crops to their scanned region (MIRAX, Leica SCN)
+    mask_origin: tuple[int, int] = (0, 0)
     thumbnail: np.ndarray | None = field(default=None, repr=False)  # RGB the mask was computed on
 
     def __len__(self) -> int:
@@ -114,15 +118,17 @@ SPECK_SHARE = 0.01
 
 
 def mask_boxes(mask_shape: tuple[int, int], mask_downsample: tuple[float, float], coords: np.ndarray,
-               side0: int) -> np.ndarray:  # fmt: skip
-    """N×5: (y0, y1, x0, x1) of each level-0 square (x, y, side0) on the mask, clipped to it, and its unclipped area
-    in mask px. A grid's neighbouring squares meet or overlap on the mask too, so their boxes cover all of it."""
+               side0: int, origin: tuple[int, int] = (0, 0)) -> np.ndarray:  # fmt: skip
+    """N×5: (y0, y1, x0, x1) of each level-0 square (x, y, side0) on the mask (whose top-left is the level-0
+    ``origin``), clipped to it, and its unclipped area in mask px. A grid's neighbouring squares meet or overlap on
+    the mask too, so their boxes cover all of it."""
     h, w = mask_shape
     dx, dy = mask_downsample
-    x0 = np.round(coords[:, 0] / dx).astype(np.int64)
-    y0 = np.round(coords[:, 1] / dy).astype(np.int64)
-    x1 = np.maximum(x0 + 1, np.round((coords[:, 0] + side0) / dx).astype(np.int64))
-    y1 = np.maximum(y0 + 1, np.round((coords[:, 1] + side0) / dy).astype(np.int64))
+    xs, ys = coords[:, 0] - origin[0], coords[:, 1] - origin[1]
+    x0 = np.round(xs / dx).astype(np.int64)
+    y0 = np.round(ys / dy).astype(np.int64)
+    x1 = np.maximum(x0 + 1, np.round((xs + side0) / dx).astype(np.int64))
+    y1 = np.maximum(y0 + 1, np.round((ys + side0) / dy).astype(np.int64))
     return np.stack([np.clip(y0, 0, h), np.clip(y1, 0, h), np.clip(x0, 0, w), np.clip(x1, 0, w),
                      (x1 - x0) * (y1 - y0)], 1)  # fmt: skip
 
@@ -134,15 +140,17 @@ def _box_sums(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def tissue_fractions(
-    mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray, side0: int
-) -> np.ndarray:
-    """Fraction of each level-0 square (x, y, side0) that is tissue on ``mask``; outside the mask counts as glass."""
-    boxes = mask_boxes(mask.shape, mask_downsample, coords, side0)
+    mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray, side0: int,
+    origin: tuple[int, int] = (0, 0),
+) -> np.ndarray:  # fmt: skip
+    """Fraction of each level-0 square (x, y, side0) that is tissue on ``mask`` (its top-left at the level-0
+    ``origin``); outside the mask counts as glass."""
+    boxes = mask_boxes(mask.shape, mask_downsample, coords, side0, origin)
     return _box_sums(mask, boxes) / boxes[:, 4].astype(np.float64)
 
 
 def covering_tiles(mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray, side0: int,
-                 keep: np.ndarray) -> np.ndarray:  # fmt: skip
+                 keep: np.ndarray, origin: tuple[int, int] = (0, 0)) -> np.ndarray:  # fmt: skip
     """``keep`` and the fewest other tiles (greedy set cover) that together hold every tissue pixel of ``mask``,
     specks aside (pieces of tissue under ``SPECK_SHARE`` of a tile: debris and stray cells, not worth a forward).
 
@@ -152,7 +160,7 @@ def covering_tiles(mask: np.ndarray, mask_downsample: tuple[float, float], coord
     would add (re-counted lazily: a tile's gain only falls), ties in raster order."""
     import cv2
 
-    boxes = mask_boxes(mask.shape, mask_downsample, coords, side0)
+    boxes = mask_boxes(mask.shape, mask_downsample, coords, side0, origin)
     _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     speck = stats[:, cv2.CC_STAT_AREA] < SPECK_SHARE * side0**2 / (mask_downsample[0] * mask_downsample[1])
     left = mask & ~speck[labels]
@@ -188,14 +196,18 @@ def tile_grid(
     mask_max_side: int = 2048,
     keep_images: bool = True,
     cover_tissue: bool = False,
+    region: tuple[int, int, int, int] | None = None,
 ) -> TileGrid:
     """Tissue on the coarsest level, then the regular grid of ``tile_size`` px tiles at ``tile_mpp`` µm/px over the
     whole slide; tiles with tissue fraction ≥ ``min_tissue`` (and > 0) are kept, and with ``cover_tissue`` also the
     fewest others that hold the tissue those miss (:func:`covering_tiles`: segmentation covers every tissue pixel).
 
     ``slide``: an open OpenSlide/TiffSlide or a path. ``mpp`` overrides the slide's level-0 µm/px,
-    ``default_mpp`` is used only when the slide has none. SlideError when there is no mpp, no tissue, or no tile
-    holds enough of it.
+    ``default_mpp`` is used only when the slide has none. Tissue is looked for in ``region`` (x, y, width, height
+    in level-0 px; default QuPath's image of the slide, :func:`~hirespath.wsi.qupath.image_region`): a MIRAX or
+    Leica SCN canvas can be several times its scanned region, and a thumbnail of the canvas would see the tissue
+    coarser and smooth its outline by the canvas's size. The grid still starts at the slide's (0, 0), as
+    TRIDENT's. SlideError when there is no mpp, no tissue, or no tile holds enough of it.
     """
     check_tiling(tile_size, tile_mpp, overlap, min_tissue)
     if isinstance(slide, (str, os.PathLike)):
@@ -212,6 +224,7 @@ def tile_grid(
                 mask_max_side=mask_max_side,
                 keep_images=keep_images,
                 cover_tissue=cover_tissue,
+                region=region,
             )
         finally:
             handle.close()
@@ -222,17 +235,19 @@ def tile_grid(
     stride0 = side0 - round(overlap * ds)
     if stride0 < 1:
         raise SlideError(f"overlap {overlap} px leaves no stride at {smpp:g} µm/px")
-    thumb, mds = read_thumbnail(slide, mask_max_side)
+    region = qupath.image_region(slide) if region is None else region
+    thumb, mds = read_thumbnail(slide, mask_max_side, region)
+    origin = (int(region[0]), int(region[1]))
     mask = tissue_mask(thumb)
     if not mask.any():
         raise SlideError("no tissue detected")
     cols, rows = math.ceil(W / stride0), math.ceil(H / stride0)
     yy, xx = np.meshgrid(np.arange(rows, dtype=np.int64), np.arange(cols, dtype=np.int64), indexing="ij")
     coords = np.stack([xx.ravel() * stride0, yy.ravel() * stride0], 1)
-    frac = tissue_fractions(mask, mds, coords, side0)
+    frac = tissue_fractions(mask, mds, coords, side0, origin)
     keep = (frac >= min_tissue) & (frac > 0)
     if cover_tissue:
-        keep = covering_tiles(mask, mds, coords, side0, keep)
+        keep = covering_tiles(mask, mds, coords, side0, keep, origin)
     if not keep.any():
         raise SlideError(
             f"no tile of {tile_size} px at {tile_mpp:g} µm/px holds ≥ {min_tissue:.0%} tissue "
@@ -257,5 +272,6 @@ def tile_grid(
         tissue_area_mm2=float(mask.sum() * mds[0] * mds[1] * smpp**2 / 1e6),
         mask=mask if keep_images else None,
         mask_downsample=mds,
+        mask_origin=origin,
         thumbnail=thumb if keep_images else None,
     )

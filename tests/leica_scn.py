@@ -1,0 +1,66 @@
+"""A Leica SCN slide as the scanner writes it, small: OpenSlide's ``leica`` driver reads it as it reads a real one.
+
+A BigTIFF whose first directory (the macro image of the whole glass) carries the Leica XML (namespace 2010/10/01):
+the collection is the glass, the main image a scanned region of it at an offset in nm, one TIFF directory per
+pyramid level. OpenSlide shows the whole glass as the slide (``dimensions``) and the region as
+``openslide.bounds-*`` (``openslide.region[0].*``), the glass outside the region transparent; QuPath crops the slide
+to that region. The format as OpenSlide parses it: ``src/openslide-vendor-leica.c``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+NAMESPACE = "http://www.leica-microsystems.com/scn/2010/10/01"
+
+
+def _settings(objective: str) -> str:
+    return (
+        f"<scanSettings><objectiveSettings><objective>{objective}</objective></objectiveSettings>"
+        "<illuminationSettings><numericalAperture>0.7</numericalAperture>"
+        "<illuminationSource>brightfield</illuminationSource></illuminationSettings></scanSettings>"
+    )
+
+
+def write_leica_scn(
+    path: Path,
+    region: np.ndarray,
+    mpp: float,
+    *,
+    canvas: tuple[int, int],
+    offset: tuple[int, int],
+    levels: tuple[int, ...] = (1, 4),
+    tile: int = 256,
+) -> None:
+    """``region`` (H×W×3 uint8, ``mpp`` µm/px) scanned at level-0 ``offset`` (x, y) on a glass of ``canvas``
+    (width, height) level-0 px; levels downsampled by ``levels`` (box filter), zlib-compressed tiles."""
+    h, w = region.shape[:2]
+    nm = mpp * 1000
+    cw, ch = round(canvas[0] * nm), round(canvas[1] * nm)
+    macro = np.full((64, max(1, round(64 * canvas[0] / canvas[1])), 3), 200, np.uint8)
+    dims = "".join(
+        f'<dimension sizeX="{w // d}" sizeY="{h // d}" sizeZ="1" ifd="{i + 1}"/>' for i, d in enumerate(levels)
+    )
+    device = '<device model="Leica SCN400;Leica SCN" version="1.5"/>'
+    xml = (
+        f'<?xml version="1.0"?><scn xmlns="{NAMESPACE}"><collection name="glass" uuid="c" sizeX="{cw}" sizeY="{ch}">'
+        "<barcode>aGlyZXNwYXRo</barcode>"
+        f'<image name="macro" uuid="m">{device}'
+        f'<pixels sizeX="{macro.shape[1]}" sizeY="{macro.shape[0]}">'
+        f'<dimension sizeX="{macro.shape[1]}" sizeY="{macro.shape[0]}" ifd="0"/></pixels>'
+        f'<view sizeX="{cw}" sizeY="{ch}" offsetX="0" offsetY="0"/>{_settings("0.15")}</image>'
+        f'<image name="scan" uuid="s">{device}<pixels sizeX="{w}" sizeY="{h}">{dims}</pixels>'
+        f'<view sizeX="{round(w * nm)}" sizeY="{round(h * nm)}" offsetX="{round(offset[0] * nm)}" '
+        f'offsetY="{round(offset[1] * nm)}" spacingZ="0"/>{_settings("20")}</image>'
+        "</collection></scn>"
+    )
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(macro, tile=(64, 64), photometric="rgb", compression="zlib", description=xml, metadata=None)
+        for d in levels:
+            level = region if d == 1 else np.asarray(Image.fromarray(region).resize((w // d, h // d), Image.BOX))
+            tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", metadata=None,
+                      resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER")  # fmt: skip
