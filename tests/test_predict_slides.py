@@ -278,3 +278,34 @@ def test_bad_heatmap_options_are_refused(trident_run, tmp_path):
         with pytest.raises(InputError, match=match):
             _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={tmp_path}", option)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_leica_scn_is_predicted_in_qupaths_image(trained, one_thread, tmp_path):
+    """A Leica SCN (the glass; its scan a region of it, which QuPath shows): the prediction of the same scan saved as
+    a plain TIFF, and its tile GeoJSON in QuPath's image: tiles moved to the scan's corner and cut at its edges, as
+    the plain slide's are cut at the slide's (before, the SCN's edge tiles ran past QuPath's image onto the glass)."""
+    import openslide
+    from leica_scn import write_leica_scn
+
+    from hirespath.data.panda_synthetic import write_pyramid
+
+    src = sorted((trained["panda"] / "train_images").glob("*.tiff"))[0]
+    with openslide.OpenSlide(src) as slide:
+        mpp = float(slide.properties["openslide.mpp-x"])
+        image = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    attrs, _ = trident_h5.read_coords(next(trained["features"].glob("*.h5")))
+    stride = int(attrs["patch_size_level0"])  # no overlap: the same tiles over the scan
+    offset = (7 * stride, 3 * stride)
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    write_pyramid(wsi / "plain.tiff", image, mpp, compression="zlib", levels=(1, 4))
+    write_leica_scn(wsi / "scan.scn", image, mpp, canvas=(20 * stride, 10 * stride), offset=offset, levels=(1, 4))
+    _, out = _predict(tmp_path, "run", f"ckpt={trained['run']}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'job'}")
+    pred = pd.read_csv(out / "predictions.csv").set_index("slide_id")
+    probs = pred.loc[:, "p0":"p5"].astype(float)
+    np.testing.assert_allclose(probs.loc["scan"], probs.loc["plain"], atol=1e-6)
+    plain, scan = (read_geojson(out / "heatmaps" / f"{s}.geojson") for s in ("plain", "scan"))
+    h, w = image.shape[:2]
+    assert len(plain) == len(scan) == pred.n_tiles["plain"] and any(g.bounds[2] == w for g, _ in plain)
+    for (a, _), (b, _) in zip(plain, scan):
+        assert b.equals(a) and a.bounds[2] <= w and a.bounds[3] <= h

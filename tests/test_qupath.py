@@ -63,10 +63,10 @@ def test_objects_land_where_qupath_shows_a_slide_cropped_to_its_bounds(tmp_path)
     assert geom.equals(box(952, 800, 1052, 900))
 
 
-def test_predict_slides_tile_geojson_origin_of_a_slide_it_cannot_read(tmp_path, caplog):
-    from hirespath.predict.mil import _qupath_origin
+def test_predict_slides_tile_geojson_region_of_a_slide_it_cannot_read(tmp_path, caplog):
+    from hirespath.predict.mil import _qupath_region
 
     caplog.set_level("WARNING", logger="hirespath.predict_slides")
-    assert _qupath_origin(None) == (0, 0)
-    assert _qupath_origin(tmp_path / "gone.svs") == (0, 0)
+    assert _qupath_region(None, (800, 600)) == (0, 0, 800, 600) and _qupath_region(None, None) is None
+    assert _qupath_region(tmp_path / "gone.svs", (800, 600)) == (0, 0, 800, 600)
     assert "gone.svs: tile GeoJSON in the slide's own level-0 coordinates (missing file" in caplog.text

@@ -288,9 +288,11 @@ def read_token_scores(path, tiles: np.ndarray) -> np.ndarray | None:
         return np.asarray(picked, dtype=np.float64).reshape(len(tiles), rows, cols)
 
 
-def tile_geojson(r: dict, path: Path, num_classes: int, level0_size=None, origin: tuple[int, int] = (0, 0)) -> Path:
-    """The slide's tiles as QuPath detections (level-0 px from QuPath's ``origin``, ``qupath.image_origin``),
-    measurements: attention, its percentile, p0..p{K-1}."""
+def tile_geojson(r: dict, path: Path, num_classes: int, region: tuple[int, int, int, int] | None = None) -> Path:
+    """The slide's tiles as QuPath detections, measurements: attention, its percentile, p0..p{K-1}. ``region``:
+    QuPath's image of the slide (x, y, width, height in level-0 px, ``qupath.image_region``), the tiles cut at its
+    edges and moved to its corner (for a MIRAX or SCN slide, the scanned region; None: the slide's own
+    coordinates, uncut)."""
     from shapely.geometry import box
 
     from ..viz.mil import _scaled, infer_tile_size
@@ -299,7 +301,8 @@ def tile_geojson(r: dict, path: Path, num_classes: int, level0_size=None, origin
     tile = float(r["tile_size"] or infer_tile_size(r["coords"]) or 1)
     rank = _scaled(r["attention"], "percentile")
     probs = {f"p{c}": float(r["probs"][c]) for c in range(num_classes)}
-    bounds = box(0, 0, *level0_size) if level0_size else None
+    bounds = box(region[0], region[1], region[0] + region[2], region[1] + region[3]) if region else None
+    origin = (int(region[0]), int(region[1])) if region else (0, 0)
     feats = []
     for (x, y), a, q in zip(r["coords"], r["attention"], rank):
         geom = box(float(x), float(y), float(x) + tile, float(y) + tile)
@@ -312,18 +315,20 @@ def tile_geojson(r: dict, path: Path, num_classes: int, level0_size=None, origin
     return write_geojson(path, feats)
 
 
-def _qupath_origin(slide_path) -> tuple[int, int]:
-    """Where QuPath's image of the slide starts (``qupath.image_origin``); (0, 0) when the slide cannot be read."""
+def _qupath_region(slide_path, level0_size) -> tuple[int, int, int, int] | None:
+    """QuPath's image of the slide (``qupath.image_region``); when the slide cannot be read, the whole slide as the
+    feature file gives its size (``level0_size``, or None)."""
     from ..wsi import qupath
     from ..wsi.reader import SlideError
 
+    whole = (0, 0, *level0_size) if level0_size else None
     if not slide_path:
-        return 0, 0
+        return whole
     try:
-        return qupath.image_origin(slide_path)
+        return qupath.image_region(slide_path)
     except SlideError as err:
         log.warning("%s: tile GeoJSON in the slide's own level-0 coordinates (%s)", Path(slide_path).name, err)
-        return 0, 0
+        return whole
 
 
 def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, out_dir: Path, num_classes: int, *,
@@ -360,6 +365,6 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
                 token_scores=scores,
             )  # fmt: skip
         )
-        origin = _qupath_origin(slide_paths.get(sid))
-        tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, size, origin)
+        region = _qupath_region(slide_paths.get(sid), size)
+        tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, region)
     return pngs
