@@ -914,6 +914,15 @@ def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     assert (rows.encode_s_per_mpx > 0).all() and rows.px_per_tissue_px.iloc[0] > rows.px_per_tissue_px.iloc[1] > 0.5
     assert rows.seam_dice_linear.iloc[1] == 1 and rows.seam_abs_diff_crop.iloc[1] == 0  # 112 px region: one tile
     assert 0 <= rows.seam_dice_linear.iloc[0] <= 1 and rows.seam_abs_diff_linear.iloc[0] > 0
+    # each entry's segment_slides outputs are removed (a real slide's maps are gigabytes), unless kept
+    assert not list(tmp_path.glob("segment_*"))
+    keep = ["segment_bench.compare=[{tile_size:56,overlap:14}]", "segment_bench.seam_region=0",
+            "segment_bench.keep_outputs=true"]  # fmt: skip
+    run_benchmark(compose_task("benchmark", [*overrides, *keep], tmp_path))
+    (job,) = tmp_path.glob("segment_*")
+    assert job.name == "segment_0_56px_sparse" and len(list(job.rglob("segmentation_random/*.geojson"))) == 1
     # the timed runs leave out the per-slide seam check (segment_bench.seam_check=false): no extra forward
     assert not rows.seam_check.any()
-    assert not any(len(pd.read_csv(f)) for f in tmp_path.rglob("segmentation_random/seams.csv"))
+    (summary,) = job.rglob("segmentation_random/summary.json")
+    (worker,) = json.loads(summary.read_text())["workers"].values()
+    assert worker["done"][0]["seams"] is None and not list(job.rglob("seams.csv"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,13 +80,17 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
         tile, overlap = int(entry["tile_size"]), int(entry.get("overlap", 0))
         tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue),
                                  cover_tissue=True)  # every tissue pixel, as segment_slides tiles  # fmt: skip
-        job = Path(tempfile.mkdtemp(prefix="hirespath_seg_bench_", dir=out_dir))
+        # each entry's own outputs (a rerun in the same folder segments afresh instead of skipping the slide)
+        job = out_dir / f"segment_{len(rows)}_{tile}px_{enc.attention}"
+        shutil.rmtree(job, ignore_errors=True)
         # seam_check=true: the check runs on the benchmark slide whatever its tile count (share 1)
         options = SegmentOptions(threshold=float(b.threshold), seam_check=bool(b.get("seam_check", False)),
                                  seam_check_share=1.0)  # fmt: skip
         s = segment_slides(seg, [slide], job, tiling, cfg.embed, options, runtime)
         if not s["slides_done"]:
             raise InputError(f"the benchmark slide {slide} could not be segmented: {s['skipped']}")
+        if not b.get("keep_outputs", False):  # a real slide's maps are gigabytes at full size
+            shutil.rmtree(job, ignore_errors=True)
         seconds = s["seconds"] - s["stage_seconds"].get("startup", 0.0)
         # speedup = (pixels the model runs per tissue pixel, a) ÷ (b) × (model seconds per megapixel, a) ÷ (b): the
         # first is the overlap and the tissue grid's edges, the second what the model costs per pixel at that size
