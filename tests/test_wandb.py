@@ -118,3 +118,35 @@ def test_sigterm_stops_the_job(tmp_path):
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=60)
     assert rc == 128 + signal.SIGTERM and time.time() - start < 30, proc.stdout.read()[-2000:]
+
+
+def test_an_offline_log_read_while_it_is_written(tmp_path, caplog):
+    """W&B's service writes an offline run's log while `finish` returns: reading it then can meet a last record cut
+    short. It reads as the records before it (not finished yet), never a protobuf DecodeError; the wait for the exit
+    record goes on until it comes (a multirun job crashed at its end on that error)."""
+    import shutil
+
+    import wandb
+
+    from hirespath.utils.wandb import _wait_for_exit_record, read_offline_run
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="p", name="cut")
+    for step in range(3):
+        run.log({"loss": float(step)})
+    run.finish()
+    (whole,) = tmp_path.rglob("offline-run-*/*.wandb")
+    full = read_offline_run(whole.parent)
+    data = whole.read_bytes()
+    assert full["finished"] and full["history_keys"] >= {"loss"}
+    cut_dir = tmp_path / "offline-run-cut"
+    cut_dir.mkdir()
+    finished, cuts = [], range(8, len(data), max(1, len(data) // 97))  # every ~1 %, most inside a record
+    for cut in cuts:
+        (cut_dir / whole.name).write_bytes(data[:cut])
+        finished.append(read_offline_run(cut_dir)["finished"])
+    assert not finished[0] and finished == sorted(finished)  # finished once the exit record is whole, not before
+    (cut_dir / whole.name).write_bytes(data[: cuts[finished.index(True) - 1 if True in finished else -1]])
+    _wait_for_exit_record(cut_dir / whole.name, timeout_s=0.2)  # gives up with a warning, does not raise
+    assert "no exit record" in caplog.text
+    shutil.copy(whole, cut_dir / whole.name)
+    assert read_offline_run(cut_dir)["finished"]

@@ -188,12 +188,14 @@ def _wait_for_exit_record(path: Path, timeout_s: float = 30.0) -> None:
     """``finish`` can return before W&B's service has written the run's last records to an offline log: wait (at
     most ``timeout_s``) until its exit record is on disk, so that what reads the run next (``hirespath report``, a
     sync) sees it whole."""
+    from google.protobuf.message import DecodeError  # wandb's dependency
+
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             if read_offline_run(path.parent)["finished"]:
                 return
-        except (OSError, ValueError):  # not written yet, or a record cut short
+        except (OSError, ValueError, DecodeError):  # not written yet, or a record cut short
             pass
         if time.monotonic() > deadline:
             log.warning("W&B offline run %s: no exit record after %.0f s", path.parent, timeout_s)
@@ -219,6 +221,8 @@ def _records(path: Path):
             continue
         length = int.from_bytes(data[pos + 4 : pos + 6], "little")
         kind = data[pos + 6]
+        if pos + 7 + length > len(data):  # the last record of a log still being written: not on disk whole yet
+            return
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
