@@ -898,7 +898,7 @@ def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     from hirespath.tasks.benchmark import run_benchmark
 
     overrides = ["experiment=segment_speed", "backbone=tiny", "backbone.overrides={init_values:1.0}",
-                 "segment_bench.synthetic_side=224", "segment_bench.seam_region=112", "tile.mpp=1.0",
+                 "segment_bench.synthetic_side=392", "segment_bench.seam_region=112", "tile.mpp=1.0",
                  "segment_bench.head={num_queries:10,hidden_dim:64,decoder_layers:2,pixel_decoder_layers:1}",
                  "segment_bench.compare=[{tile_size:56,overlap:14,attention:dense},"
                  "{tile_size:112,overlap:14,attention:sparse,window:4}]", "embed.num_workers=0"]  # fmt: skip

@@ -222,6 +222,31 @@ def test_tile_grid_follows_tridents_grid_and_keeps_tissue(wsi_dir):
         tile_grid(wsi_dir / "synth.tiff", TILE, MPP, overlap=112)
 
 
+def test_tissue_is_found_at_the_same_resolution_whatever_levels_the_pyramid_has(tmp_path):
+    """Pyramids that halve down to one tile (vips, bfconvert, QuPath's OME-TIFF export) or add scaled levels
+    (OpenSlide's NDPI, down to 1/512) end in a level of a few px: the thumbnail is read at the coarsest level that
+    still holds half of ``mask_max_side`` (the code before read that last level: a 31 px mask here, on which a tile
+    was 7 px and the fragment was lost)."""
+    from hirespath.wsi.reader import read_thumbnail
+
+    img = synthetic_image()  # 1,000 × 700 px
+    img[300:330, 60:90] = img[300:330, 400:430]  # a 30 px fragment
+    write_pyramid(tmp_path / "halving.tiff", img, 0.5, compression="jpeg", levels=(1, 2, 4, 8, 16, 32), tile=64)
+    write_pyramid(tmp_path / "fours.tiff", img, 0.5, compression="jpeg", levels=(1, 4))
+    write_pyramid(tmp_path / "one.tiff", img, 0.5, compression="jpeg", levels=(1,))
+    for name, shape in (("halving", (175, 250)), ("fours", (175, 250)), ("one", (175, 250))):
+        slide = open_slide(tmp_path / f"{name}.tiff")
+        thumb, _ = read_thumbnail(slide, 256)
+        assert thumb.shape[:2] == shape, name  # 128 ≤ long side ≤ 256: level 2 (4×), or level 0 shrunk 4×
+        assert read_thumbnail(slide, 4096)[0].shape[:2] == (700, 1000)  # a slide smaller than that: itself
+        slide.close()
+    halving, fours = (tile_grid(tmp_path / f"{n}.tiff", TILE, MPP, min_tissue=0.25, mask_max_side=256,
+                                cover_tissue=True) for n in ("halving", "fours"))  # fmt: skip
+    np.testing.assert_array_equal(halving.mask, fours.mask)
+    np.testing.assert_array_equal(halving.coords, fours.coords)
+    assert any(x <= 60 and x + 224 >= 90 and y <= 300 and y + 224 >= 330 for x, y in halving.coords)
+
+
 def _uncovered(grid) -> int:
     """Tissue pixels of the grid's mask that no kept tile holds."""
     from hirespath.wsi.tissue import mask_boxes
@@ -241,8 +266,8 @@ def test_cover_tissue_adds_the_fewest_tiles_that_hold_the_tissue_min_tissue_drop
     plain = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5)
     covered = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True)
     touching = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.0)
-    speck = _uncovered(covered)  # its 16 px on the 4× thumbnail's mask: 4×4 mask px, give or take JPEG's edges
-    assert 9 <= speck <= 25 and _uncovered(plain) > speck and covered.cover_tissue and not plain.cover_tissue
+    speck = _uncovered(covered)  # 16 × 16 px (the mask is the whole 1,000 px slide), give or take JPEG's edges
+    assert 14**2 <= speck <= 18**2 and _uncovered(plain) > speck and covered.cover_tissue and not plain.cover_tissue
     assert (0, 0) not in {tuple(c) for c in covered.coords}  # the speck's tile
     kept = {tuple(c) for c in covered.coords}
     assert {tuple(c) for c in plain.coords} < kept <= {tuple(c) for c in touching.coords}

@@ -222,14 +222,19 @@ def best_level(level_downsamples, downsample: float, tolerance: float = LEVEL_TO
 def read_thumbnail(
     slide, max_side: int = 2048, region: tuple[int, int, int, int] | None = None
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """RGB of ``region`` (x, y, width, height in level-0 px; default the whole slide) at the coarsest level
-    (transparent → white), shrunk by an integer factor in strips until its long side is ≤ ``max_side`` (a one-level
-    slide is never read whole). Returns (image, level-0 px per image px in x, y); the image starts at the region's
-    corner."""
+    """RGB of ``region`` (x, y, width, height in level-0 px; default the whole slide), its long side between
+    ``max_side`` / 2 and ``max_side`` (or the slide's own size when it is smaller): read at the coarsest level that
+    still holds ``max_side`` / 2 px (transparent → white) and shrunk by an integer factor in strips (a one-level slide
+    is never read whole). Returns (image, level-0 px per image px in x, y); the image starts at the region's corner.
+
+    Not simply the coarsest level: pyramids that halve down to one tile (vips, bfconvert and QuPath's OME-TIFF
+    export) or add scaled levels (OpenSlide's NDPI: down to 1/512, MIRAX) end in levels of a few hundred px, on
+    which a tile would be a pixel of the tissue mask."""
     W, H = slide.dimensions
     x, y, rw, rh = (0, 0, W, H) if region is None else (int(v) for v in region)
     whole = (x, y, rw, rh) == (0, 0, W, H)
-    level = slide.level_count - 1
+    holds = [i for i, d in enumerate(slide.level_downsamples) if max(rw, rh) / float(d) >= max_side / 2]
+    level = max(holds, key=lambda i: float(slide.level_downsamples[i])) if holds else 0
     d = float(slide.level_downsamples[level])
     w, h = slide.level_dimensions[level]
     if not whole:  # the region's size at the level, within the level
