@@ -285,7 +285,7 @@ def test_a_leica_scn_is_predicted_in_qupaths_image(trained, one_thread, tmp_path
     a plain TIFF, and its tile GeoJSON in QuPath's image: tiles moved to the scan's corner and cut at its edges, as
     the plain slide's are cut at the slide's (before, the SCN's edge tiles ran past QuPath's image onto the glass)."""
     import openslide
-    from leica_scn import write_leica_scn
+    from slide_formats import write_leica_scn
 
     from hirespath.data.panda_synthetic import write_pyramid
 

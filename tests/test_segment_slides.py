@@ -297,7 +297,7 @@ def test_a_leica_scn_segments_as_its_scanned_region_alone(ckpt, tmp_path):
     probability map and overlay. On a thumbnail of the glass (the code before) the tissue was seen 2× coarser and
     its outline smoothed by the glass's size: the small fragment fell out of the polygons and their clip grew."""
     import openslide
-    from leica_scn import write_leica_scn
+    from slide_formats import write_leica_scn
 
     image = tissue()  # 700 × 500 px at 0.5 µm/px, a 30 px fragment at (40, 400)
     offset = (12 * 168, 6 * 168)  # on the tiles' stride (168 slide px): the same tiles over the scan

@@ -247,6 +247,28 @@ def test_tissue_is_found_at_the_same_resolution_whatever_levels_the_pyramid_has(
     assert any(x <= 60 and x + 224 >= 90 and y <= 300 and y + 224 >= 330 for x, y in halving.coords)
 
 
+def test_an_ome_tiff_pyramid_is_read_with_its_levels(encoder, tmp_path):
+    """An OME-TIFF pyramid (bfconvert, QuPath's File → Export → OME-TIFF) keeps its reduced levels in SubIFDs, which
+    OpenSlide does not read: it opened as one level, so tiles were read at full resolution and resized and the
+    thumbnail read from the whole full-resolution image. It opens with its levels (tiffslide) and gives the tiles
+    and features of the same image as a plain pyramid."""
+    from slide_formats import write_ome_pyramid
+
+    img = synthetic_image()
+    (tmp_path / "ome").mkdir(), (tmp_path / "plain").mkdir()
+    write_ome_pyramid(tmp_path / "ome" / "s.ome.tif", img, 0.5, levels=(1, 4))
+    write_pyramid(tmp_path / "plain" / "s.tiff", img, 0.5, compression="zlib", levels=(1, 4))
+    slide = open_slide(tmp_path / "ome" / "s.ome.tif")
+    assert slide.level_count == 2 and slide.dimensions == (1000, 700) and slide.level_downsamples[1] == 4
+    slide.close()
+    runs = [embed_slides(encoder, list_slides(tmp_path / kind), tmp_path / f"job_{kind}", tile_size=TILE,
+                         tile_mpp=2.0, num_workers=0, thumbnails=False) for kind in ("ome", "plain")]  # fmt: skip
+    ome, plain = (trident_h5.read_features(next(Path(r["features_dir"]).glob("*.h5"))) for r in runs)
+    assert len(ome["coords"]) > 2 and ome["coords_attrs"]["level0_mpp"] == pytest.approx(0.5)
+    np.testing.assert_array_equal(ome["coords"], plain["coords"])
+    np.testing.assert_array_equal(ome["features"], plain["features"])  # read at level 1 (4×), as the plain ones
+
+
 def _uncovered(grid) -> int:
     """Tissue pixels of the grid's mask that no kept tile holds."""
     from hirespath.wsi.tissue import mask_boxes
@@ -766,7 +788,7 @@ def test_a_leica_scn_embeds_as_its_scanned_region_in_openslides_coordinates(enco
     the glass (what TRIDENT and CLAM read back), and its thumbnail shows the scan (QuPath's image of the slide), not
     the glass around it."""
     import openslide
-    from leica_scn import write_leica_scn
+    from slide_formats import write_leica_scn
 
     image, offset = synthetic_image(), (5 * 224, 3 * 224)  # on the tiles' stride: the same tiles over the scan
     (tmp_path / "tiff").mkdir(), (tmp_path / "scn").mkdir()

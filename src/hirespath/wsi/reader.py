@@ -104,9 +104,17 @@ def open_slide(path: str | Path):
     try:
         import openslide
 
-        return openslide.OpenSlide(str(path))
+        slide = openslide.OpenSlide(str(path))
     except Exception as err:  # noqa: BLE001 — OpenSlide raises several types for unreadable files
         errors.append(f"openslide: {err}")
+    else:
+        if slide.level_count > 1 or path.suffix.lower() not in TIFF_SUFFIXES:
+            return slide
+        pyramid = _subifd_pyramid(path)
+        if pyramid is None:
+            return slide
+        slide.close()
+        return pyramid
     try:
         import tiffslide
 
@@ -121,6 +129,24 @@ def open_slide(path: str | Path):
         slide.close()
         raise unreadable(path, err) from err
     return slide
+
+
+def _subifd_pyramid(path: Path):
+    """The slide through tiffslide when it sees pyramid levels OpenSlide does not, else None.
+
+    OpenSlide reads a TIFF's chain of image directories only; an OME-TIFF pyramid (bfconvert, QuPath's File → Export
+    → OME-TIFF) keeps its reduced levels in SubIFDs, so OpenSlide shows it as one level: every tile would be read at
+    full resolution and resized, and every thumbnail read from the whole full-resolution image."""
+    try:
+        import tiffslide
+
+        slide = tiffslide.TiffSlide(str(path))
+        if slide.level_count > 1:
+            return slide
+        slide.close()
+    except Exception:  # noqa: BLE001 — OpenSlide opened it: keep that
+        pass
+    return None
 
 
 def _open_image(path: Path):

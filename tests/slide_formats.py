@@ -1,10 +1,13 @@
-"""A Leica SCN slide as the scanner writes it, small: OpenSlide's ``leica`` driver reads it as it reads a real one.
+"""Slide files as other software writes them, small, for the readers' tests.
 
-A BigTIFF whose first directory (the macro image of the whole glass) carries the Leica XML (namespace 2010/10/01):
-the collection is the glass, the main image a scanned region of it at an offset in nm, one TIFF directory per
-pyramid level. OpenSlide shows the whole glass as the slide (``dimensions``) and the region as
-``openslide.bounds-*`` (``openslide.region[0].*``), the glass outside the region transparent; QuPath crops the slide
-to that region. The format as OpenSlide parses it: ``src/openslide-vendor-leica.c``.
+- :func:`write_leica_scn`: a Leica SCN as the scanner writes it; OpenSlide's ``leica`` driver reads it as it reads a
+  real one. A BigTIFF whose first directory (the macro image of the whole glass) carries the Leica XML (namespace
+  2010/10/01): the collection is the glass, the main image a scanned region of it at an offset in nm, one TIFF
+  directory per pyramid level. OpenSlide shows the whole glass as the slide (``dimensions``) and the region as
+  ``openslide.bounds-*`` (``openslide.region[0].*``), the glass outside the region transparent; QuPath crops the
+  slide to that region. The format as OpenSlide parses it: ``src/openslide-vendor-leica.c``.
+- :func:`write_ome_pyramid`: an OME-TIFF pyramid as bfconvert and QuPath's File → Export → OME-TIFF write it: the
+  reduced levels in SubIFDs of the full-resolution image, physical pixel size in the OME-XML.
 """
 
 from __future__ import annotations
@@ -64,3 +67,15 @@ def write_leica_scn(
             level = region if d == 1 else np.asarray(Image.fromarray(region).resize((w // d, h // d), Image.BOX))
             tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", metadata=None,
                       resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER")  # fmt: skip
+
+
+def write_ome_pyramid(path: Path, image: np.ndarray, mpp: float, levels: tuple[int, ...] = (1, 4), tile: int = 256):
+    """``image`` (H×W×3 uint8 at ``mpp`` µm/px) and its reductions by ``levels`` (box filter) as SubIFDs."""
+    h, w = image.shape[:2]
+    options = dict(tile=(tile, tile), photometric="rgb", compression="zlib", resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(image, subifds=len(levels) - 1, resolution=(1e4 / mpp, 1e4 / mpp),
+                  metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}, **options)  # fmt: skip
+        for d in levels[1:]:
+            level = np.asarray(Image.fromarray(image).resize((w // d, h // d), Image.BOX))
+            tif.write(level, subfiletype=1, resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), **options)
