@@ -198,9 +198,10 @@ def tile_grid(
     cover_tissue: bool = False,
     region: tuple[int, int, int, int] | None = None,
 ) -> TileGrid:
-    """Tissue on the coarsest level, then the regular grid of ``tile_size`` px tiles at ``tile_mpp`` µm/px over the
-    whole slide; tiles with tissue fraction ≥ ``min_tissue`` (and > 0) are kept, and with ``cover_tissue`` also the
-    fewest others that hold the tissue those miss (:func:`covering_tiles`: segmentation covers every tissue pixel).
+    """Tissue on a thumbnail (``read_thumbnail``), then the regular grid of ``tile_size`` px tiles at ``tile_mpp``
+    µm/px over the whole slide; tiles with tissue fraction ≥ ``min_tissue`` (and > 0) are kept, and with
+    ``cover_tissue`` also the fewest others that hold the tissue those miss (:func:`covering_tiles`: segmentation
+    covers every tissue pixel).
 
     ``slide``: an open OpenSlide/TiffSlide or a path. ``mpp`` overrides the slide's level-0 µm/px,
     ``default_mpp`` is used only when the slide has none. Tissue is looked for in ``region`` (x, y, width, height
