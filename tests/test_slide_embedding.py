@@ -854,6 +854,6 @@ def test_thumbnail_outline_is_smoothed_and_overlays_are_cheap(wsi_dir, tmp_path)
     assert len(fig.axes) == 2 and all(len(ax.patches) == 0 and len(ax.images) == 2 for ax in fig.axes)
     assert all(ax.images[0].get_array().shape[0] <= 448 for ax in fig.axes)  # drawn shrunk, not at 1,792 px
     assert "pruned 9" in fig.axes[0].get_title()
-    start = time.perf_counter()
+    # cheap by construction (one image per panel, above; no timing in tests): it writes one PNG
     png = save_pruned_overlays(tmp_path / "p.png", tiles, 14, "slide")
-    assert time.perf_counter() - start < 10 and Image.open(png).format == "PNG"
+    assert Image.open(png).format == "PNG" and not list(tmp_path.glob(".p.png.*"))  # no temporary left
