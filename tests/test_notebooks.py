@@ -131,10 +131,25 @@ def test_segment_slides_outputs_on_a_generated_slide(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "1 slide(s) finished, 0 skipped; 8 classes" in text
     assert "levels [(8, 250, 350)]; map at 1 µm/px, the slide at 0.5" in text
+    assert "QuPath's image of the slide: 700×500 px from (0, 0)" in text
     found = re.search(r"(\d) classes with polygons, (\d+) polygons; all valid: True; .* ([0-9.e+-]+) relative", text)
     assert found and int(found[1]) >= 1 and int(found[2]) >= 1 and float(found[3]) < 1e-9
     for name in ("areas", "probabilities", "polygons", "zoom"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # a Leica SCN: the views show its scan (QuPath's image), the polygons moved back onto the slide's own pixels
+    from slide_formats import write_leica_scn
+
+    scn = tmp_path / "scn"
+    scn.mkdir()
+    write_leica_scn(scn / "s1.scn", tissue(), 0.5, canvas=(6000, 3000), offset=(2400, 1200))
+    on_scn = run(save_run(tmp_path / "segrun" / "run", MODEL), scn, tmp_path / "job_scn", seam_check=False)
+    nb = execute("segment_slides_outputs", tmp_path, monkeypatch, HIRESPATH_SEG_DIR=on_scn["output_dir"],
+                 HIRESPATH_SLIDE=scn / "s1.scn", HIRESPATH_ZOOM=256, HIRESPATH_OUT=tmp_path / "views_scn")  # fmt: skip
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    found = re.search(r"(\d) classes with polygons, (\d+) polygons; all valid: True; .* ([0-9.e+-]+) relative", text)
+    assert found and int(found[1]) >= 1 and float(found[3]) < 1e-9
+    assert "QuPath's image of the slide: 700×500 px from (2400, 1200)" in text
+    assert (tmp_path / "views_scn" / "polygons.png").is_file()
     # a folder whose classes never reach the threshold: no polygons, and still every view
     empty = run(save_run(tmp_path / "segrun" / "run", MODEL), wsi, tmp_path / "job0", seam_check=False, threshold=0.999)
     nb = execute("segment_slides_outputs", tmp_path, monkeypatch, HIRESPATH_SEG_DIR=empty["output_dir"],
