@@ -15,8 +15,8 @@ import numpy as np
 
 from ..wsi import qupath, trident_h5
 from ..wsi.listing import SlideSpec
-from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide, read_thumbnail
-from ..wsi.tissue import TileGrid, tile_grid, tissue_mask
+from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide
+from ..wsi.tissue import TileGrid, tile_grid, tissue_thumbnail
 
 log = logging.getLogger("hirespath.slides")
 
@@ -129,8 +129,9 @@ def prepare_slide(
             attrs["tissue_area_mm2"] = grid.tissue_area_mm2
             trident_h5.write_patches_h5(patches, grid.coords, attrs)
         elif need_thumbnail:  # the tissue as tile_grid sees it: on QuPath's image of the slide
-            grid.thumbnail, grid.mask_downsample = read_thumbnail(slide, mask_max_side, region)
-            grid.mask, grid.mask_origin = tissue_mask(grid.thumbnail), region[:2]
+            grid.thumbnail, grid.mask, grid.mask_downsample, grid.mask_origin = tissue_thumbnail(
+                slide, mask_max_side, region
+            )
     except SlideError:
         raise
     except Exception as err:  # noqa: BLE001

@@ -58,6 +58,15 @@ def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
     return ~pen & ~dark & (sat > thr)
 
 
+def tissue_thumbnail(
+    slide, max_side: int, region: tuple[int, int, int, int]
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
+    """(RGB thumbnail, its tissue mask, level-0 px per mask px (x, y), level-0 (x, y) of the mask's top-left) of
+    ``region`` of the slide (x, y, width, height in level-0 px: QuPath's image of it, ``qupath.image_region``)."""
+    thumb, downsample = read_thumbnail(slide, max_side, region)
+    return thumb, tissue_mask(thumb), downsample, (int(region[0]), int(region[1]))
+
+
 @dataclass
 class TileGrid:
     """The tiles of one slide kept for embedding, with what the h5 files and thumbnails need."""
@@ -237,9 +246,7 @@ def tile_grid(
     if stride0 < 1:
         raise SlideError(f"overlap {overlap} px leaves no stride at {smpp:g} µm/px")
     region = qupath.image_region(slide) if region is None else region
-    thumb, mds = read_thumbnail(slide, mask_max_side, region)
-    origin = (int(region[0]), int(region[1]))
-    mask = tissue_mask(thumb)
+    thumb, mask, mds, origin = tissue_thumbnail(slide, mask_max_side, region)
     if not mask.any():
         raise SlideError("no tissue detected")
     cols, rows = math.ceil(W / stride0), math.ceil(H / stride0)
