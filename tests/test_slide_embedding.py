@@ -30,7 +30,7 @@ from hirespath.slides.runner import NothingProcessed
 from hirespath.utils.io import lock_is_stale, try_lock
 from hirespath.wsi import trident_h5
 from hirespath.wsi.listing import list_slides
-from hirespath.wsi.reader import SlideError, best_level, open_slide, read_tile
+from hirespath.wsi.reader import SlideError, best_level, open_slide, read_tile, slide_mpp
 from hirespath.wsi.tile_readers import SlideTileDataset
 from hirespath.wsi.tissue import tile_grid
 
@@ -267,6 +267,69 @@ def test_an_ome_tiff_pyramid_is_read_with_its_levels(encoder, tmp_path):
     assert len(ome["coords"]) > 2 and ome["coords_attrs"]["level0_mpp"] == pytest.approx(0.5)
     np.testing.assert_array_equal(ome["coords"], plain["coords"])
     np.testing.assert_array_equal(ome["features"], plain["features"])  # read at level 1 (4×), as the plain ones
+
+
+def test_a_dicom_slide_is_its_series_folder(encoder, tmp_path):
+    """A DICOM slide (IDC's downloads, wsidicomizer's output) is a folder of one series' .dcm files, one per level
+    plus a label: the folder is listed as one slide named after it (its files were not slides at all, or with a
+    .dcm extension one slide per level), OpenSlide reads the series through any of its files, and it embeds as the
+    same image in a plain pyramid does. A file in the folder that is not a whole-slide image is passed over."""
+    from slide_formats import write_dicom_wsi
+
+    img = synthetic_image()
+    uid = "1.2.826.0.1.3680043.8.498.12345"  # IDC names a series' folder by its UID: dots are not an extension
+    series = tmp_path / "idc" / "collection" / "patient" / uid
+    files = write_dicom_wsi(series, img, 0.5, levels=(1, 4))
+    (series / "0000.dcm").write_bytes(b"\0" * 128 + b"DICM")  # sorts first: not a whole-slide image
+    (tmp_path / "plain").mkdir()
+    write_pyramid(tmp_path / "plain" / "s.tiff", img, 0.5, compression="zlib", levels=(1, 4))
+
+    listed = list_slides(tmp_path / "idc", recursive=True)
+    assert [(s.slide_id, s.path) for s in listed] == [(uid, series)]
+    assert [s.path for s in list_slides(series.parent)] == [series] == [s.path for s in list_slides(series)]
+    csv = tmp_path / "slides.csv"
+    pd.DataFrame({"wsi": [str(files[1])], "mpp": [0.5]}).to_csv(csv, index=False)  # any file names its series
+    assert [(s.slide_id, s.path) for s in list_slides(slides_csv=csv)] == [(uid, series)]
+
+    slide = open_slide(series)
+    assert slide.level_count == 2 and slide.dimensions == (1000, 700) and slide.level_downsamples[1] == 4
+    assert "label" in slide.associated_images and slide_mpp(slide) == pytest.approx(0.5)
+    slide.close()
+    inputs = {"dicom": listed, "plain": list_slides(tmp_path / "plain")}
+    runs = [embed_slides(encoder, specs, tmp_path / f"job_{kind}", tile_size=TILE, tile_mpp=2.0, num_workers=0,
+                         thumbnails=False) for kind, specs in inputs.items()]  # fmt: skip
+    dicom, plain = (trident_h5.read_features(next(Path(r["features_dir"]).glob("*.h5"))) for r in runs)
+    assert (Path(runs[0]["features_dir"]) / f"{uid}.h5").is_file()
+    assert len(dicom["coords"]) > 2 and dicom["coords_attrs"]["level0_mpp"] == pytest.approx(0.5)
+    np.testing.assert_array_equal(dicom["coords"], plain["coords"])
+    np.testing.assert_array_equal(dicom["features"], plain["features"])  # the same pixels, read at level 1 (4×)
+
+
+def test_a_folder_that_is_no_dicom_slide_is_skipped_with_its_reason(encoder, tmp_path):
+    from slide_formats import write_dicom_wsi
+
+    """One bad slide among many: skipped with its reason in skipped.csv, the run goes on."""
+    (tmp_path / "slides" / "empty").mkdir(parents=True)
+    write_dicom_wsi(tmp_path / "slides" / "good", synthetic_image(), 0.5, levels=(1, 4))
+    broken = tmp_path / "slides" / "broken"
+    for f in write_dicom_wsi(broken, synthetic_image(), 0.5, levels=(1,)):
+        f.write_bytes(f.read_bytes()[:100])  # not even the header
+    for f in write_dicom_wsi(tmp_path / "slides" / "cut", synthetic_image(), 0.5, levels=(1,)):
+        f.write_bytes(f.read_bytes()[:5000])  # a download cut short: the header whole, the pixels not
+    csv = tmp_path / "slides.csv"
+    pd.DataFrame({"wsi": ["empty", "broken", "good", "cut"]}).to_csv(csv, index=False)
+    with pytest.raises(SlideError, match="empty is a folder without .dcm files"):
+        open_slide(tmp_path / "slides" / "empty")
+    with pytest.raises(SlideError, match="cannot read the DICOM slide broken: OpenSlide opens none of its 2 .dcm"):
+        open_slide(broken)
+    run = embed_slides(encoder, list_slides(tmp_path / "slides", slides_csv=csv), tmp_path / "job", tile_size=TILE,
+                       tile_mpp=2.0, num_workers=0, thumbnails=False)  # fmt: skip
+    skipped = pd.read_csv(Path(run["features_dir"]) / "skipped.csv")
+    assert sorted(skipped.slide) == ["broken", "cut", "empty"]
+    assert [p.name for p in Path(run["features_dir"]).glob("*.h5")] == ["good.h5"]
+    reasons = skipped.set_index("slide").reason
+    assert reasons["broken"].startswith("cannot read the DICOM slide broken")
+    assert reasons["cut"].startswith("cannot read ") and "the file is truncated or corrupt" in reasons["cut"]
 
 
 def _uncovered(grid) -> int:

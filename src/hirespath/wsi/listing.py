@@ -1,5 +1,6 @@
 """Which slides a run processes: a folder of slide files or a CSV list (TRIDENT's ``--custom_list_of_wsis``),
-with an optional per-slide ``mpp`` column; each slide's id is its file stem (the output files' names)."""
+with an optional per-slide ``mpp`` column; each slide's id is its file stem (the output files' names), or for a DICOM
+slide the name of its folder."""
 
 from __future__ import annotations
 
@@ -15,25 +16,43 @@ from ..utils.errors import InputError
 
 log = logging.getLogger("hirespath.slides")
 
-# What OpenSlide (and tiffslide) open as one file. DICOM is left out on purpose: a DICOM slide is a folder of
-# .dcm files (one per level), so globbing them would list each level as a slide; pass extensions=(".dcm",) with
-# a CSV naming one file per slide instead.
+# What OpenSlide (and tiffslide) open as one file. DICOM is not among them: a DICOM slide is a series of .dcm files
+# (one or more per level, plus label and overview) kept in one folder, as IDC downloads and wsidicomizer lay them
+# out, so the folder is the slide (globbing the files would list each level as a slide).
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 COMPOUND_EXTENSIONS = (".ome.tiff", ".ome.tif")
+DICOM_SUFFIX = ".dcm"
 
 
 @dataclass(frozen=True)
 class SlideSpec:
-    """One slide to process: id (file stem, the output file names), path, and an mpp overriding the slide's."""
+    """One slide to process: id (file stem, the output file names), path (a file, or a DICOM series' folder), and an
+    mpp overriding the slide's."""
 
     slide_id: str
     path: Path
     mpp: float | None = None
 
 
+def dicom_files(folder: str | os.PathLike) -> list[Path]:
+    """The .dcm files directly in ``folder``, sorted (none if it is not a folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() == DICOM_SUFFIX and not p.name.startswith(".") and p.is_file()
+    )
+
+
 def slide_id_of(path: str | os.PathLike) -> str:
-    """File name without its extension; ``x.ome.tiff`` → ``x`` (TRIDENT's compound-extension rule)."""
-    name = Path(path).name
+    """File name without its extension; ``x.ome.tiff`` → ``x`` (TRIDENT's compound-extension rule); a DICOM slide
+    (its folder, or one of its .dcm files) → the folder's name, whole (series UIDs are full of dots)."""
+    path = Path(path)
+    if path.suffix.lower() == DICOM_SUFFIX and not path.is_dir():
+        path = path.parent
+    if path.is_dir():
+        return path.name
+    name = path.name
     for ext in COMPOUND_EXTENSIONS:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
@@ -72,7 +91,12 @@ def list_slides(
 ) -> list[SlideSpec]:
     """The slides of ``wsi_dir`` (files with one of ``extensions``, sorted) or of a CSV list.
 
-    The CSV (TRIDENT's ``--custom_list_of_wsis``) has a column ``wsi`` or ``path``, relative to ``wsi_dir`` when
+    A DICOM slide is a folder holding its series' .dcm files: each sub-folder of ``wsi_dir`` that holds .dcm files
+    is one slide named after the folder (with ``recursive``, every such folder of the tree: IDC's
+    collection/patient/study/series layout), and so is ``wsi_dir`` itself when it holds them.
+
+    The CSV (TRIDENT's ``--custom_list_of_wsis``) has a column ``wsi`` or ``path`` (a slide file, or a DICOM slide's
+    folder or one of its files), relative to ``wsi_dir`` when
     given (else to the CSV's folder), and optionally ``mpp`` overriding the slide's own microns per pixel (empty
     cells keep it). Listed files that do not exist stay in the list: the engine skips them as "missing file" and
     lists them in skipped.csv, so one typo does not stop a long run. Two slides with the same id are an error.
@@ -102,11 +126,13 @@ def list_slides(
                 raise InputError(f"{slides_csv}, row {i + 2}: empty {col!r}")
             path = Path(str(row[col]).strip())
             path = path if path.is_absolute() else base / path
+            if path.suffix.lower() == DICOM_SUFFIX and path.is_file():
+                path = path.parent  # the series is the slide, whichever of its files is named
             mpp = _parse_mpp(row["mpp"], f"{slides_csv}, row {i + 2} ({path.name})") if "mpp" in table else None
             specs.append(SlideSpec(slide_id_of(path), path, mpp))
         if not specs:
             raise InputError(f"{slides_csv} lists no slides")
-        missing = [str(s.path) for s in specs if not s.path.is_file()]
+        missing = [str(s.path) for s in specs if not s.path.exists()]
         if missing:
             log.warning(
                 "%d of %d listed slides do not exist (they will be skipped), e.g. %s",
@@ -119,14 +145,19 @@ def list_slides(
     if not root.is_dir():
         raise InputError(f"wsi_dir={root} is not a folder")
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    files = sorted(
-        p
-        for p in (root.rglob("*") if recursive else root.iterdir())
-        if p.is_file() and p.name.lower().endswith(exts) and not p.name.startswith(".")
-    )
-    if not files:
-        raise InputError(f"no slides in {root} (looked for {', '.join(exts)}{', recursively' if recursive else ''})")
-    return _check_unique([SlideSpec(slide_id_of(p), p) for p in files])
+    entries = [p for p in (root.rglob("*") if recursive else root.iterdir()) if not p.name.startswith(".")]
+    files = [p for p in entries if p.name.lower().endswith(exts) and p.is_file()]
+    if recursive:
+        dicom = {p.parent for p in entries if p.suffix.lower() == DICOM_SUFFIX and p.is_file()}
+    else:
+        dicom = {d for d in [root, *(p for p in entries if p.is_dir())] if dicom_files(d)}
+    slides = sorted(files + [d for d in dicom if not any(part.startswith(".") for part in d.relative_to(root).parts)])
+    if not slides:
+        raise InputError(
+            f"no slides in {root} (looked for {', '.join(exts)} files and folders of DICOM .dcm files"
+            f"{', recursively' if recursive else ''})"
+        )
+    return _check_unique([SlideSpec(slide_id_of(p), p) for p in slides])
 
 
 def as_specs(slides) -> list[SlideSpec]:

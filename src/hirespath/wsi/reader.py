@@ -24,8 +24,8 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif")
 # all reader threads, tile_readers.SlideTileDataset.decode_once); they carry no mpp, so a slides= CSV gives it (or
 # data.default_mpp)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-READABLE = ("whole-slide images that OpenSlide or tiffslide open (svs, tif/tiff, ndpi, mrxs, scn, vms, bif, ...) "
-            "and PNG/JPEG images")  # fmt: skip
+READABLE = ("whole-slide images that OpenSlide or tiffslide open (svs, tif/tiff, ndpi, mrxs, scn, vms, bif, ...), "
+            "DICOM slides (a folder of one series' .dcm files) and PNG/JPEG images")  # fmt: skip
 
 
 class SlideError(Exception):
@@ -91,11 +91,13 @@ def unreadable(path: str | Path | None, err: BaseException) -> SlideError:
 
 def open_slide(path: str | Path):
     """Open a slide with OpenSlide, or tiffslide where OpenSlide is missing or refuses the file; a PNG/JPEG image
-    as a one-level slide.
+    as a one-level slide; a folder as a DICOM slide.
 
     The handle's metadata (properties, levels) is read here, so a file that opens but has no readable image
     directory fails now with a SlideError naming the file, not later with a decoder's IndexError."""
     path = Path(path)
+    if path.is_dir():
+        return _open_dicom(path)
     if not path.is_file():
         raise SlideError(f"missing file {path}")
     errors = []
@@ -147,6 +149,39 @@ def _subifd_pyramid(path: Path):
     except Exception:  # noqa: BLE001 — OpenSlide opened it: keep that
         pass
     return None
+
+
+def _open_dicom(folder: Path):
+    """A DICOM slide: the folder of its series' .dcm files, opened by OpenSlide (4.0+) through one of them — it
+    reads the series' other files (levels, label, overview) from the same folder. Files that are not a whole-slide
+    image (a DICOMDIR, a structured report) are passed over."""
+    from .listing import dicom_files
+
+    files = dicom_files(folder)
+    if not files:
+        raise SlideError(
+            f"{folder} is a folder without .dcm files; a folder is read as one DICOM slide (the .dcm files of one "
+            f"series), else give a slide file ({READABLE})"
+        )
+    try:
+        import openslide
+    except ImportError as err:
+        raise SlideError(f"cannot read the DICOM slide {folder.name}: OpenSlide is not installed "
+                         "(pip install openslide-bin openslide-python)") from err  # fmt: skip
+    errors = []
+    for file in files:
+        try:
+            slide = openslide.OpenSlide(str(file))
+            _ = slide.level_downsamples
+        except Exception as err:  # noqa: BLE001 — not a WSI instance, or a level OpenSlide cannot decode
+            errors.append(f"{file.name}: {err}")
+            continue
+        return slide
+    raise SlideError(
+        f"cannot read the DICOM slide {folder.name}: OpenSlide opens none of its {len(files)} .dcm files "
+        f"({'; '.join(errors[:2])}{'; ...' if len(errors) > 2 else ''}); OpenSlide 4 reads VL Whole Slide "
+        "Microscopy images in JPEG, JPEG 2000 or uncompressed"
+    )
 
 
 def _open_image(path: Path):
