@@ -371,3 +371,113 @@ def test_random_weights_of_a_real_preset_are_warned_and_recorded(slides, tmp_pat
     s = embed_slides(encoder(), list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
     (worker,) = json.loads((Path(s["features_dir"]) / "summary.json").read_text())["workers"].values()
     assert worker["random_weights"] is False and worker["precision"] == "fp32"
+
+
+FULL_DISK_RUN = """
+import resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_slide_runner import CPU, TILING, embed_cfg, encoder
+from hirespath.embeddings.features import embed_slides
+from hirespath.utils.errors import StorageError
+from hirespath.wsi.listing import list_slides
+
+specs, job = list_slides({slides!r}), Path({job!r})
+print("first", embed_slides(encoder(), specs[:1], job, TILING, embed_cfg(), CPU)["slides_done"])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))  # the patches file (76 kB) fits, the features (343 kB) not
+try:
+    embed_slides(encoder(), specs, job, TILING, embed_cfg(), CPU)
+except StorageError as err:
+    print("stopped:", err)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+print("rerun", embed_slides(encoder(), specs, job, TILING, embed_cfg(), CPU)["slides_done"])
+"""
+
+
+def test_a_full_disk_stops_the_run_and_a_rerun_resumes(slides, tmp_path):
+    """A disk that takes no more fails every slide after it: the run stops with one error naming the folder (it
+    had skipped each slide as "unexpected error", or as a corrupt slide when the patches file failed), leaves no
+    temporary or lock behind, and the rerun goes on. The write fails for real (a file size limit: EFBIG, as ENOSPC
+    or EDQUOT would), in a process of its own: after a failed write h5py crashed the process (SIGSEGV) when it
+    closed the file again at exit."""
+    import subprocess
+    import sys
+
+    job = tmp_path / "job"
+    script = FULL_DISK_RUN.format(tests=str(Path(__file__).parent), slides=str(slides), job=str(job))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "first 1" and lines[-1] == "rerun 1"  # s0 kept; the rerun embeds s1
+    out = next(job.glob("*/features_*"))
+    stopped = next(line for line in lines if line.startswith("stopped:"))
+    assert f"cannot write to {out}: File too large; writing .s1.h5." in stopped and "run again" in stopped
+    assert sorted(p.name for p in out.glob("*.h5")) == ["s0.h5", "s1.h5"]
+    assert not list(job.rglob("*.tmp")) and not list(job.rglob("*.lock"))
+    assert pd.read_csv(out / "skipped.csv").empty  # s1 was not skipped: the run stopped
+
+
+def test_memory_mapped_maps_are_allocated_when_the_disk_is_short(tmp_path, monkeypatch):
+    """A write into a memory-mapped page the disk has no block for kills the process (SIGBUS, no message): with
+    less than twice its size free, a new map is allocated at once, so a full disk is an OSError before any tile
+    runs; with room it stays sparse (the glass around the tissue takes no disk)."""
+    import errno
+    import os
+    import shutil
+    from collections import namedtuple
+
+    from hirespath.utils import io
+
+    roomy = io.new_memmap(tmp_path / "roomy.npy", np.uint8, (8, 2048, 2048))
+    assert os.stat(tmp_path / "roomy.npy").st_blocks * 512 < 1 << 20  # 32 MB, sparse
+    del roomy
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, 40 << 20))  # 40 MB free
+    short = io.new_memmap(tmp_path / "short.npy", np.uint8, (8, 2048, 2048))
+    assert os.stat(tmp_path / "short.npy").st_blocks * 512 >= 8 * 2048 * 2048  # allocated
+    del short
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError) as caught:
+        io.new_memmap(tmp_path / "full.npy", np.uint8, (8, 2048, 2048))
+    assert not (tmp_path / "full.npy").exists()
+    message = str(io.storage_error(caught.value))
+    assert message.startswith(f"cannot write to {tmp_path}: No space left on device; writing full.npy, 33.6 MB; ")
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):
+    """A full disk can let a lock file be created and not written: left empty, it counted as held until stale (a
+    day for a slide, 10 minutes for a folder's config), so the rerun after making room skipped or waited."""
+    import errno
+    import os
+
+    from hirespath.utils import io
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, *args, **kwargs):
+            self.file = real_fdopen(fd, *args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdopen", FullDisk)
+    for take in (io.try_lock, lambda p: io.exclusive_lock(p).__enter__()):
+        path = tmp_path / "s.lock"
+        with pytest.raises(OSError) as caught:
+            take(path)
+        assert caught.value.filename == str(path) and io.out_of_storage(caught.value) and not path.exists()
+    monkeypatch.undo()
+    assert io.try_lock(tmp_path / "s.lock") is not None  # the rerun takes it at once

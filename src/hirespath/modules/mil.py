@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..heads.mil import MILOutput, create_mil_head
 from ..metrics.classification import classification_metrics
 from ..results import CLASSIFICATION_METRICS, LOSS, PREDICTIONS_FILE, VAL
-from ..utils.io import atomic_path
+from ..utils.io import atomic_path, new_h5
 
 log = logging.getLogger("hirespath.mil")
 
@@ -265,8 +265,6 @@ def write_mil_outputs(out_dir: str | Path, results: list[dict], num_classes: int
     """``out_dir/predictions.csv`` (slide_id, label, pred, p0..pK, n_tiles) and ``out_dir/attention/<slide>.h5``
     per slide: datasets ``attention`` (N float32, sums to 1) and ``coords`` (N×2 int64 level-0 x, y; −1 where the
     feature file had none), attrs slide_id, label, pred, patch_size_level0 (when known). Returns the paths."""
-    import h5py
-
     out_dir = Path(out_dir)
     df = predictions_frame(results, num_classes)
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
@@ -278,7 +276,7 @@ def write_mil_outputs(out_dir: str | Path, results: list[dict], num_classes: int
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"slide_id {name!r} cannot be a file name")
         with atomic_path(att_dir / f"{name}.h5") as tmp:
-            with h5py.File(tmp, "w") as f:
+            with new_h5(tmp) as f:
                 f.create_dataset("attention", data=np.asarray(r["attention"], dtype=np.float32))
                 f.create_dataset("coords", data=np.asarray(r["coords"], dtype=np.int64).reshape(-1, 2))
                 f.attrs["slide_id"] = name

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from ..utils.io import new_memmap
 from ..utils.threads import available_cores
 
 TILE = 256
@@ -36,7 +37,7 @@ def halve(src: np.ndarray, dst_path: Path, band_bytes: int = 1 << 27) -> np.memm
     C, H, W = src.shape
     band = max(2, band_bytes // (W * C * 2) // 2 * 2)  # an even number of rows of uint16
     h, w = (H + 1) // 2, (W + 1) // 2
-    dst = np.lib.format.open_memmap(dst_path, mode="w+", dtype=np.uint8, shape=(C, h, w))
+    dst = new_memmap(dst_path, np.uint8, (C, h, w))
     for r in range(0, H, band):
         block = np.asarray(src[:, r : r + band])
         if block.shape[1] % 2:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.io import new_memmap
 from ..utils.threads import available_cores
 
 BLENDS = ("linear", "crop")
@@ -83,7 +84,8 @@ class ProbabilityStitcher:
         self.shape, self.channels, self.weights = (int(shape[0]), int(shape[1])), int(channels), weights
         self.block = int(block)
         self.files: list[Path] = []
-        # zero-filled sparse file: only the tissue's blocks take disk space; 0 where no tile was
+        # zero-filled sparse file: only the tissue's blocks take disk space (all of it when the disk is short,
+        # utils.io.reserve); 0 where no tile was
         self.out: np.memmap | None = self._memmap("probs", np.uint8, (self.channels, *self.shape))
         self.open: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # block → (Σ w·p, Σ w)
         self.pending: dict[tuple[int, int], int] = {}  # block → listed tiles not added yet
@@ -101,7 +103,7 @@ class ProbabilityStitcher:
     def _memmap(self, name: str, dtype, shape) -> np.memmap:
         path = self.folder / f"{self.prefix}.{name}.tmp"
         self.files.append(path)
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        return new_memmap(path, dtype, shape)
 
     def _clip(self, x: int, y: int) -> tuple[int, int, int, int]:
         """The map rectangle (x0, y0, x1, y1) a tile at (x, y) covers; empty when x1 <= x0 or y1 <= y0."""

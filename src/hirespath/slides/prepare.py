@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.io import out_of_storage
 from ..wsi import qupath, trident_h5
 from ..wsi.listing import SlideSpec
 from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide
@@ -135,6 +136,8 @@ def prepare_slide(
     except SlideError:
         raise
     except Exception as err:  # noqa: BLE001
+        if out_of_storage(err):  # writing the patches file: not the slide's fault
+            raise
         raise SlideError(f"cannot read {spec.path.name}: the file is truncated or corrupt ({err})") from err
     finally:
         slide.close()

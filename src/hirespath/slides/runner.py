@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..utils.cpu_memory import keep_freed_memory, release_freed_memory
 from ..utils.errors import InputError
-from ..utils.io import try_lock
+from ..utils.io import out_of_storage, storage_error, try_lock
 from ..utils.threads import AdaptiveThreads, available_cores, torch_threads
 from ..utils.timing import startup_seconds
 from ..wsi import trident_h5
@@ -43,6 +43,12 @@ from .prepare import PreparedSlide, cover_tissue, prepare_slide
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
 
 log = logging.getLogger("hirespath.slides")
+
+# a full disk fails every slide after it, so the run stops with this advice instead of skipping them all
+RESUME = (
+    "Make room (or pass a job_dir with room) and run again: the slides finished so far are kept and the rerun "
+    "goes on with the rest"
+)
 
 TIMING_COLUMNS = [
     "slide", "rank", "host", "tiles", "tissue_mm2", "seconds", *(f"{s}_s" for s in STAGES + BACKGROUND),
@@ -329,6 +335,8 @@ def run_slides(
                     "threads": policy.n if policy else torch.get_num_threads(),
                 }  # fmt: skip
             except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
+                if out_of_storage(err):  # but a full disk fails every slide after it: stop (below)
+                    raise
                 if not isinstance(err, SlideError):
                     if not runtime.skip_errors:
                         raise
@@ -411,9 +419,17 @@ def run_slides(
                     return closing(background), background
 
                 pending.append((spec, lock, t_slide, stages, closer.submit(close_behind)))
+        except Exception as err:
+            if out_of_storage(err):
+                raise storage_error(err, out_dir, RESUME) from err
+            raise
         finally:
             try:
                 settle_pending()
+            except Exception as err:
+                if out_of_storage(err):
+                    raise storage_error(err, out_dir, RESUME) from err
+                raise
             finally:
                 if closer is not None:
                     closer.shutdown(wait=True)

@@ -134,17 +134,20 @@ class TaskFunction:
 
         from ..utils.cpu_memory import keep_freed_memory
         from ..utils.errors import InputError
+        from ..utils.io import out_of_storage, storage_error
         from . import task_wrapper  # the config checks of the task, then hirespath.utils.hydra's wrapper
 
         keep_freed_memory()  # every task's large CPU tensors reuse freed memory (utils/cpu_memory.py says why)
         task = TASKS[self.name]
         try:
             result = task_wrapper(_load(task.run))(cfg)
-        except InputError as err:
+        except Exception as err:
+            if not isinstance(err, InputError) and not out_of_storage(err):
+                raise
             # a multirun job fails as Hydra reports it (the sweep goes on to its other jobs)
             single = not HydraConfig.initialized() or HydraConfig.get().mode == RunMode.RUN
             if single and not full_error():
-                report_input_error(err)
+                report_input_error(err if isinstance(err, InputError) else storage_error(err))
             raise
         if task.returns and isinstance(result, dict):
             return result.get(task.returns)

@@ -8,3 +8,8 @@ The ``hirespath`` command prints an :class:`InputError`'s message alone (no trac
 class InputError(ValueError):
     """A bad config value, a missing or unreadable input file, a malformed CSV: the message names the key or the
     file, the value, and what would be valid."""
+
+
+class StorageError(InputError):
+    """The output folder takes no more (disk full, quota exceeded, read-only file system): the run stops with this
+    message instead of failing every slide that follows; what was finished is kept and a rerun resumes."""

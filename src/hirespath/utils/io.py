@@ -1,13 +1,23 @@
-"""Atomic file writes: a killed run never leaves a half-written file that a later run would read."""
+"""Atomic file writes: a killed run never leaves a half-written file that a later run would read; lock files; and
+what a full disk looks like (an error naming the folder, not a process killed by SIGBUS)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import StorageError
+
+# the folder takes no more (disk full, quota, read-only, a file size limit): every later write there fails too, so
+# a run stops rather than skip slide after slide
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def _umask() -> int:
@@ -31,6 +41,131 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _full_errno(err: BaseException) -> int | None:
+    """The errno of a full disk that ``err`` carries: an OSError's, or the ``errno = N`` HDF5 writes into the text
+    of the RuntimeError h5py raises for a failed write."""
+    if isinstance(err, OSError) and err.errno in FULL_ERRNOS:
+        return err.errno
+    found = re.search(r"errno = (\d+)", str(err))
+    return int(found.group(1)) if found and int(found.group(1)) in FULL_ERRNOS else None
+
+
+def out_of_storage(err: BaseException | None) -> bool:
+    """Whether ``err``, or an error it was raised from, says the disk is full, a quota exceeded or the file system
+    read-only (tifffile, numpy and h5py raise OSError with that errno, h5py also RuntimeErrors that name it;
+    wrappers keep it as the cause)."""
+    return any(_full_errno(e) for e in _chain(err))
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.3g} MB"
+
+
+def storage_error(
+    err: BaseException, folder: str | os.PathLike | None = None, then: str = "Make room and run again"
+) -> StorageError:
+    """The error a run stops with when ``folder`` (by default the folder of the file that failed) takes no more:
+    what happened, the free space, and ``then``, what to do."""
+    full = next(e for e in _chain(err) if _full_errno(e))
+    filename = getattr(full, "filename", None) or next(iter(re.findall(r"filename = '([^']+)'", str(full))), None)
+    folder = folder or (Path(filename).parent if filename else None)
+    what = f"; writing {Path(filename).name}" if filename else ""
+    if getattr(full, "needed", None):
+        what += f", {_size(full.needed)}"
+    try:
+        free = f"; {_size(shutil.disk_usage(folder).free)} free" if folder else ""
+    except OSError:
+        free = ""
+    return StorageError(
+        f"cannot write to {folder or 'the output folder'}: {os.strerror(_full_errno(full))}{what}{free}. {then}"
+    )
+
+
+def _chain(err: BaseException | None):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def reserve(path: str | os.PathLike, margin: float = 2.0) -> None:
+    """Allocate the blocks of ``path`` (a memory-mapped file just created at its full size) when its folder has
+    less than ``margin`` times its size free; with room to spare it stays sparse (the parts no tile reaches take
+    no disk).
+
+    A write into a memory-mapped page that the disk has no block for kills the process with SIGBUS ("Bus error",
+    no message, no traceback); allocating first turns a full disk into an OSError (ENOSPC) here, which the run
+    reports as a :class:`StorageError`."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        if shutil.disk_usage(path.parent).free >= margin * size:
+            return
+    except OSError:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno in FULL_ERRNOS:
+            full = OSError(err.errno, os.strerror(err.errno), str(path))
+            full.needed = size
+            raise full from err
+        # EOPNOTSUPP/EINVAL: a file system that cannot allocate ahead; the map stays sparse
+    finally:
+        os.close(fd)
+
+
+def new_memmap(path: str | os.PathLike, dtype, shape):
+    """``np.lib.format.open_memmap(path, "w+")`` (zero-filled .npy), its blocks allocated when the disk is short
+    (:func:`reserve`); a file that does not fit is removed and its OSError raised."""
+    import numpy as np
+
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        reserve(path)
+    except OSError:
+        del arr
+        Path(path).unlink(missing_ok=True)
+        raise
+    return arr
+
+
+@contextmanager
+def new_h5(path: str | os.PathLike):
+    """``h5py.File(path, "w")`` that is flushed before it is closed, and discarded (:func:`discard_h5`) when that or
+    the writing fails."""
+    import h5py
+
+    file = h5py.File(path, "w")
+    try:
+        yield file
+        file.flush()
+    except BaseException:
+        discard_h5(file)
+        raise
+    file.close()
+
+
+def discard_h5(file) -> None:
+    """Close an h5py file whose content is thrown away, without writing it.
+
+    After a write that failed (a full disk), HDF5 cannot close the file, and h5py, trying again when the object is
+    freed or at exit, crashes the process (SIGSEGV). Pointing the file's descriptor at /dev/null first lets the
+    close's last writes succeed, to nowhere."""
+    try:
+        fd = file.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except Exception:  # noqa: BLE001 — closed already, or a driver without one descriptor: close as it is
+        pass
+    file.close()
 
 
 def _json_safe(obj):
@@ -98,8 +233,7 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
                 waited = True
             time.sleep(poll_s)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+        _fill_lock(fd, path, me)
         break
     stop = threading.Event()
 
@@ -170,9 +304,19 @@ def _create_exclusive(path: Path, text: str) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    _fill_lock(fd, path, text)
     return True
+
+
+def _fill_lock(fd: int, path: Path, text: str) -> None:
+    """Write a new lock file's content; a lock that could not be written (a full disk) is removed, not left empty:
+    an empty lock counts as held until it is stale (a day, for a slide)."""
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def lock_is_stale(path: str | os.PathLike, stale_s: float = 24 * 3600) -> tuple[bool, str]:

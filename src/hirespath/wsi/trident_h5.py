@@ -52,7 +52,7 @@ import h5py
 import numpy as np
 
 from ..utils.errors import InputError
-from ..utils.io import _umask
+from ..utils.io import _umask, discard_h5, new_h5
 
 CHUNK_BYTES = 1 << 18
 SCORES_DESCRIPTION = (
@@ -293,13 +293,14 @@ class FeatureWriter:
             _set_attrs(off, {"description": "tile i's tokens are tokens[token_offsets[i]:token_offsets[i+1]]"})
         _set_attrs(self.coords, self.coords_attrs)
         _set_attrs(self.features, {**self.features_attrs, "num_tiles": self.n})
+        self.file.flush()  # a full disk fails here, where the file can still be discarded (abort), not in close
         self.file.close()
         os.replace(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
         try:
-            self.file.close()
+            discard_h5(self.file)
         finally:
             self.tmp.unlink(missing_ok=True)
 
@@ -321,7 +322,7 @@ def write_patches_h5(path: str | os.PathLike, coords, attrs: dict) -> Path:
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
-        with h5py.File(tmp, "w") as f:
+        with new_h5(tmp) as f:
             dset = _dataset(f, "coords", 2, np.int64)
             _append(dset, np.asarray(coords, dtype=np.int64).reshape(-1, 2))
             _set_attrs(dset, attrs)
