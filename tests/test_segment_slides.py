@@ -552,6 +552,47 @@ def test_stitcher_writes_blocks_as_their_last_tile_arrives(tmp_path):
     st.cleanup()
 
 
+def test_a_map_on_a_short_disk_is_written_with_pwrite_and_a_full_disk_is_an_error(tmp_path, monkeypatch):
+    """The map is memory-mapped, and a store into a page the disk has no block for kills the process (SIGBUS, "Bus
+    error", no message). With less than twice its size free, its blocks are written with pwrite instead: the same
+    map, still sparse, and a full disk is an OSError the run reports (StorageError)."""
+    import errno
+    import os
+
+    from hirespath.segmentation import stitch
+    from hirespath.utils.io import out_of_storage
+
+    rng = np.random.default_rng(1)
+    H, W, S, step = 100, 230, 64, 48
+    w = blend_weights(S, 16, "linear")
+    starts = [(x, y) for y in range(0, H, step) for x in range(-8, W, step)]
+    tiles = {xy: rng.random((3, S, S), dtype=np.float32) for xy in starts}
+
+    def stitched(prefix: str) -> np.ndarray:
+        st = ProbabilityStitcher(tmp_path, prefix, (H, W), 3, w, positions=starts, block=32, threads=2)
+        for xy in starts:
+            st.add(*xy, tiles[xy])
+        m = np.array(st.finalize())
+        st.cleanup()
+        return m
+
+    mapped = stitched(".mapped")
+    monkeypatch.setattr(stitch, "disk_is_short", lambda path: True)
+    np.testing.assert_array_equal(stitched(".short"), mapped)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    st = ProbabilityStitcher(tmp_path, ".full", (H, W), 3, w, positions=starts, block=32)
+    with pytest.raises(OSError) as caught:
+        for xy in starts:
+            st.add(*xy, tiles[xy])
+    assert out_of_storage(caught.value)
+    st.cleanup()
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_polygons_have_pixel_areas_holes_and_no_specks():
     m = np.zeros((300, 400), np.uint8)
     cv2.circle(m, (150, 150), 80, 1, -1)

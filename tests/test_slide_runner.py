@@ -421,8 +421,8 @@ def test_a_full_disk_stops_the_run_and_a_rerun_resumes(slides, tmp_path):
 
 def test_memory_mapped_maps_are_allocated_when_the_disk_is_short(tmp_path, monkeypatch):
     """A write into a memory-mapped page the disk has no block for kills the process (SIGBUS, no message): with
-    less than twice its size free, a new map is allocated at once, so a full disk is an OSError before any tile
-    runs; with room it stays sparse (the glass around the tissue takes no disk)."""
+    less than twice its size free, a map that will be written whole (a pyramid level) is allocated at once, so a
+    full disk is an OSError before it is written; with room it stays sparse until written."""
     import errno
     import os
     import shutil
@@ -437,7 +437,9 @@ def test_memory_mapped_maps_are_allocated_when_the_disk_is_short(tmp_path, monke
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, 40 << 20))  # 40 MB free
     short = io.new_memmap(tmp_path / "short.npy", np.uint8, (8, 2048, 2048))
     assert os.stat(tmp_path / "short.npy").st_blocks * 512 >= 8 * 2048 * 2048  # allocated
-    del short
+    partial = io.new_memmap(tmp_path / "partial.npy", np.uint8, (8, 2048, 2048), whole=False)
+    assert os.stat(tmp_path / "partial.npy").st_blocks * 512 < 1 << 20  # its writer uses pwrite instead
+    del short, partial
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

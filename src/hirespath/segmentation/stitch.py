@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.io import new_memmap
+from ..utils.io import disk_is_short, new_memmap, write_rows
 from ..utils.threads import available_cores
 
 BLENDS = ("linear", "crop")
@@ -84,9 +84,11 @@ class ProbabilityStitcher:
         self.shape, self.channels, self.weights = (int(shape[0]), int(shape[1])), int(channels), weights
         self.block = int(block)
         self.files: list[Path] = []
-        # zero-filled sparse file: only the tissue's blocks take disk space (all of it when the disk is short,
-        # utils.io.reserve); 0 where no tile was
+        # zero-filled sparse file: only the tissue's blocks take disk space; 0 where no tile was
         self.out: np.memmap | None = self._memmap("probs", np.uint8, (self.channels, *self.shape))
+        # with less than twice its size free, blocks are written with pwrite (a full disk is an OSError, the run
+        # stops with a StorageError) instead of through the mapping (a full disk there is SIGBUS: "Bus error")
+        self._fd = os.open(self.out.filename, os.O_RDWR) if disk_is_short(self.out.filename) else None
         self.open: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # block → (Σ w·p, Σ w)
         self.pending: dict[tuple[int, int], int] = {}  # block → listed tiles not added yet
         self.written: set[tuple[int, int]] = set()
@@ -103,7 +105,7 @@ class ProbabilityStitcher:
     def _memmap(self, name: str, dtype, shape) -> np.memmap:
         path = self.folder / f"{self.prefix}.{name}.tmp"
         self.files.append(path)
-        return new_memmap(path, dtype, shape)
+        return new_memmap(path, dtype, shape, whole=False)
 
     def _clip(self, x: int, y: int) -> tuple[int, int, int, int]:
         """The map rectangle (x0, y0, x1, y1) a tile at (x, y) covers; empty when x1 <= x0 or y1 <= y0."""
@@ -168,7 +170,11 @@ class ProbabilityStitcher:
 
         def write(i: int) -> None:
             (acc, wsum), (bx0, by0, bx1, by1) = sums[i], self._bounds(keys[i])
-            self.out[:, by0:by1, bx0:bx1] = to_uint8(np.divide(acc, np.maximum(wsum, 1e-12), out=acc), True)
+            values = to_uint8(np.divide(acc, np.maximum(wsum, 1e-12), out=acc), True)
+            if self._fd is None:
+                self.out[:, by0:by1, bx0:bx1] = values
+            else:
+                write_rows(self._fd, self.out, by0, bx0, values)
 
         self._each(write, len(keys))
         for key, (acc, wsum) in zip(keys, sums):
@@ -200,6 +206,9 @@ class ProbabilityStitcher:
             self._pool.shutdown()
             self._pool = None
         self._spare = []
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def cleanup(self) -> None:
         self._stop()

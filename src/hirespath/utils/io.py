@@ -91,21 +91,27 @@ def _chain(err: BaseException | None):
         err = err.__cause__ or err.__context__
 
 
-def reserve(path: str | os.PathLike, margin: float = 2.0) -> None:
-    """Allocate the blocks of ``path`` (a memory-mapped file just created at its full size) when its folder has
-    less than ``margin`` times its size free; with room to spare it stays sparse (the parts no tile reaches take
-    no disk).
+def disk_is_short(path: str | os.PathLike, margin: float = 2.0) -> bool:
+    """Whether the folder of ``path`` (a file just created at its full size) has less than ``margin`` times its
+    size free."""
+    path = Path(path)
+    try:
+        return shutil.disk_usage(path.parent).free < margin * path.stat().st_size
+    except OSError:
+        return False
+
+
+def reserve(path: str | os.PathLike) -> None:
+    """Allocate the blocks of ``path`` (a memory-mapped file just created at its full size, that will be written
+    whole) when the disk is short of room (:func:`disk_is_short`).
 
     A write into a memory-mapped page that the disk has no block for kills the process with SIGBUS ("Bus error",
     no message, no traceback); allocating first turns a full disk into an OSError (ENOSPC) here, which the run
     reports as a :class:`StorageError`."""
     path = Path(path)
-    size = path.stat().st_size
-    try:
-        if shutil.disk_usage(path.parent).free >= margin * size:
-            return
-    except OSError:
+    if not disk_is_short(path):
         return
+    size = path.stat().st_size
     fd = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, size)
@@ -119,14 +125,17 @@ def reserve(path: str | os.PathLike, margin: float = 2.0) -> None:
         os.close(fd)
 
 
-def new_memmap(path: str | os.PathLike, dtype, shape):
-    """``np.lib.format.open_memmap(path, "w+")`` (zero-filled .npy), its blocks allocated when the disk is short
-    (:func:`reserve`); a file that does not fit is removed and its OSError raised."""
+def new_memmap(path: str | os.PathLike, dtype, shape, whole: bool = True):
+    """``np.lib.format.open_memmap(path, "w+")`` (a zero-filled, sparse .npy). ``whole``: it will be written whole,
+    so its blocks are allocated now when the disk is short (:func:`reserve`); a file that does not fit is removed
+    and its OSError raised. A map written only in part is left sparse: its writer checks :func:`disk_is_short`
+    and writes with :func:`write_rows` when it is."""
     import numpy as np
 
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     try:
-        reserve(path)
+        if whole:
+            reserve(path)
     except OSError:
         del arr
         Path(path).unlink(missing_ok=True)
@@ -166,6 +175,20 @@ def discard_h5(file) -> None:
     except Exception:  # noqa: BLE001 — closed already, or a driver without one descriptor: close as it is
         pass
     file.close()
+
+
+def write_rows(fd: int, arr, y0: int, x0: int, values) -> None:
+    """``arr[:, y0:y0 + h, x0:x0 + w] = values`` for a C×H×W memmap ``arr`` of the file open as ``fd``, with pwrite,
+    row by row: on a full disk an OSError, where the same store through the mapping is SIGBUS."""
+    import numpy as np
+
+    _, H, W = arr.shape
+    values = np.ascontiguousarray(values, dtype=arr.dtype)
+    for c, plane in enumerate(values):
+        for j, row in enumerate(plane):
+            data = memoryview(row).cast("B")
+            if os.pwrite(fd, data, arr.offset + ((c * H + y0 + j) * W + x0) * arr.itemsize) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(arr.filename))
 
 
 def _json_safe(obj):
