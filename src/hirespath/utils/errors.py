@@ -11,5 +11,6 @@ class InputError(ValueError):
 
 
 class StorageError(InputError):
-    """The output folder takes no more (disk full, quota exceeded, read-only file system): the run stops with this
-    message instead of failing every slide that follows; what was finished is kept and a rerun resumes."""
+    """The output folder takes no more (disk full, quota exceeded, read-only file system, a file size limit): the
+    run stops with this message instead of failing every slide that follows; what was finished is kept and a rerun
+    resumes."""
