@@ -284,8 +284,17 @@ def test_a_dicom_slide_is_its_series_folder(encoder, tmp_path):
     (tmp_path / "plain").mkdir()
     write_pyramid(tmp_path / "plain" / "s.tiff", img, 0.5, compression="zlib", levels=(1, 4))
 
+    # a PACS or DICOMweb export names its files without extension, or by UID: found by their DICM preamble
+    bare = tmp_path / "idc" / "export" / "series2"
+    for f in write_dicom_wsi(bare, img[:300, :400], 0.5, levels=(1,)):
+        f.rename(f.with_suffix(""))  # <UID>.dcm → <UID>, whose "suffix" is the UID's last number
+    (bare / "README").write_text("not a slide")
+    slide = open_slide(list_slides(bare.parent)[0].path)
+    assert slide.dimensions == (400, 300)
+    slide.close()
     listed = list_slides(tmp_path / "idc", recursive=True)
-    assert [(s.slide_id, s.path) for s in listed] == [(uid, series)]
+    assert [(s.slide_id, s.path) for s in listed] == [(uid, series), ("series2", bare)]
+    listed = listed[:1]
     assert [s.path for s in list_slides(series.parent)] == [series] == [s.path for s in list_slides(series)]
     csv = tmp_path / "slides.csv"
     pd.DataFrame({"wsi": [str(files[1])], "mpp": [0.5]}).to_csv(csv, index=False)  # any file names its series
@@ -318,9 +327,9 @@ def test_a_folder_that_is_no_dicom_slide_is_skipped_with_its_reason(encoder, tmp
         f.write_bytes(f.read_bytes()[:5000])  # a download cut short: the header whole, the pixels not
     csv = tmp_path / "slides.csv"
     pd.DataFrame({"wsi": ["empty", "broken", "good", "cut"]}).to_csv(csv, index=False)
-    with pytest.raises(SlideError, match="empty is a folder without .dcm files"):
+    with pytest.raises(SlideError, match="empty is a folder without DICOM files"):
         open_slide(tmp_path / "slides" / "empty")
-    with pytest.raises(SlideError, match="cannot read the DICOM slide broken: OpenSlide opens none of its 2 .dcm"):
+    with pytest.raises(SlideError, match="cannot read the DICOM slide broken: OpenSlide opens none of its 2 DICOM"):
         open_slide(broken)
     run = embed_slides(encoder, list_slides(tmp_path / "slides", slides_csv=csv), tmp_path / "job", tile_size=TILE,
                        tile_mpp=2.0, num_workers=0, thumbnails=False)  # fmt: skip

@@ -34,21 +34,34 @@ class SlideSpec:
     mpp: float | None = None
 
 
+def is_dicom_file(path: Path) -> bool:
+    """A .dcm file, or a file named as PACS and DICOMweb exports name them (no extension, or a UID's last number:
+    ``1.2.840.10008.5``) that starts as DICOM files do (``DICM`` after the 128-byte preamble)."""
+    suffix = path.suffix.lower()
+    if suffix == DICOM_SUFFIX:
+        return not path.name.startswith(".") and path.is_file()
+    if (suffix and not suffix[1:].isdigit()) or path.name.startswith(".") or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def dicom_files(folder: str | os.PathLike) -> list[Path]:
-    """The .dcm files directly in ``folder``, sorted (none if it is not a folder)."""
+    """The DICOM files directly in ``folder`` (:func:`is_dicom_file`), sorted (none if it is not a folder)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() == DICOM_SUFFIX and not p.name.startswith(".") and p.is_file()
-    )
+    return sorted(p for p in folder.iterdir() if is_dicom_file(p))
 
 
 def slide_id_of(path: str | os.PathLike) -> str:
     """File name without its extension; ``x.ome.tiff`` → ``x`` (TRIDENT's compound-extension rule); a DICOM slide
     (its folder, or one of its .dcm files) → the folder's name, whole (series UIDs are full of dots)."""
     path = Path(path)
-    if path.suffix.lower() == DICOM_SUFFIX and not path.is_dir():
+    if is_dicom_file(path):
         path = path.parent
     if path.is_dir():
         return path.name
@@ -126,7 +139,7 @@ def list_slides(
                 raise InputError(f"{slides_csv}, row {i + 2}: empty {col!r}")
             path = Path(str(row[col]).strip())
             path = path if path.is_absolute() else base / path
-            if path.suffix.lower() == DICOM_SUFFIX and path.is_file():
+            if is_dicom_file(path):
                 path = path.parent  # the series is the slide, whichever of its files is named
             mpp = _parse_mpp(row["mpp"], f"{slides_csv}, row {i + 2} ({path.name})") if "mpp" in table else None
             specs.append(SlideSpec(slide_id_of(path), path, mpp))
@@ -148,13 +161,13 @@ def list_slides(
     entries = [p for p in (root.rglob("*") if recursive else root.iterdir()) if not p.name.startswith(".")]
     files = [p for p in entries if p.name.lower().endswith(exts) and p.is_file()]
     if recursive:
-        dicom = {p.parent for p in entries if p.suffix.lower() == DICOM_SUFFIX and p.is_file()}
+        dicom = {p.parent for p in entries if is_dicom_file(p)}
     else:
         dicom = {d for d in [root, *(p for p in entries if p.is_dir())] if dicom_files(d)}
     slides = sorted(files + [d for d in dicom if not any(part.startswith(".") for part in d.relative_to(root).parts)])
     if not slides:
         raise InputError(
-            f"no slides in {root} (looked for {', '.join(exts)} files and folders of DICOM .dcm files"
+            f"no slides in {root} (looked for {', '.join(exts)} files and folders of DICOM files"
             f"{', recursively' if recursive else ''})"
         )
     return _check_unique([SlideSpec(slide_id_of(p), p) for p in slides])

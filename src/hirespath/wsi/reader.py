@@ -160,7 +160,7 @@ def _open_dicom(folder: Path):
     files = dicom_files(folder)
     if not files:
         raise SlideError(
-            f"{folder} is a folder without .dcm files; a folder is read as one DICOM slide (the .dcm files of one "
+            f"{folder} is a folder without DICOM files; a folder is read as one DICOM slide (the .dcm files of one "
             f"series), else give a slide file ({READABLE})"
         )
     try:
@@ -178,7 +178,7 @@ def _open_dicom(folder: Path):
             continue
         return slide
     raise SlideError(
-        f"cannot read the DICOM slide {folder.name}: OpenSlide opens none of its {len(files)} .dcm files "
+        f"cannot read the DICOM slide {folder.name}: OpenSlide opens none of its {len(files)} DICOM files "
         f"({'; '.join(errors[:2])}{'; ...' if len(errors) > 2 else ''}); OpenSlide 4 reads VL Whole Slide "
         "Microscopy images in JPEG, JPEG 2000 or uncompressed"
     )
