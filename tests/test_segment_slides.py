@@ -577,6 +577,12 @@ def test_a_map_on_a_short_disk_is_written_with_pwrite_and_a_full_disk_is_an_erro
         return m
 
     mapped = stitched(".mapped")
+    monkeypatch.setenv(stitch.MAP_WRITES_ENV, "pwrite")  # a file system with quotas: pwrite always
+    np.testing.assert_array_equal(stitched(".quota"), mapped)
+    monkeypatch.setenv(stitch.MAP_WRITES_ENV, "bogus")
+    with pytest.raises(InputError, match="HIRESPATH_MAP_WRITES='bogus': use auto"):
+        stitched(".bogus")
+    monkeypatch.delenv(stitch.MAP_WRITES_ENV)
     monkeypatch.setattr(stitch, "disk_is_short", lambda path: True)
     np.testing.assert_array_equal(stitched(".short"), mapped)
 

@@ -35,7 +35,7 @@ from ..wsi.listing import SlideSpec
 from .model import SegmentationCheckpoint, tile_probabilities
 from .polygons import mask_polygons, masks_polygons
 from .probs_tiff import pyramid, read_description, write_probs_tiff
-from .stitch import BLENDS, ProbabilityStitcher, blend_weights, to_uint8
+from .stitch import BLENDS, ProbabilityStitcher, blend_weights, pwrite_always, to_uint8
 
 log = logging.getLogger("hirespath.segmentation")
 
@@ -454,6 +454,7 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
     from ..embeddings.features import slide_job
 
     options.check()
+    pwrite_always()  # HIRESPATH_MAP_WRITES checked once, before any slide
     mpp = seg.mpp if tiling.mpp is None else float(tiling.mpp)
     if not math.isclose(mpp, seg.mpp, rel_tol=0.01):
         log.warning("tile.mpp=%g but the model was trained at %.4g µm/px (%s): cells will look %.2f× %s than in "
