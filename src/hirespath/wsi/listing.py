@@ -59,7 +59,7 @@ def dicom_files(folder: str | os.PathLike) -> list[Path]:
 
 def slide_id_of(path: str | os.PathLike) -> str:
     """File name without its extension; ``x.ome.tiff`` → ``x`` (TRIDENT's compound-extension rule); a DICOM slide
-    (its folder, or one of its .dcm files) → the folder's name, whole (series UIDs are full of dots)."""
+    (its folder, or one of its DICOM files) → the folder's name, whole (series UIDs are full of dots)."""
     path = Path(path)
     if is_dicom_file(path):
         path = path.parent
@@ -104,9 +104,9 @@ def list_slides(
 ) -> list[SlideSpec]:
     """The slides of ``wsi_dir`` (files with one of ``extensions``, sorted) or of a CSV list.
 
-    A DICOM slide is a folder holding its series' .dcm files: each sub-folder of ``wsi_dir`` that holds .dcm files
-    is one slide named after the folder (with ``recursive``, every such folder of the tree: IDC's
-    collection/patient/study/series layout), and so is ``wsi_dir`` itself when it holds them.
+    A DICOM slide is a folder holding its series' DICOM files (:func:`is_dicom_file`): each sub-folder of
+    ``wsi_dir`` that holds them is one slide named after the folder (with ``recursive``, every such folder of the
+    tree: IDC's collection/patient/study/series layout), and so is ``wsi_dir`` itself when it holds them.
 
     The CSV (TRIDENT's ``--custom_list_of_wsis``) has a column ``wsi`` or ``path`` (a slide file, or a DICOM slide's
     folder or one of its files), relative to ``wsi_dir`` when

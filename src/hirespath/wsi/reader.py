@@ -152,7 +152,7 @@ def _subifd_pyramid(path: Path):
 
 
 def _open_dicom(folder: Path):
-    """A DICOM slide: the folder of its series' .dcm files, opened by OpenSlide (4.0+) through one of them — it
+    """A DICOM slide: the folder of its series' DICOM files, opened by OpenSlide (4.0+) through one of them — it
     reads the series' other files (levels, label, overview) from the same folder. Files that are not a whole-slide
     image (a DICOMDIR, a structured report) are passed over."""
     from .listing import dicom_files
