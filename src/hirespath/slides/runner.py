@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..utils.cpu_memory import keep_freed_memory, release_freed_memory
 from ..utils.errors import InputError
-from ..utils.io import out_of_storage, storage_error, try_lock
+from ..utils.io import out_of_storage, storage_errors, try_lock
 from ..utils.threads import AdaptiveThreads, available_cores, torch_threads
 from ..utils.timing import startup_seconds
 from ..wsi import trident_h5
@@ -293,6 +293,7 @@ def run_slides(
     bar = tqdm(todo, desc=f"slides (rank {rank})" if world_size > 1 else "slides", disable=not runtime.progress,
                unit="slide")  # fmt: skip
     with (
+        storage_errors(out_dir, RESUME),  # a full disk (settle re-raises it) stops the run with one error
         _memory_returned_at_the_end(),
         ThreadPoolExecutor(1, thread_name_prefix="slide-prepare") as prep_pool,
         torch_threads(policy.n, f"{job.num_workers} tile reader {job.reader}") if policy else contextlib.nullcontext(),
@@ -335,7 +336,7 @@ def run_slides(
                     "threads": policy.n if policy else torch.get_num_threads(),
                 }  # fmt: skip
             except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
-                if out_of_storage(err):  # but a full disk fails every slide after it: stop (below)
+                if out_of_storage(err):  # but a full disk fails every slide after it: storage_errors stops the run
                     raise
                 if not isinstance(err, SlideError):
                     if not runtime.skip_errors:
@@ -419,17 +420,9 @@ def run_slides(
                     return closing(background), background
 
                 pending.append((spec, lock, t_slide, stages, closer.submit(close_behind)))
-        except Exception as err:
-            if out_of_storage(err):
-                raise storage_error(err, out_dir, RESUME) from err
-            raise
         finally:
             try:
                 settle_pending()
-            except Exception as err:
-                if out_of_storage(err):
-                    raise storage_error(err, out_dir, RESUME) from err
-                raise
             finally:
                 if closer is not None:
                     closer.shutdown(wait=True)

@@ -83,6 +83,17 @@ def storage_error(
     )
 
 
+@contextmanager
+def storage_errors(folder: str | os.PathLike, then: str = "Make room and run again"):
+    """A full disk inside the block (:func:`out_of_storage`) is raised as :func:`storage_error`'s StorageError."""
+    try:
+        yield
+    except Exception as err:
+        if out_of_storage(err) and not isinstance(err, StorageError):
+            raise storage_error(err, folder, then) from err
+        raise
+
+
 def _chain(err: BaseException | None):
     seen = set()
     while err is not None and id(err) not in seen:

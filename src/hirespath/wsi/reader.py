@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .listing import dicom_files
+
 log = logging.getLogger("hirespath.wsi")
 
 # a level whose downsample is within 1 % above the needed one is read and upsampled by ≤ 1 % (SVS levels are
@@ -155,8 +157,6 @@ def _open_dicom(folder: Path):
     """A DICOM slide: the folder of its series' DICOM files, opened by OpenSlide (4.0+) through one of them — it
     reads the series' other files (levels, label, overview) from the same folder. Files that are not a whole-slide
     image (a DICOMDIR, a structured report) are passed over."""
-    from .listing import dicom_files
-
     files = dicom_files(folder)
     if not files:
         raise SlideError(

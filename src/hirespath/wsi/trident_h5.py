@@ -52,7 +52,7 @@ import h5py
 import numpy as np
 
 from ..utils.errors import InputError
-from ..utils.io import _umask, discard_h5, new_h5
+from ..utils.io import _umask, atomic_path, discard_h5, new_h5
 
 CHUNK_BYTES = 1 << 18
 SCORES_DESCRIPTION = (
@@ -317,19 +317,10 @@ class FeatureWriter:
 def write_patches_h5(path: str | os.PathLike, coords, attrs: dict) -> Path:
     """TRIDENT's ``<slide>_patches.h5``: the ``coords`` dataset with the tiling attributes, written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with new_h5(tmp) as f:
-            dset = _dataset(f, "coords", 2, np.int64)
-            _append(dset, np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-            _set_attrs(dset, attrs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, new_h5(tmp) as f:
+        dset = _dataset(f, "coords", 2, np.int64)
+        _append(dset, np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+        _set_attrs(dset, attrs)
     return path
 
 
