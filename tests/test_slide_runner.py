@@ -419,10 +419,11 @@ def test_a_full_disk_stops_the_run_and_a_rerun_resumes(slides, tmp_path):
     assert pd.read_csv(out / "skipped.csv").empty  # s1 was not skipped: the run stopped
 
 
-def test_memory_mapped_maps_are_allocated_when_the_disk_is_short(tmp_path, monkeypatch):
+def test_memory_mapped_maps_are_allocated_when_the_disk_is_short_or_shared(tmp_path, monkeypatch):
     """A write into a memory-mapped page the disk has no block for kills the process (SIGBUS, no message): with
-    less than twice its size free, a map that will be written whole (a pyramid level) is allocated at once, so a
-    full disk is an OSError before it is written; with room it stays sparse until written."""
+    less than twice its size free, or on a shared file system (a quota not in the free space), a map that will be
+    written whole (a pyramid level) is allocated at once, so a full disk is an OSError before it is written; with
+    room it stays sparse until written."""
     import errno
     import os
     import shutil
@@ -450,6 +451,12 @@ def test_memory_mapped_maps_are_allocated_when_the_disk_is_short(tmp_path, monke
     assert not (tmp_path / "full.npy").exists()
     message = str(io.storage_error(caught.value))
     assert message.startswith(f"cannot write to {tmp_path}: No space left on device; writing full.npy, 33.6 MB; ")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(io, "file_system_type", lambda path: "gpfs")  # a quota its free space does not show
+    quota = io.new_memmap(tmp_path / "quota.npy", np.uint8, (8, 2048, 2048))
+    assert os.stat(tmp_path / "quota.npy").st_blocks * 512 >= 8 * 2048 * 2048
+    del quota
 
 
 def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):

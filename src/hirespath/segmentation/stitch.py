@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.errors import InputError
-from ..utils.io import disk_is_short, new_memmap, write_rows
+from ..utils.io import map_writes, mapping_may_fault, new_memmap, write_rows
 from ..utils.threads import available_cores
 
 BLENDS = ("linear", "crop")
@@ -63,20 +62,6 @@ BLOCK = 256
 SPARE_BLOCKS = 96  # freed blocks kept for reuse (more than one 1,792 px tile's 64–81): fresh ones cost page faults
 
 
-MAP_WRITES_ENV = "HIRESPATH_MAP_WRITES"
-
-
-def pwrite_always() -> bool:
-    """Whether the map's blocks are always written with pwrite (a full disk is an OSError, the run stops with a
-    StorageError) rather than through the mapping (a full disk there is SIGBUS: the process dies with "Bus error"),
-    which is ~3× faster: ``HIRESPATH_MAP_WRITES=pwrite``, for file systems with user quotas (Lustre or GPFS on a
-    cluster) whose free space does not show the quota. By default (``auto``) only when the disk is short."""
-    mode = os.environ.get(MAP_WRITES_ENV, "auto")
-    if mode not in ("auto", "pwrite"):
-        raise InputError(f"{MAP_WRITES_ENV}={mode!r}: use auto (pwrite when the disk is short) or pwrite (always)")
-    return mode == "pwrite"
-
-
 class ProbabilityStitcher:
     """``add`` tiles (C×S×S probabilities at map px x, y; parts outside the map are dropped), then ``finalize``
     to the uint8 C×H×W map (a memmap file, one plane per class: the probability TIFF's planes and each class's
@@ -99,11 +84,12 @@ class ProbabilityStitcher:
         self.shape, self.channels, self.weights = (int(shape[0]), int(shape[1])), int(channels), weights
         self.block = int(block)
         self.files: list[Path] = []
-        always = pwrite_always()
+        map_writes()  # a bad HIRESPATH_MAP_WRITES before any file is made
         # zero-filled sparse file: only the tissue's blocks take disk space; 0 where no tile was
         self.out: np.memmap | None = self._memmap("probs", np.uint8, (self.channels, *self.shape))
-        # pwrite when the disk is short (< 2× the map free): a full disk is then an error, not SIGBUS
-        self._fd = os.open(self.out.filename, os.O_RDWR) if always or disk_is_short(self.out.filename) else None
+        # pwrite where a store through the mapping may find no block (a short disk, a quota): a full disk is then
+        # an error, not SIGBUS
+        self._fd = os.open(self.out.filename, os.O_RDWR) if mapping_may_fault(self.out.filename) else None
         self.open: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # block → (Σ w·p, Σ w)
         self.pending: dict[tuple[int, int], int] = {}  # block → listed tiles not added yet
         self.written: set[tuple[int, int]] = set()
