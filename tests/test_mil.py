@@ -495,6 +495,39 @@ def test_heatmap_of_a_slide_qupath_crops_shows_its_scanned_region(tmp_path, monk
     assert png.stat().st_size > 0
 
 
+def test_heatmap_thumbnail_of_a_one_level_slide_is_read_in_strips(tmp_path, monkeypatch):
+    """OpenSlide's get_thumbnail reads its best level whole: for a one-level slide (a flat TIFF export), all of
+    level 0 at once (10 GB RGBA for 50,000 px). The heatmap's background is read in strips, as the tissue
+    thumbnails are, and has the asked-for long side."""
+    from hirespath.data.panda_synthetic import write_pyramid
+    from hirespath.viz import mil as viz
+    from hirespath.wsi.reader import open_slide
+
+    h, w = 3072, 4096  # 50 MB as RGBA, more than one strip (32 MB)
+    gradient = np.linspace(40, 220, w, dtype=np.float32)[None, :, None]
+    image = np.broadcast_to(gradient, (h, w, 3)).astype(np.uint8)
+    path = tmp_path / "flat.tiff"
+    write_pyramid(path, image, 0.5, compression="jpeg", levels=(1,))
+    reads = []
+
+    def recording(p):
+        slide = open_slide(p)
+        real = slide.read_region
+
+        def read_region(location, level, size):
+            reads.append(size[0] * size[1] * 4)
+            return real(location, level, size)
+
+        slide.read_region = read_region
+        return slide
+
+    monkeypatch.setattr(viz, "open_slide", recording)
+    thumb, region = viz._thumbnail(path, 512)
+    assert region == (0, 0, w, h) and thumb.shape == (384, 512, 3)
+    assert reads and max(reads) <= 32 << 20  # never the whole level
+    assert abs(float(thumb[:, 0].mean()) - 40) < 6 and abs(float(thumb[:, -1].mean()) - 220) < 6  # its left, right
+
+
 def test_panda_slide_labels_use_the_roi_tasks_split_file(tmp_path):
     from hirespath.data.panda import load_or_make_split, read_labels
 

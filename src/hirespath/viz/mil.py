@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from ..utils.io import atomic_path
 from ..wsi import qupath
-from ..wsi.reader import SlideError, best_level, open_slide, read_region
+from ..wsi.reader import SlideError, open_slide, read_thumbnail
 
 log = logging.getLogger("hirespath.viz")
 
@@ -110,23 +112,24 @@ def token_overlay(coords: np.ndarray, values: np.ndarray, shape: tuple[int, int]
 
 
 def _thumbnail(slide_path, max_side: int):
-    """(RGB array, (x, y, width, height): the level-0 region it shows) of the image QuPath shows of the slide (the
-    whole slide, or the scanned region of a MIRAX or SCN slide, whose canvas can be several times larger and
-    empty), or None when it cannot be read."""
+    """(RGB array, its long side ``max_side`` or the region's own when smaller; (x, y, width, height): the level-0
+    region it shows) of the image QuPath shows of the slide (the whole slide, or the scanned region of a MIRAX or
+    SCN slide, whose canvas can be several times larger and empty), or None when it cannot be read.
+
+    Read as the tissue thumbnails are (:func:`~hirespath.wsi.reader.read_thumbnail`: in strips, at a level that
+    holds ``max_side`` px), not with ``get_thumbnail``, which reads the level whole: a one-level 50,000 px slide
+    would be 10 GB."""
     try:
         slide = open_slide(slide_path)
     except SlideError as err:
         log.warning("heatmap without thumbnail: %s", err)
         return None
     try:
-        region = x, y, w, h = qupath.image_region(slide)
-        if (w, h) == tuple(slide.dimensions):
-            return np.asarray(slide.get_thumbnail((max_side, max_side)).convert("RGB")), region
-        level = best_level(slide.level_downsamples, max(w, h) / max_side)
-        d = float(slide.level_downsamples[level])
-        thumb = read_region(slide, (x, y), level, (max(1, round(w / d)), max(1, round(h / d))))
-        thumb.thumbnail((max_side, max_side))
-        return np.asarray(thumb.convert("RGB")), region
+        region = qupath.image_region(slide)
+        image, _ = read_thumbnail(slide, 2 * max_side, region)  # long side max_side to 2·max_side
+        thumb = Image.fromarray(image).convert("RGB")
+        thumb.thumbnail((max_side, max_side), Image.LANCZOS)
+        return np.asarray(thumb), region
     except Exception as err:  # noqa: BLE001 — corrupt slides surface as many exception types
         log.warning("heatmap without thumbnail: cannot read %s: %s", Path(slide_path).name, err)
         return None
@@ -193,8 +196,8 @@ def attention_heatmap(
         ax.axis("off")
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        with atomic_path(path) as tmp:  # a killed run leaves no half-written picture
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
     return path
