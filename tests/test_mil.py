@@ -649,3 +649,34 @@ def test_end_to_end_on_embedded_synthetic_panda_slides(tmp_path, one_thread):
             slide_path=lambda s: root / "train_images" / f"{s}.tiff",
         )
         assert [p.stem for p in pngs] == sorted(pred.slide_id)[:4]
+
+
+def test_a_figure_killed_while_written_leaves_the_last_one(tmp_path, monkeypatch):
+    """Every PNG (heatmaps, overlays, benchmark plots, reports) goes through ``save_png``: a run killed while
+    writing one leaves the previous picture, or none, never half a file that a viewer then cannot open."""
+    from matplotlib.figure import Figure
+
+    from hirespath.viz.figures import pyplot, save_png
+    from hirespath.viz.segmentation import segmentation_overlay
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    path = tmp_path / "plot.png"
+    save_png(fig, path, close=False)
+    first = path.read_bytes()
+    ax.plot([1, 0])
+
+    def killed(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG\r\n\x1a\n half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_png(fig, path)
+    assert path.read_bytes() == first and list(tmp_path.iterdir()) == [path]
+    assert not plt.fignum_exists(fig.number)  # closed all the same
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        segmentation_overlay(image, np.ones((32, 32)), np.zeros((32, 32)), "t", tmp_path / "overlay.png")
+    assert list(tmp_path.iterdir()) == [path]

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..utils.io import atomic_path
+from ..viz.figures import pyplot, save_png
 from .spec import COLUMNS, BenchConfig, asked_backend
 
 
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
     """Time and memory vs resolution, log axes, one line per configuration."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
+
+    plt = pyplot()
+    import matplotlib.ticker
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -60,9 +58,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     backbone, dtype = (df.backbone.iloc[0], df.dtype.iloc[0]) if len(df) else ("", "")
     fig.suptitle(title or f"{backbone} on {device} ({dtype}); dotted: first OOM")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_segmentation(rows: list[dict], path: Path, title: str = "") -> None:
@@ -70,11 +66,9 @@ def plot_segmentation(rows: list[dict], path: Path, title: str = "") -> None:
     and its two factors; and, where measured, the seam Dice of both blends (bar: mean, dots: the classes)."""
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
+
+    plt = pyplot()
 
     df = pd.DataFrame(rows)
     labels = [f"{r.tile_size} px {r.attention}" + (f" w={r.window}" if r.attention == "sparse" else "")
@@ -118,6 +112,4 @@ def plot_segmentation(rows: list[dict], path: Path, title: str = "") -> None:
     fig.suptitle(title or f"whole-slide segmentation, {first.get('model', '')} on {first.get('device', '')}: "
                  f"{first.tissue_mm2:.2f} mm² of tissue", fontsize=10)  # fmt: skip
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)

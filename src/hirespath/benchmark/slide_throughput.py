@@ -31,6 +31,7 @@ from ..embeddings.features import embed_slides, encoder_forward
 from ..models.backbones import build_timm_model, get_backbone
 from ..slides import BACKGROUND, STAGES, Runtime, TileModel
 from ..utils.io import atomic_path
+from ..viz.figures import pyplot, save_png
 from ..wsi.tile_readers import SlideTileDataset
 from ..wsi.tissue import tile_grid
 from .costmodel import encoder_cost
@@ -210,10 +211,7 @@ def write_embedding_csv(rows: list[dict], path: Path) -> None:
 
 def plot_embedding(rows: list[dict], path: Path, title: str = "") -> None:
     """Bars: tissue mm² per second end to end and encoder-only, per configuration."""
-    import matplotlib  # heavy, only for the plot
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(df)), 4.2))
@@ -228,6 +226,4 @@ def plot_embedding(rows: list[dict], path: Path, title: str = "") -> None:
     device = df.device.iloc[0] if len(df) else ""
     ax.set_title(title or f"{df.backbone.iloc[0] if len(df) else ''} on {device}: whole-slide embedding throughput")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)

@@ -47,6 +47,7 @@ from ..results import (
     TRAIN_PEAK_MEMORY_GB,
 )
 from ..utils.io import atomic_path, write_text
+from ..viz.figures import pyplot, save_png
 
 log = logging.getLogger("hirespath.report")
 
@@ -517,15 +518,11 @@ def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, flo
 
 def figure1(t1: pd.DataFrame, path: str | Path, metric: str = "lp_acc") -> Path | None:
     """Figure 1: accuracy vs resolution, memory vs resolution, accuracy–memory Pareto front (vanilla vs ours)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     if not len(t1):
         return None
     if metric not in t1 or t1[metric].isna().all():
         metric = "knn_acc" if "knn_acc" in t1 and t1["knn_acc"].notna().any() else metric
+    plt = pyplot()
     style = {"vanilla": dict(color="tab:gray", marker="o"), "ours": dict(color="tab:red", marker="s")}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for method, sub in t1.groupby("method"):
@@ -573,11 +570,7 @@ def figure1(t1: pd.DataFrame, path: str | Path, metric: str = "lp_acc") -> Path 
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------------------------- entry

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.io import atomic_path
+from ..viz.figures import pyplot, save_png
 
 
 def class_masks_at(small_probs: np.ndarray, size: tuple[int, int], threshold: float) -> np.ndarray:
@@ -22,11 +22,9 @@ def class_masks_at(small_probs: np.ndarray, size: tuple[int, int], threshold: fl
 
 def save_overlay(path: Path, thumbnail: np.ndarray, masks: np.ndarray, classes: list[str], colors: list, title: str,
                  areas_mm2: list[float]) -> Path:  # fmt: skip
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    plt = pyplot()
 
     img = thumbnail.astype(np.float32) / 255
     for m, col in zip(masks, colors):
@@ -41,7 +39,4 @@ def save_overlay(path: Path, thumbnail: np.ndarray, masks: np.ndarray, classes: 
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi="figure", bbox_inches="tight")

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..modules.smoke_classifier import LinearClassifier
 from ..results import METRICS_FILE, TEST_ACCURACY
 from ..utils.hydra import instantiate_list
-from ..utils.io import atomic_path, write_json
+from ..utils.io import write_json
 from ..utils.wandb import log_config, log_images
+from ..viz.figures import pyplot, save_png
 
 log = logging.getLogger("hirespath.smoke")
 
@@ -28,18 +29,12 @@ def make_blobs(n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.T
 
 
 def _scatter_png(x: torch.Tensor, y: torch.Tensor, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.scatter(x[:, 0], x[:, 1], c=y, s=6, cmap="tab10")
     ax.set(title="smoke data (first two features)")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=80)
 
 
 def run_smoke(cfg: DictConfig) -> dict:

@@ -15,20 +15,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..utils.io import atomic_path
 from ..wsi import qupath
 from ..wsi.reader import SlideError, open_slide, read_thumbnail
+from .figures import pyplot, save_png
 
 log = logging.getLogger("hirespath.viz")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def infer_tile_size(coords: np.ndarray) -> int | None:
@@ -181,7 +172,7 @@ def attention_heatmap(
     else:
         uniform = is_uniform(attention)
         overlay = tile_overlay(coords, _scaled(attention, scale), image.shape[:2], sx, sy, tile)
-    plt = _plt()
+    plt = pyplot()
     h, w = image.shape[:2]
     fig, ax = plt.subplots(figsize=(7, max(2.0, 7 * h / w)))
     try:
@@ -195,12 +186,10 @@ def attention_heatmap(
         ax.set_title(title or f"{len(coords)} tiles", fontsize=9)
         ax.axis("off")
         fig.tight_layout()
-        path = Path(path)
-        with atomic_path(path) as tmp:  # a killed run leaves no half-written picture
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_png(fig, path)
 
 
 def attention_heatmaps(

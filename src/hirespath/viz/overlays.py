@@ -12,17 +12,9 @@ import torch
 from ..utils.wandb import log_images
 from ..wsi.reader import SlideError
 from ..wsi.rois import ROI, read_roi
+from .figures import pyplot, save_png
 
 log = logging.getLogger("hirespath.viz")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def kept_mask(positions: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
@@ -44,7 +36,7 @@ def pruned_token_overlay(
     """The ROI with every pruned patch drawn as a red square; returns the figure (and saves a PNG)."""
     from matplotlib.patches import Rectangle
 
-    plt = _plt()
+    plt = pyplot()
     kept = kept_mask(positions, grid)
     fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
     ax.imshow(image)
@@ -54,7 +46,7 @@ def pruned_token_overlay(
     ax.axis("off")
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=120)
+        save_png(fig, path, close=False)
     return fig
 
 
@@ -70,7 +62,7 @@ def sparse_pattern_figure(
     Right: the full (prefix + patches)² attention mask of that small grid, block structure visible."""
     from ..models.attention import TokenLayout, sparse_reference_mask
 
-    plt = _plt()
+    plt = pyplot()
     layout = TokenLayout.full_grid(1, grid, num_prefix, "cpu")
     mask = sparse_reference_mask(layout, window, radius)[0].numpy()
     q = query or (grid[0] // 2, grid[1] // 2)
@@ -97,7 +89,7 @@ def sparse_pattern_figure(
         ax.set_yticks([])
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=120)
+        save_png(fig, path, close=False)
     return fig
 
 
@@ -105,7 +97,7 @@ def save_pruned_token_figures(
     encoder, root: Path, rois: pd.DataFrame, resolution: int, out_dir: Path, loggers, n: int = 2
 ) -> list[Path]:
     """Pruned-token overlays for the first ``n`` test ROIs and a picture of the sparse attention pattern."""
-    import matplotlib.pyplot as plt  # heavy, only when figures are drawn
+    plt = pyplot()
 
     paths = []
     figs = out_dir / "figures"

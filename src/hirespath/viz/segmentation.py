@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .figures import pyplot, save_png
+
 
 def segmentation_overlay(image: np.ndarray, target: np.ndarray, pred: np.ndarray, title: str, path: str | Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     axes[0].imshow(image)
@@ -29,6 +28,4 @@ def segmentation_overlay(image: np.ndarray, target: np.ndarray, pred: np.ndarray
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path, dpi=100)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.io import atomic_path
-from .overlays import _plt
+from .figures import pyplot, save_png
 
 OVERLAY_SIDE = 448  # px per tile in the pruned-token figure (a 1,792 px tile is shown 4× smaller)
 
@@ -33,7 +32,7 @@ def save_thumbnail(path: Path, grid, title: str = "") -> Path:
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
 
-    plt = _plt()
+    plt = pyplot()
     thumb, mask, (dx, dy) = grid.thumbnail, grid.mask, grid.mask_downsample
     h, w = mask.shape
     fig, ax = plt.subplots(figsize=(8, 8 * h / w) if w >= h else (8 * w / h, 8))
@@ -50,10 +49,7 @@ def save_thumbnail(path: Path, grid, title: str = "") -> Path:
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def pruned_overlays_figure(tiles, patch: int, title: str = "", side: int = OVERLAY_SIDE):
@@ -61,7 +57,7 @@ def pruned_overlays_figure(tiles, patch: int, title: str = "", side: int = OVERL
 
     ``tiles``: (tile index, uint8 H×W×3 image, kept (row, col) positions N'×2, patch grid (rows, cols)). The
     pruned patches are one RGBA image per panel (not one rectangle per patch: a 1,792 px tile has 16,384)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(tiles), figsize=(4.2 * len(tiles), 4.6), squeeze=False)
     for ax, (index, image, positions, (rows, cols)) in zip(axes[0], tiles):
         step = max(1, int(np.ceil(max(image.shape[:2]) / side)))
@@ -85,9 +81,4 @@ def pruned_overlays_figure(tiles, patch: int, title: str = "", side: int = OVERL
 
 def save_pruned_overlays(path: Path, tiles, patch: int, title: str = "") -> Path:
     """:func:`pruned_overlays_figure` written as one PNG (atomically)."""
-    plt = _plt()
-    fig = pruned_overlays_figure(tiles, patch, title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_png(pruned_overlays_figure(tiles, patch, title), path, dpi=100)
