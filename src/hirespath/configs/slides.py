@@ -18,6 +18,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from ..utils.config import Problems, has_key, is_int, is_number, one_of, select
+from ..utils.errors import InputError
+from ..wsi.listing import slide_extensions
 from .model import Geometry, check_patch_multiple
 
 
@@ -71,7 +73,8 @@ TASK_RENAMED: dict[str, dict[str, str]] = {
 }
 
 # The tasks whose slide-reading outputs go to ``job_dir``.
-JOB_TASKS = ("embed_slides", "mil", "predict_slides")
+JOB_OUTPUTS = {"segment_slides": "segmentations"}  # the others write slide embeddings
+JOB_TASKS = ("embed_slides", "mil", "predict_slides", "segment_slides")
 
 
 def _tiling_checker():
@@ -187,6 +190,10 @@ def check_job_paths(cfg: DictConfig, task: str | None, problems: Problems) -> No
     if slides is not None and not slides.is_file():
         what = "is a folder (for a folder of slides use wsi_dir=)" if slides.is_dir() else "does not exist"
         problems.add(f"slides={str(slides)!r}: {what}; give a CSV file with a column 'wsi' (or 'path') of slides")
+    try:
+        slide_extensions(select(cfg, "wsi_ext") if has_key(cfg, "wsi_ext") else None)
+    except InputError as err:
+        problems.add(str(err))
     features_dir = _path(cfg, "features_dir")
     if features_dir is not None and not features_dir.is_dir():
         what = "is a file, not a folder" if features_dir.exists() else "does not exist"
@@ -198,7 +205,9 @@ def check_job_paths(cfg: DictConfig, task: str | None, problems: Problems) -> No
     if job_dir is not None and features_dir is None:
         why = _output_dir_problem(job_dir)
         if why:
-            problems.add(f"job_dir={str(job_dir)!r}: {why}; give a folder to write the embeddings to")
+            problems.add(
+                f"job_dir={str(job_dir)!r}: {why}; give a folder to write the {JOB_OUTPUTS.get(task, 'embeddings')} to"
+            )
 
 
 def renamed_keys(cfg: DictConfig, renamed: dict[str, str]) -> list[tuple[str, str, Any]]:

@@ -68,7 +68,11 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     if not cfg.features_dir and not cfg.wsi_dir and not cfg.slides:
         raise InputError("predict_slides needs features_dir=DIR (features to predict) or wsi_dir=DIR / slides=LIST.csv "
                          "with job_dir=OUT (slides to embed first with the model's encoder)")  # fmt: skip
-    specs = list_slides(cfg.wsi_dir, cfg.slides, recursive=bool(cfg.recursive)) if cfg.wsi_dir or cfg.slides else []
+    specs = (
+        list_slides(cfg.wsi_dir, cfg.slides, cfg.get("wsi_ext"), recursive=bool(cfg.recursive))
+        if cfg.wsi_dir or cfg.slides
+        else []
+    )
     slide_paths = {s.slide_id: s.path for s in specs}
     skipped: list[tuple[str, str]] = []
     if cfg.features_dir:

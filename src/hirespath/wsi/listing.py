@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,10 +98,29 @@ def _parse_mpp(value, where: str) -> float | None:
     return mpp
 
 
+def slide_extensions(value, key: str = "wsi_ext") -> tuple[str, ...] | None:
+    """The file extensions a user gave (``wsi_ext=[.svs,.ndpi]``, or one as a string; the dot and case optional),
+    as lower-case ``.ext``; None for None (the default: :data:`SLIDE_EXTENSIONS` and DICOM folders)."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value) if isinstance(value, Sequence) else None
+    hint = f"give e.g. {key}=[.svs,.ndpi] ({DICOM_SUFFIX}: folders of DICOM files; .png, .jpg: exported regions)"
+    if not values:
+        raise InputError(f"{key}={value!r}: {hint}")
+    exts = []
+    for v in values:
+        ext = str(v).strip().lower() if isinstance(v, str) else ""
+        ext = ext if ext.startswith(".") else f".{ext}"
+        if not re.fullmatch(r"\.[a-z0-9][a-z0-9._-]*", ext):
+            raise InputError(f"{key}: {v!r} is not a file extension; {hint}")
+        exts.append(ext)
+    return tuple(dict.fromkeys(exts))
+
+
 def list_slides(
     wsi_dir: str | os.PathLike | None = None,
     slides_csv: str | os.PathLike | None = None,
-    extensions: tuple[str, ...] = SLIDE_EXTENSIONS,
+    extensions=None,
     recursive: bool = False,
 ) -> list[SlideSpec]:
     """The slides of ``wsi_dir`` (files with one of ``extensions``, sorted) or of a CSV list.
@@ -107,6 +128,9 @@ def list_slides(
     A DICOM slide is a folder holding its series' DICOM files (:func:`is_dicom_file`): each sub-folder of
     ``wsi_dir`` that holds them is one slide named after the folder (with ``recursive``, every such folder of the
     tree: IDC's collection/patient/study/series layout), and so is ``wsi_dir`` itself when it holds them.
+    ``extensions`` (:func:`slide_extensions`, TRIDENT's ``--wsi_ext``): only files with these, and DICOM folders
+    only when ``.dcm`` is among them; None: :data:`SLIDE_EXTENSIONS` and DICOM folders. A CSV's files are taken
+    whatever their extension.
 
     The CSV (TRIDENT's ``--custom_list_of_wsis``) has a column ``wsi`` or ``path`` (a slide file, or a DICOM slide's
     folder or one of its files), relative to ``wsi_dir`` when
@@ -157,18 +181,22 @@ def list_slides(
     root = Path(wsi_dir)
     if not root.is_dir():
         raise InputError(f"wsi_dir={root} is not a folder")
-    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    exts = slide_extensions(extensions) or (*SLIDE_EXTENSIONS, DICOM_SUFFIX)
+    file_exts, want_dicom = tuple(e for e in exts if e != DICOM_SUFFIX), DICOM_SUFFIX in exts
     entries = [p for p in (root.rglob("*") if recursive else root.iterdir()) if not p.name.startswith(".")]
-    files = [p for p in entries if p.name.lower().endswith(exts) and p.is_file()]
-    if recursive:
+    files = [p for p in entries if file_exts and p.name.lower().endswith(file_exts) and p.is_file()]
+    if not want_dicom:
+        dicom = set()
+    elif recursive:
         dicom = {p.parent for p in entries if is_dicom_file(p)}
     else:
         dicom = {d for d in [root, *(p for p in entries if p.is_dir())] if dicom_files(d)}
     slides = sorted(files + [d for d in dicom if not any(part.startswith(".") for part in d.relative_to(root).parts)])
     if not slides:
+        looked = [f"{', '.join(file_exts)} files"] if file_exts else []
+        looked += ["folders of DICOM files"] if want_dicom else []
         raise InputError(
-            f"no slides in {root} (looked for {', '.join(exts)} files and folders of DICOM files"
-            f"{', recursively' if recursive else ''})"
+            f"no slides in {root} (looked for {' and '.join(looked)}{', recursively' if recursive else ''})"
         )
     return _check_unique([SlideSpec(slide_id_of(p), p) for p in slides])
 
