@@ -278,6 +278,31 @@ def test_tissue_is_found_at_the_same_resolution_whatever_levels_the_pyramid_has(
     assert any(x <= 60 and x + 224 >= 90 and y <= 300 and y + 224 >= 330 for x, y in halving.coords)
 
 
+def test_a_csv_slide_id_names_the_outputs(encoder, wsi_dir, tmp_path):
+    """A slides= CSV may name each slide's outputs (column ``slide_id``): an IDC DICOM folder is its series UID,
+    exported files share stems, and labels are keyed by barcodes. Ids stay as written (``0012``, not 12); an empty
+    cell keeps the file stem; an id that cannot name a file is refused with its row."""
+    csv = tmp_path / "slides.csv"
+    pd.DataFrame({"path": ["synth.tiff", "synth.tiff", "cmu.svs"], "slide_id": ["0012", "TCGA-AA-3516-01Z", ""],
+                  "mpp": [None, 0.5, None]}).to_csv(csv, index=False)  # fmt: skip
+    specs = list_slides(wsi_dir, csv)
+    assert [(s.slide_id, s.path.name, s.mpp) for s in specs] == [
+        ("0012", "synth.tiff", None), ("TCGA-AA-3516-01Z", "synth.tiff", 0.5), ("cmu", "cmu.svs", None)]  # fmt: skip
+    run = embed_slides(encoder, specs[:2], tmp_path / "job", tile_size=TILE, tile_mpp=2.0, num_workers=0,
+                       thumbnails=False)  # fmt: skip
+    files = sorted(p.name for p in Path(run["features_dir"]).glob("*.h5"))
+    assert files == ["0012.h5", "TCGA-AA-3516-01Z.h5"]
+    a, b = (trident_h5.read_features(Path(run["features_dir"]) / f) for f in files)
+    np.testing.assert_array_equal(a["features"], b["features"])  # the same slide under two names
+    for bad in ("../x", ".hidden", "a/b"):
+        pd.DataFrame({"path": ["synth.tiff"], "slide_id": [bad]}).to_csv(csv, index=False)
+        with pytest.raises(InputError, match=rf"row 2: slide_id '{re.escape(bad)}' cannot name the output files"):
+            list_slides(wsi_dir, csv)
+    pd.DataFrame({"path": ["synth.tiff", "cmu.svs"], "slide_id": ["s", "s"]}).to_csv(csv, index=False)
+    with pytest.raises(InputError, match="two slides have the id 's'"):
+        list_slides(wsi_dir, csv)
+
+
 def test_an_ome_tiff_pyramid_is_read_with_its_levels(encoder, tmp_path):
     """An OME-TIFF pyramid (bfconvert, QuPath's File → Export → OME-TIFF) keeps its reduced levels in SubIFDs, which
     OpenSlide does not read: it opened as one level, so tiles were read at full resolution and resized and the

@@ -23,6 +23,7 @@ log = logging.getLogger("hirespath.slides")
 # out, so the folder is the slide (globbing the files would list each level as a slide).
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 COMPOUND_EXTENSIONS = (".ome.tiff", ".ome.tif")
+ID_COLUMN = "slide_id"  # a CSV column naming a slide's outputs (else the file stem, or a DICOM folder's name)
 DICOM_SUFFIX = ".dcm"
 
 
@@ -79,11 +80,22 @@ def _check_unique(specs: list[SlideSpec]) -> list[SlideSpec]:
     for s in specs:
         if s.slide_id in seen:
             raise InputError(
-                f"two slides have the id {s.slide_id!r} (the file stem names the output files): "
-                f"{seen[s.slide_id]} and {s.path}; rename one or list only one of them"
+                f"two slides have the id {s.slide_id!r} (it names the output files): {seen[s.slide_id]} and "
+                f"{s.path}; rename one, list only one of them, or give them ids in a slides= CSV column 'slide_id'"
             )
         seen[s.slide_id] = s.path
     return specs
+
+
+def _parse_id(value, where: str) -> str:
+    """A slide id from the CSV's ``slide_id`` column: it names the output files, so one file name, not hidden."""
+    slide_id = str(value).strip()
+    if slide_id in (".", "..") or slide_id.startswith(".") or re.search(r"[/\\\x00-\x1f]", slide_id):
+        raise InputError(
+            f"{where}: slide_id {slide_id!r} cannot name the output files (<slide_id>.h5, .geojson): give a name "
+            "without '/', '\\' or control characters that does not start with '.' (e.g. a TCGA barcode)"
+        )
+    return slide_id
 
 
 def _parse_mpp(value, where: str) -> float | None:
@@ -133,10 +145,11 @@ def list_slides(
     whatever their extension.
 
     The CSV (TRIDENT's ``--custom_list_of_wsis``) has a column ``wsi`` or ``path`` (a slide file, or a DICOM slide's
-    folder or one of its files), relative to ``wsi_dir`` when
-    given (else to the CSV's folder), and optionally ``mpp`` overriding the slide's own microns per pixel (empty
-    cells keep it). Listed files that do not exist stay in the list: the engine skips them as "missing file" and
-    lists them in skipped.csv, so one typo does not stop a long run. Two slides with the same id are an error.
+    folder or one of its files), relative to ``wsi_dir`` when given (else to the CSV's folder), optionally ``mpp``
+    overriding the slide's own microns per pixel (empty cells keep it) and ``slide_id`` naming its outputs (empty
+    cells: the file stem, or the DICOM folder's name). Listed files that do not exist stay in the list: the engine
+    skips them as "missing file" and lists them in skipped.csv, so one typo does not stop a long run. Two slides
+    with the same id are an error.
     """
     if slides_csv is None and wsi_dir is None:
         raise InputError("list_slides needs wsi_dir (a folder of slides) or slides_csv (a CSV with a 'wsi' column)")
@@ -145,10 +158,10 @@ def list_slides(
         if not slides_csv.is_file():
             raise InputError(
                 f"slides={slides_csv}: no such file; give a CSV with a column 'wsi' (or 'path') naming the slide "
-                "files, and optionally 'mpp'"
+                "files, and optionally 'mpp' and 'slide_id'"
             )
         try:
-            table = pd.read_csv(slides_csv)
+            table = pd.read_csv(slides_csv, dtype={ID_COLUMN: str})  # ids as written: 0012 stays 0012
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
             raise InputError(f"slides={slides_csv}: not a readable CSV ({err})") from err
         col = "wsi" if "wsi" in table.columns else "path" if "path" in table.columns else None
@@ -166,7 +179,9 @@ def list_slides(
             if is_dicom_file(path):
                 path = path.parent  # the series is the slide, whichever of its files is named
             mpp = _parse_mpp(row["mpp"], f"{slides_csv}, row {i + 2} ({path.name})") if "mpp" in table else None
-            specs.append(SlideSpec(slide_id_of(path), path, mpp))
+            given = row[ID_COLUMN] if ID_COLUMN in table and not pd.isna(row[ID_COLUMN]) else ""
+            slide_id = _parse_id(given, f"{slides_csv}, row {i + 2}") if str(given).strip() else slide_id_of(path)
+            specs.append(SlideSpec(slide_id, path, mpp))
         if not specs:
             raise InputError(f"{slides_csv} lists no slides")
         missing = [str(s.path) for s in specs if not s.path.exists()]
