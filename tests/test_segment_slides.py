@@ -552,94 +552,50 @@ def test_stitcher_writes_blocks_as_their_last_tile_arrives(tmp_path):
     st.cleanup()
 
 
-def test_a_map_on_a_short_disk_or_a_shared_one_is_written_with_pwrite_and_a_full_disk_is_an_error(
-    tmp_path, monkeypatch
-):
-    """The map is memory-mapped, and a store into a page the disk has no block for kills the process (SIGBUS, "Bus
-    error", no message). With less than twice its size free, or on a shared file system (Lustre, GPFS: a user's
-    quota is not in the free space), its blocks are written with pwrite instead: the same map, still sparse, and a
-    full disk is an OSError the run reports (StorageError). ``HIRESPATH_MAP_WRITES`` forces either way."""
+def test_the_map_is_written_with_pwrite_so_a_full_disk_is_an_error(tmp_path, monkeypatch):
+    """The map is a memory-mapped file, and a store through the mapping into a page the disk has no block for (a
+    full disk, or a user quota the free space does not show) kills the process: SIGBUS, "Bus error", no message.
+    Its blocks are written with pwrite, side by side blocks of a block row a map row at a time: a full disk is an
+    OSError the run reports (StorageError), and the map is what per-block stores gave."""
     import errno
     import os
 
-    from hirespath.utils import io
+    from hirespath.segmentation.stitch import _runs
     from hirespath.utils.io import out_of_storage
 
+    assert _runs([(0, 1), (0, 0), (1, 0), (0, 3), (0, 2)], 9) == [[1, 0, 4, 3], [2]]
+    assert _runs([(0, 1), (0, 0), (1, 0), (0, 3), (0, 2)], 2) == [[1, 0], [4, 3], [2]]
     rng = np.random.default_rng(1)
     H, W, S, step = 100, 230, 64, 48
     w = blend_weights(S, 16, "linear")
     starts = [(x, y) for y in range(0, H, step) for x in range(-8, W, step)]
     tiles = {xy: rng.random((3, S, S), dtype=np.float32) for xy in starts}
-
-    def stitched(prefix: str) -> np.ndarray:
-        st = ProbabilityStitcher(tmp_path, prefix, (H, W), 3, w, positions=starts, block=32, threads=2)
+    num, den = np.zeros((3, H, W)), np.zeros((H, W))  # the blend, whole, in memory
+    for (x, y), p in tiles.items():
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + S, W), min(y + S, H)
+        wt = w[y0 - y : y1 - y, x0 - x : x1 - x]
+        num[:, y0:y1, x0:x1] += p[:, y0 - y : y1 - y, x0 - x : x1 - x] * wt
+        den[y0:y1, x0:x1] += wt
+    for threads in (1, 2, 3):
+        st = ProbabilityStitcher(tmp_path, f".t{threads}", (H, W), 3, w, positions=starts, block=32, threads=threads)
         for xy in starts:
             st.add(*xy, tiles[xy])
         m = np.array(st.finalize())
         st.cleanup()
-        return m
-
-    mapped = stitched(".mapped")
-    monkeypatch.setenv(io.MAP_WRITES_ENV, "pwrite")
-    np.testing.assert_array_equal(stitched(".quota"), mapped)
-    monkeypatch.setenv(io.MAP_WRITES_ENV, "bogus")
-    with pytest.raises(InputError, match="HIRESPATH_MAP_WRITES='bogus': use auto .*; pwrite .*; mmap"):
-        stitched(".bogus")
-    monkeypatch.delenv(io.MAP_WRITES_ENV)
-    monkeypatch.setattr(io, "disk_is_short", lambda path: True)
-    np.testing.assert_array_equal(stitched(".short"), mapped)
-    monkeypatch.undo()
+        np.testing.assert_array_equal(m, to_uint8((num / den).astype(np.float32), True))
 
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def fails(prefix: str) -> bool:
-        st = ProbabilityStitcher(tmp_path, prefix, (H, W), 3, w, positions=starts, block=32)
-        try:
-            for xy in starts:
-                st.add(*xy, tiles[xy])
-        except OSError as err:
-            assert out_of_storage(err)
-            return True
-        finally:
-            st.cleanup()
-        return False
-
     monkeypatch.setattr(os, "pwrite", full)
-    assert not fails(".local")  # a roomy local disk: through the mapping
-    monkeypatch.setattr(io, "file_system_type", lambda path: "lustre")
-    assert fails(".lustre")  # pwrite, so a full quota is an error
-    monkeypatch.setenv(io.MAP_WRITES_ENV, "mmap")  # the user vouches for the free space: mapped
-    assert not fails(".vouched")
-    monkeypatch.setattr(io, "disk_is_short", lambda path: True)
-    assert fails(".short")  # still pwrite when the disk is short
+    st = ProbabilityStitcher(tmp_path, ".full", (H, W), 3, w, positions=starts, block=32)
+    with pytest.raises(OSError) as caught:
+        for xy in starts:
+            st.add(*xy, tiles[xy])
+    assert out_of_storage(caught.value)
+    st.cleanup()
     assert not list(tmp_path.glob(".*"))
-
-
-def test_the_file_system_of_a_folder_is_its_deepest_mount(tmp_path):
-    """Which file system holds the output folder (a Lustre or NFS scratch under an ext4 root), from mountinfo."""
-    from hirespath.utils.io import file_system_type
-
-    mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(
-        "22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
-        "40 22 0:40 / /scratch rw,relatime shared:20 - lustre 10.0.0.1@o2ib:/scratch rw,flock\n"
-        "41 40 0:41 / /scratch/my\\040lab rw - nfs4 nas:/lab rw,vers=4.2\n"
-        "42 22 0:42 / /home rw - ext4 /dev/vda2 rw\n"
-        "43 22 0:43 / /home rw - fuse.sshfs host:/home rw\n"  # mounted over /home: it is what /home is now
-        "broken line\n"
-    )
-
-    def kind(path):
-        return file_system_type(path, mountinfo)
-
-    assert kind("/scratch/u1/job") == "lustre"
-    assert kind("/scratch") == "lustre"
-    assert kind("/scratchy/job") == "ext4"  # a longer name, not a folder below /scratch
-    assert kind("/scratch/my lab/out") == "nfs4"
-    assert kind("/home/u1") == "fuse.sshfs"
-    assert kind("/") == "ext4"
-    assert file_system_type("/", tmp_path / "absent") is None
 
 
 def test_polygons_have_pixel_areas_holes_and_no_specks():

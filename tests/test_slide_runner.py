@@ -419,44 +419,39 @@ def test_a_full_disk_stops_the_run_and_a_rerun_resumes(slides, tmp_path):
     assert pd.read_csv(out / "skipped.csv").empty  # s1 was not skipped: the run stopped
 
 
-def test_memory_mapped_maps_are_allocated_when_the_disk_is_short_or_shared(tmp_path, monkeypatch):
-    """A write into a memory-mapped page the disk has no block for kills the process (SIGBUS, no message): with
-    less than twice its size free, or on a shared file system (a quota not in the free space), a map that will be
-    written whole (a pyramid level) is allocated at once, so a full disk is an OSError before it is written; with
-    room it stays sparse until written."""
+def test_pyramid_levels_are_written_with_pwrite_so_a_full_disk_is_an_error(tmp_path, monkeypatch):
+    """A store through a memory map into a page the disk has no block for kills the process (SIGBUS, no message):
+    the probability TIFF's pyramid levels are memory-mapped files, written with pwrite a band at a time (a full-width
+    band of a plane is one write), so a full disk is an OSError that names the file; the levels stay sparse until
+    written and equal 2×2 means of the level above."""
     import errno
     import os
-    import shutil
-    from collections import namedtuple
 
+    from hirespath.segmentation.probs_tiff import halve
     from hirespath.utils import io
 
-    roomy = io.new_memmap(tmp_path / "roomy.npy", np.uint8, (8, 2048, 2048))
-    assert os.stat(tmp_path / "roomy.npy").st_blocks * 512 < 1 << 20  # 32 MB, sparse
-    del roomy
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, 40 << 20))  # 40 MB free
-    short = io.new_memmap(tmp_path / "short.npy", np.uint8, (8, 2048, 2048))
-    assert os.stat(tmp_path / "short.npy").st_blocks * 512 >= 8 * 2048 * 2048  # allocated
-    partial = io.new_memmap(tmp_path / "partial.npy", np.uint8, (8, 2048, 2048), whole=False)
-    assert os.stat(tmp_path / "partial.npy").st_blocks * 512 < 1 << 20  # its writer uses pwrite instead
-    del short, partial
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (3, 301, 257), dtype=np.uint8)
+    half = halve(src, tmp_path / "half.npy", band_bytes=20_000)  # several bands
+    padded = np.pad(src.astype(np.float64), ((0, 0), (0, 1), (0, 1)), mode="edge")
+    means = (padded[:, 0::2, 0::2] + padded[:, 1::2, 0::2] + padded[:, 0::2, 1::2] + padded[:, 1::2, 1::2]) / 4
+    np.testing.assert_array_equal(np.asarray(half), np.rint(means).astype(np.uint8))
+    sparse = io.new_memmap(tmp_path / "sparse.npy", np.uint8, (8, 2048, 2048))
+    assert os.stat(tmp_path / "sparse.npy").st_blocks * 512 < 1 << 20  # 32 MB, none of it on disk yet
+    del half, sparse
 
-    def full(fd, offset, length):
+    calls = []
+
+    def full(fd, data, offset):
+        calls.append(len(data))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OSError) as caught:
-        io.new_memmap(tmp_path / "full.npy", np.uint8, (8, 2048, 2048))
-    assert not (tmp_path / "full.npy").exists()
-    message = str(io.storage_error(caught.value))
-    assert message.startswith(f"cannot write to {tmp_path}: No space left on device; writing full.npy, 33.6 MB; ")
-
-    monkeypatch.undo()
-    monkeypatch.setattr(io, "file_system_type", lambda path: "gpfs")  # a quota its free space does not show
-    quota = io.new_memmap(tmp_path / "quota.npy", np.uint8, (8, 2048, 2048))
-    assert os.stat(tmp_path / "quota.npy").st_blocks * 512 >= 8 * 2048 * 2048
-    del quota
+        halve(src, tmp_path / "full.npy")
+    assert calls == [151 * 129]  # the first class's band, whole, in one write
+    message = str(io.storage_error(caught.value, tmp_path))
+    assert message.startswith(f"cannot write to {tmp_path}: No space left on device; ")
 
 
 def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):

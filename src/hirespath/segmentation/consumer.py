@@ -30,7 +30,6 @@ from ..slides.prepare import PreparedSlide
 from ..slides.runner import Runtime, run_slides
 from ..slides.tile_model import TileModel
 from ..utils.errors import InputError
-from ..utils.io import MAP_WRITES_ENV, file_system_type, is_shared_file_system, map_writes
 from ..wsi import qupath
 from ..wsi.listing import SlideSpec
 from .model import SegmentationCheckpoint, tile_probabilities
@@ -455,10 +454,6 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
     from ..embeddings.features import slide_job
 
     options.check()
-    if map_writes() == "auto" and is_shared_file_system(job_dir):  # HIRESPATH_MAP_WRITES checked before any slide
-        log.info("%s is on %s, whose free space does not show a quota: probability maps are written with pwrite, "
-                 "so a full quota stops the run with an error (%s=mmap writes through the mapping, faster)",
-                 job_dir, file_system_type(job_dir), MAP_WRITES_ENV)  # fmt: skip
     mpp = seg.mpp if tiling.mpp is None else float(tiling.mpp)
     if not math.isclose(mpp, seg.mpp, rel_tol=0.01):
         log.warning("tile.mpp=%g but the model was trained at %.4g µm/px (%s): cells will look %.2f× %s than in "

@@ -15,6 +15,7 @@ map; each class's plane read once, contiguously), to a temporary name that the c
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from ..utils.io import new_memmap
+from ..utils.io import new_memmap, write_rows
 from ..utils.threads import available_cores
 
 TILE = 256
@@ -38,20 +39,23 @@ def halve(src: np.ndarray, dst_path: Path, band_bytes: int = 1 << 27) -> np.memm
     band = max(2, band_bytes // (W * C * 2) // 2 * 2)  # an even number of rows of uint16
     h, w = (H + 1) // 2, (W + 1) // 2
     dst = new_memmap(dst_path, np.uint8, (C, h, w))
-    for r in range(0, H, band):
-        block = np.asarray(src[:, r : r + band])
-        if block.shape[1] % 2:
-            block = np.concatenate([block, block[:, -1:]], 1)
-        if W % 2:
-            block = np.concatenate([block, block[:, :, -1:]], 2)
-        total = block[:, 0::2, 0::2].astype(np.uint16)
-        total += block[:, 1::2, 0::2]
-        total += block[:, 0::2, 1::2]
-        total += block[:, 1::2, 1::2]
-        total += 1 + ((total >> 2) & 1)  # total / 4 rounded half to even: +2 when the quotient is odd, else +1
-        total >>= 2
-        dst[:, r // 2 : r // 2 + total.shape[1]] = total
-    dst.flush()
+    fd = os.open(dst_path, os.O_RDWR)  # written with pwrite: a full disk is an OSError, not SIGBUS
+    try:
+        for r in range(0, H, band):
+            block = np.asarray(src[:, r : r + band])
+            if block.shape[1] % 2:
+                block = np.concatenate([block, block[:, -1:]], 1)
+            if W % 2:
+                block = np.concatenate([block, block[:, :, -1:]], 2)
+            total = block[:, 0::2, 0::2].astype(np.uint16)
+            total += block[:, 1::2, 0::2]
+            total += block[:, 0::2, 1::2]
+            total += block[:, 1::2, 1::2]
+            total += 1 + ((total >> 2) & 1)  # total / 4 rounded half to even: +2 when the quotient is odd, else +1
+            total >>= 2
+            write_rows(fd, dst, r // 2, 0, total)  # a pwrite per class: the band spans the width
+    finally:
+        os.close(fd)
     return dst
 
 

@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError, StorageError
+from .errors import StorageError
 
 # the folder takes no more (disk full, quota, read-only, a file size limit): every later write there fails too, so
 # a run stops rather than skip slide after slide
@@ -72,8 +72,6 @@ def storage_error(
     filename = getattr(full, "filename", None) or next(iter(re.findall(r"filename = '([^']+)'", str(full))), None)
     folder = folder or (Path(filename).parent if filename else None)
     what = f"; writing {Path(filename).name}" if filename else ""
-    if getattr(full, "needed", None):
-        what += f", {_size(full.needed)}"
     try:
         free = f"; {_size(shutil.disk_usage(folder).free)} free" if folder else ""
     except OSError:
@@ -102,121 +100,16 @@ def _chain(err: BaseException | None):
         err = err.__cause__ or err.__context__
 
 
-def disk_is_short(path: str | os.PathLike, margin: float = 2.0) -> bool:
-    """Whether the folder of ``path`` (a file just created at its full size) has less than ``margin`` times its
-    size free."""
-    path = Path(path)
-    try:
-        return shutil.disk_usage(path.parent).free < margin * path.stat().st_size
-    except OSError:
-        return False
+def new_memmap(path: str | os.PathLike, dtype, shape):
+    """``np.lib.format.open_memmap(path, "w+")``: a zero-filled, sparse .npy, to be *read* through the mapping and
+    written with :func:`write_rows`.
 
-
-# shared file systems: a user's quota (Lustre, GPFS, BeeGFS, ...) is not in the free space they report, and a page
-# their server refuses to store (NFS, SMB, FUSE) is SIGBUS; "fuse" covers every fuse.<name>
-SHARED_FILE_SYSTEMS = ("lustre", "gpfs", "beegfs", "nfs", "nfs4", "ceph", "cifs", "smb3", "wekafs", "panfs",
-                       "glusterfs", "fuse")  # fmt: skip
-
-
-def _unescape_mount(field: str) -> str:
-    """A mountinfo path field: spaces, tabs, newlines and backslashes are octal escapes there (``\\040``)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def file_system_type(path: str | os.PathLike, mountinfo: str | os.PathLike = "/proc/self/mountinfo") -> str | None:
-    """The type of the file system that holds ``path`` (``ext4``, ``lustre``, ``fuse.sshfs``, ...): the deepest
-    mount point above it in ``mountinfo``; None where that cannot be read (not Linux)."""
-    target = os.path.realpath(path)
-    found, depth = None, -1
-    try:
-        lines = Path(mountinfo).read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields, sep, rest = line.partition(" - ")
-        fields, rest = fields.split(), rest.split()
-        if not sep or len(fields) < 5 or not rest:
-            continue
-        point = _unescape_mount(fields[4])
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= depth:  # a later mount on the same point hides the earlier one
-            found, depth = rest[0], len(point)
-    return found
-
-
-def is_shared_file_system(path: str | os.PathLike) -> bool:
-    """Whether ``path`` lies on one of :data:`SHARED_FILE_SYSTEMS`."""
-    kind = file_system_type(path) or ""
-    return kind.split(".")[0] in SHARED_FILE_SYSTEMS
-
-
-MAP_WRITES_ENV = "HIRESPATH_MAP_WRITES"
-MAP_WRITES = {
-    "auto": "pwrite when the disk is short or the folder is on a shared file system (Lustre, GPFS, NFS, ...)",
-    "pwrite": "always",
-    "mmap": "only when the disk is short: the free space the file system reports is trusted (no quota)",
-}
-
-
-def map_writes() -> str:
-    """``HIRESPATH_MAP_WRITES`` (:data:`MAP_WRITES`): how memory-mapped outputs are kept from SIGBUS."""
-    mode = os.environ.get(MAP_WRITES_ENV, "auto")
-    if mode not in MAP_WRITES:
-        choices = "; ".join(f"{k} ({v})" for k, v in MAP_WRITES.items())
-        raise InputError(f"{MAP_WRITES_ENV}={mode!r}: use {choices}")
-    return mode
-
-
-def mapping_may_fault(path: str | os.PathLike) -> bool:
-    """Whether a store through a memory map of ``path`` (a file just created at its full size) may find no block
-    for its page, which kills the process (SIGBUS: "Bus error", no message): when the disk is short of room
-    (:func:`disk_is_short`) or, by default, on a shared file system, whose free space does not show a user's quota
-    (:data:`MAP_WRITES`). Such a file is then allocated ahead (:func:`reserve`) or written with :func:`write_rows`,
-    where a full disk or quota is an OSError."""
-    mode = map_writes()
-    return mode == "pwrite" or disk_is_short(path) or (mode == "auto" and is_shared_file_system(path))
-
-
-def reserve(path: str | os.PathLike) -> None:
-    """Allocate the blocks of ``path`` (a memory-mapped file just created at its full size, that will be written
-    whole) when a store through the mapping may find none (:func:`mapping_may_fault`).
-
-    A write into a memory-mapped page that the disk has no block for kills the process with SIGBUS ("Bus error",
-    no message, no traceback); allocating first turns a full disk into an OSError (ENOSPC) here, which the run
-    reports as a :class:`StorageError`."""
-    path = Path(path)
-    if not mapping_may_fault(path):
-        return
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as err:
-        if err.errno in FULL_ERRNOS:
-            full = OSError(err.errno, os.strerror(err.errno), str(path))
-            full.needed = size
-            raise full from err
-        # EOPNOTSUPP/EINVAL: a file system that cannot allocate ahead; the map stays sparse
-    finally:
-        os.close(fd)
-
-
-def new_memmap(path: str | os.PathLike, dtype, shape, whole: bool = True):
-    """``np.lib.format.open_memmap(path, "w+")`` (a zero-filled, sparse .npy). ``whole``: it will be written whole,
-    so its blocks are allocated now when a store through the mapping may find none (:func:`reserve`); a file that does
-    not fit is removed and its OSError raised. A map written only in part is left sparse: its writer checks
-    :func:`mapping_may_fault` and then writes with :func:`write_rows`."""
+    A store through a mapping into a page the disk has no block for (a full disk, or a user quota, which the free
+    space a file system reports does not show) kills the process with SIGBUS ("Bus error", no message, no
+    traceback); pwrite fails with an OSError instead, which the run reports as a StorageError."""
     import numpy as np
 
-    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    try:
-        if whole:
-            reserve(path)
-    except BaseException:
-        del arr
-        Path(path).unlink(missing_ok=True)
-        raise
-    return arr
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
 
 @contextmanager
@@ -254,16 +147,23 @@ def discard_h5(file) -> None:
 
 
 def write_rows(fd: int, arr, y0: int, x0: int, values) -> None:
-    """``arr[:, y0:y0 + h, x0:x0 + w] = values`` for a C×H×W memmap ``arr`` of the file open as ``fd``, with pwrite,
-    row by row: on a full disk an OSError, where the same store through the mapping is SIGBUS."""
+    """``arr[:, y0:y0 + h, x0:x0 + w] = values`` for a C×H×W memmap ``arr`` (:func:`new_memmap`) of the file open
+    as ``fd``, with pwrite: a row at a time, or a whole band of a plane when ``values`` spans the width. On a full
+    disk an OSError, where the same store through the mapping is SIGBUS."""
     import numpy as np
 
     _, H, W = arr.shape
     values = np.ascontiguousarray(values, dtype=arr.dtype)
+    _, h, w = values.shape
     for c, plane in enumerate(values):
-        for j, row in enumerate(plane):
-            data = memoryview(row).cast("B")
-            if os.pwrite(fd, data, arr.offset + ((c * H + y0 + j) * W + x0) * arr.itemsize) != len(data):
+        pieces = [(0, plane)] if (x0, w) == (0, W) else enumerate(plane)  # full width: the band is contiguous
+        for j, piece in pieces:
+            data = memoryview(piece).cast("B")
+            try:
+                written = os.pwrite(fd, data, arr.offset + ((c * H + y0 + j) * W + x0) * arr.itemsize)
+            except OSError as err:  # named, for the run's StorageError
+                raise OSError(err.errno, err.strerror, str(arr.filename)) from err
+            if written != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(arr.filename))
 
 
