@@ -82,6 +82,59 @@ def test_ddp_ranks_share_the_slides(wsi_dir, tmp_path):
             np.testing.assert_allclose(fa["features"][:], fb["features"][:], atol=1e-5, rtol=1e-5)
 
 
+RANKS_SCRIPT = """
+import sys
+
+import lightning as L
+
+from hirespath.slides.launch import run_on_workers
+
+fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")
+fabric.launch()
+failing = int(sys.argv[1])
+
+
+def work():
+    if fabric.global_rank == failing:
+        raise OSError(28, "No space left on device")
+    return "slides done"
+
+
+print(f"rank {fabric.global_rank}: {run_on_workers(fabric, work)}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_rank_that_fails_does_not_leave_the_others_waiting(tmp_path, failing):
+    """trainer=ddp: a rank whose slides stop with an error (a full disk, a bug) still meets the others where they
+    wait for it, and tells them; they stop with an error that names it, instead of waiting at a barrier for a rank
+    that is gone until torch's timeout (30 minutes; a SLURM job's GPUs idle all that while)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(failing)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "No space left on device" in out, out[-3000:]
+    assert f"rank {failing} of 2 stopped with an error" in out, out[-3000:]
+    assert f"rank {1 - failing}: slides done" not in out  # the healthy rank does not report success
+
+
+def test_ranks_without_errors_all_finish(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), "-1"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "rank 0: slides done" in proc.stdout and "rank 1: slides done" in proc.stdout
+
+
 def test_summary_and_per_slide_timings_go_to_wandb(wsi_dir, tmp_path):
     from hirespath.utils.wandb import finish_runs, offline_runs
 

@@ -5,15 +5,21 @@ so parallel jobs on one ``job_dir`` are safe too). One process (the default trai
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..utils.errors import InputError
 from .runner import Runtime
+
+T = TypeVar("T")
 
 
 def launch_workers(trainer: DictConfig, runtime: Runtime):
     """Launch the trainer config's processes (this call returns in each of them); returns ``(fabric, runtime)`` with
-    this process's device, rank and world size, progress bars on rank 0 only. ``fabric.barrier()`` waits for all."""
+    this process's device, rank and world size, progress bars on rank 0 only. :func:`run_on_workers` runs the slides
+    and waits for all."""
     import lightning as L
 
     t = OmegaConf.to_container(trainer, resolve=True)
@@ -28,3 +34,32 @@ def launch_workers(trainer: DictConfig, runtime: Runtime):
     rank = fabric.global_rank
     return fabric, dataclasses.replace(runtime, device=fabric.device, rank=rank, world_size=fabric.world_size,
                                        progress=runtime.progress and rank == 0)  # fmt: skip
+
+
+def run_on_workers(fabric, work: Callable[[], T]) -> T:
+    """``work()`` (this rank's slides), then every rank waits for the others, as a barrier before rank 0 reports.
+
+    A rank whose work raised (a full disk, a bug) still meets the others there and tells them, then raises its own
+    error; they stop with an error naming it. A barrier would have kept them waiting for a rank that is gone until
+    torch's timeout (30 minutes, a SLURM job's devices idle all that while): Lightning's launcher stops the ranks when
+    a child fails, not when rank 0 does, and ``srun`` or ``torchrun`` ranks have no such watch at all."""
+    import torch
+
+    try:
+        result, error = work(), None
+    except Exception as err:  # noqa: BLE001 — re-raised below, after the others know
+        result, error = None, err
+    if fabric.world_size > 1:
+        flags = fabric.all_gather(torch.tensor([error is not None], dtype=torch.int32, device=fabric.device))
+        failed = [rank for rank, flag in enumerate(flags.flatten().tolist()) if flag]
+    else:
+        failed = []
+    if error is not None:
+        raise error
+    if failed:
+        ranks = ", ".join(map(str, failed))
+        raise InputError(
+            f"rank {ranks} of {fabric.world_size} stopped with an error (its message is above); the slides every "
+            "rank finished are kept: fix it and run the same command again to go on with the rest"
+        )
+    return result

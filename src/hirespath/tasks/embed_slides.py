@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..embeddings.features import embed_slides
 from ..slides import Runtime
-from ..slides.launch import launch_workers
+from ..slides.launch import launch_workers, run_on_workers
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
@@ -59,9 +59,9 @@ def run_embed_slides(cfg: DictConfig) -> dict:
     torch.manual_seed(int(cfg.seed))  # a random-init backbone gets the same weights on every rank
     encoder = instantiate(cfg.encoder)
     loggers = instantiate_list(cfg.get("logger")) if fabric.global_rank == 0 else []
-    summary = embed_slides(encoder, specs, cfg.job_dir, cfg.tile, cfg.embed, runtime, weights=cfg.backbone.weights,
-                           default_mpp=cfg.data.default_mpp)  # fmt: skip
-    fabric.barrier()
+    summary = run_on_workers(fabric, lambda: embed_slides(encoder, specs, cfg.job_dir, cfg.tile, cfg.embed, runtime,
+                                                          weights=cfg.backbone.weights,
+                                                          default_mpp=cfg.data.default_mpp))  # fmt: skip
     if loggers:
         _log_summary(loggers, cfg, summary)
     return summary
