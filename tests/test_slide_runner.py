@@ -452,6 +452,9 @@ def test_pyramid_levels_are_written_with_pwrite_so_a_full_disk_is_an_error(tmp_p
     assert calls == [151 * 129]  # the first class's band, whole, in one write
     message = str(io.storage_error(caught.value, tmp_path))
     assert message.startswith(f"cannot write to {tmp_path}: No space left on device; ")
+    patches = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "patches" / ".s1_patches.h5.tmp"))
+    message = str(io.storage_error(patches, tmp_path / "segmentation_m"))  # the file's own folder is named
+    assert message.startswith(f"cannot write to {tmp_path / 'patches'}: No space left on device; writing .s1_patc")
 
 
 def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):

@@ -66,11 +66,13 @@ def _size(nbytes: float) -> str:
 def storage_error(
     err: BaseException, folder: str | os.PathLike | None = None, then: str = "Make room and run again"
 ) -> StorageError:
-    """The error a run stops with when ``folder`` (by default the folder of the file that failed) takes no more:
-    what happened, the free space, and ``then``, what to do."""
+    """The error a run stops with when the folder of the file that failed (else ``folder``, the run's output
+    folder: a patches file lives in a sibling folder) takes no more: what happened, the free space, and ``then``,
+    what to do."""
     full = next(e for e in _chain(err) if _full_errno(e))
     filename = getattr(full, "filename", None) or next(iter(re.findall(r"filename = '([^']+)'", str(full))), None)
-    folder = folder or (Path(filename).parent if filename else None)
+    own = Path(filename).parent if filename and Path(filename).is_absolute() else None
+    folder = own or folder
     what = f"; writing {Path(filename).name}" if filename else ""
     try:
         free = f"; {_size(shutil.disk_usage(folder).free)} free" if folder else ""
