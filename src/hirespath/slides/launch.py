@@ -42,7 +42,7 @@ def run_on_workers(fabric, work: Callable[[], T]) -> T:
     A rank whose work raised (a full disk, a bug) still meets the others there and tells them, then raises its own
     error; they stop with an error naming it. A barrier would have kept them waiting for a rank that is gone until
     torch's timeout (30 minutes, a SLURM job's devices idle all that while): Lightning's launcher stops the ranks when
-    a child fails, not when rank 0 does, and ``srun`` or ``torchrun`` ranks have no such watch at all."""
+    a child fails, not when rank 0 does, and ranks that ``srun`` starts have no such watch (torchrun's agent has)."""
     import torch
 
     try:
