@@ -156,9 +156,9 @@ def write_rows(fd: int, arr, y0: int, x0: int, values) -> None:
 
     _, H, W = arr.shape
     values = np.ascontiguousarray(values, dtype=arr.dtype)
-    _, h, w = values.shape
+    full_width = (x0, values.shape[2]) == (0, W)  # then a plane's band is contiguous: one write
     for c, plane in enumerate(values):
-        pieces = [(0, plane)] if (x0, w) == (0, W) else enumerate(plane)  # full width: the band is contiguous
+        pieces = [(0, plane)] if full_width else enumerate(plane)
         for j, piece in pieces:
             data = memoryview(piece).cast("B")
             try:
