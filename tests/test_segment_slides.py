@@ -24,7 +24,7 @@ from hirespath.data.segpath import CELL_TYPES
 from hirespath.heads.mask2former import SegmentationModel
 from hirespath.segmentation import CLASS_COLORS, SegmentOptions, load_segmentation, segment_slides
 from hirespath.segmentation.polygons import mask_polygons, masks_polygons
-from hirespath.segmentation.probs_tiff import ome_color, read_description, read_probs
+from hirespath.segmentation.probs_tiff import MapLevel, ome_color, read_description, read_probs
 from hirespath.segmentation.stitch import ProbabilityStitcher, blend_weights, to_uint8
 from hirespath.slides import Runtime
 from hirespath.utils.errors import InputError
@@ -383,6 +383,77 @@ def test_rerun_skips_finished_slides(done, ckpt, wsi):
     assert geo.stat().st_mtime_ns == before
 
 
+def test_a_new_threshold_redraws_finished_slides_from_their_probability_tiffs(ckpt, wsi, tmp_path, monkeypatch):
+    """The GeoJSON, overlay and areas depend on the drawing settings, the map does not: segment.redraw=true draws a
+    finished folder again at a new threshold without reading a tile or running the model, exactly as a fresh run at
+    that threshold draws it; areas.csv records each slide's drawing, so a redraw that stopped, a GeoJSON lost after
+    its TIFF, and folders of the version before (no drawing columns) are all finished the same way."""
+    import pandas as pd
+
+    from hirespath.slides.tile_model import TileModel
+
+    job = tmp_path / "job"
+    first = run(ckpt, wsi, job, seam_check=False)
+    out = Path(first["output_dir"])
+    areas_before, first_geojson = (out / "areas.csv").read_text(), json.loads((out / "s0.geojson").read_text())
+    assert (pd.read_csv(out / "areas.csv").threshold == THRESHOLD).all()
+    fresh = run(ckpt, wsi, tmp_path / "fresh", seam_check=False, threshold=0.5, min_area_um2=20.0)
+    with pytest.raises(InputError, match=r"threshold: 0\.58 there, 0\.5 now.*Only how they are drawn changed: "
+                                         r"segment\.redraw=true draws"):  # fmt: skip
+        run(ckpt, wsi, job, seam_check=False, threshold=0.5)
+    with pytest.raises(InputError, match="pass one of them"):  # redraw and overwrite together
+        segment_slides(load_segmentation(ckpt), list_slides(wsi), job, TILING, EmbedConfig(overwrite=True),
+                       SegmentOptions(threshold=0.5, redraw=True), CPU)  # fmt: skip
+
+    def no_model(*a, **k):
+        raise AssertionError("the model ran")
+
+    def no_tile(*a, **k):
+        raise AssertionError("a tile was read")
+
+    tif = out / "s0_probs.tif"
+    tif_bytes, timings = tif.read_bytes(), (out / "timings.csv").read_text()
+    with monkeypatch.context() as m:
+        m.setattr(TileModel, "__call__", no_model)
+        m.setattr(SlideTileDataset, "__getitem__", no_tile)
+        again = run(ckpt, wsi, job, seam_check=False, threshold=0.5, min_area_um2=20.0, redraw=True)
+    assert again["slides_done"] == again["slides_redrawn"] == 1 and again["tiles"] == 0
+    assert tif.read_bytes() == tif_bytes and (out / "timings.csv").read_text() == timings  # the model run's row kept
+    redrawn = json.loads((out / "s0.geojson").read_text())
+    assert redrawn == json.loads((Path(fresh["output_dir"]) / "s0.geojson").read_text())
+    assert redrawn != first_geojson  # (the threshold and specks did change the polygons)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "areas.csv"), pd.read_csv(Path(fresh["output_dir"]) / "areas.csv"))
+    assert json.loads((out / "config.json").read_text())["threshold"] == 0.5
+    assert run(ckpt, wsi, job, seam_check=False, threshold=0.5, min_area_um2=20.0)["slides_already_finished"] == 1
+
+    with monkeypatch.context() as m:
+        m.setattr(TileModel, "__call__", no_model)
+        m.setattr(SlideTileDataset, "__getitem__", no_tile)
+        # a redraw that stopped before the slide's areas (config.json already says 0.5): drawn again, no option needed
+        (out / "areas.csv").write_text(areas_before)
+        assert run(ckpt, wsi, job, seam_check=False, threshold=0.5, min_area_um2=20.0)["slides_redrawn"] == 1
+        # a run stopped between the TIFF and the GeoJSON: the GeoJSON is drawn from the TIFF
+        (out / "s0.geojson").unlink()
+        assert run(ckpt, wsi, job, seam_check=False, threshold=0.5, min_area_um2=20.0)["slides_redrawn"] == 1
+        assert json.loads((out / "s0.geojson").read_text()) == redrawn
+        # a folder of the version before: no drawing in areas.csv, no within_tissue in config.json
+        old = pd.read_csv(out / "areas.csv").drop(columns=["threshold", "min_area_um2", "simplify_px", "within_tissue"])
+        old.to_csv(out / "areas.csv", index=False)
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "within_tissue"}))
+        assert run(ckpt, wsi, job, seam_check=False, threshold=0.5, min_area_um2=20.0)["slides_already_finished"] == 1
+        assert pd.read_csv(out / "areas.csv")[["threshold", "min_area_um2", "within_tissue"]].drop_duplicates(
+        ).values.tolist() == [[0.5, 20.0, True]]  # fmt: skip
+    # a TIFF that is not this model's map (other classes): the slide is listed as skipped, nothing else is written
+    from hirespath.segmentation.probs_tiff import write_probs_tiff
+
+    write_probs_tiff(tif, [np.zeros((2, 250, 350), np.uint8)], ["a", "b"], [(1, 2, 3), (4, 5, 6)], 1.0,
+                     {"level0_mpp": 0.5})  # fmt: skip
+    with pytest.raises(InputError, match=r"s0_probs\.tif holds a 2 × 250 × 350 map of \['a', 'b'\], not the 8 × 250"):
+        run(ckpt, wsi, job, seam_check=False, threshold=0.4, min_area_um2=20.0, redraw=True)
+    assert json.loads((out / "s0.geojson").read_text()) == redrawn
+
+
 def test_pyramid_halving_and_uint8_maps_round_as_float_means_would(tmp_path):
     from hirespath.segmentation.probs_tiff import halve
     from hirespath.segmentation.stitch import to_uint8
@@ -416,6 +487,11 @@ def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_stil
         np.testing.assert_array_equal(
             read_probs(path, k, (250, 300, 17, 260)), np.moveaxis(lv, 0, -1)[300:560, 250:267]
         )
+        with MapLevel(path, k) as bands:  # as written: C×rows×W, reading only the tiles of the rows
+            assert bands.shape == lv.shape
+            np.testing.assert_array_equal(bands.rows(250, 700), lv[:, 250:700])
+    with MapLevel(path, -1) as smallest:
+        np.testing.assert_array_equal(smallest.rows(0, 575), levels[-1])
     for bad in ((1090, 0, 20, 5), (-1, 0, 5, 5), (0, 0, 0, 5)):
         with pytest.raises(ValueError, match=r"region .* is not inside level 0, 1100×2300 px"):
             read_probs(path, 0, bad)
@@ -440,10 +516,15 @@ def test_probability_tiff_is_an_ome_pyramid_of_class_planes_and_older_files_stil
     assert read_description(old)["level0_mpp"] == 0.25
     np.testing.assert_array_equal(read_probs(old), interleaved)
     np.testing.assert_array_equal(read_probs(old, 0, (190, 250, 10, 50)), interleaved[250:300, 190:200])
+    with MapLevel(old) as bands:
+        np.testing.assert_array_equal(bands.rows(250, 300), level0[:, 250:300, :200])
     # a one-class model's map (tifffile reads its series as YX) comes back with its class axis
     write_probs_tiff(tmp_path / "one.tif", [level0[:1, :300, :200]], ["tumour"], [(1, 2, 3)], 0.5, {})
     np.testing.assert_array_equal(read_probs(tmp_path / "one.tif"), interleaved[..., :1])
     np.testing.assert_array_equal(read_probs(tmp_path / "one.tif", 0, (3, 4, 5, 6)), interleaved[4:10, 3:8, :1])
+    with MapLevel(tmp_path / "one.tif") as bands:
+        assert bands.shape == (1, 300, 200)
+        np.testing.assert_array_equal(bands.rows(4, 10), level0[:1, 4:10, :200])
     # classes under other names than SegPath's get distinct colours (channels and annotations told apart)
     from hirespath.segmentation.consumer import class_colors
 

@@ -9,11 +9,17 @@ probability maps on disk (:mod:`.stitch`), and when the slide is done the sink w
 - ``<slide>_probs.tif``: the pyramidal probability TIFF (:mod:`.probs_tiff`);
 - ``<slide>.geojson``: one QuPath annotation per class, a MultiPolygon with holes in level-0 px (:mod:`.polygons`,
   :mod:`hirespath.wsi.qupath`); written last, so it marks the slide finished;
-- ``<slide>_overlay.png`` and a row per class in ``areas.csv`` (after the slide, as pictures).
+- ``<slide>_overlay.png`` and a row per class in ``areas.csv`` (after the slide, as pictures; each row with the
+  drawing settings its polygons were made with).
+
+The polygons depend on the drawing settings (``DRAWING``: threshold, specks, simplification, clipping) but the
+probability map does not: with ``segment.redraw=true`` a folder's drawing settings may change, and a slide whose
+TIFF is finished is drawn again from it (:class:`RedrawSink`: no tile read, no model run).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,14 +40,20 @@ from ..wsi import qupath
 from ..wsi.listing import SlideSpec
 from .model import SegmentationCheckpoint, tile_probabilities
 from .polygons import mask_polygons, masks_polygons
-from .probs_tiff import pyramid, read_description, write_probs_tiff
+from .probs_tiff import MapLevel, pyramid, read_description, write_probs_tiff
 from .stitch import BLENDS, ProbabilityStitcher, blend_weights, to_uint8
 
 log = logging.getLogger("hirespath.segmentation")
 
 OVERWRITE = "embed.overwrite=true"
 AREAS = "areas.csv"
-AREA_COLUMNS = ["slide", "class", "area_mm2", "tissue_mm2", "fraction_of_tissue"]
+# the options the GeoJSON, overlay and areas depend on, and the probability map does not
+DRAWING = ("threshold", "min_area_um2", "simplify_px", "within_tissue")
+AREA_COLUMNS = ["slide", "class", "area_mm2", "tissue_mm2", "fraction_of_tissue", *DRAWING]
+REDRAW = (
+    "segment.redraw=true draws the finished slides' polygons, overlays and areas again from their probability "
+    "TIFFs (the model does not run)"
+)
 SEAMS = "seams.csv"
 SEAM_COLUMNS = ["slide", "window_x", "window_y", "window_level0_px", "blend", "mean_dice", "mean_abs_diff"]
 # a slide's map at least this large (px per class) says each closing step as it ends: at 0.22 µm/px a resection's
@@ -81,6 +93,12 @@ class SegmentOptions:
     seam_check: bool = True  # the seam measure on the slides themselves, one extra forward per checked slide
     seam_check_share: float = 0.05  # checked slides' extra forwards ≤ this share of the tile forwards (1: all)
     within_tissue: bool = True  # polygons clipped to the tissue outline (the probability TIFF is not clipped)
+    redraw: bool = False  # the drawing settings may differ from the folder's: finished slides are drawn again
+
+    def drawing(self) -> dict:
+        """The settings the polygons were drawn with (what ``areas.csv`` records per slide)."""
+        return {"threshold": float(self.threshold), "min_area_um2": float(self.min_area_um2),
+                "simplify_px": float(self.simplify_px), "within_tissue": bool(self.within_tissue)}  # fmt: skip
 
     def check(self) -> None:
         if self.blend not in BLENDS:
@@ -95,7 +113,7 @@ class SegmentOptions:
         if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 < share <= 1):
             raise InputError(f"segment.seam_check_share={share!r}: must be in (0, 1] (1: every slide; "
                              "segment.seam_check=false: none)")  # fmt: skip
-        for key in ("overlay", "seam_check", "within_tissue"):
+        for key in ("overlay", "seam_check", "within_tissue", "redraw"):
             if not isinstance(getattr(self, key), bool):
                 raise InputError(f"segment.{key}={getattr(self, key)!r}: must be true or false")
 
@@ -176,8 +194,8 @@ class ClosingSteps:
         self.say("%s: %s in %.1f s", self.slide_id, name, self.seconds[name])
 
 
-class SegmentationSink:
-    """One slide: tiles blended into the on-disk map; on close the TIFF, then the GeoJSON (atomically)."""
+class _SlideDrawing:
+    """What both sinks of a slide share: where its map lies, and its polygons drawn from the map."""
 
     def __init__(self, consumer: SegmentationConsumer, spec: SlideSpec, prepared: PreparedSlide, path: Path):
         self.c, self.spec, self.grid, self.path = consumer, spec, prepared.grid, path
@@ -185,6 +203,60 @@ class SegmentationSink:
         self.origin = self.region[:2]
         self.map = MapGeometry.of(self.grid, self.region)
         self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers
+
+    def _result(self, areas: dict, outline_mm2: float | None, small: np.ndarray, steps: ClosingSteps) -> dict:
+        return {"map_shape": list(self.map.shape), "map_mpp": self.map.mpp, "qupath_origin": self.origin,
+                "areas_mm2": areas, "tissue_outline_mm2": outline_mm2, "small_probs": small,
+                "closing_seconds": steps.seconds}  # fmt: skip
+
+    def _features(self, rows) -> tuple[list[dict], dict, float | None]:
+        """One QuPath annotation per class from the map (``rows(y0, y1)``: its rows y0:y1, C×rows×W uint8), the
+        classes' areas (mm²), and the area (mm²) of the tissue outline the polygons were clipped to (None when they
+        were not: ``within_tissue=false`` or no tissue mask)."""
+        import shapely
+        from shapely import affinity
+
+        c, level0 = self.c, 1 / self.map.scale
+        ox, oy = self.map.level0_origin
+        cut = c.options.threshold * 255
+        x, y, w, h = self.region  # nothing predicted outside QuPath's image of the slide is shown
+        slide_box, outline_mm2 = shapely.box(x, y, x + w, y + h), None
+        if c.options.within_tissue and (outline := tissue_outline(self.grid)) is not None:
+            slide_box = slide_box.intersection(outline)
+            outline_mm2 = float(slide_box.area) * self.grid.slide_mpp**2 / 1e6
+        min_px = c.options.min_area_um2 / self.map.mpp**2
+        features, areas = [], {}
+        # rows traced at once: the map is read once for every class, ≤ 128 MB a band (×4 px at 2× resolution)
+        band = int(np.clip((1 << 27) // (self.map.shape[1] * len(c.classes)), 64, 1024))
+        geoms = masks_polygons(lambda y0, y1: rows(y0, y1) > cut, self.map.shape[0], len(c.classes), band=band,
+                               min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
+        for name, color, geom in zip(c.classes, class_colors(c.classes), geoms):
+            area_um2 = 0.0
+            if geom is not None:
+                # an overlay of valid geometries is valid (GEOS's OverlayNG): no second check of thousands of
+                # polygons here (``qupath.feature`` checks what it writes)
+                geom = affinity.affine_transform(geom, [level0, 0, 0, level0, ox, oy])  # map px → level-0 px
+                geom = qupath.polygonal(geom.intersection(slide_box))
+                area_um2 = float(geom.area) * self.grid.slide_mpp**2
+            areas[name] = area_um2 / 1e6
+            if geom is None or geom.is_empty:
+                continue
+            if geom.geom_type == "Polygon":
+                geom = shapely.MultiPolygon([geom])
+            features.append(qupath.feature(geom, "annotation", name, color,
+                                           measurements={"Area µm^2": area_um2}, origin=self.origin))  # fmt: skip
+        return features, areas, outline_mm2
+
+    def abort(self) -> None:
+        for p in self.path.parent.glob(f"{self.prefix}.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+class SegmentationSink(_SlideDrawing):
+    """One slide: tiles blended into the on-disk map; on close the TIFF, then the GeoJSON (atomically)."""
+
+    def __init__(self, consumer: SegmentationConsumer, spec: SlideSpec, prepared: PreparedSlide, path: Path):
+        super().__init__(consumer, spec, prepared, path)
         weights = blend_weights(self.grid.tile_size, self.grid.overlap, consumer.options.blend)
         self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.map.shape, len(consumer.classes), weights,
                                             positions=[self._map_xy(t) for t in range(len(self.grid))])  # fmt: skip
@@ -221,14 +293,13 @@ class SegmentationSink:
         step("pyramid")
         g = self.grid
         extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.map.scale, "level0_size": list(g.level0_size),
-                 "level0_origin": list(self.map.level0_origin), "model": c.tag,
-                 "threshold": c.options.threshold}  # fmt: skip
+                 "level0_origin": list(self.map.level0_origin), "model": c.tag}  # fmt: skip
         tif_tmp = self._temp("tif")
         write_probs_tiff(
             tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map.mpp, extra, name=self.spec.slide_id
         )
         step("probability TIFF")
-        features, areas, outline_mm2 = self._features(probs)
+        features, areas, outline_mm2 = self._features(lambda y0, y1: probs[:, y0:y1])
         step("polygons")
         seams = self._seams(probs) if c.options.seam_check else None
         encode_s = seams["seconds"] if seams else 0.0  # the window's forward is the model's time, not writing
@@ -237,10 +308,12 @@ class SegmentationSink:
         small = np.array(self.levels[-1])
         self.stitcher.cleanup()
         self._remove_levels()
-        return {"tiles": self.tiles, "map_shape": list(self.map.shape), "map_mpp": self.map.mpp,
-                "qupath_origin": self.origin, "areas_mm2": areas, "tissue_outline_mm2": outline_mm2,
-                "small_probs": small, "seams": seams, "encode_seconds": encode_s,
-                "closing_seconds": step.seconds}  # fmt: skip
+        return {
+            "tiles": self.tiles,
+            "seams": seams,
+            "encode_seconds": encode_s,
+            **self._result(areas, outline_mm2, small, step),
+        }
 
     def _seams(self, probs: np.ndarray) -> dict | None:
         """The seam measure on this slide: one tile-sized window where four of its tiles overlap, predicted in one
@@ -271,43 +344,6 @@ class SegmentationSink:
         return {"window_level0": [int(where[0]), int(where[1]), int(g.patch_size_level0)], **measure,
                 "seconds": time.perf_counter() - t0}  # fmt: skip
 
-    def _features(self, probs: np.ndarray) -> tuple[list[dict], dict, float | None]:
-        """One QuPath annotation per class, the classes' areas (mm²), and the area (mm²) of the tissue outline the
-        polygons were clipped to (None when they were not: ``within_tissue=false`` or no tissue mask)."""
-        import shapely
-        from shapely import affinity
-
-        c, level0 = self.c, 1 / self.map.scale
-        ox, oy = self.map.level0_origin
-        cut = c.options.threshold * 255
-        x, y, w, h = self.region  # nothing predicted outside QuPath's image of the slide is shown
-        slide_box, outline_mm2 = shapely.box(x, y, x + w, y + h), None
-        if c.options.within_tissue and (outline := tissue_outline(self.grid)) is not None:
-            slide_box = slide_box.intersection(outline)
-            outline_mm2 = float(slide_box.area) * self.grid.slide_mpp**2 / 1e6
-        min_px = c.options.min_area_um2 / self.map.mpp**2
-        features, areas = [], {}
-        # rows traced at once: the map is read once for every class, ≤ 128 MB a band (×4 px at 2× resolution)
-        band = int(np.clip((1 << 27) // (self.map.shape[1] * len(c.classes)), 64, 1024))
-        geoms = masks_polygons(lambda y0, y1: probs[:, y0:y1] > cut, self.map.shape[0], len(c.classes), band=band,
-                               min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
-        for name, color, geom in zip(c.classes, class_colors(c.classes), geoms):
-            area_um2 = 0.0
-            if geom is not None:
-                # an overlay of valid geometries is valid (GEOS's OverlayNG): no second check of thousands of
-                # polygons here (``qupath.feature`` checks what it writes)
-                geom = affinity.affine_transform(geom, [level0, 0, 0, level0, ox, oy])  # map px → level-0 px
-                geom = qupath.polygonal(geom.intersection(slide_box))
-                area_um2 = float(geom.area) * self.grid.slide_mpp**2
-            areas[name] = area_um2 / 1e6
-            if geom is None or geom.is_empty:
-                continue
-            if geom.geom_type == "Polygon":
-                geom = shapely.MultiPolygon([geom])
-            features.append(qupath.feature(geom, "annotation", name, color,
-                                           measurements={"Area µm^2": area_um2}, origin=self.origin))  # fmt: skip
-        return features, areas, outline_mm2
-
     def _remove_levels(self) -> None:
         for arr in self.levels[1:]:
             Path(arr.filename).unlink(missing_ok=True)
@@ -315,8 +351,49 @@ class SegmentationSink:
 
     def abort(self) -> None:
         self.stitcher.cleanup()
-        for p in self.path.parent.glob(f"{self.prefix}.*.tmp"):
-            p.unlink(missing_ok=True)
+        super().abort()
+
+
+class RedrawSink(_SlideDrawing):
+    """A slide whose probability TIFF an earlier run finished: its GeoJSON, overlay and areas drawn again from the
+    TIFF with this run's drawing settings (``segment.redraw=true``; or the GeoJSON of a run stopped after the
+    TIFF). No tile is read and the model does not run."""
+
+    takes_tiles = False
+
+    def add(self, tiles: np.ndarray, output: np.ndarray, images: torch.Tensor) -> list[tuple[int, str]]:
+        raise RuntimeError("a slide drawn again from its probability TIFF takes no tiles")
+
+    def close(self) -> dict:
+        from ..wsi.reader import SlideError
+
+        c, tif = self.c, self.c.probs_path(self.path)
+        step = ClosingSteps(self.spec.slide_id, (len(c.classes), *self.map.shape))
+        try:
+            made = read_description(tif)
+            level0 = MapLevel(tif)
+        except (OSError, ValueError, KeyError) as err:
+            raise SlideError(f"{tif} cannot be read to draw the slide again ({err}); remove it to segment the "
+                             "slide again") from err  # fmt: skip
+        with level0:
+            wanted = (len(c.classes), *self.map.shape)
+            old_mpp = made.get("level0_mpp")
+            if made.get("classes") != list(c.classes) or level0.shape != wanted:
+                raise SlideError(f"{tif} holds a {' × '.join(map(str, level0.shape))} map of {made.get('classes')}, "
+                                 f"not the {' × '.join(map(str, wanted))} map of {list(c.classes)} this run makes; "
+                                 "remove it to segment the slide again")  # fmt: skip
+            if old_mpp is not None and not math.isclose(float(old_mpp), self.grid.slide_mpp, rel_tol=1e-6):
+                raise SlideError(f"{tif} was made from the slide at {float(old_mpp):g} µm/px, but it is "
+                                 f"read at {self.grid.slide_mpp:g} µm/px now; remove it to segment again")  # fmt: skip
+            step("map")
+            features, areas, outline_mm2 = self._features(level0.rows)
+        step("polygons")
+        with MapLevel(tif, -1) as smallest:
+            small = smallest.rows(0, smallest.shape[1])
+        qupath.write_geojson(self.path, features)
+        log.info("%s: drawn again from %s (%s)", self.spec.slide_id, tif.name,
+                 ", ".join(f"{k} {v}" for k, v in c.options.drawing().items()))  # fmt: skip
+        return {"tiles": 0, "redrawn": True, "seams": None, **self._result(areas, outline_mm2, small, step)}
 
 
 @dataclass
@@ -330,8 +407,16 @@ class SegmentationConsumer:
     identity: dict = field(default_factory=dict)
     overwrite_hint: str = OVERWRITE
     needs_thumbnail: bool = True
+    reuse_maps: bool = True  # a slide with a finished probability TIFF is drawn from it (False: embed.overwrite)
+    redraw_keys: tuple = DRAWING  # identity keys a redraw may change (slides.runner)
+    redraw_hint: str = REDRAW
     tiles_segmented: int = field(default=0, init=False)  # by this worker, in this run
     seam_checks: int = field(default=0, init=False)
+    _drawn: dict = field(default_factory=dict, init=False, repr=False)  # areas.csv's drawing per slide, cached
+
+    @property
+    def redraw(self) -> bool:
+        return self.options.redraw
 
     def seam_check_due(self) -> bool:
         """Whether the slide just segmented gets the seam check (one extra forward): while this worker's checks stay
@@ -358,7 +443,27 @@ class SegmentationConsumer:
         return output.with_name(output.name.removesuffix(".geojson") + "_probs.tif")
 
     def is_finished(self, path: Path) -> bool:
-        return path.is_file() and self.probs_path(path).is_file()
+        """The GeoJSON and the TIFF are there, and areas.csv says the slide was drawn with this run's settings."""
+        return path.is_file() and self.probs_path(path).is_file() and self.drawn_as_asked(path)
+
+    def drawn_as_asked(self, path: Path) -> bool:
+        """Whether ``areas.csv`` records the slide of ``path`` drawn with this run's drawing settings. A slide
+        without rows there stopped before they were written, and one drawn otherwise is left from a redraw that
+        stopped: both are drawn (again) from their TIFF."""
+        table = Path(path.parent) / AREAS
+        try:
+            st = table.stat()
+        except FileNotFoundError:
+            return False
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._drawn.get("key") != key:  # read once per change, not once per slide
+            rows = Ledger(path.parent).table(AREAS)
+            columns = [k for k in DRAWING if k in rows.columns]
+            first = rows.drop_duplicates("slide").set_index("slide")[columns]
+            self._drawn = {"key": key, "slides": first.to_dict("index")}
+        drawn = self._drawn["slides"].get(path.name.removesuffix(".geojson"))
+        return drawn is not None and all(k in drawn and _same_setting(drawn[k], v)
+                                         for k, v in self.options.drawing().items())  # fmt: skip
 
     def finished_mpp(self, path: Path) -> float | None:
         try:
@@ -366,7 +471,9 @@ class SegmentationConsumer:
         except (OSError, KeyError, ValueError, TypeError):
             return None
 
-    def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SegmentationSink:
+    def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SegmentationSink | RedrawSink:
+        if self.reuse_maps and self.probs_path(path).is_file():  # the map is finished: only its drawing is not
+            return RedrawSink(self, spec, prepared, path)
         return SegmentationSink(self, spec, prepared, path)
 
     def run_facts(self, done: list[dict]) -> dict:
@@ -386,7 +493,8 @@ class SegmentationConsumer:
         # smoothing width, so that no border tissue is cut), else the tissue mask: a class never covers > 100 %
         tissue = result.get("tissue_outline_mm2") or prepared.grid.tissue_area_mm2
         rows = [{"slide": spec.slide_id, "class": name, "area_mm2": a, "tissue_mm2": tissue,
-                 "fraction_of_tissue": a / tissue if tissue and np.isfinite(tissue) else np.nan}
+                 "fraction_of_tissue": a / tissue if tissue and np.isfinite(tissue) else np.nan,
+                 **self.options.drawing()}
                 for name, a in areas.items()]  # fmt: skip
         ledger = Ledger(out_dir)
         ledger.merge_rows(AREAS, rows, AREA_COLUMNS, sort_by=["slide", "class"])  # workers share it
@@ -417,6 +525,16 @@ class SegmentationConsumer:
                      f"overlap {grid.overlap} px ({self.options.blend})")  # fmt: skip
             save_overlay(out_dir / f"{spec.slide_id}_overlay.png", thumbnail, masks, self.classes, colors, title,
                          [areas.get(n, 0.0) for n in self.classes])  # fmt: skip
+
+
+def _same_setting(recorded, value) -> bool:
+    """A drawing setting as areas.csv records it (a float, or a bool as pandas reads it back) equals ``value``."""
+    if isinstance(value, bool):
+        return str(recorded).strip().lower() in (("true", "1", "1.0") if value else ("false", "0", "0.0"))
+    try:
+        return math.isclose(float(recorded), float(value), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return False
 
 
 def _map_part(grid, geometry: MapGeometry) -> np.ndarray:
@@ -454,6 +572,9 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
     from ..embeddings.features import slide_job
 
     options.check()
+    if options.redraw and bool(getattr(reading, "overwrite", False)):
+        raise InputError("segment.redraw=true draws finished slides again from their probability TIFFs, "
+                         f"{OVERWRITE} segments every slide again with the model: pass one of them")  # fmt: skip
     mpp = seg.mpp if tiling.mpp is None else float(tiling.mpp)
     if not math.isclose(mpp, seg.mpp, rel_tol=0.01):
         log.warning("tile.mpp=%g but the model was trained at %.4g µm/px (%s): cells will look %.2f× %s than in "
@@ -467,16 +588,28 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
     job = slide_job(job_dir, tiling, reading, default_mpp)
     tile_fn = TileModel(seg.model, runtime.device, runtime.precision, job.batch_size,
                         forward=probabilities_forward(seg.model, seg.class_index))  # fmt: skip
-    consumer = SegmentationConsumer(seg, tile_fn, options)
+    consumer = SegmentationConsumer(seg, tile_fn, options, reuse_maps=not job.overwrite)
     consumer.folder = f"segmentation_{consumer.tag}"
     consumer.identity = {
         "model": consumer.tag, "run": seg.run_dir.name, "checkpoint": seg.ckpt.name,
         "checkpoint_bytes": seg.ckpt.stat().st_size if seg.ckpt.is_file() else None,
-        "classes": list(seg.classes), "model_mpp": seg.mpp, "blend": options.blend,
-        "threshold": float(options.threshold), "min_area_um2": float(options.min_area_um2),
-        "simplify_px": float(options.simplify_px),
+        "classes": list(seg.classes), "model_mpp": seg.mpp, "blend": options.blend, **options.drawing(),
     }  # fmt: skip
+    _record_old_drawing(job.tiling_dir / consumer.folder, options)
     summary = run_slides(slides, job, consumer, runtime)
     summary.update(model=consumer.tag, precision=tile_fn.precision, tile_mpp=mpp, model_mpp=seg.mpp,
                    classes=list(seg.classes))  # fmt: skip
     return summary
+
+
+def _record_old_drawing(folder: Path, options: SegmentOptions) -> None:
+    """areas.csv of an older version has no drawing columns: its slides were drawn with the folder's config.json
+    settings (``within_tissue``, not recorded then, as asked now), written into its rows before any redraw changes
+    config.json."""
+    from ..slides.ledger import CONFIG
+
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (OSError, ValueError):
+        return
+    Ledger(folder).add_missing_columns(AREAS, {**options.drawing(), **{k: config[k] for k in DRAWING if k in config}})

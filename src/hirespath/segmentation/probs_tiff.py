@@ -9,7 +9,8 @@ channel order, ``mpp``, ``level0_mpp`` of the slide, ``level0_scale``: map px pe
 ``level0_origin``: the slide level-0 px of the map's (0, 0), where QuPath crops a slide to its scanned region).
 Written from the C×H×W memmaps a row of tiles at a time (never the whole map in memory: ~45 MB of heap for a 1.3 GB
 map; each class's plane read once, contiguously), to a temporary name that the caller renames when complete.
-:func:`read_probs` gives a level back as H×W×C (an image's usual axes).
+:func:`read_probs` gives a level back as H×W×C (an image's usual axes); :class:`MapLevel` reads a level in row bands
+(C×rows×W, as the map was written), for drawing polygons again from a finished file.
 """
 
 from __future__ import annotations
@@ -146,3 +147,43 @@ def read_probs(path: Path, level: int = 0, region: Sequence[int] | None = None) 
         if series.axes == "YX":  # a one-class map: tifffile drops the length-1 channel axis
             return arr[..., None]
         return np.moveaxis(arr, 0, -1) if series.axes.startswith("C") else arr
+
+
+class MapLevel:
+    """One level of a probability TIFF as the C×H×W map it was written from, read in row bands: ``rows(y0, y1)``
+    reads only the tiles of those rows (a whole-slide map need not fit in memory). Use as a context manager."""
+
+    def __init__(self, path: Path, level: int = 0):
+        import zarr  # tiffslide's dependency: reads only the tiles a slice touches
+
+        self.path = Path(path)
+        self._tif = tifffile.TiffFile(self.path)
+        try:
+            series = self._tif.series[0]
+            if not -len(series.levels) <= level < len(series.levels):
+                raise ValueError(f"{path}: level {level} does not exist; the map has {len(series.levels)} levels")
+            self._store = series.aszarr(level=level % len(series.levels))  # -1: the smallest
+            self._array = zarr.open_array(self._store, mode="r")
+        except BaseException:
+            self._tif.close()
+            raise
+        axes = series.axes  # CYX as written; YX for one class (tifffile drops the length-1 axis); YXS before OME
+        self._y = axes.index("Y")
+        self._c = next((axes.index(a) for a in "CS" if a in axes), None)
+        shape = dict(zip(axes, self._array.shape))
+        self.shape = (shape.get("C", shape.get("S", 1)), shape["Y"], shape["X"])
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        cut = tuple(slice(y0, y1) if i == self._y else slice(None) for i in range(self._array.ndim))
+        band = np.asarray(self._array[cut])
+        return band[None] if self._c is None else np.moveaxis(band, self._c, 0)
+
+    def close(self) -> None:
+        self._store.close()
+        self._tif.close()
+
+    def __enter__(self) -> MapLevel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

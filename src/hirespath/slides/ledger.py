@@ -58,24 +58,30 @@ class Ledger:
         return exclusive_lock(self.folder / f".{name}.lock", f"another worker writing {name}", poll_s=0.05)
 
     # ------------------------------------------------------------------------------------------ identity
-    def check_identity(self, identity: dict, overwrite: bool = False, how: str = "") -> None:
+    def check_identity(self, identity: dict, overwrite: bool = False, how: str = "", redrawable: tuple = (),
+                       redraw: bool = False, redraw_hint: str = "") -> None:  # fmt: skip
         """Refuse outputs made with other settings; write ``config.json`` on first use (and with ``overwrite``).
 
         Keys in both the stored and the new identity must be equal; keys the stored one lacks (written by an older
-        version) are added. ``how`` tells the user how to proceed (e.g. the overwrite option's name)."""
+        version) are added. ``how`` tells the user how to proceed (e.g. the overwrite option's name). Keys in
+        ``redrawable`` only change what is drawn from the stored outputs: with ``redraw`` their new values replace
+        the stored ones (the consumer draws its finished slides again), else ``redraw_hint`` says how to."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / CONFIG
         with self._locked(CONFIG):
             old = json.loads(path.read_text()) if path.is_file() else None
             if old is not None and not overwrite:
                 diff = {k: (old[k], v) for k, v in identity.items() if k in old and not _same(old[k], v)}
-                if diff:
+                drawing_only = bool(diff) and set(diff) <= set(redrawable)
+                if diff and not (redraw and drawing_only):
                     changes = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                    other = "a new job_dir" + (f", or {how} to replace them" if how else "")
+                    advice = (f"Only how they are drawn changed: {redraw_hint}. Or use {other}"
+                              if drawing_only and redraw_hint else f"Use {other}")  # fmt: skip
                     raise IdentityMismatch(
-                        f"{self.folder} holds outputs made with other settings ({changes}). Use a new job_dir"
-                        + (f", or {how} to replace them" if how else "")
+                        f"{self.folder} holds outputs made with other settings ({changes}). {advice}"
                     )
-                if set(identity) <= set(old):
+                if not diff and set(identity) <= set(old):
                     return
             write_json(path, {**(old or {}), **identity} if not overwrite else identity)
 
@@ -122,6 +128,23 @@ class Ledger:
                 table = table.sort_values(sort_by)
             with atomic_path(path) as tmp:
                 table.to_csv(tmp, index=False)
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """The folder's table ``name`` (slide ids as written), None when there is none yet."""
+        path = self.folder / name
+        return pd.read_csv(path, dtype={"slide": str}) if path.is_file() else None
+
+    def add_missing_columns(self, name: str, values: dict) -> None:
+        """Give the table ``name`` the columns of ``values`` it lacks (it was written by an older version), with
+        those values in every row."""
+        path = self.folder / name
+        if not path.is_file():
+            return
+        with self._locked(name):
+            table = pd.read_csv(path, dtype={"slide": str})
+            if missing := {k: v for k, v in values.items() if k not in table.columns}:
+                with atomic_path(path) as tmp:
+                    table.assign(**missing).to_csv(tmp, index=False)
 
     def timings(self, columns: list[str] | None = None) -> pd.DataFrame:
         path = self.folder / TIMINGS

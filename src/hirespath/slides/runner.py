@@ -142,9 +142,13 @@ class SlideSink(Protocol):
         """Write the tile function's ``output`` for the grid tiles ``tiles`` (``images`` are their uint8 pixels);
         return (tile, reason) for tiles refused (e.g. non-finite features)."""
 
+    # optional: ``takes_tiles = False``: the sink draws its output again from what an earlier run stored (no tile is
+    # read, the tile function does not run)
+
     def close(self) -> dict:
         """Finish the file (atomic rename); returns per-slide facts for the summary (``tiles`` written; optional
-        ``encode_seconds``: tile-function work done on closing, timed as encode rather than write)."""
+        ``encode_seconds``: tile-function work done on closing, timed as encode rather than write; ``redrawn``:
+        drawn again from stored outputs, so the timing row of the run that made them is kept)."""
 
     def abort(self) -> None: ...
 
@@ -170,7 +174,9 @@ class SlideConsumer(Protocol):
     def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
         """After the slide's output is closed: pictures (timed as ``thumbnails``)."""
 
-    # optional: ``run_facts(done: list[dict]) -> dict``, this worker's facts over its slides' results for the summary
+    # optional: ``run_facts(done: list[dict]) -> dict``, this worker's facts over its slides' results for the summary;
+    # ``redraw_keys`` (identity keys that only change what is drawn from the stored outputs), ``redraw`` (their
+    # change is allowed: finished slides are drawn again) and ``redraw_hint`` (the option that allows it)
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -259,7 +265,9 @@ def run_slides(
     out_dir = job.tiling_dir / consumer.folder
     ledger = Ledger(out_dir)
     ledger.check_identity({**job.identity(), **consumer.identity}, overwrite=job.overwrite,
-                          how=consumer.overwrite_hint)  # fmt: skip
+                          how=consumer.overwrite_hint, redrawable=tuple(getattr(consumer, "redraw_keys", ())),
+                          redraw=bool(getattr(consumer, "redraw", False)),
+                          redraw_hint=getattr(consumer, "redraw_hint", ""))  # fmt: skip
     order = _order(specs, rank, world_size)
     outputs = {s.slide_id: consumer.output_path(out_dir, s) for s in specs}
     finished_before = [] if job.overwrite else [s for s in order if consumer.is_finished(outputs[s.slide_id])]
@@ -274,7 +282,8 @@ def run_slides(
         "world_size": world_size, "host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "worker": f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         "slides_total": len(specs), "slides_already_finished": len(finished_before), "slides_done": 0,
-        "slides_skipped": 0, "slides_locked_by_others": 0, "tiles": 0, "tiles_skipped": 0, "tissue_mm2": 0.0,
+        "slides_redrawn": 0, "slides_skipped": 0, "slides_locked_by_others": 0, "tiles": 0, "tiles_skipped": 0,
+        "tissue_mm2": 0.0,
         "device": str(device), "reader": job.reader, "num_workers": job.num_workers, "done": [], "skipped": [],
         "warnings": {}, **(notes or {}),
     }  # fmt: skip
@@ -318,6 +327,7 @@ def run_slides(
                 result = work()
                 t0 = time.perf_counter()
                 summary["slides_done"] += 1
+                summary["slides_redrawn"] += bool(result.get("redrawn"))
                 summary["tiles"] += result["tiles"]
                 summary["tiles_skipped"] += len(result["failed_tiles"])
                 summary["tissue_mm2"] += result["tissue_mm2"] if np.isfinite(result["tissue_mm2"]) else 0.0
@@ -327,7 +337,7 @@ def run_slides(
                 seconds = time.perf_counter() - t_slide if closer is None else sum(stages[s] for s in STAGES)
                 result.update(seconds=seconds, stage_seconds=dict(stages))
                 summary["done"].append(result)
-                timing_row = {
+                timing_row = None if result.get("redrawn") else {
                     "slide": spec.slide_id, "rank": rank, "host": host, "tiles": result["tiles"],
                     "tissue_mm2": result["tissue_mm2"], "seconds": seconds,
                     **{f"{s}_s": stages[s] for s in STAGES + BACKGROUND},
@@ -450,10 +460,11 @@ def run_slides(
          **consumer.identity},
     )  # fmt: skip
     summary["slides_finished_on_disk"] = merged["slides_finished"]
+    redrawn = f"{n} drawn again from their stored outputs, " if (n := summary["slides_redrawn"]) else ""
     log.info(
-        "%d slides done (%d tiles, %.1f mm² tissue), %d skipped, %d already finished, %d held by other workers, "
+        "%d slides done (%s%d tiles, %.1f mm² tissue), %d skipped, %d already finished, %d held by other workers, "
         "in %.1f s → %s\n%s",
-        summary["slides_done"], summary["tiles"], summary["tissue_mm2"], summary["slides_skipped"],
+        summary["slides_done"], redrawn, summary["tiles"], summary["tissue_mm2"], summary["slides_skipped"],
         summary["slides_already_finished"], summary["slides_locked_by_others"], seconds, out_dir,
         format_stages(totals, seconds, summary["tiles"], summary["tissue_mm2"]),
     )  # fmt: skip
@@ -543,9 +554,17 @@ def _stream_slide(
     closing: ``close(stages)`` closes the sink, runs the consumer's finish and returns the result (its seconds go
     into ``stages``: this slide's, or a background account when it runs behind the next slide)."""
     grid, fn = prepared.grid, consumer.tile_function
-    ds = SlideTileDataset(spec.path, grid.coords, grid.patch_size_level0, int(job.tiling.size), level=grid.read_level)
-    batches = tile_batches(ds, job.batch_size, reader=job.reader, num_workers=job.num_workers,
-                           pin_memory=device.type == "cuda")  # fmt: skip
+    t_open = time.perf_counter()
+    sink = consumer.open(spec, prepared, out)
+    # a sink drawing its output again from an earlier run's stored output reads no tile
+    coords = grid.coords if getattr(sink, "takes_tiles", True) else grid.coords[:0]
+    try:
+        ds = SlideTileDataset(spec.path, coords, grid.patch_size_level0, int(job.tiling.size), level=grid.read_level)
+        batches = tile_batches(ds, job.batch_size, reader=job.reader, num_workers=job.num_workers if len(coords) else 0,
+                               pin_memory=device.type == "cuda")  # fmt: skip
+    except BaseException:
+        sink.abort()
+        raise
     failed: list[str] = []
 
     def refused(tile: int, why: str) -> None:
@@ -553,9 +572,7 @@ def _stream_slide(
         failed.append(f"tile {int(tile)} at ({x}, {y}): {why}")
 
     h2d_before = getattr(fn, "h2d_seconds", 0.0)
-    t_open = time.perf_counter()
-    sink = consumer.open(spec, prepared, out)
-    writer = WriteBehind(sink) if _write_behind(job, device) else None
+    writer = WriteBehind(sink) if _write_behind(job, device) and len(coords) else None
     add = writer.add if writer else sink.add
     try:
         t_wait = time.perf_counter()
