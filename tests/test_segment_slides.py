@@ -454,6 +454,51 @@ def test_a_new_threshold_redraws_finished_slides_from_their_probability_tiffs(ck
     assert json.loads((out / "s0.geojson").read_text()) == redrawn
 
 
+def test_the_overlay_shows_the_area_the_polygons_hold(ckpt, wsi, tmp_path, monkeypatch):
+    """Each class is drawn over the thumbnail as much as its polygons cover each pixel, so the picture holds the
+    areas of the legend (and of areas.csv); thresholding the coarsest probability level (the code before) lost
+    scattered cells smaller than a thumbnail pixel whose polygons were there."""
+    import hirespath.segmentation.overlay as overlay
+
+    seen = {}
+
+    def capture(path, thumbnail, coverage, classes, colors, title, areas_mm2):
+        seen.update(thumbnail=thumbnail, coverage=coverage, areas=areas_mm2)
+        return path
+
+    monkeypatch.setattr(overlay, "save_overlay", capture)
+    summary = run(ckpt, wsi, tmp_path / "job", seam_check=False)
+    h, w = seen["thumbnail"].shape[:2]
+    px_mm2 = (700 / w) * (500 / h) * 0.5**2 / 1e6  # the thumbnail shows the whole 700 × 500 px slide at 0.5 µm/px
+    drawn = [float(c.sum()) * px_mm2 for c in seen["coverage"]]
+    assert all(c.shape == (h, w) and 0 <= c.min() and c.max() <= 1 for c in seen["coverage"])
+    assert drawn == pytest.approx(seen["areas"], rel=0.03, abs=4 * px_mm2)
+    assert seen["areas"] == [summary["done"][0]["areas_mm2"][n] for n in CELL_TYPES] and max(drawn) > 0
+
+
+def test_polygon_coverage_keeps_areas_holes_and_cells_smaller_than_a_pixel():
+    from hirespath.segmentation.overlay import polygon_coverage
+
+    rng = np.random.default_rng(0)
+    # 2 × 2 px cells, one per 4 × 4 px, at random offsets: each a quarter of a 4 px cell of a 16 px picture pixel
+    cells = shapely.MultiPolygon([shapely.box(x + dx, y + dy, x + dx + 2, y + dy + 2) for x in range(0, 400, 4)
+                                  for y in range(0, 400, 4) for dx, dy in [rng.uniform(0, 2, 2)]])  # fmt: skip
+    np.testing.assert_allclose(polygon_coverage(cells, (25, 25), (0, 0, 400, 400)), 0.25, atol=1e-6)
+    ring = shapely.box(0, 0, 400, 400).difference(shapely.box(100, 100, 300, 300))  # a hole stays empty
+    cover = polygon_coverage(ring, (40, 40), (0, 0, 400, 400))
+    assert cover[10:30, 10:30].max() == 0 and cover[:10].min() == 1 and cover.mean() == pytest.approx(0.75)
+    # blobs of any size, merged: the picture's sum is their area, each pixel's share its part of the pixel
+    blobs = shapely.unary_union([shapely.Point(rng.uniform(0, 4000, 2)).buffer(rng.uniform(1, 30))
+                                 for _ in range(3000)])  # fmt: skip
+    cover = polygon_coverage(blobs, (200, 100), (0, 0, 4000, 2000))  # 20 level-0 px per picture px
+    assert cover.sum() * 400 == pytest.approx(shapely.intersection(blobs, shapely.box(0, 0, 4000, 2000)).area,
+                                              rel=0.005)  # fmt: skip
+    for i, j in rng.integers(0, 100, (50, 2)):
+        exact = shapely.intersection(blobs, shapely.box(20 * j, 20 * i, 20 * j + 20, 20 * i + 20)).area / 400
+        assert cover[i, j] == pytest.approx(exact, abs=0.08)
+    assert not polygon_coverage(None, (5, 4), (0, 0, 10, 8)).any()
+
+
 def test_pyramid_halving_and_uint8_maps_round_as_float_means_would(tmp_path):
     from hirespath.segmentation.probs_tiff import halve
     from hirespath.segmentation.stitch import to_uint8

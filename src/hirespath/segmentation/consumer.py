@@ -204,15 +204,17 @@ class _SlideDrawing:
         self.map = MapGeometry.of(self.grid, self.region)
         self.prefix = f".{path.name}.{uuid.uuid4().hex[:8]}"  # the runner removes .<output>.*.tmp of dead writers
 
-    def _result(self, areas: dict, outline_mm2: float | None, small: np.ndarray, steps: ClosingSteps) -> dict:
+    def _result(self, drawn: tuple, steps: ClosingSteps) -> dict:
+        _, areas, outline_mm2, geoms = drawn
         return {"map_shape": list(self.map.shape), "map_mpp": self.map.mpp, "qupath_origin": self.origin,
-                "areas_mm2": areas, "tissue_outline_mm2": outline_mm2, "small_probs": small,
+                "areas_mm2": areas, "tissue_outline_mm2": outline_mm2, "class_geoms": geoms,
                 "closing_seconds": steps.seconds}  # fmt: skip
 
-    def _features(self, rows) -> tuple[list[dict], dict, float | None]:
+    def _features(self, rows) -> tuple[list[dict], dict, float | None, list]:
         """One QuPath annotation per class from the map (``rows(y0, y1)``: its rows y0:y1, C×rows×W uint8), the
-        classes' areas (mm²), and the area (mm²) of the tissue outline the polygons were clipped to (None when they
-        were not: ``within_tissue=false`` or no tissue mask)."""
+        classes' areas (mm²), the area (mm²) of the tissue outline the polygons were clipped to (None when they
+        were not: ``within_tissue=false`` or no tissue mask), and each class's geometry in slide level-0 px (None
+        when empty; for the overlay)."""
         import shapely
         from shapely import affinity
 
@@ -225,7 +227,7 @@ class _SlideDrawing:
             slide_box = slide_box.intersection(outline)
             outline_mm2 = float(slide_box.area) * self.grid.slide_mpp**2 / 1e6
         min_px = c.options.min_area_um2 / self.map.mpp**2
-        features, areas = [], {}
+        features, areas, level0_geoms = [], {}, []
         # rows traced at once: the map is read once for every class, ≤ 128 MB a band (×4 px at 2× resolution)
         band = int(np.clip((1 << 27) // (self.map.shape[1] * len(c.classes)), 64, 1024))
         geoms = masks_polygons(lambda y0, y1: rows(y0, y1) > cut, self.map.shape[0], len(c.classes), band=band,
@@ -239,13 +241,14 @@ class _SlideDrawing:
                 geom = qupath.polygonal(geom.intersection(slide_box))
                 area_um2 = float(geom.area) * self.grid.slide_mpp**2
             areas[name] = area_um2 / 1e6
-            if geom is None or geom.is_empty:
+            level0_geoms.append(geom if geom is not None and not geom.is_empty else None)
+            if level0_geoms[-1] is None:
                 continue
             if geom.geom_type == "Polygon":
                 geom = shapely.MultiPolygon([geom])
             features.append(qupath.feature(geom, "annotation", name, color,
                                            measurements={"Area µm^2": area_um2}, origin=self.origin))  # fmt: skip
-        return features, areas, outline_mm2
+        return features, areas, outline_mm2, level0_geoms
 
     def abort(self) -> None:
         for p in self.path.parent.glob(f"{self.prefix}.*.tmp"):
@@ -299,20 +302,19 @@ class SegmentationSink(_SlideDrawing):
             tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map.mpp, extra, name=self.spec.slide_id
         )
         step("probability TIFF")
-        features, areas, outline_mm2 = self._features(lambda y0, y1: probs[:, y0:y1])
+        drawn = self._features(lambda y0, y1: probs[:, y0:y1])
         step("polygons")
         seams = self._seams(probs) if c.options.seam_check else None
         encode_s = seams["seconds"] if seams else 0.0  # the window's forward is the model's time, not writing
         os.replace(tif_tmp, c.probs_path(self.path))
-        qupath.write_geojson(self.path, features)  # last: the slide counts as finished once it exists
-        small = np.array(self.levels[-1])
+        qupath.write_geojson(self.path, drawn[0])  # last: the slide counts as finished once it exists
         self.stitcher.cleanup()
         self._remove_levels()
         return {
             "tiles": self.tiles,
             "seams": seams,
             "encode_seconds": encode_s,
-            **self._result(areas, outline_mm2, small, step),
+            **self._result(drawn, step),
         }
 
     def _seams(self, probs: np.ndarray) -> dict | None:
@@ -386,14 +388,12 @@ class RedrawSink(_SlideDrawing):
                 raise SlideError(f"{tif} was made from the slide at {float(old_mpp):g} µm/px, but it is "
                                  f"read at {self.grid.slide_mpp:g} µm/px now; remove it to segment again")  # fmt: skip
             step("map")
-            features, areas, outline_mm2 = self._features(level0.rows)
+            drawn = self._features(level0.rows)
         step("polygons")
-        with MapLevel(tif, -1) as smallest:
-            small = smallest.rows(0, smallest.shape[1])
-        qupath.write_geojson(self.path, features)
+        qupath.write_geojson(self.path, drawn[0])
         log.info("%s: drawn again from %s (%s)", self.spec.slide_id, tif.name,
                  ", ".join(f"{k} {v}" for k, v in c.options.drawing().items()))  # fmt: skip
-        return {"tiles": 0, "redrawn": True, "seams": None, **self._result(areas, outline_mm2, small, step)}
+        return {"tiles": 0, "redrawn": True, "seams": None, **self._result(drawn, step)}
 
 
 @dataclass
@@ -488,7 +488,7 @@ class SegmentationConsumer:
                           "mean_abs_diff": float(np.mean([m["mean_abs_diff"] for m in measured]))}}  # fmt: skip
 
     def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
-        small, areas = result.pop("small_probs", None), result.get("areas_mm2", {})
+        geoms, areas = result.pop("class_geoms", None), result.get("areas_mm2", {})
         # the fractions' tissue: the outline the polygons were clipped to (the mask smoothed and grown by its
         # smoothing width, so that no border tissue is cut), else the tissue mask: a class never covers > 100 %
         tissue = result.get("tissue_outline_mm2") or prepared.grid.tissue_area_mm2
@@ -514,16 +514,17 @@ class SegmentationConsumer:
             ledger.merge_rows(SEAMS, [row], [*SEAM_COLUMNS, *(f"dice_{k}" for k in self.classes)],
                               sort_by=["slide"])  # fmt: skip
         grid = prepared.grid
-        if self.options.overlay and small is not None and grid.thumbnail is not None:
-            from .overlay import class_masks_at, save_overlay
+        if self.options.overlay and geoms is not None and grid.thumbnail is not None:
+            from .overlay import polygon_coverage, save_overlay
 
-            thumbnail = _map_part(grid, MapGeometry.of(grid, prepared.qupath_region))  # QuPath's image of it
+            thumbnail, bounds = _map_part(grid, MapGeometry.of(grid, prepared.qupath_region))  # QuPath's image
             h, w = thumbnail.shape[:2]
-            masks = class_masks_at(small, (w, h), self.options.threshold)
+            # each class as much as its polygons cover a pixel: cells smaller than a pixel of the picture show
+            coverage = [polygon_coverage(g, (w, h), bounds) for g in geoms]
             colors = class_colors(self.classes)
             title = (f"{spec.slide_id}: {self.tag}, {grid.tile_size} px tiles at {grid.tile_mpp:g} µm/px, "
                      f"overlap {grid.overlap} px ({self.options.blend})")  # fmt: skip
-            save_overlay(out_dir / f"{spec.slide_id}_overlay.png", thumbnail, masks, self.classes, colors, title,
+            save_overlay(out_dir / f"{spec.slide_id}_overlay.png", thumbnail, coverage, self.classes, colors, title,
                          [areas.get(n, 0.0) for n in self.classes])  # fmt: skip
 
 
@@ -537,9 +538,9 @@ def _same_setting(recorded, value) -> bool:
         return False
 
 
-def _map_part(grid, geometry: MapGeometry) -> np.ndarray:
+def _map_part(grid, geometry: MapGeometry) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """The part of the slide's thumbnail the probability map covers (about all of it: both show QuPath's image of
-    the slide, the map out to its whole pixels)."""
+    the slide, the map out to its whole pixels), and the level-0 box (x0, y0, x1, y1) of that part."""
     th, tw = grid.thumbnail.shape[:2]
     (dx, dy), (mx, my) = grid.mask_downsample, grid.mask_origin
     (x0, y0), (H, W) = geometry.level0_origin, geometry.shape
@@ -547,7 +548,8 @@ def _map_part(grid, geometry: MapGeometry) -> np.ndarray:
     x1, y1 = x0 + W / geometry.scale / dx, y0 + H / geometry.scale / dy
     cols = slice(max(0, round(x0)), max(round(x0) + 1, min(tw, round(x1))))
     rows = slice(max(0, round(y0)), max(round(y0) + 1, min(th, round(y1))))
-    return grid.thumbnail[rows, cols]
+    box = (mx + cols.start * dx, my + rows.start * dy, mx + cols.stop * dx, my + rows.stop * dy)
+    return grid.thumbnail[rows, cols], box
 
 
 def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:

@@ -1,4 +1,5 @@
-"""``<slide>_overlay.png``: the slide's thumbnail with each class's mask in its colour, and a legend."""
+"""``<slide>_overlay.png``: the slide's thumbnail with each class's polygons in its colour (as much as they cover each
+pixel), and a legend."""
 
 from __future__ import annotations
 
@@ -9,26 +10,77 @@ import numpy as np
 from ..viz.figures import pyplot, save_png
 
 
-def class_masks_at(small_probs: np.ndarray, size: tuple[int, int], threshold: float) -> np.ndarray:
-    """C×h×w bool masks of the coarsest probability level (C×H×W uint8) resized to ``size`` (w, h)."""
-    from PIL import Image
+def polygon_coverage(geom, size: tuple[int, int], bounds: tuple[float, float, float, float],
+                     supersample: int = 4) -> np.ndarray:  # fmt: skip
+    """The share of each pixel of a ``size`` (w, h) picture of the level-0 box ``bounds`` (x0, y0, x1, y1) that
+    the (Multi)Polygon ``geom`` (level-0 px, holes kept) covers: h×w float32 in [0, 1], so a class drawn with it
+    shows the area its polygons hold. Polygons are filled ``supersample``× finer by the pixel-centre rule
+    (:func:`_fill_rings`) and averaged; polygons smaller than one of those fine pixels (cells in a large slide's
+    thumbnail), which the centre rule would keep or lose whole, add their area to the pixel of their centroid."""
+    import shapely
 
     w, h = size
-    return np.stack([
-        np.asarray(Image.fromarray(np.ascontiguousarray(plane)).resize((w, h), Image.BILINEAR)) > threshold * 255
-        for plane in small_probs
-    ])  # fmt: skip
+    x0, y0, x1, y1 = bounds
+    s = supersample
+    scale = np.array([w * s / (x1 - x0), h * s / (y1 - y0)])  # fine px per level-0 px
+    cover = np.zeros((h, w), np.float32)
+    if geom is None or geom.is_empty:
+        return cover
+    parts = shapely.get_parts(geom)
+    fine_px = 1 / (scale[0] * scale[1])  # level-0 px² per fine px
+    tiny = shapely.area(parts) < fine_px
+    if tiny.any():
+        c = (shapely.get_coordinates(shapely.centroid(parts[tiny])) - (x0, y0)) * scale / s
+        ix, iy = np.clip(c[:, 0].astype(int), 0, w - 1), np.clip(c[:, 1].astype(int), 0, h - 1)
+        np.add.at(cover, (iy, ix), shapely.area(parts[tiny]) / (fine_px * s * s))
+    if not tiny.all():
+        xy, ring = shapely.get_coordinates(shapely.get_rings(parts[~tiny]), return_index=True)
+        # rounded so that a vertex exactly on a pixel centre stays there whatever the slide's offset (a region of a
+        # larger canvas: its level-0 coordinates differ by an offset, and by the last bit after the subtraction)
+        inside = _fill_rings(np.round((xy - (x0, y0)) * scale, 6), ring, (h * s, w * s))
+        cover += inside.reshape(h, s, w, s).mean((1, 3), dtype=np.float32)
+    return np.minimum(cover, 1, out=cover)
 
 
-def save_overlay(path: Path, thumbnail: np.ndarray, masks: np.ndarray, classes: list[str], colors: list, title: str,
-                 areas_mm2: list[float]) -> Path:  # fmt: skip
+def _fill_rings(xy: np.ndarray, ring: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """H×W bool: the pixels whose centres lie inside the closed rings (``xy``: their vertices in px, pixel (i, j)
+    spanning [j, j+1] × [i, i+1]; ``ring``: each vertex's ring), by the even-odd rule, so holes stay empty. Each
+    edge's crossings of the pixel rows' centre lines (half open: a vertex counts once), sorted along each row and
+    paired: every pair fills the pixels between (added into row differences, then summed along the rows)."""
+    H, W = shape
+    same = ring[1:] == ring[:-1]
+    (ax, ay), (bx, by) = xy[:-1][same].T, xy[1:][same].T
+    lo, hi = np.minimum(ay, by), np.maximum(ay, by)
+    r0 = np.ceil(lo - 0.5).astype(np.int64)  # the first row whose centre r + 0.5 is ≥ lo
+    n = np.maximum(np.ceil(hi - 0.5).astype(np.int64) - r0, 0)  # rows with centres in [lo, hi)
+    edge = np.repeat(np.arange(len(n)), n)
+    row = r0[edge] + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+    yc = row + 0.5
+    x = ax[edge] + (yc - ay[edge]) * (bx[edge] - ax[edge]) / (by[edge] - ay[edge])
+    order = np.lexsort((x, row))
+    row, x = row[order], x[order]
+    start, end, row = x[0::2], x[1::2], row[0::2]  # a closed ring crosses each row an even number of times
+    keep = (row >= 0) & (row < H)
+    i0 = np.clip(np.ceil(start[keep] - 0.5), 0, W).astype(np.int64)  # the first pixel centre ≥ start
+    i1 = np.clip(np.ceil(end[keep] - 0.5), 0, W).astype(np.int64)
+    diff = np.zeros((H, W + 1), np.int8)
+    np.add.at(diff, (row[keep], i0), 1)
+    np.add.at(diff, (row[keep], i1), -1)
+    return np.cumsum(diff[:, :W], axis=1, dtype=np.int8) > 0
+
+
+def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray], classes: list[str], colors: list,
+                 title: str, areas_mm2: list[float]) -> Path:  # fmt: skip
+    """The thumbnail with each class in its colour, as much as its polygons cover each pixel (``coverage``: h×w in
+    [0, 1] per class, :func:`polygon_coverage`), and a legend with the classes' areas."""
     from matplotlib.patches import Patch
 
     plt = pyplot()
 
     img = thumbnail.astype(np.float32) / 255
-    for m, col in zip(masks, colors):
-        img[m] = 0.45 * img[m] + 0.55 * np.asarray(col, np.float32) / 255
+    for cov, col in zip(coverage, colors):
+        alpha = 0.55 * cov[..., None]
+        img = (1 - alpha) * img + alpha * np.asarray(col, np.float32) / 255
     h, w = img.shape[:2]
     fig, ax = plt.subplots(figsize=(min(14, 4 + 8 * w / max(h, w)), min(12, 1 + 8 * h / max(h, w))), dpi=110)
     ax.imshow(img)
