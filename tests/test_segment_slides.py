@@ -366,12 +366,43 @@ def test_closing_steps_are_timed_and_said_for_large_maps(done, ckpt, wsi, tmp_pa
 
     steps = ["map", "pyramid", "probability TIFF", "polygons"]
     assert list(done[1]["done"][0]["closing_seconds"]) == steps
+    import tqdm.auto
+
+    bars = {}
+
+    class Bar:  # what the closing's progress bars were told
+        def __init__(self, total, desc, disable, **kwargs):
+            self.total, self.n, self.shown, self.closed = total, 0, not disable, False
+            bars[desc] = self
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     monkeypatch.setattr(consumer, "SAY_CLOSING_PX", 1)  # this slide's 250 × 350 px map counts as large
     with caplog.at_level("INFO", logger="hirespath.segmentation"):
-        run(ckpt, wsi, tmp_path / "job", seam_check=False)
+        segment_slides(load_segmentation(ckpt), list_slides(wsi), tmp_path / "job", TILING,
+                       EmbedConfig(batch_size=4, num_workers=0), SegmentOptions(threshold=THRESHOLD, seam_check=False),
+                       Runtime(device="cpu", progress=True, rank=0, world_size=1))  # fmt: skip
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("s0: ")]
     assert said[0] == f"s0: closing its {len(CELL_TYPES)} × 250 × 350 px probability map"
     assert [m.split(" in ")[0] for m in said[1:]] == [f"s0: {s}" for s in steps]
+    # and shown as bars that end full: the halvings' rows (none: 350 px is the smallest level), every class's rows
+    # of the TIFF, the polygons' rows
+    totals = {"pyramid": 0, "probability TIFF": len(CELL_TYPES) * 250, "polygons": 250}
+    assert {d: (b.total, b.n, b.shown, b.closed) for d, b in bars.items()} == {
+        f"s0: {k}": (t, t, True, True) for k, t in totals.items()}  # fmt: skip
+    # a large map's halvings count the rows of each level they halve
+    from hirespath.segmentation.probs_tiff import pyramid, pyramid_shapes
+
+    seen = []
+    levels = pyramid(np.zeros((2, 2500, 900), np.uint8), tmp_path / "m", seen.append)
+    assert [lv.shape for lv in levels] == pyramid_shapes((2, 2500, 900)) == [(2, 2500, 900), (2, 1250, 450),
+                                                                             (2, 625, 225)]  # fmt: skip
+    assert sum(seen) == 2500 + 1250
 
 
 def test_rerun_skips_finished_slides(done, ckpt, wsi):

@@ -40,7 +40,7 @@ from ..wsi import qupath
 from ..wsi.listing import SlideSpec
 from .model import SegmentationCheckpoint, tile_probabilities
 from .polygons import mask_polygons, masks_polygons
-from .probs_tiff import MapLevel, pyramid, read_description, write_probs_tiff
+from .probs_tiff import MapLevel, pyramid, pyramid_shapes, read_description, write_probs_tiff
 from .stitch import BLENDS, ProbabilityStitcher, blend_weights, to_uint8
 
 log = logging.getLogger("hirespath.segmentation")
@@ -178,16 +178,27 @@ class MapGeometry:
 
 class ClosingSteps:
     """``step(name)`` after each step of closing a slide: its seconds go into ``seconds[name]`` (the slide's
-    ``closing_seconds`` in summary.json); for a large map each step is also logged as it ends, since its pyramid,
-    TIFF and polygons can take minutes after the last tile."""
+    ``closing_seconds`` in summary.json). A large map's pyramid, TIFF and polygons can take minutes after the last
+    tile: each step is then logged as it ends, and ``bar(name, total)`` shows a step's progress (its rows)."""
 
-    def __init__(self, slide_id: str, shape: tuple[int, int, int]):
-        self.slide_id, self.seconds = slide_id, {}
-        self.say = log.info if shape[1] * shape[2] >= SAY_CLOSING_PX else log.debug
+    def __init__(self, slide_id: str, shape: tuple[int, int, int], progress: bool = True):
+        self.slide_id, self.seconds, self._bar = slide_id, {}, None
+        large = shape[1] * shape[2] >= SAY_CLOSING_PX
+        self.say, self.show = (log.info if large else log.debug), large and progress
         self.say("%s: closing its %d × %d × %d px probability map", slide_id, *shape)
         self.last = time.perf_counter()
 
+    def bar(self, name: str, total: int):
+        """The progress callback of the step ``name`` (told the rows done, of ``total``), until the step ends."""
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, desc=f"{self.slide_id}: {name}", unit="row", leave=False, disable=not self.show)
+        return self._bar.update
+
     def __call__(self, name: str) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         now = time.perf_counter()
         self.seconds[name] = round(now - self.last, 3)
         self.last = now
@@ -210,7 +221,7 @@ class _SlideDrawing:
                 "areas_mm2": areas, "tissue_outline_mm2": outline_mm2, "class_geoms": geoms,
                 "closing_seconds": steps.seconds}  # fmt: skip
 
-    def _features(self, rows) -> tuple[list[dict], dict, float | None, list]:
+    def _features(self, rows, step: ClosingSteps) -> tuple[list[dict], dict, float | None, list]:
         """One QuPath annotation per class from the map (``rows(y0, y1)``: its rows y0:y1, C×rows×W uint8), the
         classes' areas (mm²), the area (mm²) of the tissue outline the polygons were clipped to (None when they
         were not: ``within_tissue=false`` or no tissue mask), and each class's geometry in slide level-0 px (None
@@ -231,7 +242,8 @@ class _SlideDrawing:
         # rows traced at once: the map is read once for every class, ≤ 128 MB a band (×4 px at 2× resolution)
         band = int(np.clip((1 << 27) // (self.map.shape[1] * len(c.classes)), 64, 1024))
         geoms = masks_polygons(lambda y0, y1: rows(y0, y1) > cut, self.map.shape[0], len(c.classes), band=band,
-                               min_area=min_px, simplify=c.options.simplify_px)  # fmt: skip
+                               min_area=min_px, simplify=c.options.simplify_px,
+                               progress=step.bar("polygons", self.map.shape[0]))  # fmt: skip
         for name, color, geom in zip(c.classes, class_colors(c.classes), geoms):
             area_um2 = 0.0
             if geom is not None:
@@ -288,21 +300,25 @@ class SegmentationSink(_SlideDrawing):
         if not self.tiles:
             self.abort()
             raise SlideError("no tile could be segmented (see the tiles listed in skipped.csv)")
-        step = ClosingSteps(self.spec.slide_id, (len(self.c.classes), *self.map.shape))
+        shape = (len(self.c.classes), *self.map.shape)
+        step = ClosingSteps(self.spec.slide_id, shape, self.c.progress)
         c, probs = self.c, self.stitcher.finalize()
         c.tiles_segmented += self.tiles
         step("map")
-        self.levels = pyramid(probs, self.path.parent / self.prefix)
+        shapes = pyramid_shapes(shape)
+        self.levels = pyramid(
+            probs, self.path.parent / self.prefix, step.bar("pyramid", sum(s[1] for s in shapes[:-1]))
+        )
         step("pyramid")
         g = self.grid
         extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.map.scale, "level0_size": list(g.level0_size),
                  "level0_origin": list(self.map.level0_origin), "model": c.tag}  # fmt: skip
         tif_tmp = self._temp("tif")
-        write_probs_tiff(
-            tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map.mpp, extra, name=self.spec.slide_id
-        )
+        written = step.bar("probability TIFF", sum(s[0] * s[1] for s in shapes))
+        write_probs_tiff(tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map.mpp, extra,
+                         name=self.spec.slide_id, progress=written)  # fmt: skip
         step("probability TIFF")
-        drawn = self._features(lambda y0, y1: probs[:, y0:y1])
+        drawn = self._features(lambda y0, y1: probs[:, y0:y1], step)
         step("polygons")
         seams = self._seams(probs) if c.options.seam_check else None
         encode_s = seams["seconds"] if seams else 0.0  # the window's forward is the model's time, not writing
@@ -370,7 +386,7 @@ class RedrawSink(_SlideDrawing):
         from ..wsi.reader import SlideError
 
         c, tif = self.c, self.c.probs_path(self.path)
-        step = ClosingSteps(self.spec.slide_id, (len(c.classes), *self.map.shape))
+        step = ClosingSteps(self.spec.slide_id, (len(c.classes), *self.map.shape), c.progress)
         try:
             made = read_description(tif)
             level0 = MapLevel(tif)
@@ -388,7 +404,7 @@ class RedrawSink(_SlideDrawing):
                 raise SlideError(f"{tif} was made from the slide at {float(old_mpp):g} µm/px, but it is "
                                  f"read at {self.grid.slide_mpp:g} µm/px now; remove it to segment again")  # fmt: skip
             step("map")
-            drawn = self._features(level0.rows)
+            drawn = self._features(level0.rows, step)
         step("polygons")
         qupath.write_geojson(self.path, drawn[0])
         log.info("%s: drawn again from %s (%s)", self.spec.slide_id, tif.name,
@@ -407,6 +423,7 @@ class SegmentationConsumer:
     identity: dict = field(default_factory=dict)
     overwrite_hint: str = OVERWRITE
     needs_thumbnail: bool = True
+    progress: bool = True  # a large map's closing steps as progress bars
     reuse_maps: bool = True  # a slide with a finished probability TIFF is drawn from it (False: embed.overwrite)
     redraw_keys: tuple = DRAWING  # identity keys a redraw may change (slides.runner)
     redraw_hint: str = REDRAW
@@ -590,7 +607,7 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
     job = slide_job(job_dir, tiling, reading, default_mpp)
     tile_fn = TileModel(seg.model, runtime.device, runtime.precision, job.batch_size,
                         forward=probabilities_forward(seg.model, seg.class_index))  # fmt: skip
-    consumer = SegmentationConsumer(seg, tile_fn, options, reuse_maps=not job.overwrite)
+    consumer = SegmentationConsumer(seg, tile_fn, options, progress=runtime.progress, reuse_maps=not job.overwrite)
     consumer.folder = f"segmentation_{consumer.tag}"
     consumer.identity = {
         "model": consumer.tag, "run": seg.run_dir.name, "checkpoint": seg.ckpt.name,

@@ -11,6 +11,8 @@ exactly) are merged by a union at the end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 import shapely
@@ -212,10 +214,17 @@ def mask_polygons(read_band, height: int, band: int = 1024, min_area: float = 0.
 
 
 def masks_polygons(
-    read_band, height: int, masks: int, band: int = 1024, min_area: float = 0.0, simplify: float = 0.0
+    read_band,
+    height: int,
+    masks: int,
+    band: int = 1024,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    progress: Callable[[int], object] | None = None,
 ) -> list:
     """:func:`mask_polygons` of ``masks`` masks read together: ``read_band(y0, y1)`` returns rows y0:y1 as
-    masks × rows × W bool (a class's rows contiguous), so a map on disk is read once for all its classes. The
+    masks × rows × W bool (a class's rows contiguous), so a map on disk is read once for all its classes
+    (``progress(rows)`` after each band). The
     masks are traced in parallel threads, one per core this process may use (OpenCV and shapely's array functions
     release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -229,6 +238,8 @@ def masks_polygons(
             block, last = read_band(y0, y1), y1 == height
             list(pool.map(lambda t, k, b=block, y=y0, e=last: t.trace(np.ascontiguousarray(b[k]), y, e),
                           tracers, range(masks)))  # fmt: skip
+            if progress is not None:
+                progress(y1 - y0)
         return list(pool.map(lambda t: _finished(t.regions, t.pieces, min_area, simplify), tracers))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,12 @@ from ..utils.threads import available_cores
 
 TILE = 256
 SMALLEST = 1024
+Progress = Callable[[int], object] | None  # told the rows done, for a progress bar
 
 
-def halve(src: np.ndarray, dst_path: Path, band_bytes: int = 1 << 27) -> np.memmap:
-    """``src`` (C×H×W uint8) shrunk 2× by 2×2 means, into a new memmap at ``dst_path`` (in row bands).
+def halve(src: np.ndarray, dst_path: Path, band_bytes: int = 1 << 27, progress: Progress = None) -> np.memmap:
+    """``src`` (C×H×W uint8) shrunk 2× by 2×2 means, into a new memmap at ``dst_path`` (in row bands;
+    ``progress(rows of src)`` after each).
 
     Integer sums of the four values (uint16), rounded half to even as ``np.rint`` of their float mean would be
     (equal to it, ~6× faster); an odd last row or column is repeated."""
@@ -55,26 +57,41 @@ def halve(src: np.ndarray, dst_path: Path, band_bytes: int = 1 << 27) -> np.memm
             total += 1 + ((total >> 2) & 1)  # total / 4 rounded half to even: +2 when the quotient is odd, else +1
             total >>= 2
             write_rows(fd, dst, r // 2, 0, total)  # a pwrite per class: the band spans the width
+            if progress is not None:
+                progress(min(band, H - r))
     finally:
         os.close(fd)
     return dst
 
 
-def pyramid(level0: np.ndarray, prefix: Path) -> list[np.ndarray]:
-    """[level0, level0 / 2, ...] down to a long side ≤ SMALLEST (the halvings in ``<prefix>.levelK.tmp``)."""
+def pyramid_shapes(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """The shapes of :func:`pyramid`'s levels for a level 0 of ``shape`` (C, H, W)."""
+    shapes = [tuple(shape)]
+    while max(shapes[-1][1:]) > SMALLEST:
+        C, H, W = shapes[-1]
+        shapes.append((C, (H + 1) // 2, (W + 1) // 2))
+    return shapes
+
+
+def pyramid(level0: np.ndarray, prefix: Path, progress: Progress = None) -> list[np.ndarray]:
+    """[level0, level0 / 2, ...] down to a long side ≤ SMALLEST (the halvings in ``<prefix>.levelK.tmp``;
+    ``progress(rows)`` as the rows of each level are halved: sum(H for the shapes but the last) in all)."""
     levels = [level0]
     while max(levels[-1].shape[1:]) > SMALLEST:
-        levels.append(halve(levels[-1], Path(f"{prefix}.level{len(levels)}.tmp")))
+        levels.append(halve(levels[-1], Path(f"{prefix}.level{len(levels)}.tmp"), progress=progress))
     return levels
 
 
-def _plane_tiles(arr: np.ndarray) -> Iterator[np.ndarray]:
+def _plane_tiles(arr: np.ndarray, progress: Progress = None) -> Iterator[np.ndarray]:
     """The tiles of ``arr`` (C×H×W) plane by plane, each plane in rows of tiles: the order of the TIFF's tiles.
-    A row of one class (256 × W bytes, contiguous) is copied at a time: each plane is read once, never held."""
+    A row of one class (256 × W bytes, contiguous) is copied at a time: each plane is read once, never held
+    (``progress(rows)`` as each row of tiles is read)."""
     C, H, W = arr.shape
     for c in range(C):
         for y in range(0, H, TILE):
             row = np.array(arr[c, y : y + TILE])
+            if progress is not None:  # before its tiles: the writer stops pulling after the last one
+                progress(row.shape[0])
             for x in range(0, W, TILE):
                 yield row[:, x : x + TILE]
 
@@ -86,9 +103,10 @@ def ome_color(rgb: Sequence[int]) -> int:
 
 
 def write_probs_tiff(path: Path, levels: list[np.ndarray], classes: list[str], colors: list[Sequence[int]],
-                     mpp: float, extra: dict, name: str = "") -> None:  # fmt: skip
+                     mpp: float, extra: dict, name: str = "", progress: Progress = None) -> None:  # fmt: skip
     """Write the pyramid ``levels`` (C×H×W uint8 each; class c in ``colors[c]``) to ``path`` as an OME-TIFF (the
-    caller renames it into place)."""
+    caller renames it into place; ``progress(rows)`` as rows of tiles are read to be compressed: C × H summed over
+    the levels in all)."""
     description = json.dumps({"classes": list(classes), "mpp": float(mpp), "values": "probability * 255", **extra})
     channels = {"Name": list(classes), "Color": [ome_color(c) for c in colors]}
     metadata = {"axes": "CYX", "Name": name or "class probabilities", "Description": description,
@@ -105,7 +123,7 @@ def write_probs_tiff(path: Path, levels: list[np.ndarray], classes: list[str], c
             C, H, W = arr.shape
             res = 1e4 / (mpp * 2**k)  # px per cm
             kw = dict(subifds=len(levels) - 1, metadata=metadata) if k == 0 else dict(subfiletype=1, metadata=None)
-            tif.write(_plane_tiles(arr), shape=(C, H, W), resolution=(res, res), **opts, **kw)
+            tif.write(_plane_tiles(arr, progress), shape=(C, H, W), resolution=(res, res), **opts, **kw)
 
 
 def read_description(path: Path) -> dict:
