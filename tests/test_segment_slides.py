@@ -252,6 +252,7 @@ def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):
     assert summary["seams"]["mean_dice"] == pytest.approx(seams["mean_dice"])
     row = pd.read_csv(out / "seams.csv").iloc[0]
     assert row.slide == "s0" and row.blend == "linear" and row.mean_dice == pytest.approx(seams["mean_dice"])
+    assert row.threshold == THRESHOLD
     on_disk = json.loads((out / "summary.json").read_text())
     assert [w["seams"]["slides"] for w in on_disk["workers"].values()] == [1]
 

@@ -55,7 +55,9 @@ REDRAW = (
     "TIFFs (the model does not run)"
 )
 SEAMS = "seams.csv"
-SEAM_COLUMNS = ["slide", "window_x", "window_y", "window_level0_px", "blend", "mean_dice", "mean_abs_diff"]
+# the Dice is of the masks at that threshold (a redraw at another keeps the row of the run that measured it)
+SEAM_COLUMNS = ["slide", "window_x", "window_y", "window_level0_px", "blend", "threshold", "mean_dice",
+                "mean_abs_diff"]  # fmt: skip
 # a slide's map at least this large (px per class) says each closing step as it ends: at 0.22 µm/px a resection's
 # map is thousands of megapixels, and its pyramid, TIFF and polygons take minutes after the last tile
 SAY_CLOSING_PX = 256 << 20
@@ -524,6 +526,7 @@ class SegmentationConsumer:
                 "window_y": y,
                 "window_level0_px": size,
                 "blend": self.options.blend,
+                "threshold": float(self.options.threshold),
                 "mean_dice": seams["mean_dice"],
                 "mean_abs_diff": seams["mean_abs_diff"],
                 **{f"dice_{k}": v for k, v in seams["dice"].items()},
