@@ -531,6 +531,26 @@ def test_polygon_coverage_keeps_areas_holes_and_cells_smaller_than_a_pixel():
     assert not polygon_coverage(None, (5, 4), (0, 0, 10, 8)).any()
 
 
+def test_a_model_retrained_under_the_same_name_is_not_taken_for_the_old_one(ckpt, wsi, tmp_path):
+    """A `segment` run trained again into the same run folder writes a checkpoint of the same name and size: the
+    folder's identity holds the checkpoint's digest, so the finished slides of the old model are not skipped as if
+    they were the new one's; the same run folder copied elsewhere is the same model."""
+    import shutil
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    shutil.copytree(ckpt.parent.parent, tmp_path / "a" / "run")
+    shutil.copytree(ckpt.parent.parent, tmp_path / "b" / "run")
+    old = tmp_path / "a" / "run" / "checkpoints" / ckpt.name
+    first = run(old, wsi, tmp_path / "job", seam_check=False)
+    size = old.stat().st_size
+    retrained = save_run(tmp_path / "a" / "run", MODEL, seed=1)
+    assert retrained == old and old.stat().st_size == size  # the size alone cannot tell them apart
+    with pytest.raises(InputError, match="other settings .*checkpoint_digest: '[0-9a-f]{32}' there"):
+        run(old, wsi, tmp_path / "job", seam_check=False)
+    moved = run(tmp_path / "b" / "run" / "checkpoints" / ckpt.name, wsi, tmp_path / "job", seam_check=False)
+    assert moved["output_dir"] == first["output_dir"] and moved["slides_already_finished"] == 1
+
+
 def test_pyramid_halving_and_uint8_maps_round_as_float_means_would(tmp_path):
     from hirespath.segmentation.probs_tiff import halve
     from hirespath.segmentation.stitch import to_uint8

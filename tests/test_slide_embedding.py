@@ -693,6 +693,28 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
         )
 
 
+def test_another_weights_file_of_the_same_size_is_refused_and_a_copy_accepted(wsi_dir, encoder, tmp_path):
+    """The folder's identity holds a digest of the weights file beside its size: a fine-tuned copy of the same
+    architecture (same size, other bytes) is not taken for the weights a folder was made with; the same file
+    copied elsewhere is."""
+    from hirespath.utils.checkpoints import file_digest
+
+    rng = np.random.default_rng(0)
+    a, b, copy = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "moved" / "a.bin"
+    a.write_bytes(rng.bytes(40 << 20))  # larger than the 16 MB sampled: pieces of it are compared
+    b.write_bytes(a.read_bytes()[: 30 << 20] + rng.bytes(10 << 20))  # the same size, its last quarter differs
+    copy.parent.mkdir()
+    shutil.copy(a, copy)
+    assert file_digest(a) == file_digest(copy) != file_digest(b)
+    kw = dict(tile_size=TILE, tile_mpp=MPP, progress=False, thumbnails=False, num_workers=0)
+    first = embed_slides(encoder, [wsi_dir / "synth.tiff"], tmp_path / "job", weights=a, **kw)
+    assert first["slides_done"] == 1
+    with pytest.raises(InputError, match="other settings .*weights_digest: '[0-9a-f]{32}' there, '[0-9a-f]{32}' now"):
+        embed_slides(encoder, [wsi_dir / "synth.tiff"], tmp_path / "job", weights=b, **kw)
+    again = embed_slides(encoder, [wsi_dir / "synth.tiff"], tmp_path / "job", weights=copy, **kw)
+    assert again["slides_already_finished"] == 1
+
+
 def test_tokens_round_trip(wsi_dir, encoder, tmp_path):
     s = embed_slides(
         encoder,

@@ -30,6 +30,7 @@ import torch
 from ..slides.prepare import PreparedSlide
 from ..slides.runner import Runtime, SlideJob, run_slides
 from ..slides.tile_model import TileModel
+from ..utils.checkpoints import file_digest
 from ..utils.errors import InputError
 from ..utils.io import try_lock
 from ..wsi import trident_h5
@@ -46,7 +47,8 @@ OVERWRITE = "embed.overwrite=true"  # how a user replaces features made with oth
 
 
 # what must match for features to share one features_<tag>/ folder (precision may differ: bf16 and fp32 give the
-# same features within rounding; the weights file's size stands for the file, so a moved copy is accepted)
+# same features within rounding; the weights file's size and sampled digest stand for the file, so a moved copy is
+# accepted and another file of the same size, e.g. a fine-tuned copy of the weights, is not)
 IDENTITY_KEYS = ("backbone", "attention", "window", "radius", "prune_ratio", "prune_layer", "prune_score_tokens",
                  "resolution", "vit_patch_size", "embed_dim", "feature")  # fmt: skip
 
@@ -211,7 +213,8 @@ def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_at
                                      weights=weights, precision=tile_fn.precision, extra=extra_attrs)  # fmt: skip
     fp = attrs["weights_fingerprint"]
     identity = {k: attrs[k] for k in IDENTITY_KEYS}
-    identity.update(weights_size=fp["size"] if fp else None, tokens=bool(embed.tokens))
+    identity.update(weights_size=fp["size"] if fp else None, weights_digest=file_digest(weights) if weights else None,
+                    tokens=bool(embed.tokens))  # fmt: skip
     return EmbeddingConsumer(
         encoder=encoder, tile_function=tile_fn, folder=f"features_{tag}", identity=identity, features_attrs=attrs,
         features=embed.features, tokens=bool(embed.tokens), thumbnails=bool(embed.thumbnails),

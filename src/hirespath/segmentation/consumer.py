@@ -35,6 +35,7 @@ from ..slides.ledger import Ledger
 from ..slides.prepare import PreparedSlide
 from ..slides.runner import Runtime, run_slides
 from ..slides.tile_model import TileModel
+from ..utils.checkpoints import file_digest
 from ..utils.errors import InputError
 from ..wsi import qupath
 from ..wsi.listing import SlideSpec
@@ -615,6 +616,7 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
     consumer.identity = {
         "model": consumer.tag, "run": seg.run_dir.name, "checkpoint": seg.ckpt.name,
         "checkpoint_bytes": seg.ckpt.stat().st_size if seg.ckpt.is_file() else None,
+        "checkpoint_digest": file_digest(seg.ckpt) if seg.ckpt.is_file() else None,  # retrained under one name
         "classes": list(seg.classes), "model_mpp": seg.mpp, "blend": options.blend, **options.drawing(),
     }  # fmt: skip
     _record_old_drawing(job.tiling_dir / consumer.folder, options)

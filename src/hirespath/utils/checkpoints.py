@@ -1,7 +1,10 @@
-"""Where a Lightning run keeps its checkpoints: the best one its ``last.ckpt`` recorded, and the run folder."""
+"""Where a Lightning run keeps its checkpoints: the best one its ``last.ckpt`` recorded, and the run folder; and a
+digest that tells two weight files apart."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -25,3 +28,21 @@ def best_from_last(last: Path) -> Path | None:
 def run_dir_of(ckpt: Path) -> Path:
     """The run folder of ``RUN/checkpoints/X.ckpt`` (or of a checkpoint lying in RUN itself)."""
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def file_digest(path: str | os.PathLike, samples: int = 16, chunk: int = 1 << 20) -> str:
+    """A hex digest of a weights file: BLAKE2b of its size and ``samples`` evenly spaced ``chunk``-byte pieces (the
+    whole file when it is no larger). Two trainings of one architecture have files of one size whose bytes differ
+    everywhere, so this tells them apart (a retrained checkpoint saved under the old name), while a copy of the same
+    file elsewhere gives the same digest; it reads 16 MB, not a multi-GB file."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        if size <= samples * chunk:
+            h.update(f.read())
+        else:
+            for k in range(samples):
+                f.seek((size - chunk) * k // (samples - 1))
+                h.update(f.read(chunk))
+    return h.hexdigest()
