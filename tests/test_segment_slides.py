@@ -551,6 +551,33 @@ def test_a_model_retrained_under_the_same_name_is_not_taken_for_the_old_one(ckpt
     assert moved["output_dir"] == first["output_dir"] and moved["slides_already_finished"] == 1
 
 
+def test_a_run_folder_trained_twice_gives_the_newest_trainings_best_checkpoint(tmp_path, caplog):
+    """Lightning keeps a run folder's earlier checkpoints and names a second training's last-v1.ckpt and
+    epoch_003-v1.ckpt: `ckpt=RUN` (segment_slides, predict_slides) is the best the newest last*.ckpt records, not
+    the first training's, and a warning says so."""
+    import os
+
+    from hirespath.predict.mil import find_checkpoint
+    from hirespath.segmentation.model import resolve_checkpoint
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+
+    def training(suffix: str, best: str, mtime: int) -> None:
+        record = {"callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": {"best_model_path": f"/gone/{best}"}}}
+        for name, state in ((f"epoch_003{suffix}.ckpt", {}), (best, {}), (f"last{suffix}.ckpt", record)):
+            torch.save(state, folder / name)
+            os.utime(folder / name, (mtime, mtime))
+
+    training("", "epoch_001.ckpt", 1_000_000)
+    assert resolve_checkpoint(tmp_path / "run") == folder / "epoch_001.ckpt"
+    training("-v1", "epoch_002-v1.ckpt", 2_000_000)
+    with caplog.at_level("WARNING", logger="hirespath"):
+        assert resolve_checkpoint(tmp_path / "run") == folder / "epoch_002-v1.ckpt"
+        assert find_checkpoint(tmp_path / "run") == (folder / "epoch_002-v1.ckpt", tmp_path / "run")
+    assert "the checkpoints of 2 trainings (last-v1.ckpt, last.ckpt): using the newest, last-v1.ckpt" in caplog.text
+
+
 def test_pyramid_halving_and_uint8_maps_round_as_float_means_would(tmp_path):
     from hirespath.segmentation.probs_tiff import halve
     from hirespath.segmentation.stitch import to_uint8

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..configs.heads import TASK_HEADS
 from ..data.mil import IDENTITY_ATTRS, SlideFeatureDataset
 from ..results import TEST_LOSS, TEST_NUM_SLIDES
-from ..utils.checkpoints import best_from_last, run_dir_of
+from ..utils.checkpoints import best_from_last, last_checkpoint, run_dir_of
 from ..utils.errors import InputError
 
 log = logging.getLogger("hirespath.predict_slides")
@@ -45,9 +45,10 @@ def find_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
         return path, run_dir_of(path)
     run_dir, folder = path, path / "checkpoints"
     epochs = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-    best = best_from_last(folder / "last.ckpt") if (folder / "last.ckpt").is_file() else None
+    last = last_checkpoint(folder) if folder.is_dir() else None
+    best = best_from_last(last) if last else None
     if best is None:
-        others = [p for p in epochs if p.name != "last.ckpt"]
+        others = [p for p in epochs if not p.name.startswith("last")]
         if len(others) != 1:
             raise InputError(f"ckpt={str(path)!r}: cannot tell its best checkpoint ({len(others)} in {folder}, no "
                              "best_model_path in last.ckpt); give the checkpoint file")  # fmt: skip

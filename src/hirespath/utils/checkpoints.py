@@ -4,10 +4,14 @@ digest that tells two weight files apart."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("hirespath")
 
 
 def best_from_last(last: Path) -> Path | None:
@@ -23,6 +27,20 @@ def best_from_last(last: Path) -> Path | None:
             if candidate.is_file():
                 return candidate
     return None
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The run's ``last.ckpt``, or None. A run folder trained in more than once keeps every training's files:
+    Lightning names the later ones ``last-v1.ckpt``, ``last-v2.ckpt``, ... (and ``epoch_003-v1.ckpt``), so the last
+    training's record is the newest of them, not ``last.ckpt`` (then a warning names the one taken)."""
+    lasts = [p for p in Path(folder).glob("last*.ckpt") if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
+    if not lasts:
+        return None
+    newest = max(lasts, key=lambda p: p.stat().st_mtime_ns)
+    if len(lasts) > 1:
+        log.warning("%s holds the checkpoints of %d trainings (%s): using the newest, %s", folder, len(lasts),
+                    ", ".join(sorted(p.name for p in lasts)), newest.name)  # fmt: skip
+    return newest
 
 
 def run_dir_of(ckpt: Path) -> Path:
