@@ -700,9 +700,12 @@ def test_another_weights_file_of_the_same_size_is_refused_and_a_copy_accepted(ws
     from hirespath.utils.checkpoints import file_digest
 
     rng = np.random.default_rng(0)
-    a, b, copy = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "moved" / "a.bin"
+    a, copy = tmp_path / "a.bin", tmp_path / "moved" / "a.bin"
     a.write_bytes(rng.bytes(40 << 20))  # larger than the 16 MB sampled: pieces of it are compared
-    b.write_bytes(a.read_bytes()[: 30 << 20] + rng.bytes(10 << 20))  # the same size, its last quarter differs
+    tuned = bytearray(a.read_bytes())  # the same size; one "tensor" of 64 kB (1/640 of the file) changed
+    tuned[(23 << 20) + 5 : (23 << 20) + 5 + (64 << 10)] = rng.bytes(64 << 10)
+    b = tmp_path / "b.bin"
+    b.write_bytes(bytes(tuned))
     copy.parent.mkdir()
     shutil.copy(a, copy)
     assert file_digest(a) == file_digest(copy) != file_digest(b)

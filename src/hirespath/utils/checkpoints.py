@@ -48,11 +48,12 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def file_digest(path: str | os.PathLike, samples: int = 16, chunk: int = 1 << 20) -> str:
+def file_digest(path: str | os.PathLike, samples: int = 1024, chunk: int = 16 << 10) -> str:
     """A hex digest of a weights file: BLAKE2b of its size and ``samples`` evenly spaced ``chunk``-byte pieces (the
-    whole file when it is no larger). Two trainings of one architecture have files of one size whose bytes differ
-    everywhere, so this tells them apart (a retrained checkpoint saved under the old name), while a copy of the same
-    file elsewhere gives the same digest; it reads 16 MB, not a multi-GB file."""
+    whole file when it is no larger than them). Two trainings of one architecture have files of one size whose bytes
+    differ in every tensor they changed, and any tensor larger than 1/1024 of the file is sampled: this tells them
+    apart (a retrained checkpoint saved under the old name, a fine-tuned copy of the weights), while a copy of the
+    same file elsewhere gives the same digest. It reads 16 MB, not the whole multi-GB file."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
