@@ -330,6 +330,32 @@ def test_mixed_feature_dimensions_or_encoders_are_refused(tmp_path):
         scan_feature_dir(tmp_path / "empty")
 
 
+def test_weights_are_compared_by_size_and_digest_not_by_path(tmp_path):
+    """Slides embedded on several nodes, each from its own copy of the weights file (another path and mtime), hold
+    the same features and train one model (embed_slides put them in one folder); another file of the same size
+    (a fine-tuned copy) is refused by its digest. Files written before the digest compare by size."""
+    rng = np.random.default_rng(0)
+
+    def folder(name, *fingerprints):
+        d = tmp_path / name
+        d.mkdir()
+        for k, fp in enumerate(fingerprints):
+            write_trident(d / f"s{k}.h5", rng.normal(size=(4, DIM)), weights_fingerprint=fp)
+        return d
+
+    node = {"size": 10, "digest": "aa"}
+    copies = folder("copies", {"path": "/node1/uni.bin", "mtime": 1, **node}, {"path": "/node2/uni.bin", "mtime": 2,
+                    **node}, {"path": "/old/uni.bin", "mtime": 3, "size": 10})  # fmt: skip
+    assert len(scan_feature_dir(copies)) == 3
+    tuned = folder("tuned", {"path": "/a", "mtime": 1, "size": 10, "digest": "aa"},
+                   {"path": "/a", "mtime": 1, "size": 10, "digest": "bb"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"mixes weights_digest: s0\.h5 has 'aa', s1\.h5 has 'bb'"):
+        scan_feature_dir(tuned)
+    other = folder("other", {"path": "/a", "mtime": 1, "size": 10}, {"path": "/a", "mtime": 1, "size": 12})
+    with pytest.raises(ValueError, match=r"mixes weights_size: s0\.h5 has 10, s1\.h5 has 12"):
+        scan_feature_dir(other)
+
+
 def test_feature_scan_is_cached_and_rereads_only_changed_files(tmp_path, monkeypatch):
     """A rerun reads no h5 (the scan is kept beside them by size, mtime and inode); a rewritten file, a new one and
     an unreadable one (a read error may pass) are read again; a folder that cannot be written is scanned anyway."""

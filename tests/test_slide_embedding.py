@@ -714,8 +714,13 @@ def test_another_weights_file_of_the_same_size_is_refused_and_a_copy_accepted(ws
     assert first["slides_done"] == 1
     with pytest.raises(InputError, match="other settings .*weights_digest: '[0-9a-f]{32}' there, '[0-9a-f]{32}' now"):
         embed_slides(encoder, [wsi_dir / "synth.tiff"], tmp_path / "job", weights=b, **kw)
-    again = embed_slides(encoder, [wsi_dir / "synth.tiff"], tmp_path / "job", weights=copy, **kw)
-    assert again["slides_already_finished"] == 1
+    # another worker (a node with its own copy of the file) adds a slide: the folder trains one MIL model
+    again = embed_slides(encoder, [wsi_dir / "synth.tiff", wsi_dir / "cmu.svs"], tmp_path / "job", weights=copy, **kw)
+    assert again["slides_already_finished"] == again["slides_done"] == 1
+    from hirespath.data.mil import scan_feature_dir
+
+    scanned = scan_feature_dir(first["features_dir"])
+    assert scanned.weights_digest.tolist() == [file_digest(a)] * 2 and scanned.error.isna().all()
 
 
 def test_tokens_round_trip(wsi_dir, encoder, tmp_path):

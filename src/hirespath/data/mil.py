@@ -40,7 +40,6 @@ SPLITS = ("train", "val", "test")
 IDENTITY_ATTRS = (
     "encoder",
     "backbone",
-    "weights_fingerprint",
     "feature",
     "attention",
     "window",
@@ -48,10 +47,13 @@ IDENTITY_ATTRS = (
     "prune_layer",
     "resolution",
 )
+# the weights file, from the ``weights_fingerprint`` attr, as embed_slides tells files apart: by size and sampled
+# digest, not by path or mtime (slides embedded on several nodes, each from its own copy, hold the same features)
+WEIGHTS_KEYS = ("weights_size", "weights_digest")
 
 
 SCAN_CACHE = ".hirespath_scan.json"  # beside the h5 files: what each held, keyed by its size, mtime and inode
-SCAN_CACHE_VERSION = 1
+SCAN_CACHE_VERSION = 2  # 2: the weights compared by size and digest
 
 
 def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
@@ -94,16 +96,27 @@ def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
     df = pd.DataFrame([rows[p.name] for p in paths])
     ok = df[df.error.isna()]
     _refuse_mixed(ok, "dim", "feature dimensions", features_dir)
-    for key in IDENTITY_ATTRS:
-        _refuse_mixed(ok[ok[key].notna()], key, f"'{key}' attrs", features_dir)
+    for key in IDENTITY_ATTRS + WEIGHTS_KEYS:
+        _refuse_mixed(ok[ok[key].notna()], key, f"'{key}' attrs" if key in IDENTITY_ATTRS else key, features_dir)
     return df
+
+
+def _weights(fingerprint) -> dict:
+    """``weights_size`` and ``weights_digest`` of a ``weights_fingerprint`` attr (JSON; files written before
+    2026-12-06 have no digest; TRIDENT's and CLAM's files no fingerprint)."""
+    try:
+        fp = json.loads(fingerprint) if isinstance(fingerprint, str) else None
+    except ValueError:
+        fp = None
+    fp = fp if isinstance(fp, dict) else {}
+    return {"weights_size": fp.get("size"), "weights_digest": fp.get("digest")}
 
 
 def _scan_feature_file(p: Path) -> tuple[dict, bool]:
     """The row of one file, and whether it may be cached (the file's content decided it, and every value is a
     JSON scalar that reads back as itself)."""
     row = {"slide_id": p.stem, "path": str(p), "n_tiles": 0, "dim": -1, "tile_size": None, "error": None}
-    row.update(dict.fromkeys(IDENTITY_ATTRS))
+    row.update(dict.fromkeys(IDENTITY_ATTRS + WEIGHTS_KEYS))
     try:
         info = trident_h5.inspect_features(p)
     except (OSError, ValueError) as err:  # unreadable / truncated h5 (may pass: not cached), or not a feature file
@@ -111,6 +124,7 @@ def _scan_feature_file(p: Path) -> tuple[dict, bool]:
         return row, isinstance(err, ValueError)
     row.update(n_tiles=info["n_tiles"], dim=info["dim"], tile_size=info["tile_size"])
     row.update({k: info["features_attrs"].get(k) for k in IDENTITY_ATTRS})
+    row.update(_weights(info["features_attrs"].get("weights_fingerprint")))
     if row["n_tiles"] == 0:
         row["error"] = f"no tiles in {p.name} (empty 'features')"
     elif info["nonfinite"]:

@@ -30,7 +30,6 @@ import torch
 from ..slides.prepare import PreparedSlide
 from ..slides.runner import Runtime, SlideJob, run_slides
 from ..slides.tile_model import TileModel
-from ..utils.checkpoints import file_digest
 from ..utils.errors import InputError
 from ..utils.io import try_lock
 from ..wsi import trident_h5
@@ -213,7 +212,7 @@ def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_at
                                      weights=weights, precision=tile_fn.precision, extra=extra_attrs)  # fmt: skip
     fp = attrs["weights_fingerprint"]
     identity = {k: attrs[k] for k in IDENTITY_KEYS}
-    identity.update(weights_size=fp["size"] if fp else None, weights_digest=file_digest(weights) if weights else None,
+    identity.update(weights_size=fp["size"] if fp else None, weights_digest=fp["digest"] if fp else None,
                     tokens=bool(embed.tokens))  # fmt: skip
     return EmbeddingConsumer(
         encoder=encoder, tile_function=tile_fn, folder=f"features_{tag}", identity=identity, features_attrs=attrs,

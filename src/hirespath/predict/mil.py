@@ -25,10 +25,6 @@ from ..utils.errors import InputError
 log = logging.getLogger("hirespath.predict_slides")
 
 RESOLUTIONS = ("tile", "token")
-# identity attrs compared between the model's training features and the features to predict (weights paths and
-# fingerprints are left out: a moved copy of the same weights file gives the same features)
-CHECKED_ATTRS = tuple(k for k in IDENTITY_ATTRS if k != "weights_fingerprint")
-
 
 # ----------------------------------------------------------------------------------------------- the trained model
 
@@ -146,7 +142,9 @@ def expected_features(run_cfg: DictConfig, dim: int) -> dict:
         except (OSError, ValueError):
             continue
         attrs = info["features_attrs"]
-        out["attrs"] = {k: attrs[k] for k in CHECKED_ATTRS if attrs.get(k) is not None}
+        # the weights are not compared (their path differs from machine to machine; within a folder
+        # scan_feature_dir compares their size and digest)
+        out["attrs"] = {k: attrs[k] for k in IDENTITY_ATTRS if attrs.get(k) is not None}
         c = info["coords_attrs"]
         out["tiling"] = {k: c[k] for k in ("target_mpp", "patch_size") if c.get(k) is not None}
         break

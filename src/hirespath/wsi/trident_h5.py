@@ -18,8 +18,8 @@ chunks hold ~256 KB instead of TRIDENT's single rows, so a 15k-tile file is not 
 * ``features`` float32 N×D (CLAM's models need float32). Attrs: ``name``, ``savetodir``, ``encoder`` (TRIDENT's),
   plus ``backbone``, ``attention``, ``window``, ``radius``, ``prune_ratio``, ``prune_layer``,
   ``prune_score_tokens``, ``resolution`` (tile px the encoder saw), ``vit_patch_size``, ``weights`` (path or
-  'None'), ``weights_fingerprint`` (JSON: size, mtime), ``feature`` (cls | mean | cls+mean), ``precision``,
-  ``embed_dim``, ``num_tiles``.
+  'None'), ``weights_fingerprint`` (JSON: path, size, mtime, digest), ``feature`` (cls | mean | cls+mean),
+  ``precision``, ``embed_dim``, ``num_tiles``.
 * Optional per-token output (``tokens=True``): ``tokens`` (T×D, float16 by default, the kept final normed patch
   tokens of all tiles concatenated in tile order), ``token_positions`` (T×2 int16 (row, col) in the tile's patch
   grid; int32 for grids over 32,767 patches a side), ``token_offsets`` (N+1 int64: tile i owns rows
@@ -51,6 +51,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..utils.checkpoints import file_digest
 from ..utils.errors import InputError
 from ..utils.io import _umask, atomic_path, discard_h5, new_h5
 
@@ -111,10 +112,12 @@ def encoder_tag(encoder, features: str = "cls", weights: str | os.PathLike | Non
 
 
 def weights_fingerprint(weights) -> dict | None:
+    """Where the weights came from (path, mtime) and what they are (size, sampled digest: equal for a copy)."""
     if not weights:
         return None
     st = os.stat(weights)
-    return {"path": str(Path(weights).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)}
+    return {"path": str(Path(weights).resolve()), "size": st.st_size, "mtime": int(st.st_mtime),
+            "digest": file_digest(weights)}  # fmt: skip
 
 
 def encoder_attrs(
