@@ -77,8 +77,8 @@ def pyramid(level0: np.ndarray, prefix: Path, progress: Progress = None) -> list
     """[level0, level0 / 2, ...] down to a long side ≤ SMALLEST (the halvings in ``<prefix>.levelK.tmp``;
     ``progress(rows)`` as the rows of each level are halved: sum(H for the shapes but the last) in all)."""
     levels = [level0]
-    while max(levels[-1].shape[1:]) > SMALLEST:
-        levels.append(halve(levels[-1], Path(f"{prefix}.level{len(levels)}.tmp"), progress=progress))
+    for k in range(1, len(pyramid_shapes(level0.shape))):
+        levels.append(halve(levels[-1], Path(f"{prefix}.level{k}.tmp"), progress=progress))
     return levels
 
 

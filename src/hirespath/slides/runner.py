@@ -556,11 +556,12 @@ def _stream_slide(
     grid, fn = prepared.grid, consumer.tile_function
     t_open = time.perf_counter()
     sink = consumer.open(spec, prepared, out)
-    # a sink drawing its output again from an earlier run's stored output reads no tile
-    coords = grid.coords if getattr(sink, "takes_tiles", True) else grid.coords[:0]
+    # a sink drawing its output again from an earlier run's stored output reads no tile: no readers, no writer
+    takes_tiles = getattr(sink, "takes_tiles", True)
+    coords = grid.coords if takes_tiles else grid.coords[:0]
     try:
         ds = SlideTileDataset(spec.path, coords, grid.patch_size_level0, int(job.tiling.size), level=grid.read_level)
-        batches = tile_batches(ds, job.batch_size, reader=job.reader, num_workers=job.num_workers if len(coords) else 0,
+        batches = tile_batches(ds, job.batch_size, reader=job.reader, num_workers=job.num_workers if takes_tiles else 0,
                                pin_memory=device.type == "cuda")  # fmt: skip
     except BaseException:
         sink.abort()
@@ -572,7 +573,7 @@ def _stream_slide(
         failed.append(f"tile {int(tile)} at ({x}, {y}): {why}")
 
     h2d_before = getattr(fn, "h2d_seconds", 0.0)
-    writer = WriteBehind(sink) if _write_behind(job, device) and len(coords) else None
+    writer = WriteBehind(sink) if takes_tiles and _write_behind(job, device) else None
     add = writer.add if writer else sink.add
     try:
         t_wait = time.perf_counter()
