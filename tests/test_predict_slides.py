@@ -164,6 +164,11 @@ def test_encoder_token_scores_leave_outputs_unchanged(prune_ratio):
         assert ((s.masked_fill(~dropped, -1).max(1).values) <= worst_kept).all()
 
 
+def _fingerprint(path, digest="d1g3st", size=1000):
+    """A ``weights_fingerprint`` attr as embed_slides writes it."""
+    return json.dumps({"path": path, "size": size, "mtime": 1, "digest": digest})
+
+
 @pytest.fixture(scope="module")
 def trident_run(tmp_path_factory):
     """A mean-pool run trained on TRIDENT-written 8-d features (encoder 'x'), no embedding."""
@@ -176,7 +181,7 @@ def trident_run(tmp_path_factory):
     d.mkdir()
     rng = np.random.default_rng(0)
     for s in ids:
-        write_trident(d / f"{s}.h5", rng.normal(size=(5, 8)), encoder="x")
+        write_trident(d / f"{s}.h5", rng.normal(size=(5, 8)), encoder="x", weights_fingerprint=_fingerprint("/a/x.bin"))
     run = _train(tmp, "run", panda, f"features_dir={d}", *HEAD["mean_pool"], "data.max_tiles_train=null")
     return run
 
@@ -205,8 +210,8 @@ def test_trident_and_clam_files(trident_run, tmp_path, capsys):
 
 
 def test_refusals(trident_run, tmp_path):
-    """Another dimension, another encoder, a checkpoint that is not a MIL one, a missing file: one clear error each,
-    before any output."""
+    """Another dimension, another encoder, the same encoder's name from another weights file, a checkpoint that is
+    not a MIL one, a missing file: one clear error each, before any output."""
     wrong = tmp_path / "dim12"
     wrong.mkdir()
     write_trident(wrong / "a.h5", np.zeros((4, 12)), encoder="x")
@@ -217,6 +222,16 @@ def test_refusals(trident_run, tmp_path):
     write_trident(other / "a.h5", np.zeros((4, 8)), encoder="y")
     with pytest.raises(InputError, match=r"encoder: expects 'x', got 'y'"):
         _predict(tmp_path, "o2", f"ckpt={trident_run}", f"features_dir={other}")
+    retrained = tmp_path / "weights_b"  # encoder 'x' by name, from a weights file of other content
+    retrained.mkdir()
+    write_trident(retrained / "a.h5", np.zeros((4, 8)), encoder="x", weights_fingerprint=_fingerprint("/a/x.bin", "b"))
+    with pytest.raises(InputError, match=r"a\.h5 was made with another .* weights_digest: expects 'd1g3st', got 'b'"):
+        _predict(tmp_path, "o6", f"ckpt={trident_run}", f"features_dir={retrained}")
+    copied = tmp_path / "weights_copy"  # the same weights from a copy elsewhere: predicted
+    copied.mkdir()
+    write_trident(copied / "a.h5", np.zeros((4, 8)), encoder="x", weights_fingerprint=_fingerprint("/node7/x.bin"))
+    _predict(tmp_path, "copy", f"ckpt={trident_run}", f"features_dir={copied}")
+    assert (tmp_path / "copy" / "predictions.csv").is_file()
     fake = tmp_path / "classify_run"
     (fake / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({"task_name": "classify", "head": {"name": "knn"}}), fake / ".hydra/config.yaml")
@@ -230,7 +245,7 @@ def test_refusals(trident_run, tmp_path):
         _predict(tmp_path, "o4", f"ckpt={tmp_path / 'mil_like' / 'model.ckpt'}", f"features_dir={other}")
     with pytest.raises(InputError, match="does not exist"):
         _predict(tmp_path, "o5", f"ckpt={tmp_path / 'nope.ckpt'}", f"features_dir={other}")
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6"))
 
 
 def test_another_tiling_of_the_runs_encoder_is_refused(trained, tmp_path):

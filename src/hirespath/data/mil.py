@@ -101,7 +101,7 @@ def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
     return df
 
 
-def _weights(fingerprint) -> dict:
+def weights_identity(fingerprint) -> dict:
     """``weights_size`` and ``weights_digest`` of a ``weights_fingerprint`` attr (JSON; files written before
     2026-12-06 have no digest; TRIDENT's and CLAM's files no fingerprint)."""
     try:
@@ -124,7 +124,7 @@ def _scan_feature_file(p: Path) -> tuple[dict, bool]:
         return row, isinstance(err, ValueError)
     row.update(n_tiles=info["n_tiles"], dim=info["dim"], tile_size=info["tile_size"])
     row.update({k: info["features_attrs"].get(k) for k in IDENTITY_ATTRS})
-    row.update(_weights(info["features_attrs"].get("weights_fingerprint")))
+    row.update(weights_identity(info["features_attrs"].get("weights_fingerprint")))
     if row["n_tiles"] == 0:
         row["error"] = f"no tiles in {p.name} (empty 'features')"
     elif info["nonfinite"]:

@@ -17,9 +17,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs.heads import TASK_HEADS
-from ..data.mil import IDENTITY_ATTRS, SlideFeatureDataset
+from ..data.mil import IDENTITY_ATTRS, WEIGHTS_KEYS, SlideFeatureDataset, weights_identity
 from ..results import TEST_LOSS, TEST_NUM_SLIDES
-from ..utils.checkpoints import best_from_last, last_checkpoint, run_dir_of
+from ..utils.checkpoints import best_from_last, file_digest, last_checkpoint, run_dir_of
 from ..utils.errors import InputError
 
 log = logging.getLogger("hirespath.predict_slides")
@@ -109,12 +109,12 @@ def _light_encoder(run_cfg: DictConfig) -> SimpleNamespace:
 
 
 def expected_features(run_cfg: DictConfig, dim: int) -> dict:
-    """What the model was trained on: ``dim``, ``source`` (in words), ``attrs`` (identity attrs of its features)
-    and ``tiling`` (target_mpp, patch_size), from the training folder's files when they are there, else from the
-    run's encoder/tile/embed settings."""
+    """What the model was trained on: ``dim``, ``source`` (in words), ``attrs`` (identity attrs of its features),
+    ``weights`` (size and digest of the encoder's weights file) and ``tiling`` (target_mpp, patch_size), from the
+    training folder's files when they are there, else from the run's encoder/tile/embed settings and weights file."""
     from ..embeddings.features import features_folder
 
-    out = {"dim": dim, "attrs": {}, "tiling": {}}
+    out = {"dim": dim, "attrs": {}, "weights": {}, "tiling": {}}
     folder = run_cfg.get("features_dir")
     if not folder:
         try:
@@ -127,6 +127,9 @@ def expected_features(run_cfg: DictConfig, dim: int) -> dict:
                             "prune_layer": int(p.prune_layer), "resolution": int(run_cfg.tile.size),
                             "feature": str(run_cfg.embed.features)}  # fmt: skip
             out["tiling"] = {"target_mpp": float(run_cfg.tile.mpp), "patch_size": int(run_cfg.tile.size)}
+            if weights and Path(str(weights)).is_file():
+                out["weights"] = {"weights_size": Path(str(weights)).stat().st_size,
+                                  "weights_digest": file_digest(weights)}  # fmt: skip
             out["source"] = f"features_{tag} at {run_cfg.tile.size} px, {run_cfg.tile.mpp} µm/px"
         except Exception as err:  # noqa: BLE001 — a run config from another version: the dimension still checks
             log.warning("cannot read the run's encoder settings (%s); checking the feature dimension only", err)
@@ -142,9 +145,9 @@ def expected_features(run_cfg: DictConfig, dim: int) -> dict:
         except (OSError, ValueError):
             continue
         attrs = info["features_attrs"]
-        # the weights are not compared (their path differs from machine to machine; within a folder
-        # scan_feature_dir compares their size and digest)
         out["attrs"] = {k: attrs[k] for k in IDENTITY_ATTRS if attrs.get(k) is not None}
+        # the weights by content, not path (it differs from machine to machine)
+        out["weights"] = weights_identity(attrs.get("weights_fingerprint"))
         c = info["coords_attrs"]
         out["tiling"] = {k: c[k] for k in ("target_mpp", "patch_size") if c.get(k) is not None}
         break
@@ -156,6 +159,20 @@ def _same(a, b) -> bool:
         return bool(np.isclose(float(a), float(b)))
     except (TypeError, ValueError):
         return str(a) == str(b)
+
+
+def _other_weights(want: dict, row) -> list[tuple]:
+    """(key, expected, got) where the features' weights file differs from the model's by size or digest (either
+    side unknown: random weights, files of other tools or of before digests — not compared)."""
+    bad = []
+    for key in WEIGHTS_KEYS:
+        a, b = want.get(key), row.get(key)
+        if a is None or b is None or pd.isna(b):
+            continue
+        a, b = (int(a), int(b)) if key == "weights_size" else (str(a), str(b))
+        if a != b:
+            bad.append((key, a, b))
+    return bad
 
 
 def check_features(files: pd.DataFrame, expected: dict, features_dir: Path) -> None:
@@ -175,9 +192,12 @@ def check_features(files: pd.DataFrame, expected: dict, features_dir: Path) -> N
     got = {**info["features_attrs"], **{f"tile {k}": v for k, v in info["coords_attrs"].items()}}
     want = {**expected["attrs"], **{f"tile {k}": v for k, v in expected["tiling"].items()}}
     bad = [(k, v, got[k]) for k, v in want.items() if got.get(k) is not None and not _same(v, got[k])]
+    if not bad:  # the same encoder by name: its weights file by content (a fine-tuned copy under the same name)
+        bad = _other_weights(expected.get("weights", {}), first)
     if bad:
         what = "; ".join(f"{k}: expects {v!r}, got {g!r}" for k, v, g in bad)
-        raise InputError(f"{features_dir}: {name} was made with another encoder or tiling than the model's "
+        raise InputError(f"{features_dir}: {name} was made with another encoder, weights file or tiling "
+                         "than the model's "
                          f"({expected['source']}): {what}. Give features made like the model's, or wsi_dir= to "
                          "embed with its settings")  # fmt: skip
 
