@@ -37,17 +37,20 @@ def polygon_coverage(geom, size: tuple[int, int], bounds: tuple[float, float, fl
         xy, ring = shapely.get_coordinates(shapely.get_rings(parts[~tiny]), return_index=True)
         # rounded so that a vertex exactly on a pixel centre stays there whatever the slide's offset (a region of a
         # larger canvas: its level-0 coordinates differ by an offset, and by the last bit after the subtraction)
-        inside = _fill_rings(np.round((xy - (x0, y0)) * scale, 6), ring, (h * s, w * s))
-        cover += inside.reshape(h, s, w, s).mean((1, 3), dtype=np.float32)
+        inside = _fill_rings(np.round((xy - (x0, y0)) * scale, 6), ring, (h, w), s)
+        cover += inside.astype(np.float32) / (s * s)
     return np.minimum(cover, 1, out=cover)
 
 
-def _fill_rings(xy: np.ndarray, ring: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """H×W bool: the pixels whose centres lie inside the closed rings (``xy``: their vertices in px, pixel (i, j)
-    spanning [j, j+1] × [i, i+1]; ``ring``: each vertex's ring), by the even-odd rule, so holes stay empty. Each
-    edge's crossings of the pixel rows' centre lines (half open: a vertex counts once), sorted along each row and
-    paired: every pair fills the pixels between (added into row differences, then summed along the rows)."""
-    H, W = shape
+def _fill_rings(xy: np.ndarray, ring: np.ndarray, shape: tuple[int, int], s: int = 1) -> np.ndarray:
+    """h×w uint16: how many of each pixel's s×s fine pixels (``xy`` in fine px, fine pixel (i, j) spanning
+    [j, j+1] × [i, i+1]; ``ring``: each vertex's ring) have their centre inside the closed rings, by the even-odd
+    rule, so holes stay empty. Each edge's crossings of the fine rows' centre lines (half open: a vertex counts
+    once), sorted along each row and paired: every pair covers the fine pixels between, added as differences into
+    the row of pixels it falls in (a row's s fine rows together: s× less to sum than one row each), summed along
+    the row, then over each pixel's s fine columns."""
+    h, w = shape
+    H, W = h * s, w * s
     same = ring[1:] == ring[:-1]
     (ax, ay), (bx, by) = xy[:-1][same].T, xy[1:][same].T
     lo, hi = np.minimum(ay, by), np.maximum(ay, by)
@@ -63,10 +66,11 @@ def _fill_rings(xy: np.ndarray, ring: np.ndarray, shape: tuple[int, int]) -> np.
     keep = (row >= 0) & (row < H)
     i0 = np.clip(np.ceil(start[keep] - 0.5), 0, W).astype(np.int64)  # the first pixel centre ≥ start
     i1 = np.clip(np.ceil(end[keep] - 0.5), 0, W).astype(np.int64)
-    diff = np.zeros((H, W + 1), np.int8)
-    np.add.at(diff, (row[keep], i0), 1)
-    np.add.at(diff, (row[keep], i1), -1)
-    return np.cumsum(diff[:, :W], axis=1, dtype=np.int8) > 0
+    diff = np.zeros((h, W + 1), np.int8)  # a row's pairs never overlap: a fine column counts 0..s of its fine rows
+    np.add.at(diff, (row[keep] // s, i0), 1)
+    np.add.at(diff, (row[keep] // s, i1), -1)
+    fine = np.cumsum(diff[:, :W], axis=1, dtype=np.int8)
+    return fine.reshape(h, w, s).sum(-1, dtype=np.uint16)
 
 
 def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray], classes: list[str], colors: list,
