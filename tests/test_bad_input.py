@@ -422,3 +422,46 @@ def test_mil_features_dir_must_exist(tmp_path, no_model_built):
 def test_mil_refuses_other_tasks_heads(head, tmp_path, no_model_built):
     msg = _slide_task("mil", tmp_path, f"head={head}")
     assert f"head.name='{head}': must be one of ['abmil', 'mean_pool'] in the mil task" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "gpus, cuda_build, visible, overrides, words",
+    [
+        (0, None, None, ["trainer.accelerator=gpu"], "trainer.accelerator='gpu': no CUDA GPU here (this torch"),
+        (0, "12.8", "", ["trainer.accelerator=cuda"], "CUDA_VISIBLE_DEVICES='' hides every GPU); use trainer=cpu"),
+        (0, "12.8", "0", ["trainer.accelerator=gpu"], "torch finds no NVIDIA GPU or driver"),
+        (2, "12.8", None, ["trainer.accelerator=gpu", "trainer.devices=4"], "4 GPUs asked for, but 2 visible"),
+        (2, "12.8", None, ["trainer.accelerator=gpu", "trainer.devices=[0,3]"], "GPU index 3 asked for, but 2"),
+        (2, "12.8", None, ["trainer.accelerator=gpu", "trainer.devices='1,2'"], "GPU index 2 asked for"),
+        (0, "12.8", None, ["+device=cuda"], "device='cuda': no CUDA GPU here"),
+        (2, "12.8", None, ["+device=cuda:2"], "device='cuda:2': 2 GPU(s) visible"),
+        (2, "12.8", None, ["trainer.accelerator=gpu", "trainer.devices=2", "+device=cuda:1"], None),
+        (2, "12.8", None, ["trainer.accelerator=gpu", "trainer.devices=-1"], None),
+        (2, "12.8", None, ["trainer.accelerator=gpu", "trainer.devices='0,1'"], None),
+        (0, None, None, ["trainer.accelerator=cpu", "+device=auto"], None),
+        (0, None, None, ["trainer.accelerator=auto"], None),
+    ],
+)
+def test_gpus_asked_for_are_checked_against_the_machine(monkeypatch, gpus, cuda_build, visible, overrides, words):
+    """trainer=gpu (or benchmark device=cuda) where torch sees no or fewer GPUs: one line saying why and what to
+    use, before the task; what the machine has passes."""
+    from hydra import compose, initialize_config_dir
+
+    from hirespath.utils.devices import check_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("mil", overrides=list(overrides))
+    if words is None:
+        check_devices(cfg)
+        return
+    with pytest.raises(ConfigValidationError, match="this machine cannot run the config") as err:
+        check_devices(cfg)
+    assert words in str(err.value), str(err.value)

@@ -226,6 +226,24 @@ def test_config_error_from_the_command_line(tmp_path):
     assert "resolution=230: resolution 230 is not a positive multiple" in sweep.stderr
 
 
+def test_a_gpu_trainer_without_a_gpu_fails_before_the_task(tmp_path):
+    """Every GPU hidden: the one-line error, no run output (Lightning's "No supported gpu backend found!" came
+    after the model was built)."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hirespath.cli", "smoke", "trainer=gpu", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        env={**_env(ROOT / "src"), "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    first, second = proc.stderr.splitlines()[:2]
+    assert first == "error: this machine cannot run the config:" and "trainer.accelerator='gpu': no CUDA GPU" in second
+    assert "Traceback" not in proc.stderr and not (run / "metrics.json").exists()
+
+
 def test_registry_points_at_existing_functions():
     """Each entry's "module:function" exists (checked in the source: importing every task would take long)."""
     import ast
