@@ -576,6 +576,32 @@ def test_a_run_folder_trained_twice_gives_the_newest_trainings_best_checkpoint(t
         assert resolve_checkpoint(tmp_path / "run") == folder / "epoch_002-v1.ckpt"
         assert find_checkpoint(tmp_path / "run") == (folder / "epoch_002-v1.ckpt", tmp_path / "run")
     assert "the checkpoints of 2 trainings (last-v1.ckpt, last.ckpt): using the newest, last-v1.ckpt" in caplog.text
+    assert find_checkpoint(folder) == (folder / "epoch_002-v1.ckpt", tmp_path / "run")  # the checkpoints folder
+
+
+@pytest.mark.parametrize("tool", ["segment_slides", "predict_slides"])
+def test_a_run_folder_without_a_record_of_its_best_checkpoint(tmp_path, tool):
+    """No last.ckpt recording the best: the only checkpoint, else last.ckpt; several, or none: one error naming
+    them (segment_slides and predict_slides read run folders alike)."""
+    from hirespath.predict.mil import find_checkpoint
+    from hirespath.segmentation.model import resolve_checkpoint
+
+    def best(path):
+        return resolve_checkpoint(path) if tool == "segment_slides" else find_checkpoint(path)[0]
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    with pytest.raises(InputError, match=r"no \*\.ckpt in .*checkpoints; pass a checkpoint file"):
+        best(tmp_path / "run")
+    torch.save({}, folder / "last.ckpt")  # no ModelCheckpoint record (save_last only)
+    assert best(tmp_path / "run") == folder / "last.ckpt"
+    torch.save({}, folder / "epoch_004.ckpt")
+    assert best(tmp_path / "run") == folder / "epoch_004.ckpt"
+    torch.save({}, folder / "epoch_007.ckpt")
+    with pytest.raises(
+        InputError, match="2 checkpoints in .* no best recorded .* one of them: epoch_004.ckpt, epoch_007"
+    ):
+        best(tmp_path / "run")
 
 
 def test_pyramid_halving_and_uint8_maps_round_as_float_means_would(tmp_path):

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..configs.heads import TASK_HEADS
 from ..data.mil import IDENTITY_ATTRS, WEIGHTS_KEYS, SlideFeatureDataset, weights_identity
 from ..results import TEST_LOSS, TEST_NUM_SLIDES
-from ..utils.checkpoints import best_from_last, file_digest, last_checkpoint, run_dir_of
+from ..utils.checkpoints import best_checkpoint, file_digest, run_dir_of
 from ..utils.errors import InputError
 
 log = logging.getLogger("hirespath.predict_slides")
@@ -31,7 +31,7 @@ RESOLUTIONS = ("tile", "token")
 
 def find_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
     """(checkpoint file, run directory) of ``ckpt``: a ``.ckpt`` file inside ``RUN/checkpoints/`` (or ``RUN/``), or
-    a run directory, whose best checkpoint is the one its ``last.ckpt`` records (else its only epoch checkpoint)."""
+    a run directory (its best checkpoint: :func:`hirespath.utils.checkpoints.best_checkpoint`)."""
     if not ckpt:
         raise InputError("predict_slides needs ckpt=MILRUN/checkpoints/<file>.ckpt (or ckpt=MILRUN, a mil run dir)")
     path = Path(str(ckpt)).expanduser()
@@ -39,17 +39,8 @@ def find_checkpoint(ckpt: str | Path) -> tuple[Path, Path]:
         raise InputError(f"ckpt={str(path)!r} does not exist; give a mil run's checkpoint or its run directory")
     if path.is_file():
         return path, run_dir_of(path)
-    run_dir, folder = path, path / "checkpoints"
-    epochs = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-    last = last_checkpoint(folder) if folder.is_dir() else None
-    best = best_from_last(last) if last else None
-    if best is None:
-        others = [p for p in epochs if not p.name.startswith("last")]
-        if len(others) != 1:
-            raise InputError(f"ckpt={str(path)!r}: cannot tell its best checkpoint ({len(others)} in {folder}, no "
-                             "best_model_path in last.ckpt); give the checkpoint file")  # fmt: skip
-        best = others[0]
-    return best, run_dir
+    best = best_checkpoint(path, str(ckpt))
+    return best, run_dir_of(best)
 
 
 def run_config(run_dir: Path, ckpt: Path) -> DictConfig:

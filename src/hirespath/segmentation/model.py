@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ..data.segpath import CELL_TYPES, MPP
-from ..utils.checkpoints import best_from_last, last_checkpoint, run_dir_of
+from ..utils.checkpoints import best_checkpoint, run_dir_of
 from ..utils.errors import InputError
 
 log = logging.getLogger("hirespath.segmentation")
@@ -61,18 +61,7 @@ def resolve_checkpoint(ckpt) -> Path:
                          "(RUN/checkpoints/*.ckpt) or its run folder")  # fmt: skip
     if path.is_file():
         return path
-    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = sorted(folder.glob("*.ckpt"))
-    if not found:
-        raise InputError(f"ckpt={str(ckpt)!r}: no *.ckpt in {folder}; pass a checkpoint file")
-    last = last_checkpoint(folder)
-    best = best_from_last(last) if last else None
-    if best is None:
-        others = [p for p in found if not p.name.startswith("last")]
-        if len(others) > 1:
-            raise InputError(f"ckpt={str(ckpt)!r}: {len(others)} checkpoints in {folder} and none recorded as best; "
-                             f"pass one of them: {', '.join(p.name for p in others)}")  # fmt: skip
-        best = others[0] if others else (last or found[0])
+    best = best_checkpoint(path, str(ckpt))
     log.info("ckpt=%s: using %s", ckpt, best)
     return best
 

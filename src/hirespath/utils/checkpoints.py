@@ -1,5 +1,5 @@
-"""Where a Lightning run keeps its checkpoints: the best one its ``last.ckpt`` recorded, and the run folder; and a
-digest that tells two weight files apart."""
+"""Where a Lightning run keeps its checkpoints: the best one its ``last.ckpt`` recorded (what ``ckpt=RUN`` means to
+segment_slides and predict_slides), and the run folder; and a digest that tells two weight files apart."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
 log = logging.getLogger("hirespath")
+LAST = re.compile(r"last(-v\d+)?\.ckpt")  # Lightning's last.ckpt, and last-v1.ckpt, ... of later trainings
 
 
 def best_from_last(last: Path) -> Path | None:
@@ -33,7 +36,7 @@ def last_checkpoint(folder: Path) -> Path | None:
     """The run's ``last.ckpt``, or None. A run folder trained in more than once keeps every training's files:
     Lightning names the later ones ``last-v1.ckpt``, ``last-v2.ckpt``, ... (and ``epoch_003-v1.ckpt``), so the last
     training's record is the newest of them, not ``last.ckpt`` (then a warning names the one taken)."""
-    lasts = [p for p in Path(folder).glob("last*.ckpt") if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
+    lasts = [p for p in Path(folder).glob("last*.ckpt") if LAST.fullmatch(p.name)]
     if not lasts:
         return None
     newest = max(lasts, key=lambda p: p.stat().st_mtime_ns)
@@ -41,6 +44,26 @@ def last_checkpoint(folder: Path) -> Path | None:
         log.warning("%s holds the checkpoints of %d trainings (%s): using the newest, %s", folder, len(lasts),
                     ", ".join(sorted(p.name for p in lasts)), newest.name)  # fmt: skip
     return newest
+
+
+def best_checkpoint(path: Path, given: str) -> Path:
+    """The checkpoint a run folder (or its ``checkpoints/`` folder) ``path`` stands for (``given``: what the user
+    passed, for messages): the best one its newest ``last*.ckpt`` records; else its only checkpoint besides those;
+    else that ``last*.ckpt``. InputError when it holds none, or several and no record of the best."""
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not found:
+        raise InputError(f"ckpt={given!r}: no *.ckpt in {folder}; pass a checkpoint file")
+    last = last_checkpoint(folder)
+    best = best_from_last(last) if last else None
+    if best is not None:
+        return best
+    others = [p for p in found if not LAST.fullmatch(p.name)]
+    if len(others) > 1:
+        names = ", ".join(p.name for p in others)
+        raise InputError(f"ckpt={given!r}: {len(others)} checkpoints in {folder} and no best recorded (no "
+                         f"best_model_path in a last.ckpt); pass one of them: {names}")  # fmt: skip
+    return others[0] if others else last
 
 
 def run_dir_of(ckpt: Path) -> Path:
