@@ -358,6 +358,43 @@ def test_ledger_adds_keys_an_older_config_lacks(tmp_path):
         led.check_identity({"tile_size": 448})
 
 
+@pytest.mark.parametrize("sort_by", [None, ["slide", "class"]])
+def test_ledger_rows_merged_as_lines_equal_pandas_merge(tmp_path, sort_by, monkeypatch):
+    """merge_rows on the file's lines (other slides' lines kept as written) writes what merging with pandas wrote:
+    random slides replaced or added, several rows per slide, NaNs, a quoted slide id (merged by pandas then)."""
+    from hirespath.slides import ledger as ledger_module
+
+    rng = np.random.default_rng(0)
+    columns = ["slide", "class", "area_mm2", "fraction", "threshold", "within_tissue"]
+
+    def rows(slide):
+        return [{"slide": slide, "class": c, "area_mm2": rng.random() * 10.0 ** rng.integers(-9, 4),
+                 "fraction": np.nan if rng.random() < 0.1 else rng.random(), "threshold": 0.5,
+                 "within_tissue": bool(rng.random() < 0.5)} for c in ("tumour", "stroma", "b_cells")]  # fmt: skip
+
+    fast, slow = Ledger(tmp_path / "fast"), Ledger(tmp_path / "slow")
+    real_merge, merged_as_lines = ledger_module._merge_lines, []
+
+    def plain_merge(*args):  # the line merge, counting where it ran
+        merged_as_lines.append(real_merge(*args))
+        return merged_as_lines[-1]
+
+    ids = [f"TCGA-{i:02d}" for i in rng.permutation(30)] + ["TCGA-03", "TCGA-17", "TCGA-1", "x+1", "x", "x 2"]
+    ids += ["a,b", "TCGA-31", "TCGA-03"]  # sorted as pandas sorts (the field tuples), whatever the characters
+    for slide in ids:
+        batch = rows(slide)
+        monkeypatch.setattr(ledger_module, "_merge_lines", plain_merge)
+        fast.merge_rows("areas.csv", batch, columns, sort_by=sort_by)
+        monkeypatch.setattr(ledger_module, "_merge_lines", lambda *a: False)  # the pandas merge
+        slow.merge_rows("areas.csv", batch, columns, sort_by=sort_by)
+        a, b = (pd.read_csv(d / "areas.csv", dtype={"slide": str}) for d in (fast.folder, slow.folder))
+        pd.testing.assert_frame_equal(a, b)
+    assert len(a) == 3 * 36 and a.slide.tolist().count("TCGA-03") == 3 and "a,b" in set(a.slide)
+    assert (tmp_path / "fast" / "areas.csv").read_text() == (tmp_path / "slow" / "areas.csv").read_text()
+    # lines merged up to the quoted id; pandas from there on (the file holds a quote)
+    assert merged_as_lines == [True] * 35 + [False] * 3
+
+
 def test_random_weights_of_a_real_preset_are_warned_and_recorded(slides, tmp_path, caplog):
     from types import SimpleNamespace
 

@@ -34,6 +34,38 @@ SKIPPED_COLUMNS = ["slide", "path", "reason", "time", "host"]
 CONFIG, SKIPPED, TIMINGS, SUMMARY = "config.json", "skipped.csv", "timings.csv", "summary.json"
 
 
+def _merge_lines(path: Path, new: pd.DataFrame, columns: list[str], sort_by: list[str] | None) -> bool:
+    """``merge_rows`` on the file's lines, as text: the other slides' lines are kept as written, ``new``'s appended
+    (formatted as pandas writes them), sorted by ``sort_by``'s fields: the file pandas would write. Parsing and
+    re-formatting every number with pandas cost 0.30 s per slide at 10,000 slides (timings.csv; 0.03 s so), paid
+    under the lock by every worker for each slide it finishes. False (nothing written) where a line cannot be split
+    at its commas: quoted fields, a header other than ``columns``, a short line (the caller merges with pandas)."""
+    text = path.read_text(encoding="utf-8")
+    header, _, body = text.partition("\n")
+    added = new.to_csv(index=False, header=False, lineterminator="\n")
+    if header != ",".join(columns) or '"' in text or '"' in added or "\r" in text:
+        return False
+    at, keys = columns.index("slide"), [columns.index(k) for k in sort_by or []]
+    split = max([at, *keys]) + 1  # no further than the fields needed
+    drop = set(new["slide"].astype(str))
+    rows = []  # (sort key, line), strings only: 100,000 lists of fields kept the garbage collector busy
+    for lines, replaced in ((body.split("\n"), drop), (added.split("\n"), ())):
+        for line in lines:
+            parts = line.split(",", split)
+            if len(parts) < split:  # the file's end, or a line short of the fields (pandas says what is wrong)
+                if line:
+                    return False
+                continue
+            if parts[at] not in replaced:
+                rows.append(("\x00".join(parts[k] for k in keys), line))  # NUL: sorts as the fields' tuple would
+    if keys:
+        rows.sort()
+    lines = [line for _, line in rows]
+    with atomic_path(path) as tmp:
+        tmp.write_text(header + "\n" + "".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return True
+
+
 class IdentityMismatch(InputError):
     """The folder holds outputs made with other settings."""
 
@@ -120,6 +152,8 @@ class Ledger:
             return
         path = self.folder / name
         with self._locked(name):
+            if path.is_file() and _merge_lines(path, pd.DataFrame(rows, columns=columns), columns, sort_by):
+                return
             old = pd.read_csv(path, dtype={"slide": str}) if path.is_file() else pd.DataFrame(columns=columns)
             new_ids = {str(r["slide"]) for r in rows}
             table = pd.concat([old[~old["slide"].isin(new_ids)], pd.DataFrame(rows, columns=columns)],
