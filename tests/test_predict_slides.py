@@ -248,6 +248,23 @@ def test_refusals(trident_run, tmp_path):
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6"))
 
 
+def test_the_run_records_what_it_was_trained_on(trident_run, trained, tmp_path):
+    """features.json in the mil run: the training features' identity and weights digest, as trained; predict_slides
+    checks against it even when the training folder is gone (its files could have been embedded again since)."""
+    from hirespath.predict.mil import expected_features, run_config
+
+    record = json.loads((trident_run / "features.json").read_text())
+    assert record["attrs"] == {"encoder": "x"} and record["tiling"] == {"patch_size": 224}
+    assert record["weights"] == {"weights_size": 1000, "weights_digest": "d1g3st"}
+    run_cfg = run_config(trident_run, trident_run / "checkpoints" / "x.ckpt")
+    run_cfg.features_dir = str(tmp_path / "moved_away")
+    expected = expected_features(run_cfg, 8, trident_run)
+    assert expected["weights"] == record["weights"] and expected["attrs"] == {"encoder": "x"}
+    own = json.loads((trained["run"] / "features.json").read_text())  # a run that embedded its slides itself
+    assert own["features_dir"] == str(trained["features"].resolve()) and own["attrs"]["resolution"] == 112
+    assert own["weights"] == {"weights_size": None, "weights_digest": None}  # random weights: nothing to compare
+
+
 def test_another_tiling_of_the_runs_encoder_is_refused(trained, tmp_path):
     """Features of the run's encoder at another tile size: refused, naming the run's 112 px and the file's 224."""
     d = tmp_path / "t224"

@@ -112,6 +112,28 @@ def weights_identity(fingerprint) -> dict:
     return {"weights_size": fp.get("size"), "weights_digest": fp.get("digest")}
 
 
+TRAINED_ON = "features.json"  # in a mil run folder: what its features were (see features_identity)
+
+
+def features_identity(path: str | Path) -> dict:
+    """What a feature file says of how it was made, as predict_slides compares it: ``attrs`` (the identity attrs it
+    sets), ``weights`` (size and digest of the weights file, where recorded) and ``tiling`` (target_mpp, patch_size
+    of ``coords``). Raises OSError/ValueError for a file that cannot be read."""
+    info = trident_h5.inspect_features(path, count_nonfinite=False)
+
+    def plain(v):  # h5 attrs come as numpy scalars or bytes: JSON-ready values
+        v = v.item() if isinstance(v, np.generic) else v
+        return v.decode() if isinstance(v, bytes) else v
+
+    attrs = {k: plain(v) for k, v in info["features_attrs"].items()}
+    coords = {k: plain(v) for k, v in info["coords_attrs"].items()}
+    return {
+        "attrs": {k: attrs[k] for k in IDENTITY_ATTRS if attrs.get(k) is not None},
+        "weights": weights_identity(attrs.get("weights_fingerprint")),  # by content: paths differ between machines
+        "tiling": {k: coords[k] for k in ("target_mpp", "patch_size") if coords.get(k) is not None},
+    }
+
+
 def _scan_feature_file(p: Path) -> tuple[dict, bool]:
     """The row of one file, and whether it may be cached (the file's content decided it, and every value is a
     JSON scalar that reads back as itself)."""

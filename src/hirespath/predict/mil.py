@@ -6,6 +6,7 @@ What the predict_slides task runs (:mod:`hirespath.tasks.predict_slides`); a lib
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs.heads import TASK_HEADS
-from ..data.mil import IDENTITY_ATTRS, WEIGHTS_KEYS, SlideFeatureDataset, weights_identity
+from ..data.mil import TRAINED_ON, WEIGHTS_KEYS, SlideFeatureDataset, features_identity
 from ..results import TEST_LOSS, TEST_NUM_SLIDES
 from ..utils.checkpoints import best_checkpoint, file_digest, run_dir_of
 from ..utils.errors import InputError
@@ -99,13 +100,19 @@ def _light_encoder(run_cfg: DictConfig) -> SimpleNamespace:
     )
 
 
-def expected_features(run_cfg: DictConfig, dim: int) -> dict:
+def expected_features(run_cfg: DictConfig, dim: int, run_dir: Path | None = None) -> dict:
     """What the model was trained on: ``dim``, ``source`` (in words), ``attrs`` (identity attrs of its features),
-    ``weights`` (size and digest of the encoder's weights file) and ``tiling`` (target_mpp, patch_size), from the
-    training folder's files when they are there, else from the run's encoder/tile/embed settings and weights file."""
+    ``weights`` (size and digest of the encoder's weights file) and ``tiling`` (target_mpp, patch_size): as the run
+    recorded them when it trained (``features.json`` in ``run_dir``), else from the training folder's files when they
+    are there, else from the run's encoder/tile/embed settings and weights file."""
     from ..embeddings.features import features_folder
 
     out = {"dim": dim, "attrs": {}, "weights": {}, "tiling": {}}
+    recorded = Path(run_dir) / TRAINED_ON if run_dir is not None else None
+    if recorded is not None and recorded.is_file():
+        trained_on = json.loads(recorded.read_text())
+        return {**out, **{k: trained_on.get(k) or {} for k in ("attrs", "weights", "tiling")},
+                "source": f"the features in {trained_on.get('features_dir')}, as the run recorded them"}  # fmt: skip
     folder = run_cfg.get("features_dir")
     if not folder:
         try:
@@ -118,7 +125,7 @@ def expected_features(run_cfg: DictConfig, dim: int) -> dict:
                             "prune_layer": int(p.prune_layer), "resolution": int(run_cfg.tile.size),
                             "feature": str(run_cfg.embed.features)}  # fmt: skip
             out["tiling"] = {"target_mpp": float(run_cfg.tile.mpp), "patch_size": int(run_cfg.tile.size)}
-            if weights and Path(str(weights)).is_file():
+            if weights and Path(str(weights)).is_file():  # as it is now (a run of before features.json)
                 out["weights"] = {"weights_size": Path(str(weights)).stat().st_size,
                                   "weights_digest": file_digest(weights)}  # fmt: skip
             out["source"] = f"features_{tag} at {run_cfg.tile.size} px, {run_cfg.tile.mpp} µm/px"
@@ -129,19 +136,10 @@ def expected_features(run_cfg: DictConfig, dim: int) -> dict:
     out["source"] = f"the features in {folder}"
     files = sorted(Path(folder).glob("*.h5")) if Path(folder).is_dir() else []
     for f in files:  # the first readable training file stands for the folder (scan_feature_dir refused mixes)
-        from ..wsi import trident_h5
-
         try:
-            info = trident_h5.inspect_features(f, count_nonfinite=False)
+            return {**out, **features_identity(f)}
         except (OSError, ValueError):
             continue
-        attrs = info["features_attrs"]
-        out["attrs"] = {k: attrs[k] for k in IDENTITY_ATTRS if attrs.get(k) is not None}
-        # the weights by content, not path (it differs from machine to machine)
-        out["weights"] = weights_identity(attrs.get("weights_fingerprint"))
-        c = info["coords_attrs"]
-        out["tiling"] = {k: c[k] for k in ("target_mpp", "patch_size") if c.get(k) is not None}
-        break
     return out
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..data.mil import MILDataModule, panda_slide_labels
+from ..data.mil import TRAINED_ON, MILDataModule, features_identity, panda_slide_labels
 from ..data.panda import NUM_CLASSES
 from ..embeddings.features import ensure_features, features_folder
 from ..modules.mil import MILModule, monitor_mode, write_mil_outputs
@@ -126,6 +126,9 @@ def run_mil(cfg: DictConfig) -> dict:
         pin_memory=str(cfg.trainer.get("accelerator")) in ("gpu", "cuda"),
     )
     main = not _is_child_rank()
+    if main:  # what the model is trained on, for predict_slides to check new features against (weights by digest)
+        write_json(out_dir / TRAINED_ON, {"features_dir": str(Path(features_dir).resolve()),
+                                          **features_identity(dm.rows.path.iloc[0])})  # fmt: skip
     if main:
         skipped = dm.skipped.copy()
         why = {}

@@ -64,7 +64,7 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     ckpt, run_dir = find_checkpoint(cfg.ckpt)
     run_cfg = run_config(run_dir, ckpt)
     head, dim, num_classes = load_mil_head(ckpt, run_cfg)
-    expected = expected_features(run_cfg, dim)
+    expected = expected_features(run_cfg, dim, run_dir)
     if not cfg.features_dir and not cfg.wsi_dir and not cfg.slides:
         raise InputError("predict_slides needs features_dir=DIR (features to predict) or wsi_dir=DIR / slides=LIST.csv "
                          "with job_dir=OUT (slides to embed first with the model's encoder)")  # fmt: skip
