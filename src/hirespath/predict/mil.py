@@ -150,13 +150,13 @@ def _same(a, b) -> bool:
         return str(a) == str(b)
 
 
-def _other_weights(want: dict, row) -> list[tuple]:
+def _other_weights(want: dict, got: dict) -> list[tuple]:
     """(key, expected, got) where the features' weights file differs from the model's by size or digest (either
     side unknown: random weights, files of other tools or of before digests — not compared)."""
     bad = []
     for key in WEIGHTS_KEYS:
-        a, b = want.get(key), row.get(key)
-        if a is None or b is None or pd.isna(b):
+        a, b = want.get(key), got.get(key)
+        if a is None or b is None:
             continue
         a, b = (int(a), int(b)) if key == "weights_size" else (str(a), str(b))
         if a != b:
@@ -175,14 +175,12 @@ def check_features(files: pd.DataFrame, expected: dict, features_dir: Path) -> N
         raise InputError(f"{features_dir}: the model expects {expected['dim']}-dimensional features "
                          f"({expected['source']}), but {name} holds {int(first.dim)}-dimensional ones; give the "
                          "features of the encoder the model was trained on (or wsi_dir= to embed with it)")  # fmt: skip
-    from ..wsi import trident_h5
-
-    info = trident_h5.inspect_features(first.path, count_nonfinite=False)
-    got = {**info["features_attrs"], **{f"tile {k}": v for k, v in info["coords_attrs"].items()}}
+    made = features_identity(first.path)  # read as the training side was
+    got = {**made["attrs"], **{f"tile {k}": v for k, v in made["tiling"].items()}}
     want = {**expected["attrs"], **{f"tile {k}": v for k, v in expected["tiling"].items()}}
     bad = [(k, v, got[k]) for k, v in want.items() if got.get(k) is not None and not _same(v, got[k])]
     if not bad:  # the same encoder by name: its weights file by content (a fine-tuned copy under the same name)
-        bad = _other_weights(expected.get("weights", {}), first)
+        bad = _other_weights(expected.get("weights", {}), made["weights"])
     if bad:
         what = "; ".join(f"{k}: expects {v!r}, got {g!r}" for k, v, g in bad)
         raise InputError(f"{features_dir}: {name} was made with another encoder, weights file or tiling "

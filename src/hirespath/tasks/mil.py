@@ -126,10 +126,10 @@ def run_mil(cfg: DictConfig) -> dict:
         pin_memory=str(cfg.trainer.get("accelerator")) in ("gpu", "cuda"),
     )
     main = not _is_child_rank()
-    if main:  # what the model is trained on, for predict_slides to check new features against (weights by digest)
+    if main:
+        # what the model is trained on, for predict_slides to check new features against (weights by digest)
         write_json(out_dir / TRAINED_ON, {"features_dir": str(Path(features_dir).resolve()),
                                           **features_identity(dm.rows.path.iloc[0])})  # fmt: skip
-    if main:
         skipped = dm.skipped.copy()
         why = {}
         if not cfg.features_dir:  # why a slide has no features: no slide file, or the embedding skipped it
