@@ -150,14 +150,13 @@ class Ledger:
         replace all their earlier rows (one or many per slide), the others' rows stay."""
         if not rows:
             return
-        path = self.folder / name
+        path, new = self.folder / name, pd.DataFrame(rows, columns=columns)
         with self._locked(name):
-            if path.is_file() and _merge_lines(path, pd.DataFrame(rows, columns=columns), columns, sort_by):
+            if path.is_file() and _merge_lines(path, new, columns, sort_by):
                 return
-            old = pd.read_csv(path, dtype={"slide": str}) if path.is_file() else pd.DataFrame(columns=columns)
-            new_ids = {str(r["slide"]) for r in rows}
-            table = pd.concat([old[~old["slide"].isin(new_ids)], pd.DataFrame(rows, columns=columns)],
-                              ignore_index=True)  # fmt: skip
+            old = self.table(name)
+            old = pd.DataFrame(columns=columns) if old is None else old
+            table = pd.concat([old[~old["slide"].isin(set(new["slide"].astype(str)))], new], ignore_index=True)
             if sort_by:
                 table = table.sort_values(sort_by)
             with atomic_path(path) as tmp:
@@ -181,10 +180,8 @@ class Ledger:
                     table.assign(**missing).to_csv(tmp, index=False)
 
     def timings(self, columns: list[str] | None = None) -> pd.DataFrame:
-        path = self.folder / TIMINGS
-        if not path.is_file():
-            return pd.DataFrame(columns=columns or ["slide"])
-        return pd.read_csv(path, dtype={"slide": str})
+        table = self.table(TIMINGS)
+        return pd.DataFrame(columns=columns or ["slide"]) if table is None else table
 
     # ------------------------------------------------------------------------------------------ summary.json
     def update_summary(self, worker: dict, totals: dict) -> dict:
