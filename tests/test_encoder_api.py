@@ -64,6 +64,40 @@ def test_checkpoint_round_trip(tmp_path):
         assert set(enc.vit.state_dict()) == set(state)  # official key layout, untouched
 
 
+def test_weights_file_skips_the_random_init_and_keeps_dtypes(tmp_path, monkeypatch):
+    """Given a weights file the ViT is built on the meta device and takes the file's tensors (UNI2-h's random init
+    is seconds per process); an fp16 file still gives fp32 weights, and a model with a tensor the file cannot hold
+    (a non-persistent buffer) is built the usual way."""
+    import timm
+
+    src = tiny_encoder(attention="dense")
+    state = dict(src.vit.state_dict())
+    path = tmp_path / "half.safetensors"
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(path))
+    create, built, extra = timm.create_model, [], {}
+
+    def recording(*args, **kwargs):
+        built.append(torch.empty(0).device.type)  # the device the model's tensors are made on
+        model = create(*args, **kwargs)
+        for name, value in extra.items():
+            model.register_buffer(name, value.to(torch.empty(0).device), persistent=False)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    vit = build_timm_model(get_backbone("tiny"), weights=str(path), init_values=1.0)
+    assert built == ["meta"]  # no random weights were made
+    loaded = vit.state_dict()
+    assert not any(t.is_meta for t in loaded.values()) and {t.dtype for t in loaded.values()} == {torch.float32}
+    for k, v in state.items():
+        torch.testing.assert_close(loaded[k], v.half().float(), rtol=0, atol=0)
+
+    built.clear()
+    extra["scale_table"] = torch.full((3,), 2.0)
+    vit = build_timm_model(get_backbone("tiny"), weights=str(path), init_values=1.0)
+    assert built == ["meta", "cpu"] and torch.equal(vit.scale_table, torch.full((3,), 2.0))
+    torch.testing.assert_close(vit.state_dict()["pos_embed"], state["pos_embed"].half().float(), rtol=0, atol=0)
+
+
 def test_wrong_checkpoint_lists_keys(tmp_path):
     src = tiny_encoder(attention="dense")
     state = dict(src.vit.state_dict())

@@ -551,6 +551,24 @@ def test_a_model_retrained_under_the_same_name_is_not_taken_for_the_old_one(ckpt
     assert moved["output_dir"] == first["output_dir"] and moved["slides_already_finished"] == 1
 
 
+def test_the_model_takes_the_checkpoints_weights_without_a_random_init(ckpt, monkeypatch):
+    """Every weight is in the checkpoint: the model is built on the meta device and takes them (a full UNI2-h's
+    random init costs seconds per job); with a tensor the checkpoint cannot hold it is built the usual way."""
+    import hirespath.models.encoder as encoder
+    import hirespath.segmentation.model as model_module
+
+    build, built = encoder.encoder_from_config, []
+    monkeypatch.setattr(encoder, "encoder_from_config",
+                        lambda *a, **k: built.append(torch.empty(0).device.type) or build(*a, **k))  # fmt: skip
+    saved = {k[len("model.") :]: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
+    for unsaved, devices in (([], ["meta"]), (["buffer"], ["meta", "cpu"])):
+        built.clear()
+        monkeypatch.setattr(model_module, "unsaved_tensors", lambda m, names=unsaved: names)
+        loaded = load_segmentation(ckpt).model.state_dict()
+        assert built == devices and set(loaded) == set(saved)
+        assert all(torch.equal(loaded[k], v) and not loaded[k].is_meta for k, v in saved.items())
+
+
 def test_a_run_folder_trained_twice_gives_the_newest_trainings_best_checkpoint(tmp_path, caplog):
     """Lightning keeps a run folder's earlier checkpoints and names a second training's last-v1.ckpt and
     epoch_003-v1.ckpt: `ckpt=RUN` (segment_slides, predict_slides) is the best the newest last*.ckpt records, not
