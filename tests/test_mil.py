@@ -15,6 +15,7 @@ from hirespath.data.mil import MILDataModule, collate_bags, panda_slide_labels, 
 from hirespath.heads.mil import ABMIL, MeanPool, create_mil_head
 from hirespath.metrics.classification import classification_metrics
 from hirespath.modules.mil import MONITOR_MODES, MILModule, read_attention, write_mil_outputs
+from hirespath.utils.errors import InputError
 from hirespath.viz.mil import attention_heatmap, attention_heatmaps, tile_overlay
 from hirespath.wsi.trident_h5 import inspect_features, read_features
 
@@ -139,6 +140,17 @@ def test_abmil_learns_marked_tile_rule_and_writes_outputs(tmp_path, one_thread):
     assert first["tile_size"] == TILE and first["label"] == res[0]["label"]
     pngs = attention_heatmaps(paths["attention_dir"], tmp_path / "heatmaps", limit=2)
     assert len(pngs) == 2 and all(p.stat().st_size > 0 for p in pngs)
+
+
+@pytest.mark.parametrize("slide_id", ["../up", "a\\b", ".hidden", "", "tab\there"])
+def test_a_slide_id_that_cannot_name_its_attention_file_is_refused(tmp_path, slide_id):
+    """The ids are checked as the slide listing checks them: an attention file never lands outside attention/
+    or hidden."""
+    result = {"slide_id": slide_id, "label": 0, "logits": np.zeros(2), "probs": np.array([0.5, 0.5]),
+              "attention": np.ones(1, np.float32), "coords": np.zeros((1, 2)), "tile_size": 224}  # fmt: skip
+    with pytest.raises(InputError, match="cannot name the output files"):
+        write_mil_outputs(tmp_path / "out", [result], num_classes=2)
+    assert not list((tmp_path / "out" / "attention").glob("*")) and not (tmp_path / "up.h5").exists()
 
 
 def test_mean_pool_end_to_end_with_early_stopping_and_best_checkpoint(tmp_path, one_thread):

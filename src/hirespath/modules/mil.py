@@ -32,6 +32,7 @@ from ..heads.mil import MILOutput, create_mil_head
 from ..metrics.classification import classification_metrics
 from ..results import CLASSIFICATION_METRICS, LOSS, PREDICTIONS_FILE, VAL
 from ..utils.io import atomic_path, new_h5
+from ..wsi.listing import check_slide_id
 
 log = logging.getLogger("hirespath.mil")
 
@@ -272,9 +273,7 @@ def write_mil_outputs(out_dir: str | Path, results: list[dict], num_classes: int
     att_dir = out_dir / "attention"
     att_dir.mkdir(parents=True, exist_ok=True)
     for r, pred in zip(results, df.pred):
-        name = str(r["slide_id"])
-        if "/" in name or name in ("", ".", ".."):
-            raise ValueError(f"slide_id {name!r} cannot be a file name")
+        name = check_slide_id(r["slide_id"], f"MIL outputs in {out_dir}")
         with atomic_path(att_dir / f"{name}.h5") as tmp:
             with new_h5(tmp) as f:
                 f.create_dataset("attention", data=np.asarray(r["attention"], dtype=np.float32))

@@ -26,15 +26,21 @@ def _umask() -> int:
     return mask
 
 
+def temporary_beside(path: Path) -> Path:
+    """A new empty hidden file ``.<name>.*.tmp`` in ``path``'s folder (made if missing), to be renamed onto ``path``
+    once complete, with the mode a plain open() would give it (mkstemp's is 0600; caches are shared on clusters)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (atomic on POSIX)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    # mkstemp creates 0600; give the file the mode a plain open() would (caches are shared on clusters)
-    os.chmod(tmp, 0o666 & ~_umask())
+    tmp = temporary_beside(path)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

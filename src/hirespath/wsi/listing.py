@@ -87,10 +87,11 @@ def _check_unique(specs: list[SlideSpec]) -> list[SlideSpec]:
     return specs
 
 
-def _parse_id(value, where: str) -> str:
-    """A slide id from the CSV's ``slide_id`` column: it names the output files, so one file name, not hidden."""
+def check_slide_id(value, where: str) -> str:
+    """A slide id (the CSV's ``slide_id`` column, a label table's): it names the output files, so one file name,
+    not hidden."""
     slide_id = str(value).strip()
-    if slide_id in (".", "..") or slide_id.startswith(".") or re.search(r"[/\\\x00-\x1f]", slide_id):
+    if not slide_id or slide_id.startswith(".") or re.search(r"[/\\\x00-\x1f]", slide_id):
         raise InputError(
             f"{where}: slide_id {slide_id!r} cannot name the output files (<slide_id>.h5, .geojson): give a name "
             "without '/', '\\' or control characters that does not start with '.' (e.g. a TCGA barcode)"
@@ -180,7 +181,7 @@ def list_slides(
                 path = path.parent  # the series is the slide, whichever of its files is named
             mpp = _parse_mpp(row["mpp"], f"{slides_csv}, row {i + 2} ({path.name})") if "mpp" in table else None
             given = row[ID_COLUMN] if ID_COLUMN in table and not pd.isna(row[ID_COLUMN]) else ""
-            slide_id = _parse_id(given, f"{slides_csv}, row {i + 2}") if str(given).strip() else slide_id_of(path)
+            slide_id = check_slide_id(given, f"{slides_csv}, row {i + 2}") if str(given).strip() else slide_id_of(path)
             specs.append(SlideSpec(slide_id, path, mpp))
         if not specs:
             raise InputError(f"{slides_csv} lists no slides")

@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import h5py
@@ -53,7 +52,7 @@ import numpy as np
 
 from ..utils.checkpoints import file_digest
 from ..utils.errors import InputError
-from ..utils.io import _umask, atomic_path, discard_h5, new_h5
+from ..utils.io import atomic_path, discard_h5, new_h5, temporary_beside
 
 CHUNK_BYTES = 1 << 18
 SCORES_DESCRIPTION = (
@@ -236,11 +235,7 @@ class FeatureWriter:
         token_scores: bool = False,  # also `token_scores`: N×(rows·cols) float32 per-patch global-attention scores
     ):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
-        self.tmp = Path(tmp)
+        self.tmp = temporary_beside(self.path)  # renamed onto path when closed
         self.coords_attrs, self.features_attrs = dict(coords_attrs), dict(features_attrs)
         self.tokens = tokens
         self.file = h5py.File(self.tmp, "w")
