@@ -508,6 +508,36 @@ def test_the_overlay_shows_the_area_the_polygons_hold(ckpt, wsi, tmp_path, monke
     assert seen["areas"] == [summary["done"][0]["areas_mm2"][n] for n in CELL_TYPES] and max(drawn) > 0
 
 
+def test_the_overlay_shows_each_class_alone_where_classes_overlap(tmp_path):
+    """SegPath's cell types overlap (a lymphocyte is a leukocyte): in one picture the class drawn last hides the
+    one under it, so each class also gets its own picture, coloured exactly where its polygons are."""
+    from hirespath.segmentation.consumer import class_colors
+    from hirespath.segmentation.overlay import overlay_pictures, save_overlay
+
+    rng = np.random.default_rng(0)
+    thumbnail = rng.integers(150, 230, (60, 90, 3), dtype=np.uint8)
+    square = np.zeros((60, 90), np.float32)
+    square[10:40, 20:70] = 1
+    classes = ["CD45RB_Leukocyte", "CD3CD20_Lymphocyte", "ERG_Endothelium"]
+    colors = class_colors(classes)
+    pictures = overlay_pictures(thumbnail, [square, square, np.zeros_like(square)], colors)
+    assert len(pictures) == 4 and all(p.shape == (60, 90, 3) for p in pictures)
+    inside = square > 0
+    leukocyte, lymphocyte = (np.asarray(c, np.float32) / 255 for c in colors[:2])
+    # all together: the lymphocytes drawn last are nearer in colour than the leukocytes they cover
+    combined = pictures[0][inside]
+    assert np.abs(combined - lymphocyte).mean() < np.abs(combined - leukocyte).mean()
+    # alone: each class in its colour where it is, and the same faded thumbnail elsewhere
+    for picture, color in ((pictures[1], leukocyte), (pictures[2], lymphocyte)):
+        assert np.abs(picture[inside] - color).max() < 0.15
+        np.testing.assert_array_equal(picture[~inside], pictures[3][~inside])
+    assert np.allclose(pictures[3], pictures[3][..., :1])  # the class with no polygon: grey, nothing drawn
+    for name, thumb, cover in (("wide", thumbnail, square), ("tall", thumbnail.transpose(1, 0, 2), square.T)):
+        path = save_overlay(tmp_path / f"{name}.png", thumb, [cover, cover, 0 * cover], classes, colors, name,
+                            [1.0, 1.0, 0.0])  # fmt: skip
+        assert min(Image.open(path).size) > 300  # the classes below a wide slide, beside a tall one
+
+
 def test_polygon_coverage_keeps_areas_holes_and_cells_smaller_than_a_pixel():
     from hirespath.segmentation.overlay import polygon_coverage
 

@@ -1,8 +1,9 @@
 """``<slide>_overlay.png``: the slide's thumbnail with each class's polygons in its colour (as much as they cover each
-pixel), and a legend."""
+pixel), each class alone beside it, and a legend."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -73,26 +74,59 @@ def _fill_rings(xy: np.ndarray, ring: np.ndarray, shape: tuple[int, int], s: int
     return fine.reshape(h, w, s).sum(-1, dtype=np.uint16)
 
 
+def tinted(picture: np.ndarray, coverage: list[np.ndarray], colors: list, alpha: float) -> np.ndarray:
+    """``picture`` (h×w×3 float in [0, 1]) with each class's colour laid over it, ``alpha`` × its coverage."""
+    for cov, col in zip(coverage, colors):
+        a = alpha * cov[..., None]
+        picture = (1 - a) * picture + a * np.asarray(col, np.float32) / 255
+    return picture
+
+
+def overlay_pictures(thumbnail: np.ndarray, coverage: list[np.ndarray], colors: list) -> list[np.ndarray]:
+    """The pictures of the overlay (h×w×3 float in [0, 1]): every class over the thumbnail, then, for more than
+    one class, each class alone over a faded grey thumbnail. SegPath's cell types overlap (lymphocytes, plasma
+    cells and myeloid cells are leukocytes too): in one picture the classes drawn last hide the others."""
+    img = thumbnail.astype(np.float32) / 255
+    pictures = [tinted(img, coverage, colors, 0.55)]
+    if len(coverage) > 1:
+        faded = np.repeat(0.35 + 0.5 * img.mean(-1, keepdims=True), 3, axis=-1)
+        pictures += [tinted(faded, [cov], [col], 0.8) for cov, col in zip(coverage, colors)]
+    return pictures
+
+
 def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray], classes: list[str], colors: list,
                  title: str, areas_mm2: list[float]) -> Path:  # fmt: skip
-    """The thumbnail with each class in its colour, as much as its polygons cover each pixel (``coverage``: h×w in
-    [0, 1] per class, :func:`polygon_coverage`), and a legend with the classes' areas."""
+    """The thumbnail with every class in its colour, as much as its polygons cover each pixel (``coverage``: h×w
+    in [0, 1] per class, :func:`polygon_coverage`), each class alone in a small picture beside it (below it for a
+    wide slide), and a legend with the classes' areas."""
     from matplotlib.patches import Patch
 
     plt = pyplot()
-
-    img = thumbnail.astype(np.float32) / 255
-    for cov, col in zip(coverage, colors):
-        alpha = 0.55 * cov[..., None]
-        img = (1 - alpha) * img + alpha * np.asarray(col, np.float32) / 255
-    h, w = img.shape[:2]
-    fig, ax = plt.subplots(figsize=(min(14, 4 + 8 * w / max(h, w)), min(12, 1 + 8 * h / max(h, w))), dpi=110)
-    ax.imshow(img)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
+    pictures = overlay_pictures(thumbnail, coverage, colors)
+    h, w = thumbnail.shape[:2]
+    big_w, big_h = 8 * w / max(h, w), 8 * h / max(h, w)  # inches
+    n = len(pictures) - 1
+    k = max(1, math.ceil(n / 2))  # the small pictures: 2 × k, together as long as the big one's side
+    slots = [f"c{i}" if i < n else "." for i in range(2 * k)]
+    if not n:
+        layout, size, ratios = [["all"]], (big_w, big_h), {}
+    elif h > w:  # to the right: k rows of 2
+        layout = [["all", *slots[2 * r : 2 * r + 2]] for r in range(k)]
+        size, ratios = (big_w * (k + 2) / k, big_h + 0.45 * k), {"width_ratios": [k, 1, 1]}  # + titles
+    else:  # below: 2 rows of k
+        layout = [["all"] * k, slots[:k], slots[k:]]
+        size, ratios = (big_w, big_h * (k + 2) / k + 0.9), {"height_ratios": [k, 1, 1]}
+    fig, axes = plt.subplot_mosaic(layout, figsize=(size[0] + 0.4, size[1] + 0.9), dpi=110, **ratios)
+    for name, ax in axes.items():
+        ax.set_axis_off()
+        i = None if name == "all" else int(name[1:])
+        ax.imshow(pictures[0 if i is None else i + 1], interpolation="antialiased")
+        if i is not None:
+            ax.set_title(f"{classes[i]}\n{areas_mm2[i]:.3g} mm²", fontsize=7, pad=2)
+    fig.suptitle(title, fontsize=9)
     handles = [
         Patch(color=np.asarray(c) / 255, label=f"{n} ({a:.3g} mm²)") for n, c, a in zip(classes, colors, areas_mm2)
     ]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, max(1, len(handles))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * math.ceil(len(handles) / 4), 1, 0.97), h_pad=0.6, w_pad=0.4)
     return save_png(fig, path, dpi="figure", bbox_inches="tight")
