@@ -67,7 +67,7 @@ def test_checkpoint_round_trip(tmp_path):
 def test_weights_file_skips_the_random_init_and_keeps_dtypes(tmp_path, monkeypatch):
     """Given a weights file the ViT is built on the meta device and takes the file's tensors (UNI2-h's random init
     is seconds per process); an fp16 file still gives fp32 weights, and a model with a tensor the file cannot hold
-    (a non-persistent buffer) is built the usual way."""
+    (a non-persistent buffer, a plain tensor attribute) is built the usual way."""
     import timm
 
     src = tiny_encoder(attention="dense")
@@ -79,8 +79,11 @@ def test_weights_file_skips_the_random_init_and_keeps_dtypes(tmp_path, monkeypat
     def recording(*args, **kwargs):
         built.append(torch.empty(0).device.type)  # the device the model's tensors are made on
         model = create(*args, **kwargs)
-        for name, value in extra.items():
-            model.register_buffer(name, value.to(torch.empty(0).device), persistent=False)
+        for name, value in extra.items():  # a non-persistent buffer, or a tensor kept as a plain attribute
+            if name.startswith("buffer"):
+                model.register_buffer(name, value.to(torch.empty(0).device), persistent=False)
+            else:
+                setattr(model.blocks[0], name, value.to(torch.empty(0).device))
         return model
 
     monkeypatch.setattr(timm, "create_model", recording)
@@ -91,11 +94,14 @@ def test_weights_file_skips_the_random_init_and_keeps_dtypes(tmp_path, monkeypat
     for k, v in state.items():
         torch.testing.assert_close(loaded[k], v.half().float(), rtol=0, atol=0)
 
-    built.clear()
-    extra["scale_table"] = torch.full((3,), 2.0)
-    vit = build_timm_model(get_backbone("tiny"), weights=str(path), init_values=1.0)
-    assert built == ["meta", "cpu"] and torch.equal(vit.scale_table, torch.full((3,), 2.0))
-    torch.testing.assert_close(vit.state_dict()["pos_embed"], state["pos_embed"].half().float(), rtol=0, atol=0)
+    for name in ("buffer_table", "table"):
+        built.clear()
+        extra.clear()
+        extra[name] = torch.full((3,), 2.0)
+        vit = build_timm_model(get_backbone("tiny"), weights=str(path), init_values=1.0)
+        kept = getattr(vit, name) if name.startswith("buffer") else vit.blocks[0].table
+        assert built == ["meta", "cpu"] and torch.equal(kept, torch.full((3,), 2.0))
+        torch.testing.assert_close(vit.state_dict()["pos_embed"], state["pos_embed"].half().float(), rtol=0, atol=0)
 
 
 def test_wrong_checkpoint_lists_keys(tmp_path):

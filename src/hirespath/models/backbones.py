@@ -468,9 +468,13 @@ def load_weights(
 
 
 def unsaved_tensors(model: torch.nn.Module) -> list[str]:
-    """Parameters and buffers of ``model`` that its state_dict leaves out (non-persistent buffers)."""
+    """The tensors of ``model`` that its state_dict leaves out: non-persistent buffers, and tensors a module keeps
+    as plain attributes (built on the meta device, these would stay there)."""
     saved = set(model.state_dict())
-    return [n for n, _ in (*model.named_parameters(), *model.named_buffers()) if n not in saved]
+    names = [n for n, _ in (*model.named_parameters(), *model.named_buffers()) if n not in saved]
+    for prefix, module in model.named_modules():
+        names += [f"{prefix}.{a}".lstrip(".") for a, v in vars(module).items() if isinstance(v, torch.Tensor)]
+    return names
 
 
 def build_timm_model(preset: BackbonePreset, weights=None, **arch_overrides) -> torch.nn.Module:
