@@ -490,7 +490,7 @@ def test_the_overlay_shows_the_area_the_polygons_hold(ckpt, wsi, tmp_path, monke
     """Each class is drawn over the thumbnail as much as its polygons cover each pixel, so the picture holds the
     areas of the legend (and of areas.csv); thresholding the coarsest probability level (the code before) lost
     scattered cells smaller than a thumbnail pixel whose polygons were there."""
-    import hirespath.segmentation.overlay as overlay
+    import hirespath.viz.segmentation as overlay
 
     seen = {}
 
@@ -512,7 +512,7 @@ def test_the_overlay_shows_each_class_alone_where_classes_overlap(tmp_path):
     """SegPath's cell types overlap (a lymphocyte is a leukocyte): in one picture the class drawn last hides the
     one under it, so each class also gets its own picture, coloured exactly where its polygons are."""
     from hirespath.segmentation.consumer import class_colors
-    from hirespath.segmentation.overlay import overlay_pictures, save_overlay
+    from hirespath.viz.segmentation import overlay_pictures, save_overlay
 
     rng = np.random.default_rng(0)
     thumbnail = rng.integers(150, 230, (60, 90, 3), dtype=np.uint8)
@@ -539,7 +539,7 @@ def test_the_overlay_shows_each_class_alone_where_classes_overlap(tmp_path):
 
 
 def test_polygon_coverage_keeps_areas_holes_and_cells_smaller_than_a_pixel():
-    from hirespath.segmentation.overlay import polygon_coverage
+    from hirespath.viz.segmentation import polygon_coverage
 
     rng = np.random.default_rng(0)
     # 2 × 2 px cells, one per 4 × 4 px, at random offsets: each a quarter of a 4 px cell of a 16 px picture pixel

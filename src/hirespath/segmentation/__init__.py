@@ -2,7 +2,7 @@
 
 ``model``: the model rebuilt from a checkpoint and its run's config; ``stitch``: overlapping tiles blended into
 on-disk probability maps; ``polygons``: masks → valid MultiPolygons with holes; ``probs_tiff``: the pyramidal
-probability TIFF; ``overlay``: the picture; ``consumer``: all of it as a slide-runner consumer.
+probability TIFF; ``consumer``: all of it as a slide-runner consumer (the overlay picture: ``viz.segmentation``).
 """
 
 from .consumer import CLASS_COLORS, SegmentationConsumer, SegmentOptions, segment_slides

@@ -536,7 +536,7 @@ class SegmentationConsumer:
                               sort_by=["slide"])  # fmt: skip
         grid = prepared.grid
         if self.options.overlay and geoms is not None and grid.thumbnail is not None:
-            from .overlay import polygon_coverage, save_overlay
+            from ..viz.segmentation import polygon_coverage, save_overlay
 
             thumbnail, bounds = _map_part(grid, MapGeometry.of(grid, prepared.qupath_region))  # QuPath's image
             h, w = thumbnail.shape[:2]
