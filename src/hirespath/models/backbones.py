@@ -325,6 +325,17 @@ def _not_a_checkpoint(path: Path) -> str | None:
     return None
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors in memory of their own: safetensors maps the file by default, and the tensors become the
+    model's weights (``build_timm_model``), which must not change, or fault, when the file is rewritten."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu", backend="pread")
+    except TypeError:  # safetensors < 0.7: no backend argument
+        return {k: v.clone() for k, v in load_file(str(path), device="cpu").items()}
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely (safetensors, or torch pickles with ``weights_only=True``)."""
     suffix = path.suffix.lower()
@@ -333,10 +344,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if why:
             raise ValueError(f"weights file {str(path)!r} {why}; expected {_VALID_WEIGHTS}")
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
-            state = load_file(str(path), device="cpu")
+            state = _read_safetensors(path)
         except Exception as err:  # truncated files, another format under this suffix
             raise ValueError(
                 f"could not read weights file {str(path)!r} as safetensors ({type(err).__name__}: {err}): "
