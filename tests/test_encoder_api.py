@@ -89,6 +89,9 @@ def test_weights_file_skips_the_random_init_and_keeps_dtypes(tmp_path, monkeypat
     monkeypatch.setattr(timm, "create_model", recording)
     vit = build_timm_model(get_backbone("tiny"), weights=str(path), init_values=1.0)
     assert built == ["meta"]  # no random weights were made
+    with torch.device("meta"):  # built where the caller builds, as before
+        assert build_timm_model(get_backbone("tiny"), weights=str(path), init_values=1.0).pos_embed.is_meta
+    built.clear()
     loaded = vit.state_dict()
     assert not any(t.is_meta for t in loaded.values()) and {t.dtype for t in loaded.values()} == {torch.float32}
     for k, v in state.items():

@@ -503,11 +503,12 @@ def build_timm_model(preset: BackbonePreset, weights=None, **arch_overrides) -> 
         return create()
     # The file holds every weight: the random init is skipped (UNI2-h: 7 s on a 2-core CPU, and a second copy of
     # its 2.7 GB while the file's tensors are copied in), unless a tensor the file cannot hold needs it.
+    device = torch.empty(0).device  # where the caller builds (a ``with torch.device(...)`` block)
     with torch.device("meta"):
         model = create()
     if unsaved_tensors(model):
         model = create()
         load_weights(model, path, preset.name, arch_overrides)
-    else:
-        load_weights(model, path, preset.name, arch_overrides, assign=True)
-    return model
+        return model
+    load_weights(model, path, preset.name, arch_overrides, assign=True)
+    return model if device.type == "cpu" else model.to(device)
