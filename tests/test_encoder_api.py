@@ -116,6 +116,19 @@ def test_weights_file_skips_the_random_init_and_keeps_dtypes(tmp_path, monkeypat
         torch.testing.assert_close(vit.state_dict()["pos_embed"], state["pos_embed"].half().float(), rtol=0, atol=0)
 
 
+def test_a_tensor_saved_under_two_keys_is_converted_once():
+    """A segment checkpoint saves the ViT-Adapter's modules twice (under the adapter, and inside the Mask2Former
+    model): converted per key, each copy was made twice (a UNI2-h checkpoint's load peaked at 9.35 GB, not 6.6)."""
+    from hirespath.models.backbones import assignable_state
+
+    shared, other = torch.randn(4, 3), torch.randn(2)
+    state = {"adapter.w": shared, "m2f.adapter.w": shared, "b": other, "unexpected": other}
+    own = {"adapter.w": torch.empty(4, 3), "m2f.adapter.w": torch.empty(4, 3), "b": torch.empty(2, dtype=torch.half)}
+    out = assignable_state(state, own, copy=True)
+    assert out["adapter.w"] is out["m2f.adapter.w"] and out["adapter.w"].data_ptr() != shared.data_ptr()
+    assert torch.equal(out["adapter.w"], shared) and out["b"].dtype == torch.half and out["unexpected"] is other
+
+
 def test_wrong_checkpoint_lists_keys(tmp_path):
     src = tiny_encoder(attention="dense")
     state = dict(src.vit.state_dict())

@@ -584,8 +584,8 @@ def test_a_model_retrained_under_the_same_name_is_not_taken_for_the_old_one(ckpt
 def test_the_model_takes_the_checkpoints_weights_without_a_random_init(ckpt, monkeypatch):
     """Every weight is in the checkpoint: the model is built on the meta device and takes them (a full UNI2-h's
     random init costs seconds per job); with a tensor the checkpoint cannot hold it is built the usual way."""
+    import hirespath.models.backbones as backbones
     import hirespath.models.encoder as encoder
-    import hirespath.segmentation.model as model_module
 
     build, built = encoder.encoder_from_config, []
     monkeypatch.setattr(encoder, "encoder_from_config",
@@ -594,7 +594,7 @@ def test_the_model_takes_the_checkpoints_weights_without_a_random_init(ckpt, mon
     for unsaved, devices in ((None, ["meta"]), (["buffer"], ["meta", "cpu"])):
         built.clear()
         if unsaved:  # the model as it is has none
-            monkeypatch.setattr(model_module, "unsaved_tensors", lambda m, names=unsaved: names)
+            monkeypatch.setattr(backbones, "unsaved_tensors", lambda m, names=unsaved: names)
         loaded = load_segmentation(ckpt).model.state_dict()
         assert built == devices and set(loaded) == set(saved)
         assert all(torch.equal(loaded[k], v) and not loaded[k].is_meta for k, v in saved.items())

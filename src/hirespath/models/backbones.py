@@ -11,6 +11,7 @@ from __future__ import annotations
 import numbers
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -471,9 +472,7 @@ def load_weights(
             what = f"of preset {preset!r}" if preset else "of this preset"
             lines.append(f"Is it the checkpoint {what}, in timm's key layout (and without arch overrides)?")
         raise ValueError("\n".join(lines))
-    if assign:
-        state = {k: v.to(dtype=own[k].dtype).contiguous() for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=assign)
+    model.load_state_dict(assignable_state(state, own) if assign else state, strict=True, assign=assign)
 
 
 def unsaved_tensors(model: torch.nn.Module) -> list[str]:
@@ -484,6 +483,33 @@ def unsaved_tensors(model: torch.nn.Module) -> list[str]:
     for prefix, module in model.named_modules():
         names += [f"{prefix}.{a}".lstrip(".") for a, v in vars(module).items() if isinstance(v, torch.Tensor)]
     return names
+
+
+def build_without_init(create: Callable[[], torch.nn.Module]) -> tuple[torch.nn.Module, bool]:
+    """``(model, on_meta)``: ``create()`` on the meta device, skipping its random init (seconds for UNI2-h) for a
+    model whose every weight then comes from a file (``load_state_dict(assignable_state(...), assign=True)``); or,
+    when it holds a tensor no state_dict carries, ``create()`` as usual (``on_meta`` False: load by copying)."""
+    with torch.device("meta"):
+        model = create()
+    if unsaved_tensors(model):
+        return create(), False
+    return model, True
+
+
+def assignable_state(state: dict, own: dict, copy: bool = False) -> dict:
+    """``state`` as a model built on the meta device takes it (``assign=True``): each tensor contiguous, in the
+    dtype of its key in ``own`` (the model's state_dict), copied when ``copy`` (out of a memory-mapped file); a
+    tensor saved under several keys (modules shared between parents) is converted once and stays one tensor."""
+    converted, out = {}, {}
+    for key, value in state.items():
+        if key not in own:  # unexpected: left for load_state_dict to report
+            out[key] = value
+            continue
+        view = (value.data_ptr(), value.shape, value.stride(), own[key].dtype)
+        if view not in converted:
+            converted[view] = value.to(dtype=own[key].dtype, copy=copy).contiguous()
+        out[key] = converted[view]
+    return out
 
 
 def build_timm_model(preset: BackbonePreset, weights=None, **arch_overrides) -> torch.nn.Module:
@@ -502,13 +528,8 @@ def build_timm_model(preset: BackbonePreset, weights=None, **arch_overrides) -> 
     if path is None:
         return create()
     # The file holds every weight: the random init is skipped (UNI2-h: 7 s on a 2-core CPU, and a second copy of
-    # its 2.7 GB while the file's tensors are copied in), unless a tensor the file cannot hold needs it.
+    # its 2.7 GB while the file's tensors are copied in).
     device = torch.empty(0).device  # where the caller builds (a ``with torch.device(...)`` block)
-    with torch.device("meta"):
-        model = create()
-    if unsaved_tensors(model):
-        model = create()
-        load_weights(model, path, preset.name, arch_overrides)
-        return model
-    load_weights(model, path, preset.name, arch_overrides, assign=True)
-    return model if device.type == "cpu" else model.to(device)
+    model, on_meta = build_without_init(create)
+    load_weights(model, path, preset.name, arch_overrides, assign=on_meta)
+    return model.to(device) if on_meta and device.type != "cpu" else model

@@ -12,7 +12,6 @@ that mpp by default so that cells have the size they had in training.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import warnings
@@ -23,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ..data.segpath import CELL_TYPES, MPP
-from ..models.backbones import unsaved_tensors
+from ..models.backbones import assignable_state, build_without_init
 from ..utils.checkpoints import best_checkpoint, run_dir_of
 from ..utils.errors import InputError
 
@@ -116,23 +115,20 @@ def load_segmentation(ckpt) -> SegmentationCheckpoint:
     names = OmegaConf.select(cfg, "data.cell_types")
     classes = list(CELL_TYPES) if names is None else [str(c) for c in names]
 
-    def build(meta: bool = False) -> torch.nn.Module:
-        with warnings.catch_warnings(), torch.device("meta") if meta else contextlib.nullcontext():
+    def build() -> torch.nn.Module:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
             encoder = instantiate(cfg.encoder)
             check_resolution(resolution, encoder.patch_size)
             return instantiate(cfg.head, encoder=encoder, num_classes=len(CELL_TYPES))
 
-    # Every weight is in the checkpoint: built on the meta device, the model skips its random init (seconds for
-    # UNI2-h, paid again by every job of a SLURM array) and takes the checkpoint's tensors, copied out of its
-    # memory map (a checkpoint rewritten by a running `segment` must not change under the model).
-    model = build(meta=True)
-    assign = not unsaved_tensors(model)
+    # Every weight is in the checkpoint: the random init is skipped (seconds for UNI2-h, paid again by every job of a
+    # SLURM array) and the model takes the checkpoint's tensors, copied out of its memory map (a checkpoint
+    # rewritten by a running `segment` must not change under the model).
+    model, assign = build_without_init(build)
     if assign:
-        weights = _copies(weights, model.state_dict())
-    else:
-        model = build()
+        weights = assignable_state(weights, model.state_dict(), copy=True)
     try:
         model.load_state_dict(weights, strict=True, assign=assign)
     except RuntimeError as err:
@@ -149,19 +145,6 @@ def load_segmentation(ckpt) -> SegmentationCheckpoint:
         class_index=[CELL_TYPES.index(c) for c in classes], mpp=MPP * SEGPATH_TILE_PX / resolution,
         resolution=resolution, tag=tag,
     )  # fmt: skip
-
-
-def _copies(weights: dict, own: dict) -> dict:
-    """``weights`` copied out of the checkpoint's memory map in ``own``'s dtypes; a tensor saved under several keys
-    (the ViT-Adapter's modules appear under the adapter and again inside the Mask2Former model) is copied once."""
-    copies = {}
-    for key, value in weights.items():
-        if key in own:
-            view = (value.data_ptr(), value.shape, value.stride(), own[key].dtype)
-            if view not in copies:
-                copies[view] = value.to(dtype=own[key].dtype, copy=True)
-            weights[key] = copies[view]
-    return weights
 
 
 def tile_probabilities(model, images01: torch.Tensor, class_index: list[int], query_chunk: int = 16) -> torch.Tensor:
