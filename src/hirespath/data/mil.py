@@ -119,14 +119,8 @@ def features_identity(path: str | Path) -> dict:
     """What a feature file says of how it was made, as predict_slides compares it: ``attrs`` (the identity attrs it
     sets), ``weights`` (size and digest of the weights file, where recorded) and ``tiling`` (target_mpp, patch_size
     of ``coords``). Raises OSError/ValueError for a file that cannot be read."""
-    info = trident_h5.inspect_features(path, count_nonfinite=False)
-
-    def plain(v):  # h5 attrs come as numpy scalars or bytes: JSON-ready values
-        v = v.item() if isinstance(v, np.generic) else v
-        return v.decode() if isinstance(v, bytes) else v
-
-    attrs = {k: plain(v) for k, v in info["features_attrs"].items()}
-    coords = {k: plain(v) for k, v in info["coords_attrs"].items()}
+    info = trident_h5.inspect_features(path, count_nonfinite=False)  # attrs as plain Python (JSON-ready)
+    attrs, coords = info["features_attrs"], info["coords_attrs"]
     return {
         "attrs": {k: attrs[k] for k in IDENTITY_ATTRS if attrs.get(k) is not None},
         "weights": weights_identity(attrs.get("weights_fingerprint")),  # by content: paths differ between machines
