@@ -131,18 +131,46 @@ def test_memory_worker_loads_the_benchmarked_weights(tmp_path):
 
 
 def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch):
-    bench = bm.Benchmark("tiny", overrides={"depth": 2}, repeats=1, warmup=0, cpu_memory=False)
-    real = bm.time_forward
+    from hirespath.models.encoder import HiResEncoder
 
-    def fake_time_forward(encoder, images, *args):
+    bench = bm.Benchmark("tiny", overrides={"depth": 2}, repeats=1, warmup=0, cpu_memory=False)
+    real = HiResEncoder.forward
+
+    def forward(self, images, *args, **kwargs):
         if images.shape[-1] >= 112:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-        return real(encoder, images, *args)
+        return real(self, images, *args, **kwargs)
 
-    monkeypatch.setattr(bm, "time_forward", fake_time_forward)
+    monkeypatch.setattr(HiResEncoder, "forward", forward)
     rows = bm.sweep(bench, [bm.BenchConfig(attention="dense")], [56, 112, 224], progress=False)
     assert [r["status"] for r in rows] == ["ok", "oom", "oom"]
     assert math.isnan(rows[1]["seconds_per_image"])
+
+
+def test_sweep_times_the_configurations_of_a_resolution_in_rounds(monkeypatch):
+    """One forward of each configuration per round, so a machine's slow stretch hits them alike; one that runs
+    out of memory in a round leaves the rounds, the others are still timed; rows keep configuration-major order."""
+    from hirespath.models.encoder import HiResEncoder
+
+    bench = bm.Benchmark("tiny", overrides={"depth": 2}, repeats=3, warmup=1, cpu_memory=False)
+    real = HiResEncoder.forward
+    calls = []
+
+    def forward(self, images, *args, **kwargs):
+        calls.append((self.attention, images.shape[-1]))
+        if self.attention == "eager" and images.shape[-1] == 112 and len(calls) > 10:  # its second round there
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(HiResEncoder, "forward", forward)
+    configs = [bm.BenchConfig(attention="dense"), bm.BenchConfig(attention="eager")]
+    rows = bm.sweep(bench, configs, [56, 112], progress=False)
+    assert calls[:8] == [("dense", 56), ("eager", 56)] * 4
+    assert calls[8:] == [("dense", 112), ("eager", 112), ("dense", 112), ("eager", 112)] + [("dense", 112)] * 2
+    assert [(r["attention"], r["resolution"], r["status"]) for r in rows] == [
+        ("dense", 56, "ok"), ("dense", 112, "ok"), ("eager", 56, "ok"), ("eager", 112, "oom")
+    ]  # fmt: skip
+    assert all(r["seconds_per_image"] > 0 for r in rows[:3]) and math.isnan(rows[3]["seconds_per_image"])
 
 
 def test_memory_budget_forces_real_oom_in_worker():

@@ -1,6 +1,8 @@
 """Benchmark: seconds per image, peak memory and the largest resolution, per attention configuration.
 
-Timing: warm-up runs excluded, median of ``repeats`` timed forwards (CUDA synchronised).
+Timing: warm-up runs excluded, median of ``repeats`` timed forwards (CUDA synchronised). A sweep times the
+configurations of one resolution in rounds, one forward of each per round, so that a machine that slows down or
+speeds up for a while (another job, a shared host) slows every configuration alike and their ratios hold.
 Peak memory:
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` — weights included, as a user
   would see it.
@@ -17,9 +19,10 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -33,6 +36,7 @@ from .memory_worker import cpu_peak_memory
 from .spec import COLUMNS, DTYPES, BenchConfig, wrap_encoder
 
 log = logging.getLogger("hirespath.benchmark")
+K = TypeVar("K")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,17 +81,51 @@ def _sync(device: torch.device) -> None:
 
 def time_forward(encoder: HiResEncoder, images: torch.Tensor, dtype: str, warmup: int, repeats: int) -> float:
     """Median seconds of one forward of ``images`` (warm-up excluded)."""
+    seconds = time_interleaved({0: encoder}, images, dtype, warmup, repeats)[0]
+    if isinstance(seconds, BaseException):
+        raise seconds
+    return seconds
+
+
+def time_interleaved(
+    encoders: dict[K, HiResEncoder],
+    images: torch.Tensor,
+    dtype: str,
+    warmup: int,
+    repeats: int,
+    after_forward: Callable[[], None] | None = None,
+) -> dict[K, float | BaseException]:
+    """Median seconds of one forward of ``images`` through each encoder (warm-up excluded), timed in rounds of one
+    forward each, so that every encoder's times span the same stretch of the machine's time.
+
+    An encoder that runs out of memory gets its error instead of a time and leaves the rounds; other errors raise.
+    """
     device = images.device
-    times = []
+    times: dict[K, list[float]] = {key: [] for key in encoders}
+    failed: dict[K, BaseException] = {}
     with torch.inference_mode(), _autocast(device, dtype):
         for i in range(warmup + repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            encoder(images)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            for key, encoder in encoders.items():
+                if key in failed:
+                    continue
+                try:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    encoder(images)
+                    _sync(device)
+                except Exception as err:  # noqa: BLE001
+                    if not is_oom(err):
+                        raise
+                    failed[key] = err
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                finally:
+                    if after_forward is not None:
+                        after_forward()
+                if i >= warmup:
+                    times[key].append(time.perf_counter() - t0)
+    return {key: failed.get(key) or statistics.median(times[key]) for key in encoders}
 
 
 def cuda_peak_memory(encoder: HiResEncoder, images: torch.Tensor, dtype: str) -> float:
@@ -188,32 +226,58 @@ class Benchmark:
         return enc.sparse_backend if ran == enc.sparse_backend else f"{enc.sparse_backend}:{ran}"
 
     def measure(self, cfg: BenchConfig, resolution: int, timed: bool = True) -> dict:
-        enc, row = self.row(cfg, resolution)
-        param_dtype = next(self.vit.parameters()).dtype
-        try:
-            images = torch.randn(self.batch_size, 3, resolution, resolution, device=self.device, dtype=param_dtype)
-            if self.device.type == "cuda":
-                row["peak_memory_gb"] = cuda_peak_memory(enc, images, self.dtype)
-                if self.memory_budget_gb and row["peak_memory_gb"] > self.memory_budget_gb:
-                    row["status"] = "oom"
-                    return row
-            elif self.cpu_memory:
-                mem = cpu_peak_memory(self._worker_spec(cfg, resolution))
-                row.update(mem)
-                if row["status"] != "ok":
-                    return row
-            if timed:
-                seconds = time_forward(enc, images, self.dtype, self.warmup, self.repeats)
-                row["seconds_per_image"] = seconds / self.batch_size
-        except Exception as err:  # noqa: BLE001
-            if not is_oom(err):
-                raise
-            row["status"] = "oom"
-            log.warning("%s at %d px: out of memory", cfg.label, resolution)
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-        return row
+        return self.measure_all([cfg], resolution, timed)[0]
+
+    def measure_all(
+        self,
+        cfgs: list[BenchConfig],
+        resolution: int,
+        timed: bool = True,
+        after_forward: Callable[[], None] | None = None,
+    ) -> list[dict]:
+        """The rows of several configurations at one resolution, on one input: the peak memory of each alone, then
+        the seconds of those that fit, timed in interleaved rounds (``time_interleaved``)."""
+        rows, fitting = [], {}
+        images = None
+        for i, cfg in enumerate(cfgs):
+            enc, row = self.row(cfg, resolution)
+            rows.append(row)
+            try:
+                if images is None:
+                    param_dtype = next(self.vit.parameters()).dtype
+                    images = torch.randn(
+                        self.batch_size, 3, resolution, resolution, device=self.device, dtype=param_dtype
+                    )
+                if self.device.type == "cuda":
+                    row["peak_memory_gb"] = cuda_peak_memory(enc, images, self.dtype)
+                    if self.memory_budget_gb and row["peak_memory_gb"] > self.memory_budget_gb:
+                        row["status"] = "oom"
+                elif self.cpu_memory:
+                    row.update(cpu_peak_memory(self._worker_spec(cfg, resolution)))
+            except Exception as err:  # noqa: BLE001
+                if not is_oom(err):
+                    raise
+                row["status"] = "oom"
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if row["status"] == "ok":
+                fitting[i] = enc
+            else:
+                log.warning("%s at %d px: out of memory", cfg.label, resolution)
+        if timed and fitting:
+            try:
+                seconds = time_interleaved(fitting, images, self.dtype, self.warmup, self.repeats, after_forward)
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for i, s in seconds.items():
+                if isinstance(s, BaseException):
+                    rows[i]["status"] = "oom"
+                    log.warning("%s at %d px: out of memory", cfgs[i].label, resolution)
+                else:
+                    rows[i]["seconds_per_image"] = s / self.batch_size
+        return rows
 
     def _worker_spec(self, cfg: BenchConfig, resolution: int) -> dict:
         return dict(
@@ -273,31 +337,42 @@ class Benchmark:
 def sweep(
     bench: Benchmark, configs: Iterable[BenchConfig], resolutions: list[int], progress: bool = True
 ) -> list[dict]:
+    """Every configuration at every resolution; rows ordered by configuration, then resolution. The configurations
+    of one resolution are timed together (``Benchmark.measure_all``); a configuration is not run at resolutions
+    larger than one where it ran out of memory."""
     from tqdm.auto import tqdm
 
     configs = list(configs)
-    jobs = [(c, r) for c in configs for r in resolutions]
-    rows = []
+    rows: dict[tuple[int, int], dict] = {}
     oom_at: dict[str, int] = {}
-    for cfg, res in tqdm(jobs, desc="benchmark", disable=not progress):
-        if cfg.label in oom_at and res > oom_at[cfg.label]:
-            row = bench.row(cfg, res, status="oom")[1]  # larger than a size that already ran out of memory
-        else:
-            row = bench.measure(cfg, res)
-        if row["status"] == "oom":
-            oom_at.setdefault(cfg.label, res)
-        rows.append(row)
-        log.info(
-            "%-34s %5d px %7d tok  %s  %.3f s/img  %.2f GB  (analytic %.3g TFLOP)",
-            cfg.label,
-            res,
-            row["tokens"],
-            row["status"],
-            row["seconds_per_image"],
-            row["peak_memory_gb"],
-            row["tflops"],
-        )
-    return rows
+    per_resolution = len(configs) * (bench.warmup + bench.repeats)
+    with tqdm(total=per_resolution * len(resolutions), desc="benchmark (forwards)", disable=not progress) as bar:
+        for r, res in enumerate(resolutions):
+            run = []
+            for c, cfg in enumerate(configs):
+                if cfg.label in oom_at and res > oom_at[cfg.label]:
+                    rows[c, r] = bench.row(cfg, res, status="oom")[1]  # larger than a size that ran out of memory
+                else:
+                    run.append(c)
+            measured = bench.measure_all([configs[c] for c in run], res, after_forward=lambda: bar.update(1))
+            for c, row in zip(run, measured, strict=True):
+                rows[c, r] = row
+            bar.update((r + 1) * per_resolution - bar.n)  # the forwards of configurations out of memory
+            for c, cfg in enumerate(configs):
+                row = rows[c, r]
+                if row["status"] == "oom":
+                    oom_at.setdefault(cfg.label, res)
+                log.info(
+                    "%-34s %5d px %7d tok  %s  %.3f s/img  %.2f GB  (analytic %.3g TFLOP)",
+                    cfg.label,
+                    res,
+                    row["tokens"],
+                    row["status"],
+                    row["seconds_per_image"],
+                    row["peak_memory_gb"],
+                    row["tflops"],
+                )
+    return [rows[c, r] for c in range(len(configs)) for r in range(len(resolutions))]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
