@@ -1215,6 +1215,40 @@ def test_seam_measure_flags_a_saturated_head(monkeypatch, caplog):
     assert out["linear"]["constant_classes"] == [] and "says nothing" not in caplog.text
 
 
+def test_segment_speed_benchmark_runs_its_entries_in_rounds(tmp_path, monkeypatch):
+    """segment_bench.repeats=3: one run of each entry per round (a slow stretch of a shared machine slows every entry
+    alike), the median seconds reported with all of them; a repeats below 1 is refused before any slide is read."""
+    import pandas as pd
+
+    import hirespath.benchmark.segment_speed as speed
+    from hirespath.tasks.benchmark import run_benchmark
+
+    calls = []
+    seconds = {56: iter([9.0, 3.0, 5.0]), 112: iter([2.0, 8.0, 4.0])}
+
+    def fake_segment_slides(seg, slides, job, tiling, embed, options, runtime):
+        calls.append((tiling.size, seg.model.encoder.attention))
+        return {"slides_done": 1, "seconds": next(seconds[tiling.size]) + 0.5, "tiles": 4, "tissue_mm2": 0.1,
+                "device": "cpu", "stage_seconds": {"startup": 0.5, "encode": 1.0, "write": 0.25}}  # fmt: skip
+
+    monkeypatch.setattr(speed, "segment_slides", fake_segment_slides)
+    overrides = ["experiment=segment_speed", "backbone=tiny", "segment_bench.synthetic_side=392",
+                 "segment_bench.seam_region=0", "tile.mpp=1.0", "segment_bench.repeats=3",
+                 "segment_bench.head={num_queries:10,hidden_dim:64,decoder_layers:2,pixel_decoder_layers:1}",
+                 "segment_bench.compare=[{tile_size:56,overlap:14,attention:dense},"
+                 "{tile_size:112,overlap:14,attention:sparse,window:4}]"]  # fmt: skip
+    rows = pd.read_csv(run_benchmark(compose_task("benchmark", overrides, tmp_path))["csv"])
+    assert calls == [(56, "dense"), (112, "sparse")] * 3
+    assert list(rows.seconds) == [5.0, 4.0] and list(rows.repeats) == [3, 3]
+    assert [json.loads(x) for x in rows.seconds_all] == [[9.0, 3.0, 5.0], [2.0, 8.0, 4.0]]
+    assert rows.speedup.iloc[1] == pytest.approx(5.0 / 4.0)
+    calls.clear()
+    for bad in ("0", "2.5", "two"):
+        with pytest.raises(InputError, match=r"segment_bench.repeats=.*: must be a whole number, at least 1"):
+            run_benchmark(compose_task("benchmark", [*overrides, f"segment_bench.repeats={bad}"], tmp_path))
+    assert calls == []
+
+
 @pytest.mark.slow
 def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     """`hirespath benchmark experiment=segment_speed` at test size: both entries segment the slide end to end and

@@ -5,7 +5,8 @@ slide end to end (:func:`.consumer.segment_slides`: reading, the model, stitchin
 per second is reported (startup excluded; without the per-slide seam check unless ``segment_bench.seam_check``: its
 one extra forward per slide would weigh 1/4 on the 4 large tiles of the benchmark slide and 1/81 on the small ones,
 where a real slide has hundreds), with its two factors: the pixels the model runs per tissue pixel (overlap,
-tiles over the tissue's edge) and the model's seconds per megapixel at that tile size. The seam measure
+tiles over the tissue's edge) and the model's seconds per megapixel at that tile size. With ``segment_bench.repeats``
+> 1 the entries run in rounds (one run of each per round) and the medians are reported. The seam measure
 (:mod:`.seams`) compares, on a region of ``segment_bench.seam_region`` px, the entry's tiles stitched (both blends)
 with one forward over the region.
 The model: a trained run's (``segment_bench.ckpt``) or the composed backbone under a Mask2Former head with random
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,6 +61,14 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
     from .slide_throughput import synthetic_slide
 
     b = cfg.segment_bench
+    for entry in b.compare:
+        unknown = set(entry) - set(ENTRY_KEYS)
+        if unknown:
+            raise InputError(f"segment_bench.compare entry {dict(entry)}: unknown keys {sorted(unknown)}; "
+                             f"valid: {', '.join(ENTRY_KEYS)}")  # fmt: skip
+    repeats = b.get("repeats", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InputError(f"segment_bench.repeats={repeats!r}: must be a whole number, at least 1")
     seg = load_segmentation(b.ckpt) if b.ckpt else random_segmentation(cfg)
     mpp = float(cfg.tile.mpp) if b.get("tile_mpp") is None else float(b.tile_mpp)
     slide = Path(b.wsi) if b.wsi else synthetic_slide(out_dir / "benchmark_slide.tiff", int(b.synthetic_side), mpp)
@@ -68,30 +78,39 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
     if int(b.seam_region) > 0:  # 0: speed only (the seam measure of random weights says nothing)
         with open_slide(slide) as handle:  # the seam region: the slide's centre at the tiles' mpp
             region = _region(handle, int(b.seam_region), mpp)
-    rows = []
-    for entry in b.compare:
-        unknown = set(entry) - set(ENTRY_KEYS)
-        if unknown:
-            raise InputError(f"segment_bench.compare entry {dict(entry)}: unknown keys {sorted(unknown)}; "
-                             f"valid: {', '.join(ENTRY_KEYS)}")  # fmt: skip
-        enc = seg.model.encoder
+    enc = seg.model.encoder
+
+    def configure(entry) -> tuple[int, int]:
         enc.attention = str(entry.get("attention", enc.attention))
         enc.window = int(entry.get("window", enc.window))
-        tile, overlap = int(entry["tile_size"]), int(entry.get("overlap", 0))
-        tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue),
-                                 cover_tissue=True)  # every tissue pixel, as segment_slides tiles  # fmt: skip
-        # each entry's own outputs (a rerun in the same folder segments afresh instead of skipping the slide)
-        job = out_dir / f"segment_{len(rows)}_{tile}px_{enc.attention}"
-        shutil.rmtree(job, ignore_errors=True)
-        # seam_check=true: the check runs on the benchmark slide whatever its tile count (share 1)
-        options = SegmentOptions(threshold=float(b.threshold), seam_check=bool(b.get("seam_check", False)),
-                                 seam_check_share=1.0)  # fmt: skip
-        s = segment_slides(seg, [slide], job, tiling, cfg.embed, options, runtime)
-        if not s["slides_done"]:
-            raise InputError(f"the benchmark slide {slide} could not be segmented: {s['skipped']}")
-        if not b.get("keep_outputs", False):  # a real slide's maps are gigabytes at full size
+        return int(entry["tile_size"]), int(entry.get("overlap", 0))
+
+    # seam_check=true: the check runs on the benchmark slide whatever its tile count (share 1)
+    options = SegmentOptions(threshold=float(b.threshold), seam_check=bool(b.get("seam_check", False)),
+                             seam_check_share=1.0)  # fmt: skip
+    # In rounds, one run of each entry per round: a slow stretch of a shared machine slows every entry alike.
+    runs: list[list[dict]] = [[] for _ in b.compare]
+    for _ in range(repeats):
+        for i, entry in enumerate(b.compare):
+            tile, overlap = configure(entry)
+            tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue),
+                                     cover_tissue=True)  # every tissue pixel, as segment_slides tiles  # fmt: skip
+            # each entry's own outputs (a rerun in the same folder segments afresh instead of skipping the slide)
+            job = out_dir / f"segment_{i}_{tile}px_{enc.attention}"
             shutil.rmtree(job, ignore_errors=True)
-        seconds = s["seconds"] - s["stage_seconds"].get("startup", 0.0)
+            s = segment_slides(seg, [slide], job, tiling, cfg.embed, options, runtime)
+            if not s["slides_done"]:
+                raise InputError(f"the benchmark slide {slide} could not be segmented: {s['skipped']}")
+            if not b.get("keep_outputs", False):  # a real slide's maps are gigabytes at full size
+                shutil.rmtree(job, ignore_errors=True)
+            runs[i].append(s)
+    rows = []
+    for entry, entry_runs in zip(b.compare, runs, strict=True):
+        tile, overlap = configure(entry)
+        s = entry_runs[-1]
+        seconds_all = [r["seconds"] - r["stage_seconds"].get("startup", 0.0) for r in entry_runs]
+        seconds = statistics.median(seconds_all)
+        encode_s = statistics.median(r["stage_seconds"]["encode"] for r in entry_runs)
         # speedup = (pixels the model runs per tissue pixel, a) ÷ (b) × (model seconds per megapixel, a) ÷ (b): the
         # first is the overlap and the tissue grid's edges, the second what the model costs per pixel at that size
         mpx = s["tiles"] * tile**2 / 1e6
@@ -102,9 +121,11 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             "model": seg.tag, "device": device_name(s["device"]),
             "tile_size": tile, "overlap": overlap, "attention": enc.attention, "window": enc.window,
             "tiles": s["tiles"], "tissue_mm2": s["tissue_mm2"], "seconds": seconds,
-            "mm2_per_s": s["tissue_mm2"] / seconds, "encode_s": s["stage_seconds"]["encode"],
-            "px_per_tissue_px": px_per_tissue_px, "encode_s_per_mpx": s["stage_seconds"]["encode"] / mpx,
-            "write_s": s["stage_seconds"]["write"], "seam_check": options.seam_check,
+            "mm2_per_s": s["tissue_mm2"] / seconds, "encode_s": encode_s,
+            "px_per_tissue_px": px_per_tissue_px, "encode_s_per_mpx": encode_s / mpx,
+            "write_s": statistics.median(r["stage_seconds"]["write"] for r in entry_runs),
+            "repeats": repeats, "seconds_all": json.dumps([round(x, 3) for x in seconds_all]),
+            "seam_check": options.seam_check,
             "seam_region": 0 if region is None else region.shape[0],
             **{f"seam_dice_{k}": v["mean_dice"] for k, v in seams.items()},
             **{f"seam_abs_diff_{k}": v["mean_abs_diff"] for k, v in seams.items()},
