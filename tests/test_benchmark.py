@@ -325,6 +325,43 @@ def test_experiment_configs_compose():
             assert cfg.busy_processes == 1 and {c.cpu_parallel for c in configs} == {"auto", "tasks", "ops"}
 
 
+def test_embedding_benchmark_runs_its_configurations_in_rounds(tmp_path, monkeypatch):
+    """slides.repeats=3: the encoder alone, then the slide end to end, one run of each configuration per round
+    (warm-ups first); the median times reported; a repeats below 1 is refused before any model is built."""
+    from hirespath.benchmark import slide_throughput as st
+
+    encoder_calls, slide_calls = [], []
+    encoder_seconds = {112: iter([5.0, 1.0, 3.0]), 448: iter([2.0, 6.0, 4.0])}
+    real_encoder, real_embed = st._encoder_only_seconds, st.embed_slides
+
+    def encoder_only(tile_encoder, images, batch_size):
+        real_encoder(tile_encoder, images, batch_size)
+        size = images.shape[-1]
+        encoder_calls.append((size, len(images) <= batch_size))  # (tile size, warm-up)
+        return 1.0 if len(images) <= batch_size else next(encoder_seconds[size])
+
+    def embed(encoder, slides, job, tiling, *args, **kwargs):
+        slide_calls.append(tiling.size)
+        return real_embed(encoder, slides, job, tiling, *args, **kwargs)
+
+    monkeypatch.setattr(st, "_encoder_only_seconds", encoder_only)
+    monkeypatch.setattr(st, "embed_slides", embed)
+    overrides = ["mode=slides", "backbone=tiny", "+backbone.overrides.depth=1", "device=cpu", "embed.num_workers=0",
+                 "slides.synthetic_side=896", "tile.size=448", "embed.batch_size=2", "slides.repeats=3",
+                 "slides.compare=[{tile_size: 112, attention: dense, prune_ratio: 0.0},"
+                 "{attention: dense, prune_ratio: 0.0}]"]  # fmt: skip
+    run_benchmark(_cfg(tmp_path, overrides))
+    df = pd.read_csv(tmp_path / "embedding_benchmark.csv")
+    assert encoder_calls == [(112, True), (448, True)] + [(112, False), (448, False)] * 3
+    assert slide_calls == [112, 448] * 3
+    assert list(df.seconds_encoder) == [3.0, 4.0] and list(df.repeats) == [3, 3]
+    encoder_calls.clear()
+    for bad in ("0", "2.5", "two"):
+        with pytest.raises(ValueError, match=r"slides.repeats=.*: must be a whole number, at least 1"):
+            run_benchmark(_cfg(tmp_path, [*overrides, f"slides.repeats={bad}"]))
+    assert encoder_calls == []
+
+
 def test_embedding_benchmark_measures_tissue_throughput(tmp_path):
     """mode=slides (experiment embed_speed's shape): 224-style small dense tiles vs large dense vs large sparse +
     pruned tiles of one generated slide, same weights; CSV, plot, ratios against the first configuration."""

@@ -16,6 +16,7 @@ worker killed) is recorded as status ``oom`` and the sweep goes on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import statistics
 import time
@@ -33,6 +34,7 @@ from ..utils.io import atomic_path
 from ..utils.memory import is_oom
 from .costmodel import encoder_cost, padding_ratio
 from .memory_worker import cpu_peak_memory
+from .rounds import in_rounds
 from .spec import COLUMNS, DTYPES, BenchConfig, wrap_encoder
 
 log = logging.getLogger("hirespath.benchmark")
@@ -96,36 +98,28 @@ def time_interleaved(
     after_forward: Callable[[], None] | None = None,
 ) -> dict[K, float | BaseException]:
     """Median seconds of one forward of ``images`` through each encoder (warm-up excluded), timed in rounds of one
-    forward each, so that every encoder's times span the same stretch of the machine's time.
+    forward each (``rounds.in_rounds``), so that every encoder's times span the same stretch of the machine's time.
 
     An encoder that runs out of memory gets its error instead of a time and leaves the rounds; other errors raise.
     """
     device = images.device
-    times: dict[K, list[float]] = {key: [] for key in encoders}
-    failed: dict[K, BaseException] = {}
+
+    def forward(encoder: HiResEncoder) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        encoder(images)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    def out_of_memory(err: BaseException) -> bool:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return is_oom(err)
+
+    runs = {key: functools.partial(forward, encoder) for key, encoder in encoders.items()}
     with torch.inference_mode(), _autocast(device, dtype):
-        for i in range(warmup + repeats):
-            for key, encoder in encoders.items():
-                if key in failed:
-                    continue
-                try:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    encoder(images)
-                    _sync(device)
-                except Exception as err:  # noqa: BLE001
-                    if not is_oom(err):
-                        raise
-                    failed[key] = err
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                finally:
-                    if after_forward is not None:
-                        after_forward()
-                if i >= warmup:
-                    times[key].append(time.perf_counter() - t0)
-    return {key: failed.get(key) or statistics.median(times[key]) for key in encoders}
+        times = in_rounds(runs, warmup + repeats, stops=out_of_memory, after_each=after_forward)
+    return {key: t if isinstance(t, BaseException) else statistics.median(t[warmup:]) for key, t in times.items()}
 
 
 def cuda_peak_memory(encoder: HiResEncoder, images: torch.Tensor, dtype: str) -> float:

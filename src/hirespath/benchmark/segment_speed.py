@@ -15,6 +15,7 @@ weights (speed does not depend on the weights; the seam measure of a random mode
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -35,6 +36,7 @@ from ..utils.errors import InputError
 from ..utils.io import atomic_path
 from .measure import device_name
 from .plots import plot_segmentation
+from .rounds import in_rounds
 
 log = logging.getLogger("hirespath.segmentation")
 
@@ -88,24 +90,24 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
     # seam_check=true: the check runs on the benchmark slide whatever its tile count (share 1)
     options = SegmentOptions(threshold=float(b.threshold), seam_check=bool(b.get("seam_check", False)),
                              seam_check_share=1.0)  # fmt: skip
-    # In rounds, one run of each entry per round: a slow stretch of a shared machine slows every entry alike.
-    runs: list[list[dict]] = [[] for _ in b.compare]
-    for _ in range(repeats):
-        for i, entry in enumerate(b.compare):
-            tile, overlap = configure(entry)
-            tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue),
-                                     cover_tissue=True)  # every tissue pixel, as segment_slides tiles  # fmt: skip
-            # each entry's own outputs (a rerun in the same folder segments afresh instead of skipping the slide)
-            job = out_dir / f"segment_{i}_{tile}px_{enc.attention}"
+
+    def run(i: int, entry) -> dict:
+        tile, overlap = configure(entry)
+        tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue),
+                                 cover_tissue=True)  # every tissue pixel, as segment_slides tiles  # fmt: skip
+        # each entry's own outputs (a rerun in the same folder segments afresh instead of skipping the slide)
+        job = out_dir / f"segment_{i}_{tile}px_{enc.attention}"
+        shutil.rmtree(job, ignore_errors=True)
+        s = segment_slides(seg, [slide], job, tiling, cfg.embed, options, runtime)
+        if not s["slides_done"]:
+            raise InputError(f"the benchmark slide {slide} could not be segmented: {s['skipped']}")
+        if not b.get("keep_outputs", False):  # a real slide's maps are gigabytes at full size
             shutil.rmtree(job, ignore_errors=True)
-            s = segment_slides(seg, [slide], job, tiling, cfg.embed, options, runtime)
-            if not s["slides_done"]:
-                raise InputError(f"the benchmark slide {slide} could not be segmented: {s['skipped']}")
-            if not b.get("keep_outputs", False):  # a real slide's maps are gigabytes at full size
-                shutil.rmtree(job, ignore_errors=True)
-            runs[i].append(s)
+        return s
+
+    runs = in_rounds({i: functools.partial(run, i, entry) for i, entry in enumerate(b.compare)}, repeats)
     rows = []
-    for entry, entry_runs in zip(b.compare, runs, strict=True):
+    for entry_runs, entry in zip(runs.values(), b.compare, strict=True):
         tile, overlap = configure(entry)
         s = entry_runs[-1]
         seconds_all = [r["seconds"] - r["stage_seconds"].get("startup", 0.0) for r in entry_runs]

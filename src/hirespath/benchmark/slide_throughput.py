@@ -13,12 +13,15 @@ tiles with sparse attention + pruning.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -30,12 +33,14 @@ from ..configs import EmbedConfig, TilingConfig
 from ..embeddings.features import embed_slides, encoder_forward
 from ..models.backbones import build_timm_model, get_backbone
 from ..slides import BACKGROUND, STAGES, Runtime, TileModel
+from ..utils.errors import InputError
 from ..utils.io import atomic_path
 from ..viz.figures import pyplot, save_png
 from ..wsi.tile_readers import SlideTileDataset
 from ..wsi.tissue import tile_grid
 from .costmodel import encoder_cost
 from .measure import configs_from
+from .rounds import in_rounds
 from .spec import BenchConfig, wrap_encoder
 
 log = logging.getLogger("hirespath.benchmark")
@@ -44,7 +49,7 @@ COLUMNS = [
     "backbone", "configuration", "tile_size", "tile_mpp", "attention", "window", "prune_ratio", "prune_layer",
     "device", "precision", "tiles", "tissue_mm2", "seconds_end_to_end", "seconds_encoder", "mm2_per_s_end_to_end",
     "mm2_per_s_encoder", "tflop_per_mm2", "speedup_end_to_end", "speedup_encoder", "speedup_flops",
-    "pipeline_overhead", "reader", "num_workers", "threads", *(f"stage_{s}_s" for s in STAGES + BACKGROUND),
+    "pipeline_overhead", "reader", "num_workers", "threads", "repeats", *(f"stage_{s}_s" for s in STAGES + BACKGROUND),
 ]  # fmt: skip
 
 
@@ -58,6 +63,16 @@ class ThroughputConfig(BenchConfig):
     @property
     def label(self) -> str:
         return f"{self.tile_size} px, {super().label}" + (f" [{self.reader} reader]" if self.reader else "")
+
+
+class _Prepared(NamedTuple):
+    """One configuration of the embedding benchmark, ready to time."""
+
+    cfg: ThroughputConfig
+    encoder: torch.nn.Module
+    grid: object  # wsi.tissue.TileGrid
+    tile_encoder: TileModel
+    images: torch.Tensor | None  # the slide's tiles pre-read into memory (None once the encoder is timed)
 
 
 def embed_configs_from(cfg) -> list[ThroughputConfig]:
@@ -118,31 +133,36 @@ def benchmark_embedding(
     device: str | torch.device | None = None,
     precision: str = "auto",
     seed: int = 0,
+    repeats: int = 1,
     progress: bool = True,
 ) -> list[dict]:
     """One row per configuration (see COLUMNS); speed-ups are relative to the first configuration.
 
     Encoder-only time: the slide's tiles pre-read into memory, encoded with the process's default threads (the
     encoder alone on the machine); end to end: ``embed_slides`` with ``reader``/``num_workers`` readers and its
-    thread policy (``threads``)."""
+    thread policy (``threads``). Each timed ``repeats`` times, the configurations in rounds (one run of each per
+    round); the medians are reported."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InputError(f"slides.repeats={repeats!r}: must be a whole number, at least 1")
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     preset = get_backbone(backbone)
     vit = build_timm_model(preset, weights=weights, **dict(overrides or {})).eval()
-    rows = []
-    for cfg in tqdm(configs, desc="embedding benchmark", disable=not progress):
+    prepared = []
+    for cfg in tqdm(configs, desc="embedding benchmark: reading the tiles", disable=not progress):
         encoder = wrap_encoder(vit, preset, cfg).eval()
         grid = tile_grid(slide, cfg.tile_size, tile_mpp, 0, min_tissue, keep_images=False)
+        tile_encoder = TileModel(encoder, device, precision, batch_size,
+                                 forward=encoder_forward(encoder, "cls", False))  # fmt: skip
+        ds = SlideTileDataset(slide, grid.coords, grid.patch_size_level0, cfg.tile_size, level=grid.read_level)
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        ds.close()
+        _encoder_only_seconds(tile_encoder, images[:batch_size], batch_size)  # warm-up (allocator, kernels)
+        prepared.append(_Prepared(cfg, encoder, grid, tile_encoder, images))
+
+    def end_to_end(cfg: ThroughputConfig, encoder) -> dict:
         job = Path(tempfile.mkdtemp(prefix="hirespath_embed_bench_"))
         try:
-            tile_encoder = TileModel(encoder, device, precision, batch_size,
-                                     forward=encoder_forward(encoder, "cls", False))  # fmt: skip
-            ds = SlideTileDataset(slide, grid.coords, grid.patch_size_level0, cfg.tile_size, level=grid.read_level)
-            images = torch.stack([ds[i]["image"] for i in range(len(ds))])
-            ds.close()
-            _encoder_only_seconds(tile_encoder, images[:batch_size], batch_size)  # warm-up (allocator, kernels)
-            encoder_s = _encoder_only_seconds(tile_encoder, images, batch_size)
-            del images
             tiling = TilingConfig(size=cfg.tile_size, mpp=tile_mpp, overlap=0, min_tissue=min_tissue)
             embed = EmbedConfig(batch_size=batch_size, num_workers=num_workers, reader=cfg.reader or reader,
                                 threads=threads, thumbnails=False)  # fmt: skip
@@ -152,6 +172,22 @@ def benchmark_embedding(
             shutil.rmtree(job, ignore_errors=True)
         if summary["slides_done"] != 1:
             raise RuntimeError(f"{cfg.label}: the benchmark slide was not embedded: {summary['skipped']}")
+        return summary
+
+    # In rounds (rounds.py): the encoder alone on the pre-read tiles, then the slide end to end.
+    with tqdm(total=2 * repeats * len(prepared), desc="embedding benchmark: runs", disable=not progress) as bar:
+        alone = {i: functools.partial(_encoder_only_seconds, p.tile_encoder, p.images, batch_size)
+                 for i, p in enumerate(prepared)}  # fmt: skip
+        encoder_runs = in_rounds(alone, repeats, after_each=lambda: bar.update(1))
+        del alone
+        prepared = [p._replace(images=None) for p in prepared]  # the tiles' memory back before the slide runs
+        slide_runs = {i: functools.partial(end_to_end, p.cfg, p.encoder) for i, p in enumerate(prepared)}
+        e2e_runs = in_rounds(slide_runs, repeats, after_each=lambda: bar.update(1))
+    rows = []
+    for i, (cfg, encoder, grid, _, _) in enumerate(prepared):
+        summaries = sorted(e2e_runs[i], key=lambda summary: summary["seconds"])
+        summary = summaries[(len(summaries) - 1) // 2]  # the median run (the lower one of an even count)
+        encoder_s = statistics.median(encoder_runs[i])
         stages = summary["stage_seconds"]
         tissue = grid.tissue_area_mm2
         cost = encoder_cost(encoder, cfg.tile_size, device=device.type)
@@ -178,6 +214,7 @@ def benchmark_embedding(
                 reader=summary["reader"],
                 num_workers=summary["num_workers"],
                 threads="→".join(map(str, summary["threads"])),
+                repeats=repeats,
                 **{f"stage_{k}_s": stages[k] for k in STAGES + BACKGROUND},
             )  # fmt: skip
         )

@@ -40,7 +40,7 @@ def run_embedding_benchmark(cfg, out_dir: Path) -> dict:
         weights=cfg.backbone.weights, tile_mpp=float(tile.mpp), min_tissue=float(tile.min_tissue),
         batch_size=int(embed.batch_size), num_workers=embed.num_workers, reader=str(embed.reader),
         threads=embed.threads, device=device, precision=str(s.precision),
-        seed=int(cfg.seed),
+        seed=int(cfg.seed), repeats=s.get("repeats", 1),
     )  # fmt: skip
     write_embedding_csv(rows, out_dir / "embedding_benchmark.csv")
     plot_embedding(rows, out_dir / "embedding_benchmark.png")
