@@ -81,14 +81,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(encoder: HiResEncoder, images: torch.Tensor, dtype: str, warmup: int, repeats: int) -> float:
-    """Median seconds of one forward of ``images`` (warm-up excluded)."""
-    seconds = time_interleaved({0: encoder}, images, dtype, warmup, repeats)[0]
-    if isinstance(seconds, BaseException):
-        raise seconds
-    return seconds
-
-
 def time_interleaved(
     encoders: dict[K, HiResEncoder],
     images: torch.Tensor,
