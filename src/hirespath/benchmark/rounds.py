@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from ..utils.errors import InputError
+
 K = TypeVar("K")
 T = TypeVar("T")
 
@@ -38,3 +40,10 @@ def in_rounds(
                 if after_each is not None:
                     after_each()
     return results
+
+
+def check_repeats(value, key: str) -> int:
+    """``value`` of the config key ``key`` as a number of rounds: a whole number, at least 1 (InputError naming it)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{key}={value!r}: must be a whole number, at least 1")
+    return value

@@ -36,7 +36,7 @@ from ..utils.errors import InputError
 from ..utils.io import atomic_path
 from .measure import device_name
 from .plots import plot_segmentation
-from .rounds import in_rounds
+from .rounds import check_repeats, in_rounds
 
 log = logging.getLogger("hirespath.segmentation")
 
@@ -68,9 +68,7 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
         if unknown:
             raise InputError(f"segment_bench.compare entry {dict(entry)}: unknown keys {sorted(unknown)}; "
                              f"valid: {', '.join(ENTRY_KEYS)}")  # fmt: skip
-    repeats = b.get("repeats", 1)
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise InputError(f"segment_bench.repeats={repeats!r}: must be a whole number, at least 1")
+    repeats = check_repeats(b.get("repeats", 1), "segment_bench.repeats")
     seg = load_segmentation(b.ckpt) if b.ckpt else random_segmentation(cfg)
     mpp = float(cfg.tile.mpp) if b.get("tile_mpp") is None else float(b.tile_mpp)
     slide = Path(b.wsi) if b.wsi else synthetic_slide(out_dir / "benchmark_slide.tiff", int(b.synthetic_side), mpp)

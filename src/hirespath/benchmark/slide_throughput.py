@@ -33,14 +33,13 @@ from ..configs import EmbedConfig, TilingConfig
 from ..embeddings.features import embed_slides, encoder_forward
 from ..models.backbones import build_timm_model, get_backbone
 from ..slides import BACKGROUND, STAGES, Runtime, TileModel
-from ..utils.errors import InputError
 from ..utils.io import atomic_path
 from ..viz.figures import pyplot, save_png
 from ..wsi.tile_readers import SlideTileDataset
 from ..wsi.tissue import tile_grid
 from .costmodel import encoder_cost
 from .measure import configs_from
-from .rounds import in_rounds
+from .rounds import check_repeats, in_rounds
 from .spec import BenchConfig, wrap_encoder
 
 log = logging.getLogger("hirespath.benchmark")
@@ -142,8 +141,7 @@ def benchmark_embedding(
     encoder alone on the machine); end to end: ``embed_slides`` with ``reader``/``num_workers`` readers and its
     thread policy (``threads``). Each timed ``repeats`` times, the configurations in rounds (one run of each per
     round); the medians are reported."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise InputError(f"slides.repeats={repeats!r}: must be a whole number, at least 1")
+    check_repeats(repeats, "slides.repeats")
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     preset = get_backbone(backbone)
