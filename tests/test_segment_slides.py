@@ -18,7 +18,7 @@ from conftest import compose_task
 from omegaconf import OmegaConf
 from PIL import Image
 
-from hirespath.configs import EmbedConfig, validate_config
+from hirespath.configs import ConfigValidationError, EmbedConfig, validate_config
 from hirespath.data.panda_synthetic import write_pyramid
 from hirespath.data.segpath import CELL_TYPES
 from hirespath.heads.mask2former import SegmentationModel
@@ -195,11 +195,18 @@ def test_polygons_have_the_masks_pixel_areas_and_are_clipped_to_the_tissue(done,
 def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
     """Where one tile alone covers the slide (its centre, beyond the overlap) the map is the module's prediction of
     that tile as one forward, with the same placement (SegmentationModel.semantic_probs, as `segment` evaluates)."""
+    worst, compared = centre_error(done, load_segmentation(ckpt), wsi)
+    assert compared >= 6
+    assert worst <= 0.6 / 255 + 1e-3  # uint8 rounding and the fp16 hand-over
+
+
+def centre_error(done, seg, wsi) -> tuple[float, int]:
+    """The largest difference between the stitched map of ``done`` (job folder, summary) and ``seg``'s own forward
+    of each tile, over the tiles' centres (where one tile alone covers the slide), and how many were compared."""
     job, summary = done
     out = Path(summary["output_dir"])
     probs = read_probs(out / "s0_probs.tif").astype(np.float32) / 255
     attrs, coords = read_coords(job / "10x_112px_28px_overlap" / "patches_cover_tissue" / "s0_patches.h5")
-    seg = load_segmentation(ckpt)
     ds = SlideTileDataset(wsi / "s0.tiff", coords, int(attrs["patch_size_level0"]), 112)
     scale = 112 / int(attrs["patch_size_level0"])
     worst, compared = 0.0, 0
@@ -216,8 +223,52 @@ def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
                 worst, float(np.abs(centre - own[:, 28 : 28 + centre.shape[1], 28 : 28 + centre.shape[2]]).max())
             )
     ds.close()
-    assert compared >= 6
-    assert worst <= 0.6 / 255 + 1e-3  # uint8 rounding and the fp16 hand-over
+    return worst, compared
+
+
+def test_attention_is_the_trained_one_unless_asked_and_another_gets_its_own_folder(done, ckpt, wsi, tmp_path,
+                                                                                   caplog):  # fmt: skip
+    """attention.* of segment_slides: null keeps the trained attention (sparse w=4: at 112 px tiles, 8 × 8 patches,
+    one window's neighbourhood is the whole grid); window 1 makes it sparse there (a map of its own, equal to the
+    model's own forward with window 1 and not to the trained one's, under the tag _sparse-w1, warned about); dense
+    equals the trained map; bad values are refused before any slide is read."""
+    from hirespath.tasks.segment_slides import run_segment_slides
+
+    assert load_segmentation(ckpt).attention == {"mode": "sparse", "window": 4, "radius": 1, "sparse_backend": "auto"}
+    base = [f"ckpt={ckpt}", f"wsi_dir={wsi}", "tile.size=112", "tile.overlap=28", "tile.mpp=1.0",
+            "embed.num_workers=0", "embed.batch_size=4", f"segment.threshold={THRESHOLD}", "segment.min_area_um2=0",
+            "segment.seam_check_share=1.0"]  # fmt: skip
+
+    def task(job, *extra):
+        cfg = compose_task("segment_slides", [*base, f"job_dir={job}", *extra], tmp_path / "run")
+        validate_config(cfg, "segment_slides")
+        return run_segment_slides(cfg)
+
+    trained = read_probs(Path(done[1]["output_dir"]) / "s0_probs.tif")
+    with caplog.at_level("WARNING", logger="hirespath.segmentation"):
+        same = task(done[0], "attention.mode=sparse", "attention.window=4")  # as trained: the finished folder
+        assert same["output_dir"] == done[1]["output_dir"] and same["slides_already_finished"] == 1
+        assert "trained with" not in caplog.text
+        w1 = task(tmp_path / "job", "attention.window=1")
+    assert "attention sparse, window 1, radius 1 but the model was trained with sparse, window 4" in caplog.text
+    assert Path(w1["output_dir"]).name == Path(done[1]["output_dir"]).name + "_sparse-w1"
+    assert w1["attention"]["window"] == 1 and w1["slides_done"] == 1
+    seg = load_segmentation(ckpt)
+    seg.use_attention(window=1, warn=False)
+    worst, compared = centre_error((tmp_path / "job", w1), seg, wsi)  # the model's own forward with window 1
+    assert compared >= 6 and worst <= 0.6 / 255 + 1e-3
+    seg.use_attention(warn=False)  # back to the trained window: not the map window 1 gave
+    assert centre_error((tmp_path / "job", w1), seg, wsi)[0] > 2 * (0.6 / 255 + 1e-3)
+    dense = task(tmp_path / "job", "attention.mode=dense")
+    assert Path(dense["output_dir"]).name.endswith("_dense")
+    assert np.abs(read_probs(Path(dense["output_dir"]) / "s0_probs.tif").astype(int) - trained).max() <= 1
+    for bad, message in (("attention.mode=global", r"attention.mode='global'.*dense.*eager.*sparse"),
+                         ("attention.window=0", r"attention.window=0.*integer >= 1")):  # fmt: skip
+        with pytest.raises(ConfigValidationError, match=message):
+            task(tmp_path / "bad", bad)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(InputError, match=r"attention.radius=-1: radius must be an integer >= 0"):
+        seg.use_attention(radius=-1)  # the Python API checks too
 
 
 def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):

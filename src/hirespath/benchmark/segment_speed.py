@@ -81,8 +81,8 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
     enc = seg.model.encoder
 
     def configure(entry) -> tuple[int, int]:
-        enc.attention = str(entry.get("attention", enc.attention))
-        enc.window = int(entry.get("window", enc.window))
+        # as segment_slides' attention.* (each entry its own output folder); the entries differ on purpose: no warning
+        seg.use_attention(mode=entry.get("attention"), window=entry.get("window"), warn=False)
         return int(entry["tile_size"]), int(entry.get("overlap", 0))
 
     # seam_check=true: the check runs on the benchmark slide whatever its tile count (share 1)
@@ -118,7 +118,7 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
         seams = {} if region is None else seam_measure(seg.model, seg.class_index, seg.classes, region, tile, overlap,
                                                        float(b.threshold))  # fmt: skip
         rows.append({
-            "model": seg.tag, "device": device_name(s["device"]),
+            "model": seg.trained_tag, "device": device_name(s["device"]),
             "tile_size": tile, "overlap": overlap, "attention": enc.attention, "window": enc.window,
             "tiles": s["tiles"], "tissue_mm2": s["tissue_mm2"], "seconds": seconds,
             "mm2_per_s": s["tissue_mm2"] / seconds, "encode_s": encode_s,
@@ -155,7 +155,7 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             *[c for c in rows[0] if c.startswith("seam_dice_") and c != "seam_dice_per_class"],
         ]
     ]
-    log.info("whole-slide segmentation of %s (model %s):\n%s", slide, seg.tag, table.to_string(index=False))
+    log.info("whole-slide segmentation of %s (model %s):\n%s", slide, seg.trained_tag, table.to_string(index=False))
     return {"csv": str(path), "plot": str(png), "rows": rows, "summary": table.to_string(index=False),
             "tables": [str(path)], "plots": [str(png)]}  # fmt: skip
 

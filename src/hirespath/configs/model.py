@@ -78,8 +78,9 @@ def check_backbone(cfg: DictConfig, problems: Problems) -> Geometry:
     return Geometry(name, patch, depth)
 
 
-def check_attention(cfg: DictConfig, problems: Problems) -> None:
-    """The ``attention`` group through ``models.attention``'s checkers (the ones ``create_encoder`` runs)."""
+def check_attention(cfg: DictConfig, problems: Problems, as_trained: bool = False) -> None:
+    """The ``attention`` group through ``models.attention``'s checkers (the ones ``create_encoder`` runs).
+    ``as_trained``: every key may be null (segment_slides: the trained model's value)."""
     if "attention" not in cfg:
         return
     from ..models.attention import check_attention_mode, check_radius, check_sparse_backend, check_window
@@ -91,7 +92,7 @@ def check_attention(cfg: DictConfig, problems: Problems) -> None:
         ("sparse_backend", check_sparse_backend),
     ):
         value = select(cfg, f"attention.{key}")
-        if value is not None or key == "mode":
+        if value is not None or (key == "mode" and not as_trained):
             problems.check(f"attention.{key}", value, checker, value)
 
 

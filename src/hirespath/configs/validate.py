@@ -52,7 +52,7 @@ def validate_config(cfg: DictConfig, task: str | None = None) -> None:
             problems.add(f"{old}={value!r}: renamed to {new}; use {new}={value}")
 
     geometry = check_backbone(cfg, problems)
-    check_attention(cfg, problems)
+    check_attention(cfg, problems, as_trained=task == "segment_slides")
     check_pruner(cfg, geometry, problems)
     _check_resolutions(cfg, geometry, problems)
     check_tile(cfg, geometry, problems)

@@ -39,7 +39,7 @@ from ..utils.checkpoints import file_digest
 from ..utils.errors import InputError
 from ..wsi import qupath
 from ..wsi.listing import SlideSpec
-from .model import SegmentationCheckpoint, tile_probabilities
+from .model import SegmentationCheckpoint, attention_tag, tile_probabilities
 from .polygons import mask_polygons, masks_polygons
 from .probs_tiff import MapLevel, pyramid, pyramid_shapes, read_description, write_probs_tiff
 from .stitch import BLENDS, ProbabilityStitcher, blend_weights, to_uint8
@@ -617,12 +617,13 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
         "model": consumer.tag, "run": seg.run_dir.name, "checkpoint": seg.ckpt.name,
         "checkpoint_bytes": seg.ckpt.stat().st_size if seg.ckpt.is_file() else None,
         "checkpoint_digest": file_digest(seg.ckpt) if seg.ckpt.is_file() else None,  # retrained under one name
-        "classes": list(seg.classes), "model_mpp": seg.mpp, "blend": options.blend, **options.drawing(),
+        "classes": list(seg.classes), "model_mpp": seg.mpp, "attention": attention_tag(seg.attention),
+        "blend": options.blend, **options.drawing(),
     }  # fmt: skip
     _record_old_drawing(job.tiling_dir / consumer.folder, options)
     summary = run_slides(slides, job, consumer, runtime)
     summary.update(model=consumer.tag, precision=tile_fn.precision, tile_mpp=mpp, model_mpp=seg.mpp,
-                   classes=list(seg.classes))  # fmt: skip
+                   classes=list(seg.classes), attention=seg.attention)  # fmt: skip
     return summary
 
 

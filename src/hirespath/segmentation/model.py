@@ -45,11 +45,67 @@ class SegmentationCheckpoint:
     class_index: list[int]  # their indices in the model's num_classes outputs
     mpp: float  # µm/px of the images it was trained on
     resolution: int
-    tag: str  # default model tag: <run name>_<run folder>_<checkpoint stem>
+    tag: str  # default model tag: <run name>_<run folder>_<checkpoint stem>[_<attention, when not as trained>]
+    trained_tag: str | None = None  # the tag as loaded (None: ``tag``)
+    trained_attention: dict | None = None  # the encoder's attention as trained (None: the model's as loaded)
+
+    def __post_init__(self) -> None:
+        self.trained_tag = self.trained_tag or self.tag
+        self.trained_attention = self.trained_attention or self.attention
 
     @property
     def patch_size(self) -> int:
         return int(self.model.encoder.patch_size)
+
+    @property
+    def attention(self) -> dict:
+        """The encoder's attention now: ``mode``, ``window``, ``radius``, ``sparse_backend`` (the attention group)."""
+        enc = self.model.encoder
+        return {"mode": enc.attention, "window": enc.window, "radius": enc.radius, "sparse_backend": enc.sparse_backend}
+
+    def use_attention(self, mode=None, window=None, radius=None, sparse_backend=None, warn: bool = True) -> None:
+        """Run the encoder with another attention than it was trained with (None: the trained value, for each).
+
+        The weights do not depend on it, so any mode fits the model (at 1,792 px dense attention is one 16k-token
+        SDPA, sparse a window's neighbourhood). A result-changing difference (mode, or window / radius when sparse)
+        is warned about, as a different ``tile.mpp`` is, and named in ``tag``: its outputs get their own folder;
+        ``sparse_backend`` only picks the kernel (same outputs to float rounding)."""
+        from ..models.attention import check_attention_mode, check_radius, check_sparse_backend, check_window
+
+        asked = {"mode": mode, "window": window, "radius": radius, "sparse_backend": sparse_backend}
+        for key, check in (("mode", check_attention_mode), ("window", check_window), ("radius", check_radius),
+                           ("sparse_backend", check_sparse_backend)):  # fmt: skip
+            if asked[key] is not None:
+                try:
+                    check(asked[key])
+                except (TypeError, ValueError) as err:
+                    raise InputError(f"attention.{key}={asked[key]!r}: {err}") from err
+        new = {k: self.trained_attention[k] if v is None else v for k, v in asked.items()}
+        enc = self.model.encoder
+        enc.attention, enc.window, enc.radius, enc.sparse_backend = (
+            str(new["mode"]), int(new["window"]), int(new["radius"]), str(new["sparse_backend"]),
+        )  # fmt: skip
+        suffix = attention_tag(new) if attention_tag(new) != attention_tag(self.trained_attention) else ""
+        self.tag = f"{self.trained_tag}_{suffix}" if suffix else self.trained_tag
+        if suffix and warn:
+            log.warning("attention %s but the model was trained with %s (%s): its patch tokens see another context "
+                        "than in training; outputs under the model tag %s", describe_attention(new),
+                        describe_attention(self.trained_attention), self.ckpt.name, self.tag)  # fmt: skip
+
+
+def attention_tag(attention: dict) -> str:
+    """What of an attention changes the outputs, for a folder name: ``dense`` (eager too: the same attention),
+    ``sparse-w8``, ``sparse-w8-radius2``."""
+    if attention["mode"] != "sparse":
+        return "dense"
+    radius = int(attention["radius"])
+    return f"sparse-w{int(attention['window'])}" + (f"-radius{radius}" if radius != 1 else "")
+
+
+def describe_attention(attention: dict) -> str:
+    if attention["mode"] != "sparse":
+        return f"{attention['mode']} (every patch sees every patch)"
+    return f"sparse, window {attention['window']}, radius {attention['radius']}"
 
 
 def resolve_checkpoint(ckpt) -> Path:

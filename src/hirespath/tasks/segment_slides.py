@@ -5,8 +5,9 @@ overlay and areas.
         tile.overlap=256 trainer=gpu
 
 The model (backbone, attention, adapter, head, classes, the mpp it was trained at) is rebuilt from the checkpoint
-and its run's ``.hydra/config.yaml``; ``tile.mpp`` defaults to that mpp. Reading options come from the ``embed``
-node (batch_size, num_workers, reader, threads, lock_stale_hours, overwrite), the rest from ``segment``.
+and its run's ``.hydra/config.yaml``; ``tile.mpp`` defaults to that mpp and ``attention.*`` to the trained attention.
+Reading options come from the ``embed`` node (batch_size, num_workers, reader, threads, lock_stale_hours,
+overwrite), the rest from ``segment``.
 ``trainer=ddp`` (or ``trainer.devices=N``) runs one process per device with the slides spread over the ranks; several
 jobs can also share one ``job_dir`` (per-slide locks): a SLURM array or joblib over the same folder.
 """
@@ -36,6 +37,7 @@ def run_segment_slides(cfg: DictConfig) -> dict:
         raise InputError("segment_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
     runtime = Runtime.from_trainer(cfg.trainer, count_startup=True)  # a bad precision is refused before any work
     seg = load_segmentation(cfg.ckpt)  # a wrong or missing checkpoint is refused before any slide is listed
+    seg.use_attention(**OmegaConf.to_container(cfg.attention, resolve=True))  # null: as trained
     given = OmegaConf.to_container(cfg.segment, resolve=True)
     fields = [f.name for f in dataclasses.fields(SegmentOptions)]
     if unknown := sorted(set(given) - set(fields)):
