@@ -133,6 +133,29 @@ def test_adapter_refuses_pruning_and_splits_groups():
         interaction_groups(3)
 
 
+def test_building_the_head_logs_no_backbone_warning():
+    """The Mask2Former config's throw-away ResNet made transformers log, at every model build (every segment and
+    segment_slides run), that the backbone "may not be compatible with Mask2Former": not the user's concern."""
+    import logging
+
+    from transformers import Mask2FormerConfig, ResNetConfig
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    transformers_logger = logging.getLogger("transformers")  # transformers' own handlers hold an earlier stderr
+    transformers_logger.addHandler(handler)
+    try:
+        logging.Logger.warning_once.cache_clear()  # transformers logs each message once per process
+        _model()
+        assert not [m for m in said if "not a supported model" in m]
+        logging.Logger.warning_once.cache_clear()
+        Mask2FormerConfig(backbone_config=ResNetConfig())  # what the head builds, without the quieting: it logs
+        assert [m for m in said if "Backbone resnet is not a supported model" in m]
+    finally:
+        transformers_logger.removeHandler(handler)
+
+
 def test_mask2former_forward_loss_backward():
     model = _model()
     x = torch.randn(2, 3, 112, 112)

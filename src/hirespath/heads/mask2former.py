@@ -15,6 +15,7 @@ sampled points whose neighbourhood is labelled only; without ignore pixels every
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 from types import SimpleNamespace
@@ -228,32 +229,39 @@ class SegmentationModel(nn.Module):
     ):
         super().__init__()
         self.name = name  # the head's label (conf/head/mask2former.yaml builds it with hydra.utils.instantiate)
-        config = Mask2FormerConfig(
-            # a throw-away tiny ResNet satisfies the config; the backbone slot is replaced right below
-            backbone_config=ResNetConfig(
-                embedding_size=8,
-                hidden_sizes=[8, 8, 8, 8],
-                depths=[1, 1, 1, 1],
-                out_features=["stage1", "stage2", "stage3", "stage4"],
-            ),
-            num_labels=num_classes,
-            num_queries=num_queries,
-            hidden_dim=hidden_dim,
-            feature_size=hidden_dim,
-            mask_feature_size=hidden_dim,
-            decoder_layers=decoder_layers,
-            encoder_layers=pixel_decoder_layers,
-            class_weight=class_weight,
-            mask_weight=mask_weight,
-            dice_weight=dice_weight,
-            train_num_points=train_num_points,
-            oversample_ratio=oversample_ratio,
-            importance_sample_ratio=importance_sample_ratio,
-            no_object_weight=no_object_weight,
-            use_auxiliary_loss=True,
-            num_attention_heads=8,
-            dim_feedforward=4 * hidden_dim,
-        )
+        # A throw-away tiny ResNet satisfies the config (the backbone slot is replaced right below); transformers
+        # logs that a ResNet "may not be compatible with Mask2Former" at every build: not ours to heed.
+        quiet = logging.getLogger("transformers.models.mask2former.configuration_mask2former")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            config = Mask2FormerConfig(
+                backbone_config=ResNetConfig(
+                    embedding_size=8,
+                    hidden_sizes=[8, 8, 8, 8],
+                    depths=[1, 1, 1, 1],
+                    out_features=["stage1", "stage2", "stage3", "stage4"],
+                ),
+                num_labels=num_classes,
+                num_queries=num_queries,
+                hidden_dim=hidden_dim,
+                feature_size=hidden_dim,
+                mask_feature_size=hidden_dim,
+                decoder_layers=decoder_layers,
+                encoder_layers=pixel_decoder_layers,
+                class_weight=class_weight,
+                mask_weight=mask_weight,
+                dice_weight=dice_weight,
+                train_num_points=train_num_points,
+                oversample_ratio=oversample_ratio,
+                importance_sample_ratio=importance_sample_ratio,
+                no_object_weight=no_object_weight,
+                use_auxiliary_loss=True,
+                num_attention_heads=8,
+                dim_feedforward=4 * hidden_dim,
+            )
+        finally:
+            quiet.setLevel(level)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers' deformable attention prefers power-of-2 head dims
             self.adapter = ViTAdapter(encoder, **dict(adapter or {}))
