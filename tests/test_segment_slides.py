@@ -589,6 +589,38 @@ def test_the_overlay_shows_each_class_alone_where_classes_overlap(tmp_path):
         assert min(Image.open(path).size) > 300  # the classes below a wide slide, beside a tall one
 
 
+def test_overlay_pictures_are_made_at_the_size_they_are_shown(tmp_path, monkeypatch):
+    """A 2,048 px thumbnail is shown at a fraction of its size: the pictures are blended at the shown size from the
+    area-averaged thumbnail and coverage, equal to shrinking the full-size pictures (where the coverage is constant
+    over each averaged block, exactly), and the coverage keeps its area."""
+    import hirespath.viz.segmentation as viz
+    from hirespath.segmentation.consumer import class_colors
+
+    rng = np.random.default_rng(0)
+    thumbnail = rng.integers(120, 240, (400, 600, 3), dtype=np.uint8)
+    square = np.zeros((400, 600), np.float32)
+    square[40:200, 100:360] = 1  # corners on multiples of 4: constant over the 2 × 2 and 4 × 4 blocks
+    colors = class_colors(["panCK_Epithelium", "CD45RB_Leukocyte"])
+    full = viz.overlay_pictures(thumbnail, [square, 0.5 * square], colors)
+    shown = viz.overlay_pictures(thumbnail, [square, 0.5 * square], colors, ((300, 200), (150, 100)))
+    assert [p.shape for p in shown] == [(200, 300, 3), (100, 150, 3), (100, 150, 3)]
+    for big, small, size in zip(full, shown, [(300, 200), (150, 100), (150, 100)]):
+        np.testing.assert_allclose(small, viz.shrink(big, size), atol=1e-5)
+    assert viz.shrink(square, (150, 100)).sum() * 16 == pytest.approx(square.sum())
+
+    asked = []
+    made = viz.overlay_pictures
+    monkeypatch.setattr(viz, "overlay_pictures", lambda *a: asked.append(a[3]) or made(*a))
+    big_thumbnail = rng.integers(120, 240, (1500, 2048, 3), dtype=np.uint8)
+    cover = np.zeros((1500, 2048), np.float32)
+    classes = list(CELL_TYPES)
+    path = viz.save_overlay(tmp_path / "o.png", big_thumbnail, [cover] * 8, classes, class_colors(classes), "t",
+                            [0.0] * 8)  # fmt: skip
+    (bw, bh), (sw, sh) = asked[0]
+    assert 600 < bw < 1000 and sw < bw / 3 and abs(bw / bh - 2048 / 1500) < 0.01 and abs(sw / sh - 2048 / 1500) < 0.02
+    assert Image.open(path).size[0] >= bw  # shown at (about) one picture pixel per figure pixel
+
+
 def test_polygon_coverage_keeps_areas_holes_and_cells_smaller_than_a_pixel():
     from hirespath.viz.segmentation import polygon_coverage
 

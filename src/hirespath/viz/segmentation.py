@@ -105,16 +105,41 @@ def tinted(picture: np.ndarray, coverage: list[np.ndarray], colors: list, alpha:
     return picture
 
 
-def overlay_pictures(thumbnail: np.ndarray, coverage: list[np.ndarray], colors: list) -> list[np.ndarray]:
+def overlay_pictures(thumbnail: np.ndarray, coverage: list[np.ndarray], colors: list,
+                     sizes: tuple[tuple[int, int], tuple[int, int]] | None = None) -> list[np.ndarray]:  # fmt: skip
     """The pictures of the overlay (h×w×3 float in [0, 1]): every class over the thumbnail, then, for more than
     one class, each class alone over a faded grey thumbnail. SegPath's cell types overlap (lymphocytes, plasma
-    cells and myeloid cells are leukocytes too): in one picture the classes drawn last hide the others."""
-    img = thumbnail.astype(np.float32) / 255
-    pictures = [tinted(img, coverage, colors, 0.55)]
+    cells and myeloid cells are leukocytes too): in one picture the classes drawn last hide the others.
+
+    ``sizes``: ``(w, h)`` of the first picture and of the others, at most the thumbnail's; the thumbnail and the
+    coverage are area-averaged to them first (a coverage keeps its area) — None: the thumbnail's size."""
+    full = thumbnail.shape[1::-1]
+    big, small = sizes or (full, full)
+    img = shrink(thumbnail.astype(np.float32) / 255, big)
+    pictures = [tinted(img, [shrink(c, big) for c in coverage], colors, 0.55)]
     if len(coverage) > 1:
+        img = shrink(thumbnail.astype(np.float32) / 255, small)
         faded = np.repeat(0.35 + 0.5 * img.mean(-1, keepdims=True), 3, axis=-1)
-        pictures += [tinted(faded, [cov], [col], 0.8) for cov, col in zip(coverage, colors)]
+        pictures += [tinted(faded, [shrink(cov, small)], [col], 0.8) for cov, col in zip(coverage, colors)]
     return pictures
+
+
+def shrink(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``picture`` area-averaged to ``size`` (w, h); as it is when it has that size already."""
+    import cv2
+
+    if picture.shape[1::-1] == tuple(size):
+        return picture
+    return cv2.resize(picture, tuple(size), interpolation=cv2.INTER_AREA)
+
+
+def shown_size(ax, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The pixels (w, h) an image of ``image_size`` fills in ``ax`` at the figure's dpi (its aspect kept), never
+    more than its own."""
+    box = ax.get_window_extent()
+    w, h = image_size
+    scale = min(1.0, box.width / w, box.height / h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray], classes: list[str], colors: list,
@@ -125,10 +150,9 @@ def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray], 
     from matplotlib.patches import Patch
 
     plt = pyplot()
-    pictures = overlay_pictures(thumbnail, coverage, colors)
     h, w = thumbnail.shape[:2]
     big_w, big_h = 8 * w / max(h, w), 8 * h / max(h, w)  # inches
-    n = len(pictures) - 1
+    n = len(coverage) if len(coverage) > 1 else 0
     k = max(1, math.ceil(n / 2))  # the small pictures: 2 × k, together as long as the big one's side
     slots = [f"c{i}" if i < n else "." for i in range(2 * k)]
     if not n:
@@ -142,9 +166,8 @@ def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray], 
     fig, axes = plt.subplot_mosaic(layout, figsize=(size[0] + 0.4, size[1] + 0.9), dpi=110, **ratios)
     for name, ax in axes.items():
         ax.set_axis_off()
-        i = None if name == "all" else int(name[1:])
-        ax.imshow(pictures[0 if i is None else i + 1], interpolation="antialiased")
-        if i is not None:
+        if name != "all":
+            i = int(name[1:])
             ax.set_title(f"{classes[i]}\n{areas_mm2[i]:.3g} mm²", fontsize=7, pad=2)
     fig.suptitle(title, fontsize=9)
     handles = [
@@ -152,4 +175,11 @@ def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray], 
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(4, max(1, len(handles))), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.03 + 0.025 * math.ceil(len(handles) / 4), 1, 0.97), h_pad=0.6, w_pad=0.4)
+    # The pictures are made at the pixels they are shown with: blended at the thumbnail's size (up to 2,048 px, nine
+    # pictures) and shrunk by matplotlib, one slide's overlay took 3-5 s, on the thread that closes the slides.
+    big = shown_size(axes["all"], (w, h))
+    small = shown_size(axes["c0"], (w, h)) if n else big
+    pictures = overlay_pictures(thumbnail, coverage, colors, (big, small))
+    for name, ax in axes.items():
+        ax.imshow(pictures[0 if name == "all" else int(name[1:]) + 1], interpolation="antialiased")
     return save_png(fig, path, dpi="figure", bbox_inches="tight")
