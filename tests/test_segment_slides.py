@@ -551,11 +551,13 @@ def test_the_overlay_shows_the_area_the_polygons_hold(ckpt, wsi, tmp_path, monke
 
     monkeypatch.setattr(overlay, "save_overlay", capture)
     summary = run(ckpt, wsi, tmp_path / "job", seam_check=False)
-    h, w = seen["thumbnail"].shape[:2]
-    px_mm2 = (700 / w) * (500 / h) * 0.5**2 / 1e6  # the thumbnail shows the whole 700 × 500 px slide at 0.5 µm/px
-    drawn = [float(c.sum()) * px_mm2 for c in seen["coverage"]]
-    assert all(c.shape == (h, w) and 0 <= c.min() and c.max() <= 1 for c in seen["coverage"])
-    assert drawn == pytest.approx(seen["areas"], rel=0.03, abs=4 * px_mm2)
+    th, tw = seen["thumbnail"].shape[:2]
+    for w, h in ((tw, th), (tw // 2, th // 2)):  # the coverage at the size the picture is shown with: any size
+        px_mm2 = (700 / w) * (500 / h) * 0.5**2 / 1e6  # the picture shows the whole 700 × 500 px slide at 0.5 µm/px
+        coverage = seen["coverage"]((w, h))
+        drawn = [float(c.sum()) * px_mm2 for c in coverage]
+        assert all(c.shape == (h, w) and 0 <= c.min() and c.max() <= 1 for c in coverage)
+        assert drawn == pytest.approx(seen["areas"], rel=0.03, abs=4 * px_mm2)
     assert seen["areas"] == [summary["done"][0]["areas_mm2"][n] for n in CELL_TYPES] and max(drawn) > 0
 
 

@@ -539,9 +539,12 @@ class SegmentationConsumer:
             from ..viz.segmentation import polygon_coverage, save_overlay
 
             thumbnail, bounds = _map_part(grid, MapGeometry.of(grid, prepared.qupath_region))  # QuPath's image
-            h, w = thumbnail.shape[:2]
-            # each class as much as its polygons cover a pixel: cells smaller than a pixel of the picture show
-            coverage = [polygon_coverage(g, (w, h), bounds) for g in geoms]
+
+            # each class as much as its polygons cover a pixel: cells smaller than a pixel of the picture show;
+            # filled at the size the picture is shown with
+            def coverage(size: tuple[int, int]) -> list[np.ndarray]:
+                return [polygon_coverage(g, size, bounds) for g in geoms]
+
             colors = class_colors(self.classes)
             title = (f"{spec.slide_id}: {self.tag}, {grid.tile_size} px tiles at {grid.tile_mpp:g} µm/px, "
                      f"overlap {grid.overlap} px ({self.options.blend})")  # fmt: skip

@@ -5,6 +5,7 @@ each class as much as its polygons cover each pixel, each class alone beside all
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,17 +143,18 @@ def shown_size(ax, image_size: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray], classes: list[str], colors: list,
-                 title: str, areas_mm2: list[float]) -> Path:  # fmt: skip
+def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray] | Callable[..., list[np.ndarray]],
+                 classes: list[str], colors: list, title: str, areas_mm2: list[float]) -> Path:  # fmt: skip
     """The thumbnail with every class in its colour, as much as its polygons cover each pixel (``coverage``: h×w
-    in [0, 1] per class, :func:`polygon_coverage`), each class alone in a small picture beside it (below it for a
-    wide slide), and a legend with the classes' areas."""
+    in [0, 1] per class, :func:`polygon_coverage`; or a function of a picture's ``(w, h)`` giving them at that size,
+    called once, at the size the thumbnail is shown with), each class alone in a small picture beside it (below it
+    for a wide slide), and a legend with the classes' areas."""
     from matplotlib.patches import Patch
 
     plt = pyplot()
     h, w = thumbnail.shape[:2]
     big_w, big_h = 8 * w / max(h, w), 8 * h / max(h, w)  # inches
-    n = len(coverage) if len(coverage) > 1 else 0
+    n = len(classes) if len(classes) > 1 else 0
     k = max(1, math.ceil(n / 2))  # the small pictures: 2 × k, together as long as the big one's side
     slots = [f"c{i}" if i < n else "." for i in range(2 * k)]
     if not n:
@@ -179,6 +181,8 @@ def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray], 
     # pictures) and shrunk by matplotlib, one slide's overlay took 3-5 s, on the thread that closes the slides.
     big = shown_size(axes["all"], (w, h))
     small = shown_size(axes["c0"], (w, h)) if n else big
+    if callable(coverage):  # drawn at the size shown: filling polygons at the thumbnail's is most of the work
+        coverage, thumbnail = coverage(big), shrink(thumbnail, big)
     pictures = overlay_pictures(thumbnail, coverage, colors, (big, small))
     for name, ax in axes.items():
         ax.imshow(pictures[0 if name == "all" else int(name[1:]) + 1], interpolation="antialiased")
