@@ -88,3 +88,51 @@ def test_a_grid_launched_without_m_is_refused():
     _check_grid(["experiment=table2"], mode="MULTIRUN")
     _check_grid(["experiment=table2", "pruner.prune_ratio=0.5", "head=knn"])  # one point, on purpose
     _check_grid([])  # no grid
+
+
+def _script_benchmark_commands(script: Path) -> list[list[str]]:
+    """The overrides of every ``tasks/benchmark.py`` run in a GPU script (a ``step NAME SECONDS FROM TO ARGS...``
+    line or a direct call), continuation lines joined and the scripts' ``SEG`` command variables expanded."""
+    import shlex
+
+    text = script.read_text().replace("\\\n", " ")
+    arrays = dict(re.findall(r"^(\w+)=\((.*)\)$", text, flags=re.M))
+    strings = dict(re.findall(r'^(\w+)="(.*)"$', text, flags=re.M))
+    commands = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or re.match(r"^\w+=", line) or '"$@"' in line:
+            continue  # comments, variables' definitions, the step function's own call
+        for name, body in arrays.items():
+            line = line.replace(f'"${{{name}[@]}}"', body)
+        for name, body in strings.items():
+            line = line.replace(f"${name} ", body + " ")
+        if line.startswith("step "):
+            args = shlex.split(line)[5:]
+        elif "tasks/benchmark.py" in line:
+            args = shlex.split(line.split("tasks/benchmark.py", 1)[1])
+        else:
+            continue
+        commands.append([a for a in args if "=" in a and not a.startswith((">", "2>"))])
+    return commands
+
+
+GPU_SCRIPTS = {"gpu_both_issues.sh": 4, "h200_run.sh": 3, "h200_run2.sh": 3}  # benchmark runs in each
+
+
+@pytest.mark.parametrize("script", sorted(GPU_SCRIPTS))
+def test_the_gpu_scripts_benchmark_runs_compose(script):
+    """A lent GPU gives 15 minutes: a renamed key in a GPU script's overrides would spend them on an error. Each run
+    of the scripts composes and validates here (as tasks/benchmark.py would there), its compare entries too."""
+    from hirespath.benchmark.measure import configs_from
+    from hirespath.benchmark.segment_speed import check_segment_bench
+
+    commands = _script_benchmark_commands(Path(CONF_DIR).parent / "docs" / "benchmarks" / script)
+    assert len(commands) == GPU_SCRIPTS[script]
+    for overrides in commands:
+        cfg = _compose("benchmark", overrides)
+        validate_config(cfg)
+        assert cfg.task_name in ("table1_cost", "segment_speed", "embed_speed")
+        if cfg.task_name == "segment_speed":
+            check_segment_bench(cfg.segment_bench)
+        elif cfg.task_name == "table1_cost":
+            assert configs_from(cfg)

@@ -57,18 +57,23 @@ def random_segmentation(cfg) -> SegmentationCheckpoint:
                                   MPP * SEGPATH_TILE_PX / resolution, resolution, "random")  # fmt: skip
 
 
+def check_segment_bench(b) -> int:
+    """The ``segment_bench`` keys checked before any model is built: each entry's keys; returns ``repeats``."""
+    for entry in b.compare:
+        unknown = set(entry) - set(ENTRY_KEYS)
+        if unknown:
+            raise InputError(f"segment_bench.compare entry {dict(entry)}: unknown keys {sorted(unknown)}; "
+                             f"valid: {', '.join(ENTRY_KEYS)}")  # fmt: skip
+    return check_repeats(b.get("repeats", 1), "segment_bench.repeats")
+
+
 def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
     from ..slides import Runtime
     from ..wsi.reader import open_slide
     from .slide_throughput import synthetic_slide
 
     b = cfg.segment_bench
-    for entry in b.compare:
-        unknown = set(entry) - set(ENTRY_KEYS)
-        if unknown:
-            raise InputError(f"segment_bench.compare entry {dict(entry)}: unknown keys {sorted(unknown)}; "
-                             f"valid: {', '.join(ENTRY_KEYS)}")  # fmt: skip
-    repeats = check_repeats(b.get("repeats", 1), "segment_bench.repeats")
+    repeats = check_segment_bench(b)
     seg = load_segmentation(b.ckpt) if b.ckpt else random_segmentation(cfg)
     mpp = float(cfg.tile.mpp) if b.get("tile_mpp") is None else float(b.tile_mpp)
     slide = Path(b.wsi) if b.wsi else synthetic_slide(out_dir / "benchmark_slide.tiff", int(b.synthetic_side), mpp)
