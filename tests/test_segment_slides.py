@@ -246,8 +246,9 @@ def test_attention_is_the_trained_one_unless_asked_and_another_gets_its_own_fold
 
     trained = read_probs(Path(done[1]["output_dir"]) / "s0_probs.tif")
     with caplog.at_level("WARNING", logger="hirespath.segmentation"):
-        same = task(done[0], "attention.mode=sparse", "attention.window=4")  # as trained: the finished folder
-        assert same["output_dir"] == done[1]["output_dir"] and same["slides_already_finished"] == 1
+        same = load_segmentation(ckpt)
+        same.use_attention(mode="sparse", window=4)  # as trained: the same tag (the same folder), no warning
+        assert same.tag == same.trained_tag and Path(done[1]["output_dir"]).name == f"segmentation_{same.tag}"
         assert "trained with" not in caplog.text
         w1 = task(tmp_path / "job", "attention.window=1")
     assert "attention sparse, window 1, radius 1 but the model was trained with sparse, window 4" in caplog.text
