@@ -270,6 +270,16 @@ def test_attention_is_the_trained_one_unless_asked_and_another_gets_its_own_fold
     assert not (tmp_path / "bad").exists()
     with pytest.raises(InputError, match=r"attention.radius=-1: radius must be an integer >= 0"):
         seg.use_attention(radius=-1)  # the Python API checks too
+    # eager (the paper's "vanilla") holds L × L matrices: at 1,792 px tiles 8.6 GB per tile for this 4-head model
+    from hirespath.segmentation.consumer import check_tiling_for_model
+
+    seg.use_attention(mode="eager", warn=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hirespath.segmentation"):
+        check_tiling_for_model(seg, SimpleNamespace(size=112, mpp=1.0, overlap=28, min_tissue=0.1))
+        assert "attention eager" not in caplog.text
+        check_tiling_for_model(seg, SimpleNamespace(size=1792, mpp=1.0, overlap=28, min_tissue=0.1))
+    assert "attention eager at tile.size=1792 holds 8.6 GB" in caplog.text and "attention.mode=dense" in caplog.text
 
 
 def test_each_slide_reports_its_seam_measure(done, ckpt, wsi):

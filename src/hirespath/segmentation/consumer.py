@@ -576,8 +576,12 @@ def _map_part(grid, geometry: MapGeometry) -> tuple[np.ndarray, tuple[float, flo
     return grid.thumbnail[rows, cols], box
 
 
+EAGER_WARN_GB = 1.0  # eager attention matrices per tile above this are warned about
+
+
 def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
-    """The tile size the model can take (a multiple of its patch size), before any slide is opened."""
+    """The tile size the model can take (a multiple of its patch size), before any slide is opened; eager attention
+    whose matrices would be large at that size is warned about."""
     from ..wsi.tissue import check_tiling
 
     size, p = int(tiling.size), seg.patch_size
@@ -585,6 +589,14 @@ def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
     if size % p:
         raise InputError(f"tile.size={size} is not a multiple of the model's patch size {p} ({seg.ckpt.name}); "
                          f"use {size // p * p or p} or {(size // p + 1) * p}")  # fmt: skip
+    if seg.attention["mode"] == "eager":  # the paper's "vanilla": its L × L matrices grow with the tile's side⁴
+        enc = seg.model.encoder
+        tokens = (size // p) ** 2 + enc.num_prefix_tokens
+        gb = 2 * enc.vit.blocks[0].attn.num_heads * tokens**2 * 4 / 1e9  # scores and probabilities, fp32
+        if gb > EAGER_WARN_GB:
+            log.warning("attention eager at tile.size=%d holds %.3g GB of attention matrices per tile; "
+                        "attention.mode=dense computes the same attention in memory linear in the tokens",
+                        size, gb)  # fmt: skip
 
 
 def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading, options: SegmentOptions,
