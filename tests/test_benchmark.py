@@ -282,14 +282,15 @@ def test_padding_ratio_column():
 def test_sparse_backend_column_is_the_selected_kernel():
     bench = bm.Benchmark("tiny", overrides={"depth": 1}, cpu_memory=False)
     column = lambda res, **kw: bench.row(bm.BenchConfig(**kw), res)[1]["sparse_backend"]  # noqa: E731
-    assert column(224, attention="dense") == ""
-    assert column(224) == "auto:gather"  # CPU
-    assert column(224, sparse_backend="gather") == "gather"
-    assert column(224, sparse_backend="flex") == "flex"  # inference: flex runs (uncompiled) on CPU too
+    assert column(448, attention="dense") == ""
+    assert column(448) == "auto:gather"  # CPU
+    assert column(448, sparse_backend="gather") == "gather"
+    assert column(448, sparse_backend="flex") == "flex"  # inference: flex runs (uncompiled) on CPU too
     assert column(112) == "auto:dense"  # one 8×8 window covers the 8×8 grid
     assert column(112, sparse_backend="gather") == "gather:dense"
+    assert column(224) == "auto:dense"  # 2 × 2 windows of 8 on the 16 × 16 grid: each sees all four
     bench.device = torch.device("cuda")  # the column only asks select_kernel; nothing runs on the device
-    assert bench.kernel_column(bm.wrap_encoder(bench.vit, bench.preset, bm.BenchConfig()), 224) == "auto:flex"
+    assert bench.kernel_column(bm.wrap_encoder(bench.vit, bench.preset, bm.BenchConfig()), 448) == "auto:flex"
     # the plot and the summary group rows by the backend asked for
     assert [asked_backend(c) for c in ("", float("nan"), "auto:dense", "gather:dense", "flex")] == [
         "auto",

@@ -41,12 +41,52 @@ GRID = (16, 16)  # 4×4 blocks of window 4
         # one window covering the whole grid is dense attention, whatever the backend
         ("sparse", "auto", "cuda", GRID, 16, False, False, "dense"),
         ("sparse", "gather", "cpu", (7, 5), 7, True, False, "dense"),
+        # so are 2 × 2 windows at radius 1 (each sees all four): a 560 px model's window 64 on a 1,792 px tile
+        ("sparse", "auto", "cuda", (128, 128), 64, False, False, "dense"),
+        ("sparse", "flex", "cpu", (16, 9), 8, False, False, "dense"),
+        ("sparse", "auto", "cuda", (129, 128), 64, False, False, "sparse[flex]"),  # 3 windows down: sparse
+        ("sparse", "auto", "cpu", (17, 16), 8, False, False, "sparse[gather]"),
     ],
 )
 def test_select_kernel_policy(mode, backend, device, grid, window, training, dropout, expected):
     name, kernel = select_kernel(mode, backend, device, grid, window, training, dropout=dropout)
     assert name == expected
     assert kernel is ATTENTION_KERNELS[name]
+
+
+@pytest.mark.parametrize(
+    "radius, blocks, expected",
+    [(0, 1, "dense"), (0, 2, "sparse[gather]"), (1, 2, "dense"), (1, 3, "sparse[gather]"), (2, 3, "dense"),
+     (2, 4, "sparse[gather]")],
+)  # fmt: skip
+def test_select_kernel_dense_where_every_neighbourhood_is_the_grid(radius, blocks, expected):
+    """Blocks within ``radius`` of each other all see one another when there are at most radius + 1 per side."""
+    assert select_kernel("sparse", "auto", "cpu", (4 * blocks, 4 * blocks - 1), 4, radius=radius)[0] == expected
+
+
+def test_sparse_with_every_neighbourhood_the_grid_equals_the_sparse_kernels(monkeypatch):
+    """2 × 2 windows at radius 1: the encoder runs dense attention, with the outputs of the sparse kernel it replaces
+    (which computes every pair of tokens there), pruned or not."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 14 * 8, 14 * 8)  # an 8 × 8 patch grid: 2 × 2 windows of 4
+    ran = []
+
+    def recording(*args, **kwargs):
+        ran.append(select_kernel(*args, **kwargs)[0])
+        return select_kernel(*args, **kwargs)
+
+    for prune in (0.0, 0.5):
+        enc = tiny_encoder(attention="sparse", window=4, prune_ratio=prune, prune_layer=2).eval()
+        ran.clear()
+        with torch.inference_mode():
+            monkeypatch.setattr("hirespath.models.encoder.select_kernel", recording)
+            dense_out = enc(x)
+            monkeypatch.setattr("hirespath.models.encoder.select_kernel",
+                                lambda *a, **k: ("sparse[gather]", ATTENTION_KERNELS["sparse[gather]"]))  # fmt: skip
+            gather_out = enc(x)
+        assert set(ran) == {"dense"}
+        torch.testing.assert_close(dense_out.patch_tokens, gather_out.patch_tokens, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dense_out.cls, gather_out.cls, rtol=1e-4, atol=1e-4)
 
 
 def test_registry_names():

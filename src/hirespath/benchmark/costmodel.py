@@ -60,7 +60,9 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
     heads = encoder.vit.blocks[0].attn.num_heads
     depth = encoder.depth
     pruner = encoder.pruner
-    kernel, _ = select_kernel(encoder.attention, encoder.sparse_backend, device, grid, encoder.window, training=False)
+    kernel, _ = select_kernel(
+        encoder.attention, encoder.sparse_backend, device, grid, encoder.window, training=False, radius=encoder.radius
+    )
     kept_frac = 1.0
     full_blocks = depth
     if pruner.enabled:
@@ -97,7 +99,9 @@ def padding_ratio(encoder, resolution: int | tuple[int, int], device: str = "cud
     cost model's survival assumption — with ``seed``."""
     H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     grid = (H // encoder.patch_size, W // encoder.patch_size)
-    kernel, _ = select_kernel(encoder.attention, encoder.sparse_backend, device, grid, encoder.window, training=False)
+    kernel, _ = select_kernel(
+        encoder.attention, encoder.sparse_backend, device, grid, encoder.window, training=False, radius=encoder.radius
+    )
     if kernel in ("dense", "eager"):
         return 1.0
     chunk_keys = encoder.attn_chunk_keys or gather_chunk_keys(device)

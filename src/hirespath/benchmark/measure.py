@@ -203,11 +203,13 @@ class Benchmark:
     def kernel_column(self, enc: HiResEncoder, resolution: int) -> str:
         """The ``sparse_backend`` column: empty for dense/eager; for sparse, the backend asked for, then ``:`` and
         the kernel ``select_kernel`` runs in inference when it differs (``auto:flex``, ``auto:gather``; ``dense``
-        when one window covers the grid)."""
+        when every window's neighbourhood covers the grid)."""
         if enc.attention != "sparse":
             return ""
         grid = (resolution // self.patch_size,) * 2
-        name, _ = select_kernel(enc.attention, enc.sparse_backend, self.device, grid, enc.window, training=False)
+        name, _ = select_kernel(
+            enc.attention, enc.sparse_backend, self.device, grid, enc.window, training=False, radius=enc.radius
+        )
         ran = name.removeprefix("sparse[").removesuffix("]")
         return enc.sparse_backend if ran == enc.sparse_backend else f"{enc.sparse_backend}:{ran}"
 

@@ -741,12 +741,16 @@ def select_kernel(
     training: bool = False,
     *,
     dropout: bool = False,
+    radius: int = 1,
 ) -> tuple[str, Callable[..., Tensor]]:
     """The attention kernel that runs: ``(name, kernel)``, ``name`` a key of ``ATTENTION_KERNELS``.
 
     The whole policy, used by the encoder, the cost model and the benchmark:
     - ``dense`` and ``eager`` run themselves.
-    - ``sparse`` with a window covering the whole (full, unpruned) ``grid`` is dense attention: ``dense``.
+    - ``sparse`` where every block's neighbourhood (the blocks within ``radius``) holds every block of ``grid`` —
+      one window over the whole grid, or, at radius 1, at most 2 × 2 windows (a model trained with one window over
+      its grid, run on a tile up to twice as large) — is dense attention: ``dense`` (the same pattern, pruned or not,
+      without the sparse kernels' gathers or slots).
     - ``sparse``, backend ``auto``: flex_attention for CUDA inference (faster and leaner on H100, see
       docs/benchmarks.md) up to ``FLEX_MAX_BLOCKS`` blocks (its block tables grow quadratically); gather otherwise
       (CPU, training, very large grids).
@@ -758,8 +762,8 @@ def select_kernel(
     check_kernel_names(mode, backend)
     if mode != "sparse":
         name = mode
-    elif window >= max(grid):
-        name = "dense"  # one block holds the whole grid: sparse attention is dense attention (bitwise)
+    elif max(math.ceil(grid[0] / window), math.ceil(grid[1] / window)) - 1 <= radius:
+        name = "dense"  # every block sees every block: sparse attention is dense attention
     else:
         cuda = _device_type(device) == "cuda"
         flex_runs = not dropout and (cuda or not training)

@@ -204,6 +204,7 @@ class HiResEncoder(nn.Module):
             self.window,
             training=torch.is_grad_enabled(),
             dropout=attn.training and attn.attn_drop.p > 0,
+            radius=self.radius,
         )
         return name, functools.partial(kernel, window=self.window, radius=self.radius, chunk_keys=self.attn_chunk_keys)
 
@@ -236,7 +237,9 @@ class HiResEncoder(nn.Module):
         return x
 
     def run_block(self, index: int, state: TokenState) -> TokenState:
-        kernel, _ = select_kernel(self.attention, self.sparse_backend, state.x.device, state.layout.grid, self.window)
+        kernel, _ = select_kernel(
+            self.attention, self.sparse_backend, state.x.device, state.layout.grid, self.window, radius=self.radius
+        )
         with cpu_tasks(state.x.device, self.cpu_parallel, sparse=kernel.startswith("sparse")):
             return self._run_block(index, state)
 
