@@ -16,6 +16,7 @@ from torch import nn
 
 from ..models.attention import (
     TokenLayout,
+    eager_matrix_bytes,
     flex_padding,
     gather_chunk_keys,
     gather_key_align,
@@ -79,7 +80,7 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
         if kernel in ("dense", "eager"):
             flops += 4 * L * L * D
             # eager holds the scores and their softmax at once (two H·L² buffers); SDPA keeps O(L) statistics
-            mem = 2 * heads * L * L * bytes_per_element if kernel == "eager" else heads * L * 4
+            mem = eager_matrix_bytes(heads, L, bytes_per_element) if kernel == "eager" else heads * L * 4
         else:
             keys = _neighbourhood_keys(grid, encoder.window, encoder.radius) * frac * frac
             flops += 4 * (keys + n * P + P * L) * D  # patch→patch, patch→prefix, prefix→all

@@ -83,14 +83,9 @@ def check_attention(cfg: DictConfig, problems: Problems, as_trained: bool = Fals
     ``as_trained``: every key may be null (segment_slides: the trained model's value)."""
     if "attention" not in cfg:
         return
-    from ..models.attention import check_attention_mode, check_radius, check_sparse_backend, check_window
+    from ..models.attention import ATTENTION_CHECKS
 
-    for key, checker in (
-        ("mode", check_attention_mode),
-        ("window", check_window),
-        ("radius", check_radius),
-        ("sparse_backend", check_sparse_backend),
-    ):
+    for key, checker in ATTENTION_CHECKS:
         value = select(cfg, f"attention.{key}")
         if value is not None or (key == "mode" and not as_trained):
             problems.check(f"attention.{key}", value, checker, value)

@@ -726,6 +726,21 @@ def check_radius(radius: int) -> None:
         raise ValueError(f"radius must be an integer >= 0 (neighbour blocks on each side), got {radius!r}")
 
 
+# The attention group's keys (``create_encoder``'s names, ``mode`` its ``attention=``) and the check of each: the
+# config validation and a segmentation model's attention at inference check with the same ones.
+ATTENTION_CHECKS = (
+    ("mode", check_attention_mode),
+    ("window", check_window),
+    ("radius", check_radius),
+    ("sparse_backend", check_sparse_backend),
+)
+
+
+def eager_matrix_bytes(heads: int, tokens: int, bytes_per_element: int) -> int:
+    """Bytes the eager kernel holds at once per image: the scores and their softmax (two heads × L × L buffers)."""
+    return 2 * heads * tokens * tokens * bytes_per_element
+
+
 def check_kernel_names(mode: str, backend: str = "auto") -> None:
     """Raise ValueError for an attention mode or sparse backend that ``select_kernel`` does not know."""
     check_attention_mode(mode)

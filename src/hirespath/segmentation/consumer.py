@@ -590,9 +590,11 @@ def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
         raise InputError(f"tile.size={size} is not a multiple of the model's patch size {p} ({seg.ckpt.name}); "
                          f"use {size // p * p or p} or {(size // p + 1) * p}")  # fmt: skip
     if seg.attention["mode"] == "eager":  # the paper's "vanilla": its L × L matrices grow with the tile's side⁴
+        from ..models.attention import eager_matrix_bytes
+
         enc = seg.model.encoder
         tokens = (size // p) ** 2 + enc.num_prefix_tokens
-        gb = 2 * enc.vit.blocks[0].attn.num_heads * tokens**2 * 4 / 1e9  # scores and probabilities, fp32
+        gb = eager_matrix_bytes(enc.vit.blocks[0].attn.num_heads, tokens, 4) / 1e9  # fp32
         if gb > EAGER_WARN_GB:
             log.warning("attention eager at tile.size=%d holds %.3g GB of attention matrices per tile; "
                         "attention.mode=dense computes the same attention in memory linear in the tokens",

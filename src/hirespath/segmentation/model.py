@@ -70,11 +70,10 @@ class SegmentationCheckpoint:
         SDPA, sparse a window's neighbourhood). A result-changing difference (mode, or window / radius when sparse)
         is warned about, as a different ``tile.mpp`` is, and named in ``tag``: its outputs get their own folder;
         ``sparse_backend`` only picks the kernel (same outputs to float rounding)."""
-        from ..models.attention import check_attention_mode, check_radius, check_sparse_backend, check_window
+        from ..models.attention import ATTENTION_CHECKS
 
         asked = {"mode": mode, "window": window, "radius": radius, "sparse_backend": sparse_backend}
-        for key, check in (("mode", check_attention_mode), ("window", check_window), ("radius", check_radius),
-                           ("sparse_backend", check_sparse_backend)):  # fmt: skip
+        for key, check in ATTENTION_CHECKS:
             if asked[key] is not None:
                 try:
                     check(asked[key])
@@ -85,7 +84,8 @@ class SegmentationCheckpoint:
         enc.attention, enc.window, enc.radius, enc.sparse_backend = (
             str(new["mode"]), int(new["window"]), int(new["radius"]), str(new["sparse_backend"]),
         )  # fmt: skip
-        suffix = attention_tag(new) if attention_tag(new) != attention_tag(self.trained_attention) else ""
+        tag = attention_tag(new)
+        suffix = tag if tag != attention_tag(self.trained_attention) else ""
         self.tag = f"{self.trained_tag}_{suffix}" if suffix else self.trained_tag
         if suffix and warn:
             log.warning("attention %s but the model was trained with %s (%s): its patch tokens see another context "
