@@ -6,6 +6,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_encoder
 
 from hirespath.models import attention, encoder
@@ -173,3 +174,96 @@ def test_flex_encoder_equals_gather_encoder(monkeypatch, score_chunk):
     torch.testing.assert_close(a.token_scores, b.token_scores, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.patch_tokens, b.patch_tokens, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(a.cls, b.cls, rtol=1e-4, atol=1e-4)
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k):
+    """``varlen_attn``'s contract (flash attention over packed ragged sequences) on CPU: checks what the CUDA
+    kernel needs of its arguments, then attends sequence by sequence."""
+    assert q.dim() == k.dim() == v.dim() == 3 and q.shape[1:] == k.shape[1:] == v.shape[1:]
+    assert all(t.stride(-1) == 1 for t in (q, k, v))
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.shape == cu_k.shape
+    lq, lk = cu_q.diff(), cu_k.diff()
+    assert cu_q[0] == cu_k[0] == 0 and cu_q[-1] == len(q) and cu_k[-1] == len(k)
+    assert bool((lq > 0).all()) and bool((lk > 0).all())
+    assert int(lq.max()) == max_q and int(lk.max()) == max_k
+    out = torch.empty_like(q)
+    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        out[a:b] = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
+        ).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("chunk_keys", [None, 64], ids=["one-call", "many-calls"])
+@pytest.mark.parametrize("grid,window,radius", [((11, 9), 3, 1), ((8, 8), 2, 2)])
+@pytest.mark.parametrize("which", ["full", "pruned"])
+def test_varlen_kernel_equals_reference(monkeypatch, chunk_keys, grid, window, radius, which):
+    """The varlen kernel's packing (each block's queries, its neighbourhood and prefix keys, unpadded, per call)
+    equals the reference, with ``varlen_attn`` (CUDA only) replaced by a CPU function of the same contract; and
+    it computes exactly the pattern's products."""
+    monkeypatch.setitem(attention._VARLEN, "cpu", varlen_reference)
+    enc = tiny_encoder(attention="sparse", window=window)
+    attn = enc.vit.blocks[0].attn
+    B, P = 2, enc.num_prefix_tokens
+    layout = layouts(B, grid, P)[which]
+    torch.manual_seed(2)
+    x = torch.randn(B, P + layout.positions.shape[1], enc.embed_dim)
+    with torch.inference_mode():
+        want = reference(attn, x, layout, window, radius)
+        got = ATTENTION_KERNELS["sparse[varlen]"](attn, x, layout, window=window, radius=radius, chunk_keys=chunk_keys)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    budget = chunk_keys or attention.VARLEN_CHUNK_KEYS
+    chunks = attention.varlen_plan(layout, window, radius, budget)
+    assert (len(chunks) > 2) == (chunk_keys is not None)
+    assert all(len(c.kv_rows) <= budget or len(c.cu_k) == 2 for c in chunks)  # over budget: one block alone
+    L = layout.num_prefix + layout.positions.shape[1]
+    patch_rows = (torch.arange(B)[:, None] * L + torch.arange(layout.num_prefix, L)).flatten()
+    assert torch.equal(torch.cat([c.q_rows for c in chunks]).sort().values, patch_rows)  # each query once
+    padded, real = attention.varlen_padding(layout, window, radius, chunk_keys or attention.VARLEN_CHUNK_KEYS)
+    allowed = sparse_reference_mask(layout, window, radius)
+    assert padded == real == int(allowed.sum())  # nothing padded: the pattern's query × key pairs, no more
+
+
+def test_varlen_kernel_runs_gather_where_flash_cannot(recwarn):
+    """Without ``varlen_attn`` on the device (CPU here) the kernel warns once and runs the gather kernel: the same
+    outputs. The policy sends only CUDA inference to it."""
+    enc = tiny_encoder(attention="sparse", window=2)
+    attn = enc.vit.blocks[0].attn
+    layout = layouts(1, (8, 8), enc.num_prefix_tokens)["pruned"]
+    x = torch.randn(1, enc.num_prefix_tokens + layout.positions.shape[1], enc.embed_dim)
+    attention._warn_varlen_fallback.cache_clear()
+    with torch.inference_mode():
+        got = ATTENTION_KERNELS["sparse[varlen]"](attn, x, layout, window=2, radius=1)
+        again = ATTENTION_KERNELS["sparse[varlen]"](attn, x, layout, window=2, radius=1)
+        want = ATTENTION_KERNELS["sparse[gather]"](attn, x, layout, window=2, radius=1)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    messages = [str(w.message) for w in recwarn if "varlen" in str(w.message)]
+    assert len(messages) == 1 and "gather kernel ran instead" in messages[0] and "cpu" in messages[0]
+
+
+def test_varlen_encoder_equals_gather_encoder(monkeypatch):
+    """The whole encoder, pruned, with every sparse block through the varlen kernel (``varlen_attn`` replaced by
+    its CPU reference, the policy made to pick it on CPU) equals it through gather: same survivors, outputs within
+    1e-4 (fp32)."""
+    monkeypatch.setitem(attention._VARLEN, "cpu", varlen_reference)
+    torch.manual_seed(0)
+    enc = tiny_encoder(attention="sparse", window=2, prune_ratio=0.5, prune_layer=2, sparse_backend="gather")
+    x = torch.rand(2, 3, 14 * 8, 14 * 6)
+    with torch.inference_mode():
+        want = enc(x)
+        pick = encoder.select_kernel
+        ran = []
+
+        def varlen_on_cpu(*args, **kwargs):
+            name, kernel = pick(*args, **kwargs)
+            if name == "sparse[gather]":
+                name, kernel = "sparse[varlen]", ATTENTION_KERNELS["sparse[varlen]"]
+            ran.append(name)
+            return name, kernel
+
+        monkeypatch.setattr(encoder, "select_kernel", varlen_on_cpu)
+        got = enc(x)
+    assert "sparse[varlen]" in ran
+    assert torch.equal(got.positions, want.positions)
+    torch.testing.assert_close(got.patch_tokens, want.patch_tokens, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.cls, want.cls, rtol=1e-4, atol=1e-4)

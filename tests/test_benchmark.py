@@ -14,6 +14,7 @@ from hirespath.benchmark import measure as bm
 from hirespath.benchmark.costmodel import _neighbourhood_keys, encoder_cost, padding_ratio
 from hirespath.benchmark.slide_throughput import embed_configs_from
 from hirespath.benchmark.spec import asked_backend
+from hirespath.models import attention
 from hirespath.tasks.benchmark import run_benchmark
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -257,7 +258,7 @@ def test_cost_model_costs_the_selected_kernel():
     assert encoder_cost(local, 1344, device="cuda").tflops == encoder_cost(gather, 1344, device="cpu").tflops
 
 
-def test_padding_ratio_column():
+def test_padding_ratio_column(monkeypatch):
     """padded / real attention work per row: 1 for dense, the gather kernel's chunk plans for sparse on CPU (just
     above 1 after pruning), flex's BlockMask tiles where it runs (half-window tiles after pruning: ~1.5 over the
     forward, where whole-window ones were ~3.6)."""
@@ -274,6 +275,13 @@ def test_padding_ratio_column():
         )
     # CUDA gather chunks are larger and their keys aligned to 8: padded a little more than on CPU
     assert padding_ratio(pruned, 1792, device="cpu") < padding_ratio(gather, 1792, device="cuda") < 1.15
+    with torch.device("meta"):
+        varlen = hirespath.create_encoder(
+            "uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4, sparse_backend="varlen"
+        )
+    assert padding_ratio(varlen, 1792, device="cpu") == padding_ratio(gather, 1792, device="cpu")  # gather ran
+    monkeypatch.setitem(attention._VARLEN, "cuda", lambda *a: None)  # a PyTorch with varlen_attn
+    assert padding_ratio(varlen, 1792, device="cuda") == 1.0  # ragged blocks, nothing padded
     bench = bm.Benchmark("tiny", overrides={"depth": 2}, cpu_memory=False)
     row = bench.row(bm.BenchConfig(prune_ratio=0.5, prune_layer=1), 448)[1]
     assert 1.0 < row["padding_ratio"] < 1.15 and "padding_ratio" in bm.COLUMNS
@@ -286,6 +294,7 @@ def test_sparse_backend_column_is_the_selected_kernel():
     assert column(448) == "auto:gather"  # CPU
     assert column(448, sparse_backend="gather") == "gather"
     assert column(448, sparse_backend="flex") == "flex"  # inference: flex runs (uncompiled) on CPU too
+    assert column(448, sparse_backend="varlen") == "varlen:gather"  # flash attention: CUDA only
     assert column(112) == "auto:dense"  # one 8×8 window covers the 8×8 grid
     assert column(112, sparse_backend="gather") == "gather:dense"
     assert column(224) == "auto:dense"  # 2 × 2 windows of 8 on the 16 × 16 grid: each sees all four

@@ -38,6 +38,13 @@ GRID = (16, 16)  # 4×4 blocks of window 4
         ("sparse", "flex", "cuda", GRID, 4, True, False, "sparse[flex]"),  # CUDA has flex's backward
         ("sparse", "flex", "cpu", GRID, 4, True, False, "sparse[gather]"),  # no CPU backward
         ("sparse", "flex", "cuda", GRID, 4, True, True, "sparse[gather]"),  # flex has no attention dropout
+        # varlen: CUDA inference only (flash attention; no dropout), gather elsewhere; not chosen by auto
+        ("sparse", "varlen", "cuda", GRID, 4, False, False, "sparse[varlen]"),
+        ("sparse", "varlen", "cuda", (FLEX_MAX_BLOCKS // 64, 65), 1, False, False, "sparse[varlen]"),
+        ("sparse", "varlen", "cpu", GRID, 4, False, False, "sparse[gather]"),
+        ("sparse", "varlen", "cuda", GRID, 4, True, False, "sparse[gather]"),
+        ("sparse", "varlen", "cuda", GRID, 4, False, True, "sparse[gather]"),
+        ("sparse", "varlen", "cuda", GRID, 16, False, False, "dense"),
         # one window covering the whole grid is dense attention, whatever the backend
         ("sparse", "auto", "cuda", GRID, 16, False, False, "dense"),
         ("sparse", "gather", "cpu", (7, 5), 7, True, False, "dense"),
@@ -48,7 +55,8 @@ GRID = (16, 16)  # 4×4 blocks of window 4
         ("sparse", "auto", "cpu", (17, 16), 8, False, False, "sparse[gather]"),
     ],
 )
-def test_select_kernel_policy(mode, backend, device, grid, window, training, dropout, expected):
+def test_select_kernel_policy(monkeypatch, mode, backend, device, grid, window, training, dropout, expected):
+    monkeypatch.setitem(A._VARLEN, "cuda", lambda *a: None)  # as with PyTorch >= 2.10 (a CUDA build or not)
     name, kernel = select_kernel(mode, backend, device, grid, window, training, dropout=dropout)
     assert name == expected
     assert kernel is ATTENTION_KERNELS[name]
@@ -89,15 +97,20 @@ def test_sparse_with_every_neighbourhood_the_grid_equals_the_sparse_kernels(monk
         torch.testing.assert_close(dense_out.cls, gather_out.cls, rtol=1e-4, atol=1e-4)
 
 
+def test_varlen_needs_a_pytorch_with_varlen_attn(monkeypatch):
+    monkeypatch.setitem(A._VARLEN, "cuda", None)  # PyTorch < 2.10
+    assert select_kernel("sparse", "varlen", "cuda", GRID, 4)[0] == "sparse[gather]"
+
+
 def test_registry_names():
-    assert set(ATTENTION_KERNELS) == {"dense", "eager", "sparse[gather]", "sparse[flex]"}
+    assert set(ATTENTION_KERNELS) == {"dense", "eager", "sparse[gather]", "sparse[flex]", "sparse[varlen]"}
 
 
 @pytest.mark.parametrize(
     "mode, backend, words",
     [
         ("flash", "auto", ["attention must be one of", "'dense', 'eager', 'sparse'", "'flash'"]),
-        ("sparse", "natten", ["sparse_backend must be one of", "'auto', 'gather', 'flex'", "'natten'"]),
+        ("sparse", "natten", ["sparse_backend must be one of", "'auto', 'gather', 'flex', 'varlen'", "'natten'"]),
         ("dense", "natten", ["sparse_backend must be one of"]),  # checked even where it would not be used
     ],
 )

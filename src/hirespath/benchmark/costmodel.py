@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..models.attention import (
+    VARLEN_CHUNK_KEYS,
     TokenLayout,
     eager_matrix_bytes,
     flex_padding,
@@ -22,6 +23,7 @@ from ..models.attention import (
     gather_key_align,
     gather_padding,
     select_kernel,
+    varlen_padding,
 )
 
 
@@ -86,6 +88,9 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
             flops += 4 * (keys + n * P + P * L) * D  # patch→patch, patch→prefix, prefix→all
             if kernel == "sparse[flex]":  # slot buffers for q, k, v and the output
                 mem = 4 * n * D * bytes_per_element
+            elif kernel == "sparse[varlen]":  # the output rows, a chunk's gathered K and V, its queries and outputs
+                chunk = encoder.attn_chunk_keys or VARLEN_CHUNK_KEYS
+                mem = (L * D + 2 * min(chunk, L * 9) * D + 2 * min(chunk, n) * D) * bytes_per_element
             else:  # the output rows plus one chunk of gathered K and V (the kernel's chunk on that device)
                 chunk = encoder.attn_chunk_keys or gather_chunk_keys(device)
                 mem = (L * D + 2 * min(chunk, L * 9) * D) * bytes_per_element
@@ -96,8 +101,8 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
 def padding_ratio(encoder, resolution: int | tuple[int, int], device: str = "cuda", seed: int = 0) -> float:
     """Padded / real attention work (query×key products) of one forward of ``encoder`` on ``device`` in inference:
     1.0 for dense and eager (no padding), else the sparse kernel's own plans (gather: its chunks; flex: its BlockMask
-    tiles) on the full grid up to the pruning block, then on ⌈(1−p)·N⌉ survivors drawn uniformly at random — the
-    cost model's survival assumption — with ``seed``."""
+    tiles; varlen: none, 1.0) on the full grid up to the pruning block, then on ⌈(1−p)·N⌉ survivors drawn uniformly
+    at random — the cost model's survival assumption — with ``seed``."""
     H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     grid = (H // encoder.patch_size, W // encoder.patch_size)
     kernel, _ = select_kernel(
@@ -118,6 +123,8 @@ def padding_ratio(encoder, resolution: int | tuple[int, int], device: str = "cud
     for layout, count in blocks:
         if kernel == "sparse[flex]":
             p, r = flex_padding(layout, encoder.window, encoder.radius)
+        elif kernel == "sparse[varlen]":
+            p, r = varlen_padding(layout, encoder.window, encoder.radius, encoder.attn_chunk_keys or VARLEN_CHUNK_KEYS)
         else:
             p, r = gather_padding(layout, encoder.window, encoder.radius, chunk_keys, gather_key_align(device))
         padded, real = padded + count * p, real + count * r

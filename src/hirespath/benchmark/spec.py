@@ -50,7 +50,7 @@ class BenchConfig:
     prune_ratio: float = 0.0
     prune_layer: int = 4
     prune_score_tokens: str = "cls"
-    sparse_backend: str = "auto"  # auto | gather | flex
+    sparse_backend: str = "auto"  # auto | gather | flex | varlen
     cpu_parallel: str = "auto"  # CPU inference: auto | tasks | ops (models/cpu_tasks.py)
 
     @classmethod

@@ -31,7 +31,7 @@ class AttentionConfig:
     mode: str = "sparse"
     window: int = 8
     radius: int = 1
-    sparse_backend: str = "auto"  # auto | gather | flex
+    sparse_backend: str = "auto"  # auto | gather | flex | varlen
 
 
 @dataclass

@@ -11,18 +11,23 @@ attends to the patch tokens of its own block and of the blocks within ``radius``
 neighbourhood, clipped at the border) plus all prefix tokens; prefix tokens attend to everything.
 No L×L tensor is ever built. The gather kernel (CPU, training, very large grids) gathers each block's
 neighbourhood K/V rows by index and runs SDPA over chunks of similar blocks; the flex kernel (CUDA inference)
-projects the tokens chunk by chunk into per-block slots and runs flex_attention with a block-sparse BlockMask.
+projects the tokens chunk by chunk into per-block slots and runs flex_attention with a block-sparse BlockMask; the
+varlen kernel (asked for, CUDA fp16/bf16 inference) gathers as gather does and runs flash attention over the
+blocks as ragged sequences, unpadded.
 
-``ATTENTION_KERNELS`` names the kernels (dense, eager, sparse[gather], sparse[flex]) and ``select_kernel`` holds the
-policy choosing one (timm's ``ATTN_LAYERS`` / ``use_fused_attn`` in spirit): the encoder, the cost model and the
-benchmark all ask it.
+``ATTENTION_KERNELS`` names the kernels (dense, eager, sparse[gather], sparse[flex], sparse[varlen]) and
+``select_kernel`` holds the policy choosing one (timm's ``ATTN_LAYERS`` / ``use_fused_attn`` in spirit): the
+encoder, the cost model and the benchmark all ask it.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import math
 import threading
+import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -36,7 +41,8 @@ from .cpu_tasks import map_rows, map_tasks
 
 T = TypeVar("T")
 ATTENTION_MODES = ("dense", "eager", "sparse")
-SPARSE_BACKENDS = ("auto", "gather", "flex")  # flex: torch flex_attention, compiled on CUDA
+SPARSE_BACKENDS = ("auto", "gather", "flex", "varlen")  # flex: torch flex_attention, compiled on CUDA; varlen:
+# torch varlen_attn (flash attention over ragged blocks, CUDA fp16/bf16)
 # Kernels that project q/k/v themselves, chunk by chunk into their own buffers, and ignore a ``qkv`` passed in.
 PROJECTING_KERNELS = frozenset({"sparse[flex]"})
 FLEX_MAX_BLOCKS = 4096  # flex's BlockMask holds (blocks × blocks) int32 index tables: 64 MB each at 4096
@@ -296,22 +302,23 @@ class GatherChunk:
         return self.q_rows.numel() * (self.kv_rows.numel() // self.q_rows.shape[0])
 
 
-def build_gather_chunks(
-    positions: Tensor,
-    grid: tuple[int, int],
-    num_prefix: int,
-    window: int,
-    radius: int,
-    chunk_keys: int,
-    key_align: int | None = None,
-) -> list[GatherChunk]:
-    """Query units are the non-empty (image, block) pairs. Their keys are listed compactly (only the tokens that
-    exist, no per-block capacity), units are sorted by (queries, keys) and cut into chunks (``_cut_chunks``),
-    each padded only to its own largest unit: after pruning, blocks hold different numbers of survivors and
-    padding every block to the fullest one would cost ~2.5× the real work. ``key_align``: chunk key lengths are
-    rounded up to a multiple of it; None: ``gather_key_align`` of the positions' device."""
+@dataclass
+class BlockUnits:
+    """The query units of the sparse kernels that gather: the non-empty (image, block) pairs, image-major, blocks in
+    raster order, each with its queries and the key tokens of its neighbourhood (only the tokens that exist)."""
+
+    rows_sorted: Tensor  # B·N long: token rows (in the flattened B·L tokens) grouped by unit, raster order inside
+    starts: Tensor  # (B·nb) long: where each unit id's tokens start in ``rows_sorted`` (empty units too)
+    units: Tensor  # U long: the non-empty unit ids, increasing
+    image: Tensor  # U long: each unit's image
+    nbr_units: Tensor  # U×K long: its neighbour units (any valid id where clipped: those count no keys)
+    nbr_counts: Tensor  # U×K long: tokens of each neighbour (0 where clipped)
+    n_q: Tensor  # U long: its queries
+    n_keys: Tensor  # U long: its keys, the neighbourhood's tokens and the image's prefix tokens
+
+
+def block_units(positions: Tensor, grid: tuple[int, int], num_prefix: int, window: int, radius: int) -> BlockUnits:
     device = positions.device
-    key_align = key_align or gather_key_align(device)
     B, N, _ = positions.shape
     P, L = num_prefix, num_prefix + N
     n_br, n_bc = math.ceil(grid[0] / window), math.ceil(grid[1] / window)
@@ -330,11 +337,31 @@ def build_gather_chunks(
     image, blk = units // nb, units % nb
     nbr_units = image[:, None] * nb + neighbours[blk]  # U×K
     nbr_counts = torch.where(inside[blk], counts[nbr_units], 0)
-    n_keys = nbr_counts.sum(1) + P
-    n_q = counts[units]
-    rank = torch.sort(n_q * (int(n_keys.max()) + 1) + n_keys, stable=True).indices
+    return BlockUnits(rows_sorted, starts, units, image, nbr_units, nbr_counts, counts[units], nbr_counts.sum(1) + P)
+
+
+def build_gather_chunks(
+    positions: Tensor,
+    grid: tuple[int, int],
+    num_prefix: int,
+    window: int,
+    radius: int,
+    chunk_keys: int,
+    key_align: int | None = None,
+) -> list[GatherChunk]:
+    """Query units (``block_units``) are sorted by (queries, keys) and cut into chunks (``_cut_chunks``), each
+    padded only to its own largest unit: after pruning, blocks hold different numbers of survivors and padding
+    every block to the fullest one would cost ~2.5× the real work. ``key_align``: chunk key lengths are rounded up
+    to a multiple of it; None: ``gather_key_align`` of the positions' device."""
+    device = positions.device
+    key_align = key_align or gather_key_align(device)
+    B, N, _ = positions.shape
+    P, L = num_prefix, num_prefix + N
+    u = block_units(positions, grid, num_prefix, window, radius)
+    rows_sorted, starts = u.rows_sorted, u.starts
+    rank = torch.sort(u.n_q * (int(u.n_keys.max()) + 1) + u.n_keys, stable=True).indices
     units, image, nbr_units, nbr_counts, n_keys, n_q = (
-        t[rank] for t in (units, image, nbr_units, nbr_counts, n_keys, n_q)
+        t[rank] for t in (u.units, u.image, u.nbr_units, u.nbr_counts, u.n_keys, u.n_q)
     )
     nbr_ends = torch.cumsum(nbr_counts, 1)
 
@@ -481,6 +508,149 @@ def sparse_attention(
     # One task per chunk (cpu_tasks.py), the prefix rows one more; outside cpu_tasks, a plain loop.
     map_tasks(lambda task: task(), [prefix_rows, *(functools.partial(run_chunk, c) for c in chunks)])
     return merge_heads(attn, x, out[: B * L].view(B, L, H, d))
+
+
+# --- varlen: one flash-attention call per chunk of ragged units, nothing padded (CUDA, fp16/bf16) -----------------
+VARLEN_CHUNK_KEYS = 1 << 16  # gathered key rows per varlen call: 2 × 201 MB of K/V for UNI2-h in bf16
+VARLEN_MAX_HEAD_DIM = 256  # flash attention's limit
+
+
+@dataclass
+class VarlenChunk:
+    """Consecutive query units (``block_units``) packed for ``varlen_attn``: no unit is padded."""
+
+    q_rows: Tensor  # T_q long: the units' query rows (in the flattened B·L tokens), unit after unit
+    kv_rows: Tensor  # T_k long: each unit's neighbourhood keys, then its image's prefix keys, unit after unit
+    cu_q: Tensor  # (units + 1) int32: where each unit's queries start in ``q_rows`` (and the end)
+    cu_k: Tensor  # (units + 1) int32: the same for its keys in ``kv_rows``
+    max_q: int  # most queries of a unit
+    max_k: int  # most keys of a unit
+    real_work: int  # Σ queries × keys: the products the sparse pattern asks for, all that the call computes
+
+
+def build_varlen_chunks(
+    positions: Tensor, grid: tuple[int, int], num_prefix: int, window: int, radius: int, chunk_keys: int
+) -> list[VarlenChunk]:
+    """The units in id order (their queries are consecutive rows of ``rows_sorted``), their keys listed compactly,
+    cut into chunks of at most ``chunk_keys`` keys (a unit more than that is a chunk of its own)."""
+    device = positions.device
+    L = num_prefix + positions.shape[1]
+    u = block_units(positions, grid, num_prefix, window, radius)
+    U, K = u.nbr_counts.shape
+    # Each unit's key segments: its K neighbours' token runs in ``rows_sorted``, then its image's prefix rows.
+    lengths = torch.cat([u.nbr_counts, u.nbr_counts.new_full((U, 1), num_prefix)], 1).flatten()
+    first = torch.cat([u.starts[u.nbr_units], (u.image * L)[:, None]], 1).flatten()
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    offset = torch.arange(len(segment), device=device) - (torch.cumsum(lengths, 0) - lengths)[segment]
+    at = first[segment] + offset
+    is_prefix = segment % (K + 1) == K
+    kv_rows = torch.where(is_prefix, at, u.rows_sorted[at.clamp(max=len(u.rows_sorted) - 1)])
+
+    n_q, n_keys = u.n_q.tolist(), u.n_keys.tolist()
+    q_end = list(itertools.accumulate(n_q, initial=0))
+    k_end = list(itertools.accumulate(n_keys, initial=0))
+    chunks, start = [], 0
+    while start < U:
+        end = max(start + 1, bisect.bisect_right(k_end, k_end[start] + chunk_keys) - 1)
+        cu_q = torch.tensor([e - q_end[start] for e in q_end[start : end + 1]], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([e - k_end[start] for e in k_end[start : end + 1]], dtype=torch.int32, device=device)
+        chunks.append(
+            VarlenChunk(
+                q_rows=u.rows_sorted[q_end[start] : q_end[end]],
+                kv_rows=kv_rows[k_end[start] : k_end[end]],
+                cu_q=cu_q,
+                cu_k=cu_k,
+                max_q=max(n_q[start:end]),
+                max_k=max(n_keys[start:end]),
+                real_work=sum(q * k for q, k in zip(n_q[start:end], n_keys[start:end])),
+            )
+        )
+        start = end
+    return chunks
+
+
+def varlen_plan(layout: TokenLayout, window: int, radius: int, chunk_keys: int) -> list[VarlenChunk]:
+    """The varlen kernel's chunks for ``layout``, built once per layout."""
+    return layout.plan(
+        ("varlen", window, radius, chunk_keys),
+        lambda: build_varlen_chunks(layout.positions, layout.grid, layout.num_prefix, window, radius, chunk_keys),
+    )
+
+
+def varlen_padding(
+    layout: TokenLayout, window: int, radius: int = 1, chunk_keys: int = VARLEN_CHUNK_KEYS
+) -> tuple[int, int]:
+    """``(padded, real)`` query×key products of the varlen kernel on ``layout``, as ``gather_padding``: equal."""
+    B, N, _ = layout.positions.shape
+    P = layout.num_prefix
+    real = B * P * (P + N) + sum(c.real_work for c in varlen_plan(layout, window, radius, chunk_keys))
+    return real, real
+
+
+_VARLEN: dict[str, Callable[..., Tensor] | None] = {}
+
+
+def _varlen_attention(device_type: str) -> Callable[..., Tensor] | None:
+    """torch's ``varlen_attn`` (flash attention over packed ragged sequences, PyTorch ≥ 2.10) on CUDA; None where
+    it cannot run (another device, an older PyTorch)."""
+    if device_type not in _VARLEN:
+        fn = None
+        if device_type == "cuda":
+            try:
+                from torch.nn.attention.varlen import varlen_attn as fn
+            except ImportError:
+                fn = None
+        _VARLEN[device_type] = fn
+    return _VARLEN[device_type]
+
+
+def varlen_available(device: torch.device | str) -> bool:
+    return _varlen_attention(_device_type(device)) is not None
+
+
+@functools.cache
+def _warn_varlen_fallback(why: str) -> None:
+    warnings.warn(f"sparse_backend=varlen: {why}; the gather kernel ran instead (the same outputs)", stacklevel=3)
+
+
+def sparse_attention_varlen(
+    attn,
+    x: Tensor,
+    layout: TokenLayout,
+    window: int,
+    radius: int = 1,
+    chunk_keys: int | None = None,
+    qkv: tuple | None = None,
+) -> Tensor:
+    """Same semantics as ``sparse_attention``: each block's queries attend to its neighbourhood's keys and the
+    prefix keys, gathered compactly as in the gather kernel, but all the blocks of a chunk go to one
+    ``varlen_attn`` call as ragged sequences (query and key counts per block), so no block is padded to another
+    and a block is a handful of kernel launches, not five per chunk of similar blocks. Flash attention runs fp16
+    and bf16 on CUDA; elsewhere (fp32, a head dim over 256) this is the gather kernel."""
+    q, k, v = qkv or split_heads(attn, x)
+    B, L, H, d = q.shape
+    fn = _varlen_attention(x.device.type)
+    why = None
+    if fn is None:
+        why = f"no varlen_attn on {x.device.type} in PyTorch {torch.__version__} (CUDA, PyTorch >= 2.10)"
+    elif x.is_cuda and (q.dtype not in (torch.float16, torch.bfloat16) or d > VARLEN_MAX_HEAD_DIM or d % 8):
+        why = f"flash attention needs fp16 or bf16 and a head dim <= {VARLEN_MAX_HEAD_DIM} (got {q.dtype}, {d})"
+    elif _dropout_p(attn) > 0:
+        why = "varlen has no attention dropout"
+    if why is not None:
+        _warn_varlen_fallback(why)
+        return sparse_attention(attn, x, layout, window, radius, chunk_keys, (q, k, v))
+    P = layout.num_prefix
+    chunks = varlen_plan(layout, window, radius, chunk_keys or VARLEN_CHUNK_KEYS)
+    q_all, k_all, v_all = (t.reshape(B * L, H, d) for t in (q, k, v))
+    out = q.new_empty(B * L, H * d)
+    out.view(B, L, H * d)[:, :P] = _prefix_rows(attn, q, k, v, P).reshape(B, P, H * d)
+    for c in chunks:
+        kc, vc = k_all.index_select(0, c.kv_rows), v_all.index_select(0, c.kv_rows)
+        oc = fn(q_all.index_select(0, c.q_rows), kc, vc, c.cu_q, c.cu_k, c.max_q, c.max_k)
+        del kc, vc
+        out.index_copy_(0, c.q_rows, oc.reshape(-1, H * d))
+    return merge_heads(attn, x, out.view(B, L, H, d))
 
 
 _FLEX = {}
@@ -694,11 +864,16 @@ def _flex_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None
     return sparse_attention_flex(attn, x, layout, window, radius, qkv, norm)
 
 
+def _varlen_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None, norm=None) -> Tensor:
+    return sparse_attention_varlen(attn, x if norm is None else norm(x), layout, window, radius, chunk_keys, qkv)
+
+
 ATTENTION_KERNELS: dict[str, Callable[..., Tensor]] = {
     "dense": _dense_kernel,  # SDPA (fused, O(L) memory)
     "eager": _eager_kernel,  # the materialised L×L matrix (the paper's "vanilla")
     "sparse[gather]": _gather_kernel,  # index-gather + chunked SDPA: CPU, training, very large grids
     "sparse[flex]": _flex_kernel,  # flex_attention with a block-sparse BlockMask: CUDA inference
+    "sparse[varlen]": _varlen_kernel,  # gathered like gather, one varlen_attn per chunk, unpadded: CUDA fp16/bf16
 }
 
 
@@ -772,6 +947,9 @@ def select_kernel(
     - ``sparse``, backend ``flex``: flex, except where it cannot run: ``dropout`` (attention dropout active; flex
       has none on the sparse rows) or ``training`` on a non-CUDA device (no CPU backward): gather there.
     - ``sparse``, backend ``gather``: gather.
+    - ``sparse``, backend ``varlen``: varlen for CUDA inference where this PyTorch has ``varlen_attn``; gather
+      otherwise (CPU, training, dropout; and, inside the kernel, fp32 or a head dim flash attention cannot take).
+      Not the default: not yet measured on a GPU.
     ``training``: gradients are being computed (``torch.is_grad_enabled()`` in a forward).
     """
     check_kernel_names(mode, backend)
@@ -787,7 +965,8 @@ def select_kernel(
             flex = flex_runs and cuda and not training and blocks <= FLEX_MAX_BLOCKS
         else:
             flex = flex_runs and backend == "flex"
-        name = "sparse[flex]" if flex else "sparse[gather]"
+        varlen = backend == "varlen" and cuda and not training and not dropout and varlen_available(device)
+        name = "sparse[varlen]" if varlen else "sparse[flex]" if flex else "sparse[gather]"
     return name, ATTENTION_KERNELS[name]
 
 
