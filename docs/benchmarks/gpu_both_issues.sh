@@ -18,9 +18,11 @@ step() {  # step NAME SECONDS CSV_FROM CSV_TO ARGS...: one benchmark run, its CS
   echo "$name rc=$? $(( $(date +%s) - T0 ))s" | tee -a $L
   cp "$from" "$OUT/$to" 2>/dev/null
 }
-# 26: dense SDPA ÷ ours at 3,430 px (goal ≥ 10×) and the peak (goal < 3 GB), the table's resolutions, bf16; ours
-# also through the gather and the varlen kernels (varlen: unpadded ragged blocks, first GPU measurement)
+# 26: dense SDPA ÷ ours at 3,430 px (goal ≥ 10×) and the peak (goal < 3 GB), bf16; ours also through the gather and
+# the varlen kernels (varlen: unpadded ragged blocks, first GPU measurement). Six of the table's nine resolutions:
+# each one compiles flex for its grid, full and pruned (h200_run.sh's nine took ~260 s with one kernel fewer).
 step table1 240 /tmp/t1/benchmark.csv table1_cost.csv experiment=table1_cost memory_budget_gb=80 repeats=3 \
+  'resolutions=[224,896,1344,1792,2688,3430]' \
   'compare=[{attention:eager,prune_ratio:0.0},{attention:dense,prune_ratio:0.0},{attention:sparse,window:8,prune_ratio:0.0},{attention:sparse,window:8,prune_ratio:0.6,prune_layer:4},{attention:sparse,window:8,prune_ratio:0.6,prune_layer:4,sparse_backend:gather},{attention:sparse,window:8,prune_ratio:0.6,prune_layer:4,sparse_backend:varlen}]' \
   hydra.run.dir=/tmp/t1
 cp /tmp/t1/benchmark.png $OUT/table1_cost.png 2>/dev/null
