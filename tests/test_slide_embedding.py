@@ -414,7 +414,9 @@ def test_cover_tissue_adds_the_fewest_tiles_that_hold_the_tissue_min_tissue_drop
     img[40:56, 60:76] = img[300:316, 400:416]  # a speck (0.5 % of a tile) alone in the first tile: no tile for it
     write_pyramid(tmp_path / "frag.tiff", img, 0.5, compression="jpeg", levels=(1, 4))
     plain = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5)
-    covered = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True)
+    covered = tile_grid(
+        tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True, fit_grid=False
+    )
     touching = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.0)
     speck = _uncovered(covered)  # 16 × 16 px (the mask is the whole 1,000 px slide), give or take JPEG's edges
     assert 14**2 <= speck <= 18**2 and _uncovered(plain) > speck and covered.cover_tissue and not plain.cover_tissue
@@ -428,7 +430,9 @@ def test_cover_tissue_adds_the_fewest_tiles_that_hold_the_tissue_min_tissue_drop
     assert [tuple(c) for c in covered.coords] == sorted(kept, key=lambda c: (c[1], c[0]))  # raster order
     # every added tile is needed: dropping any one leaves tissue uncovered
     for i in added:
-        covered_less = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True)
+        covered_less = tile_grid(
+            tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True, fit_grid=False
+        )
         covered_less.coords = np.delete(covered_less.coords, i, 0)
         assert _uncovered(covered_less) > speck
     # a slide smaller than one tile: one tile holds all of it (min_tissue alone refuses the slide)
@@ -445,12 +449,14 @@ def test_cover_tissue_adds_the_fewest_tiles_that_hold_the_tissue_min_tissue_drop
     runs = [(cover, prepare_slide(spec, TilingConfig(TILE, MPP, 28, 0.5, cover_tissue=cover), tiling_dir=tmp_path / "t",
                                   default_mpp=None, need_thumbnail=False))
             for cover in (False, True, True, False)]  # fmt: skip
+    fitted = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True)
     assert [(p.reused, len(p.grid), p.grid.cover_tissue) for _, p in runs] == [
         (False, len(plain), False),
-        (False, len(covered), True),
-        (True, len(covered), True),
+        (False, len(fitted), True),
+        (True, len(fitted), True),
         (True, len(plain), False),
     ]
+    assert runs[2][1].grid.grid_offset == fitted.grid_offset and runs[0][1].grid.grid_offset == (0, 0)
     assert sorted(str(p.relative_to(tmp_path / "t")) for p in (tmp_path / "t").rglob("*.h5")) == [
         f"patches/{spec.slide_id}_patches.h5", f"patches_cover_tissue/{spec.slide_id}_patches.h5"]  # fmt: skip
 
@@ -531,6 +537,8 @@ COORD_ATTRS = {
     "stride_level0",
     "min_tissue",
     "cover_tissue",
+    "grid_offset_x",
+    "grid_offset_y",
     "tiling",
     "tissue_area_mm2",
 }
@@ -1013,3 +1021,49 @@ def test_thumbnail_outline_is_smoothed_and_overlays_are_cheap(wsi_dir, tmp_path)
     # cheap by construction (one image per panel, above; no timing in tests): it writes one PNG
     png = save_pruned_overlays(tmp_path / "p.png", tiles, 14, "slide")
     assert Image.open(png).format == "PNG" and not list(tmp_path.glob(".p.png.*"))  # no temporary left
+
+
+def test_the_covering_grid_is_shifted_to_where_the_tissue_takes_fewest_tiles(tmp_path):
+    """segment_slides' covering grid is TRIDENT's grid shifted by less than a stride where that holds the tissue in
+    fewer tiles: here 13 tiles where the grid from (0, 0) needs 16, every tissue pixel still held (the speck aside),
+    tiles left of / above the slide read as glass; and a covering patches file from before the fitting (no
+    ``grid_offset_x``) is tiled again rather than reused."""
+
+    from hirespath.configs import TilingConfig
+    from hirespath.slides.prepare import patches_path, prepare_slide
+
+    img = synthetic_image()
+    img[300:330, 60:90] = img[300:330, 400:430]
+    img[520:600] = 240
+    img[40:56, 60:76] = img[300:316, 400:416]
+    write_pyramid(tmp_path / "frag.tiff", img, 0.5, compression="jpeg", levels=(1, 4))
+    at_origin = tile_grid(
+        tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True, fit_grid=False
+    )
+    fitted = tile_grid(tmp_path / "frag.tiff", TILE, MPP, overlap=28, min_tissue=0.5, cover_tissue=True)
+    assert (len(fitted), len(at_origin)) == (13, 16) and at_origin.grid_offset == (0, 0)
+    ox, oy = fitted.grid_offset
+    stride = fitted.stride_level0
+    assert 0 <= ox < stride and 0 <= oy < stride and (ox, oy) != (0, 0)
+    assert _uncovered(fitted) <= _uncovered(at_origin)  # the speck, no more
+    assert {int(x) % stride for x in fitted.coords[:, 0]} == {-ox % stride}  # one regular grid
+    assert {int(y) % stride for y in fitted.coords[:, 1]} == {-oy % stride}
+    assert [tuple(c) for c in fitted.coords] == sorted(map(tuple, fitted.coords), key=lambda c: (c[1], c[0]))
+    x, y = min(map(tuple, fitted.coords))  # a tile starting left of (or above) the slide: glass there
+    assert x < 0 or y < 0
+    slide = open_slide(tmp_path / "frag.tiff")
+    tile = read_tile(slide, int(x), int(y), fitted.patch_size_level0, TILE)
+    slide.close()
+    glass = [max(0, int(-v * TILE / fitted.patch_size_level0) - 2) for v in (x, y)]  # tile px, resampling aside
+    assert tile.shape == (TILE, TILE, 3) and max(glass) > 0
+    assert (tile[:, : glass[0]] == 255).all() and (tile[: glass[1]] == 255).all()
+    (spec,) = list_slides(tmp_path)
+    tiling = TilingConfig(TILE, MPP, 28, 0.5, cover_tissue=True)
+    first = prepare_slide(spec, tiling, tiling_dir=tmp_path / "t", default_mpp=None, need_thumbnail=False)
+    assert not first.reused and first.grid.grid_offset == (ox, oy) and len(first.grid) == 13
+    with h5py.File(patches_path(tmp_path / "t", tiling, spec.slide_id), "a") as f:
+        del f["coords"].attrs["grid_offset_x"]  # as written before the grid was fitted
+    again = prepare_slide(spec, tiling, tiling_dir=tmp_path / "t", default_mpp=None, need_thumbnail=False)
+    assert not again.reused and len(again.grid) == 13
+    third = prepare_slide(spec, tiling, tiling_dir=tmp_path / "t", default_mpp=None, need_thumbnail=False)
+    assert third.reused and third.grid.grid_offset == (ox, oy) and len(third.grid) == 13

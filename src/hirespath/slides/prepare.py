@@ -62,6 +62,8 @@ def _grid_from_patches(slide, path: Path, tiling, smpp: float) -> TileGrid | Non
             and np.isclose(float(attrs["level0_mpp"]), smpp)
             and np.isclose(float(attrs["min_tissue"]), float(tiling.min_tissue))
             and bool(attrs.get("cover_tissue", False)) == cover_tissue(tiling)
+            # a covering grid from before the grid was fitted to the tissue: tiled again (fewer tiles, once)
+            and ("grid_offset_x" in attrs or not cover_tissue(tiling))
         )
     except (OSError, KeyError, ValueError) as err:
         log.warning("%s: unreadable patches file (%s); tiling again", path, err)
@@ -86,6 +88,7 @@ def _grid_from_patches(slide, path: Path, tiling, smpp: float) -> TileGrid | Non
         tissue_fraction=np.full(len(coords), np.nan),
         min_tissue=float(tiling.min_tissue),
         cover_tissue=cover_tissue(tiling),
+        grid_offset=(int(attrs.get("grid_offset_x", 0)), int(attrs.get("grid_offset_y", 0))),
         tissue_area_mm2=float(attrs.get("tissue_area_mm2", np.nan)),
     )
 

@@ -86,6 +86,7 @@ class TileGrid:
     tissue_area_mm2: float  # tissue on the mask
     min_tissue: float
     cover_tissue: bool = False  # low-tissue tiles added so that the kept ones hold every tissue pixel
+    grid_offset: tuple[int, int] = (0, 0)  # level-0 px the grid starts left of and above (0, 0) (fitted_covering_grid)
     mask: np.ndarray | None = field(default=None, repr=False)  # tissue mask (bool) on the thumbnail
     mask_downsample: tuple[float, float] = (1.0, 1.0)  # level-0 px per mask px (x, y)
     # level-0 (x, y) of the mask's top-left: the thumbnail shows QuPath's image of the slide (qupath.image_region),
@@ -142,8 +143,13 @@ def mask_boxes(mask_shape: tuple[int, int], mask_downsample: tuple[float, float]
                      (x1 - x0) * (y1 - y0)], 1)  # fmt: skip
 
 
-def _box_sums(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    ii = np.pad(mask.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+def _integral(mask: np.ndarray) -> np.ndarray:
+    return np.pad(mask.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+
+
+def _box_sums(mask: np.ndarray, boxes: np.ndarray, ii: np.ndarray | None = None) -> np.ndarray:
+    """Pixels set in each (y0, y1, x0, x1) box of ``mask``; ``ii``: its ``_integral`` when already made."""
+    ii = _integral(mask) if ii is None else ii
     y0, y1, x0, x1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     return ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
 
@@ -193,6 +199,61 @@ def covering_tiles(mask: np.ndarray, mask_downsample: tuple[float, float], coord
     return keep
 
 
+def grid_coords(size0: tuple[int, int], stride0: int, offset: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, tuple]:
+    """Level-0 top-lefts (x, y), raster order, of the regular grid over a ``size0`` (width, height) slide whose
+    first tile starts at ``-offset`` (TRIDENT's grid: offset 0), and its (rows, cols)."""
+    (W, H), (ox, oy) = size0, offset
+    cols, rows = math.ceil((W + ox) / stride0), math.ceil((H + oy) / stride0)
+    yy, xx = np.meshgrid(np.arange(rows, dtype=np.int64), np.arange(cols, dtype=np.int64), indexing="ij")
+    return np.stack([xx.ravel() * stride0 - ox, yy.ravel() * stride0 - oy], 1), (rows, cols)
+
+
+def _kept(mask, mds, coords, side0, min_tissue, cover, origin) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue fraction of every tile, which are kept): ``min_tissue`` tiles, and with ``cover`` the covering."""
+    frac = tissue_fractions(mask, mds, coords, side0, origin)
+    keep = (frac >= min_tissue) & (frac > 0)
+    return frac, covering_tiles(mask, mds, coords, side0, keep, origin) if cover else keep
+
+
+GRID_FIT_STEPS = 8  # offsets tried per axis when fitting the covering grid: multiples of stride / 8
+GRID_FIT_FINALISTS = 4  # offsets whose covering is computed: the fewest tissue cells first
+
+
+def fitted_covering_grid(
+    mask: np.ndarray, mds: tuple[float, float], size0: tuple[int, int], side0: int, stride0: int,
+    min_tissue: float, origin: tuple[int, int] = (0, 0),
+) -> tuple[tuple[int, int], np.ndarray, tuple[int, int], np.ndarray, np.ndarray]:  # fmt: skip
+    """The regular grid, shifted by less than a stride each way, whose covering tiling (``min_tissue`` tiles and
+    ``covering_tiles``) holds the tissue in the fewest tiles — (0, 0), TRIDENT's grid, unless another needs fewer:
+    ``(offset, coords, (rows, cols), tissue fraction, kept)`` as ``grid_coords`` and ``_kept`` give them.
+
+    A piece of tissue needs as many tiles as grid lines cross it: a 1.6 mm square (7,300 px at 0.22 µm/px) takes
+    5 × 5 tiles of 1,792 px (overlap 256) where the grid meets it well and 6 × 6 where it does not — the larger the
+    tiles, the larger the share (docs/benchmarks.md, "tiles per tissue"). The offsets, multiples of a
+    ``GRID_FIT_STEPS``-th of the stride, are ranked by the tiles the ``min_tissue`` rule keeps or whose own part of
+    the grid (what their left and upper neighbours do not also cover) holds tissue, on one integral image; the
+    covering is computed for the best ``GRID_FIT_FINALISTS`` and (0, 0)."""
+    ii = _integral(mask)
+    steps = [k * stride0 // GRID_FIT_STEPS for k in range(GRID_FIT_STEPS)]
+    shared = side0 - stride0  # the overlap, level-0 px
+
+    def cells(offset: tuple[int, int]) -> int:
+        coords, _ = grid_coords(size0, stride0, offset)
+        boxes = mask_boxes(mask.shape, mds, coords, side0, origin)
+        frac = _box_sums(mask, boxes, ii) / boxes[:, 4].astype(np.float64)
+        own = _box_sums(mask, mask_boxes(mask.shape, mds, coords + shared, stride0 - shared, origin), ii) > 0
+        return int(np.count_nonzero(((frac >= min_tissue) & (frac > 0)) | own))
+
+    ranked = sorted(((cells((ox, oy)), (ox, oy)) for oy in steps for ox in steps), key=lambda c: c[0])
+    best = None
+    for offset in [(0, 0)] + [o for _, o in ranked[:GRID_FIT_FINALISTS] if o != (0, 0)]:
+        coords, shape = grid_coords(size0, stride0, offset)
+        frac, keep = _kept(mask, mds, coords, side0, min_tissue, True, origin)
+        if best is None or keep.sum() < best[4].sum():
+            best = (offset, coords, shape, frac, keep)
+    return best
+
+
 def tile_grid(
     slide,
     tile_size: int,
@@ -206,6 +267,7 @@ def tile_grid(
     keep_images: bool = True,
     cover_tissue: bool = False,
     region: tuple[int, int, int, int] | None = None,
+    fit_grid: bool = True,
 ) -> TileGrid:
     """Tissue on a thumbnail (``read_thumbnail``), then the regular grid of ``tile_size`` px tiles at ``tile_mpp``
     µm/px over the whole slide; tiles with tissue fraction ≥ ``min_tissue`` (and > 0) are kept, and with
@@ -216,8 +278,11 @@ def tile_grid(
     ``default_mpp`` is used only when the slide has none. Tissue is looked for in ``region`` (x, y, width, height
     in level-0 px; default QuPath's image of the slide, :func:`~hirespath.wsi.qupath.image_region`): a MIRAX or
     Leica SCN canvas can be several times its scanned region, and a thumbnail of the canvas would see the tissue
-    coarser and smooth its outline by the canvas's size. The grid still starts at the slide's (0, 0), as
-    TRIDENT's. SlideError when there is no mpp, no tissue, or no tile holds enough of it.
+    coarser and smooth its outline by the canvas's size. The grid starts at the slide's (0, 0), as TRIDENT's;
+    the covering grid is shifted by less than a stride each way where that needs fewer tiles
+    (:func:`fitted_covering_grid`; its first column or row may then start left of or above the slide, read as glass;
+    ``fit_grid=False`` keeps it at (0, 0)).
+    SlideError when there is no mpp, no tissue, or no tile holds enough of it.
     """
     check_tiling(tile_size, tile_mpp, overlap, min_tissue)
     if isinstance(slide, (str, os.PathLike)):
@@ -235,6 +300,7 @@ def tile_grid(
                 keep_images=keep_images,
                 cover_tissue=cover_tissue,
                 region=region,
+                fit_grid=fit_grid,
             )
         finally:
             handle.close()
@@ -249,13 +315,13 @@ def tile_grid(
     thumb, mask, mds, origin = tissue_thumbnail(slide, mask_max_side, region)
     if not mask.any():
         raise SlideError("no tissue detected")
-    cols, rows = math.ceil(W / stride0), math.ceil(H / stride0)
-    yy, xx = np.meshgrid(np.arange(rows, dtype=np.int64), np.arange(cols, dtype=np.int64), indexing="ij")
-    coords = np.stack([xx.ravel() * stride0, yy.ravel() * stride0], 1)
-    frac = tissue_fractions(mask, mds, coords, side0, origin)
-    keep = (frac >= min_tissue) & (frac > 0)
-    if cover_tissue:
-        keep = covering_tiles(mask, mds, coords, side0, keep, origin)
+    if cover_tissue and fit_grid:
+        offset, coords, (rows, cols), frac, keep = fitted_covering_grid(
+            mask, mds, (W, H), side0, stride0, min_tissue, origin
+        )
+    else:
+        offset, (coords, (rows, cols)) = (0, 0), grid_coords((W, H), stride0)
+        frac, keep = _kept(mask, mds, coords, side0, min_tissue, cover_tissue, origin)
     if not keep.any():
         raise SlideError(
             f"no tile of {tile_size} px at {tile_mpp:g} µm/px holds ≥ {min_tissue:.0%} tissue "
@@ -277,6 +343,7 @@ def tile_grid(
         tissue_fraction=frac[keep],
         min_tissue=float(min_tissue),
         cover_tissue=bool(cover_tissue),
+        grid_offset=(int(offset[0]), int(offset[1])),
         tissue_area_mm2=float(mask.sum() * mds[0] * mds[1] * smpp**2 / 1e6),
         mask=mask if keep_images else None,
         mask_downsample=mds,

@@ -12,8 +12,9 @@ chunks hold ~256 KB instead of TRIDENT's single rows, so a 15k-tile file is not 
 * ``coords`` int64 N×2, level-0 top-left (x, y). Attrs: ``patch_size`` (tile px at the target scale),
   ``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``overlap``, ``name``, ``savetodir``,
   ``level0_width``, ``level0_height`` (TRIDENT's), plus ``target_mpp``, ``level0_mpp``, ``stride_level0``,
-  ``min_tissue``, ``cover_tissue`` (0/1), ``tiling``. The magnifications are the unrounded ``10 / mpp`` (see
-  :mod:`hirespath.wsi.tissue`), so ``round(patch_size · level0_magnification / target_magnification)`` is
+  ``min_tissue``, ``cover_tissue`` (0/1), ``grid_offset_x``, ``grid_offset_y`` (the grid's first tile at (−x, −y):
+  0 but for a covering grid fitted to the tissue), ``tiling``. The magnifications are the unrounded ``10 / mpp``
+  (see :mod:`hirespath.wsi.tissue`), so ``round(patch_size · level0_magnification / target_magnification)`` is
   ``patch_size_level0``, the level-0 side that was read.
 * ``features`` float32 N×D (CLAM's models need float32). Attrs: ``name``, ``savetodir``, ``encoder`` (TRIDENT's),
   plus ``backbone``, ``attention``, ``window``, ``radius``, ``prune_ratio``, ``prune_layer``,
@@ -169,6 +170,8 @@ def coords_attrs(grid, *, name: str, savetodir: str | os.PathLike, tiling: str) 
         "stride_level0": int(grid.stride_level0),
         "min_tissue": float(grid.min_tissue),
         "cover_tissue": int(grid.cover_tissue),  # 0/1: an HDF5 integer every reader takes (bool is an enum)
+        "grid_offset_x": int(grid.grid_offset[0]),  # the grid's first tile at (-x, -y): 0 but for a fitted cover
+        "grid_offset_y": int(grid.grid_offset[1]),
         "tiling": tiling,
     }
 
