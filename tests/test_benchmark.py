@@ -148,6 +148,40 @@ def test_oom_is_recorded_and_the_sweep_goes_on(monkeypatch):
     assert math.isnan(rows[1]["seconds_per_image"])
 
 
+def test_a_failing_configuration_is_recorded_and_the_others_go_on(monkeypatch, tmp_path, caplog):
+    """A configuration that fails other than out of memory (a kernel a lent GPU runs for the first time) is logged,
+    its rows say ``error`` (not run at larger sizes), the other configurations are measured, and the task writes
+    the CSV, then fails naming the points."""
+    from hirespath.models import attention
+
+    real = attention.ATTENTION_KERNELS["sparse[gather]"]
+
+    def gather(attn, x, layout, *args, **kwargs):
+        if layout.positions.shape[1] < layout.grid[0] * layout.grid[1]:  # the pruned blocks
+            raise ValueError("an unsupported layout")
+        return real(attn, x, layout, *args, **kwargs)
+
+    monkeypatch.setitem(attention.ATTENTION_KERNELS, "sparse[gather]", gather)
+    cfg = _cfg(tmp_path, ["backbone=tiny", "resolutions=[56,112,168]", "repeats=1", "warmup=0", "cpu_memory=false",
+                          "compare=[{attention: dense, prune_ratio: 0.0},"
+                          "{attention: sparse, window: 2, prune_ratio: 0.5, prune_layer: 2}]"])  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"2 benchmark point\(s\) failed other than out of memory "
+        r"\(sparse \[auto:gather\] at 112 px, sparse \[auto:gather\] at 168 px\)",
+    ):
+        run_benchmark(cfg)
+    df = pd.read_csv(tmp_path / "benchmark.csv")
+    assert list(zip(df.attention, df.resolution, df.status)) == [
+        ("dense", 56, "ok"), ("dense", 112, "ok"), ("dense", 168, "ok"),
+        ("sparse", 56, "ok"), ("sparse", 112, "error"), ("sparse", 168, "error"),  # 56 px: 2 × 2 windows, dense kernel
+    ]  # fmt: skip
+    assert (df[df.status == "ok"].seconds_per_image > 0).all() and df[
+        df.status == "error"
+    ].seconds_per_image.isna().all()
+    assert sum("failed: ValueError: an unsupported layout" in r.message for r in caplog.records) == 1  # run once
+
+
 def test_sweep_times_the_configurations_of_a_resolution_in_rounds(monkeypatch):
     """One forward of each configuration per round, so a machine's slow stretch hits them alike; one that runs
     out of memory in a round leaves the rounds, the others are still timed; rows keep configuration-major order."""

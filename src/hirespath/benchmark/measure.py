@@ -10,7 +10,9 @@ Peak memory:
   caches do not hide it): the peak RSS (VmHWM, reset just before the forward) minus the resident size just
   before it. Weights are excluded there (they are resident before the forward).
 An out-of-memory error (CUDA, or host: allocator failure, a budget ``memory_budget_gb`` exceeded, or the
-worker killed) is recorded as status ``oom`` and the sweep goes on.
+worker killed) is recorded as status ``oom`` and the sweep goes on. Any other error of one configuration is logged
+and recorded as status ``error``, that configuration is not run at the larger resolutions, and the others go on
+(a lent GPU's minutes are not lost to one kernel failing); the task fails after writing what was measured.
 """
 
 from __future__ import annotations
@@ -92,8 +94,8 @@ def time_interleaved(
     """Median seconds of one forward of ``images`` through each encoder (warm-up excluded), timed in rounds of one
     forward each (``rounds.in_rounds``), so that every encoder's times span the same stretch of the machine's time.
 
-    An encoder that runs out of memory gets its error instead of a time and leaves the rounds; other errors raise.
-    """
+    An encoder that fails (out of memory, or any other error) gets its error instead of a time and leaves the
+    rounds; the others go on."""
     device = images.device
 
     def forward(encoder: HiResEncoder) -> float:
@@ -103,15 +105,23 @@ def time_interleaved(
         _sync(device)
         return time.perf_counter() - t0
 
-    def out_of_memory(err: BaseException) -> bool:
+    def leaves_rounds(err: BaseException) -> bool:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return is_oom(err)
+        return True
 
     runs = {key: functools.partial(forward, encoder) for key, encoder in encoders.items()}
     with torch.inference_mode(), _autocast(device, dtype):
-        times = in_rounds(runs, warmup + repeats, stops=out_of_memory, after_each=after_forward)
+        times = in_rounds(runs, warmup + repeats, stops=leaves_rounds, after_each=after_forward)
     return {key: t if isinstance(t, BaseException) else statistics.median(t[warmup:]) for key, t in times.items()}
+
+
+def failure_status(err: BaseException, label: str, resolution: int) -> str:
+    """A configuration's row status after ``err``: ``oom``, or ``error`` (logged with its traceback)."""
+    if is_oom(err):
+        return "oom"
+    log.error("%s at %d px failed: %s: %s", label, resolution, type(err).__name__, err, exc_info=err)
+    return "error"
 
 
 def cuda_peak_memory(encoder: HiResEncoder, images: torch.Tensor, dtype: str) -> float:
@@ -242,16 +252,14 @@ class Benchmark:
                         row["status"] = "oom"
                 elif self.cpu_memory:
                     row.update(cpu_peak_memory(self._worker_spec(cfg, resolution)))
-            except Exception as err:  # noqa: BLE001
-                if not is_oom(err):
-                    raise
-                row["status"] = "oom"
+            except Exception as err:  # noqa: BLE001 — one configuration failing must not end the sweep
+                row["status"] = failure_status(err, cfg.label, resolution)
             finally:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
             if row["status"] == "ok":
                 fitting[i] = enc
-            else:
+            elif row["status"] == "oom":
                 log.warning("%s at %d px: out of memory", cfg.label, resolution)
         if timed and fitting:
             try:
@@ -261,8 +269,9 @@ class Benchmark:
                     torch.cuda.empty_cache()
             for i, s in seconds.items():
                 if isinstance(s, BaseException):
-                    rows[i]["status"] = "oom"
-                    log.warning("%s at %d px: out of memory", cfgs[i].label, resolution)
+                    rows[i]["status"] = failure_status(s, cfgs[i].label, resolution)
+                    if rows[i]["status"] == "oom":
+                        log.warning("%s at %d px: out of memory", cfgs[i].label, resolution)
                 else:
                     rows[i]["seconds_per_image"] = s / self.batch_size
         return rows
@@ -298,6 +307,8 @@ class Benchmark:
             row = self.measure(cfg, res, timed=timed)
             rows.append(row)
             log.info("max_resolution %s: %d px -> %s", cfg.label, res, row["status"])
+            if row["status"] == "error":  # not a size that does not fit: the search would bisect on a failure
+                raise RuntimeError(f"max_resolution: {cfg.label} failed at {res} px (not out of memory; see the log)")
             return row["status"] == "ok"
 
         lo, hi = 0, None
@@ -327,19 +338,21 @@ def sweep(
 ) -> list[dict]:
     """Every configuration at every resolution; rows ordered by configuration, then resolution. The configurations
     of one resolution are timed together (``Benchmark.measure_all``); a configuration is not run at resolutions
-    larger than one where it ran out of memory."""
+    larger than one where it ran out of memory (status ``oom``) or failed (``error``)."""
     from tqdm.auto import tqdm
 
     configs = list(configs)
     rows: dict[tuple[int, int], dict] = {}
-    oom_at: dict[str, int] = {}
+    failed_at: dict[
+        str, tuple[int, str]
+    ] = {}  # configuration → (resolution, status) where it ran out of memory or failed
     per_resolution = len(configs) * (bench.warmup + bench.repeats)
     with tqdm(total=per_resolution * len(resolutions), desc="benchmark (forwards)", disable=not progress) as bar:
         for r, res in enumerate(resolutions):
             run = []
             for c, cfg in enumerate(configs):
-                if cfg.label in oom_at and res > oom_at[cfg.label]:
-                    rows[c, r] = bench.row(cfg, res, status="oom")[1]  # larger than a size that ran out of memory
+                if cfg.label in failed_at and res > failed_at[cfg.label][0]:  # larger than a size that failed
+                    rows[c, r] = bench.row(cfg, res, status=failed_at[cfg.label][1])[1]
                 else:
                     run.append(c)
             measured = bench.measure_all([configs[c] for c in run], res, after_forward=lambda: bar.update(1))
@@ -348,8 +361,8 @@ def sweep(
             bar.update((r + 1) * per_resolution - bar.n)  # the forwards of configurations out of memory
             for c, cfg in enumerate(configs):
                 row = rows[c, r]
-                if row["status"] == "oom":
-                    oom_at.setdefault(cfg.label, res)
+                if row["status"] != "ok":
+                    failed_at.setdefault(cfg.label, (res, row["status"]))
                 log.info(
                     "%-34s %5d px %7d tok  %s  %.3f s/img  %.2f GB  (analytic %.3g TFLOP)",
                     cfg.label,

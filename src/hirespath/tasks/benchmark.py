@@ -163,6 +163,13 @@ def _run(cfg, out_dir: Path) -> dict:
         write_csv(probes, out_dir / "max_resolution_probes.csv")
         result["max_resolution"] = found
         result["tables"] += [str(out_dir / "max_resolution.csv"), str(out_dir / "max_resolution_probes.csv")]
+    failed = [r for r in rows if r["status"] == "error"]
+    if failed:  # written and summarised above; the run still fails, so a script or a grid sees it
+        points = [f"{r['attention']} [{r['sparse_backend'] or '-'}] at {r['resolution']} px" for r in failed]
+        raise RuntimeError(
+            f"{len(failed)} benchmark point(s) failed other than out of memory ({', '.join(points[:6])}"
+            f"{', ...' if len(points) > 6 else ''}): status 'error' in {out_dir / BENCHMARK_FILE}; the errors: the log"
+        )
     return result
 
 
