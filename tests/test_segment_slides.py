@@ -1365,6 +1365,46 @@ def test_segment_speed_benchmark_runs_its_entries_in_rounds(tmp_path, monkeypatc
     assert calls == []
 
 
+def test_segment_speed_benchmark_keeps_the_entries_that_ran_when_one_fails(tmp_path, monkeypatch, caplog):
+    """One entry failing (its segmentation, or only its seam measure) is logged and its row says so; the other is
+    measured, written and drawn, then the run fails naming the entry: a lent GPU's minutes are not all lost."""
+    import pandas as pd
+
+    import hirespath.benchmark.segment_speed as speed
+    from hirespath.tasks.benchmark import run_benchmark
+
+    def fake_segment_slides(seg, slides, job, tiling, embed, options, runtime):
+        if tiling.size == 112:
+            raise ValueError("flex_attention: a device-side assert")
+        return {"slides_done": 1, "seconds": 3.5, "tiles": 4, "tissue_mm2": 0.1, "device": "cpu",
+                "stage_seconds": {"startup": 0.5, "encode": 1.0, "write": 0.25}}  # fmt: skip
+
+    monkeypatch.setattr(speed, "segment_slides", fake_segment_slides)
+    overrides = ["experiment=segment_speed", "backbone=tiny", "segment_bench.synthetic_side=392",
+                 "segment_bench.seam_region=0", "tile.mpp=1.0", "segment_bench.repeats=2",
+                 "segment_bench.head={num_queries:10,hidden_dim:64,decoder_layers:2,pixel_decoder_layers:1}",
+                 "segment_bench.compare=[{tile_size:56,overlap:14,attention:dense},"
+                 "{tile_size:112,overlap:14,attention:sparse,window:4}]"]  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"segment_speed: 1 entry failed \(112 px sparse: ValueError: flex_"):
+        run_benchmark(compose_task("benchmark", overrides, tmp_path))
+    rows = pd.read_csv(tmp_path / "segmentation_benchmark.csv")
+    assert list(rows.status) == ["ok", "error"] and list(rows.seconds.fillna(-1)) == [3.0, -1]
+    assert rows.error.iloc[1] == "ValueError: flex_attention: a device-side assert"
+    assert (tmp_path / "segmentation_benchmark.png").stat().st_size > 0
+    assert sum("failed: ValueError: flex_attention" in r.message for r in caplog.records) == 1  # left the rounds
+    # the seam measure failing leaves the speed standing
+    monkeypatch.setattr(speed, "seam_measure", lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    seams_on = [*overrides, "segment_bench.seam_region=56", "segment_bench.compare=[{tile_size:56,overlap:14}]"]
+    with pytest.raises(RuntimeError, match=r"1 entry failed \(56 px sparse: RuntimeError: CUDA error\)"):
+        run_benchmark(compose_task("benchmark", seams_on, tmp_path))
+    rows = pd.read_csv(tmp_path / "segmentation_benchmark.csv")
+    assert (
+        list(rows.status) == ["ok"]
+        and rows.mm2_per_s.iloc[0] > 0
+        and rows.seam_error.iloc[0] == "RuntimeError: CUDA error"
+    )
+
+
 @pytest.mark.slow
 def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     """`hirespath benchmark experiment=segment_speed` at test size: both entries segment the slide end to end and

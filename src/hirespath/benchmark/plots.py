@@ -71,12 +71,17 @@ def plot_segmentation(rows: list[dict], path: Path, title: str = "") -> None:
     plt = pyplot()
 
     df = pd.DataFrame(rows)
+    for column in ("mm2_per_s", "speedup", "px_per_tissue_px", "encode_s_per_mpx"):  # absent when every entry failed
+        df[column] = df[column] if column in df else float("nan")
     labels = [f"{r.tile_size} px {r.attention}" + (f" w={r.window}" if r.attention == "sparse" else "")
               + f"\noverlap {r.overlap} px" for r in df.itertuples()]  # fmt: skip
     x = range(len(df))
     fig, (speed, seams) = plt.subplots(1, 2, figsize=(max(9, 3.2 * len(df)), 4.4))
-    bars = speed.bar(x, df.mm2_per_s, 0.6, color="tab:blue")
+    bars = speed.bar(x, df.mm2_per_s.fillna(0), 0.6, color="tab:blue")
     for bar, r in zip(bars, df.itertuples()):
+        if not r.mm2_per_s > 0:  # an entry that failed (its row's status and error say how)
+            speed.text(bar.get_x() + bar.get_width() / 2, 0, "failed", ha="center", va="bottom", color="tab:red")
+            continue
         speed.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r.speedup:.2f}×", ha="center",
                    va="bottom", fontsize=9, fontweight="bold")  # fmt: skip
         speed.text(bar.get_x() + bar.get_width() / 2, bar.get_height() / 2,
@@ -84,7 +89,7 @@ def plot_segmentation(rows: list[dict], path: Path, title: str = "") -> None:
                    ha="center", va="center", fontsize=7, color="white")  # fmt: skip
     speed.set_xticks(list(x), labels, fontsize=8)
     speed.set_ylabel("tissue mm² per second (end to end)")
-    speed.set_ylim(0, df.mm2_per_s.max() * 1.15)
+    speed.set_ylim(0, (df.mm2_per_s.max() if df.mm2_per_s.gt(0).any() else 1) * 1.15)
     speed.set_title("speed", fontsize=10)
     if "seam_dice_linear" in df and df.seam_dice_linear.notna().any():
         width = 0.35

@@ -8,7 +8,8 @@ where a real slide has hundreds), with its two factors: the pixels the model run
 tiles over the tissue's edge) and the model's seconds per megapixel at that tile size. With ``segment_bench.repeats``
 > 1 the entries run in rounds (one run of each per round) and the medians are reported. The seam measure
 (:mod:`.seams`) compares, on a region of ``segment_bench.seam_region`` px, the entry's tiles stitched (both blends)
-with one forward over the region.
+with one forward over the region. An entry that fails (its segmentation or its seam measure) is logged and its row
+says so (``status``, ``seam_error``); the other entries are measured and written, then the run fails naming it.
 The model: a trained run's (``segment_bench.ckpt``) or the composed backbone under a Mask2Former head with random
 weights (speed does not depend on the weights; the seam measure of a random model only shows the mechanics).
 """
@@ -34,7 +35,8 @@ from ..segmentation.model import SEGPATH_TILE_PX, SegmentationCheckpoint, load_s
 from ..segmentation.seams import seam_measure
 from ..utils.errors import InputError
 from ..utils.io import atomic_path
-from .measure import device_name
+from ..utils.memory import is_oom
+from .measure import device_name, failure_status
 from .plots import plot_segmentation
 from .rounds import check_repeats, in_rounds
 
@@ -95,6 +97,13 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
                              seam_check_share=1.0)  # fmt: skip
 
     def run(i: int, entry) -> dict:
+        try:
+            return segment_entry(i, entry)
+        except Exception as err:  # noqa: BLE001 — logged here with the entry; it leaves the rounds, the others go on
+            failure_status(err, f"segment_speed entry {dict(entry)}", int(entry["tile_size"]))
+            raise
+
+    def segment_entry(i: int, entry) -> dict:
         tile, overlap = configure(entry)
         tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue),
                                  cover_tissue=True)  # every tissue pixel, as segment_slides tiles  # fmt: skip
@@ -108,10 +117,16 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             shutil.rmtree(job, ignore_errors=True)
         return s
 
-    runs = in_rounds({i: functools.partial(run, i, entry) for i, entry in enumerate(b.compare)}, repeats)
+    runs = in_rounds({i: functools.partial(run, i, entry) for i, entry in enumerate(b.compare)}, repeats,
+                     stops=lambda err: True)  # fmt: skip
     rows = []
     for entry_runs, entry in zip(runs.values(), b.compare, strict=True):
         tile, overlap = configure(entry)
+        if isinstance(entry_runs, BaseException):
+            rows.append({"model": seg.trained_tag, "tile_size": tile, "overlap": overlap, "attention": enc.attention,
+                         "window": enc.window, "status": "oom" if is_oom(entry_runs) else "error",
+                         "error": f"{type(entry_runs).__name__}: {entry_runs}"})  # fmt: skip
+            continue
         s = entry_runs[-1]
         seconds_all = [r["seconds"] - r["stage_seconds"].get("startup", 0.0) for r in entry_runs]
         seconds = statistics.median(seconds_all)
@@ -120,8 +135,13 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
         # first is the overlap and the tissue grid's edges, the second what the model costs per pixel at that size
         mpx = s["tiles"] * tile**2 / 1e6
         px_per_tissue_px = mpx * 1e6 * (mpp * 1e-3) ** 2 / s["tissue_mm2"]
-        seams = {} if region is None else seam_measure(seg.model, seg.class_index, seg.classes, region, tile, overlap,
-                                                       float(b.threshold))  # fmt: skip
+        seams, seam_error = {}, None
+        try:
+            if region is not None:
+                seams = seam_measure(seg.model, seg.class_index, seg.classes, region, tile, overlap, float(b.threshold))
+        except Exception as err:  # noqa: BLE001 — the speed stands without it
+            failure_status(err, f"segment_speed seam measure of {dict(entry)}", tile)
+            seam_error = f"{type(err).__name__}: {err}"
         rows.append({
             "model": seg.trained_tag, "device": device_name(s["device"]),
             "tile_size": tile, "overlap": overlap, "attention": enc.attention, "window": enc.window,
@@ -137,17 +157,19 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             **({"seam_dice_per_class": json.dumps({k: v["dice"] for k, v in seams.items()})} if seams else {}),
             # classes whose one-forward map is a single value (all of them: a random head, the seam columns are moot)
             **({"seam_constant_classes": len(next(iter(seams.values()))["constant_classes"])} if seams else {}),
+            "status": "ok", **({"seam_error": seam_error} if seam_error else {}),
         })  # fmt: skip
-    base = rows[0]["mm2_per_s"]
+    base = rows[0].get("mm2_per_s", float("nan"))
     for r in rows:
-        r["speedup"] = r["mm2_per_s"] / base
+        r["speedup"] = r.get("mm2_per_s", float("nan")) / base
     path = out_dir / "segmentation_benchmark.csv"
     with atomic_path(path) as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     png = out_dir / "segmentation_benchmark.png"
     plot_segmentation(rows, png)
-    table = pd.DataFrame(rows)[
-        [
+    seam_columns = sorted({c for r in rows for c in r if c.startswith("seam_dice_") and c != "seam_dice_per_class"})
+    table = pd.DataFrame(rows).reindex(
+        columns=[
             "tile_size",
             "overlap",
             "attention",
@@ -157,10 +179,20 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             "speedup",
             "px_per_tissue_px",
             "encode_s_per_mpx",
-            *[c for c in rows[0] if c.startswith("seam_dice_") and c != "seam_dice_per_class"],
+            "status",
+            *seam_columns,
         ]
-    ]
+    )
     log.info("whole-slide segmentation of %s (model %s):\n%s", slide, seg.trained_tag, table.to_string(index=False))
+    failed = [r for r in rows if r["status"] != "ok" or r.get("seam_error")]
+    if failed:  # written, drawn and logged above; the run still fails, so a script sees it
+        raise RuntimeError(
+            f"segment_speed: {len(failed)} entr{'y' if len(failed) == 1 else 'ies'} failed ("
+            + ", ".join(
+                f"{r['tile_size']} px {r['attention']}: {r.get('error') or r.get('seam_error')}" for r in failed
+            )
+            + f"); the others are in {path}"
+        )
     return {"csv": str(path), "plot": str(png), "rows": rows, "summary": table.to_string(index=False),
             "tables": [str(path)], "plots": [str(png)]}  # fmt: skip
 
