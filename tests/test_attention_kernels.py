@@ -56,11 +56,42 @@ def _flex_projected_in_steps(k, *a, **kw):
         attention.FLEX_PROJECTION_TOKENS = saved
 
 
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k):
+    """``varlen_attn``'s contract (flash attention over packed ragged sequences) on CPU: checks what the CUDA
+    kernel needs of its arguments, then attends sequence by sequence."""
+    assert q.dim() == k.dim() == v.dim() == 3 and q.shape[1:] == k.shape[1:] == v.shape[1:]
+    assert all(t.stride(-1) == 1 for t in (q, k, v))
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.shape == cu_k.shape
+    lq, lk = cu_q.diff(), cu_k.diff()
+    assert cu_q[0] == cu_k[0] == 0 and cu_q[-1] == len(q) and cu_k[-1] == len(k)
+    assert bool((lq > 0).all()) and bool((lk > 0).all())
+    assert int(lq.max()) == max_q and int(lk.max()) == max_k
+    out = torch.empty_like(q)
+    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        out[a:b] = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
+        ).transpose(0, 1)
+    return out
+
+
+def _varlen_on_cpu(chunk_keys, *a, **kw):
+    """The varlen kernel with ``varlen_attn`` (flash attention, CUDA only) replaced by ``varlen_reference``, a CPU
+    function of the same contract; ``chunk_keys`` None: one call."""
+    saved = attention._VARLEN.get("cpu")
+    attention._VARLEN["cpu"] = varlen_reference
+    try:
+        return ATTENTION_KERNELS["sparse[varlen]"](*a, **kw, chunk_keys=chunk_keys)
+    finally:
+        attention._VARLEN["cpu"] = saved
+
+
 PATHS = {
     "gather": lambda k, *a, **kw: ATTENTION_KERNELS["sparse[gather]"](*a, **kw),
     "gather-chunks": lambda k, *a, **kw: ATTENTION_KERNELS["sparse[gather]"](*a, **kw, chunk_keys=k),
     "flex": lambda k, *a, **kw: ATTENTION_KERNELS["sparse[flex]"](*a, **kw),
     "flex-steps": _flex_projected_in_steps,
+    "varlen": lambda k, *a, **kw: _varlen_on_cpu(None, *a, **kw),
+    "varlen-chunks": _varlen_on_cpu,
 }
 
 
@@ -176,52 +207,23 @@ def test_flex_encoder_equals_gather_encoder(monkeypatch, score_chunk):
     torch.testing.assert_close(a.cls, b.cls, rtol=1e-4, atol=1e-4)
 
 
-def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k):
-    """``varlen_attn``'s contract (flash attention over packed ragged sequences) on CPU: checks what the CUDA
-    kernel needs of its arguments, then attends sequence by sequence."""
-    assert q.dim() == k.dim() == v.dim() == 3 and q.shape[1:] == k.shape[1:] == v.shape[1:]
-    assert all(t.stride(-1) == 1 for t in (q, k, v))
-    assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.shape == cu_k.shape
-    lq, lk = cu_q.diff(), cu_k.diff()
-    assert cu_q[0] == cu_k[0] == 0 and cu_q[-1] == len(q) and cu_k[-1] == len(k)
-    assert bool((lq > 0).all()) and bool((lk > 0).all())
-    assert int(lq.max()) == max_q and int(lk.max()) == max_k
-    out = torch.empty_like(q)
-    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
-        out[a:b] = F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
-        ).transpose(0, 1)
-    return out
-
-
 @pytest.mark.parametrize("chunk_keys", [None, 64], ids=["one-call", "many-calls"])
 @pytest.mark.parametrize("grid,window,radius", [((11, 9), 3, 1), ((8, 8), 2, 2)])
 @pytest.mark.parametrize("which", ["full", "pruned"])
-def test_varlen_kernel_equals_reference(monkeypatch, chunk_keys, grid, window, radius, which):
-    """The varlen kernel's packing (each block's queries, its neighbourhood and prefix keys, unpadded, per call)
-    equals the reference, with ``varlen_attn`` (CUDA only) replaced by a CPU function of the same contract; and
-    it computes exactly the pattern's products."""
-    monkeypatch.setitem(attention._VARLEN, "cpu", varlen_reference)
-    enc = tiny_encoder(attention="sparse", window=window)
-    attn = enc.vit.blocks[0].attn
-    B, P = 2, enc.num_prefix_tokens
+def test_varlen_plan_packs_each_block_unpadded(chunk_keys, grid, window, radius, which):
+    """The varlen kernel's chunks (its outputs equal the reference: ``test_kernel_equals_reference``): every query
+    once, chunks within their key budget (a block over it alone), and exactly the pattern's query × key pairs."""
+    B, P = 2, 9
     layout = layouts(B, grid, P)[which]
-    torch.manual_seed(2)
-    x = torch.randn(B, P + layout.positions.shape[1], enc.embed_dim)
-    with torch.inference_mode():
-        want = reference(attn, x, layout, window, radius)
-        got = ATTENTION_KERNELS["sparse[varlen]"](attn, x, layout, window=window, radius=radius, chunk_keys=chunk_keys)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     budget = chunk_keys or attention.VARLEN_CHUNK_KEYS
     chunks = attention.varlen_plan(layout, window, radius, budget)
     assert (len(chunks) > 2) == (chunk_keys is not None)
-    assert all(len(c.kv_rows) <= budget or len(c.cu_k) == 2 for c in chunks)  # over budget: one block alone
-    L = layout.num_prefix + layout.positions.shape[1]
-    patch_rows = (torch.arange(B)[:, None] * L + torch.arange(layout.num_prefix, L)).flatten()
-    assert torch.equal(torch.cat([c.q_rows for c in chunks]).sort().values, patch_rows)  # each query once
-    padded, real = attention.varlen_padding(layout, window, radius, chunk_keys or attention.VARLEN_CHUNK_KEYS)
-    allowed = sparse_reference_mask(layout, window, radius)
-    assert padded == real == int(allowed.sum())  # nothing padded: the pattern's query × key pairs, no more
+    assert all(len(c.kv_rows) <= budget or len(c.cu_k) == 2 for c in chunks)
+    L = P + layout.positions.shape[1]
+    patch_rows = (torch.arange(B)[:, None] * L + torch.arange(P, L)).flatten()
+    assert torch.equal(torch.cat([c.q_rows for c in chunks]).sort().values, patch_rows)
+    padded, real = attention.varlen_padding(layout, window, radius, budget)
+    assert padded == real == int(sparse_reference_mask(layout, window, radius).sum())  # nothing padded
 
 
 def test_varlen_kernel_runs_gather_where_flash_cannot(recwarn):

@@ -1331,6 +1331,14 @@ def test_seam_measure_flags_a_saturated_head(monkeypatch, caplog):
     assert out["linear"]["constant_classes"] == [] and "says nothing" not in caplog.text
 
 
+# segment_speed on a tiny model, the two entries' segment_slides replaced by a fake (the rounds and rows are tested)
+FAKE_SPEED_RUN = ["experiment=segment_speed", "backbone=tiny", "segment_bench.synthetic_side=392",
+                  "segment_bench.seam_region=0", "tile.mpp=1.0",
+                  "segment_bench.head={num_queries:10,hidden_dim:64,decoder_layers:2,pixel_decoder_layers:1}",
+                  "segment_bench.compare=[{tile_size:56,overlap:14,attention:dense},"
+                  "{tile_size:112,overlap:14,attention:sparse,window:4}]"]  # fmt: skip
+
+
 def test_segment_speed_benchmark_runs_its_entries_in_rounds(tmp_path, monkeypatch):
     """segment_bench.repeats=3: one run of each entry per round (a slow stretch of a shared machine slows every entry
     alike), the median seconds reported with all of them; a repeats below 1 is refused before any slide is read."""
@@ -1348,11 +1356,7 @@ def test_segment_speed_benchmark_runs_its_entries_in_rounds(tmp_path, monkeypatc
                 "device": "cpu", "stage_seconds": {"startup": 0.5, "encode": 1.0, "write": 0.25}}  # fmt: skip
 
     monkeypatch.setattr(speed, "segment_slides", fake_segment_slides)
-    overrides = ["experiment=segment_speed", "backbone=tiny", "segment_bench.synthetic_side=392",
-                 "segment_bench.seam_region=0", "tile.mpp=1.0", "segment_bench.repeats=3",
-                 "segment_bench.head={num_queries:10,hidden_dim:64,decoder_layers:2,pixel_decoder_layers:1}",
-                 "segment_bench.compare=[{tile_size:56,overlap:14,attention:dense},"
-                 "{tile_size:112,overlap:14,attention:sparse,window:4}]"]  # fmt: skip
+    overrides = [*FAKE_SPEED_RUN, "segment_bench.repeats=3"]
     rows = pd.read_csv(run_benchmark(compose_task("benchmark", overrides, tmp_path))["csv"])
     assert calls == [(56, "dense"), (112, "sparse")] * 3
     assert list(rows.seconds) == [5.0, 4.0] and list(rows.repeats) == [3, 3]
@@ -1380,11 +1384,7 @@ def test_segment_speed_benchmark_keeps_the_entries_that_ran_when_one_fails(tmp_p
                 "stage_seconds": {"startup": 0.5, "encode": 1.0, "write": 0.25}}  # fmt: skip
 
     monkeypatch.setattr(speed, "segment_slides", fake_segment_slides)
-    overrides = ["experiment=segment_speed", "backbone=tiny", "segment_bench.synthetic_side=392",
-                 "segment_bench.seam_region=0", "tile.mpp=1.0", "segment_bench.repeats=2",
-                 "segment_bench.head={num_queries:10,hidden_dim:64,decoder_layers:2,pixel_decoder_layers:1}",
-                 "segment_bench.compare=[{tile_size:56,overlap:14,attention:dense},"
-                 "{tile_size:112,overlap:14,attention:sparse,window:4}]"]  # fmt: skip
+    overrides = [*FAKE_SPEED_RUN, "segment_bench.repeats=2"]
     with pytest.raises(RuntimeError, match=r"segment_speed: 1 entry failed \(112 px sparse: ValueError: flex_"):
         run_benchmark(compose_task("benchmark", overrides, tmp_path))
     rows = pd.read_csv(tmp_path / "segmentation_benchmark.csv")
