@@ -406,6 +406,32 @@ def test_embedding_benchmark_runs_its_configurations_in_rounds(tmp_path, monkeyp
     assert encoder_calls == []
 
 
+def test_embedding_benchmark_keeps_the_configurations_that_ran(tmp_path, monkeypatch, caplog):
+    """A configuration failing end to end (the last step of the GPU script) is logged and its row says so; the others
+    are measured, written and drawn, then the task fails naming it."""
+    import hirespath.benchmark.slide_throughput as st
+
+    real_embed = st.embed_slides
+
+    def embed(encoder, slides, job, tiling, *args, **kwargs):
+        if tiling.size == 448:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_embed(encoder, slides, job, tiling, *args, **kwargs)
+
+    monkeypatch.setattr(st, "embed_slides", embed)
+    overrides = ["mode=slides", "backbone=tiny", "+backbone.overrides.depth=1", "device=cpu", "embed.num_workers=0",
+                 "slides.synthetic_side=896", "tile.size=448", "embed.batch_size=2", "slides.repeats=2",
+                 "slides.compare=[{tile_size: 112, attention: dense, prune_ratio: 0.0},"
+                 "{attention: dense, prune_ratio: 0.0}]"]  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"embedding benchmark: 1 configuration\(s\) failed \(448 px, dense.*: "
+                                           r"RuntimeError: CUDA error: an illegal memory access"):  # fmt: skip
+        run_benchmark(_cfg(tmp_path, overrides))
+    df = pd.read_csv(tmp_path / "embedding_benchmark.csv")
+    assert list(df.status) == ["ok", "error"] and df.seconds_end_to_end[0] > 0 and math.isnan(df.seconds_end_to_end[1])
+    assert (tmp_path / "embedding_benchmark.png").stat().st_size > 0
+    assert sum("failed: RuntimeError: CUDA error" in r.message for r in caplog.records) == 1  # left the rounds
+
+
 def test_embedding_benchmark_measures_tissue_throughput(tmp_path):
     """mode=slides (experiment embed_speed's shape): 224-style small dense tiles vs large dense vs large sparse +
     pruned tiles of one generated slide, same weights; CSV, plot, ratios against the first configuration."""

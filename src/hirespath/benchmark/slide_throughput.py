@@ -34,11 +34,12 @@ from ..embeddings.features import embed_slides, encoder_forward
 from ..models.backbones import build_timm_model, get_backbone
 from ..slides import BACKGROUND, STAGES, Runtime, TileModel
 from ..utils.io import atomic_path
+from ..utils.memory import is_oom
 from ..viz.figures import pyplot, save_png
 from ..wsi.tile_readers import SlideTileDataset
 from ..wsi.tissue import tile_grid
 from .costmodel import encoder_cost
-from .measure import configs_from
+from .measure import configs_from, failure_status
 from .rounds import check_repeats, in_rounds
 from .spec import BenchConfig, wrap_encoder
 
@@ -49,6 +50,7 @@ COLUMNS = [
     "device", "precision", "tiles", "tissue_mm2", "seconds_end_to_end", "seconds_encoder", "mm2_per_s_end_to_end",
     "mm2_per_s_encoder", "tflop_per_mm2", "speedup_end_to_end", "speedup_encoder", "speedup_flops",
     "pipeline_overhead", "reader", "num_workers", "threads", "repeats", *(f"stage_{s}_s" for s in STAGES + BACKGROUND),
+    "status", "error",
 ]  # fmt: skip
 
 
@@ -140,23 +142,40 @@ def benchmark_embedding(
     Encoder-only time: the slide's tiles pre-read into memory, encoded with the process's default threads (the
     encoder alone on the machine); end to end: ``embed_slides`` with ``reader``/``num_workers`` readers and its
     thread policy (``threads``). Each timed ``repeats`` times, the configurations in rounds (one run of each per
-    round); the medians are reported."""
+    round); the medians are reported. A configuration that fails (out of memory or otherwise) is logged, its row says
+    so (``status``, ``error``) and the others are measured."""
     check_repeats(repeats, "slides.repeats")
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     preset = get_backbone(backbone)
     vit = build_timm_model(preset, weights=weights, **dict(overrides or {})).eval()
-    prepared = []
-    for cfg in tqdm(configs, desc="embedding benchmark: reading the tiles", disable=not progress):
-        encoder = wrap_encoder(vit, preset, cfg).eval()
-        grid = tile_grid(slide, cfg.tile_size, tile_mpp, 0, min_tissue, keep_images=False)
-        tile_encoder = TileModel(encoder, device, precision, batch_size,
-                                 forward=encoder_forward(encoder, "cls", False))  # fmt: skip
-        ds = SlideTileDataset(slide, grid.coords, grid.patch_size_level0, cfg.tile_size, level=grid.read_level)
-        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
-        ds.close()
-        _encoder_only_seconds(tile_encoder, images[:batch_size], batch_size)  # warm-up (allocator, kernels)
+    prepared, failed = [], {}  # failed: configuration index → its error
+    for c, cfg in enumerate(tqdm(configs, desc="embedding benchmark: reading the tiles", disable=not progress)):
+        try:
+            encoder = wrap_encoder(vit, preset, cfg).eval()
+            grid = tile_grid(slide, cfg.tile_size, tile_mpp, 0, min_tissue, keep_images=False)
+            tile_encoder = TileModel(encoder, device, precision, batch_size,
+                                     forward=encoder_forward(encoder, "cls", False))  # fmt: skip
+            ds = SlideTileDataset(slide, grid.coords, grid.patch_size_level0, cfg.tile_size, level=grid.read_level)
+            images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+            ds.close()
+            _encoder_only_seconds(tile_encoder, images[:batch_size], batch_size)  # warm-up (allocator, kernels)
+        except Exception as err:  # noqa: BLE001 — one configuration failing must not end the others
+            failed[c] = err
+            failure_status(err, cfg.label, cfg.tile_size)
+            continue
         prepared.append(_Prepared(cfg, encoder, grid, tile_encoder, images))
+    index = [c for c in range(len(configs)) if c not in failed]  # each prepared entry's configuration
+
+    def logged(i: int, run):  # an error is logged with its configuration; it leaves the rounds, the others go on
+        def call():
+            try:
+                return run()
+            except Exception as err:  # noqa: BLE001 — re-raised for in_rounds, which keeps it as the result
+                failure_status(err, configs[index[i]].label, configs[index[i]].tile_size)
+                raise
+
+        return call
 
     def end_to_end(cfg: ThroughputConfig, encoder) -> dict:
         job = Path(tempfile.mkdtemp(prefix="hirespath_embed_bench_"))
@@ -174,55 +193,68 @@ def benchmark_embedding(
 
     # In rounds (rounds.py): the encoder alone on the pre-read tiles, then the slide end to end.
     with tqdm(total=2 * repeats * len(prepared), desc="embedding benchmark: runs", disable=not progress) as bar:
-        alone = {i: functools.partial(_encoder_only_seconds, p.tile_encoder, p.images, batch_size)
+        alone = {i: logged(i, functools.partial(_encoder_only_seconds, p.tile_encoder, p.images, batch_size))
                  for i, p in enumerate(prepared)}  # fmt: skip
-        encoder_runs = in_rounds(alone, repeats, after_each=lambda: bar.update(1))
+        encoder_runs = in_rounds(alone, repeats, stops=lambda err: True, after_each=lambda: bar.update(1))
         del alone
         prepared = [p._replace(images=None) for p in prepared]  # the tiles' memory back before the slide runs
-        slide_runs = {i: functools.partial(end_to_end, p.cfg, p.encoder) for i, p in enumerate(prepared)}
-        e2e_runs = in_rounds(slide_runs, repeats, after_each=lambda: bar.update(1))
-    rows = []
+        slide_runs = {i: logged(i, functools.partial(end_to_end, p.cfg, p.encoder)) for i, p in enumerate(prepared)
+                      if not isinstance(encoder_runs[i], BaseException)}  # fmt: skip
+        e2e_runs = in_rounds(slide_runs, repeats, stops=lambda err: True, after_each=lambda: bar.update(1))
+    by_config = {}
     for i, (cfg, encoder, grid, _, _) in enumerate(prepared):
+        err = next((r for r in (encoder_runs[i], e2e_runs.get(i)) if isinstance(r, BaseException)), None)
+        if err is not None:
+            failed[index[i]] = err
+            continue
         summaries = sorted(e2e_runs[i], key=lambda summary: summary["seconds"])
         summary = summaries[(len(summaries) - 1) // 2]  # the median run (the lower one of an even count)
         encoder_s = statistics.median(encoder_runs[i])
         stages = summary["stage_seconds"]
         tissue = grid.tissue_area_mm2
         cost = encoder_cost(encoder, cfg.tile_size, device=device.type)
-        rows.append(
-            dict(
-                backbone=backbone,
-                configuration=cfg.label,
-                tile_size=cfg.tile_size,
-                tile_mpp=tile_mpp,
-                attention=cfg.attention,
-                window=cfg.window,
-                prune_ratio=cfg.prune_ratio,
-                prune_layer=cfg.prune_layer,
-                device=str(device),
-                precision=summary["precision"],
-                tiles=len(grid),
-                tissue_mm2=tissue,
-                seconds_end_to_end=summary["seconds"],
-                seconds_encoder=encoder_s,
-                mm2_per_s_end_to_end=tissue / summary["seconds"],
-                mm2_per_s_encoder=tissue / encoder_s,
-                tflop_per_mm2=cost.tflops * len(grid) / tissue,
-                pipeline_overhead=summary["seconds"] / encoder_s,
-                reader=summary["reader"],
-                num_workers=summary["num_workers"],
-                threads="→".join(map(str, summary["threads"])),
-                repeats=repeats,
-                **{f"stage_{k}_s": stages[k] for k in STAGES + BACKGROUND},
-            )  # fmt: skip
-        )
+        by_config[index[i]] = dict(
+            backbone=backbone,
+            configuration=cfg.label,
+            tile_size=cfg.tile_size,
+            tile_mpp=tile_mpp,
+            attention=cfg.attention,
+            window=cfg.window,
+            prune_ratio=cfg.prune_ratio,
+            prune_layer=cfg.prune_layer,
+            device=str(device),
+            precision=summary["precision"],
+            tiles=len(grid),
+            tissue_mm2=tissue,
+            seconds_end_to_end=summary["seconds"],
+            seconds_encoder=encoder_s,
+            mm2_per_s_end_to_end=tissue / summary["seconds"],
+            mm2_per_s_encoder=tissue / encoder_s,
+            tflop_per_mm2=cost.tflops * len(grid) / tissue,
+            pipeline_overhead=summary["seconds"] / encoder_s,
+            reader=summary["reader"],
+            num_workers=summary["num_workers"],
+            threads="→".join(map(str, summary["threads"])),
+            repeats=repeats,
+            **{f"stage_{k}_s": stages[k] for k in STAGES + BACKGROUND},
+            status="ok",
+            error="",
+        )  # fmt: skip
         log.info("%-44s %4d tiles  %.3f mm²/s end to end, %.3f mm²/s encoder", cfg.label, len(grid),
-                 rows[-1]["mm2_per_s_end_to_end"], rows[-1]["mm2_per_s_encoder"])  # fmt: skip
+                 by_config[index[i]]["mm2_per_s_end_to_end"], by_config[index[i]]["mm2_per_s_encoder"])  # fmt: skip
+    for c, err in failed.items():
+        cfg = configs[c]
+        by_config[c] = dict(backbone=backbone, configuration=cfg.label, tile_size=cfg.tile_size, tile_mpp=tile_mpp,
+                            attention=cfg.attention, window=cfg.window, prune_ratio=cfg.prune_ratio,
+                            prune_layer=cfg.prune_layer, device=str(device), repeats=repeats,
+                            status="oom" if is_oom(err) else "error", error=f"{type(err).__name__}: {err}")  # fmt: skip
+    rows = [by_config[c] for c in range(len(configs))]
+    nan = float("nan")
     first = rows[0]
     for r in rows:
-        r["speedup_end_to_end"] = r["mm2_per_s_end_to_end"] / first["mm2_per_s_end_to_end"]
-        r["speedup_encoder"] = r["mm2_per_s_encoder"] / first["mm2_per_s_encoder"]
-        r["speedup_flops"] = first["tflop_per_mm2"] / r["tflop_per_mm2"]
+        r["speedup_end_to_end"] = r.get("mm2_per_s_end_to_end", nan) / first.get("mm2_per_s_end_to_end", nan)
+        r["speedup_encoder"] = r.get("mm2_per_s_encoder", nan) / first.get("mm2_per_s_encoder", nan)
+        r["speedup_flops"] = first.get("tflop_per_mm2", nan) / r.get("tflop_per_mm2", nan)
     return rows
 
 
@@ -230,6 +262,9 @@ def summarize_embedding(rows: list[dict]) -> str:
     lines = [f"{'configuration':<46} {'tiles':>5} {'mm²/s e2e':>10} {'mm²/s enc':>10} {'x e2e':>6} {'x enc':>6} "
              f"{'x flops':>7} {'e2e/enc':>7}"]  # fmt: skip
     for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['configuration']:<46} {r['status']}: {r['error']}")
+            continue
         lines.append(
             f"{r['configuration']:<46} {r['tiles']:>5} {r['mm2_per_s_end_to_end']:>10.4f} "
             f"{r['mm2_per_s_encoder']:>10.4f} "
@@ -254,6 +289,9 @@ def plot_embedding(rows: list[dict], path: Path, title: str = "") -> None:
     ax.bar(x - 0.2, df.mm2_per_s_end_to_end, 0.4, label="end to end")
     ax.bar(x + 0.2, df.mm2_per_s_encoder, 0.4, label="encoder only")
     for i, r in df.iterrows():
+        if r.status != "ok":  # a configuration that failed: no bars
+            ax.text(i, 0, r.status, ha="center", va="bottom", fontsize=8, color="tab:red")
+            continue
         ax.text(i - 0.2, r.mm2_per_s_end_to_end, f"{r.speedup_end_to_end:.2f}×", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [c.replace(", ", "\n", 1) for c in df.configuration], fontsize=8)
     ax.set_ylabel("tissue mm² per second")
