@@ -105,7 +105,7 @@ def time_interleaved(
         _sync(device)
         return time.perf_counter() - t0
 
-    def leaves_rounds(err: BaseException) -> bool:
+    def leaves_rounds(key: K, err: BaseException) -> bool:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return True
@@ -343,9 +343,8 @@ def sweep(
 
     configs = list(configs)
     rows: dict[tuple[int, int], dict] = {}
-    failed_at: dict[
-        str, tuple[int, str]
-    ] = {}  # configuration → (resolution, status) where it ran out of memory or failed
+    # configuration → (resolution, status) where it ran out of memory or failed
+    failed_at: dict[str, tuple[int, str]] = {}
     per_resolution = len(configs) * (bench.warmup + bench.repeats)
     with tqdm(total=per_resolution * len(resolutions), desc="benchmark (forwards)", disable=not progress) as bar:
         for r, res in enumerate(resolutions):

@@ -16,13 +16,14 @@ T = TypeVar("T")
 def in_rounds(
     runs: dict[K, Callable[[], T]],
     rounds: int,
-    stops: Callable[[BaseException], bool] | None = None,
+    stops: Callable[[K, BaseException], bool] | None = None,
     after_each: Callable[[], None] | None = None,
 ) -> dict[K, list[T] | BaseException]:
     """Each run's results, ``rounds`` of them, called round after round in the order of ``runs``.
 
-    A run whose error ``stops(err)`` accepts (e.g. out of memory) gets that error instead of its results and leaves
-    the rounds; any other error raises. ``after_each`` is called after every call (a progress bar).
+    A run whose error ``stops(key, err)`` accepts (e.g. out of memory; or any, logged with the run it came from)
+    gets that error instead of its results and leaves the rounds; any other error raises. ``after_each`` is called
+    after every call (a progress bar).
     """
     results: dict[K, list[T] | BaseException] = {key: [] for key in runs}
     for _ in range(rounds):
@@ -33,7 +34,7 @@ def in_rounds(
             try:
                 done.append(run())
             except Exception as err:  # noqa: BLE001 — re-raised unless ``stops`` takes it
-                if stops is None or not stops(err):
+                if stops is None or not stops(key, err):
                     raise
                 results[key] = err
             finally:

@@ -97,13 +97,6 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
                              seam_check_share=1.0)  # fmt: skip
 
     def run(i: int, entry) -> dict:
-        try:
-            return segment_entry(i, entry)
-        except Exception as err:  # noqa: BLE001 — logged here with the entry; it leaves the rounds, the others go on
-            failure_status(err, f"segment_speed entry {dict(entry)}", int(entry["tile_size"]))
-            raise
-
-    def segment_entry(i: int, entry) -> dict:
         tile, overlap = configure(entry)
         tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue),
                                  cover_tissue=True)  # every tissue pixel, as segment_slides tiles  # fmt: skip
@@ -117,8 +110,12 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             shutil.rmtree(job, ignore_errors=True)
         return s
 
+    def leaves_rounds(i: int, err: BaseException) -> bool:  # logged with its entry; the others go on
+        failure_status(err, f"segment_speed entry {dict(b.compare[i])}", int(b.compare[i]["tile_size"]))
+        return True
+
     runs = in_rounds({i: functools.partial(run, i, entry) for i, entry in enumerate(b.compare)}, repeats,
-                     stops=lambda err: True)  # fmt: skip
+                     stops=leaves_rounds)  # fmt: skip
     rows = []
     for entry_runs, entry in zip(runs.values(), b.compare, strict=True):
         tile, overlap = configure(entry)

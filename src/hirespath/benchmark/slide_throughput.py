@@ -167,15 +167,9 @@ def benchmark_embedding(
         prepared.append(_Prepared(cfg, encoder, grid, tile_encoder, images))
     index = [c for c in range(len(configs)) if c not in failed]  # each prepared entry's configuration
 
-    def logged(i: int, run):  # an error is logged with its configuration; it leaves the rounds, the others go on
-        def call():
-            try:
-                return run()
-            except Exception as err:  # noqa: BLE001 — re-raised for in_rounds, which keeps it as the result
-                failure_status(err, configs[index[i]].label, configs[index[i]].tile_size)
-                raise
-
-        return call
+    def leaves_rounds(i: int, err: BaseException) -> bool:  # logged with its configuration; the others go on
+        failure_status(err, configs[index[i]].label, configs[index[i]].tile_size)
+        return True
 
     def end_to_end(cfg: ThroughputConfig, encoder) -> dict:
         job = Path(tempfile.mkdtemp(prefix="hirespath_embed_bench_"))
@@ -193,14 +187,14 @@ def benchmark_embedding(
 
     # In rounds (rounds.py): the encoder alone on the pre-read tiles, then the slide end to end.
     with tqdm(total=2 * repeats * len(prepared), desc="embedding benchmark: runs", disable=not progress) as bar:
-        alone = {i: logged(i, functools.partial(_encoder_only_seconds, p.tile_encoder, p.images, batch_size))
+        alone = {i: functools.partial(_encoder_only_seconds, p.tile_encoder, p.images, batch_size)
                  for i, p in enumerate(prepared)}  # fmt: skip
-        encoder_runs = in_rounds(alone, repeats, stops=lambda err: True, after_each=lambda: bar.update(1))
+        encoder_runs = in_rounds(alone, repeats, stops=leaves_rounds, after_each=lambda: bar.update(1))
         del alone
         prepared = [p._replace(images=None) for p in prepared]  # the tiles' memory back before the slide runs
-        slide_runs = {i: logged(i, functools.partial(end_to_end, p.cfg, p.encoder)) for i, p in enumerate(prepared)
+        slide_runs = {i: functools.partial(end_to_end, p.cfg, p.encoder) for i, p in enumerate(prepared)
                       if not isinstance(encoder_runs[i], BaseException)}  # fmt: skip
-        e2e_runs = in_rounds(slide_runs, repeats, stops=lambda err: True, after_each=lambda: bar.update(1))
+        e2e_runs = in_rounds(slide_runs, repeats, stops=leaves_rounds, after_each=lambda: bar.update(1))
     by_config = {}
     for i, (cfg, encoder, grid, _, _) in enumerate(prepared):
         err = next((r for r in (encoder_runs[i], e2e_runs.get(i)) if isinstance(r, BaseException)), None)
