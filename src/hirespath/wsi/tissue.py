@@ -1,15 +1,16 @@
 """Tissue on a slide's thumbnail and the grid of large tiles kept for a run, at a target µm/px.
 
-The grid follows TRIDENT's patcher (``trident/wsi_objects/WSIPatcher.py``) so our coordinate files mean what
-theirs mean: level-0 top-left (x, y) of every tile, in raster order, stride ``patch_size_level0 − overlap_level0``
-from (0, 0), columns and rows until the slide's width and height are covered (the last tiles may reach past the
-edge). Unlike TRIDENT, the scale is the exact ``tile_mpp / slide_mpp`` (TRIDENT rounds both magnifications to
-40x/20x/…, so its "20x" tiles of a 0.2527 µm/px slide are 0.5054 µm/px): a tile of ``tile_size`` px at
-``tile_mpp`` covers ``patch_size_level0 = round(tile_size · tile_mpp / slide_mpp)`` level-0 pixels, the region
-that is actually read. Writing ``level0_magnification = 10 / slide_mpp`` and ``target_magnification = 10 /
-tile_mpp`` (unrounded) into the coordinate files makes TRIDENT's own formula ``round(patch_size ·
-level0_magnification / target_magnification)`` give the same integer, so its readers and patchers re-read exactly
-our tiles; the float side differs from that integer by at most half a level-0 pixel.
+The grid follows TRIDENT's patcher (``trident/wsi_objects/WSIPatcher.py``) so our coordinate files mean what theirs
+mean: level-0 top-left (x, y) of every tile, in raster order, stride ``patch_size_level0 − overlap_level0``
+from (0, 0), columns and rows until the slide's width and height are covered (the last tiles may reach past the edge);
+segmentation's covering grid is the same grid shifted by less than a stride where that holds the tissue in fewer
+tiles (``fitted_covering_grid``). Unlike TRIDENT, the scale is the exact ``tile_mpp / slide_mpp`` (TRIDENT rounds
+both magnifications to 40x/20x/…, so its "20x" tiles of a 0.2527 µm/px slide are 0.5054 µm/px): a tile of
+``tile_size`` px at ``tile_mpp`` covers ``patch_size_level0 = round(tile_size · tile_mpp / slide_mpp)`` level-0
+pixels, the region that is actually read. Writing ``level0_magnification = 10 / slide_mpp`` and
+``target_magnification = 10 / tile_mpp`` (unrounded) into the coordinate files makes TRIDENT's own formula
+``round(patch_size · level0_magnification / target_magnification)`` give the same integer, so its readers and
+patchers re-read exactly our tiles; the float side differs from that integer by at most half a level-0 pixel.
 """
 
 from __future__ import annotations
@@ -156,12 +157,12 @@ def _box_sums(mask: np.ndarray, boxes: np.ndarray, ii: np.ndarray | None = None)
 
 def tissue_fractions(
     mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray, side0: int,
-    origin: tuple[int, int] = (0, 0),
+    origin: tuple[int, int] = (0, 0), ii: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Fraction of each level-0 square (x, y, side0) that is tissue on ``mask`` (its top-left at the level-0
-    ``origin``); outside the mask counts as glass."""
+    ``origin``); outside the mask counts as glass. ``ii``: the mask's ``_integral`` when already made."""
     boxes = mask_boxes(mask.shape, mask_downsample, coords, side0, origin)
-    return _box_sums(mask, boxes) / boxes[:, 4].astype(np.float64)
+    return _box_sums(mask, boxes, ii) / boxes[:, 4].astype(np.float64)
 
 
 def covering_tiles(mask: np.ndarray, mask_downsample: tuple[float, float], coords: np.ndarray, side0: int,
@@ -208,10 +209,15 @@ def grid_coords(size0: tuple[int, int], stride0: int, offset: tuple[int, int] = 
     return np.stack([xx.ravel() * stride0 - ox, yy.ravel() * stride0 - oy], 1), (rows, cols)
 
 
-def _kept(mask, mds, coords, side0, min_tissue, cover, origin) -> tuple[np.ndarray, np.ndarray]:
-    """(tissue fraction of every tile, which are kept): ``min_tissue`` tiles, and with ``cover`` the covering."""
-    frac = tissue_fractions(mask, mds, coords, side0, origin)
-    keep = (frac >= min_tissue) & (frac > 0)
+def _holds_min_tissue(frac: np.ndarray, min_tissue: float) -> np.ndarray:
+    return (frac >= min_tissue) & (frac > 0)
+
+
+def _kept(mask, mds, coords, side0, min_tissue, cover, origin, ii=None) -> tuple[np.ndarray, np.ndarray]:
+    """(tissue fraction of every tile, which are kept): ``min_tissue`` tiles, and with ``cover`` the covering.
+    ``ii``: the mask's ``_integral`` when already made."""
+    frac = tissue_fractions(mask, mds, coords, side0, origin, ii)
+    keep = _holds_min_tissue(frac, min_tissue)
     return frac, covering_tiles(mask, mds, coords, side0, keep, origin) if cover else keep
 
 
@@ -239,16 +245,15 @@ def fitted_covering_grid(
 
     def cells(offset: tuple[int, int]) -> int:
         coords, _ = grid_coords(size0, stride0, offset)
-        boxes = mask_boxes(mask.shape, mds, coords, side0, origin)
-        frac = _box_sums(mask, boxes, ii) / boxes[:, 4].astype(np.float64)
-        own = _box_sums(mask, mask_boxes(mask.shape, mds, coords + shared, stride0 - shared, origin), ii) > 0
-        return int(np.count_nonzero(((frac >= min_tissue) & (frac > 0)) | own))
+        kept = _holds_min_tissue(tissue_fractions(mask, mds, coords, side0, origin, ii), min_tissue)
+        own = tissue_fractions(mask, mds, coords + shared, stride0 - shared, origin, ii) > 0
+        return int(np.count_nonzero(kept | own))
 
     ranked = sorted(((cells((ox, oy)), (ox, oy)) for oy in steps for ox in steps), key=lambda c: c[0])
     best = None
     for offset in [(0, 0)] + [o for _, o in ranked[:GRID_FIT_FINALISTS] if o != (0, 0)]:
         coords, shape = grid_coords(size0, stride0, offset)
-        frac, keep = _kept(mask, mds, coords, side0, min_tissue, True, origin)
+        frac, keep = _kept(mask, mds, coords, side0, min_tissue, True, origin, ii)
         if best is None or keep.sum() < best[4].sum():
             best = (offset, coords, shape, frac, keep)
     return best
