@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import hirespath
 from hirespath.benchmark import measure as bm
-from hirespath.benchmark.costmodel import _neighbourhood_keys, encoder_cost, padding_ratio
+from hirespath.benchmark.costmodel import _neighbourhood_keys, encoder_cost, inference_kernel, padding_ratio
 from hirespath.benchmark.slide_throughput import embed_configs_from
 from hirespath.benchmark.spec import asked_backend
 from hirespath.models import attention
@@ -316,6 +316,12 @@ def test_padding_ratio_column(monkeypatch):
     assert padding_ratio(varlen, 1792, device="cpu") == padding_ratio(gather, 1792, device="cpu")  # gather ran
     monkeypatch.setitem(attention._VARLEN, "cuda", lambda *a: None)  # a PyTorch with varlen_attn
     assert padding_ratio(varlen, 1792, device="cuda") == 1.0  # ragged blocks, nothing padded
+    assert padding_ratio(varlen, 1792, device="cuda", dtype=torch.bfloat16) == 1.0
+    # fp32 queries: flash attention cannot take them and the varlen kernel runs gather; the column says so
+    fp32 = padding_ratio(varlen, 1792, device="cuda", dtype=torch.float32)
+    assert fp32 == padding_ratio(gather, 1792, device="cuda", dtype=torch.float32) > 1.0
+    assert inference_kernel(varlen, (128, 128), "cuda", torch.float32) == "sparse[gather]"
+    assert encoder_cost(varlen, 1792, 4, "cuda", torch.float32) == encoder_cost(gather, 1792, 4, "cuda")
     bench = bm.Benchmark("tiny", overrides={"depth": 2}, cpu_memory=False)
     row = bench.row(bm.BenchConfig(prune_ratio=0.5, prune_layer=1), 448)[1]
     assert 1.0 < row["padding_ratio"] < 1.15 and "padding_ratio" in bm.COLUMNS

@@ -97,6 +97,18 @@ def test_sparse_with_every_neighbourhood_the_grid_equals_the_sparse_kernels(monk
         torch.testing.assert_close(dense_out.cls, gather_out.cls, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "dtype, head_dim, expected",
+    [(None, None, "sparse[varlen]"), (torch.bfloat16, 64, "sparse[varlen]"), (torch.float16, 256, "sparse[varlen]"),
+     (torch.float32, 64, "sparse[gather]"), (torch.bfloat16, 264, "sparse[gather]"), (None, 60, "sparse[gather]")],
+)  # fmt: skip
+def test_varlen_policy_knows_what_flash_takes(monkeypatch, dtype, head_dim, expected):
+    """Given the queries' dtype and head dim the policy names the kernel that runs (fp32 or an odd head dim: the
+    varlen kernel would run gather), so the benchmark's columns and cost say what ran."""
+    monkeypatch.setitem(A._VARLEN, "cuda", lambda *a: None)
+    assert select_kernel("sparse", "varlen", "cuda", GRID, 4, dtype=dtype, head_dim=head_dim)[0] == expected
+
+
 def test_varlen_needs_a_pytorch_with_varlen_attn(monkeypatch):
     monkeypatch.setitem(A._VARLEN, "cuda", None)  # PyTorch < 2.10
     assert select_kernel("sparse", "varlen", "cuda", GRID, 4)[0] == "sparse[gather]"

@@ -51,9 +51,33 @@ def _neighbourhood_keys(grid: tuple[int, int], window: int, radius: int) -> int:
     return sum(qr * qc * kr * kc for qr, kr in rows for qc, kc in cols)
 
 
-def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: int = 2, device: str = "cuda") -> Cost:
+def inference_kernel(encoder, grid: tuple[int, int], device: str, dtype: torch.dtype | None = None) -> str:
+    """The kernel ``select_kernel`` runs for ``encoder``'s blocks on ``grid`` in inference on ``device``, with
+    queries of ``dtype`` (None: not known)."""
+    name, _ = select_kernel(
+        encoder.attention,
+        encoder.sparse_backend,
+        device,
+        grid,
+        encoder.window,
+        training=False,
+        radius=encoder.radius,
+        dtype=dtype,
+        head_dim=encoder.vit.blocks[0].attn.head_dim,
+    )
+    return name
+
+
+def encoder_cost(
+    encoder,
+    resolution: int | tuple[int, int],
+    bytes_per_element: int = 2,
+    device: str = "cuda",
+    dtype: torch.dtype | None = None,
+) -> Cost:
     """Cost of ``encoder`` (a HiResEncoder) on one image of ``resolution`` pixels (side, or (H, W)), in inference on
-    ``device`` (``cpu`` or ``cuda``): the attention is costed for the kernel ``select_kernel`` runs there."""
+    ``device`` (``cpu`` or ``cuda``) with queries of ``dtype``: the attention is costed for the kernel
+    ``select_kernel`` runs there."""
     H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     p = encoder.patch_size
     grid = (H // p, W // p)
@@ -63,9 +87,7 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
     heads = encoder.vit.blocks[0].attn.num_heads
     depth = encoder.depth
     pruner = encoder.pruner
-    kernel, _ = select_kernel(
-        encoder.attention, encoder.sparse_backend, device, grid, encoder.window, training=False, radius=encoder.radius
-    )
+    kernel = inference_kernel(encoder, grid, device, dtype)
     kept_frac = 1.0
     full_blocks = depth
     if pruner.enabled:
@@ -98,16 +120,17 @@ def encoder_cost(encoder, resolution: int | tuple[int, int], bytes_per_element: 
     return Cost(tokens=N, tflops=flops / 1e12, attn_memory_gb=attn_mem / 1e9)
 
 
-def padding_ratio(encoder, resolution: int | tuple[int, int], device: str = "cuda", seed: int = 0) -> float:
-    """Padded / real attention work (query×key products) of one forward of ``encoder`` on ``device`` in inference:
+def padding_ratio(
+    encoder, resolution: int | tuple[int, int], device: str = "cuda", seed: int = 0, dtype: torch.dtype | None = None
+) -> float:
+    """Padded / real attention work (query×key products) of one forward of ``encoder`` on ``device`` in inference
+    (queries of ``dtype``):
     1.0 for dense and eager (no padding), else the sparse kernel's own plans (gather: its chunks; flex: its BlockMask
     tiles; varlen: none, 1.0) on the full grid up to the pruning block, then on ⌈(1−p)·N⌉ survivors drawn uniformly
     at random — the cost model's survival assumption — with ``seed``."""
     H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     grid = (H // encoder.patch_size, W // encoder.patch_size)
-    kernel, _ = select_kernel(
-        encoder.attention, encoder.sparse_backend, device, grid, encoder.window, training=False, radius=encoder.radius
-    )
+    kernel = inference_kernel(encoder, grid, device, dtype)
     if kernel in ("dense", "eager"):
         return 1.0
     chunk_keys = encoder.attn_chunk_keys or gather_chunk_keys(device)

@@ -29,12 +29,11 @@ from typing import TypeVar
 
 import torch
 
-from ..models.attention import select_kernel
 from ..models.backbones import build_timm_model, check_resolution, get_backbone
 from ..models.encoder import HiResEncoder
 from ..utils.io import atomic_path
 from ..utils.memory import is_oom
-from .costmodel import encoder_cost, padding_ratio
+from .costmodel import encoder_cost, inference_kernel, padding_ratio
 from .memory_worker import cpu_peak_memory
 from .rounds import in_rounds
 from .spec import COLUMNS, DTYPES, BenchConfig, wrap_encoder
@@ -187,9 +186,8 @@ class Benchmark:
         """The encoder of ``cfg`` on the shared weights, and its CSV row with the analytic cost (not yet measured)."""
         self.check_resolution(resolution)
         enc = wrap_encoder(self.vit, self.preset, cfg, self.sparse_backend).eval()
-        cost = encoder_cost(
-            enc, resolution, bytes_per_element=2 if self.dtype != "fp32" else 4, device=self.device.type
-        )
+        dtype = DTYPES[self.dtype]  # the queries' (bf16 weights on CUDA, autocast on CPU)
+        cost = encoder_cost(enc, resolution, dtype.itemsize, self.device.type, dtype)
         return enc, dict(
             backbone=self.backbone,
             attention=cfg.attention,
@@ -205,21 +203,19 @@ class Benchmark:
             status=status,
             tflops=cost.tflops,
             attn_memory_gb=cost.attn_memory_gb,
-            padding_ratio=padding_ratio(enc, resolution, device=self.device.type),
+            padding_ratio=padding_ratio(enc, resolution, device=self.device.type, dtype=dtype),
             sparse_backend=self.kernel_column(enc, resolution),
             cpu_parallel=cfg.cpu_parallel,
         )
 
     def kernel_column(self, enc: HiResEncoder, resolution: int) -> str:
         """The ``sparse_backend`` column: empty for dense/eager; for sparse, the backend asked for, then ``:`` and
-        the kernel ``select_kernel`` runs in inference when it differs (``auto:flex``, ``auto:gather``; ``dense``
-        when every window's neighbourhood covers the grid)."""
+        the kernel ``select_kernel`` runs in inference when it differs (``auto:flex``, ``auto:gather``,
+        ``varlen:gather`` in fp32; ``dense`` when every window's neighbourhood covers the grid)."""
         if enc.attention != "sparse":
             return ""
         grid = (resolution // self.patch_size,) * 2
-        name, _ = select_kernel(
-            enc.attention, enc.sparse_backend, self.device, grid, enc.window, training=False, radius=enc.radius
-        )
+        name = inference_kernel(enc, grid, self.device.type, DTYPES[self.dtype])
         ran = name.removeprefix("sparse[").removesuffix("]")
         return enc.sparse_backend if ran == enc.sparse_backend else f"{enc.sparse_backend}:{ran}"
 

@@ -604,8 +604,27 @@ def _varlen_attention(device_type: str) -> Callable[..., Tensor] | None:
     return _VARLEN[device_type]
 
 
-def varlen_available(device: torch.device | str) -> bool:
-    return _varlen_attention(_device_type(device)) is not None
+def varlen_unsupported(
+    device: torch.device | str, dtype: torch.dtype | None = None, head_dim: int | None = None, dropout: bool = False
+) -> str | None:
+    """Why the varlen kernel would run gather instead on ``device`` with queries of ``dtype`` and ``head_dim``
+    (None: not known, assumed to fit), or None where it runs: the one rule of the kernel, the policy and the
+    benchmark's columns."""
+    device_type = _device_type(device)
+    if _varlen_attention(device_type) is None:
+        return f"no varlen_attn on {device_type} in PyTorch {torch.__version__} (CUDA, PyTorch >= 2.10)"
+    flash = device_type == "cuda"  # (the tests' CPU stand-in for varlen_attn takes any dtype)
+    if flash and (
+        (dtype is not None and dtype not in (torch.float16, torch.bfloat16))
+        or (head_dim is not None and (head_dim > VARLEN_MAX_HEAD_DIM or head_dim % 8))
+    ):
+        return (
+            f"flash attention needs fp16 or bf16 and a head dim <= {VARLEN_MAX_HEAD_DIM}, a multiple of 8 "
+            f"(got {dtype}, {head_dim})"
+        )
+    if dropout:
+        return "varlen has no attention dropout"
+    return None
 
 
 @functools.cache
@@ -629,18 +648,12 @@ def sparse_attention_varlen(
     and bf16 on CUDA; elsewhere (fp32, a head dim over 256) this is the gather kernel."""
     q, k, v = qkv or split_heads(attn, x)
     B, L, H, d = q.shape
-    fn = _varlen_attention(x.device.type)
-    why = None
-    if fn is None:
-        why = f"no varlen_attn on {x.device.type} in PyTorch {torch.__version__} (CUDA, PyTorch >= 2.10)"
-    elif x.is_cuda and (q.dtype not in (torch.float16, torch.bfloat16) or d > VARLEN_MAX_HEAD_DIM or d % 8):
-        why = f"flash attention needs fp16 or bf16 and a head dim <= {VARLEN_MAX_HEAD_DIM} (got {q.dtype}, {d})"
-    elif _dropout_p(attn) > 0:
-        why = "varlen has no attention dropout"
+    why = varlen_unsupported(x.device, q.dtype, d, dropout=_dropout_p(attn) > 0)
     if why is not None:
         _warn_varlen_fallback(why)
         return sparse_attention(attn, x, layout, window, radius, chunk_keys, (q, k, v))
     P = layout.num_prefix
+    fn = _varlen_attention(x.device.type)
     chunks = varlen_plan(layout, window, radius, chunk_keys or VARLEN_CHUNK_KEYS)
     q_all, k_all, v_all = (t.reshape(B * L, H, d) for t in (q, k, v))
     out = q.new_empty(B * L, H * d)
@@ -932,6 +945,8 @@ def select_kernel(
     *,
     dropout: bool = False,
     radius: int = 1,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
 ) -> tuple[str, Callable[..., Tensor]]:
     """The attention kernel that runs: ``(name, kernel)``, ``name`` a key of ``ATTENTION_KERNELS``.
 
@@ -948,9 +963,10 @@ def select_kernel(
       has none on the sparse rows) or ``training`` on a non-CUDA device (no CPU backward): gather there.
     - ``sparse``, backend ``gather``: gather.
     - ``sparse``, backend ``varlen``: varlen for CUDA inference where this PyTorch has ``varlen_attn``; gather
-      otherwise (CPU, training, dropout; and, inside the kernel, fp32 or a head dim flash attention cannot take).
-      Not the default: not yet measured on a GPU.
-    ``training``: gradients are being computed (``torch.is_grad_enabled()`` in a forward).
+      otherwise (CPU, training, dropout, and ``varlen_unsupported``'s dtypes and head dims). Not the default: not yet
+      measured on a GPU.
+    ``training``: gradients are being computed (``torch.is_grad_enabled()`` in a forward). ``dtype``, ``head_dim``:
+    the queries' (None: not known here; the varlen kernel then checks them itself and warns when it runs gather).
     """
     check_kernel_names(mode, backend)
     if mode != "sparse":
@@ -965,7 +981,7 @@ def select_kernel(
             flex = flex_runs and cuda and not training and blocks <= FLEX_MAX_BLOCKS
         else:
             flex = flex_runs and backend == "flex"
-        varlen = backend == "varlen" and cuda and not training and not dropout and varlen_available(device)
+        varlen = backend == "varlen" and not training and varlen_unsupported(device, dtype, head_dim, dropout) is None
         name = "sparse[varlen]" if varlen else "sparse[flex]" if flex else "sparse[gather]"
     return name, ATTENTION_KERNELS[name]
 
