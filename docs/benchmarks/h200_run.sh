@@ -2,7 +2,8 @@
 # GPU figures for issue 26 (table1_cost, max resolution in 80 GB, embed_speed), one call (prepare: gpu_prepare.sh).
 source docs/benchmarks/gpu_setup.sh
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 250 > /tmp/util.csv 2>&1 &
-# 1. Table 1 cost sweep, 80 GB budget as the H100 run (comparable), bf16 (260 s: pruned blocks compile a 2nd flex)
+# 1. Table 1 cost sweep, 80 GB budget as the H100 run (comparable), bf16 (260 s: pruned blocks compile a 2nd flex).
+#    The experiment's own rows only: the [gather] and [varlen] kernels run in gpu_both_issues.sh's table1 step.
 timeout 260 python3 tasks/benchmark.py experiment=table1_cost memory_budget_gb=80 repeats=3 hydra.run.dir=/tmp/t1 >> $L 2>&1
 echo "table1 rc=$? $(( $(date +%s)-T0 ))s" | tee -a $L
 cp /tmp/t1/benchmark.csv $OUT/table1_cost.csv 2>/dev/null; cp /tmp/t1/benchmark.png $OUT/table1_cost.png 2>/dev/null
