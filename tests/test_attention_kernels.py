@@ -186,6 +186,45 @@ def test_no_whole_normalised_tokens_live_through_attention_or_mlp(monkeypatch, b
     assert backend == "flex" or len(normalised) >= 2  # the gather blocks made whole ones, and dropped them
 
 
+def test_varlen_holds_neither_a_fused_qkv_nor_whole_normalised_tokens(monkeypatch):
+    """While ``varlen_attn`` runs, the block's projections are K and V (projected a few tokens at a time) and that
+    call's queries only: no fused q/k/v of the patch tokens was made and no whole normalised tokens are alive (the
+    fused q/k/v held through the calls had been three of the kernel's ~7.4 token × D tensors at its peak)."""
+    enc = tiny_encoder(attention="sparse", window=2, prune_ratio=0.5, prune_layer=2, sparse_backend="varlen")
+    enc.attn_chunk_keys = 64  # many calls per block
+    B, P = 2, enc.num_prefix_tokens
+    L = 6 * 6 + P
+    normalised, fused, calls = [], [], []
+
+    def keep_whole(module, args, output):
+        if output.dim() == 3 and output.shape[1] == L:
+            normalised.append(weakref.ref(output.untyped_storage()))
+
+    for blk in enc.vit.blocks:
+        blk.norm1.register_forward_hook(keep_whole)
+    split_heads_ = attention.split_heads
+
+    def recorded(attn, x):
+        qkv = split_heads_(attn, x)
+        if x.shape[1] > P:  # more than the prefix tokens
+            fused.extend(weakref.ref(t.untyped_storage()) for t in qkv)
+        return qkv
+
+    def spy(q, k, v, *args):
+        calls.append((sum(r() is not None for r in normalised + fused), q.shape[0]))
+        return varlen_reference(q, k, v, *args)
+
+    monkeypatch.setattr(attention, "split_heads", recorded)
+    monkeypatch.setattr(attention, "VARLEN_PROJECTION_TOKENS", 5)
+    monkeypatch.setitem(attention._VARLEN, "cpu", spy)  # the policy picks varlen where varlen_attn is
+    with torch.inference_mode():
+        out = enc(torch.rand(B, 3, 14 * 6, 14 * 6))
+    assert out.patch_tokens.shape[1] == 18
+    assert len(calls) > 2 * enc.depth and {alive for alive, _ in calls} == {0}
+    assert max(queries for _, queries in calls) < B * 36  # each call projects its own queries, not all of them
+    assert not fused  # K/V and the queries came from their thirds of the projection
+
+
 @pytest.mark.parametrize("score_chunk", [None, 7])
 def test_flex_encoder_equals_gather_encoder(monkeypatch, score_chunk):
     """The whole encoder through flex (it normalises and projects chunk by chunk; the pruning block's scores come

@@ -1,4 +1,4 @@
-"""Peak live tensor memory of one encoder forward through the flex kernel, measured on CPU (no GPU needed).
+"""Peak live tensor memory of one encoder forward through the flex (or varlen) kernel, measured on CPU (no GPU).
 
 The flex kernel is CUDA's inference path; on CPU it runs compiled by inductor here, so that its memory is the
 kernel's and not uncompiled flex's full score matrix. The live bytes are summed from torch.profiler's memory
@@ -8,25 +8,43 @@ unit in which the GPU peak scales: UNI2-h bf16 at 3,430 px, one unit is 184 MB.
 
     python docs/benchmarks/cpu_flex_memory.py 3430 384          # resolution, width (UNI2-h: 1536; 6 blocks, prune @4)
     python docs/benchmarks/cpu_flex_memory.py 3430 384 cuda     # the MLP in CUDA's token chunks, not CPU's
+    python docs/benchmarks/cpu_flex_memory.py 3430 384 cuda varlen  # the varlen kernel instead of flex
 
 On CPU the MLP runs in chunks of a few MB (cache-sized); on CUDA in much larger ones, so ``cuda`` makes the CPU
-forward chunk its MLP as a CUDA forward would: the peak a GPU sees.
+forward chunk its MLP as a CUDA forward would: the peak a GPU sees. ``varlen``: the varlen kernel, with
+``varlen_attn`` (flash attention, CUDA only) replaced by a CPU function of its contract that attends block by block
+(its own temporaries are one block's scores); its chunk of gathered keys scales with the width as the tokens × dim
+unit does, so the peak in units is UNI2-h's.
 """
 
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import hirespath
 from hirespath.models import HiResEncoder, attention
 
 size, dim = int(sys.argv[1]), int(sys.argv[2])
-cuda_mlp = sys.argv[3:] == ["cuda"]
+cuda_mlp = "cuda" in sys.argv[3:]
+backend = "varlen" if "varlen" in sys.argv[3:] else "flex"
 attention._FLEX["cpu"] = torch.compile(flex_attention, dynamic=False)
+
+
+def varlen_on_cpu(q, k, v, cu_q, cu_k, max_q, max_k):
+    out = torch.empty_like(q)
+    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        out[a:b] = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
+        ).transpose(0, 1)
+    return out
+
+
+attention._VARLEN["cpu"] = varlen_on_cpu
 torch.manual_seed(0)
 enc = hirespath.create_encoder(
-    "uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4, sparse_backend="flex",
+    "uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4, sparse_backend=backend,
     depth=6, embed_dim=dim, num_heads=dim // 64, init_values=1.0, cpu_parallel="ops",
 ).eval().to(torch.bfloat16)  # fmt: skip
 if cuda_mlp:
@@ -44,5 +62,5 @@ for event in sorted(prof.events(), key=lambda e: e.time_range.start):
     peak = max(peak, live)
 tokens = (size // 14) ** 2 + enc.num_prefix_tokens
 unit = tokens * dim * 2
-print(f"{size} px, width {dim}, MLP chunked as on {'CUDA' if cuda_mlp else 'CPU'}: peak {peak / 1e6:.0f} MB over the weights = {peak / unit:.1f} × tokens × dim "
+print(f"{backend}, {size} px, width {dim}, MLP chunked as on {'CUDA' if cuda_mlp else 'CPU'}: peak {peak / 1e6:.0f} MB over the weights = {peak / unit:.1f} × tokens × dim "
       f"(the input image is {x.numel() * 2 / unit:.1f} of them)")  # fmt: skip

@@ -110,9 +110,9 @@ def encoder_cost(
             flops += 4 * (keys + n * P + P * L) * D  # patch→patch, patch→prefix, prefix→all
             if kernel == "sparse[flex]":  # slot buffers for q, k, v and the output
                 mem = 4 * n * D * bytes_per_element
-            elif kernel == "sparse[varlen]":  # the output rows, a chunk's gathered K and V, its queries and outputs
+            elif kernel == "sparse[varlen]":  # K, V and the output rows, a call's gathered K/V, its queries, outputs
                 chunk = encoder.attn_chunk_keys or VARLEN_CHUNK_KEYS
-                mem = (L * D + 2 * min(chunk, L * 9) * D + 2 * min(chunk, n) * D) * bytes_per_element
+                mem = (3 * L * D + 2 * min(chunk, L * 9) * D + 2 * min(chunk, n) * D) * bytes_per_element
             else:  # the output rows plus one chunk of gathered K and V (the kernel's chunk on that device)
                 chunk = encoder.attn_chunk_keys or gather_chunk_keys(device)
                 mem = (L * D + 2 * min(chunk, L * 9) * D) * bytes_per_element

@@ -12,8 +12,8 @@ neighbourhood, clipped at the border) plus all prefix tokens; prefix tokens atte
 No L×L tensor is ever built. The gather kernel (CPU, training, very large grids) gathers each block's
 neighbourhood K/V rows by index and runs SDPA over chunks of similar blocks; the flex kernel (CUDA inference)
 projects the tokens chunk by chunk into per-block slots and runs flex_attention with a block-sparse BlockMask; the
-varlen kernel (asked for, CUDA fp16/bf16 inference) gathers as gather does and runs flash attention over the
-blocks as ragged sequences, unpadded.
+varlen kernel (asked for, CUDA fp16/bf16 inference) projects K and V chunk by chunk, gathers them as gather does and
+runs flash attention over the blocks as ragged sequences, unpadded, projecting each call's queries itself.
 
 ``ATTENTION_KERNELS`` names the kernels (dense, eager, sparse[gather], sparse[flex], sparse[varlen]) and
 ``select_kernel`` holds the policy choosing one (timm's ``ATTN_LAYERS`` / ``use_fused_attn`` in spirit): the
@@ -44,7 +44,7 @@ ATTENTION_MODES = ("dense", "eager", "sparse")
 SPARSE_BACKENDS = ("auto", "gather", "flex", "varlen")  # flex: torch flex_attention, compiled on CUDA; varlen:
 # torch varlen_attn (flash attention over ragged blocks, CUDA fp16/bf16)
 # Kernels that project q/k/v themselves, chunk by chunk into their own buffers, and ignore a ``qkv`` passed in.
-PROJECTING_KERNELS = frozenset({"sparse[flex]"})
+PROJECTING_KERNELS = frozenset({"sparse[flex]", "sparse[varlen]"})
 FLEX_MAX_BLOCKS = 4096  # flex's BlockMask holds (blocks × blocks) int32 index tables: 64 MB each at 4096
 
 
@@ -155,17 +155,29 @@ def merge_heads(attn, x: Tensor, out: Tensor) -> Tensor:
     return attn.proj_drop(attn.proj(attn.norm(out.flatten(2)) * gate(x).sigmoid()))
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 PREFIX_SCORE_KEYS = 1 << 13  # keys per step of the pruning scores (an fp32 copy of the keys this long at a time)
 
 
-def project_keys(attn, x: Tensor) -> Tensor:
-    """The keys of ``split_heads(attn, x)`` alone (B×L×H×d), from the key third of the fused projection."""
+def project_parts(attn, x: Tensor, first: int, count: int = 1) -> tuple[Tensor, ...]:
+    """Parts ``first`` … ``first + count − 1`` of ``split_heads(attn, x)`` (0: q, 1: k, 2: v; each ×H×d) from those
+    thirds of the fused projection alone: the others are not computed."""
     qkv = attn.qkv
     if not isinstance(qkv, torch.nn.Linear):
-        return split_heads(attn, x)[1]
-    D = attn.num_heads * attn.head_dim  # timm's fused output is laid out q, k, v (each H·d)
-    k = F.linear(x, qkv.weight[D : 2 * D], None if qkv.bias is None else qkv.bias[D : 2 * D])
-    return attn.k_norm(k.unflatten(-1, (attn.num_heads, attn.head_dim)))
+        return split_heads(attn, x)[first : first + count]
+    H, d = attn.num_heads, attn.head_dim
+    rows = slice(first * H * d, (first + count) * H * d)  # timm's fused output is laid out q, k, v (each H·d)
+    y = F.linear(x, qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+    norms = (attn.q_norm, attn.k_norm, _identity)
+    return tuple(norms[first + i](t) for i, t in enumerate(y.unflatten(-1, (count, H, d)).unbind(-3)))
+
+
+def project_keys(attn, x: Tensor) -> Tensor:
+    """The keys of ``split_heads(attn, x)`` alone (B×L×H×d)."""
+    return project_parts(attn, x, 1)[0]
 
 
 def prefix_attention_probs(
@@ -226,10 +238,6 @@ def _prefix_rows(attn, q: Tensor, k: Tensor, v: Tensor, P: int) -> Tensor:
 
 
 FLEX_PROJECTION_TOKENS = 1 << 13  # patch tokens projected per step straight into the flex kernel's slots
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
 
 
 def flex_kv_valid(plan: SparsePlan, num_prefix: int, batch: int) -> Tensor:
@@ -511,7 +519,9 @@ def sparse_attention(
 
 
 # --- varlen: one flash-attention call per chunk of ragged units, nothing padded (CUDA, fp16/bf16) -----------------
-VARLEN_CHUNK_KEYS = 1 << 16  # gathered key rows per varlen call: 2 × 201 MB of K/V for UNI2-h in bf16
+# Gathered key rows per varlen call: 2 × 100 MB of K/V for UNI2-h in bf16, about one tokens × D tensor at 3,430 px,
+# so the call's peak (block input, K, V, output, this) matches flex's (block input, three slot buffers, output).
+VARLEN_CHUNK_KEYS = 1 << 15
 VARLEN_MAX_HEAD_DIM = 256  # flash attention's limit
 
 
@@ -632,6 +642,27 @@ def _warn_varlen_fallback(why: str) -> None:
     warnings.warn(f"sparse_backend=varlen: {why}; the gather kernel ran instead (the same outputs)", stacklevel=3)
 
 
+VARLEN_PROJECTION_TOKENS = 1 << 13  # tokens per step of the varlen kernel's K/V projection
+
+
+def project_kv(
+    attn, x: Tensor, norm: Callable[[Tensor], Tensor] = _identity, chunk: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """K and V of ``norm(x)`` (B×L×H×d each), projected ``chunk`` tokens at a time (None:
+    ``VARLEN_PROJECTION_TOKENS``): neither the fused q/k/v (three tokens × D tensors) nor the normalised tokens
+    exist whole."""
+    B, L, _ = x.shape
+    chunk = chunk or VARLEN_PROJECTION_TOKENS
+    k = v = None
+    for start in range(0, L, chunk):
+        kc, vc = project_parts(attn, norm(x[:, start : start + chunk]), 1, 2)
+        if k is None:  # the projection's dtype (autocast) sizes them
+            k, v = kc.new_empty(B, L, *kc.shape[2:]), vc.new_empty(B, L, *vc.shape[2:])
+        k[:, start : start + chunk], v[:, start : start + chunk] = kc, vc
+        del kc, vc
+    return k, v
+
+
 def sparse_attention_varlen(
     attn,
     x: Tensor,
@@ -640,30 +671,43 @@ def sparse_attention_varlen(
     radius: int = 1,
     chunk_keys: int | None = None,
     qkv: tuple | None = None,
+    norm: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Same semantics as ``sparse_attention``: each block's queries attend to its neighbourhood's keys and the
     prefix keys, gathered compactly as in the gather kernel, but all the blocks of a chunk go to one
     ``varlen_attn`` call as ragged sequences (query and key counts per block), so no block is padded to another
     and a block is a handful of kernel launches, not five per chunk of similar blocks. Flash attention runs fp16
-    and bf16 on CUDA; elsewhere (fp32, a head dim over 256) this is the gather kernel."""
-    q, k, v = qkv or split_heads(attn, x)
-    B, L, H, d = q.shape
-    why = varlen_unsupported(x.device, q.dtype, d, dropout=_dropout_p(attn) > 0)
+    and bf16 on CUDA; elsewhere (fp32, a head dim over 256) this is the gather kernel.
+
+    Memory: K and V are projected chunk by chunk and each call's queries for that call only, so the fused q/k/v
+    never exists (a ``qkv`` given is ignored, as flex does); alive at once are the block's input, K, V, the output
+    and one call's gathered K/V. ``norm``: ``x`` is the block's input, normalised here a chunk at a time."""
+    norm = _identity if norm is None else norm
+    P = layout.num_prefix
+    B, L, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    q_prefix = project_parts(attn, norm(x[:, :P]), 0)[0]  # its dtype (autocast) is the kernel's
+    why = varlen_unsupported(x.device, q_prefix.dtype, d, dropout=_dropout_p(attn) > 0)
     if why is not None:
         _warn_varlen_fallback(why)
-        return sparse_attention(attn, x, layout, window, radius, chunk_keys, (q, k, v))
-    P = layout.num_prefix
+        return sparse_attention(attn, norm(x), layout, window, radius, chunk_keys)
     fn = _varlen_attention(x.device.type)
     chunks = varlen_plan(layout, window, radius, chunk_keys or VARLEN_CHUNK_KEYS)
-    q_all, k_all, v_all = (t.reshape(B * L, H, d) for t in (q, k, v))
-    out = q.new_empty(B * L, H * d)
-    out.view(B, L, H * d)[:, :P] = _prefix_rows(attn, q, k, v, P).reshape(B, P, H * d)
+    k, v = project_kv(attn, x, norm)
+    out = k.new_empty(B * L, H * d)
+    out.view(B, L, H * d)[:, :P] = _prefix_rows(attn, q_prefix, k, v, P).reshape(B, P, H * d)
+    del q_prefix
+    rows, k_all, v_all = x.reshape(B * L, -1), k.view(B * L, H, d), v.view(B * L, H, d)
     for c in chunks:
+        qc = project_parts(attn, norm(rows.index_select(0, c.q_rows)), 0)[0]
         kc, vc = k_all.index_select(0, c.kv_rows), v_all.index_select(0, c.kv_rows)
-        oc = fn(q_all.index_select(0, c.q_rows), kc, vc, c.cu_q, c.cu_k, c.max_q, c.max_k)
-        del kc, vc
+        oc = fn(qc.contiguous(), kc, vc, c.cu_q, c.cu_k, c.max_q, c.max_k)
+        del qc, kc, vc
         out.index_copy_(0, c.q_rows, oc.reshape(-1, H * d))
-    return merge_heads(attn, x, out.view(B, L, H, d))
+        del oc
+    del k, v, k_all, v_all
+    gated = getattr(attn, "gate", None) is not None  # the gate reads the normalised tokens
+    return merge_heads(attn, norm(x) if gated else x, out.view(B, L, H, d))
 
 
 _FLEX = {}
@@ -878,7 +922,7 @@ def _flex_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None
 
 
 def _varlen_kernel(attn, x, layout, qkv=None, *, window, radius=1, chunk_keys=None, norm=None) -> Tensor:
-    return sparse_attention_varlen(attn, x if norm is None else norm(x), layout, window, radius, chunk_keys, qkv)
+    return sparse_attention_varlen(attn, x, layout, window, radius, chunk_keys, qkv, norm)
 
 
 ATTENTION_KERNELS: dict[str, Callable[..., Tensor]] = {
