@@ -6,7 +6,6 @@ import weakref
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_encoder
 
 from hirespath.models import attention, encoder
@@ -56,7 +55,7 @@ def _flex_projected_in_steps(k, *a, **kw):
         attention.FLEX_PROJECTION_TOKENS = saved
 
 
-def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k):
+def varlen_contract(q, k, v, cu_q, cu_k, max_q, max_k):
     """``varlen_attn``'s contract (flash attention over packed ragged sequences) on CPU: checks what the CUDA
     kernel needs of its arguments, then attends sequence by sequence."""
     assert q.dim() == k.dim() == v.dim() == 3 and q.shape[1:] == k.shape[1:] == v.shape[1:]
@@ -66,19 +65,14 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k):
     assert cu_q[0] == cu_k[0] == 0 and cu_q[-1] == len(q) and cu_k[-1] == len(k)
     assert bool((lq > 0).all()) and bool((lk > 0).all())
     assert int(lq.max()) == max_q and int(lk.max()) == max_k
-    out = torch.empty_like(q)
-    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
-        out[a:b] = F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
-        ).transpose(0, 1)
-    return out
+    return attention.varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k)
 
 
 def _varlen_on_cpu(chunk_keys, *a, **kw):
-    """The varlen kernel with ``varlen_attn`` (flash attention, CUDA only) replaced by ``varlen_reference``, a CPU
+    """The varlen kernel with ``varlen_attn`` (flash attention, CUDA only) replaced by ``varlen_contract``, a CPU
     function of the same contract; ``chunk_keys`` None: one call."""
     saved = attention._VARLEN.get("cpu")
-    attention._VARLEN["cpu"] = varlen_reference
+    attention._VARLEN["cpu"] = varlen_contract
     try:
         return ATTENTION_KERNELS["sparse[varlen]"](*a, **kw, chunk_keys=chunk_keys)
     finally:
@@ -212,7 +206,7 @@ def test_varlen_holds_neither_a_fused_qkv_nor_whole_normalised_tokens(monkeypatc
 
     def spy(q, k, v, *args):
         calls.append((sum(r() is not None for r in normalised + fused), q.shape[0]))
-        return varlen_reference(q, k, v, *args)
+        return varlen_contract(q, k, v, *args)
 
     monkeypatch.setattr(attention, "split_heads", recorded)
     monkeypatch.setattr(attention, "VARLEN_PROJECTION_TOKENS", 5)
@@ -286,7 +280,7 @@ def test_varlen_encoder_equals_gather_encoder(monkeypatch):
     """The whole encoder, pruned, with every sparse block through the varlen kernel (``varlen_attn`` replaced by
     its CPU reference, the policy made to pick it on CPU) equals it through gather: same survivors, outputs within
     1e-4 (fp32)."""
-    monkeypatch.setitem(attention._VARLEN, "cpu", varlen_reference)
+    monkeypatch.setitem(attention._VARLEN, "cpu", varlen_contract)
     torch.manual_seed(0)
     enc = tiny_encoder(attention="sparse", window=2, prune_ratio=0.5, prune_layer=2, sparse_backend="gather")
     x = torch.rand(2, 3, 14 * 8, 14 * 6)

@@ -20,7 +20,6 @@ unit does, so the peak in units is UNI2-h's.
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 import hirespath
@@ -30,18 +29,7 @@ size, dim = int(sys.argv[1]), int(sys.argv[2])
 cuda_mlp = "cuda" in sys.argv[3:]
 backend = "varlen" if "varlen" in sys.argv[3:] else "flex"
 attention._FLEX["cpu"] = torch.compile(flex_attention, dynamic=False)
-
-
-def varlen_on_cpu(q, k, v, cu_q, cu_k, max_q, max_k):
-    out = torch.empty_like(q)
-    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
-        out[a:b] = F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
-        ).transpose(0, 1)
-    return out
-
-
-attention._VARLEN["cpu"] = varlen_on_cpu
+attention._VARLEN["cpu"] = attention.varlen_reference
 torch.manual_seed(0)
 enc = hirespath.create_encoder(
     "uni2_h", attention="sparse", window=8, prune_ratio=0.6, prune_layer=4, sparse_backend=backend,

@@ -1030,6 +1030,18 @@ def select_kernel(
     return name, ATTENTION_KERNELS[name]
 
 
+def varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int) -> Tensor:
+    """What ``varlen_attn`` computes (T_q×H×d), one sequence at a time with SDPA, on any device: the stand-in where
+    flash attention cannot run (CPU tests of the varlen kernel, its CPU memory measure); its own temporaries are one
+    sequence's scores. For tests and measurements only."""
+    out = torch.empty_like(q)
+    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        out[a:b] = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
+        ).transpose(0, 1)
+    return out
+
+
 def sparse_reference_mask(layout: TokenLayout, window: int, radius: int = 1) -> Tensor:
     """The explicit L×L boolean mask (True = may attend) of the sparse pattern; for tests and figures only."""
     P = layout.num_prefix
