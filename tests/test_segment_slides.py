@@ -137,6 +137,7 @@ def test_generated_pyramid_segments_end_to_end(done, wsi):
     assert probs.shape == (250, 350, 8) and probs.dtype == np.uint8
     desc = read_description(out / "s0_probs.tif")
     assert desc["classes"] == list(CELL_TYPES) and desc["level0_mpp"] == pytest.approx(0.5)
+    assert desc["precision"] == "fp32"  # what this slide's map was computed at (auto on CPU)
     import tiffslide
 
     with tiffslide.TiffSlide(out / "s0_probs.tif") as ts:

@@ -314,8 +314,10 @@ class SegmentationSink(_SlideDrawing):
         )
         step("pyramid")
         g = self.grid
+        # precision: which slides of a folder ran in bf16 (it is not the folder's identity; as in embedding h5 attrs)
         extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.map.scale, "level0_size": list(g.level0_size),
-                 "level0_origin": list(self.map.level0_origin), "model": c.tag}  # fmt: skip
+                 "level0_origin": list(self.map.level0_origin), "model": c.tag,
+                 "precision": c.tile_function.precision}  # fmt: skip
         tif_tmp = self._temp("tif")
         written = step.bar("probability TIFF", sum(s[0] * s[1] for s in shapes))
         write_probs_tiff(tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map.mpp, extra,
