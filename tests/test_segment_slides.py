@@ -489,6 +489,30 @@ def test_closing_steps_are_timed_and_said_for_large_maps(done, ckpt, wsi, tmp_pa
     assert sum(seen) == 2500 + 1250
 
 
+def test_a_slide_that_fails_closing_leaves_no_temporaries_whatever_its_name(ckpt, wsi, tmp_path, monkeypatch):
+    import shutil
+
+    from hirespath.segmentation import consumer as seg_consumer
+    from hirespath.slides.runner import NothingProcessed
+
+    named = tmp_path / "wsi"
+    named.mkdir()
+    shutil.copy(wsi / "s0.tiff", named / "x[1].tiff")  # "[1]" as a glob pattern would not match the slide's files
+    real = seg_consumer.write_probs_tiff
+
+    def written_then_failing(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        raise RuntimeError("disk gone after the TIFF")
+
+    monkeypatch.setattr(seg_consumer, "write_probs_tiff", written_then_failing)
+    with pytest.raises(NothingProcessed, match="disk gone"):
+        run(ckpt, named, tmp_path / "job", seam_check=False)
+    (out,) = (tmp_path / "job").glob("*/segmentation_*")
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # map, pyramid levels and TIFF removed
+    monkeypatch.setattr(seg_consumer, "write_probs_tiff", real)
+    assert run(ckpt, named, tmp_path / "job", seam_check=False)["slides_done"] == 1
+
+
 def test_rerun_skips_finished_slides(done, ckpt, wsi):
     job, first = done
     geo = Path(first["output_dir"]) / "s0.geojson"

@@ -148,6 +148,29 @@ def test_stale_temporaries_of_a_dead_writer_are_removed(slides, tmp_path):
     assert not stale.exists() and (out / "s0.h5").is_file()
 
 
+def test_a_slide_id_with_glob_characters_removes_only_its_own_temporaries(slides, tmp_path):
+    # "a[1]" as a glob pattern matches "a1": the worker taking a[1] would delete a live writer's file of slide a1
+    import shutil
+
+    from hirespath.utils.io import temporaries_of, temporary_beside
+
+    spec = list_slides(slides)[0]
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    shutil.copy(spec.path, wsi / f"a[1]{spec.path.suffix}")
+    enc, job = encoder(), tmp_path / "job"
+    out = Path(embed_slides(enc, list_slides(wsi), job, TILING, embed_cfg(), CPU)["features_dir"])
+    (out / "a[1].h5").unlink()
+    stale = out / ".a[1].h5.deadbeef.tmp"  # a writer of a[1] that was killed
+    stale.write_bytes(b"half a file")
+    live = temporary_beside(out / "a1.h5")  # another worker writing slide a1 right now
+    dotted = temporary_beside(out / "a[1].h5.x.h5")  # slide "a[1].h5.x"'s, not a[1]'s
+    assert temporaries_of(out / "a[1].h5") == [stale]
+    s = embed_slides(enc, list_slides(wsi), job, TILING, embed_cfg(), CPU)
+    assert s["slides_done"] == 1 and (out / "a[1].h5").is_file()
+    assert not stale.exists() and live.exists() and dotted.exists()
+
+
 def test_tokens_with_cls_plus_mean(slides, tmp_path):
     s = embed_slides(encoder(prune_ratio=0.5, prune_layer=1), list_slides(slides)[:1], tmp_path, TILING,
                      embed_cfg(features="cls+mean", tokens=True), CPU)  # fmt: skip

@@ -266,8 +266,9 @@ class _SlideDrawing:
         return features, areas, outline_mm2, level0_geoms
 
     def abort(self) -> None:
-        for p in self.path.parent.glob(f"{self.prefix}.*.tmp"):
-            p.unlink(missing_ok=True)
+        for p in self.path.parent.iterdir():  # by name, not glob: the slide id may hold [ ] * ?
+            if p.name.startswith(f"{self.prefix}.") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
 
 
 class SegmentationSink(_SlideDrawing):

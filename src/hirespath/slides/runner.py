@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..utils.cpu_memory import keep_freed_memory, release_freed_memory
 from ..utils.errors import InputError
-from ..utils.io import out_of_storage, storage_errors, try_lock
+from ..utils.io import out_of_storage, storage_errors, temporaries_of, try_lock
 from ..utils.threads import AdaptiveThreads, available_cores, torch_threads
 from ..utils.timing import startup_seconds
 from ..wsi import trident_h5
@@ -236,7 +236,7 @@ def _check_finished_mpp(consumer: SlideConsumer, path: Path, spec: SlideSpec, ho
 
 def _remove_stale_temporaries(out_dir: Path, output: Path) -> None:
     """Temporary files of a writer of ``output`` that died (we hold its lock, so no live writer has any)."""
-    for tmp in out_dir.glob(f".{output.name}.*.tmp"):
+    for tmp in temporaries_of(out_dir / output.name):
         log.info("removing %s, left by a writer that stopped", tmp.name)
         tmp.unlink(missing_ok=True)
 

@@ -36,6 +36,18 @@ def temporary_beside(path: Path) -> Path:
     return Path(tmp)
 
 
+def temporaries_of(path: Path) -> list[Path]:
+    """The temporaries of writers of ``path`` in its folder: ``temporary_beside``'s ``.<name>.<token>.tmp`` and a
+    writer's parts, ``.<name>.<token>.<part>.tmp`` (token: mkstemp's random part or 8 hex digits; no dot). Matched
+    as text, not as a glob pattern: a slide id may hold ``[``, ``*`` or ``?``, and ``a[1]``'s pattern would take the
+    files of a live writer of ``a1``."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]+(\.[a-z0-9]+)?\.tmp")
+    try:
+        return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    except FileNotFoundError:
+        return []
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (atomic on POSIX)."""
