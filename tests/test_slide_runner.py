@@ -84,6 +84,30 @@ def test_changed_tiling_setting_is_refused_naming_it_and_overwrite_replaces(slid
     assert 0 < n_before < first["done"][0]["tiles"]  # fewer tiles hold 80 % tissue
 
 
+def test_a_worker_whose_slides_failed_while_another_finished_the_rest_does_not_fail(slides, tmp_path, monkeypatch):
+    # rank 1 of 2: its own slide is corrupt; rank 0 finishes the good slide while rank 1 fails on its own
+    import shutil
+
+    from hirespath.slides import runner
+
+    good = list_slides(slides)[0]
+    made = Path(embed_slides(encoder(), [good], tmp_path / "made", TILING, embed_cfg(), CPU)["features_dir"])
+    bad = SlideSpec("bad", tmp_path / "bad.svs")
+    bad.path.write_bytes(b"not a slide")
+    out = tmp_path / "job" / made.relative_to(tmp_path / "made")
+    real = runner.prepare_slide
+
+    def other_rank_finishes_the_good_slide(spec, *args, **kwargs):
+        if spec.slide_id == "bad":
+            shutil.copy(made / f"{good.slide_id}.h5", out / f"{good.slide_id}.h5")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "prepare_slide", other_rank_finishes_the_good_slide)
+    rank1 = Runtime(device="cpu", progress=False, rank=1, world_size=2)
+    s = embed_slides(encoder(), [good, bad], tmp_path / "job", TILING, embed_cfg(), rank1)
+    assert s["slides_skipped"] == 1 and s["slides_already_finished"] == 1 and s["slides_done"] == 0
+
+
 def test_an_explicit_mpp_that_differs_from_a_finished_slide_is_refused(slides, tmp_path):
     embed_slides(encoder(), list_slides(slides), tmp_path, TILING, embed_cfg(), CPU)
     other = [SlideSpec("s0", slides / "s0.tiff", mpp=0.25)]

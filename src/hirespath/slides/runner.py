@@ -469,7 +469,9 @@ def run_slides(
         format_stages(totals, seconds, summary["tiles"], summary["tissue_mm2"]),
     )  # fmt: skip
     attempted = summary["slides_done"] + summary["slides_skipped"]
-    if attempted and not summary["slides_done"] and not finished_before and not summary["slides_locked_by_others"]:
+    # only when no slide of the run is finished: another worker may have finished the rest while this one failed
+    if attempted and not (summary["slides_done"] or summary["slides_already_finished"]
+                          or summary["slides_locked_by_others"]):  # fmt: skip
         reasons = sorted({s["reason"] for s in summary["skipped"]})
         raise NothingProcessed(
             f"no slide could be processed: all {attempted} failed (listed in {out_dir / 'skipped.csv'}); "
