@@ -108,6 +108,19 @@ def test_a_worker_whose_slides_failed_while_another_finished_the_rest_does_not_f
     assert s["slides_skipped"] == 1 and s["slides_already_finished"] == 1 and s["slides_done"] == 0
 
 
+def test_a_finished_slide_leaves_skipped_csv_even_when_its_run_was_killed_before_saying_so(slides, tmp_path):
+    # the slide failed in an earlier run, then a run finished its file and was killed before its bookkeeping
+    spec = list_slides(slides)[0]
+    out = Path(embed_slides(encoder(), [spec], tmp_path, TILING, embed_cfg(), CPU)["features_dir"])
+    Ledger(out).update_skipped([{"slide": spec.slide_id, "path": str(spec.path), "reason": "cannot read s0.tiff"},
+                                {"slide": spec.slide_id, "path": str(spec.path), "reason": "tile 3: non-finite"},
+                                {"slide": "s9", "path": "s9.tiff", "reason": "cannot read s9.tiff"}])  # fmt: skip
+    s = embed_slides(encoder(), [spec], tmp_path, TILING, embed_cfg(), CPU)
+    assert s["slides_already_finished"] == 1
+    rows = Ledger(out).skipped()
+    assert sorted(zip(rows.slide, rows.reason)) == [("s0", "tile 3: non-finite"), ("s9", "cannot read s9.tiff")]
+
+
 def test_an_explicit_mpp_that_differs_from_a_finished_slide_is_refused(slides, tmp_path):
     embed_slides(encoder(), list_slides(slides), tmp_path, TILING, embed_cfg(), CPU)
     other = [SlideSpec("s0", slides / "s0.tiff", mpp=0.25)]

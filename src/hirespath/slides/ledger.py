@@ -134,6 +134,20 @@ class Ledger:
                 with atomic_path(path) as tmp:
                     new.to_csv(tmp, index=False)
 
+    def forget_slide_failures(self, slides: list[str]) -> None:
+        """Drop the slide-level rows of ``slides``, which are finished on disk; their tiles' rows (``tile ...``)
+        stay. A run killed between a slide's file and its bookkeeping (``write_behind`` renames a slide's file
+        while the next one streams) left the slide listed as failed by an earlier run, and later runs skip it."""
+        path = self.folder / SKIPPED
+        if not path.is_file():
+            return
+        with self._locked(SKIPPED):
+            old = self.skipped()
+            stale = old["slide"].isin(set(slides)) & ~old["reason"].str.startswith("tile ")
+            if stale.any():
+                with atomic_path(path) as tmp:
+                    old[~stale].to_csv(tmp, index=False)
+
     def skipped(self) -> pd.DataFrame:
         path = self.folder / SKIPPED
         if not path.is_file():

@@ -275,6 +275,7 @@ def run_slides(
         _check_finished_mpp(consumer, outputs[s.slide_id], s, consumer.overwrite_hint)
     if finished_before:
         log.info("skipping %d finished slides of %d in %s", len(finished_before), len(specs), out_dir)
+        ledger.forget_slide_failures([s.slide_id for s in finished_before])
     done_ids = {s.slide_id for s in finished_before}
     host = socket.gethostname()
     summary = {
