@@ -121,6 +121,24 @@ def test_a_finished_slide_leaves_skipped_csv_even_when_its_run_was_killed_before
     assert sorted(zip(rows.slide, rows.reason)) == [("s0", "tile 3: non-finite"), ("s9", "cannot read s9.tiff")]
 
 
+def test_a_slide_replaced_by_another_image_is_tiled_again(tmp_path):
+    # a run killed mid-slide leaves the slide's patches file; the slide is then re-exported at another size
+    from hirespath.slides.prepare import prepare_slide
+
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    write_pyramid(wsi / "s.tiff", tissue(), 0.5, compression="jpeg", levels=(1, 2))
+    (spec,) = list_slides(wsi)
+    prepare = lambda: prepare_slide(spec, TILING, tiling_dir=tmp_path / "t", default_mpp=None,  # noqa: E731
+                                    need_thumbnail=False)  # fmt: skip
+    first, again = prepare(), prepare()
+    assert not first.reused and again.reused
+    write_pyramid(wsi / "s.tiff", tissue(w=1400, h=1000, seed=1), 0.5, compression="jpeg", levels=(1, 2))
+    replaced = prepare()
+    assert not replaced.reused and replaced.grid.level0_size == (1400, 1000)
+    assert replaced.grid.coords[:, 0].max() > 700  # tiles where the new image has tissue, not the old grid
+
+
 def test_an_explicit_mpp_that_differs_from_a_finished_slide_is_refused(slides, tmp_path):
     embed_slides(encoder(), list_slides(slides), tmp_path, TILING, embed_cfg(), CPU)
     other = [SlideSpec("s0", slides / "s0.tiff", mpp=0.25)]

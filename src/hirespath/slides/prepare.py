@@ -60,6 +60,8 @@ def _grid_from_patches(slide, path: Path, tiling, smpp: float) -> TileGrid | Non
             and int(attrs["overlap"]) == int(tiling.overlap)
             and np.isclose(float(attrs["target_mpp"]), float(tiling.mpp))
             and np.isclose(float(attrs["level0_mpp"]), smpp)
+            # the slide replaced by another image (a re-export) since: its tissue is elsewhere
+            and [int(attrs.get("level0_width", -1)), int(attrs.get("level0_height", -1))] == list(slide.dimensions)
             and np.isclose(float(attrs["min_tissue"]), float(tiling.min_tissue))
             and bool(attrs.get("cover_tissue", False)) == cover_tissue(tiling)
             # a covering grid from before the grid was fitted to the tissue: tiled again (fewer tiles, once)
