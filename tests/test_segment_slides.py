@@ -513,6 +513,17 @@ def test_a_slide_that_fails_closing_leaves_no_temporaries_whatever_its_name(ckpt
     assert run(ckpt, named, tmp_path / "job", seam_check=False)["slides_done"] == 1
 
 
+def test_a_slide_whose_id_pandas_reads_as_missing_is_skipped_when_finished(ckpt, wsi, tmp_path):
+    import shutil
+
+    named = tmp_path / "wsi"
+    named.mkdir()
+    shutil.copy(wsi / "s0.tiff", named / "NA.tiff")  # areas.csv read back with NaN where its slide id stands
+    assert run(ckpt, named, tmp_path / "job", seam_check=False)["slides_done"] == 1
+    again = run(ckpt, named, tmp_path / "job", seam_check=False)
+    assert again["slides_already_finished"] == 1 and again["slides_done"] == 0
+
+
 def test_rerun_skips_finished_slides(done, ckpt, wsi):
     job, first = done
     geo = Path(first["output_dir"]) / "s0.geojson"

@@ -139,6 +139,19 @@ def test_a_slide_replaced_by_another_image_is_tiled_again(tmp_path):
     assert replaced.grid.coords[:, 0].max() > 700  # tiles where the new image has tissue, not the old grid
 
 
+def test_slide_ids_are_read_back_as_written(tmp_path):
+    from hirespath.utils.io import read_csv_ids
+
+    ids = ["NA", "null", "nan", "None", "0012", "s 1"]
+    Ledger(tmp_path).merge_rows("t.csv", [{"slide": i, "x": 1.5} for i in ids] + [{"slide": "e", "x": None}],
+                                ["slide", "x"])  # fmt: skip
+    table = Ledger(tmp_path).table("t.csv")
+    assert list(table.slide) == [*ids, "e"] and table.x.isna().tolist() == [False] * len(ids) + [True]
+    (tmp_path / "list.csv").write_text("wsi,slide_id\na.svs,NA\nb.svs,\n")
+    assert read_csv_ids(tmp_path / "list.csv", "slide_id").slide_id.tolist()[0] == "NA"
+    assert read_csv_ids(tmp_path / "list.csv", "slide_id").slide_id.isna().tolist() == [False, True]
+
+
 def test_an_explicit_mpp_that_differs_from_a_finished_slide_is_refused(slides, tmp_path):
     embed_slides(encoder(), list_slides(slides), tmp_path, TILING, embed_cfg(), CPU)
     other = [SlideSpec("s0", slides / "s0.tiff", mpp=0.25)]

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..utils.io import atomic_path
+from ..utils.io import atomic_path, read_csv_ids
 from ..wsi import trident_h5
 from .samplers import evaluation_sampler
 
@@ -189,7 +189,7 @@ def check_labels(labels: pd.DataFrame | str | Path) -> pd.DataFrame:
     (train/val/test), slide ids unique. Extra columns (data_provider, ...) are kept."""
     src = labels if isinstance(labels, (str, Path)) else "the label table"
     if isinstance(labels, (str, Path)):
-        labels = pd.read_csv(labels, dtype={"slide_id": str})
+        labels = read_csv_ids(labels, "slide_id")
     missing = [c for c in ("slide_id", "label", "split") if c not in labels.columns]
     if missing:
         raise ValueError(f"{src} lacks columns {missing}; it needs slide_id, label, split (has {list(labels.columns)})")

@@ -22,6 +22,7 @@ from ..data.mil import TRAINED_ON, WEIGHTS_KEYS, SlideFeatureDataset, features_i
 from ..results import TEST_LOSS, TEST_NUM_SLIDES
 from ..utils.checkpoints import best_checkpoint, file_digest, run_dir_of
 from ..utils.errors import InputError
+from ..utils.io import read_csv_ids
 
 log = logging.getLogger("hirespath.predict_slides")
 
@@ -259,7 +260,7 @@ def labelled_metrics(pred: pd.DataFrame, labels_csv, num_classes: int) -> dict:
     path = Path(str(labels_csv))
     if not path.is_file():
         raise InputError(f"labels={str(path)!r} does not exist; give a CSV with columns slide_id, label")
-    labels = pd.read_csv(path, dtype={"slide_id": str})
+    labels = read_csv_ids(path, "slide_id")
     if not {"slide_id", "label"} <= set(labels.columns):
         raise InputError(f"labels={str(path)!r} lacks columns slide_id, label (has {list(labels.columns)})")
     label = pd.to_numeric(labels.label, errors="coerce")

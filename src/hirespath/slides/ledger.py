@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..utils.errors import InputError
-from ..utils.io import atomic_path, exclusive_lock, write_json
+from ..utils.io import atomic_path, exclusive_lock, read_csv_ids, write_json
 
 log = logging.getLogger("hirespath.slides")
 
@@ -179,7 +179,7 @@ class Ledger:
     def table(self, name: str) -> pd.DataFrame | None:
         """The folder's table ``name`` (slide ids as written), None when there is none yet."""
         path = self.folder / name
-        return pd.read_csv(path, dtype={"slide": str}) if path.is_file() else None
+        return read_csv_ids(path, "slide") if path.is_file() else None
 
     def add_missing_columns(self, name: str, values: dict) -> None:
         """Give the table ``name`` the columns of ``values`` it lacks (it was written by an older version), with
@@ -188,7 +188,7 @@ class Ledger:
         if not path.is_file():
             return
         with self._locked(name):
-            table = pd.read_csv(path, dtype={"slide": str})
+            table = read_csv_ids(path, "slide")
             if missing := {k: v for k, v in values.items() if k not in table.columns}:
                 with atomic_path(path) as tmp:
                     table.assign(**missing).to_csv(tmp, index=False)

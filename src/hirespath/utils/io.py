@@ -48,6 +48,18 @@ def temporaries_of(path: Path) -> list[Path]:
         return []
 
 
+def read_csv_ids(path, id_column: str, **kwargs):
+    """``pd.read_csv`` with the ids in ``id_column`` as written: ``0012`` stays ``0012``, and the slide ids pandas
+    would read as missing (``NA``, ``null``, ``nan``, ``None``) stay strings; an empty field is missing."""
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype={id_column: str}, **kwargs)
+    if id_column in table and table[id_column].isna().any():
+        ids = pd.read_csv(path, usecols=[id_column], dtype=str, keep_default_na=False, **kwargs)[id_column]
+        table[id_column] = ids.mask(ids == "")
+    return table
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (atomic on POSIX)."""

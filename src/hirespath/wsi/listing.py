@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..utils.errors import InputError
+from ..utils.io import read_csv_ids
 
 log = logging.getLogger("hirespath.slides")
 
@@ -162,7 +163,7 @@ def list_slides(
                 "files, and optionally 'mpp' and 'slide_id'"
             )
         try:
-            table = pd.read_csv(slides_csv, dtype={ID_COLUMN: str})  # ids as written: 0012 stays 0012
+            table = read_csv_ids(slides_csv, ID_COLUMN)  # ids as written: 0012 stays 0012, NA stays NA
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
             raise InputError(f"slides={slides_csv}: not a readable CSV ({err})") from err
         col = "wsi" if "wsi" in table.columns else "path" if "path" in table.columns else None
