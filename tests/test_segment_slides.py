@@ -524,6 +524,30 @@ def test_a_slide_whose_id_pandas_reads_as_missing_is_skipped_when_finished(ckpt,
     assert again["slides_already_finished"] == 1 and again["slides_done"] == 0
 
 
+def test_an_overwrite_that_stopped_is_finished_without_the_replaced_maps(ckpt, wsi, tmp_path):
+    # blended linearly; an overwrite with crop replaced s0 and was killed before s1: the resume without overwrite
+    # must segment s1 again, not draw it from its map blended the replaced way
+    import shutil
+
+    two = tmp_path / "wsi"
+    two.mkdir()
+    for name in ("s0", "s1"):
+        shutil.copy(wsi / "s0.tiff", two / f"{name}.tiff")
+    specs = list_slides(two)
+    job, opts = tmp_path / "job", {"threshold": THRESHOLD, "min_area_um2": 0.0, "seam_check": False}
+    model = load_segmentation(ckpt)
+
+    def segment(slides, blend, overwrite=False):
+        return segment_slides(model, slides, job, TILING, EmbedConfig(batch_size=4, num_workers=0, overwrite=overwrite),
+                              SegmentOptions(blend=blend, **opts), CPU)  # fmt: skip
+
+    segment(specs, "linear")
+    segment(specs[:1], "crop", overwrite=True)
+    resumed = segment(specs, "crop")
+    assert resumed["slides_already_finished"] == 1 and [d["slide"] for d in resumed["done"]] == ["s1"]
+    assert resumed["done"][0]["tiles"] > 0 and not resumed["slides_redrawn"]  # the model ran: no old map drawn
+
+
 def test_rerun_skips_finished_slides(done, ckpt, wsi):
     job, first = done
     geo = Path(first["output_dir"]) / "s0.geojson"

@@ -827,7 +827,7 @@ def test_out_of_memory_batches_are_halved_then_tiles_skipped(wsi_dir, tmp_path):
     assert rows.reason.str.contains(r"tile \d+ at \(896, \d+\): out of memory at batch size 1").all()
 
 
-def _worker(job, slides, ready_dir, index, rank, world_size):
+def _worker(job, slides, ready_dir, index, rank, world_size, overwrite=False):
     """One of two processes embedding the same slides into the same job folder."""
     enc = make_encoder()
     (Path(ready_dir) / f"ready{index}").touch()
@@ -845,6 +845,7 @@ def _worker(job, slides, ready_dir, index, rank, world_size):
         thumbnails=False,
         rank=rank,
         world_size=world_size,
+        overwrite=overwrite,
     )
     return [r["slide"] for r in s["embedded"]], s["slides_locked_by_others"] + s["slides_already_finished"]
 
@@ -872,6 +873,25 @@ def test_two_workers_embed_each_slide_exactly_once(wsi_dir, tmp_path, world_size
     summary = json.loads((fdir / "summary.json").read_text())  # both workers' parts, merged
     assert summary["slides_finished"] == 6 and len(summary["workers"]) == 2
     assert sorted(w["rank"] for w in summary["workers"].values()) == ([0, 1] if world_size == 2 else [0, 0])
+
+
+def test_two_workers_of_an_overwrite_replace_each_slide_exactly_once(wsi_dir, tmp_path):
+    """embed.overwrite=true in both ranks over a folder made with other settings: each slide is embedded again
+    once (a slide the other rank has just replaced is not replaced again)."""
+    slides = []
+    for i in range(4):
+        slides.append(tmp_path / "wsi" / f"s{i}.tiff")
+        slides[-1].parent.mkdir(exist_ok=True)
+        os.symlink(wsi_dir / "synth.tiff", slides[-1])
+    old = embed_slides(make_encoder(), slides, tmp_path / "job", tile_size=TILE, tile_mpp=2.0, min_tissue=0.5,
+                       batch_size=4, num_workers=0, thumbnails=False)  # fmt: skip
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    with mp.get_context("spawn").Pool(2) as pool:
+        results = pool.starmap(_worker, [(tmp_path / "job", slides, ready, i, i, 2, True) for i in range(2)])
+    assert sorted(sid for done, _ in results for sid in done) == [f"s{i}" for i in range(4)]
+    for f in Path(old["features_dir"]).glob("s*.h5"):
+        assert trident_h5.read_coords(f)[0]["min_tissue"] == 0.25  # the overwrite's settings, every slide
 
 
 # ---------------------------------------------------------------------------------------------------------------

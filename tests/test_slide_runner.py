@@ -152,6 +152,47 @@ def test_slide_ids_are_read_back_as_written(tmp_path):
     assert read_csv_ids(tmp_path / "list.csv", "slide_id").slide_id.isna().tolist() == [False, True]
 
 
+def test_an_overwrite_that_stopped_is_finished_by_a_run_without_overwrite(slides, tmp_path):
+    # made at min_tissue 0.25; an overwrite at 0.5 replaced s0 and was killed before s1: a resume without overwrite
+    # must not take s1 (made with the replaced settings) for finished
+    specs = list_slides(slides)
+    other = TilingConfig(size=112, mpp=1.0, overlap=0, min_tissue=0.5)
+    out = Path(embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU)["features_dir"])
+    embed_slides(encoder(), specs[:1], tmp_path, other, embed_cfg(overwrite=True), CPU)
+    resumed = embed_slides(encoder(), specs, tmp_path, other, embed_cfg(), CPU)
+    assert [d["slide"] for d in resumed["done"]] == ["s1"] and resumed["slides_already_finished"] == 1
+    for s in specs:
+        assert trident_h5.read_coords(out / f"{s.slide_id}.h5")[0]["min_tissue"] == 0.5
+    assert resumed["slides_finished_on_disk"] == 2
+
+
+def test_passes_after_waiting_for_other_workers_keep_what_the_overwrite_replaced(slides, tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import time
+
+    from hirespath.embeddings import features
+
+    specs = list_slides(slides)
+    out = Path(embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU)["features_dir"])
+    other = subprocess.Popen(["sleep", "2"])  # another live worker holds s1 through the first pass
+    (out / "s1.h5.lock").write_text(json.dumps({"pid": other.pid, "hostname": socket.gethostname(),
+                                                "created_at": time.time(), "token": "t"}))  # fmt: skip
+    passes, real = [], features.embed_slides
+
+    def counted(*args, **kwargs):
+        s = real(*args, **kwargs)
+        passes.append([d["slide"] for d in s["done"]])
+        if len(passes) == 1:
+            other.wait()
+            (out / "s1.h5.lock").unlink()
+        return s
+
+    monkeypatch.setattr(features, "embed_slides", counted)
+    ensure_features(encoder(), specs, TILING, embed_cfg(overwrite=True), CPU, job_dir=tmp_path, poll_s=0.1)
+    assert passes == [["s0"], ["s1"]]  # each slide replaced once
+
+
 def test_an_explicit_mpp_that_differs_from_a_finished_slide_is_refused(slides, tmp_path):
     embed_slides(encoder(), list_slides(slides), tmp_path, TILING, embed_cfg(), CPU)
     other = [SlideSpec("s0", slides / "s0.tiff", mpp=0.25)]

@@ -282,6 +282,7 @@ def ensure_features(encoder, slides, tiling, embed, runtime: Runtime | None = No
     summary = embed_slides(encoder, specs, job_dir, tiling, embed, runtime, weights=weights, default_mpp=default_mpp)
     out_dir = Path(summary["features_dir"])
     held = summary["slides_locked_by_others"]
+    embed = _NoOverwrite(embed)  # the passes after the first keep what it (and the other workers) replaced
     while held:
         log.info("waiting for %d slides other workers are embedding into %s", held, out_dir)
         locks = [out_dir / f"{s.slide_id}.h5.lock" for s in specs]  # this call's slides only, not the folder's
@@ -293,6 +294,16 @@ def ensure_features(encoder, slides, tiling, embed, runtime: Runtime | None = No
         summary["slides_done"] += again["slides_done"]
         held = again["slides_locked_by_others"]
     return out_dir, summary
+
+
+class _NoOverwrite:
+    """The embedding settings with ``overwrite`` off."""
+
+    def __init__(self, embed):
+        self._embed = embed
+
+    def __getattr__(self, name: str):
+        return False if name == "overwrite" else getattr(self._embed, name)
 
 
 def _lock_live(path: Path, embed) -> bool:

@@ -33,7 +33,7 @@ import torch
 
 from ..slides.ledger import Ledger
 from ..slides.prepare import PreparedSlide
-from ..slides.runner import Runtime, run_slides
+from ..slides.runner import Runtime, is_newer, run_slides
 from ..slides.tile_model import TileModel
 from ..utils.checkpoints import file_digest
 from ..utils.errors import InputError
@@ -431,6 +431,7 @@ class SegmentationConsumer:
     needs_thumbnail: bool = True
     progress: bool = True  # a large map's closing steps as progress bars
     reuse_maps: bool = True  # a slide with a finished probability TIFF is drawn from it (False: embed.overwrite)
+    outputs_since: int | None = None  # set by the runner: a TIFF older than the folder's last overwrite is stale
     redraw_keys: tuple = DRAWING  # identity keys a redraw may change (slides.runner)
     redraw_hint: str = REDRAW
     tiles_segmented: int = field(default=0, init=False)  # by this worker, in this run
@@ -495,7 +496,8 @@ class SegmentationConsumer:
             return None
 
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SegmentationSink | RedrawSink:
-        if self.reuse_maps and self.probs_path(path).is_file():  # the map is finished: only its drawing is not
+        # the map is finished (and made with the folder's settings): only its drawing is not
+        if self.reuse_maps and is_newer(self.probs_path(path), self.outputs_since):
             return RedrawSink(self, spec, prepared, path)
         return SegmentationSink(self, spec, prepared, path)
 

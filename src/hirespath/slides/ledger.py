@@ -9,6 +9,8 @@ so two encoders (or models) in one ``job_dir`` keep their own rows::
                    later finishes leaves the list. Written (with its header) by every run.
     timings.csv    one row per slide: tiles, seconds, the stages (see :mod:`hirespath.slides.stages`)
     summary.json   the folder's totals read off the disk, and every worker's own summary under ``workers``
+    .outputs_since written when an overwrite run starts: outputs older than it were made with the replaced settings
+                   and count as not finished, whoever finds them (a resume without overwrite too)
 
 Every write is an atomic rewrite under a lock file, so parallel workers (DDP ranks, SLURM array tasks, joblib
 jobs) lose no rows.
@@ -32,6 +34,7 @@ log = logging.getLogger("hirespath.slides")
 
 SKIPPED_COLUMNS = ["slide", "path", "reason", "time", "host"]
 CONFIG, SKIPPED, TIMINGS, SUMMARY = "config.json", "skipped.csv", "timings.csv", "summary.json"
+OUTPUTS_SINCE = ".outputs_since"
 
 
 def _merge_lines(path: Path, new: pd.DataFrame, columns: list[str], sort_by: list[str] | None) -> bool:
@@ -91,8 +94,9 @@ class Ledger:
 
     # ------------------------------------------------------------------------------------------ identity
     def check_identity(self, identity: dict, overwrite: bool = False, how: str = "", redrawable: tuple = (),
-                       redraw: bool = False, redraw_hint: str = "") -> None:  # fmt: skip
+                       redraw: bool = False, redraw_hint: str = "") -> int | None:  # fmt: skip
         """Refuse outputs made with other settings; write ``config.json`` on first use (and with ``overwrite``).
+        Returns ``outputs_since``: the time (ns, the folder's file system clock) before which outputs are stale.
 
         Keys in both the stored and the new identity must be equal; keys the stored one lacks (written by an older
         version) are added. ``how`` tells the user how to proceed (e.g. the overwrite option's name). Keys in
@@ -102,6 +106,8 @@ class Ledger:
         path = self.folder / CONFIG
         with self._locked(CONFIG):
             old = json.loads(path.read_text()) if path.is_file() else None
+            if overwrite:  # every output made before now is replaced, by this worker or any other
+                write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname()})
             if old is not None and not overwrite:
                 diff = {k: (old[k], v) for k, v in identity.items() if k in old and not _same(old[k], v)}
                 drawing_only = bool(diff) and set(diff) <= set(redrawable)
@@ -114,8 +120,18 @@ class Ledger:
                         f"{self.folder} holds outputs made with other settings ({changes}). {advice}"
                     )
                 if not diff and set(identity) <= set(old):
-                    return
+                    return self.outputs_since()
             write_json(path, {**(old or {}), **identity} if not overwrite else identity)
+            return self.outputs_since()
+
+    def outputs_since(self) -> int | None:
+        """Outputs whose files are older than this (``st_mtime_ns``; None: all count) were made before the
+        folder's last overwrite started. The marker's own time, set by the file system like the outputs', so the
+        workers' clocks do not enter."""
+        try:
+            return (self.folder / OUTPUTS_SINCE).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
 
     # ------------------------------------------------------------------------------------------ skipped.csv
     def update_skipped(self, rows: list[dict], done: list[str] = ()) -> None:

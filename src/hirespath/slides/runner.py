@@ -234,6 +234,14 @@ def _check_finished_mpp(consumer: SlideConsumer, path: Path, spec: SlideSpec, ho
         )
 
 
+def is_newer(path: Path, since: int | None) -> bool:
+    """``path`` exists and was written at or after ``since`` (ns, as ``Ledger.outputs_since``; None: any time)."""
+    try:
+        return path.stat().st_mtime_ns >= (since or 0)
+    except FileNotFoundError:
+        return False
+
+
 def _remove_stale_temporaries(out_dir: Path, output: Path) -> None:
     """Temporary files of a writer of ``output`` that died (we hold its lock, so no live writer has any)."""
     for tmp in temporaries_of(out_dir / output.name):
@@ -264,13 +272,21 @@ def run_slides(
     specs = as_specs(slides)
     out_dir = job.tiling_dir / consumer.folder
     ledger = Ledger(out_dir)
-    ledger.check_identity({**job.identity(), **consumer.identity}, overwrite=job.overwrite,
+    since = ledger.check_identity({**job.identity(), **consumer.identity}, overwrite=job.overwrite,
                           how=consumer.overwrite_hint, redrawable=tuple(getattr(consumer, "redraw_keys", ())),
                           redraw=bool(getattr(consumer, "redraw", False)),
                           redraw_hint=getattr(consumer, "redraw_hint", ""))  # fmt: skip
     order = _order(specs, rank, world_size)
     outputs = {s.slide_id: consumer.output_path(out_dir, s) for s in specs}
-    finished_before = [] if job.overwrite else [s for s in order if consumer.is_finished(outputs[s.slide_id])]
+    if hasattr(consumer, "outputs_since"):  # it reuses parts of unfinished outputs (a finished map) only if newer
+        consumer.outputs_since = since
+
+    def finished(out: Path) -> bool:
+        """Finished, and not before the folder's last overwrite started (with ``overwrite`` this run's own start:
+        parallel workers of one overwrite run each replace the old outputs, not one another's new ones)."""
+        return consumer.is_finished(out) and is_newer(out, since)
+
+    finished_before = [s for s in order if finished(outputs[s.slide_id])]
     for s in finished_before:
         _check_finished_mpp(consumer, outputs[s.slide_id], s, consumer.overwrite_hint)
     if finished_before:
@@ -403,11 +419,11 @@ def run_slides(
                 stages = zero_stages()
                 out = outputs[spec.slide_id]
                 lock = try_lock(out.with_name(out.name + ".lock"), stale_s=job.lock_stale_s)
-                finished = lock is not None and not job.overwrite and consumer.is_finished(out)  # by another worker
-                if lock is not None and not finished:
+                done_by_another = lock is not None and finished(out)
+                if lock is not None and not done_by_another:
                     _remove_stale_temporaries(out_dir, out)
                 stages["bookkeeping"] += time.perf_counter() - t_slide
-                if lock is None or finished:
+                if lock is None or done_by_another:
                     summary["slides_locked_by_others" if lock is None else "slides_already_finished"] += 1
                     futures.pop(spec.slide_id, None)
                     prefetch(k + 1)
@@ -451,7 +467,7 @@ def run_slides(
     )
     if run_facts := getattr(consumer, "run_facts", None):  # optional: what the consumer sums up over its slides
         summary.update(run_facts(summary["done"]))
-    on_disk = sum(consumer.is_finished(outputs[s.slide_id]) for s in specs)
+    on_disk = sum(finished(outputs[s.slide_id]) for s in specs)
     skipped = ledger.skipped()
     merged = ledger.update_summary(
         summary,
