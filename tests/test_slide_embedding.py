@@ -33,7 +33,7 @@ from hirespath.utils.errors import InputError
 from hirespath.utils.io import lock_is_stale, try_lock
 from hirespath.wsi import trident_h5
 from hirespath.wsi.listing import list_slides
-from hirespath.wsi.reader import SlideError, best_level, open_slide, read_tile, slide_mpp
+from hirespath.wsi.reader import SlideError, best_level, open_slide, read_tile, read_tile_region, slide_mpp
 from hirespath.wsi.tile_readers import SlideTileDataset
 from hirespath.wsi.tissue import tile_grid
 
@@ -495,6 +495,26 @@ def test_edge_tiles_are_padded_white_not_stretched(wsi_dir):
     # a bottom-right corner tile read at level 1 (2 µm/px) is white outside on both sides
     corner = read_tile(slide, 896, 672, 448, TILE)
     assert (corner[28:] == 255).all() and (corner[:, 28:] == 255).all()
+    slide.close()
+
+
+def test_a_tile_starting_left_of_the_slide_is_read_to_its_end(tmp_path):
+    # the covering grid fitted to the tissue may start left of and above the slide; read at a level whose downsample
+    # does not divide the tile, its in-slide part rounded on its own ended a pixel short: a white line through tissue
+    import tifffile
+
+    pink = np.array([200, 120, 170], np.uint8)
+    with tifffile.TiffWriter(tmp_path / "pink.tif") as tif:
+        for i, (w, h) in enumerate([(4001, 3001), (1000, 750)]):  # level 1: downsample ≈ 4.001
+            tif.write(np.broadcast_to(pink, (h, w, 3)).copy(), tile=(256, 256), photometric="rgb",
+                      compression="zlib", resolution=(2e4 * w / 4001,) * 2, resolutionunit="CENTIMETER",
+                      subfiletype=int(i > 0), metadata=None)  # fmt: skip
+    slide = open_slide(tmp_path / "pink.tif")
+    for x, y in [(-102, 100), (100, -102), (-450, -450), (-5, 100)]:
+        tile = np.asarray(read_tile_region(slide, x, y, 896, 1))
+        d = slide.level_downsamples[1]
+        inside = np.ceil(-min(x, y, 0) / d).astype(int)  # canvas px from here on lie in the slide
+        assert tile.shape == (224, 224, 3) and (tile[inside:, inside:] == pink).all(), (x, y)
     slide.close()
 
 

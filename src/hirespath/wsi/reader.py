@@ -334,9 +334,11 @@ def read_tile_region(slide, x: int, y: int, size0: int, level: int) -> Image.Ima
     if x1 <= x0 or y1 <= y0:
         return canvas
     lw, lh = slide.level_dimensions[level]
+    # where the in-slide part starts and ends on the canvas, each rounded once: its width rounded on its own could
+    # end a pixel short of the canvas where the tile ends inside the slide (a white line through tissue)
     ox, oy = round((x0 - x) / d), round((y0 - y) / d)
-    w = min(max(1, round((x1 - x0) / d)), side - ox, lw - int(x0 / d))
-    h = min(max(1, round((y1 - y0) / d)), side - oy, lh - int(y0 / d))
+    w = min(max(1, round((x1 - x) / d) - ox), side - ox, lw - int(x0 / d))
+    h = min(max(1, round((y1 - y) / d) - oy), side - oy, lh - int(y0 / d))
     if w <= 0 or h <= 0:
         return canvas
     if (w, h) == (side, side) and (ox, oy) == (0, 0):
