@@ -498,6 +498,33 @@ def test_edge_tiles_are_padded_white_not_stretched(wsi_dir):
     slide.close()
 
 
+def test_image_editor_resolution_tags_are_not_taken_for_the_slides_mpp(tmp_path, caplog):
+    # OpenSlide and tiffslide turn any resolution tag into an mpp: 72 dpi would be 352.8 µm/px (1-pixel tiles)
+    import tifffile
+
+    from hirespath.wsi.reader import level0_mpp
+
+    img = np.full((600, 800, 3), 200, np.uint8)
+    tags = [("dpi72", (72, 72), "INCH"), ("vips", (10, 10), "CENTIMETER"), ("tall", (2e4, 1e4), "CENTIMETER")]
+    for name, res, unit in tags:
+        with tifffile.TiffWriter(tmp_path / f"{name}.tif") as tif:
+            tif.write(img, tile=(256, 256), photometric="rgb", resolution=res, resolutionunit=unit, metadata=None)
+    for name in ("dpi72", "vips"):
+        slide = open_slide(tmp_path / f"{name}.tif")
+        with caplog.at_level("WARNING", logger="hirespath.wsi"):
+            assert level0_mpp(slide, default=0.5) == 0.5
+        assert "not a microscope's" in caplog.text
+        with pytest.raises(SlideError, match="no mpp.*data.default_mpp"):
+            level0_mpp(slide)
+        slide.close()
+    caplog.clear()
+    slide = open_slide(tmp_path / "tall.tif")
+    with caplog.at_level("WARNING", logger="hirespath.wsi"):
+        assert level0_mpp(slide) == pytest.approx(0.5)
+    assert "not square (0.5 µm wide, 1 µm tall)" in caplog.text
+    slide.close()
+
+
 def test_a_tile_starting_left_of_the_slide_is_read_to_its_end(tmp_path):
     # the covering grid fitted to the tissue may start left of and above the slide; read at a level whose downsample
     # does not divide the tile, its in-slide part rounded on its own ended a pixel short: a white line through tissue

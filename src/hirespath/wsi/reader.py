@@ -230,19 +230,43 @@ def read_region(slide, location: tuple[int, int], level: int, size: tuple[int, i
 # microns per pixel, levels, thumbnail
 
 
+PLAUSIBLE_MPP = (0.01, 50.0)  # µm/px of a microscope scan; 72 or 96 dpi (353 or 265 µm/px) are image-editor defaults
+
+
 def slide_mpp(slide, default: float | None = None) -> float:
-    """Microns per pixel at level 0, from OpenSlide/tiffslide properties (TIFF resolution tags), else ``default``."""
+    """Microns per pixel at level 0, from OpenSlide/tiffslide properties (TIFF resolution tags), else ``default``.
+    A value no microscope gives (outside ``PLAUSIBLE_MPP``: the 72 dpi an image editor writes, which OpenSlide and
+    tiffslide report as 352.8 µm/px) is not taken: it would cut the slide into 1-pixel tiles."""
     props = slide.properties
     for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
         value = props.get(key)
-        if value not in (None, "", "0"):
+        if value in (None, "", "0"):
+            continue
+        try:
             mpp = float(value)
-            if mpp > 0:
-                return mpp
+        except ValueError:
+            continue
+        if not PLAUSIBLE_MPP[0] < mpp < PLAUSIBLE_MPP[1]:
+            log.warning("%s: %s=%s µm/px is not a microscope's (image-editor resolution tags?); ignored",
+                        slide_path(slide), key, value)  # fmt: skip
+            continue
+        _warn_non_square(slide, key, mpp)
+        return mpp
     if default:
         log.warning("no microns-per-pixel in the TIFF tags; using data.default_mpp=%g", default)
         return float(default)
     raise SlideError("no microns-per-pixel in the slide's metadata (TIFF resolution tags); set data.default_mpp")
+
+
+def _warn_non_square(slide, key: str, mpp_x: float) -> None:
+    try:
+        mpp_y = float(slide.properties.get(key.replace("mpp-x", "mpp-y")) or mpp_x)
+    except ValueError:
+        return
+    if abs(mpp_y - mpp_x) > 0.01 * mpp_x:
+        log.warning("%s: pixels are not square (%g µm wide, %g µm tall); tiles are cut as if %g µm square, so "
+                    "they are %.3g× as tall as wide in µm",
+                    slide_path(slide), mpp_x, mpp_y, mpp_x, mpp_y / mpp_x)  # fmt: skip
 
 
 def level0_mpp(slide, override: float | None = None, default: float | None = None) -> float:
@@ -262,7 +286,7 @@ def level0_mpp(slide, override: float | None = None, default: float | None = Non
         res = 0.0
     per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
     # 72/96 dpi are image-editor defaults, not scans: only microscope-like values count
-    if per_unit and res > 0 and 0.01 < per_unit / res < 50:
+    if per_unit and res > 0 and PLAUSIBLE_MPP[0] < per_unit / res < PLAUSIBLE_MPP[1]:
         return per_unit / res
     if default:
         return float(default)
