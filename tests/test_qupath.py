@@ -53,7 +53,9 @@ def test_objects_land_where_qupath_shows_a_slide_cropped_to_its_bounds(tmp_path)
               "openslide.bounds-height": "120000"}  # fmt: skip
     assert image_origin(slide(bounds)) == (2048, 51200)
     assert image_origin(slide({k.replace("openslide", "tiffslide"): v for k, v in bounds.items()})) == (2048, 51200)
-    assert image_origin(slide({**bounds, "openslide.bounds-width": "100000"})) == (0, 0)  # QuPath: not a crop
+    # spanning the full width, the region still starts at bounds-y in QuPath (only its downsamples differ)
+    assert image_region(slide({**bounds, "openslide.bounds-x": "0", "openslide.bounds-width": "100000"})) == (
+        0, 51200, 100_000, 120000)  # fmt: skip
     assert image_origin(slide({"openslide.mpp-x": "0.25"})) == (0, 0)
     assert image_origin(slide({**bounds, "openslide.bounds-x": "n/a"})) == (0, 0)
     assert image_region(slide(bounds)) == (2048, 51200, 80000, 120000)

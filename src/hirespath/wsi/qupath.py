@@ -25,9 +25,12 @@ def image_region(slide) -> tuple[int, int, int, int]:
     """QuPath's image of the slide as (x, y, width, height) in the slide's level-0 px (an open slide or a path).
 
     QuPath's OpenSlide server crops a slide to the non-empty region OpenSlide reports (``openslide.bounds-*``:
-    MIRAX, Leica SCN, ...) when it differs from the full image in both width and height, and its pixel
-    coordinates start at that region's corner; objects written in the slide's own coordinates would land shifted by
-    it, and those outside it outside the image. The whole slide for every other slide."""
+    MIRAX, Leica SCN, ...) whenever all four bounds are there (its ``OpenslideImageServer``: the image is
+    ``bounds-width`` × ``bounds-height`` and a tile is read at ``bounds-x/y`` plus its own position, also where the
+    region spans the full width or height; its "cropped" test, both sizes differing, only changes how it computes
+    the levels' downsamples), and its pixel coordinates start at that region's corner; objects written in the
+    slide's own coordinates would land shifted by it, and those outside it outside the image. The whole slide for
+    every other slide."""
     if isinstance(slide, (str, os.PathLike)):
         from .reader import open_slide
 
@@ -42,9 +45,7 @@ def image_region(slide) -> tuple[int, int, int, int]:
             x, y, w, h = (int(props[f"{prefix}.bounds-{k}"]) for k in ("x", "y", "width", "height"))
         except (KeyError, ValueError, TypeError):
             continue
-        if w != width and h != height:  # QuPath's own test of a crop
-            return x, y, w, h
-        break
+        return x, y, w, h
     return 0, 0, int(width), int(height)
 
 
