@@ -525,6 +525,26 @@ def test_image_editor_resolution_tags_are_not_taken_for_the_slides_mpp(tmp_path,
     slide.close()
 
 
+def test_16_bit_slides_are_read_by_openslide_or_refused_in_words(tmp_path):
+    import tifffile
+
+    img = np.full((512, 512, 3), 240, np.uint16) * 257
+    img[100:300, 100:300] = np.array((190, 110, 160), np.uint16) * 257
+    # an OME-TIFF pyramid (levels in SubIFDs: tiffslide's) of 16-bit samples: OpenSlide reads it (one level)
+    with tifffile.TiffWriter(tmp_path / "rgb16.ome.tif") as tif:
+        kw = dict(tile=(256, 256), photometric="rgb", compression="zlib", resolutionunit="CENTIMETER")
+        tif.write(img, subifds=1, resolution=(2e4, 2e4), metadata={"axes": "YXS"}, **kw)
+        tif.write(img[::4, ::4], subfiletype=1, resolution=(5e3, 5e3), **kw)
+    slide = open_slide(tmp_path / "rgb16.ome.tif")
+    assert (np.asarray(read_tile_region(slide, 150, 150, 64, 0))[0, 0] == (190, 110, 160)).all()
+    slide.close()
+    # stripped (OpenSlide reads tiled TIFFs only): refused, saying why and how to convert
+    tifffile.imwrite(tmp_path / "rgb16.tif", img, photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")  # fmt: skip
+    with pytest.raises(SlideError, match="samples are uint16; hirespath reads 8-bit.*vips cast"):
+        open_slide(tmp_path / "rgb16.tif")
+
+
 def test_a_tile_starting_left_of_the_slide_is_read_to_its_end(tmp_path):
     # the covering grid fitted to the tissue may start left of and above the slide; read at a level whose downsample
     # does not divide the tile, its in-slide part rounded on its own ended a pixel short: a white line through tissue

@@ -119,6 +119,10 @@ def open_slide(path: str | Path):
             return slide
         slide.close()
         return pyramid
+    if (depth := _sample_dtype(path)) not in (None, "uint8"):  # tiffslide hands PIL arrays it cannot take
+        raise SlideError(f"cannot read {path.name}: its samples are {depth}; hirespath reads 8-bit slides (and "
+                         "those OpenSlide reads: tiled TIFFs). Convert it to 8 bits, e.g. vips cast IN 8bit.v uchar "
+                         "--shift, then vips tiffsave 8bit.v OUT.tif --tile --pyramid --compression jpeg")  # fmt: skip
     try:
         import tiffslide
 
@@ -141,6 +145,8 @@ def _subifd_pyramid(path: Path):
     OpenSlide reads a TIFF's chain of image directories only; an OME-TIFF pyramid (bfconvert, QuPath's File → Export
     → OME-TIFF) keeps its reduced levels in SubIFDs, so OpenSlide shows it as one level: every tile would be read at
     full resolution and resized, and every thumbnail read from the whole full-resolution image."""
+    if _sample_dtype(path) not in (None, "uint8"):  # tiffslide would hand PIL 16-bit arrays; OpenSlide reads them
+        return None
     try:
         import tiffslide
 
@@ -151,6 +157,17 @@ def _subifd_pyramid(path: Path):
     except Exception:  # noqa: BLE001 — OpenSlide opened it: keep that
         pass
     return None
+
+
+def _sample_dtype(path: Path) -> str | None:
+    """The sample type of a TIFF's first image (``uint8``, ``uint16``, ...); None when tifffile cannot tell."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return str(tif.pages[0].dtype)
+    except Exception:  # noqa: BLE001 — not for tifffile to judge: the readers say what is wrong
+        return None
 
 
 def _open_dicom(folder: Path):
