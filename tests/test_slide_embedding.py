@@ -221,6 +221,12 @@ def test_list_slides_folder_and_csv(wsi_dir, tmp_path):
     (tmp_path / "a" / "x.svs").write_bytes(b"")
     with pytest.raises(ValueError, match=r"two slides have the id 'x'.*x\.ome\.tiff.*x\.svs"):
         list_slides(tmp_path / "a")
+    # a recursive listing passes over hidden folders (a desktop's trash, a snapshot): copies, not other slides
+    (tmp_path / "r" / ".Trash-1000" / "files").mkdir(parents=True)
+    (tmp_path / "r" / "site1").mkdir()
+    for f in ("r/site1/x.svs", "r/.Trash-1000/files/x.svs", "r/.hidden.svs"):
+        (tmp_path / f).write_bytes(b"")
+    assert [s.path for s in list_slides(tmp_path / "r", recursive=True)] == [tmp_path / "r" / "site1" / "x.svs"]
     pd.DataFrame({"file": ["a.svs"]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match="needs a column 'wsi' or 'path'"):
         list_slides(slides_csv=csv)

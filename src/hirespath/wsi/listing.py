@@ -200,7 +200,9 @@ def list_slides(
         raise InputError(f"wsi_dir={root} is not a folder")
     exts = slide_extensions(extensions) or (*SLIDE_EXTENSIONS, DICOM_SUFFIX)
     file_exts, want_dicom = tuple(e for e in exts if e != DICOM_SUFFIX), DICOM_SUFFIX in exts
-    entries = [p for p in (root.rglob("*") if recursive else root.iterdir()) if not p.name.startswith(".")]
+    # nothing inside a hidden folder either (.Trash-1000/, .snapshot/, a tool's cache): copies, not the cohort
+    entries = [p for p in (root.rglob("*") if recursive else root.iterdir())
+               if not any(part.startswith(".") for part in p.relative_to(root).parts)]  # fmt: skip
     files = [p for p in entries if file_exts and p.name.lower().endswith(file_exts) and p.is_file()]
     if not want_dicom:
         dicom = set()
