@@ -504,7 +504,7 @@ def test_edge_tiles_are_padded_white_not_stretched(wsi_dir):
     slide.close()
 
 
-def test_image_editor_resolution_tags_are_not_taken_for_the_slides_mpp(tmp_path, caplog):
+def test_the_slides_mpp_is_a_microscopes_from_wherever_the_file_keeps_it(tmp_path, caplog):
     # OpenSlide and tiffslide turn any resolution tag into an mpp: 72 dpi would be 352.8 µm/px (1-pixel tiles)
     import tifffile
 
@@ -523,6 +523,14 @@ def test_image_editor_resolution_tags_are_not_taken_for_the_slides_mpp(tmp_path,
         with pytest.raises(SlideError, match="no mpp.*data.default_mpp"):
             level0_mpp(slide)
         slide.close()
+    # an OME-TIFF whose pixel size is in its OME-XML only (tifffile writes no resolution tags unless asked)
+    with tifffile.TiffWriter(tmp_path / "xml.ome.tif") as tif:
+        tif.write(img, subifds=1, tile=(256, 256), photometric="rgb",
+                  metadata={"axes": "YXS", "PhysicalSizeX": 250, "PhysicalSizeXUnit": "nm"})  # fmt: skip
+        tif.write(img[::4, ::4], subfiletype=1, tile=(256, 256), photometric="rgb")
+    slide = open_slide(tmp_path / "xml.ome.tif")
+    assert level0_mpp(slide) == pytest.approx(0.25)
+    slide.close()
     caplog.clear()
     slide = open_slide(tmp_path / "tall.tif")
     with caplog.at_level("WARNING", logger="hirespath.wsi"):

@@ -288,7 +288,8 @@ def _warn_non_square(slide, key: str, mpp_x: float) -> None:
 
 def level0_mpp(slide, override: float | None = None, default: float | None = None) -> float:
     """Level-0 µm/px: ``override`` (a slide list's mpp), else the slide's metadata (OpenSlide/tiffslide mpp, then
-    the TIFF resolution tags in cm or inch), else ``default``; none of them → SlideError("no mpp ...")."""
+    the TIFF resolution tags in cm or inch, then an OME-TIFF's OME-XML), else ``default``; none of them →
+    SlideError("no mpp ...")."""
     if override:
         return float(override)
     try:
@@ -305,13 +306,36 @@ def level0_mpp(slide, override: float | None = None, default: float | None = Non
     # 72/96 dpi are image-editor defaults, not scans: only microscope-like values count
     if per_unit and res > 0 and PLAUSIBLE_MPP[0] < per_unit / res < PLAUSIBLE_MPP[1]:
         return per_unit / res
+    if (ome := _ome_mpp(slide_path(slide))) is not None:
+        return ome
     if default:
         return float(default)
     raise SlideError(
-        "no mpp: the slide's metadata has no microns per pixel (openslide.mpp-x, tiffslide.mpp-x or TIFF "
-        "resolution tags); set data.default_mpp=<µm/px> (e.g. data.default_mpp=0.5 for a 20x scan) or give it "
-        "a value in the mpp column of the slides= CSV"
+        "no mpp: the slide's metadata has no microns per pixel (openslide.mpp-x, tiffslide.mpp-x, TIFF "
+        "resolution tags or an OME-XML PhysicalSizeX); set data.default_mpp=<µm/px> (e.g. data.default_mpp=0.5 "
+        "for a 20x scan) or give it a value in the mpp column of the slides= CSV"
     )
+
+
+_MICRONS_PER = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+
+
+def _ome_mpp(path: Path | None) -> float | None:
+    """The pixel size of an OME-TIFF's first image from its OME-XML (``PhysicalSizeX`` in its unit, µm by default),
+    for files that carry it there only (tifffile writes no resolution tags unless asked); None otherwise."""
+    if path is None or not path.is_file() or not path.name.lower().endswith((".ome.tif", ".ome.tiff")):
+        return None
+    try:
+        import xml.etree.ElementTree as ET
+
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            pixels = ET.fromstring(tif.ome_metadata or "").find("{*}Image/{*}Pixels")
+        mpp = float(pixels.get("PhysicalSizeX")) * _MICRONS_PER[pixels.get("PhysicalSizeXUnit", "µm")]
+    except Exception:  # noqa: BLE001 — no OME-XML, no pixel size, an unknown unit: no mpp from here
+        return None
+    return mpp if PLAUSIBLE_MPP[0] < mpp < PLAUSIBLE_MPP[1] else None
 
 
 def best_level(level_downsamples, downsample: float, tolerance: float = LEVEL_TOLERANCE) -> int:
