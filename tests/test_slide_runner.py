@@ -490,7 +490,7 @@ def test_ledger_adds_keys_an_older_config_lacks(tmp_path):
         led.check_identity({"tile_size": 448})
 
 
-@pytest.mark.parametrize("sort_by", [None, ["slide", "class"]])
+@pytest.mark.parametrize("sort_by", [None, ["slide"], ["slide", "class"]])
 def test_ledger_rows_merged_as_lines_equal_pandas_merge(tmp_path, sort_by, monkeypatch):
     """merge_rows on the file's lines (other slides' lines kept as written) writes what merging with pandas wrote:
     random slides replaced or added, several rows per slide, NaNs, a quoted slide id (merged by pandas then)."""
@@ -521,6 +521,8 @@ def test_ledger_rows_merged_as_lines_equal_pandas_merge(tmp_path, sort_by, monke
         slow.merge_rows("areas.csv", batch, columns, sort_by=sort_by)
         a, b = (pd.read_csv(d / "areas.csv", dtype={"slide": str}) for d in (fast.folder, slow.folder))
         pd.testing.assert_frame_equal(a, b)
+        # the file pandas writes, to the line (pandas' reader skips blank lines; csv.reader and Excel do not)
+        assert (fast.folder / "areas.csv").read_text() == (slow.folder / "areas.csv").read_text()
     assert len(a) == 3 * 36 and a.slide.tolist().count("TCGA-03") == 3 and "a,b" in set(a.slide)
     assert (tmp_path / "fast" / "areas.csv").read_text() == (tmp_path / "slow" / "areas.csv").read_text()
     # lines merged up to the quoted id; pandas from there on (the file holds a quote)

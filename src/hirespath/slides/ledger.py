@@ -54,11 +54,11 @@ def _merge_lines(path: Path, new: pd.DataFrame, columns: list[str], sort_by: lis
     rows = []  # (sort key, line), strings only: 100,000 lists of fields kept the garbage collector busy
     for lines, replaced in ((body.split("\n"), drop), (added.split("\n"), ())):
         for line in lines:
-            parts = line.split(",", split)
-            if len(parts) < split:  # the file's end, or a line short of the fields (pandas says what is wrong)
-                if line:
-                    return False
+            if not line:  # the end of the file (or of the new rows): no row
                 continue
+            parts = line.split(",", split)
+            if len(parts) < split:  # a line short of the fields (pandas says what is wrong)
+                return False
             if parts[at] not in replaced:
                 rows.append(("\x00".join(parts[k] for k in keys), line))  # NUL: sorts as the fields' tuple would
     if keys:
