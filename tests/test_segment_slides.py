@@ -548,6 +548,22 @@ def test_an_overwrite_that_stopped_is_finished_without_the_replaced_maps(ckpt, w
     assert resumed["done"][0]["tiles"] > 0 and not resumed["slides_redrawn"]  # the model ran: no old map drawn
 
 
+def test_a_redraw_of_a_slide_listed_at_another_mpp_names_the_mpp(ckpt, wsi, tmp_path):
+    from hirespath.slides.runner import NothingProcessed
+    from hirespath.wsi.listing import SlideSpec
+
+    model, job = load_segmentation(ckpt), tmp_path / "job"
+
+    def segment(mpp, **opts):
+        return segment_slides(model, [SlideSpec("s0", wsi / "s0.tiff", mpp=mpp)], job, TILING,
+                              EmbedConfig(batch_size=4, num_workers=0),
+                              SegmentOptions(**{"threshold": THRESHOLD, "seam_check": False, **opts}), CPU)  # fmt: skip
+
+    segment(0.5)
+    with pytest.raises(NothingProcessed, match=r"made from the slide at 0.5 µm/px, but it is read at 0.25"):
+        segment(0.25, threshold=0.4, redraw=True)  # its map has another size too: the mpp is the reason
+
+
 def test_rerun_skips_finished_slides(done, ckpt, wsi):
     job, first = done
     geo = Path(first["output_dir"]) / "s0.geojson"
@@ -1227,7 +1243,24 @@ def test_task_composes_validates_and_refuses_bad_input_before_reading(ckpt, wsi,
         InputError, match=r"tile.size=100 is not a multiple of the model's patch size 14 .*use 98 or 112"
     ):
         task(ckpt, "tile.size=100")
+    with pytest.raises(InputError, match=r"tile.size=10 is not a multiple .*use 14$"):
+        task(ckpt, "tile.size=10", "tile.overlap=0")
+    # segmentation needs every patch: a pruner added to the composition is refused, not quietly left unused
+    with pytest.raises(InputError, match=r"pruner: segment_slides does not prune"):
+        task(ckpt, "+pruner=global_attention", "pruner.prune_ratio=0.5")
     assert not (tmp_path / "job").exists()  # refused before any slide was read (or any folder made)
+    # a run of the paper's experiments names its task (experiment=table5: table5): still a segment run; a run whose
+    # head is another model's is not, whatever its weights
+    import shutil
+
+    for name, edit in (("table5", {"task_name": "table5"}), ("probe", {"head": {"_target_": "x.LinearProbe"}})):
+        run_dir = tmp_path / name
+        shutil.copytree(ckpt.parent.parent, run_dir)
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        OmegaConf.save(OmegaConf.merge(cfg, edit), run_dir / ".hydra" / "config.yaml")
+    assert load_segmentation(tmp_path / "table5").classes == list(CELL_TYPES)
+    with pytest.raises(InputError, match=r"is not a `segment` run's config .*head 'x.LinearProbe'"):
+        load_segmentation(tmp_path / "probe")
     # the run folder stands for its best checkpoint; tile.mpp defaults to the model's
     summary = task(ckpt.parent.parent, "tile.mpp=null", "tile.size=56", "tile.overlap=14")
     assert summary["tile_mpp"] == pytest.approx(0.2208 * 984 / 56) and summary["slides_done"] == 1

@@ -402,13 +402,14 @@ class RedrawSink(_SlideDrawing):
         with level0:
             wanted = (len(c.classes), *self.map.shape)
             old_mpp = made.get("level0_mpp")
+            # the mpp first: another one also gives the map another size, and the size would hide why
+            if old_mpp is not None and not math.isclose(float(old_mpp), self.grid.slide_mpp, rel_tol=1e-6):
+                raise SlideError(f"{tif} was made from the slide at {float(old_mpp):g} µm/px, but it is "
+                                 f"read at {self.grid.slide_mpp:g} µm/px now; remove it to segment again")  # fmt: skip
             if made.get("classes") != list(c.classes) or level0.shape != wanted:
                 raise SlideError(f"{tif} holds a {' × '.join(map(str, level0.shape))} map of {made.get('classes')}, "
                                  f"not the {' × '.join(map(str, wanted))} map of {list(c.classes)} this run makes; "
                                  "remove it to segment the slide again")  # fmt: skip
-            if old_mpp is not None and not math.isclose(float(old_mpp), self.grid.slide_mpp, rel_tol=1e-6):
-                raise SlideError(f"{tif} was made from the slide at {float(old_mpp):g} µm/px, but it is "
-                                 f"read at {self.grid.slide_mpp:g} µm/px now; remove it to segment again")  # fmt: skip
             step("map")
             drawn = self._features(level0.rows, step)
         step("polygons")
@@ -592,8 +593,9 @@ def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
     size, p = int(tiling.size), seg.patch_size
     check_tiling(size, float(tiling.mpp), int(tiling.overlap), float(tiling.min_tissue))
     if size % p:
+        near = " or ".join(str(n) for n in dict.fromkeys([size // p * p or p, (size // p + 1) * p]))
         raise InputError(f"tile.size={size} is not a multiple of the model's patch size {p} ({seg.ckpt.name}); "
-                         f"use {size // p * p or p} or {(size // p + 1) * p}")  # fmt: skip
+                         f"use {near}")  # fmt: skip
     if seg.attention["mode"] == "eager":  # the paper's "vanilla": its L × L matrices grow with the tile's side⁴
         from ..models.attention import eager_matrix_bytes
 

@@ -31,6 +31,7 @@ log = logging.getLogger("hirespath.segmentation")
 SEGPATH_TILE_PX = 984  # every SegPath image is 984×984 px at 0.2208 µm/px
 STATE_PREFIX = "model."  # SegmentationModule keeps the SegmentationModel as .model
 HEAD_KEY = "model.m2f."  # a key only a segmentation checkpoint has
+SEGMENTATION_HEAD = "hirespath.heads.mask2former.SegmentationModel"  # conf/head/mask2former.yaml's _target_
 
 
 @dataclass
@@ -161,8 +162,10 @@ def load_segmentation(ckpt) -> SegmentationCheckpoint:
             "the checkpoint and the config its `segment` run saved (keep the run folder whole)"
         )
     cfg = OmegaConf.load(cfg_path)
-    if cfg.get("task_name") not in (None, "segment") or OmegaConf.select(cfg, "head._target_") is None:
-        raise InputError(f"{cfg_path} is not a `segment` run's config (task {cfg.get('task_name')!r})")
+    # what the run trained, not its task_name: the paper's experiments name theirs (experiment=table5: table5)
+    if (head := OmegaConf.select(cfg, "head._target_")) != SEGMENTATION_HEAD:
+        raise InputError(f"{cfg_path} is not a `segment` run's config (task {cfg.get('task_name')!r}, head "
+                         f"{head!r}; a segment run trains {SEGMENTATION_HEAD})")  # fmt: skip
     if float(OmegaConf.select(cfg, "pruner.prune_ratio", default=0) or 0) > 0:
         raise InputError(f"{cfg_path}: pruner.prune_ratio > 0; segmentation needs the full patch grid")
     with read_write(cfg), open_dict(cfg):

@@ -1,8 +1,9 @@
 """The segment_slides task: a trained ``segment`` model over whole slides → QuPath GeoJSON, probability TIFF,
 overlay and areas.
 
-    hirespath segment_slides ckpt=RUN/checkpoints/best.ckpt wsi_dir=DIR job_dir=OUT tile.size=1792 \
-        tile.overlap=256 trainer=gpu
+    hirespath segment_slides ckpt=RUN wsi_dir=DIR job_dir=OUT tile.size=1792 tile.overlap=256 trainer=gpu
+
+``ckpt``: a ``segment`` run folder (its best checkpoint) or one of its ``checkpoints/*.ckpt``.
 
 The model (backbone, attention, adapter, head, classes, the mpp it was trained at) is rebuilt from the checkpoint
 and its run's ``.hydra/config.yaml``; ``tile.mpp`` defaults to that mpp and ``attention.*`` to the trained attention.
@@ -35,6 +36,9 @@ log = logging.getLogger("hirespath.segment_slides")
 def run_segment_slides(cfg: DictConfig) -> dict:
     if not cfg.wsi_dir and not cfg.slides:
         raise InputError("segment_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
+    if cfg.get("pruner") is not None:  # +pruner=... composes, and the model would quietly run unpruned
+        raise InputError("pruner: segment_slides does not prune (segmentation needs every patch's prediction); "
+                         "drop +pruner=...")  # fmt: skip
     runtime = Runtime.from_trainer(cfg.trainer, count_startup=True)  # a bad precision is refused before any work
     seg = load_segmentation(cfg.ckpt)  # a wrong or missing checkpoint is refused before any slide is listed
     seg.use_attention(**OmegaConf.to_container(cfg.attention, resolve=True))  # null: as trained
