@@ -157,6 +157,42 @@ def test_building_the_head_logs_no_backbone_warning():
         transformers_logger.removeHandler(handler)
 
 
+def test_a_head_built_in_another_thread_does_not_silence_this_one(monkeypatch):
+    """The quieting holds in the building thread only: a logger level set around the build silenced every thread
+    meanwhile, and two builds at once could leave it set for good."""
+    import logging
+    import threading
+
+    from transformers import Mask2FormerConfig, ResNetConfig
+
+    from hirespath.heads import mask2former as m2f_module
+
+    inside, release, real = threading.Event(), threading.Event(), m2f_module.Mask2FormerConfig
+
+    def held(*args, **kwargs):  # the other thread stays in the middle of its build
+        config = real(*args, **kwargs)
+        inside.set()
+        release.wait(30)
+        return config
+
+    monkeypatch.setattr(m2f_module, "Mask2FormerConfig", held)
+    other = threading.Thread(target=_model)
+    other.start()
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert inside.wait(60)
+        logging.Logger.warning_once.cache_clear()
+        Mask2FormerConfig(backbone_config=ResNetConfig())  # this thread's own build of such a config: it logs
+    finally:
+        release.set()
+        other.join()
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [m for m in said if "Backbone resnet is not a supported model" in m]
+
+
 def test_mask2former_forward_loss_backward():
     model = _model()
     x = torch.randn(2, 3, 112, 112)

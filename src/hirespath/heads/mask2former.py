@@ -206,6 +206,20 @@ class _AdapterBackbone(nn.Module):
         return SimpleNamespace(feature_maps=self.adapter(pixel_values))
 
 
+# What transformers logs while a SegmentationModel builds its Mask2Former config is dropped, in that thread only: a
+# logger level set and restored around the build silenced every other thread meanwhile, and two threads building
+# models at once (two segment_slides workers in one process) could leave Mask2Former's warnings off for good.
+_building_config = threading.local()
+
+
+class _QuietWhileBuilding(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_building_config, "active", False)
+
+
+logging.getLogger("transformers.models.mask2former.configuration_mask2former").addFilter(_QuietWhileBuilding())
+
+
 class SegmentationModel(nn.Module):
     """Encoder → ViT-Adapter → Mask2Former; ``semantic(images)`` gives per-class probability maps."""
 
@@ -231,9 +245,7 @@ class SegmentationModel(nn.Module):
         self.name = name  # the head's label (conf/head/mask2former.yaml builds it with hydra.utils.instantiate)
         # A throw-away tiny ResNet satisfies the config (the backbone slot is replaced right below); transformers
         # logs that a ResNet "may not be compatible with Mask2Former" at every build: not ours to heed.
-        quiet = logging.getLogger("transformers.models.mask2former.configuration_mask2former")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
+        _building_config.active = True
         try:
             config = Mask2FormerConfig(
                 backbone_config=ResNetConfig(
@@ -261,7 +273,7 @@ class SegmentationModel(nn.Module):
                 dim_feedforward=4 * hidden_dim,
             )
         finally:
-            quiet.setLevel(level)
+            _building_config.active = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # transformers' deformable attention prefers power-of-2 head dims
             self.adapter = ViTAdapter(encoder, **dict(adapter or {}))
