@@ -2,6 +2,7 @@
 failures, stale temporaries, non-finite tiles, upsampling, a consumer other than the encoder."""
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -287,6 +288,31 @@ def test_tokens_with_cls_plus_mean(slides, tmp_path):
     f = trident_h5.read_features(Path(s["features_dir"]) / "s0.h5", tokens=True)
     dim = encoder().embed_dim
     assert f["features"].shape[1] == 2 * dim and f["tokens"].shape[1] == dim
+
+
+@pytest.mark.parametrize("write_behind", [False, True], ids=["inline", "write_behind"])
+def test_a_slide_none_of_whose_tiles_is_written_is_skipped_and_the_run_goes_on(slides, tmp_path, write_behind):
+    # its features file never got a row: discarding it failed (the empty file cannot be closed into /dev/null), and
+    # the second discard crashed the process (SIGSEGV) before the next slide
+    enc = encoder()
+    specs = list_slides(slides)
+    n0 = embed_slides(enc, specs[:1], tmp_path / "count", TILING, embed_cfg(), CPU)["done"][0]["tiles"]
+    original, seen = enc.forward, [0]
+
+    def overflowing(x):  # every tile of the first slide (s0), none of the second
+        out = original(x)
+        out.cls[: max(0, min(len(x), n0 - seen[0]))] = float("inf")
+        seen[0] += len(x)
+        return out
+
+    enc.forward = overflowing
+    s = embed_slides(enc, specs, tmp_path, TILING, embed_cfg(batch_size=4, write_behind=write_behind), CPU)
+    out = Path(s["features_dir"])
+    assert [d["slide"] for d in s["done"]] == ["s1"]
+    assert sorted(p.name for p in out.glob("*.h5")) == ["s1.h5"] and not list(out.glob(".*.tmp"))
+    skipped = pd.read_csv(out / "skipped.csv")
+    (reason,) = skipped.reason[skipped.slide == "s0"]
+    assert re.fullmatch(rf"no tile could be embedded: {n0} tiles refused, the first tile 0 at .*not finite.*", reason)
 
 
 @pytest.mark.parametrize("write_behind", [False, True], ids=["inline", "write_behind"])

@@ -105,7 +105,7 @@ class FeatureSink:
             self.writer.abort()
             from ..wsi.reader import SlideError
 
-            raise SlideError("no tile could be embedded (see the tiles listed in skipped.csv)")
+            raise SlideError("no tile could be embedded")  # the runner adds why (its tiles' reasons)
         self.writer.close()
         return {"tiles": self.writer.n, "overlays": self.overlays}
 

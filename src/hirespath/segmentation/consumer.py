@@ -303,7 +303,7 @@ class SegmentationSink(_SlideDrawing):
 
         if not self.tiles:
             self.abort()
-            raise SlideError("no tile could be segmented (see the tiles listed in skipped.csv)")
+            raise SlideError("no tile could be segmented")  # the runner adds why (its tiles' reasons)
         shape = (len(self.c.classes), *self.map.shape)
         step = ClosingSteps(self.spec.slide_id, shape, self.c.progress)
         c, probs = self.c, self.stitcher.finalize()

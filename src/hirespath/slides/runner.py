@@ -647,8 +647,10 @@ def _stream_slide(
         t_close = time.perf_counter()
         try:
             info = sink.close()
-        except BaseException:
+        except BaseException as err:
             sink.abort()
+            if failed and isinstance(err, SlideError):  # every tile refused: the slide's one row says why
+                raise SlideError(f"{err}: {len(failed)} tiles refused, the first {failed[0]}") from err
             raise
         # the final flush and rename; tile-function work the sink did on closing (encode_seconds) is the model's
         extra = float(info.pop("encode_seconds", 0.0))

@@ -161,21 +161,44 @@ def new_h5(path: str | os.PathLike):
 
 
 def discard_h5(file) -> None:
-    """Close an h5py file whose content is thrown away, without writing it.
+    """Close an h5py file whose content is thrown away, without writing it; a second call does nothing.
 
     After a write that failed (a full disk), HDF5 cannot close the file, and h5py, trying again when the object is
-    freed or at exit, crashes the process (SIGSEGV). Pointing the file's descriptor at /dev/null first lets the
-    close's last writes succeed, to nowhere."""
+    freed or at exit, crashes the process (SIGSEGV). Pointing the file's descriptor elsewhere first
+    (:func:`_discard_target`) lets the close's last writes succeed, to nowhere. Should the close fail all the same,
+    the error is dropped (the content is not wanted) and the file is not closed again."""
+    if getattr(file, "_hirespath_discarded", False) or not file.id.valid:
+        return
+    file._hirespath_discarded = True
     try:
         fd = file.id.get_vfd_handle()
-        null = os.open(os.devnull, os.O_WRONLY)
+        target = _discard_target()
         try:
-            os.dup2(null, fd)
+            os.dup2(target, fd)
         finally:
-            os.close(null)
+            os.close(target)
     except Exception:  # noqa: BLE001 — closed already, or a driver without one descriptor: close as it is
         pass
-    file.close()
+    try:
+        file.close()
+    except Exception:  # noqa: BLE001 — a second try would crash the process; the content is thrown away anyway
+        pass
+
+
+def _discard_target() -> int:
+    """Where a discarded h5 file's last writes go: an anonymous in-memory file, which can be extended as HDF5 extends
+    a file that never got a row when closing it (/dev/null cannot: that close failed, and the next one crashed);
+    /dev/null under a file-size limit (RLIMIT_FSIZE binds the in-memory file too, and the failed writes that led here
+    may have reached it)."""
+    try:
+        import resource
+
+        limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+    except (ImportError, OSError, ValueError):
+        limited = True
+    if hasattr(os, "memfd_create") and not limited:
+        return os.memfd_create("discarded-h5")
+    return os.open(os.devnull, os.O_RDWR)
 
 
 def write_rows(fd: int, arr, y0: int, x0: int, values) -> None:
