@@ -62,7 +62,7 @@ def _merge_lines(path: Path, new: pd.DataFrame, columns: list[str], sort_by: lis
             if parts[at] not in replaced:
                 rows.append(("\x00".join(parts[k] for k in keys), line))  # NUL: sorts as the fields' tuple would
     if keys:
-        rows.sort()
+        rows.sort(key=lambda row: row[0])  # stable: rows equal in the sort fields keep their order, as below
     lines = [line for _, line in rows]
     with atomic_path(path) as tmp:
         tmp.write_text(header + "\n" + "".join(f"{line}\n" for line in lines), encoding="utf-8")
@@ -188,7 +188,7 @@ class Ledger:
             old = pd.DataFrame(columns=columns) if old is None else old
             table = pd.concat([old[~old["slide"].isin(set(new["slide"].astype(str)))], new], ignore_index=True)
             if sort_by:
-                table = table.sort_values(sort_by)
+                table = table.sort_values(sort_by, kind="stable")
             with atomic_path(path) as tmp:
                 table.to_csv(tmp, index=False)
 
