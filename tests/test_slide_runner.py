@@ -281,6 +281,15 @@ def test_a_slide_id_with_glob_characters_removes_only_its_own_temporaries(slides
     assert not stale.exists() and live.exists() and dotted.exists()
 
 
+def test_tiles_whose_tokens_overflow_float16_are_refused_not_stored_as_inf(slides, tmp_path):
+    enc = encoder()
+    with torch.no_grad():
+        enc.vit.norm.weight[: enc.embed_dim // 2] *= 4e4  # final tokens past float16's ±65,504; their mean is finite
+    with pytest.raises(NothingProcessed, match=r"tiles refused, the first tile 0 .*tokens are not finite as float16"):
+        embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(features="mean", tokens=True), CPU)
+    assert not list(tmp_path.rglob("s0.h5"))  # where it had stored them as inf beside finite features
+
+
 def test_tokens_with_cls_plus_mean(slides, tmp_path):
     s = embed_slides(encoder(prune_ratio=0.5, prune_layer=1), list_slides(slides)[:1], tmp_path, TILING,
                      embed_cfg(features="cls+mean", tokens=True), CPU)  # fmt: skip

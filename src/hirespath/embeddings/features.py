@@ -85,6 +85,13 @@ class FeatureSink:
         finite = np.isfinite(feats).all(axis=1)
         refused = [(int(t), "features are not finite (NaN/inf; fp16 overflow? use bf16-mixed or fp32)")
                    for t in tiles[~finite]]  # fmt: skip
+        if self.tokens:  # stored in the file's token dtype (float16: past ±65,504 a finite token would be inf)
+            stored = self.writer.tok.dtype
+            with np.errstate(over="ignore"):
+                fits = np.array([bool(np.isfinite(np.asarray(t, dtype=stored)).all()) for t in toks]) & finite
+            refused += [(int(t), f"tokens are not finite as {stored} (|value| too large for it)")
+                        for t in tiles[finite & ~fits]]  # fmt: skip
+            finite = fits
         keep = np.flatnonzero(finite)
         if len(keep):
             self.writer.append(
