@@ -88,7 +88,8 @@ class FeatureSink:
         if self.tokens:  # stored in the file's token dtype (float16: past ±65,504 a finite token would be inf)
             stored = self.writer.tok.dtype
             with np.errstate(over="ignore"):
-                fits = np.array([bool(np.isfinite(np.asarray(t, dtype=stored)).all()) for t in toks]) & finite
+                toks = [np.asarray(t, dtype=stored) for t in toks]  # as written (the writer casts no more)
+            fits = np.array([bool(np.isfinite(t).all()) for t in toks]) & finite
             refused += [(int(t), f"tokens are not finite as {stored} (|value| too large for it)")
                         for t in tiles[finite & ~fits]]  # fmt: skip
             finite = fits
