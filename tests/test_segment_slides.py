@@ -209,6 +209,28 @@ def test_polygons_have_the_masks_pixel_areas_and_are_clipped_to_the_tissue(done,
     assert any(g.intersection(fragment).area > 0 for g in clipped.values())  # its own tile segmented it
 
 
+def test_the_tissue_outline_keeps_fragments_its_smoothing_drops():
+    """Polygons are clipped to the tissue outline, whose smoothing (1/150 of the slide) drops fragments and strands
+    narrower than that; the grid still tiles them, so the outline holds the mask's own pieces too (their
+    predictions were lost: a slide's 40 px fragment got a tile and 0 % of its polygons)."""
+    from types import SimpleNamespace
+
+    from hirespath.segmentation.consumer import tissue_outline
+
+    mask = np.zeros((600, 450), bool)  # a 600-px-long mask: smoothed by 4 px
+    mask[100:500, 100:400] = True
+    mask[20:23, 20:23] = True  # a fragment of 3 × 3 mask px
+    mask[540, 20:300] = True  # a strand one mask px wide
+    grid = SimpleNamespace(mask=mask, mask_downsample=(16.0, 16.0), mask_origin=(1000, 2000))
+    outline = tissue_outline(grid)
+    assert outline.is_valid
+    for x0, y0, x1, y1 in ((20, 20, 23, 23), (20, 540, 300, 541), (100, 100, 400, 500)):
+        level0 = shapely.box(1000 + 16 * x0, 2000 + 16 * y0, 1000 + 16 * x1, 2000 + 16 * y1)
+        assert outline.contains(level0)
+    # grown by one mask px around a fragment, not by the smoothing width
+    assert not outline.contains(shapely.box(1000 + 16 * 17, 2000 + 16 * 17, 1000 + 16 * 26, 2000 + 16 * 26))
+
+
 def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
     """Where one tile alone covers the slide (its centre, beyond the overlap) the map is the module's prediction of
     that tile as one forward, with the same placement (SegmentationModel.semantic_probs, as `segment` evaluates)."""
@@ -279,6 +301,9 @@ def test_attention_is_the_trained_one_unless_asked_and_another_gets_its_own_fold
     assert centre_error((tmp_path / "job", w1), seg, wsi)[0] > 2 * (0.6 / 255 + 1e-3)
     dense = task(tmp_path / "job", "attention.mode=dense")
     assert Path(dense["output_dir"]).name.endswith("_dense")
+    # its grid is w1's patches file, which keeps no tissue fractions: the seam window is found again, the same one
+    (first,), (again,) = w1["done"], dense["done"]
+    assert again["seams"] is not None and again["seams"]["window_level0"] == first["seams"]["window_level0"]
     assert np.abs(read_probs(Path(dense["output_dir"]) / "s0_probs.tif").astype(int) - trained).max() <= 1
     for bad, message in (("attention.mode=global", r"attention.mode='global'.*dense.*eager.*sparse"),
                          ("attention.window=0", r"attention.window=0.*integer >= 1")):  # fmt: skip

@@ -413,6 +413,22 @@ def _uncovered(grid) -> int:
     return int((grid.mask & ~held).sum())
 
 
+def test_a_slide_whose_tissue_is_all_specks_still_gets_the_tile_holding_most_of_it():
+    """Covering skips pieces under 1 % of a tile (debris beside tissue), but a region exported smaller than that
+    is all the slide has: it gets one tile (it was refused: "no tile ... holds ≥ 10% tissue")."""
+    from hirespath.wsi.tissue import covering_tiles, grid_coords
+
+    mask = np.zeros((100, 100), bool)  # level-0 px (downsample 1); tiles of 64 px, stride 32
+    mask[70:73, 70:73] = True  # 9 px: 0.2 % of a tile
+    mask[5, 5] = True
+    coords, _ = grid_coords((100, 100), 32)
+    keep = covering_tiles(mask, (1.0, 1.0), coords, 64, np.zeros(len(coords), bool))
+    assert keep.sum() == 1 and tuple(coords[keep][0]) == (32, 32)  # the first tile holding the 9 px
+    keep[:] = False
+    keep[0] = True  # with a tile already kept, specks stay without one of their own
+    assert covering_tiles(mask, (1.0, 1.0), coords, 64, keep).sum() == 1
+
+
 def test_cover_tissue_adds_the_fewest_tiles_that_hold_the_tissue_min_tissue_drops_but_specks(tmp_path):
     img = synthetic_image()
     img[300:330, 60:90] = img[300:330, 400:430]  # a 30 px fragment alone in a glass tile (4 % of it)

@@ -132,7 +132,9 @@ def probabilities_forward(model, class_index: list[int]):
 
 def tissue_outline(grid):
     """The tissue as a level-0 (Multi)Polygon: the grid's thumbnail mask with its outline smoothed (as thumbnails
-    draw it), grown by the smoothing width so that no tissue at its border is cut; None without a mask."""
+    draw it), grown by the smoothing width so that no tissue at its border is cut, and every piece of the mask
+    itself (grown by one mask px); None without a mask."""
+    import shapely
     from shapely import affinity
 
     from ..viz.thumbnails import outline_sigma, smooth_outline_mask
@@ -141,11 +143,16 @@ def tissue_outline(grid):
         return None
     sigma = outline_sigma(grid.mask)
     smooth = smooth_outline_mask(grid.mask, sigma)
-    geom = mask_polygons(lambda y0, y1: smooth[y0:y1], smooth.shape[0], band=smooth.shape[0], simplify=0.5)
-    if geom is None:
+    height = smooth.shape[0]
+    parts = [mask_polygons(lambda y0, y1: smooth[y0:y1], height, band=height, simplify=0.5)]
+    # the smoothing drops fragments and strands narrower than about sigma (1/150 of the slide), which the grid
+    # still tiles when they hold tissue: clipped to the smoothed outline alone, their predictions were lost
+    parts.append(mask_polygons(lambda y0, y1: grid.mask[y0:y1], height, band=height, simplify=0.5))
+    grown = [g.buffer(d) for g, d in zip(parts, (sigma, 1.0)) if g is not None]
+    if not grown:
         return None
     dx, dy = grid.mask_downsample
-    level0 = affinity.scale(qupath.valid_geometry(geom.buffer(sigma)), dx, dy, origin=(0, 0))
+    level0 = affinity.scale(qupath.valid_geometry(shapely.union_all(grown)), dx, dy, origin=(0, 0))
     return affinity.translate(level0, *grid.mask_origin)
 
 

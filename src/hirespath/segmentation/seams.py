@@ -111,7 +111,9 @@ def seam_measure(model, class_index: list[int], classes: list[str], image: np.nd
 def seam_window(coords: np.ndarray, stride: int, tissue_fraction: np.ndarray) -> tuple[int, int] | None:
     """Level-0 top-left of a window of one tile, shifted by half a stride from a tile whose right, lower and diagonal
     neighbours are all in the grid: it is centred on the overlap of those four tiles, where both seams cross. Of all
-    such places, the one with the most tissue under its four tiles; None when the grid has no 2×2 block of tiles."""
+    such places, the one with the most tissue under its four tiles (unknown fractions, NaN, count as none: the
+    first such place); None when the grid has no 2×2 block of tiles."""
+    tissue_fraction = np.nan_to_num(np.asarray(tissue_fraction, dtype=np.float64), nan=0.0)
     index = {(int(x), int(y)): i for i, (x, y) in enumerate(np.asarray(coords).reshape(-1, 2))}
     best, where = -1.0, None
     for x, y in index:

@@ -17,7 +17,7 @@ from ..utils.io import out_of_storage
 from ..wsi import qupath, trident_h5
 from ..wsi.listing import SlideSpec
 from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide
-from ..wsi.tissue import TileGrid, tile_grid, tissue_thumbnail
+from ..wsi.tissue import TileGrid, tile_grid, tissue_fractions, tissue_thumbnail
 
 log = logging.getLogger("hirespath.slides")
 
@@ -137,6 +137,11 @@ def prepare_slide(
         elif need_thumbnail:  # the tissue as tile_grid sees it: on QuPath's image of the slide
             grid.thumbnail, grid.mask, grid.mask_downsample, grid.mask_origin = tissue_thumbnail(
                 slide, mask_max_side, region
+            )
+            # the patches file keeps coordinates only: each tile's tissue again from the mask (the seam measure
+            # picks its window by them; unknown, it picked none)
+            grid.tissue_fraction = tissue_fractions(
+                grid.mask, grid.mask_downsample, grid.coords, grid.patch_size_level0, grid.mask_origin
             )
     except SlideError:
         raise

@@ -180,9 +180,14 @@ def covering_tiles(mask: np.ndarray, mask_downsample: tuple[float, float], coord
     _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     speck = stats[:, cv2.CC_STAT_AREA] < SPECK_SHARE * side0**2 / (mask_downsample[0] * mask_downsample[1])
     left = mask & ~speck[labels]
+    keep = keep.copy()
+    if not keep.any() and not left.any() and mask.any():
+        # all the tissue is specks (a region exported smaller than 1 % of a tile): one tile, the one holding the
+        # most of it, rather than a slide refused
+        keep[int(np.argmax(_box_sums(mask, boxes)))] = True
+        return keep
     for y0, y1, x0, x1, _ in boxes[keep]:
         left[y0:y1, x0:x1] = False
-    keep = keep.copy()
     gains = _box_sums(left, boxes)
     heap = [(-int(g), int(i)) for i, g in enumerate(gains) if g > 0 and not keep[i]]
     heapq.heapify(heap)
