@@ -358,3 +358,28 @@ def test_config_errors_are_input_errors():
     from hirespath.utils.errors import InputError
 
     assert issubclass(ConfigValidationError, InputError)
+
+
+def test_emptying_backbone_overrides_on_the_command_line_is_null_not_a_merge(tmp_path):
+    """``backbone.overrides={}`` after an experiment that narrows the model (embed_speed: depth 12, width 384) is
+    merged by Hydra and changes nothing: the GPU scripts meant for full UNI2-h ran the narrowed model. It is refused,
+    naming ``null``, which gives the preset as it is."""
+    from conftest import compose_task
+
+    from hirespath.models.encoder import encoder_from_config
+
+    cfg = compose_task("benchmark", ["experiment=embed_speed", "backbone.overrides={}"], tmp_path)
+    assert dict(cfg.backbone.overrides) == {"depth": 12, "embed_dim": 384, "num_heads": 6}  # Hydra's merge
+    with pytest.raises(ConfigValidationError, match=r"backbone.overrides=\{\}: Hydra merges.*overrides=null gives"):
+        validate_config(cfg, "benchmark")
+    cfg = compose_task("benchmark", ["experiment=embed_speed", "backbone.overrides=null"], tmp_path)
+    validate_config(cfg, "benchmark")
+    assert cfg.backbone.overrides is None and backbone_geometry("uni2_h", cfg.backbone.overrides)[1] == 24
+    tiny = compose_task("benchmark", ["backbone=tiny", "backbone.overrides=null"], tmp_path)
+    validate_config(tiny, "benchmark")
+    import torch
+
+    with torch.device("meta"):
+        assert encoder_from_config(tiny.backbone, tiny.attention, tiny.pruner).embed_dim > 0  # the preset
+    # where nothing is composed, {} is what it says
+    validate_config(compose_task("benchmark", ["backbone=uni", "backbone.overrides={}"], tmp_path), "benchmark")

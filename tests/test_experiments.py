@@ -1,6 +1,8 @@
 """Every experiment and launcher config composes; grids have the paper's sizes; grids need -m."""
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -132,7 +134,44 @@ def test_the_gpu_scripts_benchmark_runs_compose(script):
         cfg = _compose("benchmark", overrides)
         validate_config(cfg)
         assert cfg.task_name in ("table1_cost", "segment_speed", "embed_speed")
+        if script == "gpu_both_issues.sh":  # the GPU figures are full UNI2-h's (h200_run*.sh ran some narrowed)
+            assert cfg.backbone.name == "uni2_h" and not cfg.backbone.overrides
         if cfg.task_name == "segment_speed":
             check_segment_bench(cfg.segment_bench)
         elif cfg.task_name == "table1_cost":
             assert configs_from(cfg)
+
+
+def test_the_gpu_script_leaves_what_the_device_tool_brings_back(tmp_path):
+    """The device tool brings back at most 8 files from $OUT: gpu_both_issues.sh left 11 (a PNG per step), so
+    three of the 15-minute run's outputs would be lost. Run with stand-ins for the GPU machine's python3 and
+    nvidia-smi, it leaves the log, the device, the utilisation, the four CSVs and one tar of the plots."""
+    import shutil
+    import tarfile
+
+    repo = Path(CONF_DIR).parent
+    (tmp_path / "repo" / "docs").mkdir(parents=True)
+    shutil.copytree(repo / "docs" / "benchmarks", tmp_path / "repo" / "docs" / "benchmarks")
+    stubs, out, runs = tmp_path / "stubs", tmp_path / "out", tmp_path / "runs"
+    stubs.mkdir(), out.mkdir()
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA Stand-in, 1 MiB, 0'\n")
+    (stubs / "python3").write_text("""#!/usr/bin/env bash
+case "$*" in *"-m pip install"*|*"-c "*) exit 0;; esac
+for a in "$@"; do case $a in hydra.run.dir=*) dir=${a#hydra.run.dir=};; esac; done
+mkdir -p "$dir"
+for f in benchmark segmentation_benchmark embedding_benchmark; do touch "$dir/$f.csv" "$dir/$f.png"; done
+""")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    script = tmp_path / "repo" / "docs" / "benchmarks" / "gpu_both_issues.sh"
+    script.write_text(script.read_text().replace("/tmp/", f"{runs}/"))  # each step's run folder, here
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out)}
+    subprocess.run(["bash", "docs/benchmarks/gpu_both_issues.sh"], cwd=tmp_path / "repo", env=env, check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"table1_cost.csv", "segment_speed.csv", "segment_speed_3430.csv",
+                                "embed_speed.csv", "plots.tar", "log.txt", "device.txt"} <= set(files)  # fmt: skip
+    with tarfile.open(out / "plots.tar") as tar:
+        assert {"table1_cost.png", "segment_speed.png", "segment_speed_3430.png", "embed_speed.png"} <= {
+            Path(n).name for n in tar.getnames()
+        }

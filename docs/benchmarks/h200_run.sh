@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# NB (found 2026-12-07): `backbone.overrides={}` below did not give full UNI2-h: Hydra merges it into the
+# experiment's narrowing, so the embed_speed step ran UNI2-h narrowed (depth 12, dim 384; the TFLOP column shows it). Kept as
+# run; a run now uses backbone.overrides=null (and `={}` is refused).
 # GPU figures for issue 26 (table1_cost, max resolution in 80 GB, embed_speed), one call (prepare: gpu_prepare.sh).
 source docs/benchmarks/gpu_setup.sh
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 250 > /tmp/util.csv 2>&1 &

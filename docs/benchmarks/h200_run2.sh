@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# NB (found 2026-12-07): `backbone.overrides={}` below did not give full UNI2-h: Hydra merges it into the
+# experiment's narrowing, so these segment_speed runs used UNI2-h narrowed (depth 12, dim 384; the TFLOP column shows it). Kept as
+# run; a run now uses backbone.overrides=null (and `={}` is refused).
 # GPU figures for issue 23 (segment_speed), full UNI2-h, one call (prepare: gpu_prepare.sh). The tile readers are
 # embed.num_workers' default (null: the cores but two on CUDA). The heatmap cost of issue 24 is measured already
 # (h200_heatmap_cost.csv); in its place, entry (b) once more with embed.write_behind=false.

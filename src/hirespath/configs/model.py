@@ -21,7 +21,7 @@ class BackboneConfig:
 
     name: str = MISSING
     weights: Optional[str] = None  # None: random init; else a local checkpoint in timm key layout
-    overrides: Dict[str, Any] = field(default_factory=dict)  # timm kwargs, e.g. {depth: 2}
+    overrides: Optional[Dict[str, Any]] = field(default_factory=dict)  # timm kwargs, e.g. {depth: 2}; null: none
 
 
 @dataclass
@@ -74,8 +74,22 @@ def check_backbone(cfg: DictConfig, problems: Problems) -> Geometry:
     if not isinstance(overrides, dict):
         problems.bad("backbone.overrides", overrides, "a mapping of timm keyword arguments")
         overrides = {}
+    elif overrides and _emptied_on_the_command_line():
+        # Hydra merges a mapping into the one composed (an experiment's narrowing): `={}` changes nothing, and a
+        # GPU benchmark meant for the full model ran the narrowed one
+        problems.add(
+            f"backbone.overrides={{}}: Hydra merges it into the composed {dict(overrides)}, which stays; "
+            f"backbone.overrides=null gives {name} as it is (or set a key: backbone.overrides.depth=...)"
+        )
     patch, depth = preset_geometry(name, overrides)
     return Geometry(name, patch, depth)
+
+
+def _emptied_on_the_command_line() -> bool:
+    """Whether the running job's command line says ``backbone.overrides={}``."""
+    from ..utils.hydra import job_overrides
+
+    return any("".join(o.split()).lstrip("+") == "backbone.overrides={}" for o in job_overrides())
 
 
 def check_attention(cfg: DictConfig, problems: Problems, as_trained: bool = False) -> None:

@@ -44,7 +44,8 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 DONE_FILE = "done.json"  # written into a job's output directory when its task returns
 
 
-def _job_overrides() -> list[str]:
+def job_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job (sorted, ``resume`` left out); [] outside one."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -69,7 +70,7 @@ def _already_done(marker) -> bool:
     if marker is None or not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("overrides") == _job_overrides()
+        return json.loads(marker.read_text()).get("overrides") == job_overrides()
     except ValueError:
         return False
 
@@ -171,7 +172,7 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, marker, received: l
         if marker is not None:
             from .io import write_json
 
-            write_json(marker, {"overrides": _job_overrides(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            write_json(marker, {"overrides": job_overrides(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return result
     except (KeyboardInterrupt, SystemExit) as err:
         # Lightning catches KeyboardInterrupt in fit/predict and calls exit(1): the signal tells them apart
