@@ -2,11 +2,11 @@
 
 ``cv2.findContours`` (RETR_CCOMP: outer borders and their holes) traces the centres of the border pixels (of the
 mask at twice its resolution); growing each polygon by that half (half-)pixel with mitred corners puts its edges on
-the pixel edges, so a polygon's area is the mask's pixel count (within a small error on diagonal steps) instead of
-falling short by half its perimeter. Large maps are traced in row bands, so a mask is never held whole: a region
-still open at a band's bottom is carried into the next band (its rows kept) and traced whole once it ends; only a
-region taller than ``CARRY_PIXELS`` / width rows is cut at a band edge, and its pieces (which share their cut edges
-exactly) are merged by a union at the end.
+the pixel edges, so a polygon's area is the mask's pixel count (a corner point added at each diagonal step of the
+tracing: :func:`_on_pixel_edges`) instead of falling short by half its perimeter. Large maps are traced in row
+bands, so a mask is never held whole: a region still open at a band's bottom is carried into the next band (its rows
+kept) and traced whole once it ends; only a region taller than ``CARRY_PIXELS`` / width rows is cut at a band edge,
+and its pieces (which share their cut edges exactly) are merged by a union at the end.
 """
 
 from __future__ import annotations
@@ -52,23 +52,90 @@ def _band_polygons(mask: np.ndarray, y0: int, check: bool = False) -> np.ndarray
 def _traced_rings(mask: np.ndarray, y0: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Every contour of ``mask`` (rows from ``y0``) as a ring of (x, y) pixel-centre paths in mask px, and each
     contour's parent (-1: an outer border; else the index of the border a hole lies in)."""
-    # traced at twice the resolution (each pixel 2×2): the centre paths lie a quarter pixel inside the pixel edges
-    # and diagonal staircases become 2-px steps, so growing by a quarter pixel puts every edge within 1/20 px² per
-    # step of the true pixel edges (at the mask's own resolution, diagonals would be off by 0.2 px² per step)
-    mask2 = cv2.resize(mask.astype(np.uint8), (2 * mask.shape[1], 2 * mask.shape[0]), interpolation=cv2.INTER_NEAREST)
-    _split_diagonal_bridges(mask.astype(bool, copy=False), mask2)
+    # traced at twice the resolution (each pixel 2×2): the centre paths lie a quarter pixel inside the pixel edges,
+    # so growing them by a quarter pixel puts their edges on the pixel edges (:func:`_on_pixel_edges` makes the
+    # paths turn where the pixel edges do)
+    mask = mask.astype(bool, copy=False)
+    mask2 = cv2.resize(mask.view(np.uint8), (2 * mask.shape[1], 2 * mask.shape[0]), interpolation=cv2.INTER_NEAREST)
+    _split_diagonal_bridges(mask, mask2)
     contours, hierarchy = cv2.findContours(mask2, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return [], np.empty(0, dtype=np.int64)
-    return [(c[:, 0, :] + 0.5) / 2 + (0, y0) for c in contours], hierarchy[0][:, 3]
+    return [(c + 0.5) / 2 + (0, y0) for c in _on_pixel_edges(contours, mask, mask2)], hierarchy[0][:, 3]
+
+
+# how far a bridge's two pixels stay apart (mask px; see _on_pixel_edges): a negligible area, but no shared point
+BRIDGE_GAP = 1e-4
+
+
+def _on_pixel_edges(contours, mask: np.ndarray, mask2: np.ndarray) -> list[np.ndarray]:
+    """The contours of the 2× mask (``findContours``' points) with a corner point added at every diagonal step, as
+    float paths of 2× pixel centres. Border following steps diagonally past the inner pixel of a concave corner;
+    grown, that step became a chamfer over the background pixel's corner (1/16 px² each: a class's polygons 0.2–1.5 %
+    larger than its pixels, a class and its complement overlapping). Through the inner pixel, the grown path follows
+    the pixel edges exactly. At a split diagonal bridge (:func:`_split_diagonal_bridges`) the step passes the quarter
+    pixel cleared there instead: the path goes through it, ``BRIDGE_GAP`` short of the shared corner, so the upper
+    pixel keeps its area (a 1 px diagonal line lost 10 %) and the two regions still share no point. Every contour at
+    once (no Python per contour)."""
+    sizes = np.array([len(c) for c in contours], dtype=np.int64)
+    p = np.concatenate(contours)[:, 0, :].astype(np.int64)
+    ring = np.repeat(np.arange(len(contours)), sizes)
+    start = np.cumsum(sizes) - sizes
+    i = np.arange(len(p))
+    nxt = np.where(i == start[ring] + sizes[ring] - 1, start[ring], i + 1)
+    d = p[nxt] - p
+    # CHAIN_APPROX_SIMPLE keeps a diagonal run's ends only (a staircase of split bridges): one point per step
+    run = np.where((d[:, 0] != 0) & (np.abs(d[:, 0]) == np.abs(d[:, 1])), np.abs(d[:, 0]), 1)
+    if (run > 1).any():
+        src = np.repeat(i, run)
+        k = np.arange(len(src)) - np.repeat(np.cumsum(run) - run, run)
+        p = p[src] + k[:, None] * np.sign(d[src])
+        ring = ring[src]
+        sizes = np.bincount(ring, minlength=len(contours))
+        start = np.cumsum(sizes) - sizes
+        i = np.arange(len(p))
+        nxt = np.where(i == start[ring] + sizes[ring] - 1, start[ring], i + 1)
+        d = p[nxt] - p
+    diag = np.flatnonzero((np.abs(d[:, 0]) == 1) & (np.abs(d[:, 1]) == 1))
+    h2, w2 = mask2.shape
+    corners = []
+    for cand in (p[diag] + d[diag] * (1, 0), p[diag] + d[diag] * (0, 1)):  # the step's two corner pixels
+        x, y = np.clip(cand[:, 0], 0, w2 - 1), np.clip(cand[:, 1], 0, h2 - 1)
+        inside = mask2[y, x] > 0
+        corners.append((cand, inside, ~inside & mask[y // 2, x // 2]))  # (pixels, in the 2× mask, a cleared quarter)
+    (c1, in1, cut1), (c2, in2, cut2) = corners
+    take1 = cut1 | (in1 & ~cut2)
+    add = (in1 ^ in2) | cut1 | cut2  # exactly one corner pixel inside, or a cleared quarter: a corner to add
+    corner = np.where(take1[:, None], c1, c2).astype(np.float64)
+    cut = np.where(take1, cut1, cut2)
+    # a cleared quarter's centre, moved towards its own pixel's centre (2× px: BRIDGE_GAP mask px per axis)
+    corner[cut] -= 2 * BRIDGE_GAP * np.where(corner[cut] % 2 == 1, 1.0, -1.0)
+    count = np.ones(len(p), dtype=np.int64)
+    count[diag[add]] = 2
+    pos = np.cumsum(count) - count
+    out = np.empty((int(count.sum()), 2))
+    out[pos] = p
+    out[pos[diag[add]] + 1] = corner[add]
+    # a corner continues the edge before or after its step: that edge's end point is no longer a vertex (as many
+    # vertices as before, for the offsets, checks and simplifying that follow)
+    ring = np.repeat(ring, count)
+    sizes = np.bincount(ring, minlength=len(contours))
+    start = np.cumsum(sizes) - sizes
+    i = np.arange(len(out))
+    last = i == start[ring] + sizes[ring] - 1
+    into = out - out[np.where(i == start[ring], i + sizes[ring] - 1, i - 1)]
+    onward = out[np.where(last, start[ring], i + 1)] - out
+    straight = (into[:, 0] * onward[:, 1] == into[:, 1] * onward[:, 0]) & ((into * onward).sum(1) > 0)
+    return np.split(out[~straight], np.cumsum(np.bincount(ring[~straight], minlength=len(contours)))[:-1])
 
 
 def _split_diagonal_bridges(mask: np.ndarray, mask2: np.ndarray) -> None:
     """Pixels meeting only at a corner (a diagonal bridge) become separate regions: the quarter of the upper pixel
     at the shared corner is cleared in the 2× mask. A bridge made a contour that passes the corner twice, there
     and back, i.e. touches itself: an invalid ring whose repair (``make_valid``) grew faster than linearly with
-    the region's size (3 s of a 4,096 px blob map's 6) and, on noisy masks, added 6 % of area. Each bridge now
-    costs the upper pixel ~0.1 px² at that corner instead (growing by a quarter pixel gives most of it back)."""
+    the region's size (3 s of a 4,096 px blob map's 6) and, on noisy masks, added 6 % of area. The traced path
+    goes through the cleared quarter (:func:`_on_pixel_edges`), so the upper pixel keeps its area; only a pixel
+    bridged at both lower corners (a 1 px ∧, a checkerboard) keeps its upper half."""
     if mask.shape[0] < 2 or mask.shape[1] < 2:
         return
     # a 2×2 window whose top pixels differ, bottom pixels differ and left pixels differ is a diagonal pair
@@ -269,10 +336,9 @@ class _BandTracer:
             self._keep(_band_polygons(m, top))
             return
         n, labels, stats, _ = cv2.connectedComponentsWithStats(m.view(np.uint8), connectivity=8)
-        # with the labels at hand, specks are not even traced: a traced polygon's area is its pixel count within
-        # 0.35 px² per pixel (corners cut by ≤ 1/16 px² each, ≤ 1/20 px² per diagonal step), so a region of under
-        # min_area / 2 px stays under min_area
-        speck = stats[:, cv2.CC_STAT_AREA] < self.min_area / 2
+        # with the labels at hand, specks are not even traced: a traced polygon's area is at most its pixel count
+        # (less only by a split bridge's gap, or half a pixel bridged at both lower corners)
+        speck = stats[:, cv2.CC_STAT_AREA] < self.min_area
         speck[0] = False  # background
         first = stats[:, cv2.CC_STAT_TOP]
         is_piece = np.zeros(n, bool)  # label → a piece of a cut region: 8-connected to its pixels above a cut
