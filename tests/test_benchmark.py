@@ -512,3 +512,83 @@ def test_one_out_of_memory_test_for_benchmark_and_embedding():
     assert is_oom(MemoryError()) and is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) and not is_oom(ValueError("x"))
+
+
+def test_a_sweep_with_every_point_out_of_memory_still_plots(tmp_path):
+    """An oom row keeps the peak it reached, but nothing of it is drawn: the plot's log axis came from those values
+    and matplotlib refused it ("cannot be log-scaled"), ending the run without its plot or W&B upload."""
+    from hirespath.benchmark.plots import plot
+    from hirespath.benchmark.spec import COLUMNS
+
+    row = dict.fromkeys(COLUMNS)
+    row.update(backbone="tiny", attention="eager", window=8, prune_ratio=0.0, prune_layer=1, dtype="fp32",
+               device="cpu", resolution=56, tokens=16, seconds_per_image=float("nan"), peak_memory_gb=0.0147,
+               status="oom", sparse_backend="", cpu_parallel="auto")  # fmt: skip
+    plot([row], tmp_path / "benchmark.png")
+    assert (tmp_path / "benchmark.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_max_resolution_probe_that_fails_ends_that_search_and_keeps_the_rest(tmp_path, monkeypatch):
+    """A probe failing other than out of memory ended the whole task at once: no max_resolution.csv, no probes, no
+    W&B, the other configurations never searched. Now that search stops (status error), the others run, every file
+    is written, and the run fails at its end naming it."""
+    cfg = _cfg(tmp_path, ["backbone=tiny", "+backbone.overrides.depth=1", "resolutions=[56]", "repeats=1", "warmup=0",
+                          "cpu_memory=false", "compare=[{attention: dense, prune_ratio: 0.0}]",
+                          "max_resolution.enabled=true", "max_resolution.start=56", "max_resolution.limit=224",
+                          "max_resolution.memory_budget_gb=1",
+                          "max_resolution.compare=[{attention: eager, prune_ratio: 0.0},"
+                          "{attention: dense, prune_ratio: 0.0}]"])  # fmt: skip
+    real = bm.Benchmark.measure
+
+    def measure(self, c, res, timed=True):
+        row = real(self, c, res, timed=timed)
+        if c.attention == "eager" and res > 56:
+            row.update(status="error", seconds_per_image=float("nan"))
+        return row
+
+    monkeypatch.setattr(bm.Benchmark, "measure", measure)
+    with pytest.raises(RuntimeError, match=r"max-resolution search of eager.* at 112 px failed other than out of"):
+        run_benchmark(cfg)
+    found = pd.read_csv(tmp_path / "max_resolution.csv")
+    assert list(found.status) == ["error", "ok"] and math.isnan(found.max_resolution[0])
+    assert found.max_resolution[1] == 224  # the dense search ran to its limit
+    probes = pd.read_csv(tmp_path / "max_resolution_probes.csv")
+    assert "error" in set(probes.status) and probes.threads.notna().all() and (probes.busy_processes == 0).all()
+
+
+def test_benchmark_counts_and_budgets_are_checked_before_any_work(tmp_path):
+    from hirespath.configs import ConfigValidationError, validate_config
+
+    for override, message in (("repeats=0", r"repeats=0: must be a whole number >= 1"),
+                              ("warmup=-1", r"warmup=-1: must be a whole number >= 0"),
+                              ("batch_size=0", r"batch_size=0: must be a whole number >= 1"),
+                              ("memory_budget_gb=0", r"memory_budget_gb=0: must be a number of GB > 0, or null"),
+                              ("max_resolution.memory_budget_gb=-1", r"max_resolution.memory_budget_gb=-1: must be"),
+                              ("max_resolution.limit=10", r"max_resolution.limit=10: must be a side in px >= the "
+                                                          r"patch size \(14\)")):  # fmt: skip
+        with pytest.raises(ConfigValidationError, match=message):
+            validate_config(_cfg(tmp_path, ["backbone=tiny", override]), "benchmark")
+    validate_config(_cfg(tmp_path, ["backbone=tiny", "warmup=0", "memory_budget_gb=null"]), "benchmark")
+
+
+def test_the_cpu_memory_worker_runs_bf16_as_the_timing_does(monkeypatch):
+    """On CPU, dtype=bf16 is timed with fp32 weights under autocast; the memory worker had cast the weights to bf16
+    and run without autocast: its peak described another program."""
+    from hirespath.benchmark import memory_worker
+
+    seen = {}
+    real = memory_worker.wrap_encoder
+
+    def wrap(*args, **kwargs):
+        enc = real(*args, **kwargs)
+        enc.register_forward_pre_hook(
+            lambda m, inp: seen.update(
+                weights=next(m.parameters()).dtype, images=inp[0].dtype, autocast=torch.is_autocast_enabled("cpu")
+            )
+        )
+        return enc
+
+    monkeypatch.setattr(memory_worker, "wrap_encoder", wrap)
+    bench = bm.Benchmark("tiny", overrides={"depth": 1}, dtype="bf16", repeats=1, warmup=0)
+    assert memory_worker.cpu_memory_worker(bench._worker_spec(bm.BenchConfig(), 56))["status"] == "ok"
+    assert seen == {"weights": torch.float32, "images": torch.float32, "autocast": True}

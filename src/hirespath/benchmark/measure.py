@@ -295,17 +295,30 @@ class Benchmark:
         return self.measure(cfg, resolution)["status"] == "ok"
 
     def max_resolution(self, cfg: BenchConfig, start: int, limit: int, timed: bool = False) -> tuple[int, list[dict]]:
-        """Largest multiple-of-patch resolution that fits: double until it fails, then bisect."""
-        p = self.patch_size
+        """Largest multiple-of-patch resolution that fits: double until it fails, then bisect. A probe that fails
+        otherwise than out of memory (status ``error`` in its row) ends the search: bisecting on a failure would
+        report a size that says nothing about memory; the caller sees the row."""
         rows: list[dict] = []
+
+        class _Failed(Exception):
+            pass
 
         def probe(res: int) -> bool:
             row = self.measure(cfg, res, timed=timed)
             rows.append(row)
             log.info("max_resolution %s: %d px -> %s", cfg.label, res, row["status"])
-            if row["status"] == "error":  # not a size that does not fit: the search would bisect on a failure
-                raise RuntimeError(f"max_resolution: {cfg.label} failed at {res} px (not out of memory; see the log)")
+            if row["status"] == "error":
+                raise _Failed
             return row["status"] == "ok"
+
+        try:
+            return self._search(probe, start, limit), rows
+        except _Failed:
+            return 0, rows
+
+    def _search(self, probe, start: int, limit: int) -> int:
+        """The doubling-then-bisection of :meth:`max_resolution` over ``probe(resolution) -> fits``."""
+        p = self.patch_size
 
         lo, hi = 0, None
         limit = limit // p * p
@@ -316,7 +329,7 @@ class Benchmark:
                 break
             lo = res
             if res >= limit:
-                return lo, rows  # fits up to the search limit
+                return lo  # fits up to the search limit
             res = min(res * 2, limit)
         while hi - lo > p:
             mid = (lo + hi) // 2 // p * p
@@ -326,7 +339,7 @@ class Benchmark:
                 lo = mid
             else:
                 hi = mid
-        return lo, rows
+        return lo
 
 
 def sweep(

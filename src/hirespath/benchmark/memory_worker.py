@@ -5,6 +5,7 @@ Runs as ``python -m hirespath.benchmark.memory_worker SPEC_JSON`` and prints one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -47,11 +48,10 @@ def cpu_memory_worker(spec: dict) -> dict:
     vit = build_timm_model(preset, weights=spec.get("weights"), **spec["overrides"])
     cfg = BenchConfig(**spec["config"])
     enc = wrap_encoder(vit, preset, cfg, spec.get("sparse_backend", "auto")).eval()
-    if spec["dtype"] != "fp32":
-        enc = enc.to(DTYPES[spec["dtype"]])
-    images = torch.randn(
-        spec["batch_size"], 3, spec["resolution"], spec["resolution"], dtype=next(enc.parameters()).dtype
-    )
+    images = torch.randn(spec["batch_size"], 3, spec["resolution"], spec["resolution"])
+    # the program the benchmark times on CPU: fp32 weights, bf16 under autocast (it had cast the weights instead)
+    cast = spec["dtype"] != "fp32"
+    autocast = torch.autocast("cpu", dtype=DTYPES[spec["dtype"]]) if cast else contextlib.nullcontext()
     budget = spec.get("memory_budget_gb")
     _reset_peak_rss()
     before = _rss_bytes()
@@ -62,7 +62,7 @@ def cpu_memory_worker(spec: dict) -> dict:
         limit = int(_proc_status_bytes("VmData") + budget * 1e9)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:
             enc(images)
     except Exception as err:  # noqa: BLE001 — anything else is re-raised below
         if is_oom(err):

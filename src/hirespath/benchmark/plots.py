@@ -46,7 +46,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
             ha="right" if len(resolutions) > 5 else "center",
         )
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        if (df[col] > 0).any():
+        if (df.loc[df.status == "ok", col] > 0).any():  # what is drawn (an oom row keeps the peak it reached)
             ax.set_yscale("log")
         else:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center")

@@ -138,7 +138,20 @@ def check_embed(cfg: DictConfig, problems: Problems) -> None:
 
 
 def check_benchmark_slides(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
-    """The benchmark's ``slides`` node: its precision and each ``slides.compare`` entry's tile size."""
+    """The benchmark's counts and memory budgets (``mode=encoder``), and its ``slides`` node: its precision and each
+    ``slides.compare`` entry's tile size."""
+    for key, least in (("batch_size", 1), ("repeats", 1), ("warmup", 0)):
+        value = select(cfg, key) if key in cfg else least
+        if not (is_int(value) and value >= least):
+            problems.bad(key, value, f"a whole number >= {least}")
+    for key in ("memory_budget_gb", "max_resolution.memory_budget_gb"):
+        value = select(cfg, key) if has_key(cfg, key) else None
+        if value is not None and not (is_number(value) and value > 0):
+            problems.bad(key, value, "a number of GB > 0, or null for no budget")
+    if has_key(cfg, "max_resolution.limit") and geometry.patch:
+        limit = select(cfg, "max_resolution.limit")
+        if not (is_int(limit) and limit >= geometry.patch):
+            problems.bad("max_resolution.limit", limit, f"a side in px >= the patch size ({geometry.patch})")
     if not isinstance(cfg.get("slides"), DictConfig):
         return
     from ..slides.tile_model import PRECISIONS

@@ -145,10 +145,16 @@ def _run(cfg, out_dir: Path) -> dict:
         search = configs
         if mr.get("compare"):
             search = configs_from(OmegaConf.merge(cfg, {"compare": mr.compare}))
+        search_failed = []
         for c in search:
             best, rows_c = budget_bench.max_resolution(c, int(mr.start), int(mr.limit))
+            for row in rows_c:
+                row.update(threads=threads, busy_processes=busy)
             probes += rows_c
             ok = [r for r in rows_c if r["resolution"] == best and r["status"] == "ok"]
+            error = next((r for r in rows_c if r["status"] == "error"), None)
+            if error is not None:  # the other configurations are still searched; the run fails at its end
+                search_failed.append(f"{c.label} at {error['resolution']} px")
             found.append(
                 dict(
                     backbone=cfg.backbone.name,
@@ -158,7 +164,8 @@ def _run(cfg, out_dir: Path) -> dict:
                     prune_ratio=c.prune_ratio,
                     prune_layer=c.prune_layer,
                     memory_budget_gb=mr.memory_budget_gb,
-                    max_resolution=best,
+                    max_resolution=best if error is None else None,
+                    status="ok" if error is None else "error",
                     tokens=(best // budget_bench.patch_size) ** 2,
                     sparse_backend=c.sparse_backend,
                     peak_memory_gb=ok[0]["peak_memory_gb"] if ok else float("nan"),
@@ -168,19 +175,28 @@ def _run(cfg, out_dir: Path) -> dict:
                     search_limit=int(mr.limit),
                 )
             )
-            log.info("largest resolution within %g GB for %s: %d px", mr.memory_budget_gb, c.label, best)
+            if error is None:
+                log.info("largest resolution within %g GB for %s: %d px", mr.memory_budget_gb, c.label, best)
         with atomic_path(out_dir / "max_resolution.csv") as tmp:
             pd.DataFrame(found).to_csv(tmp, index=False)
         write_csv(probes, out_dir / "max_resolution_probes.csv")
         result["max_resolution"] = found
         result["tables"] += [str(out_dir / "max_resolution.csv"), str(out_dir / "max_resolution_probes.csv")]
     failed = [r for r in rows if r["status"] == "error"]
+    problems = []
     if failed:
         points = [f"{r['attention']} [{r['sparse_backend'] or '-'}] at {r['resolution']} px" for r in failed]
-        result["failed"] = (
+        problems.append(
             f"{len(failed)} benchmark point(s) failed other than out of memory ({', '.join(points[:6])}"
-            f"{', ...' if len(points) > 6 else ''}): status 'error' in {out_dir / BENCHMARK_FILE}; the errors: the log"
+            f"{', ...' if len(points) > 6 else ''}): status 'error' in {out_dir / BENCHMARK_FILE}"
         )
+    if mr and mr.enabled and search_failed:
+        problems.append(
+            f"the max-resolution search of {', '.join(search_failed)} failed other than out of memory: status "
+            f"'error' in {out_dir / 'max_resolution.csv'} (its probes: max_resolution_probes.csv)"
+        )
+    if problems:
+        result["failed"] = "; ".join(problems) + "; the errors: the log"
     return result
 
 
