@@ -383,3 +383,27 @@ def test_emptying_backbone_overrides_on_the_command_line_is_null_not_a_merge(tmp
         assert encoder_from_config(tiny.backbone, tiny.attention, tiny.pruner).embed_dim > 0  # the preset
     # where nothing is composed, {} is what it says
     validate_config(compose_task("benchmark", ["backbone=uni", "backbone.overrides={}"], tmp_path), "benchmark")
+
+
+def test_the_adapter_groups_and_the_backbone_geometry_are_checked_before_building(tmp_path):
+    """head.adapter.num_groups other than 4 crashed inside Mask2Former (2 or 3 maps for its 4 scales) or silently
+    dropped groups (8); a backbone narrowed below 4 blocks, and a non-integer depth or patch size in
+    backbone.overrides, ended in tracebacks. Each is named before anything is built."""
+    from conftest import compose_task
+
+    from hirespath.models.vit_adapter import interaction_groups
+
+    def problems(*overrides):
+        cfg = compose_task("segment", ["backbone=tiny", *overrides], tmp_path)
+        with pytest.raises(ConfigValidationError) as err:
+            validate_config(cfg, "segment")
+        return str(err.value)
+
+    assert "head.adapter.num_groups=2: must be 4 (one per output scale" in problems("head.adapter.num_groups=2")
+    assert "backbone.overrides.depth=3: the ViT-Adapter's 4 interaction groups need at least 4" in problems(
+        "+backbone.overrides.depth=3"
+    )
+    assert "backbone.overrides.depth='four': must be an integer" in problems("+backbone.overrides.depth=four")
+    validate_config(compose_task("segment", ["backbone=tiny", "+backbone.overrides.depth=4"], tmp_path), "segment")
+    with pytest.raises(ValueError, match=r"head.adapter.num_groups=8: must be 4"):
+        interaction_groups(12, 8)

@@ -231,6 +231,83 @@ def test_the_tissue_outline_keeps_fragments_its_smoothing_drops():
     assert not outline.contains(shapely.box(1000 + 16 * 17, 2000 + 16 * 17, 1000 + 16 * 26, 2000 + 16 * 26))
 
 
+def test_pieces_the_tissue_outline_cuts_off_are_specks_too():
+    """Specks under min_area_um2 are dropped before the polygons are clipped to the tissue outline; the clipping
+    left pieces of larger polygons under it (8.6 and 13.5 µm² at min_area_um2=50 on a generated slide)."""
+    from types import SimpleNamespace
+
+    from hirespath.segmentation.consumer import ClosingSteps, MapGeometry, SegmentOptions, _SlideDrawing
+
+    mask = np.zeros((150, 150), bool)
+    mask[:, :75] = True  # tissue: level-0 x < 600 (8 level-0 px per mask px)
+    grid = SimpleNamespace(tile_size=112, patch_size_level0=224, slide_mpp=0.5, mask=mask,
+                           mask_downsample=(8.0, 8.0), mask_origin=(0, 0))  # fmt: skip
+    drawing = object.__new__(_SlideDrawing)
+    drawing.grid, drawing.region, drawing.origin = grid, (0, 0, 1200, 1200), (0, 0)
+    drawing.map = MapGeometry.of(grid, drawing.region)  # 600 × 600 px at 1 µm/px
+    probs = np.zeros((1, 600, 600), np.uint8)
+    probs[0, 100:106, 280:400] = 255  # 720 µm², reaching ~25 px into the tissue: a ~150 µm² piece inside
+    probs[0, 300:400, 100:200] = 255  # inside the tissue: kept whole
+    options = SegmentOptions(threshold=0.5, min_area_um2=200.0, simplify_px=0.0, within_tissue=True)
+    drawing.c = SimpleNamespace(classes=["a"], options=options)
+    _, areas, _, (geom,) = drawing._features(lambda y0, y1: probs[:, y0:y1], ClosingSteps("s", probs.shape, False))
+    assert geom.is_valid and len(getattr(geom, "geoms", [geom])) == 1  # the piece is gone, the block stays
+    assert areas["a"] * 1e6 == pytest.approx(100 * 100, rel=1e-6)  # µm²
+
+
+def test_segment_slides_refuses_what_the_checkpoint_decides_and_misspelt_or_empty_values(tmp_path):
+    """Before any model or slide: keys of the model (it comes from the checkpoint alone) are refused, not ignored
+    (+resolution) or misread (+backbone.overrides.depth asked for a backbone name); a misspelt tile.* or
+    attention.* key is named (it was ignored, or reached the model as an argument); tile values of the wrong type or
+    null are named (tracebacks before); a model tag that is no folder name and booleans as numbers are refused."""
+    base = ["ckpt=x.ckpt", f"wsi_dir={tmp_path}", f"job_dir={tmp_path / 'job'}"]
+
+    def refused(*extra):
+        cfg = compose_task("segment_slides", [*base, *extra], tmp_path / "run")
+        with pytest.raises(ConfigValidationError) as err:
+            validate_config(cfg, "segment_slides")
+        return str(err.value)
+
+    assert "backbone: segment_slides rebuilds the model (backbone included) from ckpt alone" in refused(
+        "+backbone.overrides.depth=2"
+    )
+    assert "resolution: segment_slides rebuilds the model" in refused("+resolution=112")
+    assert "did you mean tile.min_tissue?" in refused("+tile.min_tisue=0.5")
+    assert "attention.windw: not a key of segment_slides' attention" in refused("+attention.windw=8")
+    assert "tile.min_tissue='abc': must be a fraction in [0, 1]" in refused("tile.min_tissue=abc")
+    for key in ("overlap", "min_tissue", "cover_tissue"):
+        assert f"tile.{key}=None: must be" in refused(f"tile.{key}=null")
+    validate_config(compose_task("segment_slides", base, tmp_path / "run"), "segment_slides")  # tile.mpp null: fine
+    for bad, message in (({"model_tag": "a/b"}, r"segment.model_tag='a/b': must be null .* or a folder name"),
+                         ({"model_tag": ".."}, r"segment.model_tag='..'"),
+                         ({"min_area_um2": True}, r"segment.min_area_um2=True: must be a number"),
+                         ({"simplify_px": True}, r"segment.simplify_px=True: must be a number")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            SegmentOptions(**bad).check()
+
+
+def test_a_backbone_of_one_input_size_refuses_other_tile_sizes_before_any_slide():
+    """A ViT built with dynamic_img_size=false (as some model cards build theirs) takes one size: a tile size that
+    is a multiple of its patch passed the check, and every tile then failed in timm with a traceback."""
+    from timm.layers import PatchEmbed
+
+    from hirespath.segmentation.consumer import check_tiling_for_model
+
+    embed = PatchEmbed(img_size=56, patch_size=14, embed_dim=8)  # strict, as timm builds it without dynamic sizes
+    seg = SimpleNamespace(
+        patch_size=14,
+        ckpt=Path("last.ckpt"),
+        attention={"mode": "sparse"},
+        model=SimpleNamespace(encoder=SimpleNamespace(vit=SimpleNamespace(patch_embed=embed))),
+    )
+    with pytest.raises(InputError, match=r"tile.size=112: the model's backbone takes \(56, 56\) px images only.*"
+                                         r"use tile.size=56"):  # fmt: skip
+        check_tiling_for_model(seg, SimpleNamespace(size=112, mpp=1.0, overlap=28, min_tissue=0.1))
+    check_tiling_for_model(seg, SimpleNamespace(size=56, mpp=1.0, overlap=14, min_tissue=0.1))
+    embed.strict_img_size = False  # dynamic (the presets' default): any multiple of the patch
+    check_tiling_for_model(seg, SimpleNamespace(size=112, mpp=1.0, overlap=28, min_tissue=0.1))
+
+
 def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
     """Where one tile alone covers the slide (its centre, beyond the overlap) the map is the module's prediction of
     that tile as one forward, with the same placement (SegmentationModel.semantic_probs, as `segment` evaluates)."""

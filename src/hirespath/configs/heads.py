@@ -116,13 +116,23 @@ class MeanPoolHeadConfig:
     dropout: float = 0.0
 
 
-def check_head(cfg: DictConfig, task: str | None, problems: Problems) -> None:
-    """``head.name`` one of the task's heads (:data:`TASK_HEADS`); the heads' numbers."""
+def check_head(cfg: DictConfig, task: str | None, problems: Problems, depth: int | None = None) -> None:
+    """``head.name`` one of the task's heads (:data:`TASK_HEADS`); the heads' numbers; the ViT-Adapter's groups
+    against the backbone's ``depth`` (when known)."""
     if not isinstance(cfg.get("head"), DictConfig):
         return
     name = select(cfg, "head.name")
     if task in TASK_HEADS and name not in TASK_HEADS[task]:
         problems.bad("head.name", name, head_choices(task, name))
+    groups = select(cfg, "head.adapter.num_groups") if isinstance(cfg.head.get("adapter"), DictConfig) else None
+    if groups is not None:
+        from ..models.vit_adapter import ADAPTER_GROUPS
+
+        if groups != ADAPTER_GROUPS:  # each group's ViT features feed one of the adapter's four output scales
+            problems.bad("head.adapter.num_groups", groups, f"{ADAPTER_GROUPS} (one per output scale: 1/4 to 1/32)")
+        elif depth is not None and depth < ADAPTER_GROUPS:
+            problems.add(f"backbone.overrides.depth={depth}: the ViT-Adapter's {ADAPTER_GROUPS} interaction groups "
+                         f"need at least {ADAPTER_GROUPS} blocks")  # fmt: skip
     k = select(cfg, "head.k")
     if k is not None and not (is_int(k) and k >= 1):
         problems.bad("head.k", k, "an integer >= 1 (neighbours that vote)")

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import MISSING, DictConfig
 
-from ..utils.config import Problems, select
+from ..utils.config import Problems, is_int, select
 
 
 @dataclass
@@ -81,6 +81,10 @@ def check_backbone(cfg: DictConfig, problems: Problems) -> Geometry:
             f"backbone.overrides={{}}: Hydra merges it into the composed {dict(overrides)}, which stays; "
             f"backbone.overrides=null gives {name} as it is (or set a key: backbone.overrides.depth=...)"
         )
+    for key in ("patch_size", "depth"):  # the other checks read them; timm would take a (h, w) patch, not these
+        if key in overrides and not is_int(overrides[key]):
+            problems.bad(f"backbone.overrides.{key}", overrides[key], "an integer")
+            return Geometry(name)
     patch, depth = preset_geometry(name, overrides)
     return Geometry(name, patch, depth)
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from ..utils.config import Problems, has_key, is_int, is_number, one_of, select
+from ..utils.config import Problems, has_key, is_folder_name, is_int, is_number, one_of, select
 from ..utils.errors import InputError
 from ..wsi.listing import slide_extensions
 from .model import Geometry, check_patch_multiple
@@ -91,6 +91,15 @@ def check_tile(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
     check_tiling = _tiling_checker()
     size, mpp = select(cfg, "tile.size"), select(cfg, "tile.mpp")
     overlap, min_tissue = select(cfg, "tile.overlap"), select(cfg, "tile.min_tissue")
+    # of the wrong type (a string: +tile.min_tissue=abc), a value is named here, not by the checker's TypeError
+    typed = {"size": (size, is_int, "an integer number of px"), "mpp": (mpp, is_number, "a number of µm/px > 0"),
+             "overlap": (overlap, is_int, "an integer >= 0 (px)"),
+             "min_tissue": (min_tissue, is_number, "a fraction in [0, 1]")}  # fmt: skip
+    wrong = {key for key, (value, ok, valid) in typed.items() if value is not None and not ok(value)}
+    for key in sorted(wrong):
+        problems.bad(f"tile.{key}", typed[key][0], typed[key][2])
+    if wrong:
+        return
     size_ok = problems.check("tile.size", size, check_tiling, size, 0.5)
     if size_ok:
         check_patch_multiple(problems, "tile.size", size, geometry, "the encoder sees each tile whole")
@@ -102,6 +111,49 @@ def check_tile(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
         problems.check("tile.min_tissue", min_tissue, check_tiling, 1, 0.5, 0, min_tissue)
     if (cover := select(cfg, "tile.cover_tissue")) is not None and not isinstance(cover, bool):
         problems.bad("tile.cover_tissue", cover, "true or false")
+
+
+# what a segmentation checkpoint holds: segment_slides rebuilds the model from it alone, so these are refused rather
+# than ignored (+resolution=...) or misread (+backbone.overrides.depth=... had asked for a backbone.name)
+TRAINED_KEYS = ("backbone", "head", "pruner", "encoder", "resolution")
+
+
+def check_model_from_checkpoint(cfg: DictConfig) -> None:
+    """segment_slides: no key that the checkpoint decides (:data:`TRAINED_KEYS`); one error, before the other
+    checks (a restated backbone would otherwise be checked as an incomplete one)."""
+    restated = [key for key in TRAINED_KEYS if key in cfg]
+    if not restated:
+        return
+    problems = Problems()
+    for key in restated:
+        if key == "pruner":
+            problems.add("pruner: segment_slides does not prune (segmentation needs every patch's prediction); "
+                         "drop +pruner=...")  # fmt: skip
+        else:
+            problems.add(f"{key}: segment_slides rebuilds the model ({key} included) from ckpt alone; drop "
+                         f"+{key}... (attention.* and tile.mpp choose how the trained model runs)")  # fmt: skip
+    problems.raise_if_any()
+
+
+def check_segment_slides_nodes(cfg: DictConfig, problems: Problems) -> None:
+    """segment_slides' ``tile`` and ``attention`` nodes (plain, not schema-typed there: a typo'd key was ignored or
+    reached the model as an argument) hold only their keys, and the tiling values it has no default for."""
+    import dataclasses
+    import difflib
+
+    from .model import AttentionConfig
+
+    for node, schema in (("tile", TilingConfig), ("attention", AttentionConfig)):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        for key in select(cfg, node) or {}:
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), fields, n=1)
+                problems.add(f"{node}.{key}: not a key of segment_slides' {node} (valid: {fields})"
+                             + (f"; did you mean {node}.{close[0]}?" if close else ""))  # fmt: skip
+    for key, valid in (("overlap", "an integer >= 0 (px)"), ("min_tissue", "a fraction in [0, 1]"),
+                       ("cover_tissue", "true or false")):  # fmt: skip
+        if has_key(cfg, f"tile.{key}") and select(cfg, f"tile.{key}") is None:
+            problems.bad(f"tile.{key}", None, valid)
 
 
 def check_embed(cfg: DictConfig, problems: Problems) -> None:
@@ -133,7 +185,7 @@ def check_embed(cfg: DictConfig, problems: Problems) -> None:
     if not (is_number(hours) and hours > 0 and math.isfinite(hours)):
         problems.bad("embed.lock_stale_hours", hours, "a number of hours > 0 (a lock older than this is taken over)")
     tag = e["encoder_tag"]
-    if tag is not None and (not str(tag).strip() or any(c in str(tag) for c in "/\\") or str(tag) in (".", "..")):
+    if tag is not None and not is_folder_name(tag):
         problems.bad("embed.encoder_tag", tag, "null or a folder name (no '/'), e.g. uni2_h_sparse")
 
 

@@ -19,7 +19,16 @@ from ..utils.config import Problems, group_options, is_int, one_of, select, unkn
 from .data import TASK_DATA, check_data, check_make_synthetic
 from .heads import TASK_HEADS, check_head, head_choices
 from .model import RENAMED, Geometry, check_attention, check_backbone, check_patch_multiple, check_pruner
-from .slides import TASK_RENAMED, check_benchmark_slides, check_embed, check_job_paths, check_tile, renamed_keys
+from .slides import (
+    TASK_RENAMED,
+    check_benchmark_slides,
+    check_embed,
+    check_job_paths,
+    check_model_from_checkpoint,
+    check_segment_slides_nodes,
+    check_tile,
+    renamed_keys,
+)
 
 # Groups whose selected option's ``name`` must be one of the group's config files.
 NAMED_GROUPS = ("head", "data")
@@ -36,6 +45,8 @@ def validate_config(cfg: DictConfig, task: str | None = None) -> None:
     task = task or cfg.get("task_name")
     problems = Problems()
     renamed = task_renamed(task)
+    if task == "segment_slides":
+        check_model_from_checkpoint(cfg)
 
     reported = set()
     for key, schema, fields in unknown_keys(cfg):
@@ -56,10 +67,12 @@ def validate_config(cfg: DictConfig, task: str | None = None) -> None:
     check_pruner(cfg, geometry, problems)
     _check_resolutions(cfg, geometry, problems)
     check_tile(cfg, geometry, problems)
+    if task == "segment_slides":
+        check_segment_slides_nodes(cfg, problems)
     check_embed(cfg, problems)
     if task == "benchmark":
         check_benchmark_slides(cfg, geometry, problems)
-    check_head(cfg, task, problems)
+    check_head(cfg, task, problems, geometry.depth)
     check_data(cfg, task, problems)
     _check_task_options(cfg, task, problems)
     check_job_paths(cfg, task, problems)

@@ -136,10 +136,17 @@ class _ConvFFN(nn.Module):
         return self.fc2(F.gelu(x))
 
 
-def interaction_groups(depth: int, n: int = 4) -> list[tuple[int, int]]:
+# interaction groups: each one's ViT features are added to one of the four output scales (strides 4 to 32)
+ADAPTER_GROUPS = 4
+
+
+def interaction_groups(depth: int, n: int = ADAPTER_GROUPS) -> list[tuple[int, int]]:
     """``n`` contiguous block ranges covering the depth (UNI2-h: [0–5], [6–11], [12–17], [18–23])."""
+    if n != ADAPTER_GROUPS:
+        raise ValueError(f"head.adapter.num_groups={n}: must be {ADAPTER_GROUPS} (one per output scale)")
     if depth < n:
-        raise ValueError(f"the encoder has {depth} blocks; the adapter needs at least {n} interaction groups' worth")
+        raise ValueError(f"the encoder has {depth} blocks; the adapter's {n} interaction groups need at least {n} "
+                         "(backbone.overrides.depth)")  # fmt: skip
     edges = [round(i * depth / n) for i in range(n + 1)]
     return [(edges[i], edges[i + 1]) for i in range(n)]
 

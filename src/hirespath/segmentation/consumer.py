@@ -36,6 +36,7 @@ from ..slides.prepare import PreparedSlide
 from ..slides.runner import Runtime, is_newer, run_slides
 from ..slides.tile_model import TileModel
 from ..utils.checkpoints import file_digest
+from ..utils.config import is_folder_name
 from ..utils.errors import InputError
 from ..wsi import qupath
 from ..wsi.listing import SlideSpec
@@ -104,14 +105,21 @@ class SegmentOptions:
                 "simplify_px": float(self.simplify_px), "within_tissue": bool(self.within_tissue)}  # fmt: skip
 
     def check(self) -> None:
+        def number(value) -> bool:  # true and false are not numbers here (YAML would read them as 1 and 0)
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
         if self.blend not in BLENDS:
             raise InputError(f"segment.blend={self.blend!r}: must be one of {', '.join(BLENDS)}")
-        if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold < 1):
+        if not (number(self.threshold) and 0 < self.threshold < 1):
             raise InputError(f"segment.threshold={self.threshold!r}: must be a probability in (0, 1)")
-        if not (isinstance(self.min_area_um2, (int, float)) and self.min_area_um2 >= 0):
+        if not (number(self.min_area_um2) and self.min_area_um2 >= 0):
             raise InputError(f"segment.min_area_um2={self.min_area_um2!r}: must be a number of µm² >= 0")
-        if not (isinstance(self.simplify_px, (int, float)) and self.simplify_px >= 0):
+        if not (number(self.simplify_px) and self.simplify_px >= 0):
             raise InputError(f"segment.simplify_px={self.simplify_px!r}: must be a number of px >= 0 (0: none)")
+        tag = self.model_tag
+        if tag is not None and not is_folder_name(tag):
+            raise InputError(f"segment.model_tag={tag!r}: must be null (the run's name) or a folder name (no '/'), "
+                             "e.g. segpath_uni2h")  # fmt: skip
         share = self.seam_check_share
         if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 < share <= 1):
             raise InputError(f"segment.seam_check_share={share!r}: must be in (0, 1] (1: every slide; "
@@ -248,6 +256,7 @@ class _SlideDrawing:
             slide_box = slide_box.intersection(outline)
             outline_mm2 = float(slide_box.area) * self.grid.slide_mpp**2 / 1e6
         min_px = c.options.min_area_um2 / self.map.mpp**2
+        min_level0_px = c.options.min_area_um2 / self.grid.slide_mpp**2
         features, areas, level0_geoms = [], {}, []
         # rows traced at once: the map is read once for every class, ≤ 128 MB a band (×4 px at 2× resolution)
         band = int(np.clip((1 << 27) // (self.map.shape[1] * len(c.classes)), 64, 1024))
@@ -261,6 +270,9 @@ class _SlideDrawing:
                 # polygons here (``qupath.feature`` checks what it writes)
                 geom = affinity.affine_transform(geom, [level0, 0, 0, level0, ox, oy])  # map px → level-0 px
                 geom = qupath.polygonal(geom.intersection(slide_box))
+                # the clipping cuts pieces off polygons at the outline: those under min_area are specks too
+                parts = shapely.get_parts(geom)
+                geom = shapely.multipolygons(parts[shapely.area(parts) >= min_level0_px])
                 area_um2 = float(geom.area) * self.grid.slide_mpp**2
             areas[name] = area_um2 / 1e6
             level0_geoms.append(geom if geom is not None and not geom.is_empty else None)
@@ -603,6 +615,12 @@ def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
         near = " or ".join(str(n) for n in dict.fromkeys([size // p * p or p, (size // p + 1) * p]))
         raise InputError(f"tile.size={size} is not a multiple of the model's patch size {p} ({seg.ckpt.name}); "
                          f"use {near}")  # fmt: skip
+    embed = seg.model.encoder.vit.patch_embed  # a ViT built with dynamic_img_size=false takes one size only
+    if getattr(embed, "strict_img_size", False) and tuple(embed.img_size) != (size, size):
+        fixed = tuple(embed.img_size)
+        raise InputError(f"tile.size={size}: the model's backbone takes {fixed} px images only (it was trained "
+                         f"with dynamic_img_size=false, {seg.ckpt.name}); use tile.size={fixed[0]}, or train with "
+                         "dynamic_img_size=true (the presets' default)")  # fmt: skip
     if seg.attention["mode"] == "eager":  # the paper's "vanilla": its L × L matrices grow with the tile's side⁴
         from ..models.attention import eager_matrix_bytes
 

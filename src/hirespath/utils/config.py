@@ -40,6 +40,11 @@ def is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def is_folder_name(v: Any) -> bool:
+    """A name one folder can take (a tag in an output path): not blank, no separator, not ``.`` or ``..``."""
+    return bool(str(v).strip()) and not any(c in str(v) for c in "/\\") and str(v) not in (".", "..")
+
+
 def is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -65,10 +70,11 @@ class Problems:
         self.items.append(message)
 
     def check(self, key: str, value: Any, checker: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
-        """Run a domain's checker; its ValueError becomes ``key=value: <its message>``. True when it passed."""
+        """Run a domain's checker; its ValueError becomes ``key=value: <its message>`` (a TypeError, a value of the
+        wrong type such as a string for a number, too). True when it passed."""
         try:
             checker(*args, **kwargs)
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             self.items.append(f"{key}={value!r}: {err}")
             return False
         return True
