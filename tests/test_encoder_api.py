@@ -349,3 +349,11 @@ def test_check_resolution_accepts_multiples_and_refuses_non_integers():
     for bad in (224.0, "224", True, (224,), (224, 224, 224), (224, 22.5)):
         with pytest.raises(ValueError, match="integer number of pixels"):
             check_resolution(bad, 14)
+
+
+def test_a_narrowing_timm_cannot_build_is_named_not_a_bare_assertion():
+    """UNI2-h's gated (SwiGLU) MLP needs an even hidden size: embed_dim=64 gave timm's AssertionError() with no
+    message (through Hydra: "Error in call to target ... AssertionError()")."""
+    with pytest.raises(ValueError, match=r"timm cannot build uni2_h .*overrides.embed_dim must make that even"):
+        hirespath.create_encoder("uni2_h", attention="dense", depth=1, embed_dim=64, num_heads=2)
+    assert hirespath.create_encoder("uni2_h", attention="dense", depth=1, embed_dim=96, num_heads=2).embed_dim == 96

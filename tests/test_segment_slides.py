@@ -1663,3 +1663,24 @@ def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     (summary,) = job.rglob("segmentation_random/summary.json")
     (worker,) = json.loads(summary.read_text())["workers"].values()
     assert worker["done"][0]["seams"] is None and not list(job.rglob("seams.csv"))
+
+
+def test_a_run_without_a_checkpoint_callback_is_found_through_lightnings_own_folders(tmp_path):
+    """With callbacks=none Lightning keeps the checkpoint in RUN/<logger>/version_N/checkpoints/: ckpt=RUN said "no
+    *.ckpt", and ckpt=<that file> looked for the run's config next to it, not in RUN."""
+    from hirespath.utils.checkpoints import best_checkpoint, run_dir_of
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("task_name: segment\n")
+    ckpt = run / "csv" / "version_0" / "checkpoints" / "epoch=0-step=2.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    assert best_checkpoint(run, "run") == ckpt and run_dir_of(ckpt) == run
+    plain = tmp_path / "plain" / "checkpoints" / "last.ckpt"  # no config anywhere: the folder above checkpoints/
+    plain.parent.mkdir(parents=True)
+    assert run_dir_of(plain) == tmp_path / "plain"
+    (run / "csv" / "version_1" / "checkpoints").mkdir(parents=True)
+    (run / "csv" / "version_1" / "checkpoints" / "epoch=1.ckpt").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"checkpoints in 2 folders of .*version_0/checkpoints, .*version_1"):
+        best_checkpoint(run, "run")

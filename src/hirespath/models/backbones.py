@@ -523,7 +523,19 @@ def build_timm_model(preset: BackbonePreset, weights=None, **arch_overrides) -> 
     overlay = dict(mean=tuple(preset.mean), std=tuple(preset.std), **kwargs.pop("pretrained_cfg_overlay", {}))
 
     def create() -> torch.nn.Module:
-        return timm.create_model(preset.timm_name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
+        try:
+            return timm.create_model(preset.timm_name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
+        except AssertionError as err:  # timm's layers assert their shapes without a message
+            dim, ratio = kwargs.get("embed_dim"), kwargs.get("mlp_ratio", 4.0)
+            hint = ""
+            if dim is not None and int(dim * ratio) % 2:
+                hint = (f": its gated MLP splits int(embed_dim × mlp_ratio) = int({dim} × {ratio:g}) = "
+                        f"{int(dim * ratio)} hidden units in two halves, so backbone.overrides.embed_dim must make "
+                        "that even (e.g. 96)")  # fmt: skip
+            raise ValueError(
+                f"timm cannot build {preset.name} ({preset.timm_name}) with backbone.overrides="
+                f"{arch_overrides}{hint or f' (an assertion in its layers: {err!r})'}"
+            ) from err
 
     if path is None:
         return create()

@@ -52,6 +52,13 @@ def best_checkpoint(path: Path, given: str) -> Path:
     else that ``last*.ckpt``. InputError when it holds none, or several and no record of the best."""
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not found and path.is_dir():  # no checkpoint callback: Lightning's own RUN/<logger>/version_N/checkpoints/
+        folders = sorted({p.parent for p in path.glob("*/version_*/checkpoints/*.ckpt")})
+        if len(folders) > 1:
+            raise InputError(f"ckpt={given!r}: checkpoints in {len(folders)} folders of {path} "
+                             f"({', '.join(str(f.relative_to(path)) for f in folders)}); pass one of them")  # fmt: skip
+        if folders:
+            folder, found = folders[0], sorted(folders[0].glob("*.ckpt"))
     if not found:
         raise InputError(f"ckpt={given!r}: no *.ckpt in {folder}; pass a checkpoint file")
     last = last_checkpoint(folder)
@@ -67,7 +74,12 @@ def best_checkpoint(path: Path, given: str) -> Path:
 
 
 def run_dir_of(ckpt: Path) -> Path:
-    """The run folder of ``RUN/checkpoints/X.ckpt`` (or of a checkpoint lying in RUN itself)."""
+    """The run folder of a checkpoint: the nearest of its folders (up to ``RUN/<logger>/version_N/checkpoints/``,
+    where Lightning keeps them without a checkpoint callback) holding the run's ``.hydra/config.yaml``; else that of
+    ``RUN/checkpoints/X.ckpt`` (or of a checkpoint lying in RUN itself)."""
+    for parent in list(ckpt.parents)[:4]:
+        if (parent / ".hydra" / "config.yaml").is_file():
+            return parent
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
