@@ -251,8 +251,11 @@ def test_cost_model_matches_hand_computation():
     assert encoder_cost(enc, 56).tflops * 1e12 == pytest.approx(expected)
     with torch.device("meta"):
         eager = hirespath.create_encoder("tiny", attention="eager", depth=2)
-    # eager holds scores and softmax at once: 2 · heads · L² elements of 2 bytes
-    assert encoder_cost(eager, 56).attn_memory_gb * 1e9 == pytest.approx(2 * 4 * L * L * 2)
+    # eager holds scores and softmax at once: 2 · heads · L² elements of 2 bytes, and writes its L × D output
+    assert encoder_cost(eager, 56).attn_memory_gb * 1e9 == pytest.approx(2 * 4 * L * L * 2 + L * 96 * 2)
+    # SDPA: its fp32 statistics (heads · L) and its output, counted as the sparse kernels count theirs (it had left
+    # the output out: at 3,430 px dense SDPA seemed to hold 5.8 MB against flex's 738 MB)
+    assert encoder_cost(enc, 56).attn_memory_gb * 1e9 == pytest.approx(4 * L * 4 + L * 96 * 2)
     # sparse on a 4×4 grid with window 2: every block neighbourhood covers the whole grid → dense patch keys
     assert _neighbourhood_keys((4, 4), 2, 1) == 16 * 16
     # 1-D check: 6×1 grid, window 2 → blocks of 2; neighbourhoods of 4, 6, 4 keys → 2·4 + 2·6 + 2·4

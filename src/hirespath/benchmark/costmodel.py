@@ -103,8 +103,10 @@ def encoder_cost(
         flops += 2 * _linear_macs_per_token(blk) * L
         if kernel in ("dense", "eager"):
             flops += 4 * L * L * D
-            # eager holds the scores and their softmax at once (two H·L² buffers); SDPA keeps O(L) statistics
-            mem = eager_matrix_bytes(heads, L, bytes_per_element) if kernel == "eager" else heads * L * 4
+            # eager holds the scores and their softmax at once (two H·L² buffers); SDPA keeps O(L) statistics; both
+            # write their output rows, counted as the sparse kernels' are
+            matrices = eager_matrix_bytes(heads, L, bytes_per_element) if kernel == "eager" else heads * L * 4
+            mem = matrices + L * D * bytes_per_element
         else:
             keys = _neighbourhood_keys(grid, encoder.window, encoder.radius) * frac * frac
             flops += 4 * (keys + n * P + P * L) * D  # patch→patch, patch→prefix, prefix→all
