@@ -1511,20 +1511,51 @@ def test_ddp_ranks_segment_each_slide_once_as_one_process_would(ckpt, tmp_path):
         assert np.abs(a.astype(int) - b).max() <= 1  # the same model and tiles; threads may round differently
 
 
-def test_seam_measure_one_tile_is_exact_and_tiles_are_measured(ckpt):
+def test_seam_measure_tiles_as_a_slide_and_says_when_no_seam_is_crossed(ckpt, caplog):
+    """The benchmark's region is tiled at the slide's constant stride (a last tile flush with its end overlapped
+    its neighbour by more than the overlap, where crop averaged instead of cropping), the part the tiles cover is
+    compared; a region one tile covers has no seam: NaN and a warning (it was Dice 1.0, as if measured)."""
     from hirespath.segmentation.seams import seam_measure, tile_starts
 
-    assert tile_starts(224, 112, 28) == [0, 84, 112] and tile_starts(100, 112, 28) == [0]
-    assert tile_starts(196, 112, 28) == [0, 84]
+    assert tile_starts(224, 112, 28) == [0, 84] and tile_starts(100, 112, 28) == [0]
+    assert tile_starts(196, 112, 28) == [0, 84] and tile_starts(1792, 518, 128) == [0, 390, 780, 1170]
     seg = load_segmentation(ckpt)
     image = tissue(224, 224, seed=3)
-    same = seam_measure(seg.model, seg.class_index, seg.classes, image, 224, 0, threshold=THRESHOLD)
-    for blend in ("linear", "crop"):  # the region as one tile: the stitched map is the one forward
-        assert same[blend]["mean_abs_diff"] == 0 and same[blend]["mean_dice"] == 1
+    with caplog.at_level("WARNING", logger="hirespath.segmentation"):
+        same = seam_measure(seg.model, seg.class_index, seg.classes, image, 224, 0, threshold=THRESHOLD)
+    assert "cover the 224 px region in one tile, so no seam lies in it" in caplog.text
+    for blend in ("linear", "crop"):
+        assert math.isnan(same[blend]["mean_dice"]) and same[blend]["tiles"] == 1
     tiled = seam_measure(seg.model, seg.class_index, seg.classes, image, 112, 28, threshold=THRESHOLD)
     for blend in ("linear", "crop"):
         assert 0 < tiled[blend]["mean_abs_diff"] < 1 and 0 <= tiled[blend]["mean_dice"] <= 1
-        assert set(tiled[blend]["dice"]) == set(CELL_TYPES)
+        assert set(tiled[blend]["dice"]) == set(CELL_TYPES) and tiled[blend]["tiles"] == 4
+
+
+def test_a_model_without_seams_measures_none(monkeypatch):
+    """A translation-equivariant 'model' (each pixel's class from that pixel alone) has no seams: stitched equals one
+    forward with either blend, odd overlaps included (crop left a 50/50 line at an odd overlap), and the slide's
+    window lands on the map's pixel grid (half a level-0 stride fell between map pixels: Dice 0.79)."""
+    from hirespath.segmentation import seams
+    from hirespath.segmentation.seams import _half_stride, seam_measure, seam_window
+
+    def per_pixel(model, x, class_index):  # the red channel's brightness as class 0, its complement as class 1
+        return torch.stack([x[:, 0], 1 - x[:, 0]], 1)
+
+    monkeypatch.setattr(seams, "tile_probabilities", per_pixel)
+    model = torch.nn.Linear(1, 1)
+    image = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)
+    for overlap in (4, 5, 7):
+        for blend, m in seam_measure(model, [0, 1], ["a", "b"], image, 64, overlap).items():
+            assert m["mean_dice"] == 1 and m["mean_abs_diff"] == 0, (overlap, blend)
+    for mode in ("crop",):
+        w = blend_weights(16, 5, mode)[8]
+        assert w[:3].max() < 0.01 and w[3:14].min() == 1 and w[14:].max() < 0.01  # ⌈5/2⌉ then ⌊5/2⌋ px cropped
+    scale = 112 / 168  # 0.75 µm/px tiles of a 0.5 µm/px slide; overlap 30 px: level-0 stride 123, map stride 82
+    coords = np.array([[0, 0], [123, 0], [0, 123], [123, 123]])
+    x, y = seam_window(coords, 123, np.ones(4), scale)
+    assert x == y == _half_stride(123, scale) and (x * scale).is_integer() and abs(x - 61.5) <= 2
+    assert seam_window(coords, 126, np.ones(4)) is None  # no 2 × 2 block at that stride
 
 
 def test_seam_measure_flags_a_saturated_head(monkeypatch, caplog):
@@ -1649,7 +1680,8 @@ def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     assert (rows.mm2_per_s > 0).all() and rows.speedup.iloc[0] == 1
     # the speedup's two factors: 56 px tiles with 14 px overlap run every tissue pixel more often than 112 px ones
     assert (rows.encode_s_per_mpx > 0).all() and rows.px_per_tissue_px.iloc[0] > rows.px_per_tissue_px.iloc[1] > 0.5
-    assert rows.seam_dice_linear.iloc[1] == 1 and rows.seam_abs_diff_crop.iloc[1] == 0  # 112 px region: one tile
+    # a 112 px region one 112 px tile covers: no seam in it, left out (it was Dice 1, as if measured)
+    assert math.isnan(rows.seam_dice_linear.iloc[1]) and math.isnan(rows.seam_abs_diff_crop.iloc[1])
     assert 0 <= rows.seam_dice_linear.iloc[0] <= 1 and rows.seam_abs_diff_linear.iloc[0] > 0
     # each entry's segment_slides outputs are removed (a real slide's maps are gigabytes), unless kept
     assert not list(tmp_path.glob("segment_*"))

@@ -365,7 +365,7 @@ class SegmentationSink(_SlideDrawing):
         from .seams import compare, seam_window
 
         g, t0 = self.grid, time.perf_counter()
-        where = seam_window(g.coords, g.stride_level0, g.tissue_fraction)
+        where = seam_window(g.coords, g.stride_level0, g.tissue_fraction, self.map.scale)
         if where is None or not self.c.seam_check_due():
             return None
         ds = SlideTileDataset(self.spec.path, np.array([where]), g.patch_size_level0, g.tile_size, level=g.read_level)

@@ -27,11 +27,12 @@ log = logging.getLogger("hirespath.segmentation")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins along one side: every ``tile − overlap`` px, the last one flush with the end."""
+    """Tile origins along one side, every ``tile − overlap`` px as on a slide's grid, as many as fit in ``length``
+    (one when the tile does not fit). A last tile flush with the end overlapped its neighbour by more than
+    ``overlap``, where the crop blend then averaged instead of cropping; what lies past the last tile is left out."""
     if tile >= length:
         return [0]
-    starts = list(range(0, length - tile + 1, tile - overlap))
-    return starts if starts[-1] + tile == length else [*starts, length - tile]
+    return list(range(0, length - tile + 1, tile - overlap))
 
 
 def _device(model) -> torch.device:
@@ -47,8 +48,15 @@ def predict_uint8(model, class_index: list[int], image: np.ndarray) -> np.ndarra
     return to_uint8(p)
 
 
+def covered(image: np.ndarray, tile: int, overlap: int) -> np.ndarray:
+    """The part of ``image`` (H×W×3) that :func:`tile_starts`' tiles cover: the region a seam measure compares."""
+    ys, xs = tile_starts(image.shape[0], tile, overlap), tile_starts(image.shape[1], tile, overlap)
+    return image[: ys[-1] + tile, : xs[-1] + tile]
+
+
 def stitched_uint8(model, class_index: list[int], image: np.ndarray, tile: int, overlap: int, blend: str,
                    folder: Path) -> np.ndarray:  # fmt: skip
+    """C×H×W uint8 probabilities of ``image`` (as :func:`covered` cuts it) from its tiles, blended."""
     H, W = image.shape[:2]
     starts = [(x, y) for y in tile_starts(H, tile, overlap) for x in tile_starts(W, tile, overlap)]
     weights = blend_weights(tile, overlap, blend)
@@ -92,8 +100,17 @@ def constant_classes(one: np.ndarray, classes: list[str]) -> list[str]:
 
 def seam_measure(model, class_index: list[int], classes: list[str], image: np.ndarray, tile: int, overlap: int,
                  threshold: float = 0.5, blends=BLENDS) -> dict:  # fmt: skip
-    """{blend: {"dice": {class: Dice}, "mean_dice", "mean_abs_diff", "constant_classes"}} of tiles vs one forward
-    over ``image``; a warning when every class is constant over it (``constant_classes``)."""
+    """{blend: {"dice": {class: Dice}, "mean_dice", "mean_abs_diff", "constant_classes", "tiles"}} of tiles vs one
+    forward over ``image`` (the part its tiles cover: :func:`covered`); a warning when every class is constant over
+    it (``constant_classes``), and when one tile covers it: no seam is crossed (Dice and difference NaN)."""
+    image = covered(image, tile, overlap)
+    n = len(tile_starts(image.shape[0], tile, overlap)) * len(tile_starts(image.shape[1], tile, overlap))
+    if n == 1:
+        log.warning("seam measure: %d px tiles cover the %d px region in one tile, so no seam lies in it (Dice "
+                    "and |Δp| left out: NaN); a region larger than the tile measures them (segment_bench."
+                    "seam_region)", tile, image.shape[0])  # fmt: skip
+        none = {"dice": dict.fromkeys(classes), "mean_dice": float("nan"), "mean_abs_diff": float("nan")}
+        return {blend: {**none, "constant_classes": [], "tiles": 1} for blend in blends}
     one = predict_uint8(model, class_index, image)
     constant = constant_classes(one, classes)
     if constant and len(constant) == len(classes):
@@ -105,10 +122,13 @@ def seam_measure(model, class_index: list[int], classes: list[str], image: np.nd
         )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         return {blend: {**compare(stitched_uint8(model, class_index, image, tile, overlap, blend, Path(tmp)), one,
-                                  classes, threshold), "constant_classes": constant} for blend in blends}  # fmt: skip
+                                  classes, threshold), "constant_classes": constant, "tiles": n}
+                for blend in blends}  # fmt: skip
 
 
-def seam_window(coords: np.ndarray, stride: int, tissue_fraction: np.ndarray) -> tuple[int, int] | None:
+def seam_window(
+    coords: np.ndarray, stride: int, tissue_fraction: np.ndarray, scale: float = 1.0
+) -> tuple[int, int] | None:
     """Level-0 top-left of a window of one tile, shifted by half a stride from a tile whose right, lower and diagonal
     neighbours are all in the grid: it is centred on the overlap of those four tiles, where both seams cross. Of all
     such places, the one with the most tissue under its four tiles (unknown fractions, NaN, count as none: the
@@ -122,5 +142,20 @@ def seam_window(coords: np.ndarray, stride: int, tissue_fraction: np.ndarray) ->
             continue
         score = float(np.sum(tissue_fraction[quad]))
         if score > best:
-            best, where = score, (x + stride // 2, y + stride // 2)
-    return where
+            best, where = score, (x, y)
+    if where is None:
+        return None
+    half = _half_stride(stride, scale)
+    return where[0] + half, where[1] + half
+
+
+def _half_stride(stride: int, scale: float) -> int:
+    """The level-0 offset from a tile's corner, near half a stride, that is a whole number of map px (``scale``:
+    map px per level-0 px): the window then lies on the map's pixels as that tile does. Half a stride often falls
+    between two (at 2/3 map px per level-0 px, 61 px is 40.67 map px), and the window was compared with the map a
+    fraction of a pixel off (Dice 0.79 for a model without seams)."""
+
+    def off_grid(o: int) -> float:
+        return round(abs(o * scale - round(o * scale)), 6)
+
+    return min(range(stride // 4, stride - stride // 4 + 1), key=lambda o: (off_grid(o), abs(o - stride / 2)))

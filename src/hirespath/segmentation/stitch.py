@@ -50,8 +50,9 @@ def blend_weights(size: int, overlap: int, mode: str = "linear") -> np.ndarray:
         w = np.ones(size, np.float32)
     elif mode == "linear":
         w = np.clip((d + 0.5) / overlap, FLOOR, 1.0)
-    else:
-        w = np.where(d >= overlap / 2, 1.0, FLOOR).astype(np.float32)
+    else:  # ⌈overlap/2⌉ px cropped at the start, ⌊overlap/2⌋ at the end: neighbours meet with no shared column
+        i = np.arange(size)  # (an odd overlap cropped by half a px more on both sides left a 50/50 line)
+        w = np.where((i >= (overlap + 1) // 2) & (size - 1 - i >= overlap // 2), 1.0, FLOOR).astype(np.float32)
     return np.outer(w, w)
 
 
