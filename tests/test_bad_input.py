@@ -82,6 +82,31 @@ def test_exact_duplicate_rows_are_dropped_with_a_warning(panda_root, tmp_path, c
     assert f"{labels.image_id[3]} (rows 5, {len(labels) + 2})" in caplog.text
 
 
+def test_extract_runs_with_a_real_presets_empty_overrides(panda_root, tmp_path, monkeypatch):
+    """Every real preset ships `backbone.overrides: {}`; extract's cache key read it with
+    `OmegaConf.to_container(overrides or {})`, which raised on the plain {} that an empty (falsy) node gave: extract
+    failed for uni, uni2_h, ... (these tests narrow the tiny preset, whose overrides are not empty). The model is
+    swapped for the tiny one here; the config, and so the key, is uni's."""
+    from conftest import tiny_encoder
+
+    from hirespath.tasks import extract
+
+    real = extract.instantiate
+
+    def instantiate(node, *args, **kwargs):
+        return (
+            tiny_encoder()
+            if str(node.get("_target_", "")).endswith("encoder_from_config")
+            else real(node, *args, **kwargs)
+        )
+
+    monkeypatch.setattr(extract, "instantiate", instantiate)
+    cfg = _cfg("extract", panda_root, tmp_path, "backbone=uni")
+    assert cfg.backbone.name == "uni" and not cfg.backbone.overrides
+    emb = extract.run_extract(cfg)
+    assert len(emb["image_id"]) == 12 and not emb["failed"]
+
+
 # 2. no usable slide; a split left empty
 
 

@@ -407,3 +407,17 @@ def test_the_adapter_groups_and_the_backbone_geometry_are_checked_before_buildin
     validate_config(compose_task("segment", ["backbone=tiny", "+backbone.overrides.depth=4"], tmp_path), "segment")
     with pytest.raises(ValueError, match=r"head.adapter.num_groups=8: must be 4"):
         interaction_groups(12, 8)
+
+
+def test_backbone_overrides_read_as_a_plain_dict_whatever_the_preset(tmp_path):
+    """Every real preset ships `overrides: {}`: an empty DictConfig is falsy, and extract's
+    `OmegaConf.to_container(cfg.backbone.overrides or {})` raised on the plain {} (extract failed for uni, uni2_h,
+    ...; the tests' tiny preset has overrides). null reads as {} too."""
+    from conftest import compose_task
+
+    from hirespath.configs.model import arch_overrides
+
+    for overrides, expected in ((["backbone=uni"], {}), (["backbone=uni", "backbone.overrides=null"], {}),
+                                (["backbone=tiny"], {"init_values": 1.0})):  # fmt: skip
+        cfg = compose_task("extract", overrides, tmp_path)
+        assert arch_overrides(cfg.backbone) == expected and type(arch_overrides(cfg.backbone)) is dict

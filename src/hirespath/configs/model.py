@@ -89,6 +89,15 @@ def check_backbone(cfg: DictConfig, problems: Problems) -> Geometry:
     return Geometry(name, patch, depth)
 
 
+def arch_overrides(backbone: DictConfig) -> dict:
+    """``backbone.overrides`` as a plain dict: {} for null or empty (an empty DictConfig is falsy, and
+    ``OmegaConf.to_container(node or {})`` failed on the plain {} every preset's empty overrides gave)."""
+    from omegaconf import OmegaConf
+
+    node = backbone.get("overrides")
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
 def _emptied_on_the_command_line() -> bool:
     """Whether the running job's command line says ``backbone.overrides={}``."""
     from ..utils.hydra import job_overrides

@@ -22,6 +22,7 @@ from ..benchmark.slide_throughput import (
     synthetic_slide,
     write_embedding_csv,
 )
+from ..configs.model import arch_overrides
 from ..results import BENCHMARK_FILE
 from ..utils.io import atomic_path
 from ..utils.threads import busy_processes, encoder_threads, torch_threads
@@ -36,7 +37,7 @@ def run_embedding_benchmark(cfg, out_dir: Path) -> dict:
     slide = s.wsi or synthetic_slide(out_dir / "benchmark_slide.tiff", int(s.synthetic_side), float(tile.mpp))
     device = None if cfg.device == "auto" else cfg.device
     rows = benchmark_embedding(
-        slide, configs, backbone=cfg.backbone.name, overrides=dict(cfg.backbone.get("overrides") or {}),
+        slide, configs, backbone=cfg.backbone.name, overrides=arch_overrides(cfg.backbone),
         weights=cfg.backbone.weights, tile_mpp=float(tile.mpp), min_tissue=float(tile.min_tissue),
         batch_size=int(embed.batch_size), num_workers=embed.num_workers, reader=str(embed.reader),
         threads=embed.threads, device=device, precision=str(s.precision),
@@ -101,7 +102,7 @@ def _run(cfg, out_dir: Path) -> dict:
         raise ValueError(f"mode must be encoder, slides or segment, got {cfg.mode!r}")
     bench = Benchmark(
         cfg.backbone.name,
-        overrides=dict(cfg.backbone.get("overrides") or {}),
+        overrides=arch_overrides(cfg.backbone),
         weights=cfg.backbone.weights,
         device=cfg.device,
         dtype=cfg.dtype,
@@ -166,7 +167,7 @@ def _run(cfg, out_dir: Path) -> dict:
                     memory_budget_gb=mr.memory_budget_gb,
                     max_resolution=best if error is None else None,
                     status="ok" if error is None else "error",
-                    tokens=(best // budget_bench.patch_size) ** 2,
+                    tokens=(best // budget_bench.patch_size) ** 2 if error is None else None,
                     sparse_backend=c.sparse_backend,
                     peak_memory_gb=ok[0]["peak_memory_gb"] if ok else float("nan"),
                     seconds_per_image=ok[0]["seconds_per_image"] if ok else float("nan"),
@@ -176,7 +177,7 @@ def _run(cfg, out_dir: Path) -> dict:
                 )
             )
             if error is None:
-                log.info("largest resolution within %g GB for %s: %d px", mr.memory_budget_gb, c.label, best)
+                log.info("largest resolution within %s GB for %s: %d px", mr.memory_budget_gb, c.label, best)
         with atomic_path(out_dir / "max_resolution.csv") as tmp:
             pd.DataFrame(found).to_csv(tmp, index=False)
         write_csv(probes, out_dir / "max_resolution_probes.csv")

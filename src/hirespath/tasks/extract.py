@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ..configs.model import arch_overrides
 from ..data.panda import (
     check_panda_root,
     check_split,
@@ -81,7 +82,7 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path, check_splits: bool = Fals
     encoder = instantiate(cfg.encoder)
     key_parts = {
         "backbone": cfg.backbone.name,
-        "overrides": OmegaConf.to_container(cfg.backbone.overrides or {}),
+        "overrides": arch_overrides(cfg.backbone),
         "weights": file_fingerprint(cfg.backbone.weights),
         **cache_config_parts(cfg),
         "fov_um": data.fov_um,
