@@ -1683,6 +1683,7 @@ def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     # a 112 px region one 112 px tile covers: no seam in it, left out (it was Dice 1, as if measured)
     assert math.isnan(rows.seam_dice_linear.iloc[1]) and math.isnan(rows.seam_abs_diff_crop.iloc[1])
     assert 0 <= rows.seam_dice_linear.iloc[0] <= 1 and rows.seam_abs_diff_linear.iloc[0] > 0
+    assert list(rows.seam_region) == [98, 112]  # the side compared: 56 px tiles at stride 42 cover 98 px of 112
     # each entry's segment_slides outputs are removed (a real slide's maps are gigabytes), unless kept
     assert not list(tmp_path.glob("segment_*"))
     keep = ["segment_bench.compare=[{tile_size:56,overlap:14}]", "segment_bench.seam_region=0",
@@ -1712,6 +1713,9 @@ def test_a_run_without_a_checkpoint_callback_is_found_through_lightnings_own_fol
     plain = tmp_path / "plain" / "checkpoints" / "last.ckpt"  # no config anywhere: the folder above checkpoints/
     plain.parent.mkdir(parents=True)
     assert run_dir_of(plain) == tmp_path / "plain"
+    stray = run / "models" / "extra" / "x.ckpt"  # a checkpoint filed inside another run's folder is not that run's
+    stray.parent.mkdir(parents=True)
+    assert run_dir_of(stray) == stray.parent
     (run / "csv" / "version_1" / "checkpoints").mkdir(parents=True)
     (run / "csv" / "version_1" / "checkpoints" / "epoch=1.ckpt").write_bytes(b"x")
     with pytest.raises(InputError, match=r"checkpoints in 2 folders of .*version_0/checkpoints, .*version_1"):

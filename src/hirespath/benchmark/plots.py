@@ -109,9 +109,10 @@ def plot_segmentation(rows: list[dict], path: Path, title: str = "") -> None:
             seams.text(0.5, 0.5, f"{constant} classes constant in the one forward\n(a random head?): their Dice says "
                        "nothing", ha="center", va="center", transform=seams.transAxes, fontsize=9,
                        bbox=dict(facecolor="white", alpha=0.85))  # fmt: skip
-    else:
-        seams.text(0.5, 0.5, "seam measure not run\n(segment_bench.seam_region=0)", ha="center", va="center",
-                   transform=seams.transAxes)  # fmt: skip
+    else:  # a region no entry's tiles cross (one tile covers it) has no seam either: NaN, as when not run
+        asked = "seam_region" in df and df.seam_region.fillna(0).gt(0).any()
+        why = "one tile covers the region:\nno seam in it" if asked else "seam measure not run\n(seam_region=0)"
+        seams.text(0.5, 0.5, why, ha="center", va="center", transform=seams.transAxes)
         seams.set_axis_off()
     first = df.iloc[0]
     fig.suptitle(title or f"whole-slide segmentation, {first.get('model', '')} on {first.get('device', '')}: "

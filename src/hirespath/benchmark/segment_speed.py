@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from ..data.segpath import CELL_TYPES, MPP
 from ..segmentation.consumer import SegmentOptions, segment_slides
 from ..segmentation.model import SEGPATH_TILE_PX, SegmentationCheckpoint, load_segmentation
-from ..segmentation.seams import seam_measure
+from ..segmentation.seams import covered, seam_measure
 from ..utils.errors import InputError
 from ..utils.io import atomic_path
 from ..utils.memory import is_oom
@@ -148,7 +148,7 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
             "write_s": statistics.median(r["stage_seconds"]["write"] for r in entry_runs),
             "repeats": repeats, "seconds_all": json.dumps([round(x, 3) for x in seconds_all]),
             "seam_check": options.seam_check,
-            "seam_region": 0 if region is None else region.shape[0],
+            "seam_region": 0 if region is None else covered(region, tile, overlap).shape[0],  # what was compared
             **{f"seam_dice_{k}": v["mean_dice"] for k, v in seams.items()},
             **{f"seam_abs_diff_{k}": v["mean_abs_diff"] for k, v in seams.items()},
             **({"seam_dice_per_class": json.dumps({k: v["dice"] for k, v in seams.items()})} if seams else {}),

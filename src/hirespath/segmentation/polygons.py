@@ -3,7 +3,8 @@
 ``cv2.findContours`` (RETR_CCOMP: outer borders and their holes) traces the centres of the border pixels (of the
 mask at twice its resolution); growing each polygon by that half (half-)pixel with mitred corners puts its edges on
 the pixel edges, so a polygon's area is the mask's pixel count (a corner point added at each diagonal step of the
-tracing: :func:`_on_pixel_edges`) instead of falling short by half its perimeter. Large maps are traced in row
+tracing: :func:`_on_pixel_edges`; but half a pixel bridged at both lower corners, a 1 px ∧) instead of falling short
+by half its perimeter. Large maps are traced in row
 bands, so a mask is never held whole: a region still open at a band's bottom is carried into the next band (its rows
 kept) and traced whole once it ends; only a region taller than ``CARRY_PIXELS`` / width rows is cut at a band edge,
 and its pieces (which share their cut edges exactly) are merged by a union at the end.

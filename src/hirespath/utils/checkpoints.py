@@ -74,13 +74,15 @@ def best_checkpoint(path: Path, given: str) -> Path:
 
 
 def run_dir_of(ckpt: Path) -> Path:
-    """The run folder of a checkpoint: the nearest of its folders (up to ``RUN/<logger>/version_N/checkpoints/``,
-    where Lightning keeps them without a checkpoint callback) holding the run's ``.hydra/config.yaml``; else that of
-    ``RUN/checkpoints/X.ckpt`` (or of a checkpoint lying in RUN itself)."""
-    for parent in list(ckpt.parents)[:4]:
-        if (parent / ".hydra" / "config.yaml").is_file():
-            return parent
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    """The run folder of ``RUN/checkpoints/X.ckpt``, of ``RUN/<logger>/version_N/checkpoints/X.ckpt`` (where
+    Lightning keeps checkpoints without a checkpoint callback) when RUN holds the run's ``.hydra/config.yaml``, or of
+    a checkpoint lying in RUN itself."""
+    folder = ckpt.parent
+    if folder.name == "checkpoints" and folder.parent.name.startswith("version_"):
+        run = folder.parents[2]
+        if (run / ".hydra" / "config.yaml").is_file():
+            return run
+    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def file_digest(path: str | os.PathLike, samples: int = 1024, chunk: int = 16 << 10) -> str:
