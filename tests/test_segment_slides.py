@@ -273,7 +273,10 @@ def test_segment_slides_refuses_what_the_checkpoint_decides_and_misspelt_or_empt
     )
     assert "resolution: segment_slides rebuilds the model" in refused("+resolution=112")
     assert "did you mean tile.min_tissue?" in refused("+tile.min_tisue=0.5")
-    assert "attention.windw: not a key of segment_slides' attention" in refused("+attention.windw=8")
+    assert (
+        "attention.windw: not a key of AttentionConfig (valid: ['mode', 'window', 'radius', 'sparse_backend']); "
+        "did you mean attention.window?" in refused("+attention.windw=8")
+    )
     assert "tile.min_tissue='abc': must be a fraction in [0, 1]" in refused("tile.min_tissue=abc")
     for key in ("overlap", "min_tissue", "cover_tissue"):
         assert f"tile.{key}=None: must be" in refused(f"tile.{key}=null")

@@ -95,7 +95,9 @@ def check_tile(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
     typed = {"size": (size, is_int, "an integer number of px"), "mpp": (mpp, is_number, "a number of µm/px > 0"),
              "overlap": (overlap, is_int, "an integer >= 0 (px)"),
              "min_tissue": (min_tissue, is_number, "a fraction in [0, 1]")}  # fmt: skip
-    wrong = {key for key, (value, ok, valid) in typed.items() if value is not None and not ok(value)}
+    # null only where it means something: segment_slides' tile.mpp (the model's); the schema-typed tiles have none
+    nullable = {"mpp"} if select(cfg, "task_name") == "segment_slides" else set()
+    wrong = {key for key, (value, ok, _) in typed.items() if not ok(value) and not (value is None and key in nullable)}
     for key in sorted(wrong):
         problems.bad(f"tile.{key}", typed[key][0], typed[key][2])
     if wrong:
@@ -103,13 +105,11 @@ def check_tile(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
     size_ok = problems.check("tile.size", size, check_tiling, size, 0.5)
     if size_ok:
         check_patch_multiple(problems, "tile.size", size, geometry, "the encoder sees each tile whole")
-    if mpp is not None or select(cfg, "task_name") != "segment_slides":  # segment_slides: null = the model's mpp
+    if mpp is not None:  # segment_slides: null = the model's mpp
         problems.check("tile.mpp", mpp, check_tiling, 1, mpp)
-    if overlap is not None:
-        problems.check("tile.overlap", overlap, check_tiling, size if size_ok else 2**31, 0.5, overlap)
-    if min_tissue is not None:
-        problems.check("tile.min_tissue", min_tissue, check_tiling, 1, 0.5, 0, min_tissue)
-    if (cover := select(cfg, "tile.cover_tissue")) is not None and not isinstance(cover, bool):
+    problems.check("tile.overlap", overlap, check_tiling, size if size_ok else 2**31, 0.5, overlap)
+    problems.check("tile.min_tissue", min_tissue, check_tiling, 1, 0.5, 0, min_tissue)
+    if has_key(cfg, "tile.cover_tissue") and not isinstance(cover := select(cfg, "tile.cover_tissue"), bool):
         problems.bad("tile.cover_tissue", cover, "true or false")
 
 
@@ -135,25 +135,19 @@ def check_model_from_checkpoint(cfg: DictConfig) -> None:
     problems.raise_if_any()
 
 
-def check_segment_slides_nodes(cfg: DictConfig, problems: Problems) -> None:
-    """segment_slides' ``tile`` and ``attention`` nodes (plain, not schema-typed there: a typo'd key was ignored or
-    reached the model as an argument) hold only their keys, and the tiling values it has no default for."""
+def untyped_node_keys(cfg: DictConfig) -> list[tuple[str, str, list[str]]]:
+    """segment_slides' ``tile`` and ``attention`` nodes are plain, not schema-typed there: their keys that the
+    schemas lack, as :func:`~hirespath.utils.config.unknown_keys` lists a typed node's (a misspelt key was ignored,
+    or reached the model as an argument)."""
     import dataclasses
-    import difflib
 
     from .model import AttentionConfig
 
+    out = []
     for node, schema in (("tile", TilingConfig), ("attention", AttentionConfig)):
         fields = [f.name for f in dataclasses.fields(schema)]
-        for key in select(cfg, node) or {}:
-            if key not in fields:
-                close = difflib.get_close_matches(str(key), fields, n=1)
-                problems.add(f"{node}.{key}: not a key of segment_slides' {node} (valid: {fields})"
-                             + (f"; did you mean {node}.{close[0]}?" if close else ""))  # fmt: skip
-    for key, valid in (("overlap", "an integer >= 0 (px)"), ("min_tissue", "a fraction in [0, 1]"),
-                       ("cover_tissue", "true or false")):  # fmt: skip
-        if has_key(cfg, f"tile.{key}") and select(cfg, f"tile.{key}") is None:
-            problems.bad(f"tile.{key}", None, valid)
+        out += [(f"{node}.{key}", schema.__name__, fields) for key in select(cfg, node) or {} if key not in fields]
+    return out
 
 
 def check_embed(cfg: DictConfig, problems: Problems) -> None:

@@ -25,9 +25,9 @@ from .slides import (
     check_embed,
     check_job_paths,
     check_model_from_checkpoint,
-    check_segment_slides_nodes,
     check_tile,
     renamed_keys,
+    untyped_node_keys,
 )
 
 # Groups whose selected option's ``name`` must be one of the group's config files.
@@ -49,7 +49,8 @@ def validate_config(cfg: DictConfig, task: str | None = None) -> None:
         check_model_from_checkpoint(cfg)
 
     reported = set()
-    for key, schema, fields in unknown_keys(cfg):
+    untyped = untyped_node_keys(cfg) if task == "segment_slides" else []
+    for key, schema, fields in unknown_keys(cfg) + untyped:
         group, _, leaf = key.rpartition(".")
         if key in renamed:
             hint = f"renamed to {renamed[key]}"
@@ -67,8 +68,6 @@ def validate_config(cfg: DictConfig, task: str | None = None) -> None:
     check_pruner(cfg, geometry, problems)
     _check_resolutions(cfg, geometry, problems)
     check_tile(cfg, geometry, problems)
-    if task == "segment_slides":
-        check_segment_slides_nodes(cfg, problems)
     check_embed(cfg, problems)
     if task == "benchmark":
         check_benchmark_slides(cfg, geometry, problems)

@@ -36,7 +36,7 @@ from ..slides.prepare import PreparedSlide
 from ..slides.runner import Runtime, is_newer, run_slides
 from ..slides.tile_model import TileModel
 from ..utils.checkpoints import file_digest
-from ..utils.config import is_folder_name
+from ..utils.config import is_folder_name, is_number  # true/false are no numbers
 from ..utils.errors import InputError
 from ..wsi import qupath
 from ..wsi.listing import SlideSpec
@@ -105,23 +105,20 @@ class SegmentOptions:
                 "simplify_px": float(self.simplify_px), "within_tissue": bool(self.within_tissue)}  # fmt: skip
 
     def check(self) -> None:
-        def number(value) -> bool:  # true and false are not numbers here (YAML would read them as 1 and 0)
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
         if self.blend not in BLENDS:
             raise InputError(f"segment.blend={self.blend!r}: must be one of {', '.join(BLENDS)}")
-        if not (number(self.threshold) and 0 < self.threshold < 1):
+        if not (is_number(self.threshold) and 0 < self.threshold < 1):
             raise InputError(f"segment.threshold={self.threshold!r}: must be a probability in (0, 1)")
-        if not (number(self.min_area_um2) and self.min_area_um2 >= 0):
+        if not (is_number(self.min_area_um2) and self.min_area_um2 >= 0):
             raise InputError(f"segment.min_area_um2={self.min_area_um2!r}: must be a number of µm² >= 0")
-        if not (number(self.simplify_px) and self.simplify_px >= 0):
+        if not (is_number(self.simplify_px) and self.simplify_px >= 0):
             raise InputError(f"segment.simplify_px={self.simplify_px!r}: must be a number of px >= 0 (0: none)")
         tag = self.model_tag
         if tag is not None and not is_folder_name(tag):
             raise InputError(f"segment.model_tag={tag!r}: must be null (the run's name) or a folder name (no '/'), "
                              "e.g. segpath_uni2h")  # fmt: skip
         share = self.seam_check_share
-        if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 < share <= 1):
+        if not (is_number(share) and 0 < share <= 1):
             raise InputError(f"segment.seam_check_share={share!r}: must be in (0, 1] (1: every slide; "
                              "segment.seam_check=false: none)")  # fmt: skip
         for key in ("overlay", "seam_check", "within_tissue", "redraw"):

@@ -78,24 +78,18 @@ def _on_pixel_edges(contours, mask: np.ndarray, mask2: np.ndarray) -> list[np.nd
     pixel cleared there instead: the path goes through it, ``BRIDGE_GAP`` short of the shared corner, so the upper
     pixel keeps its area (a 1 px diagonal line lost 10 %) and the two regions still share no point. Every contour at
     once (no Python per contour)."""
-    sizes = np.array([len(c) for c in contours], dtype=np.int64)
     p = np.concatenate(contours)[:, 0, :].astype(np.int64)
-    ring = np.repeat(np.arange(len(contours)), sizes)
-    start = np.cumsum(sizes) - sizes
-    i = np.arange(len(p))
-    nxt = np.where(i == start[ring] + sizes[ring] - 1, start[ring], i + 1)
+    ring = np.repeat(np.arange(len(contours)), [len(c) for c in contours])
+    _, nxt = _ring_neighbours(ring, len(contours))
     d = p[nxt] - p
     # CHAIN_APPROX_SIMPLE keeps a diagonal run's ends only (a staircase of split bridges): one point per step
     run = np.where((d[:, 0] != 0) & (np.abs(d[:, 0]) == np.abs(d[:, 1])), np.abs(d[:, 0]), 1)
     if (run > 1).any():
-        src = np.repeat(i, run)
+        src = np.repeat(np.arange(len(p)), run)
         k = np.arange(len(src)) - np.repeat(np.cumsum(run) - run, run)
         p = p[src] + k[:, None] * np.sign(d[src])
         ring = ring[src]
-        sizes = np.bincount(ring, minlength=len(contours))
-        start = np.cumsum(sizes) - sizes
-        i = np.arange(len(p))
-        nxt = np.where(i == start[ring] + sizes[ring] - 1, start[ring], i + 1)
+        _, nxt = _ring_neighbours(ring, len(contours))
         d = p[nxt] - p
     diag = np.flatnonzero((np.abs(d[:, 0]) == 1) & (np.abs(d[:, 1]) == 1))
     h2, w2 = mask2.shape
@@ -120,14 +114,20 @@ def _on_pixel_edges(contours, mask: np.ndarray, mask2: np.ndarray) -> list[np.nd
     # a corner continues the edge before or after its step: that edge's end point is no longer a vertex (as many
     # vertices as before, for the offsets, checks and simplifying that follow)
     ring = np.repeat(ring, count)
-    sizes = np.bincount(ring, minlength=len(contours))
-    start = np.cumsum(sizes) - sizes
-    i = np.arange(len(out))
-    last = i == start[ring] + sizes[ring] - 1
-    into = out - out[np.where(i == start[ring], i + sizes[ring] - 1, i - 1)]
-    onward = out[np.where(last, start[ring], i + 1)] - out
+    prev, nxt = _ring_neighbours(ring, len(contours))
+    into, onward = out - out[prev], out[nxt] - out
     straight = (into[:, 0] * onward[:, 1] == into[:, 1] * onward[:, 0]) & ((into * onward).sum(1) > 0)
     return np.split(out[~straight], np.cumsum(np.bincount(ring[~straight], minlength=len(contours)))[:-1])
+
+
+def _ring_neighbours(ring: np.ndarray, rings: int) -> tuple[np.ndarray, np.ndarray]:
+    """For points listed ring by ring (``ring``: each point's ring, non-decreasing), each point's previous and next
+    point's index within its closed ring."""
+    sizes = np.bincount(ring, minlength=rings)
+    start = (np.cumsum(sizes) - sizes)[ring]
+    end = start + sizes[ring] - 1
+    i = np.arange(len(ring))
+    return np.where(i == start, end, i - 1), np.where(i == end, start, i + 1)
 
 
 def _split_diagonal_bridges(mask: np.ndarray, mask2: np.ndarray) -> None:
@@ -187,8 +187,7 @@ def _offset_rings(rings: list[np.ndarray], distance: np.ndarray, check: bool = T
     start = np.cumsum(sizes) - sizes
     ring = np.repeat(np.arange(len(rings)), sizes)
     p = np.concatenate(rings).astype(np.float64)
-    i = np.arange(len(p))
-    prev = np.where(i == start[ring], i + sizes[ring] - 1, i - 1)
+    prev, nxt = _ring_neighbours(ring, len(rings))
     e = p - p[prev]  # edge k ends at vertex k
     length = np.hypot(e[:, 0], e[:, 1])
     good = np.ones(len(rings), bool)
@@ -200,7 +199,6 @@ def _offset_rings(rings: list[np.ndarray], distance: np.ndarray, check: bool = T
     # outward normals of the edge into each vertex (n1) and out of it (n2), times the ring's signed distance
     s = (distance * orient)[ring]
     n1 = np.stack([e[:, 1], -e[:, 0]], 1)
-    nxt = np.where(i == start[ring] + sizes[ring] - 1, start[ring], i + 1)
     n2 = n1[nxt]
     c = (n1 * n2).sum(1)
     good[ring[c < -1 + 1e-9]] = False  # the path turns back on itself (a spike): no mitre

@@ -36,9 +36,6 @@ log = logging.getLogger("hirespath.segment_slides")
 def run_segment_slides(cfg: DictConfig) -> dict:
     if not cfg.wsi_dir and not cfg.slides:
         raise InputError("segment_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
-    if cfg.get("pruner") is not None:  # +pruner=... composes, and the model would quietly run unpruned
-        raise InputError("pruner: segment_slides does not prune (segmentation needs every patch's prediction); "
-                         "drop +pruner=...")  # fmt: skip
     runtime = Runtime.from_trainer(cfg.trainer, count_startup=True)  # a bad precision is refused before any work
     seg = load_segmentation(cfg.ckpt)  # a wrong or missing checkpoint is refused before any slide is listed
     seg.use_attention(**OmegaConf.to_container(cfg.attention, resolve=True))  # null: as trained
