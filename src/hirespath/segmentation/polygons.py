@@ -3,8 +3,7 @@
 ``cv2.findContours`` (RETR_CCOMP: outer borders and their holes) traces the centres of the border pixels (of the
 mask at twice its resolution); growing each polygon by that half (half-)pixel with mitred corners puts its edges on
 the pixel edges, so a polygon's area is the mask's pixel count (a corner point added at each diagonal step of the
-tracing: :func:`_on_pixel_edges`; but half a pixel bridged at both lower corners, a 1 px ∧) instead of falling short
-by half its perimeter. Large maps are traced in row
+tracing: :func:`_on_pixel_edges`) instead of falling short by half its perimeter. Large maps are traced in row
 bands, so a mask is never held whole: a region still open at a band's bottom is carried into the next band (its rows
 kept) and traced whole once it ends; only a region taller than ``CARRY_PIXELS`` / width rows is cut at a band edge,
 and its pieces (which share their cut edges exactly) are merged by a union at the end.
@@ -102,15 +101,19 @@ def _on_pixel_edges(contours, mask: np.ndarray, mask2: np.ndarray) -> list[np.nd
     take1 = cut1 | (in1 & ~cut2)
     add = (in1 ^ in2) | cut1 | cut2  # exactly one corner pixel inside, or a cleared quarter: a corner to add
     corner = np.where(take1[:, None], c1, c2).astype(np.float64)
-    cut = np.where(take1, cut1, cut2)
-    # a cleared quarter's centre, moved towards its own pixel's centre (2× px: BRIDGE_GAP mask px per axis)
-    corner[cut] -= 2 * BRIDGE_GAP * np.where(corner[cut] % 2 == 1, 1.0, -1.0)
+    corner[np.where(take1, cut1, cut2)] = _cleared(corner[np.where(take1, cut1, cut2)])
+    wedge = _wedge_edges(p, d, ring, mask, mask2)
     count = np.ones(len(p), dtype=np.int64)
     count[diag[add]] = 2
+    count[wedge] = 3
     pos = np.cumsum(count) - count
     out = np.empty((int(count.sum()), 2))
     out[pos] = p
     out[pos[diag[add]] + 1] = corner[add]
+    # a pixel whose two lower quarters were both cleared (bridged at both lower corners): the path along the bottom
+    # of its upper half goes down through both quarters and back
+    out[pos[wedge] + 1] = _cleared(p[wedge] + (0, 1))
+    out[pos[wedge] + 2] = _cleared(p[nxt[wedge]] + (0, 1))
     # a corner continues the edge before or after its step: that edge's end point is no longer a vertex (as many
     # vertices as before, for the offsets, checks and simplifying that follow)
     ring = np.repeat(ring, count)
@@ -118,6 +121,29 @@ def _on_pixel_edges(contours, mask: np.ndarray, mask2: np.ndarray) -> list[np.nd
     into, onward = out - out[prev], out[nxt] - out
     straight = (into[:, 0] * onward[:, 1] == into[:, 1] * onward[:, 0]) & ((into * onward).sum(1) > 0)
     return np.split(out[~straight], np.cumsum(np.bincount(ring[~straight], minlength=len(contours)))[:-1])
+
+
+def _cleared(quarters: np.ndarray) -> np.ndarray:
+    """Cleared quarters' centres (2× px) moved towards their own pixel's centre by ``BRIDGE_GAP`` mask px per axis:
+    the pixel's path passes there, so it keeps its area and shares no point with the pixel across the bridge."""
+    return quarters - 2 * BRIDGE_GAP * np.where(quarters % 2 == 1, 1.0, -1.0)
+
+
+def _wedge_edges(p: np.ndarray, d: np.ndarray, ring: np.ndarray, mask: np.ndarray, mask2: np.ndarray) -> np.ndarray:
+    """The points of the 2× contours ``p`` (steps ``d`` to the next point, ``ring`` each point's contour) whose step
+    runs along the bottom of a pixel that lost both lower quarters (:func:`_split_diagonal_bridges`; a 1 px ∧, a
+    checkerboard): the pixel's upper half is all that is left, so the contour steps once across it (twice, there
+    and back, when that half is the whole region: then only the first counts)."""
+    wedge = mask & (mask2[1::2, 0::2] == 0) & (mask2[1::2, 1::2] == 0)
+    if not wedge.any():
+        return np.empty(0, dtype=np.int64)
+    left = np.minimum(p[:, 0], p[:, 0] + d[:, 0])
+    along = (d[:, 1] == 0) & (np.abs(d[:, 0]) == 1) & (p[:, 1] % 2 == 0) & (left % 2 == 0)
+    i = np.flatnonzero(along)
+    i = i[wedge[p[i, 1] // 2, left[i] // 2]]
+    sizes = np.bincount(ring, minlength=int(ring.max()) + 1)
+    second = (sizes[ring[i]] == 2) & (i > 0) & (ring[i - 1] == ring[i])  # a two-point ring's way back
+    return i[~second]
 
 
 def _ring_neighbours(ring: np.ndarray, rings: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,8 +161,8 @@ def _split_diagonal_bridges(mask: np.ndarray, mask2: np.ndarray) -> None:
     at the shared corner is cleared in the 2× mask. A bridge made a contour that passes the corner twice, there
     and back, i.e. touches itself: an invalid ring whose repair (``make_valid``) grew faster than linearly with
     the region's size (3 s of a 4,096 px blob map's 6) and, on noisy masks, added 6 % of area. The traced path
-    goes through the cleared quarter (:func:`_on_pixel_edges`), so the upper pixel keeps its area; only a pixel
-    bridged at both lower corners (a 1 px ∧, a checkerboard) keeps its upper half."""
+    goes through the cleared quarter (:func:`_on_pixel_edges`; through both, for a pixel bridged at both lower
+    corners: :func:`_wedge_edges`), so the upper pixel keeps its area."""
     if mask.shape[0] < 2 or mask.shape[1] < 2:
         return
     # a 2×2 window whose top pixels differ, bottom pixels differ and left pixels differ is a diagonal pair
