@@ -354,6 +354,24 @@ def test_benchmark_compare_tile_sizes_and_precision():
     assert "slides.precision='fp8'" in msg and "slides.compare[0].tile_size=230" in msg and "224 or 238" in msg, msg
 
 
+def test_benchmark_checks_the_pruning_each_compare_entry_runs():
+    """Entries that set their own prune_ratio/prune_layer are checked as they run, not the composed pruner (a
+    3-block model was refused on the composed layer 4 that no entry of embed_speed or cpu_speed used)."""
+    narrow = "backbone.overrides.depth=3"
+    validate_config(_benchmark("experiment=embed_speed", narrow), "benchmark")  # entries: no pruning, 0.6 after 2
+    validate_config(_benchmark("experiment=cpu_speed", narrow), "benchmark")
+    msg = _problems(_compose("benchmark", "experiment=embed_speed", "backbone.overrides.depth=2"), "benchmark")
+    assert "slides.compare[2].prune_layer=2" in msg and "[1, 1] for a 2-block model" in msg, msg
+    assert "pruner.prune_layer" not in msg, msg
+    # an entry that keeps the composed layer is checked with it; the search's own list too
+    search = ["max_resolution.enabled=true", "max_resolution.compare=[{prune_ratio: 0.6, prune_layer: 7}]"]
+    overrides = ["+backbone.overrides.depth=3", "compare=[{prune_ratio: 0.5}]", "pruner=none", *search]
+    msg = _problems(_compose("benchmark", *overrides), "benchmark")
+    assert "pruner.prune_layer=4" in msg and "max_resolution.compare[0].prune_layer=7" in msg, msg
+    msg = _problems(_compose("benchmark", "compare=[{prune_ratio: 1.5}]"), "benchmark")
+    assert "compare[0].prune_ratio=1.5" in msg, msg
+
+
 def test_config_errors_are_input_errors():
     from hirespath.utils.errors import InputError
 

@@ -7,6 +7,7 @@ is written once and a config fails with it before any model is built.
 from __future__ import annotations
 
 # ruff: noqa: UP006, UP007, UP035, UP045  (typing's Dict/Optional: the annotations OmegaConf's schemas read)
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -118,8 +119,12 @@ def check_attention(cfg: DictConfig, problems: Problems, as_trained: bool = Fals
             problems.check(f"attention.{key}", value, checker, value)
 
 
-def check_pruner(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
-    """The ``pruner`` group through ``models.pruning``'s checkers; the layer against the backbone's depth."""
+def check_pruner(
+    cfg: DictConfig, geometry: Geometry, problems: Problems, entries: list[tuple[str, Any]] | None = None
+) -> None:
+    """The ``pruner`` group through ``models.pruning``'s checkers; the layer against the backbone's depth.
+    ``entries``: (key, entry) of the configurations that run instead of the composed group alone (the benchmark's
+    compare lists): each entry's prune_ratio/prune_layer over the composed ones, the layer checked for each."""
     if "pruner" not in cfg:
         return
     from ..models.pruning import check_prune_layer, check_prune_ratio, check_score_tokens
@@ -127,8 +132,14 @@ def check_pruner(cfg: DictConfig, geometry: Geometry, problems: Problems) -> Non
     ratio = select(cfg, "pruner.prune_ratio")
     ratio_ok = problems.check("pruner.prune_ratio", ratio, check_prune_ratio, ratio)
     layer = select(cfg, "pruner.prune_layer")
-    # pruning asked for (even with a bad ratio): the layer matters too
-    problems.check("pruner.prune_layer", layer, check_prune_layer, layer, geometry.depth, ratio if ratio_ok else 1)
+    for key, entry in entries or [("pruner", {})]:
+        entry = entry if isinstance(entry, Mapping) else {}  # a malformed entry is named where it is read
+        own_ratio, own_layer = "prune_ratio" in entry, "prune_layer" in entry
+        r, lay = entry.get("prune_ratio", ratio), entry.get("prune_layer", layer)
+        r_ok = problems.check(f"{key}.prune_ratio", r, check_prune_ratio, r) if own_ratio else ratio_ok
+        # pruning asked for (even with a bad ratio): the layer matters too
+        where = f"{key}.prune_layer" if own_layer else "pruner.prune_layer"
+        problems.check(where, lay, check_prune_layer, lay, geometry.depth, r if r_ok else 1)
     score = select(cfg, "pruner.prune_score_tokens")
     if score is not None:
         problems.check("pruner.prune_score_tokens", score, check_score_tokens, score)

@@ -183,6 +183,23 @@ def check_embed(cfg: DictConfig, problems: Problems) -> None:
         problems.bad("embed.encoder_tag", tag, "null or a folder name (no '/'), e.g. uni2_h_sparse")
 
 
+def benchmark_entries(cfg: DictConfig) -> list[tuple[str, Any]] | None:
+    """(key, entry) of the configurations a benchmark run builds, each over the composed attention and pruner
+    groups: ``slides.compare`` (mode=slides), ``compare`` and ``max_resolution.compare`` (mode=encoder). None: the
+    composed groups alone."""
+    mode = select(cfg, "mode") if "mode" in cfg else "encoder"
+    search = has_key(cfg, "max_resolution.enabled") and select(cfg, "max_resolution.enabled") is True
+    lists = {"slides": ["slides.compare"], "encoder": ["compare"] + ["max_resolution.compare"] * search}.get(mode, [])
+    entries = []
+    for key in lists:
+        value = select(cfg, key) if has_key(cfg, key) else None
+        if isinstance(value, list) and value:
+            entries += [(f"{key}[{i}]", entry) for i, entry in enumerate(value)]
+        elif key != "max_resolution.compare":  # no list: the composed groups run (the search: the sweep's lines)
+            entries.append(("pruner", {}))
+    return entries or None
+
+
 def check_benchmark_slides(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
     """The benchmark's counts and memory budgets (``mode=encoder``), and its ``slides`` node: its precision and each
     ``slides.compare`` entry's tile size."""

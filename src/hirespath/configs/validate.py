@@ -21,6 +21,7 @@ from .heads import TASK_HEADS, check_head, head_choices
 from .model import RENAMED, Geometry, check_attention, check_backbone, check_patch_multiple, check_pruner
 from .slides import (
     TASK_RENAMED,
+    benchmark_entries,
     check_benchmark_slides,
     check_embed,
     check_job_paths,
@@ -65,7 +66,7 @@ def validate_config(cfg: DictConfig, task: str | None = None) -> None:
 
     geometry = check_backbone(cfg, problems)
     check_attention(cfg, problems, as_trained=task == "segment_slides")
-    check_pruner(cfg, geometry, problems)
+    check_pruner(cfg, geometry, problems, benchmark_entries(cfg) if task == "benchmark" else None)
     _check_resolutions(cfg, geometry, problems)
     check_tile(cfg, geometry, problems)
     check_embed(cfg, problems)
