@@ -694,3 +694,54 @@ def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):
         assert caught.value.filename == str(path) and io.out_of_storage(caught.value) and not path.exists()
     monkeypatch.undo()
     assert io.try_lock(tmp_path / "s.lock") is not None  # the rerun takes it at once
+
+
+def test_the_workers_of_one_launch_replace_each_slide_once_whenever_they_start(slides, tmp_path, monkeypatch):
+    """An overwrite's workers sharing a launch (a SLURM array, a multirun, DDP ranks) mark its start once: one that
+    starts after another replaced s0 keeps s0. Before, each worker's start moved the mark, and every slide finished
+    before the last worker started was done again (up to the whole cohort for an array task queued for hours).
+    Another launch, other settings, or no launch id mark anew."""
+    from dataclasses import replace
+
+    from hirespath.slides.launch import launch_id
+
+    specs = list_slides(slides)
+    other = TilingConfig(size=112, mpp=1.0, overlap=0, min_tissue=0.5)
+    embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU)
+
+    def done(tiling, runtime, which=specs):
+        s = embed_slides(encoder(), which, tmp_path, tiling, embed_cfg(overwrite=True), runtime)
+        return [d["slide"] for d in s["done"]]
+
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
+    array7 = replace(CPU, launch=launch_id())
+    assert array7.launch == "slurm-array:7" and array7.resolve().launch == "slurm-array:7"
+    assert done(other, array7, specs[:1]) == ["s0"]  # the first array task replaces s0, then stops
+    assert done(other, array7) == ["s1"]  # a task of the same array that starts later: only what is left
+    assert done(other, replace(CPU, launch="slurm-array:8")) == ["s0", "s1"]  # the next array: everything again
+    assert done(TILING, replace(CPU, launch="slurm-array:8")) == ["s0", "s1"]  # same launch, other settings
+    assert done(TILING, CPU) == ["s0", "s1"] and done(TILING, CPU) == ["s0", "s1"]  # no launch id: each its own
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    assert launch_id() is None  # outside an array and a multirun
+
+
+def test_the_jobs_of_a_multirun_are_one_launch(tmp_path):
+    """Jobs of one Hydra multirun (joblib, submitit) share its sweep folder as their launch id; one run has none."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from hirespath.slides.launch import launch_id
+    from hirespath.utils.wandb import multirun_id
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    sweep = tmp_path / "sweep"
+    try:
+        for mode, expected in (("RUN", None), ("MULTIRUN", f"multirun:{sweep}")):
+            with initialize_config_dir(config_dir=conf, version_base="1.3"):
+                overrides = [f"hydra.sweep.dir={sweep}", f"hydra.mode={mode}"]
+                cfg = compose("embed_slides", return_hydra_config=True, overrides=overrides)
+                HydraConfig.instance().set_config(cfg)
+            assert launch_id() == expected
+        assert multirun_id() == "sweep"
+    finally:
+        HydraConfig.instance().cfg = None

@@ -197,6 +197,7 @@ def embed_new_slides(run_cfg: DictConfig, specs, *, job_dir, trainer, default_mp
     """The run's encoder, tiling and feature kind over ``specs`` into ``job_dir``; returns the features folder."""
     from ..embeddings.features import ensure_features
     from ..slides import Runtime
+    from ..slides.launch import launch_id
 
     weights = OmegaConf.select(run_cfg, "backbone.weights")
     if weights and not Path(str(weights)).is_file():
@@ -204,7 +205,7 @@ def embed_new_slides(run_cfg: DictConfig, specs, *, job_dir, trainer, default_mp
                          "the weights the model was trained on")  # fmt: skip
     if not job_dir:
         raise InputError("wsi_dir/slides given: set job_dir=OUT (where the new slides' features are written)")
-    runtime = Runtime.from_trainer(trainer, progress=False, rank=0, world_size=1)
+    runtime = Runtime.from_trainer(trainer, progress=False, rank=0, world_size=1, launch=launch_id())
     tile = OmegaConf.create(OmegaConf.to_container(run_cfg.tile, resolve=True))
     embed = OmegaConf.to_container(run_cfg.embed, resolve=True)
     embed.update(token_scores=bool(token_scores or embed.get("token_scores", False)))

@@ -5,15 +5,28 @@ so parallel jobs on one ``job_dir`` are safe too). One process (the default trai
 from __future__ import annotations
 
 import dataclasses
+import os
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from ..utils.errors import InputError
+from ..utils.hydra import multirun_dir
 from .runner import Runtime
 
 T = TypeVar("T")
+
+
+def launch_id() -> str | None:
+    """The id the processes of one launch share (``Runtime.launch``): a SLURM array's job id, else a Hydra
+    multirun's sweep folder (its jobs under joblib or submitit); None: none (:func:`launch_workers` gives DDP ranks
+    rank 0's). A worker started hours after the others of its array still belongs to their overwrite."""
+    if array := os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"slurm-array:{array}"
+    sweep = multirun_dir()
+    return f"multirun:{sweep}" if sweep else None
 
 
 def launch_workers(trainer: DictConfig, runtime: Runtime):
@@ -32,8 +45,11 @@ def launch_workers(trainer: DictConfig, runtime: Runtime):
     )
     fabric.launch()
     rank = fabric.global_rank
+    launch = runtime.launch
+    if fabric.world_size > 1:  # every rank takes rank 0's (the ranks of a run are one launch)
+        launch = fabric.broadcast(launch or f"ddp:{uuid.uuid4().hex}", src=0)
     return fabric, dataclasses.replace(runtime, device=fabric.device, rank=rank, world_size=fabric.world_size,
-                                       progress=runtime.progress and rank == 0)  # fmt: skip
+                                       progress=runtime.progress and rank == 0, launch=launch)  # fmt: skip
 
 
 def run_on_workers(fabric, work: Callable[[], T]) -> T:

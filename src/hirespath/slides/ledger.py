@@ -10,7 +10,8 @@ so two encoders (or models) in one ``job_dir`` keep their own rows::
     timings.csv    one row per slide: tiles, seconds, the stages (see :mod:`hirespath.slides.stages`)
     summary.json   the folder's totals read off the disk, and every worker's own summary under ``workers``
     .outputs_since written when an overwrite run starts: outputs older than it were made with the replaced settings
-                   and count as not finished, whoever finds them (a resume without overwrite too)
+                   and count as not finished, whoever finds them (a resume without overwrite too); the workers of
+                   one launch (``Runtime.launch``) with the same settings keep the first one's
 
 Every write is an atomic rewrite under a lock file, so parallel workers (DDP ranks, SLURM array tasks, joblib
 jobs) lose no rows.
@@ -19,6 +20,7 @@ jobs) lose no rows.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import socket
@@ -79,6 +81,11 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _digest(identity: dict) -> str:
+    """The settings of an identity as one string (equal settings, equal digest; numbers as JSON writes them)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -94,9 +101,12 @@ class Ledger:
 
     # ------------------------------------------------------------------------------------------ identity
     def check_identity(self, identity: dict, overwrite: bool = False, how: str = "", redrawable: tuple = (),
-                       redraw: bool = False, redraw_hint: str = "") -> int | None:  # fmt: skip
+                       redraw: bool = False, redraw_hint: str = "",
+                       launch: str | None = None) -> int | None:  # fmt: skip
         """Refuse outputs made with other settings; write ``config.json`` on first use (and with ``overwrite``).
         Returns ``outputs_since``: the time (ns, the folder's file system clock) before which outputs are stale.
+        An overwrite marks that time when it starts, once per ``launch`` (the id its workers share: a worker of the
+        same launch and settings that starts later keeps the mark, so it does not redo what the others replaced).
 
         Keys in both the stored and the new identity must be equal; keys the stored one lacks (written by an older
         version) are added. ``how`` tells the user how to proceed (e.g. the overwrite option's name). Keys in
@@ -106,8 +116,10 @@ class Ledger:
         path = self.folder / CONFIG
         with self._locked(CONFIG):
             old = json.loads(path.read_text()) if path.is_file() else None
-            if overwrite:  # every output made before now is replaced, by this worker or any other
-                write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname()})
+            if overwrite and not self._overwrite_started(launch, identity):
+                # every output made before now is replaced, by this worker or any other
+                write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname(),
+                                                         "launch": launch, "settings": _digest(identity)})  # fmt: skip
             if old is not None and not overwrite:
                 diff = {k: (old[k], v) for k, v in identity.items() if k in old and not _same(old[k], v)}
                 drawing_only = bool(diff) and set(diff) <= set(redrawable)
@@ -123,6 +135,14 @@ class Ledger:
                     return self.outputs_since()
             write_json(path, {**(old or {}), **identity} if not overwrite else identity)
             return self.outputs_since()
+
+    def _overwrite_started(self, launch: str | None, identity: dict) -> bool:
+        """An overwrite of these settings already started in this launch (None: a launch of one process)."""
+        try:
+            mark = json.loads((self.folder / OUTPUTS_SINCE).read_text())
+        except (OSError, ValueError):  # none, or unreadable: mark again
+            return False
+        return launch is not None and mark.get("launch") == launch and mark.get("settings") == _digest(identity)
 
     def outputs_since(self) -> int | None:
         """Outputs whose files are older than this (``st_mtime_ns``; None: all count) were made before the

@@ -78,6 +78,9 @@ class Runtime:
     # a task's run: the process's age when the runner starts (imports, model build, weights) is the stage
     # "startup", so the stage table adds up to what the user waited (not for library calls inside a longer process)
     count_startup: bool = False
+    # an id the workers of one launch share (DDP ranks, SLURM array tasks, a multirun's jobs: slides.launch.launch_id)
+    # so that an overwrite they all run replaces each slide once, whenever each starts; None: this process alone
+    launch: str | None = None
 
     @classmethod
     def from_trainer(cls, trainer, **kwargs) -> Runtime:
@@ -97,7 +100,7 @@ class Runtime:
         if device.type == "cpu":
             keep_freed_memory()  # large tiles' activations: no page faults per tensor (utils/cpu_memory.py)
         rank, world = _rank_world(self.rank, self.world_size)
-        return Runtime(device, self.precision, rank, world, self.progress, self.skip_errors, self.count_startup)
+        return replace(self, device=device, rank=rank, world_size=world)
 
 
 @dataclass
@@ -275,7 +278,7 @@ def run_slides(
     since = ledger.check_identity({**job.identity(), **consumer.identity}, overwrite=job.overwrite,
                           how=consumer.overwrite_hint, redrawable=tuple(getattr(consumer, "redraw_keys", ())),
                           redraw=bool(getattr(consumer, "redraw", False)),
-                          redraw_hint=getattr(consumer, "redraw_hint", ""))  # fmt: skip
+                          redraw_hint=getattr(consumer, "redraw_hint", ""), launch=runtime.launch)  # fmt: skip
     order = _order(specs, rank, world_size)
     outputs = {s.slide_id: consumer.output_path(out_dir, s) for s in specs}
     if hasattr(consumer, "outputs_since"):  # it reuses parts of unfinished outputs (a finished map) only if newer

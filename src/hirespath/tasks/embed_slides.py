@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..embeddings.features import embed_slides
 from ..slides import Runtime
-from ..slides.launch import launch_workers, run_on_workers
+from ..slides.launch import launch_id, launch_workers, run_on_workers
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
@@ -53,7 +53,8 @@ def _log_summary(loggers, cfg: DictConfig, summary: dict) -> None:
 def run_embed_slides(cfg: DictConfig) -> dict:
     if not cfg.wsi_dir and not cfg.slides:
         raise InputError("embed_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
-    runtime = Runtime.from_trainer(cfg.trainer, count_startup=True)  # a bad precision is refused before any work
+    # a bad precision is refused before any work
+    runtime = Runtime.from_trainer(cfg.trainer, count_startup=True, launch=launch_id())
     specs = list_slides(cfg.wsi_dir, cfg.slides, cfg.get("wsi_ext"), recursive=bool(cfg.recursive))
     fabric, runtime = launch_workers(cfg.trainer, runtime)
     torch.manual_seed(int(cfg.seed))  # a random-init backbone gets the same weights on every rank

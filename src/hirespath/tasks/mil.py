@@ -43,6 +43,7 @@ from ..results import (
     TEST_NUM_SLIDES,
 )
 from ..slides import Ledger, Runtime
+from ..slides.launch import launch_id
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.io import atomic_path, write_json
@@ -75,7 +76,7 @@ def embed_panda_slides(cfg: DictConfig, slide_ids: list[str]) -> tuple[Path, dic
     encoder = instantiate(cfg.encoder)
     if _is_child_rank():  # rank 0 embedded before the DDP processes started
         return features_folder(encoder, cfg.job_dir, cfg.tile, cfg.embed, cfg.backbone.weights), {}
-    runtime = Runtime.from_trainer(cfg.trainer, progress=False, rank=0, world_size=1)
+    runtime = Runtime.from_trainer(cfg.trainer, progress=False, rank=0, world_size=1, launch=launch_id())
     folder, summary = ensure_features(encoder, specs, cfg.tile, cfg.embed, runtime, job_dir=cfg.job_dir,
                                       weights=cfg.backbone.weights, default_mpp=cfg.data.default_mpp)  # fmt: skip
     return folder, {"embed/slides_embedded": summary["slides_done"], "embed/seconds": summary["seconds"]}

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..segmentation import SegmentOptions, load_segmentation, segment_slides
 from ..slides import Runtime
-from ..slides.launch import launch_workers, run_on_workers
+from ..slides.launch import launch_id, launch_workers, run_on_workers
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
@@ -36,7 +36,8 @@ log = logging.getLogger("hirespath.segment_slides")
 def run_segment_slides(cfg: DictConfig) -> dict:
     if not cfg.wsi_dir and not cfg.slides:
         raise InputError("segment_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
-    runtime = Runtime.from_trainer(cfg.trainer, count_startup=True)  # a bad precision is refused before any work
+    # a bad precision is refused before any work
+    runtime = Runtime.from_trainer(cfg.trainer, count_startup=True, launch=launch_id())
     seg = load_segmentation(cfg.ckpt)  # a wrong or missing checkpoint is refused before any slide is listed
     seg.use_attention(**OmegaConf.to_container(cfg.attention, resolve=True))  # null: as trained
     given = OmegaConf.to_container(cfg.segment, resolve=True)

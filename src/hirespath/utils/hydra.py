@@ -53,6 +53,16 @@ def job_overrides() -> list[str]:
     return sorted(o for o in HydraConfig.get().overrides.task if o.lstrip("+~").split("=")[0] != "resume")
 
 
+def multirun_dir() -> str | None:
+    """The sweep folder of the running Hydra multirun (every job of it shares it); None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return str(HydraConfig.get().sweep.dir)
+
+
 def _done_marker(cfg: DictConfig):
     from pathlib import Path
 

@@ -64,10 +64,10 @@ def run_name(fallback: str | None = None) -> str:
 
 def multirun_id() -> str | None:
     """The sweep directory's name (e.g. ``2026-01-01_12-00-00``) in a multirun, else None."""
-    hc = _hydra_cfg()
-    if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
-        return None
-    return Path(hc.sweep.dir).name
+    from .hydra import multirun_dir
+
+    sweep = multirun_dir()
+    return Path(sweep).name if sweep else None
 
 
 def group_name(*, _root_: DictConfig | None = None) -> str:
