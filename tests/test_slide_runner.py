@@ -725,6 +725,26 @@ def test_the_workers_of_one_launch_replace_each_slide_once_whenever_they_start(s
     assert launch_id() is None  # outside an array and a multirun
 
 
+def test_a_worker_of_the_launch_redoes_what_a_run_in_between_made_with_other_settings(tmp_path):
+    """A redraw by hand (another threshold) between two workers of one overwrite launch rewrote config.json and
+    outputs with its own settings: the later worker must not keep the launch's mark and take them for finished."""
+    import time
+
+    from hirespath.slides.runner import is_newer
+
+    ledger, settings, launch = Ledger(tmp_path), {"tiling": "t", "threshold": 0.5}, "slurm-array:123"
+    first = ledger.check_identity(settings, overwrite=True, launch=launch)
+    time.sleep(0.02)
+    (tmp_path / "s0.geojson").write_text("0.5")  # the first worker's
+    assert ledger.check_identity(settings, overwrite=True, launch=launch) == first  # nothing in between: kept
+    ledger.check_identity({**settings, "threshold": 0.7}, redrawable=("threshold",), redraw=True)
+    time.sleep(0.02)
+    (tmp_path / "s0.geojson").write_text("0.7")  # drawn again at 0.7
+    time.sleep(0.02)
+    since = ledger.check_identity(settings, overwrite=True, launch=launch)
+    assert since > first and not is_newer(tmp_path / "s0.geojson", since)
+
+
 def test_the_jobs_of_a_multirun_are_one_launch(tmp_path):
     """Jobs of one Hydra multirun (joblib, submitit) share its sweep folder as their launch id; one run has none."""
     from hydra import compose, initialize_config_dir
