@@ -370,6 +370,9 @@ def test_benchmark_checks_the_pruning_each_compare_entry_runs():
     assert "pruner.prune_layer=4" in msg and "max_resolution.compare[0].prune_layer=7" in msg, msg
     msg = _problems(_compose("benchmark", "compare=[{prune_ratio: 1.5}]"), "benchmark")
     assert "compare[0].prune_ratio=1.5" in msg, msg
+    for bad in ("compare=[5]", "compare={a: 1}", "slides.compare=[dense]"):  # TypeErrors in the run before
+        msg = _problems(_compose("benchmark", bad), "benchmark")
+        assert f"{bad.split('=')[0]}=" in msg and "a list of mappings" in msg, msg
 
 
 def test_config_errors_are_input_errors():

@@ -7,7 +7,6 @@ is written once and a config fails with it before any model is built.
 from __future__ import annotations
 
 # ruff: noqa: UP006, UP007, UP035, UP045  (typing's Dict/Optional: the annotations OmegaConf's schemas read)
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -133,7 +132,6 @@ def check_pruner(
     ratio_ok = problems.check("pruner.prune_ratio", ratio, check_prune_ratio, ratio)
     layer = select(cfg, "pruner.prune_layer")
     for key, entry in entries or [("pruner", {})]:
-        entry = entry if isinstance(entry, Mapping) else {}  # a malformed entry is named where it is read
         own_ratio, own_layer = "prune_ratio" in entry, "prune_layer" in entry
         r, lay = entry.get("prune_ratio", ratio), entry.get("prune_layer", layer)
         r_ok = problems.check(f"{key}.prune_ratio", r, check_prune_ratio, r) if own_ratio else ratio_ok

@@ -193,7 +193,7 @@ def benchmark_entries(cfg: DictConfig) -> list[tuple[str, Any]] | None:
     entries = []
     for key in lists:
         value = select(cfg, key) if has_key(cfg, key) else None
-        if isinstance(value, list) and value:
+        if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
             entries += [(f"{key}[{i}]", entry) for i, entry in enumerate(value)]
         elif key != "max_resolution.compare":  # no list: the composed groups run (the search: the sweep's lines)
             entries.append(("pruner", {}))
@@ -203,6 +203,11 @@ def benchmark_entries(cfg: DictConfig) -> list[tuple[str, Any]] | None:
 def check_benchmark_slides(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
     """The benchmark's counts and memory budgets (``mode=encoder``), and its ``slides`` node: its precision and each
     ``slides.compare`` entry's tile size."""
+    for key in ("compare", "slides.compare", "max_resolution.compare"):
+        value = select(cfg, key) if has_key(cfg, key) else None
+        if value is not None and not (isinstance(value, list) and all(isinstance(e, dict) for e in value)):
+            problems.bad(key, value, "null or a list of mappings, one per configuration, e.g. "
+                         "[{attention: dense, prune_ratio: 0.0}, {attention: sparse, window: 8}]")  # fmt: skip
     for key, least in (("batch_size", 1), ("repeats", 1), ("warmup", 0)):
         value = select(cfg, key) if key in cfg else least
         if not (is_int(value) and value >= least):
