@@ -183,6 +183,11 @@ def check_embed(cfg: DictConfig, problems: Problems) -> None:
         problems.bad("embed.encoder_tag", tag, "null or a folder name (no '/'), e.g. uni2_h_sparse")
 
 
+def _is_entry_list(value: Any) -> bool:
+    """A benchmark compare list: a list of mappings, one configuration each."""
+    return isinstance(value, list) and all(isinstance(e, dict) for e in value)
+
+
 def benchmark_entries(cfg: DictConfig) -> list[tuple[str, Any]] | None:
     """(key, entry) of the configurations a benchmark run builds, each over the composed attention and pruner
     groups: ``slides.compare`` (mode=slides), ``compare`` and ``max_resolution.compare`` (mode=encoder). None: the
@@ -193,7 +198,7 @@ def benchmark_entries(cfg: DictConfig) -> list[tuple[str, Any]] | None:
     entries = []
     for key in lists:
         value = select(cfg, key) if has_key(cfg, key) else None
-        if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
+        if value and _is_entry_list(value):
             entries += [(f"{key}[{i}]", entry) for i, entry in enumerate(value)]
         elif key != "max_resolution.compare":  # no list: the composed groups run (the search: the sweep's lines)
             entries.append(("pruner", {}))
@@ -205,7 +210,7 @@ def check_benchmark_slides(cfg: DictConfig, geometry: Geometry, problems: Proble
     ``slides.compare`` entry's tile size."""
     for key in ("compare", "slides.compare", "max_resolution.compare"):
         value = select(cfg, key) if has_key(cfg, key) else None
-        if value is not None and not (isinstance(value, list) and all(isinstance(e, dict) for e in value)):
+        if value is not None and not _is_entry_list(value):
             problems.bad(key, value, "null or a list of mappings, one per configuration, e.g. "
                          "[{attention: dense, prune_ratio: 0.0}, {attention: sparse, window: 8}]")  # fmt: skip
     for key, least in (("batch_size", 1), ("repeats", 1), ("warmup", 0)):

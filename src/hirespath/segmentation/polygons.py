@@ -101,7 +101,8 @@ def _on_pixel_edges(contours, mask: np.ndarray, mask2: np.ndarray) -> list[np.nd
     take1 = cut1 | (in1 & ~cut2)
     add = (in1 ^ in2) | cut1 | cut2  # exactly one corner pixel inside, or a cleared quarter: a corner to add
     corner = np.where(take1[:, None], c1, c2).astype(np.float64)
-    corner[np.where(take1, cut1, cut2)] = _cleared(corner[np.where(take1, cut1, cut2)])
+    cut = np.where(take1, cut1, cut2)
+    corner[cut] = _cleared(corner[cut])
     wedge = _wedge_edges(p, d, ring, mask, mask2)
     count = np.ones(len(p), dtype=np.int64)
     count[diag[add]] = 2

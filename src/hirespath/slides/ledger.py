@@ -116,10 +116,11 @@ class Ledger:
         path = self.folder / CONFIG
         with self._locked(CONFIG):
             old = json.loads(path.read_text()) if path.is_file() else None
-            if overwrite and not self._overwrite_started(launch, identity, old):
+            settings = _digest(identity)
+            if overwrite and not self._overwrite_started(launch, settings, old):
                 # every output made before now is replaced, by this worker or any other
                 write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname(),
-                                                         "launch": launch, "settings": _digest(identity)})  # fmt: skip
+                                                         "launch": launch, "settings": settings})  # fmt: skip
             if old is not None and not overwrite:
                 diff = {k: (old[k], v) for k, v in identity.items() if k in old and not _same(old[k], v)}
                 drawing_only = bool(diff) and set(diff) <= set(redrawable)
@@ -136,17 +137,18 @@ class Ledger:
             write_json(path, {**(old or {}), **identity} if not overwrite else identity)
             return self.outputs_since()
 
-    def _overwrite_started(self, launch: str | None, identity: dict, stored: dict | None) -> bool:
-        """An overwrite of these settings already started in this launch (None: a launch of one process) and the
-        folder still holds exactly them (``stored``: its config.json). A run in between that changed them (a redraw
-        with another threshold) wrote outputs with its own: the overwrite must start again to replace those."""
-        if launch is None or stored is None or _digest(stored) != _digest(identity):
+    def _overwrite_started(self, launch: str | None, settings: str, stored: dict | None) -> bool:
+        """An overwrite of these ``settings`` (their ``_digest``) already started in this launch (None: a launch of
+        one process) and the folder still holds exactly them (``stored``: its config.json). A run in between that
+        changed them (a redraw with another threshold) wrote outputs with its own: the overwrite must start again
+        to replace those."""
+        if launch is None or stored is None or _digest(stored) != settings:
             return False
         try:
             mark = json.loads((self.folder / OUTPUTS_SINCE).read_text())
         except (OSError, ValueError):  # none, or unreadable: mark again
             return False
-        return mark.get("launch") == launch and mark.get("settings") == _digest(identity)
+        return mark.get("launch") == launch and mark.get("settings") == settings
 
     def outputs_since(self) -> int | None:
         """Outputs whose files are older than this (``st_mtime_ns``; None: all count) were made before the
