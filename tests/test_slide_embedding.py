@@ -174,6 +174,51 @@ def test_stale_lock_is_taken_over_by_exactly_one(tmp_path, why):
     assert not mine.release() and path.exists()
 
 
+def test_a_lock_whose_holder_stopped_touching_it_is_taken_over_from_any_host(tmp_path, monkeypatch):
+    """A job killed on another node (SLURM's time limit, a preemption) leaves its slide's lock behind: no pid check
+    can see it is dead, and a day of lock_stale_hours kept the slide (and MIL waiting on it) held. A holder touches
+    its lock every heartbeat, so a lock untouched for ten beats is taken over; a live holder's lock, however old,
+    is not."""
+    import hirespath.utils.io as io
+
+    path = tmp_path / "slide.h5.lock"
+    day = 24 * 3600
+    gone = {"pid": 4242, "hostname": "node-17", "created_at": time.time() - 700, "token": "x", "heartbeat_s": 60}
+    path.write_text(json.dumps(gone))
+    os.utime(path, (time.time() - 700, time.time() - 700))  # its last beat: 11+ minutes ago
+    stale, why = lock_is_stale(path, stale_s=day)
+    assert stale and "node-17:4242" in why and "not touched for" in why
+    taken = try_lock(path, stale_s=day)
+    assert taken is not None and json.loads(path.read_text())["token"] == taken.token
+    taken.release()
+
+    # a holder on another node that still beats keeps its slide even past lock_stale_hours (a slide of 25 hours)
+    alive = {**gone, "created_at": time.time() - 25 * 3600}
+    path.write_text(json.dumps(alive))
+    assert not lock_is_stale(path, stale_s=day)[0] and try_lock(path, stale_s=day) is None
+    # a shorter lock_stale_hours than ten beats still rules
+    os.utime(path, (time.time() - 120, time.time() - 120))
+    assert lock_is_stale(path, stale_s=60)[0] and not lock_is_stale(path, stale_s=day)[0]
+    path.unlink()
+
+    # and a held lock is touched while held, not after it is released
+    monkeypatch.setattr(io, "HEARTBEAT_S", 0.05)
+    held = try_lock(path, stale_s=day)
+    assert json.loads(path.read_text())["heartbeat_s"] == 0.05
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    deadline = time.time() + 10
+    while path.stat().st_mtime < old + 1800 and time.time() < deadline:
+        time.sleep(0.02)
+    assert path.stat().st_mtime > old + 1800, "the holder did not touch its lock"
+    held.release()
+    assert not path.exists()
+    path.write_text(json.dumps(gone))  # another holder's file at that path now
+    os.utime(path, (old, old))
+    time.sleep(0.3)
+    assert path.stat().st_mtime == pytest.approx(old), "a released lock's heartbeat still touched the file"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # listing and tiling
 

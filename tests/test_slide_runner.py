@@ -2,7 +2,9 @@
 failures, stale temporaries, non-finite tiles, upsampling, a consumer other than the encoder."""
 
 import json
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,6 +258,30 @@ def test_stale_temporaries_of_a_dead_writer_are_removed(slides, tmp_path):
     stale.write_bytes(b"half a file")
     embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
     assert not stale.exists() and (out / "s0.h5").is_file()
+
+
+def test_a_slide_left_locked_by_a_job_killed_on_another_node_is_embedded_by_the_next_run(slides, tmp_path):
+    """SLURM kills a job at its time limit mid-slide: its lock stays, from a host whose processes no one here can
+    see. It stops being touched, so the resubmitted job takes the slide over instead of calling it held by another
+    worker for a day (and MIL's ensure_features waiting on it)."""
+    enc = encoder()
+    first = embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
+    out = Path(first["features_dir"])
+    lock = out / "s1.h5.lock"
+    then = time.time() - 900
+    lock.write_text(json.dumps({"pid": 4242, "hostname": "node-17", "created_at": then, "token": "x",
+                                "heartbeat_s": 60}))  # fmt: skip
+    os.utime(lock, (then, then))
+    (out / ".s1.h5.0123abcd.tmp").write_bytes(b"half a file")  # what the killed writer had written
+    again = ensure_features(enc, list_slides(slides), TILING, embed_cfg(), CPU, job_dir=tmp_path)[1]
+    assert again["slides_locked_by_others"] == 0 and again["slides_done"] == 1
+    assert (out / "s1.h5").is_file() and not lock.exists() and not list(out.glob(".s1.h5.*.tmp"))
+    # a holder on another node that still touches its lock keeps the slide, and the run says who holds it
+    (out / "s1.h5").unlink()
+    lock.write_text(json.dumps({"pid": 99, "hostname": "node-18", "created_at": then, "token": "y", "heartbeat_s": 60}))
+    held = embed_slides(enc, list_slides(slides), tmp_path, TILING, embed_cfg(), CPU)
+    assert held["slides_locked_by_others"] == 1 and not (out / "s1.h5").exists()
+    assert [(h["slide"], h["by"]) for h in held["held"]] == [("s1", "held by node-18:99")]
 
 
 def test_a_slide_id_with_glob_characters_removes_only_its_own_temporaries(slides, tmp_path):

@@ -177,7 +177,7 @@ def check_embed(cfg: DictConfig, problems: Problems) -> None:
         problems.bad("embed.overlay_tiles", e["overlay_tiles"], "an integer >= 0 (tiles drawn per slide; 0: none)")
     hours = e["lock_stale_hours"]
     if not (is_number(hours) and hours > 0 and math.isfinite(hours)):
-        problems.bad("embed.lock_stale_hours", hours, "a number of hours > 0 (a lock older than this is taken over)")
+        problems.bad("embed.lock_stale_hours", hours, "a number of hours > 0 (a lock untouched so long is taken over)")
     tag = e["encoder_tag"]
     if tag is not None and not is_folder_name(tag):
         problems.bad("embed.encoder_tag", tag, "null or a folder name (no '/'), e.g. uni2_h_sparse")

@@ -31,7 +31,15 @@ from tqdm.auto import tqdm
 
 from ..utils.cpu_memory import keep_freed_memory, release_freed_memory
 from ..utils.errors import InputError
-from ..utils.io import out_of_storage, storage_errors, temporaries_of, try_lock
+from ..utils.io import (
+    HEARTBEAT_MISSES,
+    HEARTBEAT_S,
+    lock_is_stale,
+    out_of_storage,
+    storage_errors,
+    temporaries_of,
+    try_lock,
+)
 from ..utils.threads import AdaptiveThreads, available_cores, torch_threads
 from ..utils.timing import startup_seconds
 from ..wsi import trident_h5
@@ -305,6 +313,7 @@ def run_slides(
         "slides_redrawn": 0, "slides_skipped": 0, "slides_locked_by_others": 0, "tiles": 0, "tiles_skipped": 0,
         "tissue_mm2": 0.0,
         "device": str(device), "reader": job.reader, "num_workers": job.num_workers, "done": [], "skipped": [],
+        "held": [],
         "warnings": {}, **(notes or {}),
     }  # fmt: skip
     totals = zero_stages()
@@ -421,13 +430,17 @@ def run_slides(
                 t_slide = time.perf_counter()
                 stages = zero_stages()
                 out = outputs[spec.slide_id]
-                lock = try_lock(out.with_name(out.name + ".lock"), stale_s=job.lock_stale_s)
+                lock_path = out.with_name(out.name + ".lock")
+                lock = try_lock(lock_path, stale_s=job.lock_stale_s)
                 done_by_another = lock is not None and finished(out)
                 if lock is not None and not done_by_another:
                     _remove_stale_temporaries(out_dir, out)
                 stages["bookkeeping"] += time.perf_counter() - t_slide
                 if lock is None or done_by_another:
                     summary["slides_locked_by_others" if lock is None else "slides_already_finished"] += 1
+                    if lock is None:
+                        summary["held"].append({"slide": spec.slide_id, "lock": str(lock_path),
+                                                "by": lock_is_stale(lock_path, job.lock_stale_s)[1]})  # fmt: skip
                     futures.pop(spec.slide_id, None)
                     prefetch(k + 1)
                     if lock is not None:
@@ -488,6 +501,10 @@ def run_slides(
         summary["slides_already_finished"], summary["slides_locked_by_others"], seconds, out_dir,
         format_stages(totals, seconds, summary["tiles"], summary["tissue_mm2"]),
     )  # fmt: skip
+    if held := summary["held"]:
+        names = "; ".join(f"{h['slide']} ({h['by']})" for h in held[:10]) + (" …" if len(held) > 10 else "")
+        log.info("held by other workers (a lock its holder stopped touching is taken over after %.0f min): %s",
+                 min(job.lock_stale_s, HEARTBEAT_MISSES * HEARTBEAT_S) / 60, names)  # fmt: skip
     attempted = summary["slides_done"] + summary["slides_skipped"]
     # only when no slide of the run is finished: another worker may have finished the rest while this one failed
     if attempted and not (summary["slides_done"] or summary["slides_already_finished"]

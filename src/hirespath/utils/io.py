@@ -255,7 +255,6 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
     """
     import logging
     import socket
-    import threading
     import time
 
     log = logging.getLogger("hirespath.io")
@@ -289,21 +288,11 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
             continue
         _fill_lock(fd, path, me)
         break
-    stop = threading.Event()
-
-    def heartbeat():
-        while not stop.wait(stale_s / 4):
-            try:
-                os.utime(path)
-            except FileNotFoundError:
-                return
-
-    beat = threading.Thread(target=heartbeat, daemon=True)
-    beat.start()
+    beat = Heartbeat(path, stale_s / 4)
     try:
         yield
     finally:
-        stop.set()
+        beat.stop()
         try:
             if path.read_text().strip() == me:
                 path.unlink()
@@ -321,13 +310,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# an item lock's holder touches it every HEARTBEAT_S; one untouched for HEARTBEAT_MISSES beats has no live holder
+# (a job killed on another node: SLURM's time limit, a preemption), so another worker takes it over in minutes
+HEARTBEAT_S = 60.0
+HEARTBEAT_MISSES = 10
+
+
+class Heartbeat:
+    """Touch ``path`` every ``every_s`` seconds from a daemon thread until ``stop`` (or the file is gone): its
+    mtime says its holder is alive, whatever host it runs on."""
+
+    def __init__(self, path: Path, every_s: float):
+        import threading
+
+        self.path, self._stopped = path, threading.Event()
+        threading.Thread(target=self._run, args=(every_s,), daemon=True, name=f"heartbeat {path.name}").start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stopped.wait(every_s):
+            try:
+                os.utime(self.path)
+            except FileNotFoundError:
+                return
+            except OSError:
+                pass  # a file server's hiccup: the next beat tries again
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
 class ItemLock:
-    """A lock file held by this process (see :func:`try_lock`); ``release`` removes it only while it is still ours."""
+    """A lock file held by this process (see :func:`try_lock`), touched by a :class:`Heartbeat` while held;
+    ``release`` removes it only while it is still ours."""
 
     def __init__(self, path: Path, token: str):
         self.path, self.token = path, token
+        self._beat = Heartbeat(path, HEARTBEAT_S)
 
     def release(self) -> bool:
+        self._beat.stop()
         try:
             if json.loads(self.path.read_text()).get("token") != self.token:
                 return False  # taken over meanwhile (we looked stale): the new holder's file stays
@@ -350,7 +371,8 @@ def _lock_payload(token: str) -> str:
     import socket
     import time
 
-    return json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "created_at": time.time(), "token": token})
+    return json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "created_at": time.time(),
+                       "token": token, "heartbeat_s": HEARTBEAT_S})  # fmt: skip
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
@@ -374,9 +396,11 @@ def _fill_lock(fd: int, path: Path, text: str) -> None:
 
 
 def lock_is_stale(path: str | os.PathLike, stale_s: float = 24 * 3600) -> tuple[bool, str]:
-    """(stale, why) for an item lock: its pid is dead on this host, or it is older than ``stale_s`` seconds.
+    """(stale, why) for an item lock: its pid is dead on this host; or its holder, which touches it every
+    ``heartbeat_s`` (hirespath's locks), has not done so for ``HEARTBEAT_MISSES`` beats (or ``stale_s``, if
+    shorter); or, for a lock without a heartbeat, it is older than ``stale_s`` seconds.
 
-    Age comes from ``created_at`` (TRIDENT's lock content), else the file's mtime (an empty file may be a lock
+    That age comes from ``created_at`` (TRIDENT's lock content), else the file's mtime (an empty file may be a lock
     whose holder has not written it yet, so it is never stale before ``stale_s``).
     """
     import socket
@@ -394,6 +418,12 @@ def lock_is_stale(path: str | os.PathLike, stale_s: float = 24 * 3600) -> tuple[
     pid, host = info.get("pid"), info.get("hostname")
     if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
         return True, f"pid {pid} on {host} is gone"
+    beat = info.get("heartbeat_s")
+    if isinstance(beat, (int, float)) and not isinstance(beat, bool) and beat > 0:
+        silent, limit = time.time() - mtime, min(stale_s, HEARTBEAT_MISSES * beat)
+        if silent > limit:
+            return True, f"held by {host or '?'}:{pid or '?'}, not touched for {silent:.0f} s > {limit:.0f} s"
+        return False, f"held by {host or '?'}:{pid or '?'}"
     created = info.get("created_at")
     age = time.time() - (float(created) if isinstance(created, (int, float)) else mtime)
     if age > stale_s:
