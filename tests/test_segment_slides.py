@@ -311,6 +311,46 @@ def test_a_backbone_of_one_input_size_refuses_other_tile_sizes_before_any_slide(
     check_tiling_for_model(seg, SimpleNamespace(size=112, mpp=1.0, overlap=28, min_tissue=0.1))
 
 
+def test_tiles_land_on_the_map_where_they_were_read(ckpt, tmp_path, monkeypatch):
+    """The covering grid fitted to the tissue started tiles on odd level-0 px (offsets of stride / 8 = 21 px): at
+    a map of half the slide's resolution each such tile was placed by rounding, half a map px off, and blended out
+    of register with its neighbours. Grid steps are whole map px where the ratio allows. A stand-in model whose
+    every class is the pixel's darkness lets the map be checked against the slide itself."""
+    from hirespath.segmentation import consumer
+
+    def darkness(model, class_index):
+        return lambda x: (1 - x.float().mean(1, keepdim=True)).expand(-1, len(class_index), -1, -1).numpy()
+
+    monkeypatch.setattr(consumer, "probabilities_forward", darkness)
+    rng = np.random.default_rng(7)
+    img = tissue(seed=7)  # whose best covering grid was offset by (21, 63) level-0 px
+    texture = rng.integers(0, 2, (167, 234), dtype=np.uint8).repeat(3, 0).repeat(3, 1)[:500, :700]
+    img = np.where(img[..., :1] < 230, img // 2 + 100 * texture[..., None], img).astype(np.uint8)
+    (tmp_path / "wsi").mkdir()
+    write_pyramid(tmp_path / "wsi" / "t.tiff", img, 0.5, compression="zlib", levels=(1, 4))
+    summary = run(ckpt, tmp_path / "wsi", tmp_path / "job", threshold=0.5, simplify_px=0.0, within_tissue=False)
+    out = Path(summary["output_dir"])
+    coords = read_coords(next((out.parent / "patches_cover_tissue").glob("t_patches.h5")))[1]
+    assert (coords % 2 == 0).all(), "a tile starts between two map px"
+    geometry = read_description(out / "t_probs.tif")
+    assert geometry["level0_scale"] == 0.5
+    ox, oy = (int(v) for v in geometry["level0_origin"])
+    probs = read_probs(out / "t_probs.tif")[..., 0].astype(np.float32)
+    h, w = probs.shape
+
+    def error(dx: int, dy: int) -> float:  # the map against the slide's darkness over each map px's 2 × 2 px
+        x0, y0 = ox + dx + 4, oy + dy + 4  # a margin for the shifts, inside the slide
+        dark = 255 * (1 - img[y0 : y0 + 2 * (h - 4), x0 : x0 + 2 * (w - 4)].mean(2) / 255)
+        dark = dark.reshape(h - 4, 2, w - 4, 2).mean((1, 3))
+        sub = probs[2 : h - 2, 2 : w - 2]
+        covered = sub > 0
+        return float(np.abs(dark - sub)[covered].mean())
+
+    here = error(0, 0)
+    for dx, dy in [(-1, 0), (1, 0), (0, -1), (0, 1)]:
+        assert here < error(dx, dy), f"the map fits the slide better shifted by ({dx}, {dy}) level-0 px"
+
+
 def test_stitched_map_equals_the_models_own_tile_prediction(done, ckpt, wsi):
     """Where one tile alone covers the slide (its centre, beyond the overlap) the map is the module's prediction of
     that tile as one forward, with the same placement (SegmentationModel.semantic_probs, as `segment` evaluates)."""

@@ -230,9 +230,15 @@ GRID_FIT_STEPS = 8  # offsets tried per axis when fitting the covering grid: mul
 GRID_FIT_FINALISTS = 4  # offsets whose covering is computed: the fewest tissue cells first
 
 
+def map_step(side0: int, tile_size: int) -> int:
+    """The smallest level-0 step that is a whole number of map px, for tiles of ``tile_size`` px read from
+    ``side0`` level-0 px (2 at 0.5 µm/px on a 0.25 µm/px slide; ``side0`` itself where the ratio is not simple)."""
+    return side0 // math.gcd(side0, tile_size)
+
+
 def fitted_covering_grid(
     mask: np.ndarray, mds: tuple[float, float], size0: tuple[int, int], side0: int, stride0: int,
-    min_tissue: float, origin: tuple[int, int] = (0, 0),
+    min_tissue: float, origin: tuple[int, int] = (0, 0), align: int = 1,
 ) -> tuple[tuple[int, int], np.ndarray, tuple[int, int], np.ndarray, np.ndarray]:  # fmt: skip
     """The regular grid, shifted by less than a stride each way, whose covering tiling (``min_tissue`` tiles and
     ``covering_tiles``) holds the tissue in the fewest tiles — (0, 0), TRIDENT's grid, unless another needs fewer:
@@ -243,9 +249,10 @@ def fitted_covering_grid(
     tiles, the larger the share (docs/benchmarks.md, "tiles per tissue"). The offsets, multiples of a
     ``GRID_FIT_STEPS``-th of the stride, are ranked by the tiles the ``min_tissue`` rule keeps or whose own part of
     the grid (what their left and upper neighbours do not also cover) holds tissue, on one integral image; the
-    covering is computed for the best ``GRID_FIT_FINALISTS`` and (0, 0)."""
+    covering is computed for the best ``GRID_FIT_FINALISTS`` and (0, 0). The offsets are multiples of ``align``
+    level-0 px (with a stride that is one too: every tile then starts on a whole map px, see ``tile_grid``)."""
     ii = _integral(mask)
-    steps = [k * stride0 // GRID_FIT_STEPS for k in range(GRID_FIT_STEPS)]
+    steps = sorted({k * stride0 // GRID_FIT_STEPS // align * align for k in range(GRID_FIT_STEPS)})
     shared = side0 - stride0  # the overlap, level-0 px
 
     def cells(offset: tuple[int, int]) -> int:
@@ -326,8 +333,14 @@ def tile_grid(
     if not mask.any():
         raise SlideError("no tissue detected")
     if cover_tissue and fit_grid:
+        # segmentation stitches each tile into a map at tile_size / side0 map px per level-0 px: a tile whose corner
+        # is not on a whole map px would be placed up to half a map px off (its neighbours blended out of register),
+        # so where the ratio allows (0.5, 0.25, ...) stride and offsets are whole map px, the overlap < 1 px larger
+        align = map_step(side0, tile_size)
+        align = align if align <= stride0 // GRID_FIT_STEPS else 1
+        stride0 = stride0 // align * align
         offset, coords, (rows, cols), frac, keep = fitted_covering_grid(
-            mask, mds, (W, H), side0, stride0, min_tissue, origin
+            mask, mds, (W, H), side0, stride0, min_tissue, origin, align
         )
     else:
         offset, (coords, (rows, cols)) = (0, 0), grid_coords((W, H), stride0)
