@@ -789,6 +789,27 @@ def test_a_new_threshold_redraws_finished_slides_from_their_probability_tiffs(ck
     assert json.loads((out / "s0.geojson").read_text()) == redrawn
 
 
+def test_a_slide_stopped_while_its_overlay_was_drawn_is_drawn_again_with_it(ckpt, wsi, tmp_path, monkeypatch):
+    """areas.csv's rows mark a slide finished: they were written before the overlay (and the seams row), so a run
+    stopped while the overlay was drawn (Ctrl-C, a full disk) left a slide that every rerun took for finished,
+    without its overlay for good. They are written last."""
+    import pandas as pd
+
+    import hirespath.viz.segmentation as viz
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(viz, "save_overlay", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run(ckpt, wsi, tmp_path, seam_check=False)
+    again = run(ckpt, wsi, tmp_path, seam_check=False)
+    out = Path(again["output_dir"])
+    assert again["slides_redrawn"] == 1 and (out / "s0_overlay.png").is_file()
+    assert list(pd.read_csv(out / "areas.csv").slide.unique()) == ["s0"]
+
+
 def test_the_overlay_shows_the_area_the_polygons_hold(ckpt, wsi, tmp_path, monkeypatch):
     """Each class is drawn over the thumbnail as much as its polygons cover each pixel, so the picture holds the
     areas of the legend (and of areas.csv); thresholding the coarsest probability level (the code before) lost

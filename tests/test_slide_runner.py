@@ -689,6 +689,27 @@ def test_pyramid_levels_are_written_with_pwrite_so_a_full_disk_is_an_error(tmp_p
     assert message.startswith(f"cannot write to {tmp_path / 'patches'}: No space left on device; writing .s1_patc")
 
 
+@pytest.mark.parametrize("write_behind", [False, True])
+def test_a_full_disk_at_a_slides_bookkeeping_leaves_no_lock_or_temporary(slides, tmp_path, monkeypatch, write_behind):
+    """The last writes of a slide (its timings.csv row) failing on a full disk stop the run, and leave nothing
+    behind. Its lock stayed, held by nobody, for good (a finished slide is never locked again). With the writing
+    behind the device, the slide streamed meanwhile kept its lock and its temporary file (a whole map, on a full
+    disk): nothing closed or aborted it, as the previous slide's bookkeeping failed before it was queued."""
+    import errno
+
+    from hirespath.utils.errors import StorageError
+
+    def full(self, rows, columns):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.folder / "timings.csv"))
+
+    monkeypatch.setattr(Ledger, "update_timings", full)
+    with pytest.raises(StorageError, match="No space left"):
+        embed_slides(encoder(), list_slides(slides), tmp_path, TILING, embed_cfg(write_behind=write_behind), CPU)
+    out = next(tmp_path.glob("*/features_*"))
+    assert (out / "s0.h5").is_file()  # finished before its row failed
+    assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp"))
+
+
 def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):
     """A full disk can let a lock file be created and not written: left empty, it counted as held until stale (a
     day for a slide, 10 minutes for a folder's config), so the rerun after making room skipped or waited."""

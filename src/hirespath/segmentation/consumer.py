@@ -539,7 +539,6 @@ class SegmentationConsumer:
                  **self.options.drawing()}
                 for name, a in areas.items()]  # fmt: skip
         ledger = Ledger(out_dir)
-        ledger.merge_rows(AREAS, rows, AREA_COLUMNS, sort_by=["slide", "class"])  # workers share it
         seams = result.get("seams")
         if seams is not None:
             x, y, size = seams["window_level0"]
@@ -572,6 +571,8 @@ class SegmentationConsumer:
                      f"overlap {grid.overlap} px ({self.options.blend})")  # fmt: skip
             save_overlay(out_dir / f"{spec.slide_id}_overlay.png", thumbnail, coverage, self.classes, colors, title,
                          [areas.get(n, 0.0) for n in self.classes])  # fmt: skip
+        # last: the slide's rows mark it finished (is_finished), so a run stopped before them draws it again
+        ledger.merge_rows(AREAS, rows, AREA_COLUMNS, sort_by=["slide", "class"])  # workers share it
 
 
 def _same_setting(recorded, value) -> bool:

@@ -390,9 +390,11 @@ def run_slides(
                 stages["bookkeeping"] += time.perf_counter() - t0
             finally:
                 t0 = time.perf_counter()
-                if timing_row is not None:
-                    ledger.update_timings([timing_row], TIMING_COLUMNS)
-                lock.release()
+                try:
+                    if timing_row is not None:
+                        ledger.update_timings([timing_row], TIMING_COLUMNS)
+                finally:
+                    lock.release()  # a slide left locked after a failed row would be locked for good
                 stages["bookkeeping"] += time.perf_counter() - t0
                 for s in totals:
                     if s != "startup":
@@ -456,7 +458,12 @@ def run_slides(
                 if closer is None:
                     settle(spec, lock, t_slide, stages, functools.partial(closing, stages))
                     continue
-                settle_pending()  # the previous slide closed while this one streamed
+                try:
+                    settle_pending()  # the previous slide closed while this one streamed
+                except BaseException:
+                    closing.abort()  # this one is not queued yet: its files and lock are ours to clear
+                    lock.release()
+                    raise
 
                 def close_behind(closing=closing) -> tuple[dict, dict]:
                     background = zero_stages()
@@ -683,4 +690,5 @@ def _stream_slide(
         stages["thumbnails"] += time.perf_counter() - t3
         return result
 
+    close.abort = sink.abort  # a slide streamed but never closed (the run stopped before its closing)
     return close
