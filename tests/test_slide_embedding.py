@@ -223,6 +223,31 @@ def test_a_lock_whose_holder_stopped_touching_it_is_taken_over_from_any_host(tmp
 # listing and tiling
 
 
+def test_a_recursive_listing_follows_linked_folders_names_gone_links_and_skips_the_job_dir(tmp_path):
+    """A cohort linked together from several disks: ``recursive`` did not go into symlinked folders (rglob), and
+    a link whose disk is not mounted vanished from the run (not even in skipped.csv). A run from inside the
+    cohort (``wsi_dir=. recursive=true``, job_dir under it) listed its own probability TIFFs as slides."""
+    from hirespath.wsi.listing import list_slides
+
+    disk = tmp_path / "disk2" / "batch2"
+    disk.mkdir(parents=True)
+    (disk / "b.tiff").write_bytes(b"")
+    cohort = tmp_path / "cohort"
+    (cohort / "batch1").mkdir(parents=True)
+    (cohort / "batch1" / "a.tiff").write_bytes(b"")
+    (cohort / "batch2").symlink_to(disk, target_is_directory=True)
+    (cohort / "batch1" / "loop").symlink_to(cohort, target_is_directory=True)  # listed once, no endless walk
+    (cohort / "c.svs").symlink_to(tmp_path / "unmounted" / "c.svs")
+    job = cohort / "segmentations"
+    (job / "10x_112px_28px_overlap" / "segmentation_m").mkdir(parents=True)
+    (job / "10x_112px_28px_overlap" / "segmentation_m" / "a_probs.tif").write_bytes(b"")
+    specs = list_slides(cohort, recursive=True, exclude=job)
+    assert [(s.slide_id, s.path.relative_to(cohort).as_posix()) for s in specs] == [
+        ("a", "batch1/a.tiff"), ("b", "batch2/b.tiff"), ("c", "c.svs")]  # fmt: skip
+    assert [s.slide_id for s in list_slides(cohort)] == ["c"]  # one level: the gone link still named
+    assert "a_probs" in [s.slide_id for s in list_slides(cohort, recursive=True)]  # (what no exclude lists)
+
+
 def test_wsi_ext_picks_the_slide_files_of_a_mixed_folder(tmp_path):
     """``wsi_ext`` (TRIDENT's ``--wsi_ext``): a folder that holds slides beside masks, exports and a DICOM series
     lists only what the user names; PNG/JPEG regions only when named; a bad value names itself."""

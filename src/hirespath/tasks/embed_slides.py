@@ -55,7 +55,7 @@ def run_embed_slides(cfg: DictConfig) -> dict:
         raise InputError("embed_slides needs wsi_dir=DIR (a folder of slides) or slides=LIST.csv (column 'wsi')")
     # a bad precision is refused before any work
     runtime = Runtime.from_trainer(cfg.trainer, count_startup=True, launch=launch_id())
-    specs = list_slides(cfg.wsi_dir, cfg.slides, cfg.get("wsi_ext"), recursive=bool(cfg.recursive))
+    specs = list_slides(cfg.wsi_dir, cfg.slides, cfg.get("wsi_ext"), recursive=bool(cfg.recursive), exclude=cfg.job_dir)
     fabric, runtime = launch_workers(cfg.trainer, runtime)
     torch.manual_seed(int(cfg.seed))  # a random-init backbone gets the same weights on every rank
     encoder = instantiate(cfg.encoder)

@@ -69,7 +69,7 @@ def run_predict_slides(cfg: DictConfig) -> dict:
         raise InputError("predict_slides needs features_dir=DIR (features to predict) or wsi_dir=DIR / slides=LIST.csv "
                          "with job_dir=OUT (slides to embed first with the model's encoder)")  # fmt: skip
     specs = (
-        list_slides(cfg.wsi_dir, cfg.slides, cfg.get("wsi_ext"), recursive=bool(cfg.recursive))
+        list_slides(cfg.wsi_dir, cfg.slides, cfg.get("wsi_ext"), recursive=bool(cfg.recursive), exclude=cfg.job_dir)
         if cfg.wsi_dir or cfg.slides
         else []
     )

@@ -136,8 +136,13 @@ def list_slides(
     slides_csv: str | os.PathLike | None = None,
     extensions=None,
     recursive: bool = False,
+    exclude: str | os.PathLike | None = None,
 ) -> list[SlideSpec]:
     """The slides of ``wsi_dir`` (files with one of ``extensions``, sorted) or of a CSV list.
+
+    ``recursive`` goes into sub-folders, symlinked ones too (a cohort linked together from several disks), never
+    into ``exclude`` (the run's ``job_dir``: its probability TIFFs are not slides). A symlink whose target is gone
+    (storage not mounted) is listed: the engine skips it as a missing file, in skipped.csv.
 
     A DICOM slide is a folder holding its series' DICOM files (:func:`is_dicom_file`): each sub-folder of
     ``wsi_dir`` that holds them is one slide named after the folder (with ``recursive``, every such folder of the
@@ -201,9 +206,9 @@ def list_slides(
     exts = slide_extensions(extensions) or (*SLIDE_EXTENSIONS, DICOM_SUFFIX)
     file_exts, want_dicom = tuple(e for e in exts if e != DICOM_SUFFIX), DICOM_SUFFIX in exts
     # nothing inside a hidden folder either (.Trash-1000/, .snapshot/, a tool's cache): copies, not the cohort
-    entries = [p for p in (root.rglob("*") if recursive else root.iterdir())
+    entries = [p for p in (_walk(root, exclude) if recursive else root.iterdir())
                if not any(part.startswith(".") for part in p.relative_to(root).parts)]  # fmt: skip
-    files = [p for p in entries if file_exts and p.name.lower().endswith(file_exts) and p.is_file()]
+    files = [p for p in entries if file_exts and p.name.lower().endswith(file_exts) and _file_or_gone(p)]
     if not want_dicom:
         dicom = set()
     elif recursive:
@@ -218,6 +223,27 @@ def list_slides(
             f"no slides in {root} (looked for {' and '.join(looked)}{', recursively' if recursive else ''})"
         )
     return _check_unique([SlideSpec(slide_id_of(p), p) for p in slides])
+
+
+def _walk(root: Path, exclude: str | os.PathLike | None) -> list[Path]:
+    """Every file and folder under ``root``, through symlinked folders (each real folder once: no loop), outside
+    ``exclude`` and hidden folders."""
+    skip = {os.path.realpath(exclude)} if exclude is not None else set()
+    seen, found = set(), []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen or real in skip:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) not in skip]
+        found += [Path(folder, n) for n in dirs + names]
+    return found
+
+
+def _file_or_gone(path: Path) -> bool:
+    """A file, or a symlink whose target is gone (listed, so that the run names it instead of dropping it)."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
 
 
 def as_specs(slides) -> list[SlideSpec]:
