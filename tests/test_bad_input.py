@@ -335,6 +335,34 @@ def test_failure_prints_one_traceback_and_the_task_line(panda_root, tmp_path, fu
     assert "Traceback (most recent call last)" in log_file.read_text()
 
 
+def test_a_stopped_slide_task_names_its_job_dir_as_where_its_outputs_are(tmp_path, caplog):
+    """A slide task's outputs (what a rerun resumes) are in its job_dir; the stop line named only the run's log
+    folder, where there are none."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from hirespath.utils import hydra
+
+    cfg = OmegaConf.create({"job_dir": str(tmp_path / "seg"), "paths": {"output_dir": str(tmp_path / "run")}})
+
+    def stopped(cfg):
+        raise KeyboardInterrupt
+
+    def failed(cfg):
+        raise RuntimeError("a bug")
+
+    with caplog.at_level(logging.ERROR, logger="hirespath"):
+        with pytest.raises(SystemExit) as exit_:
+            hydra._run(stopped, cfg, hydra._done_marker(cfg), [])
+        with pytest.raises(RuntimeError):
+            hydra._run(failed, cfg, hydra._done_marker(cfg), [])
+    assert exit_.value.code == 130
+    where = f"outputs so far are in {tmp_path / 'seg'} (this run's log: {tmp_path / 'run'})"
+    assert [r.getMessage() for r in caplog.records if "outputs so far" in r.getMessage()] == [
+        f"task interrupted (SIGINT); {where}", f"task failed; {where}: RuntimeError: a bug"]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_extraction_exits_130_with_the_task_line(panda_root, tmp_path):
     run = tmp_path / "run"

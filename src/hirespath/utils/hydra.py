@@ -175,6 +175,8 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, marker, received: l
     import signal
 
     marker_dir = marker.parent if marker is not None else None  # paths.output_dir, where it resolves
+    # a slide task's outputs are in its job_dir (what a rerun resumes), its log in the run folder
+    where = f"{cfg.job_dir} (this run's log: {marker_dir})" if cfg.get("job_dir") else marker_dir
     exit_code = 1
     try:
         result = task(cfg)
@@ -190,11 +192,11 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, marker, received: l
         if signum is None:
             raise
         exit_code = 128 + signum
-        log.error("task interrupted (%s); outputs so far are in %s", signal.Signals(signum).name, marker_dir)
+        log.error("task interrupted (%s); outputs so far are in %s", signal.Signals(signum).name, where)
         raise SystemExit(exit_code) from None
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        log.error("task failed; outputs so far are in %s: %s: %s", marker_dir, type(err).__name__, first)
+        log.error("task failed; outputs so far are in %s: %s: %s", where, type(err).__name__, first)
         _log_traceback_to_files()
         raise
     finally:
