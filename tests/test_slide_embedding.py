@@ -223,6 +223,34 @@ def test_a_lock_whose_holder_stopped_touching_it_is_taken_over_from_any_host(tmp
 # listing and tiling
 
 
+def test_tiles_read_from_a_rounded_down_ome_level_start_where_they_were_asked(tmp_path):
+    """tiffslide (OME-TIFF pyramids: bfconvert, QuPath's export) turns a level-0 location into a level px by
+    truncating location / the mean of the x and y downsamples: on levels whose sizes were rounded down (1,001 px / 4
+    → 250) a tile read there started up to a level px above and left of where it was asked, and the probability map
+    and polygons landed a map px off the tissue. The level px is now the nearest one, per axis."""
+    import cv2
+    from slide_formats import write_ome_pyramid
+
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (1203, 1001, 3), dtype=np.uint8), (0, 0), 2.0)
+    write_ome_pyramid(tmp_path / "s.ome.tif", img, 0.5, levels=(1, 4))
+    slide = open_slide(tmp_path / "s.ome.tif")
+    assert type(slide).__module__.startswith("tiffslide") and slide.level_dimensions[1] == (250, 300)
+    truth, side0 = img.astype(float).mean(2), 256
+    for x, y in [(704, 900), (400, 600), (0, 0)]:
+        tile = np.asarray(read_tile_region(slide, x, y, side0, 1)).astype(float).mean(2)[2:-2, 2:-2]
+
+        def error(dx: int, dy: int, x=x, y=y, tile=tile) -> float:  # against level 0 shifted by (dx, dy), 4 × 4 means
+            y0, x0 = y + dy, x + dx
+            return float(np.abs(tile - truth[y0 : y0 + side0, x0 : x0 + side0].reshape(64, 4, 64, 4).mean((1, 3))
+                                [2:-2, 2:-2]).mean())  # fmt: skip
+
+        best = min(((dx, dy) for dx in range(-5, 6) for dy in range(-5, 6) if x + dx >= 0 and y + dy >= 0),
+                   key=lambda s: error(*s))  # fmt: skip
+        assert max(map(abs, best)) <= 2, f"the tile at ({x}, {y}) holds level 0 from {best} px off"  # ≤ ½ level px
+    slide.close()
+
+
 def test_a_recursive_listing_follows_linked_folders_names_gone_links_and_skips_the_job_dir(tmp_path):
     """A cohort linked together from several disks: ``recursive`` did not go into symlinked folders (rglob), and
     a link whose disk is not mounted vanished from the run (not even in skipped.csv). A run from inside the

@@ -238,9 +238,29 @@ def slide_path(slide) -> Path | None:
 def read_region(slide, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
     """``slide.read_region`` as RGB on white; a decoder error becomes :func:`unreadable`'s SlideError."""
     try:
-        return on_white(slide.read_region(location, level, size))
+        return on_white(slide.read_region(_level_location(slide, location, level), level, size))
     except Exception as err:  # noqa: BLE001 — corrupt tiles surface as many exception types
         raise unreadable(slide_path(slide), err) from err
+
+
+def _level_location(slide, location: tuple[int, int], level: int) -> tuple[int, int]:
+    """The level-0 location to hand ``slide.read_region`` so that a region of a reduced level starts at the level
+    px nearest to ``location``, per axis. tiffslide truncates location / the mean of the x and y downsamples: on a
+    level whose size was rounded down (1,001 px / 4 → 250: bfconvert's and QuPath's OME-TIFF pyramids) a region
+    started up to a level px above and left of where it was asked. OpenSlide places it itself."""
+    if level == 0 or not type(slide).__module__.startswith("tiffslide"):
+        return location
+    ds = slide.level_downsamples[level]  # what tiffslide divides by
+    out = []
+    for base, full, reduced in zip(location, slide.dimensions, slide.level_dimensions[level], strict=True):
+        target = round(base * reduced / full)  # the nearest level px boundary, on this axis's own scale
+        loc = math.ceil(target * ds)
+        while loc > 0 and int(loc / ds) > target:
+            loc -= 1
+        while int(loc / ds) < target:
+            loc += 1
+        out.append(loc)
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
