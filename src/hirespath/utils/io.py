@@ -267,19 +267,22 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                holder, age = path.read_text().strip(), time.time() - path.stat().st_mtime
+                raw, mtime_ns = path.read_text(), path.stat().st_mtime_ns
             except FileNotFoundError:
                 continue  # released meanwhile
+            holder, age = raw.strip(), time.time() - mtime_ns / 1e9
             host, _, pid = holder.rpartition(":")
             dead = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
             if dead or age > stale_s:
-                log.warning(
-                    "taking over the stale lock %s of %s (%s)",
-                    path,
-                    holder,
-                    "process gone" if dead else f"untouched for {age:.0f} s",
-                )
-                path.unlink(missing_ok=True)
+                if _remove_if_unchanged(path, (raw, mtime_ns)):
+                    log.warning(
+                        "took over the stale lock %s of %s (%s)",
+                        path,
+                        holder,
+                        "process gone" if dead else f"untouched for {age:.0f} s",
+                    )
+                else:
+                    time.sleep(min(poll_s, 0.05))  # another waiter is taking it over
                 continue
             if not waited:
                 log.info("waiting for %s: %s holds %s", what or "another job", holder, path)
@@ -298,6 +301,35 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
                 path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _remove_if_unchanged(path: Path, judged: tuple[str, int]) -> bool:
+    """Remove the stale lock ``path`` if it still is the file judged stale ((content, mtime_ns)), under a takeover
+    mutex: every waiter judges a dead holder's lock stale at once, and one that removed it after another waiter had
+    already taken it over removed that one's fresh lock (two holders, and rows of a shared CSV lost)."""
+    import time
+
+    mutex = path.with_name(path.name + ".takeover")
+    try:
+        fd = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:  # a taker that died inside the few microseconds of a takeover: cleared after a minute
+            if time.time() - mutex.stat().st_mtime > 60:
+                mutex.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+        return False
+    os.close(fd)
+    try:
+        try:
+            if (path.read_text(), path.stat().st_mtime_ns) != judged:
+                return False  # released, or taken over meanwhile
+        except FileNotFoundError:
+            return False
+        path.unlink(missing_ok=True)
+        return True
+    finally:
+        mutex.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
