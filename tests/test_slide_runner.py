@@ -744,6 +744,37 @@ def test_workers_taking_over_a_dead_writers_ledger_lock_lose_no_rows(tmp_path):
         assert not list(folder.glob(".*.lock*"))
 
 
+def test_an_interrupt_while_a_slide_closes_behind_waits_for_its_closing():
+    """With the writing behind the device, Ctrl-C or SIGTERM (SLURM's time limit) while the runner waited for a
+    slide closing in the background released the slide's lock at once: another worker took the slide, removed the
+    closing's live temporaries as a dead writer's, and segmented it again. The interrupt now waits for the closing."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hirespath.slides.runner import closing_result
+
+    closed = threading.Event()
+
+    def closing():
+        time.sleep(0.5)
+        closed.set()
+        return "closed"
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(closing)
+        real = future.result
+
+        def interrupted(timeout=None):
+            if not future.done():
+                raise KeyboardInterrupt  # the signal arrives while the runner waits
+            return real(timeout)
+
+        future.result = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            closing_result(future)
+        assert closed.is_set(), "the lock would have been released while the slide was closing"
+
+
 def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):
     """A full disk can let a lock file be created and not written: left empty, it counted as held until stale (a
     day for a slide, 10 minutes for a folder's config), so the rerun after making room skipped or waited."""

@@ -21,6 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -408,7 +409,7 @@ def run_slides(
             def wait() -> dict:
                 t0 = time.perf_counter()
                 try:
-                    result, background = future.result()
+                    result, background = closing_result(future)
                 finally:
                     stages["write"] += time.perf_counter() - t0  # what this thread waited for the closing
                 stages["write_behind"] += sum(background[s] for s in STAGES)
@@ -522,6 +523,18 @@ def run_slides(
             f"first reason: {reasons[0]}"
         )
     return summary
+
+
+def closing_result(future: Future):
+    """The result of a slide closing in the background. Interrupted meanwhile (Ctrl-C, SIGTERM), this waits for the
+    closing to end before the interrupt goes on: the slide's lock is released after its files are written, or
+    another worker would take the slide (and remove its live temporaries) while they are."""
+    try:
+        return future.result()
+    except BaseException:
+        if not future.done():
+            futures_wait([future])
+        raise
 
 
 def _skip_row(spec: SlideSpec, reason: str) -> dict:
