@@ -693,6 +693,43 @@ def test_an_overwrite_that_stopped_is_finished_without_the_replaced_maps(ckpt, w
     assert resumed["done"][0]["tiles"] > 0 and not resumed["slides_redrawn"]  # the model ran: no old map drawn
 
 
+def test_an_overwrite_stopped_before_a_slides_rows_draws_it_again(ckpt, wsi, tmp_path, monkeypatch):
+    """An overwrite (a retrained model) stopped after a slide's new TIFF and GeoJSON but before its areas.csv rows:
+    the old model's rows still matched the drawing settings, so the resume took the slide for finished, with the
+    old model's areas, seams row and overlay. A slide's old rows go when it is done again."""
+    import pandas as pd
+
+    from hirespath.segmentation.consumer import SegmentationConsumer
+
+    job, opts = tmp_path / "job", SegmentOptions(threshold=THRESHOLD, min_area_um2=0.0, seam_check_share=1.0)
+    specs = list_slides(wsi)
+
+    def segment(model, overwrite=False):
+        embed = EmbedConfig(batch_size=4, num_workers=0, overwrite=overwrite)
+        return segment_slides(model, specs, job, TILING, embed, opts, CPU)
+
+    out = Path(segment(load_segmentation(ckpt))["output_dir"])
+    old = pd.read_csv(out / "areas.csv")
+    retrained = load_segmentation(ckpt)
+    with torch.no_grad():
+        for p in retrained.model.parameters():
+            p.mul_(1.05)  # other weights, the same folder (a model retrained under its name, model_tag kept)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(SegmentationConsumer, "finish", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            segment(retrained, overwrite=True)
+    resumed = segment(retrained)
+    assert resumed["slides_redrawn"] == 1 and not resumed["slides_already_finished"]
+    new = pd.read_csv(out / "areas.csv")
+    assert not np.allclose(new.area_mm2, old.area_mm2)  # the retrained model's areas, from its map
+    # the old model's seam measure is gone (a redraw has no model to measure the new map's)
+    assert pd.read_csv(out / "seams.csv").empty
+
+
 def test_a_redraw_of_a_slide_listed_at_another_mpp_names_the_mpp(ckpt, wsi, tmp_path):
     from hirespath.slides.runner import NothingProcessed
     from hirespath.wsi.listing import SlideSpec

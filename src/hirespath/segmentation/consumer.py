@@ -491,20 +491,24 @@ class SegmentationConsumer:
         """Whether ``areas.csv`` records the slide of ``path`` drawn with this run's drawing settings. A slide
         without rows there stopped before they were written, and one drawn otherwise is left from a redraw that
         stopped: both are drawn (again) from their TIFF."""
+        drawn = self._drawn_rows(path)
+        return drawn is not None and all(k in drawn and _same_setting(drawn[k], v)
+                                         for k, v in self.options.drawing().items())  # fmt: skip
+
+    def _drawn_rows(self, path: Path) -> dict | None:
+        """The drawing settings ``areas.csv`` records for the slide of ``path``, None when it has no rows there."""
         table = Path(path.parent) / AREAS
         try:
             st = table.stat()
         except FileNotFoundError:
-            return False
+            return None
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         if self._drawn.get("key") != key:  # read once per change, not once per slide
             rows = Ledger(path.parent).table(AREAS)
             columns = [k for k in DRAWING if k in rows.columns]
             first = rows.drop_duplicates("slide").set_index("slide")[columns]
             self._drawn = {"key": key, "slides": first.to_dict("index")}
-        drawn = self._drawn["slides"].get(path.name.removesuffix(".geojson"))
-        return drawn is not None and all(k in drawn and _same_setting(drawn[k], v)
-                                         for k, v in self.options.drawing().items())  # fmt: skip
+        return self._drawn["slides"].get(path.name.removesuffix(".geojson"))
 
     def finished_mpp(self, path: Path) -> float | None:
         try:
@@ -514,9 +518,15 @@ class SegmentationConsumer:
 
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SegmentationSink | RedrawSink:
         # the map is finished (and made with the folder's settings): only its drawing is not
-        if self.reuse_maps and is_newer(self.probs_path(path), self.outputs_since):
-            return RedrawSink(self, spec, prepared, path)
-        return SegmentationSink(self, spec, prepared, path)
+        redraw = self.reuse_maps and is_newer(self.probs_path(path), self.outputs_since)
+        if self._drawn_rows(path) is not None:
+            # the rows of the drawing (and map) this one replaces go first: a run stopped between the new files and
+            # their rows would otherwise leave the old areas marking the slide finished (an overwrite's old model)
+            ledger = Ledger(path.parent)
+            ledger.drop_rows(AREAS, [spec.slide_id])
+            if not redraw:
+                ledger.drop_rows(SEAMS, [spec.slide_id])
+        return RedrawSink(self, spec, prepared, path) if redraw else SegmentationSink(self, spec, prepared, path)
 
     def run_facts(self, done: list[dict]) -> dict:
         """The seam measure over this worker's slides (each slide's is in ``done`` and seams.csv)."""

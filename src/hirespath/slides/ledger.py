@@ -218,6 +218,19 @@ class Ledger:
             with atomic_path(path) as tmp:
                 table.to_csv(tmp, index=False)
 
+    def drop_rows(self, name: str, slides: list[str]) -> None:
+        """Remove the rows of ``slides`` from the folder's table ``name`` (a slide being done again)."""
+        path = self.folder / name
+        if not path.is_file():
+            return
+        with self._locked(name):
+            table = self.table(name)
+            keep = ~table["slide"].isin(set(slides))
+            if keep.all():
+                return
+            with atomic_path(path) as tmp:
+                table[keep].to_csv(tmp, index=False)
+
     def table(self, name: str) -> pd.DataFrame | None:
         """The folder's table ``name`` (slide ids as written), None when there is none yet."""
         path = self.folder / name
