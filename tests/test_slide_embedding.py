@@ -251,6 +251,20 @@ def test_tiles_read_from_a_rounded_down_ome_level_start_where_they_were_asked(tm
     slide.close()
 
 
+def test_a_grey_slide_is_skipped_saying_why_it_has_no_tissue(tmp_path):
+    """A grayscale (or single-channel fluorescence) slide was skipped as "no tissue detected", nothing more: tissue
+    is found by colour saturation, which grey pixels do not have. The reason now says so; a blank slide's stays."""
+    rng = np.random.default_rng(0)
+    grey = np.full((400, 500), 235, np.uint8)
+    grey[80:320, 100:420] = rng.integers(60, 180, (240, 320))
+    write_pyramid(tmp_path / "grey.tiff", np.repeat(grey[..., None], 3, 2), 0.5, compression="zlib", levels=(1, 4))
+    write_pyramid(tmp_path / "blank.tiff", np.full((400, 500, 3), 245, np.uint8), 0.5, compression="zlib", levels=(1,))
+    with pytest.raises(SlideError, match=r"no tissue detected: its pixels are grey \(R = G = B"):
+        tile_grid(tmp_path / "grey.tiff", 112, 1.0)
+    with pytest.raises(SlideError, match=r"^no tissue detected$"):
+        tile_grid(tmp_path / "blank.tiff", 112, 1.0)
+
+
 def test_a_recursive_listing_follows_linked_folders_names_gone_links_and_skips_the_job_dir(tmp_path):
     """A cohort linked together from several disks: ``recursive`` did not go into symlinked folders (rglob), and
     a link whose disk is not mounted vanished from the run (not even in skipped.csv). A run from inside the

@@ -205,6 +205,22 @@ def covering_tiles(mask: np.ndarray, mask_downsample: tuple[float, float], coord
     return keep
 
 
+def _grey_hint(thumb: np.ndarray) -> str:
+    """Why a slide with content has no tissue: grey pixels (a grayscale or single-channel fluorescence image), where
+    tissue is found by its colour saturation, as in brightfield H&E."""
+    rgb = np.asarray(thumb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3 or rgb.size == 0:
+        return ""
+    spread = rgb[..., :3].max(2).astype(np.int16) - rgb[..., :3].min(2)
+    dark = rgb[..., :3].min(2) < 200  # content, not glass
+    if dark.mean() > 0.01 and np.percentile(spread[dark], 99) <= 4:
+        return (
+            ": its pixels are grey (R = G = B: a grayscale or single-channel image); tissue is found by its "
+            "colour saturation, as in brightfield RGB (H&E) slides"
+        )
+    return ""
+
+
 def grid_coords(size0: tuple[int, int], stride0: int, offset: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, tuple]:
     """Level-0 top-lefts (x, y), raster order, of the regular grid over a ``size0`` (width, height) slide whose
     first tile starts at ``-offset`` (TRIDENT's grid: offset 0), and its (rows, cols)."""
@@ -331,7 +347,7 @@ def tile_grid(
     region = qupath.image_region(slide) if region is None else region
     thumb, mask, mds, origin = tissue_thumbnail(slide, mask_max_side, region)
     if not mask.any():
-        raise SlideError("no tissue detected")
+        raise SlideError("no tissue detected" + _grey_hint(thumb))
     if cover_tissue and fit_grid:
         # segmentation stitches each tile into a map at tile_size / side0 map px per level-0 px: a tile whose corner
         # is not on a whole map px would be placed up to half a map px off (its neighbours blended out of register),
