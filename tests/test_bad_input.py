@@ -344,7 +344,8 @@ def test_a_stopped_slide_task_names_its_job_dir_as_where_its_outputs_are(tmp_pat
 
     from hirespath.utils import hydra
 
-    cfg = OmegaConf.create({"job_dir": str(tmp_path / "seg"), "paths": {"output_dir": str(tmp_path / "run")}})
+    cfg = OmegaConf.create({"task_name": "segment_slides", "job_dir": str(tmp_path / "seg"),
+                            "paths": {"output_dir": str(tmp_path / "run")}})  # fmt: skip
 
     def stopped(cfg):
         raise KeyboardInterrupt
@@ -361,6 +362,11 @@ def test_a_stopped_slide_task_names_its_job_dir_as_where_its_outputs_are(tmp_pat
     where = f"outputs so far are in {tmp_path / 'seg'} (this run's log: {tmp_path / 'run'})"
     assert [r.getMessage() for r in caplog.records if "outputs so far" in r.getMessage()] == [
         f"task interrupted (SIGINT); {where}", f"task failed; {where}: RuntimeError: a bug"]  # fmt: skip
+    caplog.clear()  # mil's job_dir holds only the embeddings it reuses: its outputs are the run's
+    mil = OmegaConf.merge(cfg, {"task_name": "mil", "job_dir": str(tmp_path / "cache")})
+    with caplog.at_level(logging.ERROR, logger="hirespath"), pytest.raises(RuntimeError):
+        hydra._run(failed, mil, hydra._done_marker(mil), [])
+    assert f"task failed; outputs so far are in {tmp_path / 'run'}: RuntimeError" in caplog.text
 
 
 @pytest.mark.slow

@@ -248,6 +248,9 @@ def test_tiles_read_from_a_rounded_down_ome_level_start_where_they_were_asked(tm
         best = min(((dx, dy) for dx in range(-5, 6) for dy in range(-5, 6) if x + dx >= 0 and y + dy >= 0),
                    key=lambda s: error(*s))  # fmt: skip
         assert max(map(abs, best)) <= 2, f"the tile at ({x}, {y}) holds level 0 from {best} px off"  # ≤ ½ level px
+    for x in (997, 999, 1000):  # a tile starting in the last level px: its read ends at the level's edge, no black
+        edge = np.asarray(read_tile_region(slide, x, 600, side0, 1))
+        assert not (edge == 0).all(2).any(), f"black px in the tile at x={x}"
     slide.close()
 
 
@@ -288,6 +291,8 @@ def test_a_recursive_listing_follows_linked_folders_names_gone_links_and_skips_t
         ("a", "batch1/a.tiff"), ("b", "batch2/b.tiff"), ("c", "c.svs")]  # fmt: skip
     assert [s.slide_id for s in list_slides(cohort)] == ["c"]  # one level: the gone link still named
     assert "a_probs" in [s.slide_id for s in list_slides(cohort, recursive=True)]  # (what no exclude lists)
+    # job_dir = wsi_dir excludes nothing (the slides are there too)
+    assert {"a", "b", "c"} <= {s.slide_id for s in list_slides(cohort, recursive=True, exclude=cohort)}
 
 
 def test_wsi_ext_picks_the_slide_files_of_a_mixed_folder(tmp_path):

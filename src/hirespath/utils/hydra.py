@@ -175,8 +175,10 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, marker, received: l
     import signal
 
     marker_dir = marker.parent if marker is not None else None  # paths.output_dir, where it resolves
-    # a slide task's outputs are in its job_dir (what a rerun resumes), its log in the run folder
-    where = f"{cfg.job_dir} (this run's log: {marker_dir})" if cfg.get("job_dir") else marker_dir
+    # embed_slides' and segment_slides' outputs are in their job_dir (what a rerun resumes), their log in the run
+    # folder (mil's and predict_slides' job_dir holds only the embeddings they reuse; their outputs are the run's)
+    slide_task = cfg.get("task_name") in ("embed_slides", "segment_slides") and cfg.get("job_dir")
+    where = f"{cfg.job_dir} (this run's log: {marker_dir})" if slide_task else marker_dir
     exit_code = 1
     try:
         result = task(cfg)

@@ -228,7 +228,8 @@ def list_slides(
 def _walk(root: Path, exclude: str | os.PathLike | None) -> list[Path]:
     """Every file and folder under ``root``, through symlinked folders (each real folder once: no loop), outside
     ``exclude`` and hidden folders."""
-    skip = {os.path.realpath(exclude)} if exclude is not None else set()
+    # job_dir = wsi_dir (or above it) excludes nothing: the slides are there too
+    skip = {os.path.realpath(exclude)} - {os.path.realpath(root)} if exclude is not None else set()
     seen, found = set(), []
     for folder, dirs, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)

@@ -426,8 +426,10 @@ def read_tile_region(slide, x: int, y: int, size0: int, level: int) -> Image.Ima
     # where the in-slide part starts and ends on the canvas, each rounded once: its width rounded on its own could
     # end a pixel short of the canvas where the tile ends inside the slide (a white line through tissue)
     ox, oy = round((x0 - x) / d), round((y0 - y) / d)
-    w = min(max(1, round((x1 - x) / d) - ox), side - ox, lw - int(x0 / d))
-    h = min(max(1, round((y1 - y) / d) - oy), side - oy, lh - int(y0 / d))
+    # the level px the read starts at: int(x0 / d) (OpenSlide), or the nearest per axis (tiffslide, _level_location)
+    lx, ly = max(int(x0 / d), round(x0 * lw / W)), max(int(y0 / d), round(y0 * lh / H))
+    w = min(max(1, round((x1 - x) / d) - ox), side - ox, lw - lx)
+    h = min(max(1, round((y1 - y) / d) - oy), side - oy, lh - ly)
     if w <= 0 or h <= 0:
         return canvas
     if (w, h) == (side, side) and (ox, oy) == (0, 0):
