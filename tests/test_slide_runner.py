@@ -775,6 +775,21 @@ def test_an_interrupt_while_a_slide_closes_behind_waits_for_its_closing():
         assert closed.is_set(), "the lock would have been released while the slide was closing"
 
 
+def test_drop_rows_removes_a_slides_rows_and_keeps_the_others_as_written(tmp_path):
+    table = pd.DataFrame({"slide": ["s1", "s1", "s2", "s10"], "class": ["a", "b", "a", "a"],
+                          "area_mm2": [0.1, 0.25, 1e-7, 3.0]})  # fmt: skip
+    for quoted in (False, True):  # lines split as text; a quoted field takes pandas
+        if quoted:
+            table.loc[2, "class"] = "a, with a comma"
+        table.to_csv(tmp_path / "areas.csv", index=False)
+        before = (tmp_path / "areas.csv").read_text()
+        Ledger(tmp_path).drop_rows("areas.csv", ["s1", "absent"])
+        after = pd.read_csv(tmp_path / "areas.csv", dtype={"slide": str})
+        pd.testing.assert_frame_equal(after, table[table.slide != "s1"].reset_index(drop=True))
+        Ledger(tmp_path).drop_rows("areas.csv", ["absent"])  # nothing of it: the file is left as it is
+        assert (tmp_path / "areas.csv").read_text() != before
+
+
 def test_a_lock_that_cannot_be_written_is_not_left_empty(tmp_path, monkeypatch):
     """A full disk can let a lock file be created and not written: left empty, it counted as held until stale (a
     day for a slide, 10 minutes for a folder's config), so the rerun after making room skipped or waited."""

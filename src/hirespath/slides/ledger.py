@@ -219,17 +219,29 @@ class Ledger:
                 table.to_csv(tmp, index=False)
 
     def drop_rows(self, name: str, slides: list[str]) -> None:
-        """Remove the rows of ``slides`` from the folder's table ``name`` (a slide being done again)."""
-        path = self.folder / name
+        """Remove the rows of ``slides`` from the folder's table ``name`` (a slide being done again): on the file's
+        lines as text where they split at commas (as ``merge_rows``: pandas would cost 0.3 s per slide at 10,000
+        slides, under the lock, for every slide of an overwrite), else with pandas."""
+        path, drop = self.folder / name, {str(s) for s in slides}
         if not path.is_file():
             return
         with self._locked(name):
-            table = self.table(name)
-            keep = ~table["slide"].isin(set(slides))
-            if keep.all():
+            text = path.read_text(encoding="utf-8")
+            header, _, body = text.partition("\n")
+            fields = header.split(",")
+            if "slide" in fields and '"' not in text and "\r" not in text:
+                at = fields.index("slide")
+                lines = [line for line in body.split("\n") if line]
+                kept = [line for line in lines if (line.split(",", at + 1) + [""] * at)[at] not in drop]
+                if len(kept) != len(lines):
+                    with atomic_path(path) as tmp:
+                        tmp.write_text(header + "\n" + "".join(f"{line}\n" for line in kept), encoding="utf-8")
                 return
-            with atomic_path(path) as tmp:
-                table[keep].to_csv(tmp, index=False)
+            table = self.table(name)
+            keep = ~table["slide"].isin(drop)
+            if not keep.all():
+                with atomic_path(path) as tmp:
+                    table[keep].to_csv(tmp, index=False)
 
     def table(self, name: str) -> pd.DataFrame | None:
         """The folder's table ``name`` (slide ids as written), None when there is none yet."""
