@@ -303,23 +303,30 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
             pass
 
 
+def _takeover_mutex(path: Path, text: str) -> Path | None:
+    """``<path>.takeover``, created exclusively by the one worker taking the stale lock ``path`` over; None while
+    another worker is (one left by a taker that died inside the few microseconds of a takeover is cleared after a
+    minute)."""
+    import time
+
+    mutex = path.with_name(path.name + ".takeover")
+    if _create_exclusive(mutex, text):
+        return mutex
+    try:
+        if time.time() - mutex.stat().st_mtime > 60:
+            mutex.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    return None
+
+
 def _remove_if_unchanged(path: Path, judged: tuple[str, int]) -> bool:
     """Remove the stale lock ``path`` if it still is the file judged stale ((content, mtime_ns)), under a takeover
     mutex: every waiter judges a dead holder's lock stale at once, and one that removed it after another waiter had
     already taken it over removed that one's fresh lock (two holders, and rows of a shared CSV lost)."""
-    import time
-
-    mutex = path.with_name(path.name + ".takeover")
-    try:
-        fd = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        try:  # a taker that died inside the few microseconds of a takeover: cleared after a minute
-            if time.time() - mutex.stat().st_mtime > 60:
-                mutex.unlink(missing_ok=True)
-        except FileNotFoundError:
-            pass
+    mutex = _takeover_mutex(path, "")
+    if mutex is None:
         return False
-    os.close(fd)
     try:
         try:
             if (path.read_text(), path.stat().st_mtime_ns) != judged:
@@ -474,7 +481,6 @@ def try_lock(path: str | os.PathLike, stale_s: float = 24 * 3600) -> ItemLock | 
     its own with O_EXCL — so two takers never both win, and a fresh lock created meanwhile is put back, not lost.
     """
     import logging
-    import time
     import uuid
 
     path = Path(path)
@@ -485,15 +491,8 @@ def try_lock(path: str | os.PathLike, stale_s: float = 24 * 3600) -> ItemLock | 
     stale, why = lock_is_stale(path, stale_s)
     if not stale:
         return None
-    mutex = path.with_name(path.name + ".takeover")
-    if not _create_exclusive(mutex, _lock_payload(token)):
-        # another worker is taking it over right now; a mutex left by a taker that died inside the few
-        # microseconds of a takeover is cleared after a minute
-        try:
-            if time.time() - mutex.stat().st_mtime > 60:
-                mutex.unlink(missing_ok=True)
-        except FileNotFoundError:
-            pass
+    mutex = _takeover_mutex(path, _lock_payload(token))
+    if mutex is None:
         return None
     try:
         try:
