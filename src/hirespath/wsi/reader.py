@@ -243,17 +243,31 @@ def read_region(slide, location: tuple[int, int], level: int, size: tuple[int, i
         raise unreadable(slide_path(slide), err) from err
 
 
+def _tiffslide_level(slide, level: int) -> bool:
+    return level > 0 and type(slide).__module__.startswith("tiffslide")
+
+
+def _level_start(slide, location: tuple[int, int], level: int) -> tuple[int, int]:
+    """The level px at which :func:`read_region` of level-0 ``location`` starts: ``int(location / downsample)``
+    (OpenSlide), or on tiffslide's reduced levels the nearest level px, per axis on its own scale
+    (:func:`_level_location`)."""
+    if not _tiffslide_level(slide, level):
+        d = float(slide.level_downsamples[level])
+        return int(location[0] / d), int(location[1] / d)
+    (W, H), (lw, lh) = slide.dimensions, slide.level_dimensions[level]
+    return round(location[0] * lw / W), round(location[1] * lh / H)
+
+
 def _level_location(slide, location: tuple[int, int], level: int) -> tuple[int, int]:
     """The level-0 location to hand ``slide.read_region`` so that a region of a reduced level starts at the level
     px nearest to ``location``, per axis. tiffslide truncates location / the mean of the x and y downsamples: on a
     level whose size was rounded down (1,001 px / 4 → 250: bfconvert's and QuPath's OME-TIFF pyramids) a region
     started up to a level px above and left of where it was asked. OpenSlide places it itself."""
-    if level == 0 or not type(slide).__module__.startswith("tiffslide"):
+    if not _tiffslide_level(slide, level):
         return location
     ds = slide.level_downsamples[level]  # what tiffslide divides by
     out = []
-    for base, full, reduced in zip(location, slide.dimensions, slide.level_dimensions[level], strict=True):
-        target = round(base * reduced / full)  # the nearest level px boundary, on this axis's own scale
+    for target in _level_start(slide, location, level):
         loc = math.ceil(target * ds)
         while loc > 0 and int(loc / ds) > target:
             loc -= 1
@@ -426,8 +440,7 @@ def read_tile_region(slide, x: int, y: int, size0: int, level: int) -> Image.Ima
     # where the in-slide part starts and ends on the canvas, each rounded once: its width rounded on its own could
     # end a pixel short of the canvas where the tile ends inside the slide (a white line through tissue)
     ox, oy = round((x0 - x) / d), round((y0 - y) / d)
-    # the level px the read starts at: int(x0 / d) (OpenSlide), or the nearest per axis (tiffslide, _level_location)
-    lx, ly = max(int(x0 / d), round(x0 * lw / W)), max(int(y0 / d), round(y0 * lh / H))
+    lx, ly = _level_start(slide, (x0, y0), level)
     w = min(max(1, round((x1 - x) / d) - ox), side - ox, lw - lx)
     h = min(max(1, round((y1 - y) / d) - oy), side - oy, lh - ly)
     if w <= 0 or h <= 0:
