@@ -852,6 +852,49 @@ def test_the_workers_of_one_launch_replace_each_slide_once_whenever_they_start(s
     assert launch_id() is None  # outside an array and a multirun
 
 
+def test_a_slide_one_worker_of_a_launch_failed_is_not_tried_again_by_the_others(slides, tmp_path, monkeypatch):
+    """Every task of a SLURM array (every DDP rank) reached a slide that another had failed, and failed it again: a
+    corrupt slide read N times, a slide too large for the GPU streamed N times up to its failure, N warnings. The
+    others of the launch now leave it, saying who failed it; the next launch (the rerun after a fix) tries it again,
+    as does a worker with no launch id. Files written before skipped.csv had a launch column still read."""
+    from dataclasses import replace
+
+    from hirespath.slides import runner
+
+    specs = list_slides(slides)[:1] + [SlideSpec("bad", tmp_path / "bad.svs")]
+    specs[1].path.write_bytes(b"not a slide")
+    opened = []
+    real = runner.prepare_slide
+
+    def prepare(spec, *args, **kwargs):
+        opened.append(spec.slide_id)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "prepare_slide", prepare)
+    job = tmp_path / "job"
+
+    def run(launch, rank=0):
+        opened.clear()
+        rt = replace(CPU, launch=launch, rank=rank, world_size=2)
+        return embed_slides(encoder(), specs, job, TILING, embed_cfg(), rt), list(opened)
+
+    first, seen = run("slurm-array:7", rank=1)  # its own share first: "bad", then s0
+    assert seen == ["bad", "s0"] and first["slides_skipped"] == 1
+    out = Path(first["features_dir"])
+    (row,) = pd.read_csv(out / "skipped.csv", keep_default_na=False).to_dict("records")
+    assert row["slide"] == "bad" and row["launch"] == "slurm-array:7"
+    later, seen = run("slurm-array:7")
+    assert seen == [] and later["slides_failed_by_others"] == 1 and later["slides_skipped"] == 0
+    again, seen = run("slurm-array:8")  # the next launch tries it
+    assert seen == ["bad"] and again["slides_skipped"] == 1
+    again, seen = run(None)  # so does a worker alone
+    assert seen == ["bad"] and again["slides_skipped"] == 1
+    old = pd.read_csv(out / "skipped.csv").drop(columns="launch")  # written by a version without the column
+    old.to_csv(out / "skipped.csv", index=False)
+    assert Ledger(out).failed_in_launch("bad", "slurm-array:7") is None
+    assert list(Ledger(out).skipped().columns) == ["slide", "path", "reason", "time", "host", "launch"]
+
+
 def test_a_worker_of_the_launch_redoes_what_a_run_in_between_made_with_other_settings(tmp_path):
     """A redraw by hand (another threshold) between two workers of one overwrite launch rewrote config.json and
     outputs with its own settings: the later worker must not keep the launch's mark and take them for finished."""

@@ -5,8 +5,9 @@ so two encoders (or models) in one ``job_dir`` keep their own rows::
 
     config.json    what every file of the folder depends on (tiling, encoder, features, ...): checked before a
                    finished slide is skipped; a mismatch is refused naming the setting
-    skipped.csv    slide, path, reason, time, host — slides (and tiles) that could not be processed; a slide that
-                   later finishes leaves the list. Written (with its header) by every run.
+    skipped.csv    slide, path, reason, time, host, launch — slides (and tiles) that could not be processed; a
+                   slide that later finishes leaves the list. Written (with its header) by every run. The other
+                   workers of the launch that failed a slide do not try it again; a later launch does.
     timings.csv    one row per slide: tiles, seconds, the stages (see :mod:`hirespath.slides.stages`)
     summary.json   the folder's totals read off the disk, and every worker's own summary under ``workers``
     .outputs_since written when an overwrite run starts: outputs older than it were made with the replaced settings
@@ -34,7 +35,7 @@ from ..utils.io import atomic_path, exclusive_lock, read_csv_ids, write_json
 
 log = logging.getLogger("hirespath.slides")
 
-SKIPPED_COLUMNS = ["slide", "path", "reason", "time", "host"]
+SKIPPED_COLUMNS = ["slide", "path", "reason", "time", "host", "launch"]
 CONFIG, SKIPPED, TIMINGS, SUMMARY = "config.json", "skipped.csv", "timings.csv", "summary.json"
 OUTPUTS_SINCE = ".outputs_since"
 
@@ -194,7 +195,18 @@ class Ledger:
         path = self.folder / SKIPPED
         if not path.is_file():
             return pd.DataFrame(columns=SKIPPED_COLUMNS)
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        rows = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return rows.reindex(columns=[*SKIPPED_COLUMNS, *(c for c in rows if c not in SKIPPED_COLUMNS)], fill_value="")
+
+    def failed_in_launch(self, slide: str, launch: str | None) -> dict | None:
+        """The row of ``slide`` failed by a worker of ``launch`` (the id the workers of one launch share), if any:
+        the others do not try it again (on a SLURM array each task would read a corrupt slide, or run a slide too
+        large for the GPU up to its failure, once more). A later launch (the rerun after a fix) tries it."""
+        if not launch:
+            return None
+        rows = self.skipped()
+        hit = rows[(rows["slide"] == slide) & (rows["launch"] == launch) & ~rows["reason"].str.startswith("tile ")]
+        return None if hit.empty else hit.iloc[-1].to_dict()
 
     # ------------------------------------------------------------------------------------------ timings.csv
     def update_timings(self, rows: list[dict], columns: list[str]) -> None:

@@ -311,8 +311,8 @@ def run_slides(
         "world_size": world_size, "host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "worker": f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         "slides_total": len(specs), "slides_already_finished": len(finished_before), "slides_done": 0,
-        "slides_redrawn": 0, "slides_skipped": 0, "slides_locked_by_others": 0, "tiles": 0, "tiles_skipped": 0,
-        "tissue_mm2": 0.0,
+        "slides_redrawn": 0, "slides_skipped": 0, "slides_locked_by_others": 0, "slides_failed_by_others": 0,
+        "tiles": 0, "tiles_skipped": 0, "tissue_mm2": 0.0,
         "device": str(device), "reader": job.reader, "num_workers": job.num_workers, "done": [], "skipped": [],
         "held": [],
         "warnings": {}, **(notes or {}),
@@ -341,7 +341,8 @@ def run_slides(
 
         def prefetch(k: int) -> None:  # the next slide's tissue grid while this one runs
             if k < len(todo) and todo[k].slide_id not in futures:
-                futures[todo[k].slide_id] = prep_pool.submit(prepare, todo[k])
+                if ledger.failed_in_launch(todo[k].slide_id, runtime.launch) is None:  # else not opened again
+                    futures[todo[k].slide_id] = prep_pool.submit(prepare, todo[k])
 
         prefetch(0)
         totals["setup"] = time.perf_counter() - t_start  # folder checks, the finished-slides scan, thread policy
@@ -361,7 +362,8 @@ def run_slides(
                 summary["tiles"] += result["tiles"]
                 summary["tiles_skipped"] += len(result["failed_tiles"])
                 summary["tissue_mm2"] += result["tissue_mm2"] if np.isfinite(result["tissue_mm2"]) else 0.0
-                ledger.update_skipped([_skip_row(spec, r) for r in result["failed_tiles"]], done=[spec.slide_id])
+                ledger.update_skipped([_skip_row(spec, r, runtime.launch) for r in result["failed_tiles"]],
+                                      done=[spec.slide_id])  # fmt: skip
                 stages["bookkeeping"] += time.perf_counter() - t0
                 # the time this thread spent on the slide (a closing behind the next slide is not counted twice)
                 seconds = time.perf_counter() - t_slide if closer is None else sum(stages[s] for s in STAGES)
@@ -387,7 +389,7 @@ def run_slides(
                 log.warning("skipping %s: %s", spec.slide_id, reason)
                 summary["slides_skipped"] += 1
                 summary["skipped"].append({"slide": spec.slide_id, "reason": reason})
-                ledger.update_skipped([_skip_row(spec, reason)])
+                ledger.update_skipped([_skip_row(spec, reason, runtime.launch)])
                 stages["bookkeeping"] += time.perf_counter() - t0
             finally:
                 t0 = time.perf_counter()
@@ -436,14 +438,23 @@ def run_slides(
                 lock_path = out.with_name(out.name + ".lock")
                 lock = try_lock(lock_path, stale_s=job.lock_stale_s)
                 done_by_another = lock is not None and finished(out)
-                if lock is not None and not done_by_another:
+                failed = (
+                    None if lock is None or done_by_another else ledger.failed_in_launch(spec.slide_id, runtime.launch)
+                )
+                if lock is not None and not done_by_another and failed is None:
                     _remove_stale_temporaries(out_dir, out)
                 stages["bookkeeping"] += time.perf_counter() - t_slide
-                if lock is None or done_by_another:
-                    summary["slides_locked_by_others" if lock is None else "slides_already_finished"] += 1
+                if lock is None or done_by_another or failed is not None:
                     if lock is None:
+                        summary["slides_locked_by_others"] += 1
                         summary["held"].append({"slide": spec.slide_id, "lock": str(lock_path),
                                                 "by": lock_is_stale(lock_path, job.lock_stale_s)[1]})  # fmt: skip
+                    elif failed is not None:
+                        summary["slides_failed_by_others"] += 1
+                        log.info("not trying %s: a worker of this launch on %s failed it (%s); the next launch tries "
+                                 "it again", spec.slide_id, failed["host"] or "?", failed["reason"])  # fmt: skip
+                    else:
+                        summary["slides_already_finished"] += 1
                     futures.pop(spec.slide_id, None)
                     prefetch(k + 1)
                     if lock is not None:
@@ -504,9 +515,11 @@ def run_slides(
     redrawn = f"{n} drawn again from their stored outputs, " if (n := summary["slides_redrawn"]) else ""
     log.info(
         "%d slides done (%s%d tiles, %.1f mm² tissue), %d skipped, %d already finished, %d held by other workers, "
-        "in %.1f s → %s\n%s",
+        "%sin %.1f s → %s\n%s",
         summary["slides_done"], redrawn, summary["tiles"], summary["tissue_mm2"], summary["slides_skipped"],
-        summary["slides_already_finished"], summary["slides_locked_by_others"], seconds, out_dir,
+        summary["slides_already_finished"], summary["slides_locked_by_others"],
+        f"{n} failed by other workers of this launch, " if (n := summary["slides_failed_by_others"]) else "",
+        seconds, out_dir,
         format_stages(totals, seconds, summary["tiles"], summary["tissue_mm2"]),
     )  # fmt: skip
     if held := summary["held"]:
@@ -537,8 +550,8 @@ def closing_result(future: Future):
         raise
 
 
-def _skip_row(spec: SlideSpec, reason: str) -> dict:
-    return {"slide": spec.slide_id, "path": str(spec.path), "reason": reason}
+def _skip_row(spec: SlideSpec, reason: str, launch: str | None) -> dict:
+    return {"slide": spec.slide_id, "path": str(spec.path), "reason": reason, "launch": launch or ""}
 
 
 class WriteBehind:
