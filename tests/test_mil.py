@@ -338,8 +338,26 @@ def test_mixed_feature_dimensions_or_encoders_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'resolution' attrs: s1\.h5 has 224, s2\.h5 has 1792"):
         scan_feature_dir(r)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no <slide>.h5 feature files"):
+    with pytest.raises(InputError, match="no <slide>.h5 feature files"):
         scan_feature_dir(tmp_path / "empty")
+
+
+def test_an_evaluation_subset_is_the_slides_own_wherever_it_sits_in_the_table(tmp_path):
+    """max_tiles_eval's tiles were drawn by the slide's row number: predict_slides over a whole folder drew other
+    tiles for a test slide than mil's test split had, and its prediction changed with the folder's other slides."""
+    from hirespath.data.mil import SlideFeatureDataset
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in ("a", "b", "c"):
+        write_trident(tmp_path / f"{s}.h5", rng.normal(size=(40, DIM)))
+        rows.append({"slide_id": s, "path": str(tmp_path / f"{s}.h5"), "label": 0})
+    alone = SlideFeatureDataset(pd.DataFrame(rows[2:]), max_tiles=8, seed=3)[0]
+    among = SlideFeatureDataset(pd.DataFrame(rows), max_tiles=8, seed=3)[2]
+    assert among["slide_id"] == alone["slide_id"] == "c" and len(alone["features"]) == 8
+    assert torch.equal(alone["features"], among["features"]) and torch.equal(alone["coords"], among["coords"])
+    other_seed = SlideFeatureDataset(pd.DataFrame(rows[2:]), max_tiles=8, seed=4)[0]
+    assert not torch.equal(alone["coords"], other_seed["coords"])  # still drawn, by the run's seed
 
 
 def test_weights_are_compared_by_size_and_digest_not_by_path(tmp_path):

@@ -248,6 +248,44 @@ def test_refusals(trident_run, tmp_path):
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6"))
 
 
+def test_labels_are_checked_before_any_slide_and_never_cost_the_predictions(trident_run, tmp_path):
+    """A missing labels file, or one listing a slide twice, was refused only after every slide was embedded and
+    predicted, and then predictions.csv was never written; labels of another cohort lost the predictions too. Now
+    the file is checked first, and predictions.csv (and metrics.json, labels or not) is written before the labels
+    are compared with it."""
+    d = tmp_path / "new"
+    d.mkdir()
+    write_trident(d / "t1.h5", np.random.default_rng(1).normal(size=(6, 8)), encoder="x")
+    dup = tmp_path / "dup.csv"
+    dup.write_text("slide_id,label\nt1,0\nt1,3\n")
+    for labels, match in ((tmp_path / "nope.csv", "does not exist"), (dup, "'t1' appears more than once")):
+        with pytest.raises(InputError, match=match):
+            _predict(tmp_path, "o1", f"ckpt={trident_run}", f"features_dir={tmp_path / 'gone'}", f"labels={labels}")
+        assert not (tmp_path / "o1").exists()  # refused before the (missing) features folder was looked at
+    other = tmp_path / "other.csv"
+    other.write_text("slide_id,label\nz9,0\n")
+    with pytest.raises(InputError, match=r"none of its slides was predicted \(its slide ids e.g. \['z9'\], predicted "):
+        _predict(tmp_path, "o2", f"ckpt={trident_run}", f"features_dir={d}", f"labels={other}")
+    assert list(pd.read_csv(tmp_path / "o2" / "predictions.csv").slide_id) == ["t1"]
+    _predict(tmp_path, "o3", f"ckpt={trident_run}", f"features_dir={d}")
+    assert json.loads((tmp_path / "o3" / "metrics.json").read_text())["num_slides"] == 1
+
+
+def test_a_job_dir_given_for_its_features_folder_is_refused_naming_the_folders_below(trident_run, tmp_path):
+    from test_cli import run_cli
+
+    feats = tmp_path / "job" / "20x_224px_0px_overlap" / "features_x"
+    feats.mkdir(parents=True)
+    write_trident(feats / "t1.h5", np.zeros((4, 8)), encoder="x")
+    with pytest.raises(InputError, match=f"no <slide>.h5 feature files in .*; feature folders below it: {feats}$"):
+        _predict(tmp_path, "o1", f"ckpt={trident_run}", f"features_dir={tmp_path / 'job'}")
+    write_trident(feats / "t2.h5", np.zeros((4, 8)), encoder="y")  # two encoders in one folder: one line too
+    proc = run_cli("predict_slides", f"ckpt={trident_run}", f"features_dir={feats}",
+                   f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {feats} mixes 'encoder' attrs")
+
+
 def test_the_run_records_what_it_was_trained_on(trident_run, trained, tmp_path):
     """features.json in the mil run: the training features' identity and weights digest, as trained; predict_slides
     checks against it even when the training folder is gone (its files could have been embedded again since)."""
@@ -306,7 +344,8 @@ def test_heatmap_cost_benchmark_rows(tmp_path, one_thread):
 
 def test_bad_heatmap_options_are_refused(trident_run, tmp_path):
     for option, match in (("heatmaps.resolution=patch", "must be one of tile, token"),
-                          ("heatmaps.num_slides=-1", "null .every slide. or an integer >= 0")):  # fmt: skip
+                          ("heatmaps.num_slides=-1", "null .every slide. or an integer >= 0"),
+                          ("heatmaps.max_side=0", "max_side=0: must be an integer >= 64")):  # fmt: skip
         with pytest.raises(InputError, match=match):
             _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={tmp_path}", option)
     assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..utils.errors import InputError
 from ..utils.io import atomic_path, read_csv_ids
 from ..wsi import trident_h5
 from .samplers import evaluation_sampler
@@ -68,12 +70,16 @@ def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
     datasets (hirespath's ``tokens``) are ignored."""
     features_dir = Path(features_dir)
     if not features_dir.is_dir():
-        raise FileNotFoundError(f"features_dir {str(features_dir)!r} does not exist")
+        raise InputError(f"features_dir {str(features_dir)!r} does not exist")
     paths = sorted(p for p in features_dir.glob("*.h5") if not p.name.startswith("."))  # not temporary files
     if not paths:
-        raise FileNotFoundError(
+        # a job_dir or its tiling folder given for the features folder: name the feature folders below it
+        below = sorted({str(p.parent) for pattern in ("*/*.h5", "*/*/*.h5") for p in features_dir.glob(pattern)
+                        if p.parent.name != "patches"})  # fmt: skip
+        hint = f"; feature folders below it: {', '.join(below)}" if below else ""
+        raise InputError(
             f"no <slide>.h5 feature files in {features_dir}; expected TRIDENT's layout "
-            "<job dir>/<tiling tag>/features_<encoder>/<slide>.h5 (as `hirespath embed_slides` writes)"
+            f"<job dir>/<tiling tag>/features_<encoder>/<slide>.h5 (as `hirespath embed_slides` writes){hint}"
         )
     cached = _read_scan_cache(features_dir)
     keep: dict[str, dict] = {}
@@ -177,7 +183,7 @@ def _refuse_mixed(df: pd.DataFrame, column: str, what: str, features_dir: Path) 
         a = df[df[column].astype(str) == values[0]].iloc[0]
         b = df[df[column].astype(str) == values[1]].iloc[0]
         va, vb = (v.item() if isinstance(v, np.generic) else v for v in (a[column], b[column]))
-        raise ValueError(
+        raise InputError(
             f"{features_dir} mixes {what}: {Path(a.path).name} has {va!r}, {Path(b.path).name} has {vb!r}. "
             "One directory must hold one feature extractor's files (TRIDENT keeps each in its own "
             "features_<encoder> folder); point features_dir at one of them."
@@ -192,26 +198,26 @@ def check_labels(labels: pd.DataFrame | str | Path) -> pd.DataFrame:
         labels = read_csv_ids(labels, "slide_id")
     missing = [c for c in ("slide_id", "label", "split") if c not in labels.columns]
     if missing:
-        raise ValueError(f"{src} lacks columns {missing}; it needs slide_id, label, split (has {list(labels.columns)})")
+        raise InputError(f"{src} lacks columns {missing}; it needs slide_id, label, split (has {list(labels.columns)})")
     df = labels.copy()
     df["slide_id"] = df.slide_id.astype(str)
     label = pd.to_numeric(df.label, errors="coerce")
     bad = df[label.isna() | (label < 0) | (label != label.round())]
     if len(bad):
-        raise ValueError(
+        raise InputError(
             f"{src}: label must be an integer class index ≥ 0; bad rows: "
             + ", ".join(f"{r.slide_id}: {r.label!r}" for r in bad.head(10).itertuples())
         )
     df["label"] = label.astype(int)
     bad = df[~df.split.isin(SPLITS)]
     if len(bad):
-        raise ValueError(
+        raise InputError(
             f"{src}: split must be one of {list(SPLITS)}; bad rows: "
             + ", ".join(f"{r.slide_id}: {r.split!r}" for r in bad.head(10).itertuples())
         )
     dup = df.slide_id[df.slide_id.duplicated()]
     if len(dup):
-        raise ValueError(f"{src}: slide_id {dup.iloc[0]!r} appears more than once ({len(dup)} duplicates)")
+        raise InputError(f"{src}: slide_id {dup.iloc[0]!r} appears more than once ({len(dup)} duplicates)")
     return df.reset_index(drop=True)
 
 
@@ -240,20 +246,22 @@ class SlideFeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _subset(self, n: int, i: int) -> np.ndarray | None:
+    def _subset(self, n: int, slide_id: str) -> np.ndarray | None:
         if not self.max_tiles or n <= self.max_tiles:
             return None
         if self.random:
             idx = torch.randperm(n)[: self.max_tiles].numpy()
-        else:
-            idx = np.random.default_rng((self.seed, i)).choice(n, self.max_tiles, replace=False)
+        else:  # by the slide's id, not its place in the table: predict_slides' folder gives mil's test subset back
+            idx = np.random.default_rng((self.seed, zlib.crc32(slide_id.encode()))).choice(
+                n, self.max_tiles, replace=False
+            )
         return np.sort(idx)
 
     def __getitem__(self, i: int) -> dict:
         r = self.rows.iloc[i]
         data = trident_h5.read_features(r.path)
         feats, coords = data["features"], data["coords"]
-        idx = self._subset(len(feats), i)
+        idx = self._subset(len(feats), str(r.slide_id))
         if idx is not None:
             feats, coords = feats[idx], coords[idx]
         size = data["coords_attrs"].get("patch_size_level0")

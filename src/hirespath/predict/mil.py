@@ -239,7 +239,7 @@ def predict(head: torch.nn.Module, rows: pd.DataFrame, max_tiles, seed: int) -> 
             log.warning("slide %s skipped: %s", sid, err)
             continue
         n = int(rows.n_tiles.iloc[i])
-        subset = ds._subset(n, i)
+        subset = ds._subset(n, sid)
         results.append({"slide_id": sid, "probs": probs, "attention": out.attention[0].float().numpy(),
                         "coords": bag["coords"].numpy(), "tile_size": bag["tile_size"], "path": rows.path.iloc[i],
                         "tiles": subset if subset is not None else np.arange(n)})  # fmt: skip
@@ -255,9 +255,8 @@ def predictions_table(results: list[dict], num_classes: int) -> pd.DataFrame:
     return df
 
 
-def labelled_metrics(pred: pd.DataFrame, labels_csv, num_classes: int) -> dict:
-    from ..metrics.classification import classification_metrics
-
+def read_labels(labels_csv, num_classes: int) -> pd.DataFrame:
+    """The ``labels=`` CSV (slide_id, label: a class index of the model), checked before any slide is read."""
     path = Path(str(labels_csv))
     if not path.is_file():
         raise InputError(f"labels={str(path)!r} does not exist; give a CSV with columns slide_id, label")
@@ -269,9 +268,22 @@ def labelled_metrics(pred: pd.DataFrame, labels_csv, num_classes: int) -> dict:
     if len(bad):
         raise InputError(f"labels={str(path)!r}: label must be a class index 0…{num_classes - 1}; bad rows: "
                          + ", ".join(f"{r.slide_id}: {r.label!r}" for r in bad.head(5).itertuples()))  # fmt: skip
-    joined = pred.merge(labels.assign(label=label.astype(int))[["slide_id", "label"]], on="slide_id")
+    dup = labels.slide_id[labels.slide_id.duplicated()]
+    if len(dup):
+        raise InputError(f"labels={str(path)!r}: slide_id {dup.iloc[0]!r} appears more than once "
+                         f"({len(dup)} duplicates); give each slide one label")  # fmt: skip
+    return labels.assign(label=label.astype(int))[["slide_id", "label"]]
+
+
+def labelled_metrics(pred: pd.DataFrame, labels: pd.DataFrame, num_classes: int, source: str = "labels") -> dict:
+    """Test metrics of the predicted slides that ``labels`` (:func:`read_labels`) holds."""
+    from ..metrics.classification import classification_metrics
+
+    joined = pred.merge(labels, on="slide_id")
     if joined.empty:
-        raise InputError(f"labels={str(path)!r}: none of its slides was predicted (e.g. {labels.slide_id.head(3)})")
+        raise InputError(f"{source}: none of its slides was predicted (its slide ids e.g. "
+                         f"{labels.slide_id.head(3).tolist()}, predicted e.g. "
+                         f"{pred.slide_id.head(3).tolist()})")  # fmt: skip
     probs = torch.tensor(joined[[f"p{c}" for c in range(num_classes)]].to_numpy())
     target = torch.tensor(joined.label.to_numpy(), dtype=torch.long)
     metrics = classification_metrics(probs, target, num_classes, prefix="test/")

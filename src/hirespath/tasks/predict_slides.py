@@ -10,14 +10,13 @@ on, through :func:`hirespath.embeddings.features.ensure_features`; the user rest
 (ours, TRIDENT's, CLAM's) are checked before any work: another dimension, encoder or tiling than the model's is
 refused, naming what the model expects and what the folder holds.
 
-Outputs in the run directory: predictions.csv (slide_id, pred, p0..p{K-1}, n_tiles [, label]), metrics.json (with
-``labels=CSV``: slide_id, label), skipped.csv (slides that could not be predicted, and why), and for all slides or
-the first ``heatmaps.num_slides``: ``heatmaps/<slide>.png`` (attention over the slide thumbnail, rank-normalised)
-and ``heatmaps/<slide>.geojson`` (the tiles as QuPath detections with the attention and class probabilities as
-measurements). ``heatmaps.resolution=token`` multiplies each tile's attention by its patches' global-attention
-scores (the h5 dataset ``token_scores``, written when embedding with ``embed.token_scores=true``: patch resolution
-without a second pass over the slide).
-"""
+Outputs in the run directory: predictions.csv (slide_id, pred, p0..p{K-1}, n_tiles), metrics.json (counts; with
+``labels=CSV`` of slide_id, label — checked before any slide is read — the test metrics), skipped.csv (slides that
+could not be predicted, and why), and for all slides or the first ``heatmaps.num_slides``: ``heatmaps/<slide>.png``
+(attention over the slide thumbnail, rank-normalised) and ``heatmaps/<slide>.geojson`` (the tiles as QuPath
+detections with the attention and class probabilities as measurements). ``heatmaps.resolution=token`` multiplies
+each tile's attention by its patches' global-attention scores (the h5 dataset ``token_scores``, written when
+embedding with ``embed.token_scores=true``: patch resolution without a second pass over the slide)."""
 
 from __future__ import annotations
 
@@ -38,6 +37,7 @@ from ..predict.mil import (
     load_mil_head,
     predict,
     predictions_table,
+    read_labels,
     run_config,
     write_heatmaps,
 )
@@ -61,10 +61,14 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     n = cfg.heatmaps.num_slides
     if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
         raise InputError(f"heatmaps.num_slides={n!r}: must be null (every slide) or an integer >= 0 (0: none)")
+    side = cfg.heatmaps.max_side
+    if not (isinstance(side, int) and not isinstance(side, bool) and side >= 64):
+        raise InputError(f"heatmaps.max_side={side!r}: must be an integer >= 64 (px of the heatmap's long side)")
     ckpt, run_dir = find_checkpoint(cfg.ckpt)
     run_cfg = run_config(run_dir, ckpt)
     head, dim, num_classes = load_mil_head(ckpt, run_cfg)
     expected = expected_features(run_cfg, dim, run_dir)
+    labels = read_labels(cfg.labels, num_classes) if cfg.labels else None  # before any slide is read
     if not cfg.features_dir and not cfg.wsi_dir and not cfg.slides:
         raise InputError("predict_slides needs features_dir=DIR (features to predict) or wsi_dir=DIR / slides=LIST.csv "
                          "with job_dir=OUT (slides to embed first with the model's encoder)")  # fmt: skip
@@ -104,11 +108,11 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     pred = predictions_table(results, num_classes)
     metrics = {"num_slides": len(pred), "skipped_slides": len(skipped), "features/dim": dim,
                "features_dir": str(features_dir), "ckpt": str(ckpt)}  # fmt: skip
-    if cfg.labels:
-        metrics.update(labelled_metrics(pred, cfg.labels, num_classes))
-        write_json(out_dir / METRICS_FILE, metrics)
-    with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
+    with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:  # kept whatever the labels say
         pred.to_csv(tmp, index=False)
+    if labels is not None:
+        metrics.update(labelled_metrics(pred, labels, num_classes, source=f"labels={cfg.labels}"))
+    write_json(out_dir / METRICS_FILE, metrics)
     pngs = write_heatmaps(results, pred, slide_paths, out_dir, num_classes, num_slides=cfg.heatmaps.num_slides,
                           resolution=resolution, max_side=int(cfg.heatmaps.max_side))  # fmt: skip
     loggers = instantiate_list(cfg.get("logger"))
