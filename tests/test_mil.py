@@ -41,7 +41,7 @@ def grid_coords(n: int, cols: int = 8) -> np.ndarray:
     return np.stack([(i % cols) * TILE, (i // cols) * TILE], 1).astype(np.int64)
 
 
-def write_trident(path, feats, coords=None, encoder="tiny", **feature_attrs):
+def write_trident(path, feats, coords=None, encoder="tiny", coord_attrs=None, **feature_attrs):
     coords = grid_coords(len(feats)) if coords is None else coords
     coord_attrs = {
         "patch_size": TILE,
@@ -53,6 +53,7 @@ def write_trident(path, feats, coords=None, encoder="tiny", **feature_attrs):
         "savetodir": None,
         "level0_width": 8 * TILE,
         "level0_height": int(coords[:, 1].max()) + TILE if len(coords) else TILE,
+        **(coord_attrs or {}),
     }
     trident_save_h5(
         path,

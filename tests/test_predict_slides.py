@@ -227,6 +227,11 @@ def test_refusals(trident_run, tmp_path):
     write_trident(retrained / "a.h5", np.zeros((4, 8)), encoder="x", weights_fingerprint=_fingerprint("/a/x.bin", "b"))
     with pytest.raises(InputError, match=r"a\.h5 was made with another .* weights_digest: expects 'd1g3st', got 'b'"):
         _predict(tmp_path, "o6", f"ckpt={trident_run}", f"features_dir={retrained}")
+    at10x = tmp_path / "trident_10x"  # TRIDENT's files say their scale by magnification alone
+    at10x.mkdir()
+    write_trident(at10x / "a.h5", np.zeros((4, 8)), encoder="x", coord_attrs={"target_magnification": 10})
+    with pytest.raises(InputError, match=r"tile target_magnification: expects 20, got 10"):
+        _predict(tmp_path, "o7", f"ckpt={trident_run}", f"features_dir={at10x}")
     copied = tmp_path / "weights_copy"  # the same weights from a copy elsewhere: predicted
     copied.mkdir()
     write_trident(copied / "a.h5", np.zeros((4, 8)), encoder="x", weights_fingerprint=_fingerprint("/node7/x.bin"))
@@ -245,7 +250,7 @@ def test_refusals(trident_run, tmp_path):
         _predict(tmp_path, "o4", f"ckpt={tmp_path / 'mil_like' / 'model.ckpt'}", f"features_dir={other}")
     with pytest.raises(InputError, match="does not exist"):
         _predict(tmp_path, "o5", f"ckpt={tmp_path / 'nope.ckpt'}", f"features_dir={other}")
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"))
 
 
 def test_labels_are_checked_before_any_slide_and_never_cost_the_predictions(trident_run, tmp_path):
@@ -292,7 +297,7 @@ def test_the_run_records_what_it_was_trained_on(trident_run, trained, tmp_path):
     from hirespath.predict.mil import expected_features, run_config
 
     record = json.loads((trident_run / "features.json").read_text())
-    assert record["attrs"] == {"encoder": "x"} and record["tiling"] == {"patch_size": 224}
+    assert record["attrs"] == {"encoder": "x"} and record["tiling"] == {"patch_size": 224, "target_magnification": 20}
     assert record["weights"] == {"weights_size": 1000, "weights_digest": "d1g3st"}
     run_cfg = run_config(trident_run, trident_run / "checkpoints" / "x.ckpt")
     run_cfg.features_dir = str(tmp_path / "moved_away")

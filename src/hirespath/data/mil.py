@@ -118,19 +118,21 @@ def weights_identity(fingerprint) -> dict:
     return {"weights_size": fp.get("size"), "weights_digest": fp.get("digest")}
 
 
+TILING_KEYS = ("target_mpp", "target_magnification", "patch_size")  # coords attrs: the features' scale and tile
 TRAINED_ON = "features.json"  # in a mil run folder: what its features were (see features_identity)
 
 
 def features_identity(path: str | Path) -> dict:
     """What a feature file says of how it was made, as predict_slides compares it: ``attrs`` (the identity attrs it
-    sets), ``weights`` (size and digest of the weights file, where recorded) and ``tiling`` (target_mpp, patch_size
-    of ``coords``). Raises OSError/ValueError for a file that cannot be read."""
+    sets), ``weights`` (size and digest of the weights file, where recorded) and ``tiling`` (target_mpp,
+    target_magnification, patch_size of ``coords``). Raises OSError/ValueError for a file that cannot be read."""
     info = trident_h5.inspect_features(path, count_nonfinite=False)  # attrs as plain Python (JSON-ready)
     attrs, coords = info["features_attrs"], info["coords_attrs"]
     return {
         "attrs": {k: attrs[k] for k in IDENTITY_ATTRS if attrs.get(k) is not None},
         "weights": weights_identity(attrs.get("weights_fingerprint")),  # by content: paths differ between machines
-        "tiling": {k: coords[k] for k in ("target_mpp", "patch_size") if coords.get(k) is not None},
+        # target_magnification: TRIDENT's files give the scale so, without target_mpp
+        "tiling": {k: coords[k] for k in TILING_KEYS if coords.get(k) is not None},
     }
 
 
