@@ -385,3 +385,8 @@ def test_a_leica_scn_is_predicted_in_qupaths_image(trained, one_thread, tmp_path
     assert len(plain) == len(scan) == pred.n_tiles["plain"] and any(g.bounds[2] == w for g, _ in plain)
     for (a, _), (b, _) in zip(plain, scan):
         assert b.equals(a) and a.bounds[2] <= w and a.bounds[3] <= h
+    # from the features alone (no slide to ask): where the embedding recorded QuPath's image, not on the glass
+    (features,) = (tmp_path / "job").glob("*/features_*")
+    _, alone = _predict(tmp_path, "alone", f"ckpt={trained['run']}", f"features_dir={features}")
+    scan_alone = read_geojson(alone / "heatmaps" / "scan.geojson")
+    assert len(scan_alone) == len(scan) and all(b.equals(a) for (a, _), (b, _) in zip(scan, scan_alone))

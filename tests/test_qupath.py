@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from shapely.geometry import MultiPolygon, Polygon, box
 
@@ -69,6 +70,9 @@ def test_predict_slides_tile_geojson_region_of_a_slide_it_cannot_read(tmp_path, 
     from hirespath.predict.mil import _qupath_region
 
     caplog.set_level("WARNING", logger="hirespath.predict_slides")
-    assert _qupath_region(None, (800, 600)) == (0, 0, 800, 600) and _qupath_region(None, None) is None
-    assert _qupath_region(tmp_path / "gone.svs", (800, 600)) == (0, 0, 800, 600)
+    size = {"level0_width": 800, "level0_height": 600}
+    assert _qupath_region(None, size) == (0, 0, 800, 600) and _qupath_region(None, {}) is None
+    assert _qupath_region(tmp_path / "gone.svs", size) == (0, 0, 800, 600)
+    recorded = {**size, "qupath_region": np.array([30, 40, 500, 400])}  # as embedding wrote it: the SCN's scan
+    assert _qupath_region(None, recorded) == _qupath_region(tmp_path / "gone.svs", recorded) == (30, 40, 500, 400)
     assert "gone.svs: tile GeoJSON in the slide's own level-0 coordinates (missing file" in caplog.text

@@ -755,6 +755,7 @@ COORD_ATTRS = {
     "grid_offset_y",
     "tiling",
     "tissue_area_mm2",
+    "qupath_region",
 }
 FEATURE_ATTRS = {
     "name",
@@ -839,7 +840,9 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
         with h5py.File(fdir / f"{slide_id}.h5", "r") as f:
             fa = dict(f["features"].attrs)
             assert set(fa) == FEATURE_ATTRS and f["coords"].dtype == np.int64
-            assert dict(f["coords"].attrs) == {**attrs}  # the patches file's attrs, as TRIDENT copies them
+            copied = dict(f["coords"].attrs)  # the patches file's attrs, as TRIDENT copies them
+            assert np.array_equal(copied.pop("qupath_region"), attrs["qupath_region"])
+            assert copied == {k: v for k, v in attrs.items() if k != "qupath_region"}
             for d in ("features", "coords"):
                 assert f[d].maxshape == (None, f[d].shape[1]) and f[d].chunks is not None
         assert (fa["name"], fa["encoder"], fa["attention"], fa["window"], fa["radius"]) == (

@@ -168,7 +168,8 @@ class EmbeddingConsumer:
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> FeatureSink:
         grid, tdir = prepared.grid, path.parent.parent
         # the coords attributes are the patches file's, as TRIDENT copies them into the features file
-        c_attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tdir.name)
+        c_attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tdir.name,
+                                          qupath_region=prepared.qupath_region)  # fmt: skip
         c_attrs["tissue_area_mm2"] = grid.tissue_area_mm2
         attrs = {**self.features_attrs, "name": spec.slide_id, "savetodir": str(path.parent)}
         dim = self.encoder.embed_dim * (2 if self.features == "cls+mean" else 1)

@@ -335,13 +335,16 @@ def tile_geojson(r: dict, path: Path, num_classes: int, region: tuple[int, int, 
     return write_geojson(path, feats)
 
 
-def _qupath_region(slide_path, level0_size) -> tuple[int, int, int, int] | None:
-    """QuPath's image of the slide (``qupath.image_region``); when the slide cannot be read, the whole slide as the
-    feature file gives its size (``level0_size``, or None)."""
+def _qupath_region(slide_path, attrs: dict) -> tuple[int, int, int, int] | None:
+    """QuPath's image of the slide (``qupath.image_region``); without the slide, as the feature file recorded it
+    when embedded (coords attr ``qupath_region``), else the whole slide as the file gives its size (or None)."""
     from ..wsi import qupath
     from ..wsi.reader import SlideError
 
-    whole = (0, 0, *level0_size) if level0_size else None
+    if "qupath_region" in attrs:
+        whole = tuple(int(v) for v in attrs["qupath_region"])
+    else:
+        whole = (0, 0, int(attrs["level0_width"]), int(attrs["level0_height"])) if "level0_width" in attrs else None
     if not slide_path:
         return whole
     try:
@@ -369,7 +372,6 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
             print(f"note: {Path(r['path']).name} has no token_scores (embed with embed.token_scores=true); "
                   f"{sid}'s heatmap is drawn per tile")  # fmt: skip
         attrs, _ = trident_h5.read_coords(r["path"])
-        size = (attrs["level0_width"], attrs["level0_height"]) if "level0_width" in attrs else None
         top = float(r["probs"][row.pred])
         title = (f"{sid}: predicted class {row.pred} (p={top:.2f}), {len(r['attention'])} tiles, "
                  f"{'patch' if scores is not None else 'tile'} resolution")  # fmt: skip
@@ -385,6 +387,6 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
                 token_scores=scores,
             )  # fmt: skip
         )
-        region = _qupath_region(slide_paths.get(sid), size)
+        region = _qupath_region(slide_paths.get(sid), attrs)
         tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, region)
     return pngs

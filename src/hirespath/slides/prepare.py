@@ -131,7 +131,8 @@ def prepare_slide(
             grid = tile_grid(slide, int(tiling.size), float(tiling.mpp), int(tiling.overlap),
                              float(tiling.min_tissue), mpp=smpp, mask_max_side=mask_max_side,
                              cover_tissue=cover_tissue(tiling), region=region)  # fmt: skip
-            attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name)
+            attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name,
+                                            qupath_region=region)  # fmt: skip
             attrs["tissue_area_mm2"] = grid.tissue_area_mm2
             trident_h5.write_patches_h5(patches, grid.coords, attrs)
         elif need_thumbnail:  # the tissue as tile_grid sees it: on QuPath's image of the slide

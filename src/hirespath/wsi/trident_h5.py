@@ -12,10 +12,11 @@ chunks hold ~256 KB instead of TRIDENT's single rows, so a 15k-tile file is not 
 * ``coords`` int64 N×2, level-0 top-left (x, y). Attrs: ``patch_size`` (tile px at the target scale),
   ``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``overlap``, ``name``, ``savetodir``,
   ``level0_width``, ``level0_height`` (TRIDENT's), plus ``target_mpp``, ``level0_mpp``, ``stride_level0``,
-  ``min_tissue``, ``cover_tissue`` (0/1), ``grid_offset_x``, ``grid_offset_y`` (the grid's first tile at (−x, −y):
-  0 but for a covering grid fitted to the tissue), ``tiling``. The magnifications are the unrounded ``10 / mpp``
-  (see :mod:`hirespath.wsi.tissue`), so ``round(patch_size · level0_magnification / target_magnification)`` is
-  ``patch_size_level0``, the level-0 side that was read.
+  ``min_tissue``, ``cover_tissue`` (0/1), ``grid_offset_x``, ``grid_offset_y`` (the grid's first tile at (−x, −y): 0
+  but for a covering grid fitted to the tissue), ``tiling``, ``tissue_area_mm2``, ``qupath_region`` (x, y, w, h: the
+  level-0 region QuPath shows, a MIRAX/SCN scan's, for heatmaps drawn without the slide). The magnifications are the
+  unrounded ``10 / mpp`` (see :mod:`hirespath.wsi.tissue`), so ``round(patch_size · level0_magnification /
+  target_magnification)`` is ``patch_size_level0``, the level-0 side that was read.
 * ``features`` float32 N×D (CLAM's models need float32). Attrs: ``name``, ``savetodir``, ``encoder`` (TRIDENT's),
   plus ``backbone``, ``attention``, ``window``, ``radius``, ``prune_ratio``, ``prune_layer``,
   ``prune_score_tokens``, ``resolution`` (tile px the encoder saw), ``vit_patch_size``, ``weights`` (path or
@@ -153,8 +154,10 @@ def encoder_attrs(
     return attrs
 
 
-def coords_attrs(grid, *, name: str, savetodir: str | os.PathLike, tiling: str) -> dict:
-    """The ``coords`` dataset's attributes for a :class:`~hirespath.wsi.tissue.TileGrid` (TRIDENT's + ours)."""
+def coords_attrs(grid, *, name: str, savetodir: str | os.PathLike, tiling: str, qupath_region=None) -> dict:
+    """The ``coords`` dataset's attributes for a :class:`~hirespath.wsi.tissue.TileGrid` (TRIDENT's + ours);
+    ``qupath_region``: the level-0 (x, y, w, h) QuPath shows of the slide (heatmaps drawn without the slide)."""
+    region = {"qupath_region": [int(v) for v in qupath_region]} if qupath_region is not None else {}
     return {
         "patch_size": int(grid.tile_size),
         "patch_size_level0": int(grid.patch_size_level0),
@@ -173,6 +176,7 @@ def coords_attrs(grid, *, name: str, savetodir: str | os.PathLike, tiling: str) 
         "grid_offset_x": int(grid.grid_offset[0]),  # the grid's first tile at (-x, -y): 0 but for a fitted cover
         "grid_offset_y": int(grid.grid_offset[1]),
         "tiling": tiling,
+        **region,
     }
 
 
