@@ -87,6 +87,24 @@ def test_changed_tiling_setting_is_refused_naming_it_and_overwrite_replaces(slid
     assert 0 < n_before < first["done"][0]["tiles"]  # fewer tiles hold 80 % tissue
 
 
+def test_another_architecture_of_the_preset_is_refused_not_taken_for_finished(slides, tmp_path):
+    """A narrowed preset with one more block (or other heads) and the same width shared the features_<tag> folder
+    with the first, and its run took every slide for finished: the first model's features for the second. The
+    architecture is in the folder's identity and the files' attrs now."""
+    specs = list_slides(slides)[:1]
+
+    def tiny(**kw):
+        torch.manual_seed(0)
+        return hirespath.create_encoder("tiny", window=4, init_values=1.0, attention="sparse", **kw).eval()
+
+    made = embed_slides(tiny(depth=2), specs, tmp_path, TILING, embed_cfg(), CPU)
+    for kw, key in (({"depth": 3}, "depth: 2 there, 3 now"), ({"depth": 2, "num_heads": 2}, "num_heads: ")):
+        with pytest.raises(IdentityMismatch, match=key):
+            embed_slides(tiny(**kw), specs, tmp_path, TILING, embed_cfg(), CPU)
+    attrs = trident_h5.inspect_features(Path(made["features_dir"]) / "s0.h5")["features_attrs"]
+    assert attrs["depth"] == 2 and attrs["num_prefix_tokens"] >= 1 and len(attrs["architecture"]) == 16
+
+
 def test_a_worker_whose_slides_failed_while_another_finished_the_rest_does_not_fail(slides, tmp_path, monkeypatch):
     # rank 1 of 2: its own slide is corrupt; rank 0 finishes the good slide while rank 1 fails on its own
     import shutil

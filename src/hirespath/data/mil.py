@@ -48,6 +48,9 @@ IDENTITY_ATTRS = (
     "prune_ratio",
     "prune_layer",
     "resolution",
+    "depth",
+    "num_heads",
+    "architecture",
 )
 # the weights file, from the ``weights_fingerprint`` attr, as embed_slides tells files apart: by size and sampled
 # digest, not by path or mtime (slides embedded on several nodes, each from its own copy, hold the same features)
@@ -55,7 +58,7 @@ WEIGHTS_KEYS = ("weights_size", "weights_digest")
 
 
 SCAN_CACHE = ".hirespath_scan.json"  # beside the h5 files: what each held, keyed by its size, mtime and inode
-SCAN_CACHE_VERSION = 2  # 2: the weights compared by size and digest
+SCAN_CACHE_VERSION = 3  # 2: the weights compared by size and digest; 3: depth, num_heads, architecture
 
 
 def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:

@@ -49,7 +49,8 @@ OVERWRITE = "embed.overwrite=true"  # how a user replaces features made with oth
 # same features within rounding; the weights file's size and sampled digest stand for the file, so a moved copy is
 # accepted and another file of the same size, e.g. a fine-tuned copy of the weights, is not)
 IDENTITY_KEYS = ("backbone", "attention", "window", "radius", "prune_ratio", "prune_layer", "prune_score_tokens",
-                 "resolution", "vit_patch_size", "embed_dim", "feature")  # fmt: skip
+                 "resolution", "vit_patch_size", "embed_dim", "depth", "num_heads", "num_prefix_tokens", "architecture",
+                 "feature")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_at
     attrs = trident_h5.encoder_attrs(encoder, tag=tag, features=embed.features, tile_size=int(job.tiling.size),
                                      weights=weights, precision=tile_fn.precision, extra=extra_attrs)  # fmt: skip
     fp = attrs["weights_fingerprint"]
-    identity = {k: attrs[k] for k in IDENTITY_KEYS}
+    identity = {k: attrs[k] for k in IDENTITY_KEYS if k in attrs}  # an encoder module without a ViT: no depth
     identity.update(weights_size=fp["size"] if fp else None, weights_digest=fp["digest"] if fp else None,
                     tokens=bool(embed.tokens))  # fmt: skip
     return EmbeddingConsumer(

@@ -19,9 +19,10 @@ chunks hold ~256 KB instead of TRIDENT's single rows, so a 15k-tile file is not 
   target_magnification)`` is ``patch_size_level0``, the level-0 side that was read.
 * ``features`` float32 N×D (CLAM's models need float32). Attrs: ``name``, ``savetodir``, ``encoder`` (TRIDENT's),
   plus ``backbone``, ``attention``, ``window``, ``radius``, ``prune_ratio``, ``prune_layer``,
-  ``prune_score_tokens``, ``resolution`` (tile px the encoder saw), ``vit_patch_size``, ``weights`` (path or
-  'None'), ``weights_fingerprint`` (JSON: path, size, mtime, digest), ``feature`` (cls | mean | cls+mean),
-  ``precision``, ``embed_dim``, ``num_tiles``.
+  ``prune_score_tokens``, ``resolution`` (tile px the encoder saw), ``vit_patch_size``, ``depth``, ``num_heads``,
+  ``num_prefix_tokens``, ``architecture`` (a digest of the module's tensor shapes), ``weights`` (path or 'None'),
+  ``weights_fingerprint`` (JSON: path, size, mtime, digest), ``feature`` (cls | mean | cls+mean), ``precision``,
+  ``embed_dim``, ``num_tiles``.
 * Optional per-token output (``tokens=True``): ``tokens`` (T×D, float16 by default, the kept final normed patch
   tokens of all tiles concatenated in tile order), ``token_positions`` (T×2 int16 (row, col) in the tile's patch
   grid; int32 for grids over 32,767 patches a side), ``token_offsets`` (N+1 int64: tile i owns rows
@@ -121,6 +122,22 @@ def weights_fingerprint(weights) -> dict | None:
             "digest": file_digest(weights)}  # fmt: skip
 
 
+def architecture(encoder) -> dict:
+    """What the encoder's module is, beyond its preset's name (a narrowed or overridden preset): ``depth``,
+    ``num_heads``, ``num_prefix_tokens`` and ``architecture``, a digest of its parameter and buffer shapes (MLP kind
+    and width, position table, norms). Empty for a module without a timm ViT (``encoder.vit``)."""
+    import hashlib
+
+    vit = getattr(encoder, "vit", None)
+    if vit is None or not hasattr(vit, "blocks"):
+        return {}
+    shapes = sorted(list(t.shape) for t in vit.state_dict().values())  # by shape: names may move between versions
+    heads = int(vit.blocks[0].attn.num_heads) if len(vit.blocks) else 0
+    digest = hashlib.blake2b(json.dumps([heads, shapes]).encode(), digest_size=8).hexdigest()
+    return {"depth": len(vit.blocks), "num_heads": heads, "num_prefix_tokens": int(vit.num_prefix_tokens),
+            "architecture": digest}  # fmt: skip
+
+
 def encoder_attrs(
     encoder,
     *,
@@ -145,6 +162,7 @@ def encoder_attrs(
         "resolution": int(tile_size),
         "vit_patch_size": int(encoder.patch_size),
         "embed_dim": int(encoder.embed_dim),
+        **architecture(encoder),
         "weights": str(weights) if weights else None,
         "weights_fingerprint": weights_fingerprint(weights),
         "feature": features,
