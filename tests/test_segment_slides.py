@@ -1809,6 +1809,29 @@ def test_segment_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     assert worker["done"][0]["seams"] is None and not list(job.rglob("seams.csv"))
 
 
+def test_a_checkpoint_symlink_is_the_model_of_the_run_it_points_into(ckpt, tmp_path):
+    """A link to run B's checkpoint, kept outside any run or in run A's checkpoints/, was rebuilt with the config
+    beside the link: refused as a broken run, or (in A's folder) B's weights in A's model, which loaded strictly
+    since attention, window and resolution rename no weight: another scale, silently. A checkpoint linked into a
+    run from scratch storage keeps that run's config."""
+    import shutil
+
+    b = ckpt  # sparse w=4, resolution 56
+    a = save_run(tmp_path / "a", [*MODEL[:2], "attention=dense", "resolution=112", *HEAD])
+    links = {"outside": tmp_path / "models" / "b_best.ckpt", "in_a": a.parent / "best.ckpt"}
+    links["outside"].parent.mkdir()
+    for link in links.values():
+        link.symlink_to(b)
+        seg = load_segmentation(link)
+        assert seg.run_dir == b.parents[1] and seg.resolution == 56 and seg.config.attention.mode == "sparse"
+    scratch = tmp_path / "scratch" / "a.ckpt"
+    scratch.parent.mkdir()
+    shutil.move(a, scratch)
+    a.symlink_to(scratch)
+    seg = load_segmentation(a)
+    assert seg.run_dir == a.parents[1] and seg.resolution == 112
+
+
 def test_a_run_without_a_checkpoint_callback_is_found_through_lightnings_own_folders(tmp_path):
     """With callbacks=none Lightning keeps the checkpoint in RUN/<logger>/version_N/checkpoints/: ckpt=RUN said "no
     *.ckpt", and ckpt=<that file> looked for the run's config next to it, not in RUN."""

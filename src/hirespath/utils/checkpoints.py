@@ -76,7 +76,17 @@ def best_checkpoint(path: Path, given: str) -> Path:
 def run_dir_of(ckpt: Path) -> Path:
     """The run folder of ``RUN/checkpoints/X.ckpt``, of ``RUN/<logger>/version_N/checkpoints/X.ckpt`` (where
     Lightning keeps checkpoints without a checkpoint callback) when RUN holds the run's ``.hydra/config.yaml``, or of
-    a checkpoint lying in RUN itself."""
+    a checkpoint lying in RUN itself. A symlink: the run of the file it points to (a link to a checkpoint of run B
+    kept elsewhere, or in run A's folder, is B's model), unless that file lies outside any run (checkpoints linked
+    into the run from scratch storage)."""
+    if Path(ckpt).is_symlink():
+        run = _run_dir_at(Path(ckpt).resolve())
+        if (run / ".hydra" / "config.yaml").is_file():
+            return run
+    return _run_dir_at(Path(ckpt))
+
+
+def _run_dir_at(ckpt: Path) -> Path:
     folder = ckpt.parent
     if folder.name == "checkpoints" and folder.parent.name.startswith("version_"):
         run = folder.parents[2]
