@@ -276,6 +276,20 @@ def test_labels_are_checked_before_any_slide_and_never_cost_the_predictions(trid
     assert json.loads((tmp_path / "o3" / "metrics.json").read_text())["num_slides"] == 1
 
 
+def test_only_the_slides_that_could_not_be_predicted_are_listed_as_skipped(trident_run, tmp_path):
+    """One unreadable feature file listed every slide of the folder in skipped.csv, the predicted ones with an
+    empty reason (pandas keeps the other rows' missing reasons as NaN, which is not None)."""
+    d = tmp_path / "new"
+    d.mkdir()
+    for s in ("t1", "t2"):
+        write_trident(d / f"{s}.h5", np.random.default_rng(1).normal(size=(6, 8)), encoder="x")
+    (d / "broken.h5").write_bytes(b"not hdf5")
+    m, out = _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}")
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert list(skipped.slide_id) == ["broken"] and skipped.reason.str.startswith("cannot read broken.h5").all()
+    assert m["skipped_slides"] == 1 and sorted(pd.read_csv(out / "predictions.csv").slide_id) == ["t1", "t2"]
+
+
 def test_a_job_dir_given_for_its_features_folder_is_refused_naming_the_folders_below(trident_run, tmp_path):
     from test_cli import run_cli
 

@@ -93,8 +93,9 @@ def run_predict_slides(cfg: DictConfig) -> dict:
         files = scan_feature_dir(features_dir)
         files = files[files.slide_id.isin(wanted)]
         check_features(files, expected, features_dir)
-    skipped += [(s, e) for s, e in zip(files.slide_id, files.error) if e is not None]
-    rows = files[files.error.isna()].reset_index(drop=True)
+    bad = files.error.notna()  # NaN, not None, in a column that holds reasons (pandas)
+    skipped += list(zip(files.slide_id[bad], files.error[bad]))
+    rows = files[~bad].reset_index(drop=True)
     max_tiles = OmegaConf.select(run_cfg, "data.max_tiles_eval")
     results, failed = predict(head, rows, max_tiles, int(run_cfg.get("seed", 0)))
     skipped += failed
