@@ -273,6 +273,14 @@ def test_bad_tiling_and_embedding_options(overrides, words):
     assert words[0].split("=")[0] in msg, msg
 
 
+def test_mils_feature_loaders_are_checked_with_the_rest():
+    """mil's data.num_workers=-1 failed with a traceback after the config check, which had named the other
+    problems only."""
+    msg = _problems(_compose("mil", "data.num_workers=-1", "embed.batch_size=0"), "mil")
+    assert "data.num_workers=-1" in msg and "embed.batch_size=0" in msg, msg
+    validate_config(_compose("mil", "data.num_workers=null"), task="mil")
+
+
 @pytest.mark.parametrize("task", ["embed_slides", "segment_slides", "predict_slides"])
 def test_slide_extensions_are_checked_before_any_slide(task):
     validate_config(_compose(task, "wsi_dir=/", "wsi_ext=[svs,.NDPI]"), task=task)

@@ -139,6 +139,10 @@ def _check_task_options(cfg: DictConfig, task: str | None, problems: Problems) -
                 n = select(cfg, f"figures.{key}")
                 if not (is_int(n) and n >= 0):
                     problems.bad(f"figures.{key}", n, "an integer >= 0 (0: no figures)")
+    if task == "mil":  # its feature loaders (embed.num_workers, the tile readers, is checked with the embed group)
+        n = select(cfg, "data.num_workers")
+        if n is not None and not (is_int(n) and n >= 0):
+            problems.bad("data.num_workers", n, "an integer >= 0 (0: load in the main process) or null (automatic)")
     if task == "make_synthetic":
         check_make_synthetic(cfg, problems)
 

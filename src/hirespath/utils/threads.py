@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .errors import InputError
+
 log = logging.getLogger("hirespath.threads")
 
 
@@ -48,7 +50,7 @@ def dataloader_workers(requested: int | None, key: str = "num_workers", cap: int
     if requested is None:
         return max(0, min(int(cap), (cores or available_cores()) - 1))
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
-        raise ValueError(f"{key} must be an integer ≥ 0 (0: load in the main process) or null (automatic: "
+        raise InputError(f"{key} must be an integer ≥ 0 (0: load in the main process) or null (automatic: "
                          f"min({cap}, cores − 1)), got {requested!r}")  # fmt: skip
     return requested
 
