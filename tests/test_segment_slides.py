@@ -658,6 +658,28 @@ def test_a_slide_that_fails_closing_leaves_no_temporaries_whatever_its_name(ckpt
     assert run(ckpt, named, tmp_path / "job", seam_check=False)["slides_done"] == 1
 
 
+def test_a_map_the_file_system_refuses_at_its_start_leaves_no_temporary(ckpt, wsi, tmp_path, monkeypatch):
+    """A file size limit (EFBIG) refused the probability map as it was created: the run stopped as on a full disk,
+    but the map's empty temporary stayed (the slide had no sink yet for the runner to abort)."""
+    import errno
+
+    from hirespath.utils.errors import StorageError
+
+    real = np.lib.format.open_memmap
+
+    def too_large(path, *args, **kwargs):
+        open(path, "wb").close()
+        raise OSError(errno.EFBIG, "File too large", str(path))
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", too_large)
+    with pytest.raises(StorageError, match="File too large"):
+        run(ckpt, wsi, tmp_path / "job", seam_check=False)
+    (out,) = (tmp_path / "job").glob("*/segmentation_*")
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".lock"))]
+    monkeypatch.setattr(np.lib.format, "open_memmap", real)
+    assert run(ckpt, wsi, tmp_path / "job", seam_check=False)["slides_done"] == 1
+
+
 def test_a_slide_whose_id_pandas_reads_as_missing_is_skipped_when_finished(ckpt, wsi, tmp_path):
     import shutil
 

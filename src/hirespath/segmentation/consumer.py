@@ -293,8 +293,13 @@ class SegmentationSink(_SlideDrawing):
     def __init__(self, consumer: SegmentationConsumer, spec: SlideSpec, prepared: PreparedSlide, path: Path):
         super().__init__(consumer, spec, prepared, path)
         weights = blend_weights(self.grid.tile_size, self.grid.overlap, consumer.options.blend)
-        self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.map.shape, len(consumer.classes), weights,
-                                            positions=[self._map_xy(t) for t in range(len(self.grid))])  # fmt: skip
+        try:
+            positions = [self._map_xy(t) for t in range(len(self.grid))]
+            self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.map.shape, len(consumer.classes),
+                                                weights, positions=positions)  # fmt: skip
+        except BaseException:  # no sink for the runner to abort: its temporaries go here
+            self.abort()
+            raise
         self.levels: list = []
         self.tiles = 0
 

@@ -141,7 +141,11 @@ def new_memmap(path: str | os.PathLike, dtype, shape):
     traceback); pwrite fails with an OSError instead, which the run reports as a StorageError."""
     import numpy as np
 
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    except BaseException:  # created, then its header or size refused (a file size limit): not left behind
+        Path(path).unlink(missing_ok=True)
+        raise
 
 
 @contextmanager
