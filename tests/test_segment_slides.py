@@ -660,9 +660,12 @@ def test_a_slide_that_fails_closing_leaves_no_temporaries_whatever_its_name(ckpt
 
 def test_a_map_the_file_system_refuses_at_its_start_leaves_no_temporary(ckpt, wsi, tmp_path, monkeypatch):
     """A file size limit (EFBIG) refused the probability map as it was created: the run stopped as on a full disk,
-    but the map's empty temporary stayed (the slide had no sink yet for the runner to abort)."""
+    but the map's empty temporary stayed (the slide had no sink yet for the runner to abort). Another failure there
+    (memory) is the slide's reason, not an AttributeError of the clean-up."""
     import errno
 
+    from hirespath.segmentation import stitch
+    from hirespath.slides.runner import NothingProcessed
     from hirespath.utils.errors import StorageError
 
     real = np.lib.format.open_memmap
@@ -677,6 +680,17 @@ def test_a_map_the_file_system_refuses_at_its_start_leaves_no_temporary(ckpt, ws
     (out,) = (tmp_path / "job").glob("*/segmentation_*")
     assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".lock"))]
     monkeypatch.setattr(np.lib.format, "open_memmap", real)
+
+    def no_memory(self, *args, **kwargs):  # after the map's file is made
+        real_init(self, *args, **kwargs)
+        raise MemoryError("no room for the map's blocks")
+
+    real_init = stitch.ProbabilityStitcher.__init__
+    monkeypatch.setattr(stitch.ProbabilityStitcher, "__init__", no_memory)
+    with pytest.raises(NothingProcessed, match="first reason: MemoryError: no room for the map's blocks"):
+        run(ckpt, wsi, tmp_path / "job", seam_check=False)
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".lock"))]
+    monkeypatch.setattr(stitch.ProbabilityStitcher, "__init__", real_init)
     assert run(ckpt, wsi, tmp_path / "job", seam_check=False)["slides_done"] == 1
 
 

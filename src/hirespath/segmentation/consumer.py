@@ -297,8 +297,8 @@ class SegmentationSink(_SlideDrawing):
             positions = [self._map_xy(t) for t in range(len(self.grid))]
             self.stitcher = ProbabilityStitcher(path.parent, self.prefix, self.map.shape, len(consumer.classes),
                                                 weights, positions=positions)  # fmt: skip
-        except BaseException:  # no sink for the runner to abort: its temporaries go here
-            self.abort()
+        except BaseException:  # no sink for the runner to abort (and no stitcher to clean): its temporaries go here
+            _SlideDrawing.abort(self)
             raise
         self.levels: list = []
         self.tiles = 0
