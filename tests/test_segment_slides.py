@@ -1866,6 +1866,9 @@ def test_a_checkpoint_symlink_is_the_model_of_the_run_it_points_into(ckpt, tmp_p
     a.symlink_to(scratch)
     seg = load_segmentation(a)
     assert seg.run_dir == a.parents[1] and seg.resolution == 112
+    chain = tmp_path / "models" / "a_best.ckpt"  # → A's checkpoint → scratch: A's, the last run on the way
+    chain.symlink_to(Path("..") / a.relative_to(tmp_path))  # relative, as ln -s writes it
+    assert load_segmentation(chain).run_dir == a.parents[1]
 
 
 def test_a_run_without_a_checkpoint_callback_is_found_through_lightnings_own_folders(tmp_path):

@@ -76,11 +76,16 @@ def best_checkpoint(path: Path, given: str) -> Path:
 def run_dir_of(ckpt: Path) -> Path:
     """The run folder of ``RUN/checkpoints/X.ckpt``, of ``RUN/<logger>/version_N/checkpoints/X.ckpt`` (where
     Lightning keeps checkpoints without a checkpoint callback) when RUN holds the run's ``.hydra/config.yaml``, or of
-    a checkpoint lying in RUN itself. A symlink: the run of the file it points to (a link to a checkpoint of run B
-    kept elsewhere, or in run A's folder, is B's model), unless that file lies outside any run (checkpoints linked
-    into the run from scratch storage)."""
-    if Path(ckpt).is_symlink():
-        run = _run_dir_at(Path(ckpt).resolve())
+    a checkpoint lying in RUN itself. A symlink: the run of the last link on its way to the file that lies in a run
+    (a link to a checkpoint of run B kept elsewhere, or in run A's folder, is B's model, also when B's checkpoint is
+    itself linked into B from scratch storage outside any run)."""
+    hops, path = [Path(ckpt)], Path(ckpt)
+    while path.is_symlink() and len(hops) < 40:  # one link at a time: resolve() would skip the runs on the way
+        path = path.parent / os.readlink(path)
+        path = path.parent.resolve() / path.name  # its folder as it is (no "x/.."), the name maybe a link again
+        hops.append(path)
+    for hop in reversed(hops[1:]):
+        run = _run_dir_at(hop)
         if (run / ".hydra" / "config.yaml").is_file():
             return run
     return _run_dir_at(Path(ckpt))
