@@ -272,6 +272,8 @@ def test_labels_are_checked_before_any_slide_and_never_cost_the_predictions(trid
     with pytest.raises(InputError, match=r"none of its slides was predicted \(its slide ids e.g. \['z9'\], predicted "):
         _predict(tmp_path, "o2", f"ckpt={trident_run}", f"features_dir={d}", f"labels={other}")
     assert list(pd.read_csv(tmp_path / "o2" / "predictions.csv").slide_id) == ["t1"]
+    assert (tmp_path / "o2" / "heatmaps" / "t1.png").is_file()  # and the heatmaps and counts
+    assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["num_slides"] == 1
     _predict(tmp_path, "o3", f"ckpt={trident_run}", f"features_dir={d}")
     assert json.loads((tmp_path / "o3" / "metrics.json").read_text())["num_slides"] == 1
 
@@ -288,6 +290,25 @@ def test_only_the_slides_that_could_not_be_predicted_are_listed_as_skipped(tride
     skipped = pd.read_csv(out / "skipped.csv")
     assert list(skipped.slide_id) == ["broken"] and skipped.reason.str.startswith("cannot read broken.h5").all()
     assert m["skipped_slides"] == 1 and sorted(pd.read_csv(out / "predictions.csv").slide_id) == ["t1", "t2"]
+
+
+def test_a_slide_embedded_with_failed_tiles_is_predicted_not_listed_as_skipped(trained, one_thread, tmp_path):
+    """The features folder's rows of a slide's failed tiles (tile N: ...) made predict_slides wsi_dir=... list the
+    predicted slide as "not embedded", and count each row as a skipped slide."""
+    from hirespath.slides import Ledger
+
+    src = sorted((trained["panda"] / "train_images").glob("*.tiff"))[0]
+    wsi = tmp_path / "new"
+    wsi.mkdir()
+    shutil.copy(src, wsi / src.name)
+    opts = [f"ckpt={trained['run']}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'job'}", "heatmaps.num_slides=0"]
+    _predict(tmp_path, "first", *opts)
+    (folder,) = (tmp_path / "job").glob("*/features_*")
+    Ledger(folder).update_skipped([{"slide": src.stem, "path": str(src), "reason": f"tile {i}: unreadable"}
+                                   for i in (3, 5)], done=[src.stem])  # what the runner records  # fmt: skip
+    m, out = _predict(tmp_path, "again", *opts)
+    assert list(pd.read_csv(out / "predictions.csv").slide_id) == [src.stem]
+    assert pd.read_csv(out / "skipped.csv").empty and m["skipped_slides"] == 0
 
 
 def test_a_job_dir_given_for_its_features_folder_is_refused_naming_the_folders_below(trident_run, tmp_path):

@@ -89,6 +89,7 @@ def run_predict_slides(cfg: DictConfig) -> dict:
                                         token_scores=resolution == "token")  # fmt: skip
         ledger = Ledger(features_dir).skipped()
         wanted = set(slide_paths)
+        ledger = ledger[~ledger.reason.str.startswith("tile ")]  # a slide with failed tiles is embedded
         skipped += [(s, f"not embedded: {r}") for s, r in zip(ledger.slide, ledger.reason) if s in wanted]
         files = scan_feature_dir(features_dir)
         files = files[files.slide_id.isin(wanted)]
@@ -100,22 +101,25 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     results, failed = predict(head, rows, max_tiles, int(run_cfg.get("seed", 0)))
     skipped += failed
     out_dir.mkdir(parents=True, exist_ok=True)
+    not_predicted = pd.DataFrame(skipped, columns=["slide_id", "reason"]).drop_duplicates("slide_id")
     with atomic_path(out_dir / SKIPPED_FILE) as tmp:
-        pd.DataFrame(skipped, columns=["slide_id", "reason"]).drop_duplicates("slide_id").to_csv(tmp, index=False)
-    if skipped:
-        log.warning("%d slides skipped; see %s", len(skipped), out_dir / SKIPPED_FILE)
+        not_predicted.to_csv(tmp, index=False)
+    if len(not_predicted):
+        log.warning("%d slides skipped; see %s", len(not_predicted), out_dir / SKIPPED_FILE)
     if not results:
         raise InputError(f"no slide could be predicted from {features_dir}; see {out_dir / SKIPPED_FILE}")
     pred = predictions_table(results, num_classes)
-    metrics = {"num_slides": len(pred), "skipped_slides": len(skipped), "features/dim": dim,
+    metrics = {"num_slides": len(pred), "skipped_slides": len(not_predicted), "features/dim": dim,
                "features_dir": str(features_dir), "ckpt": str(ckpt)}  # fmt: skip
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:  # kept whatever the labels say
         pred.to_csv(tmp, index=False)
-    if labels is not None:
-        metrics.update(labelled_metrics(pred, labels, num_classes, source=f"labels={cfg.labels}"))
-    write_json(out_dir / METRICS_FILE, metrics)
     pngs = write_heatmaps(results, pred, slide_paths, out_dir, num_classes, num_slides=cfg.heatmaps.num_slides,
                           resolution=resolution, max_side=int(cfg.heatmaps.max_side))  # fmt: skip
+    try:
+        if labels is not None:
+            metrics.update(labelled_metrics(pred, labels, num_classes, source=f"labels={cfg.labels}"))
+    finally:  # labels of another cohort: the counts, predictions and heatmaps are kept, then the error
+        write_json(out_dir / METRICS_FILE, metrics)
     loggers = instantiate_list(cfg.get("logger"))
     log_images(loggers, "heatmaps", pngs, captions=[p.stem for p in pngs])
     log_table(loggers, "predictions", pred)
