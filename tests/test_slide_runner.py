@@ -87,7 +87,7 @@ def test_changed_tiling_setting_is_refused_naming_it_and_overwrite_replaces(slid
     assert 0 < n_before < first["done"][0]["tiles"]  # fewer tiles hold 80 % tissue
 
 
-def test_another_architecture_of_the_preset_is_refused_not_taken_for_finished(slides, tmp_path):
+def test_another_architecture_of_the_preset_is_refused_not_taken_for_finished(slides, tmp_path, caplog):
     """A narrowed preset with one more block (or other heads) and the same width shared the features_<tag> folder
     with the first, and its run took every slide for finished: the first model's features for the second. The
     architecture is in the folder's identity and the files' attrs now."""
@@ -103,6 +103,16 @@ def test_another_architecture_of_the_preset_is_refused_not_taken_for_finished(sl
             embed_slides(tiny(**kw), specs, tmp_path, TILING, embed_cfg(), CPU)
     attrs = trident_h5.inspect_features(Path(made["features_dir"]) / "s0.h5")["features_attrs"]
     assert attrs["depth"] == 2 and attrs["num_prefix_tokens"] >= 1 and len(attrs["architecture"]) == 16
+    # a folder written before the architecture was recorded cannot vouch for it: not recorded from a later run's
+    # model (before, a depth-3 rerun wrote depth 3 over depth-2 files, and refused the depth-2 model after)
+    config = Path(made["features_dir"]) / "config.json"
+    old = {k: v for k, v in json.loads(config.read_text()).items() if k not in trident_h5.ARCHITECTURE_KEYS}
+    config.write_text(json.dumps(old))
+    with caplog.at_level("WARNING", logger="hirespath.slides"):
+        embed_slides(tiny(depth=3), specs, tmp_path, TILING, embed_cfg(), CPU)
+    assert "was written before its depth, num_heads, num_prefix_tokens, architecture were recorded" in caplog.text
+    assert json.loads(config.read_text()) == old
+    assert embed_slides(tiny(depth=2), specs, tmp_path, TILING, embed_cfg(), CPU)["slides_already_finished"] == 1
 
 
 def test_a_worker_whose_slides_failed_while_another_finished_the_rest_does_not_fail(slides, tmp_path, monkeypatch):

@@ -49,8 +49,7 @@ OVERWRITE = "embed.overwrite=true"  # how a user replaces features made with oth
 # same features within rounding; the weights file's size and sampled digest stand for the file, so a moved copy is
 # accepted and another file of the same size, e.g. a fine-tuned copy of the weights, is not)
 IDENTITY_KEYS = ("backbone", "attention", "window", "radius", "prune_ratio", "prune_layer", "prune_score_tokens",
-                 "resolution", "vit_patch_size", "embed_dim", "depth", "num_heads", "num_prefix_tokens", "architecture",
-                 "feature")  # fmt: skip
+                 "resolution", "vit_patch_size", "embed_dim", *trident_h5.ARCHITECTURE_KEYS, "feature")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,6 +137,8 @@ class EmbeddingConsumer:
     token_dtype: type = np.float16
     overwrite_hint: str = OVERWRITE
     token_scores: bool = False
+    # a folder written before these were recorded cannot vouch for them: they are not added to its config.json
+    unvouched_keys: tuple = trident_h5.ARCHITECTURE_KEYS
 
     @property
     def needs_thumbnail(self) -> bool:

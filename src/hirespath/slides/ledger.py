@@ -102,17 +102,19 @@ class Ledger:
 
     # ------------------------------------------------------------------------------------------ identity
     def check_identity(self, identity: dict, overwrite: bool = False, how: str = "", redrawable: tuple = (),
-                       redraw: bool = False, redraw_hint: str = "",
-                       launch: str | None = None) -> int | None:  # fmt: skip
+                       redraw: bool = False, redraw_hint: str = "", launch: str | None = None,
+                       unvouched: tuple = ()) -> int | None:  # fmt: skip
         """Refuse outputs made with other settings; write ``config.json`` on first use (and with ``overwrite``).
         Returns ``outputs_since``: the time (ns, the folder's file system clock) before which outputs are stale.
         An overwrite marks that time when it starts, once per ``launch`` (the id its workers share: a worker of the
         same launch and settings that starts later keeps the mark, so it does not redo what the others replaced).
 
         Keys in both the stored and the new identity must be equal; keys the stored one lacks (written by an older
-        version) are added. ``how`` tells the user how to proceed (e.g. the overwrite option's name). Keys in
-        ``redrawable`` only change what is drawn from the stored outputs: with ``redraw`` their new values replace
-        the stored ones (the consumer draws its finished slides again), else ``redraw_hint`` says how to."""
+        version) are added, but for ``unvouched`` ones: outputs made before they were recorded may have been made
+        with other values, so they stay unrecorded (and unchecked) in that folder, said in a warning. ``how`` tells
+        the user how to proceed (e.g. the overwrite option's name). Keys in ``redrawable`` only change what is drawn
+        from the stored outputs: with ``redraw`` their new values replace the stored ones (the consumer draws its
+        finished slides again), else ``redraw_hint`` says how to."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / CONFIG
         with self._locked(CONFIG):
@@ -123,6 +125,11 @@ class Ledger:
                 write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname(),
                                                          "launch": launch, "settings": settings})  # fmt: skip
             if old is not None and not overwrite:
+                if unknown := [k for k in unvouched if k in identity and k not in old]:
+                    log.warning("%s was written before its %s were recorded: its outputs are not checked against "
+                                "this run's (a new job_dir or an overwrite checks them)", self.folder,
+                                ", ".join(unknown))  # fmt: skip
+                    identity = {k: v for k, v in identity.items() if k not in unknown}
                 diff = {k: (old[k], v) for k, v in identity.items() if k in old and not _same(old[k], v)}
                 drawing_only = bool(diff) and set(diff) <= set(redrawable)
                 if diff and not (redraw and drawing_only):

@@ -287,7 +287,8 @@ def run_slides(
     since = ledger.check_identity({**job.identity(), **consumer.identity}, overwrite=job.overwrite,
                           how=consumer.overwrite_hint, redrawable=tuple(getattr(consumer, "redraw_keys", ())),
                           redraw=bool(getattr(consumer, "redraw", False)),
-                          redraw_hint=getattr(consumer, "redraw_hint", ""), launch=runtime.launch)  # fmt: skip
+                          redraw_hint=getattr(consumer, "redraw_hint", ""), launch=runtime.launch,
+                          unvouched=tuple(getattr(consumer, "unvouched_keys", ())))  # fmt: skip
     order = _order(specs, rank, world_size)
     outputs = {s.slide_id: consumer.output_path(out_dir, s) for s in specs}
     if hasattr(consumer, "outputs_since"):  # it reuses parts of unfinished outputs (a finished map) only if newer

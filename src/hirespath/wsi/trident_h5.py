@@ -122,6 +122,9 @@ def weights_fingerprint(weights) -> dict | None:
             "digest": file_digest(weights)}  # fmt: skip
 
 
+ARCHITECTURE_KEYS = ("depth", "num_heads", "num_prefix_tokens", "architecture")  # recorded since 2026-12-07
+
+
 def architecture(encoder) -> dict:
     """What the encoder's module is, beyond its preset's name (a narrowed or overridden preset): ``depth``,
     ``num_heads``, ``num_prefix_tokens`` and ``architecture``, a digest of its parameter and buffer shapes (MLP kind
