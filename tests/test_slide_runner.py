@@ -917,6 +917,12 @@ def test_a_slide_one_worker_of_a_launch_failed_is_not_tried_again_by_the_others(
     assert seen == ["bad"] and again["slides_skipped"] == 1
     again, seen = run(None)  # so does a worker alone
     assert seen == ["bad"] and again["slides_skipped"] == 1
+    ledger = Ledger(tmp_path / "cached")  # read again when another worker rewrote the file
+    assert ledger.failed_in_launch("x", "slurm-array:9") is None
+    ledger.update_skipped([{"slide": "x", "path": "x.svs", "reason": "cannot read", "launch": "slurm-array:9"}])
+    assert ledger.failed_in_launch("x", "slurm-array:9")["reason"] == "cannot read"
+    Ledger(tmp_path / "cached").update_skipped([], done=["x"])  # finished by another worker
+    assert ledger.failed_in_launch("x", "slurm-array:9") is None
     old = pd.read_csv(out / "skipped.csv").drop(columns="launch")  # written by a version without the column
     old.to_csv(out / "skipped.csv", index=False)
     assert Ledger(out).failed_in_launch("bad", "slurm-array:7") is None

@@ -96,6 +96,7 @@ class Ledger:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self._launch_failures: tuple = (None, {})  # (skipped.csv's stat, {(slide, launch): row}) for failed_in_launch
 
     def _locked(self, name: str):
         return exclusive_lock(self.folder / f".{name}.lock", f"another worker writing {name}", poll_s=0.05)
@@ -211,9 +212,16 @@ class Ledger:
         large for the GPU up to its failure, once more). A later launch (the rerun after a fix) tries it."""
         if not launch:
             return None
-        rows = self.skipped()
-        hit = rows[(rows["slide"] == slide) & (rows["launch"] == launch) & ~rows["reason"].str.startswith("tile ")]
-        return None if hit.empty else hit.iloc[-1].to_dict()
+        try:  # asked twice per slide: the file is read again only when it was rewritten (atomically: a new inode)
+            st = (self.folder / SKIPPED).stat()
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return None
+        if key != self._launch_failures[0]:
+            rows = self.skipped()
+            rows = rows[(rows["launch"] != "") & ~rows["reason"].str.startswith("tile ")]
+            self._launch_failures = (key, {(r["slide"], r["launch"]): r for r in rows.to_dict("records")})
+        return self._launch_failures[1].get((slide, launch))
 
     # ------------------------------------------------------------------------------------------ timings.csv
     def update_timings(self, rows: list[dict], columns: list[str]) -> None:
