@@ -913,6 +913,11 @@ def test_a_slide_one_worker_of_a_launch_failed_is_not_tried_again_by_the_others(
     assert row["slide"] == "bad" and row["launch"] == "slurm-array:7"
     later, seen = run("slurm-array:7")
     assert seen == [] and later["slides_failed_by_others"] == 1 and later["slides_skipped"] == 0
+    # a task whose slides all failed, in other tasks of its array, fails as they did (afterok dependencies)
+    rt = replace(CPU, launch="slurm-array:7")
+    with pytest.raises(NothingProcessed, match=r"all 1 failed, 1 of them by other workers of this launch .*"
+                                               r"first reason: cannot read bad.svs"):  # fmt: skip
+        embed_slides(encoder(), specs[1:], job, TILING, embed_cfg(), rt)
     again, seen = run("slurm-array:8")  # the next launch tries it
     assert seen == ["bad"] and again["slides_skipped"] == 1
     again, seen = run(None)  # so does a worker alone

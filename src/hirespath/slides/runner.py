@@ -315,7 +315,7 @@ def run_slides(
         "slides_redrawn": 0, "slides_skipped": 0, "slides_locked_by_others": 0, "slides_failed_by_others": 0,
         "tiles": 0, "tiles_skipped": 0, "tissue_mm2": 0.0,
         "device": str(device), "reader": job.reader, "num_workers": job.num_workers, "done": [], "skipped": [],
-        "held": [],
+        "held": [], "failed_by_others": [],
         "warnings": {}, **(notes or {}),
     }  # fmt: skip
     totals = zero_stages()
@@ -452,6 +452,8 @@ def run_slides(
                                                 "by": lock_is_stale(lock_path, job.lock_stale_s)[1]})  # fmt: skip
                     elif failed is not None:
                         summary["slides_failed_by_others"] += 1
+                        summary["failed_by_others"].append({"slide": spec.slide_id, "reason": failed["reason"],
+                                                            "host": failed["host"]})  # fmt: skip
                         log.info("not trying %s: a worker of this launch on %s failed it (%s); the next launch tries "
                                  "it again", spec.slide_id, failed["host"] or "?", failed["reason"])  # fmt: skip
                     else:
@@ -527,14 +529,17 @@ def run_slides(
         names = "; ".join(f"{h['slide']} ({h['by']})" for h in held[:10]) + (" …" if len(held) > 10 else "")
         log.info("held by other workers (a lock its holder stopped touching is taken over after %.0f min): %s",
                  min(job.lock_stale_s, HEARTBEAT_MISSES * HEARTBEAT_S) / 60, names)  # fmt: skip
-    attempted = summary["slides_done"] + summary["slides_skipped"]
+    # a slide another worker of this launch failed counts as failed here too: an array task whose slides all
+    # failed, some in other tasks, exits 1 like them (afterok dependencies)
+    failed = summary["skipped"] + summary["failed_by_others"]
     # only when no slide of the run is finished: another worker may have finished the rest while this one failed
-    if attempted and not (summary["slides_done"] or summary["slides_already_finished"]
-                          or summary["slides_locked_by_others"]):  # fmt: skip
-        reasons = sorted({s["reason"] for s in summary["skipped"]})
+    if failed and not (summary["slides_done"] or summary["slides_already_finished"]
+                       or summary["slides_locked_by_others"]):  # fmt: skip
+        reasons = sorted({s["reason"] for s in failed})
+        by_others = f", {n} of them by other workers of this launch" if (n := len(summary["failed_by_others"])) else ""
         raise NothingProcessed(
-            f"no slide could be processed: all {attempted} failed (listed in {out_dir / 'skipped.csv'}); "
-            f"first reason: {reasons[0]}"
+            f"no slide could be processed: all {len(failed)} failed{by_others} (listed in "
+            f"{out_dir / 'skipped.csv'}); first reason: {reasons[0]}"
         )
     return summary
 
