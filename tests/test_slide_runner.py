@@ -87,6 +87,26 @@ def test_changed_tiling_setting_is_refused_naming_it_and_overwrite_replaces(slid
     assert 0 < n_before < first["done"][0]["tiles"]  # fewer tiles hold 80 % tissue
 
 
+def test_the_summary_of_a_ddp_run_is_every_ranks_not_rank_0s(slides, tmp_path):
+    """trainer=ddp logged rank 0's share to W&B (2 of 5 slides done). The ranks' summaries merged: counts summed,
+    slides joined, a slide one rank found finished by the other counted once, as done."""
+    from dataclasses import replace
+
+    from hirespath.slides.runner import merge_summaries
+
+    specs = list_slides(slides) + [SlideSpec("bad", tmp_path / "bad.svs")]
+    specs[-1].path.write_bytes(b"not a slide")
+    ranks = [replace(CPU, rank=r, world_size=2, launch="ddp:1") for r in (0, 1)]
+    parts = [embed_slides(encoder(), specs[:1], tmp_path, TILING, embed_cfg(), ranks[0])]  # rank 0 stops early
+    parts.append(embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), ranks[1]))  # the rest
+    parts[0]["slides_total"] = 3  # as if rank 0 had listed them all, and was stopped after its own
+    run = merge_summaries(parts)
+    assert [d["slide"] for d in run["embedded"]] == ["s0", "s1"] and run["slides_done"] == 2
+    assert run["slides_skipped"] == 1 and run["slides_already_finished"] == 0 and run["slides_finished_on_disk"] == 2
+    assert run["tiles"] == parts[0]["tiles"] + parts[1]["tiles"] and run["seconds"] == max(p["seconds"] for p in parts)
+    assert merge_summaries(parts[:1]) is parts[0]
+
+
 def test_another_architecture_of_the_preset_is_refused_not_taken_for_finished(slides, tmp_path, caplog):
     """A narrowed preset with one more block (or other heads) and the same width shared the features_<tag> folder
     with the first, and its run took every slide for finished: the first model's features for the second. The

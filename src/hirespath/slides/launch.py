@@ -52,8 +52,9 @@ def launch_workers(trainer: DictConfig, runtime: Runtime):
                                        progress=runtime.progress and rank == 0, launch=launch)  # fmt: skip
 
 
-def run_on_workers(fabric, work: Callable[[], T]) -> T:
+def run_on_workers(fabric, work: Callable[[], T], merge: Callable[[list[T]], T] | None = None) -> T:
     """``work()`` (this rank's slides), then every rank waits for the others, as a barrier before rank 0 reports.
+    ``merge``: every rank gets the ranks' results merged by it (the run's summary, not rank 0's share of it).
 
     A rank whose work raised (a full disk, a bug) still meets the others there and tells them, then raises its own
     error; they stop with an error naming it. A barrier would have kept them waiting for a rank that is gone until
@@ -78,4 +79,8 @@ def run_on_workers(fabric, work: Callable[[], T]) -> T:
             f"rank {ranks} of {fabric.world_size} stopped with an error (its message is above); the slides every "
             "rank finished are kept: fix it and run the same command again to go on with the rest"
         )
+    if merge is not None and fabric.world_size > 1:
+        parts: list = [None] * fabric.world_size
+        torch.distributed.all_gather_object(parts, result)
+        return merge(parts)
     return result

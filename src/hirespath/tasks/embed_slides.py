@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..embeddings.features import embed_slides
 from ..slides import Runtime
 from ..slides.launch import launch_id, launch_workers, run_on_workers
+from ..slides.runner import merge_summaries
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
@@ -62,7 +63,8 @@ def run_embed_slides(cfg: DictConfig) -> dict:
     loggers = instantiate_list(cfg.get("logger")) if fabric.global_rank == 0 else []
     summary = run_on_workers(fabric, lambda: embed_slides(encoder, specs, cfg.job_dir, cfg.tile, cfg.embed, runtime,
                                                           weights=cfg.backbone.weights,
-                                                          default_mpp=cfg.data.default_mpp))  # fmt: skip
+                                                          default_mpp=cfg.data.default_mpp),
+                             merge=merge_summaries)  # W&B gets every rank's slides  # fmt: skip
     if loggers:
         _log_summary(loggers, cfg, summary)
     return summary

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..segmentation import SegmentOptions, load_segmentation, segment_slides
 from ..slides import Runtime
 from ..slides.launch import launch_id, launch_workers, run_on_workers
+from ..slides.runner import merge_summaries
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
@@ -53,7 +54,8 @@ def run_segment_slides(cfg: DictConfig) -> dict:
     fabric, runtime = launch_workers(cfg.trainer, runtime)  # trainer=ddp: the slides spread over the ranks
     loggers = instantiate_list(cfg.get("logger")) if fabric.global_rank == 0 else []
     summary = run_on_workers(fabric, lambda: segment_slides(seg, specs, cfg.job_dir, tiling, cfg.embed, options,
-                                                            runtime, default_mpp=cfg.data.default_mpp))  # fmt: skip
+                                                            runtime, default_mpp=cfg.data.default_mpp),
+                             merge=merge_summaries)  # W&B gets every rank's slides  # fmt: skip
     log.info("segmentations in %s", summary["output_dir"])
     if loggers:
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
