@@ -82,6 +82,20 @@ def test_ddp_ranks_share_the_slides(wsi_dir, tmp_path):
             np.testing.assert_allclose(fa["features"][:], fb["features"][:], atol=1e-5, rtol=1e-5)
 
 
+def test_ddp_inside_a_joblib_job_is_refused_before_any_rank_starts(wsi_dir, tmp_path):
+    """Lightning starts the other ranks by running the command line again, which a joblib worker has not: the run
+    died with "the following arguments are required: --pipe" and a SIGKILLed worker."""
+    from test_cli import run_cli
+
+    proc = run_cli("embed_slides", "-m", "hydra/launcher=joblib", "trainer=ddp", "trainer.accelerator=cpu",
+                   f"wsi_dir={wsi_dir}", f"job_dir={tmp_path / 'job'}", *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   cwd=tmp_path, timeout=300)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "trainer=ddp cannot start its ranks inside a joblib job" in out and "--pipe" not in out, out[-3000:]
+    assert not list(tmp_path.glob("job/*/features_*/*.h5"))
+
+
 RANKS_SCRIPT = """
 import sys
 

@@ -43,6 +43,7 @@ def launch_workers(trainer: DictConfig, runtime: Runtime):
         strategy=t.get("strategy", "auto"),
         precision=t.get("precision", "32-true"),
     )
+    _check_rank_start(fabric)
     fabric.launch()
     rank = fabric.global_rank
     launch = runtime.launch
@@ -50,6 +51,23 @@ def launch_workers(trainer: DictConfig, runtime: Runtime):
         launch = fabric.broadcast(launch or f"ddp:{uuid.uuid4().hex}", src=0)
     return fabric, dataclasses.replace(runtime, device=fabric.device, rank=rank, world_size=fabric.world_size,
                                        progress=runtime.progress and rank == 0, launch=launch)  # fmt: skip
+
+
+def _check_rank_start(fabric) -> None:
+    """Lightning starts the other ranks by running this process's command line again; a joblib job (a loky worker
+    of ``hydra/launcher=joblib``) has none to run, and its ranks died with an unrelated parser error. Refused before
+    any rank starts."""
+    from hydra.core.hydra_config import HydraConfig
+
+    launcher = getattr(getattr(fabric, "_strategy", None), "launcher", None)
+    if fabric.world_size < 2 or type(launcher).__name__ != "_SubprocessScriptLauncher" or not HydraConfig.initialized():
+        return
+    if "joblib" in str(OmegaConf.select(HydraConfig.get(), "launcher._target_", default="")).lower():
+        raise InputError(
+            "trainer=ddp cannot start its ranks inside a joblib job (hydra/launcher=joblib): Lightning starts them by "
+            "running the command line again, which a joblib worker does not have. Sweep with the basic launcher "
+            "(the default) or hydra/launcher=submitit_slurm, or give each job one device (trainer.devices=1)"
+        )
 
 
 def run_on_workers(fabric, work: Callable[[], T], merge: Callable[[list[T]], T] | None = None) -> T:
