@@ -385,3 +385,18 @@ def test_old_keys_and_other_tasks_heads_get_one_line_from_the_command_line(tmp_p
     assert head.returncode == 1 and "must be one of ['abmil', 'mean_pool']" in head.stderr, head.stderr
     for proc in (old, head):
         assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+
+
+def test_tasks_of_a_slurm_array_started_in_one_second_get_run_folders_of_their_own(tmp_path, monkeypatch):
+    """The run folder was named by the second alone: array tasks starting together shared it (one log for two
+    tasks, one done.json overwriting the other). In a SLURM job its id ends the name; elsewhere nothing changes."""
+    for job in ("4242", "4243", None):
+        if job is None:
+            monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+        else:
+            monkeypatch.setenv("SLURM_JOB_ID", job)
+        proc = run_cli("smoke", "num_samples=64", "trainer.max_epochs=1", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "logs" / "smoke" / "runs").iterdir())
+    assert [n.rsplit("_slurm", 1)[-1] for n in names if "_slurm" in n] == ["4242", "4243"]
+    assert len(names) == 3 and all(len(n) == len("2026-01-01_12-00-00") for n in names if "_slurm" not in n)

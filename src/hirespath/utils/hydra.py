@@ -27,6 +27,16 @@ def register_resolvers() -> None:
     # directory of a multirun, before any HydraConfig exists (paths.root_dir feeds hydra.sweep.dir).
     if not OmegaConf.has_resolver("hp.cwd"):
         OmegaConf.register_new_resolver("hp.cwd", os.getcwd)
+    # the run folder's suffix in a SLURM job: the tasks of an array start in the same second, and shared one run
+    # folder (one log for two tasks, done.json overwritten); each task is a job of its own id. The ranks of one job
+    # (srun) share its folder, as they do without SLURM.
+    if not OmegaConf.has_resolver("hp.slurm_job"):
+        OmegaConf.register_new_resolver("hp.slurm_job", _slurm_job_suffix)
+
+
+def _slurm_job_suffix() -> str:
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return f"_slurm{job}" if job.isdigit() else ""
 
 
 register_resolvers()
