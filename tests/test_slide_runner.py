@@ -99,12 +99,18 @@ def test_the_summary_of_a_ddp_run_is_every_ranks_not_rank_0s(slides, tmp_path):
     ranks = [replace(CPU, rank=r, world_size=2, launch="ddp:1") for r in (0, 1)]
     parts = [embed_slides(encoder(), specs[:1], tmp_path, TILING, embed_cfg(), ranks[0])]  # rank 0 stops early
     parts.append(embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), ranks[1]))  # the rest
-    parts[0]["slides_total"] = 3  # as if rank 0 had listed them all, and was stopped after its own
     run = merge_summaries(parts)
     assert [d["slide"] for d in run["embedded"]] == ["s0", "s1"] and run["slides_done"] == 2
     assert run["slides_skipped"] == 1 and run["slides_already_finished"] == 0 and run["slides_finished_on_disk"] == 2
     assert run["tiles"] == parts[0]["tiles"] + parts[1]["tiles"] and run["seconds"] == max(p["seconds"] for p in parts)
     assert merge_summaries(parts[:1]) is parts[0]
+    assert "found_finished" not in json.loads((Path(run["features_dir"]) / "summary.json").read_text())["workers"]
+    # s1 held by a worker outside the run when rank 0 came, finished when rank 1 did; "bad" failed outside it
+    again = [dict(p, done=[], skipped=[], slides_done=0, slides_skipped=0) for p in parts]
+    again[0].update(held=[{"slide": "s1"}], found_finished=["s0"], failed_by_others=[{"slide": "bad"}])
+    again[1].update(held=[], found_finished=["s0", "s1"], failed_by_others=[{"slide": "bad"}])
+    run = merge_summaries(again)
+    assert (run["slides_already_finished"], run["slides_locked_by_others"], run["slides_failed_by_others"]) == (2, 0, 1)
 
 
 def test_another_architecture_of_the_preset_is_refused_not_taken_for_finished(slides, tmp_path, caplog):

@@ -306,6 +306,7 @@ def run_slides(
         log.info("skipping %d finished slides of %d in %s", len(finished_before), len(specs), out_dir)
         ledger.forget_slide_failures([s.slide_id for s in finished_before])
     done_ids = {s.slide_id for s in finished_before}
+    found_finished = [s.slide_id for s in finished_before]  # for merge_summaries; not kept in summary.json
     host = socket.gethostname()
     summary = {
         "job_dir": str(job.job_dir), "tiling": job.tiling_tag, "output_dir": str(out_dir), "rank": rank,
@@ -458,6 +459,7 @@ def run_slides(
                                  "it again", spec.slide_id, failed["host"] or "?", failed["reason"])  # fmt: skip
                     else:
                         summary["slides_already_finished"] += 1
+                        found_finished.append(spec.slide_id)
                     futures.pop(spec.slide_id, None)
                     prefetch(k + 1)
                     if lock is not None:
@@ -515,6 +517,7 @@ def run_slides(
          **consumer.identity},
     )  # fmt: skip
     summary["slides_finished_on_disk"] = merged["slides_finished"]
+    summary["found_finished"] = found_finished
     redrawn = f"{n} drawn again from their stored outputs, " if (n := summary["slides_redrawn"]) else ""
     log.info(
         "%d slides done (%s%d tiles, %.1f mm² tissue), %d skipped, %d already finished, %d held by other workers, "
@@ -549,9 +552,9 @@ SUMMED = ("slides_done", "slides_redrawn", "slides_skipped", "tiles", "tiles_ski
 
 def merge_summaries(parts: list[dict]) -> dict:
     """The summary of one run from its workers' (the DDP ranks of a run, each through every slide): counts summed,
-    per-slide lists joined, seconds the longest rank's (stage seconds summed over ranks). A slide a rank found
-    finished, held or failed by another rank of the run is that rank's; what is left of the list was finished
-    before (or by workers outside the run), held or failed by workers outside it."""
+    per-slide lists joined, seconds the longest rank's (stage and untracked seconds summed over ranks). Each slide
+    is counted once, by what some rank made of it, in this order: done or skipped by a rank, found finished, failed
+    by a worker outside the run, held by one."""
     if len(parts) == 1:
         return parts[0]
     out = dict(parts[0])
@@ -559,21 +562,24 @@ def merge_summaries(parts: list[dict]) -> dict:
         out[key] = sum(p[key] for p in parts)
     out["done"] = [d for p in parts for d in p["done"]]
     out["skipped"] = [d for p in parts for d in p["skipped"]]
-    ours = {d["slide"] for d in out["done"] + out["skipped"]}
-    for key in ("held", "failed_by_others"):
+    counted = {d["slide"] for d in out["done"] + out["skipped"]}
+    finished = {s for p in parts for s in p.get("found_finished", [])} - counted
+    counted |= finished
+    for key in ("failed_by_others", "held"):
         seen: dict = {}
         for p in parts:
-            seen.update({d["slide"]: d for d in p[key] if d["slide"] not in ours})
+            seen.update({d["slide"]: d for d in p[key] if d["slide"] not in counted})
         out[key] = list(seen.values())
+        counted |= set(seen)
+    out["found_finished"] = sorted(finished)
+    out["slides_already_finished"] = len(finished)
     out["slides_locked_by_others"], out["slides_failed_by_others"] = len(out["held"]), len(out["failed_by_others"])
-    out["slides_already_finished"] = (out["slides_total"] - len(ours) - out["slides_locked_by_others"]
-                                      - out["slides_failed_by_others"])  # fmt: skip
     out["seconds"] = max(p["seconds"] for p in parts)
     out["stage_seconds"] = {k: sum(p["stage_seconds"].get(k, 0.0) for p in parts) for k in out["stage_seconds"]}
     out["untracked_seconds"] = sum(p["untracked_seconds"] for p in parts)
     out["threads"] = [t for p in parts for t in p["threads"]]
-    # each rank counted before the last of them finished: the partition above is the count after
-    out["slides_finished_on_disk"] = max(out["slides_already_finished"] + out["slides_done"],
+    # each rank counted before the last of them finished
+    out["slides_finished_on_disk"] = max(len(finished) + out["slides_done"],
                                          *(p.get("slides_finished_on_disk", 0) for p in parts))  # fmt: skip
     out["warnings"] = {k: [s for p in parts for s in p["warnings"].get(k, [])]
                        for k in dict.fromkeys(k for p in parts for k in p["warnings"])}  # fmt: skip
