@@ -782,6 +782,20 @@ def test_a_redraw_of_a_slide_listed_at_another_mpp_names_the_mpp(ckpt, wsi, tmp_
         segment(0.25, threshold=0.4, redraw=True)  # its map has another size too: the mpp is the reason
 
 
+def test_a_ddp_runs_seam_measure_is_over_every_ranks_slides():
+    """The merged summary of trainer=ddp kept rank 0's seam measure (None when only rank 1 measured a slide)."""
+    from hirespath.tasks.segment_slides import _merged
+
+    base = {"slides_total": 2, "slides_done": 1, "slides_redrawn": 0, "slides_skipped": 0, "tiles": 4,
+            "tiles_skipped": 0, "tissue_mm2": 1.0, "skipped": [], "held": [], "failed_by_others": [],
+            "found_finished": [], "seconds": 1.0, "stage_seconds": {}, "untracked_seconds": 0.0, "threads": [2],
+            "warnings": {}, "seams": None}  # fmt: skip
+    rank0 = {**base, "worker": "a", "done": [{"slide": "s0"}]}
+    rank1 = {**base, "worker": "b", "done": [{"slide": "s1", "seams": {"mean_dice": 0.9, "mean_abs_diff": 0.01}}]}
+    run = _merged([rank0, rank1], SegmentOptions())
+    assert run["seams"]["slides"] == 1 and run["seams"]["of_slides"] == 2 and run["seams"]["mean_dice"] == 0.9
+
+
 def test_rerun_skips_finished_slides(done, ckpt, wsi):
     job, first = done
     geo = Path(first["output_dir"]) / "s0.geojson"

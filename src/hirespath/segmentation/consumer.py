@@ -535,14 +535,7 @@ class SegmentationConsumer:
 
     def run_facts(self, done: list[dict]) -> dict:
         """The seam measure over this worker's slides (each slide's is in ``done`` and seams.csv)."""
-        measured = [d["seams"] for d in done if d.get("seams")]
-        if not measured:
-            return {"seams": None}
-        dice = [m["mean_dice"] for m in measured if np.isfinite(m["mean_dice"])]
-        return {"seams": {"slides": len(measured), "of_slides": len(done), "share": self.options.seam_check_share,
-                          "blend": self.options.blend, "threshold": self.options.threshold,
-                          "mean_dice": float(np.mean(dice)) if dice else None,
-                          "mean_abs_diff": float(np.mean([m["mean_abs_diff"] for m in measured]))}}  # fmt: skip
+        return seam_facts(done, self.options)
 
     def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
         geoms, areas = result.pop("class_geoms", None), result.get("areas_mm2", {})
@@ -700,3 +693,16 @@ def _record_old_drawing(folder: Path, options: SegmentOptions) -> None:
     except (OSError, ValueError):
         return
     Ledger(folder).add_missing_columns(AREAS, {**options.drawing(), **{k: config[k] for k in DRAWING if k in config}})
+
+
+def seam_facts(done: list[dict], options: SegmentOptions) -> dict:
+    """``{"seams": ...}``: the seam measure over the slides of ``done`` (a worker's, or a DDP run's merged) that
+    were measured, or None."""
+    measured = [d["seams"] for d in done if d.get("seams")]
+    if not measured:
+        return {"seams": None}
+    dice = [m["mean_dice"] for m in measured if np.isfinite(m["mean_dice"])]
+    return {"seams": {"slides": len(measured), "of_slides": len(done), "share": options.seam_check_share,
+                      "blend": options.blend, "threshold": options.threshold,
+                      "mean_dice": float(np.mean(dice)) if dice else None,
+                      "mean_abs_diff": float(np.mean([m["mean_abs_diff"] for m in measured]))}}  # fmt: skip

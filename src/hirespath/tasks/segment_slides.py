@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from omegaconf import DictConfig, OmegaConf
 
 from ..segmentation import SegmentOptions, load_segmentation, segment_slides
+from ..segmentation.consumer import seam_facts
 from ..slides import Runtime
 from ..slides.launch import launch_id, launch_workers, run_on_workers
 from ..slides.runner import merge_summaries
@@ -55,7 +56,7 @@ def run_segment_slides(cfg: DictConfig) -> dict:
     loggers = instantiate_list(cfg.get("logger")) if fabric.global_rank == 0 else []
     summary = run_on_workers(fabric, lambda: segment_slides(seg, specs, cfg.job_dir, tiling, cfg.embed, options,
                                                             runtime, default_mpp=cfg.data.default_mpp),
-                             merge=merge_summaries)  # W&B gets every rank's slides  # fmt: skip
+                             merge=lambda parts: _merged(parts, options))  # fmt: skip
     log.info("segmentations in %s", summary["output_dir"])
     if loggers:
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -66,6 +67,12 @@ def run_segment_slides(cfg: DictConfig) -> dict:
         for lg in loggers:
             lg.finalize("success")
     return summary
+
+
+def _merged(parts: list[dict], options: SegmentOptions) -> dict:
+    """A DDP run's summary (W&B gets every rank's slides) with its seam measure over every rank's slides."""
+    run = merge_summaries(parts)
+    return {**run, **seam_facts(run["done"], options)} if len(parts) > 1 else run
 
 
 def main() -> None:
