@@ -1,6 +1,7 @@
 """The embed_slides task through Hydra: one process, then trainer=ddp (2 gloo ranks share the slides)."""
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,6 +12,7 @@ from test_slide_embedding import synthetic_image
 
 from hirespath.data.panda_synthetic import write_pyramid
 from hirespath.tasks.embed_slides import run_embed_slides
+from hirespath.utils.errors import InputError
 
 TINY = [
     "backbone=tiny",
@@ -94,6 +96,36 @@ def test_ddp_inside_a_joblib_job_is_refused_before_any_rank_starts(wsi_dir, tmp_
     assert proc.returncode == 1, out[-3000:]
     assert "trainer=ddp cannot start its ranks inside a joblib job" in out and "--pipe" not in out, out[-3000:]
     assert not list(tmp_path.glob("job/*/features_*/*.h5"))
+
+
+def test_the_joblib_check_leaves_single_runs_and_other_launchers_alone():
+    """Only a multirun's joblib job is refused: a single run that names the joblib launcher does not use it."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from hirespath.slides.launch import _check_rank_start
+
+    _SubprocessScriptLauncher = type("_SubprocessScriptLauncher", (), {})
+    fabric = SimpleNamespace(world_size=2, _strategy=SimpleNamespace(launcher=_SubprocessScriptLauncher()))
+    conf = str(Path(__file__).parents[1] / "conf")
+    for launcher, mode, refused in (("joblib", RunMode.MULTIRUN, True), ("joblib", RunMode.RUN, False),
+                                    ("submitit_slurm", RunMode.MULTIRUN, False)):  # fmt: skip
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("smoke", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+        cfg.hydra.mode = mode
+        cfg.hydra.sweep.dir = "/tmp/sweep"
+        HydraConfig.instance().set_config(cfg)
+        try:
+            if refused:
+                with pytest.raises(InputError, match="inside a joblib job"):
+                    _check_rank_start(fabric)
+            else:
+                _check_rank_start(fabric)
+        finally:
+            HydraConfig.instance().cfg = None
 
 
 RANKS_SCRIPT = """

@@ -60,8 +60,8 @@ def _check_rank_start(fabric) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     launcher = getattr(getattr(fabric, "_strategy", None), "launcher", None)
-    if fabric.world_size < 2 or type(launcher).__name__ != "_SubprocessScriptLauncher" or not HydraConfig.initialized():
-        return
+    if fabric.world_size < 2 or type(launcher).__name__ != "_SubprocessScriptLauncher" or not multirun_dir():
+        return  # a single run that names the joblib launcher does not use it
     if "joblib" in str(OmegaConf.select(HydraConfig.get(), "launcher._target_", default="")).lower():
         raise InputError(
             "trainer=ddp cannot start its ranks inside a joblib job (hydra/launcher=joblib): Lightning starts them by "
