@@ -400,3 +400,19 @@ def test_tasks_of_a_slurm_array_started_in_one_second_get_run_folders_of_their_o
     names = sorted(p.name for p in (tmp_path / "logs" / "smoke" / "runs").iterdir())
     assert [n.rsplit("_slurm", 1)[-1] for n in names if "_slurm" in n] == ["4242", "4243"]
     assert len(names) == 3 and all(len(n) == len("2026-01-01_12-00-00") for n in names if "_slurm" not in n)
+
+
+def test_a_sweeps_folder_is_the_launchers_in_each_of_its_slurm_jobs(monkeypatch):
+    """The submitit launcher's jobs rebuild the sweep's config in SLURM jobs of their own ids: the folder suffix is
+    cached with the config (as ${now:} is), so every job writes under the sweep folder the launcher made."""
+    import pickle
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("SLURM_JOB_ID", "555")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("smoke", return_hydra_config=True)
+    made = OmegaConf.select(cfg, "hydra.sweep.dir")
+    monkeypatch.setenv("SLURM_JOB_ID", "556")  # a job of the sweep
+    assert made.endswith("_slurm555") and OmegaConf.select(pickle.loads(pickle.dumps(cfg)), "hydra.sweep.dir") == made

@@ -31,7 +31,8 @@ def register_resolvers() -> None:
     # folder (one log for two tasks, done.json overwritten); each task is a job of its own id. The ranks of one job
     # (srun) share its folder, as they do without SLURM.
     if not OmegaConf.has_resolver("hp.slurm_job"):
-        OmegaConf.register_new_resolver("hp.slurm_job", _slurm_job_suffix)
+        # cached: the submitit launcher's jobs rebuild the sweep's config in SLURM jobs of their own ids
+        OmegaConf.register_new_resolver("hp.slurm_job", _slurm_job_suffix, use_cache=True)
 
 
 def _slurm_job_suffix() -> str:
