@@ -97,8 +97,38 @@ def run_on_workers(fabric, work: Callable[[], T], merge: Callable[[list[T]], T] 
             f"rank {ranks} of {fabric.world_size} stopped with an error (its message is above); the slides every "
             "rank finished are kept: fix it and run the same command again to go on with the rest"
         )
+    if fabric.world_size > 1:
+        _end_process_group_at_exit()
     if merge is not None and fabric.world_size > 1:
-        parts: list = [None] * fabric.world_size
-        torch.distributed.all_gather_object(parts, result)
-        return merge(parts)
+        return merge(_gather_objects(fabric, result))
     return result
+
+
+def _end_process_group_at_exit() -> None:
+    """Gloo ranks whose process group was left to the interpreter's teardown aborted now and then after the
+    collectives above ("terminate called without an active exception", exit status 134 for a finished run)."""
+    import atexit
+
+    atexit.unregister(_end_process_group)  # once per process, however often it is called
+    atexit.register(_end_process_group)
+
+
+def _end_process_group() -> None:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _gather_objects(fabric, obj) -> list:
+    """Every rank's ``obj`` (pickled), through the tensor all_gather above."""
+    import pickle
+
+    import torch
+
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = fabric.all_gather(torch.tensor([len(data)], dtype=torch.int64, device=fabric.device)).flatten().tolist()
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=fabric.device)
+    padded[: len(data)] = data.to(fabric.device)
+    rows = fabric.all_gather(padded).reshape(len(sizes), -1).cpu()
+    return [pickle.loads(rows[i, :n].numpy().tobytes()) for i, n in enumerate(sizes)]
