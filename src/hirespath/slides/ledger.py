@@ -37,6 +37,13 @@ log = logging.getLogger("hirespath.slides")
 
 SKIPPED_COLUMNS = ["slide", "path", "reason", "time", "host", "launch"]
 CONFIG, SKIPPED, TIMINGS, SUMMARY = "config.json", "skipped.csv", "timings.csv", "summary.json"
+
+
+def whole_slide_rows(skipped: pd.DataFrame) -> pd.Series:
+    """Which rows of skipped.csv are slides that failed, not tiles of a finished slide (``tile N: ...``)."""
+    return ~skipped["reason"].str.startswith("tile ")
+
+
 OUTPUTS_SINCE = ".outputs_since"
 
 
@@ -194,7 +201,7 @@ class Ledger:
             return
         with self._locked(SKIPPED):
             old = self.skipped()
-            stale = old["slide"].isin(set(slides)) & ~old["reason"].str.startswith("tile ")
+            stale = old["slide"].isin(set(slides)) & whole_slide_rows(old)
             if stale.any():
                 with atomic_path(path) as tmp:
                     old[~stale].to_csv(tmp, index=False)
@@ -219,7 +226,7 @@ class Ledger:
             return None
         if key != self._launch_failures[0]:
             rows = self.skipped()
-            rows = rows[(rows["launch"] != "") & ~rows["reason"].str.startswith("tile ")]
+            rows = rows[(rows["launch"] != "") & whole_slide_rows(rows)]
             self._launch_failures = (key, {(r["slide"], r["launch"]): r for r in rows.to_dict("records")})
         return self._launch_failures[1].get((slide, launch))
 

@@ -47,7 +47,7 @@ from ..wsi import trident_h5
 from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
-from .ledger import IdentityMismatch, Ledger
+from .ledger import IdentityMismatch, Ledger, whole_slide_rows
 from .prepare import PreparedSlide, cover_tissue, prepare_slide
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
 
@@ -512,7 +512,7 @@ def run_slides(
     merged = ledger.update_summary(
         summary,
         {"output_dir": str(out_dir), "slides_total": len(specs), "slides_finished": on_disk,
-         "slides_skipped": int(skipped.slide[skipped.slide.isin(outputs) & ~skipped.reason.str.startswith("tile ")]
+         "slides_skipped": int(skipped.slide[skipped.slide.isin(outputs) & whole_slide_rows(skipped)]
                                .nunique()),
          **consumer.identity},
     )  # fmt: skip
@@ -534,14 +534,14 @@ def run_slides(
                  min(job.lock_stale_s, HEARTBEAT_MISSES * HEARTBEAT_S) / 60, names)  # fmt: skip
     # a slide another worker of this launch failed counts as failed here too: an array task whose slides all
     # failed, some in other tasks, exits 1 like them (afterok dependencies)
-    failed = summary["skipped"] + summary["failed_by_others"]
+    failures = summary["skipped"] + summary["failed_by_others"]
     # only when no slide of the run is finished: another worker may have finished the rest while this one failed
-    if failed and not (summary["slides_done"] or summary["slides_already_finished"]
-                       or summary["slides_locked_by_others"]):  # fmt: skip
-        reasons = sorted({s["reason"] for s in failed})
+    if failures and not (summary["slides_done"] or summary["slides_already_finished"]
+                         or summary["slides_locked_by_others"]):  # fmt: skip
+        reasons = sorted({s["reason"] for s in failures})
         by_others = f", {n} of them by other workers of this launch" if (n := len(summary["failed_by_others"])) else ""
         raise NothingProcessed(
-            f"no slide could be processed: all {len(failed)} failed{by_others} (listed in "
+            f"no slide could be processed: all {len(failures)} failed{by_others} (listed in "
             f"{out_dir / 'skipped.csv'}); first reason: {reasons[0]}"
         )
     return summary

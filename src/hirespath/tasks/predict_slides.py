@@ -50,6 +50,7 @@ log = logging.getLogger("hirespath.predict_slides")
 
 def run_predict_slides(cfg: DictConfig) -> dict:
     from ..slides import Ledger
+    from ..slides.ledger import whole_slide_rows
     from ..utils.hydra import instantiate_list
     from ..utils.wandb import log_images, log_table
     from ..wsi.listing import list_slides
@@ -89,7 +90,7 @@ def run_predict_slides(cfg: DictConfig) -> dict:
                                         token_scores=resolution == "token")  # fmt: skip
         ledger = Ledger(features_dir).skipped()
         wanted = set(slide_paths)
-        ledger = ledger[~ledger.reason.str.startswith("tile ")]  # a slide with failed tiles is embedded
+        ledger = ledger[whole_slide_rows(ledger)]  # a slide with failed tiles is embedded
         skipped += [(s, f"not embedded: {r}") for s, r in zip(ledger.slide, ledger.reason) if s in wanted]
         files = scan_feature_dir(features_dir)
         files = files[files.slide_id.isin(wanted)]
