@@ -154,6 +154,22 @@ def test_a_slide_id_that_cannot_name_its_attention_file_is_refused(tmp_path, sli
     assert not list((tmp_path / "out" / "attention").glob("*")) and not (tmp_path / "up.h5").exists()
 
 
+def test_a_heatmap_limit_counts_the_slides_drawn(tmp_path):
+    """``limit`` heatmaps are drawn when that many slides have coords: a CLAM file without coords sorted first
+    does not take one of them (it used to, leaving ``figures.num_slides=1`` with no figure)."""
+
+    def result(sid, coords):
+        return {"slide_id": sid, "label": 0, "logits": np.zeros(2), "probs": np.array([0.5, 0.5]),
+                "attention": np.full(2, 0.5, np.float32), "coords": coords, "tile_size": 224}  # fmt: skip
+
+    no_coords = np.full((2, 2), -1)
+    paths = write_mil_outputs(tmp_path / "out", [result("a", no_coords), result("b", np.array([[0, 0], [224, 0]])),
+                                                 result("c", np.array([[0, 0], [0, 224]]))], num_classes=2)  # fmt: skip
+    pngs = attention_heatmaps(paths["attention_dir"], tmp_path / "heatmaps", limit=1)
+    assert [p.stem for p in pngs] == ["b"]
+    assert [p.stem for p in attention_heatmaps(paths["attention_dir"], tmp_path / "all", limit=None)] == ["b", "c"]
+
+
 def test_mean_pool_end_to_end_with_early_stopping_and_best_checkpoint(tmp_path, one_thread):
     """MeanPool on bags whose every tile is shifted by the label, batches of 3 bags with tile sampling, early
     stopping and checkpointing on val/kappa; the restored best checkpoint scores the test split."""

@@ -209,6 +209,20 @@ def test_trident_and_clam_files(trident_run, tmp_path, capsys):
     _check_geojson(out / "heatmaps" / "t1.geojson", attrs["level0_width"], attrs["level0_height"], 6)
 
 
+def test_heatmaps_num_slides_counts_the_slides_drawn(trident_run, tmp_path):
+    """``heatmaps.num_slides=1`` draws one heatmap when a slide has coords, though a CLAM file without coords
+    comes first."""
+    d = tmp_path / "new"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    with h5py.File(d / "a_clam.h5", "w") as f:
+        f["features"] = rng.normal(size=(4, 8)).astype(np.float32)
+    write_trident(d / "b.h5", rng.normal(size=(6, 8)), encoder="x")
+    _, out = _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}", "heatmaps.num_slides=1")
+    assert pd.read_csv(out / "predictions.csv").slide_id.tolist() == ["a_clam", "b"]
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["b.geojson", "b.png"]
+
+
 def test_refusals(trident_run, tmp_path):
     """Another dimension, another encoder, the same encoder's name from another weights file, a checkpoint that is
     not a MIL one, a missing file: one clear error each, before any output."""

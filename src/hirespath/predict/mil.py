@@ -356,13 +356,15 @@ def _qupath_region(slide_path, attrs: dict) -> tuple[int, int, int, int] | None:
 
 def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, out_dir: Path, num_classes: int, *,
                    num_slides: int | None, resolution: str, max_side: int) -> list[Path]:  # fmt: skip
-    """``heatmaps/<slide>.png`` and ``.geojson`` for all slides or the first ``num_slides``; returns the PNGs."""
+    """``heatmaps/<slide>.png`` and ``.geojson`` for all slides or the first ``num_slides`` that have coords;
+    returns the PNGs."""
     from ..viz.mil import attention_heatmap
     from ..wsi import trident_h5
 
-    chosen = results if num_slides is None else results[: int(num_slides)]
     pngs = []
-    for r, row in zip(chosen, pred.itertuples()):
+    for r, row in zip(results, pred.itertuples()):
+        if num_slides is not None and len(pngs) >= int(num_slides):
+            break
         sid = r["slide_id"]
         if (r["coords"] < 0).all():
             log.info("no heatmap for %s: its feature file has no coords", sid)

@@ -202,19 +202,20 @@ def attention_heatmaps(
     **kwargs,
 ) -> list[Path]:
     """Heatmap PNGs ``out_dir/<slide>.png`` from the ``attention/<slide>.h5`` files of ``write_mil_outputs``: of
-    ``slide_ids`` (default: the first ``limit`` files by name). ``slide_path(slide_id)`` locates the slide file for
-    the thumbnail (e.g. PANDA: ``lambda s: root / "train_images" / f"{s}.tiff"``; a path that does not exist: no
-    thumbnail). ``name``: the file name pattern. Slides whose feature file had no coords get no heatmap."""
+    ``slide_ids`` (default: every file by name), the first ``limit`` that have coords (slides whose feature file
+    had none get no heatmap). ``slide_path(slide_id)`` locates the slide file for the thumbnail (e.g. PANDA:
+    ``lambda s: root / "train_images" / f"{s}.tiff"``; a path that does not exist: no thumbnail). ``name``: the file
+    name pattern."""
     from ..modules.mil import read_attention
 
     attention_dir = Path(attention_dir)
     files = (
         [attention_dir / f"{s}.h5" for s in slide_ids] if slide_ids is not None else sorted(attention_dir.glob("*.h5"))
     )
-    if limit is not None:
-        files = files[:limit]
     paths = []
     for f in files:
+        if limit is not None and len(paths) >= limit:  # the first ``limit`` drawn: slides without coords not counted
+            break
         if not f.is_file():
             raise FileNotFoundError(f"no attention file {f} (written by write_mil_outputs)")
         a = read_attention(f)
