@@ -61,6 +61,7 @@ def test_benchmark_task_writes_csv_and_plot(tmp_path):
     assert list(df.tokens[:2]) == [16, 64]
     assert (df.seconds_per_image > 0).all()
     assert set(df.attention) == {"dense", "sparse"} and (df.device == "cpu").all() and (df.dtype == "fp32").all()
+    assert (df.backbone_overrides == "init_values=1.0").all()  # the tiny preset's; a narrowed UNI2-h names its own
     png = (tmp_path / "benchmark.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "x dense" in result["summary"]

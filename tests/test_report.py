@@ -317,6 +317,30 @@ def test_vanilla_cost_is_eager_and_failed_jobs_are_listed(tmp_path):
     assert t1.bench_status[896] == "oom"  # eager ran out of memory; dense's 0.9 s is not vanilla's cost
 
 
+def test_ours_cost_is_the_default_kernels_on_the_runs_architecture(tmp_path):
+    """Table 1's cost of "ours" came from the last matching benchmark row: table1_cost's forced-gather comparison
+    entry (not the default kernel the accuracy runs used), or a narrowed model's row from a cpu_speed run passed
+    beside it. Now: the default kernel's row on the runs' architecture; the narrowed model gets its own rows."""
+    cls, bench = tmp_path / "classify", tmp_path / "benchmark"
+    _job(cls, 0, "classify", {"resolution": 448, "attention": "sparse", "pruner.prune_ratio": 0.6},
+         _cls_metrics(0.5))  # fmt: skip
+    tiny = "init_values=1.0"  # the tiny preset's own override, in the runs and the benchmark alike
+    ours = [
+        {**_bench_row("sparse", 0.6, 448, 1.0, 2.0), "backbone_overrides": tiny, "sparse_backend": "auto:gather"},
+        {**_bench_row("sparse", 0.6, 448, 9.0, 2.5), "backbone_overrides": tiny, "sparse_backend": "gather"},
+    ]
+    _job(bench, 0, "benchmark", {"attention": "sparse", "pruner.prune_ratio": 0.6}, bench=ours)
+    narrowed = f"depth=12,embed_dim=384,{tiny},num_heads=6"
+    _job(bench, 1, "benchmark", {"attention": "sparse", "pruner.prune_ratio": 0.6},
+         bench=[{**_bench_row("sparse", 0.6, 448, 5.0, 0.5), "backbone_overrides": narrowed,
+                 "sparse_backend": "auto:gather"}])  # fmt: skip
+    build_report([cls, bench], tmp_path / "report")
+    t1 = pd.read_csv(tmp_path / "report" / "table1.csv").set_index("backbone_overrides")
+    assert sorted(t1.index) == sorted([tiny, narrowed])
+    assert t1.seconds_per_image[tiny] == pytest.approx(1.0) and t1.lp_acc[tiny] == pytest.approx(0.5)
+    assert t1.seconds_per_image[narrowed] == pytest.approx(5.0) and pd.isna(t1.lp_acc[narrowed])  # measured only
+
+
 def test_report_warns_when_a_cell_averages_different_data(tmp_path):
     cls = tmp_path / "classify"
     for i, root in enumerate(("/data/panda", "/data/panda_synthetic")):

@@ -17,6 +17,13 @@ BENCHMARK_FILE = "benchmark.csv"  # benchmark: one row per attention configurati
 SUMMARY_FILE = "summary.json"  # the slide embedding job (summary_rank<r>.json per rank when world_size > 1)
 TIMINGS_FILE = "timings.csv"  # the slide embedding job: per-slide stage seconds
 
+
+def backbone_overrides_label(overrides) -> str:
+    """``backbone.overrides`` (e.g. a narrowed UNI2-h: depth 12, dim 384) as benchmark.csv's ``backbone_overrides``
+    column and the report's run key write it: ``k=v`` sorted, comma-joined; "" for none."""
+    return ",".join(f"{k}={v}" for k, v in sorted(dict(overrides or {}).items()))
+
+
 # ----------------------------------------------------------------------------------------------- metric keys
 
 # stage prefixes: Lightning logs and metrics.json keys are "<stage>/<name>"

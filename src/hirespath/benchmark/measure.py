@@ -31,6 +31,7 @@ import torch
 
 from ..models.backbones import build_timm_model, check_resolution, get_backbone
 from ..models.encoder import HiResEncoder
+from ..results import backbone_overrides_label
 from ..utils.io import atomic_path
 from ..utils.memory import is_oom
 from .costmodel import encoder_cost, inference_kernel, padding_ratio
@@ -190,6 +191,7 @@ class Benchmark:
         cost = encoder_cost(enc, resolution, dtype.itemsize, self.device.type, dtype)
         return enc, dict(
             backbone=self.backbone,
+            backbone_overrides=backbone_overrides_label(self.overrides),
             attention=cfg.attention,
             window=cfg.window,
             prune_ratio=cfg.prune_ratio,

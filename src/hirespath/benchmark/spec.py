@@ -10,6 +10,7 @@ from ..models.encoder import HiResEncoder
 
 COLUMNS = [
     "backbone",
+    "backbone_overrides",  # the preset's architecture changes (results.backbone_overrides_label), "" for none
     "attention",
     "window",
     "prune_ratio",

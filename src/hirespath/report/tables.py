@@ -45,6 +45,7 @@ from ..results import (
     TEST_KAPPA,
     TEST_MPA,
     TRAIN_PEAK_MEMORY_GB,
+    backbone_overrides_label,
 )
 from ..utils.io import atomic_path, write_text
 from ..viz.figures import pyplot, save_png
@@ -100,6 +101,7 @@ CONFIG_KEYS = {
     "fov_um": ("data.fov_um",),
 }
 SETTINGS = ("data_root", "weights", "features", "fov_um", "head_solver", "features_dir")
+ARCH = "backbone_overrides"  # benchmark.csv's column; the runs' backbone.overrides, labelled the same way
 
 
 def _warn_mixed(runs: pd.DataFrame, keys: Sequence[str], table: str) -> None:
@@ -183,6 +185,8 @@ def job_info(job_dir: Path) -> dict[str, Any]:
                 break
         info[name] = value
     info["overrides"] = ",".join(f"{k}={v}" for k, v in overrides.items())
+    arch = _select(cfg, "backbone.overrides")  # a narrowed preset is another model: its own rows (see _arch_keys)
+    info[ARCH] = backbone_overrides_label(arch if isinstance(arch, dict) else None)
     return info
 
 
@@ -207,6 +211,8 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
     if "prune_ratio" in frame:
         frame["prune_ratio"] = pd.to_numeric(frame["prune_ratio"], errors="coerce").fillna(0.0).astype(float)
+    if ARCH in frame:  # "" for none; NaN in benchmark.csv files written before the column: unknown
+        frame[ARCH] = frame[ARCH].where(frame[ARCH].isna(), frame[ARCH].fillna("").astype(str))
     return frame
 
 
@@ -271,6 +277,8 @@ def collect(dirs: Sequence[str | Path]) -> Collected:
     if len(bench_df):
         if "status" not in bench_df:
             bench_df["status"] = "ok"
+        if ARCH not in bench_df:
+            bench_df[ARCH] = np.nan
         bench_df["method"] = [method_label(a, r) for a, r in zip(bench_df.attention, bench_df.prune_ratio)]
     return Collected(runs_df, bench_df, skipped)
 
@@ -321,15 +329,31 @@ def _classification(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     return out
 
 
+def _arch_keys(col: Collected) -> list[str]:
+    """``[ARCH]`` when the runs and benchmark rows are of more than one architecture of a preset (a narrowed UNI2-h
+    beside the full one: their rows then stand apart, labelled), else none (the tables as before)."""
+    labels = set()
+    for f in (col.runs, col.bench):
+        if len(f) and ARCH in f:
+            labels |= set(f[ARCH].dropna())
+    return [ARCH] if len(labels) > 1 else []
+
+
 def _bench_for(bench: pd.DataFrame, row: pd.Series) -> pd.Series | None:
-    """The benchmark row measuring the same configuration (vanilla: same attention, else eager, else dense)."""
+    """The benchmark row measuring the same configuration (vanilla: same attention, else eager, else dense) on the
+    same architecture; of several, the default kernel's (a forced ``sparse_backend`` is a comparison entry)."""
     if not len(bench):
         return None
     b = bench[(bench.backbone == row.backbone) & (bench.resolution == row.resolution)]
+    if ARCH in row and ARCH in b and isinstance(row[ARCH], str):  # (a row measured before the column: any)
+        b = b[b[ARCH].isna() | (b[ARCH] == row[ARCH])]
     if row.method == "ours":
         # Same attention, window and pruning ratio (segmentation's "ours" is sparse without pruning).
         b = b[(b.attention == "sparse") & np.isclose(b.prune_ratio, row.prune_ratio)]
         b = b[b.window == row.window] if "window" in b else b
+        if "sparse_backend" in b:  # "auto" or "auto:<ran>" (asked:ran), as the accuracy runs' default
+            auto = b.sparse_backend.fillna("").astype(str).str.split(":").str[0].isin(["", "auto"])
+            b = b[auto] if auto.any() else b
     else:
         b = b[b.method == row.method]
         order = [
@@ -354,7 +378,7 @@ def _add_cost(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
 
 def table1(col: Collected, window: int = 8, prune_ratio: float = 0.6) -> pd.DataFrame:
     """Resolution × vanilla/ours: LP acc/F1/AUROC, KNN acc/bal.acc/F1, seconds per image and peak memory."""
-    keys = ["backbone", "resolution", "method", "attention", "window", "prune_ratio"]
+    keys = ["backbone", *_arch_keys(col), "resolution", "method", "attention", "window", "prune_ratio"]
     t = _classification(col.runs, keys)
     if len(t):
         t = _pick_ours(t[t.method.isin(["vanilla", "ours"])], window, prune_ratio)
@@ -362,10 +386,11 @@ def table1(col: Collected, window: int = 8, prune_ratio: float = 0.6) -> pd.Data
     if len(col.bench):
         b = col.bench[col.bench.method.isin(["vanilla", "ours"])]
         b = _pick_ours(b, window, prune_ratio) if len(b) else b
-        have = set(zip(t.backbone, t.resolution, t.method)) if len(t) else set()
-        extra = b[[(bb, r, m) not in have for bb, r, m in zip(b.backbone, b.resolution, b.method)]]
+        ident = [k for k in keys if k in ("backbone", ARCH, "resolution", "method")]
+        have = set(t[ident].itertuples(index=False, name=None)) if len(t) else set()
+        extra = b[[k not in have for k in b[ident].itertuples(index=False, name=None)]]
         extra = extra.assign(_e=(extra.attention != "eager")).sort_values("_e", kind="stable")
-        extra = extra[keys].drop_duplicates(["backbone", "resolution", "method"], keep="first")
+        extra = extra[keys].drop_duplicates(ident, keep="first")
         t = pd.concat([t, extra], ignore_index=True) if len(t) else extra.reset_index(drop=True)
     if not len(t):
         return t
