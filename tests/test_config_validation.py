@@ -286,6 +286,9 @@ def test_slide_extensions_are_checked_before_any_slide(task):
     validate_config(_compose(task, "wsi_dir=/", "wsi_ext=[svs,.NDPI]"), task=task)
     msg = _problems(_compose(task, "wsi_dir=/", "wsi_ext=[svs,'*.tif']"), task)
     assert "wsi_ext: '*.tif' is not a file extension; give e.g. wsi_ext=[.svs,.ndpi]" in msg, msg
+    validate_config(_compose(task, "wsi_dir=/", "recursive=true"), task=task)
+    msg = _problems(_compose(task, "wsi_dir=/", "recursive=no"), task)  # a string: bool("no") went down the tree
+    assert "recursive='no': must be true or false" in msg, msg
 
 
 def test_all_embedding_errors_at_once():
