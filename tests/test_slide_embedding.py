@@ -664,6 +664,14 @@ def test_the_slides_mpp_is_a_microscopes_from_wherever_the_file_keeps_it(tmp_pat
     slide = open_slide(tmp_path / "xml.ome.tif")
     assert level0_mpp(slide) == pytest.approx(0.25)
     slide.close()
+    # the same OME-XML in a file named plain .tif, and µm spelled with GREEK SMALL LETTER MU (it was "no mpp")
+    for name, size, unit in (("xml_plain.tif", 250, "nm"), ("mu.tif", 0.25, "\u03bcm"), ("micron.TIF", 0.25, "micron")):
+        with tifffile.TiffWriter(tmp_path / name, ome=True) as tif:
+            tif.write(img, tile=(256, 256), photometric="rgb",
+                      metadata={"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeXUnit": unit})  # fmt: skip
+        slide = open_slide(tmp_path / name)
+        assert level0_mpp(slide) == pytest.approx(0.25), name
+        slide.close()
     caplog.clear()
     slide = open_slide(tmp_path / "tall.tif")
     with caplog.at_level("WARNING", logger="hirespath.wsi"):

@@ -355,13 +355,17 @@ def level0_mpp(slide, override: float | None = None, default: float | None = Non
     )
 
 
-_MICRONS_PER = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+# OME's UnitsLength symbols (µm as MICRO SIGN), and the spellings other writers use for microns
+_MICRONS_PER = {"µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "nm": 1e-3,
+                "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}  # fmt: skip
+_TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 
 
 def _ome_mpp(path: Path | None) -> float | None:
     """The pixel size of an OME-TIFF's first image from its OME-XML (``PhysicalSizeX`` in its unit, µm by default),
-    for files that carry it there only (tifffile writes no resolution tags unless asked); None otherwise."""
-    if path is None or not path.is_file() or not path.name.lower().endswith((".ome.tif", ".ome.tiff")):
+    for files that carry it there only (tifffile writes no resolution tags unless asked); None otherwise. Any TIFF
+    whose description is OME-XML counts, whatever its name (not only ``*.ome.tif``)."""
+    if path is None or not path.is_file() or not path.name.lower().endswith(_TIFF_SUFFIXES):
         return None
     try:
         import xml.etree.ElementTree as ET
@@ -370,7 +374,8 @@ def _ome_mpp(path: Path | None) -> float | None:
 
         with tifffile.TiffFile(path) as tif:
             pixels = ET.fromstring(tif.ome_metadata or "").find("{*}Image/{*}Pixels")
-        mpp = float(pixels.get("PhysicalSizeX")) * _MICRONS_PER[pixels.get("PhysicalSizeXUnit", "µm")]
+        unit = pixels.get("PhysicalSizeXUnit", "µm").strip()
+        mpp = float(pixels.get("PhysicalSizeX")) * _MICRONS_PER[unit if unit in _MICRONS_PER else unit.lower()]
     except Exception:  # noqa: BLE001 — no OME-XML, no pixel size, an unknown unit: no mpp from here
         return None
     return mpp if _plausible_mpp(mpp) else None
