@@ -291,8 +291,14 @@ def test_a_recursive_listing_follows_linked_folders_names_gone_links_and_skips_t
         ("a", "batch1/a.tiff"), ("b", "batch2/b.tiff"), ("c", "c.svs")]  # fmt: skip
     assert [s.slide_id for s in list_slides(cohort)] == ["c"]  # one level: the gone link still named
     assert "a_probs" in [s.slide_id for s in list_slides(cohort, recursive=True)]  # (what no exclude lists)
-    # job_dir = wsi_dir excludes nothing (the slides are there too)
-    assert {"a", "b", "c"} <= {s.slide_id for s in list_slides(cohort, recursive=True, exclude=cohort)}
+    # job_dir = wsi_dir: the slides are there too, only the job's tiling folders are left out (its probability
+    # maps were listed as slides on the next run)
+    (cohort / "mpp0.6_112px_0px_overlap" / "segmentation_m").mkdir(parents=True)
+    (cohort / "mpp0.6_112px_0px_overlap" / "segmentation_m" / "d_probs.tif").write_bytes(b"")
+    (cohort / "batch1" / "20x_224px_0px_overlap").mkdir()  # a user's folder deeper down: not the job's
+    (cohort / "batch1" / "20x_224px_0px_overlap" / "e.svs").write_bytes(b"")
+    listed = {s.slide_id for s in list_slides(cohort, recursive=True, exclude=cohort)}
+    assert listed == {"a", "b", "c", "e", "a_probs"}, listed
 
 
 def test_wsi_ext_picks_the_slide_files_of_a_mixed_folder(tmp_path):

@@ -225,10 +225,15 @@ def list_slides(
     return _check_unique([SlideSpec(slide_id_of(p), p) for p in slides])
 
 
+# a tiling folder of a job_dir (trident_h5.tiling_tag: 20x_1792px_256px_overlap, mpp0.6_1792px_0px_overlap)
+TILING_FOLDER = re.compile(r"^(\d+(\.\d+)?x|mpp[0-9.e+-]+)_\d+px_\d+px_overlap$")
+
+
 def _walk(root: Path, exclude: str | os.PathLike | None) -> list[Path]:
     """Every file and folder under ``root``, through symlinked folders (each real folder once: no loop), outside
     ``exclude`` and hidden folders."""
-    # job_dir = wsi_dir (or above it) excludes nothing: the slides are there too
+    # job_dir = wsi_dir excludes the slides' folder itself: then its tiling folders (the outputs) are left out
+    outputs_in_root = exclude is not None and os.path.realpath(exclude) == os.path.realpath(root)
     skip = {os.path.realpath(exclude)} - {os.path.realpath(root)} if exclude is not None else set()
     seen, found = set(), []
     for folder, dirs, names in os.walk(root, followlinks=True):
@@ -237,7 +242,8 @@ def _walk(root: Path, exclude: str | os.PathLike | None) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) not in skip]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) not in skip
+                   and not (outputs_in_root and folder == str(root) and TILING_FOLDER.match(d))]  # fmt: skip
         found += [Path(folder, n) for n in dirs + names]
     return found
 
