@@ -170,7 +170,8 @@ def test_split_file_leaving_a_split_or_a_grade_empty(panda_root, tmp_path):
         ("classify", ["head=mask2former"], ["head.name='mask2former'", "['knn', 'linear_probe']", "is for segment"]),
         ("classify", ["head=knn", "+head.kk=3"], ["head.kk: not a key of KNNHeadConfig", "did you mean head.k?"]),
         ("classify", ["head=knn", "head.k=0"], ["head.k=0", ">= 1"]),
-        ("extract", ["data.default_mpp=-1"], ["data.default_mpp=-1.0", "microns per pixel > 0"]),
+        ("extract", ["data.default_mpp=-1"], ["data.default_mpp=-1.0", "microns per pixel, between 0.01 and 50"]),
+        ("extract", ["data.default_mpp=500"], ["data.default_mpp=500.0", "a magnification is not an mpp"]),
         ("extract", ["data.min_tissue=1.5", "data.fov_um=0"], ["data.min_tissue=1.5", "data.fov_um=0"]),
         ("extract", ["extract.precision=bf16-mix"], ["extract.precision='bf16-mix'", "did you mean 'bf16-mixed'"]),
         (

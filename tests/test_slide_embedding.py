@@ -356,6 +356,9 @@ def test_list_slides_folder_and_csv(wsi_dir, tmp_path):
     pd.DataFrame({"path": ["synth.tiff"], "mpp": ["fast"]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match=r"row 2 \(synth.tiff\): mpp 'fast' is not a positive number"):
         list_slides(wsi_dir, slides_csv=csv)
+    pd.DataFrame({"path": ["synth.tiff"], "mpp": [400]}).to_csv(csv, index=False)  # (40: skipped when upsampled)
+    with pytest.raises(ValueError, match=r"row 2 \(synth.tiff\): mpp 400 is not a scan's microns per pixel"):
+        list_slides(wsi_dir, slides_csv=csv)
 
 
 def test_tile_grid_follows_tridents_grid_and_keeps_tissue(wsi_dir):

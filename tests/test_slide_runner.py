@@ -475,6 +475,12 @@ def test_upsampled_tiles_are_warned_and_listed(slides, tmp_path, caplog):
     s = embed_slides(encoder(), list_slides(slides)[:1], tmp_path, fine, embed_cfg(), CPU)
     assert s["warnings"]["upsampled"] == ["s0"]
     assert "2.00× interpolated" in caplog.text
+    # a slide's mpp that would interpolate every tile more than 16× is wrong (mpp 40 for a 40x scan): skipped, named
+    coarse = TilingConfig(size=112, mpp=0.5 / 17, overlap=0, min_tissue=0.25)
+    with pytest.raises(NothingProcessed):
+        embed_slides(encoder(), list_slides(slides)[:1], tmp_path / "coarse", coarse, embed_cfg(), CPU)
+    (row,) = pd.read_csv(next((tmp_path / "coarse").glob("*/features_*")) / "skipped.csv").itertuples()
+    assert "would be interpolated 17×, more than 16×: is that mpp right?" in row.reason, row.reason
 
 
 def test_concurrent_workers_merge_their_summaries(slides, tmp_path):

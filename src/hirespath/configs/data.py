@@ -10,6 +10,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig
 
 from ..utils.config import Problems, is_int, is_number, one_of, select
+from ..wsi.reader import PLAUSIBLE_MPP
 
 # The data sets each task reads (conf/data/<name>.yaml).
 TASK_DATA: dict[str, tuple[str, ...]] = {
@@ -77,11 +78,13 @@ def check_data(cfg: DictConfig, task: str | None, problems: Problems) -> None:
         why = f" ({name} is for {owners})" if owners else ""
         problems.bad("data.name", name, f"{one_of(name, TASK_DATA[task])} in the {task} task{why}")
     mpp = select(cfg, "data.default_mpp")
-    if mpp is not None and not (is_number(mpp) and mpp > 0):
+    lo, hi = PLAUSIBLE_MPP
+    if mpp is not None and not (is_number(mpp) and lo < mpp < hi):
         problems.bad(
             "data.default_mpp",
             mpp,
-            "null (slides without resolution tags are skipped) or microns per pixel > 0 (PANDA: 0.5)",
+            f"null (slides without resolution tags are skipped) or a scan's microns per pixel, between {lo:g} and "
+            f"{hi:g} (PANDA: 0.5; a 40x scan ≈ 0.25, 20x ≈ 0.5: a magnification is not an mpp)",
         )
     if "fov_um" in cfg.data:
         fov = select(cfg, "data.fov_um")

@@ -23,6 +23,9 @@ log = logging.getLogger("hirespath.slides")
 
 # tiles read at a finer mpp than the slide's by more than this factor are upsampled (interpolated): warned
 UPSAMPLE_TOLERANCE = 1.05
+# beyond this the slide's mpp is wrong, not the user's wish (a 40x scan given as mpp 40: tiles interpolated 80x,
+# hours of them): the slide is skipped, naming it (a SegPath model, 0.22 µm/px, on a 5x scan is 9x)
+MAX_UPSAMPLE = 16.0
 
 
 @dataclass
@@ -117,6 +120,13 @@ def prepare_slide(
     warnings = []
     try:
         smpp = level0_mpp(slide, spec.mpp, default_mpp)
+        if smpp > float(tiling.mpp) * MAX_UPSAMPLE:
+            source = "the slides= CSV's mpp column" if spec.mpp is not None else "its metadata or data.default_mpp"
+            raise SlideError(
+                f"{spec.path.name}: tiles at {float(tiling.mpp):g} µm/px from a slide at {smpp:g} µm/px (from "
+                f"{source}) would be interpolated {smpp / float(tiling.mpp):.0f}×, more than {MAX_UPSAMPLE:g}×: "
+                "is that mpp right? (a 40x scan ≈ 0.25 µm/px, 20x ≈ 0.5)"
+            )
         if float(tiling.mpp) * UPSAMPLE_TOLERANCE < smpp:
             warnings.append(
                 f"upsampled: tiles at {float(tiling.mpp):g} µm/px from a slide scanned at {smpp:g} µm/px "

@@ -109,6 +109,12 @@ def _parse_mpp(value, where: str) -> float | None:
         mpp = float("nan")
     if not (mpp > 0 and math.isfinite(mpp)):
         raise InputError(f"{where}: mpp {value!r} is not a positive number of microns per pixel (e.g. 0.25, 0.5)")
+    from .reader import PLAUSIBLE_MPP  # (reader imports this module)
+
+    lo, hi = PLAUSIBLE_MPP
+    if not lo < mpp < hi:  # 40 for a 40x scan would cut it into tiles interpolated 80x
+        raise InputError(f"{where}: mpp {value!r} is not a scan's microns per pixel (between {lo:g} and {hi:g}; a "
+                         "40x scan ≈ 0.25, 20x ≈ 0.5: a magnification is not an mpp)")  # fmt: skip
     return mpp
 
 
