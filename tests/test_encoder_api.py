@@ -191,6 +191,9 @@ def test_weights_given_as_a_directory_hub_id_or_empty(tmp_path):
         hirespath.create_encoder("tiny", weights=str(tmp_path))
     with pytest.raises(ValueError, match="never downloads.*huggingface.co/MahmoodLab/UNI2-h"):
         hirespath.create_encoder("uni2_h", weights="MahmoodLab/UNI2-h")
+    # a relative path to a file that is not there is not a hub id (it was told "hf-hub:UNI2-h/...")
+    with pytest.raises(FileNotFoundError, match=r"'UNI2-h/pytorch_model.bin' does not exist \(relative to "):
+        hirespath.create_encoder("tiny", weights="UNI2-h/pytorch_model.bin")
     with pytest.raises(ValueError, match="is empty"):
         hirespath.create_encoder("tiny", weights="")
 

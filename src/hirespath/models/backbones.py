@@ -291,12 +291,17 @@ def resolve_weights(preset: BackbonePreset, weights: str | os.PathLike | None) -
                 f"weights {str(path)!r} is a directory without any of {names}; pass the checkpoint file itself"
             )
         return found[0]
+    # a bare hub id (MahmoodLab/UNI2-h): explain how to get the file; a relative file path (UNI2-h/model.bin) is
+    # a file that is not there
+    is_file_name = path.suffix.lower() in (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
     if not path.exists() and isinstance(weights, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights):
-        return resolve_weights(preset, "hf-hub:" + weights)  # a bare hub id: explain how to get the file
+        if not is_file_name:
+            return resolve_weights(preset, "hf-hub:" + weights)
     if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         raise FileNotFoundError(
-            f"weights file {str(path)!r} does not exist; pass a local .safetensors, .bin or .pth file in timm's "
-            f"key layout (as {preset.checkpoint or 'the official repo'} ships it)."
+            f"weights file {str(path)!r} does not exist{where}; pass a local .safetensors, .bin or .pth file in "
+            f"timm's key layout (as {preset.checkpoint or 'the official repo'} ships it)."
         )
     return path
 
