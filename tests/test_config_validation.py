@@ -281,6 +281,19 @@ def test_mils_feature_loaders_are_checked_with_the_rest():
     validate_config(_compose("mil", "data.num_workers=null"), task="mil")
 
 
+def test_mils_training_numbers_are_checked_before_any_slide_is_embedded():
+    """They failed in torch (a raw traceback, not naming the key) after every slide of features_dir=null was
+    embedded; max_epochs=0 tested an untrained head and wrote its metrics."""
+    validate_config(_compose("mil", "head=mean_pool", "data.max_tiles_train=null"), task="mil")
+    validate_config(_compose("mil", "head=abmil", "head.dropout=0"), task="mil")
+    bad = ["head=abmil", "head.dropout=1.5", "head.hidden=0", "data.max_tiles_train=0", "data.batch_size=0",
+           "optim.lr=-1", "optim.weight_decay=-0.1", "trainer.max_epochs=0"]  # fmt: skip
+    msg = _problems(_compose("mil", *bad), "mil")
+    for key in ("head.dropout=1.5", "head.hidden=0", "data.max_tiles_train=0", "data.batch_size=0", "optim.lr=-1",
+                "optim.weight_decay=-0.1", "trainer.max_epochs=0"):  # fmt: skip
+        assert key in msg, (key, msg)
+
+
 @pytest.mark.parametrize("task", ["embed_slides", "segment_slides", "predict_slides"])
 def test_slide_extensions_are_checked_before_any_slide(task):
     validate_config(_compose(task, "wsi_dir=/", "wsi_ext=[svs,.NDPI]"), task=task)

@@ -15,7 +15,7 @@ import difflib
 
 from omegaconf import DictConfig
 
-from ..utils.config import Problems, group_options, is_int, one_of, select, unknown_keys
+from ..utils.config import Problems, group_options, has_key, is_int, is_number, one_of, select, unknown_keys
 from .data import TASK_DATA, check_data, check_make_synthetic
 from .heads import TASK_HEADS, check_head, head_choices
 from .model import RENAMED, Geometry, check_attention, check_backbone, check_patch_multiple, check_pruner
@@ -143,8 +143,33 @@ def _check_task_options(cfg: DictConfig, task: str | None, problems: Problems) -
         n = select(cfg, "data.num_workers")
         if n is not None and not (is_int(n) and n >= 0):
             problems.bad("data.num_workers", n, "an integer >= 0 (0: load in the main process) or null (automatic)")
+        _check_mil_training(cfg, problems)
     if task == "make_synthetic":
         check_make_synthetic(cfg, problems)
+
+
+def _check_mil_training(cfg: DictConfig, problems: Problems) -> None:
+    """mil's head, bags and optimiser: checked here, not by torch after every slide was embedded."""
+    for key, low, nullable, what in (
+        ("data.batch_size", 1, False, "bags per step"),
+        ("data.max_tiles_train", 1, True, "tiles per training bag; null: every tile"),
+        ("data.max_tiles_eval", 1, True, "tiles per val/test bag; null: every tile"),
+        ("head.hidden", 1, select(cfg, "head.name") == "mean_pool", "units of the hidden layer"),
+        ("head.attention_hidden", 1, False, "units of the attention layer"),
+        ("trainer.max_epochs", 1, False, "epochs (0 would test an untrained head)"),
+    ):
+        if not has_key(cfg, key):
+            continue
+        v = select(cfg, key)
+        if not ((v is None and nullable) or (is_int(v) and v >= low)):
+            problems.bad(key, v, f"an integer >= {low}{' or null' if nullable else ''} ({what})")
+    dropout = select(cfg, "head.dropout") if has_key(cfg, "head.dropout") else 0.0
+    if not (is_number(dropout) and 0 <= dropout < 1):
+        problems.bad("head.dropout", dropout, "a probability in [0, 1)")
+    for key, what in (("optim.lr", "> 0"), ("optim.weight_decay", ">= 0")):
+        v = select(cfg, key) if has_key(cfg, key) else 0.0 if key == "optim.weight_decay" else 1.0
+        if not (is_number(v) and (v > 0 if what == "> 0" else v >= 0)):
+            problems.bad(key, v, f"a number {what}")
 
 
 def composition_hint(task: str, overrides: list[str]) -> str | None:
