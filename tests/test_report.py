@@ -341,6 +341,39 @@ def test_ours_cost_is_the_default_kernels_on_the_runs_architecture(tmp_path):
     assert t1.seconds_per_image[narrowed] == pytest.approx(5.0) and pd.isna(t1.lp_acc[narrowed])  # measured only
 
 
+def test_a_preset_without_overrides_keeps_its_rows_beside_a_narrowed_one_and_an_old_csv(tmp_path):
+    """The preset's "" (no overrides) reads back from benchmark.csv as NaN, which was taken for a file from before
+    the column: Table 1 doubled its rows and costed them from the narrowed model's. A file from before the column
+    adds no row where the runs have one."""
+    from hirespath.benchmark.measure import write_csv
+    from hirespath.benchmark.spec import COLUMNS
+
+    cls, bench = tmp_path / "classify", tmp_path / "benchmark"
+    for i, (att, ratio, acc) in enumerate((("eager", 0.0, 0.4), ("sparse", 0.6, 0.5))):
+        job = _job(cls, i, "classify", {"resolution": 448, "attention": att, "pruner.prune_ratio": ratio},
+                   _cls_metrics(acc))  # fmt: skip
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        cfg.backbone.overrides = {}  # UNI2-h as it ships
+        OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+
+    def rows(arch, eager, ours):
+        return [{**dict.fromkeys(COLUMNS), **_bench_row("eager", 0.0, 448, *eager), "backbone_overrides": arch},
+                {**dict.fromkeys(COLUMNS), **_bench_row("sparse", 0.6, 448, *ours), "backbone_overrides": arch,
+                 "sparse_backend": "auto:gather"}]  # fmt: skip
+
+    narrowed = "depth=12,embed_dim=384,num_heads=6"
+    for i, arch, eager, ours in ((0, "", (3.0, 4.0), (1.0, 2.0)), (1, narrowed, (30.0, 0.4), (5.0, 0.5))):
+        write_csv(rows(arch, eager, ours), _job(bench, i, "benchmark", {"attention": "sparse"}) / "benchmark.csv")
+    old = pd.DataFrame(rows("", (7.0, 7.0), (7.0, 7.0))).drop(columns=["backbone_overrides"])
+    old.to_csv(_job(bench, 2, "benchmark", {"attention": "sparse"}) / "benchmark.csv", index=False)
+    build_report([cls, bench], tmp_path / "report")
+    t1 = pd.read_csv(tmp_path / "report" / "table1.csv").fillna({"backbone_overrides": ""})
+    got = [(a, m, acc if acc == acc else None, s) for a, m, acc, s in
+           zip(t1.backbone_overrides, t1.method, t1.lp_acc, t1.seconds_per_image)]  # fmt: skip
+    assert got == [("", "vanilla", 0.4, 3.0), ("", "ours", 0.5, 1.0), (narrowed, "vanilla", None, 30.0),
+                   (narrowed, "ours", None, 5.0)], got  # fmt: skip
+
+
 def test_report_warns_when_a_cell_averages_different_data(tmp_path):
     cls = tmp_path / "classify"
     for i, root in enumerate(("/data/panda", "/data/panda_synthetic")):

@@ -211,8 +211,6 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce").astype("Int64")
     if "prune_ratio" in frame:
         frame["prune_ratio"] = pd.to_numeric(frame["prune_ratio"], errors="coerce").fillna(0.0).astype(float)
-    if ARCH in frame:  # "" for none; NaN in benchmark.csv files written before the column: unknown
-        frame[ARCH] = frame[ARCH].where(frame[ARCH].isna(), frame[ARCH].fillna("").astype(str))
     return frame
 
 
@@ -268,6 +266,8 @@ def collect(dirs: Sequence[str | Path]) -> Collected:
                 skipped.append((str(path), f"{type(e).__name__}: {e}"))
                 continue
             frame["source"] = str(path)
+            # "" (no overrides) reads back as NaN; NaN stays only where the file predates the column: unknown
+            frame[ARCH] = frame[ARCH].fillna("").astype(str) if ARCH in frame else np.nan
             bench.append(frame)
         skipped += _unfinished_jobs(root)
     for path, reason in skipped:
@@ -277,8 +277,6 @@ def collect(dirs: Sequence[str | Path]) -> Collected:
     if len(bench_df):
         if "status" not in bench_df:
             bench_df["status"] = "ok"
-        if ARCH not in bench_df:
-            bench_df[ARCH] = np.nan
         bench_df["method"] = [method_label(a, r) for a, r in zip(bench_df.attention, bench_df.prune_ratio)]
     return Collected(runs_df, bench_df, skipped)
 
@@ -345,8 +343,9 @@ def _bench_for(bench: pd.DataFrame, row: pd.Series) -> pd.Series | None:
     if not len(bench):
         return None
     b = bench[(bench.backbone == row.backbone) & (bench.resolution == row.resolution)]
-    if ARCH in row and ARCH in b and isinstance(row[ARCH], str):  # (a row measured before the column: any)
-        b = b[b[ARCH].isna() | (b[ARCH] == row[ARCH])]
+    if ARCH in row and isinstance(row[ARCH], str):  # its own architecture's rows, else rows of unknown one (old)
+        same = b[ARCH] == row[ARCH]
+        b = b[same] if same.any() else b[b[ARCH].isna()]
     if row.method == "ours":
         # Same attention, window and pruning ratio (segmentation's "ours" is sparse without pruning).
         b = b[(b.attention == "sparse") & np.isclose(b.prune_ratio, row.prune_ratio)]
@@ -388,7 +387,10 @@ def table1(col: Collected, window: int = 8, prune_ratio: float = 0.6) -> pd.Data
         b = _pick_ours(b, window, prune_ratio) if len(b) else b
         ident = [k for k in keys if k in ("backbone", ARCH, "resolution", "method")]
         have = set(t[ident].itertuples(index=False, name=None)) if len(t) else set()
-        extra = b[[k not in have for k in b[ident].itertuples(index=False, name=None)]]
+        cell = set(zip(t.backbone, t.resolution, t.method)) if len(t) else set()
+        # a row of unknown architecture (a file before the column) adds none where the runs have the cell
+        known = b[ARCH].notna() | np.array([k not in cell for k in zip(b.backbone, b.resolution, b.method)], bool)
+        extra = b[known & np.array([k not in have for k in b[ident].itertuples(index=False, name=None)], bool)]
         extra = extra.assign(_e=(extra.attention != "eager")).sort_values("_e", kind="stable")
         extra = extra[keys].drop_duplicates(ident, keep="first")
         t = pd.concat([t, extra], ignore_index=True) if len(t) else extra.reset_index(drop=True)
@@ -396,7 +398,8 @@ def table1(col: Collected, window: int = 8, prune_ratio: float = 0.6) -> pd.Data
         return t
     t = _add_cost(t.reset_index(drop=True), col.bench)
     t["_m"] = t.method.map({"vanilla": 0, "ours": 1})
-    return t.sort_values(["backbone", "resolution", "_m"]).drop(columns="_m").reset_index(drop=True)
+    order = ["backbone", *[k for k in keys if k == ARCH], "resolution", "_m"]
+    return t.sort_values(order, na_position="first").drop(columns="_m").reset_index(drop=True)
 
 
 def _largest(frame: pd.DataFrame) -> pd.DataFrame:
