@@ -300,6 +300,7 @@ def test_slide_extensions_are_checked_before_any_slide(task):
     msg = _problems(_compose(task, "wsi_dir=/", "wsi_ext=[svs,'*.tif']"), task)
     assert "wsi_ext: '*.tif' is not a file extension; give e.g. wsi_ext=[.svs,.ndpi]" in msg, msg
     validate_config(_compose(task, "wsi_dir=/", "recursive=true"), task=task)
+    validate_config(_compose(task, "wsi_dir=/", "recursive=null"), task=task)  # null: off, as before
     msg = _problems(_compose(task, "wsi_dir=/", "recursive=no"), task)  # a string: bool("no") went down the tree
     assert "recursive='no': must be true or false" in msg, msg
 

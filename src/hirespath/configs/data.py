@@ -79,12 +79,13 @@ def check_data(cfg: DictConfig, task: str | None, problems: Problems) -> None:
         problems.bad("data.name", name, f"{one_of(name, TASK_DATA[task])} in the {task} task{why}")
     mpp = select(cfg, "data.default_mpp")
     lo, hi = PLAUSIBLE_MPP
+    big = is_number(mpp) and mpp >= hi
     if mpp is not None and not (is_number(mpp) and lo < mpp < hi):
         problems.bad(
             "data.default_mpp",
             mpp,
             f"null (slides without resolution tags are skipped) or a scan's microns per pixel, between {lo:g} and "
-            f"{hi:g} (PANDA: 0.5; a 40x scan ≈ 0.25, 20x ≈ 0.5: a magnification is not an mpp)",
+            f"{hi:g} (PANDA: 0.5; a 40x scan ≈ 0.25, 20x ≈ 0.5{': a magnification is not an mpp' if big else ''})",
         )
     if "fov_um" in cfg.data:
         fov = select(cfg, "data.fov_um")

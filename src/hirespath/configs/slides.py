@@ -277,7 +277,7 @@ def check_job_paths(cfg: DictConfig, task: str | None, problems: Problems) -> No
         what = "is a folder (for a folder of slides use wsi_dir=)" if slides.is_dir() else "does not exist"
         problems.add(f"slides={str(slides)!r}: {what}; give a CSV file with a column 'wsi' (or 'path') of slides")
     recursive = select(cfg, "recursive") if has_key(cfg, "recursive") else False
-    if not isinstance(recursive, bool):  # recursive=no is a string to Hydra, and bool("no") is True
+    if recursive is not None and not isinstance(recursive, bool):  # recursive=no: a string, and bool("no") is True
         problems.bad("recursive", recursive, "true or false (whether to look in the sub-folders of wsi_dir too)")
     try:
         slide_extensions(select(cfg, "wsi_ext") if has_key(cfg, "wsi_ext") else None)

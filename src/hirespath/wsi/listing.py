@@ -112,9 +112,10 @@ def _parse_mpp(value, where: str) -> float | None:
     from .reader import PLAUSIBLE_MPP  # (reader imports this module)
 
     lo, hi = PLAUSIBLE_MPP
-    if not lo < mpp < hi:  # 40 for a 40x scan would cut it into tiles interpolated 80x
+    if not lo < mpp < hi:  # (a value inside that still interpolates a tile > 16x is caught per slide: prepare.py)
+        hint = ": a magnification is not an mpp" if mpp >= hi else ""
         raise InputError(f"{where}: mpp {value!r} is not a scan's microns per pixel (between {lo:g} and {hi:g}; a "
-                         "40x scan ≈ 0.25, 20x ≈ 0.5: a magnification is not an mpp)")  # fmt: skip
+                         f"40x scan ≈ 0.25, 20x ≈ 0.5{hint})")  # fmt: skip
     return mpp
 
 
