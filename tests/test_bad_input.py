@@ -363,6 +363,22 @@ def test_a_stopped_slide_task_names_its_job_dir_as_where_its_outputs_are(tmp_pat
     where = f"outputs so far are in {tmp_path / 'seg'} (this run's log: {tmp_path / 'run'})"
     assert [r.getMessage() for r in caplog.records if "outputs so far" in r.getMessage()] == [
         f"task interrupted (SIGINT); {where}", f"task failed; {where}: RuntimeError: a bug"]  # fmt: skip
+    # SIGTERM (SLURM's preemption) reaches the DataLoader workers too, and torch's "worker killed" error replaced
+    # the stop: the run exited 1 as "task failed" where the README promises "task interrupted", status 143
+    caplog.clear()
+
+    def preempted(cfg):
+        try:
+            raise SystemExit(143)  # what the SIGTERM handler raises
+        except SystemExit:
+            raise RuntimeError("DataLoader worker (pid 16757) is killed by signal: Terminated.") from None
+
+    with caplog.at_level(logging.ERROR, logger="hirespath"), pytest.raises(SystemExit) as exit_:
+        hydra._run(preempted, cfg, hydra._done_marker(cfg), [signal.SIGTERM])
+    assert exit_.value.code == 143
+    assert [r.getMessage() for r in caplog.records if "outputs so far" in r.getMessage()] == [
+        f"task interrupted (SIGTERM); {where} (while stopping: RuntimeError: DataLoader worker (pid 16757) is killed "
+        "by signal: Terminated.)"]  # fmt: skip
     caplog.clear()  # mil's job_dir holds only the embeddings it reuses: its outputs are the run's
     mil = OmegaConf.merge(cfg, {"task_name": "mil", "job_dir": str(tmp_path / "cache")})
     with caplog.at_level(logging.ERROR, logger="hirespath"), pytest.raises(RuntimeError):

@@ -209,6 +209,11 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, marker, received: l
         raise SystemExit(exit_code) from None
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if received:  # SLURM's SIGTERM reached the DataLoader workers too: their death, not a bug, is what surfaced
+            exit_code = 128 + received[0]
+            log.error("task interrupted (%s); outputs so far are in %s (while stopping: %s: %s)",
+                      signal.Signals(received[0]).name, where, type(err).__name__, first)  # fmt: skip
+            raise SystemExit(exit_code) from None
         log.error("task failed; outputs so far are in %s: %s: %s", where, type(err).__name__, first)
         _log_traceback_to_files()
         raise
