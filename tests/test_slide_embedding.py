@@ -174,30 +174,6 @@ def test_stale_lock_is_taken_over_by_exactly_one(tmp_path, why):
     assert not mine.release() and path.exists()
 
 
-def test_a_lock_naming_this_processs_pid_that_it_does_not_hold_is_stale(tmp_path):
-    """A container restarted after an OOM kill runs as pid 1 again on the same hostname: the slide lock its previous
-    run left names this process's pid, looked alive, and the slide was held for 10 minutes (the run exited 0
-    without it). A lock this process does hold is still alive, in any of its threads."""
-    from hirespath.utils.io import exclusive_lock
-
-    path = tmp_path / "slide.h5.lock"
-    left = {"pid": os.getpid(), "hostname": socket.gethostname(), "created_at": time.time(), "token": "previous",
-            "heartbeat_s": 60}  # fmt: skip
-    path.write_text(json.dumps(left))
-    stale, why = lock_is_stale(path)
-    assert stale and "a lock it does not hold" in why, why
-    taken = try_lock(path)
-    assert taken is not None and not lock_is_stale(path)[0] and try_lock(path) is None
-    taken.release()
-    # the folder lock (mil's embedding, the shared CSVs) likewise
-    folder_lock = tmp_path / "features.lock"
-    folder_lock.write_text(f"{socket.gethostname()}:{os.getpid()}")
-    t0 = time.time()
-    with exclusive_lock(folder_lock, poll_s=0.05, stale_s=3600):
-        assert time.time() - t0 < 5 and folder_lock.read_text().strip().endswith(f":{os.getpid()}")
-    assert not folder_lock.exists()
-
-
 def test_a_lock_whose_holder_stopped_touching_it_is_taken_over_from_any_host(tmp_path, monkeypatch):
     """A job killed on another node (SLURM's time limit, a preemption) leaves its slide's lock behind: no pid check
     can see it is dead, and a day of lock_stale_hours kept the slide (and MIL waiting on it) held. A holder touches

@@ -276,7 +276,7 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
                 continue  # released meanwhile
             holder, age = raw.strip(), time.time() - mtime_ns / 1e9
             host, _, pid = holder.rpartition(":")
-            dead = host == socket.gethostname() and pid.isdigit() and not _holder_alive(int(pid), str(path))
+            dead = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
             if dead or age > stale_s:
                 if _remove_if_unchanged(path, (raw, mtime_ns)):
                     log.warning(
@@ -295,13 +295,11 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
             continue
         _fill_lock(fd, path, me)
         break
-    _HELD.add(str(path))
     beat = Heartbeat(path, stale_s / 4)
     try:
         yield
     finally:
         beat.stop()
-        _HELD.discard(str(path))
         try:
             if path.read_text().strip() == me:
                 path.unlink()
@@ -343,19 +341,6 @@ def _remove_if_unchanged(path: Path, judged: tuple[str, int]) -> bool:
         return True
     finally:
         mutex.unlink(missing_ok=True)
-
-
-# the locks this process holds (exclusive_lock's paths, ItemLock tokens): a lock naming this process's own pid
-# that it does not hold was left by a dead process whose pid this one got again — a container restarted after an
-# OOM kill runs as pid 1 again, on the same hostname — and is stale
-_HELD: set[str] = set()
-
-
-def _holder_alive(pid: int, held_as: str) -> bool:
-    """Whether the lock holder ``pid`` (on this host) is alive; ``held_as``: the lock's path or token."""
-    if pid == os.getpid():
-        return held_as in _HELD
-    return _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -403,12 +388,10 @@ class ItemLock:
 
     def __init__(self, path: Path, token: str):
         self.path, self.token = path, token
-        _HELD.add(token)
         self._beat = Heartbeat(path, HEARTBEAT_S)
 
     def release(self) -> bool:
         self._beat.stop()
-        _HELD.discard(self.token)
         try:
             if json.loads(self.path.read_text()).get("token") != self.token:
                 return False  # taken over meanwhile (we looked stale): the new holder's file stays
@@ -476,9 +459,8 @@ def lock_is_stale(path: str | os.PathLike, stale_s: float = 24 * 3600) -> tuple[
     except ValueError:
         info = {}
     pid, host = info.get("pid"), info.get("hostname")
-    if host == socket.gethostname() and isinstance(pid, int) and not _holder_alive(pid, str(info.get("token"))):
-        why = "this process's pid, a lock it does not hold (a restarted container)" if pid == os.getpid() else "gone"
-        return True, f"pid {pid} on {host} is {why}"
+    if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        return True, f"pid {pid} on {host} is gone"
     beat = info.get("heartbeat_s")
     if isinstance(beat, (int, float)) and not isinstance(beat, bool) and beat > 0:
         silent, limit = time.time() - mtime, min(stale_s, HEARTBEAT_MISSES * beat)
@@ -502,24 +484,12 @@ def try_lock(path: str | os.PathLike, stale_s: float = 24 * 3600) -> ItemLock | 
     itself O_EXCL): the taker renames the stale file aside, checks it renamed the file it judged stale, and creates
     its own with O_EXCL — so two takers never both win, and a fresh lock created meanwhile is put back, not lost.
     """
+    import logging
     import uuid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
-    _HELD.add(token)  # before its file exists: no other thread of this process takes it for a dead process's
-    lock = None
-    try:
-        lock = _try_lock(path, stale_s, token)
-        return lock
-    finally:
-        if lock is None:
-            _HELD.discard(token)
-
-
-def _try_lock(path: Path, stale_s: float, token: str) -> ItemLock | None:
-    import logging
-
     if _create_exclusive(path, _lock_payload(token)):
         return ItemLock(path, token)
     stale, why = lock_is_stale(path, stale_s)
