@@ -286,6 +286,10 @@ def test_mils_training_numbers_are_checked_before_any_slide_is_embedded():
     embedded; max_epochs=0 tested an untrained head and wrote its metrics."""
     validate_config(_compose("mil", "head=mean_pool", "data.max_tiles_train=null"), task="mil")
     validate_config(_compose("mil", "head=abmil", "head.dropout=0"), task="mil")
+    # what ran before stays valid: mean_pool's hidden 0 (none), Lightning's -1 epochs with a step limit, an lr the
+    # task reads with float() (optim has no schema: ${oc.env:LR} gives a string)
+    validate_config(_compose("mil", "head=mean_pool", "head.hidden=0"), task="mil")
+    validate_config(_compose("mil", "trainer.max_epochs=-1", "trainer.max_steps=5000", "optim.lr='1e-4'"), task="mil")
     bad = ["head=abmil", "head.dropout=1.5", "head.hidden=0", "data.max_tiles_train=0", "data.batch_size=0",
            "optim.lr=-1", "optim.weight_decay=-0.1", "trainer.max_epochs=0"]  # fmt: skip
     msg = _problems(_compose("mil", *bad), "mil")

@@ -12,10 +12,11 @@ goes through it.
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from omegaconf import DictConfig
 
-from ..utils.config import Problems, group_options, has_key, is_int, is_number, one_of, select, unknown_keys
+from ..utils.config import Problems, group_options, has_key, is_int, one_of, select, unknown_keys
 from .data import TASK_DATA, check_data, check_make_synthetic
 from .heads import TASK_HEADS, check_head, head_choices
 from .model import RENAMED, Geometry, check_attention, check_backbone, check_patch_multiple, check_pruner
@@ -150,26 +151,40 @@ def _check_task_options(cfg: DictConfig, task: str | None, problems: Problems) -
 
 def _check_mil_training(cfg: DictConfig, problems: Problems) -> None:
     """mil's head, bags and optimiser: checked here, not by torch after every slide was embedded."""
+    mean_pool = select(cfg, "head.name") == "mean_pool"
     for key, low, nullable, what in (
         ("data.batch_size", 1, False, "bags per step"),
         ("data.max_tiles_train", 1, True, "tiles per training bag; null: every tile"),
         ("data.max_tiles_eval", 1, True, "tiles per val/test bag; null: every tile"),
-        ("head.hidden", 1, select(cfg, "head.name") == "mean_pool", "units of the hidden layer"),
+        ("head.hidden", 0 if mean_pool else 1, mean_pool, "units of the hidden layer; mean_pool: null or 0 for none"),
         ("head.attention_hidden", 1, False, "units of the attention layer"),
-        ("trainer.max_epochs", 1, False, "epochs (0 would test an untrained head)"),
     ):
         if not has_key(cfg, key):
             continue
         v = select(cfg, key)
         if not ((v is None and nullable) or (is_int(v) and v >= low)):
             problems.bad(key, v, f"an integer >= {low}{' or null' if nullable else ''} ({what})")
+    epochs = select(cfg, "trainer.max_epochs") if has_key(cfg, "trainer.max_epochs") else 1
+    if not (epochs is None or (is_int(epochs) and (epochs >= 1 or epochs == -1))):  # -1: Lightning's no limit
+        problems.bad("trainer.max_epochs", epochs, "an integer >= 1, or -1 for no limit (0 tests an untrained head)")
     dropout = select(cfg, "head.dropout") if has_key(cfg, "head.dropout") else 0.0
-    if not (is_number(dropout) and 0 <= dropout < 1):
+    if not (_as_float(dropout) is not None and 0 <= _as_float(dropout) < 1):
         problems.bad("head.dropout", dropout, "a probability in [0, 1)")
     for key, what in (("optim.lr", "> 0"), ("optim.weight_decay", ">= 0")):
-        v = select(cfg, key) if has_key(cfg, key) else 0.0 if key == "optim.weight_decay" else 1.0
-        if not (is_number(v) and (v > 0 if what == "> 0" else v >= 0)):
+        v = select(cfg, key) if has_key(cfg, key) else None
+        x = _as_float(v)  # optim has no schema: ${oc.env:LR} is the string '1e-4', which the task reads as float
+        if v is not None and not (x is not None and (x > 0 if what == "> 0" else x >= 0)):
             problems.bad(key, v, f"a number {what}")
+
+
+def _as_float(v: Any) -> float | None:
+    """``v`` as the task reads it (``float(v)``), or None where that fails (or for a bool)."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def composition_hint(task: str, overrides: list[str]) -> str | None:
