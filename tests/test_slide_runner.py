@@ -483,6 +483,33 @@ def test_upsampled_tiles_are_warned_and_listed(slides, tmp_path, caplog):
     assert "would be interpolated 17×, more than 16×: is that mpp right?" in row.reason, row.reason
 
 
+def test_a_patches_file_trident_wrote_is_kept(slides, tmp_path, caplog):
+    """embed_slides into a job_dir TRIDENT tiled took TRIDENT's patches file (no hirespath attrs) for an unreadable
+    one and replaced it: the user's tiling gone, TRIDENT's features no longer matching it, later TRIDENT runs on
+    hirespath's grid. It is kept; the slide is tiled by hirespath's rules."""
+    from hirespath.slides.prepare import patches_path
+
+    spec = list_slides(slides)[0]
+    tiling_dir = tmp_path / trident_h5.tiling_tag(TILING.mpp, TILING.size, TILING.overlap)
+    theirs = patches_path(tiling_dir, TILING, spec.slide_id)
+    attrs = {
+        "patch_size": 112,
+        "patch_size_level0": 224,
+        "level0_magnification": 20,
+        "target_magnification": 10,
+        "overlap": 0,
+        "name": spec.slide_id,
+        "savetodir": str(tiling_dir),
+        "level0_width": 1,
+        "level0_height": 1,
+    }
+    trident_h5.write_patches_h5(theirs, np.array([[0, 0], [224, 0], [448, 0]]), attrs)  # as TRIDENT's coords_to_h5
+    before = theirs.read_bytes()
+    s = embed_slides(encoder(), [spec], tmp_path, TILING, embed_cfg(), CPU)
+    assert s["slides_done"] == 1 and theirs.read_bytes() == before
+    assert "a patches file hirespath did not write (TRIDENT's?) is kept" in caplog.text
+
+
 def test_concurrent_workers_merge_their_summaries(slides, tmp_path):
     specs = list_slides(slides)
     a = embed_slides(encoder(), specs[:1], tmp_path, TILING, embed_cfg(), CPU)

@@ -54,10 +54,17 @@ def patches_path(tiling_dir: Path, tiling, slide_id: str) -> Path:
     return tiling_dir / folder / f"{slide_id}_patches.h5"
 
 
+class ForeignPatches(Exception):
+    """A patches file hirespath did not write (TRIDENT's or CLAM's: no ``target_mpp``): never replaced."""
+
+
 def _grid_from_patches(slide, path: Path, tiling, smpp: float) -> TileGrid | None:
-    """The grid stored in an earlier run's patches file when it was tiled with the same settings, else None."""
+    """The grid stored in an earlier run's patches file when it was tiled with the same settings, else None;
+    :class:`ForeignPatches` for a file another tool wrote (its tiling is that tool's, kept as it is)."""
     try:
         attrs, coords = trident_h5.read_coords(path)
+        if "target_mpp" not in attrs and "level0_mpp" not in attrs:
+            raise ForeignPatches(str(path))
         same = (
             int(attrs["patch_size"]) == int(tiling.size)
             and int(attrs["overlap"]) == int(tiling.overlap)
@@ -135,7 +142,11 @@ def prepare_slide(
             log.warning("%s: %s", spec.slide_id, warnings[-1])
         region = qupath.image_region(slide)
         patches = patches_path(tiling_dir, tiling, spec.slide_id)
-        grid = _grid_from_patches(slide, patches, tiling, smpp) if patches.is_file() else None
+        foreign = False
+        try:
+            grid = _grid_from_patches(slide, patches, tiling, smpp) if patches.is_file() else None
+        except ForeignPatches:
+            grid, foreign = None, True
         reused = grid is not None
         if grid is None:
             grid = tile_grid(slide, int(tiling.size), float(tiling.mpp), int(tiling.overlap),
@@ -144,7 +155,11 @@ def prepare_slide(
             attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name,
                                             qupath_region=region)  # fmt: skip
             attrs["tissue_area_mm2"] = grid.tissue_area_mm2
-            trident_h5.write_patches_h5(patches, grid.coords, attrs)
+            if foreign:  # TRIDENT's tiling in a shared job_dir: its features and later TRIDENT runs rely on it
+                log.warning("%s: a patches file hirespath did not write (TRIDENT's?) is kept; the slide was tiled "
+                            "by hirespath's rules and its grid is not stored", patches)  # fmt: skip
+            else:
+                trident_h5.write_patches_h5(patches, grid.coords, attrs)
         elif need_thumbnail:  # the tissue as tile_grid sees it: on QuPath's image of the slide
             grid.thumbnail, grid.mask, grid.mask_downsample, grid.mask_origin = tissue_thumbnail(
                 slide, mask_max_side, region
