@@ -286,10 +286,15 @@ def test_mils_training_numbers_are_checked_before_any_slide_is_embedded():
     embedded; max_epochs=0 tested an untrained head and wrote its metrics."""
     validate_config(_compose("mil", "head=mean_pool", "data.max_tiles_train=null"), task="mil")
     validate_config(_compose("mil", "head=abmil", "head.dropout=0"), task="mil")
-    # what ran before stays valid: mean_pool's hidden 0 (none), Lightning's -1 epochs with a step limit, an lr the
-    # task reads with float() (optim has no schema: ${oc.env:LR} gives a string)
+    # what ran before stays valid: mean_pool's hidden 0 (none), an lr the task reads with float() (optim has no
+    # schema: ${oc.env:LR} gives a string)
     validate_config(_compose("mil", "head=mean_pool", "head.hidden=0"), task="mil")
-    validate_config(_compose("mil", "trainer.max_epochs=-1", "trainer.max_steps=5000", "optim.lr='1e-4'"), task="mil")
+    validate_config(_compose("mil", "optim.lr='1e-4'"), task="mil")
+    # the task reads these with float()/int() after embedding: null fails there; -1 epochs made the cosine
+    # schedule switch the learning rate on and off each epoch
+    msg = _problems(_compose("mil", "optim.lr=null", "optim.weight_decay=null", "trainer.max_epochs=-1"), "mil")
+    for key in ("optim.lr=None", "optim.weight_decay=None", "trainer.max_epochs=-1"):
+        assert key in msg, (key, msg)
     bad = ["head=abmil", "head.dropout=1.5", "head.hidden=0", "data.max_tiles_train=0", "data.batch_size=0",
            "optim.lr=-1", "optim.weight_decay=-0.1", "trainer.max_epochs=0"]  # fmt: skip
     msg = _problems(_compose("mil", *bad), "mil")

@@ -165,15 +165,18 @@ def _check_mil_training(cfg: DictConfig, problems: Problems) -> None:
         if not ((v is None and nullable) or (is_int(v) and v >= low)):
             problems.bad(key, v, f"an integer >= {low}{' or null' if nullable else ''} ({what})")
     epochs = select(cfg, "trainer.max_epochs") if has_key(cfg, "trainer.max_epochs") else 1
-    if not (epochs is None or (is_int(epochs) and (epochs >= 1 or epochs == -1))):  # -1: Lightning's no limit
-        problems.bad("trainer.max_epochs", epochs, "an integer >= 1, or -1 for no limit (0 tests an untrained head)")
+    if not (is_int(epochs) and epochs >= 1):  # (Lightning's -1, no limit: the cosine schedule spans max_epochs)
+        problems.bad("trainer.max_epochs", epochs, "an integer >= 1 (0 tests an untrained head; the learning-rate "
+                     "schedule spans max_epochs, so -1 for no limit is not supported)")  # fmt: skip
     dropout = select(cfg, "head.dropout") if has_key(cfg, "head.dropout") else 0.0
     if not (_as_float(dropout) is not None and 0 <= _as_float(dropout) < 1):
         problems.bad("head.dropout", dropout, "a probability in [0, 1)")
     for key, what in (("optim.lr", "> 0"), ("optim.weight_decay", ">= 0")):
-        v = select(cfg, key) if has_key(cfg, key) else None
+        if not has_key(cfg, key):
+            continue
+        v = select(cfg, key)
         x = _as_float(v)  # optim has no schema: ${oc.env:LR} is the string '1e-4', which the task reads as float
-        if v is not None and not (x is not None and (x > 0 if what == "> 0" else x >= 0)):
+        if not (x is not None and (x > 0 if what == "> 0" else x >= 0)):
             problems.bad(key, v, f"a number {what}")
 
 
