@@ -20,6 +20,7 @@ from hirespath.embeddings.features import embed_slides, ensure_features
 from hirespath.slides import Runtime, SlideJob, TileModel, run_slides
 from hirespath.slides.ledger import IdentityMismatch, Ledger
 from hirespath.slides.runner import NothingProcessed
+from hirespath.utils.errors import InputError
 from hirespath.wsi import trident_h5
 from hirespath.wsi.listing import SlideSpec, list_slides
 
@@ -508,6 +509,31 @@ def test_a_patches_file_trident_wrote_is_kept(slides, tmp_path, caplog):
     s = embed_slides(encoder(), [spec], tmp_path, TILING, embed_cfg(), CPU)
     assert s["slides_done"] == 1 and theirs.read_bytes() == before
     assert "a patches file hirespath did not write (TRIDENT's?) is kept" in caplog.text
+
+
+def test_a_folder_of_feature_files_trident_wrote_is_refused_not_vouched_for(slides, tmp_path):
+    """embed.encoder_tag=conch_v15 (the name TRIDENT's slide encoders look for) in a job_dir TRIDENT filled took its
+    h5 files for finished slides and wrote a config.json vouching for them: 768-d CONCH features under a 96-d
+    encoder's settings, for mil to train on. Refused, naming a file; embed.overwrite=true replaces them."""
+    import h5py
+
+    spec = list_slides(slides)[0]
+    tiling_dir = tmp_path / trident_h5.tiling_tag(TILING.mpp, TILING.size, TILING.overlap)
+    theirs = tiling_dir / "features_conch_v15" / f"{spec.slide_id}.h5"
+    theirs.parent.mkdir(parents=True)
+    with h5py.File(theirs, "w") as f:  # TRIDENT's features file: its attrs name and savetodir only
+        f.create_dataset("features", data=np.zeros((5, 768), np.float32)).attrs.update(name=spec.slide_id,
+                                                                                       savetodir="x")  # fmt: skip
+        f.create_dataset("coords", data=np.zeros((5, 2), np.int64))
+    with pytest.raises(
+        InputError,
+        match=r"holds feature files hirespath did not write .*e\.g\. "
+        rf"{spec.slide_id}\.h5: encoder not named, features \(5, 768\)",
+    ):
+        embed_slides(encoder(), [spec], tmp_path, TILING, embed_cfg(encoder_tag="conch_v15"), CPU)
+    assert not (theirs.parent / "config.json").exists()
+    s = embed_slides(encoder(), [spec], tmp_path, TILING, embed_cfg(encoder_tag="conch_v15", overwrite=True), CPU)
+    assert s["slides_done"] == 1 and trident_h5.read_features(theirs)["features"].shape[1] == 96
 
 
 def test_concurrent_workers_merge_their_summaries(slides, tmp_path):

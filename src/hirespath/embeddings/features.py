@@ -144,6 +144,28 @@ class EmbeddingConsumer:
     def needs_thumbnail(self) -> bool:
         return self.thumbnails
 
+    def check_folder(self, out_dir: Path) -> None:
+        """Refuse a folder of feature files another tool wrote (no ``config.json``; TRIDENT's ``features_conch_v15``
+        when ``embed.encoder_tag`` names it): its files would count as finished slides and its new config.json would
+        vouch for them, another encoder's features under this one's settings."""
+        if (out_dir / "config.json").is_file() or not out_dir.is_dir():
+            return
+        for path in sorted(out_dir.glob("*.h5"))[:1]:
+            try:
+                with h5py.File(path, "r") as f:
+                    ds = f.get("features")
+                    attrs = dict(ds.attrs) if ds is not None else {}
+                    shape = ds.shape if ds is not None else None
+            except OSError:
+                return  # an unreadable file: the run's own checks name it
+            if "vit_patch_size" not in attrs or "feature" not in attrs:  # attrs every hirespath features file has
+                encoder = attrs.get("encoder", "not named")
+                raise InputError(
+                    f"{out_dir} holds feature files hirespath did not write and no config.json (e.g. {path.name}: "
+                    f"encoder {encoder}, features {shape}; TRIDENT's?): they would count as finished slides of this "
+                    f"encoder. Use another embed.encoder_tag or job_dir, or embed.overwrite=true to replace them"
+                )
+
     def output_path(self, out_dir: Path, spec: SlideSpec) -> Path:
         return out_dir / f"{spec.slide_id}.h5"
 

@@ -283,6 +283,8 @@ def run_slides(
         job = replace(job, num_workers=default_readers(device))
     specs = as_specs(slides)
     out_dir = job.tiling_dir / consumer.folder
+    if (check_folder := getattr(consumer, "check_folder", None)) and not job.overwrite:
+        check_folder(out_dir)  # optional: outputs another tool left in the folder (before the ledger vouches)
     ledger = Ledger(out_dir)
     since = ledger.check_identity({**job.identity(), **consumer.identity}, overwrite=job.overwrite,
                           how=consumer.overwrite_hint, redrawable=tuple(getattr(consumer, "redraw_keys", ())),
