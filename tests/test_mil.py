@@ -357,6 +357,13 @@ def test_mixed_feature_dimensions_or_encoders_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no <slide>.h5 feature files"):
         scan_feature_dir(tmp_path / "empty")
+    # CLAM's training folder (pt_files, what its main.py reads) is named, and the h5_files beside it
+    clam = tmp_path / "clam"
+    (clam / "pt_files").mkdir(parents=True), (clam / "h5_files").mkdir()
+    torch.save(torch.zeros(4, DIM), clam / "pt_files" / "s1.pt")
+    with pytest.raises(InputError, match=rf"holds 1 \.pt files, CLAM's pt_files .*: give CLAM's h5_files folder "
+                                         rf"{clam / 'h5_files'}, the same features"):  # fmt: skip
+        scan_feature_dir(clam / "pt_files")
 
 
 def test_an_evaluation_subset_is_the_slides_own_wherever_it_sits_in_the_table(tmp_path):

@@ -80,6 +80,11 @@ def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
         below = sorted({str(p.parent) for pattern in ("*/*.h5", "*/*/*.h5") for p in features_dir.glob(pattern)
                         if p.parent.name != "patches"})  # fmt: skip
         hint = f"; feature folders below it: {', '.join(below)}" if below else ""
+        if pts := [p for p in features_dir.glob("*.pt") if not p.name.startswith(".")]:
+            h5 = features_dir.parent / "h5_files"  # CLAM's extract_features_fp writes both folders
+            there = f" {h5}" if h5.is_dir() else ""
+            hint += (f"; it holds {len(pts)} .pt files, CLAM's pt_files (not read: they have no coords): give "
+                     f"CLAM's h5_files folder{there}, the same features with their coords")  # fmt: skip
         raise InputError(
             f"no <slide>.h5 feature files in {features_dir}; expected TRIDENT's layout "
             f"<job dir>/<tiling tag>/features_<encoder>/<slide>.h5 (as `hirespath embed_slides` writes){hint}"
