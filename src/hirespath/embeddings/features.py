@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 import torch
 
+from ..slides.ledger import CONFIG
 from ..slides.prepare import PreparedSlide
 from ..slides.runner import Runtime, SlideJob, run_slides
 from ..slides.tile_model import TileModel
@@ -148,22 +149,20 @@ class EmbeddingConsumer:
         """Refuse a folder of feature files another tool wrote (no ``config.json``; TRIDENT's ``features_conch_v15``
         when ``embed.encoder_tag`` names it): its files would count as finished slides and its new config.json would
         vouch for them, another encoder's features under this one's settings."""
-        if (out_dir / "config.json").is_file() or not out_dir.is_dir():
+        if (out_dir / CONFIG).is_file() or not out_dir.is_dir():
             return
         for path in sorted(out_dir.glob("*.h5"))[:1]:
             try:
-                with h5py.File(path, "r") as f:
-                    ds = f.get("features")
-                    attrs = dict(ds.attrs) if ds is not None else {}
-                    shape = ds.shape if ds is not None else None
-            except OSError:
-                return  # an unreadable file: the run's own checks name it
+                info = trident_h5.inspect_features(path, count_nonfinite=False)
+            except (InputError, OSError):
+                return  # a file the readers cannot use: the run's own checks name it
+            attrs = info["features_attrs"]
             if "vit_patch_size" not in attrs or "feature" not in attrs:  # attrs every hirespath features file has
-                encoder = attrs.get("encoder", "not named")
                 raise InputError(
-                    f"{out_dir} holds feature files hirespath did not write and no config.json (e.g. {path.name}: "
-                    f"encoder {encoder}, features {shape}; TRIDENT's?): they would count as finished slides of this "
-                    f"encoder. Use another embed.encoder_tag or job_dir, or embed.overwrite=true to replace them"
+                    f"{out_dir} holds feature files hirespath did not write and no {CONFIG} (e.g. {path.name}: "
+                    f"encoder {attrs.get('encoder', 'not named')}, features ({info['n_tiles']}, {info['dim']}); "
+                    f"TRIDENT's?): they would count as finished slides of this encoder. Use another "
+                    f"embed.encoder_tag or job_dir, or {OVERWRITE} to replace them"
                 )
 
     def output_path(self, out_dir: Path, spec: SlideSpec) -> Path:
