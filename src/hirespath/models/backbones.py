@@ -293,10 +293,9 @@ def resolve_weights(preset: BackbonePreset, weights: str | os.PathLike | None) -
         return found[0]
     # a bare hub id (MahmoodLab/UNI2-h): explain how to get the file; a relative file path (UNI2-h/model.bin) is
     # a file that is not there
-    is_file_name = path.suffix.lower() in (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
-    if not path.exists() and isinstance(weights, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights):
-        if not is_file_name:
-            return resolve_weights(preset, "hf-hub:" + weights)
+    bare = isinstance(weights, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", weights)
+    if bare and not path.exists() and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        return resolve_weights(preset, "hf-hub:" + weights)
     if not path.is_file():
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         raise FileNotFoundError(
@@ -306,6 +305,7 @@ def resolve_weights(preset: BackbonePreset, weights: str | os.PathLike | None) -
     return path
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")  # what read_state_dict reads
 _VALID_WEIGHTS = "a state_dict in timm's key layout as .safetensors, or a torch .bin/.pth/.pt file"
 
 
@@ -345,7 +345,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely (safetensors, or torch pickles with ``weights_only=True``)."""
     suffix = path.suffix.lower()
-    if suffix in (".safetensors", ".bin", ".pth", ".pt", ".ckpt"):
+    if suffix in CHECKPOINT_SUFFIXES:
         why = _not_a_checkpoint(path)
         if why:
             raise ValueError(f"weights file {str(path)!r} {why}; expected {_VALID_WEIGHTS}")
@@ -357,7 +357,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 f"could not read weights file {str(path)!r} as safetensors ({type(err).__name__}: {err}): "
                 f"truncated, or not a safetensors file? Expected {_VALID_WEIGHTS}"
             ) from err
-    elif suffix in (".bin", ".pth", ".pt", ".ckpt"):
+    elif suffix in CHECKPOINT_SUFFIXES:  # the torch pickles
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # pickles holding code, truncated files, ...
