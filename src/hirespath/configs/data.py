@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING, DictConfig
 
 from ..utils.config import Problems, is_int, is_number, one_of, select
-from ..wsi.reader import PLAUSIBLE_MPP
+from ..wsi.reader import PLAUSIBLE_MPP, plausible_mpp
 
 # The data sets each task reads (conf/data/<name>.yaml).
 TASK_DATA: dict[str, tuple[str, ...]] = {
@@ -80,7 +80,7 @@ def check_data(cfg: DictConfig, task: str | None, problems: Problems) -> None:
     mpp = select(cfg, "data.default_mpp")
     lo, hi = PLAUSIBLE_MPP
     big = is_number(mpp) and mpp >= hi
-    if mpp is not None and not (is_number(mpp) and lo < mpp < hi):
+    if mpp is not None and not (is_number(mpp) and plausible_mpp(mpp)):
         problems.bad(
             "data.default_mpp",
             mpp,

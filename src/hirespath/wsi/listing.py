@@ -109,10 +109,10 @@ def _parse_mpp(value, where: str) -> float | None:
         mpp = float("nan")
     if not (mpp > 0 and math.isfinite(mpp)):
         raise InputError(f"{where}: mpp {value!r} is not a positive number of microns per pixel (e.g. 0.25, 0.5)")
-    from .reader import PLAUSIBLE_MPP  # (reader imports this module)
+    from .reader import PLAUSIBLE_MPP, plausible_mpp  # (reader imports this module)
 
     lo, hi = PLAUSIBLE_MPP
-    if not lo < mpp < hi:  # (a value inside that still interpolates a tile > 16x is caught per slide: prepare.py)
+    if not plausible_mpp(mpp):  # (a value inside that still interpolates a tile > 16x is caught per slide: prepare.py)
         hint = ": a magnification is not an mpp" if mpp >= hi else ""
         raise InputError(f"{where}: mpp {value!r} is not a scan's microns per pixel (between {lo:g} and {hi:g}; a "
                          f"40x scan ≈ 0.25, 20x ≈ 0.5{hint})")  # fmt: skip

@@ -284,7 +284,7 @@ def _level_location(slide, location: tuple[int, int], level: int) -> tuple[int, 
 PLAUSIBLE_MPP = (0.01, 50.0)  # µm/px of a microscope scan; 72 or 96 dpi (353 or 265 µm/px) are image-editor defaults
 
 
-def _plausible_mpp(mpp: float) -> bool:
+def plausible_mpp(mpp: float) -> bool:
     return PLAUSIBLE_MPP[0] < mpp < PLAUSIBLE_MPP[1]
 
 
@@ -301,7 +301,7 @@ def slide_mpp(slide, default: float | None = None) -> float:
             mpp = float(value)
         except ValueError:
             continue
-        if not _plausible_mpp(mpp):
+        if not plausible_mpp(mpp):
             log.warning("%s: %s=%s µm/px is not a microscope's (image-editor resolution tags?); ignored",
                         slide_path(slide), key, value)  # fmt: skip
             continue
@@ -342,7 +342,7 @@ def level0_mpp(slide, override: float | None = None, default: float | None = Non
         res = 0.0
     per_unit = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
     # 72/96 dpi are image-editor defaults, not scans: only microscope-like values count
-    if per_unit and res > 0 and _plausible_mpp(per_unit / res):
+    if per_unit and res > 0 and plausible_mpp(per_unit / res):
         return per_unit / res
     if (ome := _ome_mpp(slide_path(slide))) is not None:
         return ome
@@ -378,7 +378,7 @@ def _ome_mpp(path: Path | None) -> float | None:
         mpp = float(pixels.get("PhysicalSizeX")) * _MICRONS_PER[unit if unit in _MICRONS_PER else unit.lower()]
     except Exception:  # noqa: BLE001 — no OME-XML, no pixel size, an unknown unit: no mpp from here
         return None
-    return mpp if _plausible_mpp(mpp) else None
+    return mpp if plausible_mpp(mpp) else None
 
 
 def best_level(level_downsamples, downsample: float, tolerance: float = LEVEL_TOLERANCE) -> int:
