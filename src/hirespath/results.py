@@ -24,6 +24,12 @@ def backbone_overrides_label(overrides) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(dict(overrides or {}).items()))
 
 
+def asked_backend(column) -> str:
+    """The backend a benchmark.csv row's configuration asked for, from its ``sparse_backend`` column (``asked`` or
+    ``asked:ran``, empty for dense/eager): what identifies its plot line, and the report's default-kernel rows."""
+    return column.split(":")[0] if isinstance(column, str) and column else "auto"
+
+
 # ----------------------------------------------------------------------------------------------- metric keys
 
 # stage prefixes: Lightning logs and metrics.json keys are "<stage>/<name>"

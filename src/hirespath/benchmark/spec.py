@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.encoder import HiResEncoder
+from ..results import asked_backend
 
 COLUMNS = [
     "backbone",
@@ -33,12 +34,6 @@ COLUMNS = [
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def asked_backend(column) -> str:
-    """The backend a row's configuration asked for, from its ``sparse_backend`` column (``asked`` or
-    ``asked:ran``, empty for dense/eager): what identifies its plot line."""
-    return column.split(":")[0] if isinstance(column, str) and column else "auto"
 
 
 @dataclass

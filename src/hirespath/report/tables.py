@@ -45,6 +45,7 @@ from ..results import (
     TEST_KAPPA,
     TEST_MPA,
     TRAIN_PEAK_MEMORY_GB,
+    asked_backend,
     backbone_overrides_label,
 )
 from ..utils.io import atomic_path, write_text
@@ -350,8 +351,8 @@ def _bench_for(bench: pd.DataFrame, row: pd.Series) -> pd.Series | None:
         # Same attention, window and pruning ratio (segmentation's "ours" is sparse without pruning).
         b = b[(b.attention == "sparse") & np.isclose(b.prune_ratio, row.prune_ratio)]
         b = b[b.window == row.window] if "window" in b else b
-        if "sparse_backend" in b:  # "auto" or "auto:<ran>" (asked:ran), as the accuracy runs' default
-            auto = b.sparse_backend.fillna("").astype(str).str.split(":").str[0].isin(["", "auto"])
+        if "sparse_backend" in b:  # the default kernel's rows, as the accuracy runs ran
+            auto = b.sparse_backend.map(asked_backend) == "auto"
             b = b[auto] if auto.any() else b
     else:
         b = b[b.method == row.method]
