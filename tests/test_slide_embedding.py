@@ -174,6 +174,49 @@ def test_stale_lock_is_taken_over_by_exactly_one(tmp_path, why):
     assert not mine.release() and path.exists()
 
 
+def test_a_lock_whose_pid_was_reused_since_is_taken_over(tmp_path):
+    """A container restarted after an OOM kill runs as pid 1 again on the same hostname: the slide lock its previous
+    run left named the rerun's own pid and looked alive, so the rerun held that slide for 10 minutes (embed/segment
+    exited 0 without it). A lock taken before its pid's process started is a dead process's; one taken after (this
+    process's own, from any thread) is not. Likewise the folder lock of the shared CSVs."""
+    from hirespath.utils.io import exclusive_lock
+
+    path, host = tmp_path / "slide.h5.lock", socket.gethostname()
+    before_me = time.time() - time.monotonic() - 3600  # before this process (and the machine) started
+    for pid in (os.getpid(), os.getppid()):  # a reused pid: this process's own, or another live one
+        path.write_text(json.dumps({"pid": pid, "hostname": host, "created_at": before_me, "token": "previous",
+                                    "heartbeat_s": 60}))  # fmt: skip
+        stale, why = lock_is_stale(path)
+        assert stale and "started after the lock was taken" in why, why
+    taken = try_lock(path)
+    assert taken is not None and json.loads(path.read_text())["token"] == taken.token
+    assert not lock_is_stale(path)[0]
+    others = []  # another thread of this process finds it held
+    threading.Thread(target=lambda: others.append(try_lock(path))).start()
+    time.sleep(0.5)
+    assert others == [None] and taken.release()
+
+    folder_lock = tmp_path / ".timings.csv.lock"
+    folder_lock.write_text(f"{host}:{os.getpid()}\n{before_me}")
+    started = time.monotonic()
+    with exclusive_lock(folder_lock, poll_s=0.05, stale_s=600):
+        assert time.monotonic() - started < 5  # taken over at once, not after stale_s
+    # a lock of this pid without its time (written by an older version) is still taken as alive
+    folder_lock.write_text(f"{host}:{os.getpid()}")
+
+    def wait_for_it():
+        with exclusive_lock(folder_lock, poll_s=0.05, stale_s=600):
+            pass
+
+    waiter = threading.Thread(target=wait_for_it, daemon=True)
+    waiter.start()
+    waiter.join(1.0)
+    assert waiter.is_alive()  # still waiting
+    folder_lock.unlink()
+    waiter.join(5.0)
+    assert not waiter.is_alive() and not folder_lock.exists()
+
+
 def test_a_lock_whose_holder_stopped_touching_it_is_taken_over_from_any_host(tmp_path, monkeypatch):
     """A job killed on another node (SLURM's time limit, a preemption) leaves its slide's lock behind: no pid check
     can see it is dead, and a day of lock_stale_hours kept the slide (and MIL waiting on it) held. A holder touches

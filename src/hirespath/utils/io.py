@@ -265,6 +265,7 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     me = f"{socket.gethostname()}:{os.getpid()}"
+    mine = f"{me}\n{time.time()}"  # the holder, then when it took the lock (the pid reused since is no holder)
     waited = False
     while True:
         try:
@@ -274,9 +275,9 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
                 raw, mtime_ns = path.read_text(), path.stat().st_mtime_ns
             except FileNotFoundError:
                 continue  # released meanwhile
-            holder, age = raw.strip(), time.time() - mtime_ns / 1e9
-            host, _, pid = holder.rpartition(":")
-            dead = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+            holder, _, taken = raw.strip().partition("\n")
+            age, (host, _, pid) = time.time() - mtime_ns / 1e9, holder.rpartition(":")
+            dead = host == socket.gethostname() and pid.isdigit() and not _holder_alive(int(pid), _number(taken))
             if dead or age > stale_s:
                 if _remove_if_unchanged(path, (raw, mtime_ns)):
                     log.warning(
@@ -293,7 +294,7 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
                 waited = True
             time.sleep(poll_s)
             continue
-        _fill_lock(fd, path, me)
+        _fill_lock(fd, path, mine)
         break
     beat = Heartbeat(path, stale_s / 4)
     try:
@@ -301,7 +302,7 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
     finally:
         beat.stop()
         try:
-            if path.read_text().strip() == me:
+            if path.read_text().strip() == mine:
                 path.unlink()
         except FileNotFoundError:
             pass
@@ -341,6 +342,40 @@ def _remove_if_unchanged(path: Path, judged: tuple[str, int]) -> bool:
         return True
     finally:
         mutex.unlink(missing_ok=True)
+
+
+def _holder_alive(pid: int, taken_at: float | None) -> bool:
+    """Whether the process ``pid`` of this host that took a lock at ``taken_at`` (time.time(); None: unknown) still
+    holds it: alive, and not a process started after that time. A pid is reused: a container restarted after an OOM
+    kill runs as pid 1 again on the same hostname, and the lock its previous run left named that pid."""
+    if not _pid_alive(pid):
+        return False
+    started = _process_start(pid) if taken_at is not None and math.isfinite(taken_at) else None
+    return started is None or started <= taken_at + PID_START_SLACK_S
+
+
+# /proc's start times count in clock ticks from a boot time given in whole seconds (and recomputed from the uptime);
+# a holder takes its locks seconds after it starts (imports), so a small slack costs no live lock
+PID_START_SLACK_S = 2.0
+
+
+def _process_start(pid: int) -> float | None:
+    """When ``pid`` started (time.time()'s clock), from Linux's /proc; None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))  # fmt: skip
+        ticks = float(stat.rpartition(")")[2].split()[19])  # field 22, starttime; the name may hold spaces
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _number(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -459,16 +494,18 @@ def lock_is_stale(path: str | os.PathLike, stale_s: float = 24 * 3600) -> tuple[
     except ValueError:
         info = {}
     pid, host = info.get("pid"), info.get("hostname")
-    if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
-        return True, f"pid {pid} on {host} is gone"
+    created = info.get("created_at")
+    created = float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else None
+    if host == socket.gethostname() and isinstance(pid, int) and not _holder_alive(pid, created):
+        gone = "gone" if not _pid_alive(pid) else "another process now (started after the lock was taken)"
+        return True, f"pid {pid} on {host} is {gone}"
     beat = info.get("heartbeat_s")
     if isinstance(beat, (int, float)) and not isinstance(beat, bool) and beat > 0:
         silent, limit = time.time() - mtime, min(stale_s, HEARTBEAT_MISSES * beat)
         if silent > limit:
             return True, f"held by {host or '?'}:{pid or '?'}, not touched for {silent:.0f} s > {limit:.0f} s"
         return False, f"held by {host or '?'}:{pid or '?'}"
-    created = info.get("created_at")
-    age = time.time() - (float(created) if isinstance(created, (int, float)) else mtime)
+    age = time.time() - (created if created is not None else mtime)
     if age > stale_s:
         return True, f"held by {host or '?'}:{pid or '?'} for {age / 3600:.1f} h > {stale_s / 3600:.1f} h"
     return False, f"held by {host or '?'}:{pid or '?'}"
