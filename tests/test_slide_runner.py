@@ -1059,3 +1059,28 @@ def test_the_jobs_of_a_multirun_are_one_launch(tmp_path):
         assert multirun_id() == "sweep"
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_a_run_stopped_while_drawing_a_slides_pictures_draws_them_on_the_rerun(slides, tmp_path, monkeypatch):
+    """The thumbnails were drawn after the slide's h5 appeared: a run stopped in between (SIGTERM, a time limit)
+    left the slide without `thumbnails/<slide>.png` and `_pruned.png` for good, as the rerun skipped it as finished.
+    The pictures now come first; a slide without them has no h5 and is embedded again."""
+    import hirespath.viz.thumbnails as thumbnails
+
+    drawn = thumbnails.save_pruned_overlays
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the signal arrives while the first slide's pictures are drawn
+
+    monkeypatch.setattr(thumbnails, "save_pruned_overlays", stopped)
+    pruning = dict(prune_ratio=0.5, prune_layer=1)
+    cfg = embed_cfg(thumbnails=True, overlay_tiles=1)
+    with pytest.raises(KeyboardInterrupt):
+        embed_slides(encoder(**pruning), list_slides(slides), tmp_path, TILING, cfg, CPU)
+    monkeypatch.setattr(thumbnails, "save_pruned_overlays", drawn)
+    s = embed_slides(encoder(**pruning), list_slides(slides), tmp_path, TILING, cfg, CPU)
+    assert s["slides_done"] == 2 and s["slides_already_finished"] == 0
+    pictures = Path(s["features_dir"]).parent / "thumbnails"
+    assert sorted(p.name for p in pictures.glob("*.png")) == ["s0.png", "s0_pruned.png", "s1.png", "s1_pruned.png"]
+    timings = pd.read_csv(Path(s["features_dir"]) / "timings.csv")
+    assert (timings.thumbnails_s > 0).all()  # timed as pictures, not as writing

@@ -18,8 +18,10 @@ On disk (``<tiling>`` = :func:`~hirespath.wsi.trident_h5.tiling_tag`, e.g. ``20x
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +79,11 @@ def encoder_forward(encoder, features: str, tokens: bool, token_scores: bool = F
 class FeatureSink:
     """One slide's h5 file; non-finite feature rows (e.g. fp16 overflow) are refused, not written."""
 
-    def __init__(self, writer: trident_h5.FeatureWriter, coords: np.ndarray, tokens: bool, overlays: int):
+    def __init__(self, writer: trident_h5.FeatureWriter, coords: np.ndarray, tokens: bool, overlays: int,
+                 draw: Callable[[list], None] | None = None):  # fmt: skip
         self.writer, self.coords, self.tokens, self.overlays_left = writer, coords, tokens, overlays
         self.overlays: list[tuple[int, np.ndarray, np.ndarray, tuple[int, int]]] = []
+        self.draw = draw  # the slide's pictures, given the overlays
 
     def add(self, tiles: np.ndarray, output, images: torch.Tensor) -> list[tuple[int, str]]:
         feats, toks, pos, patch_grid, scores = output
@@ -115,8 +119,12 @@ class FeatureSink:
             from ..wsi.reader import SlideError
 
             raise SlideError("no tile could be embedded")  # the runner adds why (its tiles' reasons)
+        t0 = time.perf_counter()
+        if self.draw is not None:  # before the file appears: a run stopped after it would skip the slide, unpictured
+            self.draw(self.overlays)
+        drawn = time.perf_counter() - t0
         self.writer.close()
-        return {"tiles": self.writer.n, "overlays": self.overlays}
+        return {"tiles": self.writer.n, "picture_seconds": drawn}
 
     def abort(self) -> None:
         self.writer.abort()
@@ -199,20 +207,30 @@ class EmbeddingConsumer:
         writer = trident_h5.FeatureWriter(path, dim, c_attrs, attrs, tokens=self.tokens, token_dtype=self.token_dtype,
                                           token_dim=self.encoder.embed_dim, token_scores=self.token_scores)  # fmt: skip
         pruned = getattr(self.encoder, "pruner", None) is not None and self.encoder.pruner.enabled
-        overlays = self.overlay_tiles if self._draws(path, prepared) and pruned else 0
-        return FeatureSink(writer, grid.coords, self.tokens, overlays)
+        overlays = self.overlay_tiles if pruned else 0
+        draws = self._draws(path, prepared, overlays > 0)
+        overlays = overlays if draws else 0
+        draw = functools.partial(self._draw, spec, prepared, path) if draws else None
+        return FeatureSink(writer, grid.coords, self.tokens, overlays, draw)
 
     def _thumb_path(self, out_path: Path, slide_id: str) -> Path:
         return out_path.parent.parent / "thumbnails" / f"{slide_id}.png"
 
-    def _draws(self, out: Path, prepared: PreparedSlide) -> bool:
+    def _draws(self, out: Path, prepared: PreparedSlide, pruned: bool) -> bool:
+        """Whether the slide's pictures are wanted and one of them is missing (drawn by another encoder of the tiling,
+        or by a run stopped between them)."""
         thumb = self._thumb_path(out, out.stem)
-        return self.thumbnails and prepared.grid.thumbnail is not None and not thumb.is_file()
+        pictures = [thumb, *([self._pruned_path(thumb)] if pruned else [])]
+        return self.thumbnails and prepared.grid.thumbnail is not None and not all(p.is_file() for p in pictures)
+
+    @staticmethod
+    def _pruned_path(thumb: Path) -> Path:
+        return thumb.with_name(f"{thumb.stem}_pruned.png")
 
     def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
-        out, overlays = self.output_path(out_dir, spec), result.pop("overlays", [])
-        if not self._draws(out, prepared):
-            return
+        """Nothing: the sink drew the slide's pictures before its file appeared."""
+
+    def _draw(self, spec: SlideSpec, prepared: PreparedSlide, out: Path, overlays: list) -> None:
         from ..viz.thumbnails import save_pruned_overlays, save_thumbnail
 
         grid, thumb = prepared.grid, self._thumb_path(out, spec.slide_id)
@@ -220,8 +238,7 @@ class EmbeddingConsumer:
                        f"{grid.tile_mpp:g} µm/px, {grid.tissue_area_mm2:.1f} mm² tissue")  # fmt: skip
         if overlays:
             title = f"{spec.slide_id}: pruned patches (red) of the first {len(overlays)} tiles"
-            pruned = thumb.with_name(f"{spec.slide_id}_pruned.png")
-            save_pruned_overlays(pruned, overlays, self.encoder.patch_size, title)
+            save_pruned_overlays(self._pruned_path(thumb), overlays, self.encoder.patch_size, title)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -159,7 +159,8 @@ class SlideSink(Protocol):
 
     def close(self) -> dict:
         """Finish the file (atomic rename); returns per-slide facts for the summary (``tiles`` written; optional
-        ``encode_seconds``: tile-function work done on closing, timed as encode rather than write; ``redrawn``:
+        ``encode_seconds``: tile-function work done on closing, timed as encode rather than write;
+        ``picture_seconds``: pictures drawn before the file appears, timed as thumbnails; ``redrawn``:
         drawn again from stored outputs, so the timing row of the run that made them is kept)."""
 
     def abort(self) -> None: ...
@@ -761,10 +762,12 @@ def _stream_slide(
             if failed and isinstance(err, SlideError):  # every tile refused: the slide's one row says why
                 raise SlideError(f"{err}: {len(failed)} tiles refused, the first {failed[0]}") from err
             raise
-        # the final flush and rename; tile-function work the sink did on closing (encode_seconds) is the model's
-        extra = float(info.pop("encode_seconds", 0.0))
-        stages["write"] += time.perf_counter() - t_close - extra
+        # the final flush and rename; tile-function work the sink did on closing (encode_seconds) is the model's,
+        # pictures it drew before its file appeared (picture_seconds) are thumbnails
+        extra, pictures = float(info.pop("encode_seconds", 0.0)), float(info.pop("picture_seconds", 0.0))
+        stages["write"] += time.perf_counter() - t_close - extra - pictures
         stages["encode"] += extra
+        stages["thumbnails"] += pictures
         result = {"slide": spec.slide_id, "failed_tiles": failed, "tissue_mm2": grid.tissue_area_mm2,
                   "patches_reused": prepared.reused, **info}  # fmt: skip
         t3 = time.perf_counter()

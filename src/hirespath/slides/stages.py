@@ -5,7 +5,7 @@ runner: imports, model build, weights), ``setup`` (folder checks, the finished-s
 ``prepare`` (waiting for a slide to be opened and its tissue grid computed — the next slide's is computed in the
 background while the current one runs, so this is what was not hidden), ``read`` (waiting for tiles), ``h2d``
 (host→device copies, CUDA), ``encode`` (the tile function's forward, synchronised), ``write`` (the sink),
-``thumbnails`` (pictures drawn after a slide), ``bookkeeping`` (locks and the ledger). Overlapped work is summed
+``thumbnails`` (a slide's pictures), ``bookkeeping`` (locks and the ledger). Overlapped work is summed
 apart: ``open`` and ``tissue`` in the background thread, ``reader_read`` (region read + decode) and
 ``reader_resize`` in the tile readers, ``write_behind`` in the writer and closer threads (``write_behind``: then
 ``write`` is only the time spent waiting for them).
