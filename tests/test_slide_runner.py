@@ -1084,3 +1084,41 @@ def test_a_run_stopped_while_drawing_a_slides_pictures_draws_them_on_the_rerun(s
     assert sorted(p.name for p in pictures.glob("*.png")) == ["s0.png", "s0_pruned.png", "s1.png", "s1_pruned.png"]
     timings = pd.read_csv(Path(s["features_dir"]) / "timings.csv")
     assert (timings.thumbnails_s > 0).all()  # timed as pictures, not as writing
+
+
+def test_a_rescanned_slide_is_tiled_again_and_its_thumbnail_redrawn(tmp_path):
+    """A slide replaced by another scan of the same pixel size (a rescan, a re-export) kept the old scan's tile grid
+    from patches/<slide>_patches.h5 (matched by settings and level-0 size only): embed.overwrite=true recomputed the
+    features on glass (segmentation: every class area 0), and the thumbnail still showed the old scan. The grid now
+    records the slide file's size, an overwrite tiles every slide again, and a slide tiled anew is pictured anew."""
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+
+    def scan(left: bool, seed: int) -> np.ndarray:
+        img = np.full((500, 1400, 3), 240, np.uint8)
+        x0 = 50 if left else 750
+        rng = np.random.default_rng(seed)
+        img[60:440, x0 : x0 + 600] = np.clip(np.array([200, 90, 160]) + rng.integers(-25, 25, (380, 600, 3)), 0, 255)
+        return img
+
+    def columns(summary) -> tuple[int, int]:
+        coords = trident_h5.read_coords(Path(summary["features_dir"]) / "s0.h5")[1]
+        return int(coords[:, 0].min()), int(coords[:, 0].max())
+
+    cfg = embed_cfg(thumbnails=True)
+    write_pyramid(wsi / "s0.tiff", scan(left=True, seed=0), 0.5, compression="jpeg", levels=(1, 4))
+    first = embed_slides(encoder(), list_slides(wsi), tmp_path / "job", TILING, cfg, CPU)
+    old_tiles = columns(first)
+    assert old_tiles[1] < 700
+    thumb = Path(first["features_dir"]).parent / "thumbnails" / "s0.png"
+    drawn = thumb.read_bytes()
+    write_pyramid(wsi / "s0.tiff", scan(left=False, seed=1), 0.5, compression="jpeg", levels=(1, 4))  # the rescan
+    fresh = embed_slides(encoder(), list_slides(wsi), tmp_path / "fresh", TILING, cfg, CPU)
+    again = embed_slides(encoder(), list_slides(wsi), tmp_path / "job", TILING, embed_cfg(thumbnails=True,
+                         overwrite=True), CPU)  # fmt: skip
+    assert again["slides_done"] == 1 and not again["done"][0]["patches_reused"]
+    assert columns(again) == columns(fresh) and columns(again)[0] > old_tiles[1]  # on the new scan's tissue
+    assert thumb.read_bytes() != drawn
+    # another encoder's first run over the rescanned slide (no overwrite): the stored grid is the new scan's
+    other = embed_slides(encoder(attention="dense"), list_slides(wsi), tmp_path / "job", TILING, cfg, CPU)
+    assert other["done"][0]["patches_reused"] and columns(other) == columns(fresh)

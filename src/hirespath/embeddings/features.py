@@ -201,7 +201,7 @@ class EmbeddingConsumer:
         # the coords attributes are the patches file's, as TRIDENT copies them into the features file
         c_attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tdir.name,
                                           qupath_region=prepared.qupath_region)  # fmt: skip
-        c_attrs["tissue_area_mm2"] = grid.tissue_area_mm2
+        c_attrs["tissue_area_mm2"], c_attrs["slide_bytes"] = grid.tissue_area_mm2, prepared.slide_bytes
         attrs = {**self.features_attrs, "name": spec.slide_id, "savetodir": str(path.parent)}
         dim = self.encoder.embed_dim * (2 if self.features == "cls+mean" else 1)
         writer = trident_h5.FeatureWriter(path, dim, c_attrs, attrs, tokens=self.tokens, token_dtype=self.token_dtype,
@@ -218,10 +218,12 @@ class EmbeddingConsumer:
 
     def _draws(self, out: Path, prepared: PreparedSlide, pruned: bool) -> bool:
         """Whether the slide's pictures are wanted and one of them is missing (drawn by another encoder of the tiling,
-        or by a run stopped between them)."""
+        or by a run stopped between them), or the slide was tiled anew (its stored grid was another's: other
+        settings, another scan, an overwrite), so the thumbnail of the tiling's folder shows an old grid."""
         thumb = self._thumb_path(out, out.stem)
         pictures = [thumb, *([self._pruned_path(thumb)] if pruned else [])]
-        return self.thumbnails and prepared.grid.thumbnail is not None and not all(p.is_file() for p in pictures)
+        missing = not prepared.reused or not all(p.is_file() for p in pictures)
+        return self.thumbnails and prepared.grid.thumbnail is not None and missing
 
     @staticmethod
     def _pruned_path(thumb: Path) -> Path:

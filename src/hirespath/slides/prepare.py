@@ -39,6 +39,7 @@ class PreparedSlide:
     # QuPath's image of the slide (x, y, w, h in level-0 px, qupath.image_region): the whole slide, or its crop
     qupath_region: tuple[int, int, int, int]
     warnings: list[str] = field(default_factory=list)
+    slide_bytes: int | None = None  # the slide file's size (:func:`slide_bytes`), recorded with its grid
 
 
 def cover_tissue(tiling) -> bool:
@@ -58,15 +59,25 @@ class ForeignPatches(Exception):
     """A patches file hirespath did not write (TRIDENT's or CLAM's: no ``target_mpp``): never replaced."""
 
 
-def _grid_from_patches(slide, path: Path, tiling, smpp: float) -> TileGrid | None:
-    """The grid stored in an earlier run's patches file when it was tiled with the same settings, else None;
-    :class:`ForeignPatches` for a file another tool wrote (its tiling is that tool's, kept as it is)."""
+def slide_bytes(path: Path) -> int:
+    """The size of a slide's file (a folder's: its files'), recorded with its grid: a slide replaced by another
+    scan under the same name (a rescan, a re-export) has another size, whatever its pixel size."""
+    if path.is_dir():  # DICOM: a folder of instances
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def _grid_from_patches(slide, path: Path, tiling, smpp: float, nbytes: int) -> TileGrid | None:
+    """The grid stored in an earlier run's patches file when it was tiled with the same settings from the same
+    slide file (``nbytes``: its size now; files written before the size was recorded are compared by pixel size
+    only), else None; :class:`ForeignPatches` for a file another tool wrote (its tiling is that tool's, kept)."""
     try:
         attrs, coords = trident_h5.read_coords(path)
         if "target_mpp" not in attrs and "level0_mpp" not in attrs:
             raise ForeignPatches(str(path))
         same = (
-            int(attrs["patch_size"]) == int(tiling.size)
+            int(attrs.get("slide_bytes", nbytes)) == nbytes
+            and int(attrs["patch_size"]) == int(tiling.size)
             and int(attrs["overlap"]) == int(tiling.overlap)
             and np.isclose(float(attrs["target_mpp"]), float(tiling.mpp))
             and np.isclose(float(attrs["level0_mpp"]), smpp)
@@ -113,9 +124,12 @@ def prepare_slide(
     default_mpp: float | None,
     need_thumbnail: bool,
     mask_max_side: int = 2048,
+    stored_since: int | None = None,
 ) -> PreparedSlide:
     """Open ``spec``, resolve its mpp, and compute (or reuse) its tile grid; any failure is a :class:`SlideError`
-    naming the file (one bad slide is skipped, the run goes on)."""
+    naming the file (one bad slide is skipped, the run goes on). A stored grid older than ``stored_since`` (ns: the
+    output folder's last overwrite, :meth:`Ledger.outputs_since`) is not reused: an overwrite tiles every slide as
+    it is now."""
     t0 = time.perf_counter()
     try:
         slide = open_slide(spec.path)
@@ -142,11 +156,13 @@ def prepare_slide(
             log.warning("%s: %s", spec.slide_id, warnings[-1])
         region = qupath.image_region(slide)
         patches = patches_path(tiling_dir, tiling, spec.slide_id)
-        foreign = False
+        foreign, nbytes = False, slide_bytes(spec.path)
         try:
-            grid = _grid_from_patches(slide, patches, tiling, smpp) if patches.is_file() else None
+            grid = _grid_from_patches(slide, patches, tiling, smpp, nbytes) if patches.is_file() else None
         except ForeignPatches:
             grid, foreign = None, True
+        if grid is not None and stored_since is not None and patches.stat().st_mtime_ns < stored_since:
+            grid = None  # tiled before the output folder's last overwrite: tiled again, as the slide is now
         reused = grid is not None
         if grid is None:
             grid = tile_grid(slide, int(tiling.size), float(tiling.mpp), int(tiling.overlap),
@@ -154,7 +170,7 @@ def prepare_slide(
                              cover_tissue=cover_tissue(tiling), region=region)  # fmt: skip
             attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name,
                                             qupath_region=region)  # fmt: skip
-            attrs["tissue_area_mm2"] = grid.tissue_area_mm2
+            attrs["tissue_area_mm2"], attrs["slide_bytes"] = grid.tissue_area_mm2, nbytes
             if foreign:  # TRIDENT's tiling in a shared job_dir: its features and later TRIDENT runs rely on it
                 log.warning("%s: a patches file hirespath did not write (TRIDENT's?) is kept; the slide was tiled "
                             "by hirespath's rules and its grid is not stored", patches)  # fmt: skip
@@ -177,4 +193,4 @@ def prepare_slide(
         raise SlideError(f"cannot read {spec.path.name}: the file is truncated or corrupt ({err})") from err
     finally:
         slide.close()
-    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, region, warnings)
+    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, region, warnings, nbytes)

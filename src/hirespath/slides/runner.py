@@ -329,7 +329,8 @@ def run_slides(
 
     def prepare(s: SlideSpec) -> PreparedSlide:
         return prepare_slide(s, job.tiling, tiling_dir=job.tiling_dir, default_mpp=job.default_mpp,
-                             need_thumbnail=consumer.needs_thumbnail, mask_max_side=job.mask_max_side)  # fmt: skip
+                             need_thumbnail=consumer.needs_thumbnail, mask_max_side=job.mask_max_side,
+                             stored_since=since)  # fmt: skip
 
     # readers busy beside the tile function take cores from it (on CPU): start from the cores they leave, then
     # follow how busy they really are (utils/threads.py); readers in this thread (num_workers=0) take none
