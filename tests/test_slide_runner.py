@@ -5,7 +5,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +91,6 @@ def test_changed_tiling_setting_is_refused_naming_it_and_overwrite_replaces(slid
 def test_the_summary_of_a_ddp_run_is_every_ranks_not_rank_0s(slides, tmp_path):
     """trainer=ddp logged rank 0's share to W&B (2 of 5 slides done). The ranks' summaries merged: counts summed,
     slides joined, a slide one rank found finished by the other counted once, as done."""
-    from dataclasses import replace
 
     from hirespath.slides.runner import merge_summaries
 
@@ -941,7 +940,6 @@ def test_the_workers_of_one_launch_replace_each_slide_once_whenever_they_start(s
     starts after another replaced s0 keeps s0. Before, each worker's start moved the mark, and every slide finished
     before the last worker started was done again (up to the whole cohort for an array task queued for hours).
     Another launch, other settings, or no launch id mark anew."""
-    from dataclasses import replace
 
     from hirespath.slides.launch import launch_id
 
@@ -970,7 +968,6 @@ def test_a_slide_one_worker_of_a_launch_failed_is_not_tried_again_by_the_others(
     corrupt slide read N times, a slide too large for the GPU streamed N times up to its failure, N warnings. The
     others of the launch now leave it, saying who failed it; the next launch (the rerun after a fix) tries it again,
     as does a worker with no launch id. Files written before skipped.csv had a launch column still read."""
-    from dataclasses import replace
 
     from hirespath.slides import runner
 
@@ -1036,7 +1033,7 @@ def test_a_worker_of_the_launch_redoes_what_a_run_in_between_made_with_other_set
     (tmp_path / "s0.geojson").write_text("0.7")  # drawn again at 0.7
     time.sleep(0.02)
     since = ledger.check_identity(settings, overwrite=True, launch=launch)
-    assert since > first and not is_newer(tmp_path / "s0.geojson", since)
+    assert since.folder_ns > first.folder_ns and not is_newer(tmp_path / "s0.geojson", since.of("s0"))
 
 
 def test_the_jobs_of_a_multirun_are_one_launch(tmp_path):
@@ -1122,3 +1119,35 @@ def test_a_rescanned_slide_is_tiled_again_and_its_thumbnail_redrawn(tmp_path):
     # another encoder's first run over the rescanned slide (no overwrite): the stored grid is the new scan's
     other = embed_slides(encoder(attention="dense"), list_slides(wsi), tmp_path / "job", TILING, cfg, CPU)
     assert other["done"][0]["patches_reused"] and columns(other) == columns(fresh)
+
+
+def test_an_overwrite_with_the_folders_settings_replaces_the_slides_it_lists_only(tmp_path):
+    """Redoing one slide (a rescan) with slides=<its CSV> and embed.overwrite=true marked the whole folder stale:
+    the next plain run embedded every other slide again (hours of GPU on a cohort). With the settings the folder
+    already holds, an overwrite now replaces the slides it lists; one with other settings still replaces all."""
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    for i in range(3):
+        write_pyramid(wsi / f"s{i}.tiff", tissue(seed=i), 0.5, compression="jpeg", levels=(1, 4))
+    specs, job = list_slides(wsi), tmp_path / "job"
+
+    def run(which, launch=None, **kw):
+        s = embed_slides(encoder(), which, job, TILING, embed_cfg(**kw), replace(CPU, launch=launch))
+        return sorted(d["slide"] for d in s["done"])
+
+    assert run(specs) == ["s0", "s1", "s2"]
+    assert run(specs[:1], overwrite=True) == ["s0"]
+    assert run(specs) == []  # s1 and s2 stay finished
+    # an overwrite stopped before its slide: the next plain run finishes it, and only it
+    out = job / "10x_112px_0px_overlap" / next(p.name for p in (job / "10x_112px_0px_overlap").glob("features_*"))
+    Ledger(out).check_identity(json.loads((out / "config.json").read_text()), overwrite=True, slides=["s1"])
+    assert run(specs) == ["s1"]
+    # the workers of one launch (array tasks with their own lists) each redo theirs, not one another's
+    assert run(specs[:1], launch="slurm-array:9", overwrite=True) == ["s0"]
+    assert run(specs[:2], launch="slurm-array:9", overwrite=True) == ["s1"]
+    assert run(specs, launch="slurm-array:10", overwrite=True) == ["s0", "s1", "s2"]  # a new launch: all it lists
+    # other settings: every slide of the folder is replaced, listed or not
+    other = TilingConfig(size=112, mpp=1.0, overlap=0, min_tissue=0.5)
+    embed_slides(encoder(), specs[:1], job, other, embed_cfg(overwrite=True), CPU)
+    again = embed_slides(encoder(), specs, job, other, embed_cfg(), CPU)
+    assert sorted(d["slide"] for d in again["done"]) == ["s1", "s2"]

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..slides.ledger import Ledger
+from ..slides.ledger import Ledger, OutputsSince
 from ..slides.prepare import PreparedSlide
 from ..slides.runner import Runtime, is_newer, run_slides
 from ..slides.tile_model import TileModel
@@ -453,7 +453,9 @@ class SegmentationConsumer:
     needs_thumbnail: bool = True
     progress: bool = True  # a large map's closing steps as progress bars
     reuse_maps: bool = True  # a slide with a finished probability TIFF is drawn from it (False: embed.overwrite)
-    outputs_since: int | None = None  # set by the runner: a TIFF older than the folder's last overwrite is stale
+    outputs_since: OutputsSince | None = (
+        None  # set by the runner: a TIFF older than the slide's last overwrite is stale
+    )
     redraw_keys: tuple = DRAWING  # identity keys a redraw may change (slides.runner)
     redraw_hint: str = REDRAW
     tiles_segmented: int = field(default=0, init=False)  # by this worker, in this run
@@ -523,7 +525,8 @@ class SegmentationConsumer:
 
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SegmentationSink | RedrawSink:
         # the map is finished (and made with the folder's settings): only its drawing is not
-        redraw = self.reuse_maps and is_newer(self.probs_path(path), self.outputs_since)
+        since = self.outputs_since.of(spec.slide_id) if self.outputs_since is not None else None
+        redraw = self.reuse_maps and is_newer(self.probs_path(path), since)
         if self._drawn_rows(path) is not None:
             # the rows of the drawing (and map) this one replaces go first: a run stopped between the new files and
             # their rows would otherwise leave the old areas marking the slide finished (an overwrite's old model)

@@ -12,7 +12,9 @@ so two encoders (or models) in one ``job_dir`` keep their own rows::
     summary.json   the folder's totals read off the disk, and every worker's own summary under ``workers``
     .outputs_since written when an overwrite run starts: outputs older than it were made with the replaced settings
                    and count as not finished, whoever finds them (a resume without overwrite too); the workers of
-                   one launch (``Runtime.launch``) with the same settings keep the first one's
+                   one launch (``Runtime.launch``) with the same settings keep the first one's. An overwrite with
+                   the folder's own settings (a rescanned slide, a fix outside the settings) marks the slides it
+                   lists only, each with its time: the folder's other slides stay finished
 
 Every write is an atomic rewrite under a lock file, so parallel workers (DDP ranks, SLURM array tasks, joblib
 jobs) lose no rows.
@@ -24,7 +26,10 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import socket
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +103,30 @@ def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
+def _file_system_now(folder: Path) -> int:
+    """The folder's file system clock (ns), as it dates the outputs: the workers' own clocks do not enter."""
+    fd, probe = tempfile.mkstemp(prefix=".clock.", suffix=".tmp", dir=folder)
+    try:
+        return os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+@dataclass(frozen=True)
+class OutputsSince:
+    """Which outputs an overwrite replaced: a slide's output older than ``of(slide)`` (ns, the file system's clock;
+    None: any age counts) is not finished. ``folder_ns``: every slide's (an overwrite with other settings);
+    ``slides``: the slides an overwrite with the folder's own settings listed, each with its own time."""
+
+    folder_ns: int | None = None
+    slides: dict = field(default_factory=dict)
+
+    def of(self, slide: str) -> int | None:
+        own = self.slides.get(slide)
+        return own if self.folder_ns is None else self.folder_ns if own is None else max(own, self.folder_ns)
+
+
 class Ledger:
     """``config.json``, ``skipped.csv``, ``timings.csv`` and ``summary.json`` of one output folder."""
 
@@ -111,11 +140,12 @@ class Ledger:
     # ------------------------------------------------------------------------------------------ identity
     def check_identity(self, identity: dict, overwrite: bool = False, how: str = "", redrawable: tuple = (),
                        redraw: bool = False, redraw_hint: str = "", launch: str | None = None,
-                       unvouched: tuple = ()) -> int | None:  # fmt: skip
+                       unvouched: tuple = (), slides: list[str] | None = None) -> OutputsSince:  # fmt: skip
         """Refuse outputs made with other settings; write ``config.json`` on first use (and with ``overwrite``).
-        Returns ``outputs_since``: the time (ns, the folder's file system clock) before which outputs are stale.
+        Returns :meth:`outputs_since`: the times (ns, the folder's file system clock) before which outputs are stale.
         An overwrite marks that time when it starts, once per ``launch`` (the id its workers share: a worker of the
-        same launch and settings that starts later keeps the mark, so it does not redo what the others replaced).
+        same launch and settings that starts later keeps the mark, so it does not redo what the others replaced);
+        with the settings the folder already holds, it marks the ``slides`` it lists only (None: every slide).
 
         Keys in both the stored and the new identity must be equal; keys the stored one lacks (written by an older
         version) are added, but for ``unvouched`` ones: outputs made before they were recorded may have been made
@@ -129,9 +159,21 @@ class Ledger:
             old = json.loads(path.read_text()) if path.is_file() else None
             settings = _digest(identity)
             if overwrite and not self._overwrite_started(launch, settings, old):
-                # every output made before now is replaced, by this worker or any other
-                write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname(),
-                                                         "launch": launch, "settings": settings})  # fmt: skip
+                mark = self._mark()
+                if slides is not None and old is not None and _digest(old) == settings:
+                    # the folder's own settings: only the listed slides are replaced (a worker of the same
+                    # launch keeps the time another one marked a slide with)
+                    marked, t = dict(mark.get("slides") or {}), _file_system_now(self.folder)
+                    for slide in slides:
+                        if launch is None or (marked.get(slide) or {}).get("launch") != launch:
+                            marked[slide] = {"ns": t, "launch": launch}
+                    if mark and "since_ns" not in mark:  # an earlier version's mark: dated by its file, rewritten now
+                        mark["since_ns"] = self.outputs_since().folder_ns
+                    write_json(self.folder / OUTPUTS_SINCE, {**mark, "slides": marked})
+                else:  # every output made before now is replaced, by this worker or any other
+                    write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname(),
+                                                             "launch": launch, "settings": settings,
+                                                             "since_ns": _file_system_now(self.folder)})  # fmt: skip
             if old is not None and not overwrite:
                 if unknown := [k for k in unvouched if k in identity and k not in old]:
                     log.warning("%s was written before its %s were recorded: its outputs are not checked against "
@@ -164,16 +206,28 @@ class Ledger:
             mark = json.loads((self.folder / OUTPUTS_SINCE).read_text())
         except (OSError, ValueError):  # none, or unreadable: mark again
             return False
-        return mark.get("launch") == launch and mark.get("settings") == settings
+        return isinstance(mark, dict) and mark.get("launch") == launch and mark.get("settings") == settings
 
-    def outputs_since(self) -> int | None:
-        """Outputs whose files are older than this (``st_mtime_ns``; None: all count) were made before the
-        folder's last overwrite started. The marker's own time, set by the file system like the outputs', so the
-        workers' clocks do not enter."""
+    def _mark(self) -> dict:
         try:
-            return (self.folder / OUTPUTS_SINCE).stat().st_mtime_ns
+            mark = json.loads((self.folder / OUTPUTS_SINCE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return mark if isinstance(mark, dict) else {}
+
+    def outputs_since(self) -> OutputsSince:
+        """Outputs whose files are older than its times (``st_mtime_ns``) were made before the folder's last
+        overwrite started (or, for a slide an overwrite with the same settings listed, before that one). Times of
+        the file system, like the outputs', so the workers' clocks do not enter."""
+        path = self.folder / OUTPUTS_SINCE
+        try:
+            marked_at = path.stat().st_mtime_ns
         except FileNotFoundError:
-            return None
+            return OutputsSince()
+        mark = self._mark()
+        folder_ns = mark.get("since_ns", marked_at) if "settings" in mark or not mark else None
+        slides = {k: int(v["ns"]) for k, v in (mark.get("slides") or {}).items() if isinstance(v, dict) and "ns" in v}
+        return OutputsSince(int(folder_ns) if folder_ns is not None else None, slides)
 
     # ------------------------------------------------------------------------------------------ skipped.csv
     def update_skipped(self, rows: list[dict], done: list[str] = ()) -> None:

@@ -291,18 +291,20 @@ def run_slides(
                           how=consumer.overwrite_hint, redrawable=tuple(getattr(consumer, "redraw_keys", ())),
                           redraw=bool(getattr(consumer, "redraw", False)),
                           redraw_hint=getattr(consumer, "redraw_hint", ""), launch=runtime.launch,
-                          unvouched=tuple(getattr(consumer, "unvouched_keys", ())))  # fmt: skip
+                          unvouched=tuple(getattr(consumer, "unvouched_keys", ())),
+                          slides=[s.slide_id for s in specs])  # fmt: skip
     order = _order(specs, rank, world_size)
     outputs = {s.slide_id: consumer.output_path(out_dir, s) for s in specs}
     if hasattr(consumer, "outputs_since"):  # it reuses parts of unfinished outputs (a finished map) only if newer
         consumer.outputs_since = since
 
-    def finished(out: Path) -> bool:
+    def finished(slide: str) -> bool:
         """Finished, and not before the folder's last overwrite started (with ``overwrite`` this run's own start:
         parallel workers of one overwrite run each replace the old outputs, not one another's new ones)."""
-        return consumer.is_finished(out) and (since is None or is_newer(out, since))  # one stat less per slide
+        out, t = outputs[slide], since.of(slide)
+        return consumer.is_finished(out) and (t is None or is_newer(out, t))  # one stat less per slide
 
-    finished_before = [s for s in order if finished(outputs[s.slide_id])]
+    finished_before = [s for s in order if finished(s.slide_id)]
     for s in finished_before:
         _check_finished_mpp(consumer, outputs[s.slide_id], s, consumer.overwrite_hint)
     if finished_before:
@@ -330,7 +332,7 @@ def run_slides(
     def prepare(s: SlideSpec) -> PreparedSlide:
         return prepare_slide(s, job.tiling, tiling_dir=job.tiling_dir, default_mpp=job.default_mpp,
                              need_thumbnail=consumer.needs_thumbnail, mask_max_side=job.mask_max_side,
-                             stored_since=since)  # fmt: skip
+                             stored_since=since.of(s.slide_id))  # fmt: skip
 
     # readers busy beside the tile function take cores from it (on CPU): start from the cores they leave, then
     # follow how busy they really are (utils/threads.py); readers in this thread (num_workers=0) take none
@@ -443,7 +445,7 @@ def run_slides(
                 out = outputs[spec.slide_id]
                 lock_path = out.with_name(out.name + ".lock")
                 lock = try_lock(lock_path, stale_s=job.lock_stale_s)
-                done_by_another = lock is not None and finished(out)
+                done_by_another = lock is not None and finished(spec.slide_id)
                 failed = (
                     None if lock is None or done_by_another else ledger.failed_in_launch(spec.slide_id, runtime.launch)
                 )
@@ -511,7 +513,7 @@ def run_slides(
     )
     if run_facts := getattr(consumer, "run_facts", None):  # optional: what the consumer sums up over its slides
         summary.update(run_facts(summary["done"]))
-    on_disk = sum(finished(outputs[s.slide_id]) for s in specs)
+    on_disk = sum(finished(s.slide_id) for s in specs)
     skipped = ledger.skipped()
     merged = ledger.update_summary(
         summary,
