@@ -143,7 +143,7 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(f"{socket.gethostname()}:{dead.stdout.strip()}")
     with exclusive_lock(lock, poll_s=0.1):
-        assert lock.read_text().split("\n")[0] == f"{socket.gethostname()}:{os.getpid()}"
+        assert lock.read_text() == f"{socket.gethostname()}:{os.getpid()}"
     assert not lock.exists()
 
 

@@ -174,47 +174,43 @@ def test_stale_lock_is_taken_over_by_exactly_one(tmp_path, why):
     assert not mine.release() and path.exists()
 
 
-def test_a_lock_whose_pid_was_reused_since_is_taken_over(tmp_path):
-    """A container restarted after an OOM kill runs as pid 1 again on the same hostname: the slide lock its previous
-    run left named the rerun's own pid and looked alive, so the rerun held that slide for 10 minutes (embed/segment
-    exited 0 without it). A lock taken before its pid's process started is a dead process's; one taken after (this
-    process's own, from any thread) is not. Likewise the folder lock of the shared CSVs."""
-    from hirespath.utils.io import exclusive_lock
+def test_an_item_lock_is_judged_by_its_pid_in_its_own_pid_namespace_and_boot_only(tmp_path):
+    """A lock names its holder's pid namespace, the host's boot and the holder's start: containers sharing a hostname
+    (host networking) each have their own pids, and judging another's pid here took its live lock (now: heartbeat
+    only, as for another host); in the holder's own namespace, a host restarted since or a pid now naming a later
+    process (pid reuse) mean the holder is gone, where a live pid kept the slide for ten minutes."""
+    from hirespath.utils.io import _start_ticks
 
     path, host = tmp_path / "slide.h5.lock", socket.gethostname()
-    before_me = time.time() - time.monotonic() - 3600  # before this process (and the machine) started
-    for pid in (os.getpid(), os.getppid()):  # a reused pid: this process's own, or another live one
-        path.write_text(json.dumps({"pid": pid, "hostname": host, "created_at": before_me, "token": "previous",
-                                    "heartbeat_s": 60}))  # fmt: skip
-        stale, why = lock_is_stale(path)
-        assert stale and "started after the lock was taken" in why, why
-    taken = try_lock(path)
-    assert taken is not None and json.loads(path.read_text())["token"] == taken.token
-    assert not lock_is_stale(path)[0]
-    others = []  # another thread of this process finds it held
-    threading.Thread(target=lambda: others.append(try_lock(path))).start()
-    time.sleep(0.5)
-    assert others == [None] and taken.release()
+    mine = try_lock(path)
+    facts = json.loads(path.read_text())
+    assert {"pid_ns", "boot_id", "pid_start"} <= set(facts) and facts["pid_start"] == _start_ticks(os.getpid())
+    mine.release()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        start = _start_ticks(holder.pid)
+        lock = {"pid": holder.pid, "hostname": host, "created_at": time.time(), "token": "t", "heartbeat_s": 60,
+                "pid_ns": facts["pid_ns"], "boot_id": facts["boot_id"], "pid_start": start}  # fmt: skip
 
-    folder_lock = tmp_path / ".timings.csv.lock"
-    folder_lock.write_text(f"{host}:{os.getpid()}\n{before_me}")
-    started = time.monotonic()
-    with exclusive_lock(folder_lock, poll_s=0.05, stale_s=600):
-        assert time.monotonic() - started < 5  # taken over at once, not after stale_s
-    # a lock of this pid without its time (written by an older version) is still taken as alive
-    folder_lock.write_text(f"{host}:{os.getpid()}")
+        def judged(**changes):
+            path.write_text(json.dumps({**lock, **changes}))
+            return lock_is_stale(path)
 
-    def wait_for_it():
-        with exclusive_lock(folder_lock, poll_s=0.05, stale_s=600):
-            pass
-
-    waiter = threading.Thread(target=wait_for_it, daemon=True)
-    waiter.start()
-    waiter.join(1.0)
-    assert waiter.is_alive()  # still waiting
-    folder_lock.unlink()
-    waiter.join(5.0)
-    assert not waiter.is_alive() and not folder_lock.exists()
+        assert judged() == (False, f"held by {host}:{holder.pid}")
+        stale, why = judged(pid_start=start - 1)
+        assert stale and "pid was reused" in why, why
+        stale, why = judged(boot_id="another-boot")
+        assert stale and "host restarted" in why, why
+        # another pid namespace: its pid means nothing here, dead or alive; its heartbeat decides
+        assert not judged(pid=2**22 + 1, pid_ns="pid:[1]")[0] and try_lock(path) is None
+        assert not judged(pid_ns="pid:[1]", pid_start=start - 1)[0]
+        # a lock without these facts (an older version, TRIDENT's): judged by its pid, as before
+        assert not judged(pid_ns=None, boot_id=None, pid_start=None)[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    stale, why = lock_is_stale(path)  # its holder gone
+    assert stale and "is gone" in why, why
 
 
 def test_a_lock_whose_holder_stopped_touching_it_is_taken_over_from_any_host(tmp_path, monkeypatch):

@@ -265,7 +265,6 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     me = f"{socket.gethostname()}:{os.getpid()}"
-    mine = f"{me}\n{time.time()}"  # the holder, then when it took the lock (the pid reused since is no holder)
     waited = False
     while True:
         try:
@@ -275,9 +274,9 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
                 raw, mtime_ns = path.read_text(), path.stat().st_mtime_ns
             except FileNotFoundError:
                 continue  # released meanwhile
-            holder, _, taken = raw.strip().partition("\n")
-            age, (host, _, pid) = time.time() - mtime_ns / 1e9, holder.rpartition(":")
-            dead = host == socket.gethostname() and pid.isdigit() and not _holder_alive(int(pid), _number(taken))
+            holder, age = raw.strip(), time.time() - mtime_ns / 1e9
+            host, _, pid = holder.rpartition(":")
+            dead = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
             if dead or age > stale_s:
                 if _remove_if_unchanged(path, (raw, mtime_ns)):
                     log.warning(
@@ -294,7 +293,7 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
                 waited = True
             time.sleep(poll_s)
             continue
-        _fill_lock(fd, path, mine)
+        _fill_lock(fd, path, me)
         break
     beat = Heartbeat(path, stale_s / 4)
     try:
@@ -302,7 +301,7 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
     finally:
         beat.stop()
         try:
-            if path.read_text().strip() == mine:
+            if path.read_text().strip() == me:
                 path.unlink()
         except FileNotFoundError:
             pass
@@ -344,38 +343,48 @@ def _remove_if_unchanged(path: Path, judged: tuple[str, int]) -> bool:
         mutex.unlink(missing_ok=True)
 
 
-def _holder_alive(pid: int, taken_at: float | None) -> bool:
-    """Whether the process ``pid`` of this host that took a lock at ``taken_at`` (time.time(); None: unknown) still
-    holds it: alive, and not a process started after that time. A pid is reused: a container restarted after an OOM
-    kill runs as pid 1 again on the same hostname, and the lock its previous run left named that pid."""
+def _process_facts() -> dict:
+    """What tells this process apart on its host beyond its pid (Linux; empty elsewhere): its pid namespace (a pid
+    names this process only inside it), the host's boot, and its start in clock ticks since that boot."""
+    facts = {}
+    try:
+        facts["pid_ns"] = os.readlink("/proc/self/ns/pid")
+        facts["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return facts
+    if (start := _start_ticks("self")) is not None:
+        facts["pid_start"] = start
+    return facts
+
+
+def _start_ticks(pid: int | str) -> int | None:
+    """When process ``pid`` started, in clock ticks since the boot (field 22 of /proc/<pid>/stat, after the name,
+    which may hold spaces and parentheses); None where it cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_bytes().rpartition(b")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _holder_gone(pid: int, info: dict) -> str | None:
+    """Why the holder ``pid`` (on this host) of an item lock with content ``info`` is gone, None while it may live.
+    Its pid is judged only in the pid namespace it was written in: containers sharing a hostname (host networking)
+    each have their own pids, so another's holder is judged by its heartbeat alone, as one on another host. There,
+    a host restarted since (another boot) or a pid now naming a process started after the holder's (pid reuse)
+    also mean the holder is gone. Locks without these facts (older versions, TRIDENT's) are judged by the pid."""
+    ns = info.get("pid_ns")
+    if ns is not None:
+        mine = _process_facts()
+        if ns != mine.get("pid_ns"):
+            return None
+        if info.get("boot_id") not in (None, mine.get("boot_id")):
+            return "gone (the host restarted since)"
     if not _pid_alive(pid):
-        return False
-    started = _process_start(pid) if taken_at is not None and math.isfinite(taken_at) else None
-    return started is None or started <= taken_at + PID_START_SLACK_S
-
-
-# /proc's start times count in clock ticks from a boot time given in whole seconds (and recomputed from the uptime);
-# a holder takes its locks seconds after it starts (imports), so a small slack costs no live lock
-PID_START_SLACK_S = 2.0
-
-
-def _process_start(pid: int) -> float | None:
-    """When ``pid`` started (time.time()'s clock), from Linux's /proc; None where it cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))  # fmt: skip
-        ticks = float(stat.rpartition(")")[2].split()[19])  # field 22, starttime; the name may hold spaces
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def _number(text) -> float | None:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
+        return "gone"
+    start = info.get("pid_start")
+    if ns is not None and start is not None and _start_ticks(pid) not in (None, start):
+        return "another process now (the pid was reused)"
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -450,7 +459,7 @@ def _lock_payload(token: str) -> str:
     import time
 
     return json.dumps({"pid": os.getpid(), "hostname": socket.gethostname(), "created_at": time.time(),
-                       "token": token, "heartbeat_s": HEARTBEAT_S})  # fmt: skip
+                       "token": token, "heartbeat_s": HEARTBEAT_S, **_process_facts()})  # fmt: skip
 
 
 def _create_exclusive(path: Path, text: str) -> bool:
@@ -494,10 +503,7 @@ def lock_is_stale(path: str | os.PathLike, stale_s: float = 24 * 3600) -> tuple[
     except ValueError:
         info = {}
     pid, host = info.get("pid"), info.get("hostname")
-    created = info.get("created_at")
-    created = float(created) if isinstance(created, (int, float)) and not isinstance(created, bool) else None
-    if host == socket.gethostname() and isinstance(pid, int) and not _holder_alive(pid, created):
-        gone = "gone" if not _pid_alive(pid) else "another process now (started after the lock was taken)"
+    if host == socket.gethostname() and isinstance(pid, int) and (gone := _holder_gone(pid, info)):
         return True, f"pid {pid} on {host} is {gone}"
     beat = info.get("heartbeat_s")
     if isinstance(beat, (int, float)) and not isinstance(beat, bool) and beat > 0:
@@ -505,7 +511,8 @@ def lock_is_stale(path: str | os.PathLike, stale_s: float = 24 * 3600) -> tuple[
         if silent > limit:
             return True, f"held by {host or '?'}:{pid or '?'}, not touched for {silent:.0f} s > {limit:.0f} s"
         return False, f"held by {host or '?'}:{pid or '?'}"
-    age = time.time() - (created if created is not None else mtime)
+    created = info.get("created_at")
+    age = time.time() - (float(created) if isinstance(created, (int, float)) else mtime)
     if age > stale_s:
         return True, f"held by {host or '?'}:{pid or '?'} for {age / 3600:.1f} h > {stale_s / 3600:.1f} h"
     return False, f"held by {host or '?'}:{pid or '?'}"
