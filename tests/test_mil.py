@@ -542,6 +542,18 @@ def test_heatmap_over_slide_thumbnail_and_plain_canvas(tmp_path):
         attention_heatmap(np.full((3, 2), -1), np.ones(3) / 3, tmp_path / "x.png")
 
 
+def test_the_heatmap_of_a_thin_slide_is_as_long_as_a_wide_ones(tmp_path):
+    """The figure's height grew with the slide's aspect: one column of 90 tiles (a needle biopsy) made a heatmap
+    840 × 74,796 px, mostly blank, its colour bar and title tiny. Its long side is now a wide slide's."""
+    from PIL import Image
+
+    att = np.linspace(0.1, 1, 90)
+    tall = attention_heatmap(np.stack([np.zeros(90, int), 224 * np.arange(90)], 1), att, tmp_path / "t.png", 224)
+    wide = attention_heatmap(np.stack([224 * np.arange(90), np.zeros(90, int)], 1), att, tmp_path / "w.png", 224)
+    (tw, th), (ww, wh) = Image.open(tall).size, Image.open(wide).size
+    assert th > tw and th <= 1.2 * ww, ((tw, th), (ww, wh))
+
+
 def test_heatmap_of_a_slide_qupath_crops_shows_its_scanned_region(tmp_path, monkeypatch):
     """A MIRAX/SCN slide's canvas can be several times its scanned region: the heatmap's background is the region
     QuPath shows (so the tissue fills the picture), the tiles drawn where they lie in it; a tile that starts before

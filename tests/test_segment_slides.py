@@ -951,6 +951,32 @@ def test_the_overlay_shows_each_class_alone_where_classes_overlap(tmp_path):
         assert min(Image.open(path).size) > 300  # the classes below a wide slide, beside a tall one
 
 
+def test_the_overlay_of_a_thin_slide_keeps_its_titles_apart(tmp_path, monkeypatch):
+    """A tall thin slide (a needle biopsy, 300 × 20,000 px) made the small pictures' columns 1/6 of a narrow figure:
+    the class names and areas above them overlapped, unreadable; a long wide one likewise below."""
+    import hirespath.viz.segmentation as viz
+    from hirespath.segmentation.consumer import class_colors
+
+    classes, boxes = list(CELL_TYPES), {}
+    saved = viz.save_png
+
+    def measured(fig, path, **kw):  # the titles' boxes as drawn
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes[path.name] = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+        return saved(fig, path, **kw)
+
+    monkeypatch.setattr(viz, "save_png", measured)
+    for w, h in ((31, 2048), (2048, 31), (700, 500)):
+        thumb = np.full((h, w, 3), 200, np.uint8)
+        viz.save_overlay(tmp_path / f"{w}x{h}.png", thumb, [np.zeros((h, w), np.float32)] * 8, classes,
+                         class_colors(classes), "t", [0.1] * 8)  # fmt: skip
+        titles = boxes[f"{w}x{h}.png"]
+        assert len(titles) == 8
+        overlapping = [(i, j) for i in range(8) for j in range(i + 1, 8) if titles[i].overlaps(titles[j])]
+        assert not overlapping, (w, h, overlapping)
+
+
 def test_overlay_pictures_are_made_at_the_size_they_are_shown(tmp_path, monkeypatch):
     """A 2,048 px thumbnail is shown at a fraction of its size: the pictures are blended at the shown size from the
     area-averaged thumbnail and coverage, equal to shrinking the full-size pictures (where the coverage is constant

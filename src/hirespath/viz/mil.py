@@ -174,7 +174,8 @@ def attention_heatmap(
         overlay = tile_overlay(coords, _scaled(attention, scale), image.shape[:2], sx, sy, tile)
     plt = pyplot()
     h, w = image.shape[:2]
-    fig, ax = plt.subplots(figsize=(7, max(2.0, 7 * h / w)))
+    # the picture's long side 7 inches (a tall slide's too: its height grew with the aspect, 22,000 px for 27:1)
+    fig, ax = plt.subplots(figsize=(7, max(2.0, 7 * h / w)) if h <= w else (max(3.0, 7 * w / h + 1.2), 7.6))
     try:
         ax.imshow(image)
         im = ax.imshow(np.ma.masked_invalid(overlay), cmap=cmap, alpha=alpha, vmin=0, vmax=1, interpolation="nearest")

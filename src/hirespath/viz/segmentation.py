@@ -143,6 +143,10 @@ def shown_size(ax, image_size: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
+# the small pictures' least width (inches: a class name of 18 characters and its area, at 7 pt) and least row height
+SMALL_TITLE_IN, SMALL_ROW_IN = 1.3, 0.8
+
+
 def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray] | Callable[..., list[np.ndarray]],
                  classes: list[str], colors: list, title: str, areas_mm2: list[float]) -> Path:  # fmt: skip
     """The thumbnail with every class in its colour, as much as its polygons cover each pixel (``coverage``: h×w
@@ -159,12 +163,17 @@ def save_overlay(path: Path, thumbnail: np.ndarray, coverage: list[np.ndarray] |
     slots = [f"c{i}" if i < n else "." for i in range(2 * k)]
     if not n:
         layout, size, ratios = [["all"]], (big_w, big_h), {}
-    elif h > w:  # to the right: k rows of 2
+    elif h > w:  # to the right: k rows of 2, each column wide enough for its titles (a thin slide's are not)
         layout = [["all", *slots[2 * r : 2 * r + 2]] for r in range(k)]
-        size, ratios = (big_w * (k + 2) / k, big_h + 0.45 * k), {"width_ratios": [k, 1, 1]}  # + titles
-    else:  # below: 2 rows of k
+        small_w = max(big_w / k, SMALL_TITLE_IN)
+        size, ratios = (big_w + 2 * small_w, big_h + 0.45 * k), {"width_ratios": [big_w, small_w, small_w]}
+    else:  # below: 2 rows of k, each row tall enough for a picture under its titles
         layout = [["all"] * k, slots[:k], slots[k:]]
-        size, ratios = (big_w, big_h * (k + 2) / k + 0.9), {"height_ratios": [k, 1, 1]}
+        small_h = max(big_h / k, SMALL_ROW_IN)
+        size, ratios = (
+            (max(big_w, k * SMALL_TITLE_IN), big_h + 2 * small_h + 0.9),
+            {"height_ratios": [big_h, small_h, small_h]},
+        )
     fig, axes = plt.subplot_mosaic(layout, figsize=(size[0] + 0.4, size[1] + 0.9), dpi=110, **ratios)
     for name, ax in axes.items():
         ax.set_axis_off()
