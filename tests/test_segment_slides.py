@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 import tifffile
@@ -1933,3 +1934,28 @@ def test_a_run_without_a_checkpoint_callback_is_found_through_lightnings_own_fol
     (run / "csv" / "version_1" / "checkpoints" / "epoch=1.ckpt").write_bytes(b"x")
     with pytest.raises(InputError, match=r"checkpoints in 2 folders of .*version_0/checkpoints, .*version_1"):
         best_checkpoint(run, "run")
+
+
+def test_a_slide_replaced_under_its_name_is_segmented_again(ckpt, tmp_path):
+    """A rescan (or re-export) saved under the same name kept its old outputs in every slide task: the rerun took
+    them for finished, or drew them again from the old scan's map. The size of the slide file each slide was made
+    from is recorded in timings.csv; a finished slide whose file has another size now is done again, with the
+    model, and its neighbours stay finished."""
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    write_pyramid(wsi / "s0.tiff", tissue(seed=0), 0.5, compression="jpeg", levels=(1, 4))
+    write_pyramid(wsi / "s1.tiff", tissue(seed=1), 0.5, compression="jpeg", levels=(1, 4))
+    first = run(ckpt, wsi, tmp_path / "job", seam_check=False)
+    out = Path(first["output_dir"])
+    timings = pd.read_csv(out / "timings.csv", dtype={"slide": str}).set_index("slide")
+    assert timings.loc["s0", "slide_bytes"] == (wsi / "s0.tiff").stat().st_size
+    rescan = np.ascontiguousarray(tissue(seed=0)[:, ::-1])  # the tissue now on the left
+    write_pyramid(wsi / "s0.tiff", rescan, 0.5, compression="jpeg", levels=(1, 4))
+    again = run(ckpt, wsi, tmp_path / "job", seam_check=False, threshold=THRESHOLD)
+    assert [d["slide"] for d in again["done"]] == ["s0"] and again["slides_already_finished"] == 1
+    assert not again["slides_redrawn"] and again["done"][0]["tiles"] > 0  # the model ran on the new scan
+    fresh = run(ckpt, wsi, tmp_path / "fresh", seam_check=False)
+    areas = [pd.read_csv(p / "areas.csv", dtype={"slide": str}) for p in (out, Path(fresh["output_dir"]))]
+    mine, theirs = (a[a.slide == "s0"].set_index("class").area_mm2 for a in areas)
+    pd.testing.assert_series_equal(mine, theirs)
+    assert run(ckpt, wsi, tmp_path / "job", seam_check=False)["slides_already_finished"] == 2  # and then finished

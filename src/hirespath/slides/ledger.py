@@ -159,17 +159,8 @@ class Ledger:
             old = json.loads(path.read_text()) if path.is_file() else None
             settings = _digest(identity)
             if overwrite and not self._overwrite_started(launch, settings, old):
-                mark = self._mark()
                 if slides is not None and old is not None and _digest(old) == settings:
-                    # the folder's own settings: only the listed slides are replaced (a worker of the same
-                    # launch keeps the time another one marked a slide with)
-                    marked, t = dict(mark.get("slides") or {}), _file_system_now(self.folder)
-                    for slide in slides:
-                        if launch is None or (marked.get(slide) or {}).get("launch") != launch:
-                            marked[slide] = {"ns": t, "launch": launch}
-                    if mark and "since_ns" not in mark:  # an earlier version's mark: dated by its file, rewritten now
-                        mark["since_ns"] = self.outputs_since().folder_ns
-                    write_json(self.folder / OUTPUTS_SINCE, {**mark, "slides": marked})
+                    self._mark_slides(slides, launch)  # the folder's own settings: only the listed slides
                 else:  # every output made before now is replaced, by this worker or any other
                     write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname(),
                                                              "launch": launch, "settings": settings,
@@ -194,6 +185,24 @@ class Ledger:
                     return self.outputs_since()
             write_json(path, {**(old or {}), **identity} if not overwrite else identity)
             return self.outputs_since()
+
+    def replace_slides(self, slides: list[str], launch: str | None = None) -> OutputsSince:
+        """Mark the outputs of ``slides`` made before now as stale (their slide files were replaced since)."""
+        with self._locked(CONFIG):
+            self._mark_slides(slides, launch)
+            return self.outputs_since()
+
+    def _mark_slides(self, slides: list[str], launch: str | None) -> None:
+        """Outputs of ``slides`` older than now are stale; a slide another worker of ``launch`` marked keeps its
+        time (what that worker made since stays). Under the CONFIG lock."""
+        mark = self._mark()
+        marked, t = dict(mark.get("slides") or {}), _file_system_now(self.folder)
+        for slide in slides:
+            if launch is None or (marked.get(slide) or {}).get("launch") != launch:
+                marked[slide] = {"ns": t, "launch": launch}
+        if mark and "since_ns" not in mark:  # an earlier version's mark: dated by its file, rewritten now
+            mark["since_ns"] = self.outputs_since().folder_ns
+        write_json(self.folder / OUTPUTS_SINCE, {**mark, "slides": marked})
 
     def _overwrite_started(self, launch: str | None, settings: str, stored: dict | None) -> bool:
         """An overwrite of these ``settings`` (their ``_digest``) already started in this launch (None: a launch of

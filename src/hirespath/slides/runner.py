@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -47,8 +48,8 @@ from ..wsi import trident_h5
 from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
-from .ledger import IdentityMismatch, Ledger, whole_slide_rows
-from .prepare import PreparedSlide, cover_tissue, prepare_slide
+from .ledger import TIMINGS, IdentityMismatch, Ledger, whole_slide_rows
+from .prepare import PreparedSlide, cover_tissue, prepare_slide, slide_bytes
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
 
 log = logging.getLogger("hirespath.slides")
@@ -61,7 +62,7 @@ RESUME = (
 
 TIMING_COLUMNS = [
     "slide", "rank", "host", "tiles", "tissue_mm2", "seconds", *(f"{s}_s" for s in STAGES + BACKGROUND),
-    "tiles_per_s", "mm2_per_s", "reader", "num_workers", "threads",
+    "tiles_per_s", "mm2_per_s", "reader", "num_workers", "threads", "slide_bytes",
 ]  # fmt: skip
 
 
@@ -247,6 +248,29 @@ def _check_finished_mpp(consumer: SlideConsumer, path: Path, spec: SlideSpec, ho
         )
 
 
+def _replaced_slides(finished: list[SlideSpec], ledger: Ledger) -> list[SlideSpec]:
+    """The finished slides whose file has another size than the one their outputs were made from (timings.csv's
+    ``slide_bytes``; rows without it, from before it was recorded, are trusted): a rescan or re-export under the
+    same name, whose outputs are another image's."""
+    table = ledger.table(TIMINGS)
+    if table is None or "slide_bytes" not in table.columns or not finished:
+        return []
+    made = pd.to_numeric(table.set_index("slide")["slide_bytes"], errors="coerce").dropna()
+    made = made[~made.index.duplicated(keep="last")].to_dict()
+    replaced = []
+    for spec in finished:
+        if spec.slide_id in made:
+            try:
+                now = slide_bytes(spec.path)
+            except OSError:
+                continue  # not there: the run names it when it reads the slide (not at all: it is finished)
+            if now != int(made[spec.slide_id]):
+                log.warning("%s was replaced since its outputs were made (%d bytes then, %d now): processing it "
+                            "again", spec.path, int(made[spec.slide_id]), now)  # fmt: skip
+                replaced.append(spec)
+    return replaced
+
+
 def is_newer(path: Path, since: int | None) -> bool:
     """``path`` exists and was written at or after ``since`` (ns, as ``Ledger.outputs_since``; None: any time)."""
     try:
@@ -305,6 +329,11 @@ def run_slides(
         return consumer.is_finished(out) and (t is None or is_newer(out, t))  # one stat less per slide
 
     finished_before = [s for s in order if finished(s.slide_id)]
+    if replaced := _replaced_slides(finished_before, ledger):  # rescans under the same name: done again
+        since = ledger.replace_slides([s.slide_id for s in replaced], runtime.launch)
+        if hasattr(consumer, "outputs_since"):
+            consumer.outputs_since = since
+        finished_before = [s for s in finished_before if s not in replaced]
     for s in finished_before:
         _check_finished_mpp(consumer, outputs[s.slide_id], s, consumer.overwrite_hint)
     if finished_before:
@@ -383,7 +412,7 @@ def run_slides(
                     **{f"{s}_s": stages[s] for s in STAGES + BACKGROUND},
                     "tiles_per_s": result["tiles"] / seconds, "mm2_per_s": result["tissue_mm2"] / seconds,
                     "reader": job.reader, "num_workers": job.num_workers,
-                    "threads": policy.n if policy else torch.get_num_threads(),
+                    "threads": policy.n if policy else torch.get_num_threads(), "slide_bytes": result["slide_bytes"],
                 }  # fmt: skip
             except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
                 if out_of_storage(err):  # but a full disk fails every slide after it: storage_errors stops the run
@@ -772,7 +801,7 @@ def _stream_slide(
         stages["encode"] += extra
         stages["thumbnails"] += pictures
         result = {"slide": spec.slide_id, "failed_tiles": failed, "tissue_mm2": grid.tissue_area_mm2,
-                  "patches_reused": prepared.reused, **info}  # fmt: skip
+                  "patches_reused": prepared.reused, "slide_bytes": prepared.slide_bytes, **info}  # fmt: skip
         t3 = time.perf_counter()
         consumer.finish(spec, prepared, result, out_dir)
         stages["thumbnails"] += time.perf_counter() - t3
