@@ -1151,3 +1151,28 @@ def test_an_overwrite_with_the_folders_settings_replaces_the_slides_it_lists_onl
     embed_slides(encoder(), specs[:1], job, other, embed_cfg(overwrite=True), CPU)
     again = embed_slides(encoder(), specs, job, other, embed_cfg(), CPU)
     assert sorted(d["slide"] for d in again["done"]) == ["s1", "s2"]
+
+
+@pytest.mark.parametrize("earlier", ['{"time": "2026-11-30T10:00:00", "host": "h"}', "{}", "not json"])
+def test_an_overwrite_mark_of_an_earlier_version_still_marks_every_slide(tmp_path, earlier):
+    """Marks written before the per-slide ones (no since_ns; an empty or unreadable file too) date every output by
+    their file: a stopped overwrite of that time must still be finished, also after a one-slide overwrite rewrote
+    the mark. And a worker of a launch that finds its slides marked does not rewrite the file (1.4 MB at 10,000
+    slides, under the folder's lock, once per array task)."""
+    import time
+
+    from hirespath.slides.runner import is_newer
+
+    ledger, settings = Ledger(tmp_path), {"tiling": "t"}
+    ledger.check_identity(settings)
+    (tmp_path / "s0.h5").write_text("made with the replaced settings")
+    time.sleep(0.02)
+    (tmp_path / ".outputs_since").write_text(earlier)
+    assert not is_newer(tmp_path / "s0.h5", ledger.outputs_since().of("s0"))
+    ledger.check_identity(settings, overwrite=True, slides=["s1"])
+    assert not is_newer(tmp_path / "s0.h5", ledger.outputs_since().of("s0"))  # still not finished
+    ledger.check_identity(settings, overwrite=True, slides=["s0", "s1"], launch="slurm-array:5")
+    marked = (tmp_path / ".outputs_since").stat().st_mtime_ns
+    time.sleep(0.02)
+    ledger.check_identity(settings, overwrite=True, slides=["s0", "s1"], launch="slurm-array:5")
+    assert (tmp_path / ".outputs_since").stat().st_mtime_ns == marked
