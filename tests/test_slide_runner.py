@@ -1176,3 +1176,40 @@ def test_an_overwrite_mark_of_an_earlier_version_still_marks_every_slide(tmp_pat
     time.sleep(0.02)
     ledger.check_identity(settings, overwrite=True, slides=["s0", "s1"], launch="slurm-array:5")
     assert (tmp_path / ".outputs_since").stat().st_mtime_ns == marked
+
+
+def test_a_picture_that_cannot_be_drawn_costs_the_slide_nothing(slides, tmp_path, monkeypatch, caplog):
+    """The pictures are drawn before the h5 appears: one that failed (a thumbnails/ folder of another user, a
+    matplotlib error on a 1,000:1 slide) aborted the slide, its features thrown away, and every rerun failed again."""
+    import hirespath.viz.thumbnails as thumbnails
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(thumbnails, "save_thumbnail", refused)
+    with caplog.at_level("WARNING", logger="hirespath.embeddings"):
+        s = embed_slides(encoder(), list_slides(slides), tmp_path, TILING, embed_cfg(thumbnails=True), CPU)
+    assert s["slides_done"] == 2 and not s["skipped"]
+    assert sorted(p.name for p in Path(s["features_dir"]).glob("*.h5")) == ["s0.h5", "s1.h5"]
+    assert "could not be drawn (PermissionError" in caplog.text
+
+
+def test_a_thumbnail_is_drawn_again_when_a_run_without_pictures_tiled_the_slide_again(tmp_path):
+    """A rescan tiled again by an encoder without thumbnails left the tiling's thumbnail of the old scan: the next
+    encoder with thumbnails reused the new grid and kept the old picture. A picture older than the stored grid is
+    drawn again."""
+    import time
+
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    write_pyramid(wsi / "s0.tiff", tissue(seed=0), 0.5, compression="jpeg", levels=(1, 4))
+    first = embed_slides(encoder(), list_slides(wsi), tmp_path, TILING, embed_cfg(thumbnails=True), CPU)
+    thumb = Path(first["features_dir"]).parent / "thumbnails" / "s0.png"
+    drawn = thumb.stat().st_mtime_ns
+    time.sleep(0.02)
+    write_pyramid(wsi / "s0.tiff", np.ascontiguousarray(tissue(seed=0)[:, ::-1]), 0.5, compression="jpeg",
+                  levels=(1, 4))  # fmt: skip
+    plain = embed_slides(encoder(attention="dense"), list_slides(wsi), tmp_path, TILING, embed_cfg(), CPU)
+    assert not plain["done"][0]["patches_reused"] and thumb.stat().st_mtime_ns == drawn  # tiled again, no picture
+    other = embed_slides(encoder(radius=2), list_slides(wsi), tmp_path, TILING, embed_cfg(thumbnails=True), CPU)
+    assert other["done"][0]["patches_reused"] and thumb.stat().st_mtime_ns > drawn

@@ -121,7 +121,11 @@ class FeatureSink:
             raise SlideError("no tile could be embedded")  # the runner adds why (its tiles' reasons)
         t0 = time.perf_counter()
         if self.draw is not None:  # before the file appears: a run stopped after it would skip the slide, unpictured
-            self.draw(self.overlays)
+            try:
+                self.draw(self.overlays)
+            except Exception as err:  # noqa: BLE001 — a picture (a folder of another user's) must not cost the slide
+                log.warning("%s: its pictures could not be drawn (%s: %s); its features are kept",
+                            self.writer.path.stem, type(err).__name__, err)  # fmt: skip
         drawn = time.perf_counter() - t0
         self.writer.close()
         return {"tiles": self.writer.n, "picture_seconds": drawn}
@@ -218,12 +222,19 @@ class EmbeddingConsumer:
 
     def _draws(self, out: Path, prepared: PreparedSlide, pruned: bool) -> bool:
         """Whether the slide's pictures are wanted and one of them is missing (drawn by another encoder of the tiling,
-        or by a run stopped between them), or the slide was tiled anew (its stored grid was another's: other
-        settings, another scan, an overwrite), so the thumbnail of the tiling's folder shows an old grid."""
+        or by a run stopped between them), or the slide was tiled anew since they were drawn (other settings,
+        another scan, an overwrite; by this run or one without pictures), so they show an old grid."""
+        if not self.thumbnails or prepared.grid.thumbnail is None:
+            return False
         thumb = self._thumb_path(out, out.stem)
         pictures = [thumb, *([self._pruned_path(thumb)] if pruned else [])]
-        missing = not prepared.reused or not all(p.is_file() for p in pictures)
-        return self.thumbnails and prepared.grid.thumbnail is not None and missing
+        if not prepared.reused or not all(p.is_file() for p in pictures):
+            return True
+        try:  # the grid stored since (a run without pictures tiled the slide again: a rescan, other settings)
+            tiled = prepared.patches.stat().st_mtime_ns if prepared.patches is not None else None
+        except FileNotFoundError:
+            tiled = None
+        return tiled is not None and any(p.stat().st_mtime_ns < tiled for p in pictures)
 
     @staticmethod
     def _pruned_path(thumb: Path) -> Path:

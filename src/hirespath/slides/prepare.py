@@ -40,6 +40,7 @@ class PreparedSlide:
     qupath_region: tuple[int, int, int, int]
     warnings: list[str] = field(default_factory=list)
     slide_bytes: int | None = None  # the slide file's size (:func:`slide_bytes`), recorded with its grid
+    patches: Path | None = None  # the file the grid is stored in (None: not stored, another tool's file is there)
 
 
 def cover_tissue(tiling) -> bool:
@@ -193,4 +194,5 @@ def prepare_slide(
         raise SlideError(f"cannot read {spec.path.name}: the file is truncated or corrupt ({err})") from err
     finally:
         slide.close()
-    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, region, warnings, nbytes)
+    stored = None if foreign else patches
+    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, region, warnings, nbytes, stored)
