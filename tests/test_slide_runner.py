@@ -1213,3 +1213,24 @@ def test_a_thumbnail_is_drawn_again_when_a_run_without_pictures_tiled_the_slide_
     assert not plain["done"][0]["patches_reused"] and thumb.stat().st_mtime_ns == drawn  # tiled again, no picture
     other = embed_slides(encoder(radius=2), list_slides(wsi), tmp_path, TILING, embed_cfg(thumbnails=True), CPU)
     assert other["done"][0]["patches_reused"] and thumb.stat().st_mtime_ns > drawn
+
+
+def test_a_slides_size_counts_the_files_its_image_is_in(tmp_path):
+    """A MIRAX slide's images are in the folder beside its .mrxs index: a rescan changed them, not the index, and
+    went unnoticed. A DICOM slide is its instances: a note saved beside them is not a rescan."""
+    from hirespath.slides.prepare import slide_bytes
+
+    index, data = tmp_path / "m.mrxs", tmp_path / "m"
+    data.mkdir()
+    index.write_bytes(b"[GENERAL]" * 10)
+    (data / "Data0000.dat").write_bytes(b"\0" * 1000)
+    (data / "Slidedat.ini").write_bytes(b"[HIERARCHICAL]" * 5)
+    before = slide_bytes(index)
+    assert before == 90 + 1000 + 70
+    (data / "Data0000.dat").write_bytes(b"\0" * 1500)  # the rescan
+    assert slide_bytes(index) == before + 500
+    dicom = tmp_path / "d"
+    dicom.mkdir()
+    (dicom / "level0.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 68)
+    (dicom / "notes.txt").write_text("stain batch 7")
+    assert slide_bytes(dicom) == 200

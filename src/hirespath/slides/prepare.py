@@ -15,7 +15,7 @@ import numpy as np
 
 from ..utils.io import out_of_storage
 from ..wsi import qupath, trident_h5
-from ..wsi.listing import SlideSpec
+from ..wsi.listing import SlideSpec, dicom_files
 from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide
 from ..wsi.tissue import TileGrid, tile_grid, tissue_fractions, tissue_thumbnail
 
@@ -64,8 +64,13 @@ def slide_bytes(path: Path) -> int:
     """The size of a slide's file (a folder's: its files'), recorded with its grid: a slide replaced by another
     scan under the same name (a rescan, a re-export) has another size, whatever its pixel size."""
     if path.is_dir():  # DICOM: a folder of instances
-        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    return path.stat().st_size
+        files = dicom_files(path)
+    elif path.suffix.lower() == ".mrxs":  # its index; the images are in the folder of its name
+        data = path.with_suffix("")
+        files = [path, *(p for p in data.iterdir() if p.is_file())] if data.is_dir() else [path]
+    else:
+        files = [path]
+    return sum(p.stat().st_size for p in files)
 
 
 def _grid_from_patches(slide, path: Path, tiling, smpp: float, nbytes: int) -> TileGrid | None:
