@@ -199,11 +199,11 @@ def test_an_item_lock_is_judged_by_its_pid_in_its_own_pid_namespace_and_boot_onl
         assert judged() == (False, f"held by {host}:{holder.pid}")
         stale, why = judged(pid_start=start - 1)
         assert stale and "pid was reused" in why, why
-        stale, why = judged(boot_id="another-boot")
-        assert stale and "host restarted" in why, why
-        # another pid namespace: its pid means nothing here, dead or alive; its heartbeat decides
+        # another pid namespace, or another boot (another host of the same name: every host's first namespace
+        # has one id): its pid means nothing here, dead or alive; its heartbeat decides
         assert not judged(pid=2**22 + 1, pid_ns="pid:[1]")[0] and try_lock(path) is None
         assert not judged(pid_ns="pid:[1]", pid_start=start - 1)[0]
+        assert not judged(pid=2**22 + 1, boot_id="another-boot")[0]
         # a lock without these facts (an older version, TRIDENT's): judged by its pid, as before
         assert not judged(pid_ns=None, boot_id=None, pid_start=None)[0]
     finally:
@@ -211,6 +211,17 @@ def test_an_item_lock_is_judged_by_its_pid_in_its_own_pid_namespace_and_boot_onl
         holder.wait()
     stale, why = lock_is_stale(path)  # its holder gone
     assert stale and "is gone" in why, why
+
+
+def test_a_lock_records_no_pid_facts_where_proc_is_another_namespaces(monkeypatch):
+    """In a pid namespace without its own /proc (unshare -fp without --mount-proc; a container given the host's),
+    /proc/<pid> names other processes: the holder's start read there made its live lock look reused."""
+    import hirespath.utils.io as io
+
+    assert io._process_facts()  # Linux, /proc of this namespace
+    readlink = os.readlink
+    monkeypatch.setattr(io.os, "readlink", lambda p: str(os.getpid() + 1) if p == "/proc/self" else readlink(p))
+    assert io._process_facts() == {}
 
 
 def test_tissue_without_glass_is_all_tissue(wsi_dir):

@@ -348,6 +348,8 @@ def _process_facts() -> dict:
     names this process only inside it), the host's boot, and its start in clock ticks since that boot."""
     facts = {}
     try:
+        if os.readlink("/proc/self") != str(os.getpid()):  # a /proc of another pid namespace: its pids are not ours
+            return facts
         facts["pid_ns"] = os.readlink("/proc/self/ns/pid")
         facts["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
@@ -368,17 +370,16 @@ def _start_ticks(pid: int | str) -> int | None:
 
 def _holder_gone(pid: int, info: dict) -> str | None:
     """Why the holder ``pid`` (on this host) of an item lock with content ``info`` is gone, None while it may live.
-    Its pid is judged only in the pid namespace it was written in: containers sharing a hostname (host networking)
-    each have their own pids, so another's holder is judged by its heartbeat alone, as one on another host. There,
-    a host restarted since (another boot) or a pid now naming a process started after the holder's (pid reuse)
-    also mean the holder is gone. Locks without these facts (older versions, TRIDENT's) are judged by the pid."""
+    Its pid is judged only in the pid namespace and boot it was written in: containers sharing a hostname (host
+    networking) each have their own pids, and hosts sharing one (cloned VMs) their own boots, so another's holder is
+    judged by its heartbeat alone, as one on another host. There, a pid now naming a process started after the
+    holder's (pid reuse: a container restarted in a namespace of the same id) also means the holder is gone. Locks
+    without these facts (older versions, TRIDENT's) are judged by the pid."""
     ns = info.get("pid_ns")
     if ns is not None:
         mine = _process_facts()
-        if ns != mine.get("pid_ns"):
-            return None
-        if info.get("boot_id") not in (None, mine.get("boot_id")):
-            return "gone (the host restarted since)"
+        if ns != mine.get("pid_ns") or info.get("boot_id") != mine.get("boot_id"):
+            return None  # another namespace, or another boot (or host: every host's first namespace has one id)
     if not _pid_alive(pid):
         return "gone"
     start = info.get("pid_start")
