@@ -1959,3 +1959,8 @@ def test_a_slide_replaced_under_its_name_is_segmented_again(ckpt, tmp_path):
     mine, theirs = (a[a.slide == "s0"].set_index("class").area_mm2 for a in areas)
     pd.testing.assert_series_equal(mine, theirs)
     assert run(ckpt, wsi, tmp_path / "job", seam_check=False)["slides_already_finished"] == 2  # and then finished
+    # rescanned and drawn at another threshold in one run: the old scan's map is not drawn again
+    write_pyramid(wsi / "s0.tiff", tissue(seed=0), 0.5, compression="jpeg", levels=(1, 4))
+    redrawn = run(ckpt, wsi, tmp_path / "job", seam_check=False, threshold=0.5, redraw=True)
+    by_slide = {d["slide"]: d for d in redrawn["done"]}
+    assert by_slide["s0"]["tiles"] > 0 and not by_slide["s0"].get("redrawn") and by_slide["s1"].get("redrawn")

@@ -248,17 +248,17 @@ def _check_finished_mpp(consumer: SlideConsumer, path: Path, spec: SlideSpec, ho
         )
 
 
-def _replaced_slides(finished: list[SlideSpec], ledger: Ledger) -> list[SlideSpec]:
-    """The finished slides whose file has another size than the one their outputs were made from (timings.csv's
+def _replaced_slides(specs: list[SlideSpec], ledger: Ledger) -> list[SlideSpec]:
+    """The slides whose file has another size than the one their outputs were made from (timings.csv's
     ``slide_bytes``; rows without it, from before it was recorded, are trusted): a rescan or re-export under the
     same name, whose outputs are another image's."""
     table = ledger.table(TIMINGS)
-    if table is None or "slide_bytes" not in table.columns or not finished:
+    if table is None or "slide_bytes" not in table.columns or not specs:
         return []
     made = pd.to_numeric(table.set_index("slide")["slide_bytes"], errors="coerce").dropna()
     made = made[~made.index.duplicated(keep="last")].to_dict()
     replaced = []
-    for spec in finished:
+    for spec in specs:
         if spec.slide_id in made:
             try:
                 now = slide_bytes(spec.path)
@@ -328,12 +328,12 @@ def run_slides(
         out, t = outputs[slide], since.of(slide)
         return consumer.is_finished(out) and (t is None or is_newer(out, t))  # one stat less per slide
 
-    finished_before = [s for s in order if finished(s.slide_id)]
-    if replaced := _replaced_slides(finished_before, ledger):  # rescans under the same name: done again
+    # rescans under the same name: done again, and what is left of their outputs (a map to redraw) not reused
+    if replaced := _replaced_slides(order, ledger):
         since = ledger.replace_slides([s.slide_id for s in replaced], runtime.launch)
         if hasattr(consumer, "outputs_since"):
             consumer.outputs_since = since
-        finished_before = [s for s in finished_before if s not in replaced]
+    finished_before = [s for s in order if finished(s.slide_id)]
     for s in finished_before:
         _check_finished_mpp(consumer, outputs[s.slide_id], s, consumer.overwrite_hint)
     if finished_before:
