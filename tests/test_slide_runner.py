@@ -1234,3 +1234,15 @@ def test_a_slides_size_counts_the_files_its_image_is_in(tmp_path):
     (dicom / "level0.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 68)
     (dicom / "notes.txt").write_text("stain batch 7")
     assert slide_bytes(dicom) == 200
+
+
+def test_summary_totals_are_the_folders_after_a_run_over_part_of_it(slides, tmp_path):
+    """summary.json's totals ("read off the disk") counted the last run's list only: a rerun of one slide, or the
+    last of several SLURM array tasks each given its own list, made the folder of 2 finished slides and 1 failed
+    say 1 slide, 1 finished, 0 skipped."""
+    specs = list_slides(slides) + [SlideSpec("missing", slides / "missing.tiff")]
+    embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU)
+    s = embed_slides(encoder(), specs[:1], tmp_path, TILING, embed_cfg(), CPU)
+    totals = json.loads((Path(s["features_dir"]) / "summary.json").read_text())
+    assert (totals["slides_total"], totals["slides_finished"], totals["slides_skipped"]) == (3, 2, 1)
+    assert s["slides_finished_on_disk"] == 1  # the worker's own: of the slides it listed

@@ -542,16 +542,21 @@ def run_slides(
     )
     if run_facts := getattr(consumer, "run_facts", None):  # optional: what the consumer sums up over its slides
         summary.update(run_facts(summary["done"]))
-    on_disk = sum(finished(s.slide_id) for s in specs)
+    finished_listed = {s.slide_id for s in specs if finished(s.slide_id)}
+    # the folder's totals: its slides are this run's and every earlier run's (a subset run, array tasks given their
+    # own lists), as timings.csv and skipped.csv name them
     skipped = ledger.skipped()
-    merged = ledger.update_summary(
+    failed = set(skipped.slide[whole_slide_rows(skipped)])
+    others = (set(ledger.timings().slide.astype(str)) | failed) - set(outputs)
+    for slide in others:
+        outputs[slide] = consumer.output_path(out_dir, SlideSpec(slide, out_dir / slide))
+    on_disk = finished_listed | {slide for slide in others if finished(slide)}
+    ledger.update_summary(
         summary,
-        {"output_dir": str(out_dir), "slides_total": len(specs), "slides_finished": on_disk,
-         "slides_skipped": int(skipped.slide[skipped.slide.isin(outputs) & whole_slide_rows(skipped)]
-                               .nunique()),
-         **consumer.identity},
+        {"output_dir": str(out_dir), "slides_total": len(specs) + len(others), "slides_finished": len(on_disk),
+         "slides_skipped": len(failed - on_disk), **consumer.identity},
     )  # fmt: skip
-    summary["slides_finished_on_disk"] = merged["slides_finished"]
+    summary["slides_finished_on_disk"] = len(finished_listed)
     summary["found_finished"] = found_finished
     redrawn = f"{n} drawn again from their stored outputs, " if (n := summary["slides_redrawn"]) else ""
     log.info(
