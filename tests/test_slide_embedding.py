@@ -224,31 +224,6 @@ def test_a_lock_records_no_pid_facts_where_proc_is_another_namespaces(monkeypatc
     assert io._process_facts() == {}
 
 
-def test_tissue_without_glass_is_all_tissue(wsi_dir):
-    """A crop, a TMA core or an exported region has no glass: Otsu's threshold split the tissue itself into pale and
-    dense, and 42 % of cmu's all-tissue crop (stroma, epidermis) got no tile and no polygon. Otsu's lower class
-    that is mostly not glass now means there is none; slides with glass keep Otsu's threshold."""
-    from PIL import Image
-
-    from hirespath.wsi.tissue import tissue_mask
-
-    pale, dense = (232, 200, 222), (200, 90, 160)  # saturation 35 and 140: both well above glass
-    rng = np.random.default_rng(0)
-    tissue = np.where(rng.random((80, 120, 1)) < 0.5, pale, dense).astype(np.uint8)
-    assert tissue_mask(tissue).all()
-    slide = np.full((160, 240, 3), 240, np.uint8)
-    slide[40:120, 60:180] = tissue
-    on_glass = tissue_mask(slide)
-    assert not on_glass[:40].any() and on_glass[40:120, 60:180].mean() > 0.45  # glass stays out
-    with open_slide(wsi_dir / "cmu.svs") as cmu:
-        crop = np.asarray(cmu.read_region((950, 2100), 0, (600, 700)).convert("RGB"))
-    small = np.asarray(Image.fromarray(crop).resize((150, 175)))
-    framed = np.full((275, 250, 3), 238, np.uint8)
-    framed[50:225, 50:200] = small
-    alone, with_glass = tissue_mask(small).mean(), tissue_mask(framed)[50:225, 50:200].mean()
-    assert alone > 0.85 and alone >= with_glass, (alone, with_glass)
-
-
 def test_a_lock_whose_holder_stopped_touching_it_is_taken_over_from_any_host(tmp_path, monkeypatch):
     """A job killed on another node (SLURM's time limit, a preemption) leaves its slide's lock behind: no pid check
     can see it is dead, and a day of lock_stale_hours kept the slide (and MIL waiting on it) held. A holder touches

@@ -42,8 +42,7 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 
 def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
-    """Tissue = saturation above Otsu's threshold between glass and tissue (and above a floor, so a blank slide has
-    none; an image of tissue only, without glass, is tissue down to the floor)."""
+    """Tissue = saturation above Otsu's threshold (and above a floor, so a blank slide has none)."""
     rgb = rgb[..., :3].astype(np.float32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     mx, mn = rgb.max(-1), rgb.min(-1)
@@ -56,13 +55,7 @@ def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
     sat[dark] = 0  # background for Otsu, never tissue
     if pen.all():
         return np.zeros(sat.shape, bool)
-    valid = sat[~pen]
-    thr = max(otsu_threshold(valid), min_saturation)
-    below = valid[valid <= thr]
-    if below.size and np.mean(below <= min_saturation) < 0.5:
-        # the lower of Otsu's two classes is mostly not glass: the image has little or none (a crop, a TMA core,
-        # an exported region), and Otsu split the tissue itself into pale and dense; the floor keeps the glass out
-        thr = min_saturation
+    thr = max(otsu_threshold(sat[~pen]), min_saturation)
     return ~pen & ~dark & (sat > thr)
 
 
