@@ -348,15 +348,22 @@ def _process_facts() -> dict:
     names this process only inside it), the host's boot, and its start in clock ticks since that boot."""
     facts = {}
     try:
-        if os.readlink("/proc/self") != str(os.getpid()):  # a /proc of another pid namespace: its pids are not ours
-            return facts
-        facts["pid_ns"] = os.readlink("/proc/self/ns/pid")
+        facts["pid_ns"] = os.readlink("/proc/self/ns/pid")  # right also through another namespace's /proc
         facts["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return facts
-    if (start := _start_ticks("self")) is not None:
+    if _own_proc() and (start := _start_ticks("self")) is not None:
         facts["pid_start"] = start
     return facts
+
+
+def _own_proc() -> bool:
+    """Whether /proc shows this pid namespace: without its own (unshare -fp without --mount-proc, a container given
+    the host's), /proc/<pid> names other processes than this namespace's pids."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
 
 
 def _start_ticks(pid: int | str) -> int | None:
@@ -383,7 +390,7 @@ def _holder_gone(pid: int, info: dict) -> str | None:
     if not _pid_alive(pid):
         return "gone"
     start = info.get("pid_start")
-    if ns is not None and start is not None and _start_ticks(pid) not in (None, start):
+    if ns is not None and start is not None and _own_proc() and _start_ticks(pid) not in (None, start):
         return "another process now (the pid was reused)"
     return None
 
