@@ -552,6 +552,10 @@ def test_the_heatmap_of_a_thin_slide_is_as_long_as_a_wide_ones(tmp_path):
     wide = attention_heatmap(np.stack([224 * np.arange(90), np.zeros(90, int)], 1), att, tmp_path / "w.png", 224)
     (tw, th), (ww, wh) = Image.open(tall).size, Image.open(wide).size
     assert th > tw and th <= 1.2 * ww, ((tw, th), (ww, wh))
+    # a long title (attention_heatmaps': slide, label, prediction, tiles) over the narrow figure is not cut off
+    coords = np.stack([np.zeros(90, int), 224 * np.arange(90)], 1)
+    titled = attention_heatmap(coords, att, tmp_path / "titled.png", 224, title="x" * 60)
+    assert Image.open(titled).size[0] > tw + 100
 
 
 def test_heatmap_of_a_slide_qupath_crops_shows_its_scanned_region(tmp_path, monkeypatch):

@@ -190,7 +190,7 @@ def attention_heatmap(
     except BaseException:
         plt.close(fig)
         raise
-    return save_png(fig, path)
+    return save_png(fig, path, bbox_inches="tight")  # a long title over a thin slide's narrow figure
 
 
 def attention_heatmaps(
