@@ -1178,6 +1178,18 @@ def test_an_overwrite_mark_of_an_earlier_version_still_marks_every_slide(tmp_pat
     assert (tmp_path / ".outputs_since").stat().st_mtime_ns == marked
 
 
+def test_a_mark_of_some_slides_only_dates_no_other_slide(tmp_path):
+    """A mark written with slides only (before since_ns was added) has no folder-wide time: dated by its file, it
+    made every other slide of the folder stale."""
+    from hirespath.slides.runner import is_newer
+
+    ledger = Ledger(tmp_path)
+    (tmp_path / "s0.h5").write_text("finished")
+    (tmp_path / ".outputs_since").write_text(json.dumps({"slides": {"s1": {"ns": 1, "launch": None}}}))
+    assert ledger.outputs_since() == Ledger(tmp_path).outputs_since() and ledger.outputs_since().of("s0") is None
+    assert is_newer(tmp_path / "s0.h5", ledger.outputs_since().of("s1"))
+
+
 def test_a_picture_that_cannot_be_drawn_costs_the_slide_nothing(slides, tmp_path, monkeypatch, caplog):
     """The pictures are drawn before the h5 appears: one that failed (a thumbnails/ folder of another user, a
     matplotlib error on a 1,000:1 slide) aborted the slide, its features thrown away, and every rerun failed again."""
@@ -1227,6 +1239,9 @@ def test_a_slides_size_counts_the_files_its_image_is_in(tmp_path):
     (data / "Slidedat.ini").write_bytes(b"[HIERARCHICAL]" * 5)
     before = slide_bytes(index)
     assert before == 90 + 1000 + 70
+    for stray in (".DS_Store", "._Data0000.dat", "Thumbs.db"):  # a Finder or Explorer copy's: not a rescan
+        (data / stray).write_bytes(b"\0" * 4096)
+    assert slide_bytes(index) == before
     (data / "Data0000.dat").write_bytes(b"\0" * 1500)  # the rescan
     assert slide_bytes(index) == before + 500
     dicom = tmp_path / "d"

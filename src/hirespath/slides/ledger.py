@@ -113,6 +113,11 @@ def _file_system_now(folder: Path) -> int:
         os.unlink(probe)
 
 
+def _slides_only(mark: dict) -> bool:
+    """A mark of some slides only, as written before ``since_ns`` was (it has no folder-wide time)."""
+    return "slides" in mark and not {"since_ns", "settings", "time"} & set(mark)
+
+
 @dataclass(frozen=True)
 class OutputsSince:
     """Which outputs an overwrite replaced: a slide's output older than ``of(slide)`` (ns, the file system's clock;
@@ -202,7 +207,7 @@ class Ledger:
             if launch is None or (marked.get(slide) or {}).get("launch") != launch:
                 marked[slide], changed = {"ns": t, "launch": launch}, True
         if changed:  # a worker of the launch that finds its slides marked rewrites nothing (10,000 slides: 1.4 MB)
-            since = mark["since_ns"] if "since_ns" in mark else self.outputs_since().folder_ns
+            since = mark.get("since_ns") if "since_ns" in mark or _slides_only(mark) else self.outputs_since().folder_ns
             write_json(self.folder / OUTPUTS_SINCE, {**mark, "since_ns": since, "slides": marked})
 
     def _overwrite_started(self, launch: str | None, settings: str, stored: dict | None) -> bool:
@@ -235,7 +240,7 @@ class Ledger:
         except FileNotFoundError:
             return OutputsSince()
         mark = self._mark()  # an earlier version's (no since_ns; empty or unreadable too): dated by its file
-        folder_ns = mark["since_ns"] if "since_ns" in mark else marked_at
+        folder_ns = mark["since_ns"] if "since_ns" in mark else None if _slides_only(mark) else marked_at
         slides = {k: int(v["ns"]) for k, v in (mark.get("slides") or {}).items() if isinstance(v, dict) and "ns" in v}
         return OutputsSince(int(folder_ns) if folder_ns is not None else None, slides)
 

@@ -7,6 +7,7 @@ one tiling that covers the tissue alike (embedding with any encoder; segmentatio
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,10 @@ class ForeignPatches(Exception):
     """A patches file hirespath did not write (TRIDENT's or CLAM's: no ``target_mpp``): never replaced."""
 
 
+# the files of a MIRAX slide's folder (not a Finder copy's .DS_Store or ._Data0000.dat, Windows' Thumbs.db)
+MIRAX_DATA = re.compile(r"(?i)(slidedat\.ini|index\.dat|data\d+\.dat)")
+
+
 def slide_bytes(path: Path) -> int:
     """The size of a slide's file (a folder's: its files'), recorded with its grid: a slide replaced by another
     scan under the same name (a rescan, a re-export) has another size, whatever its pixel size."""
@@ -67,7 +72,7 @@ def slide_bytes(path: Path) -> int:
         files = dicom_files(path)
     elif path.suffix.lower() == ".mrxs":  # its index; the images are in the folder of its name
         data = path.with_suffix("")
-        files = [path, *(p for p in data.iterdir() if p.is_file())] if data.is_dir() else [path]
+        files = [path, *(p for p in data.iterdir() if MIRAX_DATA.fullmatch(p.name))] if data.is_dir() else [path]
     else:
         files = [path]
     return sum(p.stat().st_size for p in files)
