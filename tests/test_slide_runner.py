@@ -1254,10 +1254,19 @@ def test_a_slides_size_counts_the_files_its_image_is_in(tmp_path):
 def test_summary_totals_are_the_folders_after_a_run_over_part_of_it(slides, tmp_path):
     """summary.json's totals ("read off the disk") counted the last run's list only: a rerun of one slide, or the
     last of several SLURM array tasks each given its own list, made the folder of 2 finished slides and 1 failed
-    say 1 slide, 1 finished, 0 skipped."""
-    specs = list_slides(slides) + [SlideSpec("missing", slides / "missing.tiff")]
-    embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU)
-    s = embed_slides(encoder(), specs[:1], tmp_path, TILING, embed_cfg(), CPU)
-    totals = json.loads((Path(s["features_dir"]) / "summary.json").read_text())
-    assert (totals["slides_total"], totals["slides_finished"], totals["slides_skipped"]) == (3, 2, 1)
-    assert s["slides_finished_on_disk"] == 1  # the worker's own: of the slides it listed
+    say 1 slide, 1 finished, 0 skipped. A slide whose output (or, failed, whose file) is gone has left the folder."""
+    (tmp_path / "broken.tiff").write_bytes(b"not a slide")
+    specs = list_slides(slides) + [SlideSpec("broken", tmp_path / "broken.tiff")]
+    embed_slides(encoder(), specs, tmp_path / "job", TILING, embed_cfg(), CPU)
+
+    def totals() -> tuple[int, int, int]:
+        s = embed_slides(encoder(), specs[:1], tmp_path / "job", TILING, embed_cfg(), CPU)
+        assert s["slides_finished_on_disk"] == 1  # the worker's own: of the slides it listed
+        t = json.loads((Path(s["features_dir"]) / "summary.json").read_text())
+        return t["slides_total"], t["slides_finished"], t["slides_skipped"]
+
+    assert totals() == (3, 2, 1)
+    out = tmp_path / "job" / "10x_112px_0px_overlap"
+    next(out.glob("features_*/s1.h5")).unlink()  # s1 dropped from the cohort
+    (tmp_path / "broken.tiff").unlink()
+    assert totals() == (1, 1, 0)

@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -368,15 +369,15 @@ class Ledger:
         return pd.DataFrame(columns=columns or ["slide"]) if table is None else table
 
     # ------------------------------------------------------------------------------------------ summary.json
-    def update_summary(self, worker: dict, totals: dict) -> dict:
+    def update_summary(self, worker: dict, totals: Callable[[], dict]) -> dict:
         """Add this worker's summary (keyed by its ``worker`` id: host, pid, a random part) and the folder's
-        ``totals`` (counted off the disk by the caller); returns the merged summary. Parallel workers each add
-        theirs."""
+        ``totals()`` (counted off the disk by the caller, under the lock: the last writer has seen every worker's
+        rows); returns the merged summary. Parallel workers each add theirs."""
         path = self.folder / SUMMARY
         with self._locked(SUMMARY):
             old = json.loads(path.read_text()) if path.is_file() else {}
             workers = old.get("workers", {}) if isinstance(old.get("workers"), dict) else {}
             workers[worker["worker"]] = worker
-            merged = {**totals, "workers": workers}
+            merged = {**totals(), "workers": workers}
             write_json(path, merged)
         return merged

@@ -543,19 +543,25 @@ def run_slides(
     if run_facts := getattr(consumer, "run_facts", None):  # optional: what the consumer sums up over its slides
         summary.update(run_facts(summary["done"]))
     finished_listed = {s.slide_id for s in specs if finished(s.slide_id)}
-    # the folder's totals: its slides are this run's and every earlier run's (a subset run, array tasks given their
-    # own lists), as timings.csv and skipped.csv name them
-    skipped = ledger.skipped()
-    failed = set(skipped.slide[whole_slide_rows(skipped)])
-    others = (set(ledger.timings().slide.astype(str)) | failed) - set(outputs)
-    for slide in others:
-        outputs[slide] = consumer.output_path(out_dir, SlideSpec(slide, out_dir / slide))
-    on_disk = finished_listed | {slide for slide in others if finished(slide)}
-    ledger.update_summary(
-        summary,
-        {"output_dir": str(out_dir), "slides_total": len(specs) + len(others), "slides_finished": len(on_disk),
-         "slides_skipped": len(failed - on_disk), **consumer.identity},
-    )  # fmt: skip
+
+    def folder_totals() -> dict:
+        """The folder's totals, counted under summary.json's lock (the last worker to write them has seen every
+        other's rows): this run's slides, and every earlier run's still there (a subset run, array tasks given their
+        own lists): those timings.csv names whose output is on disk, and those skipped.csv names whose file is."""
+        skipped = ledger.skipped()
+        failed = skipped[whole_slide_rows(skipped)]
+        failed = {s for s, p in zip(failed.slide, failed.path) if s in outputs or (p and Path(p).exists())}
+        for slide in set(ledger.timings().slide.astype(str)) - set(outputs):
+            if (out := consumer.output_path(out_dir, SlideSpec(slide, out_dir / slide))).exists():
+                outputs[slide] = out  # one whose output was deleted (dropped from the cohort) has left the folder
+        others = (set(outputs) | failed) - {s.slide_id for s in specs}
+        for slide in others - set(outputs):
+            outputs[slide] = consumer.output_path(out_dir, SlideSpec(slide, out_dir / slide))
+        on_disk = finished_listed | {slide for slide in others if finished(slide)}
+        return {"output_dir": str(out_dir), "slides_total": len(specs) + len(others), "slides_finished": len(on_disk),
+                "slides_skipped": len(failed - on_disk), **consumer.identity}  # fmt: skip
+
+    ledger.update_summary(summary, folder_totals)
     summary["slides_finished_on_disk"] = len(finished_listed)
     summary["found_finished"] = found_finished
     redrawn = f"{n} drawn again from their stored outputs, " if (n := summary["slides_redrawn"]) else ""
