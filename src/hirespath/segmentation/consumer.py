@@ -453,9 +453,7 @@ class SegmentationConsumer:
     needs_thumbnail: bool = True
     progress: bool = True  # a large map's closing steps as progress bars
     reuse_maps: bool = True  # a slide with a finished probability TIFF is drawn from it (False: embed.overwrite)
-    outputs_since: OutputsSince | None = (
-        None  # set by the runner: a TIFF older than the slide's last overwrite is stale
-    )
+    outputs_since: OutputsSince | None = None  # set by the runner: a TIFF older than its slide's mark is stale
     redraw_keys: tuple = DRAWING  # identity keys a redraw may change (slides.runner)
     redraw_hint: str = REDRAW
     tiles_segmented: int = field(default=0, init=False)  # by this worker, in this run

@@ -48,7 +48,7 @@ from ..wsi import trident_h5
 from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
-from .ledger import TIMINGS, IdentityMismatch, Ledger, whole_slide_rows
+from .ledger import IdentityMismatch, Ledger, whole_slide_rows
 from .prepare import PreparedSlide, cover_tissue, prepare_slide, slide_bytes
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
 
@@ -252,8 +252,8 @@ def _replaced_slides(specs: list[SlideSpec], ledger: Ledger) -> list[SlideSpec]:
     """The slides whose file has another size than the one their outputs were made from (timings.csv's
     ``slide_bytes``; rows without it, from before it was recorded, are trusted): a rescan or re-export under the
     same name, whose outputs are another image's."""
-    table = ledger.table(TIMINGS)
-    if table is None or "slide_bytes" not in table.columns or not specs:
+    table = ledger.timings()
+    if "slide_bytes" not in table.columns or not specs:
         return []
     made = pd.to_numeric(table.set_index("slide")["slide_bytes"], errors="coerce").dropna()
     made = made[~made.index.duplicated(keep="last")].to_dict()
@@ -322,10 +322,13 @@ def run_slides(
     if hasattr(consumer, "outputs_since"):  # it reuses parts of unfinished outputs (a finished map) only if newer
         consumer.outputs_since = since
 
+    def output_of(slide: str) -> Path:  # a listed slide's, or another the folder holds (the totals)
+        return outputs.get(slide) or consumer.output_path(out_dir, SlideSpec(slide, out_dir / slide))
+
     def finished(slide: str) -> bool:
         """Finished, and not before the folder's last overwrite started (with ``overwrite`` this run's own start:
         parallel workers of one overwrite run each replace the old outputs, not one another's new ones)."""
-        out, t = outputs[slide], since.of(slide)
+        out, t = output_of(slide), since.of(slide)
         return consumer.is_finished(out) and (t is None or is_newer(out, t))  # one stat less per slide
 
     # rescans under the same name: done again, and what is left of their outputs (a map to redraw) not reused
@@ -551,12 +554,9 @@ def run_slides(
         skipped = ledger.skipped()
         failed = skipped[whole_slide_rows(skipped)]
         failed = {s for s, p in zip(failed.slide, failed.path) if s in outputs or (p and Path(p).exists())}
-        for slide in set(ledger.timings().slide.astype(str)) - set(outputs):
-            if (out := consumer.output_path(out_dir, SlideSpec(slide, out_dir / slide))).exists():
-                outputs[slide] = out  # one whose output was deleted (dropped from the cohort) has left the folder
-        others = (set(outputs) | failed) - {s.slide_id for s in specs}
-        for slide in others - set(outputs):
-            outputs[slide] = consumer.output_path(out_dir, SlideSpec(slide, out_dir / slide))
+        # one whose output was deleted (dropped from the cohort) has left the folder
+        made = {s for s in set(ledger.timings().slide.astype(str)) - set(outputs) if output_of(s).exists()}
+        others = (made | failed) - set(outputs)
         on_disk = finished_listed | {slide for slide in others if finished(slide)}
         return {"output_dir": str(out_dir), "slides_total": len(specs) + len(others), "slides_finished": len(on_disk),
                 "slides_skipped": len(failed - on_disk), **consumer.identity}  # fmt: skip
