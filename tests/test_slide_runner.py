@@ -1270,3 +1270,36 @@ def test_summary_totals_are_the_folders_after_a_run_over_part_of_it(slides, tmp_
     next(out.glob("features_*/s1.h5")).unlink()  # s1 dropped from the cohort
     (tmp_path / "broken.tiff").unlink()
     assert totals() == (1, 1, 0)
+
+
+def test_another_cohorts_slide_under_a_finished_ones_id_is_refused_not_replaced(tmp_path):
+    """Two cohorts embedded into one job_dir whose slides share a name (hospital exports named 1.svs, 2.svs, …): the
+    second run took cohort B's 1 for a rescan of cohort A's and replaced A's features with B's, with a warning only
+    (before slide sizes were recorded it skipped B's as finished). timings.csv now records the file each slide was
+    made from; another file of another size under a finished slide's id is refused with a reason that names both
+    files, its outputs kept; an overwrite replaces them, and the same file reached by another path is still finished."""
+    a, b = tmp_path / "cohort_a", tmp_path / "cohort_b"
+    for folder, seed in ((a, 0), (b, 5)):
+        folder.mkdir()
+        write_pyramid(folder / "1.tiff", tissue(w=900 if folder == b else 700, seed=seed), 0.5, compression="jpeg",
+                      levels=(1, 4))  # fmt: skip
+    write_pyramid(b / "2.tiff", tissue(seed=1), 0.5, compression="jpeg", levels=(1, 4))
+    job = tmp_path / "job"
+    first = embed_slides(encoder(), list_slides(a), job, TILING, embed_cfg(), CPU)
+    out = Path(first["features_dir"])
+    made = (out / "1.h5").read_bytes()
+    assert pd.read_csv(out / "timings.csv").slide_path.tolist() == [str((a / "1.tiff").resolve())]
+    second = embed_slides(encoder(), list_slides(b), job, TILING, embed_cfg(), CPU)
+    assert [d["slide"] for d in second["done"]] == ["2"] and second["slides_skipped"] == 1
+    why = second["skipped"][0]["reason"]
+    assert str(a / "1.tiff") in why and str(b / "1.tiff") in why and "unique" in why
+    assert (out / "1.h5").read_bytes() == made  # cohort A's features kept
+    assert pd.read_csv(out / "skipped.csv", dtype={"slide": str}).slide.tolist() == ["1"]
+    with pytest.raises(NothingProcessed, match="is taken in"):  # a run of that slide alone names why
+        embed_slides(encoder(), [SlideSpec("1", b / "1.tiff")], job, TILING, embed_cfg(), CPU)
+    # the same file through another path (a moved or remounted cohort) is the slide its outputs were made from
+    moved = tmp_path / "moved"
+    a.rename(moved)
+    assert embed_slides(encoder(), list_slides(moved), job, TILING, embed_cfg(), CPU)["slides_already_finished"] == 1
+    replaced = embed_slides(encoder(), [SlideSpec("1", b / "1.tiff")], job, TILING, embed_cfg(overwrite=True), CPU)
+    assert replaced["slides_done"] == 1 and (out / "1.h5").read_bytes() != made

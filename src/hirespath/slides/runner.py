@@ -63,6 +63,7 @@ RESUME = (
 TIMING_COLUMNS = [
     "slide", "rank", "host", "tiles", "tissue_mm2", "seconds", *(f"{s}_s" for s in STAGES + BACKGROUND),
     "tiles_per_s", "mm2_per_s", "reader", "num_workers", "threads", "slide_bytes",
+    "slide_path",
 ]  # fmt: skip
 
 
@@ -248,27 +249,48 @@ def _check_finished_mpp(consumer: SlideConsumer, path: Path, spec: SlideSpec, ho
         )
 
 
-def _replaced_slides(specs: list[SlideSpec], ledger: Ledger) -> list[SlideSpec]:
-    """The slides whose file has another size than the one their outputs were made from (timings.csv's
-    ``slide_bytes``; rows without it, from before it was recorded, are trusted): a rescan or re-export under the
-    same name, whose outputs are another image's."""
+def _replaced_slides(specs: list[SlideSpec], ledger: Ledger, how: str) -> tuple[list[SlideSpec], dict[str, str]]:
+    """(replaced, clashes) among the listed slides whose outputs were made from a file of another size than theirs
+    now (timings.csv's ``slide_bytes`` and ``slide_path``; rows without them, from before they were recorded, are
+    trusted). Replaced: the same file, a rescan or re-export under the same name, whose outputs are another image's
+    and are made again. Clashes, {slide id: why}: another file under a finished slide's id, from another folder (two
+    cohorts whose slides share names in one job_dir); it is not processed, since its outputs would replace the first
+    slide's. A file of the same size elsewhere is the same slide moved (another mount, a copied cohort)."""
     table = ledger.timings()
     if "slide_bytes" not in table.columns or not specs:
-        return []
-    made = pd.to_numeric(table.set_index("slide")["slide_bytes"], errors="coerce").dropna()
-    made = made[~made.index.duplicated(keep="last")].to_dict()
-    replaced = []
+        return [], {}
+    table = table.assign(slide_bytes=pd.to_numeric(table["slide_bytes"], errors="coerce")).dropna(subset="slide_bytes")
+    rows = table.drop_duplicates("slide", keep="last").set_index("slide")
+    paths = rows["slide_path"] if "slide_path" in rows.columns else pd.Series(dtype=object)
+    replaced, clashes = [], {}
     for spec in specs:
-        if spec.slide_id in made:
-            try:
-                now = slide_bytes(spec.path)
-            except OSError:
-                continue  # not there: the run names it when it reads the slide (not at all: it is finished)
-            if now != int(made[spec.slide_id]):
-                log.warning("%s was replaced since its outputs were made (%d bytes then, %d now): processing it "
-                            "again", spec.path, int(made[spec.slide_id]), now)  # fmt: skip
-                replaced.append(spec)
-    return replaced
+        if spec.slide_id not in rows.index:
+            continue
+        try:
+            now = slide_bytes(spec.path)
+        except OSError:
+            continue  # not there: the run names it when it reads the slide (not at all: it is finished)
+        then = int(rows.at[spec.slide_id, "slide_bytes"])
+        if now == then:
+            continue
+        made_from = paths.get(spec.slide_id)
+        if isinstance(made_from, str) and made_from and made_from != slide_path(spec.path):
+            clashes[spec.slide_id] = (
+                f"slide id {spec.slide_id!r} is taken in {ledger.folder}: its outputs were made from {made_from} "
+                f"({then} bytes), and {spec.path} is another file ({now} bytes). Slide ids must be unique in a "
+                f"job_dir: give this cohort its own job_dir or rename the slide (or, if it is a rescan of the same "
+                f"slide, {how} slides=<a list of it> replaces its outputs)"
+            )
+            continue
+        log.warning("%s was replaced since its outputs were made (%d bytes then, %d now): processing it again",
+                    spec.path, then, now)  # fmt: skip
+        replaced.append(spec)
+    return replaced, clashes
+
+
+def slide_path(path) -> str:
+    """The slide file as timings.csv records it: absolute, links resolved (one file seen through two mounts)."""
+    return str(Path(path).resolve())
 
 
 def is_newer(path: Path, since: int | None) -> bool:
@@ -331,12 +353,16 @@ def run_slides(
         out, t = output_of(slide), since.of(slide)
         return consumer.is_finished(out) and (t is None or is_newer(out, t))  # one stat less per slide
 
-    # rescans under the same name: done again, and what is left of their outputs (a map to redraw) not reused
-    if replaced := _replaced_slides(order, ledger):
+    # rescans under the same name: done again, and what is left of their outputs (a map to redraw) not reused;
+    # another folder's slide under a finished one's id: refused (an overwrite replaces whatever it lists)
+    replaced, clashes = _replaced_slides(order, ledger, consumer.overwrite_hint)
+    if job.overwrite:
+        clashes = {}
+    if replaced:
         since = ledger.replace_slides([s.slide_id for s in replaced], runtime.launch)
         if hasattr(consumer, "outputs_since"):
             consumer.outputs_since = since
-    finished_before = [s for s in order if finished(s.slide_id)]
+    finished_before = [s for s in order if s.slide_id not in clashes and finished(s.slide_id)]
     for s in finished_before:
         _check_finished_mpp(consumer, outputs[s.slide_id], s, consumer.overwrite_hint)
     if finished_before:
@@ -359,7 +385,16 @@ def run_slides(
     totals = zero_stages()
     if runtime.count_startup:
         totals["startup"] = max(0.0, startup_seconds() - (time.perf_counter() - t_start))
-    todo = [s for s in order if s.slide_id not in done_ids]
+    for s in order:
+        if why := clashes.get(s.slide_id):
+            log.warning("skipping %s: %s", s.path, why)
+            summary["slides_skipped"] += 1
+            summary["skipped"].append({"slide": s.slide_id, "reason": why})
+    if clashes:
+        ledger.update_skipped(
+            [_skip_row(s, clashes[s.slide_id], runtime.launch) for s in order if s.slide_id in clashes]
+        )
+    todo = [s for s in order if s.slide_id not in done_ids and s.slide_id not in clashes]
 
     def prepare(s: SlideSpec) -> PreparedSlide:
         return prepare_slide(s, job.tiling, tiling_dir=job.tiling_dir, default_mpp=job.default_mpp,
@@ -416,6 +451,7 @@ def run_slides(
                     "tiles_per_s": result["tiles"] / seconds, "mm2_per_s": result["tissue_mm2"] / seconds,
                     "reader": job.reader, "num_workers": job.num_workers,
                     "threads": policy.n if policy else torch.get_num_threads(), "slide_bytes": result["slide_bytes"],
+                    "slide_path": slide_path(spec.path),
                 }  # fmt: skip
             except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
                 if out_of_storage(err):  # but a full disk fails every slide after it: storage_errors stops the run
