@@ -558,6 +558,22 @@ def test_the_heatmap_of_a_thin_slide_is_as_long_as_a_wide_ones(tmp_path):
     assert Image.open(titled).size[0] > tw + 100
 
 
+def test_the_heatmap_shows_its_thumbnail_at_max_side(tmp_path):
+    """predict_slides reads the thumbnail at heatmaps.max_side (2,048 px) but drew the figure at a fixed 120 dpi: the
+    PNG was about 840 px on its long side whatever max_side said, so asking for more detail gave none. The figure's
+    dpi now shows the thumbnail at its own pixels (and never below 120 dpi, for a small one)."""
+    from PIL import Image
+
+    coords = np.array([[x, y] for y in range(0, 3000, 250) for x in range(0, 4000, 250)], dtype=np.int64)
+    att = np.random.default_rng(0).random(len(coords))
+    sizes = {m: Image.open(attention_heatmap(coords, att, tmp_path / f"{m}.png", 250, max_side=m)).size
+             for m in (256, 1024, 2048)}  # fmt: skip
+    for m in (1024, 2048):
+        w, h = sizes[m]
+        assert m <= w <= 1.35 * m and 0.75 * m <= h <= 0.75 * 1.35 * m, (m, sizes[m])  # 4:3 and a colour bar
+    assert 700 <= sizes[256][0] <= 1000  # small: the 120 dpi figure it always was
+
+
 def test_heatmap_of_a_slide_qupath_crops_shows_its_scanned_region(tmp_path, monkeypatch):
     """A MIRAX/SCN slide's canvas can be several times its scanned region: the heatmap's background is the region
     QuPath shows (so the tissue fills the picture), the tiles drawn where they lie in it; a tile that starts before

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..wsi import qupath
 from ..wsi.reader import SlideError, open_slide, read_thumbnail
-from .figures import pyplot, save_png
+from .figures import dpi_showing, pyplot, save_png
 
 log = logging.getLogger("hirespath.viz")
 
@@ -159,7 +159,7 @@ def attention_heatmap(
         coords = coords - np.array([ox, oy])  # QuPath's image of the slide starts there
     else:
         w0, h0 = int(coords[:, 0].max()) + tile, int(coords[:, 1].max()) + tile
-        s = max_side / max(w0, h0)
+        s = min(1.0, max_side / max(w0, h0))  # as the thumbnail: max_side, or the slide's own size when smaller
         image = np.full((max(1, round(h0 * s)), max(1, round(w0 * s)), 3), 255, dtype=np.uint8)
     sy, sx = image.shape[0] / h0, image.shape[1] / w0
     if token_scores is not None:
@@ -187,10 +187,12 @@ def attention_heatmap(
         ax.set_title(title or f"{len(coords)} tiles", fontsize=9)
         ax.axis("off")
         fig.tight_layout()
+        # the thumbnail at its own pixels (max_side): at a fixed dpi it was shown ~700 px whatever max_side said
+        dpi = dpi_showing(fig, ax, (w, h))
     except BaseException:
         plt.close(fig)
         raise
-    return save_png(fig, path, bbox_inches="tight")  # a long title over a thin slide's narrow figure
+    return save_png(fig, path, dpi=dpi, bbox_inches="tight")  # a long title over a thin slide's narrow figure
 
 
 def attention_heatmaps(
