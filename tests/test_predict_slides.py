@@ -439,3 +439,24 @@ def test_a_leica_scn_is_predicted_in_qupaths_image(trained, one_thread, tmp_path
     _, alone = _predict(tmp_path, "alone", f"ckpt={trained['run']}", f"features_dir={features}")
     scan_alone = read_geojson(alone / "heatmaps" / "scan.geojson")
     assert len(scan_alone) == len(scan) and all(b.equals(a) for (a, _), (b, _) in zip(scan, scan_alone))
+
+
+def test_a_slide_the_embedding_refused_is_not_predicted_from_another_cohorts_features(trained, one_thread, tmp_path):
+    """Cohort B predicted into cohort A's job_dir, both with a slide "1": the embedding refuses B's 1 (its id holds
+    A's features), but predict_slides then read every listed id from the folder and gave B's 1 A's prediction,
+    its heatmap A's tiles over B's slide. A refused slide is listed as skipped, with the reason, and not predicted."""
+    run, images = trained["run"], sorted((trained["panda"] / "train_images").glob("*.tiff"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    shutil.copy(images[0], a / "1.tiff")
+    shutil.copy(images[5], b / "1.tiff")
+    shutil.copy(images[6], b / "2.tiff")
+    assert (a / "1.tiff").stat().st_size != (b / "1.tiff").stat().st_size
+    job = f"job_dir={tmp_path / 'job'}"
+    _predict(tmp_path, "pa", f"ckpt={run}", f"wsi_dir={a}", job)
+    m, out = _predict(tmp_path, "pb", f"ckpt={run}", f"wsi_dir={b}", job)
+    pred = pd.read_csv(out / "predictions.csv", dtype={"slide_id": str})
+    skipped = pd.read_csv(out / "skipped.csv", dtype={"slide_id": str})
+    assert pred.slide_id.tolist() == ["2"] and m["num_slides"] == 1
+    assert skipped.slide_id.tolist() == ["1"] and "is taken in" in skipped.reason[0]
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["2.geojson", "2.png"]

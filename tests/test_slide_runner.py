@@ -1272,34 +1272,77 @@ def test_summary_totals_are_the_folders_after_a_run_over_part_of_it(slides, tmp_
     assert totals() == (1, 1, 0)
 
 
+def _cohorts(tmp_path, b_width=900):
+    a, b = tmp_path / "cohort_a", tmp_path / "cohort_b"
+    for folder, seed, w in ((a, 0, 700), (b, 5, b_width)):
+        folder.mkdir()
+        write_pyramid(folder / "1.tiff", tissue(w=w, seed=seed), 0.5, compression="jpeg", levels=(1, 4))
+    write_pyramid(b / "2.tiff", tissue(seed=1), 0.5, compression="jpeg", levels=(1, 4))
+    return a, b
+
+
 def test_another_cohorts_slide_under_a_finished_ones_id_is_refused_not_replaced(tmp_path):
     """Two cohorts embedded into one job_dir whose slides share a name (hospital exports named 1.svs, 2.svs, …): the
     second run took cohort B's 1 for a rescan of cohort A's and replaced A's features with B's, with a warning only
     (before slide sizes were recorded it skipped B's as finished). timings.csv now records the file each slide was
-    made from; another file of another size under a finished slide's id is refused with a reason that names both
-    files, its outputs kept; an overwrite replaces them, and the same file reached by another path is still finished."""
-    a, b = tmp_path / "cohort_a", tmp_path / "cohort_b"
-    for folder, seed in ((a, 0), (b, 5)):
-        folder.mkdir()
-        write_pyramid(folder / "1.tiff", tissue(w=900 if folder == b else 700, seed=seed), 0.5, compression="jpeg",
-                      levels=(1, 4))  # fmt: skip
-    write_pyramid(b / "2.tiff", tissue(seed=1), 0.5, compression="jpeg", levels=(1, 4))
+    made from; while that file is still there, another file under its id is refused with a reason that names both,
+    once per launch, and A's outputs are kept; an overwrite replaces them."""
+    from hirespath.slides.runner import merge_summaries
+
+    a, b = _cohorts(tmp_path)
     job = tmp_path / "job"
     first = embed_slides(encoder(), list_slides(a), job, TILING, embed_cfg(), CPU)
     out = Path(first["features_dir"])
     made = (out / "1.h5").read_bytes()
-    assert pd.read_csv(out / "timings.csv").slide_path.tolist() == [str((a / "1.tiff").resolve())]
-    second = embed_slides(encoder(), list_slides(b), job, TILING, embed_cfg(), CPU)
-    assert [d["slide"] for d in second["done"]] == ["2"] and second["slides_skipped"] == 1
+    assert pd.read_csv(out / "timings.csv").slide_path.tolist() == [os.path.abspath(a / "1.tiff")]
+    ranks = [replace(CPU, rank=r, world_size=2, launch="array:7") for r in (0, 1)]  # two workers of one launch
+    second = merge_summaries([embed_slides(encoder(), list_slides(b), job, TILING, embed_cfg(), r) for r in ranks])
+    assert [d["slide"] for d in second["done"]] == ["2"] and second["slides_skipped"] == 1  # counted once
     why = second["skipped"][0]["reason"]
     assert str(a / "1.tiff") in why and str(b / "1.tiff") in why and "unique" in why
     assert (out / "1.h5").read_bytes() == made  # cohort A's features kept
     assert pd.read_csv(out / "skipped.csv", dtype={"slide": str}).slide.tolist() == ["1"]
     with pytest.raises(NothingProcessed, match="is taken in"):  # a run of that slide alone names why
         embed_slides(encoder(), [SlideSpec("1", b / "1.tiff")], job, TILING, embed_cfg(), CPU)
-    # the same file through another path (a moved or remounted cohort) is the slide its outputs were made from
-    moved = tmp_path / "moved"
-    a.rename(moved)
-    assert embed_slides(encoder(), list_slides(moved), job, TILING, embed_cfg(), CPU)["slides_already_finished"] == 1
     replaced = embed_slides(encoder(), [SlideSpec("1", b / "1.tiff")], job, TILING, embed_cfg(overwrite=True), CPU)
     assert replaced["slides_done"] == 1 and (out / "1.h5").read_bytes() != made
+
+
+def test_a_slide_of_the_same_size_from_another_folder_is_refused_unless_it_is_a_copy(tmp_path):
+    """Two uncompressed scans of one size are told apart by their first bytes (a copied cohort has the same ones)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, seed in ((a, 0), (b, 3)):
+        folder.mkdir()
+        write_pyramid(folder / "1.tiff", tissue(seed=seed), 0.5, compression=None, levels=(1, 4))
+    assert (a / "1.tiff").stat().st_size == (b / "1.tiff").stat().st_size
+    job = tmp_path / "job"
+    embed_slides(encoder(), list_slides(a), job, TILING, embed_cfg(), CPU)
+    with pytest.raises(NothingProcessed, match="is taken in"):
+        embed_slides(encoder(), list_slides(b), job, TILING, embed_cfg(), CPU)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "1.tiff").write_bytes((a / "1.tiff").read_bytes())
+    assert embed_slides(encoder(), list_slides(copy), job, TILING, embed_cfg(), CPU)["slides_already_finished"] == 1
+
+
+def test_a_rescan_behind_a_moved_folder_or_a_link_is_done_again(tmp_path):
+    """What is a rescan and not another cohort's slide: the file the outputs were made from is gone (the cohort was
+    moved, then rescanned), or the run's own path names another file now (a link pointed at a new export); also
+    a clash whose first outputs were deleted is simply processed."""
+    a, b = _cohorts(tmp_path)
+    job = tmp_path / "job"
+    current = tmp_path / "current"
+    current.symlink_to(a)
+    first = embed_slides(encoder(), list_slides(current), job, TILING, embed_cfg(), CPU)
+    out = Path(first["features_dir"])
+    made = (out / "1.h5").read_bytes()
+    current.unlink()
+    current.symlink_to(b)  # data/current → the new export
+    again = embed_slides(encoder(), [SlideSpec("1", current / "1.tiff")], job, TILING, embed_cfg(), CPU)
+    assert again["slides_done"] == 1 and (out / "1.h5").read_bytes() != made
+    moved = tmp_path / "moved"
+    b.rename(moved)  # moved: its recorded path is gone; then rescanned in the new place
+    write_pyramid(moved / "1.tiff", tissue(w=800, seed=9), 0.5, compression="jpeg", levels=(1, 4))
+    assert embed_slides(encoder(), list_slides(moved), job, TILING, embed_cfg(), CPU)["slides_done"] == 2
+    (out / "1.h5").unlink()  # A's slide again, its outputs gone: nothing to keep
+    assert embed_slides(encoder(), [SlideSpec("1", a / "1.tiff")], job, TILING, embed_cfg(), CPU)["slides_done"] == 1

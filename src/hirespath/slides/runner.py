@@ -249,13 +249,18 @@ def _check_finished_mpp(consumer: SlideConsumer, path: Path, spec: SlideSpec, ho
         )
 
 
-def _replaced_slides(specs: list[SlideSpec], ledger: Ledger, how: str) -> tuple[list[SlideSpec], dict[str, str]]:
-    """(replaced, clashes) among the listed slides whose outputs were made from a file of another size than theirs
-    now (timings.csv's ``slide_bytes`` and ``slide_path``; rows without them, from before they were recorded, are
-    trusted). Replaced: the same file, a rescan or re-export under the same name, whose outputs are another image's
-    and are made again. Clashes, {slide id: why}: another file under a finished slide's id, from another folder (two
-    cohorts whose slides share names in one job_dir); it is not processed, since its outputs would replace the first
-    slide's. A file of the same size elsewhere is the same slide moved (another mount, a copied cohort)."""
+def _replaced_slides(
+    specs: list[SlideSpec], ledger: Ledger, how: str, finished: Callable[[str], bool]
+) -> tuple[list[SlideSpec], dict[str, str]]:
+    """(replaced, clashes) among the listed slides with a timings.csv row (``slide_bytes``, ``slide_path``; rows
+    without them, from before they were recorded, are trusted).
+
+    Replaced: the file has another size than the one the outputs were made from (a rescan or re-export under the
+    same name, or a moved cohort rescanned since): its outputs are another image's, and are made again.
+    Clashes, {slide id: why}: the outputs were made from another file that is still there as it was, and this one
+    differs from it (two cohorts whose slides share names in one folder); not processed while those outputs are
+    finished: they would be replaced by another slide's. The same file reached by another path (a copied cohort, a
+    remount) stays finished."""
     table = ledger.timings()
     if "slide_bytes" not in table.columns or not specs:
         return [], {}
@@ -271,26 +276,49 @@ def _replaced_slides(specs: list[SlideSpec], ledger: Ledger, how: str) -> tuple[
         except OSError:
             continue  # not there: the run names it when it reads the slide (not at all: it is finished)
         then = int(rows.at[spec.slide_id, "slide_bytes"])
-        if now == then:
-            continue
         made_from = paths.get(spec.slide_id)
         if isinstance(made_from, str) and made_from and made_from != slide_path(spec.path):
-            clashes[spec.slide_id] = (
-                f"slide id {spec.slide_id!r} is taken in {ledger.folder}: its outputs were made from {made_from} "
-                f"({then} bytes), and {spec.path} is another file ({now} bytes). Slide ids must be unique in a "
-                f"job_dir: give this cohort its own job_dir or rename the slide (or, if it is a rescan of the same "
-                f"slide, {how} slides=<a list of it> replaces its outputs)"
-            )
-            continue
-        log.warning("%s was replaced since its outputs were made (%d bytes then, %d now): processing it again",
-                    spec.path, then, now)  # fmt: skip
-        replaced.append(spec)
+            if _still_there(Path(made_from), then) and not (now == then and _same_start(made_from, spec.path)):
+                if finished(spec.slide_id):
+                    clashes[spec.slide_id] = (
+                        f"slide id {spec.slide_id!r} is taken in {ledger.folder}: its outputs were made from "
+                        f"{made_from} ({then} bytes), and {spec.path} ({now} bytes) is another file. Slide ids must "
+                        f"be unique in a job_dir: give this cohort its own job_dir or rename the slide (or, if it is "
+                        f"a rescan of the same slide, {how} slides=<a list of it> replaces its outputs)"
+                    )
+                continue
+        if now != then:
+            log.warning("%s was replaced since its outputs were made (%d bytes then, %d now): processing it again",
+                        spec.path, then, now)  # fmt: skip
+            replaced.append(spec)
     return replaced, clashes
 
 
 def slide_path(path) -> str:
-    """The slide file as timings.csv records it: absolute, links resolved (one file seen through two mounts)."""
-    return str(Path(path).resolve())
+    """The slide file as timings.csv records it: the path the run was given, made absolute (links are not
+    resolved: a link pointed at a new export is a rescan of the slide it names)."""
+    return os.path.abspath(path)
+
+
+def _still_there(path: Path, nbytes: int) -> bool:
+    """The file a slide's outputs were made from is still there, as it was (the same size)."""
+    try:
+        return slide_bytes(path) == nbytes
+    except OSError:
+        return False
+
+
+def _same_start(a, b, nbytes: int = 1 << 20) -> bool:
+    """Two slide files of one size begin with the same bytes (a copy): two scans differ in their headers (TIFF tags,
+    dates, ImageDescription) and first tiles. Folders (DICOM) are compared by size alone."""
+    a, b = Path(a), Path(b)
+    if not (a.is_file() and b.is_file()):
+        return True
+    try:
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return fa.read(nbytes) == fb.read(nbytes)
+    except OSError:
+        return True
 
 
 def is_newer(path: Path, since: int | None) -> bool:
@@ -355,7 +383,7 @@ def run_slides(
 
     # rescans under the same name: done again, and what is left of their outputs (a map to redraw) not reused;
     # another folder's slide under a finished one's id: refused (an overwrite replaces whatever it lists)
-    replaced, clashes = _replaced_slides(order, ledger, consumer.overwrite_hint)
+    replaced, clashes = _replaced_slides(order, ledger, consumer.overwrite_hint, finished)
     if job.overwrite:
         clashes = {}
     if replaced:
@@ -385,16 +413,7 @@ def run_slides(
     totals = zero_stages()
     if runtime.count_startup:
         totals["startup"] = max(0.0, startup_seconds() - (time.perf_counter() - t_start))
-    for s in order:
-        if why := clashes.get(s.slide_id):
-            log.warning("skipping %s: %s", s.path, why)
-            summary["slides_skipped"] += 1
-            summary["skipped"].append({"slide": s.slide_id, "reason": why})
-    if clashes:
-        ledger.update_skipped(
-            [_skip_row(s, clashes[s.slide_id], runtime.launch) for s in order if s.slide_id in clashes]
-        )
-    todo = [s for s in order if s.slide_id not in done_ids and s.slide_id not in clashes]
+    todo = [s for s in order if s.slide_id not in done_ids]
 
     def prepare(s: SlideSpec) -> PreparedSlide:
         return prepare_slide(s, job.tiling, tiling_dir=job.tiling_dir, default_mpp=job.default_mpp,
@@ -415,7 +434,7 @@ def run_slides(
         futures: dict[str, Future] = {}
 
         def prefetch(k: int) -> None:  # the next slide's tissue grid while this one runs
-            if k < len(todo) and todo[k].slide_id not in futures:
+            if k < len(todo) and todo[k].slide_id not in futures and todo[k].slide_id not in clashes:
                 if ledger.failed_in_launch(todo[k].slide_id, runtime.launch) is None:  # else not opened again
                     futures[todo[k].slide_id] = prep_pool.submit(prepare, todo[k])
 
@@ -513,11 +532,16 @@ def run_slides(
                 out = outputs[spec.slide_id]
                 lock_path = out.with_name(out.name + ".lock")
                 lock = try_lock(lock_path, stale_s=job.lock_stale_s)
-                done_by_another = lock is not None and finished(spec.slide_id)
+                # a clash's outputs are the other slide's: refused by the worker that locks it (counted once)
+                done_by_another = lock is not None and spec.slide_id not in clashes and finished(spec.slide_id)
                 failed = (
                     None if lock is None or done_by_another else ledger.failed_in_launch(spec.slide_id, runtime.launch)
                 )
                 if lock is not None and not done_by_another and failed is None:
+                    if why := clashes.get(spec.slide_id):
+                        settle(spec, lock, t_slide, stages, functools.partial(_reraise, SlideError(why)))
+                        prefetch(k + 1)
+                        continue
                     _remove_stale_temporaries(out_dir, out)
                 stages["bookkeeping"] += time.perf_counter() - t_slide
                 if lock is None or done_by_another or failed is not None:
