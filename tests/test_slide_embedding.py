@@ -1403,8 +1403,9 @@ def test_an_exported_region_without_glass_keeps_its_pale_tissue(tmp_path):
     """A region exported from a slide (a crop, a core cut to its tissue) shows little or no glass: Otsu's threshold,
     which separates stain from glass, split the tissue itself into pale and dense, and a third of a tissue region of
     cmu_small_region (real H&E) got no tile. Where Otsu's lower class is not glass the saturation floor decides.
-    Glass is white-balanced first, so tinted glass is not that pale class: the whole slide keeps its mask, tinted or
-    not, and a tinted blank slide stays empty."""
+    Tinted glass is never that pale class (balanced to neutral when it shows as one colour; not stain's hue when it
+    does not, beside unscanned white or in a line scanner's strips): the whole slide keeps its mask, tinted or not,
+    and a tinted blank slide stays empty."""
     import openslide
 
     from hirespath.wsi.tissue import tissue_mask
@@ -1431,6 +1432,15 @@ def test_an_exported_region_without_glass_keeps_its_pale_tissue(tmp_path):
         mask = tissue_mask(tinted)
         assert (mask ^ before).mean() < 0.03, cast  # the slide's tissue, whatever the cast
         assert not mask[(thumb.min(-1) > 215) & (np.ptp(thumb.astype(int), -1) < 8)].any()  # no glass, tinted or not
+    # tinted glass that shows as no single colour, or beside unscanned white larger than it: never the pale class
+    glass = (thumb.min(-1) > 215) & (np.ptp(thumb.astype(int), -1) < 8)
+    yellow = thumb * np.array([1, 0.93, 0.85])
+    h, w = thumb.shape[:2]
+    striped = yellow * (1 - 0.03 * ((np.arange(w) // 48) % 2))[None, :, None]  # a line scanner's strips
+    white = np.concatenate([yellow, np.full((h // 2, w, 3), 255.0)])  # a third unscanned (read as white)
+    for img in (striped, white):
+        mask = tissue_mask(np.clip(img, 0, 255).round().astype(np.uint8))[:h]
+        assert not mask[glass].any() and (mask ^ before).mean() < 0.06
     rng = np.random.default_rng(0)
     blank = np.clip(238 + rng.normal(0, 3, (400, 500, 1)), 0, 255) * np.array([1, 0.93, 0.85])
     assert not tissue_mask(blank.astype(np.uint8)).any()

@@ -47,13 +47,14 @@ def _saturation(rgb: np.ndarray) -> np.ndarray:
 
 
 def glass_colour(rgb: np.ndarray, valid: np.ndarray, min_share: float = 0.003) -> np.ndarray | None:
-    """The RGB of the glass, or None when the image shows none (an exported region, a crop). Glass is the one
+    """The RGB of the glass, or None when none shows as one colour (an exported region, a crop). Glass is the one
     bright, near-neutral colour sharply concentrated (a flat empty field, a few levels of noise; tinted by a yellowed
     mounting medium or the scanner's white balance), where pale tissue spreads over many colours: among bright
     (max ≥ 160), weakly saturated (≤ 60 of 255) pixels, the mode of their colours (bins of 4 levels), when the
-    pixels within ±6 levels of it are ``min_share`` of the image's and at least half of those within ±16 levels."""
-    px = rgb[valid]
-    pale = px[(_saturation(px) <= 60) & (px.max(-1) >= 160)]
+    pixels within ±6 levels of it are ``min_share`` of the image's and at least half of those within ±16 levels.
+    Pure white (what the readers show where nothing was scanned) is not glass. Counted on every second pixel."""
+    px = rgb[::2, ::2][valid[::2, ::2]]
+    pale = px[(_saturation(px) <= 60) & (px.max(-1) >= 160) & (px.min(-1) < 254)]
     if len(pale) < max(20, min_share * len(px)):
         return None
     q = pale.astype(np.int64) // 4
@@ -69,14 +70,18 @@ def glass_colour(rgb: np.ndarray, valid: np.ndarray, min_share: float = 0.003) -
 # the share of Otsu's lower class that is glass (saturation at most the floor): a slide's is ≥ 0.9 (cmu: 0.93), a
 # crop's 0.05-0.3 (its lower class is pale tissue); between the two the threshold goes from Otsu's to the floor
 GLASS_CLASS = (0.65, 0.9)
+CAST = 8  # saturation of a glass colour worth balancing: below it, balancing shifts faint stain more than glass
+STAIN = 4  # green below red and blue by this many levels: H&E's hue; casts of glass (yellow, blue, grey) are not
 
 
 def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
     """Tissue = saturation above a threshold: Otsu's (and at least ``min_saturation``, so a blank slide has none)
-    where Otsu separates stain from glass; the floor alone where its lower class is pale tissue (an image without
-    glass, an exported region: Otsu split the tissue itself, and 40 % of a real H&E crop got no tile). Saturation is
-    measured after a white balance on the glass, so tinted glass (saturation 20-40) is never the pale class."""
-    rgb = rgb[..., :3].astype(np.float32)
+    where Otsu separates stain from glass. Where its lower class is pale tissue (an image without glass, an exported
+    region: Otsu split the tissue itself, and a third of a real H&E crop got no tile) the threshold goes down to the
+    floor, for pixels of stain's hue only (green the lowest channel), so glass is never that pale class: tinted
+    glass is balanced to neutral when it shows as one colour, and its casts are not stain's hue when it does not."""
+    rgb = np.asarray(rgb)
+    rgb = (np.repeat(rgb[..., None], 3, -1) if rgb.ndim == 2 else rgb[..., :3]).astype(np.float32)  # grey: no stain
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     # not tissue: near-black (scanner fill, black pen) and green/blue ink. H&E is red-dominant: green above red
     # is never stain; blue far above red is marker ink (dense hematoxylin stays within ~40 of red at thumbnail scale)
@@ -85,16 +90,19 @@ def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
     valid = ~dark & ~pen
     if not valid.any():
         return valid
-    if (glass := glass_colour(rgb, valid)) is not None:  # von Kries: the glass neutral, its brightest channel kept
+    glass = glass_colour(rgb, valid)
+    if glass is not None and _saturation(glass) >= CAST:  # von Kries: the glass neutral, its brightest channel kept
         rgb = np.minimum(rgb * (glass.max() / np.maximum(glass, 1.0)), 255.0)
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     sat = _saturation(rgb)
     values = sat[valid]
-    otsu = otsu_threshold(values)
+    otsu = max(otsu_threshold(values), min_saturation)
     lower = values[values <= otsu]
     glassy = np.count_nonzero(lower <= min_saturation) / max(len(lower), 1)
     lo, hi = GLASS_CLASS
     w = min(max((glassy - lo) / (hi - lo), 0.0), 1.0)  # a ramp: no small change flips the rule
-    return valid & (sat > min_saturation + w * (max(otsu, min_saturation) - min_saturation))
+    pale = (sat > min_saturation + w * (otsu - min_saturation)) & (np.minimum(r, b) - g >= STAIN)
+    return valid & ((sat > otsu) | pale)
 
 
 def tissue_thumbnail(
