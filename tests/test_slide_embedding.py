@@ -1403,9 +1403,9 @@ def test_an_exported_region_without_glass_keeps_its_pale_tissue(tmp_path):
     """A region exported from a slide (a crop, a core cut to its tissue) shows little or no glass: Otsu's threshold,
     which separates stain from glass, split the tissue itself into pale and dense, and a third of a tissue region of
     cmu_small_region (real H&E) got no tile. Where Otsu's lower class is not glass the saturation floor decides.
-    Tinted glass is never that pale class (balanced to neutral when it shows as one colour; not stain's hue when it
-    does not, beside unscanned white or in a line scanner's strips): the whole slide keeps its mask, tinted or not,
-    and a tinted blank slide stays empty."""
+    Tinted glass is never that pale class (found by its hue, whatever a line scanner's strips do to its brightness,
+    and balanced to neutral; glass of a second tint keeps Otsu's threshold; unscanned white is not glass): the whole
+    slide keeps its mask, tinted or not, and a tinted blank slide stays empty."""
     import openslide
 
     from hirespath.wsi.tissue import tissue_mask
@@ -1438,8 +1438,11 @@ def test_an_exported_region_without_glass_keeps_its_pale_tissue(tmp_path):
     h, w = thumb.shape[:2]
     striped = yellow * (1 - 0.03 * ((np.arange(w) // 48) % 2))[None, :, None]  # a line scanner's strips
     white = np.concatenate([yellow, np.full((h // 2, w, 3), 255.0)])  # a third unscanned (read as white)
-    for img in (striped, white):
-        mask = tissue_mask(np.clip(img, 0, 255).round().astype(np.uint8))[:h]
+    magenta = thumb * np.array([1, 0.92, 1])  # stain's hue: only a balance on the glass keeps it out
+    lanes = magenta * (1 - 0.03 * ((np.arange(w) // 48) % 2))[None, :, None]
+    coverslip = np.concatenate([magenta, np.full((h, w, 3), 247.0)], 1)  # bare glass beside a tinted mountant
+    for img in (striped, white, lanes, coverslip):
+        mask = tissue_mask(np.clip(img, 0, 255).round().astype(np.uint8))[:h, :w]
         assert not mask[glass].any() and (mask ^ before).mean() < 0.06
     rng = np.random.default_rng(0)
     blank = np.clip(238 + rng.normal(0, 3, (400, 500, 1)), 0, 255) * np.array([1, 0.93, 0.85])
