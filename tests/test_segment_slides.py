@@ -1964,3 +1964,25 @@ def test_a_slide_replaced_under_its_name_is_segmented_again(ckpt, tmp_path):
     redrawn = run(ckpt, wsi, tmp_path / "job", seam_check=False, threshold=0.5, redraw=True)
     by_slide = {d["slide"]: d for d in redrawn["done"]}
     assert by_slide["s0"]["tiles"] > 0 and not by_slide["s0"].get("redrawn") and by_slide["s1"].get("redrawn")
+
+
+def test_a_rescan_is_noticed_after_a_run_stopped_before_its_rows(ckpt, tmp_path):
+    """A run stopped between a slide's files and its rows (or a redraw, which writes no timings row) left the slide
+    without the timings.csv row that records the file it was made from: a rescan under its name was then drawn
+    again from the old scan's map. The probability TIFF records the slide file too, and a slide without a row is
+    judged by it."""
+    from hirespath.segmentation.consumer import AREAS
+    from hirespath.slides.ledger import Ledger
+
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    write_pyramid(wsi / "s0.tiff", tissue(seed=0), 0.5, compression="jpeg", levels=(1, 4))
+    out = Path(run(ckpt, wsi, tmp_path / "job", seam_check=False)["output_dir"])
+    Ledger(out).drop_rows("timings.csv", ["s0"])  # stopped after the TIFF: neither its areas nor its timings
+    Ledger(out).drop_rows(AREAS, ["s0"])
+    drawn_again = run(ckpt, wsi, tmp_path / "job", seam_check=False)
+    assert drawn_again["slides_redrawn"] == 1 and not pd.read_csv(out / "timings.csv").slide.eq("s0").any()
+    write_pyramid(wsi / "s0.tiff", np.ascontiguousarray(tissue(seed=0)[:, ::-1]), 0.5, compression="jpeg",
+                  levels=(1, 4))  # fmt: skip
+    again = run(ckpt, wsi, tmp_path / "job", seam_check=False)
+    assert again["slides_done"] == 1 and not again["slides_redrawn"] and again["done"][0]["tiles"] > 0

@@ -904,7 +904,7 @@ def test_embed_slides_writes_trident_files_skips_bad_slides_and_resumes(bad_dir,
     for slide_id, path in (("synth", bad_dir / "synth.tiff"), ("cmu", bad_dir / "cmu.svs")):
         grid = tile_grid(path, TILE, MPP, min_tissue=0.25)
         attrs, coords = trident_read_coords(tdir / "patches" / f"{slide_id}_patches.h5")
-        assert set(attrs) == COORD_ATTRS | {"slide_bytes"} and np.array_equal(coords, grid.coords)
+        assert set(attrs) == COORD_ATTRS | {"slide_bytes", "slide_path"} and np.array_equal(coords, grid.coords)
         assert attrs["slide_bytes"] == path.stat().st_size  # a rescan under the same name is tiled again
         assert attrs["name"] == slide_id and attrs["savetodir"] == str(tdir)
         assert (attrs["patch_size"], attrs["overlap"], attrs["target_mpp"]) == (TILE, 0, MPP)

@@ -1346,3 +1346,22 @@ def test_a_rescan_behind_a_moved_folder_or_a_link_is_done_again(tmp_path):
     assert embed_slides(encoder(), list_slides(moved), job, TILING, embed_cfg(), CPU)["slides_done"] == 2
     (out / "1.h5").unlink()  # A's slide again, its outputs gone: nothing to keep
     assert embed_slides(encoder(), [SlideSpec("1", a / "1.tiff")], job, TILING, embed_cfg(), CPU)["slides_done"] == 1
+
+
+def test_a_rescan_is_noticed_after_a_run_stopped_before_the_slides_row(tmp_path):
+    """A run stopped between a slide's h5 and its timings.csv row (with write_behind the row waits for the next
+    slide's stream) kept the slide finished with no record of its file: a later rescan under its name kept the old
+    scan's features. The h5 records the file (coords attrs slide_bytes, slide_path); a slide without a row is
+    judged by it."""
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    write_pyramid(wsi / "s0.tiff", tissue(seed=0), 0.5, compression="jpeg", levels=(1, 4))
+    out = Path(embed_slides(encoder(), list_slides(wsi), tmp_path / "job", TILING, embed_cfg(), CPU)["features_dir"])
+    attrs, _ = trident_h5.read_coords(out / "s0.h5")
+    assert attrs["slide_path"] == os.path.abspath(wsi / "s0.tiff")
+    Ledger(out).drop_rows("timings.csv", ["s0"])
+    made = (out / "s0.h5").read_bytes()
+    assert embed_slides(encoder(), list_slides(wsi), tmp_path / "job", TILING, embed_cfg(), CPU)["slides_done"] == 0
+    write_pyramid(wsi / "s0.tiff", tissue(w=900, seed=3), 0.5, compression="jpeg", levels=(1, 4))  # the rescan
+    again = embed_slides(encoder(), list_slides(wsi), tmp_path / "job", TILING, embed_cfg(), CPU)
+    assert again["slides_done"] == 1 and (out / "s0.h5").read_bytes() != made

@@ -200,12 +200,25 @@ class EmbeddingConsumer:
         except (OSError, KeyError, ValueError, TypeError):
             return None
 
+    def made_from(self, path: Path) -> dict | None:
+        """The slide file (``slide_bytes``, ``slide_path``) the features of ``path`` were made from, None when
+        unknown: the runner's rescan check for a slide without a timings.csv row (a run stopped before it)."""
+        try:
+            attrs, _ = trident_h5.read_coords(path)
+        except (OSError, KeyError, ValueError, TypeError):
+            return None
+        if "slide_bytes" not in attrs:
+            return None
+        return {"slide_bytes": int(attrs["slide_bytes"]), "slide_path": attrs.get("slide_path")}
+
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> FeatureSink:
         grid, tdir = prepared.grid, path.parent.parent
         # the coords attributes are the patches file's, as TRIDENT copies them into the features file
         c_attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tdir.name,
                                           qupath_region=prepared.qupath_region)  # fmt: skip
         c_attrs["tissue_area_mm2"], c_attrs["slide_bytes"] = grid.tissue_area_mm2, prepared.slide_bytes
+        if prepared.slide_path is not None:
+            c_attrs["slide_path"] = prepared.slide_path
         attrs = {**self.features_attrs, "name": spec.slide_id, "savetodir": str(path.parent)}
         dim = self.encoder.embed_dim * (2 if self.features == "cls+mean" else 1)
         writer = trident_h5.FeatureWriter(path, dim, c_attrs, attrs, tokens=self.tokens, token_dtype=self.token_dtype,

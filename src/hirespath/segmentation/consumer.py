@@ -225,6 +225,7 @@ class _SlideDrawing:
 
     def __init__(self, consumer: SegmentationConsumer, spec: SlideSpec, prepared: PreparedSlide, path: Path):
         self.c, self.spec, self.grid, self.path = consumer, spec, prepared.grid, path
+        self.made_from = {"slide_bytes": prepared.slide_bytes, "slide_path": prepared.slide_path}
         self.region = prepared.qupath_region  # QuPath's image of the slide: the whole slide, or its crop
         self.origin = self.region[:2]
         self.map = MapGeometry.of(self.grid, self.region)
@@ -339,7 +340,7 @@ class SegmentationSink(_SlideDrawing):
         # precision: which slides of a folder ran in bf16 (it is not the folder's identity; as in embedding h5 attrs)
         extra = {"level0_mpp": g.slide_mpp, "level0_scale": self.map.scale, "level0_size": list(g.level0_size),
                  "level0_origin": list(self.map.level0_origin), "model": c.tag,
-                 "precision": c.tile_function.precision}  # fmt: skip
+                 "precision": c.tile_function.precision, **self.made_from}  # fmt: skip
         tif_tmp = self._temp("tif")
         written = step.bar("probability TIFF", sum(s[0] * s[1] for s in shapes))
         write_probs_tiff(tif_tmp, self.levels, c.classes, class_colors(c.classes), self.map.mpp, extra,
@@ -520,6 +521,15 @@ class SegmentationConsumer:
             return float(read_description(self.probs_path(path))["level0_mpp"])
         except (OSError, KeyError, ValueError, TypeError):
             return None
+
+    def made_from(self, path: Path) -> dict | None:
+        """The slide file (``slide_bytes``, ``slide_path``) the map of ``path`` was made from, None when unknown:
+        the runner's rescan check for a slide without a timings.csv row (a redraw writes none)."""
+        try:
+            description = read_description(self.probs_path(path))
+        except (OSError, KeyError, ValueError, TypeError):
+            return None
+        return description if description.get("slide_bytes") is not None else None
 
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SegmentationSink | RedrawSink:
         # the map is finished (and made with the folder's settings): only its drawing is not

@@ -7,6 +7,7 @@ one tiling that covers the tissue alike (embedding with any encoder; segmentatio
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class PreparedSlide:
     qupath_region: tuple[int, int, int, int]
     warnings: list[str] = field(default_factory=list)
     slide_bytes: int | None = None  # the slide file's size (:func:`slide_bytes`), recorded with its grid
+    slide_path: str | None = None  # the file (:func:`slide_path`) its outputs record they were made from
     patches: Path | None = None  # the file the grid is stored in (None: not stored, another tool's file is there)
 
 
@@ -63,6 +65,12 @@ class ForeignPatches(Exception):
 
 # the files of a MIRAX slide's folder (not a Finder copy's .DS_Store or ._Data0000.dat, Windows' Thumbs.db)
 MIRAX_DATA = re.compile(r"(?i)(slidedat\.ini|index\.dat|data\d+\.dat)")
+
+
+def slide_path(path) -> str:
+    """The slide file as its outputs record it: the path the run was given, made absolute (links are not
+    resolved: a link pointed at a new export is a rescan of the slide it names)."""
+    return os.path.abspath(path)
 
 
 def slide_bytes(path: Path) -> int:
@@ -205,4 +213,5 @@ def prepare_slide(
     finally:
         slide.close()
     stored = None if foreign else patches
-    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, region, warnings, nbytes, stored)
+    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, region, warnings, nbytes,
+                         slide_path(spec.path), stored)  # fmt: skip

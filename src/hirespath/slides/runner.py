@@ -49,7 +49,7 @@ from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
 from .ledger import IdentityMismatch, Ledger, whole_slide_rows
-from .prepare import PreparedSlide, cover_tissue, prepare_slide, slide_bytes
+from .prepare import PreparedSlide, cover_tissue, prepare_slide, slide_bytes, slide_path
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
 
 log = logging.getLogger("hirespath.slides")
@@ -250,7 +250,11 @@ def _check_finished_mpp(consumer: SlideConsumer, path: Path, spec: SlideSpec, ho
 
 
 def _replaced_slides(
-    specs: list[SlideSpec], ledger: Ledger, how: str, finished: Callable[[str], bool]
+    specs: list[SlideSpec],
+    ledger: Ledger,
+    how: str,
+    finished: Callable[[str], bool],
+    recorded: Callable[[str], dict | None] | None = None,
 ) -> tuple[list[SlideSpec], dict[str, str]]:
     """(replaced, clashes) among the listed slides with a timings.csv row (``slide_bytes``, ``slide_path``; rows
     without them, from before they were recorded, are trusted).
@@ -260,29 +264,40 @@ def _replaced_slides(
     Clashes, {slide id: why}: the outputs were made from another file that is still there as it was, and this one
     differs from it (two cohorts whose slides share names in one folder); not processed while those outputs are
     finished: they would be replaced by another slide's. The same file reached by another path (a copied cohort, a
-    remount) stays finished."""
-    table = ledger.timings()
-    if "slide_bytes" not in table.columns or not specs:
+    remount) stays finished.
+
+    A slide without a timings.csv row (a run stopped between its outputs and its row; a redraw writes none) is
+    judged by what its outputs record (``recorded(slide)``: the consumer's ``slide_bytes``/``slide_path``)."""
+    if not specs:
         return [], {}
+    table = ledger.timings()
+    with_rows = set(table.slide.astype(str))
+    for column in ("slide_bytes", "slide_path"):
+        if column not in table.columns:
+            table[column] = np.nan
     table = table.assign(slide_bytes=pd.to_numeric(table["slide_bytes"], errors="coerce")).dropna(subset="slide_bytes")
-    rows = table.drop_duplicates("slide", keep="last").set_index("slide")
-    paths = rows["slide_path"] if "slide_path" in rows.columns else pd.Series(dtype=object)
+    rows = table.drop_duplicates("slide", keep="last").set_index("slide")[["slide_bytes", "slide_path"]]
     replaced, clashes = [], {}
     for spec in specs:
-        if spec.slide_id not in rows.index:
-            continue
+        if spec.slide_id in rows.index:
+            then, source = rows.at[spec.slide_id, "slide_bytes"], rows.at[spec.slide_id, "slide_path"]
+        elif spec.slide_id not in with_rows and recorded is not None and (facts := recorded(spec.slide_id)):
+            then, source = facts.get("slide_bytes"), facts.get("slide_path")
+            if then is None:
+                continue
+        else:
+            continue  # rows of an earlier version, without the size: trusted
         try:
             now = slide_bytes(spec.path)
         except OSError:
             continue  # not there: the run names it when it reads the slide (not at all: it is finished)
-        then = int(rows.at[spec.slide_id, "slide_bytes"])
-        made_from = paths.get(spec.slide_id)
-        if isinstance(made_from, str) and made_from and made_from != slide_path(spec.path):
-            if _still_there(Path(made_from), then) and not (now == then and _same_start(made_from, spec.path)):
+        then = int(then)
+        if isinstance(source, str) and source and source != slide_path(spec.path):
+            if _still_there(Path(source), then) and not (now == then and _same_start(source, spec.path)):
                 if finished(spec.slide_id):
                     clashes[spec.slide_id] = (
                         f"slide id {spec.slide_id!r} is taken in {ledger.folder}: its outputs were made from "
-                        f"{made_from} ({then} bytes), and {spec.path} ({now} bytes) is another file. Slide ids must "
+                        f"{source} ({then} bytes), and {spec.path} ({now} bytes) is another file. Slide ids must "
                         f"be unique in a job_dir: give this cohort its own job_dir or rename the slide (or, if it is "
                         f"a rescan of the same slide, {how} slides=<a list of it> replaces its outputs)"
                     )
@@ -292,12 +307,6 @@ def _replaced_slides(
                         spec.path, then, now)  # fmt: skip
             replaced.append(spec)
     return replaced, clashes
-
-
-def slide_path(path) -> str:
-    """The slide file as timings.csv records it: the path the run was given, made absolute (links are not
-    resolved: a link pointed at a new export is a rescan of the slide it names)."""
-    return os.path.abspath(path)
 
 
 def _still_there(path: Path, nbytes: int) -> bool:
@@ -383,7 +392,9 @@ def run_slides(
 
     # rescans under the same name: done again, and what is left of their outputs (a map to redraw) not reused;
     # another folder's slide under a finished one's id: refused (an overwrite replaces whatever it lists)
-    replaced, clashes = _replaced_slides(order, ledger, consumer.overwrite_hint, finished)
+    made = getattr(consumer, "made_from", None)  # optional: the slide file its outputs record
+    replaced, clashes = _replaced_slides(order, ledger, consumer.overwrite_hint, finished,
+                                         (lambda slide: made(output_of(slide))) if made else None)  # fmt: skip
     if job.overwrite:
         clashes = {}
     if replaced:
