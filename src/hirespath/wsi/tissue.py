@@ -41,85 +41,22 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(np.argmax(sigma_b))
 
 
-def _saturation(rgb: np.ndarray) -> np.ndarray:
-    mx, mn = rgb.max(-1), rgb.min(-1)
-    return (np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0) * 255).astype(np.uint8)
-
-
-def glass_colour(rgb: np.ndarray, valid: np.ndarray, min_share: float = 0.003) -> np.ndarray | None:
-    """The RGB of the glass, or None when none shows as one colour (an exported region, a crop). Glass is the one
-    bright, near-neutral colour sharply concentrated (a flat empty field, a few levels of noise; tinted by a yellowed
-    mounting medium or the scanner's white balance), where pale tissue spreads over many colours. Its hue, not its
-    brightness: a line scanner's strips and vignetting change the brightness of glass, not its colour. Among bright
-    (max ≥ 160), weakly saturated (≤ 60 of 255) pixels, the mode of their chromaticity (each channel over the
-    brightest, bins of 1/64), when those within ±0.025 of it (±6 levels at 240) are ``min_share`` of the image's
-    pixels and at least half of those within ±0.065. Pure white (what the readers show where nothing was scanned)
-    is not glass. Counted on every second pixel."""
-    px = rgb[::2, ::2][valid[::2, ::2]]
-    pale = px[(_saturation(px) <= 60) & (px.max(-1) >= 160) & (px.min(-1) < 254)]
-    if len(pale) < max(20, min_share * len(px)):
-        return None
-    chroma = pale / pale.max(-1, keepdims=True)  # in [0.76, 1] (saturation ≤ 60)
-    q = np.minimum((chroma * 64).astype(np.int64), 63)
-    mode = int(np.bincount((q[:, 0] * 64 + q[:, 1]) * 64 + q[:, 2], minlength=64**3).argmax())
-    centre = (np.array([mode // 4096, mode // 64 % 64, mode % 64], np.float32) + 0.5) / 64
-    dist = np.abs(chroma - centre).max(-1)
-    core = dist <= 0.025
-    if core.sum() < min_share * len(px) or core.sum() < 0.5 * np.count_nonzero(dist <= 0.065):
-        return None
-    return np.median(pale[core], axis=0).astype(np.float32)
-
-
-def _glass_peaks(rgb: np.ndarray, valid: np.ndarray) -> list[np.ndarray]:
-    """The glass colour, and a second one where glass of another tint is there too (bare glass beside a coverslip's
-    tinted mounting medium): one balance cannot neutralise both."""
-    first = glass_colour(rgb, valid)
-    if first is None:
-        return []
-    rest = valid & (np.abs(rgb / np.maximum(rgb.max(-1, keepdims=True), 1) - first / first.max()).max(-1) > 0.065)
-    second = glass_colour(rgb, rest, min_share=0.003 * valid.sum() / max(rest.sum(), 1))
-    return [first] if second is None else [first, second]
-
-
-# the share of Otsu's lower class that is glass (saturation at most the floor): a slide's is ≥ 0.9 (cmu: 0.93), a
-# crop's 0.05-0.3 (its lower class is pale tissue); between the two the threshold goes from Otsu's to the floor
-GLASS_CLASS = (0.65, 0.9)
-CAST = 8  # saturation of a glass colour worth balancing: below it, balancing shifts faint stain more than glass
-STAIN = 4  # green below red and blue by this many levels: H&E's hue; casts of glass (yellow, blue, grey) are not
-
-
 def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
-    """Tissue = saturation above a threshold: Otsu's (and at least ``min_saturation``, so a blank slide has none)
-    where Otsu separates stain from glass. Where its lower class is pale tissue (an image without glass, an exported
-    region: Otsu split the tissue itself, and a third of a real H&E crop got no tile) the threshold goes down to the
-    floor, for pixels of stain's hue only (green the lowest channel), so glass is never that pale class: tinted
-    glass is balanced to neutral when it shows as one colour, and its casts are not stain's hue when it does not."""
-    rgb = np.asarray(rgb)
-    rgb = (np.repeat(rgb[..., None], 3, -1) if rgb.ndim == 2 else rgb[..., :3]).astype(np.float32)  # grey: no stain
+    """Tissue = saturation above Otsu's threshold (and above a floor, so a blank slide has none)."""
+    rgb = rgb[..., :3].astype(np.float32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0) * 255
+    sat = sat.astype(np.uint8)
     # not tissue: near-black (scanner fill, black pen) and green/blue ink. H&E is red-dominant: green above red
     # is never stain; blue far above red is marker ink (dense hematoxylin stays within ~40 of red at thumbnail scale)
-    dark = rgb.max(-1) <= 50
+    dark = mx <= 50
     pen = (g > r + 10) | (b > r + 60)
-    valid = ~dark & ~pen
-    if not valid.any():
-        return valid
-    peaks = _glass_peaks(rgb, valid)
-    glass = peaks[0] if peaks else None
-    if glass is not None and _saturation(glass) >= CAST:  # von Kries: the glass neutral, its brightest channel kept
-        rgb = np.minimum(rgb * (glass.max() / np.maximum(glass, 1.0)), 255.0)
-        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    sat = _saturation(rgb)
-    values = sat[valid]
-    otsu = max(otsu_threshold(values), min_saturation)
-    lower = values[values <= otsu]
-    glassy = np.count_nonzero(lower <= min_saturation) / max(len(lower), 1)
-    lo, hi = GLASS_CLASS
-    w = min(max((glassy - lo) / (hi - lo), 0.0), 1.0)  # a ramp: no small change flips the rule
-    if len(peaks) > 1:  # glass of a second tint stays tinted: it would be the pale class
-        w = 1.0
-    pale = (sat > min_saturation + w * (otsu - min_saturation)) & (np.minimum(r, b) - g >= STAIN)
-    return valid & ((sat > otsu) | pale)
+    sat[dark] = 0  # background for Otsu, never tissue
+    if pen.all():
+        return np.zeros(sat.shape, bool)
+    thr = max(otsu_threshold(sat[~pen]), min_saturation)
+    return ~pen & ~dark & (sat > thr)
 
 
 def tissue_thumbnail(
