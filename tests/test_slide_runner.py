@@ -1365,3 +1365,25 @@ def test_a_rescan_is_noticed_after_a_run_stopped_before_the_slides_row(tmp_path)
     write_pyramid(wsi / "s0.tiff", tissue(w=900, seed=3), 0.5, compression="jpeg", levels=(1, 4))  # the rescan
     again = embed_slides(encoder(), list_slides(wsi), tmp_path / "job", TILING, embed_cfg(), CPU)
     assert again["slides_done"] == 1 and (out / "s0.h5").read_bytes() != made
+
+
+def test_a_folder_name_that_is_not_utf8_does_not_stop_the_run(tmp_path):
+    """The slide file's path is recorded in timings.csv and the h5 (UTF-8 only): a folder named in latin-1 (its
+    undecodable byte a surrogate in Python) raised UnicodeEncodeError there, and again in skipped.csv, which
+    stopped the run. The path is recorded with the byte escaped."""
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    folder.mkdir()
+    write_pyramid(folder / "1.tiff", tissue(seed=0), 0.5, compression="jpeg", levels=(1, 4))
+    (folder / "2.tiff").write_bytes(b"not a slide")
+    summary = embed_slides(encoder(), list_slides(folder), tmp_path / "job", TILING, embed_cfg(), CPU)
+    assert summary["slides_done"] == 1 and summary["slides_skipped"] == 1
+    out = Path(summary["features_dir"])
+    assert pd.read_csv(out / "timings.csv").slide_path[0].endswith("caf\\xe9/1.tiff")
+    assert pd.read_csv(out / "skipped.csv").path[0].endswith("caf\\xe9/2.tiff")
+    # and it stays finished
+    assert (
+        embed_slides(encoder(), list_slides(folder), tmp_path / "job", TILING, embed_cfg(), CPU)[
+            "slides_already_finished"
+        ]
+        == 1
+    )

@@ -69,8 +69,9 @@ MIRAX_DATA = re.compile(r"(?i)(slidedat\.ini|index\.dat|data\d+\.dat)")
 
 def slide_path(path) -> str:
     """The slide file as its outputs record it: the path the run was given, made absolute (links are not
-    resolved: a link pointed at a new export is a rescan of the slide it names)."""
-    return os.path.abspath(path)
+    resolved: a link pointed at a new export is a rescan of the slide it names). A name that is not UTF-8 (its
+    undecodable bytes as surrogates) is written with those bytes escaped: CSV and h5 attributes take UTF-8 only."""
+    return os.path.abspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def slide_bytes(path: Path) -> int:
@@ -190,6 +191,7 @@ def prepare_slide(
             attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name,
                                             qupath_region=region)  # fmt: skip
             attrs["tissue_area_mm2"], attrs["slide_bytes"] = grid.tissue_area_mm2, nbytes
+            attrs["slide_path"] = slide_path(spec.path)  # as the features' coords attrs (TRIDENT copies them)
             if foreign:  # TRIDENT's tiling in a shared job_dir: its features and later TRIDENT runs rely on it
                 log.warning("%s: a patches file hirespath did not write (TRIDENT's?) is kept; the slide was tiled "
                             "by hirespath's rules and its grid is not stored", patches)  # fmt: skip

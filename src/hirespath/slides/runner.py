@@ -317,7 +317,7 @@ def _still_there(path: Path, nbytes: int) -> bool:
         return False
 
 
-def _same_start(a, b, nbytes: int = 1 << 20) -> bool:
+def _same_start(a, b, nbytes: int = 1 << 16) -> bool:
     """Two slide files of one size begin with the same bytes (a copy): two scans differ in their headers (TIFF tags,
     dates, ImageDescription) and first tiles. Folders (DICOM) are compared by size alone."""
     a, b = Path(a), Path(b)
@@ -722,7 +722,8 @@ def closing_result(future: Future):
 
 
 def _skip_row(spec: SlideSpec, reason: str, launch: str | None) -> dict:
-    return {"slide": spec.slide_id, "path": str(spec.path), "reason": reason, "launch": launch or ""}
+    path = str(spec.path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # CSV: UTF-8 only
+    return {"slide": spec.slide_id, "path": path, "reason": reason, "launch": launch or ""}
 
 
 class WriteBehind:
