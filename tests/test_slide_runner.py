@@ -1380,10 +1380,11 @@ def test_a_folder_name_that_is_not_utf8_does_not_stop_the_run(tmp_path):
     out = Path(summary["features_dir"])
     assert pd.read_csv(out / "timings.csv").slide_path[0].endswith("caf\\xe9/1.tiff")
     assert pd.read_csv(out / "skipped.csv").path[0].endswith("caf\\xe9/2.tiff")
-    # and it stays finished
-    assert (
-        embed_slides(encoder(), list_slides(folder), tmp_path / "job", TILING, embed_cfg(), CPU)[
-            "slides_already_finished"
-        ]
-        == 1
-    )
+    # and it stays finished; another cohort's slide 1 is refused (the recorded path is read back to the file)
+    again = embed_slides(encoder(), list_slides(folder), tmp_path / "job", TILING, embed_cfg(), CPU)
+    assert again["slides_already_finished"] == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    write_pyramid(other / "1.tiff", tissue(w=900, seed=4), 0.5, compression="jpeg", levels=(1, 4))
+    with pytest.raises(NothingProcessed, match="is taken in"):
+        embed_slides(encoder(), list_slides(other), tmp_path / "job", TILING, embed_cfg(), CPU)

@@ -6,6 +6,7 @@ one tiling that covers the tissue alike (embedding with any encoder; segmentatio
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import re
@@ -69,9 +70,23 @@ MIRAX_DATA = re.compile(r"(?i)(slidedat\.ini|index\.dat|data\d+\.dat)")
 
 def slide_path(path) -> str:
     """The slide file as its outputs record it: the path the run was given, made absolute (links are not
-    resolved: a link pointed at a new export is a rescan of the slide it names). A name that is not UTF-8 (its
-    undecodable bytes as surrogates) is written with those bytes escaped: CSV and h5 attributes take UTF-8 only."""
-    return os.path.abspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    resolved: a link pointed at a new export is a rescan of the slide it names), in UTF-8 (:func:`utf8_path`)."""
+    return utf8_path(os.path.abspath(path))
+
+
+def utf8_path(path) -> str:
+    """``path`` as text that CSV files and h5 attributes take (UTF-8 only): a name that is not UTF-8 (its
+    undecodable bytes are surrogates in Python) with those bytes escaped as ``\\xNN``; :func:`recorded_path` reads
+    it back."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def recorded_path(text: str) -> Path:
+    """The file a :func:`utf8_path` text names (a literal backslash in a name reads as an escape: POSIX names
+    rarely hold one)."""
+    if "\\" not in text:
+        return Path(text)
+    return Path(os.fsdecode(codecs.escape_decode(text.encode("utf-8"))[0]))
 
 
 def slide_bytes(path: Path) -> int:

@@ -49,7 +49,15 @@ from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
 from .ledger import IdentityMismatch, Ledger, whole_slide_rows
-from .prepare import PreparedSlide, cover_tissue, prepare_slide, slide_bytes, slide_path
+from .prepare import (
+    PreparedSlide,
+    cover_tissue,
+    prepare_slide,
+    recorded_path,
+    slide_bytes,
+    slide_path,
+    utf8_path,
+)
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
 
 log = logging.getLogger("hirespath.slides")
@@ -293,7 +301,8 @@ def _replaced_slides(
             continue  # not there: the run names it when it reads the slide (not at all: it is finished)
         then = int(then)
         if isinstance(source, str) and source and source != slide_path(spec.path):
-            if _still_there(Path(source), then) and not (now == then and _same_start(source, spec.path)):
+            original = recorded_path(source)
+            if _still_there(original, then) and not (now == then and _same_start(original, spec.path)):
                 if finished(spec.slide_id):
                     clashes[spec.slide_id] = (
                         f"slide id {spec.slide_id!r} is taken in {ledger.folder}: its outputs were made from "
@@ -624,7 +633,7 @@ def run_slides(
         own lists): those timings.csv names whose output is on disk, and those skipped.csv names whose file is."""
         skipped = ledger.skipped()
         failed = skipped[whole_slide_rows(skipped)]
-        failed = {s for s, p in zip(failed.slide, failed.path) if s in outputs or (p and Path(p).exists())}
+        failed = {s for s, p in zip(failed.slide, failed.path) if s in outputs or (p and recorded_path(p).exists())}
         # one whose output was deleted (dropped from the cohort) has left the folder
         made = {s for s in set(ledger.timings().slide.astype(str)) - set(outputs) if output_of(s).exists()}
         others = (made | failed) - set(outputs)
@@ -722,8 +731,7 @@ def closing_result(future: Future):
 
 
 def _skip_row(spec: SlideSpec, reason: str, launch: str | None) -> dict:
-    path = str(spec.path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # CSV: UTF-8 only
-    return {"slide": spec.slide_id, "path": path, "reason": reason, "launch": launch or ""}
+    return {"slide": spec.slide_id, "path": utf8_path(spec.path), "reason": reason, "launch": launch or ""}
 
 
 class WriteBehind:
