@@ -30,10 +30,16 @@ def save_png(fig, path: str | Path, dpi: float | str = 120, close: bool = True, 
     return path
 
 
-def dpi_showing(fig, ax, image_size: tuple[int, int], least: float = 120) -> float:
-    """The dpi at which ``ax`` shows an image of ``image_size`` (w, h; its aspect kept) at its own pixels, or
-    ``least`` when that is more (a small image is not drawn in a figure of tiny text). Call it after the layout."""
+def display_scale(ax, image_size: tuple[int, int]) -> float:
+    """Display px per image px at which ``ax`` fits an image of ``image_size`` (w, h; its aspect kept), at the
+    figure's dpi. Call it after the layout."""
     box = ax.get_window_extent()
     w, h = image_size
-    scale = min(box.width / w, box.height / h)  # display px per image px at the figure's dpi
+    return min(box.width / w, box.height / h)
+
+
+def dpi_showing(fig, ax, image_size: tuple[int, int], least: float = 120) -> float:
+    """The dpi at which ``ax`` shows an image of ``image_size`` at its own pixels, or ``least`` when that is more
+    (a small image is not drawn in a figure of tiny text). Call it after the layout."""
+    scale = display_scale(ax, image_size)
     return max(float(least), fig.dpi / scale) if scale > 0 else float(least)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .figures import pyplot, save_png
+from .figures import display_scale, pyplot, save_png
 
 
 def segmentation_overlay(image: np.ndarray, target: np.ndarray, pred: np.ndarray, title: str, path: str | Path):
@@ -137,9 +137,8 @@ def shrink(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def shown_size(ax, image_size: tuple[int, int]) -> tuple[int, int]:
     """The pixels (w, h) an image of ``image_size`` fills in ``ax`` at the figure's dpi (its aspect kept), never
     more than its own."""
-    box = ax.get_window_extent()
     w, h = image_size
-    scale = min(1.0, box.width / w, box.height / h)
+    scale = min(1.0, display_scale(ax, image_size))
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
