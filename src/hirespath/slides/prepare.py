@@ -191,7 +191,7 @@ def prepare_slide(
             log.warning("%s: %s", spec.slide_id, warnings[-1])
         region = qupath.image_region(slide)
         patches = patches_path(tiling_dir, tiling, spec.slide_id)
-        foreign, nbytes = False, slide_bytes(spec.path)
+        foreign, nbytes, source = False, slide_bytes(spec.path), slide_path(spec.path)
         try:
             grid = _grid_from_patches(slide, patches, tiling, smpp, nbytes) if patches.is_file() else None
         except ForeignPatches:
@@ -206,7 +206,7 @@ def prepare_slide(
             attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name,
                                             qupath_region=region)  # fmt: skip
             attrs["tissue_area_mm2"], attrs["slide_bytes"] = grid.tissue_area_mm2, nbytes
-            attrs["slide_path"] = slide_path(spec.path)  # as the features' coords attrs (TRIDENT copies them)
+            attrs["slide_path"] = source  # as the features' coords attrs (TRIDENT copies them)
             if foreign:  # TRIDENT's tiling in a shared job_dir: its features and later TRIDENT runs rely on it
                 log.warning("%s: a patches file hirespath did not write (TRIDENT's?) is kept; the slide was tiled "
                             "by hirespath's rules and its grid is not stored", patches)  # fmt: skip
@@ -230,5 +230,5 @@ def prepare_slide(
     finally:
         slide.close()
     stored = None if foreign else patches
-    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, region, warnings, nbytes,
-                         slide_path(spec.path), stored)  # fmt: skip
+    return PreparedSlide(grid, reused, t1 - t0, time.perf_counter() - t1, region, warnings, nbytes, source,
+                         stored)  # fmt: skip

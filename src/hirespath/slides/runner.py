@@ -490,7 +490,7 @@ def run_slides(
                     "tiles_per_s": result["tiles"] / seconds, "mm2_per_s": result["tissue_mm2"] / seconds,
                     "reader": job.reader, "num_workers": job.num_workers,
                     "threads": policy.n if policy else torch.get_num_threads(), "slide_bytes": result["slide_bytes"],
-                    "slide_path": slide_path(spec.path),
+                    "slide_path": result["slide_path"],
                 }  # fmt: skip
             except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
                 if out_of_storage(err):  # but a full disk fails every slide after it: storage_errors stops the run
@@ -892,7 +892,8 @@ def _stream_slide(
         stages["encode"] += extra
         stages["thumbnails"] += pictures
         result = {"slide": spec.slide_id, "failed_tiles": failed, "tissue_mm2": grid.tissue_area_mm2,
-                  "patches_reused": prepared.reused, "slide_bytes": prepared.slide_bytes, **info}  # fmt: skip
+                  "patches_reused": prepared.reused, "slide_bytes": prepared.slide_bytes,
+                  "slide_path": prepared.slide_path, **info}  # fmt: skip
         t3 = time.perf_counter()
         consumer.finish(spec, prepared, result, out_dir)
         stages["thumbnails"] += time.perf_counter() - t3
