@@ -38,7 +38,8 @@ def test_stage_timings_cover_the_wall_time(slides, tmp_path):
     timings = pd.read_csv(next(tmp_path.glob("*/features_*/timings.csv")))  # the features folder's ledger
     assert sorted(timings.slide) == ["p0", "p1", "p2"] and (timings.tiles > 0).all()
     per_slide = timings[[f"{s}_s" for s in STAGES]].sum(axis=1)
-    np.testing.assert_allclose(per_slide, timings.seconds, rtol=0.1)
+    # these slides take ~80 ms each: a few ms of scheduling between stages is 10 % of one (seen once under CI)
+    np.testing.assert_allclose(per_slide, timings.seconds, rtol=0.1, atol=0.02)
     assert timings.seconds.sum() <= wall
     np.testing.assert_allclose(timings.tiles_per_s, timings.tiles / timings.seconds)
     assert summary["tiles_per_second"] > 0 and summary["tissue_mm2_per_second"] > 0
