@@ -111,9 +111,9 @@ def compose_task(config_name: str, overrides: list[str], output_dir, cache_dir=N
     return cfg
 
 
-def embed_kw(encoder, slides, job_dir, *, tile_size, tile_mpp, overlap=0, min_tissue=0.25, default_mpp=None,
-             device="cpu", precision="auto", rank=None, world_size=None, progress=False, token_dtype=None,
-             weights=None, **embed):  # fmt: skip
+def embed_kw(encoder, slides, job_dir, *, tile_size, tile_mpp, overlap=0, min_tissue=0.25, tissue_threshold=None,
+             default_mpp=None, device="cpu", precision="auto", rank=None, world_size=None, progress=False,
+             token_dtype=None, weights=None, **embed):  # fmt: skip
     """``embed_slides`` with the settings as keywords (the tiling's and EmbedConfig's field names), for tests."""
     import numpy as np
 
@@ -123,7 +123,9 @@ def embed_kw(encoder, slides, job_dir, *, tile_size, tile_mpp, overlap=0, min_ti
 
     if "lock_stale_s" in embed:
         embed["lock_stale_hours"] = embed.pop("lock_stale_s") / 3600
-    tiling = TilingConfig(size=tile_size, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue)
+    tiling = TilingConfig(
+        size=tile_size, mpp=tile_mpp, overlap=overlap, min_tissue=min_tissue, tissue_threshold=tissue_threshold
+    )
     runtime = Runtime(device=device, precision=precision, rank=rank, world_size=world_size, progress=progress)
     return embed_slides(encoder, slides, job_dir, tiling, EmbedConfig(**embed), runtime, weights=weights,
                         default_mpp=default_mpp, token_dtype=token_dtype or np.float16)  # fmt: skip

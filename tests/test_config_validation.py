@@ -253,6 +253,8 @@ def test_slide_configs_pass_and_share_the_nodes():
         (["tile.mpp=-0.5"], ["tile.mpp=-0.5"]),
         (["tile.size=224", "tile.overlap=224"], ["tile.overlap=224", "[0, tile_size=224)"]),
         (["tile.min_tissue=1.5"], ["tile.min_tissue=1.5", "[0, 1]"]),
+        (["tile.tissue_threshold=255"], ["tile.tissue_threshold=255.0", "[0, 255)", "Otsu"]),
+        (["tile.tissue_threshold=-1"], ["tile.tissue_threshold=-1.0", "saturation in [0, 255)"]),
         (["embed.reader=foo"], ["embed.reader='foo'", "'threads', 'workers'"]),
         (["embed.num_workers=-1"], ["embed.num_workers=-1", ">= 0"]),
         (["embed.batch_size=0"], ["embed.batch_size=0", ">= 1"]),

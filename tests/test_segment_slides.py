@@ -281,6 +281,7 @@ def test_segment_slides_refuses_what_the_checkpoint_decides_and_misspelt_or_empt
     assert "tile.min_tissue='abc': must be a fraction in [0, 1]" in refused("tile.min_tissue=abc")
     for key in ("overlap", "min_tissue", "cover_tissue"):
         assert f"tile.{key}=None: must be" in refused(f"tile.{key}=null")
+    assert "tile.tissue_threshold='pale': must be null (Otsu's" in refused("tile.tissue_threshold=pale")
     validate_config(compose_task("segment_slides", base, tmp_path / "run"), "segment_slides")  # tile.mpp null: fine
     for bad, message in (({"model_tag": "a/b"}, r"segment.model_tag='a/b': must be null .* or a folder name"),
                          ({"model_tag": ".."}, r"segment.model_tag='..'"),

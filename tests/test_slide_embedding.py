@@ -471,6 +471,49 @@ def test_tissue_is_found_at_the_same_resolution_whatever_levels_the_pyramid_has(
     assert any(x <= 60 and x + 224 >= 90 and y <= 300 and y + 224 >= 330 for x, y in halving.coords)
 
 
+def test_a_crop_keeps_its_pale_tissue_with_a_fixed_tissue_threshold(encoder, wsi_dir, tmp_path):
+    """A region exported from a slide holds little glass: Otsu's threshold then splits its pale tissue from its
+    dense tissue, and the pale part gets no tile. ``tile.tissue_threshold`` (CLAM's sthresh) keeps the tissue that
+    the whole slide's own mask sees there; it is part of the tiling's identity and of the patches file."""
+    from hirespath.slides.ledger import IdentityMismatch
+
+    slide = open_slide(wsi_dir / "cmu.svs")  # real H&E, 0.499 µm/px
+    rgb = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    slide.close()
+    x, y, side = 800, 1750, 700  # the slide's densest tissue: 77 % of the crop by the whole slide's mask
+    Image.fromarray(rgb[y : y + side, x : x + side]).save(tmp_path / "crop.png")
+    seen_from_slide = tile_grid(wsi_dir / "cmu.svs", TILE, MPP, min_tissue=0.0, mask_max_side=4096).mask
+    truth = seen_from_slide[y : y + side, x : x + side]
+    assert truth.mean() > 0.7
+    otsu, fixed = (tile_grid(tmp_path / "crop.png", TILE, MPP, min_tissue=0.5, mpp=0.499, tissue_threshold=t)
+                   for t in (None, 20))  # fmt: skip
+    assert (otsu.mask & truth).sum() < 0.8 * truth.sum()  # the rule without a threshold loses a fifth of it
+    assert (fixed.mask & truth).sum() > 0.97 * truth.sum() and fixed.tissue_threshold == 20.0
+    assert len(fixed) > len(otsu)
+
+    kw = dict(tile_size=TILE, tile_mpp=MPP, min_tissue=0.5, default_mpp=0.499, num_workers=0, thumbnails=False)
+    job = tmp_path / "job"
+    s = embed_slides(encoder, [tmp_path / "crop.png"], job, tissue_threshold=20, **kw)
+    assert s["slides_done"] == 1 and s["tiles"] == len(fixed)
+    attrs, coords = trident_h5.read_coords(next(job.glob("*/patches/crop_patches.h5")))
+    assert attrs["tissue_threshold"] == 20.0 and np.array_equal(coords, fixed.coords)
+    assert embed_slides(encoder, [tmp_path / "crop.png"], job, tissue_threshold=20, **kw)["slides_done"] == 0
+    with pytest.raises(IdentityMismatch, match=r"tissue_threshold: 20\.0 there, None now"):
+        embed_slides(encoder, [tmp_path / "crop.png"], job, **kw)
+    s = embed_slides(encoder, [tmp_path / "crop.png"], job, overwrite=True, **kw)  # tiled again, by Otsu's rule
+    assert s["slides_done"] == 1 and s["tiles"] == len(otsu)
+    attrs, coords = trident_h5.read_coords(next(job.glob("*/patches/crop_patches.h5")))
+    assert "tissue_threshold" not in attrs and np.array_equal(coords, otsu.coords)
+    # a folder made before the threshold existed was made by Otsu's rule: a fixed one is refused there
+    config = next(job.glob("*/features_*/config.json"))
+    stored = json.loads(config.read_text())
+    assert stored.pop("tissue_threshold") is None
+    config.write_text(json.dumps(stored))
+    with pytest.raises(IdentityMismatch, match=r"tissue_threshold: None there, 20.0 now"):
+        embed_slides(encoder, [tmp_path / "crop.png"], job, tissue_threshold=20, **kw)
+    assert embed_slides(encoder, [tmp_path / "crop.png"], job, **kw)["slides_done"] == 0
+
+
 def test_a_csv_slide_id_names_the_outputs(encoder, wsi_dir, tmp_path):
     """A slides= CSV may name each slide's outputs (column ``slide_id``): an IDC DICOM folder is its series UID,
     exported files share stems, and labels are keyed by barcodes. Ids stay as written (``0012``, not 12); an empty

@@ -99,6 +99,7 @@ def run_segmentation_benchmark(cfg, out_dir: Path) -> dict:
     def run(i: int, entry) -> dict:
         tile, overlap = configure(entry)
         tiling = SimpleNamespace(size=tile, mpp=mpp, overlap=overlap, min_tissue=float(cfg.tile.min_tissue),
+                                 tissue_threshold=cfg.tile.get("tissue_threshold"),
                                  cover_tissue=True)  # every tissue pixel, as segment_slides tiles  # fmt: skip
         # each entry's own outputs (a rerun in the same folder segments afresh instead of skipping the slide)
         job = out_dir / f"segment_{i}_{tile}px_{enc.attention}"

@@ -127,6 +127,7 @@ def benchmark_embedding(
     weights=None,
     tile_mpp: float = 0.5,
     min_tissue: float = 0.25,
+    tissue_threshold: float | None = None,
     batch_size: int = 4,
     num_workers: int | None = None,
     reader: str = "threads",
@@ -153,7 +154,8 @@ def benchmark_embedding(
     for c, cfg in enumerate(tqdm(configs, desc="embedding benchmark: reading the tiles", disable=not progress)):
         try:
             encoder = wrap_encoder(vit, preset, cfg).eval()
-            grid = tile_grid(slide, cfg.tile_size, tile_mpp, 0, min_tissue, keep_images=False)
+            grid = tile_grid(slide, cfg.tile_size, tile_mpp, 0, min_tissue, keep_images=False,
+                             tissue_threshold=tissue_threshold)  # fmt: skip
             tile_encoder = TileModel(encoder, device, precision, batch_size,
                                      forward=encoder_forward(encoder, "cls", False))  # fmt: skip
             ds = SlideTileDataset(slide, grid.coords, grid.patch_size_level0, cfg.tile_size, level=grid.read_level)
@@ -174,7 +176,8 @@ def benchmark_embedding(
     def end_to_end(cfg: ThroughputConfig, encoder) -> dict:
         job = Path(tempfile.mkdtemp(prefix="hirespath_embed_bench_"))
         try:
-            tiling = TilingConfig(size=cfg.tile_size, mpp=tile_mpp, overlap=0, min_tissue=min_tissue)
+            tiling = TilingConfig(size=cfg.tile_size, mpp=tile_mpp, overlap=0, min_tissue=min_tissue,
+                                  tissue_threshold=tissue_threshold)  # fmt: skip
             embed = EmbedConfig(batch_size=batch_size, num_workers=num_workers, reader=cfg.reader or reader,
                                 threads=threads, thumbnails=False)  # fmt: skip
             runtime = Runtime(device=device, precision=precision, rank=0, world_size=1, progress=False)

@@ -26,13 +26,15 @@ from .model import Geometry, check_patch_multiple
 @dataclass
 class TilingConfig:
     """The tile grid: ``size`` px at ``mpp`` µm/px, ``overlap`` px between neighbours, tiles with at least
-    ``min_tissue`` of tissue; with ``cover_tissue`` also the fewest others that hold the tissue those miss."""
+    ``min_tissue`` of tissue; with ``cover_tissue`` also the fewest others that hold the tissue those miss. Tissue:
+    saturation above Otsu's threshold of each slide, or above ``tissue_threshold`` (0–255) when set."""
 
     size: int = 1792
     mpp: float = 0.5
     overlap: int = 0
     min_tissue: float = 0.25
     cover_tissue: bool = False
+    tissue_threshold: Optional[float] = None
 
 
 @dataclass
@@ -111,6 +113,12 @@ def check_tile(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
     problems.check("tile.min_tissue", min_tissue, check_tiling, 1, 0.5, 0, min_tissue)
     if has_key(cfg, "tile.cover_tissue") and not isinstance(cover := select(cfg, "tile.cover_tissue"), bool):
         problems.bad("tile.cover_tissue", cover, "true or false")
+    if has_key(cfg, "tile.tissue_threshold") and (threshold := select(cfg, "tile.tissue_threshold")) is not None:
+        if is_number(threshold):
+            problems.check("tile.tissue_threshold", threshold, check_tiling, 1, 0.5, 0, 0.25, threshold)
+        else:
+            problems.bad("tile.tissue_threshold", threshold, "null (Otsu's threshold of each slide) or a saturation "
+                         "in [0, 255) above which a pixel is tissue")  # fmt: skip
 
 
 # what a segmentation checkpoint holds: segment_slides rebuilds the model from it alone, so these are refused rather

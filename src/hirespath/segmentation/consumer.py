@@ -627,7 +627,7 @@ def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
     from ..wsi.tissue import check_tiling
 
     size, p = int(tiling.size), seg.patch_size
-    check_tiling(size, float(tiling.mpp), int(tiling.overlap), float(tiling.min_tissue))
+    check_tiling(size, float(tiling.mpp), int(tiling.overlap), float(tiling.min_tissue), tiling.tissue_threshold)
     if size % p:
         near = " or ".join(str(n) for n in dict.fromkeys([size // p * p or p, (size // p + 1) * p]))
         raise InputError(f"tile.size={size} is not a multiple of the model's patch size {p} ({seg.ckpt.name}); "
@@ -671,7 +671,8 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
                     "larger" if mpp < seg.mpp else "smaller")  # fmt: skip
     tiling = TilingConfig(size=int(tiling.size), mpp=mpp, overlap=int(tiling.overlap),
                           min_tissue=float(tiling.min_tissue),
-                          cover_tissue=bool(getattr(tiling, "cover_tissue", True)))  # fmt: skip
+                          cover_tissue=bool(getattr(tiling, "cover_tissue", True)),
+                          tissue_threshold=getattr(tiling, "tissue_threshold", None))  # fmt: skip
     check_tiling_for_model(seg, tiling)
     runtime = (runtime or Runtime()).resolve()
     job = slide_job(job_dir, tiling, reading, default_mpp)

@@ -146,12 +146,15 @@ class Ledger:
     # ------------------------------------------------------------------------------------------ identity
     def check_identity(self, identity: dict, overwrite: bool = False, how: str = "", redrawable: tuple = (),
                        redraw: bool = False, redraw_hint: str = "", launch: str | None = None,
-                       unvouched: tuple = (), slides: list[str] | None = None) -> OutputsSince:  # fmt: skip
+                       unvouched: tuple = (), slides: list[str] | None = None,
+                       implied: dict | None = None) -> OutputsSince:  # fmt: skip
         """Refuse outputs made with other settings; write ``config.json`` on first use (and with ``overwrite``).
         Returns :meth:`outputs_since`: the times (ns, the folder's file system clock) before which outputs are stale.
         An overwrite marks that time when it starts, once per ``launch`` (the id its workers share: a worker of the
         same launch and settings that starts later keeps the mark, so it does not redo what the others replaced);
         with the settings the folder already holds, it marks the ``slides`` it lists only (None: every slide).
+        ``implied``: keys added to the identity later, with the value that every output made before had (a
+        folder without the key is compared as if it held that value).
 
         Keys in both the stored and the new identity must be equal; keys the stored one lacks (written by an older
         version) are added, but for ``unvouched`` ones: outputs made before they were recorded may have been made
@@ -163,9 +166,11 @@ class Ledger:
         path = self.folder / CONFIG
         with self._locked(CONFIG):
             old = json.loads(path.read_text()) if path.is_file() else None
+            # what the folder holds, keys it predates included
+            held = None if old is None else {**{k: v for k, v in (implied or {}).items() if k in identity}, **old}
             settings = _digest(identity)
-            if overwrite and not self._overwrite_started(launch, settings, old):
-                if slides is not None and old is not None and _digest(old) == settings:
+            if overwrite and not self._overwrite_started(launch, settings, held):
+                if slides is not None and held is not None and _digest(held) == settings:
                     self._mark_slides(slides, launch)  # the folder's own settings: only the listed slides
                 else:  # every output made before now is replaced, by this worker or any other
                     write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname(),
@@ -177,7 +182,7 @@ class Ledger:
                                 "this run's (a new job_dir or an overwrite checks them)", self.folder,
                                 ", ".join(unknown))  # fmt: skip
                     identity = {k: v for k, v in identity.items() if k not in unknown}
-                diff = {k: (old[k], v) for k, v in identity.items() if k in old and not _same(old[k], v)}
+                diff = {k: (held[k], v) for k, v in identity.items() if k in held and not _same(held[k], v)}
                 drawing_only = bool(diff) and set(diff) <= set(redrawable)
                 if diff and not (redraw and drawing_only):
                     changes = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())

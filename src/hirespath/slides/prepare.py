@@ -52,6 +52,12 @@ def cover_tissue(tiling) -> bool:
     return bool(getattr(tiling, "cover_tissue", False))
 
 
+def tissue_threshold(tiling) -> float | None:
+    """The fixed saturation above which a pixel is tissue (None: Otsu's threshold of each slide, the default)."""
+    value = getattr(tiling, "tissue_threshold", None)
+    return None if value is None else float(value)
+
+
 def patches_path(tiling_dir: Path, tiling, slide_id: str) -> Path:
     """The tiling's patches file of a slide: ``patches/`` (TRIDENT/CLAM's layout, ``min_tissue`` tiles), or
     ``patches_cover_tissue/`` for the covering grid, so that embedding and segmenting one tiling each keep theirs
@@ -120,6 +126,7 @@ def _grid_from_patches(slide, path: Path, tiling, smpp: float, nbytes: int) -> T
             and [int(attrs.get("level0_width", -1)), int(attrs.get("level0_height", -1))] == list(slide.dimensions)
             and np.isclose(float(attrs["min_tissue"]), float(tiling.min_tissue))
             and bool(attrs.get("cover_tissue", False)) == cover_tissue(tiling)
+            and _same_threshold(attrs.get("tissue_threshold"), tissue_threshold(tiling))
             # a covering grid from before the grid was fitted to the tissue: tiled again (fewer tiles, once)
             and ("grid_offset_x" in attrs or not cover_tissue(tiling))
         )
@@ -146,9 +153,17 @@ def _grid_from_patches(slide, path: Path, tiling, smpp: float, nbytes: int) -> T
         tissue_fraction=np.full(len(coords), np.nan),
         min_tissue=float(tiling.min_tissue),
         cover_tissue=cover_tissue(tiling),
+        tissue_threshold=tissue_threshold(tiling),
         grid_offset=(int(attrs.get("grid_offset_x", 0)), int(attrs.get("grid_offset_y", 0))),
         tissue_area_mm2=float(attrs.get("tissue_area_mm2", np.nan)),
     )
+
+
+def _same_threshold(stored, wanted: float | None) -> bool:
+    """A stored ``tissue_threshold`` attr (absent: Otsu's) is the tiling's."""
+    if stored is None or wanted is None:
+        return stored is None and wanted is None
+    return bool(np.isclose(float(stored), wanted))
 
 
 def prepare_slide(
@@ -202,7 +217,8 @@ def prepare_slide(
         if grid is None:
             grid = tile_grid(slide, int(tiling.size), float(tiling.mpp), int(tiling.overlap),
                              float(tiling.min_tissue), mpp=smpp, mask_max_side=mask_max_side,
-                             cover_tissue=cover_tissue(tiling), region=region)  # fmt: skip
+                             cover_tissue=cover_tissue(tiling), region=region,
+                             tissue_threshold=tissue_threshold(tiling))  # fmt: skip
             attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name,
                                             qupath_region=region)  # fmt: skip
             attrs["tissue_area_mm2"], attrs["slide_bytes"] = grid.tissue_area_mm2, nbytes
@@ -214,7 +230,7 @@ def prepare_slide(
                 trident_h5.write_patches_h5(patches, grid.coords, attrs)
         elif need_thumbnail:  # the tissue as tile_grid sees it: on QuPath's image of the slide
             grid.thumbnail, grid.mask, grid.mask_downsample, grid.mask_origin = tissue_thumbnail(
-                slide, mask_max_side, region
+                slide, mask_max_side, region, tissue_threshold(tiling)
             )
             # the patches file keeps coordinates only: each tile's tissue again from the mask (the seam measure
             # picks its window by them; unknown, it picked none)

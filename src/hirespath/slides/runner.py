@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,7 @@ from ..wsi import trident_h5
 from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
+from ..wsi.tissue import check_tiling
 from .ledger import IdentityMismatch, Ledger, whole_slide_rows
 from .prepare import (
     PreparedSlide,
@@ -56,6 +57,7 @@ from .prepare import (
     recorded_path,
     slide_bytes,
     slide_path,
+    tissue_threshold,
     utf8_path,
 )
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
@@ -127,7 +129,7 @@ class SlideJob:
     """What every slide task shares: the job folder, the tiling, the tile readers and the locks."""
 
     job_dir: Path
-    tiling: Any  # size, mpp, overlap, min_tissue[, cover_tissue] (hirespath.configs.TilingConfig or alike)
+    tiling: Any  # size, mpp, overlap, min_tissue[, cover_tissue, tissue_threshold] (configs.TilingConfig or alike)
     default_mpp: float | None = None  # µm/px for slides whose metadata has none
     batch_size: int = 4
     num_workers: int | None = None  # tile readers running while the tile function works; None: default_readers
@@ -137,6 +139,9 @@ class SlideJob:
     mask_max_side: int = 2048
     overwrite: bool = False  # replace outputs made with other settings instead of refusing
     write_behind: bool | None = None  # sink.add and slide closing in background threads; None: on CUDA only
+
+    # identity keys added since output folders were first made, as every output made before had them
+    IMPLIED: ClassVar[dict] = {"tissue_threshold": None}
 
     @property
     def tiling_tag(self) -> str:
@@ -153,7 +158,8 @@ class SlideJob:
         t = self.tiling
         return {"tiling": self.tiling_tag, "tile_size": int(t.size), "tile_mpp": float(t.mpp),
                 "overlap": int(t.overlap), "min_tissue": float(t.min_tissue),
-                "cover_tissue": cover_tissue(t), "default_mpp": self.default_mpp,
+                "cover_tissue": cover_tissue(t), "tissue_threshold": tissue_threshold(t),
+                "default_mpp": self.default_mpp,
                 "mask_max_side": int(self.mask_max_side), "level_tolerance": LEVEL_TOLERANCE}  # fmt: skip
 
 
@@ -216,6 +222,8 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def check_job(job: SlideJob) -> None:
     """The run-wide options, once, before any slide is opened."""
+    t = job.tiling  # checked again by each slide's tile_grid, where a bad value would name the slide, not the option
+    check_tiling(t.size, t.mpp, t.overlap, t.min_tissue, getattr(t, "tissue_threshold", None))
     if not (isinstance(job.batch_size, int) and job.batch_size >= 1):
         raise InputError(f"batch_size must be a positive integer, got {job.batch_size!r}")
     if job.num_workers is not None and not (isinstance(job.num_workers, int) and job.num_workers >= 0):
@@ -384,7 +392,7 @@ def run_slides(
                           redraw=bool(getattr(consumer, "redraw", False)),
                           redraw_hint=getattr(consumer, "redraw_hint", ""), launch=runtime.launch,
                           unvouched=tuple(getattr(consumer, "unvouched_keys", ())),
-                          slides=[s.slide_id for s in specs])  # fmt: skip
+                          slides=[s.slide_id for s in specs], implied=SlideJob.IMPLIED)  # fmt: skip
     order = _order(specs, rank, world_size)
     outputs = {s.slide_id: consumer.output_path(out_dir, s) for s in specs}
     if hasattr(consumer, "outputs_since"):  # it reuses parts of unfinished outputs (a finished map) only if newer

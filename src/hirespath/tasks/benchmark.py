@@ -39,6 +39,7 @@ def run_embedding_benchmark(cfg, out_dir: Path) -> dict:
     rows = benchmark_embedding(
         slide, configs, backbone=cfg.backbone.name, overrides=arch_overrides(cfg.backbone),
         weights=cfg.backbone.weights, tile_mpp=float(tile.mpp), min_tissue=float(tile.min_tissue),
+        tissue_threshold=tile.get("tissue_threshold"),
         batch_size=int(embed.batch_size), num_workers=embed.num_workers, reader=str(embed.reader),
         threads=embed.threads, device=device, precision=str(s.precision),
         seed=int(cfg.seed), repeats=s.get("repeats", 1),

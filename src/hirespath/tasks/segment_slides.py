@@ -50,7 +50,7 @@ def run_segment_slides(cfg: DictConfig) -> dict:
     options.check()
     t = cfg.tile  # mpp None: the model's (segment_slides warns when another is given, and checks the size)
     tiling = SimpleNamespace(size=t.size, mpp=t.mpp, overlap=t.overlap, min_tissue=t.min_tissue,
-                             cover_tissue=t.cover_tissue)  # fmt: skip
+                             cover_tissue=t.cover_tissue, tissue_threshold=t.get("tissue_threshold"))  # fmt: skip
     specs = list_slides(cfg.wsi_dir, cfg.slides, cfg.get("wsi_ext"), recursive=bool(cfg.recursive), exclude=cfg.job_dir)
     fabric, runtime = launch_workers(cfg.trainer, runtime)  # trainer=ddp: the slides spread over the ranks
     loggers = instantiate_list(cfg.get("logger")) if fabric.global_rank == 0 else []

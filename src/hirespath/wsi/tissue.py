@@ -41,8 +41,11 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(np.argmax(sigma_b))
 
 
-def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
-    """Tissue = saturation above Otsu's threshold (and above a floor, so a blank slide has none)."""
+def tissue_mask(rgb: np.ndarray, min_saturation: int = 20, threshold: float | None = None) -> np.ndarray:
+    """Tissue = saturation (0–255) above Otsu's threshold (and above a floor, so a blank slide has none), or above
+    a fixed ``threshold`` (CLAM's ``sthresh``). Otsu's threshold splits the image where it is most bimodal: glass
+    from tissue on a slide, but pale from dense tissue on an exported region or crop with little glass, which then
+    loses its pale tissue; a fixed threshold does not depend on what else the image holds."""
     rgb = rgb[..., :3].astype(np.float32)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     mx, mn = rgb.max(-1), rgb.min(-1)
@@ -55,17 +58,18 @@ def tissue_mask(rgb: np.ndarray, min_saturation: int = 20) -> np.ndarray:
     sat[dark] = 0  # background for Otsu, never tissue
     if pen.all():
         return np.zeros(sat.shape, bool)
-    thr = max(otsu_threshold(sat[~pen]), min_saturation)
+    thr = max(otsu_threshold(sat[~pen]), min_saturation) if threshold is None else threshold
     return ~pen & ~dark & (sat > thr)
 
 
 def tissue_thumbnail(
-    slide, max_side: int, region: tuple[int, int, int, int]
+    slide, max_side: int, region: tuple[int, int, int, int], threshold: float | None = None
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
     """(RGB thumbnail, its tissue mask, level-0 px per mask px (x, y), level-0 (x, y) of the mask's top-left) of
-    ``region`` of the slide (x, y, width, height in level-0 px: QuPath's image of it, ``qupath.image_region``)."""
+    ``region`` of the slide (x, y, width, height in level-0 px: QuPath's image of it, ``qupath.image_region``);
+    ``threshold``: :func:`tissue_mask`'s (None: Otsu's)."""
     thumb, downsample = read_thumbnail(slide, max_side, region)
-    return thumb, tissue_mask(thumb), downsample, (int(region[0]), int(region[1]))
+    return thumb, tissue_mask(thumb, threshold=threshold), downsample, (int(region[0]), int(region[1]))
 
 
 @dataclass
@@ -87,6 +91,7 @@ class TileGrid:
     tissue_area_mm2: float  # tissue on the mask
     min_tissue: float
     cover_tissue: bool = False  # low-tissue tiles added so that the kept ones hold every tissue pixel
+    tissue_threshold: float | None = None  # saturation above which a pixel is tissue (None: Otsu's, tissue_mask)
     grid_offset: tuple[int, int] = (0, 0)  # level-0 px the grid starts left of and above (0, 0) (fitted_covering_grid)
     mask: np.ndarray | None = field(default=None, repr=False)  # tissue mask (bool) on the thumbnail
     mask_downsample: tuple[float, float] = (1.0, 1.0)  # level-0 px per mask px (x, y)
@@ -107,7 +112,8 @@ class TileGrid:
         return 10.0 / self.tile_mpp
 
 
-def check_tiling(tile_size: int, tile_mpp: float, overlap: int = 0, min_tissue: float = 0.25) -> None:
+def check_tiling(tile_size: int, tile_mpp: float, overlap: int = 0, min_tissue: float = 0.25,
+                 tissue_threshold: float | None = None) -> None:  # fmt: skip
     """Clear errors for a tiling that cannot work, before any slide is opened."""
     if not (isinstance(tile_size, numbers.Integral) and tile_size > 0):
         raise InputError(f"tile_size must be a positive integer of pixels, got {tile_size!r}")
@@ -117,6 +123,14 @@ def check_tiling(tile_size: int, tile_mpp: float, overlap: int = 0, min_tissue: 
         raise InputError(f"overlap must be an integer in [0, tile_size={tile_size}), got {overlap!r}")
     if not (0 <= min_tissue <= 1):
         raise InputError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}")
+    if tissue_threshold is not None and not (
+        isinstance(tissue_threshold, numbers.Real) and not isinstance(tissue_threshold, bool)
+        and 0 <= tissue_threshold < 255
+    ):  # fmt: skip
+        raise InputError(
+            "tissue_threshold must be null (Otsu's threshold of each slide's saturation) or a saturation in "
+            f"[0, 255) above which a pixel is tissue (e.g. 20; CLAM's sthresh), got {tissue_threshold!r}"
+        )
 
 
 def tile_size_level0(tile_size: int, tile_mpp: float, slide_mpp: float) -> int:
@@ -301,6 +315,7 @@ def tile_grid(
     cover_tissue: bool = False,
     region: tuple[int, int, int, int] | None = None,
     fit_grid: bool = True,
+    tissue_threshold: float | None = None,
 ) -> TileGrid:
     """Tissue on a thumbnail (``read_thumbnail``), then the regular grid of ``tile_size`` px tiles at ``tile_mpp``
     µm/px over the whole slide; tiles with tissue fraction ≥ ``min_tissue`` (and > 0) are kept, and with
@@ -314,10 +329,10 @@ def tile_grid(
     coarser and smooth its outline by the canvas's size. The grid starts at the slide's (0, 0), as TRIDENT's;
     the covering grid is shifted by less than a stride each way where that needs fewer tiles
     (:func:`fitted_covering_grid`; its first column or row may then start left of or above the slide, read as glass;
-    ``fit_grid=False`` keeps it at (0, 0)).
+    ``fit_grid=False`` keeps it at (0, 0)). ``tissue_threshold``: :func:`tissue_mask`'s (None: Otsu's).
     SlideError when there is no mpp, no tissue, or no tile holds enough of it.
     """
-    check_tiling(tile_size, tile_mpp, overlap, min_tissue)
+    check_tiling(tile_size, tile_mpp, overlap, min_tissue, tissue_threshold)
     if isinstance(slide, (str, os.PathLike)):
         handle = open_slide(slide)
         try:
@@ -334,6 +349,7 @@ def tile_grid(
                 cover_tissue=cover_tissue,
                 region=region,
                 fit_grid=fit_grid,
+                tissue_threshold=tissue_threshold,
             )
         finally:
             handle.close()
@@ -345,9 +361,10 @@ def tile_grid(
     if stride0 < 1:
         raise SlideError(f"overlap {overlap} px leaves no stride at {smpp:g} µm/px")
     region = qupath.image_region(slide) if region is None else region
-    thumb, mask, mds, origin = tissue_thumbnail(slide, mask_max_side, region)
+    thumb, mask, mds, origin = tissue_thumbnail(slide, mask_max_side, region, tissue_threshold)
     if not mask.any():
-        raise SlideError("no tissue detected" + _grey_hint(thumb))
+        above = "" if tissue_threshold is None else f" above saturation {tissue_threshold:g} (tile.tissue_threshold)"
+        raise SlideError(f"no tissue detected{above}" + _grey_hint(thumb))
     if cover_tissue and fit_grid:
         # segmentation stitches each tile into a map at tile_size / side0 map px per level-0 px: a tile whose corner
         # is not on a whole map px would be placed up to half a map px off (its neighbours blended out of register),
@@ -382,6 +399,7 @@ def tile_grid(
         tissue_fraction=frac[keep],
         min_tissue=float(min_tissue),
         cover_tissue=bool(cover_tissue),
+        tissue_threshold=None if tissue_threshold is None else float(tissue_threshold),
         grid_offset=(int(offset[0]), int(offset[1])),
         tissue_area_mm2=float(mask.sum() * mds[0] * mds[1] * smpp**2 / 1e6),
         mask=mask if keep_images else None,

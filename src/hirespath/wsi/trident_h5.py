@@ -13,7 +13,8 @@ chunks hold ~256 KB instead of TRIDENT's single rows, so a 15k-tile file is not 
   ``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``overlap``, ``name``, ``savetodir``,
   ``level0_width``, ``level0_height`` (TRIDENT's), plus ``target_mpp``, ``level0_mpp``, ``stride_level0``,
   ``min_tissue``, ``cover_tissue`` (0/1), ``grid_offset_x``, ``grid_offset_y`` (the grid's first tile at (−x, −y): 0
-  but for a covering grid fitted to the tissue), ``tiling``, ``tissue_area_mm2``, ``qupath_region`` (x, y, w, h: the
+  but for a covering grid fitted to the tissue), ``tissue_threshold`` (only when one was set: the fixed saturation
+  above which a pixel was tissue; absent: Otsu's), ``tiling``, ``tissue_area_mm2``, ``qupath_region`` (x, y, w, h: the
   level-0 region QuPath shows, a MIRAX/SCN scan's, for heatmaps drawn without the slide). The magnifications are the
   unrounded ``10 / mpp`` (see :mod:`hirespath.wsi.tissue`), so ``round(patch_size · level0_magnification /
   target_magnification)`` is ``patch_size_level0``, the level-0 side that was read.
@@ -197,6 +198,8 @@ def coords_attrs(grid, *, name: str, savetodir: str | os.PathLike, tiling: str, 
         "grid_offset_x": int(grid.grid_offset[0]),  # the grid's first tile at (-x, -y): 0 but for a fitted cover
         "grid_offset_y": int(grid.grid_offset[1]),
         "tiling": tiling,
+        # only when set: HDF5 has no None, and files without it (those made before it existed too) used Otsu's
+        **({} if grid.tissue_threshold is None else {"tissue_threshold": float(grid.tissue_threshold)}),
         **region,
     }
 
