@@ -856,10 +856,14 @@ def test_a_new_threshold_redraws_finished_slides_from_their_probability_tiffs(ck
         # a redraw that stopped before the slide's areas (config.json already says 0.5): drawn again, no option needed
         (out / "areas.csv").write_text(areas_before)
         assert run(ckpt, wsi, job, seam_check=False, threshold=0.5, min_area_um2=20.0)["slides_redrawn"] == 1
-        # a run stopped between the TIFF and the GeoJSON: the GeoJSON is drawn from the TIFF
+        # a run stopped between the TIFF and the GeoJSON: the GeoJSON is drawn from the TIFF (the overlay's and the
+        # GeoJSON's temporaries that the kill left are removed)
         (out / "s0.geojson").unlink()
+        left = [out / ".s0_overlay.png.k2j_x1.tmp", out / ".s0.geojson.0123abcd.tmp"]
+        for path in left:
+            path.write_bytes(b"part")
         assert run(ckpt, wsi, job, seam_check=False, threshold=0.5, min_area_um2=20.0)["slides_redrawn"] == 1
-        assert json.loads((out / "s0.geojson").read_text()) == redrawn
+        assert json.loads((out / "s0.geojson").read_text()) == redrawn and not any(p.exists() for p in left)
         # a folder of the version before: no drawing in areas.csv, no within_tissue in config.json
         old = pd.read_csv(out / "areas.csv").drop(columns=["threshold", "min_area_um2", "simplify_px", "within_tissue"])
         old.to_csv(out / "areas.csv", index=False)

@@ -304,14 +304,32 @@ def test_job_dir_that_is_a_file_is_refused(slides, tmp_path):
 
 
 def test_stale_temporaries_of_a_dead_writer_are_removed(slides, tmp_path):
+    """A kill between a temporary and its rename leaves it: the slide's output's and pictures', the tiling's patches
+    file's (written ahead by the prefetch thread) and the folder's CSVs, config and marks. The next run removes
+    them: its own under the locks it holds, and in the tiling's shared folders, which other workers write without
+    this slide's lock, those untouched for an hour."""
     enc = encoder()
     s = embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
     out = Path(s["features_dir"])
     (out / "s0.h5").unlink()
     stale = out / ".s0.h5.abc123.tmp"
     stale.write_bytes(b"half a file")
+    tiling = out.parent
+    ledger = [out / f".{name}.{token}.tmp" for name, token in (("timings.csv", "k2j_x1"), ("skipped.csv", "a1"),
+              ("summary.json", "b2"), ("config.json", "c3"), (".outputs_since", "d4"), ("clock", "e5"))]  # fmt: skip
+    shared = {tiling / "patches" / ".s0_patches.h5.f6.tmp": True, tiling / "thumbnails" / ".s0.png.g7.tmp": True,
+              tiling / "thumbnails" / ".s0_pruned.png.h8.tmp": True,
+              tiling / "patches" / ".s0_patches.h5.live.tmp": False}  # another worker writing it now  # fmt: skip
+    old = time.time() - 2 * 3600
+    for path in [*ledger, *shared]:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"part")
+        if shared.get(path):
+            os.utime(path, (old, old))
     embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
     assert not stale.exists() and (out / "s0.h5").is_file()
+    assert not [p.name for p in ledger if p.exists()]
+    assert [p.name for p in shared if p.exists()] == [".s0_patches.h5.live.tmp"]
 
 
 def test_a_slide_left_locked_by_a_job_killed_on_another_node_is_embedded_by_the_next_run(slides, tmp_path):

@@ -485,6 +485,14 @@ class SegmentationConsumer:
     def output_path(self, out_dir: Path, spec: SlideSpec) -> Path:
         return out_dir / f"{spec.slide_id}.geojson"
 
+    def files_of(self, out_dir: Path, spec: SlideSpec) -> list[Path]:
+        """Besides the GeoJSON (whose temporaries' names the TIFF's share): the overlay."""
+        return [self.overlay_path(out_dir, spec.slide_id)]
+
+    @staticmethod
+    def overlay_path(out_dir: Path, slide_id: str) -> Path:
+        return out_dir / f"{slide_id}_overlay.png"
+
     @staticmethod
     def probs_path(output: Path) -> Path:
         return output.with_name(output.name.removesuffix(".geojson") + "_probs.tif")
@@ -588,7 +596,7 @@ class SegmentationConsumer:
             colors = class_colors(self.classes)
             title = (f"{spec.slide_id}: {self.tag}, {grid.tile_size} px tiles at {grid.tile_mpp:g} µm/px, "
                      f"overlap {grid.overlap} px ({self.options.blend})")  # fmt: skip
-            save_overlay(out_dir / f"{spec.slide_id}_overlay.png", thumbnail, coverage, self.classes, colors, title,
+            save_overlay(self.overlay_path(out_dir, spec.slide_id), thumbnail, coverage, self.classes, colors, title,
                          [areas.get(n, 0.0) for n in self.classes])  # fmt: skip
         # last: the slide's rows mark it finished (is_finished), so a run stopped before them draws it again
         ledger.merge_rows(AREAS, rows, AREA_COLUMNS, sort_by=["slide", "class"])  # workers share it

@@ -22,6 +22,7 @@ jobs) lose no rows.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -37,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..utils.errors import InputError
-from ..utils.io import atomic_path, exclusive_lock, read_csv_ids, write_json
+from ..utils.io import atomic_path, exclusive_lock, read_csv_ids, temporaries_of, write_json
 
 log = logging.getLogger("hirespath.slides")
 
@@ -51,6 +52,10 @@ def whole_slide_rows(skipped: pd.DataFrame) -> pd.Series:
 
 
 OUTPUTS_SINCE = ".outputs_since"
+CLOCK = "clock"  # _file_system_now's probes, .clock.*.tmp
+# what each folder lock's holder writes (every other lock: its own file): a temporary of one of them that the holder
+# finds was left by a writer that stopped (a kill between the temporary and its rename)
+WRITTEN_UNDER = {CONFIG: (CONFIG, OUTPUTS_SINCE, CLOCK)}
 
 
 def _merge_lines(path: Path, new: pd.DataFrame, columns: list[str], sort_by: list[str] | None) -> bool:
@@ -106,7 +111,7 @@ def now() -> str:
 
 def _file_system_now(folder: Path) -> int:
     """The folder's file system clock (ns), as it dates the outputs: the workers' own clocks do not enter."""
-    fd, probe = tempfile.mkstemp(prefix=".clock.", suffix=".tmp", dir=folder)
+    fd, probe = tempfile.mkstemp(prefix=f".{CLOCK}.", suffix=".tmp", dir=folder)
     try:
         return os.fstat(fd).st_mtime_ns
     finally:
@@ -139,9 +144,19 @@ class Ledger:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self._launch_failures: tuple = (None, {})  # (skipped.csv's stat, {(slide, launch): row}) for failed_in_launch
+        self._swept: set[str] = set()  # the locks under which the temporaries of stopped writers were removed
 
+    @contextlib.contextmanager
     def _locked(self, name: str):
-        return exclusive_lock(self.folder / f".{name}.lock", f"another worker writing {name}", poll_s=0.05)
+        """Hold the folder lock of ``name``; the first time, remove what writers that stopped left under it."""
+        with exclusive_lock(self.folder / f".{name}.lock", f"another worker writing {name}", poll_s=0.05):
+            if name not in self._swept:
+                self._swept.add(name)
+                for written in WRITTEN_UNDER.get(name, (name,)):
+                    for tmp in temporaries_of(self.folder / written):
+                        log.info("removing %s, left by a writer that stopped", tmp)
+                        tmp.unlink(missing_ok=True)
+            yield
 
     # ------------------------------------------------------------------------------------------ identity
     def check_identity(self, identity: dict, overwrite: bool = False, how: str = "", redrawable: tuple = (),

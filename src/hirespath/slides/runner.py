@@ -53,6 +53,7 @@ from .ledger import IdentityMismatch, Ledger, whole_slide_rows
 from .prepare import (
     PreparedSlide,
     cover_tissue,
+    patches_path,
     prepare_slide,
     recorded_path,
     slide_bytes,
@@ -192,6 +193,9 @@ class SlideConsumer(Protocol):
     needs_thumbnail: bool  # the grid keeps the slide's thumbnail and tissue mask (for pictures)
 
     def output_path(self, out_dir: Path, spec: SlideSpec) -> Path: ...
+
+    # optional: ``files_of(out_dir, spec) -> list[Path]``, the other files it writes for a slide (pictures), so that
+    # a writer's temporaries left by a kill are removed
 
     def is_finished(self, path: Path) -> bool: ...
 
@@ -355,11 +359,27 @@ def is_newer(path: Path, since: int | None) -> bool:
         return False
 
 
-def _remove_stale_temporaries(out_dir: Path, output: Path) -> None:
-    """Temporary files of a writer of ``output`` that died (we hold its lock, so no live writer has any)."""
-    for tmp in temporaries_of(out_dir / output.name):
-        log.info("removing %s, left by a writer that stopped", tmp.name)
-        tmp.unlink(missing_ok=True)
+# a temporary of a file other workers may be writing without this slide's lock (the tiling's patches/ and
+# thumbnails/, shared by every consumer of the tiling) is a stopped writer's when untouched this long: those files
+# take seconds to write
+SHARED_TEMPORARY_S = 3600.0
+
+
+def _remove_stale_temporaries(out_dir: Path, files: list[Path]) -> None:
+    """Temporary files of writers of a slide's ``files`` that stopped (a kill between a temporary and its rename):
+    all of them in ``out_dir``, whose slide lock we hold (no live writer has any), and elsewhere those untouched for
+    :data:`SHARED_TEMPORARY_S`."""
+    now = time.time()
+    for file in files:
+        own = file.parent == out_dir
+        for tmp in temporaries_of(file):
+            try:
+                if not own and now - tmp.stat().st_mtime < SHARED_TEMPORARY_S:
+                    continue
+            except FileNotFoundError:
+                continue
+            log.info("removing %s, left by a writer that stopped", tmp)
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -395,6 +415,7 @@ def run_slides(
                           slides=[s.slide_id for s in specs], implied=SlideJob.IMPLIED)  # fmt: skip
     order = _order(specs, rank, world_size)
     outputs = {s.slide_id: consumer.output_path(out_dir, s) for s in specs}
+    files_of = getattr(consumer, "files_of", lambda out_dir, spec: [])
     if hasattr(consumer, "outputs_since"):  # it reuses parts of unfinished outputs (a finished map) only if newer
         consumer.outputs_since = since
 
@@ -570,7 +591,8 @@ def run_slides(
                         settle(spec, lock, t_slide, stages, functools.partial(_reraise, SlideError(why)))
                         prefetch(k + 1)
                         continue
-                    _remove_stale_temporaries(out_dir, out)
+                    _remove_stale_temporaries(out_dir, [out, patches_path(job.tiling_dir, job.tiling, spec.slide_id),
+                                                        *files_of(out_dir, spec)])  # fmt: skip
                 stages["bookkeeping"] += time.perf_counter() - t_slide
                 if lock is None or done_by_another or failed is not None:
                     if lock is None:
