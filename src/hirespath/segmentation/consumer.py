@@ -635,7 +635,13 @@ def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
     from ..wsi.tissue import check_tiling
 
     size, p = int(tiling.size), seg.patch_size
-    check_tiling(size, float(tiling.mpp), int(tiling.overlap), float(tiling.min_tissue), tiling.tissue_threshold)
+    check_tiling(
+        size,
+        float(tiling.mpp),
+        int(tiling.overlap),
+        float(tiling.min_tissue),
+        getattr(tiling, "tissue_threshold", None),
+    )
     if size % p:
         near = " or ".join(str(n) for n in dict.fromkeys([size // p * p or p, (size // p + 1) * p]))
         raise InputError(f"tile.size={size} is not a multiple of the model's patch size {p} ({seg.ckpt.name}); "
