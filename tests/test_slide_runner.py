@@ -1385,6 +1385,28 @@ def test_a_rescan_is_noticed_after_a_run_stopped_before_the_slides_row(tmp_path)
     assert again["slides_done"] == 1 and (out / "s0.h5").read_bytes() != made
 
 
+def test_an_overwrite_stopped_before_its_row_leaves_the_output_deciding_not_the_old_row(tmp_path):
+    """An overwrite that replaced cohort A's slide 1 with cohort B's and was stopped before B's timings row (with
+    write_behind the row waits for the next slide's stream) left A's row deciding: cohort A's rerun kept B's features
+    under A's slide as finished, and cohort B's was refused as a clash with A. Each row records when its output was
+    written (output_ns); a row of an earlier output gives way to what the output there records."""
+    a, b = _cohorts(tmp_path)
+    job = tmp_path / "job"
+    out = Path(embed_slides(encoder(), list_slides(a), job, TILING, embed_cfg(), CPU)["features_dir"])
+    row_a = (out / "timings.csv").read_text()
+    assert pd.read_csv(out / "timings.csv").output_ns[0] == pytest.approx((out / "1.h5").stat().st_mtime_ns, abs=1e3)
+    replaced = embed_slides(encoder(), [SlideSpec("1", b / "1.tiff")], job, TILING, embed_cfg(overwrite=True), CPU)
+    assert replaced["slides_done"] == 1
+    made_b = (out / "1.h5").read_bytes()
+    (out / "timings.csv").write_text(row_a)  # stopped before B's row: A's is the one there
+    again_b = embed_slides(encoder(), list_slides(b), job, TILING, embed_cfg(), CPU)
+    assert again_b["slides_already_finished"] == 1 and [d["slide"] for d in again_b["done"]] == ["2"]
+    (out / "timings.csv").write_text(row_a)
+    with pytest.raises(NothingProcessed, match="is taken in"):  # the folder holds B's slide 1, not A's
+        embed_slides(encoder(), list_slides(a), job, TILING, embed_cfg(), CPU)
+    assert (out / "1.h5").read_bytes() == made_b
+
+
 def test_a_folder_name_that_is_not_utf8_does_not_stop_the_run(tmp_path):
     """The slide file's path is recorded in timings.csv and the h5 (UTF-8 only): a folder named in latin-1 (its
     undecodable byte a surrogate in Python) raised UnicodeEncodeError there, and again in skipped.csv, which

@@ -74,8 +74,11 @@ RESUME = (
 TIMING_COLUMNS = [
     "slide", "rank", "host", "tiles", "tissue_mm2", "seconds", *(f"{s}_s" for s in STAGES + BACKGROUND),
     "tiles_per_s", "mm2_per_s", "reader", "num_workers", "threads", "slide_bytes",
-    "slide_path",
+    "slide_path", "output_ns",
 ]  # fmt: skip
+# a row's output_ns (the output's st_mtime_ns when the row was written; a CSV float, exact to 256 ns) is the file's
+# while the two differ by less than this
+SAME_OUTPUT_NS = 1000
 
 
 # Lightning precision names → the runner's (weights stay fp32 under autocast; "bf16"/"fp16" would cast them)
@@ -275,6 +278,7 @@ def _replaced_slides(
     how: str,
     finished: Callable[[str], bool],
     recorded: Callable[[str], dict | None] | None = None,
+    written: Callable[[str], int | None] | None = None,
 ) -> tuple[list[SlideSpec], dict[str, str]]:
     """(replaced, clashes) among the listed slides with a timings.csv row (``slide_bytes``, ``slide_path``; rows
     without them, from before they were recorded, are trusted).
@@ -287,20 +291,32 @@ def _replaced_slides(
     remount) stays finished.
 
     A slide without a timings.csv row (a run stopped between its outputs and its row; a redraw writes none) is
-    judged by what its outputs record (``recorded(slide)``: the consumer's ``slide_bytes``/``slide_path``)."""
+    judged by what its outputs record (``recorded(slide)``: the consumer's ``slide_bytes``/``slide_path``), and so
+    is one whose row was written for another output than the one there now (``written(slide)``: the output's
+    ``st_mtime_ns``, against the row's ``output_ns``): an overwrite stopped between the new output and its row."""
     if not specs:
         return [], {}
     table = ledger.timings()
     with_rows = set(table.slide.astype(str))
-    for column in ("slide_bytes", "slide_path"):
+    for column in ("slide_bytes", "slide_path", "output_ns"):
         if column not in table.columns:
             table[column] = np.nan
-    table = table.assign(slide_bytes=pd.to_numeric(table["slide_bytes"], errors="coerce")).dropna(subset="slide_bytes")
-    rows = table.drop_duplicates("slide", keep="last").set_index("slide")[["slide_bytes", "slide_path"]]
+    table = table.assign(
+        slide_bytes=pd.to_numeric(table["slide_bytes"], errors="coerce"),
+        output_ns=pd.to_numeric(table["output_ns"], errors="coerce"),
+    ).dropna(subset="slide_bytes")
+    rows = table.drop_duplicates("slide", keep="last").set_index("slide")[["slide_bytes", "slide_path", "output_ns"]]
     replaced, clashes = [], {}
     for spec in specs:
         if spec.slide_id in rows.index:
             then, source = rows.at[spec.slide_id, "slide_bytes"], rows.at[spec.slide_id, "slide_path"]
+            row_ns = rows.at[spec.slide_id, "output_ns"]
+            if (
+                recorded is not None and written is not None and np.isfinite(row_ns)
+                and (ns := written(spec.slide_id)) is not None and abs(ns - row_ns) >= SAME_OUTPUT_NS
+                and (facts := recorded(spec.slide_id)) and facts.get("slide_bytes") is not None
+            ):  # fmt: skip
+                then, source = facts["slide_bytes"], facts.get("slide_path")
         elif spec.slide_id not in with_rows and recorded is not None and (facts := recorded(spec.slide_id)):
             then, source = facts.get("slide_bytes"), facts.get("slide_path")
             if then is None:
@@ -328,6 +344,14 @@ def _replaced_slides(
                         spec.path, then, now)  # fmt: skip
             replaced.append(spec)
     return replaced, clashes
+
+
+def _output_ns(path: Path) -> int | None:
+    """When ``path`` was last written (``st_mtime_ns``), None when it is not there."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _still_there(path: Path, nbytes: int) -> bool:
@@ -432,7 +456,8 @@ def run_slides(
     # another folder's slide under a finished one's id: refused (an overwrite replaces whatever it lists)
     made = getattr(consumer, "made_from", None)  # optional: the slide file its outputs record
     replaced, clashes = _replaced_slides(order, ledger, consumer.overwrite_hint, finished,
-                                         (lambda slide: made(output_of(slide))) if made else None)  # fmt: skip
+                                         (lambda slide: made(output_of(slide))) if made else None,
+                                         lambda slide: _output_ns(output_of(slide)))  # fmt: skip
     if job.overwrite:
         clashes = {}
     if replaced:
@@ -519,7 +544,7 @@ def run_slides(
                     "tiles_per_s": result["tiles"] / seconds, "mm2_per_s": result["tissue_mm2"] / seconds,
                     "reader": job.reader, "num_workers": job.num_workers,
                     "threads": policy.n if policy else torch.get_num_threads(), "slide_bytes": result["slide_bytes"],
-                    "slide_path": result["slide_path"],
+                    "slide_path": result["slide_path"], "output_ns": _output_ns(outputs[spec.slide_id]),
                 }  # fmt: skip
             except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
                 if out_of_storage(err):  # but a full disk fails every slide after it: storage_errors stops the run
