@@ -1285,6 +1285,9 @@ def test_summary_totals_are_the_folders_after_a_run_over_part_of_it(slides, tmp_
 
     assert totals() == (3, 2, 1)
     out = tmp_path / "job" / "10x_112px_0px_overlap"
+    features = next(out.glob("features_*"))
+    Ledger(features).drop_rows("timings.csv", ["s1"])  # finished by a run stopped before its row: still counted
+    assert totals() == (3, 2, 1)
     next(out.glob("features_*/s1.h5")).unlink()  # s1 dropped from the cohort
     (tmp_path / "broken.tiff").unlink()
     assert totals() == (1, 1, 0)
