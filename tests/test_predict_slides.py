@@ -399,7 +399,9 @@ def test_heatmap_cost_benchmark_rows(tmp_path, one_thread):
 def test_bad_heatmap_options_are_refused(trident_run, tmp_path):
     for option, match in (("heatmaps.resolution=patch", "must be one of tile, token"),
                           ("heatmaps.num_slides=-1", "null .every slide. or an integer >= 0"),
-                          ("heatmaps.max_side=0", "max_side=0: must be an integer >= 64")):  # fmt: skip
+                          ("heatmaps.max_side=0", r"max_side=0: must be an integer in \[64, 8192\]"),
+                          ("heatmaps.max_side=16384", r"max_side=16384: must be an integer in \[64, 8192\]"),
+                          ):  # fmt: skip
         with pytest.raises(InputError, match=match):
             _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={tmp_path}", option)
     assert not (tmp_path / "out").exists()

@@ -46,6 +46,8 @@ from ..utils.errors import InputError
 from ..utils.io import atomic_path, write_json
 
 log = logging.getLogger("hirespath.predict_slides")
+# the heatmap PNG's long side: its figure grows with the square of it (8,192 px: 7.1 GiB, 93 s per slide)
+MIN_SIDE, MAX_SIDE = 64, 8192
 
 
 def run_predict_slides(cfg: DictConfig) -> dict:
@@ -63,8 +65,9 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
         raise InputError(f"heatmaps.num_slides={n!r}: must be null (every slide) or an integer >= 0 (0: none)")
     side = cfg.heatmaps.max_side
-    if not (isinstance(side, int) and not isinstance(side, bool) and side >= 64):
-        raise InputError(f"heatmaps.max_side={side!r}: must be an integer >= 64 (px of the heatmap's long side)")
+    if not (isinstance(side, int) and not isinstance(side, bool) and MIN_SIDE <= side <= MAX_SIDE):
+        raise InputError(f"heatmaps.max_side={side!r}: must be an integer in [{MIN_SIDE}, {MAX_SIDE}] (px of the "
+                         f"heatmap's long side; {MAX_SIDE:,} px takes about 7 GiB and 1.5 min per slide)")  # fmt: skip
     ckpt, run_dir = find_checkpoint(cfg.ckpt)
     run_cfg = run_config(run_dir, ckpt)
     head, dim, num_classes = load_mil_head(ckpt, run_cfg)
