@@ -1388,6 +1388,23 @@ def test_a_rescan_is_noticed_after_a_run_stopped_before_the_slides_row(tmp_path)
     assert again["slides_done"] == 1 and (out / "s0.h5").read_bytes() != made
 
 
+def test_an_output_that_cannot_say_what_it_was_made_from_is_named(tmp_path, caplog):
+    """A finished slide without a row whose output cannot be read is not checked for a rescan: said in a warning
+    (a slide not made yet is not)."""
+    wsi = tmp_path / "wsi"
+    wsi.mkdir()
+    for i in range(2):
+        write_pyramid(wsi / f"s{i}.tiff", tissue(seed=i), 0.5, compression="jpeg", levels=(1, 4))
+    with caplog.at_level("WARNING", logger="hirespath"):
+        first = embed_slides(encoder(), list_slides(wsi)[:1], tmp_path / "job", TILING, embed_cfg(), CPU)
+        out = Path(first["features_dir"])
+        Ledger(out).drop_rows("timings.csv", ["s0"])
+        (out / "s0.h5").write_bytes(b"not an h5 file")  # finished as far as a file there says
+        assert embed_slides(encoder(), list_slides(wsi), tmp_path / "job", TILING, embed_cfg(), CPU)["slides_done"] == 1
+    unreadable = [r.getMessage() for r in caplog.records if "cannot read which slide file" in r.getMessage()]
+    assert len(unreadable) == 1 and "s0.h5" in unreadable[0]
+
+
 def test_an_overwrite_stopped_before_its_row_leaves_the_output_deciding_not_the_old_row(tmp_path):
     """An overwrite that replaced cohort A's slide 1 with cohort B's and was stopped before B's timings row (with
     write_behind the row waits for the next slide's stream) left A's row deciding: cohort A's rerun kept B's features

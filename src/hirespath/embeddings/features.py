@@ -205,7 +205,10 @@ class EmbeddingConsumer:
         unknown: the runner's rescan check for a slide without a timings.csv row (a run stopped before it)."""
         try:
             attrs, _ = trident_h5.read_coords(path)
-        except Exception:  # noqa: BLE001 — a corrupt output (broken OME-XML, h5) records nothing
+        except FileNotFoundError:  # not made yet
+            return None
+        except Exception as err:  # noqa: BLE001 — a corrupt output (broken OME-XML, h5) records nothing
+            log.warning("%s: cannot read which slide file it was made from (%s); not checked for a rescan", path, err)
             return None
         if "slide_bytes" not in attrs:
             return None

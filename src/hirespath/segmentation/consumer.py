@@ -535,7 +535,11 @@ class SegmentationConsumer:
         the runner's rescan check for a slide without a timings.csv row (a redraw writes none)."""
         try:
             description = read_description(self.probs_path(path))
-        except Exception:  # noqa: BLE001 — a corrupt output (broken OME-XML, h5) records nothing
+        except FileNotFoundError:  # not made yet
+            return None
+        except Exception as err:  # noqa: BLE001 — a corrupt output (broken OME-XML, h5) records nothing
+            log.warning("%s: cannot read which slide file it was made from (%s); not checked for a rescan",
+                        self.probs_path(path), err)  # fmt: skip
             return None
         return description if description.get("slide_bytes") is not None else None
 
