@@ -303,6 +303,23 @@ def test_job_dir_that_is_a_file_is_refused(slides, tmp_path):
         embed_slides(encoder(), list_slides(slides), f, TILING, embed_cfg(), CPU)
 
 
+def test_a_tiling_of_any_object_with_numbers_runs_and_its_threshold_is_checked_first(slides, tmp_path):
+    """The library takes a tiling as any object with its fields, as int()/float() of them (a JSON config gives
+    224.0): the tissue threshold's check before any slide did not refuse those. A bad threshold is named before any
+    slide; -0.0 is the folder's 0.0 (an overwrite of one slide with it marked every slide stale)."""
+    from types import SimpleNamespace
+
+    from hirespath.slides.prepare import tissue_threshold
+
+    loose = SimpleNamespace(size=112.0, mpp=1, overlap=0.0, min_tissue=0.25)
+    assert embed_slides(encoder(), list_slides(slides)[:1], tmp_path, loose, embed_cfg(), CPU)["slides_done"] == 1
+    with pytest.raises(InputError, match="tissue_threshold must be null .* got 300"):
+        embed_slides(encoder(), list_slides(slides)[:1], tmp_path / "b", replace(TILING, tissue_threshold=300),
+                     embed_cfg(), CPU)  # fmt: skip
+    assert not (tmp_path / "b").exists()
+    assert repr(tissue_threshold(SimpleNamespace(tissue_threshold=-0.0))) == "0.0"
+
+
 def test_stale_temporaries_of_a_dead_writer_are_removed(slides, tmp_path):
     """A kill between a temporary and its rename leaves it: the slide's output's and pictures', the tiling's patches
     file's (written ahead by the prefetch thread) and the folder's CSVs, config and marks. The next run removes

@@ -55,7 +55,7 @@ def cover_tissue(tiling) -> bool:
 def tissue_threshold(tiling) -> float | None:
     """The fixed saturation above which a pixel is tissue (None: Otsu's threshold of each slide, the default)."""
     value = getattr(tiling, "tissue_threshold", None)
-    return None if value is None else float(value)
+    return None if value is None else float(value) + 0.0  # -0.0 is 0.0 (one identity digest)
 
 
 def patches_path(tiling_dir: Path, tiling, slide_id: str) -> Path:
@@ -160,10 +160,11 @@ def _grid_from_patches(slide, path: Path, tiling, smpp: float, nbytes: int) -> T
 
 
 def _same_threshold(stored, wanted: float | None) -> bool:
-    """A stored ``tissue_threshold`` attr (absent: Otsu's) is the tiling's."""
+    """A stored ``tissue_threshold`` attr (absent: Otsu's) is the tiling's: exactly (saturation is an integer
+    compared with ``>``: 19.9999 and 20 keep other pixels)."""
     if stored is None or wanted is None:
         return stored is None and wanted is None
-    return bool(np.isclose(float(stored), wanted))
+    return float(stored) == wanted
 
 
 def prepare_slide(

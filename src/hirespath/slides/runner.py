@@ -229,8 +229,9 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def check_job(job: SlideJob) -> None:
     """The run-wide options, once, before any slide is opened."""
-    t = job.tiling  # checked again by each slide's tile_grid, where a bad value would name the slide, not the option
-    check_tiling(t.size, t.mpp, t.overlap, t.min_tissue, getattr(t, "tissue_threshold", None))
+    # a bad threshold would fail each slide's tile_grid, naming the slide, not the option (the other tiling values
+    # are taken as int()/float() of what is given)
+    check_tiling(1, 0.5, 0, 0.25, getattr(job.tiling, "tissue_threshold", None))
     if not (isinstance(job.batch_size, int) and job.batch_size >= 1):
         raise InputError(f"batch_size must be a positive integer, got {job.batch_size!r}")
     if job.num_workers is not None and not (isinstance(job.num_workers, int) and job.num_workers >= 0):
