@@ -859,7 +859,7 @@ def test_a_new_threshold_redraws_finished_slides_from_their_probability_tiffs(ck
         # a run stopped between the TIFF and the GeoJSON: the GeoJSON is drawn from the TIFF (the overlay's and the
         # GeoJSON's temporaries that the kill left are removed)
         (out / "s0.geojson").unlink()
-        left = [out / ".s0_overlay.png.k2j_x1.tmp", out / ".s0.geojson.0123abcd.tmp"]
+        left = [out / ".s0_overlay.png.k2j_x1ab.tmp", out / ".s0.geojson.0123abcd.tmp"]
         for path in left:
             path.write_bytes(b"part")
         assert run(ckpt, wsi, job, seam_check=False, threshold=0.5, min_area_um2=20.0)["slides_redrawn"] == 1

@@ -329,14 +329,16 @@ def test_stale_temporaries_of_a_dead_writer_are_removed(slides, tmp_path):
     s = embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
     out = Path(s["features_dir"])
     (out / "s0.h5").unlink()
-    stale = out / ".s0.h5.abc123.tmp"
+    stale = out / ".s0.h5.abc12345.tmp"
     stale.write_bytes(b"half a file")
     tiling = out.parent
-    ledger = [out / f".{name}.{token}.tmp" for name, token in (("timings.csv", "k2j_x1"), ("skipped.csv", "a1"),
-              ("summary.json", "b2"), ("config.json", "c3"), (".outputs_since", "d4"), ("clock", "e5"))]  # fmt: skip
-    shared = {tiling / "patches" / ".s0_patches.h5.f6.tmp": True, tiling / "thumbnails" / ".s0.png.g7.tmp": True,
-              tiling / "thumbnails" / ".s0_pruned.png.h8.tmp": True,
-              tiling / "patches" / ".s0_patches.h5.live.tmp": False}  # another worker writing it now  # fmt: skip
+    ledger = [out / f".{name}.{token}.tmp" for name, token in (("timings.csv", "k2j_x1ab"), ("skipped.csv", "a1a1a1a1"),
+              ("summary.json", "b2b2b2b2"), ("config.json", "c3c3c3c3"), (".outputs_since", "d4d4d4d4"),
+              ("clock", "e5e5e5e5"))]  # fmt: skip
+    shared = {tiling / "patches" / ".s0_patches.h5.f6f6f6f6.tmp": True,
+              tiling / "thumbnails" / ".s0.png.g7g7g7g7.tmp": True,
+              tiling / "thumbnails" / ".s0_pruned.png.h8h8h8h8.tmp": True,
+              tiling / "patches" / ".s0_patches.h5.live0000.tmp": False}  # another worker writing it now  # fmt: skip
     old = time.time() - 2 * 3600
     for path in [*ledger, *shared]:
         path.parent.mkdir(exist_ok=True)
@@ -346,7 +348,7 @@ def test_stale_temporaries_of_a_dead_writer_are_removed(slides, tmp_path):
     embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
     assert not stale.exists() and (out / "s0.h5").is_file()
     assert not [p.name for p in ledger if p.exists()]
-    assert [p.name for p in shared if p.exists()] == [".s0_patches.h5.live.tmp"]
+    assert [p.name for p in shared if p.exists()] == [".s0_patches.h5.live0000.tmp"]
 
 
 def test_a_slide_left_locked_by_a_job_killed_on_another_node_is_embedded_by_the_next_run(slides, tmp_path):
@@ -390,6 +392,8 @@ def test_a_slide_id_with_glob_characters_removes_only_its_own_temporaries(slides
     stale.write_bytes(b"half a file")
     live = temporary_beside(out / "a1.h5")  # another worker writing slide a1 right now
     dotted = temporary_beside(out / "a[1].h5.x.h5")  # slide "a[1].h5.x"'s, not a[1]'s
+    assert temporaries_of(out / "a[1].h5") == [stale]
+    (out / ".a[1].h5.h5.k2j8x1ab.tmp").write_bytes(b"")  # the temporary of slide "a[1].h5" (its output a[1].h5.h5)
     assert temporaries_of(out / "a[1].h5") == [stale]
     s = embed_slides(enc, list_slides(wsi), job, TILING, embed_cfg(), CPU)
     assert s["slides_done"] == 1 and (out / "a[1].h5").is_file()

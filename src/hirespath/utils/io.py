@@ -38,10 +38,11 @@ def temporary_beside(path: Path) -> Path:
 
 def temporaries_of(path: Path) -> list[Path]:
     """The temporaries of writers of ``path`` in its folder: ``temporary_beside``'s ``.<name>.<token>.tmp`` and a
-    writer's parts, ``.<name>.<token>.<part>.tmp`` (token: mkstemp's random part or 8 hex digits; no dot). Matched
+    writer's parts, ``.<name>.<token>.<part>.tmp`` (token: mkstemp's 8 random characters or 8 hex digits). Matched
     as text, not as a glob pattern: a slide id may hold ``[``, ``*`` or ``?``, and ``a[1]``'s pattern would take the
-    files of a live writer of ``a1``."""
-    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]+(\.[a-z0-9]+)?\.tmp")
+    files of a live writer of ``a1``. The token's length tells ``a.h5``'s ``.a.h5.<token>.tmp`` from slide
+    ``a.h5``'s output ``a.h5.h5`` and its ``.a.h5.h5.<token>.tmp``."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}(\.[a-z0-9]+)?\.tmp")
     try:
         return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
     except FileNotFoundError:
