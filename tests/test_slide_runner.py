@@ -4,10 +4,12 @@ failures, stale temporaries, non-finite tiles, upsampling, a consumer other than
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -1308,6 +1310,11 @@ def test_summary_totals_are_the_folders_after_a_run_over_part_of_it(slides, tmp_
     out = tmp_path / "job" / "10x_112px_0px_overlap"
     features = next(out.glob("features_*"))
     Ledger(features).drop_rows("timings.csv", ["s1"])  # finished by a run stopped before its row: still counted
+    (features / "._s2.h5").write_bytes(b"\0" * 4096)  # a Finder copy's AppleDouble file, and a backup: not slides
+    shutil.copy(features / "s0.h5", features / "s0.bak.h5")
+    with h5py.File(features / "s0.bak.h5", "a") as f:
+        for key in ("slide_bytes", "slide_path"):  # a file made before outputs recorded their slide file
+            del f["coords"].attrs[key]
     assert totals() == (3, 2, 1)
     next(out.glob("features_*/s1.h5")).unlink()  # s1 dropped from the cohort
     (tmp_path / "broken.tiff").unlink()
@@ -1446,6 +1453,25 @@ def test_an_overwrite_stopped_before_its_row_leaves_the_output_deciding_not_the_
     with pytest.raises(NothingProcessed, match="is taken in"):  # the folder holds B's slide 1, not A's
         embed_slides(encoder(), list_slides(a), job, TILING, embed_cfg(), CPU)
     assert (out / "1.h5").read_bytes() == made_b
+
+
+def test_outputs_copied_without_their_times_are_read_once(tmp_path, monkeypatch):
+    """cp -r (or touch) gives every output another time than its row's: each was read at every start, for good
+    (5 ms a file). A row whose output records what the row does takes the output's new time."""
+    from hirespath.embeddings.features import EmbeddingConsumer
+
+    a, _ = _cohorts(tmp_path)
+    out = Path(embed_slides(encoder(), list_slides(a), tmp_path / "job", TILING, embed_cfg(), CPU)["features_dir"])
+    later = time.time() + 5
+    os.utime(out / "1.h5", (later, later))
+    reads = []
+    made_from = EmbeddingConsumer.made_from
+    monkeypatch.setattr(EmbeddingConsumer, "made_from", lambda self, path: reads.append(path) or made_from(self, path))
+    for expected in (1, 1):  # read on the first start after the copy only
+        assert embed_slides(encoder(), list_slides(a), tmp_path / "job", TILING, embed_cfg(), CPU)["slides_done"] == 0
+        assert len(reads) == expected
+    row = pd.read_csv(out / "timings.csv").set_index("slide").loc[1]
+    assert row.output_ns == pytest.approx((out / "1.h5").stat().st_mtime_ns, abs=1e3) and row.tiles > 0
 
 
 def test_a_folder_name_that_is_not_utf8_does_not_stop_the_run(tmp_path):

@@ -367,6 +367,20 @@ class Ledger:
                 with atomic_path(path) as tmp:
                     table[keep].to_csv(tmp, index=False)
 
+    def set_values(self, name: str, column: str, values: dict) -> None:
+        """Set ``column`` of the rows of the slides in ``values`` ({slide: value}) in the folder's table ``name``."""
+        path = self.folder / name
+        if not values or not path.is_file():
+            return
+        with self._locked(name):
+            table = self.table(name)
+            hit = table["slide"].isin(set(values))
+            if hit.any():
+                table[column] = table[column].astype(object) if column in table else None
+                table.loc[hit, column] = table.loc[hit, "slide"].map(values)
+                with atomic_path(path) as tmp:
+                    table.to_csv(tmp, index=False)
+
     def table(self, name: str) -> pd.DataFrame | None:
         """The folder's table ``name`` (slide ids as written), None when there is none yet."""
         path = self.folder / name

@@ -49,7 +49,7 @@ from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
 from ..wsi.tissue import check_tiling
-from .ledger import IdentityMismatch, Ledger, whole_slide_rows
+from .ledger import TIMINGS, IdentityMismatch, Ledger, whole_slide_rows
 from .prepare import (
     PreparedSlide,
     cover_tissue,
@@ -280,8 +280,8 @@ def _replaced_slides(
     finished: Callable[[str], bool],
     recorded: Callable[[str], dict | None] | None = None,
     written: Callable[[str], int | None] | None = None,
-) -> tuple[list[SlideSpec], dict[str, str]]:
-    """(replaced, clashes) among the listed slides with a timings.csv row (``slide_bytes``, ``slide_path``; rows
+) -> tuple[list[SlideSpec], dict[str, str], dict[str, int]]:
+    """(replaced, clashes, moved) among the listed slides with a timings.csv row (``slide_bytes``, ``slide_path``; rows
     without them, from before they were recorded, are trusted).
 
     Replaced: the file has another size than the one the outputs were made from (a rescan or re-export under the
@@ -294,9 +294,11 @@ def _replaced_slides(
     A slide without a timings.csv row (a run stopped between its outputs and its row; a redraw writes none) is
     judged by what its outputs record (``recorded(slide)``: the consumer's ``slide_bytes``/``slide_path``), and so
     is one whose row was written for another output than the one there now (``written(slide)``: the output's
-    ``st_mtime_ns``, against the row's ``output_ns``): an overwrite stopped between the new output and its row."""
+    ``st_mtime_ns``, against the row's ``output_ns``): an overwrite stopped between the new output and its row.
+    Moved, {slide id: ns}: rows whose output records what the row does, with another time (a copied job_dir, a
+    redrawn GeoJSON): their ``output_ns`` to write, so that the output is read once."""
     if not specs:
-        return [], {}
+        return [], {}, {}
     table = ledger.timings()
     with_rows = set(table.slide.astype(str))
     for column in ("slide_bytes", "slide_path", "output_ns"):
@@ -307,7 +309,7 @@ def _replaced_slides(
         output_ns=pd.to_numeric(table["output_ns"], errors="coerce"),
     ).dropna(subset="slide_bytes")
     rows = table.drop_duplicates("slide", keep="last").set_index("slide")[["slide_bytes", "slide_path", "output_ns"]]
-    replaced, clashes = [], {}
+    replaced, clashes, moved = [], {}, {}
     for spec in specs:
         if spec.slide_id in rows.index:
             then, source = rows.at[spec.slide_id, "slide_bytes"], rows.at[spec.slide_id, "slide_path"]
@@ -317,6 +319,8 @@ def _replaced_slides(
                 and (ns := written(spec.slide_id)) is not None and abs(ns - row_ns) >= SAME_OUTPUT_NS
                 and (facts := recorded(spec.slide_id)) and facts.get("slide_bytes") is not None
             ):  # fmt: skip
+                if int(facts["slide_bytes"]) == int(then) and facts.get("slide_path") == source:
+                    moved[spec.slide_id] = ns  # the row's output, its time changed (a copy, a redraw)
                 then, source = facts["slide_bytes"], facts.get("slide_path")
         elif spec.slide_id not in with_rows and recorded is not None and (facts := recorded(spec.slide_id)):
             then, source = facts.get("slide_bytes"), facts.get("slide_path")
@@ -344,7 +348,7 @@ def _replaced_slides(
             log.warning("%s was replaced since its outputs were made (%d bytes then, %d now): processing it again",
                         spec.path, then, now)  # fmt: skip
             replaced.append(spec)
-    return replaced, clashes
+    return replaced, clashes, moved
 
 
 def _outputs_in(out_dir: Path, consumer: SlideConsumer) -> set[str]:
@@ -354,7 +358,8 @@ def _outputs_in(out_dir: Path, consumer: SlideConsumer) -> set[str]:
         names = os.listdir(out_dir)
     except FileNotFoundError:
         return set()
-    return {name[: -len(suffix)] for name in names if name.endswith(suffix) and len(name) > len(suffix)}
+    # not hidden files (a Finder copy's ._<slide>.h5, temporaries)
+    return {n[: -len(suffix)] for n in names if n.endswith(suffix) and len(n) > len(suffix) and n[0] != "."}
 
 
 def _output_ns(path: Path) -> int | None:
@@ -466,9 +471,11 @@ def run_slides(
     # rescans under the same name: done again, and what is left of their outputs (a map to redraw) not reused;
     # another folder's slide under a finished one's id: refused (an overwrite replaces whatever it lists)
     made = getattr(consumer, "made_from", None)  # optional: the slide file its outputs record
-    replaced, clashes = _replaced_slides(order, ledger, consumer.overwrite_hint, finished,
-                                         (lambda slide: made(output_of(slide))) if made else None,
-                                         lambda slide: _output_ns(output_of(slide)))  # fmt: skip
+    replaced, clashes, moved = _replaced_slides(order, ledger, consumer.overwrite_hint, finished,
+                                                (lambda slide: made(output_of(slide))) if made else None,
+                                                lambda slide: _output_ns(output_of(slide)))  # fmt: skip
+    if moved:  # copied without their times (cp -r), or drawn again: read once, not at every start
+        ledger.set_values(TIMINGS, "output_ns", moved)
     if job.overwrite:
         clashes = {}
     if replaced:
@@ -703,10 +710,12 @@ def run_slides(
         # one whose output was deleted (dropped from the cohort) has left the folder; one finished by a run stopped
         # before its row is there
         rows = set(ledger.timings().slide.astype(str))
-        made = {s for s in rows - set(outputs) if output_of(s).exists()} | (
-            _outputs_in(out_dir, consumer) - set(outputs)
-        )
-        others = (made | failed) - set(outputs)
+        with_rows = {s for s in rows - set(outputs) if output_of(s).exists()}
+        # without a row: only a file that records the slide file it was made from (not the ledger's own files, a
+        # copy's ._<slide>.h5, a backup), so only for a consumer that records it
+        found = _outputs_in(out_dir, consumer) - set(outputs) - rows
+        found = {s for s in found if made(output_of(s))} if made else set()
+        others = (with_rows | found | failed) - set(outputs)
         on_disk = finished_listed | {slide for slide in others if finished(slide)}
         return {"output_dir": str(out_dir), "slides_total": len(specs) + len(others), "slides_finished": len(on_disk),
                 "slides_skipped": len(failed - on_disk), **consumer.identity}  # fmt: skip
