@@ -377,6 +377,35 @@ def test_a_slide_left_locked_by_a_job_killed_on_another_node_is_embedded_by_the_
     assert [(h["slide"], h["by"]) for h in held["held"]] == [("s1", "held by node-18:99")]
 
 
+def test_leftovers_of_a_kill_after_a_slides_output_are_removed_by_a_run_with_nothing_to_do(slides, tmp_path):
+    """A worker killed after a slide's output appeared, before its bookkeeping, left the slide's lock, the row's
+    temporary and the timings.csv lock; a rerun that finds every slide finished took no lock and kept them for
+    good (hunt_chaos2), as it kept an hour-old temporary in the tiling's shared thumbnails/."""
+    import socket
+    import subprocess
+
+    enc = encoder()
+    s = embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
+    out = Path(s["features_dir"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    holder = {"pid": gone.pid, "hostname": socket.gethostname(), "created_at": time.time(), "heartbeat_s": 60}
+    (out / "s0.h5.lock").write_text(json.dumps({**holder, "token": "x"}))
+    (out / ".s0.h5.abc12345.tmp").write_bytes(b"")
+    (out / ".timings.csv.lock").write_text(f"{socket.gethostname()}:{gone.pid}")
+    (out / ".timings.csv.k2j8x1ab.tmp").write_bytes(b"part")
+    old, fresh = out.parent / "thumbnails" / ".s0.png.oldoldol.tmp", out.parent / "thumbnails" / ".s0.png.newnewne.tmp"
+    old.parent.mkdir(exist_ok=True)
+    for path in (old, fresh):
+        path.write_bytes(b"part")
+    then = time.time() - 2 * 3600
+    os.utime(old, (then, then))
+    again = embed_slides(enc, list_slides(slides)[:1], tmp_path, TILING, embed_cfg(), CPU)
+    assert again["slides_already_finished"] == 1
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".lock")
+    assert left == [] and not old.exists() and fresh.exists()
+
+
 def test_a_slide_id_with_glob_characters_removes_only_its_own_temporaries(slides, tmp_path):
     # "a[1]" as a glob pattern matches "a1": the worker taking a[1] would delete a live writer's file of slide a1
     import shutil

@@ -233,11 +233,6 @@ class EmbeddingConsumer:
         draw = functools.partial(self._draw, spec, prepared, path) if draws else None
         return FeatureSink(writer, grid.coords, self.tokens, overlays, draw)
 
-    def files_of(self, out_dir: Path, spec: SlideSpec) -> list[Path]:
-        """The pictures: in the tiling's thumbnails/, which every encoder of the tiling shares."""
-        thumb = self._thumb_path(self.output_path(out_dir, spec), spec.slide_id)
-        return [thumb, self._pruned_path(thumb)]
-
     def _thumb_path(self, out_path: Path, slide_id: str) -> Path:
         return out_path.parent.parent / "thumbnails" / f"{slide_id}.png"
 

@@ -485,6 +485,8 @@ class SegmentationConsumer:
     def output_path(self, out_dir: Path, spec: SlideSpec) -> Path:
         return out_dir / f"{spec.slide_id}.geojson"
 
+    tables = (AREAS, SEAMS)  # the ledger tables it writes besides timings.csv
+
     def files_of(self, out_dir: Path, spec: SlideSpec) -> list[Path]:
         """Besides the GeoJSON (whose temporaries' names the TIFF's share): the overlay."""
         return [self.overlay_path(out_dir, spec.slide_id)]

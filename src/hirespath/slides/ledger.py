@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..utils.errors import InputError
-from ..utils.io import atomic_path, exclusive_lock, read_csv_ids, temporaries_of, write_json
+from ..utils.io import atomic_path, exclusive_lock, folder_lock_free, read_csv_ids, temporaries_of, write_json
 
 log = logging.getLogger("hirespath.slides")
 
@@ -145,6 +145,17 @@ class Ledger:
         self.folder = Path(folder)
         self._launch_failures: tuple = (None, {})  # (skipped.csv's stat, {(slide, launch): row}) for failed_in_launch
         self._swept: set[str] = set()  # the locks under which the temporaries of stopped writers were removed
+
+    def sweep(self, names) -> None:
+        """What stopped writers left of the tables ``names`` (their temporaries, their lock), which a run that writes
+        none of them would keep for good: removed under their lock, where none holds it (no wait)."""
+        for name in names:
+            lock = self.folder / f".{name}.lock"
+            left = lock.exists() or any(temporaries_of(self.folder / f) for f in WRITTEN_UNDER.get(name, (name,)))
+            if left and folder_lock_free(lock):
+                self._swept.discard(name)
+                with self._locked(name):
+                    pass
 
     @contextlib.contextmanager
     def _locked(self, name: str):

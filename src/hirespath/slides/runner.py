@@ -36,6 +36,7 @@ from ..utils.errors import InputError
 from ..utils.io import (
     HEARTBEAT_MISSES,
     HEARTBEAT_S,
+    TEMPORARY,
     lock_is_stale,
     out_of_storage,
     storage_errors,
@@ -53,7 +54,6 @@ from .ledger import TIMINGS, IdentityMismatch, Ledger, whole_slide_rows
 from .prepare import (
     PreparedSlide,
     cover_tissue,
-    patches_path,
     prepare_slide,
     recorded_path,
     slide_bytes,
@@ -197,8 +197,9 @@ class SlideConsumer(Protocol):
 
     def output_path(self, out_dir: Path, spec: SlideSpec) -> Path: ...
 
-    # optional: ``files_of(out_dir, spec) -> list[Path]``, the other files it writes for a slide (pictures), so that
-    # a writer's temporaries left by a kill are removed
+    # optional: ``files_of(out_dir, spec) -> list[Path]``, the other files it writes for a slide in ``out_dir``
+    # (pictures), so that a writer's temporaries left by a kill are removed; ``tables``: the ledger tables it writes
+    # besides timings.csv (e.g. areas.csv), whose leftovers are removed likewise
 
     def is_finished(self, path: Path) -> bool: ...
 
@@ -399,27 +400,54 @@ def is_newer(path: Path, since: int | None) -> bool:
         return False
 
 
-# a temporary of a file other workers may be writing without this slide's lock (the tiling's patches/ and
-# thumbnails/, shared by every consumer of the tiling) is a stopped writer's when untouched this long: those files
-# take seconds to write
+# the tiling's folders every consumer of it writes without a slide's lock (patches files, thumbnails); a temporary
+# there is a stopped writer's when untouched this long (those files take seconds to write)
+SHARED_FOLDERS = ("patches", "patches_cover_tissue", "thumbnails")
 SHARED_TEMPORARY_S = 3600.0
 
 
-def _remove_stale_temporaries(out_dir: Path, files: list[Path]) -> None:
-    """Temporary files of writers of a slide's ``files`` that stopped (a kill between a temporary and its rename):
-    all of them in ``out_dir``, whose slide lock we hold (no live writer has any), and elsewhere those untouched for
-    :data:`SHARED_TEMPORARY_S`."""
-    now = time.time()
+def _remove_stale_temporaries(files: list[Path]) -> None:
+    """Temporary files of writers of a slide's ``files`` that stopped (a kill between a temporary and its rename),
+    under the slide's lock (no live writer has any)."""
     for file in files:
-        own = file.parent == out_dir
         for tmp in temporaries_of(file):
+            log.info("removing %s, left by a writer that stopped", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _remove_old_temporaries(tiling_dir: Path) -> None:
+    """The temporaries in the tiling's shared folders (:data:`SHARED_FOLDERS`) untouched for
+    :data:`SHARED_TEMPORARY_S`: their writers stopped (a kill, or the prefetch of a slide the run never reached)."""
+    now = time.time()
+    for folder in SHARED_FOLDERS:
+        try:
+            names = os.listdir(tiling_dir / folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if not TEMPORARY.fullmatch(name):
+                continue
+            tmp = tiling_dir / folder / name
             try:
-                if not own and now - tmp.stat().st_mtime < SHARED_TEMPORARY_S:
+                if now - tmp.stat().st_mtime < SHARED_TEMPORARY_S:
                     continue
             except FileNotFoundError:
                 continue
             log.info("removing %s, left by a writer that stopped", tmp)
             tmp.unlink(missing_ok=True)
+
+
+def _release_finished_leftovers(finished: list[SlideSpec], outputs: dict[str, Path], files_of, stale_s: float):
+    """A finished slide's lock and temporaries left by a worker stopped after its output appeared (before its
+    bookkeeping): removed where the lock is stale (its holder is gone), as a slide run would."""
+    for spec in finished:
+        out = outputs[spec.slide_id]
+        lock_path = out.with_name(out.name + ".lock")
+        if lock_path.exists() and (lock := try_lock(lock_path, stale_s=stale_s)) is not None:
+            try:
+                _remove_stale_temporaries([out, *files_of(out.parent, spec)])
+            finally:
+                lock.release()
 
 
 @contextlib.contextmanager
@@ -488,6 +516,8 @@ def run_slides(
     if finished_before:
         log.info("skipping %d finished slides of %d in %s", len(finished_before), len(specs), out_dir)
         ledger.forget_slide_failures([s.slide_id for s in finished_before])
+    _release_finished_leftovers(finished_before, outputs, files_of, job.lock_stale_s)
+    _remove_old_temporaries(job.tiling_dir)
     done_ids = {s.slide_id for s in finished_before}
     found_finished = [s.slide_id for s in finished_before]  # for merge_summaries; not kept in summary.json
     host = socket.gethostname()
@@ -634,8 +664,7 @@ def run_slides(
                         settle(spec, lock, t_slide, stages, functools.partial(_reraise, SlideError(why)))
                         prefetch(k + 1)
                         continue
-                    _remove_stale_temporaries(out_dir, [out, patches_path(job.tiling_dir, job.tiling, spec.slide_id),
-                                                        *files_of(out_dir, spec)])  # fmt: skip
+                    _remove_stale_temporaries([out, *files_of(out_dir, spec)])
                 stages["bookkeeping"] += time.perf_counter() - t_slide
                 if lock is None or done_by_another or failed is not None:
                     if lock is None:
@@ -720,6 +749,7 @@ def run_slides(
         return {"output_dir": str(out_dir), "slides_total": len(specs) + len(others), "slides_finished": len(on_disk),
                 "slides_skipped": len(failed - on_disk), **consumer.identity}  # fmt: skip
 
+    ledger.sweep([TIMINGS, *getattr(consumer, "tables", ())])  # other runs' leftovers, where this one wrote no row
     ledger.update_summary(summary, folder_totals)
     summary["slides_finished_on_disk"] = len(finished_listed)
     summary["found_finished"] = found_finished

@@ -36,6 +36,10 @@ def temporary_beside(path: Path) -> Path:
     return Path(tmp)
 
 
+# any temporary_beside name, or a writer's part of one (see temporaries_of)
+TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}(\.[a-z0-9]+)?\.tmp")
+
+
 def temporaries_of(path: Path) -> list[Path]:
     """The temporaries of writers of ``path`` in its folder: ``temporary_beside``'s ``.<name>.<token>.tmp`` and a
     writer's parts, ``.<name>.<token>.<part>.tmp`` (token: mkstemp's 8 random characters or 8 hex digits). Matched
@@ -275,17 +279,10 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
                 raw, mtime_ns = path.read_text(), path.stat().st_mtime_ns
             except FileNotFoundError:
                 continue  # released meanwhile
-            holder, age = raw.strip(), time.time() - mtime_ns / 1e9
-            host, _, pid = holder.rpartition(":")
-            dead = host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
-            if dead or age > stale_s:
+            holder, why = raw.strip(), _folder_lock_stale(raw, mtime_ns, stale_s)
+            if why:
                 if _remove_if_unchanged(path, (raw, mtime_ns)):
-                    log.warning(
-                        "took over the stale lock %s of %s (%s)",
-                        path,
-                        holder,
-                        "process gone" if dead else f"untouched for {age:.0f} s",
-                    )
+                    log.warning("took over the stale lock %s of %s (%s)", path, holder, why)
                 else:
                     time.sleep(min(poll_s, 0.05))  # another waiter is taking it over
                 continue
@@ -306,6 +303,27 @@ def exclusive_lock(path: str | os.PathLike, what: str = "", poll_s: float = 5.0,
                 path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _folder_lock_stale(raw: str, mtime_ns: int, stale_s: float) -> str | None:
+    """Why an :func:`exclusive_lock` file with this content ("host:pid") and time is stale, None while held."""
+    import socket
+    import time
+
+    host, _, pid = raw.strip().rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        return "process gone"
+    age = time.time() - mtime_ns / 1e9
+    return f"untouched for {age:.0f} s" if age > stale_s else None
+
+
+def folder_lock_free(path: str | os.PathLike, stale_s: float = 600.0) -> bool:
+    """:func:`exclusive_lock` would take ``path`` at once: there is none, or its holder is gone."""
+    try:
+        raw, mtime_ns = Path(path).read_text(), Path(path).stat().st_mtime_ns
+    except FileNotFoundError:
+        return True
+    return _folder_lock_stale(raw, mtime_ns, stale_s) is not None
 
 
 def _takeover_mutex(path: Path, text: str) -> Path | None:
