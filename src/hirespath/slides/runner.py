@@ -352,17 +352,6 @@ def _replaced_slides(
     return replaced, clashes, moved
 
 
-def _outputs_in(out_dir: Path, consumer: SlideConsumer) -> set[str]:
-    """The slide ids whose outputs are in ``out_dir`` (named as ``consumer.output_path`` names them)."""
-    suffix = consumer.output_path(out_dir, SlideSpec("x", out_dir / "x")).name[1:]  # e.g. ".h5"
-    try:
-        names = os.listdir(out_dir)
-    except FileNotFoundError:
-        return set()
-    # not hidden files (a Finder copy's ._<slide>.h5, temporaries)
-    return {n[: -len(suffix)] for n in names if n.endswith(suffix) and len(n) > len(suffix) and n[0] != "."}
-
-
 def _output_ns(path: Path) -> int | None:
     """When ``path`` was last written (``st_mtime_ns``), None when it is not there."""
     try:
@@ -736,15 +725,9 @@ def run_slides(
         skipped = ledger.skipped()
         failed = skipped[whole_slide_rows(skipped)]
         failed = {s for s, p in zip(failed.slide, failed.path) if s in outputs or (p and recorded_path(p).exists())}
-        # one whose output was deleted (dropped from the cohort) has left the folder; one finished by a run stopped
-        # before its row is there
-        rows = set(ledger.timings().slide.astype(str))
-        with_rows = {s for s in rows - set(outputs) if output_of(s).exists()}
-        # without a row: only a file that records the slide file it was made from (not the ledger's own files, a
-        # copy's ._<slide>.h5, a backup), so only for a consumer that records it
-        found = _outputs_in(out_dir, consumer) - set(outputs) - rows
-        found = {s for s in found if made(output_of(s))} if made else set()
-        others = (with_rows | found | failed) - set(outputs)
+        # one whose output was deleted (dropped from the cohort) has left the folder
+        made = {s for s in set(ledger.timings().slide.astype(str)) - set(outputs) if output_of(s).exists()}
+        others = (made | failed) - set(outputs)
         on_disk = finished_listed | {slide for slide in others if finished(slide)}
         return {"output_dir": str(out_dir), "slides_total": len(specs) + len(others), "slides_finished": len(on_disk),
                 "slides_skipped": len(failed - on_disk), **consumer.identity}  # fmt: skip
