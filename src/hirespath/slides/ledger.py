@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..utils.errors import InputError
-from ..utils.io import atomic_path, exclusive_lock, folder_lock_free, read_csv_ids, temporaries_of, write_json
+from ..utils.io import atomic_path, exclusive_lock, read_csv_ids, temporaries_of, write_json
 
 log = logging.getLogger("hirespath.slides")
 
@@ -147,12 +147,13 @@ class Ledger:
         self._swept: set[str] = set()  # the locks under which the temporaries of stopped writers were removed
 
     def sweep(self, names) -> None:
-        """What stopped writers left of the tables ``names`` (their temporaries, their lock), which a run that writes
-        none of them would keep for good: removed under their lock, where none holds it (no wait)."""
+        """The temporaries stopped writers left of the tables ``names``, which a run that writes none of them would
+        keep for good: removed under their lock where there is no lock file (a live writer holds it while its
+        temporary exists). A lock file left too waits for the next writer, which judges it (no wait here, and no
+        judging a holder's pid, which a sibling container's namespace can make look gone)."""
         for name in names:
             lock = self.folder / f".{name}.lock"
-            left = lock.exists() or any(temporaries_of(self.folder / f) for f in WRITTEN_UNDER.get(name, (name,)))
-            if left and folder_lock_free(lock):
+            if not lock.exists() and any(temporaries_of(self.folder / f) for f in WRITTEN_UNDER.get(name, (name,))):
                 self._swept.discard(name)
                 with self._locked(name):
                     pass

@@ -50,7 +50,7 @@ from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
 from ..wsi.tissue import check_tiling
-from .ledger import TIMINGS, IdentityMismatch, Ledger, whole_slide_rows
+from .ledger import TIMINGS, IdentityMismatch, Ledger, _file_system_now, whole_slide_rows
 from .prepare import (
     PreparedSlide,
     cover_tissue,
@@ -395,11 +395,11 @@ SHARED_FOLDERS = ("patches", "patches_cover_tissue", "thumbnails")
 SHARED_TEMPORARY_S = 3600.0
 
 
-def _remove_stale_temporaries(files: list[Path]) -> None:
+def _remove_stale_temporaries(files: list[Path], names: list[str] | None = None) -> None:
     """Temporary files of writers of a slide's ``files`` that stopped (a kill between a temporary and its rename),
-    under the slide's lock (no live writer has any)."""
+    under the slide's lock (no live writer has any); ``names``: their folder's, when already listed."""
     for file in files:
-        for tmp in temporaries_of(file):
+        for tmp in temporaries_of(file, names):
             log.info("removing %s, left by a writer that stopped", tmp)
             tmp.unlink(missing_ok=True)
 
@@ -407,18 +407,17 @@ def _remove_stale_temporaries(files: list[Path]) -> None:
 def _remove_old_temporaries(tiling_dir: Path) -> None:
     """The temporaries in the tiling's shared folders (:data:`SHARED_FOLDERS`) untouched for
     :data:`SHARED_TEMPORARY_S`: their writers stopped (a kill, or the prefetch of a slide the run never reached)."""
-    now = time.time()
     for folder in SHARED_FOLDERS:
         try:
-            names = os.listdir(tiling_dir / folder)
+            names = [n for n in os.listdir(tiling_dir / folder) if TEMPORARY.fullmatch(n)]
         except FileNotFoundError:
             continue
+        # the file server's clock, as the temporaries' times (a worker's clock an hour ahead took live ones)
+        now_ns = _file_system_now(tiling_dir / folder) if names else 0
         for name in names:
-            if not TEMPORARY.fullmatch(name):
-                continue
             tmp = tiling_dir / folder / name
             try:
-                if now - tmp.stat().st_mtime < SHARED_TEMPORARY_S:
+                if now_ns - tmp.stat().st_mtime_ns < SHARED_TEMPORARY_S * 1e9:
                     continue
             except FileNotFoundError:
                 continue
@@ -429,12 +428,15 @@ def _remove_old_temporaries(tiling_dir: Path) -> None:
 def _release_finished_leftovers(finished: list[SlideSpec], outputs: dict[str, Path], files_of, stale_s: float):
     """A finished slide's lock and temporaries left by a worker stopped after its output appeared (before its
     bookkeeping): removed where the lock is stale (its holder is gone), as a slide run would."""
+    listed: dict[Path, list[str]] = {}  # each folder listed once (hundreds of stale locks after a killed array)
     for spec in finished:
         out = outputs[spec.slide_id]
         lock_path = out.with_name(out.name + ".lock")
         if lock_path.exists() and (lock := try_lock(lock_path, stale_s=stale_s)) is not None:
             try:
-                _remove_stale_temporaries([out, *files_of(out.parent, spec)])
+                if out.parent not in listed:
+                    listed[out.parent] = os.listdir(out.parent)
+                _remove_stale_temporaries([out, *files_of(out.parent, spec)], listed[out.parent])
             finally:
                 lock.release()
 

@@ -40,15 +40,15 @@ def temporary_beside(path: Path) -> Path:
 TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}(\.[a-z0-9]+)?\.tmp")
 
 
-def temporaries_of(path: Path) -> list[Path]:
+def temporaries_of(path: Path, names: list[str] | None = None) -> list[Path]:
     """The temporaries of writers of ``path`` in its folder: ``temporary_beside``'s ``.<name>.<token>.tmp`` and a
     writer's parts, ``.<name>.<token>.<part>.tmp`` (token: mkstemp's 8 random characters or 8 hex digits). Matched
     as text, not as a glob pattern: a slide id may hold ``[``, ``*`` or ``?``, and ``a[1]``'s pattern would take the
     files of a live writer of ``a1``. The token's length tells ``a.h5``'s ``.a.h5.<token>.tmp`` from slide
     ``a.h5``'s output ``a.h5.h5`` and its ``.a.h5.h5.<token>.tmp``."""
     pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}(\.[a-z0-9]+)?\.tmp")
-    try:
-        return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    try:  # names: the folder's, listed once by a caller that asks for many files
+        return [path.parent / n for n in (os.listdir(path.parent) if names is None else names) if pattern.fullmatch(n)]
     except FileNotFoundError:
         return []
 
@@ -315,15 +315,6 @@ def _folder_lock_stale(raw: str, mtime_ns: int, stale_s: float) -> str | None:
         return "process gone"
     age = time.time() - mtime_ns / 1e9
     return f"untouched for {age:.0f} s" if age > stale_s else None
-
-
-def folder_lock_free(path: str | os.PathLike, stale_s: float = 600.0) -> bool:
-    """:func:`exclusive_lock` would take ``path`` at once: there is none, or its holder is gone."""
-    try:
-        raw, mtime_ns = Path(path).read_text(), Path(path).stat().st_mtime_ns
-    except FileNotFoundError:
-        return True
-    return _folder_lock_stale(raw, mtime_ns, stale_s) is not None
 
 
 def _takeover_mutex(path: Path, text: str) -> Path | None:
