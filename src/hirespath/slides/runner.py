@@ -412,8 +412,12 @@ def _remove_old_temporaries(tiling_dir: Path) -> None:
             names = [n for n in os.listdir(tiling_dir / folder) if TEMPORARY.fullmatch(n)]
         except FileNotFoundError:
             continue
-        # the file server's clock, as the temporaries' times (a worker's clock an hour ahead took live ones)
-        now_ns = _file_system_now(tiling_dir / folder) if names else 0
+        if not names:
+            continue
+        try:  # the file server's clock, as the temporaries' times (a worker's clock an hour ahead took live ones)
+            now_ns = _file_system_now(tiling_dir / folder)
+        except OSError:  # a folder this worker cannot write to: not its to sweep
+            continue
         for name in names:
             tmp = tiling_dir / folder / name
             try:
