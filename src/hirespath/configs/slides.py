@@ -115,7 +115,9 @@ def check_tile(cfg: DictConfig, geometry: Geometry, problems: Problems) -> None:
         problems.bad("tile.cover_tissue", cover, "true or false")
     if has_key(cfg, "tile.tissue_threshold") and (threshold := select(cfg, "tile.tissue_threshold")) is not None:
         if is_number(threshold):
-            problems.check("tile.tissue_threshold", threshold, check_tiling, 1, 0.5, 0, 0.25, threshold)
+            from ..wsi.tissue import check_tissue_threshold
+
+            problems.check("tile.tissue_threshold", threshold, check_tissue_threshold, threshold)
         else:
             problems.bad("tile.tissue_threshold", threshold, "null (Otsu's threshold of each slide) or a saturation "
                          "in [0, 255) above which a pixel is tissue")  # fmt: skip

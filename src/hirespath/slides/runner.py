@@ -49,7 +49,7 @@ from ..wsi import trident_h5
 from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
-from ..wsi.tissue import check_tiling
+from ..wsi.tissue import check_tissue_threshold
 from .ledger import TIMINGS, IdentityMismatch, Ledger, _file_system_now, whole_slide_rows
 from .prepare import (
     PreparedSlide,
@@ -232,7 +232,7 @@ def check_job(job: SlideJob) -> None:
     """The run-wide options, once, before any slide is opened."""
     # a bad threshold would fail each slide's tile_grid, naming the slide, not the option (the other tiling values
     # are taken as int()/float() of what is given)
-    check_tiling(1, 0.5, 0, 0.25, getattr(job.tiling, "tissue_threshold", None))
+    check_tissue_threshold(getattr(job.tiling, "tissue_threshold", None))
     if not (isinstance(job.batch_size, int) and job.batch_size >= 1):
         raise InputError(f"batch_size must be a positive integer, got {job.batch_size!r}")
     if job.num_workers is not None and not (isinstance(job.num_workers, int) and job.num_workers >= 0):

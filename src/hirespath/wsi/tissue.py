@@ -123,6 +123,11 @@ def check_tiling(tile_size: int, tile_mpp: float, overlap: int = 0, min_tissue: 
         raise InputError(f"overlap must be an integer in [0, tile_size={tile_size}), got {overlap!r}")
     if not (0 <= min_tissue <= 1):
         raise InputError(f"min_tissue must be a fraction in [0, 1], got {min_tissue!r}")
+    check_tissue_threshold(tissue_threshold)
+
+
+def check_tissue_threshold(tissue_threshold: float | None) -> None:
+    """None (Otsu's threshold per slide) or a saturation in [0, 255) (:func:`tissue_mask`)."""
     if tissue_threshold is not None and not (
         isinstance(tissue_threshold, numbers.Real) and not isinstance(tissue_threshold, bool)
         and 0 <= tissue_threshold < 255
