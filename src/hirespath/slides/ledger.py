@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..utils.errors import InputError
-from ..utils.io import atomic_path, exclusive_lock, read_csv_ids, temporaries_of, write_json
+from ..utils.io import atomic_path, exclusive_lock, read_csv_ids, remove_temporaries, temporaries_of, write_json
 
 log = logging.getLogger("hirespath.slides")
 
@@ -164,10 +164,7 @@ class Ledger:
         with exclusive_lock(self.folder / f".{name}.lock", f"another worker writing {name}", poll_s=0.05):
             if name not in self._swept:
                 self._swept.add(name)
-                for written in WRITTEN_UNDER.get(name, (name,)):
-                    for tmp in temporaries_of(self.folder / written):
-                        log.info("removing %s, left by a writer that stopped", tmp)
-                        tmp.unlink(missing_ok=True)
+                remove_temporaries([self.folder / written for written in WRITTEN_UNDER.get(name, (name,))])
             yield
 
     # ------------------------------------------------------------------------------------------ identity

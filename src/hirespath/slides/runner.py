@@ -39,8 +39,8 @@ from ..utils.io import (
     TEMPORARY,
     lock_is_stale,
     out_of_storage,
+    remove_temporaries,
     storage_errors,
-    temporaries_of,
     try_lock,
 )
 from ..utils.threads import AdaptiveThreads, available_cores, torch_threads
@@ -395,15 +395,6 @@ SHARED_FOLDERS = ("patches", "patches_cover_tissue", "thumbnails")
 SHARED_TEMPORARY_S = 3600.0
 
 
-def _remove_stale_temporaries(files: list[Path], names: list[str] | None = None) -> None:
-    """Temporary files of writers of a slide's ``files`` that stopped (a kill between a temporary and its rename),
-    under the slide's lock (no live writer has any); ``names``: their folder's, when already listed."""
-    for file in files:
-        for tmp in temporaries_of(file, names):
-            log.info("removing %s, left by a writer that stopped", tmp)
-            tmp.unlink(missing_ok=True)
-
-
 def _remove_old_temporaries(tiling_dir: Path) -> None:
     """The temporaries in the tiling's shared folders (:data:`SHARED_FOLDERS`) untouched for
     :data:`SHARED_TEMPORARY_S`: their writers stopped (a kill, or the prefetch of a slide the run never reached)."""
@@ -440,7 +431,7 @@ def _release_finished_leftovers(finished: list[SlideSpec], outputs: dict[str, Pa
             try:
                 if out.parent not in listed:
                     listed[out.parent] = os.listdir(out.parent)
-                _remove_stale_temporaries([out, *files_of(out.parent, spec)], listed[out.parent])
+                remove_temporaries([out, *files_of(out.parent, spec)], listed[out.parent])
             finally:
                 lock.release()
 
@@ -659,7 +650,7 @@ def run_slides(
                         settle(spec, lock, t_slide, stages, functools.partial(_reraise, SlideError(why)))
                         prefetch(k + 1)
                         continue
-                    _remove_stale_temporaries([out, *files_of(out_dir, spec)])
+                    remove_temporaries([out, *files_of(out_dir, spec)])
                 stages["bookkeeping"] += time.perf_counter() - t_slide
                 if lock is None or done_by_another or failed is not None:
                     if lock is None:

@@ -53,6 +53,18 @@ def temporaries_of(path: Path, names: list[str] | None = None) -> list[Path]:
         return []
 
 
+def remove_temporaries(files: list[Path], names: list[str] | None = None) -> None:
+    """The temporaries of writers of ``files`` that stopped (a kill between a temporary and its rename): for a caller
+    that holds what every writer of them holds (a slide's or a table's lock), so no live writer has any; ``names``:
+    their folder's, when already listed."""
+    import logging
+
+    for file in files:
+        for tmp in temporaries_of(file, names):
+            logging.getLogger("hirespath.io").info("removing %s, left by a writer that stopped", tmp)
+            tmp.unlink(missing_ok=True)
+
+
 def read_csv_ids(path, id_column: str, **kwargs):
     """``pd.read_csv`` with the ids in ``id_column`` as written: ``0012`` stays ``0012``, and the slide ids pandas
     would read as missing (``NA``, ``null``, ``nan``, ``None``) stay strings; an empty field is missing."""
