@@ -455,6 +455,7 @@ class SegmentationConsumer:
     progress: bool = True  # a large map's closing steps as progress bars
     reuse_maps: bool = True  # a slide with a finished probability TIFF is drawn from it (False: embed.overwrite)
     outputs_since: OutputsSince | None = None  # set by the runner: a TIFF older than its slide's mark is stale
+    tables = (AREAS, SEAMS)  # the ledger tables it writes besides timings.csv (a class attribute, not a field)
     redraw_keys: tuple = DRAWING  # identity keys a redraw may change (slides.runner)
     redraw_hint: str = REDRAW
     tiles_segmented: int = field(default=0, init=False)  # by this worker, in this run
@@ -484,8 +485,6 @@ class SegmentationConsumer:
 
     def output_path(self, out_dir: Path, spec: SlideSpec) -> Path:
         return out_dir / f"{spec.slide_id}.geojson"
-
-    tables = (AREAS, SEAMS)  # the ledger tables it writes besides timings.csv
 
     def files_of(self, out_dir: Path, spec: SlideSpec) -> list[Path]:
         """Besides the GeoJSON (whose temporaries' names the TIFF's share): the overlay."""

@@ -52,7 +52,7 @@ def whole_slide_rows(skipped: pd.DataFrame) -> pd.Series:
 
 
 OUTPUTS_SINCE = ".outputs_since"
-CLOCK = "clock"  # _file_system_now's probes, .clock.*.tmp
+CLOCK = "clock"  # file_system_now's probes, .clock.*.tmp
 # what each folder lock's holder writes (every other lock: its own file): a temporary of one of them that the holder
 # finds was left by a writer that stopped (a kill between the temporary and its rename)
 WRITTEN_UNDER = {CONFIG: (CONFIG, OUTPUTS_SINCE, CLOCK)}
@@ -109,7 +109,7 @@ def now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
-def _file_system_now(folder: Path) -> int:
+def file_system_now(folder: Path) -> int:
     """The folder's file system clock (ns), as it dates the outputs: the workers' own clocks do not enter."""
     fd, probe = tempfile.mkstemp(prefix=f".{CLOCK}.", suffix=".tmp", dir=folder)
     try:
@@ -199,7 +199,7 @@ class Ledger:
                 else:  # every output made before now is replaced, by this worker or any other
                     write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname(),
                                                              "launch": launch, "settings": settings,
-                                                             "since_ns": _file_system_now(self.folder)})  # fmt: skip
+                                                             "since_ns": file_system_now(self.folder)})  # fmt: skip
             if old is not None and not overwrite:
                 if unknown := [k for k in unvouched if k in identity and k not in old]:
                     log.warning("%s was written before its %s were recorded: its outputs are not checked against "
@@ -231,7 +231,7 @@ class Ledger:
         """Outputs of ``slides`` older than now are stale; a slide another worker of ``launch`` marked keeps its
         time (what that worker made since stays). Under the CONFIG lock."""
         mark = self._mark()
-        marked, t = dict(mark.get("slides") or {}), _file_system_now(self.folder)
+        marked, t = dict(mark.get("slides") or {}), file_system_now(self.folder)
         changed = "since_ns" not in mark  # an earlier version's mark (or none): its time, dated by its file, kept
         for slide in slides:
             if launch is None or (marked.get(slide) or {}).get("launch") != launch:

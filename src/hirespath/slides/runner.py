@@ -50,7 +50,7 @@ from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
 from ..wsi.tissue import check_tissue_threshold
-from .ledger import TIMINGS, IdentityMismatch, Ledger, _file_system_now, whole_slide_rows
+from .ledger import TIMINGS, IdentityMismatch, Ledger, file_system_now, whole_slide_rows
 from .prepare import (
     PreparedSlide,
     cover_tissue,
@@ -406,7 +406,7 @@ def _remove_old_temporaries(tiling_dir: Path) -> None:
         if not names:
             continue
         try:  # the file server's clock, as the temporaries' times (a worker's clock an hour ahead took live ones)
-            now_ns = _file_system_now(tiling_dir / folder)
+            now_ns = file_system_now(tiling_dir / folder)
         except OSError:  # a folder this worker cannot write to: not its to sweep
             continue
         for name in names:
