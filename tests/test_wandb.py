@@ -135,6 +135,7 @@ def test_an_offline_log_read_while_it_is_written(tmp_path, caplog):
         run.log({"loss": float(step)})
     run.finish()
     (whole,) = tmp_path.rglob("offline-run-*/*.wandb")
+    _wait_for_exit_record(whole)  # the whole log to cut, as finish_runs waits for it (finish may return before)
     full = read_offline_run(whole.parent)
     data = whole.read_bytes()
     assert full["finished"] and full["history_keys"] >= {"loss"}
