@@ -390,6 +390,15 @@ def test_wsi_ext_picks_the_slide_files_of_a_mixed_folder(tmp_path):
             slide_extensions(bad)
 
 
+def test_a_tile_size_that_is_no_multiple_of_the_patch_names_sizes_that_are(tmp_path):
+    """Below one patch, the nearest multiple below is 0 px, which no run takes: the error offers the patch itself."""
+    encoder = make_encoder()  # patch 14
+    for size, near in ((100, "use 98 or 112"), (8, "use 14")):
+        with pytest.raises(InputError, match=rf"tile.size={size} is not a multiple of the encoder's patch size 14; "
+                                             rf"{near}$"):  # fmt: skip
+            embed_slides(encoder, [], tmp_path / "job", tile_size=size, tile_mpp=1.0)
+
+
 def test_list_slides_folder_and_csv(wsi_dir, tmp_path):
     specs = list_slides(wsi_dir)
     assert [s.slide_id for s in specs] == ["cmu", "synth"] and all(s.mpp is None for s in specs)

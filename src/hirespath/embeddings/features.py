@@ -37,6 +37,7 @@ from ..utils.errors import InputError
 from ..utils.io import try_lock
 from ..wsi import trident_h5
 from ..wsi.listing import SlideSpec, as_specs
+from ..wsi.tissue import check_tile_multiple
 
 log = logging.getLogger("hirespath.embeddings")
 
@@ -277,11 +278,7 @@ class EmbeddingConsumer:
 def _consumer(encoder, job: SlideJob, embed, runtime: Runtime, weights, extra_attrs, token_dtype) -> EmbeddingConsumer:
     if embed.features not in FEATURES:
         raise InputError(f"embed.features must be one of {', '.join(FEATURES)}, got {embed.features!r}")
-    p = int(encoder.patch_size)
-    if p and int(job.tiling.size) % p:
-        size = int(job.tiling.size)
-        raise InputError(f"tile.size={size} is not a multiple of the encoder's patch size {p}; e.g. "
-                         f"{size // p * p} or {(size // p + 1) * p}")  # fmt: skip
+    check_tile_multiple(job.tiling.size, encoder.patch_size, "the encoder's")
     scores = bool(getattr(embed, "token_scores", False))
     tile_fn = TileModel(encoder, runtime.device, runtime.precision, job.batch_size,
                         forward=encoder_forward(encoder, embed.features, bool(embed.tokens), scores))  # fmt: skip

@@ -637,7 +637,7 @@ EAGER_WARN_GB = 1.0  # eager attention matrices per tile above this are warned a
 def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
     """The tile size the model can take (a multiple of its patch size), before any slide is opened; eager attention
     whose matrices would be large at that size is warned about."""
-    from ..wsi.tissue import check_tiling
+    from ..wsi.tissue import check_tile_multiple, check_tiling
 
     size, p = int(tiling.size), seg.patch_size
     check_tiling(
@@ -647,10 +647,7 @@ def check_tiling_for_model(seg: SegmentationCheckpoint, tiling) -> None:
         float(tiling.min_tissue),
         getattr(tiling, "tissue_threshold", None),
     )
-    if size % p:
-        near = " or ".join(str(n) for n in dict.fromkeys([size // p * p or p, (size // p + 1) * p]))
-        raise InputError(f"tile.size={size} is not a multiple of the model's patch size {p} ({seg.ckpt.name}); "
-                         f"use {near}")  # fmt: skip
+    check_tile_multiple(size, p, "the model's", seg.ckpt.name)
     embed = seg.model.encoder.vit.patch_embed  # a ViT built with dynamic_img_size=false takes one size only
     if getattr(embed, "strict_img_size", False) and tuple(embed.img_size) != (size, size):
         fixed = tuple(embed.img_size)

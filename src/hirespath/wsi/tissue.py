@@ -126,6 +126,16 @@ def check_tiling(tile_size: int, tile_mpp: float, overlap: int = 0, min_tissue: 
     check_tissue_threshold(tissue_threshold)
 
 
+def check_tile_multiple(tile_size: int, patch_size: int, whose: str, source: str = "") -> None:
+    """A tile of ``tile_size`` px is a whole number of patches; the error names the nearest sizes that are
+    (``whose``: "the encoder's", "the model's"; ``source``: the model's file, named in the error)."""
+    size, p = int(tile_size), int(patch_size)
+    if p and size % p:
+        near = " or ".join(str(n) for n in dict.fromkeys([size // p * p or p, (size // p + 1) * p]))
+        source = f" ({source})" if source else ""
+        raise InputError(f"tile.size={size} is not a multiple of {whose} patch size {p}{source}; use {near}")
+
+
 def check_tissue_threshold(tissue_threshold: float | None) -> None:
     """None (Otsu's threshold per slide) or a saturation in [0, 255) (:func:`tissue_mask`)."""
     if tissue_threshold is not None and not (
