@@ -2,9 +2,8 @@
 
 :func:`embed_slides` runs every tissue tile of every slide through the encoder (:mod:`hirespath.slides`: listing,
 locks, the tissue grid, tile readers, timings and the ledger) and writes one ``<slide>.h5`` per slide
-(:mod:`hirespath.wsi.trident_h5`). :func:`ensure_features` is the one call every task uses to get a features
-folder (embed_slides, mil embedding first, the throughput benchmark): it embeds what is missing and waits for
-slides other workers hold.
+(:mod:`hirespath.wsi.trident_h5`). :func:`ensure_features` is how the tasks that need a features folder get one
+(mil and predict_slides embed first): it embeds what is missing and waits for slides other workers hold.
 
 On disk (``<tiling>`` = :func:`~hirespath.wsi.trident_h5.tiling_tag`, e.g. ``20x_1792px_0px_overlap``)::
 

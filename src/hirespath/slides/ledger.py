@@ -1,6 +1,6 @@
 """The files an output folder keeps about its slides, shared by every worker writing into it.
 
-One ledger per output folder (``<job_dir>/<tiling>/features_<encoder tag>/``, later ``segmentation_<model tag>/``),
+One ledger per output folder (``<job_dir>/<tiling>/features_<encoder tag>/``, ``segmentation_<model tag>/``),
 so two encoders (or models) in one ``job_dir`` keep their own rows::
 
     config.json    what every file of the folder depends on (tiling, encoder, features, ...): checked before a
