@@ -94,7 +94,7 @@ def test_the_summary_of_a_ddp_run_is_every_ranks_not_rank_0s(slides, tmp_path):
     """trainer=ddp logged rank 0's share to W&B (2 of 5 slides done). The ranks' summaries merged: counts summed,
     slides joined, a slide one rank found finished by the other counted once, as done."""
 
-    from hirespath.slides.runner import merge_summaries
+    from hirespath.slides.summary import merge_summaries
 
     specs = list_slides(slides) + [SlideSpec("bad", tmp_path / "bad.svs")]
     specs[-1].path.write_bytes(b"not a slide")
@@ -935,7 +935,7 @@ def test_an_interrupt_while_a_slide_closes_behind_waits_for_its_closing():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from hirespath.slides.runner import closing_result
+    from hirespath.slides.write_behind import closing_result
 
     closed = threading.Event()
 
@@ -1093,7 +1093,7 @@ def test_a_worker_of_the_launch_redoes_what_a_run_in_between_made_with_other_set
     outputs with its own settings: the later worker must not keep the launch's mark and take them for finished."""
     import time
 
-    from hirespath.slides.runner import is_newer
+    from hirespath.slides.provenance import is_newer
 
     ledger, settings, launch = Ledger(tmp_path), {"tiling": "t", "threshold": 0.5}, "slurm-array:123"
     first = ledger.check_identity(settings, overwrite=True, launch=launch)
@@ -1233,7 +1233,7 @@ def test_an_overwrite_mark_of_an_earlier_version_still_marks_every_slide(tmp_pat
     slides, under the folder's lock, once per array task)."""
     import time
 
-    from hirespath.slides.runner import is_newer
+    from hirespath.slides.provenance import is_newer
 
     ledger, settings = Ledger(tmp_path), {"tiling": "t"}
     ledger.check_identity(settings)
@@ -1253,7 +1253,7 @@ def test_an_overwrite_mark_of_an_earlier_version_still_marks_every_slide(tmp_pat
 def test_a_mark_of_some_slides_only_dates_no_other_slide(tmp_path):
     """A mark written with slides only (before since_ns was added) has no folder-wide time: dated by its file, it
     made every other slide of the folder stale."""
-    from hirespath.slides.runner import is_newer
+    from hirespath.slides.provenance import is_newer
 
     ledger = Ledger(tmp_path)
     (tmp_path / "s0.h5").write_text("finished")
@@ -1302,7 +1302,7 @@ def test_a_thumbnail_is_drawn_again_when_a_run_without_pictures_tiled_the_slide_
 def test_a_slides_size_counts_the_files_its_image_is_in(tmp_path):
     """A MIRAX slide's images are in the folder beside its .mrxs index: a rescan changed them, not the index, and
     went unnoticed. A DICOM slide is its instances: a note saved beside them is not a rescan."""
-    from hirespath.slides.prepare import slide_bytes
+    from hirespath.slides.provenance import slide_bytes
 
     index, data = tmp_path / "m.mrxs", tmp_path / "m"
     data.mkdir()
@@ -1359,7 +1359,7 @@ def test_another_cohorts_slide_under_a_finished_ones_id_is_refused_not_replaced(
     (before slide sizes were recorded it skipped B's as finished). timings.csv now records the file each slide was
     made from; while that file is still there, another file under its id is refused with a reason that names both,
     once per launch, and A's outputs are kept; an overwrite replaces them."""
-    from hirespath.slides.runner import merge_summaries
+    from hirespath.slides.summary import merge_summaries
 
     a, b = _cohorts(tmp_path)
     job = tmp_path / "job"

@@ -1,6 +1,6 @@
 """Whole-slide segmentation as a consumer of the slide runner (:func:`hirespath.slides.run_slides`).
 
-The runner lists, locks, tiles (the tissue grid shared with embedding: ``<tiling>/patches``), reads and batches;
+The runner lists, locks, tiles (the covering grid: ``<tiling>/patches_cover_tissue``), reads and batches;
 this module supplies the tile function (the segmentation model's per-class probabilities of each tile, through
 :class:`~hirespath.slides.tile_model.TileModel`) and the per-slide sink: tiles are blended into per-class
 probability maps on disk (:mod:`.stitch`), and when the slide is done the sink writes, under
@@ -33,7 +33,8 @@ import torch
 
 from ..slides.ledger import Ledger, OutputsSince
 from ..slides.prepare import PreparedSlide
-from ..slides.runner import Runtime, is_newer, run_slides
+from ..slides.provenance import is_newer
+from ..slides.runner import Runtime, run_slides
 from ..slides.tile_model import TileModel
 from ..utils.checkpoints import file_digest
 from ..utils.config import is_folder_name, is_number  # true/false are no numbers

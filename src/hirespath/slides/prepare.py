@@ -1,15 +1,13 @@
 """A slide opened and tiled: its tissue grid, reusing the tiling's patches file (:func:`patches_path`) when it matches.
 
-Runs in the runner's background thread (the next slide is prepared while the current one runs). Every consumer of
-one tiling that covers the tissue alike (embedding with any encoder; segmentation) shares the patches file.
+Runs in the runner's background thread (the next slide is prepared while the current one runs). The consumers of
+one tiling that tile the tissue alike share its patches file: embedding with any encoder ``patches/``, segmentation
+with any model ``patches_cover_tissue/`` (the covering grid).
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
-import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +16,10 @@ import numpy as np
 
 from ..utils.io import out_of_storage
 from ..wsi import qupath, trident_h5
-from ..wsi.listing import SlideSpec, dicom_files
+from ..wsi.listing import SlideSpec
 from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide
 from ..wsi.tissue import TileGrid, tile_grid, tissue_fractions, tissue_thumbnail
+from .provenance import slide_bytes, slide_path
 
 log = logging.getLogger("hirespath.slides")
 
@@ -68,44 +67,6 @@ def patches_path(tiling_dir: Path, tiling, slide_id: str) -> Path:
 
 class ForeignPatches(Exception):
     """A patches file hirespath did not write (TRIDENT's or CLAM's: no ``target_mpp``): never replaced."""
-
-
-# the files of a MIRAX slide's folder (not a Finder copy's .DS_Store or ._Data0000.dat, Windows' Thumbs.db)
-MIRAX_DATA = re.compile(r"(?i)(slidedat\.ini|index\.dat|data\d+\.dat)")
-
-
-def slide_path(path) -> str:
-    """The slide file as its outputs record it: the path the run was given, made absolute (links are not
-    resolved: a link pointed at a new export is a rescan of the slide it names), in UTF-8 (:func:`utf8_path`)."""
-    return utf8_path(os.path.abspath(path))
-
-
-def utf8_path(path) -> str:
-    """``path`` as text that CSV files and h5 attributes take (UTF-8 only): a name that is not UTF-8 (its
-    undecodable bytes are surrogates in Python) with those bytes escaped as ``\\xNN``; :func:`recorded_path` reads
-    it back."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def recorded_path(text: str) -> Path:
-    """The file a :func:`utf8_path` text names (a literal backslash in a name reads as an escape: POSIX names
-    rarely hold one)."""
-    if "\\" not in text:
-        return Path(text)
-    return Path(os.fsdecode(codecs.escape_decode(text.encode("utf-8"))[0]))
-
-
-def slide_bytes(path: Path) -> int:
-    """The size of a slide's file (a folder's: its files'), recorded with its grid: a slide replaced by another
-    scan under the same name (a rescan, a re-export) has another size, whatever its pixel size."""
-    if path.is_dir():  # DICOM: a folder of instances
-        files = dicom_files(path)
-    elif path.suffix.lower() == ".mrxs":  # its index; the images are in the folder of its name
-        data = path.with_suffix("")
-        files = [path, *(p for p in data.iterdir() if MIRAX_DATA.fullmatch(p.name))] if data.is_dir() else [path]
-    else:
-        files = [path]
-    return sum(p.stat().st_size for p in files)
 
 
 def _grid_from_patches(slide, path: Path, tiling, smpp: float, nbytes: int) -> TileGrid | None:

@@ -18,16 +18,13 @@ import os
 import socket
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -36,7 +33,6 @@ from ..utils.errors import InputError
 from ..utils.io import (
     HEARTBEAT_MISSES,
     HEARTBEAT_S,
-    TEMPORARY,
     lock_is_stale,
     out_of_storage,
     remove_temporaries,
@@ -50,18 +46,12 @@ from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
 from ..wsi.tissue import check_tissue_threshold
-from .ledger import TIMINGS, IdentityMismatch, Ledger, file_system_now, whole_slide_rows
-from .prepare import (
-    PreparedSlide,
-    cover_tissue,
-    prepare_slide,
-    recorded_path,
-    slide_bytes,
-    slide_path,
-    tissue_threshold,
-    utf8_path,
-)
+from .ledger import TIMINGS, Ledger, whole_slide_rows
+from .leftovers import release_finished_leftovers, remove_old_temporaries
+from .prepare import PreparedSlide, cover_tissue, prepare_slide, tissue_threshold
+from .provenance import check_finished_mpp, is_newer, output_ns, recorded_path, replaced_slides, utf8_path
 from .stages import BACKGROUND, STAGES, format_stages, zero_stages
+from .write_behind import WriteBehind, closing_result
 
 log = logging.getLogger("hirespath.slides")
 
@@ -76,11 +66,6 @@ TIMING_COLUMNS = [
     "tiles_per_s", "mm2_per_s", "reader", "num_workers", "threads", "slide_bytes",
     "slide_path", "output_ns",
 ]  # fmt: skip
-# a row's output_ns (the output's st_mtime_ns when the row was written; a CSV float, exact to 256 ns) is the file's
-# while the two differ by less than this
-SAME_OUTPUT_NS = 1000
-
-
 # Lightning precision names → the runner's (weights stay fp32 under autocast; "bf16"/"fp16" would cast them)
 LIGHTNING_PRECISION = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16-mixed", "16-mixed": "fp16-mixed",
                        "bf16-true": "bf16", "16-true": "fp16", "64-true": "fp32"}  # fmt: skip
@@ -187,7 +172,8 @@ class SlideSink(Protocol):
 
 
 class SlideConsumer(Protocol):
-    """A slide task: what runs on the tiles and what is written. Embedding, segmentation and heatmaps are ones."""
+    """A slide task: what runs on the tiles and what is written (embedding: ``embeddings.features``; segmentation:
+    ``segmentation.consumer``)."""
 
     folder: str  # output folder name under <job_dir>/<tiling tag>/ (features_<tag>, segmentation_<tag>)
     identity: dict  # what the outputs depend on beyond the tiling (encoder, weights, features, ...)
@@ -196,10 +182,6 @@ class SlideConsumer(Protocol):
     needs_thumbnail: bool  # the grid keeps the slide's thumbnail and tissue mask (for pictures)
 
     def output_path(self, out_dir: Path, spec: SlideSpec) -> Path: ...
-
-    # optional: ``files_of(out_dir, spec) -> list[Path]``, the other files it writes for a slide in ``out_dir``
-    # (pictures), so that a writer's temporaries left by a kill are removed; ``tables``: the ledger tables it writes
-    # besides timings.csv (e.g. areas.csv), whose leftovers are removed likewise
 
     def is_finished(self, path: Path) -> bool: ...
 
@@ -211,9 +193,19 @@ class SlideConsumer(Protocol):
     def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
         """After the slide's output is closed: pictures (timed as ``thumbnails``)."""
 
-    # optional: ``run_facts(done: list[dict]) -> dict``, this worker's facts over its slides' results for the summary;
-    # ``redraw_keys`` (identity keys that only change what is drawn from the stored outputs), ``redraw`` (their
-    # change is allowed: finished slides are drawn again) and ``redraw_hint`` (the option that allows it)
+    # Optional, each read by run_slides where it is used (getattr):
+    # - ``check_folder(out_dir)``: refuse a folder another tool wrote, before config.json vouches for its files;
+    # - ``unvouched_keys``: identity keys an older config.json lacks whose outputs may have been made otherwise
+    #   (left unrecorded there, with a warning: Ledger.check_identity);
+    # - ``redraw_keys`` (identity keys that only change what is drawn from the stored outputs), ``redraw`` (their
+    #   change is allowed: finished slides are drawn again) and ``redraw_hint`` (the option that allows it);
+    # - ``outputs_since``: set by the runner (Ledger.outputs_since) for a consumer that reuses parts of unfinished
+    #   outputs (segmentation's finished map) only when newer than an overwrite's mark;
+    # - ``made_from(path) -> dict | None``: the ``slide_bytes``/``slide_path`` an output records (provenance);
+    # - ``files_of(out_dir, spec) -> list[Path]``: the other files it writes for a slide (pictures), and ``tables``:
+    #   the ledger tables it writes besides timings.csv (areas.csv), so that a kill's temporaries are removed;
+    # - ``run_facts(done: list[dict]) -> dict``: this worker's facts over its slides' results for the summary.
+    # The tile function may count ``h2d_seconds`` (TileModel), moved from the stage encode to h2d.
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -260,180 +252,6 @@ def _order(specs: list[SlideSpec], rank: int, world_size: int) -> list[SlideSpec
     others = [s for i, s in enumerate(specs) if i % world_size != rank]
     k = rank * len(others) // world_size
     return mine + others[k:] + others[:k]
-
-
-def _check_finished_mpp(consumer: SlideConsumer, path: Path, spec: SlideSpec, how: str) -> None:
-    """A finished slide was made at the mpp this run would use (an explicit ``mpp`` column value)."""
-    if spec.mpp is None:
-        return
-    old = consumer.finished_mpp(path)
-    if old is not None and not np.isclose(old, float(spec.mpp), rtol=1e-6):
-        raise IdentityMismatch(
-            f"{path} was made from {spec.slide_id} at {old:g} µm/px, but the slide list now gives mpp "
-            f"{float(spec.mpp):g}. Use a new job_dir" + (f", or {how} to replace it" if how else "")
-        )
-
-
-def _replaced_slides(
-    specs: list[SlideSpec],
-    ledger: Ledger,
-    how: str,
-    finished: Callable[[str], bool],
-    recorded: Callable[[str], dict | None] | None = None,
-    written: Callable[[str], int | None] | None = None,
-) -> tuple[list[SlideSpec], dict[str, str], dict[str, int]]:
-    """(replaced, clashes, moved) among the listed slides with a timings.csv row (``slide_bytes``, ``slide_path``; rows
-    without them, from before they were recorded, are trusted).
-
-    Replaced: the file has another size than the one the outputs were made from (a rescan or re-export under the
-    same name, or a moved cohort rescanned since): its outputs are another image's, and are made again.
-    Clashes, {slide id: why}: the outputs were made from another file that is still there as it was, and this one
-    differs from it (two cohorts whose slides share names in one folder); not processed while those outputs are
-    finished: they would be replaced by another slide's. The same file reached by another path (a copied cohort, a
-    remount) stays finished.
-
-    A slide without a timings.csv row (a run stopped between its outputs and its row; a redraw writes none) is
-    judged by what its outputs record (``recorded(slide)``: the consumer's ``slide_bytes``/``slide_path``), and so
-    is one whose row was written for another output than the one there now (``written(slide)``: the output's
-    ``st_mtime_ns``, against the row's ``output_ns``): an overwrite stopped between the new output and its row.
-    Moved, {slide id: ns}: rows whose output records what the row does, with another time (a copied job_dir, a
-    redrawn GeoJSON): their ``output_ns`` to write, so that the output is read once."""
-    if not specs:
-        return [], {}, {}
-    table = ledger.timings()
-    with_rows = set(table.slide.astype(str))
-    for column in ("slide_bytes", "slide_path", "output_ns"):
-        if column not in table.columns:
-            table[column] = np.nan
-    table = table.assign(
-        slide_bytes=pd.to_numeric(table["slide_bytes"], errors="coerce"),
-        output_ns=pd.to_numeric(table["output_ns"], errors="coerce"),
-    ).dropna(subset="slide_bytes")
-    rows = table.drop_duplicates("slide", keep="last").set_index("slide")[["slide_bytes", "slide_path", "output_ns"]]
-    replaced, clashes, moved = [], {}, {}
-    for spec in specs:
-        if spec.slide_id in rows.index:
-            then, source = rows.at[spec.slide_id, "slide_bytes"], rows.at[spec.slide_id, "slide_path"]
-            row_ns = rows.at[spec.slide_id, "output_ns"]
-            if (
-                recorded is not None and written is not None and np.isfinite(row_ns)
-                and (ns := written(spec.slide_id)) is not None and abs(ns - row_ns) >= SAME_OUTPUT_NS
-                and (facts := recorded(spec.slide_id)) and facts.get("slide_bytes") is not None
-            ):  # fmt: skip
-                if int(facts["slide_bytes"]) == int(then) and facts.get("slide_path") == source:
-                    moved[spec.slide_id] = ns  # the row's output, its time changed (a copy, a redraw)
-                then, source = facts["slide_bytes"], facts.get("slide_path")
-        elif spec.slide_id not in with_rows and recorded is not None and (facts := recorded(spec.slide_id)):
-            then, source = facts.get("slide_bytes"), facts.get("slide_path")
-            if then is None:
-                continue
-        else:
-            continue  # rows of an earlier version, without the size: trusted
-        try:
-            now = slide_bytes(spec.path)
-        except OSError:
-            continue  # not there: the run names it when it reads the slide (not at all: it is finished)
-        then = int(then)
-        if isinstance(source, str) and source and source != slide_path(spec.path):
-            original = recorded_path(source)
-            if _still_there(original, then) and not (now == then and _same_start(original, spec.path)):
-                if finished(spec.slide_id):
-                    clashes[spec.slide_id] = (
-                        f"slide id {spec.slide_id!r} is taken in {ledger.folder}: its outputs were made from "
-                        f"{source} ({then} bytes), and {spec.path} ({now} bytes) is another file. Slide ids must "
-                        f"be unique in a job_dir: give this cohort its own job_dir or rename the slide (or, if it is "
-                        f"a rescan of the same slide, {how} slides=<a list of it> replaces its outputs)"
-                    )
-                continue
-        if now != then:
-            log.warning("%s was replaced since its outputs were made (%d bytes then, %d now): processing it again",
-                        spec.path, then, now)  # fmt: skip
-            replaced.append(spec)
-    return replaced, clashes, moved
-
-
-def _output_ns(path: Path) -> int | None:
-    """When ``path`` was last written (``st_mtime_ns``), None when it is not there."""
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
-
-
-def _still_there(path: Path, nbytes: int) -> bool:
-    """The file a slide's outputs were made from is still there, as it was (the same size)."""
-    try:
-        return slide_bytes(path) == nbytes
-    except OSError:
-        return False
-
-
-def _same_start(a, b, nbytes: int = 1 << 16) -> bool:
-    """Two slide files of one size begin with the same bytes (a copy): two scans differ in their headers (TIFF tags,
-    dates, ImageDescription) and first tiles. Folders (DICOM) are compared by size alone."""
-    a, b = Path(a), Path(b)
-    if not (a.is_file() and b.is_file()):
-        return True
-    try:
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            return fa.read(nbytes) == fb.read(nbytes)
-    except OSError:
-        return True
-
-
-def is_newer(path: Path, since: int | None) -> bool:
-    """``path`` exists and was written at or after ``since`` (ns, as ``Ledger.outputs_since``; None: any time)."""
-    try:
-        return path.stat().st_mtime_ns >= (since or 0)
-    except FileNotFoundError:
-        return False
-
-
-# the tiling's folders every consumer of it writes without a slide's lock (patches files, thumbnails); a temporary
-# there is a stopped writer's when untouched this long (those files take seconds to write)
-SHARED_FOLDERS = ("patches", "patches_cover_tissue", "thumbnails")
-SHARED_TEMPORARY_S = 3600.0
-
-
-def _remove_old_temporaries(tiling_dir: Path) -> None:
-    """The temporaries in the tiling's shared folders (:data:`SHARED_FOLDERS`) untouched for
-    :data:`SHARED_TEMPORARY_S`: their writers stopped (a kill, or the prefetch of a slide the run never reached)."""
-    for folder in SHARED_FOLDERS:
-        try:
-            names = [n for n in os.listdir(tiling_dir / folder) if TEMPORARY.fullmatch(n)]
-        except FileNotFoundError:
-            continue
-        if not names:
-            continue
-        try:  # the file server's clock, as the temporaries' times (a worker's clock an hour ahead took live ones)
-            now_ns = file_system_now(tiling_dir / folder)
-        except OSError:  # a folder this worker cannot write to: not its to sweep
-            continue
-        for name in names:
-            tmp = tiling_dir / folder / name
-            try:
-                if now_ns - tmp.stat().st_mtime_ns < SHARED_TEMPORARY_S * 1e9:
-                    continue
-            except FileNotFoundError:
-                continue
-            log.info("removing %s, left by a writer that stopped", tmp)
-            tmp.unlink(missing_ok=True)
-
-
-def _release_finished_leftovers(finished: list[SlideSpec], outputs: dict[str, Path], files_of, stale_s: float):
-    """A finished slide's lock and temporaries left by a worker stopped after its output appeared (before its
-    bookkeeping): removed where the lock is stale (its holder is gone), as a slide run would."""
-    listed: dict[Path, list[str]] = {}  # each folder listed once (hundreds of stale locks after a killed array)
-    for spec in finished:
-        out = outputs[spec.slide_id]
-        lock_path = out.with_name(out.name + ".lock")
-        if lock_path.exists() and (lock := try_lock(lock_path, stale_s=stale_s)) is not None:
-            try:
-                if out.parent not in listed:
-                    listed[out.parent] = os.listdir(out.parent)
-                remove_temporaries([out, *files_of(out.parent, spec)], listed[out.parent])
-            finally:
-                lock.release()
 
 
 @contextlib.contextmanager
@@ -485,9 +303,9 @@ def run_slides(
     # rescans under the same name: done again, and what is left of their outputs (a map to redraw) not reused;
     # another folder's slide under a finished one's id: refused (an overwrite replaces whatever it lists)
     made = getattr(consumer, "made_from", None)  # optional: the slide file its outputs record
-    replaced, clashes, moved = _replaced_slides(order, ledger, consumer.overwrite_hint, finished,
+    replaced, clashes, moved = replaced_slides(order, ledger, consumer.overwrite_hint, finished,
                                                 (lambda slide: made(output_of(slide))) if made else None,
-                                                lambda slide: _output_ns(output_of(slide)))  # fmt: skip
+                                                lambda slide: output_ns(output_of(slide)))  # fmt: skip
     if moved:  # copied without their times (cp -r), or drawn again: read once, not at every start
         ledger.set_values(TIMINGS, "output_ns", moved)
     if job.overwrite:
@@ -498,12 +316,12 @@ def run_slides(
             consumer.outputs_since = since
     finished_before = [s for s in order if s.slide_id not in clashes and finished(s.slide_id)]
     for s in finished_before:
-        _check_finished_mpp(consumer, outputs[s.slide_id], s, consumer.overwrite_hint)
+        check_finished_mpp(consumer, outputs[s.slide_id], s, consumer.overwrite_hint)
     if finished_before:
         log.info("skipping %d finished slides of %d in %s", len(finished_before), len(specs), out_dir)
         ledger.forget_slide_failures([s.slide_id for s in finished_before])
-    _release_finished_leftovers(finished_before, outputs, files_of, job.lock_stale_s)
-    _remove_old_temporaries(job.tiling_dir)
+    release_finished_leftovers(finished_before, outputs, files_of, job.lock_stale_s)
+    remove_old_temporaries(job.tiling_dir)
     done_ids = {s.slide_id for s in finished_before}
     found_finished = [s.slide_id for s in finished_before]  # for merge_summaries; not kept in summary.json
     host = socket.gethostname()
@@ -578,7 +396,7 @@ def run_slides(
                     "tiles_per_s": result["tiles"] / seconds, "mm2_per_s": result["tissue_mm2"] / seconds,
                     "reader": job.reader, "num_workers": job.num_workers,
                     "threads": policy.n if policy else torch.get_num_threads(), "slide_bytes": result["slide_bytes"],
-                    "slide_path": result["slide_path"], "output_ns": _output_ns(outputs[spec.slide_id]),
+                    "slide_path": result["slide_path"], "output_ns": output_ns(outputs[spec.slide_id]),
                 }  # fmt: skip
             except Exception as err:  # noqa: BLE001 — one bad slide must not stop a run over thousands
                 if out_of_storage(err):  # but a full disk fails every slide after it: storage_errors stops the run
@@ -762,102 +580,8 @@ def run_slides(
     return summary
 
 
-SUMMED = ("slides_done", "slides_redrawn", "slides_skipped", "tiles", "tiles_skipped", "tissue_mm2")
-
-
-def merge_summaries(parts: list[dict]) -> dict:
-    """The summary of one run from its workers' (the DDP ranks of a run, each through every slide): counts summed,
-    per-slide lists joined, seconds the longest rank's (stage and untracked seconds summed over ranks). Each slide
-    is counted once, by what some rank made of it, in this order: done or skipped by a rank, found finished, failed
-    by a worker outside the run, held by one."""
-    if len(parts) == 1:
-        return parts[0]
-    out = dict(parts[0])
-    for key in SUMMED:
-        out[key] = sum(p[key] for p in parts)
-    out["done"] = [d for p in parts for d in p["done"]]
-    out["skipped"] = [d for p in parts for d in p["skipped"]]
-    counted = {d["slide"] for d in out["done"] + out["skipped"]}
-    finished = {s for p in parts for s in p.get("found_finished", [])} - counted
-    counted |= finished
-    for key in ("failed_by_others", "held"):
-        seen: dict = {}
-        for p in parts:
-            seen.update({d["slide"]: d for d in p[key] if d["slide"] not in counted})
-        out[key] = list(seen.values())
-        counted |= set(seen)
-    out["found_finished"] = sorted(finished)
-    out["slides_already_finished"] = len(finished)
-    out["slides_locked_by_others"], out["slides_failed_by_others"] = len(out["held"]), len(out["failed_by_others"])
-    out["seconds"] = max(p["seconds"] for p in parts)
-    out["stage_seconds"] = {k: sum(p["stage_seconds"].get(k, 0.0) for p in parts) for k in out["stage_seconds"]}
-    out["untracked_seconds"] = sum(p["untracked_seconds"] for p in parts)
-    out["threads"] = [t for p in parts for t in p["threads"]]
-    # each rank counted before the last of them finished
-    out["slides_finished_on_disk"] = max(len(finished) + out["slides_done"],
-                                         *(p.get("slides_finished_on_disk", 0) for p in parts))  # fmt: skip
-    out["warnings"] = {k: [s for p in parts for s in p["warnings"].get(k, [])]
-                       for k in dict.fromkeys(k for p in parts for k in p["warnings"])}  # fmt: skip
-    seconds = out["seconds"]
-    out["tiles_per_second"] = out["tiles"] / seconds if seconds else None
-    out["tissue_mm2_per_second"] = out["tissue_mm2"] / seconds if seconds else None
-    out["workers"] = [p["worker"] for p in parts]
-    if "embedded" in out:  # embed_slides' name for the done list
-        out["embedded"] = out["done"]
-    return out
-
-
-def closing_result(future: Future):
-    """The result of a slide closing in the background. Interrupted meanwhile (Ctrl-C, SIGTERM), this waits for the
-    closing to end before the interrupt goes on: the slide's lock is released after its files are written, or
-    another worker would take the slide (and remove its live temporaries) while they are."""
-    try:
-        return future.result()
-    except BaseException:
-        if not future.done():
-            futures_wait([future])
-        raise
-
-
 def _skip_row(spec: SlideSpec, reason: str, launch: str | None) -> dict:
     return {"slide": spec.slide_id, "path": utf8_path(spec.path), "reason": reason, "launch": launch or ""}
-
-
-class WriteBehind:
-    """A sink whose ``add`` runs in one background thread, in order, while the caller goes on (the tile function
-    runs the next batch: on CUDA the GPU does not wait for the host's stitching or h5 appends). At most ``depth``
-    batches wait; ``add`` returns the refusals of the batches finished so far, ``drain`` those of the rest. An error
-    in a background add is raised by the next ``add`` or ``drain``."""
-
-    def __init__(self, sink: SlideSink, depth: int = 2):
-        self.sink, self.depth, self.seconds = sink, depth, 0.0
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="slide-write")
-        self.pending: deque[Future] = deque()
-
-    def _add(self, tiles, output, images) -> list[tuple[int, str]]:
-        t0 = time.perf_counter()
-        try:
-            return self.sink.add(tiles, output, images)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-    def _collect(self, keep: int) -> list[tuple[int, str]]:
-        refused = []
-        while len(self.pending) > keep:
-            refused += self.pending.popleft().result()
-        return refused
-
-    def add(self, tiles, output, images) -> list[tuple[int, str]]:
-        self.pending.append(self.pool.submit(self._add, tiles, output, images))
-        return self._collect(self.depth)
-
-    def drain(self) -> list[tuple[int, str]]:
-        return self._collect(0)
-
-    def stop(self) -> None:
-        """Wait for the add running now (before the sink is closed or aborted); drop those not started."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.pending.clear()
 
 
 def _reraise(err: BaseException):

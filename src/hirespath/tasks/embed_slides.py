@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..embeddings.features import embed_slides
 from ..slides import Runtime
 from ..slides.launch import launch_id, launch_workers, run_on_workers
-from ..slides.runner import merge_summaries
+from ..slides.summary import merge_summaries
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images

@@ -26,7 +26,7 @@ from ..segmentation import SegmentOptions, load_segmentation, segment_slides
 from ..segmentation.consumer import seam_facts
 from ..slides import Runtime
 from ..slides.launch import launch_id, launch_workers, run_on_workers
-from ..slides.runner import merge_summaries
+from ..slides.summary import merge_summaries
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
