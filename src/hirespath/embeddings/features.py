@@ -41,7 +41,6 @@ from ..wsi.tissue import check_tile_multiple
 log = logging.getLogger("hirespath.embeddings")
 
 FEATURES = ("cls", "mean", "cls+mean")
-OVERWRITE = "embed.overwrite=true"  # how a user replaces features made with other settings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,7 +147,7 @@ class EmbeddingConsumer:
     thumbnails: bool
     overlay_tiles: int
     token_dtype: type = np.float16
-    overwrite_hint: str = OVERWRITE
+    overwrite_hint: str = SlideJob.OVERWRITE
     token_scores: bool = False
     # a folder written before these were recorded cannot vouch for them: they are not added to its config.json
     unvouched_keys: tuple = trident_h5.ARCHITECTURE_KEYS
@@ -174,7 +173,7 @@ class EmbeddingConsumer:
                     f"{out_dir} holds feature files hirespath did not write and no {CONFIG} (e.g. {path.name}: "
                     f"encoder {attrs.get('encoder', 'not named')}, features ({info['n_tiles']}, {info['dim']}); "
                     f"TRIDENT's?): they would count as finished slides of this encoder. Use another "
-                    f"embed.encoder_tag or job_dir, or {OVERWRITE} to replace them"
+                    f"embed.encoder_tag or job_dir, or {SlideJob.OVERWRITE} to replace them"
                 )
 
     def output_path(self, out_dir: Path, spec: SlideSpec) -> Path:
@@ -306,18 +305,6 @@ def features_folder(encoder, job_dir, tiling, embed, weights=None) -> Path:
     return Path(job_dir) / tiling_tag / f"features_{features_tag(encoder, embed, weights)}"
 
 
-def slide_job(job_dir, tiling, embed, default_mpp: float | None = None) -> SlideJob:
-    """The runner's job from the tiling and embedding settings (``hirespath.configs.TilingConfig``/``EmbedConfig``
-    or any objects with their fields)."""
-    return SlideJob(
-        job_dir=Path(job_dir), tiling=tiling, default_mpp=default_mpp, batch_size=int(embed.batch_size),
-        num_workers=None if embed.num_workers is None else int(embed.num_workers), reader=str(embed.reader),
-        threads=None if embed.threads is None else int(embed.threads),
-        lock_stale_s=float(embed.lock_stale_hours) * 3600, overwrite=bool(getattr(embed, "overwrite", False)),
-        write_behind=getattr(embed, "write_behind", None),
-    )  # fmt: skip
-
-
 def embed_slides(encoder, slides, job_dir, tiling, embed, runtime: Runtime | None = None, *, weights=None,
                  default_mpp: float | None = None, extra_attrs: dict | None = None,
                  token_dtype=np.float16) -> dict:  # fmt: skip
@@ -325,7 +312,7 @@ def embed_slides(encoder, slides, job_dir, tiling, embed, runtime: Runtime | Non
     summary (``features_dir`` is the folder). ``weights``: the file the encoder was built from (recorded, and part
     of the folder's identity)."""
     runtime = (runtime or Runtime()).resolve()
-    job = slide_job(job_dir, tiling, embed, default_mpp)
+    job = SlideJob.from_settings(job_dir, tiling, embed, default_mpp)
     consumer = _consumer(encoder, job, embed, runtime, weights, extra_attrs, token_dtype)
     random = random_weights(encoder, weights)
     summary = run_slides(slides, job, consumer, runtime, notes={"random_weights": random,

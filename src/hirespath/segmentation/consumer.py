@@ -34,7 +34,7 @@ import torch
 from ..slides.ledger import Ledger, OutputsSince
 from ..slides.prepare import PreparedSlide
 from ..slides.provenance import is_newer
-from ..slides.runner import Runtime, run_slides
+from ..slides.runner import Runtime, SlideJob, run_slides
 from ..slides.tile_model import TileModel
 from ..utils.checkpoints import file_digest
 from ..utils.config import is_folder_name, is_number  # true/false are no numbers
@@ -48,7 +48,6 @@ from .stitch import BLENDS, ProbabilityStitcher, blend_weights, to_uint8
 
 log = logging.getLogger("hirespath.segmentation")
 
-OVERWRITE = "embed.overwrite=true"
 AREAS = "areas.csv"
 # the options the GeoJSON, overlay and areas depend on, and the probability map does not
 DRAWING = ("threshold", "min_area_um2", "simplify_px", "within_tissue")
@@ -451,7 +450,7 @@ class SegmentationConsumer:
     options: SegmentOptions
     folder: str = ""
     identity: dict = field(default_factory=dict)
-    overwrite_hint: str = OVERWRITE
+    overwrite_hint: str = SlideJob.OVERWRITE
     needs_thumbnail: bool = True
     progress: bool = True  # a large map's closing steps as progress bars
     reuse_maps: bool = True  # a slide with a finished probability TIFF is drawn from it (False: embed.overwrite)
@@ -675,12 +674,13 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
     is segmented, not only the ``min_tissue`` tiles'); ``reading``: the embed node's batch_size,
     num_workers, reader, threads, lock_stale_hours, overwrite."""
     from ..configs import TilingConfig
-    from ..embeddings.features import slide_job
 
     options.check()
     if options.redraw and bool(getattr(reading, "overwrite", False)):
-        raise InputError("segment.redraw=true draws finished slides again from their probability TIFFs, "
-                         f"{OVERWRITE} segments every slide again with the model: pass one of them")  # fmt: skip
+        raise InputError(
+            "segment.redraw=true draws finished slides again from their probability TIFFs, "
+            f"{SlideJob.OVERWRITE} segments every slide again with the model: pass one of them"
+        )
     mpp = seg.mpp if tiling.mpp is None else float(tiling.mpp)
     if not math.isclose(mpp, seg.mpp, rel_tol=0.01):
         log.warning("tile.mpp=%g but the model was trained at %.4g µm/px (%s): cells will look %.2f× %s than in "
@@ -692,7 +692,7 @@ def segment_slides(seg: SegmentationCheckpoint, slides, job_dir, tiling, reading
                           tissue_threshold=getattr(tiling, "tissue_threshold", None))  # fmt: skip
     check_tiling_for_model(seg, tiling)
     runtime = (runtime or Runtime()).resolve()
-    job = slide_job(job_dir, tiling, reading, default_mpp)
+    job = SlideJob.from_settings(job_dir, tiling, reading, default_mpp)
     tile_fn = TileModel(seg.model, runtime.device, runtime.precision, job.batch_size,
                         forward=probabilities_forward(seg.model, seg.class_index))  # fmt: skip
     consumer = SegmentationConsumer(seg, tile_fn, options, progress=runtime.progress, reuse_maps=not job.overwrite)

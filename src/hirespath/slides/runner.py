@@ -131,6 +131,20 @@ class SlideJob:
 
     # identity keys added since output folders were first made, as every output made before had them
     IMPLIED: ClassVar[dict] = {"tissue_threshold": None}
+    # how a user of a slide task replaces outputs made with other settings (named in the refusal)
+    OVERWRITE: ClassVar[str] = "embed.overwrite=true"
+
+    @classmethod
+    def from_settings(cls, job_dir, tiling, embed, default_mpp: float | None = None) -> SlideJob:
+        """The job from the tasks' ``tile`` and ``embed`` nodes (``hirespath.configs.TilingConfig``/``EmbedConfig``
+        or any objects with their fields: the readers, batch, threads, locks and overwrite every slide task shares)."""
+        return cls(
+            job_dir=Path(job_dir), tiling=tiling, default_mpp=default_mpp, batch_size=int(embed.batch_size),
+            num_workers=None if embed.num_workers is None else int(embed.num_workers), reader=str(embed.reader),
+            threads=None if embed.threads is None else int(embed.threads),
+            lock_stale_s=float(embed.lock_stale_hours) * 3600, overwrite=bool(getattr(embed, "overwrite", False)),
+            write_behind=getattr(embed, "write_behind", None),
+        )  # fmt: skip
 
     @property
     def tiling_tag(self) -> str:
