@@ -30,6 +30,7 @@ import torch
 
 from ..slides.ledger import CONFIG
 from ..slides.prepare import PreparedSlide
+from ..slides.provenance import recorded_slide
 from ..slides.runner import Runtime, SlideJob, run_slides
 from ..slides.tile_model import TileModel
 from ..utils.errors import InputError
@@ -200,18 +201,9 @@ class EmbeddingConsumer:
             return None
 
     def made_from(self, path: Path) -> dict | None:
-        """The slide file (``slide_bytes``, ``slide_path``) the features of ``path`` were made from, None when
-        unknown: the runner's rescan check for a slide without a timings.csv row (a run stopped before it)."""
-        try:
-            attrs, _ = trident_h5.read_coords(path)
-        except FileNotFoundError:  # not made yet
-            return None
-        except Exception as err:  # noqa: BLE001 — a corrupt output (broken OME-XML, h5) records nothing
-            log.warning("%s: cannot read which slide file it was made from (%s); not checked for a rescan", path, err)
-            return None
-        if "slide_bytes" not in attrs:
-            return None
-        return {"slide_bytes": int(attrs["slide_bytes"]), "slide_path": attrs.get("slide_path")}
+        """The slide file the features of ``path`` were made from (the runner's rescan check for a slide without a
+        timings.csv row: a run stopped before it)."""
+        return recorded_slide(lambda: trident_h5.read_coords(path)[0], path)
 
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> FeatureSink:
         grid, tdir = prepared.grid, path.parent.parent

@@ -33,7 +33,7 @@ import torch
 
 from ..slides.ledger import Ledger, OutputsSince
 from ..slides.prepare import PreparedSlide
-from ..slides.provenance import is_newer
+from ..slides.provenance import is_newer, recorded_slide
 from ..slides.runner import Runtime, SlideJob, run_slides
 from ..slides.tile_model import TileModel
 from ..utils.checkpoints import file_digest
@@ -532,17 +532,10 @@ class SegmentationConsumer:
             return None
 
     def made_from(self, path: Path) -> dict | None:
-        """The slide file (``slide_bytes``, ``slide_path``) the map of ``path`` was made from, None when unknown:
-        the runner's rescan check for a slide without a timings.csv row (a redraw writes none)."""
-        try:
-            description = read_description(self.probs_path(path))
-        except FileNotFoundError:  # not made yet
-            return None
-        except Exception as err:  # noqa: BLE001 — a corrupt output (broken OME-XML, h5) records nothing
-            log.warning("%s: cannot read which slide file it was made from (%s); not checked for a rescan",
-                        self.probs_path(path), err)  # fmt: skip
-            return None
-        return description if description.get("slide_bytes") is not None else None
+        """The slide file the map of ``path`` was made from (the runner's rescan check for a slide without a
+        timings.csv row: a redraw writes none)."""
+        probs = self.probs_path(path)
+        return recorded_slide(lambda: read_description(probs), probs)
 
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> SegmentationSink | RedrawSink:
         # the map is finished (and made with the folder's settings): only its drawing is not

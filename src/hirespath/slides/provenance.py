@@ -66,6 +66,22 @@ def slide_bytes(path: Path) -> int:
 SAME_OUTPUT_NS = 1000
 
 
+def recorded_slide(read: Callable[[], dict], path: Path) -> dict | None:
+    """The slide file an output records (``slide_bytes``, ``slide_path``) from ``read()``, the output's attributes
+    (an h5's coords attrs, a TIFF's description); None when it records none (made before they were recorded) or is
+    not there (not made yet). An output that cannot be read is named in a warning: its rescan is not noticed."""
+    try:
+        attrs = read()
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001 — a corrupt output (broken OME-XML, h5) records nothing
+        log.warning("%s: cannot read which slide file it was made from (%s); not checked for a rescan", path, err)
+        return None
+    if attrs.get("slide_bytes") is None:
+        return None
+    return {"slide_bytes": int(attrs["slide_bytes"]), "slide_path": attrs.get("slide_path")}
+
+
 def check_finished_mpp(consumer, path: Path, spec: SlideSpec, how: str) -> None:
     """A finished slide was made at the mpp this run would use (an explicit ``mpp`` column value)."""
     if spec.mpp is None:
