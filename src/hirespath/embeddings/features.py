@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..slides.ledger import CONFIG
+from ..slides.ledger import CONFIG, slide_lock
 from ..slides.prepare import PreparedSlide
 from ..slides.provenance import recorded_slide
 from ..slides.runner import Runtime, SlideJob, run_slides
@@ -338,7 +338,7 @@ def ensure_features(encoder, slides, tiling, embed, runtime: Runtime | None = No
     embed = _NoOverwrite(embed)  # the passes after the first keep what it (and the other workers) replaced
     while held:
         log.info("waiting for %d slides other workers are embedding into %s", held, out_dir)
-        locks = [out_dir / f"{s.slide_id}.h5.lock" for s in specs]  # this call's slides only, not the folder's
+        locks = [slide_lock(out_dir / f"{s.slide_id}.h5") for s in specs]  # this call's slides only, not the folder's
         while any(_lock_live(p, embed) for p in locks if p.exists()):
             time.sleep(poll_s)
         again = embed_slides(encoder, specs, job_dir, tiling, embed, runtime, weights=weights,

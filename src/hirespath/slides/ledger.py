@@ -51,6 +51,11 @@ def whole_slide_rows(skipped: pd.DataFrame) -> pd.Series:
     return ~skipped["reason"].str.startswith("tile ")
 
 
+def slide_lock(output: Path) -> Path:
+    """The lock a slide's output is made under (``<output>.lock``: its worker's host, pid and heartbeat)."""
+    return output.with_name(output.name + ".lock")
+
+
 OUTPUTS_SINCE = ".outputs_since"
 CLOCK = "clock"  # file_system_now's probes, .clock.*.tmp
 # what each folder lock's holder writes (every other lock: its own file): a temporary of one of them that the holder
@@ -152,16 +157,19 @@ class Ledger:
         temporary exists). A lock file left too waits for the next writer, which judges it (no wait here, and no
         judging a holder's pid, which a sibling container's namespace can make look gone)."""
         for name in names:
-            lock = self.folder / f".{name}.lock"
-            if not lock.exists() and any(temporaries_of(self.folder / f) for f in WRITTEN_UNDER.get(name, (name,))):
+            written = WRITTEN_UNDER.get(name, (name,))
+            if not self._lock_path(name).exists() and any(temporaries_of(self.folder / f) for f in written):
                 self._swept.discard(name)
                 with self._locked(name):
                     pass
 
+    def _lock_path(self, name: str) -> Path:
+        return self.folder / f".{name}.lock"
+
     @contextlib.contextmanager
     def _locked(self, name: str):
         """Hold the folder lock of ``name``; the first time, remove what writers that stopped left under it."""
-        with exclusive_lock(self.folder / f".{name}.lock", f"another worker writing {name}", poll_s=0.05):
+        with exclusive_lock(self._lock_path(name), f"another worker writing {name}", poll_s=0.05):
             if name not in self._swept:
                 self._swept.add(name)
                 remove_temporaries([self.folder / written for written in WRITTEN_UNDER.get(name, (name,))])

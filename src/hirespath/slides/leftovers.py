@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..utils.io import TEMPORARY, remove_temporaries, try_lock
 from ..wsi.listing import SlideSpec
-from .ledger import file_system_now
+from .ledger import file_system_now, slide_lock
 
 log = logging.getLogger("hirespath.slides")
 
@@ -56,7 +56,7 @@ def release_finished_leftovers(finished: list[SlideSpec], outputs: dict[str, Pat
     listed: dict[Path, list[str]] = {}  # each folder listed once (hundreds of stale locks after a killed array)
     for spec in finished:
         out = outputs[spec.slide_id]
-        lock_path = out.with_name(out.name + ".lock")
+        lock_path = slide_lock(out)
         if lock_path.exists() and (lock := try_lock(lock_path, stale_s=stale_s)) is not None:
             try:
                 if out.parent not in listed:

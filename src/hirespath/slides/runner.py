@@ -46,7 +46,7 @@ from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
 from ..wsi.tissue import check_tissue_threshold
-from .ledger import TIMINGS, Ledger, whole_slide_rows
+from .ledger import TIMINGS, Ledger, slide_lock, whole_slide_rows
 from .leftovers import release_finished_leftovers, remove_old_temporaries
 from .prepare import PreparedSlide, cover_tissue, prepare_slide, tissue_threshold
 from .provenance import check_finished_mpp, is_newer, output_ns, recorded_path, replaced_slides, utf8_path
@@ -470,7 +470,7 @@ def run_slides(
                 t_slide = time.perf_counter()
                 stages = zero_stages()
                 out = outputs[spec.slide_id]
-                lock_path = out.with_name(out.name + ".lock")
+                lock_path = slide_lock(out)
                 lock = try_lock(lock_path, stale_s=job.lock_stale_s)
                 # a clash's outputs are the other slide's: refused by the worker that locks it (counted once)
                 done_by_another = lock is not None and spec.slide_id not in clashes and finished(spec.slide_id)
