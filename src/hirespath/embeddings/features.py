@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..slides.ledger import CONFIG, slide_lock
-from ..slides.prepare import PreparedSlide
+from ..slides.prepare import PreparedSlide, patches_attrs
 from ..slides.provenance import recorded_slide
 from ..slides.runner import Runtime, SlideJob, run_slides
 from ..slides.tile_model import TileModel
@@ -206,13 +206,9 @@ class EmbeddingConsumer:
         return recorded_slide(lambda: trident_h5.read_coords(path)[0], path)
 
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> FeatureSink:
-        grid, tdir = prepared.grid, path.parent.parent
-        # the coords attributes are the patches file's, as TRIDENT copies them into the features file
-        c_attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tdir, tiling=tdir.name,
-                                          qupath_region=prepared.qupath_region)  # fmt: skip
-        c_attrs["tissue_area_mm2"], c_attrs["slide_bytes"] = grid.tissue_area_mm2, prepared.slide_bytes
-        if prepared.slide_path is not None:
-            c_attrs["slide_path"] = prepared.slide_path
+        grid = prepared.grid
+        c_attrs = patches_attrs(spec.slide_id, grid, path.parent.parent, prepared.qupath_region, prepared.slide_bytes,
+                                prepared.slide_path)  # fmt: skip
         attrs = {**self.features_attrs, "name": spec.slide_id, "savetodir": str(path.parent)}
         dim = self.encoder.embed_dim * (2 if self.features == "cls+mean" else 1)
         writer = trident_h5.FeatureWriter(path, dim, c_attrs, attrs, tokens=self.tokens, token_dtype=self.token_dtype,
@@ -293,8 +289,7 @@ def features_tag(encoder, embed, weights=None) -> str:
 
 def features_folder(encoder, job_dir, tiling, embed, weights=None) -> Path:
     """Where :func:`embed_slides` writes these features: ``<job_dir>/<tiling tag>/features_<tag>``."""
-    tiling_tag = trident_h5.tiling_tag(float(tiling.mpp), int(tiling.size), int(tiling.overlap))
-    return Path(job_dir) / tiling_tag / f"features_{features_tag(encoder, embed, weights)}"
+    return SlideJob(Path(job_dir), tiling).tiling_dir / f"features_{features_tag(encoder, embed, weights)}"
 
 
 def embed_slides(encoder, slides, job_dir, tiling, embed, runtime: Runtime | None = None, *, weights=None,

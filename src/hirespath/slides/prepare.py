@@ -65,6 +65,17 @@ def patches_path(tiling_dir: Path, tiling, slide_id: str) -> Path:
     return tiling_dir / folder / f"{slide_id}_patches.h5"
 
 
+def patches_attrs(slide_id: str, grid: TileGrid, tiling_dir: Path, qupath_region, nbytes, source) -> dict:
+    """The coords attributes of a slide's patches file (TRIDENT's, the tissue area, and the slide file's size and
+    path, :mod:`.provenance`); its features files carry the same, as TRIDENT copies them."""
+    attrs = trident_h5.coords_attrs(grid, name=slide_id, savetodir=tiling_dir, tiling=tiling_dir.name,
+                                    qupath_region=qupath_region)  # fmt: skip
+    attrs["tissue_area_mm2"], attrs["slide_bytes"] = grid.tissue_area_mm2, nbytes
+    if source is not None:
+        attrs["slide_path"] = source
+    return attrs
+
+
 class ForeignPatches(Exception):
     """A patches file hirespath did not write (TRIDENT's or CLAM's: no ``target_mpp``): never replaced."""
 
@@ -181,10 +192,7 @@ def prepare_slide(
                              float(tiling.min_tissue), mpp=smpp, mask_max_side=mask_max_side,
                              cover_tissue=cover_tissue(tiling), region=region,
                              tissue_threshold=tissue_threshold(tiling))  # fmt: skip
-            attrs = trident_h5.coords_attrs(grid, name=spec.slide_id, savetodir=tiling_dir, tiling=tiling_dir.name,
-                                            qupath_region=region)  # fmt: skip
-            attrs["tissue_area_mm2"], attrs["slide_bytes"] = grid.tissue_area_mm2, nbytes
-            attrs["slide_path"] = source  # as the features' coords attrs (TRIDENT copies them)
+            attrs = patches_attrs(spec.slide_id, grid, tiling_dir, region, nbytes, source)
             if foreign:  # TRIDENT's tiling in a shared job_dir: its features and later TRIDENT runs rely on it
                 log.warning("%s: a patches file hirespath did not write (TRIDENT's?) is kept; the slide was tiled "
                             "by hirespath's rules and its grid is not stored", patches)  # fmt: skip
