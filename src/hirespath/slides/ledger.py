@@ -110,7 +110,8 @@ def _digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def now() -> str:
+def local_time() -> str:
+    """This worker's clock as text, for the rows' ``time`` (not compared: the file server's clock decides ages)."""
     return datetime.datetime.now().isoformat(timespec="seconds")
 
 
@@ -205,7 +206,7 @@ class Ledger:
                 if slides is not None and held is not None and _digest(held) == settings:
                     self._mark_slides(slides, launch)  # the folder's own settings: only the listed slides
                 else:  # every output made before now is replaced, by this worker or any other
-                    write_json(self.folder / OUTPUTS_SINCE, {"time": now(), "host": socket.gethostname(),
+                    write_json(self.folder / OUTPUTS_SINCE, {"time": local_time(), "host": socket.gethostname(),
                                                              "launch": launch, "settings": settings,
                                                              "since_ns": file_system_now(self.folder)})  # fmt: skip
             if old is not None and not overwrite:
@@ -291,7 +292,7 @@ class Ledger:
         with self._locked(SKIPPED):
             old = self.skipped()
             drop = {r["slide"] for r in rows} | set(done)
-            rows = [{"time": now(), "host": socket.gethostname(), **r} for r in rows]
+            rows = [{"time": local_time(), "host": socket.gethostname(), **r} for r in rows]
             new = pd.concat(
                 [old[~old["slide"].isin(drop)], pd.DataFrame(rows, columns=SKIPPED_COLUMNS)], ignore_index=True
             )
@@ -415,9 +416,10 @@ class Ledger:
                 with atomic_path(path) as tmp:
                     table.assign(**missing).to_csv(tmp, index=False)
 
-    def timings(self, columns: list[str] | None = None) -> pd.DataFrame:
+    def timings(self) -> pd.DataFrame:
+        """The folder's timings.csv (a table with a ``slide`` column only when there is none yet)."""
         table = self.table(TIMINGS)
-        return pd.DataFrame(columns=columns or ["slide"]) if table is None else table
+        return pd.DataFrame(columns=["slide"]) if table is None else table
 
     # ------------------------------------------------------------------------------------------ summary.json
     def update_summary(self, worker: dict, totals: Callable[[], dict]) -> dict:

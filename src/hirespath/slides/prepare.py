@@ -19,7 +19,7 @@ from ..wsi import qupath, trident_h5
 from ..wsi.listing import SlideSpec
 from ..wsi.reader import SlideError, best_level, level0_mpp, open_slide
 from ..wsi.tissue import TileGrid, tile_grid, tissue_fractions, tissue_thumbnail
-from .provenance import slide_bytes, slide_path
+from .provenance import path_to_record, slide_bytes
 
 log = logging.getLogger("hirespath.slides")
 
@@ -42,7 +42,7 @@ class PreparedSlide:
     qupath_region: tuple[int, int, int, int]
     warnings: list[str] = field(default_factory=list)
     slide_bytes: int | None = None  # the slide file's size (:func:`slide_bytes`), recorded with its grid
-    slide_path: str | None = None  # the file (:func:`slide_path`) its outputs record they were made from
+    slide_path: str | None = None  # the file (:func:`path_to_record`) its outputs record they were made from
     patches: Path | None = None  # the file the grid is stored in (None: not stored, another tool's file is there)
 
 
@@ -179,7 +179,7 @@ def prepare_slide(
             log.warning("%s: %s", spec.slide_id, warnings[-1])
         region = qupath.image_region(slide)
         patches = patches_path(tiling_dir, tiling, spec.slide_id)
-        foreign, nbytes, source = False, slide_bytes(spec.path), slide_path(spec.path)
+        foreign, nbytes, source = False, slide_bytes(spec.path), path_to_record(spec.path)
         try:
             grid = _grid_from_patches(slide, patches, tiling, smpp, nbytes) if patches.is_file() else None
         except ForeignPatches:

@@ -1,9 +1,9 @@
 """Which slide file a folder's outputs were made from, and whether the listed one is it.
 
-Each timings.csv row, patches file, h5 and probability TIFF records its slide file (:func:`slide_path`, made absolute,
-in UTF-8) and size (:func:`slide_bytes`). At a run's start :func:`replaced_slides` compares the listed files with
-them: a slide rescanned under its name is made again, another cohort's slide under a finished slide's id is refused
-(a clash), and the same file reached by another path (a copied cohort, a remount) stays finished.
+Each timings.csv row, patches file, h5 and probability TIFF records its slide file (:func:`path_to_record`: made
+absolute, in UTF-8) and size (:func:`slide_bytes`). At a run's start :func:`replaced_slides` compares the listed
+files with them: a slide rescanned under its name is made again, another cohort's slide under a finished slide's id
+is refused (a clash), and the same file reached by another path (a copied cohort, a remount) stays finished.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ log = logging.getLogger("hirespath.slides")
 MIRAX_DATA = re.compile(r"(?i)(slidedat\.ini|index\.dat|data\d+\.dat)")
 
 
-def slide_path(path) -> str:
+def path_to_record(path) -> str:
     """The slide file as its outputs record it: the path the run was given, made absolute (links are not
     resolved: a link pointed at a new export is a rescan of the slide it names), in UTF-8 (:func:`utf8_path`)."""
     return utf8_path(os.path.abspath(path))
@@ -154,7 +154,7 @@ def replaced_slides(
         except OSError:
             continue  # not there: the run names it when it reads the slide (not at all: it is finished)
         then = int(then)
-        if isinstance(source, str) and source and source != slide_path(spec.path):
+        if isinstance(source, str) and source and source != path_to_record(spec.path):
             original = recorded_path(source)
             if _still_there(original, then) and not (now == then and _same_start(original, spec.path)):
                 if finished(spec.slide_id):
