@@ -15,7 +15,7 @@ from hirespath.data.mil import MILDataModule, panda_slide_labels
 from hirespath.modules.mil import MILModule, NonFiniteError, predictions_frame
 from hirespath.tasks.mil import run_mil
 from hirespath.utils import threads
-from hirespath.viz.mil import _scaled, attention_heatmap, is_uniform, tile_overlay
+from hirespath.viz.mil import attention_heatmap, attention_scaled, is_uniform, tile_overlay
 
 # ------------------------------------------------------------------------------------------ non-finite numbers
 
@@ -125,17 +125,17 @@ def test_ddp_every_rank_stops_on_a_nan_loss_of_one(tmp_path):
 def test_uniform_attention_is_one_colour():
     uniform = np.full(40, 1 / 40, dtype=np.float32)
     for scale in ("percentile", "minmax"):
-        np.testing.assert_array_equal(_scaled(uniform, scale), np.full(40, 0.5))
+        np.testing.assert_array_equal(attention_scaled(uniform, scale), np.full(40, 0.5))
     # softmax of equal scores in float32 rounds to weights that differ in the last bit: still uniform
     rounded = torch.zeros(1, 37).softmax(1)[0].numpy() * np.float32(1 + 1e-7) ** np.arange(37)
     assert is_uniform(rounded) and len(np.unique(rounded)) > 1
-    np.testing.assert_array_equal(_scaled(rounded, "percentile"), np.full(37, 0.5))
+    np.testing.assert_array_equal(attention_scaled(rounded, "percentile"), np.full(37, 0.5))
     # ties share their mean percentile; distinct weights keep their ranks
-    np.testing.assert_allclose(_scaled(np.array([0.1, 0.3, 0.3, 0.3]), "percentile"), [0, 2 / 3, 2 / 3, 2 / 3])
-    np.testing.assert_allclose(_scaled(np.array([0.4, 0.1, 0.2, 0.3]), "percentile"), [1, 0, 1 / 3, 2 / 3])
+    np.testing.assert_allclose(attention_scaled(np.array([0.1, 0.3, 0.3, 0.3]), "percentile"), [0, 2 / 3, 2 / 3, 2 / 3])
+    np.testing.assert_allclose(attention_scaled(np.array([0.4, 0.1, 0.2, 0.3]), "percentile"), [1, 0, 1 / 3, 2 / 3])
     assert not is_uniform(np.array([0.5, 0.5 + 1e-3]))
     with pytest.raises(ValueError, match="1 of 3 attention weights are not finite"):
-        _scaled(np.array([0.5, np.nan, 0.5]), "percentile")
+        attention_scaled(np.array([0.5, np.nan, 0.5]), "percentile")
 
 
 def test_mean_pool_heatmap_overlay_has_a_single_value(tmp_path):
@@ -143,9 +143,9 @@ def test_mean_pool_heatmap_overlay_has_a_single_value(tmp_path):
     model = MILModule("mean_pool", DIM, 2)
     att = model(torch.randn(1, 24, DIM)).attention[0].numpy()
     coords = np.array([[x * 64, y * 64] for y in range(4) for x in range(6)])
-    overlay = tile_overlay(coords, _scaled(att, "percentile"), (64, 96), 0.25, 0.25, 64)
+    overlay = tile_overlay(coords, attention_scaled(att, "percentile"), (64, 96), 0.25, 0.25, 64)
     assert np.isfinite(overlay).all() and np.unique(overlay).tolist() == [0.5]
-    ranked = tile_overlay(coords, _scaled(np.arange(24.0), "percentile"), (64, 96), 0.25, 0.25, 64)
+    ranked = tile_overlay(coords, attention_scaled(np.arange(24.0), "percentile"), (64, 96), 0.25, 0.25, 64)
     assert len(np.unique(ranked)) == 24  # non-uniform weights still spread over the colour map
     png = attention_heatmap(coords, att, tmp_path / "uniform.png", tile_size=64)
     assert png.stat().st_size > 0

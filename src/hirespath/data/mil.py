@@ -256,7 +256,8 @@ class SlideFeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _subset(self, n: int, slide_id: str) -> np.ndarray | None:
+    def tile_subset(self, n: int, slide_id: str) -> np.ndarray | None:
+        """The indices of the ``max_tiles`` a bag of ``n`` tiles keeps (random, or the slide's fixed draw); None: all"""
         if not self.max_tiles or n <= self.max_tiles:
             return None
         if self.random:
@@ -271,7 +272,7 @@ class SlideFeatureDataset(Dataset):
         r = self.rows.iloc[i]
         data = trident_h5.read_features(r.path)
         feats, coords = data["features"], data["coords"]
-        idx = self._subset(len(feats), str(r.slide_id))
+        idx = self.tile_subset(len(feats), str(r.slide_id))
         if idx is not None:
             feats, coords = feats[idx], coords[idx]
         size = data["coords_attrs"].get("patch_size_level0")

@@ -239,7 +239,7 @@ def predict(head: torch.nn.Module, rows: pd.DataFrame, max_tiles, seed: int) -> 
             log.warning("slide %s skipped: %s", sid, err)
             continue
         n = int(rows.n_tiles.iloc[i])
-        subset = ds._subset(n, sid)
+        subset = ds.tile_subset(n, sid)
         results.append({"slide_id": sid, "probs": probs, "attention": out.attention[0].float().numpy(),
                         "coords": bag["coords"].numpy(), "tile_size": bag["tile_size"], "path": rows.path.iloc[i],
                         "tiles": subset if subset is not None else np.arange(n)})  # fmt: skip
@@ -315,11 +315,11 @@ def tile_geojson(r: dict, path: Path, num_classes: int, region: tuple[int, int, 
     coordinates, uncut)."""
     from shapely.geometry import box
 
-    from ..viz.mil import _scaled, infer_tile_size
+    from ..viz.mil import attention_scaled, infer_tile_size
     from ..wsi.qupath import feature, write_geojson
 
     tile = float(r["tile_size"] or infer_tile_size(r["coords"]) or 1)
-    rank = _scaled(r["attention"], "percentile")
+    rank = attention_scaled(r["attention"], "percentile")
     probs = {f"p{c}": float(r["probs"][c]) for c in range(num_classes)}
     bounds = box(region[0], region[1], region[0] + region[2], region[1] + region[3]) if region else None
     origin = (int(region[0]), int(region[1])) if region else (0, 0)

@@ -41,7 +41,7 @@ def is_uniform(attention: np.ndarray) -> bool:
     return len(a) == 0 or float(a.max() - a.min()) <= UNIFORM_RTOL * float(np.abs(a).max())
 
 
-def _scaled(attention: np.ndarray, scale: str) -> np.ndarray:
+def attention_scaled(attention: np.ndarray, scale: str) -> np.ndarray:
     """The colour values in [0, 1]: the weights' percentiles (ties share their mean rank) or min-max scaled; a
     uniform slide gets 0.5 for every tile, so it shows in one colour whatever the scale."""
     if scale not in ("percentile", "minmax"):
@@ -167,11 +167,11 @@ def attention_heatmap(
         if values.shape[0] != len(coords):
             raise ValueError(f"{values.shape[0]} tiles of token scores but {len(coords)} coords")
         uniform = is_uniform(values.ravel())
-        scaled = _scaled(values.ravel(), scale).reshape(values.shape)
+        scaled = attention_scaled(values.ravel(), scale).reshape(values.shape)
         overlay = token_overlay(coords, scaled, image.shape[:2], sx, sy, tile)
     else:
         uniform = is_uniform(attention)
-        overlay = tile_overlay(coords, _scaled(attention, scale), image.shape[:2], sx, sy, tile)
+        overlay = tile_overlay(coords, attention_scaled(attention, scale), image.shape[:2], sx, sy, tile)
     plt = pyplot()
     h, w = image.shape[:2]
     # the picture's long side 7 inches (a tall slide's too: its height grew with the aspect, 22,000 px for 27:1)
