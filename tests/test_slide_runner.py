@@ -895,7 +895,7 @@ def test_a_full_disk_at_a_slides_bookkeeping_leaves_no_lock_or_temporary(slides,
 
 
 def _add_timing_row(folder, slide, start):
-    from hirespath.slides.runner import TIMING_COLUMNS
+    from hirespath.slides.ledger import TIMING_COLUMNS
 
     while time.time() < start:
         pass
@@ -910,7 +910,7 @@ def test_workers_taking_over_a_dead_writers_ledger_lock_lose_no_rows(tmp_path):
     import socket
     import subprocess
 
-    from hirespath.slides.runner import TIMING_COLUMNS
+    from hirespath.slides.ledger import TIMING_COLUMNS
 
     fork = mp.get_context("fork")
     for r in range(15):

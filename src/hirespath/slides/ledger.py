@@ -39,15 +39,27 @@ import pandas as pd
 
 from ..utils.errors import InputError
 from ..utils.io import atomic_path, exclusive_lock, read_csv_ids, remove_temporaries, temporaries_of, write_json
+from .stages import BACKGROUND, STAGES
 
 log = logging.getLogger("hirespath.slides")
 
 SKIPPED_COLUMNS = ["slide", "path", "reason", "time", "host", "launch"]
+# a slide's row: its stages' seconds (slides.stages), the readers, and the slide file its output was made from
+TIMING_COLUMNS = [
+    "slide", "rank", "host", "tiles", "tissue_mm2", "seconds", *(f"{s}_s" for s in STAGES + BACKGROUND),
+    "tiles_per_s", "mm2_per_s", "reader", "num_workers", "threads", "slide_bytes",
+    "slide_path", "output_ns",
+]  # fmt: skip
 CONFIG, SKIPPED, TIMINGS, SUMMARY = "config.json", "skipped.csv", "timings.csv", "summary.json"
 
 
+def tile_reason(tile: int, x: int, y: int, why: str) -> str:
+    """A skipped.csv reason for one tile of a slide that finished (:func:`whole_slide_rows` tells them apart)."""
+    return f"tile {tile} at ({x}, {y}): {why}"
+
+
 def whole_slide_rows(skipped: pd.DataFrame) -> pd.Series:
-    """Which rows of skipped.csv are slides that failed, not tiles of a finished slide (``tile N: ...``)."""
+    """Which rows of skipped.csv are slides that failed, not tiles of a finished slide (:func:`tile_reason`)."""
     return ~skipped["reason"].str.startswith("tile ")
 
 

@@ -46,7 +46,7 @@ from ..wsi.listing import SlideSpec, as_specs
 from ..wsi.reader import SlideError
 from ..wsi.tile_readers import READERS, SlideTileDataset, tile_batches
 from ..wsi.tissue import check_tissue_threshold
-from .ledger import TIMINGS, Ledger, slide_lock, whole_slide_rows
+from .ledger import TIMING_COLUMNS, TIMINGS, Ledger, slide_lock, tile_reason, whole_slide_rows
 from .leftovers import release_finished_leftovers, remove_old_temporaries
 from .prepare import PreparedSlide, cover_tissue, prepare_slide, tissue_threshold
 from .provenance import check_finished_mpp, is_newer, output_ns, recorded_path, replaced_slides, utf8_path
@@ -61,11 +61,6 @@ RESUME = (
     "goes on with the rest"
 )
 
-TIMING_COLUMNS = [
-    "slide", "rank", "host", "tiles", "tissue_mm2", "seconds", *(f"{s}_s" for s in STAGES + BACKGROUND),
-    "tiles_per_s", "mm2_per_s", "reader", "num_workers", "threads", "slide_bytes",
-    "slide_path", "output_ns",
-]  # fmt: skip
 # Lightning precision names → the runner's (weights stay fp32 under autocast; "bf16"/"fp16" would cast them)
 LIGHTNING_PRECISION = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16-mixed", "16-mixed": "fp16-mixed",
                        "bf16-true": "bf16", "16-true": "fp16", "64-true": "fp32"}  # fmt: skip
@@ -649,7 +644,7 @@ def _stream_slide(
 
     def refused(tile: int, why: str) -> None:
         x, y = grid.coords[tile]
-        failed.append(f"tile {int(tile)} at ({x}, {y}): {why}")
+        failed.append(tile_reason(int(tile), x, y, why))
 
     h2d_before = getattr(fn, "h2d_seconds", 0.0)
     writer = WriteBehind(sink) if takes_tiles and _write_behind(job, device) else None
