@@ -15,13 +15,14 @@ from pathlib import Path
 from ..utils.io import TEMPORARY, remove_temporaries, try_lock
 from ..wsi.listing import SlideSpec
 from .ledger import file_system_now, slide_lock
+from .prepare import PATCHES, PATCHES_COVER_TISSUE, THUMBNAILS
 
 log = logging.getLogger("hirespath.slides")
 
 
 # the tiling's folders every consumer of it writes without a slide's lock (patches files, thumbnails); a temporary
 # there is a stopped writer's when untouched this long (those files take seconds to write)
-SHARED_FOLDERS = ("patches", "patches_cover_tissue", "thumbnails")
+SHARED_FOLDERS = (PATCHES, PATCHES_COVER_TISSUE, THUMBNAILS)
 SHARED_TEMPORARY_S = 3600.0
 
 
