@@ -729,10 +729,32 @@ def test_slides_close_behind_the_next_one(slides, tmp_path):
 def test_ledger_adds_keys_an_older_config_lacks(tmp_path):
     led = Ledger(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"tile_size": 224}))
+    (tmp_path / "s0.h5").write_bytes(b"")  # an output made with those settings
     led.check_identity({"tile_size": 224, "min_tissue": 0.25})
     assert json.loads((tmp_path / "config.json").read_text()) == {"tile_size": 224, "min_tissue": 0.25}
     with pytest.raises(IdentityMismatch, match="tile_size: 224 there, 448 now"):
         led.check_identity({"tile_size": 448})
+
+
+def test_a_folder_without_outputs_takes_the_settings_of_the_next_run(slides, tmp_path, caplog):
+    """A run stopped before its first slide finished (a typo seen, Ctrl-C) left config.json and no output: the rerun
+    with the setting corrected is not refused over outputs that do not exist. Once one exists, it is."""
+    job = tmp_path / "job"
+    embed_slides(encoder(), [], job, replace(TILING, min_tissue=0.5), embed_cfg())  # config.json, no slide
+    folder = next(job.glob("*/features_*"))
+    (folder / ".s0.h5.abcd1234.tmp").write_bytes(b"")  # a writer's temporary, stopped
+    assert (folder / "skipped.csv").exists() and (folder / "summary.json").exists()  # the ledger's, not outputs
+    with caplog.at_level("WARNING", logger="hirespath.slides"):
+        summary = embed_slides(encoder(), list_slides(slides), job, TILING, embed_cfg())
+    assert summary["slides_done"] == 2 and json.loads((folder / "config.json").read_text())["min_tissue"] == 0.25
+    assert any("holds no outputs yet" in r.getMessage() and "min_tissue: 0.5 there, 0.25 now" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    with pytest.raises(IdentityMismatch, match="holds outputs made with other settings .*min_tissue: 0.25 there"):
+        embed_slides(encoder(), list_slides(slides), job, replace(TILING, min_tissue=0.5), embed_cfg())
+    (folder / "s0.h5").unlink(), (folder / "s1.h5").unlink()
+    (folder / "s1.h5.lock").write_text("host:1")  # a worker making s1 with the folder's settings
+    with pytest.raises(IdentityMismatch, match="min_tissue: 0.25 there"):
+        embed_slides(encoder(), list_slides(slides), job, replace(TILING, min_tissue=0.5), embed_cfg())
 
 
 @pytest.mark.parametrize("sort_by", [None, ["slide"], ["slide", "class"]])

@@ -231,6 +231,10 @@ class Ledger:
                 drawing_only = bool(diff) and set(diff) <= set(redrawable)
                 if diff and not (redraw and drawing_only):
                     changes = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                    if not self._holds_outputs():  # a run stopped before its first slide (a typo seen, Ctrl-C)
+                        log.warning("%s holds no outputs yet: its settings are this run's (%s)", self.folder, changes)
+                        write_json(path, identity)
+                        return self.outputs_since()
                     other = "a new job_dir" + (f", or {how} to replace them" if how else "")
                     advice = (f"Only how they are drawn changed: {redraw_hint}. Or use {other}"
                               if drawing_only and redraw_hint else f"Use {other}")  # fmt: skip
@@ -241,6 +245,12 @@ class Ledger:
                     return self.outputs_since()
             write_json(path, {**(old or {}), **identity} if not overwrite else identity)
             return self.outputs_since()
+
+    def _holds_outputs(self) -> bool:
+        """Whether the folder holds anything but its ledger: an output, a slide's lock (a worker making one), or a
+        file another tool wrote. Hidden files are the ledger's locks and the temporaries of writers that stopped."""
+        ledger = {CONFIG, SKIPPED, TIMINGS, SUMMARY}
+        return any(not (name in ledger or name.startswith(".")) for name in os.listdir(self.folder))
 
     def replace_slides(self, slides: list[str], launch: str | None = None) -> OutputsSince:
         """Mark the outputs of ``slides`` made before now as stale (their slide files were replaced since)."""
