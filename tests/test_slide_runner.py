@@ -80,8 +80,13 @@ def test_changed_tiling_setting_is_refused_naming_it_and_overwrite_replaces(slid
     changed = TilingConfig(size=112, mpp=1.0, overlap=0, min_tissue=0.8)
     with pytest.raises(IdentityMismatch, match=r"min_tissue: 0.25 there, 0.8 now.*embed.overwrite=true"):
         embed_slides(encoder(), specs, tmp_path, changed, embed_cfg(), CPU)
-    with pytest.raises(IdentityMismatch, match=r"default_mpp: None there, 0.5 now"):
-        embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU, default_mpp=0.5)
+    # no slide could have used a default mpp (one without an mpp was skipped): the default its skip reason advises
+    # joins the folder, recorded; another default then is refused (slides may have been made with the first)
+    joined = embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU, default_mpp=0.5)
+    assert joined["slides_already_finished"] == 2
+    assert json.loads((Path(first["features_dir"]) / "config.json").read_text())["default_mpp"] == 0.5
+    with pytest.raises(IdentityMismatch, match=r"default_mpp: 0.5 there, 0.25 now"):
+        embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU, default_mpp=0.25)
     again = embed_slides(encoder(), specs, tmp_path, changed, embed_cfg(overwrite=True), CPU)
     assert again["slides_done"] == 2 and again["features_dir"] == first["features_dir"]
     cfg = json.loads((Path(first["features_dir"]) / "config.json").read_text())

@@ -192,14 +192,16 @@ class Ledger:
     def check_identity(self, identity: dict, overwrite: bool = False, how: str = "", redrawable: tuple = (),
                        redraw: bool = False, redraw_hint: str = "", launch: str | None = None,
                        unvouched: tuple = (), slides: list[str] | None = None,
-                       implied: dict | None = None) -> OutputsSince:  # fmt: skip
+                       implied: dict | None = None, unused_while_null: tuple = ()) -> OutputsSince:  # fmt: skip
         """Refuse outputs made with other settings; write ``config.json`` on first use (and with ``overwrite``).
         Returns :meth:`outputs_since`: the times (ns, the folder's file system clock) before which outputs are stale.
         An overwrite marks that time when it starts, once per ``launch`` (the id its workers share: a worker of the
         same launch and settings that starts later keeps the mark, so it does not redo what the others replaced);
         with the settings the folder already holds, it marks the ``slides`` it lists only (None: every slide).
         ``implied``: keys added to the identity later, with the value that every output made before had (a
-        folder without the key is compared as if it held that value).
+        folder without the key is compared as if it held that value). ``unused_while_null``: keys that no output
+        depends on while the folder holds null (``default_mpp``: a slide without an mpp was skipped, not made), so a
+        value now is recorded, not refused.
 
         Keys in both the stored and the new identity must be equal; keys the stored one lacks (written by an older
         version) are added, but for ``unvouched`` ones: outputs made before they were recorded may have been made
@@ -227,7 +229,11 @@ class Ledger:
                                 "this run's (a new job_dir or an overwrite checks them)", self.folder,
                                 ", ".join(unknown))  # fmt: skip
                     identity = {k: v for k, v in identity.items() if k not in unknown}
-                diff = {k: (held[k], v) for k, v in identity.items() if k in held and not _same(held[k], v)}
+                diff = {
+                    k: (held[k], v)
+                    for k, v in identity.items()
+                    if k in held and not _same(held[k], v) and not (k in unused_while_null and held[k] is None)
+                }
                 drawing_only = bool(diff) and set(diff) <= set(redrawable)
                 if diff and not (redraw and drawing_only):
                     changes = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
@@ -241,7 +247,8 @@ class Ledger:
                     raise IdentityMismatch(
                         f"{self.folder} holds outputs made with other settings ({changes}). {advice}"
                     )
-                if not diff and set(identity) <= set(old):
+                filled = [k for k in unused_while_null if k in old and old[k] is None and identity.get(k) is not None]
+                if not diff and set(identity) <= set(old) and not filled:
                     return self.outputs_since()
             write_json(path, {**(old or {}), **identity} if not overwrite else identity)
             return self.outputs_since()

@@ -126,6 +126,9 @@ class SlideJob:
 
     # identity keys added since output folders were first made, as every output made before had them
     IMPLIED: ClassVar[dict] = {"tissue_threshold": None}
+    # identity keys no output depends on while a folder holds null: a slide without an mpp was skipped, so the
+    # default_mpp its skip reason advises joins a finished folder
+    UNUSED_WHILE_NULL: ClassVar[tuple] = ("default_mpp",)
     # how a user of a slide task replaces outputs made with other settings (named in the refusal)
     OVERWRITE: ClassVar[str] = "embed.overwrite=true"
 
@@ -293,7 +296,8 @@ def run_slides(
                           redraw=bool(getattr(consumer, "redraw", False)),
                           redraw_hint=getattr(consumer, "redraw_hint", ""), launch=runtime.launch,
                           unvouched=tuple(getattr(consumer, "unvouched_keys", ())),
-                          slides=[s.slide_id for s in specs], implied=SlideJob.IMPLIED)  # fmt: skip
+                          slides=[s.slide_id for s in specs], implied=SlideJob.IMPLIED,
+                          unused_while_null=SlideJob.UNUSED_WHILE_NULL)  # fmt: skip
     order = _order(specs, rank, world_size)
     outputs = {s.slide_id: consumer.output_path(out_dir, s) for s in specs}
     files_of = getattr(consumer, "files_of", lambda out_dir, spec: [])
