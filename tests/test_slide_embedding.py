@@ -399,7 +399,7 @@ def test_a_tile_size_that_is_no_multiple_of_the_patch_names_sizes_that_are(tmp_p
             embed_slides(encoder, [], tmp_path / "job", tile_size=size, tile_mpp=1.0)
 
 
-def test_list_slides_folder_and_csv(wsi_dir, tmp_path):
+def test_list_slides_folder_and_csv(wsi_dir, tmp_path, caplog):
     specs = list_slides(wsi_dir)
     assert [s.slide_id for s in specs] == ["cmu", "synth"] and all(s.mpp is None for s in specs)
     csv = tmp_path / "list.csv"
@@ -423,6 +423,17 @@ def test_list_slides_folder_and_csv(wsi_dir, tmp_path):
     pd.DataFrame({"file": ["a.svs"]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match="needs a column 'wsi' or 'path'"):
         list_slides(slides_csv=csv)
+    # a header typed by hand or saved by a spreadsheet: spaces after the commas, capitals
+    for header in ("wsi, mpp", "WSI,MPP", " Path , Mpp "):
+        csv.write_text(f"{header}\nsynth.tiff, 0.25\n")
+        assert [(s.path, s.mpp) for s in list_slides(wsi_dir, slides_csv=csv)] == [(wsi_dir / "synth.tiff", 0.25)]
+    csv.write_text("wsi,microns_per_pixel\nsynth.tiff,0.25\n")  # not read, so not silently: named
+    with caplog.at_level("WARNING", logger="hirespath.slides"):
+        assert list_slides(wsi_dir, slides_csv=csv)[0].mpp is None
+    assert any("['microns_per_pixel'] are not read" in r.getMessage() for r in caplog.records)
+    csv.write_text("wsi,mpp,MPP\nsynth.tiff,0.25,0.5\n")
+    with pytest.raises(ValueError, match=r"the columns \['mpp', 'MPP'\] are all read as 'mpp'"):
+        list_slides(wsi_dir, slides_csv=csv)
     pd.DataFrame({"path": ["synth.tiff"], "mpp": ["fast"]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match=r"row 2 \(synth.tiff\): mpp 'fast' is not a positive number"):
         list_slides(wsi_dir, slides_csv=csv)

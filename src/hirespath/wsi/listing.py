@@ -138,6 +138,23 @@ def slide_extensions(value, key: str = "wsi_ext") -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(exts))
 
 
+# the columns a slide list may have (TRIDENT's custom list: wsi, mpp), matched whatever their case and spaces
+LIST_COLUMNS = ("wsi", "path", "mpp", ID_COLUMN)
+
+
+def _list_columns(slides_csv: Path, header) -> dict:
+    """{column as written: the name it is read as}: ``" mpp"`` (a space after a comma) and ``MPP`` are ``mpp``. A
+    column that is not read is named in a warning (a misspelt ``mpp`` would leave every slide at its metadata's)."""
+    names = {c: (str(c).strip().lower() if str(c).strip().lower() in LIST_COLUMNS else c) for c in header}
+    for name in LIST_COLUMNS:
+        if len(twins := [c for c, n in names.items() if n == name]) > 1:
+            raise InputError(f"{slides_csv}: the columns {twins} are all read as {name!r}; keep one")
+    if unread := [c for c, n in names.items() if n not in LIST_COLUMNS]:
+        log.warning("%s: the columns %s are not read (a slide list has 'wsi' or 'path', and optionally 'mpp' and "
+                    "'%s')", slides_csv, unread, ID_COLUMN)  # fmt: skip
+    return names
+
+
 def list_slides(
     wsi_dir: str | os.PathLike | None = None,
     slides_csv: str | os.PathLike | None = None,
@@ -175,7 +192,10 @@ def list_slides(
                 "files, and optionally 'mpp' and 'slide_id'"
             )
         try:
-            table = read_csv_ids(slides_csv, ID_COLUMN)  # ids as written: 0012 stays 0012, NA stays NA
+            names = _list_columns(slides_csv, pd.read_csv(slides_csv, nrows=0).columns)
+            id_column = next((c for c, name in names.items() if name == ID_COLUMN), ID_COLUMN)
+            # ids as written: 0012 stays 0012, NA stays NA
+            table = read_csv_ids(slides_csv, id_column).rename(columns=names)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
             raise InputError(f"slides={slides_csv}: not a readable CSV ({err})") from err
         col = "wsi" if "wsi" in table.columns else "path" if "path" in table.columns else None
