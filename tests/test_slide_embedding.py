@@ -360,6 +360,13 @@ def test_a_recursive_listing_follows_linked_folders_names_gone_links_and_skips_t
     (cohort / "batch1" / "20x_224px_0px_overlap" / "e.svs").write_bytes(b"")
     listed = {s.slide_id for s in list_slides(cohort, recursive=True, exclude=cohort)}
     assert listed == {"a", "b", "c", "e", "a_probs"}, listed
+    # an earlier run's job_dir in the tree (its tiling folder holds a consumer's ledger): its maps are not slides
+    old = cohort / "seg_v1" / "20x_112px_0px_overlap"
+    (old / "segmentation_m").mkdir(parents=True)
+    (old / "segmentation_m" / "config.json").write_text("{}")
+    (old / "segmentation_m" / "f_probs.tif").write_bytes(b"")
+    listed = {s.slide_id for s in list_slides(cohort, recursive=True, exclude=tmp_path / "seg_v2")}
+    assert "f_probs" not in listed and {"a", "e", "a_probs"} <= listed, listed
 
 
 def test_wsi_ext_picks_the_slide_files_of_a_mixed_folder(tmp_path):

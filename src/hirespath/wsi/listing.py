@@ -258,7 +258,8 @@ TILING_FOLDER = re.compile(r"^(\d+(\.\d+)?x|mpp[0-9.e+-]+)_\d+px_\d+px_overlap$"
 
 def _walk(root: Path, exclude: str | os.PathLike | None) -> list[Path]:
     """Every file and folder under ``root``, through symlinked folders (each real folder once: no loop), outside
-    ``exclude`` and hidden folders."""
+    ``exclude``, hidden folders and the tiling folders of a job_dir (this run's when ``job_dir`` = ``wsi_dir``; an
+    earlier run's anywhere in the tree, :func:`_holds_job_outputs`): probability TIFFs are not slides."""
     # job_dir = wsi_dir excludes the slides' folder itself: then its tiling folders (the outputs) are left out
     outputs_in_root = exclude is not None and os.path.realpath(exclude) == os.path.realpath(root)
     skip = {os.path.realpath(exclude)} - {os.path.realpath(root)} if exclude is not None else set()
@@ -269,10 +270,29 @@ def _walk(root: Path, exclude: str | os.PathLike | None) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
+        outputs = [d for d in dirs if _holds_job_outputs(Path(folder, d))]
+        if outputs_in_root and folder == str(root):
+            outputs += [d for d in dirs if TILING_FOLDER.match(d) and d not in outputs]
+        elif outputs:
+            log.info("not listing slides in %s: a job_dir's tiling folders (outputs of an earlier run)",
+                     ", ".join(os.path.join(folder, d) for d in outputs))  # fmt: skip
         dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(folder, d)) not in skip
-                   and not (outputs_in_root and folder == str(root) and TILING_FOLDER.match(d))]  # fmt: skip
+                   and d not in outputs]  # fmt: skip
         found += [Path(folder, n) for n in dirs + names]
     return found
+
+
+def _holds_job_outputs(folder: Path) -> bool:
+    """A tiling folder of some job_dir (its name, and a tiling's grids or a consumer's ledger inside), not a user's
+    folder that happens to be named like one."""
+    if not TILING_FOLDER.match(folder.name):
+        return False
+    try:
+        inside = os.listdir(folder)
+    except OSError:
+        return False
+    return any(name in ("patches", "patches_cover_tissue") or (name.startswith(("features_", "segmentation_"))
+               and (folder / name / "config.json").is_file()) for name in inside)  # fmt: skip
 
 
 def _file_or_gone(path: Path) -> bool:
