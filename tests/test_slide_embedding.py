@@ -1282,6 +1282,10 @@ def test_truncated_slides_are_skipped_as_truncated(wsi_dir, encoder, tmp_path):
         SlideError, match=r"cannot read cut_cmu\.svs: the file is truncated or corrupt \(\d+ bytes, but"
     ):
         open_slide(d / "cut_cmu.svs")
+    empty = tmp_path / "empty.svs"  # a copy that never got its data: said so, not each reader's complaint
+    empty.write_bytes(b"")
+    with pytest.raises(SlideError, match=r"^cannot read empty\.svs: the file is empty \(0 bytes\); copy it again$"):
+        open_slide(empty)
     with pytest.raises(NothingProcessed, match="all 2 failed"):  # nothing embedded: the run fails
         embed_slides(encoder, list_slides(d), tmp_path / "job", tile_size=TILE, tile_mpp=MPP, num_workers=0,
                      progress=False, thumbnails=False)  # fmt: skip

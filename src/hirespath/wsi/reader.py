@@ -102,6 +102,8 @@ def open_slide(path: str | Path):
         return _open_dicom(path)
     if not path.is_file():
         raise SlideError(f"missing file {path}")
+    if path.stat().st_size == 0:  # a copy that never got its data (a full disk, a transfer stopped at the start)
+        raise SlideError(f"cannot read {path.name}: the file is empty (0 bytes); copy it again")
     errors = []
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return _open_image(path)
