@@ -354,6 +354,14 @@ def test_a_stopped_slide_task_names_its_job_dir_as_where_its_outputs_are(tmp_pat
     def failed(cfg):
         raise RuntimeError("a bug")
 
+    with caplog.at_level(logging.ERROR, logger="hirespath"):  # refused before any slide: no job_dir made
+        with pytest.raises(RuntimeError):
+            hydra._run(failed, cfg, hydra._done_marker(cfg), [])
+    assert [r.getMessage() for r in caplog.records if "outputs so far" in r.getMessage()] == [
+        f"task failed; outputs so far are in {tmp_path / 'run'} (this run's log; job_dir={tmp_path / 'seg'} was not "
+        "made): RuntimeError: a bug"]  # fmt: skip
+    caplog.clear()
+    (tmp_path / "seg").mkdir()
     with caplog.at_level(logging.ERROR, logger="hirespath"):
         with pytest.raises(SystemExit) as exit_:
             hydra._run(stopped, cfg, hydra._done_marker(cfg), [])

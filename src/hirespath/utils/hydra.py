@@ -189,7 +189,14 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, marker, received: l
     # embed_slides' and segment_slides' outputs are in their job_dir (what a rerun resumes), their log in the run
     # folder (mil's and predict_slides' job_dir holds only the embeddings they reuse; their outputs are the run's)
     slide_task = cfg.get("task_name") in ("embed_slides", "segment_slides") and cfg.get("job_dir")
-    where = f"{cfg.job_dir} (this run's log: {marker_dir})" if slide_task else marker_dir
+
+    def where() -> str:  # at the end: a run refused before any slide made no job_dir
+        if not slide_task:
+            return str(marker_dir)
+        if not os.path.isdir(cfg.job_dir):
+            return f"{marker_dir} (this run's log; job_dir={cfg.job_dir} was not made)"
+        return f"{cfg.job_dir} (this run's log: {marker_dir})"
+
     exit_code = 1
     try:
         result = task(cfg)
@@ -205,16 +212,16 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, marker, received: l
         if signum is None:
             raise
         exit_code = 128 + signum
-        log.error("task interrupted (%s); outputs so far are in %s", signal.Signals(signum).name, where)
+        log.error("task interrupted (%s); outputs so far are in %s", signal.Signals(signum).name, where())
         raise SystemExit(exit_code) from None
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         if received:  # SLURM's SIGTERM reached the DataLoader workers too: their death, not a bug, is what surfaced
             exit_code = 128 + received[0]
             log.error("task interrupted (%s); outputs so far are in %s (while stopping: %s: %s)",
-                      signal.Signals(received[0]).name, where, type(err).__name__, first)  # fmt: skip
+                      signal.Signals(received[0]).name, where(), type(err).__name__, first)  # fmt: skip
             raise SystemExit(exit_code) from None
-        log.error("task failed; outputs so far are in %s: %s: %s", where, type(err).__name__, first)
+        log.error("task failed; outputs so far are in %s: %s: %s", where(), type(err).__name__, first)
         _log_traceback_to_files()
         raise
     finally:
