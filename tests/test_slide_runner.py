@@ -762,6 +762,26 @@ def test_a_folder_without_outputs_takes_the_settings_of_the_next_run(slides, tmp
         embed_slides(encoder(), list_slides(slides), job, replace(TILING, min_tissue=0.5), embed_cfg())
 
 
+def test_a_run_whose_folder_another_run_took_over_stops_before_its_first_slide(slides, tmp_path, monkeypatch):
+    """An output-less folder takes the next run's settings: a run with other settings that checks in while this one
+    has checked but holds no slide lock yet must not have this run's outputs land under its settings."""
+    import hirespath.slides.runner as runner
+
+    job = tmp_path / "job"
+    embed_slides(encoder(), [], job, TILING, embed_cfg())  # config.json (min_tissue 0.25), no output
+    folder = next(job.glob("*/features_*"))
+    leftovers = runner.release_finished_leftovers
+
+    def other_run_checks_in(*args):  # between this run's identity check and its first slide lock
+        Ledger(folder).check_identity({**json.loads((folder / "config.json").read_text()), "min_tissue": 0.5})
+        return leftovers(*args)
+
+    monkeypatch.setattr(runner, "release_finished_leftovers", other_run_checks_in)
+    with pytest.raises(IdentityMismatch, match=r"changed by another run .*min_tissue: 0.25 then, 0.5 now"):
+        embed_slides(encoder(), list_slides(slides), job, TILING, embed_cfg())
+    assert not list(folder.glob("*.h5*"))  # no output, no lock left
+
+
 @pytest.mark.parametrize("sort_by", [None, ["slide"], ["slide", "class"]])
 def test_ledger_rows_merged_as_lines_equal_pandas_merge(tmp_path, sort_by, monkeypatch):
     """merge_rows on the file's lines (other slides' lines kept as written) writes what merging with pandas wrote:

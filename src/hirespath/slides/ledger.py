@@ -163,6 +163,7 @@ class Ledger:
         self.folder = Path(folder)
         self._launch_failures: tuple = (None, {})  # (skipped.csv's stat, {(slide, launch): row}) for failed_in_launch
         self._swept: set[str] = set()  # the locks under which the temporaries of stopped writers were removed
+        self.checked_settings: dict | None = None  # config.json as check_identity left it
 
     def sweep(self, names) -> None:
         """The temporaries stopped writers left of the tables ``names``, which a run that writes none of them would
@@ -211,7 +212,7 @@ class Ledger:
         finished slides again), else ``redraw_hint`` says how to."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / CONFIG
-        with self._locked(CONFIG):
+        with self._config_locked():
             old = json.loads(path.read_text()) if path.is_file() else None
             # what the folder holds, keys it predates included
             held = None if old is None else {**{k: v for k, v in (implied or {}).items() if k in identity}, **old}
@@ -252,6 +253,35 @@ class Ledger:
                     return self.outputs_since()
             write_json(path, {**(old or {}), **identity} if not overwrite else identity)
             return self.outputs_since()
+
+    def settings(self) -> dict | None:
+        """What ``config.json`` holds now (None: no such file)."""
+        try:
+            return json.loads((self.folder / CONFIG).read_text())
+        except FileNotFoundError:
+            return None
+
+    def check_settings_unchanged(self) -> None:
+        """Refuse to go on when ``config.json`` no longer holds what :meth:`check_identity` left in it: another run
+        with other settings took the folder over while it held no output yet (a slide task checks this under each
+        slide's lock, whose file then stops any later takeover)."""
+        then, now = self.checked_settings or {}, self.settings() or {}
+        if now != then:
+            changes = "; ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
+                                for k in sorted(set(now) | set(then)) if then.get(k) != now.get(k))  # fmt: skip
+            raise IdentityMismatch(
+                f"{self.folder / CONFIG} was changed by another run after this one checked it ({changes}): this run "
+                "stops, so that its outputs do not land under settings they were not made with"
+            )
+
+    @contextlib.contextmanager
+    def _config_locked(self):
+        """config.json's lock; on leaving, what the file holds is this run's :attr:`checked_settings`."""
+        with self._locked(CONFIG):
+            try:
+                yield
+            finally:
+                self.checked_settings = self.settings()
 
     def _holds_outputs(self) -> bool:
         """Whether the folder holds anything but its ledger: an output, a slide's lock (a worker making one), or a

@@ -471,6 +471,12 @@ def run_slides(
                 out = outputs[spec.slide_id]
                 lock_path = slide_lock(out)
                 lock = try_lock(lock_path, stale_s=job.lock_stale_s)
+                if lock is not None:  # a run with other settings took an output-less folder over (check_identity)
+                    try:
+                        ledger.check_settings_unchanged()
+                    except BaseException:
+                        lock.release()
+                        raise
                 # a clash's outputs are the other slide's: refused by the worker that locks it (counted once)
                 done_by_another = lock is not None and spec.slide_id not in clashes and finished(spec.slide_id)
                 failed = (
