@@ -87,6 +87,9 @@ def test_changed_tiling_setting_is_refused_naming_it_and_overwrite_replaces(slid
     assert json.loads((Path(first["features_dir"]) / "config.json").read_text())["default_mpp"] == 0.5
     with pytest.raises(IdentityMismatch, match=r"default_mpp: 0.5 there, 0.25 now"):
         embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU, default_mpp=0.25)
+    # and the usual command without it again: a run with none uses none (the folder keeps 0.5)
+    assert embed_slides(encoder(), specs, tmp_path, TILING, embed_cfg(), CPU)["slides_already_finished"] == 2
+    assert json.loads((Path(first["features_dir"]) / "config.json").read_text())["default_mpp"] == 0.5
     again = embed_slides(encoder(), specs, tmp_path, changed, embed_cfg(overwrite=True), CPU)
     assert again["slides_done"] == 2 and again["features_dir"] == first["features_dir"]
     cfg = json.loads((Path(first["features_dir"]) / "config.json").read_text())
@@ -739,6 +742,18 @@ def test_ledger_adds_keys_an_older_config_lacks(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == {"tile_size": 224, "min_tissue": 0.25}
     with pytest.raises(IdentityMismatch, match="tile_size: 224 there, 448 now"):
         led.check_identity({"tile_size": 448})
+
+
+def test_a_folder_without_outputs_records_the_keys_an_older_version_left_unrecorded(tmp_path):
+    """Keys an older config.json lacks stay unrecorded where outputs may have been made otherwise (``unvouched``);
+    a folder without outputs has none to protect, so a run that takes it over records them, and they are checked."""
+    led = Ledger(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"features": "cls"}))
+    led.check_identity({"features": "mean", "arch": "vit_l"}, unvouched=("arch",))
+    assert json.loads((tmp_path / "config.json").read_text()) == {"features": "mean", "arch": "vit_l"}
+    (tmp_path / "s0.h5").write_bytes(b"")
+    with pytest.raises(IdentityMismatch, match="arch: 'vit_l' there, 'vit_h' now"):
+        led.check_identity({"features": "mean", "arch": "vit_h"}, unvouched=("arch",))
 
 
 def test_a_folder_without_outputs_takes_the_settings_of_the_next_run(slides, tmp_path, caplog):

@@ -201,8 +201,8 @@ class Ledger:
         with the settings the folder already holds, it marks the ``slides`` it lists only (None: every slide).
         ``implied``: keys added to the identity later, with the value that every output made before had (a
         folder without the key is compared as if it held that value). ``unused_while_null``: keys that no output
-        depends on while the folder holds null (``default_mpp``: a slide without an mpp was skipped, not made), so a
-        value now is recorded, not refused.
+        depends on while they are null (``default_mpp``: a slide without an mpp is skipped, not made): a value now
+        where the folder holds null is recorded, and null now where it holds a value is accepted (the value stays).
 
         Keys in both the stored and the new identity must be equal; keys the stored one lacks (written by an older
         version) are added, but for ``unvouched`` ones: outputs made before they were recorded may have been made
@@ -225,6 +225,7 @@ class Ledger:
                                                              "launch": launch, "settings": settings,
                                                              "since_ns": file_system_now(self.folder)})  # fmt: skip
             if old is not None and not overwrite:
+                asked = identity
                 if unknown := [k for k in unvouched if k in identity and k not in old]:
                     log.warning("%s was written before its %s were recorded: its outputs are not checked against "
                                 "this run's (a new job_dir or an overwrite checks them)", self.folder,
@@ -233,14 +234,14 @@ class Ledger:
                 diff = {
                     k: (held[k], v)
                     for k, v in identity.items()
-                    if k in held and not _same(held[k], v) and not (k in unused_while_null and held[k] is None)
+                    if k in held and not _same(held[k], v) and not (k in unused_while_null and None in (held[k], v))
                 }
                 drawing_only = bool(diff) and set(diff) <= set(redrawable)
                 if diff and not (redraw and drawing_only):
                     changes = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
                     if not self._holds_outputs():  # a run stopped before its first slide (a typo seen, Ctrl-C)
                         log.warning("%s holds no outputs yet: its settings are this run's (%s)", self.folder, changes)
-                        write_json(path, identity)
+                        write_json(path, asked)
                         return self.outputs_since()
                     other = "a new job_dir" + (f", or {how} to replace them" if how else "")
                     advice = (f"Only how they are drawn changed: {redraw_hint}. Or use {other}"
