@@ -135,6 +135,9 @@ def probabilities_forward(model, class_index: list[int]):
     return forward
 
 
+EDGE = 2  # mask px the tissue outline goes past the mask's edge where tissue touches it
+
+
 def tissue_outline(grid):
     """The tissue as a level-0 (Multi)Polygon: the grid's thumbnail mask with its outline smoothed (as thumbnails
     draw it), grown by the smoothing width so that no tissue at its border is cut, and every piece of the mask
@@ -154,9 +157,12 @@ def tissue_outline(grid):
     # outline of ~70,000 vertices that each class's polygons took on where they were clipped (10 s, 20 MB GeoJSON)
     # (grown from the pixels' edges, as shapely's buffer of the traced mask was: half a px more than from centres)
     grown = (distance_transform_edt(~smooth) <= sigma + 0.5) | (distance_transform_edt(~grid.mask) <= 1.5)
+    # tissue at the mask's edge grows past it (as the buffer did), so that simplifying cuts no corner of its pixels
+    grown = np.pad(grown, EDGE, mode="edge")
     outline = mask_polygons(lambda y0, y1: grown[y0:y1], grown.shape[0], band=grown.shape[0], simplify=0.5)
     dx, dy = grid.mask_downsample
-    level0 = affinity.scale(qupath.valid_geometry(outline), dx, dy, origin=(0, 0))
+    outline = affinity.translate(qupath.valid_geometry(outline), -EDGE, -EDGE)
+    level0 = affinity.scale(outline, dx, dy, origin=(0, 0))
     return affinity.translate(level0, *grid.mask_origin)
 
 
