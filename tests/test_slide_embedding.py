@@ -438,9 +438,10 @@ def test_list_slides_folder_and_csv(wsi_dir, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="hirespath.slides"):
         assert list_slides(wsi_dir, slides_csv=csv)[0].mpp is None
     assert any("['microns_per_pixel'] are not read" in r.getMessage() for r in caplog.records)
-    csv.write_text("wsi,mpp,MPP\nsynth.tiff,0.25,0.5\n")
-    with pytest.raises(ValueError, match=r"the columns \['mpp', 'MPP'\] are all read as 'mpp'"):
-        list_slides(wsi_dir, slides_csv=csv)
+    for header, twins in (("wsi,mpp,MPP", "'mpp', 'MPP'"), ("wsi,mpp,mpp", "'mpp', 'mpp'")):
+        csv.write_text(f"{header}\nsynth.tiff,0.25,0.5\n")
+        with pytest.raises(ValueError, match=rf"the columns \[{twins}\] are all read as 'mpp'"):
+            list_slides(wsi_dir, slides_csv=csv)
     pd.DataFrame({"path": ["synth.tiff"], "mpp": ["fast"]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match=r"row 2 \(synth.tiff\): mpp 'fast' is not a positive number"):
         list_slides(wsi_dir, slides_csv=csv)

@@ -4,6 +4,7 @@ slide the name of its folder."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -142,13 +143,17 @@ def slide_extensions(value, key: str = "wsi_ext") -> tuple[str, ...] | None:
 LIST_COLUMNS = ("wsi", "path", "mpp", ID_COLUMN)
 
 
+def _refuse_twins(slides_csv: Path, header: list[str]) -> None:
+    """Two columns of the header that would both be read as one of :data:`LIST_COLUMNS` (``mpp`` and ``MPP``)."""
+    for name in LIST_COLUMNS:
+        if len(twins := [c for c in header if c.strip().lower() == name]) > 1:
+            raise InputError(f"{slides_csv}: the columns {twins} are all read as {name!r}; keep one")
+
+
 def _list_columns(slides_csv: Path, header) -> dict:
     """{column as written: the name it is read as}: ``" mpp"`` (a space after a comma) and ``MPP`` are ``mpp``. A
     column that is not read is named in a warning (a misspelt ``mpp`` would leave every slide at its metadata's)."""
     names = {c: (str(c).strip().lower() if str(c).strip().lower() in LIST_COLUMNS else c) for c in header}
-    for name in LIST_COLUMNS:
-        if len(twins := [c for c, n in names.items() if n == name]) > 1:
-            raise InputError(f"{slides_csv}: the columns {twins} are all read as {name!r}; keep one")
     if unread := [c for c, n in names.items() if n not in LIST_COLUMNS]:
         log.warning("%s: the columns %s are not read (a slide list has 'wsi' or 'path', and optionally 'mpp' and "
                     "'%s')", slides_csv, unread, ID_COLUMN)  # fmt: skip
@@ -192,6 +197,8 @@ def list_slides(
                 "files, and optionally 'mpp' and 'slide_id'"
             )
         try:
+            with open(slides_csv, newline="", encoding="utf-8-sig") as f:  # as written: pandas renames twins
+                _refuse_twins(slides_csv, next(csv.reader(f), []))
             names = _list_columns(slides_csv, pd.read_csv(slides_csv, nrows=0).columns)
             id_column = next((c for c, name in names.items() if name == ID_COLUMN), ID_COLUMN)
             # ids as written: 0012 stays 0012, NA stays NA
