@@ -133,6 +133,22 @@ def test_new_slides_are_embedded_with_the_runs_encoder(trained, one_thread, tmp_
     assert drawn == {f"{s}.{e}" for s in pred.index for e in ("png", "geojson")}
 
 
+def test_a_heatmap_is_not_drawn_over_another_slide_of_the_same_id(trained, one_thread, tmp_path, caplog):
+    """features_dir= with wsi_dir= for the pictures: a slide of another cohort under a features file's id is not the
+    slide its attention is about (the h5 records its slide file's size): drawn without it, and said."""
+    from hirespath.data.panda_synthetic import make_synthetic_panda
+
+    (h5,) = sorted(trained["features"].glob("*.h5"))[:1]
+    other = make_synthetic_panda(tmp_path / "other", num_slides=1, size=(512, 640), seed=9)
+    wsi = tmp_path / "cohort2"
+    wsi.mkdir()
+    shutil.copy(next((other / "train_images").glob("*.tiff")), wsi / f"{h5.stem}.tiff")
+    with caplog.at_level("WARNING", logger="hirespath"):
+        _predict(tmp_path, "run", f"ckpt={trained['run']}", f"features_dir={trained['features']}", f"wsi_dir={wsi}")
+    said = [r.getMessage() for r in caplog.records if "drawn without the slide" in r.getMessage()]
+    assert len(said) == 1 and h5.name in said[0] and str(wsi / f"{h5.stem}.tiff") in said[0]
+
+
 def test_token_overlay_has_patch_resolution():
     from hirespath.viz.mil import token_overlay, token_values
 

@@ -354,6 +354,25 @@ def _qupath_region(slide_path, attrs: dict) -> tuple[int, int, int, int] | None:
         return whole
 
 
+def _the_features_slide(slide, attrs: dict, features: Path):
+    """``slide`` when the features may have been made from it; None (drawn without it, warned) when they record
+    another file's size: a slide of another cohort under the same id, whose tissue the attention is not about."""
+    from ..slides.provenance import slide_bytes
+
+    if slide is None or "slide_bytes" not in attrs:  # TRIDENT's and CLAM's files do not record it
+        return slide
+    try:
+        nbytes = slide_bytes(Path(slide))
+    except OSError:
+        return slide  # not there: the heatmap says so as before
+    if nbytes != int(attrs["slide_bytes"]):
+        log.warning("%s: its features were made from %s (%d bytes), not from %s (%d bytes), another file under the "
+                    "same slide id: its heatmap is drawn without the slide", Path(features).name,
+                    attrs.get("slide_path", "another file"), int(attrs["slide_bytes"]), slide, nbytes)  # fmt: skip
+        return None
+    return slide
+
+
 def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, out_dir: Path, num_classes: int, *,
                    num_slides: int | None, resolution: str, max_side: int) -> list[Path]:  # fmt: skip
     """``heatmaps/<slide>.png`` and ``.geojson`` for all slides or the first ``num_slides`` that have coords;
@@ -374,6 +393,7 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
             print(f"note: {Path(r['path']).name} has no token_scores (embed with embed.token_scores=true); "
                   f"{sid}'s heatmap is drawn per tile")  # fmt: skip
         attrs, _ = trident_h5.read_coords(r["path"])
+        slide = _the_features_slide(slide_paths.get(sid), attrs, r["path"])
         top = float(r["probs"][row.pred])
         title = (f"{sid}: predicted class {row.pred} (p={top:.2f}), {len(r['attention'])} tiles, "
                  f"{'patch' if scores is not None else 'tile'} resolution")  # fmt: skip
@@ -383,12 +403,12 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
                 r["attention"],
                 out_dir / "heatmaps" / f"{sid}.png",
                 tile_size=r["tile_size"],
-                slide_path=slide_paths.get(sid),
+                slide_path=slide,
                 title=title,
                 max_side=int(max_side),
                 token_scores=scores,
             )  # fmt: skip
         )
-        region = _qupath_region(slide_paths.get(sid), attrs)
+        region = _qupath_region(slide, attrs)
         tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, region)
     return pngs
