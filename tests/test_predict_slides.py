@@ -362,7 +362,8 @@ def test_the_run_records_what_it_was_trained_on(trident_run, trained, tmp_path):
     from hirespath.predict.mil import expected_features, run_config
 
     record = json.loads((trident_run / "features.json").read_text())
-    assert record["attrs"] == {"encoder": "x"} and record["tiling"] == {"patch_size": 224, "target_magnification": 20}
+    assert record["attrs"] == {"encoder": "x"}
+    assert record["tiling"] == {"patch_size": 224, "target_magnification": 20, "overlap": 0}
     assert record["weights"] == {"weights_size": 1000, "weights_digest": "d1g3st"}
     run_cfg = run_config(trident_run, trident_run / "checkpoints" / "x.ckpt")
     run_cfg.features_dir = str(tmp_path / "moved_away")
@@ -374,7 +375,7 @@ def test_the_run_records_what_it_was_trained_on(trident_run, trained, tmp_path):
 
 
 def test_another_tiling_of_the_runs_encoder_is_refused(trained, tmp_path):
-    """Features of the run's encoder at another tile size: refused, naming the run's 112 px and the file's 224."""
+    """Features of the run's encoder at another tile size or overlap: refused, naming the run's and the file's."""
     d = tmp_path / "t224"
     d.mkdir()
     src = next(trained["features"].glob("*.h5"))
@@ -387,6 +388,14 @@ def test_another_tiling_of_the_runs_encoder_is_refused(trained, tmp_path):
             tmp_path, "out", f"ckpt={next((trained['run'] / 'checkpoints').glob('epoch_*.ckpt'))}", f"features_dir={d}"
         )
     assert not (tmp_path / "out").exists()
+    # the same tiles, overlapping (TRIDENT's --overlap): bags of 2-4x the tiles the model was trained on
+    with h5py.File(d / src.name, "r+") as f:
+        f["features"].attrs["resolution"] = 112
+        f["coords"].attrs["patch_size"], f["coords"].attrs["overlap"] = 112, 56
+    with pytest.raises(InputError, match=r"tile overlap: expects 0, got 56"):
+        _predict(
+            tmp_path, "out", f"ckpt={next((trained['run'] / 'checkpoints').glob('epoch_*.ckpt'))}", f"features_dir={d}"
+        )
 
 
 def test_cli_prints_one_line_for_a_bad_checkpoint(tmp_path):

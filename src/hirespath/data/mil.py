@@ -126,14 +126,15 @@ def weights_identity(fingerprint) -> dict:
     return {"weights_size": fp.get("size"), "weights_digest": fp.get("digest")}
 
 
-TILING_KEYS = ("target_mpp", "target_magnification", "patch_size")  # coords attrs: the features' scale and tile
+# coords attrs: the features' scale, tile and overlap (a bag of overlapping tiles holds 2-4x the tiles of another)
+TILING_KEYS = ("target_mpp", "target_magnification", "patch_size", "overlap")
 TRAINED_ON = "features.json"  # in a mil run folder: what its features were (see features_identity)
 
 
 def features_identity(path: str | Path) -> dict:
     """What a feature file says of how it was made, as predict_slides compares it: ``attrs`` (the identity attrs it
-    sets), ``weights`` (size and digest of the weights file, where recorded) and ``tiling`` (target_mpp,
-    target_magnification, patch_size of ``coords``). Raises OSError/ValueError for a file that cannot be read."""
+    sets), ``weights`` (size and digest of the weights file, where recorded) and ``tiling`` (:data:`TILING_KEYS` of
+    ``coords``). Raises OSError/ValueError for a file that cannot be read."""
     info = trident_h5.inspect_features(path, count_nonfinite=False)  # attrs as plain Python (JSON-ready)
     attrs, coords = info["features_attrs"], info["coords_attrs"]
     return {

@@ -125,7 +125,11 @@ def expected_features(run_cfg: DictConfig, dim: int, run_dir: Path | None = None
                             "window": int(a.window), "prune_ratio": float(p.prune_ratio),
                             "prune_layer": int(p.prune_layer), "resolution": int(run_cfg.tile.size),
                             "feature": str(run_cfg.embed.features)}  # fmt: skip
-            out["tiling"] = {"target_mpp": float(run_cfg.tile.mpp), "patch_size": int(run_cfg.tile.size)}
+            out["tiling"] = {
+                "target_mpp": float(run_cfg.tile.mpp),
+                "patch_size": int(run_cfg.tile.size),
+                "overlap": int(run_cfg.tile.overlap),
+            }
             if weights and Path(str(weights)).is_file():  # as it is now (a run of before features.json)
                 out["weights"] = {"weights_size": Path(str(weights)).stat().st_size,
                                   "weights_digest": file_digest(weights)}  # fmt: skip
