@@ -406,6 +406,21 @@ def test_a_tile_size_that_is_no_multiple_of_the_patch_names_sizes_that_are(tmp_p
             embed_slides(encoder, [], tmp_path / "job", tile_size=size, tile_mpp=1.0)
 
 
+def test_a_wsi_dir_one_level_too_high_and_a_slide_listed_twice_say_so(tmp_path):
+    """PANDA's (and make_synthetic's) slides are in train_images/: the error names the folder that holds them. A
+    CSV listing one file twice is told so, not to rename one of two slides."""
+    (tmp_path / "panda" / "train_images").mkdir(parents=True)
+    for name in ("a.tiff", "b.tiff"):
+        (tmp_path / "panda" / "train_images" / name).write_bytes(b"")
+    hint = f"slides are in train_images/ (2): pass wsi_dir={tmp_path / 'panda' / 'train_images'}, or recursive=true"
+    with pytest.raises(InputError, match=re.escape(hint)):
+        list_slides(tmp_path / "panda")
+    csv = tmp_path / "list.csv"
+    csv.write_text("wsi\na.tiff\na.tiff\n")
+    with pytest.raises(InputError, match=r"train_images/a\.tiff is listed twice; list each slide once$"):
+        list_slides(tmp_path / "panda" / "train_images", slides_csv=csv)
+
+
 def test_list_slides_folder_and_csv(wsi_dir, tmp_path, caplog):
     specs = list_slides(wsi_dir)
     assert [s.slide_id for s in specs] == ["cmu", "synth"] and all(s.mpp is None for s in specs)

@@ -80,6 +80,8 @@ def slide_id_of(path: str | os.PathLike) -> str:
 def _check_unique(specs: list[SlideSpec]) -> list[SlideSpec]:
     seen: dict[str, Path] = {}
     for s in specs:
+        if s.slide_id in seen and os.path.abspath(seen[s.slide_id]) == os.path.abspath(s.path):
+            raise InputError(f"{s.path} is listed twice; list each slide once")
         if s.slide_id in seen:
             raise InputError(
                 f"two slides have the id {s.slide_id!r} (it names the output files): {seen[s.slide_id]} and "
@@ -255,8 +257,25 @@ def list_slides(
         looked += ["folders of DICOM files"] if want_dicom else []
         raise InputError(
             f"no slides in {root} (looked for {' and '.join(looked)}{', recursively' if recursive else ''})"
+            + ("" if recursive else _slides_below(root, file_exts))
         )
     return _check_unique([SlideSpec(slide_id_of(p), p) for p in slides])
+
+
+def _slides_below(root: Path, file_exts: tuple) -> str:
+    """A hint for a wsi_dir one level too high (PANDA's and make_synthetic's slides are in train_images/): the
+    sub-folders that hold slide files, or ""."""
+    below = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            n = sum(1 for f in sub.iterdir() if file_exts and f.name.lower().endswith(file_exts))
+        except OSError:
+            continue
+        if n:
+            below.append(f"{sub.name}/ ({n})")
+    if not below:
+        return ""
+    return f"; slides are in {', '.join(below[:5])}: pass wsi_dir={root / below[0].split('/')[0]}, or recursive=true"
 
 
 # a tiling folder of a job_dir (trident_h5.tiling_tag: 20x_1792px_256px_overlap, mpp0.6_1792px_0px_overlap)
