@@ -777,6 +777,20 @@ def test_a_folder_without_outputs_takes_the_settings_of_the_next_run(slides, tmp
         embed_slides(encoder(), list_slides(slides), job, replace(TILING, min_tissue=0.5), embed_cfg())
 
 
+def test_a_default_mpp_another_run_records_does_not_stop_a_run_without_one(tmp_path):
+    """Recording a first default_mpp is not a takeover: the outputs of a run without one do not depend on it, so
+    its re-check under the next slide's lock lets it go on (review73); another change stops it."""
+    base, keys = {"patch_size": 224, "target_mpp": 0.5}, SlideJob.UNUSED_WHILE_NULL
+    a = Ledger(tmp_path)
+    a.check_identity({**base, "default_mpp": None}, unused_while_null=keys)  # an empty folder: may be taken over
+    (tmp_path / "s0.h5").write_bytes(b"")  # a finished slide
+    Ledger(tmp_path).check_identity({**base, "default_mpp": 0.5}, unused_while_null=keys)
+    a.check_settings_unchanged()
+    (tmp_path / "config.json").write_text(json.dumps({**base, "default_mpp": 0.5, "patch_size": 256}))
+    with pytest.raises(IdentityMismatch, match="patch_size: 224 then, 256 now"):
+        a.check_settings_unchanged()
+
+
 def test_a_run_whose_folder_another_run_took_over_stops_before_its_first_slide(slides, tmp_path, monkeypatch):
     """An output-less folder takes the next run's settings: a run with other settings that checks in while this one
     has checked but holds no slide lock yet must not have this run's outputs land under its settings."""

@@ -163,7 +163,8 @@ class Ledger:
         self.folder = Path(folder)
         self._launch_failures: tuple = (None, {})  # (skipped.csv's stat, {(slide, launch): row}) for failed_in_launch
         self._swept: set[str] = set()  # the locks under which the temporaries of stopped writers were removed
-        self.checked_settings: dict | None = None  # config.json as check_identity left it
+        self.checked_settings: dict | None = None  # config.json as check_identity left it in an output-less folder
+        self._unused_while_null: tuple = ()  # check_identity's, for check_settings_unchanged
 
     def sweep(self, names) -> None:
         """The temporaries stopped writers left of the tables ``names``, which a run that writes none of them would
@@ -212,6 +213,7 @@ class Ledger:
         finished slides again), else ``redraw_hint`` says how to."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / CONFIG
+        self._unused_while_null = tuple(unused_while_null)
         with self._config_locked():
             old = json.loads(path.read_text()) if path.is_file() else None
             # what the folder holds, keys it predates included
@@ -265,11 +267,18 @@ class Ledger:
     def check_settings_unchanged(self) -> None:
         """Refuse to go on when ``config.json`` no longer holds what :meth:`check_identity` left in it: another run
         with other settings took the folder over while it held no output yet (a slide task checks this under each
-        slide's lock, whose file then stops any later takeover)."""
-        then, now = self.checked_settings or {}, self.settings() or {}
-        if now != then:
-            changes = "; ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"
-                                for k in sorted(set(now) | set(then)) if then.get(k) != now.get(k))  # fmt: skip
+        slide's lock, whose file then stops any later takeover). Read under config.json's lock, so that a takeover's
+        look at the folder and its write are both before or both after it. A run that found outputs there has
+        nothing to check: no run takes such a folder over (a default_mpp another run records is not a takeover)."""
+        if self.checked_settings is None:
+            return
+        with self._locked(CONFIG):
+            then, now = self.checked_settings, self.settings() or {}
+        # a default another run records where this one had none changes none of this run's outputs
+        changed = [k for k in sorted(set(now) | set(then)) if then.get(k) != now.get(k)
+                   and not (k in self._unused_while_null and then.get(k) is None)]  # fmt: skip
+        if changed:
+            changes = "; ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in changed)
             raise IdentityMismatch(
                 f"{self.folder / CONFIG} was changed by another run after this one checked it ({changes}): this run "
                 "stops, so that its outputs do not land under settings they were not made with"
@@ -277,18 +286,20 @@ class Ledger:
 
     @contextlib.contextmanager
     def _config_locked(self):
-        """config.json's lock; on leaving, what the file holds is this run's :attr:`checked_settings`."""
+        """config.json's lock; on leaving, what the file holds is this run's :attr:`checked_settings` while the
+        folder holds no output (another run may still take it over), else None."""
         with self._locked(CONFIG):
             try:
                 yield
             finally:
-                self.checked_settings = self.settings()
+                self.checked_settings = None if self._holds_outputs() else self.settings() or {}
 
     def _holds_outputs(self) -> bool:
         """Whether the folder holds anything but its ledger: an output, a slide's lock (a worker making one), or a
         file another tool wrote. Hidden files are the ledger's locks and the temporaries of writers that stopped."""
         ledger = {CONFIG, SKIPPED, TIMINGS, SUMMARY}
-        return any(not (name in ledger or name.startswith(".")) for name in os.listdir(self.folder))
+        with os.scandir(self.folder) as entries:  # the first output ends the look (a folder of 10,000 slides)
+            return any(not (e.name in ledger or e.name.startswith(".")) for e in entries)
 
     def replace_slides(self, slides: list[str], launch: str | None = None) -> OutputsSince:
         """Mark the outputs of ``slides`` made before now as stale (their slide files were replaced since)."""
