@@ -361,7 +361,7 @@ def _qupath_region(slide_path, attrs: dict) -> tuple[int, int, int, int] | None:
 def _the_features_slide(slide, attrs: dict, features: Path):
     """``slide`` when the features may have been made from it; None (drawn without it, warned) when they record
     another file's size: a slide of another cohort under the same id, whose tissue the attention is not about."""
-    from ..slides.provenance import slide_bytes
+    from ..slides.provenance import path_to_record, slide_bytes
 
     if slide is None or "slide_bytes" not in attrs:  # TRIDENT's and CLAM's files do not record it
         return slide
@@ -370,9 +370,11 @@ def _the_features_slide(slide, attrs: dict, features: Path):
     except OSError:
         return slide  # not there: the heatmap says so as before
     if nbytes != int(attrs["slide_bytes"]):
+        made = attrs.get("slide_path")
+        made = "an earlier file at that path" if made in (None, path_to_record(slide)) else made  # a rescan there
         log.warning("%s: its features were made from %s (%d bytes), not from %s (%d bytes), another file under the "
-                    "same slide id: its heatmap is drawn without the slide", Path(features).name,
-                    attrs.get("slide_path", "another file"), int(attrs["slide_bytes"]), slide, nbytes)  # fmt: skip
+                    "same slide id: its heatmap is drawn without the slide", Path(features).name, made,
+                    int(attrs["slide_bytes"]), slide, nbytes)  # fmt: skip
         return None
     return slide
 
