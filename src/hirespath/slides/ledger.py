@@ -215,7 +215,7 @@ class Ledger:
         path = self.folder / CONFIG
         self._unused_while_null = tuple(unused_while_null)
         with self._config_locked():
-            old = json.loads(path.read_text()) if path.is_file() else None
+            old = self.settings()
             # what the folder holds, keys it predates included
             held = None if old is None else {**{k: v for k, v in (implied or {}).items() if k in identity}, **old}
             settings = _digest(identity)
