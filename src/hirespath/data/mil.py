@@ -78,7 +78,7 @@ def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
     if not paths:
         # a job_dir or its tiling folder given for the features folder: name the feature folders below it
         below = sorted({str(p.parent) for pattern in ("*/*.h5", "*/*/*.h5") for p in features_dir.glob(pattern)
-                        if p.parent.name != "patches"})  # fmt: skip
+                        if p.parent.name != trident_h5.PATCHES})  # fmt: skip
         hint = f"; feature folders below it: {', '.join(below)}" if below else ""
         if pts := [p for p in features_dir.glob("*.pt") if not p.name.startswith(".")]:
             h5 = features_dir.parent / "h5_files"  # CLAM's extract_features_fp writes both folders

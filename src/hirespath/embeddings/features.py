@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..slides.ledger import CONFIG, slide_lock
-from ..slides.prepare import THUMBNAILS, PreparedSlide, patches_attrs
+from ..slides.prepare import PreparedSlide, patches_attrs
 from ..slides.provenance import recorded_slide
 from ..slides.runner import Runtime, SlideJob, run_slides
 from ..slides.tile_model import TileModel
@@ -221,7 +221,7 @@ class EmbeddingConsumer:
         return FeatureSink(writer, grid.coords, self.tokens, overlays, draw)
 
     def _thumb_path(self, out_path: Path, slide_id: str) -> Path:
-        return out_path.parent.parent / THUMBNAILS / f"{slide_id}.png"
+        return out_path.parent.parent / trident_h5.THUMBNAILS / f"{slide_id}.png"
 
     def _draws(self, out: Path, prepared: PreparedSlide, pruned: bool) -> bool:
         """Whether the slide's pictures are wanted and one of them is missing (drawn by another encoder of the tiling,

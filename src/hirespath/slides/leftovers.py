@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..utils.io import TEMPORARY, remove_temporaries, try_lock
 from ..wsi.listing import SlideSpec
+from ..wsi.trident_h5 import PATCHES, PATCHES_COVER_TISSUE, THUMBNAILS
 from .ledger import file_system_now, slide_lock
-from .prepare import PATCHES, PATCHES_COVER_TISSUE, THUMBNAILS
 
 log = logging.getLogger("hirespath.slides")
 

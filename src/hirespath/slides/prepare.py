@@ -57,16 +57,11 @@ def tissue_threshold(tiling) -> float | None:
     return None if value is None else float(value) + 0.0  # -0.0 is 0.0 (one identity digest)
 
 
-# the tiling's folders, shared by its consumers: the grids (TRIDENT's min_tissue tiles; segmentation's covering grid)
-# and the slides' thumbnails
-PATCHES, PATCHES_COVER_TISSUE, THUMBNAILS = "patches", "patches_cover_tissue", "thumbnails"
-
-
 def patches_path(tiling_dir: Path, tiling, slide_id: str) -> Path:
     """The tiling's patches file of a slide: ``patches/`` (TRIDENT/CLAM's layout, ``min_tissue`` tiles), or
     ``patches_cover_tissue/`` for the covering grid, so that embedding and segmenting one tiling each keep theirs
     instead of tiling again over the other's file on every alternate run."""
-    folder = PATCHES_COVER_TISSUE if cover_tissue(tiling) else PATCHES
+    folder = trident_h5.PATCHES_COVER_TISSUE if cover_tissue(tiling) else trident_h5.PATCHES
     return tiling_dir / folder / f"{slide_id}_patches.h5"
 
 

@@ -23,11 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from ..embeddings.features import embed_slides
 from ..slides import Runtime
 from ..slides.launch import launch_id, launch_workers, run_on_workers
-from ..slides.prepare import THUMBNAILS
 from ..slides.summary import merge_summaries
 from ..utils.errors import InputError
 from ..utils.hydra import instantiate_list
 from ..utils.wandb import log_images
+from ..wsi import trident_h5
 from ..wsi.listing import list_slides
 
 log = logging.getLogger("hirespath.embed_slides")
@@ -46,7 +46,7 @@ def _log_summary(loggers, cfg: DictConfig, summary: dict) -> None:
                         "slide/mm2_per_s": slide["tissue_mm2"] / slide["seconds"]})  # fmt: skip
             lg.log_metrics(row, step=step)
         lg.log_metrics({f"embed/{k}": v for k, v in numbers.items() if v is not None})
-    thumbs = sorted(Path(summary["features_dir"]).parent.joinpath(THUMBNAILS).glob("*.png"))[:8]
+    thumbs = sorted(Path(summary["features_dir"]).parent.joinpath(trident_h5.THUMBNAILS).glob("*.png"))[:8]
     log_images(loggers, "thumbnails", thumbs)
     for lg in loggers:
         lg.finalize("success")

@@ -317,7 +317,9 @@ def _holds_job_outputs(folder: Path) -> bool:
         inside = os.listdir(folder)
     except OSError:
         return False
-    return any(name in ("patches", "patches_cover_tissue") or (name.startswith(("features_", "segmentation_"))
+    from .trident_h5 import PATCHES, PATCHES_COVER_TISSUE  # (here: a listing loads no h5py otherwise)
+
+    return any(name in (PATCHES, PATCHES_COVER_TISSUE) or (name.startswith(("features_", "segmentation_"))
                and (folder / name / "config.json").is_file()) for name in inside)  # fmt: skip
 
 

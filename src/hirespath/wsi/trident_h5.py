@@ -76,6 +76,11 @@ def is_standard_magnification(mpp: float) -> bool:
     return math.isclose(mag, round(mag, 3), rel_tol=1e-9, abs_tol=0.0)
 
 
+# the tiling folder's shared sub-folders: the grids (TRIDENT's min_tissue tiles; segmentation's covering grid) and
+# the slides' thumbnails
+PATCHES, PATCHES_COVER_TISSUE, THUMBNAILS = "patches", "patches_cover_tissue", "thumbnails"
+
+
 def tiling_tag(target_mpp: float, tile_size: int, overlap: int = 0) -> str:
     """TRIDENT's tiling folder name: ``20x_1792px_0px_overlap`` for 0.5 µm/px.
 
