@@ -239,6 +239,26 @@ def test_heatmaps_num_slides_counts_the_slides_drawn(trident_run, tmp_path):
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["b.geojson", "b.png"]
 
 
+def test_a_rerun_into_the_same_folder_leaves_only_its_own_heatmaps(trident_run, tmp_path, caplog):
+    """An output folder reused for another run (another model, fewer slides) holds that run's heatmaps only: the
+    earlier run's PNGs and GeoJSONs would be dragged into QuPath beside them."""
+    d = tmp_path / "new"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    for s in ("a", "b", "c"):
+        write_trident(d / f"{s}.h5", rng.normal(size=(6, 8)), encoder="x")
+    _, out = _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}")
+    assert len(list((out / "heatmaps").iterdir())) == 6
+    (out / "heatmaps" / "notes.txt").write_text("mine")  # not a heatmap: kept
+    (d / "c.h5").unlink()
+    with caplog.at_level("WARNING", logger="hirespath"):
+        _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}", "heatmaps.num_slides=1")
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["a.geojson", "a.png", "notes.txt"]
+    assert "removed the heatmaps of 2 slides an earlier run drew" in caplog.text, caplog.text
+    _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}", "heatmaps.num_slides=0")
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["notes.txt"]
+
+
 def test_refusals(trident_run, tmp_path):
     """Another dimension, another encoder, the same encoder's name from another weights file, a checkpoint that is
     not a MIL one, a missing file: one clear error each, before any output."""

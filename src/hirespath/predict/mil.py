@@ -417,4 +417,16 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
         )
         region = _qupath_region(slide, attrs)
         tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, region)
+    _remove_earlier_heatmaps(out_dir / "heatmaps", drawn={p.stem for p in pngs})
     return pngs
+
+
+def _remove_earlier_heatmaps(folder: Path, drawn: set[str]) -> None:
+    """An output folder reused (another model, fewer slides) keeps this run's heatmaps only: an earlier run's PNG
+    and GeoJSON files beside them would be taken for this run's, in QuPath too. Other files are left."""
+    stale = [p for p in folder.glob("*") if p.suffix in (".png", ".geojson") and p.stem not in drawn]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.warning("removed the heatmaps of %d slides an earlier run drew in %s (this run drew %d)",
+                    len({p.stem for p in stale}), folder, len(drawn))  # fmt: skip
