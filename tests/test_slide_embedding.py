@@ -388,7 +388,9 @@ def test_wsi_ext_picks_the_slide_files_of_a_mixed_folder(tmp_path):
     assert ids(["PNG", ".jpg"]) == ["region", "region2"]
     assert ids([".dcm"]) == ["series"]
     assert ids([".svs", ".dcm"]) == ["a", "b", "series"]
-    with pytest.raises(InputError, match=r"no slides in .*mixed \(looked for \.ndpi files\)"):
+    # what the folder does hold, most common first: the extension to pass instead
+    with pytest.raises(InputError, match=r"no slides in .*mixed \(looked for \.ndpi files\); it holds \.svs \(2\), "
+                                         r"\.jpg \(1\), \.png \(1\), \.tiff \(1\), \.txt \(1\) files$"):  # fmt: skip
         ids([".ndpi"])
     assert slide_extensions(OmegaConf.create({"x": ["svs", ".svs"]}).x) == (".svs",)
     for bad, words in (([], "wsi_ext=[]"), (["*.svs"], "'*.svs' is not a file extension"), ([3], "3 is not"),

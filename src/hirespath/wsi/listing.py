@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,9 +258,21 @@ def list_slides(
         looked += ["folders of DICOM files"] if want_dicom else []
         raise InputError(
             f"no slides in {root} (looked for {' and '.join(looked)}{', recursively' if recursive else ''})"
+            + _what_it_holds(entries)
             + ("" if recursive else _slides_below(root, file_exts))
         )
     return _check_unique([SlideSpec(slide_id_of(p), p) for p in slides])
+
+
+def _what_it_holds(entries: list[Path]) -> str:
+    """The extensions of the files that were not listed, most common first (a ``wsi_ext`` that names none of the
+    cohort's: the one to pass instead), or ""."""
+    counts = Counter(p.suffix.lower() for p in entries if p.suffix and p.is_file())
+    if not counts:
+        return ""
+    held = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    more = f" and {len(held) - 6} more" if len(held) > 6 else ""
+    return f"; it holds {', '.join(f'{ext} ({n})' for ext, n in held[:6])}{more} files"
 
 
 def _slides_below(root: Path, file_exts: tuple) -> str:
