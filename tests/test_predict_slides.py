@@ -367,6 +367,10 @@ def test_a_job_dir_given_for_its_features_folder_is_refused_naming_the_folders_b
     feats = tmp_path / "job" / "20x_224px_0px_overlap" / "features_x"
     feats.mkdir(parents=True)
     write_trident(feats / "t1.h5", np.zeros((4, 8)), encoder="x")
+    for grids in ("patches", "patches_cover_tissue"):  # the tilings' grids (embedding's, segmentation's): no features
+        (tmp_path / "job" / "20x_224px_0px_overlap" / grids).mkdir()
+        trident_h5.write_patches_h5(tmp_path / "job" / "20x_224px_0px_overlap" / grids / "t1_patches.h5",
+                                    np.zeros((4, 2), dtype=np.int64), {"patch_size": 224})  # fmt: skip
     with pytest.raises(InputError, match=f"no <slide>.h5 feature files in .*; feature folders below it: {feats}$"):
         _predict(tmp_path, "o1", f"ckpt={trident_run}", f"features_dir={tmp_path / 'job'}")
     write_trident(feats / "t2.h5", np.zeros((4, 8)), encoder="y")  # two encoders in one folder: one line too

@@ -76,9 +76,10 @@ def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:
         raise InputError(f"features_dir {str(features_dir)!r} does not exist")
     paths = sorted(p for p in features_dir.glob("*.h5") if not p.name.startswith("."))  # not temporary files
     if not paths:
-        # a job_dir or its tiling folder given for the features folder: name the feature folders below it
+        # a job_dir or its tiling folder given for the features folder: name the feature folders below it (not
+        # the tilings' grids, embedding's or segmentation's: coords only)
         below = sorted({str(p.parent) for pattern in ("*/*.h5", "*/*/*.h5") for p in features_dir.glob(pattern)
-                        if p.parent.name != trident_h5.PATCHES})  # fmt: skip
+                        if p.parent.name not in (trident_h5.PATCHES, trident_h5.PATCHES_COVER_TISSUE)})  # fmt: skip
         hint = f"; feature folders below it: {', '.join(below)}" if below else ""
         if pts := [p for p in features_dir.glob("*.pt") if not p.name.startswith(".")]:
             h5 = features_dir.parent / "h5_files"  # CLAM's extract_features_fp writes both folders
