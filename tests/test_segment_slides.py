@@ -870,6 +870,14 @@ def test_a_new_threshold_redraws_finished_slides_from_their_probability_tiffs(ck
     assert redrawn != first_geojson  # (the threshold and specks did change the polygons)
     pd.testing.assert_frame_equal(pd.read_csv(out / "areas.csv"), pd.read_csv(Path(fresh["output_dir"]) / "areas.csv"))
     assert json.loads((out / "config.json").read_text())["threshold"] == 0.5
+    # summary.json's run entries: each says how it drew, and the first run's slide says which run drew it again
+    entries = json.loads((out / "summary.json").read_text())["workers"]
+    assert entries[first["worker"]]["drawing"] == {"threshold": THRESHOLD, "min_area_um2": 0.0, "simplify_px": 1.0,
+                                                   "within_tissue": True}  # fmt: skip
+    assert entries[again["worker"]]["drawing"] == {**entries[first["worker"]]["drawing"], "threshold": 0.5,
+                                                   "min_area_um2": 20.0}  # fmt: skip
+    assert entries[first["worker"]]["done"][0]["replaced_by"] == again["worker"]
+    assert "replaced_by" not in entries[again["worker"]]["done"][0]
     assert run(ckpt, wsi, job, seam_check=False, threshold=0.5, min_area_um2=20.0)["slides_already_finished"] == 1
 
     with monkeypatch.context() as m:

@@ -556,8 +556,9 @@ class SegmentationConsumer:
         return RedrawSink(self, spec, prepared, path) if redraw else SegmentationSink(self, spec, prepared, path)
 
     def run_facts(self, done: list[dict]) -> dict:
-        """The seam measure over this worker's slides (each slide's is in ``done`` and seams.csv)."""
-        return seam_facts(done, self.options)
+        """The seam measure over this worker's slides (each slide's is in ``done`` and seams.csv), and the drawing
+        settings its polygons were made with (a redraw's differ from the run's before it)."""
+        return {**seam_facts(done, self.options), "drawing": self.options.drawing()}
 
     def finish(self, spec: SlideSpec, prepared: PreparedSlide, result: dict, out_dir: Path) -> None:
         geoms, areas = result.pop("class_geoms", None), result.get("areas_mm2", {})

@@ -496,11 +496,19 @@ class Ledger:
     def update_summary(self, worker: dict, totals: Callable[[], dict]) -> dict:
         """Add this worker's summary (keyed by its ``worker`` id: host, pid, a random part) and the folder's
         ``totals()`` (counted off the disk by the caller, under the lock: the last writer has seen every worker's
-        rows); returns the merged summary. Parallel workers each add theirs."""
+        rows); returns the merged summary. Parallel workers each add theirs. An earlier worker's entry of a slide
+        this one made again (an overwrite, a redraw) gets ``replaced_by``: this worker's id, so that no reader
+        takes the two for the slide's."""
         path = self.folder / SUMMARY
         with self._locked(SUMMARY):
             old = json.loads(path.read_text()) if path.is_file() else {}
             workers = old.get("workers", {}) if isinstance(old.get("workers"), dict) else {}
+            made = {d["slide"] for d in worker.get("done", [])}
+            for entry in workers.values():
+                for key in ("done", "embedded"):  # (embed_slides' name for the list)
+                    for d in entry.get(key, []) if isinstance(entry, dict) else []:
+                        if isinstance(d, dict) and d.get("slide") in made and "replaced_by" not in d:
+                            d["replaced_by"] = worker["worker"]
             workers[worker["worker"]] = worker
             merged = {**totals(), "workers": workers}
             write_json(path, merged)
