@@ -1150,6 +1150,24 @@ def test_tokens_round_trip(wsi_dir, encoder, tmp_path):
         assert f["features"][:].dtype == np.float32 and f["tokens"].maxshape == (None, encoder.embed_dim)
 
 
+def test_a_finished_file_without_token_scores_is_embedded_again_and_said_so(wsi_dir, encoder, tmp_path, caplog):
+    """embed.token_scores=true (predict_slides heatmaps.resolution=token) on a folder embedded without them: each
+    slide is embedded again, which takes as long as the first time; the user is told why."""
+    kw = dict(tile_size=TILE, tile_mpp=2.0, batch_size=3, num_workers=0, thumbnails=False)
+    slides = [wsi_dir / "synth.tiff", wsi_dir / "cmu.svs"]
+    first = embed_slides(encoder, slides, tmp_path, **kw)
+    with caplog.at_level("INFO", logger="hirespath"):
+        again = embed_slides(encoder, slides, tmp_path, token_scores=True, **kw)
+    assert again["slides_done"] == 2 and not again["slides_already_finished"]
+    said = [r for r in caplog.records if "no token_scores" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING", "INFO"], [r.getMessage() for r in said]
+    folder = re.escape(str(Path(first["features_dir"])))
+    assert re.match(rf"{folder}/(synth|cmu)\.h5 has no token_scores \(embed\.token_scores=true asks for them\): "
+                    r"embedded again", said[0].getMessage())  # fmt: skip
+    with h5py.File(Path(first["features_dir"]) / "synth.h5") as f:
+        assert "token_scores" in f
+
+
 def test_out_of_memory_batches_are_halved_then_tiles_skipped(wsi_dir, tmp_path):
     enc = make_encoder()
     forward = enc.forward

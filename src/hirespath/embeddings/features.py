@@ -21,7 +21,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -152,6 +152,7 @@ class EmbeddingConsumer:
     token_scores: bool = False
     # a folder written before these were recorded cannot vouch for them: they are not added to its config.json
     unvouched_keys: tuple = trident_h5.ARCHITECTURE_KEYS
+    _said_missing: set = field(default_factory=set, init=False, repr=False)  # finished files embedded again
 
     @property
     def needs_thumbnail(self) -> bool:
@@ -189,9 +190,20 @@ class EmbeddingConsumer:
             return True
         try:
             with h5py.File(path, "r") as f:
-                return all(name in f for name in wanted)
+                missing = [name for name in wanted if name not in f]
         except OSError:
             return False
+        if missing and path not in self._said_missing:  # (asked more than once per slide)
+            first = not self._said_missing
+            self._said_missing.add(path)
+            options = " and ".join(f"embed.{m}=true" for m in missing)
+            said = f"{path} has no {' or '.join(missing)} ({options} asks for them)"
+            if first:
+                log.warning("%s: embedded again, as is every finished slide without them (each takes as long as the "
+                            "first time)", said)  # fmt: skip
+            else:
+                log.info("%s: embedded again", said)
+        return not missing
 
     def finished_mpp(self, path: Path) -> float | None:
         try:
