@@ -259,6 +259,23 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_heatmaps(trident_run, 
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["notes.txt"]
 
 
+def test_trainer_ddp_is_said_to_run_as_one_process(trident_run, tmp_path, caplog):
+    """predict_slides starts no ranks: trainer=ddp (2 devices) would run one process without a word, as if the
+    slides were embedded on both. It says so, and what to do for several devices."""
+    d = tmp_path / "new"
+    d.mkdir()
+    write_trident(d / "a.h5", np.random.default_rng(1).normal(size=(6, 8)), encoder="x")
+    with caplog.at_level("WARNING", logger="hirespath"):
+        _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}", "trainer=ddp")
+    assert "predict_slides runs as one process on one device: trainer.devices=2 (strategy ddp) is not used" in (
+        caplog.text
+    ), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hirespath"):
+        _predict(tmp_path, "out2", f"ckpt={trident_run}", f"features_dir={d}", "trainer=cpu")
+    assert "one process" not in caplog.text
+
+
 def test_refusals(trident_run, tmp_path):
     """Another dimension, another encoder, the same encoder's name from another weights file, a checkpoint that is
     not a MIL one, a missing file: one clear error each, before any output."""

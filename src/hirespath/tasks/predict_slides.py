@@ -68,6 +68,7 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     if not (isinstance(side, int) and not isinstance(side, bool) and MIN_SIDE <= side <= MAX_SIDE):
         raise InputError(f"heatmaps.max_side={side!r}: must be an integer in [{MIN_SIDE}, {MAX_SIDE}] (px of the "
                          f"heatmap's long side; {MAX_SIDE:,} px takes about 7 GiB and 1.5 min per slide)")  # fmt: skip
+    _say_one_process(cfg.trainer)
     ckpt, run_dir = find_checkpoint(cfg.ckpt)
     run_cfg = run_config(run_dir, ckpt)
     head, dim, num_classes = load_mil_head(ckpt, run_cfg)
@@ -134,6 +135,19 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     log.info("predicted %d slides with %s into %s (%d heatmaps in %s)", len(pred), ckpt, out_dir / PREDICTIONS_FILE,
              len(pngs), out_dir / "heatmaps")  # fmt: skip
     return metrics
+
+
+def _say_one_process(trainer: DictConfig) -> None:
+    """predict_slides starts no ranks (the MIL head runs on the CPU; new slides are embedded on one device): a
+    trainer for several devices is said not to be used, with the way to embed on several."""
+    devices, strategy = trainer.get("devices", 1), str(trainer.get("strategy", "auto"))
+    many = len(devices) > 1 if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else (
+        str(devices).lstrip("-").isdigit() and int(devices) != 1)  # fmt: skip
+    if many or "ddp" in strategy:
+        log.warning("predict_slides runs as one process on one device: trainer.devices=%s (strategy %s) is not used. "
+                    "To embed new slides on several devices, start one predict_slides per device (trainer.devices=1, "
+                    "e.g. a SLURM array) with the same job_dir: they share the embedding, each slide embedded once",
+                    devices, strategy)  # fmt: skip
 
 
 def main() -> None:
