@@ -225,6 +225,25 @@ def test_trident_and_clam_files(trident_run, tmp_path, capsys):
     _check_geojson(out / "heatmaps" / "t1.geojson", attrs["level0_width"], attrs["level0_height"], 6)
 
 
+def test_a_clam_file_of_one_tile_gets_no_heatmap_of_a_guessed_size(trident_run, tmp_path, caplog):
+    """CLAM's feature files record no tile size; with one tile there is no grid step to read it from either: no
+    heatmap or GeoJSON of a 1 px tile, said why. Two tiles give the step."""
+    from test_mil import write_clam
+
+    d = tmp_path / "new"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    write_clam(d / "one.h5", rng.normal(size=(1, 8)), np.array([[448, 224]]))
+    write_clam(d / "two.h5", rng.normal(size=(2, 8)), np.array([[0, 0], [224, 0]]))
+    with caplog.at_level("INFO", logger="hirespath"):
+        _, out = _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}")
+    assert sorted(pd.read_csv(out / "predictions.csv").slide_id) == ["one", "two"]
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["two.geojson", "two.png"]
+    assert "no heatmap for one: one.h5 gives no tile size (no coords attrs, one tile)" in caplog.text, caplog.text
+    tiles = [geom.bounds for geom, _ in read_geojson(out / "heatmaps" / "two.geojson")]
+    assert tiles == [(0, 0, 224, 224), (224, 0, 448, 224)]
+
+
 def test_heatmaps_num_slides_counts_the_slides_drawn(trident_run, tmp_path):
     """``heatmaps.num_slides=1`` draws one heatmap when a slide has coords, though a CLAM file without coords
     comes first."""

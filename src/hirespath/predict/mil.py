@@ -383,7 +383,7 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
                    num_slides: int | None, resolution: str, max_side: int) -> list[Path]:  # fmt: skip
     """``heatmaps/<slide>.png`` and ``.geojson`` for all slides or the first ``num_slides`` that have coords;
     returns the PNGs."""
-    from ..viz.mil import attention_heatmap
+    from ..viz.mil import attention_heatmap, infer_tile_size
     from ..wsi import trident_h5
 
     pngs = []
@@ -393,6 +393,9 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
         sid = r["slide_id"]
         if (r["coords"] < 0).all():
             log.info("no heatmap for %s: its feature file has no coords", sid)
+            continue
+        if not r["tile_size"] and infer_tile_size(r["coords"]) is None:  # not drawn as 1 px tiles
+            log.info("no heatmap for %s: %s gives no tile size (no coords attrs, one tile)", sid, Path(r["path"]).name)
             continue
         scores = read_token_scores(r["path"], r["tiles"]) if resolution == "token" else None
         if resolution == "token" and scores is None:
