@@ -290,20 +290,23 @@ def test_missing_unreadable_and_empty_files_are_skipped(tmp_path):
     for name in ("a", "b", "c"):
         write_trident(d / f"{name}.h5", rng.normal(size=(4, DIM)))
     write_trident(d / "empty.h5", np.zeros((0, DIM)), coords=np.zeros((0, 2), np.int64))
+    with h5py.File(d / "empty1d.h5", "w") as f:  # a slide without tissue, as TRIDENT saves it: features of shape (0,)
+        f.create_dataset("features", data=np.zeros((0,), np.float32))
+        f.create_dataset("coords", data=np.zeros((0, 2), np.int64))
     (d / "broken.h5").write_bytes(b"not an hdf5 file")
     with h5py.File(d / "nofeat.h5", "w") as f:
         f.create_dataset("coords", data=np.zeros((2, 2), np.int64))
-    ids = ["a", "b", "c", "missing", "empty", "broken", "nofeat"]
-    labels = pd.DataFrame({"slide_id": ids, "label": [0, 1, 0, 1, 0, 1, 0], "split": ["train"] * 2 + ["val"] * 5})
+    ids = ["a", "b", "c", "missing", "empty", "empty1d", "broken", "nofeat"]
+    labels = pd.DataFrame({"slide_id": ids, "label": [0, 1, 0, 1, 0, 1, 0, 1], "split": ["train"] * 2 + ["val"] * 6})
     dm = MILDataModule(d, labels)
     assert dm.rows.slide_id.tolist() == ["a", "b", "c"]
     reasons = dm.skipped.set_index("slide_id").reason
-    assert list(reasons.index) == ["missing", "empty", "broken", "nofeat"]
+    assert list(reasons.index) == ["missing", "empty", "empty1d", "broken", "nofeat"]
     assert "no feature file" in reasons["missing"] and "missing.h5" in reasons["missing"]
-    assert "no tiles" in reasons["empty"]
+    assert "no tiles" in reasons["empty"] and reasons["empty1d"] == "no tiles in empty1d.h5 (empty 'features')"
     assert "cannot read broken.h5" in reasons["broken"]
     assert "no 'features' dataset" in reasons["nofeat"]
-    assert dm.skipped.split.tolist() == ["val"] * 4
+    assert dm.skipped.split.tolist() == ["val"] * 5
     batch = collate_bags([dm.dataset("val")[0]])
     assert batch["features"].shape == (1, 4, DIM)
 

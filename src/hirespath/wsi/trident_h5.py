@@ -408,12 +408,16 @@ def _features_dataset(f: h5py.File, path: Path) -> tuple[h5py.Dataset, tuple[int
         )
     if ds.ndim == 3 and ds.shape[0] == 1:
         return ds, ds.shape[1:]
+    if ds.shape == (0,):  # TRIDENT's file of a slide without tissue: no tiles, no dimension
+        return ds, (0, 0)
     if ds.ndim != 2:
         raise InputError(f"{path}: 'features' has shape {ds.shape}; expected N×D (tiles × feature dimension)")
     return ds, ds.shape
 
 
 def _feature_rows(ds: h5py.Dataset, start: int = 0, stop: int | None = None) -> np.ndarray:
+    if ds.ndim == 1:  # (0,): no tiles (_features_dataset)
+        return np.zeros((0, 0), dtype=np.float32)
     rows = ds[0, start:stop] if ds.ndim == 3 else ds[start:stop]
     return np.asarray(rows, dtype=np.float32)
 
