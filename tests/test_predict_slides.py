@@ -94,6 +94,37 @@ def test_own_features_give_the_runs_test_predictions(trained, one_thread):
     assert pd.read_csv(out / "skipped.csv").empty
 
 
+def test_our_features_are_drawn_over_the_slides_they_record(trained, one_thread, tmp_path, monkeypatch, caplog):
+    """features_dir= alone: our h5 files record the slide each was made from, so the heatmaps are drawn over those
+    slides' thumbnails where they still are; where one is gone the run says to pass wsi_dir=."""
+    import hirespath.viz.mil as viz
+
+    drawn = {}
+    draw = viz.attention_heatmap
+
+    def spy(coords, attention, path, **kw):
+        drawn[path.stem] = kw["slide_path"]
+        return draw(coords, attention, path, **kw)
+
+    monkeypatch.setattr(viz, "attention_heatmap", spy)
+    feats = tmp_path / "feats"
+    shutil.copytree(trained["features"], feats)
+    first, second = sorted(p.stem for p in feats.glob("*.h5"))[:2]
+    _predict(tmp_path, "over", f"ckpt={trained['run']}", f"features_dir={feats}", "heatmaps.num_slides=2")
+    assert drawn == {s: trained["panda"] / "train_images" / f"{s}.tiff" for s in (first, second)}
+    moved = tmp_path / "moved.tiff"
+    shutil.move(trained["panda"] / "train_images" / f"{second}.tiff", moved)
+    try:
+        with caplog.at_level("WARNING", logger="hirespath"):
+            _predict(tmp_path, "gone", f"ckpt={trained['run']}", f"features_dir={feats}", "heatmaps.num_slides=2")
+    finally:
+        shutil.move(moved, trained["panda"] / "train_images" / f"{second}.tiff")
+    assert drawn[second] is None and drawn[first] is not None
+    assert f"{second}.h5 was made from {trained['panda'] / 'train_images' / f'{second}.tiff'}, which is not there: " \
+           "its heatmap is drawn without the slide (pass wsi_dir= or slides= to name where the slides are)" in \
+           caplog.text, caplog.text  # fmt: skip
+
+
 def test_new_slides_are_embedded_with_the_runs_encoder(trained, one_thread, tmp_path):
     """wsi_dir: the slides are embedded with the run's encoder, tiling and features (same folder name, same attrs,
     same numbers for a slide the run saw: token scores change nothing), predicted, with token heatmaps."""

@@ -386,7 +386,7 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
     from ..viz.mil import attention_heatmap, infer_tile_size
     from ..wsi import trident_h5
 
-    pngs = []
+    pngs, unnamed = [], 0
     for r, row in zip(results, pred.itertuples()):
         if num_slides is not None and len(pngs) >= int(num_slides):
             break
@@ -402,7 +402,9 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
             print(f"note: {Path(r['path']).name} has no token_scores (embed with embed.token_scores=true); "
                   f"{sid}'s heatmap is drawn per tile")  # fmt: skip
         attrs, _ = trident_h5.read_coords(r["path"])
-        slide = _the_features_slide(slide_paths.get(sid), attrs, r["path"])
+        slide = slide_paths.get(sid) or _recorded_slide(attrs, r["path"])
+        unnamed += slide is None
+        slide = _the_features_slide(slide, attrs, r["path"])
         top = float(r["probs"][row.pred])
         title = (f"{sid}: predicted class {row.pred} (p={top:.2f}), {len(r['attention'])} tiles, "
                  f"{'patch' if scores is not None else 'tile'} resolution")  # fmt: skip
@@ -421,7 +423,26 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
         region = _qupath_region(slide, attrs)
         tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, region)
     _remove_earlier_heatmaps(out_dir / "heatmaps", drawn={p.stem for p in pngs})
+    if unnamed:
+        log.info("%d heatmaps drawn without their slides (their feature files name no slide that is there): pass "
+                 "wsi_dir= or slides= to draw them over the slides' thumbnails", unnamed)  # fmt: skip
     return pngs
+
+
+def _recorded_slide(attrs: dict, features: Path) -> Path | None:
+    """The slide file our h5 records (coords attr ``slide_path``) where it still is (features_dir= alone: the
+    heatmap is drawn over it); None for TRIDENT's and CLAM's files, which record none, and, said why, where it has
+    gone."""
+    from ..slides.provenance import recorded_path
+
+    if not attrs.get("slide_path"):
+        return None
+    path = recorded_path(str(attrs["slide_path"]))
+    if path.exists():
+        return path
+    log.warning("%s was made from %s, which is not there: its heatmap is drawn without the slide (pass wsi_dir= or "
+                "slides= to name where the slides are)", Path(features).name, path)  # fmt: skip
+    return None
 
 
 def _remove_earlier_heatmaps(folder: Path, drawn: set[str]) -> None:
