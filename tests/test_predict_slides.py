@@ -300,13 +300,14 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_heatmaps(trident_run, 
     _, out = _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}")
     assert len(list((out / "heatmaps").iterdir())) == 6
     (out / "heatmaps" / "notes.txt").write_text("mine")  # not a heatmap: kept
+    (out / "heatmaps" / "legend.png").write_bytes(b"mine")  # nor a slide's: kept
     (d / "c.h5").unlink()
     with caplog.at_level("WARNING", logger="hirespath"):
         _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}", "heatmaps.num_slides=1")
-    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["a.geojson", "a.png", "notes.txt"]
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["a.geojson", "a.png", "legend.png", "notes.txt"]
     assert "removed the heatmaps of 2 slides an earlier run drew" in caplog.text, caplog.text
     _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}", "heatmaps.num_slides=0")
-    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["legend.png", "notes.txt"]
 
 
 def test_trainer_ddp_is_said_to_run_as_one_process(trident_run, tmp_path, caplog):

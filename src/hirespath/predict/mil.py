@@ -380,9 +380,10 @@ def _the_features_slide(slide, attrs: dict, features: Path):
 
 
 def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, out_dir: Path, num_classes: int, *,
-                   num_slides: int | None, resolution: str, max_side: int) -> list[Path]:  # fmt: skip
+                   num_slides: int | None, resolution: str, max_side: int, earlier=()) -> list[Path]:  # fmt: skip
     """``heatmaps/<slide>.png`` and ``.geojson`` for all slides or the first ``num_slides`` that have coords;
-    returns the PNGs."""
+    returns the PNGs. ``earlier``: the slides an earlier run into ``out_dir`` predicted, whose heatmaps go where
+    this run does not draw them (:func:`earlier_predictions`)."""
     from ..viz.mil import attention_heatmap, infer_tile_size
     from ..wsi import trident_h5
 
@@ -422,7 +423,7 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
         )
         region = _qupath_region(slide, attrs)
         tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, region)
-    _remove_earlier_heatmaps(out_dir / "heatmaps", drawn={p.stem for p in pngs})
+    _remove_earlier_heatmaps(out_dir / "heatmaps", set(earlier) - {p.stem for p in pngs}, len(pngs))
     if unnamed:
         log.info("%d heatmaps drawn without their slides (their feature files name no slide that is there): pass "
                  "wsi_dir= or slides= to draw them over the slides' thumbnails", unnamed)  # fmt: skip
@@ -445,12 +446,23 @@ def _recorded_slide(attrs: dict, features: Path) -> Path | None:
     return None
 
 
-def _remove_earlier_heatmaps(folder: Path, drawn: set[str]) -> None:
-    """An output folder reused (another model, fewer slides) keeps this run's heatmaps only: an earlier run's PNG
-    and GeoJSON files beside them would be taken for this run's, in QuPath too. Other files are left."""
-    stale = [p for p in folder.glob("*") if p.suffix in (".png", ".geojson") and p.stem not in drawn]
+def earlier_predictions(out_dir: Path) -> set[str]:
+    """The slides an earlier run into ``out_dir`` (a reused ``hydra.run.dir``) predicted: its predictions.csv's."""
+    from ..results import PREDICTIONS_FILE
+    from ..utils.io import read_csv_ids
+
+    try:
+        return set(read_csv_ids(out_dir / PREDICTIONS_FILE, "slide_id").slide_id.astype(str))
+    except (OSError, ValueError, KeyError, AttributeError):  # none, or not ours
+        return set()
+
+
+def _remove_earlier_heatmaps(folder: Path, slides: set[str], drawn: int) -> None:
+    """A reused output folder keeps this run's heatmaps only: an earlier run's of ``slides`` (another model, fewer
+    slides drawn) beside them would be taken for this run's, in QuPath too. A user's own files there are left."""
+    stale = [p for s in sorted(slides) for p in (folder / f"{s}.png", folder / f"{s}.geojson") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     if stale:
         log.warning("removed the heatmaps of %d slides an earlier run drew in %s (this run drew %d)",
-                    len({p.stem for p in stale}), folder, len(drawn))  # fmt: skip
+                    len({p.stem for p in stale}), folder, drawn)  # fmt: skip

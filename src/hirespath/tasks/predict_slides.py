@@ -30,6 +30,7 @@ from ..data.mil import scan_feature_dir
 from ..predict.mil import (
     RESOLUTIONS,
     check_features,
+    earlier_predictions,
     embed_new_slides,
     expected_features,
     find_checkpoint,
@@ -117,10 +118,11 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     pred = predictions_table(results, num_classes)
     metrics = {"num_slides": len(pred), "skipped_slides": len(not_predicted), "features/dim": dim,
                "features_dir": str(features_dir), "ckpt": str(ckpt)}  # fmt: skip
+    earlier = earlier_predictions(out_dir)  # a folder reused: the slides whose heatmaps an earlier run drew
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:  # kept whatever the labels say
         pred.to_csv(tmp, index=False)
     pngs = write_heatmaps(results, pred, slide_paths, out_dir, num_classes, num_slides=cfg.heatmaps.num_slides,
-                          resolution=resolution, max_side=int(cfg.heatmaps.max_side))  # fmt: skip
+                          resolution=resolution, max_side=int(cfg.heatmaps.max_side), earlier=earlier)  # fmt: skip
     try:
         if labels is not None:
             metrics.update(labelled_metrics(pred, labels, num_classes, source=f"labels={cfg.labels}"))
