@@ -371,6 +371,37 @@ def test_refusals(trident_run, tmp_path):
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6", "o7"))
 
 
+def test_a_run_trained_on_given_features_embeds_new_slides_only_as_they_were_made(trained, trident_run, tmp_path):
+    """A run trained with features_dir= has in its config the defaults, not how those features were made: new slides
+    (wsi_dir=) are embedded only where the config would make the same features as the training files record, and
+    refused before any slide is read otherwise (TRIDENT's encoder 'x'; CLAM's files, which record nothing)."""
+    from test_mil import write_clam
+
+    wsi = tmp_path / "new"
+    wsi.mkdir()
+    (one,) = sorted((trained["panda"] / "train_images").glob("*.tiff"))[:1]
+    shutil.copy(one, wsi / one.name)
+    with pytest.raises(InputError, match=r"trained on the features in .*train_features.*\(encoder: they have 'x', "
+                                         r"the run's config would embed 'tiny_.*'.*pass features_dir="):  # fmt: skip
+        _predict(tmp_path, "o1", f"ckpt={trident_run}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'job1'}")
+    clam = tmp_path / "clam"
+    clam.mkdir()
+    rng = np.random.default_rng(0)
+    for s in panda_slide_labels(trained["panda"], cache_dir=trained["tmp"] / "cache").slide_id:
+        write_clam(clam / f"{s}.h5", rng.normal(size=(4, 96)), np.arange(8).reshape(4, 2) * 112)
+    run = _train(tmp_path, "clam_run", trained["panda"], f"features_dir={clam}", *HEAD["mean_pool"])
+    with pytest.raises(InputError, match=r"trained on the features in .*clam, which record neither their encoder nor "
+                                         r"their tiling .*pass features_dir="):  # fmt: skip
+        _predict(tmp_path, "o2", f"ckpt={run}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'job2'}")
+    assert not any((tmp_path / d).exists() for d in ("o1", "o2", "job1", "job2"))
+    # features of our own embedding, made with the settings the run's config holds: embedded as they were
+    run = _train(tmp_path, "given", trained["panda"], f"features_dir={trained['features']}", *HEAD["abmil"])
+    _predict(tmp_path, "ok", f"ckpt={run}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'job3'}")
+    (made,) = (tmp_path / "job3").glob("*/features_*")
+    mine, ref = (trident_h5.read_features(d / f"{one.stem}.h5")["features"] for d in (made, trained["features"]))
+    np.testing.assert_array_equal(mine, ref)
+
+
 def test_labels_are_checked_before_any_slide_and_never_cost_the_predictions(trident_run, tmp_path):
     """A missing labels file, or one listing a slide twice, was refused only after every slide was embedded and
     predicted, and then predictions.csv was never written; labels of another cohort lost the predictions too. Now

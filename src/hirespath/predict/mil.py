@@ -106,8 +106,6 @@ def expected_features(run_cfg: DictConfig, dim: int, run_dir: Path | None = None
     ``weights`` (size and digest of the encoder's weights file) and ``tiling`` (target_mpp, patch_size): as the run
     recorded them when it trained (``features.json`` in ``run_dir``), else from the training folder's files when they
     are there, else from the run's encoder/tile/embed settings and weights file."""
-    from ..embeddings.features import features_folder
-
     out = {"dim": dim, "attrs": {}, "weights": {}, "tiling": {}}
     recorded = Path(run_dir) / TRAINED_ON if run_dir is not None else None
     if recorded is not None and recorded.is_file():
@@ -117,23 +115,7 @@ def expected_features(run_cfg: DictConfig, dim: int, run_dir: Path | None = None
     folder = run_cfg.get("features_dir")
     if not folder:
         try:
-            weights = OmegaConf.select(run_cfg, "backbone.weights")
-            folder = features_folder(_light_encoder(run_cfg), "job", run_cfg.tile, run_cfg.embed, weights)
-            tag = folder.name.removeprefix("features_")
-            a, p = run_cfg.attention, run_cfg.pruner
-            out["attrs"] = {"encoder": tag, "backbone": str(run_cfg.backbone.name), "attention": str(a.mode),
-                            "window": int(a.window), "prune_ratio": float(p.prune_ratio),
-                            "prune_layer": int(p.prune_layer), "resolution": int(run_cfg.tile.size),
-                            "feature": str(run_cfg.embed.features)}  # fmt: skip
-            out["tiling"] = {
-                "target_mpp": float(run_cfg.tile.mpp),
-                "patch_size": int(run_cfg.tile.size),
-                "overlap": int(run_cfg.tile.overlap),
-            }
-            if weights and Path(str(weights)).is_file():  # as it is now (a run of before features.json)
-                out["weights"] = {"weights_size": Path(str(weights)).stat().st_size,
-                                  "weights_digest": file_digest(weights)}  # fmt: skip
-            out["source"] = f"features_{tag} at {run_cfg.tile.size} px, {run_cfg.tile.mpp} µm/px"
+            return {**out, **config_features(run_cfg)}
         except Exception as err:  # noqa: BLE001 — a run config from another version: the dimension still checks
             log.warning("cannot read the run's encoder settings (%s); checking the feature dimension only", err)
             out["source"] = "the run's features"
@@ -146,6 +128,53 @@ def expected_features(run_cfg: DictConfig, dim: int, run_dir: Path | None = None
         except (OSError, ValueError):
             continue
     return out
+
+
+def config_features(run_cfg: DictConfig) -> dict:
+    """What embedding with the run's config makes (``attrs``, ``tiling``, ``weights``, ``source``): the encoder,
+    tile and embed settings and the weights file as they are now."""
+    from ..embeddings.features import features_folder
+
+    weights = OmegaConf.select(run_cfg, "backbone.weights")
+    folder = features_folder(_light_encoder(run_cfg), "job", run_cfg.tile, run_cfg.embed, weights)
+    tag = folder.name.removeprefix("features_")
+    a, p = run_cfg.attention, run_cfg.pruner
+    out = {"attrs": {"encoder": tag, "backbone": str(run_cfg.backbone.name), "attention": str(a.mode),
+                     "window": int(a.window), "prune_ratio": float(p.prune_ratio), "prune_layer": int(p.prune_layer),
+                     "resolution": int(run_cfg.tile.size), "feature": str(run_cfg.embed.features)},
+           "tiling": {"target_mpp": float(run_cfg.tile.mpp), "patch_size": int(run_cfg.tile.size),
+                      "overlap": int(run_cfg.tile.overlap)},
+           "weights": {}, "source": f"features_{tag} at {run_cfg.tile.size} px, {run_cfg.tile.mpp} µm/px"}  # fmt: skip
+    if weights and Path(str(weights)).is_file():  # as it is now (a run of before features.json)
+        out["weights"] = {"weights_size": Path(str(weights)).stat().st_size, "weights_digest": file_digest(weights)}
+    return out
+
+
+def check_embedding_reproduces(run_cfg: DictConfig, expected: dict) -> None:
+    """Before any slide is embedded for a run trained on given features (``features_dir=``: its config holds the
+    defaults, not how those features were made): refused (InputError) unless embedding with the run's config makes
+    what the training features record — the same encoder, settings, weights file and tiling."""
+    given = run_cfg.get("features_dir")
+    if not given:
+        return  # the run embedded its slides itself, with this config
+    how = (f"embed them as {given} was made (e.g. `hirespath embed_slides` with those settings, or the tool that "
+           "made them) and pass features_dir=")  # fmt: skip
+    if not expected["attrs"] and not expected["tiling"]:
+        raise InputError(f"the model was trained on the features in {given}, which record neither their encoder nor "
+                         f"their tiling (CLAM's files record none): new slides cannot be embedded like them here; "
+                         f"{how}")  # fmt: skip
+    made = config_features(run_cfg)
+    want = {**expected["attrs"], **{f"tile {k}": v for k, v in expected["tiling"].items()}}
+    got = {**made["attrs"], **{f"tile {k}": v for k, v in made["tiling"].items()}}
+    bad = [(k, v, got[k]) for k, v in want.items() if k in got and not _same(v, got[k])]
+    trained_weights = expected.get("weights") or {}
+    if not bad and trained_weights.get("weights_digest") and not made["weights"]:
+        bad = [("weights", f"a file of digest {trained_weights['weights_digest']}", "none (random weights)")]
+    bad = bad or _other_weights(trained_weights, made["weights"])
+    if bad:
+        what = "; ".join(f"{k}: they have {v!r}, the run's config would embed {g!r}" for k, v, g in bad)
+        raise InputError(f"the model was trained on the features in {given}, given to it, not made by it; its config "
+                         f"does not say how they were made ({what}). To predict new slides, {how}")  # fmt: skip
 
 
 def _same(a, b) -> bool:

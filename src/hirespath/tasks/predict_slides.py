@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.mil import scan_feature_dir
 from ..predict.mil import (
     RESOLUTIONS,
+    check_embedding_reproduces,
     check_features,
     earlier_predictions,
     embed_new_slides,
@@ -78,6 +79,8 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     if not cfg.features_dir and not cfg.wsi_dir and not cfg.slides:
         raise InputError("predict_slides needs features_dir=DIR (features to predict) or wsi_dir=DIR / slides=LIST.csv "
                          "with job_dir=OUT (slides to embed first with the model's encoder)")  # fmt: skip
+    if not cfg.features_dir:
+        check_embedding_reproduces(run_cfg, expected)  # a run trained on given features: before any slide is read
     specs = (
         list_slides(cfg.wsi_dir, cfg.slides, cfg.get("wsi_ext"), recursive=bool(cfg.recursive), exclude=cfg.job_dir)
         if cfg.wsi_dir or cfg.slides
