@@ -9,6 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -196,6 +197,29 @@ def test_input_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path):
     bug = _run_code(_fake_task(tmp_path, "RuntimeError('a bug')"), run_dir, cwd=tmp_path)
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
     assert "error: " not in bug.stderr
+
+
+def test_bad_labels_and_weights_files_are_one_line_from_the_command_line(tmp_path):
+    """A PANDA train.csv with a bad grade, and a weights file that is empty (an interrupted download): the user's
+    input, so the message alone (the weights' through Hydra's instantiation, which wrapped it in its own error)."""
+    root = tmp_path / "root"
+    (root / "train_images").mkdir(parents=True)
+    (root / "train.csv").write_text("image_id,data_provider,isup_grade,gleason_score\na1,karolinska,7,3+3\n")
+    proc = run_cli("mil", f"data.root={root}", "backbone=tiny", f"hydra.run.dir={tmp_path / 'o1'}", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {root / 'train.csv'}: isup_grade must be an integer 0–5; bad rows: row 2 (a1: 7)" in proc.stderr
+    from hirespath.data.panda_synthetic import write_pyramid
+
+    (tmp_path / "slides").mkdir()
+    write_pyramid(
+        tmp_path / "slides" / "s.tiff", np.full((256, 256, 3), 200, np.uint8), mpp=0.5, compression="zlib", levels=(1,)
+    )
+    (tmp_path / "empty.bin").write_bytes(b"")
+    weights = f"backbone.weights={tmp_path / 'empty.bin'}"
+    proc = run_cli("embed_slides", f"wsi_dir={tmp_path / 'slides'}", f"job_dir={tmp_path / 'job'}", "backbone=tiny",
+                   weights, f"hydra.run.dir={tmp_path / 'o2'}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "full_key" not in proc.stderr, proc.stderr
+    assert f"error: weights file '{tmp_path / 'empty.bin'}' is empty (0 bytes" in proc.stderr, proc.stderr
 
 
 def test_config_error_from_the_command_line(tmp_path):

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from ..utils.errors import InputError
 from ..wsi.reader import SlideError
 from ..wsi.rois import ROI, locate_rois, read_roi
 
@@ -69,22 +70,22 @@ def read_labels(root: str | Path, exclude: str | Path | None = None) -> pd.DataF
     try:
         df = pd.read_csv(csv, dtype={"image_id": str})
     except pd.errors.EmptyDataError:
-        raise ValueError(
+        raise InputError(
             f"{csv} is empty; expected PANDA's train.csv: a header {','.join(REQUIRED_COLUMNS)} and one row per slide"
         ) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ValueError(f"{csv} is not a readable CSV ({err}); expected PANDA's train.csv") from err
+        raise InputError(f"{csv} is not a readable CSV ({err}); expected PANDA's train.csv") from err
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{csv} lacks columns {missing}; PANDA's has {list(REQUIRED_COLUMNS)}")
+        raise InputError(f"{csv} lacks columns {missing}; PANDA's has {list(REQUIRED_COLUMNS)}")
     if df.empty:
-        raise ValueError(f"{csv} has a header but no rows; expected one row per slide of train_images/")
+        raise InputError(f"{csv} has a header but no rows; expected one row per slide of train_images/")
     df = _drop_duplicates(df, csv)
     grade = pd.to_numeric(df.isup_grade, errors="coerce")
     bad = df[grade.isna() | ~grade.isin(range(NUM_CLASSES))]
     if len(bad):
         rows = ", ".join(f"row {i + 2} ({r.image_id}: {r.isup_grade!r})" for i, r in bad.head(20).iterrows())
-        raise ValueError(
+        raise InputError(
             f"{csv}: isup_grade must be an integer 0–5; bad rows: {rows}"
             + (f" and {len(bad) - 20} more" if len(bad) > 20 else "")
         )
@@ -97,7 +98,7 @@ def read_labels(root: str | Path, exclude: str | Path | None = None) -> pd.DataF
         df = df[~df.image_id.astype(str).isin(ids)]
         log.info("excluded %d slides listed in %s", before - len(df), exclude)
         if df.empty:
-            raise ValueError(f"data.exclude={exclude} excludes all {before} slides of {csv}: no slide is left")
+            raise InputError(f"data.exclude={exclude} excludes all {before} slides of {csv}: no slide is left")
     return df.reset_index(drop=True)
 
 
@@ -117,7 +118,7 @@ def _drop_duplicates(df: pd.DataFrame, csv: Path) -> pd.DataFrame:
         else:
             exact.append(f"{image_id} (rows {lines})")
     if conflicts:
-        raise ValueError(
+        raise InputError(
             f"{csv}: image_ids listed more than once with different values: {'; '.join(conflicts[:20])}"
             + (f" and {len(conflicts) - 20} more" if len(conflicts) > 20 else "")
             + ". Each slide must have one row: keep the right one and delete the others."
@@ -136,9 +137,9 @@ def make_split(labels: pd.DataFrame, fractions=(0.7, 0.15, 0.15), seed: int = 42
     from sklearn.model_selection import train_test_split
 
     if abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+        raise InputError(f"split fractions must sum to 1, got {fractions}")
     if len(labels) < MIN_SPLIT_SLIDES:
-        raise ValueError(
+        raise InputError(
             f"{len(labels)} slides cannot be split 70/15/15 into non-empty train, val and test splits: "
             f"at least {MIN_SPLIT_SLIDES} are needed (or give a split file with data.split_csv)"
         )
@@ -166,7 +167,7 @@ def load_or_make_split(root: str | Path, split_csv: str | Path, exclude=None, sp
         df = labels.merge(old[["image_id", "split"]], on="image_id", how="left")
         new = df[df.split.isna()]
         if len(new):
-            raise ValueError(
+            raise InputError(
                 f"{len(new)} image_ids of train.csv have no split in {split_csv} (e.g. {new.image_id.iloc[0]}): "
                 "train.csv changed since the split was written; delete it (or set data.split_csv) to re-split"
             )
@@ -199,21 +200,21 @@ def _read_split(split_csv: Path) -> pd.DataFrame:
     try:
         old = pd.read_csv(split_csv, dtype={"image_id": str})
     except pd.errors.EmptyDataError:
-        raise ValueError(f"split file {split_csv} is empty; delete it to re-split (or fix data.split_csv)") from None
+        raise InputError(f"split file {split_csv} is empty; delete it to re-split (or fix data.split_csv)") from None
     missing = [c for c in ("image_id", "split") if c not in old.columns]
     if missing:
-        raise ValueError(f"split file {split_csv} lacks columns {missing}; it needs image_id and split")
+        raise InputError(f"split file {split_csv} lacks columns {missing}; it needs image_id and split")
     bad = old[~old.split.isin(SPLITS)]
     if len(bad):
         rows = ", ".join(f"row {i + 2} ({r.image_id}: {r.split!r})" for i, r in bad.head(10).iterrows())
-        raise ValueError(f"split file {split_csv}: split must be one of {list(SPLITS)}; bad rows: {rows}")
+        raise InputError(f"split file {split_csv}: split must be one of {list(SPLITS)}; bad rows: {rows}")
     dup = old[old.image_id.duplicated(keep=False)]
     if len(dup):
         ids = ", ".join(
             f"{i} (rows {', '.join(str(r + 2) for r in g.index)}: {', '.join(g.split)})"
             for i, g in dup.head(20).groupby("image_id", sort=False)
         )
-        raise ValueError(f"split file {split_csv} lists image_ids more than once: {ids}; keep one row per slide")
+        raise InputError(f"split file {split_csv} lists image_ids more than once: {ids}; keep one row per slide")
     return old
 
 
@@ -224,14 +225,14 @@ def check_split(df: pd.DataFrame, what: str, skipped_csv: Path | None = None) ->
     where = f"; the slides skipped and why are in {skipped_csv}" if skipped_csv else ""
     empty = [s for s in ("train", "test") if counts.get(s, 0) == 0]
     if empty:
-        raise ValueError(
+        raise InputError(
             f"{what} leaves the {' and '.join(empty)} split empty ({counts.reindex(SPLITS, fill_value=0).to_dict()})"
             + where
         )
     label = "isup_grade" if "isup_grade" in df else "label"
     grades = sorted(set(df[df.split == "train"][label]))
     if len(grades) < 2:
-        raise ValueError(
+        raise InputError(
             f"{what} leaves a single ISUP grade ({grades[0]}) in the train split: nothing to classify{where}"
         )
 

@@ -21,6 +21,7 @@ import torch
 from timm.layers import SwiGLUPacked
 
 from ..utils.config import one_of
+from ..utils.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +60,7 @@ def get_backbone(name: str) -> BackbonePreset:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backbone preset {name!r}; choose {one_of(name, list_backbones())}") from None
+        raise InputError(f"unknown backbone preset {name!r}; choose {one_of(name, list_backbones())}") from None
 
 
 # timm's default depth of the architectures whose preset does not set it explicitly.
@@ -273,13 +274,13 @@ def resolve_weights(preset: BackbonePreset, weights: str | os.PathLike | None) -
     ):
         repo = preset.checkpoint or "<the model's hub repo>"
         fname = preset.checkpoint_file or "pytorch_model.bin"
-        raise ValueError(
+        raise InputError(
             f"hirespath never downloads weights (got weights={weights!r} for {preset.name!r}). Download "
             f"{fname} from https://huggingface.co/{repo} on a machine with access, then pass its local path, "
             f"e.g. create_encoder({preset.name!r}, weights='/path/to/{fname}') or backbone.weights=/path/to/{fname}."
         )
     if isinstance(weights, str) and not weights.strip():
-        raise ValueError(
+        raise InputError(
             f"weights={weights!r} is empty; pass None for random init or the path of a local checkpoint file"
         )
     path = Path(weights).expanduser()
@@ -348,12 +349,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if suffix in CHECKPOINT_SUFFIXES:
         why = _not_a_checkpoint(path)
         if why:
-            raise ValueError(f"weights file {str(path)!r} {why}; expected {_VALID_WEIGHTS}")
+            raise InputError(f"weights file {str(path)!r} {why}; expected {_VALID_WEIGHTS}")
     if suffix == ".safetensors":
         try:
             state = _read_safetensors(path)
         except Exception as err:  # truncated files, another format under this suffix
-            raise ValueError(
+            raise InputError(
                 f"could not read weights file {str(path)!r} as safetensors ({type(err).__name__}: {err}): "
                 f"truncated, or not a safetensors file? Expected {_VALID_WEIGHTS}"
             ) from err
@@ -361,19 +362,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # pickles holding code, truncated files, ...
-            raise ValueError(
+            raise InputError(
                 f"could not read weights file {str(path)!r} with torch.load(weights_only=True) "
                 f"({type(err).__name__}: {err or 'no message'}): truncated, not a torch file, or a pickle holding "
                 f"code rather than tensors? Expected {_VALID_WEIGHTS}"
             ) from err
     else:
-        raise ValueError(f"weights file {str(path)!r} has suffix {suffix!r}; use .safetensors, .bin, .pth or .pt")
+        raise InputError(f"weights file {str(path)!r} has suffix {suffix!r}; use .safetensors, .bin, .pth or .pt")
     # Training checkpoints often wrap the weights; the official files do not, but unwrap the usual keys.
     for key in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {str(path)!r} does not hold a flat state_dict of tensors")
+        raise InputError(f"weights file {str(path)!r} does not hold a flat state_dict of tensors")
     return state
 
 
@@ -476,7 +477,7 @@ def load_weights(
         else:
             what = f"of preset {preset!r}" if preset else "of this preset"
             lines.append(f"Is it the checkpoint {what}, in timm's key layout (and without arch overrides)?")
-        raise ValueError("\n".join(lines))
+        raise InputError("\n".join(lines))
     model.load_state_dict(assignable_state(state, own) if assign else state, strict=True, assign=assign)
 
 
@@ -537,7 +538,7 @@ def build_timm_model(preset: BackbonePreset, weights=None, **arch_overrides) -> 
                 hint = (f": its gated MLP splits int(embed_dim × mlp_ratio) = int({dim} × {ratio:g}) = "
                         f"{int(dim * ratio)} hidden units in two halves, so backbone.overrides.embed_dim must make "
                         "that even (e.g. 96)")  # fmt: skip
-            raise ValueError(
+            raise InputError(
                 f"timm cannot build {preset.name} ({preset.timm_name}) with backbone.overrides="
                 f"{arch_overrides}{hint or f' (an assertion in its layers: {err!r})'}"
             ) from err

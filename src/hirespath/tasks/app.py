@@ -114,6 +114,18 @@ def report_input_error(err: BaseException) -> None:
     raise SystemExit(1) from None
 
 
+def _users_error(err: BaseException) -> BaseException:
+    """``err``, or the user's error Hydra wrapped in its own while building a config node (``instantiate``: a bad
+    weights file given to the encoder's target)."""
+    from hydra.errors import InstantiationException
+
+    from ..utils.errors import InputError
+
+    if isinstance(err, InstantiationException) and isinstance(err.__cause__, InputError):
+        return err.__cause__
+    return err
+
+
 class TaskFunction:
     """The function ``hydra.main`` runs for one task: ``task_wrapper(run_<task>)(cfg)``.
 
@@ -141,7 +153,8 @@ class TaskFunction:
         task = TASKS[self.name]
         try:
             result = task_wrapper(_load(task.run))(cfg)
-        except Exception as err:
+        except Exception as raised:
+            err = _users_error(raised)
             if not isinstance(err, InputError) and not out_of_storage(err):
                 raise
             # a multirun job fails as Hydra reports it (the sweep goes on to its other jobs)

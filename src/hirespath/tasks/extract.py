@@ -24,6 +24,7 @@ from ..data.panda import (
 )
 from ..embeddings.cache import extract_embeddings, file_fingerprint
 from ..results import SKIPPED_FILE
+from ..utils.errors import InputError
 from ..utils.io import atomic_path
 
 log = logging.getLogger("hirespath.extract")
@@ -71,7 +72,7 @@ def prepare_embeddings(cfg: DictConfig, out_dir: Path, check_splits: bool = Fals
     )
     if rois.empty:
         path = write_skipped(skipped, out_dir)
-        raise ValueError(
+        raise InputError(
             f"no usable slide under {root}: {len(skipped)} of {len(split)} skipped, reasons in {path}"
             + (f" (e.g. {skipped.image_id.iloc[0]}: {skipped.reason.iloc[0]})" if len(skipped) else "")
         )
