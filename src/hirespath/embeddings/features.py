@@ -152,7 +152,7 @@ class EmbeddingConsumer:
     token_scores: bool = False
     # a folder written before these were recorded cannot vouch for them: they are not added to its config.json
     unvouched_keys: tuple = trident_h5.ARCHITECTURE_KEYS
-    _said_missing: set = field(default_factory=set, init=False, repr=False)  # finished files embedded again
+    _said_missing: bool = field(default=False, init=False, repr=False)  # a finished file was embedded again
 
     @property
     def needs_thumbnail(self) -> bool:
@@ -183,27 +183,34 @@ class EmbeddingConsumer:
 
     def is_finished(self, path: Path) -> bool:
         """The file exists (files appear only complete) and, when tokens / token scores are wanted, holds them."""
-        if not path.is_file():
-            return False
+        return path.is_file() and self._missing(path) == []  # (None: unreadable)
+
+    def _missing(self, path: Path) -> list[str] | None:
+        """The wanted datasets (tokens, token_scores) the file at ``path`` lacks; None when it cannot be read."""
         wanted = [name for name, on in (("tokens", self.tokens), ("token_scores", self.token_scores)) if on]
         if not wanted:
-            return True
+            return []
         try:
             with h5py.File(path, "r") as f:
-                missing = [name for name in wanted if name not in f]
+                return [name for name in wanted if name not in f]
         except OSError:
-            return False
-        if missing and path not in self._said_missing:  # (asked more than once per slide)
-            first = not self._said_missing
-            self._said_missing.add(path)
-            options = " and ".join(f"embed.{m}=true" for m in missing)
-            said = f"{path} has no {' or '.join(missing)} ({options} asks for them)"
-            if first:
-                log.warning("%s: embedded again, as is every finished slide without them (each takes as long as the "
-                            "first time)", said)  # fmt: skip
-            else:
-                log.info("%s: embedded again", said)
-        return not missing
+            return None
+
+    def _say_embedded_again(self, path: Path) -> None:
+        """A finished file embedded again because it lacks what this run asks for (``embed.token_scores=true`` on a
+        folder embedded without them: as long as the first time), said when its slide starts: the first in a
+        warning, the rest at info level."""
+        if not path.is_file() or not (missing := self._missing(path)):
+            return
+        said = (
+            f"{path} has no {' or '.join(missing)} ({' and '.join(f'embed.{m}=true' for m in missing)} asks for them)"
+        )
+        if not self._said_missing:
+            log.warning("%s: embedded again, as is every finished slide without them (each takes as long as the first "
+                        "time)", said)  # fmt: skip
+        else:
+            log.info("%s: embedded again", said)
+        self._said_missing = True
 
     def finished_mpp(self, path: Path) -> float | None:
         try:
@@ -218,6 +225,7 @@ class EmbeddingConsumer:
         return recorded_slide(lambda: trident_h5.read_coords(path)[0], path)
 
     def open(self, spec: SlideSpec, prepared: PreparedSlide, path: Path) -> FeatureSink:
+        self._say_embedded_again(path)
         grid = prepared.grid
         c_attrs = patches_attrs(spec.slide_id, grid, path.parent.parent, prepared.qupath_region, prepared.slide_bytes,
                                 prepared.slide_path)  # fmt: skip
