@@ -390,9 +390,16 @@ def test_a_run_trained_on_given_features_embeds_new_slides_only_as_they_were_mad
     for s in panda_slide_labels(trained["panda"], cache_dir=trained["tmp"] / "cache").slide_id:
         write_clam(clam / f"{s}.h5", rng.normal(size=(4, 96)), np.arange(8).reshape(4, 2) * 112)
     run = _train(tmp_path, "clam_run", trained["panda"], f"features_dir={clam}", *HEAD["mean_pool"])
-    with pytest.raises(InputError, match=r"trained on the features in .*clam, which record neither their encoder nor "
-                                         r"their tiling .*pass features_dir="):  # fmt: skip
+    with pytest.raises(InputError, match=r"trained on the features in .*clam, which do not record their encoder "
+                                         r"\(CLAM's files record nothing.*pass features_dir="):  # fmt: skip
         _predict(tmp_path, "o2", f"ckpt={run}", f"wsi_dir={wsi}", f"job_dir={tmp_path / 'job2'}")
+    # older TRIDENT files: their tiling (the config's own, here) but no encoder name
+    from hirespath.predict.mil import check_embedding_reproduces
+
+    run_cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    tiling = {"patch_size": 112, "overlap": 0, "target_magnification": 20}
+    with pytest.raises(InputError, match=r"do not record their encoder"):
+        check_embedding_reproduces(run_cfg, {"dim": 96, "attrs": {}, "weights": {}, "tiling": tiling})
     assert not any((tmp_path / d).exists() for d in ("o1", "o2", "job1", "job2"))
     # features of our own embedding, made with the settings the run's config holds: embedded as they were
     run = _train(tmp_path, "given", trained["panda"], f"features_dir={trained['features']}", *HEAD["abmil"])
