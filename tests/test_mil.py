@@ -292,7 +292,7 @@ def test_missing_unreadable_and_empty_files_are_skipped(tmp_path):
     write_trident(d / "empty.h5", np.zeros((0, DIM)), coords=np.zeros((0, 2), np.int64))
     with h5py.File(d / "empty1d.h5", "w") as f:  # a slide without tissue, as TRIDENT saves it: features of shape (0,)
         f.create_dataset("features", data=np.zeros((0,), np.float32))
-        f.create_dataset("coords", data=np.zeros((0, 2), np.int64))
+        f.create_dataset("coords", data=np.array([], np.int32))  # TRIDENT's np.array([]) of no tissue coords
     (d / "broken.h5").write_bytes(b"not an hdf5 file")
     with h5py.File(d / "nofeat.h5", "w") as f:
         f.create_dataset("coords", data=np.zeros((2, 2), np.int64))

@@ -58,7 +58,8 @@ WEIGHTS_KEYS = ("weights_size", "weights_digest")
 
 
 SCAN_CACHE = ".hirespath_scan.json"  # beside the h5 files: what each held, keyed by its size, mtime and inode
-SCAN_CACHE_VERSION = 3  # 2: the weights compared by size and digest; 3: depth, num_heads, architecture
+SCAN_CACHE_VERSION = 4  # 2: the weights compared by size and digest; 3: depth, num_heads, architecture; 4: TRIDENT's
+# files of no tiles (features and coords of shape (0,)) are "no tiles", not unreadable
 
 
 def scan_feature_dir(features_dir: str | Path) -> pd.DataFrame:

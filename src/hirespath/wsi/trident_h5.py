@@ -427,6 +427,8 @@ def _coords(f: h5py.File, path: Path, n: int) -> tuple[np.ndarray, dict]:
     if "coords" not in f:
         return np.full((n, 2), -1, dtype=np.int64), {}
     ds = f["coords"]
+    if ds.shape == (0,) and n == 0:  # TRIDENT's slide without tissue (its coords np.array([]))
+        return np.zeros((0, 2), dtype=np.int64), _attrs(ds)
     if ds.ndim != 2 or ds.shape[1] != 2:
         raise InputError(f"{path}: 'coords' has shape {ds.shape}; expected N×2 level-0 (x, y)")
     if ds.shape[0] != n:
