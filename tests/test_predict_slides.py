@@ -289,9 +289,9 @@ def test_heatmaps_num_slides_counts_the_slides_drawn(trident_run, tmp_path):
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["b.geojson", "b.png"]
 
 
-def test_a_rerun_into_the_same_folder_leaves_only_its_own_heatmaps(trident_run, tmp_path, caplog):
+def test_a_rerun_into_the_same_folder_leaves_only_its_own_heatmaps(trident_run, tmp_path, caplog, monkeypatch):
     """An output folder reused for another run (another model, fewer slides) holds that run's heatmaps only: the
-    earlier run's PNGs and GeoJSONs would be dragged into QuPath beside them."""
+    earlier run's PNGs and GeoJSONs would be dragged into QuPath beside them; so does a run stopped while drawing."""
     d = tmp_path / "new"
     d.mkdir()
     rng = np.random.default_rng(1)
@@ -308,6 +308,27 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_heatmaps(trident_run, 
     assert "removed the heatmaps of 2 slides an earlier run drew" in caplog.text, caplog.text
     _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}", "heatmaps.num_slides=0")
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["legend.png", "notes.txt"]
+    # three slides drawn, then a run of two stopped while drawing its second: no heatmap of the first run's is left
+    write_trident(d / "c.h5", rng.normal(size=(6, 8)), encoder="x")
+    _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}")
+    (d / "c.h5").unlink()
+    import hirespath.viz.mil as viz
+
+    draw, drawn = viz.attention_heatmap, []
+
+    def stopped(*args, **kwargs):
+        if drawn:
+            raise KeyboardInterrupt
+        drawn.append(draw(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(viz, "attention_heatmap", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}")
+    monkeypatch.setattr(viz, "attention_heatmap", draw)
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["a.geojson", "a.png", "legend.png", "notes.txt"]
+    _predict(tmp_path, "out", f"ckpt={trident_run}", f"features_dir={d}")
+    assert sorted(p.stem for p in (out / "heatmaps").glob("*.png")) == ["a", "b", "legend"]
 
 
 def test_trainer_ddp_is_said_to_run_as_one_process(trident_run, tmp_path, caplog):
@@ -325,6 +346,9 @@ def test_trainer_ddp_is_said_to_run_as_one_process(trident_run, tmp_path, caplog
     with caplog.at_level("WARNING", logger="hirespath"):
         _predict(tmp_path, "out2", f"ckpt={trident_run}", f"features_dir={d}", "trainer=cpu")
     assert "one process" not in caplog.text
+    with caplog.at_level("WARNING", logger="hirespath"):  # device indices, as Lightning reads them: two devices
+        _predict(tmp_path, "out3", f"ckpt={trident_run}", f"features_dir={d}", "trainer=cpu", "trainer.devices='0,1'")
+    assert "trainer.devices=0,1 (strategy auto) is not used" in caplog.text, caplog.text
 
 
 def test_refusals(trident_run, tmp_path):

@@ -409,10 +409,9 @@ def _the_features_slide(slide, attrs: dict, features: Path):
 
 
 def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, out_dir: Path, num_classes: int, *,
-                   num_slides: int | None, resolution: str, max_side: int, earlier=()) -> list[Path]:  # fmt: skip
+                   num_slides: int | None, resolution: str, max_side: int) -> list[Path]:  # fmt: skip
     """``heatmaps/<slide>.png`` and ``.geojson`` for all slides or the first ``num_slides`` that have coords;
-    returns the PNGs. ``earlier``: the slides an earlier run into ``out_dir`` predicted, whose heatmaps go where
-    this run does not draw them (:func:`earlier_predictions`)."""
+    returns the PNGs."""
     from ..viz.mil import attention_heatmap, infer_tile_size
     from ..wsi import trident_h5
 
@@ -452,7 +451,6 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
         )
         region = _qupath_region(slide, attrs)
         tile_geojson(r, out_dir / "heatmaps" / f"{sid}.geojson", num_classes, region)
-    _remove_earlier_heatmaps(out_dir / "heatmaps", set(earlier) - {p.stem for p in pngs}, len(pngs))
     if unnamed:
         log.info("%d heatmaps drawn without their slides (their feature files name no slide that is there): pass "
                  "wsi_dir= or slides= to draw them over the slides' thumbnails", unnamed)  # fmt: skip
@@ -475,23 +473,23 @@ def _recorded_slide(attrs: dict, features: Path) -> Path | None:
     return None
 
 
-def earlier_predictions(out_dir: Path) -> set[str]:
-    """The slides an earlier run into ``out_dir`` (a reused ``hydra.run.dir``) predicted: its predictions.csv's."""
+def clear_earlier_heatmaps(out_dir: Path) -> set[str]:
+    """A reused output folder (``hydra.run.dir``) holds one run's heatmaps: the slides an earlier run predicted
+    there (its predictions.csv) lose theirs before this run replaces its predictions, so that none is taken for this
+    run's (in QuPath too), even when this run stops while drawing. A user's own files there are left. Returns the
+    slides whose heatmaps were removed."""
     from ..results import PREDICTIONS_FILE
     from ..utils.io import read_csv_ids
 
     try:
-        return set(read_csv_ids(out_dir / PREDICTIONS_FILE, "slide_id").slide_id.astype(str))
+        slides = set(read_csv_ids(out_dir / PREDICTIONS_FILE, "slide_id").slide_id.astype(str))
     except (OSError, ValueError, KeyError, AttributeError):  # none, or not ours
         return set()
-
-
-def _remove_earlier_heatmaps(folder: Path, slides: set[str], drawn: int) -> None:
-    """A reused output folder keeps this run's heatmaps only: an earlier run's of ``slides`` (another model, fewer
-    slides drawn) beside them would be taken for this run's, in QuPath too. A user's own files there are left."""
-    stale = [p for s in sorted(slides) for p in (folder / f"{s}.png", folder / f"{s}.geojson") if p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    if stale:
-        log.warning("removed the heatmaps of %d slides an earlier run drew in %s (this run drew %d)",
-                    len({p.stem for p in stale}), folder, drawn)  # fmt: skip
+    folder = out_dir / "heatmaps"
+    removed = set()
+    for s in sorted(slides):
+        for p in (folder / f"{s}.png", folder / f"{s}.geojson"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.add(s)
+    return removed

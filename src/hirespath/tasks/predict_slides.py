@@ -31,7 +31,7 @@ from ..predict.mil import (
     RESOLUTIONS,
     check_embedding_reproduces,
     check_features,
-    earlier_predictions,
+    clear_earlier_heatmaps,
     embed_new_slides,
     expected_features,
     find_checkpoint,
@@ -121,11 +121,14 @@ def run_predict_slides(cfg: DictConfig) -> dict:
     pred = predictions_table(results, num_classes)
     metrics = {"num_slides": len(pred), "skipped_slides": len(not_predicted), "features/dim": dim,
                "features_dir": str(features_dir), "ckpt": str(ckpt)}  # fmt: skip
-    earlier = earlier_predictions(out_dir)  # a folder reused: the slides whose heatmaps an earlier run drew
+    earlier = clear_earlier_heatmaps(out_dir)  # a folder reused: before its predictions.csv is replaced
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:  # kept whatever the labels say
         pred.to_csv(tmp, index=False)
     pngs = write_heatmaps(results, pred, slide_paths, out_dir, num_classes, num_slides=cfg.heatmaps.num_slides,
-                          resolution=resolution, max_side=int(cfg.heatmaps.max_side), earlier=earlier)  # fmt: skip
+                          resolution=resolution, max_side=int(cfg.heatmaps.max_side))  # fmt: skip
+    if gone := earlier - {p.stem for p in pngs}:
+        log.warning("removed the heatmaps of %d slides an earlier run drew in %s (this run drew %d)", len(gone),
+                    out_dir / "heatmaps", len(pngs))  # fmt: skip
     try:
         if labels is not None:
             metrics.update(labelled_metrics(pred, labels, num_classes, source=f"labels={cfg.labels}"))
@@ -146,8 +149,13 @@ def _say_one_process(trainer: DictConfig) -> None:
     """predict_slides starts no ranks (the MIL head runs on the CPU; new slides are embedded on one device): a
     trainer for several devices is said not to be used, with the way to embed on several."""
     devices, strategy = trainer.get("devices", 1), str(trainer.get("strategy", "auto"))
-    many = len(devices) > 1 if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else (
-        str(devices).lstrip("-").isdigit() and int(devices) != 1)  # fmt: skip
+    text = str(devices).strip()
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        many = len(devices) > 1
+    elif "," in text:  # device indices, "0,1"
+        many = len([d for d in text.split(",") if d.strip()]) > 1
+    else:  # a count; -1: every device
+        many = text.lstrip("-").isdigit() and int(text) != 1
     if many or "ddp" in strategy:
         log.warning("predict_slides runs as one process on one device: trainer.devices=%s (strategy %s) is not used. "
                     "To embed new slides on several devices, start one predict_slides per device (trainer.devices=1, "
