@@ -161,8 +161,9 @@ def check_embedding_reproduces(run_cfg: DictConfig, expected: dict) -> None:
            "made them) and pass features_dir=")  # fmt: skip
     if not expected["attrs"].get("encoder"):
         raise InputError(f"the model was trained on the features in {given}, which do not record their encoder "
-                         f"(CLAM's files record nothing, older TRIDENT's their tiling only): new slides cannot be "
-                         f"embedded like them here; {how}")  # fmt: skip
+                         f"(CLAM's files record nothing, older TRIDENT's their tiling only; or the folder is gone and "
+                         f"the run, older than features.json, recorded nothing of it): new slides cannot be embedded "
+                         f"like them here; {how}")  # fmt: skip
     made = config_features(run_cfg)
     want = {**expected["attrs"], **{f"tile {k}": v for k, v in expected["tiling"].items()}}
     got = {**made["attrs"], **{f"tile {k}": v for k, v in made["tiling"].items()}}
