@@ -433,6 +433,21 @@ def test_a_run_trained_on_given_features_embeds_new_slides_only_as_they_were_mad
     np.testing.assert_array_equal(mine, ref)
 
 
+def test_a_slide_without_tissue_does_not_stand_for_the_training_features(tmp_path):
+    """A run of before features.json is checked against its training folder's first file; TRIDENT's file of a slide
+    without tissue (features and coords (0,), no attrs) would make that check compare nothing."""
+    from hirespath.predict.mil import expected_features
+
+    d = tmp_path / "train_features"
+    d.mkdir()
+    with h5py.File(d / "a_empty.h5", "w") as f:
+        f.create_dataset("features", data=np.zeros((0,), np.float32))
+        f.create_dataset("coords", data=np.array([], np.int32))
+    write_trident(d / "b.h5", np.zeros((4, 8)), encoder="uni_v1")
+    expected = expected_features(OmegaConf.create({"features_dir": str(d)}), 8)
+    assert expected["attrs"] == {"encoder": "uni_v1"} and expected["tiling"]["patch_size"] > 0
+
+
 def test_labels_are_checked_before_any_slide_and_never_cost_the_predictions(trident_run, tmp_path):
     """A missing labels file, or one listing a slide twice, was refused only after every slide was embedded and
     predicted, and then predictions.csv was never written; labels of another cohort lost the predictions too. Now

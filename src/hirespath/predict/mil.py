@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..configs.heads import TASK_HEADS
 from ..data.mil import TRAINED_ON, WEIGHTS_KEYS, SlideFeatureDataset, features_identity
-from ..results import TEST_LOSS, TEST_NUM_SLIDES
+from ..results import PREDICTIONS_FILE, TEST_LOSS, TEST_NUM_SLIDES
 from ..utils.checkpoints import best_checkpoint, file_digest, run_dir_of
 from ..utils.errors import InputError
 from ..utils.io import read_csv_ids
+from ..wsi import trident_h5
 
 log = logging.getLogger("hirespath.predict_slides")
 
@@ -124,6 +125,8 @@ def expected_features(run_cfg: DictConfig, dim: int, run_dir: Path | None = None
     files = sorted(Path(folder).glob("*.h5")) if Path(folder).is_dir() else []
     for f in files:  # the first readable training file stands for the folder (scan_feature_dir refused mixes)
         try:
+            if trident_h5.inspect_features(f, count_nonfinite=False)["n_tiles"] == 0:
+                continue  # a slide without tissue: TRIDENT's file of it may record nothing of how the rest were made
             return {**out, **features_identity(f)}
         except (OSError, ValueError):
             continue
@@ -414,7 +417,6 @@ def write_heatmaps(results: list[dict], pred: pd.DataFrame, slide_paths: dict, o
     """``heatmaps/<slide>.png`` and ``.geojson`` for all slides or the first ``num_slides`` that have coords;
     returns the PNGs."""
     from ..viz.mil import attention_heatmap, infer_tile_size
-    from ..wsi import trident_h5
 
     pngs, unnamed = [], 0
     for r, row in zip(results, pred.itertuples()):
@@ -479,9 +481,6 @@ def clear_earlier_heatmaps(out_dir: Path) -> set[str]:
     there (its predictions.csv) lose theirs before this run replaces its predictions, so that none is taken for this
     run's (in QuPath too), even when this run stops while drawing. A user's own files there are left. Returns the
     slides whose heatmaps were removed."""
-    from ..results import PREDICTIONS_FILE
-    from ..utils.io import read_csv_ids
-
     try:
         slides = set(read_csv_ids(out_dir / PREDICTIONS_FILE, "slide_id").slide_id.astype(str))
     except (OSError, ValueError, KeyError, AttributeError):  # none, or not ours
