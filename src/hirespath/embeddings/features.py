@@ -197,9 +197,10 @@ class EmbeddingConsumer:
             return None
 
     def _say_embedded_again(self, path: Path) -> None:
-        """A finished file embedded again because it lacks what this run asks for (``embed.token_scores=true`` on a
-        folder embedded without them: as long as the first time), said when its slide starts: the first in a
-        warning, the rest at info level."""
+        """A file of the folder that a slide's writer replaces and that lacks what this run asks for (mostly: a
+        finished slide embedded again for it, ``embed.token_scores=true`` on a folder embedded without them, as long
+        as the first time; also an overwrite's or a rescan's), said when the slide starts: the first in a warning,
+        the rest at info level."""
         if not path.is_file() or not (missing := self._missing(path)):
             return
         said = (
