@@ -148,15 +148,15 @@ def run_predict_slides(cfg: DictConfig) -> dict:
 def _say_one_process(trainer: DictConfig) -> None:
     """predict_slides starts no ranks (the MIL head runs on the CPU; new slides are embedded on one device): a
     trainer for several devices is said not to be used, with the way to embed on several."""
-    devices, strategy = trainer.get("devices", 1), str(trainer.get("strategy", "auto"))
-    text = str(devices).strip()
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        many = len(devices) > 1
-    elif "," in text:  # device indices, "0,1"
-        many = len([d for d in text.split(",") if d.strip()]) > 1
-    else:  # a count; -1: every device
-        many = text.lstrip("-").isdigit() and int(text) != 1
-    if many or "ddp" in strategy:
+    from ..utils.config import select
+    from ..utils.devices import requested_devices
+
+    devices, strategy = select(trainer, "devices"), str(trainer.get("strategy", "auto"))
+    try:
+        needed, _ = requested_devices(devices)  # a count, indices ([0, 1] or "0,1"); -1: every device
+    except ValueError:  # no device indices ("a,b"): Lightning refuses them where a trainer is built
+        needed = 0
+    if needed > 1 or str(devices).strip() == "-1" or "ddp" in strategy:
         log.warning("predict_slides runs as one process on one device: trainer.devices=%s (strategy %s) is not used. "
                     "To embed new slides on several devices, start one predict_slides per device (trainer.devices=1, "
                     "e.g. a SLURM array) with the same job_dir: they share the embedding, each slide embedded once",

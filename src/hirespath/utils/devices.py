@@ -31,7 +31,7 @@ def visible_gpus() -> tuple[int, str]:
     return 0, "torch finds no NVIDIA GPU or driver"
 
 
-def _requested(devices) -> tuple[int, int | None]:
+def requested_devices(devices) -> tuple[int, int | None]:
     """(GPUs needed, or 0 when not countable; the highest index asked for, or None) of Lightning's ``devices``:
     a count, ``-1``/``"auto"`` (all of them), a list of indices or a string ``"0,1"``."""
     if isinstance(devices, str):
@@ -65,7 +65,7 @@ def check_devices(cfg: DictConfig) -> None:
     count, why = visible_gpus()
     fix = "use trainer=cpu (or trainer.accelerator=auto), or run it on a machine with a GPU"
     if wants_trainer:
-        needed, highest = _requested(select(cfg, "trainer.devices"))
+        needed, highest = requested_devices(select(cfg, "trainer.devices"))
         if count == 0:
             problems.add(f"trainer.accelerator={accelerator!r}: no CUDA GPU here ({why}); {fix}")
         elif highest is not None and highest >= count:
