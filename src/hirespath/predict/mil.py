@@ -168,17 +168,24 @@ def check_embedding_reproduces(run_cfg: DictConfig, expected: dict) -> None:
                          f"the run, older than features.json, recorded nothing of it): new slides cannot be embedded "
                          f"like them here; {how}")  # fmt: skip
     made = config_features(run_cfg)
-    want = {**expected["attrs"], **{f"tile {k}": v for k, v in expected["tiling"].items()}}
-    got = {**made["attrs"], **{f"tile {k}": v for k, v in made["tiling"].items()}}
-    bad = [(k, v, got[k]) for k, v in want.items() if k in got and not _same(v, got[k])]
+    bad = _differences(expected, made)
     trained_weights = expected.get("weights") or {}
     if not bad and trained_weights.get("weights_digest") and not made["weights"]:
         bad = [("weights", f"a file of digest {trained_weights['weights_digest']}", "none (random weights)")]
-    bad = bad or _other_weights(trained_weights, made["weights"])
     if bad:
         what = "; ".join(f"{k}: they have {v!r}, the run's config would embed {g!r}" for k, v, g in bad)
         raise InputError(f"the model was trained on the features in {given}, given to it, not made by it; its config "
                          f"does not say how they were made ({what}). To predict new slides, {how}")  # fmt: skip
+
+
+def _differences(want: dict, got: dict) -> list[tuple]:
+    """(key, wanted, got) where features ``got`` (made, or to be made: ``attrs``, ``tiling``, ``weights``) differ
+    from ``want`` in an identity attr or tiling key both set; else, the same encoder by name, where their weights
+    files differ by content (a fine-tuned copy saved under the same name)."""
+    a = {**want["attrs"], **{f"tile {k}": v for k, v in want["tiling"].items()}}
+    b = {**got["attrs"], **{f"tile {k}": v for k, v in got["tiling"].items()}}
+    bad = [(k, v, b[k]) for k, v in a.items() if b.get(k) is not None and not _same(v, b[k])]
+    return bad or _other_weights(want.get("weights") or {}, got.get("weights") or {})
 
 
 def _same(a, b) -> bool:
@@ -213,12 +220,7 @@ def check_features(files: pd.DataFrame, expected: dict, features_dir: Path) -> N
         raise InputError(f"{features_dir}: the model expects {expected['dim']}-dimensional features "
                          f"({expected['source']}), but {name} holds {int(first.dim)}-dimensional ones; give the "
                          "features of the encoder the model was trained on (or wsi_dir= to embed with it)")  # fmt: skip
-    made = features_identity(first.path)  # read as the training side was
-    got = {**made["attrs"], **{f"tile {k}": v for k, v in made["tiling"].items()}}
-    want = {**expected["attrs"], **{f"tile {k}": v for k, v in expected["tiling"].items()}}
-    bad = [(k, v, got[k]) for k, v in want.items() if got.get(k) is not None and not _same(v, got[k])]
-    if not bad:  # the same encoder by name: its weights file by content (a fine-tuned copy under the same name)
-        bad = _other_weights(expected.get("weights", {}), made["weights"])
+    bad = _differences(expected, features_identity(first.path))  # read as the training side was
     if bad:
         what = "; ".join(f"{k}: expects {v!r}, got {g!r}" for k, v, g in bad)
         raise InputError(f"{features_dir}: {name} was made with another encoder, weights file or tiling "
